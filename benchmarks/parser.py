@@ -1,0 +1,212 @@
+"""Parser throughput against a floor loop and two peer parsers, measured in one run.
+
+Every contender reads the same CDR fields (Call-ID, CSeq number and method, From/To URI
+and tag, user parts, top Via branch and Via count, User-Agent/Server, P-Asserted-Identity,
+Content-Type, Content-Length, body) from the same three messages. Figures are the median
+of several rounds; ratios are against contenders timed in the same process, so a noisy
+machine moves all of them together.
+
+    python benchmarks/parser.py [--rounds 7] [--number 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dpkt
+import sipmessage
+from samples import MESSAGES
+from sipcdr import hep
+from sipcdr.sip import parse
+
+Reader = Callable[[bytes], object]
+
+
+def floor(data: bytes) -> object:
+    return data.find(b"\r\n\r\n")
+
+
+def sipcdr_fields(data: bytes) -> object:
+    m = parse(data)
+    return (
+        m.call_id,
+        m.cseq,
+        m.cseq_method,
+        m.from_uri,
+        m.from_user,
+        m.from_tag,
+        m.to_uri,
+        m.to_user,
+        m.to_tag,
+        m.via_branch,
+        m.via_count,
+        m.user_agent,
+        m.p_asserted_identity,
+        m.content_type,
+        m.content_length,
+        m.body,
+        m.status_code or m.method,
+    )
+
+
+def _tag(value: str) -> str | None:
+    i = value.find(";tag=")
+    return value[i + 5 :].split(";", 1)[0] if i >= 0 else None
+
+
+def _bracketed(value: str) -> str:
+    lt = value.find("<")
+    return value[lt + 1 : value.find(">", lt)] if lt >= 0 else value.split(";", 1)[0]
+
+
+def _user(uri: str) -> str | None:
+    at = uri.find("@")
+    return uri[uri.find(":") + 1 : at] if at >= 0 else None
+
+
+def _first(value: Any) -> str:
+    return value[0] if isinstance(value, list) else str(value)
+
+
+def dpkt_fields(data: bytes) -> object:
+    msg: Any = dpkt.sip.Response(data) if data.startswith(b"SIP/") else dpkt.sip.Request(data)
+    h = msg.headers
+    via = h["via"]
+    vias = via if isinstance(via, list) else [via]
+    top = vias[0]
+    bi = top.find(";branch=")
+    number, method = h["cseq"].split()
+    from_uri = _bracketed(h["from"])
+    to_uri = _bracketed(h["to"])
+    pai = h.get("p-asserted-identity")
+    return (
+        h["call-id"],
+        int(number),
+        method,
+        from_uri,
+        _user(from_uri),
+        _tag(h["from"]),
+        to_uri,
+        _user(to_uri),
+        _tag(h["to"]),
+        top[bi + 8 :].split(";", 1)[0] if bi >= 0 else None,
+        sum(v.count(",") + 1 for v in vias),
+        h.get("user-agent") or h.get("server"),
+        _bracketed(_first(pai)) if pai else None,
+        h.get("content-type"),
+        int(h.get("content-length", 0)),
+        msg.body,
+        getattr(msg, "status", None) or msg.method,
+    )
+
+
+def sipmessage_fields(data: bytes) -> object:
+    m: Any = sipmessage.Message.parse(data)
+    from_uri = str(m.from_address.uri)
+    to_uri = str(m.to_address.uri)
+    vias = m.via
+    pai = m.headers.get("P-Asserted-Identity")
+    return (
+        m.call_id,
+        m.cseq.sequence,
+        m.cseq.method,
+        from_uri,
+        _user(from_uri),
+        m.from_address.parameters.get("tag"),
+        to_uri,
+        _user(to_uri),
+        m.to_address.parameters.get("tag"),
+        vias[0].parameters.get("branch"),
+        len(vias),
+        m.user_agent or m.server,
+        _bracketed(pai) if pai else None,
+        m.content_type,
+        m.content_length,
+        m.body,
+        getattr(m, "code", None) or getattr(m, "method", None),
+    )
+
+
+def _hep_packets() -> list[bytes]:
+    return [
+        hep.encode(
+            src_ip="198.51.100.10",
+            dst_ip="203.0.113.5",
+            src_port=5060,
+            dst_port=5060,
+            timestamp=1_700_000_000.25,
+            payload=payload,
+            capture_id=2001,
+            node_name="sbc-1",
+        )
+        for payload in MESSAGES.values()
+    ]
+
+
+def hep_then_sipcdr(packet: bytes) -> object:
+    return sipcdr_fields(hep.decode(packet).payload)
+
+
+def rate(reader: Reader, inputs: list[bytes], number: int) -> float:
+    """Messages per second for `number` passes over `inputs`."""
+    started = time.perf_counter()
+    for _ in range(number):
+        for data in inputs:
+            reader(data)
+    elapsed = time.perf_counter() - started
+    return number * len(inputs) / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--rounds", type=int, default=7)
+    args.add_argument("--number", type=int, default=20000, help="messages per contender per round")
+    opts = args.parse_args(argv)
+
+    invite = [MESSAGES["INVITE"]]
+    mixed = list(MESSAGES.values())
+    contenders: list[tuple[str, Reader, list[bytes]]] = [
+        ("floor: find(CRLFCRLF), INVITE", floor, invite),
+        ("sipcdr.sip.parse, INVITE", sipcdr_fields, invite),
+        ("dpkt.sip, INVITE", dpkt_fields, invite),
+        ("sipmessage, INVITE", sipmessage_fields, invite),
+        ("sipcdr.sip.parse, INVITE+200+BYE", sipcdr_fields, mixed),
+        ("dpkt.sip, INVITE+200+BYE", dpkt_fields, mixed),
+        ("HEPv3 decode + parse, INVITE+200+BYE", hep_then_sipcdr, _hep_packets()),
+    ]
+    for _name, reader, inputs in contenders:
+        for data in inputs:
+            reader(data)  # every contender must accept every input before timing starts
+
+    samples: dict[str, list[float]] = {name: [] for name, _r, _i in contenders}
+    for _ in range(opts.rounds):
+        # Interleaved rounds: a burst of noise hits every contender, not just one.
+        for name, reader, inputs in contenders:
+            samples[name].append(rate(reader, inputs, max(1, opts.number // len(inputs))))
+    median = {name: statistics.median(values) for name, values in samples.items()}
+
+    print(f"median of {opts.rounds} rounds, {opts.number} messages each")
+    for name, _reader, _inputs in contenders:
+        print(f"  {name:<40} {median[name]:>12,.0f} msg/s")
+    ours = median["sipcdr.sip.parse, INVITE"]
+    print("ratios (same run):")
+    print(f"  sipcdr / dpkt.sip, INVITE            {ours / median['dpkt.sip, INVITE']:6.2f}x")
+    print(
+        "  sipcdr / dpkt.sip, INVITE+200+BYE    "
+        f"{median['sipcdr.sip.parse, INVITE+200+BYE'] / median['dpkt.sip, INVITE+200+BYE']:6.2f}x"
+    )
+    print(f"  sipcdr / sipmessage, INVITE          {ours / median['sipmessage, INVITE']:6.2f}x")
+    print(f"  floor  / sipcdr, INVITE              {median[contenders[0][0]] / ours:6.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Typical carrier messages for the benchmarks: an INVITE and its 200 OK with SDP, a BYE."""
+
+from __future__ import annotations
+
+
+def _crlf(text: str) -> bytes:
+    return text.replace("\n", "\r\n").encode()
+
+
+_SDP = _crlf(
+    """v=0
+o=- 3712838012 3712838012 IN IP4 198.51.100.10
+s=-
+c=IN IP4 198.51.100.10
+t=0 0
+m=audio 30000 RTP/AVP 8 0 18 101
+a=rtpmap:8 PCMA/8000
+a=rtpmap:0 PCMU/8000
+a=rtpmap:18 G729/8000
+a=fmtp:18 annexb=no
+a=rtpmap:101 telephone-event/8000
+a=fmtp:101 0-16
+a=ptime:20
+a=sendrecv
+"""
+)
+
+INVITE = (
+    _crlf(
+        f"""INVITE sip:+4930901820@203.0.113.5:5060;user=phone SIP/2.0
+Via: SIP/2.0/UDP 198.51.100.10:5060;branch=z9hG4bK-524287-1---a1b2c3d4e5f60718;rport
+Via: SIP/2.0/UDP 192.0.2.44:5060;received=192.0.2.44;branch=z9hG4bK776asdhds
+Max-Forwards: 69
+Contact: <sip:+4940123456@198.51.100.10:5060;transport=udp>
+To: <sip:+4930901820@203.0.113.5;user=phone>
+From: "Alice Example" <sip:+4940123456@198.51.100.10;user=phone>;tag=3fa1b2c4
+Call-ID: 8f2d3c4b5a69@198.51.100.10
+CSeq: 102 INVITE
+Allow: INVITE, ACK, CANCEL, OPTIONS, BYE, REFER, NOTIFY, MESSAGE, SUBSCRIBE, INFO, UPDATE
+Supported: replaces, timer, 100rel
+Session-Expires: 1800;refresher=uac
+Min-SE: 90
+P-Asserted-Identity: "Alice Example" <sip:+4940123456@carrier.example;user=phone>
+User-Agent: ExampleSBC/4.2.1
+Content-Type: application/sdp
+Content-Length: {len(_SDP)}
+
+"""
+    )
+    + _SDP
+)
+
+OK_200 = (
+    _crlf(
+        f"""SIP/2.0 200 OK
+Via: SIP/2.0/UDP 198.51.100.10:5060;branch=z9hG4bK-524287-1---a1b2c3d4e5f60718;rport=5060
+Via: SIP/2.0/UDP 192.0.2.44:5060;received=192.0.2.44;branch=z9hG4bK776asdhds
+Record-Route: <sip:203.0.113.5;lr>
+Contact: <sip:+4930901820@203.0.113.77:5060>
+To: <sip:+4930901820@203.0.113.5;user=phone>;tag=as6b1c1a2e
+From: "Alice Example" <sip:+4940123456@198.51.100.10;user=phone>;tag=3fa1b2c4
+Call-ID: 8f2d3c4b5a69@198.51.100.10
+CSeq: 102 INVITE
+Server: ExamplePBX 18.2
+Allow: INVITE, ACK, CANCEL, OPTIONS, BYE, REFER, SUBSCRIBE, NOTIFY, INFO, PUBLISH, MESSAGE
+Supported: replaces, timer
+Session-Expires: 1800;refresher=uac
+Content-Type: application/sdp
+Content-Length: {len(_SDP)}
+
+"""
+    )
+    + _SDP
+)
+
+BYE = _crlf(
+    """BYE sip:+4930901820@203.0.113.77:5060 SIP/2.0
+Via: SIP/2.0/UDP 198.51.100.10:5060;branch=z9hG4bK-524287-1---ffee0011aa22;rport
+Max-Forwards: 70
+Route: <sip:203.0.113.5;lr>
+To: <sip:+4930901820@203.0.113.5;user=phone>;tag=as6b1c1a2e
+From: "Alice Example" <sip:+4940123456@198.51.100.10;user=phone>;tag=3fa1b2c4
+Call-ID: 8f2d3c4b5a69@198.51.100.10
+CSeq: 103 BYE
+Reason: Q.850;cause=16;text="Normal call clearing"
+User-Agent: ExampleSBC/4.2.1
+Content-Length: 0
+
+"""
+)
+
+MESSAGES = {"INVITE": INVITE, "200 OK": OK_200, "BYE": BYE}
