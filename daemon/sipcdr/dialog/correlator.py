@@ -1,0 +1,384 @@
+"""Pure correlation: parsed messages in, CDRs out. Time is the capture time passed in.
+
+The correlator finds the dialog a message belongs to (by Call-ID, so both legs of a
+stateful proxy are one call and each B2BUA leg is its own), applies the rules of
+`state`, keeps the timers, and builds the CDR. No I/O, no clock, no logging: counts
+go to `stats`, which the adapter exports in batches.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from sipcdr.dialog import state
+from sipcdr.dialog.kpi import Kpi
+from sipcdr.dialog.state import Dialog, Phase
+from sipcdr.model import Cdr, Packet, Trunk, rfc3339
+from sipcdr.sip import SipMessage
+from sipcdr.sip.address import user_part
+from sipcdr.sip.numbers import to_e164
+
+# Namespace of CDR ids, fixed forever: ids must stay stable across versions so that a
+# re-import or a re-delivery of the same call gives the same cdr_id.
+CDR_ID_NAMESPACE = uuid.UUID("5b0e7d3a-61a4-4c39-9f0c-2f3c8f6e1d27")
+SNAPSHOT_VERSION = 1
+
+_NO_CDRS: Sequence[Cdr] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DialogLimits:
+    """The `[dialog]` settings, with the reasons for their defaults."""
+
+    ring_timeout_s: float = 180.0  # 3 min: longer than any carrier's no-answer timer
+    max_duration_s: float = 14400.0  # 4 h: a call past this has lost its BYE
+    max_open_dialogs: int = 1_000_000  # about 1 GB at the measured size per dialog
+    # 64*T1 = Timer B (RFC 3261 17.1.1.2): a UAC that has not retried a 401/407 with
+    # credentials by then has given up; also how long a closed call's stray copies
+    # (retransmissions, the other leg, ACKs) are recognised as late.
+    transaction_timeout_s: float = 32.0
+    # How often answered calls are checked against max_duration_s; a 4 h limit does
+    # not need finer resolution, and the sweep walks every open dialog.
+    answered_sweep_s: float = 60.0
+
+
+class CorrelatorStats:
+    """Counters the adapter turns into metrics. Plain ints: the hot path only adds."""
+
+    __slots__ = (
+        "cdrs",
+        "dialogs_restored",
+        "evicted",
+        "late",
+        "messages",
+        "non_call_requests",
+        "non_call_responses",
+        "orphans",
+        "retransmissions",
+        "unusable",
+    )
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.retransmissions = 0  # same message (branch, CSeq, method/status) seen again
+        self.late = 0  # for a call already closed
+        self.orphans = 0  # in-dialog message for a call never seen (capture began mid-call)
+        self.unusable = 0  # no Call-ID or From tag: cannot be correlated
+        self.evicted = 0  # closed early because max_open_dialogs was reached
+        self.dialogs_restored = 0
+        self.cdrs: dict[str, int] = {}  # by disposition
+        self.non_call_requests: dict[str, int] = {}  # by method
+        self.non_call_responses: dict[tuple[str, str], int] = {}  # by (method, "2xx")
+
+
+class Correlator:
+    def __init__(
+        self,
+        limits: DialogLimits | None = None,
+        trunk_of: Callable[[str], Trunk | None] | None = None,
+    ) -> None:
+        self.limits = limits or DialogLimits()
+        self.stats = CorrelatorStats()
+        self.kpis: dict[str | None, Kpi] = {}
+        self._trunk_of = trunk_of
+        self._trunks: dict[str, Trunk | None] = {}
+        self._dialogs: dict[str, Dialog] = {}  # by Call-ID, in order of first INVITE
+        self._early: dict[str, Dialog] = {}  # not yet answered, in order of INVITE time
+        self._challenged: deque[tuple[float, Dialog]] = deque()  # by retry deadline
+        self._closed: dict[str, float] = {}  # Call-ID -> close time, for late messages
+        self._next_sweep = 0.0
+
+    @property
+    def open_dialogs(self) -> int:
+        return len(self._dialogs)
+
+    # -- messages -----------------------------------------------------------------------
+
+    def feed(self, packet: Packet, msg: SipMessage) -> Sequence[Cdr]:
+        """Apply one message; return the CDRs it closed (usually none)."""
+        stats = self.stats
+        stats.messages += 1
+        now = packet.timestamp
+        dialog = self._dialogs.get(msg.call_id)
+        if dialog is None:
+            return self._unknown_call(packet, msg, now)
+
+        bits = _signature_bits(msg)
+        if dialog.seen & bits == bits:
+            stats.retransmissions += 1
+        else:
+            dialog.seen |= bits
+        dialog.last_time = now
+
+        method = msg.cseq_method
+        if msg.is_request:
+            if method == "INVITE":
+                state.on_invite(dialog, msg, now)
+                if dialog.phase is Phase.EARLY and msg.call_id not in self._early:
+                    self._early[msg.call_id] = dialog  # an auth retry starts ringing again
+            elif method == "BYE":
+                side = state.hangup_side(dialog, msg)
+                return (self._close(dialog, now, state.on_bye(dialog, msg, now), side),)
+            elif method == "CANCEL":
+                state.on_cancel(dialog, msg, now)
+        elif method == "INVITE":
+            end_reason = state.on_invite_response(dialog, msg, now)
+            if end_reason is not None:
+                return (self._close_on_final(dialog, now),)
+            if dialog.phase is not Phase.EARLY:
+                self._early.pop(msg.call_id, None)
+                if dialog.phase is Phase.CHALLENGED:
+                    deadline = now + self.limits.transaction_timeout_s
+                    self._challenged.append((deadline, dialog))
+        return _NO_CDRS
+
+    def _unknown_call(self, packet: Packet, msg: SipMessage, now: float) -> Sequence[Cdr]:
+        stats = self.stats
+        call_id = msg.call_id
+        if call_id in self._closed:
+            stats.late += 1
+            return _NO_CDRS
+        method = msg.cseq_method
+        if method not in state.CALL_METHODS:
+            # REGISTER, OPTIONS, SUBSCRIBE, MESSAGE, PUBLISH...: counted, never held.
+            if msg.is_request:
+                counts = stats.non_call_requests
+                counts[method] = counts.get(method, 0) + 1
+            else:
+                key = (method, f"{msg.status_code // 100}xx")
+                responses = stats.non_call_responses
+                responses[key] = responses.get(key, 0) + 1
+            return _NO_CDRS
+        if not (msg.is_request and method == "INVITE" and msg.to_tag is None):
+            stats.orphans += 1
+            return _NO_CDRS
+        if not call_id or msg.from_tag is None:
+            stats.unusable += 1
+            return _NO_CDRS
+        evicted = _NO_CDRS
+        if len(self._dialogs) >= self.limits.max_open_dialogs:
+            evicted = self._evict_oldest(now)
+        dialog = _new_dialog(packet, msg, now)
+        self._dialogs[call_id] = dialog
+        self._early[call_id] = dialog
+        return evicted
+
+    # -- time ---------------------------------------------------------------------------
+
+    def expire(self, now: float) -> Sequence[Cdr]:
+        """Close calls whose timers ran out by capture time `now`."""
+        closed: list[Cdr] = []
+        limits = self.limits
+        ring_deadline = now - limits.ring_timeout_s
+        early = self._early
+        while early:
+            call_id, dialog = next(iter(early.items()))
+            if dialog.invite_time > ring_deadline:
+                break
+            del early[call_id]
+            if dialog.phase is Phase.EARLY:
+                closed.append(self._close(dialog, dialog.last_time, state.END_TIMEOUT_NO_FINAL))
+        challenged = self._challenged
+        while challenged and challenged[0][0] <= now:
+            _deadline, dialog = challenged.popleft()
+            if dialog.phase is Phase.CHALLENGED:
+                closed.append(self._close_on_final(dialog, dialog.final_time or now))
+        if now >= self._next_sweep:
+            self._next_sweep = now + limits.answered_sweep_s
+            answer_deadline = now - limits.max_duration_s
+            stale = [
+                d
+                for d in self._dialogs.values()
+                if d.phase is Phase.ANSWERED and (d.answer_time or 0.0) <= answer_deadline
+            ]
+            closed.extend(self._close(d, d.last_time, state.END_TIMEOUT_NO_BYE) for d in stale)
+        closed_calls = self._closed
+        late_deadline = now - limits.transaction_timeout_s
+        while closed_calls:
+            call_id, closed_at = next(iter(closed_calls.items()))
+            if closed_at > late_deadline:
+                break
+            del closed_calls[call_id]
+        return closed or _NO_CDRS
+
+    def drain(self) -> list[Cdr]:
+        """Close every open call as if all its timers had run out: the end of an import,
+        where no later message can come. Each call ends at its last message."""
+        closed: list[Cdr] = []
+        for dialog in list(self._dialogs.values()):
+            if dialog.phase is Phase.CHALLENGED:
+                closed.append(self._close_on_final(dialog, dialog.final_time or dialog.last_time))
+            elif dialog.phase is Phase.ANSWERED:
+                closed.append(self._close(dialog, dialog.last_time, state.END_TIMEOUT_NO_BYE))
+            else:
+                closed.append(self._close(dialog, dialog.last_time, state.END_TIMEOUT_NO_FINAL))
+        return closed
+
+    def _evict_oldest(self, now: float) -> Sequence[Cdr]:
+        dialog = next(iter(self._dialogs.values()))
+        self.stats.evicted += 1
+        self._early.pop(dialog.call_id, None)
+        reason = (
+            state.END_TIMEOUT_NO_BYE
+            if dialog.phase is Phase.ANSWERED
+            else state.END_TIMEOUT_NO_FINAL
+        )
+        return (self._close(dialog, dialog.last_time, reason),)
+
+    # -- closing ------------------------------------------------------------------------
+
+    def _close_on_final(self, dialog: Dialog, now: float) -> Cdr:
+        if dialog.final_code == 487 and dialog.cancel_time is not None:
+            # The caller hung up at the CANCEL; the 487 only confirms it (RFC 3261 9.1).
+            return self._close(dialog, dialog.cancel_time, state.END_CANCEL, state.HANGUP_CALLER)
+        return self._close(dialog, dialog.final_time or now, state.END_FINAL_RESPONSE)
+
+    def _close(
+        self, dialog: Dialog, end_time: float, end_reason: str, hangup_by: str | None = None
+    ) -> Cdr:
+        call_id = dialog.call_id
+        self._dialogs.pop(call_id, None)
+        self._early.pop(call_id, None)
+        self._closed[call_id] = end_time
+        disposition = state.outcome(dialog, end_reason)
+        dialog.phase = Phase.CLOSED
+        trunk = self._trunk(dialog.src_ip)
+        country_code = trunk.country_code if trunk else None
+        national_prefix = trunk.national_prefix if trunk else None
+        caller_uri = dialog.pai_uri or dialog.from_uri
+        callee_user = user_part(dialog.request_uri) or user_part(dialog.to_uri)
+        pdd_ms = None
+        if dialog.first_response_time is not None:
+            pdd_ms = round((dialog.first_response_time - dialog.invite_time) * 1000)
+        cdr = Cdr(
+            cdr_id=cdr_id(call_id, dialog.from_tag, dialog.start_time),
+            call_id=call_id,
+            caller=to_e164(user_part(caller_uri), country_code, national_prefix),
+            callee=to_e164(callee_user, country_code, national_prefix),
+            from_uri=dialog.from_uri,
+            to_uri=dialog.to_uri,
+            request_uri=dialog.request_uri,
+            src_ip=dialog.src_ip,
+            src_port=dialog.src_port,
+            dst_ip=dialog.dst_ip,
+            dst_port=dialog.dst_port,
+            trunk=trunk.name if trunk else None,
+            start_time=dialog.start_time,
+            ring_time=dialog.ring_time,
+            answer_time=dialog.answer_time,
+            end_time=max(end_time, dialog.start_time),
+            pdd_ms=pdd_ms,
+            disposition=disposition,
+            sip_code=dialog.final_code,
+            sip_reason=dialog.final_reason,
+            q850_cause=dialog.q850_cause,
+            hangup_by=hangup_by,
+            end_reason=end_reason,
+            user_agent=dialog.user_agent,
+            capture_node=dialog.capture_node,
+        )
+        counts = self.stats.cdrs
+        counts[disposition] = counts.get(disposition, 0) + 1
+        kpi = self.kpis.get(cdr.trunk)
+        if kpi is None:
+            kpi = self.kpis[cdr.trunk] = Kpi()
+        kpi.add(cdr)
+        return cdr
+
+    def _trunk(self, src_ip: str) -> Trunk | None:
+        if self._trunk_of is None:
+            return None
+        trunk = self._trunks.get(src_ip, _UNRESOLVED)
+        if trunk is _UNRESOLVED:
+            trunk = self._trunks[src_ip] = self._trunk_of(src_ip)
+        return trunk
+
+    # -- restart safety -----------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Every open call, for the state directory at shutdown."""
+        rows = [
+            {name: getattr(dialog, name) for name in Dialog.__slots__ if name != "seen"}
+            for dialog in self._dialogs.values()
+        ]
+        return orjson.dumps({"version": SNAPSHOT_VERSION, "dialogs": rows})
+
+    def restore(self, data: bytes) -> int:
+        """Load a snapshot written by `snapshot`; returns how many calls were reopened."""
+        document = orjson.loads(data)
+        if document.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(f"unsupported dialog snapshot version {document.get('version')!r}")
+        rows: Iterable[dict[str, object]] = document["dialogs"]
+        count = 0
+        for row in rows:
+            dialog = Dialog()
+            for name in Dialog.__slots__:
+                setattr(dialog, name, row.get(name))
+            dialog.seen = 0
+            dialog.phase = Phase(int(str(row["phase"])))
+            for name in ("src_ip", "dst_ip", "capture_node"):
+                setattr(dialog, name, sys.intern(str(getattr(dialog, name))))
+            self._dialogs[dialog.call_id] = dialog
+            if dialog.phase is Phase.EARLY:
+                self._early[dialog.call_id] = dialog
+            elif dialog.phase is Phase.CHALLENGED:
+                deadline = (
+                    dialog.final_time or dialog.last_time
+                ) + self.limits.transaction_timeout_s
+                self._challenged.append((deadline, dialog))
+            count += 1
+        self.stats.dialogs_restored += count
+        return count
+
+
+_UNRESOLVED = Trunk("", None, None, None)
+
+
+def cdr_id(call_id: str, from_tag: str, start_time: float) -> str:
+    """UUID v5 of Call-ID, From tag and first INVITE time: stable across re-delivery."""
+    return str(uuid.uuid5(CDR_ID_NAMESPACE, f"{call_id}\n{from_tag}\n{rfc3339(start_time)}"))
+
+
+def _signature_bits(msg: SipMessage) -> int:
+    """Two bits of the per-dialog bloom filter for this message's identity: the same
+    branch, CSeq and method or status again is a retransmission (RFC 3261 17)."""
+    signature = hash((msg.via_branch, msg.cseq, msg.method, msg.status_code))
+    return (1 << (signature & 255)) | (1 << ((signature >> 8) & 255))
+
+
+def _new_dialog(packet: Packet, msg: SipMessage, now: float) -> Dialog:
+    dialog = Dialog()
+    dialog.call_id = msg.call_id
+    dialog.from_tag = msg.from_tag or ""
+    dialog.phase = Phase.EARLY
+    dialog.start_time = dialog.invite_time = dialog.last_time = now
+    dialog.invite_cseq = msg.cseq
+    dialog.invite_branch = msg.via_branch
+    dialog.ring_time = dialog.first_response_time = dialog.answer_time = None
+    dialog.cancel_time = dialog.final_time = None
+    dialog.final_code = dialog.q850_cause = None
+    dialog.final_reason = dialog.to_tag = None
+    dialog.seen = _signature_bits(msg)
+    # Addresses, user agents and capture nodes repeat across calls: one copy each.
+    intern = sys.intern
+    dialog.src_ip = intern(packet.src_ip)
+    dialog.src_port = packet.src_port
+    dialog.dst_ip = intern(packet.dst_ip)
+    dialog.dst_port = packet.dst_port
+    dialog.capture_node = intern(packet.capture_node)
+    dialog.from_uri = msg.from_uri
+    dialog.to_uri = msg.to_uri
+    dialog.request_uri = msg.request_uri
+    dialog.pai_uri = msg.p_asserted_identity
+    user_agent = msg.user_agent
+    dialog.user_agent = intern(user_agent) if user_agent is not None else None
+    return dialog
+
+
+__all__ = ["CDR_ID_NAMESPACE", "Correlator", "CorrelatorStats", "DialogLimits", "cdr_id"]

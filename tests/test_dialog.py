@@ -1,0 +1,464 @@
+"""The correlator against call flows: every row of the outcome table, retransmissions,
+forking, auth challenges, re-INVITEs, both-leg capture, timeouts and restarts."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sipcalls import CALLEE_ADDR, CALLER_ADDR, PROXY_ADDR, Call, feed
+
+from sipcdr.dialog import Correlator, DialogLimits
+from sipcdr.dialog import state as dialog_state
+from sipcdr.dialog.correlator import CDR_ID_NAMESPACE, cdr_id
+from sipcdr.model import Cdr, Trunk, rfc3339
+
+T0 = 1_700_000_000.0
+
+
+def only(cdrs: list[Cdr]) -> Cdr:
+    assert len(cdrs) == 1, cdrs
+    return cdrs[0]
+
+
+def answered_call(correlator: Correlator, call: Call, hold: float = 60.0) -> list[Cdr]:
+    out: list[Cdr] = []
+    out += feed(correlator, T0, call.request("INVITE"))
+    out += feed(correlator, T0 + 0.02, call.response(100, "Trying", to_tag=None))
+    out += feed(correlator, T0 + 0.5, call.response(180, "Ringing"))
+    out += feed(correlator, T0 + 3.0, call.response(200, "OK"))
+    out += feed(
+        correlator, T0 + 3.05, call.request("ACK", branch="z9hG4bK-ack", to_tag="callee-tag")
+    )
+    out += feed(
+        correlator,
+        T0 + 3.0 + hold,
+        call.request(
+            "BYE",
+            cseq=2,
+            branch="z9hG4bK-bye",
+            to_tag="callee-tag",
+            extra=['Reason: Q.850;cause=16;text="Normal call clearing"'],
+        ),
+    )
+    return out
+
+
+def test_answered_call_gives_one_complete_cdr() -> None:
+    correlator = Correlator()
+    cdr = only(answered_call(correlator, Call()))
+    assert cdr.disposition == "answered"
+    assert cdr.end_reason == "bye"
+    assert cdr.hangup_by == "caller"
+    assert cdr.sip_code == 200
+    assert cdr.sip_reason == "OK"
+    assert cdr.q850_cause == 16
+    assert cdr.start_time == T0
+    assert cdr.ring_time == T0 + 0.5
+    assert cdr.answer_time == T0 + 3.0
+    assert cdr.billsec == 60.0
+    assert cdr.duration == 63.0
+    assert cdr.pdd_ms == 500
+    assert cdr.caller == "4940111222"
+    assert cdr.callee == "4930333444"
+    assert cdr.from_uri == "sip:+4940111222@example.com"
+    assert cdr.request_uri == "sip:+4930333444@example.net"
+    assert (cdr.src_ip, cdr.src_port, cdr.dst_ip, cdr.dst_port) == (*CALLER_ADDR, *CALLEE_ADDR)
+    assert cdr.user_agent == "TestUA/1.0"
+    assert cdr.capture_node == "test"
+    assert correlator.open_dialogs == 0
+    record = cdr.to_record()
+    assert record["start_time"] == rfc3339(T0) == "2023-11-14T22:13:20.000000Z"
+    assert record["schema_version"] == 1
+    assert record["billsec"] == 60.0
+
+
+def test_bye_from_callee_sets_hangup_by_callee() -> None:
+    correlator = Correlator()
+    call = Call()
+    feed(correlator, T0, call.request("INVITE"))
+    feed(correlator, T0 + 1, call.response(200, "OK"))
+    bye = call.request("BYE", cseq=7, branch="z9hG4bK-cb", to_tag="caller-tag", from_callee=True)
+    # From/To swapped: the callee's own tag is in From.
+    bye = bye.replace(
+        b"<sip:+4930333444@example.net>", b"<sip:+4930333444@example.net>;tag=callee-tag", 1
+    )
+    cdr = only(feed(correlator, T0 + 11, bye, src=CALLEE_ADDR, dst=CALLER_ADDR))
+    assert cdr.hangup_by == "callee"
+    assert cdr.billsec == 10.0
+
+
+# Every row of the outcome table, plus the 2xx / 3xx / other rules around it.
+OUTCOMES = [
+    *((code, disposition) for code, disposition in dialog_state.DISPOSITION_BY_CODE.items()),
+    (200, "answered"),
+    (302, "redirected"),
+    (301, "redirected"),
+    (404, "failed"),
+    (488, "failed"),
+    (500, "failed"),
+    (503, "failed"),
+    (604, "failed"),
+]
+
+
+@pytest.mark.parametrize(("code", "disposition"), OUTCOMES)
+def test_final_response_outcome(code: int, disposition: str) -> None:
+    correlator = Correlator()
+    call = Call()
+    feed(correlator, T0, call.request("INVITE"))
+    cdrs = feed(correlator, T0 + 2, call.response(code))
+    if code in dialog_state.CHALLENGE_CODES:
+        # A challenge is not a failed call until the UAC gives up (no retry in 32 s).
+        assert cdrs == []
+        cdrs = list(correlator.expire(T0 + 2 + 32))
+    elif code == 200:
+        assert cdrs == []
+        cdrs = feed(correlator, T0 + 5, call.request("BYE", 2, "z9hG4bK-b", to_tag="callee-tag"))
+    cdr = only(cdrs)
+    assert cdr.disposition == disposition
+    assert cdr.sip_code == code
+    if code >= 300:
+        assert cdr.end_time == T0 + 2
+        assert cdr.hangup_by is None
+        expected_reason = "final_response"
+        assert cdr.end_reason == expected_reason
+        assert cdr.billsec == 0.0
+        assert cdr.pdd_ms == 2000
+
+
+def test_cancel_then_487_is_cancelled_at_the_cancel() -> None:
+    correlator = Correlator()
+    call = Call()
+    feed(correlator, T0, call.request("INVITE"))
+    feed(correlator, T0 + 1, call.response(180, "Ringing"))
+    feed(correlator, T0 + 9, call.request("CANCEL", branch="z9hG4bK-inv-1"))
+    feed(correlator, T0 + 9.01, call.response(200, "OK", method="CANCEL"))
+    cdr = only(feed(correlator, T0 + 9.02, call.response(487, "Request Terminated")))
+    assert cdr.disposition == "cancelled"
+    assert cdr.end_reason == "cancel"
+    assert cdr.hangup_by == "caller"
+    assert cdr.end_time == T0 + 9
+    assert cdr.sip_code == 487
+    assert cdr.ring_time == T0 + 1
+    # The ACK for the 487 comes after the CDR: late, not a new call.
+    assert feed(correlator, T0 + 9.03, call.request("ACK", to_tag="callee-tag")) == []
+    assert correlator.stats.late == 1
+    assert correlator.open_dialogs == 0
+
+
+def test_auth_challenge_and_retry_is_one_call() -> None:
+    correlator = Correlator()
+    call = Call()
+    feed(correlator, T0, call.request("INVITE", cseq=1, branch="z9hG4bK-a1"))
+    assert (
+        feed(correlator, T0 + 0.05, call.response(407, "Proxy Auth", 1, branch="z9hG4bK-a1")) == []
+    )
+    feed(correlator, T0 + 0.06, call.request("ACK", 1, "z9hG4bK-a1", to_tag="callee-tag"))
+    feed(
+        correlator,
+        T0 + 0.2,
+        call.request(
+            "INVITE", cseq=2, branch="z9hG4bK-a2", extra=["Proxy-Authorization: Digest x"]
+        ),
+    )
+    feed(correlator, T0 + 1.2, call.response(180, "Ringing", 2, branch="z9hG4bK-a2"))
+    feed(correlator, T0 + 4.2, call.response(200, "OK", 2, branch="z9hG4bK-a2"))
+    assert list(correlator.expire(T0 + 40)) == []  # the retry cancelled the challenge timer
+    cdr = only(
+        feed(correlator, T0 + 34.2, call.request("BYE", 3, "z9hG4bK-a3", to_tag="callee-tag"))
+    )
+    assert cdr.disposition == "answered"
+    assert cdr.start_time == T0  # the first INVITE, challenged or not
+    assert cdr.pdd_ms == 1000  # measured on the attempt that rang
+    assert cdr.billsec == 30.0
+    assert correlator.stats.cdrs == {"answered": 1}
+
+
+def test_forking_ends_as_the_answered_branch() -> None:
+    correlator = Correlator()
+    call = Call()
+    proxy_vias = ["198.51.100.1:5060;branch=z9hG4bK-fork"]
+    feed(correlator, T0, call.request("INVITE"))
+    feed(
+        correlator, T0 + 1, call.response(180, "Ringing", to_tag="fork-a"), CALLEE_ADDR, CALLER_ADDR
+    )
+    feed(
+        correlator,
+        T0 + 1.1,
+        call.response(180, "Ringing", to_tag="fork-b"),
+        CALLEE_ADDR,
+        CALLER_ADDR,
+    )
+    # Fork B declines towards the proxy (the proxy's branch on top): not the caller's answer.
+    busy = call.response(486, "Busy Here", to_tag="fork-b", branch="z9hG4bK-fork-b", vias=())
+    assert feed(correlator, T0 + 2, busy, ("203.0.113.21", 5060), PROXY_ADDR) == []
+    assert (
+        feed(correlator, T0 + 5, call.response(200, "OK", to_tag="fork-a", vias=proxy_vias)) == []
+    )
+    cdr = only(feed(correlator, T0 + 15, call.request("BYE", 2, "z9hG4bK-b", to_tag="fork-a")))
+    assert cdr.disposition == "answered"
+    assert cdr.ring_time == T0 + 1
+    assert cdr.answer_time == T0 + 5
+    assert cdr.billsec == 10.0
+
+
+def test_in_dialog_requests_do_not_restart_the_call() -> None:
+    correlator = Correlator()
+    call = Call()
+    feed(correlator, T0, call.request("INVITE"))
+    feed(correlator, T0 + 2, call.response(200, "OK"))
+    for offset, method, cseq in ((10, "INVITE", 2), (20, "UPDATE", 3), (30, "INFO", 4)):
+        feed(
+            correlator,
+            T0 + offset,
+            call.request(method, cseq, f"z9hG4bK-{cseq}", to_tag="callee-tag"),
+        )
+    # A failed re-INVITE (RFC 3261 14.1) leaves the call up.
+    feed(
+        correlator, T0 + 10.1, call.response(488, "Not Acceptable Here", cseq=2, branch="z9hG4bK-2")
+    )
+    feed(
+        correlator, T0 + 20.1, call.response(200, "OK", cseq=3, method="UPDATE", branch="z9hG4bK-3")
+    )
+    assert correlator.open_dialogs == 1
+    cdr = only(feed(correlator, T0 + 62, call.request("BYE", 5, "z9hG4bK-5", to_tag="callee-tag")))
+    assert cdr.disposition == "answered"
+    assert cdr.answer_time == T0 + 2
+    assert cdr.billsec == 60.0
+    assert cdr.sip_code == 200
+
+
+def test_both_leg_capture_is_one_cdr_with_first_leg_endpoints() -> None:
+    """A stateful proxy's HEP mirror shows each message received and sent."""
+    correlator = Correlator()
+    call = Call()
+    proxy_via = ["198.51.100.1:5060;branch=z9hG4bK-leg2"]
+    legs = [
+        (0.000, call.request("INVITE"), CALLER_ADDR, PROXY_ADDR),
+        (0.001, call.request("INVITE", branch="z9hG4bK-leg2", vias=[]), PROXY_ADDR, CALLEE_ADDR),
+        (1.000, call.response(180, "Ringing", branch="z9hG4bK-leg2"), CALLEE_ADDR, PROXY_ADDR),
+        (1.001, call.response(180, "Ringing"), PROXY_ADDR, CALLER_ADDR),
+        (3.000, call.response(200, "OK", branch="z9hG4bK-leg2"), CALLEE_ADDR, PROXY_ADDR),
+        (3.001, call.response(200, "OK"), PROXY_ADDR, CALLER_ADDR),
+        (
+            33.00,
+            call.request("BYE", 2, "z9hG4bK-bye1", to_tag="callee-tag"),
+            CALLER_ADDR,
+            PROXY_ADDR,
+        ),
+        (
+            33.001,
+            call.request("BYE", 2, "z9hG4bK-bye2", to_tag="callee-tag"),
+            PROXY_ADDR,
+            CALLEE_ADDR,
+        ),
+        (33.01, call.response(200, "OK", 2, "BYE", "z9hG4bK-bye2"), CALLEE_ADDR, PROXY_ADDR),
+        (33.011, call.response(200, "OK", 2, "BYE", "z9hG4bK-bye1"), PROXY_ADDR, CALLER_ADDR),
+    ]
+    assert proxy_via  # the second-leg branch above is the proxy's
+    cdrs: list[Cdr] = []
+    for offset, data, src, dst in legs:
+        cdrs += feed(correlator, T0 + offset, data, src, dst)
+    cdr = only(cdrs)
+    assert (cdr.src_ip, cdr.dst_ip) == (CALLER_ADDR[0], PROXY_ADDR[0])
+    assert cdr.ring_time == T0 + 1.0
+    assert cdr.answer_time == T0 + 3.0
+    assert cdr.end_time == T0 + 33.0
+    assert correlator.stats.retransmissions == 0
+    assert correlator.stats.late == 3  # the BYE's second copy and both 200s
+
+
+def test_retransmissions_are_counted_and_change_nothing() -> None:
+    correlator = Correlator()
+    call = Call()
+    invite = call.request("INVITE")
+    feed(correlator, T0, invite)
+    feed(correlator, T0 + 0.5, invite)  # Timer A (RFC 3261 17.1.1.2)
+    feed(correlator, T0 + 1.5, invite)
+    ringing = call.response(180, "Ringing")
+    feed(correlator, T0 + 2, ringing)
+    feed(correlator, T0 + 2.1, ringing)
+    busy = call.response(486, "Busy Here")
+    cdr = only(feed(correlator, T0 + 4, busy))
+    assert correlator.stats.retransmissions == 3
+    assert cdr.start_time == T0
+    assert cdr.ring_time == T0 + 2
+    assert cdr.pdd_ms == 2000
+    assert cdr.disposition == "busy"
+    assert feed(correlator, T0 + 4.5, busy) == []
+    assert correlator.stats.late == 1
+
+
+def test_ring_timeout_is_no_answer_and_silence_is_timeout() -> None:
+    correlator = Correlator(DialogLimits(ring_timeout_s=60))
+    ringing, silent = Call("ring@x"), Call("silent@x")
+    feed(correlator, T0, ringing.request("INVITE"))
+    feed(correlator, T0 + 1, ringing.response(180, "Ringing"))
+    feed(correlator, T0 + 2, silent.request("INVITE"))
+    assert list(correlator.expire(T0 + 59)) == []
+    first = only(list(correlator.expire(T0 + 60.5)))
+    assert (first.call_id, first.disposition, first.end_reason) == (
+        "ring@x",
+        "no_answer",
+        "timeout_no_final",
+    )
+    assert first.end_time == T0 + 1  # the last message seen, never the timer
+    second = only(list(correlator.expire(T0 + 62)))
+    assert (second.call_id, second.disposition, second.sip_code) == ("silent@x", "timeout", None)
+    assert correlator.open_dialogs == 0
+
+
+def test_answered_call_without_bye_times_out() -> None:
+    correlator = Correlator(DialogLimits(max_duration_s=3600, answered_sweep_s=1))
+    call = Call()
+    feed(correlator, T0, call.request("INVITE"))
+    feed(correlator, T0 + 2, call.response(200, "OK"))
+    feed(correlator, T0 + 1800, call.request("UPDATE", 2, "z9hG4bK-u", to_tag="callee-tag"))
+    assert list(correlator.expire(T0 + 3000)) == []
+    cdr = only(list(correlator.expire(T0 + 3603)))
+    assert cdr.disposition == "answered"
+    assert cdr.end_reason == "timeout_no_bye"
+    assert cdr.hangup_by is None
+    assert cdr.end_time == T0 + 1800  # billed to the last sign of life, never the limit
+    assert cdr.billsec == 1798.0
+
+
+def test_messages_for_a_closed_call_are_late_not_new_calls() -> None:
+    correlator = Correlator()
+    call = Call()
+    answered_call(correlator, call)
+    assert feed(correlator, T0 + 70, call.request("INVITE")) == []
+    assert correlator.stats.late == 1
+    assert correlator.open_dialogs == 0
+    # After a transaction lifetime the Call-ID is forgotten.
+    correlator.expire(T0 + 200)
+    assert feed(correlator, T0 + 201, call.response(200, "OK", 2, "BYE", "z9hG4bK-bye")) == []
+    assert correlator.stats.orphans == 1
+
+
+def test_non_call_methods_are_counted_not_held() -> None:
+    correlator = Correlator()
+    register = Call("reg@x")
+    feed(correlator, T0, register.request("REGISTER"))
+    feed(correlator, T0, register.response(401, "Unauthorized", method="REGISTER"))
+    feed(correlator, T0, register.request("REGISTER", cseq=2))
+    feed(correlator, T0, register.response(200, "OK", 2, method="REGISTER"))
+    options = Call("opt@x")
+    feed(correlator, T0, options.request("OPTIONS"))
+    feed(correlator, T0, options.response(200, "OK", method="OPTIONS"))
+    for method in ("SUBSCRIBE", "MESSAGE", "PUBLISH"):
+        feed(correlator, T0, Call(f"{method}@x").request(method))
+    assert correlator.open_dialogs == 0
+    assert correlator.stats.non_call_requests == {
+        "REGISTER": 2,
+        "OPTIONS": 1,
+        "SUBSCRIBE": 1,
+        "MESSAGE": 1,
+        "PUBLISH": 1,
+    }
+    assert correlator.stats.non_call_responses == {
+        ("REGISTER", "4xx"): 1,
+        ("REGISTER", "2xx"): 1,
+        ("OPTIONS", "2xx"): 1,
+    }
+
+
+def test_in_dialog_message_for_unknown_call_is_an_orphan() -> None:
+    correlator = Correlator()
+    assert feed(correlator, T0, Call().request("BYE", 2, to_tag="x")) == []
+    assert correlator.stats.orphans == 1
+    assert correlator.open_dialogs == 0
+
+
+def test_max_open_dialogs_closes_the_oldest() -> None:
+    correlator = Correlator(DialogLimits(max_open_dialogs=2))
+    for n in range(3):
+        cdrs = feed(correlator, T0 + n, Call(f"c{n}@x").request("INVITE"))
+    evicted = only(cdrs)
+    assert evicted.call_id == "c0@x"
+    assert evicted.end_reason == "timeout_no_final"
+    assert correlator.stats.evicted == 1
+    assert correlator.open_dialogs == 2
+
+
+def test_restart_keeps_a_call_that_spans_it() -> None:
+    before = Correlator()
+    call = Call()
+    feed(before, T0, call.request("INVITE"))
+    feed(before, T0 + 1, call.response(180, "Ringing"))
+    feed(before, T0 + 2, call.response(200, "OK"))
+    ringing = Call("ringing@x")
+    feed(before, T0 + 3, ringing.request("INVITE"))
+    snapshot = before.snapshot()
+
+    after = Correlator()
+    assert after.restore(snapshot) == 2
+    cdr = only(feed(after, T0 + 62, call.request("BYE", 2, "z9hG4bK-b", to_tag="callee-tag")))
+    assert cdr.disposition == "answered"
+    assert (cdr.start_time, cdr.ring_time, cdr.answer_time) == (T0, T0 + 1, T0 + 2)
+    assert cdr.billsec == 60.0
+    assert cdr.cdr_id == cdr_id(call.call_id, call.from_tag, T0)
+    # The early call still has its ring timer after the restart.
+    timed_out = only(list(after.expire(T0 + 3 + 180)))
+    assert timed_out.call_id == "ringing@x"
+
+
+def test_restore_refuses_an_unknown_snapshot_version() -> None:
+    with pytest.raises(ValueError, match="version"):
+        Correlator().restore(b'{"version": 99, "dialogs": []}')
+
+
+def test_cdr_id_is_deterministic_uuid5() -> None:
+    first = only(answered_call(Correlator(), Call()))
+    again = only(answered_call(Correlator(), Call()))
+    other = only(answered_call(Correlator(), Call(from_tag="another")))
+    assert first.cdr_id == again.cdr_id
+    assert first.cdr_id != other.cdr_id
+    parsed = uuid.UUID(first.cdr_id)
+    assert parsed.version == 5
+    assert parsed == uuid.uuid5(CDR_ID_NAMESPACE, f"{first.call_id}\ncaller-tag\n{rfc3339(T0)}")
+
+
+def test_caller_prefers_p_asserted_identity_and_trunk_numbering() -> None:
+    trunk = Trunk("carrier-a", country_code="49", national_prefix="0", rate_plan="wholesale")
+    correlator = Correlator(trunk_of=lambda ip: trunk if ip == CALLER_ADDR[0] else None)
+    call = Call(caller="anonymous", callee="0301234567", pai="+4940999888")
+    cdr = only(answered_call(correlator, call))
+    assert cdr.caller == "4940999888"
+    assert cdr.callee == "49301234567"
+    assert cdr.trunk == "carrier-a"
+
+
+def test_kpis_from_closed_calls() -> None:
+    correlator = Correlator()
+    answered_call(correlator, Call("a@x"), hold=60)
+    answered_call(correlator, Call("b@x"), hold=120)
+    busy = Call("c@x")
+    feed(correlator, T0, busy.request("INVITE"))
+    feed(correlator, T0 + 1, busy.response(486, "Busy Here"))
+    broken = Call("d@x")
+    feed(correlator, T0, broken.request("INVITE"))
+    feed(correlator, T0 + 0.25, broken.response(503, "Service Unavailable"))
+    kpi = correlator.kpis[None]
+    assert kpi.attempts == 4
+    assert kpi.asr == 0.5
+    assert kpi.ner == 0.75  # the 503 is the network's failure; busy is the user's choice
+    assert kpi.acd == 90.0
+    assert kpi.pdd == pytest.approx((500 + 500 + 1000 + 250) / 4)
+
+
+def test_drain_closes_everything_by_the_dialog_rules() -> None:
+    correlator = Correlator()
+    up, ringing, challenged = Call("up@x"), Call("ring@x"), Call("auth@x")
+    feed(correlator, T0, up.request("INVITE"))
+    feed(correlator, T0 + 1, up.response(200, "OK"))
+    feed(correlator, T0, ringing.request("INVITE"))
+    feed(correlator, T0 + 2, ringing.response(180, "Ringing"))
+    feed(correlator, T0, challenged.request("INVITE"))
+    feed(correlator, T0 + 0.1, challenged.response(401, "Unauthorized"))
+    by_call = {cdr.call_id: cdr for cdr in correlator.drain()}
+    assert by_call["up@x"].end_reason == "timeout_no_bye"
+    assert by_call["ring@x"].disposition == "no_answer"
+    assert by_call["auth@x"].disposition == "unauthorized"
+    assert correlator.open_dialogs == 0
