@@ -7,7 +7,6 @@ import uuid
 
 import pytest
 from sipcalls import CALLEE_ADDR, CALLER_ADDR, PROXY_ADDR, Call, feed
-
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.dialog import state as dialog_state
 from sipcdr.dialog.correlator import CDR_ID_NAMESPACE, cdr_id

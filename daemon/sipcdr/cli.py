@@ -1,10 +1,13 @@
-"""Command-line parsing only: each subcommand hands its arguments to the module that owns it."""
+"""Command-line parsing only: each subcommand hands a Config and its arguments to the
+module that owns the work."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from sipcdr import __version__
 
@@ -16,9 +19,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sipcdr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
     run = sub.add_parser("run", help="run the capture daemon")
-    run.add_argument("-c", "--config", metavar="FILE", help="TOML configuration file")
+    run.add_argument("-c", "--config", type=Path, metavar="FILE", help="TOML configuration")
+
+    imp = sub.add_parser("import", help="run pcap/pcapng files through the pipeline offline")
+    imp.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    imp.add_argument("-c", "--config", type=Path, metavar="FILE", help="TOML configuration")
+    imp.add_argument("--summary-json", type=Path, metavar="PATH", help="write a summary here")
+
+    rep = sub.add_parser("replay", help="send the SIP of a capture to a running daemon")
+    rep.add_argument("file", type=Path, metavar="FILE")
+    rep.add_argument("--to", required=True, metavar="HOST:PORT", help="listener to send to")
+    rep.add_argument("--hep", action="store_true", help="wrap each message in HEPv3")
+    rep.add_argument(
+        "--rate",
+        metavar="N",
+        help="messages per second, or 'max' for as fast as possible (default: capture pace)",
+    )
+    rep.add_argument("--loop", type=int, default=1, metavar="K", help="passes, new Call-IDs each")
+    rep.add_argument("--capture-id", type=int, default=0, help="HEP capture id to send")
+    rep.add_argument("--auth-key", help="HEP agent key to send")
     return parser
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SystemExit(f"sipcdr: --to wants HOST:PORT, got {text!r}")
+    return host, int(port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,8 +57,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    parser.error(f"'{args.command}' is not available in this build yet")
-    return 2  # pragma: no cover - parser.error exits
+
+    from sipcdr.config import ConfigError, load_config  # noqa: PLC0415 - keep --help fast
+    from sipcdr.telemetry.logs import configure  # noqa: PLC0415
+
+    configure()
+    if args.command == "replay":
+        from sipcdr.replay import replay  # noqa: PLC0415
+
+        rate = None if args.rate in (None, "max") else float(args.rate)
+        result = replay(
+            args.file,
+            _host_port(args.to),
+            as_hep=args.hep,
+            rate=rate,
+            loops=args.loop,
+            original_pace=args.rate is None,
+            capture_id=args.capture_id,
+            auth_key=args.auth_key,
+        )
+        print(f"sent {result.sent} messages in {result.seconds:.2f} s ({result.skipped} skipped)")
+        return 0
+
+    try:
+        config = load_config(args.config, os.environ)
+    except (ConfigError, OSError) as exc:
+        print(f"sipcdr: configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "run":
+        from sipcdr.app import run  # noqa: PLC0415
+
+        return run(config)
+    from sipcdr.importer import import_files  # noqa: PLC0415
+
+    summary = import_files(config, args.files, args.summary_json)
+    print(
+        f"{summary['sip_messages']} SIP messages, {summary['cdrs_written']} CDRs "
+        f"({summary['cdrs_by_disposition']})"
+    )
+    return 1 if summary["file_errors"] else 0
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ class HepPacket:
     compressed: bool
 
     # Positional on purpose: keyword passing costs measurably per packet.
-    def __init__(  # noqa: PLR0917
+    def __init__(
         self,
         version: int,
         ip_family: int,

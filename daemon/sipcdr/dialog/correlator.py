@@ -359,11 +359,11 @@ def _new_dialog(packet: Packet, msg: SipMessage, now: float) -> Dialog:
     dialog.phase = Phase.EARLY
     dialog.start_time = dialog.invite_time = dialog.last_time = now
     dialog.invite_cseq = msg.cseq
-    dialog.invite_branch = msg.via_branch
+    dialog.invite_branch_crc = state.branch_crc(msg.via_branch)
     dialog.ring_time = dialog.first_response_time = dialog.answer_time = None
     dialog.cancel_time = dialog.final_time = None
     dialog.final_code = dialog.q850_cause = None
-    dialog.final_reason = dialog.to_tag = None
+    dialog.final_reason = None
     dialog.seen = _signature_bits(msg)
     # Addresses, user agents and capture nodes repeat across calls: one copy each.
     intern = sys.intern

@@ -8,6 +8,7 @@ message belongs to, keeps the timers and builds the CDR; it decides nothing.
 
 from __future__ import annotations
 
+import zlib
 from enum import IntEnum
 
 from sipcdr.sip import SipMessage
@@ -93,7 +94,7 @@ class Dialog:
         "first_response_time",
         "from_tag",
         "from_uri",
-        "invite_branch",
+        "invite_branch_crc",
         "invite_cseq",
         "invite_time",
         "last_time",
@@ -106,7 +107,6 @@ class Dialog:
         "src_ip",
         "src_port",
         "start_time",
-        "to_tag",
         "to_uri",
         "user_agent",
     )
@@ -117,7 +117,9 @@ class Dialog:
     start_time: float  # first INVITE seen
     invite_time: float  # INVITE of the current attempt (after an auth retry, the retry)
     invite_cseq: int
-    invite_branch: str | None  # top Via branch of the attempt's first copy: the caller leg
+    # CRC-32 of the top Via branch of the attempt's first copy, which marks the caller's
+    # leg; a checksum instead of the string saves ~50 bytes a call and survives restarts.
+    invite_branch_crc: int
     last_time: float  # last message of this call, the end of a timed-out call
     ring_time: float | None
     first_response_time: float | None  # first 18x or final of the attempt: PDD
@@ -127,7 +129,6 @@ class Dialog:
     final_reason: str | None
     final_time: float | None
     q850_cause: int | None
-    to_tag: str | None
     seen: int  # bloom filter of message signatures: tells retransmissions apart
     src_ip: str
     src_port: int
@@ -139,6 +140,10 @@ class Dialog:
     pai_uri: str | None
     user_agent: str | None
     capture_node: str
+
+
+def branch_crc(branch: str | None) -> int:
+    return zlib.crc32(branch.encode()) if branch else 0
 
 
 # -- the transitions --------------------------------------------------------------------
@@ -155,7 +160,7 @@ def on_invite(dialog: Dialog, msg: SipMessage, now: float) -> None:
         return
     dialog.phase = Phase.EARLY
     dialog.invite_cseq = msg.cseq
-    dialog.invite_branch = msg.via_branch
+    dialog.invite_branch_crc = branch_crc(msg.via_branch)
     dialog.invite_time = now
     dialog.first_response_time = None
     dialog.final_code = dialog.final_time = None
@@ -184,11 +189,10 @@ def on_invite_response(dialog: Dialog, msg: SipMessage, now: float) -> str | Non
             dialog.final_code = code
             dialog.final_reason = msg.reason_phrase
             dialog.final_time = now
-            dialog.to_tag = msg.to_tag
             if dialog.first_response_time is None:
                 dialog.first_response_time = now
         return None
-    if dialog.phase is not Phase.EARLY or msg.via_branch != dialog.invite_branch:
+    if dialog.phase is not Phase.EARLY or branch_crc(msg.via_branch) != dialog.invite_branch_crc:
         return None
     dialog.final_code = code
     dialog.final_reason = msg.reason_phrase

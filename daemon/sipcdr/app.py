@@ -1,0 +1,243 @@
+"""The daemon: builds the components from a Config, starts them in order, and on
+SIGTERM/SIGINT stops intake, persists open dialogs, flushes every sink and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from sipcdr.capture.listeners import (
+    AllowList,
+    HepGate,
+    HepTcpServer,
+    HepUdpProtocol,
+    SipUdpProtocol,
+    udp_drops,
+    udp_socket,
+)
+from sipcdr.config import Config, trunk_resolver
+from sipcdr.dialog import Correlator
+from sipcdr.pipeline import CdrSink, Pipeline
+from sipcdr.sinks.jsonl import JsonlSink
+from sipcdr.telemetry.http import MetricsServer
+from sipcdr.telemetry.metrics import Metrics
+
+DIALOG_SNAPSHOT = "dialogs.json"  # open calls at shutdown, read back at start
+TICK_S = 1.0  # timers, metric batches and sink flushes: once a second
+
+
+class App:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.log = structlog.get_logger("sipcdr")
+        self.metrics = Metrics()
+        self.correlator = Correlator(config.dialog, trunk_resolver(config))
+        self.sinks: list[CdrSink] = []
+        self._jsonl: JsonlSink | None = None
+        if config.sinks.jsonl.path:
+            self._jsonl = JsonlSink(Path(config.sinks.jsonl.path))
+            self.sinks.append(self._jsonl)
+        self.pipeline = Pipeline(self.correlator, self.sinks, self.metrics)
+        self._allow = AllowList(config.capture.allow)
+        self._gate = HepGate(config.capture.hep_keys)
+        self._hep_tcp = HepTcpServer(self.pipeline, self._allow, self._gate)
+        self._transports: list[asyncio.DatagramTransport] = []
+        self._udp: list[tuple[str, socket.socket]] = []
+        self._udp_drops: dict[int, int] = {}
+        self._servers: list[asyncio.Server] = []
+        self._metrics_server = MetricsServer(
+            self.metrics.registry,
+            config.metrics.listen.host,
+            config.metrics.listen.port,
+            ready=lambda: self._ready,
+        )
+        self._ticker: asyncio.Task[None] | None = None
+        self._ready = False
+        self._started = False
+        self._stopped = False
+        self.bound: dict[str, list[tuple[str, int]]] = {"sip_udp": [], "hep_udp": [], "hep_tcp": []}
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.config.state.dir)
+
+    @property
+    def metrics_port(self) -> int:
+        return self._metrics_server.port
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._restore_dialogs()
+        self._warn_unbuilt_sinks()
+        if self._jsonl is not None:
+            self._jsonl.start()
+        loop = asyncio.get_running_loop()
+        capture = self.config.capture
+        for endpoint in capture.sip_udp:
+            sock = udp_socket(endpoint.host, endpoint.port, capture.rcvbuf_bytes)
+            local = sock.getsockname()[:2]
+            transport, _ = await loop.create_datagram_endpoint(
+                functools.partial(SipUdpProtocol, self.pipeline, self._allow, local), sock=sock
+            )
+            self._register_udp("sip_udp", sock, transport)
+        for endpoint in capture.hep_udp:
+            sock = udp_socket(endpoint.host, endpoint.port, capture.rcvbuf_bytes)
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: HepUdpProtocol(self.pipeline, self._allow, self._gate), sock=sock
+            )
+            self._register_udp("hep_udp", sock, transport)
+        for endpoint in capture.hep_tcp:
+            server = await asyncio.start_server(self._hep_tcp.handle, endpoint.host, endpoint.port)
+            self._servers.append(server)
+            for sock in server.sockets:
+                self.bound["hep_tcp"].append(tuple(sock.getsockname()[:2]))
+        await self._metrics_server.start()
+        self._ticker = asyncio.create_task(self._tick(), name="sipcdr-tick")
+        self._ticker.add_done_callback(self._background_failed)
+        self._ready = True
+        self.log.info(
+            "started",
+            listeners={kind: [f"{h}:{p}" for h, p in eps] for kind, eps in self.bound.items()},
+            metrics_port=self.metrics_port,
+            open_dialogs=self.correlator.open_dialogs,
+            pid=os.getpid(),
+        )
+
+    def _register_udp(
+        self, kind: str, sock: socket.socket, transport: asyncio.DatagramTransport
+    ) -> None:
+        self._transports.append(transport)
+        self._udp.append((kind, sock))
+        self.bound[kind].append(tuple(sock.getsockname()[:2]))
+
+    def _warn_unbuilt_sinks(self) -> None:
+        sinks = self.config.sinks
+        for name, enabled in (
+            ("postgres", bool(sinks.postgres.dsn)),
+            ("kafka", bool(sinks.kafka.bootstrap)),
+        ):
+            if enabled:
+                # Configured but not part of this build: its CDRs cannot be delivered.
+                self.log.error("sink_unavailable", sink=name)
+
+    def _background_failed(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.log.error("background_task_failed", task=task.get_name(), error=repr(exc))
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            self.tick(time.time())
+
+    def tick(self, now: float) -> None:
+        """Timers, sink flushes and metric batches; called once a second."""
+        self.pipeline.expire(now)
+        self.pipeline.flush()
+        for kind, sock in self._udp:
+            total = udp_drops(sock)
+            if total is not None:
+                delta = total - self._udp_drops.get(sock.fileno(), 0)
+                self._udp_drops[sock.fileno()] = total
+                if delta > 0:
+                    self.pipeline.drops[(kind, "rcvbuf_overflow")] = (
+                        self.pipeline.drops.get((kind, "rcvbuf_overflow"), 0) + delta
+                    )
+        for capture_id, count in self._gate.rejected.items():
+            self.metrics.hep_rejected.labels(capture_id).inc(count)
+        self._gate.rejected.clear()
+        self.pipeline.flush_metrics()
+
+    async def stop(self) -> None:
+        """Idempotent. Intake first, so nothing arrives while state is written."""
+        if self._stopped or not self._started:
+            return
+        self._stopped = True
+        self._ready = False
+        for transport in self._transports:
+            transport.close()
+        for server in self._servers:
+            server.close()
+        self._hep_tcp.close_connections()
+        for server in self._servers:
+            await server.wait_closed()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        self.pipeline.expire(time.time())
+        self._persist_dialogs()
+        self.pipeline.flush()
+        if self._jsonl is not None:
+            self._jsonl.stop()
+        self.pipeline.flush_metrics()
+        await self._metrics_server.stop()
+        self.log.info(
+            "stopped",
+            cdrs=self.pipeline.cdrs_written,
+            open_dialogs_saved=self.correlator.open_dialogs,
+        )
+
+    def _persist_dialogs(self) -> None:
+        path = self.state_dir / DIALOG_SNAPSHOT
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as handle:
+            handle.write(self.correlator.snapshot())
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+
+    def _restore_dialogs(self) -> None:
+        path = self.state_dir / DIALOG_SNAPSHOT
+        if not path.exists():
+            return
+        try:
+            count = self.correlator.restore(path.read_bytes())
+        except (ValueError, KeyError, TypeError) as exc:
+            # Unreadable state must not stop capture; the calls in it get no CDR.
+            self.log.error("dialog_snapshot_unreadable", path=str(path), error=str(exc))
+            path.rename(path.with_suffix(".unreadable"))
+            return
+        # Consumed: a crash before the next clean stop must not restore these twice.
+        path.unlink()
+        self.log.info("dialogs_restored", count=count)
+
+    async def __aenter__(self) -> App:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+
+async def serve(config: Config) -> int:
+    """`sipcdr run`: start, wait for SIGTERM/SIGINT, stop cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with App(config):
+        await stop.wait()
+    return 0
+
+
+def run(config: Config) -> int:
+    try:
+        import uvloop  # noqa: PLC0415 - optional: the daemon runs on plain asyncio too
+    except ImportError:
+        return asyncio.run(serve(config))
+    return uvloop.run(serve(config))

@@ -1,0 +1,2 @@
+"""Packet capture input: link-layer decapsulation (``decap``), SIP over TCP and WebSocket
+stream reassembly (``tcp``) and capture-file reading (``pcapfile``)."""

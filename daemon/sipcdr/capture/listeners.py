@@ -1,0 +1,248 @@
+"""Network listeners: plain SIP over UDP, HEP over UDP and HEP over TCP.
+
+Each datagram is handled inside the event loop's callback (see `pipeline` for why
+there is no queue behind it). The receive path was chosen by benchmark
+(benchmarks/receive.py): uvloop's `DatagramProtocol` hands over each datagram without
+the per-datagram future asyncio-dgram creates, and without the default loop's fresh
+256 KiB read buffer per datagram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from sipcdr import hep
+from sipcdr.model import TRANSPORT_SCTP, TRANSPORT_TCP, TRANSPORT_UDP, Packet
+from sipcdr.pipeline import Pipeline
+
+MAX_DATAGRAM = 65535
+HEP_TCP_MAX_FRAME = 65535  # the HEPv3 length field is 16 bits
+_TRANSPORT_OF_IP_PROTOCOL = {6: TRANSPORT_TCP, 17: TRANSPORT_UDP, 132: TRANSPORT_SCTP}
+_SIP = 1  # HEP protocol type of a SIP payload
+_IP_CACHE_LIMIT = 65536  # distinct sources remembered by an allow-list before it starts over
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class AllowList:
+    """Source-address check with a per-address cache: carriers send from a handful of
+    SBCs, so after the first datagram each check is one dict lookup."""
+
+    __slots__ = ("_cache", "_networks")
+
+    def __init__(self, networks: Iterable[Network]) -> None:
+        self._networks = tuple(networks)
+        self._cache: dict[str, bool] = {}
+
+    def permits(self, ip: str) -> bool:
+        verdict = self._cache.get(ip)
+        if verdict is None:
+            if len(self._cache) >= _IP_CACHE_LIMIT:
+                self._cache.clear()  # a spoofed-source flood must not grow memory
+            try:
+                address = ipaddress.ip_address(ip.split("%", 1)[0])
+            except ValueError:
+                verdict = False
+            else:
+                if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                    address = address.ipv4_mapped
+                verdict = any(address in network for network in self._networks)
+            self._cache[ip] = verdict
+        return verdict
+
+
+class HepGate:
+    """HEP agent authentication: with keys configured, a packet must carry the key of
+    its capture id; otherwise it is dropped and counted per capture id."""
+
+    __slots__ = ("_keys", "rejected")
+
+    def __init__(self, keys: Mapping[int, str]) -> None:
+        self._keys = dict(keys)
+        self.rejected: dict[str, int] = {}  # capture id label -> count
+
+    def admits(self, packet: hep.HepPacket) -> bool:
+        if not self._keys:
+            return True
+        expected = self._keys.get(packet.capture_id)
+        if expected is not None and packet.auth_key == expected:
+            return True
+        # Unconfigured ids share one label: a forged id must not create new series.
+        label = str(packet.capture_id) if expected is not None else "unknown"
+        self.rejected[label] = self.rejected.get(label, 0) + 1
+        return False
+
+
+def hep_to_packet(decoded: hep.HepPacket) -> Packet:
+    return Packet(
+        decoded.timestamp or time.time(),
+        decoded.src_ip,
+        decoded.src_port,
+        decoded.dst_ip,
+        decoded.dst_port,
+        _TRANSPORT_OF_IP_PROTOCOL.get(decoded.ip_protocol, TRANSPORT_UDP),
+        decoded.payload,
+        decoded.node_name or str(decoded.capture_id),
+    )
+
+
+class SipUdpProtocol(asyncio.DatagramProtocol):
+    """Plain SIP copies: the original endpoints are the datagram's own."""
+
+    SOURCE = "sip_udp"
+
+    def __init__(self, pipeline: Pipeline, allow: AllowList, local: tuple[str, int]) -> None:
+        self._pipeline = pipeline
+        self._allow = allow
+        self._local_ip, self._local_port = local
+        self._node = f"sip_udp:{local[0]}:{local[1]}"
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        pipeline = self._pipeline
+        ip = str(addr[0])
+        if not self._allow.permits(ip):
+            pipeline.drop(self.SOURCE, "not_allowed")
+            return
+        pipeline.count_received(self.SOURCE)
+        port = addr[1]
+        pipeline.process(
+            Packet(
+                time.time(),
+                ip,
+                port if isinstance(port, int) else 0,
+                self._local_ip,
+                self._local_port,
+                TRANSPORT_UDP,
+                data,
+                self._node,
+            )
+        )
+
+
+class HepUdpProtocol(asyncio.DatagramProtocol):
+    """HEP from proxies, SBCs and agents: endpoints and time come from the HEP chunks."""
+
+    SOURCE = "hep_udp"
+
+    def __init__(self, pipeline: Pipeline, allow: AllowList, gate: HepGate) -> None:
+        self._pipeline = pipeline
+        self._allow = allow
+        self._gate = gate
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        pipeline = self._pipeline
+        if not self._allow.permits(str(addr[0])):
+            pipeline.drop(self.SOURCE, "not_allowed")
+            return
+        pipeline.count_received(self.SOURCE)
+        handle_hep(pipeline, self._gate, self.SOURCE, data)
+
+
+def handle_hep(pipeline: Pipeline, gate: HepGate, source: str, data: bytes) -> None:
+    try:
+        decoded = hep.decode(data)
+    except hep.HepError:
+        pipeline.drop(source, "bad_hep")
+        return
+    if not gate.admits(decoded):
+        pipeline.drop(source, "bad_key")
+        return
+    if decoded.proto_type != _SIP:
+        pipeline.drop(source, "not_sip")
+        return
+    pipeline.process(hep_to_packet(decoded))
+
+
+class HepTcpServer:
+    """HEPv3 frames over TCP (the `HEP3` magic and 16-bit total length frame them;
+    HEPv1/v2 carry no total length, so they cannot be framed on a stream)."""
+
+    SOURCE = "hep_tcp"
+
+    def __init__(self, pipeline: Pipeline, allow: AllowList, gate: HepGate) -> None:
+        self._pipeline = pipeline
+        self._allow = allow
+        self._gate = gate
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        peer = writer.get_extra_info("peername")
+        pipeline = self._pipeline
+        try:
+            if not peer or not self._allow.permits(str(peer[0])):
+                pipeline.drop(self.SOURCE, "not_allowed")
+                return
+            while True:
+                header = await reader.readexactly(6)
+                if header[:4] != b"HEP3":
+                    pipeline.drop(self.SOURCE, "bad_hep")
+                    return  # lost framing: nothing after this can be trusted
+                (length,) = struct.unpack_from("!H", header, 4)
+                if length < 6:
+                    pipeline.drop(self.SOURCE, "bad_hep")
+                    return
+                frame = header + await reader.readexactly(length - 6)
+                pipeline.count_received(self.SOURCE)
+                handle_hep(pipeline, self._gate, self.SOURCE, frame)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+            if task is not None:
+                self._connections.discard(task)
+
+    def close_connections(self) -> None:
+        for task in list(self._connections):
+            task.cancel()
+
+
+def udp_socket(host: str, port: int, rcvbuf_bytes: int) -> socket.socket:
+    """A bound UDP socket with the receive buffer asked for (forced past rmem_max when
+    running as root, since that buffer is the only queue in front of the parser)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        force = getattr(socket, "SO_RCVBUFFORCE", None)
+        try:
+            if force is None:
+                raise PermissionError
+            sock.setsockopt(socket.SOL_SOCKET, force, rcvbuf_bytes)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf_bytes)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def udp_drops(sock: socket.socket) -> int | None:
+    """Datagrams the kernel dropped on this socket because its buffer was full
+    (the `drops` column of /proc/net/udp{,6}); None where the kernel does not say."""
+    try:
+        inode = os.fstat(sock.fileno()).st_ino
+    except OSError:
+        return None
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) >= 13 and fields[9] == str(inode):
+                return int(fields[-1])
+    return None

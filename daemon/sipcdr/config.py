@@ -1,0 +1,1064 @@
+"""Typed settings from a TOML file and `SIPCDR_*` environment variables, validated once.
+
+`load_config` reads the file (or starts from the embedded defaults when there is none),
+applies the environment on top, and checks every value before anything is started, so
+a bad setting stops the start with a `ConfigError` naming the key, the value and what
+was expected. Unknown keys are errors: a misspelt key that silently kept its default
+could leave a listener open or a sink off without anyone noticing.
+
+Environment variables
+---------------------
+`SIPCDR_<SECTION>__<KEY>` sets `[section] key`; deeper tables add `__<NAME>` per level:
+
+    SIPCDR_SINKS__KAFKA__BOOTSTRAP=host:9092        [sinks.kafka] bootstrap
+    SIPCDR_CAPTURE__HEP_UDP=127.0.0.1:9060,[::1]:9060   a list: comma-separated
+    SIPCDR_CAPTURE__HEP_KEYS__2001=s3cret           one entry of a table
+    SIPCDR_TRUNKS__0__RATE_PLAN=retail              a key of the first [[trunks]] entry
+    SIPCDR_SINKS__KAFKA__IDEMPOTENCE=false          bools: true/false, 1/0, yes/no, on/off
+
+Names are matched in lower case, so table entries set this way (deck names, for one)
+are lower case. A variable replaces one value, or adds one table entry; the rest of the
+file stays. Trunks set from the environment continue the file's list by index, without
+gaps. Every other variable that starts with `SIPCDR_` is an error, except those under
+`NON_CONFIG_ENV_PREFIXES`, which are read by other parts of the project.
+
+Relative paths in `rating.decks` and `sinks.kafka.ssl_cafile` are inputs that ship next
+to the config file, so they are taken relative to its directory (to the working
+directory when there is no file). `sinks.jsonl.path` and `state.dir` are outputs and
+stay relative to the working directory, as the daemon's `./var/` defaults are.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final, NamedTuple, TypeAlias
+
+from sipcdr.dialog.correlator import DialogLimits
+from sipcdr.model import Trunk
+
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+ENV_PREFIX: Final = "SIPCDR_"
+# Variables with these prefixes are not settings: the test suite reads SIPCDR_TEST_PG_DSN
+# and SIPCDR_TEST_KAFKA (servers to test against), and must be able to set them while a
+# daemon under test loads its config from the same environment.
+NON_CONFIG_ENV_PREFIXES: Final = ("SIPCDR_TEST_",)
+
+# What secrets are replaced with in `Config.redacted()` and in error messages.
+SECRET_MASK: Final = "***"
+
+
+class Endpoint(NamedTuple):
+    """A `HOST:PORT` address; IPv6 hosts are kept without their brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+# -- defaults -----------------------------------------------------------------------------
+
+# Loopback only: a fresh install captures nothing from the network until an operator
+# points a mirror at an address they chose.
+DEFAULT_SIP_UDP: Final = (Endpoint("127.0.0.1", 5060),)
+# 9060 is the port HEP agents and Homer use by convention; loopback as above.
+DEFAULT_HEP_UDP: Final = (Endpoint("127.0.0.1", 9060),)
+# Off: HEP agents default to UDP, so a TCP listener is only opened when asked for.
+DEFAULT_HEP_TCP: Final[tuple[Endpoint, ...]] = ()
+# Only local agents until the operator names the sources that may send signaling.
+DEFAULT_ALLOW: Final[tuple[Network, ...]] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+DEFAULT_RCVBUF_BYTES: Final = 32 * 1024 * 1024  # absorbs ~0.5 s of a 50k msg/s burst
+# Live capture needs privileges and a named interface; off unless asked for.
+DEFAULT_INTERFACES: Final[tuple[str, ...]] = ()
+# No agent authentication until keys are issued: loopback-only listeners make that safe.
+DEFAULT_HEP_KEYS: Final[Mapping[int, str]] = MappingProxyType({})
+
+# The dialog timers' reasons are documented on each field of DialogLimits.
+DEFAULT_DIALOG_LIMITS: Final = DialogLimits()
+
+# A file sink that needs no server, so a first run shows CDRs right away.
+DEFAULT_JSONL_PATH: Final = "var/cdrs.jsonl"
+# "embedded" starts a private PostgreSQL under state.dir, so no server has to exist yet.
+DEFAULT_POSTGRES_DSN: Final = "embedded"
+# Header captures are what investigations and the retention promises are about.
+DEFAULT_STORE_SIGNALING: Final = True
+# Kafka is off until a broker is named: there is no broker to guess.
+DEFAULT_KAFKA_BOOTSTRAP: Final[tuple[Endpoint, ...]] = ()
+# No duplicate records when the producer retries; brokers without InitProducerId need it off.
+DEFAULT_KAFKA_IDEMPOTENCE: Final = True
+DEFAULT_TOPIC_CDRS: Final = "sipcdr.cdrs"  # the name billing consumers are told to expect
+DEFAULT_TOPIC_FRAUD: Final = "sipcdr.fraud"  # the name fraud analysts are told to expect
+# Brokers on a trusted network are the common first setup; TLS/SASL are opt-in per site.
+DEFAULT_KAFKA_SECURITY_PROTOCOL: Final = "PLAINTEXT"
+
+# A fixed port so scrape configs can be written ahead; loopback until a scraper is set up.
+DEFAULT_METRICS_LISTEN: Final = Endpoint("127.0.0.1", 9108)
+# Next to the JSONL default, so one directory holds everything a run writes.
+DEFAULT_STATE_DIR: Final = Path("var")
+
+# aiokafka's accepted values; checked here so a typo fails at start, not at first send.
+KAFKA_SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS: Final = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER")
+# Mechanisms that authenticate with sasl_username and sasl_password.
+_PASSWORD_MECHANISMS: Final = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+_MAX_CAPTURE_ID: Final = 0xFFFFFFFF  # HEPv3 chunk 0x000c is an unsigned 32-bit integer
+_MAX_ENV_TRUNK_INDEX: Final = 9999  # bounds the list an index from the environment can grow
+
+_BOOLEANS: Final = {
+    "true": True,
+    "1": True,
+    "yes": True,
+    "on": True,
+    "false": False,
+    "0": False,
+    "no": False,
+    "off": False,
+}
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_COUNTRY_CODE = re.compile(r"[1-9][0-9]{0,2}")  # E.164 country codes: 1-3 digits, no 0 first
+_DIGITS = re.compile(r"[0-9]+")
+_DSN_SCHEMES: Final = ("postgresql://", "postgres://")
+_SECRET_KEYS: Final = frozenset({"sinks.kafka.sasl_password", "capture.hep_keys"})
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_DSN_PASSWORD_PARAM = re.compile(r"(?i)((?:^|[?&\s])(?:ssl)?password\s*=\s*)('[^']*'|[^&#\s]*)")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used. `key` is its dotted path (`sinks.kafka.bootstrap`,
+    `trunks[0].name`), `value` how it was given (secrets masked) or None for an unknown or
+    missing key, `expected` what would have been accepted."""
+
+    def __init__(self, message: str, *, key: str, value: str | None, expected: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.value = value
+        self.expected = expected
+
+
+# -- sections -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureConfig:
+    sip_udp: tuple[Endpoint, ...] = DEFAULT_SIP_UDP
+    hep_udp: tuple[Endpoint, ...] = DEFAULT_HEP_UDP
+    hep_tcp: tuple[Endpoint, ...] = DEFAULT_HEP_TCP
+    allow: tuple[Network, ...] = DEFAULT_ALLOW
+    rcvbuf_bytes: int = DEFAULT_RCVBUF_BYTES
+    hep_keys: Mapping[int, str] = field(default_factory=lambda: DEFAULT_HEP_KEYS)  # id -> key
+    interfaces: tuple[str, ...] = DEFAULT_INTERFACES
+
+    def redacted(self) -> dict[str, object]:
+        return {
+            "sip_udp": [str(endpoint) for endpoint in self.sip_udp],
+            "hep_udp": [str(endpoint) for endpoint in self.hep_udp],
+            "hep_tcp": [str(endpoint) for endpoint in self.hep_tcp],
+            "allow": [str(network) for network in self.allow],
+            "rcvbuf_bytes": self.rcvbuf_bytes,
+            "hep_keys": {str(capture_id): SECRET_MASK for capture_id in self.hep_keys},
+            "interfaces": list(self.interfaces),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TrunkConfig:
+    """A `[[trunks]]` entry as configured; `to_trunk` gives the record the core uses."""
+
+    name: str
+    sources: tuple[Network, ...]
+    rate_plan: str | None = None
+    country_code: str | None = None
+    national_prefix: str | None = None
+
+    def to_trunk(self) -> Trunk:
+        return Trunk(
+            name=self.name,
+            country_code=self.country_code,
+            national_prefix=self.national_prefix,
+            rate_plan=self.rate_plan,
+        )
+
+    def redacted(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "sources": [str(network) for network in self.sources],
+            "rate_plan": self.rate_plan,
+            "country_code": self.country_code,
+            "national_prefix": self.national_prefix,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RatingConfig:
+    decks: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))
+    default_plan: str | None = None
+
+    def redacted(self) -> dict[str, object]:
+        return {
+            "decks": {name: str(path) for name, path in self.decks.items()},
+            "default_plan": self.default_plan,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class FraudConfig:
+    """Detectors run with their shipped defaults; settings will be added here."""
+
+    def redacted(self) -> dict[str, object]:
+        return {}
+
+
+@dataclass(frozen=True, slots=True)
+class JsonlConfig:
+    path: str = DEFAULT_JSONL_PATH  # "" disables
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.path)
+
+    def redacted(self) -> dict[str, object]:
+        return {"path": self.path}
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresConfig:
+    dsn: str = DEFAULT_POSTGRES_DSN  # "embedded", a postgresql:// DSN, or "" to disable
+    store_signaling: bool = DEFAULT_STORE_SIGNALING
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dsn)
+
+    @property
+    def embedded(self) -> bool:
+        return self.dsn == "embedded"
+
+    def redacted(self) -> dict[str, object]:
+        return {"dsn": redact_dsn(self.dsn), "store_signaling": self.store_signaling}
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaConfig:
+    bootstrap: tuple[Endpoint, ...] = DEFAULT_KAFKA_BOOTSTRAP  # () disables
+    idempotence: bool = DEFAULT_KAFKA_IDEMPOTENCE
+    topic_cdrs: str = DEFAULT_TOPIC_CDRS
+    topic_fraud: str = DEFAULT_TOPIC_FRAUD
+    security_protocol: str = DEFAULT_KAFKA_SECURITY_PROTOCOL
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bootstrap)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """The form the Kafka client takes: `host:9092,host2:9092`."""
+        return ",".join(str(endpoint) for endpoint in self.bootstrap)
+
+    def redacted(self) -> dict[str, object]:
+        return {
+            "bootstrap": self.bootstrap_servers,
+            "idempotence": self.idempotence,
+            "topic_cdrs": self.topic_cdrs,
+            "topic_fraud": self.topic_fraud,
+            "security_protocol": self.security_protocol,
+            "sasl_mechanism": self.sasl_mechanism,
+            "sasl_username": self.sasl_username,
+            "sasl_password": None if self.sasl_password is None else SECRET_MASK,
+            "ssl_cafile": None if self.ssl_cafile is None else str(self.ssl_cafile),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SinksConfig:
+    jsonl: JsonlConfig = field(default_factory=JsonlConfig)
+    postgres: PostgresConfig = field(default_factory=PostgresConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+
+    def redacted(self) -> dict[str, object]:
+        return {
+            "jsonl": self.jsonl.redacted(),
+            "postgres": self.postgres.redacted(),
+            "kafka": self.kafka.redacted(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: Endpoint = DEFAULT_METRICS_LISTEN
+
+    def redacted(self) -> dict[str, object]:
+        return {"listen": str(self.listen)}
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    dir: Path = DEFAULT_STATE_DIR
+
+    def redacted(self) -> dict[str, object]:
+        return {"dir": str(self.dir)}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole effective configuration; `Config()` is the embedded defaults."""
+
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    dialog: DialogLimits = DEFAULT_DIALOG_LIMITS
+    trunks: tuple[TrunkConfig, ...] = ()
+    rating: RatingConfig = field(default_factory=RatingConfig)
+    fraud: FraudConfig = field(default_factory=FraudConfig)
+    sinks: SinksConfig = field(default_factory=SinksConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+
+    def redacted(self) -> dict[str, object]:
+        """The effective settings as plain JSON-able data, with every secret masked:
+        this is what may be logged."""
+        return {
+            "capture": self.capture.redacted(),
+            "dialog": {item.name: getattr(self.dialog, item.name) for item in fields(self.dialog)},
+            "trunks": [trunk.redacted() for trunk in self.trunks],
+            "rating": self.rating.redacted(),
+            "fraud": self.fraud.redacted(),
+            "sinks": self.sinks.redacted(),
+            "metrics": self.metrics.redacted(),
+            "state": self.state.redacted(),
+        }
+
+
+# -- public helpers ---------------------------------------------------------------------------
+
+
+def parse_endpoint(text: str, *, min_port: int = 0) -> Endpoint:
+    """`host:port`, `1.2.3.4:port` or `[v6]:port`; ValueError says what is wrong."""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1 : close + 2] != ":":
+            raise ValueError("[IPv6]:PORT")
+        try:
+            host = str(ipaddress.IPv6Address(text[1:close]))
+        except ValueError:
+            raise ValueError("an IPv6 address inside the brackets of [IPv6]:PORT") from None
+        port_text = text[close + 2 :]
+    else:
+        host_text, colon, port_text = text.rpartition(":")
+        if not colon or not host_text:
+            raise ValueError("HOST:PORT")
+        if ":" in host_text:
+            raise ValueError("HOST:PORT with an IPv6 host in brackets: [IPv6]:PORT")
+        host = _check_host(host_text)
+    if not (port_text.isascii() and port_text.isdigit()) or not (
+        min_port <= int(port_text) <= 65535
+    ):
+        raise ValueError(f"HOST:PORT with a port from {min_port} to 65535")
+    return Endpoint(host, int(port_text))
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with its passwords masked: the URL's userinfo and any `password=` or
+    `sslpassword=` parameter (also in the `key=value` form, so a DSN refused for its
+    form can still be shown in the error).
+
+    Takes the last `@` as the end of the userinfo, because passwords are often written
+    unescaped; when that guesses wrong it masks too much, never too little.
+    """
+    scheme = _URL_SCHEME.match(dsn)
+    head, rest = (dsn[: scheme.end()], dsn[scheme.end() :]) if scheme else ("", dsn)
+    at = rest.rfind("@")
+    if scheme and at >= 0 and ":" in rest[:at]:
+        user = rest[:at].split(":", 1)[0]
+        rest = f"{user}:{SECRET_MASK}@{rest[at + 1 :]}"
+    return head + _DSN_PASSWORD_PARAM.sub(rf"\g<1>{SECRET_MASK}", rest)
+
+
+def trunk_resolver(config: Config) -> Callable[[str], Trunk | None]:
+    """A function from a source IP to the trunk whose most specific network holds it.
+
+    Networks are grouped by prefix length, so a lookup is one dict probe per distinct
+    length, longest first. IPv4-mapped IPv6 sources match IPv4 networks, since dual-stack
+    sockets report IPv4 peers that way. Anything that is not an IP address gives None.
+    """
+    groups: dict[tuple[int, int], dict[int, Trunk]] = {}
+    for trunk_config in config.trunks:
+        trunk = trunk_config.to_trunk()
+        for network in trunk_config.sources:
+            shift = network.max_prefixlen - network.prefixlen
+            table = groups.setdefault((network.version, network.prefixlen), {})
+            table[int(network.network_address) >> shift] = trunk
+
+    def by_length(version: int, bits: int) -> tuple[tuple[int, dict[int, Trunk]], ...]:
+        lengths = sorted((length for v, length in groups if v == version), reverse=True)
+        return tuple((bits - length, groups[version, length]) for length in lengths)
+
+    ipv4 = by_length(4, 32)
+    ipv6 = by_length(6, 128)
+
+    def resolve(source: str) -> Trunk | None:
+        try:
+            address = ipaddress.ip_address(source)
+        except ValueError:
+            return None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        value = int(address)
+        for shift, table in ipv4 if address.version == 4 else ipv6:
+            trunk = table.get(value >> shift)
+            if trunk is not None:
+                return trunk
+        return None
+
+    return resolve
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read `path` (embedded defaults when None), apply `SIPCDR_*` from `environ`
+    (`os.environ` when None), validate everything, or raise ConfigError."""
+    if environ is None:
+        environ = os.environ
+    raw: dict[str, object] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as file:
+                raw = tomllib.load(file)
+        except OSError as exc:
+            expected = "a readable TOML file"
+            message = f"config file {path}: cannot be read ({exc.strerror}); expected {expected}"
+            raise ConfigError(message, key="", value=str(path), expected=expected) from None
+        except tomllib.TOMLDecodeError as exc:
+            expected = "valid TOML"
+            message = f"config file {path}: {exc}; expected {expected}"
+            raise ConfigError(message, key="", value=None, expected=expected) from None
+    context = _Context(path)
+    _apply_environment(raw, environ, context)
+    base_dir = path.parent.absolute() if path is not None else Path.cwd()
+    return _build(raw, context, base_dir)
+
+
+class _EnvStr(str):
+    """A value from the environment: always text, converted by the type its key expects."""
+
+    __slots__ = ()
+
+
+class _Gap:
+    """A trunk index the environment skipped; reported if nothing fills it."""
+
+
+_GAP: Final = _Gap()
+_ARRAYS_OF_TABLES: Final = frozenset({"trunks"})
+
+
+class _Context:
+    """Where values came from, to say so in error messages."""
+
+    def __init__(self, file: Path | None) -> None:
+        self.file = file
+        self.env_origins: dict[str, str] = {}  # dotted key -> variable that set or created it
+
+    def origin(self, key: str) -> str:
+        probe = key
+        while probe:
+            variable = self.env_origins.get(probe)
+            if variable is not None:
+                return f"from environment variable {variable}"
+            probe = _parent(probe)
+        return f"in {self.file}" if self.file is not None else "in the embedded defaults"
+
+    def invalid(self, key: str, value: object, expected: str) -> ConfigError:
+        shown = _shown(key, value)
+        if isinstance(value, _EnvStr) and expected.startswith(("a table", "an array")):
+            variable = self.env_origins.get(key, "the variable")
+            expected += f"; {variable} cannot set it whole, set its keys with {variable}__<KEY>"
+        message = f"{key} = {shown} ({self.origin(key)}): expected {expected}"
+        return ConfigError(message, key=key, value=shown, expected=expected)
+
+    def unknown(self, key: str, known: Iterable[str]) -> ConfigError:
+        known = sorted(known)
+        what = "section" if "." not in key else "key"
+        expected = f"one of {', '.join(known)}" if known else "no keys here"
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        message = f"{key} ({self.origin(key)}): unknown {what}{hint}; expected {expected}"
+        return ConfigError(message, key=key, value=None, expected=expected)
+
+    def problem(self, key: str, value: object, problem: str, expected: str) -> ConfigError:
+        """A value that is wrong in context; `value` None is a key that is missing."""
+        shown = None if value is None else _shown(key, value)
+        named = key if shown is None else f"{key} = {shown}"
+        message = f"{named} ({self.origin(key)}): {problem}; expected {expected}"
+        return ConfigError(message, key=key, value=shown, expected=expected)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _parent(key: str) -> str:
+    if key.endswith("]"):
+        return key[: key.rindex("[")]
+    return key.rpartition(".")[0]
+
+
+def _is_secret(key: str) -> bool:
+    return key in _SECRET_KEYS or key.startswith("capture.hep_keys.")
+
+
+def _shown(key: str, value: object) -> str:
+    if _is_secret(key):
+        return SECRET_MASK
+    if key == "sinks.postgres.dsn" and isinstance(value, str):
+        value = redact_dsn(value)
+    text = repr(str(value)) if isinstance(value, str) else repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _apply_environment(
+    raw: dict[str, object], environ: Mapping[str, str], context: _Context
+) -> None:
+    """Merge `SIPCDR_*` variables into the parsed file, keeping a note of each origin."""
+    for variable in sorted(environ):
+        if not variable.startswith(ENV_PREFIX) or variable.startswith(NON_CONFIG_ENV_PREFIXES):
+            continue
+        parts = variable[len(ENV_PREFIX) :].lower().split("__")
+        if not all(parts):
+            expected = "SIPCDR_<SECTION>__<KEY>, parts separated by exactly two underscores"
+            message = f"environment variable {variable}: malformed name; expected {expected}"
+            raise ConfigError(message, key=variable, value=None, expected=expected)
+        node: dict[str, object] | list[object] = raw
+        path = ""
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not (part.isascii() and part.isdigit()) or int(part) > _MAX_ENV_TRUNK_INDEX:
+                    key = _join(path, part)
+                    context.env_origins[key] = variable
+                    expected = f"an index 0-{_MAX_ENV_TRUNK_INDEX}: {path.upper()}__<N>__<KEY>"
+                    raise context.problem(key, None, "not an entry index", expected)
+                index = int(part)
+                path = f"{path}[{index}]"
+                node.extend([_GAP] * (index + 1 - len(node)))
+                if last:
+                    context.env_origins[path] = variable
+                    raise context.invalid(path, _EnvStr(environ[variable]), "a table")
+                child = node[index]
+                if child is _GAP:
+                    child = {}
+                    node[index] = child
+                    context.env_origins[path] = variable
+            else:
+                path = _join(path, part)
+                if last:
+                    node[part] = _EnvStr(environ[variable])
+                    context.env_origins[path] = variable
+                    break
+                child = node.get(part)
+                if child is None:
+                    child = [] if path in _ARRAYS_OF_TABLES else {}
+                    node[part] = child
+                    context.env_origins[path] = variable
+            if not isinstance(child, dict) and not (
+                isinstance(child, list) and path in _ARRAYS_OF_TABLES
+            ):
+                expected = "a table in the config file, for a variable to set a key inside it"
+                raise context.problem(path, child, f"{variable} sets a key inside it", expected)
+            node = child
+
+
+class _Table:
+    """One TOML table being read. Keys it does not know are rejected before any value is
+    used, so a misspelt key is reported as such rather than through a later cross-check."""
+
+    __slots__ = ("_raw", "context", "path")
+
+    def __init__(self, context: _Context, path: str, raw: object, known: Iterable[str]) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise context.invalid(path, raw, "a table")
+        known = tuple(known)
+        for key in raw:
+            if key not in known:
+                raise context.unknown(_join(path, key), known)
+        self.context = context
+        self._raw: dict[str, object] = raw
+        self.path = path
+
+    def key(self, name: str) -> str:
+        return _join(self.path, name)
+
+    def invalid(self, name: str, value: object, expected: str) -> ConfigError:
+        return self.context.invalid(self.key(name), value, expected)
+
+    def problem(self, name: str, value: object, problem: str, expected: str) -> ConfigError:
+        return self.context.problem(self.key(name), value, problem, expected)
+
+    def has(self, name: str) -> bool:
+        return name in self._raw
+
+    def table(self, name: str, known: Iterable[str]) -> _Table:
+        return _Table(self.context, self.key(name), self._raw.get(name), known)
+
+    def entries(self, name: str) -> dict[str, object]:
+        """A table whose keys are data (capture ids, plan names), not settings."""
+        value = self._raw.get(name)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.invalid(name, value, "a table")
+        return value
+
+    def array_of_tables(self, name: str) -> list[object]:
+        value = self._raw.get(name)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.invalid(name, value, "an array of tables ([[trunks]] entries)")
+        return value
+
+    def string(self, name: str, default: str) -> str:
+        value = self._raw.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self.invalid(name, value, "a string")
+        return str(value)
+
+    def optional_string(self, name: str) -> str | None:
+        """Absent and "" both mean unset."""
+        return self.string(name, "") or None
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._raw.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, _EnvStr) and value.strip().lower() in _BOOLEANS:
+            return _BOOLEANS[value.strip().lower()]
+        raise self.invalid(name, value, "true or false (from the environment: 1/0, yes/no)")
+
+    def integer(self, name: str, default: int, *, minimum: int) -> int:
+        value = self._raw.get(name)
+        if value is None:
+            return default
+        expected = f"an integer >= {minimum}"
+        number: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, _EnvStr):
+            try:
+                number = int(value)
+            except ValueError:
+                number = None
+        if number is None or number < minimum:
+            raise self.invalid(name, value, expected)
+        return number
+
+    def positive_number(self, name: str, default: float) -> float:
+        value = self._raw.get(name)
+        if value is None:
+            return default
+        number: float | None = None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, _EnvStr):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        if number is None or not math.isfinite(number) or number <= 0:
+            raise self.invalid(name, value, "a number > 0")
+        return number
+
+    def strings(self, name: str) -> tuple[tuple[str, str], ...] | None:
+        """The items of a list of strings with their dotted keys, or None if absent.
+        From the environment a list is comma-separated; "" is the empty list."""
+        value = self._raw.get(name)
+        if value is None:
+            return None
+        key = self.key(name)
+        if isinstance(value, _EnvStr):
+            items: list[object] = [item.strip() for item in value.split(",")] if value else []
+        elif isinstance(value, list):
+            items = value
+        else:
+            raise self.invalid(name, value, "a list of strings")
+        result = []
+        for index, item in enumerate(items):
+            item_key = f"{key}[{index}]"
+            if not isinstance(item, str) or not item:
+                raise self.context.invalid(item_key, item, "a non-empty string")
+            result.append((item_key, str(item)))
+        return tuple(result)
+
+
+def _check_host(text: str) -> str:
+    if text.replace(".", "").isdigit():
+        try:
+            return str(ipaddress.IPv4Address(text))
+        except ValueError:
+            raise ValueError("HOST:PORT with a valid IPv4 address") from None
+    labels = text.removesuffix(".").split(".")
+    if len(text) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError("HOST:PORT with a host name or IP address")
+    return text
+
+
+def _endpoints(
+    table: _Table, name: str, default: tuple[Endpoint, ...], *, min_port: int = 0
+) -> tuple[Endpoint, ...]:
+    items = table.strings(name)
+    if items is None:
+        return default
+    result = []
+    for key, item in items:
+        try:
+            result.append(parse_endpoint(item, min_port=min_port))
+        except ValueError as exc:
+            raise table.context.invalid(key, item, str(exc)) from None
+    return tuple(result)
+
+
+def _networks(table: _Table, name: str, default: tuple[Network, ...]) -> tuple[Network, ...]:
+    items = table.strings(name)
+    if items is None:
+        return default
+    result = []
+    for key, item in items:
+        try:
+            result.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            expected = "a network in CIDR form, e.g. 192.0.2.0/24 or 2001:db8::/32"
+            raise table.context.invalid(key, item, expected) from None
+    return tuple(result)
+
+
+def _build(raw: dict[str, object], context: _Context, base_dir: Path) -> Config:
+    root = _Table(context, "", raw, (item.name for item in fields(Config)))
+    capture = _capture(root.table("capture", (item.name for item in fields(CaptureConfig))))
+    dialog = _dialog(root.table("dialog", _DIALOG_KEYS))
+    rating = _rating(root.table("rating", ("decks", "default_plan")), base_dir)
+    trunks = _trunks(root, rating)
+    fraud = _fraud(root)
+    sinks_table = root.table("sinks", ("jsonl", "postgres", "kafka"))
+    sinks = SinksConfig(
+        jsonl=_jsonl(sinks_table.table("jsonl", ("path",))),
+        postgres=_postgres(sinks_table.table("postgres", ("dsn", "store_signaling"))),
+        kafka=_kafka(
+            sinks_table.table("kafka", (item.name for item in fields(KafkaConfig))), base_dir
+        ),
+    )
+    metrics_table = root.table("metrics", ("listen",))
+    metrics = MetricsConfig(listen=_endpoint(metrics_table, "listen", DEFAULT_METRICS_LISTEN))
+    state_table = root.table("state", ("dir",))
+    state_dir = state_table.string("dir", str(DEFAULT_STATE_DIR))
+    if not state_dir:
+        raise state_table.invalid("dir", state_dir, "a directory path")
+    config = Config(
+        capture=capture,
+        dialog=dialog,
+        trunks=trunks,
+        rating=rating,
+        fraud=fraud,
+        sinks=sinks,
+        metrics=metrics,
+        state=StateConfig(dir=Path(state_dir)),
+    )
+    _check_listeners(config, context)
+    return config
+
+
+def _endpoint(table: _Table, name: str, default: Endpoint) -> Endpoint:
+    if not table.has(name):
+        return default
+    text = table.string(name, "")
+    try:
+        return parse_endpoint(text)
+    except ValueError as exc:
+        raise table.invalid(name, text, str(exc)) from None
+
+
+def _capture(table: _Table) -> CaptureConfig:
+    hep_keys: dict[int, str] = {}
+    for capture_id, key in table.entries("hep_keys").items():
+        entry = _join(table.key("hep_keys"), capture_id)
+        if not (capture_id.isascii() and capture_id.isdigit()):
+            expected = f"a capture id: an integer 0-{_MAX_CAPTURE_ID}"
+            raise table.context.problem(entry, capture_id, "not a capture id", expected)
+        number = int(capture_id)
+        if number > _MAX_CAPTURE_ID:
+            expected = f"a capture id: an integer 0-{_MAX_CAPTURE_ID}"
+            raise table.context.problem(entry, capture_id, "out of range", expected)
+        if number in hep_keys:
+            raise table.context.problem(
+                entry, capture_id, f"capture id {number} is given twice", "one key per capture id"
+            )
+        if not isinstance(key, str) or not key:
+            raise table.context.invalid(entry, key, "a non-empty string")
+        hep_keys[number] = str(key)
+    interfaces: list[str] = []
+    for key, name in table.strings("interfaces") or ():
+        if any(char.isspace() or char == "," for char in name):
+            raise table.context.invalid(key, name, "an interface name (no spaces or commas)")
+        if name in interfaces:
+            raise table.context.problem(key, name, "listed twice", "each interface once")
+        interfaces.append(name)
+    return CaptureConfig(
+        sip_udp=_endpoints(table, "sip_udp", DEFAULT_SIP_UDP),
+        hep_udp=_endpoints(table, "hep_udp", DEFAULT_HEP_UDP),
+        hep_tcp=_endpoints(table, "hep_tcp", DEFAULT_HEP_TCP),
+        allow=_networks(table, "allow", DEFAULT_ALLOW),
+        rcvbuf_bytes=table.integer("rcvbuf_bytes", DEFAULT_RCVBUF_BYTES, minimum=1),
+        hep_keys=MappingProxyType(hep_keys) if hep_keys else DEFAULT_HEP_KEYS,
+        interfaces=tuple(interfaces),
+    )
+
+
+# Listed rather than taken from DialogLimits' fields: a field added there must not be
+# accepted here before this module reads it.
+_DIALOG_KEYS: Final = (
+    "ring_timeout_s",
+    "max_duration_s",
+    "max_open_dialogs",
+    "transaction_timeout_s",
+    "answered_sweep_s",
+)
+
+
+def _dialog(table: _Table) -> DialogLimits:
+    defaults = DEFAULT_DIALOG_LIMITS
+    return DialogLimits(
+        ring_timeout_s=table.positive_number("ring_timeout_s", defaults.ring_timeout_s),
+        max_duration_s=table.positive_number("max_duration_s", defaults.max_duration_s),
+        max_open_dialogs=table.integer("max_open_dialogs", defaults.max_open_dialogs, minimum=1),
+        transaction_timeout_s=table.positive_number(
+            "transaction_timeout_s", defaults.transaction_timeout_s
+        ),
+        answered_sweep_s=table.positive_number("answered_sweep_s", defaults.answered_sweep_s),
+    )
+
+
+def _rating(table: _Table, base_dir: Path) -> RatingConfig:
+    decks: dict[str, Path] = {}
+    for name, location in table.entries("decks").items():
+        entry = _join(table.key("decks"), name)
+        if not name:
+            raise table.context.problem(entry, name, "empty plan name", "a plan name")
+        if not isinstance(location, str) or not location:
+            raise table.context.invalid(entry, location, "the path of a CSV rate deck")
+        decks[name] = base_dir / location
+    default_plan = table.optional_string("default_plan")
+    if decks and default_plan is not None and default_plan not in decks:
+        expected = f"one of the plans in rating.decks: {', '.join(sorted(decks))}"
+        raise table.problem("default_plan", default_plan, "no such deck", expected)
+    return RatingConfig(decks=MappingProxyType(decks), default_plan=default_plan)
+
+
+_TRUNK_KEYS: Final = tuple(item.name for item in fields(TrunkConfig))
+
+
+def _trunks(root: _Table, rating: RatingConfig) -> tuple[TrunkConfig, ...]:
+    context = root.context
+    names: set[str] = set()
+    owners: dict[Network, str] = {}  # network -> trunk name, to refuse ambiguous sources
+    result = []
+    for index, item in enumerate(root.array_of_tables("trunks")):
+        path = f"trunks[{index}]"
+        if item is _GAP:
+            expected = "trunks from the environment numbered on from the file's, without gaps"
+            raise context.problem(path, None, "missing", expected)
+        table = _Table(context, path, item, _TRUNK_KEYS)
+        if not table.has("name"):
+            raise context.problem(table.key("name"), None, "missing", "a unique trunk name")
+        name = table.string("name", "")
+        if not name:
+            raise table.invalid("name", name, "a non-empty trunk name")
+        if name in names:
+            raise table.problem("name", name, "duplicate trunk name", "a unique trunk name")
+        names.add(name)
+        sources = _networks(table, "sources", ())
+        if not sources:
+            expected = "a non-empty list of CIDR networks"
+            raise context.problem(table.key("sources"), None, "missing or empty", expected)
+        for offset, network in enumerate(sources):
+            owner = owners.get(network)
+            if owner is not None:
+                raise context.problem(
+                    f"{table.key('sources')}[{offset}]",
+                    str(network),
+                    f"already a source of trunk {owner!r}",
+                    "each network in one trunk only, so a source names one trunk",
+                )
+            owners[network] = name
+        rate_plan = table.optional_string("rate_plan")
+        if rating.decks and rate_plan is not None and rate_plan not in rating.decks:
+            expected = f"one of the plans in rating.decks: {', '.join(sorted(rating.decks))}"
+            raise table.problem("rate_plan", rate_plan, "no such deck", expected)
+        country_code = table.optional_string("country_code")
+        if country_code is not None and not _COUNTRY_CODE.fullmatch(country_code):
+            raise table.invalid("country_code", country_code, "a country code of 1-3 digits")
+        national_prefix = table.optional_string("national_prefix")
+        if national_prefix is not None and not _DIGITS.fullmatch(national_prefix):
+            raise table.invalid("national_prefix", national_prefix, "digits, e.g. '0'")
+        result.append(
+            TrunkConfig(
+                name=name,
+                sources=sources,
+                rate_plan=rate_plan,
+                country_code=country_code,
+                national_prefix=national_prefix,
+            )
+        )
+    return tuple(result)
+
+
+def _fraud(root: _Table) -> FraudConfig:
+    # The section is accepted so files can carry it (DESIGN's sample does), but any key
+    # in it would be a setting that silently does nothing.
+    for name, value in root.entries("fraud").items():
+        raise root.context.problem(
+            _join("fraud", name),
+            value,
+            "fraud detectors are not configurable in this version",
+            "an empty [fraud] section",
+        )
+    return FraudConfig()
+
+
+def _jsonl(table: _Table) -> JsonlConfig:
+    return JsonlConfig(path=table.string("path", DEFAULT_JSONL_PATH))
+
+
+def _postgres(table: _Table) -> PostgresConfig:
+    dsn = table.string("dsn", DEFAULT_POSTGRES_DSN)
+    if dsn not in ("", "embedded") and not dsn.lower().startswith(_DSN_SCHEMES):
+        expected = '"embedded", "" (disabled), or a postgresql:// or postgres:// URL'
+        raise table.invalid("dsn", dsn, expected)
+    return PostgresConfig(
+        dsn=dsn, store_signaling=table.boolean("store_signaling", DEFAULT_STORE_SIGNALING)
+    )
+
+
+def _kafka(table: _Table, base_dir: Path) -> KafkaConfig:
+    bootstrap_text = table.string("bootstrap", "")
+    bootstrap = []
+    if bootstrap_text.strip():
+        for server in bootstrap_text.split(","):
+            try:
+                bootstrap.append(parse_endpoint(server.strip(), min_port=1))
+            except ValueError:
+                expected = '"" (disabled) or a comma-separated list of HOST:PORT'
+                raise table.invalid("bootstrap", bootstrap_text, expected) from None
+    topics = {}
+    for name, default in (("topic_cdrs", DEFAULT_TOPIC_CDRS), ("topic_fraud", DEFAULT_TOPIC_FRAUD)):
+        topic = table.string(name, default)
+        if not _KAFKA_TOPIC.fullmatch(topic) or topic in (".", ".."):
+            raise table.invalid(name, topic, "a Kafka topic name: 1-249 of [A-Za-z0-9._-]")
+        topics[name] = topic
+    if topics["topic_cdrs"] == topics["topic_fraud"]:
+        raise table.problem(
+            "topic_fraud",
+            topics["topic_fraud"],
+            "same topic as topic_cdrs",
+            "a topic of its own: consumers tell the record kinds apart by topic",
+        )
+    protocol = table.string("security_protocol", DEFAULT_KAFKA_SECURITY_PROTOCOL).upper()
+    if protocol not in KAFKA_SECURITY_PROTOCOLS:
+        raise table.invalid("security_protocol", protocol, f"one of {KAFKA_SECURITY_PROTOCOLS}")
+    mechanism = table.optional_string("sasl_mechanism")
+    if mechanism is not None:
+        mechanism = mechanism.upper()
+        if mechanism not in KAFKA_SASL_MECHANISMS:
+            expected = f"one of {KAFKA_SASL_MECHANISMS}"
+            raise table.invalid("sasl_mechanism", mechanism, expected)
+    username = table.optional_string("sasl_username")
+    password = table.optional_string("sasl_password")
+    cafile = table.optional_string("ssl_cafile")
+    # Settings the chosen protocol would ignore are refused: a sasl_password or CA file
+    # that is silently unused means the connection is not secured the way the file says.
+    sasl = protocol.startswith("SASL_")
+    for name, value in (
+        ("sasl_mechanism", mechanism),
+        ("sasl_username", username),
+        ("sasl_password", password),
+    ):
+        if value is not None and not sasl:
+            raise table.problem(
+                name,
+                value,
+                f"unused with security_protocol {protocol}",
+                "SASL_SSL or SASL_PLAINTEXT",
+            )
+    if cafile is not None and not protocol.endswith("SSL"):
+        raise table.problem(
+            "ssl_cafile", cafile, f"unused with security_protocol {protocol}", "SSL or SASL_SSL"
+        )
+    if sasl and (mechanism is None or mechanism in _PASSWORD_MECHANISMS):
+        for name, value in (("sasl_username", username), ("sasl_password", password)):
+            if value is None:
+                raise table.problem(
+                    name, None, f"missing for SASL {mechanism or 'PLAIN'}", "a non-empty string"
+                )
+    return KafkaConfig(
+        bootstrap=tuple(bootstrap),
+        idempotence=table.boolean("idempotence", DEFAULT_KAFKA_IDEMPOTENCE),
+        topic_cdrs=topics["topic_cdrs"],
+        topic_fraud=topics["topic_fraud"],
+        security_protocol=protocol,
+        sasl_mechanism=mechanism,
+        sasl_username=username,
+        sasl_password=password,
+        ssl_cafile=None if cafile is None else base_dir / cafile,
+    )
+
+
+def _check_listeners(config: Config, context: _Context) -> None:
+    """Two listeners on one address would fail at bind time, after other sockets are
+    already open; say so now. Port 0 is exempt: each bind gets its own port."""
+    capture = config.capture
+    for protocol, listeners in (
+        ("UDP", (("capture.sip_udp", capture.sip_udp), ("capture.hep_udp", capture.hep_udp))),
+        (
+            "TCP",
+            (("capture.hep_tcp", capture.hep_tcp), ("metrics.listen", (config.metrics.listen,))),
+        ),
+    ):
+        seen: dict[Endpoint, str] = {}
+        for key, endpoints in listeners:
+            for endpoint in endpoints:
+                if endpoint.port == 0:
+                    continue
+                other = seen.get(endpoint)
+                if other is not None:
+                    raise context.problem(
+                        key,
+                        str(endpoint),
+                        f"{protocol} address already used by {other}",
+                        "each listening address once",
+                    )
+                seen[endpoint] = key

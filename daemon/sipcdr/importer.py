@@ -1,0 +1,125 @@
+"""`sipcdr import FILE...`: capture files through the daemon's own pipeline, offline.
+
+Time is the capture's: timers run on packet timestamps, and at the end every call
+still open is closed by the dialog rules (`Correlator.drain`), since no later message
+can come. A summary of what was read, found, rejected and written can go to JSON.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+from sipcdr.capture.pcapfile import CaptureFileError, CaptureStats, iter_packets
+from sipcdr.config import Config, trunk_resolver
+from sipcdr.dialog import Correlator
+from sipcdr.pipeline import CdrSink, Pipeline
+from sipcdr.sinks.jsonl import JsonlSink
+
+EXPIRE_EVERY_S = 1.0  # capture-time interval between timer checks
+
+
+def import_files(
+    config: Config,
+    files: Sequence[Path],
+    summary_json: Path | None = None,
+    sinks: Sequence[CdrSink] | None = None,
+    progress: bool | None = None,
+) -> dict[str, object]:
+    """Run `files` through parse and correlation into the configured sinks."""
+    own_jsonl: JsonlSink | None = None
+    if sinks is None:
+        sinks = []
+        if config.sinks.jsonl.path:
+            own_jsonl = JsonlSink(Path(config.sinks.jsonl.path))
+            sinks = [own_jsonl]
+    pipeline = Pipeline(Correlator(config.dialog, trunk_resolver(config)), sinks)
+    capture = CaptureStats()
+    errors: dict[str, str] = {}
+    show = sys.stderr.isatty() if progress is None else progress
+    next_expiry = 0.0
+    packets = 0
+    with _Progress(show, len(files)) as bar:
+        for path in files:
+            bar.next_file(path)
+            try:
+                for packet in iter_packets(path, stats=capture):
+                    packets += 1
+                    pipeline.process(packet)
+                    if packet.timestamp >= next_expiry:
+                        pipeline.expire(packet.timestamp)
+                        next_expiry = packet.timestamp + EXPIRE_EVERY_S
+            except (CaptureFileError, OSError) as exc:
+                errors[str(path)] = str(exc)
+            bar.advance()
+    pipeline.drain()
+    pipeline.flush()
+    if own_jsonl is not None:
+        own_jsonl.stop()
+    stats = pipeline.correlator.stats
+    requests: dict[str, int] = {}
+    responses: dict[str, int] = {}
+    summary: dict[str, object] = {
+        "files": [str(p) for p in files],
+        "file_errors": errors,
+        "capture": capture.as_dict(),
+        "sip_messages": packets,
+        "requests_by_method": requests,
+        "responses_by_cseq_method": responses,
+        "rejected_by_reason": dict(pipeline.parse_errors),
+        "cdrs_written": pipeline.cdrs_written,
+        "cdrs_by_disposition": dict(stats.cdrs),
+        "retransmissions": stats.retransmissions,
+        "late_messages": stats.late,
+        "orphan_messages": stats.orphans,
+    }
+    for (method, kind), count in pipeline.messages.items():
+        target = requests if kind == "request" else responses
+        target[method] = target.get(method, 0) + count
+    if summary_json is not None:
+        summary_json.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    return summary
+
+
+class _Progress:
+    """A rich progress bar on a terminal, silence elsewhere (logs, CI)."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self._enabled = enabled
+        self._total = total
+        self._bar: object | None = None
+        self._task: object | None = None
+
+    def __enter__(self) -> _Progress:
+        if self._enabled:
+            from rich.progress import Progress  # noqa: PLC0415 - only on a terminal
+
+            bar = Progress(transient=True)
+            bar.start()
+            self._task = bar.add_task("importing", total=self._total)
+            self._bar = bar
+        return self
+
+    def next_file(self, path: Path) -> None:
+        self._update(description=path.name)
+
+    def advance(self) -> None:
+        self._update(advance=1)
+
+    def _update(self, **changes: object) -> None:
+        if self._bar is not None:
+            from rich.progress import Progress, TaskID  # noqa: PLC0415
+
+            assert isinstance(self._bar, Progress)
+            assert isinstance(self._task, int)
+            self._bar.update(TaskID(self._task), **changes)  # type: ignore[arg-type]
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            from rich.progress import Progress  # noqa: PLC0415
+
+            assert isinstance(self._bar, Progress)
+            self._bar.stop()

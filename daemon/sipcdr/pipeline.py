@@ -1,0 +1,145 @@
+"""From captured packets to CDRs in the sinks: parse, correlate, count.
+
+One synchronous `process` per packet, called straight from the capture adapters'
+callbacks. Parsing is the costly step and runs on one core either way, so a queue
+between receiving and parsing would add a copy and a wake-up without adding
+capacity; the bounded buffer in front of it is the socket's SO_RCVBUF, whose
+overflows the kernel counts and `capture` exports. Counters are plain ints here and
+reach Prometheus in batches through `flush_metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
+
+from sipcdr.dialog import Correlator
+from sipcdr.model import Cdr, Packet
+from sipcdr.sip import SipParseError, parse
+from sipcdr.telemetry.metrics import Metrics, method_label
+
+Key = TypeVar("Key")
+
+
+class CdrSink(Protocol):
+    name: str
+
+    def write(self, cdr: Cdr) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class Pipeline:
+    __slots__ = (
+        "_flushed",
+        "cdrs_written",
+        "correlator",
+        "drops",
+        "messages",
+        "metrics",
+        "parse_errors",
+        "received",
+        "sinks",
+    )
+
+    def __init__(
+        self, correlator: Correlator, sinks: Sequence[CdrSink], metrics: Metrics | None = None
+    ) -> None:
+        self.correlator = correlator
+        self.sinks = tuple(sinks)
+        self.metrics = metrics or Metrics()
+        self.received: dict[str, int] = {}  # by source kind
+        self.drops: dict[tuple[str, str], int] = {}  # by (source kind, reason)
+        self.parse_errors: dict[str, int] = {}  # by parser reason
+        self.messages: dict[tuple[str, str], int] = {}  # by (method, "request"|"response")
+        self.cdrs_written = 0
+        self._flushed: dict[str, int] = {}  # correlator counters already exported
+
+    def count_received(self, source: str, n: int = 1) -> None:
+        self.received[source] = self.received.get(source, 0) + n
+
+    def drop(self, source: str, reason: str) -> None:
+        """Count input refused before parsing; every drop has a reason."""
+        key = (source, reason)
+        self.drops[key] = self.drops.get(key, 0) + 1
+
+    def process(self, packet: Packet) -> None:
+        """Parse and correlate one captured SIP message; emit the CDRs it closes."""
+        try:
+            msg = parse(packet.payload)
+        except SipParseError as exc:
+            errors = self.parse_errors
+            errors[exc.reason] = errors.get(exc.reason, 0) + 1
+            return
+        key = (msg.method, "request") if msg.is_request else (msg.cseq_method, "response")
+        messages = self.messages
+        messages[key] = messages.get(key, 0) + 1
+        closed = self.correlator.feed(packet, msg)
+        if closed:
+            self.emit(closed)
+
+    def expire(self, now: float) -> None:
+        closed = self.correlator.expire(now)
+        if closed:
+            self.emit(closed)
+
+    def drain(self) -> None:
+        """End of input (an import): close every call by the dialog rules."""
+        self.emit(self.correlator.drain())
+
+    def emit(self, cdrs: Sequence[Cdr]) -> None:
+        for cdr in cdrs:
+            for sink in self.sinks:
+                sink.write(cdr)
+        self.cdrs_written += len(cdrs)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
+
+    def flush_metrics(self) -> None:
+        """Move the counts gathered since the last call into Prometheus."""
+        m = self.metrics
+        for source, n in _take(self.received).items():
+            m.packets_received.labels(source).inc(n)
+        for (source, reason), n in _take(self.drops).items():
+            m.packets_dropped.labels(source, reason).inc(n)
+        for reason, n in _take(self.parse_errors).items():
+            m.parse_errors.labels(reason).inc(n)
+        for (method, kind), n in _take(self.messages).items():
+            m.sip_messages.labels(method_label(method), kind).inc(n)
+        stats = self.correlator.stats
+        events = {
+            "retransmission": stats.retransmissions,
+            "late": stats.late,
+            "orphan": stats.orphans,
+            "unusable": stats.unusable,
+            "evicted": stats.evicted,
+            "restored": stats.dialogs_restored,
+        }
+        events.update({f"cdr:{k}": v for k, v in stats.cdrs.items()})
+        for name, total in events.items():
+            delta = total - self._flushed.get(name, 0)
+            if delta:
+                self._flushed[name] = total
+                if name.startswith("cdr:"):
+                    m.cdrs.labels(name[4:]).inc(delta)
+                else:
+                    m.dialog_events.labels(name).inc(delta)
+        m.open_dialogs.set(self.correlator.open_dialogs)
+        for trunk, kpi in self.correlator.kpis.items():
+            label = trunk or ""
+            for gauge, value in (
+                (m.asr, kpi.asr),
+                (m.ner, kpi.ner),
+                (m.acd, kpi.acd),
+                (m.pdd, None if kpi.pdd is None else kpi.pdd / 1000),
+            ):
+                if value is not None:
+                    gauge.labels(label).set(value)
+
+
+def _take(counts: dict[Key, int]) -> dict[Key, int]:
+    taken = dict(counts)
+    counts.clear()
+    return taken

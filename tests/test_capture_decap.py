@@ -1,0 +1,1007 @@
+"""Tests for sipcdr.capture.decap and sipcdr.capture.tcp on frames built byte by byte."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import zlib
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sipcdr.capture.decap import (
+    TCP_ACK,
+    TCP_FIN,
+    TCP_PSH,
+    TCP_RST,
+    TCP_SYN,
+    DecapStats,
+    Decapsulator,
+    Segment,
+    ip_text,
+)
+from sipcdr.capture.tcp import KEEPALIVE, NOT_SIP, TcpReassembler, sip_offset
+
+SIP = (
+    b"OPTIONS sip:bob@example.com SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK776asdhds\r\n"
+    b"Call-ID: a84b4c76e66710@pc33.example.com\r\n"
+    b"CSeq: 1 OPTIONS\r\n"
+    b"Content-Length: 0\r\n\r\n"
+)
+
+SRC4 = "192.0.2.10"
+DST4 = "198.51.100.20"
+SRC6 = "2001:db8::10"
+DST6 = "2001:db8:1::20"
+MAC = b"\x02\x00\x00\x00\x00\x01\x02\x00\x00\x00\x00\x02"
+
+
+# -- frame builders ---------------------------------------------------------------------
+
+
+def a4(text: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET, text)
+
+
+def a6(text: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6, text)
+
+
+def udp(payload: bytes, sport: int = 5060, dport: int = 5060) -> bytes:
+    return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+def tcp(
+    payload: bytes = b"",
+    seq: int = 1000,
+    flags: int = TCP_ACK | TCP_PSH,
+    sport: int = 40000,
+    dport: int = 5060,
+) -> bytes:
+    return struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, flags, 65535, 0, 0) + payload
+
+
+def ipv4(
+    body: bytes,
+    proto: int = 17,
+    src: str = SRC4,
+    dst: str = DST4,
+    ident: int = 1,
+    frag: int = 0,
+    options: bytes = b"",
+) -> bytes:
+    ihl = 5 + len(options) // 4
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x40 | ihl,
+        0,
+        ihl * 4 + len(body),
+        ident,
+        frag,
+        64,
+        proto,
+        0,
+        a4(src),
+        a4(dst),
+    )
+    return header + options + body
+
+
+def ipv6(body: bytes, nh: int = 17, src: str = SRC6, dst: str = DST6) -> bytes:
+    return struct.pack("!IHBB16s16s", 6 << 28, len(body), nh, 64, a6(src), a6(dst)) + body
+
+
+def eth(body: bytes, etype: int = 0x0800, tags: Sequence[tuple[int, int]] = ()) -> bytes:
+    """Ethernet with VLAN tags given outermost first as (tag protocol id, VLAN id)."""
+    header = MAC
+    for tpid, vid in tags:
+        header += struct.pack("!HH", tpid, vid)
+    return header + struct.pack("!H", etype) + body
+
+
+def gre(
+    body: bytes,
+    ptype: int,
+    *,
+    checksum: bool = False,
+    key: int | None = None,
+    seq: int | None = None,
+) -> bytes:
+    flags = 0
+    extra = b""
+    if checksum:
+        flags |= 0x8000
+        extra += b"\x00\x00\x00\x00"
+    if key is not None:
+        flags |= 0x2000
+        extra += struct.pack("!I", key)
+    if seq is not None:
+        flags |= 0x1000
+        extra += struct.pack("!I", seq)
+    return struct.pack("!HH", flags, ptype) + extra + body
+
+
+def sctp(*chunks: bytes, sport: int = 5060, dport: int = 5060) -> bytes:
+    return struct.pack("!HHII", sport, dport, 0x1234, 0) + b"".join(chunks)
+
+
+def data_chunk(payload: bytes, tsn: int = 1, flags: int = 0x03, ppid: int = 0) -> bytes:
+    chunk = struct.pack("!BBHIHHI", 0, flags, 16 + len(payload), tsn, 0, 0, ppid) + payload
+    return chunk + b"\x00" * (-len(chunk) % 4)
+
+
+def one(segments: tuple[Segment, ...]) -> Segment:
+    assert len(segments) == 1, segments
+    return segments[0]
+
+
+def decode_eth(
+    frame: bytes, dec: Decapsulator | None = None, ts: float = 1.0
+) -> tuple[Segment, ...]:
+    return (dec or Decapsulator()).decode(1, ts, frame)
+
+
+# -- link layers ------------------------------------------------------------------------
+
+
+def test_ethernet_ipv4_udp() -> None:
+    seg = one(decode_eth(eth(ipv4(udp(SIP, 5062, 5060)))))
+    assert (seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port) == (SRC4, 5062, DST4, 5060)
+    assert seg.transport == "udp"
+    assert seg.payload == SIP
+    assert seg.timestamp == 1.0
+
+
+def test_ethernet_padding_and_fcs_are_not_payload() -> None:
+    seg = one(decode_eth(eth(ipv4(udp(b"x"))) + b"\x00" * 12 + b"FCS!"))
+    assert seg.payload == b"x"
+
+
+def test_vlan_tag() -> None:
+    seg = one(decode_eth(eth(ipv4(udp(SIP)), tags=[(0x8100, 100)])))
+    assert seg.payload == SIP
+
+
+@pytest.mark.parametrize("outer", [0x88A8, 0x9100, 0x8100])
+def test_qinq_stacked_tags(outer: int) -> None:
+    frame = eth(ipv6(udp(SIP)), etype=0x86DD, tags=[(outer, 10), (0x8100, 20)])
+    seg = one(decode_eth(frame))
+    assert (seg.src_ip, seg.dst_ip, seg.payload) == (SRC6, DST6, SIP)
+
+
+def test_linux_sll() -> None:
+    header = struct.pack("!HHH8sH", 0, 1, 6, b"\x02" * 8, 0x0800)
+    seg = one(Decapsulator().decode(113, 2.0, header + ipv4(udp(SIP))))
+    assert (seg.src_ip, seg.payload) == (SRC4, SIP)
+
+
+def test_linux_sll2() -> None:
+    header = struct.pack("!HHIHBB8s", 0x86DD, 0, 3, 1, 0, 6, b"\x02" * 8)
+    seg = one(Decapsulator().decode(276, 2.0, header + ipv6(udp(SIP))))
+    assert (seg.src_ip, seg.payload) == (SRC6, SIP)
+
+
+@pytest.mark.parametrize("linktype", [101, 12, 14, 228])
+def test_raw_ipv4(linktype: int) -> None:
+    seg = one(Decapsulator().decode(linktype, 1.0, ipv4(udp(SIP))))
+    assert seg.payload == SIP
+
+
+@pytest.mark.parametrize("linktype", [101, 229])
+def test_raw_ipv6(linktype: int) -> None:
+    seg = one(Decapsulator().decode(linktype, 1.0, ipv6(udp(SIP))))
+    assert seg.dst_ip == DST6
+
+
+@pytest.mark.parametrize(
+    ("header", "body"),
+    [
+        (struct.pack("<I", 2), ipv4(udp(SIP))),  # little-endian capturing host
+        (struct.pack(">I", 2), ipv4(udp(SIP))),  # big-endian capturing host
+        (struct.pack("<I", 30), ipv6(udp(SIP))),  # macOS AF_INET6
+        (struct.pack("<I", 24), ipv6(udp(SIP))),  # OpenBSD AF_INET6
+    ],
+)
+def test_null_loopback(header: bytes, body: bytes) -> None:
+    assert one(Decapsulator().decode(0, 1.0, header + body)).payload == SIP
+
+
+def test_loop_is_network_order() -> None:
+    dec = Decapsulator()
+    assert one(dec.decode(108, 1.0, struct.pack(">I", 28) + ipv6(udp(SIP)))).payload == SIP
+    assert dec.decode(108, 1.0, struct.pack(">I", 99) + ipv4(udp(SIP))) == ()
+    assert dec.stats.non_ip == 1
+
+
+def test_unsupported_link_type() -> None:
+    with pytest.raises(ValueError, match="unsupported link type 105"):
+        Decapsulator().link_decoder(105)
+
+
+def test_non_ip_and_truncated_are_counted() -> None:
+    dec = Decapsulator()
+    assert decode_eth(eth(b"\x00" * 28, etype=0x0806), dec) == ()  # ARP
+    assert decode_eth(eth(ipv4(udp(SIP)))[:30], dec) == ()
+    assert decode_eth(MAC, dec) == ()
+    frame = eth(ipv4(udp(SIP)))
+    assert decode_eth(frame[:-5], dec) == ()  # IP total length beyond the capture
+    assert (dec.stats.frames, dec.stats.non_ip, dec.stats.truncated) == (4, 1, 3)
+
+
+def test_ipv4_options_and_zero_total_length() -> None:
+    options = b"\x01\x01\x01\x00"  # NOP NOP NOP EOL
+    seg = one(decode_eth(eth(ipv4(udp(SIP), options=options))))
+    assert seg.payload == SIP
+    # Offloaded segment as captured on the sender: total length 0, frame bounds it.
+    packet = bytearray(ipv4(udp(SIP)))
+    packet[2:4] = b"\x00\x00"
+    assert one(decode_eth(eth(bytes(packet)))).payload == SIP
+
+
+def test_malformed_ip_headers() -> None:
+    dec = Decapsulator()
+    bad_ihl = bytearray(ipv4(udp(SIP)))
+    bad_ihl[0] = 0x43
+    assert decode_eth(eth(bytes(bad_ihl)), dec) == ()
+    assert dec.decode(101, 1.0, b"\x70" + bytes(40)) == ()
+    assert dec.stats.malformed == 1
+    assert dec.stats.non_ip == 1
+
+
+def test_other_protocols_counted() -> None:
+    dec = Decapsulator()
+    assert decode_eth(eth(ipv4(b"\x08\x00" + bytes(6), proto=1)), dec) == ()  # ICMP
+    assert dec.stats.other_protocol == 1
+
+
+# -- IPv4 / IPv6 fragments --------------------------------------------------------------
+
+
+def fragments4(datagram: bytes, size: int, ident: int = 7, proto: int = 17) -> list[bytes]:
+    pieces = []
+    for offset in range(0, len(datagram), size):
+        more = 0x2000 if offset + size < len(datagram) else 0
+        body = datagram[offset : offset + size]
+        pieces.append(eth(ipv4(body, proto=proto, ident=ident, frag=more | (offset >> 3))))
+    return pieces
+
+
+BIG = SIP[:-4] + b"\r\nX-Filler: " + b"y" * 3000 + b"\r\n\r\n"
+
+
+def test_ipv4_fragments_in_order() -> None:
+    dec = Decapsulator()
+    frames = fragments4(udp(BIG), 1480)
+    assert len(frames) == 3
+    results = [decode_eth(f, dec, ts=10.0 + i) for i, f in enumerate(frames)]
+    assert results[0] == results[1] == ()
+    seg = one(results[2])
+    assert seg.payload == BIG
+    assert seg.timestamp == 12.0  # the datagram is complete when its last piece arrives
+    assert (dec.stats.fragments, dec.stats.reassembled, dec.pending_datagrams) == (3, 1, 0)
+
+
+def test_ipv4_fragments_out_of_order_and_duplicated() -> None:
+    dec = Decapsulator()
+    first, second, third = fragments4(udp(BIG), 1480)
+    assert decode_eth(third, dec) == ()
+    assert decode_eth(first, dec) == ()
+    assert decode_eth(first, dec) == ()
+    assert one(decode_eth(second, dec)).payload == BIG
+
+
+def test_ipv4_fragments_of_tcp() -> None:
+    segment = tcp(SIP, seq=5)
+    frames = fragments4(segment, 64, proto=6)
+    results = [decode_eth(f) for f in frames]
+    assert all(r == () for r in results)  # separate decapsulators: never complete
+    dec = Decapsulator()
+    seg = one(tuple(s for f in frames for s in decode_eth(f, dec)))
+    assert (seg.transport, seg.seq, seg.payload) == ("tcp", 5, SIP)
+
+
+def test_fragments_keyed_by_id_and_addresses() -> None:
+    dec = Decapsulator()
+    a1, a2, a3 = fragments4(udp(BIG), 1480, ident=1)
+    b1, b2, b3 = fragments4(udp(BIG.replace(b"y", b"z")), 1480, ident=2)
+    for frame in (a1, b1, b2, a2):
+        assert decode_eth(frame, dec) == ()
+    assert one(decode_eth(b3, dec)).payload == BIG.replace(b"y", b"z")
+    assert one(decode_eth(a3, dec)).payload == BIG
+    # Same id, other source: a different datagram.
+    c1 = fragments4(udp(BIG), 1480, ident=1)[0]
+    c1 = c1[:26] + a4("192.0.2.99") + c1[30:]
+    assert decode_eth(c1, dec) == ()
+    assert dec.pending_datagrams == 1
+
+
+def test_fragment_timeout_in_capture_time() -> None:
+    dec = Decapsulator(frag_timeout=5.0)
+    first, second, third = fragments4(udp(BIG), 1480)
+    assert decode_eth(first, dec, ts=100.0) == ()
+    assert decode_eth(second, dec, ts=104.0) == ()
+    # 6 s after the first piece: the datagram has expired; the last piece starts anew.
+    assert decode_eth(third, dec, ts=106.0) == ()
+    assert dec.stats.frag_expired == 1
+    assert dec.pending_datagrams == 1
+    dec.close()
+    assert dec.stats.frag_expired == 2
+    assert dec.pending_datagrams == 0
+
+
+def test_fragment_table_is_bounded() -> None:
+    dec = Decapsulator(max_fragmented_datagrams=4)
+    for ident in range(10):
+        decode_eth(fragments4(udp(BIG), 1480, ident=ident)[0], dec)
+    assert dec.pending_datagrams == 4
+    assert dec.stats.frag_evicted == 6
+
+
+def test_fragment_limits() -> None:
+    dec = Decapsulator(max_fragments_per_datagram=2)
+    frames = fragments4(udp(BIG), 512)
+    for frame in frames:
+        assert decode_eth(frame, dec) == ()
+    assert dec.stats.frag_dropped >= 1
+    # A piece reaching past 64 KiB can only be an attack or garbage.
+    dec = Decapsulator()
+    huge = eth(ipv4(b"x" * 1000, ident=9, frag=0x2000 | (65000 >> 3)))
+    assert decode_eth(huge, dec) == ()
+    assert dec.stats.frag_dropped == 1
+
+
+def fragments6(payload: bytes, size: int, nh: int = 17, ident: int = 0xABCD) -> list[bytes]:
+    pieces = []
+    for offset in range(0, len(payload), size):
+        more = 1 if offset + size < len(payload) else 0
+        header = struct.pack("!BBHI", nh, 0, offset | more, ident)
+        pieces.append(header + payload[offset : offset + size])
+    return pieces
+
+
+def test_ipv6_fragments_with_extension_headers() -> None:
+    hop_by_hop = struct.pack("!BB", 44, 0) + b"\x01\x04\x00\x00\x00\x00"  # PadN
+    dest_opts = struct.pack("!BB", 17, 0) + b"\x01\x04\x00\x00\x00\x00"
+    # Destination options after the fragment header travel in the fragmentable part.
+    fragmentable = dest_opts + udp(BIG)
+    dec = Decapsulator()
+    frames = [
+        eth(ipv6(hop_by_hop + piece, nh=0), etype=0x86DD)
+        for piece in fragments6(fragmentable, 1232, nh=60)
+    ]
+    assert len(frames) == 3
+    out = [s for f in reversed(frames) for s in decode_eth(f, dec)]
+    seg = one(tuple(out))
+    assert (seg.src_ip, seg.dst_ip, seg.payload) == (SRC6, DST6, BIG)
+    assert dec.stats.reassembled == 1
+
+
+def test_ipv6_atomic_fragment() -> None:
+    frame = eth(ipv6(struct.pack("!BBHI", 17, 0, 0, 1) + udp(SIP), nh=44), etype=0x86DD)
+    assert one(decode_eth(frame)).payload == SIP
+
+
+def test_ipv6_truncated_extension_header() -> None:
+    dec = Decapsulator()
+    assert decode_eth(eth(ipv6(b"\x11\x00\x00", nh=0), etype=0x86DD), dec) == ()
+    assert dec.stats.truncated == 1
+
+
+# -- tunnels ----------------------------------------------------------------------------
+
+
+def test_ip_in_ip() -> None:
+    inner = ipv4(udp(SIP), src="10.1.1.1", dst="10.2.2.2")
+    seg = one(decode_eth(eth(ipv4(inner, proto=4))))
+    assert (seg.src_ip, seg.dst_ip, seg.payload) == ("10.1.1.1", "10.2.2.2", SIP)
+
+
+def test_ipv6_in_ipv4_and_ipv4_in_ipv6() -> None:
+    seg = one(decode_eth(eth(ipv4(ipv6(udp(SIP)), proto=41))))
+    assert seg.src_ip == SRC6
+    seg = one(decode_eth(eth(ipv6(ipv4(udp(SIP)), nh=4), etype=0x86DD)))
+    assert seg.src_ip == SRC4
+
+
+def test_tunnel_depth_is_bounded() -> None:
+    packet = ipv4(udp(SIP))
+    for _ in range(20):
+        packet = ipv4(packet, proto=4)
+    dec = Decapsulator()
+    assert decode_eth(eth(packet), dec) == ()
+    assert dec.stats.too_deep == 1
+
+
+@pytest.mark.parametrize(
+    ("checksum", "key", "seq"),
+    [(False, None, None), (True, None, None), (False, 42, None), (False, None, 9), (True, 42, 9)],
+)
+def test_gre_carrying_ipv4_ipv6_ethernet(checksum: bool, key: int | None, seq: int | None) -> None:
+    inner4 = ipv4(udp(SIP), src="10.9.9.9")
+    inner6 = ipv6(udp(SIP))
+    inner_eth = eth(ipv4(udp(SIP), src="10.8.8.8"))
+    for body, ptype, src in (
+        (inner4, 0x0800, "10.9.9.9"),
+        (inner6, 0x86DD, SRC6),
+        (inner_eth, 0x6558, "10.8.8.8"),
+    ):
+        tunnelled = gre(body, ptype, checksum=checksum, key=key, seq=seq)
+        frame = eth(ipv4(tunnelled, proto=47))
+        seg = one(decode_eth(frame))
+        assert (seg.src_ip, seg.payload) == (src, SIP)
+
+
+def test_gre_unsupported_versions_and_types() -> None:
+    dec = Decapsulator()
+    pptp = struct.pack("!HH", 0x3001, 0x880B) + bytes(8)
+    assert decode_eth(eth(ipv4(pptp, proto=47)), dec) == ()
+    assert decode_eth(eth(ipv4(gre(b"xx", 0x1234), proto=47)), dec) == ()
+    assert dec.stats.unsupported_tunnel == 2
+
+
+def test_erspan_type_1() -> None:
+    mirrored = eth(ipv4(udp(SIP), src="172.16.0.1"))
+    seg = one(decode_eth(eth(ipv4(gre(mirrored, 0x88BE), proto=47))))
+    assert seg.src_ip == "172.16.0.1"
+
+
+def test_erspan_type_2() -> None:
+    mirrored = eth(ipv4(udp(SIP), src="172.16.0.1"), tags=[(0x8100, 7)])
+    header = struct.pack("!HHI", (1 << 12) | 7, 0x0123, 0)
+    seg = one(decode_eth(eth(ipv4(gre(header + mirrored, 0x88BE, seq=1), proto=47))))
+    assert (seg.src_ip, seg.payload) == ("172.16.0.1", SIP)
+
+
+@pytest.mark.parametrize("platform_subheader", [False, True])
+def test_erspan_type_3(platform_subheader: bool) -> None:
+    mirrored = eth(ipv6(udp(SIP)), etype=0x86DD)
+    flags = 0x0001 if platform_subheader else 0
+    header = struct.pack("!HHIHH", 2 << 12, 0x0456, 123456, 0, flags)
+    if platform_subheader:
+        header += struct.pack("!II", 0x0A000000, 0)
+    frame = eth(ipv4(gre(header + mirrored, 0x22EB, seq=5), proto=47))
+    seg = one(decode_eth(frame))
+    assert (seg.src_ip, seg.payload) == (SRC6, SIP)
+
+
+def test_erspan_type_3_ip_frame() -> None:
+    header = struct.pack("!HHIHH", 2 << 12, 1, 0, 0, 2 << 10)  # FT = 2: an IP packet
+    frame = eth(ipv4(gre(header + ipv4(udp(SIP)), 0x22EB, seq=5), proto=47))
+    assert one(decode_eth(frame)).payload == SIP
+
+
+# -- transports -------------------------------------------------------------------------
+
+
+def test_tcp_segment_fields() -> None:
+    seg = one(decode_eth(eth(ipv4(tcp(SIP, seq=0xFFFFFFF0, flags=TCP_ACK | TCP_FIN), proto=6))))
+    assert (seg.transport, seg.seq, seg.flags, seg.payload) == (
+        "tcp",
+        0xFFFFFFF0,
+        TCP_ACK | TCP_FIN,
+        SIP,
+    )
+    assert (seg.src_port, seg.dst_port) == (40000, 5060)
+
+
+def test_tcp_bad_data_offset() -> None:
+    dec = Decapsulator()
+    segment = bytearray(tcp(SIP))
+    segment[12] = 15 << 4  # 60-byte header in a shorter segment
+    assert decode_eth(eth(ipv4(bytes(segment)[:40], proto=6)), dec) == ()
+    assert dec.stats.malformed == 1
+
+
+def test_sctp_data_chunks_bundled() -> None:
+    init_ack = struct.pack("!BBH", 2, 0, 8) + bytes(4)
+    body = sctp(init_ack, data_chunk(SIP, tsn=1, ppid=0), data_chunk(b"odd", tsn=2, ppid=46))
+    segments = decode_eth(eth(ipv4(body, proto=132)))
+    assert [s.payload for s in segments] == [SIP, b"odd"]
+    assert {s.transport for s in segments} == {"sctp"}
+
+
+def test_sctp_fragmented_user_message() -> None:
+    dec = Decapsulator()
+    first = eth(ipv4(sctp(data_chunk(BIG[:1000], tsn=10, flags=0x06)), proto=132))
+    middle = eth(ipv4(sctp(data_chunk(BIG[1000:2000], tsn=11, flags=0x04)), proto=132))
+    last = eth(ipv4(sctp(data_chunk(BIG[2000:], tsn=12, flags=0x05)), proto=132))
+    assert decode_eth(last, dec) == ()
+    assert decode_eth(first, dec) == ()
+    assert one(decode_eth(middle, dec)).payload == BIG
+    assert (dec.stats.sctp_pieces, dec.stats.sctp_reassembled) == (3, 1)
+
+
+def test_ip_text() -> None:
+    assert ip_text(a4("10.0.0.255")) == "10.0.0.255"
+    assert ip_text(a6("::1")) == "::1"
+
+
+def test_stats_as_dict() -> None:
+    stats = DecapStats()
+    Decapsulator(stats).decode(1, 0.0, eth(ipv4(udp(SIP))))
+    assert stats.as_dict()["udp"] == 1
+
+
+# -- SIP recognition --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (SIP, 0),
+        (b"\r\n\r\n" + SIP, 4),
+        (b"SIP/2.0 200 OK\r\n\r\n", 0),
+        (b"sip/2.0 180 Ringing\r\n", 0),
+        (b"FOO-BAR tel:+15551234 SIP/2.0\r\n", 0),
+        (b"\r\n\r\n", KEEPALIVE),
+        (b"\r\n", KEEPALIVE),
+        (b"", NOT_SIP),
+        (b"\x80\x08\x00\x01", NOT_SIP),
+        (b"GET / HTTP/1.1\r\n", NOT_SIP),
+        (b"INVITE <sip:bob@example.com> SIP/2.0\r\n", NOT_SIP),
+        (b"INVITE sip:bob@example.com SIP/2.0", NOT_SIP),  # no line end: not a message
+        (b"SIP/2.0 2000 OK\r\n", NOT_SIP),
+        (b"HEP3\x00\x10", NOT_SIP),
+    ],
+)
+def test_sip_offset(data: bytes, expected: int) -> None:
+    assert sip_offset(data) == expected
+
+
+# -- TCP reassembly ---------------------------------------------------------------------
+
+CLIENT = a4("10.0.0.1")
+SERVER = a4("10.0.0.2")
+BODY = b"v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\n"
+INVITE = (
+    b"INVITE sip:bob@example.com SIP/2.0\r\n"
+    b"Via: SIP/2.0/TCP 10.0.0.1:40000;branch=z9hG4bK1\r\n"
+    b"Call-ID: tcp-1@10.0.0.1\r\n"
+    b"CSeq: 1 INVITE\r\n"
+    b"Content-Type: application/sdp\r\n"
+    b"Content-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY
+)
+RINGING = (
+    b"SIP/2.0 180 Ringing\r\n"
+    b"Via: SIP/2.0/TCP 10.0.0.1:40000;branch=z9hG4bK1\r\n"
+    b"Call-ID: tcp-1@10.0.0.1\r\n"
+    b"CSeq: 1 INVITE\r\n"
+    b"l: 0\r\n\r\n"
+)
+
+
+def seg(
+    payload: bytes,
+    seq: int,
+    flags: int = TCP_ACK | TCP_PSH,
+    ts: float = 1.0,
+    reverse: bool = False,
+) -> Segment:
+    src, dst, sport, dport = (
+        (SERVER, CLIENT, 5060, 40000) if reverse else (CLIENT, SERVER, 40000, 5060)
+    )
+    return Segment(ts, src, dst, sport, dport, 6, payload, seq & 0xFFFFFFFF, flags)
+
+
+def feed_all(tcp_re: TcpReassembler, *segments: Segment) -> list[bytes]:
+    return [message for s in segments for message, _transport in tcp_re.feed(s)]
+
+
+def test_tcp_one_message_per_segment_after_handshake() -> None:
+    r = TcpReassembler()
+    got = feed_all(
+        r,
+        seg(b"", 99, TCP_SYN),
+        seg(b"", 499, TCP_SYN | TCP_ACK, reverse=True),
+        seg(INVITE, 100),
+        seg(RINGING, 500, reverse=True),
+    )
+    assert got == [INVITE, RINGING]
+    assert r.stats.messages == 2
+    assert r.stats.resyncs == 0
+
+
+def test_tcp_two_messages_in_one_segment() -> None:
+    r = TcpReassembler()
+    got = feed_all(r, seg(b"", 99, TCP_SYN), seg(INVITE + RINGING, 100))
+    assert got == [INVITE, RINGING]
+
+
+def test_tcp_one_message_over_three_segments() -> None:
+    r = TcpReassembler()
+    parts = [INVITE[:30], INVITE[30:200], INVITE[200:]]
+    assert feed_all(r, seg(b"", 99, TCP_SYN), seg(parts[0], 100)) == []
+    assert feed_all(r, seg(parts[1], 130)) == []
+    assert feed_all(r, seg(parts[2], 300)) == [INVITE]
+
+
+def test_tcp_headers_and_body_split_at_blank_line() -> None:
+    r = TcpReassembler()
+    cut = INVITE.index(b"\r\n\r\n") + 2
+    got = feed_all(r, seg(b"", 99, TCP_SYN), seg(INVITE[:cut], 100), seg(INVITE[cut:], 100 + cut))
+    assert got == [INVITE]
+
+
+def test_tcp_retransmission_is_ignored() -> None:
+    r = TcpReassembler()
+    got = feed_all(
+        r,
+        seg(b"", 99, TCP_SYN),
+        seg(INVITE, 100),
+        seg(INVITE, 100),  # retransmitted whole
+        seg(RINGING, 100 + len(INVITE)),
+    )
+    assert got == [INVITE, RINGING]
+    assert r.stats.duplicates == 1
+
+
+def test_tcp_partial_overlap_keeps_new_tail() -> None:
+    r = TcpReassembler()
+    data = INVITE + RINGING
+    got = feed_all(
+        r,
+        seg(b"", 99, TCP_SYN),
+        seg(data[:100], 100),
+        seg(data[50:400], 150),  # resegmented retransmission: 50 old bytes, 300 new
+        seg(data[400:], 500),
+    )
+    assert got == [INVITE, RINGING]
+    assert r.stats.overlaps == 1
+
+
+def test_tcp_out_of_order_segments() -> None:
+    r = TcpReassembler()
+    data = INVITE + RINGING
+    a, b, c = data[:120], data[120:260], data[260:]
+    got = feed_all(
+        r,
+        seg(b"", 99, TCP_SYN),
+        seg(c, 360),
+        seg(b, 220),
+        seg(a, 100),
+    )
+    assert got == [INVITE, RINGING]
+    assert r.stats.out_of_order == 2
+
+
+def test_tcp_out_of_order_with_overlapping_held_segments() -> None:
+    r = TcpReassembler()
+    data = INVITE + RINGING
+    got = feed_all(
+        r,
+        seg(b"", 99, TCP_SYN),
+        seg(data[200:300], 300),
+        seg(data[250:], 350),
+        seg(data[:250], 100),
+    )
+    assert got == [INVITE, RINGING]
+
+
+def test_tcp_gap_that_never_fills_is_skipped() -> None:
+    r = TcpReassembler(max_pending_segments=2)
+    lost = INVITE
+    after = [RINGING, RINGING.replace(b"180 Ringing", b"183 Session Progress"), RINGING]
+    seq = 100 + len(lost)
+    segments = [seg(b"", 99, TCP_SYN)]
+    for message in after:
+        segments.append(seg(message, seq))
+        seq += len(message)
+    got = feed_all(r, *segments)
+    assert got == after
+    assert (r.stats.gaps, r.stats.gap_bytes) == (1, len(lost))
+
+
+def test_tcp_sequence_wraparound() -> None:
+    r = TcpReassembler()
+    isn = 0xFFFFFFFF - 50
+    data = INVITE + RINGING
+    got = feed_all(
+        r,
+        seg(b"", isn, TCP_SYN),
+        seg(data[:100], isn + 1),
+        seg(data[200:], isn + 201),
+        seg(data[100:200], isn + 101),
+    )
+    assert got == [INVITE, RINGING]
+
+
+def test_tcp_mid_stream_start_resyncs() -> None:
+    r = TcpReassembler()
+    tail = INVITE[57:]  # the capture started inside the INVITE
+    got = feed_all(r, seg(tail + RINGING[:40], 5000), seg(RINGING[40:], 5000 + len(tail) + 40))
+    assert got == [RINGING]
+    assert r.stats.resyncs == 1
+    assert r.stats.skipped_bytes == len(tail)
+
+
+def test_tcp_mid_stream_start_line_split_across_segments() -> None:
+    r = TcpReassembler()
+    junk = b"a=sendrecv\r\n"
+    data = junk + RINGING
+    got = feed_all(r, seg(data[:20], 7), seg(data[20:], 27))
+    assert got == [RINGING]
+    assert r.stats.skipped_bytes == len(junk)
+
+
+def test_tcp_mid_stream_at_message_boundary() -> None:
+    r = TcpReassembler()
+    assert feed_all(r, seg(RINGING, 42)) == [RINGING]
+    assert r.stats.skipped_bytes == 0
+
+
+def test_tcp_crlf_keepalives_between_messages() -> None:
+    r = TcpReassembler()
+    got = feed_all(
+        r,
+        seg(b"", 99, TCP_SYN),
+        seg(b"\r\n\r\n", 100),
+        seg(INVITE + b"\r\n", 104),
+        seg(RINGING, 106 + len(INVITE)),
+    )
+    assert got == [INVITE, RINGING]
+    assert r.stats.keepalives == 2
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"Content-Length: 5", b"content-length:5", b"CONTENT-LENGTH :  5", b"l: 5", b"L:5"],
+)
+def test_tcp_content_length_spellings(header: bytes) -> None:
+    message = b"MESSAGE sip:a@b SIP/2.0\r\nCall-ID: x\r\n" + header + b"\r\n\r\nhello"
+    r = TcpReassembler()
+    assert feed_all(r, seg(b"", 0, TCP_SYN), seg(message + RINGING, 1)) == [message, RINGING]
+
+
+def test_tcp_bare_lf_message() -> None:
+    message = b"MESSAGE sip:a@b SIP/2.0\nCall-ID: x\nContent-Length: 2\n\nhi"
+    r = TcpReassembler()
+    assert feed_all(r, seg(message + RINGING, 1)) == [message, RINGING]
+
+
+def test_tcp_missing_or_bad_content_length_means_no_body() -> None:
+    no_length = b"ACK sip:a@b SIP/2.0\r\nCall-ID: x\r\n\r\n"
+    bad_length = b"ACK sip:a@b SIP/2.0\r\nCall-ID: x\r\nContent-Length: many\r\n\r\n"
+    r = TcpReassembler()
+    assert feed_all(r, seg(no_length + bad_length + RINGING, 1)) == [
+        no_length,
+        bad_length,
+        RINGING,
+    ]
+    assert (r.stats.missing_content_length, r.stats.bad_content_length) == (1, 1)
+
+
+def test_tcp_non_sip_stream_is_skipped() -> None:
+    r = TcpReassembler()
+    got = feed_all(
+        r,
+        seg(b"", 0, TCP_SYN),
+        seg(b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n", 1),
+        seg(b"\x16\x03\x01\x02\x00" + bytes(200), 38),
+    )
+    assert got == []
+    assert r.stats.skipped_bytes > 200
+
+
+def test_tcp_buffer_bound_drops_and_counts() -> None:
+    r = TcpReassembler(max_buffer=4096)
+    head = b"MESSAGE sip:a@b SIP/2.0\r\nContent-Length: 100000\r\n\r\n"
+    assert feed_all(r, seg(b"", 0, TCP_SYN), seg(head, 1)) == []
+    assert r.stats.overflows == 1
+    # The Content-Length itself was past the bound; the next message still frames.
+    assert feed_all(r, seg(RINGING, 1 + len(head))) == [RINGING]
+    r = TcpReassembler(max_buffer=4096)
+    endless = b"MESSAGE sip:a@b SIP/2.0\r\nX: " + b"y" * 5000
+    assert feed_all(r, seg(b"", 0, TCP_SYN), seg(endless, 1)) == []
+    assert r.stats.overflows == 1
+
+
+def test_tcp_fin_and_rst_release_state() -> None:
+    r = TcpReassembler()
+    feed_all(r, seg(b"", 99, TCP_SYN), seg(INVITE[:50], 100))
+    assert r.open_streams == 1
+    assert feed_all(r, seg(b"", 150, TCP_FIN | TCP_ACK)) == []
+    assert r.open_streams == 0
+    assert (r.stats.released, r.stats.incomplete) == (1, 1)
+    feed_all(r, seg(b"", 499, TCP_SYN, reverse=True), seg(RINGING[:10], 500, reverse=True))
+    feed_all(r, seg(b"", 510, TCP_RST, reverse=True))
+    assert r.open_streams == 0
+    # Data with the FIN still counts.
+    r = TcpReassembler()
+    assert feed_all(r, seg(b"", 99, TCP_SYN), seg(INVITE, 100, TCP_FIN | TCP_ACK)) == [INVITE]
+    assert r.open_streams == 0
+
+
+def test_tcp_idle_streams_expire() -> None:
+    r = TcpReassembler(idle_timeout=10.0)
+    feed_all(r, seg(INVITE[:50], 100, ts=1.0))
+    feed_all(r, seg(RINGING, 7, ts=20.0, reverse=True))
+    assert r.open_streams == 1
+    assert r.stats.expired == 1
+    assert r.stats.incomplete == 1
+
+
+def test_tcp_stream_table_is_bounded() -> None:
+    r = TcpReassembler(max_streams=3)
+    for port in range(10):
+        r.feed(Segment(1.0, CLIENT, SERVER, 30000 + port, 5060, 6, INVITE[:20], 1, TCP_ACK))
+    assert r.open_streams == 3
+    assert r.stats.evicted == 7
+
+
+def test_tcp_syn_reuses_ports_for_new_connection() -> None:
+    r = TcpReassembler()
+    feed_all(r, seg(b"", 99, TCP_SYN), seg(INVITE[:50], 100))
+    assert feed_all(r, seg(b"", 9999, TCP_SYN), seg(RINGING, 10000)) == [RINGING]
+
+
+def test_tcp_pure_acks_cost_nothing() -> None:
+    r = TcpReassembler()
+    assert r.feed(seg(b"", 100, TCP_ACK)) == ()
+    assert r.open_streams == 0
+
+
+# -- WebSocket --------------------------------------------------------------------------
+
+UPGRADE_REQUEST = (
+    b"GET / HTTP/1.1\r\nHost: ws.example.com\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Protocol: sip\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+UPGRADE_RESPONSE = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: sip\r\n\r\n"
+)
+
+
+def ws_frame(
+    payload: bytes,
+    opcode: int = 1,
+    fin: bool = True,
+    mask: bytes | None = None,
+    rsv1: bool = False,
+) -> bytes:
+    b0 = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("!BB", b0, size)
+    elif size < 65536:
+        header = struct.pack("!BBH", b0, 126, size)
+    else:
+        header = struct.pack("!BBQ", b0, 127, size)
+    if mask is None:
+        return header + payload
+    header = bytes([header[0], header[1] | 0x80]) + header[2:] + mask
+    return header + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_websocket_after_upgrade() -> None:
+    r = TcpReassembler()
+    key = b"\x37\xfa\x21\x3d"
+    big = INVITE + b"a=" + b"z" * 300  # 16-bit length form
+    client = UPGRADE_REQUEST + ws_frame(INVITE, mask=key) + ws_frame(big[: len(INVITE)], mask=key)
+    server = UPGRADE_RESPONSE + ws_frame(RINGING, opcode=2) + ws_frame(b"", opcode=9)
+    out = list(r.feed(seg(b"", 99, TCP_SYN)))
+    out += r.feed(seg(b"", 499, TCP_SYN, reverse=True))
+    out += r.feed(seg(client[:300], 100))
+    out += r.feed(seg(client[300:], 400))
+    out += r.feed(seg(server, 500, reverse=True))
+    assert out == [(INVITE, "ws"), (INVITE, "ws"), (RINGING, "ws")]
+    assert (r.stats.ws_upgrades, r.stats.ws_messages, r.stats.ws_control) == (2, 3, 1)
+
+
+def test_websocket_fragmented_message_and_non_sip() -> None:
+    r = TcpReassembler()
+    data = (
+        UPGRADE_RESPONSE
+        + ws_frame(RINGING[:10], fin=False)
+        + ws_frame(b"", opcode=10)  # control frames may come between the pieces
+        + ws_frame(RINGING[10:30], opcode=0, fin=False)
+        + ws_frame(RINGING[30:], opcode=0)
+        + ws_frame(b'{"json": "not sip"}')
+        + ws_frame(b"\r\n\r\n")
+    )
+    got = feed_all(r, seg(b"", 0, TCP_SYN, reverse=True), seg(data, 1, reverse=True))
+    assert got == [RINGING]
+    assert (r.stats.ws_non_sip, r.stats.keepalives) == (1, 1)
+
+
+def test_websocket_permessage_deflate() -> None:
+    compressor = zlib.compressobj(wbits=-15)
+    frames = b""
+    for message in (INVITE, RINGING):
+        packed = compressor.compress(message) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        assert packed.endswith(b"\x00\x00\xff\xff")
+        frames += ws_frame(packed[:-4], rsv1=True, mask=b"abcd")
+    r = TcpReassembler()
+    got = feed_all(r, seg(b"", 0, TCP_SYN), seg(UPGRADE_REQUEST + frames, 1))
+    assert got == [INVITE, RINGING]
+
+
+def test_websocket_large_frame_over_limit() -> None:
+    r = TcpReassembler(max_buffer=1000)
+    data = UPGRADE_RESPONSE + ws_frame(b"x" * 2000, opcode=2) + RINGING
+    got = feed_all(r, seg(b"", 0, TCP_SYN, reverse=True), seg(data, 1, reverse=True))
+    assert r.stats.overflows == 1
+    assert got == []
+
+
+# -- hostile input ----------------------------------------------------------------------
+
+VALID_FRAMES = [
+    eth(ipv4(udp(SIP))),
+    eth(ipv6(udp(SIP)), etype=0x86DD, tags=[(0x88A8, 1), (0x8100, 2)]),
+    eth(
+        ipv4(
+            gre(
+                struct.pack("!HHIHH", 2 << 12, 0, 0, 0, 1) + bytes(8) + eth(ipv4(udp(SIP))),
+                0x22EB,
+                seq=1,
+            ),
+            proto=47,
+        )
+    ),
+    eth(ipv4(sctp(data_chunk(SIP, flags=0x02), data_chunk(SIP, tsn=2, flags=0x01)), proto=132)),
+    eth(ipv6(struct.pack("!BBHI", 17, 0, 1, 5) + udp(SIP), nh=44), etype=0x86DD),
+    eth(ipv4(tcp(SIP), proto=6)),
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([0, 1, 101, 108, 113, 276]),
+    st.integers(0, len(VALID_FRAMES) - 1),
+    st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=8),
+    st.integers(0, 2000),
+)
+def test_decap_never_raises(
+    linktype: int, which: int, edits: list[tuple[int, int]], cut: int
+) -> None:
+    frame = bytearray(VALID_FRAMES[which])
+    for at, value in edits:
+        if at < len(frame):
+            frame[at] = value
+    dec = Decapsulator()
+    for segment in dec.decode(linktype, 1.0, bytes(frame[: max(cut, 1)])):
+        assert segment.transport in ("udp", "tcp", "sctp")
+    dec.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 4000),
+            st.sampled_from([TCP_ACK, TCP_SYN, TCP_FIN | TCP_ACK, TCP_RST, TCP_PSH | TCP_ACK]),
+            st.integers(0, len(INVITE + RINGING)),
+            st.integers(1, 300),
+            st.booleans(),
+        ),
+        max_size=25,
+    )
+)
+def test_tcp_reassembly_never_raises(steps: list[tuple[int, int, int, int, bool]]) -> None:
+    stream = (
+        UPGRADE_RESPONSE + ws_frame(RINGING) + INVITE + RINGING + ws_frame(INVITE, mask=b"wxyz")
+    )
+    r = TcpReassembler(max_buffer=2048, max_pending_segments=4)
+    for seq, flags, start, size, reverse in steps:
+        for message, transport in r.feed(
+            seg(stream[start : start + size], seq, flags, reverse=reverse)
+        ):
+            assert transport in ("tcp", "ws")
+            assert sip_offset(message) == 0
+    r.close()
+    assert r.open_streams == 0
+
+
+def test_sctp_pieces_expire_in_capture_time() -> None:
+    dec = Decapsulator(frag_timeout=30.0)
+    first = eth(ipv4(sctp(data_chunk(BIG[:1000], tsn=10, flags=0x02)), proto=132))
+    other = eth(ipv4(sctp(data_chunk(BIG[:1000], tsn=50, flags=0x02)), proto=132))
+    assert decode_eth(first, dec, ts=0.0) == ()
+    assert decode_eth(other, dec, ts=100.0) == ()
+    assert dec.stats.sctp_dropped == 1
+    dec.close()
+    assert dec.stats.sctp_dropped == 2

@@ -1,0 +1,670 @@
+"""Configuration: defaults, a full file, every kind of error, environment overrides,
+redaction of secrets and the trunk lookup."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+from pathlib import Path
+
+import pytest
+from sipcdr.config import (
+    DEFAULT_RCVBUF_BYTES,
+    SECRET_MASK,
+    Config,
+    ConfigError,
+    Endpoint,
+    TrunkConfig,
+    load_config,
+    parse_endpoint,
+    redact_dsn,
+    trunk_resolver,
+)
+from sipcdr.dialog import DialogLimits
+from sipcdr.model import Trunk
+
+# DESIGN.md's sample file without its example trunk and rating plan, which are
+# illustrations rather than defaults.
+DESIGN_DEFAULTS = """
+[capture]
+sip_udp = ["127.0.0.1:5060"]
+hep_udp = ["127.0.0.1:9060"]
+hep_tcp = []
+allow = ["127.0.0.0/8", "::1/128"]
+rcvbuf_bytes = 33554432
+
+[capture.hep_keys]
+
+[dialog]
+ring_timeout_s = 180
+max_duration_s = 14400
+max_open_dialogs = 1000000
+
+[fraud]
+
+[sinks.jsonl]
+path = "var/cdrs.jsonl"
+
+[sinks.postgres]
+dsn = "embedded"
+store_signaling = true
+
+[sinks.kafka]
+bootstrap = ""
+idempotence = true
+topic_cdrs = "sipcdr.cdrs"
+topic_fraud = "sipcdr.fraud"
+
+[metrics]
+listen = "127.0.0.1:9108"
+
+[state]
+dir = "var"
+"""
+
+FULL = """
+[capture]
+sip_udp = ["0.0.0.0:5060", "[2001:db8::10]:5060"]
+hep_udp = ["10.0.0.5:9060"]
+hep_tcp = ["[::]:9061"]
+allow = ["192.0.2.7/24", "2001:db8::/32"]
+rcvbuf_bytes = 8388608
+interfaces = ["eth1", "eth2"]
+
+[capture.hep_keys]
+2001 = "s3cret"
+"2002" = "other-key"
+
+[dialog]
+ring_timeout_s = 90.5
+max_duration_s = 7200
+max_open_dialogs = 5000
+transaction_timeout_s = 16
+answered_sweep_s = 30
+
+[[trunks]]
+name = "carrier-a"
+sources = ["192.0.2.0/24", "2001:db8:a::/48"]
+rate_plan = "wholesale"
+country_code = "49"
+national_prefix = "0"
+
+[[trunks]]
+name = "pbx-b"
+sources = ["198.51.100.17/32"]
+
+[rating]
+decks = { wholesale = "rates/wholesale.csv", retail = "/srv/rates/retail.csv" }
+default_plan = "retail"
+
+[fraud]
+
+[sinks.jsonl]
+path = ""
+
+[sinks.postgres]
+dsn = "postgresql://sipcdr:pg-secret@db.example.net:5432/cdr?sslmode=require"
+store_signaling = false
+
+[sinks.kafka]
+bootstrap = "kafka-1.example.net:9092,[2001:db8::9]:9093"
+idempotence = false
+topic_cdrs = "billing.cdrs"
+topic_fraud = "security.fraud"
+security_protocol = "SASL_SSL"
+sasl_mechanism = "SCRAM-SHA-512"
+sasl_username = "sipcdr"
+sasl_password = "kafka-secret"
+ssl_cafile = "ca.pem"
+
+[metrics]
+listen = "[::1]:0"
+
+[state]
+dir = "/var/lib/sipcdr"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sipcdr.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_text(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> Config:
+    return load_config(write(tmp_path, text), environ or {})
+
+
+def error_for(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        load_text(tmp_path, text, environ)
+    return caught.value
+
+
+# -- defaults -----------------------------------------------------------------------------------
+
+
+def test_no_file_gives_the_embedded_defaults() -> None:
+    config = load_config(None, {})
+    assert config == Config()
+    capture = config.capture
+    assert capture.sip_udp == (Endpoint("127.0.0.1", 5060),)
+    assert capture.hep_udp == (Endpoint("127.0.0.1", 9060),)
+    assert capture.hep_tcp == ()
+    assert capture.allow == (
+        ipaddress.IPv4Network("127.0.0.0/8"),
+        ipaddress.IPv6Network("::1/128"),
+    )
+    assert capture.rcvbuf_bytes == 33_554_432 == DEFAULT_RCVBUF_BYTES
+    assert dict(capture.hep_keys) == {}
+    assert capture.interfaces == ()
+    assert config.dialog == DialogLimits(
+        ring_timeout_s=180.0, max_duration_s=14400.0, max_open_dialogs=1_000_000
+    )
+    assert config.trunks == ()
+    assert dict(config.rating.decks) == {}
+    assert config.rating.default_plan is None
+    assert config.sinks.jsonl.path == "var/cdrs.jsonl"
+    assert config.sinks.jsonl.enabled is True
+    assert config.sinks.postgres.dsn == "embedded"
+    assert config.sinks.postgres.embedded is True
+    assert config.sinks.postgres.store_signaling is True
+    kafka = config.sinks.kafka
+    assert kafka.bootstrap == ()
+    assert kafka.enabled is False
+    assert kafka.idempotence is True
+    assert (kafka.topic_cdrs, kafka.topic_fraud) == ("sipcdr.cdrs", "sipcdr.fraud")
+    assert kafka.security_protocol == "PLAINTEXT"
+    assert kafka.sasl_password is None
+    assert config.metrics.listen == Endpoint("127.0.0.1", 9108)
+    assert config.state.dir == Path("var")
+
+
+def test_design_sample_values_are_the_defaults(tmp_path: Path) -> None:
+    assert load_text(tmp_path, DESIGN_DEFAULTS) == load_config(None, {})
+
+
+def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
+    assert load_text(tmp_path, "") == Config()
+
+
+# -- a full file --------------------------------------------------------------------------------
+
+
+def test_full_file_gives_typed_values(tmp_path: Path) -> None:
+    config = load_text(tmp_path, FULL)
+    capture = config.capture
+    assert capture.sip_udp == (Endpoint("0.0.0.0", 5060), Endpoint("2001:db8::10", 5060))
+    assert capture.hep_udp == (Endpoint("10.0.0.5", 9060),)
+    assert capture.hep_tcp == (Endpoint("::", 9061),)
+    # strict=False: host bits in a CIDR are dropped rather than refused
+    assert capture.allow == (
+        ipaddress.IPv4Network("192.0.2.0/24"),
+        ipaddress.IPv6Network("2001:db8::/32"),
+    )
+    assert capture.rcvbuf_bytes == 8_388_608
+    assert dict(capture.hep_keys) == {2001: "s3cret", 2002: "other-key"}
+    assert capture.interfaces == ("eth1", "eth2")
+    assert config.dialog == DialogLimits(
+        ring_timeout_s=90.5,
+        max_duration_s=7200.0,
+        max_open_dialogs=5000,
+        transaction_timeout_s=16.0,
+        answered_sweep_s=30.0,
+    )
+    assert config.trunks == (
+        TrunkConfig(
+            name="carrier-a",
+            sources=(
+                ipaddress.IPv4Network("192.0.2.0/24"),
+                ipaddress.IPv6Network("2001:db8:a::/48"),
+            ),
+            rate_plan="wholesale",
+            country_code="49",
+            national_prefix="0",
+        ),
+        TrunkConfig(name="pbx-b", sources=(ipaddress.IPv4Network("198.51.100.17/32"),)),
+    )
+    assert config.trunks[0].to_trunk() == Trunk("carrier-a", "49", "0", "wholesale")
+    assert config.trunks[1].to_trunk() == Trunk("pbx-b", None, None, None)
+    assert dict(config.rating.decks) == {
+        "wholesale": tmp_path / "rates" / "wholesale.csv",
+        "retail": Path("/srv/rates/retail.csv"),
+    }
+    assert config.rating.default_plan == "retail"
+    assert config.sinks.jsonl.path == ""
+    assert config.sinks.jsonl.enabled is False
+    postgres = config.sinks.postgres
+    assert postgres.dsn == "postgresql://sipcdr:pg-secret@db.example.net:5432/cdr?sslmode=require"
+    assert postgres.embedded is False
+    assert postgres.store_signaling is False
+    kafka = config.sinks.kafka
+    assert kafka.bootstrap == (
+        Endpoint("kafka-1.example.net", 9092),
+        Endpoint("2001:db8::9", 9093),
+    )
+    assert kafka.bootstrap_servers == "kafka-1.example.net:9092,[2001:db8::9]:9093"
+    assert kafka.idempotence is False
+    assert (kafka.topic_cdrs, kafka.topic_fraud) == ("billing.cdrs", "security.fraud")
+    assert kafka.security_protocol == "SASL_SSL"
+    assert kafka.sasl_mechanism == "SCRAM-SHA-512"
+    assert (kafka.sasl_username, kafka.sasl_password) == ("sipcdr", "kafka-secret")
+    assert kafka.ssl_cafile == tmp_path / "ca.pem"
+    assert config.metrics.listen == Endpoint("::1", 0)
+    assert config.state.dir == Path("/var/lib/sipcdr")
+
+
+def test_config_is_immutable(tmp_path: Path) -> None:
+    config = load_text(tmp_path, FULL)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.capture.rcvbuf_bytes = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.capture.hep_keys[2001] = "x"  # type: ignore[index]
+
+
+def test_endpoint_text_form() -> None:
+    assert str(Endpoint("127.0.0.1", 5060)) == "127.0.0.1:5060"
+    assert str(Endpoint("2001:db8::1", 5060)) == "[2001:db8::1]:5060"
+    assert parse_endpoint("[2001:DB8:0::1]:9060") == Endpoint("2001:db8::1", 9060)
+    assert parse_endpoint("localhost:0") == Endpoint("localhost", 0)
+    with pytest.raises(ValueError, match="from 1 to 65535"):
+        parse_endpoint("kafka:0", min_port=1)
+
+
+# -- errors name the key ------------------------------------------------------------------------
+
+ERRORS = [
+    pytest.param("[captur]\n", "captur", "unknown section", id="unknown-section"),
+    pytest.param(
+        "[capture]\nsip_upd = []\n", "capture.sip_upd", "did you mean 'sip_udp'", id="unknown-key"
+    ),
+    pytest.param(
+        "[sinks.kafka]\nbootstrp = 'k:9092'\n", "sinks.kafka.bootstrp", "unknown", id="nested-key"
+    ),
+    pytest.param(
+        "[[trunks]]\nname = 'a'\nsources = ['192.0.2.0/24']\nrateplan = 'x'\n",
+        "trunks[0].rateplan",
+        "unknown key",
+        id="unknown-trunk-key",
+    ),
+    pytest.param(
+        "[capture]\nsip_udp = ['127.0.0.1:70000']\n",
+        "capture.sip_udp[0]",
+        "'127.0.0.1:70000'",
+        id="bad-port",
+    ),
+    pytest.param(
+        "[capture]\nhep_udp = ['::1:9060']\n",
+        "capture.hep_udp[0]",
+        "[IPv6]:PORT",
+        id="ipv6-without-brackets",
+    ),
+    pytest.param(
+        "[capture]\nallow = ['127.0.0.0/8', '10.0.0.0/33']\n",
+        "capture.allow[1]",
+        "'10.0.0.0/33'",
+        id="bad-cidr",
+    ),
+    pytest.param(
+        "[sinks.postgres]\ndsn = 'mysql://db/cdr'\n",
+        "sinks.postgres.dsn",
+        "postgresql://",
+        id="bad-dsn-scheme",
+    ),
+    pytest.param(
+        "[sinks.kafka]\nbootstrap = 'k1:9092,k2'\n",
+        "sinks.kafka.bootstrap",
+        "comma-separated list of HOST:PORT",
+        id="bad-bootstrap",
+    ),
+    pytest.param(
+        "[[trunks]]\nname = 'a'\nsources = ['192.0.2.0/24']\n"
+        "[[trunks]]\nname = 'a'\nsources = ['198.51.100.0/24']\n",
+        "trunks[1].name",
+        "duplicate trunk name",
+        id="duplicate-trunk",
+    ),
+    pytest.param(
+        "[[trunks]]\nname = 'a'\nsources = ['192.0.2.0/24']\n"
+        "[[trunks]]\nname = 'b'\nsources = ['192.0.2.0/24']\n",
+        "trunks[1].sources[0]",
+        "already a source of trunk 'a'",
+        id="network-in-two-trunks",
+    ),
+    pytest.param(
+        "[[trunks]]\nname = 'a'\n",
+        "trunks[0].sources",
+        "missing",
+        id="trunk-without-sources",
+    ),
+    pytest.param(
+        "[[trunks]]\nname = 'a'\nsources = ['192.0.2.0/24']\nrate_plan = 'retail'\n"
+        "[rating]\ndecks = { wholesale = 'w.csv' }\n",
+        "trunks[0].rate_plan",
+        "no such deck",
+        id="rate-plan-not-in-decks",
+    ),
+    pytest.param(
+        "[[trunks]]\nname = 'a'\nsources = ['192.0.2.0/24']\ncountry_code = '+49'\n",
+        "trunks[0].country_code",
+        "1-3 digits",
+        id="bad-country-code",
+    ),
+    pytest.param(
+        "[rating]\ndecks = { wholesale = 'w.csv' }\ndefault_plan = 'retail'\n",
+        "rating.default_plan",
+        "wholesale",
+        id="default-plan-not-in-decks",
+    ),
+    pytest.param(
+        "[capture.hep_keys]\nagent-1 = 'k'\n",
+        "capture.hep_keys.agent-1",
+        "not a capture id",
+        id="non-int-hep-key",
+    ),
+    pytest.param(
+        "[capture.hep_keys]\n2001 = ''\n",
+        "capture.hep_keys.2001",
+        "non-empty string",
+        id="empty-hep-key",
+    ),
+    pytest.param(
+        "[capture]\nrcvbuf_bytes = '32M'\n",
+        "capture.rcvbuf_bytes",
+        "expected an integer >= 1",
+        id="string-for-int",
+    ),
+    pytest.param(
+        "[dialog]\nmax_open_dialogs = true\n",
+        "dialog.max_open_dialogs",
+        "integer",
+        id="bool-for-int",
+    ),
+    pytest.param(
+        "[dialog]\nring_timeout_s = 0\n", "dialog.ring_timeout_s", "> 0", id="zero-timeout"
+    ),
+    pytest.param(
+        "[sinks.postgres]\nstore_signaling = 'yes'\n",
+        "sinks.postgres.store_signaling",
+        "true or false",
+        id="string-for-bool",
+    ),
+    pytest.param(
+        "[capture]\nsip_udp = '127.0.0.1:5060'\n",
+        "capture.sip_udp",
+        "a list of strings",
+        id="string-for-list",
+    ),
+    pytest.param(
+        "[fraud]\nmax_calls = 10\n",
+        "fraud.max_calls",
+        "fraud detectors are not configurable in this version",
+        id="fraud-key",
+    ),
+    pytest.param(
+        "[sinks.kafka]\nsasl_username = 'u'\n",
+        "sinks.kafka.sasl_username",
+        "unused with security_protocol PLAINTEXT",
+        id="sasl-without-sasl-protocol",
+    ),
+    pytest.param(
+        "[sinks.kafka]\ntopic_fraud = 'sipcdr.cdrs'\n",
+        "sinks.kafka.topic_fraud",
+        "same topic as topic_cdrs",
+        id="one-topic-for-both",
+    ),
+    pytest.param(
+        "[capture]\nhep_udp = ['127.0.0.1:5060']\n",
+        "capture.hep_udp",
+        "already used by capture.sip_udp",
+        id="listener-twice",
+    ),
+    pytest.param("[metrics]\nlisten = 'localhost'\n", "metrics.listen", "HOST:PORT", id="no-port"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "fragment"), ERRORS)
+def test_errors_name_the_key(tmp_path: Path, text: str, key: str, fragment: str) -> None:
+    error = error_for(tmp_path, text)
+    assert error.key == key
+    message = str(error)
+    assert message.startswith(key)
+    assert fragment in message
+    assert str(tmp_path / "sipcdr.toml") in message
+
+
+def test_error_shows_value_and_expectation(tmp_path: Path) -> None:
+    error = error_for(tmp_path, "[capture]\nrcvbuf_bytes = '32M'\n")
+    assert error.value == "'32M'"
+    assert error.expected == "an integer >= 1"
+    assert str(error) == (
+        f"capture.rcvbuf_bytes = '32M' (in {tmp_path / 'sipcdr.toml'}): expected an integer >= 1"
+    )
+
+
+def test_port_zero_is_allowed_for_listeners(tmp_path: Path) -> None:
+    config = load_text(
+        tmp_path, "[capture]\nsip_udp = ['127.0.0.1:0']\nhep_udp = ['127.0.0.1:0']\n"
+    )
+    assert config.capture.sip_udp == (Endpoint("127.0.0.1", 0),)
+    assert config.capture.hep_udp == (Endpoint("127.0.0.1", 0),)
+
+
+def test_rate_plans_are_free_while_no_decks_are_given(tmp_path: Path) -> None:
+    text = "[[trunks]]\nname = 'a'\nsources = ['192.0.2.0/24']\nrate_plan = 'later'\n"
+    assert load_text(tmp_path, text).trunks[0].rate_plan == "later"
+
+
+def test_invalid_toml_and_missing_file_are_config_errors(tmp_path: Path) -> None:
+    error = error_for(tmp_path, "[capture\n")
+    assert "valid TOML" in str(error)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(tmp_path / "absent.toml", {})
+
+
+# -- environment --------------------------------------------------------------------------------
+
+
+def test_env_overrides_scalar_list_table_and_bool(tmp_path: Path) -> None:
+    environ = {
+        "SIPCDR_CAPTURE__RCVBUF_BYTES": "1048576",
+        "SIPCDR_CAPTURE__HEP_UDP": "127.0.0.1:9060, [::1]:9060",
+        "SIPCDR_CAPTURE__HEP_KEYS__2001": "s3cret",
+        "SIPCDR_SINKS__KAFKA__BOOTSTRAP": "host:9092",
+        "SIPCDR_SINKS__KAFKA__IDEMPOTENCE": "false",
+        "SIPCDR_SINKS__POSTGRES__STORE_SIGNALING": "no",
+        "SIPCDR_DIALOG__RING_TIMEOUT_S": "60.5",
+        "SIPCDR_METRICS__LISTEN": "0.0.0.0:9200",
+        "SIPCDR_STATE__DIR": "/srv/sipcdr",
+    }
+    config = load_config(None, environ)
+    assert config.capture.rcvbuf_bytes == 1_048_576
+    assert config.capture.hep_udp == (Endpoint("127.0.0.1", 9060), Endpoint("::1", 9060))
+    assert dict(config.capture.hep_keys) == {2001: "s3cret"}
+    assert config.sinks.kafka.bootstrap == (Endpoint("host", 9092),)
+    assert config.sinks.kafka.idempotence is False
+    assert config.sinks.postgres.store_signaling is False
+    assert config.dialog.ring_timeout_s == 60.5
+    assert config.metrics.listen == Endpoint("0.0.0.0", 9200)
+    assert config.state.dir == Path("/srv/sipcdr")
+    # untouched keys keep their defaults
+    assert config.capture.sip_udp == (Endpoint("127.0.0.1", 5060),)
+
+
+def test_env_merges_into_the_file(tmp_path: Path) -> None:
+    environ = {
+        "SIPCDR_CAPTURE__HEP_KEYS__2003": "third",
+        "SIPCDR_CAPTURE__HEP_KEYS__2001": "rotated",
+        "SIPCDR_CAPTURE__SIP_UDP": "",
+        "SIPCDR_TRUNKS__1__RATE_PLAN": "wholesale",
+        "SIPCDR_TRUNKS__2__NAME": "carrier-c",
+        "SIPCDR_TRUNKS__2__SOURCES": "203.0.113.0/24,2001:db8:c::/48",
+        "SIPCDR_SINKS__KAFKA__SASL_PASSWORD": "from-vault",
+        "SIPCDR_SINKS__KAFKA__IDEMPOTENCE": "1",
+    }
+    config = load_text(tmp_path, FULL, environ)
+    assert dict(config.capture.hep_keys) == {2001: "rotated", 2002: "other-key", 2003: "third"}
+    assert config.capture.sip_udp == ()
+    assert config.capture.hep_udp == (Endpoint("10.0.0.5", 9060),)
+    assert [trunk.name for trunk in config.trunks] == ["carrier-a", "pbx-b", "carrier-c"]
+    assert config.trunks[1].rate_plan == "wholesale"
+    assert config.trunks[2].sources == (
+        ipaddress.IPv4Network("203.0.113.0/24"),
+        ipaddress.IPv6Network("2001:db8:c::/48"),
+    )
+    assert config.sinks.kafka.sasl_password == "from-vault"
+    assert config.sinks.kafka.sasl_username == "sipcdr"
+    assert config.sinks.kafka.idempotence is True
+
+
+def test_unknown_env_var_is_an_error_naming_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {"SIPCDR_CAPTURE__RCVBUF": "1"})
+    assert caught.value.key == "capture.rcvbuf"
+    assert "SIPCDR_CAPTURE__RCVBUF" in str(caught.value)
+    assert "did you mean 'rcvbuf_bytes'" in str(caught.value)
+
+
+def test_env_var_with_one_underscore_is_an_unknown_section() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {"SIPCDR_CAPTURE_SIP_UDP": "127.0.0.1:5070"})
+    assert caught.value.key == "capture_sip_udp"
+    assert "SIPCDR_CAPTURE_SIP_UDP" in str(caught.value)
+
+
+def test_bad_env_value_names_variable_and_key() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {"SIPCDR_SINKS__KAFKA__IDEMPOTENCE": "maybe"})
+    error = caught.value
+    assert error.key == "sinks.kafka.idempotence"
+    assert error.value == "'maybe'"
+    assert str(error).startswith(
+        "sinks.kafka.idempotence = 'maybe' "
+        "(from environment variable SIPCDR_SINKS__KAFKA__IDEMPOTENCE): expected true or false"
+    )
+
+
+def test_env_trunks_must_not_leave_gaps() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {"SIPCDR_TRUNKS__1__NAME": "b", "SIPCDR_TRUNKS__1__SOURCES": "::/0"})
+    assert caught.value.key == "trunks[0]"
+
+
+def test_env_cannot_replace_a_table_whole() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {"SIPCDR_CAPTURE__HEP_KEYS": "2001=s3cret"})
+    assert caught.value.key == "capture.hep_keys"
+    assert "SIPCDR_CAPTURE__HEP_KEYS__<KEY>" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_test_suite_variables_and_other_names_are_ignored() -> None:
+    environ = {
+        "SIPCDR_TEST_PG_DSN": "postgresql://localhost/test",
+        "SIPCDR_TEST_KAFKA": "127.0.0.1:9092",
+        "PATH": "/usr/bin",
+        "sipcdr_capture__typo": "lower case is not ours",
+    }
+    assert load_config(None, environ) == Config()
+
+
+# -- secrets --------------------------------------------------------------------------------------
+
+
+def test_redacted_hides_every_secret(tmp_path: Path) -> None:
+    redacted = load_text(tmp_path, FULL).redacted()
+    text = json.dumps(redacted)
+    for secret in ("s3cret", "other-key", "pg-secret", "kafka-secret"):
+        assert secret not in text
+    capture = redacted["capture"]
+    assert isinstance(capture, dict)
+    assert capture["hep_keys"] == {"2001": SECRET_MASK, "2002": SECRET_MASK}
+    sinks = redacted["sinks"]
+    assert isinstance(sinks, dict)
+    assert sinks["postgres"] == {
+        "dsn": "postgresql://sipcdr:***@db.example.net:5432/cdr?sslmode=require",
+        "store_signaling": False,
+    }
+    assert sinks["kafka"]["sasl_password"] == SECRET_MASK
+    assert sinks["kafka"]["sasl_username"] == "sipcdr"
+    assert sinks["kafka"]["bootstrap"] == "kafka-1.example.net:9092,[2001:db8::9]:9093"
+    assert redacted["metrics"] == {"listen": "[::1]:0"}
+    assert redacted["trunks"] == [
+        {
+            "name": "carrier-a",
+            "sources": ["192.0.2.0/24", "2001:db8:a::/48"],
+            "rate_plan": "wholesale",
+            "country_code": "49",
+            "national_prefix": "0",
+        },
+        {
+            "name": "pbx-b",
+            "sources": ["198.51.100.17/32"],
+            "rate_plan": None,
+            "country_code": None,
+            "national_prefix": None,
+        },
+    ]
+
+
+def test_errors_never_show_secrets(tmp_path: Path) -> None:
+    error = error_for(tmp_path, "[sinks.postgres]\ndsn = 'mysql://app:hunter2@db/cdr'\n")
+    assert "hunter2" not in str(error)
+    assert error.value == "'mysql://app:***@db/cdr'"
+    error = error_for(tmp_path, "[sinks.kafka]\nsasl_password = 'hunter2'\n")
+    assert error.key == "sinks.kafka.sasl_password"
+    assert "hunter2" not in str(error)
+    error = error_for(tmp_path, "[capture.hep_keys]\n2001 = 42\n")
+    assert error.value == SECRET_MASK
+
+
+def test_redact_dsn_forms() -> None:
+    assert redact_dsn("embedded") == "embedded"
+    assert redact_dsn("postgres://db/cdr") == "postgres://db/cdr"
+    assert redact_dsn("postgresql://u@db/cdr") == "postgresql://u@db/cdr"
+    # an unescaped @ in the password is masked with it
+    assert redact_dsn("postgresql://u:p@ss@db/cdr") == "postgresql://u:***@db/cdr"
+    assert (
+        redact_dsn("postgresql://db/cdr?user=u&password=pw&sslpassword=kp")
+        == "postgresql://db/cdr?user=u&password=***&sslpassword=***"
+    )
+    assert redact_dsn("host=db password='a b' user=u") == "host=db password=*** user=u"
+
+
+# -- trunk lookup ---------------------------------------------------------------------------------
+
+TRUNKS = """
+[[trunks]]
+name = "region"
+sources = ["10.1.0.0/16", "2001:db8::/32"]
+country_code = "49"
+national_prefix = "0"
+
+[[trunks]]
+name = "pop"
+sources = ["10.1.2.0/24", "2001:db8:5::/48"]
+rate_plan = "retail"
+
+[[trunks]]
+name = "everyone"
+sources = ["0.0.0.0/0"]
+"""
+
+
+def test_trunk_resolver_longest_prefix(tmp_path: Path) -> None:
+    resolve = trunk_resolver(load_text(tmp_path, TRUNKS))
+    assert resolve("10.1.2.3") == Trunk("pop", None, None, "retail")
+    assert resolve("10.1.3.3") == Trunk("region", "49", "0", None)
+    assert resolve("192.0.2.1") == Trunk("everyone", None, None, None)
+    assert resolve("2001:db8:5::1") == Trunk("pop", None, None, "retail")
+    assert resolve("2001:db8:6::1") == Trunk("region", "49", "0", None)
+    assert resolve("::ffff:10.1.2.9") == Trunk("pop", None, None, "retail")
+    assert resolve("2001:db9::1") is None
+    assert resolve("not-an-address") is None
+
+
+def test_trunk_resolver_without_trunks() -> None:
+    resolve = trunk_resolver(Config())
+    assert resolve("10.1.2.3") is None
+    assert resolve("::1") is None
