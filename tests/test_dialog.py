@@ -461,3 +461,24 @@ def test_drain_closes_everything_by_the_dialog_rules() -> None:
     assert by_call["ring@x"].disposition == "no_answer"
     assert by_call["auth@x"].disposition == "unauthorized"
     assert correlator.open_dialogs == 0
+
+
+def test_cancel_answered_by_another_final_is_still_cancelled() -> None:
+    """Some UASs answer a CANCELled INVITE with 408 or 480 instead of 487."""
+    correlator = Correlator()
+    call = Call()
+    feed(correlator, T0, call.request("INVITE"))
+    feed(correlator, T0 + 1, call.response(100, "Trying", to_tag=None))
+    feed(correlator, T0 + 20, call.request("CANCEL"))
+    cdr = only(feed(correlator, T0 + 36, call.response(408, "Request Timeout")))
+    assert (cdr.disposition, cdr.end_reason, cdr.hangup_by) == ("cancelled", "cancel", "caller")
+    assert cdr.end_time == T0 + 20
+    assert cdr.sip_code == 408
+
+
+def test_notify_and_refer_outside_a_call_are_not_orphans() -> None:
+    correlator = Correlator()
+    feed(correlator, T0, Call("sub@x").request("NOTIFY", to_tag="t"))
+    feed(correlator, T0, Call("ref@x").request("REFER"))
+    assert correlator.stats.orphans == 0
+    assert correlator.stats.non_call_requests == {"NOTIFY": 1, "REFER": 1}

@@ -234,8 +234,8 @@ class Correlator:
     # -- closing ------------------------------------------------------------------------
 
     def _close_on_final(self, dialog: Dialog, now: float) -> Cdr:
-        if dialog.final_code == 487 and dialog.cancel_time is not None:
-            # The caller hung up at the CANCEL; the 487 only confirms it (RFC 3261 9.1).
+        if dialog.cancel_time is not None:
+            # The caller hung up at the CANCEL; the final response only confirms it.
             return self._close(dialog, dialog.cancel_time, state.END_CANCEL, state.HANGUP_CALLER)
         return self._close(dialog, dialog.final_time or now, state.END_FINAL_RESPONSE)
 

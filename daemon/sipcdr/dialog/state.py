@@ -60,11 +60,10 @@ END_SHUTDOWN = "shutdown"
 HANGUP_CALLER = "caller"
 HANGUP_CALLEE = "callee"
 
-# Methods that live inside an INVITE dialog (RFC 3261 12/13/15, RFC 3262 PRACK,
-# RFC 3311 UPDATE, RFC 6086 INFO, RFC 3515 REFER and its NOTIFYs).
-CALL_METHODS = frozenset(
-    ("INVITE", "ACK", "BYE", "CANCEL", "PRACK", "UPDATE", "INFO", "REFER", "NOTIFY")
-)
+# Methods that exist only inside an INVITE dialog (RFC 3261 13/15, RFC 3262 PRACK,
+# RFC 3311 UPDATE): seen for an unknown call, they mean the capture began mid-call.
+# INFO, REFER and NOTIFY also travel outside calls, so there they count as non-call.
+CALL_METHODS = frozenset(("INVITE", "ACK", "BYE", "CANCEL", "PRACK", "UPDATE"))
 
 
 class Phase(IntEnum):
@@ -234,10 +233,12 @@ def outcome(dialog: Dialog, end_reason: str) -> str:
     """The CDR disposition once the call is over, whatever closed it."""
     if dialog.phase is Phase.ANSWERED:
         return ANSWERED
+    if dialog.cancel_time is not None:
+        # The caller gave up first; the final response that follows (487 per 9.1, but
+        # some UASs send 408 or 480) only confirms it.
+        return CANCELLED
     if dialog.final_code is not None:
         return disposition_of(dialog.final_code)
-    if dialog.cancel_time is not None:
-        return CANCELLED
     if end_reason == END_BYE:
         return CANCELLED  # a BYE before any final answer: the call was abandoned
     # No final response at all: a ring timeout is an unanswered call (no_answer), an

@@ -1,0 +1,232 @@
+"""`sipcdr run` as a real process on loopback: listeners, agent keys, allow-list,
+metrics endpoints, SIGTERM drain and a call that spans a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sipcalls import Call
+from sipcdr import hep
+
+pytestmark = pytest.mark.integration
+STARTUP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[bytes]
+    workdir: Path
+    log: Path
+    listeners: dict[str, list[str]]
+    metrics_port: int
+
+    def endpoint(self, kind: str) -> tuple[str, int]:
+        host, _, port = self.listeners[kind][0].rpartition(":")
+        return host, int(port)
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
+    def metric(self, name: str, **labels: str) -> float:
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        series = f"{name}{{{wanted}}}" if labels else name
+        for line in self.metrics().splitlines():
+            key, _, value = line.rpartition(" ")
+            if key == series or (labels and _same_series(key, name, labels)):
+                return float(value)
+        return 0.0
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=30)
+
+    def cdrs(self) -> list[dict[str, object]]:
+        path = self.workdir / "var" / "cdrs.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _same_series(key: str, name: str, labels: dict[str, str]) -> bool:
+    if not key.startswith(name + "{"):
+        return False
+    found = dict(part.split("=", 1) for part in key[len(name) + 1 : -1].split(","))
+    return all(found.get(k) == f'"{v}"' for k, v in labels.items())
+
+
+def start_daemon(workdir: Path, **env: str) -> Daemon:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SIPCDR_")}
+    environ.update(
+        SIPCDR_CAPTURE__SIP_UDP="127.0.0.1:0",
+        SIPCDR_CAPTURE__HEP_UDP="127.0.0.1:0",
+        SIPCDR_CAPTURE__HEP_TCP="127.0.0.1:0",
+        SIPCDR_METRICS__LISTEN="127.0.0.1:0",
+        SIPCDR_SINKS__POSTGRES__DSN="",
+    )
+    environ.update(env)
+    log = workdir / f"daemon-{time.monotonic_ns()}.log"
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sipcdr.cli", "run"],
+            cwd=workdir,
+            env=environ,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            if '"event": "started"' in line:
+                event = json.loads(line)
+                return Daemon(process, workdir, log, event["listeners"], event["metrics_port"])
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"daemon did not start:\n{log.read_text()}")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    running = start_daemon(tmp_path, SIPCDR_CAPTURE__HEP_KEYS__2001="s3cret")
+    yield running
+    if running.process.poll() is None:
+        running.process.kill()
+        running.process.wait(timeout=10)
+
+
+def wait_for(condition: object, timeout: float = 10.0) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    pytest.fail("condition not met in time")
+
+
+def call_messages(call: Call) -> list[bytes]:
+    return [
+        call.request("INVITE"),
+        call.response(180, "Ringing"),
+        call.response(200, "OK"),
+        call.request("ACK", branch="z9hG4bK-ack", to_tag="callee-tag"),
+        call.request("BYE", 2, "z9hG4bK-bye", to_tag="callee-tag"),
+        call.response(200, "OK", 2, "BYE", "z9hG4bK-bye"),
+    ]
+
+
+def hep_frame(payload: bytes, key: str | None = "s3cret", capture_id: int = 2001) -> bytes:
+    return hep.encode(
+        src_ip="192.0.2.10",
+        dst_ip="203.0.113.20",
+        src_port=5060,
+        dst_port=5060,
+        timestamp=time.time(),
+        payload=payload,
+        capture_id=capture_id,
+        auth_key=key,
+    )
+
+
+def test_calls_over_sip_udp_hep_udp_and_hep_tcp(daemon: Daemon) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        for data in call_messages(Call("plain@x")):
+            udp.sendto(data, daemon.endpoint("sip_udp"))
+        for data in call_messages(Call("hep-udp@x")):
+            udp.sendto(hep_frame(data), daemon.endpoint("hep_udp"))
+        # Wrong key, missing key, unknown agent: dropped before parsing, per capture id.
+        udp.sendto(
+            hep_frame(Call("bad@x").request("INVITE"), key="wrong"), daemon.endpoint("hep_udp")
+        )
+        udp.sendto(hep_frame(Call("bad@x").request("INVITE"), key=None), daemon.endpoint("hep_udp"))
+        udp.sendto(
+            hep_frame(Call("bad@x").request("INVITE"), capture_id=9), daemon.endpoint("hep_udp")
+        )
+        udp.sendto(b"\x00garbage", daemon.endpoint("hep_udp"))
+        udp.sendto(b"NOT SIP AT ALL\r\n\r\n", daemon.endpoint("sip_udp"))
+    with socket.create_connection(daemon.endpoint("hep_tcp"), timeout=5) as tcp:
+        tcp.sendall(b"".join(hep_frame(data) for data in call_messages(Call("hep-tcp@x"))))
+
+    wait_for(lambda: len(daemon.cdrs()) == 3)
+    by_call = {str(record["call_id"]): record for record in daemon.cdrs()}
+    assert set(by_call) == {"plain@x", "hep-udp@x", "hep-tcp@x"}
+    assert all(record["disposition"] == "answered" for record in by_call.values())
+    assert by_call["hep-udp@x"]["src_ip"] == "192.0.2.10"  # HEP gives the original endpoints
+    assert by_call["hep-udp@x"]["capture_node"] == "2001"
+    assert by_call["plain@x"]["src_ip"] == "127.0.0.1"  # plain SIP: the datagram's own
+    wait_for(lambda: daemon.metric("sipcdr_hep_rejected_total", capture_id="2001") == 2)
+    assert daemon.metric("sipcdr_hep_rejected_total", capture_id="unknown") == 1
+    assert daemon.metric("sipcdr_packets_dropped_total", source="hep_udp", reason="bad_key") == 3
+    assert daemon.metric("sipcdr_packets_dropped_total", source="hep_udp", reason="bad_hep") == 1
+    assert daemon.metric("sipcdr_sip_parse_errors_total", reason="bad_request_line") == 1
+    assert daemon.metric("sipcdr_cdrs_total", disposition="answered") == 3
+    assert daemon.metric("sipcdr_packets_received_total", source="hep_tcp") == 6
+    for path, expected in (("/healthz", b"ok\n"), ("/readyz", b"ready\n")):
+        url = f"http://127.0.0.1:{daemon.metrics_port}{path}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert response.read() == expected
+    assert daemon.stop() == 0
+
+
+def test_sources_outside_the_allow_list_are_counted_and_dropped(tmp_path: Path) -> None:
+    running = start_daemon(tmp_path, SIPCDR_CAPTURE__ALLOW="192.0.2.0/24")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            for data in call_messages(Call()):
+                udp.sendto(data, running.endpoint("sip_udp"))
+        wait_for(
+            lambda: (
+                running.metric(
+                    "sipcdr_packets_dropped_total", source="sip_udp", reason="not_allowed"
+                )
+                == 6
+            )
+        )
+        assert running.metric("sipcdr_sip_messages_total", method="INVITE", kind="request") == 0
+    finally:
+        assert running.stop() == 0
+    assert running.cdrs() == []
+
+
+def test_a_call_spanning_a_restart_gets_one_correct_cdr(tmp_path: Path) -> None:
+    call = Call("span@x")
+    messages = call_messages(call)
+    first = start_daemon(tmp_path)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        for data in messages[:4]:  # INVITE, 180, 200, ACK
+            udp.sendto(data, first.endpoint("sip_udp"))
+        wait_for(lambda: first.metric("sipcdr_open_dialogs") == 1)
+        assert first.stop() == 0
+        saved = json.loads((tmp_path / "var" / "dialogs.json").read_text())
+        assert [row["call_id"] for row in saved["dialogs"]] == ["span@x"]
+
+        second = start_daemon(tmp_path)
+        try:
+            udp.sendto(messages[4], second.endpoint("sip_udp"))  # the BYE
+            wait_for(lambda: len(second.cdrs()) == 1)
+        finally:
+            assert second.stop() == 0
+    record = second.cdrs()[0]
+    assert record["disposition"] == "answered"
+    assert record["end_reason"] == "bye"
+    assert float(str(record["billsec"])) >= 0.0
+    assert record["answer_time"] is not None
+    assert (
+        not (tmp_path / "var" / "dialogs.json").exists()
+        or json.loads((tmp_path / "var" / "dialogs.json").read_text())["dialogs"] == []
+    )

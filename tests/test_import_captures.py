@@ -1,0 +1,179 @@
+"""The CDRs `sipcdr import` makes from each public capture, and why.
+
+Each capture runs alone through the same path as `sipcdr import` (capture file ->
+pipeline -> correlator -> sink). Calls still open when a file ends are closed by the
+dialog rules: an answered call without BYE ends as answered/timeout_no_bye at its last
+message, a call that never got a final response as timeout_no_final.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from pcapdata import require_shared_data
+from sipcdr.config import Config
+from sipcdr.importer import import_files
+from sipcdr.model import Cdr
+
+Outcome = tuple[str, str]  # (disposition, end_reason)
+
+EXPECTED: dict[str, tuple[dict[Outcome, int], str]] = {
+    "heplify-erspan_sip_ipv4_udp.pcapng": (
+        {("answered", "bye"): 3},
+        "three calls (two after a 407 challenge and retry, which stays one call); the 488s "
+        "answer re-INVITEs and leave the calls up; SUBSCRIBE/NOTIFY/REFER are not calls",
+    ),
+    "heplify-rtp_rtcp_sip_ipv4_udp.pcap": (
+        {("answered", "timeout_no_bye"): 1, ("no_answer", "timeout_no_final"): 1},
+        "one answered call whose BYE is past the end of the capture, and one INVITE that "
+        "rang (180) and got no final response before the capture ends",
+    ),
+    "heplify-sip_ipv4_tcp.pcap": (
+        {("answered", "bye"): 1},
+        "one complete call over TCP; the 200 to the BYE comes after the CDR (late)",
+    ),
+    "heplify-sip_ipv4_tcp_fragmented.pcap": (
+        {
+            ("answered", "bye"): 12,
+            ("answered", "timeout_no_bye"): 20,
+            ("cancelled", "cancel"): 1,
+            ("rejected", "final_response"): 1,
+            ("no_answer", "timeout_no_final"): 2,
+            ("timeout", "timeout_no_final"): 1,
+        },
+        "37 INVITE dialogs over TCP on port 6060, many cut by the capture's start (their "
+        "messages are orphans, the 486 among them) or its end (timeouts); one CANCEL/487, "
+        "one 403",
+    ),
+    "heplify-sip_ipv4_tcp_retrans.pcap": ({}, "REGISTER only: no call"),
+    "heplify-sip_ipv6_udp.pcap": (
+        {("timeout", "timeout_no_final"): 1},
+        "the capture clock is bogus and puts years between packets, so the INVITE's ring "
+        "timer runs out before its 100/200 arrive; those and the ACK/BYE are then orphans "
+        "or late: timers run on capture time, as they must for an import",
+    ),
+    "heplify-sip_sctp.pcap": ({("rejected", "final_response"): 1}, "INVITE over SCTP, 403"),
+    "heplify-sip_tcp_websocket.pcap": (
+        {("answered", "bye"): 2},
+        "two calls through WebSocket and UDP legs of proxies sharing each Call-ID; the "
+        "first is challenged (407) and retried",
+    ),
+    "hepwireshark-hep.pcap": (
+        {},
+        "the HEP INVITE declares Content-Length 287 over a 276-byte body (its line ends "
+        "were converted to bare LF): rejected as body_truncated, so its 100/407 are orphans",
+    ),
+    "hepwireshark-hep3_compressed.pcapng": ({}, "REGISTER only"),
+    "ndpi-FAX-Call-t38-CA-TDM-SIP-FB-1.pcap": (
+        {("answered", "bye"): 2},
+        "both legs of a fax gateway (two Call-IDs), each with T.38 re-INVITEs and a 488",
+    ),
+    "ndpi-sip_hello.pcapng": ({}, "REGISTER only"),
+    "sngrep-ipip.pcap": ({("answered", "bye"): 1}, "INVITE/183/200/BYE, half in IP-in-IP"),
+    "sngrep-ipv6frag.pcap": (
+        {("answered", "bye"): 1},
+        "one call through a proxy with both legs captured: one CDR, not two",
+    ),
+    "zeek-sip-wireshark.pcap": (
+        {
+            ("rejected", "final_response"): 2,
+            ("no_answer", "final_response"): 1,
+            ("cancelled", "cancel"): 1,
+        },
+        "two 403s after 407 challenges, a 480 after 183, and an INVITE the caller "
+        "CANCELled that the UAS then answered with 408: cancelled at the CANCEL",
+    ),
+}
+
+
+class MemorySink:
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.cdrs: list[Cdr] = []
+
+    def write(self, cdr: Cdr) -> None:
+        self.cdrs.append(cdr)
+
+    def flush(self) -> None:
+        return None
+
+
+def _import(path: Path) -> tuple[list[Cdr], dict[str, object]]:
+    sink = MemorySink()
+    summary = import_files(Config(), [path], sinks=[sink], progress=False)
+    return sink.cdrs, summary
+
+
+def test_every_capture_has_written_expectations() -> None:
+    files = {p.name for p in (require_shared_data() / "pcaps").glob("*.pcap*")}
+    assert files == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_capture_cdrs(name: str) -> None:
+    expected, why = EXPECTED[name]
+    cdrs, summary = _import(require_shared_data() / "pcaps" / name)
+    outcomes = Counter((cdr.disposition, cdr.end_reason) for cdr in cdrs)
+    assert dict(outcomes) == expected, why
+    assert len({cdr.cdr_id for cdr in cdrs}) == len(cdrs), "duplicate CDR ids"
+    assert summary["cdrs_written"] == len(cdrs)
+
+
+def test_g711_sample_call_details() -> None:
+    cdrs, _ = _import(require_shared_data() / "pcaps" / "heplify-rtp_rtcp_sip_ipv4_udp.pcap")
+    answered = next(cdr for cdr in cdrs if cdr.disposition == "answered")
+    assert answered.call_id == "12013223@200.57.7.195"
+    assert answered.sip_code == 200
+    assert answered.ring_time is not None and answered.answer_time is not None
+    assert answered.start_time < answered.ring_time < answered.answer_time
+    unanswered = next(cdr for cdr in cdrs if cdr.disposition == "no_answer")
+    assert unanswered.call_id == "12015624@200.57.7.195"
+    assert unanswered.sip_code is None
+    assert unanswered.answer_time is None
+
+
+def test_reimport_gives_the_same_cdr_ids() -> None:
+    path = require_shared_data() / "pcaps" / "heplify-sip_ipv4_tcp_fragmented.pcap"
+    first, _ = _import(path)
+    again, _ = _import(path)
+    assert [c.cdr_id for c in first] == [c.cdr_id for c in again]
+
+
+def test_import_command_writes_jsonl_and_summary(tmp_path: Path) -> None:
+    capture = require_shared_data() / "pcaps" / "zeek-sip-wireshark.pcap"
+    summary_path = tmp_path / "summary.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sipcdr.cli",
+            "import",
+            str(capture),
+            "--summary-json",
+            str(summary_path),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = (tmp_path / "var" / "cdrs.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert sorted(r["disposition"] for r in records) == [
+        "cancelled",
+        "no_answer",
+        "rejected",
+        "rejected",
+    ]
+    summary = json.loads(summary_path.read_text())
+    assert summary["cdrs_written"] == 4
+    assert summary["sip_messages"] == 81
+    assert summary["requests_by_method"]["INVITE"] == 11  # tshark -Y sip.Method=="INVITE"
