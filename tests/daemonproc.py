@@ -1,0 +1,105 @@
+"""A `sipcdr run` process for tests: started on free loopback ports, read through its
+log line, its metrics endpoint and its JSONL file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+STARTUP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[bytes]
+    workdir: Path
+    log: Path
+    listeners: dict[str, list[str]]
+    metrics_port: int
+
+    def endpoint(self, kind: str) -> tuple[str, int]:
+        host, _, port = self.listeners[kind][0].rpartition(":")
+        return host, int(port)
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
+    def metric(self, name: str, **labels: str) -> float:
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        series = f"{name}{{{wanted}}}" if labels else name
+        for line in self.metrics().splitlines():
+            key, _, value = line.rpartition(" ")
+            if key == series or (labels and _same_series(key, name, labels)):
+                return float(value)
+        return 0.0
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=30)
+
+    def cdrs(self) -> list[dict[str, object]]:
+        path = self.workdir / "var" / "cdrs.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _same_series(key: str, name: str, labels: dict[str, str]) -> bool:
+    if not key.startswith(name + "{"):
+        return False
+    found = dict(part.split("=", 1) for part in key[len(name) + 1 : -1].split(","))
+    return all(found.get(k) == f'"{v}"' for k, v in labels.items())
+
+
+def start_daemon(workdir: Path, **env: str) -> Daemon:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SIPCDR_")}
+    environ.update(
+        SIPCDR_CAPTURE__SIP_UDP="127.0.0.1:0",
+        SIPCDR_CAPTURE__HEP_UDP="127.0.0.1:0",
+        SIPCDR_CAPTURE__HEP_TCP="127.0.0.1:0",
+        SIPCDR_METRICS__LISTEN="127.0.0.1:0",
+        SIPCDR_SINKS__POSTGRES__DSN="",
+    )
+    environ.update(env)
+    log = workdir / f"daemon-{time.monotonic_ns()}.log"
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sipcdr.cli", "run"],
+            cwd=workdir,
+            env=environ,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            if '"event": "started"' in line:
+                event = json.loads(line)
+                return Daemon(process, workdir, log, event["listeners"], event["metrics_port"])
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"daemon did not start:\n{log.read_text()}")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    pytest.fail("condition not met in time")
