@@ -105,11 +105,12 @@ def find_param(text: str, name: str, start: int = 0) -> str | None:
     begins at `start`; LWS around `;` and `=` tolerated, "" for a flag.
 
     The exact spelling `;name=` is tried first because it is what nearly every
-    peer sends; the general grammar only runs when that fails.
+    peer sends; the general grammar runs when that fails or when other params come
+    before it (a quoted value may hold `;name=`, or `; name =` may come first).
     """
     key = ";" + name + "="
     i = text.find(key, start)
-    if i >= 0:
+    if i >= 0 and text.find(";", start, i) < 0:
         begin = i + len(key)
         end = text.find(";", begin)
         value = text[begin:] if end < 0 else text[begin:end]

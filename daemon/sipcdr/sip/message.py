@@ -130,9 +130,10 @@ class SipMessage:
                 return None
             raw = elements[0]
         try:
-            return locate_uri(raw.strip())[0]
+            uri = locate_uri(raw.strip())[0]
         except AddressError:
             return None
+        return uri or None  # an empty header value asserts no identity
 
     @property
     def from_display(self) -> str | None:
