@@ -47,8 +47,10 @@ def test_sipp_calls_through_kamailio_become_correct_cdrs(
         total_calls = sum(calls for _u, _s, calls, *_rest in SCENARIOS)
         wait_for(lambda: len(daemon.cdrs()) >= total_calls, timeout=30)
         wait_for(
-            lambda: daemon.metric("sipcdr_packets_received_total", source="hep_udp")
-            >= expected_messages
+            lambda: (
+                daemon.metric("sipcdr_packets_received_total", source="hep_udp")
+                >= expected_messages
+            )
         )
         # Every mirrored message arrived and parsed; none was dropped or rejected.
         assert daemon.metric("sipcdr_packets_received_total", source="hep_udp") == expected_messages

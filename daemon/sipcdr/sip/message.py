@@ -3,6 +3,8 @@ parser; everything else is derived on first use from the kept header lines."""
 
 from __future__ import annotations
 
+import re
+
 from sipcdr.sip.address import (
     AddressError,
     locate_uri,
@@ -13,6 +15,7 @@ from sipcdr.sip.address import (
 from sipcdr.sip.headers import canonical_name, parse_params, split_list
 
 _TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+_Q850_CAUSE_FIRST = re.compile(r"Q\.850[ \t]*;[ \t]*cause[ \t]*=[ \t]*([0-9]{1,3})(?![0-9])", re.I)
 _SINGLE_VALUED = ("call-id", "cseq", "from", "to", "content-length")
 _DATE_ZONE = "GMT"  # RFC 3261 section 20.17: SIP-date is RFC 1123 with the zone always GMT
 
@@ -162,8 +165,13 @@ class SipMessage:
     @property
     def reason_header(self) -> int | None:
         """The Q.850 cause of a Reason header (RFC 3326), the one billing keeps."""
-        if self.raw_reason is None:
+        raw = self.raw_reason
+        if raw is None:
             return None
+        # Every stack seen writes `Q.850;cause=N` first: one regex, no header index.
+        match = _Q850_CAUSE_FIRST.search(raw)
+        if match is not None and raw.count('"', 0, match.start()) % 2 == 0:
+            return int(match[1])
         for line in self.headers("reason"):
             for element in split_list(line):
                 protocol, _, params = element.partition(";")
