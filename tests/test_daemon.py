@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from daemonproc import Daemon, start_daemon, wait_for
+from pcapdata import require_shared_data
 from sipcalls import Call
 from sipcdr import hep
 
@@ -138,3 +142,53 @@ def test_a_call_spanning_a_restart_gets_one_correct_cdr(tmp_path: Path) -> None:
         not (tmp_path / "var" / "dialogs.json").exists()
         or json.loads((tmp_path / "var" / "dialogs.json").read_text())["dialogs"] == []
     )
+
+
+def test_replay_feeds_a_running_daemon_plain_and_in_hep(daemon: Daemon) -> None:
+    """`sipcdr replay` is the load generator: each loop rewrites Call-IDs, so one capture
+    becomes several distinct sets of calls."""
+    capture = require_shared_data() / "pcaps" / "zeek-sip-wireshark.pcap"
+    host, port = daemon.endpoint("hep_udp")
+    replayed = subprocess.run(
+        [
+            sys.executable, "-m", "sipcdr.cli", "replay", str(capture),
+            "--to", f"{host}:{port}", "--hep", "--rate", "max", "--loop", "2",
+            "--capture-id", "2001", "--auth-key", "s3cret",
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout.startswith("sent 162 messages")
+    wait_for(lambda: len(daemon.cdrs()) == 8)
+    records = daemon.cdrs()
+    assert Counter(str(r["disposition"]) for r in records) == {
+        "rejected": 4,
+        "no_answer": 2,
+        "cancelled": 2,
+    }
+    assert len({r["call_id"] for r in records}) == 8
+    assert {r["src_ip"] for r in records} == {"192.168.1.2"}  # the capture's, carried in HEP
+    assert daemon.stop() == 0
+
+
+def test_ipv6_listeners(tmp_path: Path) -> None:
+    running = start_daemon(
+        tmp_path, SIPCDR_CAPTURE__SIP_UDP="[::1]:0", SIPCDR_CAPTURE__HEP_TCP="[::1]:0"
+    )
+    try:
+        host, port = running.endpoint("sip_udp")
+        assert host == "::1"
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp:
+            for data in call_messages(Call("v6@x")):
+                udp.sendto(data, (host, port))
+        host, port = running.endpoint("hep_tcp")
+        with socket.create_connection((host, port), timeout=5) as tcp:
+            tcp.sendall(
+                b"".join(hep_frame(data, key=None) for data in call_messages(Call("v6t@x")))
+            )
+        wait_for(lambda: len(running.cdrs()) == 2)
+    finally:
+        assert running.stop() == 0
+    by_call = {r["call_id"]: r for r in running.cdrs()}
+    assert by_call["v6@x"]["src_ip"] == "::1"
+    assert by_call["v6t@x"]["disposition"] == "answered"
