@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import NamedTuple, overload
+from typing import Any, NamedTuple, overload
 
 TRANSPORT_UDP = "udp"
 TRANSPORT_TCP = "tcp"
@@ -142,8 +142,18 @@ def rfc3339(timestamp: float) -> str: ...
 @overload
 def rfc3339(timestamp: None) -> None: ...
 def rfc3339(timestamp: float | None) -> str | None:
-    """RFC 3339 UTC with microseconds: `2026-11-23T14:40:45.123456Z`."""
+    """RFC 3339 UTC with microseconds: `2026-11-23T14:40:45.123456Z`.
+
+    Four of these per CDR: the formatted second is reused while it does not change.
+    """
     if timestamp is None:
         return None
-    moment = datetime.fromtimestamp(timestamp, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    micros = round(timestamp * 1_000_000)
+    second, fraction = divmod(micros, 1_000_000)
+    if second != _last_second[0]:
+        _last_second[0] = second
+        _last_second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_last_second[1]}.{fraction:06d}Z"
+
+
+_last_second: list[Any] = [None, ""]
