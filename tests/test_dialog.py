@@ -482,3 +482,14 @@ def test_notify_and_refer_outside_a_call_are_not_orphans() -> None:
     feed(correlator, T0, Call("ref@x").request("REFER"))
     assert correlator.stats.orphans == 0
     assert correlator.stats.non_call_requests == {"NOTIFY": 1, "REFER": 1}
+
+
+def test_a_call_closed_by_a_timer_still_recognises_its_late_copies() -> None:
+    correlator = Correlator(DialogLimits(ring_timeout_s=60))
+    call = Call()
+    feed(correlator, T0, call.request("INVITE"))
+    assert len(list(correlator.expire(T0 + 61))) == 1
+    correlator.expire(T0 + 80)  # the call ended at T0, but was closed at T0 + 61
+    assert feed(correlator, T0 + 85, call.request("INVITE")) == []
+    assert correlator.stats.late == 1
+    assert correlator.open_dialogs == 0

@@ -95,6 +95,7 @@ class Correlator:
         self._challenged: deque[tuple[float, Dialog]] = deque()  # by retry deadline
         self._closed: dict[str, float] = {}  # Call-ID -> close time, for late messages
         self._next_sweep = 0.0
+        self._now = 0.0  # latest capture time seen: when a closed call was closed
 
     @property
     def open_dialogs(self) -> int:
@@ -107,6 +108,8 @@ class Correlator:
         stats = self.stats
         stats.messages += 1
         now = packet.timestamp
+        if now > self._now:
+            self._now = now
         dialog = self._dialogs.get(msg.call_id)
         if dialog is None:
             return self._unknown_call(packet, msg, now)
@@ -176,6 +179,8 @@ class Correlator:
     def expire(self, now: float) -> Sequence[Cdr]:
         """Close calls whose timers ran out by capture time `now`."""
         closed: list[Cdr] = []
+        if now > self._now:
+            self._now = now
         limits = self.limits
         ring_deadline = now - limits.ring_timeout_s
         early = self._early
@@ -247,7 +252,9 @@ class Correlator:
         call_id = dialog.call_id
         self._dialogs.pop(call_id, None)
         self._early.pop(call_id, None)
-        self._closed[call_id] = end_time
+        # Remembered from when it was closed, not from its end: a call closed by a
+        # timer ended long before, and its stray copies may still be on the way.
+        self._closed[call_id] = max(end_time, self._now)
         disposition = state.outcome(dialog, end_reason)
         dialog.phase = Phase.CLOSED
         trunk = self._trunk(dialog.src_ip)
