@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from daemonproc import Daemon, start_daemon, wait_for
 from pcapdata import require_shared_data
+from peers import Sipp, free_udp_port
 from sipcalls import Call
 from sipcdr import hep
 
@@ -192,3 +193,25 @@ def test_ipv6_listeners(tmp_path: Path) -> None:
     by_call = {r["call_id"]: r for r in running.cdrs()}
     assert by_call["v6@x"]["src_ip"] == "::1"
     assert by_call["v6t@x"]["disposition"] == "answered"
+
+
+def test_live_capture_on_loopback_makes_cdrs(tmp_path: Path, sipp: Sipp) -> None:
+    """`[capture] interfaces`: SIPp's own uac/uas talking on lo, seen by AF_PACKET."""
+    uas_port = free_udp_port()
+    running = start_daemon(
+        tmp_path,
+        SIPCDR_CAPTURE__INTERFACES="lo",
+        SIPCDR_CAPTURE__BPF_FILTER=f"udp port {uas_port}",
+    )
+    try:
+        uas = sipp.run_uas("uas", port=uas_port, calls=3, timeout=30)
+        uac = sipp.run_uac("uac", uas.address, calls=3, rate=10, hold_ms=200, timeout=20)
+        assert uac.ok, uac.describe()
+        wait_for(lambda: len(running.cdrs()) == 3, timeout=20)
+        assert running.metric("sipcdr_packets_received_total", source="live") == 18
+    finally:
+        assert running.stop() == 0
+    records = running.cdrs()
+    assert {r["disposition"] for r in records} == {"answered"}
+    assert all(r["capture_node"] == "live:lo" for r in records)
+    assert all(abs(float(str(r["billsec"])) - 0.2) < 0.1 for r in records)

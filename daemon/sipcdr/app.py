@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from sipcdr.capture import live
 from sipcdr.capture.listeners import (
     AllowList,
     HepGate,
@@ -24,6 +25,7 @@ from sipcdr.capture.listeners import (
     udp_drops,
     udp_socket,
 )
+from sipcdr.capture.live import LiveCapture
 from sipcdr.config import Config, trunk_resolver
 from sipcdr.dialog import Correlator
 from sipcdr.pipeline import CdrSink, Pipeline
@@ -60,6 +62,9 @@ class App:
             config.metrics.listen.port,
             ready=lambda: self._ready,
         )
+        self._live: list[LiveCapture] = []
+        self._live_seen: dict[tuple[str, str], int] = {}
+        self._live_tasks: list[asyncio.Task[None]] = []
         self._ticker: asyncio.Task[None] | None = None
         self._ready = False
         self._started = False
@@ -103,6 +108,8 @@ class App:
             self._servers.append(server)
             for sock in server.sockets:
                 self.bound["hep_tcp"].append(tuple(sock.getsockname()[:2]))
+        for interface in capture.interfaces:
+            await self._start_live(interface)
         await self._metrics_server.start()
         self._ticker = asyncio.create_task(self._tick(), name="sipcdr-tick")
         self._ticker.add_done_callback(self._background_failed)
@@ -114,6 +121,49 @@ class App:
             open_dialogs=self.correlator.open_dialogs,
             pid=os.getpid(),
         )
+
+    async def _start_live(self, interface: str) -> None:
+        capture = self.config.capture
+        if capture.bpf_filter is None:
+            bpf_filter: str | None = live.DEFAULT_BPF_FILTER
+        else:
+            bpf_filter = capture.bpf_filter or None  # "": every frame
+        # No allow-list here: on a mirror port the sources are the carriers themselves.
+        capturer = live.LiveCapture(
+            interface,
+            self.pipeline.process,
+            engine="pyshark" if capture.live_engine == "pyshark" else "af_packet",
+            bpf_filter=bpf_filter,
+            rcvbuf_bytes=capture.rcvbuf_bytes,
+            promiscuous=capture.promiscuous,
+        )
+        await capturer.start()
+        self._live.append(capturer)
+        task = asyncio.create_task(capturer.wait(), name=f"sipcdr-live-{interface}")
+        task.add_done_callback(self._background_failed)
+        self._live_tasks.append(task)
+        self.bound.setdefault("live", []).append((interface, 0))
+
+    def _count_live(self) -> None:
+        pipeline = self.pipeline
+        for capturer in self._live:
+            stats = capturer.stats
+            for name, total in (
+                ("sip", stats.sip_packets),
+                ("kernel_drop", stats.kernel_drops),
+                ("backlog_full", stats.pending_dropped),
+                ("callback_error", stats.callback_errors),
+            ):
+                key = (capturer.interface, name)
+                delta = total - self._live_seen.get(key, 0)
+                if delta > 0:
+                    self._live_seen[key] = total
+                    if name == "sip":
+                        pipeline.count_received("live", delta)
+                    else:
+                        pipeline.drops[("live", name)] = (
+                            pipeline.drops.get(("live", name), 0) + delta
+                        )
 
     def _register_udp(
         self, kind: str, sock: socket.socket, transport: asyncio.DatagramTransport
@@ -148,6 +198,7 @@ class App:
         """Timers, sink flushes and metric batches; called once a second."""
         self.pipeline.expire(now)
         self.pipeline.flush()
+        self._count_live()
         for kind, sock in self._udp:
             total = udp_drops(sock)
             if total is not None:
@@ -168,6 +219,9 @@ class App:
             return
         self._stopped = True
         self._ready = False
+        for capturer in self._live:
+            await capturer.stop()
+        self._count_live()
         for transport in self._transports:
             transport.close()
         for server in self._servers:

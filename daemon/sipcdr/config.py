@@ -86,6 +86,13 @@ DEFAULT_ALLOW: Final[tuple[Network, ...]] = (
 DEFAULT_RCVBUF_BYTES: Final = 32 * 1024 * 1024  # absorbs ~0.5 s of a 50k msg/s burst
 # Live capture needs privileges and a named interface; off unless asked for.
 DEFAULT_INTERFACES: Final[tuple[str, ...]] = ()
+# AF_PACKET reads ~15x what pyshark does; pyshark is for hosts without AF_PACKET or root.
+LIVE_ENGINES: Final = ("af_packet", "pyshark")
+DEFAULT_LIVE_ENGINE: Final = "af_packet"
+# None: the capture module's default filter (signaling only, media never reaches Python).
+DEFAULT_BPF_FILTER: Final[str | None] = None
+# A mirror port's frames are not addressed to the collector's NIC.
+DEFAULT_PROMISCUOUS: Final = True
 # No agent authentication until keys are issued: loopback-only listeners make that safe.
 DEFAULT_HEP_KEYS: Final[Mapping[int, str]] = MappingProxyType({})
 
@@ -165,6 +172,9 @@ class CaptureConfig:
     rcvbuf_bytes: int = DEFAULT_RCVBUF_BYTES
     hep_keys: Mapping[int, str] = field(default_factory=lambda: DEFAULT_HEP_KEYS)  # id -> key
     interfaces: tuple[str, ...] = DEFAULT_INTERFACES
+    live_engine: str = DEFAULT_LIVE_ENGINE
+    bpf_filter: str | None = DEFAULT_BPF_FILTER  # "" in the file: keep every frame
+    promiscuous: bool = DEFAULT_PROMISCUOUS
 
     def redacted(self) -> dict[str, object]:
         return {
@@ -175,6 +185,9 @@ class CaptureConfig:
             "rcvbuf_bytes": self.rcvbuf_bytes,
             "hep_keys": {str(capture_id): SECRET_MASK for capture_id in self.hep_keys},
             "interfaces": list(self.interfaces),
+            "live_engine": self.live_engine,
+            "bpf_filter": self.bpf_filter,
+            "promiscuous": self.promiscuous,
         }
 
 
@@ -828,6 +841,9 @@ def _capture(table: _Table) -> CaptureConfig:
         if name in interfaces:
             raise table.context.problem(key, name, "listed twice", "each interface once")
         interfaces.append(name)
+    live_engine = table.string("live_engine", DEFAULT_LIVE_ENGINE)
+    if live_engine not in LIVE_ENGINES:
+        raise table.invalid("live_engine", live_engine, " or ".join(LIVE_ENGINES))
     return CaptureConfig(
         sip_udp=_endpoints(table, "sip_udp", DEFAULT_SIP_UDP),
         hep_udp=_endpoints(table, "hep_udp", DEFAULT_HEP_UDP),
@@ -836,6 +852,9 @@ def _capture(table: _Table) -> CaptureConfig:
         rcvbuf_bytes=table.integer("rcvbuf_bytes", DEFAULT_RCVBUF_BYTES, minimum=1),
         hep_keys=MappingProxyType(hep_keys) if hep_keys else DEFAULT_HEP_KEYS,
         interfaces=tuple(interfaces),
+        live_engine=live_engine,
+        bpf_filter=table.string("bpf_filter", "") if table.has("bpf_filter") else None,
+        promiscuous=table.boolean("promiscuous", DEFAULT_PROMISCUOUS),
     )
 
 
