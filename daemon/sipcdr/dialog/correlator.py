@@ -108,8 +108,7 @@ class Correlator:
         stats = self.stats
         stats.messages += 1
         now = packet.timestamp
-        if now > self._now:
-            self._now = now
+        self._now = max(self._now, now)
         dialog = self._dialogs.get(msg.call_id)
         if dialog is None:
             return self._unknown_call(packet, msg, now)
@@ -179,8 +178,7 @@ class Correlator:
     def expire(self, now: float) -> Sequence[Cdr]:
         """Close calls whose timers ran out by capture time `now`."""
         closed: list[Cdr] = []
-        if now > self._now:
-            self._now = now
+        self._now = max(self._now, now)
         limits = self.limits
         ring_deadline = now - limits.ring_timeout_s
         early = self._early
