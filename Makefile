@@ -44,6 +44,8 @@ test: $(STAMP) sysdeps lint typecheck
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/parser.py
+	$(BIN)/python benchmarks/dialogs.py
+	$(BIN)/python benchmarks/receive.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -14,6 +14,7 @@ import ipaddress
 import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -212,7 +213,8 @@ def udp_socket(host: str, port: int, rcvbuf_bytes: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        force = getattr(socket, "SO_RCVBUFFORCE", None)
+        # Python does not export SO_RCVBUFFORCE; 33 is its value on Linux (socket(7)).
+        force = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform == "linux" else None)
         try:
             if force is None:
                 raise PermissionError
