@@ -16,31 +16,25 @@ def split_name_addr(value: str) -> tuple[str, str, str]:
     a bare addr-spec `sip:a@b;tag=1` gives ('', 'sip:a@b', ';tag=1') because RFC 3261
     puts every parameter after an unbracketed URI in the header, not the URI.
     """
-    start = 0
-    if value.startswith('"'):
-        start = _closing_quote(value) + 1
-    lt = value.find("<", start)
-    if lt >= 0:
-        gt = value.find(">", lt)
-        if gt < 0:
-            raise AddressError("unterminated <")
-        uri = value[lt + 1 : gt]
-        if " " in uri or "\t" in uri:
-            uri = uri.strip()
-        return value[:lt], uri, value[gt + 1 :]
-    if start:
-        raise AddressError("display name without <URI>")
-    semi = value.find(";")
-    if semi < 0:
-        return "", value.strip(), ""
-    return "", value[:semi].strip(), value[semi:]
+    start, end, params_at = _uri_span(value)
+    return (value[: start - 1] if start else ""), _uri(value, start, end), value[params_at:]
 
 
 def locate_uri(value: str) -> tuple[str, int]:
-    """The hot path's cut of split_name_addr: (URI, index where header params begin).
+    """split_name_addr without copying out the display name and params:
+    (URI, index where header params begin)."""
+    start, end, params_at = _uri_span(value)
+    return _uri(value, start, end), params_at
 
-    Same rules, but the display name and params are not copied out.
-    """
+
+def _uri(value: str, start: int, end: int) -> str:
+    uri = value[start:end]
+    return uri.strip() if " " in uri or "\t" in uri else uri
+
+
+def _uri_span(value: str) -> tuple[int, int, int]:
+    """(start, end, params_at): the URI is value[start:end], header params follow from
+    params_at. A `<` inside a quoted display name does not count (RFC 3261 25.1)."""
     if value[:1] == '"':
         q = value.find('"', 1)
         if q < 0 or value[q - 1] == "\\":
@@ -54,14 +48,11 @@ def locate_uri(value: str) -> tuple[str, int]:
         gt = value.find(">", lt)
         if gt < 0:
             raise AddressError("unterminated <")
-        uri = value[lt + 1 : gt]
-        if " " in uri or "\t" in uri:
-            uri = uri.strip()
-        return uri, gt + 1
+        return lt + 1, gt, gt + 1
     semi = value.find(";")
     if semi < 0:
-        return value, len(value)
-    return value[:semi].rstrip(), semi
+        return 0, len(value), len(value)
+    return 0, semi, semi
 
 
 def _closing_quote(value: str) -> int:

@@ -44,36 +44,10 @@ def split_list(value: str) -> list[str]:
     dropped, as the #rule allows.
     """
     if '"' not in value and "<" not in value:
-        return [part.strip() for part in value.split(",") if part.strip()]
-    parts: list[str] = []
-    start = 0
-    quoted = False
-    angle = False
-    i = 0
-    n = len(value)
-    while i < n:
-        ch = value[i]
-        if quoted:
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                quoted = False
-        elif ch == '"':
-            quoted = True
-        elif ch == "<":
-            angle = True
-        elif ch == ">":
-            angle = False
-        elif ch == "," and not angle:
-            part = value[start:i].strip()
-            if part:
-                parts.append(part)
-            start = i + 1
-        i += 1
-    part = value[start:].strip()
-    if part:
-        parts.append(part)
-    return parts
+        parts = value.split(",")
+    else:
+        parts = _split_outside(value, ",", angle_brackets=True)
+    return [part.strip() for part in parts if part.strip()]
 
 
 def parse_params(text: str) -> dict[str, str]:
@@ -97,11 +71,19 @@ def parse_params(text: str) -> dict[str, str]:
 def _split_semicolons(text: str) -> list[str]:
     if '"' not in text:
         return text.split(";")
+    return _split_outside(text, ";", angle_brackets=False)
+
+
+def _split_outside(text: str, separator: str, *, angle_brackets: bool) -> list[str]:
+    """Split on `separator` where it stands outside quoted strings (with backslash
+    escapes) and, when asked, outside <...>."""
     items: list[str] = []
     start = 0
     quoted = False
+    angle = False
     i = 0
-    while i < len(text):
+    n = len(text)
+    while i < n:
         ch = text[i]
         if quoted:
             if ch == "\\":
@@ -110,7 +92,11 @@ def _split_semicolons(text: str) -> list[str]:
                 quoted = False
         elif ch == '"':
             quoted = True
-        elif ch == ";":
+        elif angle_brackets and ch == "<":
+            angle = True
+        elif angle_brackets and ch == ">":
+            angle = False
+        elif ch == separator and not angle:
             items.append(text[start:i])
             start = i + 1
         i += 1
