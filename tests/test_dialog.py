@@ -108,9 +108,10 @@ def test_final_response_outcome(code: int, disposition: str) -> None:
     feed(correlator, T0, call.request("INVITE"))
     cdrs = feed(correlator, T0 + 2, call.response(code))
     if code in dialog_state.CHALLENGE_CODES:
-        # A challenge is not a failed call until the UAC gives up (no retry in 32 s).
+        # A challenge is not a failed call until the UAC gives up (no retry in 120 s).
         assert cdrs == []
-        cdrs = list(correlator.expire(T0 + 2 + 32))
+        assert list(correlator.expire(T0 + 2 + 60)) == []
+        cdrs = list(correlator.expire(T0 + 2 + 120))
     elif code == 200:
         assert cdrs == []
         cdrs = feed(correlator, T0 + 5, call.request("BYE", 2, "z9hG4bK-b", to_tag="callee-tag"))
@@ -232,7 +233,6 @@ def test_both_leg_capture_is_one_cdr_with_first_leg_endpoints() -> None:
     """A stateful proxy's HEP mirror shows each message received and sent."""
     correlator = Correlator()
     call = Call()
-    proxy_via = ["198.51.100.1:5060;branch=z9hG4bK-leg2"]
     legs = [
         (0.000, call.request("INVITE"), CALLER_ADDR, PROXY_ADDR),
         (0.001, call.request("INVITE", branch="z9hG4bK-leg2", vias=[]), PROXY_ADDR, CALLEE_ADDR),
@@ -255,7 +255,6 @@ def test_both_leg_capture_is_one_cdr_with_first_leg_endpoints() -> None:
         (33.01, call.response(200, "OK", 2, "BYE", "z9hG4bK-bye2"), CALLEE_ADDR, PROXY_ADDR),
         (33.011, call.response(200, "OK", 2, "BYE", "z9hG4bK-bye1"), PROXY_ADDR, CALLER_ADDR),
     ]
-    assert proxy_via  # the second-leg branch above is the proxy's
     cdrs: list[Cdr] = []
     for offset, data, src, dst in legs:
         cdrs += feed(correlator, T0 + offset, data, src, dst)
@@ -315,7 +314,9 @@ def test_answered_call_without_bye_times_out() -> None:
     feed(correlator, T0 + 2, call.response(200, "OK"))
     feed(correlator, T0 + 1800, call.request("UPDATE", 2, "z9hG4bK-u", to_tag="callee-tag"))
     assert list(correlator.expire(T0 + 3000)) == []
-    cdr = only(list(correlator.expire(T0 + 3603)))
+    # The UPDATE at +1800 was a sign of life: the limit counts from there.
+    assert list(correlator.expire(T0 + 3603)) == []
+    cdr = only(list(correlator.expire(T0 + 5401)))
     assert cdr.disposition == "answered"
     assert cdr.end_reason == "timeout_no_bye"
     assert cdr.hangup_by is None
@@ -493,3 +494,84 @@ def test_a_call_closed_by_a_timer_still_recognises_its_late_copies() -> None:
     assert feed(correlator, T0 + 85, call.request("INVITE")) == []
     assert correlator.stats.late == 1
     assert correlator.open_dialogs == 0
+
+
+def test_a_new_attempt_after_a_redirect_is_a_new_call_not_late() -> None:
+    """After a 3xx (or a 422, or a 401 retried after the wait) the UAC may send a new
+    INVITE on the same Call-ID with a higher CSeq: its own call, its own CDR."""
+    correlator = Correlator()
+    call = Call()
+    feed(correlator, T0, call.request("INVITE", 1, "z9hG4bK-r1"))
+    first = only(feed(correlator, T0 + 1, call.response(302, "Moved", 1, branch="z9hG4bK-r1")))
+    feed(correlator, T0 + 1.1, call.request("ACK", 1, "z9hG4bK-r1", to_tag="callee-tag"))
+    feed(correlator, T0 + 2, call.request("INVITE", 2, "z9hG4bK-r2"))
+    feed(correlator, T0 + 3, call.response(200, "OK", 2, branch="z9hG4bK-r2"))
+    second = only(
+        feed(correlator, T0 + 63, call.request("BYE", 3, "z9hG4bK-r3", to_tag="callee-tag"))
+    )
+    assert first.disposition == "redirected"
+    assert (second.disposition, second.billsec, second.start_time) == ("answered", 60.0, T0 + 2)
+    assert first.cdr_id != second.cdr_id
+    assert correlator.stats.late == 1  # only the ACK of the 302
+
+
+def test_second_challenge_is_timed_from_itself() -> None:
+    correlator = Correlator()
+    call = Call()
+    feed(correlator, T0, call.request("INVITE", 1, "z9hG4bK-c1"))
+    feed(correlator, T0 + 0.1, call.response(407, "Proxy Auth", 1, branch="z9hG4bK-c1"))
+    feed(correlator, T0 + 30, call.request("INVITE", 2, "z9hG4bK-c2"))
+    feed(correlator, T0 + 30.1, call.response(401, "Unauthorized", 2, branch="z9hG4bK-c2"))
+    assert list(correlator.expire(T0 + 121)) == []  # the first challenge's timer is stale
+    feed(correlator, T0 + 140, call.request("INVITE", 3, "z9hG4bK-c3"))
+    feed(correlator, T0 + 141, call.response(200, "OK", 3, branch="z9hG4bK-c3"))
+    cdr = only(
+        feed(correlator, T0 + 151, call.request("BYE", 4, "z9hG4bK-c4", to_tag="callee-tag"))
+    )
+    assert cdr.disposition == "answered"
+
+
+def test_cancel_whose_487_is_lost_still_ends_at_the_cancel() -> None:
+    correlator = Correlator(DialogLimits(ring_timeout_s=60))
+    call = Call()
+    feed(correlator, T0, call.request("INVITE"))
+    feed(correlator, T0 + 1, call.response(180, "Ringing"))
+    feed(correlator, T0 + 5, call.request("CANCEL"))
+    feed(correlator, T0 + 5.1, call.response(200, "OK", method="CANCEL"))
+    cdr = only(list(correlator.expire(T0 + 61)))
+    assert (cdr.disposition, cdr.end_reason, cdr.hangup_by) == ("cancelled", "cancel", "caller")
+    assert cdr.end_time == T0 + 5
+
+
+def test_eviction_spares_answered_calls() -> None:
+    correlator = Correlator(DialogLimits(max_open_dialogs=2))
+    up = Call("up@x")
+    feed(correlator, T0, up.request("INVITE"))
+    feed(correlator, T0 + 1, up.response(200, "OK"))
+    feed(correlator, T0 + 2, Call("ring@x").request("INVITE"))
+    evicted = only(feed(correlator, T0 + 3, Call("new@x").request("INVITE")))
+    assert evicted.call_id == "ring@x"
+
+
+def test_cancel_200_after_invite_200_is_not_a_retransmission() -> None:
+    correlator = Correlator()
+    call = Call()
+    feed(correlator, T0, call.request("INVITE"))
+    feed(correlator, T0 + 1, call.request("CANCEL"))
+    feed(correlator, T0 + 1.01, call.response(200, "OK"))
+    feed(correlator, T0 + 1.02, call.response(200, "OK", method="CANCEL"))
+    assert correlator.stats.retransmissions == 0
+
+
+def test_second_caller_on_an_open_call_id_is_counted() -> None:
+    correlator = Correlator()
+    feed(correlator, T0, Call(from_tag="t1").request("INVITE"))
+    feed(correlator, T0 + 1, Call(from_tag="t2").request("INVITE", cseq=5))
+    assert correlator.stats.conflicting_from_tag == 1
+
+
+def test_unknown_methods_share_one_counter() -> None:
+    correlator = Correlator()
+    for n in range(50):
+        feed(correlator, T0, Call(f"scan{n}@x").request(f"XMETHOD{n}"))
+    assert correlator.stats.non_call_requests == {"other": 50}

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,30 @@ class App:
             return
         self._started = True
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._restore_dialogs()
+        snapshot = self._restore_dialogs()
         self._warn_unbuilt_sinks()
+        try:
+            await self._open_inputs()
+        except BaseException:
+            # The snapshot stays on disk for the next start; nothing was captured yet.
+            self._close_inputs()
+            raise
+        if snapshot is not None:
+            # Consumed only now: a start that failed must not lose the calls in it.
+            snapshot.unlink(missing_ok=True)
+        await self._metrics_server.start()
+        self._ticker = asyncio.create_task(self._tick(), name="sipcdr-tick")
+        self._ticker.add_done_callback(self._background_failed)
+        self._ready = True
+        self.log.info(
+            "started",
+            listeners={kind: [f"{h}:{p}" for h, p in eps] for kind, eps in self.bound.items()},
+            metrics_port=self.metrics_port,
+            open_dialogs=self.correlator.open_dialogs,
+            pid=os.getpid(),
+        )
+
+    async def _open_inputs(self) -> None:
         if self._jsonl is not None:
             self._jsonl.start()
         loop = asyncio.get_running_loop()
@@ -110,17 +133,13 @@ class App:
                 self.bound["hep_tcp"].append(tuple(sock.getsockname()[:2]))
         for interface in capture.interfaces:
             await self._start_live(interface)
-        await self._metrics_server.start()
-        self._ticker = asyncio.create_task(self._tick(), name="sipcdr-tick")
-        self._ticker.add_done_callback(self._background_failed)
-        self._ready = True
-        self.log.info(
-            "started",
-            listeners={kind: [f"{h}:{p}" for h, p in eps] for kind, eps in self.bound.items()},
-            metrics_port=self.metrics_port,
-            open_dialogs=self.correlator.open_dialogs,
-            pid=os.getpid(),
-        )
+
+    def _close_inputs(self) -> None:
+        for transport in self._transports:
+            transport.close()
+        for server in self._servers:
+            server.close()
+        self._hep_tcp.close_connections()
 
     async def _start_live(self, interface: str) -> None:
         capture = self.config.capture
@@ -192,7 +211,10 @@ class App:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            self.tick(time.time())
+            try:
+                self.tick(time.time())
+            except Exception as exc:  # a full disk must not stop the timers for good
+                self.log.error("tick_failed", error=repr(exc))
 
     def tick(self, now: float) -> None:
         """Timers, sink flushes and metric batches; called once a second."""
@@ -222,23 +244,27 @@ class App:
         for capturer in self._live:
             await capturer.stop()
         self._count_live()
-        for transport in self._transports:
-            transport.close()
-        for server in self._servers:
-            server.close()
-        self._hep_tcp.close_connections()
+        self._close_inputs()
         for server in self._servers:
             await server.wait_closed()
         if self._ticker is not None:
             self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._ticker
-        self.pipeline.expire(time.time())
-        self._persist_dialogs()
-        self.pipeline.flush()
-        if self._jsonl is not None:
-            self._jsonl.stop()
-        self.pipeline.flush_metrics()
+        # Each step on its own: a failure in one must not skip the others. CDRs first,
+        # since they are what a stop must never lose.
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("expire", lambda: self.pipeline.expire(time.time())),
+            ("flush_sinks", self.pipeline.flush),
+            ("persist_dialogs", self._persist_dialogs),
+            ("close_jsonl", self._jsonl.stop if self._jsonl is not None else _nothing),
+            ("flush_metrics", self.pipeline.flush_metrics),
+        ]
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:
+                self.log.error("stop_step_failed", step=name, error=repr(exc))
         await self._metrics_server.stop()
         self.log.info(
             "stopped",
@@ -255,20 +281,21 @@ class App:
             os.fsync(handle.fileno())
         tmp.replace(path)
 
-    def _restore_dialogs(self) -> None:
+    def _restore_dialogs(self) -> Path | None:
+        """Read the open calls saved at the last stop; returns the file to delete once
+        the start has succeeded (a crash after that must not restore them twice)."""
         path = self.state_dir / DIALOG_SNAPSHOT
         if not path.exists():
-            return
+            return None
         try:
             count = self.correlator.restore(path.read_bytes())
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             # Unreadable state must not stop capture; the calls in it get no CDR.
             self.log.error("dialog_snapshot_unreadable", path=str(path), error=str(exc))
             path.rename(path.with_suffix(".unreadable"))
-            return
-        # Consumed: a crash before the next clean stop must not restore these twice.
-        path.unlink()
+            return None
         self.log.info("dialogs_restored", count=count)
+        return path
 
     async def __aenter__(self) -> App:
         await self.start()
@@ -276,6 +303,10 @@ class App:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.stop()
+
+
+def _nothing() -> None:
+    return None
 
 
 async def serve(config: Config) -> int:
@@ -293,5 +324,12 @@ def run(config: Config) -> int:
     try:
         import uvloop  # noqa: PLC0415 - optional: the daemon runs on plain asyncio too
     except ImportError:
-        return asyncio.run(serve(config))
-    return uvloop.run(serve(config))
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        return runner(serve(config))
+    except OSError as exc:
+        # Typically a listener address already in use or not local: say which, plainly.
+        structlog.get_logger("sipcdr").error("start_failed", error=str(exc))
+        return 1

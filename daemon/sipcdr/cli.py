@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--hep", action="store_true", help="wrap each message in HEPv3")
     rep.add_argument(
         "--rate",
+        type=_rate,
         metavar="N",
         help="messages per second, or 'max' for as fast as possible (default: capture pace)",
     )
@@ -41,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--capture-id", type=int, default=0, help="HEP capture id to send")
     rep.add_argument("--auth-key", help="HEP agent key to send")
     return parser
+
+
+def _rate(text: str) -> str:
+    if text == "max":
+        return text
+    try:
+        if float(text) > 0:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"wants a positive number or 'max', got {text!r}")
 
 
 def _host_port(text: str) -> tuple[str, int]:

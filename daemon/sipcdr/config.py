@@ -865,6 +865,7 @@ _DIALOG_KEYS: Final = (
     "max_duration_s",
     "max_open_dialogs",
     "transaction_timeout_s",
+    "auth_retry_wait_s",
     "answered_sweep_s",
 )
 
@@ -878,6 +879,7 @@ def _dialog(table: _Table) -> DialogLimits:
         transaction_timeout_s=table.positive_number(
             "transaction_timeout_s", defaults.transaction_timeout_s
         ),
+        auth_retry_wait_s=table.positive_number("auth_retry_wait_s", defaults.auth_retry_wait_s),
         answered_sweep_s=table.positive_number("answered_sweep_s", defaults.answered_sweep_s),
     )
 

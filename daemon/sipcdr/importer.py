@@ -48,10 +48,11 @@ def import_files(
             try:
                 for packet in iter_packets(path, stats=capture):
                     packets += 1
-                    pipeline.process(packet)
+                    # Timers due before this packet fire first, as they would have live.
                     if packet.timestamp >= next_expiry:
                         pipeline.expire(packet.timestamp)
                         next_expiry = packet.timestamp + EXPIRE_EVERY_S
+                    pipeline.process(packet)
             except (CaptureFileError, OSError) as exc:
                 errors[str(path)] = str(exc)
             bar.advance()

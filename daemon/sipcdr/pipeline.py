@@ -13,12 +13,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
+import structlog
+
 from sipcdr.dialog import Correlator
 from sipcdr.model import Cdr, Packet
 from sipcdr.sip import SipParseError, parse
 from sipcdr.telemetry.metrics import Metrics, method_label
 
 Key = TypeVar("Key")
+_ERROR_LOG_LIMIT = 10  # the first few internal errors are logged in full; all are counted
+_log = structlog.get_logger("sipcdr.pipeline")
 
 
 class CdrSink(Protocol):
@@ -31,10 +35,12 @@ class CdrSink(Protocol):
 
 class Pipeline:
     __slots__ = (
+        "_errors_logged",
         "_flushed",
         "cdrs_written",
         "correlator",
         "drops",
+        "hep_clock_skew",
         "messages",
         "metrics",
         "parse_errors",
@@ -53,7 +59,9 @@ class Pipeline:
         self.parse_errors: dict[str, int] = {}  # by parser reason
         self.messages: dict[tuple[str, str], int] = {}  # by (method, "request"|"response")
         self.cdrs_written = 0
+        self.hep_clock_skew = 0  # HEP times replaced by the receive time
         self._flushed: dict[str, int] = {}  # correlator counters already exported
+        self._errors_logged = 0
 
     def count_received(self, source: str, n: int = 1) -> None:
         self.received[source] = self.received.get(source, 0) + n
@@ -74,7 +82,15 @@ class Pipeline:
         key = (msg.method, "request") if msg.is_request else (msg.cseq_method, "response")
         messages = self.messages
         messages[key] = messages.get(key, 0) + 1
-        closed = self.correlator.feed(packet, msg)
+        try:
+            closed = self.correlator.feed(packet, msg)
+        except Exception as exc:
+            # A correlator bug costs this message, counted, never the capture loop.
+            self.drop("correlator", "internal_error")
+            if self._errors_logged < _ERROR_LOG_LIMIT:
+                self._errors_logged += 1
+                _log.error("correlator_failed", error=repr(exc), call_id=msg.call_id[:128])
+            return
         if closed:
             self.emit(closed)
 
@@ -108,6 +124,9 @@ class Pipeline:
             m.parse_errors.labels(reason).inc(n)
         for (method, kind), n in _take(self.messages).items():
             m.sip_messages.labels(method_label(method), kind).inc(n)
+        if self.hep_clock_skew:
+            m.hep_clock_skew.inc(self.hep_clock_skew)
+            self.hep_clock_skew = 0
         stats = self.correlator.stats
         events = {
             "retransmission": stats.retransmissions,
@@ -116,6 +135,7 @@ class Pipeline:
             "unusable": stats.unusable,
             "evicted": stats.evicted,
             "restored": stats.dialogs_restored,
+            "conflicting_from_tag": stats.conflicting_from_tag,
         }
         events.update({f"cdr:{k}": v for k, v in stats.cdrs.items()})
         for name, total in events.items():

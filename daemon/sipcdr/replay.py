@@ -1,13 +1,13 @@
 """`sipcdr replay`: send the SIP of a capture to a listener, plain or in HEPv3.
 
 Pacing: the capture's own (default), a fixed rate, or as fast as the socket takes
-it. With several loops each pass rewrites Call-IDs (and From tags, which the CDR id
-includes) so one capture becomes many distinct calls: the load generator of the
-end-to-end benchmark.
+it. With several loops each pass rewrites the Call-ID header of every message, so one
+capture becomes many distinct calls: the load generator of the end-to-end benchmark.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -38,7 +38,12 @@ def _loop_packets(packets: list[Packet], loop: int) -> Iterator[tuple[Packet, by
             except SipParseError:
                 continue
             if msg.call_id:
-                payload = payload.replace(msg.call_id.encode(), f"{msg.call_id}-L{loop}".encode())
+                # Only in the Call-ID header: a short Call-ID ("1") also occurs elsewhere.
+                header = re.compile(
+                    rb"(?im)^((?:call-id|i)[ \t]*:[ \t]*)" + re.escape(msg.call_id.encode())
+                )
+                renamed = f"{msg.call_id}-L{loop}".encode().replace(b"\\", b"\\\\")
+                payload = header.sub(rb"\g<1>" + renamed, payload)
         yield packet, payload
 
 

@@ -25,6 +25,9 @@ from sipcdr.pipeline import Pipeline
 
 MAX_DATAGRAM = 65535
 HEP_TCP_MAX_FRAME = 65535  # the HEPv3 length field is 16 bits
+# Below the 32 s a closed call is remembered and far below the ring timeout, above any
+# buffering delay of an agent on the same network.
+MAX_CLOCK_SKEW_S = 30.0
 _TRANSPORT_OF_IP_PROTOCOL = {6: TRANSPORT_TCP, 17: TRANSPORT_UDP, 132: TRANSPORT_SCTP}
 _SIP = 1  # HEP protocol type of a SIP payload
 _IP_CACHE_LIMIT = 65536  # distinct sources remembered by an allow-list before it starts over
@@ -81,9 +84,18 @@ class HepGate:
         return False
 
 
-def hep_to_packet(decoded: hep.HepPacket) -> Packet:
+def hep_to_packet(decoded: hep.HepPacket, pipeline: Pipeline | None = None) -> Packet:
+    """HEP's original endpoints and capture time, unless the agent's clock is off by
+    more than MAX_CLOCK_SKEW_S: then the receive time, counted, because the dialog
+    timers run on this host's clock and a skewed time would close live calls."""
+    now = time.time()
+    timestamp = decoded.timestamp
+    if not timestamp or abs(timestamp - now) > MAX_CLOCK_SKEW_S:
+        if timestamp and pipeline is not None:
+            pipeline.hep_clock_skew += 1
+        timestamp = now
     return Packet(
-        decoded.timestamp or time.time(),
+        timestamp,
         decoded.src_ip,
         decoded.src_port,
         decoded.dst_ip,
@@ -158,7 +170,7 @@ def handle_hep(pipeline: Pipeline, gate: HepGate, source: str, data: bytes) -> N
     if decoded.proto_type != _SIP:
         pipeline.drop(source, "not_sip")
         return
-    pipeline.process(hep_to_packet(decoded))
+    pipeline.process(hep_to_packet(decoded, pipeline))
 
 
 class HepTcpServer:

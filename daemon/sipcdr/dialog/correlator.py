@@ -24,6 +24,7 @@ from sipcdr.model import Cdr, Packet, Trunk, rfc3339
 from sipcdr.sip import SipMessage
 from sipcdr.sip.address import user_part
 from sipcdr.sip.numbers import to_e164
+from sipcdr.sip.parser import KNOWN_METHODS
 
 # Namespace of CDR ids, fixed forever: ids must stay stable across versions so that a
 # re-import or a re-delivery of the same call gives the same cdr_id.
@@ -32,6 +33,7 @@ _NAMESPACE_BYTES = CDR_ID_NAMESPACE.bytes
 SNAPSHOT_VERSION = 1
 
 _NO_CDRS: Sequence[Cdr] = ()
+_TRUNK_CACHE_LIMIT = 65536  # distinct source addresses whose trunk is remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +43,13 @@ class DialogLimits:
     ring_timeout_s: float = 180.0  # 3 min: longer than any carrier's no-answer timer
     max_duration_s: float = 14400.0  # 4 h: a call past this has lost its BYE
     max_open_dialogs: int = 1_000_000  # about 1 GB at the measured size per dialog
-    # 64*T1 = Timer B (RFC 3261 17.1.1.2): a UAC that has not retried a 401/407 with
-    # credentials by then has given up; also how long a closed call's stray copies
+    # 64*T1 = Timer B (RFC 3261 17.1.1.2): how long a closed call's stray copies
     # (retransmissions, the other leg, ACKs) are recognised as late.
     transaction_timeout_s: float = 32.0
+    # How long a 401/407 waits for the retry with credentials before the attempt is
+    # closed as unauthorized. Softphones ask a person: the public wireshark sample
+    # retries after 32.5 s and 51 s. A later retry still becomes a call of its own.
+    auth_retry_wait_s: float = 120.0
     # How often answered calls are checked against max_duration_s; a 4 h limit does
     # not need finer resolution, and the sweep walks every open dialog.
     answered_sweep_s: float = 60.0
@@ -55,6 +60,7 @@ class CorrelatorStats:
 
     __slots__ = (
         "cdrs",
+        "conflicting_from_tag",
         "dialogs_restored",
         "evicted",
         "late",
@@ -74,6 +80,7 @@ class CorrelatorStats:
         self.unusable = 0  # no Call-ID or From tag: cannot be correlated
         self.evicted = 0  # closed early because max_open_dialogs was reached
         self.dialogs_restored = 0
+        self.conflicting_from_tag = 0  # a second caller on an open Call-ID: merged, counted
         self.cdrs: dict[str, int] = {}  # by disposition
         self.non_call_requests: dict[str, int] = {}  # by method
         self.non_call_responses: dict[tuple[str, str], int] = {}  # by (method, "2xx")
@@ -93,7 +100,10 @@ class Correlator:
         self._dialogs: dict[str, Dialog] = {}  # by Call-ID, in order of first INVITE
         self._early: dict[str, Dialog] = {}  # not yet answered, in order of INVITE time
         self._challenged: deque[tuple[float, Dialog]] = deque()  # by retry deadline
-        self._closed: dict[str, float] = {}  # Call-ID -> close time, for late messages
+        # Call-ID -> (close time, From tag, last INVITE CSeq): recognises late copies, and
+        # tells them from a new attempt on the same Call-ID (after a 3xx, a 422, or a
+        # 401/407 retried after the wait).
+        self._closed: dict[str, tuple[float, str, int]] = {}
         self._next_sweep = 0.0
         self._now = 0.0  # latest capture time seen: when a closed call was closed
 
@@ -123,6 +133,8 @@ class Correlator:
         method = msg.cseq_method
         if msg.is_request:
             if method == "INVITE":
+                if msg.to_tag is None and msg.from_tag != dialog.from_tag:
+                    stats.conflicting_from_tag += 1
                 state.on_invite(dialog, msg, now)
                 if dialog.phase is Phase.EARLY and msg.call_id not in self._early:
                     self._early[msg.call_id] = dialog  # an auth retry starts ringing again
@@ -138,19 +150,27 @@ class Correlator:
             if dialog.phase is not Phase.EARLY:
                 self._early.pop(msg.call_id, None)
                 if dialog.phase is Phase.CHALLENGED:
-                    deadline = now + self.limits.transaction_timeout_s
+                    deadline = now + self.limits.auth_retry_wait_s
                     self._challenged.append((deadline, dialog))
         return _NO_CDRS
 
     def _unknown_call(self, packet: Packet, msg: SipMessage, now: float) -> Sequence[Cdr]:
         stats = self.stats
         call_id = msg.call_id
-        if call_id in self._closed:
-            stats.late += 1
-            return _NO_CDRS
         method = msg.cseq_method
+        initial_invite = msg.is_request and method == "INVITE" and msg.to_tag is None
+        tombstone = self._closed.get(call_id)
+        if tombstone is not None:
+            _closed_at, from_tag, invite_cseq = tombstone
+            if not (initial_invite and msg.from_tag == from_tag and msg.cseq > invite_cseq):
+                stats.late += 1
+                return _NO_CDRS
+            del self._closed[call_id]  # a new attempt: its own call and CDR
         if method not in state.CALL_METHODS:
             # REGISTER, OPTIONS, SUBSCRIBE, MESSAGE, PUBLISH...: counted, never held.
+            # Method names are the sender's text: unknown ones share one key.
+            if method not in KNOWN_METHODS:
+                method = "other"
             if msg.is_request:
                 counts = stats.non_call_requests
                 counts[method] = counts.get(method, 0) + 1
@@ -159,7 +179,7 @@ class Correlator:
                 responses = stats.non_call_responses
                 responses[key] = responses.get(key, 0) + 1
             return _NO_CDRS
-        if not (msg.is_request and method == "INVITE" and msg.to_tag is None):
+        if not initial_invite:
             stats.orphans += 1
             return _NO_CDRS
         if not call_id or msg.from_tag is None:
@@ -188,26 +208,30 @@ class Correlator:
                 break
             del early[call_id]
             if dialog.phase is Phase.EARLY:
-                closed.append(self._close(dialog, dialog.last_time, state.END_TIMEOUT_NO_FINAL))
+                closed.append(self._close_unanswered(dialog))
         challenged = self._challenged
+        retry_wait = limits.auth_retry_wait_s
         while challenged and challenged[0][0] <= now:
             _deadline, dialog = challenged.popleft()
-            if dialog.phase is Phase.CHALLENGED:
+            # A call challenged again after a retry has a later entry of its own.
+            if dialog.phase is Phase.CHALLENGED and (dialog.final_time or 0.0) + retry_wait <= now:
                 closed.append(self._close_on_final(dialog, dialog.final_time or now))
         if now >= self._next_sweep:
             self._next_sweep = now + limits.answered_sweep_s
-            answer_deadline = now - limits.max_duration_s
+            # Measured from the last sign of life, so session refreshes (RFC 4028) keep a
+            # long call open and only a call that went silent is closed.
+            silent_since = now - limits.max_duration_s
             stale = [
                 d
                 for d in self._dialogs.values()
-                if d.phase is Phase.ANSWERED and (d.answer_time or 0.0) <= answer_deadline
+                if d.phase is Phase.ANSWERED and d.last_time <= silent_since
             ]
             closed.extend(self._close(d, d.last_time, state.END_TIMEOUT_NO_BYE) for d in stale)
         closed_calls = self._closed
         late_deadline = now - limits.transaction_timeout_s
         while closed_calls:
-            call_id, closed_at = next(iter(closed_calls.items()))
-            if closed_at > late_deadline:
+            call_id, (closed_at, _tag, _cseq) = next(iter(closed_calls.items()))
+            if closed_at > late_deadline and len(closed_calls) <= limits.max_open_dialogs:
                 break
             del closed_calls[call_id]
         return closed or _NO_CDRS
@@ -222,11 +246,13 @@ class Correlator:
             elif dialog.phase is Phase.ANSWERED:
                 closed.append(self._close(dialog, dialog.last_time, state.END_TIMEOUT_NO_BYE))
             else:
-                closed.append(self._close(dialog, dialog.last_time, state.END_TIMEOUT_NO_FINAL))
+                closed.append(self._close_unanswered(dialog))
         return closed
 
     def _evict_oldest(self, now: float) -> Sequence[Cdr]:
-        dialog = next(iter(self._dialogs.values()))
+        # Calls still ringing go first: an answered call is being billed right now.
+        source = self._early if self._early else self._dialogs
+        dialog = next(iter(source.values()))
         self.stats.evicted += 1
         self._early.pop(dialog.call_id, None)
         reason = (
@@ -237,6 +263,12 @@ class Correlator:
         return (self._close(dialog, dialog.last_time, reason),)
 
     # -- closing ------------------------------------------------------------------------
+
+    def _close_unanswered(self, dialog: Dialog) -> Cdr:
+        """No final response came: a CANCELled call still ends at its CANCEL."""
+        if dialog.cancel_time is not None:
+            return self._close_on_final(dialog, dialog.cancel_time)
+        return self._close(dialog, dialog.last_time, state.END_TIMEOUT_NO_FINAL)
 
     def _close_on_final(self, dialog: Dialog, now: float) -> Cdr:
         if dialog.cancel_time is not None:
@@ -252,7 +284,7 @@ class Correlator:
         self._early.pop(call_id, None)
         # Remembered from when it was closed, not from its end: a call closed by a
         # timer ended long before, and its stray copies may still be on the way.
-        self._closed[call_id] = max(end_time, self._now)
+        self._closed[call_id] = (max(end_time, self._now), dialog.from_tag, dialog.invite_cseq)
         disposition = state.outcome(dialog, end_reason)
         dialog.phase = Phase.CLOSED
         trunk = self._trunk(dialog.src_ip)
@@ -303,6 +335,8 @@ class Correlator:
             return None
         trunk = self._trunks.get(src_ip, _UNRESOLVED)
         if trunk is _UNRESOLVED:
+            if len(self._trunks) >= _TRUNK_CACHE_LIMIT:
+                self._trunks.clear()  # HEP source addresses are the sender's to choose
             trunk = self._trunks[src_ip] = self._trunk_of(src_ip)
         return trunk
 
@@ -322,7 +356,8 @@ class Correlator:
         if document.get("version") != SNAPSHOT_VERSION:
             raise ValueError(f"unsupported dialog snapshot version {document.get('version')!r}")
         rows: Iterable[dict[str, object]] = document["dialogs"]
-        count = 0
+        # Every row is read before any is applied: a bad snapshot changes nothing.
+        dialogs: list[Dialog] = []
         for row in rows:
             dialog = Dialog()
             for name in Dialog.__slots__:
@@ -331,15 +366,15 @@ class Correlator:
             dialog.phase = Phase(int(str(row["phase"])))
             for name in ("src_ip", "dst_ip", "capture_node"):
                 setattr(dialog, name, sys.intern(str(getattr(dialog, name))))
+            dialogs.append(dialog)
+        for dialog in dialogs:
             self._dialogs[dialog.call_id] = dialog
             if dialog.phase is Phase.EARLY:
                 self._early[dialog.call_id] = dialog
             elif dialog.phase is Phase.CHALLENGED:
-                deadline = (
-                    dialog.final_time or dialog.last_time
-                ) + self.limits.transaction_timeout_s
-                self._challenged.append((deadline, dialog))
-            count += 1
+                retry_by = (dialog.final_time or dialog.last_time) + self.limits.auth_retry_wait_s
+                self._challenged.append((retry_by, dialog))
+        count = len(dialogs)
         self.stats.dialogs_restored += count
         return count
 
@@ -362,7 +397,7 @@ def cdr_id(call_id: str, from_tag: str, start_time: float) -> str:
 def _signature_bits(msg: SipMessage) -> int:
     """Two bits of the per-dialog bloom filter for this message's identity: the same
     branch, CSeq and method or status again is a retransmission (RFC 3261 17)."""
-    signature = hash((msg.via_branch, msg.cseq, msg.method, msg.status_code))
+    signature = hash((msg.via_branch, msg.cseq, msg.cseq_method, msg.status_code))
     return (1 << (signature & 255)) | (1 << ((signature >> 8) & 255))
 
 

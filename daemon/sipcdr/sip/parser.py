@@ -85,7 +85,7 @@ _CR_LF = (13, 10)
 _S = ("S", "s")
 _FOLD_START = (" ", "\t")
 
-_KNOWN_METHODS = frozenset(
+KNOWN_METHODS = frozenset(
     "INVITE ACK BYE CANCEL REGISTER OPTIONS PRACK UPDATE INFO SUBSCRIBE NOTIFY REFER "
     "MESSAGE PUBLISH".split()
 )
@@ -180,7 +180,7 @@ def _build(data: bytes, lines: list[str], body_start: int, defects: list[str]) -
         method, uri, version = parts
         if version != "SIP/2.0" and (version.upper() != "SIP/2.0" or not version.isascii()):
             raise SipParseError("bad_version", version[:20])
-        if method not in _KNOWN_METHODS and not _is_token(method):
+        if method not in KNOWN_METHODS and not _is_token(method):
             raise SipParseError("bad_method", method[:40])
         if ":" not in uri or not uri[0].isalpha():
             # Catches <sip:...> (RFC 4475 section 3.1.2.7) and anything without a scheme.

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
+from sipcdr.sip.parser import KNOWN_METHODS
+
 # The *_created series double every counter and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
-
-KNOWN_METHODS = frozenset(
-    "INVITE ACK BYE CANCEL REGISTER OPTIONS PRACK UPDATE INFO SUBSCRIBE NOTIFY REFER "
-    "MESSAGE PUBLISH".split()
-)
 
 
 def method_label(method: str) -> str:
@@ -47,6 +44,11 @@ class Metrics:
             "sipcdr_hep_rejected_total",
             "HEP packets dropped for a wrong or missing agent key, by capture id",
             ["capture_id"],
+            registry=r,
+        )
+        self.hep_clock_skew = Counter(
+            "sipcdr_hep_timestamp_replaced_total",
+            "HEP packets whose agent clock was off by more than 30 s: receive time used",
             registry=r,
         )
         self.parse_errors = Counter(
