@@ -177,3 +177,21 @@ def test_import_command_writes_jsonl_and_summary(tmp_path: Path) -> None:
     assert summary["cdrs_written"] == 4
     assert summary["sip_messages"] == 81
     assert summary["requests_by_method"]["INVITE"] == 11  # tshark -Y sip.Method=="INVITE"
+
+
+def test_files_run_in_capture_time_order_whatever_their_names() -> None:
+    shared = require_shared_data() / "pcaps"
+    older = shared / "zeek-sip-wireshark.pcap"  # 2005
+    newer = shared / "sngrep-ipip.pcap"  # 2021
+    sink = MemorySink()
+    import_files(Config(), [newer, older], sinks=[sink], progress=False)
+    assert len(sink.cdrs) == 5
+    # The 2005 file ran first although it was named second: its CDRs come out first.
+    # In name order a jump to 2021 and back would time out calls that span files.
+    assert sink.cdrs[0].start_time < 1_200_000_000 < sink.cdrs[-1].start_time
+    assert Counter(cdr.disposition for cdr in sink.cdrs) == {
+        "rejected": 2,
+        "no_answer": 1,
+        "cancelled": 1,
+        "answered": 1,
+    }

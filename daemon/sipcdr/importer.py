@@ -43,7 +43,8 @@ def import_files(
     next_expiry = 0.0
     packets = 0
     with _Progress(show, len(files)) as bar:
-        for path in files:
+        # Rotated captures (cap1, cap10, cap2...) run in time order, not name order.
+        for path in sorted(files, key=_first_timestamp):
             bar.next_file(path)
             try:
                 for packet in iter_packets(path, stats=capture):
@@ -83,6 +84,16 @@ def import_files(
     if summary_json is not None:
         summary_json.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     return summary
+
+
+def _first_timestamp(path: Path) -> float:
+    """Capture time of a file's first SIP message; unreadable files sort first, so
+    their errors are reported and the rest still run."""
+    try:
+        first = next(iter_packets(path), None)
+    except (CaptureFileError, OSError):
+        return float("-inf")
+    return first.timestamp if first is not None else float("-inf")
 
 
 class _Progress:
