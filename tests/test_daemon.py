@@ -146,7 +146,8 @@ def test_a_call_spanning_a_restart_gets_one_correct_cdr(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "var" / "dialogs.json").read_text())["dialogs"] == []
 
 
-def test_a_failed_start_keeps_the_saved_calls(tmp_path: Path) -> None:
+@pytest.mark.parametrize("busy_key", ["SIPCDR_CAPTURE__SIP_UDP", "SIPCDR_METRICS__LISTEN"])
+def test_a_failed_start_keeps_the_saved_calls(tmp_path: Path, busy_key: str) -> None:
     first = start_daemon(tmp_path)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         for data in call_messages(Call("kept@x"))[:3]:
@@ -154,16 +155,19 @@ def test_a_failed_start_keeps_the_saved_calls(tmp_path: Path) -> None:
         wait_for(lambda: first.metric("sipcdr_open_dialogs") == 1)
     assert first.stop() == 0
     snapshot = tmp_path / "var" / "dialogs.json"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+    kind = socket.SOCK_STREAM if "METRICS" in busy_key else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as taken:
         taken.bind(("127.0.0.1", 0))
-        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        if kind == socket.SOCK_STREAM:
+            taken.listen()
         environ = {k: v for k, v in os.environ.items() if not k.startswith("SIPCDR_")}
         environ.update(
-            SIPCDR_CAPTURE__SIP_UDP=busy,
+            SIPCDR_CAPTURE__SIP_UDP="127.0.0.1:0",
             SIPCDR_CAPTURE__HEP_UDP="127.0.0.1:0",
             SIPCDR_METRICS__LISTEN="127.0.0.1:0",
             SIPCDR_SINKS__POSTGRES__DSN="",
         )
+        environ[busy_key] = f"127.0.0.1:{taken.getsockname()[1]}"
         failed = subprocess.run(
             [sys.executable, "-m", "sipcdr.cli", "run"],
             cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=60, check=False,

@@ -575,3 +575,38 @@ def test_unknown_methods_share_one_counter() -> None:
     for n in range(50):
         feed(correlator, T0, Call(f"scan{n}@x").request(f"XMETHOD{n}"))
     assert correlator.stats.non_call_requests == {"other": 50}
+
+
+def test_a_second_caller_cannot_take_over_the_attempt() -> None:
+    correlator = Correlator()
+    first = Call(from_tag="t1")
+    feed(correlator, T0, first.request("INVITE"))
+    feed(correlator, T0 + 1, Call(from_tag="t2").request("INVITE", cseq=7, branch="z9hG4bK-2"))
+    cdr = only(feed(correlator, T0 + 2, first.response(486, "Busy Here")))
+    assert cdr.disposition == "busy"
+
+
+def test_eviction_takes_a_challenged_call_before_an_answered_one() -> None:
+    correlator = Correlator(DialogLimits(max_open_dialogs=2))
+    up, auth = Call("up@x"), Call("auth@x")
+    feed(correlator, T0, up.request("INVITE"))
+    feed(correlator, T0 + 1, up.response(200, "OK"))
+    feed(correlator, T0 + 2, auth.request("INVITE"))
+    feed(correlator, T0 + 2.1, auth.response(407, "Proxy Auth"))
+    evicted = only(feed(correlator, T0 + 3, Call("new@x").request("INVITE")))
+    assert (evicted.call_id, evicted.disposition) == ("auth@x", "unauthorized")
+
+
+def test_restore_rejects_malformed_rows_and_orders_timers() -> None:
+    with pytest.raises(ValueError, match="snapshot row field"):
+        Correlator().restore(b'{"version": 1, "dialogs": [{"call_id": "x", "invite_time": null}]}')
+    before = Correlator(DialogLimits(ring_timeout_s=60))
+    late, early = Call("late@x"), Call("early@x")
+    feed(before, T0, late.request("INVITE", 1, "z9hG4bK-l1"))
+    feed(before, T0 + 1, early.request("INVITE"))
+    feed(before, T0 + 1.1, late.response(407, "Proxy Auth", 1, branch="z9hG4bK-l1"))
+    feed(before, T0 + 2, late.request("INVITE", 2, "z9hG4bK-l2"))  # rings again from +2
+    after = Correlator(DialogLimits(ring_timeout_s=60))
+    after.restore(before.snapshot())
+    assert [c.call_id for c in after.expire(T0 + 61.5)] == ["early@x"]
+    assert [c.call_id for c in after.expire(T0 + 62.5)] == ["late@x"]

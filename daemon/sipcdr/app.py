@@ -89,14 +89,18 @@ class App:
         self._warn_unbuilt_sinks()
         try:
             await self._open_inputs()
+            await self._metrics_server.start()
         except BaseException:
             # The snapshot stays on disk for the next start; nothing was captured yet.
             self._close_inputs()
+            await self._metrics_server.stop()
+            if self._jsonl is not None:
+                self._jsonl.stop()
+            self._started = False
             raise
         if snapshot is not None:
             # Consumed only now: a start that failed must not lose the calls in it.
             snapshot.unlink(missing_ok=True)
-        await self._metrics_server.start()
         self._ticker = asyncio.create_task(self._tick(), name="sipcdr-tick")
         self._ticker.add_done_callback(self._background_failed)
         self._ready = True
@@ -217,9 +221,20 @@ class App:
                 self.log.error("tick_failed", error=repr(exc))
 
     def tick(self, now: float) -> None:
-        """Timers, sink flushes and metric batches; called once a second."""
-        self.pipeline.expire(now)
-        self.pipeline.flush()
+        """Timers, sink flushes and metric batches; called once a second. Each step on
+        its own: a full disk must not freeze the metrics that would show it."""
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("expire", lambda: self.pipeline.expire(now)),
+            ("flush_sinks", self.pipeline.flush),
+            ("export_metrics", self._export_metrics),
+        ]
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:
+                self.log.error("tick_step_failed", step=name, error=repr(exc))
+
+    def _export_metrics(self) -> None:
         self._count_live()
         for kind, sock in self._udp:
             total = udp_drops(sock)
@@ -329,7 +344,7 @@ def run(config: Config) -> int:
         runner = uvloop.run
     try:
         return runner(serve(config))
-    except OSError as exc:
+    except (OSError, live.LiveCaptureError) as exc:
         # Typically a listener address already in use or not local: say which, plainly.
         structlog.get_logger("sipcdr").error("start_failed", error=str(exc))
         return 1

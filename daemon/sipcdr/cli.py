@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--loop", type=int, default=1, metavar="K", help="passes, new Call-IDs each")
     rep.add_argument("--capture-id", type=int, default=0, help="HEP capture id to send")
+    rep.add_argument(
+        "--original-times",
+        action="store_true",
+        help="HEP: stamp the capture's times instead of the send time",
+    )
     rep.add_argument("--auth-key", help="HEP agent key to send")
     return parser
 
@@ -48,11 +53,11 @@ def _rate(text: str) -> str:
     if text == "max":
         return text
     try:
-        if float(text) > 0:
+        if 0.001 <= float(text) <= 10_000_000:
             return text
     except ValueError:
         pass
-    raise argparse.ArgumentTypeError(f"wants a positive number or 'max', got {text!r}")
+    raise argparse.ArgumentTypeError(f"wants a rate from 0.001 to 10000000, or 'max': {text!r}")
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -87,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             original_pace=args.rate is None,
             capture_id=args.capture_id,
             auth_key=args.auth_key,
+            original_times=args.original_times,
         )
         print(f"sent {result.sent} messages in {result.seconds:.2f} s ({result.skipped} skipped)")
         return 0

@@ -20,6 +20,7 @@ from sipcdr.model import Packet
 from sipcdr.sip import SipParseError, parse
 
 _IP_PROTOCOL = {"udp": 17, "tcp": 6, "sctp": 132}
+_CALL_ID_HEADER = re.compile(rb"(?im)^((?:call-id|i)[ \t]*:[ \t]*)([^\r\n]+?)(?=[ \t]*\r?$)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,16 @@ class ReplayResult:
     sent: int
     skipped: int  # not parseable as SIP: sent unchanged on loop 0, skipped on rewrites
     seconds: float
+
+
+def _rename_call_id(payload: bytes, call_id: bytes, loop: int) -> bytes:
+    """Only in the Call-ID header: a short Call-ID ("1") also occurs elsewhere."""
+    renamed = call_id + b"-L%d" % loop
+
+    def swap(match: re.Match[bytes]) -> bytes:
+        return match[1] + renamed if match[2] == call_id else match[0]
+
+    return _CALL_ID_HEADER.sub(swap, payload)
 
 
 def _loop_packets(packets: list[Packet], loop: int) -> Iterator[tuple[Packet, bytes]]:
@@ -38,12 +49,7 @@ def _loop_packets(packets: list[Packet], loop: int) -> Iterator[tuple[Packet, by
             except SipParseError:
                 continue
             if msg.call_id:
-                # Only in the Call-ID header: a short Call-ID ("1") also occurs elsewhere.
-                header = re.compile(
-                    rb"(?im)^((?:call-id|i)[ \t]*:[ \t]*)" + re.escape(msg.call_id.encode())
-                )
-                renamed = f"{msg.call_id}-L{loop}".encode().replace(b"\\", b"\\\\")
-                payload = header.sub(rb"\g<1>" + renamed, payload)
+                payload = _rename_call_id(payload, msg.call_id.encode(), loop)
         yield packet, payload
 
 
@@ -57,6 +63,7 @@ def replay(
     original_pace: bool = True,
     capture_id: int = 0,
     auth_key: str | None = None,
+    original_times: bool = False,
 ) -> ReplayResult:
     """Send every SIP message of `path` to `target` over UDP.
 
@@ -91,7 +98,11 @@ def replay(
                         dst_ip=packet.dst_ip,
                         src_port=packet.src_port,
                         dst_port=packet.dst_port,
-                        timestamp=packet.timestamp + loop * span,
+                        # Like a live agent, stamp the send time; the capture's own times
+                        # (shifted per loop) only when asked, for offline tests.
+                        timestamp=(
+                            packet.timestamp + loop * span if original_times else time.time()
+                        ),
                         payload=payload,
                         ip_protocol=_IP_PROTOCOL.get(packet.transport, 17),
                         capture_id=capture_id,

@@ -135,9 +135,12 @@ class Correlator:
             if method == "INVITE":
                 if msg.to_tag is None and msg.from_tag != dialog.from_tag:
                     stats.conflicting_from_tag += 1
+                retry_of = dialog.invite_time
                 state.on_invite(dialog, msg, now)
-                if dialog.phase is Phase.EARLY and msg.call_id not in self._early:
-                    self._early[msg.call_id] = dialog  # an auth retry starts ringing again
+                if dialog.invite_time != retry_of:
+                    # An auth retry starts ringing again: to the back of the ring timer.
+                    self._early.pop(msg.call_id, None)
+                    self._early[msg.call_id] = dialog
             elif method == "BYE":
                 side = state.hangup_side(dialog, msg)
                 return (self._close(dialog, now, state.on_bye(dialog, msg, now), side),)
@@ -250,17 +253,22 @@ class Correlator:
         return closed
 
     def _evict_oldest(self, now: float) -> Sequence[Cdr]:
-        # Calls still ringing go first: an answered call is being billed right now.
-        source = self._early if self._early else self._dialogs
-        dialog = next(iter(source.values()))
+        # Calls still ringing go first, then challenged ones: an answered call is being
+        # billed right now and goes last.
+        dialog: Dialog | None = next(iter(self._early.values()), None)
+        while dialog is None and self._challenged:
+            _deadline, candidate = self._challenged.popleft()
+            if candidate.phase is Phase.CHALLENGED:
+                dialog = candidate
+        if dialog is None:
+            dialog = next(iter(self._dialogs.values()))
         self.stats.evicted += 1
         self._early.pop(dialog.call_id, None)
-        reason = (
-            state.END_TIMEOUT_NO_BYE
-            if dialog.phase is Phase.ANSWERED
-            else state.END_TIMEOUT_NO_FINAL
-        )
-        return (self._close(dialog, dialog.last_time, reason),)
+        if dialog.phase is Phase.ANSWERED:
+            return (self._close(dialog, dialog.last_time, state.END_TIMEOUT_NO_BYE),)
+        if dialog.phase is Phase.CHALLENGED:
+            return (self._close_on_final(dialog, dialog.final_time or dialog.last_time),)
+        return (self._close_unanswered(dialog),)
 
     # -- closing ------------------------------------------------------------------------
 
@@ -359,6 +367,7 @@ class Correlator:
         # Every row is read before any is applied: a bad snapshot changes nothing.
         dialogs: list[Dialog] = []
         for row in rows:
+            _check_row(row)
             dialog = Dialog()
             for name in Dialog.__slots__:
                 setattr(dialog, name, row.get(name))
@@ -367,19 +376,58 @@ class Correlator:
             for name in ("src_ip", "dst_ip", "capture_node"):
                 setattr(dialog, name, sys.intern(str(getattr(dialog, name))))
             dialogs.append(dialog)
-        for dialog in dialogs:
+        # Timer queues are ordered by deadline, not by first INVITE.
+        for dialog in sorted(dialogs, key=lambda d: d.invite_time):
             self._dialogs[dialog.call_id] = dialog
             if dialog.phase is Phase.EARLY:
                 self._early[dialog.call_id] = dialog
-            elif dialog.phase is Phase.CHALLENGED:
-                retry_by = (dialog.final_time or dialog.last_time) + self.limits.auth_retry_wait_s
-                self._challenged.append((retry_by, dialog))
+        challenged = sorted(
+            (
+                (d.final_time or d.last_time) + self.limits.auth_retry_wait_s,
+                d,
+            )
+            for d in dialogs
+            if d.phase is Phase.CHALLENGED
+        )
+        self._challenged.extend(challenged)
         count = len(dialogs)
         self.stats.dialogs_restored += count
         return count
 
 
 _UNRESOLVED = Trunk("", None, None, None)
+
+
+_ROW_TYPES: dict[str, tuple[type, ...]] = {
+    "call_id": (str,),
+    "from_tag": (str,),
+    "phase": (int,),
+    "start_time": (int, float),
+    "invite_time": (int, float),
+    "last_time": (int, float),
+    "invite_cseq": (int,),
+    "invite_branch_crc": (int,),
+    "src_ip": (str,),
+    "src_port": (int,),
+    "dst_ip": (str,),
+    "dst_port": (int,),
+    "from_uri": (str,),
+    "to_uri": (str,),
+    "request_uri": (str,),
+    "capture_node": (str,),
+}
+
+
+def _check_row(row: object) -> None:
+    """A snapshot row must have every field the timers and the CDR rely on."""
+    if not isinstance(row, dict):
+        raise ValueError("snapshot row is not an object")
+    for name, types in _ROW_TYPES.items():
+        value = row.get(name)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ValueError(f"snapshot row field {name!r} is {value!r}")
+    if not row["call_id"]:
+        raise ValueError("snapshot row without a Call-ID")
 
 
 def cdr_id(call_id: str, from_tag: str, start_time: float) -> str:

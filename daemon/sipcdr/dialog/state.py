@@ -155,6 +155,8 @@ def on_invite(dialog: Dialog, msg: SipMessage, now: float) -> None:
     re-INVITE inside the dialog (14, has a To tag). Only the retry changes the call."""
     if msg.to_tag is not None or msg.cseq <= dialog.invite_cseq:
         return
+    if msg.from_tag != dialog.from_tag:
+        return  # another caller reusing the Call-ID: counted by the correlator, ignored
     if dialog.phase is Phase.ANSWERED:
         return
     dialog.phase = Phase.EARLY
