@@ -94,6 +94,7 @@ OUTCOMES = [
     (302, "redirected"),
     (301, "redirected"),
     (404, "failed"),
+    (422, "failed"),
     (488, "failed"),
     (500, "failed"),
     (503, "failed"),
@@ -107,7 +108,7 @@ def test_final_response_outcome(code: int, disposition: str) -> None:
     call = Call()
     feed(correlator, T0, call.request("INVITE"))
     cdrs = feed(correlator, T0 + 2, call.response(code))
-    if code in dialog_state.CHALLENGE_CODES:
+    if code in dialog_state.RETRY_CODES:
         # A challenge is not a failed call until the UAC gives up (no retry in 120 s).
         assert cdrs == []
         assert list(correlator.expire(T0 + 2 + 60)) == []
@@ -610,3 +611,19 @@ def test_restore_rejects_malformed_rows_and_orders_timers() -> None:
     after.restore(before.snapshot())
     assert [c.call_id for c in after.expire(T0 + 61.5)] == ["early@x"]
     assert [c.call_id for c in after.expire(T0 + 62.5)] == ["late@x"]
+
+
+def test_422_retry_is_one_call() -> None:
+    """RFC 4028 section 6: 422 Session Interval Too Small, retried at once."""
+    correlator = Correlator()
+    call = Call()
+    feed(correlator, T0, call.request("INVITE", 1, "z9hG4bK-s1"))
+    assert (
+        feed(correlator, T0 + 0.1, call.response(422, "Interval Too Small", 1, branch="z9hG4bK-s1"))
+        == []
+    )
+    feed(correlator, T0 + 0.2, call.request("INVITE", 2, "z9hG4bK-s2"))
+    feed(correlator, T0 + 1, call.response(200, "OK", 2, branch="z9hG4bK-s2"))
+    cdr = only(feed(correlator, T0 + 11, call.request("BYE", 3, "z9hG4bK-s3", to_tag="callee-tag")))
+    assert (cdr.disposition, cdr.start_time, cdr.billsec) == ("answered", T0, 10.0)
+    assert correlator.kpis[None].asr == 1.0

@@ -195,3 +195,11 @@ def test_files_run_in_capture_time_order_whatever_their_names() -> None:
         "cancelled": 1,
         "answered": 1,
     }
+
+
+def test_two_sensors_recording_the_same_calls_give_each_call_once() -> None:
+    capture = require_shared_data() / "pcaps" / "heplify-sip_ipv4_tcp_fragmented.pcap"
+    once, _ = _import(capture)
+    sink = MemorySink()
+    import_files(Config(), [capture, capture], sinks=[sink], progress=False)
+    assert sorted(c.cdr_id for c in sink.cdrs) == sorted(c.cdr_id for c in once)

@@ -18,6 +18,7 @@ import structlog
 
 from sipcdr.capture import live
 from sipcdr.capture.listeners import (
+    MAX_CLOCK_SKEW_S,
     AllowList,
     HepGate,
     HepTcpServer,
@@ -29,6 +30,7 @@ from sipcdr.capture.listeners import (
 from sipcdr.capture.live import LiveCapture
 from sipcdr.config import Config, trunk_resolver
 from sipcdr.dialog import Correlator
+from sipcdr.model import Packet
 from sipcdr.pipeline import CdrSink, Pipeline
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.telemetry.http import MetricsServer
@@ -154,7 +156,7 @@ class App:
         # No allow-list here: on a mirror port the sources are the carriers themselves.
         capturer = live.LiveCapture(
             interface,
-            self.pipeline.process,
+            self._live_packet,
             engine="pyshark" if capture.live_engine == "pyshark" else "af_packet",
             bpf_filter=bpf_filter,
             rcvbuf_bytes=capture.rcvbuf_bytes,
@@ -166,6 +168,15 @@ class App:
         task.add_done_callback(self._background_failed)
         self._live_tasks.append(task)
         self.bound.setdefault("live", []).append((interface, 0))
+
+    def _live_packet(self, packet: Packet) -> None:
+        # HEP sniffed on a mirror port carries its agent's clock: the same check as the
+        # HEP listeners, so a skewed agent cannot close live calls this way either.
+        now = time.time()
+        if abs(packet.timestamp - now) > MAX_CLOCK_SKEW_S:
+            packet = packet._replace(timestamp=now)
+            self.pipeline.hep_clock_skew += 1
+        self.pipeline.process(packet)
 
     def _count_live(self) -> None:
         pipeline = self.pipeline

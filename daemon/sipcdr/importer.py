@@ -7,8 +7,9 @@ can come. A summary of what was read, found, rejected and written can go to JSON
 
 from __future__ import annotations
 
+import heapq
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import orjson
@@ -16,6 +17,7 @@ import orjson
 from sipcdr.capture.pcapfile import CaptureFileError, CaptureStats, iter_packets
 from sipcdr.config import Config, trunk_resolver
 from sipcdr.dialog import Correlator
+from sipcdr.model import Packet
 from sipcdr.pipeline import CdrSink, Pipeline
 from sipcdr.sinks.jsonl import JsonlSink
 
@@ -43,20 +45,24 @@ def import_files(
     next_expiry = 0.0
     packets = 0
     with _Progress(show, len(files)) as bar:
-        # Rotated captures (cap1, cap10, cap2...) run in time order, not name order.
-        for path in sorted(files, key=_first_timestamp):
-            bar.next_file(path)
+
+        def packets_of(path: Path) -> Iterator[Packet]:
             try:
-                for packet in iter_packets(path, stats=capture):
-                    packets += 1
-                    # Timers due before this packet fire first, as they would have live.
-                    if packet.timestamp >= next_expiry:
-                        pipeline.expire(packet.timestamp)
-                        next_expiry = packet.timestamp + EXPIRE_EVERY_S
-                    pipeline.process(packet)
+                yield from iter_packets(path, stats=capture)
             except (CaptureFileError, OSError) as exc:
                 errors[str(path)] = str(exc)
             bar.advance()
+
+        # All files merged by capture time: rotated captures (cap1, cap10, cap2...) and
+        # overlapping ones from two sensors both play as the one link they recorded.
+        merged = heapq.merge(*(packets_of(path) for path in files), key=_capture_time)
+        for packet in merged:
+            packets += 1
+            # Timers due before this packet fire first, as they would have live.
+            if packet.timestamp >= next_expiry:
+                pipeline.expire(packet.timestamp)
+                next_expiry = packet.timestamp + EXPIRE_EVERY_S
+            pipeline.process(packet)
     pipeline.drain()
     pipeline.flush()
     if own_jsonl is not None:
@@ -86,14 +92,8 @@ def import_files(
     return summary
 
 
-def _first_timestamp(path: Path) -> float:
-    """Capture time of a file's first SIP message; unreadable files sort first, so
-    their errors are reported and the rest still run."""
-    try:
-        first = next(iter_packets(path), None)
-    except (CaptureFileError, OSError):
-        return float("-inf")
-    return first.timestamp if first is not None else float("-inf")
+def _capture_time(packet: Packet) -> float:
+    return packet.timestamp
 
 
 class _Progress:
@@ -114,9 +114,6 @@ class _Progress:
             self._task = bar.add_task("importing", total=self._total)
             self._bar = bar
         return self
-
-    def next_file(self, path: Path) -> None:
-        self._update(description=path.name)
 
     def advance(self) -> None:
         self._update(advance=1)

@@ -37,7 +37,10 @@ DISPOSITION_BY_CODE: dict[int, str] = {
     401: UNAUTHORIZED,  # 21.4.2 Unauthorized, final only when the UAC gives up (22.2)
     407: UNAUTHORIZED,  # 21.4.8 Proxy Authentication Required, likewise (22.3)
 }
-CHALLENGE_CODES = frozenset((401, 407))
+# Final responses a UAC answers by retrying the same call with a higher CSeq: the
+# credentials of 22.2/22.3, and RFC 4028 section 6's 422 Session Interval Too Small
+# (retried with a larger Session-Expires). Not failed calls unless no retry comes.
+RETRY_CODES = frozenset((401, 407, 422))
 
 
 def disposition_of(code: int) -> str:
@@ -203,7 +206,7 @@ def on_invite_response(dialog: Dialog, msg: SipMessage, now: float) -> str | Non
     cause = msg.reason_header
     if cause is not None:
         dialog.q850_cause = cause
-    if code in CHALLENGE_CODES:
+    if code in RETRY_CODES:
         dialog.phase = Phase.CHALLENGED  # closed by the correlator if no retry comes
         return None
     return END_FINAL_RESPONSE
