@@ -64,7 +64,9 @@ def _same_series(key: str, name: str, labels: dict[str, str]) -> bool:
     return all(found.get(k) == f'"{v}"' for k, v in labels.items())
 
 
-def start_daemon(workdir: Path, **env: str) -> Daemon:
+def daemon_environ(**env: str) -> dict[str, str]:
+    """This process's environment without its SIPCDR_ settings, every listener on a
+    free loopback port, no PostgreSQL sink, then `env` on top."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SIPCDR_")}
     environ.update(
         SIPCDR_CAPTURE__SIP_UDP="127.0.0.1:0",
@@ -74,6 +76,11 @@ def start_daemon(workdir: Path, **env: str) -> Daemon:
         SIPCDR_SINKS__POSTGRES__DSN="",
     )
     environ.update(env)
+    return environ
+
+
+def start_daemon(workdir: Path, **env: str) -> Daemon:
+    environ = daemon_environ(**env)
     log = workdir / f"daemon-{time.monotonic_ns()}.log"
     with log.open("wb") as handle:
         process = subprocess.Popen(

@@ -4,7 +4,6 @@ metrics endpoints, SIGTERM drain and a call that spans a restart."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemonproc import Daemon, start_daemon, wait_for
+from daemonproc import Daemon, daemon_environ, start_daemon, wait_for
 from pcapdata import require_shared_data
 from peers import Sipp, free_udp_port
 from sipcalls import Call
@@ -160,14 +159,7 @@ def test_a_failed_start_keeps_the_saved_calls(tmp_path: Path, busy_key: str) -> 
         taken.bind(("127.0.0.1", 0))
         if kind == socket.SOCK_STREAM:
             taken.listen()
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("SIPCDR_")}
-        environ.update(
-            SIPCDR_CAPTURE__SIP_UDP="127.0.0.1:0",
-            SIPCDR_CAPTURE__HEP_UDP="127.0.0.1:0",
-            SIPCDR_METRICS__LISTEN="127.0.0.1:0",
-            SIPCDR_SINKS__POSTGRES__DSN="",
-        )
-        environ[busy_key] = f"127.0.0.1:{taken.getsockname()[1]}"
+        environ = daemon_environ(**{busy_key: f"127.0.0.1:{taken.getsockname()[1]}"})
         failed = subprocess.run(
             [sys.executable, "-m", "sipcdr.cli", "run"],
             cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=60, check=False,
