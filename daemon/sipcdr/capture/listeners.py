@@ -24,7 +24,6 @@ from sipcdr.model import TRANSPORT_SCTP, TRANSPORT_TCP, TRANSPORT_UDP, Packet
 from sipcdr.pipeline import Pipeline
 
 MAX_DATAGRAM = 65535
-HEP_TCP_MAX_FRAME = 65535  # the HEPv3 length field is 16 bits
 # Below the 32 s a closed call is remembered and far below the ring timeout, above any
 # buffering delay of an agent on the same network.
 MAX_CLOCK_SKEW_S = 30.0

@@ -190,7 +190,7 @@ class Correlator:
             return _NO_CDRS
         evicted = _NO_CDRS
         if len(self._dialogs) >= self.limits.max_open_dialogs:
-            evicted = self._evict_oldest(now)
+            evicted = self._evict_oldest()
         dialog = _new_dialog(packet, msg, now)
         self._dialogs[call_id] = dialog
         self._early[call_id] = dialog
@@ -252,7 +252,7 @@ class Correlator:
                 closed.append(self._close_unanswered(dialog))
         return closed
 
-    def _evict_oldest(self, now: float) -> Sequence[Cdr]:
+    def _evict_oldest(self) -> Sequence[Cdr]:
         # Calls still ringing go first, then challenged ones: an answered call is being
         # billed right now and goes last.
         dialog: Dialog | None = next(iter(self._early.values()), None)

@@ -31,6 +31,10 @@ COMPACT_FORMS: dict[str, str] = {
 }
 
 
+# RFC 3261 section 25.1 token characters: methods, header names, unquoted display names.
+TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+
+
 def canonical_name(name: str) -> str:
     """Lower-case full name for any spelling: `I`, `call-id` and `Call-ID` all give `call-id`."""
     lowered = name.strip().lower()

@@ -12,9 +12,8 @@ from sipcdr.sip.address import (
     unquote_display,
     user_part,
 )
-from sipcdr.sip.headers import canonical_name, parse_params, split_list
+from sipcdr.sip.headers import TOKEN_CHARS, canonical_name, parse_params, split_list
 
-_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 _Q850_CAUSE_FIRST = re.compile(r"Q\.850[ \t]*;[ \t]*cause[ \t]*=[ \t]*([0-9]{1,3})(?![0-9])", re.I)
 _SINGLE_VALUED = ("call-id", "cseq", "from", "to", "content-length")
 _DATE_ZONE = "GMT"  # RFC 3261 section 20.17: SIP-date is RFC 1123 with the zone always GMT
@@ -248,7 +247,7 @@ def _address_defects(label: str, value: str) -> list[str]:
     text = display.strip()
     if text and not text.startswith('"'):
         # An unquoted display name is a sequence of tokens (RFC 3261 section 25.1).
-        if any(ch not in _TOKEN_CHARS for word in text.split() for ch in word):
+        if any(ch not in TOKEN_CHARS for word in text.split() for ch in word):
             found.append(f"bad_{label}_display_name")
     if bracketed:
         inner = value[value.find("<", len(display)) + 1 : value.find(">", len(display))]

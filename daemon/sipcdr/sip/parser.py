@@ -8,7 +8,7 @@ else is kept as lines and parsed only when asked for (see SipMessage).
 from __future__ import annotations
 
 from sipcdr.sip.address import AddressError, find_param, locate_uri
-from sipcdr.sip.headers import COMPACT_FORMS, split_list
+from sipcdr.sip.headers import COMPACT_FORMS, TOKEN_CHARS, split_list
 from sipcdr.sip.message import SipMessage
 
 # Bounds that keep hostile input cheap. RFC 3261 sets no header-count limit; real
@@ -89,7 +89,6 @@ KNOWN_METHODS = frozenset(
     "INVITE ACK BYE CANCEL REGISTER OPTIONS PRACK UPDATE INFO SUBSCRIBE NOTIFY REFER "
     "MESSAGE PUBLISH".split()
 )
-_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 _NO_DEFECTS: list[str] = []  # shared and never mutated: most messages have none
 _new_message = object.__new__
 
@@ -328,7 +327,7 @@ def _slot_of_unusual(name: str) -> int:
 
 
 def _is_token(text: str) -> bool:
-    return bool(text) and _TOKEN_CHARS.issuperset(text)
+    return bool(text) and TOKEN_CHARS.issuperset(text)
 
 
 def _uri_and_tag(value: str) -> tuple[str, str | None]:
