@@ -585,6 +585,8 @@ def test_redacted_hides_every_secret(tmp_path: Path) -> None:
     assert sinks["postgres"] == {
         "dsn": "postgresql://sipcdr:***@db.example.net:5432/cdr?sslmode=require",
         "store_signaling": False,
+        "store_sdp": False,
+        "partitions_ahead_days": 7,
     }
     assert sinks["kafka"]["sasl_password"] == SECRET_MASK
     assert sinks["kafka"]["sasl_username"] == "sipcdr"

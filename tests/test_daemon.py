@@ -232,6 +232,8 @@ def test_live_capture_on_loopback_makes_cdrs(tmp_path: Path, sipp: Sipp) -> None
         uac = sipp.run_uac("uac", uas.address, calls=3, rate=10, hold_ms=200, timeout=20)
         assert uac.ok, uac.describe()
         wait_for(lambda: len(running.cdrs()) == 3, timeout=20)
+        # Metrics are exported once a second, CDRs delivered as soon as they close.
+        wait_for(lambda: running.metric("sipcdr_packets_received_total", source="live") > 0)
         assert running.metric("sipcdr_packets_received_total", source="live") == 18
     finally:
         assert running.stop() == 0

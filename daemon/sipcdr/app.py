@@ -31,8 +31,8 @@ from sipcdr.capture.live import LiveCapture
 from sipcdr.config import Config, trunk_resolver
 from sipcdr.dialog import Correlator
 from sipcdr.model import Packet
-from sipcdr.pipeline import CdrSink, Pipeline
-from sipcdr.sinks.jsonl import JsonlSink
+from sipcdr.pipeline import Pipeline
+from sipcdr.sinks.outputs import Outputs
 from sipcdr.telemetry.http import MetricsServer
 from sipcdr.telemetry.metrics import Metrics
 
@@ -46,12 +46,9 @@ class App:
         self.log = structlog.get_logger("sipcdr")
         self.metrics = Metrics()
         self.correlator = Correlator(config.dialog, trunk_resolver(config))
-        self.sinks: list[CdrSink] = []
-        self._jsonl: JsonlSink | None = None
-        if config.sinks.jsonl.path:
-            self._jsonl = JsonlSink(Path(config.sinks.jsonl.path))
-            self.sinks.append(self._jsonl)
-        self.pipeline = Pipeline(self.correlator, self.sinks, self.metrics)
+        self.outputs = Outputs(config)
+        # The CDR writer and the signaling recorder exist once the spools are open.
+        self.pipeline = Pipeline(self.correlator, (), self.metrics)
         self._allow = AllowList(config.capture.allow)
         self._gate = HepGate(config.capture.hep_keys)
         self._hep_tcp = HepTcpServer(self.pipeline, self._allow, self._gate)
@@ -88,16 +85,18 @@ class App:
         self._started = True
         self.state_dir.mkdir(parents=True, exist_ok=True)
         snapshot = self._restore_dialogs()
-        self._warn_unbuilt_sinks()
         try:
+            # Sinks before inputs: a CDR must have its spool before the first packet.
+            await self.outputs.open()
+            self.pipeline.sinks = tuple(self.outputs.cdr_sinks())
+            self.pipeline.signaling = self.outputs.signaling
             await self._open_inputs()
             await self._metrics_server.start()
         except BaseException:
             # The snapshot stays on disk for the next start; nothing was captured yet.
             self._close_inputs()
             await self._metrics_server.stop()
-            if self._jsonl is not None:
-                self._jsonl.stop()
+            await self.outputs.close(drain_timeout_s=0)
             self._started = False
             raise
         if snapshot is not None:
@@ -115,8 +114,6 @@ class App:
         )
 
     async def _open_inputs(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.start()
         loop = asyncio.get_running_loop()
         capture = self.config.capture
         for endpoint in capture.sip_udp:
@@ -206,16 +203,6 @@ class App:
         self._udp.append((kind, sock))
         self.bound[kind].append(tuple(sock.getsockname()[:2]))
 
-    def _warn_unbuilt_sinks(self) -> None:
-        sinks = self.config.sinks
-        for name, enabled in (
-            ("postgres", bool(sinks.postgres.dsn)),
-            ("kafka", bool(sinks.kafka.bootstrap)),
-        ):
-            if enabled:
-                # Configured but not part of this build: its CDRs cannot be delivered.
-                self.log.error("sink_unavailable", sink=name)
-
     def _background_failed(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             return
@@ -237,6 +224,7 @@ class App:
         steps: list[tuple[str, Callable[[], object]]] = [
             ("expire", lambda: self.pipeline.expire(now)),
             ("flush_sinks", self.pipeline.flush),
+            ("intake_gate", self._gate_intake),
             ("export_metrics", self._export_metrics),
         ]
         for name, step in steps:
@@ -245,7 +233,17 @@ class App:
             except Exception as exc:
                 self.log.error("tick_step_failed", step=name, error=repr(exc))
 
+    def _gate_intake(self) -> None:
+        blocked = self.outputs.intake_blocked
+        if blocked != self.pipeline.paused:
+            self.pipeline.paused = blocked
+            if blocked:
+                self.log.error("intake_paused", reason="spool_full")
+            else:
+                self.log.info("intake_resumed")
+
     def _export_metrics(self) -> None:
+        self.outputs.export_metrics(self.metrics)
         self._count_live()
         for kind, sock in self._udp:
             total = udp_drops(sock)
@@ -283,10 +281,21 @@ class App:
             ("expire", lambda: self.pipeline.expire(time.time())),
             ("flush_sinks", self.pipeline.flush),
             ("persist_dialogs", self._persist_dialogs),
-            ("close_jsonl", self._jsonl.stop if self._jsonl is not None else _nothing),
-            ("flush_metrics", self.pipeline.flush_metrics),
         ]
         for name, step in steps:
+            try:
+                step()
+            except Exception as exc:
+                self.log.error("stop_step_failed", step=name, error=repr(exc))
+        try:
+            # Every CDR is in the spool by now; this delivers what the sinks can take.
+            await self.outputs.close()
+        except Exception as exc:
+            self.log.error("stop_step_failed", step="close_outputs", error=repr(exc))
+        for name, step in (
+            ("export_metrics", lambda: self.outputs.export_metrics(self.metrics)),
+            ("flush_metrics", self.pipeline.flush_metrics),
+        ):
             try:
                 step()
             except Exception as exc:
@@ -329,10 +338,6 @@ class App:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.stop()
-
-
-def _nothing() -> None:
-    return None
 
 
 async def serve(config: Config) -> int:

@@ -3,13 +3,22 @@
 Time is the capture's: timers run on packet timestamps, and at the end every call
 still open is closed by the dialog rules (`Correlator.drain`), since no later message
 can come. A summary of what was read, found, rejected and written can go to JSON.
+
+CDRs go to the configured sinks by the daemon's own path (`sinks.outputs`), through a
+spool of the import's own, so an import never contends with a running daemon's
+spool. The import ends when every sink has every record, or after
+`DELIVERY_TIMEOUT_S` with the undelivered counts in the summary; re-running it then
+is safe, since CDR and message ids are deterministic and every sink deduplicates.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
+import os
+import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import orjson
@@ -19,9 +28,13 @@ from sipcdr.config import Config, trunk_resolver
 from sipcdr.dialog import Correlator
 from sipcdr.model import Packet
 from sipcdr.pipeline import CdrSink, Pipeline
-from sipcdr.sinks.jsonl import JsonlSink
+from sipcdr.sinks.outputs import Outputs
+from sipcdr.sip import SipMessage
 
 EXPIRE_EVERY_S = 1.0  # capture-time interval between timer checks
+# Long enough for a large capture into a remote database; a sink down longer than
+# this fails the import, which can simply be run again.
+DELIVERY_TIMEOUT_S = 600.0
 
 
 def import_files(
@@ -31,14 +44,46 @@ def import_files(
     sinks: Sequence[CdrSink] | None = None,
     progress: bool | None = None,
 ) -> dict[str, object]:
-    """Run `files` through parse and correlation into the configured sinks."""
-    own_jsonl: JsonlSink | None = None
-    if sinks is None:
-        sinks = []
-        if config.sinks.jsonl.path:
-            own_jsonl = JsonlSink(Path(config.sinks.jsonl.path))
-            sinks = [own_jsonl]
+    """Run `files` through parse and correlation into the configured sinks (or into
+    `sinks`, which then replace them)."""
+    if sinks is not None:
+        return _import(config, files, summary_json, sinks, None, progress)
+    return asyncio.run(_import_to_outputs(config, files, summary_json, progress))
+
+
+async def _import_to_outputs(
+    config: Config, files: Sequence[Path], summary_json: Path | None, progress: bool | None
+) -> dict[str, object]:
+    spool_dir = Path(config.state.dir) / "import-spool" / str(os.getpid())
+    outputs = Outputs(config, spool_dir=spool_dir)
+    await outputs.open()
+    try:
+        summary = _import(config, files, None, outputs.cdr_sinks(), outputs.signaling, progress)
+        delivered = outputs.delivery is None or await outputs.delivery.drain(DELIVERY_TIMEOUT_S)
+        undelivered: dict[str, int] = {}
+        if outputs.delivery is not None and not delivered:
+            for state, reader in outputs.delivery.readers():
+                if reader.lag_records:
+                    undelivered[f"{state.sink}/{state.stream}"] = reader.lag_records
+        summary["undelivered"] = undelivered
+    finally:
+        await outputs.close(drain_timeout_s=0)
+        shutil.rmtree(spool_dir, ignore_errors=True)
+    if summary_json is not None:
+        summary_json.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    return summary
+
+
+def _import(
+    config: Config,
+    files: Sequence[Path],
+    summary_json: Path | None,
+    sinks: Sequence[CdrSink],
+    signaling: Callable[[Packet, SipMessage], None] | None,
+    progress: bool | None,
+) -> dict[str, object]:
     pipeline = Pipeline(Correlator(config.dialog, trunk_resolver(config)), sinks)
+    pipeline.signaling = signaling
     capture = CaptureStats()
     errors: dict[str, str] = {}
     show = sys.stderr.isatty() if progress is None else progress
@@ -65,8 +110,6 @@ def import_files(
             pipeline.process(packet)
     pipeline.drain()
     pipeline.flush()
-    if own_jsonl is not None:
-        own_jsonl.stop()
     stats = pipeline.correlator.stats
     requests: dict[str, int] = {}
     responses: dict[str, int] = {}

@@ -10,14 +10,14 @@ reach Prometheus in batches through `flush_metrics`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 import structlog
 
 from sipcdr.dialog import Correlator
 from sipcdr.model import Cdr, Packet
-from sipcdr.sip import SipParseError, parse
+from sipcdr.sip import SipMessage, SipParseError, parse
 from sipcdr.telemetry.metrics import Metrics, method_label
 
 Key = TypeVar("Key")
@@ -44,7 +44,9 @@ class Pipeline:
         "messages",
         "metrics",
         "parse_errors",
+        "paused",
         "received",
+        "signaling",
         "sinks",
     )
 
@@ -60,6 +62,11 @@ class Pipeline:
         self.messages: dict[tuple[str, str], int] = {}  # by (method, "request"|"response")
         self.cdrs_written = 0
         self.hep_clock_skew = 0  # HEP times replaced by the receive time
+        # Each parsed message, for the sinks that keep signaling; None when none does.
+        self.signaling: Callable[[Packet, SipMessage], None] | None = None
+        # Set while the CDR spool is full under its "block" policy: intake is refused,
+        # counted, rather than closing calls whose CDRs would have nowhere to go.
+        self.paused = False
         self._flushed: dict[str, int] = {}  # correlator counters already exported
         self._errors_logged = 0
 
@@ -73,6 +80,9 @@ class Pipeline:
 
     def process(self, packet: Packet) -> None:
         """Parse and correlate one captured SIP message; emit the CDRs it closes."""
+        if self.paused:
+            self.drop("intake", "spool_full")
+            return
         try:
             msg = parse(packet.payload)
         except SipParseError as exc:
@@ -82,6 +92,8 @@ class Pipeline:
         key = (msg.method, "request") if msg.is_request else (msg.cseq_method, "response")
         messages = self.messages
         messages[key] = messages.get(key, 0) + 1
+        if self.signaling is not None:
+            self.signaling(packet, msg)
         try:
             closed = self.correlator.feed(packet, msg)
         except Exception as exc:

@@ -1,58 +1,61 @@
 """JSONL sink: one CDR v1 object per line, for quick looks and line-oriented tools.
 
-Lines are buffered in memory and written, flushed and fsynced together on `flush()`,
-which the daemon calls about once a second and on shutdown: a crash loses at most
-that second, and a partial last line from a crash is the only torn record possible.
+A spool consumer like every sink: each batch is written, flushed and fsynced before
+the cursor moves, so a CDR in the file is on disk. A crash between the fsync and the
+cursor save repeats that batch's lines; tools that need exactly-once dedupe by
+`cdr_id`. Fraud alerts and signaling have their own records and are not written here.
 The file is rotated by size to `<name>.<UTC time>` so no single file grows unbounded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO
+from typing import IO, Final
 
-import orjson
+from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, SpoolRecord
 
-from sipcdr.model import Cdr
-
-DEFAULT_ROTATE_BYTES = 256 * 1024 * 1024  # a day of a busy trunk group, still greppable
+DEFAULT_ROTATE_BYTES: Final = 256 * 1024 * 1024  # a day of a busy trunk group, still greppable
 
 
 class JsonlSink:
     name = "jsonl"
+    streams: tuple[str, ...] = (STREAM_RECORDS,)
 
     def __init__(self, path: Path, rotate_bytes: int = DEFAULT_ROTATE_BYTES) -> None:
         self.path = path
         self.rotate_bytes = rotate_bytes
         self.written = 0
-        self._pending: list[bytes] = []
         self._file: IO[bytes] | None = None
         self._size = 0
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        self._open()
+
+    def _open(self) -> IO[bytes]:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("ab")
             self._size = self._file.tell()
+        return self._file
 
-    def write(self, cdr: Cdr) -> None:
-        self._pending.append(orjson.dumps(cdr.to_record(), option=orjson.OPT_APPEND_NEWLINE))
+    async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
+        lines = [record.value for record in records if record.kind == KIND_CDR]
+        if lines:
+            # fsync takes milliseconds; the event loop keeps receiving meanwhile.
+            await asyncio.to_thread(self._write, lines)
 
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        self.start()
-        assert self._file is not None
-        data = b"".join(self._pending)
-        self._file.write(data)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self.written += len(self._pending)
+    def _write(self, lines: list[bytes]) -> None:
+        handle = self._open()
+        data = b"\n".join(lines) + b"\n"
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+        self.written += len(lines)
         self._size += len(data)
-        self._pending.clear()
         if self._size >= self.rotate_bytes:
             self._rotate()
 
@@ -62,23 +65,10 @@ class JsonlSink:
         self._file = None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         self.path.rename(self.path.with_name(f"{self.path.name}.{stamp}"))
-        self.start()
+        self._open()
 
-    def stop(self) -> None:
-        """Idempotent: flushes what is pending and closes the file."""
-        self.flush()
+    async def stop(self) -> None:
+        """Idempotent: every delivered line is already on disk; closes the file."""
         if self._file is not None:
             self._file.close()
             self._file = None
-
-    def __enter__(self) -> JsonlSink:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

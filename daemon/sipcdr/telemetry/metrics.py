@@ -83,8 +83,55 @@ class Metrics:
         )
         self.sink_written = Counter(
             "sipcdr_sink_records_total",
-            "Records confirmed written, by sink",
-            ["sink"],
+            "Records the sink confirmed written, by sink and spool stream",
+            ["sink", "stream"],
+            registry=r,
+        )
+        self.sink_failures = Counter(
+            "sipcdr_sink_failures_total",
+            "Delivery attempts that failed and will be retried (records wait in the spool)",
+            ["sink", "stream"],
+            registry=r,
+        )
+        self.sink_lag = Gauge(
+            "sipcdr_sink_lag_records",
+            "Records in the spool the sink has not confirmed yet",
+            ["sink", "stream"],
+            registry=r,
+        )
+        self.sink_up = Gauge(
+            "sipcdr_sink_up",
+            "1 when the sink's last delivery succeeded, 0 while it is failing",
+            ["sink", "stream"],
+            registry=r,
+        )
+        self.spool_bytes = Gauge(
+            "sipcdr_spool_bytes", "Bytes in the spool's segment files", ["stream"], registry=r
+        )
+        self.spool_full = Gauge(
+            "sipcdr_spool_full",
+            "1 while the spool is at its size limit (block: intake refused; drop_newest: "
+            "records refused)",
+            ["stream"],
+            registry=r,
+        )
+        self.spool_appended = Counter(
+            "sipcdr_spool_records_total",
+            "Records appended to the spool, by stream and kind",
+            ["stream", "kind"],
+            registry=r,
+        )
+        self.spool_dropped = Counter(
+            "sipcdr_spool_dropped_total",
+            "Records the spool refused, by stream and reason (full, write_error)",
+            ["stream", "reason"],
+            registry=r,
+        )
+        self.spool_damaged = Counter(
+            "sipcdr_spool_damaged_total",
+            "Spool damage found after a crash or on disk: torn_tail (cut off at open), "
+            "corrupt_record (skipped by a reader)",
+            ["stream", "what"],
             registry=r,
         )
         self.asr = Gauge(

@@ -1,0 +1,131 @@
+"""What durability costs: spool appends against a bare `os.write` floor, in one run.
+
+Three contenders write the same CDR-sized JSON values (~900 bytes) to a fresh file:
+
+- floor: one `os.write` per record, no framing (what any durable file sink costs)
+- spool: `Spool.append` (framing, CRC32, one write per record: the CDR stream)
+- spool buffered: the signaling stream's batched writes
+- read back: one reader taking every record in batches of 1,000
+
+Figures are the median of several rounds; the ratio is against the floor of the same
+round, so a noisy machine moves all of them together.
+
+    python benchmarks/spool.py [--rounds 5] [--number 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from sipcdr.sinks.base import KIND_CDR
+from sipcdr.sinks.spool import Spool
+
+VALUE = orjson.dumps(
+    {
+        "cdr_id": "6f1c1d3e-8f51-5d0b-9a55-3b0a2f1e9c11",
+        "call_id": "a84b4c76e66710@pc33.atlanta.example.com",
+        "caller": "4930123456",
+        "callee": "4989765432",
+        "from_uri": "sip:+4930123456@carrier-a.example.net",
+        "to_uri": "sip:+4989765432@carrier-b.example.net",
+        "request_uri": "sip:+4989765432@192.0.2.20:5060",
+        "src_ip": "192.0.2.10",
+        "src_port": 5060,
+        "dst_ip": "192.0.2.20",
+        "dst_port": 5060,
+        "trunk": "carrier-a",
+        "start_time": "2026-11-23T14:40:45.123456Z",
+        "ring_time": "2026-11-23T14:40:45.523456Z",
+        "answer_time": "2026-11-23T14:40:49.123456Z",
+        "end_time": "2026-11-23T14:42:45.123456Z",
+        "duration": 120.0,
+        "billsec": 116.0,
+        "pdd_ms": 400,
+        "disposition": "answered",
+        "sip_code": 200,
+        "sip_reason": "OK",
+        "q850_cause": 16,
+        "hangup_by": "caller",
+        "end_reason": "bye",
+        "user_agent": "Acme-SBC/4.2",
+        "rated": False,
+        "fraud_flags": [],
+        "capture_node": "2001",
+        "schema_version": 1,
+    }
+)
+KEY = b"a84b4c76e66710@pc33.atlanta.example.com"
+
+
+def floor(directory: Path, number: int) -> None:
+    fd = os.open(directory / "floor", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    try:
+        for _ in range(number):
+            os.write(fd, VALUE)
+    finally:
+        os.close(fd)
+
+
+def spool_append(directory: Path, number: int, *, buffered: bool = False) -> None:
+    with Spool(directory / "spool", ("r",), buffered=buffered) as spool:
+        append = spool.append
+        for _ in range(number):
+            append(KIND_CDR, KEY, VALUE)
+
+
+def read_back(directory: Path, number: int) -> None:
+    with Spool(directory / "spool", ("r",)) as spool:
+        reader = spool.reader("r")
+        total = 0
+        while batch := reader.read(1000, 1 << 24):
+            total += len(batch)
+        assert total >= number
+
+
+def timed(run: Callable[[Path, int], None], directory: Path, number: int) -> float:
+    start = time.perf_counter()
+    run(directory, number)
+    return number / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--number", type=int, default=50_000)
+    args = parser.parse_args()
+    results: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = Path(tmp)
+            base = timed(floor, directory, args.number)
+            round_results = {
+                "floor os.write": base,
+                "spool append": timed(spool_append, directory, args.number),
+                "spool append, buffered": timed(
+                    lambda d, n: spool_append(d / "b", n, buffered=True), directory, args.number
+                ),
+                "spool read back": timed(read_back, directory, args.number),
+            }
+            for name, rate in round_results.items():
+                results.setdefault(name, []).append(rate)
+                ratios.setdefault(name, []).append(rate / base)
+    print(f"{args.number} records of {len(VALUE)} bytes, median of {args.rounds} rounds")
+    print(f"{'contender':<26}{'records/s':>12}{'vs floor':>10}")
+    for name, rates in results.items():
+        print(
+            f"{name:<26}{statistics.median(rates):>12,.0f}"
+            f"{statistics.median(ratios[name]):>9.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

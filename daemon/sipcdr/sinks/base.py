@@ -1,0 +1,49 @@
+"""What every sink is: a consumer of spool records that confirms a batch or raises.
+
+The spool (`sinks.spool`) owns durability. A sink owns nothing but the write to its
+destination: `deliver` either gets a whole batch there (then the delivery loop moves
+the sink's cursor past it) or raises, and the same batch comes again after a backoff.
+Re-delivery is therefore normal, and each sink must make it harmless: PostgreSQL by
+`ON CONFLICT DO NOTHING` on the record's id, Kafka consumers by deduplicating on
+`cdr_id`, JSONL by accepting a repeated line after a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final, NamedTuple, Protocol
+
+# Record kinds, one byte each in the spool. The JSON value of each kind has a schema
+# in schemas/.
+KIND_CDR: Final = "cdr"  # CDR v1 (schemas/cdr.v1.schema.json); key: call_id
+KIND_ALERT: Final = "alert"  # fraud alert v1; key: the detector's subject
+KIND_SIP: Final = "sip"  # one captured SIP message; key: call_id
+
+# Spool streams. CDRs and alerts share one, so a sink sees them in the order they
+# closed; captured signaling has its own, with its own size limit, because it is a
+# hundred times the volume and a troubleshooting copy rather than a billing record.
+STREAM_RECORDS: Final = "records"
+STREAM_SIGNALING: Final = "signaling"
+
+
+class SpoolRecord(NamedTuple):
+    seq: int  # position in its stream, from 1, increasing by one per record
+    kind: str  # KIND_*
+    key: bytes  # partitioning key (the Kafka message key)
+    value: bytes  # the record as UTF-8 JSON, exactly what Kafka and JSONL carry
+
+
+class Sink(Protocol):
+    """A destination. `start` and `stop` may be called more than once; `deliver` is
+    called by one delivery loop per stream the sink reads, never concurrently for the
+    same stream."""
+
+    name: str
+    streams: tuple[str, ...]  # STREAM_* the sink reads
+
+    async def start(self) -> None: ...
+
+    async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
+        """Write every record or raise; on return the records are durable there."""
+
+    async def stop(self) -> None: ...

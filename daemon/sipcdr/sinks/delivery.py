@@ -1,0 +1,220 @@
+"""From the spool to the sinks: one loop per (sink, stream), each at its own pace.
+
+A loop reads a batch from its cursor, hands it to the sink and, only when the sink
+returns, commits the cursor. A failure (server down, topic missing, timeout) rewinds
+to the cursor and retries the same batch after a backoff that doubles up to
+`MAX_BACKOFF_S`: records wait on disk, never in memory, so an outage of any length
+costs spool space and nothing else. The first failure of an outage is logged at
+WARNING with the error, the recovery at INFO with how long it lasted; nothing is lost,
+so neither is an ERROR. ERROR is kept for records the spool refused.
+
+Stopping drains: the loops keep delivering until every sink has everything or
+`DEFAULT_DRAIN_TIMEOUT_S` has passed; what is left stays in the spool for the next
+start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import structlog
+
+from sipcdr.sinks.base import Sink
+from sipcdr.sinks.spool import DEFAULT_FSYNC_INTERVAL_S, Spool, SpoolReader
+
+# Large enough to amortise a COPY or a produce round trip, small enough to retry cheaply.
+DEFAULT_BATCH_RECORDS: Final = 1000
+DEFAULT_BATCH_BYTES: Final = 4 * 1024 * 1024  # bounds the memory of one batch in flight
+MIN_BACKOFF_S: Final = 0.2  # a blip (a broker leader change) is over in well under a second
+MAX_BACKOFF_S: Final = 30.0  # a long outage is probed twice a minute, not hammered
+# A sink call that neither returns nor fails within this is treated as failed.
+DEFAULT_DELIVER_TIMEOUT_S: Final = 60.0
+# SIGTERM must end well inside systemd's 90 s stop timeout, with the drain included.
+DEFAULT_DRAIN_TIMEOUT_S: Final = 20.0
+_IDLE_WAIT_S: Final = 1.0  # re-check for records even without a wake-up
+
+
+@dataclass(slots=True)
+class LoopState:
+    """What the metrics show for one (sink, stream)."""
+
+    sink: str
+    stream: str
+    delivered: int = 0
+    failures: int = 0
+    up: bool = True
+    down_since: float | None = None
+    last_error: str = ""
+
+
+class Delivery:
+    def __init__(
+        self,
+        spools: Mapping[str, Spool],
+        sinks: Sequence[Sink],
+        *,
+        batch_records: int = DEFAULT_BATCH_RECORDS,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        deliver_timeout_s: float = DEFAULT_DELIVER_TIMEOUT_S,
+        fsync_interval_s: float = DEFAULT_FSYNC_INTERVAL_S,
+    ) -> None:
+        self.spools = spools
+        self.sinks = tuple(sinks)
+        self.batch_records = batch_records
+        self.batch_bytes = batch_bytes
+        self.deliver_timeout_s = deliver_timeout_s
+        self.fsync_interval_s = fsync_interval_s
+        self._loops: list[tuple[LoopState, SpoolReader]] = []
+        self._log = structlog.get_logger("sipcdr.delivery")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sync_task: asyncio.Task[None] | None = None
+        self._wake: dict[tuple[str, str], asyncio.Event] = {}
+        self._stopping = False
+        self._started = False
+
+    def readers(self) -> list[tuple[LoopState, SpoolReader]]:
+        return list(self._loops)
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        for sink in self.sinks:
+            await sink.start()
+            for stream in sink.streams:
+                state = LoopState(sink.name, stream)
+                reader = self.spools[stream].reader(sink.name)
+                self._loops.append((state, reader))
+                event = asyncio.Event()
+                self._wake[(sink.name, stream)] = event
+                reader.on_append.append(event.set)
+                self._spawn(self._loop(sink, stream, reader, state, event), f"{sink.name}-{stream}")
+        self._sync_task = asyncio.create_task(self._sync_loop(), name="sipcdr-spool-sync")
+        self._sync_task.add_done_callback(self._loop_ended)
+
+    def _spawn(self, coro: Coroutine[object, object, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=f"sipcdr-deliver-{name}")
+        task.add_done_callback(self._loop_ended)
+        self._tasks.append(task)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # A loop that died would leave its sink behind for good: say so loudly.
+            self._log.error("delivery_loop_failed", task=task.get_name(), error=repr(exc))
+
+    async def _loop(
+        self,
+        sink: Sink,
+        stream: str,
+        reader: SpoolReader,
+        state: LoopState,
+        wake: asyncio.Event,
+    ) -> None:
+        backoff = MIN_BACKOFF_S
+        while True:
+            wake.clear()
+            batch = reader.read(self.batch_records, self.batch_bytes)
+            if not batch:
+                if self._stopping:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), _IDLE_WAIT_S)
+                continue
+            try:
+                await asyncio.wait_for(sink.deliver(stream, batch), self.deliver_timeout_s)
+            except asyncio.CancelledError:
+                reader.rewind()
+                raise
+            except Exception as exc:
+                reader.rewind()
+                state.failures += 1
+                state.last_error = repr(exc)[:500]
+                if state.up:
+                    state.up = False
+                    state.down_since = time.monotonic()
+                    self._log.warning(
+                        "sink_unavailable",
+                        sink=sink.name,
+                        stream=stream,
+                        error=state.last_error,
+                        backlog=reader.lag_records,
+                    )
+                if self._stopping:
+                    return  # the records stay in the spool for the next start
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            reader.commit()
+            state.delivered += len(batch)
+            backoff = MIN_BACKOFF_S
+            if not state.up:
+                state.up = True
+                down_for = time.monotonic() - (state.down_since or time.monotonic())
+                state.down_since = None
+                self._log.info(
+                    "sink_recovered",
+                    sink=sink.name,
+                    stream=stream,
+                    down_s=round(down_for, 1),
+                    backlog=reader.lag_records,
+                )
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.fsync_interval_s)
+            for spool in self.spools.values():
+                try:
+                    spool.sync()
+                except OSError as exc:
+                    self._log.error("spool_sync_failed", dir=str(spool.directory), error=str(exc))
+
+    def caught_up(self) -> bool:
+        return all(reader.lag_records == 0 for _state, reader in self.readers())
+
+    async def drain(self, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> bool:
+        """Wait until every sink has every record, at most `timeout_s`; True if so."""
+        for spool in self.spools.values():
+            spool.flush()
+        for event in self._wake.values():
+            event.set()
+        deadline = time.monotonic() + timeout_s
+        while not self.caught_up():
+            if time.monotonic() >= deadline or all(task.done() for task in self._tasks):
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def stop(self, drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> None:
+        """Idempotent: drain, end the loops, stop the sinks. The spools stay open: their
+        owner closes them after the last record is appended."""
+        if not self._started:
+            return
+        self._started = False
+        caught_up = await self.drain(drain_timeout_s)
+        self._stopping = True
+        tasks = [*self._tasks, *([self._sync_task] if self._sync_task else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        self._sync_task = None
+        for sink in self.sinks:
+            try:
+                await sink.stop()
+            except Exception as exc:
+                self._log.warning("sink_stop_failed", sink=sink.name, error=repr(exc))
+        if not caught_up:
+            self._log.warning(
+                "delivery_left_in_spool",
+                backlog={f"{s.sink}/{s.stream}": r.lag_records for s, r in self.readers()},
+            )

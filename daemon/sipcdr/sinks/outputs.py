@@ -1,0 +1,230 @@
+"""Everything between a closed CDR and its destinations, built from the config.
+
+`Outputs` owns the spools, the enabled sinks, an embedded PostgreSQL when
+`dsn = "embedded"`, and the delivery loops. The daemon and `sipcdr import` both use
+it, so an imported capture reaches the same sinks by the same path as live traffic.
+Its `cdr_writer` is what the pipeline writes CDRs to, `signaling` (None when no sink
+keeps signaling) what it hands each parsed message to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import orjson
+import structlog
+
+from sipcdr.config import Config
+from sipcdr.model import Cdr
+from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, STREAM_SIGNALING, Sink
+from sipcdr.sinks.delivery import Delivery
+from sipcdr.sinks.jsonl import JsonlSink
+from sipcdr.sinks.signaling import SignalingRecorder
+from sipcdr.sinks.spool import Spool
+from sipcdr.telemetry.metrics import Metrics
+
+
+class _Incrementable(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class SpoolCdrWriter:
+    """The pipeline's CDR sink: one spool append per CDR, written at once."""
+
+    name = "spool"
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.refused = 0
+
+    def write(self, cdr: Cdr) -> None:
+        value = orjson.dumps(cdr.to_record())
+        if not self.spool.append(KIND_CDR, cdr.call_id.encode(), value):
+            self.refused += 1
+
+    def flush(self) -> None:
+        self.spool.flush()
+
+
+class Outputs:
+    def __init__(self, config: Config, spool_dir: Path | None = None) -> None:
+        self.config = config
+        self.spool_dir = spool_dir or Path(config.state.dir) / "spool"
+        self.log = structlog.get_logger("sipcdr.outputs")
+        self.sinks: list[Sink] = []
+        self.spools: dict[str, Spool] = {}
+        self.signaling: SignalingRecorder | None = None
+        self.cdr_writer: SpoolCdrWriter | None = None
+        self.delivery: Delivery | None = None
+        self._embedded: object | None = None  # storage.embedded.EmbeddedPostgres
+        self._opened = False
+        self._exported: dict[tuple[str, ...], int] = {}  # cumulative counts already exported
+
+    async def open(self) -> None:
+        """Open the spools and start the sinks. A sink whose server is down does not
+        fail this: its records wait in the spool."""
+        if self._opened:
+            return
+        self._opened = True
+        sinks_config = self.config.sinks
+        spool_config = self.config.spool
+        jsonl = sinks_config.jsonl
+        if jsonl.enabled:
+            self.sinks.append(JsonlSink(Path(jsonl.path), rotate_bytes=jsonl.rotate_bytes))
+        if sinks_config.postgres.enabled:
+            self.sinks.append(await self._postgres_sink())
+        if sinks_config.kafka.enabled:
+            self.sinks.append(self._kafka_sink())
+        consumers: dict[str, list[str]] = {}
+        for sink in self.sinks:
+            for stream in sink.streams:
+                consumers.setdefault(stream, []).append(sink.name)
+        if STREAM_RECORDS in consumers:
+            spool = Spool(
+                self.spool_dir / STREAM_RECORDS,
+                tuple(consumers[STREAM_RECORDS]),
+                max_bytes=spool_config.max_bytes,
+                segment_bytes=spool_config.segment_bytes,
+                full_policy=spool_config.full_policy,
+            )
+            spool.open()
+            self.spools[STREAM_RECORDS] = spool
+            self.cdr_writer = SpoolCdrWriter(spool)
+        if STREAM_SIGNALING in consumers:
+            spool = Spool(
+                self.spool_dir / STREAM_SIGNALING,
+                tuple(consumers[STREAM_SIGNALING]),
+                max_bytes=spool_config.signaling_max_bytes,
+                segment_bytes=spool_config.segment_bytes,
+                full_policy="drop_newest",
+                buffered=True,
+            )
+            spool.open()
+            self.spools[STREAM_SIGNALING] = spool
+            self.signaling = SignalingRecorder(spool, store_body=sinks_config.postgres.store_sdp)
+        for stream, spool in self.spools.items():
+            if spool.stats.torn_tails:
+                self.log.warning(
+                    "spool_torn_tail",
+                    stream=stream,
+                    bytes=spool.stats.torn_tail_bytes,
+                )
+        self.delivery = Delivery(
+            self.spools, self.sinks, fsync_interval_s=spool_config.fsync_interval_ms / 1000
+        )
+        await self.delivery.start()
+
+    async def _postgres_sink(self) -> Sink:
+        from sipcdr.sinks.postgres import PostgresSink  # noqa: PLC0415 - asyncpg only when used
+        from sipcdr.storage.embedded import EmbeddedPostgres  # noqa: PLC0415
+
+        pg = self.config.sinks.postgres
+        dsn = pg.dsn
+        if pg.embedded:
+            embedded = EmbeddedPostgres(Path(self.config.state.dir) / "pg")
+            dsn = await embedded.start()
+            self._embedded = embedded
+        return PostgresSink(
+            dsn,
+            store_signaling=pg.store_signaling,
+            partitions_ahead_days=pg.partitions_ahead_days,
+        )
+
+    def _kafka_sink(self) -> Sink:
+        from sipcdr.sinks.kafka import KafkaSink  # noqa: PLC0415 - aiokafka only when used
+
+        kafka = self.config.sinks.kafka
+        return KafkaSink(
+            bootstrap=kafka.bootstrap_servers,
+            topic_cdrs=kafka.topic_cdrs,
+            topic_fraud=kafka.topic_fraud,
+            idempotence=kafka.idempotence,
+            compression=kafka.compression,
+            linger_ms=kafka.linger_ms,
+            max_batch_bytes=kafka.max_batch_bytes,
+            security_protocol=kafka.security_protocol,
+            sasl_mechanism=kafka.sasl_mechanism,
+            sasl_username=kafka.sasl_username,
+            sasl_password=kafka.sasl_password,
+            ssl_cafile=kafka.ssl_cafile,
+        )
+
+    @property
+    def intake_blocked(self) -> bool:
+        """The CDR spool is full under the `block` policy: stop taking in signaling."""
+        spool = self.spools.get(STREAM_RECORDS)
+        return spool is not None and spool.full and spool.full_policy == "block"
+
+    def export_metrics(self, metrics: Metrics) -> None:
+        """Move the spool's and the delivery loops' counts into Prometheus; log refused
+        records at ERROR, since they are lost."""
+        for stream, spool in self.spools.items():
+            stats = spool.stats
+            metrics.spool_bytes.labels(stream).set(spool.size_bytes)
+            metrics.spool_full.labels(stream).set(1 if spool.full else 0)
+            for kind, total in stats.appended.items():
+                self._add(metrics.spool_appended.labels(stream, kind), ("app", stream, kind), total)
+            for reason, total in stats.dropped.items():
+                delta = self._add(
+                    metrics.spool_dropped.labels(stream, reason), ("drop", stream, reason), total
+                )
+                if delta:
+                    self.log.error(
+                        "spool_refused_records",
+                        stream=stream,
+                        reason=reason,
+                        records=delta,
+                        spool_bytes=spool.size_bytes,
+                        max_bytes=spool.max_bytes,
+                    )
+            for what, total in (
+                ("torn_tail", stats.torn_tails),
+                ("corrupt_record", stats.corrupt_records),
+            ):
+                self._add(metrics.spool_damaged.labels(stream, what), ("dmg", stream, what), total)
+        if self.delivery is not None:
+            for state, reader in self.delivery.readers():
+                labels = (state.sink, state.stream)
+                metrics.sink_lag.labels(*labels).set(reader.lag_records)
+                metrics.sink_up.labels(*labels).set(1 if state.up else 0)
+                self._add(metrics.sink_written.labels(*labels), ("ok", *labels), state.delivered)
+                self._add(metrics.sink_failures.labels(*labels), ("fail", *labels), state.failures)
+
+    def _add(self, counter: _Incrementable, key: tuple[str, ...], total: int) -> int:
+        delta = total - self._exported.get(key, 0)
+        if delta > 0:
+            self._exported[key] = total
+            counter.inc(delta)
+        return max(delta, 0)
+
+    def cdr_sinks(self) -> Sequence[SpoolCdrWriter]:
+        return [] if self.cdr_writer is None else [self.cdr_writer]
+
+    def flush(self) -> None:
+        for spool in self.spools.values():
+            spool.flush()
+
+    async def close(self, drain_timeout_s: float | None = None) -> None:
+        """Idempotent: drain what the sinks can take, stop them, close the spools and
+        stop an embedded PostgreSQL. Records not delivered stay in the spool."""
+        if not self._opened:
+            return
+        self._opened = False
+        if self.delivery is not None:
+            if drain_timeout_s is None:
+                await self.delivery.stop()
+            else:
+                await self.delivery.stop(drain_timeout_s)
+        for spool in self.spools.values():
+            try:
+                spool.close()
+            except OSError as exc:
+                self.log.error("spool_close_failed", dir=str(spool.directory), error=str(exc))
+        if self._embedded is not None:
+            from sipcdr.storage.embedded import EmbeddedPostgres  # noqa: PLC0415
+
+            assert isinstance(self._embedded, EmbeddedPostgres)
+            await self._embedded.stop()
+            self._embedded = None

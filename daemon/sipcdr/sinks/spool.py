@@ -1,0 +1,596 @@
+"""The durable write-ahead spool between the correlator and the sinks.
+
+Every closed CDR and fraud alert is appended here before anything else happens to
+it; each sink then reads with its own cursor and moves that cursor only after its
+destination confirmed the write. A sink that is down, slow or restarted resumes
+from its cursor, so nothing closed is lost and nothing needs to be held in memory.
+
+On disk, one directory per stream holds segment files named by the sequence number
+of their first record (`00000000000000000001.seg`) and one cursor file per sink
+(`cursors/<sink>.json`). A record is
+
+    magic u16 | kind u8 | key length u16 | value length u32 | seq u64 | crc32 u32
+    | key | value
+
+with the CRC over everything before it and after it, so a torn write, a flipped bit
+or a record from another stream is recognised. Sequence numbers increase by one per
+record across segments, which makes the records lost to corruption countable.
+
+Durability:
+- Appends are written to the segment file at once with one `write` call per record,
+  so a killed process (SIGKILL, OOM) loses nothing it appended; the signaling stream,
+  which is a hundred times the volume, batches its writes (`buffered=True`) and loses
+  at most its unwritten buffer.
+- `sync()` fsyncs the active segment; the delivery loop calls it every
+  `DEFAULT_FSYNC_INTERVAL_S`, which bounds what a power loss can take.
+- Cursor files are replaced atomically but not fsynced: a cursor that goes back after
+  a power loss re-delivers records, which every sink deduplicates; it never skips one.
+
+Recovery: at open, the newest segment (the only one that was being written) is
+scanned; a torn or corrupt tail is cut off and counted. Corruption inside a segment
+is skipped by each reader, which finds the next valid record and counts the records
+missing between the two sequence numbers.
+
+Size: `max_bytes` bounds all segments of a stream. When it is reached, `full_policy`
+decides: `drop_newest` refuses new records (counted, and the delivery loop logs it at
+ERROR), `block` keeps writing and raises `full`, on which the daemon stops taking in
+signaling (every refused packet counted) until the sinks have caught up below
+`RESUME_FRACTION` of the limit. Blocking overshoots the limit only by what the calls
+already open still close, which the dialog limits bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Final
+
+import orjson
+
+from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP, SpoolRecord
+
+_HEAD = struct.Struct("<HBHIQ")  # magic, kind, key length, value length, seq
+_CRC = struct.Struct("<I")
+HEADER_BYTES: Final = _HEAD.size + _CRC.size
+MAGIC: Final = 0x5350  # "PS" little-endian; an arbitrary start-of-record mark
+_MAGIC_BYTES: Final = struct.pack("<H", MAGIC)
+_KIND_CODES: Final = {KIND_CDR: 1, KIND_ALERT: 2, KIND_SIP: 3}
+_KIND_NAMES: Final = {code: name for name, code in _KIND_CODES.items()}
+MAX_VALUE_BYTES: Final = 16 * 1024 * 1024  # far above any record; bounds a corrupt length
+SEGMENT_SUFFIX: Final = ".seg"
+
+FULL_POLICIES: Final = ("block", "drop_newest")
+# A day of CDRs of a large carrier (~10 M calls at ~1 KB) can wait out a sink outage.
+DEFAULT_MAX_BYTES: Final = 10 * 1024**3
+# Signaling copies are for troubleshooting: a few hours of backlog, then newest dropped.
+DEFAULT_SIGNALING_MAX_BYTES: Final = 4 * 1024**3
+# Small enough that a delivered segment is deleted soon, large enough for few files.
+DEFAULT_SEGMENT_BYTES: Final = 64 * 1024 * 1024
+# A power loss takes at most this much; an fsync costs ~1-5 ms, five times a second.
+DEFAULT_FSYNC_INTERVAL_S: Final = 0.2
+# CDRs are money: stop intake rather than lose closed calls.
+DEFAULT_FULL_POLICY: Final = "block"
+# Resume intake only with room for a burst, so it does not flap at the limit.
+RESUME_FRACTION: Final = 0.9
+# The signaling stream writes when this much is buffered (and on every flush).
+_WRITE_BUFFER_BYTES: Final = 256 * 1024
+
+
+class SpoolError(OSError):
+    """The spool directory cannot be used (not writable, locked by another process)."""
+
+
+@dataclass(slots=True)
+class SpoolStats:
+    """Counters the daemon exports; all cumulative since open."""
+
+    appended: dict[str, int] = field(default_factory=dict)  # by kind
+    dropped: dict[str, int] = field(default_factory=dict)  # by reason: full, write_error
+    torn_tail_bytes: int = 0  # cut off the newest segment at open
+    torn_tails: int = 0
+    corrupt_records: int = 0  # missing between valid records, summed over readers
+
+
+@dataclass(slots=True)
+class _Segment:
+    first_seq: int
+    path: Path
+    size: int
+
+
+class Spool:
+    """One stream's segments. Not thread-safe: the daemon's event loop owns it."""
+
+    def __init__(
+        self,
+        directory: Path,
+        consumers: tuple[str, ...],
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        full_policy: str = DEFAULT_FULL_POLICY,
+        buffered: bool = False,
+    ) -> None:
+        if full_policy not in FULL_POLICIES:
+            raise ValueError(f"full_policy must be one of {FULL_POLICIES}")
+        self.directory = directory
+        # Every sink that reads the stream, named up front: a segment is deleted only
+        # when all of them are past it. A sink taken out of the config no longer holds
+        # segments back; its stale cursor restarts from the oldest record if it returns.
+        self.consumers = consumers
+        self.max_bytes = max_bytes
+        # The active segment is never deleted, so it must be small against the limit
+        # or a delivered-but-undeletable segment would keep the spool "full".
+        self.segment_bytes = max(1, min(segment_bytes, max_bytes // 4))
+        self.full_policy = full_policy
+        self.buffered = buffered
+        self.stats = SpoolStats()
+        self.full = False
+        self.next_seq = 1
+        self._segments: list[_Segment] = []
+        self._fd = -1
+        self._lock: BinaryIO | None = None
+        self._buffer: list[bytes] = []
+        self._buffered_bytes = 0
+        self._dirty = False
+        self._size = 0
+        self._readers: dict[str, SpoolReader] = {}
+        self._opened = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def open(self) -> None:
+        if self._opened:
+            return
+        try:
+            (self.directory / "cursors").mkdir(parents=True, exist_ok=True)
+            self._take_lock()
+        except OSError as exc:
+            raise SpoolError(f"spool {self.directory}: {exc.strerror or exc}") from exc
+        segments = sorted(
+            (
+                _Segment(int(path.stem), path, path.stat().st_size)
+                for path in self.directory.glob(f"*{SEGMENT_SUFFIX}")
+                if path.stem.isdigit()
+            ),
+            key=lambda segment: segment.first_seq,
+        )
+        self._segments = segments
+        if segments:
+            self.next_seq = self._recover_tail(segments[-1])
+        self._size = sum(segment.size for segment in self._segments)
+        self._start_segment()
+        self._opened = True
+        for name in self.consumers:
+            self._readers[name] = SpoolReader(self, name)
+        self._update_full()
+
+    def _take_lock(self) -> None:
+        import fcntl  # noqa: PLC0415 - POSIX only, like the daemon
+
+        handle = (self.directory / "lock").open("wb")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise OSError(0, "in use by another sipcdr process") from None
+        self._lock = handle
+
+    def _recover_tail(self, segment: _Segment) -> int:
+        """Cut a torn tail off the newest segment; return the next sequence number."""
+        data = segment.path.read_bytes()
+        last_seq = segment.first_seq - 1
+        end = 0
+        for seq, _kind, _key, _value, record_end in _scan(data, 0):
+            last_seq = seq
+            end = record_end
+        if end < len(data):
+            self.stats.torn_tails += 1
+            self.stats.torn_tail_bytes += len(data) - end
+            with segment.path.open("r+b") as handle:
+                handle.truncate(end)
+                handle.flush()
+                os.fsync(handle.fileno())
+            segment.size = end
+        return last_seq + 1
+
+    def _start_segment(self) -> None:
+        """Appends always go to a fresh segment after open or when one is full, so a
+        segment is never appended to after a crash may have torn it."""
+        if self._fd >= 0:
+            self._flush_buffer()
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        if self._segments and self._segments[-1].size == 0:
+            segment = self._segments[-1]  # an empty newest segment is reused
+        else:
+            segment = _Segment(
+                self.next_seq, self.directory / f"{self.next_seq:020d}{SEGMENT_SUFFIX}", 0
+            )
+            self._segments.append(segment)
+        self._fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        _fsync_directory(self.directory)
+
+    def close(self) -> None:
+        """Idempotent: writes what is buffered, fsyncs and closes."""
+        if self._fd >= 0:
+            try:
+                self._flush_buffer()
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        self._opened = False
+
+    # -- writing -----------------------------------------------------------------------
+
+    def append(self, kind: str, key: bytes, value: bytes) -> bool:
+        """Append one record; False when it was refused (full or a write error), which
+        the stats count by reason."""
+        if self.full and self.full_policy == "drop_newest":
+            self._refuse("full")
+            return False
+        seq = self.next_seq
+        head = _HEAD.pack(MAGIC, _KIND_CODES[kind], len(key), len(value), seq)
+        crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(head)))
+        record = b"".join((head, _CRC.pack(crc), key, value))
+        if self.buffered:
+            self._buffer.append(record)
+            self._buffered_bytes += len(record)
+            if self._buffered_bytes >= _WRITE_BUFFER_BYTES and not self._flush_buffer():
+                return False
+        elif not self._write(record):
+            self._refuse("write_error")
+            return False
+        self.next_seq = seq + 1
+        appended = self.stats.appended
+        appended[kind] = appended.get(kind, 0) + 1
+        if self._size >= self.max_bytes and not self.full:
+            self.full = True
+        if self._segments[-1].size >= self.segment_bytes:
+            self._start_segment()
+        return True
+
+    def _refuse(self, reason: str) -> None:
+        dropped = self.stats.dropped
+        dropped[reason] = dropped.get(reason, 0) + 1
+
+    def _write(self, data: bytes) -> bool:
+        segment = self._segments[-1]
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(0, "short write")
+        except OSError:
+            # A full disk must not leave half a record that hides the next ones.
+            with contextlib.suppress(OSError):
+                os.truncate(segment.path, segment.size)
+            return False
+        segment.size += len(data)
+        self._size += len(data)
+        self._dirty = True
+        for reader in self._readers.values():
+            reader.wake()
+        return True
+
+    def _flush_buffer(self) -> bool:
+        if not self._buffer:
+            return True
+        count = len(self._buffer)
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        self._buffered_bytes = 0
+        if self._write(data):
+            return True
+        # Already numbered: the readers will count the gap as lost, and so do we.
+        dropped = self.stats.dropped
+        dropped["write_error"] = dropped.get("write_error", 0) + count
+        return False
+
+    def flush(self) -> None:
+        """Write what the buffered stream holds (the daemon calls this on its tick)."""
+        self._flush_buffer()
+
+    def sync(self) -> None:
+        """fsync the active segment if anything was written since the last sync."""
+        self._flush_buffer()
+        if self._dirty and self._fd >= 0:
+            self._dirty = False
+            os.fsync(self._fd)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def reader(self, name: str) -> SpoolReader:
+        """The reader of consumer `name`, resuming from its saved cursor."""
+        return self._readers[name]
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size + self._buffered_bytes
+
+    @property
+    def segments(self) -> int:
+        return len(self._segments)
+
+    def _segment_after(self, first_seq: int) -> _Segment | None:
+        for segment in self._segments:
+            if segment.first_seq > first_seq:
+                return segment
+        return None
+
+    def _segment_for(self, seq: int) -> _Segment:
+        """The segment holding `seq`, or the oldest one when it is older than all."""
+        found = self._segments[0]
+        for segment in self._segments:
+            if segment.first_seq <= seq:
+                found = segment
+            else:
+                break
+        return found
+
+    def _collect(self) -> None:
+        """Delete segments every reader has passed; the active one always stays."""
+        if not self._readers:
+            return
+        low = min(reader.confirmed_seq for reader in self._readers.values())
+        while len(self._segments) > 1 and self._segments[1].first_seq <= low:
+            segment = self._segments.pop(0)
+            for reader in self._readers.values():
+                reader.forget(segment)
+            with contextlib.suppress(FileNotFoundError):
+                segment.path.unlink()
+            self._size -= segment.size
+        self._update_full()
+
+    def _update_full(self) -> None:
+        if self.full and self.size_bytes < self.max_bytes * RESUME_FRACTION:
+            self.full = False
+        elif not self.full and self.size_bytes >= self.max_bytes:
+            self.full = True
+
+    def __enter__(self) -> Spool:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SpoolReader:
+    """One sink's position in a stream: `read` a batch, then `commit` it once the sink
+    confirmed it, or `rewind` to read it again after a failure."""
+
+    def __init__(self, spool: Spool, name: str) -> None:
+        self.spool = spool
+        self.name = name
+        self.cursor_path = spool.directory / "cursors" / f"{name}.json"
+        self.corrupt_records = 0
+        self.cursor_reset = False  # the saved cursor was unreadable or pointed nowhere
+        self.confirmed_seq = self._load_cursor()  # next record to deliver
+        self._read_seq = self.confirmed_seq
+        self._segment: _Segment | None = None
+        self._handle: BinaryIO | None = None
+        self._offset = 0
+        self.on_append: list[Callable[[], None]] = []  # the delivery loop's wake-up
+        self._position_at(self.confirmed_seq)
+
+    def _load_cursor(self) -> int:
+        oldest = self.spool._segments[0].first_seq if self.spool._segments else 1
+        try:
+            seq = int(orjson.loads(self.cursor_path.read_bytes())["seq"])
+        except FileNotFoundError:
+            # A sink seen for the first time starts with what the spool still holds.
+            return oldest
+        except (OSError, ValueError, KeyError, TypeError):
+            self.cursor_reset = True
+            return oldest
+        if seq < oldest or seq > self.spool.next_seq:
+            self.cursor_reset = True
+            return oldest
+        return seq
+
+    def _position_at(self, seq: int) -> None:
+        """Open the segment holding `seq` and skip to it."""
+        self._close_handle()
+        spool = self.spool
+        if not spool._segments:
+            return
+        segment = spool._segment_for(seq)
+        self._segment = segment
+        self._handle = segment.path.open("rb")
+        self._offset = 0
+        self._read_seq = segment.first_seq
+        while self._read_seq < seq:
+            batch = self._read_in_segment(1, _WRITE_BUFFER_BYTES, skip_only=True)
+            if not batch:
+                break
+
+    def _close_handle(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def wake(self) -> None:
+        for callback in self.on_append:
+            callback()
+
+    def forget(self, segment: _Segment) -> None:
+        if self._segment is segment:
+            # Only reached when every reader is past it, this one included.
+            self._close_handle()
+            self._segment = None
+
+    @property
+    def lag_records(self) -> int:
+        return self.spool.next_seq - self.confirmed_seq
+
+    def read(self, max_records: int, max_bytes: int) -> list[SpoolRecord]:
+        """Up to `max_records` records (at least one, whatever its size) from the read
+        position on; [] when the sink has everything."""
+        records: list[SpoolRecord] = []
+        size = 0
+        while len(records) < max_records and size < max_bytes:
+            if self._segment is None or self._handle is None:
+                self._position_at(self._read_seq)
+                if self._segment is None:
+                    return records
+            segment = self._segment
+            want = max_records - len(records)
+            got = self._read_in_segment(want, max_bytes - size, skip_only=False)
+            if got:
+                records.extend(got)
+                size += sum(len(record.value) for record in got)
+                continue
+            following = self.spool._segment_after(segment.first_seq)
+            if following is None:
+                break
+            self._open_segment(following)
+        return records
+
+    def _open_segment(self, segment: _Segment) -> None:
+        self._close_handle()
+        self._segment = segment
+        self._handle = segment.path.open("rb")
+        self._offset = 0
+        if segment.first_seq > self._read_seq:
+            # Records lost between the segments (a segment cut short by corruption).
+            self._count_corrupt(segment.first_seq - self._read_seq)
+            self._read_seq = segment.first_seq
+
+    def _read_in_segment(self, limit: int, max_bytes: int, *, skip_only: bool) -> list[SpoolRecord]:
+        segment = self._segment
+        handle = self._handle
+        assert segment is not None and handle is not None
+        records: list[SpoolRecord] = []
+        size = 0
+        # Only what the writer has completed: the segment's size, not the file's.
+        end = segment.size
+        while len(records) < limit and self._offset + HEADER_BYTES <= end:
+            handle.seek(self._offset)
+            header = handle.read(HEADER_BYTES)
+            record = _decode_header(header)
+            if record is None:
+                self._resync(end)
+                continue
+            kind_code, key_len, value_len, seq = record
+            total = HEADER_BYTES + key_len + value_len
+            if self._offset + total > end:
+                self._resync(end)
+                continue
+            body = handle.read(key_len + value_len)
+            crc = zlib.crc32(body[key_len:], zlib.crc32(body[:key_len], zlib.crc32(header[:-4])))
+            if crc != _CRC.unpack_from(header, _HEAD.size)[0]:
+                self._resync(end)
+                continue
+            self._offset += total
+            if seq < self._read_seq:
+                continue  # already passed (a resync may land before the read position)
+            if seq > self._read_seq:
+                self._count_corrupt(seq - self._read_seq)
+            self._read_seq = seq + 1
+            if skip_only:
+                records.append(SpoolRecord(seq, "", b"", b""))
+                continue
+            records.append(SpoolRecord(seq, _KIND_NAMES[kind_code], body[:key_len], body[key_len:]))
+            size += value_len
+            if size >= max_bytes:
+                break
+        return records
+
+    def _resync(self, end: int) -> None:
+        """Skip a damaged record: on to the next offset where a valid one starts, or to
+        the end of what is written."""
+        assert self._segment is not None and self._handle is not None
+        self._handle.seek(self._offset + 1)
+        rest = self._handle.read(end - self._offset - 1)
+        base = self._offset + 1
+        position = rest.find(_MAGIC_BYTES)
+        while position >= 0:
+            for _seq, _kind, _key, _value, _end in _scan(rest, position, first_only=True):
+                self._offset = base + position
+                return
+            position = rest.find(_MAGIC_BYTES, position + 1)
+        self._offset = end
+        # Nothing valid follows in this segment: the next segment's first sequence
+        # number tells how many records were lost.
+
+    def _count_corrupt(self, missing: int) -> None:
+        self.corrupt_records += missing
+        self.spool.stats.corrupt_records += missing
+
+    def rewind(self) -> None:
+        """Read again from the last confirmed record (the sink failed the batch)."""
+        self._position_at(self.confirmed_seq)
+
+    def commit(self) -> None:
+        """The sink confirmed everything read so far: move the cursor and save it."""
+        if self._read_seq == self.confirmed_seq:
+            return
+        self.confirmed_seq = self._read_seq
+        tmp = self.cursor_path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps({"seq": self.confirmed_seq}))
+        tmp.replace(self.cursor_path)
+        self.spool._collect()
+
+    def close(self) -> None:
+        self._close_handle()
+
+
+def _decode_header(header: bytes) -> tuple[int, int, int, int] | None:
+    if len(header) < HEADER_BYTES:
+        return None
+    magic, kind_code, key_len, value_len, seq = _HEAD.unpack_from(header)
+    if magic != MAGIC or kind_code not in _KIND_NAMES or value_len > MAX_VALUE_BYTES:
+        return None
+    return kind_code, key_len, value_len, seq
+
+
+def _scan(
+    data: bytes, offset: int, *, first_only: bool = False
+) -> Iterator[tuple[int, str, bytes, bytes, int]]:
+    """Valid records of `data` from `offset`, stopping at the first invalid one:
+    (seq, kind, key, value, end offset)."""
+    view = memoryview(data)
+    while offset + HEADER_BYTES <= len(data):
+        decoded = _decode_header(data[offset : offset + HEADER_BYTES])
+        if decoded is None:
+            return
+        kind_code, key_len, value_len, seq = decoded
+        body_start = offset + HEADER_BYTES
+        end = body_start + key_len + value_len
+        if end > len(data):
+            return
+        crc = zlib.crc32(view[body_start:end], zlib.crc32(view[offset : offset + _HEAD.size]))
+        if crc != _CRC.unpack_from(data, offset + _HEAD.size)[0]:
+            return
+        yield (
+            seq,
+            _KIND_NAMES[kind_code],
+            data[body_start : body_start + key_len],
+            data[body_start + key_len : end],
+            end,
+        )
+        if first_only:
+            return
+        offset = end
+
+
+def _fsync_directory(directory: Path) -> None:
+    """A new segment's name must survive a power loss as well as its contents."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,171 @@
+"""Delivery loops with in-memory sinks: confirm-then-advance, retry after failure,
+independent sinks, drain on stop, bounded memory under a stalled sink."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import orjson
+import pytest
+from sipcdr.config import Config, JsonlConfig, PostgresConfig, SinksConfig
+from sipcdr.sinks import delivery as delivery_module
+from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, SpoolRecord
+from sipcdr.sinks.delivery import Delivery
+from sipcdr.sinks.outputs import Outputs
+from sipcdr.sinks.spool import Spool
+from sipcdr.telemetry.metrics import Metrics
+
+
+class MemorySink:
+    streams: tuple[str, ...] = (STREAM_RECORDS,)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.got: list[bytes] = []
+        self.failing = False
+        self.calls = 0
+        self.largest_batch = 0
+        self.gate: asyncio.Event | None = None
+        self.stopped = False
+
+    async def start(self) -> None:
+        self.stopped = False
+
+    async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failing:
+            raise ConnectionError("server down")
+        self.largest_batch = max(self.largest_batch, len(records))
+        self.got.extend(record.value for record in records)
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+def _append(spool: Spool, count: int, start: int = 0) -> list[bytes]:
+    values = [b'{"n":%d}' % n for n in range(start, start + count)]
+    for value in values:
+        assert spool.append(KIND_CDR, b"k", value)
+    return values
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_each_sink_gets_every_record_in_order(tmp_path: Path) -> None:
+    a, b = MemorySink("a"), MemorySink("b")
+    with Spool(tmp_path, ("a", "b")) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [a, b], batch_records=7)
+        await delivery.start()
+        values = _append(spool, 50)
+        await _until(lambda: len(a.got) == 50 and len(b.got) == 50)
+        await delivery.stop()
+    assert a.got == values
+    assert b.got == values
+    assert a.largest_batch <= 7
+    assert a.stopped
+
+
+async def test_a_failing_sink_retries_the_same_batch_and_does_not_hold_the_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery_module, "MIN_BACKOFF_S", 0.01)
+    down, healthy = MemorySink("down"), MemorySink("healthy")
+    down.failing = True
+    with Spool(tmp_path, ("down", "healthy")) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [down, healthy])
+        await delivery.start()
+        values = _append(spool, 20)
+        await _until(lambda: len(healthy.got) == 20 and down.calls >= 3)
+        (state, reader), _ = delivery.readers()
+        assert state.sink == "down"
+        assert not state.up
+        assert state.failures >= 3
+        assert reader.lag_records == 20
+        down.failing = False
+        await _until(lambda: len(down.got) == 20, timeout=10)
+        assert state.up
+        assert reader.lag_records == 0
+        await delivery.stop()
+    assert down.got == values  # nothing lost, nothing twice (the failures wrote nothing)
+
+
+async def test_records_wait_on_disk_and_resume_after_a_restart(tmp_path: Path) -> None:
+    sink = MemorySink("s")
+    sink.failing = True
+    with Spool(tmp_path, ("s",)) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        await delivery.start()
+        values = _append(spool, 10)
+        await delivery.stop(drain_timeout_s=0.2)
+    again = MemorySink("s")
+    with Spool(tmp_path, ("s",)) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [again])
+        await delivery.start()
+        more = _append(spool, 3, start=10)
+        await _until(lambda: len(again.got) == 13)
+        await delivery.stop()
+    assert again.got == values + more
+
+
+async def test_stop_drains_what_the_sink_can_take(tmp_path: Path) -> None:
+    sink = MemorySink("s")
+    sink.gate = asyncio.Event()
+    with Spool(tmp_path, ("s",)) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink], batch_records=10)
+        await delivery.start()
+        _append(spool, 100)
+        asyncio.get_running_loop().call_later(0.2, sink.gate.set)
+        await delivery.stop(drain_timeout_s=5)
+    assert len(sink.got) == 100
+
+
+async def test_a_stalled_sink_holds_at_most_one_batch_in_memory(tmp_path: Path) -> None:
+    """The spool grows on disk; what the loop holds is one batch, whatever the backlog."""
+    sink = MemorySink("s")
+    sink.gate = asyncio.Event()
+    with Spool(tmp_path, ("s",), segment_bytes=64 * 1024) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink], batch_records=100)
+        await delivery.start()
+        _append(spool, 20_000)
+        await asyncio.sleep(0.1)
+        assert spool.segments > 3  # the backlog is on disk
+        sink.gate.set()
+        await _until(lambda: len(sink.got) == 20_000, timeout=20)
+        assert sink.largest_batch <= 100
+        await delivery.stop()
+        assert spool.segments == 1
+
+
+async def test_outputs_export_lag_and_failures(tmp_path: Path) -> None:
+    config = Config(
+        sinks=SinksConfig(
+            jsonl=JsonlConfig(path=str(tmp_path / "cdrs.jsonl")),
+            postgres=PostgresConfig(dsn=""),
+        )
+    )
+    outputs = Outputs(config, spool_dir=tmp_path / "spool")
+    await outputs.open()
+    assert outputs.cdr_writer is not None
+    assert outputs.signaling is None  # nothing keeps signaling without PostgreSQL
+    outputs.cdr_writer.spool.append(KIND_CDR, b"k", orjson.dumps({"cdr_id": "x"}))
+    await _until((tmp_path / "cdrs.jsonl").exists)
+    metrics = Metrics()
+    outputs.export_metrics(metrics)
+    await outputs.close()
+    outputs.export_metrics(metrics)  # after close too: the final numbers
+    text = (tmp_path / "cdrs.jsonl").read_bytes()
+    assert orjson.loads(text) == {"cdr_id": "x"}
+    value = metrics.registry.get_sample_value
+    assert value("sipcdr_sink_records_total", {"sink": "jsonl", "stream": "records"}) == 1
+    assert value("sipcdr_sink_lag_records", {"sink": "jsonl", "stream": "records"}) == 0
+    assert value("sipcdr_spool_records_total", {"stream": "records", "kind": "cdr"}) == 1

@@ -1,0 +1,201 @@
+"""The durable spool: cursors, segments, size policies, and what a crash leaves behind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
+from sipcdr.sinks.spool import HEADER_BYTES, Spool, SpoolError
+
+READERS = ("s", "t", "x", "fast", "slow")
+
+
+def _fill(spool: Spool, count: int, start: int = 0, kind: str = KIND_CDR) -> list[bytes]:
+    values = []
+    for n in range(start, start + count):
+        value = b'{"n":%d,"pad":"%s"}' % (n, b"x" * (n % 50))
+        assert spool.append(kind, b"call-%d" % n, value)
+        values.append(value)
+    return values
+
+
+def _read_all(spool: Spool, name: str, *, commit: bool = True) -> list[bytes]:
+    reader = spool.reader(name)
+    out: list[bytes] = []
+    while batch := reader.read(7, 1 << 20):
+        out.extend(record.value for record in batch)
+        if commit:
+            reader.commit()
+    return out
+
+
+def test_records_come_back_in_order_with_kind_key_and_seq(tmp_path: Path) -> None:
+    with Spool(tmp_path, READERS) as spool:
+        spool.append(KIND_CDR, b"a", b"1")
+        spool.append(KIND_ALERT, b"b", b"22")
+        spool.append(KIND_SIP, b"", b"333")
+        batch = spool.reader("x").read(10, 1 << 20)
+    assert [(r.seq, r.kind, r.key, r.value) for r in batch] == [
+        (1, KIND_CDR, b"a", b"1"),
+        (2, KIND_ALERT, b"b", b"22"),
+        (3, KIND_SIP, b"", b"333"),
+    ]
+
+
+def test_each_reader_has_its_own_cursor_and_resumes_after_reopen(tmp_path: Path) -> None:
+    with Spool(tmp_path, READERS) as spool:
+        values = _fill(spool, 30)
+        fast = spool.reader("fast")
+        slow = spool.reader("slow")
+        assert [r.value for r in fast.read(100, 1 << 20)] == values
+        fast.commit()
+        assert [r.value for r in slow.read(10, 1 << 20)] == values[:10]
+        slow.commit()
+        slow.read(10, 1 << 20)  # read but never confirmed: must come again
+    with Spool(tmp_path, READERS) as spool:
+        more = _fill(spool, 5, start=30)
+        assert _read_all(spool, "fast") == more
+        assert _read_all(spool, "slow") == values[10:] + more
+
+
+def test_rewind_gives_the_unconfirmed_batch_again(tmp_path: Path) -> None:
+    with Spool(tmp_path, READERS) as spool:
+        values = _fill(spool, 10)
+        reader = spool.reader("s")
+        first = reader.read(4, 1 << 20)
+        reader.rewind()
+        assert reader.read(4, 1 << 20) == first
+        reader.commit()
+        assert [r.value for r in reader.read(100, 1 << 20)] == values[4:]
+        assert reader.lag_records == 6  # read, not confirmed
+
+
+def test_segments_rotate_and_are_deleted_once_every_reader_passed(tmp_path: Path) -> None:
+    with Spool(tmp_path, ("a", "b"), segment_bytes=500) as spool:
+        a = spool.reader("a")
+        values = _fill(spool, 60)
+        assert spool.segments > 5
+        before = spool.segments
+        assert [r.value for r in a.read(1000, 1 << 30)] == values
+        a.commit()
+        assert spool.segments == before  # b still needs them
+        assert _read_all(spool, "b") == values
+        assert spool.segments == 1
+        assert len(list(tmp_path.glob("*.seg"))) == 1
+        assert spool.size_bytes < 500  # the active segment stays
+
+
+def test_drop_newest_refuses_and_counts_when_full(tmp_path: Path) -> None:
+    with Spool(tmp_path, ("s",), max_bytes=2000, full_policy="drop_newest") as spool:
+        reader = spool.reader("s")
+        accepted = 0
+        for n in range(100):
+            accepted += spool.append(KIND_CDR, b"k", b"v" * 40 + str(n).encode())
+        assert 20 < accepted < 100
+        assert spool.stats.dropped == {"full": 100 - accepted}
+        assert spool.full
+        while reader.read(10, 1 << 20):
+            reader.commit()
+        assert not spool.full  # caught up: room again
+        assert spool.append(KIND_CDR, b"k", b"after")
+
+
+def test_block_keeps_every_record_and_says_full_until_below_the_resume_mark(
+    tmp_path: Path,
+) -> None:
+    with Spool(tmp_path, ("s",), max_bytes=2000, segment_bytes=300, full_policy="block") as spool:
+        reader = spool.reader("s")
+        values = _fill(spool, 60)
+        assert spool.full
+        assert not spool.stats.dropped
+        assert [r.value for r in reader.read(1000, 1 << 30)] == values
+        reader.commit()
+        assert not spool.full
+
+
+def test_a_torn_tail_is_cut_off_and_counted_and_the_rest_survives(tmp_path: Path) -> None:
+    with Spool(tmp_path, READERS) as spool:
+        values = _fill(spool, 10)
+        segment = next(tmp_path.glob("*.seg"))
+    with segment.open("ab") as handle:  # a record whose write was cut short
+        handle.write(b"\x50\x53\x01\x00\x00\xff\x00\x00\x00" + b"\x0b" * 9)
+    with Spool(tmp_path, READERS) as spool:
+        assert spool.stats.torn_tails == 1
+        assert spool.stats.torn_tail_bytes == 18
+        more = _fill(spool, 2, start=10)
+        assert _read_all(spool, "s") == values + more
+        assert [r.seq for r in spool.reader("t").read(100, 1 << 20)] == list(range(1, 13))
+
+
+def test_a_corrupt_record_inside_a_segment_is_skipped_and_counted(tmp_path: Path) -> None:
+    with Spool(tmp_path, READERS) as spool:
+        values = _fill(spool, 10)
+        segment = next(tmp_path.glob("*.seg"))
+        data = bytearray(segment.read_bytes())
+        # Flip one byte of the fourth record's value.
+        offset = sum(HEADER_BYTES + len(b"call-%d" % n) + len(values[n]) for n in range(3))
+        data[offset + HEADER_BYTES + 8] ^= 0xFF
+        segment.write_bytes(bytes(data))
+        reader = spool.reader("s")
+        got = [r.value for r in reader.read(100, 1 << 20)]
+    assert got == values[:3] + values[4:]
+    assert reader.corrupt_records == 1
+
+
+def test_an_unreadable_cursor_starts_over_from_the_oldest_record(tmp_path: Path) -> None:
+    with Spool(tmp_path, READERS) as spool:
+        values = _fill(spool, 5)
+        _read_all(spool, "s")
+    (tmp_path / "cursors" / "s.json").write_bytes(b"{torn")
+    with Spool(tmp_path, READERS) as spool:
+        reader = spool.reader("s")
+        assert reader.cursor_reset
+        assert [r.value for r in reader.read(100, 1 << 20)] == values
+
+
+def test_the_buffered_stream_writes_on_flush(tmp_path: Path) -> None:
+    with Spool(tmp_path, READERS, buffered=True) as spool:
+        reader = spool.reader("s")
+        _fill(spool, 3, kind=KIND_SIP)
+        assert reader.read(10, 1 << 20) == []
+        spool.flush()
+        assert len(reader.read(10, 1 << 20)) == 3
+
+
+def test_a_second_process_cannot_open_the_same_spool(tmp_path: Path) -> None:
+    with Spool(tmp_path, READERS):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                Spool(tmp_path, READERS).open()
+            except SpoolError:
+                os._exit(0)
+            os._exit(1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.binary(max_size=300), min_size=1, max_size=40),
+    cut=st.integers(min_value=0, max_value=20_000),
+)
+def test_any_truncation_keeps_a_prefix_and_nothing_else(
+    tmp_path_factory: pytest.TempPathFactory, values: list[bytes], cut: int
+) -> None:
+    directory = tmp_path_factory.mktemp("spool")
+    with Spool(directory, READERS) as spool:
+        for value in values:
+            spool.append(KIND_CDR, b"k", value)
+        segment = next(directory.glob("*.seg"))
+    data = segment.read_bytes()
+    segment.write_bytes(data[: min(cut, len(data))])
+    with Spool(directory, READERS) as spool:
+        got = [r.value for r in spool.reader("s").read(1000, 1 << 30)]
+        assert got == values[: len(got)]
+        spool.append(KIND_CDR, b"k", b"next")
+        assert [r.value for r in spool.reader("s").read(1000, 1 << 30)][-1:] == [b"next"]
