@@ -11,7 +11,7 @@ import orjson
 import pytest
 from sipcdr.config import Config, JsonlConfig, PostgresConfig, SinksConfig
 from sipcdr.sinks import delivery as delivery_module
-from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, SpoolRecord
+from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, RecordsRejected, SpoolRecord
 from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.spool import Spool
@@ -169,3 +169,37 @@ async def test_outputs_export_lag_and_failures(tmp_path: Path) -> None:
     assert value("sipcdr_sink_records_total", {"sink": "jsonl", "stream": "records"}) == 1
     assert value("sipcdr_sink_lag_records", {"sink": "jsonl", "stream": "records"}) == 0
     assert value("sipcdr_spool_records_total", {"stream": "records", "kind": "cdr"}) == 1
+
+
+class PickySink(MemorySink):
+    """Refuses any batch holding a value with "bad" in it, like a database refusing a
+    value out of range."""
+
+    async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
+        self.calls += 1
+        if any(b"bad" in record.value for record in records):
+            raise RecordsRejected("value out of range")
+        self.got.extend(record.value for record in records)
+
+
+async def test_a_refused_record_is_set_aside_and_the_rest_delivered_once(tmp_path: Path) -> None:
+    sink = PickySink("picky")
+    with Spool(tmp_path, ("picky",)) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink], batch_records=16)
+        await delivery.start()
+        values = _append(spool, 40)
+        spool.append(KIND_CDR, b"k", b'{"bad":1}')
+        values += _append(spool, 40, start=40)
+        spool.append(KIND_CDR, b"k", b'{"bad":2}')
+        await _until(delivery.caught_up)
+        ((state, _reader),) = delivery.readers()
+        await delivery.stop()
+    assert sink.got == values
+    assert state.rejected == 2
+    assert state.up  # refused content is not an outage
+    kept = [
+        orjson.loads(line)
+        for line in (tmp_path / "rejected" / "picky.jsonl").read_bytes().splitlines()
+    ]
+    assert [item["value"] for item in kept] == ['{"bad":1}', '{"bad":2}']
+    assert kept[0]["reason"] == "value out of range"

@@ -8,8 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sipcdr import __version__
+
+if TYPE_CHECKING:
+    from sipcdr.config import Config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="HEP: stamp the capture's times instead of the send time",
     )
     rep.add_argument("--auth-key", help="HEP agent key to send")
+
+    db = sub.add_parser("db", help="PostgreSQL schema operations")
+    db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    mig = db_sub.add_parser("migrate", help="apply pending schema migrations")
+    mig.add_argument("-c", "--config", type=Path, metavar="FILE", help="TOML configuration")
     return parser
 
 
@@ -106,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sipcdr.app import run  # noqa: PLC0415
 
         return run(config)
+    if args.command == "db":
+        return _db_migrate(config)
     from sipcdr.importer import import_files  # noqa: PLC0415
 
     summary = import_files(config, args.files, args.summary_json)
@@ -113,7 +124,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{summary['sip_messages']} SIP messages, {summary['cdrs_written']} CDRs "
         f"({summary['cdrs_by_disposition']})"
     )
-    return 1 if summary["file_errors"] else 0
+    if summary.get("undelivered"):
+        print(
+            f"not delivered: {summary['undelivered']}; run the import again once the sinks "
+            "are reachable (records are deduplicated by id)",
+            file=sys.stderr,
+        )
+    return 1 if summary["file_errors"] or summary.get("undelivered") else 0
+
+
+def _db_migrate(config: Config) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from sipcdr.storage.embedded import EmbeddedPostgresError  # noqa: PLC0415
+    from sipcdr.storage.migrations import (  # noqa: PLC0415
+        DatabaseUnavailable,
+        MigrationError,
+        migrate_configured,
+    )
+
+    if not config.sinks.postgres.enabled:
+        print(
+            "sipcdr: db migrate: PostgreSQL is disabled (sinks.postgres.dsn is empty)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        applied = asyncio.run(migrate_configured(config))
+    except (DatabaseUnavailable, MigrationError, EmbeddedPostgresError) as exc:
+        print(f"sipcdr: db migrate: {exc}", file=sys.stderr)
+        return 1
+    for name in applied:
+        print(f"applied {name}")
+    if not applied:
+        print("schema is current")
+    return 0
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from sipcdr.dialog.correlator import DialogLimits
 from sipcdr.model import Trunk
 from sipcdr.sinks import spool
 from sipcdr.sinks.jsonl import DEFAULT_ROTATE_BYTES
+from sipcdr.storage.partitions import DEFAULT_PARTITIONS_AHEAD_DAYS
 
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -109,8 +110,6 @@ DEFAULT_POSTGRES_DSN: Final = "embedded"
 DEFAULT_STORE_SIGNALING: Final = True
 # SDP says who sent media where; the privacy promise is "not stored by default".
 DEFAULT_STORE_SDP: Final = False
-# A week of daily partitions ahead: inserts never wait for DDL, even after a long outage.
-DEFAULT_PARTITIONS_AHEAD_DAYS: Final = 7
 # Kafka is off until a broker is named: there is no broker to guess.
 DEFAULT_KAFKA_BOOTSTRAP: Final[tuple[Endpoint, ...]] = ()
 # No duplicate records when the producer retries; brokers without InitProducerId need it off.

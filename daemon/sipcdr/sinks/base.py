@@ -33,6 +33,13 @@ class SpoolRecord(NamedTuple):
     value: bytes  # the record as UTF-8 JSON, exactly what Kafka and JSONL carry
 
 
+class RecordsRejected(ValueError):
+    """The destination refuses what is in the batch (a value out of its range, a record
+    too large): sending it again unchanged cannot succeed. The delivery loop then
+    splits the batch to find the records at fault and sets each aside, counted and
+    logged at ERROR, so one bad record cannot hold up every record after it."""
+
+
 class Sink(Protocol):
     """A destination. `start` and `stop` may be called more than once; `deliver` is
     called by one delivery loop per stream the sink reads, never concurrently for the
@@ -44,6 +51,7 @@ class Sink(Protocol):
     async def start(self) -> None: ...
 
     async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
-        """Write every record or raise; on return the records are durable there."""
+        """Write every record or raise; on return the records are durable there.
+        Raise `RecordsRejected` only when the content, not the destination, is at fault."""
 
     async def stop(self) -> None: ...

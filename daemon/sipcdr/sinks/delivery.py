@@ -8,6 +8,11 @@ costs spool space and nothing else. The first failure of an outage is logged at
 WARNING with the error, the recovery at INFO with how long it lasted; nothing is lost,
 so neither is an ERROR. ERROR is kept for records the spool refused.
 
+A batch the destination refuses for its content (`RecordsRejected`) is split in
+halves until the records at fault are alone; each of those is appended to
+`<spool>/rejected/<sink>.jsonl` with the reason, counted and logged at ERROR, and
+delivery goes on with the next record. Nothing else is ever skipped.
+
 Stopping drains: the loops keep delivering until every sink has everything or
 `DEFAULT_DRAIN_TIMEOUT_S` has passed; what is left stays in the spool for the next
 start.
@@ -17,14 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import orjson
 import structlog
 
-from sipcdr.sinks.base import Sink
+from sipcdr.sinks.base import RecordsRejected, Sink, SpoolRecord
 from sipcdr.sinks.spool import DEFAULT_FSYNC_INTERVAL_S, Spool, SpoolReader
 
 # Large enough to amortise a COPY or a produce round trip, small enough to retry cheaply.
@@ -47,6 +54,7 @@ class LoopState:
     stream: str
     delivered: int = 0
     failures: int = 0
+    rejected: int = 0  # records set aside because the destination refuses their content
     up: bool = True
     down_since: float | None = None
     last_error: str = ""
@@ -129,7 +137,7 @@ class Delivery:
                     await asyncio.wait_for(wake.wait(), _IDLE_WAIT_S)
                 continue
             try:
-                await asyncio.wait_for(sink.deliver(stream, batch), self.deliver_timeout_s)
+                await self._deliver(sink, stream, batch, state, reader)
             except asyncio.CancelledError:
                 reader.rewind()
                 raise
@@ -166,6 +174,61 @@ class Delivery:
                     down_s=round(down_for, 1),
                     backlog=reader.lag_records,
                 )
+
+    async def _deliver(
+        self,
+        sink: Sink,
+        stream: str,
+        batch: Sequence[SpoolRecord],
+        state: LoopState,
+        reader: SpoolReader,
+    ) -> None:
+        try:
+            await asyncio.wait_for(sink.deliver(stream, batch), self.deliver_timeout_s)
+        except RecordsRejected as exc:
+            if len(batch) == 1:
+                self._set_aside(sink, stream, batch[0], exc, state, reader)
+                return
+            # Halves in order: the good records of each half still arrive once.
+            middle = len(batch) // 2
+            await self._deliver(sink, stream, batch[:middle], state, reader)
+            await self._deliver(sink, stream, batch[middle:], state, reader)
+
+    def _set_aside(
+        self,
+        sink: Sink,
+        stream: str,
+        record: SpoolRecord,
+        exc: RecordsRejected,
+        state: LoopState,
+        reader: SpoolReader,
+    ) -> None:
+        directory = reader.spool.directory / "rejected"
+        directory.mkdir(exist_ok=True)
+        line = orjson.dumps(
+            {
+                "seq": record.seq,
+                "kind": record.kind,
+                "key": record.key.decode("utf-8", "replace"),
+                "value": record.value.decode("utf-8", "replace"),
+                "reason": str(exc)[:1000],
+            },
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
+        with (directory / f"{sink.name}.jsonl").open("ab") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        state.rejected += 1
+        self._log.error(
+            "record_rejected",
+            sink=sink.name,
+            stream=stream,
+            seq=record.seq,
+            kind=record.kind,
+            reason=str(exc)[:500],
+            kept_in=str(directory / f"{sink.name}.jsonl"),
+        )
 
     async def _sync_loop(self) -> None:
         while True:

@@ -118,13 +118,21 @@ class Outputs:
 
     async def _postgres_sink(self) -> Sink:
         from sipcdr.sinks.postgres import PostgresSink  # noqa: PLC0415 - asyncpg only when used
-        from sipcdr.storage.embedded import EmbeddedPostgres  # noqa: PLC0415
+        from sipcdr.storage.embedded import (  # noqa: PLC0415
+            EmbeddedPostgres,
+            EmbeddedPostgresError,
+            embedded_data_dir,
+        )
 
         pg = self.config.sinks.postgres
         dsn = pg.dsn
         if pg.embedded:
-            embedded = EmbeddedPostgres(Path(self.config.state.dir) / "pg")
-            dsn = await embedded.start()
+            embedded = EmbeddedPostgres(embedded_data_dir(self.config.state.dir))
+            try:
+                dsn = await embedded.start()
+            except EmbeddedPostgresError as exc:
+                # A local start problem (permissions, disk): stop the start, plainly.
+                raise OSError(f"embedded PostgreSQL did not start: {exc}") from exc
             self._embedded = embedded
         return PostgresSink(
             dsn,
@@ -191,6 +199,14 @@ class Outputs:
                 metrics.sink_up.labels(*labels).set(1 if state.up else 0)
                 self._add(metrics.sink_written.labels(*labels), ("ok", *labels), state.delivered)
                 self._add(metrics.sink_failures.labels(*labels), ("fail", *labels), state.failures)
+                self._add(metrics.sink_rejected.labels(*labels), ("rej", *labels), state.rejected)
+        for sink in self.sinks:
+            rows = getattr(sink, "rows_inserted", None)
+            duplicates = getattr(sink, "duplicates_skipped", None)
+            for outcome, counts in (("inserted", rows), ("duplicate", duplicates)):
+                for table, total in (counts or {}).items():
+                    key = ("pg", table, outcome)
+                    self._add(metrics.postgres_rows.labels(table, outcome), key, total)
 
     def _add(self, counter: _Incrementable, key: tuple[str, ...], total: int) -> int:
         delta = total - self._exported.get(key, 0)

@@ -93,6 +93,20 @@ class Metrics:
             ["sink", "stream"],
             registry=r,
         )
+        self.sink_rejected = Counter(
+            "sipcdr_sink_rejected_total",
+            "Records the destination refuses for their content, set aside in the spool's "
+            "rejected/ directory",
+            ["sink", "stream"],
+            registry=r,
+        )
+        self.postgres_rows = Counter(
+            "sipcdr_postgres_rows_total",
+            "Rows written to PostgreSQL by table: inserted, or duplicate (already there: "
+            "a re-delivery)",
+            ["table", "outcome"],
+            registry=r,
+        )
         self.sink_lag = Gauge(
             "sipcdr_sink_lag_records",
             "Records in the spool the sink has not confirmed yet",

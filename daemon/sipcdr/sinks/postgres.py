@@ -1,0 +1,409 @@
+"""PostgreSQL sink: CDRs, fraud alerts and captured signaling into their partitioned
+tables, by COPY into a staging table and one idempotent INSERT per table.
+
+The database may be down when the daemon starts or at any time after: `start` does not
+connect, `deliver` connects when it needs to, and every failure raises out of `deliver`
+with the connection thrown away, so that the delivery loop's next attempt (after its
+backoff) starts from a fresh connection. Meanwhile the records wait in the spool.
+
+On each new connection the sink applies pending migrations (so a fresh database, or an
+empty one after a failover, gets its tables) and makes the partitions from yesterday to
+`partitions_ahead_days` ahead; it repeats the latter when the UTC day changes. Records
+of other days (a pcap from 2005, a late CDR) get their partition on demand.
+
+A batch goes in one transaction per call: COPY into a session-private staging table,
+then `INSERT ... SELECT ... ON CONFLICT DO NOTHING` into the real table. Re-delivery
+of a batch (normal after a crash or a failed commit) therefore inserts nothing twice,
+and the counters say how many rows were new and how many were already there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Final
+
+import asyncpg
+import orjson
+
+from sipcdr.sinks.base import (
+    KIND_ALERT,
+    KIND_CDR,
+    KIND_SIP,
+    STREAM_RECORDS,
+    STREAM_SIGNALING,
+    RecordsRejected,
+    SpoolRecord,
+)
+from sipcdr.storage.migrations import DEFAULT_CONNECT_TIMEOUT_S, connect, migrate
+from sipcdr.storage.partitions import (
+    DEFAULT_PARTITIONS_AHEAD_DAYS,
+    ensure_ahead,
+    ensure_partitions,
+)
+
+# A statement running longer than this is a stuck server or network, not a big batch:
+# giving up lets the delivery loop retry on a new connection.
+DEFAULT_COMMAND_TIMEOUT_S: Final = 60.0
+# Closing waits this long for the server's goodbye before cutting the socket.
+CLOSE_TIMEOUT_S: Final = 2.0
+
+Row = tuple[Any, ...]
+Converter = Callable[[Any], Any]
+
+
+# SQLSTATE classes 22 and 23: the values themselves are refused, on any retry.
+_CONTENT_ERRORS: Final = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.IntegrityConstraintViolationError,
+)
+
+
+class RecordError(RecordsRejected):
+    """A spool record that cannot be turned into a row; names its stream position."""
+
+
+def _text(value: str | None) -> str | None:
+    # PostgreSQL text cannot hold NUL; captured signaling can. Replaced by U+FFFD so that
+    # one such message cannot stop its stream's delivery.
+    if value is not None and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
+def _time(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _decimal(value: str | None) -> Decimal | None:
+    # Decimal strings stay decimal: a float would change cost and rate digits.
+    return None if value is None else Decimal(value)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _texts(value: list[str]) -> list[str | None]:
+    return [_text(item) for item in value]
+
+
+def _json(value: Any) -> str:
+    text = orjson.dumps(value).decode()
+    if "\\u0000" in text:  # jsonb refuses the NUL escape as well
+        text = orjson.dumps(_strip_nul(value)).decode()
+    return text
+
+
+def _strip_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, list):
+        return [_strip_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_text(str(key)): _strip_nul(item) for key, item in value.items()}
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    """How records of one kind become rows of one table."""
+
+    name: str
+    columns: tuple[str, ...]
+    converters: tuple[Converter, ...]
+    day_column: int  # index of the partition key in `columns`
+
+    @property
+    def staging(self) -> str:
+        return f"{self.name}_staging"
+
+    def row(self, record: dict[str, Any]) -> Row:
+        return tuple(
+            convert(record.get(column))
+            for column, convert in zip(self.columns, self.converters, strict=True)
+        )
+
+
+def _table(name: str, day_column: str, spec: Sequence[tuple[str, Converter]]) -> _Table:
+    columns = tuple(column for column, _ in spec)
+    return _Table(name, columns, tuple(c for _, c in spec), columns.index(day_column))
+
+
+# Columns in the order of the record's fields (and of schemas/migrations/0001_initial.sql).
+CDRS: Final = _table(
+    "cdrs",
+    "start_time",
+    [
+        ("cdr_id", _same),
+        ("call_id", _text),
+        ("caller", _text),
+        ("callee", _text),
+        ("from_uri", _text),
+        ("to_uri", _text),
+        ("request_uri", _text),
+        ("src_ip", _text),
+        ("src_port", _same),
+        ("dst_ip", _text),
+        ("dst_port", _same),
+        ("trunk", _text),
+        ("start_time", _time),
+        ("ring_time", _time),
+        ("answer_time", _time),
+        ("end_time", _time),
+        ("duration", _same),
+        ("billsec", _same),
+        ("pdd_ms", _same),
+        ("disposition", _text),
+        ("sip_code", _same),
+        ("sip_reason", _text),
+        ("q850_cause", _same),
+        ("hangup_by", _text),
+        ("end_reason", _text),
+        ("user_agent", _text),
+        ("rated", _same),
+        ("rate_prefix", _text),
+        ("rate_name", _text),
+        ("rate_per_minute", _decimal),
+        ("billed_seconds", _same),
+        ("cost", _decimal),
+        ("currency", _text),
+        ("fraud_flags", _texts),
+        ("capture_node", _text),
+        ("schema_version", _same),
+    ],
+)
+SIP_MESSAGES: Final = _table(
+    "sip_messages",
+    "captured_at",
+    [
+        ("message_id", _same),
+        ("captured_at", _time),
+        ("call_id", _text),
+        ("method", _text),
+        ("status_code", _same),
+        ("cseq_method", _text),
+        ("cseq", _same),
+        ("src_ip", _text),
+        ("src_port", _same),
+        ("dst_ip", _text),
+        ("dst_port", _same),
+        ("transport", _text),
+        ("capture_node", _text),
+        ("headers", _text),
+        ("body", _text),  # absent unless the operator keeps SDP: NULL
+        ("schema_version", _same),
+    ],
+)
+FRAUD_ALERTS: Final = _table(
+    "fraud_alerts",
+    "raised_at",
+    [
+        ("alert_id", _same),
+        ("raised_at", _time),
+        ("detector", _text),
+        ("subject", _text),
+        ("severity", _text),
+        ("window_s", _same),
+        ("count", _same),
+        ("threshold", _same),
+        ("cdr_ids", _same),
+        ("details", _json),
+        ("schema_version", _same),
+    ],
+)
+TABLE_OF_KIND: Final = {KIND_CDR: CDRS, KIND_ALERT: FRAUD_ALERTS, KIND_SIP: SIP_MESSAGES}
+TABLES: Final = (CDRS, SIP_MESSAGES, FRAUD_ALERTS)
+
+
+class PostgresSink:
+    """The `Sink` of sinks.base for PostgreSQL; one connection per stream, so that the
+    records and signaling streams deliver concurrently."""
+
+    name = "postgres"
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        store_signaling: bool = True,
+        partitions_ahead_days: int = DEFAULT_PARTITIONS_AHEAD_DAYS,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if partitions_ahead_days < 0:
+            raise ValueError(f"partitions_ahead_days must be >= 0, got {partitions_ahead_days}")
+        self.dsn = dsn
+        self.streams: tuple[str, ...] = (
+            (STREAM_RECORDS, STREAM_SIGNALING) if store_signaling else (STREAM_RECORDS,)
+        )
+        self.partitions_ahead_days = partitions_ahead_days
+        self.connect_timeout_s = connect_timeout_s
+        self.command_timeout_s = command_timeout_s
+        self._clock = clock
+        # For metrics: rows new to each table, and rows that were already there.
+        self.rows_inserted: dict[str, int] = {table.name: 0 for table in TABLES}
+        self.duplicates_skipped: dict[str, int] = {table.name: 0 for table in TABLES}
+        # Records of a kind this sink has no table for (a newer producer), by kind: they
+        # are confirmed without being written, rather than blocking the stream.
+        self.records_ignored: dict[str, int] = {}
+        self._connections: dict[str, asyncpg.Connection] = {}
+        self._known_partitions: set[tuple[str, date]] = set()
+        self._ahead_day: date | None = None
+        # Schema work of the two streams' connections runs one at a time.
+        self._schema_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Nothing to do: the first `deliver` connects, so a database that is down does
+        not keep the daemon from starting."""
+
+    async def flush(self) -> None:
+        """Nothing buffered: every `deliver` that returned has committed."""
+
+    async def stop(self) -> None:
+        connections, self._connections = self._connections, {}
+        for connection in connections.values():
+            await _close(connection)
+        self._forget_schema_state()
+
+    async def __aenter__(self) -> PostgresSink:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
+        """Write every record or raise; on return the records are committed."""
+        rows = self._rows(stream, records)
+        if not rows:
+            return
+        connection = await self._connection(stream)
+        try:
+            await self._ensure_partitions(connection, rows)
+            inserted: dict[str, int] = {}
+            async with connection.transaction():
+                for table, table_rows in rows.items():
+                    await connection.copy_records_to_table(
+                        table.staging, records=table_rows, columns=table.columns
+                    )
+                    columns = ", ".join(table.columns)
+                    status = await connection.execute(
+                        f"INSERT INTO {table.name} ({columns}) "
+                        f"SELECT {columns} FROM {table.staging} ON CONFLICT DO NOTHING"
+                    )
+                    inserted[table.name] = int(status.rsplit(" ", 1)[-1])
+        except BaseException as exc:
+            # The connection may be mid-protocol or dead, and a cached partition may
+            # have been dropped by retention: the next attempt starts afresh.
+            self._connections.pop(stream, None)
+            connection.terminate()
+            self._forget_schema_state()
+            if isinstance(exc, _CONTENT_ERRORS):
+                raise RecordsRejected(f"{type(exc).__name__}: {exc}") from exc
+            raise
+        for table, table_rows in rows.items():
+            self.rows_inserted[table.name] += inserted[table.name]
+            self.duplicates_skipped[table.name] += len(table_rows) - inserted[table.name]
+
+    def _rows(self, stream: str, records: Sequence[SpoolRecord]) -> dict[_Table, list[Row]]:
+        rows: dict[_Table, list[Row]] = {}
+        for record in records:
+            table = TABLE_OF_KIND.get(record.kind)
+            if table is None:
+                self.records_ignored[record.kind] = self.records_ignored.get(record.kind, 0) + 1
+                continue
+            try:
+                value = orjson.loads(record.value)
+                row = table.row(value)
+            except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+                raise RecordError(
+                    f"{stream} record {record.seq} ({record.kind}) cannot be stored in "
+                    f"{table.name}: {type(exc).__name__}: {exc}"
+                ) from exc
+            if row[table.day_column] is None:
+                raise RecordError(
+                    f"{stream} record {record.seq} ({record.kind}) has no "
+                    f"{table.columns[table.day_column]}, the key of {table.name}'s partitions"
+                )
+            rows.setdefault(table, []).append(row)
+        return rows
+
+    async def _connection(self, stream: str) -> asyncpg.Connection:
+        connection = self._connections.get(stream)
+        if connection is not None and not connection.is_closed():
+            if self._today() != self._ahead_day:
+                try:
+                    await self._make_ahead(connection)
+                except BaseException:
+                    self._connections.pop(stream, None)
+                    connection.terminate()
+                    self._forget_schema_state()
+                    raise
+            return connection
+        connection = await connect(self.dsn, self.connect_timeout_s, self.command_timeout_s)
+        try:
+            async with self._schema_lock:
+                await migrate(connection)
+            await self._make_ahead(connection)
+            for table in TABLES:
+                # LIKE copies the columns and defaults but not the partitioning, the
+                # keys or the indexes: COPY into it is cheap and never conflicts.
+                await connection.execute(
+                    f"CREATE TEMP TABLE IF NOT EXISTS {table.staging} "
+                    f"(LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                )
+        except BaseException:
+            connection.terminate()
+            self._forget_schema_state()
+            raise
+        self._connections[stream] = connection
+        return connection
+
+    async def _make_ahead(self, connection: asyncpg.Connection) -> None:
+        async with self._schema_lock:
+            today = self._today()
+            if today == self._ahead_day:
+                return  # the other stream's connection just did it
+            await ensure_ahead(connection, today, self.partitions_ahead_days)
+            self._ahead_day = today
+            days = [today + timedelta(days=n) for n in range(-1, self.partitions_ahead_days + 1)]
+            self._known_partitions.update((table.name, day) for table in TABLES for day in days)
+
+    def _forget_schema_state(self) -> None:
+        # After a failure the server may be another one (a failover, a fresh embedded
+        # data directory) or retention may have dropped a cached partition: the next
+        # connection checks the schema and the partitions again.
+        self._known_partitions.clear()
+        self._ahead_day = None
+
+    async def _ensure_partitions(
+        self, connection: asyncpg.Connection, rows: dict[_Table, list[Row]]
+    ) -> None:
+        for table, table_rows in rows.items():
+            days = {row[table.day_column].astimezone(UTC).date() for row in table_rows}
+            missing = {day for day in days if (table.name, day) not in self._known_partitions}
+            if missing:
+                await ensure_partitions(connection, table.name, missing)
+                self._known_partitions.update((table.name, day) for day in missing)
+
+    def _today(self) -> date:
+        return datetime.fromtimestamp(self._clock(), UTC).date()
+
+
+async def _close(connection: asyncpg.Connection) -> None:
+    try:
+        await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT_S)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        connection.terminate()

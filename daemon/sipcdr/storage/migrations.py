@@ -1,0 +1,168 @@
+"""Schema migrations: the numbered SQL files of `schemas/migrations`, applied in order.
+
+A file `NNNN_name.sql` is applied once, in its own transaction, and recorded in
+`schema_migrations` with the SHA-256 of its bytes. An applied file must never change:
+a database built from the old text would differ from one built from the new, so a
+changed checksum is refused (`MigrationError`) instead of silently ignored.
+
+Every step holds a transaction-scoped advisory lock, so two daemons (or a daemon and
+`sipcdr db migrate`) starting together never apply the same file twice: the second
+waits, then finds the file recorded and skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import asyncpg
+
+from sipcdr.config import Config, redact_dsn
+from sipcdr.storage.embedded import EmbeddedPostgres, embedded_data_dir
+
+# The source tree's schemas/migrations: this file is daemon/sipcdr/storage/migrations.py.
+MIGRATIONS_DIR: Final = Path(__file__).resolve().parents[3] / "schemas" / "migrations"
+
+# Key of the advisory lock every migration step holds; any fixed 64-bit number that no
+# other application on the same database uses ("sipcdr" in ASCII, then 1).
+MIGRATION_LOCK_KEY: Final = 0x7369_7063_6472_0001
+
+# A reachable server answers a connect in milliseconds; longer means it is not there.
+DEFAULT_CONNECT_TIMEOUT_S: Final = 5.0
+
+_FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+_CREATE_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     integer      PRIMARY KEY,
+    name        text         NOT NULL,
+    checksum    text         NOT NULL,
+    applied_at  timestamptz  NOT NULL DEFAULT now()
+)
+"""
+
+
+class MigrationError(RuntimeError):
+    """The migrations cannot be applied as they are; the message says which file."""
+
+
+class DatabaseUnavailable(ConnectionError):
+    """No connection to the database; the message names it with its password masked."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str  # file name without ".sql", e.g. "0001_initial"
+    path: Path
+    sql: str
+    checksum: str  # SHA-256 of the file's bytes, hex
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    """The migration files of `directory` (the source tree's by default), by version.
+
+    A `.sql` file whose name does not follow `NNNN_name.sql`, or two files with one
+    number, are errors rather than skipped: either would leave a migration unapplied.
+    """
+    directory = MIGRATIONS_DIR if directory is None else directory
+    if not directory.is_dir():
+        raise MigrationError(
+            f"migrations directory {directory} not found: sipcdr needs the schemas/migrations "
+            "folder of its source tree"
+        )
+    found: dict[int, Migration] = {}
+    for path in sorted(directory.glob("*.sql")):
+        match = _FILE_NAME.match(path.name)
+        if match is None:
+            raise MigrationError(f"{path}: migration file names are NNNN_name.sql")
+        version = int(match.group(1))
+        if version in found:
+            raise MigrationError(f"{path}: version {version} is also {found[version].path.name}")
+        data = path.read_bytes()
+        try:
+            sql = data.decode()
+        except UnicodeDecodeError as exc:
+            raise MigrationError(f"{path}: not UTF-8 ({exc})") from None
+        found[version] = Migration(version, path.stem, path, sql, hashlib.sha256(data).hexdigest())
+    return [found[version] for version in sorted(found)]
+
+
+async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
+    """Apply every pending migration of `directory` (the source tree's by default).
+
+    Returns the names of the files applied now, in order; empty when the schema was
+    already current. Raises MigrationError when an applied file was changed since, or
+    when a file fails (its transaction is rolled back; earlier files stay applied).
+    """
+    migrations = load_migrations(directory)
+    applied: list[str] = []
+    for migration in migrations:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+            await conn.execute(_CREATE_TABLE)
+            recorded = await conn.fetchrow(
+                "SELECT name, checksum FROM schema_migrations WHERE version = $1",
+                migration.version,
+            )
+            if recorded is not None:
+                _check_unchanged(migration, recorded["checksum"])
+                continue
+            try:
+                await conn.execute(migration.sql)
+            except asyncpg.PostgresError as exc:
+                raise MigrationError(f"{migration.path}: {type(exc).__name__}: {exc}") from exc
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                migration.version,
+                migration.name,
+                migration.checksum,
+            )
+        applied.append(migration.name)
+    return applied
+
+
+def _check_unchanged(migration: Migration, recorded_checksum: str) -> None:
+    if recorded_checksum != migration.checksum:
+        raise MigrationError(
+            f"{migration.path} was changed after it was applied (checksum "
+            f"{migration.checksum[:12]}, applied as {recorded_checksum[:12]}); restore it "
+            "and put the change in a new migration file"
+        )
+
+
+async def connect(
+    dsn: str,
+    timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    command_timeout_s: float | None = None,
+) -> asyncpg.Connection:
+    """A connection to `dsn`, or DatabaseUnavailable with a one-line reason."""
+    try:
+        return await asyncpg.connect(dsn, timeout=timeout_s, command_timeout=command_timeout_s)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DatabaseUnavailable(f"cannot connect to {redact_dsn(dsn)}: {reason}") from exc
+
+
+async def migrate_dsn(dsn: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> list[str]:
+    """Connect to `dsn`, apply what is pending, disconnect; the names applied."""
+    conn = await connect(dsn, timeout_s)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+async def migrate_configured(config: Config) -> list[str]:
+    """`sipcdr db migrate`: the configured database, or the embedded server under
+    `state.dir` (started for the purpose, or shared when the daemon runs it)."""
+    postgres = config.sinks.postgres
+    if not postgres.enabled:
+        raise ValueError("PostgreSQL is disabled (sinks.postgres.dsn is empty)")
+    if not postgres.embedded:
+        return await migrate_dsn(postgres.dsn)
+    async with EmbeddedPostgres(embedded_data_dir(config.state.dir)) as dsn:
+        return await migrate_dsn(dsn)

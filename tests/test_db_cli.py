@@ -1,0 +1,63 @@
+"""`sipcdr db migrate` as an operator runs it: a subprocess configured by environment."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from daemonproc import daemon_environ
+
+pytestmark = pytest.mark.integration
+
+# The command starts Python, connects and migrates; an embedded server adds its start.
+COMMAND_TIMEOUT_S = 60.0
+
+
+def db_migrate(workdir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sipcdr.cli", "db", "migrate"],
+        cwd=workdir,
+        env=daemon_environ(**env),
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_S,
+        check=False,
+    )
+
+
+def test_migrate_applies_then_reports_current(pg_dsn: str, tmp_path: Path) -> None:
+    first = db_migrate(tmp_path, SIPCDR_SINKS__POSTGRES__DSN=pg_dsn)
+    assert (first.returncode, first.stdout) == (0, "applied 0001_initial\n"), first.stderr
+    second = db_migrate(tmp_path, SIPCDR_SINKS__POSTGRES__DSN=pg_dsn)
+    assert (second.returncode, second.stdout) == (0, "schema is current\n"), second.stderr
+
+
+def test_migrate_embedded_server_under_state_dir(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {"SIPCDR_SINKS__POSTGRES__DSN": "embedded", "SIPCDR_STATE__DIR": str(state)}
+    first = db_migrate(tmp_path, **env)
+    assert (first.returncode, first.stdout) == (0, "applied 0001_initial\n"), first.stderr
+    assert (state / "pg" / "PG_VERSION").exists()
+    # The server was started for the command only, and is stopped again.
+    assert not (state / "pg" / "postmaster.pid").exists()
+    second = db_migrate(tmp_path, **env)
+    assert (second.returncode, second.stdout) == (0, "schema is current\n"), second.stderr
+
+
+def test_migrate_with_postgres_disabled_is_a_usage_error(tmp_path: Path) -> None:
+    result = db_migrate(tmp_path, SIPCDR_SINKS__POSTGRES__DSN="")
+    assert result.returncode == 2
+    assert "PostgreSQL is disabled" in result.stderr
+
+
+def test_migrate_unreachable_server_is_one_clear_line(tmp_path: Path) -> None:
+    dsn = "postgresql://sipcdr:s3cret@127.0.0.1:1/cdrs"
+    result = db_migrate(tmp_path, SIPCDR_SINKS__POSTGRES__DSN=dsn)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("sipcdr: db migrate: cannot connect to postgresql://sipcdr:")
+    assert "127.0.0.1:1/cdrs" in lines[0]
+    assert "s3cret" not in result.stderr

@@ -1,0 +1,483 @@
+"""PostgreSQL delivery against a real server: migrations, partitions, the sink's rows,
+idempotent re-delivery and outages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import jsonschema
+import orjson
+import pytest
+from pgserver import PrivatePg
+from sipcdr.model import Cdr
+from sipcdr.sinks.base import (
+    KIND_ALERT,
+    KIND_CDR,
+    KIND_SIP,
+    STREAM_RECORDS,
+    STREAM_SIGNALING,
+    SpoolRecord,
+)
+from sipcdr.sinks.postgres import PostgresSink, RecordError
+from sipcdr.storage.embedded import EmbeddedPostgres
+from sipcdr.storage.migrations import (
+    MIGRATIONS_DIR,
+    DatabaseUnavailable,
+    MigrationError,
+    migrate,
+)
+from sipcdr.storage.partitions import (
+    DEFAULT_PARTITIONS_AHEAD_DAYS,
+    PARTITIONED_TABLES,
+    ensure_partitions,
+    list_partitions,
+    partition_name,
+)
+
+pytestmark = pytest.mark.integration
+
+CDR_SCHEMA = json.loads((MIGRATIONS_DIR.parent / "cdr.v1.schema.json").read_text())
+CDR_NAMESPACE = uuid.UUID("6f0e3f4e-7d55-4c1a-9d0e-1c5e2a6b7c01")
+# 2026-03-14 09:26:53.589793 UTC: a fixed day, so partition names are known in advance.
+T0 = 1773480413.589793
+
+
+@pytest.fixture
+async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(pg_dsn)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def sink(pg_dsn: str) -> AsyncIterator[PostgresSink]:
+    async with PostgresSink(pg_dsn) as started:
+        yield started
+
+
+def make_cdr(n: int, start: float = T0, **changes: Any) -> Cdr:
+    fields: dict[str, Any] = {
+        "cdr_id": str(uuid.uuid5(CDR_NAMESPACE, f"call-{n}-{start}")),
+        "call_id": f"call-{n}@192.0.2.10",
+        "caller": "4940111222",
+        "callee": f"49303334{n:02d}",
+        "from_uri": "sip:+4940111222@example.com",
+        "to_uri": f"sip:+49303334{n:02d}@example.net",
+        "request_uri": f"sip:+49303334{n:02d}@example.net;user=phone",
+        "src_ip": "192.0.2.10",
+        "src_port": 5060,
+        "dst_ip": "2001:db8::20",
+        "dst_port": 5080,
+        "trunk": "carrier-a",
+        "start_time": start,
+        "ring_time": start + 0.25,
+        "answer_time": start + 4.5,
+        "end_time": start + 65.123456,
+        "pdd_ms": 250,
+        "disposition": "answered",
+        "sip_code": 200,
+        "sip_reason": "OK",
+        "q850_cause": 16,
+        "hangup_by": "callee",
+        "end_reason": "bye",
+        "user_agent": "TestUA/1.0",
+        "capture_node": "hep-2001",
+        "rated": True,
+        "rate_prefix": "4930",
+        "rate_name": "Germany Berlin",
+        "rate_per_minute": "0.0100",
+        "billed_seconds": 61,
+        "cost": "0.010167",
+        "currency": "EUR",
+        "fraud_flags": ("short_calls", "new_destination"),
+    }
+    fields.update(changes)
+    return Cdr(**fields)
+
+
+def unanswered_cdr(n: int, start: float = T0) -> Cdr:
+    """Every optional field at its null."""
+    return make_cdr(
+        n,
+        start,
+        caller=None,
+        callee=None,
+        trunk=None,
+        ring_time=None,
+        answer_time=None,
+        end_time=start + 3.0,
+        pdd_ms=None,
+        disposition="failed",
+        sip_code=None,
+        sip_reason=None,
+        q850_cause=None,
+        hangup_by=None,
+        end_reason="timeout_no_final",
+        user_agent=None,
+        rated=False,
+        rate_prefix=None,
+        rate_name=None,
+        rate_per_minute=None,
+        billed_seconds=None,
+        cost=None,
+        currency=None,
+        fraud_flags=(),
+    )
+
+
+def cdr_records(cdrs: Sequence[Cdr], first_seq: int = 1) -> list[SpoolRecord]:
+    records = []
+    for seq, cdr in enumerate(cdrs, first_seq):
+        record = cdr.to_record()
+        jsonschema.validate(record, CDR_SCHEMA)
+        records.append(SpoolRecord(seq, KIND_CDR, cdr.call_id.encode(), orjson.dumps(record)))
+    return records
+
+
+def sip_record(seq: int, captured_at: str, **changes: Any) -> SpoolRecord:
+    value: dict[str, Any] = {
+        "message_id": str(uuid.uuid4()),
+        "captured_at": captured_at,
+        "call_id": "call-1@192.0.2.10",
+        "method": "INVITE",
+        "status_code": None,
+        "cseq_method": "INVITE",
+        "cseq": 4294967295,  # beyond RFC 3261's 2**31 - 1, as broken peers send
+        "src_ip": "192.0.2.10",
+        "src_port": 5060,
+        "dst_ip": "198.51.100.1",
+        "dst_port": 5060,
+        "transport": "udp",
+        "capture_node": "hep-2001",
+        "headers": "INVITE sip:4930333444@example.net SIP/2.0\r\nCall-ID: call-1@192.0.2.10\r\n",
+        "schema_version": 1,
+    }
+    value.update(changes)
+    return SpoolRecord(seq, KIND_SIP, value["call_id"].encode(), orjson.dumps(value))
+
+
+def alert_value(raised_at: str) -> dict[str, Any]:
+    return {
+        "alert_id": str(uuid.uuid4()),
+        "raised_at": raised_at,
+        "detector": "short_calls",
+        "subject": "4940111222",
+        "severity": "critical",
+        "window_s": 300,
+        "count": 120,
+        "threshold": 100,
+        "cdr_ids": [str(uuid.uuid5(CDR_NAMESPACE, str(n))) for n in range(3)],
+        "details": {"trunk": "carrier-a", "ratio": 0.93, "top": [{"callee": "4930", "n": 7}]},
+        "schema_version": 1,
+    }
+
+
+def as_record(row: asyncpg.Record) -> dict[str, Any]:
+    """A row read back in the record's JSON form, to compare with what was delivered."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, uuid.UUID):
+            value = str(value)
+        elif isinstance(value, datetime):
+            value = value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        elif isinstance(value, Decimal):
+            value = float(value) if key in ("duration", "billsec") else str(value)
+        elif isinstance(value, list) and value and isinstance(value[0], uuid.UUID):
+            value = [str(item) for item in value]
+        out[key] = value
+    return out
+
+
+async def count(conn: asyncpg.Connection, table: str) -> int:
+    return int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+
+
+# --- migrations ------------------------------------------------------------------------
+
+
+async def test_migrations_apply_once(conn: asyncpg.Connection) -> None:
+    assert await migrate(conn) == ["0001_initial"]
+    assert await migrate(conn) == []
+    rows = await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
+    assert [(r["version"], r["name"]) for r in rows] == [(1, "0001_initial")]
+    assert len(rows[0]["checksum"]) == 64
+    for table in ("cdrs", "sip_messages", "fraud_alerts", "holds", "audit_log"):
+        assert await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table), table
+    # No DEFAULT partition anywhere: it would block making a day's partition later.
+    defaults = await conn.fetchval("SELECT count(*) FROM pg_partitioned_table WHERE partdefid <> 0")
+    assert defaults == 0
+
+
+async def test_concurrent_migrations_apply_each_file_once(pg_dsn: str) -> None:
+    first, second = await asyncpg.connect(pg_dsn), await asyncpg.connect(pg_dsn)
+    try:
+        results = await asyncio.gather(migrate(first), migrate(second))
+    finally:
+        await first.close()
+        await second.close()
+    assert sorted(results) == [[], ["0001_initial"]]
+
+
+async def test_changed_applied_migration_is_refused(
+    conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    directory = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS_DIR, directory)
+    assert await migrate(conn, directory) == ["0001_initial"]
+    path = directory / "0001_initial.sql"
+    path.write_text(path.read_text() + "\n-- edited after being applied\n")
+    with pytest.raises(MigrationError, match=r"0001_initial\.sql was changed"):
+        await migrate(conn, directory)
+    (directory / "0002_later.sql").write_text("CREATE TABLE later (id int);")
+    with pytest.raises(MigrationError):
+        await migrate(conn, directory)
+    assert not await conn.fetchval("SELECT to_regclass('later') IS NOT NULL")
+
+
+async def test_failed_migration_rolls_back_and_names_its_file(
+    conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    directory = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS_DIR, directory)
+    (directory / "0002_broken.sql").write_text("CREATE TABLE half (id int); SELEC 1;")
+    with pytest.raises(MigrationError, match=r"0002_broken\.sql"):
+        await migrate(conn, directory)
+    assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == 1
+    assert not await conn.fetchval("SELECT to_regclass('half') IS NOT NULL")
+
+
+async def test_hold_longer_than_12_months_is_refused(conn: asyncpg.Connection) -> None:
+    await migrate(conn)
+    insert = (
+        "INSERT INTO holds (subject, reason, created_at, expires_at, created_by) "
+        "VALUES ('4940111222', 'case 7', $1, $2, 'analyst')"
+    )
+    created = datetime(2026, 1, 31, tzinfo=UTC)
+    await conn.execute(insert, created, created + timedelta(days=365))
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(insert, created, created + timedelta(days=367))
+
+
+# --- partitions ------------------------------------------------------------------------
+
+
+async def test_partition_bounds_are_utc_days(conn: asyncpg.Connection) -> None:
+    await migrate(conn)
+    await conn.execute("SET TimeZone = 'America/New_York'")
+    day = date(2026, 3, 14)
+    assert await ensure_partitions(conn, "cdrs", [day, day]) == ["cdrs_p20260314"]
+    assert await ensure_partitions(conn, "cdrs", [day]) == []
+    await conn.execute("SET TimeZone = 'UTC'")
+    bounds = await conn.fetchval(
+        "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = $1",
+        partition_name("cdrs", day),
+    )
+    assert bounds == "FOR VALUES FROM ('2026-03-14 00:00:00+00') TO ('2026-03-15 00:00:00+00')"
+    assert await list_partitions(conn, "cdrs") == [day]
+
+
+async def test_partitions_made_ahead_on_connect(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    today = datetime.now(UTC).date()
+    await sink.deliver(STREAM_RECORDS, cdr_records([make_cdr(1, datetime.now(UTC).timestamp())]))
+    wanted = {today + timedelta(days=n) for n in range(-1, DEFAULT_PARTITIONS_AHEAD_DAYS + 1)}
+    for table in PARTITIONED_TABLES:
+        assert wanted <= set(await list_partitions(conn, table)), table
+
+
+async def test_partitions_follow_the_day(pg_dsn: str, conn: asyncpg.Connection) -> None:
+    now = [T0]
+    async with PostgresSink(pg_dsn, partitions_ahead_days=2, clock=lambda: now[0]) as sink:
+        await sink.deliver(STREAM_RECORDS, cdr_records([make_cdr(1)]))
+        days = await list_partitions(conn, "sip_messages")
+        assert days == [date(2026, 3, 13) + timedelta(days=n) for n in range(4)]
+        now[0] += 86400
+        await sink.deliver(STREAM_RECORDS, cdr_records([make_cdr(2)], first_seq=2))
+        assert max(await list_partitions(conn, "sip_messages")) == date(2026, 3, 17)
+
+
+# --- the sink --------------------------------------------------------------------------
+
+
+def test_streams_follow_store_signaling() -> None:
+    assert PostgresSink("postgresql://x/y").streams == (STREAM_RECORDS, STREAM_SIGNALING)
+    assert PostgresSink("postgresql://x/y", store_signaling=False).streams == (STREAM_RECORDS,)
+
+
+async def test_cdrs_stored_with_typed_values(sink: PostgresSink, conn: asyncpg.Connection) -> None:
+    cdrs = [make_cdr(1), unanswered_cdr(2), make_cdr(3, T0 + 3600.000001)]
+    await sink.deliver(STREAM_RECORDS, cdr_records(cdrs))
+    rows = {str(r["cdr_id"]): r for r in await conn.fetch("SELECT * FROM cdrs")}
+    assert len(rows) == 3
+    for cdr in cdrs:
+        row = rows[cdr.cdr_id]
+        assert as_record(row) == cdr.to_record()
+    row = rows[cdrs[0].cdr_id]
+    assert isinstance(row["cdr_id"], uuid.UUID)
+    assert row["start_time"] == datetime(2026, 3, 14, 9, 26, 53, 589793, tzinfo=UTC)
+    assert row["duration"] == Decimal("65.123")
+    assert row["cost"] == Decimal("0.010167")
+    assert row["rate_per_minute"] == Decimal("0.0100")
+    assert row["fraud_flags"] == ["short_calls", "new_destination"]
+    assert rows[cdrs[1].cdr_id]["billsec"] == Decimal("0.000")
+    assert sink.rows_inserted["cdrs"] == 3
+    # Each row sits in the partition of its UTC start day.
+    where = await conn.fetchval(
+        "SELECT tableoid::regclass::text FROM cdrs WHERE cdr_id = $1", row["cdr_id"]
+    )
+    assert where == "cdrs_p20260314"
+
+
+async def test_redelivery_inserts_nothing(sink: PostgresSink, conn: asyncpg.Connection) -> None:
+    batch = cdr_records([make_cdr(n) for n in range(5)])
+    await sink.deliver(STREAM_RECORDS, batch)
+    await sink.deliver(STREAM_RECORDS, batch)
+    # A batch holding the same CDR twice (a replay) also gives one row.
+    await sink.deliver(STREAM_RECORDS, batch[:1] + batch[:1] + cdr_records([make_cdr(9)], 6))
+    assert await count(conn, "cdrs") == 6
+    assert sink.rows_inserted["cdrs"] == 6
+    assert sink.duplicates_skipped["cdrs"] == 7
+
+
+async def test_old_capture_gets_its_partition(sink: PostgresSink, conn: asyncpg.Connection) -> None:
+    start_2005 = datetime(2005, 7, 1, 23, 59, 59, 999999, tzinfo=UTC).timestamp()
+    await sink.deliver(STREAM_RECORDS, cdr_records([make_cdr(1, start_2005)]))
+    assert date(2005, 7, 1) in await list_partitions(conn, "cdrs")
+    row = await conn.fetchrow("SELECT tableoid::regclass::text AS part, * FROM cdrs")
+    assert row["part"] == "cdrs_p20050701"
+    assert row["start_time"] == datetime(2005, 7, 1, 23, 59, 59, 999999, tzinfo=UTC)
+
+
+async def test_sip_messages_stored(sink: PostgresSink, conn: asyncpg.Connection) -> None:
+    sdp = "v=0\r\no=- 1 1 IN IP4 192.0.2.10\r\n"
+    records = [
+        sip_record(1, "2026-03-14T09:26:53.589793Z", body=sdp),
+        sip_record(
+            2,
+            "2026-03-14T09:26:53.839793Z",
+            method=None,
+            status_code=180,
+            cseq=1,
+            src_ip="198.51.100.1",
+            dst_ip="192.0.2.10",
+            headers="SIP/2.0 180 Ringing\r\nX-Odd: a\x00b\r\n",
+        ),
+    ]
+    await sink.deliver(STREAM_SIGNALING, records)
+    rows = await conn.fetch("SELECT * FROM sip_messages ORDER BY captured_at")
+    assert len(rows) == 2
+    sent = [orjson.loads(r.value) for r in records]
+    assert as_record(rows[0]) == sent[0]
+    assert rows[1]["body"] is None
+    # NUL cannot be stored in text; it is replaced, not allowed to stop the stream.
+    assert rows[1]["headers"] == "SIP/2.0 180 Ringing\r\nX-Odd: a\ufffdb\r\n"
+    assert as_record(rows[1]) | {"headers": sent[1]["headers"]} == sent[1] | {"body": None}
+    assert rows[0]["cseq"] == 4294967295
+    assert sink.rows_inserted["sip_messages"] == 2
+
+
+async def test_alerts_stored(sink: PostgresSink, conn: asyncpg.Connection) -> None:
+    alert = alert_value("2026-03-14T09:30:00.000000Z")
+    record = SpoolRecord(1, KIND_ALERT, alert["subject"].encode(), orjson.dumps(alert))
+    await sink.deliver(STREAM_RECORDS, [record])
+    await sink.deliver(STREAM_RECORDS, [record])
+    rows = await conn.fetch("SELECT * FROM fraud_alerts")
+    assert len(rows) == 1
+    stored = as_record(rows[0])
+    stored["details"] = json.loads(stored["details"])
+    assert stored == alert
+    assert sink.rows_inserted["fraud_alerts"] == 1
+    assert sink.duplicates_skipped["fraud_alerts"] == 1
+
+
+async def test_both_streams_deliver_concurrently(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    cdrs = cdr_records([make_cdr(n) for n in range(3)])
+    sips = [sip_record(n, f"2031-01-0{n}T00:00:00.000000Z") for n in range(1, 4)]
+    await asyncio.gather(sink.deliver(STREAM_RECORDS, cdrs), sink.deliver(STREAM_SIGNALING, sips))
+    assert await count(conn, "cdrs") == 3
+    assert await count(conn, "sip_messages") == 3
+
+
+async def test_unknown_kind_is_counted_not_stored(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    records = [*cdr_records([make_cdr(1)]), SpoolRecord(2, "future", b"k", b"{}")]
+    await sink.deliver(STREAM_RECORDS, records)
+    assert sink.records_ignored == {"future": 1}
+    assert await count(conn, "cdrs") == 1
+
+
+async def test_malformed_record_raises_naming_it(sink: PostgresSink) -> None:
+    with pytest.raises(RecordError, match="records record 7"):
+        await sink.deliver(STREAM_RECORDS, [SpoolRecord(7, KIND_CDR, b"k", b"{not json")])
+
+
+async def test_start_succeeds_with_the_database_down() -> None:
+    sink = PostgresSink("postgresql://postgres@127.0.0.1:1/none", connect_timeout_s=2.0)
+    await sink.start()
+    with pytest.raises(DatabaseUnavailable, match="cannot connect"):
+        await sink.deliver(STREAM_RECORDS, cdr_records([make_cdr(1)]))
+    await sink.stop()
+    await sink.stop()
+
+
+async def test_outage_then_recovery(private_pg: PrivatePg) -> None:
+    server = private_pg()
+    dsn = await server.start()
+    first, second = cdr_records([make_cdr(1)]), cdr_records([make_cdr(2)], first_seq=2)
+    async with PostgresSink(dsn, connect_timeout_s=2.0) as sink:
+        await sink.deliver(STREAM_RECORDS, first)
+        await server.stop()
+        await server.stop()  # idempotent
+        with pytest.raises((OSError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+            await sink.deliver(STREAM_RECORDS, second)
+        with pytest.raises(DatabaseUnavailable):
+            await sink.deliver(STREAM_RECORDS, second)
+        assert await server.start() == dsn
+        await sink.deliver(STREAM_RECORDS, second)
+        await sink.deliver(STREAM_RECORDS, first)  # a retried batch that had gone in
+    conn = await asyncpg.connect(dsn)
+    try:
+        ids = {str(r["cdr_id"]) for r in await conn.fetch("SELECT cdr_id FROM cdrs")}
+    finally:
+        await conn.close()
+    assert ids == {make_cdr(1).cdr_id, make_cdr(2).cdr_id}
+    assert sink.rows_inserted["cdrs"] == 2
+    assert sink.duplicates_skipped["cdrs"] == 1
+
+
+async def test_embedded_server_as_context_manager(tmp_path: Path) -> None:
+    server = EmbeddedPostgres(tmp_path / "pg")
+    async with server as dsn:
+        conn = await asyncpg.connect(dsn)
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+        assert await server.start() == dsn  # a second start of a running server
+    assert server.dsn is None
+    assert not (tmp_path / "pg" / "postmaster.pid").exists()
+
+
+async def test_embedded_server_stops_despite_a_killed_holder(tmp_path: Path) -> None:
+    """A daemon killed with SIGKILL stays in the wheel's list of holders; that must not
+    keep the server running after the last live holder stops it."""
+    server = EmbeddedPostgres(tmp_path / "pg")
+    await server.start()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    handles = tmp_path / "pg" / ".handle_pids.json"
+    handles.write_text(json.dumps([gone.pid, *json.loads(handles.read_text())]))
+    await server.stop()
+    assert not (tmp_path / "pg" / "postmaster.pid").exists()
