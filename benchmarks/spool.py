@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
-
 from sipcdr.sinks.base import KIND_CDR
 from sipcdr.sinks.spool import Spool
 
@@ -122,8 +121,7 @@ def main() -> None:
     print(f"{'contender':<26}{'records/s':>12}{'vs floor':>10}")
     for name, rates in results.items():
         print(
-            f"{name:<26}{statistics.median(rates):>12,.0f}"
-            f"{statistics.median(ratios[name]):>9.2f}x"
+            f"{name:<26}{statistics.median(rates):>12,.0f}{statistics.median(ratios[name]):>9.2f}x"
         )
 
 

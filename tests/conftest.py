@@ -20,6 +20,9 @@ from peers import (
     require_program,
 )
 
+# Fixtures for the real servers the delivery tests write to.
+pytest_plugins = ["pgserver", "kafkabroker"]
+
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 
 

@@ -11,12 +11,14 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 from daemonproc import Daemon, start_daemon, wait_for
+from kafkabroker import TansuFactory, consume_all, unique_topic
 from pgserver import PrivatePg, run_sync
 from sipcalls import Call
 
@@ -237,3 +239,63 @@ def test_a_stalled_database_grows_the_spool_not_the_memory(
     ids = pg_cdr_ids(pg_dsn)
     assert len(set(ids)) == len(ids)
     assert daemon.stop() == 0
+
+
+def _validator(name: str) -> Callable[[object], None]:
+    import jsonschema
+
+    schema = orjson.loads((Path(__file__).resolve().parents[1] / "schemas" / name).read_bytes())
+    return jsonschema.Draft202012Validator(schema).validate  # type: ignore[no-any-return]
+
+
+def test_broker_killed_mid_stream_and_back_every_cdr_reaches_billing(
+    tmp_path: Path, pg_dsn: str, tansu_factory: TansuFactory, cleanup: list[Daemon]
+) -> None:
+    """Billing's shape: a consumer group on the CDR topic. The broker dies between two
+    waves of calls and comes back empty (memory storage); what the group reads over
+    both lifetimes, deduplicated by cdr_id, is every CDR the daemon closed, and
+    PostgreSQL, delivered alongside, has each exactly once."""
+    broker = tansu_factory()
+    topic = unique_topic("sipcdr.cdrs")
+    daemon = start_daemon(
+        tmp_path,
+        SIPCDR_SINKS__POSTGRES__DSN=pg_dsn,
+        SIPCDR_SINKS__KAFKA__BOOTSTRAP=broker.bootstrap,
+        SIPCDR_SINKS__KAFKA__IDEMPOTENCE="false",  # tansu refuses InitProducerId
+        SIPCDR_SINKS__KAFKA__TOPIC_CDRS=topic,
+        SIPCDR_SINKS__KAFKA__TOPIC_FRAUD=f"{topic}.fraud",
+    )
+    cleanup.append(daemon)
+    labels = {"sink": "kafka", "stream": "records"}
+
+    send_calls(daemon, [f"kafka-a{n}" for n in range(20)])
+    before = asyncio.run(consume_all(broker.bootstrap, topic, 20, 30, group_id="billing"))
+    assert len({r.value for r in before}) == 20
+
+    broker.kill()
+    send_calls(daemon, [f"kafka-b{n}" for n in range(20)])
+    wait_for(lambda: len(jsonl_ids(daemon)) == 40, timeout=30)
+    wait_for(lambda: daemon.metric("sipcdr_sink_lag_records", **labels) == 20, timeout=30)
+    wait_for(lambda: daemon.metric("sipcdr_sink_failures_total", **labels) >= 1, timeout=60)
+    assert daemon.metric("sipcdr_sink_up", **labels) == 0
+
+    broker.restart()  # empty: the topic comes back on the producer's first send
+    send_calls(daemon, [f"kafka-c{n}" for n in range(20)])
+    wait_for(lambda: daemon.metric("sipcdr_sink_lag_records", **labels) == 0, timeout=90)
+    after = asyncio.run(consume_all(broker.bootstrap, topic, 40, 60, group_id="billing"))
+    assert daemon.stop() == 0
+
+    validate = _validator("cdr.v1.schema.json")
+    by_id: dict[str, dict[str, object]] = {}
+    for record in [*before, *after]:
+        value = orjson.loads(record.value)
+        validate(value)
+        assert record.key == str(value["call_id"]).encode()
+        assert dict(record.headers)["schema_version"] == b"1"
+        by_id[str(value["cdr_id"])] = value
+    closed = set(jsonl_ids(daemon))
+    assert len(closed) == 60
+    assert set(by_id) == closed
+    ids = pg_cdr_ids(pg_dsn)
+    assert len(ids) == len(set(ids)) == 60
+    assert set(ids) == closed

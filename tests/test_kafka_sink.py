@@ -1,0 +1,443 @@
+"""The Kafka sink against a real Kafka-protocol broker (tests/kafkabroker.py).
+
+What billing and the fraud team rely on: CDRs on the CDR topic keyed by Call-ID, alerts
+on the alert topic, every record with its schema version, re-deliveries on the same
+partition as the original, and nothing lost across a broker outage, since `deliver`
+fails in bounded time and the same batch goes out again later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import orjson
+import pytest
+from kafkabroker import (
+    MISSING_TOPIC,
+    TansuFactory,
+    consume_all,
+    create_topics,
+    unique_topic,
+)
+from sipcalls import Call, feed
+from sipcdr import config
+from sipcdr.dialog import Correlator
+from sipcdr.sinks import kafka
+from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP, STREAM_RECORDS, SpoolRecord
+from sipcdr.sinks.kafka import KafkaDeliveryError, KafkaSink
+
+SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
+CDR_SCHEMA = jsonschema.Draft202012Validator(
+    json.loads((SCHEMAS / "cdr.v1.schema.json").read_text())
+)
+ALERT_SCHEMA = jsonschema.Draft202012Validator(
+    json.loads((SCHEMAS / "fraud_alert.v1.schema.json").read_text())
+)
+T0 = 1_700_000_000.0
+# Short, so a dead broker costs a test about two seconds.
+SHORT_TIMEOUT_MS = 1000
+# deliver: two request timeouts; stop: one, plus the forced close; plus a slow machine.
+DELIVER_BOUND_S = 2 * SHORT_TIMEOUT_MS / 1000 + 1.5
+STOP_BOUND_S = SHORT_TIMEOUT_MS / 1000 + 2.5
+CONSUME_TIMEOUT_S = 15.0
+
+
+def cdr_values(count: int, tag: str) -> list[bytes]:
+    """`count` CDRs as the daemon spools them (real calls through the correlator,
+    `orjson.dumps(cdr.to_record())`): answered and busy calls, distinct Call-IDs."""
+    correlator = Correlator()
+    cdrs = []
+    for i in range(count):
+        call = Call(call_id=f"{tag}-{i}@192.0.2.10", caller=f"+4940{i:07d}")
+        start = T0 + i
+        cdrs += feed(correlator, start, call.request("INVITE"))
+        if i % 4 == 3:
+            cdrs += feed(correlator, start + 1, call.response(486, "Busy Here"))
+            continue
+        cdrs += feed(correlator, start + 1, call.response(200, "OK"))
+        ack = call.request("ACK", branch="z9hG4bK-ack", to_tag="callee-tag")
+        cdrs += feed(correlator, start + 1.1, ack)
+        bye = call.request("BYE", cseq=2, branch="z9hG4bK-bye", to_tag="callee-tag")
+        cdrs += feed(correlator, start + 30 + i % 7, bye)
+    assert len(cdrs) == count
+    return [orjson.dumps(cdr.to_record()) for cdr in cdrs]
+
+
+def alert_value(subject: str, cdr_ids: Sequence[str]) -> bytes:
+    return orjson.dumps(
+        {
+            "alert_id": str(uuid.uuid4()),
+            "raised_at": "2026-11-23T14:40:45.123456Z",
+            "detector": "short_calls_burst",
+            "subject": subject,
+            "severity": "warning",
+            "window_s": 300,
+            "count": len(cdr_ids),
+            "threshold": 2,
+            "cdr_ids": list(cdr_ids),
+            "details": {},
+            "schema_version": 1,
+        }
+    )
+
+
+def spool_records(values: Iterable[tuple[str, bytes]], first_seq: int = 1) -> list[SpoolRecord]:
+    """Spool records of (kind, value), keyed as the daemon keys them."""
+    records = []
+    for seq, (kind, value) in enumerate(values, first_seq):
+        parsed = orjson.loads(value)
+        key = parsed["call_id"] if kind == KIND_CDR else parsed["subject"]
+        records.append(SpoolRecord(seq, kind, key.encode(), value))
+    return records
+
+
+def cdr_records(count: int, tag: str, first_seq: int = 1) -> list[SpoolRecord]:
+    return spool_records(((KIND_CDR, value) for value in cdr_values(count, tag)), first_seq)
+
+
+def cdr_ids(records: Iterable[Any]) -> list[str]:
+    return [orjson.loads(record.value)["cdr_id"] for record in records]
+
+
+def sink_for(bootstrap: str, topic_cdrs: str, topic_fraud: str, **options: Any) -> KafkaSink:
+    # tansu refuses InitProducerId (kafkabroker's docstring); real Kafka takes the default.
+    return KafkaSink(
+        bootstrap, topic_cdrs=topic_cdrs, topic_fraud=topic_fraud, idempotence=False, **options
+    )
+
+
+def aiokafka_tasks() -> list[asyncio.Task[Any]]:
+    """Tasks still running other than the test itself: a closed producer leaves none."""
+    current = asyncio.current_task()
+    return [task for task in asyncio.all_tasks() if task is not current and not task.done()]
+
+
+async def timed(coro: Any) -> tuple[float, BaseException | None]:
+    started = time.monotonic()
+    try:
+        await coro
+    except Exception as exc:
+        return time.monotonic() - started, exc
+    return time.monotonic() - started, None
+
+
+@pytest.mark.integration
+async def test_cdrs_and_alerts_reach_their_topics_as_published(kafka_bootstrap: str) -> None:
+    topic_cdrs, topic_fraud = unique_topic("cdrs"), unique_topic("fraud")
+    await create_topics(kafka_bootstrap, [topic_cdrs, topic_fraud])
+    values = cdr_values(60, "route")
+    ids = [orjson.loads(value)["cdr_id"] for value in values]
+    alerts = [alert_value(f"49401{i}", ids[i : i + 2]) for i in range(3)]
+    # Alerts between CDRs, as they come out of the spool's shared stream.
+    mixed = [(KIND_CDR, value) for value in values]
+    for i, alert in enumerate(alerts):
+        mixed.insert(10 + 20 * i, (KIND_ALERT, alert))
+    records = spool_records(mixed)
+
+    async with sink_for(kafka_bootstrap, topic_cdrs, topic_fraud) as sink:
+        await sink.deliver(STREAM_RECORDS, records)
+        assert sink.sent == {topic_cdrs: 60, topic_fraud: 3}
+        assert sink.connected
+
+    consumed = await consume_all(kafka_bootstrap, topic_cdrs, 60, CONSUME_TIMEOUT_S)
+    assert len(consumed) == 60
+    assert sorted(cdr_ids(consumed)) == sorted(ids)
+    assert sorted(record.value for record in consumed) == sorted(values)  # bytes as spooled
+    for record in consumed:
+        value = orjson.loads(record.value)
+        assert record.key == value["call_id"].encode()
+        assert dict(record.headers) == {"schema_version": b"1", "record_kind": b"cdr"}
+        assert not list(CDR_SCHEMA.iter_errors(value)), value
+    assert len({record.partition for record in consumed}) > 1  # keys are spread
+
+    fraud = await consume_all(kafka_bootstrap, topic_fraud, 3, CONSUME_TIMEOUT_S)
+    assert sorted(record.value for record in fraud) == sorted(alerts)
+    for record in fraud:
+        value = orjson.loads(record.value)
+        assert record.key == value["subject"].encode()
+        assert dict(record.headers) == {"schema_version": b"1", "record_kind": b"alert"}
+        assert not list(ALERT_SCHEMA.iter_errors(value)), value
+
+
+@pytest.mark.integration
+async def test_billing_consumer_group_gets_every_cdr_and_resumes_at_its_commit(
+    kafka_bootstrap: str,
+) -> None:
+    """Billing's consumer: a group with committed offsets, starting at the earliest
+    offset, deduplicating on `cdr_id`. A re-delivered batch lands on the same partitions
+    as the first copy, and a restarted consumer reads only what came after its commit."""
+    topic_cdrs, topic_fraud = unique_topic("cdrs"), unique_topic("fraud")
+    await create_topics(kafka_bootstrap, [topic_cdrs, topic_fraud])
+    group = f"billing-{uuid.uuid4().hex[:8]}"
+    first = cdr_records(40, "first")
+    second = cdr_records(40, "second", first_seq=41)
+    later = cdr_records(20, "later", first_seq=81)
+
+    async with sink_for(kafka_bootstrap, topic_cdrs, topic_fraud) as sink:
+        await sink.deliver(STREAM_RECORDS, first)
+        await sink.deliver(STREAM_RECORDS, second)
+        await sink.deliver(STREAM_RECORDS, second)  # the delivery loop retried it
+        read = await consume_all(kafka_bootstrap, topic_cdrs, 120, CONSUME_TIMEOUT_S, group)
+        assert len(read) == 120
+        assert set(cdr_ids(read)) == set(cdr_ids(first + second))
+        copies = Counter(cdr_ids(read))
+        assert {copies[cdr_id] for cdr_id in cdr_ids(second)} == {2}
+        partitions: dict[str, set[int]] = defaultdict(set)
+        for record in read:
+            partitions[orjson.loads(record.value)["cdr_id"]].add(record.partition)
+        assert all(len(found) == 1 for found in partitions.values())
+
+        await sink.deliver(STREAM_RECORDS, later)
+        assert sink.sent[topic_cdrs] == 140
+
+    resumed = await consume_all(kafka_bootstrap, topic_cdrs, 20, CONSUME_TIMEOUT_S, group)
+    assert sorted(cdr_ids(resumed)) == sorted(cdr_ids(later))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("compression", ["lz4", "zstd", "gzip", "none"])
+async def test_every_compression_round_trips(kafka_bootstrap: str, compression: str) -> None:
+    topic_cdrs, topic_fraud = unique_topic(f"cdrs-{compression}"), unique_topic("fraud")
+    await create_topics(kafka_bootstrap, [topic_cdrs, topic_fraud])
+    records = cdr_records(200, compression)
+    async with sink_for(kafka_bootstrap, topic_cdrs, topic_fraud, compression=compression) as sink:
+        await sink.deliver(STREAM_RECORDS, records)
+    consumed = await consume_all(kafka_bootstrap, topic_cdrs, 200, CONSUME_TIMEOUT_S)
+    assert sorted((r.key, r.value) for r in consumed) == sorted((r.key, r.value) for r in records)
+
+
+@pytest.mark.integration
+async def test_start_and_stop_with_the_broker_down_and_deliver_fails_in_bounded_time(
+    tansu_factory: TansuFactory,
+) -> None:
+    broker = tansu_factory()
+    broker.kill()  # a port that certainly refuses: nothing else took it in between
+    sink = sink_for(broker.bootstrap, "cdrs", "fraud", request_timeout_ms=SHORT_TIMEOUT_MS)
+    elapsed, error = await timed(sink.start())
+    assert error is None
+    assert elapsed < 0.5
+    for _ in range(2):  # the second attempt uses a fresh producer, and fails the same way
+        elapsed, error = await timed(sink.deliver(STREAM_RECORDS, cdr_records(5, "down")))
+        assert isinstance(error, KafkaDeliveryError), error
+        assert elapsed < DELIVER_BOUND_S
+        assert not sink.connected
+    elapsed, error = await timed(sink.stop())
+    assert error is None
+    assert elapsed < STOP_BOUND_S
+    await sink.stop()  # idempotent
+    assert sink.sent == {"cdrs": 0, "fraud": 0}
+    assert aiokafka_tasks() == []
+
+
+@pytest.mark.integration
+async def test_batch_failed_while_the_broker_was_gone_delivers_after_restart(
+    tansu_factory: TansuFactory,
+) -> None:
+    broker = tansu_factory()
+    topic_cdrs, topic_fraud = unique_topic("cdrs"), unique_topic("fraud")
+    await create_topics(broker.bootstrap, [topic_cdrs, topic_fraud])
+    sink = sink_for(broker.bootstrap, topic_cdrs, topic_fraud, request_timeout_ms=SHORT_TIMEOUT_MS)
+    await sink.start()
+    await sink.deliver(STREAM_RECORDS, cdr_records(10, "before"))
+    batch = cdr_records(1000, "outage", first_seq=11)  # one batch of the delivery loop
+
+    broker.kill()
+    elapsed, error = await timed(sink.deliver(STREAM_RECORDS, batch))
+    assert isinstance(error, KafkaDeliveryError), error
+    assert elapsed < DELIVER_BOUND_S
+
+    broker.restart()  # memory storage: it comes back empty
+    await create_topics(broker.bootstrap, [topic_cdrs, topic_fraud])
+    await sink.deliver(STREAM_RECORDS, batch)
+    await sink.stop()
+    consumed = await consume_all(broker.bootstrap, topic_cdrs, 1000, CONSUME_TIMEOUT_S)
+    # Every CDR once: nothing of the failed attempt arrived late as an extra copy.
+    assert sorted(cdr_ids(consumed)) == sorted(cdr_ids(batch))
+    assert sink.sent[topic_cdrs] == 1010
+
+
+@pytest.mark.integration
+async def test_broker_that_stops_answering_fails_deliver_and_stop_still_returns(
+    tansu_factory: TansuFactory,
+) -> None:
+    """SIGSTOP: connections are accepted and nothing answers, the case in which a
+    client without its own deadlines hangs."""
+    broker = tansu_factory()
+    sink = sink_for(broker.bootstrap, "cdrs", "fraud", request_timeout_ms=SHORT_TIMEOUT_MS)
+    await sink.start()
+    await sink.deliver(STREAM_RECORDS, cdr_records(5, "warm"))
+    broker.freeze()
+    try:
+        elapsed, error = await timed(sink.deliver(STREAM_RECORDS, cdr_records(300, "frozen")))
+        assert isinstance(error, KafkaDeliveryError), error
+        assert elapsed < DELIVER_BOUND_S
+        elapsed, error = await timed(sink.stop())
+        assert error is None
+        assert elapsed < STOP_BOUND_S
+        assert aiokafka_tasks() == []
+    finally:
+        broker.thaw()
+
+
+@pytest.mark.integration
+async def test_missing_topic_fails_deliver_in_bounded_time(kafka_bootstrap: str) -> None:
+    sink = sink_for(kafka_bootstrap, MISSING_TOPIC, "fraud", request_timeout_ms=SHORT_TIMEOUT_MS)
+    elapsed, error = await timed(sink.deliver(STREAM_RECORDS, cdr_records(3, "missing")))
+    await sink.stop()
+    assert isinstance(error, KafkaDeliveryError), error
+    assert "UnknownTopicOrPartition" in str(error)
+    assert elapsed < DELIVER_BOUND_S
+    assert sink.sent[MISSING_TOPIC] == 0
+
+
+@pytest.mark.integration
+async def test_tls_sink_does_not_fall_back_to_plaintext(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    cafile = make_ca(tmp_path)
+    sink = sink_for(
+        kafka_bootstrap,
+        "cdrs",
+        "fraud",
+        request_timeout_ms=SHORT_TIMEOUT_MS,
+        security_protocol="SSL",
+        ssl_cafile=cafile,
+    )
+    elapsed, error = await timed(sink.deliver(STREAM_RECORDS, cdr_records(3, "tls")))
+    await sink.stop()
+    assert isinstance(error, KafkaDeliveryError), error
+    assert elapsed < DELIVER_BOUND_S
+
+
+async def test_unknown_kind_or_stream_is_refused_before_anything_is_sent() -> None:
+    # Nothing listens on port 9: had the sink tried to send, it would fail differently.
+    sink = KafkaSink("127.0.0.1:9", idempotence=False)
+    good = cdr_records(2, "kind")
+    with pytest.raises(ValueError, match="record kind 'sip'"):
+        await sink.deliver(STREAM_RECORDS, [*good, SpoolRecord(3, KIND_SIP, b"k", b"{}")])
+    with pytest.raises(ValueError, match="stream"):
+        await sink.deliver("signaling", good)
+    await sink.deliver(STREAM_RECORDS, [])  # nothing to do: no connection attempt
+    assert not sink.connected
+    assert sink.sent == {kafka.DEFAULT_TOPIC_CDRS: 0, kafka.DEFAULT_TOPIC_FRAUD: 0}
+    await sink.stop()
+
+
+class HangingProducer:
+    """Stands in for AIOKafkaProducer: connects, confirms sends only when told to, and
+    never finishes closing, the client bug the sink's own deadlines are there for."""
+
+    def __init__(self, confirm: bool) -> None:
+        self.client = self  # the sink closes `producer.client` when it gives up
+        self.confirm = confirm
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, topic: str, value: bytes, **options: Any) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.confirm:
+            future.set_result(None)
+        return future
+
+    async def stop(self) -> None:
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        await asyncio.Event().wait()
+
+
+@pytest.mark.timeout(20)  # a missing deadline would hang here, not fail
+async def test_deadlines_hold_when_the_client_itself_hangs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    confirm = False
+    monkeypatch.setattr(kafka, "AIOKafkaProducer", lambda **options: HangingProducer(confirm))
+    timeout_s = 0.2
+    sink = KafkaSink("127.0.0.1:9", idempotence=False, request_timeout_ms=round(timeout_s * 1000))
+    elapsed, error = await timed(sink.deliver(STREAM_RECORDS, cdr_records(3, "hang")))
+    assert isinstance(error, KafkaDeliveryError), error
+    assert 2 * timeout_s <= elapsed < 2 * timeout_s + 0.5
+
+    confirm = True  # the next producer confirms, then hangs in stop: stop still returns
+    await sink.deliver(STREAM_RECORDS, cdr_records(3, "hang"))
+    assert sink.sent[kafka.DEFAULT_TOPIC_CDRS] == 3
+    elapsed, error = await timed(sink.stop())
+    assert error is None
+    assert elapsed < timeout_s + 1.5  # one request timeout, then two bounded close steps
+    assert aiokafka_tasks() == []
+
+
+def make_ca(directory: Path) -> Path:
+    """A throwaway self-signed CA certificate (PEM), made with the openssl program."""
+    cafile = directory / "ca.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=sipcdr test CA",
+            "-keyout", str(directory / "ca.key"), "-out", str(cafile),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    return cafile
+
+
+def test_tls_options_verify_the_broker_against_the_given_ca(tmp_path: Path) -> None:
+    sink = KafkaSink(
+        "broker.example:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="sipcdr",
+        sasl_password="s3cret",
+        ssl_cafile=make_ca(tmp_path),
+    )
+    context = sink._options["ssl_context"]
+    assert context.check_hostname
+    assert [dict(item[0] for item in ca["subject"]) for ca in context.get_ca_certs()] == [
+        {"commonName": "sipcdr test CA"}
+    ]
+    assert sink._options["sasl_mechanism"] == "SCRAM-SHA-512"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"compression": "snappy"}, "compression"),
+        ({"linger_ms": -1}, "linger_ms"),
+        ({"max_batch_bytes": 0}, "max_batch_bytes"),
+        ({"security_protocol": "TLS"}, "security_protocol"),
+        ({"security_protocol": "SASL_PLAINTEXT"}, "sasl_username and sasl_password"),
+        (
+            {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "OAUTHBEARER"},
+            "sasl_mechanism",
+        ),
+        ({"security_protocol": "SSL", "ssl_cafile": Path("/nonexistent/ca.pem")}, "ssl_cafile"),
+    ],
+)
+def test_bad_options_fail_at_construction(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        KafkaSink("broker.example:9092", **options)
+
+
+def test_config_defaults_are_the_sinks() -> None:
+    """The shipped config and the sink agree on the benchmarked defaults."""
+    defaults = config.KafkaConfig()
+    assert defaults.compression == kafka.DEFAULT_COMPRESSION
+    assert defaults.linger_ms == kafka.DEFAULT_LINGER_MS
+    assert defaults.max_batch_bytes == kafka.DEFAULT_MAX_BATCH_BYTES
+    assert defaults.request_timeout_ms == kafka.DEFAULT_REQUEST_TIMEOUT_MS
+    assert defaults.topic_cdrs == kafka.DEFAULT_TOPIC_CDRS
+    assert defaults.topic_fraud == kafka.DEFAULT_TOPIC_FRAUD
+    assert defaults.idempotence == kafka.DEFAULT_IDEMPOTENCE
+    assert defaults.security_protocol == kafka.DEFAULT_SECURITY_PROTOCOL
