@@ -7,8 +7,12 @@ Three contenders write the same CDR-sized JSON values (~900 bytes) to a fresh fi
 - spool buffered: the signaling stream's batched writes
 - read back: one reader taking every record in batches of 1,000
 
-Figures are the median of several rounds; the ratio is against the floor of the same
-round, so a noisy machine moves all of them together.
+and, per SIP message, what keeping signaling for `sip_messages` adds to parsing:
+`sip.parse` alone against parse plus `SignalingRecorder` (id, JSON, buffered append).
+
+Figures are the median of several rounds; the ratio is against the baseline of the
+same round (the floor, or parsing alone), so a noisy machine moves all of them
+together.
 
     python benchmarks/spool.py [--rounds 5] [--number 50000]
 """
@@ -18,14 +22,21 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from samples import MESSAGES
+from sipcdr.model import Packet
 from sipcdr.sinks.base import KIND_CDR
+from sipcdr.sinks.signaling import SignalingRecorder
 from sipcdr.sinks.spool import Spool
+from sipcdr.sip import parse
 
 VALUE = orjson.dumps(
     {
@@ -89,6 +100,25 @@ def read_back(directory: Path, number: int) -> None:
         assert total >= number
 
 
+def parse_only(directory: Path, number: int) -> None:
+    payloads = list(MESSAGES.values())
+    for n in range(number):
+        parse(payloads[n % 3])
+
+
+def parse_and_record(directory: Path, number: int) -> None:
+    payloads = list(MESSAGES.values())
+    packets = [
+        Packet(1_795_000_000.0 + n, "192.0.2.10", 5060, "203.0.113.20", 5060, "udp", p, "2001")
+        for n, p in enumerate(payloads)
+    ]
+    with Spool(directory / "signaling", ("r",), buffered=True) as spool:
+        record = SignalingRecorder(spool)
+        for n in range(number):
+            packet = packets[n % 3]
+            record(packet, parse(packet.payload))
+
+
 def timed(run: Callable[[Path, int], None], directory: Path, number: int) -> float:
     start = time.perf_counter()
     run(directory, number)
@@ -117,8 +147,15 @@ def main() -> None:
             for name, rate in round_results.items():
                 results.setdefault(name, []).append(rate)
                 ratios.setdefault(name, []).append(rate / base)
+            parsed = timed(parse_only, directory, args.number)
+            for name, rate in (
+                ("sip.parse", parsed),
+                ("parse + signaling record", timed(parse_and_record, directory, args.number)),
+            ):
+                results.setdefault(name, []).append(rate)
+                ratios.setdefault(name, []).append(rate / parsed)
     print(f"{args.number} records of {len(VALUE)} bytes, median of {args.rounds} rounds")
-    print(f"{'contender':<26}{'records/s':>12}{'vs floor':>10}")
+    print(f"{'contender':<26}{'records/s':>12}{'ratio':>10}  (floor, then parse alone)")
     for name, rates in results.items():
         print(
             f"{name:<26}{statistics.median(rates):>12,.0f}{statistics.median(ratios[name]):>9.2f}x"

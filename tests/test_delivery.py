@@ -11,8 +11,9 @@ import orjson
 import pytest
 from sipcdr.config import Config, JsonlConfig, PostgresConfig, SinksConfig
 from sipcdr.sinks import delivery as delivery_module
-from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, RecordsRejected, SpoolRecord
+from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, RecordsRejected, SpoolRecord
 from sipcdr.sinks.delivery import Delivery
+from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.spool import Spool
 from sipcdr.telemetry.metrics import Metrics
@@ -32,6 +33,10 @@ class MemorySink:
 
     async def start(self) -> None:
         self.stopped = False
+
+    async def prepare(self) -> None:
+        if self.failing:
+            raise ConnectionError("server down")
 
     async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
         self.calls += 1
@@ -203,3 +208,24 @@ async def test_a_refused_record_is_set_aside_and_the_rest_delivered_once(tmp_pat
     ]
     assert [item["value"] for item in kept] == ['{"bad":1}', '{"bad":2}']
     assert kept[0]["reason"] == "value out of range"
+
+
+async def test_jsonl_writes_cdr_lines_only_and_rotates_by_size(tmp_path: Path) -> None:
+    path = tmp_path / "cdrs.jsonl"
+    sink = JsonlSink(path, rotate_bytes=4096)
+    await sink.start()
+    records = [
+        SpoolRecord(
+            n, KIND_CDR if n % 10 else KIND_ALERT, b"k", b'{"n":%d,"pad":"%s"}' % (n, b"x" * 80)
+        )
+        for n in range(1, 201)
+    ]
+    for start in range(0, 200, 25):
+        await sink.deliver(STREAM_RECORDS, records[start : start + 25])
+    await sink.stop()
+    await sink.stop()  # idempotent
+    files = sorted(tmp_path.glob("cdrs.jsonl*"))
+    assert len(files) > 2  # rotated
+    assert all(f.stat().st_size < 4096 + 25 * 120 for f in files)
+    lines = [line for f in files for line in f.read_bytes().splitlines()]
+    assert sorted(orjson.loads(line)["n"] for line in lines) == [n for n in range(1, 201) if n % 10]

@@ -128,49 +128,135 @@ def test_postgres_stopped_mid_stream_loses_nothing(
     assert pg_count(dsn, "sip_messages") == 40 * MESSAGES_PER_CALL
 
 
-def test_sigkill_mid_stream_then_restart_delivers_every_closed_cdr(
-    tmp_path: Path, pg_dsn: str, cleanup: list[Daemon]
-) -> None:
-    # Hold the cdrs table so PostgreSQL is behind when the daemon is killed.
-    async def hold_then_release(release: asyncio.Event, held: asyncio.Event) -> None:
-        conn = await asyncpg.connect(pg_dsn, timeout=10)
+class TableLock:
+    """Holds PostgreSQL table locks from a thread of its own until released: inserts
+    into those tables wait, as they would behind a slow or overloaded database."""
+
+    def __init__(self, dsn: str, tables: str) -> None:
+        self.dsn = dsn
+        self.tables = tables
+        self.held = threading.Event()
+        self._release = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._hold()), daemon=True)
+
+    async def _hold(self) -> None:
+        conn = await asyncpg.connect(self.dsn, timeout=10)
         try:
             async with conn.transaction():
-                await conn.execute("LOCK TABLE cdrs IN EXCLUSIVE MODE")
-                held.set()
-                await release.wait()
+                await conn.execute(f"LOCK TABLE {self.tables} IN EXCLUSIVE MODE")
+                self.held.set()
+                while not self._release.is_set():
+                    await asyncio.sleep(0.05)
         finally:
             await conn.close()
 
-    first = start_daemon(tmp_path, SIPCDR_SINKS__POSTGRES__DSN=pg_dsn)
+    def __enter__(self) -> TableLock:
+        self._thread.start()
+        wait_for(self.held.is_set, timeout=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._release.set()
+        self._thread.join(timeout=10)
+
+
+def kafka_env(bootstrap: str, topic: str) -> dict[str, str]:
+    return {
+        "SIPCDR_SINKS__KAFKA__BOOTSTRAP": bootstrap,
+        "SIPCDR_SINKS__KAFKA__IDEMPOTENCE": "false",  # tansu refuses InitProducerId
+        "SIPCDR_SINKS__KAFKA__TOPIC_CDRS": topic,
+        "SIPCDR_SINKS__KAFKA__TOPIC_FRAUD": f"{topic}.fraud",
+        "SIPCDR_SINKS__KAFKA__REQUEST_TIMEOUT_MS": "3000",
+    }
+
+
+def test_sigkill_mid_stream_then_restart_delivers_every_closed_cdr(
+    tmp_path: Path, pg_dsn: str, tansu_factory: TansuFactory, cleanup: list[Daemon]
+) -> None:
+    """Both sinks behind at the kill: PostgreSQL waits on a table lock, the broker is
+    frozen (SIGSTOP). Every CDR the daemon had closed arrives after the restart."""
+    broker = tansu_factory()
+    topic = unique_topic("sipcdr.cdrs")
+    env = {"SIPCDR_SINKS__POSTGRES__DSN": pg_dsn, **kafka_env(broker.bootstrap, topic)}
+    first = start_daemon(tmp_path, **env)
     cleanup.append(first)
-    send_calls(first, ["kill-warmup"])  # the sink creates its tables on first delivery
+    send_calls(first, ["kill-warmup"])
     wait_for(lambda: len(pg_cdr_ids(pg_dsn)) == 1, timeout=30)
-    loop = asyncio.new_event_loop()
-    release, held = asyncio.Event(), asyncio.Event()
-    holder = threading.Thread(
-        target=lambda: loop.run_until_complete(hold_then_release(release, held)), daemon=True
-    )
-    holder.start()
-    wait_for(held.is_set, timeout=10)
-    try:
-        send_calls(first, [f"kill-{n}" for n in range(30)])
-        wait_for(lambda: closed_cdrs(first) == 31, timeout=30)
-        assert len(pg_cdr_ids(pg_dsn)) == 1  # held: nothing new there yet
-        first.process.kill()  # SIGKILL: no drain, no shutdown hook
-        first.process.wait(timeout=10)
-    finally:
-        loop.call_soon_threadsafe(release.set)
-        holder.join(timeout=10)
+    assert len(asyncio.run(consume_all(broker.bootstrap, topic, 1, 30))) == 1
+    with TableLock(pg_dsn, "cdrs"):
+        broker.freeze()
+        try:
+            send_calls(first, [f"kill-{n}" for n in range(30)])
+            wait_for(lambda: closed_cdrs(first) == 31, timeout=30)
+            assert len(pg_cdr_ids(pg_dsn)) == 1  # held: nothing new there yet
+            first.process.kill()  # SIGKILL: no drain, no shutdown hook
+            first.process.wait(timeout=10)
+        finally:
+            broker.thaw()
     # The JSONL file may or may not have had its turn; the spool has every CDR.
-    second = start_daemon(tmp_path, SIPCDR_SINKS__POSTGRES__DSN=pg_dsn)
+    second = start_daemon(tmp_path, **env)
     cleanup.append(second)
     wait_for(lambda: len(pg_cdr_ids(pg_dsn)) == 31, timeout=60)
     wait_for(lambda: len(set(jsonl_ids(second))) == 31, timeout=30)
+    labels = {"sink": "kafka", "stream": "records"}
+    wait_for(lambda: daemon_lag(second, labels) == 0, timeout=60)
     assert second.stop() == 0
+    closed = set(jsonl_ids(second))
     ids = pg_cdr_ids(pg_dsn)
     assert len(ids) == len(set(ids)) == 31
-    assert set(ids) == set(jsonl_ids(second))
+    assert set(ids) == closed
+    consumed = asyncio.run(consume_all(broker.bootstrap, topic, 31, 60))
+    assert {str(orjson.loads(record.value)["cdr_id"]) for record in consumed} == closed
+
+
+def daemon_lag(daemon: Daemon, labels: dict[str, str]) -> float:
+    text = daemon.metrics()
+    series = f'sipcdr_sink_lag_records{{sink="{labels["sink"]}",stream="{labels["stream"]}"}}'
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rpartition(" ")[2])
+    return -1.0  # not exported yet
+
+
+def test_a_full_spool_blocks_intake_counted_and_resumes(
+    tmp_path: Path, pg_dsn: str, cleanup: list[Daemon]
+) -> None:
+    """`full_policy = "block"` with a 1 MiB spool and PostgreSQL held: intake stops
+    (every refused message counted, an ERROR logged), no closed CDR is dropped, and
+    intake resumes once the database has caught up."""
+    daemon = start_daemon(
+        tmp_path,
+        SIPCDR_SINKS__POSTGRES__DSN=pg_dsn,
+        SIPCDR_SPOOL__MAX_BYTES=str(1024 * 1024),
+        SIPCDR_SPOOL__SEGMENT_BYTES=str(64 * 1024),
+        SIPCDR_SPOOL__FULL_POLICY="block",
+    )
+    cleanup.append(daemon)
+    send_calls(daemon, ["full-warmup"])
+    wait_for(lambda: len(pg_cdr_ids(pg_dsn)) == 1, timeout=30)
+    with TableLock(pg_dsn, "cdrs"):
+        send_calls(daemon, [f"full-a{n}" for n in range(1500)], pace_per_s=3000)
+        wait_for(lambda: daemon.metric("sipcdr_spool_full", stream="records") == 1, timeout=30)
+        wait_for(lambda: refused(daemon) > 0, timeout=30)  # the tick paused intake
+        send_calls(daemon, [f"full-b{n}" for n in range(50)])
+        wait_for(lambda: refused(daemon) >= 50 * MESSAGES_PER_CALL, timeout=30)
+        closed = closed_cdrs(daemon)
+        assert daemon.metric("sipcdr_spool_dropped_total", stream="records", reason="full") == 0
+    wait_for(lambda: len(pg_cdr_ids(pg_dsn)) == closed, timeout=120)
+    wait_for(lambda: daemon.metric("sipcdr_spool_full", stream="records") == 0, timeout=30)
+    send_calls(daemon, [f"full-c{n}" for n in range(10)])
+    wait_for(lambda: len(pg_cdr_ids(pg_dsn)) == closed + 10, timeout=60)
+    assert daemon.stop() == 0
+    log = daemon.log.read_text()
+    assert '"event": "intake_paused"' in log
+    assert '"event": "intake_resumed"' in log
+    ids = pg_cdr_ids(pg_dsn)
+    assert len(ids) == len(set(ids))
+    assert set(ids) == set(jsonl_ids(daemon))
+
+
+def refused(daemon: Daemon) -> float:
+    return daemon.metric("sipcdr_packets_dropped_total", source="intake", reason="spool_full")
 
 
 def _rss_bytes(pid: int) -> int:
@@ -193,24 +279,7 @@ def test_a_stalled_database_grows_the_spool_not_the_memory(
     wait_for(lambda: len(pg_cdr_ids(pg_dsn)) == 1, timeout=30)
     wait_for(lambda: pg_count(pg_dsn, "sip_messages") == MESSAGES_PER_CALL, timeout=30)
 
-    release = threading.Event()
-    held = threading.Event()
-
-    async def hold() -> None:
-        conn = await asyncpg.connect(pg_dsn, timeout=10)
-        try:
-            async with conn.transaction():
-                await conn.execute("LOCK TABLE cdrs, sip_messages IN EXCLUSIVE MODE")
-                held.set()
-                while not release.is_set():
-                    await asyncio.sleep(0.05)
-        finally:
-            await conn.close()
-
-    holder = threading.Thread(target=lambda: asyncio.run(hold()), daemon=True)
-    holder.start()
-    wait_for(held.is_set, timeout=10)
-    try:
+    with TableLock(pg_dsn, "cdrs, sip_messages"):
         rss_before = _rss_bytes(daemon.process.pid)
         send_calls(daemon, [f"load-{n}" for n in range(calls)], pace_per_s=6000)
         wait_for(lambda: closed_cdrs(daemon) == calls + 1, timeout=60)
@@ -225,9 +294,6 @@ def test_a_stalled_database_grows_the_spool_not_the_memory(
         rss_growth = _rss_bytes(daemon.process.pid) - rss_before
         assert daemon.metric("sipcdr_sink_lag_records", sink="postgres", stream="records") == calls
         assert len(pg_cdr_ids(pg_dsn)) == 1  # nothing got past the locks
-    finally:
-        release.set()
-        holder.join(timeout=10)
     # The backlog is on disk: the daemon holds at most a batch of it in memory.
     assert spool_bytes > 10 * 1024 * 1024
     assert rss_growth < spool_bytes / 2, (rss_growth, spool_bytes)

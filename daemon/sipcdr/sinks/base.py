@@ -48,7 +48,14 @@ class Sink(Protocol):
     name: str
     streams: tuple[str, ...]  # STREAM_* the sink reads
 
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Quick and never failing for a destination that is down: the daemon must
+        start and keep records in its spool."""
+
+    async def prepare(self) -> None:
+        """Connect and set the destination up (schema, partitions) ahead of the first
+        record. Called by the delivery loop in the background; may raise, and is then
+        retried implicitly by the first `deliver`."""
 
     async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
         """Write every record or raise; on return the records are durable there.

@@ -127,6 +127,13 @@ class Delivery:
         wake: asyncio.Event,
     ) -> None:
         backoff = MIN_BACKOFF_S
+        if stream == sink.streams[0]:
+            try:
+                await asyncio.wait_for(sink.prepare(), self.deliver_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._went_down(sink, stream, state, reader, exc)
         while True:
             wake.clear()
             batch = reader.read(self.batch_records, self.batch_bytes)
@@ -143,18 +150,7 @@ class Delivery:
                 raise
             except Exception as exc:
                 reader.rewind()
-                state.failures += 1
-                state.last_error = repr(exc)[:500]
-                if state.up:
-                    state.up = False
-                    state.down_since = time.monotonic()
-                    self._log.warning(
-                        "sink_unavailable",
-                        sink=sink.name,
-                        stream=stream,
-                        error=state.last_error,
-                        backlog=reader.lag_records,
-                    )
+                self._went_down(sink, stream, state, reader, exc)
                 if self._stopping:
                     return  # the records stay in the spool for the next start
                 await asyncio.sleep(backoff)
@@ -174,6 +170,22 @@ class Delivery:
                     down_s=round(down_for, 1),
                     backlog=reader.lag_records,
                 )
+
+    def _went_down(
+        self, sink: Sink, stream: str, state: LoopState, reader: SpoolReader, exc: Exception
+    ) -> None:
+        state.failures += 1
+        state.last_error = repr(exc)[:500]
+        if state.up:
+            state.up = False
+            state.down_since = time.monotonic()
+            self._log.warning(
+                "sink_unavailable",
+                sink=sink.name,
+                stream=stream,
+                error=state.last_error,
+                backlog=reader.lag_records,
+            )
 
     async def _deliver(
         self,

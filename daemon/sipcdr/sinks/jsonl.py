@@ -35,6 +35,9 @@ class JsonlSink:
     async def start(self) -> None:
         self._open()
 
+    async def prepare(self) -> None:
+        """The file is opened by `start`."""
+
     def _open(self) -> IO[bytes]:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +67,12 @@ class JsonlSink:
         self._file.close()
         self._file = None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        self.path.rename(self.path.with_name(f"{self.path.name}.{stamp}"))
+        target = self.path.with_name(f"{self.path.name}.{stamp}")
+        serial = 1
+        while target.exists():  # several rotations in one second must not overwrite
+            target = self.path.with_name(f"{self.path.name}.{stamp}.{serial}")
+            serial += 1
+        self.path.rename(target)
         self._open()
 
     async def stop(self) -> None:

@@ -164,6 +164,10 @@ class KafkaSink:
         """Nothing to do: the first `deliver` connects, so a broker that is down at
         start leaves the records in the spool instead of stopping the daemon."""
 
+    async def prepare(self) -> None:
+        """Nothing ahead of the first batch: topics are the broker's (or its operator's)
+        to create, and the producer connects on the first `deliver`."""
+
     async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
         """Send every record, then wait until the broker has confirmed all of them.
 

@@ -263,6 +263,11 @@ class PostgresSink:
         """Nothing to do: the first `deliver` connects, so a database that is down does
         not keep the daemon from starting."""
 
+    async def prepare(self) -> None:
+        """Connect the records stream: migrations and partitions are in place before
+        the first CDR, and a wrong DSN shows at start rather than at the first call."""
+        await self._connection(STREAM_RECORDS)
+
     async def flush(self) -> None:
         """Nothing buffered: every `deliver` that returned has committed."""
 

@@ -11,6 +11,7 @@ one dumps, one buffered append; the spool writes the batch on its own schedule.
 from __future__ import annotations
 
 import hashlib
+import struct
 from typing import Final
 
 import orjson
@@ -28,17 +29,20 @@ _NAMESPACE: Final = bytes.fromhex("8d1c2f0a7b3e4d5f9a6b1c2d3e4f5a6b")
 def message_id(packet: Packet) -> str:
     """UUID v5-style id of capture time, endpoints and bytes: the two legs through a
     proxy are two messages, a retransmission is another, a replay is the same."""
-    digest = hashlib.sha1(_NAMESPACE, usedforsecurity=False)
-    digest.update(
-        f"{packet.timestamp:.6f}|{packet.src_ip}|{packet.src_port}|"
-        f"{packet.dst_ip}|{packet.dst_port}|".encode()
-    )
-    digest.update(packet.payload)
-    raw = bytearray(digest.digest()[:16])
-    raw[6] = (raw[6] & 0x0F) | 0x50
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    h = _sha1(
+        _NAMESPACE
+        + _TIME_AND_PORTS.pack(packet.timestamp, packet.src_port, packet.dst_port)
+        + f"{packet.src_ip}|{packet.dst_ip}|".encode()
+        + packet.payload,
+        usedforsecurity=False,
+    ).hexdigest()
+    # Version 5 in the 13th hex digit, the RFC 9562 variant in the 17th.
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+
+_sha1 = hashlib.sha1
+_TIME_AND_PORTS: Final = struct.Struct("<dHH")
+_VARIANT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 class SignalingRecorder:
