@@ -9,7 +9,11 @@ from pathlib import Path
 
 import orjson
 import pytest
+from sipcalls import Call, packet
 from sipcdr.config import Config, JsonlConfig, PostgresConfig, SinksConfig
+from sipcdr.dialog import Correlator
+from sipcdr.model import Cdr
+from sipcdr.pipeline import Pipeline
 from sipcdr.sinks import delivery as delivery_module
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, RecordsRejected, SpoolRecord
 from sipcdr.sinks.delivery import Delivery
@@ -229,3 +233,64 @@ async def test_jsonl_writes_cdr_lines_only_and_rotates_by_size(tmp_path: Path) -
     assert all(f.stat().st_size < 4096 + 25 * 120 for f in files)
     lines = [line for f in files for line in f.read_bytes().splitlines()]
     assert sorted(orjson.loads(line)["n"] for line in lines) == [n for n in range(1, 201) if n % 10]
+
+
+async def test_a_cursor_that_cannot_be_saved_delivers_again_and_the_loop_lives_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery_module, "MIN_BACKOFF_S", 0.01)
+    sink = MemorySink("s")
+    with Spool(tmp_path, ("s",)) as spool:
+        reader = spool.reader("s")
+        real_commit = reader.commit
+        failures = iter([True])
+
+        def full_disk_commit() -> None:
+            if next(failures, False):
+                raise OSError(28, "No space left on device")
+            real_commit()
+
+        monkeypatch.setattr(reader, "commit", full_disk_commit)
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        await delivery.start()
+        values = _append(spool, 5)
+        await _until(lambda: reader.lag_records == 0)
+        more = _append(spool, 5, start=5)
+        await _until(lambda: len(sink.got) == 15)
+        await delivery.stop()
+    assert sink.got == values + values + more  # the first batch twice, nothing lost
+
+
+class CdrCollector:
+    name = "collector"
+
+    def __init__(self) -> None:
+        self.cdrs: list[Cdr] = []
+
+    def write(self, cdr: Cdr) -> None:
+        self.cdrs.append(cdr)
+
+    def flush(self) -> None:
+        return None
+
+
+def test_a_paused_intake_refuses_new_calls_but_ends_open_ones() -> None:
+    collector = CdrCollector()
+    pipeline = Pipeline(Correlator(), [collector])
+    open_call, new_call = Call("open@x"), Call("new@x")
+    for n, data in enumerate(
+        [
+            open_call.request("INVITE"),
+            open_call.response(200, "OK"),
+            open_call.request("ACK", branch="z9hG4bK-ack", to_tag="callee-tag"),
+        ]
+    ):
+        pipeline.process(packet(100.0 + n, data))
+    pipeline.paused = True  # the CDR spool is full under the block policy
+    pipeline.process(packet(110.0, new_call.request("INVITE")))
+    pipeline.process(packet(130.0, open_call.request("BYE", 2, "z9hG4bK-bye", to_tag="callee-tag")))
+    assert pipeline.drops == {("intake", "spool_full"): 1}
+    assert [cdr.call_id for cdr in collector.cdrs] == ["open@x"]
+    assert collector.cdrs[0].end_reason == "bye"
+    assert collector.cdrs[0].billsec == 29.0
+    assert not pipeline.correlator.is_open("new@x")

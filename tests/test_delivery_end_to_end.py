@@ -221,9 +221,9 @@ def daemon_lag(daemon: Daemon, labels: dict[str, str]) -> float:
 def test_a_full_spool_blocks_intake_counted_and_resumes(
     tmp_path: Path, pg_dsn: str, cleanup: list[Daemon]
 ) -> None:
-    """`full_policy = "block"` with a 1 MiB spool and PostgreSQL held: intake stops
-    (every refused message counted, an ERROR logged), no closed CDR is dropped, and
-    intake resumes once the database has caught up."""
+    """`full_policy = "block"` with a 1 MiB spool and PostgreSQL held: new calls are
+    refused (each counted, an ERROR logged), no closed CDR is dropped, and intake
+    resumes once the database has caught up."""
     daemon = start_daemon(
         tmp_path,
         SIPCDR_SINKS__POSTGRES__DSN=pg_dsn,
@@ -238,8 +238,10 @@ def test_a_full_spool_blocks_intake_counted_and_resumes(
         send_calls(daemon, [f"full-a{n}" for n in range(1500)], pace_per_s=3000)
         wait_for(lambda: daemon.metric("sipcdr_spool_full", stream="records") == 1, timeout=30)
         wait_for(lambda: refused(daemon) > 0, timeout=30)  # the tick paused intake
+        before = refused(daemon)
         send_calls(daemon, [f"full-b{n}" for n in range(50)])
-        wait_for(lambda: refused(daemon) >= 50 * MESSAGES_PER_CALL, timeout=30)
+        # Each new call's INVITE is refused; its other messages find no call.
+        wait_for(lambda: refused(daemon) >= before + 50, timeout=30)
         closed = closed_cdrs(daemon)
         assert daemon.metric("sipcdr_spool_dropped_total", stream="records", reason="full") == 0
     wait_for(lambda: len(pg_cdr_ids(pg_dsn)) == closed, timeout=120)

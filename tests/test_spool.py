@@ -199,3 +199,43 @@ def test_any_truncation_keeps_a_prefix_and_nothing_else(
         assert got == values[: len(got)]
         spool.append(KIND_CDR, b"k", b"next")
         assert [r.value for r in spool.reader("s").read(1000, 1 << 30)][-1:] == [b"next"]
+
+
+def test_damage_inside_the_newest_segment_keeps_the_records_after_it(tmp_path: Path) -> None:
+    with Spool(tmp_path, READERS) as spool:
+        values = _fill(spool, 10)
+        segment = next(tmp_path.glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    offset = sum(HEADER_BYTES + len(b"call-%d" % n) + len(values[n]) for n in range(3))
+    data[offset + HEADER_BYTES + 8] ^= 0xFF  # the fourth record's value
+    segment.write_bytes(bytes(data))
+    with Spool(tmp_path, READERS) as spool:
+        assert spool.stats.torn_tails == 0  # not a tail: nothing cut
+        assert spool.next_seq == 11
+        reader = spool.reader("s")
+        got = [r.value for r in reader.read(100, 1 << 20)]
+        assert got == values[:3] + values[4:]
+        for _ in range(3):  # retries after failed deliveries read the gap again
+            reader.rewind()
+            reader.read(100, 1 << 20)
+        assert reader.corrupt_records == 1
+        assert spool.stats.corrupt_records == 1
+
+
+def test_a_segment_that_cannot_be_opened_keeps_appends_in_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Spool(tmp_path, ("s",), segment_bytes=300) as spool:
+        real_open = os.open
+        failures = iter([True, True])
+
+        def flaky_open(path: object, flags: int, mode: int = 0o777) -> int:
+            if str(path).endswith(".seg") and next(failures, False):
+                raise OSError(24, "Too many open files")
+            return real_open(path, flags, mode)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "open", flaky_open)
+        values = _fill(spool, 40)
+        assert spool.stats.rotation_failures == 2
+        assert not spool.stats.dropped
+        assert _read_all(spool, "s") == values

@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("files", type=Path, nargs="+", metavar="FILE")
     imp.add_argument("-c", "--config", type=Path, metavar="FILE", help="TOML configuration")
     imp.add_argument("--summary-json", type=Path, metavar="PATH", help="write a summary here")
+    imp.add_argument(
+        "--delivery-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="give up when the sinks take nothing for S seconds (default 600)",
+    )
 
     rep = sub.add_parser("replay", help="send the SIP of a capture to a running daemon")
     rep.add_argument("file", type=Path, metavar="FILE")
@@ -117,20 +124,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(config)
     if args.command == "db":
         return _db_migrate(config)
-    from sipcdr.importer import import_files  # noqa: PLC0415
+    from sipcdr.importer import DELIVERY_TIMEOUT_S, import_files  # noqa: PLC0415
 
-    summary = import_files(config, args.files, args.summary_json)
-    print(
-        f"{summary['sip_messages']} SIP messages, {summary['cdrs_written']} CDRs "
-        f"({summary['cdrs_by_disposition']})"
+    summary = import_files(
+        config,
+        args.files,
+        args.summary_json,
+        delivery_timeout_s=args.delivery_timeout or DELIVERY_TIMEOUT_S,
     )
-    if summary.get("undelivered"):
+    if "sip_messages" in summary:  # absent when the import was aborted
         print(
-            f"not delivered: {summary['undelivered']}; run the import again once the sinks "
-            "are reachable (records are deduplicated by id)",
+            f"{summary['sip_messages']} SIP messages, {summary['cdrs_written']} CDRs "
+            f"({summary['cdrs_by_disposition']})"
+        )
+    failed = {
+        name: summary[name]
+        for name in ("aborted", "undelivered", "spool_refused")
+        if summary.get(name)
+    }
+    if failed:
+        print(
+            f"not delivered: {failed}; run the import again once the sinks are reachable "
+            "(records are deduplicated by id)",
             file=sys.stderr,
         )
-    return 1 if summary["file_errors"] or summary.get("undelivered") else 0
+    return 1 if summary.get("file_errors") or failed else 0
 
 
 def _db_migrate(config: Config) -> int:

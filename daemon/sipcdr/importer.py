@@ -18,10 +18,12 @@ import heapq
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import orjson
+import structlog
 
 from sipcdr.capture.pcapfile import CaptureFileError, CaptureStats, iter_packets
 from sipcdr.config import Config, trunk_resolver
@@ -35,6 +37,8 @@ EXPIRE_EVERY_S = 1.0  # capture-time interval between timer checks
 # Long enough for a large capture into a remote database; a sink down longer than
 # this fails the import, which can simply be run again.
 DELIVERY_TIMEOUT_S = 600.0
+YIELD_EVERY = 2000  # packets between turns for the sinks: ~0.1 s of parsing
+_log = structlog.get_logger("sipcdr.import")
 
 
 def import_files(
@@ -43,29 +47,62 @@ def import_files(
     summary_json: Path | None = None,
     sinks: Sequence[CdrSink] | None = None,
     progress: bool | None = None,
+    delivery_timeout_s: float = DELIVERY_TIMEOUT_S,
 ) -> dict[str, object]:
     """Run `files` through parse and correlation into the configured sinks (or into
     `sinks`, which then replace them)."""
-    if sinks is not None:
-        return _import(config, files, summary_json, sinks, None, progress)
-    return asyncio.run(_import_to_outputs(config, files, summary_json, progress))
+    if sinks is None:
+        return asyncio.run(
+            _import_to_outputs(config, files, summary_json, progress, delivery_timeout_s)
+        )
+    summary: dict[str, object] = {}
+    for _ in _import(config, files, sinks, None, progress, summary):
+        pass
+    if summary_json is not None:
+        summary_json.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    return summary
 
 
 async def _import_to_outputs(
-    config: Config, files: Sequence[Path], summary_json: Path | None, progress: bool | None
+    config: Config,
+    files: Sequence[Path],
+    summary_json: Path | None,
+    progress: bool | None,
+    timeout_s: float,
 ) -> dict[str, object]:
-    spool_dir = Path(config.state.dir) / "import-spool" / str(os.getpid())
-    outputs = Outputs(config, spool_dir=spool_dir)
+    spools = Path(config.state.dir) / "import-spool"
+    _remove_abandoned(spools)
+    spool_dir = spools / str(os.getpid())
+    # "block" on both streams: an import can wait for its sinks, so it never drops.
+    outputs = Outputs(config, spool_dir=spool_dir, full_policy="block")
     await outputs.open()
+    summary: dict[str, object] = {}
     try:
-        summary = _import(config, files, None, outputs.cdr_sinks(), outputs.signaling, progress)
-        delivered = outputs.delivery is None or await outputs.delivery.drain(DELIVERY_TIMEOUT_S)
+        deadline = time.monotonic() + timeout_s
+        for _ in _import(config, files, outputs.cdr_sinks(), outputs.signaling, progress, summary):
+            # Every few thousand packets the sinks get their turn; while a spool is at
+            # its limit, parsing waits for them rather than outgrow the disk.
+            outputs.flush()
+            await asyncio.sleep(0)
+            while outputs.any_spool_full and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if outputs.any_spool_full:
+                summary["aborted"] = f"the sinks took nothing for {timeout_s:.0f} s"
+                break
+            deadline = time.monotonic() + timeout_s
+        outputs.flush()
+        delivered = outputs.delivery is None or await outputs.delivery.drain(timeout_s)
         undelivered: dict[str, int] = {}
         if outputs.delivery is not None and not delivered:
             for state, reader in outputs.delivery.readers():
                 if reader.lag_records:
                     undelivered[f"{state.sink}/{state.stream}"] = reader.lag_records
         summary["undelivered"] = undelivered
+        summary["spool_refused"] = {
+            stream: dict(spool.stats.dropped)
+            for stream, spool in outputs.spools.items()
+            if spool.stats.dropped
+        }
     finally:
         await outputs.close(drain_timeout_s=0)
         shutil.rmtree(spool_dir, ignore_errors=True)
@@ -74,14 +111,37 @@ async def _import_to_outputs(
     return summary
 
 
+def _remove_abandoned(spools: Path) -> None:
+    """Spools of imports that were killed: their records are re-made by importing the
+    same files again (ids are deterministic), so they are only in the way."""
+    if not spools.is_dir():
+        return
+    for directory in spools.iterdir():
+        if directory.name.isdigit() and not _alive(int(directory.name)):
+            _log.warning("import_spool_abandoned", dir=str(directory))
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _import(
     config: Config,
     files: Sequence[Path],
-    summary_json: Path | None,
     sinks: Sequence[CdrSink],
     signaling: Callable[[Packet, SipMessage], None] | None,
     progress: bool | None,
-) -> dict[str, object]:
+    summary: dict[str, object],
+) -> Iterator[None]:
+    """Runs the import, yielding every `YIELD_EVERY` packets so a caller can let its
+    sinks work; fills `summary` at the end."""
     pipeline = Pipeline(Correlator(config.dialog, trunk_resolver(config)), sinks)
     pipeline.signaling = signaling
     capture = CaptureStats()
@@ -108,31 +168,32 @@ def _import(
                 pipeline.expire(packet.timestamp)
                 next_expiry = packet.timestamp + EXPIRE_EVERY_S
             pipeline.process(packet)
+            if packets % YIELD_EVERY == 0:
+                yield
     pipeline.drain()
     pipeline.flush()
     stats = pipeline.correlator.stats
     requests: dict[str, int] = {}
     responses: dict[str, int] = {}
-    summary: dict[str, object] = {
-        "files": [str(p) for p in files],
-        "file_errors": errors,
-        "capture": capture.as_dict(),
-        "sip_messages": packets,
-        "requests_by_method": requests,
-        "responses_by_cseq_method": responses,
-        "rejected_by_reason": dict(pipeline.parse_errors),
-        "cdrs_written": pipeline.cdrs_written,
-        "cdrs_by_disposition": dict(stats.cdrs),
-        "retransmissions": stats.retransmissions,
-        "late_messages": stats.late,
-        "orphan_messages": stats.orphans,
-    }
+    summary.update(
+        {
+            "files": [str(p) for p in files],
+            "file_errors": errors,
+            "capture": capture.as_dict(),
+            "sip_messages": packets,
+            "requests_by_method": requests,
+            "responses_by_cseq_method": responses,
+            "rejected_by_reason": dict(pipeline.parse_errors),
+            "cdrs_written": pipeline.cdrs_written,
+            "cdrs_by_disposition": dict(stats.cdrs),
+            "retransmissions": stats.retransmissions,
+            "late_messages": stats.late,
+            "orphan_messages": stats.orphans,
+        }
+    )
     for (method, kind), count in pipeline.messages.items():
         target = requests if kind == "request" else responses
         target[method] = target.get(method, 0) + count
-    if summary_json is not None:
-        summary_json.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    return summary
 
 
 def _capture_time(packet: Packet) -> float:

@@ -80,31 +80,40 @@ class Pipeline:
 
     def process(self, packet: Packet) -> None:
         """Parse and correlate one captured SIP message; emit the CDRs it closes."""
-        if self.paused:
-            self.drop("intake", "spool_full")
-            return
         try:
             msg = parse(packet.payload)
         except SipParseError as exc:
             errors = self.parse_errors
             errors[exc.reason] = errors.get(exc.reason, 0) + 1
             return
+        if self.paused and (msg.method == "INVITE" and not self.correlator.is_open(msg.call_id)):
+            # Only new calls are refused: the BYE of a call already being billed must
+            # still end it, or its CDR would close short, by a timeout, much later.
+            self.drop("intake", "spool_full")
+            return
         key = (msg.method, "request") if msg.is_request else (msg.cseq_method, "response")
         messages = self.messages
         messages[key] = messages.get(key, 0) + 1
         if self.signaling is not None:
-            self.signaling(packet, msg)
+            try:
+                self.signaling(packet, msg)
+            except Exception as exc:  # the signaling copy must never cost the call
+                self.drop("signaling", "internal_error")
+                self._log_error("signaling_record_failed", exc, msg.call_id)
         try:
             closed = self.correlator.feed(packet, msg)
         except Exception as exc:
             # A correlator bug costs this message, counted, never the capture loop.
             self.drop("correlator", "internal_error")
-            if self._errors_logged < _ERROR_LOG_LIMIT:
-                self._errors_logged += 1
-                _log.error("correlator_failed", error=repr(exc), call_id=msg.call_id[:128])
+            self._log_error("correlator_failed", exc, msg.call_id)
             return
         if closed:
             self.emit(closed)
+
+    def _log_error(self, event: str, exc: Exception, call_id: str) -> None:
+        if self._errors_logged < _ERROR_LOG_LIMIT:
+            self._errors_logged += 1
+            _log.error(event, error=repr(exc), call_id=call_id[:128])
 
     def expire(self, now: float) -> None:
         closed = self.correlator.expire(now)
@@ -118,7 +127,11 @@ class Pipeline:
     def emit(self, cdrs: Sequence[Cdr]) -> None:
         for cdr in cdrs:
             for sink in self.sinks:
-                sink.write(cdr)
+                try:
+                    sink.write(cdr)
+                except Exception as exc:  # one sink's bug must not cost the others
+                    self.drop("cdr", "write_error")
+                    self._log_error("cdr_write_failed", exc, cdr.call_id)
         self.cdrs_written += len(cdrs)
 
     def flush(self) -> None:

@@ -111,6 +111,9 @@ class Correlator:
     def open_dialogs(self) -> int:
         return len(self._dialogs)
 
+    def is_open(self, call_id: str) -> bool:
+        return call_id in self._dialogs
+
     # -- messages -----------------------------------------------------------------------
 
     def feed(self, packet: Packet, msg: SipMessage) -> Sequence[Cdr]:

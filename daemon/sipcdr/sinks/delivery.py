@@ -24,8 +24,9 @@ import asyncio
 import contextlib
 import os
 import time
+from collections import deque
 from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import orjson
@@ -44,6 +45,7 @@ DEFAULT_DELIVER_TIMEOUT_S: Final = 60.0
 # SIGTERM must end well inside systemd's 90 s stop timeout, with the drain included.
 DEFAULT_DRAIN_TIMEOUT_S: Final = 20.0
 _IDLE_WAIT_S: Final = 1.0  # re-check for records even without a wake-up
+_DRAIN_RETRY_S: Final = 1.0  # the longest backoff while a stop waits for the sinks
 
 
 @dataclass(slots=True)
@@ -55,6 +57,8 @@ class LoopState:
     delivered: int = 0
     failures: int = 0
     rejected: int = 0  # records set aside because the destination refuses their content
+    # The last few set aside, so a batch retried after a later failure keeps each once.
+    set_aside: deque[int] = field(default_factory=lambda: deque(maxlen=1024))
     up: bool = True
     down_since: float | None = None
     last_error: str = ""
@@ -84,6 +88,8 @@ class Delivery:
         self._wake: dict[tuple[str, str], asyncio.Event] = {}
         self._stopping = False
         self._started = False
+        self._nudge = asyncio.Event()  # pulsed by a drain: loops in backoff retry at once
+        self._draining = False
 
     def readers(self) -> list[tuple[LoopState, SpoolReader]]:
         return list(self._loops)
@@ -136,28 +142,36 @@ class Delivery:
                 self._went_down(sink, stream, state, reader, exc)
         while True:
             wake.clear()
-            batch = reader.read(self.batch_records, self.batch_bytes)
-            if not batch:
-                if self._stopping:
-                    return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), _IDLE_WAIT_S)
-                continue
             try:
-                await self._deliver(sink, stream, batch, state, reader)
+                batch = reader.read(self.batch_records, self.batch_bytes)
+                if not batch:
+                    if self._stopping:
+                        return
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), _IDLE_WAIT_S)
+                    continue
+                rejected = await self._deliver(sink, stream, batch, state, reader)
+                # The cursor is saved before it counts: a failed save (a full disk)
+                # delivers the batch again later instead of skipping anything.
+                reader.commit()
             except asyncio.CancelledError:
                 reader.rewind()
                 raise
             except Exception as exc:
-                reader.rewind()
+                # Anything, the spool's own I/O included, is retried from the cursor: a
+                # loop that ended here would leave its sink behind until a restart.
+                with contextlib.suppress(Exception):
+                    reader.rewind()
                 self._went_down(sink, stream, state, reader, exc)
                 if self._stopping:
                     return  # the records stay in the spool for the next start
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                with contextlib.suppress(TimeoutError):
+                    # A drain cuts the wait short: the sink may be back.
+                    await asyncio.wait_for(self._nudge.wait(), backoff)
+                # While draining, a sink that comes back is tried again within a second.
+                backoff = min(backoff * 2, _DRAIN_RETRY_S if self._draining else MAX_BACKOFF_S)
                 continue
-            reader.commit()
-            state.delivered += len(batch)
+            state.delivered += len(batch) - rejected
             backoff = MIN_BACKOFF_S
             if not state.up:
                 state.up = True
@@ -194,17 +208,20 @@ class Delivery:
         batch: Sequence[SpoolRecord],
         state: LoopState,
         reader: SpoolReader,
-    ) -> None:
+    ) -> int:
+        """Deliver `batch`; returns how many of its records were set aside."""
         try:
             await asyncio.wait_for(sink.deliver(stream, batch), self.deliver_timeout_s)
         except RecordsRejected as exc:
             if len(batch) == 1:
                 self._set_aside(sink, stream, batch[0], exc, state, reader)
-                return
+                return 1
             # Halves in order: the good records of each half still arrive once.
             middle = len(batch) // 2
-            await self._deliver(sink, stream, batch[:middle], state, reader)
-            await self._deliver(sink, stream, batch[middle:], state, reader)
+            return await self._deliver(
+                sink, stream, batch[:middle], state, reader
+            ) + await self._deliver(sink, stream, batch[middle:], state, reader)
+        return 0
 
     def _set_aside(
         self,
@@ -227,10 +244,13 @@ class Delivery:
             },
             option=orjson.OPT_APPEND_NEWLINE,
         )
+        if record.seq in state.set_aside:
+            return  # the batch is being retried after a later failure: kept already
         with (directory / f"{sink.name}.jsonl").open("ab") as handle:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
+        state.set_aside.append(record.seq)
         state.rejected += 1
         self._log.error(
             "record_rejected",
@@ -260,6 +280,11 @@ class Delivery:
             spool.flush()
         for event in self._wake.values():
             event.set()
+        # Wakes the loops sleeping in a backoff now (set wakes every current waiter;
+        # clearing at once keeps later waits from returning immediately).
+        self._nudge.set()
+        self._nudge.clear()
+        self._draining = True
         deadline = time.monotonic() + timeout_s
         while not self.caught_up():
             if time.monotonic() >= deadline or all(task.done() for task in self._tasks):

@@ -34,13 +34,27 @@ import structlog
 
 # aiokafka ships no type information; the producer is used through a narrow surface.
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidMessageError,
+    KafkaConnectionError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+)
 from aiokafka.helpers import create_ssl_context
 
 from sipcdr.model import CDR_SCHEMA_VERSION
-from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, SpoolRecord
+from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, RecordsRejected, SpoolRecord
 
 FRAUD_ALERT_SCHEMA_VERSION: Final = 1  # schemas/fraud_alert.v1.schema.json
+# The broker (or the client's own size check) refuses the record itself: sending it
+# again cannot succeed, so the delivery loop sets it aside instead of stalling.
+_CONTENT_ERRORS: Final = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    InvalidMessageError,
+    CorruptRecordException,
+)
 
 DEFAULT_TOPIC_CDRS: Final = "sipcdr.cdrs"  # the name billing consumers are told to expect
 DEFAULT_TOPIC_FRAUD: Final = "sipcdr.fraud"  # the name fraud analysts are told to expect
@@ -198,6 +212,8 @@ class KafkaSink:
             self._discard_producer()
             if not isinstance(exc, Exception):
                 raise
+            if isinstance(exc, _CONTENT_ERRORS):
+                raise RecordsRejected(f"kafka: {_describe(exc)}") from exc
             elapsed = time.monotonic() - started
             raise KafkaDeliveryError(
                 f"kafka: {len(routed)} records not confirmed after {elapsed:.1f} s: "
@@ -206,6 +222,10 @@ class KafkaSink:
         failures = [result for result in results if isinstance(result, BaseException)]
         if failures:
             self._discard_producer()
+            refused = [failure for failure in failures if isinstance(failure, _CONTENT_ERRORS)]
+            if refused:
+                # The delivery loop splits the batch and sets the records at fault aside.
+                raise RecordsRejected(f"kafka: {_describe(refused[0])}") from refused[0]
             raise KafkaDeliveryError(
                 f"kafka: {len(failures)} of {len(routed)} records not confirmed: "
                 f"{_describe(failures[0])}"

@@ -49,8 +49,12 @@ class SpoolCdrWriter:
 
 
 class Outputs:
-    def __init__(self, config: Config, spool_dir: Path | None = None) -> None:
+    def __init__(
+        self, config: Config, spool_dir: Path | None = None, full_policy: str | None = None
+    ) -> None:
         self.config = config
+        # None: the configured policy for CDRs, drop_newest for signaling (the daemon).
+        self.full_policy = full_policy
         self.spool_dir = spool_dir or Path(config.state.dir) / "spool"
         self.log = structlog.get_logger("sipcdr.outputs")
         self.sinks: list[Sink] = []
@@ -87,7 +91,7 @@ class Outputs:
                 tuple(consumers[STREAM_RECORDS]),
                 max_bytes=spool_config.max_bytes,
                 segment_bytes=spool_config.segment_bytes,
-                full_policy=spool_config.full_policy,
+                full_policy=self.full_policy or spool_config.full_policy,
             )
             spool.open()
             self.spools[STREAM_RECORDS] = spool
@@ -98,7 +102,7 @@ class Outputs:
                 tuple(consumers[STREAM_SIGNALING]),
                 max_bytes=spool_config.signaling_max_bytes,
                 segment_bytes=spool_config.segment_bytes,
-                full_policy="drop_newest",
+                full_policy=self.full_policy or "drop_newest",
                 buffered=True,
             )
             spool.open()
@@ -159,6 +163,10 @@ class Outputs:
             sasl_password=kafka.sasl_password,
             ssl_cafile=kafka.ssl_cafile,
         )
+
+    @property
+    def any_spool_full(self) -> bool:
+        return any(spool.full for spool in self.spools.values())
 
     @property
     def intake_blocked(self) -> bool:

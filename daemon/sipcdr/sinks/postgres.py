@@ -61,6 +61,8 @@ Converter = Callable[[Any], Any]
 _CONTENT_ERRORS: Final = (
     asyncpg.exceptions.DataError,
     asyncpg.exceptions.IntegrityConstraintViolationError,
+    # The driver's own: a value it cannot encode for its column, before any round trip.
+    asyncpg.exceptions._base.DataError,
 )
 
 

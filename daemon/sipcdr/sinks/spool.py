@@ -90,10 +90,12 @@ class SpoolStats:
     """Counters the daemon exports; all cumulative since open."""
 
     appended: dict[str, int] = field(default_factory=dict)  # by kind
-    dropped: dict[str, int] = field(default_factory=dict)  # by reason: full, write_error
+    # by reason: full, write_error, too_large
+    dropped: dict[str, int] = field(default_factory=dict)
     torn_tail_bytes: int = 0  # cut off the newest segment at open
     torn_tails: int = 0
     corrupt_records: int = 0  # missing between valid records, summed over readers
+    rotation_failures: int = 0  # a new segment could not be opened; the old one grows
 
 
 @dataclass(slots=True)
@@ -182,13 +184,21 @@ class Spool:
         self._lock = handle
 
     def _recover_tail(self, segment: _Segment) -> int:
-        """Cut a torn tail off the newest segment; return the next sequence number."""
+        """Cut a torn tail off the newest segment; return the next sequence number.
+        Damage followed by valid records is left for the readers, which skip and
+        count it: only what follows the last valid record is cut."""
         data = segment.path.read_bytes()
         last_seq = segment.first_seq - 1
         end = 0
-        for seq, _kind, _key, _value, record_end in _scan(data, 0):
-            last_seq = seq
-            end = record_end
+        offset = 0
+        while offset < len(data):
+            for seq, _kind, _key, _value, record_end in _scan(data, offset):
+                last_seq = seq
+                end = offset = record_end
+            following = _next_valid(data, offset + 1)
+            if following < 0:
+                break
+            offset = following
         if end < len(data):
             self.stats.torn_tails += 1
             self.stats.torn_tail_bytes += len(data) - end
@@ -201,21 +211,30 @@ class Spool:
 
     def _start_segment(self) -> None:
         """Appends always go to a fresh segment after open or when one is full, so a
-        segment is never appended to after a crash may have torn it."""
-        if self._fd >= 0:
-            self._flush_buffer()
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-        if self._segments and self._segments[-1].size == 0:
+        segment is never appended to after a crash may have torn it. The new file is
+        opened before the old one is let go: if it cannot be (no space, no file
+        handles), appends go on into the old segment and rotation is tried again."""
+        reuse = bool(self._segments) and self._segments[-1].size == 0
+        if reuse and self._fd >= 0:
+            return
+        if reuse:
             segment = self._segments[-1]  # an empty newest segment is reused
         else:
             segment = _Segment(
                 self.next_seq, self.directory / f"{self.next_seq:020d}{SEGMENT_SUFFIX}", 0
             )
+        fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        if self._fd >= 0:
+            try:
+                self._flush_buffer()
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+        self._fd = fd
+        if not reuse:
             self._segments.append(segment)
-        self._fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        _fsync_directory(self.directory)
+        with contextlib.suppress(OSError):
+            _fsync_directory(self.directory)
 
     def close(self) -> None:
         """Idempotent: writes what is buffered, fsyncs and closes."""
@@ -238,9 +257,12 @@ class Spool:
 
     def append(self, kind: str, key: bytes, value: bytes) -> bool:
         """Append one record; False when it was refused (full or a write error), which
-        the stats count by reason."""
+        the stats count by reason. Never raises: the caller is the capture path."""
         if self.full and self.full_policy == "drop_newest":
             self._refuse("full")
+            return False
+        if len(key) > 0xFFFF or len(value) > MAX_VALUE_BYTES:
+            self._refuse("too_large")
             return False
         seq = self.next_seq
         head = _HEAD.pack(MAGIC, _KIND_CODES[kind], len(key), len(value), seq)
@@ -260,7 +282,10 @@ class Spool:
         if self._size >= self.max_bytes and not self.full:
             self.full = True
         if self._segments[-1].size >= self.segment_bytes:
-            self._start_segment()
+            try:
+                self._start_segment()
+            except OSError:
+                self.stats.rotation_failures += 1  # tried again at the next append
         return True
 
     def _refuse(self, reason: str) -> None:
@@ -269,6 +294,8 @@ class Spool:
 
     def _write(self, data: bytes) -> bool:
         segment = self._segments[-1]
+        if self._fd < 0:
+            return False
         try:
             written = os.write(self._fd, data)
             if written != len(data):
@@ -377,6 +404,7 @@ class SpoolReader:
         self.name = name
         self.cursor_path = spool.directory / "cursors" / f"{name}.json"
         self.corrupt_records = 0
+        self._gap_counted_to = 0  # gaps below this sequence number are counted already
         self.cursor_reset = False  # the saved cursor was unreadable or pointed nowhere
         self.confirmed_seq = self._load_cursor()  # next record to deliver
         self._read_seq = self.confirmed_seq
@@ -466,7 +494,7 @@ class SpoolReader:
         self._offset = 0
         if segment.first_seq > self._read_seq:
             # Records lost between the segments (a segment cut short by corruption).
-            self._count_corrupt(segment.first_seq - self._read_seq)
+            self._count_gap(self._read_seq, segment.first_seq)
             self._read_seq = segment.first_seq
 
     def _read_in_segment(self, limit: int, max_bytes: int, *, skip_only: bool) -> list[SpoolRecord]:
@@ -498,7 +526,7 @@ class SpoolReader:
             if seq < self._read_seq:
                 continue  # already passed (a resync may land before the read position)
             if seq > self._read_seq:
-                self._count_corrupt(seq - self._read_seq)
+                self._count_gap(self._read_seq, seq)
             self._read_seq = seq + 1
             if skip_only:
                 records.append(SpoolRecord(seq, "", b"", b""))
@@ -513,22 +541,21 @@ class SpoolReader:
         """Skip a damaged record: on to the next offset where a valid one starts, or to
         the end of what is written."""
         assert self._segment is not None and self._handle is not None
-        self._handle.seek(self._offset + 1)
-        rest = self._handle.read(end - self._offset - 1)
-        base = self._offset + 1
-        position = rest.find(_MAGIC_BYTES)
-        while position >= 0:
-            for _seq, _kind, _key, _value, _end in _scan(rest, position, first_only=True):
-                self._offset = base + position
-                return
-            position = rest.find(_MAGIC_BYTES, position + 1)
-        self._offset = end
+        self._handle.seek(self._offset)
+        rest = self._handle.read(end - self._offset)
+        following = _next_valid(rest, 1)
         # Nothing valid follows in this segment: the next segment's first sequence
         # number tells how many records were lost.
+        self._offset = end if following < 0 else self._offset + following
 
-    def _count_corrupt(self, missing: int) -> None:
-        self.corrupt_records += missing
-        self.spool.stats.corrupt_records += missing
+    def _count_gap(self, expected: int, found: int) -> None:
+        """Records `expected` .. `found - 1` are missing. A rewind or a restart reads
+        the same gap again; only what was not counted before is counted."""
+        start = max(expected, self._gap_counted_to)
+        if found > start:
+            self.corrupt_records += found - start
+            self.spool.stats.corrupt_records += found - start
+            self._gap_counted_to = found
 
     def rewind(self) -> None:
         """Read again from the last confirmed record (the sink failed the batch)."""
@@ -538,10 +565,12 @@ class SpoolReader:
         """The sink confirmed everything read so far: move the cursor and save it."""
         if self._read_seq == self.confirmed_seq:
             return
-        self.confirmed_seq = self._read_seq
+        # The file first: if it cannot be written, the batch is delivered again later
+        # (a duplicate), and no segment it still needs is deleted.
         tmp = self.cursor_path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps({"seq": self.confirmed_seq}))
+        tmp.write_bytes(orjson.dumps({"seq": self._read_seq}))
         tmp.replace(self.cursor_path)
+        self.confirmed_seq = self._read_seq
         self.spool._collect()
 
     def close(self) -> None:
@@ -585,6 +614,16 @@ def _scan(
         if first_only:
             return
         offset = end
+
+
+def _next_valid(data: bytes, offset: int) -> int:
+    """Offset of the next valid record at or after `offset`, or -1."""
+    position = data.find(_MAGIC_BYTES, offset)
+    while position >= 0:
+        for _record in _scan(data, position, first_only=True):
+            return position
+        position = data.find(_MAGIC_BYTES, position + 1)
+    return -1
 
 
 def _fsync_directory(directory: Path) -> None:
