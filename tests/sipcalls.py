@@ -109,3 +109,30 @@ def feed(
     dst: tuple[str, int] = CALLEE_ADDR,
 ) -> list[Cdr]:
     return list(correlator.feed(packet(timestamp, data, src, dst), parse(data)))
+
+
+def answered_call_messages(call: Call) -> list[bytes]:
+    """An answered call, caller hangs up: INVITE, 180, 200, ACK, BYE, 200."""
+    return [
+        call.request("INVITE"),
+        call.response(180, "Ringing"),
+        call.response(200, "OK"),
+        call.request("ACK", branch="z9hG4bK-ack", to_tag="callee-tag"),
+        call.request("BYE", 2, "z9hG4bK-bye", to_tag="callee-tag"),
+        call.response(200, "OK", 2, "BYE", "z9hG4bK-bye"),
+    ]
+
+
+class CdrCollector:
+    """A pipeline sink that keeps the CDRs in memory."""
+
+    name = "collector"
+
+    def __init__(self) -> None:
+        self.cdrs: list[Cdr] = []
+
+    def write(self, cdr: Cdr) -> None:
+        self.cdrs.append(cdr)
+
+    def flush(self) -> None:
+        return None

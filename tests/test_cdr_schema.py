@@ -8,9 +8,10 @@ from pathlib import Path
 
 import jsonschema
 from pcapdata import require_shared_data
+from sipcalls import CdrCollector
 from sipcdr.config import Config
 from sipcdr.importer import import_files
-from test_import_captures import EXPECTED, MemorySink
+from test_import_captures import EXPECTED
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "cdr.v1.schema.json"
 
@@ -19,7 +20,7 @@ def test_every_cdr_from_every_capture_validates() -> None:
     schema = json.loads(SCHEMA.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     validator = jsonschema.Draft202012Validator(schema)
-    sink = MemorySink()
+    sink = CdrCollector()
     files = [require_shared_data() / "pcaps" / name for name in sorted(EXPECTED)]
     import_files(Config(), files, sinks=[sink], progress=False)
     assert len(sink.cdrs) > 40
@@ -34,7 +35,7 @@ def test_every_cdr_from_every_capture_validates() -> None:
 
 def test_schema_rejects_a_broken_record() -> None:
     validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
-    sink = MemorySink()
+    sink = CdrCollector()
     import_files(
         Config(),
         [require_shared_data() / "pcaps" / "sngrep-ipip.pcap"],

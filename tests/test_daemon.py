@@ -17,7 +17,7 @@ import pytest
 from daemonproc import Daemon, daemon_environ, start_daemon, wait_for
 from pcapdata import require_shared_data
 from peers import Sipp, free_udp_port
-from sipcalls import Call
+from sipcalls import Call, answered_call_messages
 from sipcdr import hep
 
 pytestmark = pytest.mark.integration
@@ -30,17 +30,6 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     if running.process.poll() is None:
         running.process.kill()
         running.process.wait(timeout=10)
-
-
-def call_messages(call: Call) -> list[bytes]:
-    return [
-        call.request("INVITE"),
-        call.response(180, "Ringing"),
-        call.response(200, "OK"),
-        call.request("ACK", branch="z9hG4bK-ack", to_tag="callee-tag"),
-        call.request("BYE", 2, "z9hG4bK-bye", to_tag="callee-tag"),
-        call.response(200, "OK", 2, "BYE", "z9hG4bK-bye"),
-    ]
 
 
 def hep_frame(payload: bytes, key: str | None = "s3cret", capture_id: int = 2001) -> bytes:
@@ -58,9 +47,9 @@ def hep_frame(payload: bytes, key: str | None = "s3cret", capture_id: int = 2001
 
 def test_calls_over_sip_udp_hep_udp_and_hep_tcp(daemon: Daemon) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        for data in call_messages(Call("plain@x")):
+        for data in answered_call_messages(Call("plain@x")):
             udp.sendto(data, daemon.endpoint("sip_udp"))
-        for data in call_messages(Call("hep-udp@x")):
+        for data in answered_call_messages(Call("hep-udp@x")):
             udp.sendto(hep_frame(data), daemon.endpoint("hep_udp"))
         # Wrong key, missing key, unknown agent: dropped before parsing, per capture id.
         udp.sendto(
@@ -73,7 +62,7 @@ def test_calls_over_sip_udp_hep_udp_and_hep_tcp(daemon: Daemon) -> None:
         udp.sendto(b"\x00garbage", daemon.endpoint("hep_udp"))
         udp.sendto(b"NOT SIP AT ALL\r\n\r\n", daemon.endpoint("sip_udp"))
     with socket.create_connection(daemon.endpoint("hep_tcp"), timeout=5) as tcp:
-        tcp.sendall(b"".join(hep_frame(data) for data in call_messages(Call("hep-tcp@x"))))
+        tcp.sendall(b"".join(hep_frame(data) for data in answered_call_messages(Call("hep-tcp@x"))))
 
     wait_for(lambda: len(daemon.cdrs()) == 3)
     by_call = {str(record["call_id"]): record for record in daemon.cdrs()}
@@ -100,7 +89,7 @@ def test_sources_outside_the_allow_list_are_counted_and_dropped(tmp_path: Path) 
     running = start_daemon(tmp_path, SIPCDR_CAPTURE__ALLOW="192.0.2.0/24")
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            for data in call_messages(Call()):
+            for data in answered_call_messages(Call()):
                 udp.sendto(data, running.endpoint("sip_udp"))
         wait_for(
             lambda: (
@@ -118,7 +107,7 @@ def test_sources_outside_the_allow_list_are_counted_and_dropped(tmp_path: Path) 
 
 def test_a_call_spanning_a_restart_gets_one_correct_cdr(tmp_path: Path) -> None:
     call = Call("span@x")
-    messages = call_messages(call)
+    messages = answered_call_messages(call)
     first = start_daemon(tmp_path)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         for data in messages[:4]:  # INVITE, 180, 200, ACK
@@ -149,7 +138,7 @@ def test_a_call_spanning_a_restart_gets_one_correct_cdr(tmp_path: Path) -> None:
 def test_a_failed_start_keeps_the_saved_calls(tmp_path: Path, busy_key: str) -> None:
     first = start_daemon(tmp_path)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        for data in call_messages(Call("kept@x"))[:3]:
+        for data in answered_call_messages(Call("kept@x"))[:3]:
             udp.sendto(data, first.endpoint("sip_udp"))
         wait_for(lambda: first.metric("sipcdr_open_dialogs") == 1)
     assert first.stop() == 0
@@ -204,12 +193,14 @@ def test_ipv6_listeners(tmp_path: Path) -> None:
         host, port = running.endpoint("sip_udp")
         assert host == "::1"
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp:
-            for data in call_messages(Call("v6@x")):
+            for data in answered_call_messages(Call("v6@x")):
                 udp.sendto(data, (host, port))
         host, port = running.endpoint("hep_tcp")
         with socket.create_connection((host, port), timeout=5) as tcp:
             tcp.sendall(
-                b"".join(hep_frame(data, key=None) for data in call_messages(Call("v6t@x")))
+                b"".join(
+                    hep_frame(data, key=None) for data in answered_call_messages(Call("v6t@x"))
+                )
             )
         wait_for(lambda: len(running.cdrs()) == 2)
     finally:
@@ -252,7 +243,7 @@ def test_hep_from_a_skewed_agent_clock_still_gives_the_right_cdr(daemon: Daemon)
             timestamp=time.time() - 300, payload=payload, capture_id=2001, auth_key="s3cret",
         )  # fmt: skip
 
-    messages = call_messages(Call("skew@x"))
+    messages = answered_call_messages(Call("skew@x"))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         for data in messages[:4]:
             udp.sendto(skewed(data), daemon.endpoint("hep_udp"))

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import orjson
 import pytest
-from sipcalls import Call, packet
+from sipcalls import Call, CdrCollector, packet
 from sipcdr.config import Config, JsonlConfig, PostgresConfig, SinksConfig
 from sipcdr.dialog import Correlator
-from sipcdr.model import Cdr
 from sipcdr.pipeline import Pipeline
 from sipcdr.sinks import delivery as delivery_module
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, RecordsRejected, SpoolRecord
@@ -259,19 +258,6 @@ async def test_a_cursor_that_cannot_be_saved_delivers_again_and_the_loop_lives_o
         await _until(lambda: len(sink.got) == 15)
         await delivery.stop()
     assert sink.got == values + values + more  # the first batch twice, nothing lost
-
-
-class CdrCollector:
-    name = "collector"
-
-    def __init__(self) -> None:
-        self.cdrs: list[Cdr] = []
-
-    def write(self, cdr: Cdr) -> None:
-        self.cdrs.append(cdr)
-
-    def flush(self) -> None:
-        return None
 
 
 def test_a_paused_intake_refuses_new_calls_but_ends_open_ones() -> None:

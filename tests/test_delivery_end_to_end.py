@@ -20,22 +20,11 @@ import pytest
 from daemonproc import Daemon, start_daemon, wait_for
 from kafkabroker import TansuFactory, consume_all, unique_topic
 from pgserver import PrivatePg, run_sync
-from sipcalls import Call
+from sipcalls import Call, answered_call_messages
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 MESSAGES_PER_CALL = 6
-
-
-def call_messages(call: Call) -> list[bytes]:
-    return [
-        call.request("INVITE"),
-        call.response(180, "Ringing"),
-        call.response(200, "OK"),
-        call.request("ACK", branch="z9hG4bK-ack", to_tag="callee-tag"),
-        call.request("BYE", 2, "z9hG4bK-bye", to_tag="callee-tag"),
-        call.response(200, "OK", 2, "BYE", "z9hG4bK-bye"),
-    ]
 
 
 def send_calls(daemon: Daemon, names: Sequence[str], pace_per_s: float = 8000) -> None:
@@ -45,7 +34,7 @@ def send_calls(daemon: Daemon, names: Sequence[str], pace_per_s: float = 8000) -
     sent = 0
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         for name in names:
-            for data in call_messages(Call(call_id=f"{name}@e2e", from_tag=f"t-{name}")):
+            for data in answered_call_messages(Call(call_id=f"{name}@e2e", from_tag=f"t-{name}")):
                 udp.sendto(data, target)
                 sent += 1
             ahead = sent / pace_per_s - (time.monotonic() - started)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from pcapdata import require_shared_data
+from sipcalls import CdrCollector
 from sipcdr.config import Config
 from sipcdr.importer import import_files
 from sipcdr.model import Cdr
@@ -91,21 +92,8 @@ EXPECTED: dict[str, tuple[dict[Outcome, int], str]] = {
 }
 
 
-class MemorySink:
-    name = "memory"
-
-    def __init__(self) -> None:
-        self.cdrs: list[Cdr] = []
-
-    def write(self, cdr: Cdr) -> None:
-        self.cdrs.append(cdr)
-
-    def flush(self) -> None:
-        return None
-
-
 def _import(path: Path) -> tuple[list[Cdr], dict[str, object]]:
-    sink = MemorySink()
+    sink = CdrCollector()
     summary = import_files(Config(), [path], sinks=[sink], progress=False)
     return sink.cdrs, summary
 
@@ -183,7 +171,7 @@ def test_files_run_in_capture_time_order_whatever_their_names() -> None:
     shared = require_shared_data() / "pcaps"
     older = shared / "zeek-sip-wireshark.pcap"  # 2005
     newer = shared / "sngrep-ipip.pcap"  # 2021
-    sink = MemorySink()
+    sink = CdrCollector()
     import_files(Config(), [newer, older], sinks=[sink], progress=False)
     assert len(sink.cdrs) == 5
     # The 2005 file ran first although it was named second: its CDRs come out first.
@@ -200,6 +188,6 @@ def test_files_run_in_capture_time_order_whatever_their_names() -> None:
 def test_two_sensors_recording_the_same_calls_give_each_call_once() -> None:
     capture = require_shared_data() / "pcaps" / "heplify-sip_ipv4_tcp_fragmented.pcap"
     once, _ = _import(capture)
-    sink = MemorySink()
+    sink = CdrCollector()
     import_files(Config(), [capture, capture], sinks=[sink], progress=False)
     assert sorted(c.cdr_id for c in sink.cdrs) == sorted(c.cdr_id for c in once)

@@ -13,8 +13,8 @@ from pathlib import Path
 import dpkt
 import pytest
 from daemonproc import daemon_environ
-from sipcalls import Call
-from test_delivery_end_to_end import MESSAGES_PER_CALL, call_messages, pg_cdr_ids, pg_count
+from sipcalls import Call, answered_call_messages
+from test_delivery_end_to_end import MESSAGES_PER_CALL, pg_cdr_ids, pg_count
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -26,7 +26,7 @@ def write_capture(path: Path, calls: int) -> None:
         writer = dpkt.pcap.Writer(handle)
         stamp = 1_795_000_000.0
         for n in range(calls):
-            for data in call_messages(Call(call_id=f"imp-{n}@x", from_tag=f"t{n}")):
+            for data in answered_call_messages(Call(call_id=f"imp-{n}@x", from_tag=f"t{n}")):
                 udp = dpkt.udp.UDP(sport=5060, dport=5060, data=data)
                 udp.ulen = len(udp)
                 ip = dpkt.ip.IP(src=caller, dst=callee, p=dpkt.ip.IP_PROTO_UDP, data=udp)

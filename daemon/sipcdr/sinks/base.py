@@ -11,7 +11,7 @@ Re-delivery is therefore normal, and each sink must make it harmless: PostgreSQL
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final, NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol, Self
 
 # Record kinds, one byte each in the spool. The JSON value of each kind has a schema
 # in schemas/.
@@ -62,3 +62,20 @@ class Sink(Protocol):
         Raise `RecordsRejected` only when the content, not the destination, is at fault."""
 
     async def stop(self) -> None: ...
+
+
+class AsyncLifecycle:
+    """`async with` for I/O components: `start` on entry, `stop` on exit."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Final
 
-from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, SpoolRecord
+from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, AsyncLifecycle, SpoolRecord
 
 DEFAULT_ROTATE_BYTES: Final = 256 * 1024 * 1024  # a day of a busy trunk group, still greppable
 
 
-class JsonlSink:
+class JsonlSink(AsyncLifecycle):
     name = "jsonl"
     streams: tuple[str, ...] = (STREAM_RECORDS,)
 
@@ -74,6 +74,9 @@ class JsonlSink:
             serial += 1
         self.path.rename(target)
         self._open()
+
+    async def flush(self) -> None:
+        """Nothing buffered: every `deliver` that returned is fsynced."""
 
     async def stop(self) -> None:
         """Idempotent: every delivered line is already on disk; closes the file."""

@@ -27,7 +27,6 @@ import time
 from collections.abc import Coroutine, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 import structlog
@@ -44,7 +43,14 @@ from aiokafka.errors import (
 from aiokafka.helpers import create_ssl_context
 
 from sipcdr.model import CDR_SCHEMA_VERSION
-from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, RecordsRejected, SpoolRecord
+from sipcdr.sinks.base import (
+    KIND_ALERT,
+    KIND_CDR,
+    STREAM_RECORDS,
+    AsyncLifecycle,
+    RecordsRejected,
+    SpoolRecord,
+)
 
 FRAUD_ALERT_SCHEMA_VERSION: Final = 1  # schemas/fraud_alert.v1.schema.json
 # The broker (or the client's own size check) refuses the record itself: sending it
@@ -97,7 +103,7 @@ class KafkaDeliveryError(Exception):
     """A batch (or part of it) was not confirmed by the broker; send it again later."""
 
 
-class KafkaSink:
+class KafkaSink(AsyncLifecycle):
     """The `Sink` that writes the records stream (CDRs and fraud alerts) to Kafka."""
 
     name = "kafka"
@@ -242,18 +248,6 @@ class KafkaSink:
         flight gets that long to arrive."""
         self._discard_producer(flush=True)
         await self._wait_closing()
-
-    async def __aenter__(self) -> KafkaSink:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def _topic_of(self, kind: str) -> str:
         topic = self._topics.get(kind)

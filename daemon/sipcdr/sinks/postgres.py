@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from types import TracebackType
 from typing import Any, Final
 
 import asyncpg
@@ -37,6 +36,7 @@ from sipcdr.sinks.base import (
     KIND_SIP,
     STREAM_RECORDS,
     STREAM_SIGNALING,
+    AsyncLifecycle,
     RecordsRejected,
     SpoolRecord,
 )
@@ -223,7 +223,7 @@ TABLE_OF_KIND: Final = {KIND_CDR: CDRS, KIND_ALERT: FRAUD_ALERTS, KIND_SIP: SIP_
 TABLES: Final = (CDRS, SIP_MESSAGES, FRAUD_ALERTS)
 
 
-class PostgresSink:
+class PostgresSink(AsyncLifecycle):
     """The `Sink` of sinks.base for PostgreSQL; one connection per stream, so that the
     records and signaling streams deliver concurrently."""
 
@@ -278,18 +278,6 @@ class PostgresSink:
         for connection in connections.values():
             await _close(connection)
         self._forget_schema_state()
-
-    async def __aenter__(self) -> PostgresSink:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
         """Write every record or raise; on return the records are committed."""

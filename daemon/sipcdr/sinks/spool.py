@@ -224,20 +224,15 @@ class Spool:
                 self.next_seq, self.directory / f"{self.next_seq:020d}{SEGMENT_SUFFIX}", 0
             )
         fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        if self._fd >= 0:
-            try:
-                self._flush_buffer()
-                os.fsync(self._fd)
-            finally:
-                os.close(self._fd)
+        self._close_active()
         self._fd = fd
         if not reuse:
             self._segments.append(segment)
         with contextlib.suppress(OSError):
             _fsync_directory(self.directory)
 
-    def close(self) -> None:
-        """Idempotent: writes what is buffered, fsyncs and closes."""
+    def _close_active(self) -> None:
+        """Write what is buffered, fsync and close the active segment."""
         if self._fd >= 0:
             try:
                 self._flush_buffer()
@@ -245,6 +240,10 @@ class Spool:
             finally:
                 os.close(self._fd)
                 self._fd = -1
+
+    def close(self) -> None:
+        """Idempotent: writes what is buffered, fsyncs and closes."""
+        self._close_active()
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
