@@ -46,6 +46,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/parser.py
 	$(BIN)/python benchmarks/dialogs.py
 	$(BIN)/python benchmarks/receive.py
+	$(BIN)/python benchmarks/spool.py
+	$(BIN)/python benchmarks/kafka.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

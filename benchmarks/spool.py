@@ -108,8 +108,11 @@ def parse_only(directory: Path, number: int) -> None:
 
 def parse_and_record(directory: Path, number: int) -> None:
     payloads = list(MESSAGES.values())
+    # Milliseconds apart, as a call's messages are: the formatted second is reused.
     packets = [
-        Packet(1_795_000_000.0 + n, "192.0.2.10", 5060, "203.0.113.20", 5060, "udp", p, "2001")
+        Packet(
+            1_795_000_000.1 + n / 1000, "192.0.2.10", 5060, "203.0.113.20", 5060, "udp", p, "2001"
+        )
         for n, p in enumerate(payloads)
     ]
     with Spool(directory / "signaling", ("r",), buffered=True) as spool:

@@ -119,9 +119,8 @@ DEFAULT_TOPIC_FRAUD: Final = "sipcdr.fraud"  # the name fraud analysts are told 
 # Brokers on a trusted network are the common first setup; TLS/SASL are opt-in per site.
 DEFAULT_KAFKA_SECURITY_PROTOCOL: Final = "PLAINTEXT"
 KAFKA_COMPRESSIONS: Final = ("lz4", "zstd", "gzip", "none")
-# Every broker and consumer since Kafka 0.10 reads lz4 (5x smaller CDR batches);
-# zstd is faster and smaller through aiokafka (benchmarks/kafka.py) but needs 2.1+.
-DEFAULT_KAFKA_COMPRESSION: Final = "lz4"
+# The sink's own default and reason (sinks/kafka.py): zstd, fastest and smallest here.
+DEFAULT_KAFKA_COMPRESSION: Final = "zstd"
 # The spool hands over whole batches: lingering only delays the last partial ones.
 DEFAULT_KAFKA_LINGER_MS: Final = 0
 DEFAULT_KAFKA_MAX_BATCH_BYTES: Final = 64 * 1024  # fastest or level under every codec
