@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/receive.py
 	$(BIN)/python benchmarks/spool.py
 	$(BIN)/python benchmarks/kafka.py
+	$(BIN)/python benchmarks/postgres.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import random
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the ta
 import orjson
 import structlog
 from kafkabroker import TansuBroker, create_topics
-from sipcdr.model import Cdr
+from samples import cdr_values
 from sipcdr.sinks import kafka
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, SpoolRecord
 from sipcdr.sinks.kafka import KafkaSink
@@ -72,64 +71,6 @@ CONTENDERS = [
 ]
 if SHIPPED not in CONTENDERS:
     CONTENDERS.append(SHIPPED)
-
-
-def cdr_values(count: int, seed: int = 7) -> list[bytes]:
-    """Distinct, realistic CDRs: numbers, addresses, times and outcomes vary per call."""
-    rng = random.Random(seed)
-    values = []
-    start = 1_790_000_000.0
-    dispositions = [
-        ("answered", 200, "OK", "bye"),
-        ("busy", 486, "Busy Here", "final_response"),
-        ("no_answer", 480, "Temporarily Unavailable", "final_response"),
-        ("cancelled", 487, "Request Terminated", "cancel"),
-    ]
-    for i in range(count):
-        disposition, code, reason, end_reason = dispositions[0 if i % 3 else rng.randrange(4)]
-        answered = disposition == "answered"
-        begin = start + i * 0.37
-        ring = begin + rng.uniform(0.2, 4.0)
-        answer = ring + rng.uniform(1, 20) if answered else None
-        end = (answer or ring) + rng.uniform(1, 600)
-        caller = f"49{rng.randrange(10**9, 10**10)}"
-        callee = f"{rng.choice(['49', '33', '44', '1'])}{rng.randrange(10**8, 10**10)}"
-        cdr = Cdr(
-            cdr_id=str(uuid.UUID(int=rng.getrandbits(128), version=5)),
-            call_id=f"{rng.getrandbits(64):016x}-{i}@198.51.100.{i % 250}",
-            caller=caller,
-            callee=callee,
-            from_uri=f"sip:+{caller}@sbc-a.carrier.example",
-            to_uri=f"sip:+{callee}@core.example.net",
-            request_uri=f"sip:+{callee}@10.20.{i % 200}.7:5060;user=phone",
-            src_ip=f"198.51.100.{i % 250}",
-            src_port=5060,
-            dst_ip="203.0.113.5",
-            dst_port=5060,
-            trunk="carrier-a",
-            start_time=begin,
-            ring_time=ring,
-            answer_time=answer,
-            end_time=end,
-            pdd_ms=round((ring - begin) * 1000),
-            disposition=disposition,
-            sip_code=code,
-            sip_reason=reason,
-            q850_cause=16 if answered else None,
-            hangup_by="caller" if answered else None,
-            end_reason=end_reason,
-            user_agent="Sonus SBC 9.2",
-            capture_node="2001",
-            rated=answered,
-            rate_prefix="4930" if answered else None,
-            rate_name="Germany Berlin" if answered else None,
-            rate_per_minute="0.0120" if answered else None,
-            billed_seconds=round(end - answer) if answer else None,
-            cost=f"{(end - answer) / 60 * 0.012:.6f}" if answer else None,
-            currency="EUR" if answered else None,
-        )
-        values.append(orjson.dumps(cdr.to_record()))
-    return values
 
 
 def spool_batches(values: list[bytes]) -> list[list[SpoolRecord]]:

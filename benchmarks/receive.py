@@ -34,6 +34,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -58,6 +59,8 @@ from sipcdr.capture.listeners import (
 from sipcdr.dialog import Correlator
 from sipcdr.model import Packet
 from sipcdr.pipeline import Pipeline
+from sipcdr.sinks.signaling import SignalingRecorder
+from sipcdr.sinks.spool import Spool
 
 HOST = "127.0.0.1"
 RCVBUF_BYTES = 32 * 1024 * 1024
@@ -445,9 +448,21 @@ def check_flows() -> None:
 
 
 def sipcdr_measure(
-    kind: str, sender: Sender, templates: Sequence[bytes], count: int, rate: float, quiet: float
+    kind: str,
+    sender: Sender,
+    templates: Sequence[bytes],
+    count: int,
+    rate: float,
+    quiet: float,
+    signaling_dir: Path | None = None,
 ) -> Run:
     pipeline = Pipeline(Correlator(), sinks=[])
+    spool = None
+    if signaling_dir is not None:
+        # As the daemon runs by default: every message kept for sip_messages.
+        spool = Spool(signaling_dir / f"{kind}-{time.monotonic_ns()}", ("postgres",), buffered=True)
+        spool.open()
+        pipeline.signaling = SignalingRecorder(spool)
     allow = AllowList([ipaddress.ip_network("127.0.0.0/8")])
 
     def protocol(sock: socket.socket) -> asyncio.DatagramProtocol:
@@ -459,6 +474,8 @@ def sipcdr_measure(
         uvloop.new_event_loop, protocol, lambda _proto: sum(pipeline.received.values())
     )
     run = measure(receiver, sender, templates, count, rate, quiet)
+    if spool is not None:
+        spool.close()
     processed = sum(pipeline.messages.values())
     return Run(
         offered=run.offered,
@@ -594,6 +611,11 @@ def main(argv: list[str] | None = None) -> int:
     args.add_argument("--pipeline-rounds", type=int, default=3)
     args.add_argument("--quiet", type=float, default=0.2, help="seconds without a datagram")
     args.add_argument("--quick", action="store_true", help="tiny counts, one round")
+    args.add_argument(
+        "--signaling",
+        action="store_true",
+        help="part 2 keeps every message for sip_messages, as the daemon does by default",
+    )
     opts = args.parse_args(argv)
     if opts.quick:
         opts.rounds = opts.pipeline_rounds = 1
@@ -607,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     check_flows()
 
     sender = Sender()
+    scratch = tempfile.TemporaryDirectory()
+    signaling_dir = Path(scratch.name) if opts.signaling else None
     try:
         paced_count = int(opts.offered_rate * opts.duration)
         blast: dict[str, list[Run]] = {name: [] for name in CONTENDERS}
@@ -632,11 +656,14 @@ def main(argv: list[str] | None = None) -> int:
             for rate, count in loads:
                 for kind, templates in flows.items():
                     pipeline_runs.setdefault((kind, rate), []).append(
-                        sipcdr_measure(kind, sender, templates, count, rate, opts.quiet)
+                        sipcdr_measure(
+                            kind, sender, templates, count, rate, opts.quiet, signaling_dir
+                        )
                     )
         pipeline_load = load.cores()
     finally:
         sender.close()
+        scratch.cleanup()
 
     med = statistics.median
     sender_rate = med(r.offered / r.send_seconds for runs in blast.values() for r in runs)
@@ -672,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(
-        "part 2: sipcdr receive path (uvloop, real Pipeline + Correlator, no sinks), "
+        "part 2: sipcdr receive path (uvloop, real Pipeline + Correlator, "
+        f"{'signaling kept in a spool' if opts.signaling else 'no sinks'}), "
         f"6-message calls, median of {opts.pipeline_rounds} rounds"
     )
     print(load_note(pipeline_load))

@@ -20,6 +20,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("receive.py", ["--quick"], "sipcdr receive path"),
         ("spool.py", ["--rounds", "1", "--number", "2000"], "spool append"),
         ("kafka.py", ["--records", "1000", "--rounds", "1"], "records/s"),
+        ("postgres.py", ["--records", "2000", "--rounds", "1"], "COPY + ON CONFLICT"),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], expected: str) -> None:

@@ -1,0 +1,182 @@
+"""PostgreSQL write path: the sink's COPY + INSERT .. ON CONFLICT against row inserts.
+
+Both contenders write the same N CDR records (CDR v1 JSON as the daemon spools it) in
+batches of 1000, as the delivery loop hands them over, into a freshly migrated
+database, one transaction per batch, idempotent on (cdr_id, start_time):
+
+- sipcdr sink: `PostgresSink.deliver` (JSON decode, COPY straight into the table;
+  a batch with rows already there goes through a staging table and
+  INSERT .. SELECT .. ON CONFLICT DO NOTHING instead)
+- baseline: the same rows through asyncpg's `executemany` of
+  INSERT .. VALUES .. ON CONFLICT DO NOTHING, the usual way to write rows
+
+A third run re-delivers the sink's batches (what a restart after a crash does): it
+inserts nothing and shows what the fallback costs. The partitions of every day in
+the data exist before the clock starts, for both. Figures are medians of several
+rounds; ratios are against the baseline of the same round.
+
+    python benchmarks/postgres.py [--records 20000] [--rounds 3] [--dsn postgresql://...]
+
+Without --dsn an embedded server is started under a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import asyncpg
+import orjson
+from samples import cdr_values
+from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, SpoolRecord
+from sipcdr.sinks.postgres import CDRS, PostgresSink
+from sipcdr.storage.embedded import EmbeddedPostgres
+from sipcdr.storage.migrations import migrate
+from sipcdr.storage.partitions import ensure_partitions
+
+BATCH = 1000  # sinks.delivery.DEFAULT_BATCH_RECORDS
+
+
+async def fresh_database(server_dsn: str) -> str:
+    name = f"sipcdr_bench_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(server_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base, _, query = server_dsn.partition("?")
+    head = base.rsplit("/", 1)[0]
+    dsn = f"{head}/{name}" + (f"?{query}" if query else "")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return dsn
+
+
+async def drop_database(server_dsn: str, dsn: str) -> None:
+    name = dsn.partition("?")[0].rsplit("/", 1)[1]
+    conn = await asyncpg.connect(server_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def batches(values: list[bytes]) -> list[list[SpoolRecord]]:
+    records = [SpoolRecord(n, KIND_CDR, b"k", value) for n, value in enumerate(values, 1)]
+    return [records[i : i + BATCH] for i in range(0, len(records), BATCH)]
+
+
+async def run_sink(dsn: str, work: list[list[SpoolRecord]]) -> tuple[float, float]:
+    sink = PostgresSink(dsn)
+    await sink.prepare()
+    await _make_partitions(dsn, work)
+    start = time.perf_counter()
+    for batch in work:
+        await sink.deliver(STREAM_RECORDS, batch)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for batch in work:
+        await sink.deliver(STREAM_RECORDS, batch)
+    again = time.perf_counter() - start
+    await sink.stop()
+    return first, again
+
+
+async def _make_partitions(dsn: str, work: list[list[SpoolRecord]]) -> None:
+    """The partitions of every day in the data, made before the clock starts (the sink
+    makes a day's partition once, at its first row of that day)."""
+    days = {
+        CDRS.row(orjson.loads(r.value))[CDRS.day_column].astimezone(UTC).date()
+        for batch in work
+        for r in batch
+    }
+    conn = await asyncpg.connect(dsn)
+    try:
+        await ensure_partitions(conn, "cdrs", days)
+    finally:
+        await conn.close()
+
+
+async def run_executemany(dsn: str, work: list[list[SpoolRecord]]) -> float:
+    columns = CDRS.columns
+    placeholders = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
+    sql = f"INSERT INTO cdrs ({', '.join(columns)}) VALUES ({placeholders}) ON CONFLICT DO NOTHING"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await _make_partitions(dsn, work)
+        start = time.perf_counter()
+        for batch in work:  # decoding is timed too, as it is in the sink
+            decoded = [CDRS.row(orjson.loads(r.value)) for r in batch]
+            async with conn.transaction():
+                await conn.executemany(sql, decoded)
+        elapsed = time.perf_counter() - start
+    finally:
+        await conn.close()
+    return elapsed
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    embedded: EmbeddedPostgres | None = None
+    scratch = tempfile.TemporaryDirectory()
+    server_dsn = args.dsn
+    if not server_dsn:
+        embedded = EmbeddedPostgres(Path(scratch.name) / "pg")
+        server_dsn = await embedded.start()
+    work = batches(cdr_values(args.records))
+    results: dict[str, list[float]] = {"baseline": [], "sink": [], "redelivery": []}
+    try:
+        for _ in range(args.rounds):
+            dsn = await fresh_database(server_dsn)
+            try:
+                baseline = await run_executemany(dsn, work)
+            finally:
+                await drop_database(server_dsn, dsn)
+            dsn = await fresh_database(server_dsn)
+            try:
+                first, again = await run_sink(dsn, work)
+            finally:
+                await drop_database(server_dsn, dsn)
+            results["baseline"].append(args.records / baseline)
+            results["sink"].append(args.records / first)
+            results["redelivery"].append(args.records / again)
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+        scratch.cleanup()
+    med = statistics.median
+    base = med(results["baseline"])
+    print(
+        f"{args.records} CDRs in batches of {BATCH}, one transaction each, "
+        f"median of {args.rounds} rounds ({'embedded server' if embedded else 'given server'})"
+    )
+    for label, key in (
+        ("executemany INSERT .. ON CONFLICT", "baseline"),
+        ("sipcdr sink: COPY + ON CONFLICT", "sink"),
+        ("sipcdr sink, same batches again", "redelivery"),
+    ):
+        rate = med(results[key])
+        print(f"  {label:<36}{rate:>10,.0f} rows/s {rate / base:6.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dsn", default="", help="a server to use instead of an embedded one")
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
