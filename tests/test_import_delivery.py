@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dpkt
@@ -98,3 +99,28 @@ def test_an_import_whose_database_is_down_fails_and_can_be_run_again(
     again = run_import(tmp_path, capture, SIPCDR_SINKS__POSTGRES__DSN=pg_dsn)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(set(pg_cdr_ids(pg_dsn))) == 5
+
+
+def test_an_import_that_outgrows_its_spool_while_the_sink_is_down_gives_up_in_time(
+    tmp_path: Path,
+) -> None:
+    capture = tmp_path / "calls.pcap"
+    write_capture(capture, 1500)
+    started = time.monotonic()
+    done = run_import(
+        tmp_path,
+        capture,
+        "--delivery-timeout",
+        "2",
+        SIPCDR_SINKS__POSTGRES__DSN="postgresql://postgres@127.0.0.1:1/none",
+        SIPCDR_SINKS__JSONL__PATH="",
+        SIPCDR_SPOOL__MAX_BYTES=str(1024 * 1024),
+        SIPCDR_SPOOL__SIGNALING_MAX_BYTES=str(1024 * 1024),
+        SIPCDR_SPOOL__SEGMENT_BYTES=str(64 * 1024),
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["aborted"] == "the sinks took nothing for 2 s"
+    assert 0 < summary["sip_messages"] < 1500 * MESSAGES_PER_CALL  # how far it got
+    assert elapsed < 30  # one timeout, not a second one for the drain

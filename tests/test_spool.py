@@ -239,3 +239,59 @@ def test_a_segment_that_cannot_be_opened_keeps_appends_in_the_old_one(
         assert spool.stats.rotation_failures == 2
         assert not spool.stats.dropped
         assert _read_all(spool, "s") == values
+
+
+def test_a_rewind_that_cannot_open_its_segment_still_gives_the_batch_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Spool(tmp_path, ("s",)) as spool:
+        values = _fill(spool, 10)
+        reader = spool.reader("s")
+        assert len(reader.read(4, 1 << 20)) == 4  # the sink fails this batch
+        real_open = Path.open
+
+        def no_file_handles(self: Path, *args: object, **kwargs: object) -> object:
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(Path, "open", no_file_handles)
+        with pytest.raises(OSError):
+            reader.rewind()
+        monkeypatch.setattr(Path, "open", real_open)
+        assert [r.value for r in reader.read(100, 1 << 20)] == values
+
+
+def test_an_fsync_error_at_rotation_loses_no_later_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Spool(tmp_path, ("s",), segment_bytes=300) as spool:
+        real_fsync = os.fsync
+        failures = iter([True])
+
+        def flaky_fsync(fd: int) -> None:
+            if next(failures, False):
+                raise OSError(5, "Input/output error")
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", flaky_fsync)
+        values = _fill(spool, 40)
+        assert spool.stats.rotation_failures == 1
+        assert not spool.stats.dropped
+        assert _read_all(spool, "s") == values
+
+
+def test_damage_before_the_cursor_neither_skips_nor_recounts(tmp_path: Path) -> None:
+    with Spool(tmp_path, ("s",)) as spool:
+        values = _fill(spool, 10)
+        reader = spool.reader("s")
+        assert len(reader.read(5, 1 << 20)) == 5
+        reader.commit()  # records 1-5 delivered
+        segment = next(tmp_path.glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    offset = sum(HEADER_BYTES + len(b"call-%d" % n) + len(values[n]) for n in range(4))
+    data[offset + HEADER_BYTES + 8] ^= 0xFF  # record 5, already delivered, rots
+    segment.write_bytes(bytes(data))
+    for _restart in range(2):
+        with Spool(tmp_path, ("s",)) as spool:
+            reader = spool.reader("s")
+            assert [r.value for r in reader.read(100, 1 << 20)] == values[5:]
+            assert reader.corrupt_records == 0

@@ -132,11 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.summary_json,
         delivery_timeout_s=args.delivery_timeout or DELIVERY_TIMEOUT_S,
     )
-    if "sip_messages" in summary:  # absent when the import was aborted
-        print(
-            f"{summary['sip_messages']} SIP messages, {summary['cdrs_written']} CDRs "
-            f"({summary['cdrs_by_disposition']})"
-        )
+    print(
+        f"{summary['sip_messages']} SIP messages, {summary['cdrs_written']} CDRs "
+        f"({summary['cdrs_by_disposition']})"
+    )
     failed = {
         name: summary[name]
         for name in ("aborted", "undelivered", "spool_refused")

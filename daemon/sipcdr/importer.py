@@ -14,12 +14,13 @@ is safe, since CDR and message ids are deterministic and every sink deduplicates
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import heapq
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
 import orjson
@@ -78,20 +79,22 @@ async def _import_to_outputs(
     await outputs.open()
     summary: dict[str, object] = {}
     try:
-        deadline = time.monotonic() + timeout_s
-        for _ in _import(config, files, outputs.cdr_sinks(), outputs.signaling, progress, summary):
+        steps = _import(config, files, outputs.cdr_sinks(), outputs.signaling, progress, summary)
+        for _ in steps:
             # Every few thousand packets the sinks get their turn; while a spool is at
-            # its limit, parsing waits for them rather than outgrow the disk.
+            # its limit, parsing waits for them rather than outgrow the disk, as long
+            # as they make progress.
             outputs.flush()
             await asyncio.sleep(0)
-            while outputs.any_spool_full and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if outputs.any_spool_full:
+            if not await _wait_for_room(outputs, timeout_s):
                 summary["aborted"] = f"the sinks took nothing for {timeout_s:.0f} s"
+                steps.close()  # fills the summary with what was read so far
                 break
-            deadline = time.monotonic() + timeout_s
         outputs.flush()
-        delivered = outputs.delivery is None or await outputs.delivery.drain(timeout_s)
+        aborted = "aborted" in summary
+        delivered = outputs.delivery is None or await outputs.delivery.drain(
+            0 if aborted else timeout_s
+        )
         undelivered: dict[str, int] = {}
         if outputs.delivery is not None and not delivered:
             for state, reader in outputs.delivery.readers():
@@ -111,25 +114,45 @@ async def _import_to_outputs(
     return summary
 
 
+async def _wait_for_room(outputs: Outputs, timeout_s: float) -> bool:
+    """Wait while a spool is full; False when the sinks took nothing for `timeout_s`."""
+    delivery = outputs.delivery
+    deadline = time.monotonic() + timeout_s
+    confirmed = -1
+    while outputs.any_spool_full:
+        now_confirmed = sum(r.confirmed_seq for _s, r in delivery.readers()) if delivery else 0
+        if now_confirmed != confirmed:  # a sink is moving: give it the full time again
+            confirmed = now_confirmed
+            deadline = time.monotonic() + timeout_s
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
 def _remove_abandoned(spools: Path) -> None:
     """Spools of imports that were killed: their records are re-made by importing the
-    same files again (ids are deterministic), so they are only in the way."""
+    same files again (ids are deterministic), so they are only in the way. A spool is
+    abandoned when no process holds its lock (a process id could be reused, or belong
+    to another container sharing the state directory)."""
     if not spools.is_dir():
         return
     for directory in spools.iterdir():
-        if directory.name.isdigit() and not _alive(int(directory.name)):
+        if directory.is_dir() and not _locked(directory):
             _log.warning("import_spool_abandoned", dir=str(directory))
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _locked(directory: Path) -> bool:
+    for lock in directory.glob("*/lock"):
+        try:
+            with lock.open("rb") as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def _import(
@@ -139,7 +162,7 @@ def _import(
     signaling: Callable[[Packet, SipMessage], None] | None,
     progress: bool | None,
     summary: dict[str, object],
-) -> Iterator[None]:
+) -> Generator[None, None, None]:
     """Runs the import, yielding every `YIELD_EVERY` packets so a caller can let its
     sinks work; fills `summary` at the end."""
     pipeline = Pipeline(Correlator(config.dialog, trunk_resolver(config)), sinks)
@@ -149,51 +172,55 @@ def _import(
     show = sys.stderr.isatty() if progress is None else progress
     next_expiry = 0.0
     packets = 0
-    with _Progress(show, len(files)) as bar:
+    try:
+        with _Progress(show, len(files)) as bar:
 
-        def packets_of(path: Path) -> Iterator[Packet]:
-            try:
-                yield from iter_packets(path, stats=capture)
-            except (CaptureFileError, OSError) as exc:
-                errors[str(path)] = str(exc)
-            bar.advance()
+            def packets_of(path: Path) -> Iterator[Packet]:
+                try:
+                    yield from iter_packets(path, stats=capture)
+                except (CaptureFileError, OSError) as exc:
+                    errors[str(path)] = str(exc)
+                bar.advance()
 
-        # All files merged by capture time: rotated captures (cap1, cap10, cap2...) and
-        # overlapping ones from two sensors both play as the one link they recorded.
-        merged = heapq.merge(*(packets_of(path) for path in files), key=_capture_time)
-        for packet in merged:
-            packets += 1
-            # Timers due before this packet fire first, as they would have live.
-            if packet.timestamp >= next_expiry:
-                pipeline.expire(packet.timestamp)
-                next_expiry = packet.timestamp + EXPIRE_EVERY_S
-            pipeline.process(packet)
-            if packets % YIELD_EVERY == 0:
-                yield
-    pipeline.drain()
-    pipeline.flush()
-    stats = pipeline.correlator.stats
-    requests: dict[str, int] = {}
-    responses: dict[str, int] = {}
-    summary.update(
-        {
-            "files": [str(p) for p in files],
-            "file_errors": errors,
-            "capture": capture.as_dict(),
-            "sip_messages": packets,
-            "requests_by_method": requests,
-            "responses_by_cseq_method": responses,
-            "rejected_by_reason": dict(pipeline.parse_errors),
-            "cdrs_written": pipeline.cdrs_written,
-            "cdrs_by_disposition": dict(stats.cdrs),
-            "retransmissions": stats.retransmissions,
-            "late_messages": stats.late,
-            "orphan_messages": stats.orphans,
-        }
-    )
-    for (method, kind), count in pipeline.messages.items():
-        target = requests if kind == "request" else responses
-        target[method] = target.get(method, 0) + count
+            # All files merged by capture time: rotated captures (cap1, cap10, cap2...)
+            # and overlapping ones from two sensors both play as the one link they
+            # recorded.
+            merged = heapq.merge(*(packets_of(path) for path in files), key=_capture_time)
+            for packet in merged:
+                packets += 1
+                # Timers due before this packet fire first, as they would have live.
+                if packet.timestamp >= next_expiry:
+                    pipeline.expire(packet.timestamp)
+                    next_expiry = packet.timestamp + EXPIRE_EVERY_S
+                pipeline.process(packet)
+                if packets % YIELD_EVERY == 0:
+                    yield
+        pipeline.drain()
+        pipeline.flush()
+    finally:
+        # Also when the caller stops early (an aborted import): what was read so far.
+        stats = pipeline.correlator.stats
+        requests: dict[str, int] = {}
+        responses: dict[str, int] = {}
+        for (method, kind), count in pipeline.messages.items():
+            target = requests if kind == "request" else responses
+            target[method] = target.get(method, 0) + count
+        summary.update(
+            {
+                "files": [str(p) for p in files],
+                "file_errors": errors,
+                "capture": capture.as_dict(),
+                "sip_messages": packets,
+                "requests_by_method": requests,
+                "responses_by_cseq_method": responses,
+                "rejected_by_reason": dict(pipeline.parse_errors),
+                "cdrs_written": pipeline.cdrs_written,
+                "cdrs_by_disposition": dict(stats.cdrs),
+                "retransmissions": stats.retransmissions,
+                "late_messages": stats.late,
+                "orphan_messages": stats.orphans,
+            }
+        )
 
 
 def _capture_time(packet: Packet) -> float:

@@ -1,5 +1,5 @@
 """PostgreSQL sink: CDRs, fraud alerts and captured signaling into their partitioned
-tables, by COPY into a staging table and one idempotent INSERT per table.
+tables, by COPY, idempotent on each table's key.
 
 The database may be down when the daemon starts or at any time after: `start` does not
 connect, `deliver` connects when it needs to, and every failure raises out of `deliver`
@@ -11,9 +11,10 @@ empty one after a failover, gets its tables) and makes the partitions from yeste
 `partitions_ahead_days` ahead; it repeats the latter when the UTC day changes. Records
 of other days (a pcap from 2005, a late CDR) get their partition on demand.
 
-A batch goes in one transaction per call: COPY into a session-private staging table,
-then `INSERT ... SELECT ... ON CONFLICT DO NOTHING` into the real table. Re-delivery
-of a batch (normal after a crash or a failed commit) therefore inserts nothing twice,
+A batch goes in one transaction per call: COPY straight into the real table inside a
+savepoint. When that violates the key (a re-delivery, normal after a crash or a failed
+commit), the rows go through a session-private staging table and
+`INSERT ... SELECT ... ON CONFLICT DO NOTHING` instead, so nothing is inserted twice,
 and the counters say how many rows were new and how many were already there.
 """
 

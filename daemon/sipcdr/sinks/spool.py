@@ -224,10 +224,12 @@ class Spool:
                 self.next_seq, self.directory / f"{self.next_seq:020d}{SEGMENT_SUFFIX}", 0
             )
         fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        self._close_active()
-        self._fd = fd
-        if not reuse:
-            self._segments.append(segment)
+        try:
+            self._close_active()  # an fsync error here must not lose the new segment
+        finally:
+            self._fd = fd
+            if not reuse:
+                self._segments.append(segment)
         with contextlib.suppress(OSError):
             _fsync_directory(self.directory)
 
@@ -292,9 +294,12 @@ class Spool:
         dropped[reason] = dropped.get(reason, 0) + 1
 
     def _write(self, data: bytes) -> bool:
-        segment = self._segments[-1]
         if self._fd < 0:
-            return False
+            try:
+                self._start_segment()  # the active file was lost: a new one, if possible
+            except OSError:
+                return False
+        segment = self._segments[-1]
         try:
             written = os.write(self._fd, data)
             if written != len(data):
@@ -403,9 +408,10 @@ class SpoolReader:
         self.name = name
         self.cursor_path = spool.directory / "cursors" / f"{name}.json"
         self.corrupt_records = 0
-        self._gap_counted_to = 0  # gaps below this sequence number are counted already
         self.cursor_reset = False  # the saved cursor was unreadable or pointed nowhere
         self.confirmed_seq = self._load_cursor()  # next record to deliver
+        # Gaps below this sequence number are counted already (or were delivered).
+        self._gap_counted_to = self.confirmed_seq
         self._read_seq = self.confirmed_seq
         self._segment: _Segment | None = None
         self._handle: BinaryIO | None = None
@@ -429,20 +435,24 @@ class SpoolReader:
         return seq
 
     def _position_at(self, seq: int) -> None:
-        """Open the segment holding `seq` and skip to it."""
+        """Open the segment holding `seq` and stop just before the first record at or
+        after it. If the file cannot be opened (no file handles), the reader still
+        points at `seq` and the next `read` tries again: a failed repositioning must
+        never move the reader past a record that was not confirmed."""
         self._close_handle()
+        self._segment = None
+        self._read_seq = seq
         spool = self.spool
         if not spool._segments:
             return
         segment = spool._segment_for(seq)
-        self._segment = segment
-        self._handle = segment.path.open("rb")
-        self._offset = 0
-        self._read_seq = segment.first_seq
-        while self._read_seq < seq:
-            batch = self._read_in_segment(1, _WRITE_BUFFER_BYTES, skip_only=True)
-            if not batch:
-                break
+        handle = segment.path.open("rb")
+        self._segment, self._handle, self._offset = segment, handle, 0
+        end = segment.size
+        while (found := self._next_record(end)) is not None and found[0] < seq:
+            self._offset += found[4]
+        # Records before `seq` were delivered; damage among them is not counted again.
+        self._gap_counted_to = max(self._gap_counted_to, seq)
 
     def _close_handle(self) -> None:
         if self._handle is not None:
@@ -475,7 +485,7 @@ class SpoolReader:
                     return records
             segment = self._segment
             want = max_records - len(records)
-            got = self._read_in_segment(want, max_bytes - size, skip_only=False)
+            got = self._read_in_segment(want, max_bytes - size)
             if got:
                 records.extend(got)
                 size += sum(len(record.value) for record in got)
@@ -496,22 +506,39 @@ class SpoolReader:
             self._count_gap(self._read_seq, segment.first_seq)
             self._read_seq = segment.first_seq
 
-    def _read_in_segment(self, limit: int, max_bytes: int, *, skip_only: bool) -> list[SpoolRecord]:
-        segment = self._segment
-        handle = self._handle
-        assert segment is not None and handle is not None
+    def _read_in_segment(self, limit: int, max_bytes: int) -> list[SpoolRecord]:
+        assert self._segment is not None
         records: list[SpoolRecord] = []
         size = 0
         # Only what the writer has completed: the segment's size, not the file's.
-        end = segment.size
-        while len(records) < limit and self._offset + HEADER_BYTES <= end:
+        end = self._segment.size
+        while len(records) < limit and (found := self._next_record(end)) is not None:
+            seq, kind_code, key, value, total = found
+            self._offset += total
+            if seq < self._read_seq:
+                continue  # already passed (a resync may land before the read position)
+            if seq > self._read_seq:
+                self._count_gap(self._read_seq, seq)
+            self._read_seq = seq + 1
+            records.append(SpoolRecord(seq, _KIND_NAMES[kind_code], key, value))
+            size += len(value)
+            if size >= max_bytes:
+                break
+        return records
+
+    def _next_record(self, end: int) -> tuple[int, int, bytes, bytes, int] | None:
+        """The valid record at the read offset, skipping damage before it, without
+        moving past it: (seq, kind code, key, value, total length), or None at `end`."""
+        handle = self._handle
+        assert handle is not None
+        while self._offset + HEADER_BYTES <= end:
             handle.seek(self._offset)
             header = handle.read(HEADER_BYTES)
-            record = _decode_header(header)
-            if record is None:
+            decoded = _decode_header(header)
+            if decoded is None:
                 self._resync(end)
                 continue
-            kind_code, key_len, value_len, seq = record
+            kind_code, key_len, value_len, seq = decoded
             total = HEADER_BYTES + key_len + value_len
             if self._offset + total > end:
                 self._resync(end)
@@ -521,20 +548,8 @@ class SpoolReader:
             if crc != _CRC.unpack_from(header, _HEAD.size)[0]:
                 self._resync(end)
                 continue
-            self._offset += total
-            if seq < self._read_seq:
-                continue  # already passed (a resync may land before the read position)
-            if seq > self._read_seq:
-                self._count_gap(self._read_seq, seq)
-            self._read_seq = seq + 1
-            if skip_only:
-                records.append(SpoolRecord(seq, "", b"", b""))
-                continue
-            records.append(SpoolRecord(seq, _KIND_NAMES[kind_code], body[:key_len], body[key_len:]))
-            size += value_len
-            if size >= max_bytes:
-                break
-        return records
+            return seq, kind_code, body[:key_len], body[key_len:], total
+        return None
 
     def _resync(self, end: int) -> None:
         """Skip a damaged record: on to the next offset where a valid one starts, or to
