@@ -32,7 +32,7 @@ import orjson
 import structlog
 from kafkabroker import TansuBroker, create_topics
 from samples import cdr_values
-from sipcdr.sinks import kafka
+from sipcdr.sinks import kafka_options
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, SpoolRecord
 from sipcdr.sinks.kafka import KafkaSink
 
@@ -53,7 +53,11 @@ class Setting(NamedTuple):
 
 
 BASELINE = Setting(0, 16 * KIB, "none")  # aiokafka's defaults
-SHIPPED = Setting(kafka.DEFAULT_LINGER_MS, kafka.DEFAULT_MAX_BATCH_BYTES, kafka.DEFAULT_COMPRESSION)
+SHIPPED = Setting(
+    kafka_options.DEFAULT_LINGER_MS,
+    kafka_options.DEFAULT_MAX_BATCH_BYTES,
+    kafka_options.DEFAULT_COMPRESSION,
+)
 CONTENDERS = [
     BASELINE,
     Setting(0, 16 * KIB, "lz4"),

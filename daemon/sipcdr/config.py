@@ -44,6 +44,7 @@ from typing import Final, NamedTuple, TypeAlias
 
 from sipcdr.dialog.correlator import DialogLimits
 from sipcdr.model import Trunk
+from sipcdr.sinks import kafka_options as kafka
 from sipcdr.sinks import spool
 from sipcdr.sinks.jsonl import DEFAULT_ROTATE_BYTES
 from sipcdr.storage.partitions import DEFAULT_PARTITIONS_AHEAD_DAYS
@@ -112,32 +113,13 @@ DEFAULT_STORE_SIGNALING: Final = True
 DEFAULT_STORE_SDP: Final = False
 # Kafka is off until a broker is named: there is no broker to guess.
 DEFAULT_KAFKA_BOOTSTRAP: Final[tuple[Endpoint, ...]] = ()
-# No duplicate records when the producer retries; brokers without InitProducerId need it off.
-DEFAULT_KAFKA_IDEMPOTENCE: Final = True
-DEFAULT_TOPIC_CDRS: Final = "sipcdr.cdrs"  # the name billing consumers are told to expect
-DEFAULT_TOPIC_FRAUD: Final = "sipcdr.fraud"  # the name fraud analysts are told to expect
-# Brokers on a trusted network are the common first setup; TLS/SASL are opt-in per site.
-DEFAULT_KAFKA_SECURITY_PROTOCOL: Final = "PLAINTEXT"
-KAFKA_COMPRESSIONS: Final = ("lz4", "zstd", "gzip", "none")
-# The sink's own default and reason (sinks/kafka.py): zstd, fastest and smallest here.
-DEFAULT_KAFKA_COMPRESSION: Final = "zstd"
-# The spool hands over whole batches: lingering only delays the last partial ones.
-DEFAULT_KAFKA_LINGER_MS: Final = 0
-DEFAULT_KAFKA_MAX_BATCH_BYTES: Final = 64 * 1024  # fastest or level under every codec
-# An unreachable broker or missing topic fails a batch in this time; it is then retried.
-DEFAULT_KAFKA_REQUEST_TIMEOUT_MS: Final = 15_000
+# The other Kafka defaults, with their reasons, are the sink's: sinks/kafka_options.py.
 
 # A fixed port so scrape configs can be written ahead; loopback until a scraper is set up.
 DEFAULT_METRICS_LISTEN: Final = Endpoint("127.0.0.1", 9108)
 # Next to the JSONL default, so one directory holds everything a run writes.
 DEFAULT_STATE_DIR: Final = Path("var")
 
-# aiokafka's accepted values; checked here so a typo fails at start, not at first send.
-KAFKA_SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-# OAUTHBEARER is left out: it needs a token provider, which a config file cannot give.
-KAFKA_SASL_MECHANISMS: Final = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI")
-# Mechanisms that authenticate with sasl_username and sasl_password.
-_PASSWORD_MECHANISMS: Final = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 _MAX_CAPTURE_ID: Final = 0xFFFFFFFF  # HEPv3 chunk 0x000c is an unsigned 32-bit integer
 _MAX_ENV_TRUNK_INDEX: Final = 9999  # bounds the list an index from the environment can grow
@@ -293,18 +275,18 @@ class PostgresConfig:
 @dataclass(frozen=True, slots=True)
 class KafkaConfig:
     bootstrap: tuple[Endpoint, ...] = DEFAULT_KAFKA_BOOTSTRAP  # () disables
-    idempotence: bool = DEFAULT_KAFKA_IDEMPOTENCE
-    topic_cdrs: str = DEFAULT_TOPIC_CDRS
-    topic_fraud: str = DEFAULT_TOPIC_FRAUD
-    security_protocol: str = DEFAULT_KAFKA_SECURITY_PROTOCOL
+    idempotence: bool = kafka.DEFAULT_IDEMPOTENCE
+    topic_cdrs: str = kafka.DEFAULT_TOPIC_CDRS
+    topic_fraud: str = kafka.DEFAULT_TOPIC_FRAUD
+    security_protocol: str = kafka.DEFAULT_SECURITY_PROTOCOL
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: str | None = None
     ssl_cafile: Path | None = None
-    compression: str = DEFAULT_KAFKA_COMPRESSION
-    linger_ms: int = DEFAULT_KAFKA_LINGER_MS
-    max_batch_bytes: int = DEFAULT_KAFKA_MAX_BATCH_BYTES
-    request_timeout_ms: int = DEFAULT_KAFKA_REQUEST_TIMEOUT_MS
+    compression: str = kafka.DEFAULT_COMPRESSION
+    linger_ms: int = kafka.DEFAULT_LINGER_MS
+    max_batch_bytes: int = kafka.DEFAULT_MAX_BATCH_BYTES
+    request_timeout_ms: int = kafka.DEFAULT_REQUEST_TIMEOUT_MS
 
     @property
     def enabled(self) -> bool:
@@ -1069,7 +1051,10 @@ def _kafka(table: _Table, base_dir: Path) -> KafkaConfig:
                 expected = '"" (disabled) or a comma-separated list of HOST:PORT'
                 raise table.invalid("bootstrap", bootstrap_text, expected) from None
     topics = {}
-    for name, default in (("topic_cdrs", DEFAULT_TOPIC_CDRS), ("topic_fraud", DEFAULT_TOPIC_FRAUD)):
+    for name, default in (
+        ("topic_cdrs", kafka.DEFAULT_TOPIC_CDRS),
+        ("topic_fraud", kafka.DEFAULT_TOPIC_FRAUD),
+    ):
         topic = table.string(name, default)
         if not _KAFKA_TOPIC.fullmatch(topic) or topic in (".", ".."):
             raise table.invalid(name, topic, "a Kafka topic name: 1-249 of [A-Za-z0-9._-]")
@@ -1081,14 +1066,14 @@ def _kafka(table: _Table, base_dir: Path) -> KafkaConfig:
             "same topic as topic_cdrs",
             "a topic of its own: consumers tell the record kinds apart by topic",
         )
-    protocol = table.string("security_protocol", DEFAULT_KAFKA_SECURITY_PROTOCOL).upper()
-    if protocol not in KAFKA_SECURITY_PROTOCOLS:
-        raise table.invalid("security_protocol", protocol, f"one of {KAFKA_SECURITY_PROTOCOLS}")
+    protocol = table.string("security_protocol", kafka.DEFAULT_SECURITY_PROTOCOL).upper()
+    if protocol not in kafka.SECURITY_PROTOCOLS:
+        raise table.invalid("security_protocol", protocol, f"one of {kafka.SECURITY_PROTOCOLS}")
     mechanism = table.optional_string("sasl_mechanism")
     if mechanism is not None:
         mechanism = mechanism.upper()
-        if mechanism not in KAFKA_SASL_MECHANISMS:
-            expected = f"one of {KAFKA_SASL_MECHANISMS}"
+        if mechanism not in kafka.SASL_MECHANISMS:
+            expected = f"one of {kafka.SASL_MECHANISMS}"
             raise table.invalid("sasl_mechanism", mechanism, expected)
     username = table.optional_string("sasl_username")
     password = table.optional_string("sasl_password")
@@ -1112,7 +1097,7 @@ def _kafka(table: _Table, base_dir: Path) -> KafkaConfig:
         raise table.problem(
             "ssl_cafile", cafile, f"unused with security_protocol {protocol}", "SSL or SASL_SSL"
         )
-    if sasl and (mechanism is None or mechanism in _PASSWORD_MECHANISMS):
+    if sasl and (mechanism is None or mechanism in kafka.PASSWORD_MECHANISMS):
         for name, value in (("sasl_username", username), ("sasl_password", password)):
             if value is None:
                 raise table.problem(
@@ -1120,7 +1105,7 @@ def _kafka(table: _Table, base_dir: Path) -> KafkaConfig:
                 )
     return KafkaConfig(
         bootstrap=tuple(bootstrap),
-        idempotence=table.boolean("idempotence", DEFAULT_KAFKA_IDEMPOTENCE),
+        idempotence=table.boolean("idempotence", kafka.DEFAULT_IDEMPOTENCE),
         topic_cdrs=topics["topic_cdrs"],
         topic_fraud=topics["topic_fraud"],
         security_protocol=protocol,
@@ -1129,20 +1114,20 @@ def _kafka(table: _Table, base_dir: Path) -> KafkaConfig:
         sasl_password=password,
         ssl_cafile=None if cafile is None else base_dir / cafile,
         compression=_kafka_compression(table),
-        linger_ms=table.integer("linger_ms", DEFAULT_KAFKA_LINGER_MS, minimum=0),
+        linger_ms=table.integer("linger_ms", kafka.DEFAULT_LINGER_MS, minimum=0),
         max_batch_bytes=table.integer(
-            "max_batch_bytes", DEFAULT_KAFKA_MAX_BATCH_BYTES, minimum=1024
+            "max_batch_bytes", kafka.DEFAULT_MAX_BATCH_BYTES, minimum=1024
         ),
         request_timeout_ms=table.integer(
-            "request_timeout_ms", DEFAULT_KAFKA_REQUEST_TIMEOUT_MS, minimum=100
+            "request_timeout_ms", kafka.DEFAULT_REQUEST_TIMEOUT_MS, minimum=100
         ),
     )
 
 
 def _kafka_compression(table: _Table) -> str:
-    compression = table.string("compression", DEFAULT_KAFKA_COMPRESSION).lower()
-    if compression not in KAFKA_COMPRESSIONS:
-        raise table.invalid("compression", compression, f"one of {KAFKA_COMPRESSIONS}")
+    compression = table.string("compression", kafka.DEFAULT_COMPRESSION).lower()
+    if compression not in kafka.COMPRESSIONS:
+        raise table.invalid("compression", compression, f"one of {kafka.COMPRESSIONS}")
     return compression
 
 

@@ -51,6 +51,20 @@ from sipcdr.sinks.base import (
     RecordsRejected,
     SpoolRecord,
 )
+from sipcdr.sinks.kafka_options import (
+    COMPRESSIONS,
+    DEFAULT_COMPRESSION,
+    DEFAULT_IDEMPOTENCE,
+    DEFAULT_LINGER_MS,
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_REQUEST_TIMEOUT_MS,
+    DEFAULT_SASL_MECHANISM,
+    DEFAULT_SECURITY_PROTOCOL,
+    DEFAULT_TOPIC_CDRS,
+    DEFAULT_TOPIC_FRAUD,
+    SASL_MECHANISMS,
+    SECURITY_PROTOCOLS,
+)
 
 FRAUD_ALERT_SCHEMA_VERSION: Final = 1  # schemas/fraud_alert.v1.schema.json
 # The broker (or the client's own size check) refuses the record itself: sending it
@@ -62,32 +76,6 @@ _CONTENT_ERRORS: Final = (
     CorruptRecordException,
 )
 
-DEFAULT_TOPIC_CDRS: Final = "sipcdr.cdrs"  # the name billing consumers are told to expect
-DEFAULT_TOPIC_FRAUD: Final = "sipcdr.fraud"  # the name fraud analysts are told to expect
-# No duplicates from the producer's own retries; brokers without InitProducerId need it off.
-DEFAULT_IDEMPOTENCE: Final = True
-COMPRESSIONS: Final = ("lz4", "zstd", "gzip", "none")
-# zstd: through aiokafka it is both the fastest codec and the smallest on CDRs (8x at
-# ~500-700 MB/s, against lz4's 5x at ~100 MB/s: aiokafka runs lz4 at level 9), and the
-# fastest producer setting in benchmarks/kafka.py. Brokers and clients read it since
-# Kafka 2.1 (2018); "lz4" is there for older consumers.
-DEFAULT_COMPRESSION: Final = "zstd"
-# deliver hands over a whole spool batch at once: partition batches go out as they fill,
-# and lingering only holds back the last, partial ones that deliver then waits for
-# (5 ms cost 5-7%, 20 ms 40% in benchmarks/kafka.py).
-DEFAULT_LINGER_MS: Final = 0
-# Per partition request, ~65 CDRs before compression: fastest or level under every codec
-# in benchmarks/kafka.py (16 KiB, aiokafka's default, is 15% slower with zstd; 256 KiB+ lose).
-DEFAULT_MAX_BATCH_BYTES: Final = 64 * 1024
-# Longer than a Kafka leader election, so a failover is ridden out instead of failed;
-# short enough that a dead cluster shows as a failed delivery within half a minute.
-DEFAULT_REQUEST_TIMEOUT_MS: Final = 15_000
-# Brokers on a trusted network are the common first setup; TLS/SASL are opt-in per site.
-DEFAULT_SECURITY_PROTOCOL: Final = "PLAINTEXT"
-SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-# Mechanisms that authenticate with the username and password this sink is given.
-SASL_MECHANISMS: Final = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI")
-DEFAULT_SASL_MECHANISM: Final = "PLAIN"  # what a SASL listener offers when nothing else is set
 # Broker logs and quotas name the client by this.
 CLIENT_ID: Final = "sipcdr"
 # A deliver may wait one request timeout for connection and metadata, and one more for
