@@ -108,13 +108,6 @@ class Outputs:
             spool.open()
             self.spools[STREAM_SIGNALING] = spool
             self.signaling = SignalingRecorder(spool, store_body=sinks_config.postgres.store_sdp)
-        for stream, spool in self.spools.items():
-            if spool.stats.torn_tails:
-                self.log.warning(
-                    "spool_torn_tail",
-                    stream=stream,
-                    bytes=spool.stats.torn_tail_bytes,
-                )
         self.delivery = Delivery(
             self.spools, self.sinks, fsync_interval_s=spool_config.fsync_interval_ms / 1000
         )
@@ -200,7 +193,16 @@ class Outputs:
                 ("torn_tail", stats.torn_tails),
                 ("corrupt_record", stats.corrupt_records),
             ):
-                self._add(metrics.spool_damaged.labels(stream, what), ("dmg", stream, what), total)
+                key = ("dmg", stream, what)
+                if self._add(metrics.spool_damaged.labels(stream, what), key, total):
+                    # A write cut short by a crash, or bytes damaged on disk: lost.
+                    self.log.error(
+                        "spool_damaged",
+                        stream=stream,
+                        what=what,
+                        total=total,
+                        torn_bytes=stats.torn_tail_bytes,
+                    )
         if self.delivery is not None:
             for state, reader in self.delivery.readers():
                 labels = (state.sink, state.stream)
