@@ -415,6 +415,12 @@ ERRORS = [
         id="one-topic-for-both",
     ),
     pytest.param(
+        "[sinks.kafka]\ntopic_sip = 'sipcdr.fraud'\n",
+        "sinks.kafka.topic_sip",
+        "same topic as topic_fraud",
+        id="signaling-on-the-alert-topic",
+    ),
+    pytest.param(
         "[capture]\nhep_udp = ['127.0.0.1:5060']\n",
         "capture.hep_udp",
         "already used by capture.sip_udp",

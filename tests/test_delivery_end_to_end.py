@@ -356,3 +356,30 @@ def test_broker_killed_mid_stream_and_back_every_cdr_reaches_billing(
     ids = pg_cdr_ids(pg_dsn)
     assert len(ids) == len(set(ids)) == 60
     assert set(ids) == closed
+
+
+def test_the_scale_out_topic_carries_every_parsed_message(
+    tmp_path: Path, kafka_bootstrap: str, cleanup: list[Daemon]
+) -> None:
+    """`topic_sip` set and no database: the signaling spool exists for Kafka alone, and
+    every message of every call is on the topic, keyed by Call-ID, valid sip_message."""
+    topic = unique_topic("sipcdr.cdrs")
+    daemon = start_daemon(
+        tmp_path,
+        **kafka_env(kafka_bootstrap, topic),
+        SIPCDR_SINKS__KAFKA__TOPIC_SIP=f"{topic}.sip",
+    )
+    cleanup.append(daemon)
+    send_calls(daemon, [f"sip-{n}" for n in range(5)])
+    got = asyncio.run(consume_all(kafka_bootstrap, f"{topic}.sip", 5 * MESSAGES_PER_CALL, 60))
+    assert daemon.stop() == 0
+    validate = _validator("sip_message.v1.schema.json")
+    per_call: dict[bytes, int] = {}
+    for record in got:
+        value = orjson.loads(record.value)
+        validate(value)
+        assert record.key == str(value["call_id"]).encode()
+        assert dict(record.headers)["record_kind"] == b"sip"
+        assert value["body"] is None  # SDP is not kept unless asked for
+        per_call[record.key] = per_call.get(record.key, 0) + 1
+    assert per_call == {f"sip-{n}@e2e".encode(): MESSAGES_PER_CALL for n in range(5)}

@@ -278,6 +278,7 @@ class KafkaConfig:
     idempotence: bool = kafka.DEFAULT_IDEMPOTENCE
     topic_cdrs: str = kafka.DEFAULT_TOPIC_CDRS
     topic_fraud: str = kafka.DEFAULT_TOPIC_FRAUD
+    topic_sip: str = kafka.DEFAULT_TOPIC_SIP  # "" disables
     security_protocol: str = kafka.DEFAULT_SECURITY_PROTOCOL
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -303,6 +304,7 @@ class KafkaConfig:
             "idempotence": self.idempotence,
             "topic_cdrs": self.topic_cdrs,
             "topic_fraud": self.topic_fraud,
+            "topic_sip": self.topic_sip,
             "security_protocol": self.security_protocol,
             "sasl_mechanism": self.sasl_mechanism,
             "sasl_username": self.sasl_username,
@@ -1050,22 +1052,27 @@ def _kafka(table: _Table, base_dir: Path) -> KafkaConfig:
             except ValueError:
                 expected = '"" (disabled) or a comma-separated list of HOST:PORT'
                 raise table.invalid("bootstrap", bootstrap_text, expected) from None
-    topics = {}
+    topics: dict[str, str] = {}
     for name, default in (
         ("topic_cdrs", kafka.DEFAULT_TOPIC_CDRS),
         ("topic_fraud", kafka.DEFAULT_TOPIC_FRAUD),
+        ("topic_sip", kafka.DEFAULT_TOPIC_SIP),
     ):
         topic = table.string(name, default)
+        if name == "topic_sip" and not topic:
+            topics[name] = topic  # disabled
+            continue
         if not _KAFKA_TOPIC.fullmatch(topic) or topic in (".", ".."):
             raise table.invalid(name, topic, "a Kafka topic name: 1-249 of [A-Za-z0-9._-]")
+        for other_name, other in topics.items():
+            if topic == other:
+                raise table.problem(
+                    name,
+                    topic,
+                    f"same topic as {other_name}",
+                    "a topic of its own: consumers tell the record kinds apart by topic",
+                )
         topics[name] = topic
-    if topics["topic_cdrs"] == topics["topic_fraud"]:
-        raise table.problem(
-            "topic_fraud",
-            topics["topic_fraud"],
-            "same topic as topic_cdrs",
-            "a topic of its own: consumers tell the record kinds apart by topic",
-        )
     protocol = table.string("security_protocol", kafka.DEFAULT_SECURITY_PROTOCOL).upper()
     if protocol not in kafka.SECURITY_PROTOCOLS:
         raise table.invalid("security_protocol", protocol, f"one of {kafka.SECURITY_PROTOCOLS}")
@@ -1108,6 +1115,7 @@ def _kafka(table: _Table, base_dir: Path) -> KafkaConfig:
         idempotence=table.boolean("idempotence", kafka.DEFAULT_IDEMPOTENCE),
         topic_cdrs=topics["topic_cdrs"],
         topic_fraud=topics["topic_fraud"],
+        topic_sip=topics["topic_sip"],
         security_protocol=protocol,
         sasl_mechanism=mechanism,
         sasl_username=username,

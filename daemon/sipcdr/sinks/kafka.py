@@ -46,7 +46,9 @@ from sipcdr.model import CDR_SCHEMA_VERSION
 from sipcdr.sinks.base import (
     KIND_ALERT,
     KIND_CDR,
+    KIND_SIP,
     STREAM_RECORDS,
+    STREAM_SIGNALING,
     AsyncLifecycle,
     RecordsRejected,
     SpoolRecord,
@@ -62,9 +64,11 @@ from sipcdr.sinks.kafka_options import (
     DEFAULT_SECURITY_PROTOCOL,
     DEFAULT_TOPIC_CDRS,
     DEFAULT_TOPIC_FRAUD,
+    DEFAULT_TOPIC_SIP,
     SASL_MECHANISMS,
     SECURITY_PROTOCOLS,
 )
+from sipcdr.sinks.signaling import SIP_MESSAGE_SCHEMA_VERSION
 
 FRAUD_ALERT_SCHEMA_VERSION: Final = 1  # schemas/fraud_alert.v1.schema.json
 # The broker (or the client's own size check) refuses the record itself: sending it
@@ -95,7 +99,7 @@ class KafkaSink(AsyncLifecycle):
     """The `Sink` that writes the records stream (CDRs and fraud alerts) to Kafka."""
 
     name = "kafka"
-    streams: tuple[str, ...] = (STREAM_RECORDS,)
+    streams: tuple[str, ...] = (STREAM_RECORDS,)  # and signaling when topic_sip is set
 
     def __init__(
         self,
@@ -103,6 +107,7 @@ class KafkaSink(AsyncLifecycle):
         *,
         topic_cdrs: str = DEFAULT_TOPIC_CDRS,
         topic_fraud: str = DEFAULT_TOPIC_FRAUD,
+        topic_sip: str = DEFAULT_TOPIC_SIP,
         idempotence: bool = DEFAULT_IDEMPOTENCE,
         compression: str = DEFAULT_COMPRESSION,
         linger_ms: int = DEFAULT_LINGER_MS,
@@ -132,14 +137,19 @@ class KafkaSink(AsyncLifecycle):
         self.bootstrap = bootstrap
         self.topic_cdrs = topic_cdrs
         self.topic_fraud = topic_fraud
+        self.topic_sip = topic_sip
         self.request_timeout_s = request_timeout_ms / 1000
         self._topics: Mapping[str, str] = {KIND_CDR: topic_cdrs, KIND_ALERT: topic_fraud}
+        if topic_sip:
+            self.streams = (STREAM_RECORDS, STREAM_SIGNALING)
+            self._topics = {**self._topics, KIND_SIP: topic_sip}
         # aiokafka wants a list; it only reads it, so one list per kind serves every send.
         self._headers: Mapping[str, list[tuple[str, bytes]]] = {
             kind: [("schema_version", str(version).encode()), ("record_kind", kind.encode())]
             for kind, version in (
                 (KIND_CDR, CDR_SCHEMA_VERSION),
                 (KIND_ALERT, FRAUD_ALERT_SCHEMA_VERSION),
+                (KIND_SIP, SIP_MESSAGE_SCHEMA_VERSION),
             )
         }
         self._options: dict[str, Any] = {

@@ -145,6 +145,7 @@ class Outputs:
             bootstrap=kafka.bootstrap_servers,
             topic_cdrs=kafka.topic_cdrs,
             topic_fraud=kafka.topic_fraud,
+            topic_sip=kafka.topic_sip,
             idempotence=kafka.idempotence,
             compression=kafka.compression,
             linger_ms=kafka.linger_ms,
