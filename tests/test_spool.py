@@ -295,3 +295,26 @@ def test_damage_before_the_cursor_neither_skips_nor_recounts(tmp_path: Path) -> 
             reader = spool.reader("s")
             assert [r.value for r in reader.read(100, 1 << 20)] == values[5:]
             assert reader.corrupt_records == 0
+
+
+def test_a_failed_batch_write_of_the_buffered_stream_reuses_no_sequence_number(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Spool(tmp_path, ("s",), buffered=True) as spool:
+        _fill(spool, 3, kind=KIND_SIP)  # buffered, not yet written
+        real_write = os.write
+
+        def full_disk(fd: int, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "write", full_disk)
+        spool.flush()  # the three buffered records are lost, and counted
+        monkeypatch.setattr(os, "write", real_write)
+        later = _fill(spool, 2, start=3, kind=KIND_SIP)
+        spool.flush()
+        reader = spool.reader("s")
+        got = reader.read(100, 1 << 20)
+    assert spool.stats.dropped == {"write_error": 3}
+    assert [r.seq for r in got] == [4, 5]
+    assert [r.value for r in got] == later
+    assert reader.corrupt_records == 3  # the gap tells the readers how many

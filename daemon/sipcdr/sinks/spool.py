@@ -270,6 +270,9 @@ class Spool:
         crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(head)))
         record = b"".join((head, _CRC.pack(crc), key, value))
         if self.buffered:
+            # Numbered once buffered: if the batch write fails, the readers see the
+            # gap (and the stats count the refused records); no number is used twice.
+            self.next_seq = seq + 1
             self._buffer.append(record)
             self._buffered_bytes += len(record)
             if self._buffered_bytes >= _WRITE_BUFFER_BYTES and not self._flush_buffer():
