@@ -225,6 +225,7 @@ class App:
             ("expire", lambda: self.pipeline.expire(now)),
             ("flush_sinks", self.pipeline.flush),
             ("intake_gate", self._gate_intake),
+            ("export_delivery_metrics", lambda: self.outputs.export_metrics(self.metrics)),
             ("export_metrics", self._export_metrics),
         ]
         for name, step in steps:
@@ -243,7 +244,6 @@ class App:
                 self.log.info("intake_resumed")
 
     def _export_metrics(self) -> None:
-        self.outputs.export_metrics(self.metrics)
         self._count_live()
         for kind, sock in self._udp:
             total = udp_drops(sock)

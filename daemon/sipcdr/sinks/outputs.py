@@ -31,18 +31,16 @@ class _Incrementable(Protocol):
 
 
 class SpoolCdrWriter:
-    """The pipeline's CDR sink: one spool append per CDR, written at once."""
+    """The pipeline's CDR sink: one spool append per CDR, written at once. A refused
+    append is counted by the spool, with its reason."""
 
     name = "spool"
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
-        self.refused = 0
 
     def write(self, cdr: Cdr) -> None:
-        value = orjson.dumps(cdr.to_record())
-        if not self.spool.append(KIND_CDR, cdr.call_id.encode(), value):
-            self.refused += 1
+        self.spool.append(KIND_CDR, cdr.call_id.encode(), orjson.dumps(cdr.to_record()))
 
     def flush(self) -> None:
         self.spool.flush()

@@ -48,12 +48,11 @@ _VARIANT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abc
 class SignalingRecorder:
     """Appends one record per parsed message to the signaling spool."""
 
-    __slots__ = ("refused", "spool", "store_body")
+    __slots__ = ("spool", "store_body")
 
     def __init__(self, spool: Spool, *, store_body: bool = False) -> None:
         self.spool = spool
         self.store_body = store_body
-        self.refused = 0  # the spool said no (full or write error); it counts the reason
 
     def __call__(self, packet: Packet, msg: SipMessage) -> None:
         payload = packet.payload
@@ -86,5 +85,5 @@ class SignalingRecorder:
             "body": body,
             "schema_version": SIP_MESSAGE_SCHEMA_VERSION,
         }
-        if not self.spool.append(KIND_SIP, msg.call_id.encode(), orjson.dumps(record)):
-            self.refused += 1
+        # A refused append (full, write error) is counted by the spool, with its reason.
+        self.spool.append(KIND_SIP, msg.call_id.encode(), orjson.dumps(record))
