@@ -62,11 +62,10 @@ class SignalingRecorder:
             if end < 0:
                 end = len(payload)
         head = payload[:end]
-        if b"\x00" in head:
-            head = head.replace(b"\x00", b"\xef\xbf\xbd")  # PostgreSQL text refuses NUL
+        # NULs stay: JSON carries them, and the PostgreSQL sink replaces them there.
         body: str | None = None
         if self.store_body and msg.body:
-            body = msg.body.replace(b"\x00", b"\xef\xbf\xbd").decode("utf-8", "replace")
+            body = msg.body.decode("utf-8", "replace")
         record = {
             "message_id": message_id(packet),
             "captured_at": rfc3339(packet.timestamp),
