@@ -84,32 +84,47 @@ class Outputs:
             for stream in sink.streams:
                 consumers.setdefault(stream, []).append(sink.name)
         if STREAM_RECORDS in consumers:
-            spool = Spool(
-                self.spool_dir / STREAM_RECORDS,
-                tuple(consumers[STREAM_RECORDS]),
-                max_bytes=spool_config.max_bytes,
-                segment_bytes=spool_config.segment_bytes,
-                full_policy=self.full_policy or spool_config.full_policy,
+            spool = self._open_spool(
+                STREAM_RECORDS,
+                consumers,
+                spool_config.max_bytes,
+                self.full_policy or spool_config.full_policy,
             )
-            spool.open()
-            self.spools[STREAM_RECORDS] = spool
             self.cdr_writer = SpoolCdrWriter(spool)
         if STREAM_SIGNALING in consumers:
-            spool = Spool(
-                self.spool_dir / STREAM_SIGNALING,
-                tuple(consumers[STREAM_SIGNALING]),
-                max_bytes=spool_config.signaling_max_bytes,
-                segment_bytes=spool_config.segment_bytes,
-                full_policy=self.full_policy or "drop_newest",
+            spool = self._open_spool(
+                STREAM_SIGNALING,
+                consumers,
+                spool_config.signaling_max_bytes,
+                self.full_policy or "drop_newest",
                 buffered=True,
             )
-            spool.open()
-            self.spools[STREAM_SIGNALING] = spool
             self.signaling = SignalingRecorder(spool, store_body=sinks_config.postgres.store_sdp)
         self.delivery = Delivery(
             self.spools, self.sinks, fsync_interval_s=spool_config.fsync_interval_ms / 1000
         )
         await self.delivery.start()
+
+    def _open_spool(
+        self,
+        stream: str,
+        consumers: dict[str, list[str]],
+        max_bytes: int,
+        full_policy: str,
+        *,
+        buffered: bool = False,
+    ) -> Spool:
+        spool = Spool(
+            self.spool_dir / stream,
+            tuple(consumers[stream]),
+            max_bytes=max_bytes,
+            segment_bytes=self.config.spool.segment_bytes,
+            full_policy=full_policy,
+            buffered=buffered,
+        )
+        spool.open()
+        self.spools[stream] = spool
+        return spool
 
     async def _postgres_sink(self) -> Sink:
         from sipcdr.sinks.postgres import PostgresSink  # noqa: PLC0415 - asyncpg only when used

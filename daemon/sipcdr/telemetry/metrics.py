@@ -78,9 +78,6 @@ class Metrics:
         self.open_dialogs = Gauge(
             "sipcdr_open_dialogs", "Calls currently open in the correlator", registry=r
         )
-        self.queue_depth = Gauge(
-            "sipcdr_ingest_queue_depth", "Packets waiting between capture and parsing", registry=r
-        )
         self.sink_written = Counter(
             "sipcdr_sink_records_total",
             "Records the sink confirmed written, by sink and spool stream",
