@@ -438,6 +438,19 @@ async def test_start_succeeds_with_the_database_down() -> None:
     await sink.stop()
 
 
+@pytest.mark.parametrize(
+    "dsn",
+    ["postgresql://app:s3cret@db:54x2/cdr", "postgresql://app:s3cret@[::1/cdr"],
+)
+async def test_a_dsn_the_driver_cannot_read_is_unavailable_without_its_password(
+    dsn: str,
+) -> None:
+    """The config refuses such a DSN; should one get here anyway, it is one line."""
+    with pytest.raises(DatabaseUnavailable, match=r"cannot use postgresql://app:\*\*\*@") as error:
+        await PostgresSink(dsn).probe()
+    assert "s3cret" not in str(error.value)
+
+
 async def test_outage_then_recovery(private_pg: PrivatePg) -> None:
     server = private_pg()
     dsn = await server.start()
