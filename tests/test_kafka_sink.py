@@ -475,9 +475,9 @@ async def test_a_record_too_large_for_kafka_is_set_aside_and_the_rest_delivered(
 
 # Well inside the default request timeout (15 s), which aiokafka rides out by itself:
 # without the loop's probe, such an outage left no trace.
-SHORT_OUTAGE_S = 6.0
-# Slow batch (2 s) plus a probe that times out (2 s), plus a slow machine.
-NOTICED_WITHIN_S = 5.5
+SHORT_OUTAGE_S = 8.0
+# Slow batch (2 s) plus a probe that times out (2 s), plus a slow, busy machine.
+NOTICED_WITHIN_S = 6.5
 
 
 @pytest.mark.integration
@@ -532,7 +532,10 @@ async def test_an_outage_the_client_rides_out_is_reported_within_seconds(
             noticed = time.monotonic() - began
             await asyncio.sleep(max(0.0, SHORT_OUTAGE_S - noticed))
         finally:
-            broker.thaw() if outage == "freeze" else broker.start()
+            if outage == "freeze":
+                broker.thaw()
+            else:
+                broker.start()  # on the same port, empty (memory storage)
         await until(outputs.delivery.caught_up, 20, "not delivered after the outage")
         assert sink_up() == 1
         await outputs.close()
