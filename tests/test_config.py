@@ -627,6 +627,64 @@ def test_errors_never_show_secrets(tmp_path: Path) -> None:
     assert error.value == SECRET_MASK
 
 
+@pytest.mark.parametrize(
+    ("dsn", "problem"),
+    [
+        ("postgresql://app:hunter2@db:5432x/cdr", "a port is not a number from 1 to 65535"),
+        ("postgresql://app:hunter2@db:70000/cdr", "a port is not a number from 1 to 65535"),
+        ("postgresql://app:hunter2@db:0/cdr", "a port is not a number from 1 to 65535"),
+        ("postgresql://app:hunter2@db/cdr?port=five", "a port is not a number"),
+        ("postgresql://app:hunter2@[2001:db8::1/cdr", "host part is malformed"),
+        ("postgresql://app:hunter2@[2001:zz8::1]:5432/cdr", "host part is malformed"),
+        ("postgresql://app:hunter2@[2001:db8::1]5432/cdr", "IPv6 host is malformed"),
+        ("postgresql://app:hunter2@2001:db8::1/cdr", "IPv6 host is not in brackets"),
+        ("postgresql://app:hunter2@db..example/cdr", "neither a host name nor an IP address"),
+        ("postgresql://app:hunter2@999.1.2.3/cdr", "neither a host name nor an IP address"),
+        ("postgresql://app:hunter2@db1,,db2/cdr", "host list is empty"),
+        ("postgresql://app:hunter2@:5432/cdr", "host list is empty"),
+        # An unescaped @ or # in the password shifts every part after it.
+        ("postgresql://app:hunt@r2@db/cdr", "second '@'"),
+        ("postgresql://app:hunt#r2@db/cdr", "'#'"),
+        ("postgresql://app:hunter2@db/cdr?sslmode", "key=value pairs"),
+        ("postgresql://app:hunter2@db/cdr?sslmode=strict", "sslmode is not one of"),
+        ("postgresql:///cdr?host=/run/a,/run/b&port=1,2,3", "names 2 hosts, its port parameter 3"),
+    ],
+)
+def test_malformed_dsn_is_refused_naming_the_key_not_the_password(
+    tmp_path: Path, dsn: str, problem: str
+) -> None:
+    error = error_for(tmp_path, f"[sinks.postgres]\ndsn = '{dsn}'\n")
+    assert error.key == "sinks.postgres.dsn"
+    assert problem in str(error)
+    assert "postgresql://[user[:password]@][host][:port]" in error.expected
+    for secret in ("hunter2", "hunt", "r2@"):
+        assert secret not in str(error)
+    from_env = error_for(tmp_path, "", {"SIPCDR_SINKS__POSTGRES__DSN": dsn})
+    assert "SIPCDR_SINKS__POSTGRES__DSN" in str(from_env)
+    assert "hunt" not in str(from_env)
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "embedded",
+        "",
+        "postgresql://postgres@127.0.0.1:5432/test",
+        "postgres://app:p%40ss%23word@db.example.net/cdr?sslmode=verify-full",
+        "POSTGRESQL://db/cdr",
+        "postgresql://app@[2001:db8::1]:5432/cdr",
+        "postgresql://app@[fe80::1%25eth0]/cdr",
+        "postgresql://db1:5432,db2:5433,[::1]/cdr?target_session_attrs=read-write",
+        "postgresql://app@%2Fvar%2Frun%2Fpostgresql/cdr",
+        "postgresql:///cdr?host=/var/run/postgresql&port=5433",
+        "postgresql://app@/cdr",
+        "postgresql://app@db_1.internal/cdr?application_name=sipcdr",
+    ],
+)
+def test_well_formed_dsns_are_taken_as_written(tmp_path: Path, dsn: str) -> None:
+    assert load_text(tmp_path, f"[sinks.postgres]\ndsn = '{dsn}'\n").sinks.postgres.dsn == dsn
+
+
 def test_redact_dsn_forms() -> None:
     assert redact_dsn("embedded") == "embedded"
     assert redact_dsn("postgres://db/cdr") == "postgres://db/cdr"

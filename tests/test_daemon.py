@@ -256,3 +256,31 @@ def test_hep_from_a_skewed_agent_clock_still_gives_the_right_cdr(daemon: Daemon)
     assert 2.0 <= float(str(record["billsec"])) <= 5.0
     wait_for(lambda: daemon.metric("sipcdr_hep_timestamp_replaced_total") == 6)
     assert daemon.stop() == 0
+
+
+def _raw_http(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_an_oversized_metrics_request_is_refused_without_a_traceback(daemon: Daemon) -> None:
+    long_line = b"GET /" + b"a" * 70 * 1024 + b" HTTP/1.1\r\n\r\n"
+    long_header = b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"b" * 70 * 1024 + b"\r\n\r\n"
+    many_headers = b"GET /metrics HTTP/1.1\r\n" + b"X-A: b\r\n" * 500 + b"\r\n"
+    for request, status in (
+        (long_line, b"414"),
+        (long_header, b"431"),
+        (many_headers, b"431"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"200"),
+        (b"GET /healthz\r\n", b"200"),  # no version, no headers: answered at once
+    ):
+        assert _raw_http(daemon.metrics_port, request).split(b" ", 2)[1] == status, request[:40]
+    assert "sipcdr_packets_received_total" in daemon.metrics()
+    assert daemon.stop() == 0
+    log = daemon.log.read_text()
+    assert "Traceback" not in log
+    assert "metrics_request_failed" not in log

@@ -61,3 +61,34 @@ def test_migrate_unreachable_server_is_one_clear_line(tmp_path: Path) -> None:
     assert lines[0].startswith("sipcdr: db migrate: cannot connect to postgresql://sipcdr:")
     assert "127.0.0.1:1/cdrs" in lines[0]
     assert "s3cret" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://sipcdr:s3cret@db.example.net:54x2/cdrs",
+        "postgresql://sipcdr:s3cret@[2001:db8::1/cdrs",
+        "postgresql://sipcdr:s3cret@[2001:db8::zz]:5432/cdrs",
+    ],
+)
+def test_migrate_with_a_malformed_dsn_is_one_clear_line(tmp_path: Path, dsn: str) -> None:
+    result = db_migrate(tmp_path, SIPCDR_SINKS__POSTGRES__DSN=dsn)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(
+        "sipcdr: configuration: sinks.postgres.dsn = 'postgresql://sipcdr:***@"
+    )
+    assert "SIPCDR_SINKS__POSTGRES__DSN" in lines[0]
+    assert "s3cret" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_migrate_with_a_host_that_does_not_resolve_is_one_clear_line(tmp_path: Path) -> None:
+    dsn = "postgresql://sipcdr:s3cret@no-such-host.invalid:5432/cdrs"
+    result = db_migrate(tmp_path, SIPCDR_SINKS__POSTGRES__DSN=dsn)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("sipcdr: db migrate: cannot connect to postgresql://sipcdr:***@")
+    assert "s3cret" not in result.stderr

@@ -4,7 +4,7 @@ independent sinks, drain on stop, bounded memory under a stalled sink."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import orjson
@@ -20,6 +20,7 @@ from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.spool import Spool
 from sipcdr.telemetry.metrics import Metrics
+from structlog.testing import capture_logs
 
 
 class MemorySink:
@@ -29,7 +30,9 @@ class MemorySink:
         self.name = name
         self.got: list[bytes] = []
         self.failing = False
+        self.gone = False  # not even a probe is answered
         self.calls = 0
+        self.probes = 0
         self.largest_batch = 0
         self.gate: asyncio.Event | None = None
         self.stopped = False
@@ -40,6 +43,11 @@ class MemorySink:
     async def prepare(self) -> None:
         if self.failing:
             raise ConnectionError("server down")
+
+    async def probe(self) -> None:
+        self.probes += 1
+        if self.gone:
+            raise ConnectionError("no route to host")
 
     async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
         self.calls += 1
@@ -280,3 +288,96 @@ def test_a_paused_intake_refuses_new_calls_but_ends_open_ones() -> None:
     assert collector.cdrs[0].end_reason == "bye"
     assert collector.cdrs[0].billsec == 29.0
     assert not pipeline.correlator.is_open("new@x")
+
+
+def _outage_events(logs: Sequence[Mapping[str, object]]) -> list[object]:
+    return [
+        entry["event"] for entry in logs if entry["event"] in ("sink_unavailable", "sink_recovered")
+    ]
+
+
+async def test_a_slow_batch_to_a_destination_that_answers_keeps_the_loop_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery_module, "SLOW_BATCH_S", 0.02)
+    sink = MemorySink("slow")
+    sink.gate = asyncio.Event()
+    with Spool(tmp_path, ("slow",)) as spool, capture_logs() as logs:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        await delivery.start()
+        _append(spool, 3)
+        await _until(lambda: sink.probes >= 5)  # asked again and again, answered each time
+        ((state, _reader),) = delivery.readers()
+        assert state.up
+        sink.gate.set()
+        await _until(lambda: len(sink.got) == 3)
+        await delivery.stop()
+    assert _outage_events(logs) == []
+
+
+async def test_a_batch_held_by_a_destination_that_is_gone_is_reported_while_it_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client retrying on its own (aiokafka, for up to two request timeouts) must not
+    hide an outage: the loop probes, and the batch it waits for is not failed for that."""
+    monkeypatch.setattr(delivery_module, "SLOW_BATCH_S", 0.02)
+    sink = MemorySink("stuck")
+    sink.gate = asyncio.Event()
+    sink.gone = True
+    with Spool(tmp_path, ("stuck",)) as spool, capture_logs() as logs:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        await delivery.start()
+        values = _append(spool, 3)
+        ((state, _reader),) = delivery.readers()
+        await _until(lambda: not state.up, timeout=2)
+        assert (sink.calls, state.failures) == (1, 0)  # still the first attempt
+        assert "does not answer" in state.last_error
+        sink.gone = False
+        sink.gate.set()
+        await _until(lambda: state.up)
+        await delivery.stop()
+    assert sink.got == values
+    assert _outage_events(logs) == ["sink_unavailable", "sink_recovered"]
+    (warning,) = [entry for entry in logs if entry["event"] == "sink_unavailable"]
+    assert warning["log_level"] == "warning"
+
+
+async def test_delivery_resumes_within_a_probe_interval_of_the_return_not_the_backoff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery_module, "MIN_BACKOFF_S", 60.0)
+    monkeypatch.setattr(delivery_module, "PROBE_INTERVAL_S", 0.02)
+    sink = MemorySink("back")
+    sink.failing = sink.gone = True
+    with Spool(tmp_path, ("back",)) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        await delivery.start()
+        values = _append(spool, 3)
+        await _until(lambda: sink.calls >= 1 and sink.probes >= 5)
+        assert sink.calls == 1  # the probes, not the batch, go out every interval
+        sink.failing = sink.gone = False
+        await _until(lambda: len(sink.got) == 3, timeout=2)  # not 60 s
+        await delivery.stop()
+    assert sink.got == values
+
+
+async def test_a_destination_that_answers_but_fails_waits_the_whole_backoff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery_module, "MIN_BACKOFF_S", 0.3)
+    monkeypatch.setattr(delivery_module, "PROBE_INTERVAL_S", 0.01)
+    sink = MemorySink("refusing")
+    sink.failing = True  # it answers a probe, and refuses the batch
+    loop = asyncio.get_running_loop()
+    with Spool(tmp_path, ("refusing",)) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        await delivery.start()
+        _append(spool, 3)
+        await _until(lambda: sink.calls >= 1)
+        failed_at = loop.time()
+        sink.failing = False
+        await _until(lambda: len(sink.got) == 3)
+        waited = loop.time() - failed_at
+        await delivery.stop()
+    assert waited >= 0.25
+    assert sink.probes == 1  # once, to tell a refusal from an outage

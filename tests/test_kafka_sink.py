@@ -36,7 +36,10 @@ from sipcdr.sinks import kafka, kafka_options
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP, STREAM_RECORDS, SpoolRecord
 from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.kafka import KafkaDeliveryError, KafkaSink
+from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.spool import Spool
+from sipcdr.telemetry.metrics import Metrics
+from structlog.testing import capture_logs
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 CDR_SCHEMA = jsonschema.Draft202012Validator(
@@ -468,3 +471,87 @@ async def test_a_record_too_large_for_kafka_is_set_aside_and_the_rest_delivered(
     consumed = await consume_all(kafka_bootstrap, topic, 2, 30)
     # The first record may come twice (sent before the failure): consumers dedupe.
     assert {record.value for record in consumed} == set(small)
+
+
+# Well inside the default request timeout (15 s), which aiokafka rides out by itself:
+# without the loop's probe, such an outage left no trace.
+SHORT_OUTAGE_S = 8.0
+# Slow batch (2 s) plus a probe that times out (2 s), plus a slow, busy machine.
+NOTICED_WITHIN_S = 6.5
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("outage", ["freeze", "kill"])
+async def test_an_outage_the_client_rides_out_is_reported_within_seconds(
+    tansu_factory: TansuFactory, tmp_path: Path, outage: str
+) -> None:
+    broker = tansu_factory()
+    topic = unique_topic()
+    host, port = broker.bootstrap.rsplit(":", 1)
+    settings = config.Config(
+        sinks=config.SinksConfig(
+            jsonl=config.JsonlConfig(path=""),
+            postgres=config.PostgresConfig(dsn=""),
+            kafka=config.KafkaConfig(
+                bootstrap=(config.Endpoint(host, int(port)),),
+                idempotence=False,
+                topic_cdrs=topic,
+            ),
+        )
+    )
+    metrics = Metrics()
+    outputs = Outputs(settings, spool_dir=tmp_path / "spool")
+    values = cdr_values(40, outage)
+
+    def sink_up() -> float | None:
+        outputs.export_metrics(metrics)
+        labels = {"sink": "kafka", "stream": "records"}
+        return metrics.registry.get_sample_value("sipcdr_sink_up", labels)
+
+    async def until(condition: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.05)
+
+    with capture_logs() as logs:
+        await outputs.open()
+        assert outputs.cdr_writer is not None and outputs.delivery is not None
+        spool = outputs.cdr_writer.spool
+        for value in values[:20]:
+            spool.append(KIND_CDR, b"call", value)
+        await until(outputs.delivery.caught_up, 15, "delivered before the outage")
+        assert sink_up() == 1
+
+        getattr(broker, outage)()
+        began = time.monotonic()
+        try:
+            for value in values[20:]:
+                spool.append(KIND_CDR, b"call", value)
+            await until(lambda: sink_up() == 0, NOTICED_WITHIN_S, "outage not reported")
+            noticed = time.monotonic() - began
+            await asyncio.sleep(max(0.0, SHORT_OUTAGE_S - noticed))
+        finally:
+            if outage == "freeze":
+                broker.thaw()
+            else:
+                broker.start()  # on the same port, empty (memory storage)
+        await until(outputs.delivery.caught_up, 20, "not delivered after the outage")
+        assert sink_up() == 1
+        await outputs.close()
+
+    events = [entry for entry in logs if entry["event"].startswith("sink_")]
+    assert [(e["event"], e["log_level"]) for e in events] == [
+        ("sink_unavailable", "warning"),
+        ("sink_recovered", "info"),
+    ], events
+    assert "does not answer" in events[0]["error"]
+    # Counted from the first unconfirmed batch; over when the broker confirms again.
+    assert SHORT_OUTAGE_S - 0.5 <= events[1]["down_s"] <= SHORT_OUTAGE_S + 5
+    (sink,) = outputs.sinks
+    assert isinstance(sink, KafkaSink)
+    assert sink.sent[topic] >= len(values)  # confirmed by the broker, re-sends included
+    if outage == "freeze":
+        # (A killed broker comes back empty: memory storage.)
+        consumed = await consume_all(broker.bootstrap, topic, len(values), CONSUME_TIMEOUT_S)
+        assert set(cdr_ids(consumed)) == {orjson.loads(value)["cdr_id"] for value in values}

@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -20,6 +21,7 @@ import orjson
 import pytest
 from pgserver import PrivatePg
 from sipcdr.model import Cdr
+from sipcdr.sinks import delivery as delivery_module
 from sipcdr.sinks.base import (
     KIND_ALERT,
     KIND_CDR,
@@ -28,7 +30,9 @@ from sipcdr.sinks.base import (
     STREAM_SIGNALING,
     SpoolRecord,
 )
+from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.postgres import PostgresSink, RecordError
+from sipcdr.sinks.spool import Spool
 from sipcdr.storage.embedded import EmbeddedPostgres
 from sipcdr.storage.migrations import (
     MIGRATIONS_DIR,
@@ -434,6 +438,19 @@ async def test_start_succeeds_with_the_database_down() -> None:
     await sink.stop()
 
 
+@pytest.mark.parametrize(
+    "dsn",
+    ["postgresql://app:s3cret@db:54x2/cdr", "postgresql://app:s3cret@[::1/cdr"],
+)
+async def test_a_dsn_the_driver_cannot_read_is_unavailable_without_its_password(
+    dsn: str,
+) -> None:
+    """The config refuses such a DSN; should one get here anyway, it is one line."""
+    with pytest.raises(DatabaseUnavailable, match=r"cannot use postgresql://app:\*\*\*@") as error:
+        await PostgresSink(dsn).probe()
+    assert "s3cret" not in str(error.value)
+
+
 async def test_outage_then_recovery(private_pg: PrivatePg) -> None:
     server = private_pg()
     dsn = await server.start()
@@ -457,6 +474,47 @@ async def test_outage_then_recovery(private_pg: PrivatePg) -> None:
     assert ids == {make_cdr(1).cdr_id, make_cdr(2).cdr_id}
     assert sink.rows_inserted["cdrs"] == 2
     assert sink.duplicates_skipped["cdrs"] == 1
+
+
+async def test_delivery_resumes_within_seconds_of_the_server_answering_again(
+    private_pg: PrivatePg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long outage has doubled the backoff to many seconds (set here from the first
+    failure on, rather than waited for); the loop still notices a server that answers
+    again within a probe interval (1 s) and delivers at once."""
+    backoff_s = 15.0
+    monkeypatch.setattr(delivery_module, "MIN_BACKOFF_S", backoff_s)
+    server = private_pg()
+    dsn = await server.start()
+    sink = PostgresSink(dsn, store_signaling=False, connect_timeout_s=2.0)
+    with Spool(tmp_path / "spool", ("postgres",)) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        await delivery.start()
+        ((state, reader),) = delivery.readers()
+
+        async def until(condition: Any, timeout: float, what: str) -> float:
+            started = time.monotonic()
+            while not condition():
+                assert time.monotonic() - started < timeout, what
+                await asyncio.sleep(0.02)
+            return time.monotonic() - started
+
+        for record in cdr_records([make_cdr(1)]):
+            spool.append(record.kind, record.key, record.value)
+        await until(delivery.caught_up, 10, "first CDR not delivered")
+        await server.stop()
+        for record in cdr_records([make_cdr(2), make_cdr(3)], first_seq=2):
+            spool.append(record.kind, record.key, record.value)
+        await until(lambda: not state.up, 10, "outage not noticed")
+        await asyncio.sleep(1.5)  # several probes that find no server
+        assert state.failures == 1  # the batch was not sent again meanwhile
+        await server.start()
+        resumed_after = await until(delivery.caught_up, backoff_s - 5, "waited for the backoff")
+        assert state.up
+        await delivery.stop()
+    assert resumed_after < 2.0
+    assert reader.lag_records == 0
+    assert sink.rows_inserted["cdrs"] == 3
 
 
 async def test_embedded_server_as_context_manager(tmp_path: Path) -> None:

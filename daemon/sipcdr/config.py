@@ -36,6 +36,7 @@ import math
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -139,6 +140,12 @@ _KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _COUNTRY_CODE = re.compile(r"[1-9][0-9]{0,2}")  # E.164 country codes: 1-3 digits, no 0 first
 _DIGITS = re.compile(r"[0-9]+")
 _DSN_SCHEMES: Final = ("postgresql://", "postgres://")
+_DSN_SSL_MODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_DSN_FORM: Final = (
+    '"embedded", "" (disabled), or a URL '
+    "postgresql://[user[:password]@][host][:port][,host[:port]...][/dbname][?key=value&...] "
+    "with reserved characters percent-encoded"
+)
 _SECRET_KEYS: Final = frozenset({"sinks.kafka.sasl_password", "capture.hep_keys"})
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _DSN_PASSWORD_PARAM = re.compile(r"(?i)((?:^|[?&\s])(?:ssl)?password\s*=\s*)('[^']*'|[^&#\s]*)")
@@ -434,6 +441,89 @@ def redact_dsn(dsn: str) -> str:
         user = rest[:at].split(":", 1)[0]
         rest = f"{user}:{SECRET_MASK}@{rest[at + 1 :]}"
     return head + _DSN_PASSWORD_PARAM.sub(rf"\g<1>{SECRET_MASK}", rest)
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """What keeps the PostgreSQL driver from using `dsn`, a postgresql:// URL, or None.
+
+    The parts are read as asyncpg reads them (the user and password up to the first
+    `@`, a comma-separated host list with optional ports, the `host`, `port` and
+    `sslmode` parameters), so that a DSN passed here either connects or fails with the
+    server's reason, never with a parse error at every attempt. The answer quotes no
+    part of the DSN: an unescaped password can end up in any of them.
+    """
+    scheme, separator, rest = dsn.partition("://")
+    if not separator or scheme.lower() not in ("postgresql", "postgres"):
+        return "the scheme is neither postgresql:// nor postgres://"
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in dsn):
+        return "it holds a control character (percent-encode it)"
+    if "#" in rest:
+        return "it holds a '#' (percent-encode it as %23, in a password too)"
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+    except ValueError:
+        return "its host part is malformed (an IPv6 host is written [2001:db8::1]:5432)"
+    hostspec = parts.netloc.partition("@")[2] if "@" in parts.netloc else parts.netloc
+    if "@" in hostspec:
+        return "it holds a second '@' before the host (percent-encode it as %40)"
+    try:
+        query = {
+            key: values[-1]
+            for key, values in urllib.parse.parse_qs(parts.query, strict_parsing=True).items()
+        }
+    except ValueError:
+        return "the part after '?' is not key=value pairs joined by '&'"
+    try:
+        hosts = _dsn_hosts(hostspec, encoded=True) if hostspec else 0
+        query_hosts = _dsn_hosts(query["host"], encoded=False) if "host" in query else 0
+        ports = [_dsn_port(port) for port in query["port"].split(",")] if "port" in query else []
+    except ValueError as exc:
+        return str(exc)
+    if not hosts and query_hosts and len(ports) > 1 and len(ports) != query_hosts:
+        return f"its host parameter names {query_hosts} hosts, its port parameter {len(ports)}"
+    if "sslmode" in query and query["sslmode"] not in _DSN_SSL_MODES:
+        return f"its sslmode is not one of {', '.join(_DSN_SSL_MODES)}"
+    return None
+
+
+def _dsn_hosts(hostlist: str, *, encoded: bool) -> int:
+    """How many hosts a DSN's comma-separated host list names; ValueError otherwise."""
+    specs = hostlist.split(",")
+    for spec in specs:
+        if spec.startswith("["):
+            address, closed, after = spec[1:].partition("]")
+            if not closed or (after and not after.startswith(":")):
+                raise ValueError("an IPv6 host is malformed (written [2001:db8::1]:5432)")
+            try:
+                ipaddress.IPv6Address(urllib.parse.unquote(address))
+            except ValueError:
+                raise ValueError("an IPv6 host in brackets is not a valid IPv6 address") from None
+            port = after[1:] if after else None
+        elif spec.startswith("/") and not encoded:
+            continue  # a socket directory, in the host parameter
+        else:
+            host, colon, port_text = spec.partition(":")
+            port = port_text if colon else None
+            if encoded:
+                host = urllib.parse.unquote(host)
+            if port is not None and ":" in port:
+                raise ValueError("an IPv6 host is not in brackets (written [2001:db8::1]:5432)")
+            if not host:
+                raise ValueError("a host in its host list is empty")
+            if not host.startswith("/"):  # else a percent-encoded socket directory
+                try:
+                    _check_host(host)
+                except ValueError:
+                    raise ValueError("a host is neither a host name nor an IP address") from None
+        if port is not None:
+            _dsn_port(urllib.parse.unquote(port) if encoded else port)
+    return len(specs)
+
+
+def _dsn_port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+        raise ValueError("a port is not a number from 1 to 65535")
+    return int(text)
 
 
 def trunk_resolver(config: Config) -> Callable[[str], Trunk | None]:
@@ -1029,9 +1119,12 @@ def _spool(table: _Table) -> SpoolConfig:
 
 def _postgres(table: _Table) -> PostgresConfig:
     dsn = table.string("dsn", DEFAULT_POSTGRES_DSN)
-    if dsn not in ("", "embedded") and not dsn.lower().startswith(_DSN_SCHEMES):
-        expected = '"embedded", "" (disabled), or a postgresql:// or postgres:// URL'
-        raise table.invalid("dsn", dsn, expected)
+    if dsn not in ("", "embedded"):
+        if not dsn.lower().startswith(_DSN_SCHEMES):
+            raise table.invalid("dsn", dsn, _DSN_FORM)
+        problem = dsn_problem(dsn)
+        if problem is not None:
+            raise table.problem("dsn", dsn, problem, _DSN_FORM)
     return PostgresConfig(
         dsn=dsn,
         store_signaling=table.boolean("store_signaling", DEFAULT_STORE_SIGNALING),

@@ -61,6 +61,13 @@ class Sink(Protocol):
         """Write every record or raise; on return the records are durable there.
         Raise `RecordsRejected` only when the content, not the destination, is at fault."""
 
+    async def probe(self) -> None:
+        """Return when the destination answers a cheap request now (a connect, a
+        metadata request), raise otherwise; touches no records and no state `deliver`
+        uses. The delivery loop asks while a batch waits unconfirmed, and between
+        retries after a failure, so it can tell a destination that is gone from one
+        that answers slowly or refuses."""
+
     async def stop(self) -> None: ...
 
 

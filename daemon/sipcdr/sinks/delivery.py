@@ -8,6 +8,16 @@ costs spool space and nothing else. The first failure of an outage is logged at
 WARNING with the error, the recovery at INFO with how long it lasted; nothing is lost,
 so neither is an ERROR. ERROR is kept for records the spool refused.
 
+Two things make an outage show within seconds, not after the sink's own timeouts:
+a batch still unconfirmed after `SLOW_BATCH_S` makes the loop probe the destination
+(`Sink.probe`, a connect or a metadata request on a connection of its own), and a
+destination that does not answer marks the loop down while the client goes on retrying
+(aiokafka does for up to two request timeouts); one that answers leaves a slow batch
+alone, so the gauge does not flap. After a failure the loop probes too: when the
+destination does not answer, it is asked again every `PROBE_INTERVAL_S` and the batch
+is retried as soon as it does, so delivery resumes about a second after a server comes
+back; a destination that answers and still failed waits the whole backoff.
+
 A batch the destination refuses for its content (`RecordsRejected`) is split in
 halves until the records at fault are alone; each of those is appended to
 `<spool>/rejected/<sink>.jsonl` with the reason, counted and logged at ERROR, and
@@ -39,7 +49,14 @@ from sipcdr.sinks.spool import DEFAULT_FSYNC_INTERVAL_S, Spool, SpoolReader
 DEFAULT_BATCH_RECORDS: Final = 1000
 DEFAULT_BATCH_BYTES: Final = 4 * 1024 * 1024  # bounds the memory of one batch in flight
 MIN_BACKOFF_S: Final = 0.2  # a blip (a broker leader change) is over in well under a second
-MAX_BACKOFF_S: Final = 30.0  # a long outage is probed twice a minute, not hammered
+MAX_BACKOFF_S: Final = 30.0  # a batch that keeps failing is retried twice a minute, not hammered
+# Confirmations take milliseconds; a batch waiting this long asks whether anyone answers.
+SLOW_BATCH_S: Final = 2.0
+# A destination that is gone is asked this often, so its return is noticed within a second.
+PROBE_INTERVAL_S: Final = 1.0
+# A connect or metadata request is answered in milliseconds by a server that serves; a
+# frozen host accepts the connection and never answers.
+PROBE_TIMEOUT_S: Final = 2.0
 # A sink call that neither returns nor fails within this is treated as failed.
 DEFAULT_DELIVER_TIMEOUT_S: Final = 60.0
 # SIGTERM must end well inside systemd's 90 s stop timeout, with the drain included.
@@ -150,7 +167,7 @@ class Delivery:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wake.wait(), _IDLE_WAIT_S)
                     continue
-                rejected = await self._deliver(sink, stream, batch, state, reader)
+                rejected = await self._watched_deliver(sink, stream, batch, state, reader)
                 # The cursor is saved before it counts: a failed save (a full disk)
                 # delivers the batch again later instead of skipping anything.
                 reader.commit()
@@ -165,9 +182,7 @@ class Delivery:
                 self._went_down(sink, stream, state, reader, exc)
                 if self._stopping:
                     return  # the records stay in the spool for the next start
-                with contextlib.suppress(TimeoutError):
-                    # A drain cuts the wait short: the sink may be back.
-                    await asyncio.wait_for(self._nudge.wait(), backoff)
+                await self._pause(sink, backoff)
                 # While draining, a sink that comes back is tried again within a second.
                 backoff = min(backoff * 2, _DRAIN_RETRY_S if self._draining else MAX_BACKOFF_S)
                 continue
@@ -189,10 +204,21 @@ class Delivery:
         self, sink: Sink, stream: str, state: LoopState, reader: SpoolReader, exc: Exception
     ) -> None:
         state.failures += 1
-        state.last_error = repr(exc)[:500]
+        self._mark_down(sink, stream, state, reader, repr(exc))
+
+    def _mark_down(
+        self,
+        sink: Sink,
+        stream: str,
+        state: LoopState,
+        reader: SpoolReader,
+        error: str,
+        since: float | None = None,
+    ) -> None:
+        state.last_error = error[:500]
         if state.up:
             state.up = False
-            state.down_since = time.monotonic()
+            state.down_since = time.monotonic() if since is None else since
             self._log.warning(
                 "sink_unavailable",
                 sink=sink.name,
@@ -200,6 +226,74 @@ class Delivery:
                 error=state.last_error,
                 backlog=reader.lag_records,
             )
+
+    async def _probe(self, sink: Sink) -> str | None:
+        """None when the destination answers now; otherwise why it does not."""
+        try:
+            await asyncio.wait_for(sink.probe(), PROBE_TIMEOUT_S)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            return f"no answer to a probe within {PROBE_TIMEOUT_S:g} s"
+        except Exception as exc:
+            return repr(exc)
+        return None
+
+    async def _pause(self, sink: Sink, backoff: float) -> None:
+        """Wait `backoff` before the next attempt, or less: a drain's nudge ends the wait
+        (the sink may be back), and so does a destination that answers again after it
+        did not at the start of the wait."""
+        deadline = time.monotonic() + backoff
+        gone = await self._probe(sink) is not None
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(
+                    self._nudge.wait(), min(left, PROBE_INTERVAL_S) if gone else left
+                )
+                return
+            except TimeoutError:
+                pass
+            if gone and await self._probe(sink) is None:
+                return
+
+    async def _watched_deliver(
+        self,
+        sink: Sink,
+        stream: str,
+        batch: Sequence[SpoolRecord],
+        state: LoopState,
+        reader: SpoolReader,
+    ) -> int:
+        """`_deliver`, with a watcher that marks the loop down when the batch waits
+        longer than `SLOW_BATCH_S` and the destination does not answer a probe."""
+        if not state.up:
+            return await self._deliver(sink, stream, batch, state, reader)
+        watcher = asyncio.create_task(
+            self._watch(sink, stream, state, reader), name=f"sipcdr-watch-{sink.name}-{stream}"
+        )
+        watcher.add_done_callback(self._loop_ended)
+        try:
+            return await self._deliver(sink, stream, batch, state, reader)
+        finally:
+            watcher.cancel()
+            await asyncio.wait({watcher})
+
+    async def _watch(self, sink: Sink, stream: str, state: LoopState, reader: SpoolReader) -> None:
+        started = time.monotonic()
+        while state.up:
+            await asyncio.sleep(SLOW_BATCH_S)
+            error = await self._probe(sink)
+            if error is not None:
+                waited = time.monotonic() - started
+                self._mark_down(
+                    sink,
+                    stream,
+                    state,
+                    reader,
+                    f"batch unconfirmed after {waited:.1f} s and {sink.name} does not "
+                    f"answer: {error}",
+                    since=started,  # the outage's length counts from its first sign
+                )
 
     async def _deliver(
         self,

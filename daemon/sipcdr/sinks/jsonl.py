@@ -38,6 +38,9 @@ class JsonlSink(AsyncLifecycle):
     async def prepare(self) -> None:
         """The file is opened by `start`."""
 
+    async def probe(self) -> None:
+        """A local file has no server to be gone: failures wait the whole backoff."""
+
     def _open(self) -> IO[bytes]:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)

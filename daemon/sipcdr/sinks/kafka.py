@@ -16,6 +16,8 @@ records of the failed batch trickling in after it). Every
 network wait is bounded by the request timeout: a dead broker, a refused topic or a
 broker that stops answering turn into a `KafkaDeliveryError` within
 `2 * request_timeout_ms`, and `stop` returns within about one request timeout.
+Meanwhile `probe` lets the delivery loop see the outage sooner: it asks a bootstrap
+server for metadata on a connection of its own.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import structlog
 
 # aiokafka ships no type information; the producer is used through a narrow surface.
 from aiokafka import AIOKafkaProducer
+from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import (
     CorruptRecordException,
     InvalidMessageError,
@@ -41,6 +44,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 from aiokafka.helpers import create_ssl_context
+from aiokafka.protocol.metadata import MetadataRequest
 
 from sipcdr.model import CDR_SCHEMA_VERSION
 from sipcdr.sinks.base import (
@@ -152,6 +156,9 @@ class KafkaSink(AsyncLifecycle):
                 (KIND_SIP, SIP_MESSAGE_SCHEMA_VERSION),
             )
         }
+        self._security = _security_options(
+            security_protocol, sasl_mechanism, sasl_username, sasl_password, ssl_cafile
+        )
         self._options: dict[str, Any] = {
             "bootstrap_servers": bootstrap,
             "client_id": CLIENT_ID,
@@ -163,9 +170,7 @@ class KafkaSink(AsyncLifecycle):
             # A single record larger than a batch must still fit in a request.
             "max_request_size": max(max_batch_bytes, 1024 * 1024),
             "request_timeout_ms": request_timeout_ms,
-            **_security_options(
-                security_protocol, sasl_mechanism, sasl_username, sasl_password, ssl_cafile
-            ),
+            **self._security,
         }
         # Confirmed records per topic, including re-sent duplicates: what the broker holds.
         self.sent: dict[str, int] = {topic_cdrs: 0, topic_fraud: 0}
@@ -185,6 +190,38 @@ class KafkaSink(AsyncLifecycle):
     async def prepare(self) -> None:
         """Nothing ahead of the first batch: topics are the broker's (or its operator's)
         to create, and the producer connects on the first `deliver`."""
+
+    async def probe(self) -> None:
+        """Return when a bootstrap server answers a metadata request (brokers only, no
+        topics), raise `KafkaDeliveryError` when none does.
+
+        Each asks on a connection of its own (with the sink's TLS and SASL), closed
+        after: the producer's may be queued behind a produce request that a frozen broker
+        never answers, and the producer reconnects by itself. The caller bounds the time.
+        """
+        errors = []
+        for host, port, _family in collect_hosts(self.bootstrap):
+            try:
+                connection = await create_conn(
+                    host,
+                    port,
+                    client_id=CLIENT_ID,
+                    request_timeout_ms=self._options["request_timeout_ms"],
+                    **self._security,
+                )
+            except Exception as exc:
+                errors.append(exc)
+                continue
+            try:
+                await connection.send(MetadataRequest([]))
+                return
+            except Exception as exc:
+                errors.append(exc)
+            finally:
+                connection.close()
+        raise KafkaDeliveryError(
+            f"kafka: no bootstrap server answers: {_describe(errors[-1] if errors else None)}"
+        )
 
     async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
         """Send every record, then wait until the broker has confirmed all of them.

@@ -271,6 +271,12 @@ class PostgresSink(AsyncLifecycle):
         the first CDR, and a wrong DSN shows at start rather than at the first call."""
         await self._connection(STREAM_RECORDS)
 
+    async def probe(self) -> None:
+        """A connection of its own, opened and closed: the server accepts and
+        authenticates us (while it starts up or shuts down it refuses, and that counts
+        as not answering). Raises DatabaseUnavailable otherwise."""
+        await _close(await connect(self.dsn, self.connect_timeout_s))
+
     async def flush(self) -> None:
         """Nothing buffered: every `deliver` that returned has committed."""
 

@@ -20,7 +20,7 @@ from typing import Final
 
 import asyncpg
 
-from sipcdr.config import Config, redact_dsn
+from sipcdr.config import Config, dsn_problem, redact_dsn
 from sipcdr.storage.embedded import EmbeddedPostgres, embedded_data_dir
 
 # The source tree's schemas/migrations: this file is daemon/sipcdr/storage/migrations.py.
@@ -143,8 +143,16 @@ async def connect(
     try:
         return await asyncpg.connect(dsn, timeout=timeout_s, command_timeout=command_timeout_s)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise DatabaseUnavailable(f"cannot connect to {redact_dsn(dsn)}: {reason}") from exc
+        raise DatabaseUnavailable(f"cannot connect to {redact_dsn(dsn)}: {_reason(exc)}") from exc
+    except (ValueError, AttributeError, IndexError) as exc:
+        # The driver's URL parsing; the config refuses such a DSN before it gets here.
+        # Its message may quote the password, so only the config's reading is shown.
+        reason = dsn_problem(dsn) or f"the driver cannot read it ({type(exc).__name__})"
+        raise DatabaseUnavailable(f"cannot use {redact_dsn(dsn)}: {reason}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 async def migrate_dsn(dsn: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> list[str]:
@@ -152,8 +160,19 @@ async def migrate_dsn(dsn: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) ->
     conn = await connect(dsn, timeout_s)
     try:
         return await migrate(conn)
+    except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+        raise DatabaseUnavailable(f"lost {redact_dsn(dsn)}: {_reason(exc)}") from exc
+    except asyncpg.PostgresError as exc:  # before any file ran: rights, a read-only server
+        raise MigrationError(f"{redact_dsn(dsn)}: {type(exc).__name__}: {_reason(exc)}") from exc
     finally:
-        await conn.close()
+        await _close_quietly(conn)
+
+
+async def _close_quietly(conn: asyncpg.Connection) -> None:
+    try:
+        await conn.close(timeout=DEFAULT_CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        conn.terminate()
 
 
 async def migrate_configured(config: Config) -> list[str]:

@@ -1,15 +1,40 @@
 """The metrics endpoint: /metrics (Prometheus text), /healthz (process up), /readyz
 (listeners bound and sinks started). A few lines of HTTP/1.0 on asyncio, so the
-daemon needs no web framework and no thread for it."""
+daemon needs no web framework and no thread for it.
+
+A request whose line or headers are longer than a scraper ever sends is answered 414
+or 431 and closed; nothing a client sends ends in a traceback in the daemon's log."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
+from typing import Final
 
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-_MAX_REQUEST_LINE = 4096
+# A scrape is "GET /metrics HTTP/1.1" with perhaps a few parameters.
+MAX_REQUEST_LINE_BYTES: Final = 4096
+# A scraper's headers (Accept, User-Agent, an Authorization) take a few hundred bytes.
+MAX_HEADER_BYTES: Final = 16 * 1024
+MAX_HEADER_LINES: Final = 100
+# A scraper sends its request at once; a client that says nothing is closed.
+READ_TIMEOUT_S: Final = 5.0
+# After a refusal, what the client still sends is read and dropped (at most this long
+# and this much) before closing: closing on unread input resets the connection, and
+# the client may then lose the answer.
+_LINGER_S: Final = 1.0
+_LINGER_BYTES: Final = 1024 * 1024
+
+
+class _Refused(Exception):
+    """A request answered with an error status, without being served."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 class MetricsServer:
@@ -21,6 +46,7 @@ class MetricsServer:
         self._port = port
         self._ready = ready
         self._server: asyncio.Server | None = None
+        self._log = structlog.get_logger("sipcdr.metrics")
 
     @property
     def port(self) -> int:
@@ -31,7 +57,9 @@ class MetricsServer:
 
     async def start(self) -> None:
         if self._server is None:
-            self._server = await asyncio.start_server(self._handle, self._host, self._port)
+            self._server = await asyncio.start_server(
+                self._handle, self._host, self._port, limit=MAX_HEADER_BYTES
+            )
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -41,26 +69,93 @@ class MetricsServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), timeout=5)
-            parts = line[:_MAX_REQUEST_LINE].split()
-            path = parts[1].split(b"?", 1)[0] if len(parts) >= 2 else b""
-            if path == b"/metrics":
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(self._registry)
-            elif path == b"/healthz":
-                status, ctype, body = "200 OK", "text/plain", b"ok\n"
-            elif path == b"/readyz":
-                ready = self._ready()
-                status = "200 OK" if ready else "503 Service Unavailable"
-                ctype, body = "text/plain", b"ready\n" if ready else b"starting\n"
-            else:
-                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
-            head = (
-                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
+            try:
+                async with asyncio.timeout(READ_TIMEOUT_S):
+                    path = await _read_request(reader)
+            except _Refused as refused:
+                await _send(writer, refused.status, "text/plain", f"{refused.status}\n".encode())
+                await _linger(reader, writer)
+                return
+            status, ctype, body = self._answer(path)
+            await _send(writer, status, ctype, body)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError):
+            pass  # the client went away or said nothing: nothing to answer
+        except Exception as exc:
+            # One line, not a traceback per request: a failing collector is a bug to
+            # report, and the next scrape tries again.
+            self._log.warning("metrics_request_failed", error=repr(exc)[:300])
         finally:
             writer.close()
+
+    def _answer(self, path: bytes) -> tuple[str, str, bytes]:
+        if path == b"/metrics":
+            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self._registry)
+        if path == b"/healthz":
+            return "200 OK", "text/plain", b"ok\n"
+        if path == b"/readyz":
+            if self._ready():
+                return "200 OK", "text/plain", b"ready\n"
+            return "503 Service Unavailable", "text/plain", b"starting\n"
+        return "404 Not Found", "text/plain", b"not found\n"
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    """The path of the request, once its line and headers are read; `_Refused` when
+    either is too long or the line is no request."""
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError:
+        raise _Refused("414 URI Too Long") from None
+    except asyncio.IncompleteReadError as exc:
+        line = exc.partial  # a client that closed its side after the request line
+        if not line:
+            raise
+    if len(line) > MAX_REQUEST_LINE_BYTES:
+        raise _Refused("414 URI Too Long")
+    parts = line.split()
+    if len(parts) < 2:
+        raise _Refused("400 Bad Request")
+    if len(parts) >= 3 and line.endswith(b"\n"):  # HTTP/1.x: headers follow
+        await _skip_headers(reader)
+    return parts[1].split(b"?", 1)[0]
+
+
+async def _skip_headers(reader: asyncio.StreamReader) -> None:
+    total = 0
+    for _ in range(MAX_HEADER_LINES + 1):
+        try:
+            header = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            raise _Refused("431 Request Header Fields Too Large") from None
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial.strip():
+                raise
+            return  # closed after the headers without the empty line
+        if header in (b"\r\n", b"\n"):
+            return
+        total += len(header)
+        if total > MAX_HEADER_BYTES:
+            raise _Refused("431 Request Header Fields Too Large")
+    raise _Refused("431 Request Header Fields Too Large")
+
+
+async def _send(writer: asyncio.StreamWriter, status: str, ctype: str, body: bytes) -> None:
+    head = (
+        f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(head.encode() + body)
+    await writer.drain()
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, RuntimeError):
+        writer.write_eof()
+    with contextlib.suppress(TimeoutError, OSError):
+        async with asyncio.timeout(_LINGER_S):
+            dropped = 0
+            while dropped < _LINGER_BYTES:
+                chunk = await reader.read(64 * 1024)
+                if not chunk:
+                    return
+                dropped += len(chunk)
