@@ -170,17 +170,17 @@ class EmbeddedPostgres:
 def _acquire(data_dir: Path) -> tuple[Path, str]:
     """Start the server of `data_dir`, or join the one running; returns the resolved
     data directory and the DSN."""
-    requested = data_dir.expanduser().absolute()
-    private_dir(requested.parent, tighten=False)
-    pgdata = requested.resolve()
+    pgdata = data_dir.expanduser().absolute()
     try:
+        private_dir(pgdata.parent, tighten=False)
+        pgdata = pgdata.resolve()
         with _locked(pgdata):
             holders = _live_holders(pgdata)
             status = _wait_while_changing(pgdata)
             if status is None:
                 _start_server(pgdata)
                 status = _wait_while_changing(pgdata)
-                if status is None or status.state != "ready":
+                if status is None:
                     raise EmbeddedPostgresError("the server stopped right after its start")
             holders.append(os.getpid())
             _write_holders(pgdata, holders)
