@@ -8,6 +8,10 @@
   it, so tests neither see each other's rows nor depend on their order.
 - `private_pg`: a factory of `EmbeddedPostgres` servers the test owns and may stop and
   start again (outages); each is stopped in teardown.
+- `open_tmp_path`: a temporary folder other users may traverse, for embedded servers.
+  Under root the server runs as a system user of its own, which must reach its data
+  directory; pytest's temporary folders are closed to other users, and sipcdr opens no
+  folder it does not own.
 
 A test that asks for a server and cannot get one fails, with the reason; it never skips.
 Async work runs in a thread of its own (`run_sync`), so these synchronous fixtures serve
@@ -18,7 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -30,6 +37,8 @@ import pytest
 from sipcdr.storage.embedded import EmbeddedPostgres
 
 PG_DSN_ENV: Final = "SIPCDR_TEST_PG_DSN"
+# Others may enter it but not list it: the server's own user reaches its data by name.
+OPEN_TMP_MODE: Final = 0o711
 # Connecting to a local server takes milliseconds; this only bounds a hung one.
 CONNECT_TIMEOUT_S: Final = 10.0
 
@@ -59,8 +68,32 @@ async def _admin(dsn: str, *statements: str) -> None:
         await conn.close()
 
 
+@contextlib.contextmanager
+def open_tmp_dir() -> Iterator[Path]:
+    """A fresh folder under the system's temporary folder that other users may
+    traverse (see the module docstring), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="sipcdr-test-"))
+    try:
+        path.chmod(OPEN_TMP_MODE)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def open_tmp_path() -> Iterator[Path]:
+    with open_tmp_dir() as path:
+        yield path
+
+
 @pytest.fixture(scope="session")
-def pg_server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def session_open_tmp_path() -> Iterator[Path]:
+    with open_tmp_dir() as path:
+        yield path
+
+
+@pytest.fixture(scope="session")
+def pg_server_dsn(session_open_tmp_path: Path) -> Iterator[str]:
     dsn = os.environ.get(PG_DSN_ENV, "")
     if dsn:
         try:
@@ -69,7 +102,7 @@ def pg_server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             pytest.fail(f"{PG_DSN_ENV}={dsn} is not usable: {type(exc).__name__}: {exc}")
         yield dsn
         return
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg-server") / "pg")
+    server = EmbeddedPostgres(session_open_tmp_path / "pg")
     try:
         dsn = run_sync(server.start)
     except Exception as exc:
@@ -91,11 +124,11 @@ def pg_dsn(pg_server_dsn: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def private_pg(tmp_path: Path) -> Iterator[PrivatePg]:
+def private_pg(open_tmp_path: Path) -> Iterator[PrivatePg]:
     servers: list[EmbeddedPostgres] = []
 
     def make() -> EmbeddedPostgres:
-        server = EmbeddedPostgres(tmp_path / f"private-pg{len(servers)}")
+        server = EmbeddedPostgres(open_tmp_path / f"private-pg{len(servers)}")
         servers.append(server)
         return server
 

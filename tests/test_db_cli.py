@@ -34,15 +34,15 @@ def test_migrate_applies_then_reports_current(pg_dsn: str, tmp_path: Path) -> No
     assert (second.returncode, second.stdout) == (0, "schema is current\n"), second.stderr
 
 
-def test_migrate_embedded_server_under_state_dir(tmp_path: Path) -> None:
-    state = tmp_path / "state"
+def test_migrate_embedded_server_under_state_dir(open_tmp_path: Path) -> None:
+    state = open_tmp_path / "state"
     env = {"SIPCDR_SINKS__POSTGRES__DSN": "embedded", "SIPCDR_STATE__DIR": str(state)}
-    first = db_migrate(tmp_path, **env)
+    first = db_migrate(open_tmp_path, **env)
     assert (first.returncode, first.stdout) == (0, "applied 0001_initial\n"), first.stderr
     assert (state / "pg" / "PG_VERSION").exists()
     # The server was started for the command only, and is stopped again.
     assert not (state / "pg" / "postmaster.pid").exists()
-    second = db_migrate(tmp_path, **env)
+    second = db_migrate(open_tmp_path, **env)
     assert (second.returncode, second.stdout) == (0, "schema is current\n"), second.stderr
 
 

@@ -133,9 +133,10 @@ def test_reimport_gives_the_same_cdr_ids() -> None:
     assert [c.cdr_id for c in first] == [c.cdr_id for c in again]
 
 
-def test_import_command_writes_jsonl_and_summary(tmp_path: Path) -> None:
+def test_import_command_writes_jsonl_and_summary(open_tmp_path: Path) -> None:
+    # On its defaults the import starts the embedded PostgreSQL under ./var.
     capture = require_shared_data() / "pcaps" / "zeek-sip-wireshark.pcap"
-    summary_path = tmp_path / "summary.json"
+    summary_path = open_tmp_path / "summary.json"
     done = subprocess.run(
         [
             sys.executable,
@@ -146,14 +147,14 @@ def test_import_command_writes_jsonl_and_summary(tmp_path: Path) -> None:
             "--summary-json",
             str(summary_path),
         ],
-        cwd=tmp_path,
+        cwd=open_tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    lines = (tmp_path / "var" / "cdrs.jsonl").read_text().splitlines()
+    lines = (open_tmp_path / "var" / "cdrs.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert sorted(r["disposition"] for r in records) == [
         "cancelled",

@@ -33,7 +33,7 @@ from sipcdr.sinks.base import (
 from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.postgres import PostgresSink, RecordError
 from sipcdr.sinks.spool import Spool
-from sipcdr.storage.embedded import EmbeddedPostgres
+from sipcdr.storage.embedded import EmbeddedPostgres, holders_file
 from sipcdr.storage.migrations import (
     MIGRATIONS_DIR,
     DatabaseUnavailable,
@@ -517,25 +517,25 @@ async def test_delivery_resumes_within_seconds_of_the_server_answering_again(
     assert sink.rows_inserted["cdrs"] == 3
 
 
-async def test_embedded_server_as_context_manager(tmp_path: Path) -> None:
-    server = EmbeddedPostgres(tmp_path / "pg")
+async def test_embedded_server_as_context_manager(open_tmp_path: Path) -> None:
+    server = EmbeddedPostgres(open_tmp_path / "pg")
     async with server as dsn:
         conn = await asyncpg.connect(dsn)
         assert await conn.fetchval("SELECT 1") == 1
         await conn.close()
         assert await server.start() == dsn  # a second start of a running server
     assert server.dsn is None
-    assert not (tmp_path / "pg" / "postmaster.pid").exists()
+    assert not (open_tmp_path / "pg" / "postmaster.pid").exists()
 
 
-async def test_embedded_server_stops_despite_a_killed_holder(tmp_path: Path) -> None:
-    """A daemon killed with SIGKILL stays in the wheel's list of holders; that must not
-    keep the server running after the last live holder stops it."""
-    server = EmbeddedPostgres(tmp_path / "pg")
+async def test_embedded_server_stops_despite_a_killed_holder(open_tmp_path: Path) -> None:
+    """A daemon killed with SIGKILL stays in the list of holders; that must not keep
+    the server running after the last live holder stops it."""
+    server = EmbeddedPostgres(open_tmp_path / "pg")
     await server.start()
     gone = subprocess.Popen(["true"])
     gone.wait()
-    handles = tmp_path / "pg" / ".handle_pids.json"
+    handles = holders_file(open_tmp_path / "pg")
     handles.write_text(json.dumps([gone.pid, *json.loads(handles.read_text())]))
     await server.stop()
-    assert not (tmp_path / "pg" / "postmaster.pid").exists()
+    assert not (open_tmp_path / "pg" / "postmaster.pid").exists()

@@ -32,6 +32,7 @@ from sipcdr.config import Config, trunk_resolver
 from sipcdr.dialog import Correlator
 from sipcdr.model import Packet
 from sipcdr.pipeline import Pipeline
+from sipcdr.private import open_private, private_dir
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.telemetry.http import MetricsServer
 from sipcdr.telemetry.metrics import Metrics
@@ -83,7 +84,7 @@ class App:
         if self._started:
             return
         self._started = True
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)
         snapshot = self._restore_dialogs()
         try:
             # Sinks before inputs: a CDR must have its spool before the first packet.
@@ -310,7 +311,7 @@ class App:
     def _persist_dialogs(self) -> None:
         path = self.state_dir / DIALOG_SNAPSHOT
         tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as handle:
+        with open_private(tmp, "wb") as handle:
             handle.write(self.correlator.snapshot())
             handle.flush()
             os.fsync(handle.fileno())

@@ -118,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, OSError) as exc:
         print(f"sipcdr: configuration: {exc}", file=sys.stderr)
         return 2
+    from sipcdr.private import restrict_umask  # noqa: PLC0415
+
+    # run, import and db migrate write personal data (CDRs, spools, the database).
+    restrict_umask()
     if args.command == "run":
         from sipcdr.app import run  # noqa: PLC0415
 

@@ -31,6 +31,7 @@ from sipcdr.config import Config, trunk_resolver
 from sipcdr.dialog import Correlator
 from sipcdr.model import Packet
 from sipcdr.pipeline import CdrSink, Pipeline
+from sipcdr.private import private_dir
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sip import SipMessage
 
@@ -71,7 +72,8 @@ async def _import_to_outputs(
     progress: bool | None,
     timeout_s: float,
 ) -> dict[str, object]:
-    spools = Path(config.state.dir) / "import-spool"
+    private_dir(Path(config.state.dir))
+    spools = private_dir(Path(config.state.dir) / "import-spool")
     _remove_abandoned(spools)
     spool_dir = spools / str(os.getpid())
     # "block" on both streams: an import can wait for its sinks, so it never drops.

@@ -42,6 +42,7 @@ from typing import Final
 import orjson
 import structlog
 
+from sipcdr.private import open_private, private_dir
 from sipcdr.sinks.base import RecordsRejected, Sink, SpoolRecord
 from sipcdr.sinks.spool import DEFAULT_FSYNC_INTERVAL_S, Spool, SpoolReader
 
@@ -327,7 +328,7 @@ class Delivery:
         reader: SpoolReader,
     ) -> None:
         directory = reader.spool.directory / "rejected"
-        directory.mkdir(exist_ok=True)
+        private_dir(directory)
         line = orjson.dumps(
             {
                 "seq": record.seq,
@@ -340,7 +341,7 @@ class Delivery:
         )
         if record.seq in state.set_aside:
             return  # the batch is being retried after a later failure: kept already
-        with (directory / f"{sink.name}.jsonl").open("ab") as handle:
+        with open_private(directory / f"{sink.name}.jsonl", "ab") as handle:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())

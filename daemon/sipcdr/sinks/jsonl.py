@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Final
 
+from sipcdr.private import open_private, private_dir
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, AsyncLifecycle, SpoolRecord
 
 DEFAULT_ROTATE_BYTES: Final = 256 * 1024 * 1024  # a day of a busy trunk group, still greppable
@@ -43,8 +44,8 @@ class JsonlSink(AsyncLifecycle):
 
     def _open(self) -> IO[bytes]:
         if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("ab")
+            private_dir(self.path.parent, tighten=False)  # may be a folder of the operator's
+            self._file = open_private(self.path, "ab")
             self._size = self._file.tell()
         return self._file
 

@@ -18,6 +18,7 @@ import structlog
 
 from sipcdr.config import Config
 from sipcdr.model import Cdr
+from sipcdr.private import private_dir
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, STREAM_SIGNALING, Sink
 from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.jsonl import JsonlSink
@@ -114,6 +115,7 @@ class Outputs:
         *,
         buffered: bool = False,
     ) -> Spool:
+        private_dir(self.spool_dir)
         spool = Spool(
             self.spool_dir / stream,
             tuple(consumers[stream]),

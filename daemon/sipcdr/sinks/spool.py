@@ -52,6 +52,7 @@ from typing import BinaryIO, Final
 
 import orjson
 
+from sipcdr.private import open_private, open_private_fd, private_dir, write_private
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP, SpoolRecord
 
 _HEAD = struct.Struct("<HBHIQ")  # magic, kind, key length, value length, seq
@@ -150,7 +151,8 @@ class Spool:
         if self._opened:
             return
         try:
-            (self.directory / "cursors").mkdir(parents=True, exist_ok=True)
+            private_dir(self.directory)
+            private_dir(self.directory / "cursors")
             self._take_lock()
         except OSError as exc:
             raise SpoolError(f"spool {self.directory}: {exc.strerror or exc}") from exc
@@ -175,7 +177,7 @@ class Spool:
     def _take_lock(self) -> None:
         import fcntl  # noqa: PLC0415 - POSIX only, like the daemon
 
-        handle = (self.directory / "lock").open("wb")
+        handle = open_private(self.directory / "lock", "wb")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -223,7 +225,7 @@ class Spool:
             segment = _Segment(
                 self.next_seq, self.directory / f"{self.next_seq:020d}{SEGMENT_SUFFIX}", 0
             )
-        fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        fd = open_private_fd(segment.path, os.O_WRONLY | os.O_APPEND)
         try:
             self._close_active()  # an fsync error here must not lose the new segment
         finally:
@@ -585,7 +587,7 @@ class SpoolReader:
         # The file first: if it cannot be written, the batch is delivered again later
         # (a duplicate), and no segment it still needs is deleted.
         tmp = self.cursor_path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps({"seq": self._read_seq}))
+        write_private(tmp, orjson.dumps({"seq": self._read_seq}))
         tmp.replace(self.cursor_path)
         self.confirmed_seq = self._read_seq
         self.spool._collect()
