@@ -1,4 +1,4 @@
-"""Tests for sipcdr.capture.decap and sipcdr.capture.tcp on frames built byte by byte."""
+"""Tests for the frame and stream decoders of sipcdr.decode on frames built byte by byte."""
 
 from __future__ import annotations
 
@@ -10,18 +10,19 @@ from collections.abc import Sequence
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sipcdr.capture.decap import (
+from sipcdr.decode.base import (
     TCP_ACK,
     TCP_FIN,
     TCP_PSH,
     TCP_RST,
     TCP_SYN,
     DecapStats,
-    Decapsulator,
     Segment,
     ip_text,
 )
-from sipcdr.capture.tcp import KEEPALIVE, NOT_SIP, TcpReassembler, sip_offset
+from sipcdr.decode.link import Decapsulator
+from sipcdr.decode.startline import KEEPALIVE, NOT_SIP, sip_offset
+from sipcdr.decode.tcp import TcpReassembler
 
 SIP = (
     b"OPTIONS sip:bob@example.com SIP/2.0\r\n"

@@ -28,17 +28,14 @@ from pathlib import Path
 
 import pytest
 from peers import Sipp
-from sipcdr.capture import live
-from sipcdr.capture.decap import LINKTYPE_ETHERNET, LINKTYPE_RAW
-from sipcdr.capture.live import (
+from sipcdr.capture.live import Engine, LiveCapture, LiveCaptureError, af_packet
+from sipcdr.capture.live.bpf import (
     DEFAULT_BPF_FILTER,
     BpfInstruction,
-    Engine,
-    LiveCapture,
-    LiveCaptureError,
     compile_filter,
     signalling_program,
 )
+from sipcdr.decode.link import LINKTYPE_ETHERNET, LINKTYPE_RAW
 from sipcdr.model import Packet
 from sipcdr.sip import parse
 
@@ -415,7 +412,7 @@ async def test_af_packet_delivers_each_datagram_once(
     require_engine("af_packet")
     if not kernel_skips_outgoing:
         # An option number no kernel knows: the path taken before Linux 4.20.
-        monkeypatch.setattr(live, "_PACKET_IGNORE_OUTGOING", 0x7FFF)
+        monkeypatch.setattr(af_packet, "_PACKET_IGNORE_OUTGOING", 0x7FFF)
     require_libpcap()
     with (
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver,

@@ -12,7 +12,8 @@ import dpkt
 import pytest
 from pcapdata import require_shared_data
 from sipcdr import hep
-from sipcdr.capture.pcapfile import CaptureFileError, CaptureStats, SipExtractor, iter_packets
+from sipcdr.capture.pcapfile import CaptureFileError, iter_packets
+from sipcdr.decode.extract import CaptureStats, SipExtractor
 from sipcdr.model import Packet
 from sipcdr.sip import SipParseError, parse
 
