@@ -18,6 +18,7 @@ __all__ = [
     "IPPROTO_SCTP",
     "IPPROTO_TCP",
     "IPPROTO_UDP",
+    "MAX_DEPTH",
     "TCP_ACK",
     "TCP_FIN",
     "TCP_PSH",
@@ -39,6 +40,10 @@ TCP_SYN: Final = 0x02
 TCP_RST: Final = 0x04
 TCP_PSH: Final = 0x08
 TCP_ACK: Final = 0x10
+
+# Encapsulations inside encapsulations: nothing legitimate nests this deep, and a
+# crafted packet must not cost unbounded recursion.
+MAX_DEPTH: Final = 8
 
 _TRANSPORT_NAME: Final = {IPPROTO_UDP: "udp", IPPROTO_TCP: "tcp", IPPROTO_SCTP: "sctp"}
 
@@ -98,9 +103,13 @@ class DecapStats:
         "frag_expired",
         "fragments",
         "frames",
+        "geneve",
+        "gtpu",
         "malformed",
+        "mpls",
         "non_ip",
         "other_protocol",
+        "pppoe",
         "reassembled",
         "sctp",
         "sctp_dropped",
@@ -110,8 +119,10 @@ class DecapStats:
         "too_deep",
         "truncated",
         "tunnelled",
+        "tzsp",
         "udp",
         "unsupported_tunnel",
+        "vxlan",
     )
 
     def __init__(self) -> None:
@@ -119,10 +130,19 @@ class DecapStats:
         self.non_ip = 0  # ARP, LLDP, STP, unknown ethertypes and address families
         self.truncated = 0  # captured bytes end before a header or the IP length says
         self.malformed = 0  # header fields that contradict each other
-        self.other_protocol = 0  # ICMP, ESP, OSPF, ...: IP, but nothing we read
+        self.other_protocol = 0  # ICMP, ESP, GTP-U echo, ...: nothing we read
         self.tunnelled = 0  # IP-in-IP, GRE and ERSPAN layers removed
-        self.unsupported_tunnel = 0  # GRE version 1, routing, unknown payload types
-        self.too_deep = 0
+        # Layers removed, one counter per encapsulation (MPLS: per label stack).
+        self.pppoe = 0
+        self.mpls = 0
+        self.gtpu = 0
+        self.vxlan = 0
+        self.geneve = 0
+        self.tzsp = 0
+        # GRE version 1 or routing, unknown payload types of any encapsulation, MPLS
+        # channel traffic
+        self.unsupported_tunnel = 0
+        self.too_deep = 0  # nested past MAX_DEPTH, or an MPLS label stack past its limit
         self.fragments = 0  # IPv4/IPv6 fragments seen
         self.reassembled = 0  # datagrams completed from fragments
         self.frag_expired = 0  # incomplete datagrams dropped by the timeout (or at close)
@@ -168,8 +188,22 @@ class Layers(ABC):
     ) -> tuple[Segment, ...]: ...
 
     @abstractmethod
+    def _ethertype(
+        self, ts: float, buf: bytes, etype: int, off: int, end: int, depth: int
+    ) -> tuple[Segment, ...]:
+        """What follows an Ethernet type field (or a tunnel's equivalent of one)."""
+
+    @abstractmethod
     def _gre(self, ts: float, buf: bytes, off: int, end: int, depth: int) -> tuple[Segment, ...]:
         """GRE and ERSPAN: the IP payload of protocol 47."""
+
+    @abstractmethod
+    def _udp_tunnel(
+        self, ts: float, buf: bytes, dport: int, off: int, end: int, depth: int
+    ) -> tuple[Segment, ...] | None:
+        """The UDP payload from ``off`` to ``end``, sent to the port of a UDP tunnel.
+        None when it does not start like that tunnel's header: it is then an ordinary
+        datagram (SIP from a port that happens to be a tunnel's, say)."""
 
     @abstractmethod
     def _sctp(

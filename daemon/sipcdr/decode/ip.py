@@ -1,5 +1,6 @@
 """IPv4 and IPv6 (extension headers, fragment reassembly), IP-in-IP, and the transport
-headers inside: UDP and TCP become ``Segment`` records, SCTP and GRE go to their layers.
+headers inside: UDP and TCP become ``Segment`` records, SCTP and GRE go to their layers,
+and UDP sent to a tunnel's port (``UDP_TUNNEL_PORTS``) to the tunnel layer.
 
 Checksums are not verified anywhere: captures taken on a sending host carry the
 placeholder checksums of offloading NICs, and a monitoring tap should report what was
@@ -15,12 +16,18 @@ from sipcdr.decode.base import (
     IPPROTO_SCTP,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    MAX_DEPTH,
     DecapStats,
     Layers,
     Segment,
 )
 
-__all__ = ["Fragments", "IpLayer"]
+__all__ = ["MAX_DATAGRAM", "UDP_TUNNEL_PORTS", "Fragments", "IpLayer"]
+
+# IANA ports of the tunnels carried in UDP, by destination port: GTP-U (3GPP TS 29.281),
+# VXLAN (RFC 7348), GENEVE (RFC 8926), and TZSP (37008, not registered, what senders
+# use). A set lookup is all a datagram to any other port pays.
+UDP_TUNNEL_PORTS: Final = frozenset({2152, 4789, 6081, 37008})
 
 _IPPROTO_IPIP: Final = 4
 _IPPROTO_IPV6: Final = 41
@@ -31,9 +38,6 @@ _IPPROTO_AH: Final = 51
 # destination options, mobility, HIP, shim6.
 _IPV6_EXT_8: Final = frozenset({0, 43, 60, 135, 139, 140})
 
-# Tunnels inside tunnels: nothing legitimate nests this deep, and a crafted packet
-# must not cost unbounded recursion.
-MAX_DEPTH: Final = 8
 MAX_DATAGRAM: Final = 65535
 
 _u16: Final = struct.Struct("!H").unpack_from
@@ -201,6 +205,10 @@ class IpLayer(Layers):
             # on a signalling link, so this path skips a call per frame.
             sport, dport, ulen = _udp_hdr(buf, start)
             stop = start + ulen if 8 <= ulen <= end - start else end
+            if dport in UDP_TUNNEL_PORTS:
+                inner = self._udp_tunnel(ts, buf, dport, start + 8, stop, depth)
+                if inner is not None:
+                    return inner
             self.stats.udp += 1
             return (_new(Segment, (ts, src, dst, sport, dport, 17, buf[start + 8 : stop], 0, 0)),)
         if frag & 0x3FFF:
@@ -309,6 +317,10 @@ class IpLayer(Layers):
             # Zero is a jumbogram or offload; a length past the IP payload is a
             # malformed header, and the IP payload is the better bound either way.
             stop = off + ulen if 8 <= ulen <= end - off else end
+            if dport in UDP_TUNNEL_PORTS:
+                inner = self._udp_tunnel(ts, buf, dport, off + 8, stop, depth)
+                if inner is not None:
+                    return inner
             self.stats.udp += 1
             return (_new(Segment, (ts, src, dst, sport, dport, 17, buf[off + 8 : stop], 0, 0)),)
         if proto == IPPROTO_TCP:

@@ -1,6 +1,7 @@
 """Link-layer frames to transport payloads: the ``Decapsulator``, with one entry point
 per link type (Ethernet, Linux cooked v1/v2, raw IP, BSD loopback), and the layers
-inside Ethernet: VLAN and QinQ tags, then IP.
+inside Ethernet: VLAN and QinQ tags, PPPoE sessions (RFC 2516) and MPLS label stacks
+(RFC 3032), then IP.
 
 The decapsulator is made of the layer classes of ``ip``, ``tunnels`` and ``sctp``.
 Each layer works on the frame as captured plus an offset and an end, so the only copy
@@ -14,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from sipcdr.decode.base import DecapStats, FrameDecoder, Segment
+from sipcdr.decode.base import MAX_DEPTH, DecapStats, FrameDecoder, Segment
 from sipcdr.decode.ip import Fragments, IpLayer
 from sipcdr.decode.sctp import SctpLayer
 from sipcdr.decode.tunnels import TunnelLayer
@@ -48,6 +49,14 @@ _ETH_IPV4: Final = 0x0800
 _ETH_IPV6: Final = 0x86DD
 # 802.1Q, 802.1ad, and the pre-standard QinQ outer tags still seen on older switches.
 _ETH_VLAN: Final = frozenset({0x8100, 0x88A8, 0x9100, 0x9200})
+_ETH_PPPOE_SESSION: Final = 0x8864
+_ETH_MPLS: Final = frozenset({0x8847, 0x8848})  # unicast, multicast
+_ETH_KNOWN: Final = frozenset({_ETH_IPV4, _ETH_IPV6, _ETH_PPPOE_SESSION, *_ETH_MPLS, *_ETH_VLAN})
+# PPP protocol numbers, full and compressed.
+_PPP_IPV4: Final = frozenset({0x0021})
+_PPP_IPV6: Final = frozenset({0x0057})
+# Segment routing stacks run to a dozen labels; a stack without an end must stop.
+_MAX_LABELS: Final = 16
 
 # DLT_NULL/DLT_LOOP AF_INET6 differs by the capturing OS: Linux 10, Net/OpenBSD 24,
 # FreeBSD 28, macOS 30. AF_INET is 2 everywhere.
@@ -208,5 +217,85 @@ class Decapsulator(TunnelLayer, SctpLayer, IpLayer):
             return self._ipv4(ts, buf, off, end, depth)
         if etype == _ETH_IPV6:
             return self._ipv6(ts, buf, off, end, depth)
+        if etype == _ETH_PPPOE_SESSION:
+            return self._pppoe(ts, buf, off, end, depth)
+        if etype in _ETH_MPLS:
+            return self._mpls(ts, buf, off, end, depth)
         self.stats.non_ip += 1
         return _NONE
+
+    def _pppoe(self, ts: float, buf: bytes, off: int, end: int, depth: int) -> tuple[Segment, ...]:
+        # RFC 2516 section 4: version and type (1, 1), code (0 in the session stage),
+        # session id, length of the PPP frame that follows: its protocol field
+        # (RFC 1661 section 2), then the packet.
+        stats = self.stats
+        if end - off < 8:
+            stats.truncated += 1
+            return _NONE
+        if buf[off] != 0x11 or buf[off + 1]:
+            stats.malformed += 1
+            return _NONE
+        stop = off + 6 + _u16(buf, off + 4)[0]
+        if stop > end:
+            stats.truncated += 1
+            return _NONE
+        if stop < off + 8:
+            stats.malformed += 1  # too short for a protocol field and a packet
+            return _NONE
+        if depth >= MAX_DEPTH:
+            stats.too_deep += 1
+            return _NONE
+        stats.pppoe += 1
+        protocol = buf[off + 6]
+        pos = off + 7
+        # A compressed protocol field (RFC 1661 section 6.5) is one odd byte.
+        if not protocol & 1:
+            protocol = protocol << 8 | buf[pos]
+            pos += 1
+        if protocol in _PPP_IPV4:
+            return self._ipv4(ts, buf, pos, stop, depth + 1)
+        if protocol in _PPP_IPV6:
+            return self._ipv6(ts, buf, pos, stop, depth + 1)
+        # LCP, IPCP, authentication: the session's control traffic.
+        stats.non_ip += 1
+        return _NONE
+
+    def _mpls(self, ts: float, buf: bytes, off: int, end: int, depth: int) -> tuple[Segment, ...]:
+        # RFC 3032 section 2.1: 4-byte label stack entries (label, traffic class, S
+        # bit, TTL) down to the one with S set. The payload's type is not written
+        # anywhere; its first nibble tells it (RFC 4385 section 2): 4 and 6 are IP, 1
+        # the associated channel (OAM), anything else an Ethernet pseudowire
+        # (RFC 4448). Its optional control word starts with a 0 nibble, as do many MAC
+        # addresses, so the Ethernet type where the frame would be with a control word
+        # decides. A MAC address that begins with 4 or 6 is misread as IP and counted
+        # as malformed, which is why RFC 4385 recommends the control word.
+        stats = self.stats
+        if depth >= MAX_DEPTH:
+            stats.too_deep += 1
+            return _NONE
+        for _ in range(_MAX_LABELS):
+            if end - off < 4:
+                stats.truncated += 1
+                return _NONE
+            bottom = buf[off + 2] & 1
+            off += 4
+            if bottom:
+                break
+        else:
+            stats.too_deep += 1
+            return _NONE
+        if off >= end:
+            stats.truncated += 1
+            return _NONE
+        stats.mpls += 1
+        nibble = buf[off] >> 4
+        if nibble == 4:
+            return self._ipv4(ts, buf, off, end, depth + 1)
+        if nibble == 6:
+            return self._ipv6(ts, buf, off, end, depth + 1)
+        if nibble == 0 and end - off >= 18 and _u16(buf, off + 16)[0] in _ETH_KNOWN:
+            return self._ethernet(ts, buf, off + 4, end, depth + 1)
+        if nibble == 1:
+            stats.unsupported_tunnel += 1
+            return _NONE
+        return self._ethernet(ts, buf, off, end, depth + 1)

@@ -7,7 +7,10 @@ the UDP header. dumpcap compiles it for the ``pyshark`` engine. For ``af_packet`
 default is a program assembled here (``signalling_program``): it selects the same
 frames, and also reads through VLAN/QinQ tags still in the frame, which a libpcap
 program without ``vlan`` primitives rejects (so the ``pyshark`` engine misses SIP under
-an inner QinQ tag unless its expression says ``vlan``). Any other expression is
+an inner QinQ tag unless its expression says ``vlan``), and into PPPoE sessions and
+MPLS label stacks, whose media it drops where the expression keeps every such frame.
+Tunnels carried in UDP (GTP-U, VXLAN, GENEVE, TZSP) pass whole under both, media
+inside included: the decoder drops that after unwrapping it. Any other expression is
 compiled by libpcap (``compile_filter``, through ctypes; libpcap comes with dumpcap or
 tcpdump), and without libpcap starting the capture fails with a ``LiveCaptureError``
 saying so. ``None`` keeps every frame. On Linux the kernel strips the outer VLAN tag of
@@ -27,12 +30,19 @@ from sipcdr.decode.link import LINKTYPE_ETHERNET, LINKTYPE_RAW
 __all__ = ["DEFAULT_BPF_FILTER", "BpfInstruction", "compile_filter", "signalling_program"]
 
 # Everything that can carry SIP or HEP. RTP, RTCP and SRTP (version 2: first payload byte
-# 0x80-0xBF) never reach Python, and they are most frames on a SPAN port.
+# 0x80-0xBF) never reach Python, and they are most frames on a SPAN port. The tunnels
+# carried in UDP start below 0x80 (VXLAN-GBP's flags excepted, hence its port) and pass
+# whole; PPPoE sessions and MPLS pass whole here (each primitive that reads into them
+# would shift libpcap's offsets for the rest of the expression).
 DEFAULT_BPF_FILTER: Final = (
     "tcp or sctp"
-    " or (ip and udp and (ip[6:2] & 0x1fff != 0 or udp[8] < 0x80))"
-    " or (ip6 and udp and (ip6[6] != 17 or ip6[48] < 0x80))"
+    " or (ip and udp and (ip[6:2] & 0x1fff != 0 or udp[8] < 0x80 or udp dst port 4789))"
+    " or (ip6 and udp and (ip6[6] != 17 or ip6[48] < 0x80 or udp dst port 4789))"
+    " or ether proto 0x8864 or ether proto 0x8847 or ether proto 0x8848"
 )
+# Labels looked through before the payload: more than transport and VPN stacks use.
+_MPLS_LABELS: Final = 8
+_VXLAN_PORT: Final = 4789
 
 BpfInstruction = tuple[int, int, int, int]  # code, jt, jf, k: struct sock_filter
 
@@ -105,32 +115,68 @@ class _Assembler:
 
 def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction]:
     """The kernel filter for ``DEFAULT_BPF_FILTER`` on Ethernet (and Linux loopback) or
-    raw-IP links, reading through up to two VLAN tags (802.1Q, 802.1ad, 0x9100).
+    raw-IP links, reading through up to two VLAN tags (802.1Q, 802.1ad, 0x9100), a
+    PPPoE session header and up to ``_MPLS_LABELS`` MPLS labels to the IP header, so
+    media inside those is dropped too. An MPLS payload that is not IP (an Ethernet
+    pseudowire) and a deeper label stack are kept whole for the decoder to judge.
 
     X holds the offset of the IP header; the IPv4 UDP branch moves it to the UDP
     header, whose length depends on the IP options.
     """
     a = _Assembler()
     ok, no = _RET_ACCEPT, _RET_REJECT
+    # IP header offsets jumped to, by version: each gets a block that loads X.
+    ip_at: dict[str, set[int]] = {"v4": set(), "v6": set()}
+
+    def at(version: str, offset: int) -> str:
+        ip_at[version].add(offset)
+        return f"{version}at{offset}"
+
     if linktype == LINKTYPE_ETHERNET:
-        for depth, offset in enumerate((12, 16, 20)):
+        payloads = (14, 18, 22)
+        for depth, payload in enumerate(payloads):
             a.label(f"type{depth}")
-            a.op(a.LDH_ABS, offset)
-            a.jump(a.JEQ_K, 0x0800, f"v4at{offset + 2}", 0)
-            a.jump(a.JEQ_K, 0x86DD, f"v6at{offset + 2}", 0)
+            a.op(a.LDH_ABS, payload - 2)
+            a.jump(a.JEQ_K, 0x0800, at("v4", payload), 0)
+            a.jump(a.JEQ_K, 0x86DD, at("v6", payload), 0)
             if depth < 2:
                 following = f"type{depth + 1}"
                 for tag in (0x8100, 0x88A8, 0x9100):
                     a.jump(a.JEQ_K, tag, following, 0)
-            a.op(a.RET_K, 0)
-        for offset in (14, 18, 22):
-            a.label(f"v4at{offset}")
-            a.op(a.LDX_IMM, offset)
-            a.goto("v4")
-        for offset in (14, 18, 22):
-            a.label(f"v6at{offset}")
-            a.op(a.LDX_IMM, offset)
-            a.goto("v6")
+            a.jump(a.JEQ_K, 0x8864, f"pppoe{payload}", 0)
+            a.jump(a.JEQ_K, 0x8847, f"mpls{payload}", 0)
+            a.jump(a.JEQ_K, 0x8848, f"mpls{payload}", no)
+        for payload in payloads:
+            # The 6-byte PPPoE session header, then PPP's protocol field, 2 bytes or
+            # compressed to 1.
+            a.label(f"pppoe{payload}")
+            a.op(a.LDH_ABS, payload + 6)
+            a.jump(a.JEQ_K, 0x0021, at("v4", payload + 8), 0)
+            a.jump(a.JEQ_K, 0x0057, at("v6", payload + 8), 0)
+            a.op(a.RSH_K, 8)
+            a.jump(a.JEQ_K, 0x21, at("v4", payload + 7), 0)
+            a.jump(a.JEQ_K, 0x57, at("v6", payload + 7), no)
+        stack_ends: set[int] = set()
+        for payload in payloads:
+            # Label stack entries down to the one with the bottom-of-stack bit.
+            a.label(f"mpls{payload}")
+            for index in range(_MPLS_LABELS):
+                entry = payload + 4 * index
+                stack_ends.add(entry + 4)
+                a.op(a.LDB_ABS, entry + 2)
+                a.jump(a.JSET_K, 1, f"mplsend{entry + 4}", 0)
+            a.goto(ok)
+        for stack_end in sorted(stack_ends):
+            a.label(f"mplsend{stack_end}")
+            a.op(a.LDB_ABS, stack_end)
+            a.op(a.RSH_K, 4)
+            a.jump(a.JEQ_K, 4, at("v4", stack_end), 0)
+            a.jump(a.JEQ_K, 6, at("v6", stack_end), ok)
+        for version in ("v4", "v6"):
+            for offset in sorted(ip_at[version]):
+                a.label(f"{version}at{offset}")
+                a.op(a.LDX_IMM, offset)
+                a.goto(version)
     elif linktype == LINKTYPE_RAW:
         a.op(a.LDX_IMM, 0)
         a.op(a.LDB_ABS, 0)
@@ -152,7 +198,9 @@ def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction
     a.op(a.ADD_X)
     a.op(a.TAX)  # X: UDP header
     a.op(a.LDB_IND, 8)
-    a.jump(a.JGE_K, 0x80, no, ok)
+    a.jump(a.JGE_K, 0x80, 0, ok)
+    a.op(a.LDH_IND, 2)  # destination port
+    a.jump(a.JEQ_K, _VXLAN_PORT, ok, no)
     a.label("v6")
     a.op(a.LDB_IND, 6)  # next header
     a.jump(a.JEQ_K, 6, ok, 0)
@@ -160,7 +208,9 @@ def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction
     a.jump(a.JEQ_K, 44, "v6frag", 0)
     a.jump(a.JEQ_K, 17, 0, no)
     a.op(a.LDB_IND, 48)
-    a.jump(a.JGE_K, 0x80, no, ok)
+    a.jump(a.JGE_K, 0x80, 0, ok)
+    a.op(a.LDH_IND, 42)  # destination port
+    a.jump(a.JEQ_K, _VXLAN_PORT, ok, no)
     a.label("v6frag")
     a.op(a.LDB_IND, 40)  # the fragment header's next header
     a.jump(a.JEQ_K, 6, ok, 0)
