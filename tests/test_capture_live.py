@@ -261,7 +261,11 @@ FILTER_CASES: list[tuple[str, int, bytes, bool]] = [
     ("v4 tcp rtp-looking", V4, ipv4(6, tcp(RTP)), True),
     ("v4 sctp", V4, ipv4(132, bytes(28)), True),
     ("v4 icmp", V4, ipv4(1, bytes(16)), False),
-    ("v4 gre", V4, ipv4(47, bytes(24)), False),
+    ("v4 gre", V4, ipv4(47, bytes(24)), True),
+    ("v4 ipip", V4, ipv4(4, ipv4(17, udp(RTP))), True),
+    ("v4 ipv6 in ipv4", V4, ipv4(41, ipv6(17, udp(SIP % b"8"))), True),
+    ("v6 gre", V6, ipv6(47, bytes(24)), True),
+    ("v6 fragment gre", V6, ipv6_fragment(47, bytes(48)), True),
     ("v6 udp sip", V6, ipv6(17, udp(SIP % b"5")), True),
     ("v6 udp rtp", V6, ipv6(17, udp(RTP)), False),
     ("v6 tcp", V6, ipv6(6, tcp(SIP % b"6")), True),
@@ -610,6 +614,10 @@ async def test_sip_inside_encapsulations_on_a_mirror_link(
         )
         for kind in encaps.ENCAPSULATIONS
     }
+    # ERSPAN type II (GRE with a sequence number), how switches mirror to a collector.
+    mirrored = encaps.ipv4(encaps.udp(SIP % b"erspan", 5070, 5060), "10.5.0.1", "10.5.0.2")
+    erspan = struct.pack("!HHIHHI", 0x1000, 0x88BE, 1, 1 << 12, 0, 0) + ether(V4, mirrored)
+    sip["erspan"] = ether(V4, ipv4(47, erspan))
     media = [encaps.tunnelled(kind, ipv4(17, udp(RTP))) for kind in encaps.ENCAPSULATIONS]
     seen: list[Packet] = []
     async with LiveCapture(capture_side, seen.append, engine=engine) as capture:
@@ -618,7 +626,7 @@ async def test_sip_inside_encapsulations_on_a_mirror_link(
         await asyncio.sleep(SETTLE_S)
         capture.flush()
         stats = capture.stats
-    assert sorted(parse(p.payload).call_id for p in seen) == sorted(encaps.ENCAPSULATIONS)
+    assert sorted(parse(p.payload).call_id for p in seen) == sorted(sip)
     assert {(p.src_ip, p.src_port, p.dst_ip, p.dst_port) for p in seen} == {
         ("10.5.0.1", 5070, "10.5.0.2", 5060)
     }
@@ -631,6 +639,7 @@ async def test_sip_inside_encapsulations_on_a_mirror_link(
     assert {kind: getattr(decap, kind) for kind in encaps.ENCAPSULATIONS} == {
         kind: 2 if kind in in_python else 1 for kind in encaps.ENCAPSULATIONS
     }
+    assert decap.tunnelled == 1
 
 
 @pytest.mark.integration

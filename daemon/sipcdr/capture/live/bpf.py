@@ -9,8 +9,9 @@ frames, and also reads through VLAN/QinQ tags still in the frame, which a libpca
 program without ``vlan`` primitives rejects (so the ``pyshark`` engine misses SIP under
 an inner QinQ tag unless its expression says ``vlan``), and into PPPoE sessions and
 MPLS label stacks, whose media it drops where the expression keeps every such frame.
-Tunnels carried in UDP (GTP-U, VXLAN, GENEVE, TZSP) pass whole under both, media
-inside included: the decoder drops that after unwrapping it. Any other expression is
+Tunnels carried in UDP (GTP-U, VXLAN, GENEVE, TZSP) and in IP (IP-in-IP, GRE and
+ERSPAN) pass whole under both, media inside included: the decoder drops that after
+unwrapping it. Any other expression is
 compiled by libpcap (``compile_filter``, through ctypes; libpcap comes with dumpcap or
 tcpdump), and without libpcap starting the capture fails with a ``LiveCaptureError``
 saying so. ``None`` keeps every frame. On Linux the kernel strips the outer VLAN tag of
@@ -32,17 +33,21 @@ __all__ = ["DEFAULT_BPF_FILTER", "BpfInstruction", "compile_filter", "signalling
 # Everything that can carry SIP or HEP. RTP, RTCP and SRTP (version 2: first payload byte
 # 0x80-0xBF) never reach Python, and they are most frames on a SPAN port. The tunnels
 # carried in UDP start below 0x80 (VXLAN-GBP's flags excepted, hence its port) and pass
-# whole; PPPoE sessions and MPLS pass whole here (each primitive that reads into them
-# would shift libpcap's offsets for the rest of the expression).
+# whole, as do IP-in-IP and GRE (ERSPAN) packets; PPPoE sessions and MPLS pass whole
+# here (each primitive that reads into them would shift libpcap's offsets for the rest
+# of the expression).
 DEFAULT_BPF_FILTER: Final = (
     "tcp or sctp"
     " or (ip and udp and (ip[6:2] & 0x1fff != 0 or udp[8] < 0x80 or udp dst port 4789))"
     " or (ip6 and udp and (ip6[6] != 17 or ip6[48] < 0x80 or udp dst port 4789))"
     " or ether proto 0x8864 or ether proto 0x8847 or ether proto 0x8848"
+    " or ip proto 4 or ip proto 41 or ip proto 47 or ip6 proto 4 or ip6 proto 41"
+    " or ip6 proto 47"
 )
 # Labels looked through before the payload: more than transport and VPN stacks use.
 _MPLS_LABELS: Final = 8
 _VXLAN_PORT: Final = 4789
+_IP_TUNNELS: Final = (4, 41, 47)  # IP-in-IP, IPv6-in-IP, GRE
 
 BpfInstruction = tuple[int, int, int, int]  # code, jt, jf, k: struct sock_filter
 
@@ -189,6 +194,8 @@ def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction
     a.op(a.LDB_IND, 9)  # protocol
     a.jump(a.JEQ_K, 6, ok, 0)
     a.jump(a.JEQ_K, 132, ok, 0)
+    for tunnel in _IP_TUNNELS:
+        a.jump(a.JEQ_K, tunnel, ok, 0)
     a.jump(a.JEQ_K, 17, 0, no)
     a.op(a.LDH_IND, 6)  # flags and fragment offset
     a.jump(a.JSET_K, 0x1FFF, ok, 0)  # a later fragment: no UDP header to look into
@@ -205,6 +212,8 @@ def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction
     a.op(a.LDB_IND, 6)  # next header
     a.jump(a.JEQ_K, 6, ok, 0)
     a.jump(a.JEQ_K, 132, ok, 0)
+    for tunnel in _IP_TUNNELS:
+        a.jump(a.JEQ_K, tunnel, ok, 0)
     a.jump(a.JEQ_K, 44, "v6frag", 0)
     a.jump(a.JEQ_K, 17, 0, no)
     a.op(a.LDB_IND, 48)
@@ -215,6 +224,8 @@ def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction
     a.op(a.LDB_IND, 40)  # the fragment header's next header
     a.jump(a.JEQ_K, 6, ok, 0)
     a.jump(a.JEQ_K, 17, ok, 0)
+    for tunnel in _IP_TUNNELS:
+        a.jump(a.JEQ_K, tunnel, ok, 0)
     a.jump(a.JEQ_K, 132, ok, no)
     a.label(ok)
     a.op(a.RET_K, SNAPLEN)
