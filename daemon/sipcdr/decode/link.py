@@ -52,9 +52,9 @@ _ETH_VLAN: Final = frozenset({0x8100, 0x88A8, 0x9100, 0x9200})
 _ETH_PPPOE_SESSION: Final = 0x8864
 _ETH_MPLS: Final = frozenset({0x8847, 0x8848})  # unicast, multicast
 _ETH_KNOWN: Final = frozenset({_ETH_IPV4, _ETH_IPV6, _ETH_PPPOE_SESSION, *_ETH_MPLS, *_ETH_VLAN})
-# PPP protocol numbers, full and compressed.
-_PPP_IPV4: Final = frozenset({0x0021})
-_PPP_IPV6: Final = frozenset({0x0057})
+# PPP protocol numbers; compressed to one byte they keep their value.
+_PPP_IPV4: Final = 0x0021
+_PPP_IPV6: Final = 0x0057
 # Segment routing stacks run to a dozen labels; a stack without an end must stop.
 _MAX_LABELS: Final = 16
 
@@ -252,9 +252,9 @@ class Decapsulator(TunnelLayer, SctpLayer, IpLayer):
         if not protocol & 1:
             protocol = protocol << 8 | buf[pos]
             pos += 1
-        if protocol in _PPP_IPV4:
+        if protocol == _PPP_IPV4:
             return self._ipv4(ts, buf, pos, stop, depth + 1)
-        if protocol in _PPP_IPV6:
+        if protocol == _PPP_IPV6:
             return self._ipv6(ts, buf, pos, stop, depth + 1)
         # LCP, IPCP, authentication: the session's control traffic.
         stats.non_ip += 1
