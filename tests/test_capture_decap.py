@@ -1,4 +1,4 @@
-"""Tests for sipcdr.capture.decap and sipcdr.capture.tcp on frames built byte by byte."""
+"""Tests for the frame and stream decoders of sipcdr.decode on frames built byte by byte."""
 
 from __future__ import annotations
 
@@ -7,21 +7,23 @@ import struct
 import zlib
 from collections.abc import Sequence
 
+import encaps
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sipcdr.capture.decap import (
+from sipcdr.decode.base import (
     TCP_ACK,
     TCP_FIN,
     TCP_PSH,
     TCP_RST,
     TCP_SYN,
     DecapStats,
-    Decapsulator,
     Segment,
     ip_text,
 )
-from sipcdr.capture.tcp import KEEPALIVE, NOT_SIP, TcpReassembler, sip_offset
+from sipcdr.decode.link import Decapsulator
+from sipcdr.decode.startline import KEEPALIVE, NOT_SIP, sip_offset
+from sipcdr.decode.tcp import TcpReassembler
 
 SIP = (
     b"OPTIONS sip:bob@example.com SIP/2.0\r\n"
@@ -470,6 +472,201 @@ def test_erspan_type_3_ip_frame() -> None:
     header = struct.pack("!HHIHH", 2 << 12, 1, 0, 0, 2 << 10)  # FT = 2: an IP packet
     frame = eth(ipv4(gre(header + ipv4(udp(SIP)), 0x22EB, seq=5), proto=47))
     assert one(decode_eth(frame)).payload == SIP
+
+
+# -- encapsulations: PPPoE, MPLS, and tunnels in UDP -----------------------------------
+
+INNER4 = ("10.20.30.40", "10.20.30.50")
+INNER6 = ("fd00:5::40", "fd00:5::50")
+
+
+def inner_packet(version: int, payload: bytes = SIP) -> bytes:
+    if version == 4:
+        return encaps.ipv4(encaps.udp(payload, 5062, 5060), *INNER4)
+    return encaps.ipv6(encaps.udp(payload, 5062, 5060), *INNER6)
+
+
+@pytest.mark.parametrize("version", [4, 6])
+@pytest.mark.parametrize("kind", encaps.ENCAPSULATIONS)
+def test_sip_inside_each_encapsulation(kind: str, version: int) -> None:
+    dec = Decapsulator()
+    seg = one(decode_eth(encaps.tunnelled(kind, inner_packet(version)), dec))
+    assert (seg.src_ip, seg.dst_ip) == (INNER4 if version == 4 else INNER6)
+    assert (seg.src_port, seg.dst_port, seg.transport, seg.payload) == (5062, 5060, "udp", SIP)
+    counted = {name: n for name, n in dec.stats.as_dict().items() if n}
+    # The encapsulation is counted once; the outer UDP datagram is not a second one.
+    assert counted == {"frames": 1, kind: 1, "udp": 1}
+
+
+def test_pppoe_variants() -> None:
+    dec = Decapsulator()
+    packet = inner_packet(4)
+    # Compressed protocol field, and Ethernet padding past the PPPoE length.
+    frame = encaps.eth(encaps.pppoe(packet, compressed=True), 0x8864) + bytes(20)
+    assert one(decode_eth(frame, dec)).payload == SIP
+    tagged = eth(encaps.pppoe(packet), etype=0x8864, tags=[(0x8100, 300)])
+    assert one(decode_eth(tagged, dec)).src_ip == INNER4[0]
+    lcp = encaps.pppoe(b"\x01\x01\x00\x04", protocol=0xC021)
+    assert decode_eth(encaps.eth(lcp, 0x8864), dec) == ()
+    assert (dec.stats.pppoe, dec.stats.non_ip) == (3, 1)
+
+
+def test_mpls_label_stacks_and_pseudowires() -> None:
+    dec = Decapsulator()
+    packet = inner_packet(4)
+    deep = encaps.eth(encaps.mpls(packet, labels=range(100, 110)), 0x8848)
+    assert one(decode_eth(deep, dec)).payload == SIP
+    # Ethernet pseudowires (RFC 4448), with the RFC 4385 control word and without.
+    inner_frame = eth(packet)
+    with_cw = encaps.eth(encaps.mpls(bytes(4) + inner_frame, labels=(30, 31)), 0x8847)
+    assert one(decode_eth(with_cw, dec)).src_ip == INNER4[0]
+    without_cw = encaps.eth(encaps.mpls(inner_frame), 0x8847)
+    assert one(decode_eth(without_cw, dec)).src_ip == INNER4[0]
+    # MPLS over GRE (RFC 4023).
+    over_gre = eth(ipv4(gre(encaps.mpls(packet), 0x8847), proto=47))
+    assert one(decode_eth(over_gre, dec)).src_ip == INNER4[0]
+    # The associated channel carries OAM, not user packets.
+    g_ach = encaps.eth(encaps.mpls(b"\x10\x00\x00\x21" + bytes(20)), 0x8847)
+    assert decode_eth(g_ach, dec) == ()
+    assert (dec.stats.mpls, dec.stats.unsupported_tunnel) == (5, 1)
+
+
+def test_gtpu_headers() -> None:
+    dec = Decapsulator()
+    packet = inner_packet(4)
+
+    def over_udp(body: bytes) -> bytes:
+        return eth(ipv4(udp(body, 2152, 2152), src="172.31.0.1", dst="172.31.0.2"))
+
+    plain = over_udp(encaps.gtpu(packet))
+    two_extensions = over_udp(
+        encaps.gtpu(packet, extensions=[(0x85, b"\x10\x01"), (0x40, b"\x00\x00\x00\x00")])
+    )
+    padded = over_udp(encaps.gtpu(packet, sequence=99) + bytes(6))  # past the GTP length
+    for frame in (plain, two_extensions, padded):
+        seg = one(decode_eth(frame, dec))
+        assert (seg.src_ip, seg.payload) == (INNER4[0], SIP)
+    echo = over_udp(encaps.gtpu(b"", sequence=1, message_type=1))
+    assert decode_eth(echo, dec) == ()
+    assert (dec.stats.gtpu, dec.stats.other_protocol) == (3, 1)
+    # GTP-U over IPv6 transport.
+    outer6 = eth(ipv6(udp(encaps.gtpu(inner_packet(6)), 2152, 2152)), etype=0x86DD)
+    assert one(decode_eth(outer6, dec)).src_ip == INNER6[0]
+
+
+def test_vxlan_geneve_and_tzsp_variants() -> None:
+    dec = Decapsulator()
+    packet = inner_packet(4)
+    inner_frame = eth(packet, tags=[(0x8100, 12)])
+    frames = [
+        # VXLAN with group policy (VXLAN-GBP): G and I flags.
+        encaps.eth(ipv4(udp(encaps.vxlan(inner_frame, flags=0x88), 1, 4789)), 0x0800),
+        # GENEVE carrying an IP packet, no Ethernet, as cloud load balancers send it.
+        eth(ipv4(udp(encaps.geneve(packet, ptype=0x0800), 1, 6081))),
+        eth(ipv4(udp(encaps.geneve(inner_packet(6), ptype=0x86DD), 1, 6081))),
+        # TZSP with no tags but END, as MikroTik's sniffer sends it.
+        eth(ipv4(udp(encaps.tzsp(inner_frame), 1, 37008))),
+    ]
+    for frame in frames:
+        assert one(decode_eth(frame, dec)).payload == SIP
+    keepalive = eth(ipv4(udp(encaps.tzsp(b"", tags=b"", kind=4), 1, 37008)))
+    radio = eth(ipv4(udp(encaps.tzsp(bytes(40), encapsulation=18), 1, 37008)))
+    assert decode_eth(keepalive, dec) == decode_eth(radio, dec) == ()
+    assert (dec.stats.vxlan, dec.stats.geneve, dec.stats.tzsp) == (1, 2, 1)
+    assert (dec.stats.other_protocol, dec.stats.unsupported_tunnel) == (1, 1)
+
+
+def _gtpu_over_udp(body: bytes) -> bytes:
+    return eth(ipv4(udp(body, 2152, 2152)))
+
+
+BAD_HEADERS: list[tuple[str, bytes, str]] = [
+    ("pppoe cut", encaps.eth(encaps.pppoe(inner_packet(4))[:7], 0x8864), "truncated"),
+    ("pppoe version", encaps.eth(b"\x21" + encaps.pppoe(inner_packet(4))[1:], 0x8864), "malformed"),
+    (
+        "pppoe length",
+        encaps.eth(encaps.pppoe(inner_packet(4))[:4] + b"\x05\xdc" + bytes(30), 0x8864),
+        "truncated",
+    ),
+    (
+        "pppoe empty",
+        encaps.eth(struct.pack("!BBHH", 0x11, 0, 1, 1) + bytes(20), 0x8864),
+        "malformed",
+    ),
+    ("mpls cut", encaps.eth(encaps.mpls(b"", labels=(5, 6))[:6], 0x8847), "truncated"),
+    (
+        "mpls endless",
+        encaps.eth(encaps.mpls(bytes(8), range(20), bottom=False), 0x8847),
+        "too_deep",
+    ),
+    ("mpls nothing after", encaps.eth(encaps.mpls(b""), 0x8847), "truncated"),
+    ("gtpu cut", _gtpu_over_udp(encaps.gtpu(inner_packet(4))[:6]), "truncated"),
+    (
+        "gtpu length",
+        _gtpu_over_udp(encaps.gtpu(inner_packet(4))[:2] + b"\xff\xff" + bytes(40)),
+        "truncated",
+    ),
+    (
+        "gtpu extension length 0",
+        _gtpu_over_udp(struct.pack("!BBHI", 0x34, 255, 8, 1) + b"\x00\x00\x00\x85\x00\x00\x00\x00"),
+        "malformed",
+    ),
+    (
+        "gtpu extension cut",
+        _gtpu_over_udp(struct.pack("!BBHI", 0x34, 255, 8, 1) + b"\x00\x00\x00\x85\x03\x00\x00\x00"),
+        "truncated",
+    ),
+    ("vxlan cut", eth(ipv4(udp(b"\x08\x00\x00", 1, 4789))), "truncated"),
+    (
+        "geneve options cut",
+        eth(ipv4(udp(encaps.geneve(b"", options=bytes(8))[:12], 1, 6081))),
+        "truncated",
+    ),
+    (
+        "tzsp no end tag",
+        eth(ipv4(udp(encaps.tzsp(b"", tags=b"\x00\x00\x28\x02"), 1, 37008))),
+        "truncated",
+    ),
+    ("tzsp tag cut", eth(ipv4(udp(encaps.tzsp(b"", tags=b"\x28\x10\x00"), 1, 37008))), "truncated"),
+]
+
+
+@pytest.mark.parametrize(
+    ("frame", "counter"),
+    [case[1:] for case in BAD_HEADERS],
+    ids=[case[0] for case in BAD_HEADERS],
+)
+def test_bad_encapsulation_headers_are_counted(frame: bytes, counter: str) -> None:
+    dec = Decapsulator()
+    assert decode_eth(frame, dec) == ()
+    assert dec.stats.as_dict()[counter] == 1
+
+
+@pytest.mark.parametrize("port", sorted(encaps.UDP_PORTS.values()))
+def test_sip_to_a_tunnel_port_is_sip(port: int) -> None:
+    """SIP from or to a port that is also a tunnel's (37008 is in Linux's ephemeral
+    range) does not start like the tunnel's header and stays a datagram."""
+    for payload in (SIP, b"HEP3\x00\x10", b"\r\n\r\n" + SIP):
+        dec = Decapsulator()
+        seg = one(decode_eth(eth(ipv4(udp(payload, 5060, port))), dec))
+        assert (seg.dst_port, seg.payload) == (port, payload)
+        assert dec.stats.malformed == dec.stats.truncated == 0
+
+
+def test_encapsulation_depth_is_bounded() -> None:
+    packet = eth(inner_packet(4))
+    for _ in range(12):
+        packet = eth(ipv4(udp(encaps.vxlan(packet), 1, 4789)))
+    dec = Decapsulator()
+    assert decode_eth(packet, dec) == ()
+    assert (dec.stats.too_deep, dec.stats.vxlan) == (1, 8)
+    # Ethernet pseudowires nest MPLS inside MPLS without any IP in between.
+    frame = encaps.eth(encaps.mpls(inner_packet(4)), 0x8847)
+    for _ in range(12):
+        frame = encaps.eth(encaps.mpls(bytes(4) + frame), 0x8847)
+    dec = Decapsulator()
+    assert decode_eth(frame, dec) == ()
+    assert dec.stats.too_deep == 1
 
 
 # -- transports -------------------------------------------------------------------------
@@ -945,6 +1142,7 @@ VALID_FRAMES = [
     eth(ipv4(sctp(data_chunk(SIP, flags=0x02), data_chunk(SIP, tsn=2, flags=0x01)), proto=132)),
     eth(ipv6(struct.pack("!BBHI", 17, 0, 1, 5) + udp(SIP), nh=44), etype=0x86DD),
     eth(ipv4(tcp(SIP), proto=6)),
+    *(encaps.tunnelled(kind, ipv4(udp(SIP))) for kind in encaps.ENCAPSULATIONS),
 ]
 
 

@@ -26,19 +26,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import encaps
 import pytest
 from peers import Sipp
-from sipcdr.capture import live
-from sipcdr.capture.decap import LINKTYPE_ETHERNET, LINKTYPE_RAW
-from sipcdr.capture.live import (
+from sipcdr.capture.live import Engine, LiveCapture, LiveCaptureError, af_packet
+from sipcdr.capture.live.bpf import (
     DEFAULT_BPF_FILTER,
     BpfInstruction,
-    Engine,
-    LiveCapture,
-    LiveCaptureError,
     compile_filter,
     signalling_program,
 )
+from sipcdr.decode.link import LINKTYPE_ETHERNET, LINKTYPE_RAW
 from sipcdr.model import Packet
 from sipcdr.sip import parse
 
@@ -263,7 +261,11 @@ FILTER_CASES: list[tuple[str, int, bytes, bool]] = [
     ("v4 tcp rtp-looking", V4, ipv4(6, tcp(RTP)), True),
     ("v4 sctp", V4, ipv4(132, bytes(28)), True),
     ("v4 icmp", V4, ipv4(1, bytes(16)), False),
-    ("v4 gre", V4, ipv4(47, bytes(24)), False),
+    ("v4 gre", V4, ipv4(47, bytes(24)), True),
+    ("v4 ipip", V4, ipv4(4, ipv4(17, udp(RTP))), True),
+    ("v4 ipv6 in ipv4", V4, ipv4(41, ipv6(17, udp(SIP % b"8"))), True),
+    ("v6 gre", V6, ipv6(47, bytes(24)), True),
+    ("v6 fragment gre", V6, ipv6_fragment(47, bytes(48)), True),
     ("v6 udp sip", V6, ipv6(17, udp(SIP % b"5")), True),
     ("v6 udp rtp", V6, ipv6(17, udp(RTP)), False),
     ("v6 tcp", V6, ipv6(6, tcp(SIP % b"6")), True),
@@ -297,6 +299,52 @@ def test_signalling_program_agrees_with_libpcap(ethertype: int, packet: bytes, k
         raw_libpcap = compile_filter(DEFAULT_BPF_FILTER, LINKTYPE_RAW)
         assert bool(run_bpf(raw_libpcap, packet)) is kept
         assert bool(run_bpf(signalling_program(LINKTYPE_RAW), packet)) is kept
+
+
+def tag(frame: bytes, tpid: int = 0x8100) -> bytes:
+    """The frame with a VLAN tag after its MAC addresses."""
+    return frame[:12] + struct.pack("!HH", tpid, 42) + frame[12:]
+
+
+@pytest.mark.parametrize("kind", encaps.ENCAPSULATIONS)
+def test_default_filters_keep_sip_inside_encapsulations(kind: str) -> None:
+    require_libpcap()
+    ours = signalling_program(LINKTYPE_ETHERNET)
+    libpcap = compile_filter(DEFAULT_BPF_FILTER, LINKTYPE_ETHERNET)
+    for packet in (ipv4(17, udp(SIP % b"t4")), ipv6(17, udp(SIP % b"t6")), ipv4(6, tcp(SIP))):
+        frame = encaps.tunnelled(kind, packet)
+        assert run_bpf(ours, frame)
+        assert run_bpf(libpcap, frame)
+        assert run_bpf(ours, tag(frame))
+    # The kernel program reads PPPoE and MPLS through to the media inside and drops
+    # it; tunnels in UDP pass whole (their headers start below 0x80) and the decoder
+    # drops their media after unwrapping it.
+    media = encaps.tunnelled(kind, ipv4(17, udp(RTP)))
+    assert bool(run_bpf(ours, media)) is (kind not in ("pppoe", "mpls"))
+    assert bool(run_bpf(ours, tag(media))) is (kind not in ("pppoe", "mpls"))
+
+
+def test_signalling_program_reads_pppoe_and_mpls_variants() -> None:
+    ours = signalling_program(LINKTYPE_ETHERNET)
+    sip, rtp = ipv4(17, udp(SIP % b"v")), ipv6(17, udp(RTP))
+    kept = [
+        ether(0x8864, encaps.pppoe(sip, compressed=True)),
+        ether(0x8848, encaps.mpls(ipv6(17, udp(SIP % b"v6")), labels=range(8))),
+        # An Ethernet pseudowire, and a stack deeper than the program reads: the decoder
+        # judges those.
+        ether(0x8847, encaps.mpls(bytes(4) + ether(V4, rtp))),
+        ether(0x8847, encaps.mpls(ipv4(17, udp(RTP)), labels=range(9))),
+        # VXLAN with group policy: its flags byte is 0x88.
+        ether(V4, ipv4(17, udp(encaps.vxlan(ether(V4, sip), flags=0x88), 1, 4789))),
+    ]
+    dropped = [
+        ether(0x8864, encaps.pppoe(rtp, compressed=True)),
+        ether(0x8864, encaps.pppoe(b"\x01\x01\x00\x04", protocol=0xC021)),  # LCP
+        ether(0x8848, encaps.mpls(rtp, labels=range(8))),
+        ether(0x8847, b"\x00\x01"),  # cut inside the first label
+    ]
+    assert [bool(run_bpf(ours, frame)) for frame in kept] == [True] * len(kept)
+    assert [bool(run_bpf(ours, frame)) for frame in dropped] == [False] * len(dropped)
 
 
 def test_signalling_program_keeps_whole_frames() -> None:
@@ -415,7 +463,7 @@ async def test_af_packet_delivers_each_datagram_once(
     require_engine("af_packet")
     if not kernel_skips_outgoing:
         # An option number no kernel knows: the path taken before Linux 4.20.
-        monkeypatch.setattr(live, "_PACKET_IGNORE_OUTGOING", 0x7FFF)
+        monkeypatch.setattr(af_packet, "_PACKET_IGNORE_OUTGOING", 0x7FFF)
     require_libpcap()
     with (
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver,
@@ -551,6 +599,47 @@ async def test_af_packet_kernel_filter_on_a_mirror_link(veth: tuple[str, str]) -
     assert stats.frames_read == len(frames)
     assert stats.capture.non_sip_payloads == 0
     assert stats.capture.decap.reassembled == 1
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("engine", ["af_packet", "pyshark"])
+async def test_sip_inside_encapsulations_on_a_mirror_link(
+    engine: Engine, veth: tuple[str, str]
+) -> None:
+    require_engine(engine)
+    capture_side, peer = veth
+    sip = {
+        kind: encaps.tunnelled(
+            kind, encaps.ipv4(encaps.udp(SIP % kind.encode(), 5070, 5060), "10.5.0.1", "10.5.0.2")
+        )
+        for kind in encaps.ENCAPSULATIONS
+    }
+    # ERSPAN type II (GRE with a sequence number), how switches mirror to a collector.
+    mirrored = encaps.ipv4(encaps.udp(SIP % b"erspan", 5070, 5060), "10.5.0.1", "10.5.0.2")
+    erspan = struct.pack("!HHIHHI", 0x1000, 0x88BE, 1, 1 << 12, 0, 0) + ether(V4, mirrored)
+    sip["erspan"] = ether(V4, ipv4(47, erspan))
+    media = [encaps.tunnelled(kind, ipv4(17, udp(RTP))) for kind in encaps.ENCAPSULATIONS]
+    seen: list[Packet] = []
+    async with LiveCapture(capture_side, seen.append, engine=engine) as capture:
+        inject(peer, [*media, *sip.values()])
+        await wait_until(lambda: len(seen) >= len(sip), 10, f"{len(sip)} SIP messages")
+        await asyncio.sleep(SETTLE_S)
+        capture.flush()
+        stats = capture.stats
+    assert sorted(parse(p.payload).call_id for p in seen) == sorted(sip)
+    assert {(p.src_ip, p.src_port, p.dst_ip, p.dst_port) for p in seen} == {
+        ("10.5.0.1", 5070, "10.5.0.2", 5060)
+    }
+    # af_packet's kernel program drops the media in PPPoE and MPLS; the pyshark engine's
+    # expression keeps those frames whole. Media in UDP tunnels is dropped in Python.
+    in_python = encaps.UDP_PORTS if engine == "af_packet" else encaps.ENCAPSULATIONS
+    assert stats.frames_read == len(sip) + len(in_python)
+    assert stats.capture.non_sip_payloads == len(in_python)
+    decap = stats.capture.decap
+    assert {kind: getattr(decap, kind) for kind in encaps.ENCAPSULATIONS} == {
+        kind: 2 if kind in in_python else 1 for kind in encaps.ENCAPSULATIONS
+    }
+    assert decap.tunnelled == 1
 
 
 @pytest.mark.integration

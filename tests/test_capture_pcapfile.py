@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dpkt
+import encaps
 import pytest
 from pcapdata import require_shared_data
 from sipcdr import hep
-from sipcdr.capture.pcapfile import CaptureFileError, CaptureStats, SipExtractor, iter_packets
+from sipcdr.capture.pcapfile import CaptureFileError, iter_packets
+from sipcdr.decode.extract import CaptureStats, SipExtractor
 from sipcdr.model import Packet
 from sipcdr.sip import SipParseError, parse
 
@@ -375,3 +377,16 @@ def test_extractor_feeds_frames_directly() -> None:
     assert packet == Packet(4.0, "10.0.0.1", 40000, "10.0.0.2", 5060, "udp", REGISTER, "live0")
     extractor.close()
     assert extractor.stats.frames_read == 2
+
+
+@pytest.mark.parametrize("kind", encaps.ENCAPSULATIONS)
+def test_extractor_unwraps_each_encapsulation(kind: str) -> None:
+    extractor = SipExtractor(1, "live0")
+    sip = encaps.ipv4(encaps.udp(REGISTER, 5062, 5060), "192.168.7.1", "192.168.7.2")
+    (packet,) = extractor.feed(1.0, encaps.tunnelled(kind, sip))
+    assert packet == Packet(1.0, "192.168.7.1", 5062, "192.168.7.2", 5060, "udp", REGISTER, "live0")
+    # Media inside the tunnel is unwrapped, then dropped by its first byte.
+    rtp = encaps.ipv4(encaps.udp(b"\x80\x08" + bytes(170), 40000, 40002), "10.0.0.1", "10.0.0.2")
+    assert extractor.feed(2.0, encaps.tunnelled(kind, rtp)) == ()
+    assert extractor.stats.non_sip_payloads == 1
+    assert extractor.stats.decap.as_dict()[kind] == 2

@@ -14,9 +14,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import dpkt
+import encaps
 import pytest
 from pcapdata import require_shared_data
-from sipcalls import CdrCollector
+from sipcalls import Call, CdrCollector, answered_call_messages
 from sipcdr.config import Config
 from sipcdr.importer import import_files
 from sipcdr.model import Cdr
@@ -192,3 +194,42 @@ def test_two_sensors_recording_the_same_calls_give_each_call_once() -> None:
     sink = CdrCollector()
     import_files(Config(), [capture, capture], sinks=[sink], progress=False)
     assert sorted(c.cdr_id for c in sink.cdrs) == sorted(c.cdr_id for c in once)
+
+
+@pytest.mark.parametrize("kind", encaps.ENCAPSULATIONS)
+def test_a_call_inside_each_encapsulation(kind: str, tmp_path: Path) -> None:
+    """A call and its media as a collector receives them through each encapsulation:
+    one CDR with the addresses inside, and the frames counted under the encapsulation
+    in the import summary."""
+    caller, callee = ("10.77.0.1", 5062), ("10.77.0.2", 5060)
+    frames = []
+    for index, message in enumerate(answered_call_messages(Call())):
+        src, dst = (
+            (caller, callee)
+            if message.startswith((b"INVITE", b"ACK", b"BYE"))
+            else (
+                callee,
+                caller,
+            )
+        )
+        packet = encaps.ipv4(encaps.udp(message, src[1], dst[1]), src[0], dst[0])
+        frames.append((1_700_000_000.0 + index, encaps.tunnelled(kind, packet)))
+    rtp = encaps.ipv4(encaps.udp(b"\x80\x00" + bytes(170), 40000, 40002), caller[0], callee[0])
+    frames += [(1_700_000_002.5 + i / 50, encaps.tunnelled(kind, rtp)) for i in range(20)]
+    frames.sort()
+    path = tmp_path / f"{kind}.pcap"
+    with path.open("wb") as handle:
+        writer = dpkt.pcap.Writer(handle)
+        for ts, frame in frames:
+            writer.writepkt(frame, ts=ts)
+    cdrs, summary = _import(path)
+    (cdr,) = cdrs
+    assert (cdr.disposition, cdr.end_reason) == ("answered", "bye")
+    assert (cdr.src_ip, cdr.src_port, cdr.dst_ip, cdr.dst_port) == (*caller, *callee)
+    capture = summary["capture"]
+    assert isinstance(capture, dict)
+    assert capture[f"decap_{kind}"] == len(frames) == 26
+    assert capture["sip_messages"] == 6
+    assert capture["non_sip_payloads"] == 20
+    others = {f"decap_{other}" for other in encaps.ENCAPSULATIONS} - {f"decap_{kind}"}
+    assert {key: capture[key] for key in others} == dict.fromkeys(others, 0)

@@ -26,8 +26,9 @@ from pathlib import Path
 import orjson
 import structlog
 
-from sipcdr.capture.pcapfile import CaptureFileError, CaptureStats, iter_packets
+from sipcdr.capture.pcapfile import CaptureFileError, iter_packets
 from sipcdr.config import Config, trunk_resolver
+from sipcdr.decode.extract import CaptureStats
 from sipcdr.dialog import Correlator
 from sipcdr.model import Packet
 from sipcdr.pipeline import CdrSink, Pipeline

@@ -1,2 +1,3 @@
-"""Packet capture input: link-layer decapsulation (``decap``), SIP over TCP and WebSocket
-stream reassembly (``tcp``) and capture-file reading (``pcapfile``)."""
+"""Packet capture input, I/O only: network listeners (``listeners``), capture files
+(``pcapfile``) and live capture from an interface (``live``). Decoding frames down to
+SIP is ``sipcdr.decode``."""

@@ -1,17 +1,17 @@
-"""SIP over TCP: per-direction stream reassembly and message framing, SIP over WebSocket.
+"""SIP over TCP: per-direction stream reassembly and message framing.
 
-``TcpReassembler.feed`` takes the TCP ``Segment`` records that ``decap`` produces and
-returns the complete SIP messages they finish. Each direction of a connection is its
-own byte stream (RFC 3261 section 18.3 frames by Content-Length, and each side sends
-independently). Pure code: capture timestamps are the only clock, and everything
-dropped or skipped is counted in ``TcpStats``.
+``TcpReassembler.feed`` takes the TCP ``Segment`` records that the ``Decapsulator``
+produces and returns the complete SIP messages they finish. Each direction of a
+connection is its own byte stream (RFC 3261 section 18.3 frames by Content-Length, and
+each side sends independently). Pure code: capture timestamps are the only clock, and
+everything dropped or skipped is counted in ``TcpStats``.
 
 Framing: a message is a start line, headers up to the blank line, then Content-Length
 bytes of body. A stream joined mid-message (the capture started during a call, or bytes
 were lost) is resynchronised by searching for the next SIP start line at a line start;
 the bytes passed over are counted. A WebSocket stream (RFC 7118) is recognised by its
-HTTP Upgrade handshake and then framed by WebSocket frames, one SIP message per
-text/binary message.
+HTTP Upgrade handshake and then framed by WebSocket frames (``websocket``), one SIP
+message per text/binary message.
 
 Buffers are bounded: out-of-order data, a message still incomplete, and a WebSocket
 message each stop at ``max_buffer`` bytes, after which the data is dropped, counted,
@@ -23,87 +23,34 @@ and the stream resynchronises. Streams are released on FIN or RST, after
 from __future__ import annotations
 
 import re
-import struct
 import zlib
 from typing import Final
 
-from sipcdr.capture.decap import TCP_FIN, TCP_RST, TCP_SYN, Segment
-from sipcdr.model import TRANSPORT_TCP, TRANSPORT_WS
-
-__all__ = [
-    "KEEPALIVE",
-    "NOT_SIP",
-    "TcpReassembler",
-    "TcpStats",
-    "sip_offset",
-]
-
-# Request line (RFC 3261 section 25.1: Method SP Request-URI SP SIP-Version CRLF, with
-# a URI that has a scheme) or the start of a status line. Methods are tokens, but every
-# method in use starts with a letter, which keeps binary payloads out cheaply. The
-# version is matched case-insensitively because the parser accepts that too.
-_START_LINE: Final = re.compile(
-    rb"(?:(?i:SIP)/2\.0 [1-6][0-9][0-9][ \r\n]"
-    rb"|[A-Za-z][A-Za-z0-9.!%*_+`'~-]* [A-Za-z][A-Za-z0-9+.-]*:[^ \r\n]* (?i:SIP)/2\.0\r?\n)"
+from sipcdr.decode.base import TCP_FIN, TCP_RST, TCP_SYN, Segment
+from sipcdr.decode.startline import MAX_START_LINE, find_start, match_start
+from sipcdr.decode.websocket import (
+    HTTP_START,
+    MAX_HANDSHAKE,
+    UPGRADE_WEBSOCKET,
+    WebSocketFraming,
 )
-_match_start: Final = _START_LINE.match
+from sipcdr.model import TRANSPORT_TCP
+
+__all__ = ["Message", "Stream", "TcpReassembler", "TcpStats"]
+
 _CONTENT_LENGTH: Final = re.compile(rb"\n(?:content-length|l)[ \t]*:[ \t]*([^\r\n]*)", re.I)
-_HTTP_START: Final = re.compile(rb"GET [^ \r\n]+ HTTP/1\.[01]\r?\n|HTTP/1\.[01] 101[ \r\n]")
-_UPGRADE_WS: Final = re.compile(rb"\nupgrade[ \t]*:[ \t]*websocket", re.I)
-
-NOT_SIP: Final = -1
-KEEPALIVE: Final = -2
-
-# No real start line or HTTP handshake is this long; past it a stream is not SIP there.
-_MAX_START_LINE: Final = 8192
-_MAX_HANDSHAKE: Final = 16384
 
 _MASK: Final = 0xFFFFFFFF
 _HALF: Final = 0x80000000
 _WRAP: Final = 0x100000000
 
-_u16: Final = struct.Struct("!H").unpack_from
-_u64: Final = struct.Struct("!Q").unpack_from
-
 _MODE_SIP: Final = 0
 _MODE_WS: Final = 1
 
-_DEFLATE_TAIL: Final = b"\x00\x00\xff\xff"
 _CR_LF: Final = (13, 10)
 
 Message = tuple[bytes, str]
 _NONE: Final[tuple[Message, ...]] = ()
-
-
-def sip_offset(data: bytes) -> int:
-    """Where the SIP message in ``data`` starts, past leading CRLFs (RFC 3261 section 7.5).
-
-    ``NOT_SIP`` when the first line is neither a request line nor a status line,
-    ``KEEPALIVE`` when ``data`` is nothing but CRLFs (RFC 5626 section 4.4.1).
-    Recognition only: the message is not parsed.
-    """
-    if not data:
-        return NOT_SIP
-    first = data[0]
-    pos = 0
-    if first in _CR_LF:
-        pos = len(data) - len(data.lstrip(b"\r\n"))
-        if pos == len(data):
-            return KEEPALIVE
-        first = data[pos]
-    # A letter first: RTP, RTCP, STUN, DNS and TLS all fail here for one compare.
-    if not (65 <= first <= 90 or 97 <= first <= 122):
-        return NOT_SIP
-    return pos if _match_start(data, pos) is not None else NOT_SIP
-
-
-def _unmask(data: bytes, key: bytes) -> bytes:
-    # One big-integer XOR runs in C; a Python loop over the bytes would not.
-    size = len(data)
-    if not size:
-        return data
-    pad = (key * ((size >> 2) + 1))[:size]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(pad, "little")).to_bytes(size, "little")
 
 
 class TcpStats:
@@ -164,7 +111,7 @@ class TcpStats:
         return {name: getattr(self, name) for name in TcpStats.__slots__}
 
 
-class _Stream:
+class Stream:
     __slots__ = (
         "buf",
         "inflater",
@@ -199,7 +146,7 @@ class _Stream:
         self.inflater: zlib._Decompress | None = None
 
 
-class TcpReassembler:
+class TcpReassembler(WebSocketFraming):
     """Reassembles TCP streams, one per (src, dst, sport, dport) direction, into SIP
     messages.
 
@@ -232,7 +179,7 @@ class TcpReassembler:
         self.max_pending_segments = max_pending_segments
         self.idle_timeout = idle_timeout
         self.max_streams = max_streams
-        self._streams: dict[tuple[object, ...], _Stream] = {}
+        self._streams: dict[tuple[object, ...], Stream] = {}
         self._next_sweep = float("-inf")
 
     @property
@@ -299,22 +246,22 @@ class TcpReassembler:
 
     # -- stream state --------------------------------------------------------------------
 
-    def _open(self, key: tuple[object, ...], next_seq: int, synced: bool, ts: float) -> _Stream:
+    def _open(self, key: tuple[object, ...], next_seq: int, synced: bool, ts: float) -> Stream:
         streams = self._streams
         if len(streams) >= self.max_streams:
             oldest = next(iter(streams))
             self._release(oldest, streams[oldest])
             self.stats.evicted += 1
-        stream = streams[key] = _Stream(next_seq, synced, ts)
+        stream = streams[key] = Stream(next_seq, synced, ts)
         self.stats.streams += 1
         return stream
 
-    def _release(self, key: tuple[object, ...], stream: _Stream) -> None:
+    def _release(self, key: tuple[object, ...], stream: Stream) -> None:
         del self._streams[key]
         if stream.buf.strip(b"\r\n") or stream.pending or stream.ws_parts:
             self.stats.incomplete += 1
 
-    def _in_order(self, stream: _Stream, seq: int, payload: bytes) -> bytes | bytearray | None:
+    def _in_order(self, stream: Stream, seq: int, payload: bytes) -> bytes | bytearray | None:
         """Place ``payload``; return the stream's new in-order data, or None if none."""
         stats = self.stats
         delta = (seq - stream.next_seq) & _MASK
@@ -384,7 +331,7 @@ class TcpReassembler:
             stream.pending_bytes = 0
         return buf
 
-    def _lose_sync(self, stream: _Stream) -> None:
+    def _lose_sync(self, stream: Stream) -> None:
         self.stats.skipped_bytes += len(stream.buf)
         stream.buf.clear()
         stream.want = 0
@@ -398,7 +345,7 @@ class TcpReassembler:
     # -- framing ------------------------------------------------------------------------
 
     def _frame(
-        self, stream: _Stream, data: bytes | bytearray
+        self, stream: Stream, data: bytes | bytearray
     ) -> tuple[Message, ...] | list[Message]:
         size = len(data)
         if size < stream.want:
@@ -412,11 +359,11 @@ class TcpReassembler:
                 pos, out = self._frame_ws(stream, data, pos, out)
                 break
             if not stream.synced:
-                start = _find_start(data, pos)
+                start = find_start(data, pos)
                 if start < 0:
                     # Keep the last, unfinished line: it may be a start line's beginning,
                     # unless it holds bytes no start line has (TLS and other binary).
-                    keep = max(data.rfind(b"\n", pos) + 1, pos, size - _MAX_START_LINE)
+                    keep = max(data.rfind(b"\n", pos) + 1, pos, size - MAX_START_LINE)
                     if keep < size and not _printable(data, keep):
                         keep = size
                     stats.skipped_bytes += keep - pos
@@ -435,19 +382,19 @@ class TcpReassembler:
                 continue
             line_end = data.find(b"\n", pos)
             if line_end < 0:
-                if size - pos > _MAX_START_LINE:
+                if size - pos > MAX_START_LINE:
                     stream.synced = False
                     continue
                 break
-            if _match_start(data, pos, line_end + 1) is None:
-                if _HTTP_START.match(data, pos, line_end + 1) is not None:
+            if match_start(data, pos, line_end + 1) is None:
+                if HTTP_START.match(data, pos, line_end + 1) is not None:
                     head_end, body = _header_end(data, pos)
                     if head_end < 0:
-                        if size - pos > _MAX_HANDSHAKE:
+                        if size - pos > MAX_HANDSHAKE:
                             stream.synced = False
                             continue
                         break
-                    if _UPGRADE_WS.search(data, pos, head_end) is not None:
+                    if UPGRADE_WEBSOCKET.search(data, pos, head_end) is not None:
                         stats.ws_upgrades += 1
                         stream.mode = _MODE_WS
                         pos = body
@@ -495,126 +442,12 @@ class TcpReassembler:
             self._lose_sync(stream)
         return out if out is not None else _NONE
 
-    def _frame_ws(
-        self,
-        stream: _Stream,
-        data: bytes | bytearray,
-        pos: int,
-        out: list[Message] | None,
-    ) -> tuple[int, list[Message] | None]:
-        # RFC 6455 section 5.2: FIN/RSV/opcode, MASK/length (7, 16 or 64 bit), mask key.
-        stats = self.stats
-        size = len(data)
-        while size - pos >= 2:
-            b0 = data[pos]
-            b1 = data[pos + 1]
-            length = b1 & 0x7F
-            head = 2
-            if length == 126:
-                if size - pos < 4:
-                    break
-                length = _u16(data, pos + 2)[0]
-                head = 4
-            elif length == 127:
-                if size - pos < 10:
-                    break
-                length = _u64(data, pos + 2)[0]
-                head = 10
-            if b1 & 0x80:
-                head += 4
-            if length > self.max_buffer:
-                stats.overflows += 1
-                stats.skipped_bytes += size - pos
-                self._lose_sync(stream)
-                return size, out
-            end = pos + head + length
-            if end > size:
-                break
-            chunk = bytes(data[pos + head : end])
-            if b1 & 0x80:
-                chunk = _unmask(chunk, bytes(data[pos + head - 4 : pos + head]))
-            pos = end
-            opcode = b0 & 0x0F
-            if opcode >= 8:
-                stats.ws_control += 1
-                continue
-            if opcode:
-                stream.ws_parts = [chunk]
-                stream.ws_size = len(chunk)
-                stream.ws_compressed = bool(b0 & 0x40)
-            elif stream.ws_parts is None:
-                # Continuation of a message that began before the capture did.
-                continue
-            else:
-                stream.ws_parts.append(chunk)
-                stream.ws_size += len(chunk)
-                if stream.ws_size > self.max_buffer:
-                    stats.overflows += 1
-                    stream.ws_parts = None
-                    continue
-            if not b0 & 0x80:
-                continue
-            parts = stream.ws_parts
-            stream.ws_parts = None
-            message = parts[0] if len(parts) == 1 else b"".join(parts)
-            if stream.ws_compressed:
-                inflated = self._inflate(stream, message)
-                if inflated is None:
-                    continue
-                message = inflated
-            offset = sip_offset(message)
-            if offset >= 0:
-                if out is None:
-                    out = []
-                out.append((message[offset:] if offset else message, TRANSPORT_WS))
-                stats.messages += 1
-                stats.ws_messages += 1
-            elif offset == KEEPALIVE:
-                stats.keepalives += 1
-            else:
-                stats.ws_non_sip += 1
-        return pos, out
-
-    def _inflate(self, stream: _Stream, message: bytes) -> bytes | None:
-        # permessage-deflate (RFC 7692): raw deflate, the sender's trailing empty block
-        # stripped. One inflater per direction keeps the shared window that context
-        # takeover relies on, and is harmless when the peers negotiated it off.
-        inflater = stream.inflater
-        if inflater is None:
-            inflater = stream.inflater = zlib.decompressobj(-15)
-        try:
-            inflated = inflater.decompress(message + _DEFLATE_TAIL, self.max_buffer + 1)
-        except zlib.error:
-            self.stats.ws_bad_deflate += 1
-            stream.inflater = None
-            return None
-        if len(inflated) > self.max_buffer or inflater.unconsumed_tail:
-            self.stats.overflows += 1
-            stream.inflater = None
-            return None
-        if inflater.eof:
-            stream.inflater = None
-        return inflated
-
 
 _NOT_PRINTABLE: Final = re.compile(rb"[^\t\r\x20-\x7e]")
 
 
 def _printable(data: bytes | bytearray, pos: int) -> bool:
     return _NOT_PRINTABLE.search(data, pos) is None
-
-
-def _find_start(data: bytes | bytearray, pos: int) -> int:
-    """Offset of the next SIP start line at a line start (or at ``pos``), else -1."""
-    while True:
-        hit = data.find(b"SIP/2.0", pos)
-        if hit < 0:
-            return -1
-        newline = data.rfind(b"\n", pos, hit)
-        line = newline + 1 if newline >= 0 else pos
-        if _match_start(data, line) is not None:
-            return line
-        pos = hit + 7
 
 
 def _header_end(data: bytes | bytearray, pos: int) -> tuple[int, int]:

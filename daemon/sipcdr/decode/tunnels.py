@@ -1,0 +1,250 @@
+"""Tunnels carried in IP: GRE (RFC 2784, key and sequence number of RFC 2890) with
+transparent Ethernet bridging, ERSPAN types I, II and III, or MPLS inside; and tunnels
+carried in UDP, recognised by destination port: GTP-U (3GPP TS 29.281), VXLAN
+(RFC 7348), GENEVE (RFC 8926) and TZSP.
+
+A datagram sent to a UDP tunnel's port that does not start like that tunnel's header is
+left as an ordinary datagram: a SIP endpoint may use one of those ports (37008 is in
+Linux's ephemeral range). Once its start says it is the tunnel, a header that is cut
+short or contradicts itself is counted (``truncated``, ``malformed``) and dropped.
+
+IP-in-IP (protocols 4 and 41) needs no header of its own and is unwrapped in ``ip``;
+PPPoE and MPLS are recognised by Ethernet type in ``link``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from sipcdr.decode.base import MAX_DEPTH, Layers, Segment
+
+__all__ = ["TunnelLayer"]
+
+_ETH_IPV4: Final = 0x0800
+_ETH_IPV6: Final = 0x86DD
+_ETH_BRIDGED: Final = 0x6558  # transparent Ethernet bridging (GRE carrying Ethernet)
+_ETH_ERSPAN2: Final = 0x88BE
+_ETH_ERSPAN3: Final = 0x22EB
+_ETH_MPLS: Final = frozenset({0x8847, 0x8848})
+
+_PORT_GTPU: Final = 2152
+_PORT_VXLAN: Final = 4789
+_PORT_GENEVE: Final = 6081
+_PORT_TZSP: Final = 37008
+
+_GENEVE_TYPES: Final = frozenset({_ETH_BRIDGED, _ETH_IPV4, _ETH_IPV6, *_ETH_MPLS})
+_GTPU_G_PDU: Final = 255  # the message type that carries a user packet (T-PDU)
+_TZSP_ETHERNET: Final = 1
+
+_u16: Final = struct.Struct("!H").unpack_from
+_u16_at_2: Final = struct.Struct("!2xH").unpack_from
+_ports: Final = struct.Struct("!HH").unpack_from
+
+_NONE: Final[tuple[Segment, ...]] = ()
+
+
+class TunnelLayer(Layers):
+    """The tunnel layer of the ``Decapsulator``: each tunnel hands its inner packet or
+    frame back to the IP or Ethernet layer at the depth the caller has counted."""
+
+    __slots__ = ()
+
+    def _gre(self, ts: float, buf: bytes, off: int, end: int, depth: int) -> tuple[Segment, ...]:
+        if end - off < 4:
+            self.stats.truncated += 1
+            return _NONE
+        flags, ptype = _ports(buf, off)
+        # Version 1 is PPTP's enhanced GRE (PPP inside); source routing (RFC 1701 R bit)
+        # is obsolete. Neither carries SIP worth the code.
+        if flags & 0x0007 or flags & 0x4000:
+            self.stats.unsupported_tunnel += 1
+            return _NONE
+        pos = off + 4
+        if flags & 0x8000:  # checksum + reserved
+            pos += 4
+        if flags & 0x2000:  # key
+            pos += 4
+        sequenced = flags & 0x1000
+        if sequenced:
+            pos += 4
+        if pos > end:
+            self.stats.truncated += 1
+            return _NONE
+        if ptype == _ETH_IPV4:
+            return self._ipv4(ts, buf, pos, end, depth)
+        if ptype == _ETH_IPV6:
+            return self._ipv6(ts, buf, pos, end, depth)
+        if ptype == _ETH_BRIDGED:
+            return self._ethernet(ts, buf, pos, end, depth)
+        if ptype == _ETH_ERSPAN2:
+            # Type I has no ERSPAN header and no GRE sequence number; type II has both
+            # (version 1 in the top nibble of the 8-byte header).
+            if not sequenced:
+                return self._ethernet(ts, buf, pos, end, depth)
+            if end - pos < 8:
+                self.stats.truncated += 1
+                return _NONE
+            if buf[pos] >> 4 != 1:
+                self.stats.unsupported_tunnel += 1
+                return _NONE
+            return self._ethernet(ts, buf, pos + 8, end, depth)
+        if ptype == _ETH_ERSPAN3:
+            # 12 bytes: ver/VLAN, COS/BSO/T/session, timestamp, SGT, then
+            # P(1) FT(5) HwID(6) D(1) Gra(2) O(1); O adds an 8-byte platform subheader.
+            if end - pos < 12:
+                self.stats.truncated += 1
+                return _NONE
+            if buf[pos] >> 4 != 2:
+                self.stats.unsupported_tunnel += 1
+                return _NONE
+            word = _u16(buf, pos + 10)[0]
+            inner = pos + (20 if word & 1 else 12)
+            frame_type = (word >> 10) & 0x1F
+            if inner > end:
+                self.stats.truncated += 1
+                return _NONE
+            if frame_type == 0:
+                return self._ethernet(ts, buf, inner, end, depth)
+            if frame_type == 2:
+                return self._ip(ts, buf, inner, end, depth)
+            self.stats.unsupported_tunnel += 1
+            return _NONE
+        if ptype in _ETH_MPLS:
+            return self._ethertype(ts, buf, ptype, pos, end, depth)
+        self.stats.unsupported_tunnel += 1
+        return _NONE
+
+    def _udp_tunnel(
+        self, ts: float, buf: bytes, dport: int, off: int, end: int, depth: int
+    ) -> tuple[Segment, ...] | None:
+        if off >= end:
+            return None
+        first = buf[off]
+        if dport == _PORT_GTPU:
+            # Version 1 and protocol type GTP (not GTP'): digits "0"-"7" as text.
+            if first & 0xF0 != 0x30:
+                return None
+            decode = self._gtpu
+        elif dport == _PORT_VXLAN:
+            # Only the I flag (and VXLAN-GBP's G flag) may be set: no letter looks so.
+            if first & 0x77 or not first & 0x08:
+                return None
+            decode = self._vxlan
+        elif dport == _PORT_GENEVE:
+            # Version 0 in the top two bits, below every letter (but not below CR and
+            # LF), and a protocol type that is read here.
+            if first >= 0x40 or end - off < 4 or _u16_at_2(buf, off)[0] not in _GENEVE_TYPES:
+                return None
+            decode = self._geneve
+        else:
+            if first != 1:  # TZSP version 1
+                return None
+            decode = self._tzsp
+        if depth >= MAX_DEPTH:
+            self.stats.too_deep += 1
+            return _NONE
+        return decode(ts, buf, off, end, depth + 1)
+
+    def _gtpu(self, ts: float, buf: bytes, off: int, end: int, depth: int) -> tuple[Segment, ...]:
+        # 3GPP TS 29.281 section 5.1: flags (version, PT, E, S, PN), message type, length
+        # of what follows the first 8 bytes, TEID; then, if E, S or PN is set, sequence
+        # number, N-PDU number and the first extension header type.
+        stats = self.stats
+        if end - off < 8:
+            stats.truncated += 1
+            return _NONE
+        if buf[off + 1] != _GTPU_G_PDU:
+            # Echo, Error Indication, End Marker: path management, no user packet.
+            stats.other_protocol += 1
+            return _NONE
+        stop = off + 8 + _u16_at_2(buf, off)[0]
+        if stop > end:
+            stats.truncated += 1
+            return _NONE
+        pos = off + 8
+        if buf[off] & 0x07:
+            pos += 4
+            if pos > stop:
+                stats.truncated += 1
+                return _NONE
+            next_type = buf[pos - 1]
+            # Section 5.2: each extension header is a length in 4-byte units (its own
+            # length and next-type bytes included), content, and the next type.
+            while next_type:
+                if pos >= stop:
+                    stats.truncated += 1
+                    return _NONE
+                units = buf[pos]
+                if not units:
+                    stats.malformed += 1
+                    return _NONE
+                pos += units << 2
+                if pos > stop:
+                    stats.truncated += 1
+                    return _NONE
+                next_type = buf[pos - 1]
+        stats.gtpu += 1
+        return self._ip(ts, buf, pos, stop, depth)
+
+    def _vxlan(self, ts: float, buf: bytes, off: int, end: int, depth: int) -> tuple[Segment, ...]:
+        # RFC 7348 section 5: flags (I), 24 reserved bits, VNI, 8 reserved bits; then an
+        # Ethernet frame.
+        if end - off < 8:
+            self.stats.truncated += 1
+            return _NONE
+        self.stats.vxlan += 1
+        return self._ethernet(ts, buf, off + 8, end, depth)
+
+    def _geneve(self, ts: float, buf: bytes, off: int, end: int, depth: int) -> tuple[Segment, ...]:
+        # RFC 8926 section 3.4: version and options length (4-byte units), O and C flags,
+        # protocol type (an Ethernet type), VNI, reserved; then the options.
+        if end - off < 8:
+            self.stats.truncated += 1
+            return _NONE
+        pos = off + 8 + ((buf[off] & 0x3F) << 2)
+        if pos > end:
+            self.stats.truncated += 1
+            return _NONE
+        self.stats.geneve += 1
+        ptype = _u16_at_2(buf, off)[0]
+        if ptype == _ETH_BRIDGED:
+            return self._ethernet(ts, buf, pos, end, depth)
+        # IPv4 and IPv6 (what cloud load balancers tunnel), MPLS.
+        return self._ethertype(ts, buf, ptype, pos, end, depth)
+
+    def _tzsp(self, ts: float, buf: bytes, off: int, end: int, depth: int) -> tuple[Segment, ...]:
+        # TZSP (TaZmen Sniffer Protocol, as Wireshark's packet-tzsp.c reads it; no RFC):
+        # version 1, type, encapsulation; then tags up to the END tag, each a type and,
+        # except PADDING (0) and END (1), a length and that many bytes.
+        stats = self.stats
+        if end - off < 4:
+            stats.truncated += 1
+            return _NONE
+        kind = buf[off + 1]
+        if kind > 1:
+            # Configuration, keepalive and port-opener messages carry no packet.
+            stats.other_protocol += 1
+            return _NONE
+        pos = off + 4
+        while True:
+            if pos >= end:
+                stats.truncated += 1
+                return _NONE
+            tag = buf[pos]
+            if tag == 1:
+                pos += 1
+                break
+            if tag:
+                if pos + 1 >= end:
+                    stats.truncated += 1
+                    return _NONE
+                pos += 2 + buf[pos + 1]
+            else:
+                pos += 1
+        if _u16_at_2(buf, off)[0] != _TZSP_ETHERNET:
+            # 802.11 radio captures and the rest: link layers this decoder does not read.
+            stats.unsupported_tunnel += 1
+            return _NONE
+        stats.tzsp += 1
+        return self._ethernet(ts, buf, pos, end, depth)
