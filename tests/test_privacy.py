@@ -336,6 +336,9 @@ class RefusingSink:
     async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
         raise RecordsRejected("refused")
 
+    async def probe(self) -> None:
+        pass
+
     async def flush(self) -> None:
         pass
 
