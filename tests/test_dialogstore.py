@@ -4,6 +4,7 @@ two messages (or between two writes) with nothing flushed or closed."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import shutil
@@ -153,8 +154,9 @@ def state_of(correlator: Correlator, now: float) -> dict[str, object]:
     at `now` (older ones go at the first timer run, which replay does not repeat)."""
     snap = orjson.loads(correlator.snapshot())
     fields = snap["fields"]
-    skip = fields.index("last_time")
-    rows = {row[0]: [v for i, v in enumerate(row) if i != skip] for row in snap["dialogs"]}
+    skip, key = fields.index("last_time"), fields.index("call_id")
+    rows = {row[key]: [v for i, v in enumerate(row) if i != skip] for row in snap["dialogs"]}
+    assert len(rows) == correlator.open_dialogs
     late_since = now - correlator.limits.transaction_timeout_s
     closed = {
         call_id: entry[1:] for call_id, entry in snap["closed"].items() if entry[0] > late_since
@@ -513,7 +515,7 @@ async def test_journal_writes_on_a_full_disk_are_counted_and_a_failed_stop_is_an
         await node.store.stop()
     (failed,) = [entry for entry in logs if entry["event"] == "dialog_checkpoint_failed"]
     assert (failed["log_level"], failed["recoverable_from_journal"]) == ("error", False)
-    assert not (tmp_path / "dialogs.tmp").exists()
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_a_checkpoint_is_due_after_the_interval_and_only_when_messages_came(
@@ -538,3 +540,44 @@ def test_a_checkpoint_is_due_after_the_interval_and_only_when_messages_came(
     assert not store.checkpoint_due()
     now[0] = 140.0
     assert store.checkpoint_due()
+
+
+async def test_a_background_checkpoint_is_the_state_between_two_messages(tmp_path: Path) -> None:
+    """The periodic checkpoint writes its file in a thread: the snapshot is taken and
+    the journal switched at once, messages go on into the new journal meanwhile."""
+    node = Node(tmp_path, CdrCollector())
+    await node.boot()
+    node.run([msg(0.0, Call("one@x").request("INVITE"))])
+    writing = asyncio.create_task(node.store._checkpoint_in_background())
+    await asyncio.sleep(0)  # snapshot taken, journal switched, file being written
+    node.run([msg(1.0, Call("two@x").request("INVITE"))])
+    await writing
+    node.crash()
+    checkpoint = orjson.loads((tmp_path / "dialogs.2.json").read_bytes())
+    column = checkpoint["fields"].index("call_id")
+    assert [row[column] for row in checkpoint["dialogs"]] == ["one@x"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "dialogs.2.journal",
+        "dialogs.2.json",
+    ]
+    second = Node(tmp_path, CdrCollector())
+    with structlog.testing.capture_logs() as logs:
+        await second.boot()
+    (recovered,) = [entry for entry in logs if entry["event"] == "dialogs_recovered"]
+    assert (recovered["from_checkpoint"], recovered["journal_records"]) == (1, 1)
+    assert second.correlator.is_open("one@x") and second.correlator.is_open("two@x")
+    await second.store.stop()
+
+
+async def test_a_stop_waits_for_a_checkpoint_being_written(tmp_path: Path) -> None:
+    node = Node(tmp_path, CdrCollector())
+    await node.boot()
+    node.run([msg(0.0, Call("one@x").request("INVITE"))])
+    writing = asyncio.create_task(node.store._checkpoint_in_background())
+    await asyncio.sleep(0)
+    node.run([msg(1.0, Call("two@x").request("INVITE"))])
+    await node.store.stop()
+    await writing
+    assert node.store.stats.checkpoints == 3  # at start, in the background, at the stop
+    assert node.store.stats.checkpoint_failures == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dialogs.3.json"]

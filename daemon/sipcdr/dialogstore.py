@@ -17,9 +17,10 @@ than BYE change nothing but a call's last-message time and are not journaled: th
 checkpoints carry that time.
 
 A checkpoint starts generation g+1: the snapshot is taken, journal g+1 opened, the
-snapshot written to `dialogs.tmp`, fsynced and renamed, then the files of older
-generations deleted. All of it runs between two messages on the one event loop, so
-the snapshot is exactly the state journal g+1 starts from. If the checkpoint cannot
+snapshot written to `dialogs.<g+1>.tmp` (in a thread, while messages go on into the
+new journal), fsynced and renamed, then the files of older generations deleted. The
+snapshot and the switch of journals run between two messages on the one event loop,
+so the snapshot is exactly the state journal g+1 starts from. If the checkpoint cannot
 be written (a full disk), the older checkpoint and journals stay and still rebuild
 the state; nothing half-written is left.
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import os
 import struct
 import time
@@ -60,15 +62,15 @@ from sipcdr.telemetry.metrics import Metrics
 # last-message time (which ends a call whose BYE never comes) is at most this old, and
 # the journal replayed at start holds at most this long of call changes.
 DEFAULT_CHECKPOINT_INTERVAL_S: Final = 10.0
-# A checkpoint blocks intake while it serializes every open call (~3 ms per 1,000 on
-# the reference machine): spaced so they take at most this share of the time, which
-# stretches the interval only past ~300,000 open calls.
+# A checkpoint holds intake while it serializes every open call (~1.5 ms per 1,000,
+# `benchmarks/journal.py`): spaced so they take at most this share of the time, which
+# stretches the 10 s interval only past ~300,000 open calls.
 CHECKPOINT_MAX_SHARE: Final = 0.05
 
 CHECKPOINT_SUFFIX: Final = ".json"
 JOURNAL_SUFFIX: Final = ".journal"
 _PREFIX: Final = "dialogs."
-_TMP_NAME: Final = "dialogs.tmp"
+TMP_SUFFIX: Final = ".tmp"  # a checkpoint being written; renamed once complete
 # Written by versions without a journal, at a clean stop: read once as generation 0.
 LEGACY_SNAPSHOT: Final = "dialogs.json"
 FILE_MODE: Final = 0o600  # signaling and phone numbers: the owner only
@@ -84,6 +86,17 @@ KIND_MESSAGE: Final = 1
 KIND_CLOSED: Final = 2
 MAX_RECORD_BYTES: Final = 16 * 1024 * 1024  # far above any SIP message; bounds a bad length
 _TEXT: Final = "surrogatepass"  # any str round-trips, even one a capture file name gave
+
+
+@dataclass(slots=True)
+class _Checkpoint:
+    generation: int
+    data: bytes
+    open_dialogs: int
+    errors_before: int  # journal write errors when the snapshot was taken
+    final: bool
+    began: float
+    finished: bool = False
 
 
 @dataclass(slots=True)
@@ -153,6 +166,9 @@ class DialogStore:
         self._last_checkpoint = 0.0
         self._last_checkpoint_s = 0.0  # how long the last one blocked
         self._messages_at_checkpoint = -1
+        self._failures_in_row = 0
+        self._reported_intact = True
+        self._writing: tuple[_Checkpoint, asyncio.Future[None]] | None = None
         self._exported: dict[str, int] = {}
 
     @property
@@ -232,7 +248,8 @@ class DialogStore:
         if self._recovered:
             return []
         self._recovered = True
-        checkpoints, journals = self._files()
+        files = self._files()
+        checkpoints, journals = files[CHECKPOINT_SUFFIX], files[JOURNAL_SUFFIX]
         base = max(checkpoints, default=0)
         restored = 0
         if checkpoints:
@@ -266,19 +283,19 @@ class DialogStore:
         self._log_damage()
         return list(pending.values())
 
-    def _files(self) -> tuple[dict[int, Path], dict[int, Path]]:
-        checkpoints: dict[int, Path] = {}
-        journals: dict[int, Path] = {}
+    def _files(self) -> dict[str, dict[int, Path]]:
+        """The state files by suffix, then generation."""
+        found: dict[str, dict[int, Path]] = {
+            CHECKPOINT_SUFFIX: {},
+            JOURNAL_SUFFIX: {},
+            TMP_SUFFIX: {},
+        }
         for path in self.directory.glob(_PREFIX + "*"):
             stem, suffix = path.name[len(_PREFIX) :], path.suffix
             number = stem[: -len(suffix)] if suffix else ""
-            if not (number.isascii() and number.isdigit()):
-                continue
-            if suffix == CHECKPOINT_SUFFIX:
-                checkpoints[int(number)] = path
-            elif suffix == JOURNAL_SUFFIX:
-                journals[int(number)] = path
-        return checkpoints, journals
+            if suffix in found and number.isascii() and number.isdigit():
+                found[suffix][int(number)] = path
+        return found
 
     def _restore(self, path: Path) -> int:
         try:
@@ -382,16 +399,11 @@ class DialogStore:
             return
         if not self._recovered:
             raise RuntimeError("DialogStore.recover() must run before start()")
-        generation = self._generation + 1
-        fd = self._open_journal(generation)  # raises: the start fails, plainly
+        # Raises before anything changes: the start fails, plainly, files untouched.
+        fd = self._open_journal(self._generation + 1)
+        os.close(fd)
         self._started = True
-        self._fd, self._size, self._generation = fd, len(MAGIC), generation
-        began = self._clock()
-        data = self.correlator.snapshot()
-        self._write_checkpoint(generation, data, self.correlator.open_dialogs)
-        self._last_checkpoint = self._clock()
-        self._last_checkpoint_s = self._last_checkpoint - began
-        self._messages_at_checkpoint = self.correlator.stats.messages
+        self.checkpoint()
         self._task = asyncio.create_task(self._run(), name="sipcdr-dialog-store")
         self._task.add_done_callback(self._task_failed)
 
@@ -405,6 +417,10 @@ class DialogStore:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        if self._writing is not None:
+            plan, future = self._writing
+            await asyncio.wait({future})  # a checkpoint being written is finished first
+            self._finish(plan, _error_of(future))
         self.checkpoint(final=True)
 
     def flush(self) -> None:
@@ -434,45 +450,87 @@ class DialogStore:
                 self._intact = False
                 self.log.error("dialog_journal_sync_failed", error=str(exc))
             if self.checkpoint_due():
-                self.checkpoint()
+                await self._checkpoint_in_background()
 
     def checkpoint_due(self) -> bool:
+        if self._writing is not None:
+            return False
         if self.correlator.stats.messages == self._messages_at_checkpoint:
             return False  # nothing arrived: the last checkpoint is still exact
         spacing = max(self.checkpoint_interval_s, self._last_checkpoint_s / CHECKPOINT_MAX_SHARE)
         return self._clock() - self._last_checkpoint >= spacing
 
     def checkpoint(self, *, final: bool = False) -> bool:
-        """Start a new generation from a snapshot of the correlator; False when it could
-        not be written (then the older files stay and still rebuild the state). At a
-        stop (`final`) no new journal is opened."""
-        started = self._clock()
+        """Start a new generation from a snapshot of the correlator and write it now;
+        False when it could not be written (then the older files stay and still
+        rebuild the state). At a stop (`final`) no new journal is opened."""
+        plan = self._begin(final)
+        if plan is None:
+            return False
+        error: OSError | None = None
+        try:
+            self._write_file(plan.generation, plan.data)
+        except OSError as exc:
+            error = exc
+        self._last_checkpoint_s = self._clock() - plan.began
+        self._finish(plan, error)
+        return error is None
+
+    async def _checkpoint_in_background(self) -> None:
+        """The snapshot and the journal switch on the event loop (they must fall between
+        two messages); writing and fsyncing the file in a thread, while messages go on
+        into the new journal."""
+        plan = self._begin(final=False)
+        if plan is None:
+            return
+        self._last_checkpoint_s = self._clock() - plan.began
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, self._write_file, plan.generation, plan.data)
+        self._writing = (plan, future)
+        future.add_done_callback(lambda done: self._finish(plan, _error_of(done)))
+        # Shielded: a stop waits for the file rather than leave a thread writing it.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(future)
+
+    def _begin(self, final: bool) -> _Checkpoint | None:
+        began = self._clock()
         messages = self.correlator.stats.messages
-        open_dialogs = self.correlator.open_dialogs
-        data = self.correlator.snapshot()
-        generation = self._generation + 1
+        # The snapshot makes a tuple per open call; letting the garbage collector walk
+        # every open call meanwhile doubles its cost (measured at 100,000).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            data = self.correlator.snapshot()
+        finally:
+            if collecting:
+                gc.enable()
+        plan = _Checkpoint(
+            generation=self._generation + 1,
+            data=data,
+            open_dialogs=self.correlator.open_dialogs,
+            errors_before=self.stats.journal_write_errors,
+            final=final,
+            began=began,
+        )
         if final:
             self._close_journal()
         else:
             try:
-                fd = self._open_journal(generation)
+                fd = self._open_journal(plan.generation)
             except OSError as exc:
                 self.stats.checkpoint_failures += 1
-                self._report_failure(exc, open_dialogs, final)
-                return False  # appends go on in the current generation
+                self._report_failure(exc, plan)
+                return None  # appends go on in the current generation
             self._close_journal()
             self._fd, self._size = fd, len(MAGIC)
-        self._generation = generation
-        written = self._write_checkpoint(generation, data, open_dialogs, final)
-        self._last_checkpoint = self._clock()
-        self._last_checkpoint_s = self._last_checkpoint - started
+        self._generation = plan.generation
+        self._last_checkpoint = began
         self._messages_at_checkpoint = messages
-        return written
+        return plan
 
-    def _write_checkpoint(
-        self, generation: int, data: bytes, open_dialogs: int = 0, final: bool = False
-    ) -> bool:
-        tmp = self.directory / _TMP_NAME
+    def _write_file(self, generation: int, data: bytes) -> None:
+        """Thread-safe: file system calls only. Leaves nothing half-written."""
+        tmp = self.directory / f"{_PREFIX}{generation}{TMP_SUFFIX}"
         try:
             tmp.unlink(missing_ok=True)  # a stale one may have other permissions
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
@@ -485,27 +543,46 @@ class DialogStore:
                 os.close(fd)
             os.replace(tmp, self.directory / f"{_PREFIX}{generation}{CHECKPOINT_SUFFIX}")
             _fsync_directory(self.directory)
-        except OSError as exc:
-            # Nothing half-written stays behind; the older checkpoint is untouched.
+        except OSError:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            self.stats.checkpoint_failures += 1
-            self._report_failure(exc, open_dialogs, final)
-            return False
-        self.stats.checkpoints += 1
-        self._intact = True
-        self._delete_before(generation)
-        return True
+            raise
 
-    def _report_failure(self, exc: OSError, open_dialogs: int, final: bool) -> None:
+    def _finish(self, plan: _Checkpoint, error: BaseException | None) -> None:
+        if plan.finished:
+            return
+        plan.finished = True
+        if self._writing is not None and self._writing[0] is plan:
+            self._writing = None
+        if error is not None:
+            # The older checkpoint is untouched, and so are the journals since.
+            self.stats.checkpoint_failures += 1
+            self._report_failure(error, plan)
+            return
+        self.stats.checkpoints += 1
+        # Complete again, unless a journal write failed after the snapshot was taken.
+        self._intact = self.stats.journal_write_errors == plan.errors_before
+        if self._failures_in_row:
+            self.log.info("dialog_checkpoint_written", after_failures=self._failures_in_row)
+        self._failures_in_row = 0
+        self._reported_intact = True
+        self._delete_before(plan.generation)
+
+    def _report_failure(self, error: BaseException, plan: _Checkpoint) -> None:
+        self._failures_in_row += 1
+        # Logged when a run of failures begins, when the journal stops covering for
+        # it, and at the stop; the metric counts every one.
+        if not (plan.final or self._failures_in_row == 1 or self._reported_intact != self._intact):
+            return
+        self._reported_intact = self._intact
         # Data is lost only when the journal missed writes too; otherwise the older
         # checkpoint and the journals since rebuild every call.
         log = self.log.warning if self._intact else self.log.error
         log(
             "dialog_checkpoint_failed",
-            error=exc.strerror or str(exc),
-            at_stop=final,
-            open_dialogs=open_dialogs,
+            error=getattr(error, "strerror", None) or repr(error),
+            at_stop=plan.final,
+            open_dialogs=plan.open_dialogs,
             recoverable_from_journal=self._intact,
             journal_write_errors=self.stats.journal_write_errors,
         )
@@ -539,8 +616,12 @@ class DialogStore:
         self._dirty = False
 
     def _delete_before(self, generation: int) -> None:
-        checkpoints, journals = self._files()
-        stale = [path for g, path in (*checkpoints.items(), *journals.items()) if g < generation]
+        stale = [
+            path
+            for by_generation in self._files().values()
+            for number, path in by_generation.items()
+            if number < generation
+        ]
         stale.append(self.directory / LEGACY_SNAPSHOT)
         for path in stale:
             with contextlib.suppress(OSError):
@@ -590,6 +671,12 @@ class DialogStore:
             self._exported[key] = total
             counter.inc(delta)
         return max(delta, 0)
+
+
+def _error_of(future: asyncio.Future[None]) -> BaseException | None:
+    if future.cancelled():
+        return asyncio.CancelledError()
+    return future.exception()
 
 
 def _fsync_directory(directory: Path) -> None:
