@@ -55,7 +55,8 @@ from sipcdr.dialog import Correlator
 from sipcdr.dialog.correlator import CorrelatorStats
 from sipcdr.dialog.kpi import Kpi
 from sipcdr.model import Cdr, Packet
-from sipcdr.sip import SipParseError, parse
+from sipcdr.sinks.spool import DEFAULT_FSYNC_INTERVAL_S
+from sipcdr.sip import parse
 from sipcdr.telemetry.metrics import Metrics
 
 # At most this long between checkpoints while messages arrive: after a crash, a call's
@@ -141,7 +142,7 @@ class DialogStore:
         correlator: Correlator,
         *,
         checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S,
-        fsync_interval_s: float = 0.2,
+        fsync_interval_s: float = DEFAULT_FSYNC_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.directory = directory
@@ -169,6 +170,7 @@ class DialogStore:
         self._failures_in_row = 0
         self._reported_intact = True
         self._writing: tuple[_Checkpoint, asyncio.Future[None]] | None = None
+        self._unwritten: list[Cdr] = []  # from recovery, until the start has succeeded
         self._exported: dict[str, int] = {}
 
     @property
@@ -246,7 +248,7 @@ class DialogStore:
         Writes nothing but renaming an unreadable checkpoint aside: a start that fails
         later leaves every file for the next one."""
         if self._recovered:
-            return []
+            return list(self._unwritten)  # a start tried again in the same process
         self._recovered = True
         files = self._files()
         checkpoints, journals = files[CHECKPOINT_SUFFIX], files[JOURNAL_SUFFIX]
@@ -281,7 +283,8 @@ class DialogStore:
                 cdrs_to_write=len(pending),
             )
         self._log_damage()
-        return list(pending.values())
+        self._unwritten = list(pending.values())
+        return list(self._unwritten)
 
     def _files(self) -> dict[str, dict[int, Path]]:
         """The state files by suffix, then generation."""
@@ -369,11 +372,10 @@ class DialogStore:
                 strings[3],
             )
             closed = self.correlator.feed(packet, parse(packet.payload))
-        except (struct.error, UnicodeDecodeError, SipParseError):
-            self.stats.bad_records += 1  # written by another version's parser, say
-            return
         except Exception:
-            self.stats.bad_records += 1  # a correlator error costs the message, as live
+            # A parser of another version that refuses it, or a correlator error: the
+            # message is lost, as it would be live.
+            self.stats.bad_records += 1
             return
         for cdr in closed:
             pending[cdr.cdr_id] = cdr
@@ -403,6 +405,7 @@ class DialogStore:
         fd = self._open_journal(self._generation + 1)
         os.close(fd)
         self._started = True
+        self._unwritten = []  # written by now: the checkpoint holds them closed
         self.checkpoint()
         self._task = asyncio.create_task(self._run(), name="sipcdr-dialog-store")
         self._task.add_done_callback(self._task_failed)

@@ -406,7 +406,7 @@ class Correlator:
         elif version == SNAPSHOT_VERSION:
             names = document["fields"]
             if not isinstance(names, list) or not set(names) <= _SLOTS:
-                raise ValueError(f"dialog snapshot fields {names!r}")
+                raise ValueError("dialog snapshot fields are not those of a call")
             rows = []
             for row in document["dialogs"]:
                 if not isinstance(row, list) or len(row) != len(names):
@@ -415,7 +415,7 @@ class Correlator:
             closed = document.get("closed") or {}
             now = document.get("now", 0.0)
         else:
-            raise ValueError(f"unsupported dialog snapshot version {version!r}")
+            raise ValueError(f"unsupported dialog snapshot version {str(version)[:16]!r}")
         if not isinstance(closed, dict) or not isinstance(now, int | float):
             raise ValueError("dialog snapshot closed calls or time")
         tombstones = {call_id: _tombstone(entry) for call_id, entry in closed.items()}
@@ -487,14 +487,14 @@ _ROW_TYPES: dict[str, tuple[type, ...]] = {
 
 def _tombstone(entry: object) -> tuple[float, str, int]:
     if not isinstance(entry, list) or len(entry) != 3:
-        raise ValueError(f"snapshot closed call {entry!r}")
+        raise ValueError("snapshot closed call is malformed")
     closed_at, from_tag, invite_cseq = entry
     if not (
         isinstance(closed_at, int | float)
         and isinstance(from_tag, str)
         and isinstance(invite_cseq, int)
     ):
-        raise ValueError(f"snapshot closed call {entry!r}")
+        raise ValueError("snapshot closed call is malformed")
     return (float(closed_at), from_tag, invite_cseq)
 
 
@@ -505,7 +505,8 @@ def _check_row(row: object) -> None:
     for name, types in _ROW_TYPES.items():
         value = row.get(name)
         if not isinstance(value, types) or isinstance(value, bool):
-            raise ValueError(f"snapshot row field {name!r} is {value!r}")
+            # The field and its type only: values are phone numbers and addresses.
+            raise ValueError(f"snapshot row field {name!r} is {type(value).__name__}")
     if not row["call_id"]:
         raise ValueError("snapshot row without a Call-ID")
 
