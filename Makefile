@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/receive.py
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/spool.py
+	$(BIN)/python benchmarks/journal.py
 	$(BIN)/python benchmarks/kafka.py
 	$(BIN)/python benchmarks/postgres.py
 

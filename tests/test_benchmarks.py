@@ -20,6 +20,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("receive.py", ["--quick"], "sipcdr receive path"),
         ("decode.py", ["--rounds", "1", "--number", "200"], "dpkt/sipcdr"),
         ("spool.py", ["--rounds", "1", "--number", "2000"], "spool append"),
+        ("journal.py", ["--rounds", "1", "--flows", "30", "--open", "300"], "write per record"),
         ("kafka.py", ["--records", "1000", "--rounds", "1"], "records/s"),
         ("postgres.py", ["--records", "2000", "--rounds", "1"], "COPY + ON CONFLICT"),
     ],

@@ -123,6 +123,7 @@ listen = "[::1]:0"
 
 [state]
 dir = "/var/lib/sipcdr"
+checkpoint_interval_s = 30
 """
 
 
@@ -179,6 +180,7 @@ def test_no_file_gives_the_embedded_defaults() -> None:
     assert kafka.sasl_password is None
     assert config.metrics.listen == Endpoint("127.0.0.1", 9108)
     assert config.state.dir == Path("var")
+    assert config.state.checkpoint_interval_s == 10.0
 
 
 def test_design_sample_values_are_the_defaults(tmp_path: Path) -> None:
@@ -253,6 +255,7 @@ def test_full_file_gives_typed_values(tmp_path: Path) -> None:
     assert kafka.ssl_cafile == tmp_path / "ca.pem"
     assert config.metrics.listen == Endpoint("::1", 0)
     assert config.state.dir == Path("/var/lib/sipcdr")
+    assert config.state.checkpoint_interval_s == 30.0
 
 
 def test_config_is_immutable(tmp_path: Path) -> None:
@@ -383,6 +386,12 @@ ERRORS = [
     ),
     pytest.param(
         "[dialog]\nring_timeout_s = 0\n", "dialog.ring_timeout_s", "> 0", id="zero-timeout"
+    ),
+    pytest.param(
+        "[state]\ncheckpoint_interval_s = 0\n",
+        "state.checkpoint_interval_s",
+        "> 0",
+        id="zero-checkpoint-interval",
     ),
     pytest.param(
         "[sinks.postgres]\nstore_signaling = 'yes'\n",

@@ -45,6 +45,14 @@ def hep_frame(payload: bytes, key: str | None = "s3cret", capture_id: int = 2001
     )
 
 
+def saved_call_ids(state_dir: Path) -> list[str]:
+    """The open calls of the newest dialog checkpoint."""
+    newest = max(state_dir.glob("dialogs.*.json"), key=lambda p: int(p.name.split(".")[1]))
+    saved = json.loads(newest.read_text())
+    column = saved["fields"].index("call_id")
+    return [row[column] for row in saved["dialogs"]]
+
+
 def test_calls_over_sip_udp_hep_udp_and_hep_tcp(daemon: Daemon) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         for data in answered_call_messages(Call("plain@x")):
@@ -114,8 +122,7 @@ def test_a_call_spanning_a_restart_gets_one_correct_cdr(tmp_path: Path) -> None:
             udp.sendto(data, first.endpoint("sip_udp"))
         wait_for(lambda: first.metric("sipcdr_open_dialogs") == 1)
         assert first.stop() == 0
-        saved = json.loads((tmp_path / "var" / "dialogs.json").read_text())
-        assert [row["call_id"] for row in saved["dialogs"]] == ["span@x"]
+        assert saved_call_ids(tmp_path / "var") == ["span@x"]
 
         second = start_daemon(tmp_path)
         try:
@@ -131,7 +138,7 @@ def test_a_call_spanning_a_restart_gets_one_correct_cdr(tmp_path: Path) -> None:
     # The 200 was sent before the first daemon stopped and the BYE after the second
     # started: billsec spans the restart.
     assert 0.5 < float(str(record["billsec"])) < 60.0
-    assert json.loads((tmp_path / "var" / "dialogs.json").read_text())["dialogs"] == []
+    assert saved_call_ids(tmp_path / "var") == []
 
 
 @pytest.mark.parametrize("busy_key", ["SIPCDR_CAPTURE__SIP_UDP", "SIPCDR_METRICS__LISTEN"])
@@ -142,7 +149,6 @@ def test_a_failed_start_keeps_the_saved_calls(tmp_path: Path, busy_key: str) -> 
             udp.sendto(data, first.endpoint("sip_udp"))
         wait_for(lambda: first.metric("sipcdr_open_dialogs") == 1)
     assert first.stop() == 0
-    snapshot = tmp_path / "var" / "dialogs.json"
     kind = socket.SOCK_STREAM if "METRICS" in busy_key else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as taken:
         taken.bind(("127.0.0.1", 0))
@@ -155,7 +161,7 @@ def test_a_failed_start_keeps_the_saved_calls(tmp_path: Path, busy_key: str) -> 
         )  # fmt: skip
     assert failed.returncode == 1
     assert "start_failed" in failed.stderr
-    assert [row["call_id"] for row in json.loads(snapshot.read_text())["dialogs"]] == ["kept@x"]
+    assert saved_call_ids(tmp_path / "var") == ["kept@x"]
 
 
 def test_replay_feeds_a_running_daemon_plain_and_in_hep(daemon: Daemon) -> None:

@@ -627,3 +627,60 @@ def test_422_retry_is_one_call() -> None:
     cdr = only(feed(correlator, T0 + 11, call.request("BYE", 3, "z9hG4bK-s3", to_tag="callee-tag")))
     assert (cdr.disposition, cdr.start_time, cdr.billsec) == ("answered", T0, 10.0)
     assert correlator.kpis[None].asr == 1.0
+
+
+def test_changed_marks_exactly_the_messages_a_restart_must_replay() -> None:
+    correlator = Correlator()
+    call, auth = Call(), Call("auth@x")
+    flow = [
+        (call.request("INVITE"), True),  # opens the call
+        (call.request("INVITE"), False),  # retransmission
+        (call.response(100, "Trying", to_tag=None), False),
+        (call.response(180, "Ringing"), True),
+        (call.response(183, "Progress"), False),  # already ringing
+        (call.response(200, "OK"), True),
+        (call.response(200, "OK"), False),
+        (call.request("ACK", branch="z9hG4bK-ack", to_tag="callee-tag"), False),
+        (call.request("INVITE", 2, "z9hG4bK-re", to_tag="callee-tag"), False),  # re-INVITE
+        (call.response(200, "OK", 2, branch="z9hG4bK-re"), False),
+        (call.request("CANCEL"), False),  # answered: nothing to cancel
+        (call.request("BYE", 3, "z9hG4bK-bye", to_tag="callee-tag"), True),  # closes
+        (call.request("BYE", 3, "z9hG4bK-bye", to_tag="callee-tag"), False),  # late
+        (Call("other@x").request("OPTIONS"), False),
+        (Call("orphan@x").request("BYE", 2, to_tag="t"), False),
+        (auth.request("INVITE", 1, "z9hG4bK-a1"), True),
+        (auth.response(407, "Proxy Auth", 1, branch="z9hG4bK-a1"), True),
+        (auth.response(407, "Proxy Auth", 1, branch="z9hG4bK-a1"), False),
+        (auth.request("INVITE", 2, "z9hG4bK-a2"), True),  # the retry
+        (auth.request("CANCEL", 2, "z9hG4bK-a2"), True),
+        (auth.request("CANCEL", 2, "z9hG4bK-a2"), False),
+        (auth.response(487, "Terminated", 2, branch="z9hG4bK-a2"), True),  # ends it
+    ]
+    seen = []
+    for n, (data, _) in enumerate(flow):
+        feed(correlator, T0 + n, data)
+        seen.append(correlator.changed)
+    assert seen == [changed for _, changed in flow]
+
+
+def test_forget_closes_a_call_without_a_cdr_and_remembers_it_as_closed() -> None:
+    correlator = Correlator()
+    call = Call()
+    feed(correlator, T0, call.request("INVITE"))
+    assert not correlator.forget(call.call_id, cdr_id(call.call_id, "other-tag", T0), T0 + 5)
+    assert correlator.forget(call.call_id, cdr_id(call.call_id, call.from_tag, T0), T0 + 5)
+    assert correlator.open_dialogs == 0
+    assert feed(correlator, T0 + 6, call.response(200, "OK")) == []
+    assert correlator.stats.late == 1
+    assert list(correlator.expire(T0 + 1000)) == []
+
+
+def test_snapshot_keeps_the_recently_closed_calls() -> None:
+    before = Correlator()
+    call = Call()
+    only(answered_call(before, call))
+    after = Correlator()
+    assert after.restore(before.snapshot()) == 0
+    assert after.now == before.now
+    feed(after, T0 + 64, call.request("BYE", 2, "z9hG4bK-bye", to_tag="callee-tag"))
+    assert after.stats.late == 1  # a retransmitted BYE, not an orphan

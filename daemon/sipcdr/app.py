@@ -1,5 +1,5 @@
 """The daemon: builds the components from a Config, starts them in order, and on
-SIGTERM/SIGINT stops intake, persists open dialogs, flushes every sink and exits 0."""
+SIGTERM/SIGINT stops intake, checkpoints open dialogs, flushes every sink and exits 0."""
 
 from __future__ import annotations
 
@@ -30,14 +30,14 @@ from sipcdr.capture.listeners import (
 from sipcdr.capture.live import LiveCapture
 from sipcdr.config import Config, trunk_resolver
 from sipcdr.dialog import Correlator
+from sipcdr.dialogstore import DialogStore
 from sipcdr.model import Packet
 from sipcdr.pipeline import Pipeline
-from sipcdr.private import open_private, private_dir
+from sipcdr.private import private_dir
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.telemetry.http import MetricsServer
 from sipcdr.telemetry.metrics import Metrics
 
-DIALOG_SNAPSHOT = "dialogs.json"  # open calls at shutdown, read back at start
 TICK_S = 1.0  # timers, metric batches and sink flushes: once a second
 
 
@@ -50,6 +50,13 @@ class App:
         self.outputs = Outputs(config)
         # The CDR writer and the signaling recorder exist once the spools are open.
         self.pipeline = Pipeline(self.correlator, (), self.metrics)
+        self.dialogs = DialogStore(
+            self.state_dir,
+            self.correlator,
+            checkpoint_interval_s=config.state.checkpoint_interval_s,
+            # One power-loss bound for CDRs and for the call changes behind them.
+            fsync_interval_s=config.spool.fsync_interval_ms / 1000,
+        )
         self._allow = AllowList(config.capture.allow)
         self._gate = HepGate(config.capture.hep_keys)
         self._hep_tcp = HepTcpServer(self.pipeline, self._allow, self._gate)
@@ -85,24 +92,31 @@ class App:
             return
         self._started = True
         private_dir(self.state_dir)
-        snapshot = self._restore_dialogs()
+        # Reads only: until the store starts, a failed start leaves every file as it was.
+        unwritten = self.dialogs.recover()
         try:
             # Sinks before inputs: a CDR must have its spool before the first packet.
             await self.outputs.open()
             self.pipeline.sinks = tuple(self.outputs.cdr_sinks())
             self.pipeline.signaling = self.outputs.signaling
+            # CDRs a crash caught between their journal record and the spool: written
+            # before the checkpoint that no longer holds their calls.
+            self.pipeline.emit(unwritten)
+            await self.dialogs.start()
+            # The close of each CDR is journaled once the spool has it.
+            self.pipeline.sinks = (*self.pipeline.sinks, self.dialogs.closes)
+            self.pipeline.journal = self.dialogs.message
             await self._open_inputs()
             await self._metrics_server.start()
         except BaseException:
-            # The snapshot stays on disk for the next start; nothing was captured yet.
+            # The calls stay on disk for the next start (the store's checkpoint, or the
+            # files it would have replaced); nothing was captured yet.
             self._close_inputs()
             await self._metrics_server.stop()
+            await self.dialogs.stop()
             await self.outputs.close(drain_timeout_s=0)
             self._started = False
             raise
-        if snapshot is not None:
-            # Consumed only now: a start that failed must not lose the calls in it.
-            snapshot.unlink(missing_ok=True)
         self._ticker = asyncio.create_task(self._tick(), name="sipcdr-tick")
         self._ticker.add_done_callback(self._background_failed)
         self._ready = True
@@ -227,6 +241,7 @@ class App:
             ("flush_sinks", self.pipeline.flush),
             ("intake_gate", self._gate_intake),
             ("export_delivery_metrics", lambda: self.outputs.export_metrics(self.metrics)),
+            ("export_dialog_state_metrics", lambda: self.dialogs.export_metrics(self.metrics)),
             ("export_metrics", self._export_metrics),
         ]
         for name, step in steps:
@@ -281,7 +296,6 @@ class App:
         steps: list[tuple[str, Callable[[], object]]] = [
             ("expire", lambda: self.pipeline.expire(time.time())),
             ("flush_sinks", self.pipeline.flush),
-            ("persist_dialogs", self._persist_dialogs),
         ]
         for name, step in steps:
             try:
@@ -289,12 +303,18 @@ class App:
             except Exception as exc:
                 self.log.error("stop_step_failed", step=name, error=repr(exc))
         try:
+            # A last checkpoint; on a full disk the older one and the journal stay.
+            await self.dialogs.stop()
+        except Exception as exc:
+            self.log.error("stop_step_failed", step="save_dialogs", error=repr(exc))
+        try:
             # Every CDR is in the spool by now; this delivers what the sinks can take.
             await self.outputs.close()
         except Exception as exc:
             self.log.error("stop_step_failed", step="close_outputs", error=repr(exc))
         for name, step in (
             ("export_metrics", lambda: self.outputs.export_metrics(self.metrics)),
+            ("export_dialog_state_metrics", lambda: self.dialogs.export_metrics(self.metrics)),
             ("flush_metrics", self.pipeline.flush_metrics),
         ):
             try:
@@ -307,31 +327,6 @@ class App:
             cdrs=self.pipeline.cdrs_written,
             open_dialogs_saved=self.correlator.open_dialogs,
         )
-
-    def _persist_dialogs(self) -> None:
-        path = self.state_dir / DIALOG_SNAPSHOT
-        tmp = path.with_suffix(".tmp")
-        with open_private(tmp, "wb") as handle:
-            handle.write(self.correlator.snapshot())
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
-
-    def _restore_dialogs(self) -> Path | None:
-        """Read the open calls saved at the last stop; returns the file to delete once
-        the start has succeeded (a crash after that must not restore them twice)."""
-        path = self.state_dir / DIALOG_SNAPSHOT
-        if not path.exists():
-            return None
-        try:
-            count = self.correlator.restore(path.read_bytes())
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            # Unreadable state must not stop capture; the calls in it get no CDR.
-            self.log.error("dialog_snapshot_unreadable", path=str(path), error=str(exc))
-            path.rename(path.with_suffix(".unreadable"))
-            return None
-        self.log.info("dialogs_restored", count=count)
-        return path
 
     async def __aenter__(self) -> App:
         await self.start()

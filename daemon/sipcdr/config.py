@@ -43,6 +43,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final, NamedTuple, TypeAlias
 
+from sipcdr import dialogstore
 from sipcdr.dialog.correlator import DialogLimits
 from sipcdr.model import Trunk
 from sipcdr.sinks import kafka_options as kafka
@@ -363,9 +364,12 @@ class MetricsConfig:
 @dataclass(frozen=True, slots=True)
 class StateConfig:
     dir: Path = DEFAULT_STATE_DIR
+    # The reason is on the constant: how stale a call's last-message time and how long
+    # the journal replayed at start may be after a crash.
+    checkpoint_interval_s: float = dialogstore.DEFAULT_CHECKPOINT_INTERVAL_S
 
     def redacted(self) -> dict[str, object]:
-        return {"dir": str(self.dir)}
+        return {"dir": str(self.dir), "checkpoint_interval_s": self.checkpoint_interval_s}
 
 
 @dataclass(frozen=True, slots=True)
@@ -910,10 +914,13 @@ def _build(raw: dict[str, object], context: _Context, base_dir: Path) -> Config:
     )
     metrics_table = root.table("metrics", ("listen",))
     metrics = MetricsConfig(listen=_endpoint(metrics_table, "listen", DEFAULT_METRICS_LISTEN))
-    state_table = root.table("state", ("dir",))
+    state_table = root.table("state", (item.name for item in fields(StateConfig)))
     state_dir = state_table.string("dir", str(DEFAULT_STATE_DIR))
     if not state_dir:
         raise state_table.invalid("dir", state_dir, "a directory path")
+    checkpoint_interval_s = state_table.positive_number(
+        "checkpoint_interval_s", dialogstore.DEFAULT_CHECKPOINT_INTERVAL_S
+    )
     config = Config(
         capture=capture,
         dialog=dialog,
@@ -923,7 +930,7 @@ def _build(raw: dict[str, object], context: _Context, base_dir: Path) -> Config:
         sinks=sinks,
         spool=_spool(root.table("spool", (item.name for item in fields(SpoolConfig)))),
         metrics=metrics,
-        state=StateConfig(dir=Path(state_dir)),
+        state=StateConfig(dir=Path(state_dir), checkpoint_interval_s=checkpoint_interval_s),
     )
     _check_listeners(config, context)
     return config

@@ -41,6 +41,7 @@ class Pipeline:
         "correlator",
         "drops",
         "hep_clock_skew",
+        "journal",
         "messages",
         "metrics",
         "parse_errors",
@@ -64,6 +65,9 @@ class Pipeline:
         self.hep_clock_skew = 0  # HEP times replaced by the receive time
         # Each parsed message, for the sinks that keep signaling; None when none does.
         self.signaling: Callable[[Packet, SipMessage], None] | None = None
+        # Each message that changed a call, for the dialog journal (the daemon's; an
+        # import has none): written before any CDR it closes reaches the sinks.
+        self.journal: Callable[[Packet], None] | None = None
         # Set while the CDR spool is full under its "block" policy: intake is refused,
         # counted, rather than closing calls whose CDRs would have nowhere to go.
         self.paused = False
@@ -107,6 +111,9 @@ class Pipeline:
             self.drop("correlator", "internal_error")
             self._log_error("correlator_failed", exc, msg.call_id)
             return
+        journal = self.journal
+        if journal is not None and self.correlator.changed:
+            journal(packet)
         if closed:
             self.emit(closed)
 

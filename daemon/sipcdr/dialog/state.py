@@ -149,19 +149,25 @@ def branch_crc(branch: str | None) -> int:
 
 
 # -- the transitions --------------------------------------------------------------------
-# Each returns the end reason when the message closes the call, else None.
+# Each says what the message did to the call. "Changed" is exact (first time wins, so a
+# retransmission or the other leg's copy changes nothing): the daemon journals exactly
+# the messages that changed a call, and replays them after a crash.
+
+UNCHANGED = 0
+CHANGED = 1
+ENDED = 2  # a final response that ends the call
 
 
-def on_invite(dialog: Dialog, msg: SipMessage, now: float) -> None:
+def on_invite(dialog: Dialog, msg: SipMessage, now: float) -> bool:
     """An INVITE for a known Call-ID: a retransmission, the other leg's copy, a retry
     with credentials after 401/407 (RFC 3261 22.2, higher CSeq, no To tag), or a
     re-INVITE inside the dialog (14, has a To tag). Only the retry changes the call."""
     if msg.to_tag is not None or msg.cseq <= dialog.invite_cseq:
-        return
+        return False
     if msg.from_tag != dialog.from_tag:
-        return  # another caller reusing the Call-ID: counted by the correlator, ignored
+        return False  # another caller reusing the Call-ID: counted by the correlator
     if dialog.phase is Phase.ANSWERED:
-        return
+        return False
     dialog.phase = Phase.EARLY
     dialog.invite_cseq = msg.cseq
     dialog.invite_branch_crc = branch_crc(msg.via_branch)
@@ -169,35 +175,39 @@ def on_invite(dialog: Dialog, msg: SipMessage, now: float) -> None:
     dialog.first_response_time = None
     dialog.final_code = dialog.final_time = None
     dialog.final_reason = None
+    return True
 
 
-def on_invite_response(dialog: Dialog, msg: SipMessage, now: float) -> str | None:
+def on_invite_response(dialog: Dialog, msg: SipMessage, now: float) -> int:
     """A response to the call's INVITE. Provisional: ringing (RFC 3261 13.2.2.1, 100
     only says a hop got it). 2xx from any fork answers the call (13.2.2.4). A non-2xx
     final ends it only on the caller's leg (the first copy's branch): with a forking
-    proxy the other forks' failures never reach the caller (16.7)."""
+    proxy the other forks' failures never reach the caller (16.7). Returns UNCHANGED,
+    CHANGED, or ENDED when a final response ends the call."""
     code = msg.status_code
     if msg.cseq != dialog.invite_cseq:
-        return None  # an older attempt's or a re-INVITE's response
+        return UNCHANGED  # an older attempt's or a re-INVITE's response
     if code < 200:
-        if code >= 180:
-            if dialog.ring_time is None:
-                dialog.ring_time = now
-            if dialog.first_response_time is None:
-                dialog.first_response_time = now
-        return None
+        if code < 180 or (dialog.ring_time is not None and dialog.first_response_time is not None):
+            return UNCHANGED
+        if dialog.ring_time is None:
+            dialog.ring_time = now
+        if dialog.first_response_time is None:
+            dialog.first_response_time = now
+        return CHANGED
     if code < 300:
-        if dialog.phase is not Phase.ANSWERED:
-            dialog.phase = Phase.ANSWERED
-            dialog.answer_time = now
-            dialog.final_code = code
-            dialog.final_reason = msg.reason_phrase
-            dialog.final_time = now
-            if dialog.first_response_time is None:
-                dialog.first_response_time = now
-        return None
+        if dialog.phase is Phase.ANSWERED:
+            return UNCHANGED
+        dialog.phase = Phase.ANSWERED
+        dialog.answer_time = now
+        dialog.final_code = code
+        dialog.final_reason = msg.reason_phrase
+        dialog.final_time = now
+        if dialog.first_response_time is None:
+            dialog.first_response_time = now
+        return CHANGED
     if dialog.phase is not Phase.EARLY or branch_crc(msg.via_branch) != dialog.invite_branch_crc:
-        return None
+        return UNCHANGED
     dialog.final_code = code
     dialog.final_reason = msg.reason_phrase
     dialog.final_time = now
@@ -208,17 +218,19 @@ def on_invite_response(dialog: Dialog, msg: SipMessage, now: float) -> str | Non
         dialog.q850_cause = cause
     if code in RETRY_CODES:
         dialog.phase = Phase.CHALLENGED  # closed by the correlator if no retry comes
-        return None
-    return END_FINAL_RESPONSE
+        return CHANGED
+    return ENDED
 
 
-def on_cancel(dialog: Dialog, msg: SipMessage, now: float) -> None:
+def on_cancel(dialog: Dialog, msg: SipMessage, now: float) -> bool:
     """CANCEL (RFC 3261 9): the caller gives up; the 487 that follows ends the call."""
-    if dialog.phase is Phase.EARLY and dialog.cancel_time is None:
-        dialog.cancel_time = now
-        cause = msg.reason_header
-        if cause is not None:
-            dialog.q850_cause = cause
+    if dialog.phase is not Phase.EARLY or dialog.cancel_time is not None:
+        return False
+    dialog.cancel_time = now
+    cause = msg.reason_header
+    if cause is not None:
+        dialog.q850_cause = cause
+    return True
 
 
 def on_bye(dialog: Dialog, msg: SipMessage, now: float) -> str:

@@ -78,6 +78,32 @@ class Metrics:
         self.open_dialogs = Gauge(
             "sipcdr_open_dialogs", "Calls currently open in the correlator", registry=r
         )
+        self.dialog_journal_records = Counter(
+            "sipcdr_dialog_journal_records_total",
+            "Records journaled so open calls survive a crash: message (one that changed a "
+            "call), close (a CDR in the spool)",
+            ["kind"],
+            registry=r,
+        )
+        self.dialog_journal_bytes = Gauge(
+            "sipcdr_dialog_journal_bytes",
+            "Bytes in the dialog journal since the last checkpoint (replayed at start)",
+            registry=r,
+        )
+        self.dialog_checkpoints = Counter(
+            "sipcdr_dialog_checkpoints_total",
+            "Checkpoints of the open calls, by outcome (written, failed: the older "
+            "checkpoint and the journal still rebuild the calls)",
+            ["outcome"],
+            registry=r,
+        )
+        self.dialog_state_errors = Counter(
+            "sipcdr_dialog_state_errors_total",
+            "Dialog state that a crash would not rebuild: journal_write_error, torn_tail "
+            "and bad_record (found at start), unreadable_checkpoint (renamed aside)",
+            ["what"],
+            registry=r,
+        )
         self.sink_written = Counter(
             "sipcdr_sink_records_total",
             "Records the sink confirmed written, by sink and spool stream",

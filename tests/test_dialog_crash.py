@@ -1,0 +1,294 @@
+"""`sipcdr run` killed with SIGKILL while calls are in progress and others are being
+set up and torn down: the calls answered before the kill get their correct CDR from
+the BYE that arrives after the restart, and no CDR is written twice."""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import subprocess
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemonproc import Daemon, start_daemon, wait_for
+from sipcalls import Call, answered_call_messages
+
+pytestmark = pytest.mark.integration
+
+HELD_CALLS = 100
+LOAD_CALLS_IN_FLIGHT = 20
+LOAD_PACE_PER_S = 2000  # messages a second of other calls, before and at the kill
+LATE_CALLS = 40  # calls begun on a full disk: more than the journal's last block holds
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait(timeout=10)
+
+
+class Load:
+    """Whole calls, many in flight at once, until stopped: the kill lands mid-stream."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.stopped = threading.Event()
+        self.calls = 0
+        self._thread = threading.Thread(target=self._run, name="sip-load", daemon=True)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        flows: list[list[bytes]] = []
+        sent = 0
+        started = time.monotonic()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            while not self.stopped.is_set():
+                while len(flows) < LOAD_CALLS_IN_FLIGHT:
+                    call = Call(f"load-{self.calls}@x", from_tag=f"l{self.calls}")
+                    flows.append(answered_call_messages(call))
+                    self.calls += 1
+                flow = flows[sent % len(flows)]
+                udp.sendto(flow.pop(0), self.target)
+                if not flow:
+                    flows.remove(flow)
+                sent += 1
+                ahead = sent / LOAD_PACE_PER_S - (time.monotonic() - started)
+                if ahead > 0.005:
+                    time.sleep(ahead)
+
+
+def jsonl_records(daemon: Daemon) -> dict[str, list[dict[str, object]]]:
+    records: dict[str, list[dict[str, object]]] = defaultdict(list)
+    for record in daemon.cdrs():
+        records[str(record["cdr_id"])].append(record)
+    return records
+
+
+@pytest.mark.parametrize(
+    "checkpoint_interval_s",
+    [
+        None,  # the default, 10 s: every held call is in the journal only
+        "0.5",  # the kill finds them in a checkpoint, and more calls in the journal
+    ],
+)
+def test_sigkill_under_load_then_the_byes_after_the_restart_bill_from_the_answer(
+    tmp_path: Path, daemons: list[Daemon], checkpoint_interval_s: str | None
+) -> None:
+    env = {}
+    if checkpoint_interval_s is not None:
+        env["SIPCDR_STATE__CHECKPOINT_INTERVAL_S"] = checkpoint_interval_s
+    first = start_daemon(tmp_path, **env)
+    daemons.append(first)
+    target = first.endpoint("sip_udp")
+    held = [Call(f"held-{n}@x", from_tag=f"h{n}") for n in range(HELD_CALLS)]
+    answered_at: dict[str, float] = {}
+    with Load(target) as load, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        for call in held:  # INVITE, 180, 200, ACK: answered, in progress
+            for data in answered_call_messages(call)[:4]:
+                udp.sendto(data, target)
+                if data.startswith(b"SIP/2.0 200"):
+                    answered_at[call.call_id] = time.time()
+            time.sleep(0.002)
+        # Datagrams from one socket are taken in order: once this call's CDR is out,
+        # every held call's 200 was processed.
+        for data in answered_call_messages(Call("marker@x", from_tag="m")):
+            udp.sendto(data, target)
+        wait_for(
+            lambda: any(r["call_id"] == "marker@x" for r in first.cdrs()),
+            timeout=30,
+        )
+        time.sleep(1.0)  # more calls come and go; checkpoints, when that frequent
+        killed_at = time.time()
+        first.process.kill()  # SIGKILL: no drain, no shutdown hook
+        first.process.wait(timeout=10)
+    assert load.calls > LOAD_CALLS_IN_FLIGHT  # calls were being set up and torn down
+
+    second = start_daemon(tmp_path, **env)
+    daemons.append(second)
+    recovered = [
+        json.loads(line)
+        for line in second.log.read_text().splitlines()
+        if '"event": "dialogs_recovered"' in line
+    ]
+    assert recovered[0]["open_dialogs"] >= HELD_CALLS
+    assert recovered[0]["journal_records"] > 0
+    if checkpoint_interval_s is None:
+        assert recovered[0]["from_checkpoint"] == 0
+        assert recovered[0]["journal_records"] >= HELD_CALLS * 3  # INVITE, 180, 200
+    else:
+        assert recovered[0]["from_checkpoint"] >= HELD_CALLS
+    byes_from = time.time()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        for call in held:
+            bye, bye_ok = answered_call_messages(call)[4:]
+            udp.sendto(bye, second.endpoint("sip_udp"))
+            udp.sendto(bye_ok, second.endpoint("sip_udp"))
+    held_ids = {call.call_id for call in held}
+
+    def held_cdrs() -> int:
+        return len({r["cdr_id"] for r in second.cdrs() if r["call_id"] in held_ids})
+
+    wait_for(lambda: held_cdrs() == HELD_CALLS, timeout=30)
+    assert second.stop() == 0
+
+    records = jsonl_records(second)
+    # A CDR may be delivered to the file again after a kill (the sink's cursor), but
+    # never closed twice: every line under one cdr_id is the same record.
+    twice = [ids for ids, lines in records.items() if any(line != lines[0] for line in lines)]
+    assert twice == []
+    by_call = {str(lines[0]["call_id"]): lines[0] for lines in records.values()}
+    calls = [str(lines[0]["call_id"]) for lines in records.values()]
+    assert len(calls) == len(set(calls))  # one CDR per call
+    for call in held:
+        cdr = by_call[call.call_id]
+        assert (cdr["disposition"], cdr["end_reason"], cdr["hangup_by"]) == (
+            "answered",
+            "bye",
+            "caller",
+        )
+        answer = _epoch(str(cdr["answer_time"]))
+        end = _epoch(str(cdr["end_time"]))
+        # Answered before the kill, ended by the BYE after the restart: billsec runs
+        # from the original 200.
+        assert answered_at[call.call_id] - 0.001 <= answer <= killed_at
+        assert end >= byes_from
+        assert cdr["billsec"] == round(end - answer, 3)
+        assert float(str(cdr["billsec"])) > byes_from - killed_at
+
+
+def _epoch(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB file system that the test fills: a real full disk."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.fail(f"a full disk is a small tmpfs here, which needs root: {done.stderr}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    with filler.open("wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def newest_checkpoint_calls(state: Path) -> list[str]:
+    newest = max(state.glob("dialogs.*.json"), key=lambda p: int(p.name.split(".")[1]))
+    saved = json.loads(newest.read_text())
+    column = saved["fields"].index("call_id")
+    return sorted(row[column] for row in saved["dialogs"])
+
+
+def test_sigterm_on_a_full_disk_keeps_the_previous_checkpoint_and_the_calls(
+    tmp_path: Path, small_disk: Path, daemons: list[Daemon]
+) -> None:
+    state = small_disk / "var"
+    jsonl = tmp_path / "cdrs.jsonl"
+    env = {
+        "SIPCDR_STATE__DIR": str(state),
+        "SIPCDR_SINKS__JSONL__PATH": str(jsonl),
+        "SIPCDR_STATE__CHECKPOINT_INTERVAL_S": "0.2",
+    }
+    held = [Call(f"kept-{n}@x", from_tag=f"k{n}") for n in range(5)]
+    first = start_daemon(tmp_path, **env)
+    daemons.append(first)
+    target = first.endpoint("sip_udp")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        for call in held:
+            for data in answered_call_messages(call)[:4]:
+                udp.sendto(data, target)
+        held_ids = sorted(call.call_id for call in held)
+        wait_for(lambda: newest_checkpoint_calls(state) == held_ids, timeout=30)
+        filler = fill(small_disk)
+        checkpoint = max(state.glob("dialogs.*.json"), key=lambda p: int(p.name.split(".")[1]))
+        saved = checkpoint.read_bytes()
+        # A message that changes no call: journals nothing, but makes a checkpoint due.
+        udp.sendto(Call("ping@x").request("OPTIONS"), target)
+        wait_for(lambda: first.metric("sipcdr_dialog_checkpoints_total", outcome="failed") > 0)
+        # Taken in while the disk is full: once the journal file's last block is full
+        # too, their records cannot be written.
+        late = [Call(f"late-{n}@x", from_tag=f"l{n}") for n in range(LATE_CALLS)]
+        for call in late:
+            for data in answered_call_messages(call)[:3]:
+                udp.sendto(data, target)
+        wait_for(
+            lambda: (
+                first.metric("sipcdr_dialog_state_errors_total", what="journal_write_error") > 0
+            ),
+            timeout=30,
+        )
+        wait_for(lambda: first.metric("sipcdr_open_dialogs") == len(held) + LATE_CALLS)
+    assert first.stop() == 0
+
+    log = [json.loads(line) for line in first.log.read_text().splitlines() if line]
+    failed = [e for e in log if e["event"] == "dialog_checkpoint_failed"]
+    # Once when the checkpoints began to fail, once when the journal did, at the stop.
+    assert [(e["level"], e["at_stop"]) for e in failed] == [
+        ("warning", False),
+        ("error", False),
+        ("error", True),
+    ]
+    assert failed[-1]["open_dialogs"] == len(held) + LATE_CALLS
+    assert failed[-1]["recoverable_from_journal"] is False
+    assert any(e["event"] == "dialog_journal_write_failed" for e in log)
+    assert not any("@x" in line for line in first.log.read_text().splitlines())
+    # The last good checkpoint is untouched and nothing half-written is left.
+    assert checkpoint.read_bytes() == saved
+    assert not list(state.glob("*.tmp"))
+
+    filler.unlink()
+    second = start_daemon(tmp_path, **env)
+    daemons.append(second)
+    byes_from = time.time()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        for call in [*held, *late]:
+            udp.sendto(answered_call_messages(call)[4], second.endpoint("sip_udp"))
+
+    def records() -> dict[str, dict[str, object]]:
+        lines = jsonl.read_text().splitlines() if jsonl.exists() else []
+        return {str(r["call_id"]): r for r in map(json.loads, lines)}
+
+    wait_for(lambda: set(held_ids) <= set(records()), timeout=30)
+    assert second.stop() == 0
+    for call in held:
+        cdr = records()[call.call_id]
+        assert (cdr["disposition"], cdr["end_reason"]) == ("answered", "bye")
+        assert _epoch(str(cdr["answer_time"])) < byes_from <= _epoch(str(cdr["end_time"]))
+    # Calls whose INVITE found no room in the journal are not rebuilt: their BYEs are
+    # orphans after the restart.
+    assert len([call for call in late if call.call_id in records()]) < LATE_CALLS

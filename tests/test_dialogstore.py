@@ -1,0 +1,583 @@
+"""Open calls across a crash: the dialog journal and checkpoints against a correlator
+that never crashed, fed the same messages. A crash is the process stopping between
+two messages (or between two writes) with nothing flushed or closed."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import stat
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import structlog
+from sipcalls import CALLEE_ADDR, CALLER_ADDR, Call, CdrCollector, packet
+from sipcdr import dialogstore
+from sipcdr.dialog import Correlator, DialogLimits
+from sipcdr.dialogstore import MAGIC, DialogStore
+from sipcdr.model import Cdr
+from sipcdr.pipeline import Pipeline
+
+T0 = 1_700_000_000.0
+LIMITS = DialogLimits(max_duration_s=100.0, answered_sweep_s=1.0)
+
+# ("msg", time, data, src, dst) | ("expire", time) | ("checkpoint",)
+Event = tuple[Any, ...]
+
+
+def msg(t: float, data: bytes, from_callee: bool = False) -> Event:
+    src, dst = (CALLEE_ADDR, CALLER_ADDR) if from_callee else (CALLER_ADDR, CALLEE_ADDR)
+    return ("msg", T0 + t, data, src, dst)
+
+
+def scenario() -> list[Event]:
+    """Every way a call changes and ends, interleaved, with the chatter that changes
+    nothing: retransmissions, ACKs, a re-INVITE, late copies, non-call requests."""
+    a, b, c, d = Call("a@x"), Call("b@x"), Call("c@x"), Call("d@x")
+    e, f, g, h = Call("e@x"), Call("f@x"), Call("g@x"), Call("h@x")
+    events = [
+        msg(0.0, a.request("INVITE")),
+        msg(0.01, a.response(100, "Trying", to_tag=None), True),
+        msg(0.5, a.response(180, "Ringing"), True),
+        msg(0.6, a.response(180, "Ringing"), True),  # retransmission
+        msg(1.0, a.response(200, "OK"), True),
+        msg(1.1, a.response(200, "OK"), True),  # retransmission
+        msg(1.2, a.request("ACK", branch="z9hG4bK-ack", to_tag="callee-tag")),
+        msg(2.0, b.request("INVITE")),
+        msg(2.5, b.response(180, "Ringing"), True),
+        msg(3.0, c.request("INVITE")),
+        msg(3.5, c.response(486, "Busy Here"), True),
+        msg(3.6, c.request("ACK", branch="z9hG4bK-inv-1")),
+        msg(4.0, b.request("CANCEL", extra=['Reason: Q.850;cause=31;text="x"'])),
+        msg(4.1, b.response(487, "Request Terminated"), True),
+        msg(5.0, a.request("INVITE", 2, "z9hG4bK-re", to_tag="callee-tag")),  # re-INVITE
+        msg(5.1, a.response(200, "OK", 2, branch="z9hG4bK-re"), True),
+        msg(6.0, d.request("INVITE", 1, "z9hG4bK-d1")),
+        msg(6.1, d.response(407, "Proxy Auth", 1, branch="z9hG4bK-d1"), True),
+        msg(7.0, d.request("INVITE", 2, "z9hG4bK-d2")),
+        msg(7.5, d.response(180, "Ringing", 2, branch="z9hG4bK-d2"), True),
+        msg(8.0, d.response(200, "OK", 2, branch="z9hG4bK-d2"), True),
+        msg(9.0, e.request("INVITE")),
+        msg(9.5, e.response(180, "Ringing"), True),
+        msg(10.0, f.request("INVITE")),
+        msg(10.1, f.response(401, "Unauthorized"), True),
+        msg(11.0, g.request("INVITE")),
+        msg(11.2, g.response(302, "Moved"), True),
+        msg(12.0, g.request("INVITE", 2, "z9hG4bK-g2")),  # a new attempt: its own call
+        msg(12.5, g.response(200, "OK", 2, branch="z9hG4bK-g2"), True),
+        msg(13.0, h.request("INVITE")),
+        msg(13.5, h.response(200, "OK"), True),
+        msg(14.0, Call("orphan@x").request("BYE", 2, "z9hG4bK-o", to_tag="t")),
+        msg(14.1, Call("ping@x").request("OPTIONS")),
+        msg(20.0, a.request("BYE", 3, "z9hG4bK-bye", to_tag="callee-tag")),
+        msg(20.1, a.response(200, "OK", 3, "BYE", "z9hG4bK-bye"), True),
+        msg(20.5, a.request("BYE", 3, "z9hG4bK-bye", to_tag="callee-tag")),  # late
+        ("expire", T0 + 25.0),
+        msg(
+            30.0,
+            d.request("BYE", 3, "z9hG4bK-db", to_tag="callee-tag", from_callee=True),
+            True,
+        ),
+        msg(40.0, g.request("BYE", 3, "z9hG4bK-gb", to_tag="callee-tag")),
+        ("expire", T0 + 120.0),  # h: silent for 100 s, closed at its last message
+        ("expire", T0 + 131.0),  # f: no retry within 120 s of the 401
+        ("expire", T0 + 190.0),  # e: rang for 180 s
+    ]
+    return events
+
+
+class Node:
+    """One lifetime of the daemon's dialog path: correlator, pipeline, store, and a
+    list standing in for the spool."""
+
+    def __init__(self, directory: Path, spool: CdrCollector, limits: DialogLimits = LIMITS):
+        self.correlator = Correlator(limits)
+        self.spool = spool
+        self.pipeline = Pipeline(self.correlator, [spool])
+        self.store = DialogStore(directory, self.correlator)
+
+    async def boot(self) -> list[Cdr]:
+        unwritten = self.store.recover()
+        self.pipeline.emit(unwritten)
+        await self.store.start()
+        self.pipeline.sinks = (self.spool, self.store.closes)
+        self.pipeline.journal = self.store.message
+        return unwritten
+
+    def run(self, events: Sequence[Event]) -> None:
+        for event in events:
+            if event[0] == "msg":
+                _, t, data, src, dst = event
+                self.pipeline.process(packet(t, data, src, dst))
+            elif event[0] == "expire":
+                self.pipeline.expire(event[1])
+            else:
+                assert self.store.checkpoint()
+
+    def crash(self) -> None:
+        """SIGKILL: nothing more is written or flushed; the descriptors go."""
+        store: Any = self.store
+        if store._task is not None:
+            store._task.cancel()
+        if store._fd >= 0:
+            os.close(store._fd)
+            store._fd = -1
+
+
+def reference(events: Sequence[Event], limits: DialogLimits = LIMITS) -> list[Cdr]:
+    spool = CdrCollector()
+    pipeline = Pipeline(Correlator(limits), [spool])
+    for event in events:
+        if event[0] == "msg":
+            _, t, data, src, dst = event
+            pipeline.process(packet(t, data, src, dst))
+        elif event[0] == "expire":
+            pipeline.expire(event[1])
+    return spool.cdrs
+
+
+def by_id(cdrs: Sequence[Cdr]) -> dict[str, dict[str, object]]:
+    ids = [cdr.cdr_id for cdr in cdrs]
+    assert len(ids) == len(set(ids)), "a CDR was written twice"
+    return {cdr.cdr_id: cdr.to_record() for cdr in cdrs}
+
+
+def state_of(correlator: Correlator, now: float) -> dict[str, object]:
+    """What a restart must rebuild: every open call's fields (but its last-message
+    time, which only checkpoints carry) and the Call-IDs closed within the late window
+    at `now` (older ones go at the first timer run, which replay does not repeat)."""
+    snap = orjson.loads(correlator.snapshot())
+    fields = snap["fields"]
+    skip, key = fields.index("last_time"), fields.index("call_id")
+    rows = {row[key]: [v for i, v in enumerate(row) if i != skip] for row in snap["dialogs"]}
+    assert len(rows) == correlator.open_dialogs
+    late_since = now - correlator.limits.transaction_timeout_s
+    closed = {
+        call_id: entry[1:] for call_id, entry in snap["closed"].items() if entry[0] > late_since
+    }
+    return {"open": rows, "closed": closed}
+
+
+@pytest.mark.parametrize("checkpoint_at", [None, 8, 24])
+async def test_a_crash_after_any_message_loses_no_call_and_writes_no_cdr_twice(
+    tmp_path: Path, checkpoint_at: int | None
+) -> None:
+    events = scenario()
+    expected = by_id(reference(events))
+    assert len(expected) == 9  # a, b, c, d, e, f, g's two attempts, h
+    if checkpoint_at is not None:
+        events.insert(checkpoint_at, ("checkpoint",))
+    for crash_at in range(len(events) + 1):
+        directory = tmp_path / f"crash{crash_at}"
+        directory.mkdir()
+        spool = CdrCollector()
+        first = Node(directory, spool)
+        await first.boot()
+        first.run(events[:crash_at])
+        now = max([T0, *(e[1] for e in events[:crash_at] if len(e) > 1)])
+        at_crash = state_of(first.correlator, now)
+        first.crash()
+
+        second = Node(directory, spool)
+        assert await second.boot() == []  # every close before the crash was journaled
+        # The same state as the process that crashed (hence as a correlator that never
+        # did), rebuilt from the checkpoint and the journal.
+        assert state_of(second.correlator, now) == at_crash, crash_at
+        second.run(events[crash_at:])
+        assert by_id(spool.cdrs) == expected, crash_at
+        await second.store.stop()
+
+
+def first_bye_of(events: Sequence[Event], call_id: bytes) -> int:
+    return next(
+        i
+        for i, e in enumerate(events)
+        if e[0] == "msg" and e[2].startswith(b"BYE ") and b"Call-ID: " + call_id in e[2]
+    )
+
+
+class Killed(BaseException):
+    """The process dies inside a sink's write (not an error the pipeline catches)."""
+
+
+class DyingSink:
+    def __init__(self, inner: Any, call_id: str) -> None:
+        self.name = inner.name
+        self.inner = inner
+        self.call_id = call_id
+
+    def write(self, cdr: Cdr) -> None:
+        if cdr.call_id == self.call_id:
+            raise Killed
+        self.inner.write(cdr)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+
+async def test_a_crash_between_the_journal_and_the_spool_writes_the_cdr_at_start(
+    tmp_path: Path,
+) -> None:
+    events = scenario()
+    expected = by_id(reference(events))
+    bye_at = first_bye_of(events, b"a@x")
+    spool = CdrCollector()
+    first = Node(tmp_path, spool)
+    await first.boot()
+    first.run(events[:bye_at])
+    first.pipeline.sinks = (DyingSink(spool, "a@x"), first.store.closes)
+    with pytest.raises(Killed):
+        first.run(events[bye_at : bye_at + 1])  # journaled, killed before the spool
+    first.crash()
+    assert "a@x" not in {cdr.call_id for cdr in spool.cdrs}
+
+    second = Node(tmp_path, spool)
+    assert [cdr.call_id for cdr in await second.boot()] == ["a@x"]
+    second.run(events[bye_at + 1 :])
+    assert by_id(spool.cdrs) == expected
+    # Written once, and it is closed for good: the next crash does not write it again.
+    second.crash()
+    third = Node(tmp_path, spool)
+    assert await third.boot() == []
+
+
+async def test_a_crash_between_the_spool_and_the_close_record_writes_the_same_cdr_again(
+    tmp_path: Path,
+) -> None:
+    """The one window where a CDR reaches the spool twice: the process dies between
+    two consecutive writes. It is the same record under the same cdr_id."""
+    events = scenario()
+    bye_at = first_bye_of(events, b"a@x")
+    spool = CdrCollector()
+    first = Node(tmp_path, spool)
+    await first.boot()
+    first.run(events[:bye_at])
+    first.pipeline.sinks = (spool, DyingSink(first.store.closes, "a@x"))
+    with pytest.raises(Killed):
+        first.run(events[bye_at : bye_at + 1])
+    first.crash()
+    second = Node(tmp_path, CdrCollector())
+    again = await second.boot()
+    assert [cdr.to_record() for cdr in again] == [
+        cdr.to_record() for cdr in spool.cdrs if cdr.call_id == "a@x"
+    ]
+
+
+async def test_evictions_and_timers_are_not_repeated_by_replay(tmp_path: Path) -> None:
+    limits = DialogLimits(max_open_dialogs=2, ring_timeout_s=30.0)
+    calls = [Call(f"ev{n}@x") for n in range(4)]
+    events = [msg(float(n), call.request("INVITE")) for n, call in enumerate(calls[:3])]
+    events += [("expire", T0 + 31.5), msg(40.0, calls[3].request("INVITE"))]
+    expected = by_id(reference(events, limits))
+    assert len(expected) == 2  # ev0 evicted by ev2, ev1 timed out; ev2, ev3 open
+    spool = CdrCollector()
+    first = Node(tmp_path, spool, limits)
+    await first.boot()
+    first.run(events)
+    first.crash()
+    second = Node(tmp_path, spool, limits)
+    assert await second.boot() == []
+    assert by_id(spool.cdrs) == expected
+    assert sorted(orjson.loads(second.correlator.snapshot())["closed"]) == ["ev0@x", "ev1@x"]
+    assert second.correlator.open_dialogs == 2
+
+
+async def test_timers_that_ran_out_while_down_close_at_the_last_message(tmp_path: Path) -> None:
+    spool = CdrCollector()
+    first = Node(tmp_path, spool)
+    await first.boot()
+    ringing, answered = Call("ringing@x"), Call("answered@x")
+    first.run(
+        [
+            msg(0.0, ringing.request("INVITE")),
+            msg(0.4, ringing.response(180, "Ringing"), True),
+            msg(1.0, answered.request("INVITE")),
+            msg(2.0, answered.response(200, "OK"), True),
+        ]
+    )
+    first.crash()
+    second = Node(tmp_path, spool)
+    await second.boot()
+    second.pipeline.expire(T0 + 3600.0)  # down for an hour
+    closed = {cdr.call_id: cdr for cdr in spool.cdrs}
+    assert (closed["ringing@x"].disposition, closed["ringing@x"].end_time) == (
+        "no_answer",
+        T0 + 0.4,
+    )
+    assert closed["answered@x"].end_reason == "timeout_no_bye"
+    assert (closed["answered@x"].answer_time, closed["answered@x"].end_time) == (T0 + 2, T0 + 2)
+
+
+def record_ends(journal: Path) -> list[int]:
+    data = journal.read_bytes()
+    ends, at = [], len(MAGIC)
+    while at < len(data):
+        _crc, length = struct.unpack_from("<II", data, at)
+        at += 8 + length
+        ends.append(at)
+    return ends
+
+
+async def test_a_torn_journal_tail_replays_the_whole_records_before_it(tmp_path: Path) -> None:
+    events = [e for e in scenario() if e[0] == "msg"][:20]
+    source = tmp_path / "source"
+    source.mkdir()
+    first = Node(source, CdrCollector())
+    await first.boot()
+    first.run(events)
+    first.crash()
+    (journal,) = source.glob("*.journal")
+    ends = record_ends(journal)
+    data = journal.read_bytes()
+    assert ends[-1] == len(data)
+
+    async def recovered(cut: int) -> tuple[dict[str, object], int]:
+        directory = tmp_path / "cut"
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.copytree(source, directory)
+        (directory / journal.name).write_bytes(data[:cut])
+        node = Node(directory, CdrCollector())
+        node.store.recover()
+        return state_of(node.correlator, T0), node.store.stats.torn_tails
+
+    whole = {end: (await recovered(end))[0] for end in [len(MAGIC), *ends[-4:]]}
+    for cut in range(ends[-4], len(data)):
+        state, torn = await recovered(cut)
+        boundary = max(end for end in whole if end <= cut)
+        assert state == whole[boundary], cut
+        assert torn == (0 if cut == boundary else 1), cut
+
+
+async def test_a_damaged_record_stops_replay_there_and_is_counted(tmp_path: Path) -> None:
+    events = [e for e in scenario() if e[0] == "msg"][:12]
+    first = Node(tmp_path, CdrCollector())
+    await first.boot()
+    first.run(events)
+    first.crash()
+    (journal,) = tmp_path.glob("*.journal")
+    ends = record_ends(journal)
+    data = bytearray(journal.read_bytes())
+    data[ends[2] + 20] ^= 0xFF  # inside the fourth record
+    journal.write_bytes(bytes(data))
+    second = Node(tmp_path, CdrCollector())
+    with structlog.testing.capture_logs() as logs:
+        second.store.recover()
+    assert second.store.stats.torn_tails == 1
+    assert second.store.stats.replayed_records == 3
+    assert second.store.stats.torn_bytes == len(data) - ends[2]
+    damaged = [entry for entry in logs if entry["event"] == "dialog_journal_damaged"]
+    assert damaged[0]["log_level"] == "error"
+
+
+async def test_an_unreadable_checkpoint_is_set_aside_and_the_journal_still_replays(
+    tmp_path: Path,
+) -> None:
+    first = Node(tmp_path, CdrCollector())
+    await first.boot()
+    first.run([msg(0.0, Call("before@x").request("INVITE"))])
+    assert first.store.checkpoint()
+    first.run([msg(1.0, Call("after@x").request("INVITE"))])
+    first.crash()
+    (checkpoint,) = tmp_path.glob("dialogs.*.json")
+    checkpoint.write_bytes(b'{"version": 2, "fields": ["call_id"], "dialogs": [[1]]}')
+    second = Node(tmp_path, CdrCollector())
+    with structlog.testing.capture_logs() as logs:
+        second.store.recover()
+    assert [e["log_level"] for e in logs if e["event"] == "dialog_checkpoint_unreadable"] == [
+        "error"
+    ]
+    assert (tmp_path / (checkpoint.name + ".unreadable")).exists()
+    assert second.store.stats.unreadable_checkpoints == 1
+    # The calls that began in the journal are back; those only in the checkpoint not.
+    assert second.correlator.is_open("after@x")
+    assert not second.correlator.is_open("before@x")
+
+
+async def test_files_are_private_and_the_journal_starts_over_at_each_checkpoint(
+    tmp_path: Path,
+) -> None:
+    node = Node(tmp_path, CdrCollector())
+    await node.boot()
+    node.run([msg(0.0, Call("x@x").request("INVITE"))])
+    assert node.store.journal_bytes > len(MAGIC)
+    assert node.store.checkpoint()
+    assert node.store.journal_bytes == len(MAGIC)
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["dialogs.2.journal", "dialogs.2.json"]
+    for path in tmp_path.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    await node.store.stop()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dialogs.3.json"]
+
+
+async def test_a_legacy_snapshot_is_read_once(tmp_path: Path) -> None:
+    old = Correlator()
+    call = Call("legacy@x")
+    old.feed(packet(T0, call.request("INVITE")), _parse(call.request("INVITE")))
+    snap = orjson.loads(old.snapshot())
+    rows = [dict(zip(snap["fields"], row, strict=True)) for row in snap["dialogs"]]
+    (tmp_path / "dialogs.json").write_bytes(orjson.dumps({"version": 1, "dialogs": rows}))
+    node = Node(tmp_path, CdrCollector())
+    await node.boot()
+    assert node.correlator.is_open("legacy@x")
+    assert not (tmp_path / "dialogs.json").exists()
+    await node.store.stop()
+
+
+def _parse(data: bytes) -> Any:
+    from sipcdr.sip import parse
+
+    return parse(data)
+
+
+class FullDisk:
+    """os for the store, whose writes fail with ENOSPC while `full` is set."""
+
+    def __init__(self) -> None:
+        self.full = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def _check(self) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write(self, fd: int, data: Any) -> int:
+        self._check()
+        return os.write(fd, data)
+
+    def writev(self, fd: int, buffers: Sequence[bytes]) -> int:
+        self._check()
+        return os.writev(fd, buffers)
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[FullDisk]:
+    disk = FullDisk()
+    monkeypatch.setattr(dialogstore, "os", disk)
+    yield disk
+
+
+async def test_a_stop_on_a_full_disk_keeps_the_previous_checkpoint_and_the_journal(
+    tmp_path: Path, full_disk: FullDisk
+) -> None:
+    spool = CdrCollector()
+    first = Node(tmp_path, spool)
+    await first.boot()
+    first.run([msg(0.0, Call("one@x").request("INVITE"))])
+    assert first.store.checkpoint()
+    first.run(
+        [
+            msg(1.0, Call("one@x").response(200, "OK"), True),
+            msg(2.0, Call("two@x").request("INVITE")),
+        ]
+    )
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    full_disk.full = True
+    with structlog.testing.capture_logs() as logs:
+        await first.store.stop()
+    full_disk.full = False
+    # Nothing half-written, nothing replaced.
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    (failed,) = [entry for entry in logs if entry["event"] == "dialog_checkpoint_failed"]
+    assert failed["open_dialogs"] == 2
+    assert failed["recoverable_from_journal"] is True
+    assert failed["log_level"] == "warning"  # nothing lost: the journal rebuilds them
+    assert "one@x" not in repr(logs)
+
+    second = Node(tmp_path, spool)
+    await second.boot()
+    assert second.correlator.is_open("two@x")
+    bye = Call("one@x").request("BYE", 2, "z9hG4bK-b", to_tag="callee-tag")
+    second.run([msg(61.0, bye)])
+    assert [(cdr.call_id, cdr.billsec) for cdr in spool.cdrs] == [("one@x", 60.0)]
+
+
+async def test_journal_writes_on_a_full_disk_are_counted_and_a_failed_stop_is_an_error(
+    tmp_path: Path, full_disk: FullDisk
+) -> None:
+    node = Node(tmp_path, CdrCollector())
+    await node.boot()
+    size = node.store.journal_bytes
+    full_disk.full = True
+    node.run([msg(0.0, Call("lost@x").request("INVITE"))])  # never raises into capture
+    assert node.store.stats.journal_write_errors == 1
+    assert node.store.journal_bytes == size
+    assert node.correlator.is_open("lost@x")
+    with structlog.testing.capture_logs() as logs:
+        await node.store.stop()
+    (failed,) = [entry for entry in logs if entry["event"] == "dialog_checkpoint_failed"]
+    assert (failed["log_level"], failed["recoverable_from_journal"]) == ("error", False)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_checkpoint_is_due_after_the_interval_and_only_when_messages_came(
+    tmp_path: Path,
+) -> None:
+    now = [100.0]
+    clock: Callable[[], float] = lambda: now[0]  # noqa: E731
+    correlator = Correlator()
+    store = DialogStore(tmp_path, correlator, checkpoint_interval_s=10.0, clock=clock)
+    store.recover()
+    store._messages_at_checkpoint = 0
+    store._last_checkpoint = 100.0
+    now[0] = 111.0
+    assert not store.checkpoint_due()  # nothing arrived
+    correlator.stats.messages += 1
+    assert store.checkpoint_due()
+    now[0] = 105.0
+    assert not store.checkpoint_due()
+    # A checkpoint that blocked for 2 s is spaced to take at most 5 % of the time.
+    store._last_checkpoint_s = 2.0
+    now[0] = 139.0
+    assert not store.checkpoint_due()
+    now[0] = 140.0
+    assert store.checkpoint_due()
+
+
+async def test_a_background_checkpoint_is_the_state_between_two_messages(tmp_path: Path) -> None:
+    """The periodic checkpoint writes its file in a thread: the snapshot is taken and
+    the journal switched at once, messages go on into the new journal meanwhile."""
+    node = Node(tmp_path, CdrCollector())
+    await node.boot()
+    node.run([msg(0.0, Call("one@x").request("INVITE"))])
+    writing = asyncio.create_task(node.store._checkpoint_in_background())
+    await asyncio.sleep(0)  # snapshot taken, journal switched, file being written
+    node.run([msg(1.0, Call("two@x").request("INVITE"))])
+    await writing
+    node.crash()
+    checkpoint = orjson.loads((tmp_path / "dialogs.2.json").read_bytes())
+    column = checkpoint["fields"].index("call_id")
+    assert [row[column] for row in checkpoint["dialogs"]] == ["one@x"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "dialogs.2.journal",
+        "dialogs.2.json",
+    ]
+    second = Node(tmp_path, CdrCollector())
+    with structlog.testing.capture_logs() as logs:
+        await second.boot()
+    (recovered,) = [entry for entry in logs if entry["event"] == "dialogs_recovered"]
+    assert (recovered["from_checkpoint"], recovered["journal_records"]) == (1, 1)
+    assert second.correlator.is_open("one@x") and second.correlator.is_open("two@x")
+    await second.store.stop()
+
+
+async def test_a_stop_waits_for_a_checkpoint_being_written(tmp_path: Path) -> None:
+    node = Node(tmp_path, CdrCollector())
+    await node.boot()
+    node.run([msg(0.0, Call("one@x").request("INVITE"))])
+    writing = asyncio.create_task(node.store._checkpoint_in_background())
+    await asyncio.sleep(0)
+    node.run([msg(1.0, Call("two@x").request("INVITE"))])
+    await node.store.stop()
+    await writing
+    assert node.store.stats.checkpoints == 3  # at start, in the background, at the stop
+    assert node.store.stats.checkpoint_failures == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dialogs.3.json"]
