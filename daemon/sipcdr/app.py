@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import resource
 import signal
 import socket
 import time
@@ -16,12 +17,12 @@ from typing import Any
 
 import structlog
 
-from sipcdr.capture import live
+from sipcdr.capture import live, tls
+from sipcdr.capture.hepstream import HepStreamServer, StreamLimits
 from sipcdr.capture.listeners import (
     MAX_CLOCK_SKEW_S,
     AllowList,
     HepGate,
-    HepTcpServer,
     HepUdpProtocol,
     SipUdpProtocol,
     udp_drops,
@@ -38,6 +39,29 @@ from sipcdr.telemetry.metrics import Metrics
 
 DIALOG_SNAPSHOT = "dialogs.json"  # open calls at shutdown, read back at start
 TICK_S = 1.0  # timers, metric batches and sink flushes: once a second
+# Descriptors kept free of HEP/TCP and HEP/TLS connections: spool segments, JSONL files,
+# sink and database connections, listeners, the metrics endpoint and the event loop's
+# own, with room to spare (a running daemon holds well under 100 of them).
+FD_HEADROOM = 256
+
+
+def raise_file_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one (an unprivileged process may);
+    returns (soft, hard) as they are afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft, hard
+        soft = hard
+    return soft, hard
+
+
+def connection_capacity(soft_limit: int) -> int:
+    """HEP stream connections a file limit holds next to everything else the daemon
+    opens; a quarter of a limit too small for the headroom, so TCP still works."""
+    return max(soft_limit - FD_HEADROOM, soft_limit // 4)
 
 
 class App:
@@ -51,11 +75,10 @@ class App:
         self.pipeline = Pipeline(self.correlator, (), self.metrics)
         self._allow = AllowList(config.capture.allow)
         self._gate = HepGate(config.capture.hep_keys)
-        self._hep_tcp = HepTcpServer(self.pipeline, self._allow, self._gate)
+        self._hep_stream: HepStreamServer | None = None
         self._transports: list[asyncio.DatagramTransport] = []
         self._udp: list[tuple[str, socket.socket]] = []
         self._udp_drops: dict[int, int] = {}
-        self._servers: list[asyncio.Server] = []
         self._metrics_server = MetricsServer(
             self.metrics.registry,
             config.metrics.listen.host,
@@ -69,7 +92,13 @@ class App:
         self._ready = False
         self._started = False
         self._stopped = False
-        self.bound: dict[str, list[tuple[str, int]]] = {"sip_udp": [], "hep_udp": [], "hep_tcp": []}
+        self._file_limit = (0, 0)  # (soft, hard) RLIMIT_NOFILE once started
+        self.bound: dict[str, list[tuple[str, int]]] = {
+            "sip_udp": [],
+            "hep_udp": [],
+            "hep_tcp": [],
+            "hep_tls": [],
+        }
 
     @property
     def state_dir(self) -> Path:
@@ -84,6 +113,8 @@ class App:
             return
         self._started = True
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        # Before anything is opened: the spool, the sinks and the listeners all share it.
+        self._file_limit = raise_file_limit()
         snapshot = self._restore_dialogs()
         try:
             # Sinks before inputs: a CDR must have its spool before the first packet.
@@ -110,6 +141,11 @@ class App:
             listeners={kind: [f"{h}:{p}" for h, p in eps] for kind, eps in self.bound.items()},
             metrics_port=self.metrics_port,
             open_dialogs=self.correlator.open_dialogs,
+            # What the file limit holds: HEP/TCP+TLS connections beyond this are refused.
+            file_limit=self._file_limit[0],
+            hep_connections_max=(
+                None if self._hep_stream is None else self._hep_stream.limits.max_connections
+            ),
             pid=os.getpid(),
         )
 
@@ -129,20 +165,63 @@ class App:
                 lambda: HepUdpProtocol(self.pipeline, self._allow, self._gate), sock=sock
             )
             self._register_udp("hep_udp", sock, transport)
-        for endpoint in capture.hep_tcp:
-            server = await asyncio.start_server(self._hep_tcp.handle, endpoint.host, endpoint.port)
-            self._servers.append(server)
-            for sock in server.sockets:
-                self.bound["hep_tcp"].append(tuple(sock.getsockname()[:2]))
+        if capture.hep_tcp or capture.hep_tls:
+            context = None
+            if capture.hep_tls:
+                # Checked when the config was loaded; loaded again here, so a file
+                # replaced since is read as it is now.
+                assert capture.tls_cert is not None and capture.tls_key is not None
+                context = tls.server_context(
+                    capture.tls_cert, capture.tls_key, capture.tls_client_ca
+                )
+            self._hep_stream = HepStreamServer(
+                self.pipeline,
+                self._allow,
+                self._gate,
+                self._stream_limits(),
+                tcp=capture.hep_tcp,
+                tls=capture.hep_tls,
+                tls_context=context,
+            )
+            await self._hep_stream.start()
+            if self._hep_stream.sweeper is not None:
+                self._hep_stream.sweeper.add_done_callback(self._background_failed)
+            for kind, endpoints in self._hep_stream.bound.items():
+                self.bound[kind].extend(endpoints)
         for interface in capture.interfaces:
             await self._start_live(interface)
+
+    def _stream_limits(self) -> StreamLimits:
+        """The configured connection limits, with the total lowered to what this
+        process's file limit can hold: running out of descriptors would stall the
+        spool and the sinks, not only the listeners."""
+        capture = self.config.capture
+        soft, hard = self._file_limit
+        capacity = connection_capacity(soft)
+        wanted = capture.hep_tcp_max_connections
+        if wanted > capacity:
+            self.log.warning(
+                "file_limit_low",
+                file_limit=soft,
+                hard_limit=hard,
+                hep_tcp_max_connections=wanted,
+                capped_at=capacity,
+                hint="raise LimitNOFILE (systemd) or ulimit -n",
+            )
+        limits = StreamLimits(
+            max_connections=min(wanted, capacity),
+            max_per_source=capture.hep_tcp_max_per_source,
+            idle_timeout_s=capture.hep_tcp_idle_timeout_s,
+            frame_timeout_s=capture.hep_tcp_frame_timeout_s,
+            max_buffer_bytes=capture.hep_tcp_max_buffer_bytes,
+        )
+        return limits
 
     def _close_inputs(self) -> None:
         for transport in self._transports:
             transport.close()
-        for server in self._servers:
-            server.close()
-        self._hep_tcp.close_connections()
+        if self._hep_stream is not None:
+            self._hep_stream.close()
 
     async def _start_live(self, interface: str) -> None:
         capture = self.config.capture
@@ -257,7 +336,23 @@ class App:
         for capture_id, count in self._gate.rejected.items():
             self.metrics.hep_rejected.labels(capture_id).inc(count)
         self._gate.rejected.clear()
+        if self._hep_stream is not None:
+            self._export_stream_metrics(self._hep_stream)
         self.pipeline.flush_metrics()
+
+    def _export_stream_metrics(self, stream: HepStreamServer) -> None:
+        metrics = self.metrics
+        for (source, reason), count in stream.refused.items():
+            metrics.hep_connections_refused.labels(source, reason).inc(count)
+        stream.refused.clear()
+        for (source, reason), count in stream.closed.items():
+            metrics.hep_connections_closed.labels(source, reason).inc(count)
+        stream.closed.clear()
+        for reason, count in stream.handshake_failures.items():
+            metrics.hep_tls_handshake_failures.labels(reason).inc(count)
+        stream.handshake_failures.clear()
+        for source, count in stream.open.items():
+            metrics.hep_connections.labels(source).set(count)
 
     async def stop(self) -> None:
         """Idempotent. Intake first, so nothing arrives while state is written."""
@@ -269,8 +364,8 @@ class App:
             await capturer.stop()
         self._count_live()
         self._close_inputs()
-        for server in self._servers:
-            await server.wait_closed()
+        if self._hep_stream is not None:
+            await self._hep_stream.stop()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
