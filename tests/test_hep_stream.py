@@ -5,7 +5,9 @@ counted by its reason. (tests/test_hep_network.py runs the same against `sipcdr 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
+import resource
 import socket
 import ssl
 import time
@@ -16,6 +18,7 @@ import pytest
 import uvloop
 from sipcalls import Call, answered_call_messages
 from sipcdr import hep
+from sipcdr.app import FD_HEADROOM, raise_file_limit, stream_limits
 from sipcdr.capture.hepstream import (
     SOURCE_TCP,
     SOURCE_TLS,
@@ -24,7 +27,7 @@ from sipcdr.capture.hepstream import (
 )
 from sipcdr.capture.listeners import AllowList, HepGate
 from sipcdr.capture.tls import HANDSHAKE_FAILURES, handshake_failure, server_context
-from sipcdr.config import DEFAULT_ALLOW
+from sipcdr.config import DEFAULT_ALLOW, CaptureConfig
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.model import Cdr
 from sipcdr.pipeline import Pipeline
@@ -410,3 +413,29 @@ def test_handshake_failure_reasons_are_a_fixed_set() -> None:
     assert handshake_failure(ssl.SSLEOFError()) == "eof"
     for reason in ("not_tls", "no_client_cert", "unknown_ca", "agent_alert", "timeout"):
         assert reason in HANDSHAKE_FAILURES
+
+
+# -- the file limit ---------------------------------------------------------------------
+
+
+def test_the_soft_file_limit_is_raised_to_the_hard_one() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+        assert raise_file_limit() == (hard, hard)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_connection_cap_is_lowered_to_what_the_file_limit_holds() -> None:
+    capture = CaptureConfig()  # 1024 connections by default
+    assert stream_limits(capture, 65536).max_connections == 1024
+    assert stream_limits(capture, 1024).max_connections == 1024 - FD_HEADROOM
+    assert stream_limits(capture, 200).max_connections == 50
+    limits = stream_limits(dataclasses.replace(capture, hep_tcp_max_per_source=3), 4096)
+    assert (limits.max_per_source, limits.idle_timeout_s, limits.max_buffer_bytes) == (
+        3,
+        capture.hep_tcp_idle_timeout_s,
+        capture.hep_tcp_max_buffer_bytes,
+    )

@@ -29,7 +29,7 @@ from sipcdr.capture.listeners import (
     udp_socket,
 )
 from sipcdr.capture.live import LiveCapture
-from sipcdr.config import Config, trunk_resolver
+from sipcdr.config import CaptureConfig, Config, trunk_resolver
 from sipcdr.dialog import Correlator
 from sipcdr.model import Packet
 from sipcdr.pipeline import Pipeline
@@ -58,10 +58,19 @@ def raise_file_limit() -> tuple[int, int]:
     return soft, hard
 
 
-def connection_capacity(soft_limit: int) -> int:
-    """HEP stream connections a file limit holds next to everything else the daemon
-    opens; a quarter of a limit too small for the headroom, so TCP still works."""
-    return max(soft_limit - FD_HEADROOM, soft_limit // 4)
+def stream_limits(capture: CaptureConfig, file_limit: int) -> StreamLimits:
+    """The configured connection limits, with the total lowered to what `file_limit`
+    holds next to everything else the daemon opens (a quarter of a limit too small for
+    the headroom): running out of descriptors would stall the spool and the sinks, not
+    only the listeners."""
+    capacity = max(file_limit - FD_HEADROOM, file_limit // 4)
+    return StreamLimits(
+        max_connections=min(capture.hep_tcp_max_connections, capacity),
+        max_per_source=capture.hep_tcp_max_per_source,
+        idle_timeout_s=capture.hep_tcp_idle_timeout_s,
+        frame_timeout_s=capture.hep_tcp_frame_timeout_s,
+        max_buffer_bytes=capture.hep_tcp_max_buffer_bytes,
+    )
 
 
 class App:
@@ -192,29 +201,18 @@ class App:
             await self._start_live(interface)
 
     def _stream_limits(self) -> StreamLimits:
-        """The configured connection limits, with the total lowered to what this
-        process's file limit can hold: running out of descriptors would stall the
-        spool and the sinks, not only the listeners."""
         capture = self.config.capture
         soft, hard = self._file_limit
-        capacity = connection_capacity(soft)
-        wanted = capture.hep_tcp_max_connections
-        if wanted > capacity:
+        limits = stream_limits(capture, soft)
+        if limits.max_connections < capture.hep_tcp_max_connections:
             self.log.warning(
                 "file_limit_low",
                 file_limit=soft,
                 hard_limit=hard,
-                hep_tcp_max_connections=wanted,
-                capped_at=capacity,
+                hep_tcp_max_connections=capture.hep_tcp_max_connections,
+                capped_at=limits.max_connections,
                 hint="raise LimitNOFILE (systemd) or ulimit -n",
             )
-        limits = StreamLimits(
-            max_connections=min(wanted, capacity),
-            max_per_source=capture.hep_tcp_max_per_source,
-            idle_timeout_s=capture.hep_tcp_idle_timeout_s,
-            frame_timeout_s=capture.hep_tcp_frame_timeout_s,
-            max_buffer_bytes=capture.hep_tcp_max_buffer_bytes,
-        )
         return limits
 
     def _close_inputs(self) -> None:

@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import socket
 import ssl
+import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -221,6 +223,19 @@ class HepStreamServer:
                 connection.time_out("idle_timeout")
 
 
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with a reset
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Close with a TCP reset. A plain close sends a FIN when every byte has been
+    read, which an agent cannot tell from a clean end: its frames would seem taken."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
+
+
 class _Connection(asyncio.Protocol):
     """One agent connection: admission, optional TLS, HEPv3 framing, deadlines."""
 
@@ -264,7 +279,7 @@ class _Connection(asyncio.Protocol):
         self.ip = str(peer[0]) if peer else ""
         if not self._server.admit(self):
             self._ended = True
-            self.transport.abort()
+            _reset(self.transport)
             return
         now = time.monotonic()
         self.last_active = now
@@ -302,6 +317,13 @@ class _Connection(asyncio.Protocol):
         half-close and discard what the agent still sends until it closes too, or
         until the frame deadline. Closing at once would answer the agent's next bytes
         with a reset, which can destroy the alert before the agent reads it."""
+
+        out = self._bio_out
+        if out is None or not out.pending:
+            # No alert to deliver (bytes that were not TLS at all get none): a reset
+            # tells a plain sender that its frames were not taken.
+            _reset(self.transport)
+            return
         self._send_tls()
         self.started = now
         if self.transport.can_write_eof():
@@ -311,24 +333,24 @@ class _Connection(asyncio.Protocol):
 
     def time_out(self, reason: str) -> None:
         if self._ended:
-            self.transport.abort()  # the end of a refused handshake's linger
+            _reset(self.transport)  # the end of a refused handshake's linger
             return
         self._ended = True
         if self.handshaking:
             self._server.count_handshake_failure("timeout")
         else:
             self._server.count_closed(self.source, reason)
-        self.transport.abort()
+        _reset(self.transport)
 
     def shut_down(self) -> None:
         if self.handshaking:
             self._ended = True  # not a failed handshake: the daemon is stopping
-        self.transport.abort()
+        _reset(self.transport)
 
     def _close_for(self, reason: str) -> None:
         self._ended = True
         self._server.count_closed(self.source, reason)
-        self.transport.abort()
+        _reset(self.transport)
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
