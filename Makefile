@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/parser.py
 	$(BIN)/python benchmarks/dialogs.py
 	$(BIN)/python benchmarks/receive.py
+	$(BIN)/python benchmarks/connections.py
 	$(BIN)/python benchmarks/spool.py
 	$(BIN)/python benchmarks/kafka.py
 	$(BIN)/python benchmarks/postgres.py

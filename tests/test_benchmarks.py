@@ -18,6 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("parser.py", ["--rounds", "1", "--number", "60"], "sipcdr / dpkt.sip, INVITE"),
         ("dialogs.py", ["--calls", "300", "--rounds", "1", "--flows", "30"], "bytes per open"),
         ("receive.py", ["--quick"], "sipcdr receive path"),
+        ("connections.py", ["--quick"], "KiB server RSS per connection"),
         ("spool.py", ["--rounds", "1", "--number", "2000"], "spool append"),
         ("kafka.py", ["--records", "1000", "--rounds", "1"], "records/s"),
         ("postgres.py", ["--records", "2000", "--rounds", "1"], "COPY + ON CONFLICT"),
