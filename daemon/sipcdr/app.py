@@ -453,7 +453,8 @@ def run(config: Config) -> int:
         runner = uvloop.run
     try:
         return runner(serve(config))
-    except (OSError, live.LiveCaptureError) as exc:
-        # Typically a listener address already in use or not local: say which, plainly.
+    except (OSError, live.LiveCaptureError, tls.TlsSetupError) as exc:
+        # Typically a listener address already in use or not local, or a TLS file
+        # replaced since the config was checked: say which, plainly.
         structlog.get_logger("sipcdr").error("start_failed", error=str(exc))
         return 1

@@ -49,11 +49,6 @@ _TLS_READ_BYTES: Final = 65536
 _HEADER: Final = 6  # "HEP3" and the 16-bit total length
 _MAGIC: Final = b"HEP3"
 
-# Reasons a connection is refused when it arrives (before any byte is read).
-REFUSALS: Final = ("not_allowed", "max_connections", "max_per_source")
-# Reasons the daemon closes an admitted connection.
-CLOSES: Final = ("idle_timeout", "frame_timeout", "bad_framing", "tls_error")
-
 
 @dataclass(frozen=True, slots=True)
 class StreamLimits:
@@ -168,7 +163,7 @@ class HepStreamServer:
         if not ip or not self.allow.permits(ip):
             reason = "not_allowed"
         elif self._stopped:
-            reason = "max_connections"  # a stop in progress holds no new ones
+            reason = "max_connections"  # stopping: the cap is now zero
         elif len(self._connections) >= limits.max_connections:
             reason = "max_connections"
         elif self._per_source.get(ip, 0) >= limits.max_per_source:
@@ -317,7 +312,6 @@ class _Connection(asyncio.Protocol):
         half-close and discard what the agent still sends until it closes too, or
         until the frame deadline. Closing at once would answer the agent's next bytes
         with a reset, which can destroy the alert before the agent reads it."""
-
         out = self._bio_out
         if out is None or not out.pending:
             # No alert to deliver (bytes that were not TLS at all get none): a reset
