@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/dialogs.py
 	$(BIN)/python benchmarks/receive.py
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/connections.py
 	$(BIN)/python benchmarks/spool.py
 	$(BIN)/python benchmarks/journal.py
 	$(BIN)/python benchmarks/kafka.py

@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 from sipcdr.config import (
+    DEFAULT_HEP_TCP_FRAME_TIMEOUT_S,
+    DEFAULT_HEP_TCP_IDLE_TIMEOUT_S,
+    DEFAULT_HEP_TCP_MAX_BUFFER_BYTES,
+    DEFAULT_HEP_TCP_MAX_CONNECTIONS,
+    DEFAULT_HEP_TCP_MAX_PER_SOURCE,
     DEFAULT_RCVBUF_BYTES,
     SECRET_MASK,
     Config,
@@ -23,6 +28,7 @@ from sipcdr.config import (
 )
 from sipcdr.dialog import DialogLimits
 from sipcdr.model import Trunk
+from tlscerts import Pki, encrypted_key, make_pki
 
 # DESIGN.md's sample file without its example trunk and rating plan, which are
 # illustrations rather than defaults.
@@ -31,6 +37,7 @@ DESIGN_DEFAULTS = """
 sip_udp = ["127.0.0.1:5060"]
 hep_udp = ["127.0.0.1:9060"]
 hep_tcp = []
+hep_tls = []
 allow = ["127.0.0.0/8", "::1/128"]
 rcvbuf_bytes = 33554432
 
@@ -153,6 +160,25 @@ def test_no_file_gives_the_embedded_defaults() -> None:
     assert capture.sip_udp == (Endpoint("127.0.0.1", 5060),)
     assert capture.hep_udp == (Endpoint("127.0.0.1", 9060),)
     assert capture.hep_tcp == ()
+    assert capture.hep_tls == ()
+    assert (capture.tls_cert, capture.tls_key, capture.tls_client_ca) == (None, None, None)
+    assert (
+        (
+            capture.hep_tcp_max_connections,
+            capture.hep_tcp_max_per_source,
+            capture.hep_tcp_idle_timeout_s,
+            capture.hep_tcp_frame_timeout_s,
+            capture.hep_tcp_max_buffer_bytes,
+        )
+        == (1024, 64, 300.0, 10.0, 65535)
+        == (
+            DEFAULT_HEP_TCP_MAX_CONNECTIONS,
+            DEFAULT_HEP_TCP_MAX_PER_SOURCE,
+            DEFAULT_HEP_TCP_IDLE_TIMEOUT_S,
+            DEFAULT_HEP_TCP_FRAME_TIMEOUT_S,
+            DEFAULT_HEP_TCP_MAX_BUFFER_BYTES,
+        )
+    )
     assert capture.allow == (
         ipaddress.IPv4Network("127.0.0.0/8"),
         ipaddress.IPv6Network("::1/128"),
@@ -256,6 +282,115 @@ def test_full_file_gives_typed_values(tmp_path: Path) -> None:
     assert config.metrics.listen == Endpoint("::1", 0)
     assert config.state.dir == Path("/var/lib/sipcdr")
     assert config.state.checkpoint_interval_s == 30.0
+
+
+# -- HEP over TCP and TLS -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def tls_file(pki: Pki, cert: Path, key: Path, client_ca: Path | None = None) -> str:
+    text = f"""
+[capture]
+hep_tls = ["0.0.0.0:9061", "[::]:9061"]
+tls_cert = "{cert}"
+tls_key = "{key}"
+hep_tcp_max_connections = 4096
+hep_tcp_max_per_source = 8
+hep_tcp_idle_timeout_s = 60
+hep_tcp_frame_timeout_s = 2.5
+hep_tcp_max_buffer_bytes = 16384
+"""
+    return text + (f'tls_client_ca = "{client_ca}"\n' if client_ca else "")
+
+
+def test_hep_tls_with_its_files_and_limits(tmp_path: Path, pki: Pki) -> None:
+    config = load_text(tmp_path, tls_file(pki, pki.server_cert, pki.server_key, pki.ca))
+    capture = config.capture
+    assert capture.hep_tls == (Endpoint("0.0.0.0", 9061), Endpoint("::", 9061))
+    assert (capture.tls_cert, capture.tls_key, capture.tls_client_ca) == (
+        pki.server_cert,
+        pki.server_key,
+        pki.ca,
+    )
+    assert capture.hep_tcp_max_connections == 4096
+    assert capture.hep_tcp_max_per_source == 8
+    assert capture.hep_tcp_idle_timeout_s == 60.0
+    assert capture.hep_tcp_frame_timeout_s == 2.5
+    assert capture.hep_tcp_max_buffer_bytes == 16384
+    redacted = config.redacted()["capture"]
+    assert isinstance(redacted, dict)
+    assert redacted["hep_tls"] == ["0.0.0.0:9061", "[::]:9061"]
+    assert redacted["tls_key"] == str(pki.server_key)  # the path, never the contents
+    assert "PRIVATE KEY" not in json.dumps(config.redacted())
+    assert redacted["hep_tcp_frame_timeout_s"] == 2.5
+
+
+def test_tls_files_are_relative_to_the_config_file(tmp_path: Path, pki: Pki) -> None:
+    """Like the Kafka CA file: inputs that ship beside the config."""
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    for source in (pki.server_cert, pki.server_key):
+        (conf / source.name).write_bytes(source.read_bytes())
+    text = "[capture]\nhep_tls = ['127.0.0.1:0']\ntls_cert = 'server.crt'\ntls_key = 'server.key'\n"
+    config = load_config(write(conf, text), {})
+    assert config.capture.tls_cert == conf / "server.crt"
+    assert config.capture.tls_key == conf / "server.key"
+    assert config.capture.tls_client_ca is None
+
+
+def test_tls_files_from_the_environment(tmp_path: Path, pki: Pki) -> None:
+    config = load_config(
+        None,
+        {
+            "SIPCDR_CAPTURE__HEP_TLS": "127.0.0.1:9061",
+            "SIPCDR_CAPTURE__TLS_CERT": str(pki.server_cert),
+            "SIPCDR_CAPTURE__TLS_KEY": str(pki.server_key),
+            "SIPCDR_CAPTURE__TLS_CLIENT_CA": str(pki.ca),
+            "SIPCDR_CAPTURE__HEP_TCP_MAX_CONNECTIONS": "10",
+            "SIPCDR_CAPTURE__HEP_TCP_IDLE_TIMEOUT_S": "0.5",
+        },
+    )
+    assert config.capture.tls_client_ca == pki.ca
+    assert config.capture.hep_tcp_max_connections == 10
+    assert config.capture.hep_tcp_idle_timeout_s == 0.5
+
+
+def test_tls_and_tcp_cannot_share_a_port(tmp_path: Path, pki: Pki) -> None:
+    text = tls_file(pki, pki.server_cert, pki.server_key) + "hep_tcp = ['[::]:9061']\n"
+    error = error_for(tmp_path, text)
+    assert error.key == "capture.hep_tls"
+    assert "TCP address already used by capture.hep_tcp" in str(error)
+
+
+def test_tls_files_are_read_only_when_a_tls_listener_is_configured(tmp_path: Path) -> None:
+    text = "[capture]\ntls_cert = 'missing.crt'\ntls_key = 'missing.key'\n"
+    assert load_text(tmp_path, text).capture.tls_cert == tmp_path / "missing.crt"
+
+
+def test_unusable_tls_files_name_their_key(tmp_path: Path, pki: Pki) -> None:
+    secret_key = encrypted_key(pki.server_key, tmp_path / "locked.key", b"pass-phrase")
+    not_pem = tmp_path / "notes.txt"
+    not_pem.write_text("not a certificate\n")
+    cases = [
+        (pki.server_cert.with_name("absent.crt"), pki.server_key, None,
+         "capture.tls_cert", "cannot be read (No such file or directory)"),
+        (pki.server_key, pki.server_key, None, "capture.tls_cert", "holds no certificate"),
+        (pki.server_cert, pki.agent_key, None,
+         "capture.tls_key", "does not match the certificate in tls_cert"),
+        (pki.server_cert, secret_key, None, "capture.tls_key", "is encrypted"),
+        (pki.server_cert, not_pem, None, "capture.tls_key", "holds no usable private key"),
+        (pki.server_cert, pki.server_key, not_pem, "capture.tls_client_ca", "holds no certificate"),
+    ]  # fmt: skip
+    for cert, key, client_ca, name, problem in cases:
+        error = error_for(tmp_path, tls_file(pki, cert, key, client_ca))
+        assert error.key == name, str(error)
+        message = str(error)
+        assert message.startswith(name) and problem in message, message
+        assert "PRIVATE KEY" not in message and "pass-phrase" not in message
 
 
 def test_config_is_immutable(tmp_path: Path) -> None:
@@ -436,6 +571,48 @@ ERRORS = [
         id="listener-twice",
     ),
     pytest.param("[metrics]\nlisten = 'localhost'\n", "metrics.listen", "HOST:PORT", id="no-port"),
+    pytest.param(
+        "[capture]\nhep_tls = ['0.0.0.0:9061']\n",
+        "capture.tls_cert",
+        "missing; expected a PEM file path: capture.hep_tls needs a certificate and its key",
+        id="tls-without-certificate",
+    ),
+    pytest.param(
+        "[capture]\nhep_tcp_max_connections = 0\n",
+        "capture.hep_tcp_max_connections",
+        "an integer >= 1",
+        id="no-connections",
+    ),
+    pytest.param(
+        "[capture]\nhep_tcp_max_per_source = -1\n",
+        "capture.hep_tcp_max_per_source",
+        "an integer >= 1",
+        id="negative-per-source",
+    ),
+    pytest.param(
+        "[capture]\nhep_tcp_idle_timeout_s = 0\n",
+        "capture.hep_tcp_idle_timeout_s",
+        "a number > 0",
+        id="zero-idle-timeout",
+    ),
+    pytest.param(
+        "[capture]\nhep_tcp_frame_timeout_s = 'soon'\n",
+        "capture.hep_tcp_frame_timeout_s",
+        "a number > 0",
+        id="text-frame-timeout",
+    ),
+    pytest.param(
+        "[capture]\nhep_tcp_max_buffer_bytes = 512\n",
+        "capture.hep_tcp_max_buffer_bytes",
+        "an integer >= 1024",
+        id="buffer-too-small",
+    ),
+    pytest.param(
+        "[capture]\nhep_tcp_max_buffer_bytes = 65536\n",
+        "capture.hep_tcp_max_buffer_bytes",
+        "larger than the largest HEPv3 frame (65535 bytes); expected an integer from 1024",
+        id="buffer-beyond-a-frame",
+    ),
 ]
 
 

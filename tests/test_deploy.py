@@ -61,6 +61,19 @@ def test_alert_rules_are_complete() -> None:
     assert {"SipcdrRecordsLost", "SipcdrIntakeBlocked", "SipcdrSinkDown"} <= set(names)
 
 
+def test_the_unit_and_compose_file_give_room_for_the_hep_connections() -> None:
+    from sipcdr.app import FD_HEADROOM
+    from sipcdr.config import DEFAULT_HEP_TCP_MAX_CONNECTIONS
+
+    unit = (DEPLOY / "sipcdr.service").read_text()
+    limits = re.findall(r"(?m)^LimitNOFILE=(\d+)$", unit)
+    assert len(limits) == 1
+    needed = DEFAULT_HEP_TCP_MAX_CONNECTIONS + FD_HEADROOM
+    assert int(limits[0]) >= 4 * needed  # headroom for raising the cap too
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert compose["services"]["sipcdr"]["ulimits"]["nofile"] == int(limits[0])
+
+
 def test_the_compose_config_loads_and_its_ports_match(tmp_path: Path) -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import resource
 import signal
 import socket
 import time
@@ -16,19 +17,19 @@ from typing import Any
 
 import structlog
 
-from sipcdr.capture import live
+from sipcdr.capture import live, tls
+from sipcdr.capture.hepstream import HepStreamServer, StreamLimits
 from sipcdr.capture.listeners import (
     MAX_CLOCK_SKEW_S,
     AllowList,
     HepGate,
-    HepTcpServer,
     HepUdpProtocol,
     SipUdpProtocol,
     udp_drops,
     udp_socket,
 )
 from sipcdr.capture.live import LiveCapture
-from sipcdr.config import Config, trunk_resolver
+from sipcdr.config import CaptureConfig, Config, trunk_resolver
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
 from sipcdr.model import Packet
@@ -39,6 +40,38 @@ from sipcdr.telemetry.http import MetricsServer
 from sipcdr.telemetry.metrics import Metrics
 
 TICK_S = 1.0  # timers, metric batches and sink flushes: once a second
+# Descriptors kept free of HEP/TCP and HEP/TLS connections: spool segments, JSONL files,
+# sink and database connections, listeners, the metrics endpoint and the event loop's
+# own, with room to spare (a running daemon holds well under 100 of them).
+FD_HEADROOM = 256
+
+
+def raise_file_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one (an unprivileged process may);
+    returns (soft, hard) as they are afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft, hard
+        soft = hard
+    return soft, hard
+
+
+def stream_limits(capture: CaptureConfig, file_limit: int) -> StreamLimits:
+    """The configured connection limits, with the total lowered to what `file_limit`
+    holds next to everything else the daemon opens (a quarter of a limit too small for
+    the headroom): running out of descriptors would stall the spool and the sinks, not
+    only the listeners."""
+    capacity = max(file_limit - FD_HEADROOM, file_limit // 4)
+    return StreamLimits(
+        max_connections=min(capture.hep_tcp_max_connections, capacity),
+        max_per_source=capture.hep_tcp_max_per_source,
+        idle_timeout_s=capture.hep_tcp_idle_timeout_s,
+        frame_timeout_s=capture.hep_tcp_frame_timeout_s,
+        max_buffer_bytes=capture.hep_tcp_max_buffer_bytes,
+    )
 
 
 class App:
@@ -59,11 +92,10 @@ class App:
         )
         self._allow = AllowList(config.capture.allow)
         self._gate = HepGate(config.capture.hep_keys)
-        self._hep_tcp = HepTcpServer(self.pipeline, self._allow, self._gate)
+        self._hep_stream: HepStreamServer | None = None
         self._transports: list[asyncio.DatagramTransport] = []
         self._udp: list[tuple[str, socket.socket]] = []
         self._udp_drops: dict[int, int] = {}
-        self._servers: list[asyncio.Server] = []
         self._metrics_server = MetricsServer(
             self.metrics.registry,
             config.metrics.listen.host,
@@ -77,7 +109,13 @@ class App:
         self._ready = False
         self._started = False
         self._stopped = False
-        self.bound: dict[str, list[tuple[str, int]]] = {"sip_udp": [], "hep_udp": [], "hep_tcp": []}
+        self._file_limit = (0, 0)  # (soft, hard) RLIMIT_NOFILE once started
+        self.bound: dict[str, list[tuple[str, int]]] = {
+            "sip_udp": [],
+            "hep_udp": [],
+            "hep_tcp": [],
+            "hep_tls": [],
+        }
 
     @property
     def state_dir(self) -> Path:
@@ -92,6 +130,8 @@ class App:
             return
         self._started = True
         private_dir(self.state_dir)
+        # Before anything is opened: the spool, the sinks and the listeners all share it.
+        self._file_limit = raise_file_limit()
         # Reads only: until the store starts, a failed start leaves every file as it was.
         unwritten = self.dialogs.recover()
         try:
@@ -125,6 +165,11 @@ class App:
             listeners={kind: [f"{h}:{p}" for h, p in eps] for kind, eps in self.bound.items()},
             metrics_port=self.metrics_port,
             open_dialogs=self.correlator.open_dialogs,
+            # What the file limit holds: HEP/TCP+TLS connections beyond this are refused.
+            file_limit=self._file_limit[0],
+            hep_connections_max=(
+                None if self._hep_stream is None else self._hep_stream.limits.max_connections
+            ),
             pid=os.getpid(),
         )
 
@@ -144,20 +189,52 @@ class App:
                 lambda: HepUdpProtocol(self.pipeline, self._allow, self._gate), sock=sock
             )
             self._register_udp("hep_udp", sock, transport)
-        for endpoint in capture.hep_tcp:
-            server = await asyncio.start_server(self._hep_tcp.handle, endpoint.host, endpoint.port)
-            self._servers.append(server)
-            for sock in server.sockets:
-                self.bound["hep_tcp"].append(tuple(sock.getsockname()[:2]))
+        if capture.hep_tcp or capture.hep_tls:
+            context = None
+            if capture.hep_tls:
+                # Checked when the config was loaded; loaded again here, so a file
+                # replaced since is read as it is now.
+                assert capture.tls_cert is not None and capture.tls_key is not None
+                context = tls.server_context(
+                    capture.tls_cert, capture.tls_key, capture.tls_client_ca
+                )
+            self._hep_stream = HepStreamServer(
+                self.pipeline,
+                self._allow,
+                self._gate,
+                self._stream_limits(),
+                tcp=capture.hep_tcp,
+                tls=capture.hep_tls,
+                tls_context=context,
+            )
+            await self._hep_stream.start()
+            if self._hep_stream.sweeper is not None:
+                self._hep_stream.sweeper.add_done_callback(self._background_failed)
+            for kind, endpoints in self._hep_stream.bound.items():
+                self.bound[kind].extend(endpoints)
         for interface in capture.interfaces:
             await self._start_live(interface)
+
+    def _stream_limits(self) -> StreamLimits:
+        capture = self.config.capture
+        soft, hard = self._file_limit
+        limits = stream_limits(capture, soft)
+        if limits.max_connections < capture.hep_tcp_max_connections:
+            self.log.warning(
+                "file_limit_low",
+                file_limit=soft,
+                hard_limit=hard,
+                hep_tcp_max_connections=capture.hep_tcp_max_connections,
+                capped_at=limits.max_connections,
+                hint="raise LimitNOFILE (systemd) or ulimit -n",
+            )
+        return limits
 
     def _close_inputs(self) -> None:
         for transport in self._transports:
             transport.close()
-        for server in self._servers:
-            server.close()
-        self._hep_tcp.close_connections()
+        if self._hep_stream is not None:
+            self._hep_stream.close()
 
     async def _start_live(self, interface: str) -> None:
         capture = self.config.capture
@@ -273,7 +350,23 @@ class App:
         for capture_id, count in self._gate.rejected.items():
             self.metrics.hep_rejected.labels(capture_id).inc(count)
         self._gate.rejected.clear()
+        if self._hep_stream is not None:
+            self._export_stream_metrics(self._hep_stream)
         self.pipeline.flush_metrics()
+
+    def _export_stream_metrics(self, stream: HepStreamServer) -> None:
+        metrics = self.metrics
+        for (source, reason), count in stream.refused.items():
+            metrics.hep_connections_refused.labels(source, reason).inc(count)
+        stream.refused.clear()
+        for (source, reason), count in stream.closed.items():
+            metrics.hep_connections_closed.labels(source, reason).inc(count)
+        stream.closed.clear()
+        for reason, count in stream.handshake_failures.items():
+            metrics.hep_tls_handshake_failures.labels(reason).inc(count)
+        stream.handshake_failures.clear()
+        for source, count in stream.open.items():
+            metrics.hep_connections.labels(source).set(count)
 
     async def stop(self) -> None:
         """Idempotent. Intake first, so nothing arrives while state is written."""
@@ -285,8 +378,8 @@ class App:
             await capturer.stop()
         self._count_live()
         self._close_inputs()
-        for server in self._servers:
-            await server.wait_closed()
+        if self._hep_stream is not None:
+            await self._hep_stream.stop()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -356,7 +449,8 @@ def run(config: Config) -> int:
         runner = uvloop.run
     try:
         return runner(serve(config))
-    except (OSError, live.LiveCaptureError) as exc:
-        # Typically a listener address already in use or not local: say which, plainly.
+    except (OSError, live.LiveCaptureError, tls.TlsSetupError) as exc:
+        # Typically a listener address already in use or not local, or a TLS file
+        # replaced since the config was checked: say which, plainly.
         structlog.get_logger("sipcdr").error("start_failed", error=str(exc))
         return 1

@@ -57,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="HEP: stamp the capture's times instead of the send time",
     )
     rep.add_argument("--auth-key", help="HEP agent key to send")
+    stream = rep.add_mutually_exclusive_group()
+    stream.add_argument("--tcp", action="store_true", help="HEP over TCP (a hep_tcp listener)")
+    stream.add_argument("--tls", action="store_true", help="HEP over TLS (a hep_tls listener)")
+    rep.add_argument(
+        "--ca", type=Path, metavar="FILE", help="TLS: CA that signed the daemon's cert"
+    )
+    rep.add_argument("--cert", type=Path, metavar="FILE", help="TLS: client certificate to present")
+    rep.add_argument("--key", type=Path, metavar="FILE", help="TLS: private key of --cert")
+    rep.add_argument(
+        "--server-name", metavar="NAME", help="TLS: name in the daemon's cert (default: --to host)"
+    )
 
     db = sub.add_parser("db", help="PostgreSQL schema operations")
     db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
@@ -96,22 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure()
     if args.command == "replay":
-        from sipcdr.replay import replay  # noqa: PLC0415
-
-        rate = None if args.rate in (None, "max") else float(args.rate)
-        result = replay(
-            args.file,
-            _host_port(args.to),
-            as_hep=args.hep,
-            rate=rate,
-            loops=args.loop,
-            original_pace=args.rate is None,
-            capture_id=args.capture_id,
-            auth_key=args.auth_key,
-            original_times=args.original_times,
-        )
-        print(f"sent {result.sent} messages in {result.seconds:.2f} s ({result.skipped} skipped)")
-        return 0
+        return _replay(args)
 
     try:
         config = load_config(args.config, os.environ)
@@ -152,6 +148,44 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
     return 1 if summary.get("file_errors") or failed else 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from sipcdr.replay import client_context, replay  # noqa: PLC0415
+
+    transport = "tls" if args.tls else "tcp" if args.tcp else "udp"
+    if transport != "udp" and not args.hep:
+        print(f"sipcdr: replay: --{transport} carries HEP frames: add --hep", file=sys.stderr)
+        return 2
+    tls_options = [name for name in ("ca", "cert", "key", "server_name") if getattr(args, name)]
+    if tls_options and transport != "tls":
+        used = ", ".join("--" + name.replace("_", "-") for name in tls_options)
+        print(f"sipcdr: replay: {used} only apply with --tls", file=sys.stderr)
+        return 2
+    if args.key and not args.cert:
+        print("sipcdr: replay: --key needs --cert", file=sys.stderr)
+        return 2
+    rate = None if args.rate in (None, "max") else float(args.rate)
+    try:
+        result = replay(
+            args.file,
+            _host_port(args.to),
+            as_hep=args.hep,
+            rate=rate,
+            loops=args.loop,
+            original_pace=args.rate is None,
+            capture_id=args.capture_id,
+            auth_key=args.auth_key,
+            original_times=args.original_times,
+            transport=transport,
+            tls=client_context(args.ca, args.cert, args.key) if transport == "tls" else None,
+            server_name=args.server_name,
+        )
+    except OSError as exc:  # ssl.SSLError included: a refused certificate, a dead port
+        print(f"sipcdr: replay: {exc}", file=sys.stderr)
+        return 1
+    print(f"sent {result.sent} messages in {result.seconds:.2f} s ({result.skipped} skipped)")
+    return 0
 
 
 def _db_migrate(config: Config) -> int:

@@ -22,9 +22,9 @@ file stays. Trunks set from the environment continue the file's list by index, w
 gaps. Every other variable that starts with `SIPCDR_` is an error, except those under
 `NON_CONFIG_ENV_PREFIXES`, which are read by other parts of the project.
 
-Relative paths in `rating.decks` and `sinks.kafka.ssl_cafile` are inputs that ship next
-to the config file, so they are taken relative to its directory (to the working
-directory when there is no file). `sinks.jsonl.path` and `state.dir` are outputs and
+Relative paths in `rating.decks`, `sinks.kafka.ssl_cafile` and `capture.tls_*` are
+inputs that ship next to the config file, so they are taken relative to its directory
+(to the working directory when there is no file). `sinks.jsonl.path` and `state.dir` are outputs and
 stay relative to the working directory, as the daemon's `./var/` defaults are.
 """
 
@@ -44,6 +44,7 @@ from types import MappingProxyType
 from typing import Final, NamedTuple, TypeAlias
 
 from sipcdr import dialogstore
+from sipcdr.capture import tls
 from sipcdr.dialog.correlator import DialogLimits
 from sipcdr.model import Trunk
 from sipcdr.sinks import kafka_options as kafka
@@ -84,6 +85,27 @@ DEFAULT_SIP_UDP: Final = (Endpoint("127.0.0.1", 5060),)
 DEFAULT_HEP_UDP: Final = (Endpoint("127.0.0.1", 9060),)
 # Off: HEP agents default to UDP, so a TCP listener is only opened when asked for.
 DEFAULT_HEP_TCP: Final[tuple[Endpoint, ...]] = ()
+# Off: a TLS listener needs a certificate the operator issues (tls_cert, tls_key).
+DEFAULT_HEP_TLS: Final[tuple[Endpoint, ...]] = ()
+# The limits below hold for HEP/TCP and HEP/TLS connections together.
+# Far above the dozens of agents a site runs, far below the file limit the systemd unit
+# sets (65536); the daemon lowers it at start if its own file limit cannot hold it.
+DEFAULT_HEP_TCP_MAX_CONNECTIONS: Final = 1024
+# An agent keeps one connection, a proxy one per worker process (Kamailio's children);
+# one source, misbehaving or not, cannot take every slot.
+DEFAULT_HEP_TCP_MAX_PER_SOURCE: Final = 64
+# Agents reconnect when closed, so this only costs a silent agent one reconnect; it is
+# longer than the lulls of a live trunk and frees the slots of vanished peers.
+DEFAULT_HEP_TCP_IDLE_TIMEOUT_S: Final = 300.0
+# A frame is at most 64 KiB, which any working link delivers in well under a second;
+# 10 s leaves room for a congested WAN and cuts off senders that stall mid-frame.
+# The same deadline applies to a TLS handshake.
+DEFAULT_HEP_TCP_FRAME_TIMEOUT_S: Final = 10.0
+# The largest HEPv3 frame (its length field is 16 bits): no valid frame is refused.
+# Lower it to bound memory further: larger frames are then skipped and counted.
+DEFAULT_HEP_TCP_MAX_BUFFER_BYTES: Final = 65535
+_HEP_MAX_FRAME: Final = 65535
+_HEP_MIN_BUFFER: Final = 1024  # below this even a bare INVITE would not fit
 # Only local agents until the operator names the sources that may send signaling.
 DEFAULT_ALLOW: Final[tuple[Network, ...]] = (
     ipaddress.ip_network("127.0.0.0/8"),
@@ -172,6 +194,15 @@ class CaptureConfig:
     sip_udp: tuple[Endpoint, ...] = DEFAULT_SIP_UDP
     hep_udp: tuple[Endpoint, ...] = DEFAULT_HEP_UDP
     hep_tcp: tuple[Endpoint, ...] = DEFAULT_HEP_TCP
+    hep_tls: tuple[Endpoint, ...] = DEFAULT_HEP_TLS
+    tls_cert: Path | None = None  # PEM certificate (chain) of the HEP/TLS listeners
+    tls_key: Path | None = None  # its unencrypted PEM private key
+    tls_client_ca: Path | None = None  # set: agents must present a certificate it signed
+    hep_tcp_max_connections: int = DEFAULT_HEP_TCP_MAX_CONNECTIONS
+    hep_tcp_max_per_source: int = DEFAULT_HEP_TCP_MAX_PER_SOURCE
+    hep_tcp_idle_timeout_s: float = DEFAULT_HEP_TCP_IDLE_TIMEOUT_S
+    hep_tcp_frame_timeout_s: float = DEFAULT_HEP_TCP_FRAME_TIMEOUT_S
+    hep_tcp_max_buffer_bytes: int = DEFAULT_HEP_TCP_MAX_BUFFER_BYTES
     allow: tuple[Network, ...] = DEFAULT_ALLOW
     rcvbuf_bytes: int = DEFAULT_RCVBUF_BYTES
     hep_keys: Mapping[int, str] = field(default_factory=lambda: DEFAULT_HEP_KEYS)  # id -> key
@@ -185,6 +216,16 @@ class CaptureConfig:
             "sip_udp": [str(endpoint) for endpoint in self.sip_udp],
             "hep_udp": [str(endpoint) for endpoint in self.hep_udp],
             "hep_tcp": [str(endpoint) for endpoint in self.hep_tcp],
+            "hep_tls": [str(endpoint) for endpoint in self.hep_tls],
+            # Paths only: a key file's contents are never read into the config.
+            "tls_cert": None if self.tls_cert is None else str(self.tls_cert),
+            "tls_key": None if self.tls_key is None else str(self.tls_key),
+            "tls_client_ca": None if self.tls_client_ca is None else str(self.tls_client_ca),
+            "hep_tcp_max_connections": self.hep_tcp_max_connections,
+            "hep_tcp_max_per_source": self.hep_tcp_max_per_source,
+            "hep_tcp_idle_timeout_s": self.hep_tcp_idle_timeout_s,
+            "hep_tcp_frame_timeout_s": self.hep_tcp_frame_timeout_s,
+            "hep_tcp_max_buffer_bytes": self.hep_tcp_max_buffer_bytes,
             "allow": [str(network) for network in self.allow],
             "rcvbuf_bytes": self.rcvbuf_bytes,
             "hep_keys": {str(capture_id): SECRET_MASK for capture_id in self.hep_keys},
@@ -897,7 +938,9 @@ def _networks(table: _Table, name: str, default: tuple[Network, ...]) -> tuple[N
 
 def _build(raw: dict[str, object], context: _Context, base_dir: Path) -> Config:
     root = _Table(context, "", raw, (item.name for item in fields(Config)))
-    capture = _capture(root.table("capture", (item.name for item in fields(CaptureConfig))))
+    capture = _capture(
+        root.table("capture", (item.name for item in fields(CaptureConfig))), base_dir
+    )
     dialog = _dialog(root.table("dialog", _DIALOG_KEYS))
     rating = _rating(root.table("rating", ("decks", "default_plan")), base_dir)
     trunks = _trunks(root, rating)
@@ -946,7 +989,7 @@ def _endpoint(table: _Table, name: str, default: Endpoint) -> Endpoint:
         raise table.invalid(name, text, str(exc)) from None
 
 
-def _capture(table: _Table) -> CaptureConfig:
+def _capture(table: _Table, base_dir: Path) -> CaptureConfig:
     hep_keys: dict[int, str] = {}
     for capture_id, key in table.entries("hep_keys").items():
         entry = _join(table.key("hep_keys"), capture_id)
@@ -974,10 +1017,39 @@ def _capture(table: _Table) -> CaptureConfig:
     live_engine = table.string("live_engine", DEFAULT_LIVE_ENGINE)
     if live_engine not in LIVE_ENGINES:
         raise table.invalid("live_engine", live_engine, " or ".join(LIVE_ENGINES))
+    hep_tls = _endpoints(table, "hep_tls", DEFAULT_HEP_TLS)
+    tls_files = _tls_files(table, base_dir, hep_tls)
+    max_buffer = table.integer(
+        "hep_tcp_max_buffer_bytes", DEFAULT_HEP_TCP_MAX_BUFFER_BYTES, minimum=_HEP_MIN_BUFFER
+    )
+    if max_buffer > _HEP_MAX_FRAME:
+        raise table.problem(
+            "hep_tcp_max_buffer_bytes",
+            max_buffer,
+            f"larger than the largest HEPv3 frame ({_HEP_MAX_FRAME} bytes)",
+            f"an integer from {_HEP_MIN_BUFFER} to {_HEP_MAX_FRAME}",
+        )
     return CaptureConfig(
         sip_udp=_endpoints(table, "sip_udp", DEFAULT_SIP_UDP),
         hep_udp=_endpoints(table, "hep_udp", DEFAULT_HEP_UDP),
         hep_tcp=_endpoints(table, "hep_tcp", DEFAULT_HEP_TCP),
+        hep_tls=hep_tls,
+        tls_cert=tls_files.get("tls_cert"),
+        tls_key=tls_files.get("tls_key"),
+        tls_client_ca=tls_files.get("tls_client_ca"),
+        hep_tcp_max_connections=table.integer(
+            "hep_tcp_max_connections", DEFAULT_HEP_TCP_MAX_CONNECTIONS, minimum=1
+        ),
+        hep_tcp_max_per_source=table.integer(
+            "hep_tcp_max_per_source", DEFAULT_HEP_TCP_MAX_PER_SOURCE, minimum=1
+        ),
+        hep_tcp_idle_timeout_s=table.positive_number(
+            "hep_tcp_idle_timeout_s", DEFAULT_HEP_TCP_IDLE_TIMEOUT_S
+        ),
+        hep_tcp_frame_timeout_s=table.positive_number(
+            "hep_tcp_frame_timeout_s", DEFAULT_HEP_TCP_FRAME_TIMEOUT_S
+        ),
+        hep_tcp_max_buffer_bytes=max_buffer,
         allow=_networks(table, "allow", DEFAULT_ALLOW),
         rcvbuf_bytes=table.integer("rcvbuf_bytes", DEFAULT_RCVBUF_BYTES, minimum=1),
         hep_keys=MappingProxyType(hep_keys) if hep_keys else DEFAULT_HEP_KEYS,
@@ -986,6 +1058,28 @@ def _capture(table: _Table) -> CaptureConfig:
         bpf_filter=table.string("bpf_filter", "") if table.has("bpf_filter") else None,
         promiscuous=table.boolean("promiscuous", DEFAULT_PROMISCUOUS),
     )
+
+
+_TLS_FILE_KEYS: Final = ("tls_cert", "tls_key", "tls_client_ca")
+
+
+def _tls_files(table: _Table, base_dir: Path, hep_tls: tuple[Endpoint, ...]) -> dict[str, Path]:
+    """The TLS files, checked by loading them the way the listener will, so a bad
+    certificate stops the start here, naming its key. Read only when hep_tls lists a
+    listener: until then they are not used."""
+    given = {name: table.optional_string(name) for name in _TLS_FILE_KEYS}
+    files = {name: base_dir / text for name, text in given.items() if text is not None}
+    if not hep_tls:
+        return files
+    for name in ("tls_cert", "tls_key"):
+        if name not in files:
+            expected = "a PEM file path: capture.hep_tls needs a certificate and its key"
+            raise table.context.problem(table.key(name), None, "missing", expected)
+    try:
+        tls.server_context(files["tls_cert"], files["tls_key"], files.get("tls_client_ca"))
+    except tls.TlsSetupError as exc:
+        raise table.problem(exc.setting, given[exc.setting], exc.problem, exc.expected) from None
+    return files
 
 
 # Listed rather than taken from DialogLimits' fields: a field added there must not be
@@ -1247,7 +1341,11 @@ def _check_listeners(config: Config, context: _Context) -> None:
         ("UDP", (("capture.sip_udp", capture.sip_udp), ("capture.hep_udp", capture.hep_udp))),
         (
             "TCP",
-            (("capture.hep_tcp", capture.hep_tcp), ("metrics.listen", (config.metrics.listen,))),
+            (
+                ("capture.hep_tcp", capture.hep_tcp),
+                ("capture.hep_tls", capture.hep_tls),
+                ("metrics.listen", (config.metrics.listen,)),
+            ),
         ),
     ):
         seen: dict[Endpoint, str] = {}

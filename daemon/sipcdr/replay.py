@@ -1,4 +1,11 @@
-"""`sipcdr replay`: send the SIP of a capture to a listener, plain or in HEPv3.
+"""`sipcdr replay`: send the SIP of a capture to a listener, plain or in HEPv3, over
+UDP, or HEPv3 over TCP or TLS as a stream agent does.
+
+Over TCP and TLS the end of the replay is confirmed by the daemon: the stream is
+half-closed and the replay waits for the daemon to close its side (TLS: with a
+close_notify), which it does only after reading every frame. A TLS handshake the
+daemon refuses, or a client certificate it rejects after the handshake (TLS 1.3), is
+an error here.
 
 Pacing: the capture's own (default), a fixed rate, or as fast as the socket takes
 it. With several loops each pass rewrites the Call-ID header of every message, so one
@@ -9,10 +16,12 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from sipcdr import hep
 from sipcdr.capture.pcapfile import iter_packets
@@ -20,6 +29,10 @@ from sipcdr.model import Packet
 from sipcdr.sip import SipParseError, parse
 
 _IP_PROTOCOL = {"udp": 17, "tcp": 6, "sctp": 132}
+TRANSPORTS: Final = ("udp", "tcp", "tls")
+# Connecting, a TLS handshake, and the daemon's confirmation at the end each take
+# milliseconds on a working path; this only bounds a dead one.
+STREAM_TIMEOUT_S: Final = 10.0
 _CALL_ID_HEADER = re.compile(rb"(?im)^((?:call-id|i)[ \t]*:[ \t]*)([^\r\n]+?)(?=[ \t]*\r?$)")
 
 
@@ -53,6 +66,45 @@ def _loop_packets(packets: list[Packet], loop: int) -> Iterator[tuple[Packet, by
         yield packet, payload
 
 
+def client_context(
+    ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
+    """An agent's TLS context: trusts `ca` (the system's CAs when None) and presents
+    `cert`/`key` when the daemon asks for a client certificate."""
+    context = ssl.create_default_context(cafile=None if ca is None else str(ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        context.load_cert_chain(str(cert), None if key is None else str(key))
+    return context
+
+
+def _connect(
+    target: tuple[str, int], tls: ssl.SSLContext | None, server_name: str | None
+) -> socket.socket:
+    sock = socket.create_connection(target, timeout=STREAM_TIMEOUT_S)
+    if tls is None:
+        return sock
+    try:
+        return tls.wrap_socket(sock, server_hostname=server_name or target[0])
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _finish_stream(sock: socket.socket) -> None:
+    """Half-close and read until the daemon closes: it has then read every frame.
+    Over TLS this is also where a refused client certificate shows (TLS 1.3 finishes
+    the agent's side of the handshake before the daemon checks it): the daemon's alert
+    raises here. The TCP half-close goes around SSLSocket.shutdown, which would drop
+    the TLS layer before the daemon's answer is read."""
+    socket.socket.shutdown(sock, socket.SHUT_WR)
+    answered = 0
+    while chunk := sock.recv(4096):
+        answered += len(chunk)
+    if answered and not isinstance(sock, ssl.SSLSocket):
+        raise ConnectionError(f"the listener answered with {answered} bytes")  # never does
+
+
 def replay(
     path: Path,
     target: tuple[str, int],
@@ -64,12 +116,24 @@ def replay(
     capture_id: int = 0,
     auth_key: str | None = None,
     original_times: bool = False,
+    transport: str = "udp",
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> ReplayResult:
-    """Send every SIP message of `path` to `target` over UDP.
+    """Send every SIP message of `path` to `target` over `transport` (one of
+    TRANSPORTS; tcp and tls carry HEPv3 frames, so they need `as_hep`). `tls` is
+    the client context for "tls" (`client_context`); `server_name` the name the
+    daemon's certificate must carry, by default the target host.
 
     `rate` messages per second when given; else the capture's pace when
     `original_pace`, else as fast as possible.
     """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport {transport!r}: expected one of {TRANSPORTS}")
+    if transport != "udp" and not as_hep:
+        raise ValueError(f"over {transport} the daemon takes HEP frames only: use as_hep")
+    if transport == "tls" and tls is None:
+        tls = client_context()
     packets = list(iter_packets(path))
     family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
     sent = skipped = 0
@@ -77,40 +141,59 @@ def replay(
     first_ts = packets[0].timestamp if packets else 0.0
     # Later loops keep the capture's times shifted past its end, so calls stay ordered.
     span = (packets[-1].timestamp - first_ts + 1.0) if packets else 0.0
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        for loop in range(loops):
-            loop_start = time.monotonic()
-            yielded = 0
-            for packet, payload in _loop_packets(packets, loop):
-                yielded += 1
-                if rate:
-                    due = started + sent / rate
-                elif original_pace:
-                    due = loop_start + (packet.timestamp - first_ts)
-                else:
-                    due = 0.0
-                delay = due - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                if as_hep:
-                    data = hep.encode(
-                        src_ip=packet.src_ip,
-                        dst_ip=packet.dst_ip,
-                        src_port=packet.src_port,
-                        dst_port=packet.dst_port,
-                        # Like a live agent, stamp the send time; the capture's own times
-                        # (shifted per loop) only when asked, for offline tests.
-                        timestamp=(
-                            packet.timestamp + loop * span if original_times else time.time()
-                        ),
-                        payload=payload,
-                        ip_protocol=_IP_PROTOCOL.get(packet.transport, 17),
-                        capture_id=capture_id,
-                        auth_key=auth_key,
-                    )
-                else:
-                    data = payload
-                sock.sendto(data, target)
-                sent += 1
-            skipped += len(packets) - yielded
+    stream = transport != "udp"
+    try:
+        with (
+            _connect(target, tls if transport == "tls" else None, server_name)
+            if stream
+            else socket.socket(family, socket.SOCK_DGRAM)
+        ) as sock:
+            for loop in range(loops):
+                loop_start = time.monotonic()
+                yielded = 0
+                for packet, payload in _loop_packets(packets, loop):
+                    yielded += 1
+                    if rate:
+                        due = started + sent / rate
+                    elif original_pace:
+                        due = loop_start + (packet.timestamp - first_ts)
+                    else:
+                        due = 0.0
+                    delay = due - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    if as_hep:
+                        data = hep.encode(
+                            src_ip=packet.src_ip,
+                            dst_ip=packet.dst_ip,
+                            src_port=packet.src_port,
+                            dst_port=packet.dst_port,
+                            # Like a live agent, stamp the send time; the capture's own times
+                            # (shifted per loop) only when asked, for offline tests.
+                            timestamp=(
+                                packet.timestamp + loop * span if original_times else time.time()
+                            ),
+                            payload=payload,
+                            ip_protocol=_IP_PROTOCOL.get(packet.transport, 17),
+                            capture_id=capture_id,
+                            auth_key=auth_key,
+                        )
+                    else:
+                        data = payload
+                    if stream:
+                        sock.sendall(data)
+                    else:
+                        sock.sendto(data, target)
+                    sent += 1
+                skipped += len(packets) - yielded
+            if stream:
+                _finish_stream(sock)
+    except ConnectionError as exc:
+        if transport != "tcp":
+            raise
+        # A HEP/TCP listener closes with a reset only when it takes nothing more.
+        raise ConnectionError(
+            f"the listener reset the connection ({exc.strerror or exc}): refused by its "
+            "limits or allow-list, bad framing, or a HEP/TLS port (use --tls)"
+        ) from exc
     return ReplayResult(sent, skipped, time.monotonic() - started)

@@ -1,4 +1,5 @@
-"""Network listeners: plain SIP over UDP, HEP over UDP and HEP over TCP.
+"""Network listeners: plain SIP over UDP and HEP over UDP; the source allow-list and
+HEP agent keys they share with the stream listeners (`hepstream`: HEP over TCP/TLS).
 
 Each datagram is handled inside the event loop's callback (see `pipeline` for why
 there is no queue behind it). The receive path was chosen by benchmark
@@ -13,7 +14,6 @@ import asyncio
 import ipaddress
 import os
 import socket
-import struct
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -170,52 +170,6 @@ def handle_hep(pipeline: Pipeline, gate: HepGate, source: str, data: bytes) -> N
         pipeline.drop(source, "not_sip")
         return
     pipeline.process(hep_to_packet(decoded, pipeline))
-
-
-class HepTcpServer:
-    """HEPv3 frames over TCP (the `HEP3` magic and 16-bit total length frame them;
-    HEPv1/v2 carry no total length, so they cannot be framed on a stream)."""
-
-    SOURCE = "hep_tcp"
-
-    def __init__(self, pipeline: Pipeline, allow: AllowList, gate: HepGate) -> None:
-        self._pipeline = pipeline
-        self._allow = allow
-        self._gate = gate
-        self._connections: set[asyncio.Task[None]] = set()
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
-        peer = writer.get_extra_info("peername")
-        pipeline = self._pipeline
-        try:
-            if not peer or not self._allow.permits(str(peer[0])):
-                pipeline.drop(self.SOURCE, "not_allowed")
-                return
-            while True:
-                header = await reader.readexactly(6)
-                if header[:4] != b"HEP3":
-                    pipeline.drop(self.SOURCE, "bad_hep")
-                    return  # lost framing: nothing after this can be trusted
-                (length,) = struct.unpack_from("!H", header, 4)
-                if length < 6:
-                    pipeline.drop(self.SOURCE, "bad_hep")
-                    return
-                frame = header + await reader.readexactly(length - 6)
-                pipeline.count_received(self.SOURCE)
-                handle_hep(pipeline, self._gate, self.SOURCE, frame)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return
-        finally:
-            writer.close()
-            if task is not None:
-                self._connections.discard(task)
-
-    def close_connections(self) -> None:
-        for task in list(self._connections):
-            task.cancel()
 
 
 def udp_socket(host: str, port: int, rcvbuf_bytes: int) -> socket.socket:

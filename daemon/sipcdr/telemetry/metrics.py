@@ -36,7 +36,8 @@ class Metrics:
         self.packets_dropped = Counter(
             "sipcdr_packets_dropped_total",
             "Input dropped before parsing, by source and reason "
-            "(not_allowed, bad_hep, bad_key, not_sip, queue_full, oversize)",
+            "(not_allowed, bad_hep, bad_key, not_sip, oversize, truncated, rcvbuf_overflow, "
+            "spool_full, internal_error)",
             ["source", "reason"],
             registry=r,
         )
@@ -44,6 +45,33 @@ class Metrics:
             "sipcdr_hep_rejected_total",
             "HEP packets dropped for a wrong or missing agent key, by capture id",
             ["capture_id"],
+            registry=r,
+        )
+        self.hep_connections = Gauge(
+            "sipcdr_hep_connections",
+            "HEP agent connections open now, by listener kind (hep_tcp, hep_tls)",
+            ["source"],
+            registry=r,
+        )
+        self.hep_connections_refused = Counter(
+            "sipcdr_hep_connections_refused_total",
+            "HEP/TCP and HEP/TLS connections refused on arrival, by listener kind and "
+            "reason (not_allowed, max_connections, max_per_source)",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.hep_connections_closed = Counter(
+            "sipcdr_hep_connections_closed_total",
+            "HEP/TCP and HEP/TLS connections the daemon closed, by listener kind and "
+            "reason (idle_timeout, frame_timeout, bad_framing, tls_error)",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.hep_tls_handshake_failures = Counter(
+            "sipcdr_hep_tls_handshake_failures_total",
+            "HEP/TLS handshakes that failed, by reason (no_client_cert, unknown_ca, "
+            "bad_client_cert, agent_alert, not_tls, timeout, eof, other)",
+            ["reason"],
             registry=r,
         )
         self.hep_clock_skew = Counter(

@@ -1,0 +1,441 @@
+"""HEP over TCP and TLS in-process, on the default loop and on uvloop: framing however
+the bytes arrive, the connection caps and deadlines, and every TLS handshake outcome
+counted by its reason. (tests/test_hep_network.py runs the same against `sipcdr run`.)"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import resource
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+import uvloop
+from sipcalls import Call, answered_call_messages
+from sipcdr import hep
+from sipcdr.app import FD_HEADROOM, raise_file_limit, stream_limits
+from sipcdr.capture.hepstream import (
+    SOURCE_TCP,
+    SOURCE_TLS,
+    HepStreamServer,
+    StreamLimits,
+)
+from sipcdr.capture.listeners import AllowList, HepGate
+from sipcdr.capture.tls import HANDSHAKE_FAILURES, handshake_failure, server_context
+from sipcdr.config import DEFAULT_ALLOW, CaptureConfig
+from sipcdr.dialog import Correlator, DialogLimits
+from sipcdr.model import Cdr
+from sipcdr.pipeline import Pipeline
+from tlscerts import Pki, make_pki
+
+T = TypeVar("T")
+LIMITS = StreamLimits(
+    max_connections=50,
+    max_per_source=50,
+    idle_timeout_s=60.0,
+    frame_timeout_s=60.0,
+    max_buffer_bytes=65535,
+)
+
+
+class ListSink:
+    name = "list"
+
+    def __init__(self) -> None:
+        self.cdrs: list[Cdr] = []
+
+    def write(self, cdr: Cdr) -> None:
+        self.cdrs.append(cdr)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Callable[[Awaitable[T]], T]:
+    """Runs a test body on the loop named by the parameter: the daemon runs on uvloop,
+    `import` and embedding code on the default loop."""
+
+    def runner(body: Awaitable[T]) -> T:
+        async def main() -> T:
+            return await body
+
+        if request.param == "uvloop":
+            return uvloop.run(main())
+        return asyncio.run(main())
+
+    return runner
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def frame(payload: bytes, key: str | None = None) -> bytes:
+    return hep.encode(
+        src_ip="192.0.2.10", dst_ip="203.0.113.20", src_port=5060, dst_port=5060,
+        timestamp=time.time(), payload=payload, capture_id=2001, auth_key=key,
+    )  # fmt: skip
+
+
+def call_frames(call_id: str) -> bytes:
+    return b"".join(frame(data) for data in answered_call_messages(Call(call_id)))
+
+
+class Harness:
+    def __init__(
+        self,
+        limits: StreamLimits = LIMITS,
+        *,
+        allow: AllowList | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.sink = ListSink()
+        self.pipeline = Pipeline(Correlator(DialogLimits(), lambda _ip: None), (self.sink,))
+        self.server = HepStreamServer(
+            self.pipeline,
+            allow or AllowList(DEFAULT_ALLOW),
+            HepGate({}),
+            limits,
+            tcp=[("127.0.0.1", 0)],
+            tls=[("127.0.0.1", 0)] if tls else [],
+            tls_context=tls,
+        )
+
+    async def __aenter__(self) -> Harness:
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop()
+
+    def endpoint(self, source: str = SOURCE_TCP) -> tuple[str, int]:
+        host, port = self.server.bound[source][0]
+        return host, port
+
+    async def connect(
+        self, source: str = SOURCE_TCP, local: str = "127.0.0.1"
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(*self.endpoint(source), local_addr=(local, 0))
+
+    @property
+    def call_ids(self) -> set[str]:
+        return {cdr.call_id for cdr in self.sink.cdrs}
+
+
+async def settle(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
+# -- framing --------------------------------------------------------------------------------
+
+
+def test_frames_arrive_whole_however_the_stream_is_cut(run: Any) -> None:
+    async def body() -> None:
+        async with Harness() as h:
+            data = call_frames("bytewise@x") + call_frames("chunked@x") + call_frames("whole@x")
+            first, second = len(call_frames("bytewise@x")), 2 * len(call_frames("chunked@x"))
+            _, writer = await h.connect()
+            for index in range(first):  # one byte at a time, the worst case for a parser
+                writer.write(data[index : index + 1])
+                await writer.drain()
+                if index % 97 == 0:
+                    await asyncio.sleep(0)
+            for start in range(first, second, 1000):
+                writer.write(data[start : min(start + 1000, second)])
+                await asyncio.sleep(0)
+            writer.write(data[second:])  # three calls' frames in one write
+            await writer.drain()
+            await settle(lambda: len(h.call_ids) == 3)
+            assert h.call_ids == {"bytewise@x", "chunked@x", "whole@x"}
+            assert h.pipeline.received == {SOURCE_TCP: 18}
+            assert h.pipeline.drops == {}
+            writer.close()
+
+    run(body())
+
+
+def test_an_oversize_frame_is_skipped_and_the_stream_goes_on(run: Any) -> None:
+    async def body() -> None:
+        limits = StreamLimits(50, 50, 60.0, 60.0, max_buffer_bytes=2048)
+        async with Harness(limits) as h:
+            big = frame(Call("big@x").request("OPTIONS") + b"x" * 4000)
+            assert len(big) > 2048
+            _, writer = await h.connect()
+            writer.write(big[:100])  # the skip spans writes
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(big[100:] + call_frames("after@x"))
+            await writer.drain()
+            await settle(lambda: h.call_ids == {"after@x"})
+            assert h.pipeline.drops == {(SOURCE_TCP, "oversize"): 1}
+            assert h.server.open[SOURCE_TCP] == 1
+            writer.close()
+
+    run(body())
+
+
+def test_lost_framing_closes_the_connection_and_counts(run: Any) -> None:
+    async def body() -> None:
+        async with Harness() as h:
+            reader, writer = await h.connect()
+            invite = frame(Call("ok@x").request("INVITE"))
+            writer.write(invite + b"GARBAGE" + invite)
+            assert await closed_by_peer(reader)
+            await settle(lambda: h.server.open[SOURCE_TCP] == 0)
+            assert h.server.closed == {(SOURCE_TCP, "bad_framing"): 1}
+            assert h.pipeline.drops == {(SOURCE_TCP, "bad_hep"): 1}
+            assert h.pipeline.received == {SOURCE_TCP: 1}  # what came before it counts
+            writer.close()
+
+    run(body())
+
+
+def test_a_frame_cut_off_by_the_agent_is_counted(run: Any) -> None:
+    async def body() -> None:
+        async with Harness() as h:
+            _, writer = await h.connect()
+            writer.write(call_frames("cut@x")[:-10])
+            await writer.drain()
+            writer.close()
+            await settle(lambda: h.server.open[SOURCE_TCP] == 0)
+            assert h.pipeline.drops == {(SOURCE_TCP, "truncated"): 1}
+            assert h.pipeline.received == {SOURCE_TCP: 5}
+
+    run(body())
+
+
+# -- caps and deadlines ------------------------------------------------------------------
+
+
+def test_connections_beyond_the_caps_are_refused_by_reason(run: Any) -> None:
+    async def body() -> None:
+        limits = StreamLimits(5, 2, 60.0, 60.0, 65535)
+        allow = AllowList([ipaddress.ip_network("127.0.0.0/29")])
+        async with Harness(limits, allow=allow) as h:
+            kept = [await h.connect(local="127.0.0.2") for _ in range(2)]
+            refused = [await h.connect(local="127.0.0.2")]  # third from one source
+            kept += [await h.connect(local=f"127.0.0.{n}") for n in (3, 3, 4)]
+            refused.append(await h.connect(local="127.0.0.5"))  # sixth in total
+            refused.append(await h.connect(local="127.0.0.9"))  # outside 127.0.0.0/29
+            for reader, _ in refused:
+                assert await closed_by_peer(reader)
+            assert h.server.refused == {
+                (SOURCE_TCP, "max_per_source"): 1,
+                (SOURCE_TCP, "max_connections"): 1,
+                (SOURCE_TCP, "not_allowed"): 1,
+            }
+            assert h.server.open[SOURCE_TCP] == h.server.connections == 5
+            # A closed connection frees its slot for the next one.
+            kept.pop()[1].close()
+            await settle(lambda: h.server.connections == 4)
+            reader, writer = await h.connect(local="127.0.0.5")
+            writer.write(call_frames("late@x"))
+            await settle(lambda: h.call_ids == {"late@x"})
+            for _, other in [*kept, *refused, (reader, writer)]:
+                other.close()
+
+    run(body())
+
+
+def test_idle_and_stalled_connections_are_closed_by_reason(run: Any) -> None:
+    """Deadlines driven through `expire` with a clock moved ahead, not by sleeping."""
+
+    async def body() -> None:
+        limits = StreamLimits(50, 50, idle_timeout_s=30.0, frame_timeout_s=5.0,
+                              max_buffer_bytes=65535)  # fmt: skip
+        async with Harness(limits) as h:
+            idle_reader, idle = await h.connect()
+            slow_reader, slow = await h.connect()
+            _, busy = await h.connect()
+            slow.write(b"HEP3\xff\xff" + b"\x00" * 20)  # a frame started, never finished
+            await slow.drain()
+            await asyncio.sleep(0.05)
+            now = time.monotonic()  # idle connected, slow's frame started, before this
+            h.server.expire(now + 4.9)
+            assert h.server.connections == 3
+            await asyncio.sleep(0.2)
+            busy.write(call_frames("busy@x")[:50])  # a frame started after `now`
+            await busy.drain()
+            await asyncio.sleep(0.05)
+            h.server.expire(now + 5.1)  # slow's frame is overdue, busy's is not
+            assert await closed_by_peer(slow_reader)
+            assert h.server.connections == 2
+            busy.write(call_frames("busy@x")[50:])
+            await settle(lambda: h.call_ids == {"busy@x"})
+            h.server.expire(now + 30.1)  # idle has been silent since before `now`
+            assert await closed_by_peer(idle_reader)
+            assert h.server.closed == {
+                (SOURCE_TCP, "frame_timeout"): 1,
+                (SOURCE_TCP, "idle_timeout"): 1,
+            }
+            assert h.server.connections == 1
+            for writer in (idle, slow, busy):
+                writer.close()
+
+    run(body())
+
+
+def test_the_sweep_enforces_the_deadlines_by_itself(run: Any) -> None:
+    async def body() -> None:
+        limits = StreamLimits(50, 50, idle_timeout_s=0.4, frame_timeout_s=0.2,
+                              max_buffer_bytes=65535)  # fmt: skip
+        async with Harness(limits) as h:
+            idle_reader, idle = await h.connect()
+            slow_reader, slow = await h.connect()
+            slow.write(b"HEP3")
+            assert await closed_by_peer(slow_reader)
+            assert await closed_by_peer(idle_reader)
+            assert h.server.closed == {
+                (SOURCE_TCP, "frame_timeout"): 1,
+                (SOURCE_TCP, "idle_timeout"): 1,
+            }
+            idle.close()
+            slow.close()
+
+    run(body())
+
+
+# -- TLS --------------------------------------------------------------------------------
+
+
+def agent_context(pki: Pki, *, cert: bool = True, rogue: bool = False) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if rogue:
+        context.load_cert_chain(str(pki.rogue_cert), str(pki.rogue_key))
+    elif cert:
+        context.load_cert_chain(str(pki.agent_cert), str(pki.agent_key))
+    return context
+
+
+def blocking_agent(endpoint: tuple[str, int], context: ssl.SSLContext, data: bytes) -> str | None:
+    """A TLS agent as `sipcdr replay --tls` is one: send, half-close, read until the
+    daemon's close_notify. Returns the error it met, or None."""
+    try:
+        with (
+            socket.create_connection(endpoint, timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+        ):
+            sock.sendall(data)
+            socket.socket.shutdown(sock, socket.SHUT_WR)
+            while sock.recv(4096):
+                pass
+    except (OSError, ssl.SSLError) as exc:
+        return str(exc)
+    return None
+
+
+def test_tls_handshakes_good_and_bad_are_counted_by_reason(run: Any, pki: Pki) -> None:
+    context = server_context(pki.server_cert, pki.server_key, pki.ca)
+
+    async def body() -> None:
+        limits = StreamLimits(50, 50, idle_timeout_s=60.0, frame_timeout_s=0.3,
+                              max_buffer_bytes=65535)  # fmt: skip
+        async with Harness(limits, tls=context) as h:
+            endpoint = h.endpoint(SOURCE_TLS)
+
+            async def agent(context: ssl.SSLContext, data: bytes) -> str | None:
+                return await asyncio.to_thread(blocking_agent, endpoint, context, data)
+
+            assert await agent(agent_context(pki), call_frames("tls@x")) is None
+            assert h.call_ids == {"tls@x"}  # confirmed by the daemon's close_notify
+            failures: dict[str, int] = {}
+
+            async def expect(reason: str) -> None:
+                failures[reason] = failures.get(reason, 0) + 1
+                await settle(lambda: h.server.handshake_failures == failures)
+
+            error = await agent(agent_context(pki, cert=False), call_frames("nocert@x"))
+            assert error is not None and "certificate required" in error
+            await expect("no_client_cert")
+            error = await agent(agent_context(pki, rogue=True), call_frames("rogue@x"))
+            assert error is not None and "unknown ca" in error
+            await expect("unknown_ca")
+            distrustful = ssl.create_default_context(cafile=str(pki.other_ca))
+            distrustful.load_cert_chain(str(pki.agent_cert), str(pki.agent_key))
+            assert await agent(distrustful, call_frames("distrust@x"))
+            await expect("agent_alert")
+            reader, writer = await h.connect(SOURCE_TLS)  # plain HEP on the TLS port
+            writer.write(call_frames("plain@x"))
+            assert await closed_by_peer(reader)
+            await expect("not_tls")
+            stalled_reader, stalled = await h.connect(SOURCE_TLS)  # says nothing at all
+            assert await closed_by_peer(stalled_reader)
+            await expect("timeout")
+            _, gone = await h.connect(SOURCE_TLS)
+            gone.close()
+            await expect("eof")
+            assert h.call_ids == {"tls@x"}
+            assert h.server.open == {SOURCE_TCP: 0, SOURCE_TLS: 0}
+            assert h.server.closed == {}
+            writer.close()
+            stalled.close()
+            # Everything above left the listener as it was.
+            assert await agent(agent_context(pki), call_frames("again@x")) is None
+            assert h.call_ids == {"tls@x", "again@x"}
+
+    run(body())
+
+
+def test_tls_without_a_client_ca_takes_any_agent(run: Any, pki: Pki) -> None:
+    context = server_context(pki.server_cert, pki.server_key, None)
+
+    async def body() -> None:
+        async with Harness(tls=context) as h:
+            endpoint = h.endpoint(SOURCE_TLS)
+            error = await asyncio.to_thread(
+                blocking_agent, endpoint, agent_context(pki, cert=False), call_frames("anon@x")
+            )
+            assert error is None
+            assert h.call_ids == {"anon@x"}
+
+    run(body())
+
+
+def test_handshake_failure_reasons_are_a_fixed_set() -> None:
+    assert handshake_failure(ValueError("x")) == "other"
+    assert handshake_failure(ssl.SSLEOFError()) == "eof"
+    for reason in ("not_tls", "no_client_cert", "unknown_ca", "agent_alert", "timeout"):
+        assert reason in HANDSHAKE_FAILURES
+
+
+# -- the file limit ---------------------------------------------------------------------
+
+
+def test_the_soft_file_limit_is_raised_to_the_hard_one() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+        assert raise_file_limit() == (hard, hard)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_connection_cap_is_lowered_to_what_the_file_limit_holds() -> None:
+    capture = CaptureConfig()  # 1024 connections by default
+    assert stream_limits(capture, 65536).max_connections == 1024
+    assert stream_limits(capture, 1024).max_connections == 1024 - FD_HEADROOM
+    assert stream_limits(capture, 200).max_connections == 50
+    limits = stream_limits(dataclasses.replace(capture, hep_tcp_max_per_source=3), 4096)
+    assert (limits.max_per_source, limits.idle_timeout_s, limits.max_buffer_bytes) == (
+        3,
+        capture.hep_tcp_idle_timeout_s,
+        capture.hep_tcp_max_buffer_bytes,
+    )
