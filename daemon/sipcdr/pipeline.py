@@ -44,6 +44,7 @@ class Pipeline:
         "messages",
         "metrics",
         "parse_errors",
+        "pause_reason",
         "paused",
         "received",
         "signaling",
@@ -64,9 +65,11 @@ class Pipeline:
         self.hep_clock_skew = 0  # HEP times replaced by the receive time
         # Each parsed message, for the sinks that keep signaling; None when none does.
         self.signaling: Callable[[Packet, SipMessage], None] | None = None
-        # Set while the CDR spool is full under its "block" policy: intake is refused,
-        # counted, rather than closing calls whose CDRs would have nowhere to go.
+        # Set while the CDR spool is full, or its disk refuses writes, under the "block"
+        # policy: intake is refused, counted with `pause_reason`, rather than closing
+        # calls whose CDRs would have nowhere to go.
         self.paused = False
+        self.pause_reason = "spool_full"
         self._flushed: dict[str, int] = {}  # correlator counters already exported
         self._errors_logged = 0
 
@@ -89,7 +92,7 @@ class Pipeline:
         if self.paused and (msg.method == "INVITE" and not self.correlator.is_open(msg.call_id)):
             # Only new calls are refused: the BYE of a call already being billed must
             # still end it, or its CDR would close short, by a timeout, much later.
-            self.drop("intake", "spool_full")
+            self.drop("intake", self.pause_reason)
             return
         key = (msg.method, "request") if msg.is_request else (msg.cseq_method, "response")
         messages = self.messages
