@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from sipcdr.sinks import spool as spool_module
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
 from sipcdr.sinks.spool import HEADER_BYTES, Spool, SpoolError
+from smalldisk import SmallDisk
 
 READERS = ("s", "t", "x", "fast", "slow")
 
@@ -578,3 +579,32 @@ def test_a_cursor_of_the_json_form_is_taken_over(tmp_path: Path) -> None:
         assert [r.value for r in spool.reader("s").read(100, 1 << 20)] == values[3:]
     assert not (cursors / "s.json").exists()
     assert (cursors / "s.cursor").stat().st_size == 1024
+
+
+def test_on_a_full_disk_a_delivered_active_segment_makes_room_for_the_reserve(
+    tmp_path: Path, small_disk: SmallDisk
+) -> None:
+    """A real 256 KiB disk: the one segment fills it and the disk refuses the rest,
+    which waits in the reserve. Once the sink has everything written, the segment
+    gives way (it is deleted only when no longer active) and the reserve goes in."""
+    disk = small_disk(tmp_path / "disk", 256 * 1024)
+    with Spool(disk / "spool", ("s",), reserve_records=1000) as spool:
+        reader = spool.reader("s")
+        values = _fill(spool, 400)  # ~30 KB of records
+        values += [b"x" * 1000 + b"%d" % n for n in range(300)]  # ~300 KB: too much
+        for n, value in enumerate(values[400:]):
+            assert spool.append(KIND_CDR, b"big-%d" % n, value)
+        held = spool.reserved
+        assert 0 < held < 300
+        assert spool.segments == 1
+        got = [r.value for r in reader.read(10_000, 1 << 30)]
+        reader.commit()
+        spool.flush()  # the tick
+        assert spool.reserved < held
+        while spool.reserved:
+            got += [r.value for r in reader.read(10_000, 1 << 30)]
+            reader.commit()
+            spool.flush()
+        got += [r.value for r in reader.read(10_000, 1 << 30)]
+    assert got == values
+    assert spool.stats.dropped == {}

@@ -183,6 +183,7 @@ class Spool:
         self.below_floor = False
         self._floor_budget = 0  # bytes that may still be written before the floor
         self._floor_checked_until = 0.0
+        self._write_failed = False  # the last write was refused
         self.stats = SpoolStats()
         self.full = False
         self.next_seq = 1
@@ -419,7 +420,8 @@ class Spool:
             written = 0
         whole = len(records)
         kept = written
-        if written != len(data):
+        self._write_failed = written != len(data)
+        if self._write_failed:
             whole = kept = 0
             for record in records:
                 if kept + len(record) > written:
@@ -477,6 +479,21 @@ class Spool:
         self.below_floor = self._floor_budget < 0
         return self.below_floor
 
+    def _retire_delivered_segment(self) -> None:
+        """On a full disk, the active segment may hold all the space there is to free,
+        and it is deleted only once it is no longer active: when every reader has all
+        of it, a new (empty) segment takes its place so it can go."""
+        if not self._readers or not self._segments or self._segments[-1].size == 0:
+            return
+        if min(reader.confirmed_seq for reader in self._readers.values()) < self.next_seq:
+            return
+        try:
+            self._start_segment()
+        except OSError:
+            self.stats.rotation_failures += 1
+            return
+        self._collect()
+
     @property
     def reserved(self) -> int:
         """Records the disk refused that wait in memory to be written."""
@@ -485,6 +502,8 @@ class Spool:
     def flush(self) -> None:
         """Write what the buffered stream holds and what the reserve holds, and save
         cursors that could not be saved before (the daemon calls this on its tick)."""
+        if self._write_failed or self.below_floor:
+            self._retire_delivered_segment()
         if self.buffered:
             self._flush_buffer()
             if self.min_free_bytes:
