@@ -209,12 +209,14 @@ def _import(
                 if packets % YIELD_EVERY == 0:
                     yield
         # Every call still open closes now: in slices, so a disk that refuses them
-        # has the caller wait rather than outrun the reserve.
+        # has the caller wait rather than outrun the reserve; and the caller waits
+        # once more at the end, for what the disk refused since the last turn.
         closing = pipeline.correlator.drain()
         for start in range(0, len(closing), YIELD_EVERY):
             pipeline.emit(closing[start : start + YIELD_EVERY])
             yield
         pipeline.flush()
+        yield
     finally:
         # Also when the caller stops early (an aborted import): what was read so far.
         stats = pipeline.correlator.stats
