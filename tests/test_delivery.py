@@ -362,7 +362,7 @@ async def test_outputs_hold_refused_cdrs_block_intake_and_export_it(
     monkeypatch.setattr(os, "write", real_write)
     outputs.flush()  # the tick: the disk takes the reserve again
     assert outputs.intake_block_reason is None
-    await _until(lambda: (tmp_path / "cdrs.jsonl").exists())
+    await _until((tmp_path / "cdrs.jsonl").exists)
     await outputs.close()
     outputs.export_metrics(metrics)
     assert value("sipcdr_spool_reserve_records", {"stream": "records"}) == 0
