@@ -237,7 +237,7 @@ async def test_jsonl_writes_cdr_lines_only_and_rotates_by_size(tmp_path: Path) -
     assert sorted(orjson.loads(line)["n"] for line in lines) == [n for n in range(1, 201) if n % 10]
 
 
-async def test_a_cursor_that_cannot_be_saved_delivers_again_and_the_loop_lives_on(
+async def test_a_commit_that_raises_delivers_again_and_the_loop_lives_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(delivery_module, "MIN_BACKOFF_S", 0.01)
@@ -247,12 +247,12 @@ async def test_a_cursor_that_cannot_be_saved_delivers_again_and_the_loop_lives_o
         real_commit = reader.commit
         failures = iter([True])
 
-        def full_disk_commit() -> None:
+        def failing_commit() -> None:
             if next(failures, False):
-                raise OSError(28, "No space left on device")
+                raise OSError(errno.EIO, "Input/output error")
             real_commit()
 
-        monkeypatch.setattr(reader, "commit", full_disk_commit)
+        monkeypatch.setattr(reader, "commit", failing_commit)
         delivery = Delivery({STREAM_RECORDS: spool}, [sink])
         await delivery.start()
         values = _append(spool, 5)

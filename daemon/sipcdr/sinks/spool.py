@@ -448,9 +448,10 @@ class Spool:
         if not self._buffer:
             return True
         # Taken first: a rotation while writing flushes the buffer again.
-        records, self._buffer, self._buffered_bytes = self._buffer, [], 0
+        records, size = self._buffer, self._buffered_bytes
+        self._buffer, self._buffered_bytes = [], 0
         first_seq = self.next_seq - len(records)
-        if self.min_free_bytes and self._check_floor(sum(map(len, records))):
+        if self.min_free_bytes and self._check_floor(size):
             reason, written = "disk_floor", 0
         else:
             reason, written = "write_error", self._write(records)
@@ -594,7 +595,7 @@ class SpoolReader:
         self.name = name
         cursors = spool.directory / "cursors"
         self.cursor_path = cursors / f"{name}{CURSOR_SUFFIX}"
-        self._legacy_cursor_path = cursors / f"{name}.json"  # replaced at each save, once
+        self._legacy_cursor_path = cursors / f"{name}.json"  # the older form, taken over
         self.corrupt_records = 0
         self.cursor_reset = False  # the saved cursor was unreadable or pointed nowhere
         self.cursor_write_failures = 0  # saves that failed; the position stayed in memory
