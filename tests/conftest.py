@@ -20,8 +20,8 @@ from peers import (
     require_program,
 )
 
-# Fixtures for the real servers the delivery tests write to.
-pytest_plugins = ["pgserver", "kafkabroker"]
+# Fixtures for the real servers the delivery tests write to, and small real disks.
+pytest_plugins = ["pgserver", "kafkabroker", "smalldisk"]
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 

@@ -920,3 +920,20 @@ def test_trunk_resolver_without_trunks() -> None:
     resolve = trunk_resolver(Config())
     assert resolve("10.1.2.3") is None
     assert resolve("::1") is None
+
+
+def test_the_full_disk_keys_of_the_spool(tmp_path: Path) -> None:
+    defaults = Config().spool
+    assert defaults.cdr_reserve_records == 50_000
+    assert defaults.signaling_min_free_bytes == 1024**3
+    text = "[spool]\ncdr_reserve_records = 200\nsignaling_min_free_bytes = 0\n"
+    spool = load_text(tmp_path, text).spool
+    assert (spool.cdr_reserve_records, spool.signaling_min_free_bytes) == (200, 0)
+    environ = {"SIPCDR_SPOOL__SIGNALING_MIN_FREE_BYTES": "2097152"}
+    assert load_text(tmp_path, "", environ).spool.signaling_min_free_bytes == 2 * 1024 * 1024
+    # A reserve of none would lose the first CDR a failing disk refuses.
+    error = error_for(tmp_path, "[spool]\ncdr_reserve_records = 0\n")
+    assert error.key == "spool.cdr_reserve_records"
+    assert error.expected == "an integer >= 1"
+    error = error_for(tmp_path, "[spool]\nsignaling_min_free_bytes = -1\n")
+    assert error.key == "spool.signaling_min_free_bytes"

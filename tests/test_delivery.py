@@ -4,13 +4,15 @@ independent sinks, drain on stop, bounded memory under a stalled sink."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import orjson
 import pytest
 from sipcalls import Call, CdrCollector, packet
-from sipcdr.config import Config, JsonlConfig, PostgresConfig, SinksConfig
+from sipcdr.config import Config, JsonlConfig, PostgresConfig, SinksConfig, SpoolConfig
 from sipcdr.dialog import Correlator
 from sipcdr.pipeline import Pipeline
 from sipcdr.sinks import delivery as delivery_module
@@ -20,6 +22,7 @@ from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.spool import Spool
 from sipcdr.telemetry.metrics import Metrics
+from smalldisk import SmallDisk, fill
 from structlog.testing import capture_logs
 
 
@@ -242,7 +245,7 @@ async def test_jsonl_writes_cdr_lines_only_and_rotates_by_size(tmp_path: Path) -
     assert sorted(orjson.loads(line)["n"] for line in lines) == [n for n in range(1, 201) if n % 10]
 
 
-async def test_a_cursor_that_cannot_be_saved_delivers_again_and_the_loop_lives_on(
+async def test_a_commit_that_raises_delivers_again_and_the_loop_lives_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(delivery_module, "MIN_BACKOFF_S", 0.01)
@@ -252,12 +255,12 @@ async def test_a_cursor_that_cannot_be_saved_delivers_again_and_the_loop_lives_o
         real_commit = reader.commit
         failures = iter([True])
 
-        def full_disk_commit() -> None:
+        def failing_commit() -> None:
             if next(failures, False):
-                raise OSError(28, "No space left on device")
+                raise OSError(errno.EIO, "Input/output error")
             real_commit()
 
-        monkeypatch.setattr(reader, "commit", full_disk_commit)
+        monkeypatch.setattr(reader, "commit", failing_commit)
         delivery = Delivery({STREAM_RECORDS: spool}, [sink])
         await delivery.start()
         values = _append(spool, 5)
@@ -268,7 +271,115 @@ async def test_a_cursor_that_cannot_be_saved_delivers_again_and_the_loop_lives_o
     assert sink.got == values + values + more  # the first batch twice, nothing lost
 
 
-def test_a_paused_intake_refuses_new_calls_but_ends_open_ones() -> None:
+async def test_a_cursor_that_cannot_be_saved_neither_stops_nor_repeats_delivery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that refuses even the in-place cursor write: every record reaches the
+    sink once, delivered segments are deleted, and the cursor is saved once it can be."""
+    monkeypatch.setattr(delivery_module, "MIN_BACKOFF_S", 0.01)
+    sink = MemorySink("s")
+    with Spool(tmp_path, ("s",), segment_bytes=4096) as spool:
+        reader = spool.reader("s")
+
+        def failing_disk(fd: int, data: bytes, offset: int) -> int:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "pwrite", failing_disk)
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink], batch_records=50)
+        await delivery.start()
+        values = _append(spool, 300)
+        await _until(lambda: reader.lag_records == 0)
+        values += _append(spool, 300, start=300)
+        await _until(lambda: reader.lag_records == 0)
+        assert sink.got == values  # each once, in order
+        assert reader.cursor_write_failures >= 12
+        assert spool.segments <= 2
+        monkeypatch.undo()
+        await _until(lambda: not reader.cursor_unsaved)  # the spool's sync saves it
+        await delivery.stop()
+    with Spool(tmp_path, ("s",)) as spool:
+        assert spool.reader("s").read(10, 1 << 20) == []
+
+
+async def test_jsonl_on_a_full_disk_cuts_the_torn_batch_back_and_catches_up(
+    tmp_path: Path, small_disk: SmallDisk
+) -> None:
+    disk = small_disk(tmp_path / "disk", 256 * 1024)
+    filler = fill(disk, leave_bytes=8 * 1024)
+    path = disk / "cdrs.jsonl"
+    sink = JsonlSink(path)
+    await sink.start()
+    records = [
+        SpoolRecord(n, KIND_CDR, b"k", b'{"n":%d,"pad":"%s"}' % (n, b"x" * 200))
+        for n in range(1, 101)
+    ]
+    await sink.deliver(STREAM_RECORDS, records[:20])  # 4.5 KB: fits
+    with pytest.raises(OSError) as failed:
+        await sink.deliver(STREAM_RECORDS, records[20:60])  # 9 KB: written in part
+    assert failed.value.errno == errno.ENOSPC
+    text = path.read_bytes()
+    assert text.endswith(b"\n")
+    assert [orjson.loads(line)["n"] for line in text.splitlines()] == list(range(1, 21))
+    filler.unlink()
+    await sink.deliver(STREAM_RECORDS, records[20:])  # the failed batch, retried, and more
+    await sink.stop()
+    lines = path.read_bytes().splitlines()
+    assert [orjson.loads(line)["n"] for line in lines] == list(range(1, 101))
+
+
+async def test_jsonl_cuts_off_a_torn_line_it_finds_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "cdrs.jsonl"
+    path.write_bytes(b'{"n":1}\n{"n":2}\n{"n":3,"pa')  # a crash in the middle of a write
+    sink = JsonlSink(path)
+    await sink.start()
+    records = [SpoolRecord(n, KIND_CDR, b"k", b'{"n":%d}' % n) for n in (3, 4)]
+    await sink.deliver(STREAM_RECORDS, records)
+    await sink.stop()
+    assert [orjson.loads(line)["n"] for line in path.read_bytes().splitlines()] == [1, 2, 3, 4]
+
+
+async def test_outputs_hold_refused_cdrs_block_intake_and_export_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = Config(
+        sinks=SinksConfig(
+            jsonl=JsonlConfig(path=str(tmp_path / "cdrs.jsonl")),
+            postgres=PostgresConfig(dsn=""),
+        ),
+        spool=SpoolConfig(cdr_reserve_records=3),
+    )
+    outputs = Outputs(config, spool_dir=tmp_path / "spool")
+    await outputs.open()
+    assert outputs.cdr_writer is not None
+    spool = outputs.cdr_writer.spool
+    real_write = os.write
+
+    def full_disk(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    for n in range(5):
+        spool.append(KIND_CDR, b"k", orjson.dumps({"cdr_id": str(n)}))
+    metrics = Metrics()
+    outputs.export_metrics(metrics)
+    value = metrics.registry.get_sample_value
+    assert outputs.intake_block_reason == "write_error"
+    assert outputs.must_wait
+    assert value("sipcdr_spool_reserve_records", {"stream": "records"}) == 3
+    assert value("sipcdr_spool_dropped_total", {"stream": "records", "reason": "write_error"}) == 2
+    monkeypatch.setattr(os, "write", real_write)
+    outputs.flush()  # the tick: the disk takes the reserve again
+    assert outputs.intake_block_reason is None
+    await _until((tmp_path / "cdrs.jsonl").exists)
+    await outputs.close()
+    outputs.export_metrics(metrics)
+    assert value("sipcdr_spool_reserve_records", {"stream": "records"}) == 0
+    lines = (tmp_path / "cdrs.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(line)["cdr_id"] for line in lines] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("reason", ["spool_full", "write_error"])
+def test_a_paused_intake_refuses_new_calls_but_ends_open_ones(reason: str) -> None:
     collector = CdrCollector()
     pipeline = Pipeline(Correlator(), [collector])
     open_call, new_call = Call("open@x"), Call("new@x")
@@ -280,10 +391,11 @@ def test_a_paused_intake_refuses_new_calls_but_ends_open_ones() -> None:
         ]
     ):
         pipeline.process(packet(100.0 + n, data))
-    pipeline.paused = True  # the CDR spool is full under the block policy
+    pipeline.paused = True  # the CDR spool is full, or its disk fails, under "block"
+    pipeline.pause_reason = reason
     pipeline.process(packet(110.0, new_call.request("INVITE")))
     pipeline.process(packet(130.0, open_call.request("BYE", 2, "z9hG4bK-bye", to_tag="callee-tag")))
-    assert pipeline.drops == {("intake", "spool_full"): 1}
+    assert pipeline.drops == {("intake", reason): 1}
     assert [cdr.call_id for cdr in collector.cdrs] == ["open@x"]
     assert collector.cdrs[0].end_reason == "bye"
     assert collector.cdrs[0].billsec == 29.0

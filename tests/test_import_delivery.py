@@ -4,10 +4,13 @@ import whose sink is unreachable says so and exits 1."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +18,9 @@ import dpkt
 import pytest
 from daemonproc import daemon_environ
 from sipcalls import Call, answered_call_messages
+from sipcdr.config import Config, JsonlConfig, PostgresConfig, SinksConfig, StateConfig
+from sipcdr.importer import import_files
+from sipcdr.sinks.spool import MAGIC
 from test_delivery_end_to_end import MESSAGES_PER_CALL, pg_cdr_ids, pg_count
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -121,6 +127,47 @@ def test_an_import_that_outgrows_its_spool_while_the_sink_is_down_gives_up_in_ti
     elapsed = time.monotonic() - started
     assert done.returncode == 1
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["aborted"] == "the sinks took nothing for 2 s"
+    assert summary["aborted"] == "neither the sinks nor the disk took anything for 2 s"
     assert 0 < summary["sip_messages"] < 1500 * MESSAGES_PER_CALL  # how far it got
     assert elapsed < 30  # one timeout, not a second one for the drain
+
+
+def test_an_import_waits_while_the_disk_refuses_cdrs_and_loses_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk refuses every spool write for the import's first second: the CDRs
+    closed meanwhile wait in the reserve, parsing waits for the disk, and once it
+    takes writes again every CDR arrives."""
+    calls = 600
+    capture = tmp_path / "calls.pcap"
+    write_capture(capture, calls)
+    config = Config(
+        sinks=SinksConfig(
+            jsonl=JsonlConfig(path=str(tmp_path / "cdrs.jsonl")),
+            postgres=PostgresConfig(dsn=""),
+        ),
+        state=StateConfig(dir=tmp_path / "var"),
+    )
+    real_write = os.write
+    disk_full = threading.Event()
+    disk_full.set()
+    refused: list[int] = []
+    record_start = MAGIC.to_bytes(2, "little")
+
+    def full_disk_for_spool_records(fd: int, data: bytes) -> int:
+        if disk_full.is_set() and bytes(data[:2]) == record_start:
+            refused.append(len(data))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk_for_spool_records)
+    threading.Timer(1.0, disk_full.clear).start()
+    started = time.monotonic()
+    summary = import_files(config, [capture], progress=False, delivery_timeout_s=30)
+    assert time.monotonic() - started >= 1.0  # it waited for the disk
+    assert len(refused) > 5  # each retry of the reserve, refused
+    assert summary["cdrs_written"] == calls
+    assert summary["spool_refused"] == {}
+    assert summary["undelivered"] == {}
+    lines = (tmp_path / "cdrs.jsonl").read_bytes().splitlines()
+    assert len({json.loads(line)["cdr_id"] for line in lines}) == calls

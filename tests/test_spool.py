@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sipcdr.sinks import spool as spool_module
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
 from sipcdr.sinks.spool import HEADER_BYTES, Spool, SpoolError
+from smalldisk import SmallDisk
 
 READERS = ("s", "t", "x", "fast", "slow")
 
@@ -150,7 +154,7 @@ def test_an_unreadable_cursor_starts_over_from_the_oldest_record(tmp_path: Path)
     with Spool(tmp_path, READERS) as spool:
         values = _fill(spool, 5)
         _read_all(spool, "s")
-    (tmp_path / "cursors" / "s.json").write_bytes(b"{torn")
+    (tmp_path / "cursors" / "s.cursor").write_bytes(b"\xff" * 1024)  # both slots spoilt
     with Spool(tmp_path, READERS) as spool:
         reader = spool.reader("s")
         assert reader.cursor_reset
@@ -297,24 +301,310 @@ def test_damage_before_the_cursor_neither_skips_nor_recounts(tmp_path: Path) -> 
             assert reader.corrupt_records == 0
 
 
-def test_a_failed_batch_write_of_the_buffered_stream_reuses_no_sequence_number(
+def test_a_failed_batch_write_of_the_buffered_stream_is_counted_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The lost records are dropped (write_error) and nothing else: their numbers are
+    given back, so readers see no gap to count and no backlog that never clears."""
     with Spool(tmp_path, ("s",), buffered=True) as spool:
         _fill(spool, 3, kind=KIND_SIP)  # buffered, not yet written
-        real_write = os.write
-
-        def full_disk(fd: int, data: bytes) -> int:
-            raise OSError(28, "No space left on device")
-
-        monkeypatch.setattr(os, "write", full_disk)
+        monkeypatch.setattr(os, "write", _full_disk)
         spool.flush()  # the three buffered records are lost, and counted
-        monkeypatch.setattr(os, "write", real_write)
+        monkeypatch.undo()
         later = _fill(spool, 2, start=3, kind=KIND_SIP)
         spool.flush()
         reader = spool.reader("s")
         got = reader.read(100, 1 << 20)
+        reader.commit()
+        assert reader.lag_records == 0
     assert spool.stats.dropped == {"write_error": 3}
-    assert [r.seq for r in got] == [4, 5]
+    assert spool.stats.appended == {KIND_SIP: 2}
+    assert [r.seq for r in got] == [1, 2]
     assert [r.value for r in got] == later
-    assert reader.corrupt_records == 3  # the gap tells the readers how many
+    assert reader.corrupt_records == 0
+
+
+def _full_disk(fd: int, data: bytes) -> int:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _short_writes(monkeypatch: pytest.MonkeyPatch, fraction: float = 0.5) -> None:
+    """os.write writes only the first part of what it is given, as on a disk that fills
+    up mid-write, and says so."""
+    real_write = os.write
+
+    def short(fd: int, data: bytes) -> int:
+        return real_write(fd, bytes(data)[: max(1, int(len(data) * fraction))])
+
+    monkeypatch.setattr(os, "write", short)
+
+
+def test_cdrs_the_disk_refuses_wait_in_the_reserve_and_are_written_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Spool(tmp_path, ("s",), reserve_records=10) as spool:
+        values = _fill(spool, 3)
+        monkeypatch.setattr(os, "write", _full_disk)
+        values += _fill(spool, 4, start=3)  # taken: held in memory
+        assert spool.reserved == 4
+        spool.flush()  # the tick retries, and the disk is still full
+        assert spool.reserved == 4
+        monkeypatch.undo()
+        values += _fill(spool, 1, start=7)  # the reserve goes first, then this one
+        assert spool.reserved == 0
+        reader = spool.reader("s")
+        got = reader.read(100, 1 << 20)
+    assert [r.value for r in got] == values
+    assert [r.seq for r in got] == list(range(1, 9))
+    assert spool.stats.appended == {KIND_CDR: 8}
+    assert spool.stats.dropped == {}
+    assert reader.corrupt_records == 0
+
+
+def test_only_what_the_full_reserve_cannot_hold_is_lost_and_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Spool(tmp_path, ("s",), reserve_records=2) as spool:
+        monkeypatch.setattr(os, "write", _full_disk)
+        taken = [spool.append(KIND_CDR, b"k", b"%d" % n) for n in range(5)]
+        assert taken == [True, True, False, False, False]
+        assert spool.stats.dropped == {"write_error": 3}
+        monkeypatch.undo()
+        spool.flush()  # the tick writes the reserve once the disk takes it
+        assert spool.reserved == 0
+        assert [r.value for r in spool.reader("s").read(100, 1 << 20)] == [b"0", b"1"]
+
+
+def test_a_reserve_left_at_close_is_counted_as_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path, ("s",))
+    spool.open()
+    monkeypatch.setattr(os, "write", _full_disk)
+    _fill(spool, 3)
+    spool.close()
+    assert spool.stats.dropped == {"write_error": 3}
+    assert spool.reserved == 0
+
+
+@pytest.mark.parametrize("buffered", [False, True], ids=["cdr", "signaling"])
+def test_a_short_write_is_cut_back_to_whole_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, buffered: bool
+) -> None:
+    kind = KIND_SIP if buffered else KIND_CDR
+    with Spool(tmp_path, ("s",), buffered=buffered) as spool:
+        values = _fill(spool, 5, kind=kind)
+        spool.flush()
+        _short_writes(monkeypatch)
+        more = _fill(spool, 10, start=5, kind=kind)
+        spool.flush()
+        monkeypatch.undo()
+        segment = next(tmp_path.glob("*.seg"))
+        assert segment.stat().st_size == spool.size_bytes  # no torn record left behind
+        last = _fill(spool, 2, start=15, kind=kind)
+        spool.flush()
+        got = spool.reader("s").read(100, 1 << 20)
+    if buffered:
+        # The whole records of the short batch write were kept; the rest were lost.
+        kept = spool.stats.appended[KIND_SIP] - 7
+        assert 0 < kept < 10
+        assert spool.stats.dropped == {"write_error": 10 - kept}
+        assert [r.value for r in got] == values + more[:kept] + last
+    else:
+        assert spool.stats.dropped == {}
+        assert [r.value for r in got] == values + more + last
+    assert [r.seq for r in got] == list(range(1, len(got) + 1))
+    with Spool(tmp_path, ("s",), buffered=buffered) as reopened:
+        assert reopened.stats.torn_tails == 0
+
+
+def test_torn_bytes_that_cannot_be_cut_back_are_skipped_by_readers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Spool(tmp_path, ("s",)) as spool:
+        values = _fill(spool, 3)
+        _short_writes(monkeypatch)
+
+        def no_truncate(fd: int, length: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "ftruncate", no_truncate)
+        values += _fill(spool, 1, start=3)  # half of it on disk, all of it held
+        monkeypatch.undo()
+        values += _fill(spool, 2, start=4)
+        whole = sum(HEADER_BYTES + len(b"call-%d" % n) + len(v) for n, v in enumerate(values))
+        assert spool.size_bytes > whole  # the torn half is still there
+        reader = spool.reader("s")
+        got = reader.read(100, 1 << 20)
+        assert [r.value for r in got] == values
+        assert [r.seq for r in got] == list(range(1, 7))
+        assert reader.corrupt_records == 0
+    with Spool(tmp_path, ("s", "t")) as reopened:  # t: a new sink reads it all
+        assert [r.value for r in reopened.reader("t").read(100, 1 << 20)] == values
+
+
+class _FakeDisk:
+    """os.statvfs of a filesystem whose free space the test sets; counts the calls."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.calls = 0
+
+    def statvfs(self, path: object) -> SimpleNamespace:
+        self.calls += 1
+        return SimpleNamespace(f_bavail=self.free // 4096, f_frsize=4096)
+
+
+def test_signaling_stops_below_the_free_space_floor_counted_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = _FakeDisk(free=10 * 1024 * 1024)
+    clock = [1000.0]
+    monkeypatch.setattr(os, "statvfs", disk.statvfs)
+    monkeypatch.setattr(spool_module, "monotonic", lambda: clock[0])
+    with Spool(tmp_path, ("s",), buffered=True, min_free_bytes=1024 * 1024) as spool:
+        kept = _fill(spool, 5, kind=KIND_SIP)
+        spool.flush()
+        disk.free = 512 * 1024  # something else filled the disk
+        clock[0] += 1.5
+        spool.flush()  # the tick notices
+        assert spool.below_floor
+        refused = [spool.append(KIND_SIP, b"k", b"x" * 100) for _ in range(1000)]
+        for _ in range(20):
+            spool.flush()  # five times a second; the disk is read at most once a second
+        assert not any(refused)
+        assert spool.stats.dropped == {"disk_floor": 1000}
+        assert disk.calls == 2
+        disk.free = 100 * 1024 * 1024
+        clock[0] += 1.5
+        spool.flush()
+        assert not spool.below_floor
+        kept += _fill(spool, 3, start=5, kind=KIND_SIP)
+        spool.flush()
+        reader = spool.reader("s")
+        assert [r.value for r in reader.read(100, 1 << 20)] == kept
+        reader.commit()
+        assert reader.lag_records == 0 and reader.corrupt_records == 0
+
+
+def test_writing_towards_the_floor_reads_the_free_space_again_before_it_could_cross(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within the second, a batch that could cross the floor checks again first."""
+    disk = _FakeDisk(free=1024 * 1024 + 300 * 1024)
+    monkeypatch.setattr(os, "statvfs", disk.statvfs)
+    monkeypatch.setattr(spool_module, "monotonic", lambda: 1000.0)  # time stands still
+    with Spool(tmp_path, ("s",), buffered=True, min_free_bytes=1024 * 1024) as spool:
+        value = b"x" * 1000
+        for _ in range(600):  # ~600 KB in 256 KiB batches
+            spool.append(KIND_SIP, b"k", value)
+            disk.free = 1024 * 1024 + 300 * 1024 - spool.size_bytes
+        spool.flush()
+        assert spool.below_floor
+        assert spool.stats.dropped.get("disk_floor", 0) > 0
+        # No more than the room above the floor (plus one batch) was written.
+        assert spool.size_bytes <= 300 * 1024 + 256 * 1024 + 1100
+
+
+def test_a_cursor_file_is_rewritten_in_place_at_a_fixed_size(tmp_path: Path) -> None:
+    with Spool(tmp_path, ("s",)) as spool:
+        path = tmp_path / "cursors" / "s.cursor"
+        inode = path.stat().st_ino
+        _fill(spool, 50)
+        reader = spool.reader("s")
+        while reader.read(3, 1 << 20):
+            reader.commit()
+            assert (path.stat().st_ino, path.stat().st_size) == (inode, 1024)
+    with Spool(tmp_path, ("s",)) as spool:
+        assert spool.reader("s").confirmed_seq == 51
+
+
+def test_a_torn_cursor_write_falls_back_to_the_previous_position(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Spool(tmp_path, ("s",)) as spool:
+        values = _fill(spool, 10)
+        reader = spool.reader("s")
+        assert len(reader.read(4, 1 << 20)) == 4
+        reader.commit()  # saved: from record 5 on
+        real_pwrite = os.pwrite
+
+        def torn(fd: int, data: bytes, offset: int) -> int:
+            return real_pwrite(fd, data[: len(data) // 2], offset)
+
+        monkeypatch.setattr(os, "pwrite", torn)
+        assert len(reader.read(3, 1 << 20)) == 3
+        reader.commit()  # half a slot written: torn
+        assert reader.cursor_write_failures == 1
+        assert reader.confirmed_seq == 8  # the sink goes on from where it is
+        assert reader.read(100, 1 << 20)[0].value == values[7]
+        reader.rewind()
+    # As after a crash: the file holds a torn slot and the previous one.
+    with Spool(tmp_path, ("s",)) as spool:
+        reader = spool.reader("s")
+        assert not reader.cursor_reset
+        assert [r.value for r in reader.read(100, 1 << 20)] == values[4:]
+
+
+def test_a_cursor_that_cannot_be_saved_keeps_its_position_and_frees_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Spool(tmp_path, ("s",), segment_bytes=300) as spool:
+        values = _fill(spool, 40)
+        assert spool.segments > 5
+
+        def failing(fd: int, data: bytes, offset: int) -> int:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "pwrite", failing)
+        assert _read_all(spool, "s") == values  # each record once
+        reader = spool.reader("s")
+        assert reader.lag_records == 0
+        assert reader.cursor_write_failures > 0
+        assert spool.segments == 1  # delivered segments are deleted all the same
+        monkeypatch.undo()
+        spool.flush()  # the tick saves it
+        assert not reader.cursor_unsaved
+    with Spool(tmp_path, ("s",)) as spool:
+        assert spool.reader("s").read(100, 1 << 20) == []
+
+
+def test_a_cursor_of_the_json_form_is_taken_over(tmp_path: Path) -> None:
+    with Spool(tmp_path, ("s",)) as spool:
+        values = _fill(spool, 10)
+    cursors = tmp_path / "cursors"
+    (cursors / "s.cursor").unlink()
+    (cursors / "s.json").write_bytes(b'{"seq": 4}')
+    with Spool(tmp_path, ("s",)) as spool:
+        assert [r.value for r in spool.reader("s").read(100, 1 << 20)] == values[3:]
+    assert not (cursors / "s.json").exists()
+    assert (cursors / "s.cursor").stat().st_size == 1024
+
+
+def test_on_a_full_disk_a_delivered_active_segment_makes_room_for_the_reserve(
+    tmp_path: Path, small_disk: SmallDisk
+) -> None:
+    """A real 256 KiB disk: the one segment fills it and the disk refuses the rest,
+    which waits in the reserve. Once the sink has everything written, the segment
+    gives way (it is deleted only when no longer active) and the reserve goes in."""
+    disk = small_disk(tmp_path / "disk", 256 * 1024)
+    with Spool(disk / "spool", ("s",), reserve_records=1000) as spool:
+        reader = spool.reader("s")
+        values = _fill(spool, 400)  # ~30 KB of records
+        values += [b"x" * 1000 + b"%d" % n for n in range(300)]  # ~300 KB: too much
+        for n, value in enumerate(values[400:]):
+            assert spool.append(KIND_CDR, b"big-%d" % n, value)
+        held = spool.reserved
+        assert 0 < held < 300
+        assert spool.segments == 1
+        got = [r.value for r in reader.read(10_000, 1 << 30)]
+        reader.commit()
+        spool.flush()  # the tick
+        assert spool.reserved < held
+        while spool.reserved:
+            got += [r.value for r in reader.read(10_000, 1 << 30)]
+            reader.commit()
+            spool.flush()
+        got += [r.value for r in reader.read(10_000, 1 << 30)]
+    assert got == values
+    assert spool.stats.dropped == {}

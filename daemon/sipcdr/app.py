@@ -328,13 +328,15 @@ class App:
                 self.log.error("tick_step_failed", step=name, error=repr(exc))
 
     def _gate_intake(self) -> None:
-        blocked = self.outputs.intake_blocked
-        if blocked != self.pipeline.paused:
-            self.pipeline.paused = blocked
-            if blocked:
-                self.log.error("intake_paused", reason="spool_full")
-            else:
-                self.log.info("intake_resumed")
+        reason = self.outputs.intake_block_reason
+        pipeline = self.pipeline
+        if reason is not None and (not pipeline.paused or reason != pipeline.pause_reason):
+            pipeline.pause_reason = reason
+            pipeline.paused = True
+            self.log.error("intake_paused", reason=reason)
+        elif reason is None and pipeline.paused:
+            pipeline.paused = False
+            self.log.info("intake_resumed")
 
     def _export_metrics(self) -> None:
         self._count_live()

@@ -389,6 +389,10 @@ class SpoolConfig:
     segment_bytes: int = spool.DEFAULT_SEGMENT_BYTES
     full_policy: str = spool.DEFAULT_FULL_POLICY  # "block" or "drop_newest"
     fsync_interval_ms: int = round(spool.DEFAULT_FSYNC_INTERVAL_S * 1000)
+    # Closed CDRs a failing disk refuses, held in memory until it takes them again.
+    cdr_reserve_records: int = spool.DEFAULT_CDR_RESERVE_RECORDS
+    # Signaling stops while the state disk has less free space, so CDRs keep room.
+    signaling_min_free_bytes: int = spool.DEFAULT_SIGNALING_MIN_FREE_BYTES
 
     def redacted(self) -> dict[str, object]:
         return {item.name: getattr(self, item.name) for item in fields(self)}
@@ -1215,6 +1219,12 @@ def _spool(table: _Table) -> SpoolConfig:
         segment_bytes=table.integer("segment_bytes", defaults.segment_bytes, minimum=64 * 1024),
         full_policy=policy,
         fsync_interval_ms=table.integer("fsync_interval_ms", defaults.fsync_interval_ms, minimum=1),
+        cdr_reserve_records=table.integer(
+            "cdr_reserve_records", defaults.cdr_reserve_records, minimum=1
+        ),
+        signaling_min_free_bytes=table.integer(
+            "signaling_min_free_bytes", defaults.signaling_min_free_bytes, minimum=0
+        ),
     )
 
 

@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -77,7 +78,11 @@ async def _import_to_outputs(
     spools = private_dir(Path(config.state.dir) / "import-spool")
     _remove_abandoned(spools)
     spool_dir = spools / str(os.getpid())
-    # "block" on both streams: an import can wait for its sinks, so it never drops.
+    # "block" on both streams: an import can wait for its sinks, so it never drops. The
+    # reserve holds at least the calls a slice's messages can close, so on a disk that
+    # refuses CDRs the import waits after the slice instead of losing them.
+    reserve = max(config.spool.cdr_reserve_records, YIELD_EVERY)
+    config = replace(config, spool=replace(config.spool, cdr_reserve_records=reserve))
     outputs = Outputs(config, spool_dir=spool_dir, full_policy="block")
     await outputs.open()
     summary: dict[str, object] = {}
@@ -85,12 +90,14 @@ async def _import_to_outputs(
         steps = _import(config, files, outputs.cdr_sinks(), outputs.signaling, progress, summary)
         for _ in steps:
             # Every few thousand packets the sinks get their turn; while a spool is at
-            # its limit, parsing waits for them rather than outgrow the disk, as long
-            # as they make progress.
+            # its limit or the disk refuses records, parsing waits for them rather than
+            # outgrow the disk, as long as they make progress.
             outputs.flush()
             await asyncio.sleep(0)
             if not await _wait_for_room(outputs, timeout_s):
-                summary["aborted"] = f"the sinks took nothing for {timeout_s:.0f} s"
+                summary["aborted"] = (
+                    f"neither the sinks nor the disk took anything for {timeout_s:.0f} s"
+                )
                 steps.close()  # fills the summary with what was read so far
                 break
         outputs.flush()
@@ -104,28 +111,34 @@ async def _import_to_outputs(
                 if reader.lag_records:
                     undelivered[f"{state.sink}/{state.stream}"] = reader.lag_records
         summary["undelivered"] = undelivered
-        summary["spool_refused"] = {
-            stream: dict(spool.stats.dropped)
-            for stream, spool in outputs.spools.items()
-            if spool.stats.dropped
-        }
     finally:
         await outputs.close(drain_timeout_s=0)
         shutil.rmtree(spool_dir, ignore_errors=True)
+    # After the close: CDRs a reserve still held then are lost, and counted there.
+    summary["spool_refused"] = {
+        stream: dict(spool.stats.dropped)
+        for stream, spool in outputs.spools.items()
+        if spool.stats.dropped
+    }
     if summary_json is not None:
         summary_json.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     return summary
 
 
 async def _wait_for_room(outputs: Outputs, timeout_s: float) -> bool:
-    """Wait while a spool is full; False when the sinks took nothing for `timeout_s`."""
+    """Wait while a spool is full, the disk refuses CDRs (they wait in the reserve, and
+    are written again here) or signaling is below its free-space floor; False when
+    nothing moved for `timeout_s`."""
     delivery = outputs.delivery
     deadline = time.monotonic() + timeout_s
-    confirmed = -1
-    while outputs.any_spool_full:
-        now_confirmed = sum(r.confirmed_seq for _s, r in delivery.readers()) if delivery else 0
-        if now_confirmed != confirmed:  # a sink is moving: give it the full time again
-            confirmed = now_confirmed
+    progress = -1
+    while outputs.must_wait:
+        outputs.flush()  # writes the reserve and reads the free space again, if due
+        now_progress = sum(spool.next_seq for spool in outputs.spools.values())
+        if delivery is not None:
+            now_progress += sum(r.confirmed_seq for _s, r in delivery.readers())
+        if now_progress != progress:  # a sink or the disk is moving: the full time again
+            progress = now_progress
             deadline = time.monotonic() + timeout_s
         if time.monotonic() >= deadline:
             return False
@@ -198,8 +211,15 @@ def _import(
                 pipeline.process(packet)
                 if packets % YIELD_EVERY == 0:
                     yield
-        pipeline.drain()
+        # Every call still open closes now: in slices, so a disk that refuses them
+        # has the caller wait rather than outrun the reserve; and the caller waits
+        # once more at the end, for what the disk refused since the last turn.
+        closing = pipeline.correlator.drain()
+        for start in range(0, len(closing), YIELD_EVERY):
+            pipeline.emit(closing[start : start + YIELD_EVERY])
+            yield
         pipeline.flush()
+        yield
     finally:
         # Also when the caller stops early (an aborted import): what was read so far.
         stats = pipeline.correlator.stats

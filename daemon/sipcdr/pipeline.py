@@ -45,6 +45,7 @@ class Pipeline:
         "messages",
         "metrics",
         "parse_errors",
+        "pause_reason",
         "paused",
         "received",
         "signaling",
@@ -68,9 +69,11 @@ class Pipeline:
         # Each message that changed a call, for the dialog journal (the daemon's; an
         # import has none): written before any CDR it closes reaches the sinks.
         self.journal: Callable[[Packet], None] | None = None
-        # Set while the CDR spool is full under its "block" policy: intake is refused,
-        # counted, rather than closing calls whose CDRs would have nowhere to go.
+        # Set while the CDR spool is full, or its disk refuses writes, under the "block"
+        # policy: intake is refused, counted with `pause_reason`, rather than closing
+        # calls whose CDRs would have nowhere to go.
         self.paused = False
+        self.pause_reason = "spool_full"
         self._flushed: dict[str, int] = {}  # correlator counters already exported
         self._errors_logged = 0
 
@@ -93,7 +96,7 @@ class Pipeline:
         if self.paused and (msg.method == "INVITE" and not self.correlator.is_open(msg.call_id)):
             # Only new calls are refused: the BYE of a call already being billed must
             # still end it, or its CDR would close short, by a timeout, much later.
-            self.drop("intake", "spool_full")
+            self.drop("intake", self.pause_reason)
             return
         key = (msg.method, "request") if msg.is_request else (msg.cseq_method, "response")
         messages = self.messages

@@ -169,8 +169,9 @@ class Delivery:
                         await asyncio.wait_for(wake.wait(), _IDLE_WAIT_S)
                     continue
                 rejected = await self._watched_deliver(sink, stream, batch, state, reader)
-                # The cursor is saved before it counts: a failed save (a full disk)
-                # delivers the batch again later instead of skipping anything.
+                # A cursor that cannot be saved (a failing disk) keeps its position in
+                # memory, counted: the loop goes on instead of delivering this batch
+                # again and again, and only a crash before a later save repeats it.
                 reader.commit()
             except asyncio.CancelledError:
                 reader.rewind()

@@ -5,18 +5,24 @@ the cursor moves, so a CDR in the file is on disk. A crash between the fsync and
 cursor save repeats that batch's lines; tools that need exactly-once dedupe by
 `cdr_id`. Fraud alerts and signaling have their own records and are not written here.
 The file is rotated by size to `<name>.<UTC time>` so no single file grows unbounded.
+
+A batch that cannot be written whole (a full disk) is cut back to where it began and
+fails, to be retried from the spool: a torn line would merge with the next record
+into one unreadable line. A torn line found when the file is opened (a crash mid
+write, or a cut that failed) is cut off the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Final
 
-from sipcdr.private import open_private, private_dir
+from sipcdr.private import open_private_fd, private_dir
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, AsyncLifecycle, SpoolRecord
 
 DEFAULT_ROTATE_BYTES: Final = 256 * 1024 * 1024  # a day of a busy trunk group, still greppable
@@ -45,8 +51,15 @@ class JsonlSink(AsyncLifecycle):
     def _open(self) -> IO[bytes]:
         if self._file is None:
             private_dir(self.path.parent, tighten=False)  # may be a folder of the operator's
-            self._file = open_private(self.path, "ab")
-            self._size = self._file.tell()
+            # Unbuffered: a write that failed leaves nothing behind to land later.
+            fd = open_private_fd(self.path, os.O_RDWR | os.O_APPEND)
+            handle = os.fdopen(fd, "a+b", buffering=0)
+            try:
+                self._size = _cut_torn_line(handle.fileno())
+            except OSError:
+                handle.close()
+                raise
+            self._file = handle
         return self._file
 
     async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
@@ -57,14 +70,32 @@ class JsonlSink(AsyncLifecycle):
 
     def _write(self, lines: list[bytes]) -> None:
         handle = self._open()
-        data = b"\n".join(lines) + b"\n"
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        data = memoryview(b"\n".join(lines) + b"\n")
+        start, end = self._size, self._size + len(data)
+        try:
+            while data:
+                written = handle.write(data)
+                if not written:
+                    raise OSError(errno.ENOSPC, "short write")
+                data = data[written:]
+            os.fsync(handle.fileno())
+        except OSError:
+            self._cut_back(start)
+            raise
         self.written += len(lines)
-        self._size += len(data)
+        self._size = end
         if self._size >= self.rotate_bytes:
             self._rotate()
+
+    def _cut_back(self, size: int) -> None:
+        """Remove what a failed batch wrote; if even that fails, close the file, so the
+        next open cuts the torn line off before anything is appended to it."""
+        assert self._file is not None
+        try:
+            os.ftruncate(self._file.fileno(), size)
+        except OSError:
+            self._file.close()
+            self._file = None
 
     def _rotate(self) -> None:
         assert self._file is not None
@@ -87,3 +118,19 @@ class JsonlSink(AsyncLifecycle):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _cut_torn_line(fd: int) -> int:
+    """Cut the file after its last newline; returns its size then."""
+    size = os.fstat(fd).st_size
+    end = size
+    while end > 0:
+        start = max(0, end - 64 * 1024)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            end = start + newline + 1
+            break
+        end = start
+    if end < size:
+        os.ftruncate(fd, end)
+    return end

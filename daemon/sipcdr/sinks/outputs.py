@@ -23,7 +23,7 @@ from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, STREAM_SIGNALING, Sink
 from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.signaling import SignalingRecorder
-from sipcdr.sinks.spool import Spool
+from sipcdr.sinks.spool import DEFAULT_CDR_RESERVE_RECORDS, Spool
 from sipcdr.telemetry.metrics import Metrics
 
 
@@ -32,8 +32,9 @@ class _Incrementable(Protocol):
 
 
 class SpoolCdrWriter:
-    """The pipeline's CDR sink: one spool append per CDR, written at once. A refused
-    append is counted by the spool, with its reason."""
+    """The pipeline's CDR sink: one spool append per CDR, written at once. One the disk
+    refuses waits in the spool's reserve; a refused append is counted by the spool,
+    with its reason."""
 
     name = "spool"
 
@@ -90,6 +91,7 @@ class Outputs:
                 consumers,
                 spool_config.max_bytes,
                 self.full_policy or spool_config.full_policy,
+                reserve_records=spool_config.cdr_reserve_records,
             )
             self.cdr_writer = SpoolCdrWriter(spool)
         if STREAM_SIGNALING in consumers:
@@ -99,6 +101,7 @@ class Outputs:
                 spool_config.signaling_max_bytes,
                 self.full_policy or "drop_newest",
                 buffered=True,
+                min_free_bytes=spool_config.signaling_min_free_bytes,
             )
             self.signaling = SignalingRecorder(spool, store_body=sinks_config.postgres.store_sdp)
         self.delivery = Delivery(
@@ -114,6 +117,8 @@ class Outputs:
         full_policy: str,
         *,
         buffered: bool = False,
+        reserve_records: int = DEFAULT_CDR_RESERVE_RECORDS,
+        min_free_bytes: int = 0,
     ) -> Spool:
         private_dir(self.spool_dir)
         spool = Spool(
@@ -123,6 +128,8 @@ class Outputs:
             segment_bytes=self.config.spool.segment_bytes,
             full_policy=full_policy,
             buffered=buffered,
+            reserve_records=reserve_records,
+            min_free_bytes=min_free_bytes,
         )
         spool.open()
         self.spools[stream] = spool
@@ -174,14 +181,22 @@ class Outputs:
         )
 
     @property
-    def any_spool_full(self) -> bool:
-        return any(spool.full for spool in self.spools.values())
+    def must_wait(self) -> bool:
+        """Whether an import should let the sinks and the disk catch up before it reads
+        on: a spool is full, or the disk refuses CDRs (they wait in the reserve)."""
+        return any(spool.full or spool.reserved for spool in self.spools.values())
 
     @property
-    def intake_blocked(self) -> bool:
-        """The CDR spool is full under the `block` policy: stop taking in signaling."""
+    def intake_block_reason(self) -> str | None:
+        """Why the daemon must refuse new calls under the CDR spool's `block` policy:
+        `write_error` while the disk refuses CDRs (they wait in the reserve),
+        `spool_full` while the spool is at its limit; None to take them in."""
         spool = self.spools.get(STREAM_RECORDS)
-        return spool is not None and spool.full and spool.full_policy == "block"
+        if spool is None or spool.full_policy != "block":
+            return None
+        if spool.reserved:
+            return "write_error"
+        return "spool_full" if spool.full else None
 
     def export_metrics(self, metrics: Metrics) -> None:
         """Move the spool's and the delivery loops' counts into Prometheus; log refused
@@ -190,6 +205,7 @@ class Outputs:
             stats = spool.stats
             metrics.spool_bytes.labels(stream).set(spool.size_bytes)
             metrics.spool_full.labels(stream).set(1 if spool.full else 0)
+            metrics.spool_reserve.labels(stream).set(spool.reserved)
             for kind, total in stats.appended.items():
                 self._add(metrics.spool_appended.labels(stream, kind), ("app", stream, kind), total)
             for reason, total in stats.dropped.items():
@@ -227,6 +243,20 @@ class Outputs:
                 self._add(metrics.sink_written.labels(*labels), ("ok", *labels), state.delivered)
                 self._add(metrics.sink_failures.labels(*labels), ("fail", *labels), state.failures)
                 self._add(metrics.sink_rejected.labels(*labels), ("rej", *labels), state.rejected)
+                failed_saves = self._add(
+                    metrics.spool_cursor_failures.labels(*labels),
+                    ("cur", *labels),
+                    reader.cursor_write_failures,
+                )
+                if failed_saves:
+                    # Nothing lost: the position is kept in memory; a crash before the
+                    # next save delivers again what the sink already has.
+                    self.log.warning(
+                        "cursor_save_failed",
+                        sink=state.sink,
+                        stream=state.stream,
+                        attempts=failed_saves,
+                    )
         for sink in self.sinks:
             rows = getattr(sink, "rows_inserted", None)
             duplicates = getattr(sink, "duplicates_skipped", None)

@@ -3,11 +3,12 @@
 Every closed CDR and fraud alert is appended here before anything else happens to
 it; each sink then reads with its own cursor and moves that cursor only after its
 destination confirmed the write. A sink that is down, slow or restarted resumes
-from its cursor, so nothing closed is lost and nothing needs to be held in memory.
+from its cursor, so nothing closed is lost and nothing needs to be held in memory
+(except, bounded, what a full disk refuses: see below).
 
 On disk, one directory per stream holds segment files named by the sequence number
 of their first record (`00000000000000000001.seg`) and one cursor file per sink
-(`cursors/<sink>.json`). A record is
+(`cursors/<sink>.cursor`). A record is
 
     magic u16 | kind u8 | key length u16 | value length u32 | seq u64 | crc32 u32
     | key | value
@@ -23,8 +24,28 @@ Durability:
   at most its unwritten buffer.
 - `sync()` fsyncs the active segment; the delivery loop calls it every
   `DEFAULT_FSYNC_INTERVAL_S`, which bounds what a power loss can take.
-- Cursor files are replaced atomically but not fsynced: a cursor that goes back after
-  a power loss re-delivers records, which every sink deduplicates; it never skips one.
+- A cursor file is created, at its full size, when its reader is, and afterwards only
+  rewritten in place, so saving a cursor needs no new disk space. It holds two
+  checksummed slots in separate disk sectors, written in turn: a torn write spoils
+  one, and the other still holds the previous position. Cursors are not fsynced: a
+  cursor that goes back after a power loss re-delivers records, which every sink
+  deduplicates; it never skips one.
+
+A full or failing disk:
+- A write that fails (ENOSPC, EIO) or is cut short is cut back to the last whole
+  record, so nothing torn is left for the next record to hide behind; if the cut
+  itself fails, the readers skip the torn bytes. No sequence number is spent on a
+  record that was not written, so a failed write leaves neither a gap nor a backlog.
+- The CDR stream keeps what it could not write in a bounded in-memory reserve
+  (`reserve_records`) and writes it, in order, before anything newer: at the next
+  append and on every `flush`. While the reserve holds records the daemon refuses new
+  calls as it does for a full spool; a record is lost only when the reserve is full.
+- The buffered signaling stream refuses records while the filesystem's free space is
+  below `min_free_bytes`, so signaling gives way before CDRs run out of room. The
+  free space is read at most once a second, or sooner when what was written since
+  could have crossed the floor: never per record.
+- A cursor that cannot be saved keeps its position in memory, so the sink goes on
+  and segments it passed are still deleted; the file is written again later.
 
 Recovery: at open, the newest segment (the only one that was being written) is
 scanned; a torn or corrupt tail is cut off and counted. Corruption inside a segment
@@ -42,17 +63,20 @@ already open still close, which the dialog limits bound.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import monotonic
 from typing import BinaryIO, Final
 
 import orjson
 
-from sipcdr.private import open_private, open_private_fd, private_dir, write_private
+from sipcdr.private import open_private, open_private_fd, private_dir
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP, SpoolRecord
 
 _HEAD = struct.Struct("<HBHIQ")  # magic, kind, key length, value length, seq
@@ -78,8 +102,23 @@ DEFAULT_FSYNC_INTERVAL_S: Final = 0.2
 DEFAULT_FULL_POLICY: Final = "block"
 # Resume intake only with room for a burst, so it does not flap at the limit.
 RESUME_FRACTION: Final = 0.9
-# The signaling stream writes when this much is buffered (and on every flush).
+# The signaling stream writes when this much is buffered (and on every flush); the
+# reserve is written back in batches of this size too.
 _WRITE_BUFFER_BYTES: Final = 256 * 1024
+# Closed CDRs the disk refuses wait in memory, up to this many: every call a large
+# carrier has open when its disk fills (~120 calls/s x 3 min) twice over, ~60 MB.
+DEFAULT_CDR_RESERVE_RECORDS: Final = 50_000
+# Signaling stops below this much free space, so CDRs keep room on a shared disk:
+# about two hours of a large carrier's CDRs (~400 MB an hour).
+DEFAULT_SIGNALING_MIN_FREE_BYTES: Final = 1024**3
+# Free space is read at most this often, unless what was written since could have
+# crossed the floor.
+_FLOOR_CHECK_S: Final = 1.0
+CURSOR_SUFFIX: Final = ".cursor"
+_CURSOR = struct.Struct("<4sQQI")  # magic, generation, seq, crc32 of the rest
+_CURSOR_MAGIC: Final = b"SPCU"
+# One slot per disk sector: a write torn by a power loss spoils one slot only.
+_CURSOR_SLOT_BYTES: Final = 512
 
 
 class SpoolError(OSError):
@@ -90,8 +129,8 @@ class SpoolError(OSError):
 class SpoolStats:
     """Counters the daemon exports; all cumulative since open."""
 
-    appended: dict[str, int] = field(default_factory=dict)  # by kind
-    # by reason: full, write_error, too_large
+    appended: dict[str, int] = field(default_factory=dict)  # by kind, once written
+    # by reason: full, write_error (beyond the reserve), too_large, disk_floor
     dropped: dict[str, int] = field(default_factory=dict)
     torn_tail_bytes: int = 0  # cut off the newest segment at open
     torn_tails: int = 0
@@ -118,9 +157,13 @@ class Spool:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         full_policy: str = DEFAULT_FULL_POLICY,
         buffered: bool = False,
+        reserve_records: int = DEFAULT_CDR_RESERVE_RECORDS,
+        min_free_bytes: int = 0,
     ) -> None:
         if full_policy not in FULL_POLICIES:
             raise ValueError(f"full_policy must be one of {FULL_POLICIES}")
+        if reserve_records < 1:
+            raise ValueError("reserve_records must be at least 1")
         self.directory = directory
         # Every sink that reads the stream, named up front: a segment is deleted only
         # when all of them are past it. A sink taken out of the config no longer holds
@@ -132,6 +175,16 @@ class Spool:
         self.segment_bytes = max(1, min(segment_bytes, max_bytes // 4))
         self.full_policy = full_policy
         self.buffered = buffered
+        # Unbuffered streams: records the disk refused, written back before newer ones.
+        # At least one, so a failing disk always shows as a non-empty reserve.
+        self.reserve_records = reserve_records
+        self._reserve: deque[tuple[str, bytes, bytes]] = deque()
+        # Buffered streams: refuse records while the filesystem has less free space.
+        self.min_free_bytes = min_free_bytes
+        self.below_floor = False
+        self._floor_budget = 0  # bytes that may still be written before the floor
+        self._floor_checked_until = 0.0
+        self._write_failed = False  # the last write was refused
         self.stats = SpoolStats()
         self.full = False
         self.next_seq = 1
@@ -246,9 +299,16 @@ class Spool:
                 self._fd = -1
 
     def close(self) -> None:
-        """Idempotent: writes what is buffered, fsyncs and closes."""
+        """Idempotent: writes what is buffered or reserved, fsyncs and closes. What the
+        reserve still holds then is lost, and counted."""
+        if self._reserve:
+            self._write_reserve()
+            self._refuse("write_error", len(self._reserve))
+            self._reserve.clear()
         self._close_active()
         for reader in self._readers.values():
+            if reader.cursor_unsaved:
+                reader.save_cursor()
             reader.close()
         self._readers.clear()
         if self._lock is not None:
@@ -259,32 +319,82 @@ class Spool:
     # -- writing -----------------------------------------------------------------------
 
     def append(self, kind: str, key: bytes, value: bytes) -> bool:
-        """Append one record; False when it was refused (full or a write error), which
-        the stats count by reason. Never raises: the caller is the capture path."""
+        """Append one record; False when it was refused (full, too large, below the
+        free-space floor, or a write error with the reserve full), which the stats count
+        by reason. A record the disk refused that the reserve holds is not refused.
+        Never raises: the caller is the capture path."""
         if self.full and self.full_policy == "drop_newest":
             self._refuse("full")
             return False
         if len(key) > 0xFFFF or len(value) > MAX_VALUE_BYTES:
             self._refuse("too_large")
             return False
-        seq = self.next_seq
-        head = _HEAD.pack(MAGIC, _KIND_CODES[kind], len(key), len(value), seq)
-        crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(head)))
-        record = b"".join((head, _CRC.pack(crc), key, value))
         if self.buffered:
-            # Numbered once buffered: if the batch write fails, the readers see the
-            # gap (and the stats count the refused records); no number is used twice.
+            if self.below_floor:
+                self._refuse("disk_floor")
+                return False
+            # Numbered once buffered, so each record is encoded once; a batch write
+            # that fails gives the numbers of what it did not write back.
+            seq = self.next_seq
             self.next_seq = seq + 1
+            record = _encode(kind, key, value, seq)
             self._buffer.append(record)
             self._buffered_bytes += len(record)
-            if self._buffered_bytes >= _WRITE_BUFFER_BYTES and not self._flush_buffer():
+            if self._buffered_bytes >= _WRITE_BUFFER_BYTES:
+                return self._flush_buffer()
+            return True
+        # Oldest first: nothing newer is written while the reserve holds records.
+        if self._reserve and not self._write_reserve():
+            return self._hold(kind, key, value)
+        if not self._write_numbered([_encode(kind, key, value, self.next_seq)]):
+            return self._hold(kind, key, value)
+        return True
+
+    def _refuse(self, reason: str, count: int = 1) -> None:
+        dropped = self.stats.dropped
+        dropped[reason] = dropped.get(reason, 0) + count
+
+    def _hold(self, kind: str, key: bytes, value: bytes) -> bool:
+        """Keep a record the disk refused in the reserve; beyond it, it is lost."""
+        if len(self._reserve) < self.reserve_records:
+            self._reserve.append((kind, key, value))
+            return True
+        self._refuse("write_error")
+        return False
+
+    def _write_reserve(self) -> bool:
+        """Write what the reserve holds, oldest first, in batches; True once it is empty."""
+        reserve = self._reserve
+        while reserve:
+            batch: list[bytes] = []
+            size = 0
+            for kind, key, value in reserve:
+                record = _encode(kind, key, value, self.next_seq + len(batch))
+                batch.append(record)
+                size += len(record)
+                if size >= _WRITE_BUFFER_BYTES:
+                    break
+            written = self._write_numbered(batch)
+            for _ in range(written):
+                reserve.popleft()
+            if written < len(batch):
                 return False
-        elif not self._write(record):
-            self._refuse("write_error")
-            return False
-        self.next_seq = seq + 1
+        return True
+
+    def _write_numbered(self, records: list[bytes]) -> int:
+        """Write records numbered from `next_seq` on; returns how many were written."""
+        written = self._write(records)
+        if written:
+            self.next_seq += written
+            self._written(records if written == len(records) else records[:written])
+        return written
+
+    def _written(self, records: list[bytes]) -> None:
+        """Count records now on disk; mark the spool full and rotate as needed."""
         appended = self.stats.appended
-        appended[kind] = appended.get(kind, 0) + 1
+        for record in records:
+            kind = _KIND_NAMES[record[2]]  # the kind code follows the two magic bytes
+            appended[kind] = appended.get(kind, 0) + 1
         if self._size >= self.max_bytes and not self.full:
             self.full = True
         if self._segments[-1].size >= self.segment_bytes:
@@ -292,56 +402,125 @@ class Spool:
                 self._start_segment()
             except OSError:
                 self.stats.rotation_failures += 1  # tried again at the next append
-        return True
 
-    def _refuse(self, reason: str) -> None:
-        dropped = self.stats.dropped
-        dropped[reason] = dropped.get(reason, 0) + 1
-
-    def _write(self, data: bytes) -> bool:
+    def _write(self, records: Sequence[bytes]) -> int:
+        """Write `records` to the active segment in one call; returns how many were
+        written whole. A failed or short write (a full disk) is cut back to the last
+        whole record, so no torn record is left for the next one to follow; should the
+        cut fail too, the torn bytes count as part of the segment and readers skip
+        them."""
         if self._fd < 0:
             try:
                 self._start_segment()  # the active file was lost: a new one, if possible
             except OSError:
-                return False
+                return 0
         segment = self._segments[-1]
+        data = records[0] if len(records) == 1 else b"".join(records)
         try:
             written = os.write(self._fd, data)
-            if written != len(data):
-                raise OSError(0, "short write")
         except OSError:
-            # A full disk must not leave half a record that hides the next ones.
-            with contextlib.suppress(OSError):
-                os.truncate(segment.path, segment.size)
-            return False
-        segment.size += len(data)
-        self._size += len(data)
-        self._dirty = True
-        for reader in self._readers.values():
-            reader.wake()
-        return True
+            written = 0
+        whole = len(records)
+        kept = written
+        self._write_failed = written != len(data)
+        if self._write_failed:
+            whole = kept = 0
+            for record in records:
+                if kept + len(record) > written:
+                    break
+                kept += len(record)
+                whole += 1
+            try:
+                os.ftruncate(self._fd, segment.size + kept)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    kept = max(kept, os.fstat(self._fd).st_size - segment.size)
+        if kept:
+            segment.size += kept
+            self._size += kept
+            self._floor_budget -= kept
+            self._dirty = True
+            for reader in self._readers.values():
+                reader.wake()
+        return whole
 
     def _flush_buffer(self) -> bool:
+        """Write the buffered records; False when some were refused (counted). Their
+        numbers are given back, so readers see neither a gap nor a backlog for them."""
         if not self._buffer:
             return True
-        count = len(self._buffer)
-        data = b"".join(self._buffer)
-        self._buffer.clear()
-        self._buffered_bytes = 0
-        if self._write(data):
+        # Taken first: a rotation while writing flushes the buffer again.
+        records, size = self._buffer, self._buffered_bytes
+        self._buffer, self._buffered_bytes = [], 0
+        first_seq = self.next_seq - len(records)
+        if self.min_free_bytes and self._check_floor(size):
+            reason, written = "disk_floor", 0
+        else:
+            reason, written = "write_error", self._write(records)
+        self.next_seq = first_seq + written
+        if written:
+            self._written(records if written == len(records) else records[:written])
+        if written == len(records):
             return True
-        # Already numbered: the readers will count the gap as lost, and so do we.
-        dropped = self.stats.dropped
-        dropped["write_error"] = dropped.get("write_error", 0) + count
+        self._refuse(reason, len(records) - written)
         return False
 
+    def _check_floor(self, pending: int = 0) -> bool:
+        """Whether free space is below `min_free_bytes`. Read at most once a second,
+        and sooner only when the bytes written since, or the `pending` ones, could
+        cross the floor."""
+        now = monotonic()
+        if now < self._floor_checked_until and (self.below_floor or self._floor_budget > pending):
+            return self.below_floor
+        self._floor_checked_until = now + _FLOOR_CHECK_S
+        try:
+            stat = os.statvfs(self.directory)
+        except OSError:
+            return self.below_floor  # unknown: as before
+        free = stat.f_bavail * stat.f_frsize
+        self._floor_budget = free - self.min_free_bytes
+        self.below_floor = self._floor_budget < 0
+        return self.below_floor
+
+    def _retire_delivered_segment(self) -> None:
+        """On a full disk, the active segment may hold all the space there is to free,
+        and it is deleted only once it is no longer active: when every reader has all
+        of it, a new (empty) segment takes its place so it can go."""
+        if not self._readers or not self._segments or self._segments[-1].size == 0:
+            return
+        if min(reader.confirmed_seq for reader in self._readers.values()) < self.next_seq:
+            return
+        try:
+            self._start_segment()
+        except OSError:
+            self.stats.rotation_failures += 1
+            return
+        self._collect()
+
+    @property
+    def reserved(self) -> int:
+        """Records the disk refused that wait in memory to be written."""
+        return len(self._reserve)
+
     def flush(self) -> None:
-        """Write what the buffered stream holds (the daemon calls this on its tick)."""
-        self._flush_buffer()
+        """Write what the buffered stream holds and what the reserve holds, and save
+        cursors that could not be saved before (the daemon calls this on its tick)."""
+        if self._write_failed or self.below_floor:
+            self._retire_delivered_segment()
+        if self.buffered:
+            self._flush_buffer()
+            if self.min_free_bytes:
+                self._check_floor()  # refused appends buffer nothing: check here
+        elif self._reserve:
+            self._write_reserve()
+        for reader in self._readers.values():
+            if reader.cursor_unsaved:
+                reader.save_cursor()
 
     def sync(self) -> None:
-        """fsync the active segment if anything was written since the last sync."""
-        self._flush_buffer()
+        """Flush, then fsync the active segment if anything was written since the last
+        sync."""
+        self.flush()
         if self._dirty and self._fd >= 0:
             self._dirty = False
             os.fsync(self._fd)
@@ -382,11 +561,16 @@ class Spool:
             return
         low = min(reader.confirmed_seq for reader in self._readers.values())
         while len(self._segments) > 1 and self._segments[1].first_seq <= low:
-            segment = self._segments.pop(0)
+            segment = self._segments[0]
+            try:
+                segment.path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                break  # tried again at the next commit
+            self._segments.pop(0)
             for reader in self._readers.values():
                 reader.forget(segment)
-            with contextlib.suppress(FileNotFoundError):
-                segment.path.unlink()
             self._size -= segment.size
         self._update_full()
 
@@ -411,10 +595,19 @@ class SpoolReader:
     def __init__(self, spool: Spool, name: str) -> None:
         self.spool = spool
         self.name = name
-        self.cursor_path = spool.directory / "cursors" / f"{name}.json"
+        cursors = spool.directory / "cursors"
+        self.cursor_path = cursors / f"{name}{CURSOR_SUFFIX}"
+        self._legacy_cursor_path = cursors / f"{name}.json"  # the older form, taken over
         self.corrupt_records = 0
         self.cursor_reset = False  # the saved cursor was unreadable or pointed nowhere
+        self.cursor_write_failures = 0  # saves that failed; the position stayed in memory
+        self._cursor_fd = -1
+        self._cursor_generation = 0  # of the newest slot in the file
+        self._cursor_slot = 0  # the slot the next save writes: never the newest one
+        self._saved_seq = -1  # what the file holds; -1 when it holds nothing valid
         self.confirmed_seq = self._load_cursor()  # next record to deliver
+        # Created now, while there is room: later saves only rewrite it in place.
+        self._open_cursor()
         # Gaps below this sequence number are counted already (or were delivered).
         self._gap_counted_to = self.confirmed_seq
         self._read_seq = self.confirmed_seq
@@ -427,7 +620,26 @@ class SpoolReader:
     def _load_cursor(self) -> int:
         oldest = self.spool._segments[0].first_seq if self.spool._segments else 1
         try:
-            seq = int(orjson.loads(self.cursor_path.read_bytes())["seq"])
+            newest = _newest_cursor_slot(self.cursor_path.read_bytes())
+        except FileNotFoundError:
+            return self._load_legacy_cursor(oldest)
+        except OSError:
+            newest = None
+        if newest is None:
+            self.cursor_reset = True
+            return oldest
+        slot, self._cursor_generation, seq = newest
+        self._cursor_slot = 1 - slot
+        self._saved_seq = seq
+        if seq < oldest or seq > self.spool.next_seq:
+            self.cursor_reset = True
+            return oldest
+        return seq
+
+    def _load_legacy_cursor(self, oldest: int) -> int:
+        """The JSON cursor file of earlier versions (`{"seq": N}`, replaced by rename)."""
+        try:
+            seq = int(orjson.loads(self._legacy_cursor_path.read_bytes())["seq"])
         except FileNotFoundError:
             # A sink seen for the first time starts with what the spool still holds.
             return oldest
@@ -438,6 +650,62 @@ class SpoolReader:
             self.cursor_reset = True
             return oldest
         return seq
+
+    def _open_cursor(self) -> bool:
+        """Open the cursor file; one missing or without a valid slot is written whole
+        (both slots) first. False when that fails: the next save tries again."""
+        if self._cursor_fd >= 0:
+            return True
+        try:
+            fd = open_private_fd(self.cursor_path, os.O_RDWR)
+        except OSError:
+            return False
+        if self._saved_seq < 0:
+            slot = _encode_cursor_slot(self._cursor_generation + 1, self.confirmed_seq)
+            image = slot.ljust(_CURSOR_SLOT_BYTES, b"\0") * 2
+            try:
+                if os.pwrite(fd, image, 0) != len(image):
+                    raise OSError(errno.ENOSPC, "short write")
+                os.fsync(fd)  # blocks allocated now, not when the disk is full
+            except OSError:
+                os.close(fd)
+                return False
+            self._cursor_generation += 1
+            self._cursor_slot = 0
+            self._saved_seq = self.confirmed_seq
+            with contextlib.suppress(OSError):
+                self._legacy_cursor_path.unlink(missing_ok=True)
+        self._cursor_fd = fd
+        return True
+
+    @property
+    def cursor_unsaved(self) -> bool:
+        return self._saved_seq != self.confirmed_seq
+
+    def save_cursor(self) -> bool:
+        """Write the confirmed position into the cursor file's older slot, in place;
+        False (counted) when it cannot be, the position then lives on in memory."""
+        seq = self.confirmed_seq
+        if not self._open_cursor():
+            self.cursor_write_failures += 1
+            return False
+        if seq == self._saved_seq:
+            return True  # the file was just written whole with it
+        generation = self._cursor_generation + 1
+        slot = _encode_cursor_slot(generation, seq)
+        try:
+            offset = self._cursor_slot * _CURSOR_SLOT_BYTES
+            if os.pwrite(self._cursor_fd, slot, offset) != len(slot):
+                raise OSError(errno.ENOSPC, "short write")
+        except OSError:
+            # The slot may be torn; the other one holds the previous position, and the
+            # next save writes this slot again.
+            self.cursor_write_failures += 1
+            return False
+        self._cursor_generation = generation
+        self._cursor_slot ^= 1
+        self._saved_seq = seq
+        return True
 
     def _position_at(self, seq: int) -> None:
         """Open the segment holding `seq` and stop just before the first record at or
@@ -581,19 +849,49 @@ class SpoolReader:
         self._position_at(self.confirmed_seq)
 
     def commit(self) -> None:
-        """The sink confirmed everything read so far: move the cursor and save it."""
+        """The sink confirmed everything read so far: move the cursor, save it and
+        delete the segments every reader has passed. A cursor that cannot be saved
+        (counted) keeps its position in memory: the sink goes on from there rather than
+        deliver the batch again and again, and only a crash before a later save
+        delivers it again, which every sink deduplicates."""
         if self._read_seq == self.confirmed_seq:
             return
-        # The file first: if it cannot be written, the batch is delivered again later
-        # (a duplicate), and no segment it still needs is deleted.
-        tmp = self.cursor_path.with_suffix(".tmp")
-        write_private(tmp, orjson.dumps({"seq": self._read_seq}))
-        tmp.replace(self.cursor_path)
         self.confirmed_seq = self._read_seq
+        self.save_cursor()
         self.spool._collect()
 
     def close(self) -> None:
         self._close_handle()
+        if self._cursor_fd >= 0:
+            fd, self._cursor_fd = self._cursor_fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _encode(kind: str, key: bytes, value: bytes, seq: int) -> bytes:
+    head = _HEAD.pack(MAGIC, _KIND_CODES[kind], len(key), len(value), seq)
+    crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(head)))
+    return b"".join((head, _CRC.pack(crc), key, value))
+
+
+def _encode_cursor_slot(generation: int, seq: int) -> bytes:
+    body = _CURSOR.pack(_CURSOR_MAGIC, generation, seq, 0)[:-4]
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def _newest_cursor_slot(data: bytes) -> tuple[int, int, int] | None:
+    """(slot, generation, seq) of the newest valid slot of a cursor file, or None."""
+    newest: tuple[int, int, int] | None = None
+    for slot in (0, 1):
+        raw = data[slot * _CURSOR_SLOT_BYTES :][: _CURSOR.size]
+        if len(raw) < _CURSOR.size:
+            continue
+        magic, generation, seq, crc = _CURSOR.unpack(raw)
+        if magic != _CURSOR_MAGIC or crc != zlib.crc32(raw[:-4]):
+            continue
+        if newest is None or generation > newest[1]:
+            newest = (slot, generation, seq)
+    return newest
 
 
 def _decode_header(header: bytes) -> tuple[int, int, int, int] | None:

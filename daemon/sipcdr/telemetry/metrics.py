@@ -37,7 +37,7 @@ class Metrics:
             "sipcdr_packets_dropped_total",
             "Input dropped before parsing, by source and reason "
             "(not_allowed, bad_hep, bad_key, not_sip, oversize, truncated, rcvbuf_overflow, "
-            "spool_full, internal_error)",
+            "internal_error; intake: spool_full, write_error)",
             ["source", "reason"],
             registry=r,
         )
@@ -188,8 +188,23 @@ class Metrics:
         )
         self.spool_dropped = Counter(
             "sipcdr_spool_dropped_total",
-            "Records the spool refused, by stream and reason (full, write_error)",
+            "Records the spool refused, by stream and reason (full, write_error, too_large, "
+            "disk_floor)",
             ["stream", "reason"],
+            registry=r,
+        )
+        self.spool_reserve = Gauge(
+            "sipcdr_spool_reserve_records",
+            "Records the disk refused, held in memory until it takes them (block: new calls "
+            "refused meanwhile)",
+            ["stream"],
+            registry=r,
+        )
+        self.spool_cursor_failures = Counter(
+            "sipcdr_spool_cursor_write_failures_total",
+            "Cursor saves that failed; the position stays in memory, and only a crash "
+            "before the next save delivers records again",
+            ["sink", "stream"],
             registry=r,
         )
         self.spool_damaged = Counter(
