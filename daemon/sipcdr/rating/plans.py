@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, TypedDict
 
 from sipcdr.rating.deck import DeckReport, Rate, check_deck
 from sipcdr.rating.index import NO_PREFIX, NOT_EFFECTIVE, PrefixIndex
@@ -24,6 +24,18 @@ INVALID_NUMBER: Final = "invalid_number"
 # Every reason a CDR is not rated: a metric label set, fixed and small.
 UNRATED_REASONS: Final = (NO_PLAN, NO_PREFIX, NOT_EFFECTIVE, INVALID_NUMBER)
 _MAX_DIGITS: Final = 15  # ITU-T E.164
+
+
+class CdrRating(TypedDict):
+    """The CDR's rating fields by name, as `dataclasses.replace(cdr, **fields)` takes them."""
+
+    rated: bool
+    rate_prefix: str | None
+    rate_name: str | None
+    rate_per_minute: str | None
+    billed_seconds: int | None
+    cost: str | None
+    currency: str | None
 
 
 class Rating(NamedTuple):
@@ -38,7 +50,7 @@ class Rating(NamedTuple):
     def rated(self) -> bool:
         return True
 
-    def cdr_fields(self) -> dict[str, object]:
+    def cdr_fields(self) -> CdrRating:
         """The CDR's rating fields, money as decimal strings."""
         rate = self.rate
         return {
@@ -61,7 +73,7 @@ class Unrated(NamedTuple):
     def rated(self) -> bool:
         return False
 
-    def cdr_fields(self) -> dict[str, object]:
+    def cdr_fields(self) -> CdrRating:
         return {
             "rated": False,
             "rate_prefix": None,
