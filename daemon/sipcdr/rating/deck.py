@@ -210,7 +210,7 @@ class _Checker:
             if len(cells) <= 1 and not "".join(cells).strip():
                 continue  # blank line
             self.rows_read += 1
-            if len(cells) > width and any(cell.strip() for cell in cells[width:]):
+            if len(cells) > width:
                 self.error(
                     line,
                     EXTRA_CELLS,
