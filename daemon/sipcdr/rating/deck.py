@@ -203,6 +203,11 @@ class _Checker:
         if columns is None:
             return
         width = len(header)
+        # Optional columns missing from the header read as an empty cell past the row.
+        required = tuple(columns[name] for name in REQUIRED_COLUMNS)
+        to_index = columns.get(EFFECTIVE_TO, width)
+        change_index = columns.get(CHANGE, width)
+        padding = [""] * (width + 1)
         start = reader.line_num + 1
         for cells in reader:
             line = start
@@ -218,7 +223,13 @@ class _Checker:
                     "(a comma inside an unquoted value?)",
                 )
                 continue
-            self._row(line, cells, columns)
+            cells += padding[: width + 1 - len(cells)]
+            self._row(
+                line,
+                [cells[index].strip() for index in required],
+                cells[to_index].strip(),
+                cells[change_index].strip(),
+            )
 
     def _columns(self, header: list[str], line: int) -> dict[str, int] | None:
         columns: dict[str, int] = {}
@@ -238,30 +249,27 @@ class _Checker:
             return None
         return columns
 
-    def _row(self, line: int, cells: list[str], columns: dict[str, int]) -> None:
-        count = len(self.problems)
-        values: dict[str, str] = {}
-        for name, index in columns.items():
-            values[name] = cells[index].strip() if index < len(cells) else ""
-        for name in REQUIRED_COLUMNS:
-            if not values[name]:
-                self.error(line, MISSING_COLUMN, f"no value in column {name!r}")
-        if len(self.problems) != count:
+    def _row(self, line: int, values: list[str], to_text: str, change_text: str) -> None:
+        """`values` are the REQUIRED_COLUMNS' cells, in that order, stripped."""
+        if not all(values):
+            for name, value in zip(REQUIRED_COLUMNS, values, strict=True):
+                if not value:
+                    self.error(line, MISSING_COLUMN, f"no value in column {name!r}")
             return
-        prefix = values[PREFIX]
+        prefix, destination, rate_text, fee_text, min_text, step_text, from_text, currency = values
+        count = len(self.problems)
         if not (prefix.isdigit() and prefix.isascii() and len(prefix) <= MAX_PREFIX_DIGITS):
             self.error(
                 line, BAD_PREFIX, f"prefix {shown(prefix)} is not 1-15 digits (E.164, no '+')"
             )
-        rate = self._amount(line, RATE, values[RATE])
-        connect_fee = self._amount(line, CONNECT_FEE, values[CONNECT_FEE])
-        min_seconds = self._seconds(line, MIN_SECONDS, values[MIN_SECONDS])
-        increment = self._seconds(line, INCREMENT_SECONDS, values[INCREMENT_SECONDS])
+        rate = self._amount(line, RATE, rate_text)
+        connect_fee = self._amount(line, CONNECT_FEE, fee_text)
+        min_seconds = self._seconds(line, MIN_SECONDS, min_text)
+        increment = self._seconds(line, INCREMENT_SECONDS, step_text)
         if increment == 0:
             self.error(line, ZERO_INCREMENT, "increment_seconds is 0: no call could be billed")
-        effective_from = self._time(line, EFFECTIVE_FROM, values[EFFECTIVE_FROM])
+        effective_from = self._time(line, EFFECTIVE_FROM, from_text)
         effective_to = None
-        to_text = values.get(EFFECTIVE_TO, "")
         if to_text:
             effective_to = self._time(line, EFFECTIVE_TO, to_text)
             if (
@@ -272,20 +280,18 @@ class _Checker:
                 self.error(
                     line,
                     BAD_DATE,
-                    f"effective_to {shown(to_text)} is not after effective_from "
-                    f"{shown(values[EFFECTIVE_FROM])}",
+                    f"effective_to {shown(to_text)} is not after effective_from {shown(from_text)}",
                 )
-        currency = values[CURRENCY]
         if currency not in ISO_4217:
             self.error(
                 line, UNKNOWN_CURRENCY, f"currency {shown(currency)} is not an ISO 4217 code"
             )
-        change = values.get(CHANGE, "").lower() or None
+        change = change_text.lower() or None
         if change is not None and change not in CHANGES:
             self.error(
                 line,
                 BAD_CHANGE,
-                f"change {shown(values[CHANGE])} is none of {', '.join(sorted(CHANGES))}",
+                f"change {shown(change_text)} is none of {', '.join(sorted(CHANGES))}",
             )
         if len(self.problems) != count:
             return
@@ -304,7 +310,7 @@ class _Checker:
         self.rates.append(
             Rate(
                 prefix,
-                values[DESTINATION],
+                destination,
                 rate,
                 connect_fee,
                 min_seconds,

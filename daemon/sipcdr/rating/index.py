@@ -17,6 +17,7 @@ from sipcdr.rating.deck import Rate
 NO_PREFIX: Final = "no_prefix"
 NOT_EFFECTIVE: Final = "not_effective"
 _FOREVER: Final = float("inf")
+_MAX_DIGITS: Final = 15  # ITU-T E.164: no prefix or number is longer
 
 # (effective from, effective until, row); latest first, since calls are priced at
 # or near the newest rows a deck holds.
@@ -29,27 +30,32 @@ class PrefixIndex:
     __slots__ = ("_lengths_upto", "_table", "size")
 
     def __init__(self, rates: Iterable[Rate]) -> None:
-        by_prefix: dict[str, list[Rate]] = {}
-        for rate in rates:
-            by_prefix.setdefault(rate.prefix, []).append(rate)
         table: dict[str, tuple[Period, ...]] = {}
-        for prefix, rows in by_prefix.items():
+        several: dict[str, list[Rate]] = {}  # most prefixes have one row; these more
+        for rate in rates:
+            prefix = rate.prefix
+            if prefix in table:
+                several.setdefault(prefix, [table[prefix][0][2]]).append(rate)
+            else:
+                end = rate.effective_to
+                table[prefix] = ((rate.effective_from, _FOREVER if end is None else end, rate),)
+        for prefix, rows in several.items():
             table[prefix] = _periods(rows)
         lengths = sorted({len(prefix) for prefix in table}, reverse=True)
         self._table = table
         # For a number of n digits: the prefix lengths worth probing, longest first.
         self._lengths_upto = tuple(
-            tuple(length for length in lengths if length <= n) for n in range(16)
+            tuple(length for length in lengths if length <= n) for n in range(_MAX_DIGITS + 1)
         )
         self.size = len(table)
 
     def lookup(self, digits: str, moment: float) -> Rate | None:
         """The row of the longest prefix of `digits` effective at `moment`, or None
         (then `miss_reason` says why)."""
-        table = self._table
-        lengths = self._lengths_upto
-        for length in lengths[len(digits) if len(digits) < 16 else 15]:
-            periods = table.get(digits[:length])
+        get = self._table.get
+        count = len(digits)
+        for length in self._lengths_upto[count if count <= _MAX_DIGITS else _MAX_DIGITS]:
+            periods = get(digits[:length])
             if periods is not None:
                 for start, end, rate in periods:
                     if start <= moment < end:
@@ -59,7 +65,7 @@ class PrefixIndex:
     def miss_reason(self, digits: str) -> str:
         """After a miss: NOT_EFFECTIVE when some prefix matched at another time."""
         table = self._table
-        for length in self._lengths_upto[min(len(digits), 15)]:
+        for length in self._lengths_upto[min(len(digits), _MAX_DIGITS)]:
             if digits[:length] in table:
                 return NOT_EFFECTIVE
         return NO_PREFIX
