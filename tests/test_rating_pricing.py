@@ -8,6 +8,7 @@ from fractions import Fraction
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from sipcdr.rating import Rating, load_rate_plans
 from sipcdr.rating.pricing import billed_seconds, cost
 
 
@@ -108,3 +109,39 @@ def test_billed_seconds_is_the_smallest_billable_time_covering_the_call(
     assert (billed - min_seconds) % increment == 0
     # One increment less would not cover the call (or would undercut the minimum).
     assert billed == min_seconds or (billed - increment) * 1000 < billsec_ms
+
+
+@pytest.mark.parametrize(
+    ("rate", "fee", "min_seconds", "increment", "billsec", "answered", "billed", "charged"),
+    [
+        ("0.0100", "0", 60, 60, 61.0, True, 120, "0.0200"),
+        ("0.0120", "0", 30, 6, 34.0, True, 36, "0.0072"),
+        ("0.0120", "0.0150", 30, 6, 34.0, True, 36, "0.0222"),
+        ("0.0100", "0", 1, 1, 2.008, True, 3, "0.0005"),
+        ("0.0120", "0", 30, 6, 12.0, True, 30, "0.0060"),
+        ("0.0100", "0", 60, 60, 120.0, True, 120, "0.0200"),
+        ("0.0125", "0", 1, 1, 30.0, True, 30, "0.0063"),
+        ("0.0120", "0.0150", 30, 6, 0.0, True, 0, "0.0150"),
+        ("0.0120", "0.0150", 30, 6, 0.0, False, 0, "0.0000"),
+    ],
+)
+def test_the_worked_examples_of_the_deck_documentation(
+    rate: str,
+    fee: str,
+    min_seconds: int,
+    increment: int,
+    billsec: float,
+    answered: bool,
+    billed: int,
+    charged: str,
+) -> None:
+    """The table in schemas/rate_deck.md, row by row, through a rate plan."""
+    deck = (
+        "prefix,destination,rate,connect_fee,min_seconds,increment_seconds,"
+        "effective_from,currency\n"
+        f"49,Germany,{rate},{fee},{min_seconds},{increment},2026-01-01,EUR\n"
+    ).encode()
+    plans = load_rate_plans({"p": deck}, "p", 4, 0).plans
+    result = plans.rate("p", "4930901820", 1_790_000_000.0, billsec, answered)
+    assert isinstance(result, Rating)
+    assert (result.billed_seconds, result.cdr_fields()["cost"]) == (billed, charged)
