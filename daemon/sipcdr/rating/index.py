@@ -2,7 +2,7 @@
 
 One dict from prefix to its periods, probed with the callee's leading digits at each
 prefix length the deck has, longest first. `benchmarks/rating.py` chose it: on a
-100,000-prefix deck it answers about 1.6x as many look-ups per second as a trie of
+100,000-prefix deck it answers about 1.5x as many look-ups per second as a trie of
 per-digit dicts (slicing a str and one hash probe cost less than a Python-level
 step per digit), and it holds one dict instead of one per trie node.
 """
