@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,8 +103,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "rates":
         # A deck check needs no configuration: it runs anywhere a deck is edited.
-        import time  # noqa: PLC0415
-
         from sipcdr.rates import run_check  # noqa: PLC0415
 
         return run_check(args.file, args.json, time.time(), sys.stdout)
