@@ -366,15 +366,19 @@ class _Checker:
         return moment
 
     def _across_rows(self) -> None:
-        by_prefix: dict[str, list[Rate]] = {}
-        for rate in self.rates:
-            by_prefix.setdefault(rate.prefix, []).append(rate)
-        for rows in by_prefix.values():
-            if len(rows) > 1:
-                self._periods(rows)
+        first: dict[str, Rate] = {}
+        several: dict[str, list[Rate]] = {}  # most prefixes have one row; these more
         currencies: dict[str, int] = {}
         for rate in self.rates:
-            currencies.setdefault(rate.currency, rate.line)
+            prefix = rate.prefix
+            if prefix in first:
+                several.setdefault(prefix, [first[prefix]]).append(rate)
+            else:
+                first[prefix] = rate
+            if rate.currency not in currencies:
+                currencies[rate.currency] = rate.line
+        for rows in several.values():
+            self._periods(rows)
         if len(currencies) > 1:
             listed = ", ".join(f"{code} (line {line})" for code, line in currencies.items())
             self.warning(
