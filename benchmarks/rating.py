@@ -217,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  number + rating + fields   {rating_s * 1e6:>10.1f} us per CDR")
     print(f"  the same + CDR copied      {stage_s * 1e6:>10.1f} us per CDR (dataclasses.replace)")
     print(f"  parse + correlate          {pipeline_s * 1e6:>10.1f} us per call (7 messages)")
-    print(f"  rating adds {stage_s / pipeline_s:.1%} to the pipeline's cost per call")
+    print(
+        f"  rating adds {rating_s / pipeline_s:.1%} to the pipeline's cost per call "
+        f"({stage_s / pipeline_s:.1%} with the CDR copied)"
+    )
     return 0
 
 
