@@ -45,6 +45,7 @@ test: $(STAMP) sysdeps lint typecheck
 bench: $(STAMP)
 	$(BIN)/python benchmarks/parser.py
 	$(BIN)/python benchmarks/dialogs.py
+	$(BIN)/python benchmarks/rating.py
 	$(BIN)/python benchmarks/receive.py
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/connections.py

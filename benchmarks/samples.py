@@ -100,6 +100,11 @@ MESSAGES = {"INVITE": INVITE, "200 OK": OK_200, "BYE": BYE}
 
 
 def cdr_values(count: int, seed: int = 7) -> list[bytes]:
+    """Distinct, realistic CDRs as spooled: numbers, addresses, times and outcomes vary."""
+    return [orjson.dumps(cdr.to_record()) for cdr in cdrs(count, seed)]
+
+
+def cdrs(count: int, seed: int = 7) -> list[Cdr]:
     """Distinct, realistic CDRs: numbers, addresses, times and outcomes vary per call."""
     rng = random.Random(seed)
     values = []
@@ -153,5 +158,5 @@ def cdr_values(count: int, seed: int = 7) -> list[bytes]:
             cost=f"{(end - answer) / 60 * 0.012:.6f}" if answer else None,
             currency="EUR" if answered else None,
         )
-        values.append(orjson.dumps(cdr.to_record()))
+        values.append(cdr)
     return values

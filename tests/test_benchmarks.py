@@ -24,6 +24,14 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("journal.py", ["--rounds", "1", "--flows", "30", "--open", "300"], "write per record"),
         ("kafka.py", ["--records", "1000", "--rounds", "1"], "records/s"),
         ("postgres.py", ["--records", "2000", "--rounds", "1"], "COPY + ON CONFLICT"),
+        (
+            "rating.py",
+            [
+                *("--prefixes", "3000", "--lookups", "3000"),
+                *("--cdrs", "300", "--flows", "30", "--rounds", "1"),
+            ],
+            "look-ups, prefix dict",
+        ),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], expected: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     mig = db_sub.add_parser("migrate", help="apply pending schema migrations")
     mig.add_argument("-c", "--config", type=Path, metavar="FILE", help="TOML configuration")
+
+    rates = sub.add_parser("rates", help="rate deck operations")
+    rates_sub = rates.add_subparsers(dest="rates_command", metavar="ACTION", required=True)
+    check = rates_sub.add_parser(
+        "check",
+        help="check a rate deck (CSV, see schemas/rate_deck.md); exit 1 on any error",
+    )
+    check.add_argument("file", type=Path, metavar="FILE")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -101,6 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+
+    if args.command == "rates":
+        # A deck check needs no configuration: it runs anywhere a deck is edited.
+        from sipcdr.rates import run_check  # noqa: PLC0415
+
+        return run_check(args.file, args.json, time.time(), sys.stdout)
 
     from sipcdr.config import ConfigError, load_config  # noqa: PLC0415 - keep --help fast
     from sipcdr.telemetry.logs import configure  # noqa: PLC0415
