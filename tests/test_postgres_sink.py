@@ -451,6 +451,22 @@ async def test_a_dsn_the_driver_cannot_read_is_unavailable_without_its_password(
     assert "s3cret" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "query",
+    ["password=hunter2 secretpart", "password=hun&ter2secret", "password=hunter#secretpart"],
+)
+async def test_no_piece_of_a_password_parameter_is_shown_when_the_server_is_down(
+    query: str,
+) -> None:
+    """Whatever the password holds unescaped, the error (logged as sink_unavailable
+    and printed by `db migrate`) shows none of it."""
+    with pytest.raises(DatabaseUnavailable) as error:
+        await PostgresSink(f"postgresql://app@127.0.0.1:1/cdr?{query}").probe()
+    assert "127.0.0.1:1/cdr?password=***" in str(error.value)
+    for piece in ("hunter", "hun", "ter2", "secretpart"):
+        assert piece not in str(error.value)
+
+
 async def test_outage_then_recovery(private_pg: PrivatePg) -> None:
     server = private_pg()
     dsn = await server.start()
