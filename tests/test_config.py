@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import ssl
 from pathlib import Path
 
 import pytest
+from asyncpg import connect_utils
+from sipcdr import config
 from sipcdr.config import (
     DEFAULT_HEP_TCP_FRAME_TIMEOUT_S,
     DEFAULT_HEP_TCP_IDLE_TIMEOUT_S,
@@ -805,7 +808,7 @@ def test_redacted_hides_every_secret(tmp_path: Path) -> None:
 def test_errors_never_show_secrets(tmp_path: Path) -> None:
     error = error_for(tmp_path, "[sinks.postgres]\ndsn = 'mysql://app:hunter2@db/cdr'\n")
     assert "hunter2" not in str(error)
-    assert error.value == "'mysql://app:***@db/cdr'"
+    assert error.value == "'mysql://...'"  # a refused DSN: its scheme alone
     error = error_for(tmp_path, "[sinks.kafka]\nsasl_password = 'hunter2'\n")
     assert error.key == "sinks.kafka.sasl_password"
     assert "hunter2" not in str(error)
@@ -834,6 +837,23 @@ def test_errors_never_show_secrets(tmp_path: Path) -> None:
         ("postgresql://app:hunter2@db/cdr?sslmode", "key=value pairs"),
         ("postgresql://app:hunter2@db/cdr?sslmode=strict", "sslmode is not one of"),
         ("postgresql:///cdr?host=/run/a,/run/b&port=1,2,3", "names 2 hosts, its port parameter 3"),
+        # A '/' in the password: the driver would read host "app", port 12 and the
+        # rest as the database name.
+        ("postgresql://app:12/hunter2@db/cdr", "'@' after the host"),
+        ("postgresql://app:hun[ter2@db/cdr", "password holds '[' or ']'"),
+        ("postgresql://app:hun]ter2@db/cdr", "password holds '[' or ']'"),
+        ("postgresql://app:hunter2@db/cdr?password=hunter2#x", "'#'"),
+        # Values the driver refuses at every connect.
+        ("postgresql://app:hunter2@db/cdr?target_session_attrs=hunter2", "is not one of"),
+        ("postgresql://app:hunter2@db/cdr?sslnegotiation=hunter2", "is not one of"),
+        ("postgresql://app:hunter2@db/cdr?gsslib=hunter2", "is not one of"),
+        ("postgresql://app:hunter2@db/cdr?ssl_min_protocol_version=TLSv9", "is not one of"),
+        ("postgresql://app:hunter2@db/cdr?ssl_max_protocol_version=hunter2", "is not one of"),
+        ("postgresql://app:hunter2@/cdr?port=5432,5433", "could not match 2 port numbers"),
+        (
+            "postgresql://app:hunter2@db/cdr?sslmode=require&sslrootcert=/nowhere/hunter2.crt",
+            "FileNotFoundError: No such file or directory",
+        ),
     ],
 )
 def test_malformed_dsn_is_refused_naming_the_key_not_the_password(
@@ -856,7 +876,8 @@ def test_malformed_dsn_is_refused_naming_the_key_not_the_password(
         "embedded",
         "",
         "postgresql://postgres@127.0.0.1:5432/test",
-        "postgres://app:p%40ss%23word@db.example.net/cdr?sslmode=verify-full",
+        "postgres://app:p%40ss%23word%5B%5D%25@db.example.net/cdr?sslmode=require",
+        "postgresql://app:pa:ss@db/cdr",  # a ':' in a password needs no escaping
         "POSTGRESQL://db/cdr",
         "postgresql://app@[2001:db8::1]:5432/cdr",
         "postgresql://app@[fe80::1%25eth0]/cdr",
@@ -865,6 +886,15 @@ def test_malformed_dsn_is_refused_naming_the_key_not_the_password(
         "postgresql:///cdr?host=/var/run/postgresql&port=5433",
         "postgresql://app@/cdr",
         "postgresql://app@db_1.internal/cdr?application_name=sipcdr",
+        # As the driver takes them: an empty port is the default, 127.1 is 127.0.0.1,
+        # international names are looked up in their IDNA form.
+        "postgresql://app@db:/cdr",
+        "postgresql://app@127.1/cdr",
+        "postgresql://app@bücher.example/cdr",
+        "postgresql://db/cdr?target_session_attrs=prefer-standby&gsslib=gssapi",
+        "postgresql://db/cdr?sslnegotiation=postgres&ssl_min_protocol_version=TLSv1.3",
+        # Separators inside a password parameter's value belong to it.
+        "postgresql://app@db/cdr?password=hunter2 secretpart",
     ],
 )
 def test_well_formed_dsns_are_taken_as_written(tmp_path: Path, dsn: str) -> None:
@@ -878,10 +908,51 @@ def test_redact_dsn_forms() -> None:
     # an unescaped @ in the password is masked with it
     assert redact_dsn("postgresql://u:p@ss@db/cdr") == "postgresql://u:***@db/cdr"
     assert (
-        redact_dsn("postgresql://db/cdr?user=u&password=pw&sslpassword=kp")
-        == "postgresql://db/cdr?user=u&password=***&sslpassword=***"
+        redact_dsn("postgresql://db/cdr?user=u&sslpassword=kp&password=pw")
+        == "postgresql://db/cdr?user=u&sslpassword=***"
     )
-    assert redact_dsn("host=db password='a b' user=u") == "host=db password=*** user=u"
+    # from the password on, everything: whatever separator it may hold unescaped
+    assert redact_dsn("host=db password='a b' user=u") == "host=db password=***"
+    for dsn in (
+        "postgresql://db/cdr?password=hunter#secretpart",
+        "postgresql://db/cdr?password=hun&ter2secret",
+        "postgresql://db/cdr?password=hunter2 secretpart",
+        "postgresql://db/cdr?x=1 password=hunter2 secretpart",
+        "postgresql://db/cdr?pass%77ord=hunter2&secretpart",
+        "postgresql://db/cdr?SSLPASSWORD = hunter2&secretpart",
+    ):
+        shown = redact_dsn(dsn)
+        assert shown.endswith("=***"), shown
+        assert "hunter" not in shown and "ter2" not in shown and "secretpart" not in shown
+
+
+def test_a_dsn_that_would_fail_every_connect_is_refused_with_the_drivers_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify-full needs a CA: without sslrootcert the driver looks in ~/.postgresql."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    dsn = "postgresql://app:hunter2@db/cdr?sslmode=verify-full"
+    error = error_for(tmp_path, f"[sinks.postgres]\ndsn = '{dsn}'\n")
+    assert error.key == "sinks.postgres.dsn"
+    assert "root certificate file ... does not exist" in str(error)
+    assert "hunter2" not in str(error) and ".postgresql" not in str(error)
+    pki = make_pki(tmp_path / "pki")
+    with_ca = f"{dsn}&sslrootcert={pki.ca}"
+    assert load_text(tmp_path, f"[sinks.postgres]\ndsn = '{with_ca}'\n").sinks.postgres.dsn == (
+        with_ca
+    )
+
+
+def test_the_dsn_choices_are_the_drivers() -> None:
+    """The values the config takes for these parameters are the ones asyncpg takes."""
+    choices = config._DSN_CHOICES
+    assert set(choices["target_session_attrs"]) == {m.value for m in connect_utils.SessionAttribute}
+    assert set(choices["sslnegotiation"]) == {m.value for m in connect_utils.SSLNegotiation}
+    assert {mode.replace("-", "_") for mode in choices["sslmode"]} == {
+        m.name for m in connect_utils.SSLMode
+    }
+    for version in choices["ssl_min_protocol_version"]:
+        assert version.replace(".", "_") in ssl.TLSVersion.__members__
 
 
 # -- trunk lookup ---------------------------------------------------------------------------------

@@ -290,3 +290,30 @@ def test_an_oversized_metrics_request_is_refused_without_a_traceback(daemon: Dae
     log = daemon.log.read_text()
     assert "Traceback" not in log
     assert "metrics_request_failed" not in log
+
+
+def test_metrics_connections_open_at_sigterm_end_without_a_traceback(daemon: Daemon) -> None:
+    """Clients halfway through their requests when the daemon stops: each handler is
+    closed by the server's stop, not left for the loop's shutdown to cancel."""
+    halves = [b"GET /metrics HTTP/1.1\r\nHost: x\r\n", b"GET /met", b"\r\n", b""]
+    sockets = []
+    try:
+        for half in halves:
+            sock = socket.create_connection(("127.0.0.1", daemon.metrics_port), timeout=5)
+            sockets.append(sock)
+            sock.sendall(half)
+        # Every connection is the daemon's before the stop (the reader's deadline is 5 s).
+        assert "sipcdr_packets_received_total" in daemon.metrics()
+        started = time.monotonic()
+        assert daemon.stop() == 0
+        stopped_in = time.monotonic() - started
+        answers = [sock.recv(1024) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+    log = daemon.log.read_text()
+    assert "Traceback" not in log
+    assert "Exception in callback" not in log
+    assert stopped_in < 4.0  # not held until the clients' deadline
+    # Closed without an answer: a leading empty line is no request yet (RFC 9112).
+    assert answers == [b""] * len(halves)

@@ -76,9 +76,8 @@ def test_migrate_with_a_malformed_dsn_is_one_clear_line(tmp_path: Path, dsn: str
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(
-        "sipcdr: configuration: sinks.postgres.dsn = 'postgresql://sipcdr:***@"
-    )
+    # A refused DSN is named by its scheme alone: its parts are what is in doubt.
+    assert lines[0].startswith("sipcdr: configuration: sinks.postgres.dsn = 'postgresql://...'")
     assert "SIPCDR_SINKS__POSTGRES__DSN" in lines[0]
     assert "s3cret" not in result.stderr
     assert result.stdout == ""

@@ -38,6 +38,8 @@ class MemorySink:
         self.probes = 0
         self.largest_batch = 0
         self.gate: asyncio.Event | None = None
+        self.probe_gate: asyncio.Event | None = None  # a probe waits for it
+        self.probe_ends_in = 0.0  # a cancelled probe takes this long to end
         self.stopped = False
 
     async def start(self) -> None:
@@ -49,6 +51,12 @@ class MemorySink:
 
     async def probe(self) -> None:
         self.probes += 1
+        if self.probe_gate is not None:
+            try:
+                await self.probe_gate.wait()
+            except asyncio.CancelledError:
+                await asyncio.sleep(self.probe_ends_in)  # closing its connection
+                raise
         if self.gone:
             raise ConnectionError("no route to host")
 
@@ -112,7 +120,8 @@ async def test_a_failing_sink_retries_the_same_batch_and_does_not_hold_the_other
         assert reader.lag_records == 20
         down.failing = False
         await _until(lambda: len(down.got) == 20, timeout=10)
-        assert state.up
+        # The loop marks the sink up once the sink's call has returned to it.
+        await _until(lambda: state.up)
         assert reader.lag_records == 0
         await delivery.stop()
     assert down.got == values  # nothing lost, nothing twice (the failures wrote nothing)
@@ -493,3 +502,75 @@ async def test_a_destination_that_answers_but_fails_waits_the_whole_backoff(
         await delivery.stop()
     assert waited >= 0.25
     assert sink.probes == 1  # once, to tell a refusal from an outage
+
+
+async def test_a_cancel_while_a_probe_ends_does_not_rewind_a_delivered_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch is confirmed while its watcher is in a probe that takes a moment to
+    end; a stop right then must find the batch committed, not deliver it again."""
+    monkeypatch.setattr(delivery_module, "SLOW_BATCH_S", 0.01)
+    sink = MemorySink("confirmed")
+    sink.gate = asyncio.Event()
+    sink.probe_gate = asyncio.Event()  # never set: the probe is still out
+    sink.probe_ends_in = 0.5
+    with Spool(tmp_path, ("confirmed",)) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        await delivery.start()
+        _append(spool, 3)
+        await _until(lambda: sink.probes == 1)
+        sink.gate.set()
+        await _until(lambda: len(sink.got) == 3)
+        await asyncio.sleep(0.05)  # well inside the probe's end
+        await delivery.stop(drain_timeout_s=0)
+        ((_state, reader),) = delivery.readers()
+        assert reader.lag_records == 0
+    with Spool(tmp_path, ("confirmed",)) as spool:
+        assert spool.reader("confirmed").read(10, 1 << 20) == []
+
+
+async def test_a_drain_that_begins_during_a_probe_still_ends_the_backoff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery_module, "MIN_BACKOFF_S", 60.0)
+    sink = MemorySink("draining")
+    sink.failing = True
+    sink.probe_gate = asyncio.Event()
+    with Spool(tmp_path, ("draining",)) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        await delivery.start()
+        values = _append(spool, 3)
+        await _until(lambda: sink.calls == 1 and sink.probes == 1)  # failed, now probing
+        drained = asyncio.create_task(delivery.drain(5))
+        await asyncio.sleep(0.05)  # the drain's pulse passes while the loop probes
+        sink.failing = False
+        sink.probe_gate.set()  # it answers: the loop would wait the whole 60 s backoff
+        assert await drained
+        await delivery.stop()
+    assert sink.got == values
+
+
+async def test_a_failed_watcher_is_a_warning_and_the_batch_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery_module, "SLOW_BATCH_S", 0.01)
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("the watcher's own bug")
+
+    sink = MemorySink("watched")
+    sink.gate = asyncio.Event()
+    sink.gone = True
+    with Spool(tmp_path, ("watched",)) as spool, capture_logs() as logs:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        monkeypatch.setattr(delivery, "_mark_down", broken)
+        await delivery.start()
+        values = _append(spool, 3)
+        await _until(lambda: any(e["event"] == "delivery_watch_failed" for e in logs))
+        sink.gate.set()
+        await _until(lambda: len(sink.got) == 3)
+        await delivery.stop()
+    assert sink.got == values
+    (failed,) = [entry for entry in logs if entry["event"] == "delivery_watch_failed"]
+    assert failed["log_level"] == "warning"
+    assert [entry for entry in logs if entry["log_level"] == "error"] == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import socket
 import subprocess
 import time
 import uuid
@@ -32,6 +33,7 @@ from kafkabroker import (
 from sipcalls import Call, feed
 from sipcdr import config
 from sipcdr.dialog import Correlator
+from sipcdr.sinks import delivery as delivery_module
 from sipcdr.sinks import kafka, kafka_options
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP, STREAM_RECORDS, SpoolRecord
 from sipcdr.sinks.delivery import Delivery
@@ -222,6 +224,71 @@ async def test_every_compression_round_trips(kafka_bootstrap: str, compression: 
 
 
 @pytest.mark.integration
+async def test_a_broker_that_serves_answers_the_probe(kafka_bootstrap: str) -> None:
+    sink = sink_for(kafka_bootstrap, "cdrs", "fraud")
+    await asyncio.wait_for(sink.probe(), delivery_module.PROBE_TIMEOUT_S)
+    assert aiokafka_tasks() == []  # its connection is closed
+
+
+@pytest.mark.integration
+async def test_a_stuck_bootstrap_server_does_not_hide_one_that_answers(
+    kafka_bootstrap: str,
+) -> None:
+    """A listener that accepts and never answers (a frozen broker) is named first; the
+    live broker still answers every probe within the delivery loop's bound."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as stuck:
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen(64)  # connections complete in the backlog; nothing reads them
+        stuck_at = f"127.0.0.1:{stuck.getsockname()[1]}"
+        # The default request timeout (longer than the probe's bound), as in production.
+        sink = sink_for(f"{stuck_at},{kafka_bootstrap}", "cdrs", "fraud")
+        for _ in range(5):
+            elapsed, error = await timed(
+                asyncio.wait_for(sink.probe(), delivery_module.PROBE_TIMEOUT_S)
+            )
+            assert error is None, error
+            assert elapsed < 1.0
+        alone = sink_for(stuck_at, "cdrs", "fraud")
+        elapsed, error = await timed(
+            asyncio.wait_for(alone.probe(), delivery_module.PROBE_TIMEOUT_S)
+        )
+        assert isinstance(error, TimeoutError), error  # a stuck server alone: no answer
+    assert aiokafka_tasks() == []
+
+
+@pytest.mark.integration
+async def test_a_slow_batch_to_a_broker_that_answers_is_no_outage(
+    kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch held back by the producer (linger) outlasts the slow-batch mark many
+    times; every probe meanwhile is answered, so the loop stays up."""
+    monkeypatch.setattr(delivery_module, "SLOW_BATCH_S", 0.1)
+    topic = unique_topic("slow")
+    await create_topics(kafka_bootstrap, [topic])
+    probes = 0
+
+    class CountingSink(KafkaSink):
+        async def probe(self) -> None:
+            nonlocal probes
+            probes += 1
+            await super().probe()
+
+    sink = CountingSink(kafka_bootstrap, topic_cdrs=topic, idempotence=False, linger_ms=1500)
+    with Spool(tmp_path / "spool", ("kafka",)) as spool, capture_logs() as logs:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        await delivery.start()
+        for record in cdr_records(5, "slow"):
+            spool.append(record.kind, record.key, record.value)
+        assert await delivery.drain(15)
+        ((state, _reader),) = delivery.readers()
+        assert state.up
+        await delivery.stop()
+    assert probes >= 3
+    assert sink.sent[topic] == 5
+    assert [entry for entry in logs if entry["event"].startswith("sink_")] == []
+
+
+@pytest.mark.integration
 async def test_start_and_stop_with_the_broker_down_and_deliver_fails_in_bounded_time(
     tansu_factory: TansuFactory,
 ) -> None:
@@ -231,6 +298,10 @@ async def test_start_and_stop_with_the_broker_down_and_deliver_fails_in_bounded_
     elapsed, error = await timed(sink.start())
     assert error is None
     assert elapsed < 0.5
+    elapsed, error = await timed(sink.probe())
+    assert isinstance(error, KafkaDeliveryError), error
+    assert "no bootstrap server answers" in str(error)
+    assert elapsed < 0.5  # a refused connection is an answer at once
     for _ in range(2):  # the second attempt uses a fresh producer, and fails the same way
         elapsed, error = await timed(sink.deliver(STREAM_RECORDS, cdr_records(5, "down")))
         assert isinstance(error, KafkaDeliveryError), error

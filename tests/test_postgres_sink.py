@@ -14,12 +14,13 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import jsonschema
 import orjson
 import pytest
-from pgserver import PrivatePg
+from pgserver import PrivatePg, with_database
 from sipcdr.model import Cdr
 from sipcdr.sinks import delivery as delivery_module
 from sipcdr.sinks.base import (
@@ -449,6 +450,101 @@ async def test_a_dsn_the_driver_cannot_read_is_unavailable_without_its_password(
     with pytest.raises(DatabaseUnavailable, match=r"cannot use postgresql://app:\*\*\*@") as error:
         await PostgresSink(dsn).probe()
     assert "s3cret" not in str(error.value)
+
+
+async def test_a_server_that_serves_answers_the_probe(sink: PostgresSink) -> None:
+    await sink.probe()
+
+
+def _with_user(dsn: str, user: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rpartition('@')[2]}"))
+
+
+async def test_a_server_that_refuses_the_login_answers_the_probe(pg_server_dsn: str) -> None:
+    """An unknown database or role is the server's answer: not an outage that ends by
+    itself, so the delivery loop waits its backoff instead of logging in every second."""
+    await PostgresSink(with_database(pg_server_dsn, "sipcdr_no_such_database")).probe()
+    await PostgresSink(_with_user(pg_server_dsn, "sipcdr_no_such_role")).probe()
+    with pytest.raises(DatabaseUnavailable, match="cannot connect"):
+        await PostgresSink("postgresql://postgres@127.0.0.1:1/none").probe()
+
+
+@pytest.mark.parametrize(
+    ("error", "answers"),
+    [
+        (asyncpg.exceptions.InvalidPasswordError("password authentication failed"), True),
+        (asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already"), True),
+        (asyncpg.exceptions.CannotConnectNowError("the database system is starting up"), False),
+        (asyncpg.exceptions.AdminShutdownError("terminating connection"), False),
+        (asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"), False),
+        (ConnectionResetError("reset by peer"), False),
+        (TimeoutError(), False),
+    ],
+)
+async def test_only_a_server_that_does_not_serve_fails_the_probe(
+    monkeypatch: pytest.MonkeyPatch, error: Exception, answers: bool
+) -> None:
+    async def connect(*_args: Any, **_kwargs: Any) -> asyncpg.Connection:
+        raise error
+
+    monkeypatch.setattr(asyncpg, "connect", connect)
+    probe = PostgresSink("postgresql://app@db.example.net/cdr").probe()
+    if answers:
+        await probe
+    else:
+        with pytest.raises(DatabaseUnavailable):
+            await probe
+
+
+async def test_a_refused_login_waits_the_whole_backoff_between_logins(
+    pg_server_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery_module, "MIN_BACKOFF_S", 30.0)
+    monkeypatch.setattr(delivery_module, "PROBE_INTERVAL_S", 0.05)
+    logins = 0
+
+    class CountingSink(PostgresSink):
+        async def probe(self) -> None:
+            nonlocal logins
+            logins += 1
+            await super().probe()
+
+    sink = CountingSink(
+        with_database(pg_server_dsn, "sipcdr_no_such_database"), store_signaling=False
+    )
+    with Spool(tmp_path / "spool", ("postgres",)) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        await delivery.start()
+        ((state, _reader),) = delivery.readers()
+        for record in cdr_records([make_cdr(1)]):
+            spool.append(record.kind, record.key, record.value)
+        deadline = time.monotonic() + 10
+        while logins < 1:  # the batch failed, and the loop asks whether anyone answers
+            assert time.monotonic() < deadline, "the refused login did not fail the batch"
+            await asyncio.sleep(0.02)
+        failures = state.failures
+        await asyncio.sleep(1.0)  # twenty probe intervals
+        assert logins == 1  # once, to tell the refusal from an outage
+        assert state.failures == failures  # and no new attempt inside the backoff
+        await delivery.stop(drain_timeout_s=0)
+    assert "does not exist" in state.last_error
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["password=hunter2 secretpart", "password=hun&ter2secret", "password=hunter#secretpart"],
+)
+async def test_no_piece_of_a_password_parameter_is_shown_when_the_server_is_down(
+    query: str,
+) -> None:
+    """Whatever the password holds unescaped, the error (logged as sink_unavailable
+    and printed by `db migrate`) shows none of it."""
+    with pytest.raises(DatabaseUnavailable) as error:
+        await PostgresSink(f"postgresql://app@127.0.0.1:1/cdr?{query}").probe()
+    assert "127.0.0.1:1/cdr?password=***" in str(error.value)
+    for piece in ("hunter", "hun", "ter2", "secretpart"):
+        assert piece not in str(error.value)
 
 
 async def test_outage_then_recovery(private_pg: PrivatePg) -> None:

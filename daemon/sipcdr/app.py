@@ -101,6 +101,7 @@ class App:
             config.metrics.listen.host,
             config.metrics.listen.port,
             ready=lambda: self._ready,
+            refused=self.metrics.metrics_connections_refused,
         )
         self._live: list[LiveCapture] = []
         self._live_seen: dict[tuple[str, str], int] = {}

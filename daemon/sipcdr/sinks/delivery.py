@@ -102,11 +102,15 @@ class Delivery:
         self._loops: list[tuple[LoopState, SpoolReader]] = []
         self._log = structlog.get_logger("sipcdr.delivery")
         self._tasks: list[asyncio.Task[None]] = []
+        self._watchers: set[asyncio.Task[None]] = set()  # cancelled, maybe not yet ended
         self._sync_task: asyncio.Task[None] | None = None
         self._wake: dict[tuple[str, str], asyncio.Event] = {}
         self._stopping = False
         self._started = False
         self._nudge = asyncio.Event()  # pulsed by a drain: loops in backoff retry at once
+        # Counts the drain's pulses, so a loop that was busy probing when one came (not
+        # waiting for the event) still sees it.
+        self._nudges = 0
         self._draining = False
 
     def readers(self) -> list[tuple[LoopState, SpoolReader]]:
@@ -141,6 +145,16 @@ class Delivery:
         if exc is not None:
             # A loop that died would leave its sink behind for good: say so loudly.
             self._log.error("delivery_loop_failed", task=task.get_name(), error=repr(exc))
+
+    def _watch_ended(self, task: asyncio.Task[None]) -> None:
+        self._watchers.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # The batch goes on without its watcher: an outage may show later, at the
+            # batch's own failure, but nothing is lost.
+            self._log.warning("delivery_watch_failed", task=task.get_name(), error=repr(exc))
 
     async def _loop(
         self,
@@ -245,9 +259,14 @@ class Delivery:
         """Wait `backoff` before the next attempt, or less: a drain's nudge ends the wait
         (the sink may be back), and so does a destination that answers again after it
         did not at the start of the wait."""
+        nudges = self._nudges
+        if self._draining:
+            backoff = min(backoff, _DRAIN_RETRY_S)
         deadline = time.monotonic() + backoff
         gone = await self._probe(sink) is not None
         while (left := deadline - time.monotonic()) > 0:
+            if self._nudges != nudges:
+                return  # a drain began while this loop was probing
             try:
                 await asyncio.wait_for(
                     self._nudge.wait(), min(left, PROBE_INTERVAL_S) if gone else left
@@ -273,18 +292,23 @@ class Delivery:
         watcher = asyncio.create_task(
             self._watch(sink, stream, state, reader), name=f"sipcdr-watch-{sink.name}-{stream}"
         )
-        watcher.add_done_callback(self._loop_ended)
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watch_ended)
         try:
             return await self._deliver(sink, stream, batch, state, reader)
         finally:
+            # Not awaited: a probe may take a moment to end, and a cancel of this loop
+            # meanwhile would rewind a batch that was delivered. `stop` awaits it.
             watcher.cancel()
-            await asyncio.wait({watcher})
 
     async def _watch(self, sink: Sink, stream: str, state: LoopState, reader: SpoolReader) -> None:
         started = time.monotonic()
+        watching = asyncio.current_task()
         while state.up:
             await asyncio.sleep(SLOW_BATCH_S)
             error = await self._probe(sink)
+            if watching is not None and watching.cancelling():
+                return  # the batch ended while the probe did (which kept the cancel)
             if error is not None:
                 waited = time.monotonic() - started
                 self._mark_down(
@@ -378,9 +402,10 @@ class Delivery:
             event.set()
         # Wakes the loops sleeping in a backoff now (set wakes every current waiter;
         # clearing at once keeps later waits from returning immediately).
+        self._draining = True
+        self._nudges += 1
         self._nudge.set()
         self._nudge.clear()
-        self._draining = True
         deadline = time.monotonic() + timeout_s
         while not self.caught_up():
             if time.monotonic() >= deadline or all(task.done() for task in self._tasks):
@@ -402,6 +427,11 @@ class Delivery:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        watchers = list(self._watchers)
+        for task in watchers:
+            task.cancel()
+        if watchers:
+            await asyncio.wait(watchers)
         self._tasks.clear()
         self._sync_task = None
         for sink in self.sinks:

@@ -16,8 +16,8 @@ records of the failed batch trickling in after it). Every
 network wait is bounded by the request timeout: a dead broker, a refused topic or a
 broker that stops answering turn into a `KafkaDeliveryError` within
 `2 * request_timeout_ms`, and `stop` returns within about one request timeout.
-Meanwhile `probe` lets the delivery loop see the outage sooner: it asks a bootstrap
-server for metadata on a connection of its own.
+Meanwhile `probe` lets the delivery loop see the outage sooner: it asks every
+bootstrap server at once for metadata, each on a connection of its own.
 """
 
 from __future__ import annotations
@@ -195,33 +195,57 @@ class KafkaSink(AsyncLifecycle):
         """Return when a bootstrap server answers a metadata request (brokers only, no
         topics), raise `KafkaDeliveryError` when none does.
 
-        Each asks on a connection of its own (with the sink's TLS and SASL), closed
-        after: the producer's may be queued behind a produce request that a frozen broker
-        never answers, and the producer reconnects by itself. The caller bounds the time.
+        Every bootstrap server is asked at once and the first answer counts: asked one
+        after the other within the caller's time bound, a server that accepts and never
+        answers (frozen, or a black hole behind a load balancer) would use up the bound
+        and report an outage while another serves. Each is asked on a connection of its
+        own (with the sink's TLS and SASL), closed after: the producer's may be queued
+        behind a produce request that a frozen broker never answers, and the producer
+        reconnects by itself.
+
+        What it cannot see: a partition leader that is frozen but is not a bootstrap
+        server (or is one and another answers). A batch waiting for it is reported by
+        the delivery loop only when the client gives up, after its request timeouts.
         """
-        errors = []
-        for host, port, _family in collect_hosts(self.bootstrap):
-            try:
-                connection = await create_conn(
-                    host,
-                    port,
-                    client_id=CLIENT_ID,
-                    request_timeout_ms=self._options["request_timeout_ms"],
-                    **self._security,
-                )
-            except Exception as exc:
-                errors.append(exc)
-                continue
-            try:
-                await connection.send(MetadataRequest([]))
-                return
-            except Exception as exc:
-                errors.append(exc)
-            finally:
-                connection.close()
+        asks = [
+            asyncio.create_task(self._ask_for_metadata(host, port), name="sipcdr-kafka-probe")
+            for host, port, _family in collect_hosts(self.bootstrap, randomize=False)
+        ]
+        errors: list[BaseException] = []
+        try:
+            pending = set(asks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    error = task.exception()
+                    if error is None:
+                        return
+                    errors.append(error)
+        finally:
+            for task in asks:
+                task.cancel()
+            # Their connections are closed before the probe returns, even when the
+            # caller's bound cancelled it.
+            await asyncio.wait(asks)
+            for task in asks:
+                if not task.cancelled():
+                    task.exception()  # retrieved: no "never retrieved" noise at exit
         raise KafkaDeliveryError(
-            f"kafka: no bootstrap server answers: {_describe(errors[-1] if errors else None)}"
+            f"kafka: no bootstrap server answers: {_describe(errors[0] if errors else None)}"
         )
+
+    async def _ask_for_metadata(self, host: str, port: int) -> None:
+        connection = await create_conn(
+            host,
+            port,
+            client_id=CLIENT_ID,
+            request_timeout_ms=self._options["request_timeout_ms"],
+            **self._security,
+        )
+        try:
+            await connection.send(MetadataRequest([]))
+        finally:
+            connection.close()
 
     async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
         """Send every record, then wait until the broker has confirmed all of them.

@@ -41,7 +41,12 @@ from sipcdr.sinks.base import (
     RecordsRejected,
     SpoolRecord,
 )
-from sipcdr.storage.migrations import DEFAULT_CONNECT_TIMEOUT_S, connect, migrate
+from sipcdr.storage.migrations import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DatabaseUnavailable,
+    connect,
+    migrate,
+)
 from sipcdr.storage.partitions import (
     DEFAULT_PARTITIONS_AHEAD_DAYS,
     ensure_ahead,
@@ -64,6 +69,14 @@ _CONTENT_ERRORS: Final = (
     asyncpg.exceptions.IntegrityConstraintViolationError,
     # The driver's own: a value it cannot encode for its column, before any round trip.
     asyncpg.exceptions._base.DataError,
+)
+
+
+# Server errors that mean it does not serve now: a connection failure (class 08), a
+# server starting up or shutting down (class 57, "cannot connect now" among them).
+_NOT_ANSWERING: Final = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
 )
 
 
@@ -272,10 +285,23 @@ class PostgresSink(AsyncLifecycle):
         await self._connection(STREAM_RECORDS)
 
     async def probe(self) -> None:
-        """A connection of its own, opened and closed: the server accepts and
-        authenticates us (while it starts up or shuts down it refuses, and that counts
-        as not answering). Raises DatabaseUnavailable otherwise."""
-        await _close(await connect(self.dsn, self.connect_timeout_s))
+        """Returns when the server answers a login on a connection of its own (closed
+        at once): it lets us in, or refuses with an error of its own (a wrong password,
+        an unknown role or database, too many clients). Such a refusal is not an outage
+        that ends by itself in a second: the delivery loop then waits its whole backoff
+        instead of logging in every second.
+
+        Raises DatabaseUnavailable when it does not answer: no connection, a timeout, a
+        connection lost midway, or a server starting up or shutting down."""
+        try:
+            connection = await connect(self.dsn, self.connect_timeout_s)
+        except DatabaseUnavailable as exc:
+            if isinstance(exc.__cause__, asyncpg.PostgresError) and not isinstance(
+                exc.__cause__, _NOT_ANSWERING
+            ):
+                return
+            raise
+        await _close(connection)
 
     async def flush(self) -> None:
         """Nothing buffered: every `deliver` that returned has committed."""

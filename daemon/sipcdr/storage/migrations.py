@@ -142,13 +142,18 @@ async def connect(
     """A connection to `dsn`, or DatabaseUnavailable with a one-line reason."""
     try:
         return await asyncpg.connect(dsn, timeout=timeout_s, command_timeout=command_timeout_s)
+    except asyncpg.ClientConfigurationError as exc:
+        raise DatabaseUnavailable(f"cannot use {redact_dsn(dsn)}: {_unusable(dsn, exc)}") from exc
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise DatabaseUnavailable(f"cannot connect to {redact_dsn(dsn)}: {_reason(exc)}") from exc
     except (ValueError, AttributeError, IndexError) as exc:
-        # The driver's URL parsing; the config refuses such a DSN before it gets here.
-        # Its message may quote the password, so only the config's reading is shown.
-        reason = dsn_problem(dsn) or f"the driver cannot read it ({type(exc).__name__})"
-        raise DatabaseUnavailable(f"cannot use {redact_dsn(dsn)}: {reason}") from exc
+        raise DatabaseUnavailable(f"cannot use {redact_dsn(dsn)}: {_unusable(dsn, exc)}") from exc
+
+
+def _unusable(dsn: str, exc: Exception) -> str:
+    # The driver's URL parsing; the config refuses such a DSN before it gets here. Its
+    # message may quote the password, so only the config's reading is shown.
+    return dsn_problem(dsn) or f"the driver cannot read it ({type(exc).__name__})"
 
 
 def _reason(exc: BaseException) -> str:

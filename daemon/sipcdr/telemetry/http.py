@@ -3,7 +3,11 @@
 daemon needs no web framework and no thread for it.
 
 A request whose line or headers are longer than a scraper ever sends is answered 414
-or 431 and closed; nothing a client sends ends in a traceback in the daemon's log."""
+or 431 and closed, one whose headers do not end within `READ_TIMEOUT_S` 408; nothing a
+client sends ends in a traceback in the daemon's log. At most `MAX_CONNECTIONS` are
+open at once (each holds a file descriptor for up to `READ_TIMEOUT_S` plus a linger):
+more are closed on arrival and counted, so a flood of connections cannot use up the
+descriptors the listeners and the spool need. `stop` closes the open ones."""
 
 from __future__ import annotations
 
@@ -13,15 +17,24 @@ from collections.abc import Callable
 from typing import Final
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 # A scrape is "GET /metrics HTTP/1.1" with perhaps a few parameters.
 MAX_REQUEST_LINE_BYTES: Final = 4096
 # A scraper's headers (Accept, User-Agent, an Authorization) take a few hundred bytes.
 MAX_HEADER_BYTES: Final = 16 * 1024
 MAX_HEADER_LINES: Final = 100
+# RFC 9112 2.2: empty lines before the request line are ignored (a client's stray CRLF
+# after an earlier request); more than a few is no HTTP client.
+MAX_LEADING_EMPTY_LINES: Final = 4
 # A scraper sends its request at once; a client that says nothing is closed.
 READ_TIMEOUT_S: Final = 5.0
+# A scraper reads the answer (a few hundred KiB at most) as it comes; one that does not
+# would hold its connection for good.
+WRITE_TIMEOUT_S: Final = 5.0
+# Prometheus scrapes one at a time, and a few people may curl at once: far more than
+# enough, and small next to the daemon's file limit.
+MAX_CONNECTIONS: Final = 32
 # After a refusal, what the client still sends is read and dropped (at most this long
 # and this much) before closing: closing on unread input resets the connection, and
 # the client may then lose the answer.
@@ -39,13 +52,21 @@ class _Refused(Exception):
 
 class MetricsServer:
     def __init__(
-        self, registry: CollectorRegistry, host: str, port: int, ready: Callable[[], bool]
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        ready: Callable[[], bool],
+        *,
+        refused: Counter | None = None,
     ) -> None:
         self._registry = registry
         self._host = host
         self._port = port
         self._ready = ready
+        self._refused = refused  # connections closed on arrival: MAX_CONNECTIONS open
         self._server: asyncio.Server | None = None
+        self._handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._log = structlog.get_logger("sipcdr.metrics")
 
     @property
@@ -55,6 +76,11 @@ class MetricsServer:
             return self._port
         return int(self._server.sockets[0].getsockname()[1])
 
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return len(self._handlers)
+
     async def start(self) -> None:
         if self._server is None:
             self._server = await asyncio.start_server(
@@ -62,30 +88,73 @@ class MetricsServer:
             )
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        """Idempotent: stop listening, then close the connections still open (a client
+        halfway through its request) and wait for their handlers to end."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        handlers = list(self._handlers.items())
+        for task, writer in handlers:
+            writer.transport.abort()
+            task.cancel()
+        if handlers:
+            await asyncio.wait([task for task, _writer in handlers])
+        await server.wait_closed()
+
+    async def flush(self) -> None:
+        """Nothing buffered: every answer is written before its connection closes."""
+
+    async def __aenter__(self) -> MetricsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is None or len(self._handlers) >= MAX_CONNECTIONS:
+            if self._refused is not None:
+                self._refused.inc()
+            writer.transport.abort()
+            return
+        self._handlers[task] = writer
+        try:
+            await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            # `stop`, or the loop's shutdown. The task must not end cancelled: asyncio
+            # (3.11) reads a connection handler's exception when it ends, and a cancelled
+            # task's raises there and is logged as a traceback.
+            pass
+        finally:
+            del self._handlers[task]
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        began = False
         try:
             try:
                 async with asyncio.timeout(READ_TIMEOUT_S):
-                    path = await _read_request(reader)
+                    first = await reader.readexactly(1)
+                    began = True
+                    path = await _read_request(reader, first)
             except _Refused as refused:
                 await _send(writer, refused.status, "text/plain", f"{refused.status}\n".encode())
                 await _linger(reader, writer)
                 return
+            except TimeoutError:
+                if began:  # a request that never ended; a silent client gets no answer
+                    await _send(writer, "408 Request Timeout", "text/plain", b"408\n")
+                return
             status, ctype, body = self._answer(path)
             await _send(writer, status, ctype, body)
         except (TimeoutError, OSError, asyncio.IncompleteReadError):
-            pass  # the client went away or said nothing: nothing to answer
+            pass  # the client went away, said nothing or does not read: nothing to do
         except Exception as exc:
             # One line, not a traceback per request: a failing collector is a bug to
             # report, and the next scrape tries again.
             self._log.warning("metrics_request_failed", error=repr(exc)[:300])
-        finally:
-            writer.close()
 
     def _answer(self, path: bytes) -> tuple[str, str, bytes]:
         if path == b"/metrics":
@@ -99,17 +168,14 @@ class MetricsServer:
         return "404 Not Found", "text/plain", b"not found\n"
 
 
-async def _read_request(reader: asyncio.StreamReader) -> bytes:
-    """The path of the request, once its line and headers are read; `_Refused` when
-    either is too long or the line is no request."""
-    try:
-        line = await reader.readuntil(b"\n")
-    except asyncio.LimitOverrunError:
-        raise _Refused("414 URI Too Long") from None
-    except asyncio.IncompleteReadError as exc:
-        line = exc.partial  # a client that closed its side after the request line
-        if not line:
-            raise
+async def _read_request(reader: asyncio.StreamReader, first: bytes) -> bytes:
+    """The path of the request whose first byte is `first`, once its line and headers
+    are read; `_Refused` when either is too long or the line is no request."""
+    line = first if first == b"\n" else first + await _read_line(reader, first)
+    for _ in range(MAX_LEADING_EMPTY_LINES):
+        if line not in (b"\r\n", b"\n"):
+            break
+        line = await _read_line(reader)
     if len(line) > MAX_REQUEST_LINE_BYTES:
         raise _Refused("414 URI Too Long")
     parts = line.split()
@@ -118,6 +184,17 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes:
     if len(parts) >= 3 and line.endswith(b"\n"):  # HTTP/1.x: headers follow
         await _skip_headers(reader)
     return parts[1].split(b"?", 1)[0]
+
+
+async def _read_line(reader: asyncio.StreamReader, before: bytes = b"") -> bytes:
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError:
+        raise _Refused("414 URI Too Long") from None
+    except asyncio.IncompleteReadError as exc:
+        if not (before + exc.partial).strip():
+            raise
+        return exc.partial  # a client that closed its side after the request line
 
 
 async def _skip_headers(reader: asyncio.StreamReader) -> None:
@@ -145,7 +222,8 @@ async def _send(writer: asyncio.StreamWriter, status: str, ctype: str, body: byt
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     writer.write(head.encode() + body)
-    await writer.drain()
+    async with asyncio.timeout(WRITE_TIMEOUT_S):
+        await writer.drain()
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -214,6 +214,12 @@ class Metrics:
             ["stream", "what"],
             registry=r,
         )
+        self.metrics_connections_refused = Counter(
+            "sipcdr_metrics_connections_refused_total",
+            "Connections to the metrics endpoint closed on arrival because its connection "
+            "cap was reached (a flood, or clients that never finish their request)",
+            registry=r,
+        )
         self.asr = Gauge(
             "sipcdr_asr", "Answer-seizure ratio of closed calls", ["trunk"], registry=r
         )

@@ -1,0 +1,135 @@
+"""The metrics endpoint in-process: its connection cap, its read and write deadlines,
+what it takes before a request line, and a stop with clients halfway through."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable, Iterable
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from sipcdr.telemetry import http
+from sipcdr.telemetry.http import MAX_CONNECTIONS, MetricsServer
+
+
+class _Big:
+    """A collector whose exposition is larger than any socket buffers."""
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily("sipcdr_test_big", "padding", labels=["n"])
+        for n in range(100_000):
+            family.add_metric([f"{n:064d}"], n)
+        yield family
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+async def server(registry: CollectorRegistry) -> AsyncIterator[MetricsServer]:
+    refused = Counter("sipcdr_metrics_connections_refused_total", "refused", registry=registry)
+    async with MetricsServer(registry, "127.0.0.1", 0, lambda: True, refused=refused) as started:
+        yield started
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def _exchange(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def test_connections_beyond_the_cap_are_closed_at_once_and_counted(
+    server: MetricsServer, registry: CollectorRegistry
+) -> None:
+    idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(MAX_CONNECTIONS)]
+    try:
+        await _until(lambda: server.connections == MAX_CONNECTIONS)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            assert await asyncio.wait_for(reader.read(), 1.0) == b""  # closed on arrival
+        except ConnectionResetError:
+            pass  # or reset: either way, at once
+        finally:
+            writer.close()
+        assert registry.get_sample_value("sipcdr_metrics_connections_refused_total") == 1
+        assert server.connections == MAX_CONNECTIONS
+    finally:
+        for _reader, idle_writer in idle:
+            idle_writer.close()
+    await _until(lambda: server.connections == 0)
+    answer = await _exchange(server.port, b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 200 OK")
+
+
+async def test_a_client_that_does_not_read_the_answer_is_closed_after_the_write_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http, "WRITE_TIMEOUT_S", 0.3)
+    registry = CollectorRegistry()
+    registry.register(_Big())
+    async with MetricsServer(registry, "127.0.0.1", 0, lambda: True) as server:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+            sock.send(b"GET /metrics HTTP/1.1\r\n\r\n")
+            await _until(lambda: server.connections == 1)
+            await _until(lambda: server.connections == 0, timeout=3.0)  # never read
+
+
+async def test_a_leading_empty_line_is_ignored(server: MetricsServer) -> None:
+    for request in (
+        b"\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\nGET /healthz HTTP/1.1\r\n\r\n",
+        b"\r\n\r\nGET /healthz\r\n",
+    ):
+        assert (await _exchange(server.port, request)).startswith(b"HTTP/1.0 200 OK"), request
+    only_empty = b"\r\n" * 10
+    assert (await _exchange(server.port, only_empty)).startswith(b"HTTP/1.0 400")
+
+
+async def test_headers_that_never_end_get_408_and_silence_gets_nothing(
+    server: MetricsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http, "READ_TIMEOUT_S", 0.2)
+    answer = await _exchange(server.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+    assert answer.startswith(b"HTTP/1.0 408 Request Timeout")
+    assert await _exchange(server.port, b"") == b""
+
+
+async def test_stop_closes_connections_halfway_through_their_requests() -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    server = MetricsServer(CollectorRegistry(), "127.0.0.1", 0, lambda: True)
+    await server.start()
+    clients = []
+    for half in (b"GET /metrics HTTP/1.1\r\n", b"GET /met", b""):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(half)
+        clients.append((reader, writer))
+    await _until(lambda: server.connections == 3)
+    await asyncio.wait_for(server.stop(), 2.0)
+    await server.stop()  # idempotent
+    assert server.connections == 0
+    for reader, writer in clients:
+        assert await asyncio.wait_for(reader.read(), 1.0) == b""
+        writer.close()
+    await asyncio.sleep(0.05)  # any callback of the ended handlers has run
+    assert errors == []
