@@ -167,7 +167,8 @@ class Delivery:
         backoff = MIN_BACKOFF_S
         if stream == sink.streams[0]:
             try:
-                await asyncio.wait_for(sink.prepare(), self.deliver_timeout_s)
+                async with asyncio.timeout(self.deliver_timeout_s):
+                    await sink.prepare()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -180,7 +181,8 @@ class Delivery:
                     if self._stopping:
                         return
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), _IDLE_WAIT_S)
+                        async with asyncio.timeout(_IDLE_WAIT_S):
+                            await wake.wait()
                     continue
                 rejected = await self._watched_deliver(sink, stream, batch, state, reader)
                 # A cursor that cannot be saved (a failing disk) keeps its position in
@@ -244,9 +246,14 @@ class Delivery:
             )
 
     async def _probe(self, sink: Sink) -> str | None:
-        """None when the destination answers now; otherwise why it does not."""
+        """None when the destination answers now; otherwise why it does not.
+
+        `asyncio.timeout` rather than `wait_for` throughout this module: on Python 3.11
+        `wait_for` can swallow a cancel that lands as its inner task ends, which would
+        leave a loop (or a watcher) running after `stop` cancelled it."""
         try:
-            await asyncio.wait_for(sink.probe(), PROBE_TIMEOUT_S)
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                await sink.probe()
         except asyncio.CancelledError:
             raise
         except TimeoutError:
@@ -268,9 +275,8 @@ class Delivery:
             if self._nudges != nudges:
                 return  # a drain began while this loop was probing
             try:
-                await asyncio.wait_for(
-                    self._nudge.wait(), min(left, PROBE_INTERVAL_S) if gone else left
-                )
+                async with asyncio.timeout(min(left, PROBE_INTERVAL_S) if gone else left):
+                    await self._nudge.wait()
                 return
             except TimeoutError:
                 pass
@@ -331,7 +337,8 @@ class Delivery:
     ) -> int:
         """Deliver `batch`; returns how many of its records were set aside."""
         try:
-            await asyncio.wait_for(sink.deliver(stream, batch), self.deliver_timeout_s)
+            async with asyncio.timeout(self.deliver_timeout_s):
+                await sink.deliver(stream, batch)
         except RecordsRejected as exc:
             if len(batch) == 1:
                 self._set_aside(sink, stream, batch[0], exc, state, reader)

@@ -449,6 +449,7 @@ class PostgresSink(AsyncLifecycle):
 
 async def _close(connection: asyncpg.Connection) -> None:
     try:
-        await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT_S)
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            await connection.close()
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
         connection.terminate()
