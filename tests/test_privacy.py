@@ -560,9 +560,14 @@ async def test_cdrs_spools_cursors_and_set_aside_records_are_private_whatever_th
     assert_private_tree(tmp_path)
 
 
-def test_the_systemd_unit_keeps_what_the_daemon_creates_private() -> None:
-    unit = (Path(__file__).resolve().parents[1] / "deploy" / "sipcdr.service").read_text()
+def test_the_deployments_keep_what_the_daemon_creates_private() -> None:
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    unit = (deploy / "sipcdr.service").read_text()
     assert re.search(r"^UMask=0077$", unit, re.MULTILINE)
+    # The state folder is made private for sipcdr, which refuses one others may enter.
+    assert re.search(r"^StateDirectory=sipcdr$", unit, re.MULTILINE)
+    assert re.search(r"^StateDirectoryMode=0700$", unit, re.MULTILINE)
+    assert "chmod 700 /var/lib/sipcdr" in (deploy / "Dockerfile").read_text()
 
 
 # -- paths another user could have planted ------------------------------------------------
@@ -664,15 +669,18 @@ def test_a_service_user_meeting_what_root_left_gets_one_line_not_a_traceback(
     state = home / "var"
     state.mkdir()
     give(state, throwaway_user, 0o700)
+    environ = {
+        "SIPCDR_STATE__DIR": str(state),
+        "SIPCDR_SINKS__JSONL__PATH": str(state / "cdrs.jsonl"),
+    }
+    (state / "lost+found").mkdir(mode=0o700)  # a state disk's own, root's: not sipcdr's
+    result = sipcdr_as(throwaway_user, ["import", "none.pcap"], home, **environ)
+    assert result.returncode == 1 and not result.stderr, result  # only: no such file
     left = state / "import-spool"
+    assert left.stat().st_uid == pwd.getpwnam(throwaway_user).pw_uid
+    shutil.rmtree(left)
     left.mkdir(mode=0o700)  # root's
-    result = sipcdr_as(
-        throwaway_user,
-        ["import", "none.pcap"],
-        home,
-        SIPCDR_STATE__DIR=str(state),
-        SIPCDR_SINKS__JSONL__PATH=str(state / "cdrs.jsonl"),
-    )
+    result = sipcdr_as(throwaway_user, ["import", "none.pcap"], home, **environ)
     line = refusal(result)
     assert f"state.dir: {left} belongs to root, not to {throwaway_user}" in line, line
     assert f"chown -R {throwaway_user} {left}" in line, line

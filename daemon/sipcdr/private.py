@@ -55,6 +55,8 @@ _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # descriptor is known to be a regular file.
 _FILE_FLAGS: Final = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _READ_LIMIT_BYTES: Final = 1024 * 1024  # the small bookkeeping files read_private reads
+# The filesystem's own, root's, when the state folder is a disk of its own.
+_FILESYSTEM_FOLDER: Final = "lost+found"
 
 # The Linux POSIX ACL attribute: a version, then (tag, permissions, id) entries.
 _ACL_ATTRIBUTE: Final = "system.posix_acl_access"
@@ -339,8 +341,9 @@ def _tighten_below(fd: int, path: Path, leave: Collection[str]) -> None:
     for folder, dirs, files, folder_fd in os.fwalk(".", dir_fd=fd, follow_symlinks=False):
         here = path / folder
         if folder == ".":
-            dirs[:] = [name for name in dirs if name not in leave]
-            files = [name for name in files if name not in leave]
+            skip = {*leave, _FILESYSTEM_FOLDER}
+            dirs[:] = [name for name in dirs if name not in skip]
+            files = [name for name in files if name not in skip]
         for name in (*dirs, *files):
             try:
                 info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
