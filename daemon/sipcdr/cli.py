@@ -168,14 +168,16 @@ def _refused_paths(config: Config, command: str) -> str | None:
     sinks = config.sinks
     if command == "db" and not sinks.postgres.embedded:
         return None  # migrating a server elsewhere writes nothing here
+    key = "state.dir"
     try:
         prepare_state_dir(Path(config.state.dir), leave=(EMBEDDED_DATA_SUBDIR,))
         if command != "db" and sinks.jsonl.enabled:
+            key = JSONL_KEY
             check_file_location(Path(sinks.jsonl.path), key=JSONL_KEY)
     except PrivatePathError as exc:
         return str(exc)
-    except OSError as exc:
-        return f"state.dir: {config.state.dir}: {exc.strerror or exc}"
+    except OSError as exc:  # e.g. a folder on the way it may not enter
+        return f"{key}: {exc.filename or ''}: {exc.strerror or exc}"
     return None
 
 
