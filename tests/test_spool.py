@@ -233,10 +233,12 @@ def test_a_segment_that_cannot_be_opened_keeps_appends_in_the_old_one(
         real_open = os.open
         failures = iter([True, True])
 
-        def flaky_open(path: object, flags: int, mode: int = 0o777) -> int:
+        def flaky_open(
+            path: object, flags: int, mode: int = 0o777, *, dir_fd: int | None = None
+        ) -> int:
             if str(path).endswith(".seg") and next(failures, False):
                 raise OSError(24, "Too many open files")
-            return real_open(path, flags, mode)  # type: ignore[arg-type]
+            return real_open(path, flags, mode, dir_fd=dir_fd)  # type: ignore[arg-type]
 
         monkeypatch.setattr(os, "open", flaky_open)
         values = _fill(spool, 40)

@@ -34,8 +34,9 @@ from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
 from sipcdr.model import Packet
 from sipcdr.pipeline import Pipeline
-from sipcdr.private import private_dir
+from sipcdr.private import prepare_state_dir
 from sipcdr.sinks.outputs import Outputs
+from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR
 from sipcdr.telemetry.http import MetricsServer
 from sipcdr.telemetry.metrics import Metrics
 
@@ -130,7 +131,7 @@ class App:
         if self._started:
             return
         self._started = True
-        private_dir(self.state_dir)
+        prepare_state_dir(self.state_dir, leave=(EMBEDDED_DATA_SUBDIR,))
         # Before anything is opened: the spool, the sinks and the listeners all share it.
         self._file_limit = raise_file_limit()
         # Reads only: until the store starts, a failed start leaves every file as it was.

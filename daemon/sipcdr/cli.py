@@ -134,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # run, import and db migrate write personal data (CDRs, spools, the database).
     restrict_umask()
+    refused = _refused_paths(config, args.command)
+    if refused:
+        print(f"sipcdr: {refused}", file=sys.stderr)
+        return 2
     if args.command == "run":
         from sipcdr.app import run  # noqa: PLC0415
 
@@ -142,12 +146,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _db_migrate(config)
     from sipcdr.importer import DELIVERY_TIMEOUT_S, import_files  # noqa: PLC0415
 
-    summary = import_files(
-        config,
-        args.files,
-        args.summary_json,
-        delivery_timeout_s=args.delivery_timeout or DELIVERY_TIMEOUT_S,
-    )
+    try:
+        summary = import_files(
+            config,
+            args.files,
+            args.summary_json,
+            delivery_timeout_s=args.delivery_timeout or DELIVERY_TIMEOUT_S,
+        )
+    except OSError as exc:  # a spool, a file or a folder the import cannot use
+        print(f"sipcdr: import: {exc}", file=sys.stderr)
+        return 1
     print(
         f"{summary['sip_messages']} SIP messages, {summary['cdrs_written']} CDRs "
         f"({summary['cdrs_by_disposition']})"
@@ -164,6 +172,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
     return 1 if summary.get("file_errors") or failed else 0
+
+
+def _refused_paths(config: Config, command: str) -> str | None:
+    """Why the state folder or the JSONL file cannot hold personal data, before any is
+    written (see sipcdr.private); None when they can."""
+    from sipcdr.private import PrivatePathError, check_file_location, prepare_state_dir  # noqa: PLC0415
+    from sipcdr.sinks.jsonl import CONFIG_KEY as JSONL_KEY  # noqa: PLC0415
+    from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR  # noqa: PLC0415
+
+    sinks = config.sinks
+    if command == "db" and not sinks.postgres.embedded:
+        return None  # migrating a server elsewhere writes nothing here
+    key = "state.dir"
+    try:
+        prepare_state_dir(Path(config.state.dir), leave=(EMBEDDED_DATA_SUBDIR,))
+        if command != "db" and sinks.jsonl.enabled:
+            key = JSONL_KEY
+            check_file_location(Path(sinks.jsonl.path), key=JSONL_KEY)
+    except PrivatePathError as exc:
+        return str(exc)
+    except OSError as exc:  # e.g. a folder on the way it may not enter
+        return f"{key}: {exc.filename or ''}: {exc.strerror or exc}"
+    return None
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -222,7 +253,7 @@ def _db_migrate(config: Config) -> int:
         return 2
     try:
         applied = asyncio.run(migrate_configured(config))
-    except (DatabaseUnavailable, MigrationError, EmbeddedPostgresError) as exc:
+    except (DatabaseUnavailable, MigrationError, EmbeddedPostgresError, OSError) as exc:
         print(f"sipcdr: db migrate: {exc}", file=sys.stderr)
         return 1
     for name in applied:

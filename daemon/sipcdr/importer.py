@@ -33,9 +33,10 @@ from sipcdr.decode.extract import CaptureStats
 from sipcdr.dialog import Correlator
 from sipcdr.model import Packet
 from sipcdr.pipeline import CdrSink, Pipeline
-from sipcdr.private import private_dir
+from sipcdr.private import prepare_state_dir, private_dir
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sip import SipMessage
+from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR
 
 EXPIRE_EVERY_S = 1.0  # capture-time interval between timer checks
 # Long enough for a large capture into a remote database; a sink down longer than
@@ -74,7 +75,7 @@ async def _import_to_outputs(
     progress: bool | None,
     timeout_s: float,
 ) -> dict[str, object]:
-    private_dir(Path(config.state.dir))
+    prepare_state_dir(Path(config.state.dir), leave=(EMBEDDED_DATA_SUBDIR,))
     spools = private_dir(Path(config.state.dir) / "import-spool")
     _remove_abandoned(spools)
     spool_dir = spools / str(os.getpid())

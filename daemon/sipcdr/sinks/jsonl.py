@@ -6,6 +6,11 @@ cursor save repeats that batch's lines; tools that need exactly-once dedupe by
 `cdr_id`. Fraud alerts and signaling have their own records and are not written here.
 The file is rotated by size to `<name>.<UTC time>` so no single file grows unbounded.
 
+The file and the rotated ones are private (`sipcdr.private`): the folder must be a
+real folder of the user sipcdr runs as that no one else may write to, the file is
+never opened through a link; rotated files an older version left readable by others
+are made 0600 at start.
+
 A batch that cannot be written whole (a full disk) is cut back to where it began and
 fails, to be retried from the spool: a torn line would merge with the next record
 into one unreadable line. A torn line found when the file is opened (a crash mid
@@ -17,15 +22,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Final
 
-from sipcdr.private import open_private_fd, private_dir
+from sipcdr.private import check_file_location, open_private_fd, private_dir, tighten_files
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, AsyncLifecycle, SpoolRecord
 
 DEFAULT_ROTATE_BYTES: Final = 256 * 1024 * 1024  # a day of a busy trunk group, still greppable
+CONFIG_KEY: Final = "sinks.jsonl.path"  # what a refused path is reported under
+_ROTATED_SUFFIX: Final = re.compile(r"\.\d{8}T\d{6}Z(\.\d+)?")  # what _rotate appends
 
 
 class JsonlSink(AsyncLifecycle):
@@ -40,6 +48,14 @@ class JsonlSink(AsyncLifecycle):
         self._size = 0
 
     async def start(self) -> None:
+        check_file_location(self.path, key=CONFIG_KEY)
+        prefix = self.path.name
+        rotated = [
+            name
+            for name in os.listdir(self.path.parent)
+            if name.startswith(prefix) and _ROTATED_SUFFIX.fullmatch(name, len(prefix))
+        ]
+        tighten_files(self.path.parent, rotated, key=CONFIG_KEY)
         self._open()
 
     async def prepare(self) -> None:
@@ -50,9 +66,10 @@ class JsonlSink(AsyncLifecycle):
 
     def _open(self) -> IO[bytes]:
         if self._file is None:
-            private_dir(self.path.parent, tighten=False)  # may be a folder of the operator's
+            # The folder may be the operator's: checked, never changed.
+            private_dir(self.path.parent, tighten=False, key=CONFIG_KEY)
             # Unbuffered: a write that failed leaves nothing behind to land later.
-            fd = open_private_fd(self.path, os.O_RDWR | os.O_APPEND)
+            fd = open_private_fd(self.path, os.O_RDWR | os.O_APPEND, key=CONFIG_KEY)
             handle = os.fdopen(fd, "a+b", buffering=0)
             try:
                 self._size = _cut_torn_line(handle.fileno())

@@ -257,10 +257,12 @@ class Spool:
         if end < len(data):
             self.stats.torn_tails += 1
             self.stats.torn_tail_bytes += len(data) - end
-            with segment.path.open("r+b") as handle:
-                handle.truncate(end)
-                handle.flush()
-                os.fsync(handle.fileno())
+            fd = open_private_fd(segment.path, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, end)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             segment.size = end
         return last_seq + 1
 

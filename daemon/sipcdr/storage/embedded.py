@@ -10,22 +10,28 @@ The server admits the user sipcdr runs as, and no one else:
   with mkdtemp (its path is in `postmaster.pid`, where every holder reads it);
 - `pg_hba.conf` lets in the one role, `postgres`, by peer authentication, and
   `pg_ident.conf` maps only sipcdr's own system user to it. Both are rewritten at
-  every start, so a cluster made with `trust` by an older version is closed too. There
-  is no password to keep or leak.
+  every start. A server found running with other rules, a socket folder open to
+  others or without the socket options above (one an older version started with
+  `trust`) is restarted with these before anyone uses it. There is no password to
+  keep or leak.
 
 PostgreSQL refuses to run as root. When root runs sipcdr, the server runs as the system
 user `embedded_postgres` (created when missing), which owns the data directory and the
-socket folder. To reach them it needs to traverse the folder above the data directory
-(the state folder): when it cannot, and that folder is sipcdr's, its group becomes that
-user's and its mode 0710 (traverse only). No other folder is changed: when one further
-up is closed to other users, or the wheel's binaries are, the start fails and says
-which.
+socket folder. To reach them it must pass through the state folder, which gets a POSIX
+ACL entry for that user alone (see `sipcdr.private`); a closed folder further up, or
+binaries that user cannot run, stop the start with a message naming them. Root treats
+what that user owns as that user's: the data directory is opened without following a
+link and must belong to it, the access files are written through that descriptor
+without following a link and handed over with fchown, and a process id in
+`postmaster.pid` is believed (joined, signalled) only when it is a `postgres` of that
+user working in this data directory.
 
 Several processes share one server (the daemon, `sipcdr db migrate`, `sipcdr import`):
 each lists its process id in `pg.holders` beside the data directory, under the lock
 `pg.lock`. The first starts the server, the last one out stops it; a holder that died
-(SIGKILL) is dropped from the list by the next start or stop, so it cannot keep the
-server running for good.
+(SIGKILL, or a zombie not yet reaped) is dropped from the list by the next start or
+stop, so it cannot keep the server running for good. A server killed outright leaves
+its mkdtemp socket folder behind; the next start removes it.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import os
 import pwd
 import shlex
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -50,7 +57,19 @@ from types import TracebackType
 from typing import Any, Final
 from urllib.parse import quote
 
-from sipcdr.private import PRIVATE_DIR_MODE, open_private_fd, private_dir, write_private
+from sipcdr.private import (
+    PRIVATE_DIR_MODE,
+    PRIVATE_FILE_MODE,
+    STATE_KEY,
+    PrivatePathError,
+    grant_traverse,
+    not_owned,
+    open_folder,
+    open_private_fd,
+    private_dir,
+    read_private,
+    write_private,
+)
 
 # Where under `state.dir` the embedded server keeps its data.
 EMBEDDED_DATA_SUBDIR: Final = "pg"
@@ -75,6 +94,13 @@ _SOCKET_DIR_PREFIX: Final = "sipcdr-pg-"
 # take apart: such a data directory gets a socket folder of its own instead.
 _UNSAFE_IN_SOCKET_DIR: Final = frozenset(",'\"\\$` \t\n")
 _IDENT_MAP: Final = "sipcdr"
+_ACCESS_FILES: Final = ("pg_hba.conf", "pg_ident.conf")
+_SOCKET_MODE_OPTION: Final = "-c unix_socket_permissions=0700"
+# How a server this module started shows in `postmaster.opts`: no TCP, socket 0700.
+_CLOSED_OPTIONS: Final = (b'"-h" ""', b'"-c" "unix_socket_permissions=0700"')
+_OTHERS_BITS: Final = 0o077
+# postmaster.pid, postmaster.opts and the access files are a few hundred bytes.
+_READ_LIMIT_BYTES: Final = 64 * 1024
 _POLL_S: Final = 0.1
 
 
@@ -126,7 +152,7 @@ class EmbeddedPostgres:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.dsn: str | None = None
-        self._held: Path | None = None  # the resolved data directory while we hold it
+        self._held: Path | None = None  # the absolute data directory while we hold it
         self._lock = asyncio.Lock()  # start and stop do not overlap
 
     async def start(self) -> str:
@@ -168,24 +194,30 @@ class EmbeddedPostgres:
 
 
 def _acquire(data_dir: Path) -> tuple[Path, str]:
-    """Start the server of `data_dir`, or join the one running; returns the resolved
-    data directory and the DSN."""
-    pgdata = data_dir.expanduser().absolute()
+    """Start the server of `data_dir`, or join the one running; returns the data
+    directory (absolute, links not resolved: one there is refused) and the DSN."""
+    pgdata = Path(os.path.abspath(Path(data_dir).expanduser()))
     try:
         private_dir(pgdata.parent, tighten=False)
-        pgdata = pgdata.resolve()
         with _locked(pgdata):
             holders = _live_holders(pgdata)
-            status = _wait_while_changing(pgdata)
+            server = _Server.of(pgdata)
+            status = _wait_while_changing(server)
+            if status is not None and not _admits_only_us(server, status):
+                # Left running by an older version (trust, a socket folder open to
+                # all): nobody may use it like that, so it restarts with our rules.
+                _stop_server(server, status)
+                status = None
             if status is None:
-                _start_server(pgdata)
-                status = _wait_while_changing(pgdata)
+                _start_server(server)
+                status = _wait_while_changing(server)
                 if status is None:
                     raise EmbeddedPostgresError("the server stopped right after its start")
             holders.append(os.getpid())
             _write_holders(pgdata, holders)
     except (EmbeddedPostgresError, OSError, subprocess.SubprocessError, ValueError) as exc:
-        why = str(exc) if isinstance(exc, EmbeddedPostgresError) else f"{type(exc).__name__}: {exc}"
+        plain = isinstance(exc, (EmbeddedPostgresError, PrivatePathError))
+        why = str(exc) if plain else f"{type(exc).__name__}: {exc}"
         log = pgdata / "log"
         where = f"; its log is {log}" if log.exists() else ""
         raise EmbeddedPostgresError(
@@ -203,9 +235,10 @@ def _release(pgdata: Path) -> None:
         _write_holders(pgdata, holders)
         if holders:
             return
-        status = _read_status(pgdata)
+        server = _Server.of(pgdata)
+        status = _read_status(server)
         if status is not None:
-            _stop_server(pgdata, status)
+            _stop_server(server, status)
 
 
 @contextlib.contextmanager
@@ -222,8 +255,8 @@ def _live_holders(pgdata: Path) -> list[int]:
     """The listed holders that still run: one killed with SIGKILL never took itself
     off, and would keep the server from ever being stopped."""
     try:
-        listed = json.loads(holders_file(pgdata).read_bytes())
-    except (OSError, ValueError):
+        listed = json.loads(read_private(holders_file(pgdata)) or b"[]")
+    except ValueError:
         return []
     if not isinstance(listed, list):
         return []
@@ -235,24 +268,138 @@ def _write_holders(pgdata: Path, holders: list[int]) -> None:
 
 
 def _running(pid: int) -> bool:
+    """Whether `pid` runs; a zombie (ended, not yet reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # exists, owned by someone else
-    return True
+        pass  # exists, owned by someone else
+    return _proc_state(pid) not in ("Z", "X", "")
+
+
+def _proc_state(pid: int) -> str | None:
+    """The state letter of `pid` ("" once it is gone), or None with no /proc to ask."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return "" if os.path.isdir("/proc/self") else None
+    except OSError:
+        return None
+    # The command name, in parentheses, may hold anything; the state follows it.
+    return text[text.rfind(b")") + 2 :][:1].decode(errors="replace")
+
+
+# -- the data directory -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Server:
+    """Who runs the server of `pgdata`: `account` when that is not us (we are root)."""
+
+    pgdata: Path
+    account: _Account | None
+
+    @classmethod
+    def of(cls, pgdata: Path) -> _Server:
+        return cls(pgdata, _server_account())
+
+    @property
+    def uid(self) -> int:
+        return os.geteuid() if self.account is None else self.account.uid
+
+    @contextlib.contextmanager
+    def folder(self) -> Iterator[int | None]:
+        """A descriptor of the data directory, None when there is none yet; a link
+        there, or a folder of another user, is refused."""
+        try:
+            fd = open_folder(self.pgdata)
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            self._check(fd)
+            yield fd
+        finally:
+            os.close(fd)
+
+    def make(self) -> int:
+        """A descriptor of the data directory, made (and handed to the server's user)
+        when missing."""
+        state_fd = open_folder(self.pgdata.parent)
+        try:
+            try:
+                os.mkdir(self.pgdata.name, PRIVATE_DIR_MODE, dir_fd=state_fd)
+                made = True
+            except FileExistsError:
+                made = False
+            fd = open_folder(self.pgdata.name, dir_fd=state_fd)
+        finally:
+            os.close(state_fd)
+        try:
+            if made:
+                os.fchmod(fd, PRIVATE_DIR_MODE)
+                if self.account is not None:
+                    os.fchown(fd, self.account.uid, self.account.gid)
+            self._check(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check(self, fd: int) -> None:
+        owner = os.fstat(fd).st_uid
+        if owner != self.uid:
+            raise not_owned(STATE_KEY, self.pgdata, owner, wanted=self.uid)
+
+
+def _read_in(folder_fd: int, name: str, owner: int) -> bytes | None:
+    """A small file of the server's user in its data directory; None when it is
+    missing or anything else (a link, another user's file)."""
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=folder_fd
+        )
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != owner:
+            return None
+        return os.read(fd, _READ_LIMIT_BYTES)
+    finally:
+        os.close(fd)
+
+
+def _write_in(folder_fd: int, name: str, data: bytes, account: _Account | None) -> None:
+    """Replace `name` in the data directory by a fresh file holding `data`, the server
+    user's: written under a temporary name made with O_EXCL (never through a link or
+    into a file that was there), then renamed over whatever `name` was."""
+    temporary = f".{name}.sipcdr"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary, dir_fd=folder_fd)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temporary, flags, PRIVATE_FILE_MODE, dir_fd=folder_fd)
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+        if account is not None:
+            os.fchown(fd, account.uid, account.gid)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    os.replace(temporary, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
 
 
 # -- the server -------------------------------------------------------------------------
 
 
-def _start_server(pgdata: Path) -> None:
-    account = _server_account()
+def _start_server(server: _Server) -> None:
+    account = server.account
+    pgdata = server.pgdata
     daemon_user = _daemon_user_name()
-    if account is None:
-        private_dir(pgdata, tighten=False)
-    else:
+    if account is not None:
         try:
             _run([str(binaries_dir() / "postgres"), "--version"], account, cwd=Path("/"))
         except EmbeddedPostgresError as exc:
@@ -262,66 +409,78 @@ def _start_server(pgdata: Path) -> None:
                 "install sipcdr where other users may read it, or run sipcdr as a user "
                 "of its own"
             ) from exc
-        if not pgdata.exists():
-            os.mkdir(pgdata, PRIVATE_DIR_MODE)
-        if pgdata.stat().st_uid == os.geteuid():
-            os.chown(pgdata, account.uid, account.gid)
-        _let_reach(pgdata, account)
-    if not (pgdata / "PG_VERSION").exists():
-        initdb = [str(binaries_dir() / "initdb"), "-D", str(pgdata), "-U", DATABASE_ROLE]
-        initdb += ["--encoding=utf8", "--auth-local=peer", "--auth-host=reject"]
-        _run(initdb, account, cwd=pgdata)
-    _write_access_rules(pgdata, daemon_user, account)
+    fd = server.make()
+    try:
+        if account is not None:
+            _let_reach(pgdata, account)
+        _remove_stale_socket_dir(server, fd)
+        try:
+            os.stat("PG_VERSION", dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            initdb = [str(binaries_dir() / "initdb"), "-D", str(pgdata), "-U", DATABASE_ROLE]
+            initdb += ["--encoding=utf8", "--auth-local=peer", "--auth-host=reject"]
+            _run(initdb, account, cwd=pgdata)
+        for name, text in _access_rules(daemon_user).items():
+            _write_in(fd, name, text, account)
+    finally:
+        os.close(fd)
     socket_dir = _socket_dir(pgdata, account)
-    options = (
-        f"-h '' -p {SOCKET_PORT} -k {shlex.quote(str(socket_dir))} -c unix_socket_permissions=0700"
-    )
+    options = f"-h '' -p {SOCKET_PORT} -k {shlex.quote(str(socket_dir))} {_SOCKET_MODE_OPTION}"
     pg_ctl = [str(binaries_dir() / "pg_ctl"), "-D", str(pgdata), "-l", str(pgdata / "log")]
     pg_ctl += ["-o", options, "-w", "-t", str(START_TIMEOUT_S), "start"]
     try:
         _run(pg_ctl, account, cwd=pgdata, timeout=START_TIMEOUT_S + 10)
     except BaseException:
-        _remove_socket_dir(socket_dir, pgdata)
+        _remove_socket_dir(socket_dir, server.uid)
         raise
 
 
-def _stop_server(pgdata: Path, status: _Status) -> None:
-    pg_ctl = [str(binaries_dir() / "pg_ctl"), "-D", str(pgdata), "-m", "fast", "-w"]
+def _stop_server(server: _Server, status: _Status) -> None:
+    pg_ctl = [str(binaries_dir() / "pg_ctl"), "-D", str(server.pgdata), "-m", "fast", "-w"]
     pg_ctl += ["-t", str(STOP_TIMEOUT_S), "stop"]
     try:
-        _run(pg_ctl, _server_account(), cwd=pgdata, timeout=STOP_TIMEOUT_S + 10)
+        _run(pg_ctl, server.account, cwd=server.pgdata, timeout=STOP_TIMEOUT_S + 10)
     except (EmbeddedPostgresError, OSError, subprocess.SubprocessError):
-        # SIGINT is PostgreSQL's fast shutdown, the same pg_ctl asked for.
-        with contextlib.suppress(OSError):
-            os.kill(status.pid, signal.SIGINT)
+        # SIGINT is PostgreSQL's fast shutdown, the same pg_ctl asked for; sent only to
+        # the server of this data directory, whatever postmaster.pid says.
+        with server.folder() as fd:
+            if fd is not None and _is_server(status.pid, server.uid, fd):
+                with contextlib.suppress(OSError):
+                    os.kill(status.pid, signal.SIGINT)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while _running(status.pid) and time.monotonic() < deadline:
             time.sleep(_POLL_S)
-    _remove_socket_dir(status.socket_dir, pgdata)
+    _remove_socket_dir(status.socket_dir, server.uid)
 
 
-def _read_status(pgdata: Path) -> _Status | None:
-    """The running server's `postmaster.pid`, or None when no server runs."""
-    try:
-        lines = (pgdata / "postmaster.pid").read_text().splitlines()
-    except FileNotFoundError:
-        return None
+def _read_status(server: _Server) -> _Status | None:
+    """The running server's `postmaster.pid`, or None when no server of this data
+    directory runs (a stale file, or one naming some other process)."""
+    with server.folder() as fd:
+        if fd is None:
+            return None
+        status = _parse_status(fd, server)
+        if status is None or not _is_server(status.pid, server.uid, fd):
+            return None
+        return status
+
+
+def _parse_status(fd: int, server: _Server) -> _Status | None:
+    text = _read_in(fd, "postmaster.pid", server.uid)
+    lines = (text or b"").decode(errors="replace").splitlines()
     if not lines or not lines[0].strip().isdigit():
         return None
-    pid = int(lines[0])
-    if not _running(pid) or not _is_postgres(pid):
-        return None  # a stale file; the next start replaces it
-    socket_dir = Path(lines[4].strip()) if len(lines) > 4 and lines[4].strip() else pgdata
+    socket_dir = Path(lines[4].strip()) if len(lines) > 4 and lines[4].strip() else server.pgdata
     state = lines[7].strip() if len(lines) > 7 else "starting"
-    return _Status(pid, socket_dir, state)
+    return _Status(int(lines[0]), socket_dir, state)
 
 
-def _wait_while_changing(pgdata: Path) -> _Status | None:
+def _wait_while_changing(server: _Server) -> _Status | None:
     """The server once it is ready, or None once none runs; waits through a start or a
     stop another process began."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
-        status = _read_status(pgdata)
+        status = _read_status(server)
         if status is None or status.state == "ready":
             return status
         if time.monotonic() >= deadline:
@@ -329,15 +488,47 @@ def _wait_while_changing(pgdata: Path) -> _Status | None:
         time.sleep(_POLL_S)
 
 
-def _is_postgres(pid: int) -> bool:
-    """A process id from a stale `postmaster.pid` may belong to anything by now."""
+def _is_server(pid: int, uid: int, data_fd: int) -> bool:
+    """Whether `pid` is the postmaster of this data directory: a `postgres` process of
+    the server's user whose working directory (a postmaster works in its data
+    directory) is this one. A process id in `postmaster.pid` may be stale, reused, or
+    written by the server's user to name any process."""
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == "postgres"
-    except OSError:
-        return True  # no /proc to ask: trust the running process
+        status = Path(f"/proc/{pid}/status").read_text()
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+        cwd = os.stat(f"/proc/{pid}/cwd")
+    except (OSError, ValueError):
+        return False
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    uids = fields.get("Uid", "").split()
+    state = fields.get("State", "").split()
+    here = os.fstat(data_fd)
+    return (
+        name == "postgres"
+        and len(uids) >= 2
+        and uids[0] == uids[1] == str(uid)
+        and bool(state)
+        and state[0] not in ("Z", "X")
+        and (cwd.st_dev, cwd.st_ino) == (here.st_dev, here.st_ino)
+    )
 
 
-def _write_access_rules(pgdata: Path, daemon_user: str, account: _Account | None) -> None:
+def _admits_only_us(server: _Server, status: _Status) -> bool:
+    """Whether the running server was started as this module starts it: our access
+    rules, a unix socket only, mode 0700, in a folder of the server's user alone."""
+    with server.folder() as fd:
+        if fd is None:
+            return False
+        rules = {name: _read_in(fd, name, server.uid) for name in _ACCESS_FILES}
+        started_with = _read_in(fd, "postmaster.opts", server.uid) or b""
+    return (
+        rules == _access_rules(_daemon_user_name())
+        and all(option in started_with for option in _CLOSED_OPTIONS)
+        and _private_socket_dir(status.socket_dir, server)
+    )
+
+
+def _access_rules(daemon_user: str) -> dict[str, bytes]:
     hba = (
         "# Written by sipcdr at every start: the system user that runs sipcdr gets in\n"
         f"# as {DATABASE_ROLE} over the private unix socket, and no one else.\n"
@@ -347,11 +538,7 @@ def _write_access_rules(pgdata: Path, daemon_user: str, account: _Account | None
         "# Written by sipcdr at every start: the only system user admitted.\n"
         f"{_IDENT_MAP} {_quoted(daemon_user)} {DATABASE_ROLE}\n"
     )
-    for name, text in (("pg_hba.conf", hba), ("pg_ident.conf", ident)):
-        path = pgdata / name
-        write_private(path, text.encode())
-        if account is not None:
-            os.chown(path, account.uid, account.gid)
+    return {"pg_hba.conf": hba.encode(), "pg_ident.conf": ident.encode()}
 
 
 def _quoted(name: str) -> str:
@@ -364,15 +551,23 @@ def _socket_dir(pgdata: Path, account: _Account | None) -> Path:
     """The data directory when the socket's path fits; else a fresh private folder."""
     if _socket_fits(pgdata):
         return pgdata
-    for base in dict.fromkeys((tempfile.gettempdir(), "/tmp")):
+    for base in _socket_bases():
         # mkdtemp adds 8 characters to the prefix.
-        if not _socket_fits(Path(base) / f"{_SOCKET_DIR_PREFIX}{'x' * 8}"):
+        if not _socket_fits(base / f"{_SOCKET_DIR_PREFIX}{'x' * 8}"):
             continue
         folder = Path(tempfile.mkdtemp(prefix=_SOCKET_DIR_PREFIX, dir=base))
         if account is not None:
-            os.chown(folder, account.uid, account.gid)
+            fd = open_folder(folder)
+            try:
+                os.fchown(fd, account.uid, account.gid)
+            finally:
+                os.close(fd)
         return folder
     raise EmbeddedPostgresError("no folder has a path short enough for a unix socket")
+
+
+def _socket_bases() -> list[Path]:
+    return [Path(base) for base in dict.fromkeys((tempfile.gettempdir(), "/tmp"))]
 
 
 def _socket_fits(folder: Path) -> bool:
@@ -382,11 +577,51 @@ def _socket_fits(folder: Path) -> bool:
     ) <= _MAX_SOCKET_PATH_BYTES and not _UNSAFE_IN_SOCKET_DIR.intersection(text)
 
 
-def _remove_socket_dir(socket_dir: Path, pgdata: Path) -> None:
-    """A socket folder made by `_socket_dir`; empty once the server stopped."""
-    if socket_dir != pgdata and socket_dir.name.startswith(_SOCKET_DIR_PREFIX):
-        with contextlib.suppress(OSError):
-            socket_dir.rmdir()
+def _private_socket_dir(socket_dir: Path, server: _Server) -> bool:
+    if socket_dir == server.pgdata:
+        return True
+    try:
+        info = os.lstat(socket_dir)
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(info.st_mode)
+        and info.st_uid == server.uid
+        and info.st_mode & _OTHERS_BITS == 0
+    )
+
+
+def _remove_socket_dir(socket_dir: Path, owner: int) -> None:
+    """A socket folder made by `_socket_dir` (by its name, place and owner), with what
+    a server that stopped, or was killed, left in it."""
+    if socket_dir.parent not in _socket_bases() or not socket_dir.name.startswith(
+        _SOCKET_DIR_PREFIX
+    ):
+        return
+    try:
+        fd = open_folder(socket_dir)
+    except OSError:
+        return
+    try:
+        if os.fstat(fd).st_uid != owner:
+            return
+        for name in (_SOCKET_NAME, f"{_SOCKET_NAME}.lock"):
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        socket_dir.rmdir()
+
+
+def _remove_stale_socket_dir(server: _Server, fd: int) -> None:
+    """A server that was killed never removed its socket folder; its path is still in
+    the stale `postmaster.pid` (no server of this data directory runs: see
+    `_read_status`)."""
+    stale = _parse_status(fd, server)
+    if stale is not None and stale.socket_dir != server.pgdata:
+        if not _is_server(stale.pid, server.uid, fd):
+            _remove_socket_dir(stale.socket_dir, server.uid)
 
 
 def _dsn(socket_dir: Path) -> str:
@@ -430,34 +665,32 @@ def _server_account() -> _Account | None:
 
 
 def _let_reach(pgdata: Path, account: _Account) -> None:
-    """The server's user must traverse every folder above its data directory. The
-    folder right above (sipcdr's state folder) may be opened to its group for that;
-    no folder further up is ever changed."""
-    if _can_enter(pgdata, account):
+    """The server's user must pass through every folder above its data directory. The
+    state folder right above is opened to that user alone for that (see
+    `sipcdr.private`); no folder further up is ever changed."""
+    closed = _first_closed(pgdata, account)
+    if closed is None:
         return
-    parent = pgdata.parent
-    before = parent.stat()
-    if before.st_uid == os.geteuid():
-        os.chown(parent, -1, account.gid)
-        os.chmod(parent, (before.st_mode & 0o700) | 0o010)
-        if _can_enter(pgdata, account):
+    if closed == pgdata.parent:
+        take_back = grant_traverse(closed, account.uid, account.gid)
+        closed = _first_closed(pgdata, account)
+        if closed is None:
             return
-        os.chown(parent, -1, before.st_gid)
-        os.chmod(parent, before.st_mode & 0o7777)
+        take_back()
     raise EmbeddedPostgresError(
         f"sipcdr runs as root, so the server runs as the system user {account.name}, "
-        f"which cannot reach {pgdata}: a folder above it is closed to other users. "
-        "sipcdr changes no folder it does not own; choose a state.dir whose parents "
-        "other users may traverse, or run sipcdr as a user of its own"
+        f"which cannot reach {pgdata}: {closed} is closed to other users. sipcdr changes "
+        "no folder above its state folder; let other users pass through it (chmod o+x), "
+        "choose another state.dir, or run sipcdr as a user of its own"
     )
 
 
-def _can_enter(folder: Path, account: _Account) -> bool:
-    try:
-        _run(["/bin/sh", "-c", 'cd -- "$1"', "sh", str(folder)], account, cwd=Path("/"))
-    except EmbeddedPostgresError:
-        return False
-    return True
+def _first_closed(folder: Path, account: _Account) -> Path | None:
+    """The first folder on the way to `folder` that `account` cannot enter, if any."""
+    way = [*reversed(folder.parents), folder]
+    script = 'i=0; for d do i=$((i+1)); cd -- "$d" 2>/dev/null || { echo "$i"; exit 0; }; done'
+    answer = _run(["/bin/sh", "-c", script, "sh", *map(str, way)], account, cwd=Path("/"))
+    return way[int(answer.strip()) - 1] if answer.strip().isdigit() else None
 
 
 def _run(args: Sequence[str], account: _Account | None, *, cwd: Path, timeout: float = 60.0) -> str:
