@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/spool.py
 	$(BIN)/python benchmarks/kafka.py
 	$(BIN)/python benchmarks/postgres.py
+	$(BIN)/python benchmarks/fraud.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

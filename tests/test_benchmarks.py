@@ -21,6 +21,11 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("spool.py", ["--rounds", "1", "--number", "2000"], "spool append"),
         ("kafka.py", ["--records", "1000", "--rounds", "1"], "records/s"),
         ("postgres.py", ["--records", "2000", "--rounds", "1"], "COPY + ON CONFLICT"),
+        (
+            "fraud.py",
+            ["--flows", "100", "--rounds", "1", "--spray", "2000"],
+            "of parse + correlate",
+        ),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], expected: str) -> None:

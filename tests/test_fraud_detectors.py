@@ -811,7 +811,29 @@ def test_a_trunk_allow_list_and_override_apply_to_that_trunk_only() -> None:
         ),
     )
     run = Run(calls, fraud=replace(fraud, trunks=trunks))
-    assert {a.subject for a in run.raised(CPS_BURST)} == {"pbx-2", TRUNKS["pbx-2"]}
+    assert {a.subject for a in run.raised(CPS_BURST)} == {"pbx-2"}
+
+
+def test_a_trunk_address_is_counted_apart_when_its_limit_is_below_the_trunks() -> None:
+    rng = _rng()
+    calls = [
+        make_call(
+            f"a{i}",
+            T0 + i / 100,
+            source=TRUNKS["pbx-1"],
+            trunk="pbx-1",
+            caller=_number(rng),
+            callee=_number(rng),
+            dialled=None,
+        )
+        for i in range(300)
+    ]
+    low = CpsBurstSettings(per_source=Threshold(100, 900, 10))
+    kinds = {
+        (a.subject_kind, a.subject)
+        for a in Run(calls, fraud=settings(cps_burst=low)).raised(CPS_BURST)
+    }
+    assert kinds == {("source_ip", TRUNKS["pbx-1"])}
 
 
 def test_a_detector_switched_off_stays_off() -> None:

@@ -44,15 +44,16 @@ def test_window_counter_equals_a_brute_force_count(events: list[tuple[str, float
     assert counter.totals == {}
 
 
-def test_window_counter_evicts_the_least_recently_updated_subject() -> None:
-    counter = WindowCounter(window_s=60, slices=6, cap=3)
-    for subject in "abc":
-        counter.add(subject, T0)
-    counter.add("a", T0 + 1)  # a is busy: b is now the idlest
-    counter.add("d", T0 + 2)
-    assert set(counter.totals) == {"a", "c", "d"}
-    assert counter.evicted == 1
-    assert counter.add("b", T0 + 3) == 1  # starts afresh, nothing left behind in a slice
+def test_window_counter_evicts_the_least_recently_updated_subjects() -> None:
+    counter = WindowCounter(window_s=60, slices=6, cap=32)
+    for i in range(32):
+        counter.add(f"s{i}", T0)
+    counter.add("s0", T0 + 1)  # s0 is busy: s1 is now the idlest
+    counter.add("new", T0 + 2)
+    # Over the cap, the idlest go in a batch (a sixteenth of the cap, and the excess).
+    assert counter.evicted == 3
+    assert set(counter.totals) == {"s0", "new"} | {f"s{i}" for i in range(4, 32)}
+    assert counter.add("s1", T0 + 3) == 1  # starts afresh, nothing left behind in a slice
 
 
 def test_window_counter_first_seen_is_the_oldest_slice_still_counted() -> None:
@@ -86,24 +87,46 @@ def test_distinct_counter_caps_values_and_subjects() -> None:
     assert [counter.add("a", str(i), T0) for i in range(8)] == [1, 2, 3, 4, 5, 5, 5, 5]
     counter.add("b", "x", T0)
     counter.add("c", "x", T0)
-    assert counter.evicted == 1
-    assert len(counter) == 2
+    assert counter.evicted >= 1
+    assert len(counter) <= 2
 
 
 def test_run_tracker_follows_runs_up_and_down_with_other_calls_between() -> None:
-    runs = RunTracker(max_gap_s=60, cap=10)
+    runs = RunTracker(max_gap_s=60, cap=100)
     lengths = []
     for i in range(6):
-        lengths.append(runs.add("caller", 100 + i, T0 + i))
-        lengths.append(runs.add("caller", 900 - i, T0 + i + 0.5))
-        runs.add("caller", 5_000_000 + i * 37, T0 + i + 0.7)  # unrelated calls
+        lengths.append(runs.add("caller", "", 100 + i, T0 + i)[0])
+        lengths.append(runs.add("caller", "", 900 - i, T0 + i + 0.5)[0])
+        runs.add("caller", "", 5_000_000 + i * 37, T0 + i + 0.7)  # unrelated calls
     assert lengths == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
 
 
+def test_run_tracker_follows_a_trunk_whose_callers_change() -> None:
+    runs = RunTracker(max_gap_s=60, cap=100)
+    results = [runs.add(f"caller{i}", "pbx", 500 + i, T0 + i) for i in range(5)]
+    assert results == [(1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
+
+
 def test_run_tracker_a_redial_keeps_the_run_and_a_long_gap_ends_it() -> None:
+    runs = RunTracker(max_gap_s=60, cap=100)
+    calls = [1, 2, 2, 3]
+    assert [runs.add("c", "t", n, T0 + i) for i, n in enumerate(calls)] == [
+        (1, 1),
+        (2, 2),
+        (1, 1),
+        (3, 3),
+    ]
+    assert runs.add("c", "t", 4, T0 + 200) == (1, 1)
+
+
+def test_run_tracker_holds_at_most_its_cap() -> None:
     runs = RunTracker(max_gap_s=60, cap=10)
-    assert [runs.add("c", n, T0 + i) for i, n in enumerate([1, 2, 2, 3])] == [1, 2, 1, 3]
-    assert runs.add("c", 4, T0 + 200) == 1
+    for i in range(100):
+        runs.add(f"c{i}", "", 5 + i * 1000, T0)
+    assert len(runs) <= 10
+    assert runs.evicted + len(runs) == 200  # two entries a call
+    runs.expire(T0 + 61)
+    assert len(runs) == 0
 
 
 def test_gauge_never_goes_below_zero() -> None:
@@ -154,10 +177,10 @@ def test_a_spray_of_random_sources_and_numbers_cannot_grow_the_monitor() -> None
         msg = request("INVITE", f"spray{i}", caller=number, callee="00" + number)
         monitor.on_message(msg, packet(T0 + i / 100, source), T0 + i / 100, None)
     stats = monitor.stats
-    assert monitor.tracked_calls == cap
-    assert stats.calls_evicted == 20_000 - cap
+    assert cap - cap // 16 <= monitor.tracked_calls <= cap
+    assert stats.calls_evicted == 20_000 - monitor.tracked_calls
     for detector in DETECTORS:
         # Each detector holds at most a cap per counter (a couple of counters each).
         assert stats.tracked[detector] <= 3 * cap, detector
     assert stats.evicted["cps_burst"] >= 20_000 - cap
-    assert stats.evicted["sequential_dialing"] >= 20_000 - cap
+    assert stats.evicted["sequential_dialing"] >= 2 * (20_000 - cap)  # two entries a call

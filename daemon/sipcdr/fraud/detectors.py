@@ -45,6 +45,7 @@ from sipcdr.fraud.windows import (
     RunTracker,
     SeasonalBaseline,
     WindowCounter,
+    evict_oldest,
 )
 from sipcdr.model import Cdr, FraudAlert
 
@@ -117,9 +118,13 @@ class _Counting(Detector):
         cdr_id: str | None = None,
         tally: tuple[str, str] | None = None,
         details: dict[str, object] | None = None,
+        *,
+        counted: bool = False,
     ) -> bool:
-        counter = _windows(table, threshold.window_s, self.cap)
-        count = counter.add(subject, now)
+        """Count one event of `subject` (unless the caller has: `counted`) and report
+        it when the total is at or over the threshold."""
+        counter = table.get(threshold.window_s) or _windows(table, threshold.window_s, self.cap)
+        count = counter.get(subject) if counted else counter.add(subject, now)
         if count < threshold.warning:
             return False
         self.incidents.report(
@@ -149,6 +154,9 @@ class CpsBurst(_Counting):
         super().__init__(incidents, cap)
         self.per_source = self._table()
         self.per_trunk = self._table()
+        # Whether a trunk's addresses are counted apart, per settings record (the
+        # monitor holds every record for its lifetime, so ids are not reused).
+        self._apart: dict[int, bool] = {}
 
     def on_invite(
         self,
@@ -159,15 +167,47 @@ class CpsBurst(_Counting):
         call_id: str,
         now: float,
     ) -> bool:
-        hit = self._count(
-            out, self.per_source, s.per_source, SUBJECT_SOURCE_IP, source, now, call_id
-        )
-        if trunk is not None:
-            hit = (
-                self._count(out, self.per_trunk, s.per_trunk, SUBJECT_TRUNK, trunk, now, call_id)
-                or hit
+        """Count a new call per source address and per trunk. A trunk's own addresses
+        are counted apart only when their limit is below the trunk's: otherwise the
+        trunk's count, which includes theirs, always gets there first."""
+        hit = False
+        apart = self._apart.get(id(s))
+        if apart is None:
+            apart = self._apart[id(s)] = _below(s.per_source, s.per_trunk)
+        if trunk is None or apart:
+            limit = s.per_source
+            counter = self.per_source.get(limit.window_s) or _windows(
+                self.per_source, limit.window_s, self.cap
             )
+            if counter.add(source, now) >= limit.warning:
+                hit = self._count(
+                    out,
+                    self.per_source,
+                    limit,
+                    SUBJECT_SOURCE_IP,
+                    source,
+                    now,
+                    call_id,
+                    counted=True,
+                )
+        if trunk is not None:
+            limit = s.per_trunk
+            counter = self.per_trunk.get(limit.window_s) or _windows(
+                self.per_trunk, limit.window_s, self.cap
+            )
+            if counter.add(trunk, now) >= limit.warning:
+                hit = (
+                    self._count(
+                        out, self.per_trunk, limit, SUBJECT_TRUNK, trunk, now, call_id, counted=True
+                    )
+                    or hit
+                )
         return hit
+
+
+def _below(source: Threshold, trunk: Threshold) -> bool:
+    """Whether a source's limit can be reached before its trunk's."""
+    return source.warning * trunk.window_s < trunk.warning * source.window_s
 
 
 class Scanner(_Counting):
@@ -179,12 +219,13 @@ class Scanner(_Counting):
         super().__init__(incidents, cap)
         self.per_source = self._table()
         self.probes: dict[int, DistinctCounter] = {}
-        self._verdicts: dict[tuple[str, ...], dict[str, bool]] = {}
+        # User-Agent -> verdict, per settings record (held for the monitor's lifetime).
+        self._verdicts: dict[int, dict[str, bool]] = {}
 
     def is_scanner(self, s: ScannerSettings, user_agent: str) -> bool:
-        verdicts = self._verdicts.get(s.user_agents)
+        verdicts = self._verdicts.get(id(s))
         if verdicts is None:
-            verdicts = self._verdicts[s.user_agents] = {}
+            verdicts = self._verdicts[id(s)] = {}
         verdict = verdicts.get(user_agent)
         if verdict is None:
             lowered = user_agent.lower()
@@ -269,7 +310,8 @@ class AuthFailures(_Counting):
         super().__init__(incidents, cap)
         self.per_source = self._table()
         # Call-ID -> (CSeq of its last 401/403/407, when): copies of one response (a
-        # retransmission, the other leg) share the CSeq and count once.
+        # retransmission, the other leg) share the CSeq and count once. The monitor
+        # drops the entry at a 2xx, so a later refresh's challenge starts afresh.
         self.challenged: dict[str, tuple[int, float]] = {}
         self.challenges_evicted = 0
 
@@ -288,8 +330,7 @@ class AuthFailures(_Counting):
         before = challenged.pop(call_id, None)
         challenged[call_id] = (cseq, now)
         if len(challenged) > self.cap:
-            del challenged[next(iter(challenged))]
-            self.challenges_evicted += 1
+            self.challenges_evicted += len(evict_oldest(challenged, self.cap))
         # Without an earlier response on the Call-ID only a 403 is a failure; after one,
         # any of them to a later CSeq is (copies of one response share the CSeq).
         failed = status == 403 if before is None else before[0] != cseq
@@ -305,12 +346,6 @@ class AuthFailures(_Counting):
             call_id,
             tally=("methods", method),
         )
-
-    def succeeded(self, call_id: str) -> None:
-        """A 2xx: the credentials were right, so the Call-ID's next challenge (a
-        registration refresh) starts afresh."""
-        if self.challenged:
-            self.challenged.pop(call_id, None)
 
     def tracked(self) -> int:
         return super().tracked() + len(self.challenged)
@@ -420,8 +455,7 @@ class SequentialDialing(Detector):
 
     def __init__(self, incidents: Incidents, cap: int) -> None:
         super().__init__(incidents, cap)
-        self.per_caller: dict[int, RunTracker] = {}
-        self.per_trunk: dict[int, RunTracker] = {}
+        self.trackers: dict[int, RunTracker] = {}  # by max_gap_s
 
     def on_invite(
         self,
@@ -433,34 +467,31 @@ class SequentialDialing(Detector):
         call_id: str,
         now: float,
     ) -> bool:
+        tracker = self.trackers.get(s.max_gap_s)
+        if tracker is None:
+            # Two entries per call for the gap: twice the cap holds a cap of callers.
+            tracker = self.trackers[s.max_gap_s] = RunTracker(s.max_gap_s, 2 * self.cap)
         number = int(callee)
+        caller_run, trunk_run = tracker.add(caller or "", trunk or "", number, now)
         hit = False
-        if caller is not None:
-            hit = self._run(out, self.per_caller, s, SUBJECT_CALLER, caller, number, call_id, now)
-        if trunk is not None:
-            hit = (
-                self._run(out, self.per_trunk, s, SUBJECT_TRUNK, trunk, number, call_id, now) or hit
-            )
+        if caller is not None and caller_run >= s.per_caller.warning:
+            hit = self._report(out, s, SUBJECT_CALLER, caller, caller_run, number, call_id, now)
+        if trunk is not None and trunk_run >= s.per_trunk.warning:
+            hit = self._report(out, s, SUBJECT_TRUNK, trunk, trunk_run, number, call_id, now) or hit
         return hit
 
-    def _run(
+    def _report(
         self,
         out: list[FraudAlert],
-        table: dict[int, RunTracker],
         s: SequentialDialingSettings,
         kind: str,
         subject: str,
+        run: int,
         number: int,
         call_id: str,
         now: float,
     ) -> bool:
-        tracker = table.get(s.max_gap_s)
-        if tracker is None:
-            tracker = table[s.max_gap_s] = RunTracker(s.max_gap_s, self.cap)
-        run = tracker.add(subject, number, now)
         limit = s.per_caller if kind == SUBJECT_CALLER else s.per_trunk
-        if run < limit.warning:
-            return False
         self.incidents.report(
             out,
             self.id,
@@ -475,17 +506,14 @@ class SequentialDialing(Detector):
         )
         return True
 
-    def _trackers(self) -> list[RunTracker]:
-        return [*self.per_caller.values(), *self.per_trunk.values()]
-
     def tracked(self) -> int:
-        return sum(len(t) for t in self._trackers())
+        return sum(len(t) for t in self.trackers.values())
 
     def evicted(self) -> int:
-        return sum(t.evicted for t in self._trackers())
+        return sum(t.evicted for t in self.trackers.values())
 
     def expire(self, now: float) -> None:
-        for tracker in self._trackers():
+        for tracker in self.trackers.values():
             tracker.expire(now)
 
 
@@ -515,11 +543,11 @@ class InternationalSurge(_Counting):
     ) -> bool:
         counter = _windows(self.per_trunk, s.window_s, self.cap)
         count = counter.add(trunk, now)
-        baseline = self.baseline(s.baseline.alpha)
-        baseline.observe(trunk, now, 1.0)
-        expected = baseline.expected(trunk, now)
+        expected = self.baseline(s.baseline.alpha).update(trunk, now, 1.0)
         if expected is None:
             return False  # this hour of the day is still being learnt
+        if count < s.baseline.floor or count < expected * s.baseline.factor:
+            return False
         warning, critical = s.baseline.limits(expected)
         if count < warning:
             return False
@@ -579,7 +607,8 @@ class ConcurrentCalls(Detector):
     ) -> bool:
         hit = False
         if caller is not None:
-            level = self.per_caller.up(caller)
+            levels = self.per_caller.levels
+            level = levels[caller] = levels.get(caller, 0) + 1
             limit = s.per_caller
             if level >= limit.warning:
                 self.incidents.report(
@@ -595,12 +624,18 @@ class ConcurrentCalls(Detector):
                 )
                 hit = True
         if trunk is not None:
-            level = self.per_trunk.up(trunk)
-            peak = self.peak(s.per_trunk.alpha)
-            peak.observe(trunk, now, float(level))
-            expected = peak.expected(trunk, now)
-            if expected is not None:
-                warning, critical = s.per_trunk.limits(expected)
+            levels = self.per_trunk.levels
+            level = levels[trunk] = levels.get(trunk, 0) + 1
+            peak = self.peaks.get(s.per_trunk.alpha) or self.peak(s.per_trunk.alpha)
+            expected = peak.update(trunk, now, float(level))
+            baseline = s.per_trunk
+            # Below the floor or the factor there is nothing to work out.
+            if (
+                expected is not None
+                and level >= baseline.floor
+                and level >= expected * baseline.factor
+            ):
+                warning, critical = baseline.limits(expected)
                 if level >= warning:
                     self.incidents.report(
                         out,

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 
 from sipcdr.fraud.settings import SEVERITY_CRITICAL, SEVERITY_WARNING
+from sipcdr.fraud.windows import evict_oldest
 from sipcdr.model import FraudAlert, alert_id
 
 _MAX_TALLY_KEYS = 20  # per details map: the biggest contributors, not an inventory
@@ -192,10 +193,9 @@ class Incidents:
                 self._dirty[key] = incident
         self._open[key] = incident
         if len(self._open) > _MAX_INCIDENTS:
-            oldest = next(iter(self._open))
-            del self._open[oldest]
-            self._dirty.pop(oldest, None)
-            self.stats.incidents_evicted += 1
+            for oldest, _incident in evict_oldest(self._open, _MAX_INCIDENTS):
+                self._dirty.pop(oldest, None)
+                self.stats.incidents_evicted += 1
 
     def is_open(self, detector: str, kind: str, subject: str, now: float) -> bool:
         incident = self._open.get((detector, kind, subject))

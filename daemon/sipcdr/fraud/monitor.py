@@ -43,7 +43,7 @@ from sipcdr.fraud.detectors import (
     Wangiri,
 )
 from sipcdr.fraud.incidents import FraudStats, Incidents
-from sipcdr.fraud.numbering import is_international
+from sipcdr.fraud.numbering import e164, is_international
 from sipcdr.fraud.settings import (
     AUTH_FAILURES,
     CONCURRENT_CALLS,
@@ -70,10 +70,11 @@ from sipcdr.fraud.settings import (
     SpendVelocitySettings,
     WangiriSettings,
 )
+from sipcdr.fraud.windows import evict_oldest
 from sipcdr.model import Cdr, FraudAlert, Packet
 from sipcdr.sip import SipMessage
 from sipcdr.sip.address import user_part
-from sipcdr.sip.numbers import INTERNATIONAL_PREFIX, to_e164
+from sipcdr.sip.numbers import INTERNATIONAL_PREFIX
 
 _NO_ALERTS: Sequence[FraudAlert] = ()
 _NO_FLAGS: tuple[str, ...] = ()
@@ -229,6 +230,8 @@ class FraudMonitor:
             for name, trunk in settings.trunks.items()
         }
         self._calls: dict[str, _Call] = {}  # by Call-ID, in order of INVITE
+        self._max_calls = settings.max_tracked_calls
+        self._challenged = self.auth_failures.challenged
 
     # -- messages -----------------------------------------------------------------------
 
@@ -246,18 +249,21 @@ class FraudMonitor:
                 return self._request(msg, packet, now, trunk, method)
             return _NO_ALERTS
         status = msg.status_code
+        if status < 200:  # 100, 180, 183: the most common responses
+            return _NO_ALERTS
         if status == 401 or status == 407 or status == 403:  # noqa: PLR1714 - fastest form
             if msg.cseq_method in _AUTH_METHODS:
                 return self._auth_failure(msg, packet, now, trunk, status)
-        elif 200 <= status < 300:
+        elif status < 300:
             method = msg.cseq_method
             if method == "INVITE":
-                self.auth_failures.succeeded(msg.call_id)
+                if self._challenged:
+                    self._challenged.pop(msg.call_id, None)  # the credentials were right
                 call = self._calls.get(msg.call_id)
                 if call is not None and not call.answered:
                     return self._answered(call, msg.call_id, now)
-            elif method == "REGISTER":
-                self.auth_failures.succeeded(msg.call_id)
+            elif method == "REGISTER" and self._challenged:
+                self._challenged.pop(msg.call_id, None)
         return _NO_ALERTS
 
     def _new_call(
@@ -267,15 +273,15 @@ class FraudMonitor:
         country_code = view.country_code
         national_prefix = view.national_prefix
         user = user_part(msg.request_uri) or user_part(msg.to_uri)
-        callee = to_e164(user, country_code, national_prefix)
+        callee = e164(user, country_code, national_prefix)
         caller_uri = msg.p_asserted_identity or msg.from_uri
-        caller = to_e164(user_part(caller_uri), country_code, national_prefix)
+        caller = e164(user_part(caller_uri), country_code, national_prefix)
         call_id = msg.call_id
         call = _Call(now, trunk, caller)
         calls = self._calls
         calls[call_id] = call
-        if len(calls) > self.settings.max_tracked_calls:
-            self._forget_oldest_call()
+        if len(calls) > self._max_calls:
+            self._forget_oldest_calls()
 
         source = packet.src_ip
         out: list[FraudAlert] = []
@@ -459,12 +465,13 @@ class FraudMonitor:
                 detector.expire(now)
             horizon = now - self.settings.call_ttl_s
             calls = self._calls
-            while calls:
-                call_id = next(iter(calls))
-                call = calls[call_id]
+            stale: list[str] = []
+            for call_id, call in calls.items():  # in order of INVITE: stops at the first
                 if call.start >= horizon:
                     break
-                del calls[call_id]
+                stale.append(call_id)
+            for call_id in stale:
+                call = calls.pop(call_id)
                 if call.answered:
                     self.concurrent_calls.ended(call.trunk, call.caller)
         out: list[FraudAlert] = []
@@ -484,13 +491,11 @@ class FraudMonitor:
     def tracked_calls(self) -> int:
         return len(self._calls)
 
-    def _forget_oldest_call(self) -> None:
-        calls = self._calls
-        call_id = next(iter(calls))
-        call = calls.pop(call_id)
-        if call.answered:
-            self.concurrent_calls.ended(call.trunk, call.caller)
-        self._stats.calls_evicted += 1
+    def _forget_oldest_calls(self) -> None:
+        for _call_id, call in evict_oldest(self._calls, self._max_calls):
+            if call.answered:
+                self.concurrent_calls.ended(call.trunk, call.caller)
+            self._stats.calls_evicted += 1
 
     # -- restart safety -----------------------------------------------------------------
 

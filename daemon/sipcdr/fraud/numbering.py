@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 
+from sipcdr.sip.numbers import INTERNATIONAL_PREFIX, MAX_E164_DIGITS, to_e164
+
 # The shortest international numbers are 7 digits: a 3-digit country code and a
 # 4-digit national number (Niue +683, Tokelau +690). Anything shorter is a short code
 # or an extension, never a call abroad.
@@ -30,6 +32,23 @@ VERDICT_IMPOSSIBLE_LENGTH = "impossible_length"
 
 class TableError(ValueError):
     """A prefix or numbering table that cannot be used; the message names the line."""
+
+
+def e164(user: str | None, country_code: str | None, national_prefix: str | None) -> str | None:
+    """`sipcdr.sip.numbers.to_e164`, with a fast path for the plain forms nearly every
+    carrier sends (`+4930...`, `004930...`, `030...`, `4930...`); anything else (URI
+    parameters, escapes, visual separators) goes to `to_e164`. Same results."""
+    if not user:
+        return None
+    number = user[1:] if user[0] == "+" else user
+    if not (number.isdigit() and number.isascii()):
+        return to_e164(user, country_code, national_prefix)
+    if number is user:
+        if number.startswith(INTERNATIONAL_PREFIX):
+            number = number[2:]
+        elif country_code and national_prefix and number.startswith(national_prefix):
+            number = country_code + number[len(national_prefix) :]
+    return number if number and len(number) <= MAX_E164_DIGITS else None
 
 
 def is_international(

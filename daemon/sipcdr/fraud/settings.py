@@ -441,8 +441,9 @@ DEFAULT_UPDATE_INTERVAL_S: Final = 60
 # spray of random addresses or numbers past it evicts the idlest (about 200 bytes
 # each, so ~20 MB per counter at worst).
 DEFAULT_MAX_SUBJECTS: Final = 100_000
-# Calls being set up or in progress whose INVITE was seen: a large carrier's busy hour.
-DEFAULT_MAX_TRACKED_CALLS: Final = 500_000
+# Calls set up or in progress whose INVITE was seen: seven times the calls in progress
+# at the busy hour of a carrier of 10 million calls a day (~28,000); about 60 MB.
+DEFAULT_MAX_TRACKED_CALLS: Final = 200_000
 # A call's record is kept until its CDR closes; past the dialog layer's longest call
 # (4 h without a BYE, plus 3 min of ringing) it has closed whatever happened.
 DEFAULT_CALL_TTL_S: Final = 14400 + 180
