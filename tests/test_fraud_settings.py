@@ -8,9 +8,13 @@ import dataclasses
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as run_with
+from hypothesis import strategies as st
 from sipcdr.fraud import DETECTORS, FraudMonitor, FraudSettings, TrunkSettings
 from sipcdr.fraud.numbering import (
     TableError,
+    e164,
     is_international,
     parse_numbering_plan,
     parse_prefix_table,
@@ -27,6 +31,7 @@ from sipcdr.fraud.settings import (
     ScannerSettings,
     Threshold,
 )
+from sipcdr.sip.numbers import to_e164
 from trafficgen import MONDAY, Timeline, make_call
 
 
@@ -69,6 +74,22 @@ def test_high_risk_prefixes(number: str, prefix: str | None) -> None:
 )
 def test_numbers_that_cannot_exist(number: str, verdict: str | None) -> None:
     assert shipped_numbering_plan().verdict(number) == verdict
+
+
+@run_with(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.none(),
+        st.text(alphabet="+0123456789;%-. ()a٣", max_size=20),
+        st.from_regex(r"\+?(00)?[0-9]{1,17}", fullmatch=True),
+    ),
+    st.sampled_from([None, "", "49", "1"]),
+    st.sampled_from([None, "", "0", "1"]),
+)
+def test_the_fast_number_path_gives_what_to_e164_gives(
+    user: str | None, country_code: str | None, national_prefix: str | None
+) -> None:
+    assert e164(user, country_code, national_prefix) == to_e164(user, country_code, national_prefix)
 
 
 def test_international_is_judged_against_the_home_country_when_known() -> None:

@@ -123,7 +123,7 @@ class _Counting(Detector):
     ) -> bool:
         """Count one event of `subject` (unless the caller has: `counted`) and report
         it when the total is at or over the threshold."""
-        counter = table.get(threshold.window_s) or _windows(table, threshold.window_s, self.cap)
+        counter = _windows(table, threshold.window_s, self.cap)
         count = counter.get(subject) if counted else counter.add(subject, now)
         if count < threshold.warning:
             return False
@@ -176,9 +176,7 @@ class CpsBurst(_Counting):
             apart = self._apart[id(s)] = _below(s.per_source, s.per_trunk)
         if trunk is None or apart:
             limit = s.per_source
-            counter = self.per_source.get(limit.window_s) or _windows(
-                self.per_source, limit.window_s, self.cap
-            )
+            counter = _windows(self.per_source, limit.window_s, self.cap)
             if counter.add(source, now) >= limit.warning:
                 hit = self._count(
                     out,
@@ -192,9 +190,7 @@ class CpsBurst(_Counting):
                 )
         if trunk is not None:
             limit = s.per_trunk
-            counter = self.per_trunk.get(limit.window_s) or _windows(
-                self.per_trunk, limit.window_s, self.cap
-            )
+            counter = _windows(self.per_trunk, limit.window_s, self.cap)
             if counter.add(trunk, now) >= limit.warning:
                 hit = (
                     self._count(
@@ -626,7 +622,7 @@ class ConcurrentCalls(Detector):
         if trunk is not None:
             levels = self.per_trunk.levels
             level = levels[trunk] = levels.get(trunk, 0) + 1
-            peak = self.peaks.get(s.per_trunk.alpha) or self.peak(s.per_trunk.alpha)
+            peak = self.peak(s.per_trunk.alpha)
             expected = peak.update(trunk, now, float(level))
             baseline = s.per_trunk
             # Below the floor or the factor there is nothing to work out.

@@ -130,10 +130,15 @@ class WindowCounter:
 
     def _evict(self) -> None:
         victims = evict_oldest(self.totals, self.cap)
-        for old in self._slices:
+        slices = self._slices
+        for index, old in enumerate(slices):
             if old:
                 for subject, _total in victims:
                     old.pop(subject, None)
+                if not old and old is not self._current:
+                    # A dict keeps its table when emptied: a slice that held a spray's
+                    # subjects would hold their memory until it leaves the window.
+                    slices[index] = {}
         self.evicted += len(victims)
 
 
