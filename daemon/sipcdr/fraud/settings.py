@@ -291,9 +291,10 @@ class WangiriSettings:
 
 # -- scanner --------------------------------------------------------------------------
 # User-Agent fragments of scanning and cracking tools (matched case-insensitively
-# anywhere in User-Agent). The first five are Kamailio's default configuration's
-# list (route REQINIT); the rest are the tools' own defaults and the lists firewall
-# and fail2ban set-ups share. sipsak is left out: it is a common health-check tool.
+# anywhere in User-Agent): the tools' own defaults (SIPVicious, sippts' pplsip, ...)
+# and the lists proxy, firewall and fail2ban set-ups share (Kamailio's example
+# configurations drop friendly-scanner and sipcli). sipsak is left out: it is a
+# common health-check tool.
 KNOWN_SCANNER_AGENTS: Final = (
     "friendly-scanner",  # SIPVicious svmap/svwar default
     "sipcli",
