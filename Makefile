@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/journal.py
 	$(BIN)/python benchmarks/kafka.py
 	$(BIN)/python benchmarks/postgres.py
+	$(BIN)/python benchmarks/fraud.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -32,6 +32,11 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
             ],
             "look-ups, prefix dict",
         ),
+        (
+            "fraud.py",
+            ["--flows", "100", "--rounds", "1", "--spray", "2000"],
+            "of parse + correlate",
+        ),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], expected: str) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, NamedTuple, overload
 
 TRANSPORT_UDP = "udp"
@@ -135,6 +138,79 @@ class Cdr:
             "capture_node": self.capture_node,
             "schema_version": CDR_SCHEMA_VERSION,
         }
+
+
+FRAUD_ALERT_SCHEMA_VERSION = 1
+# Namespace of alert ids, fixed forever: the same incident must keep its id across
+# updates, re-deliveries and versions, since consumers deduplicate on it.
+ALERT_ID_NAMESPACE = uuid.UUID("0c6f6f1e-3d8a-4b57-a0a4-7f2e9c1b5d43")
+
+
+@dataclass(frozen=True, slots=True)
+class FraudAlert:
+    """One incident of one detector on one subject (fraud alert record version 1).
+
+    An incident is one alert: while it lasts, each update is a new record with the same
+    `alert_id` (UUID v5 of detector, subject and when it was raised) and a higher
+    `revision`, so a consumer keeps the last revision and a re-delivered record
+    deduplicates. `observed` and `threshold` are counts, or money for spend_velocity.
+    """
+
+    alert_id: str
+    detector: str
+    subject: str
+    subject_kind: str  # source_ip, trunk, caller or prefix
+    severity: str  # warning or critical
+    window_s: int
+    observed: int | Decimal
+    threshold: int | Decimal
+    raised_at: float  # when the threshold was first crossed
+    first_seen: float  # the earliest activity of the subject that counted
+    last_seen: float  # the latest activity that kept it over the threshold
+    call_ids: tuple[str, ...] = ()  # Call-IDs of a few of the calls or requests involved
+    cdr_ids: tuple[str, ...] = ()  # cdr_id of a few of the closed calls involved
+    details: Mapping[str, object] = field(default_factory=dict)
+    revision: int = 0
+
+    def to_record(self) -> dict[str, object]:
+        """The JSON object of fraud alert v1 (schemas/fraud_alert.v1.schema.json),
+        identical on Kafka, in PostgreSQL and in JSONL."""
+        return {
+            "alert_id": self.alert_id,
+            "raised_at": rfc3339(self.raised_at),
+            "detector": self.detector,
+            "subject": self.subject,
+            "severity": self.severity,
+            "window_s": self.window_s,
+            "count": int(self.observed),  # whole units; `observed` is exact
+            "threshold": _ceil(self.threshold),
+            "cdr_ids": list(self.cdr_ids),
+            "details": dict(self.details),
+            "schema_version": FRAUD_ALERT_SCHEMA_VERSION,
+            "subject_kind": self.subject_kind,
+            "observed": _plain(self.observed),
+            "threshold_value": _plain(self.threshold),
+            "first_seen": rfc3339(self.first_seen),
+            "last_seen": rfc3339(self.last_seen),
+            "call_ids": list(self.call_ids),
+            "revision": self.revision,
+        }
+
+
+def alert_id(detector: str, subject_kind: str, subject: str, raised_at: float) -> str:
+    """UUID v5 of what the incident is and when it began: stable across its updates
+    and across re-deliveries."""
+    name = f"{detector}\n{subject_kind}\n{subject}\n{rfc3339(raised_at)}"
+    return str(uuid.uuid5(ALERT_ID_NAMESPACE, name))
+
+
+def _plain(value: int | Decimal) -> str:
+    return format(value, "f") if isinstance(value, Decimal) else str(value)
+
+
+def _ceil(value: int | Decimal) -> int:
+    whole = int(value)
+    return whole if whole == value else whole + 1
 
 
 @overload

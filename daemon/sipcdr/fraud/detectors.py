@@ -1,0 +1,757 @@
+"""The ten detectors. Each owns its counters and decides when its subject is over a
+threshold; `Incidents` turns that into alerts. A method returns True when the call or
+request it was given counted towards an alert, so the monitor can flag the call.
+
+Counters are kept per window length (a trunk may override a window), created on first
+use; each is capped at `cap` subjects.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from sipcdr.fraud.incidents import Incidents
+from sipcdr.fraud.numbering import VERDICT_UNASSIGNED_CODE
+from sipcdr.fraud.settings import (
+    AUTH_FAILURES,
+    CONCURRENT_CALLS,
+    CPS_BURST,
+    HIGH_RISK_DESTINATION,
+    INTERNATIONAL_SURGE,
+    INVALID_DESTINATION,
+    SCANNER,
+    SEQUENTIAL_DIALING,
+    SPEND_VELOCITY,
+    SUBJECT_CALLER,
+    SUBJECT_PREFIX,
+    SUBJECT_SOURCE_IP,
+    SUBJECT_TRUNK,
+    WANGIRI,
+    AuthFailuresSettings,
+    ConcurrentCallsSettings,
+    CpsBurstSettings,
+    HighRiskDestinationSettings,
+    InternationalSurgeSettings,
+    InvalidDestinationSettings,
+    ScannerSettings,
+    SequentialDialingSettings,
+    SpendVelocitySettings,
+    Threshold,
+    WangiriSettings,
+)
+from sipcdr.fraud.windows import (
+    DistinctCounter,
+    Gauge,
+    RunTracker,
+    SeasonalBaseline,
+    WindowCounter,
+    evict_oldest,
+)
+from sipcdr.model import Cdr, FraudAlert
+
+SLICES = 10  # per window: counts are exact to a tenth of the window
+_MICROS = 1_000_000  # money is summed in millionths, exactly, as integers
+_AGENT_CACHE_LIMIT = 4096  # distinct User-Agent strings whose verdict is remembered
+# A 401/407 is remembered this long for the retry that tells a wrong password from the
+# normal challenge; the dialog layer waits as long for an auth retry.
+CHALLENGE_MEMORY_S = 120.0
+
+
+def _windows(table: dict[int, WindowCounter], window_s: int, cap: int) -> WindowCounter:
+    counter = table.get(window_s)
+    if counter is None:
+        counter = table[window_s] = WindowCounter(window_s, SLICES, cap)
+    return counter
+
+
+class Detector:
+    """What every detector shares: its id, the incidents, the subject cap."""
+
+    id = ""
+
+    def __init__(self, incidents: Incidents, cap: int) -> None:
+        self.incidents = incidents
+        self.cap = cap
+
+    def tracked(self) -> int:
+        raise NotImplementedError
+
+    def evicted(self) -> int:
+        raise NotImplementedError
+
+    def expire(self, now: float) -> None:
+        raise NotImplementedError
+
+
+class _Counting(Detector):
+    """A detector made of window counters only."""
+
+    def __init__(self, incidents: Incidents, cap: int) -> None:
+        super().__init__(incidents, cap)
+        self.counters: list[dict[int, WindowCounter]] = []
+
+    def _table(self) -> dict[int, WindowCounter]:
+        table: dict[int, WindowCounter] = {}
+        self.counters.append(table)
+        return table
+
+    def tracked(self) -> int:
+        return sum(len(c) for table in self.counters for c in table.values())
+
+    def evicted(self) -> int:
+        return sum(c.evicted for table in self.counters for c in table.values())
+
+    def expire(self, now: float) -> None:
+        for table in self.counters:
+            for counter in table.values():
+                counter.expire(now)
+
+    def _count(
+        self,
+        out: list[FraudAlert],
+        table: dict[int, WindowCounter],
+        threshold: Threshold,
+        kind: str,
+        subject: str,
+        now: float,
+        call_id: str | None,
+        cdr_id: str | None = None,
+        tally: tuple[str, str] | None = None,
+        details: dict[str, object] | None = None,
+        *,
+        counted: bool = False,
+    ) -> bool:
+        """Count one event of `subject` (unless the caller has: `counted`) and report
+        it when the total is at or over the threshold."""
+        counter = _windows(table, threshold.window_s, self.cap)
+        count = counter.get(subject) if counted else counter.add(subject, now)
+        if count < threshold.warning:
+            return False
+        self.incidents.report(
+            out,
+            self.id,
+            kind,
+            subject,
+            count,
+            (threshold.warning, threshold.critical),
+            threshold.window_s,
+            now,
+            first_seen=counter.first_seen(subject),
+            call_id=call_id,
+            cdr_id=cdr_id,
+            tally=tally,
+            details=details,
+        )
+        return True
+
+
+class CpsBurst(_Counting):
+    """New INVITEs per second, per source address and per trunk."""
+
+    id = CPS_BURST
+
+    def __init__(self, incidents: Incidents, cap: int) -> None:
+        super().__init__(incidents, cap)
+        self.per_source = self._table()
+        self.per_trunk = self._table()
+        # Whether a trunk's addresses are counted apart, per settings record (the
+        # monitor holds every record for its lifetime, so ids are not reused).
+        self._apart: dict[int, bool] = {}
+
+    def on_invite(
+        self,
+        out: list[FraudAlert],
+        s: CpsBurstSettings,
+        source: str,
+        trunk: str | None,
+        call_id: str,
+        now: float,
+    ) -> bool:
+        """Count a new call per source address and per trunk. A trunk's own addresses
+        are counted apart only when their limit is below the trunk's: otherwise the
+        trunk's count, which includes theirs, always gets there first."""
+        hit = False
+        apart = self._apart.get(id(s))
+        if apart is None:
+            apart = self._apart[id(s)] = _below(s.per_source, s.per_trunk)
+        if trunk is None or apart:
+            limit = s.per_source
+            counter = _windows(self.per_source, limit.window_s, self.cap)
+            if counter.add(source, now) >= limit.warning:
+                hit = self._count(
+                    out,
+                    self.per_source,
+                    limit,
+                    SUBJECT_SOURCE_IP,
+                    source,
+                    now,
+                    call_id,
+                    counted=True,
+                )
+        if trunk is not None:
+            limit = s.per_trunk
+            counter = _windows(self.per_trunk, limit.window_s, self.cap)
+            if counter.add(trunk, now) >= limit.warning:
+                hit = (
+                    self._count(
+                        out, self.per_trunk, limit, SUBJECT_TRUNK, trunk, now, call_id, counted=True
+                    )
+                    or hit
+                )
+        return hit
+
+
+def _below(source: Threshold, trunk: Threshold) -> bool:
+    """Whether a source's limit can be reached before its trunk's."""
+    return source.warning * trunk.window_s < trunk.warning * source.window_s
+
+
+class Scanner(_Counting):
+    """Requests carrying a scanning tool's User-Agent, and sources probing many users."""
+
+    id = SCANNER
+
+    def __init__(self, incidents: Incidents, cap: int) -> None:
+        super().__init__(incidents, cap)
+        self.per_source = self._table()
+        self.probes: dict[int, DistinctCounter] = {}
+        # User-Agent -> verdict, per settings record (held for the monitor's lifetime).
+        self._verdicts: dict[int, dict[str, bool]] = {}
+
+    def is_scanner(self, s: ScannerSettings, user_agent: str) -> bool:
+        verdicts = self._verdicts.get(id(s))
+        if verdicts is None:
+            verdicts = self._verdicts[id(s)] = {}
+        verdict = verdicts.get(user_agent)
+        if verdict is None:
+            lowered = user_agent.lower()
+            verdict = any(agent in lowered for agent in s.user_agents)
+            if len(verdicts) >= _AGENT_CACHE_LIMIT:
+                verdicts.clear()  # User-Agent is the sender's to choose
+            verdicts[user_agent] = verdict
+        return verdict
+
+    def on_agent(
+        self,
+        out: list[FraudAlert],
+        s: ScannerSettings,
+        source: str,
+        user_agent: str,
+        call_id: str,
+        now: float,
+    ) -> bool:
+        return self._count(
+            out,
+            self.per_source,
+            s.per_source,
+            SUBJECT_SOURCE_IP,
+            source,
+            now,
+            call_id,
+            details={"user_agent": user_agent[:128]},
+        )
+
+    def on_probe(
+        self,
+        out: list[FraudAlert],
+        s: ScannerSettings,
+        source: str,
+        user: str,
+        call_id: str,
+        now: float,
+    ) -> bool:
+        probing = s.probing
+        counter = self.probes.get(probing.window_s)
+        if counter is None:
+            counter = self.probes[probing.window_s] = DistinctCounter(
+                probing.window_s, self.cap, max_values=probing.critical
+            )
+        users = counter.add(source, user, now)
+        if users < probing.warning:
+            return False
+        self.incidents.report(
+            out,
+            self.id,
+            SUBJECT_SOURCE_IP,
+            source,
+            users,
+            (probing.warning, probing.critical),
+            probing.window_s,
+            now,
+            call_id=call_id,
+            details={"distinct_users": users},
+        )
+        return True
+
+    def tracked(self) -> int:
+        return super().tracked() + sum(len(c) for c in self.probes.values())
+
+    def evicted(self) -> int:
+        return super().evicted() + sum(c.evicted for c in self.probes.values())
+
+    def expire(self, now: float) -> None:
+        super().expire(now)
+        for counter in self.probes.values():
+            counter.expire(now)
+
+
+class AuthFailures(_Counting):
+    """Failed digest authentication per requesting address: a 403, or a 401/407 to a
+    retry on a Call-ID that was already challenged (a wrong password). The first
+    challenge of a Call-ID is how digest authentication starts and does not count."""
+
+    id = AUTH_FAILURES
+
+    def __init__(self, incidents: Incidents, cap: int) -> None:
+        super().__init__(incidents, cap)
+        self.per_source = self._table()
+        # Call-ID -> (CSeq of its last 401/403/407, when): copies of one response (a
+        # retransmission, the other leg) share the CSeq and count once. The monitor
+        # drops the entry at a 2xx, so a later refresh's challenge starts afresh.
+        self.challenged: dict[str, tuple[int, float]] = {}
+        self.challenges_evicted = 0
+
+    def on_response(
+        self,
+        out: list[FraudAlert],
+        s: AuthFailuresSettings,
+        requester: str,
+        status: int,
+        call_id: str,
+        cseq: int,
+        method: str,
+        now: float,
+    ) -> bool:
+        challenged = self.challenged
+        before = challenged.pop(call_id, None)
+        challenged[call_id] = (cseq, now)
+        if len(challenged) > self.cap:
+            self.challenges_evicted += len(evict_oldest(challenged, self.cap))
+        # Without an earlier response on the Call-ID only a 403 is a failure; after one,
+        # any of them to a later CSeq is (copies of one response share the CSeq).
+        failed = status == 403 if before is None else before[0] != cseq
+        if not failed:
+            return False
+        return self._count(
+            out,
+            self.per_source,
+            s.per_source,
+            SUBJECT_SOURCE_IP,
+            requester,
+            now,
+            call_id,
+            tally=("methods", method),
+        )
+
+    def tracked(self) -> int:
+        return super().tracked() + len(self.challenged)
+
+    def evicted(self) -> int:
+        return super().evicted() + self.challenges_evicted
+
+    def expire(self, now: float) -> None:
+        super().expire(now)
+        horizon = now - CHALLENGE_MEMORY_S
+        challenged = self.challenged
+        stale: list[str] = []
+        for call_id, (_cseq, seen) in challenged.items():
+            if seen >= horizon:
+                break
+            stale.append(call_id)
+        for call_id in stale:
+            del challenged[call_id]
+
+
+class HighRiskDestination(_Counting):
+    """Calls to listed IRSF and premium-rate prefixes."""
+
+    id = HIGH_RISK_DESTINATION
+
+    def __init__(self, incidents: Incidents, cap: int) -> None:
+        super().__init__(incidents, cap)
+        self.per_account = self._table()
+        self.per_prefix = self._table()
+
+    def on_invite(
+        self,
+        out: list[FraudAlert],
+        s: HighRiskDestinationSettings,
+        account_kind: str,
+        account: str,
+        callee: str,
+        call_id: str,
+        now: float,
+    ) -> bool:
+        prefix = s.prefixes.match(callee)
+        if prefix is None:
+            return False
+        hit = self._count(
+            out,
+            self.per_account,
+            s.per_account,
+            account_kind,
+            account,
+            now,
+            call_id,
+            tally=("prefixes", prefix),
+        )
+        by_prefix = self._count(
+            out,
+            self.per_prefix,
+            s.per_prefix,
+            SUBJECT_PREFIX,
+            prefix,
+            now,
+            call_id,
+            tally=("accounts", account),
+            details={"listed_as": s.prefixes.entries[prefix]},
+        )
+        return hit or by_prefix
+
+
+class InvalidDestination(_Counting):
+    """International calls to numbers that cannot exist."""
+
+    id = INVALID_DESTINATION
+
+    def __init__(self, incidents: Incidents, cap: int) -> None:
+        super().__init__(incidents, cap)
+        self.per_account = self._table()
+
+    def on_invite(
+        self,
+        out: list[FraudAlert],
+        s: InvalidDestinationSettings,
+        account_kind: str,
+        account: str,
+        callee: str,
+        call_id: str,
+        now: float,
+    ) -> bool:
+        verdict = s.plan.verdict(callee)
+        if verdict is None:
+            return False
+        code = s.plan.country_code(callee) if verdict != VERDICT_UNASSIGNED_CODE else None
+        return self._count(
+            out,
+            self.per_account,
+            s.per_account,
+            account_kind,
+            account,
+            now,
+            call_id,
+            tally=("country_codes", code or VERDICT_UNASSIGNED_CODE),
+        )
+
+
+class SequentialDialing(Detector):
+    """Runs of consecutive callee numbers from one caller or one trunk."""
+
+    id = SEQUENTIAL_DIALING
+
+    def __init__(self, incidents: Incidents, cap: int) -> None:
+        super().__init__(incidents, cap)
+        self.trackers: dict[int, RunTracker] = {}  # by max_gap_s
+
+    def on_invite(
+        self,
+        out: list[FraudAlert],
+        s: SequentialDialingSettings,
+        caller: str | None,
+        trunk: str | None,
+        callee: str,
+        call_id: str,
+        now: float,
+    ) -> bool:
+        tracker = self.trackers.get(s.max_gap_s)
+        if tracker is None:
+            # Two entries per call for the gap: twice the cap holds a cap of callers.
+            tracker = self.trackers[s.max_gap_s] = RunTracker(s.max_gap_s, 2 * self.cap)
+        number = int(callee)
+        caller_run, trunk_run = tracker.add(caller or "", trunk or "", number, now)
+        hit = False
+        if caller is not None and caller_run >= s.per_caller.warning:
+            hit = self._report(out, s, SUBJECT_CALLER, caller, caller_run, number, call_id, now)
+        if trunk is not None and trunk_run >= s.per_trunk.warning:
+            hit = self._report(out, s, SUBJECT_TRUNK, trunk, trunk_run, number, call_id, now) or hit
+        return hit
+
+    def _report(
+        self,
+        out: list[FraudAlert],
+        s: SequentialDialingSettings,
+        kind: str,
+        subject: str,
+        run: int,
+        number: int,
+        call_id: str,
+        now: float,
+    ) -> bool:
+        limit = s.per_caller if kind == SUBJECT_CALLER else s.per_trunk
+        self.incidents.report(
+            out,
+            self.id,
+            kind,
+            subject,
+            run,
+            (limit.warning, limit.critical),
+            s.max_gap_s,
+            now,
+            call_id=call_id,
+            details={"last_number": str(number)},
+        )
+        return True
+
+    def tracked(self) -> int:
+        return sum(len(t) for t in self.trackers.values())
+
+    def evicted(self) -> int:
+        return sum(t.evicted for t in self.trackers.values())
+
+    def expire(self, now: float) -> None:
+        for tracker in self.trackers.values():
+            tracker.expire(now)
+
+
+class InternationalSurge(_Counting):
+    """A trunk's international calls over the last hour against its own normal."""
+
+    id = INTERNATIONAL_SURGE
+
+    def __init__(self, incidents: Incidents, cap: int) -> None:
+        super().__init__(incidents, cap)
+        self.per_trunk = self._table()
+        self.baselines: dict[float, SeasonalBaseline] = {}
+
+    def baseline(self, alpha: float) -> SeasonalBaseline:
+        baseline = self.baselines.get(alpha)
+        if baseline is None:
+            baseline = self.baselines[alpha] = SeasonalBaseline(alpha, self.cap, peak=False)
+        return baseline
+
+    def on_international(
+        self,
+        out: list[FraudAlert],
+        s: InternationalSurgeSettings,
+        trunk: str,
+        call_id: str,
+        now: float,
+    ) -> bool:
+        counter = _windows(self.per_trunk, s.window_s, self.cap)
+        count = counter.add(trunk, now)
+        expected = self.baseline(s.baseline.alpha).update(trunk, now, 1.0)
+        if expected is None:
+            return False  # this hour of the day is still being learnt
+        if count < s.baseline.floor or count < expected * s.baseline.factor:
+            return False
+        warning, critical = s.baseline.limits(expected)
+        if count < warning:
+            return False
+        self.incidents.report(
+            out,
+            self.id,
+            SUBJECT_TRUNK,
+            trunk,
+            count,
+            (warning, critical),
+            s.window_s,
+            now,
+            first_seen=counter.first_seen(trunk),
+            call_id=call_id,
+            details={"baseline": round(expected, 1)},
+        )
+        return True
+
+    def tracked(self) -> int:
+        return super().tracked() + sum(len(b) for b in self.baselines.values())
+
+    def evicted(self) -> int:
+        return super().evicted() + sum(b.evicted for b in self.baselines.values())
+
+    def expire(self, now: float) -> None:
+        super().expire(now)
+        for baseline in self.baselines.values():
+            baseline.roll(now)
+
+
+class ConcurrentCalls(Detector):
+    """Answered calls in progress per caller (a fixed limit) and per trunk (against
+    the trunk's own busiest level at this hour on previous days)."""
+
+    id = CONCURRENT_CALLS
+
+    def __init__(self, incidents: Incidents, cap: int) -> None:
+        super().__init__(incidents, cap)
+        self.per_caller = Gauge()
+        self.per_trunk = Gauge()
+        self.peaks: dict[float, SeasonalBaseline] = {}
+
+    def peak(self, alpha: float) -> SeasonalBaseline:
+        peak = self.peaks.get(alpha)
+        if peak is None:
+            peak = self.peaks[alpha] = SeasonalBaseline(alpha, self.cap, peak=True)
+        return peak
+
+    def answered(
+        self,
+        out: list[FraudAlert],
+        s: ConcurrentCallsSettings,
+        trunk: str | None,
+        caller: str | None,
+        call_id: str,
+        now: float,
+    ) -> bool:
+        hit = False
+        if caller is not None:
+            levels = self.per_caller.levels
+            level = levels[caller] = levels.get(caller, 0) + 1
+            limit = s.per_caller
+            if level >= limit.warning:
+                self.incidents.report(
+                    out,
+                    self.id,
+                    SUBJECT_CALLER,
+                    caller,
+                    level,
+                    (limit.warning, limit.critical),
+                    1,
+                    now,
+                    call_id=call_id,
+                )
+                hit = True
+        if trunk is not None:
+            levels = self.per_trunk.levels
+            level = levels[trunk] = levels.get(trunk, 0) + 1
+            peak = self.peak(s.per_trunk.alpha)
+            expected = peak.update(trunk, now, float(level))
+            baseline = s.per_trunk
+            # Below the floor or the factor there is nothing to work out.
+            if (
+                expected is not None
+                and level >= baseline.floor
+                and level >= expected * baseline.factor
+            ):
+                warning, critical = baseline.limits(expected)
+                if level >= warning:
+                    self.incidents.report(
+                        out,
+                        self.id,
+                        SUBJECT_TRUNK,
+                        trunk,
+                        level,
+                        (warning, critical),
+                        1,
+                        now,
+                        call_id=call_id,
+                        details={"baseline": round(expected, 1)},
+                    )
+                    hit = True
+        return hit
+
+    def ended(self, trunk: str | None, caller: str | None) -> None:
+        if caller is not None:
+            self.per_caller.down(caller)
+        if trunk is not None:
+            self.per_trunk.down(trunk)
+
+    def tracked(self) -> int:
+        return len(self.per_caller) + len(self.per_trunk)
+
+    def evicted(self) -> int:
+        return sum(p.evicted for p in self.peaks.values())
+
+    def expire(self, now: float) -> None:
+        for peak in self.peaks.values():
+            peak.roll(now, self.per_trunk.levels)
+
+
+class Wangiri(Detector):
+    """One caller ringing many distinct numbers and hanging up before an answer."""
+
+    id = WANGIRI
+
+    def __init__(self, incidents: Incidents, cap: int) -> None:
+        super().__init__(incidents, cap)
+        self.callees: dict[int, DistinctCounter] = {}
+
+    def on_cdr(self, out: list[FraudAlert], s: WangiriSettings, cdr: Cdr, now: float) -> bool:
+        caller, callee = cdr.caller, cdr.callee
+        if caller is None or callee is None:
+            return False
+        threshold = s.per_caller
+        counter = self.callees.get(threshold.window_s)
+        if counter is None:
+            counter = self.callees[threshold.window_s] = DistinctCounter(
+                threshold.window_s, self.cap, max_values=threshold.critical
+            )
+        distinct = counter.add(caller, callee, now)
+        if distinct < threshold.warning:
+            return False
+        self.incidents.report(
+            out,
+            self.id,
+            SUBJECT_CALLER,
+            caller,
+            distinct,
+            (threshold.warning, threshold.critical),
+            threshold.window_s,
+            now,
+            first_seen=cdr.start_time,
+            call_id=cdr.call_id,
+            cdr_id=cdr.cdr_id,
+        )
+        return True
+
+    def tracked(self) -> int:
+        return sum(len(c) for c in self.callees.values())
+
+    def evicted(self) -> int:
+        return sum(c.evicted for c in self.callees.values())
+
+    def expire(self, now: float) -> None:
+        for counter in self.callees.values():
+            counter.expire(now)
+
+
+class SpendVelocity(_Counting):
+    """Rated cost per trunk over the last hour."""
+
+    id = SPEND_VELOCITY
+
+    def __init__(self, incidents: Incidents, cap: int) -> None:
+        super().__init__(incidents, cap)
+        self.per_trunk = self._table()
+
+    def on_cost(
+        self,
+        out: list[FraudAlert],
+        s: SpendVelocitySettings,
+        trunk: str,
+        cost: Decimal,
+        cdr: Cdr,
+        now: float,
+    ) -> bool:
+        micros = int(cost * _MICROS)
+        if micros <= 0:
+            return False
+        limit = s.per_trunk
+        counter = _windows(self.per_trunk, limit.window_s, self.cap)
+        total = counter.add(trunk, now, micros)
+        if total < limit.warning * _MICROS:
+            return False
+        details: dict[str, object] = {"currency": cdr.currency} if cdr.currency else {}
+        self.incidents.report(
+            out,
+            self.id,
+            SUBJECT_TRUNK,
+            trunk,
+            Decimal(total).scaleb(-6),
+            (limit.warning, limit.critical),
+            limit.window_s,
+            now,
+            first_seen=counter.first_seen(trunk),
+            call_id=cdr.call_id,
+            cdr_id=cdr.cdr_id,
+            details=details,
+        )
+        return True
