@@ -554,6 +554,48 @@ def test_gtpu_headers() -> None:
     assert one(decode_eth(outer6, dec)).src_ip == INNER6[0]
 
 
+# An OPTIONS inside GTP-U with S set and E clear, and 0x85 left in the next extension
+# header type: tshark reads the SIP, and so must the decoder.
+GTPU_S_ONLY = bytes.fromhex(
+    "02000000000a02000000000b08004500007e0001000040110000644000016440000208680868006a0000"
+    "32ff005a00000001000700854500005600010000401100000a0000010a00000213c613c4004200004f50"
+    "54494f4e53207369703a624078205349502f322e300d0a43616c6c2d49443a207240780d0a435365713a"
+    "2031204f5054494f4e530d0a0d0a"
+)
+
+
+@pytest.mark.parametrize("flags", [0x32, 0x31, 0x33], ids=["S", "PN", "S and PN"])
+def test_gtpu_next_type_is_ignored_without_e_flag(flags: int) -> None:
+    """TS 29.281 section 5.1: the sequence number (S) or N-PDU number (PN) brings in the
+    4 optional bytes, but the next extension header type in them means something only
+    with E set."""
+    dec = Decapsulator()
+    if flags == 0x32:
+        frame = GTPU_S_ONLY
+        inner = ("10.0.0.1", "10.0.0.2")
+    else:
+        rest = struct.pack("!HBB", 7, 3, 0x85) + inner_packet(4)
+        gtp = struct.pack("!BBHI", flags, 255, len(rest), 0x5A) + rest
+        frame = eth(ipv4(udp(gtp, 2152, 2152)))
+        inner = INNER4
+    seg = one(decode_eth(frame, dec))
+    assert (seg.src_ip, seg.dst_ip, seg.dst_port) == (*inner, 5060)
+    assert seg.payload.startswith(b"OPTIONS sip:")
+    assert (dec.stats.gtpu, dec.stats.truncated, dec.stats.malformed) == (1, 0, 0)
+
+
+def test_gtpu_extension_chain_is_capped() -> None:
+    def chain(count: int) -> bytes:
+        return _gtpu_over_udp(
+            encaps.gtpu(inner_packet(4), extensions=[(0x85, b"\x00\x01")] * count)
+        )
+
+    dec = Decapsulator()
+    assert one(decode_eth(chain(32), dec)).payload == SIP
+    assert decode_eth(chain(33), dec) == ()
+    assert (dec.stats.gtpu, dec.stats.malformed) == (1, 1)
+
+
 def test_vxlan_geneve_and_tzsp_variants() -> None:
     dec = Decapsulator()
     packet = inner_packet(4)

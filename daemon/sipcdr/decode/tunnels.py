@@ -35,6 +35,10 @@ _PORT_TZSP: Final = 37008
 
 _GENEVE_TYPES: Final = frozenset({_ETH_BRIDGED, _ETH_IPV4, _ETH_IPV6, *_ETH_MPLS})
 _GTPU_G_PDU: Final = 255  # the message type that carries a user packet (T-PDU)
+# Extension headers read before a chain is called malformed: 3GPP defines about a
+# dozen types and a packet carries one to three; the cap bounds what a sender can make
+# the decoder walk.
+_GTPU_MAX_EXTENSIONS: Final = 32
 _TZSP_ETHERNET: Final = 1
 
 _u16: Final = struct.Struct("!H").unpack_from
@@ -122,7 +126,9 @@ class TunnelLayer(Layers):
             return None
         first = buf[off]
         if dport == _PORT_GTPU:
-            # Version 1 and protocol type GTP (not GTP'): digits "0"-"7" as text.
+            # Version 1 and protocol type GTP (not GTP'): 0x30-0x3F whatever the spare
+            # and E, S, PN bits, which as text is a digit or one of ":;<=>?", never
+            # the start of SIP or HEP.
             if first & 0xF0 != 0x30:
                 return None
             decode = self._gtpu
@@ -163,15 +169,22 @@ class TunnelLayer(Layers):
             stats.truncated += 1
             return _NONE
         pos = off + 8
-        if buf[off] & 0x07:
+        flags = buf[off]
+        if flags & 0x07:
             pos += 4
             if pos > stop:
                 stats.truncated += 1
                 return _NONE
+        # The next extension header type is only meaningful with E set: with S or PN
+        # alone the sender may leave anything there (section 5.1).
+        if flags & 0x04:
             next_type = buf[pos - 1]
             # Section 5.2: each extension header is a length in 4-byte units (its own
-            # length and next-type bytes included), content, and the next type.
-            while next_type:
+            # length and next-type bytes included), content, and the next type. Real
+            # chains hold one to three; a longer one is a sender making work.
+            for _ in range(_GTPU_MAX_EXTENSIONS):
+                if not next_type:
+                    break
                 if pos >= stop:
                     stats.truncated += 1
                     return _NONE
@@ -184,6 +197,10 @@ class TunnelLayer(Layers):
                     stats.truncated += 1
                     return _NONE
                 next_type = buf[pos - 1]
+            else:
+                if next_type:
+                    stats.malformed += 1
+                    return _NONE
         stats.gtpu += 1
         return self._ip(ts, buf, pos, stop, depth)
 
