@@ -374,7 +374,9 @@ async def test_cdrs_spools_cursors_and_set_aside_records_are_private_whatever_th
         await delivery.stop()
     made = [p for p in tmp_path.rglob("*") if p.is_file()]
     names = {p.name for p in made}
-    assert {"cdrs.jsonl", "jsonl.cursor", "refusing.cursor", "lock", "refusing.jsonl"} <= names, names
+    assert {"cdrs.jsonl", "jsonl.cursor", "refusing.cursor", "lock", "refusing.jsonl"} <= names, (
+        names
+    )
     assert any(name.endswith(SEGMENT_SUFFIX) for name in names)
     assert_private_tree(tmp_path)
 
