@@ -24,6 +24,7 @@ from sipcdr.decode.base import (
 from sipcdr.decode.link import Decapsulator
 from sipcdr.decode.startline import KEEPALIVE, NOT_SIP, sip_offset
 from sipcdr.decode.tcp import TcpReassembler
+from sipcdr.decode.tunnels import UDP_TUNNEL_PORTS
 
 SIP = (
     b"OPTIONS sip:bob@example.com SIP/2.0\r\n"
@@ -618,6 +619,21 @@ def test_vxlan_geneve_and_tzsp_variants() -> None:
     assert (dec.stats.other_protocol, dec.stats.unsupported_tunnel) == (1, 1)
 
 
+@pytest.mark.parametrize(("port", "kind"), [(2152, "gtpu"), (37008, "tzsp"), (8472, "vxlan")])
+def test_each_tunnel_port_reads_its_own_tunnel(port: int, kind: str) -> None:
+    """Each port is read as its own tunnel, never as another one's (8472 is the VXLAN
+    port Linux picks when none is given)."""
+    body = encaps.tunnelled(kind, inner_packet(4))[42:]  # the outer UDP payload
+    dec = Decapsulator()
+    assert one(decode_eth(eth(ipv4(udp(body, 1, port))), dec)).payload == SIP
+    assert dec.stats.as_dict()[kind] == 1
+    for other in sorted(set(UDP_TUNNEL_PORTS) - {port}):
+        if UDP_TUNNEL_PORTS[other] != kind:
+            dec = Decapsulator()
+            decode_eth(eth(ipv4(udp(body, 1, other))), dec)
+            assert dec.stats.as_dict()[kind] == 0, other
+
+
 def _gtpu_over_udp(body: bytes) -> bytes:
     return eth(ipv4(udp(body, 2152, 2152)))
 
@@ -684,7 +700,7 @@ def test_bad_encapsulation_headers_are_counted(frame: bytes, counter: str) -> No
     assert dec.stats.as_dict()[counter] == 1
 
 
-@pytest.mark.parametrize("port", sorted(encaps.UDP_PORTS.values()))
+@pytest.mark.parametrize("port", sorted(UDP_TUNNEL_PORTS))
 def test_sip_to_a_tunnel_port_is_sip(port: int) -> None:
     """SIP from or to a port that is also a tunnel's (37008 is in Linux's ephemeral
     range) does not start like the tunnel's header and stays a datagram."""

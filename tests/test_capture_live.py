@@ -347,6 +347,28 @@ def test_signalling_program_reads_pppoe_and_mpls_variants() -> None:
     assert [bool(run_bpf(ours, frame)) for frame in dropped] == [False] * len(dropped)
 
 
+@pytest.mark.parametrize("outer", [4, 6])
+def test_vxlan_passes_both_filters_by_port(outer: int) -> None:
+    """A VXLAN header may start with 0x88 (group policy) like media does, so VXLAN's
+    ports, IANA's and the Linux default 8472, pass whatever the first byte."""
+    require_libpcap()
+    ours = signalling_program(LINKTYPE_ETHERNET)
+    libpcap = compile_filter(DEFAULT_BPF_FILTER, LINKTYPE_ETHERNET)
+    inner = encaps.vxlan(ether(V4, ipv4(17, udp(SIP % b"gbp"))), flags=0x88)
+
+    def frame(port: int) -> bytes:
+        if outer == 4:
+            return ether(V4, ipv4(17, udp(inner, 1, port)))
+        return ether(V6, ipv6(17, udp(inner, 1, port)))
+
+    for port in (4789, 8472):
+        assert run_bpf(ours, frame(port)), port
+        assert run_bpf(libpcap, frame(port)), port
+    # Any other port is media by its first byte.
+    assert not run_bpf(ours, frame(4790))
+    assert not run_bpf(libpcap, frame(4790))
+
+
 def test_signalling_program_keeps_whole_frames() -> None:
     frame = ether(V4, ipv4(17, udp(SIP % b"x")))
     assert run_bpf(signalling_program(), frame) == 262144

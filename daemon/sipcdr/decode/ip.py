@@ -1,6 +1,6 @@
 """IPv4 and IPv6 (extension headers, fragment reassembly), IP-in-IP, and the transport
 headers inside: UDP and TCP become ``Segment`` records, SCTP and GRE go to their layers,
-and UDP sent to a tunnel's port (``UDP_TUNNEL_PORTS``) to the tunnel layer.
+and UDP sent to a tunnel's port (``tunnels.UDP_TUNNEL_PORTS``) to the tunnel layer.
 
 Checksums are not verified anywhere: captures taken on a sending host carry the
 placeholder checksums of offloading NICs, and a monitoring tap should report what was
@@ -21,13 +21,9 @@ from sipcdr.decode.base import (
     Layers,
     Segment,
 )
+from sipcdr.decode.tunnels import UDP_TUNNEL_PORTS
 
-__all__ = ["MAX_DATAGRAM", "UDP_TUNNEL_PORTS", "Fragments", "IpLayer"]
-
-# IANA ports of the tunnels carried in UDP, by destination port: GTP-U (3GPP TS 29.281),
-# VXLAN (RFC 7348), GENEVE (RFC 8926), and TZSP (37008, not registered, what senders
-# use). A set lookup is all a datagram to any other port pays.
-UDP_TUNNEL_PORTS: Final = frozenset({2152, 4789, 6081, 37008})
+__all__ = ["MAX_DATAGRAM", "Fragments", "IpLayer"]
 
 _IPPROTO_IPIP: Final = 4
 _IPPROTO_IPV6: Final = 41

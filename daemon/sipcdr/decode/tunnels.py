@@ -1,7 +1,7 @@
 """Tunnels carried in IP: GRE (RFC 2784, key and sequence number of RFC 2890) with
 transparent Ethernet bridging, ERSPAN types I, II and III, or MPLS inside; and tunnels
-carried in UDP, recognised by destination port: GTP-U (3GPP TS 29.281), VXLAN
-(RFC 7348), GENEVE (RFC 8926) and TZSP.
+carried in UDP, recognised by destination port (``UDP_TUNNEL_PORTS``): GTP-U (3GPP
+TS 29.281), VXLAN (RFC 7348), GENEVE (RFC 8926) and TZSP.
 
 A datagram sent to a UDP tunnel's port that does not start like that tunnel's header is
 left as an ordinary datagram: a SIP endpoint may use one of those ports (37008 is in
@@ -15,11 +15,12 @@ PPPoE and MPLS are recognised by Ethernet type in ``link``.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from typing import Final
 
 from sipcdr.decode.base import MAX_DEPTH, Layers, Segment
 
-__all__ = ["TunnelLayer"]
+__all__ = ["HIGH_START_TUNNEL_PORTS", "UDP_TUNNEL_PORTS", "TunnelLayer"]
 
 _ETH_IPV4: Final = 0x0800
 _ETH_IPV6: Final = 0x86DD
@@ -28,10 +29,28 @@ _ETH_ERSPAN2: Final = 0x88BE
 _ETH_ERSPAN3: Final = 0x22EB
 _ETH_MPLS: Final = frozenset({0x8847, 0x8848})
 
-_PORT_GTPU: Final = 2152
-_PORT_VXLAN: Final = 4789
-_PORT_GENEVE: Final = 6081
-_PORT_TZSP: Final = 37008
+# Tunnels in UDP, named as their DecapStats counters.
+_GTPU: Final = "gtpu"
+_VXLAN: Final = "vxlan"
+_GENEVE: Final = "geneve"
+_TZSP: Final = "tzsp"
+# UDP destination port -> the tunnel read there: the IANA ports of GTP-U, VXLAN and
+# GENEVE; 8472, the VXLAN port Linux uses when none is given (it predates IANA's, and
+# flannel keeps it); TZSP's 37008, not registered, what senders use. ``ip`` looks up
+# every UDP datagram's port here: one lookup is all a datagram to any other port pays.
+UDP_TUNNEL_PORTS: Final[Mapping[int, str]] = {
+    2152: _GTPU,
+    4789: _VXLAN,
+    8472: _VXLAN,
+    6081: _GENEVE,
+    37008: _TZSP,
+}
+# Ports of the tunnels whose header may start with a byte of 0x80 or more, as media
+# does (VXLAN: flag bits other than I are ignored on receipt, and VXLAN-GBP sets 0x80):
+# a capture filter that drops media by its first byte must let these through by port.
+HIGH_START_TUNNEL_PORTS: Final = frozenset(
+    port for port, tunnel in UDP_TUNNEL_PORTS.items() if tunnel == _VXLAN
+)
 
 _GENEVE_TYPES: Final = frozenset({_ETH_BRIDGED, _ETH_IPV4, _ETH_IPV6, *_ETH_MPLS})
 _GTPU_G_PDU: Final = 255  # the message type that carries a user packet (T-PDU)
@@ -125,28 +144,31 @@ class TunnelLayer(Layers):
         if off >= end:
             return None
         first = buf[off]
-        if dport == _PORT_GTPU:
+        tunnel = UDP_TUNNEL_PORTS[dport]
+        if tunnel == _GTPU:
             # Version 1 and protocol type GTP (not GTP'): 0x30-0x3F whatever the spare
             # and E, S, PN bits, which as text is a digit or one of ":;<=>?", never
             # the start of SIP or HEP.
             if first & 0xF0 != 0x30:
                 return None
             decode = self._gtpu
-        elif dport == _PORT_VXLAN:
+        elif tunnel == _VXLAN:
             # Only the I flag (and VXLAN-GBP's G flag) may be set: no letter looks so.
             if first & 0x77 or not first & 0x08:
                 return None
             decode = self._vxlan
-        elif dport == _PORT_GENEVE:
+        elif tunnel == _GENEVE:
             # Version 0 in the top two bits, below every letter (but not below CR and
             # LF), and a protocol type that is read here.
             if first >= 0x40 or end - off < 4 or _u16_at_2(buf, off)[0] not in _GENEVE_TYPES:
                 return None
             decode = self._geneve
-        else:
+        elif tunnel == _TZSP:
             if first != 1:  # TZSP version 1
                 return None
             decode = self._tzsp
+        else:
+            return None
         if depth >= MAX_DEPTH:
             self.stats.too_deep += 1
             return _NONE

@@ -27,26 +27,29 @@ from typing import Final
 
 from sipcdr.capture.live.base import SNAPLEN, LiveCaptureError
 from sipcdr.decode.link import LINKTYPE_ETHERNET, LINKTYPE_RAW
+from sipcdr.decode.tunnels import HIGH_START_TUNNEL_PORTS
 
 __all__ = ["DEFAULT_BPF_FILTER", "BpfInstruction", "compile_filter", "signalling_program"]
 
 # Everything that can carry SIP or HEP. RTP, RTCP and SRTP (version 2: first payload byte
 # 0x80-0xBF) never reach Python, and they are most frames on a SPAN port. The tunnels
-# carried in UDP start below 0x80 (VXLAN-GBP's flags excepted, hence its port) and pass
-# whole, as do IP-in-IP and GRE (ERSPAN) packets; PPPoE sessions and MPLS pass whole
-# here (each primitive that reads into them would shift libpcap's offsets for the rest
-# of the expression).
+# carried in UDP start below 0x80 (VXLAN's excepted, hence its ports) and pass whole, as
+# do IP-in-IP and GRE (ERSPAN) packets; PPPoE sessions and MPLS pass whole here (each
+# primitive that reads into them would shift libpcap's offsets for the rest of the
+# expression).
+_HIGH_START_PORTS: Final = " or ".join(
+    f"udp dst port {port}" for port in sorted(HIGH_START_TUNNEL_PORTS)
+)
 DEFAULT_BPF_FILTER: Final = (
     "tcp or sctp"
-    " or (ip and udp and (ip[6:2] & 0x1fff != 0 or udp[8] < 0x80 or udp dst port 4789))"
-    " or (ip6 and udp and (ip6[6] != 17 or ip6[48] < 0x80 or udp dst port 4789))"
+    f" or (ip and udp and (ip[6:2] & 0x1fff != 0 or udp[8] < 0x80 or {_HIGH_START_PORTS}))"
+    f" or (ip6 and udp and (ip6[6] != 17 or ip6[48] < 0x80 or {_HIGH_START_PORTS}))"
     " or ether proto 0x8864 or ether proto 0x8847 or ether proto 0x8848"
     " or ip proto 4 or ip proto 41 or ip proto 47 or ip6 proto 4 or ip6 proto 41"
     " or ip6 proto 47"
 )
 # Labels looked through before the payload: more than transport and VPN stacks use.
 _MPLS_LABELS: Final = 8
-_VXLAN_PORT: Final = 4789
 _IP_TUNNELS: Final = (4, 41, 47)  # IP-in-IP, IPv6-in-IP, GRE
 
 BpfInstruction = tuple[int, int, int, int]  # code, jt, jf, k: struct sock_filter
@@ -207,7 +210,9 @@ def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction
     a.op(a.LDB_IND, 8)
     a.jump(a.JGE_K, 0x80, 0, ok)
     a.op(a.LDH_IND, 2)  # destination port
-    a.jump(a.JEQ_K, _VXLAN_PORT, ok, no)
+    for port in sorted(HIGH_START_TUNNEL_PORTS):
+        a.jump(a.JEQ_K, port, ok, 0)
+    a.goto(no)
     a.label("v6")
     a.op(a.LDB_IND, 6)  # next header
     a.jump(a.JEQ_K, 6, ok, 0)
@@ -219,7 +224,9 @@ def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction
     a.op(a.LDB_IND, 48)
     a.jump(a.JGE_K, 0x80, 0, ok)
     a.op(a.LDH_IND, 42)  # destination port
-    a.jump(a.JEQ_K, _VXLAN_PORT, ok, no)
+    for port in sorted(HIGH_START_TUNNEL_PORTS):
+        a.jump(a.JEQ_K, port, ok, 0)
+    a.goto(no)
     a.label("v6frag")
     a.op(a.LDB_IND, 40)  # the fragment header's next header
     a.jump(a.JEQ_K, 6, ok, 0)
