@@ -634,6 +634,21 @@ def test_each_tunnel_port_reads_its_own_tunnel(port: int, kind: str) -> None:
             assert dec.stats.as_dict()[kind] == 0, other
 
 
+def test_vxlan_needs_the_i_flag_and_ignores_reserved_bits() -> None:
+    inner_frame = eth(inner_packet(4))
+    for flags in (0x08, 0x88, 0x0C, 0x18, 0x3F, 0xB9):
+        dec = Decapsulator()
+        frame = eth(ipv4(udp(encaps.vxlan(inner_frame, flags=flags), 1, 4789)))
+        assert one(decode_eth(frame, dec)).payload == SIP, hex(flags)
+        assert dec.stats.vxlan == 1
+    # Without the I flag the datagram is not VXLAN (RTP's 0x80, say), whatever follows.
+    for flags in (0x00, 0x80, 0x04, 0xB7):
+        dec = Decapsulator()
+        body = encaps.vxlan(inner_frame, flags=flags)
+        seg = one(decode_eth(eth(ipv4(udp(body, 1, 4789))), dec))
+        assert (seg.dst_port, seg.payload, dec.stats.vxlan) == (4789, body, 0), hex(flags)
+
+
 def _gtpu_over_udp(body: bytes) -> bytes:
     return eth(ipv4(udp(body, 2152, 2152)))
 
@@ -704,7 +719,7 @@ def test_bad_encapsulation_headers_are_counted(frame: bytes, counter: str) -> No
 def test_sip_to_a_tunnel_port_is_sip(port: int) -> None:
     """SIP from or to a port that is also a tunnel's (37008 is in Linux's ephemeral
     range) does not start like the tunnel's header and stays a datagram."""
-    for payload in (SIP, b"HEP3\x00\x10", b"\r\n\r\n" + SIP):
+    for payload in (SIP, b"HEP3\x00\x10", b"\r\n\r\n" + SIP, b"\n" + SIP):
         dec = Decapsulator()
         seg = one(decode_eth(eth(ipv4(udp(payload, 5060, port))), dec))
         assert (seg.dst_port, seg.payload) == (port, payload)

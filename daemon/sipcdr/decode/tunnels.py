@@ -153,8 +153,11 @@ class TunnelLayer(Layers):
                 return None
             decode = self._gtpu
         elif tunnel == _VXLAN:
-            # Only the I flag (and VXLAN-GBP's G flag) may be set: no letter looks so.
-            if first & 0x77 or not first & 0x08:
+            # The I flag; the other bits are reserved and ignored on receipt (RFC 7348
+            # section 5; VXLAN-GBP's G is 0x80). What SIP, HEP and keepalives start
+            # with is never read so: letters have 0x40, CR and LF are excluded, and
+            # HEPv1/v2's 1 and 2 lack the I flag.
+            if not first & 0x08 or first & 0x40 or first in (0x0A, 0x0D):
                 return None
             decode = self._vxlan
         elif tunnel == _GENEVE:
