@@ -21,6 +21,7 @@ from sipcdr.decode.base import (
     Segment,
     ip_text,
 )
+from sipcdr.decode.extract import SipExtractor
 from sipcdr.decode.link import Decapsulator
 from sipcdr.decode.startline import KEEPALIVE, NOT_SIP, sip_offset
 from sipcdr.decode.tcp import TcpReassembler
@@ -647,6 +648,79 @@ def test_vxlan_needs_the_i_flag_and_ignores_reserved_bits() -> None:
         body = encaps.vxlan(inner_frame, flags=flags)
         seg = one(decode_eth(eth(ipv4(udp(body, 1, 4789))), dec))
         assert (seg.dst_port, seg.payload, dec.stats.vxlan) == (4789, body, 0), hex(flags)
+
+
+def tzsp_frame(body: bytes) -> bytes:
+    return eth(ipv4(udp(body, 1, 37008)))
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_tzsp_raw_ip_and_transmitted_packets(version: int) -> None:
+    dec = Decapsulator()
+    packet = inner_packet(version)
+    # Encapsulation 7 is an IP packet with no link layer; type 1 a packet the sensor
+    # was asked to send.
+    raw = tzsp_frame(encaps.tzsp(packet, encapsulation=7))
+    sent = tzsp_frame(encaps.tzsp(eth(packet, etype=0x0800 if version == 4 else 0x86DD), kind=1))
+    for frame in (raw, sent):
+        seg = one(decode_eth(frame, dec))
+        assert (seg.src_ip, seg.payload) == ((INNER4 if version == 4 else INNER6)[0], SIP)
+    assert dec.stats.tzsp == 2
+
+
+def test_tzsp_padding_runs_and_tag_cap() -> None:
+    dec = Decapsulator()
+    inner_frame = eth(inner_packet(4))
+    padded = tzsp_frame(encaps.tzsp(inner_frame, tags=b"\x00" * 1400 + b"\x0a\x01\x7f\x01"))
+    assert one(decode_eth(padded, dec)).payload == SIP
+    # 32 tags before END are read, a 33rd is a sender making work; a run of padding
+    # counts as one.
+    tags = (b"\x0a\x00" + b"\x00" * 5) * 16
+    assert one(decode_eth(tzsp_frame(encaps.tzsp(inner_frame, tags=tags + b"\x01")), dec))
+    too_many = tzsp_frame(encaps.tzsp(inner_frame, tags=tags + b"\x0b\x00\x01"))
+    assert decode_eth(too_many, dec) == ()
+    only_padding = tzsp_frame(encaps.tzsp(b"", tags=bytes(300)))
+    assert decode_eth(only_padding, dec) == ()
+    assert (dec.stats.tzsp, dec.stats.malformed, dec.stats.truncated) == (2, 1, 1)
+
+
+STUN_BINDING_SUCCESS = struct.pack(
+    "!HHI12s", 0x0101, 12, 0x2112A442, bytes(range(12))
+) + struct.pack("!HHBBH4s", 0x0020, 8, 0, 1, 0x1234, a4("203.0.113.5"))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        STUN_BINDING_SUCCESS,
+        b"\x01\x02\x00\x01\x01" + bytes(20),  # reserved type 2
+        b"\x01\x00\x00\x06\x01" + bytes(20),  # no such encapsulation
+        b"\x01\x00\x00",  # too short to tell
+        b"\x02\x00\x00\x01\x01" + bytes(20),  # version 2
+    ],
+    ids=["stun", "type 2", "encapsulation 6", "3 bytes", "version 2"],
+)
+def test_what_is_not_tzsp_on_its_port_stays_a_datagram(payload: bytes) -> None:
+    dec = Decapsulator()
+    seg = one(decode_eth(tzsp_frame(payload), dec))
+    assert (seg.dst_port, seg.payload) == (37008, payload)
+    counted = {name: n for name, n in dec.stats.as_dict().items() if n}
+    assert counted == {"frames": 1, "udp": 1}
+
+
+def test_hepv1_to_the_tzsp_port_is_hep() -> None:
+    """HEPv1 starts with version 1 like TZSP, then a header length where TZSP has its
+    message type."""
+    hep1 = struct.pack("!BBBBHH4s4s", 1, 16, 2, 17, 5062, 5060, a4(SRC4), a4(DST4)) + SIP
+    extractor = SipExtractor(1, "test")
+    (packet,) = extractor.feed(1.0, tzsp_frame(hep1))
+    assert (packet.src_ip, packet.dst_ip, packet.src_port, packet.payload) == (
+        SRC4,
+        DST4,
+        5062,
+        SIP,
+    )
+    assert extractor.stats.hep_packets == 1
 
 
 def _gtpu_over_udp(body: bytes) -> bytes:

@@ -58,7 +58,16 @@ _GTPU_G_PDU: Final = 255  # the message type that carries a user packet (T-PDU)
 # dozen types and a packet carries one to three; the cap bounds what a sender can make
 # the decoder walk.
 _GTPU_MAX_EXTENSIONS: Final = 32
+# TZSP message types: received, to transmit (both carry a packet), configuration,
+# keepalive, port opener; 2 is reserved. Encapsulations: Ethernet, Token Ring, SLIP,
+# PPP, FDDI, raw IP, and three kinds of 802.11 (Wireshark's packet-tzsp.c).
+_TZSP_TYPES: Final = frozenset({0, 1, 3, 4, 5})
+_TZSP_ENCAPSULATIONS: Final = frozenset({1, 2, 3, 4, 5, 7, 18, 119, 127})
 _TZSP_ETHERNET: Final = 1
+_TZSP_RAW_IP: Final = 7
+# Tags read before the END tag (a run of PADDING counting as one) before a header is
+# called malformed: about a dozen types exist, each sent once at most.
+_TZSP_MAX_TAGS: Final = 32
 
 _u16: Final = struct.Struct("!H").unpack_from
 _u16_at_2: Final = struct.Struct("!2xH").unpack_from
@@ -167,7 +176,15 @@ class TunnelLayer(Layers):
                 return None
             decode = self._geneve
         elif tunnel == _TZSP:
-            if first != 1:  # TZSP version 1
+            # Version 1, a message type and an encapsulation that exist: a STUN reply
+            # (0x0101, then its length) or HEPv1 (1, then a header length) sent to
+            # this port stays an ordinary datagram.
+            if (
+                first != 1
+                or end - off < 4
+                or buf[off + 1] not in _TZSP_TYPES
+                or _u16_at_2(buf, off)[0] not in _TZSP_ENCAPSULATIONS
+            ):
                 return None
             decode = self._tzsp
         else:
@@ -257,18 +274,21 @@ class TunnelLayer(Layers):
 
     def _tzsp(self, ts: float, buf: bytes, off: int, end: int, depth: int) -> tuple[Segment, ...]:
         # TZSP (TaZmen Sniffer Protocol, as Wireshark's packet-tzsp.c reads it; no RFC):
-        # version 1, type, encapsulation; then tags up to the END tag, each a type and,
-        # except PADDING (0) and END (1), a length and that many bytes.
+        # version 1, type, encapsulation (the caller has checked these 4 bytes); then
+        # tags up to the END tag, each a type and, except PADDING (0) and END (1), a
+        # length and that many bytes.
         stats = self.stats
-        if end - off < 4:
-            stats.truncated += 1
-            return _NONE
-        kind = buf[off + 1]
-        if kind > 1:
+        if buf[off + 1] > 1:
             # Configuration, keepalive and port-opener messages carry no packet.
             stats.other_protocol += 1
             return _NONE
+        encapsulation = _u16_at_2(buf, off)[0]
+        if encapsulation not in (_TZSP_ETHERNET, _TZSP_RAW_IP):
+            # 802.11 radio captures and the rest: link layers this decoder does not read.
+            stats.unsupported_tunnel += 1
+            return _NONE
         pos = off + 4
+        tags = 0
         while True:
             if pos >= end:
                 stats.truncated += 1
@@ -277,16 +297,21 @@ class TunnelLayer(Layers):
             if tag == 1:
                 pos += 1
                 break
+            tags += 1
+            if tags > _TZSP_MAX_TAGS:
+                stats.malformed += 1
+                return _NONE
             if tag:
                 if pos + 1 >= end:
                     stats.truncated += 1
                     return _NONE
                 pos += 2 + buf[pos + 1]
             else:
+                # PADDING is one byte each; a run of it is skipped in one step.
                 pos += 1
-        if _u16_at_2(buf, off)[0] != _TZSP_ETHERNET:
-            # 802.11 radio captures and the rest: link layers this decoder does not read.
-            stats.unsupported_tunnel += 1
-            return _NONE
+                if pos < end and not buf[pos]:
+                    pos = end - len(buf[pos:end].lstrip(b"\x00"))
         stats.tzsp += 1
-        return self._ethernet(ts, buf, pos, end, depth)
+        if encapsulation == _TZSP_ETHERNET:
+            return self._ethernet(ts, buf, pos, end, depth)
+        return self._ip(ts, buf, pos, end, depth)
