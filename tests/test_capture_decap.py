@@ -533,6 +533,67 @@ def test_mpls_label_stacks_and_pseudowires() -> None:
     assert (dec.stats.mpls, dec.stats.unsupported_tunnel) == (5, 1)
 
 
+# SIP over an Ethernet pseudowire without a control word, to a MAC address that starts
+# with nibble 1, the associated channel's (tshark reads the SIP).
+MPLS_MAC_NIBBLE_1 = bytes.fromhex(
+    "02000000000a02000000000b88470001014018659000000102000000000208004500005600010000401100"
+    "000a0000010a00000213c613c4004200004f5054494f4e53207369703a624078205349502f322e300d0a"
+    "43616c6c2d49443a207240780d0a435365713a2031204f5054494f4e530d0a0d0a"
+)
+
+
+def ipv4_checksummed(packet: bytes) -> bytes:
+    header = bytearray(packet[: (packet[0] & 0x0F) * 4])
+    header[10:12] = b"\x00\x00"
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    header[10:12] = struct.pack("!H", ~total & 0xFFFF)
+    return bytes(header) + packet[len(header) :]
+
+
+def test_mpls_pseudowire_guess_is_checked() -> None:
+    """The first nibble of an MPLS payload only hints at its type: a pseudowire's frame
+    starts with a MAC address, which may start with any nibble."""
+    seg = one(decode_eth(MPLS_MAC_NIBBLE_1))
+    assert (seg.src_ip, seg.dst_ip, seg.payload[:8]) == ("10.0.0.1", "10.0.0.2", b"OPTIONS ")
+    packet4, packet6 = inner_packet(4), inner_packet(6)
+    frames = {
+        # MAC addresses that start like IPv4 (total length too short; total length
+        # fits, checksum wrong) and like IPv6, or like the associated channel.
+        "45:00:00:10": bytes.fromhex("450000100001") + MAC[6:] + b"\x08\x00" + packet4,
+        "45:00:00:3c": bytes.fromhex("4500003c0001") + MAC[6:] + b"\x08\x00" + packet4,
+        "60:38:e0": bytes.fromhex("6038e0000001") + MAC[6:] + b"\x86\xdd" + packet6,
+        "10:00:5a": bytes.fromhex("10005a000001") + MAC[6:] + b"\x81\x00\x00\x07\x08\x00" + packet4,
+        # No control word, and where the frame's type would be behind one, IPv6's flow
+        # label holds 0x86DD, a type, but what follows it is no IPv6 header.
+        "no control word": eth(b"\x60\x00" + b"\x86\xdd" + packet6[4:], etype=0x86DD),
+    }
+    for name, frame in frames.items():
+        dec = Decapsulator()
+        seg = one(decode_eth(encaps.eth(encaps.mpls(frame), 0x8847), dec))
+        assert seg.payload == SIP, name
+        assert (dec.stats.mpls, dec.stats.malformed, dec.stats.unsupported_tunnel) == (1, 0, 0)
+
+
+def test_mpls_ip_that_also_reads_as_a_frame_is_ip() -> None:
+    """IP whose source address holds an Ethernet type where a frame has it, and a valid
+    header behind it: IPv4 with a valid checksum, IPv6 with a payload length that ends
+    where the packet does, is IP."""
+    v4 = ipv4_checksummed(encaps.ipv4(encaps.udp(SIP, 5062, 5060), "8.0.69.1", "192.0.2.9"))
+    v6 = encaps.ipv6(encaps.udp(SIP, 5062, 5060), "2001:db8:86dd:6000::1", "2001:db8::9")
+    for packet, src in ((v4, "8.0.69.1"), (v6, "2001:db8:86dd:6000::1")):
+        dec = Decapsulator()
+        seg = one(decode_eth(encaps.eth(encaps.mpls(packet), 0x8847), dec))
+        assert (seg.src_ip, seg.payload) == (src, SIP)
+    # The same IPv4 packet with a wrong checksum is taken for the frame it reads as,
+    # whose IPv4 header (from 69.1 on) claims 49,152 bytes (192.0).
+    broken = v4[:10] + b"\x00\x00" + v4[12:]
+    dec = Decapsulator()
+    assert decode_eth(encaps.eth(encaps.mpls(broken), 0x8847), dec) == ()
+    assert (dec.stats.truncated, dec.stats.udp) == (1, 0)
+
+
 def test_gtpu_headers() -> None:
     dec = Decapsulator()
     packet = inner_packet(4)

@@ -334,6 +334,10 @@ def test_signalling_program_reads_pppoe_and_mpls_variants() -> None:
         # judges those.
         ether(0x8847, encaps.mpls(bytes(4) + ether(V4, rtp))),
         ether(0x8847, encaps.mpls(ipv4(17, udp(RTP)), labels=range(9))),
+        # Pseudowires without a control word to MAC addresses that start like IP: the
+        # type where a frame has it says Ethernet.
+        ether(0x8847, encaps.mpls(bytes.fromhex("4500003c0001") + MAC_SRC + b"\x08\x00" + sip)),
+        ether(0x8847, encaps.mpls(bytes.fromhex("6038e0000001") + MAC_SRC + b"\x81\x00" + rtp)),
         # VXLAN with group policy: its flags byte is 0x88.
         ether(V4, ipv4(17, udp(encaps.vxlan(ether(V4, sip), flags=0x88), 1, 4789))),
     ]
@@ -341,6 +345,7 @@ def test_signalling_program_reads_pppoe_and_mpls_variants() -> None:
         ether(0x8864, encaps.pppoe(rtp, compressed=True)),
         ether(0x8864, encaps.pppoe(b"\x01\x01\x00\x04", protocol=0xC021)),  # LCP
         ether(0x8848, encaps.mpls(rtp, labels=range(8))),
+        ether(0x8847, encaps.mpls(ipv4(17, udp(RTP)))),
         ether(0x8847, b"\x00\x01"),  # cut inside the first label
     ]
     assert [bool(run_bpf(ours, frame)) for frame in kept] == [True] * len(kept)

@@ -26,7 +26,7 @@ import ctypes.util
 from typing import Final
 
 from sipcdr.capture.live.base import SNAPLEN, LiveCaptureError
-from sipcdr.decode.link import LINKTYPE_ETHERNET, LINKTYPE_RAW
+from sipcdr.decode.link import ETHERTYPES_READ, LINKTYPE_ETHERNET, LINKTYPE_RAW
 from sipcdr.decode.tunnels import HIGH_START_TUNNEL_PORTS
 
 __all__ = ["DEFAULT_BPF_FILTER", "BpfInstruction", "compile_filter", "signalling_program"]
@@ -126,7 +126,9 @@ def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction
     raw-IP links, reading through up to two VLAN tags (802.1Q, 802.1ad, 0x9100), a
     PPPoE session header and up to ``_MPLS_LABELS`` MPLS labels to the IP header, so
     media inside those is dropped too. An MPLS payload that is not IP (an Ethernet
-    pseudowire) and a deeper label stack are kept whole for the decoder to judge.
+    pseudowire), one that starts like IP but also reads as an Ethernet frame (a
+    pseudowire to a MAC address that starts with 4 or 6), and a deeper label stack are
+    kept whole for the decoder to judge.
 
     X holds the offset of the IP header; the IPv4 UDP branch moves it to the UDP
     header, whose length depends on the IP options.
@@ -176,10 +178,23 @@ def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction
             a.goto(ok)
         for stack_end in sorted(stack_ends):
             a.label(f"mplsend{stack_end}")
-            a.op(a.LDB_ABS, stack_end)
-            a.op(a.RSH_K, 4)
-            a.jump(a.JEQ_K, 4, at("v4", stack_end), 0)
-            a.jump(a.JEQ_K, 6, at("v6", stack_end), ok)
+            a.op(a.LDX_IMM, stack_end)
+            a.goto("mplspayload")
+        # X: the payload. A first nibble of 4 or 6 says IP, unless the payload also
+        # reads as an Ethernet frame (a pseudowire to a MAC address starting so): such
+        # frames pass whole, for the decoder to judge, as do other pseudowires.
+        a.label("mplspayload")
+        a.op(a.LDB_IND, 0)
+        a.op(a.RSH_K, 4)
+        a.jump(a.JEQ_K, 4, "mplsip", 0)
+        a.jump(a.JEQ_K, 6, "mplsip", ok)
+        a.label("mplsip")
+        a.op(a.LDH_IND, 12)  # where a frame has its type
+        for etype in sorted(ETHERTYPES_READ):
+            a.jump(a.JEQ_K, etype, ok, 0)
+        a.op(a.LDB_IND, 0)
+        a.op(a.RSH_K, 4)
+        a.jump(a.JEQ_K, 4, "v4", "v6")
         for version in ("v4", "v6"):
             for offset in sorted(ip_at[version]):
                 a.label(f"{version}at{offset}")
