@@ -23,7 +23,7 @@ from sipcdr.decode.base import (
 )
 from sipcdr.decode.tunnels import UDP_TUNNEL_PORTS
 
-__all__ = ["MAX_DATAGRAM", "Fragments", "IpLayer"]
+__all__ = ["IPV6_EXTENSION_HEADERS", "MAX_DATAGRAM", "Fragments", "IpLayer"]
 
 _IPPROTO_IPIP: Final = 4
 _IPPROTO_IPV6: Final = 41
@@ -33,6 +33,9 @@ _IPPROTO_AH: Final = 51
 # IPv6 extension headers whose length is (hdr_ext_len + 1) * 8: hop-by-hop, routing,
 # destination options, mobility, HIP, shim6.
 _IPV6_EXT_8: Final = frozenset({0, 43, 60, 135, 139, 140})
+# The IPv6 extension headers read through to the transport header, the fragment header
+# aside (the capture filter passes packets that carry them whole).
+IPV6_EXTENSION_HEADERS: Final = frozenset({*_IPV6_EXT_8, _IPPROTO_AH})
 
 MAX_DATAGRAM: Final = 65535
 

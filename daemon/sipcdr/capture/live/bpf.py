@@ -10,13 +10,14 @@ program without ``vlan`` primitives rejects (so the ``pyshark`` engine misses SI
 an inner QinQ tag unless its expression says ``vlan``), and into PPPoE sessions and
 MPLS label stacks, whose media it drops where the expression keeps every such frame.
 Tunnels carried in UDP (GTP-U, VXLAN, GENEVE, TZSP) and in IP (IP-in-IP, GRE and
-ERSPAN) pass whole under both, media inside included: the decoder drops that after
-unwrapping it. Any other expression is
-compiled by libpcap (``compile_filter``, through ctypes; libpcap comes with dumpcap or
-tcpdump), and without libpcap starting the capture fails with a ``LiveCaptureError``
-saying so. ``None`` keeps every frame. On Linux the kernel strips the outer VLAN tag of
-received frames before any capture socket sees them, so ``vlan`` primitives in a custom
-expression match only tags left in the frame (inner QinQ tags).
+ERSPAN), and IPv6 packets with extension headers before the transport header, pass
+whole under both, media inside included: the decoder drops that after unwrapping it.
+Any other expression is compiled by libpcap (``compile_filter``, through ctypes;
+libpcap comes with dumpcap or tcpdump), and without libpcap starting the capture
+fails with a ``LiveCaptureError`` saying so. ``None`` keeps every frame. On Linux the
+kernel strips the outer VLAN tag of received frames before any capture socket sees
+them, so ``vlan`` primitives in a custom expression match only tags left in the frame
+(inner QinQ tags).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import ctypes.util
 from typing import Final
 
 from sipcdr.capture.live.base import SNAPLEN, LiveCaptureError
+from sipcdr.decode.ip import IPV6_EXTENSION_HEADERS
 from sipcdr.decode.link import ETHERTYPES_READ, LINKTYPE_ETHERNET, LINKTYPE_RAW
 from sipcdr.decode.tunnels import HIGH_START_TUNNEL_PORTS
 
@@ -34,11 +36,16 @@ __all__ = ["DEFAULT_BPF_FILTER", "BpfInstruction", "compile_filter", "signalling
 # Everything that can carry SIP or HEP. RTP, RTCP and SRTP (version 2: first payload byte
 # 0x80-0xBF) never reach Python, and they are most frames on a SPAN port. The tunnels
 # carried in UDP start below 0x80 (VXLAN's excepted, hence its ports) and pass whole, as
-# do IP-in-IP and GRE (ERSPAN) packets; PPPoE sessions and MPLS pass whole here (each
+# do IP-in-IP and GRE (ERSPAN) packets, and IPv6 packets with extension headers
+# (hop-by-hop, routing, destination options, ...) before the transport header: neither
+# filter walks that chain, the decoder does. PPPoE sessions and MPLS pass whole here (each
 # primitive that reads into them would shift libpcap's offsets for the rest of the
 # expression).
 _HIGH_START_PORTS: Final = " or ".join(
     f"udp dst port {port}" for port in sorted(HIGH_START_TUNNEL_PORTS)
+)
+_IPV6_EXTENSIONS: Final = " or ".join(
+    f"ip6 proto {extension}" for extension in sorted(IPV6_EXTENSION_HEADERS)
 )
 DEFAULT_BPF_FILTER: Final = (
     "tcp or sctp"
@@ -46,7 +53,7 @@ DEFAULT_BPF_FILTER: Final = (
     f" or (ip6 and udp and (ip6[6] != 17 or ip6[48] < 0x80 or {_HIGH_START_PORTS}))"
     " or ether proto 0x8864 or ether proto 0x8847 or ether proto 0x8848"
     " or ip proto 4 or ip proto 41 or ip proto 47 or ip6 proto 4 or ip6 proto 41"
-    " or ip6 proto 47"
+    f" or ip6 proto 47 or {_IPV6_EXTENSIONS}"
 )
 # Labels looked through before the payload: more than transport and VPN stacks use.
 _MPLS_LABELS: Final = 8
@@ -235,6 +242,8 @@ def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction
     for tunnel in _IP_TUNNELS:
         a.jump(a.JEQ_K, tunnel, ok, 0)
     a.jump(a.JEQ_K, 44, "v6frag", 0)
+    for extension in sorted(IPV6_EXTENSION_HEADERS):
+        a.jump(a.JEQ_K, extension, ok, 0)
     a.jump(a.JEQ_K, 17, 0, no)
     a.op(a.LDB_IND, 48)
     a.jump(a.JGE_K, 0x80, 0, ok)
@@ -248,6 +257,8 @@ def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction
     a.jump(a.JEQ_K, 17, ok, 0)
     for tunnel in _IP_TUNNELS:
         a.jump(a.JEQ_K, tunnel, ok, 0)
+    for extension in sorted(IPV6_EXTENSION_HEADERS):
+        a.jump(a.JEQ_K, extension, ok, 0)
     a.jump(a.JEQ_K, 132, ok, no)
     a.label(ok)
     a.op(a.RET_K, SNAPLEN)
