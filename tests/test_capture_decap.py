@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sipcdr.decode.base import (
+    MAX_DEPTH,
     TCP_ACK,
     TCP_FIN,
     TCP_PSH,
@@ -791,6 +792,14 @@ def _gtpu_over_udp(body: bytes) -> bytes:
 BAD_HEADERS: list[tuple[str, bytes, str]] = [
     ("pppoe cut", encaps.eth(encaps.pppoe(inner_packet(4))[:7], 0x8864), "truncated"),
     ("pppoe version", encaps.eth(b"\x21" + encaps.pppoe(inner_packet(4))[1:], 0x8864), "malformed"),
+    # A discovery-stage code (PADI) under the session stage's Ethernet type.
+    (
+        "pppoe code",
+        encaps.eth(
+            encaps.pppoe(inner_packet(4))[:1] + b"\x09" + encaps.pppoe(inner_packet(4))[2:], 0x8864
+        ),
+        "malformed",
+    ),
     (
         "pppoe length",
         encaps.eth(encaps.pppoe(inner_packet(4))[:4] + b"\x05\xdc" + bytes(30), 0x8864),
@@ -859,6 +868,19 @@ def test_sip_to_a_tunnel_port_is_sip(port: int) -> None:
         seg = one(decode_eth(eth(ipv4(udp(payload, 5060, port))), dec))
         assert (seg.dst_port, seg.payload) == (port, payload)
         assert dec.stats.malformed == dec.stats.truncated == 0
+
+
+def test_pppoe_counts_against_the_depth() -> None:
+    def nested(levels: int) -> bytes:
+        frame = encaps.eth(encaps.pppoe(inner_packet(4)), 0x8864)
+        for _ in range(levels):
+            frame = eth(ipv4(udp(encaps.vxlan(frame), 1, 4789)))
+        return frame
+
+    dec = Decapsulator()
+    assert one(decode_eth(nested(MAX_DEPTH - 1), dec)).payload == SIP
+    assert decode_eth(nested(MAX_DEPTH), dec) == ()
+    assert (dec.stats.pppoe, dec.stats.too_deep) == (1, 1)
 
 
 def test_encapsulation_depth_is_bounded() -> None:

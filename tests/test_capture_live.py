@@ -359,6 +359,7 @@ def test_signalling_program_reads_pppoe_and_mpls_variants() -> None:
     sip, rtp = ipv4(17, udp(SIP % b"v")), ipv6(17, udp(RTP))
     kept = [
         ether(0x8864, encaps.pppoe(sip, compressed=True)),
+        ether(0x8864, encaps.pppoe(ipv6(17, udp(SIP % b"c6")), compressed=True)),
         ether(0x8848, encaps.mpls(ipv6(17, udp(SIP % b"v6")), labels=range(8))),
         # An Ethernet pseudowire, and a stack deeper than the program reads: the decoder
         # judges those.
