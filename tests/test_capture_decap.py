@@ -566,6 +566,11 @@ def test_mpls_pseudowire_guess_is_checked() -> None:
         "45:00:00:3c": bytes.fromhex("4500003c0001") + MAC[6:] + b"\x08\x00" + packet4,
         "60:38:e0": bytes.fromhex("6038e0000001") + MAC[6:] + b"\x86\xdd" + packet6,
         "10:00:5a": bytes.fromhex("10005a000001") + MAC[6:] + b"\x81\x00\x00\x07\x08\x00" + packet4,
+        # Its first 20 bytes make an IPv4 header with a valid checksum (the source MAC
+        # address's last two bytes), but a total length longer than the frame.
+        "45:00:ff:ff checksummed": ipv4_checksummed(
+            bytes.fromhex("4500ffff0001") + MAC[6:] + b"\x08\x00" + packet4
+        ),
         # No control word, and where the frame's type would be behind one, IPv6's flow
         # label holds 0x86DD, a type, but what follows it is no IPv6 header.
         "no control word": eth(b"\x60\x00" + b"\x86\xdd" + packet6[4:], etype=0x86DD),
@@ -586,6 +591,13 @@ def test_mpls_ip_that_also_reads_as_a_frame_is_ip() -> None:
     for packet, src in ((v4, "8.0.69.1"), (v6, "2001:db8:86dd:6000::1")):
         dec = Decapsulator()
         seg = one(decode_eth(encaps.eth(encaps.mpls(packet), 0x8847), dec))
+        assert (seg.src_ip, seg.payload) == (src, SIP)
+    # Without a checksum, a source address that holds a type is not enough: what would
+    # follow it in a frame must agree (an IPv4 header length, PPPoE's version, a VLAN
+    # tag's inner type).
+    for src in ("8.0.64.1", "136.100.0.1", "129.0.0.1"):
+        packet = encaps.ipv4(encaps.udp(SIP, 5062, 5060), src, "192.0.2.9")
+        seg = one(decode_eth(encaps.eth(encaps.mpls(packet), 0x8847)))
         assert (seg.src_ip, seg.payload) == (src, SIP)
     # The same IPv4 packet with a wrong checksum is taken for the frame it reads as,
     # whose IPv4 header (from 69.1 on) claims 49,152 bytes (192.0).
