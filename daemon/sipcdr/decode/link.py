@@ -56,6 +56,7 @@ _ETH_MPLS: Final = frozenset({0x8847, 0x8848})  # unicast, multicast
 ETHERTYPES_READ: Final = frozenset(
     {_ETH_IPV4, _ETH_IPV6, _ETH_PPPOE_SESSION, *_ETH_MPLS, *_ETH_VLAN}
 )
+_ETHERTYPE_FIRST_BYTES: Final = frozenset(etype >> 8 for etype in ETHERTYPES_READ)
 # PPP protocol numbers; compressed to one byte they keep their value.
 _PPP_IPV4: Final = 0x0021
 _PPP_IPV6: Final = 0x0057
@@ -297,10 +298,10 @@ class Decapsulator(TunnelLayer, SctpLayer, IpLayer):
         nibble = buf[off] >> 4
         if nibble in (4, 6):
             # Where a frame has its type an IP packet has part of its source address,
-            # rarely a type a frame names: IP pays one lookup here.
+            # rarely a type a frame names: IP pays a lookup of one byte here.
             if (
                 end - off < 15
-                or _u16(buf, off + 12)[0] not in ETHERTYPES_READ
+                or buf[off + 12] not in _ETHERTYPE_FIRST_BYTES
                 or not _looks_like_ethernet(buf, off, end)
             ):
                 if nibble == 4:

@@ -29,7 +29,8 @@ _ETH_ERSPAN2: Final = 0x88BE
 _ETH_ERSPAN3: Final = 0x22EB
 _ETH_MPLS: Final = frozenset({0x8847, 0x8848})
 
-# Tunnels in UDP, named as their DecapStats counters.
+# Tunnels in UDP, named as their DecapStats counters. ``_udp_tunnel`` compares them by
+# identity: the table below holds these very objects.
 _GTPU: Final = "gtpu"
 _VXLAN: Final = "vxlan"
 _GENEVE: Final = "geneve"
@@ -63,6 +64,13 @@ _GTPU_MAX_EXTENSIONS: Final = 32
 # PPP, FDDI, raw IP, and three kinds of 802.11 (Wireshark's packet-tzsp.c).
 _TZSP_TYPES: Final = frozenset({0, 1, 3, 4, 5})
 _TZSP_ENCAPSULATIONS: Final = frozenset({1, 2, 3, 4, 5, 7, 18, 119, 127})
+# Every first 4 bytes of a TZSP header: version 1, a type, an encapsulation (one set
+# lookup of a slice is the cheapest test of all three).
+_TZSP_STARTS: Final = frozenset(
+    struct.pack("!BBH", 1, kind, encapsulation)
+    for kind in _TZSP_TYPES
+    for encapsulation in _TZSP_ENCAPSULATIONS
+)
 _TZSP_ETHERNET: Final = 1
 _TZSP_RAW_IP: Final = 7
 # Tags read before the END tag (a run of PADDING counting as one) before a header is
@@ -154,14 +162,14 @@ class TunnelLayer(Layers):
             return None
         first = buf[off]
         tunnel = UDP_TUNNEL_PORTS[dport]
-        if tunnel == _GTPU:
+        if tunnel is _GTPU:
             # Version 1 and protocol type GTP (not GTP'): 0x30-0x3F whatever the spare
             # and E, S, PN bits, which as text is a digit or one of ":;<=>?", never
             # the start of SIP or HEP.
             if first & 0xF0 != 0x30:
                 return None
             decode = self._gtpu
-        elif tunnel == _VXLAN:
+        elif tunnel is _VXLAN:
             # The I flag; the other bits are reserved and ignored on receipt (RFC 7348
             # section 5; VXLAN-GBP's G is 0x80). What SIP, HEP and keepalives start
             # with is never read so: letters have 0x40, CR and LF are excluded, and
@@ -169,22 +177,17 @@ class TunnelLayer(Layers):
             if not first & 0x08 or first & 0x40 or first in (0x0A, 0x0D):
                 return None
             decode = self._vxlan
-        elif tunnel == _GENEVE:
+        elif tunnel is _GENEVE:
             # Version 0 in the top two bits, below every letter (but not below CR and
             # LF), and a protocol type that is read here.
             if first >= 0x40 or end - off < 4 or _u16_at_2(buf, off)[0] not in _GENEVE_TYPES:
                 return None
             decode = self._geneve
-        elif tunnel == _TZSP:
+        elif tunnel is _TZSP:
             # Version 1, a message type and an encapsulation that exist: a STUN reply
             # (0x0101, then its length) or HEPv1 (1, then a header length) sent to
             # this port stays an ordinary datagram.
-            if (
-                first != 1
-                or end - off < 4
-                or buf[off + 1] not in _TZSP_TYPES
-                or _u16_at_2(buf, off)[0] not in _TZSP_ENCAPSULATIONS
-            ):
+            if first != 1 or end - off < 4 or buf[off : off + 4] not in _TZSP_STARTS:
                 return None
             decode = self._tzsp
         else:
@@ -224,9 +227,12 @@ class TunnelLayer(Layers):
             # Section 5.2: each extension header is a length in 4-byte units (its own
             # length and next-type bytes included), content, and the next type. Real
             # chains hold one to three; a longer one is a sender making work.
-            for _ in range(_GTPU_MAX_EXTENSIONS):
-                if not next_type:
-                    break
+            count = 0
+            while next_type:
+                count += 1
+                if count > _GTPU_MAX_EXTENSIONS:
+                    stats.malformed += 1
+                    return _NONE
                 if pos >= stop:
                     stats.truncated += 1
                     return _NONE
@@ -239,10 +245,6 @@ class TunnelLayer(Layers):
                     stats.truncated += 1
                     return _NONE
                 next_type = buf[pos - 1]
-            else:
-                if next_type:
-                    stats.malformed += 1
-                    return _NONE
         stats.gtpu += 1
         return self._ip(ts, buf, pos, stop, depth)
 
