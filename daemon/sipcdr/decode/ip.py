@@ -2,9 +2,11 @@
 headers inside: UDP and TCP become ``Segment`` records, SCTP and GRE go to their layers,
 and UDP sent to a tunnel's port (``tunnels.UDP_TUNNEL_PORTS``) to the tunnel layer.
 
-Checksums are not verified anywhere: captures taken on a sending host carry the
-placeholder checksums of offloading NICs, and a monitoring tap should report what was
-on the wire anyway.
+Checksums are not verified: captures taken on a sending host carry the placeholder
+checksums of offloading NICs, and a monitoring tap should report what was on the wire
+anyway. (The MPLS payload guess in ``link`` reads the IPv4 header checksum, only to
+tell a packet from a frame that reads as both: a labelled packet has passed the router
+that pushed the labels, which keeps that checksum valid.)
 """
 
 from __future__ import annotations

@@ -274,7 +274,7 @@ class Decapsulator(TunnelLayer, SctpLayer, IpLayer):
         # can start with any nibble, so each hint is checked against reading the
         # payload as an Ethernet frame (``_looks_like_ethernet``), and a reading that
         # holds up wins; when both do, IPv4 needs a valid header checksum and IPv6 a
-        # payload length that ends exactly at the label stack's end.
+        # payload length that ends exactly where the MPLS payload does.
         stats = self.stats
         if depth >= MAX_DEPTH:
             stats.too_deep += 1

@@ -73,6 +73,7 @@ _TZSP_STARTS: Final = frozenset(
 )
 _TZSP_ETHERNET: Final = 1
 _TZSP_RAW_IP: Final = 7
+_TZSP_READ: Final = (_TZSP_ETHERNET, _TZSP_RAW_IP)
 # Tags read before the END tag (a run of PADDING counting as one) before a header is
 # called malformed: about a dozen types exist, each sent once at most.
 _TZSP_MAX_TAGS: Final = 32
@@ -285,7 +286,7 @@ class TunnelLayer(Layers):
             stats.other_protocol += 1
             return _NONE
         encapsulation = _u16_at_2(buf, off)[0]
-        if encapsulation not in (_TZSP_ETHERNET, _TZSP_RAW_IP):
+        if encapsulation not in _TZSP_READ:
             # 802.11 radio captures and the rest: link layers this decoder does not read.
             stats.unsupported_tunnel += 1
             return _NONE

@@ -38,9 +38,9 @@ __all__ = ["DEFAULT_BPF_FILTER", "BpfInstruction", "compile_filter", "signalling
 # carried in UDP start below 0x80 (VXLAN's excepted, hence its ports) and pass whole, as
 # do IP-in-IP and GRE (ERSPAN) packets, and IPv6 packets with extension headers
 # (hop-by-hop, routing, destination options, ...) before the transport header: neither
-# filter walks that chain, the decoder does. PPPoE sessions and MPLS pass whole here (each
-# primitive that reads into them would shift libpcap's offsets for the rest of the
-# expression).
+# filter walks that chain, the decoder does. PPPoE sessions and MPLS pass whole here
+# (each primitive that reads into them would shift libpcap's offsets for the rest of
+# the expression).
 _HIGH_START_PORTS: Final = " or ".join(
     f"udp dst port {port}" for port in sorted(HIGH_START_TUNNEL_PORTS)
 )
