@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sipcdr.decode.base import (
+    MAX_DEPTH,
     TCP_ACK,
     TCP_FIN,
     TCP_PSH,
@@ -21,9 +22,11 @@ from sipcdr.decode.base import (
     Segment,
     ip_text,
 )
+from sipcdr.decode.extract import SipExtractor
 from sipcdr.decode.link import Decapsulator
 from sipcdr.decode.startline import KEEPALIVE, NOT_SIP, sip_offset
 from sipcdr.decode.tcp import TcpReassembler
+from sipcdr.decode.tunnels import UDP_TUNNEL_PORTS
 
 SIP = (
     b"OPTIONS sip:bob@example.com SIP/2.0\r\n"
@@ -531,6 +534,79 @@ def test_mpls_label_stacks_and_pseudowires() -> None:
     assert (dec.stats.mpls, dec.stats.unsupported_tunnel) == (5, 1)
 
 
+# SIP over an Ethernet pseudowire without a control word, to a MAC address that starts
+# with nibble 1, the associated channel's (tshark reads the SIP).
+MPLS_MAC_NIBBLE_1 = bytes.fromhex(
+    "02000000000a02000000000b88470001014018659000000102000000000208004500005600010000401100"
+    "000a0000010a00000213c613c4004200004f5054494f4e53207369703a624078205349502f322e300d0a"
+    "43616c6c2d49443a207240780d0a435365713a2031204f5054494f4e530d0a0d0a"
+)
+
+
+def ipv4_checksummed(packet: bytes) -> bytes:
+    header = bytearray(packet[: (packet[0] & 0x0F) * 4])
+    header[10:12] = b"\x00\x00"
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    header[10:12] = struct.pack("!H", ~total & 0xFFFF)
+    return bytes(header) + packet[len(header) :]
+
+
+def test_mpls_pseudowire_guess_is_checked() -> None:
+    """The first nibble of an MPLS payload only hints at its type: a pseudowire's frame
+    starts with a MAC address, which may start with any nibble."""
+    seg = one(decode_eth(MPLS_MAC_NIBBLE_1))
+    assert (seg.src_ip, seg.dst_ip, seg.payload[:8]) == ("10.0.0.1", "10.0.0.2", b"OPTIONS ")
+    packet4, packet6 = inner_packet(4), inner_packet(6)
+    frames = {
+        # MAC addresses that start like IPv4 (total length too short; total length
+        # fits, checksum wrong) and like IPv6, or like the associated channel.
+        "45:00:00:10": bytes.fromhex("450000100001") + MAC[6:] + b"\x08\x00" + packet4,
+        "45:00:00:3c": bytes.fromhex("4500003c0001") + MAC[6:] + b"\x08\x00" + packet4,
+        "60:38:e0": bytes.fromhex("6038e0000001") + MAC[6:] + b"\x86\xdd" + packet6,
+        "10:00:5a": bytes.fromhex("10005a000001") + MAC[6:] + b"\x81\x00\x00\x07\x08\x00" + packet4,
+        # Its first 20 bytes make an IPv4 header with a valid checksum (the source MAC
+        # address's last two bytes), but a total length longer than the frame.
+        "45:00:ff:ff checksummed": ipv4_checksummed(
+            bytes.fromhex("4500ffff0001") + MAC[6:] + b"\x08\x00" + packet4
+        ),
+        # No control word, and where the frame's type would be behind one, IPv6's flow
+        # label holds 0x86DD, a type, but what follows it is no IPv6 header.
+        "no control word": eth(b"\x60\x00" + b"\x86\xdd" + packet6[4:], etype=0x86DD),
+    }
+    for name, frame in frames.items():
+        dec = Decapsulator()
+        seg = one(decode_eth(encaps.eth(encaps.mpls(frame), 0x8847), dec))
+        assert seg.payload == SIP, name
+        assert (dec.stats.mpls, dec.stats.malformed, dec.stats.unsupported_tunnel) == (1, 0, 0)
+
+
+def test_mpls_ip_that_also_reads_as_a_frame_is_ip() -> None:
+    """IP whose source address holds an Ethernet type where a frame has it, and a valid
+    header behind it: IPv4 with a valid checksum, IPv6 with a payload length that ends
+    where the packet does, is IP."""
+    v4 = ipv4_checksummed(encaps.ipv4(encaps.udp(SIP, 5062, 5060), "8.0.69.1", "192.0.2.9"))
+    v6 = encaps.ipv6(encaps.udp(SIP, 5062, 5060), "2001:db8:86dd:6000::1", "2001:db8::9")
+    for packet, src in ((v4, "8.0.69.1"), (v6, "2001:db8:86dd:6000::1")):
+        dec = Decapsulator()
+        seg = one(decode_eth(encaps.eth(encaps.mpls(packet), 0x8847), dec))
+        assert (seg.src_ip, seg.payload) == (src, SIP)
+    # Without a checksum, a source address that holds a type is not enough: what would
+    # follow it in a frame must agree (an IPv4 header length, PPPoE's version, a VLAN
+    # tag's inner type).
+    for src in ("8.0.64.1", "136.100.0.1", "129.0.0.1"):
+        packet = encaps.ipv4(encaps.udp(SIP, 5062, 5060), src, "192.0.2.9")
+        seg = one(decode_eth(encaps.eth(encaps.mpls(packet), 0x8847)))
+        assert (seg.src_ip, seg.payload) == (src, SIP)
+    # The same IPv4 packet with a wrong checksum is taken for the frame it reads as,
+    # whose IPv4 header (from 69.1 on) claims 49,152 bytes (192.0).
+    broken = v4[:10] + b"\x00\x00" + v4[12:]
+    dec = Decapsulator()
+    assert decode_eth(encaps.eth(encaps.mpls(broken), 0x8847), dec) == ()
+    assert (dec.stats.truncated, dec.stats.udp) == (1, 0)
+
+
 def test_gtpu_headers() -> None:
     dec = Decapsulator()
     packet = inner_packet(4)
@@ -552,6 +628,48 @@ def test_gtpu_headers() -> None:
     # GTP-U over IPv6 transport.
     outer6 = eth(ipv6(udp(encaps.gtpu(inner_packet(6)), 2152, 2152)), etype=0x86DD)
     assert one(decode_eth(outer6, dec)).src_ip == INNER6[0]
+
+
+# An OPTIONS inside GTP-U with S set and E clear, and 0x85 left in the next extension
+# header type: tshark reads the SIP, and so must the decoder.
+GTPU_S_ONLY = bytes.fromhex(
+    "02000000000a02000000000b08004500007e0001000040110000644000016440000208680868006a0000"
+    "32ff005a00000001000700854500005600010000401100000a0000010a00000213c613c4004200004f50"
+    "54494f4e53207369703a624078205349502f322e300d0a43616c6c2d49443a207240780d0a435365713a"
+    "2031204f5054494f4e530d0a0d0a"
+)
+
+
+@pytest.mark.parametrize("flags", [0x32, 0x31, 0x33], ids=["S", "PN", "S and PN"])
+def test_gtpu_next_type_is_ignored_without_e_flag(flags: int) -> None:
+    """TS 29.281 section 5.1: the sequence number (S) or N-PDU number (PN) brings in the
+    4 optional bytes, but the next extension header type in them means something only
+    with E set."""
+    dec = Decapsulator()
+    if flags == 0x32:
+        frame = GTPU_S_ONLY
+        inner = ("10.0.0.1", "10.0.0.2")
+    else:
+        rest = struct.pack("!HBB", 7, 3, 0x85) + inner_packet(4)
+        gtp = struct.pack("!BBHI", flags, 255, len(rest), 0x5A) + rest
+        frame = eth(ipv4(udp(gtp, 2152, 2152)))
+        inner = INNER4
+    seg = one(decode_eth(frame, dec))
+    assert (seg.src_ip, seg.dst_ip, seg.dst_port) == (*inner, 5060)
+    assert seg.payload.startswith(b"OPTIONS sip:")
+    assert (dec.stats.gtpu, dec.stats.truncated, dec.stats.malformed) == (1, 0, 0)
+
+
+def test_gtpu_extension_chain_is_capped() -> None:
+    def chain(count: int) -> bytes:
+        return _gtpu_over_udp(
+            encaps.gtpu(inner_packet(4), extensions=[(0x85, b"\x00\x01")] * count)
+        )
+
+    dec = Decapsulator()
+    assert one(decode_eth(chain(32), dec)).payload == SIP
+    assert decode_eth(chain(33), dec) == ()
+    assert (dec.stats.gtpu, dec.stats.malformed) == (1, 1)
 
 
 def test_vxlan_geneve_and_tzsp_variants() -> None:
@@ -576,6 +694,109 @@ def test_vxlan_geneve_and_tzsp_variants() -> None:
     assert (dec.stats.other_protocol, dec.stats.unsupported_tunnel) == (1, 1)
 
 
+@pytest.mark.parametrize(("port", "kind"), [(2152, "gtpu"), (37008, "tzsp"), (8472, "vxlan")])
+def test_each_tunnel_port_reads_its_own_tunnel(port: int, kind: str) -> None:
+    """Each port is read as its own tunnel, never as another one's (8472 is the VXLAN
+    port Linux picks when none is given)."""
+    body = encaps.tunnelled(kind, inner_packet(4))[42:]  # the outer UDP payload
+    dec = Decapsulator()
+    assert one(decode_eth(eth(ipv4(udp(body, 1, port))), dec)).payload == SIP
+    assert dec.stats.as_dict()[kind] == 1
+    for other in sorted(set(UDP_TUNNEL_PORTS) - {port}):
+        if UDP_TUNNEL_PORTS[other] != kind:
+            dec = Decapsulator()
+            decode_eth(eth(ipv4(udp(body, 1, other))), dec)
+            assert dec.stats.as_dict()[kind] == 0, other
+
+
+def test_vxlan_needs_the_i_flag_and_ignores_reserved_bits() -> None:
+    inner_frame = eth(inner_packet(4))
+    for flags in (0x08, 0x88, 0x0C, 0x18, 0x3F, 0xB9):
+        dec = Decapsulator()
+        frame = eth(ipv4(udp(encaps.vxlan(inner_frame, flags=flags), 1, 4789)))
+        assert one(decode_eth(frame, dec)).payload == SIP, hex(flags)
+        assert dec.stats.vxlan == 1
+    # Without the I flag the datagram is not VXLAN (RTP's 0x80, say), whatever follows.
+    for flags in (0x00, 0x80, 0x04, 0xB7):
+        dec = Decapsulator()
+        body = encaps.vxlan(inner_frame, flags=flags)
+        seg = one(decode_eth(eth(ipv4(udp(body, 1, 4789))), dec))
+        assert (seg.dst_port, seg.payload, dec.stats.vxlan) == (4789, body, 0), hex(flags)
+
+
+def tzsp_frame(body: bytes) -> bytes:
+    return eth(ipv4(udp(body, 1, 37008)))
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_tzsp_raw_ip_and_transmitted_packets(version: int) -> None:
+    dec = Decapsulator()
+    packet = inner_packet(version)
+    # Encapsulation 7 is an IP packet with no link layer; type 1 a packet the sensor
+    # was asked to send.
+    raw = tzsp_frame(encaps.tzsp(packet, encapsulation=7))
+    sent = tzsp_frame(encaps.tzsp(eth(packet, etype=0x0800 if version == 4 else 0x86DD), kind=1))
+    for frame in (raw, sent):
+        seg = one(decode_eth(frame, dec))
+        assert (seg.src_ip, seg.payload) == ((INNER4 if version == 4 else INNER6)[0], SIP)
+    assert dec.stats.tzsp == 2
+
+
+def test_tzsp_padding_runs_and_tag_cap() -> None:
+    dec = Decapsulator()
+    inner_frame = eth(inner_packet(4))
+    padded = tzsp_frame(encaps.tzsp(inner_frame, tags=b"\x00" * 1400 + b"\x0a\x01\x7f\x01"))
+    assert one(decode_eth(padded, dec)).payload == SIP
+    # 32 tags before END are read, a 33rd is a sender making work; a run of padding
+    # counts as one.
+    tags = (b"\x0a\x00" + b"\x00" * 5) * 16
+    assert one(decode_eth(tzsp_frame(encaps.tzsp(inner_frame, tags=tags + b"\x01")), dec))
+    too_many = tzsp_frame(encaps.tzsp(inner_frame, tags=tags + b"\x0b\x00\x01"))
+    assert decode_eth(too_many, dec) == ()
+    only_padding = tzsp_frame(encaps.tzsp(b"", tags=bytes(300)))
+    assert decode_eth(only_padding, dec) == ()
+    assert (dec.stats.tzsp, dec.stats.malformed, dec.stats.truncated) == (2, 1, 1)
+
+
+STUN_BINDING_SUCCESS = struct.pack(
+    "!HHI12s", 0x0101, 12, 0x2112A442, bytes(range(12))
+) + struct.pack("!HHBBH4s", 0x0020, 8, 0, 1, 0x1234, a4("203.0.113.5"))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        STUN_BINDING_SUCCESS,
+        b"\x01\x02\x00\x01\x01" + bytes(20),  # reserved type 2
+        b"\x01\x00\x00\x06\x01" + bytes(20),  # no such encapsulation
+        b"\x01\x00\x00",  # too short to tell
+        b"\x02\x00\x00\x01\x01" + bytes(20),  # version 2
+    ],
+    ids=["stun", "type 2", "encapsulation 6", "3 bytes", "version 2"],
+)
+def test_what_is_not_tzsp_on_its_port_stays_a_datagram(payload: bytes) -> None:
+    dec = Decapsulator()
+    seg = one(decode_eth(tzsp_frame(payload), dec))
+    assert (seg.dst_port, seg.payload) == (37008, payload)
+    counted = {name: n for name, n in dec.stats.as_dict().items() if n}
+    assert counted == {"frames": 1, "udp": 1}
+
+
+def test_hepv1_to_the_tzsp_port_is_hep() -> None:
+    """HEPv1 starts with version 1 like TZSP, then a header length where TZSP has its
+    message type."""
+    hep1 = struct.pack("!BBBBHH4s4s", 1, 16, 2, 17, 5062, 5060, a4(SRC4), a4(DST4)) + SIP
+    extractor = SipExtractor(1, "test")
+    (packet,) = extractor.feed(1.0, tzsp_frame(hep1))
+    assert (packet.src_ip, packet.dst_ip, packet.src_port, packet.payload) == (
+        SRC4,
+        DST4,
+        5062,
+        SIP,
+    )
+    assert extractor.stats.hep_packets == 1
+
+
 def _gtpu_over_udp(body: bytes) -> bytes:
     return eth(ipv4(udp(body, 2152, 2152)))
 
@@ -583,6 +804,14 @@ def _gtpu_over_udp(body: bytes) -> bytes:
 BAD_HEADERS: list[tuple[str, bytes, str]] = [
     ("pppoe cut", encaps.eth(encaps.pppoe(inner_packet(4))[:7], 0x8864), "truncated"),
     ("pppoe version", encaps.eth(b"\x21" + encaps.pppoe(inner_packet(4))[1:], 0x8864), "malformed"),
+    # A discovery-stage code (PADI) under the session stage's Ethernet type.
+    (
+        "pppoe code",
+        encaps.eth(
+            encaps.pppoe(inner_packet(4))[:1] + b"\x09" + encaps.pppoe(inner_packet(4))[2:], 0x8864
+        ),
+        "malformed",
+    ),
     (
         "pppoe length",
         encaps.eth(encaps.pppoe(inner_packet(4))[:4] + b"\x05\xdc" + bytes(30), 0x8864),
@@ -642,15 +871,28 @@ def test_bad_encapsulation_headers_are_counted(frame: bytes, counter: str) -> No
     assert dec.stats.as_dict()[counter] == 1
 
 
-@pytest.mark.parametrize("port", sorted(encaps.UDP_PORTS.values()))
+@pytest.mark.parametrize("port", sorted(UDP_TUNNEL_PORTS))
 def test_sip_to_a_tunnel_port_is_sip(port: int) -> None:
     """SIP from or to a port that is also a tunnel's (37008 is in Linux's ephemeral
     range) does not start like the tunnel's header and stays a datagram."""
-    for payload in (SIP, b"HEP3\x00\x10", b"\r\n\r\n" + SIP):
+    for payload in (SIP, b"HEP3\x00\x10", b"\r\n\r\n" + SIP, b"\n" + SIP):
         dec = Decapsulator()
         seg = one(decode_eth(eth(ipv4(udp(payload, 5060, port))), dec))
         assert (seg.dst_port, seg.payload) == (port, payload)
         assert dec.stats.malformed == dec.stats.truncated == 0
+
+
+def test_pppoe_counts_against_the_depth() -> None:
+    def nested(levels: int) -> bytes:
+        frame = encaps.eth(encaps.pppoe(inner_packet(4)), 0x8864)
+        for _ in range(levels):
+            frame = eth(ipv4(udp(encaps.vxlan(frame), 1, 4789)))
+        return frame
+
+    dec = Decapsulator()
+    assert one(decode_eth(nested(MAX_DEPTH - 1), dec)).payload == SIP
+    assert decode_eth(nested(MAX_DEPTH), dec) == ()
+    assert (dec.stats.pppoe, dec.stats.too_deep) == (1, 1)
 
 
 def test_encapsulation_depth_is_bounded() -> None:

@@ -36,6 +36,7 @@ from sipcdr.capture.live.bpf import (
     compile_filter,
     signalling_program,
 )
+from sipcdr.decode.extract import SipExtractor
 from sipcdr.decode.link import LINKTYPE_ETHERNET, LINKTYPE_RAW
 from sipcdr.model import Packet
 from sipcdr.sip import parse
@@ -274,7 +275,18 @@ FILTER_CASES: list[tuple[str, int, bytes, bool]] = [
     ("v6 fragment tcp", V6, ipv6_fragment(6, bytes(48)), True),
     ("v6 fragment icmp6", V6, ipv6_fragment(58, bytes(48)), False),
     ("v6 icmp6", V6, ipv6(58, bytes(24)), False),
-    ("v6 hop-by-hop udp", V6, ipv6(0, bytes([17, 0]) + bytes(6) + udp(SIP % b"7")), False),
+    # Extension headers before the transport header pass whole: the decoder reads them.
+    ("v6 hop-by-hop udp", V6, ipv6(0, bytes([17, 0]) + bytes(6) + udp(SIP % b"7")), True),
+    ("v6 destination options rtp", V6, ipv6(60, bytes([17, 0]) + bytes(6) + udp(RTP)), True),
+    ("v6 routing tcp", V6, ipv6(43, bytes([6, 0]) + bytes(6) + tcp(SIP % b"9")), True),
+    ("v6 ah udp", V6, ipv6(51, bytes([17, 1]) + bytes(10) + udp(SIP % b"a")), True),
+    (
+        "v6 fragment destination options",
+        V6,
+        ipv6_fragment(60, bytes([17, 0]) + bytes(6) + udp(SIP % b"b")),
+        True,
+    ),
+    ("v6 esp", V6, ipv6(50, bytes(40)), False),
     ("arp", ARP, bytes(28), False),
 ]
 
@@ -299,6 +311,24 @@ def test_signalling_program_agrees_with_libpcap(ethertype: int, packet: bytes, k
         raw_libpcap = compile_filter(DEFAULT_BPF_FILTER, LINKTYPE_RAW)
         assert bool(run_bpf(raw_libpcap, packet)) is kept
         assert bool(run_bpf(signalling_program(LINKTYPE_RAW), packet)) is kept
+
+
+# An OPTIONS over IPv6 behind a hop-by-hop options header.
+IPV6_HOP_BY_HOP_SIP = bytes.fromhex(
+    "02000000000a02000000000b86dd60000000004a0040fd00000000000000000000000000000"
+    "1fd000000000000000000000000000002110000000000000013c613c4004200004f5054494f4e5320"
+    "7369703a624078205349502f322e300d0a43616c6c2d49443a207240780d0a435365713a2031204f"
+    "5054494f4e530d0a0d0a"
+)
+
+
+def test_sip_behind_ipv6_extension_headers_reaches_the_decoder() -> None:
+    require_libpcap()
+    for program in (signalling_program(), compile_filter(DEFAULT_BPF_FILTER)):
+        assert run_bpf(program, IPV6_HOP_BY_HOP_SIP)
+    (packet,) = SipExtractor(LINKTYPE_ETHERNET, "test").feed(1.0, IPV6_HOP_BY_HOP_SIP)
+    assert (packet.src_ip, packet.dst_ip, packet.dst_port) == ("fd00::1", "fd00::2", 5060)
+    assert packet.payload.startswith(b"OPTIONS sip:b@x SIP/2.0\r\n")
 
 
 def tag(frame: bytes, tpid: int = 0x8100) -> bytes:
@@ -329,11 +359,16 @@ def test_signalling_program_reads_pppoe_and_mpls_variants() -> None:
     sip, rtp = ipv4(17, udp(SIP % b"v")), ipv6(17, udp(RTP))
     kept = [
         ether(0x8864, encaps.pppoe(sip, compressed=True)),
+        ether(0x8864, encaps.pppoe(ipv6(17, udp(SIP % b"c6")), compressed=True)),
         ether(0x8848, encaps.mpls(ipv6(17, udp(SIP % b"v6")), labels=range(8))),
         # An Ethernet pseudowire, and a stack deeper than the program reads: the decoder
         # judges those.
         ether(0x8847, encaps.mpls(bytes(4) + ether(V4, rtp))),
         ether(0x8847, encaps.mpls(ipv4(17, udp(RTP)), labels=range(9))),
+        # Pseudowires without a control word to MAC addresses that start like IP: the
+        # type where a frame has it says Ethernet.
+        ether(0x8847, encaps.mpls(bytes.fromhex("4500003c0001") + MAC_SRC + b"\x08\x00" + sip)),
+        ether(0x8847, encaps.mpls(bytes.fromhex("6038e0000001") + MAC_SRC + b"\x81\x00" + rtp)),
         # VXLAN with group policy: its flags byte is 0x88.
         ether(V4, ipv4(17, udp(encaps.vxlan(ether(V4, sip), flags=0x88), 1, 4789))),
     ]
@@ -341,10 +376,33 @@ def test_signalling_program_reads_pppoe_and_mpls_variants() -> None:
         ether(0x8864, encaps.pppoe(rtp, compressed=True)),
         ether(0x8864, encaps.pppoe(b"\x01\x01\x00\x04", protocol=0xC021)),  # LCP
         ether(0x8848, encaps.mpls(rtp, labels=range(8))),
+        ether(0x8847, encaps.mpls(ipv4(17, udp(RTP)))),
         ether(0x8847, b"\x00\x01"),  # cut inside the first label
     ]
     assert [bool(run_bpf(ours, frame)) for frame in kept] == [True] * len(kept)
     assert [bool(run_bpf(ours, frame)) for frame in dropped] == [False] * len(dropped)
+
+
+@pytest.mark.parametrize("outer", [4, 6])
+def test_vxlan_passes_both_filters_by_port(outer: int) -> None:
+    """A VXLAN header may start with 0x88 (group policy) like media does, so VXLAN's
+    ports, IANA's and the Linux default 8472, pass whatever the first byte."""
+    require_libpcap()
+    ours = signalling_program(LINKTYPE_ETHERNET)
+    libpcap = compile_filter(DEFAULT_BPF_FILTER, LINKTYPE_ETHERNET)
+    inner = encaps.vxlan(ether(V4, ipv4(17, udp(SIP % b"gbp"))), flags=0x88)
+
+    def frame(port: int) -> bytes:
+        if outer == 4:
+            return ether(V4, ipv4(17, udp(inner, 1, port)))
+        return ether(V6, ipv6(17, udp(inner, 1, port)))
+
+    for port in (4789, 8472):
+        assert run_bpf(ours, frame(port)), port
+        assert run_bpf(libpcap, frame(port)), port
+    # Any other port is media by its first byte.
+    assert not run_bpf(ours, frame(4790))
+    assert not run_bpf(libpcap, frame(4790))
 
 
 def test_signalling_program_keeps_whole_frames() -> None:
@@ -574,6 +632,7 @@ async def test_af_packet_kernel_filter_on_a_mirror_link(veth: tuple[str, str]) -
         # The kernel strips the outer tag on receive; the inner one stays in the frame.
         "qinq": ether(V4, ipv4(17, udp(SIP % b"qinq", 5070, 5060)), tags=(0x88A8, 0x8100)),
         "v6": ether(V6, ipv6(17, udp(SIP % b"v6", 5070, 5060))),
+        "v6hbh": ether(V6, ipv6(0, bytes([17, 0]) + bytes(6) + udp(SIP % b"v6hbh", 5070, 5060))),
         "tcp": ether(V4, ipv4(6, tcp(SIP % b"tcp", 5070, 5060))),
         "frag1": ether(V4, ipv4(17, datagram[:1000], ident=77, more=True)),
         "frag2": ether(V4, ipv4(17, datagram[1000:], ident=77, offset=1000)),
@@ -588,11 +647,11 @@ async def test_af_packet_kernel_filter_on_a_mirror_link(veth: tuple[str, str]) -
     seen: list[Packet] = []
     async with LiveCapture(capture_side, seen.append) as capture:
         inject(peer, [*rejected, *frames.values(), *rejected])
-        await wait_until(lambda: len(seen) >= 5, 5, "5 SIP messages")
+        await wait_until(lambda: len(seen) >= 6, 5, "6 SIP messages")
         await asyncio.sleep(SETTLE_S)
         stats = capture.stats
     calls = sorted(parse(p.payload).call_id for p in seen)
-    assert calls == sorted(["plain", "qinq", "v6", "tcp", "fragmented"])
+    assert calls == sorted(["plain", "qinq", "v6", "v6hbh", "tcp", "fragmented"])
     assert next(p for p in seen if b"fragmented" in p.payload).payload == big
     assert next(p for p in seen if p.transport == "tcp").payload == SIP % b"tcp"
     # Media, ICMP and ARP never reached Python.

@@ -1,10 +1,12 @@
 """IPv4 and IPv6 (extension headers, fragment reassembly), IP-in-IP, and the transport
 headers inside: UDP and TCP become ``Segment`` records, SCTP and GRE go to their layers,
-and UDP sent to a tunnel's port (``UDP_TUNNEL_PORTS``) to the tunnel layer.
+and UDP sent to a tunnel's port (``tunnels.UDP_TUNNEL_PORTS``) to the tunnel layer.
 
-Checksums are not verified anywhere: captures taken on a sending host carry the
-placeholder checksums of offloading NICs, and a monitoring tap should report what was
-on the wire anyway.
+Checksums are not verified: captures taken on a sending host carry the placeholder
+checksums of offloading NICs, and a monitoring tap should report what was on the wire
+anyway. (The MPLS payload guess in ``link`` reads the IPv4 header checksum, only to
+tell a packet from a frame that reads as both: a labelled packet has passed the router
+that pushed the labels, which keeps that checksum valid.)
 """
 
 from __future__ import annotations
@@ -21,13 +23,9 @@ from sipcdr.decode.base import (
     Layers,
     Segment,
 )
+from sipcdr.decode.tunnels import UDP_TUNNEL_PORTS
 
-__all__ = ["MAX_DATAGRAM", "UDP_TUNNEL_PORTS", "Fragments", "IpLayer"]
-
-# IANA ports of the tunnels carried in UDP, by destination port: GTP-U (3GPP TS 29.281),
-# VXLAN (RFC 7348), GENEVE (RFC 8926), and TZSP (37008, not registered, what senders
-# use). A set lookup is all a datagram to any other port pays.
-UDP_TUNNEL_PORTS: Final = frozenset({2152, 4789, 6081, 37008})
+__all__ = ["IPV6_EXTENSION_HEADERS", "MAX_DATAGRAM", "Fragments", "IpLayer"]
 
 _IPPROTO_IPIP: Final = 4
 _IPPROTO_IPV6: Final = 41
@@ -37,6 +35,9 @@ _IPPROTO_AH: Final = 51
 # IPv6 extension headers whose length is (hdr_ext_len + 1) * 8: hop-by-hop, routing,
 # destination options, mobility, HIP, shim6.
 _IPV6_EXT_8: Final = frozenset({0, 43, 60, 135, 139, 140})
+# The IPv6 extension headers read through to the transport header, the fragment header
+# aside (the capture filter passes packets that carry them whole).
+IPV6_EXTENSION_HEADERS: Final = frozenset({*_IPV6_EXT_8, _IPPROTO_AH})
 
 MAX_DATAGRAM: Final = 65535
 

@@ -21,6 +21,7 @@ from sipcdr.decode.sctp import SctpLayer
 from sipcdr.decode.tunnels import TunnelLayer
 
 __all__ = [
+    "ETHERTYPES_READ",
     "LINKTYPES",
     "LINKTYPE_ETHERNET",
     "LINKTYPE_IPV4",
@@ -51,7 +52,11 @@ _ETH_IPV6: Final = 0x86DD
 _ETH_VLAN: Final = frozenset({0x8100, 0x88A8, 0x9100, 0x9200})
 _ETH_PPPOE_SESSION: Final = 0x8864
 _ETH_MPLS: Final = frozenset({0x8847, 0x8848})  # unicast, multicast
-_ETH_KNOWN: Final = frozenset({_ETH_IPV4, _ETH_IPV6, _ETH_PPPOE_SESSION, *_ETH_MPLS, *_ETH_VLAN})
+# The Ethernet types read here (the rest is counted as non_ip).
+ETHERTYPES_READ: Final = frozenset(
+    {_ETH_IPV4, _ETH_IPV6, _ETH_PPPOE_SESSION, *_ETH_MPLS, *_ETH_VLAN}
+)
+_ETHERTYPE_FIRST_BYTES: Final = frozenset(etype >> 8 for etype in ETHERTYPES_READ)
 # PPP protocol numbers; compressed to one byte they keep their value.
 _PPP_IPV4: Final = 0x0021
 _PPP_IPV6: Final = 0x0057
@@ -263,12 +268,13 @@ class Decapsulator(TunnelLayer, SctpLayer, IpLayer):
     def _mpls(self, ts: float, buf: bytes, off: int, end: int, depth: int) -> tuple[Segment, ...]:
         # RFC 3032 section 2.1: 4-byte label stack entries (label, traffic class, S
         # bit, TTL) down to the one with S set. The payload's type is not written
-        # anywhere; its first nibble tells it (RFC 4385 section 2): 4 and 6 are IP, 1
-        # the associated channel (OAM), anything else an Ethernet pseudowire
-        # (RFC 4448). Its optional control word starts with a 0 nibble, as do many MAC
-        # addresses, so the Ethernet type where the frame would be with a control word
-        # decides. A MAC address that begins with 4 or 6 is misread as IP and counted
-        # as malformed, which is why RFC 4385 recommends the control word.
+        # anywhere; its first nibble hints at it (RFC 4385 section 2): 4 and 6 are IP,
+        # 1 the associated channel (OAM), 0 a pseudowire control word, anything else
+        # an Ethernet pseudowire (RFC 4448) without one. A destination MAC address
+        # can start with any nibble, so each hint is checked against reading the
+        # payload as an Ethernet frame (``_looks_like_ethernet``), and a reading that
+        # holds up wins; when both do, IPv4 needs a valid header checksum and IPv6 a
+        # payload length that ends exactly where the MPLS payload does.
         stats = self.stats
         if depth >= MAX_DEPTH:
             stats.too_deep += 1
@@ -288,14 +294,64 @@ class Decapsulator(TunnelLayer, SctpLayer, IpLayer):
             stats.truncated += 1
             return _NONE
         stats.mpls += 1
+        depth += 1
         nibble = buf[off] >> 4
-        if nibble == 4:
-            return self._ipv4(ts, buf, off, end, depth + 1)
-        if nibble == 6:
-            return self._ipv6(ts, buf, off, end, depth + 1)
-        if nibble == 0 and end - off >= 18 and _u16(buf, off + 16)[0] in _ETH_KNOWN:
-            return self._ethernet(ts, buf, off + 4, end, depth + 1)
-        if nibble == 1:
+        if nibble in (4, 6):
+            # Where a frame has its type an IP packet has part of its source address,
+            # rarely a type a frame names: IP pays a lookup of one byte here.
+            if (
+                end - off < 15
+                or buf[off + 12] not in _ETHERTYPE_FIRST_BYTES
+                or not _looks_like_ethernet(buf, off, end)
+            ):
+                if nibble == 4:
+                    return self._ipv4(ts, buf, off, end, depth)
+                return self._ipv6(ts, buf, off, end, depth)
+            if nibble == 4 and _ipv4_header_holds(buf, off, end):
+                return self._ipv4(ts, buf, off, end, depth)
+            if nibble == 6 and end - off >= 40 and _u16(buf, off + 4)[0] + 40 == end - off:
+                return self._ipv6(ts, buf, off, end, depth)
+            return self._ethernet(ts, buf, off, end, depth)
+        if nibble == 0 and _looks_like_ethernet(buf, off + 4, end):
+            return self._ethernet(ts, buf, off + 4, end, depth)
+        # The associated channel carries OAM, never SIP: a frame that reads as Ethernet
+        # is taken for one, since misreading OAM costs nothing and misreading a frame
+        # loses what it carries.
+        if nibble == 1 and not _looks_like_ethernet(buf, off, end):
             stats.unsupported_tunnel += 1
             return _NONE
-        return self._ethernet(ts, buf, off, end, depth + 1)
+        return self._ethernet(ts, buf, off, end, depth)
+
+
+def _looks_like_ethernet(buf: bytes, off: int, end: int) -> bool:
+    """Whether an Ethernet header at ``off`` names a type read here and the header
+    behind it agrees (IP version and header length, PPPoE version, a VLAN tag's inner
+    type): what an MPLS payload must show to be taken for an Ethernet frame."""
+    if end - off < 15:
+        return False
+    etype = _u16(buf, off + 12)[0]
+    first = buf[off + 14]
+    if etype == _ETH_IPV4:
+        return first >> 4 == 4 and first & 0x0F >= 5
+    if etype == _ETH_IPV6:
+        return first >> 4 == 6
+    if etype == _ETH_PPPOE_SESSION:
+        return first == 0x11
+    if etype in _ETH_VLAN:
+        return end - off >= 18 and _u16(buf, off + 16)[0] in ETHERTYPES_READ
+    return etype in _ETH_MPLS
+
+
+def _ipv4_header_holds(buf: bytes, off: int, end: int) -> bool:
+    """An IPv4 header at ``off`` with consistent lengths and a valid checksum: what an
+    MPLS payload starting with 4 must show when it also reads as an Ethernet frame."""
+    ihl = (buf[off] & 0x0F) << 2
+    if ihl < 20 or end - off < ihl:
+        return False
+    total = _u16(buf, off + 2)[0]
+    if not ihl <= total <= end - off:
+        return False
+    checksum: int = sum(struct.unpack_from(f"!{ihl >> 1}H", buf, off))
+    while checksum > 0xFFFF:
+        checksum = (checksum & 0xFFFF) + (checksum >> 16)
+    return checksum == 0xFFFF

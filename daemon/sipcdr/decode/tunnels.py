@@ -1,7 +1,7 @@
 """Tunnels carried in IP: GRE (RFC 2784, key and sequence number of RFC 2890) with
 transparent Ethernet bridging, ERSPAN types I, II and III, or MPLS inside; and tunnels
-carried in UDP, recognised by destination port: GTP-U (3GPP TS 29.281), VXLAN
-(RFC 7348), GENEVE (RFC 8926) and TZSP.
+carried in UDP, recognised by destination port (``UDP_TUNNEL_PORTS``): GTP-U (3GPP
+TS 29.281), VXLAN (RFC 7348), GENEVE (RFC 8926) and TZSP.
 
 A datagram sent to a UDP tunnel's port that does not start like that tunnel's header is
 left as an ordinary datagram: a SIP endpoint may use one of those ports (37008 is in
@@ -15,11 +15,12 @@ PPPoE and MPLS are recognised by Ethernet type in ``link``.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from typing import Final
 
 from sipcdr.decode.base import MAX_DEPTH, Layers, Segment
 
-__all__ = ["TunnelLayer"]
+__all__ = ["HIGH_START_TUNNEL_PORTS", "UDP_TUNNEL_PORTS", "TunnelLayer"]
 
 _ETH_IPV4: Final = 0x0800
 _ETH_IPV6: Final = 0x86DD
@@ -28,14 +29,54 @@ _ETH_ERSPAN2: Final = 0x88BE
 _ETH_ERSPAN3: Final = 0x22EB
 _ETH_MPLS: Final = frozenset({0x8847, 0x8848})
 
-_PORT_GTPU: Final = 2152
-_PORT_VXLAN: Final = 4789
-_PORT_GENEVE: Final = 6081
-_PORT_TZSP: Final = 37008
+# Tunnels in UDP, named as their DecapStats counters. ``_udp_tunnel`` compares them by
+# identity: the table below holds these very objects.
+_GTPU: Final = "gtpu"
+_VXLAN: Final = "vxlan"
+_GENEVE: Final = "geneve"
+_TZSP: Final = "tzsp"
+# UDP destination port -> the tunnel read there: the IANA ports of GTP-U, VXLAN and
+# GENEVE; 8472, the VXLAN port Linux uses when none is given (it predates IANA's, and
+# flannel keeps it); TZSP's 37008, not registered, what senders use. ``ip`` looks up
+# every UDP datagram's port here: one lookup is all a datagram to any other port pays.
+UDP_TUNNEL_PORTS: Final[Mapping[int, str]] = {
+    2152: _GTPU,
+    4789: _VXLAN,
+    8472: _VXLAN,
+    6081: _GENEVE,
+    37008: _TZSP,
+}
+# Ports of the tunnels whose header may start with a byte of 0x80 or more, as media
+# does (VXLAN: flag bits other than I are ignored on receipt, and VXLAN-GBP sets 0x80):
+# a capture filter that drops media by its first byte must let these through by port.
+HIGH_START_TUNNEL_PORTS: Final = frozenset(
+    port for port, tunnel in UDP_TUNNEL_PORTS.items() if tunnel == _VXLAN
+)
 
 _GENEVE_TYPES: Final = frozenset({_ETH_BRIDGED, _ETH_IPV4, _ETH_IPV6, *_ETH_MPLS})
 _GTPU_G_PDU: Final = 255  # the message type that carries a user packet (T-PDU)
+# Extension headers read before a chain is called malformed: 3GPP defines about a
+# dozen types and a packet carries one to three; the cap bounds what a sender can make
+# the decoder walk.
+_GTPU_MAX_EXTENSIONS: Final = 32
+# TZSP message types: received, to transmit (both carry a packet), configuration,
+# keepalive, port opener; 2 is reserved. Encapsulations: Ethernet, Token Ring, SLIP,
+# PPP, FDDI, raw IP, and three kinds of 802.11 (Wireshark's packet-tzsp.c).
+_TZSP_TYPES: Final = frozenset({0, 1, 3, 4, 5})
+_TZSP_ENCAPSULATIONS: Final = frozenset({1, 2, 3, 4, 5, 7, 18, 119, 127})
+# Every first 4 bytes of a TZSP header: version 1, a type, an encapsulation (one set
+# lookup of a slice is the cheapest test of all three).
+_TZSP_STARTS: Final = frozenset(
+    struct.pack("!BBH", 1, kind, encapsulation)
+    for kind in _TZSP_TYPES
+    for encapsulation in _TZSP_ENCAPSULATIONS
+)
 _TZSP_ETHERNET: Final = 1
+_TZSP_RAW_IP: Final = 7
+_TZSP_READ: Final = (_TZSP_ETHERNET, _TZSP_RAW_IP)
+# Tags read before the END tag (a run of PADDING counting as one) before a header is
+# called malformed: about a dozen types exist, each sent once at most.
+_TZSP_MAX_TAGS: Final = 32
 
 _u16: Final = struct.Struct("!H").unpack_from
 _u16_at_2: Final = struct.Struct("!2xH").unpack_from
@@ -121,26 +162,37 @@ class TunnelLayer(Layers):
         if off >= end:
             return None
         first = buf[off]
-        if dport == _PORT_GTPU:
-            # Version 1 and protocol type GTP (not GTP'): digits "0"-"7" as text.
+        tunnel = UDP_TUNNEL_PORTS[dport]
+        if tunnel is _GTPU:
+            # Version 1 and protocol type GTP (not GTP'): 0x30-0x3F whatever the spare
+            # and E, S, PN bits, which as text is a digit or one of ":;<=>?", never
+            # the start of SIP or HEP.
             if first & 0xF0 != 0x30:
                 return None
             decode = self._gtpu
-        elif dport == _PORT_VXLAN:
-            # Only the I flag (and VXLAN-GBP's G flag) may be set: no letter looks so.
-            if first & 0x77 or not first & 0x08:
+        elif tunnel is _VXLAN:
+            # The I flag; the other bits are reserved and ignored on receipt (RFC 7348
+            # section 5; VXLAN-GBP's G is 0x80). What SIP, HEP and keepalives start
+            # with is never read so: letters have 0x40, CR and LF are excluded, and
+            # HEPv1/v2's 1 and 2 lack the I flag.
+            if not first & 0x08 or first & 0x40 or first in (0x0A, 0x0D):
                 return None
             decode = self._vxlan
-        elif dport == _PORT_GENEVE:
+        elif tunnel is _GENEVE:
             # Version 0 in the top two bits, below every letter (but not below CR and
             # LF), and a protocol type that is read here.
             if first >= 0x40 or end - off < 4 or _u16_at_2(buf, off)[0] not in _GENEVE_TYPES:
                 return None
             decode = self._geneve
-        else:
-            if first != 1:  # TZSP version 1
+        elif tunnel is _TZSP:
+            # Version 1, a message type and an encapsulation that exist: a STUN reply
+            # (0x0101, then its length) or HEPv1 (1, then a header length) sent to
+            # this port stays an ordinary datagram.
+            if first != 1 or end - off < 4 or buf[off : off + 4] not in _TZSP_STARTS:
                 return None
             decode = self._tzsp
+        else:
+            return None
         if depth >= MAX_DEPTH:
             self.stats.too_deep += 1
             return _NONE
@@ -163,15 +215,25 @@ class TunnelLayer(Layers):
             stats.truncated += 1
             return _NONE
         pos = off + 8
-        if buf[off] & 0x07:
+        flags = buf[off]
+        if flags & 0x07:
             pos += 4
             if pos > stop:
                 stats.truncated += 1
                 return _NONE
+        # The next extension header type is only meaningful with E set: with S or PN
+        # alone the sender may leave anything there (section 5.1).
+        if flags & 0x04:
             next_type = buf[pos - 1]
             # Section 5.2: each extension header is a length in 4-byte units (its own
-            # length and next-type bytes included), content, and the next type.
+            # length and next-type bytes included), content, and the next type. Real
+            # chains hold one to three; a longer one is a sender making work.
+            count = 0
             while next_type:
+                count += 1
+                if count > _GTPU_MAX_EXTENSIONS:
+                    stats.malformed += 1
+                    return _NONE
                 if pos >= stop:
                     stats.truncated += 1
                     return _NONE
@@ -215,18 +277,21 @@ class TunnelLayer(Layers):
 
     def _tzsp(self, ts: float, buf: bytes, off: int, end: int, depth: int) -> tuple[Segment, ...]:
         # TZSP (TaZmen Sniffer Protocol, as Wireshark's packet-tzsp.c reads it; no RFC):
-        # version 1, type, encapsulation; then tags up to the END tag, each a type and,
-        # except PADDING (0) and END (1), a length and that many bytes.
+        # version 1, type, encapsulation (the caller has checked these 4 bytes); then
+        # tags up to the END tag, each a type and, except PADDING (0) and END (1), a
+        # length and that many bytes.
         stats = self.stats
-        if end - off < 4:
-            stats.truncated += 1
-            return _NONE
-        kind = buf[off + 1]
-        if kind > 1:
+        if buf[off + 1] > 1:
             # Configuration, keepalive and port-opener messages carry no packet.
             stats.other_protocol += 1
             return _NONE
+        encapsulation = _u16_at_2(buf, off)[0]
+        if encapsulation not in _TZSP_READ:
+            # 802.11 radio captures and the rest: link layers this decoder does not read.
+            stats.unsupported_tunnel += 1
+            return _NONE
         pos = off + 4
+        tags = 0
         while True:
             if pos >= end:
                 stats.truncated += 1
@@ -235,16 +300,21 @@ class TunnelLayer(Layers):
             if tag == 1:
                 pos += 1
                 break
+            tags += 1
+            if tags > _TZSP_MAX_TAGS:
+                stats.malformed += 1
+                return _NONE
             if tag:
                 if pos + 1 >= end:
                     stats.truncated += 1
                     return _NONE
                 pos += 2 + buf[pos + 1]
             else:
+                # PADDING is one byte each; a run of it is skipped in one step.
                 pos += 1
-        if _u16_at_2(buf, off)[0] != _TZSP_ETHERNET:
-            # 802.11 radio captures and the rest: link layers this decoder does not read.
-            stats.unsupported_tunnel += 1
-            return _NONE
+                if pos < end and not buf[pos]:
+                    pos = end - len(buf[pos:end].lstrip(b"\x00"))
         stats.tzsp += 1
-        return self._ethernet(ts, buf, pos, end, depth)
+        if encapsulation == _TZSP_ETHERNET:
+            return self._ethernet(ts, buf, pos, end, depth)
+        return self._ip(ts, buf, pos, end, depth)

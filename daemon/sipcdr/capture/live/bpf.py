@@ -10,13 +10,14 @@ program without ``vlan`` primitives rejects (so the ``pyshark`` engine misses SI
 an inner QinQ tag unless its expression says ``vlan``), and into PPPoE sessions and
 MPLS label stacks, whose media it drops where the expression keeps every such frame.
 Tunnels carried in UDP (GTP-U, VXLAN, GENEVE, TZSP) and in IP (IP-in-IP, GRE and
-ERSPAN) pass whole under both, media inside included: the decoder drops that after
-unwrapping it. Any other expression is
-compiled by libpcap (``compile_filter``, through ctypes; libpcap comes with dumpcap or
-tcpdump), and without libpcap starting the capture fails with a ``LiveCaptureError``
-saying so. ``None`` keeps every frame. On Linux the kernel strips the outer VLAN tag of
-received frames before any capture socket sees them, so ``vlan`` primitives in a custom
-expression match only tags left in the frame (inner QinQ tags).
+ERSPAN), and IPv6 packets with extension headers before the transport header, pass
+whole under both, media inside included: the decoder drops that after unwrapping it.
+Any other expression is compiled by libpcap (``compile_filter``, through ctypes;
+libpcap comes with dumpcap or tcpdump), and without libpcap starting the capture
+fails with a ``LiveCaptureError`` saying so. ``None`` keeps every frame. On Linux the
+kernel strips the outer VLAN tag of received frames before any capture socket sees
+them, so ``vlan`` primitives in a custom expression match only tags left in the frame
+(inner QinQ tags).
 """
 
 from __future__ import annotations
@@ -26,27 +27,36 @@ import ctypes.util
 from typing import Final
 
 from sipcdr.capture.live.base import SNAPLEN, LiveCaptureError
-from sipcdr.decode.link import LINKTYPE_ETHERNET, LINKTYPE_RAW
+from sipcdr.decode.ip import IPV6_EXTENSION_HEADERS
+from sipcdr.decode.link import ETHERTYPES_READ, LINKTYPE_ETHERNET, LINKTYPE_RAW
+from sipcdr.decode.tunnels import HIGH_START_TUNNEL_PORTS
 
 __all__ = ["DEFAULT_BPF_FILTER", "BpfInstruction", "compile_filter", "signalling_program"]
 
 # Everything that can carry SIP or HEP. RTP, RTCP and SRTP (version 2: first payload byte
 # 0x80-0xBF) never reach Python, and they are most frames on a SPAN port. The tunnels
-# carried in UDP start below 0x80 (VXLAN-GBP's flags excepted, hence its port) and pass
-# whole, as do IP-in-IP and GRE (ERSPAN) packets; PPPoE sessions and MPLS pass whole
-# here (each primitive that reads into them would shift libpcap's offsets for the rest
-# of the expression).
+# carried in UDP start below 0x80 (VXLAN's excepted, hence its ports) and pass whole, as
+# do IP-in-IP and GRE (ERSPAN) packets, and IPv6 packets with extension headers
+# (hop-by-hop, routing, destination options, ...) before the transport header: neither
+# filter walks that chain, the decoder does. PPPoE sessions and MPLS pass whole here
+# (each primitive that reads into them would shift libpcap's offsets for the rest of
+# the expression).
+_HIGH_START_PORTS: Final = " or ".join(
+    f"udp dst port {port}" for port in sorted(HIGH_START_TUNNEL_PORTS)
+)
+_IPV6_EXTENSIONS: Final = " or ".join(
+    f"ip6 proto {extension}" for extension in sorted(IPV6_EXTENSION_HEADERS)
+)
 DEFAULT_BPF_FILTER: Final = (
     "tcp or sctp"
-    " or (ip and udp and (ip[6:2] & 0x1fff != 0 or udp[8] < 0x80 or udp dst port 4789))"
-    " or (ip6 and udp and (ip6[6] != 17 or ip6[48] < 0x80 or udp dst port 4789))"
+    f" or (ip and udp and (ip[6:2] & 0x1fff != 0 or udp[8] < 0x80 or {_HIGH_START_PORTS}))"
+    f" or (ip6 and udp and (ip6[6] != 17 or ip6[48] < 0x80 or {_HIGH_START_PORTS}))"
     " or ether proto 0x8864 or ether proto 0x8847 or ether proto 0x8848"
     " or ip proto 4 or ip proto 41 or ip proto 47 or ip6 proto 4 or ip6 proto 41"
-    " or ip6 proto 47"
+    f" or ip6 proto 47 or {_IPV6_EXTENSIONS}"
 )
 # Labels looked through before the payload: more than transport and VPN stacks use.
 _MPLS_LABELS: Final = 8
-_VXLAN_PORT: Final = 4789
 _IP_TUNNELS: Final = (4, 41, 47)  # IP-in-IP, IPv6-in-IP, GRE
 
 BpfInstruction = tuple[int, int, int, int]  # code, jt, jf, k: struct sock_filter
@@ -123,7 +133,9 @@ def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction
     raw-IP links, reading through up to two VLAN tags (802.1Q, 802.1ad, 0x9100), a
     PPPoE session header and up to ``_MPLS_LABELS`` MPLS labels to the IP header, so
     media inside those is dropped too. An MPLS payload that is not IP (an Ethernet
-    pseudowire) and a deeper label stack are kept whole for the decoder to judge.
+    pseudowire), one that starts like IP but also reads as an Ethernet frame (a
+    pseudowire to a MAC address that starts with 4 or 6), and a deeper label stack are
+    kept whole for the decoder to judge.
 
     X holds the offset of the IP header; the IPv4 UDP branch moves it to the UDP
     header, whose length depends on the IP options.
@@ -173,10 +185,23 @@ def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction
             a.goto(ok)
         for stack_end in sorted(stack_ends):
             a.label(f"mplsend{stack_end}")
-            a.op(a.LDB_ABS, stack_end)
-            a.op(a.RSH_K, 4)
-            a.jump(a.JEQ_K, 4, at("v4", stack_end), 0)
-            a.jump(a.JEQ_K, 6, at("v6", stack_end), ok)
+            a.op(a.LDX_IMM, stack_end)
+            a.goto("mplspayload")
+        # X: the payload. A first nibble of 4 or 6 says IP, unless the payload also
+        # reads as an Ethernet frame (a pseudowire to a MAC address starting so): such
+        # frames pass whole, for the decoder to judge, as do other pseudowires.
+        a.label("mplspayload")
+        a.op(a.LDB_IND, 0)
+        a.op(a.RSH_K, 4)
+        a.jump(a.JEQ_K, 4, "mplsip", 0)
+        a.jump(a.JEQ_K, 6, "mplsip", ok)
+        a.label("mplsip")
+        a.op(a.LDH_IND, 12)  # where a frame has its type
+        for etype in sorted(ETHERTYPES_READ):
+            a.jump(a.JEQ_K, etype, ok, 0)
+        a.op(a.LDB_IND, 0)
+        a.op(a.RSH_K, 4)
+        a.jump(a.JEQ_K, 4, "v4", "v6")
         for version in ("v4", "v6"):
             for offset in sorted(ip_at[version]):
                 a.label(f"{version}at{offset}")
@@ -207,7 +232,9 @@ def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction
     a.op(a.LDB_IND, 8)
     a.jump(a.JGE_K, 0x80, 0, ok)
     a.op(a.LDH_IND, 2)  # destination port
-    a.jump(a.JEQ_K, _VXLAN_PORT, ok, no)
+    for port in sorted(HIGH_START_TUNNEL_PORTS):
+        a.jump(a.JEQ_K, port, ok, 0)
+    a.goto(no)
     a.label("v6")
     a.op(a.LDB_IND, 6)  # next header
     a.jump(a.JEQ_K, 6, ok, 0)
@@ -215,17 +242,23 @@ def signalling_program(linktype: int = LINKTYPE_ETHERNET) -> list[BpfInstruction
     for tunnel in _IP_TUNNELS:
         a.jump(a.JEQ_K, tunnel, ok, 0)
     a.jump(a.JEQ_K, 44, "v6frag", 0)
+    for extension in sorted(IPV6_EXTENSION_HEADERS):
+        a.jump(a.JEQ_K, extension, ok, 0)
     a.jump(a.JEQ_K, 17, 0, no)
     a.op(a.LDB_IND, 48)
     a.jump(a.JGE_K, 0x80, 0, ok)
     a.op(a.LDH_IND, 42)  # destination port
-    a.jump(a.JEQ_K, _VXLAN_PORT, ok, no)
+    for port in sorted(HIGH_START_TUNNEL_PORTS):
+        a.jump(a.JEQ_K, port, ok, 0)
+    a.goto(no)
     a.label("v6frag")
     a.op(a.LDB_IND, 40)  # the fragment header's next header
     a.jump(a.JEQ_K, 6, ok, 0)
     a.jump(a.JEQ_K, 17, ok, 0)
     for tunnel in _IP_TUNNELS:
         a.jump(a.JEQ_K, tunnel, ok, 0)
+    for extension in sorted(IPV6_EXTENSION_HEADERS):
+        a.jump(a.JEQ_K, extension, ok, 0)
     a.jump(a.JEQ_K, 132, ok, no)
     a.label(ok)
     a.op(a.RET_K, SNAPLEN)
