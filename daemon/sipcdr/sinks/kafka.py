@@ -173,7 +173,7 @@ class KafkaSink(AsyncLifecycle):
             **self._security,
         }
         # Confirmed records per topic, including re-sent duplicates: what the broker holds.
-        self.sent: dict[str, int] = {topic_cdrs: 0, topic_fraud: 0}
+        self.sent: dict[str, int] = dict.fromkeys(self._topics.values(), 0)
         self._producer: Any = None  # AIOKafkaProducer once a deliver has connected
         self._closing: set[asyncio.Task[None]] = set()
         self._log = structlog.get_logger("sipcdr.kafka")
