@@ -5,11 +5,15 @@ counted by its reason. (tests/test_hep_network.py runs the same against `sipcdr 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import ipaddress
+import itertools
+import random
 import resource
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -19,6 +23,7 @@ import uvloop
 from sipcalls import Call, answered_call_messages
 from sipcdr import hep
 from sipcdr.app import FD_HEADROOM, raise_file_limit, stream_limits
+from sipcdr.capture import hepstream
 from sipcdr.capture.hepstream import (
     SOURCE_TCP,
     SOURCE_TLS,
@@ -189,6 +194,95 @@ def test_an_oversize_frame_is_skipped_and_the_stream_goes_on(run: Any) -> None:
             writer.close()
 
     run(body())
+
+
+def test_a_skipped_frame_ending_with_a_read_leaves_no_deadline(run: Any) -> None:
+    """The rest of an oversize frame arriving as one read ends the skip: the agent may
+    then be silent for longer than the frame deadline without being cut off."""
+
+    async def body() -> None:
+        limits = StreamLimits(50, 50, 60.0, frame_timeout_s=5.0, max_buffer_bytes=2048)
+        async with Harness(limits) as h:
+            big = frame(Call("big@x").request("OPTIONS") + b"x" * 4000)
+            _, writer = await h.connect()
+            writer.write(big[:100])
+            await writer.drain()
+            await settle(lambda: h.pipeline.drops == {(SOURCE_TCP, "oversize"): 1})
+            writer.write(big[100:])  # ends where the frame ends
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            h.server.expire(time.monotonic() + 5.1)  # a quiet agent, 5.1 s later
+            await asyncio.sleep(0.05)
+            assert h.server.closed == {}
+            writer.write(call_frames("after@x"))
+            await settle(lambda: h.call_ids == {"after@x"})
+            writer.close()
+
+    run(body())
+
+
+class FakeTransport:
+    """What `_Connection` needs of a transport when it only cuts frames."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+
+def test_framing_matches_a_model_for_random_streams_cut_anywhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Differential check of the framer: random streams of frames, some oversize, cut
+    at random points, against where the frames are known to begin and end. After every
+    read the frame deadline must run exactly while a frame is unfinished, from the
+    read in which that frame began."""
+    taken: list[bytes] = []
+    monkeypatch.setattr(hepstream, "handle_hep", lambda _p, _g, _s, data: taken.append(data))
+    rng = random.Random(4475)
+    for trial in range(1000):
+        limit = rng.choice([1024, 2048, 65535])
+        sizes = [
+            rng.choice([6, 7, 50, 1023, 1024, 1025, 2048, 2049, 5000, 65535, rng.randint(6, 65535)])
+            for _ in range(rng.randint(0, 20))
+        ]
+        frames = [b"HEP3" + struct.pack("!H", n) + rng.randbytes(n - 6) for n in sizes]
+        stream = b"".join(frames)
+        starts = list(itertools.accumulate([0, *sizes]))  # frame i spans starts[i]..starts[i+1]
+        inner = range(1, len(stream))
+        cuts = sorted(rng.sample(inner, min(len(inner), rng.randint(0, 40))))
+        pipeline = Pipeline(Correlator(DialogLimits(), lambda _ip: None), ())
+        limits = dataclasses.replace(LIMITS, max_buffer_bytes=limit)
+        server = HepStreamServer(pipeline, AllowList(DEFAULT_ALLOW), HepGate({}), limits)
+        connection = hepstream._Connection(server, SOURCE_TCP, None)
+        connection.transport = FakeTransport()  # type: ignore[assignment]
+        taken.clear()
+        read_times: list[tuple[int, float]] = []  # (first byte, time) of each read
+        previous = 0
+        for cut in [*cuts, len(stream)] if stream else []:  # one read per piece
+            now = 1.0 + len(read_times)
+            read_times.append((previous, now))
+            connection._frames(stream[previous:cut], now)
+            previous = cut
+            index = bisect.bisect_right(starts, cut) - 1  # the frame `cut` falls in
+            if index < len(sizes) and starts[index] < cut:
+                began = starts[index]
+                expected = next(t for first, t in reversed(read_times) if first <= began)
+            else:
+                expected = 0.0
+            assert connection.started == expected, (trial, cut)
+        assert taken == [f for f in frames if len(f) <= limit], trial
+        oversize = sum(1 for n in sizes if n > limit)
+        assert pipeline.drops == ({(SOURCE_TCP, "oversize"): oversize} if oversize else {})
+        assert server.closed == {}
+        assert not connection._pending and not connection._skip
 
 
 def test_lost_framing_closes_the_connection_and_counts(run: Any) -> None:

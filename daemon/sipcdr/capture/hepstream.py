@@ -402,6 +402,8 @@ class _Connection(asyncio.Protocol):
         if self._skip:
             if len(data) <= self._skip:
                 self._skip -= len(data)
+                if not self._skip:
+                    self.started = 0.0  # the skipped frame ended with this read
                 return
             data = data[self._skip :]
             self._skip = 0
