@@ -4,8 +4,10 @@ counted by its reason. (tests/test_hep_network.py runs the same against `sipcdr 
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import bisect
+import ctypes
 import dataclasses
 import ipaddress
 import itertools
@@ -27,6 +29,7 @@ from sipcdr.capture import hepstream
 from sipcdr.capture.hepstream import (
     SOURCE_TCP,
     SOURCE_TLS,
+    WRITE_BACKLOG_BYTES,
     HepStreamServer,
     StreamLimits,
 )
@@ -498,6 +501,74 @@ def test_tls_without_a_client_ca_takes_any_agent(run: Any, pki: Pki) -> None:
             )
             assert error is None
             assert h.call_ids == {"anon@x"}
+
+    run(body())
+
+
+def _libssl() -> ctypes.CDLL:
+    """OpenSSL's own functions, reached through the module that links it, so they are
+    the very library Python's sockets run on."""
+    library = ctypes.CDLL(_ssl.__file__)
+    library.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    library.SSL_do_handshake.argtypes = [ctypes.c_void_p]
+    library.SSL_write.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    library.SSL_get_fd.argtypes = [ctypes.c_void_p]
+    return library
+
+
+SSL_KEY_UPDATE_REQUESTED = 1  # openssl/ssl.h: the peer must answer with a KeyUpdate
+
+
+def key_update_flood(endpoint: tuple[str, int], context: ssl.SSLContext, limit: int) -> int:
+    """A TLS 1.3 agent that asks for KeyUpdates and never reads the answers, until the
+    daemon closes the connection or `limit` requests are sent. Python has no KeyUpdate
+    call: OpenSSL's is called on the SSL object behind the socket. Returns how many
+    requests were sent."""
+    library = _libssl()
+    keepalive = frame(Call("keepalive@x").request("OPTIONS"))
+    with socket.socket() as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills soon
+        raw.connect(endpoint)
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            assert sock.version() == "TLSv1.3"
+            # CPython's _ssl socket object: its header, its socket's weakref, its SSL*.
+            offset = 3 * ctypes.sizeof(ctypes.c_void_p)
+            inner = sock._sslobj  # type: ignore[attr-defined]
+            ssl_object = ctypes.c_void_p.from_address(id(inner) + offset).value
+            assert library.SSL_get_fd(ssl_object) == sock.fileno(), "not the SSL object"
+            sent = 0
+            while sent < limit:
+                # OpenSSL allows 32 KeyUpdates in a row; application data resets that.
+                for _ in range(30):
+                    library.SSL_key_update(ssl_object, SSL_KEY_UPDATE_REQUESTED)
+                    if library.SSL_do_handshake(ssl_object) != 1:
+                        return sent
+                    sent += 1
+                if library.SSL_write(ssl_object, keepalive, len(keepalive)) <= 0:
+                    return sent
+            return sent
+
+
+def test_an_agent_that_does_not_read_cannot_make_the_daemon_buffer(run: Any, pki: Pki) -> None:
+    context = server_context(pki.server_cert, pki.server_key, None)
+
+    async def body() -> None:
+        async with Harness(tls=context) as h:
+            # A small socket buffer on the daemon's side (accepted connections inherit
+            # the listener's), so the backlog builds after kilobytes, not megabytes.
+            for listener in h.server._servers:
+                for sock in listener.sockets:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            sent = await asyncio.to_thread(
+                key_update_flood, h.endpoint(SOURCE_TLS), agent_context(pki), 100_000
+            )
+            await settle(lambda: h.server.open[SOURCE_TLS] == 0)
+            assert h.server.closed == {(SOURCE_TLS, "write_backlog"): 1}
+            # Each answer is a 27-byte record: the daemon answered what 64 KiB and the
+            # socket buffers hold, not the hundred thousand requests it was offered.
+            assert WRITE_BACKLOG_BYTES // 27 < sent < 20_000
+            assert 0 < h.pipeline.received[SOURCE_TLS] <= sent // 30
+            assert h.server.handshake_failures == {}
 
     run(body())
 

@@ -5,7 +5,9 @@ A stream listener is exposed to whoever may connect, so every resource a connect
 can hold is bounded: the number of connections (in total and per source address),
 how long a connection may stay silent, how long a started frame or TLS handshake may
 take to finish (slowloris), and how many bytes of an unfinished frame are buffered.
-Each refusal and each forced close is counted by a fixed reason.
+Over TLS the daemon also writes (handshakes, session tickets, answers to the agent's
+KeyUpdates): what the agent leaves unread is bounded too. Each refusal and each forced
+close is counted by a fixed reason.
 
 Connections are `asyncio.Protocol`s without a task or a StreamReader each: an idle
 connection costs a transport and one small object. Frames are decoded inside
@@ -44,6 +46,12 @@ LISTEN_BACKLOG: Final = 1024
 # The sweep runs at least this often, and at least four times per timeout, so a
 # connection is closed within a quarter of its timeout past the deadline.
 SWEEP_MAX_INTERVAL_S: Final = 1.0
+# An agent makes the daemon write a handshake, a few session tickets and the odd
+# KeyUpdate answer, which the kernel's socket buffer takes whole. Bytes piling up in
+# the transport beyond this mean the agent does not read: the connection is closed as
+# `write_backlog`, since a KeyUpdate request costs the agent 30 bytes and makes the
+# daemon queue an answer, without end.
+WRITE_BACKLOG_BYTES: Final = 64 * 1024
 # One TLS record holds at most 16 KiB of plaintext; this takes several per read call.
 _TLS_READ_BYTES: Final = 65536
 _HEADER: Final = 6  # "HEP3" and the 16-bit total length
@@ -284,6 +292,7 @@ class _Connection(asyncio.Protocol):
             self._tls = self._context.wrap_bio(self._bio_in, self._bio_out, server_side=True)
             self.handshaking = True
             self.started = now
+            self.transport.set_write_buffer_limits(high=WRITE_BACKLOG_BYTES)
 
     def connection_lost(self, exc: Exception | None) -> None:
         server = self._server
@@ -306,6 +315,15 @@ class _Connection(asyncio.Protocol):
                 tls.unwrap()
             self._send_tls()
         return False
+
+    def pause_writing(self) -> None:
+        """The transport holds more than WRITE_BACKLOG_BYTES the agent has not read:
+        close rather than buffer on. Only TLS connections write, so only they get
+        here; there is no resume_writing, since nothing is left to resume."""
+        if self._ended:
+            _reset(self.transport)  # a refused handshake's alert the agent does not read
+            return
+        self._close_for("write_backlog")
 
     def _linger(self, now: float) -> None:
         """Send the alert OpenSSL queued (it tells the agent why it was refused), then

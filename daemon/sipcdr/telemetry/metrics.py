@@ -63,7 +63,7 @@ class Metrics:
         self.hep_connections_closed = Counter(
             "sipcdr_hep_connections_closed_total",
             "HEP/TCP and HEP/TLS connections the daemon closed, by listener kind and "
-            "reason (idle_timeout, frame_timeout, bad_framing, tls_error)",
+            "reason (idle_timeout, frame_timeout, bad_framing, tls_error, write_backlog)",
             ["source", "reason"],
             registry=r,
         )
