@@ -505,6 +505,65 @@ def test_tls_without_a_client_ca_takes_any_agent(run: Any, pki: Pki) -> None:
     run(body())
 
 
+def test_bytes_trickled_into_an_unfinished_tls_record_meet_the_frame_deadline(
+    run: Any, pki: Pki
+) -> None:
+    """OpenSSL takes in the start of a record and waits for the rest without a sign:
+    an agent trickling a record must still meet the frame deadline."""
+    context = server_context(pki.server_cert, pki.server_key, None)
+
+    async def body() -> None:
+        limits = StreamLimits(50, 50, idle_timeout_s=60.0, frame_timeout_s=5.0,
+                              max_buffer_bytes=65535)  # fmt: skip
+        async with Harness(limits, tls=context) as h:
+            endpoint = h.endpoint(SOURCE_TLS)
+
+            def open_agent() -> ssl.SSLSocket:
+                raw = socket.create_connection(endpoint, timeout=5)
+                return agent_context(pki).wrap_socket(raw, server_hostname="127.0.0.1")
+
+            with await asyncio.to_thread(open_agent) as agent:
+                agent.sendall(call_frames("whole@x"))
+                await settle(lambda: h.call_ids == {"whole@x"})
+                h.server.expire(time.monotonic() + 5.1)  # whole records: nothing is due
+                assert h.server.closed == {}
+                # Past TLS, straight onto the socket: a record header announcing 16 KiB,
+                # then one byte of it.
+                socket.socket.sendall(agent, b"\x17\x03\x03\x40\x00" + b"\x00")
+
+                def cut_off() -> bool:
+                    h.server.expire(time.monotonic() + 5.1)
+                    return h.server.closed == {(SOURCE_TLS, "frame_timeout"): 1}
+
+                await settle(cut_off)
+
+    run(body())
+
+
+def test_tls_record_ends_are_followed_however_the_stream_is_cut() -> None:
+    """The record follower against a model: after every read, a record is unfinished
+    exactly when the read ended inside one (its header included)."""
+    rng = random.Random(8446)
+    server = HepStreamServer(
+        Pipeline(Correlator(DialogLimits(), lambda _ip: None), ()),
+        AllowList(DEFAULT_ALLOW),
+        HepGate({}),
+        LIMITS,
+    )
+    for _ in range(300):
+        lengths = [rng.choice([0, 1, 5, 100, 16401, rng.randint(0, 18432)]) for _ in range(8)]
+        records = [b"\x17\x03\x03" + struct.pack("!H", n) + bytes(n) for n in lengths]
+        stream = b"".join(records)
+        ends = set(itertools.accumulate(len(record) for record in records))
+        connection = hepstream._Connection(server, SOURCE_TLS, None)
+        previous = 0
+        for cut in [*sorted(rng.sample(range(1, len(stream)), 12)), len(stream)]:
+            connection._follow_records(stream[previous:cut])
+            previous = cut
+            unfinished = bool(connection._record_left or connection._record_head)
+            assert unfinished == (cut not in ends), (lengths, cut)
+
+
 def _libssl() -> ctypes.CDLL:
     """OpenSSL's own functions, reached through the module that links it, so they are
     the very library Python's sockets run on."""

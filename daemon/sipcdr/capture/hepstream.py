@@ -56,6 +56,7 @@ WRITE_BACKLOG_BYTES: Final = 64 * 1024
 _TLS_READ_BYTES: Final = 65536
 _HEADER: Final = 6  # "HEP3" and the 16-bit total length
 _MAGIC: Final = b"HEP3"
+_TLS_RECORD_HEADER: Final = 5  # content type, version, 16-bit length
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +250,8 @@ class _Connection(asyncio.Protocol):
         "_ended",
         "_need",
         "_pending",
+        "_record_head",
+        "_record_left",
         "_server",
         "_skip",
         "_tls",
@@ -275,6 +278,10 @@ class _Connection(asyncio.Protocol):
         self._tls: ssl.SSLObject | None = None
         self._bio_in: ssl.MemoryBIO | None = None
         self._bio_out: ssl.MemoryBIO | None = None
+        # Where the TLS records end in the ciphertext: OpenSSL takes in the start of a
+        # record without a sign outside, so this is how a stalled record is seen.
+        self._record_left = 0  # bytes of the current record still to come
+        self._record_head = b""  # the start of a record header split across reads
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -376,6 +383,7 @@ class _Connection(asyncio.Protocol):
             return  # lingering after a refused handshake: nothing more is read
         assert self._bio_in is not None
         self._bio_in.write(data)
+        self._follow_records(data)
         if self.handshaking:
             try:
                 tls.do_handshake()
@@ -406,7 +414,36 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
                 return
             self._frames(plain, now)
+        if self._record_left or self._record_head:
+            # A record begun and not ended: bytes trickled into it reach no frame, so
+            # the frame deadline runs from here.
+            if not self.started:
+                self.started = now
+        elif not self._pending and not self._skip:
+            self.started = 0.0  # the record ended without a frame in it (a KeyUpdate)
         self._send_tls()
+
+    def _follow_records(self, data: bytes) -> None:
+        """Advance over the TLS record boundaries in `data`: one header read per
+        record, so a few steps per read."""
+        size = len(data)
+        offset = self._record_left
+        head = self._record_head
+        while offset < size:
+            if head or size - offset < _TLS_RECORD_HEADER:
+                piece = data[offset : offset + _TLS_RECORD_HEADER - len(head)]
+                head += piece
+                offset += len(piece)
+                if len(head) < _TLS_RECORD_HEADER:
+                    break
+                length = (head[3] << 8) | head[4]
+                head = b""
+            else:
+                length = (data[offset + 3] << 8) | data[offset + 4]
+                offset += _TLS_RECORD_HEADER
+            offset += length
+        self._record_head = head
+        self._record_left = offset - size if offset > size else 0
 
     def _send_tls(self) -> None:
         out = self._bio_out
