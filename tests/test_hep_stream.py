@@ -351,6 +351,29 @@ def test_connections_beyond_the_caps_are_refused_by_reason(run: Any) -> None:
     run(body())
 
 
+def test_a_connection_reset_before_it_is_taken_is_counted_as_gone(run: Any) -> None:
+    """Connected and reset by the agent while the loop has not yet taken it: uvloop
+    then has no peer address for it, which is not a source outside the allow-list.
+    (The default loop keeps the address accept() returned: the connection is taken and
+    ends at once, refused for nothing.)"""
+
+    async def body() -> None:
+        async with Harness() as h:
+            # Blocking calls without yielding: the kernel completes the handshake and
+            # takes the reset before the loop accepts.
+            with socket.create_connection(h.endpoint(), timeout=5) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            _, writer = await h.connect()  # accepted after the reset one
+            writer.write(call_frames("next@x"))
+            await settle(lambda: h.call_ids == {"next@x"})
+            uvloop_running = isinstance(asyncio.get_running_loop(), uvloop.Loop)
+            assert h.server.refused == ({(SOURCE_TCP, "gone"): 1} if uvloop_running else {})
+            assert h.server.connections == 1
+            writer.close()
+
+    run(body())
+
+
 def test_idle_and_stalled_connections_are_closed_by_reason(run: Any) -> None:
     """Deadlines driven through `expire` with a clock moved ahead, not by sleeping."""
 

@@ -169,7 +169,11 @@ class HepStreamServer:
     def admit(self, connection: _Connection) -> bool:
         ip = connection.ip
         limits = self.limits
-        if not ip or not self.allow.permits(ip):
+        if not ip:
+            # Reset by the agent before the loop took it (uvloop then has no peer
+            # address): nothing was read, and there is no source to hold it against.
+            reason = "gone"
+        elif not self.allow.permits(ip):
             reason = "not_allowed"
         elif self._stopped:
             reason = "max_connections"  # stopping: the cap is now zero

@@ -56,7 +56,8 @@ class Metrics:
         self.hep_connections_refused = Counter(
             "sipcdr_hep_connections_refused_total",
             "HEP/TCP and HEP/TLS connections refused on arrival, by listener kind and "
-            "reason (not_allowed, max_connections, max_per_source)",
+            "reason (not_allowed, max_connections, max_per_source, gone: reset by the agent "
+            "before it was taken)",
             ["source", "reason"],
             registry=r,
         )
