@@ -29,6 +29,7 @@ from sipcdr.capture import hepstream
 from sipcdr.capture.hepstream import (
     SOURCE_TCP,
     SOURCE_TLS,
+    SWEEP_MIN_INTERVAL_S,
     WRITE_BACKLOG_BYTES,
     HepStreamServer,
     StreamLimits,
@@ -428,6 +429,22 @@ def test_the_sweep_enforces_the_deadlines_by_itself(run: Any) -> None:
             }
             idle.close()
             slow.close()
+
+    run(body())
+
+
+def test_the_sweep_does_not_spin_under_a_tiny_timeout(run: Any) -> None:
+    """The config refuses deadlines under 0.1 s; limits built without it must still
+    not turn the sweep into a busy loop."""
+
+    async def body() -> None:
+        limits = StreamLimits(50, 50, idle_timeout_s=1e-5, frame_timeout_s=1e-5,
+                              max_buffer_bytes=65535)  # fmt: skip
+        async with Harness(limits) as h:
+            sweeps: list[float] = []
+            h.server.expire = sweeps.append  # type: ignore[method-assign, assignment]
+            await asyncio.sleep(0.3)
+        assert 0 < len(sweeps) <= 0.3 / SWEEP_MIN_INTERVAL_S + 1
 
     run(body())
 

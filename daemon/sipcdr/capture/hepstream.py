@@ -46,6 +46,9 @@ LISTEN_BACKLOG: Final = 1024
 # The sweep runs at least this often, and at least four times per timeout, so a
 # connection is closed within a quarter of its timeout past the deadline.
 SWEEP_MAX_INTERVAL_S: Final = 1.0
+# ... and at most this often: a tiny timeout (the config refuses under 0.1 s, limits
+# built in code may not) must not turn the sweep into a busy loop.
+SWEEP_MIN_INTERVAL_S: Final = 0.025
 # An agent makes the daemon write a handshake, a few session tickets and the odd
 # KeyUpdate answer, which the kernel's socket buffer takes whole. Bytes piling up in
 # the transport beyond this mean the agent does not read: the connection is closed as
@@ -212,7 +215,10 @@ class HepStreamServer:
 
     async def _sweep(self) -> None:
         limits = self.limits
-        interval = min(SWEEP_MAX_INTERVAL_S, limits.idle_timeout_s / 4, limits.frame_timeout_s / 4)
+        interval = max(
+            SWEEP_MIN_INTERVAL_S,
+            min(SWEEP_MAX_INTERVAL_S, limits.idle_timeout_s / 4, limits.frame_timeout_s / 4),
+        )
         while True:
             await asyncio.sleep(interval)
             self.expire(time.monotonic())
