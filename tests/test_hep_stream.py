@@ -7,11 +7,13 @@ from __future__ import annotations
 import _ssl
 import asyncio
 import bisect
+import contextlib
 import ctypes
 import dataclasses
 import ipaddress
 import itertools
 import random
+import re
 import resource
 import socket
 import ssl
@@ -40,6 +42,7 @@ from sipcdr.config import DEFAULT_ALLOW, CaptureConfig
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.model import Cdr
 from sipcdr.pipeline import Pipeline
+from sipcdr.telemetry.metrics import Metrics
 from tlscerts import Pki, make_pki
 
 T = TypeVar("T")
@@ -672,11 +675,91 @@ def test_an_agent_that_does_not_read_cannot_make_the_daemon_buffer(run: Any, pki
     run(body())
 
 
-def test_handshake_failure_reasons_are_a_fixed_set() -> None:
-    assert handshake_failure(ValueError("x")) == "other"
-    assert handshake_failure(ssl.SSLEOFError()) == "eof"
-    for reason in ("not_tls", "no_client_cert", "unknown_ca", "agent_alert", "timeout"):
-        assert reason in HANDSHAKE_FAILURES
+def server_handshake(
+    server: ssl.SSLContext, agent: ssl.SSLContext | None, sent: bytes = b"", eof: bool = False
+) -> str | None:
+    """A handshake in memory between the daemon's context and an agent's (or the bytes
+    `sent` by something that is no TLS agent, then `eof`): the reason the daemon's side
+    failed, as the listener counts it, or None when it succeeded."""
+    server_in, server_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    daemon = server.wrap_bio(server_in, server_out, server_side=True)
+    agent_in, agent_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = None
+    if agent is not None:
+        client = agent.wrap_bio(agent_in, agent_out, server_hostname="127.0.0.1")
+    server_in.write(sent)
+    if eof:
+        server_in.write_eof()
+    for _ in range(10):
+        if client is not None:
+            with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLError):
+                client.do_handshake()  # an agent that fails sends its alert all the same
+            server_in.write(agent_out.read())
+        try:
+            daemon.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError as exc:
+            return handshake_failure(exc)
+        else:
+            return None
+        agent_in.write(server_out.read())
+    raise AssertionError("the handshake neither finished nor failed")
+
+
+def documented_reasons(metric: str) -> set[str]:
+    """The reasons a metric's help text lists, in its parentheses."""
+    (family,) = [m for m in Metrics().registry.collect() if m.name == metric]
+    listed = re.search(r"\(([^)]*)\)", family.documentation)
+    assert listed is not None
+    return set(listed[1].split(", "))
+
+
+def test_every_handshake_failure_is_classified_into_the_documented_reasons(pki: Pki) -> None:
+    documented = documented_reasons("sipcdr_hep_tls_handshake_failures")
+    assert documented == set(HANDSHAKE_FAILURES)
+    requiring = server_context(pki.server_cert, pki.server_key, pki.ca)
+    anyone = server_context(pki.server_cert, pki.server_key, None)
+    server_as_agent = ssl.create_default_context(cafile=str(pki.ca))
+    server_as_agent.load_cert_chain(str(pki.server_cert), str(pki.server_key))  # no clientAuth
+    distrustful = ssl.create_default_context(cafile=str(pki.other_ca))
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32)
+    cases = {
+        "accepted": server_handshake(requiring, agent_context(pki)),
+        "accepted without a client CA": server_handshake(anyone, agent_context(pki, cert=False)),
+        "no_client_cert": server_handshake(requiring, agent_context(pki, cert=False)),
+        "unknown_ca": server_handshake(requiring, agent_context(pki, rogue=True)),
+        "bad_client_cert": server_handshake(requiring, server_as_agent),
+        "agent_alert": server_handshake(anyone, distrustful),
+        "not_tls (HEP)": server_handshake(anyone, None, call_frames("plain@x")),
+        "not_tls (HTTP)": server_handshake(anyone, None, b"GET / HTTP/1.1\r\n\r\n"),
+        "not_tls (zeros)": server_handshake(anyone, None, bytes(40)),
+        "eof": server_handshake(anyone, None, hello, eof=True),
+    }
+    assert cases == {
+        "accepted": None,
+        "accepted without a client CA": None,
+        "no_client_cert": "no_client_cert",
+        "unknown_ca": "unknown_ca",
+        "bad_client_cert": "bad_client_cert",
+        "agent_alert": "agent_alert",
+        "not_tls (HEP)": "not_tls",
+        "not_tls (HTTP)": "not_tls",
+        "not_tls (zeros)": "not_tls",
+        "eof": "eof",
+    }
+    # Whatever a scanner sends first, bare or in a TLS handshake record, the reason is
+    # one the metric documents.
+    rng = random.Random(5246)
+    seen = set()
+    for _ in range(300):
+        garbage = rng.randbytes(rng.randint(1, 300))
+        if rng.random() < 0.5:
+            garbage = b"\x16\x03\x01" + struct.pack("!H", len(garbage)) + garbage
+        seen.add(server_handshake(anyone, None, garbage, eof=True))
+    assert seen <= documented
+    assert len(seen) > 2, seen  # more than not_tls and eof were met
+    assert handshake_failure(ValueError("not from OpenSSL")) == "other"
 
 
 # -- the file limit ---------------------------------------------------------------------
