@@ -99,7 +99,7 @@ DEFAULT_HEP_TCP_MAX_PER_SOURCE: Final = 64
 DEFAULT_HEP_TCP_IDLE_TIMEOUT_S: Final = 300.0
 # A frame is at most 64 KiB, which any working link delivers in well under a second;
 # 10 s leaves room for a congested WAN and cuts off senders that stall mid-frame.
-# The same deadline applies to a TLS handshake.
+# The same deadline applies to a TLS handshake and to an unfinished TLS record.
 DEFAULT_HEP_TCP_FRAME_TIMEOUT_S: Final = 10.0
 # The largest HEPv3 frame (its length field is 16 bits): no valid frame is refused.
 # Lower it to bound memory further: larger frames are then skipped and counted.
