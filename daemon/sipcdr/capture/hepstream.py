@@ -424,6 +424,8 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
                 return
             self._frames(plain, now)
+        if self._ended:
+            return  # closed for what a record held (bad framing, a TLS error)
         if self._record_left or self._record_head:
             # A record begun and not ended: bytes trickled into it reach no frame, so
             # the frame deadline runs from here.
