@@ -332,6 +332,12 @@ def test_hep_tls_with_its_files_and_limits(tmp_path: Path, pki: Pki) -> None:
     assert redacted["hep_tcp_frame_timeout_s"] == 2.5
 
 
+def test_hep_tcp_deadlines_may_be_as_short_as_a_tenth_of_a_second(tmp_path: Path) -> None:
+    text = "[capture]\nhep_tcp_idle_timeout_s = 0.1\nhep_tcp_frame_timeout_s = 0.1\n"
+    capture = load_text(tmp_path, text).capture
+    assert (capture.hep_tcp_idle_timeout_s, capture.hep_tcp_frame_timeout_s) == (0.1, 0.1)
+
+
 def test_tls_files_are_relative_to_the_config_file(tmp_path: Path, pki: Pki) -> None:
     """Like the Kafka CA file: inputs that ship beside the config."""
     conf = tmp_path / "etc"
@@ -595,14 +601,26 @@ ERRORS = [
     pytest.param(
         "[capture]\nhep_tcp_idle_timeout_s = 0\n",
         "capture.hep_tcp_idle_timeout_s",
-        "a number > 0",
+        "a number >= 0.1",
         id="zero-idle-timeout",
+    ),
+    pytest.param(
+        "[capture]\nhep_tcp_idle_timeout_s = 0.05\n",
+        "capture.hep_tcp_idle_timeout_s",
+        "= 0.05 (in",
+        id="idle-timeout-below-the-floor",
     ),
     pytest.param(
         "[capture]\nhep_tcp_frame_timeout_s = 'soon'\n",
         "capture.hep_tcp_frame_timeout_s",
-        "a number > 0",
+        "a number >= 0.1",
         id="text-frame-timeout",
+    ),
+    pytest.param(
+        "[capture]\nhep_tcp_frame_timeout_s = 0.00001\n",
+        "capture.hep_tcp_frame_timeout_s",
+        "expected a number >= 0.1",
+        id="frame-timeout-below-the-floor",
     ),
     pytest.param(
         "[capture]\nhep_tcp_max_buffer_bytes = 512\n",

@@ -154,7 +154,27 @@ def test_hep_over_tls_delivers_and_counts_every_refused_handshake(
     wait_for(lambda: daemon.metric("sipcdr_hep_connections", source="hep_tls") == 0)
     assert daemon.metric("sipcdr_packets_received_total", source="hep_tls") == 81 + 6
     assert daemon.metric("sipcdr_hep_connections_closed_total", source="hep_tls") == 0
+    assert "tls_key_readable" not in daemon.log.read_text()  # the key is 0600
     assert daemon.stop() == 0
+
+
+def test_a_tls_key_others_can_read_is_warned_about_at_start(tmp_path: Path, pki: Pki) -> None:
+    key = tmp_path / "server.key"
+    key.write_bytes(pki.server_key.read_bytes())
+    key.chmod(0o640)
+    daemon = start_daemon(
+        tmp_path,
+        SIPCDR_CAPTURE__HEP_TLS="127.0.0.1:0",
+        SIPCDR_CAPTURE__TLS_CERT=str(pki.server_cert),
+        SIPCDR_CAPTURE__TLS_KEY=str(key),
+    )
+    try:
+        events = [json.loads(line) for line in daemon.log.read_text().splitlines()]
+        (warning,) = [event for event in events if event["event"] == "tls_key_readable"]
+        assert (warning["level"], warning["tls_key"]) == ("warning", str(key))
+        assert "PRIVATE KEY" not in daemon.log.read_text()
+    finally:
+        assert daemon.stop() == 0
 
 
 # -- abuse ----------------------------------------------------------------------------------

@@ -4,12 +4,20 @@ counted by its reason. (tests/test_hep_network.py runs the same against `sipcdr 
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
+import bisect
+import contextlib
+import ctypes
 import dataclasses
 import ipaddress
+import itertools
+import random
+import re
 import resource
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -19,9 +27,12 @@ import uvloop
 from sipcalls import Call, answered_call_messages
 from sipcdr import hep
 from sipcdr.app import FD_HEADROOM, raise_file_limit, stream_limits
+from sipcdr.capture import hepstream
 from sipcdr.capture.hepstream import (
     SOURCE_TCP,
     SOURCE_TLS,
+    SWEEP_MIN_INTERVAL_S,
+    WRITE_BACKLOG_BYTES,
     HepStreamServer,
     StreamLimits,
 )
@@ -31,6 +42,7 @@ from sipcdr.config import DEFAULT_ALLOW, CaptureConfig
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.model import Cdr
 from sipcdr.pipeline import Pipeline
+from sipcdr.telemetry.metrics import Metrics
 from tlscerts import Pki, make_pki
 
 T = TypeVar("T")
@@ -191,6 +203,95 @@ def test_an_oversize_frame_is_skipped_and_the_stream_goes_on(run: Any) -> None:
     run(body())
 
 
+def test_a_skipped_frame_ending_with_a_read_leaves_no_deadline(run: Any) -> None:
+    """The rest of an oversize frame arriving as one read ends the skip: the agent may
+    then be silent for longer than the frame deadline without being cut off."""
+
+    async def body() -> None:
+        limits = StreamLimits(50, 50, 60.0, frame_timeout_s=5.0, max_buffer_bytes=2048)
+        async with Harness(limits) as h:
+            big = frame(Call("big@x").request("OPTIONS") + b"x" * 4000)
+            _, writer = await h.connect()
+            writer.write(big[:100])
+            await writer.drain()
+            await settle(lambda: h.pipeline.drops == {(SOURCE_TCP, "oversize"): 1})
+            writer.write(big[100:])  # ends where the frame ends
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            h.server.expire(time.monotonic() + 5.1)  # a quiet agent, 5.1 s later
+            await asyncio.sleep(0.05)
+            assert h.server.closed == {}
+            writer.write(call_frames("after@x"))
+            await settle(lambda: h.call_ids == {"after@x"})
+            writer.close()
+
+    run(body())
+
+
+class FakeTransport:
+    """What `_Connection` needs of a transport when it only cuts frames."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+
+def test_framing_matches_a_model_for_random_streams_cut_anywhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Differential check of the framer: random streams of frames, some oversize, cut
+    at random points, against where the frames are known to begin and end. After every
+    read the frame deadline must run exactly while a frame is unfinished, from the
+    read in which that frame began."""
+    taken: list[bytes] = []
+    monkeypatch.setattr(hepstream, "handle_hep", lambda _p, _g, _s, data: taken.append(data))
+    rng = random.Random(4475)
+    for trial in range(1000):
+        limit = rng.choice([1024, 2048, 65535])
+        sizes = [
+            rng.choice([6, 7, 50, 1023, 1024, 1025, 2048, 2049, 5000, 65535, rng.randint(6, 65535)])
+            for _ in range(rng.randint(0, 20))
+        ]
+        frames = [b"HEP3" + struct.pack("!H", n) + rng.randbytes(n - 6) for n in sizes]
+        stream = b"".join(frames)
+        starts = list(itertools.accumulate([0, *sizes]))  # frame i spans starts[i]..starts[i+1]
+        inner = range(1, len(stream))
+        cuts = sorted(rng.sample(inner, min(len(inner), rng.randint(0, 40))))
+        pipeline = Pipeline(Correlator(DialogLimits(), lambda _ip: None), ())
+        limits = dataclasses.replace(LIMITS, max_buffer_bytes=limit)
+        server = HepStreamServer(pipeline, AllowList(DEFAULT_ALLOW), HepGate({}), limits)
+        connection = hepstream._Connection(server, SOURCE_TCP, None)
+        connection.transport = FakeTransport()  # type: ignore[assignment]
+        taken.clear()
+        read_times: list[tuple[int, float]] = []  # (first byte, time) of each read
+        previous = 0
+        for cut in [*cuts, len(stream)] if stream else []:  # one read per piece
+            now = 1.0 + len(read_times)
+            read_times.append((previous, now))
+            connection._frames(stream[previous:cut], now)
+            previous = cut
+            index = bisect.bisect_right(starts, cut) - 1  # the frame `cut` falls in
+            if index < len(sizes) and starts[index] < cut:
+                began = starts[index]
+                expected = next(t for first, t in reversed(read_times) if first <= began)
+            else:
+                expected = 0.0
+            assert connection.started == expected, (trial, cut)
+        assert taken == [f for f in frames if len(f) <= limit], trial
+        oversize = sum(1 for n in sizes if n > limit)
+        assert pipeline.drops == ({(SOURCE_TCP, "oversize"): oversize} if oversize else {})
+        assert server.closed == {}
+        assert not connection._pending and not connection._skip
+
+
 def test_lost_framing_closes_the_connection_and_counts(run: Any) -> None:
     async def body() -> None:
         async with Harness() as h:
@@ -254,6 +355,29 @@ def test_connections_beyond_the_caps_are_refused_by_reason(run: Any) -> None:
     run(body())
 
 
+def test_a_connection_reset_before_it_is_taken_is_counted_as_gone(run: Any) -> None:
+    """Connected and reset by the agent while the loop has not yet taken it: uvloop
+    then has no peer address for it, which is not a source outside the allow-list.
+    (The default loop keeps the address accept() returned: the connection is taken and
+    ends at once, refused for nothing.)"""
+
+    async def body() -> None:
+        async with Harness() as h:
+            # Blocking calls without yielding: the kernel completes the handshake and
+            # takes the reset before the loop accepts.
+            with socket.create_connection(h.endpoint(), timeout=5) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            _, writer = await h.connect()  # accepted after the reset one
+            writer.write(call_frames("next@x"))
+            await settle(lambda: h.call_ids == {"next@x"})
+            uvloop_running = isinstance(asyncio.get_running_loop(), uvloop.Loop)
+            assert h.server.refused == ({(SOURCE_TCP, "gone"): 1} if uvloop_running else {})
+            assert h.server.connections == 1
+            writer.close()
+
+    run(body())
+
+
 def test_idle_and_stalled_connections_are_closed_by_reason(run: Any) -> None:
     """Deadlines driven through `expire` with a clock moved ahead, not by sleeping."""
 
@@ -308,6 +432,22 @@ def test_the_sweep_enforces_the_deadlines_by_itself(run: Any) -> None:
             }
             idle.close()
             slow.close()
+
+    run(body())
+
+
+def test_the_sweep_does_not_spin_under_a_tiny_timeout(run: Any) -> None:
+    """The config refuses deadlines under 0.1 s; limits built without it must still
+    not turn the sweep into a busy loop."""
+
+    async def body() -> None:
+        limits = StreamLimits(50, 50, idle_timeout_s=1e-5, frame_timeout_s=1e-5,
+                              max_buffer_bytes=65535)  # fmt: skip
+        async with Harness(limits) as h:
+            sweeps: list[float] = []
+            h.server.expire = sweeps.append  # type: ignore[method-assign, assignment]
+            await asyncio.sleep(0.3)
+        assert 0 < len(sweeps) <= 0.3 / SWEEP_MIN_INTERVAL_S + 1
 
     run(body())
 
@@ -408,11 +548,218 @@ def test_tls_without_a_client_ca_takes_any_agent(run: Any, pki: Pki) -> None:
     run(body())
 
 
-def test_handshake_failure_reasons_are_a_fixed_set() -> None:
-    assert handshake_failure(ValueError("x")) == "other"
-    assert handshake_failure(ssl.SSLEOFError()) == "eof"
-    for reason in ("not_tls", "no_client_cert", "unknown_ca", "agent_alert", "timeout"):
-        assert reason in HANDSHAKE_FAILURES
+def test_bytes_trickled_into_an_unfinished_tls_record_meet_the_frame_deadline(
+    run: Any, pki: Pki
+) -> None:
+    """OpenSSL takes in the start of a record and waits for the rest without a sign:
+    an agent trickling a record must still meet the frame deadline."""
+    context = server_context(pki.server_cert, pki.server_key, None)
+
+    async def body() -> None:
+        limits = StreamLimits(50, 50, idle_timeout_s=60.0, frame_timeout_s=5.0,
+                              max_buffer_bytes=65535)  # fmt: skip
+        async with Harness(limits, tls=context) as h:
+            endpoint = h.endpoint(SOURCE_TLS)
+
+            def open_agent() -> ssl.SSLSocket:
+                raw = socket.create_connection(endpoint, timeout=5)
+                return agent_context(pki).wrap_socket(raw, server_hostname="127.0.0.1")
+
+            with await asyncio.to_thread(open_agent) as agent:
+                agent.sendall(call_frames("whole@x"))
+                await settle(lambda: h.call_ids == {"whole@x"})
+                h.server.expire(time.monotonic() + 5.1)  # whole records: nothing is due
+                assert h.server.closed == {}
+                # Past TLS, straight onto the socket: a record header announcing 16 KiB,
+                # then one byte of it.
+                socket.socket.sendall(agent, b"\x17\x03\x03\x40\x00" + b"\x00")
+
+                def cut_off() -> bool:
+                    h.server.expire(time.monotonic() + 5.1)
+                    return h.server.closed == {(SOURCE_TLS, "frame_timeout"): 1}
+
+                await settle(cut_off)
+
+    run(body())
+
+
+def test_tls_record_ends_are_followed_however_the_stream_is_cut() -> None:
+    """The record follower against a model: after every read, a record is unfinished
+    exactly when the read ended inside one (its header included)."""
+    rng = random.Random(8446)
+    server = HepStreamServer(
+        Pipeline(Correlator(DialogLimits(), lambda _ip: None), ()),
+        AllowList(DEFAULT_ALLOW),
+        HepGate({}),
+        LIMITS,
+    )
+    for _ in range(300):
+        lengths = [rng.choice([0, 1, 5, 100, 16401, rng.randint(0, 18432)]) for _ in range(8)]
+        records = [b"\x17\x03\x03" + struct.pack("!H", n) + bytes(n) for n in lengths]
+        stream = b"".join(records)
+        ends = set(itertools.accumulate(len(record) for record in records))
+        connection = hepstream._Connection(server, SOURCE_TLS, None)
+        previous = 0
+        for cut in [*sorted(rng.sample(range(1, len(stream)), 12)), len(stream)]:
+            connection._follow_records(stream[previous:cut])
+            previous = cut
+            unfinished = bool(connection._record_left or connection._record_head)
+            assert unfinished == (cut not in ends), (lengths, cut)
+
+
+def _libssl() -> ctypes.CDLL:
+    """OpenSSL's own functions, reached through the module that links it, so they are
+    the very library Python's sockets run on."""
+    library = ctypes.CDLL(_ssl.__file__)
+    library.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    library.SSL_do_handshake.argtypes = [ctypes.c_void_p]
+    library.SSL_write.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    library.SSL_get_fd.argtypes = [ctypes.c_void_p]
+    return library
+
+
+SSL_KEY_UPDATE_REQUESTED = 1  # openssl/ssl.h: the peer must answer with a KeyUpdate
+
+
+def key_update_flood(endpoint: tuple[str, int], context: ssl.SSLContext, limit: int) -> int:
+    """A TLS 1.3 agent that asks for KeyUpdates and never reads the answers, until the
+    daemon closes the connection or `limit` requests are sent. Python has no KeyUpdate
+    call: OpenSSL's is called on the SSL object behind the socket. Returns how many
+    requests were sent."""
+    library = _libssl()
+    keepalive = frame(Call("keepalive@x").request("OPTIONS"))
+    with socket.socket() as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills soon
+        raw.connect(endpoint)
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            assert sock.version() == "TLSv1.3"
+            # CPython's _ssl socket object: its header, its socket's weakref, its SSL*.
+            offset = 3 * ctypes.sizeof(ctypes.c_void_p)
+            inner = sock._sslobj  # type: ignore[attr-defined]
+            ssl_object = ctypes.c_void_p.from_address(id(inner) + offset).value
+            assert library.SSL_get_fd(ssl_object) == sock.fileno(), "not the SSL object"
+            sent = 0
+            while sent < limit:
+                # OpenSSL allows 32 KeyUpdates in a row; application data resets that.
+                for _ in range(30):
+                    library.SSL_key_update(ssl_object, SSL_KEY_UPDATE_REQUESTED)
+                    if library.SSL_do_handshake(ssl_object) != 1:
+                        return sent
+                    sent += 1
+                if library.SSL_write(ssl_object, keepalive, len(keepalive)) <= 0:
+                    return sent
+            return sent
+
+
+def test_an_agent_that_does_not_read_cannot_make_the_daemon_buffer(run: Any, pki: Pki) -> None:
+    context = server_context(pki.server_cert, pki.server_key, None)
+
+    async def body() -> None:
+        async with Harness(tls=context) as h:
+            # A small socket buffer on the daemon's side (accepted connections inherit
+            # the listener's), so the backlog builds after kilobytes, not megabytes.
+            for listener in h.server._servers:
+                for sock in listener.sockets:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            sent = await asyncio.to_thread(
+                key_update_flood, h.endpoint(SOURCE_TLS), agent_context(pki), 100_000
+            )
+            await settle(lambda: h.server.open[SOURCE_TLS] == 0)
+            assert h.server.closed == {(SOURCE_TLS, "write_backlog"): 1}
+            # Each answer is a 27-byte record: the daemon answered what 64 KiB and the
+            # socket buffers hold, not the hundred thousand requests it was offered.
+            assert WRITE_BACKLOG_BYTES // 27 < sent < 20_000
+            assert 0 < h.pipeline.received[SOURCE_TLS] <= sent // 30
+            assert h.server.handshake_failures == {}
+
+    run(body())
+
+
+def server_handshake(
+    server: ssl.SSLContext, agent: ssl.SSLContext | None, sent: bytes = b"", eof: bool = False
+) -> str | None:
+    """A handshake in memory between the daemon's context and an agent's (or the bytes
+    `sent` by something that is no TLS agent, then `eof`): the reason the daemon's side
+    failed, as the listener counts it, or None when it succeeded."""
+    server_in, server_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    daemon = server.wrap_bio(server_in, server_out, server_side=True)
+    agent_in, agent_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = None
+    if agent is not None:
+        client = agent.wrap_bio(agent_in, agent_out, server_hostname="127.0.0.1")
+    server_in.write(sent)
+    if eof:
+        server_in.write_eof()
+    for _ in range(10):
+        if client is not None:
+            with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLError):
+                client.do_handshake()  # an agent that fails sends its alert all the same
+            server_in.write(agent_out.read())
+        try:
+            daemon.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError as exc:
+            return handshake_failure(exc)
+        else:
+            return None
+        agent_in.write(server_out.read())
+    raise AssertionError("the handshake neither finished nor failed")
+
+
+def documented_reasons(metric: str) -> set[str]:
+    """The reasons a metric's help text lists, in its parentheses."""
+    (family,) = [m for m in Metrics().registry.collect() if m.name == metric]
+    listed = re.search(r"\(([^)]*)\)", family.documentation)
+    assert listed is not None
+    return set(listed[1].split(", "))
+
+
+def test_every_handshake_failure_is_classified_into_the_documented_reasons(pki: Pki) -> None:
+    documented = documented_reasons("sipcdr_hep_tls_handshake_failures")
+    assert documented == set(HANDSHAKE_FAILURES)
+    requiring = server_context(pki.server_cert, pki.server_key, pki.ca)
+    anyone = server_context(pki.server_cert, pki.server_key, None)
+    server_as_agent = ssl.create_default_context(cafile=str(pki.ca))
+    server_as_agent.load_cert_chain(str(pki.server_cert), str(pki.server_key))  # no clientAuth
+    distrustful = ssl.create_default_context(cafile=str(pki.other_ca))
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32)
+    cases = {
+        "accepted": server_handshake(requiring, agent_context(pki)),
+        "accepted without a client CA": server_handshake(anyone, agent_context(pki, cert=False)),
+        "no_client_cert": server_handshake(requiring, agent_context(pki, cert=False)),
+        "unknown_ca": server_handshake(requiring, agent_context(pki, rogue=True)),
+        "bad_client_cert": server_handshake(requiring, server_as_agent),
+        "agent_alert": server_handshake(anyone, distrustful),
+        "not_tls (HEP)": server_handshake(anyone, None, call_frames("plain@x")),
+        "not_tls (HTTP)": server_handshake(anyone, None, b"GET / HTTP/1.1\r\n\r\n"),
+        "not_tls (zeros)": server_handshake(anyone, None, bytes(40)),
+        "eof": server_handshake(anyone, None, hello, eof=True),
+    }
+    assert cases == {
+        "accepted": None,
+        "accepted without a client CA": None,
+        "no_client_cert": "no_client_cert",
+        "unknown_ca": "unknown_ca",
+        "bad_client_cert": "bad_client_cert",
+        "agent_alert": "agent_alert",
+        "not_tls (HEP)": "not_tls",
+        "not_tls (HTTP)": "not_tls",
+        "not_tls (zeros)": "not_tls",
+        "eof": "eof",
+    }
+    # Whatever a scanner sends first, bare or in a TLS handshake record, the reason is
+    # one the metric documents.
+    rng = random.Random(5246)
+    seen = set()
+    for _ in range(300):
+        garbage = rng.randbytes(rng.randint(1, 300))
+        if rng.random() < 0.5:
+            garbage = b"\x16\x03\x01" + struct.pack("!H", len(garbage)) + garbage
+        seen.add(server_handshake(anyone, None, garbage, eof=True))
+    assert seen <= documented
+    assert len(seen) > 2, seen  # more than not_tls and eof were met
+    assert handshake_failure(ValueError("not from OpenSSL")) == "other"
 
 
 # -- the file limit ---------------------------------------------------------------------

@@ -200,6 +200,13 @@ class App:
                 context = tls.server_context(
                     capture.tls_cert, capture.tls_key, capture.tls_client_ca
                 )
+                if tls.key_exposed(capture.tls_key):
+                    # Whoever reads the key can pose as this daemon to every agent.
+                    self.log.warning(
+                        "tls_key_readable",
+                        tls_key=str(capture.tls_key),
+                        hint="chmod 600 the key file (owned by the daemon's user)",
+                    )
             self._hep_stream = HepStreamServer(
                 self.pipeline,
                 self._allow,

@@ -198,6 +198,7 @@ def _refused_paths(config: Config, command: str) -> str | None:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    from sipcdr.capture.tls import TlsSetupError  # noqa: PLC0415
     from sipcdr.replay import client_context, replay  # noqa: PLC0415
 
     transport = "tls" if args.tls else "tcp" if args.tcp else "udp"
@@ -214,6 +215,11 @@ def _replay(args: argparse.Namespace) -> int:
         return 2
     rate = None if args.rate in (None, "max") else float(args.rate)
     try:
+        context = client_context(args.ca, args.cert, args.key) if transport == "tls" else None
+    except TlsSetupError as exc:
+        print(f"sipcdr: replay: {exc}", file=sys.stderr)
+        return 2
+    try:
         result = replay(
             args.file,
             _host_port(args.to),
@@ -225,7 +231,7 @@ def _replay(args: argparse.Namespace) -> int:
             auth_key=args.auth_key,
             original_times=args.original_times,
             transport=transport,
-            tls=client_context(args.ca, args.cert, args.key) if transport == "tls" else None,
+            tls=context,
             server_name=args.server_name,
         )
     except OSError as exc:  # ssl.SSLError included: a refused certificate, a dead port

@@ -103,13 +103,16 @@ DEFAULT_HEP_TCP_MAX_PER_SOURCE: Final = 64
 DEFAULT_HEP_TCP_IDLE_TIMEOUT_S: Final = 300.0
 # A frame is at most 64 KiB, which any working link delivers in well under a second;
 # 10 s leaves room for a congested WAN and cuts off senders that stall mid-frame.
-# The same deadline applies to a TLS handshake.
+# The same deadline applies to a TLS handshake and to an unfinished TLS record.
 DEFAULT_HEP_TCP_FRAME_TIMEOUT_S: Final = 10.0
 # The largest HEPv3 frame (its length field is 16 bits): no valid frame is refused.
 # Lower it to bound memory further: larger frames are then skipped and counted.
 DEFAULT_HEP_TCP_MAX_BUFFER_BYTES: Final = 65535
 _HEP_MAX_FRAME: Final = 65535
 _HEP_MIN_BUFFER: Final = 1024  # below this even a bare INVITE would not fit
+# Below this the HEP/TCP deadlines only cut off working agents, and the sweep that
+# enforces them (four times per timeout) would spin.
+_HEP_MIN_TIMEOUT_S: Final = 0.1
 # Only local agents until the operator names the sources that may send signaling.
 DEFAULT_ALLOW: Final[tuple[Network, ...]] = (
     ipaddress.ip_network("127.0.0.0/8"),
@@ -954,7 +957,8 @@ class _Table:
             raise self.invalid(name, value, expected)
         return number
 
-    def positive_number(self, name: str, default: float) -> float:
+    def positive_number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        """A finite number above 0, and at least `minimum` when that is given."""
         value = self._raw.get(name)
         if value is None:
             return default
@@ -966,8 +970,8 @@ class _Table:
                 number = float(value)
             except ValueError:
                 number = None
-        if number is None or not math.isfinite(number) or number <= 0:
-            raise self.invalid(name, value, "a number > 0")
+        if number is None or not math.isfinite(number) or number <= 0 or number < minimum:
+            raise self.invalid(name, value, f"a number >= {minimum}" if minimum else "a number > 0")
         return number
 
     def strings(self, name: str) -> tuple[tuple[str, str], ...] | None:
@@ -1141,10 +1145,10 @@ def _capture(table: _Table, base_dir: Path) -> CaptureConfig:
             "hep_tcp_max_per_source", DEFAULT_HEP_TCP_MAX_PER_SOURCE, minimum=1
         ),
         hep_tcp_idle_timeout_s=table.positive_number(
-            "hep_tcp_idle_timeout_s", DEFAULT_HEP_TCP_IDLE_TIMEOUT_S
+            "hep_tcp_idle_timeout_s", DEFAULT_HEP_TCP_IDLE_TIMEOUT_S, minimum=_HEP_MIN_TIMEOUT_S
         ),
         hep_tcp_frame_timeout_s=table.positive_number(
-            "hep_tcp_frame_timeout_s", DEFAULT_HEP_TCP_FRAME_TIMEOUT_S
+            "hep_tcp_frame_timeout_s", DEFAULT_HEP_TCP_FRAME_TIMEOUT_S, minimum=_HEP_MIN_TIMEOUT_S
         ),
         hep_tcp_max_buffer_bytes=max_buffer,
         allow=_networks(table, "allow", DEFAULT_ALLOW),

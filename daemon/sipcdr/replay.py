@@ -5,7 +5,9 @@ Over TCP and TLS the end of the replay is confirmed by the daemon: the stream is
 half-closed and the replay waits for the daemon to close its side (TLS: with a
 close_notify), which it does only after reading every frame. A TLS handshake the
 daemon refuses, or a client certificate it rejects after the handshake (TLS 1.3), is
-an error here.
+an error here. Errors say what went wrong in the listener's terms: nothing listening,
+a reset (and what a reset means on that kind of port), a certificate or key file that
+cannot be used (named; an encrypted key is refused, never asked a passphrase for).
 
 Pacing: the capture's own (default), a fixed rate, or as fast as the socket takes
 it. With several loops each pass rewrites the Call-ID header of every message, so one
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Final
 
 from sipcdr import hep
+from sipcdr.capture import tls as tls_files
 from sipcdr.capture.pcapfile import iter_packets
 from sipcdr.model import Packet
 from sipcdr.sip import SipParseError, parse
@@ -70,22 +73,39 @@ def client_context(
     ca: Path | None = None, cert: Path | None = None, key: Path | None = None
 ) -> ssl.SSLContext:
     """An agent's TLS context: trusts `ca` (the system's CAs when None) and presents
-    `cert`/`key` when the daemon asks for a client certificate."""
+    `cert`/`key` when the daemon asks for a client certificate. Raises
+    `tls.TlsSetupError` naming the option (`--ca`, `--cert`, `--key`) at fault."""
+    if ca is not None:
+        tls_files.check_cas(ca, "--ca")
     context = ssl.create_default_context(cafile=None if ca is None else str(ca))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert is not None:
-        context.load_cert_chain(str(cert), None if key is None else str(key))
+        tls_files.load_key_pair(context, cert, key, ("--cert", "--key"))
     return context
 
 
 def _connect(
     target: tuple[str, int], tls: ssl.SSLContext | None, server_name: str | None
 ) -> socket.socket:
-    sock = socket.create_connection(target, timeout=STREAM_TIMEOUT_S)
+    try:
+        sock = socket.create_connection(target, timeout=STREAM_TIMEOUT_S)
+    except ConnectionRefusedError:
+        host, port = target
+        raise ConnectionRefusedError(
+            f"nothing listens on {host}:{port} (connection refused)"
+        ) from None
     if tls is None:
         return sock
     try:
         return tls.wrap_socket(sock, server_hostname=server_name or target[0])
+    except ConnectionResetError:
+        sock.close()
+        # A HEP/TCP listener answers a ClientHello, which is no HEP frame, with a reset;
+        # a HEP/TLS one resets only a connection it refuses on arrival.
+        raise ConnectionResetError(
+            "the listener reset the connection during the TLS handshake: a HEP/TCP port "
+            "(use --tcp), or refused by its limits or allow-list"
+        ) from None
     except BaseException:
         sock.close()
         raise
@@ -189,7 +209,7 @@ def replay(
             if stream:
                 _finish_stream(sock)
     except ConnectionError as exc:
-        if transport != "tcp":
+        if transport != "tcp" or isinstance(exc, ConnectionRefusedError):
             raise
         # A HEP/TCP listener closes with a reset only when it takes nothing more.
         raise ConnectionError(

@@ -5,7 +5,9 @@ A stream listener is exposed to whoever may connect, so every resource a connect
 can hold is bounded: the number of connections (in total and per source address),
 how long a connection may stay silent, how long a started frame or TLS handshake may
 take to finish (slowloris), and how many bytes of an unfinished frame are buffered.
-Each refusal and each forced close is counted by a fixed reason.
+Over TLS the daemon also writes (handshakes, session tickets, answers to the agent's
+KeyUpdates): what the agent leaves unread is bounded too. Each refusal and each forced
+close is counted by a fixed reason.
 
 Connections are `asyncio.Protocol`s without a task or a StreamReader each: an idle
 connection costs a transport and one small object. Frames are decoded inside
@@ -44,10 +46,20 @@ LISTEN_BACKLOG: Final = 1024
 # The sweep runs at least this often, and at least four times per timeout, so a
 # connection is closed within a quarter of its timeout past the deadline.
 SWEEP_MAX_INTERVAL_S: Final = 1.0
+# ... and at most this often: a tiny timeout (the config refuses under 0.1 s, limits
+# built in code may not) must not turn the sweep into a busy loop.
+SWEEP_MIN_INTERVAL_S: Final = 0.025
+# An agent makes the daemon write a handshake, a few session tickets and the odd
+# KeyUpdate answer, which the kernel's socket buffer takes whole. Bytes piling up in
+# the transport beyond this mean the agent does not read: the connection is closed as
+# `write_backlog`, since a KeyUpdate request costs the agent 30 bytes and makes the
+# daemon queue an answer, without end.
+WRITE_BACKLOG_BYTES: Final = 64 * 1024
 # One TLS record holds at most 16 KiB of plaintext; this takes several per read call.
 _TLS_READ_BYTES: Final = 65536
 _HEADER: Final = 6  # "HEP3" and the 16-bit total length
 _MAGIC: Final = b"HEP3"
+_TLS_RECORD_HEADER: Final = 5  # content type, version, 16-bit length
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +172,11 @@ class HepStreamServer:
     def admit(self, connection: _Connection) -> bool:
         ip = connection.ip
         limits = self.limits
-        if not ip or not self.allow.permits(ip):
+        if not ip:
+            # Reset by the agent before the loop took it (uvloop then has no peer
+            # address): nothing was read, and there is no source to hold it against.
+            reason = "gone"
+        elif not self.allow.permits(ip):
             reason = "not_allowed"
         elif self._stopped:
             reason = "max_connections"  # stopping: the cap is now zero
@@ -199,7 +215,10 @@ class HepStreamServer:
 
     async def _sweep(self) -> None:
         limits = self.limits
-        interval = min(SWEEP_MAX_INTERVAL_S, limits.idle_timeout_s / 4, limits.frame_timeout_s / 4)
+        interval = max(
+            SWEEP_MIN_INTERVAL_S,
+            min(SWEEP_MAX_INTERVAL_S, limits.idle_timeout_s / 4, limits.frame_timeout_s / 4),
+        )
         while True:
             await asyncio.sleep(interval)
             self.expire(time.monotonic())
@@ -241,6 +260,8 @@ class _Connection(asyncio.Protocol):
         "_ended",
         "_need",
         "_pending",
+        "_record_head",
+        "_record_left",
         "_server",
         "_skip",
         "_tls",
@@ -267,6 +288,10 @@ class _Connection(asyncio.Protocol):
         self._tls: ssl.SSLObject | None = None
         self._bio_in: ssl.MemoryBIO | None = None
         self._bio_out: ssl.MemoryBIO | None = None
+        # Where the TLS records end in the ciphertext: OpenSSL takes in the start of a
+        # record without a sign outside, so this is how a stalled record is seen.
+        self._record_left = 0  # bytes of the current record still to come
+        self._record_head = b""  # the start of a record header split across reads
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -284,6 +309,7 @@ class _Connection(asyncio.Protocol):
             self._tls = self._context.wrap_bio(self._bio_in, self._bio_out, server_side=True)
             self.handshaking = True
             self.started = now
+            self.transport.set_write_buffer_limits(high=WRITE_BACKLOG_BYTES)
 
     def connection_lost(self, exc: Exception | None) -> None:
         server = self._server
@@ -306,6 +332,15 @@ class _Connection(asyncio.Protocol):
                 tls.unwrap()
             self._send_tls()
         return False
+
+    def pause_writing(self) -> None:
+        """The transport holds more than WRITE_BACKLOG_BYTES the agent has not read:
+        close rather than buffer on. Only TLS connections write, so only they get
+        here; there is no resume_writing, since nothing is left to resume."""
+        if self._ended:
+            _reset(self.transport)  # a refused handshake's alert the agent does not read
+            return
+        self._close_for("write_backlog")
 
     def _linger(self, now: float) -> None:
         """Send the alert OpenSSL queued (it tells the agent why it was refused), then
@@ -358,6 +393,7 @@ class _Connection(asyncio.Protocol):
             return  # lingering after a refused handshake: nothing more is read
         assert self._bio_in is not None
         self._bio_in.write(data)
+        self._follow_records(data)
         if self.handshaking:
             try:
                 tls.do_handshake()
@@ -388,7 +424,38 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
                 return
             self._frames(plain, now)
+        if self._ended:
+            return  # closed for what a record held (bad framing, a TLS error)
+        if self._record_left or self._record_head:
+            # A record begun and not ended: bytes trickled into it reach no frame, so
+            # the frame deadline runs from here.
+            if not self.started:
+                self.started = now
+        elif not self._pending and not self._skip:
+            self.started = 0.0  # the record ended without a frame in it (a KeyUpdate)
         self._send_tls()
+
+    def _follow_records(self, data: bytes) -> None:
+        """Advance over the TLS record boundaries in `data`: one header read per
+        record, so a few steps per read."""
+        size = len(data)
+        offset = self._record_left
+        head = self._record_head
+        while offset < size:
+            if head or size - offset < _TLS_RECORD_HEADER:
+                piece = data[offset : offset + _TLS_RECORD_HEADER - len(head)]
+                head += piece
+                offset += len(piece)
+                if len(head) < _TLS_RECORD_HEADER:
+                    break
+                length = (head[3] << 8) | head[4]
+                head = b""
+            else:
+                length = (data[offset + 3] << 8) | data[offset + 4]
+                offset += _TLS_RECORD_HEADER
+            offset += length
+        self._record_head = head
+        self._record_left = offset - size if offset > size else 0
 
     def _send_tls(self) -> None:
         out = self._bio_out
@@ -402,6 +469,8 @@ class _Connection(asyncio.Protocol):
         if self._skip:
             if len(data) <= self._skip:
                 self._skip -= len(data)
+                if not self._skip:
+                    self.started = 0.0  # the skipped frame ended with this read
                 return
             data = data[self._skip :]
             self._skip = 0

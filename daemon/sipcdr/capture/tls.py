@@ -1,5 +1,7 @@
 """TLS for HEP agents: the server context built from `[capture] tls_cert`, `tls_key` and
-`tls_client_ca`, and the fixed reasons a failed handshake is counted under.
+`tls_client_ca`, and the fixed reasons a failed handshake is counted under. The
+certificate and key loading is shared with `sipcdr replay --tls`, whose agent files
+get the same clear errors.
 
 Kept apart from the listeners so the configuration check can load the same context
 the listener will, without importing the capture path. Nothing here reads or logs a
@@ -9,6 +11,7 @@ key's contents: errors name the file and what is wrong with it.
 from __future__ import annotations
 
 import ssl
+import stat
 from pathlib import Path
 from typing import Final
 
@@ -45,7 +48,8 @@ _NOT_TLS: Final = frozenset(
 
 class TlsSetupError(ValueError):
     """A certificate or key that cannot be used. `setting` names the one at fault
-    (`tls_cert`, `tls_key` or `tls_client_ca`), `expected` what would work."""
+    (`tls_cert`, `tls_key` or `tls_client_ca`; replay's `--cert`, `--key`, `--ca`),
+    `expected` what would work."""
 
     def __init__(self, setting: str, path: Path, problem: str, expected: str) -> None:
         super().__init__(f"{setting} {path}: {problem}; expected {expected}")
@@ -71,43 +75,76 @@ def _check_readable(setting: str, path: Path, expected: str) -> None:
         raise TlsSetupError(setting, path, f"cannot be read ({exc.strerror})", expected) from None
 
 
-def server_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
-    """The context for HEP/TLS listeners; with `client_ca`, agents must present a
-    certificate it signed. Raises TlsSetupError naming the file at fault."""
-    pem_cert = "a PEM certificate (chain)"
-    pem_key = "an unencrypted PEM private key matching tls_cert"
-    pem_ca = "a PEM file of CA certificates"
-    _check_readable("tls_cert", cert, pem_cert)
-    _check_readable("tls_key", key, pem_key)
+_PEM_CERT: Final = "a PEM certificate (chain)"
+_PEM_CA: Final = "a PEM file of CA certificates"
+
+
+def load_key_pair(
+    context: ssl.SSLContext,
+    cert: Path,
+    key: Path | None,
+    settings: tuple[str, str] = ("tls_cert", "tls_key"),
+) -> None:
+    """Load `cert` and its `key` (None: the key is in `cert`) into `context`; an
+    encrypted key is refused rather than asked a passphrase for on the terminal.
+    Raises TlsSetupError naming the setting at fault (`settings`: the names of the
+    certificate's and the key's)."""
+    cert_setting, key_setting = settings
+    pem_key = f"an unencrypted PEM private key matching {cert_setting}"
+    _check_readable(cert_setting, cert, _PEM_CERT)
+    if key is None:
+        key_setting, key = cert_setting, cert
+    else:
+        _check_readable(key_setting, key, pem_key)
     # Loading the certificate on its own first tells a bad certificate from a bad key,
     # which load_cert_chain's "PEM lib" error does not.
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         probe.load_verify_locations(cafile=str(cert))
     except ssl.SSLError:
-        raise TlsSetupError("tls_cert", cert, "holds no certificate", pem_cert) from None
+        raise TlsSetupError(cert_setting, cert, "holds no certificate", _PEM_CERT) from None
+    try:
+        context.load_cert_chain(str(cert), str(key), password=_refuse_passphrase)
+    except _PassphraseNeeded:
+        raise TlsSetupError(key_setting, key, "is encrypted", pem_key) from None
+    except ssl.SSLError as exc:
+        problem = (
+            f"does not match the certificate in {cert_setting}"
+            if exc.reason == "KEY_VALUES_MISMATCH"
+            else "holds no usable private key"
+        )
+        raise TlsSetupError(key_setting, key, problem, pem_key) from None
+
+
+def check_cas(path: Path, setting: str) -> None:
+    """Raise TlsSetupError unless `path` is a readable PEM file of certificates."""
+    _check_readable(setting, path, _PEM_CA)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+    except ssl.SSLError:
+        raise TlsSetupError(setting, path, "holds no certificate", _PEM_CA) from None
+
+
+def key_exposed(key: Path) -> bool:
+    """Whether users other than the key file's owner may read it (group or others)."""
+    try:
+        mode = key.stat().st_mode
+    except OSError:
+        return False  # loading it has just succeeded or will say what is wrong
+    return bool(mode & (stat.S_IRGRP | stat.S_IROTH))
+
+
+def server_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
+    """The context for HEP/TLS listeners; with `client_ca`, agents must present a
+    certificate it signed. Raises TlsSetupError naming the file at fault."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MINIMUM_VERSION
     # Agents send and never renegotiate; refusing it closes a known CPU-exhaustion path.
     context.options |= ssl.OP_NO_RENEGOTIATION
-    try:
-        context.load_cert_chain(str(cert), str(key), password=_refuse_passphrase)
-    except _PassphraseNeeded:
-        raise TlsSetupError("tls_key", key, "is encrypted", pem_key) from None
-    except ssl.SSLError as exc:
-        problem = (
-            "does not match the certificate in tls_cert"
-            if exc.reason == "KEY_VALUES_MISMATCH"
-            else "holds no usable private key"
-        )
-        raise TlsSetupError("tls_key", key, problem, pem_key) from None
+    load_key_pair(context, cert, key)
     if client_ca is not None:
-        _check_readable("tls_client_ca", client_ca, pem_ca)
-        try:
-            context.load_verify_locations(cafile=str(client_ca))
-        except ssl.SSLError:
-            problem = "holds no certificate"
-            raise TlsSetupError("tls_client_ca", client_ca, problem, pem_ca) from None
+        check_cas(client_ca, "tls_client_ca")
+        context.load_verify_locations(cafile=str(client_ca))
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 

@@ -56,14 +56,15 @@ class Metrics:
         self.hep_connections_refused = Counter(
             "sipcdr_hep_connections_refused_total",
             "HEP/TCP and HEP/TLS connections refused on arrival, by listener kind and "
-            "reason (not_allowed, max_connections, max_per_source)",
+            "reason (not_allowed, max_connections, max_per_source, gone: reset by the agent "
+            "before it was taken)",
             ["source", "reason"],
             registry=r,
         )
         self.hep_connections_closed = Counter(
             "sipcdr_hep_connections_closed_total",
             "HEP/TCP and HEP/TLS connections the daemon closed, by listener kind and "
-            "reason (idle_timeout, frame_timeout, bad_framing, tls_error)",
+            "reason (idle_timeout, frame_timeout, bad_framing, tls_error, write_backlog)",
             ["source", "reason"],
             registry=r,
         )
