@@ -336,6 +336,36 @@ async def test_jsonl_on_a_full_disk_cuts_the_torn_batch_back_and_catches_up(
     assert [orjson.loads(line)["n"] for line in lines] == list(range(1, 101))
 
 
+async def test_a_rotation_that_fails_after_its_batch_is_on_disk_writes_nothing_twice(
+    tmp_path: Path, small_disk: SmallDisk
+) -> None:
+    """A real disk out of inodes: the file is renamed, but no new one can be created.
+    The batch before the rotation is kept and not failed (the spool would deliver it
+    again); the next one fails until an inode is free, then everything is there once."""
+    disk = small_disk(tmp_path / "disk", 1024 * 1024, inodes=3)  # root, file, spare
+    spare = disk / "spare"
+    spare.write_bytes(b"")  # holds the last inode
+    path = disk / "cdrs.jsonl"
+    sink = JsonlSink(path, rotate_bytes=1000)
+    await sink.start()
+    records = [
+        SpoolRecord(n, KIND_CDR, b"k", b'{"n":%d,"pad":"%s"}' % (n, b"x" * 90))
+        for n in range(1, 21)
+    ]
+    await sink.deliver(STREAM_RECORDS, records[:10])  # past rotate_bytes: rotated, no new file
+    assert sink.rotation_failures == 1
+    with pytest.raises(OSError):
+        await sink.deliver(STREAM_RECORDS, records[10:20])  # no file to write to
+    spare.unlink()
+    await sink.deliver(STREAM_RECORDS, records[10:20])  # the failed batch, retried
+    assert sink.rotation_failures == 2  # renamed again, and again no inode for a new one
+    await sink.stop()
+    lines = [
+        line for file in sorted(disk.glob("cdrs.jsonl*")) for line in file.read_bytes().splitlines()
+    ]
+    assert sorted(orjson.loads(line)["n"] for line in lines) == list(range(1, 21))
+
+
 async def test_jsonl_cuts_off_a_torn_line_it_finds_at_start(tmp_path: Path) -> None:
     path = tmp_path / "cdrs.jsonl"
     path.write_bytes(b'{"n":1}\n{"n":2}\n{"n":3,"pa')  # a crash in the middle of a write
