@@ -59,6 +59,7 @@ def test_a_full_disk_loses_no_closed_cdr_and_recovers_without_a_restart(
         SIPCDR_SINKS__POSTGRES__DSN=dsn,
         SIPCDR_SPOOL__SEGMENT_BYTES=str(64 * 1024),
         SIPCDR_SPOOL__SIGNALING_MIN_FREE_BYTES=str(1024 * 1024),
+        SIPCDR_STATE__SPARE_BYTES="0",  # the reserve's own path (the spare's: below)
     )
     daemons.append(daemon)
     sent = 0
@@ -102,6 +103,8 @@ def test_a_full_disk_loses_no_closed_cdr_and_recovers_without_a_restart(
     wait_for(lambda: len(pg_cdr_ids(dsn)) == closed, timeout=60)
     wait_for(lambda: len(set(jsonl_ids(daemon))) == closed, timeout=30)
     wait_for(lambda: daemon.metric("sipcdr_spool_reserve_records", stream="records") == 0)
+    # Once the disk has taken writes for a while (not at once: it must not flap).
+    wait_for(lambda: daemon.metric("sipcdr_intake_paused") == 0, timeout=20)
     assert "intake_resumed" in daemon.log.read_text()
     send_calls(daemon, [f"after-{n}" for n in range(10)])  # taken in again
     wait_for(lambda: len(pg_cdr_ids(dsn)) == closed + 10, timeout=30)

@@ -112,9 +112,10 @@ class Correlator:
         self._next_sweep = 0.0
         self._now = 0.0  # latest capture time seen: when a closed call was closed
         # Whether the last message fed changed a call (opened, rang, answered, was
-        # cancelled, challenged, retried, ended): the daemon journals exactly those.
-        # Retransmissions, the other leg's copies and in-dialog requests other than
-        # BYE only move the call's last-message time, which the checkpoints carry.
+        # cancelled, challenged, retried, ended), or the last timer run closed or forgot
+        # a call: the daemon journals exactly those. Retransmissions, the other leg's
+        # copies and in-dialog requests other than BYE only move the call's
+        # last-message time, which the checkpoints carry.
         self.changed = False
 
     @property
@@ -253,19 +254,26 @@ class Correlator:
                 if d.phase is Phase.ANSWERED and d.last_time <= silent_since
             ]
             closed.extend(self._close(d, d.last_time, state.END_TIMEOUT_NO_BYE) for d in stale)
-        self.prune_closed(now)
+        forgotten = self.prune_closed(now)
+        # A timer run that closed or forgot nothing changes nothing a restart rebuilds.
+        self.changed = bool(closed) or forgotten > 0
         return closed or _NO_CDRS
 
-    def prune_closed(self, now: float) -> None:
-        """Forget Call-IDs closed longer ago than the late window (or beyond the cap)."""
+    def prune_closed(self, now: float) -> int:
+        """Forget Call-IDs closed longer ago than the late window (or beyond the cap);
+        returns how many."""
+        self._now = max(self._now, now)
         closed_calls = self._closed
         late_deadline = now - self.limits.transaction_timeout_s
         cap = self.limits.max_open_dialogs
+        forgotten = 0
         while closed_calls:
             call_id, (closed_at, _tag, _cseq) = next(iter(closed_calls.items()))
             if closed_at > late_deadline and len(closed_calls) <= cap:
                 break
             del closed_calls[call_id]
+            forgotten += 1
+        return forgotten
 
     def drain(self) -> list[Cdr]:
         """Close every open call as if all its timers had run out: the end of an import,

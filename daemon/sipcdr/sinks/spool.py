@@ -189,6 +189,7 @@ class Spool:
         buffered: bool = False,
         reserve_records: int = DEFAULT_CDR_RESERVE_RECORDS,
         min_free_bytes: int = 0,
+        refuse_below_floor: bool = True,
     ) -> None:
         if full_policy not in FULL_POLICIES:
             raise ValueError(f"full_policy must be one of {FULL_POLICIES}")
@@ -216,8 +217,11 @@ class Spool:
         # did, and the write is tried once more.
         self.on_no_space: Callable[[], bool] | None = None
         self._no_space = False  # the last failed write was refused for want of space
-        # Buffered streams: refuse records while the filesystem has less free space.
+        # Buffered streams: refuse records while the filesystem has less free space, or,
+        # with `refuse_below_floor` off, only say so (`below_floor`) for an owner that
+        # waits instead (an import).
         self.min_free_bytes = min_free_bytes
+        self.refuse_below_floor = refuse_below_floor
         self.below_floor = False
         self._floor_budget = 0  # bytes that may still be written before the floor
         self._floor_checked_until = 0.0
@@ -370,7 +374,7 @@ class Spool:
             self._refuse("too_large")
             return Appended.REFUSED
         if self.buffered:
-            if self.below_floor:
+            if self.below_floor and self.refuse_below_floor:
                 self._refuse("disk_floor")
                 return Appended.REFUSED
             # Numbered once buffered, so each record is encoded once; a batch write
@@ -424,7 +428,7 @@ class Spool:
     def take_reserve(self) -> list[object]:
         """Empty the reserve without writing it, returning the tags of its records: the
         owner has kept them elsewhere (a checkpoint, at a stop). Not counted as lost."""
-        tags = [tag for _record, tag in self._reserve]
+        tags = self.reserved_tags()
         self._reserve.clear()
         return tags
 
@@ -512,7 +516,8 @@ class Spool:
         records, size = self._buffer, self._buffered_bytes
         self._buffer, self._buffered_bytes = [], 0
         first_seq = self.next_seq - len(records)
-        if self.min_free_bytes and self._check_floor(size):
+        below_floor = bool(self.min_free_bytes) and self._check_floor(size)
+        if below_floor and self.refuse_below_floor:
             reason, written = "disk_floor", 0
         else:
             reason, written = "write_error", self._write(records)
@@ -560,6 +565,10 @@ class Spool:
     def reserved(self) -> int:
         """Records the disk refused that wait in memory to be written."""
         return len(self._reserve)
+
+    def reserved_tags(self) -> list[object]:
+        """The tags of the records in the reserve, oldest first."""
+        return [tag for _record, tag in self._reserve]
 
     def flush(self) -> None:
         """Write what the buffered stream holds and what the reserve holds, and save
