@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 from sipcalls import Call, CdrCollector, packet
+from sipcdr.app import IntakeGate
 from sipcdr.config import Config, JsonlConfig, PostgresConfig, SinksConfig, SpoolConfig
 from sipcdr.dialog import Correlator
 from sipcdr.pipeline import Pipeline
@@ -604,3 +605,39 @@ async def test_a_failed_watcher_is_a_warning_and_the_batch_goes_on(
     (failed,) = [entry for entry in logs if entry["event"] == "delivery_watch_failed"]
     assert failed["log_level"] == "warning"
     assert [entry for entry in logs if entry["log_level"] == "error"] == []
+
+
+def test_intake_resumes_only_after_the_disk_has_kept_up_and_waits_longer_after_a_relapse() -> None:
+    pipeline = Pipeline(Correlator(), [])
+    now = [0.0]
+    gate = IntakeGate(pipeline, clock=lambda: now[0])
+    with capture_logs() as logs:
+        gate.update("write_error")
+        assert pipeline.paused and pipeline.pause_reason == "write_error"
+        for _ in range(4):  # the tick: the disk took the reserve, but not for long yet
+            now[0] += 1.0
+            gate.update(None)
+        assert pipeline.paused
+        now[0] += 1.0
+        gate.update(None)
+        assert not pipeline.paused  # 5 s without a refusal
+        now[0] += 1.0
+        gate.update("write_error")  # a disk at the edge refuses again at once
+        for _ in range(9):
+            now[0] += 1.0
+            gate.update(None)
+        assert pipeline.paused  # 10 s this time
+        now[0] += 1.0
+        gate.update(None)
+        assert not pipeline.paused
+        now[0] += 600.0  # a long quiet spell: the next pause starts from 5 s again
+        gate.update("spool_full")
+        assert gate.resume_after_s == 5.0
+    levels = [(e["event"], e["log_level"]) for e in logs]
+    assert levels == [
+        ("intake_paused", "error"),
+        ("intake_resumed", "info"),
+        ("intake_paused", "error"),
+        ("intake_resumed", "info"),
+        ("intake_paused", "error"),
+    ]

@@ -95,7 +95,7 @@ class IntakeGate:
         self.resume_after_s = RESUME_AFTER_S
         self._clock = clock
         self._paused_at = 0.0
-        self._clear_since: float | None = None
+        self._reason_seen_at = 0.0  # the last check that found a reason to pause
         self._resumed_at = float("-inf")
         self._refused_at_pause = 0
 
@@ -103,7 +103,7 @@ class IntakeGate:
         pipeline = self.pipeline
         now = self._clock()
         if reason is not None:
-            self._clear_since = None
+            self._reason_seen_at = now
             if not pipeline.paused:
                 if now - self._resumed_at < RESUME_AFTER_MAX_S:
                     self.resume_after_s = min(RESUME_AFTER_MAX_S, self.resume_after_s * 2)
@@ -119,11 +119,7 @@ class IntakeGate:
                 pipeline.pause_reason = reason
                 self.log.warning("intake_pause_reason_changed", reason=reason)
             return
-        if not pipeline.paused:
-            return
-        if self._clear_since is None:
-            self._clear_since = now
-        if now - self._clear_since < self.resume_after_s:
+        if not pipeline.paused or now - self._reason_seen_at < self.resume_after_s:
             return
         pipeline.paused = False
         self._resumed_at = now
