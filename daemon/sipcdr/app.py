@@ -173,7 +173,7 @@ class App:
             checkpoint_interval_s=config.state.checkpoint_interval_s,
             # One power-loss bound for CDRs and for the call changes behind them.
             fsync_interval_s=config.spool.fsync_interval_ms / 1000,
-            on_no_space=self.spare.release,
+            on_no_space=self._make_room,
         )
         self.intake = IntakeGate(self.pipeline)
 
@@ -272,7 +272,16 @@ class App:
             self.dialogs.held = writer.held
         records = outputs.spools.get(STREAM_RECORDS)
         if records is not None and same_filesystem(records.directory, self.state_dir):
-            records.on_no_space = self.spare.release
+            records.on_no_space = self._make_room
+
+    def _make_room(self) -> bool:
+        """A write was refused for want of space: give up the spare and, from this very
+        message on, refuse new calls, so that its room goes to the calls already open."""
+        if not self.spare.release():
+            return False
+        if self.outputs.blocks_intake:
+            self.intake.update("write_error")
+        return True
 
     async def _save_and_close(self, drain_timeout_s: float | None = None) -> None:
         """A last checkpoint, then the outputs closed. CDRs the spool still holds in
