@@ -969,3 +969,30 @@ async def test_a_checkpoint_with_a_changed_byte_is_not_restored(tmp_path: Path) 
     second.store.recover()
     assert second.store.stats.unreadable_checkpoints == 1
     assert not second.correlator.is_open("one@x")
+
+
+async def test_an_eviction_replays_as_it_happened_whatever_the_capture_times(
+    tmp_path: Path,
+) -> None:
+    """Two HEP agents' clocks apart: the call that arrived first has the later INVITE
+    time. Live, the call that arrived first is evicted; replay must evict that one too,
+    not the one a restored timer queue would put first."""
+    limits = DialogLimits(max_open_dialogs=2)
+    first_in, second_in, third = Call("first@x"), Call("second@x"), Call("third@x")
+    events = [
+        msg(5.0, first_in.request("INVITE")),
+        msg(1.0, second_in.request("INVITE")),
+        ("checkpoint",),
+        msg(6.0, third.request("INVITE")),
+    ]
+    expected = by_id(reference([e for e in events if e[0] != "checkpoint"], limits))
+    assert [cdr["call_id"] for cdr in expected.values()] == ["first@x"]
+    spool = CdrCollector()
+    node = Node(tmp_path, spool, limits)
+    await node.boot()
+    node.run(events)
+    node.crash()
+    second = Node(tmp_path, CdrCollector(), limits)
+    assert await second.boot() == []
+    assert by_id(spool.cdrs) == expected
+    assert second.correlator.is_open("second@x") and second.correlator.is_open("third@x")
