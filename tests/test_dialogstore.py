@@ -996,3 +996,17 @@ async def test_an_eviction_replays_as_it_happened_whatever_the_capture_times(
     assert await second.boot() == []
     assert by_id(spool.cdrs) == expected
     assert second.correlator.is_open("second@x") and second.correlator.is_open("third@x")
+
+
+async def test_a_cdr_the_spool_writes_after_the_stop_is_not_a_journal_error(
+    tmp_path: Path,
+) -> None:
+    """Closing the spool writes what it still held when the stop's checkpoint could not
+    keep it; the journal is closed by then, and the next start may write it again."""
+    node = Node(tmp_path, CdrCollector())
+    await node.boot()
+    node.run([*answered(Call("late@x"), 0.0), bye(Call("late@x"), 10.0)])
+    (cdr,) = node.spool.cdrs
+    await node.store.stop()
+    node.store.closed(cdr)
+    assert node.store.stats.journal_write_errors == 0

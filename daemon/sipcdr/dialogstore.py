@@ -258,7 +258,11 @@ class DialogStore:
             self.stats.journal_messages += 1
 
     def closed(self, cdr: Cdr) -> None:
-        """Journal that a call's CDR is in the spool file."""
+        """Journal that a call's CDR is in the spool file. After the stop's checkpoint
+        (the spool writing what it still held as it closes) there is no journal: the
+        next start may write such a CDR again, under the same cdr_id, which is no loss."""
+        if self._stopped:
+            return
         ident = cdr.cdr_id.encode()
         body = b"".join(
             (

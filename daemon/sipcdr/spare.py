@@ -12,7 +12,8 @@ refuses new calls (as for a CDR the disk refused), so its room goes to the calls
 already open, which still end, to their journal records and to the checkpoints. It is
 allocated again once the filesystem has twice its size free (the spare and as much
 again), read at most every `_CHECK_S`. A disk too small for that never gets one, and
-the daemon works as without.
+the daemon works as without; so does a copy-on-write or compressing filesystem (ZFS,
+btrfs), which keeps no blocks for the file (said once, at WARNING).
 """
 
 from __future__ import annotations
@@ -88,8 +89,18 @@ class SpareSpace:
             return False
         if self.released:
             self.log.info("spare_space_restored", spare_bytes=self.size_bytes)
+        elif not self._holds_blocks():
+            # Copy-on-write or compressing filesystems (ZFS, btrfs) keep no blocks for
+            # it: giving it up then frees nothing, and the daemon works as without.
+            self.log.warning("spare_space_holds_no_blocks", path=str(self.path))
         self.ready, self.released = True, False
         return True
+
+    def _holds_blocks(self) -> bool:
+        try:
+            return self.path.lstat().st_blocks * 512 >= self.size_bytes
+        except OSError:
+            return False
 
     def _kept_from_before(self) -> bool:
         """A spare of the full size left by an earlier run is taken as it is."""
