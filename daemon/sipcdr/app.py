@@ -154,7 +154,6 @@ class App:
         self._started = False
         self._stopped = False
         self._failed_start = False
-        self._spare_releases_exported = 0
         self._file_limit = (0, 0)  # (soft, hard) RLIMIT_NOFILE once started
         self._reset_inputs()
 
@@ -176,6 +175,7 @@ class App:
             on_no_space=self._make_room,
         )
         self.intake = IntakeGate(self.pipeline)
+        self._spare_releases_exported = 0
 
     def _reset_inputs(self) -> None:
         self._hep_stream: HepStreamServer | None = None

@@ -117,7 +117,8 @@ RESUME_FRACTION: Final = 0.9
 # reserve is written back in batches of this size too.
 _WRITE_BUFFER_BYTES: Final = 256 * 1024
 # Closed CDRs the disk refuses wait in memory, up to this many: every call a large
-# carrier has open when its disk fills (~120 calls/s x 3 min) twice over, ~60 MB.
+# carrier has open when its disk fills (~120 calls/s x 3 min) twice over, ~120 MB (the
+# encoded record and the CDR itself, which the dialog checkpoints carry, ~2.3 KB each).
 DEFAULT_CDR_RESERVE_RECORDS: Final = 50_000
 # Signaling stops below this much free space, so CDRs keep room on a shared disk:
 # about two hours of a large carrier's CDRs (~400 MB an hour).
