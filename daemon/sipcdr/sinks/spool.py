@@ -145,7 +145,7 @@ class Appended(IntEnum):
     """What `append` did with a record. REFUSED is false, the others true."""
 
     REFUSED = 0  # not kept (counted in `SpoolStats.dropped` with its reason)
-    WRITTEN = 1  # in the segment file
+    WRITTEN = 1  # in the segment file (the buffered stream: taken into its buffer)
     HELD = 2  # in the reserve, in memory, until the disk takes it
 
 
