@@ -5,6 +5,8 @@ Three contenders write the same CDR-sized JSON values (~900 bytes) to a fresh fi
 - floor: one `os.write` per record, no framing (what any durable file sink costs)
 - spool: `Spool.append` (framing, CRC32, one write per record: the CDR stream)
 - spool buffered: the signaling stream's batched writes
+- spool, disk refusing: `Spool.append` while every write fails with ENOSPC, so each
+  record waits in the in-memory reserve (the hot path on a full disk)
 - read back: one reader taking every record in batches of 1,000
 
 and, per SIP message, what keeping signaling for `sip_messages` adds to parsing:
@@ -20,13 +22,16 @@ together.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -91,6 +96,33 @@ def spool_append(directory: Path, number: int, *, buffered: bool = False) -> Non
             append(KIND_CDR, KEY, VALUE)
 
 
+@contextlib.contextmanager
+def refusing_disk() -> Iterator[None]:
+    """Every `os.write` fails as on a full disk, until the block ends."""
+    real_write = os.write
+
+    def full(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    os.write = full
+    try:
+        yield
+    finally:
+        os.write = real_write
+
+
+def spool_append_refused(directory: Path, number: int) -> None:
+    spool = Spool(directory / "refused", ("r",), reserve_records=number)
+    spool.open()
+    append = spool.append
+    with refusing_disk():
+        for _ in range(number):
+            append(KIND_CDR, KEY, VALUE)
+        spool.flush()  # what the tick retries meanwhile
+    assert spool.reserved == number
+    spool.close()
+
+
 def read_back(directory: Path, number: int) -> None:
     with Spool(directory / "spool", ("r",)) as spool:
         reader = spool.reader("r")
@@ -145,6 +177,7 @@ def main() -> None:
                 "spool append, buffered": timed(
                     lambda d, n: spool_append(d / "b", n, buffered=True), directory, args.number
                 ),
+                "spool append, refused": timed(spool_append_refused, directory, args.number),
                 "spool read back": timed(read_back, directory, args.number),
             }
             for name, rate in round_results.items():

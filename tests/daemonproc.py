@@ -66,7 +66,8 @@ def _same_series(key: str, name: str, labels: dict[str, str]) -> bool:
 
 def daemon_environ(**env: str) -> dict[str, str]:
     """This process's environment without its SIPCDR_ settings, every listener on a
-    free loopback port, no PostgreSQL sink, then `env` on top."""
+    free loopback port, no PostgreSQL sink, a 1 MiB spare file (the default 64 MiB in
+    every test's state folder would add up), then `env` on top."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SIPCDR_")}
     environ.update(
         SIPCDR_CAPTURE__SIP_UDP="127.0.0.1:0",
@@ -74,6 +75,7 @@ def daemon_environ(**env: str) -> dict[str, str]:
         SIPCDR_CAPTURE__HEP_TCP="127.0.0.1:0",
         SIPCDR_METRICS__LISTEN="127.0.0.1:0",
         SIPCDR_SINKS__POSTGRES__DSN="",
+        SIPCDR_STATE__SPARE_BYTES=str(1024 * 1024),
     )
     environ.update(env)
     return environ

@@ -1026,3 +1026,19 @@ def test_the_full_disk_keys_of_the_spool(tmp_path: Path) -> None:
     assert error.expected == "an integer >= 1"
     error = error_for(tmp_path, "[spool]\nsignaling_min_free_bytes = -1\n")
     assert error.key == "spool.signaling_min_free_bytes"
+
+
+def test_the_spare_file_size(tmp_path: Path) -> None:
+    assert Config().state.spare_bytes == 64 * 1024 * 1024
+    config = load_text(tmp_path, "[state]\nspare_bytes = 0\n")  # none kept
+    assert config.state.spare_bytes == 0
+    assert config.redacted()["state"] == {
+        "dir": "var",
+        "checkpoint_interval_s": 10.0,
+        "spare_bytes": 0,
+    }
+    environ = {"SIPCDR_STATE__SPARE_BYTES": "1048576"}
+    assert load_text(tmp_path, "", environ).state.spare_bytes == 1024 * 1024
+    error = error_for(tmp_path, "[state]\nspare_bytes = -1\n")
+    assert error.key == "state.spare_bytes"
+    assert error.expected == "an integer >= 0"

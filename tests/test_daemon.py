@@ -3,7 +3,6 @@ metrics endpoints, SIGTERM drain and a call that spans a restart."""
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pcapdata import require_shared_data
 from peers import Sipp, free_udp_port
 from sipcalls import Call, answered_call_messages
 from sipcdr import hep
+from sipcdr.dialogstore import read_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -48,9 +48,9 @@ def hep_frame(payload: bytes, key: str | None = "s3cret", capture_id: int = 2001
 def saved_call_ids(state_dir: Path) -> list[str]:
     """The open calls of the newest dialog checkpoint."""
     newest = max(state_dir.glob("dialogs.*.json"), key=lambda p: int(p.name.split(".")[1]))
-    saved = json.loads(newest.read_text())
-    column = saved["fields"].index("call_id")
-    return [row[column] for row in saved["dialogs"]]
+    saved, _unwritten = read_checkpoint(newest.read_bytes())
+    column = saved["fields"].index("call_id")  # type: ignore[attr-defined]
+    return [row[column] for row in saved["dialogs"]]  # type: ignore[attr-defined]
 
 
 def test_calls_over_sip_udp_hep_udp_and_hep_tcp(daemon: Daemon) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 from sipcalls import Call, CdrCollector, packet
+from sipcdr.app import IntakeGate
 from sipcdr.config import Config, JsonlConfig, PostgresConfig, SinksConfig, SpoolConfig
 from sipcdr.dialog import Correlator
 from sipcdr.pipeline import Pipeline
@@ -336,6 +337,36 @@ async def test_jsonl_on_a_full_disk_cuts_the_torn_batch_back_and_catches_up(
     assert [orjson.loads(line)["n"] for line in lines] == list(range(1, 101))
 
 
+async def test_a_rotation_that_fails_after_its_batch_is_on_disk_writes_nothing_twice(
+    tmp_path: Path, small_disk: SmallDisk
+) -> None:
+    """A real disk out of inodes: the file is renamed, but no new one can be created.
+    The batch before the rotation is kept and not failed (the spool would deliver it
+    again); the next one fails until an inode is free, then everything is there once."""
+    disk = small_disk(tmp_path / "disk", 1024 * 1024, inodes=3)  # root, file, spare
+    spare = disk / "spare"
+    spare.write_bytes(b"")  # holds the last inode
+    path = disk / "cdrs.jsonl"
+    sink = JsonlSink(path, rotate_bytes=1000)
+    await sink.start()
+    records = [
+        SpoolRecord(n, KIND_CDR, b"k", b'{"n":%d,"pad":"%s"}' % (n, b"x" * 90))
+        for n in range(1, 21)
+    ]
+    await sink.deliver(STREAM_RECORDS, records[:10])  # past rotate_bytes: rotated, no new file
+    assert sink.rotation_failures == 1
+    with pytest.raises(OSError):
+        await sink.deliver(STREAM_RECORDS, records[10:20])  # no file to write to
+    spare.unlink()
+    await sink.deliver(STREAM_RECORDS, records[10:20])  # the failed batch, retried
+    assert sink.rotation_failures == 2  # renamed again, and again no inode for a new one
+    await sink.stop()
+    lines = [
+        line for file in sorted(disk.glob("cdrs.jsonl*")) for line in file.read_bytes().splitlines()
+    ]
+    assert sorted(orjson.loads(line)["n"] for line in lines) == list(range(1, 21))
+
+
 async def test_jsonl_cuts_off_a_torn_line_it_finds_at_start(tmp_path: Path) -> None:
     path = tmp_path / "cdrs.jsonl"
     path.write_bytes(b'{"n":1}\n{"n":2}\n{"n":3,"pa')  # a crash in the middle of a write
@@ -574,3 +605,39 @@ async def test_a_failed_watcher_is_a_warning_and_the_batch_goes_on(
     (failed,) = [entry for entry in logs if entry["event"] == "delivery_watch_failed"]
     assert failed["log_level"] == "warning"
     assert [entry for entry in logs if entry["log_level"] == "error"] == []
+
+
+def test_intake_resumes_only_after_the_disk_has_kept_up_and_waits_longer_after_a_relapse() -> None:
+    pipeline = Pipeline(Correlator(), [])
+    now = [0.0]
+    gate = IntakeGate(pipeline, clock=lambda: now[0])
+    with capture_logs() as logs:
+        gate.update("write_error")
+        assert pipeline.paused and pipeline.pause_reason == "write_error"
+        for _ in range(4):  # the tick: the disk took the reserve, but not for long yet
+            now[0] += 1.0
+            gate.update(None)
+        assert pipeline.paused
+        now[0] += 1.0
+        gate.update(None)
+        assert not pipeline.paused  # 5 s without a refusal
+        now[0] += 1.0
+        gate.update("write_error")  # a disk at the edge refuses again at once
+        for _ in range(9):
+            now[0] += 1.0
+            gate.update(None)
+        assert pipeline.paused  # 10 s this time
+        now[0] += 1.0
+        gate.update(None)
+        assert not pipeline.paused
+        now[0] += 600.0  # a long quiet spell: the next pause starts from 5 s again
+        gate.update("spool_full")
+        assert gate.resume_after_s == 5.0
+    levels = [(e["event"], e["log_level"]) for e in logs]
+    assert levels == [
+        ("intake_paused", "error"),
+        ("intake_resumed", "info"),
+        ("intake_paused", "error"),
+        ("intake_resumed", "info"),
+        ("intake_paused", "error"),
+    ]

@@ -236,6 +236,8 @@ def test_a_full_spool_blocks_intake_counted_and_resumes(
         assert daemon.metric("sipcdr_spool_dropped_total", stream="records", reason="full") == 0
     wait_for(lambda: len(pg_cdr_ids(pg_dsn)) == closed, timeout=120)
     wait_for(lambda: daemon.metric("sipcdr_spool_full", stream="records") == 0, timeout=30)
+    # Intake resumes once the spool has stayed below its limit for a while.
+    wait_for(lambda: daemon.metric("sipcdr_intake_paused") == 0, timeout=30)
     send_calls(daemon, [f"full-c{n}" for n in range(10)])
     wait_for(lambda: len(pg_cdr_ids(pg_dsn)) == closed + 10, timeout=60)
     assert daemon.stop() == 0

@@ -3,8 +3,11 @@ forking, auth challenges, re-INVITEs, both-leg capture, timeouts and restarts.""
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
 import uuid
 
+import orjson
 import pytest
 from sipcalls import CALLEE_ADDR, CALLER_ADDR, PROXY_ADDR, Call, feed
 from sipcdr.dialog import Correlator, DialogLimits
@@ -684,3 +687,118 @@ def test_snapshot_keeps_the_recently_closed_calls() -> None:
     assert after.now == before.now
     feed(after, T0 + 64, call.request("BYE", 2, "z9hG4bK-bye", to_tag="callee-tag"))
     assert after.stats.late == 1  # a retransmitted BYE, not an orphan
+
+
+def _snapshot_with(before: Correlator, field: str, value: object) -> bytes:
+    document = orjson.loads(before.snapshot())
+    column = document["fields"].index(field)
+    document["dialogs"][0][column] = value
+    return orjson.dumps(document)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("answer_time", "x"),  # a string where a time belongs: the BYE would raise
+        ("start_time", 1e300),  # a time no CDR can render
+        ("ring_time", -5.0),
+        ("final_code", 1000),
+        ("src_port", 70000),
+        ("phase", 3),  # closed: never in a snapshot
+        ("user_agent", 5),
+        ("invite_cseq", True),
+    ],
+)
+def test_restore_checks_the_type_and_range_of_every_field(field: str, value: object) -> None:
+    before = Correlator()
+    call = Call()
+    feed(before, T0, call.request("INVITE"))
+    feed(before, T0 + 1, call.response(200, "OK"))
+    after = Correlator()
+    with pytest.raises(ValueError, match=field):
+        after.restore(_snapshot_with(before, field, value))
+    assert after.open_dialogs == 0  # nothing applied
+    assert after.restore(before.snapshot()) == 1
+
+
+def test_restore_keeps_the_order_calls_arrived_in() -> None:
+    """Capture times out of order (two HEP agents): live, calls are kept in the order
+    they arrived, and a restore keeps that order."""
+    before = Correlator()
+    for n, at in enumerate([5.0, 1.0, 3.0]):
+        feed(before, T0 + at, Call(f"c{n}@x").request("INVITE"))
+    after = Correlator()
+    after.restore(before.snapshot())
+    assert after.snapshot() == before.snapshot()
+
+
+def test_a_restored_time_ahead_of_the_clock_is_brought_back() -> None:
+    before = Correlator()
+    call = Call()
+    feed(before, T0, call.request("INVITE"))
+    feed(before, T0 + 1, call.response(200, "OK"))
+    feed(before, T0 + 365 * 86400, Call("ahead@x").request("OPTIONS"))  # a clock a year ahead
+    feed(before, T0 + 63, call.request("BYE", 2, "z9hG4bK-bye", to_tag="callee-tag"))
+    after = Correlator()
+    after.restore(before.snapshot())
+    after.limit_time(T0 + 100)
+    assert after.now == T0 + 100
+    closed = orjson.loads(after.snapshot())["closed"]
+    assert closed[call.call_id][0] == T0 + 100
+    after.expire(T0 + 100 + 33)  # the late window ends from there, not a year later
+    assert orjson.loads(after.snapshot())["closed"] == {}
+
+
+def test_a_close_decided_before_a_restart_gives_the_same_cdr() -> None:
+    """The ring timer closed the call at its last message, whose time a restart does not
+    know (a retransmission moved it); the decision closes it the same way."""
+    live = Correlator()
+    call = Call()
+    feed(live, T0, call.request("INVITE"))
+    feed(live, T0 + 1, call.response(180, "Ringing"))
+    snapshot = live.snapshot()
+    feed(live, T0 + 20, call.response(180, "Ringing"))  # changes only the last time
+    (timed_out,) = live.expire(T0 + 200)
+    assert timed_out.end_time == T0 + 20
+    after = Correlator()
+    after.restore(snapshot)
+    again = after.close_decided(
+        call.call_id,
+        timed_out.cdr_id,
+        timed_out.end_time,
+        timed_out.end_reason,
+        timed_out.hangup_by,
+        T0 + 200,
+    )
+    assert again is not None and again.to_record() == timed_out.to_record()
+    assert after.open_dialogs == 0 and after.now == T0 + 200
+    assert after.close_decided(call.call_id, timed_out.cdr_id, T0, "x", None, T0) is None
+
+
+def test_a_restore_needs_little_more_memory_than_the_calls_built_live() -> None:
+    """Each call is built straight from its row, with no object per row on the way (the
+    parsed document is given, so that only what the restore itself allocates counts)."""
+    limits = DialogLimits(max_open_dialogs=10_000)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        live = Correlator(limits)
+        for n in range(3000):
+            call = Call(f"m{n}@x", from_tag=f"t{n}")
+            feed(live, T0 + n / 1000, call.request("INVITE"))
+            feed(live, T0 + n / 1000, call.response(200, "OK"))
+        gc.collect()
+        built = tracemalloc.get_traced_memory()[0] - start
+        document = orjson.loads(live.snapshot())
+        del live
+        gc.collect()
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        restored = Correlator(limits)
+        restored.restore(document)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert restored.open_dialogs == 3000
+    # Each row's list goes as its call is made: the calls take the place of the rows.
+    assert peak < 0.5 * built, (peak, built)

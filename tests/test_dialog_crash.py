@@ -4,6 +4,7 @@ the BYE that arrives after the restart, and no CDR is written twice."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import socket
@@ -15,8 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemonproc import Daemon, start_daemon, wait_for
+from daemonproc import Daemon, daemon_environ, start_daemon, wait_for
 from sipcalls import Call, answered_call_messages
+from sipcdr.app import App
+from sipcdr.config import load_config
+from sipcdr.dialogstore import read_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -211,9 +215,9 @@ def fill(directory: Path) -> Path:
 
 def newest_checkpoint_calls(state: Path) -> list[str]:
     newest = max(state.glob("dialogs.*.json"), key=lambda p: int(p.name.split(".")[1]))
-    saved = json.loads(newest.read_text())
-    column = saved["fields"].index("call_id")
-    return sorted(row[column] for row in saved["dialogs"])
+    saved, _unwritten = read_checkpoint(newest.read_bytes())
+    column = saved["fields"].index("call_id")  # type: ignore[attr-defined]
+    return sorted(row[column] for row in saved["dialogs"])  # type: ignore[attr-defined]
 
 
 def test_sigterm_on_a_full_disk_keeps_the_previous_checkpoint_and_the_calls(
@@ -225,6 +229,7 @@ def test_sigterm_on_a_full_disk_keeps_the_previous_checkpoint_and_the_calls(
         "SIPCDR_STATE__DIR": str(state),
         "SIPCDR_SINKS__JSONL__PATH": str(jsonl),
         "SIPCDR_STATE__CHECKPOINT_INTERVAL_S": "0.2",
+        "SIPCDR_STATE__SPARE_BYTES": "0",  # a disk full with nothing set aside
     }
     held = [Call(f"kept-{n}@x", from_tag=f"k{n}") for n in range(5)]
     first = start_daemon(tmp_path, **env)
@@ -294,3 +299,37 @@ def test_sigterm_on_a_full_disk_keeps_the_previous_checkpoint_and_the_calls(
     # Calls whose INVITE found no room in the journal are not rebuilt: their BYEs are
     # orphans after the restart.
     assert len([call for call in late if call.call_id in records()]) < LATE_CALLS
+
+
+async def test_a_start_tried_again_in_the_same_process_journals_and_listens_afresh(
+    tmp_path: Path,
+) -> None:
+    """The first start fails late (the metrics port is taken) after the dialog store
+    started; the second, in the same process, must work as a first one would."""
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    environ = daemon_environ(
+        SIPCDR_STATE__DIR=str(tmp_path / "var"),
+        SIPCDR_SINKS__JSONL__PATH=str(tmp_path / "cdrs.jsonl"),
+        SIPCDR_METRICS__LISTEN=f"127.0.0.1:{blocker.getsockname()[1]}",
+    )
+    app = App(load_config(None, {k: v for k, v in environ.items() if k.startswith("SIPCDR_")}))
+    with pytest.raises(OSError):
+        await app.start()
+    blocker.close()
+    await app.start()
+    try:
+        assert [len(app.bound[kind]) for kind in ("sip_udp", "hep_udp", "hep_tcp")] == [1, 1, 1]
+        target = app.bound["sip_udp"][0]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            for data in answered_call_messages(Call("again@x"))[:3]:
+                udp.sendto(data, target)
+        for _ in range(200):
+            if app.dialogs.stats.journal_messages >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert app.dialogs.stats.journal_messages == 3
+        assert app.dialogs.stats.journal_write_errors == 0
+    finally:
+        await app.stop()

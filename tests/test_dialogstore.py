@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import struct
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,12 @@ import structlog
 from sipcalls import CALLEE_ADDR, CALLER_ADDR, Call, CdrCollector, packet
 from sipcdr import dialogstore
 from sipcdr.dialog import Correlator, DialogLimits
-from sipcdr.dialogstore import MAGIC, DialogStore
+from sipcdr.dialogstore import MAGIC, DialogStore, read_checkpoint
 from sipcdr.model import Cdr
 from sipcdr.pipeline import Pipeline
+from sipcdr.sinks.outputs import SpoolCdrWriter
+from sipcdr.sinks.spool import Spool
+from smalldisk import SmallDisk, fill
 
 T0 = 1_700_000_000.0
 LIMITS = DialogLimits(max_duration_s=100.0, answered_sweep_s=1.0)
@@ -92,6 +96,22 @@ def scenario() -> list[Event]:
     return events
 
 
+class Closes:
+    """What the spool writer's hook does for a spool that takes every CDR at once: its
+    close is journaled right after it."""
+
+    name = "closes"
+
+    def __init__(self, store: DialogStore) -> None:
+        self.store = store
+
+    def write(self, cdr: Cdr) -> None:
+        self.store.closed(cdr)
+
+    def flush(self) -> None:
+        return None
+
+
 class Node:
     """One lifetime of the daemon's dialog path: correlator, pipeline, store, and a
     list standing in for the spool."""
@@ -101,13 +121,14 @@ class Node:
         self.spool = spool
         self.pipeline = Pipeline(self.correlator, [spool])
         self.store = DialogStore(directory, self.correlator)
+        self.closes = Closes(self.store)
 
     async def boot(self) -> list[Cdr]:
         unwritten = self.store.recover()
-        self.pipeline.emit(unwritten)
-        await self.store.start()
-        self.pipeline.sinks = (self.spool, self.store.closes)
+        self.pipeline.sinks = (self.spool, self.closes)
+        await self.store.start(self.pipeline.emit)
         self.pipeline.journal = self.store.message
+        self.pipeline.decided = self.store.decided
         return unwritten
 
     def run(self, events: Sequence[Event]) -> None:
@@ -231,7 +252,7 @@ async def test_a_crash_between_the_journal_and_the_spool_writes_the_cdr_at_start
     first = Node(tmp_path, spool)
     await first.boot()
     first.run(events[:bye_at])
-    first.pipeline.sinks = (DyingSink(spool, "a@x"), first.store.closes)
+    first.pipeline.sinks = (DyingSink(spool, "a@x"), first.closes)
     with pytest.raises(Killed):
         first.run(events[bye_at : bye_at + 1])  # journaled, killed before the spool
     first.crash()
@@ -258,7 +279,7 @@ async def test_a_crash_between_the_spool_and_the_close_record_writes_the_same_cd
     first = Node(tmp_path, spool)
     await first.boot()
     first.run(events[:bye_at])
-    first.pipeline.sinks = (spool, DyingSink(first.store.closes, "a@x"))
+    first.pipeline.sinks = (spool, DyingSink(first.closes, "a@x"))
     with pytest.raises(Killed):
         first.run(events[bye_at : bye_at + 1])
     first.crash()
@@ -409,11 +430,11 @@ async def test_files_are_private_and_the_journal_starts_over_at_each_checkpoint(
     assert node.store.checkpoint()
     assert node.store.journal_bytes == len(MAGIC)
     names = sorted(path.name for path in tmp_path.iterdir())
-    assert names == ["dialogs.2.journal", "dialogs.2.json"]
+    assert names == ["dialogs.3.journal", "dialogs.3.json"]
     for path in tmp_path.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     await node.store.stop()
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["dialogs.3.json"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dialogs.4.json"]
 
 
 async def test_a_legacy_snapshot_is_read_once(tmp_path: Path) -> None:
@@ -553,12 +574,13 @@ async def test_a_background_checkpoint_is_the_state_between_two_messages(tmp_pat
     node.run([msg(1.0, Call("two@x").request("INVITE"))])
     await writing
     node.crash()
-    checkpoint = orjson.loads((tmp_path / "dialogs.2.json").read_bytes())
-    column = checkpoint["fields"].index("call_id")
-    assert [row[column] for row in checkpoint["dialogs"]] == ["one@x"]
+    checkpoint, unwritten = read_checkpoint((tmp_path / "dialogs.3.json").read_bytes())
+    column = checkpoint["fields"].index("call_id")  # type: ignore[attr-defined]
+    assert [row[column] for row in checkpoint["dialogs"]] == ["one@x"]  # type: ignore[attr-defined]
+    assert unwritten == []
     assert sorted(path.name for path in tmp_path.iterdir()) == [
-        "dialogs.2.journal",
-        "dialogs.2.json",
+        "dialogs.3.journal",
+        "dialogs.3.json",
     ]
     second = Node(tmp_path, CdrCollector())
     with structlog.testing.capture_logs() as logs:
@@ -580,4 +602,411 @@ async def test_a_stop_waits_for_a_checkpoint_being_written(tmp_path: Path) -> No
     await writing
     assert node.store.stats.checkpoints == 3  # at start, in the background, at the stop
     assert node.store.stats.checkpoint_failures == 0
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["dialogs.3.json"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dialogs.4.json"]
+
+
+# -- CDRs the spool holds in memory --------------------------------------------------------
+
+
+class SpoolNode:
+    """A lifetime of the daemon's dialog path with the real spool writer, its spool on a
+    small disk of its own (the store's files are on another one)."""
+
+    def __init__(self, directory: Path, spool_dir: Path) -> None:
+        self.correlator = Correlator(LIMITS)
+        self.spool = Spool(spool_dir, ("s",), reserve_records=100)
+        self.spool.open()
+        self.writer = SpoolCdrWriter(self.spool)
+        self.pipeline = Pipeline(self.correlator, [self.writer])
+        self.store = DialogStore(directory, self.correlator)
+
+    async def boot(self) -> list[Cdr]:
+        unwritten = self.store.recover()
+        self.writer.on_written = self.store.closed
+        self.store.held = self.writer.held
+        await self.store.start(self.pipeline.emit)
+        self.pipeline.journal = self.store.message
+        self.pipeline.decided = self.store.decided
+        return unwritten
+
+    def run(self, events: Sequence[Event]) -> None:
+        Node.run(self, events)  # type: ignore[arg-type]
+
+    def crash(self) -> None:
+        Node.crash(self)  # type: ignore[arg-type]
+        self.spool.close()  # what it wrote stays; the reserve is gone with the process
+
+    def cdr_ids(self) -> list[str]:
+        reader = self.spool.reader("s")
+        return [orjson.loads(r.value)["cdr_id"] for r in reader.read(1000, 1 << 30)]
+
+
+def answered(call: Call, at: float) -> list[Event]:
+    return [msg(at, call.request("INVITE")), msg(at + 1, call.response(200, "OK"), True)]
+
+
+def bye(call: Call, at: float) -> Event:
+    return msg(at, call.request("BYE", 2, "z9hG4bK-b", to_tag="callee-tag"))
+
+
+@pytest.mark.parametrize("checkpoint_while_held", [False, True])
+async def test_a_cdr_the_disk_holds_is_not_journaled_closed_and_a_crash_does_not_lose_it(
+    tmp_path: Path, small_disk: SmallDisk, checkpoint_while_held: bool
+) -> None:
+    """The spool's disk refuses CDRs: they wait in memory, their calls are not recorded
+    as closed; after a SIGKILL the next start writes them (from the journal, or from the
+    checkpoint taken while they were held), each once."""
+    disk = small_disk(tmp_path / "spooldisk", 256 * 1024)
+    state = tmp_path / "state"
+    state.mkdir()
+    calls = [Call(f"held-{n}@x", from_tag=f"h{n}") for n in range(5)]
+    first = SpoolNode(state, disk / "spool")
+    await first.boot()
+    first.run([event for n, call in enumerate(calls) for event in answered(call, n)])
+    filler = fill(disk, leave_bytes=0)
+    first.run([bye(call, 60 + n) for n, call in enumerate(calls)])
+    assert first.spool.reserved == 5
+    assert first.store.stats.journal_closes == 0  # nothing is recorded as written
+    if checkpoint_while_held:
+        assert first.store.checkpoint()  # the journal with their BYEs is deleted
+        assert not any(b"BYE" in path.read_bytes() for path in state.glob("*.journal"))
+    first.crash()
+    filler.unlink()
+
+    second = SpoolNode(state, disk / "spool")
+    again = await second.boot()
+    assert sorted(cdr.call_id for cdr in again) == sorted(call.call_id for call in calls)
+    assert {cdr.billsec for cdr in again} == {59.0}
+    assert second.spool.reserved == 0
+    assert sorted(second.cdr_ids()) == sorted(cdr.cdr_id for cdr in again)
+    second.crash()
+    third = SpoolNode(state, disk / "spool")
+    assert await third.boot() == []  # written once: their closes were journaled
+    third.crash()
+
+
+async def test_a_held_cdr_is_journaled_closed_once_the_spool_writes_it(
+    tmp_path: Path, small_disk: SmallDisk
+) -> None:
+    disk = small_disk(tmp_path / "spooldisk", 256 * 1024)
+    state = tmp_path / "state"
+    state.mkdir()
+    call = Call("later@x")
+    node = SpoolNode(state, disk / "spool")
+    await node.boot()
+    node.run(answered(call, 0.0))
+    filler = fill(disk, leave_bytes=0)
+    node.run([bye(call, 30.0)])
+    assert node.store.stats.journal_closes == 0
+    filler.unlink()
+    node.spool.flush()  # the tick
+    assert node.store.stats.journal_closes == 1
+    node.crash()
+    second = SpoolNode(state, disk / "spool")
+    assert await second.boot() == []
+    assert len(second.cdr_ids()) == 1
+    second.crash()
+
+
+async def test_a_stop_with_cdrs_held_keeps_them_in_the_last_checkpoint(
+    tmp_path: Path, small_disk: SmallDisk
+) -> None:
+    disk = small_disk(tmp_path / "spooldisk", 256 * 1024)
+    state = tmp_path / "state"
+    state.mkdir()
+    call = Call("stop@x")
+    node = SpoolNode(state, disk / "spool")
+    await node.boot()
+    node.run(answered(call, 0.0))
+    filler = fill(disk, leave_bytes=0)
+    node.run([bye(call, 30.0)])
+    assert await node.store.stop()
+    (checkpoint,) = state.glob("dialogs.*.json")
+    _snapshot, unwritten = read_checkpoint(checkpoint.read_bytes())
+    assert [cdr.call_id for cdr in unwritten] == ["stop@x"]
+    assert node.writer.take_held()[0].to_record() == unwritten[0].to_record()
+    node.spool.close()
+    assert node.spool.stats.dropped == {}
+    filler.unlink()
+    second = SpoolNode(state, disk / "spool")
+    assert [cdr.to_record() for cdr in await second.boot()] == [unwritten[0].to_record()]
+    assert second.cdr_ids() == [unwritten[0].cdr_id]
+    await second.store.stop()
+
+
+# -- what a restart rebuilds exactly ---------------------------------------------------------
+
+
+async def test_a_timer_close_caught_before_its_close_record_is_written_again_the_same(
+    tmp_path: Path,
+) -> None:
+    """A retransmitted 180 moved the call's last-message time (not journaled); the ring
+    timer closes it there. A crash between the spool and the close record: the next
+    start writes the same CDR, not one ending at the last journaled message."""
+    call = Call("ring@x")
+    events = [
+        msg(0.0, call.request("INVITE")),
+        msg(1.0, call.response(180, "Ringing"), True),
+        msg(50.0, call.response(180, "Ringing"), True),  # a retransmission
+    ]
+    spool = CdrCollector()
+    first = Node(tmp_path, spool)
+    await first.boot()
+    first.run(events)
+    first.pipeline.sinks = (spool, DyingSink(first.closes, "ring@x"))
+    with pytest.raises(Killed):
+        first.run([("expire", T0 + 200.0)])
+    first.crash()
+    (original,) = spool.cdrs
+    assert original.end_time == T0 + 50.0
+    second = Node(tmp_path, CdrCollector())
+    again = await second.boot()
+    assert [cdr.to_record() for cdr in again] == [original.to_record()]
+
+
+async def test_recovered_cdrs_are_journaled_closed_even_when_no_checkpoint_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = scenario()
+    bye_at = first_bye_of(events, b"a@x")
+    spool = CdrCollector()
+    first = Node(tmp_path, spool)
+    await first.boot()
+    first.run(events[:bye_at])
+    first.pipeline.sinks = (DyingSink(spool, "a@x"), first.closes)
+    with pytest.raises(Killed):
+        first.run(events[bye_at : bye_at + 1])
+    first.crash()
+
+    def no_room(plan: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    second = Node(tmp_path, spool)
+    monkeypatch.setattr(second.store, "_write_file", no_room)  # the start checkpoint fails
+    assert [cdr.call_id for cdr in await second.boot()] == ["a@x"]
+    second.crash()
+    third = Node(tmp_path, spool)
+    assert await third.boot() == []  # its close was journaled as the spool took it
+    assert [cdr.call_id for cdr in spool.cdrs].count("a@x") == 1
+
+
+async def test_a_restart_brings_a_clock_that_ran_ahead_back(tmp_path: Path) -> None:
+    first = Node(tmp_path, CdrCollector())
+    await first.boot()
+    first.run([msg(365 * 86400.0, Call("ahead@x").request("INVITE"))])  # a year ahead
+    first.crash()
+    second = Node(tmp_path, CdrCollector())
+    second.store._wall_clock = lambda: T0 + 10
+    await second.boot()
+    assert second.correlator.now == T0 + 10
+    await second.store.stop()
+
+
+# -- a full or failing disk ------------------------------------------------------------------
+
+
+async def test_the_store_starts_on_a_full_disk_without_a_journal_and_takes_it_up_later(
+    tmp_path: Path, full_disk: FullDisk
+) -> None:
+    now = [100.0]
+    node = Node(tmp_path, CdrCollector())
+    node.store = DialogStore(tmp_path, node.correlator, clock=lambda: now[0])
+    node.closes = Closes(node.store)
+    full_disk.full = True
+    with structlog.testing.capture_logs() as logs:
+        await node.boot()  # does not fail: capture goes on
+    assert [e["log_level"] for e in logs if e["event"] == "dialog_journal_unavailable"] == ["error"]
+    assert node.store.stats.journal_write_errors == 1
+    assert not node.store.intact
+    node.run([msg(0.0, Call("early@x").request("INVITE"))])  # not journaled, counted
+    assert node.store.stats.journal_write_errors == 2
+    full_disk.full = False
+    now[0] += 10.0
+    assert node.store.checkpoint_due()  # tried again though no message changed since
+    assert node.store.checkpoint()
+    assert node.store.intact
+    node.run([msg(1.0, Call("late@x").request("INVITE"))])
+    node.crash()
+    second = Node(tmp_path, CdrCollector())
+    await second.boot()
+    assert second.correlator.is_open("early@x") and second.correlator.is_open("late@x")
+    await second.store.stop()
+
+
+async def test_a_start_fails_when_the_folder_itself_is_unusable(tmp_path: Path) -> None:
+    node = Node(tmp_path / "missing", CdrCollector())
+    node.store.recover()
+    with pytest.raises(OSError):
+        await node.store.start()
+
+
+async def test_failed_checkpoints_are_spaced_out_and_the_journal_gauge_keeps_counting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    node = Node(tmp_path, CdrCollector())
+    node.store = DialogStore(tmp_path, node.correlator, clock=lambda: now[0])
+    node.closes = Closes(node.store)
+    await node.boot()
+
+    def no_room(plan: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(node.store, "_write_file", no_room)
+    spacing = []
+    for n in range(6):
+        node.run([msg(float(n), Call(f"c{n}@x").request("INVITE"))])
+        waited = 0.0
+        while not node.store.checkpoint_due():
+            now[0] += 1.0
+            waited += 1.0
+        spacing.append(waited)
+        assert not node.store.checkpoint()
+        journals = sum(path.stat().st_size for path in tmp_path.glob("*.journal"))
+        assert node.store.journal_bytes == journals  # every journal a start would replay
+    assert spacing == [10.0, 10.0, 20.0, 40.0, 60.0, 60.0]
+    node.crash()
+
+
+async def test_the_background_task_survives_a_step_that_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = Node(tmp_path, CdrCollector())
+    node.store = DialogStore(
+        tmp_path, node.correlator, checkpoint_interval_s=0.01, fsync_interval_s=0.01
+    )
+    node.closes = Closes(node.store)
+    await node.boot()
+    real = node.correlator.snapshot
+    failures = [RuntimeError("a bug")]
+
+    def snapshot() -> bytes:
+        if failures:
+            raise failures.pop()
+        return real()
+
+    monkeypatch.setattr(node.correlator, "snapshot", snapshot)
+    node.run([msg(0.0, Call("one@x").request("INVITE"))])
+    written = node.store.stats.checkpoints
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if node.store.stats.checkpoints > written:
+            break
+    assert node.store.stats.internal_errors == 1
+    assert node.store.stats.checkpoints > written  # and it went on
+    await node.store.stop()
+
+
+async def test_journals_are_replayed_in_pieces_not_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = Node(tmp_path, CdrCollector())
+    await first.boot()
+    first.run([e for e in scenario() if e[0] == "msg"][:10])
+    first.crash()
+    real = Path.read_bytes
+
+    def read_bytes(path: Path) -> bytes:
+        assert not path.name.endswith(".journal"), "a journal read whole"
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    second = Node(tmp_path, CdrCollector())
+    second.store.recover()
+    assert second.store.stats.replayed_records > 0
+
+
+async def test_files_that_cannot_be_read_are_set_aside_counted_and_deleted_after_a_week(
+    tmp_path: Path,
+) -> None:
+    first = Node(tmp_path, CdrCollector())
+    await first.boot()
+    first.run([msg(0.0, Call("one@x").request("INVITE"))])
+    first.crash()
+    (checkpoint,) = tmp_path.glob("dialogs.*.json")
+    checkpoint.unlink()
+    checkpoint.mkdir()  # read_bytes fails with EISDIR, as an I/O error would
+    (journal,) = tmp_path.glob("dialogs.*.journal")
+    assert journal.name == "dialogs.2.journal"
+    (tmp_path / "dialogs.4.journal").mkdir()  # the newest generation: cannot be read
+    (tmp_path / "dialogs.3.journal").write_bytes(b"")  # not the newest, emptied: damage
+    old = tmp_path / "dialogs.0.json.unreadable"
+    old.write_bytes(b"x")
+    week_ago = time.time() - 8 * 86400
+    os.utime(old, (week_ago, week_ago))
+    second = Node(tmp_path, CdrCollector())
+    with structlog.testing.capture_logs() as logs:
+        await second.boot()  # no exception: capture starts
+    stats = second.store.stats
+    assert (stats.unreadable_checkpoints, stats.unreadable_journals) == (1, 1)
+    assert stats.torn_tails == 1  # the emptied journal
+    assert {e["event"] for e in logs if e["log_level"] == "error"} >= {
+        "dialog_checkpoint_unreadable",
+        "dialog_journal_unreadable",
+    }
+    assert second.correlator.is_open("one@x")  # from the journal after the checkpoint
+    assert (tmp_path / (checkpoint.name + ".unreadable")).exists()  # kept for a look
+    assert not old.exists()  # kept long enough: deleted by the start's checkpoint
+    await second.store.stop()
+
+
+async def test_a_checkpoint_with_a_changed_byte_is_not_restored(tmp_path: Path) -> None:
+    first = Node(tmp_path, CdrCollector())
+    await first.boot()
+    first.run(
+        [
+            msg(0.0, Call("one@x").request("INVITE")),
+            msg(2.0, Call("one@x").response(200, "OK"), True),
+        ]
+    )
+    assert first.store.checkpoint()
+    first.crash()
+    (checkpoint,) = tmp_path.glob("dialogs.*.json")
+    data = checkpoint.read_bytes()
+    at = data.index(b"%d" % int(T0 + 2))
+    checkpoint.write_bytes(data[:at] + b"%d" % int(T0 + 9) + data[at + 10 :])  # the answer
+    second = Node(tmp_path, CdrCollector())
+    second.store.recover()
+    assert second.store.stats.unreadable_checkpoints == 1
+    assert not second.correlator.is_open("one@x")
+
+
+async def test_an_eviction_replays_as_it_happened_whatever_the_capture_times(
+    tmp_path: Path,
+) -> None:
+    """Two HEP agents' clocks apart: the call that arrived first has the later INVITE
+    time. Live, the call that arrived first is evicted; replay must evict that one too,
+    not the one a restored timer queue would put first."""
+    limits = DialogLimits(max_open_dialogs=2)
+    first_in, second_in, third = Call("first@x"), Call("second@x"), Call("third@x")
+    events = [
+        msg(5.0, first_in.request("INVITE")),
+        msg(1.0, second_in.request("INVITE")),
+        ("checkpoint",),
+        msg(6.0, third.request("INVITE")),
+    ]
+    expected = by_id(reference([e for e in events if e[0] != "checkpoint"], limits))
+    assert [cdr["call_id"] for cdr in expected.values()] == ["first@x"]
+    spool = CdrCollector()
+    node = Node(tmp_path, spool, limits)
+    await node.boot()
+    node.run(events)
+    node.crash()
+    second = Node(tmp_path, CdrCollector(), limits)
+    assert await second.boot() == []
+    assert by_id(spool.cdrs) == expected
+    assert second.correlator.is_open("second@x") and second.correlator.is_open("third@x")
+
+
+async def test_a_cdr_the_spool_writes_after_the_stop_is_not_a_journal_error(
+    tmp_path: Path,
+) -> None:
+    """Closing the spool writes what it still held when the stop's checkpoint could not
+    keep it; the journal is closed by then, and the next start may write it again."""
+    node = Node(tmp_path, CdrCollector())
+    await node.boot()
+    node.run([*answered(Call("late@x"), 0.0), bye(Call("late@x"), 10.0)])
+    (cdr,) = node.spool.cdrs
+    await node.store.stop()
+    node.store.closed(cdr)
+    assert node.store.stats.journal_write_errors == 0

@@ -18,9 +18,17 @@ import dpkt
 import pytest
 from daemonproc import daemon_environ
 from sipcalls import Call, answered_call_messages
-from sipcdr.config import Config, JsonlConfig, PostgresConfig, SinksConfig, StateConfig
+from sipcdr.config import (
+    Config,
+    JsonlConfig,
+    PostgresConfig,
+    SinksConfig,
+    SpoolConfig,
+    StateConfig,
+)
 from sipcdr.importer import import_files
 from sipcdr.sinks.spool import MAGIC
+from smalldisk import SmallDisk
 from test_delivery_end_to_end import MESSAGES_PER_CALL, pg_cdr_ids, pg_count
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -127,7 +135,7 @@ def test_an_import_that_outgrows_its_spool_while_the_sink_is_down_gives_up_in_ti
     elapsed = time.monotonic() - started
     assert done.returncode == 1
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["aborted"] == "neither the sinks nor the disk took anything for 2 s"
+    assert summary["aborted"] == "the spool stayed full and the sinks took nothing for 2 s"
     assert 0 < summary["sip_messages"] < 1500 * MESSAGES_PER_CALL  # how far it got
     assert elapsed < 30  # one timeout, not a second one for the drain
 
@@ -169,5 +177,84 @@ def test_an_import_waits_while_the_disk_refuses_cdrs_and_loses_none(
     assert summary["cdrs_written"] == calls
     assert summary["spool_refused"] == {}
     assert summary["undelivered"] == {}
+    lines = (tmp_path / "cdrs.jsonl").read_bytes().splitlines()
+    assert len({json.loads(line)["cdr_id"] for line in lines}) == calls
+
+
+def test_an_import_onto_a_disk_smaller_than_the_signaling_floor_delivers_everything(
+    tmp_path: Path, pg_dsn: str, small_disk: SmallDisk
+) -> None:
+    """32 MiB of state disk, the default 1 GiB floor: the import never has the room the
+    floor asks for, so it waits for its sinks slice by slice instead of refusing
+    signaling."""
+    disk = small_disk(tmp_path / "disk", 32 * 1024 * 1024)
+    calls = 300
+    capture = tmp_path / "calls.pcap"
+    write_capture(capture, calls)
+    done = run_import(
+        tmp_path,
+        capture,
+        SIPCDR_STATE__DIR=str(disk / "var"),
+        SIPCDR_SINKS__POSTGRES__DSN=pg_dsn,
+        SIPCDR_SINKS__JSONL__PATH="",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["spool_refused"] == {}
+    assert summary["undelivered"] == {}
+    assert pg_count(pg_dsn, "sip_messages") == calls * MESSAGES_PER_CALL
+    assert len(set(pg_cdr_ids(pg_dsn))) == calls
+
+
+def write_ringing_capture(path: Path, calls: int) -> None:
+    """`calls` INVITEs nobody answers, 1 ms apart, then an OPTIONS 200 s later: one
+    timer run closes every call at once."""
+    caller, callee = socket.inet_aton("192.0.2.10"), socket.inet_aton("203.0.113.20")
+    with path.open("wb") as handle:
+        writer = dpkt.pcap.Writer(handle)
+        stamp = 1_795_000_000.0
+        datas = [
+            Call(call_id=f"ring-{n}@x", from_tag=f"r{n}").request("INVITE") for n in range(calls)
+        ]
+        datas.append(Call(call_id="ping@x").request("OPTIONS"))
+        for n, data in enumerate(datas):
+            udp = dpkt.udp.UDP(sport=5060, dport=5060, data=data)
+            udp.ulen = len(udp)
+            ip = dpkt.ip.IP(src=caller, dst=callee, p=dpkt.ip.IP_PROTO_UDP, data=udp)
+            ip.len = len(ip)
+            frame = dpkt.ethernet.Ethernet(type=dpkt.ethernet.ETH_TYPE_IP, data=ip)
+            writer.writepkt(bytes(frame), ts=stamp + (200.0 if n == calls else n / 1000))
+        writer.close()
+
+
+def test_a_timer_run_closing_more_calls_than_a_slice_waits_for_a_refusing_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 5000
+    capture = tmp_path / "calls.pcap"
+    write_ringing_capture(capture, calls)
+    config = Config(
+        sinks=SinksConfig(
+            jsonl=JsonlConfig(path=str(tmp_path / "cdrs.jsonl")),
+            postgres=PostgresConfig(dsn=""),
+        ),
+        spool=SpoolConfig(cdr_reserve_records=100),
+        state=StateConfig(dir=tmp_path / "var"),
+    )
+    real_write = os.write
+    disk_full = threading.Event()
+    disk_full.set()
+    record_start = MAGIC.to_bytes(2, "little")
+
+    def full_disk_for_spool_records(fd: int, data: bytes) -> int:
+        if disk_full.is_set() and bytes(data[:2]) == record_start:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk_for_spool_records)
+    threading.Timer(1.0, disk_full.clear).start()
+    summary = import_files(config, [capture], progress=False, delivery_timeout_s=30)
+    assert summary["cdrs_written"] == calls
+    assert summary["spool_refused"] == {}
     lines = (tmp_path / "cdrs.jsonl").read_bytes().splitlines()
     assert len({json.loads(line)["cdr_id"] for line in lines}) == calls

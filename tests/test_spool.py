@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sipcdr.sinks import spool as spool_module
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
-from sipcdr.sinks.spool import HEADER_BYTES, Spool, SpoolError
-from smalldisk import SmallDisk
+from sipcdr.sinks.spool import HEADER_BYTES, Appended, Spool, SpoolError
+from smalldisk import SmallDisk, fill
 
 READERS = ("s", "t", "x", "fast", "slow")
 
@@ -341,26 +341,83 @@ def _short_writes(monkeypatch: pytest.MonkeyPatch, fraction: float = 0.5) -> Non
     monkeypatch.setattr(os, "write", short)
 
 
+class _CountingWrites:
+    """os.write that fails with ENOSPC while `full` is set; counts every call."""
+
+    def __init__(self) -> None:
+        self.full = False
+        self.calls = 0
+        self._write = os.write
+
+    def __call__(self, fd: int, data: bytes) -> int:
+        self.calls += 1
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._write(fd, data)
+
+
 def test_cdrs_the_disk_refuses_wait_in_the_reserve_and_are_written_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    disk = _CountingWrites()
+    monkeypatch.setattr(os, "write", disk)
+    written: list[object] = []
     with Spool(tmp_path, ("s",), reserve_records=10) as spool:
+        spool.on_reserve_written = written.extend
         values = _fill(spool, 3)
-        monkeypatch.setattr(os, "write", _full_disk)
-        values += _fill(spool, 4, start=3)  # taken: held in memory
-        assert spool.reserved == 4
+        disk.full = True
+        calls = disk.calls
+        outcomes = []
+        for n in range(3, 7):
+            value = b"%d" % n
+            outcomes.append(spool.append(KIND_CDR, b"k", value, tag=f"cdr-{n}"))
+            values.append(value)
+        assert outcomes == [Appended.HELD] * 4
+        # The first refusal held it; the later appends joined the reserve without
+        # trying the disk again: that is left to the tick.
+        assert disk.calls == calls + 1
         spool.flush()  # the tick retries, and the disk is still full
         assert spool.reserved == 4
-        monkeypatch.undo()
-        values += _fill(spool, 1, start=7)  # the reserve goes first, then this one
+        assert written == []
+        disk.full = False
+        assert spool.append(KIND_CDR, b"k", b"7", tag="cdr-7") == Appended.HELD  # behind them
+        values.append(b"7")
+        spool.flush()  # the tick: the disk takes the reserve again
         assert spool.reserved == 0
+        assert written == [f"cdr-{n}" for n in range(3, 8)]  # once each, in order
+        assert spool.append(KIND_CDR, b"k", b"8") == Appended.WRITTEN
+        values.append(b"8")
         reader = spool.reader("s")
         got = reader.read(100, 1 << 20)
     assert [r.value for r in got] == values
-    assert [r.seq for r in got] == list(range(1, 9))
-    assert spool.stats.appended == {KIND_CDR: 8}
+    assert [r.seq for r in got] == list(range(1, 10))
+    assert spool.stats.appended == {KIND_CDR: 9}
     assert spool.stats.dropped == {}
     assert reader.corrupt_records == 0
+
+
+def test_a_held_record_is_encoded_once_however_often_the_write_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoded = []
+    real_encode = spool_module._encode
+
+    def counting(kind: str, key: bytes, value: bytes, seq: int) -> bytes:
+        encoded.append(value)
+        return real_encode(kind, key, value, seq)
+
+    monkeypatch.setattr(spool_module, "_encode", counting)
+    disk = _CountingWrites()
+    monkeypatch.setattr(os, "write", disk)
+    with Spool(tmp_path, ("s",), reserve_records=100) as spool:
+        disk.full = True
+        _fill(spool, 50)
+        for _ in range(20):
+            spool.flush()  # five times a second in the daemon
+        disk.full = False
+        spool.flush()
+        assert [r.seq for r in spool.reader("s").read(100, 1 << 20)] == list(range(1, 51))
+    assert len(encoded) == 50
 
 
 def test_only_what_the_full_reserve_cannot_hold_is_lost_and_counted(
@@ -369,12 +426,54 @@ def test_only_what_the_full_reserve_cannot_hold_is_lost_and_counted(
     with Spool(tmp_path, ("s",), reserve_records=2) as spool:
         monkeypatch.setattr(os, "write", _full_disk)
         taken = [spool.append(KIND_CDR, b"k", b"%d" % n) for n in range(5)]
-        assert taken == [True, True, False, False, False]
+        assert taken == [Appended.HELD] * 2 + [Appended.REFUSED] * 3
         assert spool.stats.dropped == {"write_error": 3}
         monkeypatch.undo()
         spool.flush()  # the tick writes the reserve once the disk takes it
         assert spool.reserved == 0
         assert [r.value for r in spool.reader("s").read(100, 1 << 20)] == [b"0", b"1"]
+
+
+def test_a_reserve_taken_back_is_neither_written_nor_counted_as_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a stop, the owner that kept the held records elsewhere takes them back."""
+    spool = Spool(tmp_path, ("s",))
+    spool.open()
+    _fill(spool, 2)
+    monkeypatch.setattr(os, "write", _full_disk)
+    for n in range(3):
+        spool.append(KIND_CDR, b"k", b"%d" % n, tag=n)
+    assert spool.take_reserve() == [0, 1, 2]
+    monkeypatch.undo()
+    spool.close()
+    assert spool.stats.dropped == {}
+    with Spool(tmp_path, ("s",)) as reopened:
+        assert len(reopened.reader("s").read(100, 1 << 20)) == 2
+
+
+def test_a_write_refused_for_space_asks_for_room_and_is_tried_again_at_once(
+    tmp_path: Path, small_disk: SmallDisk
+) -> None:
+    """A real 256 KiB disk, full: the spool's callback frees space (as the daemon's
+    spare file does) and the record goes to disk, not to the reserve."""
+    disk = small_disk(tmp_path / "disk", 256 * 1024)
+    with Spool(disk / "spool", ("s",)) as spool:
+        filler = fill(disk, leave_bytes=0)
+        asked = []
+
+        def make_room() -> bool:
+            asked.append(True)
+            filler.unlink()
+            return True
+
+        spool.on_no_space = make_room
+        assert spool.append(KIND_CDR, b"k", b"x" * 5000) == Appended.WRITTEN
+        assert asked == [True]
+        assert spool.reserved == 0
+        spool.on_no_space = lambda: False  # no more room to be made
+        fill(disk, leave_bytes=0, name="filler2")
+        assert spool.append(KIND_CDR, b"k", b"y" * 5000) == Appended.HELD
 
 
 def test_a_reserve_left_at_close_is_counted_as_lost(
@@ -433,7 +532,8 @@ def test_torn_bytes_that_cannot_be_cut_back_are_skipped_by_readers(
         monkeypatch.setattr(os, "ftruncate", no_truncate)
         values += _fill(spool, 1, start=3)  # half of it on disk, all of it held
         monkeypatch.undo()
-        values += _fill(spool, 2, start=4)
+        values += _fill(spool, 2, start=4)  # held behind it
+        spool.flush()  # the tick writes them
         whole = sum(HEADER_BYTES + len(b"call-%d" % n) + len(v) for n, v in enumerate(values))
         assert spool.size_bytes > whole  # the torn half is still there
         reader = spool.reader("s")
@@ -516,7 +616,7 @@ def test_a_cursor_file_is_rewritten_in_place_at_a_fixed_size(tmp_path: Path) -> 
         reader = spool.reader("s")
         while reader.read(3, 1 << 20):
             reader.commit()
-            assert (path.stat().st_ino, path.stat().st_size) == (inode, 1024)
+            assert (path.stat().st_ino, path.stat().st_size) == (inode, 8192)
     with Spool(tmp_path, ("s",)) as spool:
         assert spool.reader("s").confirmed_seq == 51
 
@@ -580,7 +680,82 @@ def test_a_cursor_of_the_json_form_is_taken_over(tmp_path: Path) -> None:
     with Spool(tmp_path, ("s",)) as spool:
         assert [r.value for r in spool.reader("s").read(100, 1 << 20)] == values[3:]
     assert not (cursors / "s.json").exists()
-    assert (cursors / "s.cursor").stat().st_size == 1024
+    assert (cursors / "s.cursor").stat().st_size == 8192
+
+
+def test_cursor_slots_are_a_page_apart_and_the_older_1k_form_is_taken_over(
+    tmp_path: Path,
+) -> None:
+    with Spool(tmp_path, ("s",)) as spool:
+        values = _fill(spool, 10)
+        reader = spool.reader("s")
+        reader.read(3, 1 << 20)
+        reader.commit()
+        reader.read(2, 1 << 20)
+        reader.commit()  # the second slot, a page after the first
+    path = tmp_path / "cursors" / "s.cursor"
+    data = path.read_bytes()
+    slots = [spool_module._CURSOR.unpack_from(data, offset) for offset in (0, 4096)]
+    assert sorted((generation, seq) for _m, generation, seq, _c in slots) == [(2, 4), (3, 6)]
+    # The 1 KiB file of earlier versions: slots 512 bytes apart, the newer in the second.
+    older = bytearray(1024)
+    older[0:24] = spool_module._encode_cursor_slot(7, 3)
+    older[512:536] = spool_module._encode_cursor_slot(8, 5)
+    path.write_bytes(bytes(older))
+    with Spool(tmp_path, ("s",)) as spool:
+        assert not spool.reader("s").cursor_reset
+        assert path.stat().st_size == 8192  # written anew in the current form
+        assert [r.value for r in spool.reader("s").read(100, 1 << 20)] == values[4:]
+
+
+def test_a_cursor_generation_that_cannot_go_on_keeps_its_position(tmp_path: Path) -> None:
+    with Spool(tmp_path, ("s",)) as spool:
+        values = _fill(spool, 10)
+    path = tmp_path / "cursors" / "s.cursor"
+    image = spool_module._encode_cursor_slot(2**64 - 1, 4).ljust(4096, b"\0") * 2
+    path.write_bytes(image)
+    with Spool(tmp_path, ("s",)) as spool:
+        reader = spool.reader("s")
+        assert [r.value for r in reader.read(2, 1 << 20)] == values[3:5]
+        reader.commit()  # saved without overflowing the generation
+        assert reader.cursor_write_failures == 0
+    with Spool(tmp_path, ("s",)) as spool:
+        assert spool.reader("s").confirmed_seq == 6
+
+
+def test_a_cursor_file_that_cannot_be_created_whole_leaves_the_json_cursor_in_charge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Spool(tmp_path, ("s",)) as spool:
+        values = _fill(spool, 10)
+    cursors = tmp_path / "cursors"
+    (cursors / "s.cursor").unlink()
+    (cursors / "s.json").write_bytes(b'{"seq": 4}')
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with Spool(tmp_path, ("s",)) as spool:
+        assert spool.reader("s").confirmed_seq == 4
+    monkeypatch.undo()
+    assert not (cursors / "s.cursor").exists()  # no empty file to hide the JSON one
+    with Spool(tmp_path, ("s",)) as spool:
+        assert [r.value for r in spool.reader("s").read(100, 1 << 20)] == values[3:]
+
+
+def test_a_failed_fsync_is_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Spool(tmp_path, ("s",)) as spool:
+        _fill(spool, 2)
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "fsync", failing)
+        with pytest.raises(OSError):
+            spool.sync()
+        monkeypatch.undo()
+        assert spool.stats.sync_failures == 1
 
 
 def test_on_a_full_disk_a_delivered_active_segment_makes_room_for_the_reserve(

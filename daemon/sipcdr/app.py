@@ -35,12 +35,20 @@ from sipcdr.dialogstore import DialogStore
 from sipcdr.model import Packet
 from sipcdr.pipeline import Pipeline
 from sipcdr.private import prepare_state_dir
+from sipcdr.sinks.base import STREAM_RECORDS
 from sipcdr.sinks.outputs import Outputs
+from sipcdr.spare import SPARE_NAME, SpareSpace, same_filesystem
 from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR
 from sipcdr.telemetry.http import MetricsServer
 from sipcdr.telemetry.metrics import Metrics
 
 TICK_S = 1.0  # timers, metric batches and sink flushes: once a second
+# Intake resumes only once what paused it has been gone this long: a disk that took the
+# reserve back must go on taking writes before new calls come in again.
+RESUME_AFTER_S = 5.0
+# A pause that follows a resume within this long doubles the wait before the next
+# resume, up to this long: a disk at the edge does not make intake flap.
+RESUME_AFTER_MAX_S = 300.0
 # Descriptors kept free of HEP/TCP and HEP/TLS connections: spool segments, JSONL files,
 # sink and database connections, listeners, the metrics endpoint and the event loop's
 # own, with room to spare (a running daemon holds well under 100 of them).
@@ -75,28 +83,65 @@ def stream_limits(capture: CaptureConfig, file_limit: int) -> StreamLimits:
     )
 
 
+class IntakeGate:
+    """Pauses intake while a reason to refuse new calls holds, and resumes it only once
+    the reason has been gone for `RESUME_AFTER_S`, doubled for each pause that comes
+    within `RESUME_AFTER_MAX_S` of the last resume (up to that): at the edge of a full
+    disk, intake stays paused for longer stretches instead of flapping."""
+
+    def __init__(self, pipeline: Pipeline, clock: Callable[[], float] = time.monotonic) -> None:
+        self.pipeline = pipeline
+        self.log = structlog.get_logger("sipcdr")
+        self.resume_after_s = RESUME_AFTER_S
+        self._clock = clock
+        self._paused_at = 0.0
+        self._reason_seen_at = 0.0  # the last check that found a reason to pause
+        self._resumed_at = float("-inf")
+        self._refused_at_pause = 0
+
+    def update(self, reason: str | None) -> None:
+        pipeline = self.pipeline
+        now = self._clock()
+        if reason is not None:
+            self._reason_seen_at = now
+            if not pipeline.paused:
+                if now - self._resumed_at < RESUME_AFTER_MAX_S:
+                    self.resume_after_s = min(RESUME_AFTER_MAX_S, self.resume_after_s * 2)
+                else:
+                    self.resume_after_s = RESUME_AFTER_S
+                pipeline.pause_reason = reason
+                pipeline.paused = True
+                self._paused_at = now
+                self._refused_at_pause = self._refused()
+                # New calls are refused from now on: calls lost, hence ERROR.
+                self.log.error("intake_paused", reason=reason, resume_after_s=self.resume_after_s)
+            elif reason != pipeline.pause_reason:
+                pipeline.pause_reason = reason
+                self.log.warning("intake_pause_reason_changed", reason=reason)
+            return
+        if not pipeline.paused or now - self._reason_seen_at < self.resume_after_s:
+            return
+        pipeline.paused = False
+        self._resumed_at = now
+        self.log.info(
+            "intake_resumed",
+            paused_s=round(now - self._paused_at, 1),
+            calls_refused=self._refused() - self._refused_at_pause,
+        )
+
+    def _refused(self) -> int:
+        drops = self.pipeline.drops
+        return sum(count for (source, _reason), count in drops.items() if source == "intake")
+
+
 class App:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.log = structlog.get_logger("sipcdr")
         self.metrics = Metrics()
-        self.correlator = Correlator(config.dialog, trunk_resolver(config))
-        self.outputs = Outputs(config)
-        # The CDR writer and the signaling recorder exist once the spools are open.
-        self.pipeline = Pipeline(self.correlator, (), self.metrics)
-        self.dialogs = DialogStore(
-            self.state_dir,
-            self.correlator,
-            checkpoint_interval_s=config.state.checkpoint_interval_s,
-            # One power-loss bound for CDRs and for the call changes behind them.
-            fsync_interval_s=config.spool.fsync_interval_ms / 1000,
-        )
+        self._build()
         self._allow = AllowList(config.capture.allow)
         self._gate = HepGate(config.capture.hep_keys)
-        self._hep_stream: HepStreamServer | None = None
-        self._transports: list[asyncio.DatagramTransport] = []
-        self._udp: list[tuple[str, socket.socket]] = []
-        self._udp_drops: dict[int, int] = {}
         self._metrics_server = MetricsServer(
             self.metrics.registry,
             config.metrics.listen.host,
@@ -104,14 +149,42 @@ class App:
             ready=lambda: self._ready,
             refused=self.metrics.metrics_connections_refused,
         )
-        self._live: list[LiveCapture] = []
-        self._live_seen: dict[tuple[str, str], int] = {}
-        self._live_tasks: list[asyncio.Task[None]] = []
         self._ticker: asyncio.Task[None] | None = None
         self._ready = False
         self._started = False
         self._stopped = False
+        self._failed_start = False
         self._file_limit = (0, 0)  # (soft, hard) RLIMIT_NOFILE once started
+        self._reset_inputs()
+
+    def _build(self) -> None:
+        """The components that hold calls and CDRs. Built anew for a start tried again
+        after one failed, which then recovers from disk what the failed one saved."""
+        config = self.config
+        self.correlator = Correlator(config.dialog, trunk_resolver(config))
+        self.outputs = Outputs(config)
+        # The CDR writer and the signaling recorder exist once the spools are open.
+        self.pipeline = Pipeline(self.correlator, (), self.metrics)
+        self.spare = SpareSpace(self.state_dir / SPARE_NAME, config.state.spare_bytes)
+        self.dialogs = DialogStore(
+            self.state_dir,
+            self.correlator,
+            checkpoint_interval_s=config.state.checkpoint_interval_s,
+            # One power-loss bound for CDRs and for the call changes behind them.
+            fsync_interval_s=config.spool.fsync_interval_ms / 1000,
+            on_no_space=self._make_room,
+        )
+        self.intake = IntakeGate(self.pipeline)
+        self._spare_releases_exported = 0
+
+    def _reset_inputs(self) -> None:
+        self._hep_stream: HepStreamServer | None = None
+        self._transports: list[asyncio.DatagramTransport] = []
+        self._udp: list[tuple[str, socket.socket]] = []
+        self._udp_drops: dict[int, int] = {}
+        self._live: list[LiveCapture] = []
+        self._live_seen: dict[tuple[str, str], int] = {}
+        self._live_tasks: list[asyncio.Task[None]] = []
         self.bound: dict[str, list[tuple[str, int]]] = {
             "sip_udp": [],
             "hep_udp": [],
@@ -130,34 +203,45 @@ class App:
     async def start(self) -> None:
         if self._started:
             return
+        if self._failed_start:
+            # What the failed start saved is read back from disk, like after a stop.
+            self._build()
+            self._reset_inputs()
         self._started = True
         prepare_state_dir(self.state_dir, leave=(EMBEDDED_DATA_SUBDIR,))
         # Before anything is opened: the spool, the sinks and the listeners all share it.
         self._file_limit = raise_file_limit()
         # Reads only: until the store starts, a failed start leaves every file as it was.
-        unwritten = self.dialogs.recover()
+        self.dialogs.recover()
         try:
+            # Room for a full disk, set aside while there is some.
+            self.spare.ensure()
             # Sinks before inputs: a CDR must have its spool before the first packet.
             await self.outputs.open()
-            self.pipeline.sinks = tuple(self.outputs.cdr_sinks())
-            self.pipeline.signaling = self.outputs.signaling
-            # CDRs a crash caught between their journal record and the spool: written
-            # before the checkpoint that no longer holds their calls.
-            self.pipeline.emit(unwritten)
-            await self.dialogs.start()
-            # The close of each CDR is journaled once the spool has it.
-            self.pipeline.sinks = (*self.pipeline.sinks, self.dialogs.closes)
+            self._connect_outputs()
+            # The store opens its journal, then writes the CDRs a crash or a stop left
+            # unwritten (their closes journaled as the spool takes them), then a
+            # checkpoint that holds what the spool could not take.
+            await self.dialogs.start(self.pipeline.emit)
             self.pipeline.journal = self.dialogs.message
+            self.pipeline.decided = self.dialogs.decided
+            self.intake.update(self._intake_block_reason())  # a full disk: before any call
             await self._open_inputs()
             await self._metrics_server.start()
         except BaseException:
             # The calls stay on disk for the next start (the store's checkpoint, or the
             # files it would have replaced); nothing was captured yet.
+            for capturer in self._live:
+                with contextlib.suppress(Exception):
+                    await capturer.stop()
             self._close_inputs()
+            if self._hep_stream is not None:
+                with contextlib.suppress(Exception):
+                    await self._hep_stream.stop()
             await self._metrics_server.stop()
-            await self.dialogs.stop()
-            await self.outputs.close(drain_timeout_s=0)
+            await self._save_and_close(drain_timeout_s=0)
             self._started = False
+            self._failed_start = True
             raise
         self._ticker = asyncio.create_task(self._tick(), name="sipcdr-tick")
         self._ticker.add_done_callback(self._background_failed)
@@ -174,6 +258,56 @@ class App:
             ),
             pid=os.getpid(),
         )
+
+    def _connect_outputs(self) -> None:
+        """Wire the spools to the pipeline, the dialog store and the spare file."""
+        outputs = self.outputs
+        self.pipeline.sinks = tuple(outputs.cdr_sinks())
+        self.pipeline.signaling = outputs.signaling
+        writer = outputs.cdr_writer
+        if writer is not None:
+            # A CDR's close is journaled once its bytes are in the spool file; the ones
+            # the spool holds in memory go into every checkpoint instead.
+            writer.on_written = self.dialogs.closed
+            self.dialogs.held = writer.held
+        records = outputs.spools.get(STREAM_RECORDS)
+        if records is not None and same_filesystem(records.directory, self.state_dir):
+            records.on_no_space = self._make_room
+
+    def _make_room(self) -> bool:
+        """A write was refused for want of space: give up the spare and, from this very
+        message on, refuse new calls, so that its room goes to the calls already open."""
+        if not self.spare.release():
+            return False
+        if self.outputs.blocks_intake:
+            self.intake.update("write_error")
+        return True
+
+    async def _save_and_close(self, drain_timeout_s: float | None = None) -> None:
+        """A last checkpoint, then the outputs closed. CDRs the spool still holds in
+        memory stay out of it when the dialog state on disk keeps them (the checkpoint
+        just written, or the journal): the next start writes them. Otherwise the spool
+        tries once more and counts what it cannot write as lost."""
+        try:
+            kept = await self.dialogs.stop()
+        except Exception as exc:
+            kept = False
+            self.log.error("stop_step_failed", step="save_dialogs", error=repr(exc))
+        writer = self.outputs.cdr_writer
+        if kept and writer is not None:
+            held = writer.take_held()
+            if held:
+                # Nothing lost: written at the next start, under the same cdr_id.
+                self.log.warning("cdrs_kept_for_next_start", cdrs=len(held))
+        try:
+            # Every CDR is in the spool or the dialog state by now; this delivers what
+            # the sinks can take.
+            if drain_timeout_s is None:
+                await self.outputs.close()
+            else:
+                await self.outputs.close(drain_timeout_s=drain_timeout_s)
+        except Exception as exc:
+            self.log.error("stop_step_failed", step="close_outputs", error=repr(exc))
 
     async def _open_inputs(self) -> None:
         loop = asyncio.get_running_loop()
@@ -325,7 +459,8 @@ class App:
         steps: list[tuple[str, Callable[[], object]]] = [
             ("expire", lambda: self.pipeline.expire(now)),
             ("flush_sinks", self.pipeline.flush),
-            ("intake_gate", self._gate_intake),
+            ("spare", self._keep_spare),
+            ("intake_gate", lambda: self.intake.update(self._intake_block_reason())),
             ("export_delivery_metrics", lambda: self.outputs.export_metrics(self.metrics)),
             ("export_dialog_state_metrics", lambda: self.dialogs.export_metrics(self.metrics)),
             ("export_metrics", self._export_metrics),
@@ -336,16 +471,19 @@ class App:
             except Exception as exc:
                 self.log.error("tick_step_failed", step=name, error=repr(exc))
 
-    def _gate_intake(self) -> None:
+    def _keep_spare(self) -> None:
+        """Allocate the spare again once the disk has room, and the reserve is empty."""
+        writer = self.outputs.cdr_writer
+        if writer is None or not writer.spool.reserved:
+            self.spare.ensure()
+
+    def _intake_block_reason(self) -> str | None:
         reason = self.outputs.intake_block_reason
-        pipeline = self.pipeline
-        if reason is not None and (not pipeline.paused or reason != pipeline.pause_reason):
-            pipeline.pause_reason = reason
-            pipeline.paused = True
-            self.log.error("intake_paused", reason=reason)
-        elif reason is None and pipeline.paused:
-            pipeline.paused = False
-            self.log.info("intake_resumed")
+        if reason is None and self.spare.released and self.outputs.blocks_intake:
+            # The disk refused a write and only the spare's room is left: it is for the
+            # calls already open.
+            reason = "write_error"
+        return reason
 
     def _export_metrics(self) -> None:
         self._count_live()
@@ -358,6 +496,12 @@ class App:
                     self.pipeline.drops[(kind, "rcvbuf_overflow")] = (
                         self.pipeline.drops.get((kind, "rcvbuf_overflow"), 0) + delta
                     )
+        self.metrics.spare_bytes.set(self.spare.bytes_held)
+        delta = self.spare.releases - self._spare_releases_exported
+        if delta > 0:
+            self._spare_releases_exported = self.spare.releases
+            self.metrics.spare_released.inc(delta)
+        self.metrics.intake_paused.set(1 if self.pipeline.paused else 0)
         for capture_id, count in self._gate.rejected.items():
             self.metrics.hep_rejected.labels(capture_id).inc(count)
         self._gate.rejected.clear()
@@ -406,16 +550,9 @@ class App:
                 step()
             except Exception as exc:
                 self.log.error("stop_step_failed", step=name, error=repr(exc))
-        try:
-            # A last checkpoint; on a full disk the older one and the journal stay.
-            await self.dialogs.stop()
-        except Exception as exc:
-            self.log.error("stop_step_failed", step="save_dialogs", error=repr(exc))
-        try:
-            # Every CDR is in the spool by now; this delivers what the sinks can take.
-            await self.outputs.close()
-        except Exception as exc:
-            self.log.error("stop_step_failed", step="close_outputs", error=repr(exc))
+        # A last checkpoint (on a full disk the older one and the journal stay), then
+        # the sinks get what they can take.
+        await self._save_and_close()
         for name, step in (
             ("export_metrics", lambda: self.outputs.export_metrics(self.metrics)),
             ("export_dialog_state_metrics", lambda: self.dialogs.export_metrics(self.metrics)),

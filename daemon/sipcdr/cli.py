@@ -166,8 +166,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if summary.get(name)
     }
     if failed:
+        # Records refused by the spool were refused for want of disk space; the rest
+        # waited for sinks (or a disk) that took nothing.
+        remedy = (
+            "free space under state.dir"
+            if "spool_refused" in failed
+            else "make sure the sinks are reachable"
+        )
         print(
-            f"not delivered: {failed}; run the import again once the sinks are reachable "
+            f"not delivered: {failed}; {remedy} and run the import again "
             "(records are deduplicated by id)",
             file=sys.stderr,
         )

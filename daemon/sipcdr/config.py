@@ -47,7 +47,7 @@ from typing import Final, NamedTuple, TypeAlias
 
 from asyncpg import connect_utils
 
-from sipcdr import dialogstore
+from sipcdr import dialogstore, spare
 from sipcdr.capture import tls
 from sipcdr.dialog.correlator import DialogLimits
 from sipcdr.model import Trunk
@@ -438,9 +438,15 @@ class StateConfig:
     # The reason is on the constant: how stale a call's last-message time and how long
     # the journal replayed at start may be after a crash.
     checkpoint_interval_s: float = dialogstore.DEFAULT_CHECKPOINT_INTERVAL_S
+    # Room kept for a full disk (sipcdr/spare.py); 0: none.
+    spare_bytes: int = spare.DEFAULT_SPARE_BYTES
 
     def redacted(self) -> dict[str, object]:
-        return {"dir": str(self.dir), "checkpoint_interval_s": self.checkpoint_interval_s}
+        return {
+            "dir": str(self.dir),
+            "checkpoint_interval_s": self.checkpoint_interval_s,
+            "spare_bytes": self.spare_bytes,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -1065,6 +1071,7 @@ def _build(raw: dict[str, object], context: _Context, base_dir: Path) -> Config:
     checkpoint_interval_s = state_table.positive_number(
         "checkpoint_interval_s", dialogstore.DEFAULT_CHECKPOINT_INTERVAL_S
     )
+    spare_bytes = state_table.integer("spare_bytes", spare.DEFAULT_SPARE_BYTES, minimum=0)
     config = Config(
         capture=capture,
         dialog=dialog,
@@ -1074,7 +1081,11 @@ def _build(raw: dict[str, object], context: _Context, base_dir: Path) -> Config:
         sinks=sinks,
         spool=_spool(root.table("spool", (item.name for item in fields(SpoolConfig)))),
         metrics=metrics,
-        state=StateConfig(dir=Path(state_dir), checkpoint_interval_s=checkpoint_interval_s),
+        state=StateConfig(
+            dir=Path(state_dir),
+            checkpoint_interval_s=checkpoint_interval_s,
+            spare_bytes=spare_bytes,
+        ),
     )
     _check_listeners(config, context)
     return config

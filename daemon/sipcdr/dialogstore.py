@@ -1,43 +1,62 @@
 """Open calls on disk: checkpoints of the correlator plus a journal of what changed
 since, so that a call answered before a crash (SIGKILL, OOM kill, power loss) still
-gets its correct CDR when its BYE arrives after the restart.
+gets its correct CDR when its BYE arrives after the restart, and a CDR closed before
+it but not yet in the spool is still written.
 
 Files in the state directory, numbered by generation g, each created 0600:
 
-    dialogs.<g>.json      checkpoint: the correlator's snapshot as generation g began
+    dialogs.<g>.json      checkpoint: the correlator's snapshot as generation g began,
+                          and the CDRs closed but not yet on disk then
     dialogs.<g>.journal   what changed during generation g
 
-The journal holds two kinds of record: a message the correlator reported as
-`changed` (a first INVITE, the first ringing, answer or final response to it, a
-CANCEL, an auth retry, a BYE), appended with one `write` before any CDR it closes
-goes to the spool; and a close, appended right after each CDR's spool append. Both
-survive a killed process at once; the journal is fsynced every `fsync_interval_s`,
+The journal holds four kinds of record, each appended with one `write`:
+- a message the correlator reported as `changed` (a first INVITE, the first ringing,
+  answer or final response to it, a CANCEL, an auth retry, a BYE), before any CDR it
+  closes goes to the spool;
+- a close decision for a CDR no replayed message would close the same way (a timer, an
+  eviction): the call, its end time and reason, before the CDR goes to the spool, so
+  replay closes it exactly as then;
+- a timer run that closed or forgot anything, after its decisions;
+- a close, once the CDR is in the spool file (`closed`, the spool writer's hook): a CDR
+  the disk refused waits in the spool's reserve and gets its close record only when the
+  reserve is written.
+All survive a killed process at once; the journal is fsynced every `fsync_interval_s`,
 which bounds what a power loss takes. Retransmissions and in-dialog requests other
 than BYE change nothing but a call's last-message time and are not journaled: the
 checkpoints carry that time.
 
-A checkpoint starts generation g+1: the snapshot is taken, journal g+1 opened, the
-snapshot written to `dialogs.<g+1>.tmp` (in a thread, while messages go on into the
-new journal), fsynced and renamed, then the files of older generations deleted. The
-snapshot and the switch of journals run between two messages on the one event loop,
-so the snapshot is exactly the state journal g+1 starts from. If the checkpoint cannot
-be written (a full disk), the older checkpoint and journals stay and still rebuild
-the state; nothing half-written is left.
+A checkpoint starts generation g+1: the snapshot is taken, with the CDRs the spool
+still holds in memory (`held`), journal g+1 opened, the snapshot written to
+`dialogs.<g+1>.tmp` (in a thread, while messages go on into the new journal), fsynced
+and renamed, then the files of older generations deleted. The snapshot and the switch
+of journals run between two messages on the one event loop, so the snapshot is
+exactly the state journal g+1 starts from. A checkpoint file is JSON followed by a
+CRC-32 trailer line, so damage is recognised rather than restored. If the checkpoint
+cannot be written (a full disk), the older checkpoint and journals stay and still
+rebuild the state; nothing half-written is left; attempts are then spaced out,
+doubling up to `CHECKPOINT_RETRY_MAX_S`.
 
 Recovery restores the newest checkpoint and replays the journals from its generation
-on through the correlator, in order: the same messages in the same order rebuild the
-same state, with no second encoding of it. A CDR closed by a replayed message whose
-close record follows was written before the crash and is dropped; one without (the
-process died between the journal write and the close record) is handed back to be
-written again: the same record under the same `cdr_id`, which the sinks deduplicate.
-A close record for a call that replay left open (closed by a timer or an eviction,
-which replay does not repeat) closes it without a CDR.
+on through the correlator, in order: the same messages and decisions in the same order
+rebuild the same state, with no second encoding of it. A CDR closed by a replayed
+record, or carried unwritten by the checkpoint, whose close record follows was written
+before the crash and is dropped; one without is handed back to be written again: the
+same record under the same `cdr_id`, which the sinks deduplicate. A close record for a
+call that replay left open (journals of versions without close decisions) closes it
+without a CDR.
+
+A full disk: a write refused for want of space asks `on_no_space` to make room (the
+daemon's spare file) and is tried once more. At start, a journal that cannot be
+created for want of space leaves the store running without one (counted, ERROR):
+every due checkpoint tries again. A file recovery cannot read at all is renamed
+`.unreadable` and deleted after `UNREADABLE_RETENTION_S` by a later good checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import gc
 import os
@@ -49,6 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
 import structlog
 
 from sipcdr.dialog import Correlator
@@ -68,13 +88,24 @@ DEFAULT_CHECKPOINT_INTERVAL_S: Final = 10.0
 # `benchmarks/journal.py`): spaced so they take at most this share of the time, which
 # stretches the 10 s interval only past ~300,000 open calls.
 CHECKPOINT_MAX_SHARE: Final = 0.05
+# Failed checkpoints are retried at a doubling interval up to this: on a full disk each
+# attempt costs a snapshot and a journal file, yet space that returns is used soon.
+CHECKPOINT_RETRY_MAX_S: Final = 60.0
+# Files recovery could not read are kept this long for a look, then deleted (they hold
+# personal data): a week covers a holiday.
+UNREADABLE_RETENTION_S: Final = 7 * 86400.0
+# A journal is replayed in reads of this size, never read whole.
+_READ_BYTES: Final = 1024 * 1024
 
 CHECKPOINT_SUFFIX: Final = ".json"
 JOURNAL_SUFFIX: Final = ".journal"
+UNREADABLE_SUFFIX: Final = ".unreadable"
 _PREFIX: Final = "dialogs."
 TMP_SUFFIX: Final = ".tmp"  # a checkpoint being written; renamed once complete
 # Written by versions without a journal, at a clean stop: read once as generation 0.
 LEGACY_SNAPSHOT: Final = "dialogs.json"
+CHECKPOINT_FORMAT: Final = 1  # the "checkpoint" member of the file's JSON object
+_TRAILER_BYTES: Final = 11  # b"\n#" + 8 hex digits of the CRC-32 + b"\n"
 
 MAGIC: Final = b"SIPCDRJ\x01"  # journal file format 1
 _FRAME = struct.Struct("<II")  # crc32 of the body, body length
@@ -83,16 +114,26 @@ _FRAME = struct.Struct("<II")  # crc32 of the body, body length
 # payload as captured.
 _MESSAGE = struct.Struct("<BdHHHBBB")
 _CLOSED = struct.Struct("<BdB")  # kind, close time, cdr_id length; then cdr_id, Call-ID
+# kind, decided at, end time, cdr_id length, end reason length, hangup side length;
+# then those strings, then the Call-ID.
+_DECIDED = struct.Struct("<BddBBB")
+_TIMER = struct.Struct("<Bd")  # kind, the time the timers ran at
 KIND_MESSAGE: Final = 1
 KIND_CLOSED: Final = 2
+KIND_DECIDED: Final = 3
+KIND_TIMER: Final = 4
 MAX_RECORD_BYTES: Final = 16 * 1024 * 1024  # far above any SIP message; bounds a bad length
 _TEXT: Final = "surrogatepass"  # any str round-trips, even one a capture file name gave
+_NO_SPACE: Final = frozenset((errno.ENOSPC, errno.EDQUOT))
+_CDR_FIELDS: Final = tuple(item.name for item in dataclasses.fields(Cdr))
+_CDR_FIELD_SET: Final = frozenset(_CDR_FIELDS)
 
 
 @dataclass(slots=True)
 class _Checkpoint:
     generation: int
-    data: bytes
+    snapshot: bytes
+    unwritten: bytes  # the CDRs the spool held in memory, as JSON
     open_dialogs: int
     errors_before: int  # journal write errors when the snapshot was taken
     final: bool
@@ -106,6 +147,7 @@ class DialogStoreStats:
 
     journal_messages: int = 0
     journal_closes: int = 0
+    journal_decisions: int = 0  # close decisions and timer runs
     journal_write_errors: int = 0  # records not journaled: not rebuilt after a crash
     checkpoints: int = 0
     checkpoint_failures: int = 0
@@ -113,28 +155,21 @@ class DialogStoreStats:
     torn_bytes: int = 0
     bad_records: int = 0  # well-framed records recovery could not apply
     unreadable_checkpoints: int = 0
+    unreadable_journals: int = 0
+    internal_errors: int = 0  # the background task's own failures, survived
     replayed_records: int = 0
 
 
-class JournalCloses:
-    """The pipeline sink that journals each CDR's close, placed after the spool writer
-    so that a close is recorded only once its CDR is in the spool."""
-
-    name = "dialog_journal"
-
-    def __init__(self, store: DialogStore) -> None:
-        self._store = store
-
-    def write(self, cdr: Cdr) -> None:
-        self._store.closed(cdr)
-
-    def flush(self) -> None:
-        return None  # fsynced by the store's own interval
+def _no_cdrs() -> Sequence[Cdr]:
+    return ()
 
 
 class DialogStore:
     """Owns the checkpoint and journal files of one correlator. Call `recover()` once
-    before `start()`; `message` is the pipeline's journal hook, `closes` its sink."""
+    before `start()`. The pipeline's hooks: `message` (each message that changed a
+    call), `decided` (closes no message repeats); the spool writer's: `closed` (a CDR
+    is in the spool file); the store asks `held` for the CDRs the spool keeps in memory
+    at each checkpoint."""
 
     def __init__(
         self,
@@ -144,17 +179,27 @@ class DialogStore:
         checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S,
         fsync_interval_s: float = DEFAULT_FSYNC_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        on_no_space: Callable[[], bool] | None = None,
     ) -> None:
         self.directory = directory
         self.correlator = correlator
         self.checkpoint_interval_s = checkpoint_interval_s
         self.fsync_interval_s = fsync_interval_s
         self.stats = DialogStoreStats()
-        self.closes = JournalCloses(self)
         self.log = structlog.get_logger("sipcdr.dialogs")
+        # CDRs closed but held in memory by the spool (its reserve): each checkpoint
+        # carries them, so a crash does not lose them.
+        self.held: Callable[[], Sequence[Cdr]] = _no_cdrs
+        # Asked to make room when a write is refused for want of space; True when it did.
+        self.on_no_space = on_no_space
         self._clock = clock
+        self._wall_clock = wall_clock
         self._fd = -1
         self._size = 0  # bytes in the open journal; a failed write is cut back to this
+        # Sizes of the journals since the last good checkpoint, but the open one: all of
+        # them are replayed at start.
+        self._older_journals: dict[int, int] = {}
         self._dirty = False
         self._generation = 0  # of the open journal (and of the newest checkpoint tried)
         # False after a journal write failed, until a checkpoint succeeds: the files on
@@ -170,12 +215,19 @@ class DialogStore:
         self._failures_in_row = 0
         self._reported_intact = True
         self._writing: tuple[_Checkpoint, asyncio.Future[None]] | None = None
-        self._unwritten: list[Cdr] = []  # from recovery, until the start has succeeded
+        self._unwritten: list[Cdr] = []  # from recovery, until the start writes them
         self._exported: dict[str, int] = {}
 
     @property
     def journal_bytes(self) -> int:
-        return self._size
+        """Bytes of journal a start would replay: every journal since the last good
+        checkpoint."""
+        return self._size + sum(self._older_journals.values())
+
+    @property
+    def intact(self) -> bool:
+        """Whether the files on disk rebuild the current state (and the held CDRs)."""
+        return self._intact
 
     # -- hot path -----------------------------------------------------------------------
 
@@ -206,7 +258,11 @@ class DialogStore:
             self.stats.journal_messages += 1
 
     def closed(self, cdr: Cdr) -> None:
-        """Journal that a call's CDR is in the spool."""
+        """Journal that a call's CDR is in the spool file. After the stop's checkpoint
+        (the spool writing what it still held as it closes) there is no journal: the
+        next start may write such a CDR again, under the same cdr_id, which is no loss."""
+        if self._stopped:
+            return
         ident = cdr.cdr_id.encode()
         body = b"".join(
             (
@@ -218,52 +274,88 @@ class DialogStore:
         if self._append(body):
             self.stats.journal_closes += 1
 
+    def decided(self, cdrs: Sequence[Cdr], timer_at: float | None) -> None:
+        """Journal closes that no replayed message repeats, before their CDRs go to the
+        spool: a timer run at `timer_at` (then the run itself too, for what it forgot),
+        or an eviction (None) by the message journaled next."""
+        now = self.correlator.now
+        for cdr in cdrs:
+            ident = cdr.cdr_id.encode()
+            reason = cdr.end_reason.encode()
+            side = (cdr.hangup_by or "").encode()
+            head = _DECIDED.pack(
+                KIND_DECIDED, now, cdr.end_time, len(ident), len(reason), len(side)
+            )
+            body = b"".join((head, ident, reason, side, cdr.call_id.encode("utf-8", _TEXT)))
+            if self._append(body):
+                self.stats.journal_decisions += 1
+        if timer_at is not None and self._append(_TIMER.pack(KIND_TIMER, timer_at)):
+            self.stats.journal_decisions += 1
+
     def _append(self, body: bytes) -> bool:
         length = len(body)
         frame = _FRAME.pack(zlib.crc32(body), length)
-        try:
-            if self._fd < 0:
-                raise OSError(errno.EBADF, "journal not open")
-            if length > MAX_RECORD_BYTES:
-                raise OSError(errno.EFBIG, "record too large")
-            if os.writev(self._fd, (frame, body)) != length + _FRAME.size:
-                raise OSError(errno.ENOSPC, "short write")
-        except OSError:
+        for attempt in (1, 2):
+            no_space = False
+            try:
+                if self._fd < 0:
+                    raise OSError(errno.EBADF, "journal not open")
+                if length > MAX_RECORD_BYTES:
+                    raise OSError(errno.EFBIG, "record too large")
+                written = os.writev(self._fd, (frame, body))
+            except OSError as exc:
+                no_space = exc.errno in _NO_SPACE
+            else:
+                if written == length + _FRAME.size:
+                    self._size += written
+                    self._dirty = True
+                    return True
+                no_space = True  # a short write: the disk filled up
             if self._fd >= 0:
                 # Half a record would hide every record after it from recovery.
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, self._size)
-            self.stats.journal_write_errors += 1
-            self._intact = False
-            return False
-        self._size += length + _FRAME.size
-        self._dirty = True
-        return True
+            if not (attempt == 1 and no_space and self._make_room()):
+                break
+        self.stats.journal_write_errors += 1
+        self._intact = False
+        return False
+
+    def _make_room(self) -> bool:
+        return self.on_no_space is not None and self.on_no_space()
 
     # -- recovery -----------------------------------------------------------------------
 
     def recover(self) -> list[Cdr]:
         """Rebuild the correlator from the newest checkpoint and the journals after it.
-        Returns the CDRs a crash kept from reaching the spool, to be written now.
-        Writes nothing but renaming an unreadable checkpoint aside: a start that fails
-        later leaves every file for the next one."""
+        Returns the CDRs closed before the stop or crash that are not known to be in
+        the spool, to be written now (by `start`). Writes nothing but renaming an
+        unreadable file aside: a start that fails later leaves every file for the next
+        one."""
         if self._recovered:
-            return list(self._unwritten)  # a start tried again in the same process
+            return list(self._unwritten)
         self._recovered = True
         files = self._files()
         checkpoints, journals = files[CHECKPOINT_SUFFIX], files[JOURNAL_SUFFIX]
         base = max(checkpoints, default=0)
+        pending: dict[str, Cdr] = {}
         restored = 0
         if checkpoints:
-            restored = self._restore(checkpoints[base])
+            restored = self._restore(checkpoints[base], pending)
         elif (self.directory / LEGACY_SNAPSHOT).exists():
-            restored = self._restore(self.directory / LEGACY_SNAPSHOT)
-        pending: dict[str, Cdr] = {}
+            restored = self._restore(self.directory / LEGACY_SNAPSHOT, pending)
+        carried = len(pending)
         replayed = 0
+        newest = max(journals, default=-1)
         for generation in sorted(journals):
             if generation >= base:
-                replayed += self._replay(journals[generation], pending)
+                path = journals[generation]
+                replayed += self._replay(path, pending, newest=generation == newest)
+                with contextlib.suppress(OSError):
+                    self._older_journals[generation] = path.stat().st_size
         self._generation = max((base, *checkpoints, *journals))
+        # A clock that ran ahead before the stop must not stamp what closes from now on.
+        self.correlator.limit_time(self._wall_clock())
         # What replay counted was counted by the process that first saw it; this one
         # counts the calls it holds and the CDRs it still has to write.
         stats = CorrelatorStats()
@@ -281,6 +373,7 @@ class DialogStore:
                 journal_records=replayed,
                 open_dialogs=self.correlator.open_dialogs,
                 cdrs_to_write=len(pending),
+                cdrs_carried_by_checkpoint=carried,
             )
         self._log_damage()
         self._unwritten = list(pending.values())
@@ -300,52 +393,87 @@ class DialogStore:
                 found[suffix][int(number)] = path
         return found
 
-    def _restore(self, path: Path) -> int:
+    def _restore(self, path: Path, pending: dict[str, Cdr]) -> int:
         try:
-            return self.correlator.restore(path.read_bytes())
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            snapshot, unwritten = read_checkpoint(path.read_bytes())
+            count = self.correlator.restore(snapshot)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             # Unreadable state must not stop capture: the calls in it get no CDR (the
             # journals after it still reopen the calls they saw begin).
             self.stats.unreadable_checkpoints += 1
-            self.log.error("dialog_checkpoint_unreadable", path=str(path), error=str(exc))
-            path.rename(path.with_name(path.name + ".unreadable"))
+            self.log.error("dialog_checkpoint_unreadable", path=str(path), error=_reason(exc))
+            self._set_aside(path)
             return 0
+        for cdr in unwritten:
+            pending[cdr.cdr_id] = cdr
+        return count
 
-    def _replay(self, path: Path, pending: dict[str, Cdr]) -> int:
-        data = path.read_bytes()
-        if not data:
-            return 0  # created, then the process died before the header
-        if not data.startswith(MAGIC):
-            self._torn(len(data))
+    def _set_aside(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            path.rename(path.with_name(path.name + UNREADABLE_SUFFIX))
+
+    def _replay(self, path: Path, pending: dict[str, Cdr], *, newest: bool) -> int:
+        """Replay one journal, read in pieces; returns the records replayed."""
+        try:
+            handle = path.open("rb", buffering=_READ_BYTES)
+        except OSError as exc:
+            self._journal_unreadable(path, exc)
             return 0
-        offset = len(MAGIC)
-        end_of_data = len(data)
         replayed = 0
-        while offset < end_of_data:
-            body_at = offset + _FRAME.size
-            if body_at > end_of_data:
-                break
-            crc, length = _FRAME.unpack_from(data, offset)
-            end = body_at + length
-            if not 0 < length <= MAX_RECORD_BYTES or end > end_of_data:
-                break
-            body = data[body_at:end]
-            if zlib.crc32(body) != crc:
-                break
-            offset = end
-            replayed += 1
-            if body[0] == KIND_MESSAGE:
-                self._replay_message(body, pending)
-            elif body[0] == KIND_CLOSED:
-                self._replay_closed(body, pending)
-            else:
-                self.stats.bad_records += 1
-        if offset < end_of_data:
+        offset = 0
+        with handle:
+            try:
+                size = os.fstat(handle.fileno()).st_size
+                magic = handle.read(len(MAGIC))
+                if not magic:
+                    # The newest may have been created just before the crash; an older
+                    # one was written and then emptied: damage.
+                    if not newest:
+                        self._torn(0)
+                    return 0
+                if magic != MAGIC:
+                    self._torn(size)
+                    return 0
+                offset = len(MAGIC)
+                while frame := handle.read(_FRAME.size):
+                    if len(frame) < _FRAME.size:
+                        break
+                    crc, length = _FRAME.unpack(frame)
+                    if not 0 < length <= MAX_RECORD_BYTES:
+                        break
+                    body = handle.read(length)
+                    if len(body) < length or zlib.crc32(body) != crc:
+                        break
+                    offset += _FRAME.size + length
+                    replayed += 1
+                    self._apply(body, pending)
+            except OSError as exc:
+                self._journal_unreadable(path, exc)
+                return replayed
+        if offset < size:
             # A record cut short or damaged (a power loss inside the fsync interval):
             # it and what follows are not replayed. Records are never rewritten, so
             # nothing valid can follow a damaged one.
-            self._torn(end_of_data - offset)
+            self._torn(size - offset)
         return replayed
+
+    def _journal_unreadable(self, path: Path, exc: OSError) -> None:
+        self.stats.unreadable_journals += 1
+        self.log.error("dialog_journal_unreadable", path=str(path), error=_reason(exc))
+        self._set_aside(path)
+
+    def _apply(self, body: bytes, pending: dict[str, Cdr]) -> None:
+        kind = body[0]
+        if kind == KIND_MESSAGE:
+            self._replay_message(body, pending)
+        elif kind == KIND_CLOSED:
+            self._replay_closed(body, pending)
+        elif kind == KIND_DECIDED:
+            self._replay_decided(body, pending)
+        elif kind == KIND_TIMER and len(body) == _TIMER.size:
+            self.correlator.prune_closed(_TIMER.unpack(body)[1])
+        else:
+            self.stats.bad_records += 1
 
     def _torn(self, length: int) -> None:
         self.stats.torn_tails += 1
@@ -392,29 +520,69 @@ class DialogStore:
         if pending.pop(cdr_id, None) is None:
             self.correlator.forget(call_id, cdr_id, closed_at)
 
+    def _replay_decided(self, body: bytes, pending: dict[str, Cdr]) -> None:
+        try:
+            _kind, decided_at, end_time, id_len, reason_len, side_len = _DECIDED.unpack_from(body)
+            at = _DECIDED.size
+            cdr_id = body[at : at + id_len].decode()
+            at += id_len
+            end_reason = body[at : at + reason_len].decode()
+            at += reason_len
+            hangup_by = body[at : at + side_len].decode() or None
+            call_id = body[at + side_len :].decode("utf-8", _TEXT)
+            cdr = self.correlator.close_decided(
+                call_id, cdr_id, end_time, end_reason, hangup_by, decided_at
+            )
+        except Exception:
+            self.stats.bad_records += 1
+            return
+        if cdr is not None:
+            pending[cdr.cdr_id] = cdr
+
     # -- checkpoints --------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Write a checkpoint of the recovered state and open a fresh journal. Raises
-        OSError when the journal cannot be created (the state directory is unusable)."""
+    async def start(self, write_unwritten: Callable[[list[Cdr]], None] | None = None) -> None:
+        """Open a fresh journal, hand the recovered CDRs to `write_unwritten` (whose
+        spool writes journal their closes, so a second crash does not write them again),
+        then write a checkpoint. A journal that cannot be created for want of space
+        leaves the store without one (counted, ERROR), and every due checkpoint tries
+        again; any other failure (the directory is unusable) raises."""
         if self._started:
             return
         if not self._recovered:
             raise RuntimeError("DialogStore.recover() must run before start()")
-        # Raises before anything changes: the start fails, plainly, files untouched.
-        fd = self._open_journal(self._generation + 1)
-        os.close(fd)
+        generation = self._generation + 1
+        try:
+            fd = self._open_journal(generation)
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise  # the start fails, plainly, files untouched
+            self.stats.journal_write_errors += 1
+            self._intact = False
+            self.log.error(
+                "dialog_journal_unavailable",
+                error=_reason(exc),
+                note="calls are not rebuilt after a crash until a checkpoint is written; "
+                "retried at every checkpoint",
+            )
+        else:
+            self._fd, self._size = fd, len(MAGIC)
+        self._generation = generation
         self._started = True
-        self._unwritten = []  # written by now: the checkpoint holds them closed
+        if write_unwritten is not None and self._unwritten:
+            write_unwritten(list(self._unwritten))
+        self._unwritten = []
         self.checkpoint()
         self._task = asyncio.create_task(self._run(), name="sipcdr-dialog-store")
         self._task.add_done_callback(self._task_failed)
 
-    async def stop(self) -> None:
-        """Idempotent: a last checkpoint of the open calls, then the journal closed. On
-        failure the older checkpoint and journals stay, and still rebuild the calls."""
+    async def stop(self) -> bool:
+        """Idempotent: a last checkpoint of the open calls and the held CDRs, then the
+        journal closed. On failure the older checkpoint and journals stay, and still
+        rebuild the calls. True when the files on disk hold everything: the last
+        checkpoint was written, or the journal missed nothing."""
         if self._stopped or not self._started:
-            return
+            return self._intact
         self._stopped = True
         if self._task is not None:
             self._task.cancel()
@@ -424,7 +592,7 @@ class DialogStore:
             plan, future = self._writing
             await asyncio.wait({future})  # a checkpoint being written is finished first
             self._finish(plan, _error_of(future))
-        self.checkpoint(final=True)
+        return self.checkpoint(final=True) or self._intact
 
     def flush(self) -> None:
         """fsync the journal if anything was written since the last time."""
@@ -447,20 +615,29 @@ class DialogStore:
         while True:
             await asyncio.sleep(self.fsync_interval_s)
             try:
-                self.flush()
-            except OSError as exc:
-                self.stats.journal_write_errors += 1
-                self._intact = False
-                self.log.error("dialog_journal_sync_failed", error=str(exc))
-            if self.checkpoint_due():
-                await self._checkpoint_in_background()
+                try:
+                    self.flush()
+                except OSError as exc:
+                    self.stats.journal_write_errors += 1
+                    self._intact = False
+                    self.log.error("dialog_journal_sync_failed", error=str(exc))
+                if self.checkpoint_due():
+                    await self._checkpoint_in_background()
+            except Exception as exc:
+                # A snapshot that raised, say: counted, and the next round tries again;
+                # ending here would stop every later fsync and checkpoint.
+                self.stats.internal_errors += 1
+                self.log.error("dialog_store_step_failed", error=repr(exc))
 
     def checkpoint_due(self) -> bool:
         if self._writing is not None:
             return False
-        if self.correlator.stats.messages == self._messages_at_checkpoint:
+        if self._intact and self.correlator.stats.messages == self._messages_at_checkpoint:
             return False  # nothing arrived: the last checkpoint is still exact
         spacing = max(self.checkpoint_interval_s, self._last_checkpoint_s / CHECKPOINT_MAX_SHARE)
+        if self._failures_in_row:
+            backoff = self.checkpoint_interval_s * 2 ** min(self._failures_in_row - 1, 16)
+            spacing = max(spacing, min(backoff, CHECKPOINT_RETRY_MAX_S))
         return self._clock() - self._last_checkpoint >= spacing
 
     def checkpoint(self, *, final: bool = False) -> bool:
@@ -472,9 +649,15 @@ class DialogStore:
             return False
         error: OSError | None = None
         try:
-            self._write_file(plan.generation, plan.data)
+            self._write_file(plan)
         except OSError as exc:
             error = exc
+            if exc.errno in _NO_SPACE and self._make_room():
+                try:
+                    self._write_file(plan)
+                    error = None
+                except OSError as again:
+                    error = again
         self._last_checkpoint_s = self._clock() - plan.began
         self._finish(plan, error)
         return error is None
@@ -488,7 +671,7 @@ class DialogStore:
             return
         self._last_checkpoint_s = self._clock() - plan.began
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, self._write_file, plan.generation, plan.data)
+        future = loop.run_in_executor(None, self._write_file, plan)
         self._writing = (plan, future)
         future.add_done_callback(lambda done: self._finish(plan, _error_of(done)))
         # Shielded: a stop waits for the file rather than leave a thread writing it.
@@ -503,18 +686,21 @@ class DialogStore:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            data = self.correlator.snapshot()
+            snapshot = self.correlator.snapshot()
+            unwritten = _unwritten_json(self.held())
         finally:
             if collecting:
                 gc.enable()
         plan = _Checkpoint(
             generation=self._generation + 1,
-            data=data,
+            snapshot=snapshot,
+            unwritten=unwritten,
             open_dialogs=self.correlator.open_dialogs,
             errors_before=self.stats.journal_write_errors,
             final=final,
             began=began,
         )
+        self._last_checkpoint = began  # a failed attempt counts too: retries are spaced
         if final:
             self._close_journal()
         else:
@@ -524,27 +710,39 @@ class DialogStore:
                 self.stats.checkpoint_failures += 1
                 self._report_failure(exc, plan)
                 return None  # appends go on in the current generation
+            if self._fd >= 0:
+                self._older_journals[self._generation] = self._size
             self._close_journal()
             self._fd, self._size = fd, len(MAGIC)
         self._generation = plan.generation
-        self._last_checkpoint = began
         self._messages_at_checkpoint = messages
         return plan
 
-    def _write_file(self, generation: int, data: bytes) -> None:
+    def _write_file(self, plan: _Checkpoint) -> None:
         """Thread-safe: file system calls only. Leaves nothing half-written."""
-        tmp = self.directory / f"{_PREFIX}{generation}{TMP_SUFFIX}"
+        tmp = self.directory / f"{_PREFIX}{plan.generation}{TMP_SUFFIX}"
+        pieces = (
+            b'{"checkpoint":%d,"unwritten":' % CHECKPOINT_FORMAT,
+            plan.unwritten,
+            b',"snapshot":',
+            plan.snapshot,
+            b"}",
+        )
+        crc = 0
+        for piece in pieces:
+            crc = zlib.crc32(piece, crc)
         try:
             tmp.unlink(missing_ok=True)  # a stale one may have other permissions
             fd = open_private_fd(tmp, os.O_WRONLY | os.O_EXCL)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                for piece in (*pieces, b"\n#%08x\n" % crc):
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, self.directory / f"{_PREFIX}{generation}{CHECKPOINT_SUFFIX}")
+            os.replace(tmp, self.directory / f"{_PREFIX}{plan.generation}{CHECKPOINT_SUFFIX}")
             _fsync_directory(self.directory)
         except OSError:
             with contextlib.suppress(OSError):
@@ -561,6 +759,8 @@ class DialogStore:
             # The older checkpoint is untouched, and so are the journals since.
             self.stats.checkpoint_failures += 1
             self._report_failure(error, plan)
+            if not plan.final and getattr(error, "errno", None) in _NO_SPACE and self._make_room():
+                self._last_checkpoint = float("-inf")  # room was made: again at once
             return
         self.stats.checkpoints += 1
         # Complete again, unless a journal write failed after the snapshot was taken.
@@ -569,6 +769,8 @@ class DialogStore:
             self.log.info("dialog_checkpoint_written", after_failures=self._failures_in_row)
         self._failures_in_row = 0
         self._reported_intact = True
+        for generation in [g for g in self._older_journals if g < plan.generation]:
+            del self._older_journals[generation]
         self._delete_before(plan.generation)
 
     def _report_failure(self, error: BaseException, plan: _Checkpoint) -> None:
@@ -583,7 +785,7 @@ class DialogStore:
         log = self.log.warning if self._intact else self.log.error
         log(
             "dialog_checkpoint_failed",
-            error=getattr(error, "strerror", None) or repr(error),
+            error=_reason(error),
             at_stop=plan.final,
             open_dialogs=plan.open_dialogs,
             recoverable_from_journal=self._intact,
@@ -591,18 +793,24 @@ class DialogStore:
         )
 
     def _open_journal(self, generation: int) -> int:
+        """Create journal `generation` with its header; a header refused for want of
+        space is tried once more if room could be made."""
         path = self.directory / f"{_PREFIX}{generation}{JOURNAL_SUFFIX}"
-        path.unlink(missing_ok=True)  # left by a start that failed before using it
-        fd = open_private_fd(path, os.O_WRONLY | os.O_EXCL | os.O_APPEND)
-        try:
-            if os.write(fd, MAGIC) != len(MAGIC):
-                raise OSError(errno.ENOSPC, "short write")
-        except OSError:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise
-        return fd
+        for attempt in (1, 2):
+            path.unlink(missing_ok=True)  # left by a start that failed before using it
+            fd = open_private_fd(path, os.O_WRONLY | os.O_EXCL | os.O_APPEND)
+            try:
+                if os.write(fd, MAGIC) != len(MAGIC):
+                    raise OSError(errno.ENOSPC, "short write")
+            except OSError as exc:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                if attempt == 1 and exc.errno in _NO_SPACE and self._make_room():
+                    continue
+                raise
+            return fd
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _close_journal(self) -> None:
         if self._fd < 0:
@@ -626,6 +834,12 @@ class DialogStore:
             if number < generation
         ]
         stale.append(self.directory / LEGACY_SNAPSHOT)
+        # What recovery could not read, once it has been kept long enough for a look.
+        expired = self._wall_clock() - UNREADABLE_RETENTION_S
+        for path in self.directory.glob(f"{_PREFIX}*{UNREADABLE_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                if path.lstat().st_mtime < expired:
+                    stale.append(path)
         for path in stale:
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
@@ -635,8 +849,12 @@ class DialogStore:
     def export_metrics(self, metrics: Metrics) -> None:
         """Move the counts into Prometheus; log lost journal records at ERROR."""
         stats = self.stats
-        metrics.dialog_journal_bytes.set(self._size)
-        for kind, total in (("message", stats.journal_messages), ("close", stats.journal_closes)):
+        metrics.dialog_journal_bytes.set(self.journal_bytes)
+        for kind, total in (
+            ("message", stats.journal_messages),
+            ("close", stats.journal_closes),
+            ("decision", stats.journal_decisions),
+        ):
             self._add(metrics.dialog_journal_records.labels(kind), f"rec:{kind}", total)
         for outcome, total in (
             ("written", stats.checkpoints),
@@ -648,6 +866,8 @@ class DialogStore:
             ("torn_tail", stats.torn_tails),
             ("bad_record", stats.bad_records),
             ("unreadable_checkpoint", stats.unreadable_checkpoints),
+            ("unreadable_journal", stats.unreadable_journals),
+            ("internal_error", stats.internal_errors),
         ):
             delta = self._add(metrics.dialog_state_errors.labels(what), f"err:{what}", total)
             if delta and what == "journal_write_error":
@@ -676,6 +896,68 @@ class DialogStore:
         return max(delta, 0)
 
 
+def read_checkpoint(data: bytes) -> tuple[dict[str, object], list[Cdr]]:
+    """The correlator snapshot and the unwritten CDRs of a checkpoint file; ValueError
+    when its checksum or form is wrong. A file without the trailer is the plain
+    snapshot of an earlier version (or of `dialogs.json`)."""
+    view = memoryview(data)
+    trailer = bytes(view[-_TRAILER_BYTES:])
+    if trailer.startswith(b"\n#") and trailer.endswith(b"\n"):
+        body = view[:-_TRAILER_BYTES]
+        try:
+            crc = int(trailer[2:-1], 16)
+        except ValueError:
+            raise ValueError("checkpoint trailer is damaged") from None
+        if zlib.crc32(body) != crc:
+            raise ValueError("checkpoint checksum does not match")
+        document = orjson.loads(body)
+        del body, view
+        if not isinstance(document, dict) or document.get("checkpoint") != CHECKPOINT_FORMAT:
+            raise ValueError("not a checkpoint of this format")
+        snapshot = document.pop("snapshot")
+        if not isinstance(snapshot, dict):
+            raise ValueError("checkpoint without a snapshot")
+        return snapshot, _unwritten_cdrs(document.get("unwritten"))
+    del view
+    document = orjson.loads(data)
+    if not isinstance(document, dict) or "version" not in document:
+        raise ValueError("checkpoint without its trailer")
+    return document, []
+
+
+def _unwritten_json(cdrs: Sequence[Cdr]) -> bytes:
+    return orjson.dumps(
+        {
+            "fields": _CDR_FIELDS,
+            "rows": [[getattr(cdr, name) for name in _CDR_FIELDS] for cdr in cdrs],
+        }
+    )
+
+
+def _unwritten_cdrs(document: object) -> list[Cdr]:
+    if not isinstance(document, dict):
+        raise ValueError("checkpoint unwritten CDRs are malformed")
+    names, rows = document.get("fields"), document.get("rows")
+    if (
+        not isinstance(names, list)
+        or not isinstance(rows, list)
+        or not all(isinstance(name, str) and name in _CDR_FIELD_SET for name in names)
+    ):
+        raise ValueError("checkpoint unwritten CDRs are malformed")
+    cdrs = []
+    for row in rows:
+        if not isinstance(row, list) or len(row) != len(names):
+            raise ValueError("checkpoint unwritten CDR is malformed")
+        fields = dict(zip(names, row, strict=True))
+        fields["fraud_flags"] = tuple(fields.get("fraud_flags") or ())
+        cdrs.append(Cdr(**fields))
+    return cdrs
+
+
+def _reason(error: BaseException) -> str:
+    return getattr(error, "strerror", None) or repr(error)
+
+
 def _error_of(future: asyncio.Future[None]) -> BaseException | None:
     if future.cancelled():
         return asyncio.CancelledError()
@@ -694,5 +976,5 @@ __all__: Sequence[str] = [
     "DEFAULT_CHECKPOINT_INTERVAL_S",
     "DialogStore",
     "DialogStoreStats",
-    "JournalCloses",
+    "read_checkpoint",
 ]

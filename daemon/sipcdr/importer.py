@@ -80,11 +80,14 @@ async def _import_to_outputs(
     _remove_abandoned(spools)
     spool_dir = spools / str(os.getpid())
     # "block" on both streams: an import can wait for its sinks, so it never drops. The
-    # reserve holds at least the calls a slice's messages can close, so on a disk that
-    # refuses CDRs the import waits after the slice instead of losing them.
-    reserve = max(config.spool.cdr_reserve_records, YIELD_EVERY)
+    # reserve holds at least what is closed between two turns: one call per message of
+    # a slice, and one slice of what a timer run closes (`_import` emits those in
+    # slices too), so on a disk that refuses CDRs the import waits instead of losing
+    # them. Below the signaling floor it waits for its sinks rather than refuse
+    # signaling (`Outputs.wait_reason`).
+    reserve = max(config.spool.cdr_reserve_records, 2 * YIELD_EVERY)
     config = replace(config, spool=replace(config.spool, cdr_reserve_records=reserve))
-    outputs = Outputs(config, spool_dir=spool_dir, full_policy="block")
+    outputs = Outputs(config, spool_dir=spool_dir, full_policy="block", wait_below_floor=True)
     await outputs.open()
     summary: dict[str, object] = {}
     try:
@@ -95,10 +98,9 @@ async def _import_to_outputs(
             # outgrow the disk, as long as they make progress.
             outputs.flush()
             await asyncio.sleep(0)
-            if not await _wait_for_room(outputs, timeout_s):
-                summary["aborted"] = (
-                    f"neither the sinks nor the disk took anything for {timeout_s:.0f} s"
-                )
+            stuck = await _wait_for_room(outputs, timeout_s)
+            if stuck is not None:
+                summary["aborted"] = _STUCK[stuck].format(timeout_s)
                 steps.close()  # fills the summary with what was read so far
                 break
         outputs.flush()
@@ -126,14 +128,26 @@ async def _import_to_outputs(
     return summary
 
 
-async def _wait_for_room(outputs: Outputs, timeout_s: float) -> bool:
+# Why an import gave up, by `Outputs.wait_reason`; formatted with the timeout.
+_STUCK = {
+    "spool_full": "the spool stayed full and the sinks took nothing for {:.0f} s",
+    "write_error": "neither the sinks nor the disk took anything for {:.0f} s",
+    "disk_floor": (
+        "the state disk stayed below [spool] signaling_min_free_bytes and the sinks "
+        "took nothing for {:.0f} s"
+    ),
+}
+
+
+async def _wait_for_room(outputs: Outputs, timeout_s: float) -> str | None:
     """Wait while a spool is full, the disk refuses CDRs (they wait in the reserve, and
-    are written again here) or signaling is below its free-space floor; False when
-    nothing moved for `timeout_s`."""
+    are written again here) or signaling is below its free-space floor with records
+    the sinks do not have yet; the reason when nothing moved for `timeout_s`, None
+    once the import may read on."""
     delivery = outputs.delivery
     deadline = time.monotonic() + timeout_s
     progress = -1
-    while outputs.must_wait:
+    while (reason := outputs.wait_reason) is not None:
         outputs.flush()  # writes the reserve and reads the free space again, if due
         now_progress = sum(spool.next_seq for spool in outputs.spools.values())
         if delivery is not None:
@@ -142,9 +156,9 @@ async def _wait_for_room(outputs: Outputs, timeout_s: float) -> bool:
             progress = now_progress
             deadline = time.monotonic() + timeout_s
         if time.monotonic() >= deadline:
-            return False
+            return reason
         await asyncio.sleep(0.05)
-    return True
+    return None
 
 
 def _remove_abandoned(spools: Path) -> None:
@@ -205,9 +219,13 @@ def _import(
             merged = heapq.merge(*(packets_of(path) for path in files), key=_capture_time)
             for packet in merged:
                 packets += 1
-                # Timers due before this packet fire first, as they would have live.
+                # Timers due before this packet fire first, as they would have live;
+                # what they close goes out in slices, a turn after each, like the drain.
                 if packet.timestamp >= next_expiry:
-                    pipeline.expire(packet.timestamp)
+                    expired = pipeline.correlator.expire(packet.timestamp)
+                    for start in range(0, len(expired), YIELD_EVERY):
+                        pipeline.emit(expired[start : start + YIELD_EVERY])
+                        yield
                     next_expiry = packet.timestamp + EXPIRE_EVERY_S
                 pipeline.process(packet)
                 if packets % YIELD_EVERY == 0:

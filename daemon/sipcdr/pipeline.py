@@ -39,6 +39,7 @@ class Pipeline:
         "_flushed",
         "cdrs_written",
         "correlator",
+        "decided",
         "drops",
         "hep_clock_skew",
         "journal",
@@ -69,6 +70,10 @@ class Pipeline:
         # Each message that changed a call, for the dialog journal (the daemon's; an
         # import has none): written before any CDR it closes reaches the sinks.
         self.journal: Callable[[Packet], None] | None = None
+        # Closes that replaying the journaled messages would not repeat the same way,
+        # for the dialog journal, before their CDRs reach the sinks: a timer run (with
+        # its time) or an eviction (None), which comes before its message's record.
+        self.decided: Callable[[Sequence[Cdr], float | None], None] | None = None
         # Set while the CDR spool is full, or its disk refuses writes, under the "block"
         # policy: intake is refused, counted with `pause_reason`, rather than closing
         # calls whose CDRs would have nowhere to go.
@@ -116,6 +121,8 @@ class Pipeline:
             return
         journal = self.journal
         if journal is not None and self.correlator.changed:
+            if closed and closed[0].call_id != msg.call_id and self.decided is not None:
+                self.decided(closed, None)  # a call evicted to make room for this one
             journal(packet)
         if closed:
             self.emit(closed)
@@ -127,6 +134,8 @@ class Pipeline:
 
     def expire(self, now: float) -> None:
         closed = self.correlator.expire(now)
+        if self.decided is not None and self.correlator.changed:
+            self.decided(closed, now)
         if closed:
             self.emit(closed)
 

@@ -112,9 +112,10 @@ class Correlator:
         self._next_sweep = 0.0
         self._now = 0.0  # latest capture time seen: when a closed call was closed
         # Whether the last message fed changed a call (opened, rang, answered, was
-        # cancelled, challenged, retried, ended): the daemon journals exactly those.
-        # Retransmissions, the other leg's copies and in-dialog requests other than
-        # BYE only move the call's last-message time, which the checkpoints carry.
+        # cancelled, challenged, retried, ended), or the last timer run closed or forgot
+        # a call: the daemon journals exactly those. Retransmissions, the other leg's
+        # copies and in-dialog requests other than BYE only move the call's
+        # last-message time, which the checkpoints carry.
         self.changed = False
 
     @property
@@ -253,14 +254,26 @@ class Correlator:
                 if d.phase is Phase.ANSWERED and d.last_time <= silent_since
             ]
             closed.extend(self._close(d, d.last_time, state.END_TIMEOUT_NO_BYE) for d in stale)
+        forgotten = self.prune_closed(now)
+        # A timer run that closed or forgot nothing changes nothing a restart rebuilds.
+        self.changed = bool(closed) or forgotten > 0
+        return closed or _NO_CDRS
+
+    def prune_closed(self, now: float) -> int:
+        """Forget Call-IDs closed longer ago than the late window (or beyond the cap);
+        returns how many."""
+        self._now = max(self._now, now)
         closed_calls = self._closed
-        late_deadline = now - limits.transaction_timeout_s
+        late_deadline = now - self.limits.transaction_timeout_s
+        cap = self.limits.max_open_dialogs
+        forgotten = 0
         while closed_calls:
             call_id, (closed_at, _tag, _cseq) = next(iter(closed_calls.items()))
-            if closed_at > late_deadline and len(closed_calls) <= limits.max_open_dialogs:
+            if closed_at > late_deadline and len(closed_calls) <= cap:
                 break
             del closed_calls[call_id]
-        return closed or _NO_CDRS
+            forgotten += 1
+        return forgotten
 
     def drain(self) -> list[Cdr]:
         """Close every open call as if all its timers had run out: the end of an import,
@@ -391,50 +404,57 @@ class Correlator:
             }
         )
 
-    def restore(self, data: bytes) -> int:
+    def restore(self, data: bytes | dict[str, object]) -> int:
         """Load a snapshot written by `snapshot` (or by version 1, which had no closed
-        Call-IDs); returns how many calls were reopened. Every row is checked before
-        any is applied: a bad snapshot changes nothing."""
-        document = orjson.loads(data)
+        Call-IDs), as bytes or already parsed; returns how many calls were reopened.
+        Every row is checked, field by field, before any is applied: a bad snapshot
+        changes nothing. Each call is built straight from its row, and the row let go
+        as soon as it is, so a restore needs little more memory than the calls it
+        reopens (the parsed document goes as they are built)."""
+        document = orjson.loads(data) if isinstance(data, bytes) else data
+        del data
         if not isinstance(document, dict):
             raise ValueError("dialog snapshot is not an object")
         version = document.get("version")
+        names: list[str] | None = None
         if version == 1:
-            rows: list[dict[str, object]] = list(document["dialogs"])
-            closed: dict[str, object] = {}
+            closed: object = {}
             now: object = 0.0
         elif version == SNAPSHOT_VERSION:
-            names = document["fields"]
-            if not isinstance(names, list) or not set(names) <= _SLOTS:
+            names = document.get("fields")  # type: ignore[assignment]
+            if (
+                not isinstance(names, list)
+                or not all(isinstance(name, str) for name in names)
+                or not set(names) <= _SLOTS
+                or not set(names) >= _REQUIRED_FIELDS
+                or len(set(names)) != len(names)
+            ):
                 raise ValueError("dialog snapshot fields are not those of a call")
-            rows = []
-            for row in document["dialogs"]:
-                if not isinstance(row, list) or len(row) != len(names):
-                    raise ValueError("snapshot row does not match its fields")
-                rows.append(dict(zip(names, row, strict=True)))
             closed = document.get("closed") or {}
             now = document.get("now", 0.0)
         else:
             raise ValueError(f"unsupported dialog snapshot version {str(version)[:16]!r}")
-        if not isinstance(closed, dict) or not isinstance(now, int | float):
+        rows = document.pop("dialogs", None)
+        del document
+        if not isinstance(rows, list):
+            raise ValueError("dialog snapshot without a list of calls")
+        if not isinstance(closed, dict) or not _is_time(now):
             raise ValueError("dialog snapshot closed calls or time")
         tombstones = {call_id: _tombstone(entry) for call_id, entry in closed.items()}
+        del closed
         dialogs: list[Dialog] = []
-        for row in rows:
-            _check_row(row)
-            dialog = Dialog()
-            for name in Dialog.__slots__:
-                setattr(dialog, name, row.get(name))
-            dialog.seen = 0
-            dialog.phase = Phase(int(str(row["phase"])))
-            for name in ("src_ip", "dst_ip", "capture_node"):
-                setattr(dialog, name, sys.intern(str(getattr(dialog, name))))
-            dialogs.append(dialog)
-        # Timer queues are ordered by deadline, not by first INVITE.
-        for dialog in sorted(dialogs, key=lambda d: d.invite_time):
+        for index, row in enumerate(rows):
+            dialogs.append(_dialog_of(row, names))
+            rows[index] = None  # its list goes now; the strings live on in the call
+        del rows
+        # In the order they arrived, as live; the ring timer's queue by INVITE time,
+        # which is that order unless capture times came out of order.
+        for dialog in dialogs:
             self._dialogs[dialog.call_id] = dialog
-            if dialog.phase is Phase.EARLY:
-                self._early[dialog.call_id] = dialog
+        early = [d for d in dialogs if d.phase is Phase.EARLY]
+        early.sort(key=_invite_time)
+        for dialog in early:
+            self._early[dialog.call_id] = dialog
         challenged = sorted(
             (
                 (d.final_time or d.last_time) + self.limits.auth_retry_wait_s,
@@ -445,10 +465,38 @@ class Correlator:
         )
         self._challenged.extend(challenged)
         self._closed.update(tombstones)
-        self._now = max(self._now, float(now))
+        self._now = max(self._now, float(now))  # type: ignore[arg-type]
         count = len(dialogs)
         self.stats.dialogs_restored += count
         return count
+
+    def limit_time(self, latest: float) -> None:
+        """Bring the latest time seen, and the close times of recently closed calls,
+        back to `latest` at most: a clock that once jumped ahead must not outlive a
+        restart in the state it left (every later close would be stamped ahead)."""
+        self._now = min(self._now, latest)
+        closed_calls = self._closed
+        for call_id, (closed_at, from_tag, invite_cseq) in closed_calls.items():
+            if closed_at > latest:
+                closed_calls[call_id] = (latest, from_tag, invite_cseq)
+
+    def close_decided(
+        self,
+        call_id: str,
+        closed_cdr_id: str,
+        end_time: float,
+        end_reason: str,
+        hangup_by: str | None,
+        decided_at: float,
+    ) -> Cdr | None:
+        """Close an open call the way a timer or an eviction closed it before a restart
+        (end time and reason as then decided, at `decided_at`): the same CDR as then.
+        None when no such call is open."""
+        self._now = max(self._now, decided_at)
+        dialog = self._dialogs.get(call_id)
+        if dialog is None or cdr_id(call_id, dialog.from_tag, dialog.start_time) != closed_cdr_id:
+            return None
+        return self._close(dialog, end_time, end_reason, hangup_by)
 
     def forget(self, call_id: str, closed_cdr_id: str, closed_at: float) -> bool:
         """Close an open call without a CDR, because its CDR was already written (before
@@ -465,24 +513,63 @@ class Correlator:
 _UNRESOLVED = Trunk("", None, None, None)
 
 
-_ROW_TYPES: dict[str, tuple[type, ...]] = {
-    "call_id": (str,),
-    "from_tag": (str,),
-    "phase": (int,),
-    "start_time": (int, float),
-    "invite_time": (int, float),
-    "last_time": (int, float),
-    "invite_cseq": (int,),
-    "invite_branch_crc": (int,),
-    "src_ip": (str,),
-    "src_port": (int,),
-    "dst_ip": (str,),
-    "dst_port": (int,),
-    "from_uri": (str,),
-    "to_uri": (str,),
-    "request_uri": (str,),
-    "capture_node": (str,),
+# What every field of a restored call must be: its kind, and whether it may be null.
+_TEXT, _TIME, _INT = "text", "time", "int"
+_FIELD_KINDS: dict[str, tuple[str, bool]] = {
+    "call_id": (_TEXT, False),
+    "from_tag": (_TEXT, False),
+    "phase": (_INT, False),
+    "start_time": (_TIME, False),
+    "invite_time": (_TIME, False),
+    "last_time": (_TIME, False),
+    "invite_cseq": (_INT, False),
+    "invite_branch_crc": (_INT, False),
+    "src_ip": (_TEXT, False),
+    "src_port": (_INT, False),
+    "dst_ip": (_TEXT, False),
+    "dst_port": (_INT, False),
+    "from_uri": (_TEXT, False),
+    "to_uri": (_TEXT, False),
+    "request_uri": (_TEXT, False),
+    "capture_node": (_TEXT, False),
+    "ring_time": (_TIME, True),
+    "first_response_time": (_TIME, True),
+    "answer_time": (_TIME, True),
+    "cancel_time": (_TIME, True),
+    "final_time": (_TIME, True),
+    "final_code": (_INT, True),
+    "final_reason": (_TEXT, True),
+    "q850_cause": (_INT, True),
+    "pai_uri": (_TEXT, True),
+    "user_agent": (_TEXT, True),
 }
+_REQUIRED_FIELDS = frozenset(
+    name for name, (_kind, nullable) in _FIELD_KINDS.items() if not nullable
+)
+_OPTIONAL_FIELDS = tuple(name for name, (_kind, nullable) in _FIELD_KINDS.items() if nullable)
+# Integer fields whose range is narrower than any 32-bit value.
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "phase": (Phase.EARLY, Phase.ANSWERED),
+    "src_port": (0, 0xFFFF),
+    "dst_port": (0, 0xFFFF),
+    "final_code": (100, 699),
+}
+_INT_LIMIT = 1 << 32
+# Times from the epoch to this (the year 2514): anything else cannot be a capture time
+# and would fail when the CDR renders it.
+_TIME_LIMIT = float(1 << 34)
+
+
+def _is_time(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and 0.0 <= value < _TIME_LIMIT  # False for NaN too
+    )
+
+
+def _invite_time(dialog: Dialog) -> float:
+    return dialog.invite_time
 
 
 def _tombstone(entry: object) -> tuple[float, str, int]:
@@ -490,25 +577,56 @@ def _tombstone(entry: object) -> tuple[float, str, int]:
         raise ValueError("snapshot closed call is malformed")
     closed_at, from_tag, invite_cseq = entry
     if not (
-        isinstance(closed_at, int | float)
+        _is_time(closed_at)
         and isinstance(from_tag, str)
         and isinstance(invite_cseq, int)
+        and not isinstance(invite_cseq, bool)
     ):
         raise ValueError("snapshot closed call is malformed")
     return (float(closed_at), from_tag, invite_cseq)
 
 
-def _check_row(row: object) -> None:
-    """A snapshot row must have every field the timers and the CDR rely on."""
-    if not isinstance(row, dict):
-        raise ValueError("snapshot row is not an object")
-    for name, types in _ROW_TYPES.items():
-        value = row.get(name)
-        if not isinstance(value, types) or isinstance(value, bool):
-            # The field and its type only: values are phone numbers and addresses.
-            raise ValueError(f"snapshot row field {name!r} is {type(value).__name__}")
-    if not row["call_id"]:
+def _dialog_of(row: object, names: list[str] | None) -> Dialog:
+    """A call from a snapshot row: a list in the order of `names` (version 2), or an
+    object (version 1). Raises ValueError naming the field at fault, never its value
+    (values are phone numbers and addresses)."""
+    dialog = Dialog()
+    for name in _OPTIONAL_FIELDS:
+        setattr(dialog, name, None)  # a snapshot of an older version may lack it
+    if names is not None:
+        if not isinstance(row, list) or len(row) != len(names):
+            raise ValueError("snapshot row does not match its fields")
+        for name, value in zip(names, row, strict=True):
+            setattr(dialog, name, value)
+    else:
+        if not isinstance(row, dict):
+            raise ValueError("snapshot row is not an object")
+        for name in _FIELD_KINDS:
+            setattr(dialog, name, row.get(name))
+    for name, (kind, nullable) in _FIELD_KINDS.items():
+        value = getattr(dialog, name)
+        if value is None and nullable:
+            continue
+        if kind == _TEXT:
+            valid = isinstance(value, str)
+        elif kind == _TIME:
+            valid = _is_time(value)
+        else:
+            low, high = _INT_RANGES.get(name, (0, _INT_LIMIT - 1))
+            valid = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        if not valid:
+            raise ValueError(f"snapshot row field {name!r} is not a valid {kind}")
+    if not dialog.call_id:
         raise ValueError("snapshot row without a Call-ID")
+    dialog.seen = 0
+    dialog.phase = Phase(dialog.phase)
+    intern = sys.intern
+    dialog.src_ip = intern(dialog.src_ip)
+    dialog.dst_ip = intern(dialog.dst_ip)
+    dialog.capture_node = intern(dialog.capture_node)
+    if dialog.user_agent is not None:
+        dialog.user_agent = intern(dialog.user_agent)
+    return dialog
 
 
 def cdr_id(call_id: str, from_tag: str, start_time: float) -> str:

@@ -5,6 +5,9 @@ the cursor moves, so a CDR in the file is on disk. A crash between the fsync and
 cursor save repeats that batch's lines; tools that need exactly-once dedupe by
 `cdr_id`. Fraud alerts and signaling have their own records and are not written here.
 The file is rotated by size to `<name>.<UTC time>` so no single file grows unbounded.
+A rotation that fails (no inode left for the new file, say) comes after its batch is
+on disk, so it never fails that batch, which would deliver it again: it is counted
+and tried again after the next batch.
 
 The file and the rotated ones are private (`sipcdr.private`): the folder must be a
 real folder of the user sipcdr runs as that no one else may write to, the file is
@@ -44,6 +47,7 @@ class JsonlSink(AsyncLifecycle):
         self.path = path
         self.rotate_bytes = rotate_bytes
         self.written = 0
+        self.rotation_failures = 0  # the batch before was kept; tried again after the next
         self._file: IO[bytes] | None = None
         self._size = 0
 
@@ -102,7 +106,12 @@ class JsonlSink(AsyncLifecycle):
         self.written += len(lines)
         self._size = end
         if self._size >= self.rotate_bytes:
-            self._rotate()
+            try:
+                self._rotate()
+            except OSError:
+                # The batch is on disk: failing it now would write it twice. The file
+                # is closed; the next batch opens it (or a new one) and tries again.
+                self.rotation_failures += 1
 
     def _cut_back(self, size: int) -> None:
         """Remove what a failed batch wrote; if even that fails, close the file, so the

@@ -9,7 +9,7 @@ keeps signaling) what it hands each parsed message to.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -23,7 +23,7 @@ from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, STREAM_SIGNALING, Sink
 from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.signaling import SignalingRecorder
-from sipcdr.sinks.spool import DEFAULT_CDR_RESERVE_RECORDS, Spool
+from sipcdr.sinks.spool import DEFAULT_CDR_RESERVE_RECORDS, Appended, Spool
 from sipcdr.telemetry.metrics import Metrics
 
 
@@ -32,17 +32,38 @@ class _Incrementable(Protocol):
 
 
 class SpoolCdrWriter:
-    """The pipeline's CDR sink: one spool append per CDR, written at once. One the disk
-    refuses waits in the spool's reserve; a refused append is counted by the spool,
-    with its reason."""
+    """The pipeline's CDR sink: one spool append per CDR. `on_written` hears of each CDR
+    once its bytes are in the spool file, which is when the dialog journal may record
+    its call as closed: at once, or, for one the disk refused, when the spool writes
+    its reserve. A refused append is counted by the spool, with its reason."""
 
     name = "spool"
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
+        self.on_written: Callable[[Cdr], None] | None = None
+        spool.on_reserve_written = self._reserve_written
 
     def write(self, cdr: Cdr) -> None:
-        self.spool.append(KIND_CDR, cdr.call_id.encode(), orjson.dumps(cdr.to_record()))
+        value = orjson.dumps(cdr.to_record())
+        outcome = self.spool.append(KIND_CDR, cdr.call_id.encode(), value, cdr)
+        if outcome is Appended.WRITTEN and self.on_written is not None:
+            self.on_written(cdr)
+
+    def _reserve_written(self, tags: list[object]) -> None:
+        if self.on_written is not None:
+            for tag in tags:
+                if isinstance(tag, Cdr):
+                    self.on_written(tag)
+
+    def held(self) -> list[Cdr]:
+        """The CDRs the spool holds in memory, oldest first."""
+        return [tag for tag in self.spool.reserved_tags() if isinstance(tag, Cdr)]
+
+    def take_held(self) -> list[Cdr]:
+        """Take the held CDRs out of the spool unwritten and not counted as lost: at a
+        stop, once the dialog state on disk keeps them for the next start."""
+        return [tag for tag in self.spool.take_reserve() if isinstance(tag, Cdr)]
 
     def flush(self) -> None:
         self.spool.flush()
@@ -50,11 +71,19 @@ class SpoolCdrWriter:
 
 class Outputs:
     def __init__(
-        self, config: Config, spool_dir: Path | None = None, full_policy: str | None = None
+        self,
+        config: Config,
+        spool_dir: Path | None = None,
+        full_policy: str | None = None,
+        *,
+        wait_below_floor: bool = False,
     ) -> None:
         self.config = config
         # None: the configured policy for CDRs, drop_newest for signaling (the daemon).
         self.full_policy = full_policy
+        # An import waits for its sinks below the signaling floor rather than refuse
+        # signaling (`wait_reason`).
+        self.wait_below_floor = wait_below_floor
         self.spool_dir = spool_dir or Path(config.state.dir) / "spool"
         self.log = structlog.get_logger("sipcdr.outputs")
         self.sinks: list[Sink] = []
@@ -102,6 +131,7 @@ class Outputs:
                 self.full_policy or "drop_newest",
                 buffered=True,
                 min_free_bytes=spool_config.signaling_min_free_bytes,
+                refuse_below_floor=not self.wait_below_floor,
             )
             self.signaling = SignalingRecorder(spool, store_body=sinks_config.postgres.store_sdp)
         self.delivery = Delivery(
@@ -119,6 +149,7 @@ class Outputs:
         buffered: bool = False,
         reserve_records: int = DEFAULT_CDR_RESERVE_RECORDS,
         min_free_bytes: int = 0,
+        refuse_below_floor: bool = True,
     ) -> Spool:
         private_dir(self.spool_dir)
         spool = Spool(
@@ -130,6 +161,7 @@ class Outputs:
             buffered=buffered,
             reserve_records=reserve_records,
             min_free_bytes=min_free_bytes,
+            refuse_below_floor=refuse_below_floor,
         )
         spool.open()
         self.spools[stream] = spool
@@ -181,10 +213,36 @@ class Outputs:
         )
 
     @property
+    def wait_reason(self) -> str | None:
+        """Why an import should let the sinks and the disk catch up before it reads on:
+        `spool_full` (a spool at its limit), `write_error` (the disk refuses CDRs; they
+        wait in the reserve), `disk_floor` (below the signaling floor, with records the
+        sinks do not have yet: once they have them all, delivered segments are deleted
+        and waiting longer frees nothing, so the import reads on a slice at a time);
+        None to read on."""
+        spools = self.spools.values()
+        if any(spool.full for spool in spools):
+            return "spool_full"
+        if any(spool.reserved for spool in spools):
+            return "write_error"
+        delivery = self.delivery
+        if (
+            any(spool.below_floor for spool in spools)
+            and delivery is not None
+            and not delivery.caught_up()
+        ):
+            return "disk_floor"
+        return None
+
+    @property
     def must_wait(self) -> bool:
-        """Whether an import should let the sinks and the disk catch up before it reads
-        on: a spool is full, or the disk refuses CDRs (they wait in the reserve)."""
-        return any(spool.full or spool.reserved for spool in self.spools.values())
+        return self.wait_reason is not None
+
+    @property
+    def blocks_intake(self) -> bool:
+        """Whether the CDR spool's policy is `block`: intake waits rather than CDRs."""
+        spool = self.spools.get(STREAM_RECORDS)
+        return spool is not None and spool.full_policy == "block"
 
     @property
     def intake_block_reason(self) -> str | None:
@@ -221,6 +279,11 @@ class Outputs:
                         spool_bytes=spool.size_bytes,
                         max_bytes=spool.max_bytes,
                     )
+            for op, total in (("rotate", stats.rotation_failures), ("sync", stats.sync_failures)):
+                if self._add(metrics.spool_io_errors.labels(stream, op), ("io", stream, op), total):
+                    if op == "rotate":
+                        # Nothing lost: the active segment grows past segment_bytes.
+                        self.log.warning("spool_rotation_failed", stream=stream, total=total)
             for what, total in (
                 ("torn_tail", stats.torn_tails),
                 ("corrupt_record", stats.corrupt_records),
@@ -258,6 +321,11 @@ class Outputs:
                         attempts=failed_saves,
                     )
         for sink in self.sinks:
+            if isinstance(sink, JsonlSink):
+                failures = sink.rotation_failures
+                if self._add(metrics.jsonl_rotation_failures, ("jsonl", "rotate"), failures):
+                    # Nothing lost: the file grows past rotate_bytes until one succeeds.
+                    self.log.warning("jsonl_rotation_failed", total=sink.rotation_failures)
             rows = getattr(sink, "rows_inserted", None)
             duplicates = getattr(sink, "duplicates_skipped", None)
             for outcome, counts in (("inserted", rows), ("duplicate", duplicates)):

@@ -26,10 +26,10 @@ Durability:
   `DEFAULT_FSYNC_INTERVAL_S`, which bounds what a power loss can take.
 - A cursor file is created, at its full size, when its reader is, and afterwards only
   rewritten in place, so saving a cursor needs no new disk space. It holds two
-  checksummed slots in separate disk sectors, written in turn: a torn write spoils
-  one, and the other still holds the previous position. Cursors are not fsynced: a
-  cursor that goes back after a power loss re-delivers records, which every sink
-  deduplicates; it never skips one.
+  checksummed slots 4 KiB apart (separate pages and sectors on any disk), written in
+  turn: a torn write spoils one, and the other still holds the previous position.
+  Cursors are not fsynced: a cursor that goes back after a power loss re-delivers
+  records, which every sink deduplicates; it never skips one.
 
 A full or failing disk:
 - A write that fails (ENOSPC, EIO) or is cut short is cut back to the last whole
@@ -37,9 +37,19 @@ A full or failing disk:
   itself fails, the readers skip the torn bytes. No sequence number is spent on a
   record that was not written, so a failed write leaves neither a gap nor a backlog.
 - The CDR stream keeps what it could not write in a bounded in-memory reserve
-  (`reserve_records`) and writes it, in order, before anything newer: at the next
-  append and on every `flush`. While the reserve holds records the daemon refuses new
-  calls as it does for a full spool; a record is lost only when the reserve is full.
+  (`reserve_records`), each record encoded once, numbered in the order it will be
+  written, and writes it, in order, before anything newer. While the reserve holds
+  records an append only joins it: the write is tried again on every `flush` (the
+  tick, the delivery loop's sync), so a refusing disk costs the capture path no
+  system call. `append` says whether a record is on disk (`WRITTEN`) or waits in the
+  reserve (`HELD`); `on_reserve_written` is told of each held record once it is on
+  disk, which is when the dialog journal may record its call as closed. A record in
+  the reserve lives in memory only: the owner keeps it durable elsewhere (the dialog
+  checkpoint carries held CDRs) and may take it back at a stop (`take_reserve`). While
+  the reserve holds records the daemon refuses new calls as it does for a full spool;
+  a record is lost only when the reserve is full.
+- A write refused for want of space (ENOSPC, EDQUOT) first asks `on_no_space` to make
+  room (the daemon's spare file) and, when it did, is tried once more at once.
 - The buffered signaling stream refuses records while the filesystem's free space is
   below `min_free_bytes`, so signaling gives way before CDRs run out of room. The
   free space is read at most once a second, or sooner when what was written since
@@ -70,6 +80,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from time import monotonic
 from typing import BinaryIO, Final
@@ -106,7 +117,8 @@ RESUME_FRACTION: Final = 0.9
 # reserve is written back in batches of this size too.
 _WRITE_BUFFER_BYTES: Final = 256 * 1024
 # Closed CDRs the disk refuses wait in memory, up to this many: every call a large
-# carrier has open when its disk fills (~120 calls/s x 3 min) twice over, ~60 MB.
+# carrier has open when its disk fills (~120 calls/s x 3 min) twice over, ~120 MB (the
+# encoded record and the CDR itself, which the dialog checkpoints carry, ~2.3 KB each).
 DEFAULT_CDR_RESERVE_RECORDS: Final = 50_000
 # Signaling stops below this much free space, so CDRs keep room on a shared disk:
 # about two hours of a large carrier's CDRs (~400 MB an hour).
@@ -117,8 +129,24 @@ _FLOOR_CHECK_S: Final = 1.0
 CURSOR_SUFFIX: Final = ".cursor"
 _CURSOR = struct.Struct("<4sQQI")  # magic, generation, seq, crc32 of the rest
 _CURSOR_MAGIC: Final = b"SPCU"
-# One slot per disk sector: a write torn by a power loss spoils one slot only.
-_CURSOR_SLOT_BYTES: Final = 512
+# One slot per page (and so per sector, whatever the disk's sector size): a write torn
+# by a power loss spoils one slot only.
+_CURSOR_SLOT_BYTES: Final = 4096
+_CURSOR_FILE_BYTES: Final = 2 * _CURSOR_SLOT_BYTES
+# Where earlier versions put the second slot (1 KiB files); read, then rewritten.
+_LEGACY_CURSOR_SLOT_BYTES: Final = 512
+# A generation this high cannot have been counted to: a crafted or damaged file, whose
+# position is kept but whose slots are written anew from generation 1.
+_CURSOR_GENERATION_LIMIT: Final = 1 << 63
+_NO_SPACE: Final = frozenset((errno.ENOSPC, errno.EDQUOT))
+
+
+class Appended(IntEnum):
+    """What `append` did with a record. REFUSED is false, the others true."""
+
+    REFUSED = 0  # not kept (counted in `SpoolStats.dropped` with its reason)
+    WRITTEN = 1  # in the segment file (the buffered stream: taken into its buffer)
+    HELD = 2  # in the reserve, in memory, until the disk takes it
 
 
 class SpoolError(OSError):
@@ -136,6 +164,9 @@ class SpoolStats:
     torn_tails: int = 0
     corrupt_records: int = 0  # missing between valid records, summed over readers
     rotation_failures: int = 0  # a new segment could not be opened; the old one grows
+    # fsyncs that failed: what was written since the last good one may not be on disk
+    # (an I/O error; the filesystem often turns read-only next).
+    sync_failures: int = 0
 
 
 @dataclass(slots=True)
@@ -159,6 +190,7 @@ class Spool:
         buffered: bool = False,
         reserve_records: int = DEFAULT_CDR_RESERVE_RECORDS,
         min_free_bytes: int = 0,
+        refuse_below_floor: bool = True,
     ) -> None:
         if full_policy not in FULL_POLICIES:
             raise ValueError(f"full_policy must be one of {FULL_POLICIES}")
@@ -176,11 +208,21 @@ class Spool:
         self.full_policy = full_policy
         self.buffered = buffered
         # Unbuffered streams: records the disk refused, written back before newer ones.
-        # At least one, so a failing disk always shows as a non-empty reserve.
+        # At least one, so a failing disk always shows as a non-empty reserve. Each is
+        # kept encoded, numbered from `next_seq` on in order, with its owner's tag.
         self.reserve_records = reserve_records
-        self._reserve: deque[tuple[str, bytes, bytes]] = deque()
-        # Buffered streams: refuse records while the filesystem has less free space.
+        self._reserve: deque[tuple[bytes, object]] = deque()
+        # Told the tags of held records once they are on disk, oldest first.
+        self.on_reserve_written: Callable[[list[object]], None] | None = None
+        # Asked to make room when a write is refused for want of space; True when it
+        # did, and the write is tried once more.
+        self.on_no_space: Callable[[], bool] | None = None
+        self._no_space = False  # the last failed write was refused for want of space
+        # Buffered streams: refuse records while the filesystem has less free space, or,
+        # with `refuse_below_floor` off, only say so (`below_floor`) for an owner that
+        # waits instead (an import).
         self.min_free_bytes = min_free_bytes
+        self.refuse_below_floor = refuse_below_floor
         self.below_floor = False
         self._floor_budget = 0  # bytes that may still be written before the floor
         self._floor_checked_until = 0.0
@@ -302,7 +344,7 @@ class Spool:
 
     def close(self) -> None:
         """Idempotent: writes what is buffered or reserved, fsyncs and closes. What the
-        reserve still holds then is lost, and counted."""
+        reserve still holds then is lost, and counted (see `take_reserve`)."""
         if self._reserve:
             self._write_reserve()
             self._refuse("write_error", len(self._reserve))
@@ -320,21 +362,22 @@ class Spool:
 
     # -- writing -----------------------------------------------------------------------
 
-    def append(self, kind: str, key: bytes, value: bytes) -> bool:
-        """Append one record; False when it was refused (full, too large, below the
+    def append(self, kind: str, key: bytes, value: bytes, tag: object = None) -> Appended:
+        """Append one record: WRITTEN when it is in the segment file, HELD when the disk
+        refused it and the reserve keeps it (with `tag`, handed to `on_reserve_written`
+        once written), REFUSED when it was not kept (full, too large, below the
         free-space floor, or a write error with the reserve full), which the stats count
-        by reason. A record the disk refused that the reserve holds is not refused.
-        Never raises: the caller is the capture path."""
+        by reason. Never raises: the caller is the capture path."""
         if self.full and self.full_policy == "drop_newest":
             self._refuse("full")
-            return False
+            return Appended.REFUSED
         if len(key) > 0xFFFF or len(value) > MAX_VALUE_BYTES:
             self._refuse("too_large")
-            return False
+            return Appended.REFUSED
         if self.buffered:
-            if self.below_floor:
+            if self.below_floor and self.refuse_below_floor:
                 self._refuse("disk_floor")
-                return False
+                return Appended.REFUSED
             # Numbered once buffered, so each record is encoded once; a batch write
             # that fails gives the numbers of what it did not write back.
             seq = self.next_seq
@@ -342,50 +385,65 @@ class Spool:
             record = _encode(kind, key, value, seq)
             self._buffer.append(record)
             self._buffered_bytes += len(record)
-            if self._buffered_bytes >= _WRITE_BUFFER_BYTES:
-                return self._flush_buffer()
-            return True
-        # Oldest first: nothing newer is written while the reserve holds records.
-        if self._reserve and not self._write_reserve():
-            return self._hold(kind, key, value)
-        if not self._write_numbered([_encode(kind, key, value, self.next_seq)]):
-            return self._hold(kind, key, value)
-        return True
+            if self._buffered_bytes >= _WRITE_BUFFER_BYTES and not self._flush_buffer():
+                return Appended.REFUSED
+            return Appended.WRITTEN
+        reserve = self._reserve
+        # Oldest first: while the reserve holds records, a new one joins them and the
+        # write is retried by `flush`, not here, so a refusing disk costs no system call.
+        record = _encode(kind, key, value, self.next_seq + len(reserve))
+        if not reserve and self._write_numbered([record]):
+            return Appended.WRITTEN
+        if len(reserve) < self.reserve_records:
+            reserve.append((record, tag))
+            return Appended.HELD
+        self._refuse("write_error")
+        return Appended.REFUSED
 
     def _refuse(self, reason: str, count: int = 1) -> None:
         dropped = self.stats.dropped
         dropped[reason] = dropped.get(reason, 0) + count
 
-    def _hold(self, kind: str, key: bytes, value: bytes) -> bool:
-        """Keep a record the disk refused in the reserve; beyond it, it is lost."""
-        if len(self._reserve) < self.reserve_records:
-            self._reserve.append((kind, key, value))
-            return True
-        self._refuse("write_error")
-        return False
-
     def _write_reserve(self) -> bool:
-        """Write what the reserve holds, oldest first, in batches; True once it is empty."""
+        """Write what the reserve holds, oldest first, in batches; True once it is empty.
+        Its records were numbered when held: nothing else is written meanwhile, so the
+        first of them is always `next_seq`."""
         reserve = self._reserve
         while reserve:
             batch: list[bytes] = []
             size = 0
-            for kind, key, value in reserve:
-                record = _encode(kind, key, value, self.next_seq + len(batch))
+            for record, _tag in reserve:
                 batch.append(record)
                 size += len(record)
                 if size >= _WRITE_BUFFER_BYTES:
                     break
             written = self._write_numbered(batch)
-            for _ in range(written):
-                reserve.popleft()
+            if written:
+                tags = [reserve.popleft()[1] for _ in range(written)]
+                if self.on_reserve_written is not None:
+                    self.on_reserve_written(tags)
             if written < len(batch):
                 return False
         return True
 
+    def take_reserve(self) -> list[object]:
+        """Empty the reserve without writing it, returning the tags of its records: the
+        owner has kept them elsewhere (a checkpoint, at a stop). Not counted as lost."""
+        tags = self.reserved_tags()
+        self._reserve.clear()
+        return tags
+
     def _write_numbered(self, records: list[bytes]) -> int:
-        """Write records numbered from `next_seq` on; returns how many were written."""
+        """Write records numbered from `next_seq` on; returns how many were written. A
+        write refused for want of space is tried once more if `on_no_space` made room."""
         written = self._write(records)
+        if (
+            written < len(records)
+            and self._no_space
+            and self.on_no_space is not None
+            and self.on_no_space()
+        ):
+            written += self._write(records[written:])
         if written:
             self.next_seq += written
             self._written(records if written == len(records) else records[:written])
@@ -418,10 +476,14 @@ class Spool:
                 return 0
         segment = self._segments[-1]
         data = records[0] if len(records) == 1 else b"".join(records)
+        self._no_space = False
         try:
             written = os.write(self._fd, data)
-        except OSError:
+        except OSError as exc:
             written = 0
+            self._no_space = exc.errno in _NO_SPACE
+        else:
+            self._no_space = written != len(data)  # a short write: the disk filled up
         whole = len(records)
         kept = written
         self._write_failed = written != len(data)
@@ -455,7 +517,8 @@ class Spool:
         records, size = self._buffer, self._buffered_bytes
         self._buffer, self._buffered_bytes = [], 0
         first_seq = self.next_seq - len(records)
-        if self.min_free_bytes and self._check_floor(size):
+        below_floor = bool(self.min_free_bytes) and self._check_floor(size)
+        if below_floor and self.refuse_below_floor:
             reason, written = "disk_floor", 0
         else:
             reason, written = "write_error", self._write(records)
@@ -504,6 +567,10 @@ class Spool:
         """Records the disk refused that wait in memory to be written."""
         return len(self._reserve)
 
+    def reserved_tags(self) -> list[object]:
+        """The tags of the records in the reserve, oldest first."""
+        return [tag for _record, tag in self._reserve]
+
     def flush(self) -> None:
         """Write what the buffered stream holds and what the reserve holds, and save
         cursors that could not be saved before (the daemon calls this on its tick)."""
@@ -521,11 +588,15 @@ class Spool:
 
     def sync(self) -> None:
         """Flush, then fsync the active segment if anything was written since the last
-        sync."""
+        sync. A failed fsync is counted and raised."""
         self.flush()
         if self._dirty and self._fd >= 0:
             self._dirty = False
-            os.fsync(self._fd)
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                self.stats.sync_failures += 1
+                raise
 
     # -- reading -----------------------------------------------------------------------
 
@@ -630,9 +701,13 @@ class SpoolReader:
         if newest is None:
             self.cursor_reset = True
             return oldest
-        slot, self._cursor_generation, seq = newest
-        self._cursor_slot = 1 - slot
-        self._saved_seq = seq
+        slot, generation, seq, current = newest
+        if current and generation < _CURSOR_GENERATION_LIMIT:
+            self._cursor_generation = generation
+            self._cursor_slot = 1 - slot
+            self._saved_seq = seq
+        # Otherwise (the older 1 KiB layout, or a generation that cannot be counted on)
+        # the position is kept and the whole file written anew when it is opened.
         if seq < oldest or seq > self.spool.next_seq:
             self.cursor_reset = True
             return oldest
@@ -658,6 +733,7 @@ class SpoolReader:
         (both slots) first. False when that fails: the next save tries again."""
         if self._cursor_fd >= 0:
             return True
+        existed = self.cursor_path.exists()
         try:
             fd = open_private_fd(self.cursor_path, os.O_RDWR)
         except OSError:
@@ -671,6 +747,10 @@ class SpoolReader:
                 os.fsync(fd)  # blocks allocated now, not when the disk is full
             except OSError:
                 os.close(fd)
+                if not existed:
+                    # An empty file would hide the older JSON cursor from the next start.
+                    with contextlib.suppress(OSError):
+                        self.cursor_path.unlink()
                 return False
             self._cursor_generation += 1
             self._cursor_slot = 0
@@ -881,18 +961,22 @@ def _encode_cursor_slot(generation: int, seq: int) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def _newest_cursor_slot(data: bytes) -> tuple[int, int, int] | None:
-    """(slot, generation, seq) of the newest valid slot of a cursor file, or None."""
-    newest: tuple[int, int, int] | None = None
-    for slot in (0, 1):
-        raw = data[slot * _CURSOR_SLOT_BYTES :][: _CURSOR.size]
+def _newest_cursor_slot(data: bytes) -> tuple[int, int, int, bool] | None:
+    """(slot, generation, seq, current) of the newest valid slot of a cursor file, or
+    None; `current` is False when the file is not of the current layout (the 1 KiB one
+    of earlier versions, or one cut short), which is then to be written anew. Slots are
+    read at the old offset too: the newest generation wins wherever it is."""
+    newest: tuple[int, int, int, bool] | None = None
+    for slot, offset in ((0, 0), (1, _LEGACY_CURSOR_SLOT_BYTES), (1, _CURSOR_SLOT_BYTES)):
+        raw = data[offset : offset + _CURSOR.size]
         if len(raw) < _CURSOR.size:
             continue
         magic, generation, seq, crc = _CURSOR.unpack(raw)
         if magic != _CURSOR_MAGIC or crc != zlib.crc32(raw[:-4]):
             continue
         if newest is None or generation > newest[1]:
-            newest = (slot, generation, seq)
+            current = len(data) == _CURSOR_FILE_BYTES and offset != _LEGACY_CURSOR_SLOT_BYTES
+            newest = (slot, generation, seq, current)
     return newest
 
 

@@ -110,13 +110,14 @@ class Metrics:
         self.dialog_journal_records = Counter(
             "sipcdr_dialog_journal_records_total",
             "Records journaled so open calls survive a crash: message (one that changed a "
-            "call), close (a CDR in the spool)",
+            "call), decision (a close by a timer or an eviction, or a timer run), close (a "
+            "CDR in the spool file)",
             ["kind"],
             registry=r,
         )
         self.dialog_journal_bytes = Gauge(
             "sipcdr_dialog_journal_bytes",
-            "Bytes in the dialog journal since the last checkpoint (replayed at start)",
+            "Bytes in the dialog journals since the last good checkpoint (replayed at start)",
             registry=r,
         )
         self.dialog_checkpoints = Counter(
@@ -129,7 +130,8 @@ class Metrics:
         self.dialog_state_errors = Counter(
             "sipcdr_dialog_state_errors_total",
             "Dialog state that a crash would not rebuild: journal_write_error, torn_tail "
-            "and bad_record (found at start), unreadable_checkpoint (renamed aside)",
+            "and bad_record (found at start), unreadable_checkpoint and unreadable_journal "
+            "(renamed aside), internal_error (a failed step of the store's own task)",
             ["what"],
             registry=r,
         )
@@ -206,6 +208,37 @@ class Metrics:
             "Cursor saves that failed; the position stays in memory, and only a crash "
             "before the next save delivers records again",
             ["sink", "stream"],
+            registry=r,
+        )
+        self.spool_io_errors = Counter(
+            "sipcdr_spool_io_errors_total",
+            "Spool file operations that failed: rotate (no new segment: the active one "
+            "grows), sync (an fsync: what was written since the last good one may be lost "
+            "to a power loss, or is already lost to an I/O error)",
+            ["stream", "op"],
+            registry=r,
+        )
+        self.jsonl_rotation_failures = Counter(
+            "sipcdr_jsonl_rotation_failures_total",
+            "JSONL rotations that failed after their batch was written; the file grows "
+            "until one succeeds",
+            registry=r,
+        )
+        self.spare_bytes = Gauge(
+            "sipcdr_spare_bytes",
+            "Bytes of the spare file kept on the state disk for a full disk (0 while it "
+            "is given up or could not be allocated)",
+            registry=r,
+        )
+        self.spare_released = Counter(
+            "sipcdr_spare_released_total",
+            "Times the spare file was given up because the state disk refused a write",
+            registry=r,
+        )
+        self.intake_paused = Gauge(
+            "sipcdr_intake_paused",
+            "1 while new calls are refused (the CDR spool is full or its disk refuses "
+            "writes, under the block policy)",
             registry=r,
         )
         self.spool_damaged = Counter(
