@@ -32,10 +32,12 @@ from sipcdr.sip.parser import KNOWN_METHODS
 CDR_ID_NAMESPACE = uuid.UUID("5b0e7d3a-61a4-4c39-9f0c-2f3c8f6e1d27")
 _NAMESPACE_BYTES = CDR_ID_NAMESPACE.bytes
 SNAPSHOT_VERSION = 2
-_SLOTS = frozenset(Dialog.__slots__)
+_SLOTS = frozenset(state.DIALOG_FIELDS)
 # The bloom filter of seen messages is not kept: it only tells retransmissions apart.
-_SNAPSHOT_FIELDS = tuple(name for name in Dialog.__slots__ if name != "seen")
+_SNAPSHOT_FIELDS = tuple(name for name in state.DIALOG_FIELDS if name != "seen")
 _snapshot_row = operator.attrgetter(*_SNAPSHOT_FIELDS)
+# Set from a snapshot row as they are; phase is converted and seen starts empty.
+_RESTORED_FIELDS = tuple(name for name in _SNAPSHOT_FIELDS if name != "phase")
 
 _NO_CDRS: Sequence[Cdr] = ()
 _TRUNK_CACHE_LIMIT = 65536  # distinct source addresses whose trunk is remembered
@@ -423,7 +425,7 @@ class Correlator:
         for row in rows:
             _check_row(row)
             dialog = Dialog()
-            for name in Dialog.__slots__:
+            for name in _RESTORED_FIELDS:
                 setattr(dialog, name, row.get(name))
             dialog.seen = 0
             dialog.phase = Phase(int(str(row["phase"])))
