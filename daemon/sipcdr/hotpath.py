@@ -19,7 +19,6 @@ and interpreted ones would hold two different classes of one name.
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
@@ -54,7 +53,9 @@ COMPILED_MODULES: Final = (
     "sipcdr.decode.ip",
     "sipcdr.decode.sctp",
     "sipcdr.decode.link",
+    "sipcdr.decode.prefilter",
     "sipcdr.decode.extract",
+    "sipcdr.decode.capfile",
     "sipcdr.dialog.state",
     "sipcdr.dialog.kpi",
     "sipcdr.dialog.correlator",
@@ -108,8 +109,10 @@ def _choose(environ: Mapping[str, str]) -> str:
     return ""
 
 
-class _SourceFinder(importlib.abc.MetaPathFinder):
-    """Finds the compiled modules' source files and keeps the scanner out."""
+class _SourceFinder:
+    """A meta path finder (importlib.abc.MetaPathFinder, whose import costs more than
+    this class) that finds the compiled modules' source files and keeps the scanner
+    out."""
 
     def find_spec(
         self,
