@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/rating.py
 	$(BIN)/python benchmarks/receive.py
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/import_captures.py --interpreted
 	$(BIN)/python benchmarks/connections.py
 	$(BIN)/python benchmarks/spool.py
 	$(BIN)/python benchmarks/journal.py

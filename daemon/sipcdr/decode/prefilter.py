@@ -59,6 +59,9 @@ def media_layers(linktype: int, buf: bytes, off: int, end: int) -> int:
     whose payload cannot be SIP or HEP, for the frame ``buf[off:end]``; ``DECODE`` for
     any other frame."""
     if linktype == _ETHERNET:
+        # Untagged IPv4 straight to the IP layer: a call less per frame.
+        if end - off >= 34 and buf[off + 12] == 8 and not buf[off + 13]:
+            return _ipv4(buf, off + 14, end, 0)
         return _ethernet(buf, off, end, 0)
     if linktype == _SLL:
         if end - off < 16:
@@ -117,6 +120,13 @@ def _ipv4(buf: bytes, off: int, end: int, depth: int) -> int:
     # A fragment (more fragments, or an offset) waits for reassembly.
     if start > end or buf[off + 6] & 0x3F or buf[off + 7]:
         return DECODE
+    if buf[off + 9] == IPPROTO_UDP and end - start >= 8:
+        # Inline copy of the UDP case in _transport: most frames, a call less each.
+        if ((buf[start + 2] << 8) | buf[start + 3]) in UDP_TUNNEL_PORTS:
+            return DECODE
+        ulen = (buf[start + 4] << 8) | buf[start + 5]
+        stop = start + ulen if 8 <= ulen <= end - start else end
+        return DECODE if start + 8 < stop and MAYBE_SIGNALLING[buf[start + 8]] else 0
     return _transport(buf, buf[off + 9], start, end, depth)
 
 
