@@ -133,21 +133,16 @@ class SipExtractor:
 
     def feed(self, ts: float, frame: bytes) -> tuple[Packet, ...] | list[Packet]:
         """The SIP messages that this frame completes (usually none or one)."""
-        if self._prefilter and self._skipped(frame, 0, len(frame)):
+        if self.skip_media(frame, 0, len(frame)):
             return _NONE
-        return self._feed(ts, frame)
+        return self.decode(ts, frame)
 
-    def feed_at(
-        self, ts: float, buf: bytes, start: int, stop: int
-    ) -> tuple[Packet, ...] | list[Packet]:
-        """``feed`` for the frame ``buf[start:stop]``, copied out only when it is read:
-        for a reader holding many frames in one buffer."""
-        if self._prefilter and self._skipped(buf, start, stop):
-            return _NONE
-        return self._feed(ts, buf[start:stop])
-
-    def _skipped(self, buf: bytes, start: int, stop: int) -> bool:
-        """Counts the frame as decoding it would, when it is certainly media."""
+    def skip_media(self, buf: bytes, start: int, stop: int) -> bool:
+        """True when the frame ``buf[start:stop]`` is certainly media: then it is
+        counted as decoding would count it, and needs nothing more. Lets a reader that
+        holds many frames in one buffer copy out only those it must ``decode``."""
+        if not self._prefilter:
+            return False
         layers = media_layers(self._linktype, buf, start, stop)
         if layers == DECODE:
             return False
@@ -158,7 +153,8 @@ class SipExtractor:
         self.stats.non_sip_payloads += 1
         return True
 
-    def _feed(self, ts: float, frame: bytes) -> tuple[Packet, ...] | list[Packet]:
+    def decode(self, ts: float, frame: bytes) -> tuple[Packet, ...] | list[Packet]:
+        """``feed`` without the pre-filter: for a frame ``skip_media`` did not take."""
         segments = self._decode(ts, frame)
         if not segments:
             return _NONE
