@@ -1,9 +1,10 @@
 """`sipcdr import` against `tshark -q -z sip,stat` on the same large captures, one run.
 
 Each kind of capture a SIP link yields is built from a public sample by repeating its
-frames into a pcap file, each copy later by the sample's span plus 64 s (so its calls
-are closed before the next copy opens them again): SIP only, SIP mirrored through
-ERSPAN, and mostly media (RTP and RTCP with some TCP; T.38 fax). Both programs read the
+frames into a file of the sample's format (pcap, or pcapng for the ERSPAN one), each
+copy later by the sample's span plus 64 s (so its calls are closed before the next
+copy opens them again): SIP only, SIP mirrored through ERSPAN, and mostly media (RTP
+and RTCP with some TCP; T.38 fax). Both programs read the
 whole file, in interleaved rounds; figures are frames per second of wall time, process
 start included, and the median of the rounds. `sipcdr import` writes CDRs to a JSONL
 file only (no database). It runs as installed (compiled when a compiler was there at
@@ -40,23 +41,31 @@ CALL_GAP_S = 64.0  # twice the transaction timeout: the copies' calls never meet
 TARGET_VS_TSHARK = 10.0  # what the compiled hot path was asked for, per kind
 
 
+PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
+
+
 def read_frames(path: Path) -> tuple[int, list[tuple[float, bytes]]]:
     with path.open("rb") as handle:
         magic = handle.read(4)
         handle.seek(0)
         reader: Any = (
-            dpkt.pcapng.Reader(handle) if magic == b"\x0a\x0d\x0d\x0a" else dpkt.pcap.Reader(handle)
+            dpkt.pcapng.Reader(handle) if magic == PCAPNG_MAGIC else dpkt.pcap.Reader(handle)
         )
         return int(reader.datalink()), [(float(ts), bytes(frame)) for ts, frame in reader]
 
 
 def build(sample: Path, frames: int, target: Path) -> int:
-    """`sample`'s frames repeated into a pcap file of at least `frames` frames."""
+    """`sample`'s frames repeated into a file of its format of at least `frames` frames."""
     linktype, records = read_frames(sample)
     span = records[-1][0] - records[0][0] + CALL_GAP_S
     copies = max(1, -(-frames // len(records)))
+    pcapng = sample.read_bytes()[:4] == PCAPNG_MAGIC
     with target.open("wb") as handle:
-        writer = dpkt.pcap.Writer(handle, linktype=linktype)
+        writer: Any = (
+            dpkt.pcapng.Writer(handle, linktype=linktype)
+            if pcapng
+            else dpkt.pcap.Writer(handle, linktype=linktype)
+        )
         for copy in range(copies):
             for ts, frame in records:
                 writer.writepkt(frame, ts + copy * span)
@@ -97,7 +106,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sipcdr-import-bench-") as tmp:
         workdir = Path(tmp)
         for label, sample, size in KINDS:
-            capture = workdir / "capture.pcap"
+            capture = workdir / ("capture" + Path(sample).suffix)
             frames = build(SAMPLES / sample, max(1, int(size * opts.scale)), capture)
             times: dict[str, list[float]] = {"tshark": [], **{name: [] for name in contenders}}
             for _ in range(opts.rounds):

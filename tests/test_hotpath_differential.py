@@ -19,7 +19,7 @@ import importlib
 import io
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -576,8 +576,11 @@ def test_prefilter_on_built_frames(
 
 
 def read_with_dpkt(modules: Modules, data: bytes) -> tuple[object, ...]:
-    """What capture files gave before the chunked reader: dpkt's records, each fed."""
-    reader = dpkt.pcap.Reader(io.BytesIO(data))
+    """What capture files gave before the chunked readers: dpkt's records, each fed."""
+    handle = io.BytesIO(data)
+    reader: Any = (
+        dpkt.pcapng.Reader(handle) if data[:4] == b"\x0a\x0d\x0d\x0a" else dpkt.pcap.Reader(handle)
+    )
     extractor = modules["sipcdr.decode.extract"].SipExtractor(reader.datalink() & 0xFFFF, "n")
     packets: list[Packet] = []
     truncated = False
@@ -658,3 +661,132 @@ def test_cut_pcap_files_end_as_dpkt_ends_them(
     expected = read_with_dpkt(interpreted, cut)
     assert read_in_chunks(compiled, cut, chunk) == expected
     assert read_in_chunks(interpreted, cut, chunk) == expected
+
+
+def read_pcapng_in_chunks(modules: Modules, data: bytes, chunk: int) -> tuple[object, ...]:
+    """As capture.pcapfile reads a pcapng file: dpkt the header blocks, PcapngBlocks
+    the packet blocks in chunks, dpkt again from the first block it leaves."""
+    handle = io.BytesIO(data)
+    reader: Any = dpkt.pcapng.Reader(handle)
+    extractor = modules["sipcdr.decode.extract"].SipExtractor(reader.datalink() & 0xFFFF, "n")
+    little = data[8:12] == b"\x4d\x3c\x2b\x1a"
+    blocks = modules["sipcdr.decode.capfile"].PcapngBlocks(
+        little, reader._divisor, reader._tsoffset, handle.tell()
+    )
+    packets: list[Packet] = []
+    while not blocks.stopped and (piece := handle.read(max(chunk, blocks.wanted()))):
+        packets.extend(blocks.feed(piece, extractor))
+    blocks.finish()
+    truncated = False
+    if blocks.stopped:
+        handle.seek(blocks.position)
+        records = iter(reader)
+        while True:
+            try:
+                ts, frame = next(records)
+            except StopIteration:
+                break
+            except (dpkt.UnpackError, struct.error, ValueError):
+                truncated = True
+                break
+            packets.extend(extractor.feed(float(ts), frame))
+    extractor.close()
+    return packets, extractor.stats.as_dict(), truncated
+
+
+def pcapng_files() -> list[tuple[str, bytes]]:
+    found = [(path.name, path.read_bytes()) for path in captures() if path.suffix == ".pcapng"]
+    # A capture with an option on every packet block, and a big-endian one with
+    # nanosecond times: what writers other than dumpcap's defaults produce.
+    linktype, records = frames(require_shared_data() / "pcaps" / "zeek-sip-wireshark.pcap")
+    for endian, resolution in (("<", None), (">", 9)):
+        out = io.BytesIO()
+        writer = pcapng_writer(out, linktype, endian, resolution)
+        for index, (ts, frame) in enumerate(records):
+            writer(ts, frame, index % 3 == 0 and endian == "<")
+        found.append((f"written {endian} {resolution}", out.getvalue()))
+    assert len(found) >= 5
+    return found
+
+
+def pcapng_writer(
+    out: io.BytesIO, linktype: int, endian: str, resolution: int | None
+) -> Callable[[float, bytes, bool], None]:
+    """A minimal pcapng writer: section header, one interface (with a time resolution
+    option when given), Enhanced Packet Blocks (with a comment option when asked) and,
+    every seventh packet, a Name Resolution Block for the reader to skip."""
+
+    def block(kind: int, body: bytes) -> bytes:
+        length = 12 + len(body)
+        return struct.pack(endian + "II", kind, length) + body + struct.pack(endian + "I", length)
+
+    out.write(block(0x0A0D0D0A, struct.pack(endian + "IHHq", 0x1A2B3C4D, 1, 0, -1)))
+    options = b""
+    if resolution is not None:
+        options = struct.pack(endian + "HHB3x", 9, 1, resolution) + bytes(4)
+    out.write(block(1, struct.pack(endian + "HHI", linktype, 0, 65535) + options))
+    divisor = 10 ** (resolution or 6)
+    count = 0
+
+    def write(ts: float, frame: bytes, with_option: bool) -> None:
+        nonlocal count
+        ticks = round(ts * divisor)
+        body = struct.pack(
+            endian + "5I", 0, ticks >> 32, ticks & 0xFFFFFFFF, len(frame), len(frame)
+        )
+        body += frame + bytes(-len(frame) % 4)
+        if with_option:
+            body += struct.pack(endian + "HH", 1, 4) + b"note" + bytes(4)
+        out.write(block(6, body))
+        count += 1
+        if count % 7 == 0:
+            out.write(block(4, struct.pack(endian + "HH", 0, 0)))
+
+    return write
+
+
+def test_pcapng_files_read_in_chunks_as_dpkt_reads_them(
+    compiled: Modules, interpreted: Modules
+) -> None:
+    for name, data in pcapng_files():
+        expected = read_with_dpkt(interpreted, data)
+        for chunk in (1 << 20, 4096, 997):
+            assert read_pcapng_in_chunks(compiled, data, chunk) == expected, (name, chunk)
+        assert read_pcapng_in_chunks(interpreted, data, 4096) == expected, name
+
+
+def test_public_pcapng_files_are_read_without_dpkt_after_their_headers(
+    compiled: Modules,
+) -> None:
+    for name, data in pcapng_files()[:3]:
+        handle = io.BytesIO(data)
+        reader: Any = dpkt.pcapng.Reader(handle)
+        blocks = compiled["sipcdr.decode.capfile"].PcapngBlocks(
+            data[8:12] == b"\x4d\x3c\x2b\x1a", reader._divisor, reader._tsoffset, handle.tell()
+        )
+        extractor = compiled["sipcdr.decode.extract"].SipExtractor(reader.datalink(), "n")
+        assert blocks.feed(handle.read(), extractor), name
+        blocks.finish()
+        assert (blocks.stopped, blocks.position) == (False, len(data)), name
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_cut_and_damaged_pcapng_files_end_as_dpkt_ends_them(
+    compiled: Modules, interpreted: Modules, data: st.DataObject
+) -> None:
+    """pcapng files cut anywhere, or with a length field changed, read in chunks of
+    any size: dpkt takes over where the block reader stops, with the same result."""
+    _name, whole = data.draw(st.sampled_from(pcapng_files()), label="file")
+    damaged = bytearray(whole[: data.draw(st.integers(0, len(whole)), label="cut at")])
+    if len(damaged) > 200 and data.draw(st.booleans(), label="damage"):
+        at = data.draw(st.integers(100, len(damaged) - 1), label="at")
+        damaged[at] = data.draw(st.integers(0, 255), label="byte")
+    cut = bytes(damaged)
+    try:
+        expected = read_with_dpkt(interpreted, cut)
+    except (ValueError, dpkt.UnpackError, struct.error):
+        return  # the header blocks themselves are unreadable: not a capture file
+    chunk = data.draw(st.integers(1, 5000), label="chunk")
+    assert read_pcapng_in_chunks(compiled, cut, chunk) == expected
+    assert read_pcapng_in_chunks(interpreted, cut, chunk) == expected

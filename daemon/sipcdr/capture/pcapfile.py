@@ -2,9 +2,10 @@
 
 ``iter_packets`` reads a file and hands each frame to a ``SipExtractor``
 (``sipcdr.decode.extract``), which does the decoding; this module only reads files.
-pcap files are read in large chunks that ``sipcdr.decode.capfile`` splits into
-records (a tenth of the cost of dpkt's record objects, and media frames are skipped
-where they lie); pcapng files with dpkt's reader.
+Files are read in large chunks that ``sipcdr.decode.capfile`` splits into records (a
+tenth of the cost of dpkt's record objects, and media frames are skipped where they
+lie); dpkt reads a pcapng file's header blocks, and every block from the first one
+``capfile`` leaves to it.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from typing import BinaryIO, Final
 
 import dpkt
 
-from sipcdr.decode.capfile import PCAP_HEADER_BYTES, PcapReader
+from sipcdr.decode.capfile import PCAP_HEADER_BYTES, PcapngBlocks, PcapReader
 from sipcdr.decode.extract import CaptureStats, SipExtractor
 from sipcdr.model import Packet
 
 __all__ = ["CaptureFileError", "iter_packets"]
 
 _PCAPNG_MAGIC: Final = b"\x0a\x0d\x0d\x0a"
+_PCAPNG_LITTLE_ENDIAN: Final = b"\x4d\x3c\x2b\x1a"  # the byte-order magic, as written
 _PCAP_MAGICS: Final = frozenset(
     {
         b"\xd4\xc3\xb2\xa1",  # microseconds, little-endian
@@ -85,19 +87,30 @@ def iter_packets(
             extractor = SipExtractor(int(reader.datalink()) & 0xFFFF, node, stats)
         except ValueError as exc:
             raise CaptureFileError(str(exc)) from None
-        feed = extractor.feed
-        records = iter(reader)
-        while True:
-            try:
-                ts, frame = next(records)
-            except StopIteration:
-                break
-            except (dpkt.UnpackError, struct.error, ValueError):
-                stats.truncated_file = True
-                break
-            found = feed(float(ts), frame)
-            if found:
-                yield from found
+        # dpkt has read the section header and the first interface description; the
+        # packet blocks after them are read in chunks, until one needs dpkt.
+        after_headers = handle.tell()
+        handle.seek(8)
+        little = handle.read(4) == _PCAPNG_LITTLE_ENDIAN
+        handle.seek(after_headers)
+        blocks = PcapngBlocks(little, reader._divisor, reader._tsoffset, after_headers)
+        while not blocks.stopped and (chunk := handle.read(max(PCAP_CHUNK_BYTES, blocks.wanted()))):
+            yield from blocks.feed(chunk, extractor)
+        blocks.finish()
+        if blocks.stopped:
+            handle.seek(blocks.position)
+            records = iter(reader)
+            while True:
+                try:
+                    ts, frame = next(records)
+                except StopIteration:
+                    break
+                except (dpkt.UnpackError, struct.error, ValueError):
+                    stats.truncated_file = True
+                    break
+                found = extractor.feed(float(ts), frame)
+                if found:
+                    yield from found
         extractor.close()
 
 
