@@ -35,16 +35,16 @@ def report(env: dict[str, str], path: Path = DAEMON_DIR) -> list[object]:
     return result
 
 
-def expected_hot_path() -> str:
-    """What this run should be on: `make test` builds with the compiler it finds."""
-    if hotpath.pure_python_forced():
-        return "interpreted"
+def built_hot_path() -> str:
+    """What a process runs without SIPCDR_PURE_PYTHON: `make test` builds with the
+    compiler it finds."""
     return "compiled" if shutil.which("cc") or shutil.which("gcc") else "interpreted"
 
 
 def test_the_suite_runs_the_hot_path_the_install_built() -> None:
     kind, why = hotpath.hot_path()
-    assert kind == expected_hot_path(), f"interpreted: {why}"
+    expected = "interpreted" if hotpath.pure_python_forced() else built_hot_path()
+    assert kind == expected, f"interpreted: {why}"
     parser = sys.modules["sipcdr.sip.parser"]
     assert parser.__file__ is not None
     assert parser.__file__.endswith(".py") == (kind == "interpreted")
@@ -61,7 +61,7 @@ def test_pure_python_env_runs_the_source_without_the_scanner(value: str) -> None
 @pytest.mark.parametrize("value", ["", "0", "false", "no"])
 def test_pure_python_env_off_leaves_the_build(value: str) -> None:
     kind, _why, _file, scanner = report({hotpath.PURE_PYTHON_ENV: value})
-    assert kind == expected_hot_path()
+    assert kind == built_hot_path()
     assert scanner == (kind == "compiled")
 
 
@@ -94,7 +94,7 @@ def test_the_daemon_logs_and_exports_its_hot_path(tmp_path: Path, forced: bool) 
     env = {hotpath.PURE_PYTHON_ENV: "1"} if forced else {}
     daemon = start_daemon(tmp_path, **env)
     try:
-        kind = "interpreted" if forced else expected_hot_path()
+        kind = "interpreted" if forced else built_hot_path()
         assert daemon.metric("sipcdr_build_info", hot_path=kind) == 1
         started = next(
             json.loads(line) for line in daemon.log.read_text().splitlines() if '"started"' in line
