@@ -4,11 +4,14 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The install compiles these (setup.py): an edit rebuilds, so tests run what was edited.
+HOT_PATH := setup.py daemon/sipcdr/hotpath.py daemon/sipcdr/hep.py daemon/sipcdr/sip/_scan.c \
+	$(wildcard daemon/sipcdr/sip/*.py daemon/sipcdr/decode/*.py daemon/sipcdr/dialog/*.py)
 SYSTEM_TOOLS := tshark:tshark sipp:sip-tester kamailio:kamailio
 
 .PHONY: run test lint typecheck unit bench sysdeps clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(HOT_PATH)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -48,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/rating.py
 	$(BIN)/python benchmarks/receive.py
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/import_captures.py --interpreted
 	$(BIN)/python benchmarks/connections.py
 	$(BIN)/python benchmarks/spool.py
 	$(BIN)/python benchmarks/journal.py
@@ -56,4 +60,5 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fraud.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build
+	find daemon -name '*.so' -delete

@@ -16,11 +16,14 @@ import statistics
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from samples import BYE, INVITE, OK_200
+from sipcdr import hotpath
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.model import Packet
 from sipcdr.sip import parse
@@ -66,8 +69,13 @@ def bytes_per_dialog(calls: int) -> float:
     return held / calls
 
 
-def rate(flows: list[list[bytes]], correlate: bool) -> float:
-    correlator = Correlator()
+def rate(
+    flows: list[list[bytes]],
+    correlate: bool,
+    parse: Callable[[bytes], Any] = parse,
+    correlator_class: Callable[[], Any] = Correlator,
+) -> float:
+    correlator = correlator_class()
     started = time.perf_counter()
     messages = 0
     for n, flow in enumerate(flows):
@@ -91,17 +99,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memory: {per_dialog:,.0f} bytes per open dialog at {opts.calls:,} open calls")
 
     flows = [_flow(n) for n in range(opts.flows)]
+    # The same source interpreted: what compiling the parser and the correlator gives.
+    interpreted = hotpath.load_interpreted()
+    slow_parse = interpreted["sipcdr.sip.parser"].parse
+    slow_correlator = interpreted["sipcdr.dialog.correlator"].Correlator
     parse_only: list[float] = []
     full: list[float] = []
+    slow_parse_only: list[float] = []
+    slow_full: list[float] = []
     for _ in range(opts.rounds):
         parse_only.append(rate(flows, correlate=False))
         full.append(rate(flows, correlate=True))
+        slow_parse_only.append(rate(flows, False, slow_parse, slow_correlator))
+        slow_full.append(rate(flows, True, slow_parse, slow_correlator))
     parse_rate = statistics.median(parse_only)
     full_rate = statistics.median(full)
+    print(f"hot path: {' '.join(hotpath.hot_path()).strip()}")
     print(f"median of {opts.rounds} rounds, {opts.flows} call flows of 7 messages each")
     print(f"  parse only                 {parse_rate:>10,.0f} msg/s")
     print(f"  parse + correlate          {full_rate:>10,.0f} msg/s")
     print(f"  correlation costs {parse_rate / full_rate - 1:.0%} on top of parsing")
+    slow_parse_rate = statistics.median(slow_parse_only)
+    slow_full_rate = statistics.median(slow_full)
+    print(f"  interpreted: parse only    {slow_parse_rate:>10,.0f} msg/s")
+    print(f"  interpreted: + correlate   {slow_full_rate:>10,.0f} msg/s")
+    correlate_us = 1e6 / full_rate - 1e6 / parse_rate
+    slow_correlate_us = 1e6 / slow_full_rate - 1e6 / slow_parse_rate
+    print(
+        f"  correlation per message: {correlate_us:.2f} us, interpreted {slow_correlate_us:.2f} us"
+        f" ({slow_correlate_us / correlate_us:.2f}x)"
+    )
+    print(f"  parse + correlate / interpreted    {full_rate / slow_full_rate:6.2f}x")
     return 0
 
 

@@ -7,6 +7,9 @@ Reason header's Q.850 cause) and the body the signaling store keeps. Figures are
 of several rounds; ratios are against contenders timed in the same process, so a noisy
 machine moves all of them together.
 
+sipcdr runs twice: as installed (compiled when a compiler was there at install time),
+and interpreted, from the same source (`sipcdr.hotpath.load_interpreted`).
+
     python benchmarks/parser.py [--rounds 7] [--number 20000]
 """
 
@@ -16,7 +19,8 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +29,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dpkt
 import sipmessage
 from samples import MESSAGES
-from sipcdr import hep
+from sipcdr import hep, hotpath
 from sipcdr.sip import parse
+from sipcdr.sip import parser as parser_module
 
 Reader = Callable[[bytes], object]
+# The targets the compiled hot path was built for (issue: compiled hot path).
+TARGET_INVITES_PER_S = 150_000
+TARGET_VS_DPKT = 2.5
+TARGET_HEP_PER_S = 100_000
 
 
 def floor(data: bytes) -> object:
     return data.find(b"\r\n\r\n")
 
 
-def sipcdr_fields(data: bytes) -> object:
+def sipcdr_fields(data: bytes, parse: Callable[[bytes], Any] = parse) -> object:
     m = parse(data)
     return (
         m.call_id,
@@ -160,6 +169,37 @@ def hep_then_sipcdr(packet: bytes) -> object:
     return sipcdr_fields(hep.decode(packet).payload)
 
 
+NO_SCANNER = "sipcdr without the C scanner, INVITE"
+
+
+@contextmanager
+def scanner_off(off: bool) -> Iterator[None]:
+    """The installed parser with its header loop in Python (compiled, when it is): the
+    C scanner's share. The parser reads `_scan_head` from its module on every call."""
+    saved = parser_module._scan_head
+    if off:
+        parser_module._scan_head = None
+    try:
+        yield
+    finally:
+        parser_module._scan_head = saved
+
+
+def interpreted_readers() -> tuple[Reader, Reader]:
+    """The two sipcdr readers above, on the modules loaded from source."""
+    modules = hotpath.load_interpreted()
+    slow_parse = modules["sipcdr.sip.parser"].parse
+    slow_decode = modules["sipcdr.hep"].decode
+
+    def fields(data: bytes) -> object:
+        return sipcdr_fields(data, slow_parse)
+
+    def hep_fields(packet: bytes) -> object:
+        return sipcdr_fields(slow_decode(packet).payload, slow_parse)
+
+    return fields, hep_fields
+
+
 def rate(reader: Reader, inputs: list[bytes], number: int) -> float:
     """Messages per second for `number` passes over `inputs`."""
     started = time.perf_counter()
@@ -178,14 +218,18 @@ def main(argv: list[str] | None = None) -> int:
 
     invite = [MESSAGES["INVITE"]]
     mixed = list(MESSAGES.values())
+    slow_fields, slow_hep = interpreted_readers()
     contenders: list[tuple[str, Reader, list[bytes]]] = [
         ("floor: find(CRLFCRLF), INVITE", floor, invite),
         ("sipcdr.sip.parse, INVITE", sipcdr_fields, invite),
+        ("sipcdr interpreted, INVITE", slow_fields, invite),
+        (NO_SCANNER, sipcdr_fields, invite),
         ("dpkt.sip, INVITE", dpkt_fields, invite),
         ("sipmessage, INVITE", sipmessage_fields, invite),
         ("sipcdr.sip.parse, INVITE+200+BYE", sipcdr_fields, mixed),
         ("dpkt.sip, INVITE+200+BYE", dpkt_fields, mixed),
         ("HEPv3 decode + parse, INVITE+200+BYE", hep_then_sipcdr, _hep_packets()),
+        ("HEPv3 + parse interpreted, I+200+BYE", slow_hep, _hep_packets()),
     ]
     for _name, reader, inputs in contenders:
         for data in inputs:
@@ -195,9 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(opts.rounds):
         # Interleaved rounds: a burst of noise hits every contender, not just one.
         for name, reader, inputs in contenders:
-            samples[name].append(rate(reader, inputs, max(1, opts.number // len(inputs))))
+            with scanner_off(name == NO_SCANNER):
+                samples[name].append(rate(reader, inputs, max(1, opts.number // len(inputs))))
     median = {name: statistics.median(values) for name, values in samples.items()}
 
+    kind, why = hotpath.hot_path()
+    print(f"hot path: {kind}{f' ({why})' if why else ''}")
     print(f"median of {opts.rounds} rounds, {opts.number} messages each")
     for name, _reader, _inputs in contenders:
         print(f"  {name:<40} {median[name]:>12,.0f} msg/s")
@@ -210,6 +257,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"  sipcdr / sipmessage, INVITE          {ours / median['sipmessage, INVITE']:6.2f}x")
     print(f"  floor  / sipcdr, INVITE              {median[contenders[0][0]] / ours:6.2f}x")
+    slow = median["sipcdr interpreted, INVITE"]
+    print(f"  sipcdr / sipcdr interpreted, INVITE  {ours / slow:6.2f}x")
+    print(f"  sipcdr / sipcdr no C scanner, INVITE {ours / median[NO_SCANNER]:6.2f}x")
+    print(f"  interpreted / dpkt.sip, INVITE       {slow / median['dpkt.sip, INVITE']:6.2f}x")
+    hep_rate = median["HEPv3 decode + parse, INVITE+200+BYE"]
+    print(f"  HEPv3 + parse / interpreted          {hep_rate / median[contenders[-1][0]]:6.2f}x")
+    print("targets:")
+    for what, value, target in (
+        ("INVITE/s, every CDR field read", ours, TARGET_INVITES_PER_S),
+        ("x dpkt.sip, INVITE", ours / median["dpkt.sip, INVITE"], TARGET_VS_DPKT),
+        ("HEPv3 decode + parse /s", hep_rate, TARGET_HEP_PER_S),
+    ):
+        verdict = "met" if value >= target else "NOT met"
+        print(f"  {what:<36} {value:>12,.2f}  target {target:>10,}  {verdict}")
     return 0
 
 

@@ -19,6 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("dialogs.py", ["--calls", "300", "--rounds", "1", "--flows", "30"], "bytes per open"),
         ("receive.py", ["--quick"], "sipcdr receive path"),
         ("decode.py", ["--rounds", "1", "--number", "200"], "dpkt/sipcdr"),
+        ("import_captures.py", ["--rounds", "1", "--scale", "0.002"], "x tshark"),
         ("connections.py", ["--quick"], "KiB server RSS per connection"),
         ("spool.py", ["--rounds", "1", "--number", "2000"], "spool append"),
         ("journal.py", ["--rounds", "1", "--flows", "30", "--open", "300"], "write per record"),

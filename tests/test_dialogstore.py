@@ -877,15 +877,24 @@ async def test_the_background_task_survives_a_step_that_raises(
     )
     node.closes = Closes(node.store)
     await node.boot()
-    real = node.correlator.snapshot
     failures = [RuntimeError("a bug")]
 
-    def snapshot() -> bytes:
-        if failures:
-            raise failures.pop()
-        return real()
+    class FailingOnce:
+        """The store's correlator, whose next snapshot raises (a compiled class cannot
+        be patched in place)."""
 
-    monkeypatch.setattr(node.correlator, "snapshot", snapshot)
+        def __init__(self, correlator: Correlator) -> None:
+            self._correlator = correlator
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._correlator, name)
+
+        def snapshot(self) -> bytes:
+            if failures:
+                raise failures.pop()
+            return bytes(self._correlator.snapshot())
+
+    monkeypatch.setattr(node.store, "correlator", FailingOnce(node.correlator))
     node.run([msg(0.0, Call("one@x").request("INVITE"))])
     written = node.store.stats.checkpoints
     for _ in range(200):

@@ -320,8 +320,8 @@ def test_bytes_after_total_length_are_ignored() -> None:
     )
     assert decode(packet + b"\x00\x00\x00") == decode(packet)
     assert decode(packet + packet) == decode(packet)
-    assert decode(bytearray(packet)) == decode(packet)  # type: ignore[arg-type]
-    assert decode(memoryview(packet + b"zz")[:-2]) == decode(packet)  # type: ignore[arg-type]
+    assert decode(bytearray(packet)) == decode(packet)
+    assert decode(memoryview(packet + b"zz")[:-2]) == decode(packet)
 
 
 def test_inflate_limit_is_inclusive() -> None:

@@ -28,7 +28,8 @@ from sipcdr.sip import SipMessage
 MONDAY = datetime(2026, 11, 2, tzinfo=UTC).timestamp()  # a week starts here
 DAY = 86400.0
 CORE_IP = "198.51.100.1"  # the carrier's SBC: every call from a trunk goes to it
-_new_message = object.__new__
+# Skips __init__, as the parser does (a compiled SipMessage refuses object.__new__).
+_new_message = SipMessage.__new__
 
 
 # -- messages and CDRs ------------------------------------------------------------------

@@ -32,6 +32,7 @@ from sipcdr.capture.live import LiveCapture
 from sipcdr.config import CaptureConfig, Config, trunk_resolver
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
+from sipcdr.hotpath import hot_path
 from sipcdr.model import Packet
 from sipcdr.pipeline import Pipeline
 from sipcdr.private import prepare_state_dir
@@ -257,6 +258,9 @@ class App:
                 None if self._hep_stream is None else self._hep_stream.limits.max_connections
             ),
             pid=os.getpid(),
+            # "compiled", or "interpreted" and why: forced, stale (edited since), not_built
+            hot_path=hot_path()[0],
+            hot_path_reason=hot_path()[1] or None,
         )
 
     def _connect_outputs(self) -> None:

@@ -50,6 +50,7 @@ from asyncpg import connect_utils
 from sipcdr import dialogstore, spare
 from sipcdr.capture import tls
 from sipcdr.dialog.correlator import DialogLimits
+from sipcdr.hotpath import PURE_PYTHON_ENV
 from sipcdr.model import Trunk
 from sipcdr.sinks import kafka_options as kafka
 from sipcdr.sinks import spool
@@ -62,7 +63,7 @@ ENV_PREFIX: Final = "SIPCDR_"
 # Variables with these prefixes are not settings: the test suite reads SIPCDR_TEST_PG_DSN
 # and SIPCDR_TEST_KAFKA (servers to test against), and must be able to set them while a
 # daemon under test loads its config from the same environment.
-NON_CONFIG_ENV_PREFIXES: Final = ("SIPCDR_TEST_",)
+NON_CONFIG_ENV_PREFIXES: Final = ("SIPCDR_TEST_", PURE_PYTHON_ENV)
 
 # What secrets are replaced with in `Config.redacted()` and in error messages.
 SECRET_MASK: Final = "***"

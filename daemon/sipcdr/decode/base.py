@@ -10,11 +10,14 @@ on the hot path.
 from __future__ import annotations
 
 import socket
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Final, NamedTuple
 
+from mypy_extensions import trait
+
 __all__ = [
+    "DECAP_COUNTERS",
     "IPPROTO_SCTP",
     "IPPROTO_TCP",
     "IPPROTO_UDP",
@@ -94,36 +97,40 @@ class Segment(NamedTuple):
 FrameDecoder = Callable[[float, bytes], tuple[Segment, ...]]
 
 
+# The names of the DecapStats counters, in the order as_dict lists them.
+DECAP_COUNTERS: Final = (
+    "frag_dropped",
+    "frag_evicted",
+    "frag_expired",
+    "fragments",
+    "frames",
+    "geneve",
+    "gtpu",
+    "malformed",
+    "mpls",
+    "non_ip",
+    "other_protocol",
+    "pppoe",
+    "reassembled",
+    "sctp",
+    "sctp_dropped",
+    "sctp_pieces",
+    "sctp_reassembled",
+    "tcp",
+    "too_deep",
+    "truncated",
+    "tunnelled",
+    "tzsp",
+    "udp",
+    "unsupported_tunnel",
+    "vxlan",
+)
+
+
 class DecapStats:
     """Counters, only ever incremented. ``frames`` counts every frame offered."""
 
-    __slots__ = (
-        "frag_dropped",
-        "frag_evicted",
-        "frag_expired",
-        "fragments",
-        "frames",
-        "geneve",
-        "gtpu",
-        "malformed",
-        "mpls",
-        "non_ip",
-        "other_protocol",
-        "pppoe",
-        "reassembled",
-        "sctp",
-        "sctp_dropped",
-        "sctp_pieces",
-        "sctp_reassembled",
-        "tcp",
-        "too_deep",
-        "truncated",
-        "tunnelled",
-        "tzsp",
-        "udp",
-        "unsupported_tunnel",
-        "vxlan",
-    )
+    __slots__ = DECAP_COUNTERS
 
     def __init__(self) -> None:
         self.frames = 0
@@ -156,10 +163,11 @@ class DecapStats:
         self.sctp_dropped = 0  # pieces expired, evicted, oversized, or I-DATA pieces
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in DecapStats.__slots__}
+        return {name: getattr(self, name) for name in DECAP_COUNTERS}
 
 
-class Layers(ABC):
+@trait
+class Layers:
     """The entry points a layer calls in another layer's module. Each takes the frame
     as captured (or a reassembled datagram), the offset where its header starts, the
     end of the bytes that belong to it, and the tunnel depth so far."""

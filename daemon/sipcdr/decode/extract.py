@@ -18,6 +18,7 @@ from typing import Final
 from sipcdr import hep
 from sipcdr.decode.base import DecapStats, ip_text
 from sipcdr.decode.link import Decapsulator
+from sipcdr.decode.prefilter import DECODE, MAYBE_SIGNALLING, media_layers
 from sipcdr.decode.startline import KEEPALIVE, sip_offset
 from sipcdr.decode.tcp import TcpReassembler, TcpStats
 from sipcdr.model import TRANSPORT_SCTP, TRANSPORT_TCP, TRANSPORT_UDP, Packet
@@ -31,12 +32,6 @@ _HEP_SIP: Final = 1
 # must fit before a datagram is offered to the decoder.
 _HEP2_LENGTHS: Final = frozenset({16, 28, 40, 52})
 _HEP2_FAMILIES: Final = frozenset({2, 10, 28, 30})
-# First bytes worth a closer look: letters (SIP, and "H" for HEP3), CR and LF (SIP after
-# keepalive bytes), 1 and 2 (HEPv1/v2). One index into this table rejects RTP (0x80+),
-# RTCP, STUN, DNS and the rest.
-_MAYBE_SIGNALLING: Final = bytes(
-    1 if (65 <= b <= 90 or 97 <= b <= 122 or b in (1, 2, 10, 13)) else 0 for b in range(256)
-)
 _HEP_TRANSPORT: Final = {6: TRANSPORT_TCP, 17: TRANSPORT_UDP, 132: TRANSPORT_SCTP}
 
 _new: Final = tuple.__new__
@@ -113,7 +108,7 @@ class SipExtractor:
     datagrams and streams are counted then).
     """
 
-    __slots__ = ("_decap", "_decode", "_tcp", "capture_node", "stats")
+    __slots__ = ("_decap", "_decode", "_linktype", "_prefilter", "_tcp", "capture_node", "stats")
 
     def __init__(
         self,
@@ -123,16 +118,43 @@ class SipExtractor:
         *,
         decapsulator: Decapsulator | None = None,
         reassembler: TcpReassembler | None = None,
+        prefilter: bool = True,
     ) -> None:
+        """``prefilter=False`` decodes every frame in full: the reference the pre-filter
+        (``prefilter``, which skips media unread) is tested against."""
         self.stats = stats if stats is not None else CaptureStats()
         self.capture_node = capture_node
         self._decap = decapsulator if decapsulator is not None else Decapsulator(self.stats.decap)
         self._tcp = reassembler if reassembler is not None else TcpReassembler(self.stats.tcp)
         # ValueError for a link type the decapsulator does not read.
         self._decode = self._decap.link_decoder(linktype)
+        self._linktype = linktype
+        self._prefilter = prefilter
 
     def feed(self, ts: float, frame: bytes) -> tuple[Packet, ...] | list[Packet]:
         """The SIP messages that this frame completes (usually none or one)."""
+        if self.skip_media(frame, 0, len(frame)):
+            return _NONE
+        return self.decode(ts, frame)
+
+    def skip_media(self, buf: bytes, start: int, stop: int) -> bool:
+        """True when the frame ``buf[start:stop]`` is certainly media: then it is
+        counted as decoding would count it, and needs nothing more. Lets a reader that
+        holds many frames in one buffer copy out only those it must ``decode``."""
+        if not self._prefilter:
+            return False
+        layers = media_layers(self._linktype, buf, start, stop)
+        if layers == DECODE:
+            return False
+        decap = self._decap.stats
+        decap.frames += 1
+        decap.tunnelled += layers
+        decap.udp += 1
+        self.stats.non_sip_payloads += 1
+        return True
+
+    def decode(self, ts: float, frame: bytes) -> tuple[Packet, ...] | list[Packet]:
+        """``feed`` without the pre-filter: for a frame ``skip_media`` did not take."""
         segments = self._decode(ts, frame)
         if not segments:
             return _NONE
@@ -162,7 +184,7 @@ class SipExtractor:
             # The first byte settles most media packets without a call: SIP starts with
             # a letter or CR/LF, HEP3 with "H", HEPv1/v2 with 1 or 2.
             first = payload[0] if payload else 0
-            if not _MAYBE_SIGNALLING[first]:
+            if not MAYBE_SIGNALLING[first]:
                 stats.non_sip_payloads += 1
                 continue
             offset = sip_offset(payload)

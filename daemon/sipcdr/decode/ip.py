@@ -14,6 +14,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from mypy_extensions import trait
+
 from sipcdr.decode.base import (
     IPPROTO_SCTP,
     IPPROTO_TCP,
@@ -165,6 +167,7 @@ def _first(item: tuple[int, bytes]) -> int:
     return item[0]
 
 
+@trait
 class IpLayer(Layers):
     """The IP and transport layers of the ``Decapsulator``."""
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from mypy_extensions import trait
+
 from sipcdr.decode.base import Layers, Segment
 from sipcdr.decode.ip import MAX_DATAGRAM, Fragments
 
@@ -23,6 +25,7 @@ _new: Final = tuple.__new__
 _NONE: Final[tuple[Segment, ...]] = ()
 
 
+@trait
 class SctpLayer(Layers):
     """The SCTP layer of the ``Decapsulator``. Pieces of user messages are bounded by
     the same count and capture-time timeout as IP fragments."""

@@ -36,7 +36,7 @@ from sipcdr.decode.websocket import (
 )
 from sipcdr.model import TRANSPORT_TCP
 
-__all__ = ["Message", "Stream", "TcpReassembler", "TcpStats"]
+__all__ = ["TCP_COUNTERS", "Message", "Stream", "TcpReassembler", "TcpStats"]
 
 _CONTENT_LENGTH: Final = re.compile(rb"\n(?:content-length|l)[ \t]*:[ \t]*([^\r\n]*)", re.I)
 
@@ -53,34 +53,38 @@ Message = tuple[bytes, str]
 _NONE: Final[tuple[Message, ...]] = ()
 
 
+# The names of the TcpStats counters, in the order as_dict lists them.
+TCP_COUNTERS: Final = (
+    "bad_content_length",
+    "duplicates",
+    "evicted",
+    "expired",
+    "gap_bytes",
+    "gaps",
+    "incomplete",
+    "keepalives",
+    "messages",
+    "missing_content_length",
+    "out_of_order",
+    "overflows",
+    "overlaps",
+    "released",
+    "resyncs",
+    "segments",
+    "skipped_bytes",
+    "streams",
+    "ws_bad_deflate",
+    "ws_control",
+    "ws_messages",
+    "ws_non_sip",
+    "ws_upgrades",
+)
+
+
 class TcpStats:
     """Counters, only ever incremented."""
 
-    __slots__ = (
-        "bad_content_length",
-        "duplicates",
-        "evicted",
-        "expired",
-        "gap_bytes",
-        "gaps",
-        "incomplete",
-        "keepalives",
-        "messages",
-        "missing_content_length",
-        "out_of_order",
-        "overflows",
-        "overlaps",
-        "released",
-        "resyncs",
-        "segments",
-        "skipped_bytes",
-        "streams",
-        "ws_bad_deflate",
-        "ws_control",
-        "ws_messages",
-        "ws_non_sip",
-        "ws_upgrades",
-    )
+    __slots__ = TCP_COUNTERS
 
     def __init__(self) -> None:
         self.segments = 0  # every segment offered, pure ACKs included
@@ -108,7 +112,7 @@ class TcpStats:
         self.ws_bad_deflate = 0  # permessage-deflate messages that failed to inflate
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in TcpStats.__slots__}
+        return {name: getattr(self, name) for name in TCP_COUNTERS}
 
 
 class Stream:

@@ -18,6 +18,8 @@ import struct
 from collections.abc import Mapping
 from typing import Final
 
+from mypy_extensions import trait
+
 from sipcdr.decode.base import MAX_DEPTH, Layers, Segment
 
 __all__ = ["HIGH_START_TUNNEL_PORTS", "UDP_TUNNEL_PORTS", "TunnelLayer"]
@@ -85,6 +87,7 @@ _ports: Final = struct.Struct("!HH").unpack_from
 _NONE: Final[tuple[Segment, ...]] = ()
 
 
+@trait
 class TunnelLayer(Layers):
     """The tunnel layer of the ``Decapsulator``: each tunnel hands its inner packet or
     frame back to the IP or Ethernet layer at the depth the caller has counted."""

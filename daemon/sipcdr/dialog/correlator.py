@@ -32,10 +32,12 @@ from sipcdr.sip.parser import KNOWN_METHODS
 CDR_ID_NAMESPACE = uuid.UUID("5b0e7d3a-61a4-4c39-9f0c-2f3c8f6e1d27")
 _NAMESPACE_BYTES = CDR_ID_NAMESPACE.bytes
 SNAPSHOT_VERSION = 2
-_SLOTS = frozenset(Dialog.__slots__)
+_SLOTS = frozenset(state.DIALOG_FIELDS)
 # The bloom filter of seen messages is not kept: it only tells retransmissions apart.
-_SNAPSHOT_FIELDS = tuple(name for name in Dialog.__slots__ if name != "seen")
+_SNAPSHOT_FIELDS = tuple(name for name in state.DIALOG_FIELDS if name != "seen")
 _snapshot_row = operator.attrgetter(*_SNAPSHOT_FIELDS)
+# Set from a snapshot row as they are; phase is converted and seen starts empty.
+_RESTORED_FIELDS = tuple(name for name in _SNAPSHOT_FIELDS if name != "phase")
 
 _NO_CDRS: Sequence[Cdr] = ()
 _TRUNK_CACHE_LIMIT = 65536  # distinct source addresses whose trunk is remembered
@@ -546,7 +548,6 @@ _FIELD_KINDS: dict[str, tuple[str, bool]] = {
 _REQUIRED_FIELDS = frozenset(
     name for name, (_kind, nullable) in _FIELD_KINDS.items() if not nullable
 )
-_OPTIONAL_FIELDS = tuple(name for name, (_kind, nullable) in _FIELD_KINDS.items() if nullable)
 # Integer fields whose range is narrower than any 32-bit value.
 _INT_RANGES: dict[str, tuple[int, int]] = {
     "phase": (Phase.EARLY, Phase.ANSWERED),
@@ -589,22 +590,22 @@ def _tombstone(entry: object) -> tuple[float, str, int]:
 def _dialog_of(row: object, names: list[str] | None) -> Dialog:
     """A call from a snapshot row: a list in the order of `names` (version 2), or an
     object (version 1). Raises ValueError naming the field at fault, never its value
-    (values are phone numbers and addresses)."""
-    dialog = Dialog()
-    for name in _OPTIONAL_FIELDS:
-        setattr(dialog, name, None)  # a snapshot of an older version may lack it
+    (values are phone numbers and addresses). Every value is checked before it is set:
+    compiled, `Dialog` refuses a value of the wrong type with a TypeError."""
+    values: dict[str, object]
     if names is not None:
         if not isinstance(row, list) or len(row) != len(names):
             raise ValueError("snapshot row does not match its fields")
-        for name, value in zip(names, row, strict=True):
-            setattr(dialog, name, value)
+        values = dict(zip(names, row, strict=True))
+        unknown = next((name for name in values if name not in _FIELD_KINDS), None)
+        if unknown is not None:
+            raise ValueError(f"snapshot row field {unknown[:32]!r} is not a call field")
+    elif isinstance(row, dict):
+        values = row
     else:
-        if not isinstance(row, dict):
-            raise ValueError("snapshot row is not an object")
-        for name in _FIELD_KINDS:
-            setattr(dialog, name, row.get(name))
+        raise ValueError("snapshot row is not an object")
     for name, (kind, nullable) in _FIELD_KINDS.items():
-        value = getattr(dialog, name)
+        value = values.get(name)  # an optional field an older version lacks is None
         if value is None and nullable:
             continue
         if kind == _TEXT:
@@ -616,17 +617,23 @@ def _dialog_of(row: object, names: list[str] | None) -> Dialog:
             valid = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
         if not valid:
             raise ValueError(f"snapshot row field {name!r} is not a valid {kind}")
-    if not dialog.call_id:
+    if not values.get("call_id"):
         raise ValueError("snapshot row without a Call-ID")
-    dialog.seen = 0
-    dialog.phase = Phase(dialog.phase)
+    dialog = Dialog()
     intern = sys.intern
-    dialog.src_ip = intern(dialog.src_ip)
-    dialog.dst_ip = intern(dialog.dst_ip)
-    dialog.capture_node = intern(dialog.capture_node)
-    if dialog.user_agent is not None:
-        dialog.user_agent = intern(dialog.user_agent)
+    for name in _FIELD_KINDS:
+        value = values.get(name)
+        if name == "phase":
+            value = Phase(int(str(value)))  # checked above: an int in Phase's range
+        elif name in _INTERNED_FIELDS and isinstance(value, str):
+            value = intern(value)
+        setattr(dialog, name, value)
+    dialog.seen = 0
     return dialog
+
+
+# Repeated across calls: one copy each, as live (`_new_dialog` interns them too).
+_INTERNED_FIELDS = frozenset({"src_ip", "dst_ip", "capture_node", "user_agent"})
 
 
 def cdr_id(call_id: str, from_tag: str, start_time: float) -> str:

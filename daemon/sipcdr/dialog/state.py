@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import zlib
 from enum import IntEnum
+from typing import Final
 
 from sipcdr.sip import SipMessage
 
@@ -79,39 +80,43 @@ class Phase(IntEnum):
     CLOSED = 3
 
 
+# What a Dialog holds; snapshots are written and read by these names.
+DIALOG_FIELDS: Final = (
+    "answer_time",
+    "call_id",
+    "cancel_time",
+    "capture_node",
+    "dst_ip",
+    "dst_port",
+    "final_code",
+    "final_reason",
+    "final_time",
+    "first_response_time",
+    "from_tag",
+    "from_uri",
+    "invite_branch_crc",
+    "invite_cseq",
+    "invite_time",
+    "last_time",
+    "pai_uri",
+    "phase",
+    "q850_cause",
+    "request_uri",
+    "ring_time",
+    "seen",
+    "src_ip",
+    "src_port",
+    "start_time",
+    "to_uri",
+    "user_agent",
+)
+
+
 class Dialog:
     """One call's state between its first INVITE and its CDR. Kept small: about a
     million of these may be open, so only what the CDR and the rules need is held."""
 
-    __slots__ = (
-        "answer_time",
-        "call_id",
-        "cancel_time",
-        "capture_node",
-        "dst_ip",
-        "dst_port",
-        "final_code",
-        "final_reason",
-        "final_time",
-        "first_response_time",
-        "from_tag",
-        "from_uri",
-        "invite_branch_crc",
-        "invite_cseq",
-        "invite_time",
-        "last_time",
-        "pai_uri",
-        "phase",
-        "q850_cause",
-        "request_uri",
-        "ring_time",
-        "seen",
-        "src_ip",
-        "src_port",
-        "start_time",
-        "to_uri",
-        "user_agent",
-    )
+    __slots__ = DIALOG_FIELDS
 
     call_id: str
     from_tag: str

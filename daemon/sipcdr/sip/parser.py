@@ -7,6 +7,8 @@ else is kept as lines and parsed only when asked for (see SipMessage).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sipcdr.sip.address import AddressError, find_param, locate_uri
 from sipcdr.sip.headers import COMPACT_FORMS, TOKEN_CHARS, split_list
 from sipcdr.sip.message import SipMessage
@@ -81,6 +83,27 @@ def _build_slot_table() -> dict[str, int]:
 
 
 _SLOT_OF = _build_slot_table()
+
+# The C scanner does the header loop of _build for regular messages and declines the
+# rest (returns None), which then take the Python path. It is compiled at install time
+# when a compiler is present; SIPCDR_PURE_PYTHON keeps it out (sipcdr.hotpath).
+ScanResult = tuple[str, list[str], dict[int, str], int]
+_scan_head: Callable[[bytes], ScanResult | None] | None
+try:
+    from sipcdr.sip import _scan
+except ImportError:
+    _scan_head = None
+else:
+    _scan.set_wanted(
+        {
+            **_WANTED,
+            **{
+                compact: _WANTED[full] for compact, full in COMPACT_FORMS.items() if full in _WANTED
+            },
+        },
+        MAX_HEADER_LINES,
+    )
+    _scan_head = _scan.scan_head
 _CR_LF = (13, 10)
 _S = ("S", "s")
 _FOLD_START = (" ", "\t")
@@ -90,7 +113,9 @@ KNOWN_METHODS = frozenset(
     "MESSAGE PUBLISH".split()
 )
 _NO_DEFECTS: list[str] = []  # shared and never mutated: most messages have none
-_new_message = object.__new__
+# Skips __init__; SipMessage.__new__ (not object.__new__) is also what a compiled
+# SipMessage needs to set up its layout.
+_new_message = SipMessage.__new__
 
 
 def parse(data: bytes) -> SipMessage:
@@ -116,6 +141,11 @@ def _parse(data: bytes) -> SipMessage:
         if not data:
             raise SipParseError("keepalive")
 
+    if _scan_head is not None:
+        scanned = _scan_head(data)
+        if scanned is not None:
+            start_line, lines, first, body_start = scanned
+            return _fields(data, _start_line(start_line), lines, first, body_start, _NO_DEFECTS)
     defects = _NO_DEFECTS
     end = data.find(b"\r\n\r\n")
     if end < 0:
@@ -167,8 +197,29 @@ class _Folded(Exception):
 def _build(data: bytes, lines: list[str], body_start: int, defects: list[str]) -> SipMessage:
     if len(lines) > MAX_HEADER_LINES:
         raise SipParseError("too_many_headers", str(len(lines)))
-    msg: SipMessage = _new_message(SipMessage)
     start_line = lines[0]
+    del lines[0]
+    # Start-line errors come before a fold is found, as on the scanner's path.
+    msg = _start_line(start_line)
+
+    # One pass keeps the first value of each wanted header. This loop is most of the
+    # parse, so it does three C calls a line and nothing else: values are stripped only
+    # when used, and names the spelling table misses go to _slot_of_unusual.
+    first: dict[int, str] = {}
+    keep_first = first.setdefault
+    slot_of = _SLOT_OF
+    for line in lines:
+        name, _colon, field = line.partition(":")
+        slot = slot_of.get(name)
+        if slot is None:
+            slot = _slot_of_unusual(name)
+        keep_first(slot, field)
+    return _fields(data, msg, lines, first, body_start, defects)
+
+
+def _start_line(start_line: str) -> SipMessage:
+    """A new message with the fields of its request or status line."""
+    msg: SipMessage = _new_message(SipMessage)
     if start_line.startswith("SIP/") or (start_line[:1] in _S and start_line[:4].upper() == "SIP/"):
         _status_line(msg, start_line)
     else:
@@ -189,20 +240,18 @@ def _build(data: bytes, lines: list[str], body_start: int, defects: list[str]) -
         msg.request_uri = uri
         msg.status_code = 0
         msg.reason_phrase = ""
-    del lines[0]
+    return msg
 
-    # One pass keeps the first value of each wanted header. This loop is most of the
-    # parse, so it does three C calls a line and nothing else: values are stripped only
-    # when used, and names the spelling table misses go to _slot_of_unusual.
-    first: dict[int, str] = {}
-    keep_first = first.setdefault
-    slot_of = _SLOT_OF
-    for line in lines:
-        name, _colon, field = line.partition(":")
-        slot = slot_of.get(name)
-        if slot is None:
-            slot = _slot_of_unusual(name)
-        keep_first(slot, field)
+
+def _fields(
+    data: bytes,
+    msg: SipMessage,
+    lines: list[str],
+    first: dict[int, str],
+    body_start: int,
+    defects: list[str],
+) -> SipMessage:
+    """The eager fields from the first value of each wanted header (by slot)."""
     msg._lines = lines
     msg._index = None
     get = first.get

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
+from sipcdr.hotpath import hot_path
 from sipcdr.sip.parser import KNOWN_METHODS
 
 # The *_created series double every counter and no dashboard reads them.
@@ -27,6 +28,13 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.build_info = Gauge(
+            "sipcdr_build_info",
+            "1, labelled with the hot path that runs: compiled at install, or interpreted",
+            ["hot_path"],
+            registry=r,
+        )
+        self.build_info.labels(hot_path=hot_path()[0]).set(1)
         self.packets_received = Counter(
             "sipcdr_packets_received_total",
             "Datagrams, stream frames or capture records taken in, by listener kind",

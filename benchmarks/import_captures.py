@@ -1,0 +1,131 @@
+"""`sipcdr import` against `tshark -q -z sip,stat` on the same large captures, one run.
+
+Each kind of capture a SIP link yields is built from a public sample by repeating its
+frames into a file of the sample's format (pcap, or pcapng for the ERSPAN one), each
+copy later by the sample's span plus 64 s (so its calls are closed before the next
+copy opens them again): SIP only, SIP mirrored through ERSPAN, and mostly media (RTP
+and RTCP with some TCP; T.38 fax). Both programs read the
+whole file, in interleaved rounds; figures are frames per second of wall time, process
+start included, and the median of the rounds. `sipcdr import` writes CDRs to a JSONL
+file only (no database). It runs as installed (compiled when a compiler was there at
+install time) and, with --interpreted, with SIPCDR_PURE_PYTHON=1 as well.
+
+    python benchmarks/import_captures.py [--rounds 3] [--scale 1.0] [--interpreted]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import dpkt
+from sipcdr import hotpath
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "pcaps"
+# (kind, public sample, frames in the built capture at scale 1)
+KINDS = (
+    ("SIP only", "zeek-sip-wireshark.pcap", 200_000),
+    ("ERSPAN-tunnelled SIP", "heplify-erspan_sip_ipv4_udp.pcapng", 200_000),
+    ("mostly media: RTP", "heplify-rtp_rtcp_sip_ipv4_udp.pcap", 2_000_000),
+    ("mostly media: T.38 fax", "ndpi-FAX-Call-t38-CA-TDM-SIP-FB-1.pcap", 1_000_000),
+)
+CALL_GAP_S = 64.0  # twice the transaction timeout: the copies' calls never meet
+TARGET_VS_TSHARK = 10.0  # what the compiled hot path was asked for, per kind
+
+
+PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
+
+
+def read_frames(path: Path) -> tuple[int, list[tuple[float, bytes]]]:
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+        handle.seek(0)
+        reader: Any = (
+            dpkt.pcapng.Reader(handle) if magic == PCAPNG_MAGIC else dpkt.pcap.Reader(handle)
+        )
+        return int(reader.datalink()), [(float(ts), bytes(frame)) for ts, frame in reader]
+
+
+def build(sample: Path, frames: int, target: Path) -> int:
+    """`sample`'s frames repeated into a file of its format of at least `frames` frames."""
+    linktype, records = read_frames(sample)
+    span = records[-1][0] - records[0][0] + CALL_GAP_S
+    copies = max(1, -(-frames // len(records)))
+    pcapng = sample.read_bytes()[:4] == PCAPNG_MAGIC
+    with target.open("wb") as handle:
+        writer: Any = (
+            dpkt.pcapng.Writer(handle, linktype=linktype)
+            if pcapng
+            else dpkt.pcap.Writer(handle, linktype=linktype)
+        )
+        for copy in range(copies):
+            for ts, frame in records:
+                writer.writepkt(frame, ts + copy * span)
+    return copies * len(records)
+
+
+def timed(command: list[str], cwd: Path, env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"{command[0]} failed: {done.stderr.decode()[-2000:]}")
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0, help="capture sizes, times")
+    parser.add_argument("--interpreted", action="store_true", help="also SIPCDR_PURE_PYTHON=1")
+    opts = parser.parse_args()
+    tshark = shutil.which("tshark")
+    if tshark is None:
+        sys.exit("tshark is not installed")
+    sipcdr = [sys.executable, "-m", "sipcdr.cli", "import"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIPCDR_")}
+    env["SIPCDR_SINKS__POSTGRES__DSN"] = ""
+    contenders: dict[str, dict[str, str]] = {"sipcdr": env}
+    if opts.interpreted:
+        contenders["sipcdr interpreted"] = {**env, hotpath.PURE_PYTHON_ENV: "1"}
+
+    kind, why = hotpath.hot_path()
+    print(f"sipcdr hot path: {kind}{f' ({why})' if why else ''}; medians of {opts.rounds}")
+    print(f"{'capture':24} {'frames':>10} {'tshark fps':>11}", end="")
+    for name in contenders:
+        print(f" {name + ' fps':>24} {'x tshark':>9}", end="")
+    print()
+    with tempfile.TemporaryDirectory(prefix="sipcdr-import-bench-") as tmp:
+        workdir = Path(tmp)
+        for label, sample, size in KINDS:
+            capture = workdir / ("capture" + Path(sample).suffix)
+            frames = build(SAMPLES / sample, max(1, int(size * opts.scale)), capture)
+            times: dict[str, list[float]] = {"tshark": [], **{name: [] for name in contenders}}
+            for _ in range(opts.rounds):
+                times["tshark"].append(
+                    timed([tshark, "-q", "-z", "sip,stat", "-r", str(capture)], workdir, env)
+                )
+                for name, environ in contenders.items():
+                    shutil.rmtree(workdir / "var", ignore_errors=True)
+                    times[name].append(timed([*sipcdr, str(capture)], workdir, environ))
+            base = frames / statistics.median(times["tshark"])
+            print(f"{label:24} {frames:>10,} {base:>11,.0f}", end="")
+            for name in contenders:
+                rate = frames / statistics.median(times[name])
+                print(f" {rate:>24,.0f} {rate / base:>8.2f}x", end="")
+            print()
+            capture.unlink()
+    print(f"target: {TARGET_VS_TSHARK:.0f}x tshark on each kind of capture")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
