@@ -39,8 +39,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The fast loop: no servers, no peers, no daemons; under a minute.
 unit: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit
 
 test: $(STAMP) sysdeps lint typecheck
 	$(BIN)/pytest -q -p no:cacheprovider

@@ -13,7 +13,7 @@ from sipcdr.config import Config
 from sipcdr.importer import import_files
 from test_import_captures import EXPECTED
 
-SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "cdr.v1.schema.json"
+SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "cdr.v1.schema.json"
 
 
 def test_every_cdr_from_every_capture_validates() -> None:

@@ -228,7 +228,7 @@ class KamailioFactory(Protocol):
 class Kamailio:
     """Kamailio as a record-routing stateful proxy that mirrors its SIP traffic as HEPv3.
 
-    ``tests/peers/kamailio.cfg`` documents what is traced. The config is
+    ``tests/support/peers/kamailio.cfg`` documents what is traced. The config is
     copied into the work folder so that a failed run leaves the exact file
     next to the logs.
     """
@@ -401,7 +401,7 @@ class SippUas:
 class Sipp:
     """Runs SIPp scenarios on loopback with every local port chosen at run time.
 
-    A scenario is a file name under ``tests/peers`` without ``.xml``
+    A scenario is a file name under ``tests/support/peers`` without ``.xml``
     (``"uac_answered"``), a path to an XML file, or else a built-in SIPp
     scenario (``"uac"``, ``"uas"``). The built-in ones ignore Record-Route, so
     behind the proxy their ACK and BYE are not routed: use the files there.

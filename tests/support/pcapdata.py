@@ -17,7 +17,7 @@ import pytest
 
 __all__ = ["SHARED_DATA", "UdpDatagram", "require_shared_data", "udp_datagrams", "udp_payloads"]
 
-SHARED_DATA: Path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA: Path = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 # Link-layer header types (tcpdump.org/linktypes.html); 12 and 14 are the
 # platform DLT_RAW values that some writers store instead of LINKTYPE_RAW.

@@ -1,5 +1,5 @@
 """What `sipcdr replay` says when a stream replay cannot start or is refused: each
-message names the cause in the listener's terms (tests/test_hep_network.py runs the
+message names the cause in the listener's terms (tests/integration/test_hep_network.py runs the
 replays that succeed, and the refused handshakes, against `sipcdr run`)."""
 
 from __future__ import annotations

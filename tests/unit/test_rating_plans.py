@@ -49,7 +49,7 @@ WHOLESALE = (
 VENDOR = (HEADER + "49,Germany,0.0080,0,1,1,2025-01-01,,USD,\n").encode()
 NEW_YEAR = float(timegm((2026, 1, 1, 0, 0, 0)))
 SPRING = float(timegm((2026, 4, 1, 12, 0, 0)))
-SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "cdr.v1.schema.json"
+SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "cdr.v1.schema.json"
 
 
 def plans(decimals: int = 4) -> RatePlans:

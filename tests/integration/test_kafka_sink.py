@@ -1,4 +1,4 @@
-"""The Kafka sink against a real Kafka-protocol broker (tests/kafkabroker.py).
+"""The Kafka sink against a real Kafka-protocol broker (tests/support/kafkabroker.py).
 
 What billing and the fraud team rely on: CDRs on the CDR topic keyed by Call-ID, alerts
 on the alert topic, every record with its schema version, re-deliveries on the same
@@ -43,7 +43,7 @@ from sipcdr.sinks.spool import Spool
 from sipcdr.telemetry.metrics import Metrics
 from structlog.testing import capture_logs
 
-SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 CDR_SCHEMA = jsonschema.Draft202012Validator(
     json.loads((SCHEMAS / "cdr.v1.schema.json").read_text())
 )

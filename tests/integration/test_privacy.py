@@ -64,7 +64,7 @@ from sipcdr.storage.embedded import (
     holders_file,
 )
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 OTHER_USER = "nobody"
 # A command as another user reads a file or connects to a local socket: milliseconds.
 COMMAND_TIMEOUT_S = 30.0
@@ -561,7 +561,7 @@ async def test_cdrs_spools_cursors_and_set_aside_records_are_private_whatever_th
 
 
 def test_the_deployments_keep_what_the_daemon_creates_private() -> None:
-    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
     unit = (deploy / "sipcdr.service").read_text()
     assert re.search(r"^UMask=0077$", unit, re.MULTILINE)
     # The state folder is made private for sipcdr, which refuses one others may enter.

@@ -304,7 +304,7 @@ def test_a_stalled_database_grows_the_spool_not_the_memory(
 def _validator(name: str) -> Callable[[object], None]:
     import jsonschema
 
-    schema = orjson.loads((Path(__file__).resolve().parents[1] / "schemas" / name).read_bytes())
+    schema = orjson.loads((Path(__file__).resolve().parents[2] / "schemas" / name).read_bytes())
     return jsonschema.Draft202012Validator(schema).validate  # type: ignore[no-any-return]
 
 

@@ -16,7 +16,7 @@ from sipcdr.model import FraudAlert, alert_id
 from trafficgen import CORE_IP, Timeline, make_call, request
 
 SCHEMA = json.loads(
-    (Path(__file__).resolve().parents[1] / "schemas" / "fraud_alert.v1.schema.json").read_text()
+    (Path(__file__).resolve().parents[2] / "schemas" / "fraud_alert.v1.schema.json").read_text()
 )
 T0 = 1_700_000_000.0
 CDR_ID = "9b2f6a4c-1d3e-5f70-8a9b-0c1d2e3f4a5b"

@@ -1,6 +1,7 @@
 """HEP over TCP and TLS in-process, on the default loop and on uvloop: framing however
 the bytes arrive, the connection caps and deadlines, and every TLS handshake outcome
-counted by its reason. (tests/test_hep_network.py runs the same against `sipcdr run`.)"""
+counted by its reason. (tests/integration/test_hep_network.py runs the same against
+`sipcdr run`.)"""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from pcapdata import require_shared_data
 from sipcdr.sip import SipMessage, SipParseError, parse
 
-BENCHMARK_SAMPLES = Path(__file__).resolve().parents[1] / "benchmarks" / "samples.py"
+BENCHMARK_SAMPLES = Path(__file__).resolve().parents[2] / "benchmarks" / "samples.py"
 
 
 def sip(text: str, body: bytes = b"", *, eol: str = "\r\n") -> bytes:

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sipcdr.config import load_config
 from sipcdr.telemetry.metrics import Metrics
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 _METRIC = re.compile(r"\bsipcdr_[a-z_]+\b")
 
 

@@ -18,7 +18,7 @@ from sipcdr.sinks.signaling import SignalingRecorder
 from sipcdr.sinks.spool import Spool
 from sipcdr.sip import parse
 
-SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 T0 = 1_700_000_000.0
 
 
