@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import NamedTuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tansu launcher
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the tansu launcher
 
 import orjson
 import structlog
