@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from asyncpg import connect_utils
-from sipcdr import config
 from sipcdr.config import (
     DEFAULT_HEP_TCP_FRAME_TIMEOUT_S,
     DEFAULT_HEP_TCP_IDLE_TIMEOUT_S,
@@ -29,6 +28,7 @@ from sipcdr.config import (
     redact_dsn,
     trunk_resolver,
 )
+from sipcdr.config import dsn as dsn_rules
 from sipcdr.dialog import DialogLimits
 from sipcdr.model import Trunk
 from tlscerts import Pki, encrypted_key, make_pki
@@ -963,7 +963,7 @@ def test_a_dsn_that_would_fail_every_connect_is_refused_with_the_drivers_reason(
 
 def test_the_dsn_choices_are_the_drivers() -> None:
     """The values the config takes for these parameters are the ones asyncpg takes."""
-    choices = config._DSN_CHOICES
+    choices = dsn_rules._DSN_CHOICES
     assert set(choices["target_session_attrs"]) == {m.value for m in connect_utils.SessionAttribute}
     assert set(choices["sslnegotiation"]) == {m.value for m in connect_utils.SSLNegotiation}
     assert {mode.replace("-", "_") for mode in choices["sslmode"]} == {
