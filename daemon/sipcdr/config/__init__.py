@@ -80,7 +80,6 @@ from sipcdr.config.schema import (
     StateConfig,
     TrunkConfig,
 )
-from sipcdr.config.trunks import trunk_resolver
 
 __all__ = [
     "DEFAULT_ALLOW",
@@ -130,5 +129,4 @@ __all__ = [
     "load_config",
     "parse_endpoint",
     "redact_dsn",
-    "trunk_resolver",
 ]

@@ -1,15 +1,31 @@
-"""The trunk lookup: a source IP to the trunk whose most specific network holds it."""
+"""The trunk lookup: a source IP to the trunk whose most specific network holds it.
+
+The definitions are the configuration's (`[[trunks]]`); this module only needs each
+one's networks and the `Trunk` record it stands for, so it sits below the config and
+the correlator (and later the rating stage) can be handed the same lookup.
+"""
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol, TypeAlias
 
-from sipcdr.config.schema import Config
 from sipcdr.model import Trunk
 
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-def trunk_resolver(config: Config) -> Callable[[str], Trunk | None]:
+
+class TrunkDefinition(Protocol):
+    """A configured trunk: the networks its signaling comes from, and its record."""
+
+    @property
+    def sources(self) -> Sequence[Network]: ...
+
+    def to_trunk(self) -> Trunk: ...
+
+
+def trunk_resolver(trunks: Iterable[TrunkDefinition]) -> Callable[[str], Trunk | None]:
     """A function from a source IP to the trunk whose most specific network holds it.
 
     Networks are grouped by prefix length, so a lookup is one dict probe per distinct
@@ -17,9 +33,9 @@ def trunk_resolver(config: Config) -> Callable[[str], Trunk | None]:
     sockets report IPv4 peers that way. Anything that is not an IP address gives None.
     """
     groups: dict[tuple[int, int], dict[int, Trunk]] = {}
-    for trunk_config in config.trunks:
-        trunk = trunk_config.to_trunk()
-        for network in trunk_config.sources:
+    for definition in trunks:
+        trunk = definition.to_trunk()
+        for network in definition.sources:
             shift = network.max_prefixlen - network.prefixlen
             table = groups.setdefault((network.version, network.prefixlen), {})
             table[int(network.network_address) >> shift] = trunk
