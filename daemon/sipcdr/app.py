@@ -29,7 +29,7 @@ from sipcdr.capture.listeners import (
     udp_socket,
 )
 from sipcdr.capture.live import LiveCapture
-from sipcdr.config import CaptureConfig, Config
+from sipcdr.config import CaptureConfig, Config, output_settings
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
 from sipcdr.enrich.trunks import trunk_resolver
@@ -164,7 +164,7 @@ class App:
         after one failed, which then recovers from disk what the failed one saved."""
         config = self.config
         self.correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
-        self.outputs = Outputs(config)
+        self.outputs = Outputs(output_settings(config))
         # The CDR writer and the signaling recorder exist once the spools are open.
         self.pipeline = Pipeline(self.correlator, (), self.metrics)
         self.spare = SpareSpace(self.state_dir / SPARE_NAME, config.state.spare_bytes)

@@ -28,7 +28,7 @@ import orjson
 import structlog
 
 from sipcdr.capture.pcapfile import CaptureFileError, iter_packets
-from sipcdr.config import Config
+from sipcdr.config import Config, output_settings
 from sipcdr.decode.extract import CaptureStats
 from sipcdr.dialog import Correlator
 from sipcdr.enrich.trunks import trunk_resolver
@@ -88,7 +88,9 @@ async def _import_to_outputs(
     # signaling (`Outputs.wait_reason`).
     reserve = max(config.spool.cdr_reserve_records, 2 * YIELD_EVERY)
     config = replace(config, spool=replace(config.spool, cdr_reserve_records=reserve))
-    outputs = Outputs(config, spool_dir=spool_dir, full_policy="block", wait_below_floor=True)
+    outputs = Outputs(
+        output_settings(config), spool_dir=spool_dir, full_policy="block", wait_below_floor=True
+    )
     await outputs.open()
     summary: dict[str, object] = {}
     try:

@@ -27,9 +27,9 @@ from sipcdr.config import (
     parse_endpoint,
     redact_dsn,
 )
-from sipcdr.config import dsn as dsn_rules
 from sipcdr.dialog import DialogLimits
 from sipcdr.model import Trunk
+from sipcdr.storage import dsn as dsn_rules
 from tlscerts import Pki, encrypted_key, make_pki
 
 # DESIGN.md's sample file without its example trunk and rating plan, which are

@@ -32,11 +32,11 @@ Layout
 `schema` (the sections, their defaults and `redacted()`), `loader` (file, environment,
 cross-section checks), `reading` (typed values out of TOML tables, error messages),
 one module per group of sections (`capture`, `calls`, `outputs`), `secrets` (what is
-masked) and `dsn` (PostgreSQL DSN checks and masking). Everything a caller needs is
-named here.
+masked; the PostgreSQL DSN rules are storage's, `sipcdr.storage.dsn`) and `handoff`
+(the settings records the layers below take). Everything a caller needs is named here.
 """
 
-from sipcdr.config.dsn import SECRET_MASK, dsn_problem, redact_dsn
+from sipcdr.config.handoff import output_settings
 from sipcdr.config.loader import ENV_PREFIX, NON_CONFIG_ENV_PREFIXES, load_config
 from sipcdr.config.reading import ConfigError, parse_endpoint
 from sipcdr.config.schema import (
@@ -80,6 +80,7 @@ from sipcdr.config.schema import (
     StateConfig,
     TrunkConfig,
 )
+from sipcdr.storage.dsn import SECRET_MASK, dsn_problem, redact_dsn
 
 __all__ = [
     "DEFAULT_ALLOW",
@@ -127,6 +128,7 @@ __all__ = [
     "TrunkConfig",
     "dsn_problem",
     "load_config",
+    "output_settings",
     "parse_endpoint",
     "redact_dsn",
 ]

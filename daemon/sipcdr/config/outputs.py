@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sipcdr.config.dsn import DSN_FORM, DSN_SCHEMES, dsn_problem
 from sipcdr.config.reading import Table, parse_endpoint
 from sipcdr.config.schema import (
     DEFAULT_JSONL_PATH,
@@ -18,9 +17,10 @@ from sipcdr.config.schema import (
     PostgresConfig,
     SpoolConfig,
 )
-from sipcdr.sinks import kafka_options as kafka
+from sipcdr.sinks import settings as kafka
 from sipcdr.sinks import spool
 from sipcdr.sinks.jsonl import DEFAULT_ROTATE_BYTES
+from sipcdr.storage.dsn import DSN_FORM, DSN_SCHEMES, dsn_problem
 from sipcdr.storage.partitions import DEFAULT_PARTITIONS_AHEAD_DAYS
 
 _KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")

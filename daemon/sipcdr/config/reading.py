@@ -10,9 +10,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-from sipcdr.config.dsn import HOST_LABEL
 from sipcdr.config.schema import Endpoint, Network
 from sipcdr.config.secrets import shown_value
+from sipcdr.storage.dsn import HOST_LABEL
 
 BOOLEANS: Final = {
     "true": True,

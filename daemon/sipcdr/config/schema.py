@@ -11,12 +11,12 @@ from types import MappingProxyType
 from typing import Final, NamedTuple, TypeAlias
 
 from sipcdr import dialogstore, spare
-from sipcdr.config.dsn import SECRET_MASK, redact_dsn
 from sipcdr.dialog.correlator import DialogLimits
 from sipcdr.model import Trunk
-from sipcdr.sinks import kafka_options as kafka
+from sipcdr.sinks import settings as kafka
 from sipcdr.sinks import spool
 from sipcdr.sinks.jsonl import DEFAULT_ROTATE_BYTES
+from sipcdr.storage.dsn import SECRET_MASK, redact_dsn
 from sipcdr.storage.partitions import DEFAULT_PARTITIONS_AHEAD_DAYS
 
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -98,7 +98,7 @@ DEFAULT_STORE_SIGNALING: Final = True
 DEFAULT_STORE_SDP: Final = False
 # Kafka is off until a broker is named: there is no broker to guess.
 DEFAULT_KAFKA_BOOTSTRAP: Final[tuple[Endpoint, ...]] = ()
-# The other Kafka defaults, with their reasons, are the sink's: sinks/kafka_options.py.
+# The other Kafka defaults, with their reasons, are the sink's: sinks/settings.py.
 
 # A fixed port so scrape configs can be written ahead; loopback until a scraper is set up.
 DEFAULT_METRICS_LISTEN: Final = Endpoint("127.0.0.1", 9108)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from sipcdr.config.dsn import SECRET_MASK, URL_SCHEME
+from sipcdr.storage.dsn import SECRET_MASK, URL_SCHEME
 
 SECRET_KEYS: Final = frozenset({"sinks.kafka.sasl_password", "capture.hep_keys"})
 

@@ -12,7 +12,8 @@ from typing import Final
 
 from asyncpg import connect_utils
 
-# What secrets are replaced with in `Config.redacted()` and in error messages.
+# What a secret is replaced with wherever it would show: a DSN's passwords here, every
+# secret in the config's logged view and error messages.
 SECRET_MASK: Final = "***"
 # A host name label, as the resolver takes it.
 HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
