@@ -32,7 +32,7 @@ import orjson
 import structlog
 from kafkabroker import TansuBroker, create_topics
 from samples import cdr_values
-from sipcdr.sinks import kafka_options
+from sipcdr.sinks import settings as sink_settings
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, SpoolRecord
 from sipcdr.sinks.kafka import KafkaSink
 
@@ -54,9 +54,9 @@ class Setting(NamedTuple):
 
 BASELINE = Setting(0, 16 * KIB, "none")  # aiokafka's defaults
 SHIPPED = Setting(
-    kafka_options.DEFAULT_LINGER_MS,
-    kafka_options.DEFAULT_MAX_BATCH_BYTES,
-    kafka_options.DEFAULT_COMPRESSION,
+    sink_settings.DEFAULT_LINGER_MS,
+    sink_settings.DEFAULT_MAX_BATCH_BYTES,
+    sink_settings.DEFAULT_COMPRESSION,
 )
 CONTENDERS = [
     BASELINE,

@@ -29,9 +29,10 @@ from sipcdr.capture.listeners import (
     udp_socket,
 )
 from sipcdr.capture.live import LiveCapture
-from sipcdr.config import CaptureConfig, Config, trunk_resolver
+from sipcdr.config import CaptureConfig, Config, output_settings
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
+from sipcdr.enrich.trunks import trunk_resolver
 from sipcdr.hotpath import hot_path
 from sipcdr.model import Packet
 from sipcdr.pipeline import Pipeline
@@ -162,8 +163,8 @@ class App:
         """The components that hold calls and CDRs. Built anew for a start tried again
         after one failed, which then recovers from disk what the failed one saved."""
         config = self.config
-        self.correlator = Correlator(config.dialog, trunk_resolver(config))
-        self.outputs = Outputs(config)
+        self.correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
+        self.outputs = Outputs(output_settings(config))
         # The CDR writer and the signaling recorder exist once the spools are open.
         self.pipeline = Pipeline(self.correlator, (), self.metrics)
         self.spare = SpareSpace(self.state_dir / SPARE_NAME, config.state.spare_bytes)

@@ -13,7 +13,14 @@ import orjson
 import pytest
 from sipcalls import Call, CdrCollector, packet
 from sipcdr.app import IntakeGate
-from sipcdr.config import Config, JsonlConfig, PostgresConfig, SinksConfig, SpoolConfig
+from sipcdr.config import (
+    Config,
+    JsonlConfig,
+    PostgresConfig,
+    SinksConfig,
+    SpoolConfig,
+    output_settings,
+)
 from sipcdr.dialog import Correlator
 from sipcdr.pipeline import Pipeline
 from sipcdr.sinks import delivery as delivery_module
@@ -182,7 +189,7 @@ async def test_outputs_export_lag_and_failures(tmp_path: Path) -> None:
             postgres=PostgresConfig(dsn=""),
         )
     )
-    outputs = Outputs(config, spool_dir=tmp_path / "spool")
+    outputs = Outputs(output_settings(config), spool_dir=tmp_path / "spool")
     await outputs.open()
     assert outputs.cdr_writer is not None
     assert outputs.signaling is None  # nothing keeps signaling without PostgreSQL
@@ -388,7 +395,7 @@ async def test_outputs_hold_refused_cdrs_block_intake_and_export_it(
         ),
         spool=SpoolConfig(cdr_reserve_records=3),
     )
-    outputs = Outputs(config, spool_dir=tmp_path / "spool")
+    outputs = Outputs(output_settings(config), spool_dir=tmp_path / "spool")
     await outputs.open()
     assert outputs.cdr_writer is not None
     spool = outputs.cdr_writer.spool

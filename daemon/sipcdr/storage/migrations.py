@@ -20,7 +20,7 @@ from typing import Final
 
 import asyncpg
 
-from sipcdr.config import Config, dsn_problem, redact_dsn
+from sipcdr.storage.dsn import dsn_problem, redact_dsn
 from sipcdr.storage.embedded import EmbeddedPostgres, embedded_data_dir
 
 # The source tree's schemas/migrations: this file is daemon/sipcdr/storage/migrations.py.
@@ -180,13 +180,12 @@ async def _close_quietly(conn: asyncpg.Connection) -> None:
         conn.terminate()
 
 
-async def migrate_configured(config: Config) -> list[str]:
-    """`sipcdr db migrate`: the configured database, or the embedded server under
-    `state.dir` (started for the purpose, or shared when the daemon runs it)."""
-    postgres = config.sinks.postgres
-    if not postgres.enabled:
+async def migrate_configured(dsn: str, state_dir: Path) -> list[str]:
+    """`sipcdr db migrate`: the database `dsn` names, or with "embedded" the embedded
+    server under `state_dir` (started for the purpose, or shared when the daemon runs it)."""
+    if not dsn:
         raise ValueError("PostgreSQL is disabled (sinks.postgres.dsn is empty)")
-    if not postgres.embedded:
-        return await migrate_dsn(postgres.dsn)
-    async with EmbeddedPostgres(embedded_data_dir(config.state.dir)) as dsn:
+    if dsn != "embedded":
         return await migrate_dsn(dsn)
+    async with EmbeddedPostgres(embedded_data_dir(state_dir)) as embedded_dsn:
+        return await migrate_dsn(embedded_dsn)

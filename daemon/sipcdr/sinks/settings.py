@@ -1,11 +1,16 @@
-"""The Kafka sink's options and their defaults, with the reasons.
+"""The settings the sinks layer is built from, as plain typed records, and the Kafka
+options' defaults with their reasons.
 
-Kept apart from `sinks/kafka.py` so that the config can name the same defaults
-without importing the Kafka client on every start.
+Whoever builds the outputs (the daemon, `sipcdr import`) makes these from its own
+configuration; nothing here reads a file or knows the config's keys. The module imports
+nothing heavy, so the config can name the same defaults and choices without loading a
+sink's client library.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 DEFAULT_TOPIC_CDRS: Final = "sipcdr.cdrs"  # the name billing consumers are told to expect
@@ -40,3 +45,65 @@ SASL_MECHANISMS: Final = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI")
 DEFAULT_SASL_MECHANISM: Final = "PLAIN"  # what a SASL listener offers when nothing else is set
 # Mechanisms that authenticate with sasl_username and sasl_password.
 PASSWORD_MECHANISMS: Final = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True, slots=True)
+class JsonlSettings:
+    path: Path
+    rotate_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresSettings:
+    dsn: str  # a postgresql:// DSN, or "embedded": a private server under the state dir
+    store_signaling: bool
+    partitions_ahead_days: int
+
+    @property
+    def embedded(self) -> bool:
+        return self.dsn == "embedded"
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    """`KafkaSink`'s arguments, by name."""
+
+    bootstrap: str  # host:port[,host:port...]
+    topic_cdrs: str
+    topic_fraud: str
+    topic_sip: str  # "" disables
+    idempotence: bool
+    compression: str
+    linger_ms: int
+    max_batch_bytes: int
+    request_timeout_ms: int
+    security_protocol: str
+    sasl_mechanism: str | None
+    sasl_username: str | None
+    sasl_password: str | None
+    ssl_cafile: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolSettings:
+    """The spools' sizes and policies (reasons on the defaults in sinks/spool.py)."""
+
+    max_bytes: int
+    signaling_max_bytes: int
+    segment_bytes: int
+    full_policy: str
+    fsync_interval_s: float
+    cdr_reserve_records: int
+    signaling_min_free_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSettings:
+    """Everything `Outputs` builds; a sink that is None is off."""
+
+    state_dir: Path  # the spools and an embedded PostgreSQL live under it
+    store_sdp: bool  # signaling records keep the message body (SDP), for every sink
+    spool: SpoolSettings
+    jsonl: JsonlSettings | None
+    postgres: PostgresSettings | None
+    kafka: KafkaSettings | None
