@@ -26,7 +26,8 @@ import uuid
 from pathlib import Path
 from typing import NamedTuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the tansu launcher
+# The tansu launcher the tests use.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
 import orjson
 import structlog
