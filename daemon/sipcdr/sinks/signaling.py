@@ -1,8 +1,11 @@
-"""Captured signaling as records (schemas/sip_message.v1.schema.json) for `sip_messages`.
+"""Captured signaling as records (schemas/sip_message.v1.schema.json) for `sip_messages`
+and the `sipcdr.sip` topic: one `SipEvent` per parsed message (`sipcdr.sipevent`).
 
 Investigations ask "what exactly did this trunk send on that call": the start line
 and headers of every message are kept. The body is SDP, which says who talked to
-whom on which media address, so it is dropped unless the operator asks for it.
+whom on which media address, so it is dropped unless the operator asks for it. The
+parsed fields the correlator reads are kept too, so that a correlator fed by the
+topic closes the same calls.
 
 This runs once per parsed message, so it is written for that: one hash, one format,
 one dumps, one buffered append; the spool writes the batch on its own schedule.
