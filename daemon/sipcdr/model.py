@@ -233,8 +233,7 @@ SIP_EVENT_CORRELATION_FIELDS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class SipEvent:
+class SipEvent(NamedTuple):
     """One captured SIP message as the `sipcdr.sip` topic carries it (sip_message
     record version 1, schemas/sip_message.v1.schema.json): where and when it was seen,
     the start line and headers as captured, and the parsed fields the dialog
@@ -243,7 +242,8 @@ class SipEvent:
 
     Requests have `method` and `request_uri`, responses `status_code` and
     `reason_phrase`; the others are None. `captured_ts` is the exact capture time,
-    `captured_at` on the wire is it to the microsecond.
+    `captured_at` on the wire is it to the microsecond. A tuple, as `Packet`: the
+    recorder makes one per parsed message.
     """
 
     message_id: str

@@ -11,6 +11,7 @@ registry as `make` installs them, through pip's cache."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 CAPTURE = "heplify-sip_ipv4_tcp_fragmented.pcap"  # 37 calls (test_import_captures.py)
 STEP_TIMEOUT_S = 240.0
+BUILD_LEFTOVERS = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -57,9 +59,16 @@ def test_a_wheel_installed_plainly_migrates_and_imports_into_postgresql(
     tmp_path: Path, pg_dsn: str
 ) -> None:
     capture = require_shared_data() / "pcaps" / CAPTURE
+    # A clean copy of what the repository holds: a build folder or compiled modules
+    # left in the working tree must not slip into the wheel and hide a missing file.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "daemon", source / "daemon", ignore=BUILD_LEFTOVERS)
     wheels = tmp_path / "wheels"
     build_env = {**os.environ, "SIPCDR_PURE_PYTHON": "1"}
-    run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(wheels)],
+    run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(wheels)],
         tmp_path, build_env)  # fmt: skip
     (wheel,) = wheels.glob("sipcdr-*.whl")
     with zipfile.ZipFile(wheel) as archive:

@@ -40,7 +40,11 @@ NOT_PERSONAL = {
     "from_tag": "a dialog tag, random per call",
     "to_tag": "a dialog tag, random per call",
 }
-RECORD_CLASSES = {"cdr": model.Cdr, "sip_message": model.SipEvent, "fraud_alert": model.FraudAlert}
+RECORD_FIELDS = {
+    "cdr": [f.name for f in fields(model.Cdr)],
+    "sip_message": list(model.SipEvent._fields),
+    "fraud_alert": [f.name for f in fields(model.FraudAlert)],
+}
 
 
 def looks_personal(value: object) -> bool:
@@ -91,7 +95,7 @@ def test_the_schema_versions_are_the_schema_files() -> None:
 @pytest.mark.parametrize("record", sorted(PERSONAL_FIELDS))
 def test_every_personal_looking_record_field_is_catalogued(record: str) -> None:
     catalogued = PERSONAL_FIELDS[record]
-    names = record_fields(record) | {f.name for f in fields(RECORD_CLASSES[record])}
+    names = record_fields(record) | set(RECORD_FIELDS[record])
     suspects = {n for n in names if PERSONAL_NAME.search(n) and n not in NOT_PERSONAL}
     assert suspects - set(catalogued) == set()
     assert set(catalogued) <= names  # no stale entry
