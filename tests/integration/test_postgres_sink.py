@@ -104,9 +104,9 @@ def make_cdr(n: int, start: float = T0, **changes: Any) -> Cdr:
         "rated": True,
         "rate_prefix": "4930",
         "rate_name": "Germany Berlin",
-        "rate_per_minute": "0.0100",
+        "rate_per_minute": Decimal("0.0100"),
         "billed_seconds": 61,
-        "cost": "0.010167",
+        "cost": Decimal("0.010167"),
         "currency": "EUR",
         "fraud_flags": ("short_calls", "new_destination"),
     }
