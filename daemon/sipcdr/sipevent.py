@@ -15,10 +15,10 @@ import hashlib
 import struct
 from typing import Final
 
-from sipcdr.model import Packet, SipEvent
+from sipcdr.model import SIP_EVENT_SCHEMA_VERSION, Packet, SipEvent, rfc3339
 from sipcdr.sip.message import SipMessage
 
-__all__ = ["event_of", "head_text", "message_id", "replay"]
+__all__ = ["event_of", "event_record", "head_text", "message_id", "replay"]
 
 _new_message: Final = SipMessage.__new__
 _NO_DEFECTS: Final[list[str]] = []
@@ -87,6 +87,55 @@ def event_of(packet: Packet, msg: SipMessage, *, store_body: bool = False) -> Si
         msg.raw_pai,
         msg.raw_reason,
     )
+
+
+def event_record(packet: Packet, msg: SipMessage, *, store_body: bool = False) -> dict[str, object]:
+    """`event_of(...).to_record()` without the event in between: what the recorder
+    writes once per parsed message, where the tuple would cost more than the dict
+    (tests/unit/test_sip_events.py holds the two equal over the shared captures)."""
+    body: str | None = None
+    if store_body and msg.body:
+        body = msg.body.decode("utf-8", "replace")
+    timestamp = packet.timestamp
+    if msg.is_request:
+        method: str | None = msg.method
+        status_code: int | None = None
+        request_uri: str | None = msg.request_uri
+        reason_phrase: str | None = None
+    else:
+        method = request_uri = None
+        status_code = msg.status_code
+        reason_phrase = msg.reason_phrase
+    cseq = msg.cseq
+    return {
+        "message_id": message_id(packet),
+        "captured_at": rfc3339(timestamp),
+        "call_id": msg.call_id,
+        "method": method,
+        "status_code": status_code,
+        "cseq_method": msg.cseq_method,
+        "cseq": cseq if cseq >= 0 else None,
+        "src_ip": packet.src_ip,
+        "src_port": packet.src_port,
+        "dst_ip": packet.dst_ip,
+        "dst_port": packet.dst_port,
+        "transport": packet.transport,
+        "capture_node": packet.capture_node,
+        "headers": head_text(packet.payload),
+        "body": body,
+        "schema_version": SIP_EVENT_SCHEMA_VERSION,
+        "captured_ts": timestamp,
+        "request_uri": request_uri,
+        "reason_phrase": reason_phrase,
+        "from_uri": msg.from_uri,
+        "from_tag": msg.from_tag,
+        "to_uri": msg.to_uri,
+        "to_tag": msg.to_tag,
+        "via_branch": msg.via_branch,
+        "user_agent": msg.user_agent,
+        "p_asserted_identity": msg.raw_pai,
+        "reason_header": msg.raw_reason,
+    }
 
 
 def replay(event: SipEvent) -> tuple[Packet, SipMessage]:

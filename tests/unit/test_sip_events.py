@@ -97,23 +97,29 @@ def test_topic_records_are_valid_and_round_trip(path: Path) -> None:
         assert orjson.dumps(event.to_record()) == value
 
 
-def test_the_recorder_writes_the_event() -> None:
-    """The record the daemon spools is the event's record, byte for byte."""
+@pytest.mark.parametrize("store_body", [False, True])
+def test_the_recorder_writes_the_event(store_body: bool) -> None:
+    """The record the daemon spools is the event's record, byte for byte, for every
+    message of every capture (the recorder builds it without the event in between)."""
     appended: list[bytes] = []
 
     class Spool:
         def append(self, kind: str, key: bytes, value: bytes) -> None:
             appended.append(value)
 
-    path = next(p for p in captures() if p.name == "sngrep-ipip.pcap")
-    recorder = SignalingRecorder(Spool())  # type: ignore[arg-type]
+    recorder = SignalingRecorder(Spool(), store_body=store_body)  # type: ignore[arg-type]
     expected = []
-    for packet in iter_packets(path):
-        msg = parse(packet.payload)
-        recorder(packet, msg)
-        expected.append(orjson.dumps(event_of(packet, msg).to_record()))
+    for path in captures():
+        for packet in iter_packets(path):
+            try:
+                msg = parse(packet.payload)
+            except SipParseError:
+                continue
+            recorder(packet, msg)
+            expected.append(orjson.dumps(event_of(packet, msg, store_body=store_body).to_record()))
     assert appended == expected
-    assert len(appended) >= 4
+    assert len(appended) >= 500
+    assert any(b'"body":"v=0' in value for value in appended) == store_body
 
 
 def test_replay_keeps_the_header_lines_for_lookups_beyond_the_fields() -> None:

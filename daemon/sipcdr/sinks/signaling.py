@@ -8,7 +8,8 @@ parsed fields the correlator reads are kept too, so that a correlator fed by the
 topic closes the same calls.
 
 This runs once per parsed message, so it is written for that: one hash, one format,
-one dumps, one buffered append; the spool writes the batch on its own schedule.
+one dict, one dumps, one buffered append; the spool writes the batch on its own
+schedule.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sipcdr.model import SIP_EVENT_SCHEMA_VERSION, Packet
 from sipcdr.sinks.base import KIND_SIP
 from sipcdr.sinks.spool import Spool
 from sipcdr.sip.message import SipMessage
-from sipcdr.sipevent import event_of, message_id
+from sipcdr.sipevent import event_record, message_id
 
 __all__ = ["SIP_MESSAGE_SCHEMA_VERSION", "SignalingRecorder", "message_id"]
 
@@ -38,6 +39,6 @@ class SignalingRecorder:
         self.store_body = store_body
 
     def __call__(self, packet: Packet, msg: SipMessage) -> None:
-        record = event_of(packet, msg, store_body=self.store_body).to_record()
+        record = event_record(packet, msg, store_body=self.store_body)
         # A refused append (full, write error) is counted by the spool, with its reason.
         self.spool.append(KIND_SIP, msg.call_id.encode(), orjson.dumps(record))
