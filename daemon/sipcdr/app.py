@@ -20,7 +20,6 @@ import structlog
 from sipcdr.capture import live, tls
 from sipcdr.capture.hepstream import HepStreamServer, StreamLimits
 from sipcdr.capture.listeners import (
-    MAX_CLOCK_SKEW_S,
     AllowList,
     HepGate,
     HepUdpProtocol,
@@ -34,7 +33,6 @@ from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
 from sipcdr.enrich.trunks import trunk_resolver
 from sipcdr.hotpath import hot_path
-from sipcdr.model import Packet
 from sipcdr.pipeline import Pipeline
 from sipcdr.private import prepare_state_dir
 from sipcdr.sinks.base import STREAM_RECORDS
@@ -393,7 +391,7 @@ class App:
         # No allow-list here: on a mirror port the sources are the carriers themselves.
         capturer = live.LiveCapture(
             interface,
-            self._live_packet,
+            self.pipeline.process,
             engine="pyshark" if capture.live_engine == "pyshark" else "af_packet",
             bpf_filter=bpf_filter,
             rcvbuf_bytes=capture.rcvbuf_bytes,
@@ -406,15 +404,6 @@ class App:
         self._live_tasks.append(task)
         self.bound.setdefault("live", []).append((interface, 0))
 
-    def _live_packet(self, packet: Packet) -> None:
-        # HEP sniffed on a mirror port carries its agent's clock: the same check as the
-        # HEP listeners, so a skewed agent cannot close live calls this way either.
-        now = time.time()
-        if abs(packet.timestamp - now) > MAX_CLOCK_SKEW_S:
-            packet = packet._replace(timestamp=now)
-            self.pipeline.hep_clock_skew += 1
-        self.pipeline.process(packet)
-
     def _count_live(self) -> None:
         pipeline = self.pipeline
         for capturer in self._live:
@@ -424,6 +413,7 @@ class App:
                 ("kernel_drop", stats.kernel_drops),
                 ("backlog_full", stats.pending_dropped),
                 ("callback_error", stats.callback_errors),
+                ("hep_clock_skew", stats.capture.hep_clock_skew),
             ):
                 key = (capturer.interface, name)
                 delta = total - self._live_seen.get(key, 0)
@@ -431,6 +421,8 @@ class App:
                     self._live_seen[key] = total
                     if name == "sip":
                         pipeline.count_received("live", delta)
+                    elif name == "hep_clock_skew":
+                        pipeline.hep_clock_skew += delta
                     else:
                         pipeline.drops[("live", name)] = (
                             pipeline.drops.get(("live", name), 0) + delta
