@@ -27,6 +27,7 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
             "sipcdr",
             "sipcdr.model",
             "sipcdr.sipevent",
+            "sipcdr.stages",
             "sipcdr.hotpath",
             "sipcdr.clock",
             "sipcdr.sip",
