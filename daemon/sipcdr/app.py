@@ -47,9 +47,13 @@ TICK_S = 1.0  # timers, metric batches and sink flushes: once a second
 # Intake resumes only once what paused it has been gone this long: a disk that took the
 # reserve back must go on taking writes before new calls come in again.
 RESUME_AFTER_S = 5.0
-# A pause that follows a resume within this long doubles the wait before the next
-# resume, up to this long: a disk at the edge does not make intake flap.
-RESUME_AFTER_MAX_S = 300.0
+# A pause that follows a resume within `RELAPSE_WINDOW_S` doubles the wait before the
+# next resume, up to this long: a disk at the edge does not make intake flap, yet a disk
+# that recovered costs a carrier at most half a minute of refused calls.
+RESUME_AFTER_MAX_S = 30.0
+# Each calm stretch this long since the last resume halves the wait again, down to
+# `RESUME_AFTER_S`.
+RELAPSE_WINDOW_S = 60.0
 # Descriptors kept free of HEP/TCP and HEP/TLS connections: spool segments, JSONL files,
 # sink and database connections, listeners, the metrics endpoint and the event loop's
 # own, with room to spare (a running daemon holds well under 100 of them).
@@ -87,8 +91,9 @@ def stream_limits(capture: CaptureConfig, file_limit: int) -> StreamLimits:
 class IntakeGate:
     """Pauses intake while a reason to refuse new calls holds, and resumes it only once
     the reason has been gone for `RESUME_AFTER_S`, doubled for each pause that comes
-    within `RESUME_AFTER_MAX_S` of the last resume (up to that): at the edge of a full
-    disk, intake stays paused for longer stretches instead of flapping."""
+    within `RELAPSE_WINDOW_S` of the last resume (up to `RESUME_AFTER_MAX_S`) and halved
+    for each such window of calm: at the edge of a full disk, intake stays paused for
+    longer stretches instead of flapping, and a calm disk is back to the short wait."""
 
     def __init__(self, pipeline: Pipeline, clock: Callable[[], float] = time.monotonic) -> None:
         self.pipeline = pipeline
@@ -106,10 +111,7 @@ class IntakeGate:
         if reason is not None:
             self._reason_seen_at = now
             if not pipeline.paused:
-                if now - self._resumed_at < RESUME_AFTER_MAX_S:
-                    self.resume_after_s = min(RESUME_AFTER_MAX_S, self.resume_after_s * 2)
-                else:
-                    self.resume_after_s = RESUME_AFTER_S
+                self.resume_after_s = self._next_wait(now - self._resumed_at)
                 pipeline.pause_reason = reason
                 pipeline.paused = True
                 self._paused_at = now
@@ -130,9 +132,15 @@ class IntakeGate:
             calls_refused=self._refused() - self._refused_at_pause,
         )
 
+    def _next_wait(self, calm_s: float) -> float:
+        if calm_s < RELAPSE_WINDOW_S:
+            return min(RESUME_AFTER_MAX_S, self.resume_after_s * 2)
+        halvings = min(calm_s // RELAPSE_WINDOW_S, 16.0)  # inf before the first resume
+        return max(RESUME_AFTER_S, self.resume_after_s / 2**halvings)
+
     def _refused(self) -> int:
-        drops = self.pipeline.drops
-        return sum(count for (source, _reason), count in drops.items() if source == "intake")
+        # Cumulative: `pipeline.drops` is emptied into Prometheus on every tick.
+        return self.pipeline.intake_refused
 
 
 class App:
