@@ -7,20 +7,30 @@ crash would take them. The spare file (`state.dir/spare`, `[state] spare_bytes`)
 the room for that moment, set aside while there is room: allocated with
 `posix_fallocate` (its blocks are really taken, not a sparse promise). The first write
 of a CDR, a journal record or a checkpoint that the disk refuses for want of space
-deletes it, and the write is tried again at once. While it is given up the daemon
-refuses new calls (as for a CDR the disk refused), so its room goes to the calls
-already open, which still end, to their journal records and to the checkpoints. It is
-allocated again once the filesystem has twice its size free (the spare and as much
-again), read at most every `_CHECK_S`. A disk too small for that never gets one, and
-the daemon works as without; so does a copy-on-write or compressing filesystem (ZFS,
-btrfs), which keeps no blocks for the file (said once, at WARNING).
+deletes it, and the write is tried again at once. While its room is kept for them
+(`withheld`) the daemon refuses new calls (as for a CDR the disk refused) and stops
+signaling, so that room goes to the calls already open, which still end, to their CDRs
+and journal records and to the checkpoints. That lasts until the spare is allocated
+again, which takes the spare and a quarter as much again free, or until the disk has
+that much room and the spare still cannot be made, or until its room is used up (a CDR
+had to wait in memory after all) and the disk takes CDRs again: from then on, nothing
+is left to keep, and the daemon works as without a spare until it has one again.
+
+It is allocated (at start, or after it went missing) once the filesystem has twice its
+size free (the spare and as much again), read at most every `_CHECK_S`; a file of
+another size (the setting changed) is resized in place, its own blocks counted as
+room. The file is looked at as often, never trusted by its name alone: one deleted,
+cut short or given a second name from outside is made again, and only blocks really
+there count as room to give. A disk too small never gets one, and the daemon works as
+without; so does a copy-on-write or compressing filesystem (ZFS, btrfs), which keeps
+no blocks for the file (said once, at WARNING).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
+import stat as statmod
 from pathlib import Path
 from time import monotonic
 from typing import Final
@@ -40,44 +50,67 @@ _CHECK_S: Final = 5.0
 
 class SpareSpace:
     """The spare file. `ensure()` allocates it when there is room (at start and on each
-    tick); `release()` gives it up (the spool's and the dialog store's `on_no_space`)."""
+    tick) and checks that it is still whole; `release()` gives it up (the spool's and
+    the dialog store's `on_no_space`)."""
 
     def __init__(self, path: Path, size_bytes: int) -> None:
         self.path = path
         self.size_bytes = size_bytes
         self.ready = False  # allocated, whole, on disk
-        self.released = False  # given up for a full disk, not yet allocated again
+        self.released = False  # given up for a full disk, not allocated again since
+        # The room it gave is kept for the calls already open (the daemon refuses new
+        # calls and signaling meanwhile): from a release until it is allocated again,
+        # the disk has room for that, or the owner says the room is used up (`room_back`).
+        self.withheld = False
         self.releases = 0
         self._checked_until = 0.0
         self._told_no_room = False
+        self._told_failure = False
+        self._keeps_no_blocks = False  # a copy-on-write filesystem: see the module
         self.log = structlog.get_logger("sipcdr.spare")
 
     def ensure(self) -> bool:
-        """Allocate the spare if it is missing and the disk has twice its size free;
-        True when it is there. Never raises."""
-        if self.ready:
-            return True
+        """Allocate the spare if it is missing (or no longer whole) and the disk has room
+        for it and as much again, or a quarter as much after a release; True when it is
+        there. The file is looked at, at most every `_CHECK_S`: never trusted by its name
+        alone. Never raises."""
         now = monotonic()
         if now < self._checked_until:
-            return False
+            return self.ready
         self._checked_until = now + _CHECK_S
         if self.size_bytes <= 0:
             self._checked_until = float("inf")
             self._remove()  # switched off: the room a former setting kept is given back
             return False
-        if self._kept_from_before():
+        found = self._inspect()
+        if found is not None and self._whole(*found):
+            if not self.ready:
+                self._now_ready(allocated=False)  # left by an earlier run, or put back
             return True
+        if self.ready:
+            self.ready = False
+            # Nothing was lost, but there is no room set aside any more until it is back.
+            self.log.warning(
+                "spare_space_lost",
+                path=str(self.path),
+                note="deleted, cut short or linked from outside; allocated again with room",
+            )
+        held = 0 if found is None else found[1]  # resized in place: its blocks count
         try:
             stat = os.statvfs(self.path.parent)
         except OSError:
             return False
-        if stat.f_bavail * stat.f_frsize < 2 * self.size_bytes:
+        free = stat.f_bavail * stat.f_frsize
+        # Twice its size at first, so that setting it aside leaves the disk room; after a
+        # release the disk was full anyway, and a spare back soon is worth more.
+        headroom = self.size_bytes // 4 if self.released else self.size_bytes
+        if free + held < self.size_bytes + headroom:
             if not self._told_no_room and not self.released:
                 self._told_no_room = True
                 self.log.warning(
                     "spare_space_not_allocated",
                     spare_bytes=self.size_bytes,
-                    free_bytes=stat.f_bavail * stat.f_frsize,
+                    free_bytes=free,
                     note="allocated once twice its size is free",
                 )
             return False
@@ -85,16 +118,43 @@ class SpareSpace:
             self._allocate()
         except OSError as exc:
             self._remove()
-            self.log.warning("spare_space_not_allocated", error=exc.strerror or str(exc))
+            # The disk has room, so what the spare's release held back is over even
+            # without a new one: nothing is gained by refusing calls for it.
+            self.withheld = False
+            if not self._told_failure:
+                self._told_failure = True
+                self.log.warning("spare_space_not_allocated", error=exc.strerror or str(exc))
             return False
+        self._now_ready(allocated=True)
+        return True
+
+    def _inspect(self) -> tuple[int, int] | None:
+        """(size, bytes allocated) of the spare file; None when there is none to count
+        on. A name that is not a regular file of its own (another link to the same
+        file would keep its blocks when the spare is unlinked) is removed."""
+        try:
+            info = self.path.lstat()
+        except OSError:
+            return None
+        if not statmod.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            return None
+        return info.st_size, info.st_blocks * 512
+
+    def _whole(self, size: int, allocated: int) -> bool:
+        return size == self.size_bytes and (allocated >= size or self._keeps_no_blocks)
+
+    def _now_ready(self, *, allocated: bool) -> None:
         if self.released:
             self.log.info("spare_space_restored", spare_bytes=self.size_bytes)
-        elif not self._holds_blocks():
+        elif allocated and not self._holds_blocks():
             # Copy-on-write or compressing filesystems (ZFS, btrfs) keep no blocks for
             # it: giving it up then frees nothing, and the daemon works as without.
+            self._keeps_no_blocks = True
             self.log.warning("spare_space_holds_no_blocks", path=str(self.path))
-        self.ready, self.released = True, False
-        return True
+        self.ready, self.released, self.withheld = True, False, False
+        self._told_failure = False
 
     def _holds_blocks(self) -> bool:
         try:
@@ -102,21 +162,13 @@ class SpareSpace:
         except OSError:
             return False
 
-    def _kept_from_before(self) -> bool:
-        """A spare of the full size left by an earlier run is taken as it is."""
-        try:
-            info = self.path.lstat()
-        except OSError:
-            return False
-        if info.st_size == self.size_bytes and info.st_blocks * 512 >= self.size_bytes:
-            self.ready = True
-            return True
-        return False
-
     def _allocate(self) -> None:
         fd = open_private_fd(self.path, os.O_RDWR)
         try:
-            os.ftruncate(fd, 0)  # a spare of another size starts over
+            # Resized in place: a smaller one gives its surplus back at once, a larger
+            # one keeps the blocks it has.
+            if os.fstat(fd).st_size > self.size_bytes:
+                os.ftruncate(fd, self.size_bytes)
             os.posix_fallocate(fd, 0, self.size_bytes)
             os.fsync(fd)
         finally:
@@ -128,25 +180,37 @@ class SpareSpace:
         self.ready = False
 
     def release(self) -> bool:
-        """Give the spare's room back to the disk; True when there was one to give."""
-        if not self.ready:
+        """Give the spare's room back to the disk; True when there was room to give: a
+        file missing, or holding no blocks, gives none, whatever the daemon thought."""
+        found = self._inspect()
+        if found is None or found[1] == 0:
+            if self.ready:
+                self.ready = False
+                self.log.warning("spare_space_lost", path=str(self.path), note="none to give up")
             return False
         try:
             self.path.unlink()
         except FileNotFoundError:
-            pass
+            self.ready = False
+            return False
         except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                self.log.error("spare_space_release_failed", error=exc.strerror or str(exc))
-                return False
+            self.log.error("spare_space_release_failed", error=exc.strerror or str(exc))
+            return False
         self.ready = False
-        self.released = True
+        self.released = self.withheld = True
         self.releases += 1
         self._checked_until = 0.0
         # Nothing is lost yet: the room goes to the calls already open while new calls
         # are refused.
-        self.log.warning("spare_space_released", spare_bytes=self.size_bytes)
+        self.log.warning("spare_space_released", spare_bytes=found[1])
         return True
+
+    def room_back(self) -> None:
+        """The room it gave is used up and the disk takes writes again: nothing is held
+        back for it any more; it is allocated again once there is room."""
+        if self.withheld:
+            self.withheld = False
+            self.log.info("spare_space_release_over", note="allocated again once there is room")
 
     @property
     def bytes_held(self) -> int:

@@ -299,7 +299,7 @@ def test_the_spare_file_is_allocated_given_up_and_allocated_again_with_room(
     assert spare.bytes_held == 1024 * 1024
     assert spare.release() and spare.released and not (disk / "spare").exists()
     assert not spare.release()  # nothing left to give
-    filler = fill(disk, leave_bytes=1536 * 1024)  # less than twice the spare
+    filler = fill(disk, leave_bytes=1100 * 1024)  # less than the spare and a quarter
     clock[0] += 10.0
     assert not spare.ensure()
     filler.unlink()
