@@ -36,10 +36,10 @@ from sipcdr.hotpath import hot_path
 from sipcdr.model import Packet
 from sipcdr.pipeline import Pipeline
 from sipcdr.private import prepare_state_dir
-from sipcdr.sinks.base import STREAM_RECORDS, STREAM_SIGNALING
+from sipcdr.sinks.base import Sink
+from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import Outputs
-from sipcdr.sinks.spool import Spool
-from sipcdr.spare import SPARE_NAME, SpareSpace, same_filesystem
+from sipcdr.spare import SPARE_NAME, SpareRoom, SpareSpace
 from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR
 from sipcdr.telemetry.http import MetricsServer
 from sipcdr.telemetry.metrics import Metrics
@@ -186,11 +186,7 @@ class App:
         )
         self.intake = IntakeGate(self.pipeline)
         self._spare_releases_exported = 0
-        # The spools on the spare's filesystem: the CDRs its room is for, and the
-        # signaling that must not take that room.
-        self._spare_cdrs: Spool | None = None
-        self._spare_signaling: Spool | None = None
-        self._held_at_release = 0  # CDRs the spool had held in memory when it was given up
+        self.spare_room = SpareRoom(self.spare)
 
     def _reset_inputs(self) -> None:
         self._hep_stream: HepStreamServer | None = None
@@ -288,36 +284,30 @@ class App:
             # the spool holds in memory go into every checkpoint instead.
             writer.on_written = self.dialogs.closed
             self.dialogs.held = writer.held
-        records = outputs.spools.get(STREAM_RECORDS)
-        if records is not None and same_filesystem(records.directory, self.state_dir):
-            records.on_no_space = self._make_room
-            self._spare_cdrs = records
-        signaling = outputs.spools.get(STREAM_SIGNALING)
-        if signaling is not None and same_filesystem(signaling.directory, self.state_dir):
-            self._spare_signaling = signaling
+        self.spare_room.connect(
+            outputs, {sink: self._destination_dir(sink) for sink in outputs.sinks}
+        )
+        if self.spare_room.cdrs is not None:
+            self.spare_room.cdrs.on_no_space = self._make_room
+
+    def _destination_dir(self, sink: Sink) -> Path | None:
+        """Where a sink writes on this host's disks: the JSONL file, an embedded
+        PostgreSQL; None for a server elsewhere."""
+        if isinstance(sink, JsonlSink):
+            return sink.path.parent
+        if sink.name == "postgres" and self.config.sinks.postgres.embedded:
+            return self.state_dir / EMBEDDED_DATA_SUBDIR
+        return None
 
     def _make_room(self) -> bool:
         """A write was refused for want of space: give up the spare and, from this very
-        message on, refuse new calls and signaling, so that its room goes to the calls
-        already open."""
-        if not self.spare.release():
+        message on, refuse new calls (and signaling, see `SpareRoom`), so that its room
+        goes to the calls already open."""
+        if not self.spare_room.make_room():
             return False
-        if self._spare_cdrs is not None:
-            self._held_at_release = self._spare_cdrs.stats.held
-        self._withhold_room()
-        if self._spare_holds_intake:
+        if self.spare_room.holds_intake(self.outputs.blocks_intake):
             self.intake.update("write_error")
         return True
-
-    def _withhold_room(self) -> None:
-        if self._spare_signaling is not None:
-            self._spare_signaling.room_withheld = self.spare.withheld
-
-    @property
-    def _spare_holds_intake(self) -> bool:
-        """Whether new calls wait for the spare's room: only while it is kept for CDRs
-        (a spool on another disk gains nothing from it) under the `block` policy."""
-        return self.spare.withheld and self._spare_cdrs is not None and self.outputs.blocks_intake
 
     async def _save_and_close(self, drain_timeout_s: float | None = None) -> None:
         """A last checkpoint, then the outputs closed. CDRs the spool still holds in
@@ -495,7 +485,7 @@ class App:
         steps: list[tuple[str, Callable[[], object]]] = [
             ("expire", lambda: self.pipeline.expire(now)),
             ("flush_sinks", self.pipeline.flush),
-            ("spare", self._keep_spare),
+            ("spare", self.spare_room.keep),
             ("intake_gate", lambda: self.intake.update(self._intake_block_reason())),
             ("export_delivery_metrics", lambda: self.outputs.export_metrics(self.metrics)),
             ("export_dialog_state_metrics", lambda: self.dialogs.export_metrics(self.metrics)),
@@ -507,26 +497,9 @@ class App:
             except Exception as exc:
                 self.log.error("tick_step_failed", step=name, error=repr(exc))
 
-    def _keep_spare(self) -> None:
-        """Allocate the spare again once the disk has room, and the reserve is empty;
-        end what its release holds back once its room is used up and the disk takes
-        CDRs again."""
-        spool = self._spare_cdrs
-        if spool is not None and spool.reserved:
-            return  # the room goes to the CDRs waiting in memory first
-        if spool is not None and spool.stats.held > self._held_at_release:
-            # A CDR had to wait in memory after the spare was given up, so its room is
-            # gone, and the disk has taken every such CDR since: keeping new calls out
-            # keeps no room any more. Whether or not a spare can be made again.
-            self.spare.room_back()
-        try:
-            self.spare.ensure()
-        finally:
-            self._withhold_room()
-
     def _intake_block_reason(self) -> str | None:
         reason = self.outputs.intake_block_reason
-        if reason is None and self._spare_holds_intake:
+        if reason is None and self.spare_room.holds_intake(self.outputs.blocks_intake):
             # The disk refused a write and only the spare's room is left: it is for the
             # calls already open.
             reason = "write_error"

@@ -31,13 +31,21 @@ from __future__ import annotations
 import contextlib
 import os
 import stat as statmod
+from collections.abc import Mapping
 from pathlib import Path
 from time import monotonic
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
 
 from sipcdr.private import open_private_fd
+from sipcdr.sinks.base import STREAM_RECORDS, STREAM_SIGNALING
+
+if TYPE_CHECKING:
+    from sipcdr.sinks.base import Sink
+    from sipcdr.sinks.delivery import Delivery
+    from sipcdr.sinks.outputs import Outputs
+    from sipcdr.sinks.spool import Spool
 
 SPARE_NAME: Final = "spare"
 # About what a large carrier's open calls need once its disk fills: the CDRs of ~20,000
@@ -183,6 +191,8 @@ class SpareSpace:
         """Give the spare's room back to the disk; True when there was room to give: a
         file missing, or holding no blocks, gives none, whatever the daemon thought."""
         found = self._inspect()
+        if found is not None and self._keeps_no_blocks:
+            return False  # said at allocation: it holds nothing to give
         if found is None or found[1] == 0:
             if self.ready:
                 self.ready = False
@@ -223,3 +233,77 @@ def same_filesystem(first: Path, second: Path) -> bool:
         return first.stat().st_dev == second.stat().st_dev
     except OSError:
         return False
+
+
+class SpareRoom:
+    """Who gets the room the spare gives, on its disk: the CDR spool, whose refused
+    write (`make_room`, its `on_no_space`) gives it up, and the calls already open. While
+    that room is kept (`SpareSpace.withheld`) the signaling spool refuses records and
+    the delivery loops that write to the disk (`destinations`: the JSONL file, an
+    embedded PostgreSQL) wait; the daemon refuses new calls (`holds_intake`). `keep()`
+    runs on the tick."""
+
+    def __init__(self, spare: SpareSpace) -> None:
+        self.spare = spare
+        self.cdrs: Spool | None = None  # the CDR spool, when on the spare's filesystem
+        self.signaling: Spool | None = None  # likewise the signaling spool
+        self.delivery: Delivery | None = None
+        self.destinations: set[tuple[str, str]] = set()  # (sink, stream) loops held
+        self._held_at_release = 0  # CDRs the spool had held in memory at the release
+
+    def connect(self, outputs: Outputs, destinations: Mapping[Sink, Path | None]) -> None:
+        """Find what shares the spare's filesystem: the spools, and the sinks' folders
+        (`destinations`, None for a server elsewhere)."""
+        here = self.spare.path.parent
+        records = outputs.spools.get(STREAM_RECORDS)
+        if records is not None and same_filesystem(records.directory, here):
+            self.cdrs = records
+        signaling = outputs.spools.get(STREAM_SIGNALING)
+        if signaling is not None and same_filesystem(signaling.directory, here):
+            self.signaling = signaling
+        self.delivery = outputs.delivery
+        for sink, where in destinations.items():
+            if where is not None and same_filesystem(where, here):
+                self.destinations.update((sink.name, stream) for stream in sink.streams)
+
+    def make_room(self) -> bool:
+        """A write was refused for want of space: give up the spare, and from now on
+        keep its room; True when there was room to give."""
+        if not self.spare.release():
+            return False
+        if self.cdrs is not None:
+            self._held_at_release = self.cdrs.stats.held
+        self._withhold()
+        return True
+
+    def holds_intake(self, blocks_intake: bool) -> bool:
+        """Whether new calls wait for the spare's room: only while it is kept for CDRs
+        (a spool on another disk gains nothing from it) under the `block` policy."""
+        return self.spare.withheld and self.cdrs is not None and blocks_intake
+
+    def keep(self) -> None:
+        """Allocate the spare again once the disk has room and the reserve is empty; end
+        what its release holds back once its room is used up and the disk takes CDRs
+        again."""
+        spool = self.cdrs
+        if spool is not None and spool.reserved:
+            return  # the room goes to the CDRs waiting in memory first
+        if spool is not None and spool.stats.held > self._held_at_release:
+            # A CDR had to wait in memory after the spare was given up, so its room is
+            # gone, and the disk has taken every such CDR since: keeping new calls out
+            # keeps no room any more. Whether or not a spare can be made again.
+            self.spare.room_back()
+        try:
+            self.spare.ensure()
+        finally:
+            self._withhold()
+
+    def _withhold(self) -> None:
+        withheld = self.spare.withheld
+        if self.signaling is not None:
+            self.signaling.room_withheld = withheld
+        if self.delivery is not None and self.destinations:
+            if withheld:
+                self.delivery.held |= self.destinations
+            else:
+                self.delivery.held -= self.destinations

@@ -120,8 +120,13 @@ def daemon(
     tmp_path: Path, small_disk: SmallDisk, clock: list[float]
 ) -> Iterator[tuple[App, Path, list[float]]]:
     """A daemon whose state is a 4 MiB disk with a 256 KiB spare and PostgreSQL down (so
-    the spool keeps what it has); its tick is the test's to call."""
+    the spool keeps what it has), its JSONL file on another disk; its tick is the test's
+    to call."""
     disk = small_disk(tmp_path / "disk", 4 * MIB)
+    yield _daemon(disk, tmp_path / "cdrs.jsonl")
+
+
+def _daemon(disk: Path, jsonl: Path) -> tuple[App, Path, list[float]]:
     environ = {
         "SIPCDR_CAPTURE__SIP_UDP": "127.0.0.1:0",
         "SIPCDR_CAPTURE__HEP_UDP": "",
@@ -129,7 +134,7 @@ def daemon(
         "SIPCDR_METRICS__LISTEN": "127.0.0.1:0",
         "SIPCDR_STATE__DIR": str(disk / "var"),
         "SIPCDR_STATE__SPARE_BYTES": str(256 * 1024),
-        "SIPCDR_SINKS__JSONL__PATH": str(tmp_path / "cdrs.jsonl"),
+        "SIPCDR_SINKS__JSONL__PATH": str(jsonl),
         "SIPCDR_SINKS__POSTGRES__DSN": "postgresql://sipcdr@127.0.0.1:9/sipcdr",
         "SIPCDR_SPOOL__SEGMENT_BYTES": str(64 * 1024),
         "SIPCDR_SPOOL__SIGNALING_MIN_FREE_BYTES": str(64 * 1024),
@@ -137,7 +142,7 @@ def daemon(
     app = App(load_config(None, environ))
     gate_clock = [0.0]
     app.intake._clock = lambda: gate_clock[0]
-    yield app, disk, gate_clock
+    return app, disk, gate_clock
 
 
 async def _started(app: App) -> None:
@@ -216,5 +221,40 @@ async def test_the_room_a_spare_gives_goes_to_cdrs_not_to_signaling(
         writer = app.outputs.cdr_writer
         assert writer is not None and writer.spool.reserved == 0
         assert writer.spool.stats.appended.get("cdr", 0) == 20
+    finally:
+        await app.stop()
+
+
+async def test_sinks_writing_to_the_full_disk_wait_while_the_spare_room_is_kept(
+    tmp_path: Path, small_disk: SmallDisk, clock: list[float]
+) -> None:
+    """The JSONL file on the state disk would copy every CDR into the spare's room: it
+    waits, its records in the spool, and catches up once the disk has room again."""
+    disk = small_disk(tmp_path / "disk", 4 * MIB)
+    app, disk, gate_clock = _daemon(disk, disk / "cdrs.jsonl")
+    jsonl = disk / "cdrs.jsonl"
+    await _started(app)
+    try:
+        calls = [Call(call_id=f"j-{n}@x", from_tag=f"t{n}") for n in range(20)]
+        for data in _messages(calls, 0, 4):
+            app.pipeline.process(packet(time.time(), data))
+        filler = fill(disk, leave_bytes=0)
+        for data in _messages(calls, 4, 6):
+            app.pipeline.process(packet(time.time(), data))
+        assert app.spare.releases == 1 and app.spare.withheld
+        delivery = app.outputs.delivery
+        assert delivery is not None and ("jsonl", "records") in delivery.held
+        await asyncio.sleep(1.5)  # the delivery loop's turns: it waits
+        assert jsonl.read_bytes() == b""
+        writer = app.outputs.cdr_writer
+        assert writer is not None and writer.spool.stats.appended.get("cdr", 0) == 20
+        filler.unlink()
+        _tick(app, gate_clock, clock, seconds=6)  # the spare is back: the room is free
+        assert app.spare.ready and not delivery.held
+        for _ in range(200):
+            if len(jsonl.read_bytes().splitlines()) == 20:
+                break
+            await asyncio.sleep(0.02)
+        assert len(jsonl.read_bytes().splitlines()) == 20
     finally:
         await app.stop()
