@@ -8,13 +8,15 @@ the room for that moment, set aside while there is room: allocated with
 `posix_fallocate` (its blocks are really taken, not a sparse promise). The first write
 of a CDR, a journal record or a checkpoint that the disk refuses for want of space
 deletes it, and the write is tried again at once. While its room is kept for them
-(`withheld`) the daemon refuses new calls (as for a CDR the disk refused) and stops
-signaling, so that room goes to the calls already open, which still end, to their CDRs
-and journal records and to the checkpoints. That lasts until the spare is allocated
-again, which takes the spare and a quarter as much again free, or until the disk has
-that much room and the spare still cannot be made, or until its room is used up (a CDR
+(`withheld`) the daemon refuses new calls (as for a CDR the disk refused), stops
+signaling and holds the sinks that write to the disk, so that room goes to the calls
+already open, which still end, to their CDRs and journal records and to the
+checkpoints. That lasts until the disk has at least the spare's size free again (right
+after the release it has less: the write that asked for the room needed more than was
+free), whether or not a spare can be made again, or until its room is used up (a CDR
 had to wait in memory after all) and the disk takes CDRs again: from then on, nothing
-is left to keep, and the daemon works as without a spare until it has one again.
+is left to keep, and the daemon works as without a spare until it has one again. After
+a release the spare is allocated again with a quarter of its size to spare.
 
 It is allocated (at start, or after it went missing) once the filesystem has twice its
 size free (the spare and as much again), read at most every `_CHECK_S`; a file of
@@ -109,6 +111,12 @@ class SpareSpace:
         except OSError:
             return False
         free = stat.f_bavail * stat.f_frsize
+        if self.withheld and free >= self.size_bytes:
+            # As much room as it gave is free again (right after a release there is less:
+            # the write that asked for it needed more than was free): the calls already
+            # open have their room without keeping new ones out.
+            self.withheld = False
+            self.log.info("spare_space_release_over", free_bytes=free)
         # Twice its size at first, so that setting it aside leaves the disk room; after a
         # release the disk was full anyway, and a spare back soon is worth more.
         headroom = self.size_bytes // 4 if self.released else self.size_bytes
@@ -220,7 +228,7 @@ class SpareSpace:
         back for it any more; it is allocated again once there is room."""
         if self.withheld:
             self.withheld = False
-            self.log.info("spare_space_release_over", note="allocated again once there is room")
+            self.log.info("spare_space_release_over", note="its room was used up")
 
     @property
     def bytes_held(self) -> int:

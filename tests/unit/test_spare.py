@@ -76,7 +76,7 @@ def test_a_spare_of_another_size_is_resized_in_place_or_still_given_up_on_a_full
     assert not path.exists() and free_bytes(disk) >= 2 * MIB
 
 
-def test_after_a_release_the_spare_is_made_again_with_a_quarter_of_it_to_spare(
+def test_after_a_release_its_room_is_kept_until_that_much_is_free_and_it_comes_back_sooner(
     tmp_path: Path, small_disk: SmallDisk, clock: list[float]
 ) -> None:
     disk = small_disk(tmp_path / "disk", 4 * MIB)
@@ -85,13 +85,18 @@ def test_after_a_release_the_spare_is_made_again_with_a_quarter_of_it_to_spare(
     filler = fill(disk, leave_bytes=0)
     assert spare.release() and spare.withheld
     filler.unlink()
-    fill(disk, leave_bytes=MIB + 100 * 1024)  # less than a quarter more than the spare
+    filler = fill(disk, leave_bytes=MIB - 100 * 1024)  # the room it gave, partly used
     clock[0] += 10.0
     assert not spare.ensure() and spare.withheld
-    (disk / "filler").unlink()
+    filler.unlink()
+    filler = fill(disk, leave_bytes=MIB + 100 * 1024)  # its room, not a quarter more
+    clock[0] += 10.0
+    assert not spare.ensure() and spare.released
+    assert not spare.withheld  # the calls already open have their room again
+    filler.unlink()
     fill(disk, leave_bytes=MIB + MIB // 2)  # not twice its size, but room enough
     clock[0] += 10.0
-    assert spare.ensure() and not spare.withheld and not spare.released
+    assert spare.ensure() and not spare.released
 
 
 def test_a_spare_that_cannot_be_made_again_holds_nothing_back_once_there_is_room(
@@ -112,7 +117,12 @@ def test_a_spare_that_cannot_be_made_again_holds_nothing_back_once_there_is_room
     with capture_logs() as logs:
         assert not spare.ensure()
     assert not spare.withheld  # the disk has room: the release is over without it
-    assert [e["event"] for e in logs] == ["spare_space_not_allocated"]
+    events = [e["event"] for e in logs]
+    assert events == ["spare_space_release_over", "spare_space_not_allocated"]
+    clock[0] += 10.0
+    with capture_logs() as logs:
+        assert not spare.ensure()  # tried again, said once
+    assert logs == []
 
 
 @pytest.fixture
