@@ -54,7 +54,7 @@ SPARE_NAME: Final = "spare"
 # calls (~1.1 KB each), their journal records (~0.8 KB) and a checkpoint of the calls
 # still open; 0.5 % of the 15 GiB the default limits ask for.
 DEFAULT_SPARE_BYTES: Final = 64 * 1024 * 1024
-# Free space is read at most this often while the spare is missing.
+# The file is looked at, and the free space read while it is missing, at most this often.
 _CHECK_S: Final = 5.0
 
 
@@ -68,9 +68,9 @@ class SpareSpace:
         self.size_bytes = size_bytes
         self.ready = False  # allocated, whole, on disk
         self.released = False  # given up for a full disk, not allocated again since
-        # The room it gave is kept for the calls already open (the daemon refuses new
-        # calls and signaling meanwhile): from a release until it is allocated again,
-        # the disk has room for that, or the owner says the room is used up (`room_back`).
+        # The room it gave is kept for the calls already open (see `SpareRoom`): from a
+        # release until as much is free again, or the owner says it is used up and the
+        # disk takes CDRs again (`room_back`).
         self.withheld = False
         self.releases = 0
         self._checked_until = 0.0
