@@ -14,9 +14,10 @@ already open, which still end, to their CDRs and journal records and to the
 checkpoints. That lasts until the disk has at least the spare's size free again (right
 after the release it has less: the write that asked for the room needed more than was
 free), whether or not a spare can be made again, or until its room is used up (a CDR
-had to wait in memory after all) and the disk takes CDRs again: from then on, nothing
-is left to keep, and the daemon works as without a spare until it has one again. After
-a release the spare is allocated again with a quarter of its size to spare.
+had to wait in memory after all): from then on, nothing is left to keep, and the
+daemon works as without a spare (new calls wait for the CDRs in memory to be written)
+until it has one again. After a release the spare is allocated again with a quarter of
+its size to spare.
 
 It is allocated (at start, or after it went missing) once the filesystem has twice its
 size free (the spare and as much again), read at most every `_CHECK_S`; a file of
@@ -69,8 +70,8 @@ class SpareSpace:
         self.ready = False  # allocated, whole, on disk
         self.released = False  # given up for a full disk, not allocated again since
         # The room it gave is kept for the calls already open (see `SpareRoom`): from a
-        # release until as much is free again, or the owner says it is used up and the
-        # disk takes CDRs again (`room_back`).
+        # release until as much is free again, or the owner says it is used up
+        # (`room_back`).
         self.withheld = False
         self.releases = 0
         self._checked_until = 0.0
@@ -224,8 +225,8 @@ class SpareSpace:
         return True
 
     def room_back(self) -> None:
-        """The room it gave is used up and the disk takes writes again: nothing is held
-        back for it any more; it is allocated again once there is room."""
+        """The room it gave is used up: nothing is held back for it any more; it is
+        allocated again once there is room."""
         if self.withheld:
             self.withheld = False
             self.log.info("spare_space_release_over", note="its room was used up")
@@ -290,19 +291,17 @@ class SpareRoom:
         return self.spare.withheld and self.cdrs is not None and blocks_intake
 
     def keep(self) -> None:
-        """Allocate the spare again once the disk has room and the reserve is empty; end
-        what its release holds back once its room is used up and the disk takes CDRs
-        again."""
+        """End what the spare's release holds back once its room is used up; allocate
+        the spare again once the disk has room and the reserve is empty."""
         spool = self.cdrs
-        if spool is not None and spool.reserved:
-            return  # the room goes to the CDRs waiting in memory first
-        if spool is not None and spool.stats.held > self._held_at_release:
-            # A CDR had to wait in memory after the spare was given up, so its room is
-            # gone, and the disk has taken every such CDR since: keeping new calls out
-            # keeps no room any more. Whether or not a spare can be made again.
-            self.spare.room_back()
         try:
-            self.spare.ensure()
+            if spool is not None and spool.stats.held > self._held_at_release:
+                # A CDR had to wait in memory after the spare was given up: its room is
+                # used up and there is nothing left to keep. New calls wait for the
+                # reserve, as without a spare.
+                self.spare.room_back()
+            if spool is None or not spool.reserved:  # the room goes to the reserve first
+                self.spare.ensure()
         finally:
             self._withhold()
 
