@@ -688,3 +688,28 @@ def test_intake_resumed_counts_every_call_refused_during_the_pause() -> None:
     sample = pipeline.metrics.registry.get_sample_value
     labels = {"source": "intake", "reason": "write_error"}
     assert sample("sipcdr_packets_dropped_total", labels) == 15
+
+
+async def test_a_held_loop_delivers_nothing_and_a_stop_does_not_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    held, free = MemorySink("held"), MemorySink("free")
+    with Spool(tmp_path, ("held", "free")) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [held, free])
+        delivery.held.add(("held", STREAM_RECORDS))
+        await delivery.start()
+        values = _append(spool, 5)
+        await _until(lambda: free.got == values)
+        await asyncio.sleep(0.1)
+        assert held.got == [] and delivery.caught_up()
+        delivery.held.clear()
+        await _until(lambda: held.got == values)
+        delivery.held.add(("held", STREAM_RECORDS))
+        more = _append(spool, 3, start=5)
+        with capture_logs() as logs:
+            await delivery.stop()  # the drain is over once the loops not held have all
+    assert [e["event"] for e in logs if e["event"] == "delivery_left_in_spool"] == []
+    assert free.got == values + more
+    assert held.got == values  # the rest waits in the spool for the next start
+    with Spool(tmp_path, ("held", "free")) as spool:
+        assert [r.value for r in spool.reader("held").read(10, 1 << 20)] == more
