@@ -270,3 +270,29 @@ async def test_sinks_writing_to_the_full_disk_wait_while_the_spare_room_is_kept(
         assert len(jsonl.read_bytes().splitlines()) == 20
     finally:
         await app.stop()
+
+
+async def test_a_spare_on_another_disk_than_the_spool_keeps_no_call_out(
+    tmp_path: Path, small_disk: SmallDisk, clock: list[float]
+) -> None:
+    """The spool has a disk of its own: the state disk filling up gives the spare to the
+    journal, but CDRs are written as before, so new calls are still taken in."""
+    disk = small_disk(tmp_path / "disk", 4 * MIB)
+    (disk / "var").mkdir(mode=0o700)
+    small_disk(disk / "var" / "spool", 4 * MIB)
+    app, disk, gate_clock = _daemon(disk, tmp_path / "cdrs.jsonl")
+    await _started(app)
+    try:
+        calls = [Call(call_id=f"d-{n}@x", from_tag=f"t{n}") for n in range(20)]
+        fill(disk, leave_bytes=0)
+        for data in _messages(calls, 0, 6):
+            app.pipeline.process(packet(time.time(), data))
+        assert app.spare.releases == 1  # for the journal
+        _tick(app, gate_clock, clock, seconds=2)
+        assert not app.pipeline.paused
+        writer = app.outputs.cdr_writer
+        assert writer is not None and writer.spool.stats.appended.get("cdr", 0) == 20
+        app.pipeline.process(packet(time.time(), Call(call_id="new@x").request("INVITE")))
+        assert app.correlator.is_open("new@x")
+    finally:
+        await app.stop()
