@@ -464,7 +464,8 @@ class Delivery:
                 await sink.stop()
             except Exception as exc:
                 self._log.warning("sink_stop_failed", sink=sink.name, error=repr(exc))
-        if not caught_up:
+        if not caught_up or any(reader.lag_records for _state, reader in self.readers()):
+            # Nothing lost: the next start delivers it (a held loop's records too).
             self._log.warning(
                 "delivery_left_in_spool",
                 backlog={f"{s.sink}/{s.stream}": r.lag_records for s, r in self.readers()},
