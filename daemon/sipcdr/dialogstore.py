@@ -78,7 +78,6 @@ from sipcdr.model import Cdr, Packet
 from sipcdr.private import open_private_fd
 from sipcdr.sinks.spool import DEFAULT_FSYNC_INTERVAL_S
 from sipcdr.sip import parse
-from sipcdr.telemetry.metrics import Metrics
 
 # At most this long between checkpoints while messages arrive: after a crash, a call's
 # last-message time (which ends a call whose BYE never comes) is at most this old, and
@@ -216,7 +215,7 @@ class DialogStore:
         self._reported_intact = True
         self._writing: tuple[_Checkpoint, asyncio.Future[None]] | None = None
         self._unwritten: list[Cdr] = []  # from recovery, until the start writes them
-        self._exported: dict[str, int] = {}
+        self._write_errors_logged = 0  # journal_write_errors as of the last log line
 
     @property
     def journal_bytes(self) -> int:
@@ -846,36 +845,18 @@ class DialogStore:
 
     # -- metrics ------------------------------------------------------------------------
 
-    def export_metrics(self, metrics: Metrics) -> None:
-        """Move the counts into Prometheus; log lost journal records at ERROR."""
-        stats = self.stats
-        metrics.dialog_journal_bytes.set(self.journal_bytes)
-        for kind, total in (
-            ("message", stats.journal_messages),
-            ("close", stats.journal_closes),
-            ("decision", stats.journal_decisions),
-        ):
-            self._add(metrics.dialog_journal_records.labels(kind), f"rec:{kind}", total)
-        for outcome, total in (
-            ("written", stats.checkpoints),
-            ("failed", stats.checkpoint_failures),
-        ):
-            self._add(metrics.dialog_checkpoints.labels(outcome), f"ckpt:{outcome}", total)
-        for what, total in (
-            ("journal_write_error", stats.journal_write_errors),
-            ("torn_tail", stats.torn_tails),
-            ("bad_record", stats.bad_records),
-            ("unreadable_checkpoint", stats.unreadable_checkpoints),
-            ("unreadable_journal", stats.unreadable_journals),
-            ("internal_error", stats.internal_errors),
-        ):
-            delta = self._add(metrics.dialog_state_errors.labels(what), f"err:{what}", total)
-            if delta and what == "journal_write_error":
-                self.log.error(
-                    "dialog_journal_write_failed",
-                    records=delta,
-                    note="calls changed since the last checkpoint are not rebuilt after a crash",
-                )
+    def log_losses(self) -> None:
+        """Log lost journal records at ERROR each time their count grows; the counts
+        reach Prometheus through the telemetry exporter."""
+        total = self.stats.journal_write_errors
+        delta = total - self._write_errors_logged
+        if delta > 0:
+            self._write_errors_logged = total
+            self.log.error(
+                "dialog_journal_write_failed",
+                records=delta,
+                note="calls changed since the last checkpoint are not rebuilt after a crash",
+            )
 
     def _log_damage(self) -> None:
         stats = self.stats
@@ -887,13 +868,6 @@ class DialogStore:
                 torn_bytes=stats.torn_bytes,
                 bad_records=stats.bad_records,
             )
-
-    def _add(self, counter: Any, key: str, total: int) -> int:
-        delta = total - self._exported.get(key, 0)
-        if delta > 0:
-            self._exported[key] = total
-            counter.inc(delta)
-        return max(delta, 0)
 
 
 def read_checkpoint(data: bytes) -> tuple[dict[str, object], list[Cdr]]:

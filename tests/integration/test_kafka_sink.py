@@ -40,7 +40,7 @@ from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.kafka import KafkaDeliveryError, KafkaSink
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.spool import Spool
-from sipcdr.telemetry.metrics import Metrics
+from sipcdr.telemetry.metrics import Metrics, Sources
 from structlog.testing import capture_logs
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
@@ -570,12 +570,11 @@ async def test_an_outage_the_client_rides_out_is_reported_within_seconds(
             ),
         )
     )
-    metrics = Metrics()
     outputs = Outputs(settings, spool_dir=tmp_path / "spool")
+    metrics = Metrics(lambda: Sources(outputs=outputs))
     values = cdr_values(40, outage)
 
     def sink_up() -> float | None:
-        outputs.export_metrics(metrics)
         labels = {"sink": "kafka", "stream": "records"}
         return metrics.registry.get_sample_value("sipcdr_sink_up", labels)
 

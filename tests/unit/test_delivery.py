@@ -22,7 +22,7 @@ from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.spool import Spool
-from sipcdr.telemetry.metrics import Metrics
+from sipcdr.telemetry.metrics import Metrics, Sources
 from smalldisk import SmallDisk, fill
 from structlog.testing import capture_logs
 
@@ -188,10 +188,8 @@ async def test_outputs_export_lag_and_failures(tmp_path: Path) -> None:
     assert outputs.signaling is None  # nothing keeps signaling without PostgreSQL
     outputs.cdr_writer.spool.append(KIND_CDR, b"k", orjson.dumps({"cdr_id": "x"}))
     await _until((tmp_path / "cdrs.jsonl").exists)
-    metrics = Metrics()
-    outputs.export_metrics(metrics)
-    await outputs.close()
-    outputs.export_metrics(metrics)  # after close too: the final numbers
+    metrics = Metrics(lambda: Sources(outputs=outputs))
+    await outputs.close()  # read after the close: the final numbers
     text = (tmp_path / "cdrs.jsonl").read_bytes()
     assert orjson.loads(text) == {"cdr_id": "x"}
     value = metrics.registry.get_sample_value
@@ -400,8 +398,7 @@ async def test_outputs_hold_refused_cdrs_block_intake_and_export_it(
     monkeypatch.setattr(os, "write", full_disk)
     for n in range(5):
         spool.append(KIND_CDR, b"k", orjson.dumps({"cdr_id": str(n)}))
-    metrics = Metrics()
-    outputs.export_metrics(metrics)
+    metrics = Metrics(lambda: Sources(outputs=outputs))
     value = metrics.registry.get_sample_value
     assert outputs.intake_block_reason == "write_error"
     assert outputs.must_wait
@@ -412,7 +409,6 @@ async def test_outputs_hold_refused_cdrs_block_intake_and_export_it(
     assert outputs.intake_block_reason is None
     await _until((tmp_path / "cdrs.jsonl").exists)
     await outputs.close()
-    outputs.export_metrics(metrics)
     assert value("sipcdr_spool_reserve_records", {"stream": "records"}) == 0
     lines = (tmp_path / "cdrs.jsonl").read_bytes().splitlines()
     assert [orjson.loads(line)["cdr_id"] for line in lines] == ["0", "1", "2"]
@@ -435,7 +431,8 @@ def test_a_paused_intake_refuses_new_calls_but_ends_open_ones(reason: str) -> No
     pipeline.pause_reason = reason
     pipeline.process(packet(110.0, new_call.request("INVITE")))
     pipeline.process(packet(130.0, open_call.request("BYE", 2, "z9hG4bK-bye", to_tag="callee-tag")))
-    assert pipeline.drops == {("intake", reason): 1}
+    assert pipeline.stats.calls_refused == {reason: 1}
+    assert pipeline.drops == {("intake", reason): 1}  # what the intake gate reports
     assert [cdr.call_id for cdr in collector.cdrs] == ["open@x"]
     assert collector.cdrs[0].end_reason == "bye"
     assert collector.cdrs[0].billsec == 29.0

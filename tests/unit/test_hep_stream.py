@@ -177,8 +177,8 @@ def test_frames_arrive_whole_however_the_stream_is_cut(run: Any) -> None:
             await writer.drain()
             await settle(lambda: len(h.call_ids) == 3)
             assert h.call_ids == {"bytewise@x", "chunked@x", "whole@x"}
-            assert h.pipeline.received == {SOURCE_TCP: 18}
-            assert h.pipeline.drops == {}
+            assert h.server.stats.received == {SOURCE_TCP: 18}
+            assert h.server.stats.dropped == {}
             writer.close()
 
     run(body())
@@ -197,7 +197,7 @@ def test_an_oversize_frame_is_skipped_and_the_stream_goes_on(run: Any) -> None:
             writer.write(big[100:] + call_frames("after@x"))
             await writer.drain()
             await settle(lambda: h.call_ids == {"after@x"})
-            assert h.pipeline.drops == {(SOURCE_TCP, "oversize"): 1}
+            assert h.server.stats.dropped == {(SOURCE_TCP, "oversize"): 1}
             assert h.server.open[SOURCE_TCP] == 1
             writer.close()
 
@@ -215,7 +215,7 @@ def test_a_skipped_frame_ending_with_a_read_leaves_no_deadline(run: Any) -> None
             _, writer = await h.connect()
             writer.write(big[:100])
             await writer.drain()
-            await settle(lambda: h.pipeline.drops == {(SOURCE_TCP, "oversize"): 1})
+            await settle(lambda: h.server.stats.dropped == {(SOURCE_TCP, "oversize"): 1})
             writer.write(big[100:])  # ends where the frame ends
             await writer.drain()
             await asyncio.sleep(0.1)
@@ -253,7 +253,9 @@ def test_framing_matches_a_model_for_random_streams_cut_anywhere(
     read the frame deadline must run exactly while a frame is unfinished, from the
     read in which that frame began."""
     taken: list[bytes] = []
-    monkeypatch.setattr(hepstream, "handle_hep", lambda _p, _g, _s, data: taken.append(data))
+    monkeypatch.setattr(
+        hepstream, "handle_hep", lambda _p, _g, _st, _s, data, _c: taken.append(data)
+    )
     rng = random.Random(4475)
     for trial in range(1000):
         limit = rng.choice([1024, 2048, 65535])
@@ -288,7 +290,7 @@ def test_framing_matches_a_model_for_random_streams_cut_anywhere(
             assert connection.started == expected, (trial, cut)
         assert taken == [f for f in frames if len(f) <= limit], trial
         oversize = sum(1 for n in sizes if n > limit)
-        assert pipeline.drops == ({(SOURCE_TCP, "oversize"): oversize} if oversize else {})
+        assert server.stats.dropped == ({(SOURCE_TCP, "oversize"): oversize} if oversize else {})
         assert server.closed == {}
         assert not connection._pending and not connection._skip
 
@@ -302,8 +304,8 @@ def test_lost_framing_closes_the_connection_and_counts(run: Any) -> None:
             assert await closed_by_peer(reader)
             await settle(lambda: h.server.open[SOURCE_TCP] == 0)
             assert h.server.closed == {(SOURCE_TCP, "bad_framing"): 1}
-            assert h.pipeline.drops == {(SOURCE_TCP, "bad_hep"): 1}
-            assert h.pipeline.received == {SOURCE_TCP: 1}  # what came before it counts
+            assert h.server.stats.dropped == {(SOURCE_TCP, "bad_hep"): 1}
+            assert h.server.stats.received == {SOURCE_TCP: 1}  # what came before it counts
             writer.close()
 
     run(body())
@@ -317,8 +319,8 @@ def test_a_frame_cut_off_by_the_agent_is_counted(run: Any) -> None:
             await writer.drain()
             writer.close()
             await settle(lambda: h.server.open[SOURCE_TCP] == 0)
-            assert h.pipeline.drops == {(SOURCE_TCP, "truncated"): 1}
-            assert h.pipeline.received == {SOURCE_TCP: 5}
+            assert h.server.stats.dropped == {(SOURCE_TCP, "truncated"): 1}
+            assert h.server.stats.received == {SOURCE_TCP: 5}
 
     run(body())
 
@@ -670,7 +672,7 @@ def test_an_agent_that_does_not_read_cannot_make_the_daemon_buffer(run: Any, pki
             # Each answer is a 27-byte record: the daemon answered what 64 KiB and the
             # socket buffers hold, not the hundred thousand requests it was offered.
             assert WRITE_BACKLOG_BYTES // 27 < sent < 20_000
-            assert 0 < h.pipeline.received[SOURCE_TLS] <= sent // 30
+            assert 0 < h.server.stats.received[SOURCE_TLS] <= sent // 30
             assert h.server.handshake_failures == {}
 
     run(body())

@@ -8,10 +8,11 @@ import socket
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from sipcdr.telemetry import http
 from sipcdr.telemetry.http import MAX_CONNECTIONS, MetricsServer
+from sipcdr.telemetry.metrics import Metrics, Sources
 
 
 class _Big:
@@ -31,8 +32,7 @@ def registry() -> CollectorRegistry:
 
 @pytest.fixture
 async def server(registry: CollectorRegistry) -> AsyncIterator[MetricsServer]:
-    refused = Counter("sipcdr_metrics_connections_refused_total", "refused", registry=registry)
-    async with MetricsServer(registry, "127.0.0.1", 0, lambda: True, refused=refused) as started:
+    async with MetricsServer(registry, "127.0.0.1", 0, lambda: True) as started:
         yield started
 
 
@@ -67,7 +67,9 @@ async def test_connections_beyond_the_cap_are_closed_at_once_and_counted(
             pass  # or reset: either way, at once
         finally:
             writer.close()
-        assert registry.get_sample_value("sipcdr_metrics_connections_refused_total") == 1
+        assert server.refused == 1
+        exported = Metrics(lambda: Sources(metrics_server=server)).registry
+        assert exported.get_sample_value("sipcdr_metrics_connections_refused_total") == 1
         assert server.connections == MAX_CONNECTIONS
     finally:
         for _reader, idle_writer in idle:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Final
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 # A scrape is "GET /metrics HTTP/1.1" with perhaps a few parameters.
 MAX_REQUEST_LINE_BYTES: Final = 4096
@@ -57,14 +57,12 @@ class MetricsServer:
         host: str,
         port: int,
         ready: Callable[[], bool],
-        *,
-        refused: Counter | None = None,
     ) -> None:
         self._registry = registry
         self._host = host
         self._port = port
         self._ready = ready
-        self._refused = refused  # connections closed on arrival: MAX_CONNECTIONS open
+        self.refused = 0  # connections closed on arrival: MAX_CONNECTIONS open
         self._server: asyncio.Server | None = None
         self._handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._log = structlog.get_logger("sipcdr.metrics")
@@ -115,8 +113,7 @@ class MetricsServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is None or len(self._handlers) >= MAX_CONNECTIONS:
-            if self._refused is not None:
-                self._refused.inc()
+            self.refused += 1
             writer.transport.abort()
             return
         self._handlers[task] = writer

@@ -1,0 +1,110 @@
+"""Where the glue reads the time: wall time, monotonic time, and sleeping.
+
+Components that run timers or timeouts take a `Clock` at construction, so tests drive
+them with `FakeClock` instead of real sleeps and elapsed-time bounds. Packet times are
+not read here: they come from the capture (the kernel, the HEP agent, the file), and
+the correlator's timers run on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def time(self) -> float:
+        """Seconds since the epoch: what a record or a capture time is compared to."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never steps back: for deadlines and timeouts."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait this long on this clock."""
+        ...
+
+
+class SystemClock:
+    """The host's clocks and the event loop's sleep."""
+
+    __slots__ = ()
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+SYSTEM_CLOCK = SystemClock()
+
+
+class FakeClock:
+    """A clock that moves only when told to. `sleep` returns once `advance` has moved
+    the time to its deadline; both clocks move together, the wall clock from
+    `wall_start`."""
+
+    def __init__(self, wall_start: float = 1_700_000_000.0, monotonic_start: float = 1000.0):
+        self._wall_offset = wall_start - monotonic_start
+        self._now = monotonic_start
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    def time(self) -> float:
+        return self._now + self._wall_offset
+
+    def monotonic(self) -> float:
+        return self._now
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)  # like asyncio.sleep(0): let other tasks run
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._now + seconds, next(self._order), future))
+        await future
+
+    @property
+    def sleepers(self) -> int:
+        """Sleeps waiting now (cancelled ones included until the time passes them)."""
+        return sum(1 for _deadline, _n, future in self._sleepers if not future.done())
+
+    def advance(self, seconds: float) -> None:
+        """Move both clocks on and wake the sleeps whose deadline has come, earliest
+        first. The woken tasks run at the event loop's next turns: `await
+        settle()` lets them."""
+        if seconds < 0:
+            raise ValueError("a clock does not go back")
+        self._now += seconds
+        while self._sleepers and self._sleepers[0][0] <= self._now:
+            _deadline, _n, future = heapq.heappop(self._sleepers)
+            if not future.done():
+                future.set_result(None)
+
+    def set_time(self, wall: float) -> None:
+        """Step the wall clock (as NTP may) without moving the monotonic one."""
+        self._wall_offset = wall - self._now
+
+    async def run_for(self, seconds: float, step: float = 0.05) -> None:
+        """Advance by `seconds` in steps of `step`, letting woken tasks run after each:
+        what the tasks see matches a real wait of that long, in no real time."""
+        remaining = seconds
+        while remaining > 1e-9:
+            tick = min(step, remaining)
+            self.advance(tick)
+            remaining -= tick
+            await settle()
+
+
+async def settle(turns: int = 20) -> None:
+    """Let ready tasks run: a few event-loop turns, no time passing."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
