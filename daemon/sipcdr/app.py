@@ -166,7 +166,7 @@ class App:
         after one failed, which then recovers from disk what the failed one saved."""
         config = self.config
         self.correlator = Correlator(config.dialog, trunk_resolver(config))
-        self.outputs = Outputs(config)
+        self.outputs = Outputs(config, clock=self.clock)
         # The CDR writer and the signaling recorder exist once the spools are open.
         self.pipeline = Pipeline(self.correlator, ())
         self.spare = SpareSpace(self.state_dir / SPARE_NAME, config.state.spare_bytes)

@@ -9,9 +9,12 @@ the correlator's timers run on them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
-import time
+from collections.abc import Callable
+from time import monotonic as _monotonic
+from time import time as _wall
 from typing import Protocol
 
 
@@ -28,20 +31,27 @@ class Clock(Protocol):
         """Wait this long on this clock."""
         ...
 
+    def timeout(self, seconds: float) -> asyncio.Timeout:
+        """`asyncio.timeout`, on this clock: `async with clock.timeout(s):` raises
+        TimeoutError when the block has not ended `s` seconds from now."""
+        ...
+
 
 class SystemClock:
-    """The host's clocks and the event loop's sleep."""
+    """The host's clocks and the event loop's sleep and timeouts."""
 
     __slots__ = ()
 
-    def time(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
+    # The functions themselves, not wrappers: a capture time read per datagram through
+    # the clock costs what `time.time()` costs.
+    time = staticmethod(_wall)
+    monotonic = staticmethod(_monotonic)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+    def timeout(self, seconds: float) -> asyncio.Timeout:
+        return asyncio.timeout(seconds)
 
 
 SYSTEM_CLOCK = SystemClock()
@@ -52,11 +62,15 @@ class FakeClock:
     the time to its deadline; both clocks move together, the wall clock from
     `wall_start`."""
 
-    def __init__(self, wall_start: float = 1_700_000_000.0, monotonic_start: float = 1000.0):
+    def __init__(
+        self, wall_start: float = 1_700_000_000.0, monotonic_start: float = 1000.0
+    ) -> None:
         self._wall_offset = wall_start - monotonic_start
         self._now = monotonic_start
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        # (deadline, order, what to do then): sleeps to wake and timeouts to fire.
+        self._due: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
+        self._waiting: set[asyncio.Future[None]] = set()
 
     def time(self) -> float:
         return self._now + self._wall_offset
@@ -69,13 +83,42 @@ class FakeClock:
             await asyncio.sleep(0)  # like asyncio.sleep(0): let other tasks run
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self._now + seconds, next(self._order), future))
-        await future
+
+        def wake() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        self._at(seconds, wake)
+        self._waiting.add(future)
+        try:
+            await future
+        finally:
+            self._waiting.discard(future)
+
+    def timeout(self, seconds: float) -> asyncio.Timeout:
+        # An asyncio.Timeout with no deadline of its own, moved to "now" on the event
+        # loop's clock once this clock reaches the deadline: it then cancels the block
+        # and raises TimeoutError exactly as a real one does.
+        loop = asyncio.get_running_loop()
+        if seconds <= 0:
+            return asyncio.Timeout(loop.time())  # due already, as asyncio.timeout(0)
+        timeout = asyncio.Timeout(None)
+
+        def expire() -> None:
+            # RuntimeError: the block ended before its deadline, or has not begun.
+            with contextlib.suppress(RuntimeError):
+                timeout.reschedule(loop.time())
+
+        self._at(seconds, expire)
+        return timeout
+
+    def _at(self, seconds: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._due, (self._now + seconds, next(self._order), action))
 
     @property
     def sleepers(self) -> int:
-        """Sleeps waiting now (cancelled ones included until the time passes them)."""
-        return sum(1 for _deadline, _n, future in self._sleepers if not future.done())
+        """Sleeps waiting now."""
+        return len(self._waiting)
 
     def advance(self, seconds: float) -> None:
         """Move both clocks on and wake the sleeps whose deadline has come, earliest
@@ -84,10 +127,9 @@ class FakeClock:
         if seconds < 0:
             raise ValueError("a clock does not go back")
         self._now += seconds
-        while self._sleepers and self._sleepers[0][0] <= self._now:
-            _deadline, _n, future = heapq.heappop(self._sleepers)
-            if not future.done():
-                future.set_result(None)
+        while self._due and self._due[0][0] <= self._now:
+            _deadline, _n, action = heapq.heappop(self._due)
+            action()
 
     def set_time(self, wall: float) -> None:
         """Step the wall clock (as NTP may) without moving the monotonic one."""

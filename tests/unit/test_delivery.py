@@ -13,12 +13,13 @@ import orjson
 import pytest
 from sipcalls import Call, CdrCollector, packet
 from sipcdr.app import IntakeGate
+from sipcdr.clock import FakeClock, settle
 from sipcdr.config import Config, JsonlConfig, PostgresConfig, SinksConfig, SpoolConfig
 from sipcdr.dialog import Correlator
 from sipcdr.pipeline import Pipeline
 from sipcdr.sinks import delivery as delivery_module
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, RecordsRejected, SpoolRecord
-from sipcdr.sinks.delivery import Delivery
+from sipcdr.sinks.delivery import MIN_BACKOFF_S, PROBE_INTERVAL_S, SLOW_BATCH_S, Delivery
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.spool import Spool
@@ -87,6 +88,10 @@ async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     while not condition():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+async def _probed(sink: MemorySink, times: int) -> None:
+    await _until(lambda: sink.probes == times)
 
 
 async def test_each_sink_gets_every_record_in_order(tmp_path: Path) -> None:
@@ -446,16 +451,22 @@ def _outage_events(logs: Sequence[Mapping[str, object]]) -> list[object]:
 
 
 async def test_a_slow_batch_to_a_destination_that_answers_keeps_the_loop_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.setattr(delivery_module, "SLOW_BATCH_S", 0.02)
+    clock = FakeClock()
     sink = MemorySink("slow")
     sink.gate = asyncio.Event()
     with Spool(tmp_path, ("slow",)) as spool, capture_logs() as logs:
-        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink], clock=clock)
         await delivery.start()
         _append(spool, 3)
-        await _until(lambda: sink.probes >= 5)  # asked again and again, answered each time
+        await _until(lambda: sink.calls == 1)
+        clock.advance(SLOW_BATCH_S - 0.01)
+        await settle()
+        assert sink.probes == 0  # a batch confirmed within SLOW_BATCH_S asks nothing
+        for asked in range(1, 6):  # asked again every SLOW_BATCH_S, answered each time
+            clock.advance(SLOW_BATCH_S)
+            await _probed(sink, asked)
         ((state, _reader),) = delivery.readers()
         assert state.up
         sink.gate.set()
@@ -469,18 +480,22 @@ async def test_a_batch_held_by_a_destination_that_is_gone_is_reported_while_it_w
 ) -> None:
     """The client retrying on its own (aiokafka, for up to two request timeouts) must not
     hide an outage: the loop probes, and the batch it waits for is not failed for that."""
-    monkeypatch.setattr(delivery_module, "SLOW_BATCH_S", 0.02)
+    clock = FakeClock()
     sink = MemorySink("stuck")
     sink.gate = asyncio.Event()
     sink.gone = True
     with Spool(tmp_path, ("stuck",)) as spool, capture_logs() as logs:
-        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink], clock=clock)
         await delivery.start()
         values = _append(spool, 3)
         ((state, _reader),) = delivery.readers()
-        await _until(lambda: not state.up, timeout=2)
+        await _until(lambda: sink.calls == 1)
+        clock.advance(SLOW_BATCH_S)
+        await _until(lambda: not state.up)
         assert (sink.calls, state.failures) == (1, 0)  # still the first attempt
+        assert f"batch unconfirmed after {SLOW_BATCH_S:.1f} s" in state.last_error
         assert "does not answer" in state.last_error
+        clock.advance(10.0)  # the outage lasts from the batch's start: 12 s in all
         sink.gone = False
         sink.gate.set()
         await _until(lambda: state.up)
@@ -489,23 +504,30 @@ async def test_a_batch_held_by_a_destination_that_is_gone_is_reported_while_it_w
     assert _outage_events(logs) == ["sink_unavailable", "sink_recovered"]
     (warning,) = [entry for entry in logs if entry["event"] == "sink_unavailable"]
     assert warning["log_level"] == "warning"
+    (recovered,) = [entry for entry in logs if entry["event"] == "sink_recovered"]
+    assert recovered["down_s"] == SLOW_BATCH_S + 10.0
 
 
 async def test_delivery_resumes_within_a_probe_interval_of_the_return_not_the_backoff(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(delivery_module, "MIN_BACKOFF_S", 60.0)
-    monkeypatch.setattr(delivery_module, "PROBE_INTERVAL_S", 0.02)
+    clock = FakeClock()
     sink = MemorySink("back")
     sink.failing = sink.gone = True
     with Spool(tmp_path, ("back",)) as spool:
-        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink], clock=clock)
         await delivery.start()
         values = _append(spool, 3)
-        await _until(lambda: sink.calls >= 1 and sink.probes >= 5)
+        await _until(lambda: sink.calls == 1 and sink.probes == 1)  # failed, then asked
+        for asked in range(2, 6):  # asked again every PROBE_INTERVAL_S
+            clock.advance(PROBE_INTERVAL_S)
+            await _probed(sink, asked)
         assert sink.calls == 1  # the probes, not the batch, go out every interval
         sink.failing = sink.gone = False
-        await _until(lambda: len(sink.got) == 3, timeout=2)  # not 60 s
+        clock.advance(PROBE_INTERVAL_S)  # one interval after the return, not 60 s
+        await _until(lambda: len(sink.got) == 3)
+        assert sink.calls == 2
         await delivery.stop()
     assert sink.got == values
 
@@ -513,22 +535,22 @@ async def test_delivery_resumes_within_a_probe_interval_of_the_return_not_the_ba
 async def test_a_destination_that_answers_but_fails_waits_the_whole_backoff(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(delivery_module, "MIN_BACKOFF_S", 0.3)
-    monkeypatch.setattr(delivery_module, "PROBE_INTERVAL_S", 0.01)
+    clock = FakeClock()
     sink = MemorySink("refusing")
     sink.failing = True  # it answers a probe, and refuses the batch
-    loop = asyncio.get_running_loop()
     with Spool(tmp_path, ("refusing",)) as spool:
-        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink], clock=clock)
         await delivery.start()
         _append(spool, 3)
-        await _until(lambda: sink.calls >= 1)
-        failed_at = loop.time()
+        await _until(lambda: sink.calls == 1 and sink.probes == 1)
         sink.failing = False
+        clock.advance(MIN_BACKOFF_S - 0.01)  # past a probe interval's worth of polling
+        await settle()
+        assert sink.calls == 1  # still waiting out the backoff
+        clock.advance(0.01)
         await _until(lambda: len(sink.got) == 3)
-        waited = loop.time() - failed_at
         await delivery.stop()
-    assert waited >= 0.25
+    assert sink.calls == 2
     assert sink.probes == 1  # once, to tell a refusal from an outage
 
 

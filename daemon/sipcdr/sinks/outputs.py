@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 import structlog
 
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import Config
 from sipcdr.model import Cdr
 from sipcdr.private import private_dir
@@ -71,8 +72,10 @@ class Outputs:
         full_policy: str | None = None,
         *,
         wait_below_floor: bool = False,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
+        self.clock = clock
         # None: the configured policy for CDRs, drop_newest for signaling (the daemon).
         self.full_policy = full_policy
         # An import waits for its sinks below the signaling floor rather than refuse
@@ -129,7 +132,10 @@ class Outputs:
             )
             self.signaling = SignalingRecorder(spool, store_body=sinks_config.postgres.store_sdp)
         self.delivery = Delivery(
-            self.spools, self.sinks, fsync_interval_s=spool_config.fsync_interval_ms / 1000
+            self.spools,
+            self.sinks,
+            fsync_interval_s=spool_config.fsync_interval_ms / 1000,
+            clock=self.clock,
         )
         await self.delivery.start()
 
