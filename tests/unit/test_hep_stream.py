@@ -39,6 +39,7 @@ from sipcdr.capture.hepstream import (
 )
 from sipcdr.capture.listeners import AllowList, HepGate
 from sipcdr.capture.tls import HANDSHAKE_FAILURES, handshake_failure, server_context
+from sipcdr.clock import SYSTEM_CLOCK, Clock, FakeClock
 from sipcdr.config import DEFAULT_ALLOW, CaptureConfig
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.model import Cdr
@@ -108,7 +109,9 @@ class Harness:
         *,
         allow: AllowList | None = None,
         tls: ssl.SSLContext | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self.clock = clock
         self.sink = ListSink()
         self.pipeline = Pipeline(Correlator(DialogLimits(), lambda _ip: None), (self.sink,))
         self.server = HepStreamServer(
@@ -119,6 +122,7 @@ class Harness:
             tcp=[("127.0.0.1", 0)],
             tls=[("127.0.0.1", 0)] if tls else [],
             tls_context=tls,
+            clock=clock,
         )
 
     async def __aenter__(self) -> Harness:
@@ -210,17 +214,19 @@ def test_a_skipped_frame_ending_with_a_read_leaves_no_deadline(run: Any) -> None
 
     async def body() -> None:
         limits = StreamLimits(50, 50, 60.0, frame_timeout_s=5.0, max_buffer_bytes=2048)
-        async with Harness(limits) as h:
+        clock = FakeClock()
+        async with Harness(limits, clock=clock) as h:
             big = frame(Call("big@x").request("OPTIONS") + b"x" * 4000)
             _, writer = await h.connect()
             writer.write(big[:100])
             await writer.drain()
             await settle(lambda: h.server.stats.dropped == {(SOURCE_TCP, "oversize"): 1})
+            (connection,) = h.server._connections
+            assert connection.started  # the skip has a deadline
             writer.write(big[100:])  # ends where the frame ends
             await writer.drain()
-            await asyncio.sleep(0.1)
-            h.server.expire(time.monotonic() + 5.1)  # a quiet agent, 5.1 s later
-            await asyncio.sleep(0.05)
+            await settle(lambda: not connection._skip)
+            await clock.run_for(5.1, step=0.5)  # a quiet agent, with the sweep running
             assert h.server.closed == {}
             writer.write(call_frames("after@x"))
             await settle(lambda: h.call_ids == {"after@x"})
@@ -387,26 +393,30 @@ def test_idle_and_stalled_connections_are_closed_by_reason(run: Any) -> None:
     async def body() -> None:
         limits = StreamLimits(50, 50, idle_timeout_s=30.0, frame_timeout_s=5.0,
                               max_buffer_bytes=65535)  # fmt: skip
-        async with Harness(limits) as h:
+        clock = FakeClock()
+        async with Harness(limits, clock=clock) as h:
             idle_reader, idle = await h.connect()
             slow_reader, slow = await h.connect()
             _, busy = await h.connect()
+            await settle(lambda: h.server.connections == 3)
             slow.write(b"HEP3\xff\xff" + b"\x00" * 20)  # a frame started, never finished
             await slow.drain()
-            await asyncio.sleep(0.05)
-            now = time.monotonic()  # idle connected, slow's frame started, before this
-            h.server.expire(now + 4.9)
+            await settle(lambda: sum(1 for c in h.server._connections if c.started) == 1)
+            now = clock.monotonic()  # idle connected, slow's frame started, at this
+            clock.advance(4.9)
+            h.server.expire(clock.monotonic())
             assert h.server.connections == 3
-            await asyncio.sleep(0.2)
-            busy.write(call_frames("busy@x")[:50])  # a frame started after `now`
+            busy.write(call_frames("busy@x")[:50])  # a frame started 4.9 s after `now`
             await busy.drain()
-            await asyncio.sleep(0.05)
-            h.server.expire(now + 5.1)  # slow's frame is overdue, busy's is not
+            await settle(lambda: sum(1 for c in h.server._connections if c.started) == 2)
+            clock.advance(0.2)
+            h.server.expire(clock.monotonic())  # slow's frame is overdue, busy's is not
             assert await closed_by_peer(slow_reader)
             assert h.server.connections == 2
             busy.write(call_frames("busy@x")[50:])
             await settle(lambda: h.call_ids == {"busy@x"})
-            h.server.expire(now + 30.1)  # idle has been silent since before `now`
+            clock.advance(now + 30.1 - clock.monotonic())
+            h.server.expire(clock.monotonic())  # idle has been silent since `now`
             assert await closed_by_peer(idle_reader)
             assert h.server.closed == {
                 (SOURCE_TCP, "frame_timeout"): 1,
@@ -423,11 +433,17 @@ def test_the_sweep_enforces_the_deadlines_by_itself(run: Any) -> None:
     async def body() -> None:
         limits = StreamLimits(50, 50, idle_timeout_s=0.4, frame_timeout_s=0.2,
                               max_buffer_bytes=65535)  # fmt: skip
-        async with Harness(limits) as h:
+        clock = FakeClock()
+        async with Harness(limits, clock=clock) as h:
             idle_reader, idle = await h.connect()
             slow_reader, slow = await h.connect()
             slow.write(b"HEP3")
+            await slow.drain()
+            await settle(lambda: any(c.started for c in h.server._connections))
+            await clock.run_for(0.3, step=0.05)  # the sweep, every 0.05 s (a quarter)
+            assert h.server.closed == {(SOURCE_TCP, "frame_timeout"): 1}
             assert await closed_by_peer(slow_reader)
+            await clock.run_for(0.15, step=0.05)
             assert await closed_by_peer(idle_reader)
             assert h.server.closed == {
                 (SOURCE_TCP, "frame_timeout"): 1,
@@ -446,11 +462,13 @@ def test_the_sweep_does_not_spin_under_a_tiny_timeout(run: Any) -> None:
     async def body() -> None:
         limits = StreamLimits(50, 50, idle_timeout_s=1e-5, frame_timeout_s=1e-5,
                               max_buffer_bytes=65535)  # fmt: skip
-        async with Harness(limits) as h:
+        clock = FakeClock()
+        async with Harness(limits, clock=clock) as h:
             sweeps: list[float] = []
             h.server.expire = sweeps.append  # type: ignore[method-assign, assignment]
-            await asyncio.sleep(0.3)
-        assert 0 < len(sweeps) <= 0.3 / SWEEP_MIN_INTERVAL_S + 1
+            await clock.run_for(0.3, step=SWEEP_MIN_INTERVAL_S / 5)
+        # Every SWEEP_MIN_INTERVAL_S, not at every turn of the event loop.
+        assert round(0.3 / SWEEP_MIN_INTERVAL_S) - 1 <= len(sweeps) <= 0.3 / SWEEP_MIN_INTERVAL_S
 
     run(body())
 
