@@ -162,6 +162,7 @@ class Outputs:
             reserve_records=reserve_records,
             min_free_bytes=min_free_bytes,
             refuse_below_floor=refuse_below_floor,
+            clock=self.clock,
         )
         spool.open()
         self.spools[stream] = spool
