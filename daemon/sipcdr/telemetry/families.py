@@ -87,7 +87,8 @@ FAMILIES: Final = {f.name: f for f in (
        "What a live capture did with the frames it read, by interface and event "
        "(frames_read, kernel_packets: frames that passed the filter, truncated: longer "
        "than the snap length, outgoing_skipped: loopback copies, frame_errors: frames "
-       "the decoder failed on, hep_packets, hep_non_sip, non_sip_payloads, keepalives)",
+       "the decoder failed on, sip_messages: SIP messages extracted, hep_packets, "
+       "hep_non_sip, non_sip_payloads, keepalives)",
        "interface", "event"),
     _c("sipcdr_live_hep_errors",
        "HEP packets sniffed live that did not decode, by interface and reason",

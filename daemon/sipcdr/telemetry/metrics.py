@@ -45,7 +45,7 @@ _LIVE_DROPS = (
 )
 _LIVE_EVENTS = ("frames_read", "kernel_packets", "truncated", "outgoing_skipped", "frame_errors")
 _POSTGRES_ROWS = (("inserted", "rows_inserted"), ("duplicate", "duplicates_skipped"))
-_CAPTURE_EVENTS = ("hep_packets", "hep_non_sip", "non_sip_payloads", "keepalives")
+_CAPTURE_EVENTS = ("sip_messages", "hep_packets", "hep_non_sip", "non_sip_payloads", "keepalives")
 
 
 def method_label(method: str) -> str:
