@@ -72,8 +72,6 @@ import orjson
 import structlog
 
 from sipcdr.dialog import Correlator
-from sipcdr.dialog.correlator import CorrelatorStats
-from sipcdr.dialog.kpi import Kpi
 from sipcdr.model import Cdr, Packet
 from sipcdr.private import open_private_fd
 from sipcdr.sinks.spool import DEFAULT_FSYNC_INTERVAL_S
@@ -355,15 +353,7 @@ class DialogStore:
         self._generation = max((base, *checkpoints, *journals))
         # A clock that ran ahead before the stop must not stamp what closes from now on.
         self.correlator.limit_time(self._wall_clock())
-        # What replay counted was counted by the process that first saw it; this one
-        # counts the calls it holds and the CDRs it still has to write.
-        stats = CorrelatorStats()
-        stats.dialogs_restored = self.correlator.open_dialogs
-        self.correlator.stats = stats
-        self.correlator.kpis.clear()
-        for cdr in pending.values():
-            stats.cdrs[cdr.disposition] = stats.cdrs.get(cdr.disposition, 0) + 1
-            self.correlator.kpis.setdefault(cdr.trunk, Kpi()).add(cdr)
+        self.correlator.recount(pending.values())
         self.stats.replayed_records += replayed
         if checkpoints or journals or restored:
             self.log.info(

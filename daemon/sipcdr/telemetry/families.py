@@ -80,8 +80,8 @@ FAMILIES: Final = {f.name: f for f in (
        "bad_client_cert, agent_alert, not_tls, timeout, eof, other)",
        "reason"),
     _c("sipcdr_hep_timestamp_replaced",
-       "Captured messages whose capture time was more than 30 s off this host's clock "
-       "(a HEP agent's clock, or HEP sniffed live): the receive time used",
+       "HEP packets from the HEP listeners, and messages from a live capture, whose "
+       "capture time was more than 30 s off this host's clock: the receive time used",
        ),
     _c("sipcdr_live_capture_events",
        "What a live capture did with the frames it read, by interface and event "
