@@ -47,7 +47,7 @@ def received(daemon: Daemon) -> float:
 
 
 def refused(daemon: Daemon, reason: str) -> float:
-    return daemon.metric("sipcdr_packets_dropped_total", source="intake", reason=reason)
+    return daemon.metric("sipcdr_calls_refused_total", reason=reason)
 
 
 def test_a_full_disk_loses_no_closed_cdr_and_recovers_without_a_restart(
