@@ -152,6 +152,7 @@ class App:
             config.metrics.listen.host,
             config.metrics.listen.port,
             ready=lambda: self._ready,
+            clock=clock,
         )
         self._ticker: asyncio.Task[None] | None = None
         self._ready = False

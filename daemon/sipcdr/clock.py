@@ -116,6 +116,12 @@ class FakeClock:
         heapq.heappush(self._due, (self._now + seconds, next(self._order), action))
 
     @property
+    def deadlines(self) -> int:
+        """Sleeps and timeouts whose time has not come (a timeout whose block ended
+        early stays here until then)."""
+        return len(self._due)
+
+    @property
     def sleepers(self) -> int:
         """Sleeps waiting now."""
         return len(self._waiting)
