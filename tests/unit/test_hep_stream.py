@@ -579,7 +579,8 @@ def test_bytes_trickled_into_an_unfinished_tls_record_meet_the_frame_deadline(
     async def body() -> None:
         limits = StreamLimits(50, 50, idle_timeout_s=60.0, frame_timeout_s=5.0,
                               max_buffer_bytes=65535)  # fmt: skip
-        async with Harness(limits, tls=context) as h:
+        clock = FakeClock()
+        async with Harness(limits, tls=context, clock=clock) as h:
             endpoint = h.endpoint(SOURCE_TLS)
 
             def open_agent() -> ssl.SSLSocket:
@@ -589,17 +590,21 @@ def test_bytes_trickled_into_an_unfinished_tls_record_meet_the_frame_deadline(
             with await asyncio.to_thread(open_agent) as agent:
                 agent.sendall(call_frames("whole@x"))
                 await settle(lambda: h.call_ids == {"whole@x"})
-                h.server.expire(time.monotonic() + 5.1)  # whole records: nothing is due
+                clock.advance(5.1)
+                h.server.expire(clock.monotonic())  # whole records: nothing is due
                 assert h.server.closed == {}
                 # Past TLS, straight onto the socket: a record header announcing 16 KiB,
                 # then one byte of it.
                 socket.socket.sendall(agent, b"\x17\x03\x03\x40\x00" + b"\x00")
 
-                def cut_off() -> bool:
-                    h.server.expire(time.monotonic() + 5.1)
-                    return h.server.closed == {(SOURCE_TLS, "frame_timeout"): 1}
-
-                await settle(cut_off)
+                (connection,) = h.server._connections
+                await settle(lambda: connection.started > 0)  # the record has begun
+                clock.advance(4.9)
+                h.server.expire(clock.monotonic())
+                assert h.server.closed == {}
+                clock.advance(0.2)
+                h.server.expire(clock.monotonic())
+                assert h.server.closed == {(SOURCE_TLS, "frame_timeout"): 1}
 
     run(body())
 
