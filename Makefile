@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # The install compiles these (setup.py): an edit rebuilds, so tests run what was edited.
 HOT_PATH := setup.py daemon/sipcdr/hotpath.py daemon/sipcdr/hep.py daemon/sipcdr/sip/_scan.c \
 	$(wildcard daemon/sipcdr/sip/*.py daemon/sipcdr/decode/*.py daemon/sipcdr/dialog/*.py)
-SYSTEM_TOOLS := tshark:tshark sipp:sip-tester kamailio:kamailio
+SYSTEM_TOOLS := tshark:tshark sipp:sip-tester kamailio:kamailio promtool:prometheus
 
 .PHONY: run test lint typecheck unit bench sysdeps clean
 
@@ -40,7 +40,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # The fast loop: no servers, no peers, no daemons; under a minute.
-unit: $(STAMP)
+unit: $(STAMP) sysdeps
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit
 
 test: $(STAMP) sysdeps lint typecheck

@@ -52,6 +52,7 @@ from sipcdr.capture.listeners import (
     AllowList,
     HepGate,
     HepUdpProtocol,
+    ListenerStats,
     SipUdpProtocol,
     udp_drops,
     udp_socket,
@@ -443,8 +444,9 @@ def check_flows() -> None:
         pipeline = Pipeline(Correlator(), sinks=[])
         for data in flow:
             pipeline.process(Packet(0.0, *CALLER, *CALLEE, "udp", data, "check"))
-        if sum(pipeline.messages.values()) != 6 or pipeline.cdrs_written != 1:
-            raise SystemExit(f"call flow not usable: {pipeline.messages} {pipeline.cdrs_written}")
+        messages = pipeline.stats.messages
+        if sum(messages.values()) != 6 or pipeline.cdrs_written != 1:
+            raise SystemExit(f"call flow not usable: {messages} {pipeline.cdrs_written}")
 
 
 def sipcdr_measure(
@@ -464,19 +466,20 @@ def sipcdr_measure(
         spool.open()
         pipeline.signaling = SignalingRecorder(spool)
     allow = AllowList([ipaddress.ip_network("127.0.0.0/8")])
+    listened = ListenerStats()
 
     def protocol(sock: socket.socket) -> asyncio.DatagramProtocol:
         if kind == "SIP":
-            return SipUdpProtocol(pipeline, allow, sock.getsockname()[:2])
-        return HepUdpProtocol(pipeline, allow, HepGate({}))
+            return SipUdpProtocol(pipeline, allow, sock.getsockname()[:2], listened)
+        return HepUdpProtocol(pipeline, allow, HepGate({}), listened)
 
     receiver = endpoint_receiver(
-        uvloop.new_event_loop, protocol, lambda _proto: sum(pipeline.received.values())
+        uvloop.new_event_loop, protocol, lambda _proto: sum(listened.received.values())
     )
     run = measure(receiver, sender, templates, count, rate, quiet)
     if spool is not None:
         spool.close()
-    processed = sum(pipeline.messages.values())
+    processed = sum(pipeline.stats.messages.values())
     return Run(
         offered=run.offered,
         taken=run.taken,
@@ -485,7 +488,9 @@ def sipcdr_measure(
         send_seconds=run.send_seconds,
         cpu_seconds=run.cpu_seconds,
         processed=processed,
-        lost_in_pipeline=sum(pipeline.drops.values()) + sum(pipeline.parse_errors.values()),
+        lost_in_pipeline=sum(listened.dropped.values())
+        + sum(pipeline.stats.parse_errors.values())
+        + sum(pipeline.stats.internal_errors.values()),
         cdrs=pipeline.cdrs_written,
     )
 

@@ -23,11 +23,13 @@ from sipcdr.capture.listeners import (
     AllowList,
     HepGate,
     HepUdpProtocol,
+    ListenerStats,
     SipUdpProtocol,
     udp_drops,
     udp_socket,
 )
 from sipcdr.capture.live import LiveCapture
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import CaptureConfig, Config, output_settings
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
@@ -41,9 +43,9 @@ from sipcdr.sinks.outputs import Outputs
 from sipcdr.spare import SPARE_NAME, SpareRoom, SpareSpace
 from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR
 from sipcdr.telemetry.http import MetricsServer
-from sipcdr.telemetry.metrics import Metrics
+from sipcdr.telemetry.metrics import Metrics, Sources
 
-TICK_S = 1.0  # timers, metric batches and sink flushes: once a second
+TICK_S = 1.0  # timers, sink flushes and loss logging: once a second
 # Intake resumes only once what paused it has been gone this long: a disk that took the
 # reserve back must go on taking writes before new calls come in again.
 RESUME_AFTER_S = 5.0
@@ -139,15 +141,17 @@ class IntakeGate:
         return max(RESUME_AFTER_S, self.resume_after_s / 2**halvings)
 
     def _refused(self) -> int:
-        # Cumulative: `pipeline.drops` is emptied into Prometheus on every tick.
-        return self.pipeline.intake_refused
+        return sum(self.pipeline.stats.calls_refused.values())
 
 
 class App:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
+        self.clock = clock
         self.log = structlog.get_logger("sipcdr")
-        self.metrics = Metrics()
+        # The listeners' counts, kept across a start tried again.
+        self.listener_stats = ListenerStats()
+        self.metrics = Metrics(self._metric_sources)
         self._build()
         self._allow = AllowList(config.capture.allow)
         self._gate = HepGate(config.capture.hep_keys)
@@ -156,7 +160,7 @@ class App:
             config.metrics.listen.host,
             config.metrics.listen.port,
             ready=lambda: self._ready,
-            refused=self.metrics.metrics_connections_refused,
+            clock=clock,
         )
         self._ticker: asyncio.Task[None] | None = None
         self._ready = False
@@ -171,10 +175,10 @@ class App:
         after one failed, which then recovers from disk what the failed one saved."""
         config = self.config
         self.correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
-        self.outputs = Outputs(output_settings(config))
+        self.outputs = Outputs(output_settings(config), clock=self.clock)
         # The CDR writer and the signaling recorder exist once the spools are open.
-        self.pipeline = Pipeline(self.correlator, (), self.metrics)
-        self.spare = SpareSpace(self.state_dir / SPARE_NAME, config.state.spare_bytes)
+        self.pipeline = Pipeline(self.correlator, ())
+        self.spare = SpareSpace(self.state_dir / SPARE_NAME, config.state.spare_bytes, self.clock)
         self.dialogs = DialogStore(
             self.state_dir,
             self.correlator,
@@ -182,18 +186,17 @@ class App:
             # One power-loss bound for CDRs and for the call changes behind them.
             fsync_interval_s=config.spool.fsync_interval_ms / 1000,
             on_no_space=self._make_room,
+            clock=self.clock.monotonic,
+            wall_clock=self.clock.time,
         )
-        self.intake = IntakeGate(self.pipeline)
-        self._spare_releases_exported = 0
+        self.intake = IntakeGate(self.pipeline, self.clock.monotonic)
         self.spare_room = SpareRoom(self.spare)
 
     def _reset_inputs(self) -> None:
         self._hep_stream: HepStreamServer | None = None
         self._transports: list[asyncio.DatagramTransport] = []
         self._udp: list[tuple[str, socket.socket]] = []
-        self._udp_drops: dict[int, int] = {}
         self._live: list[LiveCapture] = []
-        self._live_seen: dict[tuple[str, str], int] = {}
         self._live_tasks: list[asyncio.Task[None]] = []
         self.bound: dict[str, list[tuple[str, int]]] = {
             "sip_udp": [],
@@ -201,6 +204,25 @@ class App:
             "hep_tcp": [],
             "hep_tls": [],
         }
+
+    def _metric_sources(self) -> Sources:
+        """What the metrics endpoint reads at each scrape: the components as they are
+        now (a start tried again builds new ones)."""
+        return Sources(
+            pipeline=self.pipeline,
+            correlator=self.correlator,
+            trunks=[trunk.name for trunk in self.config.trunks],
+            listeners=self.listener_stats,
+            gate=self._gate,
+            hep_stream=self._hep_stream,
+            live=self._live,
+            udp=self._udp,
+            udp_drops=udp_drops,
+            outputs=self.outputs,
+            dialogs=self.dialogs,
+            spare=self.spare,
+            metrics_server=self._metrics_server,
+        )
 
     @property
     def state_dir(self) -> Path:
@@ -341,13 +363,24 @@ class App:
             sock = udp_socket(endpoint.host, endpoint.port, capture.rcvbuf_bytes)
             local = sock.getsockname()[:2]
             transport, _ = await loop.create_datagram_endpoint(
-                functools.partial(SipUdpProtocol, self.pipeline, self._allow, local), sock=sock
+                functools.partial(
+                    SipUdpProtocol,
+                    self.pipeline,
+                    self._allow,
+                    local,
+                    self.listener_stats,
+                    self.clock,
+                ),
+                sock=sock,
             )
             self._register_udp("sip_udp", sock, transport)
         for endpoint in capture.hep_udp:
             sock = udp_socket(endpoint.host, endpoint.port, capture.rcvbuf_bytes)
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: HepUdpProtocol(self.pipeline, self._allow, self._gate), sock=sock
+                lambda: HepUdpProtocol(
+                    self.pipeline, self._allow, self._gate, self.listener_stats, self.clock
+                ),
+                sock=sock,
             )
             self._register_udp("hep_udp", sock, transport)
         if capture.hep_tcp or capture.hep_tls:
@@ -374,6 +407,8 @@ class App:
                 tcp=capture.hep_tcp,
                 tls=capture.hep_tls,
                 tls_context=context,
+                stats=self.listener_stats,
+                clock=self.clock,
             )
             await self._hep_stream.start()
             if self._hep_stream.sweeper is not None:
@@ -426,30 +461,6 @@ class App:
         self._live_tasks.append(task)
         self.bound.setdefault("live", []).append((interface, 0))
 
-    def _count_live(self) -> None:
-        pipeline = self.pipeline
-        for capturer in self._live:
-            stats = capturer.stats
-            for name, total in (
-                ("sip", stats.sip_packets),
-                ("kernel_drop", stats.kernel_drops),
-                ("backlog_full", stats.pending_dropped),
-                ("callback_error", stats.callback_errors),
-                ("hep_clock_skew", stats.capture.hep_clock_skew),
-            ):
-                key = (capturer.interface, name)
-                delta = total - self._live_seen.get(key, 0)
-                if delta > 0:
-                    self._live_seen[key] = total
-                    if name == "sip":
-                        pipeline.count_received("live", delta)
-                    elif name == "hep_clock_skew":
-                        pipeline.hep_clock_skew += delta
-                    else:
-                        pipeline.drops[("live", name)] = (
-                            pipeline.drops.get(("live", name), 0) + delta
-                        )
-
     def _register_udp(
         self, kind: str, sock: socket.socket, transport: asyncio.DatagramTransport
     ) -> None:
@@ -466,23 +477,22 @@ class App:
 
     async def _tick(self) -> None:
         while True:
-            await asyncio.sleep(TICK_S)
+            await self.clock.sleep(TICK_S)
             try:
-                self.tick(time.time())
+                self.tick(self.clock.time())
             except Exception as exc:  # a full disk must not stop the timers for good
                 self.log.error("tick_failed", error=repr(exc))
 
     def tick(self, now: float) -> None:
-        """Timers, sink flushes and metric batches; called once a second. Each step on
-        its own: a full disk must not freeze the metrics that would show it."""
+        """Timers, sink flushes and the log lines of losses; called once a second. Each
+        step on its own: a full disk must not stop the timers."""
         steps: list[tuple[str, Callable[[], object]]] = [
             ("expire", lambda: self.pipeline.expire(now)),
             ("flush_sinks", self.pipeline.flush),
             ("spare", self.spare_room.keep),
             ("intake_gate", lambda: self.intake.update(self._intake_block_reason())),
-            ("export_delivery_metrics", lambda: self.outputs.export_metrics(self.metrics)),
-            ("export_dialog_state_metrics", lambda: self.dialogs.export_metrics(self.metrics)),
-            ("export_metrics", self._export_metrics),
+            ("log_output_losses", self.outputs.log_losses),
+            ("log_dialog_state_losses", self.dialogs.log_losses),
         ]
         for name, step in steps:
             try:
@@ -498,44 +508,6 @@ class App:
             reason = "write_error"
         return reason
 
-    def _export_metrics(self) -> None:
-        self._count_live()
-        for kind, sock in self._udp:
-            total = udp_drops(sock)
-            if total is not None:
-                delta = total - self._udp_drops.get(sock.fileno(), 0)
-                self._udp_drops[sock.fileno()] = total
-                if delta > 0:
-                    self.pipeline.drops[(kind, "rcvbuf_overflow")] = (
-                        self.pipeline.drops.get((kind, "rcvbuf_overflow"), 0) + delta
-                    )
-        self.metrics.spare_bytes.set(self.spare.bytes_held)
-        delta = self.spare.releases - self._spare_releases_exported
-        if delta > 0:
-            self._spare_releases_exported = self.spare.releases
-            self.metrics.spare_released.inc(delta)
-        self.metrics.intake_paused.set(1 if self.pipeline.paused else 0)
-        for capture_id, count in self._gate.rejected.items():
-            self.metrics.hep_rejected.labels(capture_id).inc(count)
-        self._gate.rejected.clear()
-        if self._hep_stream is not None:
-            self._export_stream_metrics(self._hep_stream)
-        self.pipeline.flush_metrics()
-
-    def _export_stream_metrics(self, stream: HepStreamServer) -> None:
-        metrics = self.metrics
-        for (source, reason), count in stream.refused.items():
-            metrics.hep_connections_refused.labels(source, reason).inc(count)
-        stream.refused.clear()
-        for (source, reason), count in stream.closed.items():
-            metrics.hep_connections_closed.labels(source, reason).inc(count)
-        stream.closed.clear()
-        for reason, count in stream.handshake_failures.items():
-            metrics.hep_tls_handshake_failures.labels(reason).inc(count)
-        stream.handshake_failures.clear()
-        for source, count in stream.open.items():
-            metrics.hep_connections.labels(source).set(count)
-
     async def stop(self) -> None:
         """Idempotent. Intake first, so nothing arrives while state is written."""
         if self._stopped or not self._started:
@@ -544,7 +516,6 @@ class App:
         self._ready = False
         for capturer in self._live:
             await capturer.stop()
-        self._count_live()
         self._close_inputs()
         if self._hep_stream is not None:
             await self._hep_stream.stop()
@@ -555,7 +526,7 @@ class App:
         # Each step on its own: a failure in one must not skip the others. CDRs first,
         # since they are what a stop must never lose.
         steps: list[tuple[str, Callable[[], object]]] = [
-            ("expire", lambda: self.pipeline.expire(time.time())),
+            ("expire", lambda: self.pipeline.expire(self.clock.time())),
             ("flush_sinks", self.pipeline.flush),
         ]
         for name, step in steps:
@@ -567,9 +538,8 @@ class App:
         # the sinks get what they can take.
         await self._save_and_close()
         for name, step in (
-            ("export_metrics", lambda: self.outputs.export_metrics(self.metrics)),
-            ("export_dialog_state_metrics", lambda: self.dialogs.export_metrics(self.metrics)),
-            ("flush_metrics", self.pipeline.flush_metrics),
+            ("log_output_losses", self.outputs.log_losses),
+            ("log_dialog_state_losses", self.dialogs.log_losses),
         ):
             try:
                 step()

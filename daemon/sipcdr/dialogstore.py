@@ -73,13 +73,10 @@ import orjson
 import structlog
 
 from sipcdr.dialog import Correlator
-from sipcdr.dialog.correlator import CorrelatorStats
-from sipcdr.dialog.kpi import Kpi
 from sipcdr.model import CDR_MONEY_FIELDS, Cdr, Packet, money
 from sipcdr.private import open_private_fd
 from sipcdr.sinks.spool import DEFAULT_FSYNC_INTERVAL_S
 from sipcdr.sip import parse
-from sipcdr.telemetry.metrics import Metrics
 
 # At most this long between checkpoints while messages arrive: after a crash, a call's
 # last-message time (which ends a call whose BYE never comes) is at most this old, and
@@ -217,7 +214,7 @@ class DialogStore:
         self._reported_intact = True
         self._writing: tuple[_Checkpoint, asyncio.Future[None]] | None = None
         self._unwritten: list[Cdr] = []  # from recovery, until the start writes them
-        self._exported: dict[str, int] = {}
+        self._write_errors_logged = 0  # journal_write_errors as of the last log line
 
     @property
     def journal_bytes(self) -> int:
@@ -357,15 +354,7 @@ class DialogStore:
         self._generation = max((base, *checkpoints, *journals))
         # A clock that ran ahead before the stop must not stamp what closes from now on.
         self.correlator.limit_time(self._wall_clock())
-        # What replay counted was counted by the process that first saw it; this one
-        # counts the calls it holds and the CDRs it still has to write.
-        stats = CorrelatorStats()
-        stats.dialogs_restored = self.correlator.open_dialogs
-        self.correlator.stats = stats
-        self.correlator.kpis.clear()
-        for cdr in pending.values():
-            stats.cdrs[cdr.disposition] = stats.cdrs.get(cdr.disposition, 0) + 1
-            self.correlator.kpis.setdefault(cdr.trunk, Kpi()).add(cdr)
+        self.correlator.recount(pending.values())
         self.stats.replayed_records += replayed
         if checkpoints or journals or restored:
             self.log.info(
@@ -847,36 +836,18 @@ class DialogStore:
 
     # -- metrics ------------------------------------------------------------------------
 
-    def export_metrics(self, metrics: Metrics) -> None:
-        """Move the counts into Prometheus; log lost journal records at ERROR."""
-        stats = self.stats
-        metrics.dialog_journal_bytes.set(self.journal_bytes)
-        for kind, total in (
-            ("message", stats.journal_messages),
-            ("close", stats.journal_closes),
-            ("decision", stats.journal_decisions),
-        ):
-            self._add(metrics.dialog_journal_records.labels(kind), f"rec:{kind}", total)
-        for outcome, total in (
-            ("written", stats.checkpoints),
-            ("failed", stats.checkpoint_failures),
-        ):
-            self._add(metrics.dialog_checkpoints.labels(outcome), f"ckpt:{outcome}", total)
-        for what, total in (
-            ("journal_write_error", stats.journal_write_errors),
-            ("torn_tail", stats.torn_tails),
-            ("bad_record", stats.bad_records),
-            ("unreadable_checkpoint", stats.unreadable_checkpoints),
-            ("unreadable_journal", stats.unreadable_journals),
-            ("internal_error", stats.internal_errors),
-        ):
-            delta = self._add(metrics.dialog_state_errors.labels(what), f"err:{what}", total)
-            if delta and what == "journal_write_error":
-                self.log.error(
-                    "dialog_journal_write_failed",
-                    records=delta,
-                    note="calls changed since the last checkpoint are not rebuilt after a crash",
-                )
+    def log_losses(self) -> None:
+        """Log lost journal records at ERROR each time their count grows; the counts
+        reach Prometheus through the telemetry exporter."""
+        total = self.stats.journal_write_errors
+        delta = total - self._write_errors_logged
+        if delta > 0:
+            self._write_errors_logged = total
+            self.log.error(
+                "dialog_journal_write_failed",
+                records=delta,
+                note="calls changed since the last checkpoint are not rebuilt after a crash",
+            )
 
     def _log_damage(self) -> None:
         stats = self.stats
@@ -888,13 +859,6 @@ class DialogStore:
                 torn_bytes=stats.torn_bytes,
                 bad_records=stats.bad_records,
             )
-
-    def _add(self, counter: Any, key: str, total: int) -> int:
-        delta = total - self._exported.get(key, 0)
-        if delta > 0:
-            self._exported[key] = total
-            counter.inc(delta)
-        return max(delta, 0)
 
 
 def read_checkpoint(data: bytes) -> tuple[dict[str, object], list[Cdr]]:

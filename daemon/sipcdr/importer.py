@@ -19,7 +19,6 @@ import heapq
 import os
 import shutil
 import sys
-import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +27,7 @@ import orjson
 import structlog
 
 from sipcdr.capture.pcapfile import CaptureFileError, iter_packets
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import Config, output_settings
 from sipcdr.decode.extract import CaptureStats
 from sipcdr.dialog import Correlator
@@ -142,13 +142,15 @@ _STUCK = {
 }
 
 
-async def _wait_for_room(outputs: Outputs, timeout_s: float) -> str | None:
+async def _wait_for_room(
+    outputs: Outputs, timeout_s: float, clock: Clock = SYSTEM_CLOCK
+) -> str | None:
     """Wait while a spool is full, the disk refuses CDRs (they wait in the reserve, and
     are written again here) or signaling is below its free-space floor with records
     the sinks do not have yet; the reason when nothing moved for `timeout_s`, None
     once the import may read on."""
     delivery = outputs.delivery
-    deadline = time.monotonic() + timeout_s
+    deadline = clock.monotonic() + timeout_s
     progress = -1
     while (reason := outputs.wait_reason) is not None:
         outputs.flush()  # writes the reserve and reads the free space again, if due
@@ -157,10 +159,10 @@ async def _wait_for_room(outputs: Outputs, timeout_s: float) -> str | None:
             now_progress += sum(r.confirmed_seq for _s, r in delivery.readers())
         if now_progress != progress:  # a sink or the disk is moving: the full time again
             progress = now_progress
-            deadline = time.monotonic() + timeout_s
-        if time.monotonic() >= deadline:
+            deadline = clock.monotonic() + timeout_s
+        if clock.monotonic() >= deadline:
             return reason
-        await asyncio.sleep(0.05)
+        await clock.sleep(0.05)
     return None
 
 
@@ -247,7 +249,7 @@ def _import(
         stats = pipeline.correlator.stats
         requests: dict[str, int] = {}
         responses: dict[str, int] = {}
-        for (method, kind), count in pipeline.messages.items():
+        for (method, kind), count in pipeline.stats.messages.items():
             target = requests if kind == "request" else responses
             target[method] = target.get(method, 0) + count
         summary.update(
@@ -258,7 +260,7 @@ def _import(
                 "sip_messages": packets,
                 "requests_by_method": requests,
                 "responses_by_cseq_method": responses,
-                "rejected_by_reason": dict(pipeline.parse_errors),
+                "rejected_by_reason": dict(pipeline.stats.parse_errors),
                 "cdrs_written": pipeline.cdrs_written,
                 "cdrs_by_disposition": dict(stats.cdrs),
                 "retransmissions": stats.retransmissions,

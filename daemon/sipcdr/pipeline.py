@@ -4,25 +4,47 @@ One synchronous `process` per packet, called straight from the capture adapters'
 callbacks. Parsing is the costly step and runs on one core either way, so a queue
 between receiving and parsing would add a copy and a wake-up without adding
 capacity; the bounded buffer in front of it is the socket's SO_RCVBUF, whose
-overflows the kernel counts and `capture` exports. Counters are plain ints here and
-reach Prometheus in batches through `flush_metrics`.
+overflows the kernel counts. What the pipeline counts is in `PipelineStats`, plain
+ints bumped in place that the telemetry exporter reads when it is scraped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import structlog
 
 from sipcdr.dialog import Correlator
 from sipcdr.model import Cdr, Packet
 from sipcdr.sip import SipMessage, SipParseError, parse
-from sipcdr.telemetry.metrics import Metrics, method_label
 
-Key = TypeVar("Key")
 _ERROR_LOG_LIMIT = 10  # the first few internal errors are logged in full; all are counted
 _log = structlog.get_logger("sipcdr.pipeline")
+
+
+class PipelineStats:
+    """What the pipeline counts; only ever added to."""
+
+    __slots__ = (
+        "calls_refused",
+        "cdr_write_failures",
+        "cdrs_emitted",
+        "internal_errors",
+        "messages",
+        "parse_errors",
+    )
+
+    def __init__(self) -> None:
+        self.parse_errors: dict[str, int] = {}  # by parser reason
+        self.messages: dict[tuple[str, str], int] = {}  # by (method, "request"|"response")
+        # New calls refused while intake is paused, by the pause's reason.
+        self.calls_refused: dict[str, int] = {}
+        # Messages a bug cost, by stage: correlator (the message did not reach its
+        # call), signaling (its signaling record was not written).
+        self.internal_errors: dict[str, int] = {}
+        self.cdr_write_failures: dict[str, int] = {}  # by sink: a CDR the sink raised on
+        self.cdrs_emitted = 0
 
 
 class CdrSink(Protocol):
@@ -36,36 +58,25 @@ class CdrSink(Protocol):
 class Pipeline:
     __slots__ = (
         "_errors_logged",
-        "_flushed",
-        "cdrs_written",
+        "_messages",
+        "_parse_errors",
         "correlator",
         "decided",
-        "drops",
-        "hep_clock_skew",
-        "intake_refused",
         "journal",
-        "messages",
-        "metrics",
-        "parse_errors",
         "pause_reason",
         "paused",
-        "received",
         "signaling",
         "sinks",
+        "stats",
     )
 
-    def __init__(
-        self, correlator: Correlator, sinks: Sequence[CdrSink], metrics: Metrics | None = None
-    ) -> None:
+    def __init__(self, correlator: Correlator, sinks: Sequence[CdrSink]) -> None:
         self.correlator = correlator
         self.sinks = tuple(sinks)
-        self.metrics = metrics or Metrics()
-        self.received: dict[str, int] = {}  # by source kind
-        self.drops: dict[tuple[str, str], int] = {}  # by (source kind, reason)
-        self.parse_errors: dict[str, int] = {}  # by parser reason
-        self.messages: dict[tuple[str, str], int] = {}  # by (method, "request"|"response")
-        self.cdrs_written = 0
-        self.hep_clock_skew = 0  # HEP times replaced by the receive time
+        self.stats = PipelineStats()
+        # The hot path's counters, one attribute lookup away.
+        self._parse_errors = self.stats.parse_errors
+        self._messages = self.stats.messages
         # Each parsed message, for the sinks that keep signaling; None when none does.
         self.signaling: Callable[[Packet, SipMessage], None] | None = None
         # Each message that changed a call, for the dialog journal (the daemon's; an
@@ -80,47 +91,39 @@ class Pipeline:
         # calls whose CDRs would have nowhere to go.
         self.paused = False
         self.pause_reason = "spool_full"
-        # New calls refused while paused, since start: `drops` is emptied on every export.
-        self.intake_refused = 0
-        self._flushed: dict[str, int] = {}  # correlator counters already exported
         self._errors_logged = 0
 
-    def count_received(self, source: str, n: int = 1) -> None:
-        self.received[source] = self.received.get(source, 0) + n
-
-    def drop(self, source: str, reason: str) -> None:
-        """Count input refused before parsing; every drop has a reason."""
-        key = (source, reason)
-        self.drops[key] = self.drops.get(key, 0) + 1
+    @property
+    def cdrs_written(self) -> int:
+        return self.stats.cdrs_emitted
 
     def process(self, packet: Packet) -> None:
         """Parse and correlate one captured SIP message; emit the CDRs it closes."""
         try:
             msg = parse(packet.payload)
         except SipParseError as exc:
-            errors = self.parse_errors
+            errors = self._parse_errors
             errors[exc.reason] = errors.get(exc.reason, 0) + 1
             return
         if self.paused and (msg.method == "INVITE" and not self.correlator.is_open(msg.call_id)):
             # Only new calls are refused: the BYE of a call already being billed must
             # still end it, or its CDR would close short, by a timeout, much later.
-            self.drop("intake", self.pause_reason)
-            self.intake_refused += 1
+            _bump(self.stats.calls_refused, self.pause_reason)
             return
         key = (msg.method, "request") if msg.is_request else (msg.cseq_method, "response")
-        messages = self.messages
+        messages = self._messages
         messages[key] = messages.get(key, 0) + 1
         if self.signaling is not None:
             try:
                 self.signaling(packet, msg)
             except Exception as exc:  # the signaling copy must never cost the call
-                self.drop("signaling", "internal_error")
+                _bump(self.stats.internal_errors, "signaling")
                 self._log_error("signaling_record_failed", exc, msg.call_id)
         try:
             closed = self.correlator.feed(packet, msg)
         except Exception as exc:
             # A correlator bug costs this message, counted, never the capture loop.
-            self.drop("correlator", "internal_error")
+            _bump(self.stats.internal_errors, "correlator")
             self._log_error("correlator_failed", exc, msg.call_id)
             return
         journal = self.journal
@@ -153,61 +156,14 @@ class Pipeline:
                 try:
                     sink.write(cdr)
                 except Exception as exc:  # one sink's bug must not cost the others
-                    self.drop("cdr", "write_error")
+                    _bump(self.stats.cdr_write_failures, sink.name)
                     self._log_error("cdr_write_failed", exc, cdr.call_id)
-        self.cdrs_written += len(cdrs)
+        self.stats.cdrs_emitted += len(cdrs)
 
     def flush(self) -> None:
         for sink in self.sinks:
             sink.flush()
 
-    def flush_metrics(self) -> None:
-        """Move the counts gathered since the last call into Prometheus."""
-        m = self.metrics
-        for source, n in _take(self.received).items():
-            m.packets_received.labels(source).inc(n)
-        for (source, reason), n in _take(self.drops).items():
-            m.packets_dropped.labels(source, reason).inc(n)
-        for reason, n in _take(self.parse_errors).items():
-            m.parse_errors.labels(reason).inc(n)
-        for (method, kind), n in _take(self.messages).items():
-            m.sip_messages.labels(method_label(method), kind).inc(n)
-        if self.hep_clock_skew:
-            m.hep_clock_skew.inc(self.hep_clock_skew)
-            self.hep_clock_skew = 0
-        stats = self.correlator.stats
-        events = {
-            "retransmission": stats.retransmissions,
-            "late": stats.late,
-            "orphan": stats.orphans,
-            "unusable": stats.unusable,
-            "evicted": stats.evicted,
-            "restored": stats.dialogs_restored,
-            "conflicting_from_tag": stats.conflicting_from_tag,
-        }
-        events.update({f"cdr:{k}": v for k, v in stats.cdrs.items()})
-        for name, total in events.items():
-            delta = total - self._flushed.get(name, 0)
-            if delta:
-                self._flushed[name] = total
-                if name.startswith("cdr:"):
-                    m.cdrs.labels(name[4:]).inc(delta)
-                else:
-                    m.dialog_events.labels(name).inc(delta)
-        m.open_dialogs.set(self.correlator.open_dialogs)
-        for trunk, kpi in self.correlator.kpis.items():
-            label = trunk or ""
-            for gauge, value in (
-                (m.asr, kpi.asr),
-                (m.ner, kpi.ner),
-                (m.acd, kpi.acd),
-                (m.pdd, None if kpi.pdd is None else kpi.pdd / 1000),
-            ):
-                if value is not None:
-                    gauge.labels(label).set(value)
 
-
-def _take(counts: dict[Key, int]) -> dict[Key, int]:
-    taken = dict(counts)
-    counts.clear()
-    return taken
+def _bump(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1

@@ -36,11 +36,11 @@ import os
 import stat as statmod
 from collections.abc import Mapping
 from pathlib import Path
-from time import monotonic
 from typing import TYPE_CHECKING, Final
 
 import structlog
 
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.private import open_private_fd
 from sipcdr.sinks.base import STREAM_RECORDS, STREAM_SIGNALING
 
@@ -64,8 +64,9 @@ class SpareSpace:
     tick) and checks that it is still whole; `release()` gives it up (the spool's and
     the dialog store's `on_no_space`)."""
 
-    def __init__(self, path: Path, size_bytes: int) -> None:
+    def __init__(self, path: Path, size_bytes: int, clock: Clock = SYSTEM_CLOCK) -> None:
         self.path = path
+        self._clock = clock
         self.size_bytes = size_bytes
         self.ready = False  # allocated, whole, on disk
         self.released = False  # given up for a full disk, not allocated again since
@@ -85,7 +86,7 @@ class SpareSpace:
         for it and as much again, or a quarter as much after a release; True when it is
         there. The file is looked at, at most every `_CHECK_S`: never trusted by its name
         alone. Never raises."""
-        now = monotonic()
+        now = self._clock.monotonic()
         if now < self._checked_until:
             return self.ready
         self._checked_until = now + _CHECK_S

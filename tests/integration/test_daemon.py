@@ -86,6 +86,11 @@ def test_calls_over_sip_udp_hep_udp_and_hep_tcp(daemon: Daemon) -> None:
     assert daemon.metric("sipcdr_sip_parse_errors_total", reason="bad_request_line") == 1
     assert daemon.metric("sipcdr_cdrs_total", disposition="answered") == 3
     assert daemon.metric("sipcdr_packets_received_total", source="hep_tcp") == 6
+    # The KPIs of calls from no configured trunk, counted from the CDRs.
+    assert daemon.metric("sipcdr_call_attempts_total", trunk="unknown") == 3
+    assert daemon.metric("sipcdr_calls_answered_total", trunk="unknown") == 3
+    assert daemon.metric("sipcdr_calls_network_effective_total", trunk="unknown") == 3
+    assert daemon.metric("sipcdr_call_duration_seconds_count", trunk="unknown") == 3
     for path, expected in (("/healthz", b"ok\n"), ("/readyz", b"ready\n")):
         url = f"http://127.0.0.1:{daemon.metrics_port}{path}"
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -260,7 +265,7 @@ def test_hep_from_a_skewed_agent_clock_still_gives_the_right_cdr(daemon: Daemon)
     record = daemon.cdrs()[0]
     assert (record["disposition"], record["end_reason"]) == ("answered", "bye")
     assert 2.0 <= float(str(record["billsec"])) <= 5.0
-    wait_for(lambda: daemon.metric("sipcdr_hep_timestamp_replaced_total") == 6)
+    wait_for(lambda: daemon.metric("sipcdr_hep_timestamp_replaced_total", input="listener") == 6)
     assert daemon.stop() == 0
 
 

@@ -255,7 +255,7 @@ def test_a_full_spool_blocks_intake_counted_and_resumes(
 
 
 def refused(daemon: Daemon) -> float:
-    return daemon.metric("sipcdr_packets_dropped_total", source="intake", reason="spool_full")
+    return daemon.metric("sipcdr_calls_refused_total", reason="spool_full")
 
 
 def _rss_bytes(pid: int) -> int:

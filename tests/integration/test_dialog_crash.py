@@ -260,6 +260,9 @@ def test_sigterm_on_a_full_disk_keeps_the_previous_checkpoint_and_the_calls(
             timeout=30,
         )
         wait_for(lambda: first.metric("sipcdr_open_dialogs") == len(held) + LATE_CALLS)
+        # The metrics show the journal error as it happens; the checkpoint that fails
+        # after it, and says so at ERROR, is the next one due.
+        wait_for(lambda: _logged(first, "dialog_checkpoint_failed", "error"), timeout=30)
     assert first.stop() == 0
 
     log = [json.loads(line) for line in first.log.read_text().splitlines() if line]
@@ -333,3 +336,8 @@ async def test_a_start_tried_again_in_the_same_process_journals_and_listens_afre
         assert app.dialogs.stats.journal_write_errors == 0
     finally:
         await app.stop()
+
+
+def _logged(daemon: Daemon, event: str, level: str) -> bool:
+    entries = (json.loads(line) for line in daemon.log.read_text().splitlines() if line)
+    return any(e["event"] == event and e["level"] == level for e in entries)

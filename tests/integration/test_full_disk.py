@@ -47,7 +47,7 @@ def received(daemon: Daemon) -> float:
 
 
 def refused(daemon: Daemon, reason: str) -> float:
-    return daemon.metric("sipcdr_packets_dropped_total", source="intake", reason=reason)
+    return daemon.metric("sipcdr_calls_refused_total", reason=reason)
 
 
 @pytest.mark.parametrize("spare_bytes", [0, 1024 * 1024])

@@ -41,7 +41,7 @@ from sipcdr.sinks.kafka import KafkaDeliveryError, KafkaSink
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.settings import DEFAULT_TOPIC_CDRS, DEFAULT_TOPIC_FRAUD
 from sipcdr.sinks.spool import Spool
-from sipcdr.telemetry.metrics import Metrics
+from sipcdr.telemetry.metrics import Metrics, Sources
 from structlog.testing import capture_logs
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
@@ -571,12 +571,11 @@ async def test_an_outage_the_client_rides_out_is_reported_within_seconds(
             ),
         )
     )
-    metrics = Metrics()
     outputs = Outputs(config.output_settings(settings), spool_dir=tmp_path / "spool")
+    metrics = Metrics(lambda: Sources(outputs=outputs))
     values = cdr_values(40, outage)
 
     def sink_up() -> float | None:
-        outputs.export_metrics(metrics)
         labels = {"sink": "kafka", "stream": "records"}
         return metrics.registry.get_sample_value("sipcdr_sink_up", labels)
 

@@ -13,6 +13,7 @@ import orjson
 import pytest
 from sipcalls import Call, CdrCollector, packet
 from sipcdr.app import IntakeGate
+from sipcdr.clock import FakeClock, settle
 from sipcdr.config import (
     Config,
     JsonlConfig,
@@ -25,11 +26,11 @@ from sipcdr.dialog import Correlator
 from sipcdr.pipeline import Pipeline
 from sipcdr.sinks import delivery as delivery_module
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, RecordsRejected, SpoolRecord
-from sipcdr.sinks.delivery import Delivery
+from sipcdr.sinks.delivery import MIN_BACKOFF_S, PROBE_INTERVAL_S, SLOW_BATCH_S, Delivery
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.spool import Spool
-from sipcdr.telemetry.metrics import Metrics
+from sipcdr.telemetry.metrics import Metrics, Sources
 from smalldisk import SmallDisk, fill
 from structlog.testing import capture_logs
 
@@ -94,6 +95,10 @@ async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     while not condition():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+async def _probed(sink: MemorySink, times: int) -> None:
+    await _until(lambda: sink.probes == times)
 
 
 async def test_each_sink_gets_every_record_in_order(tmp_path: Path) -> None:
@@ -195,10 +200,8 @@ async def test_outputs_export_lag_and_failures(tmp_path: Path) -> None:
     assert outputs.signaling is None  # nothing keeps signaling without PostgreSQL
     outputs.cdr_writer.spool.append(KIND_CDR, b"k", orjson.dumps({"cdr_id": "x"}))
     await _until((tmp_path / "cdrs.jsonl").exists)
-    metrics = Metrics()
-    outputs.export_metrics(metrics)
-    await outputs.close()
-    outputs.export_metrics(metrics)  # after close too: the final numbers
+    metrics = Metrics(lambda: Sources(outputs=outputs))
+    await outputs.close()  # read after the close: the final numbers
     text = (tmp_path / "cdrs.jsonl").read_bytes()
     assert orjson.loads(text) == {"cdr_id": "x"}
     value = metrics.registry.get_sample_value
@@ -407,8 +410,7 @@ async def test_outputs_hold_refused_cdrs_block_intake_and_export_it(
     monkeypatch.setattr(os, "write", full_disk)
     for n in range(5):
         spool.append(KIND_CDR, b"k", orjson.dumps({"cdr_id": str(n)}))
-    metrics = Metrics()
-    outputs.export_metrics(metrics)
+    metrics = Metrics(lambda: Sources(outputs=outputs))
     value = metrics.registry.get_sample_value
     assert outputs.intake_block_reason == "write_error"
     assert outputs.must_wait
@@ -419,7 +421,6 @@ async def test_outputs_hold_refused_cdrs_block_intake_and_export_it(
     assert outputs.intake_block_reason is None
     await _until((tmp_path / "cdrs.jsonl").exists)
     await outputs.close()
-    outputs.export_metrics(metrics)
     assert value("sipcdr_spool_reserve_records", {"stream": "records"}) == 0
     lines = (tmp_path / "cdrs.jsonl").read_bytes().splitlines()
     assert [orjson.loads(line)["cdr_id"] for line in lines] == ["0", "1", "2"]
@@ -442,7 +443,7 @@ def test_a_paused_intake_refuses_new_calls_but_ends_open_ones(reason: str) -> No
     pipeline.pause_reason = reason
     pipeline.process(packet(110.0, new_call.request("INVITE")))
     pipeline.process(packet(130.0, open_call.request("BYE", 2, "z9hG4bK-bye", to_tag="callee-tag")))
-    assert pipeline.drops == {("intake", reason): 1}
+    assert pipeline.stats.calls_refused == {reason: 1}
     assert [cdr.call_id for cdr in collector.cdrs] == ["open@x"]
     assert collector.cdrs[0].end_reason == "bye"
     assert collector.cdrs[0].billsec == 29.0
@@ -456,16 +457,22 @@ def _outage_events(logs: Sequence[Mapping[str, object]]) -> list[object]:
 
 
 async def test_a_slow_batch_to_a_destination_that_answers_keeps_the_loop_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.setattr(delivery_module, "SLOW_BATCH_S", 0.02)
+    clock = FakeClock()
     sink = MemorySink("slow")
     sink.gate = asyncio.Event()
     with Spool(tmp_path, ("slow",)) as spool, capture_logs() as logs:
-        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink], clock=clock)
         await delivery.start()
         _append(spool, 3)
-        await _until(lambda: sink.probes >= 5)  # asked again and again, answered each time
+        await _until(lambda: sink.calls == 1)
+        clock.advance(SLOW_BATCH_S - 0.01)
+        await settle()
+        assert sink.probes == 0  # a batch confirmed within SLOW_BATCH_S asks nothing
+        for asked in range(1, 6):  # asked again every SLOW_BATCH_S, answered each time
+            clock.advance(SLOW_BATCH_S)
+            await _probed(sink, asked)
         ((state, _reader),) = delivery.readers()
         assert state.up
         sink.gate.set()
@@ -479,18 +486,22 @@ async def test_a_batch_held_by_a_destination_that_is_gone_is_reported_while_it_w
 ) -> None:
     """The client retrying on its own (aiokafka, for up to two request timeouts) must not
     hide an outage: the loop probes, and the batch it waits for is not failed for that."""
-    monkeypatch.setattr(delivery_module, "SLOW_BATCH_S", 0.02)
+    clock = FakeClock()
     sink = MemorySink("stuck")
     sink.gate = asyncio.Event()
     sink.gone = True
     with Spool(tmp_path, ("stuck",)) as spool, capture_logs() as logs:
-        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink], clock=clock)
         await delivery.start()
         values = _append(spool, 3)
         ((state, _reader),) = delivery.readers()
-        await _until(lambda: not state.up, timeout=2)
+        await _until(lambda: sink.calls == 1)
+        clock.advance(SLOW_BATCH_S)
+        await _until(lambda: not state.up)
         assert (sink.calls, state.failures) == (1, 0)  # still the first attempt
+        assert f"batch unconfirmed after {SLOW_BATCH_S:.1f} s" in state.last_error
         assert "does not answer" in state.last_error
+        clock.advance(10.0)  # the outage lasts from the batch's start: 12 s in all
         sink.gone = False
         sink.gate.set()
         await _until(lambda: state.up)
@@ -499,23 +510,30 @@ async def test_a_batch_held_by_a_destination_that_is_gone_is_reported_while_it_w
     assert _outage_events(logs) == ["sink_unavailable", "sink_recovered"]
     (warning,) = [entry for entry in logs if entry["event"] == "sink_unavailable"]
     assert warning["log_level"] == "warning"
+    (recovered,) = [entry for entry in logs if entry["event"] == "sink_recovered"]
+    assert recovered["down_s"] == SLOW_BATCH_S + 10.0
 
 
 async def test_delivery_resumes_within_a_probe_interval_of_the_return_not_the_backoff(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(delivery_module, "MIN_BACKOFF_S", 60.0)
-    monkeypatch.setattr(delivery_module, "PROBE_INTERVAL_S", 0.02)
+    clock = FakeClock()
     sink = MemorySink("back")
     sink.failing = sink.gone = True
     with Spool(tmp_path, ("back",)) as spool:
-        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink], clock=clock)
         await delivery.start()
         values = _append(spool, 3)
-        await _until(lambda: sink.calls >= 1 and sink.probes >= 5)
+        await _until(lambda: sink.calls == 1 and sink.probes == 1)  # failed, then asked
+        for asked in range(2, 6):  # asked again every PROBE_INTERVAL_S
+            clock.advance(PROBE_INTERVAL_S)
+            await _probed(sink, asked)
         assert sink.calls == 1  # the probes, not the batch, go out every interval
         sink.failing = sink.gone = False
-        await _until(lambda: len(sink.got) == 3, timeout=2)  # not 60 s
+        clock.advance(PROBE_INTERVAL_S)  # one interval after the return, not 60 s
+        await _until(lambda: len(sink.got) == 3)
+        assert sink.calls == 2
         await delivery.stop()
     assert sink.got == values
 
@@ -523,22 +541,22 @@ async def test_delivery_resumes_within_a_probe_interval_of_the_return_not_the_ba
 async def test_a_destination_that_answers_but_fails_waits_the_whole_backoff(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(delivery_module, "MIN_BACKOFF_S", 0.3)
-    monkeypatch.setattr(delivery_module, "PROBE_INTERVAL_S", 0.01)
+    clock = FakeClock()
     sink = MemorySink("refusing")
     sink.failing = True  # it answers a probe, and refuses the batch
-    loop = asyncio.get_running_loop()
     with Spool(tmp_path, ("refusing",)) as spool:
-        delivery = Delivery({STREAM_RECORDS: spool}, [sink])
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink], clock=clock)
         await delivery.start()
         _append(spool, 3)
-        await _until(lambda: sink.calls >= 1)
-        failed_at = loop.time()
+        await _until(lambda: sink.calls == 1 and sink.probes == 1)
         sink.failing = False
+        clock.advance(MIN_BACKOFF_S - 0.01)  # past a probe interval's worth of polling
+        await settle()
+        assert sink.calls == 1  # still waiting out the backoff
+        clock.advance(0.01)
         await _until(lambda: len(sink.got) == 3)
-        waited = loop.time() - failed_at
         await delivery.stop()
-    assert waited >= 0.25
+    assert sink.calls == 2
     assert sink.probes == 1  # once, to tell a refusal from an outage
 
 
@@ -673,9 +691,11 @@ def test_the_resume_wait_is_capped_near_half_a_minute_and_decays_after_a_calm_sp
 
 
 def test_intake_resumed_counts_every_call_refused_during_the_pause() -> None:
-    """The pipeline's drop counts go to Prometheus (and are cleared) every tick: the
-    figure in `intake_resumed` must not be only what came since the last export."""
+    """The figure in `intake_resumed` counts the whole pause, however often the
+    metrics are scraped meanwhile."""
     pipeline = Pipeline(Correlator(), [])
+    metrics = Metrics(lambda: Sources(pipeline=pipeline))
+    labels = {"reason": "write_error"}
     now = [0.0]
     gate = IntakeGate(pipeline, clock=lambda: now[0])
     with capture_logs() as logs:
@@ -686,15 +706,13 @@ def test_intake_resumed_counts_every_call_refused_during_the_pause() -> None:
                 call = Call(f"refused-{offered}@x")
                 pipeline.process(packet(100.0 + offered, call.request("INVITE")))
                 offered += 1
-            pipeline.flush_metrics()  # the tick's export
+            metrics.registry.get_sample_value("sipcdr_calls_refused_total", labels)  # a scrape
             now[0] += 1.0
             gate.update(None)
     assert offered == 15
     (resumed,) = [e for e in logs if e["event"] == "intake_resumed"]
     assert resumed["calls_refused"] == 15
-    sample = pipeline.metrics.registry.get_sample_value
-    labels = {"source": "intake", "reason": "write_error"}
-    assert sample("sipcdr_packets_dropped_total", labels) == 15
+    assert metrics.registry.get_sample_value("sipcdr_calls_refused_total", labels) == 15
 
 
 async def test_a_held_loop_delivers_nothing_and_a_stop_does_not_wait_for_it(

@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from sipcdr.config import load_config
+from sipcdr.telemetry.families import FAMILIES
 from sipcdr.telemetry.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+RULE_TESTS = Path(__file__).resolve().parent / "promtool"
 _METRIC = re.compile(r"\bsipcdr_[a-z_]+\b")
+# A metric with a label selector: the metric's name and what is inside the braces.
+_SELECTOR = re.compile(r"\b(sipcdr_[a-z_]+)\{([^}]*)\}")
+_SAMPLE_SUFFIXES = ("_total", "_bucket", "_sum", "_count")
 
 
 def _exported_families() -> set[str]:
@@ -26,7 +33,12 @@ def _exported_families() -> set[str]:
 
 
 def _family(name: str) -> str:
-    return name.removesuffix("_total")
+    """The family a sample name belongs to: a counter's _total, a histogram's _bucket,
+    _sum and _count are its samples."""
+    for suffix in _SAMPLE_SUFFIXES:
+        if name.endswith(suffix) and name.removesuffix(suffix) in FAMILIES:
+            return name.removesuffix(suffix)
+    return name
 
 
 def _alert_rules() -> list[dict[str, Any]]:
@@ -48,6 +60,53 @@ def test_every_metric_the_alerts_and_dashboard_query_is_exported() -> None:
     }
     assert len(queried) > 15
     assert queried <= exported, sorted(queried - exported)
+
+
+def test_every_label_the_alerts_and_dashboard_select_on_is_one_the_metric_has() -> None:
+    selected = [
+        (_family(name), label.split("=")[0].strip().rstrip("!~"))
+        for expr in [rule["expr"] for rule in _alert_rules()] + _dashboard_exprs()
+        for name, inside in _SELECTOR.findall(expr)
+        for label in inside.split(",")
+        if label.strip()
+    ]
+    assert len(selected) > 5
+    for family, label in selected:
+        labels = set(FAMILIES[family].labels)
+        if FAMILIES[family].kind == "histogram":
+            labels.add("le")
+        assert label in labels, (family, label)
+
+
+def test_the_asr_alert_fires_when_a_trunks_answers_stop_and_not_while_they_flow() -> None:
+    """promtool evaluates the shipped rule on series where one trunk's answers stop
+    after an hour of a 50 % ASR and another's go on: the first fires once its 15 minute
+    window has emptied and the 15 minutes of `for` have passed, the second never."""
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool missing: make sysdeps installs it (prometheus)"
+    result = subprocess.run(
+        [promtool, "test", "rules", "asr_alert_test.yml"],
+        cwd=RULE_TESTS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_the_rule_files_pass_promtool_check() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool missing: make sysdeps installs it (prometheus)"
+    result = subprocess.run(
+        [promtool, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_alert_rules_are_complete() -> None:

@@ -13,6 +13,7 @@ from sipcalls import CALLEE_ADDR, CALLER_ADDR, PROXY_ADDR, Call, feed
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.dialog import state as dialog_state
 from sipcdr.dialog.correlator import CDR_ID_NAMESPACE, cdr_id
+from sipcdr.dialog.kpi import DURATION_BUCKETS_S, PDD_BUCKETS_S
 from sipcdr.model import Cdr, Trunk, rfc3339
 
 T0 = 1_700_000_000.0
@@ -445,11 +446,18 @@ def test_kpis_from_closed_calls() -> None:
     feed(correlator, T0, broken.request("INVITE"))
     feed(correlator, T0 + 0.25, broken.response(503, "Service Unavailable"))
     kpi = correlator.kpis[None]
-    assert kpi.attempts == 4
-    assert kpi.asr == 0.5
-    assert kpi.ner == 0.75  # the 503 is the network's failure; busy is the user's choice
-    assert kpi.acd == 90.0
-    assert kpi.pdd == pytest.approx((500 + 500 + 1000 + 250) / 4)
+    assert (kpi.attempts, kpi.answered) == (4, 2)
+    assert kpi.network_effective == 3  # the 503 is the network's failure; busy the user's
+    assert kpi.failed == 1
+    assert (kpi.duration.count, kpi.duration.total) == (2, 180.0)
+    # One observation per bucket: 60 s in (30, 60], 120 s in (60, 120].
+    assert kpi.duration.counts[DURATION_BUCKETS_S.index(60.0)] == 1
+    assert kpi.duration.counts[DURATION_BUCKETS_S.index(120.0)] == 1
+    assert kpi.pdd.count == 4
+    assert kpi.pdd.total == pytest.approx(0.5 + 0.5 + 1.0 + 0.25)
+    assert kpi.pdd.counts[PDD_BUCKETS_S.index(0.25)] == 1  # the 503, at exactly 0.25 s
+    assert kpi.pdd.counts[PDD_BUCKETS_S.index(0.5)] == 2
+    assert kpi.pdd.counts[PDD_BUCKETS_S.index(1.0)] == 1
 
 
 def test_drain_closes_everything_by_the_dialog_rules() -> None:
@@ -629,7 +637,7 @@ def test_422_retry_is_one_call() -> None:
     feed(correlator, T0 + 1, call.response(200, "OK", 2, branch="z9hG4bK-s2"))
     cdr = only(feed(correlator, T0 + 11, call.request("BYE", 3, "z9hG4bK-s3", to_tag="callee-tag")))
     assert (cdr.disposition, cdr.start_time, cdr.billsec) == ("answered", T0, 10.0)
-    assert correlator.kpis[None].asr == 1.0
+    assert (correlator.kpis[None].attempts, correlator.kpis[None].answered) == (1, 1)
 
 
 def test_changed_marks_exactly_the_messages_a_restart_must_replay() -> None:

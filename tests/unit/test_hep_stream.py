@@ -39,6 +39,7 @@ from sipcdr.capture.hepstream import (
 )
 from sipcdr.capture.listeners import AllowList, HepGate
 from sipcdr.capture.tls import HANDSHAKE_FAILURES, handshake_failure, server_context
+from sipcdr.clock import SYSTEM_CLOCK, Clock, FakeClock
 from sipcdr.config import DEFAULT_ALLOW, CaptureConfig
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.model import Cdr
@@ -108,7 +109,9 @@ class Harness:
         *,
         allow: AllowList | None = None,
         tls: ssl.SSLContext | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self.clock = clock
         self.sink = ListSink()
         self.pipeline = Pipeline(Correlator(DialogLimits(), lambda _ip: None), (self.sink,))
         self.server = HepStreamServer(
@@ -119,6 +122,7 @@ class Harness:
             tcp=[("127.0.0.1", 0)],
             tls=[("127.0.0.1", 0)] if tls else [],
             tls_context=tls,
+            clock=clock,
         )
 
     async def __aenter__(self) -> Harness:
@@ -177,8 +181,8 @@ def test_frames_arrive_whole_however_the_stream_is_cut(run: Any) -> None:
             await writer.drain()
             await settle(lambda: len(h.call_ids) == 3)
             assert h.call_ids == {"bytewise@x", "chunked@x", "whole@x"}
-            assert h.pipeline.received == {SOURCE_TCP: 18}
-            assert h.pipeline.drops == {}
+            assert h.server.stats.received == {SOURCE_TCP: 18}
+            assert h.server.stats.dropped == {}
             writer.close()
 
     run(body())
@@ -197,7 +201,7 @@ def test_an_oversize_frame_is_skipped_and_the_stream_goes_on(run: Any) -> None:
             writer.write(big[100:] + call_frames("after@x"))
             await writer.drain()
             await settle(lambda: h.call_ids == {"after@x"})
-            assert h.pipeline.drops == {(SOURCE_TCP, "oversize"): 1}
+            assert h.server.stats.dropped == {(SOURCE_TCP, "oversize"): 1}
             assert h.server.open[SOURCE_TCP] == 1
             writer.close()
 
@@ -210,17 +214,19 @@ def test_a_skipped_frame_ending_with_a_read_leaves_no_deadline(run: Any) -> None
 
     async def body() -> None:
         limits = StreamLimits(50, 50, 60.0, frame_timeout_s=5.0, max_buffer_bytes=2048)
-        async with Harness(limits) as h:
+        clock = FakeClock()
+        async with Harness(limits, clock=clock) as h:
             big = frame(Call("big@x").request("OPTIONS") + b"x" * 4000)
             _, writer = await h.connect()
             writer.write(big[:100])
             await writer.drain()
-            await settle(lambda: h.pipeline.drops == {(SOURCE_TCP, "oversize"): 1})
+            await settle(lambda: h.server.stats.dropped == {(SOURCE_TCP, "oversize"): 1})
+            (connection,) = h.server._connections
+            assert connection.started  # the skip has a deadline
             writer.write(big[100:])  # ends where the frame ends
             await writer.drain()
-            await asyncio.sleep(0.1)
-            h.server.expire(time.monotonic() + 5.1)  # a quiet agent, 5.1 s later
-            await asyncio.sleep(0.05)
+            await settle(lambda: not connection._skip)
+            await clock.run_for(5.1, step=0.5)  # a quiet agent, with the sweep running
             assert h.server.closed == {}
             writer.write(call_frames("after@x"))
             await settle(lambda: h.call_ids == {"after@x"})
@@ -253,7 +259,9 @@ def test_framing_matches_a_model_for_random_streams_cut_anywhere(
     read the frame deadline must run exactly while a frame is unfinished, from the
     read in which that frame began."""
     taken: list[bytes] = []
-    monkeypatch.setattr(hepstream, "handle_hep", lambda _p, _g, _s, data: taken.append(data))
+    monkeypatch.setattr(
+        hepstream, "handle_hep", lambda _p, _g, _st, _s, data, _c: taken.append(data)
+    )
     rng = random.Random(4475)
     for trial in range(1000):
         limit = rng.choice([1024, 2048, 65535])
@@ -288,7 +296,7 @@ def test_framing_matches_a_model_for_random_streams_cut_anywhere(
             assert connection.started == expected, (trial, cut)
         assert taken == [f for f in frames if len(f) <= limit], trial
         oversize = sum(1 for n in sizes if n > limit)
-        assert pipeline.drops == ({(SOURCE_TCP, "oversize"): oversize} if oversize else {})
+        assert server.stats.dropped == ({(SOURCE_TCP, "oversize"): oversize} if oversize else {})
         assert server.closed == {}
         assert not connection._pending and not connection._skip
 
@@ -302,8 +310,8 @@ def test_lost_framing_closes_the_connection_and_counts(run: Any) -> None:
             assert await closed_by_peer(reader)
             await settle(lambda: h.server.open[SOURCE_TCP] == 0)
             assert h.server.closed == {(SOURCE_TCP, "bad_framing"): 1}
-            assert h.pipeline.drops == {(SOURCE_TCP, "bad_hep"): 1}
-            assert h.pipeline.received == {SOURCE_TCP: 1}  # what came before it counts
+            assert h.server.stats.dropped == {(SOURCE_TCP, "bad_hep"): 1}
+            assert h.server.stats.received == {SOURCE_TCP: 1}  # what came before it counts
             writer.close()
 
     run(body())
@@ -317,8 +325,8 @@ def test_a_frame_cut_off_by_the_agent_is_counted(run: Any) -> None:
             await writer.drain()
             writer.close()
             await settle(lambda: h.server.open[SOURCE_TCP] == 0)
-            assert h.pipeline.drops == {(SOURCE_TCP, "truncated"): 1}
-            assert h.pipeline.received == {SOURCE_TCP: 5}
+            assert h.server.stats.dropped == {(SOURCE_TCP, "truncated"): 1}
+            assert h.server.stats.received == {SOURCE_TCP: 5}
 
     run(body())
 
@@ -385,26 +393,30 @@ def test_idle_and_stalled_connections_are_closed_by_reason(run: Any) -> None:
     async def body() -> None:
         limits = StreamLimits(50, 50, idle_timeout_s=30.0, frame_timeout_s=5.0,
                               max_buffer_bytes=65535)  # fmt: skip
-        async with Harness(limits) as h:
+        clock = FakeClock()
+        async with Harness(limits, clock=clock) as h:
             idle_reader, idle = await h.connect()
             slow_reader, slow = await h.connect()
             _, busy = await h.connect()
+            await settle(lambda: h.server.connections == 3)
             slow.write(b"HEP3\xff\xff" + b"\x00" * 20)  # a frame started, never finished
             await slow.drain()
-            await asyncio.sleep(0.05)
-            now = time.monotonic()  # idle connected, slow's frame started, before this
-            h.server.expire(now + 4.9)
+            await settle(lambda: sum(1 for c in h.server._connections if c.started) == 1)
+            now = clock.monotonic()  # idle connected, slow's frame started, at this
+            clock.advance(4.9)
+            h.server.expire(clock.monotonic())
             assert h.server.connections == 3
-            await asyncio.sleep(0.2)
-            busy.write(call_frames("busy@x")[:50])  # a frame started after `now`
+            busy.write(call_frames("busy@x")[:50])  # a frame started 4.9 s after `now`
             await busy.drain()
-            await asyncio.sleep(0.05)
-            h.server.expire(now + 5.1)  # slow's frame is overdue, busy's is not
+            await settle(lambda: sum(1 for c in h.server._connections if c.started) == 2)
+            clock.advance(0.2)
+            h.server.expire(clock.monotonic())  # slow's frame is overdue, busy's is not
             assert await closed_by_peer(slow_reader)
             assert h.server.connections == 2
             busy.write(call_frames("busy@x")[50:])
             await settle(lambda: h.call_ids == {"busy@x"})
-            h.server.expire(now + 30.1)  # idle has been silent since before `now`
+            clock.advance(now + 30.1 - clock.monotonic())
+            h.server.expire(clock.monotonic())  # idle has been silent since `now`
             assert await closed_by_peer(idle_reader)
             assert h.server.closed == {
                 (SOURCE_TCP, "frame_timeout"): 1,
@@ -421,11 +433,17 @@ def test_the_sweep_enforces_the_deadlines_by_itself(run: Any) -> None:
     async def body() -> None:
         limits = StreamLimits(50, 50, idle_timeout_s=0.4, frame_timeout_s=0.2,
                               max_buffer_bytes=65535)  # fmt: skip
-        async with Harness(limits) as h:
+        clock = FakeClock()
+        async with Harness(limits, clock=clock) as h:
             idle_reader, idle = await h.connect()
             slow_reader, slow = await h.connect()
             slow.write(b"HEP3")
+            await slow.drain()
+            await settle(lambda: any(c.started for c in h.server._connections))
+            await clock.run_for(0.3, step=0.05)  # the sweep, every 0.05 s (a quarter)
+            assert h.server.closed == {(SOURCE_TCP, "frame_timeout"): 1}
             assert await closed_by_peer(slow_reader)
+            await clock.run_for(0.15, step=0.05)
             assert await closed_by_peer(idle_reader)
             assert h.server.closed == {
                 (SOURCE_TCP, "frame_timeout"): 1,
@@ -444,11 +462,13 @@ def test_the_sweep_does_not_spin_under_a_tiny_timeout(run: Any) -> None:
     async def body() -> None:
         limits = StreamLimits(50, 50, idle_timeout_s=1e-5, frame_timeout_s=1e-5,
                               max_buffer_bytes=65535)  # fmt: skip
-        async with Harness(limits) as h:
+        clock = FakeClock()
+        async with Harness(limits, clock=clock) as h:
             sweeps: list[float] = []
             h.server.expire = sweeps.append  # type: ignore[method-assign, assignment]
-            await asyncio.sleep(0.3)
-        assert 0 < len(sweeps) <= 0.3 / SWEEP_MIN_INTERVAL_S + 1
+            await clock.run_for(0.3, step=SWEEP_MIN_INTERVAL_S / 5)
+        # Every SWEEP_MIN_INTERVAL_S, not at every turn of the event loop.
+        assert round(0.3 / SWEEP_MIN_INTERVAL_S) - 1 <= len(sweeps) <= 0.3 / SWEEP_MIN_INTERVAL_S
 
     run(body())
 
@@ -559,7 +579,8 @@ def test_bytes_trickled_into_an_unfinished_tls_record_meet_the_frame_deadline(
     async def body() -> None:
         limits = StreamLimits(50, 50, idle_timeout_s=60.0, frame_timeout_s=5.0,
                               max_buffer_bytes=65535)  # fmt: skip
-        async with Harness(limits, tls=context) as h:
+        clock = FakeClock()
+        async with Harness(limits, tls=context, clock=clock) as h:
             endpoint = h.endpoint(SOURCE_TLS)
 
             def open_agent() -> ssl.SSLSocket:
@@ -569,17 +590,21 @@ def test_bytes_trickled_into_an_unfinished_tls_record_meet_the_frame_deadline(
             with await asyncio.to_thread(open_agent) as agent:
                 agent.sendall(call_frames("whole@x"))
                 await settle(lambda: h.call_ids == {"whole@x"})
-                h.server.expire(time.monotonic() + 5.1)  # whole records: nothing is due
+                clock.advance(5.1)
+                h.server.expire(clock.monotonic())  # whole records: nothing is due
                 assert h.server.closed == {}
                 # Past TLS, straight onto the socket: a record header announcing 16 KiB,
                 # then one byte of it.
                 socket.socket.sendall(agent, b"\x17\x03\x03\x40\x00" + b"\x00")
 
-                def cut_off() -> bool:
-                    h.server.expire(time.monotonic() + 5.1)
-                    return h.server.closed == {(SOURCE_TLS, "frame_timeout"): 1}
-
-                await settle(cut_off)
+                (connection,) = h.server._connections
+                await settle(lambda: connection.started > 0)  # the record has begun
+                clock.advance(4.9)
+                h.server.expire(clock.monotonic())
+                assert h.server.closed == {}
+                clock.advance(0.2)
+                h.server.expire(clock.monotonic())
+                assert h.server.closed == {(SOURCE_TLS, "frame_timeout"): 1}
 
     run(body())
 
@@ -670,7 +695,7 @@ def test_an_agent_that_does_not_read_cannot_make_the_daemon_buffer(run: Any, pki
             # Each answer is a 27-byte record: the daemon answered what 64 KiB and the
             # socket buffers hold, not the hundred thousand requests it was offered.
             assert WRITE_BACKLOG_BYTES // 27 < sent < 20_000
-            assert 0 < h.pipeline.received[SOURCE_TLS] <= sent // 30
+            assert 0 < h.server.stats.received[SOURCE_TLS] <= sent // 30
             assert h.server.handshake_failures == {}
 
     run(body())

@@ -8,10 +8,12 @@ import socket
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
+from sipcdr.clock import FakeClock
 from sipcdr.telemetry import http
 from sipcdr.telemetry.http import MAX_CONNECTIONS, MetricsServer
+from sipcdr.telemetry.metrics import Metrics, Sources
 
 
 class _Big:
@@ -31,8 +33,7 @@ def registry() -> CollectorRegistry:
 
 @pytest.fixture
 async def server(registry: CollectorRegistry) -> AsyncIterator[MetricsServer]:
-    refused = Counter("sipcdr_metrics_connections_refused_total", "refused", registry=registry)
-    async with MetricsServer(registry, "127.0.0.1", 0, lambda: True, refused=refused) as started:
+    async with MetricsServer(registry, "127.0.0.1", 0, lambda: True) as started:
         yield started
 
 
@@ -67,7 +68,9 @@ async def test_connections_beyond_the_cap_are_closed_at_once_and_counted(
             pass  # or reset: either way, at once
         finally:
             writer.close()
-        assert registry.get_sample_value("sipcdr_metrics_connections_refused_total") == 1
+        assert server.refused == 1
+        exported = Metrics(lambda: Sources(metrics_server=server)).registry
+        assert exported.get_sample_value("sipcdr_metrics_connections_refused_total") == 1
         assert server.connections == MAX_CONNECTIONS
     finally:
         for _reader, idle_writer in idle:
@@ -77,20 +80,27 @@ async def test_connections_beyond_the_cap_are_closed_at_once_and_counted(
     assert answer.startswith(b"HTTP/1.0 200 OK")
 
 
-async def test_a_client_that_does_not_read_the_answer_is_closed_after_the_write_timeout(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(http, "WRITE_TIMEOUT_S", 0.3)
+async def test_a_client_that_does_not_read_the_answer_is_closed_after_the_write_timeout() -> None:
+    clock = FakeClock()
     registry = CollectorRegistry()
     registry.register(_Big())
-    async with MetricsServer(registry, "127.0.0.1", 0, lambda: True) as server:
+    async with MetricsServer(registry, "127.0.0.1", 0, lambda: True, clock=clock) as server:
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
             sock.send(b"GET /metrics HTTP/1.1\r\n\r\n")
             await _until(lambda: server.connections == 1)
-            await _until(lambda: server.connections == 0, timeout=3.0)  # never read
+            # The read deadline, then the write deadline once the answer is being
+            # written: the client never reads it.
+            await _until(lambda: clock.deadlines == 2)
+            await asyncio.sleep(0.05)
+            assert server.connections == 1
+            clock.advance(http.WRITE_TIMEOUT_S - 0.01)
+            await asyncio.sleep(0.05)
+            assert server.connections == 1
+            clock.advance(0.01)
+            await _until(lambda: server.connections == 0)
 
 
 async def test_a_leading_empty_line_is_ignored(server: MetricsServer) -> None:
@@ -104,13 +114,26 @@ async def test_a_leading_empty_line_is_ignored(server: MetricsServer) -> None:
     assert (await _exchange(server.port, only_empty)).startswith(b"HTTP/1.0 400")
 
 
-async def test_headers_that_never_end_get_408_and_silence_gets_nothing(
-    server: MetricsServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(http, "READ_TIMEOUT_S", 0.2)
-    answer = await _exchange(server.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
-    assert answer.startswith(b"HTTP/1.0 408 Request Timeout")
-    assert await _exchange(server.port, b"") == b""
+async def test_headers_that_never_end_get_408_and_silence_gets_nothing() -> None:
+    clock = FakeClock()
+    async with MetricsServer(CollectorRegistry(), "127.0.0.1", 0, lambda: True, clock=clock) as (
+        server
+    ):
+        answers = []
+        for request in (b"GET /metrics HTTP/1.1\r\nHost: x\r\n", b""):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(request)
+            await _until(lambda: server.connections == 1)
+            await asyncio.sleep(0.05)  # the request's bytes are in
+            clock.advance(http.READ_TIMEOUT_S - 0.01)
+            await asyncio.sleep(0.05)
+            assert server.connections == 1  # still waiting for the rest
+            clock.advance(0.01)
+            answers.append(await asyncio.wait_for(reader.read(), 5))
+            writer.close()
+            await _until(lambda: server.connections == 0)
+    assert answers[0].startswith(b"HTTP/1.0 408 Request Timeout")
+    assert answers[1] == b""  # a client that said nothing gets no answer
 
 
 async def test_stop_closes_connections_halfway_through_their_requests() -> None:

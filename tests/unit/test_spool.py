@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sipcdr.clock import FakeClock
 from sipcdr.sinks import spool as spool_module
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
 from sipcdr.sinks.spool import HEADER_BYTES, Appended, Spool, SpoolError
@@ -561,14 +562,13 @@ def test_signaling_stops_below_the_free_space_floor_counted_and_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     disk = _FakeDisk(free=10 * 1024 * 1024)
-    clock = [1000.0]
+    clock = FakeClock()
     monkeypatch.setattr(os, "statvfs", disk.statvfs)
-    monkeypatch.setattr(spool_module, "monotonic", lambda: clock[0])
-    with Spool(tmp_path, ("s",), buffered=True, min_free_bytes=1024 * 1024) as spool:
+    with Spool(tmp_path, ("s",), buffered=True, min_free_bytes=1024 * 1024, clock=clock) as spool:
         kept = _fill(spool, 5, kind=KIND_SIP)
         spool.flush()
         disk.free = 512 * 1024  # something else filled the disk
-        clock[0] += 1.5
+        clock.advance(1.5)
         spool.flush()  # the tick notices
         assert spool.below_floor
         refused = [spool.append(KIND_SIP, b"k", b"x" * 100) for _ in range(1000)]
@@ -578,7 +578,7 @@ def test_signaling_stops_below_the_free_space_floor_counted_and_resumes(
         assert spool.stats.dropped == {"disk_floor": 1000}
         assert disk.calls == 2
         disk.free = 100 * 1024 * 1024
-        clock[0] += 1.5
+        clock.advance(1.5)
         spool.flush()
         assert not spool.below_floor
         kept += _fill(spool, 3, start=5, kind=KIND_SIP)
@@ -595,8 +595,8 @@ def test_writing_towards_the_floor_reads_the_free_space_again_before_it_could_cr
     """Within the second, a batch that could cross the floor checks again first."""
     disk = _FakeDisk(free=1024 * 1024 + 300 * 1024)
     monkeypatch.setattr(os, "statvfs", disk.statvfs)
-    monkeypatch.setattr(spool_module, "monotonic", lambda: 1000.0)  # time stands still
-    with Spool(tmp_path, ("s",), buffered=True, min_free_bytes=1024 * 1024) as spool:
+    clock = FakeClock()  # time stands still
+    with Spool(tmp_path, ("s",), buffered=True, min_free_bytes=1024 * 1024, clock=clock) as spool:
         value = b"x" * 1000
         for _ in range(600):  # ~600 KB in 256 KiB batches
             spool.append(KIND_SIP, b"k", value)

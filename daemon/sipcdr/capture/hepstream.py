@@ -29,13 +29,13 @@ import functools
 import socket
 import ssl
 import struct
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, cast
 
-from sipcdr.capture.listeners import AllowList, HepGate, handle_hep
+from sipcdr.capture.listeners import AllowList, HepGate, ListenerStats, handle_hep
 from sipcdr.capture.tls import handshake_failure
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.pipeline import Pipeline
 
 SOURCE_TCP: Final = "hep_tcp"
@@ -89,8 +89,13 @@ class HepStreamServer:
         tcp: Iterable[tuple[str, int]] = (),
         tls: Iterable[tuple[str, int]] = (),
         tls_context: ssl.SSLContext | None = None,
+        stats: ListenerStats | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.pipeline = pipeline
+        # Frames received and dropped, with the daemon's other listeners.
+        self.stats = stats or ListenerStats()
+        self.clock = clock
         self.allow = allow
         self.gate = gate
         self.limits = limits
@@ -100,7 +105,7 @@ class HepStreamServer:
             raise ValueError("HEP/TLS listeners need a TLS context")
         self._tls_context = tls_context
         self.bound: dict[str, list[tuple[str, int]]] = {SOURCE_TCP: [], SOURCE_TLS: []}
-        # Counted here, moved into Prometheus by the daemon's tick.
+        # Counted here, read by the telemetry exporter when it is scraped.
         self.refused: dict[tuple[str, str], int] = {}  # (source, reason)
         self.closed: dict[tuple[str, str], int] = {}  # (source, reason)
         self.handshake_failures: dict[str, int] = {}  # reason
@@ -220,8 +225,8 @@ class HepStreamServer:
             min(SWEEP_MAX_INTERVAL_S, limits.idle_timeout_s / 4, limits.frame_timeout_s / 4),
         )
         while True:
-            await asyncio.sleep(interval)
-            self.expire(time.monotonic())
+            await self.clock.sleep(interval)
+            self.expire(self.clock.monotonic())
 
     def expire(self, now: float) -> None:
         """Close connections past a deadline: a frame or handshake started more than
@@ -301,7 +306,7 @@ class _Connection(asyncio.Protocol):
             self._ended = True
             _reset(self.transport)
             return
-        now = time.monotonic()
+        now = self._server.clock.monotonic()
         self.last_active = now
         if self._context is not None:
             self._bio_in = ssl.MemoryBIO()
@@ -318,7 +323,7 @@ class _Connection(asyncio.Protocol):
             if self.handshaking:
                 server.count_handshake_failure("eof")
             elif self._pending or self._skip:
-                server.pipeline.drop(self.source, "truncated")
+                server.stats.drop(self.source, "truncated")
         server.release(self)
         self._tls = self._bio_in = self._bio_out = None
 
@@ -382,7 +387,7 @@ class _Connection(asyncio.Protocol):
         _reset(self.transport)
 
     def data_received(self, data: bytes) -> None:
-        now = time.monotonic()
+        now = self._server.clock.monotonic()
         self.last_active = now
         tls = self._tls
         if tls is None:
@@ -485,6 +490,8 @@ class _Connection(asyncio.Protocol):
             pending.clear()
         server = self._server
         pipeline = server.pipeline
+        stats = server.stats
+        clock = server.clock
         source = self.source
         limit = server.limits.max_buffer_bytes
         size = len(data)
@@ -492,17 +499,17 @@ class _Connection(asyncio.Protocol):
         need = _HEADER
         while size - offset >= _HEADER:
             if not data.startswith(_MAGIC, offset):
-                pipeline.drop(source, "bad_hep")
+                stats.drop(source, "bad_hep")
                 self._close_for("bad_framing")  # lost framing: nothing after this is a frame
                 return
             length = (data[offset + 4] << 8) | data[offset + 5]
             if length < _HEADER:
-                pipeline.drop(source, "bad_hep")
+                stats.drop(source, "bad_hep")
                 self._close_for("bad_framing")
                 return
             end = offset + length
             if length > limit:
-                pipeline.drop(source, "oversize")
+                stats.drop(source, "oversize")
                 if end > size:
                     self._skip = end - size
                     if not continuing or not self.started:
@@ -514,8 +521,9 @@ class _Connection(asyncio.Protocol):
             if end > size:
                 need = length
                 break
-            pipeline.count_received(source)
-            handle_hep(pipeline, server.gate, source, data if length == size else data[offset:end])
+            stats.count_received(source)
+            frame = data if length == size else data[offset:end]
+            handle_hep(pipeline, server.gate, stats, source, frame, clock)
             offset = end
             continuing = False
         if offset < size:

@@ -15,11 +15,11 @@ import ipaddress
 import os
 import socket
 import sys
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from sipcdr import hep
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.model import TRANSPORT_UDP, Packet
 from sipcdr.pipeline import Pipeline
 
@@ -29,6 +29,29 @@ _SIP = 1  # HEP protocol type of a SIP payload
 _IP_CACHE_LIMIT = 65536  # distinct sources remembered by an allow-list before it starts over
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ListenerStats:
+    """What the daemon's listeners count, shared by all of them (the capture layer's
+    own counters; the pipeline counts what happens after). Only ever added to."""
+
+    __slots__ = ("dropped", "received", "timestamps_replaced")
+
+    def __init__(self) -> None:
+        self.received: dict[str, int] = {}  # by listener kind
+        self.dropped: dict[tuple[str, str], int] = {}  # by (listener kind, reason)
+        # Agent capture times off by more than MAX_CLOCK_SKEW_S, replaced by the
+        # receive time.
+        self.timestamps_replaced = 0
+
+    def count_received(self, source: str) -> None:
+        received = self.received
+        received[source] = received.get(source, 0) + 1
+
+    def drop(self, source: str, reason: str) -> None:
+        """Count input refused before parsing; every drop has a reason."""
+        key = (source, reason)
+        self.dropped[key] = self.dropped.get(key, 0) + 1
 
 
 class AllowList:
@@ -80,11 +103,13 @@ class HepGate:
         return False
 
 
-def hep_to_packet(decoded: hep.HepPacket, pipeline: Pipeline | None = None) -> Packet:
+def hep_to_packet(
+    decoded: hep.HepPacket, stats: ListenerStats | None = None, clock: Clock = SYSTEM_CLOCK
+) -> Packet:
     """`hep.to_packet` on receipt: the agent's time unless its clock is off (counted)."""
-    packet = hep.to_packet(decoded, decoded.payload, time.time(), MAX_CLOCK_SKEW_S)
-    if pipeline is not None and hep.skew_replaced(decoded, packet):
-        pipeline.hep_clock_skew += 1
+    packet = hep.to_packet(decoded, decoded.payload, clock.time(), MAX_CLOCK_SKEW_S)
+    if stats is not None and hep.skew_replaced(decoded, packet):
+        stats.timestamps_replaced += 1
     return packet
 
 
@@ -93,23 +118,32 @@ class SipUdpProtocol(asyncio.DatagramProtocol):
 
     SOURCE = "sip_udp"
 
-    def __init__(self, pipeline: Pipeline, allow: AllowList, local: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        allow: AllowList,
+        local: tuple[str, int],
+        stats: ListenerStats,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._pipeline = pipeline
         self._allow = allow
+        self._stats = stats
+        # The receive time is the capture time of a plain copy.
+        self._now = clock.time
         self._local_ip, self._local_port = local
         self._node = f"sip_udp:{local[0]}:{local[1]}"
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        pipeline = self._pipeline
         ip = str(addr[0])
         if not self._allow.permits(ip):
-            pipeline.drop(self.SOURCE, "not_allowed")
+            self._stats.drop(self.SOURCE, "not_allowed")
             return
-        pipeline.count_received(self.SOURCE)
+        self._stats.count_received(self.SOURCE)
         port = addr[1]
-        pipeline.process(
+        self._pipeline.process(
             Packet(
-                time.time(),
+                self._now(),
                 ip,
                 port if isinstance(port, int) else 0,
                 self._local_ip,
@@ -126,33 +160,49 @@ class HepUdpProtocol(asyncio.DatagramProtocol):
 
     SOURCE = "hep_udp"
 
-    def __init__(self, pipeline: Pipeline, allow: AllowList, gate: HepGate) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        allow: AllowList,
+        gate: HepGate,
+        stats: ListenerStats,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._pipeline = pipeline
         self._allow = allow
         self._gate = gate
+        self._stats = stats
+        self._clock = clock
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        pipeline = self._pipeline
+        stats = self._stats
         if not self._allow.permits(str(addr[0])):
-            pipeline.drop(self.SOURCE, "not_allowed")
+            stats.drop(self.SOURCE, "not_allowed")
             return
-        pipeline.count_received(self.SOURCE)
-        handle_hep(pipeline, self._gate, self.SOURCE, data)
+        stats.count_received(self.SOURCE)
+        handle_hep(self._pipeline, self._gate, stats, self.SOURCE, data, self._clock)
 
 
-def handle_hep(pipeline: Pipeline, gate: HepGate, source: str, data: bytes) -> None:
+def handle_hep(
+    pipeline: Pipeline,
+    gate: HepGate,
+    stats: ListenerStats,
+    source: str,
+    data: bytes,
+    clock: Clock = SYSTEM_CLOCK,
+) -> None:
     try:
         decoded = hep.decode(data)
     except hep.HepError:
-        pipeline.drop(source, "bad_hep")
+        stats.drop(source, "bad_hep")
         return
     if not gate.admits(decoded):
-        pipeline.drop(source, "bad_key")
+        stats.drop(source, "bad_key")
         return
     if decoded.proto_type != _SIP:
-        pipeline.drop(source, "not_sip")
+        stats.drop(source, "not_sip")
         return
-    pipeline.process(hep_to_packet(decoded, pipeline))
+    pipeline.process(hep_to_packet(decoded, stats, clock))
 
 
 def udp_socket(host: str, port: int, rcvbuf_bytes: int) -> socket.socket:

@@ -13,7 +13,7 @@ import operator
 import sys
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -363,13 +363,26 @@ class Correlator:
             user_agent=dialog.user_agent,
             capture_node=dialog.capture_node,
         )
+        self._count(cdr)
+        return cdr
+
+    def _count(self, cdr: Cdr) -> None:
         counts = self.stats.cdrs
-        counts[disposition] = counts.get(disposition, 0) + 1
+        counts[cdr.disposition] = counts.get(cdr.disposition, 0) + 1
         kpi = self.kpis.get(cdr.trunk)
         if kpi is None:
             kpi = self.kpis[cdr.trunk] = Kpi()
         kpi.add(cdr)
-        return cdr
+
+    def recount(self, pending: Iterable[Cdr]) -> None:
+        """Start the counts over after a recovery: what replaying the journal counted
+        was counted by the process that first saw it; this one counts the calls it
+        holds and the CDRs it still has to write."""
+        self.stats = CorrelatorStats()
+        self.stats.dialogs_restored = self.open_dialogs
+        self.kpis.clear()
+        for cdr in pending:
+            self._count(cdr)
 
     def _retire(self, dialog: Dialog, end_time: float) -> None:
         call_id = dialog.call_id

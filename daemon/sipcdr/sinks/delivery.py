@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections import deque
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from typing import Final
 import orjson
 import structlog
 
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.private import open_private, private_dir
 from sipcdr.sinks.base import RecordsRejected, Sink, SpoolRecord
 from sipcdr.sinks.spool import DEFAULT_FSYNC_INTERVAL_S, Spool, SpoolReader
@@ -96,8 +96,10 @@ class Delivery:
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         deliver_timeout_s: float = DEFAULT_DELIVER_TIMEOUT_S,
         fsync_interval_s: float = DEFAULT_FSYNC_INTERVAL_S,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.spools = spools
+        self.clock = clock
         self.sinks = tuple(sinks)
         self.batch_records = batch_records
         self.batch_bytes = batch_bytes
@@ -173,7 +175,7 @@ class Delivery:
         backoff = MIN_BACKOFF_S
         if stream == sink.streams[0]:
             try:
-                async with asyncio.timeout(self.deliver_timeout_s):
+                async with self.clock.timeout(self.deliver_timeout_s):
                     await sink.prepare()
             except asyncio.CancelledError:
                 raise
@@ -194,7 +196,7 @@ class Delivery:
                     if self._stopping:
                         return
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(_IDLE_WAIT_S):
+                        async with self.clock.timeout(_IDLE_WAIT_S):
                             await wake.wait()
                     continue
                 rejected = await self._watched_deliver(sink, stream, batch, state, reader)
@@ -221,7 +223,8 @@ class Delivery:
             backoff = MIN_BACKOFF_S
             if not state.up:
                 state.up = True
-                down_for = time.monotonic() - (state.down_since or time.monotonic())
+                now = self.clock.monotonic()
+                down_for = now - (state.down_since or now)
                 state.down_since = None
                 self._log.info(
                     "sink_recovered",
@@ -249,7 +252,7 @@ class Delivery:
         state.last_error = error[:500]
         if state.up:
             state.up = False
-            state.down_since = time.monotonic() if since is None else since
+            state.down_since = self.clock.monotonic() if since is None else since
             self._log.warning(
                 "sink_unavailable",
                 sink=sink.name,
@@ -265,7 +268,7 @@ class Delivery:
         `wait_for` can swallow a cancel that lands as its inner task ends, which would
         leave a loop (or a watcher) running after `stop` cancelled it."""
         try:
-            async with asyncio.timeout(PROBE_TIMEOUT_S):
+            async with self.clock.timeout(PROBE_TIMEOUT_S):
                 await sink.probe()
         except asyncio.CancelledError:
             raise
@@ -282,13 +285,13 @@ class Delivery:
         nudges = self._nudges
         if self._draining:
             backoff = min(backoff, _DRAIN_RETRY_S)
-        deadline = time.monotonic() + backoff
+        deadline = self.clock.monotonic() + backoff
         gone = await self._probe(sink) is not None
-        while (left := deadline - time.monotonic()) > 0:
+        while (left := deadline - self.clock.monotonic()) > 0:
             if self._nudges != nudges:
                 return  # a drain began while this loop was probing
             try:
-                async with asyncio.timeout(min(left, PROBE_INTERVAL_S) if gone else left):
+                async with self.clock.timeout(min(left, PROBE_INTERVAL_S) if gone else left):
                     await self._nudge.wait()
                 return
             except TimeoutError:
@@ -321,15 +324,15 @@ class Delivery:
             watcher.cancel()
 
     async def _watch(self, sink: Sink, stream: str, state: LoopState, reader: SpoolReader) -> None:
-        started = time.monotonic()
+        started = self.clock.monotonic()
         watching = asyncio.current_task()
         while state.up:
-            await asyncio.sleep(SLOW_BATCH_S)
+            await self.clock.sleep(SLOW_BATCH_S)
             error = await self._probe(sink)
             if watching is not None and watching.cancelling():
                 return  # the batch ended while the probe did (which kept the cancel)
             if error is not None:
-                waited = time.monotonic() - started
+                waited = self.clock.monotonic() - started
                 self._mark_down(
                     sink,
                     stream,
@@ -350,7 +353,7 @@ class Delivery:
     ) -> int:
         """Deliver `batch`; returns how many of its records were set aside."""
         try:
-            async with asyncio.timeout(self.deliver_timeout_s):
+            async with self.clock.timeout(self.deliver_timeout_s):
                 await sink.deliver(stream, batch)
         except RecordsRejected as exc:
             if len(batch) == 1:
@@ -404,7 +407,7 @@ class Delivery:
 
     async def _sync_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.fsync_interval_s)
+            await self.clock.sleep(self.fsync_interval_s)
             for spool in self.spools.values():
                 try:
                     spool.sync()
@@ -431,10 +434,12 @@ class Delivery:
         self._nudges += 1
         self._nudge.set()
         self._nudge.clear()
-        deadline = time.monotonic() + timeout_s
+        deadline = self.clock.monotonic() + timeout_s
         while not self.caught_up():
-            if time.monotonic() >= deadline or all(task.done() for task in self._tasks):
+            if self.clock.monotonic() >= deadline or all(task.done() for task in self._tasks):
                 return False
+            # Polled on the event loop: the deadline is the clock's, the loops move
+            # as fast as the sinks take records.
             await asyncio.sleep(0.05)
         return True
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import orjson
 import structlog
 
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.model import Cdr
 from sipcdr.private import private_dir
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, STREAM_SIGNALING, Sink
@@ -24,11 +24,6 @@ from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.settings import KafkaSettings, OutputSettings, PostgresSettings
 from sipcdr.sinks.signaling import SignalingRecorder
 from sipcdr.sinks.spool import DEFAULT_CDR_RESERVE_RECORDS, Appended, Spool
-from sipcdr.telemetry.metrics import Metrics
-
-
-class _Incrementable(Protocol):
-    def inc(self, amount: float = 1) -> None: ...
 
 
 class SpoolCdrWriter:
@@ -77,8 +72,10 @@ class Outputs:
         full_policy: str | None = None,
         *,
         wait_below_floor: bool = False,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.settings = settings
+        self.clock = clock
         # None: the configured policy for CDRs, drop_newest for signaling (the daemon).
         self.full_policy = full_policy
         # An import waits for its sinks below the signaling floor rather than refuse
@@ -93,7 +90,7 @@ class Outputs:
         self.delivery: Delivery | None = None
         self._embedded: object | None = None  # storage.embedded.EmbeddedPostgres
         self._opened = False
-        self._exported: dict[tuple[str, ...], int] = {}  # cumulative counts already exported
+        self._logged: dict[tuple[str, ...], int] = {}  # counts as of the last log line
 
     async def open(self) -> None:
         """Open the spools and start the sinks. A sink whose server is down does not
@@ -135,7 +132,10 @@ class Outputs:
             )
             self.signaling = SignalingRecorder(spool, store_body=settings.store_sdp)
         self.delivery = Delivery(
-            self.spools, self.sinks, fsync_interval_s=spool_config.fsync_interval_s
+            self.spools,
+            self.sinks,
+            fsync_interval_s=spool_config.fsync_interval_s,
+            clock=self.clock,
         )
         await self.delivery.start()
 
@@ -162,6 +162,7 @@ class Outputs:
             reserve_records=reserve_records,
             min_free_bytes=min_free_bytes,
             refuse_below_floor=refuse_below_floor,
+            clock=self.clock,
         )
         spool.open()
         self.spools[stream] = spool
@@ -254,20 +255,14 @@ class Outputs:
             return "write_error"
         return "spool_full" if spool.full else None
 
-    def export_metrics(self, metrics: Metrics) -> None:
-        """Move the spool's and the delivery loops' counts into Prometheus; log refused
-        records at ERROR, since they are lost."""
+    def log_losses(self) -> None:
+        """Log what the spools refused (lost, hence ERROR), spool damage, and failed
+        rotations and cursor saves, each time its count grew. The counts themselves
+        reach Prometheus through the telemetry exporter, which reads them."""
         for stream, spool in self.spools.items():
             stats = spool.stats
-            metrics.spool_bytes.labels(stream).set(spool.size_bytes)
-            metrics.spool_full.labels(stream).set(1 if spool.full else 0)
-            metrics.spool_reserve.labels(stream).set(spool.reserved)
-            for kind, total in stats.appended.items():
-                self._add(metrics.spool_appended.labels(stream, kind), ("app", stream, kind), total)
             for reason, total in stats.dropped.items():
-                delta = self._add(
-                    metrics.spool_dropped.labels(stream, reason), ("drop", stream, reason), total
-                )
+                delta = self._grew(("drop", stream, reason), total)
                 if delta:
                     self.log.error(
                         "spool_refused_records",
@@ -277,17 +272,16 @@ class Outputs:
                         spool_bytes=spool.size_bytes,
                         max_bytes=spool.max_bytes,
                     )
-            for op, total in (("rotate", stats.rotation_failures), ("sync", stats.sync_failures)):
-                if self._add(metrics.spool_io_errors.labels(stream, op), ("io", stream, op), total):
-                    if op == "rotate":
-                        # Nothing lost: the active segment grows past segment_bytes.
-                        self.log.warning("spool_rotation_failed", stream=stream, total=total)
+            if self._grew(("rotate", stream), stats.rotation_failures):
+                # Nothing lost: the active segment grows past segment_bytes.
+                self.log.warning(
+                    "spool_rotation_failed", stream=stream, total=stats.rotation_failures
+                )
             for what, total in (
                 ("torn_tail", stats.torn_tails),
                 ("corrupt_record", stats.corrupt_records),
             ):
-                key = ("dmg", stream, what)
-                if self._add(metrics.spool_damaged.labels(stream, what), key, total):
+                if self._grew(("dmg", stream, what), total):
                     # A write cut short by a crash, or bytes damaged on disk: lost.
                     self.log.error(
                         "spool_damaged",
@@ -298,16 +292,8 @@ class Outputs:
                     )
         if self.delivery is not None:
             for state, reader in self.delivery.readers():
-                labels = (state.sink, state.stream)
-                metrics.sink_lag.labels(*labels).set(reader.lag_records)
-                metrics.sink_up.labels(*labels).set(1 if state.up else 0)
-                self._add(metrics.sink_written.labels(*labels), ("ok", *labels), state.delivered)
-                self._add(metrics.sink_failures.labels(*labels), ("fail", *labels), state.failures)
-                self._add(metrics.sink_rejected.labels(*labels), ("rej", *labels), state.rejected)
-                failed_saves = self._add(
-                    metrics.spool_cursor_failures.labels(*labels),
-                    ("cur", *labels),
-                    reader.cursor_write_failures,
+                failed_saves = self._grew(
+                    ("cur", state.sink, state.stream), reader.cursor_write_failures
                 )
                 if failed_saves:
                     # Nothing lost: the position is kept in memory; a crash before the
@@ -319,23 +305,15 @@ class Outputs:
                         attempts=failed_saves,
                     )
         for sink in self.sinks:
-            if isinstance(sink, JsonlSink):
-                failures = sink.rotation_failures
-                if self._add(metrics.jsonl_rotation_failures, ("jsonl", "rotate"), failures):
-                    # Nothing lost: the file grows past rotate_bytes until one succeeds.
-                    self.log.warning("jsonl_rotation_failed", total=sink.rotation_failures)
-            rows = getattr(sink, "rows_inserted", None)
-            duplicates = getattr(sink, "duplicates_skipped", None)
-            for outcome, counts in (("inserted", rows), ("duplicate", duplicates)):
-                for table, total in (counts or {}).items():
-                    key = ("pg", table, outcome)
-                    self._add(metrics.postgres_rows.labels(table, outcome), key, total)
+            if isinstance(sink, JsonlSink) and self._grew(("jsonl",), sink.rotation_failures):
+                # Nothing lost: the file grows past rotate_bytes until one succeeds.
+                self.log.warning("jsonl_rotation_failed", total=sink.rotation_failures)
 
-    def _add(self, counter: _Incrementable, key: tuple[str, ...], total: int) -> int:
-        delta = total - self._exported.get(key, 0)
+    def _grew(self, key: tuple[str, ...], total: int) -> int:
+        """How much a count grew since the last log line about it."""
+        delta = total - self._logged.get(key, 0)
         if delta > 0:
-            self._exported[key] = total
-            counter.inc(delta)
+            self._logged[key] = total
         return max(delta, 0)
 
     def cdr_sinks(self) -> Sequence[SpoolCdrWriter]:

@@ -85,11 +85,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from time import monotonic
 from typing import BinaryIO, Final
 
 import orjson
 
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.private import open_private, open_private_fd, private_dir
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP, SpoolRecord
 
@@ -195,12 +195,14 @@ class Spool:
         reserve_records: int = DEFAULT_CDR_RESERVE_RECORDS,
         min_free_bytes: int = 0,
         refuse_below_floor: bool = True,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if full_policy not in FULL_POLICIES:
             raise ValueError(f"full_policy must be one of {FULL_POLICIES}")
         if reserve_records < 1:
             raise ValueError("reserve_records must be at least 1")
         self.directory = directory
+        self._clock = clock  # how often the free space is read
         # Every sink that reads the stream, named up front: a segment is deleted only
         # when all of them are past it. A sink taken out of the config no longer holds
         # segments back; its stale cursor restarts from the oldest record if it returns.
@@ -542,7 +544,7 @@ class Spool:
         """Whether free space is below `min_free_bytes`. Read at most once a second,
         and sooner only when the bytes written since, or the `pending` ones, could
         cross the floor."""
-        now = monotonic()
+        now = self._clock.monotonic()
         if now < self._floor_checked_until and (self.below_floor or self._floor_budget > pending):
             return self.below_floor
         self._floor_checked_until = now + _FLOOR_CHECK_S

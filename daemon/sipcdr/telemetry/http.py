@@ -17,7 +17,9 @@ from collections.abc import Callable
 from typing import Final
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 
 # A scrape is "GET /metrics HTTP/1.1" with perhaps a few parameters.
 MAX_REQUEST_LINE_BYTES: Final = 4096
@@ -57,14 +59,14 @@ class MetricsServer:
         host: str,
         port: int,
         ready: Callable[[], bool],
-        *,
-        refused: Counter | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self._clock = clock  # the read, write and linger deadlines
         self._registry = registry
         self._host = host
         self._port = port
         self._ready = ready
-        self._refused = refused  # connections closed on arrival: MAX_CONNECTIONS open
+        self.refused = 0  # connections closed on arrival: MAX_CONNECTIONS open
         self._server: asyncio.Server | None = None
         self._handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._log = structlog.get_logger("sipcdr.metrics")
@@ -115,8 +117,7 @@ class MetricsServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is None or len(self._handlers) >= MAX_CONNECTIONS:
-            if self._refused is not None:
-                self._refused.inc()
+            self.refused += 1
             writer.transport.abort()
             return
         self._handlers[task] = writer
@@ -135,20 +136,26 @@ class MetricsServer:
         began = False
         try:
             try:
-                async with asyncio.timeout(READ_TIMEOUT_S):
+                async with self._clock.timeout(READ_TIMEOUT_S):
                     first = await reader.readexactly(1)
                     began = True
                     path = await _read_request(reader, first)
             except _Refused as refused:
-                await _send(writer, refused.status, "text/plain", f"{refused.status}\n".encode())
-                await _linger(reader, writer)
+                await _send(
+                    self._clock,
+                    writer,
+                    refused.status,
+                    "text/plain",
+                    f"{refused.status}\n".encode(),
+                )
+                await _linger(self._clock, reader, writer)
                 return
             except TimeoutError:
                 if began:  # a request that never ended; a silent client gets no answer
-                    await _send(writer, "408 Request Timeout", "text/plain", b"408\n")
+                    await _send(self._clock, writer, "408 Request Timeout", "text/plain", b"408\n")
                 return
             status, ctype, body = self._answer(path)
-            await _send(writer, status, ctype, body)
+            await _send(self._clock, writer, status, ctype, body)
         except (TimeoutError, OSError, asyncio.IncompleteReadError):
             pass  # the client went away, said nothing or does not read: nothing to do
         except Exception as exc:
@@ -216,21 +223,23 @@ async def _skip_headers(reader: asyncio.StreamReader) -> None:
     raise _Refused("431 Request Header Fields Too Large")
 
 
-async def _send(writer: asyncio.StreamWriter, status: str, ctype: str, body: bytes) -> None:
+async def _send(
+    clock: Clock, writer: asyncio.StreamWriter, status: str, ctype: str, body: bytes
+) -> None:
     head = (
         f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     writer.write(head.encode() + body)
-    async with asyncio.timeout(WRITE_TIMEOUT_S):
+    async with clock.timeout(WRITE_TIMEOUT_S):
         await writer.drain()
 
 
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _linger(clock: Clock, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     with contextlib.suppress(OSError, RuntimeError):
         writer.write_eof()
     with contextlib.suppress(TimeoutError, OSError):
-        async with asyncio.timeout(_LINGER_S):
+        async with clock.timeout(_LINGER_S):
             dropped = 0
             while dropped < _LINGER_BYTES:
                 chunk = await reader.read(64 * 1024)

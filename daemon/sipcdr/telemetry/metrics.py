@@ -1,20 +1,51 @@
-"""Every Prometheus metric sipcdr exports, in one place.
+"""The one way sipcdr's counts become Prometheus metrics.
 
-Labels stay low-cardinality: reasons are the parsers' fixed reason codes, methods are
-folded to the known SIP methods (anything else is "other"), capture ids are the
-configured agents only. The hot path never touches these objects: it counts into
-plain ints and `Pipeline.flush_metrics` adds the deltas about once a second.
+Each component keeps its running totals in a stats object of its own: plain ints and
+dicts of ints that only grow, bumped in place (the hot path makes no metric call).
+`StatsCollector` reads them when Prometheus scrapes, and writes none of them: no
+component's counter is cleared, taken or moved by another. What a family means is in
+`families`.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sipcdr.dialog.kpi import Histogram, Kpi
 from sipcdr.hotpath import hot_path
 from sipcdr.sip.parser import KNOWN_METHODS
+from sipcdr.telemetry.families import FAMILIES
 
-# The *_created series double every counter and no dashboard reads them.
-disable_created_metrics()  # type: ignore[no-untyped-call]
+if TYPE_CHECKING:
+    import socket
+
+    from sipcdr.capture.hepstream import HepStreamServer
+    from sipcdr.capture.listeners import HepGate, ListenerStats
+    from sipcdr.capture.live import LiveCapture
+    from sipcdr.dialog import Correlator
+    from sipcdr.dialogstore import DialogStore
+    from sipcdr.pipeline import Pipeline
+    from sipcdr.sinks.outputs import Outputs
+    from sipcdr.spare import SpareSpace
+    from sipcdr.telemetry.http import MetricsServer
+
+# The label of calls from no configured trunk.
+UNKNOWN_TRUNK = "unknown"
+_TCP_BYTES = {"gap_bytes": "gap", "skipped_bytes": "resync"}
+_LIVE_DROPS = (
+    ("kernel_drops", "kernel_drop"),
+    ("pending_dropped", "backlog_full"),
+    ("callback_errors", "callback_error"),
+)
+_LIVE_EVENTS = ("frames_read", "kernel_packets", "truncated", "outgoing_skipped", "frame_errors")
+_POSTGRES_ROWS = (("inserted", "rows_inserted"), ("duplicate", "duplicates_skipped"))
+_CAPTURE_EVENTS = ("sip_messages", "hep_packets", "hep_non_sip", "non_sip_payloads", "keepalives")
 
 
 def method_label(method: str) -> str:
@@ -22,253 +53,263 @@ def method_label(method: str) -> str:
     return method if method in KNOWN_METHODS else "other"
 
 
-class Metrics:
-    """The metric objects, registered in their own registry (tests make many)."""
+@dataclass
+class Sources:
+    """What the exporter reads; each part is optional (an import has no listeners, a
+    test may have only a spool)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    pipeline: Pipeline | None = None
+    correlator: Correlator | None = None
+    trunks: Sequence[str] = ()  # the configured trunk names: their series exist at 0
+    listeners: ListenerStats | None = None
+    gate: HepGate | None = None
+    hep_stream: HepStreamServer | None = None
+    live: Sequence[LiveCapture] = ()
+    udp: Sequence[tuple[str, socket.socket]] = ()  # (listener kind, socket)
+    udp_drops: Callable[[socket.socket], int | None] | None = None
+    outputs: Outputs | None = None
+    dialogs: DialogStore | None = None
+    spare: SpareSpace | None = None
+    metrics_server: MetricsServer | None = None
+
+
+class _Scrape:
+    """One scrape's families, filled from the sources, summing equal label sets."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[tuple[str, ...], float]] = {name: {} for name in FAMILIES}
+        self.histograms: dict[str, list[tuple[tuple[str, ...], Histogram]]] = {}
+
+    def add(self, name: str, value: float, *labels: str) -> None:
+        series = self.values[name]
+        series[labels] = series.get(labels, 0) + value
+
+    def set(self, name: str, value: float, *labels: str) -> None:
+        self.values[name][labels] = value
+
+    def counts(self, name: str, counts: Mapping[Any, int], *prefix: str) -> None:
+        for key, value in dict(counts).items():
+            labels = key if isinstance(key, tuple) else (key,)
+            self.add(name, value, *prefix, *labels)
+
+    def histogram(self, name: str, histogram: Histogram, *labels: str) -> None:
+        self.histograms.setdefault(name, []).append((labels, histogram))
+
+    def families(self) -> Iterator[Metric]:
+        for name, spec in FAMILIES.items():
+            family: Any = spec.make()
+            if isinstance(family, HistogramMetricFamily):
+                for labels, histogram in self.histograms.get(name, ()):
+                    family.add_metric(list(labels), _buckets(histogram), histogram.total)
+            else:
+                for labels, value in self.values[name].items():
+                    family.add_metric(list(labels), value)
+            yield family
+
+
+def _buckets(histogram: Histogram) -> list[tuple[str, float]]:
+    cumulative = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, count in zip((*histogram.bounds, float("inf")), histogram.counts, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    return buckets
+
+
+class StatsCollector(Collector):
+    """Turns the components' stats into metric families at each scrape."""
+
+    def __init__(self, sources: Callable[[], Sources]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterable[Metric]:
+        scrape = _Scrape()
+        scrape.set("sipcdr_build_info", 1, hot_path()[0])
+        sources = self._sources()
+        for read in (_capture, _live, _pipeline, _correlator, _outputs, _dialogs, _process):
+            read(scrape, sources)
+        return list(scrape.families())
+
+
+class Metrics:
+    """The registry the metrics endpoint serves, with the collector in it."""
+
+    def __init__(
+        self,
+        sources: Callable[[], Sources] | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.build_info = Gauge(
-            "sipcdr_build_info",
-            "1, labelled with the hot path that runs: compiled at install, or interpreted",
-            ["hot_path"],
-            registry=r,
-        )
-        self.build_info.labels(hot_path=hot_path()[0]).set(1)
-        self.packets_received = Counter(
-            "sipcdr_packets_received_total",
-            "Datagrams, stream frames or capture records taken in, by listener kind",
-            ["source"],
-            registry=r,
-        )
-        self.packets_dropped = Counter(
-            "sipcdr_packets_dropped_total",
-            "Input dropped before parsing, by source and reason "
-            "(not_allowed, bad_hep, bad_key, not_sip, oversize, truncated, rcvbuf_overflow, "
-            "internal_error; intake: spool_full, write_error)",
-            ["source", "reason"],
-            registry=r,
-        )
-        self.hep_rejected = Counter(
-            "sipcdr_hep_rejected_total",
-            "HEP packets dropped for a wrong or missing agent key, by capture id",
-            ["capture_id"],
-            registry=r,
-        )
-        self.hep_connections = Gauge(
-            "sipcdr_hep_connections",
-            "HEP agent connections open now, by listener kind (hep_tcp, hep_tls)",
-            ["source"],
-            registry=r,
-        )
-        self.hep_connections_refused = Counter(
-            "sipcdr_hep_connections_refused_total",
-            "HEP/TCP and HEP/TLS connections refused on arrival, by listener kind and "
-            "reason (not_allowed, max_connections, max_per_source, gone: reset by the agent "
-            "before it was taken)",
-            ["source", "reason"],
-            registry=r,
-        )
-        self.hep_connections_closed = Counter(
-            "sipcdr_hep_connections_closed_total",
-            "HEP/TCP and HEP/TLS connections the daemon closed, by listener kind and "
-            "reason (idle_timeout, frame_timeout, bad_framing, tls_error, write_backlog)",
-            ["source", "reason"],
-            registry=r,
-        )
-        self.hep_tls_handshake_failures = Counter(
-            "sipcdr_hep_tls_handshake_failures_total",
-            "HEP/TLS handshakes that failed, by reason (no_client_cert, unknown_ca, "
-            "bad_client_cert, agent_alert, not_tls, timeout, eof, other)",
-            ["reason"],
-            registry=r,
-        )
-        self.hep_clock_skew = Counter(
-            "sipcdr_hep_timestamp_replaced_total",
-            "HEP packets whose agent clock was off by more than 30 s: receive time used",
-            registry=r,
-        )
-        self.parse_errors = Counter(
-            "sipcdr_sip_parse_errors_total",
-            "Messages the SIP parser rejected, by parser reason",
-            ["reason"],
-            registry=r,
-        )
-        self.sip_messages = Counter(
-            "sipcdr_sip_messages_total",
-            "Parsed SIP messages, by method (requests) or CSeq method (responses) and kind",
-            ["method", "kind"],
-            registry=r,
-        )
-        self.dialog_events = Counter(
-            "sipcdr_dialog_events_total",
-            "Correlator events: retransmission, late, orphan, unusable, evicted, restored",
-            ["event"],
-            registry=r,
-        )
-        self.cdrs = Counter(
-            "sipcdr_cdrs_total",
-            "CDRs closed, by disposition",
-            ["disposition"],
-            registry=r,
-        )
-        self.open_dialogs = Gauge(
-            "sipcdr_open_dialogs", "Calls currently open in the correlator", registry=r
-        )
-        self.dialog_journal_records = Counter(
-            "sipcdr_dialog_journal_records_total",
-            "Records journaled so open calls survive a crash: message (one that changed a "
-            "call), decision (a close by a timer or an eviction, or a timer run), close (a "
-            "CDR in the spool file)",
-            ["kind"],
-            registry=r,
-        )
-        self.dialog_journal_bytes = Gauge(
-            "sipcdr_dialog_journal_bytes",
-            "Bytes in the dialog journals since the last good checkpoint (replayed at start)",
-            registry=r,
-        )
-        self.dialog_checkpoints = Counter(
-            "sipcdr_dialog_checkpoints_total",
-            "Checkpoints of the open calls, by outcome (written, failed: the older "
-            "checkpoint and the journal still rebuild the calls)",
-            ["outcome"],
-            registry=r,
-        )
-        self.dialog_state_errors = Counter(
-            "sipcdr_dialog_state_errors_total",
-            "Dialog state that a crash would not rebuild: journal_write_error, torn_tail "
-            "and bad_record (found at start), unreadable_checkpoint and unreadable_journal "
-            "(renamed aside), internal_error (a failed step of the store's own task)",
-            ["what"],
-            registry=r,
-        )
-        self.sink_written = Counter(
-            "sipcdr_sink_records_total",
-            "Records the sink confirmed written, by sink and spool stream",
-            ["sink", "stream"],
-            registry=r,
-        )
-        self.sink_failures = Counter(
-            "sipcdr_sink_failures_total",
-            "Delivery attempts that failed and will be retried (records wait in the spool)",
-            ["sink", "stream"],
-            registry=r,
-        )
-        self.sink_rejected = Counter(
-            "sipcdr_sink_rejected_total",
-            "Records the destination refuses for their content, set aside in the spool's "
-            "rejected/ directory",
-            ["sink", "stream"],
-            registry=r,
-        )
-        self.postgres_rows = Counter(
-            "sipcdr_postgres_rows_total",
-            "Rows written to PostgreSQL by table: inserted, or duplicate (already there: "
-            "a re-delivery)",
-            ["table", "outcome"],
-            registry=r,
-        )
-        self.sink_lag = Gauge(
-            "sipcdr_sink_lag_records",
-            "Records in the spool the sink has not confirmed yet",
-            ["sink", "stream"],
-            registry=r,
-        )
-        self.sink_up = Gauge(
-            "sipcdr_sink_up",
-            "1 when the sink's last delivery succeeded, 0 while it is failing",
-            ["sink", "stream"],
-            registry=r,
-        )
-        self.spool_bytes = Gauge(
-            "sipcdr_spool_bytes", "Bytes in the spool's segment files", ["stream"], registry=r
-        )
-        self.spool_full = Gauge(
-            "sipcdr_spool_full",
-            "1 while the spool is at its size limit (block: intake refused; drop_newest: "
-            "records refused)",
-            ["stream"],
-            registry=r,
-        )
-        self.spool_appended = Counter(
-            "sipcdr_spool_records_total",
-            "Records appended to the spool, by stream and kind",
-            ["stream", "kind"],
-            registry=r,
-        )
-        self.spool_dropped = Counter(
-            "sipcdr_spool_dropped_total",
-            "Records the spool refused, by stream and reason (full, write_error, too_large, "
-            "disk_floor)",
-            ["stream", "reason"],
-            registry=r,
-        )
-        self.spool_reserve = Gauge(
-            "sipcdr_spool_reserve_records",
-            "Records the disk refused, held in memory until it takes them (block: new calls "
-            "refused meanwhile)",
-            ["stream"],
-            registry=r,
-        )
-        self.spool_cursor_failures = Counter(
-            "sipcdr_spool_cursor_write_failures_total",
-            "Cursor saves that failed; the position stays in memory, and only a crash "
-            "before the next save delivers records again",
-            ["sink", "stream"],
-            registry=r,
-        )
-        self.spool_io_errors = Counter(
-            "sipcdr_spool_io_errors_total",
-            "Spool file operations that failed: rotate (no new segment: the active one "
-            "grows), sync (an fsync: what was written since the last good one may be lost "
-            "to a power loss, or is already lost to an I/O error)",
-            ["stream", "op"],
-            registry=r,
-        )
-        self.jsonl_rotation_failures = Counter(
-            "sipcdr_jsonl_rotation_failures_total",
-            "JSONL rotations that failed after their batch was written; the file grows "
-            "until one succeeds",
-            registry=r,
-        )
-        self.spare_bytes = Gauge(
-            "sipcdr_spare_bytes",
-            "Bytes of the spare file kept on the state disk for a full disk (0 while it "
-            "is given up or could not be allocated)",
-            registry=r,
-        )
-        self.spare_released = Counter(
-            "sipcdr_spare_released_total",
-            "Times the spare file was given up because the state disk refused a write",
-            registry=r,
-        )
-        self.intake_paused = Gauge(
-            "sipcdr_intake_paused",
-            "1 while new calls are refused (the CDR spool is full or its disk refuses "
-            "writes, under the block policy)",
-            registry=r,
-        )
-        self.spool_damaged = Counter(
-            "sipcdr_spool_damaged_total",
-            "Spool damage found after a crash or on disk: torn_tail (cut off at open), "
-            "corrupt_record (skipped by a reader)",
-            ["stream", "what"],
-            registry=r,
-        )
-        self.metrics_connections_refused = Counter(
-            "sipcdr_metrics_connections_refused_total",
-            "Connections to the metrics endpoint closed on arrival because its connection "
-            "cap was reached (a flood, or clients that never finish their request)",
-            registry=r,
-        )
-        self.asr = Gauge(
-            "sipcdr_asr", "Answer-seizure ratio of closed calls", ["trunk"], registry=r
-        )
-        self.ner = Gauge(
-            "sipcdr_ner", "Network effectiveness ratio of closed calls", ["trunk"], registry=r
-        )
-        self.acd = Gauge(
-            "sipcdr_acd_seconds", "Average duration of answered calls", ["trunk"], registry=r
-        )
-        self.pdd = Gauge("sipcdr_pdd_seconds", "Mean post-dial delay", ["trunk"], registry=r)
+        self.collector = StatsCollector(sources or Sources)
+        self.registry.register(self.collector)
+
+
+# -- readers, one per component ---------------------------------------------------------
+
+
+def _capture(scrape: _Scrape, sources: Sources) -> None:
+    listeners = sources.listeners
+    if listeners is not None:
+        scrape.counts("sipcdr_packets_received", listeners.received)
+        scrape.counts("sipcdr_packets_dropped", listeners.dropped)
+        scrape.add("sipcdr_hep_timestamp_replaced", listeners.timestamps_replaced, "listener")
+    if sources.udp_drops is not None:
+        for kind, sock in sources.udp:
+            overflows = sources.udp_drops(sock)
+            if overflows is not None:
+                scrape.add("sipcdr_packets_dropped", overflows, kind, "rcvbuf_overflow")
+    if sources.gate is not None:
+        scrape.counts("sipcdr_hep_rejected", sources.gate.rejected)
+    stream = sources.hep_stream
+    if stream is not None:
+        scrape.counts("sipcdr_hep_connections_refused", stream.refused)
+        scrape.counts("sipcdr_hep_connections_closed", stream.closed)
+        scrape.counts("sipcdr_hep_tls_handshake_failures", stream.handshake_failures)
+        for source, count in dict(stream.open).items():
+            scrape.set("sipcdr_hep_connections", count, source)
+
+
+def _live(scrape: _Scrape, sources: Sources) -> None:
+    for capturer in sources.live:
+        interface = capturer.interface
+        stats = capturer.stats
+        scrape.add("sipcdr_packets_received", stats.sip_packets, "live")
+        for attribute, reason in _LIVE_DROPS:
+            scrape.add("sipcdr_packets_dropped", getattr(stats, attribute), "live", reason)
+        for event in _LIVE_EVENTS:
+            scrape.add("sipcdr_live_capture_events", getattr(stats, event), interface, event)
+        capture = stats.capture
+        for event in _CAPTURE_EVENTS:
+            scrape.add("sipcdr_live_capture_events", getattr(capture, event), interface, event)
+        scrape.counts("sipcdr_live_hep_errors", capture.hep_errors, interface)
+        scrape.add("sipcdr_hep_timestamp_replaced", capture.hep_clock_skew, "live")
+        for event, value in capture.decap.as_dict().items():
+            scrape.add("sipcdr_live_decap_events", value, interface, event)
+        for event, value in capture.tcp.as_dict().items():
+            why = _TCP_BYTES.get(event)
+            if why is None:
+                scrape.add("sipcdr_live_tcp_events", value, interface, event)
+            else:
+                scrape.add("sipcdr_live_tcp_skipped_bytes", value, interface, why)
+
+
+def _pipeline(scrape: _Scrape, sources: Sources) -> None:
+    pipeline = sources.pipeline
+    if pipeline is None:
+        return
+    stats = pipeline.stats
+    scrape.counts("sipcdr_sip_parse_errors", stats.parse_errors)
+    for (method, kind), count in dict(stats.messages).items():
+        scrape.add("sipcdr_sip_messages", count, method_label(method), kind)
+    scrape.counts("sipcdr_calls_refused", stats.calls_refused)
+    scrape.counts("sipcdr_internal_errors", stats.internal_errors)
+    scrape.counts("sipcdr_cdr_write_failures", stats.cdr_write_failures)
+    scrape.set("sipcdr_intake_paused", 1 if pipeline.paused else 0)
+
+
+def _correlator(scrape: _Scrape, sources: Sources) -> None:
+    correlator = sources.correlator
+    if correlator is None:
+        return
+    stats = correlator.stats
+    for event, value in (
+        ("retransmission", stats.retransmissions),
+        ("late", stats.late),
+        ("orphan", stats.orphans),
+        ("unusable", stats.unusable),
+        ("evicted", stats.evicted),
+        ("restored", stats.dialogs_restored),
+        ("conflicting_from_tag", stats.conflicting_from_tag),
+    ):
+        scrape.add("sipcdr_dialog_events", value, event)
+    scrape.counts("sipcdr_sip_non_call_requests", stats.non_call_requests)
+    scrape.counts("sipcdr_sip_non_call_responses", stats.non_call_responses)
+    scrape.counts("sipcdr_cdrs", stats.cdrs)
+    scrape.set("sipcdr_open_dialogs", correlator.open_dialogs)
+    kpis: dict[str | None, Kpi] = dict(correlator.kpis)
+    # Every configured trunk has its series from the start: an alert on a rate needs
+    # a series to compare, and a trunk that never answered is what it should catch.
+    for name in (*sources.trunks, None):
+        if name not in kpis:
+            kpis[name] = Kpi()
+    for trunk, kpi in kpis.items():
+        label = UNKNOWN_TRUNK if trunk is None else trunk
+        scrape.add("sipcdr_call_attempts", kpi.attempts, label)
+        scrape.add("sipcdr_calls_answered", kpi.answered, label)
+        scrape.add("sipcdr_calls_network_effective", kpi.network_effective, label)
+        scrape.add("sipcdr_calls_failed", kpi.failed, label)
+        scrape.histogram("sipcdr_call_pdd_seconds", kpi.pdd, label)
+        scrape.histogram("sipcdr_call_duration_seconds", kpi.duration, label)
+
+
+def _outputs(scrape: _Scrape, sources: Sources) -> None:
+    outputs = sources.outputs
+    if outputs is None:
+        return
+    for stream, spool in dict(outputs.spools).items():
+        stats = spool.stats
+        scrape.set("sipcdr_spool_bytes", spool.size_bytes, stream)
+        scrape.set("sipcdr_spool_full", 1 if spool.full else 0, stream)
+        scrape.set("sipcdr_spool_reserve_records", spool.reserved, stream)
+        scrape.add("sipcdr_spool_reserve_held", stats.held, stream)
+        scrape.counts("sipcdr_spool_records", stats.appended, stream)
+        scrape.counts("sipcdr_spool_dropped", stats.dropped, stream)
+        scrape.add("sipcdr_spool_io_errors", stats.rotation_failures, stream, "rotate")
+        scrape.add("sipcdr_spool_io_errors", stats.sync_failures, stream, "sync")
+        scrape.add("sipcdr_spool_damaged", stats.torn_tails, stream, "torn_tail")
+        scrape.add("sipcdr_spool_damaged", stats.corrupt_records, stream, "corrupt_record")
+        scrape.add("sipcdr_spool_torn_bytes", stats.torn_tail_bytes, stream)
+    if outputs.delivery is not None:
+        for state, reader in outputs.delivery.readers():
+            labels = (state.sink, state.stream)
+            scrape.set("sipcdr_sink_lag_records", reader.lag_records, *labels)
+            scrape.set("sipcdr_sink_up", 1 if state.up else 0, *labels)
+            scrape.add("sipcdr_sink_records", state.delivered, *labels)
+            scrape.add("sipcdr_sink_failures", state.failures, *labels)
+            scrape.add("sipcdr_sink_rejected", state.rejected, *labels)
+            scrape.add("sipcdr_spool_cursor_write_failures", reader.cursor_write_failures, *labels)
+    for sink in outputs.sinks:
+        failures = getattr(sink, "rotation_failures", None)
+        if failures is not None:
+            scrape.add("sipcdr_jsonl_rotation_failures", failures)
+        for outcome, attribute in (
+            ("inserted", "rows_inserted"),
+            ("duplicate", "duplicates_skipped"),
+        ):
+            for table, total in dict(getattr(sink, attribute, None) or {}).items():
+                scrape.add("sipcdr_postgres_rows", total, table, outcome)
+
+
+def _dialogs(scrape: _Scrape, sources: Sources) -> None:
+    dialogs = sources.dialogs
+    if dialogs is None:
+        return
+    stats = dialogs.stats
+    scrape.set("sipcdr_dialog_journal_bytes", dialogs.journal_bytes)
+    scrape.add("sipcdr_dialog_journal_replayed_records", stats.replayed_records)
+    scrape.add("sipcdr_dialog_journal_torn_bytes", stats.torn_bytes)
+    for kind, value in (
+        ("message", stats.journal_messages),
+        ("close", stats.journal_closes),
+        ("decision", stats.journal_decisions),
+    ):
+        scrape.add("sipcdr_dialog_journal_records", value, kind)
+    scrape.add("sipcdr_dialog_checkpoints", stats.checkpoints, "written")
+    scrape.add("sipcdr_dialog_checkpoints", stats.checkpoint_failures, "failed")
+    for what, value in (
+        ("journal_write_error", stats.journal_write_errors),
+        ("torn_tail", stats.torn_tails),
+        ("bad_record", stats.bad_records),
+        ("unreadable_checkpoint", stats.unreadable_checkpoints),
+        ("unreadable_journal", stats.unreadable_journals),
+        ("internal_error", stats.internal_errors),
+    ):
+        scrape.add("sipcdr_dialog_state_errors", value, what)
+
+
+def _process(scrape: _Scrape, sources: Sources) -> None:
+    if sources.spare is not None:
+        scrape.set("sipcdr_spare_bytes", sources.spare.bytes_held)
+        scrape.add("sipcdr_spare_released", sources.spare.releases)
+    if sources.metrics_server is not None:
+        scrape.add("sipcdr_metrics_connections_refused", sources.metrics_server.refused)
