@@ -18,7 +18,7 @@ import pytest
 from daemonproc import Daemon, start_daemon, wait_for
 from pgserver import PrivatePg, run_sync
 from sipcalls import Call, answered_call_messages
-from sipcdr import spare as spare_module
+from sipcdr.clock import FakeClock
 from sipcdr.spare import SpareSpace
 from smalldisk import SmallDisk, fill, free_bytes
 from test_delivery_end_to_end import closed_cdrs, jsonl_ids, pg_cdr_ids, send_calls
@@ -302,12 +302,11 @@ def test_the_daemon_starts_on_a_full_disk(
 
 
 def test_the_spare_file_is_allocated_given_up_and_allocated_again_with_room(
-    tmp_path: Path, small_disk: SmallDisk, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, small_disk: SmallDisk
 ) -> None:
-    clock = [0.0]
-    monkeypatch.setattr(spare_module, "monotonic", lambda: clock[0])
+    clock = FakeClock()
     disk = small_disk(tmp_path / "disk", 4 * 1024 * 1024)
-    spare = SpareSpace(disk / "spare", 1024 * 1024)
+    spare = SpareSpace(disk / "spare", 1024 * 1024, clock)
     before = free_bytes(disk)
     assert spare.ensure()
     assert before - free_bytes(disk) >= 1024 * 1024  # blocks really taken
@@ -315,11 +314,11 @@ def test_the_spare_file_is_allocated_given_up_and_allocated_again_with_room(
     assert spare.release() and spare.released and not (disk / "spare").exists()
     assert not spare.release()  # nothing left to give
     filler = fill(disk, leave_bytes=1100 * 1024)  # less than the spare and a quarter
-    clock[0] += 10.0
+    clock.advance(10.0)
     assert not spare.ensure()
     filler.unlink()
     assert not spare.ensure()  # read again only after a while
-    clock[0] += 10.0
+    clock.advance(10.0)
     assert spare.ensure() and not spare.released
     fill(disk, leave_bytes=0)
     assert SpareSpace(disk / "spare", 1024 * 1024).ensure()  # the one on disk is kept
