@@ -19,17 +19,17 @@ import structlog
 
 from sipcdr.capture import live, tls
 from sipcdr.capture.hepstream import HepStreamServer, StreamLimits
+from sipcdr.capture.hints import HintedHepUdpProtocol, HintedSipUdpProtocol, ListenerHint
 from sipcdr.capture.listeners import (
     MAX_CLOCK_SKEW_S,
     AllowList,
     HepGate,
-    HepUdpProtocol,
-    SipUdpProtocol,
     udp_drops,
     udp_socket,
 )
 from sipcdr.capture.live import LiveCapture
-from sipcdr.config import CaptureConfig, Config, output_settings
+from sipcdr.capture.mirror import VxlanUdpProtocol
+from sipcdr.config import CaptureConfig, Config, Endpoint, output_settings
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
 from sipcdr.enrich.trunks import trunk_resolver
@@ -51,6 +51,20 @@ RESUME_AFTER_S = 5.0
 # A pause that follows a resume within this long doubles the wait before the next
 # resume, up to this long: a disk at the edge does not make intake flap.
 RESUME_AFTER_MAX_S = 300.0
+
+
+class ListenerError(OSError):
+    """A listener that cannot be opened, named by its config key and address."""
+
+    def __init__(self, key: str, address: str, exc: OSError) -> None:
+        reason = exc.strerror or str(exc)
+        super().__init__(f"{key} {address}: cannot listen there ({_lower(reason)})")
+
+
+def _lower(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
 # Descriptors kept free of HEP/TCP and HEP/TLS connections: spool segments, JSONL files,
 # sink and database connections, listeners, the metrics endpoint and the event loop's
 # own, with room to spare (a running daemon holds well under 100 of them).
@@ -192,7 +206,10 @@ class App:
             "hep_udp": [],
             "hep_tcp": [],
             "hep_tls": [],
+            "vxlan_udp": [],
         }
+        self._hints: list[ListenerHint] = []
+        self._vxlan: list[VxlanUdpProtocol] = []
 
     @property
     def state_dir(self) -> Path:
@@ -229,7 +246,12 @@ class App:
             self.pipeline.decided = self.dialogs.decided
             self.intake.update(self._intake_block_reason())  # a full disk: before any call
             await self._open_inputs()
-            await self._metrics_server.start()
+            try:
+                await self._metrics_server.start()
+            except OSError as exc:
+                raise ListenerError(
+                    "metrics.listen", str(self.config.metrics.listen), exc
+                ) from None
         except BaseException:
             # The calls stay on disk for the next start (the store's checkpoint, or the
             # files it would have replaced); nothing was captured yet.
@@ -318,18 +340,33 @@ class App:
         loop = asyncio.get_running_loop()
         capture = self.config.capture
         for endpoint in capture.sip_udp:
-            sock = udp_socket(endpoint.host, endpoint.port, capture.rcvbuf_bytes)
+            sock = self._udp_socket("capture.sip_udp", endpoint)
             local = sock.getsockname()[:2]
+            hint = self._hint("SIP/UDP", local, "HEP packets", "capture.hep_udp")
             transport, _ = await loop.create_datagram_endpoint(
-                functools.partial(SipUdpProtocol, self.pipeline, self._allow, local), sock=sock
+                functools.partial(HintedSipUdpProtocol, self.pipeline, self._allow, local, hint),
+                sock=sock,
             )
             self._register_udp("sip_udp", sock, transport)
         for endpoint in capture.hep_udp:
-            sock = udp_socket(endpoint.host, endpoint.port, capture.rcvbuf_bytes)
+            sock = self._udp_socket("capture.hep_udp", endpoint)
+            hint = self._hint(
+                "HEP/UDP", sock.getsockname()[:2], "plain SIP packets", "capture.sip_udp"
+            )
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: HepUdpProtocol(self.pipeline, self._allow, self._gate), sock=sock
+                functools.partial(
+                    HintedHepUdpProtocol, self.pipeline, self._allow, self._gate, hint
+                ),
+                sock=sock,
             )
             self._register_udp("hep_udp", sock, transport)
+        for endpoint in capture.vxlan_udp:
+            sock = self._udp_socket("capture.vxlan_udp", endpoint)
+            transport, protocol = await loop.create_datagram_endpoint(
+                functools.partial(VxlanUdpProtocol, self.pipeline, self._allow), sock=sock
+            )
+            self._vxlan.append(protocol)
+            self._register_udp("vxlan_udp", sock, transport)
         if capture.hep_tcp or capture.hep_tls:
             context = None
             if capture.hep_tls:
@@ -355,13 +392,53 @@ class App:
                 tls=capture.hep_tls,
                 tls_context=context,
             )
-            await self._hep_stream.start()
+            try:
+                await self._hep_stream.start()
+            except OSError as exc:
+                raise ListenerError(*self._unbound_stream(self._hep_stream), exc) from None
             if self._hep_stream.sweeper is not None:
                 self._hep_stream.sweeper.add_done_callback(self._background_failed)
             for kind, endpoints in self._hep_stream.bound.items():
                 self.bound[kind].extend(endpoints)
         for interface in capture.interfaces:
             await self._start_live(interface)
+
+    def _udp_socket(self, key: str, endpoint: Endpoint) -> socket.socket:
+        try:
+            return udp_socket(endpoint.host, endpoint.port, self.config.capture.rcvbuf_bytes)
+        except OSError as exc:
+            raise ListenerError(key, str(endpoint), exc) from None
+
+    def _unbound_stream(self, stream: HepStreamServer) -> tuple[str, str]:
+        """The HEP/TCP or HEP/TLS address a failed start stopped at: they are opened in
+        order, TCP first, so it is the first one not bound yet."""
+        capture = self.config.capture
+        for key, endpoints in (("hep_tcp", capture.hep_tcp), ("hep_tls", capture.hep_tls)):
+            done = len(stream.bound.get(key, ()))
+            if done < len(endpoints):
+                return f"capture.{key}", str(endpoints[done])
+        return "capture.hep_tcp", ", ".join(map(str, capture.hep_tcp + capture.hep_tls))
+
+    def _hint(self, listener: str, local: tuple[str, int], arriving: str, key: str) -> ListenerHint:
+        hint = ListenerHint(listener, str(Endpoint(*local)), arriving, key)
+        self._hints.append(hint)
+        return hint
+
+    def _log_hints(self, now: float) -> None:
+        """The listeners receiving the other listener's protocol, each at most once per
+        interval (`hints.HINT_INTERVAL_S`)."""
+        for hint in self._hints:
+            fields = hint.due(now)
+            if fields is not None:
+                self.log.warning("listener_protocol_mismatch", **fields)
+
+    def _count_vxlan(self) -> None:
+        """What the VXLAN listeners decoded that was not SIP, into their drops."""
+        drops = self.pipeline.drops
+        for protocol in self._vxlan:
+            for reason, count in protocol.take_counts().items():
+                key = (VxlanUdpProtocol.SOURCE, reason)
+                drops[key] = drops.get(key, 0) + count
 
     def _stream_limits(self) -> StreamLimits:
         capture = self.config.capture
@@ -468,6 +545,8 @@ class App:
             ("intake_gate", lambda: self.intake.update(self._intake_block_reason())),
             ("export_delivery_metrics", lambda: self.outputs.export_metrics(self.metrics)),
             ("export_dialog_state_metrics", lambda: self.dialogs.export_metrics(self.metrics)),
+            ("listener_hints", lambda: self._log_hints(now)),
+            ("vxlan_counts", self._count_vxlan),
             ("export_metrics", self._export_metrics),
         ]
         for name, step in steps:

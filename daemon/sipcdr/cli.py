@@ -111,6 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    try:
+        return _command(args)
+    except KeyboardInterrupt:
+        # Ctrl-C: the command stopped where it was; `run` stops cleanly on its own.
+        print(f"sipcdr: {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _command(args: argparse.Namespace) -> int:
 
     if args.command == "rates":
         # A deck check needs no configuration: it runs anywhere a deck is edited.
@@ -144,21 +153,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(config)
     if args.command == "db":
         return _db_migrate(config)
-    from sipcdr.importer import DELIVERY_TIMEOUT_S, import_files  # noqa: PLC0415
+    return _import(config, args)
 
+
+def _import(config: Config, args: argparse.Namespace) -> int:
+    from sipcdr.capture.pcapfile import CaptureFileError, check_capture  # noqa: PLC0415
+    from sipcdr.importer import DELIVERY_TIMEOUT_S, NO_SIP, import_files  # noqa: PLC0415
+
+    summary_json: Path | None = args.summary_json
+    if summary_json is not None:
+        folder = summary_json.parent
+        if summary_json.is_dir() or not folder.is_dir():
+            where = str(summary_json if summary_json.is_dir() else folder)
+            problem = "is a directory" if summary_json.is_dir() else "is not an existing folder"
+            print(
+                f"sipcdr: import: --summary-json {summary_json}: {where} {problem}", file=sys.stderr
+            )
+            return 2
+    # Files that cannot be captures are named now, before any sink is started; the
+    # others are imported, and the run fails at the end for the ones named here.
+    files: list[Path] = []
+    refused: dict[str, str] = {}
+    for path in args.files:
+        try:
+            check_capture(path)
+        except CaptureFileError as exc:
+            refused[str(path)] = str(exc)
+            print(f"sipcdr: import: {exc}", file=sys.stderr)
+        else:
+            files.append(path)
+    if not files:
+        return 1
     try:
         summary = import_files(
             config,
-            args.files,
-            args.summary_json,
+            files,
+            summary_json,
             delivery_timeout_s=args.delivery_timeout or DELIVERY_TIMEOUT_S,
         )
     except OSError as exc:  # a spool, a file or a folder the import cannot use
-        print(f"sipcdr: import: {exc}", file=sys.stderr)
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"sipcdr: import:{where} {exc.strerror or exc}", file=sys.stderr)
         return 1
+    file_errors = summary.get("file_errors")
+    if isinstance(file_errors, dict):
+        for message in file_errors.values():
+            print(f"sipcdr: import: {message}", file=sys.stderr)
+    warnings = summary.get("file_warnings")
+    no_sip = False
+    if isinstance(warnings, dict):
+        for message in warnings.values():
+            no_sip = no_sip or NO_SIP in message
+            print(f"sipcdr: import: warning: {message}", file=sys.stderr)
+    encapsulations = summary.get("encapsulations")
+    layers = ""
+    if isinstance(encapsulations, dict) and any(encapsulations.values()):
+        counted = ", ".join(f"{name} {n}" for name, n in encapsulations.items() if n)
+        layers = f"; frames decapsulated: {counted}"
     print(
         f"{summary['sip_messages']} SIP messages, {summary['cdrs_written']} CDRs "
-        f"({summary['cdrs_by_disposition']})"
+        f"({summary['cdrs_by_disposition']}){layers}"
     )
     failed = {
         name: summary[name]
@@ -178,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(records are deduplicated by id)",
             file=sys.stderr,
         )
-    return 1 if summary.get("file_errors") or failed else 0
+    # A truncated file is only warned about: its records up to the cut were imported,
+    # and importing it again would find the same cut.
+    return 1 if refused or summary.get("file_errors") or no_sip or failed else 0
 
 
 def _refused_paths(config: Config, command: str) -> str | None:
