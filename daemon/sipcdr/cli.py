@@ -53,9 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--loop", type=int, default=1, metavar="K", help="passes, new Call-IDs each")
     rep.add_argument("--capture-id", type=int, default=0, help="HEP capture id to send")
     rep.add_argument(
+        "--max-gap",
+        type=_gap,
+        default=1.0,
+        metavar="S",
+        help="at the capture's pace, shorten longer silences to S seconds (default 1)",
+    )
+    rep.add_argument(
         "--original-times",
         action="store_true",
-        help="HEP: stamp the capture's times instead of the send time",
+        help=(
+            "HEP: stamp the capture's times instead of the send time (a daemon replaces "
+            "times more than 30 s off its clock with the receive time)"
+        ),
     )
     rep.add_argument("--auth-key", help="HEP agent key to send")
     stream = rep.add_mutually_exclusive_group()
@@ -95,6 +105,16 @@ def _rate(text: str) -> str:
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"wants a rate from 0.001 to 10000000, or 'max': {text!r}")
+
+
+def _gap(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"wants seconds from 0 to 86400: {text!r}")
+    return value
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -261,8 +281,9 @@ def _refused_paths(config: Config, command: str) -> str | None:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    from sipcdr.capture.pcapfile import CaptureFileError, iter_packets  # noqa: PLC0415
     from sipcdr.capture.tls import TlsSetupError  # noqa: PLC0415
-    from sipcdr.replay import client_context, replay  # noqa: PLC0415
+    from sipcdr.replay import client_context, clock_guard_note, replay, resolve  # noqa: PLC0415
 
     transport = "tls" if args.tls else "tcp" if args.tcp else "udp"
     if transport != "udp" and not args.hep:
@@ -276,6 +297,39 @@ def _replay(args: argparse.Namespace) -> int:
     if args.key and not args.cert:
         print("sipcdr: replay: --key needs --cert", file=sys.stderr)
         return 2
+    if args.original_times and not args.hep:
+        print("sipcdr: replay: --original-times stamps HEP frames: add --hep", file=sys.stderr)
+        return 2
+    target = _host_port(args.to)
+    try:
+        packets = list(iter_packets(args.file))
+    except CaptureFileError as exc:
+        print(f"sipcdr: replay: {exc}", file=sys.stderr)
+        return 1
+    if not packets:
+        print(f"sipcdr: replay: {args.file}: no SIP found to send", file=sys.stderr)
+        return 1
+    try:
+        resolve(target, transport != "udp")
+    except OSError as exc:
+        print(f"sipcdr: replay: {exc}", file=sys.stderr)
+        return 1
+    if args.original_times:
+        note = clock_guard_note(packets, time.time())
+        if note is not None:
+            print(f"sipcdr: replay: note: {note}", file=sys.stderr)
+    pace = (
+        "as fast as possible"
+        if args.rate == "max"
+        else f"{args.rate} messages/s"
+        if args.rate
+        else f"at the capture's pace, silences over {args.max_gap:g} s shortened"
+    )
+    print(
+        f"replaying {len(packets) * args.loop} messages from {args.file} to {args.to} {pace}",
+        file=sys.stderr,
+        flush=True,
+    )
     rate = None if args.rate in (None, "max") else float(args.rate)
     try:
         context = client_context(args.ca, args.cert, args.key) if transport == "tls" else None
@@ -285,7 +339,7 @@ def _replay(args: argparse.Namespace) -> int:
     try:
         result = replay(
             args.file,
-            _host_port(args.to),
+            target,
             as_hep=args.hep,
             rate=rate,
             loops=args.loop,
@@ -296,12 +350,20 @@ def _replay(args: argparse.Namespace) -> int:
             transport=transport,
             tls=context,
             server_name=args.server_name,
+            max_gap_s=args.max_gap,
+            progress=_replay_progress,
+            packets=packets,
         )
     except OSError as exc:  # ssl.SSLError included: a refused certificate, a dead port
         print(f"sipcdr: replay: {exc}", file=sys.stderr)
         return 1
     print(f"sent {result.sent} messages in {result.seconds:.2f} s ({result.skipped} skipped)")
     return 0
+
+
+def _replay_progress(sent: int, total: int) -> None:
+    end = "\r" if sys.stderr.isatty() else "\n"
+    print(f"sent {sent} of {total} messages", end=end, file=sys.stderr, flush=True)
 
 
 def _db_migrate(config: Config) -> int:
