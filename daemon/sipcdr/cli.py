@@ -135,7 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _command(args)
     except KeyboardInterrupt:
         # Ctrl-C: the command stopped where it was; `run` stops cleanly on its own.
-        print(f"sipcdr: {args.command}: interrupted", file=sys.stderr)
+        again = (
+            "; run it again to import every file whole (records are deduplicated by id)"
+            if args.command == "import"
+            else ""
+        )
+        print(f"sipcdr: {args.command}: interrupted{again}", file=sys.stderr)
         return 130
 
 
@@ -163,6 +168,14 @@ def _command(args: argparse.Namespace) -> int:
 
     # run, import and db migrate write personal data (CDRs, spools, the database).
     restrict_umask()
+    files: list[Path] = []
+    if args.command == "import":
+        # Files that cannot be captures are named now, before any sink is started; the
+        # others are imported, and the run fails at the end for the ones named here.
+        checked = _check_import_arguments(args)
+        if isinstance(checked, int):
+            return checked
+        files = checked
     refused = _refused_paths(config, args.command)
     if refused:
         print(f"sipcdr: {refused}", file=sys.stderr)
@@ -173,12 +186,13 @@ def _command(args: argparse.Namespace) -> int:
         return run(config)
     if args.command == "db":
         return _db_migrate(config)
-    return _import(config, args)
+    return _import(config, args, files)
 
 
-def _import(config: Config, args: argparse.Namespace) -> int:
+def _check_import_arguments(args: argparse.Namespace) -> list[Path] | int:
+    """The files that look like captures, each other one named on stderr; an exit
+    code when nothing can be imported (no such file, or --summary-json unusable)."""
     from sipcdr.capture.pcapfile import CaptureFileError, check_capture  # noqa: PLC0415
-    from sipcdr.importer import DELIVERY_TIMEOUT_S, NO_SIP, import_files  # noqa: PLC0415
 
     summary_json: Path | None = args.summary_json
     if summary_json is not None:
@@ -190,20 +204,21 @@ def _import(config: Config, args: argparse.Namespace) -> int:
                 f"sipcdr: import: --summary-json {summary_json}: {where} {problem}", file=sys.stderr
             )
             return 2
-    # Files that cannot be captures are named now, before any sink is started; the
-    # others are imported, and the run fails at the end for the ones named here.
     files: list[Path] = []
-    refused: dict[str, str] = {}
     for path in args.files:
         try:
             check_capture(path)
         except CaptureFileError as exc:
-            refused[str(path)] = str(exc)
             print(f"sipcdr: import: {exc}", file=sys.stderr)
         else:
             files.append(path)
-    if not files:
-        return 1
+    return files or 1
+
+
+def _import(config: Config, args: argparse.Namespace, files: list[Path]) -> int:
+    from sipcdr.importer import DELIVERY_TIMEOUT_S, NO_SIP, import_files  # noqa: PLC0415
+
+    summary_json: Path | None = args.summary_json
     try:
         summary = import_files(
             config,
@@ -254,6 +269,7 @@ def _import(config: Config, args: argparse.Namespace) -> int:
         )
     # A truncated file is only warned about: its records up to the cut were imported,
     # and importing it again would find the same cut.
+    refused = len(files) < len(args.files)
     return 1 if refused or summary.get("file_errors") or no_sip or failed else 0
 
 

@@ -120,7 +120,7 @@ def clock_guard_note(packets: list[Packet], now: float) -> str | None:
     return (
         f"--original-times: the capture's times are {_duration(off)} from now; a daemon "
         f"replaces HEP times more than {MAX_CLOCK_SKEW_S:.0f} s off its clock by the "
-        "receive time (sipcdr_hep_clock_skew_total), so the calls get the send times. "
+        "receive time (sipcdr_hep_timestamp_replaced_total), so the calls get the send times. "
         "To keep the capture's times, use `sipcdr import` instead"
     )
 

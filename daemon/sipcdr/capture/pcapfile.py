@@ -22,7 +22,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Final, cast
+from typing import BinaryIO, Final, Protocol, cast
 
 import dpkt
 
@@ -98,8 +98,8 @@ def _open(path: Path) -> BinaryIO:
     library reads; ``CaptureFileError`` for the other compressions."""
     handle = path.open("rb")
     try:
-        head = handle.read(6)
-        handle.seek(0)
+        # Peeked, not read: a FIFO cannot seek back.
+        head = handle.peek(6)[:6]
     except OSError:
         handle.close()
         raise
@@ -118,6 +118,10 @@ def _open(path: Path) -> BinaryIO:
                 "decompress it first (gzip, bzip2 and xz are read as they are)"
             )
     return handle
+
+
+class _Peekable(Protocol):
+    def peek(self, size: int = 0, /) -> bytes: ...
 
 
 def _reason(exc: BaseException) -> str:
@@ -178,8 +182,7 @@ def iter_packets(
 
 def _packets(path: Path, node: str, stats: CaptureStats) -> Iterator[Packet]:
     with _open(path) as handle:
-        if handle.read(4) in _PCAP_MAGICS:
-            handle.seek(0)
+        if cast("_Peekable", handle).peek(4)[:4] in _PCAP_MAGICS:
             yield from _pcap_packets(handle, path, node, stats)
             return
         handle.seek(0)
