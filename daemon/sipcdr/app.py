@@ -57,7 +57,9 @@ class ListenerError(OSError):
     """A listener that cannot be opened, named by its config key and address."""
 
     def __init__(self, key: str, address: str, exc: OSError) -> None:
-        reason = exc.strerror or str(exc)
+        # asyncio's own bind errors repeat the address in strerror; the errno's text
+        # is the plain reason.
+        reason = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
         super().__init__(f"{key} {address}: cannot listen there ({_lower(reason)})")
 
 
