@@ -18,18 +18,18 @@ from typing import Any
 import structlog
 
 from sipcdr.capture import live, tls
+from sipcdr.capture.addresses import ListenerError, named_udp_socket, unbound_stream
 from sipcdr.capture.hepstream import HepStreamServer, StreamLimits
-from sipcdr.capture.hints import HintedHepUdpProtocol, HintedSipUdpProtocol, ListenerHint
+from sipcdr.capture.hints import HintedHepUdpProtocol, HintedSipUdpProtocol, ListenerHints
 from sipcdr.capture.listeners import (
     MAX_CLOCK_SKEW_S,
     AllowList,
     HepGate,
     udp_drops,
-    udp_socket,
 )
 from sipcdr.capture.live import LiveCapture
-from sipcdr.capture.mirror import VxlanUdpProtocol
-from sipcdr.config import CaptureConfig, Config, Endpoint, output_settings
+from sipcdr.capture.mirror import VxlanUdpProtocol, add_drops
+from sipcdr.config import CaptureConfig, Config, Endpoint, cdr_destinations, output_settings
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
 from sipcdr.enrich.trunks import trunk_resolver
@@ -51,20 +51,6 @@ RESUME_AFTER_S = 5.0
 # A pause that follows a resume within this long doubles the wait before the next
 # resume, up to this long: a disk at the edge does not make intake flap.
 RESUME_AFTER_MAX_S = 300.0
-
-
-class ListenerError(OSError):
-    """A listener that cannot be opened, named by its config key and address."""
-
-    def __init__(self, key: str, address: str, exc: OSError) -> None:
-        # asyncio's own bind errors repeat the address in strerror; the errno's text
-        # is the plain reason.
-        reason = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
-        super().__init__(f"{key} {address}: cannot listen there ({_lower(reason)})")
-
-
-def _lower(text: str) -> str:
-    return text[:1].lower() + text[1:]
 
 
 # Descriptors kept free of HEP/TCP and HEP/TLS connections: spool segments, JSONL files,
@@ -164,7 +150,7 @@ class App:
             self.metrics.registry,
             config.metrics.listen.host,
             config.metrics.listen.port,
-            ready=lambda: self._ready,
+            ready=self.ready,
             refused=self.metrics.metrics_connections_refused,
         )
         self._ticker: asyncio.Task[None] | None = None
@@ -210,7 +196,7 @@ class App:
             "hep_tls": [],
             "vxlan_udp": [],
         }
-        self._hints: list[ListenerHint] = []
+        self._hints = ListenerHints()
         self._vxlan: list[VxlanUdpProtocol] = []
 
     @property
@@ -276,6 +262,7 @@ class App:
             "started",
             listeners={kind: [f"{h}:{p}" for h, p in eps] for kind, eps in self.bound.items()},
             metrics_port=self.metrics_port,
+            cdrs_to=cdr_destinations(self.config),
             open_dialogs=self.correlator.open_dialogs,
             # What the file limit holds: HEP/TCP+TLS connections beyond this are refused.
             file_limit=self._file_limit[0],
@@ -287,6 +274,11 @@ class App:
             hot_path=hot_path()[0],
             hot_path_reason=hot_path()[1] or None,
         )
+
+    def ready(self) -> bool:
+        """/readyz: started, and every enabled sink has connected once or spools its
+        records within the spool's limits (`Outputs.sinks_ready`)."""
+        return self._ready and self.outputs.sinks_ready()
 
     def _connect_outputs(self) -> None:
         """Wire the spools to the pipeline, the dialog store and the spare file."""
@@ -344,7 +336,9 @@ class App:
         for endpoint in capture.sip_udp:
             sock = self._udp_socket("capture.sip_udp", endpoint)
             local = sock.getsockname()[:2]
-            hint = self._hint("SIP/UDP", local, "HEP packets", "capture.hep_udp")
+            hint = self._hints.add(
+                "SIP/UDP", str(Endpoint(*local)), "HEP packets", "capture.hep_udp"
+            )
             transport, _ = await loop.create_datagram_endpoint(
                 functools.partial(HintedSipUdpProtocol, self.pipeline, self._allow, local, hint),
                 sock=sock,
@@ -352,8 +346,9 @@ class App:
             self._register_udp("sip_udp", sock, transport)
         for endpoint in capture.hep_udp:
             sock = self._udp_socket("capture.hep_udp", endpoint)
-            hint = self._hint(
-                "HEP/UDP", sock.getsockname()[:2], "plain SIP packets", "capture.sip_udp"
+            local = sock.getsockname()[:2]
+            hint = self._hints.add(
+                "HEP/UDP", str(Endpoint(*local)), "plain SIP packets", "capture.sip_udp"
             )
             transport, _ = await loop.create_datagram_endpoint(
                 functools.partial(
@@ -397,7 +392,10 @@ class App:
             try:
                 await self._hep_stream.start()
             except OSError as exc:
-                raise ListenerError(*self._unbound_stream(self._hep_stream), exc) from None
+                # Opened in this order, TCP first: the first address not bound failed.
+                order = (("hep_tcp", capture.hep_tcp), ("hep_tls", capture.hep_tls))
+                key, address = unbound_stream(self._hep_stream.bound, order)
+                raise ListenerError(key, address, exc) from None
             if self._hep_stream.sweeper is not None:
                 self._hep_stream.sweeper.add_done_callback(self._background_failed)
             for kind, endpoints in self._hep_stream.bound.items():
@@ -406,41 +404,8 @@ class App:
             await self._start_live(interface)
 
     def _udp_socket(self, key: str, endpoint: Endpoint) -> socket.socket:
-        try:
-            return udp_socket(endpoint.host, endpoint.port, self.config.capture.rcvbuf_bytes)
-        except OSError as exc:
-            raise ListenerError(key, str(endpoint), exc) from None
-
-    def _unbound_stream(self, stream: HepStreamServer) -> tuple[str, str]:
-        """The HEP/TCP or HEP/TLS address a failed start stopped at: they are opened in
-        order, TCP first, so it is the first one not bound yet."""
-        capture = self.config.capture
-        for key, endpoints in (("hep_tcp", capture.hep_tcp), ("hep_tls", capture.hep_tls)):
-            done = len(stream.bound.get(key, ()))
-            if done < len(endpoints):
-                return f"capture.{key}", str(endpoints[done])
-        return "capture.hep_tcp", ", ".join(map(str, capture.hep_tcp + capture.hep_tls))
-
-    def _hint(self, listener: str, local: tuple[str, int], arriving: str, key: str) -> ListenerHint:
-        hint = ListenerHint(listener, str(Endpoint(*local)), arriving, key)
-        self._hints.append(hint)
-        return hint
-
-    def _log_hints(self, now: float) -> None:
-        """The listeners receiving the other listener's protocol, each at most once per
-        interval (`hints.HINT_INTERVAL_S`)."""
-        for hint in self._hints:
-            fields = hint.due(now)
-            if fields is not None:
-                self.log.warning("listener_protocol_mismatch", **fields)
-
-    def _count_vxlan(self) -> None:
-        """What the VXLAN listeners decoded that was not SIP, into their drops."""
-        drops = self.pipeline.drops
-        for protocol in self._vxlan:
-            for reason, count in protocol.take_counts().items():
-                key = (VxlanUdpProtocol.SOURCE, reason)
-                drops[key] = drops.get(key, 0) + count
+        rcvbuf = self.config.capture.rcvbuf_bytes
+        return named_udp_socket(key, endpoint, endpoint.host, endpoint.port, rcvbuf)
 
     def _stream_limits(self) -> StreamLimits:
         capture = self.config.capture
@@ -547,8 +512,8 @@ class App:
             ("intake_gate", lambda: self.intake.update(self._intake_block_reason())),
             ("export_delivery_metrics", lambda: self.outputs.export_metrics(self.metrics)),
             ("export_dialog_state_metrics", lambda: self.dialogs.export_metrics(self.metrics)),
-            ("listener_hints", lambda: self._log_hints(now)),
-            ("vxlan_counts", self._count_vxlan),
+            ("listener_hints", lambda: self._hints.log_due(now, self.log.warning)),
+            ("vxlan_counts", lambda: add_drops(self._vxlan, self.pipeline.drops)),
             ("export_metrics", self._export_metrics),
         ]
         for name, step in steps:

@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,5 +201,67 @@ def test_vxlan_from_outside_the_allow_list_is_dropped(tmp_path: Path) -> None:
         assert running.stop() == 0
         assert running.cdrs() == []
     finally:
+        if running.process.poll() is None:
+            running.process.kill()
+
+
+def readyz(daemon: Daemon) -> int:
+    url = f"http://127.0.0.1:{daemon.metrics_port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def started_event(daemon: Daemon) -> dict[str, object]:
+    for line in daemon.log.read_text().splitlines():
+        if '"event": "started"' in line:
+            return dict(json.loads(line))
+    pytest.fail("no started line")
+
+
+def test_started_says_where_cdrs_go_with_the_password_masked(tmp_path: Path) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    dsn = f"postgresql://sipcdr:pw-in-dsn@127.0.0.1:{port}/cdr"
+    running = start_daemon(
+        tmp_path,
+        SIPCDR_SINKS__POSTGRES__DSN=dsn,
+        SIPCDR_SINKS__KAFKA__BOOTSTRAP=f"127.0.0.1:{port}",
+    )
+    try:
+        assert started_event(running)["cdrs_to"] == {
+            "jsonl": str(tmp_path / "var" / "cdrs.jsonl"),
+            "postgres": f"postgresql://sipcdr:***@127.0.0.1:{port}/cdr",
+            "kafka": f"127.0.0.1:{port}, topic sipcdr.cdrs",
+        }
+        # Both sinks refused their first connection: their records wait in the spool,
+        # within its limits, so the daemon is ready.
+        wait_for(lambda: readyz(running) == 200, timeout=30)
+        assert running.stop() == 0
+        assert "pw-in-dsn" not in running.log.read_text()
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+
+
+def test_not_ready_until_each_sink_has_had_its_first_connection(tmp_path: Path) -> None:
+    # A "database" that takes the connection (the kernel's backlog) and never answers.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    running = start_daemon(
+        tmp_path, SIPCDR_SINKS__POSTGRES__DSN=f"postgresql://sipcdr@127.0.0.1:{port}/cdr"
+    )
+    try:
+        assert readyz(running) == 503
+        silent.close()  # the waiting connection is reset: the first attempt is over
+        wait_for(lambda: readyz(running) == 200)
+        assert running.stop() == 0
+    finally:
+        silent.close()
         if running.process.poll() is None:
             running.process.kill()

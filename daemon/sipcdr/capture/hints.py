@@ -9,6 +9,7 @@ the daemon's tick logs each `ListenerHint` at most once per `HINT_INTERVAL_S`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 from sipcdr.capture.listeners import AllowList, HepGate, HepUdpProtocol, SipUdpProtocol
@@ -20,6 +21,7 @@ __all__ = [
     "HintedHepUdpProtocol",
     "HintedSipUdpProtocol",
     "ListenerHint",
+    "ListenerHints",
 ]
 
 # At most one hint in this long per listener; the first at the next tick.
@@ -55,6 +57,27 @@ class ListenerHint:
                 f"{self.address}; configure them on {self.key}"
             ),
         }
+
+
+class ListenerHints:
+    """The hints of every listener that gives one, logged from the tick."""
+
+    __slots__ = ("_hints",)
+
+    def __init__(self) -> None:
+        self._hints: list[ListenerHint] = []
+
+    def add(self, listener: str, address: str, arriving: str, key: str) -> ListenerHint:
+        hint = ListenerHint(listener, address, arriving, key)
+        self._hints.append(hint)
+        return hint
+
+    def log_due(self, now: float, log: Callable[..., object]) -> None:
+        """`log(event, **fields)` each hint that is due."""
+        for hint in self._hints:
+            fields = hint.due(now)
+            if fields is not None:
+                log("listener_protocol_mismatch", **fields)
 
 
 class HintedSipUdpProtocol(SipUdpProtocol):

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from typing import Final
 
 from sipcdr.capture.listeners import AllowList
 from sipcdr.decode.extract import CaptureStats, SipExtractor
 from sipcdr.pipeline import Pipeline
 
-__all__ = ["LINKTYPE_ETHERNET", "MAX_VNIS", "VxlanUdpProtocol"]
+__all__ = ["LINKTYPE_ETHERNET", "MAX_VNIS", "VxlanUdpProtocol", "add_drops"]
 
 LINKTYPE_ETHERNET: Final = 1
 _VXLAN_HEADER: Final = 8
@@ -101,3 +102,11 @@ class VxlanUdpProtocol(asyncio.DatagramProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         for extractor in self._extractors.values():
             extractor.close()
+
+
+def add_drops(protocols: Iterable[VxlanUdpProtocol], drops: dict[tuple[str, str], int]) -> None:
+    """What the VXLAN listeners decoded that was not SIP, into the pipeline's drops."""
+    for protocol in protocols:
+        for reason, count in protocol.take_counts().items():
+            key = (VxlanUdpProtocol.SOURCE, reason)
+            drops[key] = drops.get(key, 0) + count
