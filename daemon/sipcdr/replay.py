@@ -108,6 +108,20 @@ def resolve(target: tuple[str, int], stream: bool) -> tuple[int, tuple[str, int]
     return int(family), (str(address[0]), int(address[1]))
 
 
+def send_offsets(timestamps: list[float], max_gap_s: float) -> list[float]:
+    """When to send each message at the capture's pace, in seconds from the first:
+    the capture's own spacing, with every gap longer than `max_gap_s` shortened to it
+    (and a clock stepping back in the capture sends at once, never waits)."""
+    offsets: list[float] = []
+    at = 0.0
+    previous = timestamps[0] if timestamps else 0.0
+    for timestamp in timestamps:
+        at += min(max(timestamp - previous, 0.0), max_gap_s)
+        offsets.append(at)
+        previous = timestamp
+    return offsets
+
+
 def clock_guard_note(packets: list[Packet], now: float) -> str | None:
     """What `--original-times` will do to these packets at a daemon: HEP times further
     than MAX_CLOCK_SKEW_S from its clock are replaced by the receive time (counted), so
@@ -214,16 +228,7 @@ def replay(
     total = len(packets) * loops
     sent = skipped = 0
     reported = time.monotonic()
-    # Capture time to leave out before each packet: the excess of every long gap.
-    cut: list[float] = []
-    shortened = 0.0
-    previous = packets[0].timestamp if packets else 0.0
-    for packet in packets:
-        gap = packet.timestamp - previous
-        if gap > max_gap_s:
-            shortened += gap - max_gap_s
-        cut.append(shortened)
-        previous = packet.timestamp
+    offsets = send_offsets([packet.timestamp for packet in packets], max_gap_s)
     started = time.monotonic()
     first_ts = packets[0].timestamp if packets else 0.0
     # Later loops keep the capture's times shifted past its end, so calls stay ordered.
@@ -242,7 +247,7 @@ def replay(
                     if rate:
                         due = started + sent / rate
                     elif original_pace:
-                        due = loop_start + (packet.timestamp - first_ts - cut[index])
+                        due = loop_start + offsets[index]
                     else:
                         due = 0.0
                     delay = due - time.monotonic()
