@@ -316,8 +316,11 @@ def file_warning(path: Path, stats: CaptureStats) -> str | None:
     if not stats.sip_messages:
         counts = stats.as_dict()
         found = [f"{counts[key]} {words}" for key, words in _INSTEAD if counts.get(key)]
-        instead = ", ".join(found) if found else "nothing else either"
-        problems.append(f"{NO_SIP} in {stats.frames_read} frames: {instead}")
+        if stats.frames_read:
+            instead = ", ".join(found) if found else "nothing else either"
+            problems.append(f"{NO_SIP} in {stats.frames_read} frames: {instead}")
+        else:
+            problems.append(f"{NO_SIP}: the capture holds no frames")
     return f"{path}: {'; '.join(problems)}" if problems else None
 
 
