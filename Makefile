@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The daemon's own dependencies only: what `make run` needs (the development tools are
+# most of the install's time).
+RUN_STAMP := $(VENV)/.installed-run
 # The install compiles these (setup.py): an edit rebuilds, so tests run what was edited.
 HOT_PATH := setup.py daemon/sipcdr/hotpath.py daemon/sipcdr/hep.py daemon/sipcdr/sip/_scan.c \
 	$(wildcard daemon/sipcdr/sip/*.py daemon/sipcdr/decode/*.py daemon/sipcdr/dialog/*.py)
@@ -15,7 +18,14 @@ $(STAMP): pyproject.toml $(HOT_PATH)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
+
+# A venv set up for development serves `make run` as it is.
+$(RUN_STAMP): pyproject.toml $(HOT_PATH)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUN_STAMP)
 
 # System programs the integration tests drive; installed only when missing.
 sysdeps:
@@ -29,8 +39,9 @@ sysdeps:
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-run: $(STAMP)
-	$(BIN)/sipcdr run
+# CONFIG=sipcdr.toml to run with a configuration file (see sipcdr.example.toml).
+run: $(RUN_STAMP)
+	$(BIN)/sipcdr run $(if $(CONFIG),-c $(CONFIG))
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -18,19 +18,19 @@ from typing import Any
 import structlog
 
 from sipcdr.capture import live, tls
+from sipcdr.capture.addresses import ListenerError, named_udp_socket, unbound_stream
 from sipcdr.capture.hepstream import HepStreamServer, StreamLimits
+from sipcdr.capture.hints import HintedHepUdpProtocol, HintedSipUdpProtocol, ListenerHints
 from sipcdr.capture.listeners import (
     AllowList,
     HepGate,
-    HepUdpProtocol,
     ListenerStats,
-    SipUdpProtocol,
     udp_drops,
-    udp_socket,
 )
 from sipcdr.capture.live import LiveCapture
+from sipcdr.capture.mirror import VxlanUdpProtocol
 from sipcdr.clock import SYSTEM_CLOCK, Clock
-from sipcdr.config import CaptureConfig, Config, output_settings
+from sipcdr.config import CaptureConfig, Config, Endpoint, cdr_destinations, output_settings
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
 from sipcdr.enrich.trunks import trunk_resolver
@@ -159,7 +159,7 @@ class App:
             self.metrics.registry,
             config.metrics.listen.host,
             config.metrics.listen.port,
-            ready=lambda: self._ready,
+            ready=self.ready,
             clock=clock,
         )
         self._ticker: asyncio.Task[None] | None = None
@@ -203,7 +203,10 @@ class App:
             "hep_udp": [],
             "hep_tcp": [],
             "hep_tls": [],
+            "vxlan_udp": [],
         }
+        self._hints = ListenerHints()
+        self._vxlan: list[VxlanUdpProtocol] = []
 
     def _metric_sources(self) -> Sources:
         """What the metrics endpoint reads at each scrape: the components as they are
@@ -218,6 +221,7 @@ class App:
             live=self._live,
             udp=self._udp,
             udp_drops=udp_drops,
+            vxlan=self._vxlan,
             outputs=self.outputs,
             dialogs=self.dialogs,
             spare=self.spare,
@@ -259,7 +263,12 @@ class App:
             self.pipeline.decided = self.dialogs.decided
             self.intake.update(self._intake_block_reason())  # a full disk: before any call
             await self._open_inputs()
-            await self._metrics_server.start()
+            try:
+                await self._metrics_server.start()
+            except OSError as exc:
+                raise ListenerError(
+                    "metrics.listen", str(self.config.metrics.listen), exc
+                ) from None
         except BaseException:
             # The calls stay on disk for the next start (the store's checkpoint, or the
             # files it would have replaced); nothing was captured yet.
@@ -282,6 +291,7 @@ class App:
             "started",
             listeners={kind: [f"{h}:{p}" for h, p in eps] for kind, eps in self.bound.items()},
             metrics_port=self.metrics_port,
+            cdrs_to=cdr_destinations(self.config),
             open_dialogs=self.correlator.open_dialogs,
             # What the file limit holds: HEP/TCP+TLS connections beyond this are refused.
             file_limit=self._file_limit[0],
@@ -293,6 +303,11 @@ class App:
             hot_path=hot_path()[0],
             hot_path_reason=hot_path()[1] or None,
         )
+
+    def ready(self) -> bool:
+        """/readyz: started, and every enabled sink has connected once or spools its
+        records within the spool's limits (`Outputs.sinks_ready`)."""
+        return self._ready and self.outputs.sinks_ready()
 
     def _connect_outputs(self) -> None:
         """Wire the spools to the pipeline, the dialog store and the spare file."""
@@ -360,14 +375,18 @@ class App:
         loop = asyncio.get_running_loop()
         capture = self.config.capture
         for endpoint in capture.sip_udp:
-            sock = udp_socket(endpoint.host, endpoint.port, capture.rcvbuf_bytes)
+            sock = self._udp_socket("capture.sip_udp", endpoint)
             local = sock.getsockname()[:2]
+            hint = self._hints.add(
+                "SIP/UDP", str(Endpoint(*local)), "HEP packets", "capture.hep_udp"
+            )
             transport, _ = await loop.create_datagram_endpoint(
                 functools.partial(
-                    SipUdpProtocol,
+                    HintedSipUdpProtocol,
                     self.pipeline,
                     self._allow,
                     local,
+                    hint,
                     self.listener_stats,
                     self.clock,
                 ),
@@ -375,14 +394,38 @@ class App:
             )
             self._register_udp("sip_udp", sock, transport)
         for endpoint in capture.hep_udp:
-            sock = udp_socket(endpoint.host, endpoint.port, capture.rcvbuf_bytes)
+            sock = self._udp_socket("capture.hep_udp", endpoint)
+            local = sock.getsockname()[:2]
+            hint = self._hints.add(
+                "HEP/UDP", str(Endpoint(*local)), "plain SIP packets", "capture.sip_udp"
+            )
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: HepUdpProtocol(
-                    self.pipeline, self._allow, self._gate, self.listener_stats, self.clock
+                functools.partial(
+                    HintedHepUdpProtocol,
+                    self.pipeline,
+                    self._allow,
+                    self._gate,
+                    hint,
+                    self.listener_stats,
+                    self.clock,
                 ),
                 sock=sock,
             )
             self._register_udp("hep_udp", sock, transport)
+        for endpoint in capture.vxlan_udp:
+            sock = self._udp_socket("capture.vxlan_udp", endpoint)
+            transport, protocol = await loop.create_datagram_endpoint(
+                functools.partial(
+                    VxlanUdpProtocol,
+                    self.pipeline,
+                    self._allow,
+                    self.listener_stats,
+                    self.clock,
+                ),
+                sock=sock,
+            )
+            self._vxlan.append(protocol)
+            self._register_udp("vxlan_udp", sock, transport)
         if capture.hep_tcp or capture.hep_tls:
             context = None
             if capture.hep_tls:
@@ -410,13 +453,23 @@ class App:
                 stats=self.listener_stats,
                 clock=self.clock,
             )
-            await self._hep_stream.start()
+            try:
+                await self._hep_stream.start()
+            except OSError as exc:
+                # Opened in this order, TCP first: the first address not bound failed.
+                order = (("hep_tcp", capture.hep_tcp), ("hep_tls", capture.hep_tls))
+                key, address = unbound_stream(self._hep_stream.bound, order)
+                raise ListenerError(key, address, exc) from None
             if self._hep_stream.sweeper is not None:
                 self._hep_stream.sweeper.add_done_callback(self._background_failed)
             for kind, endpoints in self._hep_stream.bound.items():
                 self.bound[kind].extend(endpoints)
         for interface in capture.interfaces:
             await self._start_live(interface)
+
+    def _udp_socket(self, key: str, endpoint: Endpoint) -> socket.socket:
+        rcvbuf = self.config.capture.rcvbuf_bytes
+        return named_udp_socket(key, endpoint, endpoint.host, endpoint.port, rcvbuf)
 
     def _stream_limits(self) -> StreamLimits:
         capture = self.config.capture
@@ -493,6 +546,7 @@ class App:
             ("intake_gate", lambda: self.intake.update(self._intake_block_reason())),
             ("log_output_losses", self.outputs.log_losses),
             ("log_dialog_state_losses", self.dialogs.log_losses),
+            ("listener_hints", lambda: self._hints.log_due(now, self.log.warning)),
         ]
         for name, step in steps:
             try:

@@ -53,9 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--loop", type=int, default=1, metavar="K", help="passes, new Call-IDs each")
     rep.add_argument("--capture-id", type=int, default=0, help="HEP capture id to send")
     rep.add_argument(
+        "--max-gap",
+        type=_gap,
+        default=1.0,
+        metavar="S",
+        help="at the capture's pace, shorten longer silences to S seconds (default 1)",
+    )
+    rep.add_argument(
         "--original-times",
         action="store_true",
-        help="HEP: stamp the capture's times instead of the send time",
+        help=(
+            "HEP: stamp the capture's times instead of the send time (a daemon replaces "
+            "times more than 30 s off its clock with the receive time)"
+        ),
     )
     rep.add_argument("--auth-key", help="HEP agent key to send")
     stream = rep.add_mutually_exclusive_group()
@@ -97,6 +107,16 @@ def _rate(text: str) -> str:
     raise argparse.ArgumentTypeError(f"wants a rate from 0.001 to 10000000, or 'max': {text!r}")
 
 
+def _gap(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"wants seconds from 0 to 86400: {text!r}")
+    return value
+
+
 def _host_port(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     host = host.strip("[]")
@@ -111,6 +131,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    try:
+        return _command(args)
+    except KeyboardInterrupt:
+        # Ctrl-C: the command stopped where it was; `run` stops cleanly on its own.
+        again = (
+            "; run it again to import every file whole (records are deduplicated by id)"
+            if args.command == "import"
+            else ""
+        )
+        print(f"sipcdr: {args.command}: interrupted{again}", file=sys.stderr)
+        return 130
+
+
+def _command(args: argparse.Namespace) -> int:
 
     if args.command == "rates":
         # A deck check needs no configuration: it runs anywhere a deck is edited.
@@ -134,6 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # run, import and db migrate write personal data (CDRs, spools, the database).
     restrict_umask()
+    files: list[Path] = []
+    if args.command == "import":
+        # Files that cannot be captures are named now, before any sink is started; the
+        # others are imported, and the run fails at the end for the ones named here.
+        checked = _check_import_arguments(args)
+        if isinstance(checked, int):
+            return checked
+        files = checked
     refused = _refused_paths(config, args.command)
     if refused:
         print(f"sipcdr: {refused}", file=sys.stderr)
@@ -144,21 +186,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(config)
     if args.command == "db":
         return _db_migrate(config)
-    from sipcdr.importer import DELIVERY_TIMEOUT_S, import_files  # noqa: PLC0415
+    return _import(config, args, files)
 
+
+def _check_import_arguments(args: argparse.Namespace) -> list[Path] | int:
+    """The files that look like captures, each other one named on stderr; an exit
+    code when nothing can be imported (no such file, or --summary-json unusable)."""
+    from sipcdr.capture.pcapfile import CaptureFileError, check_capture  # noqa: PLC0415
+
+    summary_json: Path | None = args.summary_json
+    if summary_json is not None:
+        folder = summary_json.parent
+        if summary_json.is_dir() or not folder.is_dir():
+            where = str(summary_json if summary_json.is_dir() else folder)
+            problem = "is a directory" if summary_json.is_dir() else "is not an existing folder"
+            print(
+                f"sipcdr: import: --summary-json {summary_json}: {where} {problem}", file=sys.stderr
+            )
+            return 2
+    files: list[Path] = []
+    for path in args.files:
+        try:
+            check_capture(path)
+        except CaptureFileError as exc:
+            print(f"sipcdr: import: {exc}", file=sys.stderr)
+        else:
+            files.append(path)
+    return files or 1
+
+
+def _import(config: Config, args: argparse.Namespace, files: list[Path]) -> int:
+    from sipcdr.importer import DELIVERY_TIMEOUT_S, NO_SIP, import_files  # noqa: PLC0415
+
+    summary_json: Path | None = args.summary_json
     try:
         summary = import_files(
             config,
-            args.files,
-            args.summary_json,
+            files,
+            summary_json,
             delivery_timeout_s=args.delivery_timeout or DELIVERY_TIMEOUT_S,
         )
     except OSError as exc:  # a spool, a file or a folder the import cannot use
-        print(f"sipcdr: import: {exc}", file=sys.stderr)
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"sipcdr: import:{where} {exc.strerror or exc}", file=sys.stderr)
         return 1
+    file_errors = summary.get("file_errors")
+    if isinstance(file_errors, dict):
+        for message in file_errors.values():
+            print(f"sipcdr: import: {message}", file=sys.stderr)
+    warnings = summary.get("file_warnings")
+    no_sip = False
+    if isinstance(warnings, dict):
+        for message in warnings.values():
+            no_sip = no_sip or NO_SIP in message
+            print(f"sipcdr: import: warning: {message}", file=sys.stderr)
+    encapsulations = summary.get("encapsulations")
+    layers = ""
+    if isinstance(encapsulations, dict) and any(encapsulations.values()):
+        counted = ", ".join(f"{name} {n}" for name, n in encapsulations.items() if n)
+        layers = f"; frames decapsulated: {counted}"
     print(
         f"{summary['sip_messages']} SIP messages, {summary['cdrs_written']} CDRs "
-        f"({summary['cdrs_by_disposition']})"
+        f"({summary['cdrs_by_disposition']}){layers}"
     )
     failed = {
         name: summary[name]
@@ -178,7 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(records are deduplicated by id)",
             file=sys.stderr,
         )
-    return 1 if summary.get("file_errors") or failed else 0
+    # A truncated file is only warned about: its records up to the cut were imported,
+    # and importing it again would find the same cut.
+    refused = len(files) < len(args.files)
+    return 1 if refused or summary.get("file_errors") or no_sip or failed else 0
 
 
 def _refused_paths(config: Config, command: str) -> str | None:
@@ -205,8 +297,9 @@ def _refused_paths(config: Config, command: str) -> str | None:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    from sipcdr.capture.pcapfile import CaptureFileError, iter_packets  # noqa: PLC0415
     from sipcdr.capture.tls import TlsSetupError  # noqa: PLC0415
-    from sipcdr.replay import client_context, replay  # noqa: PLC0415
+    from sipcdr.replay import client_context, clock_guard_note, replay, resolve  # noqa: PLC0415
 
     transport = "tls" if args.tls else "tcp" if args.tcp else "udp"
     if transport != "udp" and not args.hep:
@@ -220,6 +313,39 @@ def _replay(args: argparse.Namespace) -> int:
     if args.key and not args.cert:
         print("sipcdr: replay: --key needs --cert", file=sys.stderr)
         return 2
+    if args.original_times and not args.hep:
+        print("sipcdr: replay: --original-times stamps HEP frames: add --hep", file=sys.stderr)
+        return 2
+    target = _host_port(args.to)
+    try:
+        packets = list(iter_packets(args.file))
+    except CaptureFileError as exc:
+        print(f"sipcdr: replay: {exc}", file=sys.stderr)
+        return 1
+    if not packets:
+        print(f"sipcdr: replay: {args.file}: no SIP found to send", file=sys.stderr)
+        return 1
+    try:
+        resolve(target, transport != "udp")
+    except OSError as exc:
+        print(f"sipcdr: replay: {exc}", file=sys.stderr)
+        return 1
+    if args.original_times:
+        note = clock_guard_note(packets, time.time())
+        if note is not None:
+            print(f"sipcdr: replay: note: {note}", file=sys.stderr)
+    pace = (
+        "as fast as possible"
+        if args.rate == "max"
+        else f"{args.rate} messages/s"
+        if args.rate
+        else f"at the capture's pace, silences over {args.max_gap:g} s shortened"
+    )
+    print(
+        f"replaying {len(packets) * args.loop} messages from {args.file} to {args.to} {pace}",
+        file=sys.stderr,
+        flush=True,
+    )
     rate = None if args.rate in (None, "max") else float(args.rate)
     try:
         context = client_context(args.ca, args.cert, args.key) if transport == "tls" else None
@@ -229,7 +355,7 @@ def _replay(args: argparse.Namespace) -> int:
     try:
         result = replay(
             args.file,
-            _host_port(args.to),
+            target,
             as_hep=args.hep,
             rate=rate,
             loops=args.loop,
@@ -240,12 +366,20 @@ def _replay(args: argparse.Namespace) -> int:
             transport=transport,
             tls=context,
             server_name=args.server_name,
+            max_gap_s=args.max_gap,
+            progress=_replay_progress,
+            packets=packets,
         )
     except OSError as exc:  # ssl.SSLError included: a refused certificate, a dead port
         print(f"sipcdr: replay: {exc}", file=sys.stderr)
         return 1
     print(f"sent {result.sent} messages in {result.seconds:.2f} s ({result.skipped} skipped)")
     return 0
+
+
+def _replay_progress(sent: int, total: int) -> None:
+    end = "\r" if sys.stderr.isatty() else "\n"
+    print(f"sent {sent} of {total} messages", end=end, file=sys.stderr, flush=True)
 
 
 def _db_migrate(config: Config) -> int:

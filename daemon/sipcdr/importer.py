@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Final
 
 import orjson
 import structlog
@@ -203,8 +204,9 @@ def _import(
     sinks work; fills `summary` at the end."""
     pipeline = Pipeline(Correlator(config.dialog, trunk_resolver(config.trunks)), sinks)
     pipeline.signaling = signaling
-    capture = CaptureStats()
+    per_file: list[CaptureStats] = []
     errors: dict[str, str] = {}
+    warnings: dict[str, str] = {}
     show = sys.stderr.isatty() if progress is None else progress
     next_expiry = 0.0
     packets = 0
@@ -212,10 +214,19 @@ def _import(
         with _Progress(show, len(files)) as bar:
 
             def packets_of(path: Path) -> Iterator[Packet]:
+                # Each file's own counters, so a warning can say what that file held.
+                stats = CaptureStats()
+                per_file.append(stats)
                 try:
-                    yield from iter_packets(path, stats=capture)
-                except (CaptureFileError, OSError) as exc:
+                    yield from iter_packets(path, stats=stats)
+                except CaptureFileError as exc:
                     errors[str(path)] = str(exc)
+                except OSError as exc:
+                    errors[str(path)] = f"{path}: cannot be read ({exc.strerror or exc})"
+                else:
+                    warning = file_warning(path, stats)
+                    if warning is not None:
+                        warnings[str(path)] = warning
                 bar.advance()
 
             # All files merged by capture time: rotated captures (cap1, cap10, cap2...)
@@ -256,7 +267,11 @@ def _import(
             {
                 "files": [str(p) for p in files],
                 "file_errors": errors,
-                "capture": capture.as_dict(),
+                "file_warnings": warnings,
+                "capture": (capture := _added(stats.as_dict() for stats in per_file)),
+                "encapsulations": {
+                    name: capture.get(f"decap_{name}", 0) for name in ENCAPSULATIONS
+                },
                 "sip_messages": packets,
                 "requests_by_method": requests,
                 "responses_by_cseq_method": responses,
@@ -268,6 +283,55 @@ def _import(
                 "orphan_messages": stats.orphans,
             }
         )
+
+
+# The layers decoding removes, each counted per frame (MPLS per label stack; "tunnelled"
+# is IP-in-IP, GRE and ERSPAN together).
+ENCAPSULATIONS: Final = ("pppoe", "mpls", "gtpu", "vxlan", "geneve", "tzsp", "tunnelled")
+
+NO_SIP: Final = "no SIP found"  # in a file's warning when the file held none
+
+# What a capture without SIP held instead, by CaptureStats counter, in the words of the
+# warning: the first counters that are not zero say why nothing was found.
+_INSTEAD: Final = (
+    ("decap_non_ip", "non-IP frames"),
+    ("decap_unsupported_tunnel", "frames in a tunnel or encapsulation not read here"),
+    ("decap_other_protocol", "IP packets of other protocols (ICMP, ESP, ...)"),
+    ("non_sip_payloads", "UDP/SCTP payloads that are not SIP"),
+    ("decap_tcp", "TCP segments without SIP"),
+    ("hep_non_sip", "HEP packets of other types than SIP"),
+    ("decap_malformed", "malformed frames"),
+    ("decap_truncated", "frames cut short by the capture's snap length"),
+    ("keepalives", "keepalives"),
+)
+
+
+def file_warning(path: Path, stats: CaptureStats) -> str | None:
+    """One line for a file that was read but is not all it should be: cut short (and
+    where), or without any SIP (and what it held instead); None when it is fine."""
+    problems: list[str] = []
+    if stats.truncated_file:
+        at = f" at byte {stats.truncated_at}" if stats.truncated_at >= 0 else ""
+        problems.append(
+            f"truncated: the file ends inside a record{at}; what came before it was read"
+        )
+    if not stats.sip_messages:
+        counts = stats.as_dict()
+        found = [f"{counts[key]} {words}" for key, words in _INSTEAD if counts.get(key)]
+        if stats.frames_read:
+            instead = ", ".join(found) if found else "nothing else either"
+            problems.append(f"{NO_SIP} in {stats.frames_read} frames: {instead}")
+        else:
+            problems.append(f"{NO_SIP}: the capture holds no frames")
+    return f"{path}: {'; '.join(problems)}" if problems else None
+
+
+def _added(counters: Iterator[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counts in counters:
+        for key, value in counts.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def _capture_time(packet: Packet) -> float:

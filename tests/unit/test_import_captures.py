@@ -156,6 +156,7 @@ def test_import_command_writes_jsonl_and_summary(open_tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+    assert '"event": "embedded_postgres_ready"' in done.stderr
     lines = (open_tmp_path / "var" / "cdrs.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert sorted(r["disposition"] for r in records) == [

@@ -38,12 +38,14 @@ NOT_COUNTS = {
     (CaptureStats, "decap"),
     (CaptureStats, "tcp"),
     (CaptureStats, "truncated_file"),  # a capture file's flag, never set live
+    (CaptureStats, "truncated_at"),  # and where in the file: an offset
     (LoopState, "sink"),
     (LoopState, "stream"),
     (LoopState, "set_aside"),
     (LoopState, "up"),
     (LoopState, "down_since"),
     (LoopState, "last_error"),
+    (LoopState, "tried"),  # a flag: a first delivery was tried (for /readyz)
 }
 
 

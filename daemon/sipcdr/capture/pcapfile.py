@@ -6,14 +6,23 @@ Files are read in large chunks that ``sipcdr.decode.capfile`` splits into record
 tenth of the cost of dpkt's record objects, and media frames are skipped where they
 lie); dpkt reads a pcapng file's header blocks, and every block from the first one
 ``capfile`` leaves to it.
+
+A capture compressed with gzip, bzip2 or xz is read through its decompressor (rotated
+captures are often kept compressed); other compressions, and files that are not
+captures at all, raise ``CaptureFileError`` naming the file and what it holds.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
+import stat
 import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, Protocol, cast
 
 import dpkt
 
@@ -21,7 +30,7 @@ from sipcdr.decode.capfile import PCAP_HEADER_BYTES, PcapngBlocks, PcapReader
 from sipcdr.decode.extract import CaptureStats, SipExtractor
 from sipcdr.model import Packet
 
-__all__ = ["CaptureFileError", "iter_packets"]
+__all__ = ["CaptureFileError", "check_capture", "iter_packets"]
 
 _PCAPNG_MAGIC: Final = b"\x0a\x0d\x0d\x0a"
 _PCAPNG_LITTLE_ENDIAN: Final = b"\x4d\x3c\x2b\x1a"  # the byte-order magic, as written
@@ -40,8 +49,93 @@ _PCAP_MAGICS: Final = frozenset(
 PCAP_CHUNK_BYTES: Final = 1 << 20
 
 
+# Leading bytes of compressed files: those with a decompressor in the standard library
+# are read through it, the others are named in the error.
+_DECOMPRESSORS: Final = (
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+)
+_OTHER_COMPRESSIONS: Final = (
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"\x04\x22\x4d\x18", "lz4"),
+    (b"PK\x03\x04", "zip"),
+    (b"7z\xbc\xaf\x27\x1c", "7z"),
+)
+
+
 class CaptureFileError(ValueError):
-    """The file is not a pcap or pcapng capture, or uses a link type we cannot read."""
+    """The file is not a pcap or pcapng capture, or uses a link type we cannot read.
+    The message starts with the file's path."""
+
+
+def check_capture(path: Path) -> None:
+    """Raise ``CaptureFileError`` (one line, naming ``path``) when ``path`` cannot be
+    read as a capture: missing, a directory, empty, unreadable, compressed in a way not
+    read here, or not a pcap/pcapng file. Reads the first bytes only; a FIFO or device
+    is left to the reader, since reading would consume what it holds."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CaptureFileError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise CaptureFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise CaptureFileError(f"{path}: a directory, not a capture file (name the files in it)")
+    if not stat.S_ISREG(mode):
+        return
+    try:
+        with _open(path) as handle:
+            magic = handle.read(4)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        raise CaptureFileError(f"{path}: cannot be read ({_reason(exc)})") from None
+    if magic != _PCAPNG_MAGIC and magic not in _PCAP_MAGICS:
+        raise CaptureFileError(_not_a_capture(path, magic))
+
+
+def _open(path: Path) -> BinaryIO:
+    """The file, through its decompressor when it is compressed in a format the standard
+    library reads; ``CaptureFileError`` for the other compressions."""
+    handle = path.open("rb")
+    try:
+        # Peeked, not read: a FIFO cannot seek back.
+        head = handle.peek(6)[:6]
+    except OSError:
+        handle.close()
+        raise
+    for magic, name in _DECOMPRESSORS:
+        if head.startswith(magic):
+            if name == "gzip":
+                return cast(BinaryIO, gzip.GzipFile(fileobj=handle, mode="rb"))
+            if name == "bzip2":
+                return cast(BinaryIO, bz2.BZ2File(handle))
+            return cast(BinaryIO, lzma.LZMAFile(handle))
+    for magic, name in _OTHER_COMPRESSIONS:
+        if head.startswith(magic):
+            handle.close()
+            raise CaptureFileError(
+                f"{path}: compressed with {name}, which is not read directly: "
+                "decompress it first (gzip, bzip2 and xz are read as they are)"
+            )
+    return handle
+
+
+class _Peekable(Protocol):
+    def peek(self, size: int = 0, /) -> bytes: ...
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _not_a_capture(path: Path, magic: bytes) -> str:
+    if not magic:
+        return f"{path}: empty file, no capture in it"
+    text = magic.isascii() and all(32 <= b < 127 or b in b"\t\r\n" for b in magic)
+    what = "text" if text else f"starts with {magic.hex()}"
+    return f"{path}: not a pcap or pcapng capture ({what})"
 
 
 def _open_reader(handle: BinaryIO, path: Path) -> dpkt.pcap.Reader | dpkt.pcapng.Reader:
@@ -54,7 +148,7 @@ def _open_reader(handle: BinaryIO, path: Path) -> dpkt.pcap.Reader | dpkt.pcapng
             return dpkt.pcap.Reader(handle)
     except (ValueError, dpkt.UnpackError, struct.error) as exc:
         raise CaptureFileError(f"{path}: unreadable capture header: {exc}") from None
-    raise CaptureFileError(f"{path}: not a pcap or pcapng file (magic {magic.hex()})")
+    raise CaptureFileError(_not_a_capture(path, magic))
 
 
 def iter_packets(
@@ -66,7 +160,7 @@ def iter_packets(
     capture id instead. Pass ``stats`` to read the counters during or after the run.
     Raises ``CaptureFileError`` for a file that is not a capture or has an unsupported
     link type; a file cut off mid-record ends the iteration and sets
-    ``stats.truncated_file``.
+    ``stats.truncated_file``, and ``stats.truncated_at`` to where that record begins.
 
     pcapng: dpkt reads the first interface's link type and timestamp resolution, and
     Enhanced Packet Blocks only; files mixing interfaces of different link types are
@@ -75,9 +169,20 @@ def iter_packets(
     if stats is None:
         stats = CaptureStats()
     node = path.name if capture_node is None else capture_node
-    with path.open("rb") as handle:
-        if handle.read(4) in _PCAP_MAGICS:
-            handle.seek(0)
+    check_capture(path)
+    try:
+        yield from _packets(path, node, stats)
+    except EOFError:
+        # A compressed file cut short: like a capture cut mid-record, at an offset
+        # the decompressor does not tell.
+        stats.truncated_file = True
+    except (zlib.error, lzma.LZMAError, OSError) as exc:
+        raise CaptureFileError(f"{path}: cannot be read ({_reason(exc)})") from None
+
+
+def _packets(path: Path, node: str, stats: CaptureStats) -> Iterator[Packet]:
+    with _open(path) as handle:
+        if cast("_Peekable", handle).peek(4)[:4] in _PCAP_MAGICS:
             yield from _pcap_packets(handle, path, node, stats)
             return
         handle.seek(0)
@@ -86,7 +191,7 @@ def iter_packets(
             # The upper bits of the pcap link-type field hold FCS information.
             extractor = SipExtractor(int(reader.datalink()) & 0xFFFF, node, stats)
         except ValueError as exc:
-            raise CaptureFileError(str(exc)) from None
+            raise CaptureFileError(f"{path}: {exc}") from None
         # dpkt has read the section header and the first interface description; the
         # packet blocks after them are read in chunks, until one needs dpkt.
         after_headers = handle.tell()
@@ -101,12 +206,14 @@ def iter_packets(
             handle.seek(blocks.position)
             records = iter(reader)
             while True:
+                at = handle.tell()
                 try:
                     ts, frame = next(records)
                 except StopIteration:
                     break
                 except (dpkt.UnpackError, struct.error, ValueError):
                     stats.truncated_file = True
+                    stats.truncated_at = at
                     break
                 found = extractor.feed(float(ts), frame)
                 if found:
@@ -122,10 +229,16 @@ def _pcap_packets(handle: BinaryIO, path: Path, node: str, stats: CaptureStats) 
     try:
         extractor = SipExtractor(reader.linktype, node, stats)
     except ValueError as exc:
-        raise CaptureFileError(str(exc)) from None
+        raise CaptureFileError(f"{path}: {exc}") from None
+    offset = PCAP_HEADER_BYTES
     while chunk := handle.read(max(PCAP_CHUNK_BYTES, reader.wanted())):
+        offset += len(chunk)
         yield from reader.feed(chunk, extractor)
+    pending = reader.pending()
     yield from reader.finish(extractor)
-    if reader.truncated:
+    if pending:
+        # A record cut in its header or in its frame: what was captured of the frame
+        # is decoded (and counted short by decoding), but the file was cut there.
         stats.truncated_file = True
+        stats.truncated_at = offset - pending
     extractor.close()

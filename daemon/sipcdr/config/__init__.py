@@ -36,7 +36,7 @@ masked; the PostgreSQL DSN rules are storage's, `sipcdr.storage.dsn`) and `hando
 (the settings records the layers below take). Everything a caller needs is named here.
 """
 
-from sipcdr.config.handoff import output_settings
+from sipcdr.config.handoff import cdr_destinations, output_settings
 from sipcdr.config.loader import ENV_PREFIX, NON_CONFIG_ENV_PREFIXES, load_config
 from sipcdr.config.reading import ConfigError, parse_endpoint
 from sipcdr.config.schema import (
@@ -126,6 +126,7 @@ __all__ = [
     "SpoolConfig",
     "StateConfig",
     "TrunkConfig",
+    "cdr_destinations",
     "dsn_problem",
     "load_config",
     "output_settings",

@@ -6,6 +6,7 @@ builds them (the daemon, `sipcdr import`) hands them these plain records instead
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sipcdr.config.schema import Config
@@ -16,6 +17,7 @@ from sipcdr.sinks.settings import (
     PostgresSettings,
     SpoolSettings,
 )
+from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR
 
 
 def output_settings(config: Config) -> OutputSettings:
@@ -72,3 +74,21 @@ def output_settings(config: Config) -> OutputSettings:
             else None
         ),
     )
+
+
+def cdr_destinations(config: Config) -> dict[str, str]:
+    """Where CDRs go, for the daemon's `started` line: the JSONL file, the database
+    (its password masked), the broker and topic; by sink name, enabled sinks only."""
+    sinks = config.sinks
+    where: dict[str, str] = {}
+    if sinks.jsonl.enabled:
+        where["jsonl"] = os.path.abspath(sinks.jsonl.path)
+    if sinks.postgres.embedded:
+        pg_dir = os.path.abspath(Path(config.state.dir) / EMBEDDED_DATA_SUBDIR)
+        where["postgres"] = f"embedded, under {pg_dir}"
+    elif sinks.postgres.enabled:
+        where["postgres"] = str(sinks.postgres.redacted()["dsn"])
+    if sinks.kafka.enabled:
+        kafka = sinks.kafka
+        where["kafka"] = f"{kafka.bootstrap_servers}, topic {kafka.topic_cdrs}"
+    return where

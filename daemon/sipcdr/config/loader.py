@@ -177,7 +177,14 @@ def _check_listeners(config: Config, context: Context) -> None:
     already open; say so now. Port 0 is exempt: each bind gets its own port."""
     capture = config.capture
     for protocol, listeners in (
-        ("UDP", (("capture.sip_udp", capture.sip_udp), ("capture.hep_udp", capture.hep_udp))),
+        (
+            "UDP",
+            (
+                ("capture.sip_udp", capture.sip_udp),
+                ("capture.hep_udp", capture.hep_udp),
+                ("capture.vxlan_udp", capture.vxlan_udp),
+            ),
+        ),
         (
             "TCP",
             (

@@ -41,6 +41,9 @@ class Endpoint(NamedTuple):
 DEFAULT_SIP_UDP: Final = (Endpoint("127.0.0.1", 5060),)
 # 9060 is the port HEP agents and Homer use by convention; loopback as above.
 DEFAULT_HEP_UDP: Final = (Endpoint("127.0.0.1", 9060),)
+# Off: a cloud mirror session (AWS VPC Traffic Mirroring sends VXLAN to UDP 4789) is
+# pointed at the collector on purpose, and its address chosen then.
+DEFAULT_VXLAN_UDP: Final[tuple[Endpoint, ...]] = ()
 # Off: HEP agents default to UDP, so a TCP listener is only opened when asked for.
 DEFAULT_HEP_TCP: Final[tuple[Endpoint, ...]] = ()
 # Off: a TLS listener needs a certificate the operator issues (tls_cert, tls_key).
@@ -115,6 +118,7 @@ class CaptureConfig:
     hep_udp: tuple[Endpoint, ...] = DEFAULT_HEP_UDP
     hep_tcp: tuple[Endpoint, ...] = DEFAULT_HEP_TCP
     hep_tls: tuple[Endpoint, ...] = DEFAULT_HEP_TLS
+    vxlan_udp: tuple[Endpoint, ...] = DEFAULT_VXLAN_UDP  # mirrored frames in VXLAN
     tls_cert: Path | None = None  # PEM certificate (chain) of the HEP/TLS listeners
     tls_key: Path | None = None  # its unencrypted PEM private key
     tls_client_ca: Path | None = None  # set: agents must present a certificate it signed
@@ -137,6 +141,7 @@ class CaptureConfig:
             "hep_udp": [str(endpoint) for endpoint in self.hep_udp],
             "hep_tcp": [str(endpoint) for endpoint in self.hep_tcp],
             "hep_tls": [str(endpoint) for endpoint in self.hep_tls],
+            "vxlan_udp": [str(endpoint) for endpoint in self.vxlan_udp],
             # Paths only: a key file's contents are never read into the config.
             "tls_cert": None if self.tls_cert is None else str(self.tls_cert),
             "tls_key": None if self.tls_key is None else str(self.tls_key),

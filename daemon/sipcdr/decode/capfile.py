@@ -67,6 +67,11 @@ class PcapReader:
         captured: int = self._record.unpack_from(rest)[2]
         return _RECORD_HEADER + captured - len(rest)
 
+    def pending(self) -> int:
+        """Bytes read of a record not yet complete: at the end of the file, the size of
+        the piece of a record it was cut in."""
+        return len(self._rest)
+
     def feed(self, chunk: bytes, extractor: SipExtractor) -> list[Packet]:
         """The SIP packets of every record the bytes read so far complete."""
         buf = self._rest + chunk if self._rest else chunk

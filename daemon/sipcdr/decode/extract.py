@@ -54,6 +54,7 @@ class CaptureStats:
         "non_sip_payloads",
         "sip_messages",
         "tcp",
+        "truncated_at",
         "truncated_file",
     )
 
@@ -68,6 +69,7 @@ class CaptureStats:
         self.non_sip_payloads = 0  # UDP/SCTP payloads that are neither SIP nor HEP
         self.keepalives = 0  # CRLF-only UDP/SCTP/HEP payloads
         self.truncated_file = False  # set by a file reader: the file ended inside a record
+        self.truncated_at = -1  # set with it: the file offset where that record begins
 
     @property
     def frames_read(self) -> int:

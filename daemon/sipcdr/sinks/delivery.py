@@ -82,6 +82,9 @@ class LoopState:
     # The last few set aside, so a batch retried after a later failure keeps each once.
     set_aside: deque[int] = field(default_factory=lambda: deque(maxlen=1024))
     up: bool = True
+    # Set once the sink's first connection (`prepare`) has succeeded or failed: until
+    # then the daemon is not ready (see `Outputs.sinks_ready`).
+    tried: bool = False
     down_since: float | None = None
     last_error: str = ""
 
@@ -181,6 +184,7 @@ class Delivery:
                 raise
             except Exception as exc:
                 self._went_down(sink, stream, state, reader, exc)
+        state.tried = True
         while True:
             wake.clear()
             if (sink.name, stream) in self.held:

@@ -139,6 +139,23 @@ class Outputs:
         )
         await self.delivery.start()
 
+    def sinks_ready(self) -> bool:
+        """Every enabled sink has had its first connection, and each that is not
+        connected now has its records spooling within the spool's limits (the spool is
+        not full and its disk takes writes): what a CDR taken in now meets is then a
+        sink or room to wait in. False until the outputs are open."""
+        delivery = self.delivery
+        if delivery is None:
+            return not self.sinks
+        for state, _reader in delivery.readers():
+            if not state.tried:
+                return False
+            if not state.up:
+                spool = self.spools[state.stream]
+                if spool.full or spool.reserved:
+                    return False
+        return True
+
     def _open_spool(
         self,
         stream: str,
@@ -185,6 +202,8 @@ class Outputs:
                 # A local start problem (permissions, disk): stop the start, plainly.
                 raise OSError(f"embedded PostgreSQL did not start: {exc}") from exc
             self._embedded = embedded
+            # Its start takes seconds on a first run (initdb): say when it is over.
+            self.log.info("embedded_postgres_ready", data_dir=str(embedded.data_dir))
         return PostgresSink(
             dsn,
             store_signaling=pg.store_signaling,

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from sipcdr.capture.hepstream import HepStreamServer
     from sipcdr.capture.listeners import HepGate, ListenerStats
     from sipcdr.capture.live import LiveCapture
+    from sipcdr.capture.mirror import VxlanUdpProtocol
     from sipcdr.dialog import Correlator
     from sipcdr.dialogstore import DialogStore
     from sipcdr.pipeline import Pipeline
@@ -65,6 +66,7 @@ class Sources:
     gate: HepGate | None = None
     hep_stream: HepStreamServer | None = None
     live: Sequence[LiveCapture] = ()
+    vxlan: Sequence[VxlanUdpProtocol] = ()
     udp: Sequence[tuple[str, socket.socket]] = ()  # (listener kind, socket)
     udp_drops: Callable[[socket.socket], int | None] | None = None
     outputs: Outputs | None = None
@@ -158,6 +160,9 @@ def _capture(scrape: _Scrape, sources: Sources) -> None:
             overflows = sources.udp_drops(sock)
             if overflows is not None:
                 scrape.add("sipcdr_packets_dropped", overflows, kind, "rcvbuf_overflow")
+    for mirror in sources.vxlan:
+        for reason, count in mirror.decoded_drops().items():
+            scrape.add("sipcdr_packets_dropped", count, mirror.SOURCE, reason)
     if sources.gate is not None:
         scrape.counts("sipcdr_hep_rejected", sources.gate.rejected)
     stream = sources.hep_stream
