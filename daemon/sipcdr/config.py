@@ -40,7 +40,7 @@ import socket
 import tomllib
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final, NamedTuple, TypeAlias
@@ -52,6 +52,8 @@ from sipcdr.capture import tls
 from sipcdr.dialog.correlator import DialogLimits
 from sipcdr.hotpath import PURE_PYTHON_ENV
 from sipcdr.model import Trunk
+from sipcdr.privacy import settings as privacy_settings
+from sipcdr.privacy.settings import PrivacySettings, RetentionSettings
 from sipcdr.sinks import kafka_options as kafka
 from sipcdr.sinks import spool
 from sipcdr.sinks.jsonl import DEFAULT_ROTATE_BYTES
@@ -272,6 +274,7 @@ class TrunkConfig:
     rate_plan: str | None = None
     country_code: str | None = None
     national_prefix: str | None = None
+    cdr_retention_days: int | None = None  # sipcdr.privacy.settings reads it
 
     def to_trunk(self) -> Trunk:
         return Trunk(
@@ -288,6 +291,7 @@ class TrunkConfig:
             "rate_plan": self.rate_plan,
             "country_code": self.country_code,
             "national_prefix": self.national_prefix,
+            "cdr_retention_days": self.cdr_retention_days,
         }
 
 
@@ -364,6 +368,7 @@ class KafkaConfig:
     linger_ms: int = kafka.DEFAULT_LINGER_MS
     max_batch_bytes: int = kafka.DEFAULT_MAX_BATCH_BYTES
     request_timeout_ms: int = kafka.DEFAULT_REQUEST_TIMEOUT_MS
+    pseudonymize_numbers: bool = False  # see sipcdr.privacy.settings
 
     @property
     def enabled(self) -> bool:
@@ -390,6 +395,7 @@ class KafkaConfig:
             "linger_ms": self.linger_ms,
             "max_batch_bytes": self.max_batch_bytes,
             "request_timeout_ms": self.request_timeout_ms,
+            "pseudonymize_numbers": self.pseudonymize_numbers,
         }
 
 
@@ -463,6 +469,8 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     def redacted(self) -> dict[str, object]:
         """The effective settings as plain JSON-able data, with every secret masked:
@@ -477,6 +485,8 @@ class Config:
             "spool": self.spool.redacted(),
             "metrics": self.metrics.redacted(),
             "state": self.state.redacted(),
+            "retention": self.retention.redacted(),
+            "privacy": self.privacy.redacted(),
         }
 
 
@@ -1088,6 +1098,20 @@ def _build(raw: dict[str, object], context: _Context, base_dir: Path) -> Config:
             spare_bytes=spare_bytes,
         ),
     )
+    # -- privacy hook: sipcdr.privacy.settings owns [retention] and [privacy] ----------
+    config = replace(
+        config,
+        retention=privacy_settings.parse_retention(
+            root.table("retention", privacy_settings.RETENTION_KEYS),
+            ((trunk.name, trunk.cdr_retention_days) for trunk in trunks),
+        ),
+        privacy=privacy_settings.parse_privacy(
+            root.table("privacy", privacy_settings.PRIVACY_KEYS),
+            base_dir,
+            pseudonymize=sinks.kafka.enabled and sinks.kafka.pseudonymize_numbers,
+        ),
+    )
+    # -- end of privacy hook -----------------------------------------------------------
     _check_listeners(config, context)
     return config
 
@@ -1281,6 +1305,7 @@ def _trunks(root: _Table, rating: RatingConfig) -> tuple[TrunkConfig, ...]:
         if country_code is not None and not _COUNTRY_CODE.fullmatch(country_code):
             raise table.invalid("country_code", country_code, "a country code of 1-3 digits")
         national_prefix = table.optional_string("national_prefix")
+        cdr_retention_days = privacy_settings.trunk_cdr_days(table)  # privacy hook
         if national_prefix is not None and not _DIGITS.fullmatch(national_prefix):
             raise table.invalid("national_prefix", national_prefix, "digits, e.g. '0'")
         result.append(
@@ -1290,6 +1315,7 @@ def _trunks(root: _Table, rating: RatingConfig) -> tuple[TrunkConfig, ...]:
                 rate_plan=rate_plan,
                 country_code=country_code,
                 national_prefix=national_prefix,
+                cdr_retention_days=cdr_retention_days,
             )
         )
     return tuple(result)
@@ -1442,6 +1468,7 @@ def _kafka(table: _Table, base_dir: Path) -> KafkaConfig:
         request_timeout_ms=table.integer(
             "request_timeout_ms", kafka.DEFAULT_REQUEST_TIMEOUT_MS, minimum=100
         ),
+        pseudonymize_numbers=table.boolean("pseudonymize_numbers", False),
     )
 
 

@@ -812,6 +812,7 @@ def test_redacted_hides_every_secret(tmp_path: Path) -> None:
             "rate_plan": "wholesale",
             "country_code": "49",
             "national_prefix": "0",
+            "cdr_retention_days": None,
         },
         {
             "name": "pbx-b",
@@ -819,6 +820,7 @@ def test_redacted_hides_every_secret(tmp_path: Path) -> None:
             "rate_plan": None,
             "country_code": None,
             "national_prefix": None,
+            "cdr_retention_days": None,
         },
     ]
 

@@ -1,0 +1,173 @@
+"""The `sipcdr retention`, `hold`, `subject` and `audit` subcommands: argument parsing
+and printing only; the work is in `retention`, `holds`, `subjects` and `audit`.
+
+Exit codes: 0 done, 1 failed (database, file), 2 bad use or configuration, 3 refused
+(a hold too long, an erasure a hold or statutory retention forbids, a broken audit
+chain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TextIO
+
+import orjson
+
+if TYPE_CHECKING:
+    from sipcdr.config import Config
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_REFUSED: Final = 3
+
+COMMANDS: Final = ("retention", "hold", "subject", "audit")
+
+
+def register(sub: Any) -> None:
+    """Add the subcommands to the top-level parser's subparsers."""
+    retention = sub.add_parser("retention", help="drop what is past its retention period")
+    retention_sub = retention.add_subparsers(dest="privacy_action", metavar="ACTION", required=True)
+    run = retention_sub.add_parser("run", help="run retention once")
+    run.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
+    _common(run)
+
+    hold = sub.add_parser("hold", help="legal holds: keep a subject's records past retention")
+    hold_sub = hold.add_subparsers(dest="privacy_action", metavar="ACTION", required=True)
+    add = hold_sub.add_parser("add", help="place a hold")
+    target = add.add_mutually_exclusive_group(required=True)
+    target.add_argument("--number", help="E.164 number, e.g. +4930123456")
+    target.add_argument("--trunk", help="trunk name")
+    target.add_argument("--call-id", help="a call's Call-ID")
+    add.add_argument("--reason", required=True, help="why (case reference)")
+    add.add_argument("--from", dest="starts", type=_when, help="start, ISO 8601 (default now)")
+    add.add_argument("--until", required=True, type=_when, help="end, ISO 8601 date or time")
+    add.add_argument(
+        "--tables",
+        default="cdrs,sip_messages,fraud_alerts",
+        help="what it keeps (default all: cdrs,sip_messages,fraud_alerts)",
+    )
+    _common(add)
+    listing = hold_sub.add_parser("list", help="list holds")
+    listing.add_argument("--all", action="store_true", help="include ended holds")
+    listing.add_argument("--json", action="store_true")
+    _common(listing)
+    release = hold_sub.add_parser("release", help="end a hold now")
+    release.add_argument("hold_id", type=int)
+    _common(release)
+
+    subject = sub.add_parser("subject", help="data-subject rights: export, erase, restrict")
+    subject_sub = subject.add_subparsers(dest="privacy_action", metavar="ACTION", required=True)
+    export = subject_sub.add_parser("export", help="everything stored about a number")
+    export.add_argument("--number", required=True)
+    export.add_argument("--format", choices=("json", "csv"), default="json")
+    export.add_argument("--out", type=Path, metavar="FILE", help="default: standard output (json)")
+    _common(export)
+    for name, text in (
+        ("erase", "delete a number's signaling, pseudonymize it in CDRs and alerts"),
+        ("restrict", "keep a number's records but stop them leaving the daemon"),
+        ("unrestrict", "lift a restriction"),
+    ):
+        action = subject_sub.add_parser(name, help=text)
+        action.add_argument("--number", required=True)
+        _common(action)
+
+    audit = sub.add_parser("audit", help="the audit log")
+    audit_sub = audit.add_subparsers(dest="privacy_action", metavar="ACTION", required=True)
+    verify = audit_sub.add_parser("verify", help="check the hash chain")
+    _common(verify)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", type=Path, metavar="FILE", help="TOML configuration")
+    parser.add_argument("--operator", help="who acts, for the audit log (default: the OS user)")
+
+
+def _when(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants an ISO 8601 date or time: {text!r}") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def main(config: Config, args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run one of the subcommands; the exit code."""
+    from sipcdr.privacy.audit import default_operator  # noqa: PLC0415
+
+    out = out or sys.stdout
+    operator = args.operator or default_operator()
+    handler = _HANDLERS[(args.command, args.privacy_action)]
+    try:
+        return asyncio.run(handler(config, args, operator, out))
+    except Refused as exc:
+        print(f"sipcdr: {args.command} {args.privacy_action}: refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ValueError as exc:
+        print(f"sipcdr: {args.command} {args.privacy_action}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # one line, not a traceback
+        print(
+            f"sipcdr: {args.command} {args.privacy_action}: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+
+
+class Refused(Exception):
+    """The action is not allowed; the message says why."""
+
+
+async def _retention_run(
+    config: Config, args: argparse.Namespace, operator: str, out: TextIO
+) -> int:
+    from sipcdr.privacy.database import connected  # noqa: PLC0415
+    from sipcdr.privacy.files import expire_files  # noqa: PLC0415
+    from sipcdr.privacy.retention import run_retention  # noqa: PLC0415
+
+    report_files = expire_files(config, dry_run=args.dry_run)
+    if config.sinks.postgres.enabled:
+        async with connected(config) as conn:
+            report = await run_retention(
+                conn, config.retention, dry_run=args.dry_run, operator=operator
+            )
+        verb = "would drop" if args.dry_run else "dropped"
+        for item in report.dropped:
+            held = f", {item.held_rows} rows held back" if item.held_rows else ""
+            print(
+                f"{verb} {item.name} ({item.table}, {item.day}, kept {item.kept_days} days, "
+                f"{item.bytes} bytes{held})",
+                file=out,
+            )
+        removed = {k: v for k, v in report.held_rows_removed.items() if v}
+        if removed:
+            what = "would remove" if args.dry_run else "removed"
+            print(f"{what} held rows whose hold ended: {removed}", file=out)
+        print(f"{len(report.dropped)} partitions, {report.bytes} bytes", file=out)
+    for path in report_files:
+        print(f"{'would delete' if args.dry_run else 'deleted'} {path}", file=out)
+    return EXIT_OK
+
+
+Handler = Callable[["Config", argparse.Namespace, str, TextIO], Coroutine[Any, Any, int]]
+
+
+async def _not_yet(config: Config, args: argparse.Namespace, operator: str, out: TextIO) -> int:
+    raise ValueError("not available")
+
+
+_HANDLERS: dict[tuple[str, str], Handler] = {
+    ("retention", "run"): _retention_run,
+}
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value, default=str, option=orjson.OPT_INDENT_2).decode()
+
+
+_ = timedelta
