@@ -4,7 +4,7 @@ table's (or their trunk's) period, nothing changed by a dry run, the run audited
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import MappingProxyType
 
 import asyncpg
@@ -20,7 +20,12 @@ CLASSES = {"long": 400, "short": 30}
 SETTINGS = RetentionSettings(trunk_cdr_days=MappingProxyType(CLASSES))
 
 
-def days_ago(n: int, hour: int = 12) -> object:
+def day(n: int) -> str:
+    """The partition name part of the day `n` days before NOW."""
+    return days_ago(n).strftime("%Y%m%d")
+
+
+def days_ago(n: int, hour: int = 12) -> datetime:
     return (NOW - timedelta(days=n)).replace(hour=hour)
 
 
@@ -75,7 +80,7 @@ async def test_cdrs_are_stored_under_their_trunks_retention_class(
         "SELECT call_id, retention_days, tableoid::regclass::text AS t FROM cdrs"
     )
     by_call = {row["call_id"]: (row["retention_days"], row["t"]) for row in rows}
-    day = days_ago(401).strftime("%Y%m%d")  # type: ignore[attr-defined]
+    day = days_ago(401).strftime("%Y%m%d")
     assert by_call["long-401"] == (400, f"cdrs_p{day}_r400")
     assert by_call["short-30"][0] == 30
     assert by_call["unknown-181"][0] == 0
@@ -86,7 +91,6 @@ async def test_dry_run_lists_and_changes_nothing(pg_dsn: str, conn: asyncpg.Conn
     before = await snapshot(conn)
     report = await run_retention(conn, SETTINGS, dry_run=True, operator="tester", now=NOW)
     assert await snapshot(conn) == before
-    day = lambda n: days_ago(n).strftime("%Y%m%d")  # type: ignore[attr-defined]  # noqa: E731
     names = {item.name for item in report.dropped}
     # Every day has a sub-partition per class; the empty ones past retention go as well.
     assert names >= {
@@ -117,7 +121,6 @@ async def test_run_drops_exactly_what_is_past_retention_per_table_and_trunk(
     assert {row[0] for row in await conn.fetch("SELECT subject FROM fraud_alerts")} == {"a-365"}
     assert {item.table for item in report.dropped} == {"cdrs", "sip_messages", "fraud_alerts"}
     # A cdrs day left with no class sub-partition goes too; days still holding one stay.
-    day = lambda n: days_ago(n).strftime("%Y%m%d")  # type: ignore[attr-defined]  # noqa: E731
     exists = "SELECT to_regclass($1) IS NOT NULL"
     assert not await conn.fetchval(exists, f"cdrs_p{day(401)}")
     assert await conn.fetchval(exists, f"cdrs_p{day(181)}")  # long-181 is still in it
@@ -133,8 +136,8 @@ async def test_a_plain_partition_of_the_first_schema_is_kept_for_the_longest_per
     pg_dsn: str, conn: asyncpg.Connection
 ) -> None:
     # What version 1 made: a plain day partition holding rows of any class.
-    day = days_ago(200).strftime("%Y%m%d")  # type: ignore[attr-defined]
-    start = days_ago(200).date()  # type: ignore[attr-defined]
+    day = days_ago(200).strftime("%Y%m%d")
+    start = days_ago(200).date()
     await conn.execute(
         f"CREATE TABLE cdrs_p{day} PARTITION OF cdrs FOR VALUES FROM "
         f"('{start} 00:00:00+00') TO ('{start + timedelta(days=1)} 00:00:00+00')"
