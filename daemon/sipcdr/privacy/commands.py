@@ -154,6 +154,85 @@ async def _retention_run(
     return EXIT_OK
 
 
+async def _hold_add(config: Config, args: argparse.Namespace, operator: str, out: TextIO) -> int:
+    from sipcdr.privacy.database import connected  # noqa: PLC0415
+    from sipcdr.privacy.holds import add_hold  # noqa: PLC0415
+    from sipcdr.privacy.plan import HoldRefused  # noqa: PLC0415
+
+    kind, subject = (
+        ("number", args.number)
+        if args.number
+        else ("trunk", args.trunk)
+        if args.trunk
+        else ("call_id", args.call_id)
+    )
+    tables = [item.strip() for item in args.tables.split(",") if item.strip()]
+    async with connected(config) as conn:
+        try:
+            hold_id = await add_hold(
+                conn,
+                kind=kind,
+                subject=subject,
+                reason=args.reason,
+                starts_at=args.starts,
+                expires_at=args.until,
+                tables=tables,
+                signaling_max_days=config.privacy.signaling_hold_max_days,
+                operator=operator,
+            )
+        except HoldRefused as exc:
+            raise Refused(str(exc)) from None
+    print(f"hold {hold_id} placed", file=out)
+    return EXIT_OK
+
+
+async def _hold_list(config: Config, args: argparse.Namespace, operator: str, out: TextIO) -> int:
+    from sipcdr.privacy.database import connected  # noqa: PLC0415
+    from sipcdr.privacy.holds import list_holds  # noqa: PLC0415
+
+    async with connected(config) as conn:
+        holds = await list_holds(conn, include_ended=args.all)
+    if args.json:
+        print(_json(holds), file=out)
+        return EXIT_OK
+    for hold in holds:
+        state = "released" if hold["released_at"] else "in force"
+        print(
+            f"{hold['hold_id']}\t{hold['kind']} {hold['subject']}\t{','.join(hold['tables'])}\t"
+            f"{hold['starts_at']:%Y-%m-%d} .. {hold['expires_at']:%Y-%m-%d}\t{state}\t"
+            f"{hold['created_by']}: {hold['reason']}",
+            file=out,
+        )
+    return EXIT_OK
+
+
+async def _hold_release(
+    config: Config, args: argparse.Namespace, operator: str, out: TextIO
+) -> int:
+    from sipcdr.privacy.database import connected  # noqa: PLC0415
+    from sipcdr.privacy.holds import release_hold  # noqa: PLC0415
+
+    async with connected(config) as conn:
+        if not await release_hold(conn, args.hold_id, operator):
+            raise ValueError(f"no hold {args.hold_id} in force")
+    print(f"hold {args.hold_id} released; its rows go at the next retention run", file=out)
+    return EXIT_OK
+
+
+async def _audit_verify(
+    config: Config, args: argparse.Namespace, operator: str, out: TextIO
+) -> int:
+    from sipcdr.privacy.audit import verify  # noqa: PLC0415
+    from sipcdr.privacy.database import connected  # noqa: PLC0415
+
+    async with connected(config) as conn:
+        verdict = await verify(conn)
+    if verdict.intact:
+        print(f"audit log intact: {verdict.rows} rows, head {verdict.head}", file=out)
+        return EXIT_OK
+    raise Refused(f"audit log broken at row {verdict.broken_id}: {verdict.reason}")
+
+
 Handler = Callable[["Config", argparse.Namespace, str, TextIO], Coroutine[Any, Any, int]]
 
 
@@ -163,6 +242,10 @@ async def _not_yet(config: Config, args: argparse.Namespace, operator: str, out:
 
 _HANDLERS: dict[tuple[str, str], Handler] = {
     ("retention", "run"): _retention_run,
+    ("hold", "add"): _hold_add,
+    ("hold", "list"): _hold_list,
+    ("hold", "release"): _hold_release,
+    ("audit", "verify"): _audit_verify,
 }
 
 

@@ -52,12 +52,12 @@ def where(table: str, kind: str) -> str:
     return _CLAUSES[(base, kind)]
 
 
-def arguments(kind: str, subject: str) -> tuple[str, str]:
-    """`$1` and `$2` for `where`."""
-    if kind == "number":
-        return subject, header_pattern(subject)
-    # `$2` still needs a value of type text; a pattern no header holds.
-    return subject, "$^"
+def bind(table: str, kind: str, subject: str) -> tuple[str, tuple[str, ...]]:
+    """`where(table, kind)` and the values of its parameters."""
+    clause = where(table, kind)
+    if "$2" in clause:
+        return clause, (subject, header_pattern(subject))
+    return clause, (subject,)
 
 
 def header_pattern(number: str) -> str:

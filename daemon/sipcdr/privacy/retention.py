@@ -190,10 +190,9 @@ async def _run(
         if dry_run:
             count = 0
             for hold in held:
+                clause, values = matching.bind(partition.table, hold.kind, hold.subject)
                 count += await conn.fetchval(
-                    f'SELECT count(*) FROM "{partition.name}" '
-                    f"WHERE {matching.where(partition.table, hold.kind)}",
-                    *matching.arguments(hold.kind, hold.subject),
+                    f'SELECT count(*) FROM "{partition.name}" WHERE {clause}', *values
                 )
             moved = count
         else:
@@ -235,11 +234,12 @@ async def _move_and_drop(
     moved = 0
     async with conn.transaction():
         for hold in holds:
+            clause, values = matching.bind(partition.table, hold.kind, hold.subject)
             status = await conn.execute(
                 f'INSERT INTO "{partition.table}_held" ({listed}, hold_id) '
                 f'SELECT {listed}, {int(hold.hold_id)} FROM "{partition.name}" '
-                f"WHERE {matching.where(partition.table, hold.kind)} ON CONFLICT DO NOTHING",
-                *matching.arguments(hold.kind, hold.subject),
+                f"WHERE {clause} ON CONFLICT DO NOTHING",
+                *values,
             )
             moved += int(status.rsplit(" ", 1)[-1])
         await conn.execute(f'DROP TABLE IF EXISTS "{partition.name}"')
