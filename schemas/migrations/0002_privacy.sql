@@ -220,6 +220,15 @@ BEGIN
 END
 $$;
 
+-- New partitions are tables of the schema the record tables live in.
+DO $$
+BEGIN
+    EXECUTE format('GRANT USAGE, CREATE ON SCHEMA %I TO sipcdr_writer', current_schema());
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO sipcdr_analyst, sipcdr_privacy',
+                   current_schema());
+END
+$$;
+
 -- Nobody but the roles below sees personal data or the log.
 REVOKE ALL ON cdrs, sip_messages, fraud_alerts, cdrs_held, sip_messages_held,
     fraud_alerts_held, holds, restrictions, audit_log, audit_horizon FROM PUBLIC;
