@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
@@ -233,11 +233,78 @@ async def _audit_verify(
     raise Refused(f"audit log broken at row {verdict.broken_id}: {verdict.reason}")
 
 
+def _number(text: str) -> str:
+    from sipcdr.privacy.matching import normalize_number  # noqa: PLC0415
+
+    return normalize_number(text)
+
+
+async def _subject_export(
+    config: Config, args: argparse.Namespace, operator: str, out: TextIO
+) -> int:
+    from sipcdr.privacy.bundle import CsvZipBundle, JsonBundle  # noqa: PLC0415
+    from sipcdr.privacy.database import connected  # noqa: PLC0415
+    from sipcdr.privacy.subjects import export_jsonl, export_postgres, open_output  # noqa: PLC0415
+
+    number = _number(args.number)
+    if args.format == "csv" and args.out is None:
+        raise ValueError("--format csv writes a zip: name it with --out FILE")
+    if not config.sinks.postgres.enabled and not config.sinks.jsonl.enabled:
+        raise ValueError("no sink stores records: PostgreSQL and JSONL are both disabled")
+    stream = open_output(args.out) if args.out is not None else sys.stdout.buffer
+    try:
+        make = CsvZipBundle if args.format == "csv" else JsonBundle
+        bundle = make(stream, number, datetime.now(UTC))
+        if config.sinks.postgres.enabled:
+            async with connected(config) as conn:
+                counts = await export_postgres(conn, number, bundle, operator)
+        else:
+            counts = export_jsonl(Path(config.sinks.jsonl.path), number, bundle)
+    finally:
+        if args.out is not None:
+            stream.close()
+    if args.out is not None:
+        print(f"exported {counts} to {args.out}", file=out)
+    return EXIT_OK
+
+
+async def _subject_erase(
+    config: Config, args: argparse.Namespace, operator: str, out: TextIO
+) -> int:
+    from sipcdr.privacy.database import connected  # noqa: PLC0415
+    from sipcdr.privacy.pseudonym import load_key  # noqa: PLC0415
+    from sipcdr.privacy.subjects import erase  # noqa: PLC0415
+
+    number = _number(args.number)
+    key = load_key(config.privacy.pseudonym_key_file)
+    async with connected(config) as conn:
+        report = await erase(
+            conn,
+            number,
+            key,
+            statutory_cdr_days=config.privacy.statutory_cdr_days,
+            operator=operator,
+        )
+    print(f"erased: {report.done}; pseudonym {report.pseudonym}", file=out)
+    if report.complete:
+        return EXIT_OK
+    raise Refused(f"left in place: {report.refused}: {'; '.join(report.reasons)}")
+
+
+async def _subject_restrict(
+    config: Config, args: argparse.Namespace, operator: str, out: TextIO
+) -> int:
+    from sipcdr.privacy.database import connected  # noqa: PLC0415
+    from sipcdr.privacy.subjects import restrict  # noqa: PLC0415
+
+    lift = args.privacy_action == "unrestrict"
+    async with connected(config) as conn:
+        counts = await restrict(conn, _number(args.number), operator, lift=lift)
+    print(f"{'unrestricted' if lift else 'restricted'}: rows {counts}", file=out)
+    return EXIT_OK
+
+
 Handler = Callable[["Config", argparse.Namespace, str, TextIO], Coroutine[Any, Any, int]]
-
-
-async def _not_yet(config: Config, args: argparse.Namespace, operator: str, out: TextIO) -> int:
-    raise ValueError("not available")
 
 
 _HANDLERS: dict[tuple[str, str], Handler] = {
@@ -246,11 +313,12 @@ _HANDLERS: dict[tuple[str, str], Handler] = {
     ("hold", "list"): _hold_list,
     ("hold", "release"): _hold_release,
     ("audit", "verify"): _audit_verify,
+    ("subject", "export"): _subject_export,
+    ("subject", "erase"): _subject_erase,
+    ("subject", "restrict"): _subject_restrict,
+    ("subject", "unrestrict"): _subject_restrict,
 }
 
 
 def _json(value: Any) -> str:
     return orjson.dumps(value, default=str, option=orjson.OPT_INDENT_2).decode()
-
-
-_ = timedelta
