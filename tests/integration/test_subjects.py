@@ -176,7 +176,7 @@ def test_export_from_jsonl_when_it_is_the_only_sink(tmp_path: Path) -> None:
 
 
 async def all_text(conn: asyncpg.Connection, tables: list[str]) -> str:
-    parts = []
+    parts: list[str] = []
     for table in tables:
         parts.extend(row[0] for row in await conn.fetch(f"SELECT t::text FROM {table} t"))
     return "\n".join(parts)
