@@ -91,6 +91,14 @@ FIELDS: Final[dict[str, dict[str, str]]] = {
         "cdr_ids": NONE,
         "details": FREE,
         "schema_version": NONE,
+        # In the record (Kafka), not stored in PostgreSQL:
+        "subject_kind": NONE,
+        "observed": NONE,
+        "threshold_value": NONE,
+        "first_seen": NONE,
+        "last_seen": NONE,
+        "call_ids": NONE,  # random per call, like call_id
+        "revision": NONE,
     },
 }
 
