@@ -35,6 +35,7 @@ from sipcdr.dialogstore import DialogStore
 from sipcdr.hotpath import hot_path
 from sipcdr.model import Packet
 from sipcdr.pipeline import Pipeline
+from sipcdr.privacy.task import PrivacyTask
 from sipcdr.private import prepare_state_dir
 from sipcdr.sinks.base import STREAM_RECORDS
 from sipcdr.sinks.outputs import Outputs
@@ -151,6 +152,7 @@ class App:
             refused=self.metrics.metrics_connections_refused,
         )
         self._ticker: asyncio.Task[None] | None = None
+        self._privacy: PrivacyTask | None = None
         self._ready = False
         self._started = False
         self._stopped = False
@@ -246,6 +248,14 @@ class App:
             raise
         self._ticker = asyncio.create_task(self._tick(), name="sipcdr-tick")
         self._ticker.add_done_callback(self._background_failed)
+        # Retention at start and daily, restrictions for the Kafka filter (privacy hook).
+        self._privacy = PrivacyTask(
+            self.config,
+            self.metrics.privacy,
+            lambda: self.outputs.postgres_dsn,
+            self.outputs.outbound,
+        )
+        self._privacy.start()
         self._ready = True
         self.log.info(
             "started",
@@ -539,6 +549,8 @@ class App:
         self._close_inputs()
         if self._hep_stream is not None:
             await self._hep_stream.stop()
+        if self._privacy is not None:
+            await self._privacy.stop()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

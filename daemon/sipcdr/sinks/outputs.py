@@ -18,6 +18,8 @@ import structlog
 
 from sipcdr.config import Config
 from sipcdr.model import Cdr
+from sipcdr.privacy.outbound import OutboundFilter
+from sipcdr.privacy.pseudonym import load_key
 from sipcdr.private import private_dir
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, STREAM_SIGNALING, Sink
 from sipcdr.sinks.delivery import Delivery
@@ -92,6 +94,9 @@ class Outputs:
         self.cdr_writer: SpoolCdrWriter | None = None
         self.delivery: Delivery | None = None
         self._embedded: object | None = None  # storage.embedded.EmbeddedPostgres
+        # What may leave towards Kafka (sipcdr.privacy.outbound); set by `open`.
+        self.outbound: OutboundFilter | None = None
+        self.postgres_dsn: str | None = None
         self._opened = False
         self._exported: dict[tuple[str, ...], int] = {}  # cumulative counts already exported
 
@@ -104,6 +109,12 @@ class Outputs:
         sinks_config = self.config.sinks
         spool_config = self.config.spool
         jsonl = sinks_config.jsonl
+        privacy = self.config.privacy
+        pseudonymize = sinks_config.kafka.enabled and sinks_config.kafka.pseudonymize_numbers
+        self.outbound = OutboundFilter(
+            load_key(privacy.pseudonym_key_file) if pseudonymize else None,
+            pseudonymize=pseudonymize,
+        )
         if jsonl.enabled:
             self.sinks.append(JsonlSink(Path(jsonl.path), rotate_bytes=jsonl.rotate_bytes))
         if sinks_config.postgres.enabled:
@@ -185,17 +196,20 @@ class Outputs:
                 # A local start problem (permissions, disk): stop the start, plainly.
                 raise OSError(f"embedded PostgreSQL did not start: {exc}") from exc
             self._embedded = embedded
+        self.postgres_dsn = dsn
         return PostgresSink(
             dsn,
             store_signaling=pg.store_signaling,
             partitions_ahead_days=pg.partitions_ahead_days,
+            retention_classes=self.config.retention.trunk_cdr_days,
+            restricted=self.outbound.is_restricted if self.outbound is not None else None,
         )
 
     def _kafka_sink(self) -> Sink:
         from sipcdr.sinks.kafka import KafkaSink  # noqa: PLC0415 - aiokafka only when used
 
         kafka = self.config.sinks.kafka
-        return KafkaSink(
+        sink = KafkaSink(
             bootstrap=kafka.bootstrap_servers,
             topic_cdrs=kafka.topic_cdrs,
             topic_fraud=kafka.topic_fraud,
@@ -211,6 +225,9 @@ class Outputs:
             sasl_password=kafka.sasl_password,
             ssl_cafile=kafka.ssl_cafile,
         )
+        if self.outbound is not None:
+            sink.outbound = self.outbound.apply
+        return sink
 
     @property
     def wait_reason(self) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
 from sipcdr.hotpath import hot_path
+from sipcdr.privacy.metrics import PrivacyMetrics
 from sipcdr.sip.parser import KNOWN_METHODS
 
 # The *_created series double every counter and no dashboard reads them.
@@ -35,6 +36,7 @@ class Metrics:
             registry=r,
         )
         self.build_info.labels(hot_path=hot_path()[0]).set(1)
+        self.privacy = PrivacyMetrics(r)  # retention and restriction (sipcdr.privacy)
         self.packets_received = Counter(
             "sipcdr_packets_received_total",
             "Datagrams, stream frames or capture records taken in, by listener kind",

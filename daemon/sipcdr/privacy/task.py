@@ -1,0 +1,151 @@
+"""Retention inside the daemon: a run at start and every `[retention] run_interval_s`
+(a day), the restrictions read from PostgreSQL every minute for the Kafka filter, and
+their metrics.
+
+A failed run is logged at ERROR, counted (`sipcdr_retention_runs_total{outcome=
+"failed"}`, which deploy/prometheus/alerts.yml alerts on) and tried again at the next
+interval; it never stops the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+import structlog
+
+from sipcdr.privacy.files import expire_files
+from sipcdr.privacy.metrics import PrivacyMetrics
+from sipcdr.privacy.outbound import OutboundFilter
+
+if TYPE_CHECKING:
+    from sipcdr.config import Config
+    from sipcdr.privacy.retention import RetentionReport
+
+# Restrictions reach the Kafka filter within this long of `sipcdr subject restrict`.
+RESTRICTIONS_REFRESH_S: Final = 60.0
+OPERATOR: Final = "sipcdr daemon"
+
+
+class PrivacyTask:
+    def __init__(
+        self,
+        config: Config,
+        metrics: PrivacyMetrics,
+        dsn: Callable[[], str | None],
+        outbound: OutboundFilter | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._dsn = dsn
+        self.outbound = outbound
+        self._clock = clock
+        self.log = structlog.get_logger("sipcdr.privacy")
+        self._task: asyncio.Task[None] | None = None
+        self.last_report: RetentionReport | None = None
+        self.runs = 0
+        self.failures = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="sipcdr-retention")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        next_run = 0.0  # at start
+        while True:
+            now = self._clock()
+            await self.refresh_restrictions()
+            if now >= next_run:
+                await self.run_once()
+                next_run = now + self.config.retention.run_interval_s
+            self._export_withheld()
+            await asyncio.sleep(min(RESTRICTIONS_REFRESH_S, max(1.0, next_run - now)))
+
+    async def run_once(self) -> RetentionReport | None:
+        """One retention run; never raises (but for a cancel)."""
+        # asyncpg only when a database is used, as the sinks do.
+        from sipcdr.privacy.retention import run_retention  # noqa: PLC0415
+        from sipcdr.storage.migrations import connect  # noqa: PLC0415
+
+        try:
+            expire_files(self.config, dry_run=False)
+            report = None
+            dsn = self._dsn()
+            if dsn is not None:
+                conn = await connect(dsn)
+                try:
+                    report = await run_retention(
+                        conn, self.config.retention, dry_run=False, operator=OPERATOR
+                    )
+                finally:
+                    await conn.close()
+                self._export(report)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.failures += 1
+            self.metrics.runs.labels("failed").inc()
+            self.log.error("retention_failed", error=f"{type(exc).__name__}: {exc}")
+            return None
+        self.runs += 1
+        self.last_report = report
+        self.metrics.runs.labels("ok").inc()
+        self.metrics.last_success.set(self._clock())
+        if report is not None:
+            self.log.info(
+                "retention_run",
+                partitions=len(report.dropped),
+                bytes_freed=report.bytes,
+                held_rows_removed=sum(report.held_rows_removed.values()),
+            )
+        return report
+
+    def _export(self, report: RetentionReport) -> None:
+        metrics = self.metrics
+        for table, age in report.oldest_age_days.items():
+            metrics.oldest_partition_age.labels(table).set(age)
+        for table, size in report.bytes_by_table().items():
+            metrics.bytes_dropped.labels(table).inc(size)
+        for item in report.dropped:
+            metrics.partitions_dropped.labels(item.table).inc()
+            metrics.rows_held.labels(item.table).inc(item.held_rows)
+
+    async def refresh_restrictions(self) -> None:
+        if self.outbound is None:
+            return
+        dsn = self._dsn()
+        if dsn is None:
+            return
+        from sipcdr.privacy.subjects import restricted_numbers  # noqa: PLC0415
+        from sipcdr.storage.migrations import connect  # noqa: PLC0415
+
+        try:
+            conn = await connect(dsn)
+            try:
+                self.outbound.restricted = await restricted_numbers(conn)
+            finally:
+                await conn.close()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The last list read stays in force: a database outage lifts no restriction.
+            self.log.warning("restrictions_not_read", error=f"{type(exc).__name__}: {exc}")
+            return
+        self.metrics.restricted_subjects.set(len(self.outbound.restricted))
+
+    def _export_withheld(self) -> None:
+        if self.outbound is None:
+            return
+        for kind, count in self.outbound.withheld.items():
+            self.metrics.withheld.labels(kind).inc(count)
+        self.outbound.withheld.clear()
