@@ -3,12 +3,17 @@ table's (or their trunk's) period, nothing changed by a dry run, the run audited
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import MappingProxyType
 
 import asyncpg
 import pytest
+from daemonproc import daemon_environ
 from privacydata import NOW, alert, cdr, sip_message, write
 from sipcdr.privacy.retention import RETENTION_LOCK_KEY, RetentionBusy, run_retention
 from sipcdr.privacy.settings import RetentionSettings
@@ -160,3 +165,42 @@ async def test_a_second_run_at_the_same_time_is_refused(
             await run_retention(conn, SETTINGS, dry_run=False, operator="t", now=NOW)
     finally:
         await other.close()
+
+
+def test_retention_command_lists_on_dry_run_and_deletes_expired_jsonl_files(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir(mode=0o700)
+    old = out / "cdrs.jsonl.20200101T000000Z"
+    recent = out / f"cdrs.jsonl.{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    current = out / "cdrs.jsonl"
+    for path in (old, recent, current):
+        path.write_bytes(b"{}\n")
+    asyncio.run(write(pg_dsn, [cdr(1, datetime(2020, 1, 1, tzinfo=UTC), call_id="old")]))
+    env = daemon_environ(
+        SIPCDR_SINKS__POSTGRES__DSN=pg_dsn,
+        SIPCDR_SINKS__JSONL__PATH=str(current),
+        SIPCDR_STATE__DIR=str(tmp_path / "state"),
+    )
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sipcdr.cli", "retention", "run", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    dry = run("--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would drop cdrs_p20200101_r0 (cdrs, 2020-01-01, kept 180 days" in dry.stdout
+    assert f"would delete {old}" in dry.stdout
+    assert old.exists()
+    done = run("--operator", "ops")
+    assert done.returncode == 0, done.stderr
+    assert "dropped cdrs_p20200101_r0" in done.stdout
+    assert not old.exists() and recent.exists() and current.exists()
