@@ -14,6 +14,7 @@ from sipcdr.privacy.plan import (
     check_hold,
     expired,
     jsonl_expired,
+    kafka_retention_ms,
     kept_days,
     plan_retention,
     rotation_time,
@@ -129,3 +130,8 @@ def test_rotated_jsonl_files_expire_by_their_rotation_time() -> None:
     ]
     assert rotation_time("garbage") is None
     assert jsonl_expired(rotated, NOW, 180) == ["cdrs.jsonl.20260101T000000Z"]  # type: ignore[arg-type]
+
+
+def test_kafka_topics_get_the_tables_retention() -> None:
+    wanted = kafka_retention_ms(SETTINGS, "cdrs", "fraud", "")
+    assert wanted == {"cdrs": 2557 * 86_400_000, "fraud": 365 * 86_400_000}

@@ -151,6 +151,15 @@ async def _retention_run(
         print(f"{len(report.dropped)} partitions, {report.bytes} bytes", file=out)
     for path in report_files:
         print(f"{'would delete' if args.dry_run else 'deleted'} {path}", file=out)
+    kafka = config.sinks.kafka
+    if args.dry_run and kafka.enabled:
+        from sipcdr.privacy.plan import kafka_retention_ms  # noqa: PLC0415
+
+        wanted = kafka_retention_ms(
+            config.retention, kafka.topic_cdrs, kafka.topic_fraud, kafka.topic_sip
+        )
+        for topic, ms in wanted.items():
+            print(f"kafka topic {topic}: retention.ms={ms}", file=out)
     return EXIT_OK
 
 

@@ -173,3 +173,20 @@ def rotation_time(suffix: str) -> datetime | None:
         return datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
     except ValueError:
         return None
+
+
+_MS_PER_DAY: Final = 86_400_000
+
+
+def kafka_retention_ms(
+    settings: RetentionSettings, topic_cdrs: str, topic_fraud: str, topic_sip: str
+) -> dict[str, int]:
+    """The `retention.ms` each topic should carry to keep the same promise as the
+    tables: CDRs for the longest CDR period (a topic mixes trunks), alerts and
+    signaling for theirs. A disabled topic ("") is left out."""
+    wanted = {
+        topic_cdrs: settings.longest_cdr_days(),
+        topic_fraud: settings.fraud_alerts_days,
+        topic_sip: settings.sip_messages_days,
+    }
+    return {topic: days * _MS_PER_DAY for topic, days in wanted.items() if topic}
