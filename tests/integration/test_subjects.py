@@ -24,6 +24,8 @@ from privacydata import NOW, alert, cdr, sip_message, write
 from sipcdr.privacy.holds import add_hold
 from sipcdr.privacy.pseudonym import pseudonym
 from sipcdr.privacy.subjects import erase, restrict
+from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, SpoolRecord
+from sipcdr.sinks.postgres import PostgresSink
 from sipcdr.storage.migrations import migrate
 
 pytestmark = pytest.mark.integration
@@ -335,3 +337,24 @@ async def test_the_writer_role_cannot_read_the_pseudonym_key(
     assert KEY.decode() not in text and KEY.hex() not in text
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await conn.fetch("SELECT details FROM audit_log")
+
+
+async def test_new_cdrs_and_alerts_of_a_restricted_number_are_flagged_as_written(
+    pg_dsn: str, conn: asyncpg.Connection
+) -> None:
+    restricted = {SUBJECT}
+    async with PostgresSink(pg_dsn, restricted=restricted.__contains__) as sink:
+        records = [
+            SpoolRecord(n, KIND_CDR, b"", orjson.dumps(item.to_record()))
+            for n, item in enumerate(
+                [cdr(1, ago(1), caller=OTHER, callee=SUBJECT), cdr(2, ago(1), caller=OTHER)], 1
+            )
+        ]
+        records.append(SpoolRecord(3, KIND_ALERT, b"", orjson.dumps(alert(ago(1), SUBJECT))))
+        await sink.deliver(STREAM_RECORDS, records)
+    flagged = await conn.fetch("SELECT callee, restricted FROM cdrs ORDER BY callee")
+    assert [(r["callee"], r["restricted"]) for r in flagged] == [
+        ("4930333444", False),
+        (SUBJECT, True),
+    ]
+    assert await conn.fetchval("SELECT restricted FROM fraud_alerts") is True
