@@ -55,3 +55,12 @@ def test_pseudonymized_output_carries_no_number() -> None:
 def test_pseudonymizing_needs_a_key() -> None:
     with pytest.raises(ValueError, match="key"):
         OutboundFilter(None, pseudonymize=True)
+
+
+def test_an_unreadable_record_is_withheld_when_pseudonyms_are_promised() -> None:
+    outbound = OutboundFilter(KEY, pseudonymize=True)
+    assert outbound.apply(KIND_CDR, b"{broken 4940555666") is None
+    assert outbound.withheld == {KIND_CDR: 1}
+    plain = OutboundFilter(None, pseudonymize=False)
+    plain.restricted = frozenset({"1"})
+    assert plain.apply(KIND_CDR, b"[]") == b"[]"

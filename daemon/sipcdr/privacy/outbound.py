@@ -45,8 +45,16 @@ class OutboundFilter:
         """The bytes to publish, or None to withhold the record."""
         if self.idle or kind not in (KIND_CDR, KIND_ALERT, KIND_SIP):
             return value
-        record = orjson.loads(value)
+        try:
+            record = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            record = None
         if not isinstance(record, dict):
+            # Not a record this filter can read: with pseudonyms promised, it could carry
+            # a number, so it is withheld (and counted) rather than sent as it is.
+            if self.pseudonymize:
+                self.withheld[kind] = self.withheld.get(kind, 0) + 1
+                return None
             return value
         if self._restricted(kind, record):
             self.withheld[kind] = self.withheld.get(kind, 0) + 1
