@@ -48,8 +48,8 @@ class PrivacyMetrics:
         )
         self.withheld = Counter(
             "sipcdr_kafka_records_withheld_total",
-            "Records not published to Kafka because their subject's processing is "
-            "restricted, by record kind",
+            "Records not published to Kafka, by record kind: their subject's processing "
+            "is restricted, or (with pseudonymize_numbers) the record could not be read",
             ["kind"],
             registry=registry,
         )
