@@ -7,7 +7,7 @@ import csv
 import io
 import uuid
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import IO, Any, Final
@@ -47,7 +47,7 @@ class JsonBundle:
         out.write(orjson.dumps(head)[:-1])
         self.counts: dict[str, int] = dict.fromkeys(KINDS, 0)
 
-    def begin(self, kind: str) -> None:
+    def begin(self, kind: str, columns: Sequence[str]) -> None:
         self._out.write(b',"' + kind.encode() + b'":[')
         self._first = True
 
@@ -78,20 +78,21 @@ class CsvZipBundle:
         self._file: IO[bytes] | None = None
         self._text: io.TextIOWrapper | None = None
         self._writer: Any = None
+        self._columns: tuple[str, ...] = ()
         self.counts: dict[str, int] = dict.fromkeys(KINDS, 0)
 
-    def begin(self, kind: str) -> None:
+    def begin(self, kind: str, columns: Sequence[str]) -> None:
+        """`columns`: the header line, and the order of every row's values."""
         self._file = self._zip.open(f"{kind}.csv", "w")
         self._text = io.TextIOWrapper(self._file, encoding="utf-8", newline="")
-        self._writer = None
+        self._writer = csv.writer(self._text)
+        self._columns = tuple(columns)
+        self._writer.writerow(self._columns)
 
     def row(self, kind: str, row: Mapping[str, Any]) -> None:
-        assert self._text is not None
-        if self._writer is None:
-            self._writer = csv.writer(self._text)
-            self._writer.writerow(list(row.keys()))
         values = []
-        for value in row.values():
+        for name in self._columns:
+            value = row.get(name)
             value = plain(value)
             if isinstance(value, list | dict):
                 value = orjson.dumps(value).decode()

@@ -19,7 +19,7 @@ from typing import Any, Final
 import asyncpg
 import orjson
 
-from sipcdr.privacy import audit, matching
+from sipcdr.privacy import audit, catalogue, matching
 from sipcdr.privacy.bundle import KINDS, Bundle
 from sipcdr.privacy.files import rotated_files
 from sipcdr.privacy.pseudonym import key_id, pseudonym
@@ -43,7 +43,7 @@ async def export_postgres(
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         columns = {table: await _live_columns(conn, table) for table in KINDS}
         for table in KINDS:
-            bundle.begin(table)
+            bundle.begin(table, columns[table])
             clause = _EXPORT_CLAUSES[table]
             values: tuple[str, ...] = (number, matching.header_pattern(number))
             if "$2" not in clause:
@@ -83,7 +83,7 @@ def export_jsonl(path: Path, number: str, bundle: Bundle) -> dict[str, int]:
     line at a time. JSONL holds CDRs only: signaling and alerts are not there."""
     files = [path.with_name(name) for name, _ in sorted(rotated_files(path), key=lambda x: x[1])]
     files.append(path)
-    bundle.begin("cdrs")
+    bundle.begin("cdrs", tuple(catalogue.FIELDS["cdrs"]))
     for item in files:
         try:
             handle = item.open("rb")
@@ -102,7 +102,7 @@ def export_jsonl(path: Path, number: str, bundle: Bundle) -> dict[str, int]:
                     bundle.row("cdrs", record)
     bundle.end("cdrs")
     for kind in ("sip_messages", "fraud_alerts"):
-        bundle.begin(kind)
+        bundle.begin(kind, tuple(catalogue.FIELDS[kind]))
         bundle.end(kind)
     bundle.close()
     return bundle.counts
