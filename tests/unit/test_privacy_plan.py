@@ -63,7 +63,8 @@ def test_plan_drops_expired_and_parents_left_empty() -> None:
     ]
     day181 = f"cdrs_p{TODAY - timedelta(days=181):%Y%m%d}"
     day400 = f"cdrs_p{TODAY - timedelta(days=400):%Y%m%d}"
-    plan = plan_retention(partitions, TODAY, SETTINGS, {day181: 2, day400: 2})
+    today_parent = f"cdrs_p{TODAY:%Y%m%d}"  # no class made yet: not this run's to drop
+    plan = plan_retention(partitions, TODAY, SETTINGS, {day181: 2, day400: 2, today_parent: 0})
     dropped = {drop.partition.name for drop in plan.drops}
     assert dropped == {
         f"{day181}_r0",

@@ -101,12 +101,16 @@ def plan_retention(
     dropped too."""
     plan = RetentionPlan()
     remaining = dict(children or {})
+    emptied: set[str] = set()
     for partition in sorted(partitions, key=lambda p: (p.table, p.day, p.name)):
         if expired(partition, today, settings):
             plan.drops.append(Drop(partition, kept_days(partition, settings)))
             if partition.parent is not None:
                 remaining[partition.parent] = remaining.get(partition.parent, 1) - 1
-    plan.empty_parents = sorted(name for name, left in remaining.items() if left <= 0)
+                emptied.add(partition.parent)
+    # Only days this run emptied: a day partition without classes for another reason
+    # (today's, its first class not made yet) is left to the sink.
+    plan.empty_parents = sorted(name for name in emptied if remaining.get(name, 0) <= 0)
     return plan
 
 
