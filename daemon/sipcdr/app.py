@@ -254,6 +254,7 @@ class App:
             self.metrics.privacy,
             lambda: self.outputs.postgres_dsn,
             self.outputs.outbound,
+            spools=lambda: self.outputs.spools,
         )
         self._privacy.start()
         self._ready = True

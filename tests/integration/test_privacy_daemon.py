@@ -4,6 +4,7 @@ pseudonymization of the Kafka output against a real broker."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -19,8 +20,9 @@ from sipcdr.privacy.outbound import OutboundFilter
 from sipcdr.privacy.pseudonym import pseudonym
 from sipcdr.privacy.subjects import restrict
 from sipcdr.privacy.task import PrivacyTask
-from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, SpoolRecord
+from sipcdr.sinks.base import KIND_CDR, KIND_SIP, STREAM_RECORDS, STREAM_SIGNALING, SpoolRecord
 from sipcdr.sinks.kafka import KafkaSink
+from sipcdr.sinks.spool import Spool
 from sipcdr.storage.migrations import migrate
 from sipcdr.telemetry.metrics import Metrics
 from structlog.testing import capture_logs
@@ -123,3 +125,26 @@ async def test_pseudonymized_kafka_output_carries_no_number(
     (received,) = await consume_all(kafka_bootstrap, topic, 1, timeout=20)
     assert SUBJECT.encode() not in received.value
     assert orjson.loads(received.value)["caller"] == pseudonym(KEY, SUBJECT)
+
+
+async def test_the_daemon_task_expires_spool_segments_a_sink_never_took(tmp_path: Path) -> None:
+    metrics = Metrics()
+    with Spool(tmp_path / "signaling", ("postgres",), segment_bytes=400) as spool:
+        for n in range(30):
+            spool.append(KIND_SIP, b"k", b'{"n":%d,"pad":"%s"}' % (n, b"x" * 40))
+        oldest = min(tmp_path.glob("signaling/*.seg"))
+        os.utime(oldest, (0, 0))
+        task = PrivacyTask(
+            Config(sinks=SinksConfig(postgres=PostgresConfig(dsn=""))),
+            metrics.privacy,
+            lambda: None,
+            None,
+            spools=lambda: {STREAM_SIGNALING: spool},
+        )
+        with capture_logs() as logs:
+            await task.run_once()
+        assert not oldest.exists()
+        assert spool.stats.dropped["retention"] > 0
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+            "spool_records_expired"
+        ]

@@ -194,3 +194,12 @@ def kafka_retention_ms(
         topic_sip: settings.sip_messages_days,
     }
     return {topic: days * _MS_PER_DAY for topic, days in wanted.items() if topic}
+
+
+def spool_retention_days(settings: RetentionSettings, stream: str) -> int:
+    """How long the records of a spool stream may wait for a sink: signaling as long
+    as `sip_messages`, the records stream (CDRs and alerts) as long as the longer of
+    the CDR and alert periods."""
+    if stream == "signaling":
+        return settings.sip_messages_days
+    return max(settings.longest_cdr_days(), settings.fraud_alerts_days)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -20,10 +20,12 @@ import structlog
 from sipcdr.privacy.files import expire_files
 from sipcdr.privacy.metrics import PrivacyMetrics
 from sipcdr.privacy.outbound import OutboundFilter
+from sipcdr.privacy.plan import spool_retention_days
 
 if TYPE_CHECKING:
     from sipcdr.config import Config
     from sipcdr.privacy.retention import RetentionReport
+    from sipcdr.sinks.spool import Spool
 
 # Restrictions reach the Kafka filter within this long of `sipcdr subject restrict`.
 RESTRICTIONS_REFRESH_S: Final = 60.0
@@ -38,12 +40,14 @@ class PrivacyTask:
         dsn: Callable[[], str | None],
         outbound: OutboundFilter | None,
         clock: Callable[[], float] = time.time,
+        spools: Callable[[], Mapping[str, Spool]] | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self._dsn = dsn
         self.outbound = outbound
         self._clock = clock
+        self._spools = spools
         self.log = structlog.get_logger("sipcdr.privacy")
         self._task: asyncio.Task[None] | None = None
         self.last_report: RetentionReport | None = None
@@ -79,6 +83,7 @@ class PrivacyTask:
 
         try:
             expire_files(self.config, dry_run=False)
+            self._expire_spools()
             report = None
             dsn = self._dsn()
             if dsn is not None:
@@ -109,6 +114,19 @@ class PrivacyTask:
                 held_rows_removed=sum(report.held_rows_removed.values()),
             )
         return report
+
+    def _expire_spools(self) -> None:
+        """Segments that waited for a sink longer than their records may be kept."""
+        if self._spools is None:
+            return
+        now = self._clock()
+        for stream, spool in self._spools().items():
+            days = spool_retention_days(self.config.retention, stream)
+            dropped = spool.expire_segments(now - days * 86400)
+            if dropped:
+                # Undelivered records are lost: the spool counts them (reason
+                # "retention"), and the loss alert fires as for any other drop.
+                self.log.warning("spool_records_expired", stream=stream, records=dropped)
 
     def _export(self, report: RetentionReport) -> None:
         metrics = self.metrics

@@ -202,7 +202,7 @@ class Metrics:
         self.spool_dropped = Counter(
             "sipcdr_spool_dropped_total",
             "Records the spool refused, by stream and reason (full, write_error, too_large, "
-            "disk_floor)",
+            "disk_floor; retention: expired while waiting for a sink)",
             ["stream", "reason"],
             registry=r,
         )
