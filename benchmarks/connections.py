@@ -47,7 +47,7 @@ from sipcdr.config import DEFAULT_ALLOW
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.pipeline import Pipeline
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test PKI
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the test PKI
 from tlscerts import Pki, make_pki
 
 SERVERS = ("sipcdr", "streams", "sipcdr-tls", "sipcdr-mtls")

@@ -26,13 +26,14 @@ import uuid
 from pathlib import Path
 from typing import NamedTuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tansu launcher
+# The tansu launcher the tests use.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
 import orjson
 import structlog
 from kafkabroker import TansuBroker, create_topics
 from samples import cdr_values
-from sipcdr.sinks import kafka_options
+from sipcdr.sinks import settings as sink_settings
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, SpoolRecord
 from sipcdr.sinks.kafka import KafkaSink
 
@@ -54,9 +55,9 @@ class Setting(NamedTuple):
 
 BASELINE = Setting(0, 16 * KIB, "none")  # aiokafka's defaults
 SHIPPED = Setting(
-    kafka_options.DEFAULT_LINGER_MS,
-    kafka_options.DEFAULT_MAX_BATCH_BYTES,
-    kafka_options.DEFAULT_COMPRESSION,
+    sink_settings.DEFAULT_LINGER_MS,
+    sink_settings.DEFAULT_MAX_BATCH_BYTES,
+    sink_settings.DEFAULT_COMPRESSION,
 )
 CONTENDERS = [
     BASELINE,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from decimal import Decimal
 
 import orjson
 from sipcdr.model import Cdr
@@ -153,9 +154,9 @@ def cdrs(count: int, seed: int = 7) -> list[Cdr]:
             rated=answered,
             rate_prefix="4930" if answered else None,
             rate_name="Germany Berlin" if answered else None,
-            rate_per_minute="0.0120" if answered else None,
+            rate_per_minute=Decimal("0.0120") if answered else None,
             billed_seconds=round(end - answer) if answer else None,
-            cost=f"{(end - answer) / 60 * 0.012:.6f}" if answer else None,
+            cost=Decimal(f"{(end - answer) / 60 * 0.012:.6f}") if answer else None,
             currency="EUR" if answered else None,
         )
         values.append(cdr)

@@ -10,6 +10,7 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from peers import (
     Address,
     Kamailio,
@@ -35,6 +36,14 @@ def pytest_runtest_makereport(
     report = yield
     item.stash.setdefault(_REPORTS, {})[report.when] = report
     return report
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    # A test that runs the command line in-process configures structlog to print to
+    # the stream pytest captured for that test; later tests must not log into it.
+    yield
+    structlog.reset_defaults()
 
 
 def _test_failed(node: pytest.Item) -> bool:

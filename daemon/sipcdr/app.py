@@ -20,7 +20,6 @@ import structlog
 from sipcdr.capture import live, tls
 from sipcdr.capture.hepstream import HepStreamServer, StreamLimits
 from sipcdr.capture.listeners import (
-    MAX_CLOCK_SKEW_S,
     AllowList,
     HepGate,
     HepUdpProtocol,
@@ -29,17 +28,18 @@ from sipcdr.capture.listeners import (
     udp_socket,
 )
 from sipcdr.capture.live import LiveCapture
-from sipcdr.config import CaptureConfig, Config, trunk_resolver
+from sipcdr.config import CaptureConfig, Config, output_settings
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
+from sipcdr.enrich.trunks import trunk_resolver
 from sipcdr.hotpath import hot_path
-from sipcdr.model import Packet
 from sipcdr.pipeline import Pipeline
 from sipcdr.privacy.task import PrivacyTask
 from sipcdr.private import prepare_state_dir
-from sipcdr.sinks.base import STREAM_RECORDS
+from sipcdr.sinks.base import Sink
+from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import Outputs
-from sipcdr.spare import SPARE_NAME, SpareSpace, same_filesystem
+from sipcdr.spare import SPARE_NAME, SpareRoom, SpareSpace
 from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR
 from sipcdr.telemetry.http import MetricsServer
 from sipcdr.telemetry.metrics import Metrics
@@ -48,9 +48,13 @@ TICK_S = 1.0  # timers, metric batches and sink flushes: once a second
 # Intake resumes only once what paused it has been gone this long: a disk that took the
 # reserve back must go on taking writes before new calls come in again.
 RESUME_AFTER_S = 5.0
-# A pause that follows a resume within this long doubles the wait before the next
-# resume, up to this long: a disk at the edge does not make intake flap.
-RESUME_AFTER_MAX_S = 300.0
+# A pause that follows a resume within `RELAPSE_WINDOW_S` doubles the wait before the
+# next resume, up to this long: a disk at the edge does not make intake flap, yet a disk
+# that recovered costs a carrier at most half a minute of refused calls.
+RESUME_AFTER_MAX_S = 30.0
+# Each calm stretch this long since the last resume halves the wait again, down to
+# `RESUME_AFTER_S`.
+RELAPSE_WINDOW_S = 60.0
 # Descriptors kept free of HEP/TCP and HEP/TLS connections: spool segments, JSONL files,
 # sink and database connections, listeners, the metrics endpoint and the event loop's
 # own, with room to spare (a running daemon holds well under 100 of them).
@@ -88,8 +92,9 @@ def stream_limits(capture: CaptureConfig, file_limit: int) -> StreamLimits:
 class IntakeGate:
     """Pauses intake while a reason to refuse new calls holds, and resumes it only once
     the reason has been gone for `RESUME_AFTER_S`, doubled for each pause that comes
-    within `RESUME_AFTER_MAX_S` of the last resume (up to that): at the edge of a full
-    disk, intake stays paused for longer stretches instead of flapping."""
+    within `RELAPSE_WINDOW_S` of the last resume (up to `RESUME_AFTER_MAX_S`) and halved
+    for each such window of calm: at the edge of a full disk, intake stays paused for
+    longer stretches instead of flapping, and a calm disk is back to the short wait."""
 
     def __init__(self, pipeline: Pipeline, clock: Callable[[], float] = time.monotonic) -> None:
         self.pipeline = pipeline
@@ -107,10 +112,7 @@ class IntakeGate:
         if reason is not None:
             self._reason_seen_at = now
             if not pipeline.paused:
-                if now - self._resumed_at < RESUME_AFTER_MAX_S:
-                    self.resume_after_s = min(RESUME_AFTER_MAX_S, self.resume_after_s * 2)
-                else:
-                    self.resume_after_s = RESUME_AFTER_S
+                self.resume_after_s = self._next_wait(now - self._resumed_at)
                 pipeline.pause_reason = reason
                 pipeline.paused = True
                 self._paused_at = now
@@ -131,9 +133,15 @@ class IntakeGate:
             calls_refused=self._refused() - self._refused_at_pause,
         )
 
+    def _next_wait(self, calm_s: float) -> float:
+        if calm_s < RELAPSE_WINDOW_S:
+            return min(RESUME_AFTER_MAX_S, self.resume_after_s * 2)
+        halvings = min(calm_s // RELAPSE_WINDOW_S, 16.0)  # inf before the first resume
+        return max(RESUME_AFTER_S, self.resume_after_s / 2**halvings)
+
     def _refused(self) -> int:
-        drops = self.pipeline.drops
-        return sum(count for (source, _reason), count in drops.items() if source == "intake")
+        # Cumulative: `pipeline.drops` is emptied into Prometheus on every tick.
+        return self.pipeline.intake_refused
 
 
 class App:
@@ -164,8 +172,8 @@ class App:
         """The components that hold calls and CDRs. Built anew for a start tried again
         after one failed, which then recovers from disk what the failed one saved."""
         config = self.config
-        self.correlator = Correlator(config.dialog, trunk_resolver(config))
-        self.outputs = Outputs(config)
+        self.correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
+        self.outputs = Outputs(output_settings(config))
         # The CDR writer and the signaling recorder exist once the spools are open.
         self.pipeline = Pipeline(self.correlator, (), self.metrics)
         self.spare = SpareSpace(self.state_dir / SPARE_NAME, config.state.spare_bytes)
@@ -179,6 +187,7 @@ class App:
         )
         self.intake = IntakeGate(self.pipeline)
         self._spare_releases_exported = 0
+        self.spare_room = SpareRoom(self.spare)
 
     def _reset_inputs(self) -> None:
         self._hep_stream: HepStreamServer | None = None
@@ -285,16 +294,28 @@ class App:
             # the spool holds in memory go into every checkpoint instead.
             writer.on_written = self.dialogs.closed
             self.dialogs.held = writer.held
-        records = outputs.spools.get(STREAM_RECORDS)
-        if records is not None and same_filesystem(records.directory, self.state_dir):
-            records.on_no_space = self._make_room
+        self.spare_room.connect(
+            outputs, {sink: self._destination_dir(sink) for sink in outputs.sinks}
+        )
+        if self.spare_room.cdrs is not None:
+            self.spare_room.cdrs.on_no_space = self._make_room
+
+    def _destination_dir(self, sink: Sink) -> Path | None:
+        """Where a sink writes on this host's disks: the JSONL file, an embedded
+        PostgreSQL; None for a server elsewhere."""
+        if isinstance(sink, JsonlSink):
+            return sink.path.parent
+        if sink.name == "postgres" and self.config.sinks.postgres.embedded:
+            return self.state_dir / EMBEDDED_DATA_SUBDIR
+        return None
 
     def _make_room(self) -> bool:
         """A write was refused for want of space: give up the spare and, from this very
-        message on, refuse new calls, so that its room goes to the calls already open."""
-        if not self.spare.release():
+        message on, refuse new calls (and signaling, see `SpareRoom`), so that its room
+        goes to the calls already open."""
+        if not self.spare_room.make_room():
             return False
-        if self.outputs.blocks_intake:
+        if self.spare_room.holds_intake(self.outputs.blocks_intake):
             self.intake.update("write_error")
         return True
 
@@ -403,7 +424,7 @@ class App:
         # No allow-list here: on a mirror port the sources are the carriers themselves.
         capturer = live.LiveCapture(
             interface,
-            self._live_packet,
+            self.pipeline.process,
             engine="pyshark" if capture.live_engine == "pyshark" else "af_packet",
             bpf_filter=bpf_filter,
             rcvbuf_bytes=capture.rcvbuf_bytes,
@@ -416,15 +437,6 @@ class App:
         self._live_tasks.append(task)
         self.bound.setdefault("live", []).append((interface, 0))
 
-    def _live_packet(self, packet: Packet) -> None:
-        # HEP sniffed on a mirror port carries its agent's clock: the same check as the
-        # HEP listeners, so a skewed agent cannot close live calls this way either.
-        now = time.time()
-        if abs(packet.timestamp - now) > MAX_CLOCK_SKEW_S:
-            packet = packet._replace(timestamp=now)
-            self.pipeline.hep_clock_skew += 1
-        self.pipeline.process(packet)
-
     def _count_live(self) -> None:
         pipeline = self.pipeline
         for capturer in self._live:
@@ -434,6 +446,7 @@ class App:
                 ("kernel_drop", stats.kernel_drops),
                 ("backlog_full", stats.pending_dropped),
                 ("callback_error", stats.callback_errors),
+                ("hep_clock_skew", stats.capture.hep_clock_skew),
             ):
                 key = (capturer.interface, name)
                 delta = total - self._live_seen.get(key, 0)
@@ -441,6 +454,8 @@ class App:
                     self._live_seen[key] = total
                     if name == "sip":
                         pipeline.count_received("live", delta)
+                    elif name == "hep_clock_skew":
+                        pipeline.hep_clock_skew += delta
                     else:
                         pipeline.drops[("live", name)] = (
                             pipeline.drops.get(("live", name), 0) + delta
@@ -474,7 +489,7 @@ class App:
         steps: list[tuple[str, Callable[[], object]]] = [
             ("expire", lambda: self.pipeline.expire(now)),
             ("flush_sinks", self.pipeline.flush),
-            ("spare", self._keep_spare),
+            ("spare", self.spare_room.keep),
             ("intake_gate", lambda: self.intake.update(self._intake_block_reason())),
             ("export_delivery_metrics", lambda: self.outputs.export_metrics(self.metrics)),
             ("export_dialog_state_metrics", lambda: self.dialogs.export_metrics(self.metrics)),
@@ -486,15 +501,9 @@ class App:
             except Exception as exc:
                 self.log.error("tick_step_failed", step=name, error=repr(exc))
 
-    def _keep_spare(self) -> None:
-        """Allocate the spare again once the disk has room, and the reserve is empty."""
-        writer = self.outputs.cdr_writer
-        if writer is None or not writer.spool.reserved:
-            self.spare.ensure()
-
     def _intake_block_reason(self) -> str | None:
         reason = self.outputs.intake_block_reason
-        if reason is None and self.spare.released and self.outputs.blocks_intake:
+        if reason is None and self.spare_room.holds_intake(self.outputs.blocks_intake):
             # The disk refused a write and only the spare's room is left: it is for the
             # calls already open.
             reason = "write_error"

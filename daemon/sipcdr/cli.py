@@ -270,7 +270,7 @@ def _db_migrate(config: Config) -> int:
         )
         return 2
     try:
-        applied = asyncio.run(migrate_configured(config))
+        applied = asyncio.run(migrate_configured(config.sinks.postgres.dsn, Path(config.state.dir)))
     except (DatabaseUnavailable, MigrationError, EmbeddedPostgresError, OSError) as exc:
         print(f"sipcdr: db migrate: {exc}", file=sys.stderr)
         return 1

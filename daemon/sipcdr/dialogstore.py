@@ -65,6 +65,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 
@@ -74,7 +75,7 @@ import structlog
 from sipcdr.dialog import Correlator
 from sipcdr.dialog.correlator import CorrelatorStats
 from sipcdr.dialog.kpi import Kpi
-from sipcdr.model import Cdr, Packet
+from sipcdr.model import CDR_MONEY_FIELDS, Cdr, Packet, money
 from sipcdr.private import open_private_fd
 from sipcdr.sinks.spool import DEFAULT_FSYNC_INTERVAL_S
 from sipcdr.sip import parse
@@ -926,12 +927,20 @@ def read_checkpoint(data: bytes) -> tuple[dict[str, object], list[Cdr]]:
 
 
 def _unwritten_json(cdrs: Sequence[Cdr]) -> bytes:
+    # Money as decimal strings, read back exact by `_unwritten_cdrs`.
     return orjson.dumps(
         {
             "fields": _CDR_FIELDS,
             "rows": [[getattr(cdr, name) for name in _CDR_FIELDS] for cdr in cdrs],
-        }
+        },
+        default=_money_text,
     )
+
+
+def _money_text(value: object) -> str:
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _unwritten_cdrs(document: object) -> list[Cdr]:
@@ -950,6 +959,9 @@ def _unwritten_cdrs(document: object) -> list[Cdr]:
             raise ValueError("checkpoint unwritten CDR is malformed")
         fields = dict(zip(names, row, strict=True))
         fields["fraud_flags"] = tuple(fields.get("fraud_flags") or ())
+        for name in CDR_MONEY_FIELDS:
+            if name in fields:
+                fields[name] = money(fields[name])
         cdrs.append(Cdr(**fields))
     return cdrs
 

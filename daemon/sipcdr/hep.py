@@ -32,13 +32,27 @@ import struct
 import zlib
 from typing import Final
 
-__all__ = ["HepError", "HepPacket", "decode", "encode"]
+from sipcdr.model import TRANSPORT_SCTP, TRANSPORT_TCP, TRANSPORT_UDP, Packet
+
+__all__ = [
+    "MAX_CLOCK_SKEW_S",
+    "HepError",
+    "HepPacket",
+    "decode",
+    "encode",
+    "skew_replaced",
+    "to_packet",
+]
 
 _AF_INET: Final = 2
 _AF_INET6: Final = 10  # HEP carries Linux numbering whatever the receiving host uses
 _AF_INET6_HOST: Final = socket.AF_INET6
 
 _MAGIC: Final = b"HEP3"
+# Below the 32 s a closed call is remembered and far below the ring timeout, above any
+# buffering delay of an agent on the same network.
+MAX_CLOCK_SKEW_S: Final = 30.0
+_TRANSPORT_OF_IP_PROTOCOL: Final = {6: TRANSPORT_TCP, 17: TRANSPORT_UDP, 132: TRANSPORT_SCTP}
 # Vendor id and type id read as one u32: generic chunks (vendor 0) then compare
 # equal to their bare type id and vendor chunks never match any of them.
 _CHUNK_KEY: Final = struct.Struct("!IH")
@@ -220,6 +234,42 @@ class HepPacket:
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _PACKET_FIELDS)
         return f"HepPacket({fields})"
+
+
+def to_packet(
+    decoded: HepPacket, payload: bytes, received: float, max_skew_s: float = 0.0
+) -> Packet:
+    """The SIP `Packet` a HEP packet carries: the agent's original endpoints, transport
+    and capture time, and as capture node the agent's node name, else its capture id.
+    The one conversion for every HEP input, live or imported, so that the same traffic
+    gives the same CDRs whichever way it arrives.
+
+    `payload` is the SIP message (the caller may have cut keepalive CRLFs off
+    `decoded.payload`). `received` is when this host got the packet; it stands in for
+    the agent's time when there is none (HEPv1) and, with `max_skew_s` above 0, when
+    the agent's clock is off from it by more than that: live, the dialog timers run on
+    this host's clock, and a skewed time would close live calls. An import passes 0,
+    since its timers run on capture time. A caller counts a replaced time by
+    comparing the packet's time with `decoded.timestamp`.
+    """
+    timestamp = decoded.timestamp
+    if not timestamp or (max_skew_s > 0.0 and abs(timestamp - received) > max_skew_s):
+        timestamp = received
+    return Packet(
+        timestamp,
+        decoded.src_ip,
+        decoded.src_port,
+        decoded.dst_ip,
+        decoded.dst_port,
+        _TRANSPORT_OF_IP_PROTOCOL.get(decoded.ip_protocol, TRANSPORT_UDP),
+        payload,
+        decoded.node_name or str(decoded.capture_id),
+    )
+
+
+def skew_replaced(decoded: HepPacket, packet: Packet) -> bool:
+    """True when `to_packet` replaced the agent's time because its clock was off."""
+    return bool(decoded.timestamp) and packet.timestamp != decoded.timestamp
 
 
 def _inflate(data: bytes, limit: int) -> bytes:

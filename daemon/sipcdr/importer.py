@@ -28,9 +28,10 @@ import orjson
 import structlog
 
 from sipcdr.capture.pcapfile import CaptureFileError, iter_packets
-from sipcdr.config import Config, trunk_resolver
+from sipcdr.config import Config, output_settings
 from sipcdr.decode.extract import CaptureStats
 from sipcdr.dialog import Correlator
+from sipcdr.enrich.trunks import trunk_resolver
 from sipcdr.model import Packet
 from sipcdr.pipeline import CdrSink, Pipeline
 from sipcdr.private import prepare_state_dir, private_dir
@@ -87,7 +88,9 @@ async def _import_to_outputs(
     # signaling (`Outputs.wait_reason`).
     reserve = max(config.spool.cdr_reserve_records, 2 * YIELD_EVERY)
     config = replace(config, spool=replace(config.spool, cdr_reserve_records=reserve))
-    outputs = Outputs(config, spool_dir=spool_dir, full_policy="block", wait_below_floor=True)
+    outputs = Outputs(
+        output_settings(config), spool_dir=spool_dir, full_policy="block", wait_below_floor=True
+    )
     await outputs.open()
     summary: dict[str, object] = {}
     try:
@@ -196,7 +199,7 @@ def _import(
 ) -> Generator[None, None, None]:
     """Runs the import, yielding every `YIELD_EVERY` packets so a caller can let its
     sinks work; fills `summary` at the end."""
-    pipeline = Pipeline(Correlator(config.dialog, trunk_resolver(config)), sinks)
+    pipeline = Pipeline(Correlator(config.dialog, trunk_resolver(config.trunks)), sinks)
     pipeline.signaling = signaling
     capture = CaptureStats()
     errors: dict[str, str] = {}

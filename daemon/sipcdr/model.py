@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, NamedTuple, overload
+from typing import Any, Final, NamedTuple, overload
 
 TRANSPORT_UDP = "udp"
 TRANSPORT_TCP = "tcp"
@@ -44,14 +44,32 @@ class Trunk(NamedTuple):
 
 
 CDR_SCHEMA_VERSION = 1
+# The CDR's money fields: Decimal in the record, a plain decimal string on the wire.
+CDR_MONEY_FIELDS = ("rate_per_minute", "cost")
+
+
+def money_text(value: Decimal | None) -> str | None:
+    """Exact and without an exponent: `Decimal("1E-7")` is "0.0000001"."""
+    return None if value is None else format(value, "f")
+
+
+def money(value: object) -> Decimal | None:
+    """A money field read back from its wire form (decimal string) or kept as Decimal."""
+    if value is None or isinstance(value, Decimal):
+        return value
+    if isinstance(value, str):
+        return Decimal(value)
+    raise TypeError(f"money must be a decimal string, not {type(value).__name__}")
 
 
 @dataclass(frozen=True, slots=True)
 class Cdr:
     """One closed call, CDR record version 1 (field meanings in DESIGN's contract).
 
-    Times are float seconds since the epoch; `to_record` renders the wire form.
-    Rating fields stay at their unrated defaults until the rating stage replaces them.
+    Times are float seconds since the epoch; `to_record` renders the wire form. Money
+    (`CDR_MONEY_FIELDS`) is an exact Decimal here and a decimal string on the wire,
+    never a float. Rating fields stay at their unrated defaults until the rating stage
+    replaces them.
     """
 
     cdr_id: str
@@ -82,9 +100,9 @@ class Cdr:
     rated: bool = False
     rate_prefix: str | None = None
     rate_name: str | None = None
-    rate_per_minute: str | None = None
+    rate_per_minute: Decimal | None = None
     billed_seconds: int | None = None
-    cost: str | None = None
+    cost: Decimal | None = None
     currency: str | None = None
     fraud_flags: tuple[str, ...] = ()
 
@@ -130,9 +148,9 @@ class Cdr:
             "rated": self.rated,
             "rate_prefix": self.rate_prefix,
             "rate_name": self.rate_name,
-            "rate_per_minute": self.rate_per_minute,
+            "rate_per_minute": money_text(self.rate_per_minute),
             "billed_seconds": self.billed_seconds,
-            "cost": self.cost,
+            "cost": money_text(self.cost),
             "currency": self.currency,
             "fraud_flags": list(self.fraud_flags),
             "capture_node": self.capture_node,
@@ -197,6 +215,152 @@ class FraudAlert:
         }
 
 
+SIP_EVENT_SCHEMA_VERSION = 1
+# The fields of SipEvent a correlator reads, added to sip_message v1 after it was
+# published: a record written before them is refused by `SipEvent.from_record`.
+SIP_EVENT_CORRELATION_FIELDS = (
+    "captured_ts",
+    "request_uri",
+    "reason_phrase",
+    "from_uri",
+    "from_tag",
+    "to_uri",
+    "to_tag",
+    "via_branch",
+    "user_agent",
+    "p_asserted_identity",
+    "reason_header",
+)
+
+
+class SipEvent(NamedTuple):
+    """One captured SIP message as the `sipcdr.sip` topic carries it (sip_message
+    record version 1, schemas/sip_message.v1.schema.json): where and when it was seen,
+    the start line and headers as captured, and the parsed fields the dialog
+    correlator reads, so a correlator elsewhere rebuilds the same calls from the topic
+    (`sipcdr.sipevent.replay`) without a SIP parser.
+
+    Requests have `method` and `request_uri`, responses `status_code` and
+    `reason_phrase`; the others are None. `captured_ts` is the exact capture time,
+    `captured_at` on the wire is it to the microsecond. A tuple, as `Packet`: the
+    recorder makes one per parsed message.
+    """
+
+    message_id: str
+    captured_ts: float
+    call_id: str
+    method: str | None
+    status_code: int | None
+    cseq_method: str
+    cseq: int | None
+    src_ip: str
+    src_port: int
+    dst_ip: str
+    dst_port: int
+    transport: str
+    capture_node: str
+    headers: str
+    body: str | None
+    request_uri: str | None
+    reason_phrase: str | None
+    from_uri: str
+    from_tag: str | None
+    to_uri: str
+    to_tag: str | None
+    via_branch: str | None
+    user_agent: str | None
+    p_asserted_identity: str | None  # the header's value as captured
+    reason_header: str | None  # the Reason header's value as captured
+
+    def to_record(self) -> dict[str, object]:
+        """The JSON object of sip_message v1, on Kafka and (its v1 core) in PostgreSQL."""
+        return {
+            "message_id": self.message_id,
+            "captured_at": rfc3339(self.captured_ts),
+            "call_id": self.call_id,
+            "method": self.method,
+            "status_code": self.status_code,
+            "cseq_method": self.cseq_method,
+            "cseq": self.cseq,
+            "src_ip": self.src_ip,
+            "src_port": self.src_port,
+            "dst_ip": self.dst_ip,
+            "dst_port": self.dst_port,
+            "transport": self.transport,
+            "capture_node": self.capture_node,
+            "headers": self.headers,
+            "body": self.body,
+            "schema_version": SIP_EVENT_SCHEMA_VERSION,
+            "captured_ts": self.captured_ts,
+            "request_uri": self.request_uri,
+            "reason_phrase": self.reason_phrase,
+            "from_uri": self.from_uri,
+            "from_tag": self.from_tag,
+            "to_uri": self.to_uri,
+            "to_tag": self.to_tag,
+            "via_branch": self.via_branch,
+            "user_agent": self.user_agent,
+            "p_asserted_identity": self.p_asserted_identity,
+            "reason_header": self.reason_header,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, object]) -> SipEvent:
+        """The event of a decoded topic record. `ValueError` when it is not a
+        sip_message v1 record with the correlation fields and their types."""
+        if record.get("schema_version") != SIP_EVENT_SCHEMA_VERSION:
+            raise ValueError(f"not a sip_message v{SIP_EVENT_SCHEMA_VERSION} record")
+        missing = [name for name in SIP_EVENT_CORRELATION_FIELDS if name not in record]
+        if missing:
+            raise ValueError(f"sip_message record without {', '.join(missing)}")
+        values: dict[str, Any] = {}
+        for name, kinds in _SIP_EVENT_TYPES.items():
+            if name not in record:
+                raise ValueError(f"sip_message record without {name}")
+            value = record[name]
+            if name == "captured_ts" and type(value) is int:
+                value = float(value)  # a whole second may be written without a point
+            if not isinstance(value, kinds) or type(value) is bool:
+                raise ValueError(f"sip_message {name}: unexpected {type(value).__name__}")
+            values[name] = value
+        if (values["method"] is None) == (values["status_code"] is None):
+            raise ValueError("sip_message: exactly one of method and status_code is set")
+        return cls(**values)
+
+
+_STR = (str,)
+_OPT_STR = (str, type(None))
+_OPT_INT = (int, type(None))
+# Every SipEvent field in declaration order, with the JSON types it may have.
+_SIP_EVENT_TYPES: dict[str, tuple[type, ...]] = {
+    "message_id": _STR,
+    "captured_ts": (float,),
+    "call_id": _STR,
+    "method": _OPT_STR,
+    "status_code": _OPT_INT,
+    "cseq_method": _STR,
+    "cseq": _OPT_INT,
+    "src_ip": _STR,
+    "src_port": (int,),
+    "dst_ip": _STR,
+    "dst_port": (int,),
+    "transport": _STR,
+    "capture_node": _STR,
+    "headers": _STR,
+    "body": _OPT_STR,
+    "request_uri": _OPT_STR,
+    "reason_phrase": _OPT_STR,
+    "from_uri": _STR,
+    "from_tag": _OPT_STR,
+    "to_uri": _STR,
+    "to_tag": _OPT_STR,
+    "via_branch": _OPT_STR,
+    "user_agent": _OPT_STR,
+    "p_asserted_identity": _OPT_STR,
+    "reason_header": _OPT_STR,
+}
+
+
 def alert_id(detector: str, subject_kind: str, subject: str, raised_at: float) -> str:
     """UUID v5 of what the incident is and when it began: stable across its updates
     and across re-deliveries."""
@@ -233,3 +397,112 @@ def rfc3339(timestamp: float | None) -> str | None:
 
 
 _last_second: list[Any] = [None, ""]
+
+
+# Record name (schemas/<name>.v<version>.schema.json) -> the version sipcdr writes.
+SCHEMA_VERSIONS: Final[Mapping[str, int]] = {
+    "cdr": CDR_SCHEMA_VERSION,
+    "fraud_alert": FRAUD_ALERT_SCHEMA_VERSION,
+    "sip_message": SIP_EVENT_SCHEMA_VERSION,
+}
+
+# The fields of each record as `to_record` writes them, in that order (the properties of
+# schemas/<name>.v1.schema.json): the columns of an export that reads records, not tables.
+RECORD_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
+    "cdr": tuple(
+        "cdr_id call_id caller callee from_uri to_uri request_uri src_ip src_port "
+        "dst_ip dst_port trunk start_time ring_time answer_time end_time duration "
+        "billsec pdd_ms disposition sip_code sip_reason q850_cause hangup_by end_reason "
+        "user_agent rated rate_prefix rate_name rate_per_minute billed_seconds cost "
+        "currency fraud_flags capture_node schema_version".split()
+    ),
+    "sip_message": tuple(
+        "message_id captured_at call_id method status_code cseq_method cseq src_ip "
+        "src_port dst_ip dst_port transport capture_node headers body schema_version "
+        "captured_ts request_uri reason_phrase from_uri from_tag to_uri to_tag "
+        "via_branch user_agent p_asserted_identity reason_header".split()
+    ),
+    "fraud_alert": tuple(
+        "alert_id raised_at detector subject severity window_s count threshold cdr_ids "
+        "details schema_version subject_kind observed threshold_value first_seen "
+        "last_seen call_ids revision".split()
+    ),
+}
+
+
+# -- Personal data ---------------------------------------------------------------------
+# What each record and table field holds that identifies a person, for export and
+# erasure: a subject's rows are found by these fields, and erasure blanks them.
+PHONE_NUMBER: Final = "phone_number"  # a dialled or calling number, E.164 or as dialled
+IP_ADDRESS: Final = "ip_address"
+SIP_URI: Final = "sip_uri"  # user part is often a number or a name
+HEADER_TEXT: Final = "header_text"  # SIP header or body text: numbers, names, addresses
+SUBJECT: Final = "subject"  # a number, an address or an account, by the row's kind
+OPERATOR: Final = "operator"  # the staff account that acted (holds, audit log)
+FREE_TEXT: Final = "free_text"  # written by an operator, may name anyone
+PERSONAL_KINDS: Final = frozenset(
+    {PHONE_NUMBER, IP_ADDRESS, SIP_URI, HEADER_TEXT, SUBJECT, OPERATOR, FREE_TEXT}
+)
+
+# The sip_message fields the sip_messages table keeps (the rest are on Kafka only).
+_SIP_MESSAGES_COLUMNS: Final = frozenset(
+    "message_id captured_at call_id method status_code cseq_method cseq src_ip src_port "
+    "dst_ip dst_port transport capture_node headers body schema_version".split()
+)
+_CDR_PERSONAL: Final = {
+    "call_id": HEADER_TEXT,  # often host@address of the caller's device
+    "caller": PHONE_NUMBER,
+    "callee": PHONE_NUMBER,
+    "from_uri": SIP_URI,
+    "to_uri": SIP_URI,
+    "request_uri": SIP_URI,
+    "src_ip": IP_ADDRESS,
+    "dst_ip": IP_ADDRESS,
+    "user_agent": HEADER_TEXT,  # device and version, sometimes an account name
+}
+_SIP_PERSONAL: Final = {
+    "call_id": HEADER_TEXT,
+    "src_ip": IP_ADDRESS,
+    "dst_ip": IP_ADDRESS,
+    "headers": HEADER_TEXT,
+    "body": HEADER_TEXT,  # SDP: media addresses
+    "request_uri": SIP_URI,
+    "from_uri": SIP_URI,
+    "to_uri": SIP_URI,
+    "user_agent": HEADER_TEXT,
+    "p_asserted_identity": HEADER_TEXT,
+    "reason_header": HEADER_TEXT,
+}
+_ALERT_PERSONAL: Final = {
+    "subject": SUBJECT,  # subject_kind says which: source_ip, caller, trunk or prefix
+    "call_ids": HEADER_TEXT,
+    "details": SUBJECT,  # the prefixes or sources that counted
+}
+
+# Per record (the names of schemas/*.schema.json) and per PostgreSQL table.
+PERSONAL_FIELDS: Final[Mapping[str, Mapping[str, str]]] = {
+    "cdr": _CDR_PERSONAL,
+    "sip_message": _SIP_PERSONAL,
+    "fraud_alert": _ALERT_PERSONAL,
+}
+_SIP_COLUMNS: Final = {
+    name: kind for name, kind in _SIP_PERSONAL.items() if name in _SIP_MESSAGES_COLUMNS
+}
+_ALERT_COLUMNS: Final = {"subject": SUBJECT, "details": SUBJECT}
+PERSONAL_COLUMNS: Final[Mapping[str, Mapping[str, str]]] = {
+    "cdrs": _CDR_PERSONAL,
+    "sip_messages": _SIP_COLUMNS,
+    "fraud_alerts": _ALERT_COLUMNS,
+    # Rows a legal hold keeps past their partition: the same columns, and a hold_id.
+    "cdrs_held": _CDR_PERSONAL,
+    "sip_messages_held": _SIP_COLUMNS,
+    "fraud_alerts_held": _ALERT_COLUMNS,
+    "holds": {
+        "subject": SUBJECT,
+        "reason": FREE_TEXT,
+        "created_by": OPERATOR,
+        "released_by": OPERATOR,
+    },
+    "restrictions": {"number": PHONE_NUMBER, "operator": OPERATOR},
+    "audit_log": {"subject": SUBJECT, "details": SUBJECT, "actor": OPERATOR},
+}

@@ -42,6 +42,7 @@ class Pipeline:
         "decided",
         "drops",
         "hep_clock_skew",
+        "intake_refused",
         "journal",
         "messages",
         "metrics",
@@ -79,6 +80,8 @@ class Pipeline:
         # calls whose CDRs would have nowhere to go.
         self.paused = False
         self.pause_reason = "spool_full"
+        # New calls refused while paused, since start: `drops` is emptied on every export.
+        self.intake_refused = 0
         self._flushed: dict[str, int] = {}  # correlator counters already exported
         self._errors_logged = 0
 
@@ -102,6 +105,7 @@ class Pipeline:
             # Only new calls are refused: the BYE of a call already being billed must
             # still end it, or its CDR would close short, by a timeout, much later.
             self.drop("intake", self.pause_reason)
+            self.intake_refused += 1
             return
         key = (msg.method, "request") if msg.is_request else (msg.cseq_method, "response")
         messages = self.messages

@@ -21,6 +21,11 @@ from daemonproc import Daemon, start_daemon, wait_for
 from kafkabroker import TansuFactory, consume_all, unique_topic
 from pgserver import PrivatePg, run_sync
 from sipcalls import Call, answered_call_messages
+from sipcdr.config import Config
+from sipcdr.dialog import Correlator
+from sipcdr.enrich.trunks import trunk_resolver
+from sipcdr.model import SipEvent
+from sipcdr.sipevent import replay
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -389,3 +394,18 @@ def test_the_scale_out_topic_carries_every_parsed_message(
     # Every confirmation is counted per topic: a topic missing from the counts raised
     # in the producer's callback, once per record, with a traceback in the log.
     assert "Traceback" not in daemon.log.read_text()
+    # The records are correlatable events: a correlator fed from the topic alone
+    # closes the daemon's calls with the daemon's CDRs, byte for byte.
+    events = sorted(
+        (SipEvent.from_record(orjson.loads(record.value)) for record in got),
+        key=lambda event: event.captured_ts,
+    )
+    config = Config()
+    correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
+    replayed = [cdr for event in events for cdr in correlator.feed(*replay(event))]
+    replayed += correlator.drain()
+    written = {str(record["cdr_id"]): record for record in daemon.cdrs()}
+    assert len(written) == 5
+    assert {cdr.cdr_id: orjson.loads(orjson.dumps(cdr.to_record())) for cdr in replayed} == (
+        written
+    )

@@ -34,11 +34,12 @@ from sipcalls import Call, feed
 from sipcdr import config
 from sipcdr.dialog import Correlator
 from sipcdr.sinks import delivery as delivery_module
-from sipcdr.sinks import kafka, kafka_options
+from sipcdr.sinks import kafka
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP, STREAM_RECORDS, SpoolRecord
 from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.kafka import KafkaDeliveryError, KafkaSink
 from sipcdr.sinks.outputs import Outputs
+from sipcdr.sinks.settings import DEFAULT_TOPIC_CDRS, DEFAULT_TOPIC_FRAUD
 from sipcdr.sinks.spool import Spool
 from sipcdr.telemetry.metrics import Metrics
 from structlog.testing import capture_logs
@@ -405,7 +406,7 @@ async def test_unknown_kind_or_stream_is_refused_before_anything_is_sent() -> No
         await sink.deliver("signaling", good)
     await sink.deliver(STREAM_RECORDS, [])  # nothing to do: no connection attempt
     assert not sink.connected
-    assert sink.sent == {kafka_options.DEFAULT_TOPIC_CDRS: 0, kafka_options.DEFAULT_TOPIC_FRAUD: 0}
+    assert sink.sent == {DEFAULT_TOPIC_CDRS: 0, DEFAULT_TOPIC_FRAUD: 0}
     await sink.stop()
 
 
@@ -447,7 +448,7 @@ async def test_deadlines_hold_when_the_client_itself_hangs(
 
     confirm = True  # the next producer confirms, then hangs in stop: stop still returns
     await sink.deliver(STREAM_RECORDS, cdr_records(3, "hang"))
-    assert sink.sent[kafka_options.DEFAULT_TOPIC_CDRS] == 3
+    assert sink.sent[DEFAULT_TOPIC_CDRS] == 3
     elapsed, error = await timed(sink.stop())
     assert error is None
     assert elapsed < timeout_s + 1.5  # one request timeout, then two bounded close steps
@@ -571,7 +572,7 @@ async def test_an_outage_the_client_rides_out_is_reported_within_seconds(
         )
     )
     metrics = Metrics()
-    outputs = Outputs(settings, spool_dir=tmp_path / "spool")
+    outputs = Outputs(config.output_settings(settings), spool_dir=tmp_path / "spool")
     values = cdr_values(40, outage)
 
     def sink_up() -> float | None:

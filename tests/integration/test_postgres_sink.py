@@ -36,10 +36,10 @@ from sipcdr.sinks.postgres import PostgresSink, RecordError
 from sipcdr.sinks.spool import Spool
 from sipcdr.storage.embedded import EmbeddedPostgres, holders_file
 from sipcdr.storage.migrations import (
-    MIGRATIONS_DIR,
     DatabaseUnavailable,
     MigrationError,
     migrate,
+    migrations_dir,
 )
 from sipcdr.storage.partitions import (
     DEFAULT_PARTITIONS_AHEAD_DAYS,
@@ -51,7 +51,11 @@ from sipcdr.storage.partitions import (
 
 pytestmark = pytest.mark.integration
 
-CDR_SCHEMA = json.loads((MIGRATIONS_DIR.parent / "cdr.v1.schema.json").read_text())
+CDR_SCHEMA = json.loads(
+    (Path(__file__).resolve().parents[2] / "schemas" / "cdr.v1.schema.json").read_text()
+)
+# The package's migrations, on the file system in the editable install the suite runs.
+MIGRATIONS_DIR = Path(str(migrations_dir()))
 CDR_NAMESPACE = uuid.UUID("6f0e3f4e-7d55-4c1a-9d0e-1c5e2a6b7c01")
 # 2026-03-14 09:26:53.589793 UTC: a fixed day, so partition names are known in advance.
 T0 = 1773480413.589793
@@ -100,9 +104,9 @@ def make_cdr(n: int, start: float = T0, **changes: Any) -> Cdr:
         "rated": True,
         "rate_prefix": "4930",
         "rate_name": "Germany Berlin",
-        "rate_per_minute": "0.0100",
+        "rate_per_minute": Decimal("0.0100"),
         "billed_seconds": 61,
-        "cost": "0.010167",
+        "cost": Decimal("0.010167"),
         "currency": "EUR",
         "fraud_flags": ("short_calls", "new_destination"),
     }

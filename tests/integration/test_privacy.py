@@ -43,7 +43,14 @@ import sipcdr.storage.migrations  # noqa: F401
 from daemonproc import Daemon, daemon_environ, start_daemon, wait_for
 from sipcalls import Call, answered_call_messages
 from sipcdr import cli
-from sipcdr.config import Config, JsonlConfig, PostgresConfig, SinksConfig, StateConfig
+from sipcdr.config import (
+    Config,
+    JsonlConfig,
+    PostgresConfig,
+    SinksConfig,
+    StateConfig,
+    output_settings,
+)
 from sipcdr.private import (
     PrivatePathError,
     open_private,
@@ -540,7 +547,7 @@ async def test_cdrs_spools_cursors_and_set_aside_records_are_private_whatever_th
         state=StateConfig(dir=tmp_path / "state"),
     )
     prepare_state_dir(tmp_path / "state")  # as every command does first
-    outputs = Outputs(config)
+    outputs = Outputs(output_settings(config))
     await outputs.open()
     assert outputs.cdr_writer is not None
     outputs.cdr_writer.spool.append(KIND_CDR, b"call@x", b'{"cdr_id": "x"}')

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -64,9 +65,9 @@ def cdr(
         rated=True,
         rate_prefix="4930",
         rate_name="Germany Berlin",
-        rate_per_minute="0.0100",
+        rate_per_minute=Decimal("0.0100"),
         billed_seconds=60,
-        cost="0.010000",
+        cost=Decimal("0.010000"),
         currency="EUR",
     )
 

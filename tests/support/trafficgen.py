@@ -168,7 +168,7 @@ class Call:
             user_agent=self.user_agent,
             capture_node="test",
             rated=self.cost is not None,
-            cost=None if self.cost is None else str(self.cost),
+            cost=self.cost,
             currency="EUR" if self.cost is not None else None,
         )
 

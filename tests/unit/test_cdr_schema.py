@@ -3,14 +3,20 @@ contract billing consumes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from decimal import Decimal
 from pathlib import Path
 
 import jsonschema
+import orjson
 from pcapdata import require_shared_data
 from sipcalls import CdrCollector
 from sipcdr.config import Config
+from sipcdr.dialogstore import _unwritten_cdrs, _unwritten_json
 from sipcdr.importer import import_files
+from sipcdr.model import Cdr
+from sipcdr.sinks.postgres import CDRS
 from test_import_captures import EXPECTED
 
 SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "cdr.v1.schema.json"
@@ -46,3 +52,49 @@ def test_schema_rejects_a_broken_record() -> None:
     record["disposition"] = "maybe"
     record["start_time"] = "yesterday"
     assert len(list(validator.iter_errors(record))) == 2
+
+
+# Money no float can hold: 17 significant digits and a rate below 1e-6.
+COST = Decimal("123456789.123456789")
+RATE = Decimal("1E-7")
+
+
+def rated_cdr() -> Cdr:
+    sink = CdrCollector()
+    import_files(
+        Config(),
+        [require_shared_data() / "pcaps" / "sngrep-ipip.pcap"],
+        sinks=[sink],
+        progress=False,
+    )
+    return dataclasses.replace(
+        sink.cdrs[0],
+        rated=True,
+        rate_prefix="49",
+        rate_name="Germany",
+        rate_per_minute=RATE,
+        billed_seconds=60,
+        cost=COST,
+        currency="EUR",
+    )
+
+
+def test_money_is_exact_on_the_wire() -> None:
+    """JSONL, Kafka and the PostgreSQL sink all take `to_record`: money leaves it as a
+    plain decimal string, exact, and the sink's numeric columns read it back exact."""
+    record = rated_cdr().to_record()
+    assert (record["cost"], record["rate_per_minute"]) == ("123456789.123456789", "0.0000001")
+    wire = orjson.loads(orjson.dumps(record))
+    assert Decimal(wire["cost"]) == COST and Decimal(wire["rate_per_minute"]) == RATE
+    assert float(wire["cost"]) != COST  # a float would have lost digits
+    jsonschema.validate(wire, json.loads(SCHEMA.read_text()))
+    row = dict(zip(CDRS.columns, CDRS.row(wire), strict=True))
+    assert (row["cost"], row["rate_per_minute"]) == (COST, RATE)
+
+
+def test_money_survives_a_dialog_checkpoint() -> None:
+    """CDRs closed but not yet spooled are kept in a checkpoint: money stays Decimal."""
+    cdr = rated_cdr()
+    (back,) = _unwritten_cdrs(orjson.loads(_unwritten_json([cdr])))
+    assert back == cdr
+    assert isinstance(back.cost, Decimal) and back.cost == COST

@@ -1,5 +1,5 @@
 """Configuration: defaults, a full file, every kind of error, environment overrides,
-redaction of secrets and the trunk lookup."""
+redaction of secrets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from asyncpg import connect_utils
-from sipcdr import config
 from sipcdr.config import (
     DEFAULT_HEP_TCP_FRAME_TIMEOUT_S,
     DEFAULT_HEP_TCP_IDLE_TIMEOUT_S,
@@ -27,10 +26,10 @@ from sipcdr.config import (
     load_config,
     parse_endpoint,
     redact_dsn,
-    trunk_resolver,
 )
 from sipcdr.dialog import DialogLimits
 from sipcdr.model import Trunk
+from sipcdr.storage import dsn as dsn_rules
 from tlscerts import Pki, encrypted_key, make_pki
 
 # DESIGN.md's sample file without its example trunk and rating plan, which are
@@ -965,7 +964,7 @@ def test_a_dsn_that_would_fail_every_connect_is_refused_with_the_drivers_reason(
 
 def test_the_dsn_choices_are_the_drivers() -> None:
     """The values the config takes for these parameters are the ones asyncpg takes."""
-    choices = config._DSN_CHOICES
+    choices = dsn_rules._DSN_CHOICES
     assert set(choices["target_session_attrs"]) == {m.value for m in connect_utils.SessionAttribute}
     assert set(choices["sslnegotiation"]) == {m.value for m in connect_utils.SSLNegotiation}
     assert {mode.replace("-", "_") for mode in choices["sslmode"]} == {
@@ -973,44 +972,6 @@ def test_the_dsn_choices_are_the_drivers() -> None:
     }
     for version in choices["ssl_min_protocol_version"]:
         assert version.replace(".", "_") in ssl.TLSVersion.__members__
-
-
-# -- trunk lookup ---------------------------------------------------------------------------------
-
-TRUNKS = """
-[[trunks]]
-name = "region"
-sources = ["10.1.0.0/16", "2001:db8::/32"]
-country_code = "49"
-national_prefix = "0"
-
-[[trunks]]
-name = "pop"
-sources = ["10.1.2.0/24", "2001:db8:5::/48"]
-rate_plan = "retail"
-
-[[trunks]]
-name = "everyone"
-sources = ["0.0.0.0/0"]
-"""
-
-
-def test_trunk_resolver_longest_prefix(tmp_path: Path) -> None:
-    resolve = trunk_resolver(load_text(tmp_path, TRUNKS))
-    assert resolve("10.1.2.3") == Trunk("pop", None, None, "retail")
-    assert resolve("10.1.3.3") == Trunk("region", "49", "0", None)
-    assert resolve("192.0.2.1") == Trunk("everyone", None, None, None)
-    assert resolve("2001:db8:5::1") == Trunk("pop", None, None, "retail")
-    assert resolve("2001:db8:6::1") == Trunk("region", "49", "0", None)
-    assert resolve("::ffff:10.1.2.9") == Trunk("pop", None, None, "retail")
-    assert resolve("2001:db9::1") is None
-    assert resolve("not-an-address") is None
-
-
-def test_trunk_resolver_without_trunks() -> None:
-    resolve = trunk_resolver(Config())
-    assert resolve("10.1.2.3") is None
-    assert resolve("::1") is None
 
 
 def test_the_full_disk_keys_of_the_spool(tmp_path: Path) -> None:

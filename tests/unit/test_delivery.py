@@ -13,7 +13,14 @@ import orjson
 import pytest
 from sipcalls import Call, CdrCollector, packet
 from sipcdr.app import IntakeGate
-from sipcdr.config import Config, JsonlConfig, PostgresConfig, SinksConfig, SpoolConfig
+from sipcdr.config import (
+    Config,
+    JsonlConfig,
+    PostgresConfig,
+    SinksConfig,
+    SpoolConfig,
+    output_settings,
+)
 from sipcdr.dialog import Correlator
 from sipcdr.pipeline import Pipeline
 from sipcdr.sinks import delivery as delivery_module
@@ -182,7 +189,7 @@ async def test_outputs_export_lag_and_failures(tmp_path: Path) -> None:
             postgres=PostgresConfig(dsn=""),
         )
     )
-    outputs = Outputs(config, spool_dir=tmp_path / "spool")
+    outputs = Outputs(output_settings(config), spool_dir=tmp_path / "spool")
     await outputs.open()
     assert outputs.cdr_writer is not None
     assert outputs.signaling is None  # nothing keeps signaling without PostgreSQL
@@ -388,7 +395,7 @@ async def test_outputs_hold_refused_cdrs_block_intake_and_export_it(
         ),
         spool=SpoolConfig(cdr_reserve_records=3),
     )
-    outputs = Outputs(config, spool_dir=tmp_path / "spool")
+    outputs = Outputs(output_settings(config), spool_dir=tmp_path / "spool")
     await outputs.open()
     assert outputs.cdr_writer is not None
     spool = outputs.cdr_writer.spool
@@ -641,3 +648,78 @@ def test_intake_resumes_only_after_the_disk_has_kept_up_and_waits_longer_after_a
         ("intake_resumed", "info"),
         ("intake_paused", "error"),
     ]
+
+
+def test_the_resume_wait_is_capped_near_half_a_minute_and_decays_after_a_calm_spell() -> None:
+    pipeline = Pipeline(Correlator(), [])
+    now = [0.0]
+    gate = IntakeGate(pipeline, clock=lambda: now[0])
+
+    def relapse() -> float:
+        """A pause right after the last resume; returns the wait it was given."""
+        now[0] += 1.0
+        gate.update("write_error")
+        waited = gate.resume_after_s
+        while pipeline.paused:
+            now[0] += 1.0
+            gate.update(None)
+        return waited
+
+    assert [relapse() for _ in range(6)] == [5.0, 10.0, 20.0, 30.0, 30.0, 30.0]
+    now[0] += 61.0  # a calm minute halves the wait for the next pause
+    assert relapse() == 15.0
+    now[0] += 3 * 61.0  # calm long enough: back to the base
+    assert relapse() == 5.0
+
+
+def test_intake_resumed_counts_every_call_refused_during_the_pause() -> None:
+    """The pipeline's drop counts go to Prometheus (and are cleared) every tick: the
+    figure in `intake_resumed` must not be only what came since the last export."""
+    pipeline = Pipeline(Correlator(), [])
+    now = [0.0]
+    gate = IntakeGate(pipeline, clock=lambda: now[0])
+    with capture_logs() as logs:
+        gate.update("write_error")
+        offered = 0
+        while pipeline.paused:
+            for _ in range(3):
+                call = Call(f"refused-{offered}@x")
+                pipeline.process(packet(100.0 + offered, call.request("INVITE")))
+                offered += 1
+            pipeline.flush_metrics()  # the tick's export
+            now[0] += 1.0
+            gate.update(None)
+    assert offered == 15
+    (resumed,) = [e for e in logs if e["event"] == "intake_resumed"]
+    assert resumed["calls_refused"] == 15
+    sample = pipeline.metrics.registry.get_sample_value
+    labels = {"source": "intake", "reason": "write_error"}
+    assert sample("sipcdr_packets_dropped_total", labels) == 15
+
+
+async def test_a_held_loop_delivers_nothing_and_a_stop_does_not_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    held, free = MemorySink("held"), MemorySink("free")
+    with Spool(tmp_path, ("held", "free")) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [held, free])
+        delivery.held.add(("held", STREAM_RECORDS))
+        await delivery.start()
+        values = _append(spool, 5)
+        await _until(lambda: free.got == values)
+        await asyncio.sleep(0.1)
+        assert held.got == [] and delivery.caught_up()
+        delivery.held.clear()
+        await _until(lambda: held.got == values)
+        delivery.held.add(("held", STREAM_RECORDS))
+        more = _append(spool, 3, start=5)
+        await _until(lambda: free.got == values + more)
+        assert delivery.caught_up()  # what a drain waits for: not the held loop
+        with capture_logs() as logs:
+            await delivery.stop()  # the drain is over once the loops not held have all
+    (left,) = [e for e in logs if e["event"] == "delivery_left_in_spool"]
+    assert left["backlog"] == {"held/records": 3, "free/records": 0}
+    assert free.got == values + more
+    assert held.got == values  # the rest waits in the spool for the next start
+    with Spool(tmp_path, ("held", "free")) as spool:
+        assert [r.value for r in spool.reader("held").read(10, 1 << 20)] == more

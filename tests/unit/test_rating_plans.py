@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sipcdr.model import money_text
 from sipcdr.rates import load_plan_files
 from sipcdr.rating import (
     INVALID_NUMBER,
@@ -171,23 +172,26 @@ def test_cdr_fields_are_the_cdr_schemas_rating_fields() -> None:
         "rated": True,
         "rate_prefix": "4930",
         "rate_name": "Germany Berlin",
-        "rate_per_minute": "0.0150",
+        "rate_per_minute": Decimal("0.0150"),
         "billed_seconds": 36,
-        "cost": "0.0240",
+        "cost": Decimal("0.0240"),
         "currency": "EUR",
     }
     unrated = dict(Unrated(NO_PREFIX).cdr_fields())
     assert unrated == {name: None for name in fields} | {"rated": False}
     for record in (fields, unrated):
         for name, value in record.items():
-            jsonschema.validate(value, schema[name])
+            # On the wire as the CDR writes it: money as a decimal string.
+            wire = money_text(value) if isinstance(value, Decimal) else value
+            jsonschema.validate(wire, schema[name])
 
 
 def test_a_tiny_rate_is_written_without_an_exponent() -> None:
     deck = (HEADER + "49,Germany,0.0000001,0,1,1,2025-01-01,,EUR,\n").encode()
     rate_plans = load_rate_plans({"p": deck}, "p", 4, 0).plans
     result = rated(rate_plans.rate("p", "4930901820", SPRING, 60, True))
-    assert result.cdr_fields()["rate_per_minute"] == "0.0000001"
+    assert result.cdr_fields()["rate_per_minute"] == Decimal("0.0000001")
+    assert money_text(result.cdr_fields()["rate_per_minute"]) == "0.0000001"
 
 
 def test_a_refused_deck_leaves_the_plan_its_previous_deck() -> None:

@@ -8,6 +8,7 @@ from fractions import Fraction
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from sipcdr.model import money_text
 from sipcdr.rating import Rating, load_rate_plans
 from sipcdr.rating.pricing import billed_seconds, cost
 
@@ -144,4 +145,4 @@ def test_the_worked_examples_of_the_deck_documentation(
     plans = load_rate_plans({"p": deck}, "p", 4, 0).plans
     result = plans.rate("p", "4930901820", 1_790_000_000.0, billsec, answered)
     assert isinstance(result, Rating)
-    assert (result.billed_seconds, result.cdr_fields()["cost"]) == (billed, charged)
+    assert (result.billed_seconds, money_text(result.cdr_fields()["cost"])) == (billed, charged)

@@ -33,6 +33,7 @@ ADDED_WITHIN_VERSION = {
         "call_ids",
         "revision",
     },
+    "sip_message.v1.schema.json": set(model.SIP_EVENT_CORRELATION_FIELDS),
 }
 
 

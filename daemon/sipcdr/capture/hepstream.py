@@ -65,7 +65,7 @@ _TLS_RECORD_HEADER: Final = 5  # content type, version, 16-bit length
 @dataclass(frozen=True, slots=True)
 class StreamLimits:
     """The bounds on what connections may hold; `[capture] hep_tcp_*` (their defaults
-    and reasons are in config.py). `max_buffer_bytes` is also the largest frame taken:
+    and reasons are in config/schema.py). `max_buffer_bytes` is also the largest frame taken:
     a longer one is skipped and counted as `oversize`."""
 
     max_connections: int

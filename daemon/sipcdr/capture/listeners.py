@@ -20,14 +20,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from sipcdr import hep
-from sipcdr.model import TRANSPORT_SCTP, TRANSPORT_TCP, TRANSPORT_UDP, Packet
+from sipcdr.model import TRANSPORT_UDP, Packet
 from sipcdr.pipeline import Pipeline
 
 MAX_DATAGRAM = 65535
-# Below the 32 s a closed call is remembered and far below the ring timeout, above any
-# buffering delay of an agent on the same network.
-MAX_CLOCK_SKEW_S = 30.0
-_TRANSPORT_OF_IP_PROTOCOL = {6: TRANSPORT_TCP, 17: TRANSPORT_UDP, 132: TRANSPORT_SCTP}
+MAX_CLOCK_SKEW_S = hep.MAX_CLOCK_SKEW_S
 _SIP = 1  # HEP protocol type of a SIP payload
 _IP_CACHE_LIMIT = 65536  # distinct sources remembered by an allow-list before it starts over
 
@@ -84,25 +81,11 @@ class HepGate:
 
 
 def hep_to_packet(decoded: hep.HepPacket, pipeline: Pipeline | None = None) -> Packet:
-    """HEP's original endpoints and capture time, unless the agent's clock is off by
-    more than MAX_CLOCK_SKEW_S: then the receive time, counted, because the dialog
-    timers run on this host's clock and a skewed time would close live calls."""
-    now = time.time()
-    timestamp = decoded.timestamp
-    if not timestamp or abs(timestamp - now) > MAX_CLOCK_SKEW_S:
-        if timestamp and pipeline is not None:
-            pipeline.hep_clock_skew += 1
-        timestamp = now
-    return Packet(
-        timestamp,
-        decoded.src_ip,
-        decoded.src_port,
-        decoded.dst_ip,
-        decoded.dst_port,
-        _TRANSPORT_OF_IP_PROTOCOL.get(decoded.ip_protocol, TRANSPORT_UDP),
-        decoded.payload,
-        decoded.node_name or str(decoded.capture_id),
-    )
+    """`hep.to_packet` on receipt: the agent's time unless its clock is off (counted)."""
+    packet = hep.to_packet(decoded, decoded.payload, time.time(), MAX_CLOCK_SKEW_S)
+    if pipeline is not None and hep.skew_replaced(decoded, packet):
+        pipeline.hep_clock_skew += 1
+    return packet
 
 
 class SipUdpProtocol(asyncio.DatagramProtocol):

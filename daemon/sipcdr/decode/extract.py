@@ -21,7 +21,7 @@ from sipcdr.decode.link import Decapsulator
 from sipcdr.decode.prefilter import DECODE, MAYBE_SIGNALLING, media_layers
 from sipcdr.decode.startline import KEEPALIVE, sip_offset
 from sipcdr.decode.tcp import TcpReassembler, TcpStats
-from sipcdr.model import TRANSPORT_SCTP, TRANSPORT_TCP, TRANSPORT_UDP, Packet
+from sipcdr.model import TRANSPORT_SCTP, TRANSPORT_UDP, Packet
 
 __all__ = ["CaptureStats", "SipExtractor"]
 
@@ -32,7 +32,6 @@ _HEP_SIP: Final = 1
 # must fit before a datagram is offered to the decoder.
 _HEP2_LENGTHS: Final = frozenset({16, 28, 40, 52})
 _HEP2_FAMILIES: Final = frozenset({2, 10, 28, 30})
-_HEP_TRANSPORT: Final = {6: TRANSPORT_TCP, 17: TRANSPORT_UDP, 132: TRANSPORT_SCTP}
 
 _new: Final = tuple.__new__
 _NONE: Final[tuple[Packet, ...]] = ()
@@ -47,6 +46,7 @@ class CaptureStats:
 
     __slots__ = (
         "decap",
+        "hep_clock_skew",
         "hep_errors",
         "hep_non_sip",
         "hep_packets",
@@ -64,6 +64,7 @@ class CaptureStats:
         self.hep_packets = 0  # HEP packets decoded (SIP or not)
         self.hep_non_sip = 0  # decoded HEP packets whose payload type is not SIP
         self.hep_errors: dict[str, int] = {}  # HepError reason -> count
+        self.hep_clock_skew = 0  # HEP times replaced by the frame's (max_hep_skew_s)
         self.non_sip_payloads = 0  # UDP/SCTP payloads that are neither SIP nor HEP
         self.keepalives = 0  # CRLF-only UDP/SCTP/HEP payloads
         self.truncated_file = False  # set by a file reader: the file ended inside a record
@@ -90,6 +91,7 @@ class CaptureStats:
             "sip_messages": self.sip_messages,
             "hep_packets": self.hep_packets,
             "hep_non_sip": self.hep_non_sip,
+            "hep_clock_skew": self.hep_clock_skew,
             "non_sip_payloads": self.non_sip_payloads,
             "keepalives": self.keepalives,
             "truncated_file": int(self.truncated_file),
@@ -108,7 +110,16 @@ class SipExtractor:
     datagrams and streams are counted then).
     """
 
-    __slots__ = ("_decap", "_decode", "_linktype", "_prefilter", "_tcp", "capture_node", "stats")
+    __slots__ = (
+        "_decap",
+        "_decode",
+        "_linktype",
+        "_max_hep_skew_s",
+        "_prefilter",
+        "_tcp",
+        "capture_node",
+        "stats",
+    )
 
     def __init__(
         self,
@@ -119,9 +130,12 @@ class SipExtractor:
         decapsulator: Decapsulator | None = None,
         reassembler: TcpReassembler | None = None,
         prefilter: bool = True,
+        max_hep_skew_s: float = 0.0,
     ) -> None:
         """``prefilter=False`` decodes every frame in full: the reference the pre-filter
-        (``prefilter``, which skips media unread) is tested against."""
+        (``prefilter``, which skips media unread) is tested against. A live capture sets
+        ``max_hep_skew_s`` (``hep.to_packet``): HEP whose agent clock is further than
+        that from the frame's time gets the frame's; a file keeps the agent's."""
         self.stats = stats if stats is not None else CaptureStats()
         self.capture_node = capture_node
         self._decap = decapsulator if decapsulator is not None else Decapsulator(self.stats.decap)
@@ -130,6 +144,7 @@ class SipExtractor:
         self._decode = self._decap.link_decoder(linktype)
         self._linktype = linktype
         self._prefilter = prefilter
+        self._max_hep_skew_s = max_hep_skew_s
 
     def feed(self, ts: float, frame: bytes) -> tuple[Packet, ...] | list[Packet]:
         """The SIP messages that this frame completes (usually none or one)."""
@@ -257,19 +272,10 @@ class SipExtractor:
             inner = inner[offset:]
         stats.sip_messages += 1
         # HEPv1 has no timestamp; the capture's own is the next best.
-        return _new(
-            Packet,
-            (
-                packet.timestamp or ts,
-                packet.src_ip,
-                packet.src_port,
-                packet.dst_ip,
-                packet.dst_port,
-                _HEP_TRANSPORT.get(packet.ip_protocol, TRANSPORT_UDP),
-                inner,
-                str(packet.capture_id),
-            ),
-        )
+        out = hep.to_packet(packet, inner, ts, self._max_hep_skew_s)
+        if self._max_hep_skew_s > 0.0 and hep.skew_replaced(packet, out):
+            stats.hep_clock_skew += 1
+        return out
 
     def close(self) -> None:
         self._decap.close()

@@ -19,7 +19,8 @@ from typing import Any, Final
 import asyncpg
 import orjson
 
-from sipcdr.privacy import audit, catalogue, matching
+from sipcdr.model import RECORD_FIELDS
+from sipcdr.privacy import audit, matching
 from sipcdr.privacy.bundle import KINDS, Bundle
 from sipcdr.privacy.files import rotated_files
 from sipcdr.privacy.pseudonym import key_id, pseudonym
@@ -67,6 +68,8 @@ async def export_postgres(
 
 
 _KEYS: Final = {"cdrs": "cdr_id", "sip_messages": "message_id", "fraud_alerts": "alert_id"}
+# The record each table stores: its fields are the columns of an export from records.
+_RECORD_OF: Final = {"cdrs": "cdr", "sip_messages": "sip_message", "fraud_alerts": "fraud_alert"}
 
 
 async def _live_columns(conn: asyncpg.Connection, table: str) -> list[str]:
@@ -83,7 +86,7 @@ def export_jsonl(path: Path, number: str, bundle: Bundle) -> dict[str, int]:
     line at a time. JSONL holds CDRs only: signaling and alerts are not there."""
     files = [path.with_name(name) for name, _ in sorted(rotated_files(path), key=lambda x: x[1])]
     files.append(path)
-    bundle.begin("cdrs", tuple(catalogue.FIELDS["cdrs"]))
+    bundle.begin("cdrs", RECORD_FIELDS[_RECORD_OF["cdrs"]])
     for item in files:
         try:
             handle = item.open("rb")
@@ -102,7 +105,7 @@ def export_jsonl(path: Path, number: str, bundle: Bundle) -> dict[str, int]:
                     bundle.row("cdrs", record)
     bundle.end("cdrs")
     for kind in ("sip_messages", "fraud_alerts"):
-        bundle.begin(kind, tuple(catalogue.FIELDS[kind]))
+        bundle.begin(kind, RECORD_FIELDS[_RECORD_OF[kind]])
         bundle.end(kind)
     bundle.close()
     return bundle.counts

@@ -32,9 +32,9 @@ class CdrRating(TypedDict):
     rated: bool
     rate_prefix: str | None
     rate_name: str | None
-    rate_per_minute: str | None
+    rate_per_minute: Decimal | None
     billed_seconds: int | None
-    cost: str | None
+    cost: Decimal | None
     currency: str | None
 
 
@@ -51,15 +51,15 @@ class Rating(NamedTuple):
         return True
 
     def cdr_fields(self) -> CdrRating:
-        """The CDR's rating fields, money as decimal strings."""
+        """The CDR's rating fields, money as exact decimals."""
         rate = self.rate
         return {
             "rated": True,
             "rate_prefix": rate.prefix,
             "rate_name": rate.destination,
-            "rate_per_minute": format(rate.rate, "f"),
+            "rate_per_minute": rate.rate,
             "billed_seconds": self.billed_seconds,
-            "cost": format(self.cost, "f"),
+            "cost": self.cost,
             "currency": rate.currency,
         }
 

@@ -23,9 +23,13 @@ halves until the records at fault are alone; each of those is appended to
 `<spool>/rejected/<sink>.jsonl` with the reason, counted and logged at ERROR, and
 delivery goes on with the next record. Nothing else is ever skipped.
 
+A loop named in `held` delivers nothing while it is there, its records waiting in the
+spool: the daemon holds the sinks that write to its state disk (the JSONL file, an
+embedded PostgreSQL) while the room its spare file gave is kept for the spool's CDRs.
+
 Stopping drains: the loops keep delivering until every sink has everything or
-`DEFAULT_DRAIN_TIMEOUT_S` has passed; what is left stays in the spool for the next
-start.
+`DEFAULT_DRAIN_TIMEOUT_S` has passed (a held loop is not waited for); what is left
+stays in the spool for the next start.
 """
 
 from __future__ import annotations
@@ -112,6 +116,8 @@ class Delivery:
         # waiting for the event) still sees it.
         self._nudges = 0
         self._draining = False
+        # (sink, stream) loops that wait, their records kept in the spool (see above).
+        self.held: set[tuple[str, str]] = set()
 
     def readers(self) -> list[tuple[LoopState, SpoolReader]]:
         return list(self._loops)
@@ -175,6 +181,13 @@ class Delivery:
                 self._went_down(sink, stream, state, reader, exc)
         while True:
             wake.clear()
+            if (sink.name, stream) in self.held:
+                if self._stopping:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_IDLE_WAIT_S):
+                        await wake.wait()
+                continue
             try:
                 batch = reader.read(self.batch_records, self.batch_bytes)
                 if not batch:
@@ -399,7 +412,12 @@ class Delivery:
                     self._log.error("spool_sync_failed", dir=str(spool.directory), error=str(exc))
 
     def caught_up(self) -> bool:
-        return all(reader.lag_records == 0 for _state, reader in self.readers())
+        """Whether every loop that is not held has every record."""
+        held = self.held
+        return all(
+            reader.lag_records == 0 or (state.sink, state.stream) in held
+            for state, reader in self.readers()
+        )
 
     async def drain(self, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> bool:
         """Wait until every sink has every record, at most `timeout_s`; True if so."""
@@ -446,7 +464,8 @@ class Delivery:
                 await sink.stop()
             except Exception as exc:
                 self._log.warning("sink_stop_failed", sink=sink.name, error=repr(exc))
-        if not caught_up:
+        if not caught_up or any(reader.lag_records for _state, reader in self.readers()):
+            # Nothing lost: the next start delivers it (a held loop's records too).
             self._log.warning(
                 "delivery_left_in_spool",
                 backlog={f"{s.sink}/{s.stream}": r.lag_records for s, r in self.readers()},

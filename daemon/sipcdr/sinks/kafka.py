@@ -57,7 +57,7 @@ from sipcdr.sinks.base import (
     RecordsRejected,
     SpoolRecord,
 )
-from sipcdr.sinks.kafka_options import (
+from sipcdr.sinks.settings import (
     COMPRESSIONS,
     DEFAULT_COMPRESSION,
     DEFAULT_IDEMPOTENCE,

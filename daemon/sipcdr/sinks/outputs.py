@@ -1,4 +1,4 @@
-"""Everything between a closed CDR and its destinations, built from the config.
+"""Everything between a closed CDR and its destinations, built from `OutputSettings`.
 
 `Outputs` owns the spools, the enabled sinks, an embedded PostgreSQL when
 `dsn = "embedded"`, and the delivery loops. The daemon and `sipcdr import` both use
@@ -16,7 +16,6 @@ from typing import Protocol
 import orjson
 import structlog
 
-from sipcdr.config import Config
 from sipcdr.model import Cdr
 from sipcdr.privacy.outbound import OutboundFilter
 from sipcdr.privacy.pseudonym import load_key
@@ -24,6 +23,7 @@ from sipcdr.private import private_dir
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, STREAM_SIGNALING, Sink
 from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.jsonl import JsonlSink
+from sipcdr.sinks.settings import KafkaSettings, OutputSettings, PostgresSettings
 from sipcdr.sinks.signaling import SignalingRecorder
 from sipcdr.sinks.spool import DEFAULT_CDR_RESERVE_RECORDS, Appended, Spool
 from sipcdr.telemetry.metrics import Metrics
@@ -74,19 +74,19 @@ class SpoolCdrWriter:
 class Outputs:
     def __init__(
         self,
-        config: Config,
+        settings: OutputSettings,
         spool_dir: Path | None = None,
         full_policy: str | None = None,
         *,
         wait_below_floor: bool = False,
     ) -> None:
-        self.config = config
+        self.settings = settings
         # None: the configured policy for CDRs, drop_newest for signaling (the daemon).
         self.full_policy = full_policy
         # An import waits for its sinks below the signaling floor rather than refuse
         # signaling (`wait_reason`).
         self.wait_below_floor = wait_below_floor
-        self.spool_dir = spool_dir or Path(config.state.dir) / "spool"
+        self.spool_dir = spool_dir or settings.state_dir / "spool"
         self.log = structlog.get_logger("sipcdr.outputs")
         self.sinks: list[Sink] = []
         self.spools: dict[str, Spool] = {}
@@ -106,21 +106,21 @@ class Outputs:
         if self._opened:
             return
         self._opened = True
-        sinks_config = self.config.sinks
-        spool_config = self.config.spool
-        jsonl = sinks_config.jsonl
-        privacy = self.config.privacy
-        pseudonymize = sinks_config.kafka.enabled and sinks_config.kafka.pseudonymize_numbers
+        settings = self.settings
+        spool_config = settings.spool
+        jsonl = settings.jsonl
+        kafka = settings.kafka
+        pseudonymize = kafka is not None and kafka.pseudonymize_numbers
         self.outbound = OutboundFilter(
-            load_key(privacy.pseudonym_key_file) if pseudonymize else None,
+            load_key(kafka.pseudonym_key_file) if kafka is not None and pseudonymize else None,
             pseudonymize=pseudonymize,
         )
-        if jsonl.enabled:
-            self.sinks.append(JsonlSink(Path(jsonl.path), rotate_bytes=jsonl.rotate_bytes))
-        if sinks_config.postgres.enabled:
-            self.sinks.append(await self._postgres_sink())
-        if sinks_config.kafka.enabled:
-            self.sinks.append(self._kafka_sink())
+        if jsonl is not None:
+            self.sinks.append(JsonlSink(jsonl.path, rotate_bytes=jsonl.rotate_bytes))
+        if settings.postgres is not None:
+            self.sinks.append(await self._postgres_sink(settings.postgres))
+        if kafka is not None:
+            self.sinks.append(self._kafka_sink(kafka))
         consumers: dict[str, list[str]] = {}
         for sink in self.sinks:
             for stream in sink.streams:
@@ -144,9 +144,9 @@ class Outputs:
                 min_free_bytes=spool_config.signaling_min_free_bytes,
                 refuse_below_floor=not self.wait_below_floor,
             )
-            self.signaling = SignalingRecorder(spool, store_body=sinks_config.postgres.store_sdp)
+            self.signaling = SignalingRecorder(spool, store_body=settings.store_sdp)
         self.delivery = Delivery(
-            self.spools, self.sinks, fsync_interval_s=spool_config.fsync_interval_ms / 1000
+            self.spools, self.sinks, fsync_interval_s=spool_config.fsync_interval_s
         )
         await self.delivery.start()
 
@@ -167,7 +167,7 @@ class Outputs:
             self.spool_dir / stream,
             tuple(consumers[stream]),
             max_bytes=max_bytes,
-            segment_bytes=self.config.spool.segment_bytes,
+            segment_bytes=self.settings.spool.segment_bytes,
             full_policy=full_policy,
             buffered=buffered,
             reserve_records=reserve_records,
@@ -178,7 +178,7 @@ class Outputs:
         self.spools[stream] = spool
         return spool
 
-    async def _postgres_sink(self) -> Sink:
+    async def _postgres_sink(self, pg: PostgresSettings) -> Sink:
         from sipcdr.sinks.postgres import PostgresSink  # noqa: PLC0415 - asyncpg only when used
         from sipcdr.storage.embedded import (  # noqa: PLC0415
             EmbeddedPostgres,
@@ -186,10 +186,9 @@ class Outputs:
             embedded_data_dir,
         )
 
-        pg = self.config.sinks.postgres
         dsn = pg.dsn
         if pg.embedded:
-            embedded = EmbeddedPostgres(embedded_data_dir(self.config.state.dir))
+            embedded = EmbeddedPostgres(embedded_data_dir(self.settings.state_dir))
             try:
                 dsn = await embedded.start()
             except EmbeddedPostgresError as exc:
@@ -201,16 +200,15 @@ class Outputs:
             dsn,
             store_signaling=pg.store_signaling,
             partitions_ahead_days=pg.partitions_ahead_days,
-            retention_classes=self.config.retention.trunk_cdr_days,
+            retention_classes=pg.retention_classes,
             restricted=self.outbound.is_restricted if self.outbound is not None else None,
         )
 
-    def _kafka_sink(self) -> Sink:
+    def _kafka_sink(self, kafka: KafkaSettings) -> Sink:
         from sipcdr.sinks.kafka import KafkaSink  # noqa: PLC0415 - aiokafka only when used
 
-        kafka = self.config.sinks.kafka
         sink = KafkaSink(
-            bootstrap=kafka.bootstrap_servers,
+            bootstrap=kafka.bootstrap,
             topic_cdrs=kafka.topic_cdrs,
             topic_fraud=kafka.topic_fraud,
             topic_sip=kafka.topic_sip,

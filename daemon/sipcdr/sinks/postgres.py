@@ -152,7 +152,7 @@ def _table(name: str, day_column: str, spec: Sequence[tuple[str, Converter]]) ->
     return _Table(name, columns, tuple(c for _, c in spec), columns.index(day_column))
 
 
-# Columns in the order of the record's fields (and of schemas/migrations/0001_initial.sql).
+# Columns in the order of the record's fields (and of storage/sql/0001_initial.sql).
 CDRS: Final = _table(
     "cdrs",
     "start_time",

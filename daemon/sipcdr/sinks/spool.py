@@ -53,7 +53,10 @@ A full or failing disk:
 - The buffered signaling stream refuses records while the filesystem's free space is
   below `min_free_bytes`, so signaling gives way before CDRs run out of room. The
   free space is read at most once a second, or sooner when what was written since
-  could have crossed the floor: never per record.
+  could have crossed the floor: never per record. It refuses them as well, with the
+  same reason, while its owner keeps the disk's room for CDRs (`room_withheld`: the
+  daemon, while the room its spare file gave is for the calls already open), however
+  much of that room is free.
 - A cursor that cannot be saved keeps its position in memory, so the sink goes on
   and segments it passed are still deleted; the file is written again later.
 
@@ -161,6 +164,7 @@ class SpoolStats:
     # by reason: full, write_error (beyond the reserve), too_large, disk_floor,
     # retention (expired by `expire_segments` before a sink took them)
     dropped: dict[str, int] = field(default_factory=dict)
+    held: int = 0  # records the disk refused that went to the reserve
     torn_tail_bytes: int = 0  # cut off the newest segment at open
     torn_tails: int = 0
     corrupt_records: int = 0  # missing between valid records, summed over readers
@@ -225,6 +229,9 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.refuse_below_floor = refuse_below_floor
         self.below_floor = False
+        # Set by the owner while the disk's room is kept for another stream: refused as
+        # below the floor, whatever the free space.
+        self.room_withheld = False
         self._floor_budget = 0  # bytes that may still be written before the floor
         self._floor_checked_until = 0.0
         self._write_failed = False  # the last write was refused
@@ -376,7 +383,7 @@ class Spool:
             self._refuse("too_large")
             return Appended.REFUSED
         if self.buffered:
-            if self.below_floor and self.refuse_below_floor:
+            if (self.below_floor or self.room_withheld) and self.refuse_below_floor:
                 self._refuse("disk_floor")
                 return Appended.REFUSED
             # Numbered once buffered, so each record is encoded once; a batch write
@@ -397,6 +404,7 @@ class Spool:
             return Appended.WRITTEN
         if len(reserve) < self.reserve_records:
             reserve.append((record, tag))
+            self.stats.held += 1
             return Appended.HELD
         self._refuse("write_error")
         return Appended.REFUSED
@@ -518,7 +526,7 @@ class Spool:
         records, size = self._buffer, self._buffered_bytes
         self._buffer, self._buffered_bytes = [], 0
         first_seq = self.next_seq - len(records)
-        below_floor = bool(self.min_free_bytes) and self._check_floor(size)
+        below_floor = self.room_withheld or (bool(self.min_free_bytes) and self._check_floor(size))
         if below_floor and self.refuse_below_floor:
             reason, written = "disk_floor", 0
         else:

@@ -1,4 +1,5 @@
-"""Schema migrations: the numbered SQL files of `schemas/migrations`, applied in order.
+"""Schema migrations: the numbered SQL files shipped in `sipcdr/storage/sql`, applied in
+order.
 
 A file `NNNN_name.sql` is applied once, in its own transaction, and recorded in
 `schema_migrations` with the SHA-256 of its bytes. An applied file must never change:
@@ -15,16 +16,26 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Final
 
 import asyncpg
 
-from sipcdr.config import Config, dsn_problem, redact_dsn
+from sipcdr.storage.dsn import dsn_problem, redact_dsn
 from sipcdr.storage.embedded import EmbeddedPostgres, embedded_data_dir
 
-# The source tree's schemas/migrations: this file is daemon/sipcdr/storage/migrations.py.
-MIGRATIONS_DIR: Final = Path(__file__).resolve().parents[3] / "schemas" / "migrations"
+# Package data, read through importlib.resources: the installed package migrates
+# whether it runs from a wheel, an editable install or the source tree.
+MIGRATIONS_PACKAGE: Final = "sipcdr.storage"
+MIGRATIONS_FOLDER: Final = "sql"
+
+
+def migrations_dir() -> Traversable:
+    """The migrations shipped with this package."""
+    return resources.files(MIGRATIONS_PACKAGE).joinpath(MIGRATIONS_FOLDER)
+
 
 # Key of the advisory lock every migration step holds; any fixed 64-bit number that no
 # other application on the same database uses ("sipcdr" in ASCII, then 1).
@@ -57,25 +68,26 @@ class DatabaseUnavailable(ConnectionError):
 class Migration:
     version: int
     name: str  # file name without ".sql", e.g. "0001_initial"
-    path: Path
+    path: Traversable  # a Path when the package is on the file system
     sql: str
     checksum: str  # SHA-256 of the file's bytes, hex
 
 
-def load_migrations(directory: Path | None = None) -> list[Migration]:
-    """The migration files of `directory` (the source tree's by default), by version.
+def load_migrations(directory: Traversable | None = None) -> list[Migration]:
+    """The migration files of `directory` (the package's by default), by version.
 
     A `.sql` file whose name does not follow `NNNN_name.sql`, or two files with one
     number, are errors rather than skipped: either would leave a migration unapplied.
     """
-    directory = MIGRATIONS_DIR if directory is None else directory
+    directory = migrations_dir() if directory is None else directory
     if not directory.is_dir():
         raise MigrationError(
-            f"migrations directory {directory} not found: sipcdr needs the schemas/migrations "
-            "folder of its source tree"
+            f"migrations directory {directory} not found: the sipcdr package was installed "
+            "without its package data (sipcdr/storage/sql)"
         )
     found: dict[int, Migration] = {}
-    for path in sorted(directory.glob("*.sql")):
+    paths = (path for path in directory.iterdir() if path.name.endswith(".sql"))
+    for path in sorted(paths, key=lambda path: path.name):
         match = _FILE_NAME.match(path.name)
         if match is None:
             raise MigrationError(f"{path}: migration file names are NNNN_name.sql")
@@ -87,12 +99,13 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
             sql = data.decode()
         except UnicodeDecodeError as exc:
             raise MigrationError(f"{path}: not UTF-8 ({exc})") from None
-        found[version] = Migration(version, path.stem, path, sql, hashlib.sha256(data).hexdigest())
+        name = path.name.removesuffix(".sql")
+        found[version] = Migration(version, name, path, sql, hashlib.sha256(data).hexdigest())
     return [found[version] for version in sorted(found)]
 
 
-async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
-    """Apply every pending migration of `directory` (the source tree's by default).
+async def migrate(conn: asyncpg.Connection, directory: Traversable | None = None) -> list[str]:
+    """Apply every pending migration of `directory` (the package's by default).
 
     Returns the names of the files applied now, in order; empty when the schema was
     already current. Raises MigrationError when an applied file was changed since, or
@@ -180,13 +193,12 @@ async def _close_quietly(conn: asyncpg.Connection) -> None:
         conn.terminate()
 
 
-async def migrate_configured(config: Config) -> list[str]:
-    """`sipcdr db migrate`: the configured database, or the embedded server under
-    `state.dir` (started for the purpose, or shared when the daemon runs it)."""
-    postgres = config.sinks.postgres
-    if not postgres.enabled:
+async def migrate_configured(dsn: str, state_dir: Path) -> list[str]:
+    """`sipcdr db migrate`: the database `dsn` names, or with "embedded" the embedded
+    server under `state_dir` (started for the purpose, or shared when the daemon runs it)."""
+    if not dsn:
         raise ValueError("PostgreSQL is disabled (sinks.postgres.dsn is empty)")
-    if not postgres.embedded:
-        return await migrate_dsn(postgres.dsn)
-    async with EmbeddedPostgres(embedded_data_dir(config.state.dir)) as dsn:
+    if dsn != "embedded":
         return await migrate_dsn(dsn)
+    async with EmbeddedPostgres(embedded_data_dir(state_dir)) as embedded_dsn:
+        return await migrate_dsn(embedded_dsn)

@@ -12,6 +12,7 @@ from typing import Final
 
 import structlog
 
+from sipcdr import hep
 from sipcdr.decode.extract import CaptureStats, SipExtractor
 from sipcdr.decode.link import Decapsulator
 from sipcdr.decode.tcp import TcpReassembler
@@ -132,6 +133,9 @@ class EngineContext:
             self.capture_stats,
             decapsulator=self.decap,
             reassembler=self.tcp,
+            # The frame's time is this host's: HEP sniffed on a mirror port is held to
+            # the same clock rule as the HEP listeners, other SIP needs none.
+            max_hep_skew_s=hep.MAX_CLOCK_SKEW_S,
         )
         return self.extractor
 
