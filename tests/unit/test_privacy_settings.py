@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sipcdr.config import ConfigError, load_config
+from sipcdr.config import Config, ConfigError, load_config, output_settings
 
 
-def load(tmp_path: Path, text: str) -> object:
+def load(tmp_path: Path, text: str) -> Config:
     path = tmp_path / "sipcdr.toml"
     path.write_text(text)
     return load_config(path, {})
@@ -38,9 +38,38 @@ sources = ["192.0.2.0/24"]
 cdr_retention_days = 2557
 """,
     )
-    assert config.retention.trunk_cdr_days == {"de": 2557}  # type: ignore[attr-defined]
-    assert config.retention.cdr_classes() == {0: 365, 2557: 2557}  # type: ignore[attr-defined]
-    assert config.privacy.pseudonym_key_file == tmp_path / "keys/pseudonym.key"  # type: ignore[attr-defined]
+    assert config.retention.trunk_cdr_days == {"de": 2557}
+    assert config.retention.cdr_classes() == {0: 365, 2557: 2557}
+    assert config.privacy.pseudonym_key_file == tmp_path / "keys/pseudonym.key"
+
+
+def test_the_sinks_get_the_privacy_settings_through_their_records(tmp_path: Path) -> None:
+    """The sinks do not read the config: the pseudonym key, the promise of pseudonyms
+    and the trunks' retention classes reach them in the settings records."""
+    config = load(
+        tmp_path,
+        """
+[privacy]
+pseudonym_key_file = "pseudonym.key"
+[sinks.kafka]
+bootstrap = "k:9092"
+pseudonymize_numbers = true
+[sinks.postgres]
+dsn = "postgresql://sipcdr@db/sipcdr"
+[[trunks]]
+name = "de"
+sources = ["192.0.2.0/24"]
+cdr_retention_days = 2557
+""",
+    )
+    settings = output_settings(config)
+    assert settings.kafka is not None and settings.postgres is not None
+    assert settings.kafka.pseudonymize_numbers
+    assert settings.kafka.pseudonym_key_file == tmp_path / "pseudonym.key"
+    assert settings.postgres.retention_classes == {"de": 2557}
+    plain = output_settings(load_config(None, {}))
+    assert plain.kafka is None or not plain.kafka.pseudonymize_numbers
+    assert plain.postgres is None or plain.postgres.retention_classes == {}
 
 
 @pytest.mark.parametrize(
