@@ -1,11 +1,15 @@
-"""Pseudonyms are keyed and stable, and numbers are matched only whole. (Which fields
-hold personal data is tested with the catalogue, tests/unit/test_personal_data.py.)"""
+"""Pseudonyms are keyed and stable, numbers are matched only whole, and erasure
+rewrites every number column of the personal-data catalogue (tested itself in
+tests/unit/test_personal_data.py)."""
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import pytest
+from sipcdr.model import PERSONAL_COLUMNS, PHONE_NUMBER, SIP_URI
+from sipcdr.privacy import subjects
 from sipcdr.privacy.matching import header_pattern, normalize_number
 from sipcdr.privacy.pseudonym import is_pseudonym, pseudonym
 
@@ -28,3 +32,18 @@ def test_numbers_match_whole() -> None:
     for bad in ("040555666", "12", "49a0", "+"):
         with pytest.raises(ValueError):
             normalize_number(bad)
+
+
+def test_erasure_rewrites_every_number_and_uri_column_of_the_catalogue() -> None:
+    """A CDR column the catalogue (sipcdr.model) names as a number or a SIP URI must be
+    replaced by erasure; a new one left out of the UPDATE would keep the number."""
+    source = inspect.getsource(subjects.erase)
+    wanted = {
+        column
+        for column, kind in PERSONAL_COLUMNS["cdrs"].items()
+        if kind in (PHONE_NUMBER, SIP_URI)
+    }
+    assert wanted == {"caller", "callee", "from_uri", "to_uri", "request_uri"}
+    assert {column for column in wanted if f"{column} = CASE WHEN" in source} == wanted
+    # Alerts: the subject column is replaced too.
+    assert "UPDATE fraud_alerts SET subject = $2" in source
