@@ -36,6 +36,8 @@ from sipcdr.dialogstore import DialogStore
 from sipcdr.enrich.trunks import trunk_resolver
 from sipcdr.hotpath import hot_path
 from sipcdr.pipeline import Pipeline
+from sipcdr.privacy.stats import PrivacyStats
+from sipcdr.privacy.task import PrivacyTask
 from sipcdr.private import prepare_state_dir
 from sipcdr.sinks.base import Sink
 from sipcdr.sinks.jsonl import JsonlSink
@@ -151,6 +153,7 @@ class App:
         self.log = structlog.get_logger("sipcdr")
         # The listeners' counts, kept across a start tried again.
         self.listener_stats = ListenerStats()
+        self.privacy_stats = PrivacyStats()
         self.metrics = Metrics(self._metric_sources)
         self._build()
         self._allow = AllowList(config.capture.allow)
@@ -163,6 +166,7 @@ class App:
             clock=clock,
         )
         self._ticker: asyncio.Task[None] | None = None
+        self._privacy: PrivacyTask | None = None
         self._ready = False
         self._started = False
         self._stopped = False
@@ -222,6 +226,8 @@ class App:
             udp=self._udp,
             udp_drops=udp_drops,
             vxlan=self._vxlan,
+            privacy=self.privacy_stats,
+            outbound=self.outputs.outbound,
             outputs=self.outputs,
             dialogs=self.dialogs,
             spare=self.spare,
@@ -286,6 +292,15 @@ class App:
             raise
         self._ticker = asyncio.create_task(self._tick(), name="sipcdr-tick")
         self._ticker.add_done_callback(self._background_failed)
+        # Retention at start and daily, restrictions for the Kafka filter (privacy hook).
+        self._privacy = PrivacyTask(
+            self.config,
+            self.privacy_stats,
+            lambda: self.outputs.postgres_dsn,
+            self.outputs.outbound,
+            spools=lambda: self.outputs.spools,
+        )
+        self._privacy.start()
         self._ready = True
         self.log.info(
             "started",
@@ -573,6 +588,8 @@ class App:
         self._close_inputs()
         if self._hep_stream is not None:
             await self._hep_stream.stop()
+        if self._privacy is not None:
+            await self._privacy.stop()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sipcdr import __version__
+from sipcdr.privacy import commands as privacy_commands
 
 if TYPE_CHECKING:
     from sipcdr.config import Config
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path, metavar="FILE")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    privacy_commands.register(sub)
     return parser
 
 
@@ -186,6 +189,8 @@ def _command(args: argparse.Namespace) -> int:
         return run(config)
     if args.command == "db":
         return _db_migrate(config)
+    if args.command in privacy_commands.COMMANDS:
+        return privacy_commands.main(config, args)
     return _import(config, args, files)
 
 
@@ -281,7 +286,7 @@ def _refused_paths(config: Config, command: str) -> str | None:
     from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR  # noqa: PLC0415
 
     sinks = config.sinks
-    if command == "db" and not sinks.postgres.embedded:
+    if command in ("db", *privacy_commands.COMMANDS) and not sinks.postgres.embedded:
         return None  # migrating a server elsewhere writes nothing here
     key = "state.dir"
     try:

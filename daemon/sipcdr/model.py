@@ -406,6 +406,29 @@ SCHEMA_VERSIONS: Final[Mapping[str, int]] = {
     "sip_message": SIP_EVENT_SCHEMA_VERSION,
 }
 
+# The fields of each record as `to_record` writes them, in that order (the properties of
+# schemas/<name>.v1.schema.json): the columns of an export that reads records, not tables.
+RECORD_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
+    "cdr": tuple(
+        "cdr_id call_id caller callee from_uri to_uri request_uri src_ip src_port "
+        "dst_ip dst_port trunk start_time ring_time answer_time end_time duration "
+        "billsec pdd_ms disposition sip_code sip_reason q850_cause hangup_by end_reason "
+        "user_agent rated rate_prefix rate_name rate_per_minute billed_seconds cost "
+        "currency fraud_flags capture_node schema_version".split()
+    ),
+    "sip_message": tuple(
+        "message_id captured_at call_id method status_code cseq_method cseq src_ip "
+        "src_port dst_ip dst_port transport capture_node headers body schema_version "
+        "captured_ts request_uri reason_phrase from_uri from_tag to_uri to_tag "
+        "via_branch user_agent p_asserted_identity reason_header".split()
+    ),
+    "fraud_alert": tuple(
+        "alert_id raised_at detector subject severity window_s count threshold cdr_ids "
+        "details schema_version subject_kind observed threshold_value first_seen "
+        "last_seen call_ids revision".split()
+    ),
+}
+
 
 # -- Personal data ---------------------------------------------------------------------
 # What each record and table field holds that identifies a person, for export and
@@ -462,12 +485,24 @@ PERSONAL_FIELDS: Final[Mapping[str, Mapping[str, str]]] = {
     "sip_message": _SIP_PERSONAL,
     "fraud_alert": _ALERT_PERSONAL,
 }
+_SIP_COLUMNS: Final = {
+    name: kind for name, kind in _SIP_PERSONAL.items() if name in _SIP_MESSAGES_COLUMNS
+}
+_ALERT_COLUMNS: Final = {"subject": SUBJECT, "details": SUBJECT}
 PERSONAL_COLUMNS: Final[Mapping[str, Mapping[str, str]]] = {
     "cdrs": _CDR_PERSONAL,
-    "sip_messages": {
-        name: kind for name, kind in _SIP_PERSONAL.items() if name in _SIP_MESSAGES_COLUMNS
+    "sip_messages": _SIP_COLUMNS,
+    "fraud_alerts": _ALERT_COLUMNS,
+    # Rows a legal hold keeps past their partition: the same columns, and a hold_id.
+    "cdrs_held": _CDR_PERSONAL,
+    "sip_messages_held": _SIP_COLUMNS,
+    "fraud_alerts_held": _ALERT_COLUMNS,
+    "holds": {
+        "subject": SUBJECT,
+        "reason": FREE_TEXT,
+        "created_by": OPERATOR,
+        "released_by": OPERATOR,
     },
-    "fraud_alerts": {"subject": SUBJECT, "details": SUBJECT},
-    "holds": {"subject": SUBJECT, "reason": FREE_TEXT, "created_by": OPERATOR},
+    "restrictions": {"number": PHONE_NUMBER, "operator": OPERATOR},
     "audit_log": {"subject": SUBJECT, "details": SUBJECT, "actor": OPERATOR},
 }

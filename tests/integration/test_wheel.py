@@ -75,6 +75,7 @@ def test_a_wheel_installed_plainly_migrates_and_imports_into_postgresql(
         names = set(archive.namelist())
     assert {
         "sipcdr/storage/sql/0001_initial.sql",
+        "sipcdr/storage/sql/0002_privacy.sql",
         "sipcdr/fraud/data/nsn_lengths.csv",
         "sipcdr/fraud/data/high_risk_prefixes.csv",
         "sipcdr/sip/_scan.pyi",
@@ -94,7 +95,7 @@ def test_a_wheel_installed_plainly_migrates_and_imports_into_postgresql(
 
     sipcdr = str(venv / "bin" / "sipcdr")
     migrated = run([sipcdr, "db", "migrate"], workdir, env)
-    assert migrated.stdout == "applied 0001_initial\n"
+    assert migrated.stdout == "applied 0001_initial\napplied 0002_privacy\n"
     run([sipcdr, "import", str(capture)], workdir, env)
 
     stored = run_sync(lambda: cdr_ids(pg_dsn))

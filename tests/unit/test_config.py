@@ -811,6 +811,7 @@ def test_redacted_hides_every_secret(tmp_path: Path) -> None:
             "rate_plan": "wholesale",
             "country_code": "49",
             "national_prefix": "0",
+            "cdr_retention_days": None,
         },
         {
             "name": "pbx-b",
@@ -818,6 +819,7 @@ def test_redacted_hides_every_secret(tmp_path: Path) -> None:
             "rate_plan": None,
             "country_code": None,
             "national_prefix": None,
+            "cdr_retention_days": None,
         },
     ]
 

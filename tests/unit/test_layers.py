@@ -37,7 +37,16 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
             "sipcdr.enrich",
         ),
     ),
-    ("logic", ("sipcdr.dialog", "sipcdr.rating", "sipcdr.fraud", "sipcdr.privacy.settings")),
+    (
+        "logic",
+        (
+            "sipcdr.dialog",
+            "sipcdr.rating",
+            "sipcdr.fraud",
+            "sipcdr.privacy.settings",
+            "sipcdr.privacy.plan",
+        ),
+    ),
     (
         "io",
         (
@@ -51,6 +60,10 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
             "sipcdr.dialogstore",
             "sipcdr.spare",
             "sipcdr.telemetry",
+            # What the sinks and the metrics take from privacy (docs/architecture.md).
+            "sipcdr.privacy.outbound",
+            "sipcdr.privacy.pseudonym",
+            "sipcdr.privacy.stats",
         ),
     ),
     ("config", ("sipcdr.config",)),

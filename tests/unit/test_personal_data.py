@@ -12,6 +12,7 @@ import re
 from dataclasses import fields
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pcapdata import require_shared_data
@@ -19,7 +20,13 @@ from sipcdr import model
 from sipcdr.capture.pcapfile import iter_packets
 from sipcdr.config import Config
 from sipcdr.importer import import_files
-from sipcdr.model import PERSONAL_COLUMNS, PERSONAL_FIELDS, PERSONAL_KINDS, SCHEMA_VERSIONS
+from sipcdr.model import (
+    PERSONAL_COLUMNS,
+    PERSONAL_FIELDS,
+    PERSONAL_KINDS,
+    SCHEMA_VERSIONS,
+)
+from sipcdr.model import RECORD_FIELDS as RECORD_ORDER
 from sipcdr.sip import SipParseError, parse
 from sipcdr.sipevent import event_of
 
@@ -28,7 +35,7 @@ SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 PERSONAL_NAME = re.compile(
     r"(^|_)(ip|ips|addr|address|caller|callee|number|msisdn|imsi|phone|e164|uri|user|agent|"
     r"header|headers|body|subject|identity|call_id|call_ids|contact|display|actor|"
-    r"created_by|reason)($|_)"
+    r"created_by|released_by|operator|reason)($|_)"
 )
 # Names the heuristic takes for personal that are not, and why.
 NOT_PERSONAL = {
@@ -64,26 +71,60 @@ def looks_personal(value: object) -> bool:
     return True
 
 
+def _schema(name: str) -> dict[str, Any]:
+    path = SCHEMAS / f"{name}.v{SCHEMA_VERSIONS[name]}.schema.json"
+    return dict(json.loads(path.read_text()))
+
+
 def record_fields(name: str) -> set[str]:
-    schema = json.loads((SCHEMAS / f"{name}.v{SCHEMA_VERSIONS[name]}.schema.json").read_text())
-    return set(schema["properties"])
+    return set(_schema(name)["properties"])
 
 
 def table_columns() -> dict[str, set[str]]:
-    """Every table and its columns, as the shipped migrations create them."""
-    sql = "\n".join(
-        path.read_text()
-        for path in resources.files("sipcdr.storage").joinpath("sql").iterdir()
-        if path.name.endswith(".sql")
+    """Every table and its columns, as the shipped migrations create them, in order:
+    `CREATE TABLE` (`LIKE another` takes that one's columns as they are then) and
+    `ALTER TABLE ... ADD COLUMN`."""
+    files = sorted(
+        (path for path in resources.files("sipcdr.storage").joinpath("sql").iterdir()),
+        key=lambda path: path.name,
     )
+    sql = "\n".join(path.read_text() for path in files if path.name.endswith(".sql"))
+    statements = [
+        *((m.start(), "create", m[1], m[2]) for m in _CREATE.finditer(sql)),
+        *((m.start(), "add", m[1], m[2]) for m in _ADD_COLUMN.finditer(sql)),
+    ]
     tables: dict[str, set[str]] = {}
-    for name, body in re.findall(r"CREATE TABLE (\w+) \((.*?)\n\)", sql, re.S):
+    for _, what, name, text in sorted(statements):
         columns = tables.setdefault(name, set())
-        for line in body.splitlines():
-            match = re.match(r"\s+([a-z_]+)\s+[a-z]", line)
-            if match and match[1] not in {"constraint", "primary", "check"}:
+        if what == "add":
+            columns.add(text)
+            continue
+        for item in _top_level(text):
+            like = re.match(r"LIKE (\w+)", item)
+            if like:
+                columns |= tables[like[1]]
+                continue
+            match = re.match(r"([a-z_]+)\s+[a-z]", item)
+            if match and match[1] not in {"constraint", "primary", "check", "unique"}:
                 columns.add(match[1])
     return tables
+
+
+_CREATE = re.compile(r"CREATE TABLE (\w+) \((.*?)\)(?:\s+PARTITION BY [^;]*)?\s*;", re.S)
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
+
+
+def _top_level(body: str) -> list[str]:
+    """A table body's items: split at the commas outside parentheses, comments cut."""
+    body = re.sub(r"--[^\n]*", "", body)
+    items, depth, start = [], 0, 0
+    for index, char in enumerate(body):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(body[start:index].strip())
+            start = index + 1
+    items.append(body[start:].strip())
+    return items
 
 
 def test_the_schema_versions_are_the_schema_files() -> None:
@@ -102,9 +143,26 @@ def test_every_personal_looking_record_field_is_catalogued(record: str) -> None:
     assert set(catalogued.values()) <= PERSONAL_KINDS
 
 
+def test_the_record_fields_are_the_schemas() -> None:
+    """`RECORD_FIELDS` (the columns of an export read from records) in schema order."""
+    for name in SCHEMA_VERSIONS:
+        assert (name, list(RECORD_ORDER[name])) == (name, list(_schema(name)["properties"]))
+
+
+def test_the_migrations_are_read_whole() -> None:
+    """Columns added later and tables made LIKE another count too, so the check below
+    cannot miss them."""
+    tables = table_columns()
+    assert {"retention_days", "restricted"} <= tables["cdrs"]
+    assert {"caller", "hold_id"} <= tables["cdrs_held"]
+    assert tables["restrictions"] == {"number", "since", "operator"}
+    assert {"released_by", "subject"} <= tables["holds"]
+
+
 def test_every_personal_looking_column_is_catalogued() -> None:
     tables = table_columns()
     assert {"cdrs", "sip_messages", "fraud_alerts", "holds", "audit_log"} <= set(tables)
+    assert {"cdrs_held", "sip_messages_held", "fraud_alerts_held", "restrictions"} <= set(tables)
     for table, columns in tables.items():
         if table == "schema_migrations":
             continue

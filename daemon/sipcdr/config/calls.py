@@ -18,6 +18,7 @@ from sipcdr.config.schema import (
     TrunkConfig,
 )
 from sipcdr.dialog.correlator import DialogLimits
+from sipcdr.privacy import settings as privacy_settings
 
 _COUNTRY_CODE = re.compile(r"[1-9][0-9]{0,2}")  # E.164 country codes: 1-3 digits, no 0 first
 _DIGITS = re.compile(r"[0-9]+")
@@ -111,6 +112,7 @@ def trunks_section(root: Table, rating: RatingConfig) -> tuple[TrunkConfig, ...]
         national_prefix = table.optional_string("national_prefix")
         if national_prefix is not None and not _DIGITS.fullmatch(national_prefix):
             raise table.invalid("national_prefix", national_prefix, "digits, e.g. '0'")
+        cdr_retention_days = privacy_settings.trunk_cdr_days(table)  # privacy hook
         result.append(
             TrunkConfig(
                 name=name,
@@ -118,6 +120,7 @@ def trunks_section(root: Table, rating: RatingConfig) -> tuple[TrunkConfig, ...]
                 rate_plan=rate_plan,
                 country_code=country_code,
                 national_prefix=national_prefix,
+                cdr_retention_days=cdr_retention_days,
             )
         )
     return tuple(result)

@@ -49,6 +49,7 @@ def output_settings(config: Config) -> OutputSettings:
                 dsn=postgres.dsn,
                 store_signaling=postgres.store_signaling,
                 partitions_ahead_days=postgres.partitions_ahead_days,
+                retention_classes=config.retention.trunk_cdr_days,
             )
             if postgres.enabled
             else None
@@ -69,6 +70,8 @@ def output_settings(config: Config) -> OutputSettings:
                 sasl_username=kafka.sasl_username,
                 sasl_password=kafka.sasl_password,
                 ssl_cafile=kafka.ssl_cafile,
+                pseudonymize_numbers=config.privacy.pseudonymize_kafka,
+                pseudonym_key_file=config.privacy.pseudonym_key_file,
             )
             if kafka.enabled
             else None

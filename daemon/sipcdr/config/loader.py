@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Final
 
@@ -36,6 +36,7 @@ from sipcdr.config.schema import (
     StateConfig,
 )
 from sipcdr.hotpath import PURE_PYTHON_ENV
+from sipcdr.privacy import settings as privacy_settings
 
 ENV_PREFIX: Final = "SIPCDR_"
 # Variables with these prefixes are not settings: the test suite reads SIPCDR_TEST_PG_DSN
@@ -168,6 +169,20 @@ def _build(raw: dict[str, object], context: Context, base_dir: Path) -> Config:
             spare_bytes=spare_bytes,
         ),
     )
+    # -- privacy hook: sipcdr.privacy.settings owns [retention] and [privacy] ----------
+    config = replace(
+        config,
+        retention=privacy_settings.parse_retention(
+            root.table("retention", privacy_settings.RETENTION_KEYS),
+            ((trunk.name, trunk.cdr_retention_days) for trunk in trunks),
+        ),
+        privacy=privacy_settings.parse_privacy(
+            root.table("privacy", privacy_settings.PRIVACY_KEYS),
+            base_dir,
+            pseudonymize=sinks.kafka.enabled and sinks.kafka.pseudonymize_numbers,
+        ),
+    )
+    # -- end of privacy hook -----------------------------------------------------------
     _check_listeners(config, context)
     return config
 

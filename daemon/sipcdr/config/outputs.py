@@ -160,6 +160,7 @@ def kafka_section(table: Table, base_dir: Path) -> KafkaConfig:
         request_timeout_ms=table.integer(
             "request_timeout_ms", kafka.DEFAULT_REQUEST_TIMEOUT_MS, minimum=100
         ),
+        pseudonymize_numbers=table.boolean("pseudonymize_numbers", False),
     )
 
 

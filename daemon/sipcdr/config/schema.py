@@ -13,6 +13,7 @@ from typing import Final, NamedTuple, TypeAlias
 from sipcdr import dialogstore, spare
 from sipcdr.dialog.correlator import DialogLimits
 from sipcdr.model import Trunk
+from sipcdr.privacy.settings import PrivacySettings, RetentionSettings
 from sipcdr.sinks import settings as kafka
 from sipcdr.sinks import spool
 from sipcdr.sinks.jsonl import DEFAULT_ROTATE_BYTES
@@ -170,6 +171,7 @@ class TrunkConfig:
     rate_plan: str | None = None
     country_code: str | None = None
     national_prefix: str | None = None
+    cdr_retention_days: int | None = None  # sipcdr.privacy.settings reads it
 
     def to_trunk(self) -> Trunk:
         return Trunk(
@@ -186,6 +188,7 @@ class TrunkConfig:
             "rate_plan": self.rate_plan,
             "country_code": self.country_code,
             "national_prefix": self.national_prefix,
+            "cdr_retention_days": self.cdr_retention_days,
         }
 
 
@@ -262,6 +265,7 @@ class KafkaConfig:
     linger_ms: int = kafka.DEFAULT_LINGER_MS
     max_batch_bytes: int = kafka.DEFAULT_MAX_BATCH_BYTES
     request_timeout_ms: int = kafka.DEFAULT_REQUEST_TIMEOUT_MS
+    pseudonymize_numbers: bool = False  # see sipcdr.privacy.settings
 
     @property
     def enabled(self) -> bool:
@@ -288,6 +292,7 @@ class KafkaConfig:
             "linger_ms": self.linger_ms,
             "max_batch_bytes": self.max_batch_bytes,
             "request_timeout_ms": self.request_timeout_ms,
+            "pseudonymize_numbers": self.pseudonymize_numbers,
         }
 
 
@@ -361,6 +366,8 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     def redacted(self) -> dict[str, object]:
         """The effective settings as plain JSON-able data, with every secret masked:
@@ -375,4 +382,6 @@ class Config:
             "spool": self.spool.redacted(),
             "metrics": self.metrics.redacted(),
             "state": self.state.redacted(),
+            "retention": self.retention.redacted(),
+            "privacy": self.privacy.redacted(),
         }

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import importlib.util
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -144,6 +144,8 @@ class KafkaSink(AsyncLifecycle):
         self.topic_sip = topic_sip
         self.request_timeout_s = request_timeout_ms / 1000
         self._topics: Mapping[str, str] = {KIND_CDR: topic_cdrs, KIND_ALERT: topic_fraud}
+        # Set by the daemon: a record's bytes to publish, or None to withhold it.
+        self.outbound: Callable[[str, bytes], bytes | None] | None = None
         if topic_sip:
             self.streams = (STREAM_RECORDS, STREAM_SIGNALING)
             self._topics = {**self._topics, KIND_SIP: topic_sip}
@@ -256,6 +258,13 @@ class KafkaSink(AsyncLifecycle):
         """
         if stream not in self.streams:
             raise ValueError(f"kafka sink does not read stream {stream!r}")
+        if self.outbound is not None:
+            # Restricted subjects are withheld, numbers pseudonymized (sipcdr.privacy).
+            records = [
+                record._replace(value=value)
+                for record in records
+                if (value := self.outbound(record.kind, record.value)) is not None
+            ]
         routed = [(self._topic_of(record.kind), record) for record in records]
         if not routed:
             return

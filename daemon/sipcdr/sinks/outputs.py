@@ -17,6 +17,8 @@ import structlog
 
 from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.model import Cdr
+from sipcdr.privacy.outbound import OutboundFilter
+from sipcdr.privacy.pseudonym import load_key
 from sipcdr.private import private_dir
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, STREAM_SIGNALING, Sink
 from sipcdr.sinks.delivery import Delivery
@@ -89,6 +91,9 @@ class Outputs:
         self.cdr_writer: SpoolCdrWriter | None = None
         self.delivery: Delivery | None = None
         self._embedded: object | None = None  # storage.embedded.EmbeddedPostgres
+        # What may leave towards Kafka (sipcdr.privacy.outbound); set by `open`.
+        self.outbound: OutboundFilter | None = None
+        self.postgres_dsn: str | None = None
         self._opened = False
         self._logged: dict[tuple[str, ...], int] = {}  # counts as of the last log line
 
@@ -101,12 +106,18 @@ class Outputs:
         settings = self.settings
         spool_config = settings.spool
         jsonl = settings.jsonl
+        kafka = settings.kafka
+        pseudonymize = kafka is not None and kafka.pseudonymize_numbers
+        self.outbound = OutboundFilter(
+            load_key(kafka.pseudonym_key_file) if kafka is not None and pseudonymize else None,
+            pseudonymize=pseudonymize,
+        )
         if jsonl is not None:
             self.sinks.append(JsonlSink(jsonl.path, rotate_bytes=jsonl.rotate_bytes))
         if settings.postgres is not None:
             self.sinks.append(await self._postgres_sink(settings.postgres))
-        if settings.kafka is not None:
-            self.sinks.append(self._kafka_sink(settings.kafka))
+        if kafka is not None:
+            self.sinks.append(self._kafka_sink(kafka))
         consumers: dict[str, list[str]] = {}
         for sink in self.sinks:
             for stream in sink.streams:
@@ -204,16 +215,19 @@ class Outputs:
             self._embedded = embedded
             # Its start takes seconds on a first run (initdb): say when it is over.
             self.log.info("embedded_postgres_ready", data_dir=str(embedded.data_dir))
+        self.postgres_dsn = dsn
         return PostgresSink(
             dsn,
             store_signaling=pg.store_signaling,
             partitions_ahead_days=pg.partitions_ahead_days,
+            retention_classes=pg.retention_classes,
+            restricted=self.outbound.is_restricted if self.outbound is not None else None,
         )
 
     def _kafka_sink(self, kafka: KafkaSettings) -> Sink:
         from sipcdr.sinks.kafka import KafkaSink  # noqa: PLC0415 - aiokafka only when used
 
-        return KafkaSink(
+        sink = KafkaSink(
             bootstrap=kafka.bootstrap,
             topic_cdrs=kafka.topic_cdrs,
             topic_fraud=kafka.topic_fraud,
@@ -229,6 +243,9 @@ class Outputs:
             sasl_password=kafka.sasl_password,
             ssl_cafile=kafka.ssl_cafile,
         )
+        if self.outbound is not None:
+            sink.outbound = self.outbound.apply
+        return sink
 
     @property
     def wait_reason(self) -> str | None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -48,6 +48,7 @@ from sipcdr.storage.migrations import (
     migrate,
 )
 from sipcdr.storage.partitions import (
+    DEFAULT_CLASS,
     DEFAULT_PARTITIONS_AHEAD_DAYS,
     ensure_ahead,
     ensure_partitions,
@@ -192,6 +193,9 @@ CDRS: Final = _table(
         ("fraud_flags", _texts),
         ("capture_node", _text),
         ("schema_version", _same),
+        # Not record fields: set by the sink (the trunk's retention class, restriction).
+        ("retention_days", _same),
+        ("restricted", _same),
     ],
 )
 SIP_MESSAGES: Final = _table(
@@ -231,6 +235,7 @@ FRAUD_ALERTS: Final = _table(
         ("cdr_ids", _same),
         ("details", _json),
         ("schema_version", _same),
+        ("restricted", _same),  # set by the sink
     ],
 )
 TABLE_OF_KIND: Final = {KIND_CDR: CDRS, KIND_ALERT: FRAUD_ALERTS, KIND_SIP: SIP_MESSAGES}
@@ -252,7 +257,12 @@ class PostgresSink(AsyncLifecycle):
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S,
         clock: Callable[[], float] = time.time,
+        retention_classes: Mapping[str, int] | None = None,
+        restricted: Callable[[str | None], bool] | None = None,
     ) -> None:
+        """`retention_classes`: trunk name -> its `cdr_retention_days`, the class a CDR
+        of that trunk is stored under (others: the default class). `restricted`: whether
+        a number's processing is restricted, to flag its rows."""
         if partitions_ahead_days < 0:
             raise ValueError(f"partitions_ahead_days must be >= 0, got {partitions_ahead_days}")
         self.dsn = dsn
@@ -263,6 +273,8 @@ class PostgresSink(AsyncLifecycle):
         self.connect_timeout_s = connect_timeout_s
         self.command_timeout_s = command_timeout_s
         self._clock = clock
+        self.retention_classes = dict(retention_classes or {})
+        self._restricted = restricted or _never
         # For metrics: rows new to each table, and rows that were already there.
         self.rows_inserted: dict[str, int] = {table.name: 0 for table in TABLES}
         self.duplicates_skipped: dict[str, int] = {table.name: 0 for table in TABLES}
@@ -271,6 +283,7 @@ class PostgresSink(AsyncLifecycle):
         self.records_ignored: dict[str, int] = {}
         self._connections: dict[str, asyncpg.Connection] = {}
         self._known_partitions: set[tuple[str, date]] = set()
+        self._known_classes: set[tuple[date, int]] = set()
         self._ahead_day: date | None = None
         # Schema work of the two streams' connections runs one at a time.
         self._schema_lock = asyncio.Lock()
@@ -371,6 +384,15 @@ class PostgresSink(AsyncLifecycle):
                 continue
             try:
                 value = orjson.loads(record.value)
+                if table is CDRS:
+                    value["retention_days"] = self.retention_classes.get(
+                        value.get("trunk"), DEFAULT_CLASS
+                    )
+                    value["restricted"] = self._restricted(value.get("caller")) or self._restricted(
+                        value.get("callee")
+                    )
+                elif table is FRAUD_ALERTS:
+                    value["restricted"] = self._restricted(value.get("subject"))
                 row = table.row(value)
             except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
                 raise RecordError(
@@ -421,16 +443,19 @@ class PostgresSink(AsyncLifecycle):
             today = self._today()
             if today == self._ahead_day:
                 return  # the other stream's connection just did it
-            await ensure_ahead(connection, today, self.partitions_ahead_days)
+            classes = self._classes()
+            await ensure_ahead(connection, today, self.partitions_ahead_days, classes)
             self._ahead_day = today
             days = [today + timedelta(days=n) for n in range(-1, self.partitions_ahead_days + 1)]
             self._known_partitions.update((table.name, day) for table in TABLES for day in days)
+            self._known_classes.update((day, c) for day in days for c in classes)
 
     def _forget_schema_state(self) -> None:
         # After a failure the server may be another one (a failover, a fresh embedded
         # data directory) or retention may have dropped a cached partition: the next
         # connection checks the schema and the partitions again.
         self._known_partitions.clear()
+        self._known_classes.clear()
         self._ahead_day = None
 
     async def _ensure_partitions(
@@ -440,11 +465,28 @@ class PostgresSink(AsyncLifecycle):
             days = {row[table.day_column].astimezone(UTC).date() for row in table_rows}
             missing = {day for day in days if (table.name, day) not in self._known_partitions}
             if missing:
-                await ensure_partitions(connection, table.name, missing)
+                await ensure_partitions(connection, table.name, missing, self._classes())
                 self._known_partitions.update((table.name, day) for day in missing)
+            if table is CDRS:
+                column = table.columns.index("retention_days")
+                pairs = {
+                    (row[table.day_column].astimezone(UTC).date(), row[column])
+                    for row in table_rows
+                }
+                new = pairs - self._known_classes
+                for day, retention_days in sorted(new):
+                    await ensure_partitions(connection, table.name, [day], [retention_days])
+                self._known_classes.update(new)
+
+    def _classes(self) -> tuple[int, ...]:
+        return tuple(sorted({DEFAULT_CLASS, *self.retention_classes.values()}))
 
     def _today(self) -> date:
         return datetime.fromtimestamp(self._clock(), UTC).date()
+
+
+def _never(number: str | None) -> bool:
+    return False
 
 
 async def _close(connection: asyncpg.Connection) -> None:

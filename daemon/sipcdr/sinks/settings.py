@@ -9,7 +9,8 @@ sink's client library.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -58,6 +59,9 @@ class PostgresSettings:
     dsn: str  # a postgresql:// DSN, or "embedded": a private server under the state dir
     store_signaling: bool
     partitions_ahead_days: int
+    # trunk name -> its `cdr_retention_days`: the retention class its CDRs are stored
+    # under (others: the default class); see sipcdr.privacy.
+    retention_classes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def embedded(self) -> bool:
@@ -82,6 +86,10 @@ class KafkaSettings:
     sasl_username: str | None
     sasl_password: str | None
     ssl_cafile: Path | None
+    # Numbers leave as keyed pseudonyms (sipcdr.privacy.outbound), under the key in
+    # `pseudonym_key_file`, which is then set.
+    pseudonymize_numbers: bool = False
+    pseudonym_key_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)

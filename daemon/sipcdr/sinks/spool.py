@@ -161,7 +161,8 @@ class SpoolStats:
     """Counters the daemon exports; all cumulative since open."""
 
     appended: dict[str, int] = field(default_factory=dict)  # by kind, once written
-    # by reason: full, write_error (beyond the reserve), too_large, disk_floor
+    # by reason: full, write_error (beyond the reserve), too_large, disk_floor,
+    # retention (expired by `expire_segments` before a sink took them)
     dropped: dict[str, int] = field(default_factory=dict)
     held: int = 0  # records the disk refused that went to the reserve
     torn_tail_bytes: int = 0  # cut off the newest segment at open
@@ -657,6 +658,36 @@ class Spool:
             self._size -= segment.size
         self._update_full()
 
+    def expire_segments(self, before: float) -> int:
+        """Delete the closed segments last written before `before` (Unix time), read or
+        not: retention says their records may no longer be kept. Readers behind move
+        past them; what some reader had not confirmed is counted as dropped with the
+        reason "retention". The active segment always stays. Returns records dropped."""
+        dropped = 0
+        while len(self._segments) > 1:
+            segment, following = self._segments[0], self._segments[1]
+            try:
+                if segment.path.stat().st_mtime >= before:
+                    break
+                segment.path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                break  # tried again at the next run
+            self._segments.pop(0)
+            self._size -= segment.size
+            behind = [r for r in self._readers.values() if r.confirmed_seq < following.first_seq]
+            if behind:
+                lowest = min(reader.confirmed_seq for reader in behind)
+                dropped += following.first_seq - max(lowest, segment.first_seq)
+            for reader in self._readers.values():
+                reader.skip_to(following.first_seq)
+                reader.forget(segment)
+        if dropped:
+            self.stats.dropped["retention"] = self.stats.dropped.get("retention", 0) + dropped
+        self._update_full()
+        return dropped
+
     def _update_full(self) -> None:
         if self.full and self.size_bytes < self.max_bytes * RESUME_FRACTION:
             self.full = False
@@ -830,7 +861,21 @@ class SpoolReader:
 
     def forget(self, segment: _Segment) -> None:
         if self._segment is segment:
-            # Only reached when every reader is past it, this one included.
+            # Reached when every reader is past it, this one included, or when
+            # retention expired it (`skip_to` moved this reader past it first).
+            self._close_handle()
+            self._segment = None
+
+    def skip_to(self, seq: int) -> None:
+        """Records before `seq` are gone (expired by retention): not to be delivered,
+        nor counted as corrupt. A batch read from them and committed later still
+        counts as delivered."""
+        if self.confirmed_seq < seq:
+            self.confirmed_seq = seq
+            self.save_cursor()
+        self._gap_counted_to = max(self._gap_counted_to, seq)
+        if self._read_seq < seq:
+            self._read_seq = seq
             self._close_handle()
             self._segment = None
 

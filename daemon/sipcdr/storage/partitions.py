@@ -2,7 +2,10 @@
 on demand, listing.
 
 A partition holds one UTC day, `[day 00:00Z, day+1 00:00Z)`, and is named
-`<table>_pYYYYMMDD`, so retention can find and drop a day by name. Creation holds an
+`<table>_pYYYYMMDD`, so retention can find and drop a day by name. A day of `cdrs` is
+itself LIST-partitioned by `retention_days`, the retention class of the CDR's trunk
+(0: the configured default), one sub-partition `cdrs_pYYYYMMDD_r<days>` per class, so
+trunks kept for different periods are still expired by dropping whole tables. Creation holds an
 advisory lock so that two connections (the two delivery streams of one daemon, or two
 daemons) making the same partition wait for each other instead of one failing on the
 catalog's unique index.
@@ -27,6 +30,12 @@ PARTITIONED_TABLES: Final = {
     "fraud_alerts": "raised_at",
 }
 
+# The table whose day partitions are split by retention class, and the class column.
+CLASSED_TABLE: Final = "cdrs"
+CLASS_COLUMN: Final = "retention_days"
+# The class of CDRs that follow the configured default retention.
+DEFAULT_CLASS: Final = 0
+
 # Key of the advisory lock partition creation holds; distinct from the migration lock
 # ("sipcdr" in ASCII, then 2).
 PARTITION_LOCK_KEY: Final = 0x7369_7063_6472_0002
@@ -37,6 +46,11 @@ _ONE_DAY: Final = timedelta(days=1)
 def partition_name(table: str, day: date) -> str:
     """`cdrs_p20261123`: zero-padded, so names sort by day."""
     return f"{table}_p{day.year:04d}{day.month:02d}{day.day:02d}"
+
+
+def class_partition_name(day: date, retention_days: int) -> str:
+    """`cdrs_p20261123_r180`: the CDRs of one day and one retention class."""
+    return f"{partition_name(CLASSED_TABLE, day)}_r{retention_days}"
 
 
 async def list_partitions(conn: asyncpg.Connection, table: str) -> list[date]:
@@ -61,43 +75,89 @@ async def list_partitions(conn: asyncpg.Connection, table: str) -> list[date]:
     return sorted(days)
 
 
+async def list_classes(conn: asyncpg.Connection, day: date) -> set[int] | None:
+    """The retention classes the `cdrs` partition of `day` has sub-partitions for; None
+    when that partition is plain (made before retention classes) or missing."""
+    rows = await conn.fetch(
+        """
+        SELECT child.relname, parent.relkind::text AS relkind
+        FROM pg_class parent
+        LEFT JOIN pg_inherits ON pg_inherits.inhparent = parent.oid
+        LEFT JOIN pg_class child ON child.oid = pg_inherits.inhrelid
+        WHERE parent.oid = to_regclass($1)
+        """,
+        partition_name(CLASSED_TABLE, day),
+    )
+    if not rows or rows[0]["relkind"] != "p":
+        return None
+    prefix = partition_name(CLASSED_TABLE, day) + "_r"
+    classes = set()
+    for row in rows:
+        name = row["relname"] or ""
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            classes.add(int(name[len(prefix) :]))
+    return classes
+
+
 async def ensure_partitions(
-    conn: asyncpg.Connection, table: str, days: Iterable[date]
+    conn: asyncpg.Connection,
+    table: str,
+    days: Iterable[date],
+    classes: Iterable[int] = (DEFAULT_CLASS,),
 ) -> list[str]:
-    """Create the partitions of `table` for `days` that do not exist yet; returns the
-    names created. Runs in its own transaction (or the caller's, when one is open)."""
+    """Create the partitions of `table` for `days` that do not exist yet, and for
+    `cdrs` the sub-partitions of `classes` in each; returns the names created. Runs in
+    its own transaction (or the caller's, when one is open)."""
     _check_table(table)
     wanted = sorted(set(days))
     if not wanted:
         return []
+    wanted_classes = sorted({DEFAULT_CLASS, *classes})
     created: list[str] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK_KEY)
         existing = set(await list_partitions(conn, table))
         for day in wanted:
-            if day in existing:
-                continue
             name = partition_name(table, day)
-            # Bounds carry an explicit +00 so they mean UTC whatever the session's
-            # TimeZone is.
-            await conn.execute(
-                f'CREATE TABLE IF NOT EXISTS "{name}" PARTITION OF "{table}" '
-                f"FOR VALUES FROM ('{day.isoformat()} 00:00:00+00') "
-                f"TO ('{(day + _ONE_DAY).isoformat()} 00:00:00+00')"
-            )
-            created.append(name)
+            if day not in existing:
+                # Bounds carry an explicit +00 so they mean UTC whatever the session's
+                # TimeZone is.
+                split = f" PARTITION BY LIST ({CLASS_COLUMN})" if table == CLASSED_TABLE else ""
+                await conn.execute(
+                    f'CREATE TABLE IF NOT EXISTS "{name}" PARTITION OF "{table}" '
+                    f"FOR VALUES FROM ('{day.isoformat()} 00:00:00+00') "
+                    f"TO ('{(day + _ONE_DAY).isoformat()} 00:00:00+00'){split}"
+                )
+                created.append(name)
+            if table == CLASSED_TABLE:
+                have = await list_classes(conn, day)
+                if have is None:
+                    continue  # a plain partition of an earlier version takes every class
+                for retention_days in wanted_classes:
+                    if retention_days in have:
+                        continue
+                    sub = class_partition_name(day, retention_days)
+                    await conn.execute(
+                        f'CREATE TABLE IF NOT EXISTS "{sub}" PARTITION OF "{name}" '
+                        f"FOR VALUES IN ({int(retention_days)})"
+                    )
+                    created.append(sub)
     return created
 
 
 async def ensure_ahead(
-    conn: asyncpg.Connection, today: date, days_ahead: int = DEFAULT_PARTITIONS_AHEAD_DAYS
+    conn: asyncpg.Connection,
+    today: date,
+    days_ahead: int = DEFAULT_PARTITIONS_AHEAD_DAYS,
+    classes: Iterable[int] = (DEFAULT_CLASS,),
 ) -> list[str]:
     """Partitions of every partitioned table for yesterday (late records right after
     midnight) through `today + days_ahead`; returns the names created."""
     days = [today + timedelta(days=offset) for offset in range(-1, days_ahead + 1)]
     created: list[str] = []
+    classes = tuple(classes)
     for table in PARTITIONED_TABLES:
-        created += await ensure_partitions(conn, table, days)
+        created += await ensure_partitions(conn, table, days, classes)
     return created
 
 

@@ -211,7 +211,7 @@ FAMILIES: Final = {f.name: f for f in (
        "stream", "kind"),
     _c("sipcdr_spool_dropped",
        "Records the spool refused, by stream and reason (full, write_error, too_large, "
-       "disk_floor)",
+       "disk_floor; retention: expired while waiting for a sink)",
        "stream", "reason"),
     _g("sipcdr_spool_reserve_records",
        "Records the disk refused, held in memory until it takes them (block: new calls "
@@ -250,5 +250,26 @@ FAMILIES: Final = {f.name: f for f in (
     _c("sipcdr_metrics_connections_refused",
        "Connections to the metrics endpoint closed on arrival because its connection "
        "cap was reached (a flood, or clients that never finish their request)"),
+    # -- retention and restriction --------------------------------------------------------
+    _g("sipcdr_retention_oldest_partition_age_days",
+       "Age in days of the oldest partition of each table after the last retention "
+       "run: above the table's retention (plus a day) means retention is not working",
+       "table"),
+    _c("sipcdr_retention_bytes_dropped",
+       "Bytes freed by dropping partitions past retention, by table", "table"),
+    _c("sipcdr_retention_partitions_dropped",
+       "Partitions dropped past retention, by table", "table"),
+    _c("sipcdr_retention_rows_held",
+       "Rows copied to the held tables before their partition was dropped", "table"),
+    _c("sipcdr_retention_runs", "Retention runs of the daemon, by outcome (ok, failed)",
+       "outcome"),
+    _g("sipcdr_retention_last_success_timestamp_seconds",
+       "When retention last completed (Unix time; 0: not yet)"),
+    _c("sipcdr_kafka_records_withheld",
+       "Records not published to Kafka, by record kind: their subject's processing "
+       "is restricted, or (with pseudonymize_numbers) the record could not be read",
+       "kind"),
+    _g("sipcdr_restricted_subjects",
+       "Numbers whose processing is restricted, as last read from PostgreSQL"),
 )}
 # fmt: on

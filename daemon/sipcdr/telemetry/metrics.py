@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from sipcdr.dialog import Correlator
     from sipcdr.dialogstore import DialogStore
     from sipcdr.pipeline import Pipeline
+    from sipcdr.privacy.outbound import OutboundFilter
+    from sipcdr.privacy.stats import PrivacyStats
     from sipcdr.sinks.outputs import Outputs
     from sipcdr.spare import SpareSpace
     from sipcdr.telemetry.http import MetricsServer
@@ -67,6 +69,8 @@ class Sources:
     hep_stream: HepStreamServer | None = None
     live: Sequence[LiveCapture] = ()
     vxlan: Sequence[VxlanUdpProtocol] = ()
+    privacy: PrivacyStats | None = None
+    outbound: OutboundFilter | None = None
     udp: Sequence[tuple[str, socket.socket]] = ()  # (listener kind, socket)
     udp_drops: Callable[[socket.socket], int | None] | None = None
     outputs: Outputs | None = None
@@ -128,7 +132,16 @@ class StatsCollector(Collector):
         scrape = _Scrape()
         scrape.set("sipcdr_build_info", 1, hot_path()[0])
         sources = self._sources()
-        for read in (_capture, _live, _pipeline, _correlator, _outputs, _dialogs, _process):
+        for read in (
+            _capture,
+            _live,
+            _pipeline,
+            _correlator,
+            _outputs,
+            _dialogs,
+            _privacy,
+            _process,
+        ):
             read(scrape, sources)
         return list(scrape.families())
 
@@ -310,6 +323,21 @@ def _dialogs(scrape: _Scrape, sources: Sources) -> None:
         ("internal_error", stats.internal_errors),
     ):
         scrape.add("sipcdr_dialog_state_errors", value, what)
+
+
+def _privacy(scrape: _Scrape, sources: Sources) -> None:
+    stats = sources.privacy
+    if stats is not None:
+        for table, age in stats.oldest_partition_age_days.items():
+            scrape.set("sipcdr_retention_oldest_partition_age_days", age, table)
+        scrape.counts("sipcdr_retention_bytes_dropped", stats.bytes_dropped)
+        scrape.counts("sipcdr_retention_partitions_dropped", stats.partitions_dropped)
+        scrape.counts("sipcdr_retention_rows_held", stats.rows_held)
+        scrape.counts("sipcdr_retention_runs", stats.runs)
+        scrape.set("sipcdr_retention_last_success_timestamp_seconds", stats.last_success)
+        scrape.set("sipcdr_restricted_subjects", stats.restricted_subjects)
+    if sources.outbound is not None:
+        scrape.counts("sipcdr_kafka_records_withheld", sources.outbound.withheld)
 
 
 def _process(scrape: _Scrape, sources: Sources) -> None:
