@@ -40,7 +40,9 @@ class Trunk(NamedTuple):
     name: str
     country_code: str | None  # for numbers dialled without an international prefix
     national_prefix: str | None
-    rate_plan: str | None
+    rate_plan: str | None  # what this trunk's customer pays
+    cost_plan: str | None = None  # what this trunk charges when calls leave through it
+    strip_prefixes: tuple[str, ...] = ()  # technical prefixes removed before numbering
 
 
 CDR_SCHEMA_VERSION = 1

@@ -13,6 +13,7 @@ from typing import Final, NamedTuple, TypeAlias
 from sipcdr import dialogstore, spare
 from sipcdr.dialog.correlator import DialogLimits
 from sipcdr.model import Trunk
+from sipcdr.rating import pricing
 from sipcdr.sinks import settings as kafka
 from sipcdr.sinks import spool
 from sipcdr.sinks.jsonl import DEFAULT_ROTATE_BYTES
@@ -87,6 +88,11 @@ DEFAULT_HEP_KEYS: Final[Mapping[int, str]] = MappingProxyType({})
 
 # The dialog timers' reasons are documented on each field of DialogLimits.
 DEFAULT_DIALOG_LIMITS: Final = DialogLimits()
+
+# The reasons for the rating defaults are the pricing rule's (rating/pricing.py): four
+# places is what carriers' call-level statements use, and twelve is beyond any use.
+DEFAULT_RATING_DECIMALS: Final = pricing.DEFAULT_DECIMALS
+MAX_RATING_DECIMALS: Final = pricing.MAX_DECIMALS
 
 # A file sink that needs no server, so a first run shows CDRs right away.
 DEFAULT_JSONL_PATH: Final = "var/cdrs.jsonl"
@@ -163,8 +169,10 @@ class TrunkConfig:
     name: str
     sources: tuple[Network, ...]
     rate_plan: str | None = None
+    cost_plan: str | None = None
     country_code: str | None = None
     national_prefix: str | None = None
+    strip_prefixes: tuple[str, ...] = ()
 
     def to_trunk(self) -> Trunk:
         return Trunk(
@@ -172,6 +180,8 @@ class TrunkConfig:
             country_code=self.country_code,
             national_prefix=self.national_prefix,
             rate_plan=self.rate_plan,
+            cost_plan=self.cost_plan,
+            strip_prefixes=self.strip_prefixes,
         )
 
     def redacted(self) -> dict[str, object]:
@@ -179,8 +189,10 @@ class TrunkConfig:
             "name": self.name,
             "sources": [str(network) for network in self.sources],
             "rate_plan": self.rate_plan,
+            "cost_plan": self.cost_plan,
             "country_code": self.country_code,
             "national_prefix": self.national_prefix,
+            "strip_prefixes": list(self.strip_prefixes),
         }
 
 
@@ -188,11 +200,13 @@ class TrunkConfig:
 class RatingConfig:
     decks: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))
     default_plan: str | None = None
+    decimals: int = DEFAULT_RATING_DECIMALS
 
     def redacted(self) -> dict[str, object]:
         return {
             "decks": {name: str(path) for name, path in self.decks.items()},
             "default_plan": self.default_plan,
+            "decimals": self.decimals,
         }
 
 
