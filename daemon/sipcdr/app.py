@@ -35,6 +35,7 @@ from sipcdr.enrich.trunks import trunk_resolver
 from sipcdr.hotpath import hot_path
 from sipcdr.pipeline import Pipeline
 from sipcdr.private import prepare_state_dir
+from sipcdr.rates import rate_decks
 from sipcdr.sinks.base import STREAM_RECORDS
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.spare import SPARE_NAME, SpareSpace, same_filesystem
@@ -163,8 +164,9 @@ class App:
         config = self.config
         self.correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
         self.outputs = Outputs(output_settings(config))
+        self.rates = rate_decks(config)
         # The CDR writer and the signaling recorder exist once the spools are open.
-        self.pipeline = Pipeline(self.correlator, (), self.metrics)
+        self.pipeline = Pipeline(self.correlator, (), self.metrics, (self.rates.stage,))
         self.spare = SpareSpace(self.state_dir / SPARE_NAME, config.state.spare_bytes)
         self.dialogs = DialogStore(
             self.state_dir,
@@ -575,12 +577,14 @@ class App:
 
 
 async def serve(config: Config) -> int:
-    """`sipcdr run`: start, wait for SIGTERM/SIGINT, stop cleanly."""
+    """`sipcdr run`: start, wait for SIGTERM/SIGINT, stop cleanly; SIGHUP reloads the
+    rate decks."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with App(config):
+    async with App(config) as app:
+        loop.add_signal_handler(signal.SIGHUP, app.rates.on_sighup)
         await stop.wait()
     return 0
 

@@ -18,6 +18,7 @@ import structlog
 from sipcdr.dialog import Correlator
 from sipcdr.model import Cdr, Packet
 from sipcdr.sip import SipMessage, SipParseError, parse
+from sipcdr.stages import CdrStage
 from sipcdr.telemetry.metrics import Metrics, method_label
 
 Key = TypeVar("Key")
@@ -51,13 +52,21 @@ class Pipeline:
         "received",
         "signaling",
         "sinks",
+        "stages",
     )
 
     def __init__(
-        self, correlator: Correlator, sinks: Sequence[CdrSink], metrics: Metrics | None = None
+        self,
+        correlator: Correlator,
+        sinks: Sequence[CdrSink],
+        metrics: Metrics | None = None,
+        stages: Sequence[CdrStage] = (),
     ) -> None:
         self.correlator = correlator
         self.sinks = tuple(sinks)
+        # Each closed call passes these in order (rate before fraud, which reads the
+        # cost) before any sink sees it.
+        self.stages = tuple(stages)
         self.metrics = metrics or Metrics()
         self.received: dict[str, int] = {}  # by source kind
         self.drops: dict[tuple[str, str], int] = {}  # by (source kind, reason)
@@ -144,7 +153,14 @@ class Pipeline:
         self.emit(self.correlator.drain())
 
     def emit(self, cdrs: Sequence[Cdr]) -> None:
+        stages = self.stages
         for cdr in cdrs:
+            for stage in stages:
+                try:
+                    cdr = stage.on_cdr(cdr)
+                except Exception as exc:  # a stage's bug costs its fields, never the CDR
+                    self.drop(stage.name, "internal_error")
+                    self._log_error("cdr_stage_failed", exc, cdr.call_id)
             for sink in self.sinks:
                 try:
                     sink.write(cdr)

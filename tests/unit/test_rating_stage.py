@@ -4,15 +4,22 @@ and plans swapped whole on a reload."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from calendar import timegm
 from decimal import Decimal
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import jsonschema
 import pytest
+from sipcalls import CdrCollector
+from sipcdr.config import RatingConfig
+from sipcdr.dialog import Correlator
 from sipcdr.model import Cdr, Trunk
+from sipcdr.pipeline import Pipeline
+from sipcdr.rates import RateDecks
 from sipcdr.rating import (
     CURRENCY_MISMATCH,
     INVALID_NUMBER,
@@ -24,6 +31,7 @@ from sipcdr.rating import (
     load_rate_plans,
 )
 from sipcdr.stages import CdrStage
+from structlog.testing import capture_logs
 
 HEADER = (
     "prefix,destination,rate,connect_fee,min_seconds,increment_seconds,"
@@ -207,3 +215,64 @@ def test_a_reload_swaps_the_plans_whole_and_keeps_a_refused_decks_predecessor() 
     after = rate.on_cdr(cdr())
     assert after.cost == Decimal("0.0190")  # the refused retail deck's predecessor
     assert after.vendor_cost == Decimal("0.0034")  # 0.0060 * 34 / 60
+
+
+def write_decks(directory: Path, retail: bytes) -> RatingConfig:
+    (directory / "retail.csv").write_bytes(retail)
+    (directory / "vendor-a.csv").write_bytes(VENDOR_A)
+    return RatingConfig(
+        decks=MappingProxyType(
+            {"retail": directory / "retail.csv", "vendor-a": directory / "vendor-a.csv"}
+        ),
+        default_plan="retail",
+        decimals=4,
+    )
+
+
+def test_sighup_reload_refuses_a_broken_deck_keeps_the_previous_and_logs_both(
+    tmp_path: Path,
+) -> None:
+    rating = write_decks(tmp_path, RETAIL)
+    decks = RateDecks(rating, TRUNKS, clock=lambda: SPRING)
+    with capture_logs() as start_logs:
+        decks.load()
+    assert [(e["event"], e["plan"]) for e in start_logs] == [
+        ("rate_deck_loaded", "retail"),
+        ("rate_deck_loaded", "vendor-a"),
+    ]
+    (tmp_path / "retail.csv").write_bytes(RETAIL + b"44,UK,0.01,0,60,0,2025-01-01,,EUR\n")
+
+    async def hangup() -> None:
+        decks.on_sighup()
+        await asyncio.gather(*decks._reloads)
+
+    with capture_logs() as reload_logs:
+        asyncio.run(hangup())
+    refused = next(e for e in reload_logs if e["event"] == "rate_deck_refused")
+    assert refused["plan"] == "retail" and refused["log_level"] == "error"
+    assert refused["kept"] == "previous deck"
+    assert refused["problems"] == [
+        f"{tmp_path / 'retail.csv'}:5: error: increment_seconds is 0: no call could be billed "
+        "[zero_increment]"
+    ]
+    assert decks.stage.stats.deck_refusals == {"retail": 1}
+    assert decks.stage.stats.deck_loads == {"retail": 1, "vendor-a": 2}
+    assert decks.stage.on_cdr(cdr()).cost == Decimal("0.0190")  # the previous deck prices
+
+
+class _Failing:
+    name = "broken"
+
+    def on_cdr(self, cdr: Cdr) -> Cdr:
+        raise RuntimeError("a bug")
+
+
+def test_the_pipeline_runs_its_stages_in_order_before_the_sinks() -> None:
+    collector = CdrCollector()
+    rate = stage()
+    pipeline = Pipeline(Correlator(), [collector], stages=(_Failing(), rate))
+    pipeline.emit([cdr()])
+    (written,) = collector.cdrs
+    assert written.cost == Decimal("0.0190")  # a failing stage costs its own fields only
+    assert pipeline.drops == {("broken", "internal_error"): 1}
+    assert pipeline.cdrs_written == 1
