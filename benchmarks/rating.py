@@ -7,8 +7,10 @@ change (an open-ended row superseded by a later one), some closed by effective_t
 Look-ups are full numbers under those prefixes (and a few unknown ones) at times
 spread across the price change. The look-up index is timed against a trie of
 per-digit dicts, the alternative it was chosen over. The pipeline baseline is
-parse + correlate of a 7-message call flow (benchmarks/dialogs.py); the rate stage
-is what it will add per CDR: the callee's number, the rating, the CDR's new fields.
+`Pipeline.process` of a 7-message call flow (benchmarks/dialogs.py) without CDR
+stages, and again with the rate stage; the stage alone is timed on sample CDRs
+priced on both sides (customer and vendor trunk): its cost per CDR against the
+pipeline's, measured in the same run.
 
     python benchmarks/rating.py [--prefixes 100000] [--lookups 200000] [--rounds 5]
 """
@@ -26,13 +28,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dialogs import _flow, rate
+from dialogs import _flow
 from samples import cdrs
-from sipcdr.model import Cdr
-from sipcdr.rating import RatePlans, load_rate_plans
+from sipcdr.dialog import Correlator
+from sipcdr.model import Cdr, Packet, Trunk
+from sipcdr.pipeline import Pipeline
+from sipcdr.rating import RateStage, load_rate_plans
 from sipcdr.rating.deck import Rate
 from sipcdr.rating.index import PrefixIndex
-from sipcdr.sip.numbers import NumberingPlan, number_from_uri
 
 # Country codes of ITU-T E.164 (a broad sample; the deck's shape, not a directory).
 COUNTRY_CODES = """
@@ -135,24 +138,27 @@ def per_second(work: list[tuple[str, float]], lookup: Callable[[str, float], obj
     return len(work) / (time.perf_counter() - started)
 
 
-def stage_seconds_per_cdr(plans: RatePlans, calls: list[Cdr], copy: bool) -> float:
-    """What the rate stage will do per CDR: number, rating, the CDR's new fields, and
-    (with `copy`) the CDR copied with them."""
-    plan = NumberingPlan(country_code="49", national_prefix="0")
+def stage_seconds_per_cdr(stage: RateStage, calls: list[Cdr]) -> float:
+    """The rate stage itself: callee number, both sides priced, the CDR copied."""
+    on_cdr = stage.on_cdr
     started = time.perf_counter()
     for cdr in calls:
-        number = number_from_uri(cdr.request_uri, plan)
-        result = plans.rate(
-            "wholesale",
-            number.value if number.valid else None,
-            cdr.start_time,
-            cdr.billsec,
-            cdr.answer_time is not None,
-        )
-        fields = result.cdr_fields()
-        if copy:
-            dataclasses.replace(cdr, **fields)
+        on_cdr(cdr)
     return (time.perf_counter() - started) / len(calls)
+
+
+def pipeline_seconds_per_cdr(flows: list[list[bytes]], stages: tuple[RateStage, ...]) -> float:
+    """The pipeline's path per closed call: parse and correlate its 7 messages, then
+    the CDR stages (none, or the rate stage) before the sinks (none here)."""
+    pipeline = Pipeline(Correlator(), (), stages=stages)
+    process = pipeline.process
+    started = time.perf_counter()
+    for n, flow in enumerate(flows):
+        timestamp = CHANGE_EPOCH + n
+        for data in flow:
+            process(Packet(timestamp, "198.51.100.10", 5060, "203.0.113.5", 5060, "udp", data, "b"))
+    assert pipeline.cdrs_written == len(flows)
+    return (time.perf_counter() - started) / len(flows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,29 +203,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  look-ups, per-digit trie   {trie_rate:>10,.0f} /s")
     print(f"  the prefix dict answers {index_rate / trie_rate:.2f}x the trie's look-ups")
 
-    calls = cdrs(opts.cdrs)
+    # A customer trunk with national numbering, a vendor trunk with a cost plan: both
+    # sides of every sample CDR priced, as in a proxied call.
+    trunks = [
+        Trunk("carrier-a", "49", "0", "wholesale"),
+        Trunk("vendor-b", None, None, None, cost_plan="wholesale"),
+    ]
+    rate_stage = RateStage(plans, trunks)
+    calls = [dataclasses.replace(c, egress_trunk="vendor-b") for c in cdrs(opts.cdrs)]
     flows = [_flow(n) for n in range(opts.flows)]
     stage = []
-    rating_only = []
     pipeline = []
+    pipeline_rated = []
     for _ in range(opts.rounds):
-        stage.append(stage_seconds_per_cdr(plans, calls, copy=True))
-        rating_only.append(stage_seconds_per_cdr(plans, calls, copy=False))
-        pipeline.append(7 / rate(flows, correlate=True))
+        stage.append(stage_seconds_per_cdr(rate_stage, calls))
+        pipeline.append(pipeline_seconds_per_cdr(flows, ()))
+        pipeline_rated.append(pipeline_seconds_per_cdr(flows, (rate_stage,)))
     stage_s = statistics.median(stage)
-    rating_s = statistics.median(rating_only)
     pipeline_s = statistics.median(pipeline)
-    rated = sum(
-        plans.rate("wholesale", c.callee, c.start_time, c.billsec, c.answer_time is not None).rated
-        for c in calls
-    )
-    print(f"rate stage per CDR ({rated / len(calls):.0%} of {len(calls):,} sample CDRs rated)")
-    print(f"  number + rating + fields   {rating_s * 1e6:>10.1f} us per CDR")
-    print(f"  the same + CDR copied      {stage_s * 1e6:>10.1f} us per CDR (dataclasses.replace)")
-    print(f"  parse + correlate          {pipeline_s * 1e6:>10.1f} us per call (7 messages)")
+    rated_s = statistics.median(pipeline_rated)
+    sample = RateStage(plans, trunks)
+    for cdr in calls:
+        sample.on_cdr(cdr)
+    rated = sum(sample.stats.rated.values())
+    unrated = sum(sample.stats.unrated.values())
+    print(f"rate stage per CDR ({rated / (rated + unrated):.0%} of the sample CDRs rated)")
+    print(f"  rate stage (both sides)    {stage_s * 1e6:>10.1f} us per CDR")
+    print(f"  pipeline, no CDR stage     {pipeline_s * 1e6:>10.1f} us per CDR (7 messages)")
+    print(f"  pipeline with rate stage   {rated_s * 1e6:>10.1f} us per CDR")
     print(
-        f"  rating adds {rating_s / pipeline_s:.1%} to the pipeline's cost per call "
-        f"({stage_s / pipeline_s:.1%} with the CDR copied)"
+        f"  the rate stage costs {stage_s / pipeline_s:.1%} of the pipeline's cost per CDR "
+        f"(measured in the pipeline: {(rated_s - pipeline_s) / pipeline_s:+.1%})"
     )
     return 0
 

@@ -39,6 +39,7 @@ from sipcdr.pipeline import Pipeline
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.privacy.task import PrivacyTask
 from sipcdr.private import prepare_state_dir
+from sipcdr.rates import rate_decks
 from sipcdr.sinks.base import Sink
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import Outputs
@@ -180,8 +181,9 @@ class App:
         config = self.config
         self.correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
         self.outputs = Outputs(output_settings(config), clock=self.clock)
+        self.rates = rate_decks(config)
         # The CDR writer and the signaling recorder exist once the spools are open.
-        self.pipeline = Pipeline(self.correlator, ())
+        self.pipeline = Pipeline(self.correlator, (), (self.rates.stage,))
         self.spare = SpareSpace(self.state_dir / SPARE_NAME, config.state.spare_bytes, self.clock)
         self.dialogs = DialogStore(
             self.state_dir,
@@ -226,6 +228,7 @@ class App:
             udp=self._udp,
             udp_drops=udp_drops,
             vxlan=self._vxlan,
+            rating=self.rates.stage.stats,
             privacy=self.privacy_stats,
             outbound=self.outputs.outbound,
             outputs=self.outputs,
@@ -632,12 +635,14 @@ class App:
 
 
 async def serve(config: Config) -> int:
-    """`sipcdr run`: start, wait for SIGTERM/SIGINT, stop cleanly."""
+    """`sipcdr run`: start, wait for SIGTERM/SIGINT, stop cleanly; SIGHUP reloads the
+    rate decks."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with App(config):
+    async with App(config) as app:
+        loop.add_signal_handler(signal.SIGHUP, app.rates.on_sighup)
         await stop.wait()
     return 0
 

@@ -36,6 +36,7 @@ from sipcdr.enrich.trunks import trunk_resolver
 from sipcdr.model import Packet
 from sipcdr.pipeline import CdrSink, Pipeline
 from sipcdr.private import prepare_state_dir, private_dir
+from sipcdr.rates import rate_decks
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sip import SipMessage
 from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR
@@ -202,7 +203,8 @@ def _import(
 ) -> Generator[None, None, None]:
     """Runs the import, yielding every `YIELD_EVERY` packets so a caller can let its
     sinks work; fills `summary` at the end."""
-    pipeline = Pipeline(Correlator(config.dialog, trunk_resolver(config.trunks)), sinks)
+    correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
+    pipeline = Pipeline(correlator, sinks, stages=(rate_decks(config).stage,))
     pipeline.signaling = signaling
     per_file: list[CaptureStats] = []
     errors: dict[str, str] = {}

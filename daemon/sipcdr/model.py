@@ -40,12 +40,17 @@ class Trunk(NamedTuple):
     name: str
     country_code: str | None  # for numbers dialled without an international prefix
     national_prefix: str | None
-    rate_plan: str | None
+    rate_plan: str | None  # what this trunk's customer pays
+    cost_plan: str | None = None  # what this trunk charges when calls leave through it
+    strip_prefixes: tuple[str, ...] = ()  # technical prefixes removed before numbering
 
 
 CDR_SCHEMA_VERSION = 1
 # The CDR's money fields: Decimal in the record, a plain decimal string on the wire.
-CDR_MONEY_FIELDS = ("rate_per_minute", "cost")
+CDR_MONEY_FIELDS = ("rate_per_minute", "cost", "vendor_cost", "margin")
+# Fields added to CDR v1 after it was published, last on the wire: optional in the
+# schema, so records written before them stay valid; sipcdr always writes them.
+CDR_ADDED_FIELDS = ("egress_trunk", "vendor_cost", "margin", "callee_valid")
 
 
 def money_text(value: Decimal | None) -> str | None:
@@ -70,6 +75,11 @@ class Cdr:
     (`CDR_MONEY_FIELDS`) is an exact Decimal here and a decimal string on the wire,
     never a float. Rating fields stay at their unrated defaults until the rating stage
     replaces them.
+
+    `egress_trunk` is the trunk the call left through: the correlator matches it from
+    the destination of the last INVITE leg seen. `vendor_cost` is that trunk's price
+    of the call (its `cost_plan`), `margin` is `cost - vendor_cost`; each None when
+    not known. `callee_valid` is None until the rating stage has read the callee.
     """
 
     cdr_id: str
@@ -105,6 +115,10 @@ class Cdr:
     cost: Decimal | None = None
     currency: str | None = None
     fraud_flags: tuple[str, ...] = ()
+    egress_trunk: str | None = None
+    vendor_cost: Decimal | None = None
+    margin: Decimal | None = None
+    callee_valid: bool | None = None
 
     @property
     def duration(self) -> float:
@@ -155,6 +169,10 @@ class Cdr:
             "fraud_flags": list(self.fraud_flags),
             "capture_node": self.capture_node,
             "schema_version": CDR_SCHEMA_VERSION,
+            "egress_trunk": self.egress_trunk,
+            "vendor_cost": money_text(self.vendor_cost),
+            "margin": money_text(self.margin),
+            "callee_valid": self.callee_valid,
         }
 
 
@@ -414,7 +432,8 @@ RECORD_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
         "dst_ip dst_port trunk start_time ring_time answer_time end_time duration "
         "billsec pdd_ms disposition sip_code sip_reason q850_cause hangup_by end_reason "
         "user_agent rated rate_prefix rate_name rate_per_minute billed_seconds cost "
-        "currency fraud_flags capture_node schema_version".split()
+        "currency fraud_flags capture_node schema_version egress_trunk vendor_cost margin "
+        "callee_valid".split()
     ),
     "sip_message": tuple(
         "message_id captured_at call_id method status_code cseq_method cseq src_ip "

@@ -1,4 +1,5 @@
-"""Rate deck files: reading them for the pure rating core, and `sipcdr rates check`.
+"""Rate deck files: reading them for the pure rating core, loading them into the rate
+stage (at start and on SIGHUP), and `sipcdr rates check`.
 
 Reading is the only I/O rating needs; every failure to read becomes a deck report
 with a reason, so a missing or unreadable file is refused like a bad row, never a
@@ -7,18 +8,33 @@ traceback.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Final, TextIO
 
 import orjson
+import structlog
 
-from sipcdr.rating import DeckReport, PlanLoad, RatePlans, check_deck, load_rate_plans
+from sipcdr.config import Config, RatingConfig
+from sipcdr.model import Trunk
+from sipcdr.rating import (
+    DeckReport,
+    PlanLoad,
+    RatePlans,
+    RateStage,
+    check_deck,
+    load_rate_plans,
+)
 from sipcdr.rating.deck import Problem, unreadable
 
 # The largest A-Z decks carriers send (about a million rows) are near 100 MB;
 # anything far beyond is not a deck and would only fill memory.
 MAX_DECK_BYTES: Final = 256 * 1024 * 1024
+# A refused deck's first errors go to the log; `sipcdr rates check` lists them all.
+LOGGED_PROBLEMS: Final = 5
+_log = structlog.get_logger("sipcdr.rates")
 
 
 def read_deck(path: Path) -> bytes | DeckReport:
@@ -49,6 +65,81 @@ def load_plan_files(
     be read or fails its check is refused and its plan keeps the previous deck."""
     decks = {name: read_deck(path) for name, path in paths.items()}
     return load_rate_plans(decks, default_plan, decimals, now, previous)
+
+
+class RateDecks:
+    """The `[rating]` decks on disk and the rate stage they price with.
+
+    `load` reads and checks every deck and puts the result in force in one
+    assignment; a deck that fails is refused, logged with its first errors, and its
+    plan keeps the deck it had. `on_sighup` does the same in a worker thread, so
+    capture goes on while a large deck is checked.
+    """
+
+    def __init__(
+        self,
+        rating: RatingConfig,
+        trunks: Iterable[Trunk],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.rating = rating
+        self.stage = RateStage(
+            RatePlans(default_plan=rating.default_plan, decimals=rating.decimals), trunks
+        )
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[PlanLoad]] = set()
+
+    def load(self) -> PlanLoad:
+        load = self._read()
+        self._install(load)
+        return load
+
+    async def reload(self) -> PlanLoad:
+        async with self._lock:  # two SIGHUPs in a row: one load after the other
+            load = await asyncio.to_thread(self._read)
+            self._install(load)
+            return load
+
+    def on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._reloads.add(task)  # held until done: the loop keeps only a weak reference
+        task.add_done_callback(self._reloads.discard)
+
+    def _read(self) -> PlanLoad:
+        rating = self.rating
+        return load_plan_files(
+            rating.decks, rating.default_plan, rating.decimals, self._clock(), self.stage.plans
+        )
+
+    def _install(self, load: PlanLoad) -> None:
+        self.stage.install(load)
+        for name, report in load.reports.items():
+            path = str(self.rating.decks[name])
+            if name in load.refused:
+                _log.error(
+                    "rate_deck_refused",
+                    plan=name,
+                    path=path,
+                    errors=len(report.errors),
+                    problems=[problem_line(path, p) for p in report.errors[:LOGGED_PROBLEMS]],
+                    kept="previous deck" if name in load.plans.decks else "none: calls unrated",
+                )
+            else:
+                _log.info(
+                    "rate_deck_loaded",
+                    plan=name,
+                    path=path,
+                    rows=len(report.rates),
+                    warnings=len(report.warnings),
+                )
+
+
+def rate_decks(config: Config) -> RateDecks:
+    """The rate stage of `config`, its decks loaded."""
+    decks = RateDecks(config.rating, [trunk.to_trunk() for trunk in config.trunks])
+    decks.load()
+    return decks
 
 
 def problem_line(path: str, problem: Problem) -> str:

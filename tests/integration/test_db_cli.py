@@ -8,8 +8,12 @@ from pathlib import Path
 
 import pytest
 from daemonproc import daemon_environ
+from sipcdr.storage.migrations import load_migrations
 
 pytestmark = pytest.mark.integration
+
+# What a first `sipcdr db migrate` prints: every shipped migration, in order.
+APPLIED = "".join(f"applied {migration.name}\n" for migration in load_migrations())
 
 # The command starts Python, connects and migrates; an embedded server adds its start.
 COMMAND_TIMEOUT_S = 60.0

@@ -38,6 +38,7 @@ from sipcdr.storage.embedded import EmbeddedPostgres, holders_file
 from sipcdr.storage.migrations import (
     DatabaseUnavailable,
     MigrationError,
+    load_migrations,
     migrate,
     migrations_dir,
 )
@@ -56,6 +57,7 @@ CDR_SCHEMA = json.loads(
 )
 # The package's migrations, on the file system in the editable install the suite runs.
 MIGRATIONS_DIR = Path(str(migrations_dir()))
+SHIPPED = [migration.name for migration in load_migrations()]
 CDR_NAMESPACE = uuid.UUID("6f0e3f4e-7d55-4c1a-9d0e-1c5e2a6b7c01")
 # 2026-03-14 09:26:53.589793 UTC: a fixed day, so partition names are known in advance.
 T0 = 1773480413.589793
@@ -109,6 +111,10 @@ def make_cdr(n: int, start: float = T0, **changes: Any) -> Cdr:
         "cost": Decimal("0.010167"),
         "currency": "EUR",
         "fraud_flags": ("short_calls", "new_destination"),
+        "egress_trunk": "vendor-b",
+        "vendor_cost": Decimal("0.008000"),
+        "margin": Decimal("0.002167"),
+        "callee_valid": True,
     }
     fields.update(changes)
     return Cdr(**fields)
@@ -141,6 +147,10 @@ def unanswered_cdr(n: int, start: float = T0) -> Cdr:
         cost=None,
         currency=None,
         fraud_flags=(),
+        egress_trunk=None,
+        vendor_cost=None,
+        margin=None,
+        callee_valid=None,
     )
 
 
@@ -218,10 +228,11 @@ async def count(conn: asyncpg.Connection, table: str) -> int:
 
 
 async def test_migrations_apply_once(conn: asyncpg.Connection) -> None:
-    assert await migrate(conn) == ["0001_initial", "0002_privacy"]
+    assert await migrate(conn) == SHIPPED
+    assert SHIPPED[0] == "0001_initial"
     assert await migrate(conn) == []
     rows = await conn.fetch("SELECT version, name, checksum FROM schema_migrations ORDER BY 1")
-    assert [(r["version"], r["name"]) for r in rows] == [(1, "0001_initial"), (2, "0002_privacy")]
+    assert [(r["version"], r["name"]) for r in rows] == [(int(name[:4]), name) for name in SHIPPED]
     assert len(rows[0]["checksum"]) == 64
     for table in ("cdrs", "sip_messages", "fraud_alerts", "holds", "audit_log"):
         assert await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table), table
@@ -237,8 +248,7 @@ async def test_concurrent_migrations_apply_each_file_once(pg_dsn: str) -> None:
     finally:
         await first.close()
         await second.close()
-    # Each file applied once, by one of the two (which one may differ per file).
-    assert sorted(results[0] + results[1]) == ["0001_initial", "0002_privacy"]
+    assert sorted(results) == [[], SHIPPED]
 
 
 async def test_changed_applied_migration_is_refused(
@@ -246,12 +256,12 @@ async def test_changed_applied_migration_is_refused(
 ) -> None:
     directory = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS_DIR, directory)
-    assert await migrate(conn, directory) == ["0001_initial", "0002_privacy"]
+    assert await migrate(conn, directory) == SHIPPED
     path = directory / "0001_initial.sql"
     path.write_text(path.read_text() + "\n-- edited after being applied\n")
     with pytest.raises(MigrationError, match=r"0001_initial\.sql was changed"):
         await migrate(conn, directory)
-    (directory / "0003_later.sql").write_text("CREATE TABLE later (id int);")
+    (directory / "9999_later.sql").write_text("CREATE TABLE later (id int);")
     with pytest.raises(MigrationError):
         await migrate(conn, directory)
     assert not await conn.fetchval("SELECT to_regclass('later') IS NOT NULL")
@@ -262,10 +272,12 @@ async def test_failed_migration_rolls_back_and_names_its_file(
 ) -> None:
     directory = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS_DIR, directory)
-    (directory / "0003_broken.sql").write_text("CREATE TABLE half (id int); SELEC 1;")
-    with pytest.raises(MigrationError, match=r"0003_broken\.sql"):
+    (directory / "9998_broken.sql").write_text("CREATE TABLE half (id int); SELEC 1;")
+    with pytest.raises(MigrationError, match=r"9998_broken\.sql"):
         await migrate(conn, directory)
-    assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == 2
+    # The shipped ones before it are applied; the broken one left nothing behind.
+    shipped = int(SHIPPED[-1][:4])
+    assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == shipped
     assert not await conn.fetchval("SELECT to_regclass('half') IS NOT NULL")
 
 
@@ -346,6 +358,9 @@ async def test_cdrs_stored_with_typed_values(sink: PostgresSink, conn: asyncpg.C
     assert row["duration"] == Decimal("65.123")
     assert row["cost"] == Decimal("0.010167")
     assert row["rate_per_minute"] == Decimal("0.0100")
+    assert (row["vendor_cost"], row["margin"]) == (Decimal("0.008000"), Decimal("0.002167"))
+    assert str(row["vendor_cost"]) == "0.008000"  # NUMERIC keeps the rater's places
+    assert (row["egress_trunk"], row["callee_valid"]) == ("vendor-b", True)
     assert row["fraud_flags"] == ["short_calls", "new_destination"]
     assert rows[cdrs[1].cdr_id]["billsec"] == Decimal("0.000")
     assert sink.rows_inserted["cdrs"] == 3

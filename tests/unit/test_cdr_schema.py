@@ -15,7 +15,7 @@ from sipcalls import CdrCollector
 from sipcdr.config import Config
 from sipcdr.dialogstore import _unwritten_cdrs, _unwritten_json
 from sipcdr.importer import import_files
-from sipcdr.model import Cdr
+from sipcdr.model import CDR_ADDED_FIELDS, Cdr
 from sipcdr.sinks.postgres import CDRS
 from test_import_captures import EXPECTED
 
@@ -39,6 +39,17 @@ def test_every_cdr_from_every_capture_validates() -> None:
     assert {"answered", "cancelled", "rejected", "no_answer", "timeout"} <= dispositions
 
 
+def test_fields_added_within_v1_are_optional_and_last() -> None:
+    """A record written before the fields were added stays valid; a new one has them."""
+    schema = json.loads(SCHEMA.read_text())
+    assert set(schema["properties"]) - set(schema["required"]) == set(CDR_ADDED_FIELDS)
+    record = rated_cdr().to_record()
+    assert list(record)[-len(CDR_ADDED_FIELDS) :] == list(CDR_ADDED_FIELDS)
+    for name in CDR_ADDED_FIELDS:
+        del record[name]
+    jsonschema.validate(record, schema)
+
+
 def test_schema_rejects_a_broken_record() -> None:
     validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
     sink = CdrCollector()
@@ -57,6 +68,7 @@ def test_schema_rejects_a_broken_record() -> None:
 # Money no float can hold: 17 significant digits and a rate below 1e-6.
 COST = Decimal("123456789.123456789")
 RATE = Decimal("1E-7")
+VENDOR_COST = Decimal("23456789.000000001")
 
 
 def rated_cdr() -> Cdr:
@@ -76,6 +88,10 @@ def rated_cdr() -> Cdr:
         billed_seconds=60,
         cost=COST,
         currency="EUR",
+        egress_trunk="vendor-b",
+        vendor_cost=VENDOR_COST,
+        margin=COST - VENDOR_COST,
+        callee_valid=True,
     )
 
 
@@ -88,8 +104,10 @@ def test_money_is_exact_on_the_wire() -> None:
     assert Decimal(wire["cost"]) == COST and Decimal(wire["rate_per_minute"]) == RATE
     assert float(wire["cost"]) != COST  # a float would have lost digits
     jsonschema.validate(wire, json.loads(SCHEMA.read_text()))
+    assert (wire["vendor_cost"], wire["margin"]) == ("23456789.000000001", "100000000.123456788")
     row = dict(zip(CDRS.columns, CDRS.row(wire), strict=True))
     assert (row["cost"], row["rate_per_minute"]) == (COST, RATE)
+    assert (row["vendor_cost"], row["margin"]) == (VENDOR_COST, COST - VENDOR_COST)
 
 
 def test_money_survives_a_dialog_checkpoint() -> None:

@@ -17,6 +17,7 @@ from sipcdr.config import (
     DEFAULT_HEP_TCP_MAX_BUFFER_BYTES,
     DEFAULT_HEP_TCP_MAX_CONNECTIONS,
     DEFAULT_HEP_TCP_MAX_PER_SOURCE,
+    DEFAULT_RATING_DECIMALS,
     DEFAULT_RCVBUF_BYTES,
     SECRET_MASK,
     Config,
@@ -96,8 +97,10 @@ answered_sweep_s = 30
 name = "carrier-a"
 sources = ["192.0.2.0/24", "2001:db8:a::/48"]
 rate_plan = "wholesale"
+cost_plan = "retail"
 country_code = "49"
 national_prefix = "0"
+strip_prefixes = ["1010", "#31#"]
 
 [[trunks]]
 name = "pbx-b"
@@ -106,6 +109,7 @@ sources = ["198.51.100.17/32"]
 [rating]
 decks = { wholesale = "rates/wholesale.csv", retail = "/srv/rates/retail.csv" }
 default_plan = "retail"
+decimals = 6
 
 [fraud]
 
@@ -194,6 +198,7 @@ def test_no_file_gives_the_embedded_defaults() -> None:
     assert config.trunks == ()
     assert dict(config.rating.decks) == {}
     assert config.rating.default_plan is None
+    assert config.rating.decimals == 4 == DEFAULT_RATING_DECIMALS
     assert config.sinks.jsonl.path == "var/cdrs.jsonl"
     assert config.sinks.jsonl.enabled is True
     assert config.sinks.postgres.dsn == "embedded"
@@ -251,18 +256,23 @@ def test_full_file_gives_typed_values(tmp_path: Path) -> None:
                 ipaddress.IPv6Network("2001:db8:a::/48"),
             ),
             rate_plan="wholesale",
+            cost_plan="retail",
             country_code="49",
             national_prefix="0",
+            strip_prefixes=("1010", "#31#"),
         ),
         TrunkConfig(name="pbx-b", sources=(ipaddress.IPv4Network("198.51.100.17/32"),)),
     )
-    assert config.trunks[0].to_trunk() == Trunk("carrier-a", "49", "0", "wholesale")
+    assert config.trunks[0].to_trunk() == Trunk(
+        "carrier-a", "49", "0", "wholesale", "retail", ("1010", "#31#")
+    )
     assert config.trunks[1].to_trunk() == Trunk("pbx-b", None, None, None)
     assert dict(config.rating.decks) == {
         "wholesale": tmp_path / "rates" / "wholesale.csv",
         "retail": Path("/srv/rates/retail.csv"),
     }
     assert config.rating.default_plan == "retail"
+    assert config.rating.decimals == 6
     assert config.sinks.jsonl.path == ""
     assert config.sinks.jsonl.enabled is False
     postgres = config.sinks.postgres
@@ -492,6 +502,37 @@ ERRORS = [
         id="rate-plan-not-in-decks",
     ),
     pytest.param(
+        "[[trunks]]\nname = 'a'\nsources = ['192.0.2.0/24']\ncost_plan = 'vendor'\n"
+        "[rating]\ndecks = { wholesale = 'w.csv' }\n",
+        "trunks[0].cost_plan",
+        "no such deck",
+        id="cost-plan-not-in-decks",
+    ),
+    pytest.param(
+        "[[trunks]]\nname = 'a'\nsources = ['192.0.2.0/24']\nstrip_prefixes = ['1010', ' 9']\n",
+        "trunks[0].strip_prefixes[1]",
+        "technical prefix",
+        id="padded-strip-prefix",
+    ),
+    pytest.param(
+        "[[trunks]]\nname = 'a'\nsources = ['192.0.2.0/24']\nstrip_prefixes = '1010'\n",
+        "trunks[0].strip_prefixes",
+        "a list of strings",
+        id="strip-prefixes-not-a-list",
+    ),
+    pytest.param(
+        "[rating]\ndecimals = 13\n",
+        "rating.decimals",
+        "from 0 to 12",
+        id="too-many-decimals",
+    ),
+    pytest.param(
+        "[rating]\ndecimals = -1\n",
+        "rating.decimals",
+        ">= 0",
+        id="negative-decimals",
+    ),
+    pytest.param(
         "[[trunks]]\nname = 'a'\nsources = ['192.0.2.0/24']\ncountry_code = '+49'\n",
         "trunks[0].country_code",
         "1-3 digits",
@@ -712,6 +753,9 @@ def test_env_merges_into_the_file(tmp_path: Path) -> None:
         "SIPCDR_TRUNKS__1__RATE_PLAN": "wholesale",
         "SIPCDR_TRUNKS__2__NAME": "carrier-c",
         "SIPCDR_TRUNKS__2__SOURCES": "203.0.113.0/24,2001:db8:c::/48",
+        "SIPCDR_TRUNKS__2__COST_PLAN": "wholesale",
+        "SIPCDR_TRUNKS__2__STRIP_PREFIXES": "1010,#31#",
+        "SIPCDR_RATING__DECIMALS": "2",
         "SIPCDR_SINKS__KAFKA__SASL_PASSWORD": "from-vault",
         "SIPCDR_SINKS__KAFKA__IDEMPOTENCE": "1",
     }
@@ -725,6 +769,9 @@ def test_env_merges_into_the_file(tmp_path: Path) -> None:
         ipaddress.IPv4Network("203.0.113.0/24"),
         ipaddress.IPv6Network("2001:db8:c::/48"),
     )
+    assert config.trunks[2].cost_plan == "wholesale"
+    assert config.trunks[2].strip_prefixes == ("1010", "#31#")
+    assert config.rating.decimals == 2
     assert config.sinks.kafka.sasl_password == "from-vault"
     assert config.sinks.kafka.sasl_username == "sipcdr"
     assert config.sinks.kafka.idempotence is True
@@ -809,17 +856,21 @@ def test_redacted_hides_every_secret(tmp_path: Path) -> None:
             "name": "carrier-a",
             "sources": ["192.0.2.0/24", "2001:db8:a::/48"],
             "rate_plan": "wholesale",
+            "cost_plan": "retail",
             "country_code": "49",
             "national_prefix": "0",
             "cdr_retention_days": None,
+            "strip_prefixes": ["1010", "#31#"],
         },
         {
             "name": "pbx-b",
             "sources": ["198.51.100.17/32"],
             "rate_plan": None,
+            "cost_plan": None,
             "country_code": None,
             "national_prefix": None,
             "cdr_retention_days": None,
+            "strip_prefixes": [],
         },
     ]
 

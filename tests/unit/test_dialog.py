@@ -272,6 +272,85 @@ def test_both_leg_capture_is_one_cdr_with_first_leg_endpoints() -> None:
     assert correlator.stats.late == 3  # the BYE's second copy and both 200s
 
 
+CUSTOMER = Trunk("customer", None, None, "retail")
+VENDOR_A = Trunk("vendor-a", None, None, None, cost_plan="vendor-a")
+VENDOR_B = Trunk("vendor-b", None, None, None, cost_plan="vendor-b")
+FAILOVER_ADDR = ("203.0.113.99", 5060)
+TRUNK_OF = {
+    CALLER_ADDR[0]: CUSTOMER,
+    CALLEE_ADDR[0]: VENDOR_A,
+    FAILOVER_ADDR[0]: VENDOR_B,
+}.get
+
+
+def test_egress_trunk_is_matched_from_the_forwarded_leg() -> None:
+    """Ingress from the caller's first INVITE, egress from where the proxy sent it;
+    a late retransmission of the caller's copy does not move the egress."""
+    correlator = Correlator(trunk_of=TRUNK_OF)
+    call = Call()
+    changed = []
+    for offset, data, src, dst in [
+        (0.000, call.request("INVITE"), CALLER_ADDR, PROXY_ADDR),
+        (0.001, call.request("INVITE", branch="z9hG4bK-leg2"), PROXY_ADDR, CALLEE_ADDR),
+        (0.002, call.request("INVITE", branch="z9hG4bK-leg2"), PROXY_ADDR, CALLEE_ADDR),
+        (0.500, call.request("INVITE"), CALLER_ADDR, PROXY_ADDR),  # retransmission
+        (3.000, call.response(200, "OK", branch="z9hG4bK-leg2"), CALLEE_ADDR, PROXY_ADDR),
+    ]:
+        feed(correlator, T0 + offset, data, src, dst)
+        changed.append(correlator.changed)
+    # The forwarded copy is journaled once (a restart must rebuild the egress).
+    assert changed == [True, True, False, False, True]
+    bye = call.request("BYE", 2, "z9hG4bK-bye1", to_tag="callee-tag")
+    cdr = only(feed(correlator, T0 + 63, bye, CALLER_ADDR, PROXY_ADDR))
+    assert (cdr.trunk, cdr.egress_trunk) == ("customer", "vendor-a")
+    assert (cdr.src_ip, cdr.dst_ip) == (CALLER_ADDR[0], PROXY_ADDR[0])  # first leg's
+
+
+def test_egress_trunk_follows_a_failover_to_the_last_leg() -> None:
+    correlator = Correlator(trunk_of=TRUNK_OF)
+    call = Call()
+    for offset, data, src, dst in [
+        (0.0, call.request("INVITE"), CALLER_ADDR, PROXY_ADDR),
+        (0.1, call.request("INVITE", branch="z9hG4bK-to-a"), PROXY_ADDR, CALLEE_ADDR),
+        (0.2, call.response(503, "Unavailable", branch="z9hG4bK-to-a"), CALLEE_ADDR, PROXY_ADDR),
+        (0.3, call.request("INVITE", branch="z9hG4bK-to-b"), PROXY_ADDR, FAILOVER_ADDR),
+        (2.0, call.response(200, "OK", branch="z9hG4bK-to-b"), FAILOVER_ADDR, PROXY_ADDR),
+        (2.1, call.response(200, "OK"), PROXY_ADDR, CALLER_ADDR),
+    ]:
+        assert feed(correlator, T0 + offset, data, src, dst) == []
+    bye = call.request("BYE", 2, "z9hG4bK-bye1", to_tag="callee-tag")
+    cdr = only(feed(correlator, T0 + 30, bye, CALLER_ADDR, PROXY_ADDR))
+    assert (cdr.disposition, cdr.egress_trunk) == ("answered", "vendor-b")
+
+
+def test_egress_of_a_single_leg_is_its_destination_and_survives_a_restart() -> None:
+    """Without a forwarded copy the call left where its INVITE went; an egress seen
+    before a checkpoint is still known after a restore."""
+    single = Correlator(trunk_of=TRUNK_OF)
+    assert only(answered_call(single, Call())).egress_trunk == "vendor-a"
+    before = Correlator(trunk_of=TRUNK_OF)
+    call = Call()
+    feed(before, T0, call.request("INVITE"), CALLER_ADDR, PROXY_ADDR)
+    feed(before, T0 + 0.1, call.request("INVITE", branch="z9hG4bK-b"), PROXY_ADDR, FAILOVER_ADDR)
+    after = Correlator(trunk_of=TRUNK_OF)
+    assert after.restore(before.snapshot()) == 1
+    feed(after, T0 + 1, call.response(200, "OK"), PROXY_ADDR, CALLER_ADDR)
+    bye = call.request("BYE", 2, "z9hG4bK-bye1", to_tag="callee-tag")
+    assert only(feed(after, T0 + 9, bye, CALLER_ADDR, PROXY_ADDR)).egress_trunk == "vendor-b"
+
+
+def test_without_trunks_no_egress_is_kept_or_journaled() -> None:
+    correlator = Correlator()
+    call = Call()
+    feed(correlator, T0, call.request("INVITE"), CALLER_ADDR, PROXY_ADDR)
+    feed(correlator, T0 + 0.1, call.request("INVITE", branch="z9hG4bK-b"), PROXY_ADDR, CALLEE_ADDR)
+    assert correlator.changed is False
+    snapshot = orjson.loads(correlator.snapshot())
+    assert snapshot["dialogs"][0][snapshot["fields"].index("egress_ip")] is None
+    feed(correlator, T0 + 1, call.response(486, "Busy Here"), PROXY_ADDR, CALLER_ADDR)
+    assert correlator.open_dialogs == 0
+
+
 def test_retransmissions_are_counted_and_change_nothing() -> None:
     correlator = Correlator()
     call = Call()

@@ -43,6 +43,7 @@ NOT_PERSONAL = {
     "reason_phrase": "the status line's phrase (Busy Here), from the responding stack",
     "sip_reason": "the status line's phrase of the final response",
     "end_reason": "why sipcdr closed the call (bye, cancel, timeout_no_bye)",
+    "callee_valid": "whether the callee is a number, not the number",
     # By content: random tokens of the sending stack, sometimes all digits.
     "from_tag": "a dialog tag, random per call",
     "to_tag": "a dialog tag, random per call",
@@ -107,6 +108,9 @@ def table_columns() -> dict[str, set[str]]:
             match = re.match(r"([a-z_]+)\s+[a-z]", item)
             if match and match[1] not in {"constraint", "primary", "check", "unique"}:
                 columns.add(match[1])
+    for name, body in re.findall(r"ALTER TABLE (\w+)\s(.*?);", sql, re.S):
+        added = re.findall(r"ADD COLUMN (?:IF NOT EXISTS )?([a-z_]+)", body)
+        tables.setdefault(name, set()).update(added)
     return tables
 
 

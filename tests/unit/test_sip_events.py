@@ -18,6 +18,7 @@ from sipcdr.dialog import Correlator
 from sipcdr.enrich.trunks import trunk_resolver
 from sipcdr.importer import EXPIRE_EVERY_S, import_files
 from sipcdr.model import SIP_EVENT_CORRELATION_FIELDS, Cdr, Packet, SipEvent
+from sipcdr.rates import rate_decks
 from sipcdr.sinks.signaling import SignalingRecorder
 from sipcdr.sip import SipParseError, parse
 from sipcdr.sipevent import event_of, replay
@@ -56,9 +57,11 @@ def topic_values(path: Path) -> Iterator[bytes]:
 
 
 def correlate_from_topic(values: Iterator[bytes]) -> list[Cdr]:
-    """A correlator fed only by topic records, with the importer's timer cadence."""
+    """A correlator fed only by topic records, with the importer's timer cadence, and
+    the CDR stages the importer runs."""
     config = Config()
     correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
+    rate = rate_decks(config).stage
     cdrs: list[Cdr] = []
     next_expiry = 0.0
     for value in values:
@@ -68,7 +71,7 @@ def correlate_from_topic(values: Iterator[bytes]) -> list[Cdr]:
             next_expiry = packet.timestamp + EXPIRE_EVERY_S
         cdrs.extend(correlator.feed(packet, msg))
     cdrs.extend(correlator.drain())
-    return cdrs
+    return [rate.on_cdr(cdr) for cdr in cdrs]
 
 
 def test_every_capture_is_read() -> None:

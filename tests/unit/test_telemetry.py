@@ -20,6 +20,8 @@ from sipcdr.dialog.correlator import CorrelatorStats
 from sipcdr.dialog.kpi import DURATION_BUCKETS_S, PDD_BUCKETS_S, Kpi
 from sipcdr.dialogstore import DialogStoreStats
 from sipcdr.pipeline import Pipeline, PipelineStats
+from sipcdr.privacy.stats import PrivacyStats
+from sipcdr.rating.stage import RatingStats
 from sipcdr.sinks.delivery import LoopState
 from sipcdr.sinks.spool import Spool
 from sipcdr.telemetry.families import FAMILIES
@@ -68,7 +70,7 @@ class Filler:
                 current.clear()
                 current[_key(cls, name)] = value
             else:
-                assert isinstance(current, int), (cls, name)
+                assert isinstance(current, int | float), (cls, name)
                 setattr(stats, name, value)
             self.expected[f"{cls.__name__}.{name}"] = value
 
@@ -93,6 +95,8 @@ def _key(cls: type, name: str) -> object:
     pairs: dict[tuple[type, str], object] = {
         (PipelineStats, "messages"): ("INVITE", "request"),
         (ListenerStats, "dropped"): ("sip_udp", "not_allowed"),
+        (RatingStats, "unrated"): ("carrier-a", "no_prefix"),
+        (RatingStats, "vendor_unrated"): ("carrier-b", "no_plan"),
         (CorrelatorStats, "non_call_responses"): ("OPTIONS", "2xx"),
     }
     return pairs.get((cls, name), "some_key")
@@ -155,6 +159,12 @@ def _sources(tmp_path: Path, filler: Filler) -> Sources:
     filler.expected["SpareSpace.releases"] = spare.releases
     server = SimpleNamespace(refused=next(filler._next))
     filler.expected["MetricsServer.refused"] = server.refused
+    rating = RatingStats()
+    filler.fill(rating)
+    privacy = PrivacyStats()
+    filler.fill(privacy)
+    outbound = SimpleNamespace(withheld={"cdr": next(filler._next)})
+    filler.expected["OutboundFilter.withheld"] = outbound.withheld["cdr"]
     return Sources(
         pipeline=pipeline,
         correlator=correlator,
@@ -166,6 +176,9 @@ def _sources(tmp_path: Path, filler: Filler) -> Sources:
         dialogs=dialogs,  # type: ignore[arg-type]
         spare=spare,  # type: ignore[arg-type]
         metrics_server=server,  # type: ignore[arg-type]
+        rating=rating,
+        privacy=privacy,
+        outbound=outbound,  # type: ignore[arg-type]
     )
 
 

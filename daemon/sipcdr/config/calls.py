@@ -12,6 +12,8 @@ from typing import Final
 from sipcdr.config.reading import GAP, Table, join, networks
 from sipcdr.config.schema import (
     DEFAULT_DIALOG_LIMITS,
+    DEFAULT_RATING_DECIMALS,
+    MAX_RATING_DECIMALS,
     FraudConfig,
     Network,
     RatingConfig,
@@ -19,6 +21,7 @@ from sipcdr.config.schema import (
 )
 from sipcdr.dialog.correlator import DialogLimits
 from sipcdr.privacy import settings as privacy_settings
+from sipcdr.sip.numbers import NumberingPlan
 
 _COUNTRY_CODE = re.compile(r"[1-9][0-9]{0,2}")  # E.164 country codes: 1-3 digits, no 0 first
 _DIGITS = re.compile(r"[0-9]+")
@@ -63,7 +66,19 @@ def rating_section(table: Table, base_dir: Path) -> RatingConfig:
     if decks and default_plan is not None and default_plan not in decks:
         expected = f"one of the plans in rating.decks: {', '.join(sorted(decks))}"
         raise table.problem("default_plan", default_plan, "no such deck", expected)
-    return RatingConfig(decks=MappingProxyType(decks), default_plan=default_plan)
+    decimals = table.integer("decimals", DEFAULT_RATING_DECIMALS, minimum=0)
+    if decimals > MAX_RATING_DECIMALS:
+        raise table.invalid("decimals", decimals, f"an integer from 0 to {MAX_RATING_DECIMALS}")
+    return RatingConfig(decks=MappingProxyType(decks), default_plan=default_plan, decimals=decimals)
+
+
+def _plan(table: Table, name: str, rating: RatingConfig) -> str | None:
+    """A trunk's rate or cost plan: one of the decks, once any deck is configured."""
+    plan = table.optional_string(name)
+    if rating.decks and plan is not None and plan not in rating.decks:
+        expected = f"one of the plans in rating.decks: {', '.join(sorted(rating.decks))}"
+        raise table.problem(name, plan, "no such deck", expected)
+    return plan
 
 
 _TRUNK_KEYS: Final = tuple(item.name for item in fields(TrunkConfig))
@@ -102,10 +117,8 @@ def trunks_section(root: Table, rating: RatingConfig) -> tuple[TrunkConfig, ...]
                     "each network in one trunk only, so a source names one trunk",
                 )
             owners[network] = name
-        rate_plan = table.optional_string("rate_plan")
-        if rating.decks and rate_plan is not None and rate_plan not in rating.decks:
-            expected = f"one of the plans in rating.decks: {', '.join(sorted(rating.decks))}"
-            raise table.problem("rate_plan", rate_plan, "no such deck", expected)
+        rate_plan = _plan(table, "rate_plan", rating)
+        cost_plan = _plan(table, "cost_plan", rating)
         country_code = table.optional_string("country_code")
         if country_code is not None and not _COUNTRY_CODE.fullmatch(country_code):
             raise table.invalid("country_code", country_code, "a country code of 1-3 digits")
@@ -118,12 +131,26 @@ def trunks_section(root: Table, rating: RatingConfig) -> tuple[TrunkConfig, ...]
                 name=name,
                 sources=sources,
                 rate_plan=rate_plan,
+                cost_plan=cost_plan,
                 country_code=country_code,
                 national_prefix=national_prefix,
                 cdr_retention_days=cdr_retention_days,
+                strip_prefixes=_strip_prefixes(table),
             )
         )
     return tuple(result)
+
+
+def _strip_prefixes(table: Table) -> tuple[str, ...]:
+    prefixes = []
+    for key, prefix in table.strings("strip_prefixes") or ():
+        try:
+            NumberingPlan(strip_prefixes=(prefix,))
+        except ValueError:
+            expected = "a technical prefix without spaces around it, e.g. '1010' or '#31#'"
+            raise table.context.invalid(key, prefix, expected) from None
+        prefixes.append(prefix)
+    return tuple(prefixes)
 
 
 def fraud_section(root: Table) -> FraudConfig:

@@ -31,6 +31,7 @@ from sipcdr.config.schema import (
     KafkaConfig,
     MetricsConfig,
     PostgresConfig,
+    RatingConfig,
     SinksConfig,
     SpoolConfig,
     StateConfig,
@@ -129,7 +130,8 @@ def _build(raw: dict[str, object], context: Context, base_dir: Path) -> Config:
         root.table("capture", (item.name for item in fields(CaptureConfig))), base_dir
     )
     dialog = dialog_section(root.table("dialog", DIALOG_KEYS))
-    rating = rating_section(root.table("rating", ("decks", "default_plan")), base_dir)
+    rating_table = root.table("rating", (item.name for item in fields(RatingConfig)))
+    rating = rating_section(rating_table, base_dir)
     trunks = trunks_section(root, rating)
     fraud = fraud_section(root)
     sinks_table = root.table("sinks", ("jsonl", "postgres", "kafka"))

@@ -14,6 +14,7 @@ from sipcdr import dialogstore, spare
 from sipcdr.dialog.correlator import DialogLimits
 from sipcdr.model import Trunk
 from sipcdr.privacy.settings import PrivacySettings, RetentionSettings
+from sipcdr.rating import pricing
 from sipcdr.sinks import settings as kafka
 from sipcdr.sinks import spool
 from sipcdr.sinks.jsonl import DEFAULT_ROTATE_BYTES
@@ -92,6 +93,11 @@ DEFAULT_HEP_KEYS: Final[Mapping[int, str]] = MappingProxyType({})
 # The dialog timers' reasons are documented on each field of DialogLimits.
 DEFAULT_DIALOG_LIMITS: Final = DialogLimits()
 
+# The reasons for the rating defaults are the pricing rule's (rating/pricing.py): four
+# places is what carriers' call-level statements use, and twelve is beyond any use.
+DEFAULT_RATING_DECIMALS: Final = pricing.DEFAULT_DECIMALS
+MAX_RATING_DECIMALS: Final = pricing.MAX_DECIMALS
+
 # A file sink that needs no server, so a first run shows CDRs right away.
 DEFAULT_JSONL_PATH: Final = "var/cdrs.jsonl"
 # "embedded" starts a private PostgreSQL under state.dir, so no server has to exist yet.
@@ -169,9 +175,11 @@ class TrunkConfig:
     name: str
     sources: tuple[Network, ...]
     rate_plan: str | None = None
+    cost_plan: str | None = None
     country_code: str | None = None
     national_prefix: str | None = None
     cdr_retention_days: int | None = None  # sipcdr.privacy.settings reads it
+    strip_prefixes: tuple[str, ...] = ()
 
     def to_trunk(self) -> Trunk:
         return Trunk(
@@ -179,6 +187,8 @@ class TrunkConfig:
             country_code=self.country_code,
             national_prefix=self.national_prefix,
             rate_plan=self.rate_plan,
+            cost_plan=self.cost_plan,
+            strip_prefixes=self.strip_prefixes,
         )
 
     def redacted(self) -> dict[str, object]:
@@ -186,9 +196,11 @@ class TrunkConfig:
             "name": self.name,
             "sources": [str(network) for network in self.sources],
             "rate_plan": self.rate_plan,
+            "cost_plan": self.cost_plan,
             "country_code": self.country_code,
             "national_prefix": self.national_prefix,
             "cdr_retention_days": self.cdr_retention_days,
+            "strip_prefixes": list(self.strip_prefixes),
         }
 
 
@@ -196,11 +208,13 @@ class TrunkConfig:
 class RatingConfig:
     decks: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))
     default_plan: str | None = None
+    decimals: int = DEFAULT_RATING_DECIMALS
 
     def redacted(self) -> dict[str, object]:
         return {
             "decks": {name: str(path) for name, path in self.decks.items()},
             "default_plan": self.default_plan,
+            "decimals": self.decimals,
         }
 
 

@@ -116,8 +116,9 @@ class Correlator:
         # Whether the last message fed changed a call (opened, rang, answered, was
         # cancelled, challenged, retried, ended), or the last timer run closed or forgot
         # a call: the daemon journals exactly those. Retransmissions, the other leg's
-        # copies and in-dialog requests other than BYE only move the call's
-        # last-message time, which the checkpoints carry.
+        # copies (but a forwarded INVITE that moves the egress, when trunks are set)
+        # and in-dialog requests other than BYE only move the call's last-message
+        # time, which the checkpoints carry.
         self.changed = False
 
     @property
@@ -163,6 +164,12 @@ class Correlator:
                     # An auth retry starts ringing again: to the back of the ring timer.
                     self._early.pop(msg.call_id, None)
                     self._early[msg.call_id] = dialog
+                elif self._trunk_of is not None and state.on_forwarded_invite(
+                    dialog, msg, packet.dst_ip
+                ):
+                    # The egress trunk is matched from it: journaled so that a restart
+                    # rebuilds it. Without trunks nothing is matched and nothing kept.
+                    self.changed = True
             elif method == "BYE":
                 self.changed = True
                 side = state.hangup_side(dialog, msg)
@@ -329,6 +336,7 @@ class Correlator:
         disposition = state.outcome(dialog, end_reason)
         self._retire(dialog, end_time)
         trunk = self._trunk(dialog.src_ip)
+        egress = self._trunk(dialog.egress_ip or dialog.dst_ip)
         country_code = trunk.country_code if trunk else None
         national_prefix = trunk.national_prefix if trunk else None
         caller_uri = dialog.pai_uri or dialog.from_uri
@@ -362,6 +370,7 @@ class Correlator:
             end_reason=end_reason,
             user_agent=dialog.user_agent,
             capture_node=dialog.capture_node,
+            egress_trunk=egress.name if egress else None,
         )
         self._count(cdr)
         return cdr
@@ -543,6 +552,7 @@ _FIELD_KINDS: dict[str, tuple[str, bool]] = {
     "src_port": (_INT, False),
     "dst_ip": (_TEXT, False),
     "dst_port": (_INT, False),
+    "egress_ip": (_TEXT, True),
     "from_uri": (_TEXT, False),
     "to_uri": (_TEXT, False),
     "request_uri": (_TEXT, False),
@@ -646,7 +656,7 @@ def _dialog_of(row: object, names: list[str] | None) -> Dialog:
 
 
 # Repeated across calls: one copy each, as live (`_new_dialog` interns them too).
-_INTERNED_FIELDS = frozenset({"src_ip", "dst_ip", "capture_node", "user_agent"})
+_INTERNED_FIELDS = frozenset({"src_ip", "dst_ip", "egress_ip", "capture_node", "user_agent"})
 
 
 def cdr_id(call_id: str, from_tag: str, start_time: float) -> str:
@@ -687,6 +697,7 @@ def _new_dialog(packet: Packet, msg: SipMessage, now: float) -> Dialog:
     dialog.src_port = packet.src_port
     dialog.dst_ip = intern(packet.dst_ip)
     dialog.dst_port = packet.dst_port
+    dialog.egress_ip = None
     dialog.capture_node = intern(packet.capture_node)
     dialog.from_uri = msg.from_uri
     dialog.to_uri = msg.to_uri

@@ -8,6 +8,7 @@ message belongs to, keeps the timers and builds the CDR; it decides nothing.
 
 from __future__ import annotations
 
+import sys
 import zlib
 from enum import IntEnum
 from typing import Final
@@ -88,6 +89,7 @@ DIALOG_FIELDS: Final = (
     "capture_node",
     "dst_ip",
     "dst_port",
+    "egress_ip",
     "final_code",
     "final_reason",
     "final_time",
@@ -141,6 +143,9 @@ class Dialog:
     src_port: int
     dst_ip: str
     dst_port: int
+    # Destination of the last forwarded copy of the INVITE (a stateful proxy's leg to
+    # the next hop): where the call left. None while only the caller's leg is seen.
+    egress_ip: str | None
     from_uri: str
     to_uri: str
     request_uri: str
@@ -180,6 +185,25 @@ def on_invite(dialog: Dialog, msg: SipMessage, now: float) -> bool:
     dialog.first_response_time = None
     dialog.final_code = dialog.final_time = None
     dialog.final_reason = None
+    return True
+
+
+def on_forwarded_invite(dialog: Dialog, msg: SipMessage, destination: str) -> bool:
+    """A copy of the current attempt's INVITE on another leg: a stateful proxy forwards
+    the request with a Via of its own on top (RFC 3261 16.6 step 8), so the top branch
+    differs from the caller's copy, while Call-ID, From tag and CSeq stay. Its
+    destination is where the call leaves; the last leg seen wins, since a proxy that
+    fails over tries the next hop after the previous one gave up. Retransmissions of
+    the caller's copy carry the caller's branch and change nothing."""
+    if msg.to_tag is not None or msg.from_tag != dialog.from_tag:
+        return False
+    if msg.cseq != dialog.invite_cseq or dialog.phase is Phase.CLOSED:
+        return False
+    if branch_crc(msg.via_branch) == dialog.invite_branch_crc:
+        return False
+    if dialog.egress_ip == destination:
+        return False
+    dialog.egress_ip = sys.intern(destination)
     return True
 
 

@@ -26,9 +26,11 @@ from sipcdr.rating.plans import (
     Unrated,
     load_rate_plans,
 )
-from sipcdr.rating.pricing import DEFAULT_DECIMALS, billed_seconds, cost
+from sipcdr.rating.pricing import DEFAULT_DECIMALS, billed_seconds, cost, margin
+from sipcdr.rating.stage import CURRENCY_MISMATCH, RateStage, RatingStats
 
 __all__ = [
+    "CURRENCY_MISMATCH",
     "DEFAULT_DECIMALS",
     "ERROR",
     "INVALID_NUMBER",
@@ -45,11 +47,14 @@ __all__ = [
     "Problem",
     "Rate",
     "RatePlans",
+    "RateStage",
     "Rating",
+    "RatingStats",
     "Unrated",
     "billed_seconds",
     "check_deck",
     "cost",
     "load_rate_plans",
+    "margin",
     "unreadable",
 ]

@@ -52,3 +52,9 @@ def cost(rate: Decimal, connect_fee: Decimal, billed: int, decimals: int) -> Dec
     denominator *= SECONDS_PER_MINUTE
     units = (2 * numerator * 10**decimals + denominator) // (2 * denominator)
     return Decimal(units).scaleb(-decimals)
+
+
+def margin(cost: Decimal, vendor_cost: Decimal) -> Decimal:
+    """`cost - vendor_cost`, exact: both are rounded prices, so nothing is rounded here
+    (the context traps any rounding rather than hide it)."""
+    return _EXACT.subtract(cost, vendor_cost)

@@ -152,7 +152,7 @@ def _table(name: str, day_column: str, spec: Sequence[tuple[str, Converter]]) ->
     return _Table(name, columns, tuple(c for _, c in spec), columns.index(day_column))
 
 
-# Columns in the order of the record's fields (and of storage/sql/0001_initial.sql).
+# Columns in the order of the record's fields (and of the migrations in storage/sql/).
 CDRS: Final = _table(
     "cdrs",
     "start_time",
@@ -193,6 +193,12 @@ CDRS: Final = _table(
         ("fraud_flags", _texts),
         ("capture_node", _text),
         ("schema_version", _same),
+        # Added within CDR v1 (storage/sql/0003_cdrs_vendor_cost.sql); a record
+        # written before them has none: NULL.
+        ("egress_trunk", _text),
+        ("vendor_cost", _decimal),
+        ("margin", _decimal),
+        ("callee_valid", _same),
         # Not record fields: set by the sink (the trunk's retention class, restriction).
         ("retention_days", _same),
         ("restricted", _same),

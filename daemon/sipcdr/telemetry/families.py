@@ -250,6 +250,25 @@ FAMILIES: Final = {f.name: f for f in (
     _c("sipcdr_metrics_connections_refused",
        "Connections to the metrics endpoint closed on arrival because its connection "
        "cap was reached (a flood, or clients that never finish their request)"),
+    # -- rating -----------------------------------------------------------------------------
+    _c("sipcdr_cdrs_rated", "CDRs priced by their ingress trunk's plan, by trunk", "trunk"),
+    _c("sipcdr_cdrs_unrated",
+       "CDRs left unpriced, by ingress trunk and reason (no_plan, no_prefix, "
+       "not_effective, invalid_number)",
+       "trunk", "reason"),
+    _c("sipcdr_cdrs_vendor_rated",
+       "CDRs given a vendor cost by their egress trunk's cost plan, by trunk", "trunk"),
+    _c("sipcdr_cdrs_vendor_unrated",
+       "CDRs with an egress trunk left without a vendor cost, by trunk and reason",
+       "trunk", "reason"),
+    _c("sipcdr_cdrs_margin_unknown",
+       "CDRs priced on both sides in different currencies: no margin, by egress trunk",
+       "trunk"),
+    _c("sipcdr_rate_deck_loads",
+       "Rate decks read and checked, by plan and result (loaded: in force; refused: "
+       "the previous deck stays)",
+       "plan", "result"),
+    _g("sipcdr_rate_deck_rows", "Rows of the rate deck in force, by plan", "plan"),
     # -- retention and restriction --------------------------------------------------------
     _g("sipcdr_retention_oldest_partition_age_days",
        "Age in days of the oldest partition of each table after the last retention "

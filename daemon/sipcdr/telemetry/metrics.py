@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from sipcdr.pipeline import Pipeline
     from sipcdr.privacy.outbound import OutboundFilter
     from sipcdr.privacy.stats import PrivacyStats
+    from sipcdr.rating.stage import RatingStats
     from sipcdr.sinks.outputs import Outputs
     from sipcdr.spare import SpareSpace
     from sipcdr.telemetry.http import MetricsServer
@@ -69,6 +70,7 @@ class Sources:
     hep_stream: HepStreamServer | None = None
     live: Sequence[LiveCapture] = ()
     vxlan: Sequence[VxlanUdpProtocol] = ()
+    rating: RatingStats | None = None
     privacy: PrivacyStats | None = None
     outbound: OutboundFilter | None = None
     udp: Sequence[tuple[str, socket.socket]] = ()  # (listener kind, socket)
@@ -139,6 +141,7 @@ class StatsCollector(Collector):
             _correlator,
             _outputs,
             _dialogs,
+            _rating,
             _privacy,
             _process,
         ):
@@ -323,6 +326,23 @@ def _dialogs(scrape: _Scrape, sources: Sources) -> None:
         ("internal_error", stats.internal_errors),
     ):
         scrape.add("sipcdr_dialog_state_errors", value, what)
+
+
+def _rating(scrape: _Scrape, sources: Sources) -> None:
+    stats = sources.rating
+    if stats is None:
+        return
+    scrape.counts("sipcdr_cdrs_rated", stats.rated)
+    scrape.counts("sipcdr_cdrs_unrated", stats.unrated)
+    scrape.counts("sipcdr_cdrs_vendor_rated", stats.vendor_rated)
+    scrape.counts("sipcdr_cdrs_vendor_unrated", stats.vendor_unrated)
+    scrape.counts("sipcdr_cdrs_margin_unknown", stats.currency_mismatches)
+    for plan, count in dict(stats.deck_loads).items():
+        scrape.add("sipcdr_rate_deck_loads", count, plan, "loaded")
+    for plan, count in dict(stats.deck_refusals).items():
+        scrape.add("sipcdr_rate_deck_loads", count, plan, "refused")
+    for plan, rows in dict(stats.deck_rows).items():
+        scrape.set("sipcdr_rate_deck_rows", rows, plan)
 
 
 def _privacy(scrape: _Scrape, sources: Sources) -> None:
