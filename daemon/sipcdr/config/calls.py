@@ -1,5 +1,5 @@
-"""The sections about calls: `[dialog]` timers and limits, `[[trunks]]`, `[rating]`
-and `[fraud]`."""
+"""The sections about calls: `[dialog]` timers and limits, `[[trunks]]` and `[rating]`
+(`[fraud]` is `config.fraud`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from typing import Final
 from sipcdr.config.reading import GAP, Table, join, networks
 from sipcdr.config.schema import (
     DEFAULT_DIALOG_LIMITS,
-    FraudConfig,
     Network,
     RatingConfig,
     TrunkConfig,
@@ -121,16 +120,3 @@ def trunks_section(root: Table, rating: RatingConfig) -> tuple[TrunkConfig, ...]
             )
         )
     return tuple(result)
-
-
-def fraud_section(root: Table) -> FraudConfig:
-    # The section is accepted so files can carry it (DESIGN's sample does), but any key
-    # in it would be a setting that silently does nothing.
-    for name, value in root.entries("fraud").items():
-        raise root.context.problem(
-            join("fraud", name),
-            value,
-            "fraud detectors are not configurable in this version",
-            "an empty [fraud] section",
-        )
-    return FraudConfig()
