@@ -32,6 +32,7 @@ from sipcdr.config import CaptureConfig, Config, output_settings
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
 from sipcdr.enrich.trunks import trunk_resolver
+from sipcdr.fraud.stage import FraudStage
 from sipcdr.hotpath import hot_path
 from sipcdr.pipeline import Pipeline
 from sipcdr.private import prepare_state_dir
@@ -176,6 +177,8 @@ class App:
         )
         self.intake = IntakeGate(self.pipeline)
         self._spare_releases_exported = 0
+        self.fraud: FraudStage | None = None  # built once the spool for its alerts is open
+        self._fraud_exported: dict[tuple[str, ...], int] = {}
 
     def _reset_inputs(self) -> None:
         self._hep_stream: HepStreamServer | None = None
@@ -273,9 +276,61 @@ class App:
             # the spool holds in memory go into every checkpoint instead.
             writer.on_written = self.dialogs.closed
             self.dialogs.held = writer.held
+        self._connect_fraud()
         records = outputs.spools.get(STREAM_RECORDS)
         if records is not None and same_filesystem(records.directory, self.state_dir):
             records.on_no_space = self._make_room
+
+    def _connect_fraud(self) -> None:
+        """The fraud stage, in the chain before the correlator (messages) and after it
+        (CDRs), its alerts into the records spool with the CDRs."""
+        settings = self.config.fraud.settings
+        alerts = self.outputs.alert_writer
+        if not settings.enabled or alerts is None:
+            return
+        stage = FraudStage(
+            settings,
+            alerts,
+            trunk_resolver(self.config.trunks),
+            rating=bool(self.config.rating.decks),
+        )
+        for detector, reason in stage.monitor.stats.inactive.items():
+            self.log.info("fraud_detector_inactive", detector=detector, reason=reason)
+        self.fraud = stage
+        self.pipeline.message_stages = (*self.pipeline.message_stages, stage)
+        self.pipeline.cdr_stages = (*self.pipeline.cdr_stages, stage)
+
+    def _tick_fraud(self, now: float) -> None:
+        if self.fraud is not None:
+            self.fraud.tick(now)
+
+    def _export_fraud_metrics(self) -> None:
+        """The fraud monitor's running totals into Prometheus, as deltas."""
+        stage = self.fraud
+        if stage is None:
+            return
+        metrics = self.metrics
+        stats = stage.monitor.stats
+        exported = self._fraud_exported
+        series: list[tuple[tuple[str, ...], Any, int]] = [
+            (("alerts", d, s), metrics.fraud_alerts.labels(d, s), n)
+            for (d, s), n in stats.alerts.items()
+        ]
+        series += [
+            (("suppressed", d), metrics.fraud_alerts_suppressed.labels(d), n)
+            for d, n in stats.suppressed.items()
+        ]
+        series += [
+            (("evicted", d), metrics.fraud_subjects_evicted.labels(d), n)
+            for d, n in stats.evicted.items()
+        ]
+        for key, counter, total in series:
+            delta = total - exported.get(key, 0)
+            if delta > 0:
+                exported[key] = total
+                counter.inc(delta)
+        for detector, held in stats.tracked.items():
+            metrics.fraud_subjects_tracked.labels(detector).set(held)
 
     def _make_room(self) -> bool:
         """A write was refused for want of space: give up the spare and, from this very
@@ -455,12 +510,14 @@ class App:
         its own: a full disk must not freeze the metrics that would show it."""
         steps: list[tuple[str, Callable[[], object]]] = [
             ("expire", lambda: self.pipeline.expire(now)),
+            ("fraud", lambda: self._tick_fraud(now)),
             ("flush_sinks", self.pipeline.flush),
             ("spare", self._keep_spare),
             ("intake_gate", lambda: self.intake.update(self._intake_block_reason())),
             ("export_delivery_metrics", lambda: self.outputs.export_metrics(self.metrics)),
             ("export_dialog_state_metrics", lambda: self.dialogs.export_metrics(self.metrics)),
             ("export_metrics", self._export_metrics),
+            ("export_fraud_metrics", self._export_fraud_metrics),
         ]
         for name, step in steps:
             try:
@@ -554,6 +611,7 @@ class App:
             ("export_metrics", lambda: self.outputs.export_metrics(self.metrics)),
             ("export_dialog_state_metrics", lambda: self.dialogs.export_metrics(self.metrics)),
             ("flush_metrics", self.pipeline.flush_metrics),
+            ("export_fraud_metrics", self._export_fraud_metrics),
         ):
             try:
                 step()

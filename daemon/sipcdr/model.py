@@ -467,7 +467,7 @@ PERSONAL_COLUMNS: Final[Mapping[str, Mapping[str, str]]] = {
     "sip_messages": {
         name: kind for name, kind in _SIP_PERSONAL.items() if name in _SIP_MESSAGES_COLUMNS
     },
-    "fraud_alerts": {"subject": SUBJECT, "details": SUBJECT},
+    "fraud_alerts": {"subject": SUBJECT, "details": SUBJECT, "call_ids": HEADER_TEXT},
     "holds": {"subject": SUBJECT, "reason": FREE_TEXT, "created_by": OPERATOR},
     "audit_log": {"subject": SUBJECT, "details": SUBJECT, "actor": OPERATOR},
 }

@@ -18,6 +18,7 @@ import structlog
 from sipcdr.dialog import Correlator
 from sipcdr.model import Cdr, Packet
 from sipcdr.sip import SipMessage, SipParseError, parse
+from sipcdr.stages import CdrStage, MessageStage
 from sipcdr.telemetry.metrics import Metrics, method_label
 
 Key = TypeVar("Key")
@@ -37,12 +38,14 @@ class Pipeline:
     __slots__ = (
         "_errors_logged",
         "_flushed",
+        "cdr_stages",
         "cdrs_written",
         "correlator",
         "decided",
         "drops",
         "hep_clock_skew",
         "journal",
+        "message_stages",
         "messages",
         "metrics",
         "parse_errors",
@@ -70,6 +73,10 @@ class Pipeline:
         # Each message that changed a call, for the dialog journal (the daemon's; an
         # import has none): written before any CDR it closes reaches the sinks.
         self.journal: Callable[[Packet], None] | None = None
+        # Stages of the engine's chain (`sipcdr.stages`): each parsed message before the
+        # correlator, each closed CDR in turn before the sinks.
+        self.message_stages: tuple[MessageStage, ...] = ()
+        self.cdr_stages: tuple[CdrStage, ...] = ()
         # Closes that replaying the journaled messages would not repeat the same way,
         # for the dialog journal, before their CDRs reach the sinks: a timer run (with
         # its time) or an eviction (None), which comes before its message's record.
@@ -112,6 +119,12 @@ class Pipeline:
             except Exception as exc:  # the signaling copy must never cost the call
                 self.drop("signaling", "internal_error")
                 self._log_error("signaling_record_failed", exc, msg.call_id)
+        for stage in self.message_stages:
+            try:
+                stage.on_message(packet, msg)
+            except Exception as exc:  # a stage's bug must never cost the call
+                self.drop(stage.name, "internal_error")
+                self._log_error("stage_failed", exc, msg.call_id)
         try:
             closed = self.correlator.feed(packet, msg)
         except Exception as exc:
@@ -145,6 +158,12 @@ class Pipeline:
 
     def emit(self, cdrs: Sequence[Cdr]) -> None:
         for cdr in cdrs:
+            for stage in self.cdr_stages:
+                try:
+                    cdr = stage.on_cdr(cdr)  # each stage adds to it
+                except Exception as exc:  # the CDR goes on as it was
+                    self.drop(stage.name, "internal_error")
+                    self._log_error("stage_failed", exc, cdr.call_id)
             for sink in self.sinks:
                 try:
                     sink.write(cdr)

@@ -38,6 +38,7 @@ from sipcdr.storage.embedded import EmbeddedPostgres, holders_file
 from sipcdr.storage.migrations import (
     DatabaseUnavailable,
     MigrationError,
+    load_migrations,
     migrate,
     migrations_dir,
 )
@@ -56,6 +57,8 @@ CDR_SCHEMA = json.loads(
 )
 # The package's migrations, on the file system in the editable install the suite runs.
 MIGRATIONS_DIR = Path(str(migrations_dir()))
+SHIPPED = [migration.name for migration in load_migrations()]  # in order
+NEXT = f"{len(SHIPPED) + 1:04d}"  # the number a migration added after them takes
 CDR_NAMESPACE = uuid.UUID("6f0e3f4e-7d55-4c1a-9d0e-1c5e2a6b7c01")
 # 2026-03-14 09:26:53.589793 UTC: a fixed day, so partition names are known in advance.
 T0 = 1773480413.589793
@@ -188,6 +191,13 @@ def alert_value(raised_at: str) -> dict[str, Any]:
         "cdr_ids": [str(uuid.uuid5(CDR_NAMESPACE, str(n))) for n in range(3)],
         "details": {"trunk": "carrier-a", "ratio": 0.93, "top": [{"callee": "4930", "n": 7}]},
         "schema_version": 1,
+        "subject_kind": "caller",
+        "observed": "120",
+        "threshold_value": "100",
+        "first_seen": raised_at,
+        "last_seen": raised_at,
+        "call_ids": ["a84b4c76e66710@pc33.example.com"],
+        "revision": 0,
     }
 
 
@@ -215,10 +225,12 @@ async def count(conn: asyncpg.Connection, table: str) -> int:
 
 
 async def test_migrations_apply_once(conn: asyncpg.Connection) -> None:
-    assert await migrate(conn) == ["0001_initial"]
+    assert await migrate(conn) == SHIPPED
     assert await migrate(conn) == []
-    rows = await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
-    assert [(r["version"], r["name"]) for r in rows] == [(1, "0001_initial")]
+    rows = await conn.fetch("SELECT version, name, checksum FROM schema_migrations ORDER BY 1")
+    assert [(r["version"], r["name"]) for r in rows] == [
+        (number, name) for number, name in enumerate(SHIPPED, 1)
+    ]
     assert len(rows[0]["checksum"]) == 64
     for table in ("cdrs", "sip_messages", "fraud_alerts", "holds", "audit_log"):
         assert await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table), table
@@ -234,7 +246,8 @@ async def test_concurrent_migrations_apply_each_file_once(pg_dsn: str) -> None:
     finally:
         await first.close()
         await second.close()
-    assert sorted(results) == [[], ["0001_initial"]]
+    # Each file once, by one or the other (each step takes the lock on its own).
+    assert sorted(results[0] + results[1]) == SHIPPED
 
 
 async def test_changed_applied_migration_is_refused(
@@ -242,12 +255,12 @@ async def test_changed_applied_migration_is_refused(
 ) -> None:
     directory = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS_DIR, directory)
-    assert await migrate(conn, directory) == ["0001_initial"]
+    assert await migrate(conn, directory) == SHIPPED
     path = directory / "0001_initial.sql"
     path.write_text(path.read_text() + "\n-- edited after being applied\n")
     with pytest.raises(MigrationError, match=r"0001_initial\.sql was changed"):
         await migrate(conn, directory)
-    (directory / "0002_later.sql").write_text("CREATE TABLE later (id int);")
+    (directory / f"{NEXT}_later.sql").write_text("CREATE TABLE later (id int);")
     with pytest.raises(MigrationError):
         await migrate(conn, directory)
     assert not await conn.fetchval("SELECT to_regclass('later') IS NOT NULL")
@@ -258,10 +271,10 @@ async def test_failed_migration_rolls_back_and_names_its_file(
 ) -> None:
     directory = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS_DIR, directory)
-    (directory / "0002_broken.sql").write_text("CREATE TABLE half (id int); SELEC 1;")
-    with pytest.raises(MigrationError, match=r"0002_broken\.sql"):
+    (directory / f"{NEXT}_broken.sql").write_text("CREATE TABLE half (id int); SELEC 1;")
+    with pytest.raises(MigrationError, match=rf"{NEXT}_broken\.sql"):
         await migrate(conn, directory)
-    assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == 1
+    assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == len(SHIPPED)
     assert not await conn.fetchval("SELECT to_regclass('half') IS NOT NULL")
 
 
@@ -408,6 +421,36 @@ async def test_alerts_stored(sink: PostgresSink, conn: asyncpg.Connection) -> No
     assert stored == alert
     assert sink.rows_inserted["fraud_alerts"] == 1
     assert sink.duplicates_skipped["fraud_alerts"] == 1
+
+
+async def test_an_updated_alert_replaces_its_row_and_an_older_revision_does_not(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    raised = alert_value("2026-03-14T09:30:00.000000Z")
+    update = raised | {
+        "severity": "critical",
+        "count": 900,
+        "observed": "900",
+        "last_seen": "2026-03-14T09:41:00.000000Z",
+        "revision": 2,
+    }
+    middle = raised | {"count": 400, "observed": "400", "revision": 1}
+
+    def record(seq: int, value: dict[str, Any]) -> SpoolRecord:
+        return SpoolRecord(seq, KIND_ALERT, value["subject"].encode(), orjson.dumps(value))
+
+    await sink.deliver(STREAM_RECORDS, [record(1, raised)])
+    # An update and an older one in the same batch: the newest wins.
+    await sink.deliver(STREAM_RECORDS, [record(2, update), record(3, middle)])
+    # The older one re-delivered alone (after a crash): the row stays at the newest.
+    await sink.deliver(STREAM_RECORDS, [record(3, middle)])
+    rows = await conn.fetch("SELECT * FROM fraud_alerts")
+    assert len(rows) == 1
+    stored = as_record(rows[0])
+    stored["details"] = json.loads(stored["details"])
+    assert stored == update
+    assert sink.rows_inserted["fraud_alerts"] == 2  # raised, then replaced once
+    assert sink.duplicates_skipped["fraud_alerts"] == 2
 
 
 async def test_both_streams_deliver_concurrently(

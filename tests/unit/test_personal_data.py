@@ -83,6 +83,8 @@ def table_columns() -> dict[str, set[str]]:
             match = re.match(r"\s+([a-z_]+)\s+[a-z]", line)
             if match and match[1] not in {"constraint", "primary", "check"}:
                 columns.add(match[1])
+    for name, body in re.findall(r"ALTER TABLE (\w+)\s(.*?);", sql, re.S):
+        tables.setdefault(name, set()).update(re.findall(r"ADD COLUMN (\w+)", body))
     return tables
 
 

@@ -272,3 +272,28 @@ class Metrics:
             "sipcdr_acd_seconds", "Average duration of answered calls", ["trunk"], registry=r
         )
         self.pdd = Gauge("sipcdr_pdd_seconds", "Mean post-dial delay", ["trunk"], registry=r)
+        self.fraud_alerts = Counter(
+            "sipcdr_fraud_alerts_total",
+            "Fraud alerts raised, by detector and severity (an escalation to critical "
+            "counts once more under critical)",
+            ["detector", "severity"],
+            registry=r,
+        )
+        self.fraud_alerts_suppressed = Counter(
+            "sipcdr_fraud_alerts_suppressed_total",
+            "New fraud incidents not sent, over the per-detector rate limit",
+            ["detector"],
+            registry=r,
+        )
+        self.fraud_subjects_evicted = Counter(
+            "sipcdr_fraud_subjects_evicted_total",
+            "Subjects a fraud detector forgot at its max_subjects cap, idlest first",
+            ["detector"],
+            registry=r,
+        )
+        self.fraud_subjects_tracked = Gauge(
+            "sipcdr_fraud_subjects_tracked",
+            "Subjects (addresses, numbers, trunks) a fraud detector holds now",
+            ["detector"],
+            registry=r,
+        )
