@@ -85,7 +85,9 @@ class FraudStage:
 
     def on_message(self, packet: Packet, msg: SipMessage) -> None:
         try:
-            trunk = self._trunk(packet.src_ip)
+            # Only a request's own trunk counts: a response is judged by its call's, or
+            # by the requester's it goes to (the monitor looks that one up itself).
+            trunk = self._trunk(packet.src_ip) if msg.is_request else None
             alerts = self.monitor.on_message(
                 msg, packet, packet.timestamp, None if trunk is None else trunk.name
             )
