@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from sipcdr.antifraud import DaemonFraud
 from sipcdr.capture import live, tls
 from sipcdr.capture.hepstream import HepStreamServer, StreamLimits
 from sipcdr.capture.listeners import (
@@ -32,7 +33,6 @@ from sipcdr.config import CaptureConfig, Config, output_settings
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
 from sipcdr.enrich.trunks import trunk_resolver
-from sipcdr.fraud.stage import FraudStage
 from sipcdr.hotpath import hot_path
 from sipcdr.pipeline import Pipeline
 from sipcdr.private import prepare_state_dir
@@ -177,8 +177,7 @@ class App:
         )
         self.intake = IntakeGate(self.pipeline)
         self._spare_releases_exported = 0
-        self.fraud: FraudStage | None = None  # built once the spool for its alerts is open
-        self._fraud_exported: dict[tuple[str, ...], int] = {}
+        self.fraud: DaemonFraud | None = None  # built once the spool for its alerts is open
 
     def _reset_inputs(self) -> None:
         self._hep_stream: HepStreamServer | None = None
@@ -282,55 +281,16 @@ class App:
             records.on_no_space = self._make_room
 
     def _connect_fraud(self) -> None:
-        """The fraud stage, in the chain before the correlator (messages) and after it
+        """The fraud stage in the chain, before the correlator (messages) and after it
         (CDRs), its alerts into the records spool with the CDRs."""
-        settings = self.config.fraud.settings
-        alerts = self.outputs.alert_writer
-        if not settings.enabled or alerts is None:
-            return
-        stage = FraudStage(
-            settings,
-            alerts,
-            trunk_resolver(self.config.trunks),
-            rating=bool(self.config.rating.decks),
-        )
-        for detector, reason in stage.monitor.stats.inactive.items():
-            self.log.info("fraud_detector_inactive", detector=detector, reason=reason)
-        self.fraud = stage
-        self.pipeline.message_stages = (*self.pipeline.message_stages, stage)
-        self.pipeline.cdr_stages = (*self.pipeline.cdr_stages, stage)
-
-    def _tick_fraud(self, now: float) -> None:
+        self.fraud = DaemonFraud.build(self.config, self.outputs.alert_writer)
         if self.fraud is not None:
-            self.fraud.tick(now)
+            stage = self.fraud.stage
+            self.pipeline.message_stages = (*self.pipeline.message_stages, stage)
+            self.pipeline.cdr_stages = (*self.pipeline.cdr_stages, stage)
 
-    def _export_fraud_metrics(self) -> None:
-        """The fraud monitor's running totals into Prometheus, as deltas."""
-        stage = self.fraud
-        if stage is None:
-            return
-        metrics = self.metrics
-        stats = stage.monitor.stats
-        exported = self._fraud_exported
-        series: list[tuple[tuple[str, ...], Any, int]] = [
-            (("alerts", d, s), metrics.fraud_alerts.labels(d, s), n)
-            for (d, s), n in stats.alerts.items()
-        ]
-        series += [
-            (("suppressed", d), metrics.fraud_alerts_suppressed.labels(d), n)
-            for d, n in stats.suppressed.items()
-        ]
-        series += [
-            (("evicted", d), metrics.fraud_subjects_evicted.labels(d), n)
-            for d, n in stats.evicted.items()
-        ]
-        for key, counter, total in series:
-            delta = total - exported.get(key, 0)
-            if delta > 0:
-                exported[key] = total
-                counter.inc(delta)
-        for detector, held in stats.tracked.items():
-            metrics.fraud_subjects_tracked.labels(detector).set(held)
+    def _fraud_step(self, step: Callable[[DaemonFraud], object]) -> Callable[[], object]:
+        return lambda: None if self.fraud is None else step(self.fraud)
 
     def _make_room(self) -> bool:
         """A write was refused for want of space: give up the spare and, from this very
@@ -510,14 +470,14 @@ class App:
         its own: a full disk must not freeze the metrics that would show it."""
         steps: list[tuple[str, Callable[[], object]]] = [
             ("expire", lambda: self.pipeline.expire(now)),
-            ("fraud", lambda: self._tick_fraud(now)),
+            ("fraud", self._fraud_step(lambda fraud: fraud.tick(now))),
             ("flush_sinks", self.pipeline.flush),
             ("spare", self._keep_spare),
             ("intake_gate", lambda: self.intake.update(self._intake_block_reason())),
             ("export_delivery_metrics", lambda: self.outputs.export_metrics(self.metrics)),
             ("export_dialog_state_metrics", lambda: self.dialogs.export_metrics(self.metrics)),
             ("export_metrics", self._export_metrics),
-            ("export_fraud_metrics", self._export_fraud_metrics),
+            ("export_fraud_metrics", self._fraud_step(lambda f: f.export_metrics(self.metrics))),
         ]
         for name, step in steps:
             try:
@@ -598,6 +558,7 @@ class App:
         steps: list[tuple[str, Callable[[], object]]] = [
             ("expire", lambda: self.pipeline.expire(time.time())),
             ("flush_sinks", self.pipeline.flush),
+            ("save_fraud_baselines", self._fraud_step(DaemonFraud.save)),
         ]
         for name, step in steps:
             try:
@@ -611,7 +572,7 @@ class App:
             ("export_metrics", lambda: self.outputs.export_metrics(self.metrics)),
             ("export_dialog_state_metrics", lambda: self.dialogs.export_metrics(self.metrics)),
             ("flush_metrics", self.pipeline.flush_metrics),
-            ("export_fraud_metrics", self._export_fraud_metrics),
+            ("export_fraud_metrics", self._fraud_step(lambda f: f.export_metrics(self.metrics))),
         ):
             try:
                 step()
