@@ -91,6 +91,10 @@ class DaemonFraud:
             (("evicted", d), metrics.fraud_subjects_evicted.labels(d), n)
             for d, n in stats.evicted.items()
         ]
+        series += [
+            (("errors", step), metrics.fraud_errors.labels(step), n)
+            for step, n in self.stage.stats.errors.items()
+        ]
         exported = self._exported
         for key, counter, total in series:
             delta = total - exported.get(key, 0)

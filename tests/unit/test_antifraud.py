@@ -89,6 +89,9 @@ def test_counts_are_exported_as_deltas_with_detector_labels_only(tmp_path: Path)
     assert value("sipcdr_fraud_alerts_total", labels) == 1
     # The address is held twice: by the User-Agent count and by the probing count.
     assert value("sipcdr_fraud_subjects_tracked", {"detector": "scanner"}) == 2
+    fraud.stage.stats.errors["message"] = 2  # as a detector fault would count it
+    fraud.export_metrics(metrics)
+    assert value("sipcdr_fraud_errors_total", {"step": "message"}) == 2
     exported = "\n".join(
         f"{sample.labels}" for family in metrics.registry.collect() for sample in family.samples
     )

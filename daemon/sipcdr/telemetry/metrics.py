@@ -291,6 +291,13 @@ class Metrics:
             ["detector"],
             registry=r,
         )
+        self.fraud_errors = Counter(
+            "sipcdr_fraud_errors_total",
+            "Fraud checks skipped by a fault in a detector, by step (message, cdr, tick, "
+            "write); the message or CDR itself went on",
+            ["step"],
+            registry=r,
+        )
         self.fraud_subjects_tracked = Gauge(
             "sipcdr_fraud_subjects_tracked",
             "Subjects (addresses, numbers, trunks) a fraud detector holds now",
