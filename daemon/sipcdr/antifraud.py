@@ -101,5 +101,8 @@ class DaemonFraud:
             if delta > 0:
                 exported[key] = total
                 counter.inc(delta)
+                if key[0] == "errors":
+                    # A bug: said once a tick at most, never per message.
+                    self.log.error("fraud_check_failed", step=key[1], times=delta, total=total)
         for detector, held in stats.tracked.items():
             metrics.fraud_subjects_tracked.labels(detector).set(held)
