@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from sipcdr.antifraud import DaemonFraud
 from sipcdr.capture import live, tls
 from sipcdr.capture.addresses import ListenerError, named_udp_socket, unbound_stream
 from sipcdr.capture.hepstream import HepStreamServer, StreamLimits
@@ -197,6 +198,7 @@ class App:
         )
         self.intake = IntakeGate(self.pipeline, self.clock.monotonic)
         self.spare_room = SpareRoom(self.spare)
+        self.fraud: DaemonFraud | None = None  # built once the spool for its alerts is open
 
     def _reset_inputs(self) -> None:
         self._hep_stream: HepStreamServer | None = None
@@ -229,6 +231,7 @@ class App:
             udp_drops=udp_drops,
             vxlan=self._vxlan,
             rating=self.rates.stage.stats,
+            fraud=None if self.fraud is None else self.fraud.stage,
             privacy=self.privacy_stats,
             outbound=self.outputs.outbound,
             outputs=self.outputs,
@@ -338,6 +341,7 @@ class App:
             # the spool holds in memory go into every checkpoint instead.
             writer.on_written = self.dialogs.closed
             self.dialogs.held = writer.held
+        self._connect_fraud()
         self.spare_room.connect(
             outputs, {sink: self._destination_dir(sink) for sink in outputs.sinks}
         )
@@ -352,6 +356,18 @@ class App:
         if sink.name == "postgres" and self.config.sinks.postgres.embedded:
             return self.state_dir / EMBEDDED_DATA_SUBDIR
         return None
+
+    def _connect_fraud(self) -> None:
+        """The fraud stage in the chain, before the correlator (messages) and after it
+        (CDRs), its alerts into the records spool with the CDRs."""
+        self.fraud = DaemonFraud.build(self.config, self.outputs.alert_writer)
+        if self.fraud is not None:
+            stage = self.fraud.stage
+            self.pipeline.message_stages = (*self.pipeline.message_stages, stage)
+            self.pipeline.stages = (*self.pipeline.stages, stage)
+
+    def _fraud_step(self, step: Callable[[DaemonFraud], object]) -> Callable[[], object]:
+        return lambda: None if self.fraud is None else step(self.fraud)
 
     def _make_room(self) -> bool:
         """A write was refused for want of space: give up the spare and, from this very
@@ -559,12 +575,14 @@ class App:
         step on its own: a full disk must not stop the timers."""
         steps: list[tuple[str, Callable[[], object]]] = [
             ("expire", lambda: self.pipeline.expire(now)),
+            ("fraud", self._fraud_step(lambda fraud: fraud.tick(now))),
             ("flush_sinks", self.pipeline.flush),
             ("spare", self.spare_room.keep),
             ("intake_gate", lambda: self.intake.update(self._intake_block_reason())),
             ("log_output_losses", self.outputs.log_losses),
             ("log_dialog_state_losses", self.dialogs.log_losses),
             ("listener_hints", lambda: self._hints.log_due(now, self.log.warning)),
+            ("log_fraud_failures", self._fraud_step(DaemonFraud.log_failures)),
         ]
         for name, step in steps:
             try:
@@ -602,6 +620,7 @@ class App:
         steps: list[tuple[str, Callable[[], object]]] = [
             ("expire", lambda: self.pipeline.expire(self.clock.time())),
             ("flush_sinks", self.pipeline.flush),
+            ("save_fraud_baselines", self._fraud_step(DaemonFraud.save)),
         ]
         for name, step in steps:
             try:

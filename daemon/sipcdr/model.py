@@ -507,7 +507,7 @@ PERSONAL_FIELDS: Final[Mapping[str, Mapping[str, str]]] = {
 _SIP_COLUMNS: Final = {
     name: kind for name, kind in _SIP_PERSONAL.items() if name in _SIP_MESSAGES_COLUMNS
 }
-_ALERT_COLUMNS: Final = {"subject": SUBJECT, "details": SUBJECT}
+_ALERT_COLUMNS: Final = {"subject": SUBJECT, "details": SUBJECT, "call_ids": HEADER_TEXT}
 PERSONAL_COLUMNS: Final[Mapping[str, Mapping[str, str]]] = {
     "cdrs": _CDR_PERSONAL,
     "sip_messages": _SIP_COLUMNS,

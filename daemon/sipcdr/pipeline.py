@@ -18,7 +18,7 @@ import structlog
 from sipcdr.dialog import Correlator
 from sipcdr.model import Cdr, Packet
 from sipcdr.sip import SipMessage, SipParseError, parse
-from sipcdr.stages import CdrStage
+from sipcdr.stages import CdrStage, MessageStage
 
 _ERROR_LOG_LIMIT = 10  # the first few internal errors are logged in full; all are counted
 _log = structlog.get_logger("sipcdr.pipeline")
@@ -64,6 +64,7 @@ class Pipeline:
         "correlator",
         "decided",
         "journal",
+        "message_stages",
         "pause_reason",
         "paused",
         "signaling",
@@ -77,6 +78,7 @@ class Pipeline:
         correlator: Correlator,
         sinks: Sequence[CdrSink],
         stages: Sequence[CdrStage] = (),
+        message_stages: Sequence[MessageStage] = (),
     ) -> None:
         self.correlator = correlator
         self.sinks = tuple(sinks)
@@ -92,6 +94,8 @@ class Pipeline:
         # Each message that changed a call, for the dialog journal (the daemon's; an
         # import has none): written before any CDR it closes reaches the sinks.
         self.journal: Callable[[Packet], None] | None = None
+        # Each parsed message passes these before the correlator (fraud).
+        self.message_stages = tuple(message_stages)
         # Closes that replaying the journaled messages would not repeat the same way,
         # for the dialog journal, before their CDRs reach the sinks: a timer run (with
         # its time) or an eviction (None), which comes before its message's record.
@@ -129,6 +133,12 @@ class Pipeline:
             except Exception as exc:  # the signaling copy must never cost the call
                 _bump(self.stats.internal_errors, "signaling")
                 self._log_error("signaling_record_failed", exc, msg.call_id)
+        for stage in self.message_stages:
+            try:
+                stage.on_message(packet, msg)
+            except Exception as exc:  # a stage's bug must never cost the call
+                _bump(self.stats.internal_errors, stage.name)
+                self._log_error("message_stage_failed", exc, msg.call_id)
         try:
             closed = self.correlator.feed(packet, msg)
         except Exception as exc:

@@ -19,6 +19,9 @@ APPLIED = "".join(f"applied {migration.name}\n" for migration in load_migrations
 COMMAND_TIMEOUT_S = 60.0
 APPLIED = "applied 0001_initial\napplied 0002_privacy\n"
 
+# What `sipcdr db migrate` prints on an empty database: every shipped migration.
+APPLIED = "".join(f"applied {m.name}\n" for m in load_migrations())
+
 
 def db_migrate(workdir: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -198,6 +198,13 @@ def alert_value(raised_at: str) -> dict[str, Any]:
         "cdr_ids": [str(uuid.uuid5(CDR_NAMESPACE, str(n))) for n in range(3)],
         "details": {"trunk": "carrier-a", "ratio": 0.93, "top": [{"callee": "4930", "n": 7}]},
         "schema_version": 1,
+        "subject_kind": "caller",
+        "observed": "120",
+        "threshold_value": "100",
+        "first_seen": raised_at,
+        "last_seen": raised_at,
+        "call_ids": ["a84b4c76e66710@pc33.example.com"],
+        "revision": 0,
     }
 
 
@@ -248,7 +255,8 @@ async def test_concurrent_migrations_apply_each_file_once(pg_dsn: str) -> None:
     finally:
         await first.close()
         await second.close()
-    assert sorted(results) == [[], SHIPPED]
+    # Each file once, by one or the other (each step takes the lock on its own).
+    assert sorted(results[0] + results[1]) == SHIPPED
 
 
 async def test_changed_applied_migration_is_refused(
@@ -431,6 +439,36 @@ async def test_alerts_stored(sink: PostgresSink, conn: asyncpg.Connection) -> No
     assert stored == alert
     assert sink.rows_inserted["fraud_alerts"] == 1
     assert sink.duplicates_skipped["fraud_alerts"] == 1
+
+
+async def test_an_updated_alert_replaces_its_row_and_an_older_revision_does_not(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    raised = alert_value("2026-03-14T09:30:00.000000Z")
+    update = raised | {
+        "severity": "critical",
+        "count": 900,
+        "observed": "900",
+        "last_seen": "2026-03-14T09:41:00.000000Z",
+        "revision": 2,
+    }
+    middle = raised | {"count": 400, "observed": "400", "revision": 1}
+
+    def record(seq: int, value: dict[str, Any]) -> SpoolRecord:
+        return SpoolRecord(seq, KIND_ALERT, value["subject"].encode(), orjson.dumps(value))
+
+    await sink.deliver(STREAM_RECORDS, [record(1, raised)])
+    # An update and an older one in the same batch: the newest wins.
+    await sink.deliver(STREAM_RECORDS, [record(2, update), record(3, middle)])
+    # The older one re-delivered alone (after a crash): the row stays at the newest.
+    await sink.deliver(STREAM_RECORDS, [record(3, middle)])
+    rows = await conn.fetch("SELECT * FROM fraud_alerts")
+    assert len(rows) == 1
+    stored = as_record(rows[0])
+    stored["details"] = json.loads(stored["details"])
+    assert stored == update
+    assert sink.rows_inserted["fraud_alerts"] == 2  # raised, then replaced once
+    assert sink.duplicates_skipped["fraud_alerts"] == 2
 
 
 async def test_both_streams_deliver_concurrently(

@@ -34,6 +34,9 @@ CAPTURE = "heplify-sip_ipv4_tcp_fragmented.pcap"  # 37 calls (test_import_captur
 STEP_TIMEOUT_S = 240.0
 BUILD_LEFTOVERS = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
 
+# What `sipcdr db migrate` prints on an empty database: every shipped migration.
+APPLIED = "".join(f"applied {m.name}\n" for m in load_migrations())
+
 
 def run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(

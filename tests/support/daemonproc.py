@@ -50,11 +50,18 @@ class Daemon:
             self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=30)
 
-    def cdrs(self) -> list[dict[str, object]]:
+    def records(self) -> list[dict[str, object]]:
+        """Every line of the JSONL file: CDRs, and fraud alerts when it is the only sink."""
         path = self.workdir / "var" / "cdrs.jsonl"
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+    def cdrs(self) -> list[dict[str, object]]:
+        return [record for record in self.records() if "alert_id" not in record]
+
+    def alerts(self) -> list[dict[str, object]]:
+        return [record for record in self.records() if "alert_id" in record]
 
 
 def _same_series(key: str, name: str, labels: dict[str, str]) -> bool:

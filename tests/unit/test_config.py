@@ -592,7 +592,7 @@ ERRORS = [
     pytest.param(
         "[fraud]\nmax_calls = 10\n",
         "fraud.max_calls",
-        "fraud detectors are not configurable in this version",
+        "unknown key",
         id="fraud-key",
     ),
     pytest.param(

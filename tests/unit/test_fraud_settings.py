@@ -5,12 +5,16 @@ that survive a restart."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
+from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import settings as run_with
 from hypothesis import strategies as st
+from sipcdr.config import ConfigError, load_config
 from sipcdr.fraud import DETECTORS, FraudMonitor, FraudSettings, TrunkSettings
 from sipcdr.fraud.numbering import (
     TableError,
@@ -217,3 +221,197 @@ def test_learnt_baselines_survive_a_restart() -> None:
     assert again.alerts == []
     with pytest.raises(ValueError, match="unsupported"):
         fresh.restore(b'{"version": 99}', MONDAY)
+
+
+# -- the [fraud] section of the configuration ----------------------------------------------
+
+TRUNKS = """
+[[trunks]]
+name = "carrier-a"
+sources = ["192.0.2.0/24"]
+country_code = "49"
+national_prefix = "0"
+
+[[trunks]]
+name = "callcentre"
+sources = ["198.51.100.0/24"]
+"""
+
+
+def load_fraud(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> FraudSettings:
+    path = tmp_path / "sipcdr.toml"
+    path.write_text(TRUNKS + text, encoding="utf-8")
+    return load_config(path, environ or {}).fraud.settings
+
+
+def fraud_error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_fraud(tmp_path, text)
+    message = str(caught.value)
+    assert "\n" not in message  # one line, naming the key
+    return message
+
+
+def test_no_fraud_section_gives_the_shipped_defaults_with_the_trunks_numbering(
+    tmp_path: Path,
+) -> None:
+    settings = load_fraud(tmp_path, "")
+    defaults = FraudSettings()
+    for detector in DETECTORS:
+        assert getattr(settings, detector) == getattr(defaults, detector)
+    assert settings.trunks["carrier-a"] == TrunkSettings(country_code="49", national_prefix="0")
+    assert settings.trunks["callcentre"] == TrunkSettings()
+    assert load_config(None, {}).fraud.settings == defaults
+
+
+def test_the_documented_keys_set_thresholds_exceptions_and_trunk_overrides(
+    tmp_path: Path,
+) -> None:
+    settings = load_fraud(
+        tmp_path,
+        """
+[fraud]
+cooldown_s = 600
+max_subjects = 5000
+example_calls = 0
+
+[fraud.allow]
+numbers = ["+4930111"]
+prefixes = ["4980"]
+sources = ["10.0.0.0/8"]
+
+[fraud.scanner]
+user_agents = ["evil-tool"]
+per_source = { warning = 2 }
+
+[fraud.wangiri]
+max_ring_s = 4.5
+
+[fraud.spend_velocity]
+per_trunk = { warning = "99.95", critical = 500 }
+
+[fraud.international_surge]
+baseline = { factor = 4, alpha = 0.5 }
+
+[fraud.trunks.carrier-a]
+allow = { sources = ["192.0.2.7"] }
+
+[fraud.trunks.carrier-a.cps_burst]
+per_trunk = { warning = 3000, critical = 10000 }
+
+[fraud.trunks.callcentre.concurrent_calls]
+enabled = false
+""",
+    )
+    assert (settings.cooldown_s, settings.max_subjects, settings.example_calls) == (600, 5000, 0)
+    assert settings.allow.numbers == {"4930111"}
+    assert settings.allow.allows_number("498012345")
+    assert settings.allow.allows_source("10.9.8.7")
+    assert settings.scanner.user_agents == ("evil-tool",)
+    # A key not given keeps its default, inside a threshold too.
+    assert settings.scanner.per_source == Threshold(2, 100, 300)
+    assert settings.wangiri.max_ring_s == 4.5
+    assert settings.spend_velocity.per_trunk == MoneyThreshold(Decimal("99.95"), Decimal(500), 3600)
+    assert settings.international_surge.baseline == Baseline(4.0, 10.0, 30, 0.5)
+    carrier = settings.for_trunk("carrier-a")
+    assert carrier.cps_burst.per_trunk == Threshold(3000, 10000, 10)
+    assert carrier.cps_burst.per_source == settings.cps_burst.per_source
+    assert carrier.allow.allows_source("192.0.2.7")
+    assert carrier.allow.allows_number("4930111")  # the global exceptions still apply
+    assert not settings.for_trunk("callcentre").concurrent_calls.enabled
+    assert settings.for_trunk("carrier-a").concurrent_calls.enabled
+
+
+def test_a_trunk_table_keeps_the_global_values_it_does_not_give(tmp_path: Path) -> None:
+    settings = load_fraud(
+        tmp_path,
+        """
+[fraud.scanner]
+per_source = { warning = 3, critical = 30 }
+probing = { warning = 50 }
+
+[fraud.trunks.carrier-a.scanner]
+probing = { window_s = 120 }
+""",
+    )
+    scanner = settings.for_trunk("carrier-a").scanner
+    assert scanner.per_source == Threshold(3, 30, 300)
+    assert scanner.probing == Threshold(50, 1000, 120)
+
+
+def test_the_high_risk_list_and_the_length_table_are_replaced_by_files(tmp_path: Path) -> None:
+    (tmp_path / "irsf.csv").write_text("# our own list, 2026-12\nprefix,kind\n+88299,satellite\n")
+    (tmp_path / "lengths.csv").write_text("country_code,regions,lengths\n49,DE,10 11\n")
+    settings = load_fraud(
+        tmp_path,
+        """
+[fraud.high_risk_destination]
+prefixes_file = "irsf.csv"
+
+[fraud.invalid_destination]
+lengths_file = "lengths.csv"
+""",
+    )
+    prefixes = settings.high_risk_destination.prefixes
+    assert len(prefixes) == 1
+    assert prefixes.match("88299123456") == "88299"
+    assert "our own list" in prefixes.source
+    assert settings.invalid_destination.plan.verdict("493012345678") is None
+    assert settings.invalid_destination.plan.verdict("33123456789") is not None
+    redacted = load_config(tmp_path / "sipcdr.toml", {}).fraud.redacted()
+    assert str(tmp_path / "irsf.csv") in str(redacted["files"])
+
+
+def test_thresholds_are_set_from_the_environment(tmp_path: Path) -> None:
+    settings = load_fraud(
+        tmp_path,
+        "",
+        {
+            "SIPCDR_FRAUD__SCANNER__PER_SOURCE__WARNING": "5",
+            "SIPCDR_FRAUD__AUTH_FAILURES__ENABLED": "false",
+            "SIPCDR_FRAUD__ALLOW__SOURCES": "192.0.2.1,2001:db8::/32",
+        },
+    )
+    assert settings.scanner.per_source.warning == 5
+    assert not settings.auth_failures.enabled
+    assert settings.allow.allows_source("2001:db8::7")
+
+
+def test_the_redacted_form_counts_exceptions_rather_than_showing_them(tmp_path: Path) -> None:
+    path = tmp_path / "sipcdr.toml"
+    path.write_text(TRUNKS + '[fraud.allow]\nnumbers = ["4930111"]\nsources = ["192.0.2.9"]\n')
+    text = json.dumps(load_config(path, {}).redacted())
+    assert "4930111" not in text
+    assert "192.0.2.9" not in text
+    assert '"numbers": 1' in text
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[fraud]\nmax_calls = 10\n", "fraud.max_calls"),
+        ("[fraud.scanner]\nper_source = { warning = 5, critical = 2 }\n", "critical (2)"),
+        ("[fraud.wangiri]\nmax_ring = 3\n", "did you mean 'max_ring_s'"),
+        ("[fraud.trunks.nobody]\nallow = {}\n", "fraud.trunks.nobody"),
+        ("[fraud.cps_burst]\nper_trunk = { warning = 1.5 }\n", "an integer"),
+        ("[fraud.spend_velocity]\nper_trunk = { warning = 1.5 }\n", "exact positive amount"),
+        ("[fraud.allow]\nnumbers = ['030 1234']\n", "fraud.allow.numbers[0]"),
+        ("[fraud.allow]\nsources = ['not-an-address']\n", "fraud.allow.sources[0]"),
+        ("[fraud.international_surge]\nbaseline = { alpha = 2.0 }\n", "alpha"),
+        ("[fraud.scanner]\nuser_agents = ['']\n", "fraud.scanner.user_agents[0]"),
+        ("[fraud.high_risk_destination]\nprefixes_file = 'missing.csv'\n", "cannot be read"),
+        ("[fraud]\ncooldown_s = 0\n", "fraud.cooldown_s"),
+        ("[fraud.trunks.carrier-a.sequential_dialing]\nmax_gap_s = 0\n", "max_gap_s"),
+    ],
+)
+def test_bad_fraud_settings_stop_the_start_with_one_line_naming_the_key(
+    tmp_path: Path, text: str, fragment: str
+) -> None:
+    assert fragment in fraud_error(tmp_path, text)
+
+
+def test_a_bad_replacement_table_names_its_line(tmp_path: Path) -> None:
+    (tmp_path / "irsf.csv").write_text("prefix\n+88x\n")
+    message = fraud_error(tmp_path, "[fraud.high_risk_destination]\nprefixes_file = 'irsf.csv'\n")
+    assert "fraud.high_risk_destination.prefixes_file" in message
+    assert "line 2" in message

@@ -72,6 +72,7 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
         (
             "sipcdr.engine",
             "sipcdr.app",
+            "sipcdr.antifraud",
             "sipcdr.importer",
             "sipcdr.replay",
             "sipcdr.rates",

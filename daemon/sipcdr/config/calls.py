@@ -1,5 +1,5 @@
-"""The sections about calls: `[dialog]` timers and limits, `[[trunks]]`, `[rating]`
-and `[fraud]`."""
+"""The sections about calls: `[dialog]` timers and limits, `[[trunks]]` and `[rating]`
+(`[fraud]` is `config.fraud`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from sipcdr.config.schema import (
     DEFAULT_DIALOG_LIMITS,
     DEFAULT_RATING_DECIMALS,
     MAX_RATING_DECIMALS,
-    FraudConfig,
     Network,
     RatingConfig,
     TrunkConfig,
@@ -151,16 +150,3 @@ def _strip_prefixes(table: Table) -> tuple[str, ...]:
             raise table.context.invalid(key, prefix, expected) from None
         prefixes.append(prefix)
     return tuple(prefixes)
-
-
-def fraud_section(root: Table) -> FraudConfig:
-    # The section is accepted so files can carry it (DESIGN's sample does), but any key
-    # in it would be a setting that silently does nothing.
-    for name, value in root.entries("fraud").items():
-        raise root.context.problem(
-            join("fraud", name),
-            value,
-            "fraud detectors are not configurable in this version",
-            "an empty [fraud] section",
-        )
-    return FraudConfig()

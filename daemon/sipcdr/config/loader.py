@@ -14,11 +14,11 @@ from sipcdr import dialogstore, spare
 from sipcdr.config.calls import (
     DIALOG_KEYS,
     dialog_section,
-    fraud_section,
     rating_section,
     trunks_section,
 )
 from sipcdr.config.capture import capture_section
+from sipcdr.config.fraud import fraud_section
 from sipcdr.config.outputs import jsonl_section, kafka_section, postgres_section, spool_section
 from sipcdr.config.reading import GAP, ConfigError, Context, EnvStr, Table, join, one_endpoint
 from sipcdr.config.schema import (
@@ -133,7 +133,7 @@ def _build(raw: dict[str, object], context: Context, base_dir: Path) -> Config:
     rating_table = root.table("rating", (item.name for item in fields(RatingConfig)))
     rating = rating_section(rating_table, base_dir)
     trunks = trunks_section(root, rating)
-    fraud = fraud_section(root)
+    fraud = fraud_section(root, trunks, base_dir)
     sinks_table = root.table("sinks", ("jsonl", "postgres", "kafka"))
     sinks = SinksConfig(
         jsonl=jsonl_section(

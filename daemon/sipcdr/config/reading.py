@@ -159,6 +159,10 @@ class Table:
     def has(self, name: str) -> bool:
         return name in self._raw
 
+    def value(self, name: str) -> object:
+        """The value as given (None when absent), for a type the readers below lack."""
+        return self._raw.get(name)
+
     def table(self, name: str, known: Iterable[str]) -> Table:
         return Table(self.context, self.key(name), self._raw.get(name), known)
 

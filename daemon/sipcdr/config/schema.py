@@ -3,15 +3,19 @@ constant with the reason for its value, and `redacted()` for what may be logged.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final, NamedTuple, TypeAlias
 
 from sipcdr import dialogstore, spare
 from sipcdr.dialog.correlator import DialogLimits
+from sipcdr.fraud.numbering import NumberingPlan, PrefixTable
+from sipcdr.fraud.settings import AllowList, FraudSettings
 from sipcdr.model import Trunk
 from sipcdr.privacy.settings import PrivacySettings, RetentionSettings
 from sipcdr.rating import pricing
@@ -220,10 +224,40 @@ class RatingConfig:
 
 @dataclass(frozen=True, slots=True)
 class FraudConfig:
-    """Detectors run with their shipped defaults; settings will be added here."""
+    """`[fraud]`: the detectors' settings record, and the table files it was read from
+    (by key), to say so in the redacted form."""
+
+    settings: FraudSettings = field(default_factory=FraudSettings)
+    files: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def redacted(self) -> dict[str, object]:
-        return {}
+        """Thresholds as set; allow-lists as counts, since they hold numbers and
+        addresses; replaced tables by their file."""
+        return {"settings": _fraud_redacted(self.settings), "files": dict(self.files)}
+
+
+def _fraud_redacted(value: object) -> object:
+    if isinstance(value, AllowList):
+        return {
+            "numbers": len(value.numbers),
+            "prefixes": len(value.prefixes),
+            "sources": len(value.sources),
+        }
+    if isinstance(value, PrefixTable | NumberingPlan):
+        return f"{len(value.entries if isinstance(value, PrefixTable) else value.lengths)} entries"
+    if isinstance(value, Mapping):
+        return {str(key): _fraud_redacted(item) for key, item in value.items()}
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            item.name: _fraud_redacted(getattr(value, item.name))
+            for item in dataclasses.fields(value)
+            if not item.name.startswith("_")
+        }
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,8 @@
 A spool consumer like every sink: each batch is written, flushed and fsynced before
 the cursor moves, so a CDR in the file is on disk. A crash between the fsync and the
 cursor save repeats that batch's lines; tools that need exactly-once dedupe by
-`cdr_id`. Fraud alerts and signaling have their own records and are not written here.
+`cdr_id`. Fraud alert records (with `alert_id`) are written too when `alerts` is set,
+which the daemon does when the file is its only sink; signaling never is.
 The file is rotated by size to `<name>.<UTC time>` so no single file grows unbounded.
 A rotation that fails (no inode left for the new file, say) comes after its batch is
 on disk, so it never fails that batch, which would deliver it again: it is counted
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import IO, Final
 
 from sipcdr.private import check_file_location, open_private_fd, private_dir, tighten_files
-from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, AsyncLifecycle, SpoolRecord
+from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, AsyncLifecycle, SpoolRecord
 
 DEFAULT_ROTATE_BYTES: Final = 256 * 1024 * 1024  # a day of a busy trunk group, still greppable
 CONFIG_KEY: Final = "sinks.jsonl.path"  # what a refused path is reported under
@@ -43,8 +44,11 @@ class JsonlSink(AsyncLifecycle):
     name = "jsonl"
     streams: tuple[str, ...] = (STREAM_RECORDS,)
 
-    def __init__(self, path: Path, rotate_bytes: int = DEFAULT_ROTATE_BYTES) -> None:
+    def __init__(
+        self, path: Path, rotate_bytes: int = DEFAULT_ROTATE_BYTES, *, alerts: bool = False
+    ) -> None:
         self.path = path
+        self.kinds = frozenset({KIND_CDR, KIND_ALERT} if alerts else {KIND_CDR})
         self.rotate_bytes = rotate_bytes
         self.written = 0
         self.rotation_failures = 0  # the batch before was kept; tried again after the next
@@ -84,7 +88,8 @@ class JsonlSink(AsyncLifecycle):
         return self._file
 
     async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
-        lines = [record.value for record in records if record.kind == KIND_CDR]
+        kinds = self.kinds
+        lines = [record.value for record in records if record.kind in kinds]
         if lines:
             # fsync takes milliseconds; the event loop keeps receiving meanwhile.
             await asyncio.to_thread(self._write, lines)

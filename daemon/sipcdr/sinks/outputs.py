@@ -16,11 +16,11 @@ import orjson
 import structlog
 
 from sipcdr.clock import SYSTEM_CLOCK, Clock
-from sipcdr.model import Cdr
+from sipcdr.model import Cdr, FraudAlert
 from sipcdr.privacy.outbound import OutboundFilter
 from sipcdr.privacy.pseudonym import load_key
 from sipcdr.private import private_dir
-from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, STREAM_SIGNALING, Sink
+from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, STREAM_SIGNALING, Sink
 from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.settings import KafkaSettings, OutputSettings, PostgresSettings
@@ -66,6 +66,23 @@ class SpoolCdrWriter:
         self.spool.flush()
 
 
+class SpoolAlertWriter:
+    """The fraud stage's alert writer: one spool append per alert record (a new alert or
+    an update of one), in the records stream with the CDRs, keyed by its subject (the
+    Kafka key, so one subject's alerts stay in order on one partition). A refused
+    append is counted by the spool, with its reason."""
+
+    name = "spool_alerts"
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    def write_alert(self, alert: FraudAlert) -> bool:
+        value = orjson.dumps(alert.to_record())
+        outcome = self.spool.append(KIND_ALERT, alert.subject.encode(), value)
+        return outcome is not Appended.REFUSED
+
+
 class Outputs:
     def __init__(
         self,
@@ -89,6 +106,7 @@ class Outputs:
         self.spools: dict[str, Spool] = {}
         self.signaling: SignalingRecorder | None = None
         self.cdr_writer: SpoolCdrWriter | None = None
+        self.alert_writer: SpoolAlertWriter | None = None
         self.delivery: Delivery | None = None
         self._embedded: object | None = None  # storage.embedded.EmbeddedPostgres
         # What may leave towards Kafka (sipcdr.privacy.outbound); set by `open`.
@@ -113,7 +131,9 @@ class Outputs:
             pseudonymize=pseudonymize,
         )
         if jsonl is not None:
-            self.sinks.append(JsonlSink(jsonl.path, rotate_bytes=jsonl.rotate_bytes))
+            # Alerts go to the JSONL file only when nothing else would keep them.
+            only = settings.postgres is None and settings.kafka is None
+            self.sinks.append(JsonlSink(jsonl.path, rotate_bytes=jsonl.rotate_bytes, alerts=only))
         if settings.postgres is not None:
             self.sinks.append(await self._postgres_sink(settings.postgres))
         if kafka is not None:
@@ -131,6 +151,7 @@ class Outputs:
                 reserve_records=spool_config.cdr_reserve_records,
             )
             self.cdr_writer = SpoolCdrWriter(spool)
+            self.alert_writer = SpoolAlertWriter(spool)
         if STREAM_SIGNALING in consumers:
             spool = self._open_spool(
                 STREAM_SIGNALING,

@@ -110,6 +110,14 @@ def _texts(value: list[str]) -> list[str | None]:
     return [_text(item) for item in value]
 
 
+def _texts_or_empty(value: list[str] | None) -> list[str | None]:
+    return [] if value is None else _texts(value)
+
+
+def _revision(value: int | None) -> int:
+    return 0 if value is None else value  # a record from before revisions: the first
+
+
 def _json(value: Any) -> str:
     text = orjson.dumps(value).decode()
     if "\\u0000" in text:  # jsonb refuses the NUL escape as well
@@ -135,6 +143,10 @@ class _Table:
     columns: tuple[str, ...]
     converters: tuple[Converter, ...]
     day_column: int  # index of the partition key in `columns`
+    # A column whose higher value replaces a row already there (ON CONFLICT DO UPDATE);
+    # None: a row already there stays as it is (DO NOTHING).
+    latest: str | None = None
+    key: tuple[str, ...] = ()  # the primary key, for the conflict target of `latest`
 
     @property
     def staging(self) -> str:
@@ -147,9 +159,16 @@ class _Table:
         )
 
 
-def _table(name: str, day_column: str, spec: Sequence[tuple[str, Converter]]) -> _Table:
+def _table(
+    name: str,
+    day_column: str,
+    spec: Sequence[tuple[str, Converter]],
+    *,
+    latest: str | None = None,
+) -> _Table:
     columns = tuple(column for column, _ in spec)
-    return _Table(name, columns, tuple(c for _, c in spec), columns.index(day_column))
+    key = (columns[0], day_column)  # every table's key: its id and its partition column
+    return _Table(name, columns, tuple(c for _, c in spec), columns.index(day_column), latest, key)
 
 
 # Columns in the order of the record's fields (and of the migrations in storage/sql/).
@@ -241,8 +260,18 @@ FRAUD_ALERTS: Final = _table(
         ("cdr_ids", _same),
         ("details", _json),
         ("schema_version", _same),
+        # Added by 0004_fraud_alert_incidents.sql.
+        ("subject_kind", _text),
+        ("revision", _revision),
+        ("observed", _decimal),
+        ("threshold_value", _decimal),
+        ("first_seen", _time),
+        ("last_seen", _time),
+        ("call_ids", _texts_or_empty),
         ("restricted", _same),  # set by the sink
     ],
+    # An incident's update replaces its row; an older or repeated revision does not.
+    latest="revision",
 )
 TABLE_OF_KIND: Final = {KIND_CDR: CDRS, KIND_ALERT: FRAUD_ALERTS, KIND_SIP: SIP_MESSAGES}
 TABLES: Final = (CDRS, SIP_MESSAGES, FRAUD_ALERTS)
@@ -363,6 +392,8 @@ class PostgresSink(AsyncLifecycle):
         always, costs one pass. A batch with rows already there (a re-delivery after a
         crash or a failed attempt) violates the key; only then do the rows go through
         the staging table and INSERT .. ON CONFLICT DO NOTHING. Returns rows inserted."""
+        if table.latest is not None:
+            return await self._upsert(connection, table, table_rows)
         try:
             async with connection.transaction():  # a savepoint: the fallback goes on
                 await connection.copy_records_to_table(
@@ -378,6 +409,36 @@ class PostgresSink(AsyncLifecycle):
         status = await connection.execute(
             f"INSERT INTO {table.name} ({columns}) "
             f"SELECT {columns} FROM {table.staging} ON CONFLICT DO NOTHING"
+        )
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def _upsert(
+        self, connection: asyncpg.Connection, table: _Table, table_rows: list[Row]
+    ) -> int:
+        """Rows that replace an older version of themselves (an alert's updates): only
+        the highest `latest` per key in the batch goes in (one statement may not touch a
+        row twice), and it replaces a row already there only when it is higher. Updates
+        are rare next to CDRs, so they always go through the staging table. Returns the
+        rows inserted or replaced; the rest were already there as new or newer."""
+        latest = table.columns.index(table.latest or "")
+        keys = [table.columns.index(column) for column in table.key]
+        newest: dict[tuple[Any, ...], Row] = {}
+        for row in table_rows:
+            key = tuple(row[i] for i in keys)
+            kept = newest.get(key)
+            if kept is None or row[latest] > kept[latest]:
+                newest[key] = row
+        await connection.copy_records_to_table(
+            table.staging, records=list(newest.values()), columns=table.columns
+        )
+        columns = ", ".join(table.columns)
+        updates = ", ".join(
+            f"{column} = EXCLUDED.{column}" for column in table.columns if column not in table.key
+        )
+        status = await connection.execute(
+            f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {table.staging} "
+            f"ON CONFLICT ({', '.join(table.key)}) DO UPDATE SET {updates} "
+            f"WHERE {table.name}.{table.latest} < EXCLUDED.{table.latest}"
         )
         return int(status.rsplit(" ", 1)[-1])
 

@@ -269,6 +269,21 @@ FAMILIES: Final = {f.name: f for f in (
        "the previous deck stays)",
        "plan", "result"),
     _g("sipcdr_rate_deck_rows", "Rows of the rate deck in force, by plan", "plan"),
+    # -- fraud ------------------------------------------------------------------------------
+    _c("sipcdr_fraud_alerts",
+       "Fraud alerts raised, by detector and severity (an escalation to critical "
+       "counts once more under critical)",
+       "detector", "severity"),
+    _c("sipcdr_fraud_alerts_suppressed",
+       "New fraud incidents not sent, over the per-detector rate limit", "detector"),
+    _c("sipcdr_fraud_subjects_evicted",
+       "Subjects a fraud detector forgot at its max_subjects cap, idlest first", "detector"),
+    _c("sipcdr_fraud_errors",
+       "Fraud checks skipped by a fault in a detector, by step (message, cdr, tick, "
+       "write); the message or CDR itself went on",
+       "step"),
+    _g("sipcdr_fraud_subjects_tracked",
+       "Subjects (addresses, numbers, trunks) a fraud detector holds now", "detector"),
     # -- retention and restriction --------------------------------------------------------
     _g("sipcdr_retention_oldest_partition_age_days",
        "Age in days of the oldest partition of each table after the last retention "

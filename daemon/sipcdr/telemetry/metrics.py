@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from sipcdr.capture.mirror import VxlanUdpProtocol
     from sipcdr.dialog import Correlator
     from sipcdr.dialogstore import DialogStore
+    from sipcdr.fraud.stage import FraudStage
     from sipcdr.pipeline import Pipeline
     from sipcdr.privacy.outbound import OutboundFilter
     from sipcdr.privacy.stats import PrivacyStats
@@ -71,6 +72,7 @@ class Sources:
     live: Sequence[LiveCapture] = ()
     vxlan: Sequence[VxlanUdpProtocol] = ()
     rating: RatingStats | None = None
+    fraud: FraudStage | None = None
     privacy: PrivacyStats | None = None
     outbound: OutboundFilter | None = None
     udp: Sequence[tuple[str, socket.socket]] = ()  # (listener kind, socket)
@@ -142,6 +144,7 @@ class StatsCollector(Collector):
             _outputs,
             _dialogs,
             _rating,
+            _fraud,
             _privacy,
             _process,
         ):
@@ -343,6 +346,19 @@ def _rating(scrape: _Scrape, sources: Sources) -> None:
         scrape.add("sipcdr_rate_deck_loads", count, plan, "refused")
     for plan, rows in dict(stats.deck_rows).items():
         scrape.set("sipcdr_rate_deck_rows", rows, plan)
+
+
+def _fraud(scrape: _Scrape, sources: Sources) -> None:
+    stage = sources.fraud
+    if stage is None:
+        return
+    stats = stage.monitor.stats
+    scrape.counts("sipcdr_fraud_alerts", stats.alerts)
+    scrape.counts("sipcdr_fraud_alerts_suppressed", stats.suppressed)
+    scrape.counts("sipcdr_fraud_subjects_evicted", stats.evicted)
+    for detector, held in dict(stats.tracked).items():
+        scrape.set("sipcdr_fraud_subjects_tracked", held, detector)
+    scrape.counts("sipcdr_fraud_errors", stage.stats.errors)
 
 
 def _privacy(scrape: _Scrape, sources: Sources) -> None:

@@ -12,3 +12,10 @@ ALTER TABLE cdrs
     ADD COLUMN vendor_cost  numeric,
     ADD COLUMN margin       numeric,
     ADD COLUMN callee_valid boolean;
+
+-- Rows a legal hold keeps past their partition have every column of the table.
+ALTER TABLE cdrs_held
+    ADD COLUMN egress_trunk text,
+    ADD COLUMN vendor_cost  numeric,
+    ADD COLUMN margin       numeric,
+    ADD COLUMN callee_valid boolean;

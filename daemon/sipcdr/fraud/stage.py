@@ -1,0 +1,137 @@
+"""The fraud stage: the monitor in the engine's chain (`sipcdr.stages`).
+
+A message stage (each parsed message, before the correlator), a CDR stage (each closed
+call, after rating: `fraud_flags` set from the detectors that counted it) and a timed
+stage (incident updates and closes, once a second). Every alert the monitor produces
+goes to the alert writer the stage is built with, which puts it in the spool for the
+sinks. The monitor is pure; this adds the source-to-trunk lookup (cached per source,
+as the correlator's) and the counts of what it handed on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol
+
+from sipcdr.fraud.monitor import FraudMonitor
+from sipcdr.fraud.settings import FraudSettings
+from sipcdr.model import Cdr, FraudAlert, Packet, Trunk
+from sipcdr.sip import SipMessage
+
+# Distinct source addresses whose trunk is remembered: HEP and mirrored sources are the
+# sender's to choose, so the cache is cleared rather than grown past this.
+TRUNK_CACHE_LIMIT: Final = 65536
+_UNRESOLVED: Final = Trunk("", None, None, None)
+
+
+class AlertWriter(Protocol):
+    """Where alerts go: the spool's records stream in the daemon and in an import."""
+
+    def write_alert(self, alert: FraudAlert) -> bool:
+        """Whether the alert was taken (on disk, or held for it); False is counted by
+        the writer's spool with its reason."""
+        ...
+
+
+class FraudStageStats:
+    """Plain totals for the metrics exporter; see `FraudStage.stats`."""
+
+    __slots__ = ("alerts_refused", "alerts_written", "errors")
+
+    def __init__(self) -> None:
+        self.alerts_written = 0  # alert records (new and updated) handed to the writer
+        self.alerts_refused = 0  # ... that the writer refused (a full spool)
+        self.errors: dict[str, int] = {}  # by step (message, cdr, tick): a bug, counted
+
+
+class FraudStage:
+    """`MessageStage`, `CdrStage` and `TimedStage` of the engine for the fraud monitor.
+
+    Never raises into the chain: a monitor error costs that message's or CDR's check,
+    counted in `stats.errors`, and the CDR goes on unchanged."""
+
+    name = "fraud"
+
+    def __init__(
+        self,
+        settings: FraudSettings,
+        alerts: AlertWriter,
+        trunk_of: Callable[[str], Trunk | None] | None = None,
+        *,
+        rating: bool = False,
+    ) -> None:
+        """`trunk_of` the trunk lookup (`sipcdr.enrich.trunks.trunk_resolver`);
+        `rating`: a rate deck is loaded, so CDRs carry a cost (spend_velocity)."""
+        self.alerts = alerts
+        self.stats = FraudStageStats()
+        self._trunk_of = trunk_of
+        self._trunks: dict[str, Trunk | None] = {}
+        self.monitor = FraudMonitor(settings, rating=rating, trunk_of=self.trunk_name)
+
+    def trunk_name(self, source: str) -> str | None:
+        trunk = self._trunk(source)
+        return None if trunk is None else trunk.name
+
+    def _trunk(self, source: str) -> Trunk | None:
+        if self._trunk_of is None:
+            return None
+        trunk = self._trunks.get(source, _UNRESOLVED)
+        if trunk is _UNRESOLVED:
+            if len(self._trunks) >= TRUNK_CACHE_LIMIT:
+                self._trunks.clear()
+            trunk = self._trunks[source] = self._trunk_of(source)
+        return trunk
+
+    def on_message(self, packet: Packet, msg: SipMessage) -> None:
+        try:
+            # Only a request's own trunk counts: a response is judged by its call's, or
+            # by the requester's it goes to (the monitor looks that one up itself).
+            trunk = self._trunk(packet.src_ip) if msg.is_request else None
+            alerts = self.monitor.on_message(
+                msg, packet, packet.timestamp, None if trunk is None else trunk.name
+            )
+        except Exception:
+            self._error("message")
+            return
+        if alerts:
+            self._write(alerts)
+
+    def on_cdr(self, cdr: Cdr) -> Cdr:
+        try:
+            flags, alerts = self.monitor.on_cdr(cdr, cdr.cost)
+        except Exception:
+            self._error("cdr")
+            return cdr
+        if alerts:
+            self._write(alerts)
+        if flags:
+            merged = tuple(dict.fromkeys((*cdr.fraud_flags, *flags)))
+            return dataclasses.replace(cdr, fraud_flags=merged)
+        return cdr
+
+    def tick(self, now: float) -> None:
+        try:
+            alerts = self.monitor.expire(now)
+        except Exception:
+            self._error("tick")
+            return
+        if alerts:
+            self._write(alerts)
+
+    def _write(self, alerts: Sequence[FraudAlert]) -> None:
+        stats = self.stats
+        for alert in alerts:
+            try:
+                taken = self.alerts.write_alert(alert)
+            except Exception:
+                self._error("write")
+                continue
+            if taken:
+                stats.alerts_written += 1
+            else:
+                stats.alerts_refused += 1
+
+    def _error(self, step: str) -> None:
+        errors = self.stats.errors
+        errors[step] = errors.get(step, 0) + 1
