@@ -41,7 +41,7 @@ from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, SpoolRecord
 from sipcdr.sinks.postgres import CDRS, PostgresSink
 from sipcdr.storage.embedded import EmbeddedPostgres
 from sipcdr.storage.migrations import migrate
-from sipcdr.storage.partitions import ensure_partitions
+from sipcdr.storage.partitions import DEFAULT_CLASS, ensure_partitions
 
 BATCH = 1000  # sinks.delivery.DEFAULT_BATCH_RECORDS
 
@@ -109,6 +109,14 @@ async def _make_partitions(dsn: str, work: list[list[SpoolRecord]]) -> None:
         await conn.close()
 
 
+def _as_the_sink_fills_it(value: dict[str, object]) -> dict[str, object]:
+    """The columns the sink sets beside the record's own: the retention class and the
+    restriction flag."""
+    value["retention_days"] = DEFAULT_CLASS
+    value["restricted"] = False
+    return value
+
+
 async def run_executemany(dsn: str, work: list[list[SpoolRecord]]) -> float:
     columns = CDRS.columns
     placeholders = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
@@ -118,7 +126,7 @@ async def run_executemany(dsn: str, work: list[list[SpoolRecord]]) -> float:
         await _make_partitions(dsn, work)
         start = time.perf_counter()
         for batch in work:  # decoding is timed too, as it is in the sink
-            decoded = [CDRS.row(orjson.loads(r.value)) for r in batch]
+            decoded = [CDRS.row(_as_the_sink_fills_it(orjson.loads(r.value))) for r in batch]
             async with conn.transaction():
                 await conn.executemany(sql, decoded)
         elapsed = time.perf_counter() - start

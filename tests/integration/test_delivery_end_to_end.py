@@ -25,6 +25,7 @@ from sipcdr.config import Config
 from sipcdr.dialog import Correlator
 from sipcdr.enrich.trunks import trunk_resolver
 from sipcdr.model import SipEvent
+from sipcdr.rates import rate_decks
 from sipcdr.sipevent import replay
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -405,8 +406,10 @@ def test_the_scale_out_topic_carries_every_parsed_message(
     )
     config = Config()
     correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
-    replayed = [cdr for event in events for cdr in correlator.feed(*replay(event))]
-    replayed += correlator.drain()
+    closed = [cdr for event in events for cdr in correlator.feed(*replay(event))]
+    closed += correlator.drain()
+    rate = rate_decks(config).stage  # the daemon rates every CDR, with no deck: unrated
+    replayed = [rate.on_cdr(cdr) for cdr in closed]
     written = {str(record["cdr_id"]): record for record in daemon.cdrs()}
     assert len(written) == 5
     assert {cdr.cdr_id: orjson.loads(orjson.dumps(cdr.to_record())) for cdr in replayed} == (
