@@ -62,6 +62,7 @@ PARTITIONS = 3
 POLL_S = 0.5
 QUIET_S = 8.0  # nothing new anywhere this long after the replay ended: the step is over
 MAX_SETTLE_S = 180.0
+IDLE_S = 3.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -192,6 +193,7 @@ class Sinks:
         self.consumer: Any = None
         self._jsonl_at = 0
         self._jsonl_counts: dict[str, int] = {}
+        self._kafka_keys: dict[str, set[bytes]] = {}
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -201,8 +203,10 @@ class Sinks:
         self.consumer = self.run(self._consumer())
 
     async def _consumer(self) -> Any:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
         await consumer.start()
+        consumer.assign([TopicPartition(TOPIC, p) for p in range(PARTITIONS)])
+        await consumer.seek_to_beginning()
         return consumer
 
     def close(self) -> None:
@@ -233,10 +237,15 @@ class Sinks:
         row = self.run(self.conn.fetchrow(sql, prefix + "%"))
         return (row[0] or math.nan, row[1] or math.nan)
 
-    def kafka(self) -> int:
-        partitions = [TopicPartition(TOPIC, p) for p in range(PARTITIONS)]
-        ends = self.run(self.consumer.end_offsets(partitions))
-        return int(sum(ends.values()))
+    def kafka_by_prefix(self) -> dict[str, int]:
+        """Distinct Call-IDs (the record keys) on the topic per step prefix, read on."""
+        batches = self.run(self.consumer.getmany(timeout_ms=100, max_records=100_000))
+        for records in batches.values():
+            for record in records:
+                key = record.key or b""
+                prefix = key[: key.find(b"-") + 1].decode()
+                self._kafka_keys.setdefault(prefix, set()).add(key)
+        return {prefix: len(keys) for prefix, keys in self._kafka_keys.items()}
 
     def jsonl_by_prefix(self) -> dict[str, int]:
         """CDR lines per step prefix (alerts, which name calls too, left out)."""
@@ -306,7 +315,6 @@ def run_step(run: Run, index: int, rate: int, seconds: float) -> Step:
     step.expected = loops * CALLS_PER_LOOP
     sinks, daemon = run.sinks, run.daemon
     before = metrics(daemon)
-    kafka_before = sinks.kafka()
     cpu_before = cpu_seconds([daemon.process.pid])
     others_before = cpu_seconds(run.others)
     command = [
@@ -326,7 +334,7 @@ def run_step(run: Run, index: int, rate: int, seconds: float) -> Step:
     def seen() -> tuple[int, int, int]:
         return (
             sinks.postgres(prefix),
-            sinks.kafka() - kafka_before,
+            sinks.kafka_by_prefix().get(prefix, 0),
             sinks.jsonl_by_prefix().get(prefix, 0),
         )
 
@@ -341,11 +349,13 @@ def run_step(run: Run, index: int, rate: int, seconds: float) -> Step:
             break
     step.postgres, step.kafka, step.jsonl = last
     after = metrics(daemon)
-    step.cpu_per_k = (cpu_seconds([daemon.process.pid]) - cpu_before) / step.offered * 1000
-    step.others_cpu_per_k = (cpu_seconds(run.others) - others_before) / step.offered * 1000
     source = "hep_udp" if run.as_hep else "sip_udp"
     step.received = delta(after, before, f'sipcdr_packets_received_total{{source="{source}"}}')
     step.parsed = delta(after, before, "sipcdr_sip_messages_total")
+    # Per message the daemon took in: under overload the kernel drops the rest unread.
+    taken = max(step.received, 1.0)
+    step.cpu_per_k = (cpu_seconds([daemon.process.pid]) - cpu_before) / taken * 1000
+    step.others_cpu_per_k = (cpu_seconds(run.others) - others_before) / taken * 1000
     step.dropped = drops(after, before)
     step.peak_rss = peak_rss_bytes(daemon.process.pid)
     step.latency = sinks.latency(prefix)
@@ -362,7 +372,7 @@ def report(step: Step) -> None:
     print(
         f"{'':>15}CDRs of {step.expected:,}: postgres {step.postgres:,}, kafka "
         f"{step.kafka:,}, jsonl {step.jsonl:,}; daemon CPU {step.cpu_per_k:.3f} s per 1,000 "
-        f"msg ({step.cpu_per_k * 1000:.0f} µs/msg), PostgreSQL + broker "
+        f"received ({step.cpu_per_k * 1000:.0f} µs/msg), PostgreSQL + broker "
         f"{step.others_cpu_per_k:.3f} s; peak RSS {step.peak_rss / 2**20:,.0f} MiB; "
         f"latency p50 {p50 * 1000:,.0f} ms, p99 {p99 * 1000:,.0f} ms; "
         f"{'no loss' if step.lossless else 'LOSS'}",
@@ -455,6 +465,10 @@ def main() -> None:
                 sinks.wait_for_schema()
                 target = daemon.endpoint("hep_udp" if args.hep else "sip_udp")
                 run = Run(daemon, sinks, folder, target, args.hep, up.others)
+                idle = cpu_seconds([daemon.process.pid])
+                time.sleep(IDLE_S)
+                idle = (cpu_seconds([daemon.process.pid]) - idle) / IDLE_S
+                print(f"daemon idle: {idle * 100:.1f} % of a core (timers, checkpoints)")
                 for index, rate in enumerate(rates):
                     steps.append(run_step(run, index, rate, args.seconds))
                     report(steps[-1])
