@@ -12,9 +12,13 @@ cannot be used (named; an encrypted key is refused, never asked a passphrase for
 Pacing: the capture's own (default; gaps longer than `max_gap_s` shortened to it, so
 a capture with an hour of silence does not replay that hour), a fixed rate, or as fast
 as the socket takes it. A `progress` callback hears how far the replay is, at most
-every `PROGRESS_EVERY_S`. With several loops each pass rewrites the Call-ID header of
-every message, so one capture becomes many distinct calls: the load generator of the
-end-to-end benchmark.
+every `PROGRESS_EVERY_S`. With several loops each pass renames the Call-ID of every
+message, so one capture becomes many distinct calls: the load generator of the
+end-to-end benchmark. It must never be what limits that benchmark, so each message is
+parsed once, before sending, and cut where the loop's suffix goes (`build_templates`);
+a pass then costs one join per message (HEP: a few concatenations, the time stamped
+per batch), and a fixed rate reads the clock once per batch. `workers` forks senders
+that share the passes and the rate.
 """
 
 from __future__ import annotations
