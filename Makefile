@@ -70,6 +70,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/kafka.py
 	$(BIN)/python benchmarks/postgres.py
 	$(BIN)/python benchmarks/fraud.py
+	$(BIN)/python benchmarks/replay.py
+	$(BIN)/python benchmarks/e2e.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build

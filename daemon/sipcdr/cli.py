@@ -17,6 +17,9 @@ from sipcdr.privacy import commands as privacy_commands
 if TYPE_CHECKING:
     from sipcdr.config import Config
 
+# More senders than cores only compete with each other and with the daemon they load.
+MAX_REPLAY_WORKERS = 64
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -52,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="messages per second, or 'max' for as fast as possible (default: capture pace)",
     )
     rep.add_argument("--loop", type=int, default=1, metavar="K", help="passes, new Call-IDs each")
+    rep.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="sender processes sharing the loops and the rate (with --rate; default 1)",
+    )
     rep.add_argument("--capture-id", type=int, default=0, help="HEP capture id to send")
     rep.add_argument(
         "--max-gap",
@@ -108,6 +118,12 @@ def _rate(text: str) -> str:
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"wants a rate from 0.001 to 10000000, or 'max': {text!r}")
+
+
+def _workers(text: str) -> int:
+    if text.isdigit() and 1 <= int(text) <= MAX_REPLAY_WORKERS:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"wants 1 to {MAX_REPLAY_WORKERS} processes: {text!r}")
 
 
 def _gap(text: str) -> float:
@@ -321,6 +337,9 @@ def _replay(args: argparse.Namespace) -> int:
     if args.original_times and not args.hep:
         print("sipcdr: replay: --original-times stamps HEP frames: add --hep", file=sys.stderr)
         return 2
+    if args.workers > 1 and args.rate is None:
+        print("sipcdr: replay: --workers needs --rate (N or max)", file=sys.stderr)
+        return 2
     target = _host_port(args.to)
     try:
         packets = list(iter_packets(args.file))
@@ -374,11 +393,16 @@ def _replay(args: argparse.Namespace) -> int:
             max_gap_s=args.max_gap,
             progress=_replay_progress,
             packets=packets,
+            workers=args.workers,
         )
     except OSError as exc:  # ssl.SSLError included: a refused certificate, a dead port
         print(f"sipcdr: replay: {exc}", file=sys.stderr)
         return 1
-    print(f"sent {result.sent} messages in {result.seconds:.2f} s ({result.skipped} skipped)")
+    per_s = result.sent / result.seconds if result.seconds > 0 else 0.0
+    print(
+        f"sent {result.sent} messages in {result.seconds:.2f} s, {per_s:,.0f}/s "
+        f"({result.skipped} skipped)"
+    )
     return 0
 
 

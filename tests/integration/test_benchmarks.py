@@ -25,6 +25,8 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
         ("journal.py", ["--rounds", "1", "--flows", "30", "--open", "300"], "write per record"),
         ("kafka.py", ["--records", "1000", "--rounds", "1"], "records/s"),
         ("postgres.py", ["--records", "2000", "--rounds", "1"], "COPY + ON CONFLICT"),
+        ("replay.py", ["--quick"], "replay offers"),
+        ("e2e.py", ["--quick"], "highest offered rate without loss:"),
         (
             "rating.py",
             [

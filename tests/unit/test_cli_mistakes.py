@@ -275,6 +275,23 @@ def test_replay_says_what_the_clock_guard_does_to_original_times(tmp_path: Path)
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ([], "sipcdr: replay: --workers needs --rate (N or max)"),
+        (["--rate", "max", "--workers", "0"], "wants 1 to 64 processes: '0'"),
+        (["--rate", "max", "--workers", "two"], "wants 1 to 64 processes: 'two'"),
+    ],
+)
+def test_workers_without_a_rate_or_out_of_range(
+    tmp_path: Path, options: list[str], expected: str
+) -> None:
+    done = sipcdr(["replay", sample(), "--to", "127.0.0.1:9", "--workers", "2", *options], tmp_path)
+    assert done.returncode == 2
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_original_times_without_hep_is_refused(tmp_path: Path) -> None:
     done = sipcdr(["replay", sample(), "--to", "127.0.0.1:9", "--original-times"], tmp_path)
     assert done.returncode == 2
