@@ -95,3 +95,31 @@ def test_a_restart_keeps_the_released_spares_room_for_the_calls_still_open(
     assert expected <= found, f"lost: {sorted(expected - found)}"
     assert len(found) == len(expected) + closed_new, f"{len(found)} of {len(expected) + closed_new}"
     assert third.stop() == 0
+
+
+def test_the_daemon_starts_on_a_full_disk_with_its_embedded_database(
+    open_tmp_path: Path, small_disk: SmallDisk, daemons: list[Daemon]
+) -> None:
+    """The defaults put the embedded PostgreSQL on the state disk: a restart on a full
+    disk must still capture (the database waits, its records in the spool), not stop
+    with `start_failed` while the spare's room sits unused."""
+    tmp_path = open_tmp_path  # the embedded server's user passes through to the state
+    disk = small_disk(tmp_path / "var", 96 * 1024 * 1024)
+    env = {
+        "SIPCDR_SINKS__POSTGRES__DSN": "embedded",
+        "SIPCDR_SPOOL__SIGNALING_MIN_FREE_BYTES": str(512 * 1024),
+    }
+    first = start_daemon(tmp_path, **env)
+    daemons.append(first)
+    send(first, answered_call_messages(Call(call_id="before@x", from_tag="b")))
+    wait_for(lambda: len(call_ids(tmp_path / "var" / "cdrs.jsonl")) == 1)
+    assert first.stop() == 0
+    filler = fill(disk, leave_bytes=0)
+
+    second = start_daemon(tmp_path, **env)  # fails the test if it does not start
+    daemons.append(second)
+    filler.unlink()
+    wait_for(lambda: second.metric("sipcdr_intake_paused") == 0, timeout=60)
+    send(second, answered_call_messages(Call(call_id="after@x", from_tag="a")))
+    wait_for(lambda: len(call_ids(tmp_path / "var" / "cdrs.jsonl")) == 2, timeout=30)
+    assert second.stop() == 0
