@@ -123,3 +123,34 @@ def test_the_daemon_starts_on_a_full_disk_with_its_embedded_database(
     send(second, answered_call_messages(Call(call_id="after@x", from_tag="a")))
     wait_for(lambda: len(call_ids(tmp_path / "var" / "cdrs.jsonl")) == 2, timeout=30)
     assert second.stop() == 0
+
+
+def test_cdrs_only_in_memory_are_shown_before_a_crash_can_take_them(
+    tmp_path: Path, small_disk: SmallDisk, daemons: list[Daemon]
+) -> None:
+    """No spare (or its room used up) and a disk full even for the journal: a CDR the
+    disk refuses then has no copy anywhere but memory, and no later start can count
+    it. The gauge says so while it is true, which is what an alert (and Prometheus's
+    last sample of a process that died) has."""
+    disk = small_disk(tmp_path / "var", 8 * 1024 * 1024)
+    env = {
+        "SIPCDR_STATE__SPARE_BYTES": "0",
+        "SIPCDR_SPOOL__SIGNALING_MIN_FREE_BYTES": str(512 * 1024),
+    }
+    daemon = start_daemon(tmp_path, **env)
+    daemons.append(daemon)
+    calls = [Call(call_id=f"risk-{n}@x", from_tag=f"r{n}") for n in range(40)]
+    send(daemon, [m for call in calls for m in answered_call_messages(call)[:4]])
+    wait_for(lambda: daemon.metric("sipcdr_open_dialogs") == 40)
+    assert daemon.metric("sipcdr_cdrs_at_risk") == 0
+    filler = fill(disk, leave_bytes=0)
+    send(daemon, [m for call in calls for m in answered_call_messages(call)[4:]])
+    wait_for(lambda: daemon.metric("sipcdr_open_dialogs") == 0)
+    # The journal took the first closes in what was left of its last page, then failed.
+    assert daemon.metric("sipcdr_dialog_state_errors_total", what="journal_write_error") > 0
+    held = daemon.metric("sipcdr_spool_reserve_records", stream="records")
+    assert daemon.metric("sipcdr_cdrs_at_risk") == held > 0
+    filler.unlink()  # the disk takes them again: written, nothing at risk
+    wait_for(lambda: daemon.metric("sipcdr_cdrs_at_risk") == 0, timeout=30)
+    wait_for(lambda: len(call_ids(tmp_path / "var" / "cdrs.jsonl")) == 40, timeout=30)
+    assert daemon.stop() == 0
