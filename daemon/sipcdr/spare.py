@@ -19,6 +19,14 @@ daemon works as without a spare (new calls wait for the CDRs in memory to be wri
 until it has one again. After a release the spare is allocated again with a quarter of
 its size to spare.
 
+That room is kept across a restart too (a crash, or a stop, with calls still open): the
+release leaves an empty marker, `state.dir/spare.released`, removed when the room is
+no longer kept. A start that finds it keeps the room as the stopped daemon did (new
+calls refused until the disk has the spare's size free again or the room is used up),
+so the calls it recovers open, and their CDRs, get it rather than new calls. The marker
+needs no block (the release has just given back an inode and blocks); one that cannot
+be made is said at ERROR, and the next start then sees no release.
+
 It is allocated (at start, or after it went missing) once the filesystem has twice its
 size free (the spare and as much again), read at most every `_CHECK_S`; a file of
 another size (the setting changed) is resized in place, its own blocks counted as
@@ -51,6 +59,8 @@ if TYPE_CHECKING:
     from sipcdr.sinks.spool import Spool
 
 SPARE_NAME: Final = "spare"
+# Beside the spare while the room its release gave is kept: see the module docstring.
+RELEASED_SUFFIX: Final = ".released"
 # About what a large carrier's open calls need once its disk fills: the CDRs of ~20,000
 # calls (~1.1 KB each), their journal records (~0.8 KB) and a checkpoint of the calls
 # still open; 0.5 % of the 15 GiB the default limits ask for.
@@ -79,6 +89,8 @@ class SpareSpace:
         self._told_no_room = False
         self._told_failure = False
         self._keeps_no_blocks = False  # a copy-on-write filesystem: see the module
+        self._resumed = False  # a release by an earlier run looked for
+        self.marker = path.with_name(path.name + RELEASED_SUFFIX)
         self.log = structlog.get_logger("sipcdr.spare")
 
     def ensure(self) -> bool:
@@ -93,8 +105,12 @@ class SpareSpace:
         if self.size_bytes <= 0:
             self._checked_until = float("inf")
             self._remove()  # switched off: the room a former setting kept is given back
+            self._end_withheld()
             return False
         found = self._inspect()
+        if not self._resumed:
+            self._resumed = True
+            self._resume_release(found)
         if found is not None and self._whole(*found):
             if not self.ready:
                 self._now_ready(allocated=False)  # left by an earlier run, or put back
@@ -117,7 +133,7 @@ class SpareSpace:
             # As much room as it gave is free again (right after a release there is less:
             # the write that asked for it needed more than was free): the calls already
             # open have their room without keeping new ones out.
-            self.withheld = False
+            self._end_withheld()
             self.log.info("spare_space_release_over", free_bytes=free)
         # Twice its size at first, so that setting it aside leaves the disk room; after a
         # release the disk was full anyway, and a spare back soon is worth more.
@@ -138,7 +154,7 @@ class SpareSpace:
             self._remove()
             # The disk has room, so what the spare's release held back is over even
             # without a new one: nothing is gained by refusing calls for it.
-            self.withheld = False
+            self._end_withheld()
             if not self._told_failure:
                 self._told_failure = True
                 self.log.warning("spare_space_not_allocated", error=exc.strerror or str(exc))
@@ -171,7 +187,8 @@ class SpareSpace:
             # it: giving it up then frees nothing, and the daemon works as without.
             self._keeps_no_blocks = True
             self.log.warning("spare_space_holds_no_blocks", path=str(self.path))
-        self.ready, self.released, self.withheld = True, False, False
+        self.ready, self.released = True, False
+        self._end_withheld()
         self._told_failure = False
 
     def _holds_blocks(self) -> bool:
@@ -220,6 +237,8 @@ class SpareSpace:
         self.released = self.withheld = True
         self.releases += 1
         self._checked_until = 0.0
+        self._resumed = True  # this run's own release, not one to look for
+        self._mark_released()
         # Nothing is lost yet: the room goes to the calls already open while new calls
         # are refused.
         self.log.warning("spare_space_released", spare_bytes=found[1])
@@ -229,8 +248,41 @@ class SpareSpace:
         """The room it gave is used up: nothing is held back for it any more; it is
         allocated again once there is room."""
         if self.withheld:
-            self.withheld = False
+            self._end_withheld()
             self.log.info("spare_space_release_over", note="its room was used up")
+
+    def _resume_release(self, found: tuple[int, int] | None) -> None:
+        """At the first look: an earlier run gave the spare up and was stopped (or
+        killed) while its room was kept; it is kept now as it was then."""
+        try:
+            self.marker.lstat()
+        except OSError:
+            return
+        if found is not None and self._whole(*found):
+            self._end_withheld()  # allocated again before the marker was removed
+            return
+        self.released = self.withheld = True
+        self.log.warning(
+            "spare_space_released_before_start",
+            spare_bytes=self.size_bytes,
+            note="its room is kept for the calls still open until as much is free again",
+        )
+
+    def _mark_released(self) -> None:
+        try:
+            os.close(open_private_fd(self.marker, os.O_WRONLY))
+        except OSError as exc:
+            # The room is kept all the same; only a restart would not know it.
+            self.log.error(
+                "spare_release_not_recorded",
+                path=str(self.marker),
+                error=exc.strerror or str(exc),
+            )
+
+    def _end_withheld(self) -> None:
+        self.withheld = False
+        with contextlib.suppress(OSError):
+            self.marker.unlink(missing_ok=True)
 
     @property
     def bytes_held(self) -> int:
@@ -275,6 +327,8 @@ class SpareRoom:
         for sink, where in destinations.items():
             if where is not None and same_filesystem(where, here):
                 self.destinations.update((sink.name, stream) for stream in sink.streams)
+        # A release an earlier run left kept (see `SpareSpace`) holds from the start.
+        self._withhold()
 
     def make_room(self) -> bool:
         """A write was refused for want of space: give up the spare, and from now on

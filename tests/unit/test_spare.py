@@ -95,6 +95,47 @@ def test_after_a_release_its_room_is_kept_until_that_much_is_free_and_it_comes_b
     assert spare.ensure() and not spare.released
 
 
+def test_a_release_is_kept_across_a_restart_until_the_room_is_back(
+    tmp_path: Path, small_disk: SmallDisk, clock: FakeClock
+) -> None:
+    disk = small_disk(tmp_path / "disk", 4 * MIB)
+    spare = SpareSpace(disk / "spare", MIB, clock=clock)
+    assert spare.ensure()
+    filler = fill(disk, leave_bytes=0)
+    assert spare.release() and spare.withheld
+    marker = disk / "spare.released"
+    assert marker.stat().st_size == 0 and marker.stat().st_mode & 0o777 == 0o600
+    fill(disk, leave_bytes=MIB - 100 * 1024)  # the CDRs of the calls open, partly
+    # A crash or a stop: the next process finds the room the release gave still kept.
+    restarted = SpareSpace(disk / "spare", MIB, clock=clock)
+    with capture_logs() as logs:
+        assert not restarted.ensure()
+    assert restarted.withheld and restarted.released
+    assert [e["event"] for e in logs] == ["spare_space_released_before_start"]
+    filler.unlink()
+    fill(disk, leave_bytes=MIB + 100 * 1024)  # as much as it gave is free again
+    clock.advance(10.0)
+    assert not restarted.ensure() and not restarted.withheld
+    assert not marker.exists()
+    again = SpareSpace(disk / "spare", MIB, clock=clock)  # the release is over for good
+    again.ensure()
+    assert not again.withheld and not again.released
+
+
+def test_a_release_whose_room_was_used_up_is_not_kept_by_the_next_start(
+    tmp_path: Path, small_disk: SmallDisk, clock: FakeClock
+) -> None:
+    disk = small_disk(tmp_path / "disk", 4 * MIB)
+    spare = SpareSpace(disk / "spare", MIB, clock=clock)
+    assert spare.ensure()
+    fill(disk, leave_bytes=0)
+    assert spare.release()
+    spare.room_back()  # a CDR had to wait in memory: nothing left to keep
+    assert not (disk / "spare.released").exists()
+    restarted = SpareSpace(disk / "spare", MIB, clock=clock)
+    assert not restarted.ensure() and not restarted.withheld
+
+
 def test_a_spare_that_cannot_be_made_again_holds_nothing_back_once_there_is_room(
     tmp_path: Path, small_disk: SmallDisk, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

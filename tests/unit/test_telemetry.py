@@ -154,7 +154,9 @@ def _sources(tmp_path: Path, filler: Filler) -> Sources:
     )
     dialog_stats = DialogStoreStats()
     filler.fill(dialog_stats)
-    dialogs = SimpleNamespace(stats=dialog_stats, journal_bytes=4096)
+    dialogs = SimpleNamespace(
+        stats=dialog_stats, journal_bytes=4096, intact=False, held=lambda: [object()] * 2
+    )
     spare = SimpleNamespace(bytes_held=1 << 20, releases=next(filler._next))
     filler.expected["SpareSpace.releases"] = spare.releases
     server = SimpleNamespace(refused=next(filler._next))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -26,6 +27,9 @@ from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.settings import KafkaSettings, OutputSettings, PostgresSettings
 from sipcdr.sinks.signaling import SignalingRecorder
 from sipcdr.sinks.spool import DEFAULT_CDR_RESERVE_RECORDS, Appended, Spool
+
+if TYPE_CHECKING:
+    from sipcdr.sinks.embedded_later import EmbeddedStartLater
 
 
 class SpoolCdrWriter:
@@ -109,6 +113,8 @@ class Outputs:
         self.alert_writer: SpoolAlertWriter | None = None
         self.delivery: Delivery | None = None
         self._embedded: object | None = None  # storage.embedded.EmbeddedPostgres
+        # Its start tried again when the first one found the disk full.
+        self._embedded_later: EmbeddedStartLater | None = None
         # What may leave towards Kafka (sipcdr.privacy.outbound); set by `open`.
         self.outbound: OutboundFilter | None = None
         self.postgres_dsn: str | None = None
@@ -218,32 +224,54 @@ class Outputs:
         return spool
 
     async def _postgres_sink(self, pg: PostgresSettings) -> Sink:
-        from sipcdr.sinks.postgres import PostgresSink  # noqa: PLC0415 - asyncpg only when used
+        # asyncpg only when used
+        from sipcdr.sinks.embedded_later import (  # noqa: PLC0415
+            EmbeddedStartLater,
+            PostgresSinkWaitingForServer,
+        )
+        from sipcdr.sinks.postgres import PostgresSink  # noqa: PLC0415
         from sipcdr.storage.embedded import (  # noqa: PLC0415
             EmbeddedPostgres,
             EmbeddedPostgresError,
             embedded_data_dir,
         )
 
+        options: dict[str, Any] = {
+            "store_signaling": pg.store_signaling,
+            "partitions_ahead_days": pg.partitions_ahead_days,
+            "retention_classes": pg.retention_classes,
+            "restricted": self.outbound.is_restricted if self.outbound is not None else None,
+        }
         dsn = pg.dsn
         if pg.embedded:
             embedded = EmbeddedPostgres(embedded_data_dir(self.settings.state_dir))
+            self._embedded = embedded
             try:
                 dsn = await embedded.start()
             except EmbeddedPostgresError as exc:
-                # A local start problem (permissions, disk): stop the start, plainly.
-                raise OSError(f"embedded PostgreSQL did not start: {exc}") from exc
-            self._embedded = embedded
-            # Its start takes seconds on a first run (initdb): say when it is over.
-            self.log.info("embedded_postgres_ready", data_dir=str(embedded.data_dir))
+                if not exc.no_space:
+                    # A local start problem (permissions, binaries): stop the start, plainly.
+                    raise OSError(f"embedded PostgreSQL did not start: {exc}") from exc
+                # A full disk: capture goes on, the records wait in the spool as for a
+                # server that is down, and the server starts once the disk has room.
+                self.log.error(
+                    "embedded_postgres_not_started",
+                    error=str(exc),
+                    note="CDRs wait in the spool; started again once the disk has room",
+                )
+                self._embedded_later = EmbeddedStartLater(
+                    embedded, self._embedded_started, self.clock
+                )
+                return PostgresSinkWaitingForServer(self._embedded_later, **options)
+            self._embedded_started(dsn)
         self.postgres_dsn = dsn
-        return PostgresSink(
-            dsn,
-            store_signaling=pg.store_signaling,
-            partitions_ahead_days=pg.partitions_ahead_days,
-            retention_classes=pg.retention_classes,
-            restricted=self.outbound.is_restricted if self.outbound is not None else None,
-        )
+        return PostgresSink(dsn, **options)
+
+    def _embedded_started(self, dsn: str) -> None:
+        self.postgres_dsn = dsn
+        # Its start takes seconds on a first run (initdb): say when it is over.
+        where = getattr(self._embedded, "data_dir", None)
+        self.log.info("embedded_postgres_ready", data_dir=str(where))
 
     def _kafka_sink(self, kafka: KafkaSettings) -> Sink:
         from sipcdr.sinks.kafka import KafkaSink  # noqa: PLC0415 - aiokafka only when used
@@ -396,6 +424,8 @@ class Outputs:
                 spool.close()
             except OSError as exc:
                 self.log.error("spool_close_failed", dir=str(spool.directory), error=str(exc))
+        if self._embedded_later is not None:
+            await self._embedded_later.settle()  # a start under way is let finish, then stopped
         if self._embedded is not None:
             from sipcdr.storage.embedded import EmbeddedPostgres  # noqa: PLC0415
 

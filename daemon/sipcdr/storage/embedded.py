@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import errno
 import fcntl
 import importlib.util
 import json
@@ -102,6 +103,10 @@ _OTHERS_BITS: Final = 0o077
 # postmaster.pid, postmaster.opts and the access files are a few hundred bytes.
 _READ_LIMIT_BYTES: Final = 64 * 1024
 _POLL_S: Final = 0.1
+# A full disk, or a user's quota reached.
+_NO_SPACE_ERRNOS: Final = (errno.ENOSPC, errno.EDQUOT)
+# The end of the server's log a failed start reads for its reason.
+_LOG_TAIL_BYTES: Final = 4096
 
 
 def embedded_data_dir(state_dir: Path) -> Path:
@@ -125,7 +130,13 @@ def binaries_dir() -> Path:
 
 
 class EmbeddedPostgresError(RuntimeError):
-    """The server could not be started; the message says why and where its log is."""
+    """The server could not be started; the message says why and where its log is.
+    `no_space`: for want of room on its disk (sipcdr's own files, or the server's), a
+    problem that ends by itself once the disk has room again."""
+
+    def __init__(self, message: str, *, no_space: bool = False) -> None:
+        super().__init__(message)
+        self.no_space = no_space
 
 
 @dataclass(frozen=True)
@@ -221,9 +232,26 @@ def _acquire(data_dir: Path) -> tuple[Path, str]:
         log = pgdata / "log"
         where = f"; its log is {log}" if log.exists() else ""
         raise EmbeddedPostgresError(
-            f"embedded PostgreSQL under {pgdata} did not start: {why}{where}"
+            f"embedded PostgreSQL under {pgdata} did not start: {why}{where}",
+            no_space=_for_want_of_space(exc, log),
         ) from exc
     return pgdata, _dsn(status.socket_dir)
+
+
+def _for_want_of_space(exc: BaseException, log: Path) -> bool:
+    """Whether a start failed because the disk was full: a write of ours refused, or
+    pg_ctl's or initdb's (said in their output, or in the server's log for a server
+    that stopped while starting)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in _NO_SPACE_ERRNOS:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    said = str(exc)
+    with contextlib.suppress(OSError), log.open("rb") as file:
+        file.seek(max(file.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES, 0))
+        said += file.read().decode(errors="replace")
+    return any(os.strerror(number) in said for number in _NO_SPACE_ERRNOS)
 
 
 def _release(pgdata: Path) -> None:

@@ -178,6 +178,10 @@ FAMILIES: Final = {f.name: f for f in (
        "Checkpoints of the open calls, by outcome (written, failed: the older "
        "checkpoint and the journal still rebuild the calls)",
        "outcome"),
+    _g("sipcdr_cdrs_at_risk",
+       "CDRs the disk refused, held in memory, that no checkpoint or journal on disk "
+       "is sure to carry: a crash now would lose them (its last value outlives the "
+       "process in Prometheus)"),
     _c("sipcdr_dialog_state_errors",
        "Dialog state that a crash would not rebuild: journal_write_error, torn_tail "
        "and bad_record (found at start), unreadable_checkpoint and unreadable_journal "

@@ -310,6 +310,9 @@ def _dialogs(scrape: _Scrape, sources: Sources) -> None:
         return
     stats = dialogs.stats
     scrape.set("sipcdr_dialog_journal_bytes", dialogs.journal_bytes)
+    # While the files on disk rebuild the state, the checkpoint or the journal carries
+    # every held CDR; once a journal write failed, none of them is sure to be.
+    scrape.set("sipcdr_cdrs_at_risk", 0 if dialogs.intact else len(dialogs.held()))
     scrape.add("sipcdr_dialog_journal_replayed_records", stats.replayed_records)
     scrape.add("sipcdr_dialog_journal_torn_bytes", stats.torn_bytes)
     for kind, value in (
