@@ -23,7 +23,7 @@ from sipcdr import dialogstore
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.dialogstore import MAGIC, DialogStore, read_checkpoint
 from sipcdr.model import Cdr
-from sipcdr.pipeline import Pipeline
+from sipcdr.pipeline import CdrSink, Pipeline
 from sipcdr.sinks.outputs import SpoolCdrWriter
 from sipcdr.sinks.spool import Spool
 from smalldisk import SmallDisk, fill
@@ -125,11 +125,15 @@ class Node:
 
     async def boot(self) -> list[Cdr]:
         unwritten = self.store.recover()
-        self.pipeline.sinks = (self.spool, self.closes)
+        self.pipeline = self.chain((self.spool, self.closes))
         await self.store.start(self.pipeline.emit)
-        self.pipeline.journal = self.store.message
-        self.pipeline.decided = self.store.decided
         return unwritten
+
+    def chain(self, sinks: Sequence[CdrSink]) -> Pipeline:
+        """The daemon's chain for this lifetime: the sinks, then the journal hooks."""
+        return Pipeline(
+            self.correlator, sinks, journal=self.store.message, decided=self.store.decided
+        )
 
     def run(self, events: Sequence[Event]) -> None:
         for event in events:
@@ -252,7 +256,7 @@ async def test_a_crash_between_the_journal_and_the_spool_writes_the_cdr_at_start
     first = Node(tmp_path, spool)
     await first.boot()
     first.run(events[:bye_at])
-    first.pipeline.sinks = (DyingSink(spool, "a@x"), first.closes)
+    first.pipeline = first.chain((DyingSink(spool, "a@x"), first.closes))
     with pytest.raises(Killed):
         first.run(events[bye_at : bye_at + 1])  # journaled, killed before the spool
     first.crash()
@@ -773,7 +777,7 @@ async def test_recovered_cdrs_are_journaled_closed_even_when_no_checkpoint_follo
     first = Node(tmp_path, spool)
     await first.boot()
     first.run(events[:bye_at])
-    first.pipeline.sinks = (DyingSink(spool, "a@x"), first.closes)
+    first.pipeline = first.chain((DyingSink(spool, "a@x"), first.closes))
     with pytest.raises(Killed):
         first.run(events[bye_at : bye_at + 1])
     first.crash()

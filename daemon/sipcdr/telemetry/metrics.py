@@ -228,7 +228,7 @@ def _pipeline(scrape: _Scrape, sources: Sources) -> None:
     scrape.counts("sipcdr_calls_refused", stats.calls_refused)
     scrape.counts("sipcdr_internal_errors", stats.internal_errors)
     scrape.counts("sipcdr_cdr_write_failures", stats.cdr_write_failures)
-    scrape.set("sipcdr_intake_paused", 1 if pipeline.paused else 0)
+    scrape.set("sipcdr_intake_paused", 1 if pipeline.intake.paused else 0)
 
 
 def _correlator(scrape: _Scrape, sources: Sources) -> None:
