@@ -35,7 +35,6 @@ from sipcdr.config import CaptureConfig, Config, Endpoint, cdr_destinations, out
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
 from sipcdr.engine import Destinations, Engine, JournalHooks, build_engine, daemon_fraud_of
-from sipcdr.enrich.trunks import trunk_resolver
 from sipcdr.hotpath import hot_path
 from sipcdr.pipeline import Intake, Pipeline
 from sipcdr.privacy.stats import PrivacyStats
@@ -181,7 +180,7 @@ class App:
         """The components that hold calls and CDRs. Built anew for a start tried again
         after one failed, which then recovers from disk what the failed one saved."""
         config = self.config
-        self.correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
+        self.correlator = Correlator(config.dialog, egress=bool(config.trunks))
         self.outputs = Outputs(output_settings(config), clock=self.clock)
         # Built once the outputs are open: its writers are their spools.
         self.engine: Engine | None = None
@@ -222,6 +221,7 @@ class App:
         return Sources(
             pipeline=None if engine is None else engine.pipeline,
             correlator=self.correlator,
+            enrich=None if engine is None else engine.enrich.stats,
             trunks=[trunk.name for trunk in self.config.trunks],
             listeners=self.listener_stats,
             gate=self._gate,

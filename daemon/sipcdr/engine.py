@@ -20,7 +20,6 @@ from sipcdr.antifraud import DaemonFraud, fraud_stage
 from sipcdr.config import Config
 from sipcdr.dialog import Correlator
 from sipcdr.enrich import EnrichStage
-from sipcdr.enrich.trunks import trunk_resolver
 from sipcdr.fraud.stage import AlertWriter, FraudStage
 from sipcdr.model import Cdr, Packet, SipEvent
 from sipcdr.pipeline import CdrSink, Intake, Pipeline
@@ -156,7 +155,7 @@ def build_engine(
     start from nothing, on the traffic's own time.
     """
     if correlator is None:
-        correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
+        correlator = Correlator(config.dialog, egress=bool(config.trunks))
     enrich = EnrichStage(config.trunks)
     rates = rate_decks(config)
     timed: list[TimedStage] = []

@@ -113,7 +113,7 @@ class Harness:
     ) -> None:
         self.clock = clock
         self.sink = ListSink()
-        self.pipeline = Pipeline(Correlator(DialogLimits(), lambda _ip: None), (self.sink,))
+        self.pipeline = Pipeline(Correlator(DialogLimits(), egress=True), (self.sink,))
         self.server = HepStreamServer(
             self.pipeline,
             allow or AllowList(DEFAULT_ALLOW),
@@ -274,7 +274,7 @@ def test_framing_matches_a_model_for_random_streams_cut_anywhere(
         starts = list(itertools.accumulate([0, *sizes]))  # frame i spans starts[i]..starts[i+1]
         inner = range(1, len(stream))
         cuts = sorted(rng.sample(inner, min(len(inner), rng.randint(0, 40))))
-        pipeline = Pipeline(Correlator(DialogLimits(), lambda _ip: None), ())
+        pipeline = Pipeline(Correlator(DialogLimits(), egress=True), ())
         limits = dataclasses.replace(LIMITS, max_buffer_bytes=limit)
         server = HepStreamServer(pipeline, AllowList(DEFAULT_ALLOW), HepGate({}), limits)
         connection = hepstream._Connection(server, SOURCE_TCP, None)
@@ -614,7 +614,7 @@ def test_tls_record_ends_are_followed_however_the_stream_is_cut() -> None:
     exactly when the read ended inside one (its header included)."""
     rng = random.Random(8446)
     server = HepStreamServer(
-        Pipeline(Correlator(DialogLimits(), lambda _ip: None), ()),
+        Pipeline(Correlator(DialogLimits(), egress=True), ()),
         AllowList(DEFAULT_ALLOW),
         HepGate({}),
         LIMITS,

@@ -447,16 +447,8 @@ class Run:
     def state(self) -> tuple[object, ...]:
         correlator = self.correlator
         snapshot = correlator.snapshot()
-        kpis = {
-            trunk: {
-                **public_values(kpi),
-                "pdd": public_values(kpi.pdd),
-                "duration": public_values(kpi.duration),
-            }
-            for trunk, kpi in correlator.kpis.items()
-        }
         counters = public_values(correlator.stats)
-        return snapshot, counters, kpis, correlator.open_dialogs, list(correlator.drain())
+        return snapshot, counters, correlator.open_dialogs, list(correlator.drain())
 
 
 def public_values(record: object) -> dict[str, object]:

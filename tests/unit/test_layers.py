@@ -34,13 +34,13 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
             "sipcdr.hep",
             "sipcdr.decode",
             "sipcdr.numbers",
-            "sipcdr.enrich",
         ),
     ),
     (
         "logic",
         (
             "sipcdr.dialog",
+            "sipcdr.enrich",
             "sipcdr.rating",
             "sipcdr.fraud",
             "sipcdr.privacy.settings",

@@ -30,7 +30,7 @@ HEP_INVITE = hep.encode(
 
 
 def pipeline() -> Pipeline:
-    return Pipeline(Correlator(DialogLimits(), lambda _ip: None), ())
+    return Pipeline(Correlator(DialogLimits(), egress=True), ())
 
 
 def test_a_hint_is_due_once_per_interval_and_only_after_new_arrivals() -> None:

@@ -19,6 +19,7 @@ from sipcdr.dialog import Correlator
 from sipcdr.dialog.correlator import CorrelatorStats
 from sipcdr.dialog.kpi import DURATION_BUCKETS_S, PDD_BUCKETS_S, Kpi
 from sipcdr.dialogstore import DialogStoreStats
+from sipcdr.enrich import EnrichStats
 from sipcdr.pipeline import Pipeline, PipelineStats
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.rating.stage import RatingStats
@@ -210,15 +211,15 @@ def test_every_family_is_exported_even_with_nothing_to_read() -> None:
 
 
 def test_kpis_are_counters_and_cumulative_histograms_per_trunk() -> None:
-    correlator = Correlator()
+    enrich = EnrichStats()
     kpi = Kpi()
     kpi.attempts, kpi.answered, kpi.network_effective, kpi.failed = 10, 4, 7, 2
     for pdd in (0.4, 0.4, 2.5, 40.0):
         kpi.pdd.observe(pdd)
     for duration in (12.0, 600.0):
         kpi.duration.observe(duration)
-    correlator.kpis["carrier-a"] = kpi
-    metrics = Metrics(lambda: Sources(correlator=correlator, trunks=["carrier-a", "carrier-b"]))
+    enrich.kpis["carrier-a"] = kpi
+    metrics = Metrics(lambda: Sources(enrich=enrich, trunks=["carrier-a", "carrier-b"]))
     value = metrics.registry.get_sample_value
     assert value("sipcdr_call_attempts_total", {"trunk": "carrier-a"}) == 10
     assert value("sipcdr_calls_answered_total", {"trunk": "carrier-a"}) == 4

@@ -4,6 +4,11 @@ The correlator finds the dialog a message belongs to (by Call-ID, so both legs o
 stateful proxy are one call and each B2BUA leg is its own), applies the rules of
 `state`, keeps the timers, and builds the CDR. No I/O, no clock, no logging: counts
 go to `stats`, which the adapter exports in batches.
+
+The CDR it builds is what the signaling says: `caller` and `callee` are the user
+parts as sent, `trunk` and `egress_trunk` are unset and `egress_ip` holds where the
+call left. The enrich stage (`sipcdr.enrich`) looks the trunks up and writes the
+numbers in E.164 next.
 """
 
 from __future__ import annotations
@@ -13,18 +18,16 @@ import operator
 import sys
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import orjson
 
 from sipcdr.dialog import state
-from sipcdr.dialog.kpi import Kpi
 from sipcdr.dialog.state import Dialog, Phase
-from sipcdr.model import Cdr, Packet, Trunk, rfc3339
+from sipcdr.model import Cdr, Packet, rfc3339
 from sipcdr.sip import SipMessage
 from sipcdr.sip.address import user_part
-from sipcdr.sip.numbers import to_e164
 from sipcdr.sip.parser import KNOWN_METHODS
 
 # Namespace of CDR ids, fixed forever: ids must stay stable across versions so that a
@@ -40,7 +43,6 @@ _snapshot_row = operator.attrgetter(*_SNAPSHOT_FIELDS)
 _RESTORED_FIELDS = tuple(name for name in _SNAPSHOT_FIELDS if name != "phase")
 
 _NO_CDRS: Sequence[Cdr] = ()
-_TRUNK_CACHE_LIMIT = 65536  # distinct source addresses whose trunk is remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +99,12 @@ class Correlator:
     def __init__(
         self,
         limits: DialogLimits | None = None,
-        trunk_of: Callable[[str], Trunk | None] | None = None,
+        egress: bool = False,
     ) -> None:
         self.limits = limits or DialogLimits()
         self.stats = CorrelatorStats()
-        self.kpis: dict[str | None, Kpi] = {}
-        self._trunk_of = trunk_of
-        self._trunks: dict[str, Trunk | None] = {}
+        # Whether the egress moves with a forwarded INVITE: only trunks make it matter.
+        self._egress = egress
         self._dialogs: dict[str, Dialog] = {}  # by Call-ID, in order of first INVITE
         self._early: dict[str, Dialog] = {}  # not yet answered, in order of INVITE time
         self._challenged: deque[tuple[float, Dialog]] = deque()  # by retry deadline
@@ -164,9 +165,7 @@ class Correlator:
                     # An auth retry starts ringing again: to the back of the ring timer.
                     self._early.pop(msg.call_id, None)
                     self._early[msg.call_id] = dialog
-                elif self._trunk_of is not None and state.on_forwarded_invite(
-                    dialog, msg, packet.dst_ip
-                ):
+                elif self._egress and state.on_forwarded_invite(dialog, msg, packet.dst_ip):
                     # The egress trunk is matched from it: journaled so that a restart
                     # rebuilds it. Without trunks nothing is matched and nothing kept.
                     self.changed = True
@@ -335,10 +334,6 @@ class Correlator:
         call_id = dialog.call_id
         disposition = state.outcome(dialog, end_reason)
         self._retire(dialog, end_time)
-        trunk = self._trunk(dialog.src_ip)
-        egress = self._trunk(dialog.egress_ip or dialog.dst_ip)
-        country_code = trunk.country_code if trunk else None
-        national_prefix = trunk.national_prefix if trunk else None
         caller_uri = dialog.pai_uri or dialog.from_uri
         callee_user = user_part(dialog.request_uri) or user_part(dialog.to_uri)
         pdd_ms = None
@@ -347,8 +342,8 @@ class Correlator:
         cdr = Cdr(
             cdr_id=cdr_id(call_id, dialog.from_tag, dialog.start_time),
             call_id=call_id,
-            caller=to_e164(user_part(caller_uri), country_code, national_prefix),
-            callee=to_e164(callee_user, country_code, national_prefix),
+            caller=user_part(caller_uri),
+            callee=callee_user,
             from_uri=dialog.from_uri,
             to_uri=dialog.to_uri,
             request_uri=dialog.request_uri,
@@ -356,7 +351,7 @@ class Correlator:
             src_port=dialog.src_port,
             dst_ip=dialog.dst_ip,
             dst_port=dialog.dst_port,
-            trunk=trunk.name if trunk else None,
+            trunk=None,
             start_time=dialog.start_time,
             ring_time=dialog.ring_time,
             answer_time=dialog.answer_time,
@@ -370,7 +365,7 @@ class Correlator:
             end_reason=end_reason,
             user_agent=dialog.user_agent,
             capture_node=dialog.capture_node,
-            egress_trunk=egress.name if egress else None,
+            egress_ip=dialog.egress_ip or dialog.dst_ip,
         )
         self._count(cdr)
         return cdr
@@ -378,10 +373,6 @@ class Correlator:
     def _count(self, cdr: Cdr) -> None:
         counts = self.stats.cdrs
         counts[cdr.disposition] = counts.get(cdr.disposition, 0) + 1
-        kpi = self.kpis.get(cdr.trunk)
-        if kpi is None:
-            kpi = self.kpis[cdr.trunk] = Kpi()
-        kpi.add(cdr)
 
     def recount(self, pending: Iterable[Cdr]) -> None:
         """Start the counts over after a recovery: what replaying the journal counted
@@ -389,7 +380,6 @@ class Correlator:
         holds and the CDRs it still has to write."""
         self.stats = CorrelatorStats()
         self.stats.dialogs_restored = self.open_dialogs
-        self.kpis.clear()
         for cdr in pending:
             self._count(cdr)
 
@@ -401,16 +391,6 @@ class Correlator:
         # timer ended long before, and its stray copies may still be on the way.
         self._closed[call_id] = (max(end_time, self._now), dialog.from_tag, dialog.invite_cseq)
         dialog.phase = Phase.CLOSED
-
-    def _trunk(self, src_ip: str) -> Trunk | None:
-        if self._trunk_of is None:
-            return None
-        trunk = self._trunks.get(src_ip, _UNRESOLVED)
-        if trunk is _UNRESOLVED:
-            if len(self._trunks) >= _TRUNK_CACHE_LIMIT:
-                self._trunks.clear()  # HEP source addresses are the sender's to choose
-            trunk = self._trunks[src_ip] = self._trunk_of(src_ip)
-        return trunk
 
     # -- restart safety -----------------------------------------------------------------
 
@@ -532,9 +512,6 @@ class Correlator:
             return False
         self._retire(dialog, closed_at)
         return True
-
-
-_UNRESOLVED = Trunk("", None, None, None)
 
 
 # What every field of a restored call must be: its kind, and whether it may be null.
