@@ -39,8 +39,8 @@ from sipcdr.dialogstore import _FRAME, DialogStore
 from sipcdr.model import Cdr
 from sipcdr.pipeline import Pipeline
 from sipcdr.sinks.outputs import SpoolCdrWriter
-from sipcdr.sinks.spool import Spool
 from sipcdr.sip import parse
+from sipcdr.spool import Spool
 
 _BUFFER_BYTES = 64 * 1024
 

@@ -61,7 +61,7 @@ from sipcdr.dialog import Correlator
 from sipcdr.model import Packet
 from sipcdr.pipeline import Pipeline
 from sipcdr.sinks.signaling import SignalingRecorder
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 
 HOST = "127.0.0.1"
 RCVBUF_BYTES = 32 * 1024 * 1024

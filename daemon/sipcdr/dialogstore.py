@@ -75,8 +75,8 @@ import structlog
 from sipcdr.dialog import Correlator
 from sipcdr.model import CDR_MONEY_FIELDS, Cdr, Packet, money
 from sipcdr.private import open_private_fd
-from sipcdr.sinks.spool import DEFAULT_FSYNC_INTERVAL_S
 from sipcdr.sip import parse
+from sipcdr.spool import DEFAULT_FSYNC_INTERVAL_S
 
 # At most this long between checkpoints while messages arrive: after a crash, a call's
 # last-message time (which ends a call whose BYE never comes) is at most this old, and

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from sipcdr.sinks.base import Sink
     from sipcdr.sinks.delivery import Delivery
     from sipcdr.sinks.outputs import Outputs
-    from sipcdr.sinks.spool import Spool
+    from sipcdr.spool import Spool
 
 SPARE_NAME: Final = "spare"
 # About what a large carrier's open calls need once its disk fills: the CDRs of ~20,000

@@ -27,7 +27,7 @@ from sipcdr.config import (
     StateConfig,
 )
 from sipcdr.importer import import_files
-from sipcdr.sinks.spool import MAGIC
+from sipcdr.spool import MAGIC
 from smalldisk import SmallDisk
 from test_delivery_end_to_end import MESSAGES_PER_CALL, pg_cdr_ids, pg_count
 

@@ -40,7 +40,7 @@ from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.kafka import KafkaDeliveryError, KafkaSink
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.settings import DEFAULT_TOPIC_CDRS, DEFAULT_TOPIC_FRAUD
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 from sipcdr.telemetry.metrics import Metrics, Sources
 from structlog.testing import capture_logs
 

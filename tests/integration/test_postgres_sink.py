@@ -33,7 +33,7 @@ from sipcdr.sinks.base import (
 )
 from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.postgres import PostgresSink, RecordError
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 from sipcdr.storage.embedded import EmbeddedPostgres, holders_file
 from sipcdr.storage.migrations import (
     DatabaseUnavailable,

@@ -62,7 +62,7 @@ from sipcdr.private import (
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, RecordsRejected, SpoolRecord
 from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.outputs import Outputs
-from sipcdr.sinks.spool import SEGMENT_SUFFIX, Spool
+from sipcdr.spool import SEGMENT_SUFFIX, Spool
 from sipcdr.storage.embedded import (
     SERVER_USER_WHEN_ROOT,
     EmbeddedPostgres,

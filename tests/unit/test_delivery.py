@@ -29,7 +29,7 @@ from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, RecordsRejec
 from sipcdr.sinks.delivery import MIN_BACKOFF_S, PROBE_INTERVAL_S, SLOW_BATCH_S, Delivery
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import Outputs
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 from sipcdr.telemetry.metrics import Metrics, Sources
 from smalldisk import SmallDisk, fill
 from structlog.testing import capture_logs

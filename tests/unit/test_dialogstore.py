@@ -25,7 +25,7 @@ from sipcdr.dialogstore import MAGIC, DialogStore, read_checkpoint
 from sipcdr.model import Cdr
 from sipcdr.pipeline import CdrSink, Pipeline
 from sipcdr.sinks.outputs import SpoolCdrWriter
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 from smalldisk import SmallDisk, fill
 
 T0 = 1_700_000_000.0

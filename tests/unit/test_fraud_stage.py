@@ -32,7 +32,7 @@ from sipcdr.pipeline import Pipeline
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import SpoolAlertWriter, SpoolCdrWriter
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 
 T0 = 1_700_000_000.0
 SCANNER_UA = "User-Agent: friendly-scanner"

@@ -223,7 +223,7 @@ def test_the_graph_sees_the_package() -> None:
     graph = package_graph()
     assert len(graph) > 50
     outputs = {item.target for item in graph["sipcdr.sinks.outputs"]}
-    assert "sipcdr.sinks.spool" in outputs
+    assert "sipcdr.spool" in outputs
     cli = {item.target for item in graph["sipcdr.cli"]}
     assert "sipcdr.config" in cli  # a lazy import, inside a function
 

@@ -24,7 +24,7 @@ from sipcdr.pipeline import Pipeline, PipelineStats
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.rating.stage import RatingStats
 from sipcdr.sinks.delivery import LoopState
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 from sipcdr.telemetry.families import FAMILIES
 from sipcdr.telemetry.metrics import UNKNOWN_TRUNK, Metrics, Sources
 

@@ -25,7 +25,7 @@ from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.settings import KafkaSettings, OutputSettings, PostgresSettings
 from sipcdr.sinks.signaling import SignalingRecorder
-from sipcdr.sinks.spool import DEFAULT_CDR_RESERVE_RECORDS, Appended, Spool
+from sipcdr.spool import DEFAULT_CDR_RESERVE_RECORDS, Appended, Spool
 
 
 class SpoolCdrWriter:
