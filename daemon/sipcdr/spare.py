@@ -45,8 +45,8 @@ from sipcdr.private import open_private_fd
 from sipcdr.sinks.base import STREAM_RECORDS, STREAM_SIGNALING
 
 if TYPE_CHECKING:
+    from sipcdr.delivery import Delivery
     from sipcdr.sinks.base import Sink
-    from sipcdr.sinks.delivery import Delivery
     from sipcdr.sinks.outputs import Outputs
     from sipcdr.spool import Spool
 

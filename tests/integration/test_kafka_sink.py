@@ -32,11 +32,11 @@ from kafkabroker import (
 )
 from sipcalls import Call, feed
 from sipcdr import config
+from sipcdr.delivery import Delivery
+from sipcdr.delivery import loop as delivery_module
 from sipcdr.dialog import Correlator
-from sipcdr.sinks import delivery as delivery_module
 from sipcdr.sinks import kafka
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP, STREAM_RECORDS, SpoolRecord
-from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.kafka import KafkaDeliveryError, KafkaSink
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.settings import DEFAULT_TOPIC_CDRS, DEFAULT_TOPIC_FRAUD

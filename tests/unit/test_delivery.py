@@ -22,11 +22,11 @@ from sipcdr.config import (
     SpoolConfig,
     output_settings,
 )
+from sipcdr.delivery import MIN_BACKOFF_S, PROBE_INTERVAL_S, SLOW_BATCH_S, Delivery
+from sipcdr.delivery import loop as delivery_module
 from sipcdr.dialog import Correlator
 from sipcdr.pipeline import Pipeline
-from sipcdr.sinks import delivery as delivery_module
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, RecordsRejected, SpoolRecord
-from sipcdr.sinks.delivery import MIN_BACKOFF_S, PROBE_INTERVAL_S, SLOW_BATCH_S, Delivery
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.spool import Spool

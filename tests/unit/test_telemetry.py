@@ -15,6 +15,7 @@ from sipcdr.capture.listeners import AllowList, HepGate, ListenerStats
 from sipcdr.capture.live import LiveStats
 from sipcdr.config import DEFAULT_ALLOW
 from sipcdr.decode.extract import CaptureStats
+from sipcdr.delivery import LoopState
 from sipcdr.dialog import Correlator
 from sipcdr.dialog.correlator import CorrelatorStats
 from sipcdr.dialog.kpi import DURATION_BUCKETS_S, PDD_BUCKETS_S, Kpi
@@ -23,7 +24,6 @@ from sipcdr.enrich import EnrichStats
 from sipcdr.pipeline import Pipeline, PipelineStats
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.rating.stage import RatingStats
-from sipcdr.sinks.delivery import LoopState
 from sipcdr.spool import Spool
 from sipcdr.telemetry.families import FAMILIES
 from sipcdr.telemetry.metrics import UNKNOWN_TRUNK, Metrics, Sources
