@@ -19,9 +19,10 @@ import orjson
 import pytest
 import structlog
 from sipcalls import CALLEE_ADDR, CALLER_ADDR, Call, CdrCollector, packet
-from sipcdr import dialogstore
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.dialogstore import MAGIC, DialogStore, read_checkpoint
+from sipcdr.dialogstore import checkpoint as checkpoint_module
+from sipcdr.dialogstore import store as store_module
 from sipcdr.model import Cdr
 from sipcdr.pipeline import CdrSink, Pipeline
 from sipcdr.sinks.outputs import SpoolCdrWriter
@@ -486,7 +487,9 @@ class FullDisk:
 @pytest.fixture
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[FullDisk]:
     disk = FullDisk()
-    monkeypatch.setattr(dialogstore, "os", disk)
+    # The journal's writes and the checkpoint file's.
+    monkeypatch.setattr(store_module, "os", disk)
+    monkeypatch.setattr(checkpoint_module, "os", disk)
     yield disk
 
 
