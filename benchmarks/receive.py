@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import asyncio_dgram
 import uvloop
 from samples import BYE, INVITE, OK_200
-from sipcdr import hep
+from sipcdr import hep, hepencode
 from sipcdr.capture.listeners import (
     MAX_DATAGRAM,
     AllowList,
@@ -421,7 +421,7 @@ def hep_flow() -> list[bytes]:
     for payload, from_caller in call_flow():
         src, dst = (CALLER, CALLEE) if from_caller else (CALLEE, CALLER)
         packets.append(
-            hep.encode(
+            hepencode.encode(
                 src_ip=src[0],
                 dst_ip=dst[0],
                 src_port=src[1],

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from sipcdr import hep
+from sipcdr import hepencode
 from sipcdr.capture import tls as tls_files
 from sipcdr.capture.listeners import MAX_CLOCK_SKEW_S
 from sipcdr.capture.pcapfile import iter_packets
@@ -254,7 +254,7 @@ def replay(
                     if delay > 0:
                         time.sleep(delay)
                     if as_hep:
-                        data = hep.encode(
+                        data = hepencode.encode(
                             src_ip=packet.src_ip,
                             dst_ip=packet.dst_ip,
                             src_port=packet.src_port,

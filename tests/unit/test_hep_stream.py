@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 from sipcalls import Call, answered_call_messages
-from sipcdr import hep
+from sipcdr import hepencode
 from sipcdr.app import FD_HEADROOM, raise_file_limit, stream_limits
 from sipcdr.capture import hepstream
 from sipcdr.capture.hepstream import (
@@ -92,7 +92,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def frame(payload: bytes, key: str | None = None) -> bytes:
-    return hep.encode(
+    return hepencode.encode(
         src_ip="192.0.2.10", dst_ip="203.0.113.20", src_port=5060, dst_port=5060,
         timestamp=time.time(), payload=payload, capture_id=2001, auth_key=key,
     )  # fmt: skip

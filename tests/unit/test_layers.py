@@ -32,6 +32,7 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
             "sipcdr.clock",
             "sipcdr.sip",
             "sipcdr.hep",
+            "sipcdr.hepencode",
             "sipcdr.decode",
             "sipcdr.numbers",
         ),
