@@ -7,10 +7,8 @@ import asyncio
 import contextlib
 import functools
 import os
-import resource
 import signal
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,11 +29,13 @@ from sipcdr.capture.listeners import (
 from sipcdr.capture.live import LiveCapture
 from sipcdr.capture.mirror import VxlanUdpProtocol
 from sipcdr.clock import SYSTEM_CLOCK, Clock
-from sipcdr.config import CaptureConfig, Config, Endpoint, cdr_destinations, output_settings
+from sipcdr.config import Config, Endpoint, cdr_destinations, output_settings
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
 from sipcdr.engine import Destinations, Engine, JournalHooks, build_engine, daemon_fraud_of
 from sipcdr.hotpath import hot_path
+from sipcdr.intake import IntakeGate
+from sipcdr.limits import raise_file_limit, stream_limits
 from sipcdr.pipeline import Intake, Pipeline
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.privacy.task import PrivacyTask
@@ -50,102 +50,6 @@ from sipcdr.telemetry.http import MetricsServer
 from sipcdr.telemetry.metrics import Metrics, Sources
 
 TICK_S = 1.0  # timers, sink flushes and loss logging: once a second
-# Intake resumes only once what paused it has been gone this long: a disk that took the
-# reserve back must go on taking writes before new calls come in again.
-RESUME_AFTER_S = 5.0
-# A pause that follows a resume within `RELAPSE_WINDOW_S` doubles the wait before the
-# next resume, up to this long: a disk at the edge does not make intake flap, yet a disk
-# that recovered costs a carrier at most half a minute of refused calls.
-RESUME_AFTER_MAX_S = 30.0
-# Each calm stretch this long since the last resume halves the wait again, down to
-# `RESUME_AFTER_S`.
-RELAPSE_WINDOW_S = 60.0
-# Descriptors kept free of HEP/TCP and HEP/TLS connections: spool segments, JSONL files,
-# sink and database connections, listeners, the metrics endpoint and the event loop's
-# own, with room to spare (a running daemon holds well under 100 of them).
-FD_HEADROOM = 256
-
-
-def raise_file_limit() -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard one (an unprivileged process may);
-    returns (soft, hard) as they are afterwards."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            return soft, hard
-        soft = hard
-    return soft, hard
-
-
-def stream_limits(capture: CaptureConfig, file_limit: int) -> StreamLimits:
-    """The configured connection limits, with the total lowered to what `file_limit`
-    holds next to everything else the daemon opens (a quarter of a limit too small for
-    the headroom): running out of descriptors would stall the spool and the sinks, not
-    only the listeners."""
-    capacity = max(file_limit - FD_HEADROOM, file_limit // 4)
-    return StreamLimits(
-        max_connections=min(capture.hep_tcp_max_connections, capacity),
-        max_per_source=capture.hep_tcp_max_per_source,
-        idle_timeout_s=capture.hep_tcp_idle_timeout_s,
-        frame_timeout_s=capture.hep_tcp_frame_timeout_s,
-        max_buffer_bytes=capture.hep_tcp_max_buffer_bytes,
-    )
-
-
-class IntakeGate:
-    """Pauses intake while a reason to refuse new calls holds, and resumes it only once
-    the reason has been gone for `RESUME_AFTER_S`, doubled for each pause that comes
-    within `RELAPSE_WINDOW_S` of the last resume (up to `RESUME_AFTER_MAX_S`) and halved
-    for each such window of calm: at the edge of a full disk, intake stays paused for
-    longer stretches instead of flapping, and a calm disk is back to the short wait."""
-
-    def __init__(self, intake: Intake, clock: Callable[[], float] = time.monotonic) -> None:
-        self.intake = intake
-        self.log = structlog.get_logger("sipcdr")
-        self.resume_after_s = RESUME_AFTER_S
-        self._clock = clock
-        self._paused_at = 0.0
-        self._reason_seen_at = 0.0  # the last check that found a reason to pause
-        self._resumed_at = float("-inf")
-        self._refused_at_pause = 0
-
-    def update(self, reason: str | None) -> None:
-        intake = self.intake
-        now = self._clock()
-        if reason is not None:
-            self._reason_seen_at = now
-            if not intake.paused:
-                self.resume_after_s = self._next_wait(now - self._resumed_at)
-                intake.reason = reason
-                intake.paused = True
-                self._paused_at = now
-                self._refused_at_pause = self._refused()
-                # New calls are refused from now on: calls lost, hence ERROR.
-                self.log.error("intake_paused", reason=reason, resume_after_s=self.resume_after_s)
-            elif reason != intake.reason:
-                intake.reason = reason
-                self.log.warning("intake_pause_reason_changed", reason=reason)
-            return
-        if not intake.paused or now - self._reason_seen_at < self.resume_after_s:
-            return
-        intake.paused = False
-        self._resumed_at = now
-        self.log.info(
-            "intake_resumed",
-            paused_s=round(now - self._paused_at, 1),
-            calls_refused=self._refused() - self._refused_at_pause,
-        )
-
-    def _next_wait(self, calm_s: float) -> float:
-        if calm_s < RELAPSE_WINDOW_S:
-            return min(RESUME_AFTER_MAX_S, self.resume_after_s * 2)
-        halvings = min(calm_s // RELAPSE_WINDOW_S, 16.0)  # inf before the first resume
-        return max(RESUME_AFTER_S, self.resume_after_s / 2**halvings)
-
-    def _refused(self) -> int:
-        return sum(self.intake.refused.values())
 
 
 class App:

@@ -12,7 +12,6 @@ from pathlib import Path
 import orjson
 import pytest
 from sipcalls import Call, CdrCollector, packet
-from sipcdr.app import IntakeGate
 from sipcdr.clock import FakeClock, settle
 from sipcdr.config import (
     Config,
@@ -25,6 +24,7 @@ from sipcdr.config import (
 from sipcdr.delivery import MIN_BACKOFF_S, PROBE_INTERVAL_S, SLOW_BATCH_S, Delivery
 from sipcdr.delivery import loop as delivery_module
 from sipcdr.dialog import Correlator
+from sipcdr.intake import IntakeGate
 from sipcdr.pipeline import Pipeline
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, RecordsRejected, SpoolRecord
 from sipcdr.sinks.jsonl import JsonlSink

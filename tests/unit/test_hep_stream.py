@@ -27,7 +27,6 @@ import pytest
 import uvloop
 from sipcalls import Call, answered_call_messages
 from sipcdr import hepencode
-from sipcdr.app import FD_HEADROOM, raise_file_limit, stream_limits
 from sipcdr.capture import hepstream
 from sipcdr.capture.hepstream import (
     SOURCE_TCP,
@@ -42,6 +41,7 @@ from sipcdr.capture.tls import HANDSHAKE_FAILURES, handshake_failure, server_con
 from sipcdr.clock import SYSTEM_CLOCK, Clock, FakeClock
 from sipcdr.config import DEFAULT_ALLOW, CaptureConfig
 from sipcdr.dialog import Correlator, DialogLimits
+from sipcdr.limits import FD_HEADROOM, raise_file_limit, stream_limits
 from sipcdr.model import Cdr
 from sipcdr.pipeline import Pipeline
 from sipcdr.telemetry.metrics import Metrics

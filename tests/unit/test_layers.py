@@ -73,6 +73,8 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
         (
             "sipcdr.engine",
             "sipcdr.app",
+            "sipcdr.intake",
+            "sipcdr.limits",
             "sipcdr.antifraud",
             "sipcdr.importer",
             "sipcdr.replay",
