@@ -458,13 +458,14 @@ def sipcdr_measure(
     quiet: float,
     signaling_dir: Path | None = None,
 ) -> Run:
-    pipeline = Pipeline(Correlator(), sinks=[])
     spool = None
+    recorder = None
     if signaling_dir is not None:
         # As the daemon runs by default: every message kept for sip_messages.
         spool = Spool(signaling_dir / f"{kind}-{time.monotonic_ns()}", ("postgres",), buffered=True)
         spool.open()
-        pipeline.signaling = SignalingRecorder(spool)
+        recorder = SignalingRecorder(spool)
+    pipeline = Pipeline(Correlator(), sinks=[], signaling=recorder)
     allow = AllowList([ipaddress.ip_network("127.0.0.0/8")])
     listened = ListenerStats()
 

@@ -284,7 +284,7 @@ async def test_a_crash_between_the_spool_and_the_close_record_writes_the_same_cd
     first = Node(tmp_path, spool)
     await first.boot()
     first.run(events[:bye_at])
-    first.pipeline.sinks = (spool, DyingSink(first.closes, "a@x"))
+    first.pipeline = first.chain((spool, DyingSink(first.closes, "a@x")))
     with pytest.raises(Killed):
         first.run(events[bye_at : bye_at + 1])
     first.crash()
@@ -631,9 +631,13 @@ class SpoolNode:
         unwritten = self.store.recover()
         self.writer.on_written = self.store.closed
         self.store.held = self.writer.held
+        self.pipeline = Pipeline(
+            self.correlator,
+            [self.writer],
+            journal=self.store.message,
+            decided=self.store.decided,
+        )
         await self.store.start(self.pipeline.emit)
-        self.pipeline.journal = self.store.message
-        self.pipeline.decided = self.store.decided
         return unwritten
 
     def run(self, events: Sequence[Event]) -> None:
@@ -760,7 +764,7 @@ async def test_a_timer_close_caught_before_its_close_record_is_written_again_the
     first = Node(tmp_path, spool)
     await first.boot()
     first.run(events)
-    first.pipeline.sinks = (spool, DyingSink(first.closes, "ring@x"))
+    first.pipeline = first.chain((spool, DyingSink(first.closes, "ring@x")))
     with pytest.raises(Killed):
         first.run([("expire", T0 + 200.0)])
     first.crash()
