@@ -64,7 +64,7 @@ _SLOW_FRAME = b"HEP3\xff\xff" + b"\x00" * 100
 
 
 async def _serve_sipcdr(pki: Path | None, client_certificates: bool) -> None:
-    pipeline = Pipeline(Correlator(DialogLimits(), lambda _ip: None), ())
+    pipeline = Pipeline(Correlator(DialogLimits(), egress=True), ())
     # Limits far beyond the run, so nothing is refused or timed out while measuring.
     limits = StreamLimits(1_000_000, 1_000_000, 3600.0, 3600.0, 65535)
     endpoint = [("127.0.0.1", 0)]

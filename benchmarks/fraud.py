@@ -193,8 +193,7 @@ def wired(traffic: Traffic, with_stage: bool) -> float:
     pipeline = Pipeline(Correlator(), [sink])
     if with_stage:
         stage = FraudStage(_settings(), sink, _trunk_of, rating=True)
-        pipeline.message_stages = (stage,)
-        pipeline.stages = (stage,)
+        pipeline = Pipeline(Correlator(), [sink], (stage,), (stage,))
     process = pipeline.process
     packets = [packet for _data, packet, _trunk in traffic.items]
     with _timed():

@@ -39,8 +39,8 @@ from sipcdr.dialogstore import _FRAME, DialogStore
 from sipcdr.model import Cdr
 from sipcdr.pipeline import Pipeline
 from sipcdr.sinks.outputs import SpoolCdrWriter
-from sipcdr.sinks.spool import Spool
 from sipcdr.sip import parse
+from sipcdr.spool import Spool
 
 _BUFFER_BYTES = 64 * 1024
 
@@ -95,8 +95,7 @@ def per_message_us(
         store.recover()
         asyncio.run(_start(store))
         writer.on_written = store.closed  # as the daemon: once the spool has the CDR
-        pipeline.journal = store.message
-        pipeline.decided = store.decided
+        pipeline = Pipeline(correlator, [writer], journal=store.message, decided=store.decided)
     packets = [_packet(1_700_000_000.0 + n, data) for n, flow in enumerate(flows) for data in flow]
     # CPU time of this process (the writes' kernel time included): other work on a
     # shared machine does not count against a contender.
@@ -148,8 +147,7 @@ def checkpoint_and_recovery(count: int, directory: Path) -> None:
     size = sum(path.stat().st_size for path in directory.glob("*.json"))
     # A journal of whole calls after the checkpoint, then recovery from both.
     flows = [_flow(count + n) for n in range(count // 10)]
-    pipeline = Pipeline(correlator, [_Closes(store)])
-    pipeline.journal = store.message
+    pipeline = Pipeline(correlator, [_Closes(store)], journal=store.message)
     for n, flow in enumerate(flows):
         for data in flow:
             pipeline.process(_packet(1_700_001_000.0 + n * 0.001, data))

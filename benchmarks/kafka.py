@@ -37,7 +37,7 @@ from sipcdr.sinks import settings as sink_settings
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, SpoolRecord
 from sipcdr.sinks.kafka import KafkaSink
 
-SPOOL_BATCH = 1000  # sinks.delivery.DEFAULT_BATCH_RECORDS
+SPOOL_BATCH = 1000  # delivery.DEFAULT_BATCH_RECORDS
 PARTITIONS = 6  # spreads keys like a production CDR topic; batches are per partition
 KIB = 1024
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dpkt
 import sipmessage
 from samples import MESSAGES
-from sipcdr import hep, hotpath
+from sipcdr import hep, hepencode, hotpath
 from sipcdr.sip import parse
 from sipcdr.sip import parser as parser_module
 
@@ -151,7 +151,7 @@ def sipmessage_fields(data: bytes) -> object:
 
 def _hep_packets() -> list[bytes]:
     return [
-        hep.encode(
+        hepencode.encode(
             src_ip="198.51.100.10",
             dst_ip="203.0.113.5",
             src_port=5060,

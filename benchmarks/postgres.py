@@ -43,7 +43,7 @@ from sipcdr.storage.embedded import EmbeddedPostgres
 from sipcdr.storage.migrations import migrate
 from sipcdr.storage.partitions import DEFAULT_CLASS, ensure_partitions
 
-BATCH = 1000  # sinks.delivery.DEFAULT_BATCH_RECORDS
+BATCH = 1000  # delivery.DEFAULT_BATCH_RECORDS
 
 
 async def fresh_database(server_dsn: str) -> str:

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import asyncio_dgram
 import uvloop
 from samples import BYE, INVITE, OK_200
-from sipcdr import hep
+from sipcdr import hep, hepencode
 from sipcdr.capture.listeners import (
     MAX_DATAGRAM,
     AllowList,
@@ -61,7 +61,7 @@ from sipcdr.dialog import Correlator
 from sipcdr.model import Packet
 from sipcdr.pipeline import Pipeline
 from sipcdr.sinks.signaling import SignalingRecorder
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 
 HOST = "127.0.0.1"
 RCVBUF_BYTES = 32 * 1024 * 1024
@@ -421,7 +421,7 @@ def hep_flow() -> list[bytes]:
     for payload, from_caller in call_flow():
         src, dst = (CALLER, CALLEE) if from_caller else (CALLEE, CALLER)
         packets.append(
-            hep.encode(
+            hepencode.encode(
                 src_ip=src[0],
                 dst_ip=dst[0],
                 src_port=src[1],
@@ -458,13 +458,14 @@ def sipcdr_measure(
     quiet: float,
     signaling_dir: Path | None = None,
 ) -> Run:
-    pipeline = Pipeline(Correlator(), sinks=[])
     spool = None
+    recorder = None
     if signaling_dir is not None:
         # As the daemon runs by default: every message kept for sip_messages.
         spool = Spool(signaling_dir / f"{kind}-{time.monotonic_ns()}", ("postgres",), buffered=True)
         spool.open()
-        pipeline.signaling = SignalingRecorder(spool)
+        recorder = SignalingRecorder(spool)
+    pipeline = Pipeline(Correlator(), sinks=[], signaling=recorder)
     allow = AllowList([ipaddress.ip_network("127.0.0.0/8")])
     listened = ListenerStats()
 

@@ -40,8 +40,8 @@ from samples import MESSAGES
 from sipcdr.model import Packet
 from sipcdr.sinks.base import KIND_CDR
 from sipcdr.sinks.signaling import SignalingRecorder
-from sipcdr.sinks.spool import Spool
 from sipcdr.sip import parse
+from sipcdr.spool import Spool
 
 VALUE = orjson.dumps(
     {

@@ -24,8 +24,23 @@ BASELINES_FILE: Final = "fraud-baselines.json"
 SAVE_INTERVAL_S: Final = 600.0
 
 
+def fraud_stage(config: Config, alerts: AlertWriter | None) -> FraudStage | None:
+    """The fraud stage of `config`, fresh (no learnt baselines): an import's. None when
+    `[fraud] enabled = false` or nothing takes its alerts (no sink keeps records)."""
+    settings = config.fraud.settings
+    if not settings.enabled or alerts is None:
+        return None
+    return FraudStage(
+        settings, alerts, trunk_resolver(config.trunks), rating=bool(config.rating.decks)
+    )
+
+
 class DaemonFraud:
-    """A `FraudStage` with what the daemon adds around it; `stage` goes in the chain."""
+    """A `FraudStage` with what the daemon adds around it: `stage` goes in the chain,
+    and this is the timed stage the engine ticks (the stage's tick, then a save when
+    due)."""
+
+    name = "fraud"
 
     def __init__(self, stage: FraudStage, state_dir: Path) -> None:
         self.stage = stage
@@ -37,12 +52,9 @@ class DaemonFraud:
     @classmethod
     def build(cls, config: Config, alerts: AlertWriter | None) -> DaemonFraud | None:
         """None when `[fraud] enabled = false` or no sink keeps records (no spool)."""
-        settings = config.fraud.settings
-        if not settings.enabled or alerts is None:
+        stage = fraud_stage(config, alerts)
+        if stage is None:
             return None
-        stage = FraudStage(
-            settings, alerts, trunk_resolver(config.trunks), rating=bool(config.rating.decks)
-        )
         fraud = cls(stage, Path(config.state.dir))
         for detector, reason in stage.monitor.stats.inactive.items():
             fraud.log.info("fraud_detector_inactive", detector=detector, reason=reason)

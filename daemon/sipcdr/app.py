@@ -7,10 +7,8 @@ import asyncio
 import contextlib
 import functools
 import os
-import resource
 import signal
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,16 +29,18 @@ from sipcdr.capture.listeners import (
 from sipcdr.capture.live import LiveCapture
 from sipcdr.capture.mirror import VxlanUdpProtocol
 from sipcdr.clock import SYSTEM_CLOCK, Clock
-from sipcdr.config import CaptureConfig, Config, Endpoint, cdr_destinations, output_settings
+from sipcdr.config import Config, Endpoint, cdr_destinations, output_settings
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
-from sipcdr.enrich.trunks import trunk_resolver
+from sipcdr.engine import Destinations, Engine, JournalHooks, build_engine, daemon_fraud_of
 from sipcdr.hotpath import hot_path
-from sipcdr.pipeline import Pipeline
+from sipcdr.intake import IntakeGate
+from sipcdr.limits import raise_file_limit, stream_limits
+from sipcdr.pipeline import Intake, Pipeline
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.privacy.task import PrivacyTask
 from sipcdr.private import prepare_state_dir
-from sipcdr.rates import rate_decks
+from sipcdr.rates import RateDecks
 from sipcdr.sinks.base import Sink
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import Outputs
@@ -50,102 +50,6 @@ from sipcdr.telemetry.http import MetricsServer
 from sipcdr.telemetry.metrics import Metrics, Sources
 
 TICK_S = 1.0  # timers, sink flushes and loss logging: once a second
-# Intake resumes only once what paused it has been gone this long: a disk that took the
-# reserve back must go on taking writes before new calls come in again.
-RESUME_AFTER_S = 5.0
-# A pause that follows a resume within `RELAPSE_WINDOW_S` doubles the wait before the
-# next resume, up to this long: a disk at the edge does not make intake flap, yet a disk
-# that recovered costs a carrier at most half a minute of refused calls.
-RESUME_AFTER_MAX_S = 30.0
-# Each calm stretch this long since the last resume halves the wait again, down to
-# `RESUME_AFTER_S`.
-RELAPSE_WINDOW_S = 60.0
-# Descriptors kept free of HEP/TCP and HEP/TLS connections: spool segments, JSONL files,
-# sink and database connections, listeners, the metrics endpoint and the event loop's
-# own, with room to spare (a running daemon holds well under 100 of them).
-FD_HEADROOM = 256
-
-
-def raise_file_limit() -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard one (an unprivileged process may);
-    returns (soft, hard) as they are afterwards."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            return soft, hard
-        soft = hard
-    return soft, hard
-
-
-def stream_limits(capture: CaptureConfig, file_limit: int) -> StreamLimits:
-    """The configured connection limits, with the total lowered to what `file_limit`
-    holds next to everything else the daemon opens (a quarter of a limit too small for
-    the headroom): running out of descriptors would stall the spool and the sinks, not
-    only the listeners."""
-    capacity = max(file_limit - FD_HEADROOM, file_limit // 4)
-    return StreamLimits(
-        max_connections=min(capture.hep_tcp_max_connections, capacity),
-        max_per_source=capture.hep_tcp_max_per_source,
-        idle_timeout_s=capture.hep_tcp_idle_timeout_s,
-        frame_timeout_s=capture.hep_tcp_frame_timeout_s,
-        max_buffer_bytes=capture.hep_tcp_max_buffer_bytes,
-    )
-
-
-class IntakeGate:
-    """Pauses intake while a reason to refuse new calls holds, and resumes it only once
-    the reason has been gone for `RESUME_AFTER_S`, doubled for each pause that comes
-    within `RELAPSE_WINDOW_S` of the last resume (up to `RESUME_AFTER_MAX_S`) and halved
-    for each such window of calm: at the edge of a full disk, intake stays paused for
-    longer stretches instead of flapping, and a calm disk is back to the short wait."""
-
-    def __init__(self, pipeline: Pipeline, clock: Callable[[], float] = time.monotonic) -> None:
-        self.pipeline = pipeline
-        self.log = structlog.get_logger("sipcdr")
-        self.resume_after_s = RESUME_AFTER_S
-        self._clock = clock
-        self._paused_at = 0.0
-        self._reason_seen_at = 0.0  # the last check that found a reason to pause
-        self._resumed_at = float("-inf")
-        self._refused_at_pause = 0
-
-    def update(self, reason: str | None) -> None:
-        pipeline = self.pipeline
-        now = self._clock()
-        if reason is not None:
-            self._reason_seen_at = now
-            if not pipeline.paused:
-                self.resume_after_s = self._next_wait(now - self._resumed_at)
-                pipeline.pause_reason = reason
-                pipeline.paused = True
-                self._paused_at = now
-                self._refused_at_pause = self._refused()
-                # New calls are refused from now on: calls lost, hence ERROR.
-                self.log.error("intake_paused", reason=reason, resume_after_s=self.resume_after_s)
-            elif reason != pipeline.pause_reason:
-                pipeline.pause_reason = reason
-                self.log.warning("intake_pause_reason_changed", reason=reason)
-            return
-        if not pipeline.paused or now - self._reason_seen_at < self.resume_after_s:
-            return
-        pipeline.paused = False
-        self._resumed_at = now
-        self.log.info(
-            "intake_resumed",
-            paused_s=round(now - self._paused_at, 1),
-            calls_refused=self._refused() - self._refused_at_pause,
-        )
-
-    def _next_wait(self, calm_s: float) -> float:
-        if calm_s < RELAPSE_WINDOW_S:
-            return min(RESUME_AFTER_MAX_S, self.resume_after_s * 2)
-        halvings = min(calm_s // RELAPSE_WINDOW_S, 16.0)  # inf before the first resume
-        return max(RESUME_AFTER_S, self.resume_after_s / 2**halvings)
-
-    def _refused(self) -> int:
-        return sum(self.pipeline.stats.calls_refused.values())
 
 
 class App:
@@ -180,11 +84,10 @@ class App:
         """The components that hold calls and CDRs. Built anew for a start tried again
         after one failed, which then recovers from disk what the failed one saved."""
         config = self.config
-        self.correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
+        self.correlator = Correlator(config.dialog, egress=bool(config.trunks))
         self.outputs = Outputs(output_settings(config), clock=self.clock)
-        self.rates = rate_decks(config)
-        # The CDR writer and the signaling recorder exist once the spools are open.
-        self.pipeline = Pipeline(self.correlator, (), (self.rates.stage,))
+        # Built once the outputs are open: its writers are their spools.
+        self.engine: Engine | None = None
         self.spare = SpareSpace(self.state_dir / SPARE_NAME, config.state.spare_bytes, self.clock)
         self.dialogs = DialogStore(
             self.state_dir,
@@ -196,9 +99,8 @@ class App:
             clock=self.clock.monotonic,
             wall_clock=self.clock.time,
         )
-        self.intake = IntakeGate(self.pipeline, self.clock.monotonic)
+        self.intake = IntakeGate(Intake(), self.clock.monotonic)
         self.spare_room = SpareRoom(self.spare)
-        self.fraud: DaemonFraud | None = None  # built once the spool for its alerts is open
 
     def _reset_inputs(self) -> None:
         self._hep_stream: HepStreamServer | None = None
@@ -219,9 +121,11 @@ class App:
     def _metric_sources(self) -> Sources:
         """What the metrics endpoint reads at each scrape: the components as they are
         now (a start tried again builds new ones)."""
+        engine = self.engine
         return Sources(
-            pipeline=self.pipeline,
+            pipeline=None if engine is None else engine.pipeline,
             correlator=self.correlator,
+            enrich=None if engine is None else engine.enrich.stats,
             trunks=[trunk.name for trunk in self.config.trunks],
             listeners=self.listener_stats,
             gate=self._gate,
@@ -230,8 +134,8 @@ class App:
             udp=self._udp,
             udp_drops=udp_drops,
             vxlan=self._vxlan,
-            rating=self.rates.stage.stats,
-            fraud=None if self.fraud is None else self.fraud.stage,
+            rating=None if engine is None else engine.rates.stage.stats,
+            fraud=None if engine is None else engine.fraud,
             privacy=self.privacy_stats,
             outbound=self.outputs.outbound,
             outputs=self.outputs,
@@ -239,6 +143,23 @@ class App:
             spare=self.spare,
             metrics_server=self._metrics_server,
         )
+
+    def _built(self) -> Engine:
+        assert self.engine is not None, "the engine is built by start()"
+        return self.engine
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """What the capture adapters feed; exists once started."""
+        return self._built().pipeline
+
+    @property
+    def rates(self) -> RateDecks:
+        return self._built().rates
+
+    @property
+    def fraud(self) -> DaemonFraud | None:
+        return None if self.engine is None else daemon_fraud_of(self.engine)
 
     @property
     def state_dir(self) -> Path:
@@ -266,13 +187,21 @@ class App:
             self.spare.ensure()
             # Sinks before inputs: a CDR must have its spool before the first packet.
             await self.outputs.open()
+            # The whole chain, writing into the spools just opened, journaling into the
+            # dialog store, refusing new calls while the intake gate says so.
+            self.engine = build_engine(
+                self.config,
+                Destinations.of(self.outputs),
+                correlator=self.correlator,
+                journal=JournalHooks(self.dialogs.message, self.dialogs.decided),
+                intake=self.intake.intake,
+                daemon_fraud=True,
+            )
             self._connect_outputs()
             # The store opens its journal, then writes the CDRs a crash or a stop left
             # unwritten (their closes journaled as the spool takes them), then a
             # checkpoint that holds what the spool could not take.
-            await self.dialogs.start(self.pipeline.emit)
-            self.pipeline.journal = self.dialogs.message
-            self.pipeline.decided = self.dialogs.decided
+            await self.dialogs.start(self.engine.emit)
             self.intake.update(self._intake_block_reason())  # a full disk: before any call
             await self._open_inputs()
             try:
@@ -331,17 +260,14 @@ class App:
         return self._ready and self.outputs.sinks_ready()
 
     def _connect_outputs(self) -> None:
-        """Wire the spools to the pipeline, the dialog store and the spare file."""
+        """Wire the spools to the dialog store and the spare file."""
         outputs = self.outputs
-        self.pipeline.sinks = tuple(outputs.cdr_sinks())
-        self.pipeline.signaling = outputs.signaling
         writer = outputs.cdr_writer
         if writer is not None:
             # A CDR's close is journaled once its bytes are in the spool file; the ones
             # the spool holds in memory go into every checkpoint instead.
             writer.on_written = self.dialogs.closed
             self.dialogs.held = writer.held
-        self._connect_fraud()
         self.spare_room.connect(
             outputs, {sink: self._destination_dir(sink) for sink in outputs.sinks}
         )
@@ -356,15 +282,6 @@ class App:
         if sink.name == "postgres" and self.config.sinks.postgres.embedded:
             return self.state_dir / EMBEDDED_DATA_SUBDIR
         return None
-
-    def _connect_fraud(self) -> None:
-        """The fraud stage in the chain, before the correlator (messages) and after it
-        (CDRs), its alerts into the records spool with the CDRs."""
-        self.fraud = DaemonFraud.build(self.config, self.outputs.alert_writer)
-        if self.fraud is not None:
-            stage = self.fraud.stage
-            self.pipeline.message_stages = (*self.pipeline.message_stages, stage)
-            self.pipeline.stages = (*self.pipeline.stages, stage)
 
     def _fraud_step(self, step: Callable[[DaemonFraud], object]) -> Callable[[], object]:
         return lambda: None if self.fraud is None else step(self.fraud)
@@ -574,8 +491,8 @@ class App:
         """Timers, sink flushes and the log lines of losses; called once a second. Each
         step on its own: a full disk must not stop the timers."""
         steps: list[tuple[str, Callable[[], object]]] = [
-            ("expire", lambda: self.pipeline.expire(now)),
-            ("fraud", self._fraud_step(lambda fraud: fraud.tick(now))),
+            # The timers, then the timed stages (fraud incidents, its baselines' save).
+            ("engine", lambda: self._built().tick(now)),
             ("flush_sinks", self.pipeline.flush),
             ("spare", self.spare_room.keep),
             ("intake_gate", lambda: self.intake.update(self._intake_block_reason())),

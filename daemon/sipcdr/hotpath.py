@@ -58,6 +58,7 @@ COMPILED_MODULES: Final = (
     "sipcdr.decode.capfile",
     "sipcdr.dialog.state",
     "sipcdr.dialog.kpi",
+    "sipcdr.dialog.restore",
     "sipcdr.dialog.correlator",
 )
 # The C header scanner: an extension with no Python twin; the parser runs its own loop

@@ -9,6 +9,11 @@ spool of the import's own, so an import never contends with a running daemon's
 spool. The import ends when every sink has every record, or after
 `DELIVERY_TIMEOUT_S` with the undelivered counts in the summary; re-running it then
 is safe, since CDR and message ids are deterministic and every sink deduplicates.
+
+The chain is the daemon's own (`sipcdr.engine`): enrich, rate and, when `[fraud]` is
+enabled and a sink keeps records, the fraud detectors, on the capture's time and
+starting from nothing learnt. Their alerts go where the import's outputs put the
+records, next to the CDRs.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import heapq
 import os
 import shutil
 import sys
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Final
@@ -31,17 +36,13 @@ from sipcdr.capture.pcapfile import CaptureFileError, iter_packets
 from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import Config, output_settings
 from sipcdr.decode.extract import CaptureStats
-from sipcdr.dialog import Correlator
-from sipcdr.enrich.trunks import trunk_resolver
+from sipcdr.engine import EXPIRE_EVERY_S, Destinations, build_engine
 from sipcdr.model import Packet
-from sipcdr.pipeline import CdrSink, Pipeline
+from sipcdr.pipeline import CdrSink
 from sipcdr.private import prepare_state_dir, private_dir
-from sipcdr.rates import rate_decks
 from sipcdr.sinks.outputs import Outputs
-from sipcdr.sip import SipMessage
 from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR
 
-EXPIRE_EVERY_S = 1.0  # capture-time interval between timer checks
 # Long enough for a large capture into a remote database; a sink down longer than
 # this fails the import, which can simply be run again.
 DELIVERY_TIMEOUT_S = 600.0
@@ -64,7 +65,7 @@ def import_files(
             _import_to_outputs(config, files, summary_json, progress, delivery_timeout_s)
         )
     summary: dict[str, object] = {}
-    for _ in _import(config, files, sinks, None, progress, summary):
+    for _ in _import(config, files, Destinations(sinks), progress, summary):
         pass
     if summary_json is not None:
         summary_json.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
@@ -96,7 +97,7 @@ async def _import_to_outputs(
     await outputs.open()
     summary: dict[str, object] = {}
     try:
-        steps = _import(config, files, outputs.cdr_sinks(), outputs.signaling, progress, summary)
+        steps = _import(config, files, Destinations.of(outputs), progress, summary)
         for _ in steps:
             # Every few thousand packets the sinks get their turn; while a spool is at
             # its limit or the disk refuses records, parsing waits for them rather than
@@ -196,16 +197,14 @@ def _locked(directory: Path) -> bool:
 def _import(
     config: Config,
     files: Sequence[Path],
-    sinks: Sequence[CdrSink],
-    signaling: Callable[[Packet, SipMessage], None] | None,
+    destinations: Destinations,
     progress: bool | None,
     summary: dict[str, object],
 ) -> Generator[None, None, None]:
     """Runs the import, yielding every `YIELD_EVERY` packets so a caller can let its
     sinks work; fills `summary` at the end."""
-    correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
-    pipeline = Pipeline(correlator, sinks, stages=(rate_decks(config).stage,))
-    pipeline.signaling = signaling
+    engine = build_engine(config, destinations)
+    pipeline = engine.pipeline
     per_file: list[CaptureStats] = []
     errors: dict[str, str] = {}
     warnings: dict[str, str] = {}
@@ -240,10 +239,11 @@ def _import(
                 # Timers due before this packet fire first, as they would have live;
                 # what they close goes out in slices, a turn after each, like the drain.
                 if packet.timestamp >= next_expiry:
-                    expired = pipeline.correlator.expire(packet.timestamp)
+                    expired = engine.expired(packet.timestamp)
                     for start in range(0, len(expired), YIELD_EVERY):
-                        pipeline.emit(expired[start : start + YIELD_EVERY])
+                        engine.emit(expired[start : start + YIELD_EVERY])
                         yield
+                    engine.tick_stages(packet.timestamp)
                     next_expiry = packet.timestamp + EXPIRE_EVERY_S
                 pipeline.process(packet)
                 if packets % YIELD_EVERY == 0:
@@ -251,7 +251,7 @@ def _import(
         # Every call still open closes now: in slices, so a disk that refuses them
         # has the caller wait rather than outrun the reserve; and the caller waits
         # once more at the end, for what the disk refused since the last turn.
-        closing = pipeline.correlator.drain()
+        closing = engine.drain()
         for start in range(0, len(closing), YIELD_EVERY):
             pipeline.emit(closing[start : start + YIELD_EVERY])
             yield

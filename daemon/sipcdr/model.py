@@ -76,10 +76,11 @@ class Cdr:
     never a float. Rating fields stay at their unrated defaults until the rating stage
     replaces them.
 
-    `egress_trunk` is the trunk the call left through: the correlator matches it from
-    the destination of the last INVITE leg seen. `vendor_cost` is that trunk's price
-    of the call (its `cost_plan`), `margin` is `cost - vendor_cost`; each None when
-    not known. `callee_valid` is None until the rating stage has read the callee.
+    `egress_trunk` is the trunk the call left through: the enrich stage matches it
+    from the destination of the last INVITE leg seen (`egress_ip`). `vendor_cost` is
+    that trunk's price of the call (its `cost_plan`), `margin` is `cost - vendor_cost`;
+    each None when not known. `callee_valid` is None until the rating stage has read
+    the callee.
     """
 
     cdr_id: str
@@ -119,6 +120,9 @@ class Cdr:
     vendor_cost: Decimal | None = None
     margin: Decimal | None = None
     callee_valid: bool | None = None
+    # Where the call left (the last INVITE leg's destination) until the enrich stage
+    # has matched `egress_trunk` from it; None on an enriched CDR, never in the record.
+    egress_ip: str | None = None
 
     @property
     def duration(self) -> float:
@@ -500,7 +504,9 @@ _ALERT_PERSONAL: Final = {
 
 # Per record (the names of schemas/*.schema.json) and per PostgreSQL table.
 PERSONAL_FIELDS: Final[Mapping[str, Mapping[str, str]]] = {
-    "cdr": _CDR_PERSONAL,
+    # `egress_ip` is no record field: it lives in the dialog state files only, between
+    # the correlator and the enrich stage.
+    "cdr": {**_CDR_PERSONAL, "egress_ip": IP_ADDRESS},
     "sip_message": _SIP_PERSONAL,
     "fraud_alert": _ALERT_PERSONAL,
 }

@@ -56,17 +56,32 @@ class CdrSink(Protocol):
     def flush(self) -> None: ...
 
 
+class Intake:
+    """Whether new calls are refused, and why: set by the daemon's intake gate while the
+    CDR spool is full or its disk refuses writes under the "block" policy, read by the
+    pipeline for each new call. Refused calls are counted here, by reason."""
+
+    __slots__ = ("paused", "reason", "refused")
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.reason = "spool_full"
+        self.refused: dict[str, int] = {}
+
+
 class Pipeline:
+    """The chain as `sipcdr.engine` builds it, every part handed over here: nothing is
+    wired in afterwards."""
+
     __slots__ = (
         "_errors_logged",
         "_messages",
         "_parse_errors",
         "correlator",
         "decided",
+        "intake",
         "journal",
         "message_stages",
-        "pause_reason",
-        "paused",
         "signaling",
         "sinks",
         "stages",
@@ -79,32 +94,36 @@ class Pipeline:
         sinks: Sequence[CdrSink],
         stages: Sequence[CdrStage] = (),
         message_stages: Sequence[MessageStage] = (),
+        *,
+        signaling: Callable[[Packet, SipMessage], None] | None = None,
+        journal: Callable[[Packet], None] | None = None,
+        decided: Callable[[Sequence[Cdr], float | None], None] | None = None,
+        intake: Intake | None = None,
     ) -> None:
         self.correlator = correlator
         self.sinks = tuple(sinks)
-        # Each closed call passes these in order (rate before fraud, which reads the
-        # cost) before any sink sees it.
+        # Each closed call passes these in order (enrich, rate, then fraud, which reads
+        # the cost) before any sink sees it.
         self.stages = tuple(stages)
-        self.stats = PipelineStats()
-        # The hot path's counters, one attribute lookup away.
-        self._parse_errors = self.stats.parse_errors
-        self._messages = self.stats.messages
-        # Each parsed message, for the sinks that keep signaling; None when none does.
-        self.signaling: Callable[[Packet, SipMessage], None] | None = None
-        # Each message that changed a call, for the dialog journal (the daemon's; an
-        # import has none): written before any CDR it closes reaches the sinks.
-        self.journal: Callable[[Packet], None] | None = None
         # Each parsed message passes these before the correlator (fraud).
         self.message_stages = tuple(message_stages)
+        # Each parsed message, for the sinks that keep signaling; None when none does.
+        self.signaling = signaling
+        # Each message that changed a call, for the dialog journal (the daemon's; an
+        # import has none): written before any CDR it closes reaches the sinks.
+        self.journal = journal
         # Closes that replaying the journaled messages would not repeat the same way,
         # for the dialog journal, before their CDRs reach the sinks: a timer run (with
         # its time) or an eviction (None), which comes before its message's record.
-        self.decided: Callable[[Sequence[Cdr], float | None], None] | None = None
-        # Set while the CDR spool is full, or its disk refuses writes, under the "block"
-        # policy: intake is refused, counted with `pause_reason`, rather than closing
-        # calls whose CDRs would have nowhere to go.
-        self.paused = False
-        self.pause_reason = "spool_full"
+        self.decided = decided
+        # While paused, intake is refused, counted by reason, rather than closing calls
+        # whose CDRs would have nowhere to go.
+        self.intake = Intake() if intake is None else intake
+        self.stats = PipelineStats()
+        self.stats.calls_refused = self.intake.refused
+        # The hot path's counters, one attribute lookup away.
+        self._parse_errors = self.stats.parse_errors
+        self._messages = self.stats.messages
         self._errors_logged = 0
 
     @property
@@ -119,10 +138,16 @@ class Pipeline:
             errors = self._parse_errors
             errors[exc.reason] = errors.get(exc.reason, 0) + 1
             return
-        if self.paused and (msg.method == "INVITE" and not self.correlator.is_open(msg.call_id)):
+        self.take(packet, msg)
+
+    def take(self, packet: Packet, msg: SipMessage) -> None:
+        """One message already parsed (a capture's, or one replayed from the
+        `sipcdr.sip` topic): the rest of the chain."""
+        intake = self.intake
+        if intake.paused and (msg.method == "INVITE" and not self.correlator.is_open(msg.call_id)):
             # Only new calls are refused: the BYE of a call already being billed must
             # still end it, or its CDR would close short, by a timeout, much later.
-            _bump(self.stats.calls_refused, self.pause_reason)
+            _bump(intake.refused, intake.reason)
             return
         key = (msg.method, "request") if msg.is_request else (msg.cseq_method, "response")
         messages = self._messages
@@ -160,11 +185,17 @@ class Pipeline:
             _log.error(event, error=repr(exc), call_id=call_id[:128])
 
     def expire(self, now: float) -> None:
+        closed = self.expired(now)
+        if closed:
+            self.emit(closed)
+
+    def expired(self, now: float) -> Sequence[Cdr]:
+        """The calls the timers close at `now`, journaled, for the caller to emit (an
+        import emits them in slices)."""
         closed = self.correlator.expire(now)
         if self.decided is not None and self.correlator.changed:
             self.decided(closed, now)
-        if closed:
-            self.emit(closed)
+        return closed
 
     def drain(self) -> None:
         """End of input (an import): close every call by the dialog rules."""

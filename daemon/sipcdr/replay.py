@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from sipcdr import hep
+from sipcdr import hepencode
 from sipcdr.capture import tls as tls_files
 from sipcdr.capture.listeners import MAX_CLOCK_SKEW_S
 from sipcdr.capture.pcapfile import iter_packets
@@ -114,7 +114,7 @@ def _hep_frame_parts(
     packet: Packet, length: int, capture_id: int, auth_key: str | None
 ) -> tuple[bytes, bytes]:
     """`pre` and `post` of a HEP frame around a `length`-byte payload (see _Template)."""
-    frame = hep.encode(
+    frame = hepencode.encode(
         src_ip=packet.src_ip,
         dst_ip=packet.dst_ip,
         src_port=packet.src_port,
@@ -132,7 +132,7 @@ def _hep_frame_parts(
     address = 16 if ":" in packet.src_ip else 4
     at = 6 + 7 + 7 + 2 * (6 + address) + 8 + 8 + 6
     if _CHUNK.unpack_from(frame, at - 6) != (0, 0x0009, 10):
-        raise AssertionError("hep.encode changed its chunk order")  # pragma: no cover
+        raise AssertionError("hepencode.encode changed its chunk order")  # pragma: no cover
     pre = frame[:4] + _U16.pack(total) + frame[6:at]
     post = frame[at + _STAMP_BYTES : -2] + _U16.pack(6 + length)
     return pre, post

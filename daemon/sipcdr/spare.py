@@ -53,10 +53,10 @@ from sipcdr.private import open_private_fd
 from sipcdr.sinks.base import STREAM_RECORDS, STREAM_SIGNALING
 
 if TYPE_CHECKING:
+    from sipcdr.delivery import Delivery
     from sipcdr.sinks.base import Sink
-    from sipcdr.sinks.delivery import Delivery
     from sipcdr.sinks.outputs import Outputs
-    from sipcdr.sinks.spool import Spool
+    from sipcdr.spool import Spool
 
 SPARE_NAME: Final = "spare"
 # Beside the spare while the room its release gave is kept: see the module docstring.

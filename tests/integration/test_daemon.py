@@ -17,7 +17,7 @@ from daemonproc import Daemon, daemon_environ, start_daemon, wait_for
 from pcapdata import require_shared_data
 from peers import Sipp, free_udp_port
 from sipcalls import Call, answered_call_messages
-from sipcdr import hep
+from sipcdr import hepencode
 from sipcdr.dialogstore import read_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 
 def hep_frame(payload: bytes, key: str | None = "s3cret", capture_id: int = 2001) -> bytes:
-    return hep.encode(
+    return hepencode.encode(
         src_ip="192.0.2.10",
         dst_ip="203.0.113.20",
         src_port=5060,
@@ -255,7 +255,7 @@ def test_hep_from_a_skewed_agent_clock_still_gives_the_right_cdr(daemon: Daemon)
     """An agent 300 s behind: its times would close the call on the next tick."""
 
     def skewed(payload: bytes) -> bytes:
-        return hep.encode(
+        return hepencode.encode(
             src_ip="192.0.2.10", dst_ip="203.0.113.20", src_port=5060, dst_port=5060,
             timestamp=time.time() - 300, payload=payload, capture_id=2001, auth_key="s3cret",
         )  # fmt: skip

@@ -19,7 +19,7 @@ import encaps
 import pytest
 from daemonproc import Daemon, daemon_environ, start_daemon, wait_for
 from sipcalls import Call, answered_call_messages
-from sipcdr import hep
+from sipcdr import hepencode
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,7 @@ def hints(daemon: Daemon) -> list[dict[str, object]]:
 
 def test_the_wrong_protocol_on_a_listener_gives_one_hint(daemon: Daemon) -> None:
     invite = answered_call_messages(Call("misdirected@x"))[0]
-    frame = hep.encode(
+    frame = hepencode.encode(
         src_ip="192.0.2.10",
         dst_ip="203.0.113.20",
         src_port=5060,

@@ -20,13 +20,10 @@ import pytest
 from daemonproc import Daemon, start_daemon, wait_for
 from kafkabroker import TansuFactory, consume_all, unique_topic
 from pgserver import PrivatePg, run_sync
-from sipcalls import Call, answered_call_messages
+from sipcalls import Call, CdrCollector, answered_call_messages
 from sipcdr.config import Config
-from sipcdr.dialog import Correlator
-from sipcdr.enrich.trunks import trunk_resolver
+from sipcdr.engine import Destinations, correlate_events
 from sipcdr.model import SipEvent
-from sipcdr.rates import rate_decks
-from sipcdr.sipevent import replay
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -404,12 +401,9 @@ def test_the_scale_out_topic_carries_every_parsed_message(
         (SipEvent.from_record(orjson.loads(record.value)) for record in got),
         key=lambda event: event.captured_ts,
     )
-    config = Config()
-    correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
-    closed = [cdr for event in events for cdr in correlator.feed(*replay(event))]
-    closed += correlator.drain()
-    rate = rate_decks(config).stage  # the daemon rates every CDR, with no deck: unrated
-    replayed = [rate.on_cdr(cdr) for cdr in closed]
+    collector = CdrCollector()
+    correlate_events(Config(), events, Destinations([collector]))
+    replayed = collector.cdrs
     written = {str(record["cdr_id"]): record for record in daemon.cdrs()}
     assert len(written) == 5
     assert {cdr.cdr_id: orjson.loads(orjson.dumps(cdr.to_record())) for cdr in replayed} == (

@@ -18,7 +18,7 @@ import encaps
 import pytest
 from daemonproc import daemon_environ, start_daemon, wait_for
 from sipcalls import Call, answered_call_messages
-from sipcdr import hep
+from sipcdr import hepencode
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ def hep_traffic(start: float) -> list[tuple[float, bytes]]:
             at += 0.137  # a few tenths between messages: PDD and durations not zero
             request = not payload.startswith(b"SIP/")
             src, dst = (caller, callee) if request else (callee, caller)
-            frame = hep.encode(
+            frame = hepencode.encode(
                 src_ip=src, dst_ip=dst, src_port=5060, dst_port=5060 + n,
                 timestamp=at, payload=payload, capture_id=2001 + n % 2, node_name=node,
                 ip_protocol=protocol, compress=index % 2 == 1,

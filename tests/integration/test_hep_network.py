@@ -21,7 +21,7 @@ import pytest
 from daemonproc import Daemon, daemon_environ, start_daemon, wait_for
 from pcapdata import require_shared_data
 from sipcalls import Call, answered_call_messages
-from sipcdr import hep
+from sipcdr import hepencode
 from tlscerts import Pki, make_pki
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def hep_frame(payload: bytes) -> bytes:
-    return hep.encode(
+    return hepencode.encode(
         src_ip="192.0.2.10", dst_ip="203.0.113.20", src_port=5060, dst_port=5060,
         timestamp=time.time(), payload=payload, capture_id=2001, auth_key="s3cret",
     )  # fmt: skip

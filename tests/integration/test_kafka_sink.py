@@ -32,15 +32,16 @@ from kafkabroker import (
 )
 from sipcalls import Call, feed
 from sipcdr import config
+from sipcdr.delivery import Delivery
+from sipcdr.delivery import loop as delivery_module
 from sipcdr.dialog import Correlator
-from sipcdr.sinks import delivery as delivery_module
+from sipcdr.enrich import EnrichStage
 from sipcdr.sinks import kafka
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP, STREAM_RECORDS, SpoolRecord
-from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.kafka import KafkaDeliveryError, KafkaSink
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.settings import DEFAULT_TOPIC_CDRS, DEFAULT_TOPIC_FRAUD
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 from sipcdr.telemetry.metrics import Metrics, Sources
 from structlog.testing import capture_logs
 
@@ -61,9 +62,11 @@ CONSUME_TIMEOUT_S = 15.0
 
 
 def cdr_values(count: int, tag: str) -> list[bytes]:
-    """`count` CDRs as the daemon spools them (real calls through the correlator,
-    `orjson.dumps(cdr.to_record())`): answered and busy calls, distinct Call-IDs."""
+    """`count` CDRs as the daemon spools them (real calls through the correlator and
+    the enrich stage, `orjson.dumps(cdr.to_record())`): answered and busy calls,
+    distinct Call-IDs."""
     correlator = Correlator()
+    enrich = EnrichStage(())
     cdrs = []
     for i in range(count):
         call = Call(call_id=f"{tag}-{i}@192.0.2.10", caller=f"+4940{i:07d}")
@@ -78,7 +81,7 @@ def cdr_values(count: int, tag: str) -> list[bytes]:
         bye = call.request("BYE", cseq=2, branch="z9hG4bK-bye", to_tag="callee-tag")
         cdrs += feed(correlator, start + 30 + i % 7, bye)
     assert len(cdrs) == count
-    return [orjson.dumps(cdr.to_record()) for cdr in cdrs]
+    return [orjson.dumps(enrich.on_cdr(cdr).to_record()) for cdr in cdrs]
 
 
 def alert_value(subject: str, cdr_ids: Sequence[str]) -> bytes:

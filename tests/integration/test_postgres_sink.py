@@ -21,8 +21,9 @@ import jsonschema
 import orjson
 import pytest
 from pgserver import PrivatePg, with_database
+from sipcdr.delivery import Delivery
+from sipcdr.delivery import loop as delivery_module
 from sipcdr.model import Cdr
-from sipcdr.sinks import delivery as delivery_module
 from sipcdr.sinks.base import (
     KIND_ALERT,
     KIND_CDR,
@@ -31,9 +32,8 @@ from sipcdr.sinks.base import (
     STREAM_SIGNALING,
     SpoolRecord,
 )
-from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.postgres import PostgresSink, RecordError
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 from sipcdr.storage.embedded import EmbeddedPostgres, holders_file
 from sipcdr.storage.migrations import (
     DatabaseUnavailable,

@@ -53,6 +53,7 @@ from sipcdr.config import (
     StateConfig,
     output_settings,
 )
+from sipcdr.delivery import Delivery
 from sipcdr.private import (
     PrivatePathError,
     open_private,
@@ -62,9 +63,8 @@ from sipcdr.private import (
     write_private,
 )
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, RecordsRejected, SpoolRecord
-from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.outputs import Outputs
-from sipcdr.sinks.spool import SEGMENT_SUFFIX, Spool
+from sipcdr.spool import SEGMENT_SUFFIX, Spool
 from sipcdr.storage.embedded import (
     SERVER_USER_WHEN_ROOT,
     EmbeddedPostgres,

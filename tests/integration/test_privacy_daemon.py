@@ -23,7 +23,7 @@ from sipcdr.privacy.subjects import restrict
 from sipcdr.privacy.task import PrivacyTask
 from sipcdr.sinks.base import KIND_CDR, KIND_SIP, STREAM_RECORDS, STREAM_SIGNALING, SpoolRecord
 from sipcdr.sinks.kafka import KafkaSink
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 from sipcdr.storage.migrations import migrate
 from sipcdr.telemetry.metrics import Metrics, Sources
 from structlog.testing import capture_logs

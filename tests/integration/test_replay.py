@@ -56,7 +56,7 @@ def test_tls_to_a_hep_tcp_port_says_to_use_tcp(
     capsys: pytest.CaptureFixture[str], pki: Pki
 ) -> None:
     async def body() -> tuple[int, str]:
-        pipeline = Pipeline(Correlator(DialogLimits(), lambda _ip: None), ())
+        pipeline = Pipeline(Correlator(DialogLimits(), egress=True), ())
         limits = StreamLimits(10, 10, 60.0, 60.0, 65535)
         server = HepStreamServer(
             pipeline, AllowList(DEFAULT_ALLOW), HepGate({}), limits, tcp=[("127.0.0.1", 0)]

@@ -12,7 +12,7 @@ import dpkt
 import encaps
 import pytest
 from pcapdata import require_shared_data
-from sipcdr import hep
+from sipcdr import hepencode
 from sipcdr.capture.pcapfile import CaptureFileError, iter_packets
 from sipcdr.decode.extract import CaptureStats, SipExtractor
 from sipcdr.model import Packet
@@ -277,7 +277,7 @@ def write_pcap(path: Path, frames: list[tuple[float, bytes]], linktype: int = 1)
 
 
 def test_hep_variants_and_errors(tmp_path: Path) -> None:
-    hep3 = hep.encode(
+    hep3 = hepencode.encode(
         src_ip="203.0.113.5",
         dst_ip="203.0.113.6",
         src_port=5070,
@@ -287,7 +287,7 @@ def test_hep_variants_and_errors(tmp_path: Path) -> None:
         capture_id=77,
         ip_protocol=132,
     )
-    rtcp = hep.encode(
+    rtcp = hepencode.encode(
         src_ip="203.0.113.5",
         dst_ip="203.0.113.6",
         src_port=1,

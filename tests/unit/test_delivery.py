@@ -12,7 +12,6 @@ from pathlib import Path
 import orjson
 import pytest
 from sipcalls import Call, CdrCollector, packet
-from sipcdr.app import IntakeGate
 from sipcdr.clock import FakeClock, settle
 from sipcdr.config import (
     Config,
@@ -22,14 +21,15 @@ from sipcdr.config import (
     SpoolConfig,
     output_settings,
 )
+from sipcdr.delivery import MIN_BACKOFF_S, PROBE_INTERVAL_S, SLOW_BATCH_S, Delivery
+from sipcdr.delivery import loop as delivery_module
 from sipcdr.dialog import Correlator
+from sipcdr.intake import IntakeGate
 from sipcdr.pipeline import Pipeline
-from sipcdr.sinks import delivery as delivery_module
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, RecordsRejected, SpoolRecord
-from sipcdr.sinks.delivery import MIN_BACKOFF_S, PROBE_INTERVAL_S, SLOW_BATCH_S, Delivery
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import Outputs
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 from sipcdr.telemetry.metrics import Metrics, Sources
 from smalldisk import SmallDisk, fill
 from structlog.testing import capture_logs
@@ -439,8 +439,8 @@ def test_a_paused_intake_refuses_new_calls_but_ends_open_ones(reason: str) -> No
         ]
     ):
         pipeline.process(packet(100.0 + n, data))
-    pipeline.paused = True  # the CDR spool is full, or its disk fails, under "block"
-    pipeline.pause_reason = reason
+    pipeline.intake.paused = True  # the CDR spool is full, or its disk fails, under "block"
+    pipeline.intake.reason = reason
     pipeline.process(packet(110.0, new_call.request("INVITE")))
     pipeline.process(packet(130.0, open_call.request("BYE", 2, "z9hG4bK-bye", to_tag="callee-tag")))
     assert pipeline.stats.calls_refused == {reason: 1}
@@ -635,26 +635,26 @@ async def test_a_failed_watcher_is_a_warning_and_the_batch_goes_on(
 def test_intake_resumes_only_after_the_disk_has_kept_up_and_waits_longer_after_a_relapse() -> None:
     pipeline = Pipeline(Correlator(), [])
     now = [0.0]
-    gate = IntakeGate(pipeline, clock=lambda: now[0])
+    gate = IntakeGate(pipeline.intake, clock=lambda: now[0])
     with capture_logs() as logs:
         gate.update("write_error")
-        assert pipeline.paused and pipeline.pause_reason == "write_error"
+        assert pipeline.intake.paused and pipeline.intake.reason == "write_error"
         for _ in range(4):  # the tick: the disk took the reserve, but not for long yet
             now[0] += 1.0
             gate.update(None)
-        assert pipeline.paused
+        assert pipeline.intake.paused
         now[0] += 1.0
         gate.update(None)
-        assert not pipeline.paused  # 5 s without a refusal
+        assert not pipeline.intake.paused  # 5 s without a refusal
         now[0] += 1.0
         gate.update("write_error")  # a disk at the edge refuses again at once
         for _ in range(9):
             now[0] += 1.0
             gate.update(None)
-        assert pipeline.paused  # 10 s this time
+        assert pipeline.intake.paused  # 10 s this time
         now[0] += 1.0
         gate.update(None)
-        assert not pipeline.paused
+        assert not pipeline.intake.paused
         now[0] += 600.0  # a long quiet spell: the next pause starts from 5 s again
         gate.update("spool_full")
         assert gate.resume_after_s == 5.0
@@ -671,14 +671,14 @@ def test_intake_resumes_only_after_the_disk_has_kept_up_and_waits_longer_after_a
 def test_the_resume_wait_is_capped_near_half_a_minute_and_decays_after_a_calm_spell() -> None:
     pipeline = Pipeline(Correlator(), [])
     now = [0.0]
-    gate = IntakeGate(pipeline, clock=lambda: now[0])
+    gate = IntakeGate(pipeline.intake, clock=lambda: now[0])
 
     def relapse() -> float:
         """A pause right after the last resume; returns the wait it was given."""
         now[0] += 1.0
         gate.update("write_error")
         waited = gate.resume_after_s
-        while pipeline.paused:
+        while pipeline.intake.paused:
             now[0] += 1.0
             gate.update(None)
         return waited
@@ -697,11 +697,11 @@ def test_intake_resumed_counts_every_call_refused_during_the_pause() -> None:
     metrics = Metrics(lambda: Sources(pipeline=pipeline))
     labels = {"reason": "write_error"}
     now = [0.0]
-    gate = IntakeGate(pipeline, clock=lambda: now[0])
+    gate = IntakeGate(pipeline.intake, clock=lambda: now[0])
     with capture_logs() as logs:
         gate.update("write_error")
         offered = 0
-        while pipeline.paused:
+        while pipeline.intake.paused:
             for _ in range(3):
                 call = Call(f"refused-{offered}@x")
                 pipeline.process(packet(100.0 + offered, call.request("INVITE")))

@@ -121,8 +121,8 @@ def test_alert_rules_are_complete() -> None:
 
 
 def test_the_unit_and_compose_file_give_room_for_the_hep_connections() -> None:
-    from sipcdr.app import FD_HEADROOM
     from sipcdr.config import DEFAULT_HEP_TCP_MAX_CONNECTIONS
+    from sipcdr.limits import FD_HEADROOM
 
     unit = (DEPLOY / "sipcdr.service").read_text()
     limits = re.findall(r"(?m)^LimitNOFILE=(\d+)$", unit)

@@ -4,8 +4,10 @@ forking, auth challenges, re-INVITEs, both-leg capture, timeouts and restarts.""
 from __future__ import annotations
 
 import gc
+import ipaddress
 import tracemalloc
 import uuid
+from dataclasses import dataclass
 
 import orjson
 import pytest
@@ -14,6 +16,7 @@ from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.dialog import state as dialog_state
 from sipcdr.dialog.correlator import CDR_ID_NAMESPACE, cdr_id
 from sipcdr.dialog.kpi import DURATION_BUCKETS_S, PDD_BUCKETS_S
+from sipcdr.enrich import EnrichStage
 from sipcdr.model import Cdr, Trunk, rfc3339
 
 T0 = 1_700_000_000.0
@@ -49,7 +52,12 @@ def answered_call(correlator: Correlator, call: Call, hold: float = 60.0) -> lis
 
 def test_answered_call_gives_one_complete_cdr() -> None:
     correlator = Correlator()
-    cdr = only(answered_call(correlator, Call()))
+    raw = only(answered_call(correlator, Call()))
+    # The user parts as signalled, and where the call left; the enrich stage reads both.
+    assert (raw.caller, raw.callee, raw.trunk) == ("+4940111222", "+4930333444", None)
+    assert raw.egress_ip == CALLEE_ADDR[0]
+    cdr = enriched(raw, ())
+    assert cdr.egress_ip is None
     assert cdr.disposition == "answered"
     assert cdr.end_reason == "bye"
     assert cdr.hangup_by == "caller"
@@ -276,17 +284,39 @@ CUSTOMER = Trunk("customer", None, None, "retail")
 VENDOR_A = Trunk("vendor-a", None, None, None, cost_plan="vendor-a")
 VENDOR_B = Trunk("vendor-b", None, None, None, cost_plan="vendor-b")
 FAILOVER_ADDR = ("203.0.113.99", 5060)
-TRUNK_OF = {
-    CALLER_ADDR[0]: CUSTOMER,
-    CALLEE_ADDR[0]: VENDOR_A,
-    FAILOVER_ADDR[0]: VENDOR_B,
-}.get
+
+
+@dataclass(frozen=True)
+class Defined:
+    """A configured trunk of one address, as the enrich stage reads `[[trunks]]`."""
+
+    trunk: Trunk
+    address: str
+
+    @property
+    def sources(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return (ipaddress.ip_network(self.address),)
+
+    def to_trunk(self) -> Trunk:
+        return self.trunk
+
+
+TRUNKS = (
+    Defined(CUSTOMER, CALLER_ADDR[0]),
+    Defined(VENDOR_A, CALLEE_ADDR[0]),
+    Defined(VENDOR_B, FAILOVER_ADDR[0]),
+)
+
+
+def enriched(cdr: Cdr, trunks: tuple[Defined, ...] = TRUNKS) -> Cdr:
+    """The CDR as the chain's enrich stage, right after the correlator, writes it."""
+    return EnrichStage(trunks).on_cdr(cdr)
 
 
 def test_egress_trunk_is_matched_from_the_forwarded_leg() -> None:
     """Ingress from the caller's first INVITE, egress from where the proxy sent it;
     a late retransmission of the caller's copy does not move the egress."""
-    correlator = Correlator(trunk_of=TRUNK_OF)
+    correlator = Correlator(egress=True)
     call = Call()
     changed = []
     for offset, data, src, dst in [
@@ -301,13 +331,13 @@ def test_egress_trunk_is_matched_from_the_forwarded_leg() -> None:
     # The forwarded copy is journaled once (a restart must rebuild the egress).
     assert changed == [True, True, False, False, True]
     bye = call.request("BYE", 2, "z9hG4bK-bye1", to_tag="callee-tag")
-    cdr = only(feed(correlator, T0 + 63, bye, CALLER_ADDR, PROXY_ADDR))
+    cdr = enriched(only(feed(correlator, T0 + 63, bye, CALLER_ADDR, PROXY_ADDR)))
     assert (cdr.trunk, cdr.egress_trunk) == ("customer", "vendor-a")
     assert (cdr.src_ip, cdr.dst_ip) == (CALLER_ADDR[0], PROXY_ADDR[0])  # first leg's
 
 
 def test_egress_trunk_follows_a_failover_to_the_last_leg() -> None:
-    correlator = Correlator(trunk_of=TRUNK_OF)
+    correlator = Correlator(egress=True)
     call = Call()
     for offset, data, src, dst in [
         (0.0, call.request("INVITE"), CALLER_ADDR, PROXY_ADDR),
@@ -319,24 +349,26 @@ def test_egress_trunk_follows_a_failover_to_the_last_leg() -> None:
     ]:
         assert feed(correlator, T0 + offset, data, src, dst) == []
     bye = call.request("BYE", 2, "z9hG4bK-bye1", to_tag="callee-tag")
-    cdr = only(feed(correlator, T0 + 30, bye, CALLER_ADDR, PROXY_ADDR))
+    cdr = enriched(only(feed(correlator, T0 + 30, bye, CALLER_ADDR, PROXY_ADDR)))
     assert (cdr.disposition, cdr.egress_trunk) == ("answered", "vendor-b")
 
 
 def test_egress_of_a_single_leg_is_its_destination_and_survives_a_restart() -> None:
     """Without a forwarded copy the call left where its INVITE went; an egress seen
     before a checkpoint is still known after a restore."""
-    single = Correlator(trunk_of=TRUNK_OF)
-    assert only(answered_call(single, Call())).egress_trunk == "vendor-a"
-    before = Correlator(trunk_of=TRUNK_OF)
+    single = Correlator(egress=True)
+    assert enriched(only(answered_call(single, Call()))).egress_trunk == "vendor-a"
+    before = Correlator(egress=True)
     call = Call()
     feed(before, T0, call.request("INVITE"), CALLER_ADDR, PROXY_ADDR)
     feed(before, T0 + 0.1, call.request("INVITE", branch="z9hG4bK-b"), PROXY_ADDR, FAILOVER_ADDR)
-    after = Correlator(trunk_of=TRUNK_OF)
+    after = Correlator(egress=True)
     assert after.restore(before.snapshot()) == 1
     feed(after, T0 + 1, call.response(200, "OK"), PROXY_ADDR, CALLER_ADDR)
     bye = call.request("BYE", 2, "z9hG4bK-bye1", to_tag="callee-tag")
-    assert only(feed(after, T0 + 9, bye, CALLER_ADDR, PROXY_ADDR)).egress_trunk == "vendor-b"
+    assert enriched(only(feed(after, T0 + 9, bye, CALLER_ADDR, PROXY_ADDR))).egress_trunk == (
+        "vendor-b"
+    )
 
 
 def test_without_trunks_no_egress_is_kept_or_journaled() -> None:
@@ -506,9 +538,11 @@ def test_cdr_id_is_deterministic_uuid5() -> None:
 
 def test_caller_prefers_p_asserted_identity_and_trunk_numbering() -> None:
     trunk = Trunk("carrier-a", country_code="49", national_prefix="0", rate_plan="wholesale")
-    correlator = Correlator(trunk_of=lambda ip: trunk if ip == CALLER_ADDR[0] else None)
+    correlator = Correlator()
     call = Call(caller="anonymous", callee="0301234567", pai="+4940999888")
-    cdr = only(answered_call(correlator, call))
+    raw = only(answered_call(correlator, call))
+    assert (raw.caller, raw.callee, raw.trunk) == ("+4940999888", "0301234567", None)
+    cdr = enriched(raw, (Defined(trunk, CALLER_ADDR[0]),))
     assert cdr.caller == "4940999888"
     assert cdr.callee == "49301234567"
     assert cdr.trunk == "carrier-a"
@@ -516,15 +550,18 @@ def test_caller_prefers_p_asserted_identity_and_trunk_numbering() -> None:
 
 def test_kpis_from_closed_calls() -> None:
     correlator = Correlator()
-    answered_call(correlator, Call("a@x"), hold=60)
-    answered_call(correlator, Call("b@x"), hold=120)
+    closed = answered_call(correlator, Call("a@x"), hold=60)
+    closed += answered_call(correlator, Call("b@x"), hold=120)
     busy = Call("c@x")
     feed(correlator, T0, busy.request("INVITE"))
-    feed(correlator, T0 + 1, busy.response(486, "Busy Here"))
+    closed += feed(correlator, T0 + 1, busy.response(486, "Busy Here"))
     broken = Call("d@x")
     feed(correlator, T0, broken.request("INVITE"))
-    feed(correlator, T0 + 0.25, broken.response(503, "Service Unavailable"))
-    kpi = correlator.kpis[None]
+    closed += feed(correlator, T0 + 0.25, broken.response(503, "Service Unavailable"))
+    stage = EnrichStage(())
+    for cdr in closed:
+        stage.on_cdr(cdr)
+    kpi = stage.stats.kpis[None]
     assert (kpi.attempts, kpi.answered) == (4, 2)
     assert kpi.network_effective == 3  # the 503 is the network's failure; busy the user's
     assert kpi.failed == 1
@@ -716,7 +753,9 @@ def test_422_retry_is_one_call() -> None:
     feed(correlator, T0 + 1, call.response(200, "OK", 2, branch="z9hG4bK-s2"))
     cdr = only(feed(correlator, T0 + 11, call.request("BYE", 3, "z9hG4bK-s3", to_tag="callee-tag")))
     assert (cdr.disposition, cdr.start_time, cdr.billsec) == ("answered", T0, 10.0)
-    assert (correlator.kpis[None].attempts, correlator.kpis[None].answered) == (1, 1)
+    stage = EnrichStage(())
+    stage.on_cdr(cdr)
+    assert (stage.stats.kpis[None].attempts, stage.stats.kpis[None].answered) == (1, 1)
 
 
 def test_changed_marks_exactly_the_messages_a_restart_must_replay() -> None:

@@ -19,13 +19,14 @@ import orjson
 import pytest
 import structlog
 from sipcalls import CALLEE_ADDR, CALLER_ADDR, Call, CdrCollector, packet
-from sipcdr import dialogstore
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.dialogstore import MAGIC, DialogStore, read_checkpoint
+from sipcdr.dialogstore import checkpoint as checkpoint_module
+from sipcdr.dialogstore import store as store_module
 from sipcdr.model import Cdr
-from sipcdr.pipeline import Pipeline
+from sipcdr.pipeline import CdrSink, Pipeline
 from sipcdr.sinks.outputs import SpoolCdrWriter
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 from smalldisk import SmallDisk, fill
 
 T0 = 1_700_000_000.0
@@ -125,11 +126,15 @@ class Node:
 
     async def boot(self) -> list[Cdr]:
         unwritten = self.store.recover()
-        self.pipeline.sinks = (self.spool, self.closes)
+        self.pipeline = self.chain((self.spool, self.closes))
         await self.store.start(self.pipeline.emit)
-        self.pipeline.journal = self.store.message
-        self.pipeline.decided = self.store.decided
         return unwritten
+
+    def chain(self, sinks: Sequence[CdrSink]) -> Pipeline:
+        """The daemon's chain for this lifetime: the sinks, then the journal hooks."""
+        return Pipeline(
+            self.correlator, sinks, journal=self.store.message, decided=self.store.decided
+        )
 
     def run(self, events: Sequence[Event]) -> None:
         for event in events:
@@ -252,7 +257,7 @@ async def test_a_crash_between_the_journal_and_the_spool_writes_the_cdr_at_start
     first = Node(tmp_path, spool)
     await first.boot()
     first.run(events[:bye_at])
-    first.pipeline.sinks = (DyingSink(spool, "a@x"), first.closes)
+    first.pipeline = first.chain((DyingSink(spool, "a@x"), first.closes))
     with pytest.raises(Killed):
         first.run(events[bye_at : bye_at + 1])  # journaled, killed before the spool
     first.crash()
@@ -279,7 +284,7 @@ async def test_a_crash_between_the_spool_and_the_close_record_writes_the_same_cd
     first = Node(tmp_path, spool)
     await first.boot()
     first.run(events[:bye_at])
-    first.pipeline.sinks = (spool, DyingSink(first.closes, "a@x"))
+    first.pipeline = first.chain((spool, DyingSink(first.closes, "a@x")))
     with pytest.raises(Killed):
         first.run(events[bye_at : bye_at + 1])
     first.crash()
@@ -482,7 +487,9 @@ class FullDisk:
 @pytest.fixture
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[FullDisk]:
     disk = FullDisk()
-    monkeypatch.setattr(dialogstore, "os", disk)
+    # The journal's writes and the checkpoint file's.
+    monkeypatch.setattr(store_module, "os", disk)
+    monkeypatch.setattr(checkpoint_module, "os", disk)
     yield disk
 
 
@@ -624,9 +631,13 @@ class SpoolNode:
         unwritten = self.store.recover()
         self.writer.on_written = self.store.closed
         self.store.held = self.writer.held
+        self.pipeline = Pipeline(
+            self.correlator,
+            [self.writer],
+            journal=self.store.message,
+            decided=self.store.decided,
+        )
         await self.store.start(self.pipeline.emit)
-        self.pipeline.journal = self.store.message
-        self.pipeline.decided = self.store.decided
         return unwritten
 
     def run(self, events: Sequence[Event]) -> None:
@@ -753,7 +764,7 @@ async def test_a_timer_close_caught_before_its_close_record_is_written_again_the
     first = Node(tmp_path, spool)
     await first.boot()
     first.run(events)
-    first.pipeline.sinks = (spool, DyingSink(first.closes, "ring@x"))
+    first.pipeline = first.chain((spool, DyingSink(first.closes, "ring@x")))
     with pytest.raises(Killed):
         first.run([("expire", T0 + 200.0)])
     first.crash()
@@ -773,7 +784,7 @@ async def test_recovered_cdrs_are_journaled_closed_even_when_no_checkpoint_follo
     first = Node(tmp_path, spool)
     await first.boot()
     first.run(events[:bye_at])
-    first.pipeline.sinks = (DyingSink(spool, "a@x"), first.closes)
+    first.pipeline = first.chain((DyingSink(spool, "a@x"), first.closes))
     with pytest.raises(Killed):
         first.run(events[bye_at : bye_at + 1])
     first.crash()

@@ -32,7 +32,7 @@ from sipcdr.pipeline import Pipeline
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import SpoolAlertWriter, SpoolCdrWriter
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 
 T0 = 1_700_000_000.0
 SCANNER_UA = "User-Agent: friendly-scanner"
@@ -72,9 +72,7 @@ def cancelled_call(call: Call, user_agent: str | None = None) -> list[bytes]:
 
 def pipeline_with(stage: FraudStage) -> tuple[Pipeline, CdrCollector]:
     collector = CdrCollector()
-    pipeline = Pipeline(Correlator(), [collector])
-    pipeline.message_stages = (stage,)
-    pipeline.stages = (stage,)
+    pipeline = Pipeline(Correlator(), [collector], (stage,), (stage,))
     return pipeline, collector
 
 
@@ -229,9 +227,7 @@ def test_a_stage_that_raises_into_the_pipeline_is_counted_as_a_drop() -> None:
             raise RuntimeError("bug")
 
     collector = CdrCollector()
-    pipeline = Pipeline(Correlator(), [collector])
-    pipeline.message_stages = (Broken(),)
-    pipeline.stages = (Broken(),)
+    pipeline = Pipeline(Correlator(), [collector], (Broken(),), (Broken(),))
     for offset, data in enumerate(cancelled_call(Call())):
         pipeline.process(packet(T0 + offset, data))
     assert len(collector.cdrs) == 1
@@ -251,9 +247,7 @@ def test_alerts_reach_the_jsonl_file_only_when_it_is_the_only_sink(
         SpoolAlertWriter(spool),
     )
     collector = SpoolCdrWriter(spool)
-    pipeline = Pipeline(Correlator(), [collector])
-    pipeline.message_stages = (stage,)
-    pipeline.stages = (stage,)
+    pipeline = Pipeline(Correlator(), [collector], (stage,), (stage,))
     pipeline.process(packet(T0, scan_options("scan-1", "100")))
     for offset, data in enumerate(cancelled_call(Call())):
         pipeline.process(packet(T0 + 1 + offset, data))

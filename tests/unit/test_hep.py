@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pcapdata import require_shared_data, udp_datagrams, udp_payloads
 from sipcdr import hep as hep_module
-from sipcdr.hep import HepError, HepPacket, decode, encode
+from sipcdr.hep import HepError, HepPacket, decode
+from sipcdr.hepencode import encode
 
 INVITE = (
     b"INVITE sip:bob@example.com SIP/2.0\r\n"

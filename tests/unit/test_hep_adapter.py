@@ -7,7 +7,7 @@ from __future__ import annotations
 import encaps
 import pytest
 from sipcalls import Call
-from sipcdr import hep
+from sipcdr import hep, hepencode
 from sipcdr.capture.listeners import hep_to_packet
 from sipcdr.decode.extract import SipExtractor
 from sipcdr.model import Packet
@@ -18,7 +18,7 @@ INVITE = Call("adapter-1").request("INVITE")
 
 
 def datagram(timestamp: float, node: str | None = "edge-1", protocol: int = 6) -> bytes:
-    return hep.encode(
+    return hepencode.encode(
         src_ip="192.0.2.10", dst_ip="203.0.113.20", src_port=5070, dst_port=5080,
         timestamp=timestamp, payload=INVITE, capture_id=77, node_name=node,
         ip_protocol=protocol,

@@ -26,8 +26,7 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 from sipcalls import Call, answered_call_messages
-from sipcdr import hep
-from sipcdr.app import FD_HEADROOM, raise_file_limit, stream_limits
+from sipcdr import hepencode
 from sipcdr.capture import hepstream
 from sipcdr.capture.hepstream import (
     SOURCE_TCP,
@@ -42,6 +41,7 @@ from sipcdr.capture.tls import HANDSHAKE_FAILURES, handshake_failure, server_con
 from sipcdr.clock import SYSTEM_CLOCK, Clock, FakeClock
 from sipcdr.config import DEFAULT_ALLOW, CaptureConfig
 from sipcdr.dialog import Correlator, DialogLimits
+from sipcdr.limits import FD_HEADROOM, raise_file_limit, stream_limits
 from sipcdr.model import Cdr
 from sipcdr.pipeline import Pipeline
 from sipcdr.telemetry.metrics import Metrics
@@ -92,7 +92,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def frame(payload: bytes, key: str | None = None) -> bytes:
-    return hep.encode(
+    return hepencode.encode(
         src_ip="192.0.2.10", dst_ip="203.0.113.20", src_port=5060, dst_port=5060,
         timestamp=time.time(), payload=payload, capture_id=2001, auth_key=key,
     )  # fmt: skip
@@ -113,7 +113,7 @@ class Harness:
     ) -> None:
         self.clock = clock
         self.sink = ListSink()
-        self.pipeline = Pipeline(Correlator(DialogLimits(), lambda _ip: None), (self.sink,))
+        self.pipeline = Pipeline(Correlator(DialogLimits(), egress=True), (self.sink,))
         self.server = HepStreamServer(
             self.pipeline,
             allow or AllowList(DEFAULT_ALLOW),
@@ -274,7 +274,7 @@ def test_framing_matches_a_model_for_random_streams_cut_anywhere(
         starts = list(itertools.accumulate([0, *sizes]))  # frame i spans starts[i]..starts[i+1]
         inner = range(1, len(stream))
         cuts = sorted(rng.sample(inner, min(len(inner), rng.randint(0, 40))))
-        pipeline = Pipeline(Correlator(DialogLimits(), lambda _ip: None), ())
+        pipeline = Pipeline(Correlator(DialogLimits(), egress=True), ())
         limits = dataclasses.replace(LIMITS, max_buffer_bytes=limit)
         server = HepStreamServer(pipeline, AllowList(DEFAULT_ALLOW), HepGate({}), limits)
         connection = hepstream._Connection(server, SOURCE_TCP, None)
@@ -614,7 +614,7 @@ def test_tls_record_ends_are_followed_however_the_stream_is_cut() -> None:
     exactly when the read ended inside one (its header included)."""
     rng = random.Random(8446)
     server = HepStreamServer(
-        Pipeline(Correlator(DialogLimits(), lambda _ip: None), ()),
+        Pipeline(Correlator(DialogLimits(), egress=True), ()),
         AllowList(DEFAULT_ALLOW),
         HepGate({}),
         LIMITS,

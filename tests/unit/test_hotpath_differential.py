@@ -29,6 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pcapdata import require_shared_data, udp_payloads
+from sipcdr import hepencode
 from sipcdr.hotpath import COMPILED_MODULES, load_interpreted
 from sipcdr.model import Packet
 
@@ -299,7 +300,7 @@ def hep_packets(compiled: Modules) -> list[bytes]:
         for _ts, payload in udp_payloads(path)
     ]
     assert len(found) >= 29
-    encode = compiled["sipcdr.hep"].encode
+    encode = hepencode.encode
     sip = b"OPTIONS sip:a@b SIP/2.0\r\nCall-ID: x\r\n\r\n"
     found.extend(
         encode(
@@ -447,16 +448,8 @@ class Run:
     def state(self) -> tuple[object, ...]:
         correlator = self.correlator
         snapshot = correlator.snapshot()
-        kpis = {
-            trunk: {
-                **public_values(kpi),
-                "pdd": public_values(kpi.pdd),
-                "duration": public_values(kpi.duration),
-            }
-            for trunk, kpi in correlator.kpis.items()
-        }
         counters = public_values(correlator.stats)
-        return snapshot, counters, kpis, correlator.open_dialogs, list(correlator.drain())
+        return snapshot, counters, correlator.open_dialogs, list(correlator.drain())
 
 
 def public_values(record: object) -> dict[str, object]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from sipcalls import Call, answered_call_messages
-from sipcdr import hep
+from sipcdr import hepencode
 from sipcdr.capture.hints import (
     HINT_INTERVAL_S,
     HintedHepUdpProtocol,
@@ -19,7 +19,7 @@ from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.pipeline import Pipeline
 
 INVITE = answered_call_messages(Call("hint@x"))[0]
-HEP_INVITE = hep.encode(
+HEP_INVITE = hepencode.encode(
     src_ip="192.0.2.10",
     dst_ip="203.0.113.20",
     src_port=5060,
@@ -30,7 +30,7 @@ HEP_INVITE = hep.encode(
 
 
 def pipeline() -> Pipeline:
-    return Pipeline(Correlator(DialogLimits(), lambda _ip: None), ())
+    return Pipeline(Correlator(DialogLimits(), egress=True), ())
 
 
 def test_a_hint_is_due_once_per_interval_and_only_after_new_arrivals() -> None:

@@ -15,8 +15,8 @@ from sipcalls import CALLEE_ADDR, CALLER_ADDR, Call, packet
 from sipcdr import model
 from sipcdr.sinks.base import KIND_SIP
 from sipcdr.sinks.signaling import SignalingRecorder
-from sipcdr.sinks.spool import Spool
 from sipcdr.sip import parse
+from sipcdr.spool import Spool
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 T0 = 1_700_000_000.0

@@ -14,11 +14,9 @@ import pytest
 from pcapdata import require_shared_data
 from sipcdr.capture.pcapfile import iter_packets
 from sipcdr.config import Config
-from sipcdr.dialog import Correlator
-from sipcdr.enrich.trunks import trunk_resolver
-from sipcdr.importer import EXPIRE_EVERY_S, import_files
+from sipcdr.engine import Destinations, correlate_events
+from sipcdr.importer import import_files
 from sipcdr.model import SIP_EVENT_CORRELATION_FIELDS, Cdr, Packet, SipEvent
-from sipcdr.rates import rate_decks
 from sipcdr.sinks.signaling import SignalingRecorder
 from sipcdr.sip import SipParseError, parse
 from sipcdr.sipevent import event_of, replay
@@ -57,21 +55,12 @@ def topic_values(path: Path) -> Iterator[bytes]:
 
 
 def correlate_from_topic(values: Iterator[bytes]) -> list[Cdr]:
-    """A correlator fed only by topic records, with the importer's timer cadence, and
-    the CDR stages the importer runs."""
-    config = Config()
-    correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
-    rate = rate_decks(config).stage
-    cdrs: list[Cdr] = []
-    next_expiry = 0.0
-    for value in values:
-        packet, msg = replay(SipEvent.from_record(orjson.loads(value)))
-        if packet.timestamp >= next_expiry:
-            cdrs.extend(correlator.expire(packet.timestamp))
-            next_expiry = packet.timestamp + EXPIRE_EVERY_S
-        cdrs.extend(correlator.feed(packet, msg))
-    cdrs.extend(correlator.drain())
-    return [rate.on_cdr(cdr) for cdr in cdrs]
+    """The engine fed only by topic records: the chain `run` and `import` build, on
+    the records' own time."""
+    collector = Collector()
+    events = (SipEvent.from_record(orjson.loads(value)) for value in values)
+    correlate_events(Config(), events, Destinations([collector]))
+    return collector.cdrs
 
 
 def test_every_capture_is_read() -> None:

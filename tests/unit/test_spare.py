@@ -219,19 +219,19 @@ async def test_intake_resumes_once_the_disk_takes_cdrs_again_without_room_for_th
         filler = fill(disk, leave_bytes=0)
         for data in _messages(calls, 4, 6):
             app.pipeline.process(packet(time.time(), data))
-        assert app.spare.releases == 1 and app.pipeline.paused
+        assert app.spare.releases == 1 and app.pipeline.intake.paused
         writer = app.outputs.cdr_writer
         assert writer is not None and writer.spool.reserved > 0  # the spare's room ran out
         assert writer.spool.stats.dropped.get("write_error", 0) == 0
         _tick(app, clock)
         assert not app.spare.withheld  # nothing left to keep: the sinks may free room
-        assert app.pipeline.paused and app._intake_block_reason() == "write_error"
+        assert app.pipeline.intake.paused and app._intake_block_reason() == "write_error"
         filler.unlink()
         fill(disk, leave_bytes=300 * 1024)  # less than a spare and a quarter
         _tick(app, clock)
         assert writer.spool.reserved == 0  # the disk takes CDRs again
         _tick(app, clock, seconds=6)
-        assert not app.pipeline.paused
+        assert not app.pipeline.intake.paused
         assert not app.spare.ready  # no room for it yet: it comes back when there is
         app.pipeline.process(packet(time.time(), Call(call_id="after@x").request("INVITE")))
         assert app.correlator.is_open("after@x")
@@ -253,7 +253,7 @@ async def test_the_room_a_spare_gives_goes_to_cdrs_not_to_signaling(
         signaling.flush()
         fill(disk, leave_bytes=0)
         app.pipeline.process(packet(time.time(), _messages(calls, 4, 5)[0]))  # a BYE
-        assert app.spare.releases == 1 and app.pipeline.paused
+        assert app.spare.releases == 1 and app.pipeline.intake.paused
         size = signaling.size_bytes
         refused = signaling.stats.dropped.get("disk_floor", 0)
         for data in _messages(calls[1:], 4, 6):
@@ -320,7 +320,7 @@ async def test_a_spare_on_another_disk_than_the_spool_keeps_no_call_out(
             app.pipeline.process(packet(time.time(), data))
         assert app.spare.releases == 1  # for the journal
         _tick(app, clock, seconds=2)
-        assert not app.pipeline.paused
+        assert not app.pipeline.intake.paused
         writer = app.outputs.cdr_writer
         assert writer is not None and writer.spool.stats.appended.get("cdr", 0) == 20
         app.pipeline.process(packet(time.time(), Call(call_id="new@x").request("INVITE")))

@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sipcdr.clock import FakeClock
-from sipcdr.sinks import spool as spool_module
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
-from sipcdr.sinks.spool import HEADER_BYTES, Appended, Spool, SpoolError
+from sipcdr.spool import HEADER_BYTES, Appended, Spool, SpoolError
+from sipcdr.spool import records as spool_records
+from sipcdr.spool import writer as spool_writer
 from smalldisk import SmallDisk, fill
 
 READERS = ("s", "t", "x", "fast", "slow")
@@ -401,13 +402,13 @@ def test_a_held_record_is_encoded_once_however_often_the_write_is_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     encoded = []
-    real_encode = spool_module._encode
+    real_encode = spool_records._encode
 
     def counting(kind: str, key: bytes, value: bytes, seq: int) -> bytes:
         encoded.append(value)
         return real_encode(kind, key, value, seq)
 
-    monkeypatch.setattr(spool_module, "_encode", counting)
+    monkeypatch.setattr(spool_writer, "_encode", counting)
     disk = _CountingWrites()
     monkeypatch.setattr(os, "write", disk)
     with Spool(tmp_path, ("s",), reserve_records=100) as spool:
@@ -695,12 +696,12 @@ def test_cursor_slots_are_a_page_apart_and_the_older_1k_form_is_taken_over(
         reader.commit()  # the second slot, a page after the first
     path = tmp_path / "cursors" / "s.cursor"
     data = path.read_bytes()
-    slots = [spool_module._CURSOR.unpack_from(data, offset) for offset in (0, 4096)]
+    slots = [spool_records._CURSOR.unpack_from(data, offset) for offset in (0, 4096)]
     assert sorted((generation, seq) for _m, generation, seq, _c in slots) == [(2, 4), (3, 6)]
     # The 1 KiB file of earlier versions: slots 512 bytes apart, the newer in the second.
     older = bytearray(1024)
-    older[0:24] = spool_module._encode_cursor_slot(7, 3)
-    older[512:536] = spool_module._encode_cursor_slot(8, 5)
+    older[0:24] = spool_records._encode_cursor_slot(7, 3)
+    older[512:536] = spool_records._encode_cursor_slot(8, 5)
     path.write_bytes(bytes(older))
     with Spool(tmp_path, ("s",)) as spool:
         assert not spool.reader("s").cursor_reset
@@ -712,7 +713,7 @@ def test_a_cursor_generation_that_cannot_go_on_keeps_its_position(tmp_path: Path
     with Spool(tmp_path, ("s",)) as spool:
         values = _fill(spool, 10)
     path = tmp_path / "cursors" / "s.cursor"
-    image = spool_module._encode_cursor_slot(2**64 - 1, 4).ljust(4096, b"\0") * 2
+    image = spool_records._encode_cursor_slot(2**64 - 1, 4).ljust(4096, b"\0") * 2
     path.write_bytes(image)
     with Spool(tmp_path, ("s",)) as spool:
         reader = spool.reader("s")

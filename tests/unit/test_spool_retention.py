@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from sipcdr.sinks.base import KIND_CDR
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 
 OLD = time.time() - 400 * 86400
 

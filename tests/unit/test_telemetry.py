@@ -15,15 +15,16 @@ from sipcdr.capture.listeners import AllowList, HepGate, ListenerStats
 from sipcdr.capture.live import LiveStats
 from sipcdr.config import DEFAULT_ALLOW
 from sipcdr.decode.extract import CaptureStats
+from sipcdr.delivery import LoopState
 from sipcdr.dialog import Correlator
 from sipcdr.dialog.correlator import CorrelatorStats
 from sipcdr.dialog.kpi import DURATION_BUCKETS_S, PDD_BUCKETS_S, Kpi
 from sipcdr.dialogstore import DialogStoreStats
+from sipcdr.enrich import EnrichStats
 from sipcdr.pipeline import Pipeline, PipelineStats
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.rating.stage import RatingStats
-from sipcdr.sinks.delivery import LoopState
-from sipcdr.sinks.spool import Spool
+from sipcdr.spool import Spool
 from sipcdr.telemetry.families import FAMILIES
 from sipcdr.telemetry.metrics import UNKNOWN_TRUNK, Metrics, Sources
 
@@ -212,15 +213,15 @@ def test_every_family_is_exported_even_with_nothing_to_read() -> None:
 
 
 def test_kpis_are_counters_and_cumulative_histograms_per_trunk() -> None:
-    correlator = Correlator()
+    enrich = EnrichStats()
     kpi = Kpi()
     kpi.attempts, kpi.answered, kpi.network_effective, kpi.failed = 10, 4, 7, 2
     for pdd in (0.4, 0.4, 2.5, 40.0):
         kpi.pdd.observe(pdd)
     for duration in (12.0, 600.0):
         kpi.duration.observe(duration)
-    correlator.kpis["carrier-a"] = kpi
-    metrics = Metrics(lambda: Sources(correlator=correlator, trunks=["carrier-a", "carrier-b"]))
+    enrich.kpis["carrier-a"] = kpi
+    metrics = Metrics(lambda: Sources(enrich=enrich, trunks=["carrier-a", "carrier-b"]))
     value = metrics.registry.get_sample_value
     assert value("sipcdr_call_attempts_total", {"trunk": "carrier-a"}) == 10
     assert value("sipcdr_calls_answered_total", {"trunk": "carrier-a"}) == 4

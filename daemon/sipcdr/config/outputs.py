@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from sipcdr import spool
 from sipcdr.config.reading import Table, parse_endpoint
 from sipcdr.config.schema import (
     DEFAULT_JSONL_PATH,
@@ -18,7 +19,6 @@ from sipcdr.config.schema import (
     SpoolConfig,
 )
 from sipcdr.sinks import settings as kafka
-from sipcdr.sinks import spool
 from sipcdr.sinks.jsonl import DEFAULT_ROTATE_BYTES
 from sipcdr.storage.dsn import DSN_FORM, DSN_SCHEMES, dsn_problem
 from sipcdr.storage.partitions import DEFAULT_PARTITIONS_AHEAD_DAYS

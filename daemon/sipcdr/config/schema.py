@@ -12,7 +12,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final, NamedTuple, TypeAlias
 
-from sipcdr import dialogstore, spare
+from sipcdr import dialogstore, spare, spool
 from sipcdr.dialog.correlator import DialogLimits
 from sipcdr.fraud.numbering import NumberingPlan, PrefixTable
 from sipcdr.fraud.settings import AllowList, FraudSettings
@@ -20,7 +20,6 @@ from sipcdr.model import Trunk
 from sipcdr.privacy.settings import PrivacySettings, RetentionSettings
 from sipcdr.rating import pricing
 from sipcdr.sinks import settings as kafka
-from sipcdr.sinks import spool
 from sipcdr.sinks.jsonl import DEFAULT_ROTATE_BYTES
 from sipcdr.storage.dsn import SECRET_MASK, redact_dsn
 from sipcdr.storage.partitions import DEFAULT_PARTITIONS_AHEAD_DAYS
@@ -360,7 +359,7 @@ class SinksConfig:
 
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
-    """The durable spool every CDR, alert and signaling record passes (sinks/spool.py)."""
+    """The durable spool every CDR, alert and signaling record passes (spool/)."""
 
     max_bytes: int = spool.DEFAULT_MAX_BYTES
     signaling_max_bytes: int = spool.DEFAULT_SIGNALING_MAX_BYTES

@@ -4,6 +4,11 @@ The correlator finds the dialog a message belongs to (by Call-ID, so both legs o
 stateful proxy are one call and each B2BUA leg is its own), applies the rules of
 `state`, keeps the timers, and builds the CDR. No I/O, no clock, no logging: counts
 go to `stats`, which the adapter exports in batches.
+
+The CDR it builds is what the signaling says: `caller` and `callee` are the user
+parts as sent, `trunk` and `egress_trunk` are unset and `egress_ip` holds where the
+call left. The enrich stage (`sipcdr.enrich`) looks the trunks up and writes the
+numbers in E.164 next.
 """
 
 from __future__ import annotations
@@ -13,18 +18,23 @@ import operator
 import sys
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import orjson
 
 from sipcdr.dialog import state
-from sipcdr.dialog.kpi import Kpi
+from sipcdr.dialog.restore import (
+    _REQUIRED_FIELDS,
+    _dialog_of,
+    _invite_time,
+    _is_time,
+    _tombstone,
+)
 from sipcdr.dialog.state import Dialog, Phase
-from sipcdr.model import Cdr, Packet, Trunk, rfc3339
+from sipcdr.model import Cdr, Packet, rfc3339
 from sipcdr.sip import SipMessage
 from sipcdr.sip.address import user_part
-from sipcdr.sip.numbers import to_e164
 from sipcdr.sip.parser import KNOWN_METHODS
 
 # Namespace of CDR ids, fixed forever: ids must stay stable across versions so that a
@@ -40,7 +50,6 @@ _snapshot_row = operator.attrgetter(*_SNAPSHOT_FIELDS)
 _RESTORED_FIELDS = tuple(name for name in _SNAPSHOT_FIELDS if name != "phase")
 
 _NO_CDRS: Sequence[Cdr] = ()
-_TRUNK_CACHE_LIMIT = 65536  # distinct source addresses whose trunk is remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +106,12 @@ class Correlator:
     def __init__(
         self,
         limits: DialogLimits | None = None,
-        trunk_of: Callable[[str], Trunk | None] | None = None,
+        egress: bool = False,
     ) -> None:
         self.limits = limits or DialogLimits()
         self.stats = CorrelatorStats()
-        self.kpis: dict[str | None, Kpi] = {}
-        self._trunk_of = trunk_of
-        self._trunks: dict[str, Trunk | None] = {}
+        # Whether the egress moves with a forwarded INVITE: only trunks make it matter.
+        self._egress = egress
         self._dialogs: dict[str, Dialog] = {}  # by Call-ID, in order of first INVITE
         self._early: dict[str, Dialog] = {}  # not yet answered, in order of INVITE time
         self._challenged: deque[tuple[float, Dialog]] = deque()  # by retry deadline
@@ -164,9 +172,7 @@ class Correlator:
                     # An auth retry starts ringing again: to the back of the ring timer.
                     self._early.pop(msg.call_id, None)
                     self._early[msg.call_id] = dialog
-                elif self._trunk_of is not None and state.on_forwarded_invite(
-                    dialog, msg, packet.dst_ip
-                ):
+                elif self._egress and state.on_forwarded_invite(dialog, msg, packet.dst_ip):
                     # The egress trunk is matched from it: journaled so that a restart
                     # rebuilds it. Without trunks nothing is matched and nothing kept.
                     self.changed = True
@@ -335,10 +341,6 @@ class Correlator:
         call_id = dialog.call_id
         disposition = state.outcome(dialog, end_reason)
         self._retire(dialog, end_time)
-        trunk = self._trunk(dialog.src_ip)
-        egress = self._trunk(dialog.egress_ip or dialog.dst_ip)
-        country_code = trunk.country_code if trunk else None
-        national_prefix = trunk.national_prefix if trunk else None
         caller_uri = dialog.pai_uri or dialog.from_uri
         callee_user = user_part(dialog.request_uri) or user_part(dialog.to_uri)
         pdd_ms = None
@@ -347,8 +349,8 @@ class Correlator:
         cdr = Cdr(
             cdr_id=cdr_id(call_id, dialog.from_tag, dialog.start_time),
             call_id=call_id,
-            caller=to_e164(user_part(caller_uri), country_code, national_prefix),
-            callee=to_e164(callee_user, country_code, national_prefix),
+            caller=user_part(caller_uri),
+            callee=callee_user,
             from_uri=dialog.from_uri,
             to_uri=dialog.to_uri,
             request_uri=dialog.request_uri,
@@ -356,7 +358,7 @@ class Correlator:
             src_port=dialog.src_port,
             dst_ip=dialog.dst_ip,
             dst_port=dialog.dst_port,
-            trunk=trunk.name if trunk else None,
+            trunk=None,
             start_time=dialog.start_time,
             ring_time=dialog.ring_time,
             answer_time=dialog.answer_time,
@@ -370,7 +372,7 @@ class Correlator:
             end_reason=end_reason,
             user_agent=dialog.user_agent,
             capture_node=dialog.capture_node,
-            egress_trunk=egress.name if egress else None,
+            egress_ip=dialog.egress_ip or dialog.dst_ip,
         )
         self._count(cdr)
         return cdr
@@ -378,10 +380,6 @@ class Correlator:
     def _count(self, cdr: Cdr) -> None:
         counts = self.stats.cdrs
         counts[cdr.disposition] = counts.get(cdr.disposition, 0) + 1
-        kpi = self.kpis.get(cdr.trunk)
-        if kpi is None:
-            kpi = self.kpis[cdr.trunk] = Kpi()
-        kpi.add(cdr)
 
     def recount(self, pending: Iterable[Cdr]) -> None:
         """Start the counts over after a recovery: what replaying the journal counted
@@ -389,7 +387,6 @@ class Correlator:
         holds and the CDRs it still has to write."""
         self.stats = CorrelatorStats()
         self.stats.dialogs_restored = self.open_dialogs
-        self.kpis.clear()
         for cdr in pending:
             self._count(cdr)
 
@@ -401,16 +398,6 @@ class Correlator:
         # timer ended long before, and its stray copies may still be on the way.
         self._closed[call_id] = (max(end_time, self._now), dialog.from_tag, dialog.invite_cseq)
         dialog.phase = Phase.CLOSED
-
-    def _trunk(self, src_ip: str) -> Trunk | None:
-        if self._trunk_of is None:
-            return None
-        trunk = self._trunks.get(src_ip, _UNRESOLVED)
-        if trunk is _UNRESOLVED:
-            if len(self._trunks) >= _TRUNK_CACHE_LIMIT:
-                self._trunks.clear()  # HEP source addresses are the sender's to choose
-            trunk = self._trunks[src_ip] = self._trunk_of(src_ip)
-        return trunk
 
     # -- restart safety -----------------------------------------------------------------
 
@@ -532,131 +519,6 @@ class Correlator:
             return False
         self._retire(dialog, closed_at)
         return True
-
-
-_UNRESOLVED = Trunk("", None, None, None)
-
-
-# What every field of a restored call must be: its kind, and whether it may be null.
-_TEXT, _TIME, _INT = "text", "time", "int"
-_FIELD_KINDS: dict[str, tuple[str, bool]] = {
-    "call_id": (_TEXT, False),
-    "from_tag": (_TEXT, False),
-    "phase": (_INT, False),
-    "start_time": (_TIME, False),
-    "invite_time": (_TIME, False),
-    "last_time": (_TIME, False),
-    "invite_cseq": (_INT, False),
-    "invite_branch_crc": (_INT, False),
-    "src_ip": (_TEXT, False),
-    "src_port": (_INT, False),
-    "dst_ip": (_TEXT, False),
-    "dst_port": (_INT, False),
-    "egress_ip": (_TEXT, True),
-    "from_uri": (_TEXT, False),
-    "to_uri": (_TEXT, False),
-    "request_uri": (_TEXT, False),
-    "capture_node": (_TEXT, False),
-    "ring_time": (_TIME, True),
-    "first_response_time": (_TIME, True),
-    "answer_time": (_TIME, True),
-    "cancel_time": (_TIME, True),
-    "final_time": (_TIME, True),
-    "final_code": (_INT, True),
-    "final_reason": (_TEXT, True),
-    "q850_cause": (_INT, True),
-    "pai_uri": (_TEXT, True),
-    "user_agent": (_TEXT, True),
-}
-_REQUIRED_FIELDS = frozenset(
-    name for name, (_kind, nullable) in _FIELD_KINDS.items() if not nullable
-)
-# Integer fields whose range is narrower than any 32-bit value.
-_INT_RANGES: dict[str, tuple[int, int]] = {
-    "phase": (Phase.EARLY, Phase.ANSWERED),
-    "src_port": (0, 0xFFFF),
-    "dst_port": (0, 0xFFFF),
-    "final_code": (100, 699),
-}
-_INT_LIMIT = 1 << 32
-# Times from the epoch to this (the year 2514): anything else cannot be a capture time
-# and would fail when the CDR renders it.
-_TIME_LIMIT = float(1 << 34)
-
-
-def _is_time(value: object) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and 0.0 <= value < _TIME_LIMIT  # False for NaN too
-    )
-
-
-def _invite_time(dialog: Dialog) -> float:
-    return dialog.invite_time
-
-
-def _tombstone(entry: object) -> tuple[float, str, int]:
-    if not isinstance(entry, list) or len(entry) != 3:
-        raise ValueError("snapshot closed call is malformed")
-    closed_at, from_tag, invite_cseq = entry
-    if not (
-        _is_time(closed_at)
-        and isinstance(from_tag, str)
-        and isinstance(invite_cseq, int)
-        and not isinstance(invite_cseq, bool)
-    ):
-        raise ValueError("snapshot closed call is malformed")
-    return (float(closed_at), from_tag, invite_cseq)
-
-
-def _dialog_of(row: object, names: list[str] | None) -> Dialog:
-    """A call from a snapshot row: a list in the order of `names` (version 2), or an
-    object (version 1). Raises ValueError naming the field at fault, never its value
-    (values are phone numbers and addresses). Every value is checked before it is set:
-    compiled, `Dialog` refuses a value of the wrong type with a TypeError."""
-    values: dict[str, object]
-    if names is not None:
-        if not isinstance(row, list) or len(row) != len(names):
-            raise ValueError("snapshot row does not match its fields")
-        values = dict(zip(names, row, strict=True))
-        unknown = next((name for name in values if name not in _FIELD_KINDS), None)
-        if unknown is not None:
-            raise ValueError(f"snapshot row field {unknown[:32]!r} is not a call field")
-    elif isinstance(row, dict):
-        values = row
-    else:
-        raise ValueError("snapshot row is not an object")
-    for name, (kind, nullable) in _FIELD_KINDS.items():
-        value = values.get(name)  # an optional field an older version lacks is None
-        if value is None and nullable:
-            continue
-        if kind == _TEXT:
-            valid = isinstance(value, str)
-        elif kind == _TIME:
-            valid = _is_time(value)
-        else:
-            low, high = _INT_RANGES.get(name, (0, _INT_LIMIT - 1))
-            valid = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-        if not valid:
-            raise ValueError(f"snapshot row field {name!r} is not a valid {kind}")
-    if not values.get("call_id"):
-        raise ValueError("snapshot row without a Call-ID")
-    dialog = Dialog()
-    intern = sys.intern
-    for name in _FIELD_KINDS:
-        value = values.get(name)
-        if name == "phase":
-            value = Phase(int(str(value)))  # checked above: an int in Phase's range
-        elif name in _INTERNED_FIELDS and isinstance(value, str):
-            value = intern(value)
-        setattr(dialog, name, value)
-    dialog.seen = 0
-    return dialog
-
-
-# Repeated across calls: one copy each, as live (`_new_dialog` interns them too).
-_INTERNED_FIELDS = frozenset({"src_ip", "dst_ip", "egress_ip", "capture_node", "user_agent"})
 
 
 def cdr_id(call_id: str, from_tag: str, start_time: float) -> str:

@@ -1,2 +1,7 @@
 """Enrichment: what a CDR learns beyond its signaling, looked up from runtime tables the
-configuration defines (the trunk a source address belongs to)."""
+configuration defines (the trunk an address belongs to, the trunk's numbering), and
+the per-trunk KPIs counted from the enriched CDR."""
+
+from sipcdr.enrich.stage import EnrichStage, EnrichStats
+
+__all__ = ["EnrichStage", "EnrichStats"]

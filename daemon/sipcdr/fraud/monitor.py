@@ -29,18 +29,20 @@ from typing import Final
 
 import orjson
 
-from sipcdr.fraud.detectors import (
-    AuthFailures,
+from sipcdr.fraud.call_patterns import (
     ConcurrentCalls,
-    CpsBurst,
-    Detector,
-    HighRiskDestination,
     InternationalSurge,
-    InvalidDestination,
-    Scanner,
     SequentialDialing,
     SpendVelocity,
     Wangiri,
+)
+from sipcdr.fraud.detectors import (
+    AuthFailures,
+    CpsBurst,
+    Detector,
+    HighRiskDestination,
+    InvalidDestination,
+    Scanner,
 )
 from sipcdr.fraud.incidents import FraudStats, Incidents
 from sipcdr.fraud.numbering import e164, is_international

@@ -25,7 +25,7 @@ from sipcdr.privacy.stats import PrivacyStats
 if TYPE_CHECKING:
     from sipcdr.config import Config
     from sipcdr.privacy.retention import RetentionReport
-    from sipcdr.sinks.spool import Spool
+    from sipcdr.spool import Spool
 
 # Restrictions reach the Kafka filter within this long of `sipcdr subject restrict`.
 RESTRICTIONS_REFRESH_S: Final = 60.0

@@ -1,6 +1,6 @@
 """What every sink is: a consumer of spool records that confirms a batch or raises.
 
-The spool (`sinks.spool`) owns durability. A sink owns nothing but the write to its
+The spool (`sipcdr.spool`) owns durability. A sink owns nothing but the write to its
 destination: `deliver` either gets a whole batch there (then the delivery loop moves
 the sink's cursor past it) or raises, and the same batch comes again after a backoff.
 Re-delivery is therefore normal, and each sink must make it harmless: PostgreSQL by

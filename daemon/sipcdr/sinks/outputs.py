@@ -17,16 +17,16 @@ import orjson
 import structlog
 
 from sipcdr.clock import SYSTEM_CLOCK, Clock
+from sipcdr.delivery import Delivery
 from sipcdr.model import Cdr, FraudAlert
 from sipcdr.privacy.outbound import OutboundFilter
 from sipcdr.privacy.pseudonym import load_key
 from sipcdr.private import private_dir
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, STREAM_SIGNALING, Sink
-from sipcdr.sinks.delivery import Delivery
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.settings import KafkaSettings, OutputSettings, PostgresSettings
 from sipcdr.sinks.signaling import SignalingRecorder
-from sipcdr.sinks.spool import DEFAULT_CDR_RESERVE_RECORDS, Appended, Spool
+from sipcdr.spool import DEFAULT_CDR_RESERVE_RECORDS, Appended, Spool
 
 if TYPE_CHECKING:
     from sipcdr.sinks.embedded_later import EmbeddedStartLater

@@ -94,7 +94,7 @@ class KafkaSettings:
 
 @dataclass(frozen=True, slots=True)
 class SpoolSettings:
-    """The spools' sizes and policies (reasons on the defaults in sinks/spool.py)."""
+    """The spools' sizes and policies (reasons on the defaults in spool/records.py)."""
 
     max_bytes: int
     signaling_max_bytes: int

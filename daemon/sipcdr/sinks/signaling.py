@@ -20,9 +20,9 @@ import orjson
 
 from sipcdr.model import SIP_EVENT_SCHEMA_VERSION, Packet
 from sipcdr.sinks.base import KIND_SIP
-from sipcdr.sinks.spool import Spool
 from sipcdr.sip.message import SipMessage
 from sipcdr.sipevent import event_record, message_id
+from sipcdr.spool import Spool
 
 __all__ = ["SIP_MESSAGE_SCHEMA_VERSION", "SignalingRecorder", "message_id"]
 

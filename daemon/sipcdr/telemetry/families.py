@@ -124,8 +124,10 @@ FAMILIES: Final = {f.name: f for f in (
        "(spool_full, write_error)",
        "reason"),
     _c("sipcdr_internal_errors",
-       "Messages a bug cost, by stage (correlator: the message did not reach its call; "
-       "signaling: its signaling record was not written); each is logged",
+       "Messages and CDRs a bug cost, by stage (correlator: the message did not reach "
+       "its call; signaling: its signaling record was not written; enrich, rate, "
+       "fraud: a stage's work on a message or CDR, which went on without it); the "
+       "first few are logged",
        "stage"),
     _c("sipcdr_cdr_write_failures",
        "CDRs a sink raised on when handed over, by sink (spool); each is logged",

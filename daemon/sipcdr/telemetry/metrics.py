@@ -18,6 +18,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sipcdr.dialog.kpi import Histogram, Kpi
+from sipcdr.enrich import EnrichStats
 from sipcdr.hotpath import hot_path
 from sipcdr.sip.parser import KNOWN_METHODS
 from sipcdr.telemetry.families import FAMILIES
@@ -65,6 +66,7 @@ class Sources:
 
     pipeline: Pipeline | None = None
     correlator: Correlator | None = None
+    enrich: EnrichStats | None = None  # the per-trunk KPIs
     trunks: Sequence[str] = ()  # the configured trunk names: their series exist at 0
     listeners: ListenerStats | None = None
     gate: HepGate | None = None
@@ -141,6 +143,7 @@ class StatsCollector(Collector):
             _live,
             _pipeline,
             _correlator,
+            _kpis,
             _outputs,
             _dialogs,
             _rating,
@@ -228,7 +231,7 @@ def _pipeline(scrape: _Scrape, sources: Sources) -> None:
     scrape.counts("sipcdr_calls_refused", stats.calls_refused)
     scrape.counts("sipcdr_internal_errors", stats.internal_errors)
     scrape.counts("sipcdr_cdr_write_failures", stats.cdr_write_failures)
-    scrape.set("sipcdr_intake_paused", 1 if pipeline.paused else 0)
+    scrape.set("sipcdr_intake_paused", 1 if pipeline.intake.paused else 0)
 
 
 def _correlator(scrape: _Scrape, sources: Sources) -> None:
@@ -250,7 +253,13 @@ def _correlator(scrape: _Scrape, sources: Sources) -> None:
     scrape.counts("sipcdr_sip_non_call_responses", stats.non_call_responses)
     scrape.counts("sipcdr_cdrs", stats.cdrs)
     scrape.set("sipcdr_open_dialogs", correlator.open_dialogs)
-    kpis: dict[str | None, Kpi] = dict(correlator.kpis)
+
+
+def _kpis(scrape: _Scrape, sources: Sources) -> None:
+    """Counted by the enrich stage, which knows each CDR's trunk."""
+    if sources.enrich is None and sources.correlator is None:
+        return
+    kpis: dict[str | None, Kpi] = {} if sources.enrich is None else dict(sources.enrich.kpis)
     # Every configured trunk has its series from the start: an alert on a rate needs
     # a series to compare, and a trunk that never answered is what it should catch.
     for name in (*sources.trunks, None):

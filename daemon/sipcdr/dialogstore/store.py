@@ -1,82 +1,43 @@
-"""Open calls on disk: checkpoints of the correlator plus a journal of what changed
-since, so that a call answered before a crash (SIGKILL, OOM kill, power loss) still
-gets its correct CDR when its BYE arrives after the restart, and a CDR closed before
-it but not yet in the spool is still written.
-
-Files in the state directory, numbered by generation g, each created 0600:
-
-    dialogs.<g>.json      checkpoint: the correlator's snapshot as generation g began,
-                          and the CDRs closed but not yet on disk then
-    dialogs.<g>.journal   what changed during generation g
-
-The journal holds four kinds of record, each appended with one `write`:
-- a message the correlator reported as `changed` (a first INVITE, the first ringing,
-  answer or final response to it, a CANCEL, an auth retry, a BYE), before any CDR it
-  closes goes to the spool;
-- a close decision for a CDR no replayed message would close the same way (a timer, an
-  eviction): the call, its end time and reason, before the CDR goes to the spool, so
-  replay closes it exactly as then;
-- a timer run that closed or forgot anything, after its decisions;
-- a close, once the CDR is in the spool file (`closed`, the spool writer's hook): a CDR
-  the disk refused waits in the spool's reserve and gets its close record only when the
-  reserve is written.
-All survive a killed process at once; the journal is fsynced every `fsync_interval_s`,
-which bounds what a power loss takes. Retransmissions and in-dialog requests other
-than BYE change nothing but a call's last-message time and are not journaled: the
-checkpoints carry that time.
-
-A checkpoint starts generation g+1: the snapshot is taken, with the CDRs the spool
-still holds in memory (`held`), journal g+1 opened, the snapshot written to
-`dialogs.<g+1>.tmp` (in a thread, while messages go on into the new journal), fsynced
-and renamed, then the files of older generations deleted. The snapshot and the switch
-of journals run between two messages on the one event loop, so the snapshot is
-exactly the state journal g+1 starts from. A checkpoint file is JSON followed by a
-CRC-32 trailer line, so damage is recognised rather than restored. If the checkpoint
-cannot be written (a full disk), the older checkpoint and journals stay and still
-rebuild the state; nothing half-written is left; attempts are then spaced out,
-doubling up to `CHECKPOINT_RETRY_MAX_S`.
-
-Recovery restores the newest checkpoint and replays the journals from its generation
-on through the correlator, in order: the same messages and decisions in the same order
-rebuild the same state, with no second encoding of it. A CDR closed by a replayed
-record, or carried unwritten by the checkpoint, whose close record follows was written
-before the crash and is dropped; one without is handed back to be written again: the
-same record under the same `cdr_id`, which the sinks deduplicate. A close record for a
-call that replay left open (journals of versions without close decisions) closes it
-without a CDR.
-
-A full disk: a write refused for want of space asks `on_no_space` to make room (the
-daemon's spare file) and is tried once more. At start, a journal that cannot be
-created for want of space leaves the store running without one (counted, ERROR):
-every due checkpoint tries again. A file recovery cannot read at all is renamed
-`.unreadable` and deleted after `UNREADABLE_RETENTION_S` by a later good checkpoint.
-"""
+"""The dialog store: the journal written as calls change, checkpoints, recovery at
+start (`sipcdr.dialogstore` describes the files and the order of things)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import gc
 import os
-import struct
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 
-import orjson
 import structlog
 
 from sipcdr.dialog import Correlator
-from sipcdr.model import CDR_MONEY_FIELDS, Cdr, Packet, money
+from sipcdr.dialogstore.checkpoint import (
+    _Checkpoint,
+    _error_of,
+    _unwritten_json,
+    read_checkpoint,
+    write_checkpoint,
+)
+from sipcdr.dialogstore.journal import (
+    _FRAME,
+    MAGIC,
+    MAX_RECORD_BYTES,
+    JournalReplay,
+    closed_record,
+    decided_record,
+    message_record,
+    timer_record,
+)
+from sipcdr.dialogstore.stats import DialogStoreStats
+from sipcdr.model import Cdr, Packet
 from sipcdr.private import open_private_fd
-from sipcdr.sinks.spool import DEFAULT_FSYNC_INTERVAL_S
-from sipcdr.sip import parse
+from sipcdr.spool import DEFAULT_FSYNC_INTERVAL_S
 
 # At most this long between checkpoints while messages arrive: after a crash, a call's
 # last-message time (which ends a call whose BYE never comes) is at most this old, and
@@ -92,8 +53,6 @@ CHECKPOINT_RETRY_MAX_S: Final = 60.0
 # Files recovery could not read are kept this long for a look, then deleted (they hold
 # personal data): a week covers a holiday.
 UNREADABLE_RETENTION_S: Final = 7 * 86400.0
-# A journal is replayed in reads of this size, never read whole.
-_READ_BYTES: Final = 1024 * 1024
 
 CHECKPOINT_SUFFIX: Final = ".json"
 JOURNAL_SUFFIX: Final = ".journal"
@@ -102,60 +61,7 @@ _PREFIX: Final = "dialogs."
 TMP_SUFFIX: Final = ".tmp"  # a checkpoint being written; renamed once complete
 # Written by versions without a journal, at a clean stop: read once as generation 0.
 LEGACY_SNAPSHOT: Final = "dialogs.json"
-CHECKPOINT_FORMAT: Final = 1  # the "checkpoint" member of the file's JSON object
-_TRAILER_BYTES: Final = 11  # b"\n#" + 8 hex digits of the CRC-32 + b"\n"
-
-MAGIC: Final = b"SIPCDRJ\x01"  # journal file format 1
-_FRAME = struct.Struct("<II")  # crc32 of the body, body length
-# kind, timestamp, source port, destination port, capture node length, source address
-# length, destination address length, transport length; then those strings, then the
-# payload as captured.
-_MESSAGE = struct.Struct("<BdHHHBBB")
-_CLOSED = struct.Struct("<BdB")  # kind, close time, cdr_id length; then cdr_id, Call-ID
-# kind, decided at, end time, cdr_id length, end reason length, hangup side length;
-# then those strings, then the Call-ID.
-_DECIDED = struct.Struct("<BddBBB")
-_TIMER = struct.Struct("<Bd")  # kind, the time the timers ran at
-KIND_MESSAGE: Final = 1
-KIND_CLOSED: Final = 2
-KIND_DECIDED: Final = 3
-KIND_TIMER: Final = 4
-MAX_RECORD_BYTES: Final = 16 * 1024 * 1024  # far above any SIP message; bounds a bad length
-_TEXT: Final = "surrogatepass"  # any str round-trips, even one a capture file name gave
 _NO_SPACE: Final = frozenset((errno.ENOSPC, errno.EDQUOT))
-_CDR_FIELDS: Final = tuple(item.name for item in dataclasses.fields(Cdr))
-_CDR_FIELD_SET: Final = frozenset(_CDR_FIELDS)
-
-
-@dataclass(slots=True)
-class _Checkpoint:
-    generation: int
-    snapshot: bytes
-    unwritten: bytes  # the CDRs the spool held in memory, as JSON
-    open_dialogs: int
-    errors_before: int  # journal write errors when the snapshot was taken
-    final: bool
-    began: float
-    finished: bool = False
-
-
-@dataclass(slots=True)
-class DialogStoreStats:
-    """Cumulative counts the daemon exports."""
-
-    journal_messages: int = 0
-    journal_closes: int = 0
-    journal_decisions: int = 0  # close decisions and timer runs
-    journal_write_errors: int = 0  # records not journaled: not rebuilt after a crash
-    checkpoints: int = 0
-    checkpoint_failures: int = 0
-    torn_tails: int = 0  # journals that ended in a partial or damaged record at recovery
-    torn_bytes: int = 0
-    bad_records: int = 0  # well-framed records recovery could not apply
-    unreadable_checkpoints: int = 0
-    unreadable_journals: int = 0
-    internal_errors: int = 0  # the background task's own failures, survived
-    replayed_records: int = 0
 
 
 def _no_cdrs() -> Sequence[Cdr]:
@@ -185,6 +91,7 @@ class DialogStore:
         self.checkpoint_interval_s = checkpoint_interval_s
         self.fsync_interval_s = fsync_interval_s
         self.stats = DialogStoreStats()
+        self._replayer = JournalReplay(correlator, self.stats, self._journal_unreadable)
         self.log = structlog.get_logger("sipcdr.dialogs")
         # CDRs closed but held in memory by the spool (its reserve): each checkpoint
         # carries them, so a crash does not lose them.
@@ -232,27 +139,12 @@ class DialogStore:
     def message(self, packet: Packet) -> None:
         """Journal one message that changed a call. Never raises: the caller is the
         capture path, and a failed write is counted."""
-        timestamp, src_ip, src_port, dst_ip, dst_port, transport, payload, node = packet
-        src = src_ip.encode("utf-8", _TEXT)
-        dst = dst_ip.encode("utf-8", _TEXT)
-        proto = transport.encode("utf-8", _TEXT)
-        capture_node = node.encode("utf-8", _TEXT)
-        try:
-            head = _MESSAGE.pack(
-                KIND_MESSAGE,
-                timestamp,
-                src_port,
-                dst_port,
-                len(capture_node),
-                len(src),
-                len(dst),
-                len(proto),
-            )
-        except struct.error:
+        record = message_record(packet)
+        if record is None:
             self.stats.journal_write_errors += 1  # a field out of range: cannot be framed
             self._intact = False
             return
-        if self._append(b"".join((head, src, dst, proto, capture_node, payload))):
+        if self._append(record):
             self.stats.journal_messages += 1
 
     def closed(self, cdr: Cdr) -> None:
@@ -261,15 +153,7 @@ class DialogStore:
         next start may write such a CDR again, under the same cdr_id, which is no loss."""
         if self._stopped:
             return
-        ident = cdr.cdr_id.encode()
-        body = b"".join(
-            (
-                _CLOSED.pack(KIND_CLOSED, max(cdr.end_time, self.correlator.now), len(ident)),
-                ident,
-                cdr.call_id.encode("utf-8", _TEXT),
-            )
-        )
-        if self._append(body):
+        if self._append(closed_record(cdr, max(cdr.end_time, self.correlator.now))):
             self.stats.journal_closes += 1
 
     def decided(self, cdrs: Sequence[Cdr], timer_at: float | None) -> None:
@@ -278,16 +162,9 @@ class DialogStore:
         or an eviction (None) by the message journaled next."""
         now = self.correlator.now
         for cdr in cdrs:
-            ident = cdr.cdr_id.encode()
-            reason = cdr.end_reason.encode()
-            side = (cdr.hangup_by or "").encode()
-            head = _DECIDED.pack(
-                KIND_DECIDED, now, cdr.end_time, len(ident), len(reason), len(side)
-            )
-            body = b"".join((head, ident, reason, side, cdr.call_id.encode("utf-8", _TEXT)))
-            if self._append(body):
+            if self._append(decided_record(cdr, now)):
                 self.stats.journal_decisions += 1
-        if timer_at is not None and self._append(_TIMER.pack(KIND_TIMER, timer_at)):
+        if timer_at is not None and self._append(timer_record(timer_at)):
             self.stats.journal_decisions += 1
 
     def _append(self, body: bytes) -> bool:
@@ -348,7 +225,7 @@ class DialogStore:
         for generation in sorted(journals):
             if generation >= base:
                 path = journals[generation]
-                replayed += self._replay(path, pending, newest=generation == newest)
+                replayed += self._replayer.replay(path, pending, newest=generation == newest)
                 with contextlib.suppress(OSError):
                     self._older_journals[generation] = path.stat().st_size
         self._generation = max((base, *checkpoints, *journals))
@@ -402,132 +279,10 @@ class DialogStore:
         with contextlib.suppress(OSError):
             path.rename(path.with_name(path.name + UNREADABLE_SUFFIX))
 
-    def _replay(self, path: Path, pending: dict[str, Cdr], *, newest: bool) -> int:
-        """Replay one journal, read in pieces; returns the records replayed."""
-        try:
-            handle = path.open("rb", buffering=_READ_BYTES)
-        except OSError as exc:
-            self._journal_unreadable(path, exc)
-            return 0
-        replayed = 0
-        offset = 0
-        with handle:
-            try:
-                size = os.fstat(handle.fileno()).st_size
-                magic = handle.read(len(MAGIC))
-                if not magic:
-                    # The newest may have been created just before the crash; an older
-                    # one was written and then emptied: damage.
-                    if not newest:
-                        self._torn(0)
-                    return 0
-                if magic != MAGIC:
-                    self._torn(size)
-                    return 0
-                offset = len(MAGIC)
-                while frame := handle.read(_FRAME.size):
-                    if len(frame) < _FRAME.size:
-                        break
-                    crc, length = _FRAME.unpack(frame)
-                    if not 0 < length <= MAX_RECORD_BYTES:
-                        break
-                    body = handle.read(length)
-                    if len(body) < length or zlib.crc32(body) != crc:
-                        break
-                    offset += _FRAME.size + length
-                    replayed += 1
-                    self._apply(body, pending)
-            except OSError as exc:
-                self._journal_unreadable(path, exc)
-                return replayed
-        if offset < size:
-            # A record cut short or damaged (a power loss inside the fsync interval):
-            # it and what follows are not replayed. Records are never rewritten, so
-            # nothing valid can follow a damaged one.
-            self._torn(size - offset)
-        return replayed
-
     def _journal_unreadable(self, path: Path, exc: OSError) -> None:
         self.stats.unreadable_journals += 1
         self.log.error("dialog_journal_unreadable", path=str(path), error=_reason(exc))
         self._set_aside(path)
-
-    def _apply(self, body: bytes, pending: dict[str, Cdr]) -> None:
-        kind = body[0]
-        if kind == KIND_MESSAGE:
-            self._replay_message(body, pending)
-        elif kind == KIND_CLOSED:
-            self._replay_closed(body, pending)
-        elif kind == KIND_DECIDED:
-            self._replay_decided(body, pending)
-        elif kind == KIND_TIMER and len(body) == _TIMER.size:
-            self.correlator.prune_closed(_TIMER.unpack(body)[1])
-        else:
-            self.stats.bad_records += 1
-
-    def _torn(self, length: int) -> None:
-        self.stats.torn_tails += 1
-        self.stats.torn_bytes += length
-
-    def _replay_message(self, body: bytes, pending: dict[str, Cdr]) -> None:
-        try:
-            _kind, timestamp, src_port, dst_port, node_len, src_len, dst_len, proto_len = (
-                _MESSAGE.unpack_from(body)
-            )
-            at = _MESSAGE.size
-            strings = []
-            for length in (src_len, dst_len, proto_len, node_len):
-                strings.append(body[at : at + length].decode("utf-8", _TEXT))
-                at += length
-            packet = Packet(
-                timestamp,
-                strings[0],
-                src_port,
-                strings[1],
-                dst_port,
-                strings[2],
-                body[at:],
-                strings[3],
-            )
-            closed = self.correlator.feed(packet, parse(packet.payload))
-        except Exception:
-            # A parser of another version that refuses it, or a correlator error: the
-            # message is lost, as it would be live.
-            self.stats.bad_records += 1
-            return
-        for cdr in closed:
-            pending[cdr.cdr_id] = cdr
-
-    def _replay_closed(self, body: bytes, pending: dict[str, Cdr]) -> None:
-        try:
-            _kind, closed_at, id_len = _CLOSED.unpack_from(body)
-            at = _CLOSED.size
-            cdr_id = body[at : at + id_len].decode()
-            call_id = body[at + id_len :].decode("utf-8", _TEXT)
-        except (struct.error, UnicodeDecodeError):
-            self.stats.bad_records += 1
-            return
-        if pending.pop(cdr_id, None) is None:
-            self.correlator.forget(call_id, cdr_id, closed_at)
-
-    def _replay_decided(self, body: bytes, pending: dict[str, Cdr]) -> None:
-        try:
-            _kind, decided_at, end_time, id_len, reason_len, side_len = _DECIDED.unpack_from(body)
-            at = _DECIDED.size
-            cdr_id = body[at : at + id_len].decode()
-            at += id_len
-            end_reason = body[at : at + reason_len].decode()
-            at += reason_len
-            hangup_by = body[at : at + side_len].decode() or None
-            call_id = body[at + side_len :].decode("utf-8", _TEXT)
-            cdr = self.correlator.close_decided(
-                call_id, cdr_id, end_time, end_reason, hangup_by, decided_at
-            )
-        except Exception:
-            self.stats.bad_records += 1
-            return
-        if cdr is not None:
-            pending[cdr.cdr_id] = cdr
 
     # -- checkpoints --------------------------------------------------------------------
 
@@ -710,34 +465,11 @@ class DialogStore:
 
     def _write_file(self, plan: _Checkpoint) -> None:
         """Thread-safe: file system calls only. Leaves nothing half-written."""
-        tmp = self.directory / f"{_PREFIX}{plan.generation}{TMP_SUFFIX}"
-        pieces = (
-            b'{"checkpoint":%d,"unwritten":' % CHECKPOINT_FORMAT,
-            plan.unwritten,
-            b',"snapshot":',
-            plan.snapshot,
-            b"}",
+        write_checkpoint(
+            plan,
+            self.directory / f"{_PREFIX}{plan.generation}{TMP_SUFFIX}",
+            self.directory / f"{_PREFIX}{plan.generation}{CHECKPOINT_SUFFIX}",
         )
-        crc = 0
-        for piece in pieces:
-            crc = zlib.crc32(piece, crc)
-        try:
-            tmp.unlink(missing_ok=True)  # a stale one may have other permissions
-            fd = open_private_fd(tmp, os.O_WRONLY | os.O_EXCL)
-            try:
-                for piece in (*pieces, b"\n#%08x\n" % crc):
-                    view = memoryview(piece)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.directory / f"{_PREFIX}{plan.generation}{CHECKPOINT_SUFFIX}")
-            _fsync_directory(self.directory)
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise
 
     def _finish(self, plan: _Checkpoint, error: BaseException | None) -> None:
         if plan.finished:
@@ -861,96 +593,5 @@ class DialogStore:
             )
 
 
-def read_checkpoint(data: bytes) -> tuple[dict[str, object], list[Cdr]]:
-    """The correlator snapshot and the unwritten CDRs of a checkpoint file; ValueError
-    when its checksum or form is wrong. A file without the trailer is the plain
-    snapshot of an earlier version (or of `dialogs.json`)."""
-    view = memoryview(data)
-    trailer = bytes(view[-_TRAILER_BYTES:])
-    if trailer.startswith(b"\n#") and trailer.endswith(b"\n"):
-        body = view[:-_TRAILER_BYTES]
-        try:
-            crc = int(trailer[2:-1], 16)
-        except ValueError:
-            raise ValueError("checkpoint trailer is damaged") from None
-        if zlib.crc32(body) != crc:
-            raise ValueError("checkpoint checksum does not match")
-        document = orjson.loads(body)
-        del body, view
-        if not isinstance(document, dict) or document.get("checkpoint") != CHECKPOINT_FORMAT:
-            raise ValueError("not a checkpoint of this format")
-        snapshot = document.pop("snapshot")
-        if not isinstance(snapshot, dict):
-            raise ValueError("checkpoint without a snapshot")
-        return snapshot, _unwritten_cdrs(document.get("unwritten"))
-    del view
-    document = orjson.loads(data)
-    if not isinstance(document, dict) or "version" not in document:
-        raise ValueError("checkpoint without its trailer")
-    return document, []
-
-
-def _unwritten_json(cdrs: Sequence[Cdr]) -> bytes:
-    # Money as decimal strings, read back exact by `_unwritten_cdrs`.
-    return orjson.dumps(
-        {
-            "fields": _CDR_FIELDS,
-            "rows": [[getattr(cdr, name) for name in _CDR_FIELDS] for cdr in cdrs],
-        },
-        default=_money_text,
-    )
-
-
-def _money_text(value: object) -> str:
-    if isinstance(value, Decimal):
-        return format(value, "f")
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _unwritten_cdrs(document: object) -> list[Cdr]:
-    if not isinstance(document, dict):
-        raise ValueError("checkpoint unwritten CDRs are malformed")
-    names, rows = document.get("fields"), document.get("rows")
-    if (
-        not isinstance(names, list)
-        or not isinstance(rows, list)
-        or not all(isinstance(name, str) and name in _CDR_FIELD_SET for name in names)
-    ):
-        raise ValueError("checkpoint unwritten CDRs are malformed")
-    cdrs = []
-    for row in rows:
-        if not isinstance(row, list) or len(row) != len(names):
-            raise ValueError("checkpoint unwritten CDR is malformed")
-        fields = dict(zip(names, row, strict=True))
-        fields["fraud_flags"] = tuple(fields.get("fraud_flags") or ())
-        for name in CDR_MONEY_FIELDS:
-            if name in fields:
-                fields[name] = money(fields[name])
-        cdrs.append(Cdr(**fields))
-    return cdrs
-
-
 def _reason(error: BaseException) -> str:
     return getattr(error, "strerror", None) or repr(error)
-
-
-def _error_of(future: asyncio.Future[None]) -> BaseException | None:
-    if future.cancelled():
-        return asyncio.CancelledError()
-    return future.exception()
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-__all__: Sequence[str] = [
-    "DEFAULT_CHECKPOINT_INTERVAL_S",
-    "DialogStore",
-    "DialogStoreStats",
-    "read_checkpoint",
-]

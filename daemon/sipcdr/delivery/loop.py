@@ -48,7 +48,7 @@ import structlog
 from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.private import open_private, private_dir
 from sipcdr.sinks.base import RecordsRejected, Sink, SpoolRecord
-from sipcdr.sinks.spool import DEFAULT_FSYNC_INTERVAL_S, Spool, SpoolReader
+from sipcdr.spool import DEFAULT_FSYNC_INTERVAL_S, Spool, SpoolReader
 
 # Large enough to amortise a COPY or a produce round trip, small enough to retry cheaply.
 DEFAULT_BATCH_RECORDS: Final = 1000

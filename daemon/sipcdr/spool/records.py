@@ -1,0 +1,153 @@
+"""The spool's bytes on disk: the record layout and its checks, the cursor file's two
+slots, the sizes and policies' defaults, and the scan that finds whole records
+(`sipcdr.spool` describes the whole)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
+
+_HEAD = struct.Struct("<HBHIQ")  # magic, kind, key length, value length, seq
+_CRC = struct.Struct("<I")
+HEADER_BYTES: Final = _HEAD.size + _CRC.size
+MAGIC: Final = 0x5350  # "PS" little-endian; an arbitrary start-of-record mark
+_MAGIC_BYTES: Final = struct.pack("<H", MAGIC)
+_KIND_CODES: Final = {KIND_CDR: 1, KIND_ALERT: 2, KIND_SIP: 3}
+_KIND_NAMES: Final = {code: name for name, code in _KIND_CODES.items()}
+MAX_VALUE_BYTES: Final = 16 * 1024 * 1024  # far above any record; bounds a corrupt length
+SEGMENT_SUFFIX: Final = ".seg"
+
+FULL_POLICIES: Final = ("block", "drop_newest")
+# A day of CDRs of a large carrier (~10 M calls at ~1 KB) can wait out a sink outage.
+DEFAULT_MAX_BYTES: Final = 10 * 1024**3
+# Signaling copies are for troubleshooting: a few hours of backlog, then newest dropped.
+DEFAULT_SIGNALING_MAX_BYTES: Final = 4 * 1024**3
+# Small enough that a delivered segment is deleted soon, large enough for few files.
+DEFAULT_SEGMENT_BYTES: Final = 64 * 1024 * 1024
+# A power loss takes at most this much; an fsync costs ~1-5 ms, five times a second.
+DEFAULT_FSYNC_INTERVAL_S: Final = 0.2
+# CDRs are money: stop intake rather than lose closed calls.
+DEFAULT_FULL_POLICY: Final = "block"
+# Resume intake only with room for a burst, so it does not flap at the limit.
+RESUME_FRACTION: Final = 0.9
+# The signaling stream writes when this much is buffered (and on every flush); the
+# reserve is written back in batches of this size too.
+_WRITE_BUFFER_BYTES: Final = 256 * 1024
+# Closed CDRs the disk refuses wait in memory, up to this many: every call a large
+# carrier has open when its disk fills (~120 calls/s x 3 min) twice over, ~120 MB (the
+# encoded record and the CDR itself, which the dialog checkpoints carry, ~2.3 KB each).
+DEFAULT_CDR_RESERVE_RECORDS: Final = 50_000
+# Signaling stops below this much free space, so CDRs keep room on a shared disk:
+# about two hours of a large carrier's CDRs (~400 MB an hour).
+DEFAULT_SIGNALING_MIN_FREE_BYTES: Final = 1024**3
+# Free space is read at most this often, unless what was written since could have
+# crossed the floor.
+_FLOOR_CHECK_S: Final = 1.0
+CURSOR_SUFFIX: Final = ".cursor"
+_CURSOR = struct.Struct("<4sQQI")  # magic, generation, seq, crc32 of the rest
+_CURSOR_MAGIC: Final = b"SPCU"
+# One slot per page (and so per sector, whatever the disk's sector size): a write torn
+# by a power loss spoils one slot only.
+_CURSOR_SLOT_BYTES: Final = 4096
+_CURSOR_FILE_BYTES: Final = 2 * _CURSOR_SLOT_BYTES
+# Where earlier versions put the second slot (1 KiB files); read, then rewritten.
+_LEGACY_CURSOR_SLOT_BYTES: Final = 512
+# A generation this high cannot have been counted to: a crafted or damaged file, whose
+# position is kept but whose slots are written anew from generation 1.
+_CURSOR_GENERATION_LIMIT: Final = 1 << 63
+_NO_SPACE: Final = frozenset((errno.ENOSPC, errno.EDQUOT))
+
+
+def _encode(kind: str, key: bytes, value: bytes, seq: int) -> bytes:
+    head = _HEAD.pack(MAGIC, _KIND_CODES[kind], len(key), len(value), seq)
+    crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(head)))
+    return b"".join((head, _CRC.pack(crc), key, value))
+
+
+def _encode_cursor_slot(generation: int, seq: int) -> bytes:
+    body = _CURSOR.pack(_CURSOR_MAGIC, generation, seq, 0)[:-4]
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def _newest_cursor_slot(data: bytes) -> tuple[int, int, int, bool] | None:
+    """(slot, generation, seq, current) of the newest valid slot of a cursor file, or
+    None; `current` is False when the file is not of the current layout (the 1 KiB one
+    of earlier versions, or one cut short), which is then to be written anew. Slots are
+    read at the old offset too: the newest generation wins wherever it is."""
+    newest: tuple[int, int, int, bool] | None = None
+    for slot, offset in ((0, 0), (1, _LEGACY_CURSOR_SLOT_BYTES), (1, _CURSOR_SLOT_BYTES)):
+        raw = data[offset : offset + _CURSOR.size]
+        if len(raw) < _CURSOR.size:
+            continue
+        magic, generation, seq, crc = _CURSOR.unpack(raw)
+        if magic != _CURSOR_MAGIC or crc != zlib.crc32(raw[:-4]):
+            continue
+        if newest is None or generation > newest[1]:
+            current = len(data) == _CURSOR_FILE_BYTES and offset != _LEGACY_CURSOR_SLOT_BYTES
+            newest = (slot, generation, seq, current)
+    return newest
+
+
+def _decode_header(header: bytes) -> tuple[int, int, int, int] | None:
+    if len(header) < HEADER_BYTES:
+        return None
+    magic, kind_code, key_len, value_len, seq = _HEAD.unpack_from(header)
+    if magic != MAGIC or kind_code not in _KIND_NAMES or value_len > MAX_VALUE_BYTES:
+        return None
+    return kind_code, key_len, value_len, seq
+
+
+def _scan(
+    data: bytes, offset: int, *, first_only: bool = False
+) -> Iterator[tuple[int, str, bytes, bytes, int]]:
+    """Valid records of `data` from `offset`, stopping at the first invalid one:
+    (seq, kind, key, value, end offset)."""
+    view = memoryview(data)
+    while offset + HEADER_BYTES <= len(data):
+        decoded = _decode_header(data[offset : offset + HEADER_BYTES])
+        if decoded is None:
+            return
+        kind_code, key_len, value_len, seq = decoded
+        body_start = offset + HEADER_BYTES
+        end = body_start + key_len + value_len
+        if end > len(data):
+            return
+        crc = zlib.crc32(view[body_start:end], zlib.crc32(view[offset : offset + _HEAD.size]))
+        if crc != _CRC.unpack_from(data, offset + _HEAD.size)[0]:
+            return
+        yield (
+            seq,
+            _KIND_NAMES[kind_code],
+            data[body_start : body_start + key_len],
+            data[body_start + key_len : end],
+            end,
+        )
+        if first_only:
+            return
+        offset = end
+
+
+def _next_valid(data: bytes, offset: int) -> int:
+    """Offset of the next valid record at or after `offset`, or -1."""
+    position = data.find(_MAGIC_BYTES, offset)
+    while position >= 0:
+        for _record in _scan(data, position, first_only=True):
+            return position
+        position = data.find(_MAGIC_BYTES, position + 1)
+    return -1
+
+
+def _fsync_directory(directory: Path) -> None:
+    """A new segment's name must survive a power loss as well as its contents."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
