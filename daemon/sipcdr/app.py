@@ -181,7 +181,7 @@ class App:
         after one failed, which then recovers from disk what the failed one saved."""
         config = self.config
         self.correlator = Correlator(config.dialog, trunk_resolver(config.trunks))
-        self.outputs = Outputs(output_settings(config), clock=self.clock)
+        self.outputs = Outputs(output_settings(config), restrictions=True, clock=self.clock)
         self.rates = rate_decks(config)
         # The CDR writer and the signaling recorder exist once the spools are open.
         self.pipeline = Pipeline(self.correlator, (), (self.rates.stage,))

@@ -80,3 +80,39 @@ def test_a_restart_while_the_database_is_down_keeps_restricted_subjects_off_kafk
     assert "other@x" in published
     assert "restricted@x" not in published, "a restricted subject's CDR reached Kafka"
     assert second.stop() == 0
+
+
+def test_a_first_start_while_the_database_is_down_publishes_nothing_until_it_answers(
+    tmp_path: Path, private_pg: PrivatePg, kafka_bootstrap: str, daemons: list[Daemon]
+) -> None:
+    """No list saved yet (a first start, a lost state folder): Kafka waits, counted, and
+    gets the records once the list is read, the restricted subject's withheld."""
+    server = private_pg()
+    dsn = run_sync(server.start)
+    run_sync(lambda: restrict_subject(dsn))
+    run_sync(server.stop)
+    topic = unique_topic()
+    asyncio.run(create_topics(kafka_bootstrap, [topic, f"{topic}.fraud"]))
+    daemon = start_daemon(
+        tmp_path,
+        SIPCDR_SINKS__POSTGRES__DSN=dsn,
+        SIPCDR_SINKS__KAFKA__BOOTSTRAP=kafka_bootstrap,
+        SIPCDR_SINKS__KAFKA__IDEMPOTENCE="false",
+        SIPCDR_SINKS__KAFKA__TOPIC_CDRS=topic,
+        SIPCDR_SINKS__KAFKA__TOPIC_FRAUD=f"{topic}.fraud",
+    )
+    daemons.append(daemon)
+    assert daemon.metric("sipcdr_delivery_waiting_for_restrictions") == 1
+    send(daemon, Call(call_id="restricted@x", caller="+" + SUBJECT, from_tag="r"))
+    send(daemon, Call(call_id="other@x", from_tag="o"))
+    wait_for(lambda: len(daemon.cdrs()) == 2, timeout=30)
+    assert asyncio.run(consume_all(kafka_bootstrap, topic, 1, timeout=3)) == []
+    assert daemon.metric("sipcdr_sink_lag_records", sink="kafka", stream="records") >= 2
+
+    assert run_sync(server.start) == dsn
+    wait_for(lambda: daemon.metric("sipcdr_delivery_waiting_for_restrictions") == 0, 90)
+    received = asyncio.run(consume_all(kafka_bootstrap, topic, 1, timeout=15))
+    assert [orjson.loads(record.value)["call_id"] for record in received] == ["other@x"]
+    assert daemon.metric("sipcdr_restricted_subjects") == 1
+    assert (tmp_path / "var" / "restrictions.json").stat().st_mode & 0o777 == 0o600
+    assert daemon.stop() == 0

@@ -127,6 +127,14 @@ class Delivery:
     def readers(self) -> list[tuple[LoopState, SpoolReader]]:
         return list(self._loops)
 
+    def release(self, loops: set[tuple[str, str]]) -> None:
+        """Take `loops` out of `held` and let them deliver at once."""
+        self.held -= loops
+        for loop in loops:
+            wake = self._wake.get(loop)
+            if wake is not None:
+                wake.set()
+
     async def start(self) -> None:
         if self._started:
             return

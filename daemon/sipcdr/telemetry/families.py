@@ -304,6 +304,11 @@ FAMILIES: Final = {f.name: f for f in (
        "is restricted, or (with pseudonymize_numbers) the record could not be read",
        "kind"),
     _g("sipcdr_restricted_subjects",
-       "Numbers whose processing is restricted, as last read from PostgreSQL"),
+       "Numbers whose processing is restricted, as last read from PostgreSQL (or saved "
+       "by the last run, until the database answers)"),
+    _g("sipcdr_delivery_waiting_for_restrictions",
+       "1 while Kafka and PostgreSQL delivery waits for a first restriction list (a "
+       "start with no saved list and PostgreSQL not answering): records wait in the "
+       "spool"),
 )}
 # fmt: on
