@@ -73,7 +73,8 @@ FAMILIES: Final = {f.name: f for f in (
        "source", "reason"),
     _c("sipcdr_hep_connections_closed",
        "HEP/TCP and HEP/TLS connections the daemon closed, by listener kind and "
-       "reason (idle_timeout, frame_timeout, bad_framing, tls_error, write_backlog)",
+       "reason (idle_timeout, frame_timeout, bad_framing, rejected_frames, tls_error, "
+       "write_backlog)",
        "source", "reason"),
     _c("sipcdr_hep_tls_handshake_failures",
        "HEP/TLS handshakes that failed, by reason (no_client_cert, unknown_ca, "
