@@ -29,3 +29,17 @@ def test_a_key_another_user_owns_is_refused_whatever_its_mode(tmp_path: Path) ->
     os.chown(key, pwd.getpwnam("nobody").pw_uid, -1)
     with pytest.raises(KeyError_):
         load_key(key)
+
+
+def test_a_symbolic_link_to_a_key_is_refused(tmp_path: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(key_file(tmp_path / "key"))
+    with pytest.raises(KeyError_, match="symbolic link"):
+        load_key(link)
+
+
+def test_a_key_open_to_others_is_refused(tmp_path: Path) -> None:
+    key = key_file(tmp_path / "key")
+    key.chmod(0o640)
+    with pytest.raises(KeyError_, match="chmod 600"):
+        load_key(key)
