@@ -249,8 +249,9 @@ FAMILIES: Final = {f.name: f for f in (
        "1 while new calls are refused (the CDR spool is full or its disk refuses "
        "writes, under the block policy)"),
     _c("sipcdr_metrics_connections_refused",
-       "Connections to the metrics endpoint closed on arrival because its connection "
-       "cap was reached (a flood, or clients that never finish their request)"),
+       "Connections to the metrics endpoint refused on arrival (8 already open from its "
+       "address, or all 32 being answered), or closed before their request ended to "
+       "make room for a new one (a flood, or clients that never finish their request)"),
     # -- rating -----------------------------------------------------------------------------
     _c("sipcdr_cdrs_rated", "CDRs priced by their ingress trunk's plan, by trunk", "trunk"),
     _c("sipcdr_cdrs_unrated",
