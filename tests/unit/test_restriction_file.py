@@ -6,6 +6,7 @@ from pathlib import Path
 
 from sipcdr.privacy.outbound import OutboundFilter
 from sipcdr.privacy.restriction_file import FILE_NAME, save_restrictions, saved_restrictions
+from sipcdr.sinks.delivery import Delivery
 
 
 def test_a_saved_list_is_read_back_and_private(tmp_path: Path) -> None:
@@ -33,3 +34,15 @@ def test_the_filter_tells_its_listeners_once_when_a_first_list_is_known() -> Non
     outbound.set_restricted(frozenset({"4940555666"}))
     outbound.set_restricted(frozenset())
     assert outbound.known and told == [1] and outbound.restricted == frozenset()
+
+
+def test_the_restriction_hold_and_the_spare_rooms_hold_end_apart() -> None:
+    delivery = Delivery({}, [])
+    delivery.held |= {("postgres", "records")}  # the spare's room kept for CDRs
+    delivery.held_until_restrictions |= {("postgres", "records"), ("kafka", "records")}
+    delivery.release_restrictions_hold()
+    assert delivery.is_held(("postgres", "records"))
+    assert not delivery.is_held(("kafka", "records"))
+    delivery.held_until_restrictions |= {("postgres", "records")}
+    delivery.held -= {("postgres", "records")}
+    assert delivery.is_held(("postgres", "records"))

@@ -186,8 +186,12 @@ class Outputs:
         row is written to PostgreSQL unflagged, until the privacy task has read one: the
         records wait in the spool. The PostgreSQL sink still connects and migrates."""
         outbound = self.outbound
-        if outbound is None or self.settings.postgres is None:
-            return  # restrictions are kept in PostgreSQL: without it there are none
+        if outbound is None:
+            return
+        if self.settings.postgres is None:
+            # Restrictions are kept in PostgreSQL: without it there are none.
+            outbound.set_restricted(frozenset())
+            return
         saved = saved_restrictions(self.settings.state_dir)
         if saved is not None:
             outbound.set_restricted(saved)
@@ -200,12 +204,12 @@ class Outputs:
         }
         if not loops:
             return
-        delivery.held |= loops
+        delivery.held_until_restrictions |= loops
         self.held_for_restrictions = True
         self.log.warning("delivery_waits_for_restrictions", sinks=sorted({s for s, _ in loops}))
 
         def release() -> None:
-            delivery.release(loops)
+            delivery.release_restrictions_hold()
             self.held_for_restrictions = False
             self.log.info("restrictions_read_delivery_resumed")
 
