@@ -72,6 +72,9 @@ def test_a_restart_while_the_database_is_down_keeps_restricted_subjects_off_kafk
 
     second = start_daemon(tmp_path, **env)
     daemons.append(second)
+    # The list the first run saved is in force; nothing waits for the database.
+    assert second.metric("sipcdr_restricted_subjects") == 1
+    assert second.metric("sipcdr_delivery_waiting_for_restrictions") == 0
     send(second, Call(call_id="restricted@x", caller="+" + SUBJECT, from_tag="r"))
     send(second, Call(call_id="other@x", from_tag="o"))
     wait_for(lambda: len(second.cdrs()) == 2, timeout=30)

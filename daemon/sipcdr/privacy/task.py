@@ -71,6 +71,9 @@ class PrivacyTask:
         self._read_failing = False
 
     def start(self) -> None:
+        if self.outbound is not None and self.outbound.known:
+            # The list saved by the last run, in force until the database answers.
+            self.stats.restricted_subjects = len(self.outbound.restricted)
         self._task = asyncio.create_task(self._loop(), name="sipcdr-retention")
 
     async def stop(self) -> None:
