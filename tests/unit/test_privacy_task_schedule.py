@@ -5,6 +5,7 @@ leave retention undone for a day)."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 from sipcdr.config import Config
@@ -32,7 +33,7 @@ def test_a_failed_run_is_tried_again_soon_and_a_good_one_a_day_later(
             raise asyncio.CancelledError
 
     monkeypatch.setattr(task, "run_once", run_once)
-    monkeypatch.setattr(task_module.asyncio, "sleep", sleep)
+    monkeypatch.setattr(task_module, "asyncio", SimpleNamespace(sleep=sleep))
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(task._loop())
     interval = Config().retention.run_interval_s
