@@ -85,7 +85,7 @@ class App:
         after one failed, which then recovers from disk what the failed one saved."""
         config = self.config
         self.correlator = Correlator(config.dialog, egress=bool(config.trunks))
-        self.outputs = Outputs(output_settings(config), clock=self.clock)
+        self.outputs = Outputs(output_settings(config), restrictions=True, clock=self.clock)
         # Built once the outputs are open: its writers are their spools.
         self.engine: Engine | None = None
         self.spare = SpareSpace(self.state_dir / SPARE_NAME, config.state.spare_bytes, self.clock)

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from kafkabroker import consume_all, create_topics, unique_topic
 from privacydata import NOW, cdr, sip_message, write
-from sipcdr.config import Config, PostgresConfig, SinksConfig
+from sipcdr.config import Config, PostgresConfig, SinksConfig, StateConfig
 from sipcdr.privacy.outbound import OutboundFilter
 from sipcdr.privacy.pseudonym import pseudonym
 from sipcdr.privacy.stats import PrivacyStats
@@ -44,7 +44,9 @@ async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 def config(dsn: str, tmp_path: Path) -> Config:
-    return Config(sinks=SinksConfig(postgres=PostgresConfig(dsn=dsn)))
+    return Config(
+        sinks=SinksConfig(postgres=PostgresConfig(dsn=dsn)), state=StateConfig(dir=tmp_path)
+    )
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float:
@@ -83,6 +85,23 @@ async def test_a_failed_run_is_logged_at_error_and_counted(tmp_path: Path) -> No
     assert [entry["log_level"] for entry in logs if entry["event"] == "retention_failed"] == [
         "error"
     ]
+
+
+async def test_the_first_run_on_a_fresh_database_does_not_race_the_migrations(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A first start on a fresh (embedded) database: the task may run before the
+    PostgreSQL sink has migrated; it migrates itself rather than fail for a table
+    that is not there yet."""
+    stats = PrivacyStats()
+    outbound = OutboundFilter(None, pseudonymize=False)
+    task = PrivacyTask(config(pg_dsn, tmp_path), stats, lambda: pg_dsn, outbound)
+    with capture_logs() as logs:
+        await task.refresh_restrictions()
+        assert await task.run_once() is not None
+    assert stats.runs == {"ok": 1, "failed": 0}
+    assert outbound.known
+    assert [entry for entry in logs if entry["log_level"] in ("warning", "error")] == []
 
 
 def cdr_record(seq: int, caller: str) -> SpoolRecord:

@@ -71,9 +71,12 @@ async def populate(dsn: str) -> None:
     )
 
 
-def sipcdr(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def sipcdr(
+    workdir: Path, *args: str, stdin: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sipcdr.cli", *args],
+        input=stdin,
         cwd=workdir,
         env=daemon_environ(**env),
         capture_output=True,
@@ -358,3 +361,36 @@ async def test_new_cdrs_and_alerts_of_a_restricted_number_are_flagged_as_written
         (SUBJECT, True),
     ]
     assert await conn.fetchval("SELECT restricted FROM fraud_alerts") is True
+
+
+def test_the_number_can_be_given_where_other_local_users_do_not_see_it(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A command line is visible to every local user (ps); standard input and a private
+    file are not, so the number of someone who asked to be forgotten stays out of it."""
+    asyncio.run(populate(pg_dsn))
+    env = pg_env(pg_dsn)
+    piped = sipcdr(tmp_path, "subject", "restrict", "--number", "-", stdin=f"+{SUBJECT}\n", **env)
+    assert piped.returncode == 0, piped.stderr
+    number_file = tmp_path / "number"
+    number_file.write_text(f"+{OTHER}\n")
+    from_file = sipcdr(tmp_path, "subject", "restrict", "--number-file", str(number_file), **env)
+    assert from_file.returncode == 0, from_file.stderr
+    held = sipcdr(
+        tmp_path, "hold", "add", "--number", "-", "--reason", "case 7",
+        "--until", "2099-01-01", "--tables", "cdrs", stdin=f"{SUBJECT}\n", **env,
+    )  # fmt: skip
+    assert held.returncode == 0, held.stderr
+    empty = sipcdr(tmp_path, "subject", "erase", "--number", "-", stdin="\n", **env)
+    assert empty.returncode == 2 and "no number in standard input" in empty.stderr
+
+    async def check() -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            restricted = {r[0] for r in await conn.fetch("SELECT number FROM restrictions")}
+            assert restricted == {SUBJECT, OTHER}
+            assert await conn.fetchval("SELECT subject FROM holds") == SUBJECT
+        finally:
+            await conn.close()
+
+    asyncio.run(check())

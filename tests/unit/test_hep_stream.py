@@ -11,6 +11,7 @@ import bisect
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import ipaddress
 import itertools
 import random
@@ -29,6 +30,7 @@ from sipcalls import Call, answered_call_messages
 from sipcdr import hepencode
 from sipcdr.capture import hepstream
 from sipcdr.capture.hepstream import (
+    MAX_REJECTED_FRAMES,
     SOURCE_TCP,
     SOURCE_TLS,
     SWEEP_MIN_INTERVAL_S,
@@ -110,6 +112,7 @@ class Harness:
         allow: AllowList | None = None,
         tls: ssl.SSLContext | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        gate: HepGate | None = None,
     ) -> None:
         self.clock = clock
         self.sink = ListSink()
@@ -117,7 +120,7 @@ class Harness:
         self.server = HepStreamServer(
             self.pipeline,
             allow or AllowList(DEFAULT_ALLOW),
-            HepGate({}),
+            gate or HepGate({}),
             limits,
             tcp=[("127.0.0.1", 0)],
             tls=[("127.0.0.1", 0)] if tls else [],
@@ -259,9 +262,12 @@ def test_framing_matches_a_model_for_random_streams_cut_anywhere(
     read the frame deadline must run exactly while a frame is unfinished, from the
     read in which that frame began."""
     taken: list[bytes] = []
-    monkeypatch.setattr(
-        hepstream, "handle_hep", lambda _p, _g, _st, _s, data, _c: taken.append(data)
-    )
+
+    def take(_p: object, _g: object, _st: object, _s: object, data: bytes, _c: object) -> bool:
+        taken.append(data)
+        return True  # an agent's frame: the framing is what is checked here
+
+    monkeypatch.setattr(hepstream, "handle_hep", take)
     rng = random.Random(4475)
     for trial in range(1000):
         limit = rng.choice([1024, 2048, 65535])
@@ -424,6 +430,70 @@ def test_idle_and_stalled_connections_are_closed_by_reason(run: Any) -> None:
             }
             assert h.server.connections == 1
             for writer in (idle, slow, busy):
+                writer.close()
+
+    run(body())
+
+
+def taken_at(server: HepStreamServer, now: float) -> bool:
+    return any(c.last_active == now for c in server._connections)
+
+
+def test_only_an_agents_frames_keep_a_connection_from_its_idle_deadline(run: Any) -> None:
+    """Frames the daemon rejects (a wrong key, no chunk at all) are bytes, not an agent
+    at work: the idle deadline runs on from the last frame taken."""
+
+    async def body() -> None:
+        limits = StreamLimits(50, 50, idle_timeout_s=30.0, frame_timeout_s=5.0,
+                              max_buffer_bytes=65535)  # fmt: skip
+        clock = FakeClock()
+        gate = HepGate({2001: "s3cret"})
+        async with Harness(limits, clock=clock, gate=gate) as h:
+            squat_reader, squatter = await h.connect()
+            agent_reader, agent = await h.connect()
+            await settle(lambda: h.server.connections == 2)
+            for _ in range(4):  # fewer than MAX_REJECTED_FRAMES, 10 s apart
+                clock.advance(10.0)
+                squatter.write(frame(b"OPTIONS sip:x SIP/2.0\r\n\r\n", "wrong"))
+                agent.write(frame(b"OPTIONS sip:x SIP/2.0\r\n\r\n", "s3cret"))
+                await asyncio.gather(squatter.drain(), agent.drain())
+                now = clock.monotonic()
+                # The agent's frame taken (the sweep may close the squatter meanwhile).
+                await settle(functools.partial(taken_at, h.server, now))
+                h.server.expire(now)
+            assert await closed_by_peer(squat_reader)
+            assert h.server.closed == {(SOURCE_TCP, "idle_timeout"): 1}
+            assert h.server.connections == 1
+            agent.close()
+            squatter.close()
+            del agent_reader
+
+    run(body())
+
+
+def test_a_run_of_rejected_frames_closes_the_connection(run: Any) -> None:
+    async def body() -> None:
+        gate = HepGate({2001: "s3cret"})
+        async with Harness(gate=gate) as h:
+            wrong_reader, wrong = await h.connect()
+            empty_reader, empty = await h.connect()
+            wrong.write(frame(b"OPTIONS sip:x SIP/2.0\r\n\r\n", "wrong") * MAX_REJECTED_FRAMES)
+            empty.write(b"HEP3\x00\x06" * MAX_REJECTED_FRAMES)
+            assert await closed_by_peer(wrong_reader)
+            assert await closed_by_peer(empty_reader)
+            assert h.server.closed == {(SOURCE_TCP, "rejected_frames"): 2}
+            # One frame taken in between starts the count again.
+            _, agent = await h.connect()
+            good = frame(b"OPTIONS sip:x SIP/2.0\r\n\r\n", "s3cret")
+            bad = b"HEP3\x00\x06" * (MAX_REJECTED_FRAMES - 1)
+            agent.write((bad + good) * 3)
+            await agent.drain()
+            await settle(
+                lambda: h.server.stats.received.get(SOURCE_TCP, 0) >= 16 + 3 * MAX_REJECTED_FRAMES
+            )
+            assert h.server.connections == 1
+            assert h.server.closed == {(SOURCE_TCP, "rejected_frames"): 2}
+            for writer in (wrong, empty, agent):
                 writer.close()
 
     run(body())

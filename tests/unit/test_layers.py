@@ -64,6 +64,7 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
             # What the sinks and the metrics take from privacy (docs/architecture.md).
             "sipcdr.privacy.outbound",
             "sipcdr.privacy.pseudonym",
+            "sipcdr.privacy.restriction_file",
             "sipcdr.privacy.stats",
         ),
     ),

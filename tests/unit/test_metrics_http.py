@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from sipcdr.clock import FakeClock
 from sipcdr.telemetry import http
-from sipcdr.telemetry.http import MAX_CONNECTIONS, MetricsServer
+from sipcdr.telemetry.http import MAX_CONNECTIONS, MAX_PER_SOURCE, MetricsServer
 from sipcdr.telemetry.metrics import Metrics, Sources
 
 
@@ -55,29 +55,60 @@ async def _exchange(port: int, request: bytes) -> bytes:
         writer.close()
 
 
-async def test_connections_beyond_the_cap_are_closed_at_once_and_counted(
-    server: MetricsServer, registry: CollectorRegistry
-) -> None:
-    idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(MAX_CONNECTIONS)]
+async def _closed_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     try:
-        await _until(lambda: server.connections == MAX_CONNECTIONS)
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        try:
-            assert await asyncio.wait_for(reader.read(), 1.0) == b""  # closed on arrival
-        except ConnectionResetError:
-            pass  # or reset: either way, at once
-        finally:
-            writer.close()
+        return await asyncio.wait_for(reader.read(), 1.0) == b""
+    except ConnectionResetError:
+        return True  # or reset: either way, at once
+    finally:
+        writer.close()
+
+
+async def _open(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def test_connections_beyond_the_per_source_cap_are_closed_at_once_and_counted(
+    server: MetricsServer,
+) -> None:
+    idle = [await _open(server.port, "127.0.0.2") for _ in range(MAX_PER_SOURCE)]
+    try:
+        await _until(lambda: server.connections == MAX_PER_SOURCE)
+        assert await _closed_at_once(*await _open(server.port, "127.0.0.2"))
         assert server.refused == 1
         exported = Metrics(lambda: Sources(metrics_server=server)).registry
         assert exported.get_sample_value("sipcdr_metrics_connections_refused_total") == 1
-        assert server.connections == MAX_CONNECTIONS
+        assert server.connections == MAX_PER_SOURCE
+        # Another address (Prometheus) is served meanwhile.
+        answer = await _exchange(server.port, b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.0 200 OK")
     finally:
         for _reader, idle_writer in idle:
             idle_writer.close()
     await _until(lambda: server.connections == 0)
-    answer = await _exchange(server.port, b"GET /healthz HTTP/1.1\r\n\r\n")
-    assert answer.startswith(b"HTTP/1.0 200 OK")
+
+
+async def test_clients_that_hold_every_slot_unasked_cannot_keep_a_scraper_out(
+    server: MetricsServer,
+) -> None:
+    """The cap full of connections that never finish a request, from several addresses
+    (recycled just under the read timeout, they would hold it for good): a scraper's
+    connection takes the place of the oldest, and is answered."""
+    sources = [f"127.0.0.{n}" for n in range(2, 2 + MAX_CONNECTIONS // MAX_PER_SOURCE)]
+    idle = [await _open(server.port, source) for source in sources for _ in range(MAX_PER_SOURCE)]
+    try:
+        await _until(lambda: server.connections == MAX_CONNECTIONS)
+        idle[-1][1].write(b"GET /healthz")  # begun, never ended: still not being answered
+        await idle[-1][1].drain()
+        answer = await _exchange(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.0 200 OK")
+        assert server.refused == 1
+        assert await _closed_at_once(*idle[0])  # the oldest made room
+        assert server.connections == MAX_CONNECTIONS - 1
+    finally:
+        for _reader, idle_writer in idle:
+            idle_writer.close()
+    await _until(lambda: server.connections == 0)
 
 
 async def test_a_client_that_does_not_read_the_answer_is_closed_after_the_write_timeout() -> None:

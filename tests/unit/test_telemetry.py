@@ -152,6 +152,7 @@ def _sources(tmp_path: Path, filler: Filler) -> Sources:
         spools={"records": spool},
         delivery=SimpleNamespace(readers=lambda: [(state, reader)]),
         sinks=[jsonl, postgres],
+        held_for_restrictions=False,
     )
     dialog_stats = DialogStoreStats()
     filler.fill(dialog_stats)

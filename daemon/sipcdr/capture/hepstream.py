@@ -60,6 +60,10 @@ _TLS_READ_BYTES: Final = 65536
 _HEADER: Final = 6  # "HEP3" and the 16-bit total length
 _MAGIC: Final = b"HEP3"
 _TLS_RECORD_HEADER: Final = 5  # content type, version, 16-bit length
+# Frames in a row the daemon rejects (not HEP, a wrong agent key) before the
+# connection is closed as `rejected_frames`: a wrong key is not a transient error, and
+# a connection that sends nothing the daemon takes must not hold a slot an agent needs.
+MAX_REJECTED_FRAMES: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +271,7 @@ class _Connection(asyncio.Protocol):
         "_pending",
         "_record_head",
         "_record_left",
+        "_rejected",
         "_server",
         "_skip",
         "_tls",
@@ -287,7 +292,10 @@ class _Connection(asyncio.Protocol):
         self._need = _HEADER  # bytes _pending must reach before it is worth parsing
         self._skip = 0  # bytes still to discard of an oversize frame
         self.started = 0.0  # monotonic time the unfinished frame or handshake began; 0: none
+        # When the connection last brought an agent's frame (or opened, or finished its
+        # handshake): bytes the daemon rejects do not keep it alive.
         self.last_active = 0.0
+        self._rejected = 0  # frames rejected since the last one taken
         self.handshaking = False
         self._ended = False  # the reason this connection ends has been counted
         self._tls: ssl.SSLObject | None = None
@@ -388,7 +396,6 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = self._server.clock.monotonic()
-        self.last_active = now
         tls = self._tls
         if tls is None:
             if not self._ended:
@@ -412,6 +419,7 @@ class _Connection(asyncio.Protocol):
                 return
             self.handshaking = False
             self.started = 0.0
+            self.last_active = now  # the idle deadline runs from the handshake's end
         while not self._ended:
             try:
                 plain = tls.read(_TLS_READ_BYTES)
@@ -466,6 +474,14 @@ class _Connection(asyncio.Protocol):
         out = self._bio_out
         if out is not None and out.pending and not self.transport.is_closing():
             self.transport.write(out.read())
+
+    def _reject(self) -> bool:
+        """Count a rejected frame; True when that closed the connection."""
+        self._rejected += 1
+        if self._rejected < MAX_REJECTED_FRAMES:
+            return False
+        self._close_for("rejected_frames")
+        return True
 
     def _frames(self, data: bytes, now: float) -> None:
         """Cut HEPv3 frames out of the stream and hand each to the pipeline. Bytes are
@@ -523,7 +539,11 @@ class _Connection(asyncio.Protocol):
                 break
             stats.count_received(source)
             frame = data if length == size else data[offset:end]
-            handle_hep(pipeline, server.gate, stats, source, frame, clock)
+            if handle_hep(pipeline, server.gate, stats, source, frame, clock):
+                self._rejected = 0
+                self.last_active = now
+            elif self._reject():
+                return
             offset = end
             continuing = False
         if offset < size:

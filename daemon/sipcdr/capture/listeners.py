@@ -190,19 +190,22 @@ def handle_hep(
     source: str,
     data: bytes,
     clock: Clock = SYSTEM_CLOCK,
-) -> None:
+) -> bool:
+    """Whether the frame came from an agent: a HEP frame the agent keys admit (SIP or
+    not). A stream connection lives on such frames only (capture.hepstream)."""
     try:
         decoded = hep.decode(data)
     except hep.HepError:
         stats.drop(source, "bad_hep")
-        return
+        return False
     if not gate.admits(decoded):
         stats.drop(source, "bad_key")
-        return
+        return False
     if decoded.proto_type != _SIP:
         stats.drop(source, "not_sip")
-        return
+        return True
     pipeline.process(hep_to_packet(decoded, stats, clock))
+    return True
 
 
 def udp_socket(host: str, port: int, rcvbuf_bytes: int) -> socket.socket:

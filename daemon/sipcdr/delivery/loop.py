@@ -26,6 +26,9 @@ delivery goes on with the next record. Nothing else is ever skipped.
 A loop named in `held` delivers nothing while it is there, its records waiting in the
 spool: the daemon holds the sinks that write to its state disk (the JSONL file, an
 embedded PostgreSQL) while the room its spare file gave is kept for the spool's CDRs.
+`held_until_restrictions` works the same for another reason (Kafka and PostgreSQL
+before a first restriction list, sipcdr.sinks.outputs); each has its own set, so
+ending one hold never ends the other.
 
 Stopping drains: the loops keep delivering until every sink has everything or
 `DEFAULT_DRAIN_TIMEOUT_S` has passed (a held loop is not waited for); what is left
@@ -123,9 +126,21 @@ class Delivery:
         self._draining = False
         # (sink, stream) loops that wait, their records kept in the spool (see above).
         self.held: set[tuple[str, str]] = set()
+        self.held_until_restrictions: set[tuple[str, str]] = set()
 
     def readers(self) -> list[tuple[LoopState, SpoolReader]]:
         return list(self._loops)
+
+    def is_held(self, loop: tuple[str, str]) -> bool:
+        return loop in self.held or loop in self.held_until_restrictions
+
+    def release_restrictions_hold(self) -> None:
+        """A first restriction list is in force: the loops held for it deliver now."""
+        loops, self.held_until_restrictions = self.held_until_restrictions, set()
+        for loop in loops:
+            wake = self._wake.get(loop)
+            if wake is not None:
+                wake.set()
 
     async def start(self) -> None:
         if self._started:
@@ -187,7 +202,7 @@ class Delivery:
         state.tried = True
         while True:
             wake.clear()
-            if (sink.name, stream) in self.held:
+            if self.is_held((sink.name, stream)):
                 if self._stopping:
                     return
                 with contextlib.suppress(TimeoutError):
@@ -420,9 +435,8 @@ class Delivery:
 
     def caught_up(self) -> bool:
         """Whether every loop that is not held has every record."""
-        held = self.held
         return all(
-            reader.lag_records == 0 or (state.sink, state.stream) in held
+            reader.lag_records == 0 or self.is_held((state.sink, state.stream))
             for state, reader in self.readers()
         )
 

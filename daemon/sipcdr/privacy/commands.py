@@ -41,7 +41,7 @@ def register(sub: Any) -> None:
     hold_sub = hold.add_subparsers(dest="privacy_action", metavar="ACTION", required=True)
     add = hold_sub.add_parser("add", help="place a hold")
     target = add.add_mutually_exclusive_group(required=True)
-    target.add_argument("--number", help="E.164 number, e.g. +4930123456")
+    _number_options(target)
     target.add_argument("--trunk", help="trunk name")
     target.add_argument("--call-id", help="a call's Call-ID")
     add.add_argument("--reason", required=True, help="why (case reference)")
@@ -64,7 +64,7 @@ def register(sub: Any) -> None:
     subject = sub.add_parser("subject", help="data-subject rights: export, erase, restrict")
     subject_sub = subject.add_subparsers(dest="privacy_action", metavar="ACTION", required=True)
     export = subject_sub.add_parser("export", help="everything stored about a number")
-    export.add_argument("--number", required=True)
+    _number_options(export.add_mutually_exclusive_group(required=True))
     export.add_argument("--format", choices=("json", "csv"), default="json")
     export.add_argument("--out", type=Path, metavar="FILE", help="default: standard output (json)")
     _common(export)
@@ -74,13 +74,47 @@ def register(sub: Any) -> None:
         ("unrestrict", "lift a restriction"),
     ):
         action = subject_sub.add_parser(name, help=text)
-        action.add_argument("--number", required=True)
+        _number_options(action.add_mutually_exclusive_group(required=True))
         _common(action)
 
     audit = sub.add_parser("audit", help="the audit log")
     audit_sub = audit.add_subparsers(dest="privacy_action", metavar="ACTION", required=True)
     verify = audit_sub.add_parser("verify", help="check the hash chain")
     _common(verify)
+
+
+def _number_options(group: Any) -> None:
+    """The subject's number, given so that other local users do not see it: a command
+    line is public to them (ps, /proc), standard input and a private file are not."""
+    group.add_argument(
+        "--number",
+        help="E.164 number, e.g. +4930123456; '-' reads it from standard input (other "
+        "local users see a command line, not what is piped in)",
+    )
+    group.add_argument(
+        "--number-file", type=Path, metavar="FILE", help="read the number from FILE's first line"
+    )
+
+
+def _read_number(args: argparse.Namespace, stdin: TextIO) -> None:
+    """Replace `--number -` and `--number-file` by the number they give."""
+    number_file: Path | None = getattr(args, "number_file", None)
+    if number_file is not None:
+        try:
+            with number_file.open(encoding="utf-8") as handle:
+                line = handle.readline()
+        except OSError as exc:
+            raise ValueError(f"--number-file {number_file}: {exc.strerror or exc}") from None
+        where = f"--number-file {number_file}"
+    elif getattr(args, "number", None) == "-":
+        line = stdin.readline()
+        where = "standard input"
+    else:
+        return
+    number = line.strip()
+    if not number:
+        raise ValueError(f"no number in {where}")
+    args.number = number
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +130,9 @@ def _when(text: str) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def main(config: Config, args: argparse.Namespace, out: TextIO | None = None) -> int:
+def main(
+    config: Config, args: argparse.Namespace, out: TextIO | None = None, stdin: TextIO | None = None
+) -> int:
     """Run one of the subcommands; the exit code."""
     from sipcdr.privacy.audit import default_operator  # noqa: PLC0415
 
@@ -104,6 +140,7 @@ def main(config: Config, args: argparse.Namespace, out: TextIO | None = None) ->
     operator = args.operator or default_operator()
     handler = _HANDLERS[(args.command, args.privacy_action)]
     try:
+        _read_number(args, stdin or sys.stdin)
         return asyncio.run(handler(config, args, operator, out))
     except Refused as exc:
         print(f"sipcdr: {args.command} {args.privacy_action}: refused: {exc}", file=sys.stderr)

@@ -32,7 +32,20 @@ class OutboundFilter:
         self._key = key
         self.pseudonymize = pseudonymize
         self.restricted: frozenset[str] = frozenset()
+        # Whether `restricted` is a list read from PostgreSQL (now or saved by an
+        # earlier run) rather than the empty one it starts with.
+        self.known = False
+        # Told once, when the first list is known (the delivery held until then).
+        self.on_known: list[Callable[[], None]] = []
         self.withheld: dict[str, int] = {}  # record kind -> count, for the metric
+
+    def set_restricted(self, numbers: frozenset[str]) -> None:
+        self.restricted = numbers
+        if not self.known:
+            self.known = True
+            listeners, self.on_known = self.on_known, []
+            for listener in listeners:
+                listener()
 
     @property
     def idle(self) -> bool:

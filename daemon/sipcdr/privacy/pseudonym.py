@@ -9,15 +9,21 @@ digits (96 bits): it can never be taken for an E.164 number.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
+import os
+import stat
 from pathlib import Path
 from typing import Final
+
+from sipcdr.private import not_owned
 
 PREFIX: Final = "p"
 _DIGITS: Final = 24
 # A key shorter than this can be guessed; 32 random bytes is what `sipcdr` documents.
 MIN_KEY_BYTES: Final = 16
+_KEY_READ_LIMIT: Final = 4096  # a key is a few dozen bytes; more is not a key file
 
 
 class KeyError_(ValueError):
@@ -44,19 +50,36 @@ def key_id(key: bytes) -> str:
 
 def load_key(path: Path | None) -> bytes:
     """The key in `path`: the file's bytes, stripped of surrounding white space. It
-    must be the running user's and closed to others, like every secret sipcdr reads."""
+    must be a regular file of the running user's, closed to others, like every secret
+    sipcdr reads: whoever else owns it could read or replace it, and then reverse every
+    pseudonym by trying the numbers. Opened without following a symbolic link, and
+    checked on the open descriptor, so the file read is the file checked."""
     if path is None:
         raise KeyError_("no pseudonym key: set [privacy] pseudonym_key_file")
     try:
-        info = path.stat()
-        data = path.read_bytes().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise KeyError_(
+                f"pseudonym key {path} is a symbolic link: name the key file itself"
+            ) from None
+        raise KeyError_(f"pseudonym key {path}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise KeyError_(f"pseudonym key {path} is not a regular file")
+        if info.st_uid != os.geteuid():
+            raise KeyError_(f"pseudonym {not_owned('key', path, info.st_uid)}")
+        if info.st_mode & 0o077:
+            raise KeyError_(
+                f"pseudonym key {path} is open to other users (mode {info.st_mode & 0o777:o}): "
+                "chmod 600 it"
+            )
+        data = os.read(fd, _KEY_READ_LIMIT).strip()
     except OSError as exc:
         raise KeyError_(f"pseudonym key {path}: {exc.strerror or exc}") from None
-    if info.st_mode & 0o077:
-        raise KeyError_(
-            f"pseudonym key {path} is open to other users (mode {info.st_mode & 0o777:o}): "
-            "chmod 600 it"
-        )
+    finally:
+        os.close(fd)
     if len(data) < MIN_KEY_BYTES:
         raise KeyError_(f"pseudonym key {path} is shorter than {MIN_KEY_BYTES} bytes")
     return data

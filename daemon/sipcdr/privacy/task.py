@@ -3,8 +3,13 @@
 their metrics.
 
 A failed run is logged at ERROR, counted (`sipcdr_retention_runs_total{outcome=
-"failed"}`, which deploy/prometheus/alerts.yml alerts on) and tried again at the next
-interval; it never stops the daemon.
+"failed"}`, which deploy/prometheus/alerts.yml alerts on) and tried again ten minutes
+later; it never stops the daemon. The task applies the schema's migrations itself
+before its first read, so on a fresh database it does not depend on the PostgreSQL
+sink having connected first.
+
+Each restriction list read is saved in the state folder (`restriction_file`), so a
+restart while PostgreSQL does not answer keeps the last one in force.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -20,15 +26,22 @@ import structlog
 from sipcdr.privacy.files import expire_files
 from sipcdr.privacy.outbound import OutboundFilter
 from sipcdr.privacy.plan import spool_retention_days
+from sipcdr.privacy.restriction_file import save_restrictions
 from sipcdr.privacy.stats import PrivacyStats
 
 if TYPE_CHECKING:
+    import asyncpg
+
     from sipcdr.config import Config
     from sipcdr.privacy.retention import RetentionReport
     from sipcdr.spool import Spool
 
 # Restrictions reach the Kafka filter within this long of `sipcdr subject restrict`.
 RESTRICTIONS_REFRESH_S: Final = 60.0
+# Until a first list is read (delivery may wait for it), it is asked for this often.
+FIRST_READ_RETRY_S: Final = 2.0
+# A failed run is tried again this soon rather than a whole interval later.
+RETRY_AFTER_FAILURE_S: Final = 600.0
 OPERATOR: Final = "sipcdr daemon"
 
 
@@ -53,8 +66,14 @@ class PrivacyTask:
         self.last_report: RetentionReport | None = None
         self.runs = 0
         self.failures = 0
+        self._migrated = False
+        self._saved = False  # the list read this run is in the state folder
+        self._read_failing = False
 
     def start(self) -> None:
+        if self.outbound is not None and self.outbound.known:
+            # The list saved by the last run, in force until the database answers.
+            self.stats.restricted_subjects = len(self.outbound.restricted)
         self._task = asyncio.create_task(self._loop(), name="sipcdr-retention")
 
     async def stop(self) -> None:
@@ -70,9 +89,16 @@ class PrivacyTask:
             now = self._clock()
             await self.refresh_restrictions()
             if now >= next_run:
+                failures = self.failures
                 await self.run_once()
-                next_run = now + self.config.retention.run_interval_s
-            await asyncio.sleep(min(RESTRICTIONS_REFRESH_S, max(1.0, next_run - now)))
+                interval = self.config.retention.run_interval_s
+                if self.failures > failures:
+                    interval = min(interval, RETRY_AFTER_FAILURE_S)
+                next_run = now + interval
+            refresh = RESTRICTIONS_REFRESH_S
+            if self.outbound is not None and not self.outbound.known:
+                refresh = FIRST_READ_RETRY_S
+            await asyncio.sleep(min(refresh, max(1.0, next_run - now)))
 
     async def run_once(self) -> RetentionReport | None:
         """One retention run; never raises (but for a cancel)."""
@@ -88,6 +114,7 @@ class PrivacyTask:
             if dsn is not None:
                 conn = await connect(dsn)
                 try:
+                    await self._migrate(conn)
                     report = await run_retention(
                         conn, self.config.retention, dry_run=False, operator=OPERATOR
                     )
@@ -149,13 +176,39 @@ class PrivacyTask:
         try:
             conn = await connect(dsn)
             try:
-                self.outbound.restricted = await restricted_numbers(conn)
+                await self._migrate(conn)
+                numbers = await restricted_numbers(conn)
             finally:
                 await conn.close()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # The last list read stays in force: a database outage lifts no restriction.
-            self.log.warning("restrictions_not_read", error=f"{type(exc).__name__}: {exc}")
+            # The last list read (or saved by an earlier run) stays in force: a
+            # database outage lifts no restriction. Said once an outage, not each try.
+            if not self._read_failing:
+                self._read_failing = True
+                self.log.warning("restrictions_not_read", error=f"{type(exc).__name__}: {exc}")
             return
-        self.stats.restricted_subjects = len(self.outbound.restricted)
+        if self._read_failing:
+            self._read_failing = False
+            self.log.info("restrictions_read_again")
+        if numbers != self.outbound.restricted or not self._saved:
+            try:
+                save_restrictions(Path(self.config.state.dir), numbers)
+                self._saved = True
+            except OSError as exc:
+                # In force all the same; only a restart during an outage would miss it.
+                self.log.warning("restrictions_not_saved", error=f"{type(exc).__name__}: {exc}")
+        self.outbound.set_restricted(numbers)
+        self.stats.restricted_subjects = len(numbers)
+
+    async def _migrate(self, conn: asyncpg.Connection) -> None:
+        """The schema in place before the first read or run: on a fresh database the
+        PostgreSQL sink's own migration may not have run yet (both hold the migration
+        lock, so whichever comes second finds the work done)."""
+        if self._migrated:
+            return
+        from sipcdr.storage.migrations import migrate  # noqa: PLC0415
+
+        await migrate(conn)
+        self._migrated = True

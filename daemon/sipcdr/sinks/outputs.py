@@ -21,6 +21,7 @@ from sipcdr.delivery import Delivery
 from sipcdr.model import Cdr, FraudAlert
 from sipcdr.privacy.outbound import OutboundFilter
 from sipcdr.privacy.pseudonym import load_key
+from sipcdr.privacy.restriction_file import saved_restrictions
 from sipcdr.private import private_dir
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, STREAM_SIGNALING, Sink
 from sipcdr.sinks.jsonl import JsonlSink
@@ -95,9 +96,14 @@ class Outputs:
         full_policy: str | None = None,
         *,
         wait_below_floor: bool = False,
+        restrictions: bool = False,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.settings = settings
+        # The daemon: restrictions fail closed (`_restrictions_in_force`).
+        self.restrictions = restrictions
+        # Kafka and PostgreSQL delivery waits for a first restriction list.
+        self.held_for_restrictions = False
         self.clock = clock
         # None: the configured policy for CDRs, drop_newest for signaling (the daemon).
         self.full_policy = full_policy
@@ -175,7 +181,45 @@ class Outputs:
             fsync_interval_s=spool_config.fsync_interval_s,
             clock=self.clock,
         )
+        if self.restrictions:
+            self._restrictions_in_force(self.delivery)
         await self.delivery.start()
+
+    def _restrictions_in_force(self, delivery: Delivery) -> None:
+        """A restart must lift no restriction, the database answering or not. The list
+        the last run read (saved in the state folder) is in force from the first record;
+        with none (a first start, a lost state folder) nothing leaves for Kafka, and no
+        row is written to PostgreSQL unflagged, until the privacy task has read one: the
+        records wait in the spool. The PostgreSQL sink still connects and migrates."""
+        outbound = self.outbound
+        if outbound is None:
+            return
+        if self.settings.postgres is None:
+            # Restrictions are kept in PostgreSQL: without it there are none.
+            outbound.set_restricted(frozenset())
+            return
+        saved = saved_restrictions(self.settings.state_dir)
+        if saved is not None:
+            outbound.set_restricted(saved)
+            return
+        loops = {
+            (sink.name, stream)
+            for sink in self.sinks
+            if sink.name in ("kafka", "postgres")
+            for stream in sink.streams
+        }
+        if not loops:
+            return
+        delivery.held_until_restrictions |= loops
+        self.held_for_restrictions = True
+        self.log.warning("delivery_waits_for_restrictions", sinks=sorted({s for s, _ in loops}))
+
+        def release() -> None:
+            delivery.release_restrictions_hold()
+            self.held_for_restrictions = False
+            self.log.info("restrictions_read_delivery_resumed")
+
+        outbound.on_known.append(release)
 
     def sinks_ready(self) -> bool:
         """Every enabled sink has had its first connection, and each that is not

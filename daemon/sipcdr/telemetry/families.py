@@ -73,7 +73,8 @@ FAMILIES: Final = {f.name: f for f in (
        "source", "reason"),
     _c("sipcdr_hep_connections_closed",
        "HEP/TCP and HEP/TLS connections the daemon closed, by listener kind and "
-       "reason (idle_timeout, frame_timeout, bad_framing, tls_error, write_backlog)",
+       "reason (idle_timeout, frame_timeout, bad_framing, rejected_frames, tls_error, "
+       "write_backlog)",
        "source", "reason"),
     _c("sipcdr_hep_tls_handshake_failures",
        "HEP/TLS handshakes that failed, by reason (no_client_cert, unknown_ca, "
@@ -254,8 +255,9 @@ FAMILIES: Final = {f.name: f for f in (
        "1 while new calls are refused (the CDR spool is full or its disk refuses "
        "writes, under the block policy)"),
     _c("sipcdr_metrics_connections_refused",
-       "Connections to the metrics endpoint closed on arrival because its connection "
-       "cap was reached (a flood, or clients that never finish their request)"),
+       "Connections to the metrics endpoint refused on arrival (8 already open from its "
+       "address, or all 32 being answered), or closed before their request ended to "
+       "make room for a new one (a flood, or clients that never finish their request)"),
     # -- rating -----------------------------------------------------------------------------
     _c("sipcdr_cdrs_rated", "CDRs priced by their ingress trunk's plan, by trunk", "trunk"),
     _c("sipcdr_cdrs_unrated",
@@ -310,6 +312,11 @@ FAMILIES: Final = {f.name: f for f in (
        "is restricted, or (with pseudonymize_numbers) the record could not be read",
        "kind"),
     _g("sipcdr_restricted_subjects",
-       "Numbers whose processing is restricted, as last read from PostgreSQL"),
+       "Numbers whose processing is restricted, as last read from PostgreSQL (or saved "
+       "by the last run, until the database answers)"),
+    _g("sipcdr_delivery_waiting_for_restrictions",
+       "1 while Kafka and PostgreSQL delivery waits for a first restriction list (a "
+       "start with no saved list and PostgreSQL not answering): records wait in the "
+       "spool"),
 )}
 # fmt: on

@@ -5,9 +5,13 @@ daemon needs no web framework and no thread for it.
 A request whose line or headers are longer than a scraper ever sends is answered 414
 or 431 and closed, one whose headers do not end within `READ_TIMEOUT_S` 408; nothing a
 client sends ends in a traceback in the daemon's log. At most `MAX_CONNECTIONS` are
-open at once (each holds a file descriptor for up to `READ_TIMEOUT_S` plus a linger):
-more are closed on arrival and counted, so a flood of connections cannot use up the
-descriptors the listeners and the spool need. `stop` closes the open ones."""
+open at once (each holds a file descriptor for up to `READ_TIMEOUT_S` plus a linger),
+and at most `MAX_PER_SOURCE` from one address, so a flood of connections cannot use up
+the descriptors the listeners and the spool need. When the cap is reached, a new
+connection takes the place of the oldest one that has not finished its request: a
+scraper sends its request at once, so clients that keep connections open without
+asking (from any number of addresses) cannot keep Prometheus out. Refusals and those
+closes are counted. `stop` closes the open ones."""
 
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ WRITE_TIMEOUT_S: Final = 5.0
 # Prometheus scrapes one at a time, and a few people may curl at once: far more than
 # enough, and small next to the daemon's file limit.
 MAX_CONNECTIONS: Final = 32
+# Prometheus (and a person with curl) needs one or two at a time.
+MAX_PER_SOURCE: Final = 8
 # After a refusal, what the client still sends is read and dropped (at most this long
 # and this much) before closing: closing on unread input resets the connection, and
 # the client may then lose the answer.
@@ -66,9 +72,15 @@ class MetricsServer:
         self._host = host
         self._port = port
         self._ready = ready
-        self.refused = 0  # connections closed on arrival: MAX_CONNECTIONS open
+        # Connections closed on arrival (MAX_PER_SOURCE, or MAX_CONNECTIONS all
+        # serving), or closed unserved to make room for a new one.
+        self.refused = 0
         self._server: asyncio.Server | None = None
         self._handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        # Those still reading their request, oldest first: the ones a new one replaces.
+        self._reading: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._evicted: set[asyncio.Task[None]] = set()  # cancelled, not yet ended
+        self._per_source: dict[str, int] = {}
         self._log = structlog.get_logger("sipcdr.metrics")
 
     @property
@@ -116,23 +128,52 @@ class MetricsServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if task is None or len(self._handlers) >= MAX_CONNECTIONS:
+        peer = writer.get_extra_info("peername")
+        source = str(peer[0]) if peer else ""
+        if task is None or not self._admit(source):
             self.refused += 1
             writer.transport.abort()
             return
         self._handlers[task] = writer
+        self._reading[task] = writer
+        self._per_source[source] = self._per_source.get(source, 0) + 1
         try:
-            await self._serve(reader, writer)
+            await self._serve(reader, writer, task)
         except asyncio.CancelledError:
-            # `stop`, or the loop's shutdown. The task must not end cancelled: asyncio
-            # (3.11) reads a connection handler's exception when it ends, and a cancelled
-            # task's raises there and is logged as a traceback.
+            # `stop`, the loop's shutdown, or room made for a newer connection. The
+            # task must not end cancelled: asyncio (3.11) reads a connection handler's
+            # exception when it ends, and a cancelled task's raises there and is logged
+            # as a traceback.
             pass
         finally:
             del self._handlers[task]
+            self._reading.pop(task, None)
+            self._evicted.discard(task)
+            left = self._per_source[source] - 1
+            if left:
+                self._per_source[source] = left
+            else:
+                del self._per_source[source]
             writer.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _admit(self, source: str) -> bool:
+        if self._per_source.get(source, 0) >= MAX_PER_SOURCE:
+            return False
+        if len(self._handlers) - len(self._evicted) < MAX_CONNECTIONS:
+            return True
+        if not self._reading:
+            return False  # every connection is being answered: they end within seconds
+        oldest, writer = next(iter(self._reading.items()))
+        del self._reading[oldest]
+        self._evicted.add(oldest)
+        self.refused += 1
+        writer.transport.abort()
+        oldest.cancel()
+        return True
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, task: asyncio.Task[None]
+    ) -> None:
         began = False
         try:
             try:
@@ -140,7 +181,9 @@ class MetricsServer:
                     first = await reader.readexactly(1)
                     began = True
                     path = await _read_request(reader, first)
+                self._reading.pop(task, None)
             except _Refused as refused:
+                self._reading.pop(task, None)
                 await _send(
                     self._clock,
                     writer,

@@ -386,6 +386,9 @@ def _privacy(scrape: _Scrape, sources: Sources) -> None:
         scrape.set("sipcdr_restricted_subjects", stats.restricted_subjects)
     if sources.outbound is not None:
         scrape.counts("sipcdr_kafka_records_withheld", sources.outbound.withheld)
+    if sources.outputs is not None:
+        waiting = sources.outputs.held_for_restrictions
+        scrape.set("sipcdr_delivery_waiting_for_restrictions", 1 if waiting else 0)
 
 
 def _process(scrape: _Scrape, sources: Sources) -> None:
