@@ -21,6 +21,7 @@ and the counters say how many rows were new and how many were already there.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,12 @@ _NOT_ANSWERING: Final = (
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
 )
+
+
+# A number in a URI's user part (`+` optional), as the Kafka filter reads signaling
+# (sipcdr.privacy.outbound); a P-Asserted-Identity may hold several URIs.
+_URI_NUMBER: Final = re.compile(r"(?:sips?|tel):\+?(\d{7,15})(?=[@;>\s,]|$)")
+_SIGNALING_URIS: Final = ("from_uri", "to_uri", "request_uri", "p_asserted_identity")
 
 
 class RecordError(RecordsRejected):
@@ -243,6 +250,7 @@ SIP_MESSAGES: Final = _table(
         ("headers", _text),
         ("body", _text),  # absent unless the operator keeps SDP: NULL
         ("schema_version", _same),
+        ("restricted", _same),  # set by the sink
     ],
 )
 FRAUD_ALERTS: Final = _table(
@@ -460,6 +468,10 @@ class PostgresSink(AsyncLifecycle):
                     )
                 elif table is FRAUD_ALERTS:
                     value["restricted"] = self._restricted(value.get("subject"))
+                else:
+                    value["restricted"] = self._restricted is not _never and (
+                        self._names_restricted(value)
+                    )
                 row = table.row(value)
             except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
                 raise RecordError(
@@ -473,6 +485,17 @@ class PostgresSink(AsyncLifecycle):
                 )
             rows.setdefault(table, []).append(row)
         return rows
+
+    def _names_restricted(self, message: dict[str, Any]) -> bool:
+        """Whether a message's From, To, Request-URI or P-Asserted-Identity names a
+        restricted number: what `sipcdr subject restrict` flags by the same digits."""
+        for name in _SIGNALING_URIS:
+            text = message.get(name)
+            if isinstance(text, str):
+                for match in _URI_NUMBER.finditer(text):
+                    if self._restricted(match.group(1)):
+                        return True
+        return False
 
     async def _connection(self, stream: str) -> asyncpg.Connection:
         connection = self._connections.get(stream)
