@@ -126,9 +126,9 @@ async def _compare_retention(admin: Any, topics: list[str], plan: TopicPlan) -> 
         responses = await admin.describe_configs(
             [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in topics]
         )
-    except KafkaError as exc:
-        if passing(exc):
-            raise
+    except (KafkaError, OSError) as exc:
+        # Only a report: a broker that cannot answer it (or drops the connection on it)
+        # must not hold up the records.
         log.warning("kafka_topic_config_not_read", error=f"{type(exc).__name__}: {exc}")
         return
     for response in responses:
