@@ -24,7 +24,14 @@ from privacydata import NOW, alert, cdr, sip_message, write
 from sipcdr.privacy.holds import add_hold
 from sipcdr.privacy.pseudonym import pseudonym
 from sipcdr.privacy.subjects import erase, restrict
-from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, SpoolRecord
+from sipcdr.sinks.base import (
+    KIND_ALERT,
+    KIND_CDR,
+    KIND_SIP,
+    STREAM_RECORDS,
+    STREAM_SIGNALING,
+    SpoolRecord,
+)
 from sipcdr.sinks.postgres import PostgresSink
 from sipcdr.storage.migrations import migrate
 
@@ -311,12 +318,11 @@ async def test_restrict_flags_rows_and_unrestrict_clears_them(
     await restrict(conn, SUBJECT, "dpo", lift=True)
     flagged = {r[0] for r in await conn.fetch("SELECT call_id FROM cdrs WHERE restricted")}
     assert flagged == {"c1", "c2", "c4"}  # OTHER's calls stay restricted
-    assert (
-        await conn.fetchval(
-            "SELECT count(*) FROM sip_messages WHERE restricted AND call_id = 'reg-1'"
-        )
-        == 0
-    )
+    signaling = {
+        r[0] for r in await conn.fetch("SELECT call_id FROM sip_messages WHERE restricted")
+    }
+    # The REGISTER named the subject alone; the other messages belong to OTHER's calls.
+    assert signaling == {"c1", "c2", "c4"}
     actions = [r[0] for r in await conn.fetch("SELECT action FROM audit_log ORDER BY id")]
     assert actions == ["subject.restrict", "subject.restrict", "subject.unrestrict"]
 
@@ -394,3 +400,36 @@ def test_the_number_can_be_given_where_other_local_users_do_not_see_it(
             await conn.close()
 
     asyncio.run(check())
+
+
+async def test_new_signaling_naming_a_restricted_number_is_flagged_as_written(
+    pg_dsn: str, conn: asyncpg.Connection
+) -> None:
+    restricted = {SUBJECT}
+    messages = {
+        "from": sip_message(ago(1), "m-from", caller=SUBJECT, callee=OTHER),
+        "to": sip_message(ago(1), "m-to", caller=OTHER, callee=SUBJECT),
+        "pai": sip_message(ago(1), "m-pai", caller=OTHER, callee=THIRD, asserted=SUBJECT),
+        "none": sip_message(ago(1), "m-none", caller=OTHER, callee=THIRD),
+        "longer": sip_message(ago(1), "m-longer", caller="1" + SUBJECT + "1", callee=THIRD),
+    }
+    async with PostgresSink(pg_dsn, restricted=restricted.__contains__) as sink:
+        await sink.deliver(
+            STREAM_SIGNALING,
+            [
+                SpoolRecord(n, KIND_SIP, b"", orjson.dumps(item))
+                for n, item in enumerate(messages.values(), 1)
+            ],
+        )
+    flags = dict(await conn.fetch("SELECT call_id, restricted FROM sip_messages"))
+    assert flags == {
+        "m-from": True,
+        "m-to": True,
+        "m-pai": True,
+        "m-none": False,
+        "m-longer": False,
+    }
+    # What the daemon flagged, `unrestrict` finds by the same digits and clears.
+    await restrict(conn, SUBJECT, "dpo")
+    await restrict(conn, SUBJECT, "dpo", lift=True)
+    assert await conn.fetchval("SELECT count(*) FROM sip_messages WHERE restricted") == 0

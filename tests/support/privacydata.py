@@ -73,7 +73,12 @@ def cdr(
 
 
 def sip_message(
-    at: datetime, call_id: str, *, caller: str = "4940111222", callee: str = "4930333444"
+    at: datetime,
+    call_id: str,
+    *,
+    caller: str = "4940111222",
+    callee: str = "4930333444",
+    asserted: str | None = None,
 ) -> dict[str, Any]:
     return {
         "message_id": str(uuid.uuid4()),
@@ -93,8 +98,13 @@ def sip_message(
             f"INVITE sip:+{callee}@example.net SIP/2.0\r\n"
             f"From: <sip:+{caller}@example.com>;tag=1\r\nTo: <sip:+{callee}@example.net>\r\n"
             f"Call-ID: {call_id}\r\n"
+            + ("" if asserted is None else f'P-Asserted-Identity: "A" <tel:+{asserted}>\r\n')
         ),
         "schema_version": 1,
+        "request_uri": f"sip:+{callee}@example.net",
+        "from_uri": f"sip:+{caller}@example.com",
+        "to_uri": f"sip:+{callee}@example.net",
+        "p_asserted_identity": None if asserted is None else f'"A" <tel:+{asserted}>',
     }
 
 

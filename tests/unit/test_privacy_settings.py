@@ -67,6 +67,14 @@ cdr_retention_days = 2557
     assert settings.kafka.pseudonymize_numbers
     assert settings.kafka.pseudonym_key_file == tmp_path / "pseudonym.key"
     assert settings.postgres.retention_classes == {"de": 2557}
+    # Topics the sink makes keep the tables' promise: CDRs for the longest trunk period.
+    day_ms = 86_400_000
+    assert settings.kafka.topic_retention_ms == {
+        "sipcdr.cdrs": 2557 * day_ms,
+        "sipcdr.fraud": 365 * day_ms,
+    }
+    assert settings.kafka.create_topics
+    assert (settings.kafka.topic_partitions, settings.kafka.topic_replication_factor) == (6, None)
     plain = output_settings(load_config(None, {}))
     assert plain.kafka is None or not plain.kafka.pseudonymize_numbers
     assert plain.postgres is None or plain.postgres.retention_classes == {}

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from sipcdr.config.schema import Config
+from sipcdr.privacy.plan import kafka_retention_ms
 from sipcdr.sinks.settings import (
     JsonlSettings,
     KafkaSettings,
@@ -72,6 +73,12 @@ def output_settings(config: Config) -> OutputSettings:
                 ssl_cafile=kafka.ssl_cafile,
                 pseudonymize_numbers=config.privacy.pseudonymize_kafka,
                 pseudonym_key_file=config.privacy.pseudonym_key_file,
+                create_topics=kafka.create_topics,
+                topic_partitions=kafka.topic_partitions,
+                topic_replication_factor=kafka.topic_replication_factor,
+                topic_retention_ms=kafka_retention_ms(
+                    config.retention, kafka.topic_cdrs, kafka.topic_fraud, kafka.topic_sip
+                ),
             )
             if kafka.enabled
             else None

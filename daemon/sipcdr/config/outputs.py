@@ -161,6 +161,15 @@ def kafka_section(table: Table, base_dir: Path) -> KafkaConfig:
             "request_timeout_ms", kafka.DEFAULT_REQUEST_TIMEOUT_MS, minimum=100
         ),
         pseudonymize_numbers=table.boolean("pseudonymize_numbers", False),
+        create_topics=table.boolean("create_topics", kafka.DEFAULT_CREATE_TOPICS),
+        topic_partitions=table.integer(
+            "topic_partitions", kafka.DEFAULT_TOPIC_PARTITIONS, minimum=1
+        ),
+        topic_replication_factor=(
+            table.integer("topic_replication_factor", 1, minimum=1)
+            if table.has("topic_replication_factor")
+            else None
+        ),
     )
 
 

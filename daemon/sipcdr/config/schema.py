@@ -313,6 +313,9 @@ class KafkaConfig:
     max_batch_bytes: int = kafka.DEFAULT_MAX_BATCH_BYTES
     request_timeout_ms: int = kafka.DEFAULT_REQUEST_TIMEOUT_MS
     pseudonymize_numbers: bool = False  # see sipcdr.privacy.settings
+    create_topics: bool = kafka.DEFAULT_CREATE_TOPICS  # with retention.ms from [retention]
+    topic_partitions: int = kafka.DEFAULT_TOPIC_PARTITIONS
+    topic_replication_factor: int | None = None  # None: 3, at most the cluster's brokers
 
     @property
     def enabled(self) -> bool:
@@ -340,6 +343,9 @@ class KafkaConfig:
             "max_batch_bytes": self.max_batch_bytes,
             "request_timeout_ms": self.request_timeout_ms,
             "pseudonymize_numbers": self.pseudonymize_numbers,
+            "create_topics": self.create_topics,
+            "topic_partitions": self.topic_partitions,
+            "topic_replication_factor": self.topic_replication_factor,
         }
 
 

@@ -10,7 +10,7 @@ parsing, so the common case costs one attribute test per record.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import orjson
@@ -19,7 +19,17 @@ from sipcdr.privacy.pseudonym import pseudonym
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
 
 # A number in a SIP or tel URI's user part, as captured (`+` optional).
-_URI_NUMBER: Final = re.compile(r"((?:sips?|tel):\+?)(\d{7,15})(?=[@;>\s]|$)")
+# A number in a URI's user part (`+` optional); a P-Asserted-Identity may hold several
+# URIs, comma-separated.
+_URI_NUMBER: Final = re.compile(r"((?:sips?|tel):\+?)(\d{7,15})(?=[@;>\s,]|$)")
+
+
+def uri_numbers(text: str) -> Iterator[str]:
+    """The numbers in the URIs of `text`, as restriction and pseudonyms read them."""
+    for match in _URI_NUMBER.finditer(text):
+        yield match.group(2)
+
+
 # A number standing alone in free text (an alert's details).
 _BARE_NUMBER: Final = re.compile(r"(^|[^0-9])\+?(\d{7,15})(?![0-9])")
 _URI_FIELDS: Final = ("from_uri", "to_uri", "request_uri")
@@ -88,7 +98,7 @@ class OutboundFilter:
         headers = record.get("headers")
         if not isinstance(headers, str):
             return False
-        return any(match.group(2) in self.restricted for match in _URI_NUMBER.finditer(headers))
+        return any(number in self.restricted for number in uri_numbers(headers))
 
     def _pseudonymized(self, kind: str, record: dict[str, Any]) -> dict[str, Any]:
         alias = self._alias

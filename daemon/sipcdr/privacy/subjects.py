@@ -287,6 +287,18 @@ def _affected(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
+# After a lift: whether a message still belongs to another restricted number, by the
+# rules of `matching` (a call of that number, or its digits in the headers).
+_SIGNALING_STILL: Final = (
+    "(call_id IN (SELECT c.call_id FROM cdrs c JOIN restrictions r "
+    "ON r.number IN (c.caller, c.callee) "
+    "UNION SELECT c.call_id FROM cdrs_held c JOIN restrictions r "
+    "ON r.number IN (c.caller, c.callee)) "
+    "OR EXISTS (SELECT 1 FROM restrictions r "
+    "WHERE headers ~ ('(^|[^0-9])' || r.number || '([^0-9]|$)')))"
+)
+
+
 async def restrict(
     conn: asyncpg.Connection, number: str, operator: str, *, lift: bool = False
 ) -> dict[str, int]:
@@ -315,7 +327,8 @@ async def restrict(
         sip_clause, sip_values = _bind("sip_messages", number)
         counts["sip_messages"] = _affected(
             await conn.execute(
-                f"UPDATE sip_messages SET restricted = {str(not lift).lower()} WHERE {sip_clause}",
+                f"UPDATE sip_messages SET restricted = {_SIGNALING_STILL if lift else 'true'} "
+                f"WHERE {sip_clause}",
                 *sip_values,
             )
         )

@@ -40,6 +40,7 @@ from aiokafka.errors import (
     CorruptRecordException,
     InvalidMessageError,
     KafkaConnectionError,
+    KafkaError,
     MessageSizeTooLargeError,
     RecordTooLargeError,
 )
@@ -57,6 +58,7 @@ from sipcdr.sinks.base import (
     RecordsRejected,
     SpoolRecord,
 )
+from sipcdr.sinks.kafkatopics import TopicPlan, ensure_topics, passing
 from sipcdr.sinks.settings import (
     COMPRESSIONS,
     DEFAULT_COMPRESSION,
@@ -68,6 +70,7 @@ from sipcdr.sinks.settings import (
     DEFAULT_SECURITY_PROTOCOL,
     DEFAULT_TOPIC_CDRS,
     DEFAULT_TOPIC_FRAUD,
+    DEFAULT_TOPIC_PARTITIONS,
     DEFAULT_TOPIC_SIP,
     SASL_MECHANISMS,
     SECURITY_PROTOCOLS,
@@ -122,9 +125,16 @@ class KafkaSink(AsyncLifecycle):
         sasl_username: str | None = None,
         sasl_password: str | None = None,
         ssl_cafile: Path | None = None,
+        create_topics: bool = True,
+        topic_partitions: int = DEFAULT_TOPIC_PARTITIONS,
+        topic_replication_factor: int | None = None,
+        topic_retention_ms: Mapping[str, int] | None = None,
     ) -> None:
         """Checks every option and builds the TLS context now, so a bad setting fails
-        the start instead of every delivery; no connection is made here."""
+        the start instead of every delivery; no connection is made here.
+
+        With `create_topics`, a configured topic the cluster lacks is created before
+        the first record (sinks.kafkatopics), with `topic_retention_ms[topic]`."""
         if not bootstrap.strip():
             raise ValueError("kafka bootstrap: expected 'host:port[,host:port...]', got ''")
         if compression not in COMPRESSIONS:
@@ -138,6 +148,13 @@ class KafkaSink(AsyncLifecycle):
         ):
             if value < (0 if option == "linger_ms" else 1):
                 raise ValueError(f"kafka {option}: expected a positive number, got {value}")
+        if topic_partitions < 1 or (
+            topic_replication_factor is not None and topic_replication_factor < 1
+        ):
+            raise ValueError(
+                "kafka topic_partitions and topic_replication_factor: expected positive "
+                f"numbers, got {topic_partitions} and {topic_replication_factor}"
+            )
         self.bootstrap = bootstrap
         self.topic_cdrs = topic_cdrs
         self.topic_fraud = topic_fraud
@@ -174,6 +191,12 @@ class KafkaSink(AsyncLifecycle):
             "request_timeout_ms": request_timeout_ms,
             **self._security,
         }
+        self._topic_plan = TopicPlan(
+            dict(topic_retention_ms or {}), topic_partitions, topic_replication_factor
+        )
+        # Topics are checked (and made) once per sink, before the first record.
+        self._topics_ready = not create_topics
+        self._topics_lock = asyncio.Lock()
         # Confirmed records per topic, including re-sent duplicates: what the broker holds.
         self.sent: dict[str, int] = dict.fromkeys(self._topics.values(), 0)
         self._producer: Any = None  # AIOKafkaProducer once a deliver has connected
@@ -190,8 +213,28 @@ class KafkaSink(AsyncLifecycle):
         start leaves the records in the spool instead of stopping the daemon."""
 
     async def prepare(self) -> None:
-        """Nothing ahead of the first batch: topics are the broker's (or its operator's)
-        to create, and the producer connects on the first `deliver`."""
+        """Make the topics the cluster lacks (with `create_topics`); the producer
+        connects on the first `deliver`, which makes them if this could not."""
+        await self._ensure_topics()
+
+    async def _ensure_topics(self) -> None:
+        async with self._topics_lock:
+            if self._topics_ready:
+                return
+            topics = list(dict.fromkeys(self._topics.values()))
+            try:
+                await ensure_topics(
+                    {"bootstrap_servers": self.bootstrap, "client_id": CLIENT_ID, **self._security},
+                    topics,
+                    self._topic_plan,
+                    self._options["request_timeout_ms"],
+                )
+            except KafkaError as exc:
+                if passing(exc):
+                    raise
+                # Asked again it would refuse again: said once, and records go out.
+                self._log.error("kafka_topics_not_checked", error=_describe(exc))
+            self._topics_ready = True
 
     async def probe(self) -> None:
         """Return when a bootstrap server answers a metadata request (brokers only, no
@@ -271,6 +314,8 @@ class KafkaSink(AsyncLifecycle):
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.request_timeout_s * _DELIVER_TIMEOUTS):
+                if not self._topics_ready:
+                    await self._ensure_topics()
                 producer = await self._connected_producer()
                 futures = []
                 for topic, record in routed:

@@ -335,6 +335,10 @@ class Outputs:
             sasl_username=kafka.sasl_username,
             sasl_password=kafka.sasl_password,
             ssl_cafile=kafka.ssl_cafile,
+            create_topics=kafka.create_topics,
+            topic_partitions=kafka.topic_partitions,
+            topic_replication_factor=kafka.topic_replication_factor,
+            topic_retention_ms=kafka.topic_retention_ms,
         )
         if self.outbound is not None:
             sink.outbound = self.outbound.apply

@@ -31,6 +31,7 @@ from typing import Any, Final
 import asyncpg
 import orjson
 
+from sipcdr.privacy.outbound import uri_numbers
 from sipcdr.sinks.base import (
     KIND_ALERT,
     KIND_CDR,
@@ -79,6 +80,9 @@ _NOT_ANSWERING: Final = (
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
 )
+
+
+_SIGNALING_URIS: Final = ("from_uri", "to_uri", "request_uri", "p_asserted_identity")
 
 
 class RecordError(RecordsRejected):
@@ -243,6 +247,7 @@ SIP_MESSAGES: Final = _table(
         ("headers", _text),
         ("body", _text),  # absent unless the operator keeps SDP: NULL
         ("schema_version", _same),
+        ("restricted", _same),  # set by the sink
     ],
 )
 FRAUD_ALERTS: Final = _table(
@@ -460,6 +465,10 @@ class PostgresSink(AsyncLifecycle):
                     )
                 elif table is FRAUD_ALERTS:
                     value["restricted"] = self._restricted(value.get("subject"))
+                else:
+                    value["restricted"] = self._restricted is not _never and (
+                        self._names_restricted(value)
+                    )
                 row = table.row(value)
             except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
                 raise RecordError(
@@ -473,6 +482,17 @@ class PostgresSink(AsyncLifecycle):
                 )
             rows.setdefault(table, []).append(row)
         return rows
+
+    def _names_restricted(self, message: dict[str, Any]) -> bool:
+        """Whether a message's From, To, Request-URI or P-Asserted-Identity names a
+        restricted number: what `sipcdr subject restrict` flags by the same digits."""
+        for name in _SIGNALING_URIS:
+            text = message.get(name)
+            if isinstance(text, str):
+                for number in uri_numbers(text):
+                    if self._restricted(number):
+                        return True
+        return False
 
     async def _connection(self, stream: str) -> asyncpg.Connection:
         connection = self._connections.get(stream)

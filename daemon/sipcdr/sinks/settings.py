@@ -37,6 +37,10 @@ DEFAULT_MAX_BATCH_BYTES: Final = 64 * 1024
 # Longer than a Kafka leader election, so a failover is ridden out instead of failed;
 # short enough that a dead cluster shows as a failed delivery within half a minute.
 DEFAULT_REQUEST_TIMEOUT_MS: Final = 15_000
+# Topics the sink creates: six partitions let a consumer group of up to six share a
+# topic; more can be added later (keys then move, so a call's copies may split).
+DEFAULT_CREATE_TOPICS: Final = True
+DEFAULT_TOPIC_PARTITIONS: Final = 6
 # Brokers on a trusted network are the common first setup; TLS/SASL are opt-in per site.
 DEFAULT_SECURITY_PROTOCOL: Final = "PLAINTEXT"
 SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -90,6 +94,12 @@ class KafkaSettings:
     # `pseudonym_key_file`, which is then set.
     pseudonymize_numbers: bool = False
     pseudonym_key_file: Path | None = None
+    # A configured topic the cluster lacks is created, with retention.ms per topic
+    # from the retention settings (sipcdr.privacy.plan.kafka_retention_ms).
+    create_topics: bool = DEFAULT_CREATE_TOPICS
+    topic_partitions: int = DEFAULT_TOPIC_PARTITIONS
+    topic_replication_factor: int | None = None  # None: 3, at most the cluster's brokers
+    topic_retention_ms: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
