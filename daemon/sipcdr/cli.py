@@ -275,6 +275,14 @@ def _import(config: Config, args: argparse.Namespace, files: list[Path]) -> int:
         for name in ("aborted", "undelivered", "spool_refused")
         if summary.get(name)
     }
+    faults = {
+        name: summary[name]
+        for name in ("internal_errors", "cdr_write_failures")
+        if summary.get(name)
+    }
+    if faults:
+        # A fault in sipcdr itself cost messages or CDRs: the log has the first few.
+        print(f"sipcdr: import: internal errors lost data: {faults}", file=sys.stderr)
     if failed:
         # Records refused by the spool were refused for want of disk space; the rest
         # waited for sinks (or a disk) that took nothing.
@@ -291,7 +299,7 @@ def _import(config: Config, args: argparse.Namespace, files: list[Path]) -> int:
     # A truncated file is only warned about: its records up to the cut were imported,
     # and importing it again would find the same cut.
     refused = len(files) < len(args.files)
-    return 1 if refused or summary.get("file_errors") or no_sip or failed else 0
+    return 1 if refused or summary.get("file_errors") or no_sip or failed or faults else 0
 
 
 def _refused_paths(config: Config, command: str) -> str | None:

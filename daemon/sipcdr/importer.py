@@ -279,6 +279,9 @@ def _import(
                 "responses_by_cseq_method": responses,
                 "rejected_by_reason": dict(pipeline.stats.parse_errors),
                 "cdrs_written": pipeline.cdrs_written,
+                # Faults that cost a message or a CDR: not silent, and not a success.
+                "internal_errors": dict(pipeline.stats.internal_errors),
+                "cdr_write_failures": dict(pipeline.stats.cdr_write_failures),
                 "cdrs_by_disposition": dict(stats.cdrs),
                 "retransmissions": stats.retransmissions,
                 "late_messages": stats.late,

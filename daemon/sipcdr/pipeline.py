@@ -210,13 +210,16 @@ class Pipeline:
                 except Exception as exc:  # a stage's bug costs its fields, never the CDR
                     _bump(self.stats.internal_errors, stage.name)
                     self._log_error("cdr_stage_failed", exc, cdr.call_id)
+            written = True
             for sink in self.sinks:
                 try:
                     sink.write(cdr)
                 except Exception as exc:  # one sink's bug must not cost the others
+                    written = False
                     _bump(self.stats.cdr_write_failures, sink.name)
                     self._log_error("cdr_write_failed", exc, cdr.call_id)
-        self.stats.cdrs_emitted += len(cdrs)
+            # Written: every sink took it (a CDR one sink lost is counted there).
+            self.stats.cdrs_emitted += written
 
     def flush(self) -> None:
         for sink in self.sinks:

@@ -23,8 +23,10 @@ that share the passes and the rate.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import multiprocessing
+import os
 import re
 import socket
 import ssl
@@ -284,7 +286,13 @@ def _finish_stream(sock: socket.socket) -> None:
     the agent's side of the handshake before the daemon checks it): the daemon's alert
     raises here. The TCP half-close goes around SSLSocket.shutdown, which would drop
     the TLS layer before the daemon's answer is read."""
-    socket.socket.shutdown(sock, socket.SHUT_WR)
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        # The listener reset the connection before the last frame was sent.
+        raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)) from exc
     answered = 0
     while chunk := sock.recv(4096):
         answered += len(chunk)

@@ -115,6 +115,26 @@ def test_capture_cdrs(name: str) -> None:
     assert summary["cdrs_written"] == len(cdrs)
 
 
+class _BrokenSink:
+    """A sink with a bug: every write raises."""
+
+    name = "broken"
+
+    def write(self, cdr: Cdr) -> None:
+        raise RuntimeError("a sink bug")
+
+    def flush(self) -> None:
+        return None
+
+
+def test_cdrs_a_sink_fault_lost_are_reported_not_counted_as_written() -> None:
+    capture = require_shared_data() / "pcaps" / "heplify-rtp_rtcp_sip_ipv4_udp.pcap"
+    summary = import_files(Config(), [capture], sinks=[_BrokenSink()], progress=False)
+    assert summary["cdrs_written"] == 0
+    assert summary["cdr_write_failures"] == {"broken": 2}
+    assert summary["internal_errors"] == {}
+
+
 def test_g711_sample_call_details() -> None:
     cdrs, _ = _import(require_shared_data() / "pcaps" / "heplify-rtp_rtcp_sip_ipv4_udp.pcap")
     answered = next(cdr for cdr in cdrs if cdr.disposition == "answered")
