@@ -183,6 +183,9 @@ class ConcurrentCalls(Detector):
         self.per_caller = Gauge()
         self.per_trunk = Gauge()
         self.peaks: dict[float, SeasonalBaseline] = {}
+        # The settings record last used, and its trunks' peaks (see CpsBurst._bind).
+        self._bound: ConcurrentCallsSettings | None = None
+        self._peak = SeasonalBaseline(1.0, 1, peak=True)
 
     def peak(self, alpha: float) -> SeasonalBaseline:
         peak = self.peaks.get(alpha)
@@ -220,8 +223,9 @@ class ConcurrentCalls(Detector):
         if trunk is not None:
             levels = self.per_trunk.levels
             level = levels[trunk] = levels.get(trunk, 0) + 1
-            peak = self.peak(s.per_trunk.alpha)
-            expected = peak.update(trunk, now, float(level))
+            if s is not self._bound:
+                self._bound, self._peak = s, self.peak(s.per_trunk.alpha)
+            expected = self._peak.update(trunk, now, float(level))
             baseline = s.per_trunk
             # Below the floor or the factor there is nothing to work out.
             if (
