@@ -12,6 +12,8 @@ use; each is capped at `cap` subjects.
 
 from __future__ import annotations
 
+from typing import Final
+
 from sipcdr.fraud.incidents import Incidents
 from sipcdr.fraud.numbering import VERDICT_UNASSIGNED_CODE
 from sipcdr.fraud.settings import (
@@ -37,12 +39,12 @@ from sipcdr.fraud.windows import (
 )
 from sipcdr.model import FraudAlert
 
-SLICES = 10  # per window: counts are exact to a tenth of the window
-_MICROS = 1_000_000  # money is summed in millionths, exactly, as integers
-_AGENT_CACHE_LIMIT = 4096  # distinct User-Agent strings whose verdict is remembered
+SLICES: Final = 10  # per window: counts are exact to a tenth of the window
+_MICROS: Final = 1_000_000  # money is summed in millionths, exactly, as integers
+_AGENT_CACHE_LIMIT: Final = 4096  # distinct User-Agent strings whose verdict is remembered
 # A 401/407 is remembered this long for the retry that tells a wrong password from the
 # normal challenge; the dialog layer waits as long for an auth retry.
-CHALLENGE_MEMORY_S = 120.0
+CHALLENGE_MEMORY_S: Final = 120.0
 
 
 def _windows(table: dict[int, WindowCounter], window_s: int, cap: int) -> WindowCounter:

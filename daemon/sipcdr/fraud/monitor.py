@@ -78,8 +78,8 @@ from sipcdr.sip import SipMessage
 from sipcdr.sip.address import user_part
 from sipcdr.sip.numbers import INTERNATIONAL_PREFIX
 
-_NO_ALERTS: Sequence[FraudAlert] = ()
-_NO_FLAGS: tuple[str, ...] = ()
+_NO_ALERTS: Final[Sequence[FraudAlert]] = ()
+_NO_FLAGS: Final[tuple[str, ...]] = ()
 # Requests outside a dialog that a scanner sends besides INVITE; their User-Agent is
 # checked (INVITE, REGISTER and OPTIONS also count towards probing).
 _OUT_OF_DIALOG: Final = frozenset(
@@ -87,7 +87,7 @@ _OUT_OF_DIALOG: Final = frozenset(
 )
 _PROBES: Final = frozenset({"REGISTER", "OPTIONS"})
 _AUTH_METHODS: Final = frozenset({"REGISTER", "INVITE"})
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION: Final = 1
 # How often idle subjects are dropped and baseline hours closed: counters already
 # ignore what has left their window, so this only returns memory.
 SWEEP_INTERVAL_S: Final = 10.0
@@ -427,7 +427,8 @@ class FraudMonitor:
             if call.answered:
                 self.concurrent_calls.ended(call.trunk, call.caller)
             flags = call.flags
-        view = self._views.get(cdr.trunk, self._default)
+        trunk = cdr.trunk
+        view = self._views.get(trunk, self._default)
         now = cdr.end_time
         out = self._out
         wangiri = view.wangiri
@@ -435,7 +436,7 @@ class FraudMonitor:
             wangiri is not None
             and cdr.answer_time is None
             and cdr.disposition == "cancelled"
-            and cdr.end_time - cdr.start_time <= wangiri[0].max_ring_s
+            and now - cdr.start_time <= wangiri[0].max_ring_s
         ):
             s_w, allow = wangiri
             if (allow is None or not _exempt(allow, cdr.src_ip, cdr.caller, cdr.callee)) and (
@@ -443,10 +444,10 @@ class FraudMonitor:
             ):
                 flags = [WANGIRI] if flags is None else [*flags, WANGIRI]
         spend = view.spend_velocity
-        if spend is not None and cost is not None and self._rating and cdr.trunk is not None:
+        if spend is not None and cost is not None and self._rating and trunk is not None:
             s_sp, allow = spend
             if (allow is None or not _exempt(allow, cdr.src_ip, cdr.caller, cdr.callee)) and (
-                self.spend_velocity.on_cost(out, s_sp, cdr.trunk, cost, cdr, now)
+                self.spend_velocity.on_cost(out, s_sp, trunk, cost, cdr, now)
             ):
                 flags = [SPEND_VELOCITY] if flags is None else [*flags, SPEND_VELOCITY]
         return (tuple(dict.fromkeys(flags)) if flags else _NO_FLAGS), _taken(out)
