@@ -245,12 +245,16 @@ class FraudMonitor:
     ) -> Sequence[FraudAlert]:
         """One parsed message as it arrives; `trunk` is the name its source matched."""
         if msg.is_request:
+            # Nothing is judged inside a dialog (ACK, BYE, re-INVITE: most requests),
+            # so their method is not even read.
+            if msg.to_tag is not None:
+                return _NO_ALERTS
             method = msg.method
             if method == "INVITE":
-                if msg.to_tag is None and msg.call_id not in self._calls:
+                if msg.call_id not in self._calls:
                     return self._new_call(msg, packet, now, trunk)
                 return _NO_ALERTS
-            if method in _OUT_OF_DIALOG and msg.to_tag is None:
+            if method in _OUT_OF_DIALOG:
                 return self._request(msg, packet, now, trunk, method)
             return _NO_ALERTS
         status = msg.status_code
