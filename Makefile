@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 # The install compiles these (setup.py): an edit rebuilds, so tests run what was edited.
 HOT_PATH := setup.py daemon/sipcdr/hotpath.py daemon/sipcdr/hep.py daemon/sipcdr/sip/_scan.c \
-	$(wildcard daemon/sipcdr/sip/*.py daemon/sipcdr/decode/*.py daemon/sipcdr/dialog/*.py)
+	$(wildcard daemon/sipcdr/sip/*.py daemon/sipcdr/decode/*.py daemon/sipcdr/dialog/*.py) \
+	$(wildcard daemon/sipcdr/fraud/*.py)
 SYSTEM_TOOLS := tshark:tshark sipp:sip-tester kamailio:kamailio promtool:prometheus
 
 .PHONY: run test lint typecheck unit bench sysdeps clean

@@ -60,12 +60,18 @@ COMPILED_MODULES: Final = (
     "sipcdr.dialog.kpi",
     "sipcdr.dialog.restore",
     "sipcdr.dialog.correlator",
+    "sipcdr.fraud.windows",
+    "sipcdr.fraud.numbering",
+    "sipcdr.fraud.incidents",
+    "sipcdr.fraud.detectors",
+    "sipcdr.fraud.call_patterns",
+    "sipcdr.fraud.monitor",
 )
 # The C header scanner: an extension with no Python twin; the parser runs its own loop
 # without it.
 SCANNER_MODULE: Final = "sipcdr.sip._scan"
 # The packages the compiled modules live in; reloading a module reloads these too.
-_PACKAGES: Final = ("sipcdr.sip", "sipcdr.decode", "sipcdr.dialog")
+_PACKAGES: Final = ("sipcdr.sip", "sipcdr.decode", "sipcdr.dialog", "sipcdr.fraud")
 
 PURE_PYTHON_ENV: Final = "SIPCDR_PURE_PYTHON"
 _FALSE_WORDS: Final = frozenset({"", "0", "false", "no", "off"})

@@ -119,13 +119,20 @@ def test_the_trunk_of_a_source_is_looked_up_once_and_given_to_the_monitor() -> N
 
     stage = FraudStage(FraudSettings(), AlertCollector(), resolve)
     seen: list[str | None] = []
-    real = stage.monitor.on_message
+    real = stage.monitor
 
-    def spy(msg: object, pkt: Packet, now: float, trunk_name: str | None) -> object:
-        seen.append(trunk_name)
-        return real(msg, pkt, now, trunk_name)  # type: ignore[arg-type]
+    class Spy:
+        """The monitor, with the trunk each message is given noted (a compiled
+        monitor's methods cannot be replaced)."""
 
-    stage.monitor.on_message = spy  # type: ignore[method-assign,assignment]
+        def on_message(self, msg: object, pkt: Packet, now: float, name: str | None) -> object:
+            seen.append(name)
+            return real.on_message(msg, pkt, now, name)  # type: ignore[arg-type]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    stage.monitor = Spy()  # type: ignore[assignment]
     pipeline, _ = pipeline_with(stage)
     call = Call()
     for offset, data in enumerate(cancelled_call(call)):
@@ -194,12 +201,13 @@ def test_the_cost_a_rating_stage_set_counts_towards_spend() -> None:
 def test_a_monitor_error_costs_the_check_not_the_call_and_is_counted() -> None:
     stage = FraudStage(FraudSettings(), AlertCollector())
 
-    def broken(*_args: object) -> None:
-        raise RuntimeError("bug")
+    class Broken:
+        def on_message(self, *_args: object) -> None:
+            raise RuntimeError("bug")
 
-    stage.monitor.on_message = broken  # type: ignore[method-assign,assignment]
-    stage.monitor.on_cdr = broken  # type: ignore[method-assign,assignment]
-    stage.monitor.expire = broken  # type: ignore[method-assign,assignment]
+        on_cdr = expire = on_message
+
+    stage.monitor = Broken()  # type: ignore[assignment]
     pipeline, collector = pipeline_with(stage)
     for offset, data in enumerate(cancelled_call(Call())):
         pipeline.process(packet(T0 + offset, data))

@@ -44,6 +44,9 @@ class SequentialDialing(Detector):
     def __init__(self, incidents: Incidents, cap: int) -> None:
         super().__init__(incidents, cap)
         self.trackers: dict[int, RunTracker] = {}  # by max_gap_s
+        # The settings record last used, and its tracker (see CpsBurst._bind).
+        self._bound: SequentialDialingSettings | None = None
+        self._tracker = RunTracker(1, 1)
 
     def on_invite(
         self,
@@ -55,10 +58,13 @@ class SequentialDialing(Detector):
         call_id: str,
         now: float,
     ) -> bool:
-        tracker = self.trackers.get(s.max_gap_s)
-        if tracker is None:
-            # Two entries per call for the gap: twice the cap holds a cap of callers.
-            tracker = self.trackers[s.max_gap_s] = RunTracker(s.max_gap_s, 2 * self.cap)
+        if s is not self._bound:
+            tracker = self.trackers.get(s.max_gap_s)
+            if tracker is None:
+                # Two entries per call for the gap: twice the cap holds a cap of callers.
+                tracker = self.trackers[s.max_gap_s] = RunTracker(s.max_gap_s, 2 * self.cap)
+            self._bound, self._tracker = s, tracker
+        tracker = self._tracker
         number = int(callee)
         caller_run, trunk_run = tracker.add(caller or "", trunk or "", number, now)
         hit = False
@@ -177,6 +183,9 @@ class ConcurrentCalls(Detector):
         self.per_caller = Gauge()
         self.per_trunk = Gauge()
         self.peaks: dict[float, SeasonalBaseline] = {}
+        # The settings record last used, and its trunks' peaks (see CpsBurst._bind).
+        self._bound: ConcurrentCallsSettings | None = None
+        self._peak = SeasonalBaseline(1.0, 1, peak=True)
 
     def peak(self, alpha: float) -> SeasonalBaseline:
         peak = self.peaks.get(alpha)
@@ -214,8 +223,9 @@ class ConcurrentCalls(Detector):
         if trunk is not None:
             levels = self.per_trunk.levels
             level = levels[trunk] = levels.get(trunk, 0) + 1
-            peak = self.peak(s.per_trunk.alpha)
-            expected = peak.update(trunk, now, float(level))
+            if s is not self._bound:
+                self._bound, self._peak = s, self.peak(s.per_trunk.alpha)
+            expected = self._peak.update(trunk, now, float(level))
             baseline = s.per_trunk
             # Below the floor or the factor there is nothing to work out.
             if (

@@ -12,6 +12,8 @@ use; each is capped at `cap` subjects.
 
 from __future__ import annotations
 
+from typing import Final
+
 from sipcdr.fraud.incidents import Incidents
 from sipcdr.fraud.numbering import VERDICT_UNASSIGNED_CODE
 from sipcdr.fraud.settings import (
@@ -37,12 +39,12 @@ from sipcdr.fraud.windows import (
 )
 from sipcdr.model import FraudAlert
 
-SLICES = 10  # per window: counts are exact to a tenth of the window
-_MICROS = 1_000_000  # money is summed in millionths, exactly, as integers
-_AGENT_CACHE_LIMIT = 4096  # distinct User-Agent strings whose verdict is remembered
+SLICES: Final = 10  # per window: counts are exact to a tenth of the window
+_MICROS: Final = 1_000_000  # money is summed in millionths, exactly, as integers
+_AGENT_CACHE_LIMIT: Final = 4096  # distinct User-Agent strings whose verdict is remembered
 # A 401/407 is remembered this long for the retry that tells a wrong password from the
 # normal challenge; the dialog layer waits as long for an auth retry.
-CHALLENGE_MEMORY_S = 120.0
+CHALLENGE_MEMORY_S: Final = 120.0
 
 
 def _windows(table: dict[int, WindowCounter], window_s: int, cap: int) -> WindowCounter:
@@ -142,9 +144,20 @@ class CpsBurst(_Counting):
         super().__init__(incidents, cap)
         self.per_source = self._table()
         self.per_trunk = self._table()
-        # Whether a trunk's addresses are counted apart, per settings record (the
-        # monitor holds every record for its lifetime, so ids are not reused).
-        self._apart: dict[int, bool] = {}
+        # The settings record last used and what follows from it: every trunk without
+        # an override shares one record, so this is worked out once, not per call.
+        self._bound: CpsBurstSettings | None = None
+        self._apart = False  # a trunk's addresses are counted apart as well
+        self._source_counter = self._trunk_counter = WindowCounter(1, 1, 1)
+        self._source_warning = self._trunk_warning = 0
+
+    def _bind(self, s: CpsBurstSettings) -> None:
+        self._bound = s
+        self._apart = _below(s.per_source, s.per_trunk)
+        self._source_counter = _windows(self.per_source, s.per_source.window_s, self.cap)
+        self._trunk_counter = _windows(self.per_trunk, s.per_trunk.window_s, self.cap)
+        self._source_warning = s.per_source.warning
+        self._trunk_warning = s.per_trunk.warning
 
     def on_invite(
         self,
@@ -158,34 +171,35 @@ class CpsBurst(_Counting):
         """Count a new call per source address and per trunk. A trunk's own addresses
         are counted apart only when their limit is below the trunk's: otherwise the
         trunk's count, which includes theirs, always gets there first."""
+        if s is not self._bound:
+            self._bind(s)
         hit = False
-        apart = self._apart.get(id(s))
-        if apart is None:
-            apart = self._apart[id(s)] = _below(s.per_source, s.per_trunk)
-        if trunk is None or apart:
-            limit = s.per_source
-            counter = _windows(self.per_source, limit.window_s, self.cap)
-            if counter.add(source, now) >= limit.warning:
+        if trunk is None or self._apart:
+            if self._source_counter.add(source, now) >= self._source_warning:
                 hit = self._count(
                     out,
                     self.per_source,
-                    limit,
+                    s.per_source,
                     SUBJECT_SOURCE_IP,
                     source,
                     now,
                     call_id,
                     counted=True,
                 )
-        if trunk is not None:
-            limit = s.per_trunk
-            counter = _windows(self.per_trunk, limit.window_s, self.cap)
-            if counter.add(trunk, now) >= limit.warning:
-                hit = (
-                    self._count(
-                        out, self.per_trunk, limit, SUBJECT_TRUNK, trunk, now, call_id, counted=True
-                    )
-                    or hit
+        if trunk is not None and self._trunk_counter.add(trunk, now) >= self._trunk_warning:
+            hit = (
+                self._count(
+                    out,
+                    self.per_trunk,
+                    s.per_trunk,
+                    SUBJECT_TRUNK,
+                    trunk,
+                    now,
+                    call_id,
+                    counted=True,
                 )
+                or hit
+            )
         return hit
 
 
@@ -203,13 +217,21 @@ class Scanner(_Counting):
         super().__init__(incidents, cap)
         self.per_source = self._table()
         self.probes: dict[int, DistinctCounter] = {}
-        # User-Agent -> verdict, per settings record (held for the monitor's lifetime).
+        # User-Agent -> verdict, per settings record (held for the monitor's lifetime);
+        # the last record's at hand, since every trunk without an override shares one.
         self._verdicts: dict[int, dict[str, bool]] = {}
+        self._bound: ScannerSettings | None = None
+        self._bound_verdicts: dict[str, bool] = {}
 
     def is_scanner(self, s: ScannerSettings, user_agent: str) -> bool:
-        verdicts = self._verdicts.get(id(s))
-        if verdicts is None:
-            verdicts = self._verdicts[id(s)] = {}
+        if s is self._bound:
+            verdicts = self._bound_verdicts
+        else:
+            found = self._verdicts.get(id(s))
+            if found is None:
+                found = self._verdicts[id(s)] = {}
+            self._bound, self._bound_verdicts = s, found
+            verdicts = found
         verdict = verdicts.get(user_agent)
         if verdict is None:
             lowered = user_agent.lower()

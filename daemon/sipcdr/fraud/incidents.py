@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import Decimal
+from typing import Final
 
 from sipcdr.fraud.settings import SEVERITY_CRITICAL, SEVERITY_WARNING
 from sipcdr.fraud.windows import evict_oldest
 from sipcdr.model import FraudAlert, alert_id
 
-_MAX_TALLY_KEYS = 20  # per details map: the biggest contributors, not an inventory
-_MAX_INCIDENTS = 10_000  # open at once; beyond it the one idle longest is forgotten
+_MAX_TALLY_KEYS: Final = 20  # per details map: the biggest contributors, not an inventory
+_MAX_INCIDENTS: Final = 10_000  # open at once; beyond it the one idle longest is forgotten
 
 Key = tuple[str, str, str]  # (detector, subject kind, subject)
 

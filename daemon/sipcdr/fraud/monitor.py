@@ -78,8 +78,8 @@ from sipcdr.sip import SipMessage
 from sipcdr.sip.address import user_part
 from sipcdr.sip.numbers import INTERNATIONAL_PREFIX
 
-_NO_ALERTS: Sequence[FraudAlert] = ()
-_NO_FLAGS: tuple[str, ...] = ()
+_NO_ALERTS: Final[Sequence[FraudAlert]] = ()
+_NO_FLAGS: Final[tuple[str, ...]] = ()
 # Requests outside a dialog that a scanner sends besides INVITE; their User-Agent is
 # checked (INVITE, REGISTER and OPTIONS also count towards probing).
 _OUT_OF_DIALOG: Final = frozenset(
@@ -87,7 +87,7 @@ _OUT_OF_DIALOG: Final = frozenset(
 )
 _PROBES: Final = frozenset({"REGISTER", "OPTIONS"})
 _AUTH_METHODS: Final = frozenset({"REGISTER", "INVITE"})
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION: Final = 1
 # How often idle subjects are dropped and baseline hours closed: counters already
 # ignore what has left their window, so this only returns memory.
 SWEEP_INTERVAL_S: Final = 10.0
@@ -234,6 +234,9 @@ class FraudMonitor:
         self._calls: dict[str, _Call] = {}  # by Call-ID, in order of INVITE
         self._max_calls = settings.max_tracked_calls
         self._challenged = self.auth_failures.challenged
+        # Where a message's or CDR's alerts are collected: one list, emptied into a
+        # new one only when something was found (nearly never), not one list per call.
+        self._out: list[FraudAlert] = []
 
     # -- messages -----------------------------------------------------------------------
 
@@ -242,12 +245,16 @@ class FraudMonitor:
     ) -> Sequence[FraudAlert]:
         """One parsed message as it arrives; `trunk` is the name its source matched."""
         if msg.is_request:
+            # Nothing is judged inside a dialog (ACK, BYE, re-INVITE: most requests),
+            # so their method is not even read.
+            if msg.to_tag is not None:
+                return _NO_ALERTS
             method = msg.method
             if method == "INVITE":
-                if msg.to_tag is None and msg.call_id not in self._calls:
+                if msg.call_id not in self._calls:
                     return self._new_call(msg, packet, now, trunk)
                 return _NO_ALERTS
-            if method in _OUT_OF_DIALOG and msg.to_tag is None:
+            if method in _OUT_OF_DIALOG:
                 return self._request(msg, packet, now, trunk, method)
             return _NO_ALERTS
         status = msg.status_code
@@ -286,8 +293,7 @@ class FraudMonitor:
             self._forget_oldest_calls()
 
         source = packet.src_ip
-        out: list[FraudAlert] = []
-        flags: list[str] = []
+        out = self._out
         scanner = view.scanner
         if scanner is not None:
             s, allow = scanner
@@ -295,23 +301,20 @@ class FraudMonitor:
                 user_agent = msg.user_agent
                 if user_agent is not None and self.scanner.is_scanner(s, user_agent):
                     if self.scanner.on_agent(out, s, source, user_agent, call_id, now):
-                        flags.append(SCANNER)
+                        _flag(call, SCANNER)
                 if (
                     trunk is None
                     and user
-                    and (
-                        self.scanner.on_probe(out, s, source, user, call_id, now)
-                        and SCANNER not in flags
-                    )
+                    and self.scanner.on_probe(out, s, source, user, call_id, now)
                 ):
-                    flags.append(SCANNER)
+                    _flag(call, SCANNER)
         cps = view.cps_burst
         if cps is not None:
             s_cps, allow = cps
             if (allow is None or not _exempt(allow, source, caller, callee)) and (
                 self.cps_burst.on_invite(out, s_cps, source, trunk, call_id, now)
             ):
-                flags.append(CPS_BURST)
+                _flag(call, CPS_BURST)
         if callee is not None:
             dialled_abroad = user is not None and (
                 user[:1] == "+" or user.startswith(INTERNATIONAL_PREFIX)
@@ -329,7 +332,7 @@ class FraudMonitor:
                         out, s_hr, account_kind, account, callee, call_id, now
                     )
                 ):
-                    flags.append(HIGH_RISK_DESTINATION)
+                    _flag(call, HIGH_RISK_DESTINATION)
             invalid = view.invalid_destination
             if invalid is not None and international:
                 s_inv, allow = invalid
@@ -338,7 +341,7 @@ class FraudMonitor:
                         out, s_inv, account_kind, account, callee, call_id, now
                     )
                 ):
-                    flags.append(INVALID_DESTINATION)
+                    _flag(call, INVALID_DESTINATION)
             sequential = view.sequential_dialing
             if sequential is not None and callee.isdigit():
                 s_seq, allow = sequential
@@ -347,17 +350,15 @@ class FraudMonitor:
                         out, s_seq, caller, trunk, callee, call_id, now
                     )
                 ):
-                    flags.append(SEQUENTIAL_DIALING)
+                    _flag(call, SEQUENTIAL_DIALING)
             surge = view.international_surge
             if surge is not None and international and trunk is not None and country_code:
                 s_surge, allow = surge
                 if (allow is None or not _exempt(allow, source, caller, callee)) and (
                     self.international_surge.on_international(out, s_surge, trunk, call_id, now)
                 ):
-                    flags.append(INTERNATIONAL_SURGE)
-        if flags:
-            call.flags = flags
-        return out or _NO_ALERTS
+                    _flag(call, INTERNATIONAL_SURGE)
+        return _taken(out)
 
     def _request(
         self, msg: SipMessage, packet: Packet, now: float, trunk: str | None, method: str
@@ -370,7 +371,7 @@ class FraudMonitor:
         source = packet.src_ip
         if allow is not None and allow.allows_source(source):
             return _NO_ALERTS
-        out: list[FraudAlert] = []
+        out = self._out
         user_agent = msg.user_agent
         if user_agent is not None and self.scanner.is_scanner(s, user_agent):
             self.scanner.on_agent(out, s, source, user_agent, msg.call_id, now)
@@ -379,7 +380,7 @@ class FraudMonitor:
             user = user_part(msg.to_uri if method == "REGISTER" else msg.request_uri)
             if user:
                 self.scanner.on_probe(out, s, source, user, msg.call_id, now)
-        return out or _NO_ALERTS
+        return _taken(out)
 
     def _auth_failure(
         self, msg: SipMessage, packet: Packet, now: float, trunk: str | None, status: int
@@ -393,7 +394,7 @@ class FraudMonitor:
         s, allow = auth
         if allow is not None and allow.allows_source(requester):
             return _NO_ALERTS
-        out: list[FraudAlert] = []
+        out = self._out
         call_id = msg.call_id
         if self.auth_failures.on_response(
             out, s, requester, status, call_id, msg.cseq, msg.cseq_method, now
@@ -401,7 +402,7 @@ class FraudMonitor:
             call = self._calls.get(call_id)
             if call is not None:
                 _flag(call, AUTH_FAILURES)
-        return out or _NO_ALERTS
+        return _taken(out)
 
     def _answered(self, call: _Call, call_id: str, now: float) -> Sequence[FraudAlert]:
         view = self._views.get(call.trunk, self._default)
@@ -412,10 +413,10 @@ class FraudMonitor:
         if allow is not None and allow.allows_number(call.caller):
             return _NO_ALERTS
         call.answered = True
-        out: list[FraudAlert] = []
+        out = self._out
         if self.concurrent_calls.answered(out, s, call.trunk, call.caller, call_id, now):
             _flag(call, CONCURRENT_CALLS)
-        return out or _NO_ALERTS
+        return _taken(out)
 
     # -- closed calls -------------------------------------------------------------------
 
@@ -425,35 +426,35 @@ class FraudMonitor:
         """A closed call with its rated cost (None when unrated). Returns the detector
         ids for its `fraud_flags`, and any alerts."""
         call = self._calls.pop(cdr.call_id, None)
-        flags: list[str] = []
+        flags: list[str] | None = None
         if call is not None:
             if call.answered:
                 self.concurrent_calls.ended(call.trunk, call.caller)
-            if call.flags:
-                flags.extend(call.flags)
-        view = self._views.get(cdr.trunk, self._default)
+            flags = call.flags
+        trunk = cdr.trunk
+        view = self._views.get(trunk, self._default)
         now = cdr.end_time
-        out: list[FraudAlert] = []
+        out = self._out
         wangiri = view.wangiri
         if (
             wangiri is not None
             and cdr.answer_time is None
             and cdr.disposition == "cancelled"
-            and cdr.end_time - cdr.start_time <= wangiri[0].max_ring_s
+            and now - cdr.start_time <= wangiri[0].max_ring_s
         ):
             s_w, allow = wangiri
             if (allow is None or not _exempt(allow, cdr.src_ip, cdr.caller, cdr.callee)) and (
                 self.wangiri.on_cdr(out, s_w, cdr, now)
             ):
-                flags.append(WANGIRI)
+                flags = [WANGIRI] if flags is None else [*flags, WANGIRI]
         spend = view.spend_velocity
-        if spend is not None and cost is not None and self._rating and cdr.trunk is not None:
+        if spend is not None and cost is not None and self._rating and trunk is not None:
             s_sp, allow = spend
             if (allow is None or not _exempt(allow, cdr.src_ip, cdr.caller, cdr.callee)) and (
-                self.spend_velocity.on_cost(out, s_sp, cdr.trunk, cost, cdr, now)
+                self.spend_velocity.on_cost(out, s_sp, trunk, cost, cdr, now)
             ):
-                flags.append(SPEND_VELOCITY)
-        return (tuple(dict.fromkeys(flags)) if flags else _NO_FLAGS), (out or _NO_ALERTS)
+                flags = [SPEND_VELOCITY] if flags is None else [*flags, SPEND_VELOCITY]
+        return (tuple(dict.fromkeys(flags)) if flags else _NO_FLAGS), _taken(out)
 
     # -- time ---------------------------------------------------------------------------
 
@@ -538,3 +539,12 @@ def _flag(call: _Call, detector: str) -> None:
         call.flags = [detector]
     elif detector not in call.flags:
         call.flags.append(detector)
+
+
+def _taken(out: list[FraudAlert]) -> Sequence[FraudAlert]:
+    """What `out` collected, leaving it empty for the next message."""
+    if not out:
+        return _NO_ALERTS
+    alerts = out[:]
+    out.clear()
+    return alerts

@@ -14,14 +14,15 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Final
 
 from sipcdr.sip.numbers import INTERNATIONAL_PREFIX, MAX_E164_DIGITS, to_e164
 
 # The shortest international numbers are 7 digits: a 3-digit country code and a
 # 4-digit national number (Niue +683, Tokelau +690). Anything shorter is a short code
 # or an extension, never a call abroad.
-MIN_INTERNATIONAL_DIGITS = 7
-MAX_COUNTRY_CODE_DIGITS = 3  # ITU-T E.164 section 6.2.1
+MIN_INTERNATIONAL_DIGITS: Final = 7
+MAX_COUNTRY_CODE_DIGITS: Final = 3  # ITU-T E.164 section 6.2.1
 
 HIGH_RISK_PREFIXES_FILE = "high_risk_prefixes.csv"
 NSN_LENGTHS_FILE = "nsn_lengths.csv"

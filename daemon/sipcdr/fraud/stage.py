@@ -22,7 +22,7 @@ from sipcdr.sip import SipMessage
 # Distinct source addresses whose trunk is remembered: HEP and mirrored sources are the
 # sender's to choose, so the cache is cleared rather than grown past this.
 TRUNK_CACHE_LIMIT: Final = 65536
-_UNRESOLVED: Final = Trunk("", None, None, None)
+_UNRESOLVED: Final = "\0unresolved"  # no source address or trunk name is this
 
 
 class AlertWriter(Protocol):
@@ -66,31 +66,29 @@ class FraudStage:
         self.alerts = alerts
         self.stats = FraudStageStats()
         self._trunk_of = trunk_of
-        self._trunks: dict[str, Trunk | None] = {}
+        self._names: dict[str, str | None] = {}  # source -> its trunk's name
         self.monitor = FraudMonitor(settings, rating=rating, trunk_of=self.trunk_name)
 
     def trunk_name(self, source: str) -> str | None:
-        trunk = self._trunk(source)
-        return None if trunk is None else trunk.name
-
-    def _trunk(self, source: str) -> Trunk | None:
-        if self._trunk_of is None:
-            return None
-        trunk = self._trunks.get(source, _UNRESOLVED)
-        if trunk is _UNRESOLVED:
-            if len(self._trunks) >= TRUNK_CACHE_LIMIT:
-                self._trunks.clear()
-            trunk = self._trunks[source] = self._trunk_of(source)
-        return trunk
+        names = self._names
+        name = names.get(source, _UNRESOLVED)
+        if name is _UNRESOLVED:
+            if self._trunk_of is None:
+                return None
+            if len(names) >= TRUNK_CACHE_LIMIT:
+                names.clear()
+            trunk = self._trunk_of(source)
+            name = names[source] = None if trunk is None else trunk.name
+        return name
 
     def on_message(self, packet: Packet, msg: SipMessage) -> None:
         try:
-            # Only a request's own trunk counts: a response is judged by its call's, or
-            # by the requester's it goes to (the monitor looks that one up itself).
-            trunk = self._trunk(packet.src_ip) if msg.is_request else None
-            alerts = self.monitor.on_message(
-                msg, packet, packet.timestamp, None if trunk is None else trunk.name
-            )
+            # Only a request outside a dialog (a new call, a REGISTER, an OPTIONS) is
+            # judged by its own source's trunk: a response is judged by its call's, or
+            # by the requester's it goes to (the monitor looks that one up itself), and
+            # a request inside a dialog by nothing.
+            name = self.trunk_name(packet.src_ip) if msg.is_request and msg.to_tag is None else None
+            alerts = self.monitor.on_message(msg, packet, packet.timestamp, name)
         except Exception:
             self._error("message")
             return
