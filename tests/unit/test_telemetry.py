@@ -13,6 +13,7 @@ from typing import Any
 from sipcdr.capture.hepstream import HepStreamServer, StreamLimits
 from sipcdr.capture.listeners import AllowList, HepGate, ListenerStats
 from sipcdr.capture.live import LiveStats
+from sipcdr.capture.mirror import VxlanUdpProtocol
 from sipcdr.config import DEFAULT_ALLOW
 from sipcdr.decode.extract import CaptureStats
 from sipcdr.delivery import LoopState
@@ -60,7 +61,7 @@ class Filler:
         self._next = itertools.count(10_001)
         self.expected: dict[str, int] = {}  # "Class.field" -> value
 
-    def fill(self, stats: object) -> None:
+    def fill(self, stats: object, prefix: str = "") -> None:
         cls = type(stats)
         for name in _fields(stats):
             if (cls, name) in NOT_COUNTS or (cls, name) in NOT_EXPORTED:
@@ -73,7 +74,7 @@ class Filler:
             else:
                 assert isinstance(current, int | float), (cls, name)
                 setattr(stats, name, value)
-            self.expected[f"{cls.__name__}.{name}"] = value
+            self.expected[f"{prefix}{cls.__name__}.{name}"] = value
 
 
 def _fields(stats: object) -> list[str]:
@@ -134,6 +135,11 @@ def _sources(tmp_path: Path, filler: Filler) -> Sources:
     for stats in (live, capture, capture.decap, capture.tcp):
         filler.fill(stats)
     capturer = SimpleNamespace(interface="eth1", stats=live)
+    mirror = VxlanUdpProtocol(pipeline, AllowList(DEFAULT_ALLOW), listeners)
+    vni = mirror.extractor(7)
+    assert vni is not None
+    for stats in (vni.stats, vni.stats.decap, vni.stats.tcp):
+        filler.fill(stats, "vxlan:")
     spool = Spool(tmp_path / "records", ("jsonl",))
     spool.open()
     filler.fill(spool.stats)
@@ -176,6 +182,7 @@ def _sources(tmp_path: Path, filler: Filler) -> Sources:
         gate=gate,
         hep_stream=stream,
         live=[capturer],  # type: ignore[list-item]
+        vxlan=[mirror],
         outputs=outputs,  # type: ignore[arg-type]
         dialogs=dialogs,  # type: ignore[arg-type]
         spare=spare,  # type: ignore[arg-type]

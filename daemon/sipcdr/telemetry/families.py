@@ -83,7 +83,8 @@ FAMILIES: Final = {f.name: f for f in (
     _c("sipcdr_hep_timestamp_replaced",
        "HEP packets whose capture time was more than 30 s off this host's clock (the "
        "receive time, or a live frame's time, used instead), by where they came in "
-       "(listener: the HEP listeners; live: HEP found by a live capture)",
+       "(listener: the HEP listeners; live: HEP found by a live capture; vxlan: HEP "
+       "in VXLAN-mirrored frames)",
        "input"),
     _c("sipcdr_live_capture_events",
        "What a live capture did with the frames it read, by interface and event "
@@ -114,6 +115,26 @@ FAMILIES: Final = {f.name: f for f in (
        "TCP stream bytes the live capture could not read as SIP, by interface and why "
        "(gap: never captured, resync: passed over to find a start line)",
        "interface", "why"),
+    _c("sipcdr_vxlan_capture_events",
+       "What the VXLAN mirror listeners' decoders found in the mirrored frames, summed "
+       "over listeners and VNIs, by event (sip_messages, hep_packets, hep_non_sip, "
+       "non_sip_payloads, keepalives)",
+       "event"),
+    _c("sipcdr_vxlan_hep_errors",
+       "HEP packets in mirrored frames that did not decode, by reason",
+       "reason"),
+    _c("sipcdr_vxlan_decap_events",
+       "The VXLAN listeners' link, tunnel and IP layer decoder, summed over listeners "
+       "and VNIs, by event (the events of sipcdr_live_decap_events)",
+       "event"),
+    _c("sipcdr_vxlan_tcp_events",
+       "The VXLAN listeners' TCP and WebSocket reassembly, summed over listeners and "
+       "VNIs, by event (the events of sipcdr_live_tcp_events)",
+       "event"),
+    _c("sipcdr_vxlan_tcp_skipped_bytes",
+       "TCP stream bytes in mirrored frames that could not be read as SIP, by why "
+       "(gap: never captured, resync: passed over to find a start line)",
+       "why"),
     # -- parsing and correlation -------------------------------------------------------
     _c("sipcdr_sip_parse_errors", "Messages the SIP parser rejected, by parser reason",
        "reason"),

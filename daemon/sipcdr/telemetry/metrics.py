@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from sipcdr.capture.listeners import HepGate, ListenerStats
     from sipcdr.capture.live import LiveCapture
     from sipcdr.capture.mirror import VxlanUdpProtocol
+    from sipcdr.decode.extract import CaptureStats
     from sipcdr.dialog import Correlator
     from sipcdr.dialogstore import DialogStore
     from sipcdr.fraud.stage import FraudStage
@@ -205,19 +206,28 @@ def _live(scrape: _Scrape, sources: Sources) -> None:
             scrape.add("sipcdr_packets_dropped", getattr(stats, attribute), "live", reason)
         for event in _LIVE_EVENTS:
             scrape.add("sipcdr_live_capture_events", getattr(stats, event), interface, event)
-        capture = stats.capture
-        for event in _CAPTURE_EVENTS:
-            scrape.add("sipcdr_live_capture_events", getattr(capture, event), interface, event)
-        scrape.counts("sipcdr_live_hep_errors", capture.hep_errors, interface)
-        scrape.add("sipcdr_hep_timestamp_replaced", capture.hep_clock_skew, "live")
-        for event, value in capture.decap.as_dict().items():
-            scrape.add("sipcdr_live_decap_events", value, interface, event)
-        for event, value in capture.tcp.as_dict().items():
-            why = _TCP_BYTES.get(event)
-            if why is None:
-                scrape.add("sipcdr_live_tcp_events", value, interface, event)
-            else:
-                scrape.add("sipcdr_live_tcp_skipped_bytes", value, interface, why)
+        _decoder(scrape, stats.capture, "live", interface)
+        scrape.add("sipcdr_hep_timestamp_replaced", stats.capture.hep_clock_skew, "live")
+    for mirror in sources.vxlan:
+        for capture in mirror.decoder_stats():
+            # Summed over listeners and VNIs: a VNI is sender-chosen, not a label.
+            _decoder(scrape, capture, "vxlan")
+            scrape.add("sipcdr_hep_timestamp_replaced", capture.hep_clock_skew, "vxlan")
+
+
+def _decoder(scrape: _Scrape, capture: CaptureStats, family: str, *labels: str) -> None:
+    """A decoder's counts into the sipcdr_<family>_* families."""
+    for event in _CAPTURE_EVENTS:
+        scrape.add(f"sipcdr_{family}_capture_events", getattr(capture, event), *labels, event)
+    scrape.counts(f"sipcdr_{family}_hep_errors", capture.hep_errors, *labels)
+    for event, value in capture.decap.as_dict().items():
+        scrape.add(f"sipcdr_{family}_decap_events", value, *labels, event)
+    for event, value in capture.tcp.as_dict().items():
+        why = _TCP_BYTES.get(event)
+        if why is None:
+            scrape.add(f"sipcdr_{family}_tcp_events", value, *labels, event)
+        else:
+            scrape.add(f"sipcdr_{family}_tcp_skipped_bytes", value, *labels, why)
 
 
 def _pipeline(scrape: _Scrape, sources: Sources) -> None:
