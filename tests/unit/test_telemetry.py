@@ -22,6 +22,8 @@ from sipcdr.dialog.correlator import CorrelatorStats
 from sipcdr.dialog.kpi import DURATION_BUCKETS_S, PDD_BUCKETS_S, Kpi
 from sipcdr.dialogstore import DialogStoreStats
 from sipcdr.enrich import EnrichStats
+from sipcdr.fraud.incidents import FraudStats
+from sipcdr.fraud.stage import FraudStageStats
 from sipcdr.pipeline import Pipeline, PipelineStats
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.rating.stage import RatingStats
@@ -145,8 +147,16 @@ def _sources(tmp_path: Path, filler: Filler) -> Sources:
     filler.fill(spool.stats)
     state = LoopState("jsonl", "records")
     filler.fill(state)
-    reader = SimpleNamespace(lag_records=3, cursor_write_failures=next(filler._next))
+    reader = SimpleNamespace(
+        lag_records=3,
+        cursor_write_failures=next(filler._next),
+        corrupt_records=next(filler._next),
+    )
     filler.expected["SpoolReader.cursor_write_failures"] = reader.cursor_write_failures
+    filler.expected["SpoolReader.corrupt_records"] = reader.corrupt_records
+    fraud_stats = FraudStageStats()
+    filler.fill(fraud_stats)
+    fraud = SimpleNamespace(stats=fraud_stats, monitor=SimpleNamespace(stats=FraudStats()))
     jsonl = SimpleNamespace(rotation_failures=next(filler._next))
     filler.expected["JsonlSink.rotation_failures"] = jsonl.rotation_failures
     postgres = SimpleNamespace(
@@ -190,6 +200,7 @@ def _sources(tmp_path: Path, filler: Filler) -> Sources:
         rating=rating,
         privacy=privacy,
         outbound=outbound,  # type: ignore[arg-type]
+        fraud=fraud,  # type: ignore[arg-type]
     )
 
 

@@ -308,7 +308,6 @@ class SpoolReader:
         start = max(expected, self._gap_counted_to)
         if found > start:
             self.corrupt_records += found - start
-            self.spool.stats.corrupt_records += found - start
             self._gap_counted_to = found
 
     def rewind(self) -> None:

@@ -258,9 +258,13 @@ FAMILIES: Final = {f.name: f for f in (
        "to a power loss, or is already lost to an I/O error)",
        "stream", "op"),
     _c("sipcdr_spool_damaged",
-       "Spool damage found after a crash or on disk: torn_tail (cut off at open), "
-       "corrupt_record (skipped by a reader)",
+       "Spool damage found after a crash: torn_tail (cut off at open; records damaged "
+       "on disk are sipcdr_spool_corrupt_records)",
        "stream", "what"),
+    _c("sipcdr_spool_corrupt_records",
+       "Records a sink's spool reader found damaged or missing on disk and skipped "
+       "(lost to that sink), by sink and stream",
+       "sink", "stream"),
     _c("sipcdr_spool_torn_bytes", "Bytes cut off the spool's newest segment at open",
        "stream"),
     _c("sipcdr_jsonl_rotation_failures",
@@ -307,6 +311,10 @@ FAMILIES: Final = {f.name: f for f in (
        "New fraud incidents not sent, over the per-detector rate limit", "detector"),
     _c("sipcdr_fraud_subjects_evicted",
        "Subjects a fraud detector forgot at its max_subjects cap, idlest first", "detector"),
+    _c("sipcdr_fraud_alerts_written",
+       "Alert records (new and updated) handed to the spool, by outcome (written; "
+       "refused: the spool was full, the alert is lost)",
+       "outcome"),
     _c("sipcdr_fraud_errors",
        "Fraud checks skipped by a fault in a detector, by step (message, cdr, tick, "
        "write); the message or CDR itself went on",

@@ -300,7 +300,6 @@ def _outputs(scrape: _Scrape, sources: Sources) -> None:
         scrape.add("sipcdr_spool_io_errors", stats.rotation_failures, stream, "rotate")
         scrape.add("sipcdr_spool_io_errors", stats.sync_failures, stream, "sync")
         scrape.add("sipcdr_spool_damaged", stats.torn_tails, stream, "torn_tail")
-        scrape.add("sipcdr_spool_damaged", stats.corrupt_records, stream, "corrupt_record")
         scrape.add("sipcdr_spool_torn_bytes", stats.torn_tail_bytes, stream)
     if outputs.delivery is not None:
         for state, reader in outputs.delivery.readers():
@@ -311,6 +310,7 @@ def _outputs(scrape: _Scrape, sources: Sources) -> None:
             scrape.add("sipcdr_sink_failures", state.failures, *labels)
             scrape.add("sipcdr_sink_rejected", state.rejected, *labels)
             scrape.add("sipcdr_spool_cursor_write_failures", reader.cursor_write_failures, *labels)
+            scrape.add("sipcdr_spool_corrupt_records", reader.corrupt_records, *labels)
     for sink in outputs.sinks:
         failures = getattr(sink, "rotation_failures", None)
         if failures is not None:
@@ -381,6 +381,8 @@ def _fraud(scrape: _Scrape, sources: Sources) -> None:
     for detector, held in dict(stats.tracked).items():
         scrape.set("sipcdr_fraud_subjects_tracked", held, detector)
     scrape.counts("sipcdr_fraud_errors", stage.stats.errors)
+    scrape.add("sipcdr_fraud_alerts_written", stage.stats.alerts_written, "written")
+    scrape.add("sipcdr_fraud_alerts_written", stage.stats.alerts_refused, "refused")
 
 
 def _privacy(scrape: _Scrape, sources: Sources) -> None:
