@@ -9,12 +9,12 @@ does not begin another day of learning; a crash costs at most that interval of i
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Final
 
 import structlog
 
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import Config
 from sipcdr.enrich.trunks import trunk_resolver
 from sipcdr.fraud.stage import AlertWriter, FraudStage
@@ -42,20 +42,23 @@ class DaemonFraud:
 
     name = "fraud"
 
-    def __init__(self, stage: FraudStage, state_dir: Path) -> None:
+    def __init__(self, stage: FraudStage, state_dir: Path, clock: Clock = SYSTEM_CLOCK) -> None:
         self.stage = stage
+        self._clock = clock
         self.path = state_dir / BASELINES_FILE
         self.log = structlog.get_logger("sipcdr.fraud")
-        self._saved_at = time.monotonic()
+        self._saved_at = clock.monotonic()
         self._logged: dict[str, int] = {}  # detector faults already logged, by step
 
     @classmethod
-    def build(cls, config: Config, alerts: AlertWriter | None) -> DaemonFraud | None:
+    def build(
+        cls, config: Config, alerts: AlertWriter | None, clock: Clock = SYSTEM_CLOCK
+    ) -> DaemonFraud | None:
         """None when `[fraud] enabled = false` or no sink keeps records (no spool)."""
         stage = fraud_stage(config, alerts)
         if stage is None:
             return None
-        fraud = cls(stage, Path(config.state.dir))
+        fraud = cls(stage, Path(config.state.dir), clock)
         for detector, reason in stage.monitor.stats.inactive.items():
             fraud.log.info("fraud_detector_inactive", detector=detector, reason=reason)
         fraud.restore()
@@ -65,7 +68,7 @@ class DaemonFraud:
         try:
             saved = read_private(self.path)
             if saved is not None:
-                restored = self.stage.monitor.restore(saved, time.time())
+                restored = self.stage.monitor.restore(saved, self._clock.time())
                 self.log.info("fraud_baselines_restored", baselines=restored)
         except (OSError, ValueError) as exc:
             # Costs a day of learning, nothing else: the detectors start afresh.
@@ -73,14 +76,14 @@ class DaemonFraud:
 
     def save(self) -> None:
         """Replace the last save whole: a crash mid-write leaves the one before."""
-        self._saved_at = time.monotonic()
+        self._saved_at = self._clock.monotonic()
         partial = self.path.with_name(self.path.name + ".new")
         write_private(partial, self.stage.monitor.snapshot())
         os.replace(partial, self.path)
 
     def tick(self, now: float) -> None:
         self.stage.tick(now)
-        if time.monotonic() - self._saved_at >= SAVE_INTERVAL_S:
+        if self._clock.monotonic() - self._saved_at >= SAVE_INTERVAL_S:
             self.save()
 
     def log_failures(self) -> None:

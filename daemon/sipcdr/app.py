@@ -196,6 +196,7 @@ class App:
                 journal=JournalHooks(self.dialogs.message, self.dialogs.decided),
                 intake=self.intake.intake,
                 daemon_fraud=True,
+                clock=self.clock,
             )
             self._connect_outputs()
             # The store opens its journal, then writes the CDRs a crash or a stop left
@@ -234,6 +235,7 @@ class App:
             lambda: self.outputs.postgres_dsn,
             self.outputs.outbound,
             spools=lambda: self.outputs.spools,
+            clock=self.clock.time,
         )
         self._privacy.start()
         self._ready = True
@@ -457,6 +459,7 @@ class App:
             bpf_filter=bpf_filter,
             rcvbuf_bytes=capture.rcvbuf_bytes,
             promiscuous=capture.promiscuous,
+            clock=self.clock,
         )
         await capturer.start()
         self._live.append(capturer)

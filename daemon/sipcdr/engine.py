@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from sipcdr.antifraud import DaemonFraud, fraud_stage
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import Config
 from sipcdr.dialog import Correlator
 from sipcdr.enrich import EnrichStage
@@ -146,22 +147,24 @@ def build_engine(
     journal: JournalHooks | None = None,
     intake: Intake | None = None,
     daemon_fraud: bool = False,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Engine:
     """The chain of `config` writing to `destinations`.
 
     The daemon passes its correlator (the dialog store recovers calls into it before
     the outputs open), its journal hooks and its intake gate's state, and keeps its
     fraud baselines across restarts (`daemon_fraud`); an import and a topic replay
-    start from nothing, on the traffic's own time.
+    start from nothing, on the traffic's own time. `clock` dates the rate decks and
+    paces the baselines' saves.
     """
     if correlator is None:
         correlator = Correlator(config.dialog, egress=bool(config.trunks))
     enrich = EnrichStage(config.trunks)
-    rates = rate_decks(config)
+    rates = rate_decks(config, clock.time)
     timed: list[TimedStage] = []
     stage: FraudStage | None
     if daemon_fraud:
-        kept = DaemonFraud.build(config, destinations.alerts)
+        kept = DaemonFraud.build(config, destinations.alerts, clock)
         stage = None if kept is None else kept.stage
         if kept is not None:
             timed.append(kept)  # the stage's tick, then the baselines' save when due
