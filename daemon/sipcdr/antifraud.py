@@ -16,7 +16,7 @@ import structlog
 
 from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import Config
-from sipcdr.enrich.trunks import trunk_resolver
+from sipcdr.enrich.trunks import TrunkLookup
 from sipcdr.fraud.stage import AlertWriter, FraudStage
 from sipcdr.private import read_private, write_private
 
@@ -24,14 +24,20 @@ BASELINES_FILE: Final = "fraud-baselines.json"
 SAVE_INTERVAL_S: Final = 600.0
 
 
-def fraud_stage(config: Config, alerts: AlertWriter | None) -> FraudStage | None:
+def fraud_stage(
+    config: Config, alerts: AlertWriter | None, trunks: TrunkLookup | None = None
+) -> FraudStage | None:
     """The fraud stage of `config`, fresh (no learnt baselines): an import's. None when
-    `[fraud] enabled = false` or nothing takes its alerts (no sink keeps records)."""
+    `[fraud] enabled = false` or nothing takes its alerts (no sink keeps records).
+    `trunks`: the engine's lookup, shared with the enrich stage."""
     settings = config.fraud.settings
     if not settings.enabled or alerts is None:
         return None
     return FraudStage(
-        settings, alerts, trunk_resolver(config.trunks), rating=bool(config.rating.decks)
+        settings,
+        alerts,
+        TrunkLookup.of(config.trunks) if trunks is None else trunks,
+        rating=bool(config.rating.decks),
     )
 
 
@@ -52,10 +58,14 @@ class DaemonFraud:
 
     @classmethod
     def build(
-        cls, config: Config, alerts: AlertWriter | None, clock: Clock = SYSTEM_CLOCK
+        cls,
+        config: Config,
+        alerts: AlertWriter | None,
+        clock: Clock = SYSTEM_CLOCK,
+        trunks: TrunkLookup | None = None,
     ) -> DaemonFraud | None:
         """None when `[fraud] enabled = false` or no sink keeps records (no spool)."""
-        stage = fraud_stage(config, alerts)
+        stage = fraud_stage(config, alerts, trunks)
         if stage is None:
             return None
         fraud = cls(stage, Path(config.state.dir), clock)

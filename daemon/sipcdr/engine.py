@@ -21,6 +21,7 @@ from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import Config
 from sipcdr.dialog import Correlator
 from sipcdr.enrich import EnrichStage
+from sipcdr.enrich.trunks import TrunkLookup
 from sipcdr.fraud.stage import AlertWriter, FraudStage
 from sipcdr.model import Cdr, Packet, SipEvent
 from sipcdr.pipeline import CdrSink, Intake, Pipeline
@@ -159,17 +160,19 @@ def build_engine(
     """
     if correlator is None:
         correlator = Correlator(config.dialog, egress=bool(config.trunks))
-    enrich = EnrichStage(config.trunks)
+    # One lookup, remembering each address's trunk, for the enrich and fraud stages.
+    trunks = TrunkLookup.of(config.trunks)
+    enrich = EnrichStage(trunks)
     rates = rate_decks(config, clock.time)
     timed: list[TimedStage] = []
     stage: FraudStage | None
     if daemon_fraud:
-        kept = DaemonFraud.build(config, destinations.alerts, clock)
+        kept = DaemonFraud.build(config, destinations.alerts, clock, trunks)
         stage = None if kept is None else kept.stage
         if kept is not None:
             timed.append(kept)  # the stage's tick, then the baselines' save when due
     else:
-        stage = fraud_stage(config, destinations.alerts)
+        stage = fraud_stage(config, destinations.alerts, trunks)
         if stage is not None:
             timed.append(stage)
     return Engine(correlator, destinations, enrich, rates, stage, timed, journal, intake)

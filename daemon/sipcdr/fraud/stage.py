@@ -4,25 +4,20 @@ A message stage (each parsed message, before the correlator), a CDR stage (each 
 call, after rating: `fraud_flags` set from the detectors that counted it) and a timed
 stage (incident updates and closes, once a second). Every alert the monitor produces
 goes to the alert writer the stage is built with, which puts it in the spool for the
-sinks. The monitor is pure; this adds the source-to-trunk lookup (cached per source,
-as the correlator's) and the counts of what it handed on.
+sinks. The monitor is pure; this adds the source-to-trunk lookup (the engine's, shared
+with the enrich stage) and the counts of what it handed on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from typing import Protocol
 
 from sipcdr.fraud.monitor import FraudMonitor
 from sipcdr.fraud.settings import FraudSettings
 from sipcdr.model import Cdr, FraudAlert, Packet, Trunk
 from sipcdr.sip import SipMessage
-
-# Distinct source addresses whose trunk is remembered: HEP and mirrored sources are the
-# sender's to choose, so the cache is cleared rather than grown past this.
-TRUNK_CACHE_LIMIT: Final = 65536
-_UNRESOLVED: Final = Trunk("", None, None, None)
 
 
 class AlertWriter(Protocol):
@@ -61,12 +56,12 @@ class FraudStage:
         *,
         rating: bool = False,
     ) -> None:
-        """`trunk_of` the trunk lookup (`sipcdr.enrich.trunks.trunk_resolver`);
+        """`trunk_of` the trunk lookup (the engine's `sipcdr.enrich.trunks.TrunkLookup`,
+        shared with the enrich stage, which remembers each address's trunk);
         `rating`: a rate deck is loaded, so CDRs carry a cost (spend_velocity)."""
         self.alerts = alerts
         self.stats = FraudStageStats()
         self._trunk_of = trunk_of
-        self._trunks: dict[str, Trunk | None] = {}
         self.monitor = FraudMonitor(settings, rating=rating, trunk_of=self.trunk_name)
 
     def trunk_name(self, source: str) -> str | None:
@@ -74,14 +69,7 @@ class FraudStage:
         return None if trunk is None else trunk.name
 
     def _trunk(self, source: str) -> Trunk | None:
-        if self._trunk_of is None:
-            return None
-        trunk = self._trunks.get(source, _UNRESOLVED)
-        if trunk is _UNRESOLVED:
-            if len(self._trunks) >= TRUNK_CACHE_LIMIT:
-                self._trunks.clear()
-            trunk = self._trunks[source] = self._trunk_of(source)
-        return trunk
+        return None if self._trunk_of is None else self._trunk_of(source)
 
     def on_message(self, packet: Packet, msg: SipMessage) -> None:
         try:
