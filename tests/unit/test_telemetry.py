@@ -24,12 +24,13 @@ from sipcdr.dialogstore import DialogStoreStats
 from sipcdr.enrich import EnrichStats
 from sipcdr.fraud.incidents import FraudStats
 from sipcdr.fraud.stage import FraudStageStats
+from sipcdr.model import UNKNOWN_TRUNK
 from sipcdr.pipeline import Pipeline, PipelineStats
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.rating.stage import RatingStats
 from sipcdr.spool import Spool
 from sipcdr.telemetry.families import FAMILIES
-from sipcdr.telemetry.metrics import UNKNOWN_TRUNK, Metrics, Sources
+from sipcdr.telemetry.metrics import Metrics, Sources
 
 # Counts no metric carries, and why.
 NOT_EXPORTED = {

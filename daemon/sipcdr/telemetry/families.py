@@ -53,12 +53,14 @@ FAMILIES: Final = {f.name: f for f in (
     # -- capture ---------------------------------------------------------------------
     _c("sipcdr_packets_received",
        "Datagrams, stream frames or captured SIP messages taken in, by listener kind "
-       "(sip_udp, hep_udp, hep_tcp, hep_tls, live)",
+       "(sip_udp, hep_udp, hep_tcp, hep_tls, vxlan_udp, live)",
        "source"),
     _c("sipcdr_packets_dropped",
-       "Input dropped before parsing, by listener kind and reason (not_allowed, bad_hep, "
-       "bad_key, not_sip, oversize, truncated, rcvbuf_overflow, kernel_drop, "
-       "backlog_full, callback_error)",
+       "Input dropped before parsing, by listener kind (sip_udp, hep_udp, hep_tcp, "
+       "hep_tls, vxlan_udp, live) and reason (not_allowed, bad_hep, bad_key, not_sip, "
+       "oversize, truncated, rcvbuf_overflow, kernel_drop, backlog_full, "
+       "callback_error, bad_vxlan, too_many_vnis, non_ip, unsupported_tunnel, "
+       "malformed)",
        "source", "reason"),
     _c("sipcdr_hep_rejected",
        "HEP packets dropped for a wrong or missing agent key, by capture id",
@@ -147,12 +149,13 @@ FAMILIES: Final = {f.name: f for f in (
        "reason"),
     _c("sipcdr_internal_errors",
        "Messages and CDRs a bug cost, by stage (correlator: the message did not reach "
-       "its call; signaling: its signaling record was not written; enrich, rate, "
-       "fraud: a stage's work on a message or CDR, which went on without it); the "
-       "first few are logged",
+       "its call; signaling: its signaling record was not written; enrich, rate: a "
+       "stage's work on a CDR, which went on without it; the fraud stage counts its "
+       "own faults in sipcdr_fraud_errors); the first few are logged",
        "stage"),
     _c("sipcdr_cdr_write_failures",
-       "CDRs a sink raised on when handed over, by sink (spool); each is logged",
+       "CDRs a sink raised on when handed over, by sink (spool); the first few are "
+       "logged",
        "sink"),
     _c("sipcdr_dialog_events",
        "Correlator events, by event (retransmission, late, orphan, unusable, evicted, "

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from sipcdr.dialog.kpi import Histogram, Kpi
 from sipcdr.enrich import EnrichStats
 from sipcdr.hotpath import hot_path
+from sipcdr.model import UNKNOWN_TRUNK
 from sipcdr.sip.parser import KNOWN_METHODS
 from sipcdr.telemetry.families import FAMILIES
 
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
     from sipcdr.spare import SpareSpace
     from sipcdr.telemetry.http import MetricsServer
 
-# The label of calls from no configured trunk.
-UNKNOWN_TRUNK = "unknown"
 _TCP_BYTES = {"gap_bytes": "gap", "skipped_bytes": "resync"}
 _LIVE_DROPS = (
     ("kernel_drops", "kernel_drop"),
