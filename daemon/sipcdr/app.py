@@ -30,9 +30,15 @@ from sipcdr.capture.live import LiveCapture
 from sipcdr.capture.mirror import VxlanUdpProtocol
 from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import Config, Endpoint, cdr_destinations, output_settings
-from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
-from sipcdr.engine import Destinations, Engine, JournalHooks, build_engine, daemon_fraud_of
+from sipcdr.engine import (
+    Destinations,
+    Engine,
+    JournalHooks,
+    build_correlator,
+    build_engine,
+    daemon_fraud_of,
+)
 from sipcdr.hotpath import hot_path
 from sipcdr.intake import IntakeGate
 from sipcdr.limits import raise_file_limit, stream_limits
@@ -84,7 +90,7 @@ class App:
         """The components that hold calls and CDRs. Built anew for a start tried again
         after one failed, which then recovers from disk what the failed one saved."""
         config = self.config
-        self.correlator = Correlator(config.dialog, egress=bool(config.trunks))
+        self.correlator = build_correlator(config)
         self.outputs = Outputs(output_settings(config), restrictions=True, clock=self.clock)
         # Built once the outputs are open: its writers are their spools.
         self.engine: Engine | None = None

@@ -135,9 +135,11 @@ class Engine:
     def flush(self) -> None:
         self.pipeline.flush()
 
-    @property
-    def cdrs_written(self) -> int:
-        return self.pipeline.cdrs_written
+
+def build_correlator(config: Config) -> Correlator:
+    """The correlator of `config`: the daemon builds it ahead of the engine, for the
+    dialog store to recover calls into before the outputs open."""
+    return Correlator(config.dialog, egress=bool(config.trunks))
 
 
 def build_engine(
@@ -159,7 +161,7 @@ def build_engine(
     paces the baselines' saves.
     """
     if correlator is None:
-        correlator = Correlator(config.dialog, egress=bool(config.trunks))
+        correlator = build_correlator(config)
     # One lookup, remembering each address's trunk, for the enrich and fraud stages.
     trunks = TrunkLookup.of(config.trunks)
     enrich = EnrichStage(trunks)
