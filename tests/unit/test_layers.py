@@ -34,7 +34,6 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
             "sipcdr.hep",
             "sipcdr.hepencode",
             "sipcdr.decode",
-            "sipcdr.numbers",
         ),
     ),
     (
