@@ -9,14 +9,14 @@ does not begin another day of learning; a crash costs at most that interval of i
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Final
 
 import structlog
 
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import Config
-from sipcdr.enrich.trunks import trunk_resolver
+from sipcdr.enrich.trunks import TrunkLookup
 from sipcdr.fraud.stage import AlertWriter, FraudStage
 from sipcdr.private import read_private, write_private
 
@@ -24,14 +24,20 @@ BASELINES_FILE: Final = "fraud-baselines.json"
 SAVE_INTERVAL_S: Final = 600.0
 
 
-def fraud_stage(config: Config, alerts: AlertWriter | None) -> FraudStage | None:
+def fraud_stage(
+    config: Config, alerts: AlertWriter | None, trunks: TrunkLookup | None = None
+) -> FraudStage | None:
     """The fraud stage of `config`, fresh (no learnt baselines): an import's. None when
-    `[fraud] enabled = false` or nothing takes its alerts (no sink keeps records)."""
+    `[fraud] enabled = false` or nothing takes its alerts (no sink keeps records).
+    `trunks`: the engine's lookup, shared with the enrich stage."""
     settings = config.fraud.settings
     if not settings.enabled or alerts is None:
         return None
     return FraudStage(
-        settings, alerts, trunk_resolver(config.trunks), rating=bool(config.rating.decks)
+        settings,
+        alerts,
+        TrunkLookup.of(config.trunks) if trunks is None else trunks,
+        rating=bool(config.rating.decks),
     )
 
 
@@ -42,20 +48,27 @@ class DaemonFraud:
 
     name = "fraud"
 
-    def __init__(self, stage: FraudStage, state_dir: Path) -> None:
+    def __init__(self, stage: FraudStage, state_dir: Path, clock: Clock = SYSTEM_CLOCK) -> None:
         self.stage = stage
+        self._clock = clock
         self.path = state_dir / BASELINES_FILE
         self.log = structlog.get_logger("sipcdr.fraud")
-        self._saved_at = time.monotonic()
+        self._saved_at = clock.monotonic()
         self._logged: dict[str, int] = {}  # detector faults already logged, by step
 
     @classmethod
-    def build(cls, config: Config, alerts: AlertWriter | None) -> DaemonFraud | None:
+    def build(
+        cls,
+        config: Config,
+        alerts: AlertWriter | None,
+        clock: Clock = SYSTEM_CLOCK,
+        trunks: TrunkLookup | None = None,
+    ) -> DaemonFraud | None:
         """None when `[fraud] enabled = false` or no sink keeps records (no spool)."""
-        stage = fraud_stage(config, alerts)
+        stage = fraud_stage(config, alerts, trunks)
         if stage is None:
             return None
-        fraud = cls(stage, Path(config.state.dir))
+        fraud = cls(stage, Path(config.state.dir), clock)
         for detector, reason in stage.monitor.stats.inactive.items():
             fraud.log.info("fraud_detector_inactive", detector=detector, reason=reason)
         fraud.restore()
@@ -65,7 +78,7 @@ class DaemonFraud:
         try:
             saved = read_private(self.path)
             if saved is not None:
-                restored = self.stage.monitor.restore(saved, time.time())
+                restored = self.stage.monitor.restore(saved, self._clock.time())
                 self.log.info("fraud_baselines_restored", baselines=restored)
         except (OSError, ValueError) as exc:
             # Costs a day of learning, nothing else: the detectors start afresh.
@@ -73,14 +86,14 @@ class DaemonFraud:
 
     def save(self) -> None:
         """Replace the last save whole: a crash mid-write leaves the one before."""
-        self._saved_at = time.monotonic()
+        self._saved_at = self._clock.monotonic()
         partial = self.path.with_name(self.path.name + ".new")
         write_private(partial, self.stage.monitor.snapshot())
         os.replace(partial, self.path)
 
     def tick(self, now: float) -> None:
         self.stage.tick(now)
-        if time.monotonic() - self._saved_at >= SAVE_INTERVAL_S:
+        if self._clock.monotonic() - self._saved_at >= SAVE_INTERVAL_S:
             self.save()
 
     def log_failures(self) -> None:

@@ -15,24 +15,18 @@ from typing import Any
 
 import structlog
 
+from sipcdr import engine as chain
 from sipcdr.antifraud import DaemonFraud
 from sipcdr.capture import live, tls
 from sipcdr.capture.addresses import ListenerError, named_udp_socket, unbound_stream
 from sipcdr.capture.hepstream import HepStreamServer, StreamLimits
 from sipcdr.capture.hints import HintedHepUdpProtocol, HintedSipUdpProtocol, ListenerHints
-from sipcdr.capture.listeners import (
-    AllowList,
-    HepGate,
-    ListenerStats,
-    udp_drops,
-)
+from sipcdr.capture.listeners import AllowList, HepGate, ListenerStats, udp_drops
 from sipcdr.capture.live import LiveCapture
 from sipcdr.capture.mirror import VxlanUdpProtocol
 from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import Config, Endpoint, cdr_destinations, output_settings
-from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import DialogStore
-from sipcdr.engine import Destinations, Engine, JournalHooks, build_engine, daemon_fraud_of
 from sipcdr.hotpath import hot_path
 from sipcdr.intake import IntakeGate
 from sipcdr.limits import raise_file_limit, stream_limits
@@ -84,10 +78,10 @@ class App:
         """The components that hold calls and CDRs. Built anew for a start tried again
         after one failed, which then recovers from disk what the failed one saved."""
         config = self.config
-        self.correlator = Correlator(config.dialog, egress=bool(config.trunks))
+        self.correlator = chain.build_correlator(config)
         self.outputs = Outputs(output_settings(config), restrictions=True, clock=self.clock)
         # Built once the outputs are open: its writers are their spools.
-        self.engine: Engine | None = None
+        self.engine: chain.Engine | None = None
         self.spare = SpareSpace(self.state_dir / SPARE_NAME, config.state.spare_bytes, self.clock)
         self.dialogs = DialogStore(
             self.state_dir,
@@ -144,7 +138,7 @@ class App:
             metrics_server=self._metrics_server,
         )
 
-    def _built(self) -> Engine:
+    def _built(self) -> chain.Engine:
         assert self.engine is not None, "the engine is built by start()"
         return self.engine
 
@@ -159,7 +153,7 @@ class App:
 
     @property
     def fraud(self) -> DaemonFraud | None:
-        return None if self.engine is None else daemon_fraud_of(self.engine)
+        return None if self.engine is None else chain.daemon_fraud_of(self.engine)
 
     @property
     def state_dir(self) -> Path:
@@ -189,13 +183,14 @@ class App:
             await self.outputs.open()
             # The whole chain, writing into the spools just opened, journaling into the
             # dialog store, refusing new calls while the intake gate says so.
-            self.engine = build_engine(
+            self.engine = chain.build_engine(
                 self.config,
-                Destinations.of(self.outputs),
+                chain.Destinations.of(self.outputs),
                 correlator=self.correlator,
-                journal=JournalHooks(self.dialogs.message, self.dialogs.decided),
+                journal=chain.JournalHooks(self.dialogs.message, self.dialogs.decided),
                 intake=self.intake.intake,
                 daemon_fraud=True,
+                clock=self.clock,
             )
             self._connect_outputs()
             # The store opens its journal, then writes the CDRs a crash or a stop left
@@ -234,6 +229,7 @@ class App:
             lambda: self.outputs.postgres_dsn,
             self.outputs.outbound,
             spools=lambda: self.outputs.spools,
+            clock=self.clock.time,
         )
         self._privacy.start()
         self._ready = True
@@ -457,6 +453,7 @@ class App:
             bpf_filter=bpf_filter,
             rcvbuf_bytes=capture.rcvbuf_bytes,
             promiscuous=capture.promiscuous,
+            clock=self.clock,
         )
         await capturer.start()
         self._live.append(capturer)

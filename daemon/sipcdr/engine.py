@@ -17,9 +17,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from sipcdr.antifraud import DaemonFraud, fraud_stage
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import Config
 from sipcdr.dialog import Correlator
 from sipcdr.enrich import EnrichStage
+from sipcdr.enrich.trunks import TrunkLookup
 from sipcdr.fraud.stage import AlertWriter, FraudStage
 from sipcdr.model import Cdr, Packet, SipEvent
 from sipcdr.pipeline import CdrSink, Intake, Pipeline
@@ -133,9 +135,11 @@ class Engine:
     def flush(self) -> None:
         self.pipeline.flush()
 
-    @property
-    def cdrs_written(self) -> int:
-        return self.pipeline.cdrs_written
+
+def build_correlator(config: Config) -> Correlator:
+    """The correlator of `config`: the daemon builds it ahead of the engine, for the
+    dialog store to recover calls into before the outputs open."""
+    return Correlator(config.dialog, egress=bool(config.trunks))
 
 
 def build_engine(
@@ -146,27 +150,31 @@ def build_engine(
     journal: JournalHooks | None = None,
     intake: Intake | None = None,
     daemon_fraud: bool = False,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Engine:
     """The chain of `config` writing to `destinations`.
 
     The daemon passes its correlator (the dialog store recovers calls into it before
     the outputs open), its journal hooks and its intake gate's state, and keeps its
     fraud baselines across restarts (`daemon_fraud`); an import and a topic replay
-    start from nothing, on the traffic's own time.
+    start from nothing, on the traffic's own time. `clock` dates the rate decks and
+    paces the baselines' saves.
     """
     if correlator is None:
-        correlator = Correlator(config.dialog, egress=bool(config.trunks))
-    enrich = EnrichStage(config.trunks)
-    rates = rate_decks(config)
+        correlator = build_correlator(config)
+    # One lookup, remembering each address's trunk, for the enrich and fraud stages.
+    trunks = TrunkLookup.of(config.trunks)
+    enrich = EnrichStage(trunks)
+    rates = rate_decks(config, clock.time)
     timed: list[TimedStage] = []
     stage: FraudStage | None
     if daemon_fraud:
-        kept = DaemonFraud.build(config, destinations.alerts)
+        kept = DaemonFraud.build(config, destinations.alerts, clock, trunks)
         stage = None if kept is None else kept.stage
         if kept is not None:
             timed.append(kept)  # the stage's tick, then the baselines' save when due
     else:
-        stage = fraud_stage(config, destinations.alerts)
+        stage = fraud_stage(config, destinations.alerts, trunks)
         if stage is not None:
             timed.append(stage)
     return Engine(correlator, destinations, enrich, rates, stage, timed, journal, intake)

@@ -34,6 +34,11 @@ class Packet(NamedTuple):
     capture_node: str
 
 
+# The metric label of calls whose source matched no configured trunk, in the KPIs and
+# the rating counts alike.
+UNKNOWN_TRUNK: Final = "unknown"
+
+
 class Trunk(NamedTuple):
     """A `[[trunks]]` entry: names the sources of a carrier or account."""
 

@@ -135,9 +135,9 @@ class RateDecks:
                 )
 
 
-def rate_decks(config: Config) -> RateDecks:
-    """The rate stage of `config`, its decks loaded."""
-    decks = RateDecks(config.rating, [trunk.to_trunk() for trunk in config.trunks])
+def rate_decks(config: Config, clock: Callable[[], float] = time.time) -> RateDecks:
+    """The rate stage of `config`, its decks loaded; `clock` dates the decks' validity."""
+    decks = RateDecks(config.rating, [trunk.to_trunk() for trunk in config.trunks], clock)
     decks.load()
     return decks
 

@@ -9,7 +9,8 @@ from ipaddress import ip_network
 from pathlib import Path
 
 from sipcalls import CALLER_ADDR, Call, packet
-from sipcdr.antifraud import BASELINES_FILE, DaemonFraud
+from sipcdr.antifraud import BASELINES_FILE, SAVE_INTERVAL_S, DaemonFraud
+from sipcdr.clock import FakeClock
 from sipcdr.config import Config, FraudConfig, StateConfig, TrunkConfig
 from sipcdr.fraud import FraudSettings, TrunkSettings
 from sipcdr.fraud.settings import CONCURRENT_CALLS, INTERNATIONAL_SURGE
@@ -100,3 +101,20 @@ def test_counts_are_exported_with_detector_labels_only(tmp_path: Path) -> None:
     )
     assert CALLER_ADDR[0] not in exported  # no address in any label
     assert [a.subject for a in alerts.alerts] == [CALLER_ADDR[0]]
+
+
+def test_the_baselines_are_saved_each_save_interval_of_the_daemons_clock(tmp_path: Path) -> None:
+    clock = FakeClock()
+    fraud = DaemonFraud.build(config(tmp_path), Alerts(), clock)
+    assert fraud is not None
+    saved = tmp_path / "state" / BASELINES_FILE
+    clock.advance(SAVE_INTERVAL_S - 1)
+    fraud.tick(clock.time())
+    assert not saved.exists()
+    clock.advance(1)
+    fraud.tick(clock.time())
+    assert saved.exists()
+    saved.unlink()
+    clock.advance(SAVE_INTERVAL_S - 1)
+    fraud.tick(clock.time())
+    assert not saved.exists()  # the interval counts from the last save

@@ -17,7 +17,7 @@ import pytest
 from sipcalls import CALLER_ADDR, Call, CdrCollector, answered_call_messages, packet
 from sipcdr.config import TrunkConfig
 from sipcdr.dialog import Correlator
-from sipcdr.enrich.trunks import trunk_resolver
+from sipcdr.enrich.trunks import TrunkLookup, trunk_resolver
 from sipcdr.fraud import FraudSettings
 from sipcdr.fraud.settings import (
     SCANNER,
@@ -117,7 +117,7 @@ def test_the_trunk_of_a_source_is_looked_up_once_and_given_to_the_monitor() -> N
         lookups.append(source)
         return trunk if source == CALLER_ADDR[0] else None
 
-    stage = FraudStage(FraudSettings(), AlertCollector(), resolve)
+    stage = FraudStage(FraudSettings(), AlertCollector(), TrunkLookup(resolve))
     seen: list[str | None] = []
     real = stage.monitor
 

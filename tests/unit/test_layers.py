@@ -34,7 +34,6 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
             "sipcdr.hep",
             "sipcdr.hepencode",
             "sipcdr.decode",
-            "sipcdr.numbers",
         ),
     ),
     (
@@ -48,14 +47,13 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
             "sipcdr.privacy.plan",
         ),
     ),
+    # The spool and its delivery loop, below the sinks that implement `Sink`.
+    ("store", ("sipcdr.private", "sipcdr.spool", "sipcdr.delivery")),
     (
         "io",
         (
-            "sipcdr.private",
             "sipcdr.capture",
             "sipcdr.pipeline",
-            "sipcdr.spool",
-            "sipcdr.delivery",
             "sipcdr.sinks",
             "sipcdr.storage",
             "sipcdr.dialogstore",

@@ -17,7 +17,7 @@ import pytest
 from sipcalls import CdrCollector
 from sipcdr.config import RatingConfig
 from sipcdr.dialog import Correlator
-from sipcdr.model import Cdr, Trunk
+from sipcdr.model import UNKNOWN_TRUNK, Cdr, Trunk
 from sipcdr.pipeline import Pipeline
 from sipcdr.rates import RateDecks
 from sipcdr.rating import (
@@ -147,7 +147,7 @@ def test_without_a_trunk_the_default_plan_prices_and_the_callee_stays() -> None:
     after = rate.on_cdr(cdr("+4940123456", trunk=None, callee="4940123456", egress_trunk=None))
     assert (after.rated, after.rate_prefix, after.callee) == (True, "49", "4940123456")
     assert (after.vendor_cost, after.margin) == (None, None)
-    assert rate.stats.rated == {"": 1}
+    assert rate.stats.rated == {UNKNOWN_TRUNK: 1}  # the KPIs' label for no trunk
     assert rate.stats.vendor_rated == {} and rate.stats.vendor_unrated == {}
 
 
@@ -169,7 +169,7 @@ def test_an_unrated_call_is_counted_per_trunk_and_reason(
     after = rate.on_cdr(cdr(callee_user, trunk=trunk, start_time=start_time))
     assert after.rated is False
     assert (after.cost, after.rate_prefix, after.currency, after.margin) == (None,) * 4
-    assert rate.stats.unrated == {(trunk or "", reason): 1}
+    assert rate.stats.unrated == {(trunk or UNKNOWN_TRUNK, reason): 1}
     assert rate.stats.rated == {}
     assert after.callee_valid is (reason != INVALID_NUMBER)
     if reason == INVALID_NUMBER:

@@ -13,6 +13,7 @@ from typing import Any
 from sipcdr.capture.hepstream import HepStreamServer, StreamLimits
 from sipcdr.capture.listeners import AllowList, HepGate, ListenerStats
 from sipcdr.capture.live import LiveStats
+from sipcdr.capture.mirror import VxlanUdpProtocol
 from sipcdr.config import DEFAULT_ALLOW
 from sipcdr.decode.extract import CaptureStats
 from sipcdr.delivery import LoopState
@@ -21,12 +22,15 @@ from sipcdr.dialog.correlator import CorrelatorStats
 from sipcdr.dialog.kpi import DURATION_BUCKETS_S, PDD_BUCKETS_S, Kpi
 from sipcdr.dialogstore import DialogStoreStats
 from sipcdr.enrich import EnrichStats
+from sipcdr.fraud.incidents import FraudStats
+from sipcdr.fraud.stage import FraudStageStats
+from sipcdr.model import UNKNOWN_TRUNK
 from sipcdr.pipeline import Pipeline, PipelineStats
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.rating.stage import RatingStats
 from sipcdr.spool import Spool
 from sipcdr.telemetry.families import FAMILIES
-from sipcdr.telemetry.metrics import UNKNOWN_TRUNK, Metrics, Sources
+from sipcdr.telemetry.metrics import Metrics, Sources
 
 # Counts no metric carries, and why.
 NOT_EXPORTED = {
@@ -60,7 +64,7 @@ class Filler:
         self._next = itertools.count(10_001)
         self.expected: dict[str, int] = {}  # "Class.field" -> value
 
-    def fill(self, stats: object) -> None:
+    def fill(self, stats: object, prefix: str = "") -> None:
         cls = type(stats)
         for name in _fields(stats):
             if (cls, name) in NOT_COUNTS or (cls, name) in NOT_EXPORTED:
@@ -73,7 +77,7 @@ class Filler:
             else:
                 assert isinstance(current, int | float), (cls, name)
                 setattr(stats, name, value)
-            self.expected[f"{cls.__name__}.{name}"] = value
+            self.expected[f"{prefix}{cls.__name__}.{name}"] = value
 
 
 def _fields(stats: object) -> list[str]:
@@ -134,13 +138,26 @@ def _sources(tmp_path: Path, filler: Filler) -> Sources:
     for stats in (live, capture, capture.decap, capture.tcp):
         filler.fill(stats)
     capturer = SimpleNamespace(interface="eth1", stats=live)
+    mirror = VxlanUdpProtocol(pipeline, AllowList(DEFAULT_ALLOW), listeners)
+    vni = mirror.extractor(7)
+    assert vni is not None
+    for stats in (vni.stats, vni.stats.decap, vni.stats.tcp):
+        filler.fill(stats, "vxlan:")
     spool = Spool(tmp_path / "records", ("jsonl",))
     spool.open()
     filler.fill(spool.stats)
     state = LoopState("jsonl", "records")
     filler.fill(state)
-    reader = SimpleNamespace(lag_records=3, cursor_write_failures=next(filler._next))
+    reader = SimpleNamespace(
+        lag_records=3,
+        cursor_write_failures=next(filler._next),
+        corrupt_records=next(filler._next),
+    )
     filler.expected["SpoolReader.cursor_write_failures"] = reader.cursor_write_failures
+    filler.expected["SpoolReader.corrupt_records"] = reader.corrupt_records
+    fraud_stats = FraudStageStats()
+    filler.fill(fraud_stats)
+    fraud = SimpleNamespace(stats=fraud_stats, monitor=SimpleNamespace(stats=FraudStats()))
     jsonl = SimpleNamespace(rotation_failures=next(filler._next))
     filler.expected["JsonlSink.rotation_failures"] = jsonl.rotation_failures
     postgres = SimpleNamespace(
@@ -176,6 +193,7 @@ def _sources(tmp_path: Path, filler: Filler) -> Sources:
         gate=gate,
         hep_stream=stream,
         live=[capturer],  # type: ignore[list-item]
+        vxlan=[mirror],
         outputs=outputs,  # type: ignore[arg-type]
         dialogs=dialogs,  # type: ignore[arg-type]
         spare=spare,  # type: ignore[arg-type]
@@ -183,6 +201,7 @@ def _sources(tmp_path: Path, filler: Filler) -> Sources:
         rating=rating,
         privacy=privacy,
         outbound=outbound,  # type: ignore[arg-type]
+        fraud=fraud,  # type: ignore[arg-type]
     )
 
 

@@ -6,9 +6,12 @@ import ipaddress
 from pathlib import Path
 from typing import NamedTuple
 
-from sipcdr.config import Config, load_config
-from sipcdr.enrich.trunks import trunk_resolver
-from sipcdr.model import Trunk
+from sipcdr.config import Config, TrunkConfig, load_config
+from sipcdr.engine import Destinations, build_engine
+from sipcdr.enrich.trunks import TrunkLookup, trunk_resolver
+from sipcdr.fraud import FraudSettings
+from sipcdr.fraud.stage import FraudStage
+from sipcdr.model import FraudAlert, Trunk
 
 
 class _Definition(NamedTuple):
@@ -62,3 +65,33 @@ def test_trunk_resolver_takes_definitions_without_a_config() -> None:
     resolve = trunk_resolver([_Definition((ipaddress.ip_network("198.51.100.0/24"),))])
     assert resolve("198.51.100.7") == Trunk("pop", None, None, None)
     assert resolve("198.51.101.7") is None
+
+
+def test_the_shared_lookup_resolves_each_address_once_for_every_stage() -> None:
+    lookups: list[str] = []
+    trunk = Trunk("carrier-a", "49", "0", None)
+
+    def resolve(source: str) -> Trunk | None:
+        lookups.append(source)
+        return trunk if source == "192.0.2.7" else None
+
+    shared = TrunkLookup(resolve)
+    fraud = FraudStage(FraudSettings(), _NoAlerts(), shared)
+    assert fraud.trunk_name("192.0.2.7") == "carrier-a"
+    assert shared("192.0.2.7") is trunk  # as the enrich stage asks it
+    assert fraud.trunk_name("198.51.100.1") is None
+    assert shared("198.51.100.1") is None
+    assert lookups == ["192.0.2.7", "198.51.100.1"]
+    assert TrunkLookup(None)("192.0.2.7") is None
+
+
+def test_the_engine_hands_one_lookup_to_the_enrich_and_fraud_stages() -> None:
+    config = Config(trunks=(TrunkConfig("pbx", (ipaddress.ip_network("192.0.2.0/24"),)),))
+    engine = build_engine(config, Destinations((), alerts=_NoAlerts()))
+    assert engine.fraud is not None
+    assert engine.enrich._trunk is engine.fraud._trunk_of
+
+
+class _NoAlerts:
+    def write_alert(self, alert: FraudAlert) -> bool:
+        return True

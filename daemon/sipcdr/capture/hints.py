@@ -47,6 +47,8 @@ class ListenerHint:
         self.address = address  # the listener's own address, not a sender's
         self.arriving = arriving  # what arrives there, e.g. "HEP packets"
         self.key = key  # the config key those belong on
+        # Only logged (with the listener's address): the datagrams themselves are
+        # already in sipcdr_packets_dropped_total under the listener's reason.
         self.seen = 0
         self.logged_at = float("-inf")
 

@@ -100,6 +100,11 @@ class VxlanUdpProtocol(asyncio.DatagramProtocol):
                 totals[name] += getattr(decap, name)
         return {reason: totals[name] for name, reason in _DROP_COUNTERS}
 
+    def decoder_stats(self) -> list[CaptureStats]:
+        """Each VNI's decoder counts (fragments, TCP reassembly, HEP errors, ...), read
+        by the metrics exporter and summed over VNIs there."""
+        return [extractor.stats for extractor in self._extractors.values()]
+
     def connection_lost(self, exc: Exception | None) -> None:
         for extractor in self._extractors.values():
             extractor.close()

@@ -49,9 +49,10 @@ import orjson
 import structlog
 
 from sipcdr.clock import SYSTEM_CLOCK, Clock
+from sipcdr.delivery.sink import RecordsRejected, Sink
 from sipcdr.private import open_private, private_dir
-from sipcdr.sinks.base import RecordsRejected, Sink, SpoolRecord
 from sipcdr.spool import DEFAULT_FSYNC_INTERVAL_S, Spool, SpoolReader
+from sipcdr.spool.records import SpoolRecord
 
 # Large enough to amortise a COPY or a produce round trip, small enough to retry cheaply.
 DEFAULT_BATCH_RECORDS: Final = 1000

@@ -14,18 +14,12 @@ the CDRs it writes, as the correlator's recount after a recovery has them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
-from typing import Final
+from collections.abc import Iterable
 
 from sipcdr.dialog.kpi import Kpi
-from sipcdr.enrich.trunks import TrunkDefinition, trunk_resolver
-from sipcdr.model import Cdr, Trunk
+from sipcdr.enrich.trunks import TrunkDefinition, TrunkLookup
+from sipcdr.model import Cdr
 from sipcdr.sip.numbers import to_e164
-
-# Distinct addresses whose trunk is remembered: HEP and mirrored sources are the
-# sender's to choose, so the cache is cleared rather than grown past this.
-TRUNK_CACHE_LIMIT: Final = 65536
-_UNRESOLVED: Final = Trunk("", None, None, None)
 
 
 class EnrichStats:
@@ -43,12 +37,9 @@ class EnrichStage:
 
     name = "enrich"
 
-    def __init__(self, trunks: Iterable[TrunkDefinition]) -> None:
-        definitions = tuple(trunks)
-        self._trunk_of: Callable[[str], Trunk | None] | None = (
-            trunk_resolver(definitions) if definitions else None
-        )
-        self._trunks: dict[str, Trunk | None] = {}
+    def __init__(self, trunks: TrunkLookup | Iterable[TrunkDefinition]) -> None:
+        """`trunks`: the engine's shared lookup, or the definitions to build one of."""
+        self._trunk = trunks if isinstance(trunks, TrunkLookup) else TrunkLookup.of(trunks)
         self.stats = EnrichStats()
 
     def on_cdr(self, cdr: Cdr) -> Cdr:
@@ -74,13 +65,3 @@ class EnrichStage:
             egress_trunk=egress.name if egress else None,
             egress_ip=None,
         )
-
-    def _trunk(self, address: str) -> Trunk | None:
-        if self._trunk_of is None:
-            return None
-        trunk = self._trunks.get(address, _UNRESOLVED)
-        if trunk is _UNRESOLVED:
-            if len(self._trunks) >= TRUNK_CACHE_LIMIT:
-                self._trunks.clear()
-            trunk = self._trunks[address] = self._trunk_of(address)
-        return trunk

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol, TypeAlias
+from typing import Final, Protocol, TypeAlias
 
 from sipcdr.model import Trunk
 
@@ -62,3 +62,37 @@ def trunk_resolver(trunks: Iterable[TrunkDefinition]) -> Callable[[str], Trunk |
         return None
 
     return resolve
+
+
+# Distinct addresses whose trunk is remembered: HEP and mirrored sources are the
+# sender's to choose, so the cache is cleared rather than grown past this.
+TRUNK_CACHE_LIMIT: Final = 65536
+_UNRESOLVED: Final = Trunk("", None, None, None)
+
+
+class TrunkLookup:
+    """The trunk of a source address, remembered per address. The engine builds one
+    and hands it to the enrich and the fraud stage, so both see the same trunk and an
+    address is resolved once for both."""
+
+    __slots__ = ("_cache", "_resolve")
+
+    def __init__(self, resolve: Callable[[str], Trunk | None] | None) -> None:
+        self._resolve = resolve
+        self._cache: dict[str, Trunk | None] = {}
+
+    @classmethod
+    def of(cls, trunks: Iterable[TrunkDefinition]) -> TrunkLookup:
+        """The lookup of the configured trunks (none: every address is on no trunk)."""
+        definitions = tuple(trunks)
+        return cls(trunk_resolver(definitions) if definitions else None)
+
+    def __call__(self, source: str) -> Trunk | None:
+        if self._resolve is None:
+            return None
+        trunk = self._cache.get(source, _UNRESOLVED)
+        if trunk is _UNRESOLVED:
+            if len(self._cache) >= TRUNK_CACHE_LIMIT:
+                self._cache.clear()
+            trunk = self._cache[source] = self._resolve(source)
+        return trunk

@@ -4,25 +4,20 @@ A message stage (each parsed message, before the correlator), a CDR stage (each 
 call, after rating: `fraud_flags` set from the detectors that counted it) and a timed
 stage (incident updates and closes, once a second). Every alert the monitor produces
 goes to the alert writer the stage is built with, which puts it in the spool for the
-sinks. The monitor is pure; this adds the source-to-trunk lookup (cached per source,
-as the correlator's) and the counts of what it handed on.
+sinks. The monitor is pure; this adds the source-to-trunk lookup (the engine's, shared
+with the enrich stage) and the counts of what it handed on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from typing import Protocol
 
 from sipcdr.fraud.monitor import FraudMonitor
 from sipcdr.fraud.settings import FraudSettings
 from sipcdr.model import Cdr, FraudAlert, Packet, Trunk
 from sipcdr.sip import SipMessage
-
-# Distinct source addresses whose trunk is remembered: HEP and mirrored sources are the
-# sender's to choose, so the cache is cleared rather than grown past this.
-TRUNK_CACHE_LIMIT: Final = 65536
-_UNRESOLVED: Final = "\0unresolved"  # no source address or trunk name is this
 
 
 class AlertWriter(Protocol):
@@ -61,25 +56,20 @@ class FraudStage:
         *,
         rating: bool = False,
     ) -> None:
-        """`trunk_of` the trunk lookup (`sipcdr.enrich.trunks.trunk_resolver`);
+        """`trunk_of` the trunk lookup (the engine's `sipcdr.enrich.trunks.TrunkLookup`,
+        shared with the enrich stage, which remembers each address's trunk);
         `rating`: a rate deck is loaded, so CDRs carry a cost (spend_velocity)."""
         self.alerts = alerts
         self.stats = FraudStageStats()
         self._trunk_of = trunk_of
-        self._names: dict[str, str | None] = {}  # source -> its trunk's name
         self.monitor = FraudMonitor(settings, rating=rating, trunk_of=self.trunk_name)
 
     def trunk_name(self, source: str) -> str | None:
-        names = self._names
-        name = names.get(source, _UNRESOLVED)
-        if name is _UNRESOLVED:
-            if self._trunk_of is None:
-                return None
-            if len(names) >= TRUNK_CACHE_LIMIT:
-                names.clear()
-            trunk = self._trunk_of(source)
-            name = names[source] = None if trunk is None else trunk.name
-        return name
+        trunk = self._trunk(source)
+        return None if trunk is None else trunk.name
+
+    def _trunk(self, source: str) -> Trunk | None:
+        return None if self._trunk_of is None else self._trunk_of(source)
 
     def on_message(self, packet: Packet, msg: SipMessage) -> None:
         try:

@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Final, NamedTuple
 
-from sipcdr.model import Cdr, Trunk
+from sipcdr.model import UNKNOWN_TRUNK, Cdr, Trunk
 from sipcdr.rating.plans import NO_PLAN, PlanLoad, RatePlans, Rating, Unrated
 from sipcdr.rating.pricing import margin
 from sipcdr.sip.numbers import DEFAULT_PLAN, NumberingPlan, first_number
@@ -27,13 +27,12 @@ from sipcdr.sip.numbers import DEFAULT_PLAN, NumberingPlan, first_number
 # The vendor side is priced but in another currency than the customer side: there
 # is no margin to give (no exchange rate is guessed).
 CURRENCY_MISMATCH: Final = "currency_mismatch"
-NO_TRUNK: Final = ""  # the label of calls whose source matched no trunk
 _NO_COST_PLAN: Final = Unrated(NO_PLAN)
 
 
 class RatingStats:
     """What the rate stage did, for the telemetry exporter. Keys are trunk names from
-    the configuration (NO_TRUNK for none) and plan names: a small, fixed label set."""
+    the configuration (UNKNOWN_TRUNK for none) and plan names: a small, fixed label set."""
 
     __slots__ = (
         "currency_mismatches",
@@ -109,7 +108,7 @@ class RateStage:
 
         plan = ingress.trunk.rate_plan if ingress is not None else None
         customer = plans.rate(plan, digits, start_time, billsec, answered)
-        label = cdr.trunk if cdr.trunk is not None else NO_TRUNK
+        label = cdr.trunk if cdr.trunk is not None else UNKNOWN_TRUNK
         if isinstance(customer, Rating):
             stats.rated[label] = stats.rated.get(label, 0) + 1
         else:
@@ -153,4 +152,4 @@ class RateStage:
         )
 
 
-__all__ = ["CURRENCY_MISMATCH", "NO_TRUNK", "RateStage", "RatingStats"]
+__all__ = ["CURRENCY_MISMATCH", "RateStage", "RatingStats"]

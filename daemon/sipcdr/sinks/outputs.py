@@ -410,21 +410,27 @@ class Outputs:
                 self.log.warning(
                     "spool_rotation_failed", stream=stream, total=stats.rotation_failures
                 )
-            for what, total in (
-                ("torn_tail", stats.torn_tails),
-                ("corrupt_record", stats.corrupt_records),
-            ):
-                if self._grew(("dmg", stream, what), total):
-                    # A write cut short by a crash, or bytes damaged on disk: lost.
-                    self.log.error(
-                        "spool_damaged",
-                        stream=stream,
-                        what=what,
-                        total=total,
-                        torn_bytes=stats.torn_tail_bytes,
-                    )
+            if self._grew(("dmg", stream, "torn_tail"), stats.torn_tails):
+                # A write cut short by a crash: lost.
+                self.log.error(
+                    "spool_damaged",
+                    stream=stream,
+                    what="torn_tail",
+                    total=stats.torn_tails,
+                    torn_bytes=stats.torn_tail_bytes,
+                )
         if self.delivery is not None:
             for state, reader in self.delivery.readers():
+                corrupt = reader.corrupt_records
+                if self._grew(("dmg", state.sink, state.stream), corrupt):
+                    # Bytes damaged on disk: those records are lost to this sink.
+                    self.log.error(
+                        "spool_damaged",
+                        sink=state.sink,
+                        stream=state.stream,
+                        what="corrupt_record",
+                        total=corrupt,
+                    )
                 failed_saves = self._grew(
                     ("cur", state.sink, state.stream), reader.cursor_write_failures
                 )

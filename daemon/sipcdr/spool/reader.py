@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, BinaryIO
 import orjson
 
 from sipcdr.private import open_private_fd
-from sipcdr.sinks.base import SpoolRecord
 from sipcdr.spool.records import (
     _CRC,
     _CURSOR_GENERATION_LIMIT,
@@ -22,6 +21,7 @@ from sipcdr.spool.records import (
     _KIND_NAMES,
     CURSOR_SUFFIX,
     HEADER_BYTES,
+    SpoolRecord,
     _decode_header,
     _encode_cursor_slot,
     _newest_cursor_slot,
@@ -308,7 +308,6 @@ class SpoolReader:
         start = max(expected, self._gap_counted_to)
         if found > start:
             self.corrupt_records += found - start
-            self.spool.stats.corrupt_records += found - start
             self._gap_counted_to = found
 
     def rewind(self) -> None:

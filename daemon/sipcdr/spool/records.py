@@ -10,9 +10,27 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
-from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
+# Record kinds, one byte each in the spool. The JSON value of each kind has a schema
+# in schemas/.
+KIND_CDR: Final = "cdr"  # CDR v1 (schemas/cdr.v1.schema.json); key: call_id
+KIND_ALERT: Final = "alert"  # fraud alert v1; key: the detector's subject
+KIND_SIP: Final = "sip"  # one captured SIP message; key: call_id
+
+# Spool streams. CDRs and alerts share one, so a sink sees them in the order they
+# closed; captured signaling has its own, with its own size limit, because it is a
+# hundred times the volume and a troubleshooting copy rather than a billing record.
+STREAM_RECORDS: Final = "records"
+STREAM_SIGNALING: Final = "signaling"
+
+
+class SpoolRecord(NamedTuple):
+    seq: int  # position in its stream, from 1, increasing by one per record
+    kind: str  # KIND_*
+    key: bytes  # partitioning key (the Kafka message key)
+    value: bytes  # the record as UTF-8 JSON, exactly what Kafka and JSONL carry
+
 
 _HEAD = struct.Struct("<HBHIQ")  # magic, kind, key length, value length, seq
 _CRC = struct.Struct("<I")

@@ -58,7 +58,8 @@ class SpoolStats:
     held: int = 0  # records the disk refused that went to the reserve
     torn_tail_bytes: int = 0  # cut off the newest segment at open
     torn_tails: int = 0
-    corrupt_records: int = 0  # missing between valid records, summed over readers
+    # Records missing between valid ones are each reader's own count
+    # (`SpoolReader.corrupt_records`): every sink's reader meets the same gap.
     rotation_failures: int = 0  # a new segment could not be opened; the old one grows
     # fsyncs that failed: what was written since the last good one may not be on disk
     # (an I/O error; the filesystem often turns read-only next).

@@ -53,12 +53,14 @@ FAMILIES: Final = {f.name: f for f in (
     # -- capture ---------------------------------------------------------------------
     _c("sipcdr_packets_received",
        "Datagrams, stream frames or captured SIP messages taken in, by listener kind "
-       "(sip_udp, hep_udp, hep_tcp, hep_tls, live)",
+       "(sip_udp, hep_udp, hep_tcp, hep_tls, vxlan_udp, live)",
        "source"),
     _c("sipcdr_packets_dropped",
-       "Input dropped before parsing, by listener kind and reason (not_allowed, bad_hep, "
-       "bad_key, not_sip, oversize, truncated, rcvbuf_overflow, kernel_drop, "
-       "backlog_full, callback_error)",
+       "Input dropped before parsing, by listener kind (sip_udp, hep_udp, hep_tcp, "
+       "hep_tls, vxlan_udp, live) and reason (not_allowed, bad_hep, bad_key, not_sip, "
+       "oversize, truncated, rcvbuf_overflow, kernel_drop, backlog_full, "
+       "callback_error, bad_vxlan, too_many_vnis, non_ip, unsupported_tunnel, "
+       "malformed)",
        "source", "reason"),
     _c("sipcdr_hep_rejected",
        "HEP packets dropped for a wrong or missing agent key, by capture id",
@@ -83,7 +85,8 @@ FAMILIES: Final = {f.name: f for f in (
     _c("sipcdr_hep_timestamp_replaced",
        "HEP packets whose capture time was more than 30 s off this host's clock (the "
        "receive time, or a live frame's time, used instead), by where they came in "
-       "(listener: the HEP listeners; live: HEP found by a live capture)",
+       "(listener: the HEP listeners; live: HEP found by a live capture; vxlan: HEP "
+       "in VXLAN-mirrored frames)",
        "input"),
     _c("sipcdr_live_capture_events",
        "What a live capture did with the frames it read, by interface and event "
@@ -114,6 +117,26 @@ FAMILIES: Final = {f.name: f for f in (
        "TCP stream bytes the live capture could not read as SIP, by interface and why "
        "(gap: never captured, resync: passed over to find a start line)",
        "interface", "why"),
+    _c("sipcdr_vxlan_capture_events",
+       "What the VXLAN mirror listeners' decoders found in the mirrored frames, summed "
+       "over listeners and VNIs, by event (sip_messages, hep_packets, hep_non_sip, "
+       "non_sip_payloads, keepalives)",
+       "event"),
+    _c("sipcdr_vxlan_hep_errors",
+       "HEP packets in mirrored frames that did not decode, by reason",
+       "reason"),
+    _c("sipcdr_vxlan_decap_events",
+       "The VXLAN listeners' link, tunnel and IP layer decoder, summed over listeners "
+       "and VNIs, by event (the events of sipcdr_live_decap_events)",
+       "event"),
+    _c("sipcdr_vxlan_tcp_events",
+       "The VXLAN listeners' TCP and WebSocket reassembly, summed over listeners and "
+       "VNIs, by event (the events of sipcdr_live_tcp_events)",
+       "event"),
+    _c("sipcdr_vxlan_tcp_skipped_bytes",
+       "TCP stream bytes in mirrored frames that could not be read as SIP, by why "
+       "(gap: never captured, resync: passed over to find a start line)",
+       "why"),
     # -- parsing and correlation -------------------------------------------------------
     _c("sipcdr_sip_parse_errors", "Messages the SIP parser rejected, by parser reason",
        "reason"),
@@ -126,12 +149,13 @@ FAMILIES: Final = {f.name: f for f in (
        "reason"),
     _c("sipcdr_internal_errors",
        "Messages and CDRs a bug cost, by stage (correlator: the message did not reach "
-       "its call; signaling: its signaling record was not written; enrich, rate, "
-       "fraud: a stage's work on a message or CDR, which went on without it); the "
-       "first few are logged",
+       "its call; signaling: its signaling record was not written; enrich, rate: a "
+       "stage's work on a CDR, which went on without it; the fraud stage counts its "
+       "own faults in sipcdr_fraud_errors); the first few are logged",
        "stage"),
     _c("sipcdr_cdr_write_failures",
-       "CDRs a sink raised on when handed over, by sink (spool); each is logged",
+       "CDRs a sink raised on when handed over, by sink (spool); the first few are "
+       "logged",
        "sink"),
     _c("sipcdr_dialog_events",
        "Correlator events, by event (retransmission, late, orphan, unusable, evicted, "
@@ -237,9 +261,13 @@ FAMILIES: Final = {f.name: f for f in (
        "to a power loss, or is already lost to an I/O error)",
        "stream", "op"),
     _c("sipcdr_spool_damaged",
-       "Spool damage found after a crash or on disk: torn_tail (cut off at open), "
-       "corrupt_record (skipped by a reader)",
+       "Spool damage found after a crash: torn_tail (cut off at open; records damaged "
+       "on disk are sipcdr_spool_corrupt_records)",
        "stream", "what"),
+    _c("sipcdr_spool_corrupt_records",
+       "Records a sink's spool reader found damaged or missing on disk and skipped "
+       "(lost to that sink), by sink and stream",
+       "sink", "stream"),
     _c("sipcdr_spool_torn_bytes", "Bytes cut off the spool's newest segment at open",
        "stream"),
     _c("sipcdr_jsonl_rotation_failures",
@@ -286,6 +314,10 @@ FAMILIES: Final = {f.name: f for f in (
        "New fraud incidents not sent, over the per-detector rate limit", "detector"),
     _c("sipcdr_fraud_subjects_evicted",
        "Subjects a fraud detector forgot at its max_subjects cap, idlest first", "detector"),
+    _c("sipcdr_fraud_alerts_written",
+       "Alert records (new and updated) handed to the spool, by outcome (written; "
+       "refused: the spool was full, the alert is lost)",
+       "outcome"),
     _c("sipcdr_fraud_errors",
        "Fraud checks skipped by a fault in a detector, by step (message, cdr, tick, "
        "write); the message or CDR itself went on",

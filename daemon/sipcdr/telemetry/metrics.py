@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from sipcdr.dialog.kpi import Histogram, Kpi
 from sipcdr.enrich import EnrichStats
 from sipcdr.hotpath import hot_path
+from sipcdr.model import UNKNOWN_TRUNK
 from sipcdr.sip.parser import KNOWN_METHODS
 from sipcdr.telemetry.families import FAMILIES
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from sipcdr.capture.listeners import HepGate, ListenerStats
     from sipcdr.capture.live import LiveCapture
     from sipcdr.capture.mirror import VxlanUdpProtocol
+    from sipcdr.decode.extract import CaptureStats
     from sipcdr.dialog import Correlator
     from sipcdr.dialogstore import DialogStore
     from sipcdr.fraud.stage import FraudStage
@@ -41,8 +43,6 @@ if TYPE_CHECKING:
     from sipcdr.spare import SpareSpace
     from sipcdr.telemetry.http import MetricsServer
 
-# The label of calls from no configured trunk.
-UNKNOWN_TRUNK = "unknown"
 _TCP_BYTES = {"gap_bytes": "gap", "skipped_bytes": "resync"}
 _LIVE_DROPS = (
     ("kernel_drops", "kernel_drop"),
@@ -205,19 +205,28 @@ def _live(scrape: _Scrape, sources: Sources) -> None:
             scrape.add("sipcdr_packets_dropped", getattr(stats, attribute), "live", reason)
         for event in _LIVE_EVENTS:
             scrape.add("sipcdr_live_capture_events", getattr(stats, event), interface, event)
-        capture = stats.capture
-        for event in _CAPTURE_EVENTS:
-            scrape.add("sipcdr_live_capture_events", getattr(capture, event), interface, event)
-        scrape.counts("sipcdr_live_hep_errors", capture.hep_errors, interface)
-        scrape.add("sipcdr_hep_timestamp_replaced", capture.hep_clock_skew, "live")
-        for event, value in capture.decap.as_dict().items():
-            scrape.add("sipcdr_live_decap_events", value, interface, event)
-        for event, value in capture.tcp.as_dict().items():
-            why = _TCP_BYTES.get(event)
-            if why is None:
-                scrape.add("sipcdr_live_tcp_events", value, interface, event)
-            else:
-                scrape.add("sipcdr_live_tcp_skipped_bytes", value, interface, why)
+        _decoder(scrape, stats.capture, "live", interface)
+        scrape.add("sipcdr_hep_timestamp_replaced", stats.capture.hep_clock_skew, "live")
+    for mirror in sources.vxlan:
+        for capture in mirror.decoder_stats():
+            # Summed over listeners and VNIs: a VNI is sender-chosen, not a label.
+            _decoder(scrape, capture, "vxlan")
+            scrape.add("sipcdr_hep_timestamp_replaced", capture.hep_clock_skew, "vxlan")
+
+
+def _decoder(scrape: _Scrape, capture: CaptureStats, family: str, *labels: str) -> None:
+    """A decoder's counts into the sipcdr_<family>_* families."""
+    for event in _CAPTURE_EVENTS:
+        scrape.add(f"sipcdr_{family}_capture_events", getattr(capture, event), *labels, event)
+    scrape.counts(f"sipcdr_{family}_hep_errors", capture.hep_errors, *labels)
+    for event, value in capture.decap.as_dict().items():
+        scrape.add(f"sipcdr_{family}_decap_events", value, *labels, event)
+    for event, value in capture.tcp.as_dict().items():
+        why = _TCP_BYTES.get(event)
+        if why is None:
+            scrape.add(f"sipcdr_{family}_tcp_events", value, *labels, event)
+        else:
+            scrape.add(f"sipcdr_{family}_tcp_skipped_bytes", value, *labels, why)
 
 
 def _pipeline(scrape: _Scrape, sources: Sources) -> None:
@@ -290,7 +299,6 @@ def _outputs(scrape: _Scrape, sources: Sources) -> None:
         scrape.add("sipcdr_spool_io_errors", stats.rotation_failures, stream, "rotate")
         scrape.add("sipcdr_spool_io_errors", stats.sync_failures, stream, "sync")
         scrape.add("sipcdr_spool_damaged", stats.torn_tails, stream, "torn_tail")
-        scrape.add("sipcdr_spool_damaged", stats.corrupt_records, stream, "corrupt_record")
         scrape.add("sipcdr_spool_torn_bytes", stats.torn_tail_bytes, stream)
     if outputs.delivery is not None:
         for state, reader in outputs.delivery.readers():
@@ -301,6 +309,7 @@ def _outputs(scrape: _Scrape, sources: Sources) -> None:
             scrape.add("sipcdr_sink_failures", state.failures, *labels)
             scrape.add("sipcdr_sink_rejected", state.rejected, *labels)
             scrape.add("sipcdr_spool_cursor_write_failures", reader.cursor_write_failures, *labels)
+            scrape.add("sipcdr_spool_corrupt_records", reader.corrupt_records, *labels)
     for sink in outputs.sinks:
         failures = getattr(sink, "rotation_failures", None)
         if failures is not None:
@@ -371,6 +380,8 @@ def _fraud(scrape: _Scrape, sources: Sources) -> None:
     for detector, held in dict(stats.tracked).items():
         scrape.set("sipcdr_fraud_subjects_tracked", held, detector)
     scrape.counts("sipcdr_fraud_errors", stage.stats.errors)
+    scrape.add("sipcdr_fraud_alerts_written", stage.stats.alerts_written, "written")
+    scrape.add("sipcdr_fraud_alerts_written", stage.stats.alerts_refused, "refused")
 
 
 def _privacy(scrape: _Scrape, sources: Sources) -> None:

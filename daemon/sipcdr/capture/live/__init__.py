@@ -52,6 +52,7 @@ from sipcdr.capture.live.base import (
 )
 from sipcdr.capture.live.bpf import DEFAULT_BPF_FILTER
 from sipcdr.capture.live.pyshark_engine import PysharkEngine
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.model import Packet
 
 __all__ = [
@@ -97,6 +98,7 @@ class LiveCapture:
         *,
         promiscuous: bool = True,
         batch: int = DEFAULT_BATCH,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
@@ -122,6 +124,7 @@ class LiveCapture:
             capture_node=self.capture_node,
             promiscuous=promiscuous,
             batch=batch,
+            clock=clock,
         )
         self._engine: CaptureEngine = (
             AfPacketEngine(self._ctx) if engine == "af_packet" else PysharkEngine(self._ctx)

@@ -5,7 +5,7 @@ to ``batch`` frames per wake-up, each with one ``recv_into`` into a preallocated
 the kernel first, so frames that cannot carry signalling never reach Python. Use it on
 Linux collectors.
 
-Timestamps: each batch is stamped with one ``time.time()`` taken at wake-up (kernel
+Timestamps: each batch is stamped with one ``Clock.time()`` read at wake-up (kernel
 timestamps through ``recvmsg`` ancillary data halved the read rate); a frame's time is
 therefore late by however long it waited in the socket buffer, which is microseconds
 unless the collector is overloaded.
@@ -24,7 +24,6 @@ import errno
 import socket
 import struct
 import sys
-import time
 from collections.abc import Sequence
 from typing import Final
 
@@ -194,7 +193,7 @@ class AfPacketEngine(CaptureEngine):
         stats = self.ctx.stats
         batch = self.ctx.batch
         # One clock read per wake-up; see the module docstring on timestamps.
-        ts = time.time()
+        ts = self.ctx.clock.time()
         frames = sip = 0
         try:
             while frames < batch:
@@ -260,10 +259,10 @@ class AfPacketEngine(CaptureEngine):
 
     async def _housekeep(self) -> None:
         while True:
-            await asyncio.sleep(STATS_POLL_S)
+            await asyncio.sleep(STATS_POLL_S)  # the kernel's counters: real time
             self._poll_kernel_stats()
             # Reassembly state otherwise ages only when new frames arrive.
-            now = time.time()
+            now = self.ctx.clock.time()
             self.ctx.decap.expire(now)
             self.ctx.tcp.expire(now)
 

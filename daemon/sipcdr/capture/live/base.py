@@ -13,6 +13,7 @@ from typing import Final
 import structlog
 
 from sipcdr import hep
+from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.decode.extract import CaptureStats, SipExtractor
 from sipcdr.decode.link import Decapsulator
 from sipcdr.decode.tcp import TcpReassembler
@@ -88,6 +89,7 @@ class EngineContext:
         "bpf_filter",
         "capture_node",
         "capture_stats",
+        "clock",
         "decap",
         "extractor",
         "fail",
@@ -110,7 +112,9 @@ class EngineContext:
         capture_node: str,
         promiscuous: bool,
         batch: int,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self.clock = clock
         self.interface = interface
         self.on_packet = on_packet
         self.fail = fail
