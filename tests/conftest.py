@@ -22,7 +22,7 @@ from peers import (
 )
 
 # Fixtures for the real servers the delivery tests write to, and small real disks.
-pytest_plugins = ["pgserver", "kafkabroker", "smalldisk"]
+pytest_plugins = ["pgserver", "kafkabroker", "smalldisk", "daemonproc"]
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 

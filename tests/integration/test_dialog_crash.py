@@ -30,16 +30,6 @@ LOAD_PACE_PER_S = 2000  # messages a second of other calls, before and at the ki
 LATE_CALLS = 40  # calls begun on a full disk: more than the journal's last block holds
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait(timeout=10)
-
-
 class Load:
     """Whole calls, many in flight at once, until stopped: the kill lands mid-stream."""
 

@@ -10,12 +10,11 @@ takes the free space and deleting it gives it back.
 from __future__ import annotations
 
 import json
-import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from daemonproc import Daemon, start_daemon, wait_for
+from daemonproc import Daemon, send_sip, start_daemon, wait_for
 from pgserver import PrivatePg, run_sync
 from sipcalls import Call, answered_call_messages
 from sipcdr.clock import FakeClock
@@ -24,22 +23,6 @@ from smalldisk import SmallDisk, fill, free_bytes
 from test_delivery_end_to_end import closed_cdrs, jsonl_ids, pg_cdr_ids, send_calls
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait(timeout=10)
-
-
-def send(daemon: Daemon, messages: Sequence[bytes]) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        for data in messages:
-            udp.sendto(data, daemon.endpoint("sip_udp"))
 
 
 def received(daemon: Daemon) -> float:
@@ -78,7 +61,7 @@ def test_a_full_disk_loses_no_closed_cdr_and_recovers_without_a_restart(
 
     # Calls in progress when the disk fills; they end while intake is paused.
     open_calls = [Call(call_id=f"open-{n}@e2e", from_tag=f"t-open-{n}") for n in range(20)]
-    send(daemon, [m for call in open_calls for m in answered_call_messages(call)[:4]])
+    send_sip(daemon, [m for call in open_calls for m in answered_call_messages(call)[:4]])
     sent += 20 * 4
     filler = fill(disk, leave_bytes=1536 * 1024)  # 0.5 MiB above the signaling floor
 
@@ -92,7 +75,7 @@ def test_a_full_disk_loses_no_closed_cdr_and_recovers_without_a_restart(
         assert daemon.metric("sipcdr_spare_released_total") == 1  # its room went first
     else:
         assert daemon.metric("sipcdr_spool_reserve_records", stream="records") > 0
-    send(daemon, [m for call in open_calls for m in answered_call_messages(call)[4:]])
+    send_sip(daemon, [m for call in open_calls for m in answered_call_messages(call)[4:]])
     sent += 20 * 2
     late = [f"late-{n}" for n in range(50)]
     send_calls(daemon, late)
@@ -143,11 +126,11 @@ def test_a_full_disk_loses_no_closed_cdr_and_recovers_without_a_restart(
 
 def open_calls(daemon: Daemon, calls: Sequence[Call]) -> None:
     """INVITE, 180, 200, ACK: answered, in progress."""
-    send(daemon, [m for call in calls for m in answered_call_messages(call)[:4]])
+    send_sip(daemon, [m for call in calls for m in answered_call_messages(call)[:4]])
 
 
 def hang_up(daemon: Daemon, calls: Sequence[Call]) -> None:
-    send(daemon, [m for call in calls for m in answered_call_messages(call)[4:]])
+    send_sip(daemon, [m for call in calls for m in answered_call_messages(call)[4:]])
 
 
 def log_events(daemon: Daemon) -> list[dict[str, object]]:
@@ -225,7 +208,7 @@ def test_the_spare_file_keeps_a_disk_full_for_everything_durable(
     # The first refused write gives up the spare and pauses intake at once: a call
     # offered right behind the BYEs, before any timer run, is refused already.
     hang_up(first, ending)
-    send(first, [Call(call_id="refused@x").request("INVITE")])
+    send_sip(first, [Call(call_id="refused@x").request("INVITE")])
     wait_for(lambda: first.metric("sipcdr_open_dialogs") == 10)
     wait_for(lambda: first.metric("sipcdr_spare_released_total") == 1)
     wait_for(lambda: first.metric("sipcdr_intake_paused") == 1)

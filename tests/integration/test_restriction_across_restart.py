@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -22,16 +21,6 @@ from sipcdr.storage.migrations import migrate
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 SUBJECT = "4940555666"
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait(timeout=10)
 
 
 async def restrict_subject(dsn: str) -> None:

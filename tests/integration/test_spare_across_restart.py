@@ -10,34 +10,16 @@ journal behind them, and a second crash loses them.
 from __future__ import annotations
 
 import json
-import socket
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from daemonproc import Daemon, start_daemon, wait_for
+from daemonproc import Daemon, send_sip, start_daemon, wait_for
 from sipcalls import Call, answered_call_messages
 from smalldisk import SmallDisk, fill
 from test_delivery_end_to_end import closed_cdrs, send_calls
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait(timeout=10)
-
-
-def send(daemon: Daemon, messages: Sequence[bytes]) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        for data in messages:
-            udp.sendto(data, daemon.endpoint("sip_udp"))
 
 
 def kill(daemon: Daemon) -> None:
@@ -64,10 +46,10 @@ def test_a_restart_keeps_the_released_spares_room_for_the_calls_still_open(
     wait_for(lambda: first.metric("sipcdr_spare_bytes") == 1024 * 1024)
     ending = [Call(call_id=f"end-{n}@x", from_tag=f"e{n}") for n in range(30)]
     lasting = [Call(call_id=f"last-{n}@x", from_tag=f"l{n}") for n in range(10)]
-    send(first, [m for call in [*ending, *lasting] for m in answered_call_messages(call)[:4]])
+    send_sip(first, [m for call in [*ending, *lasting] for m in answered_call_messages(call)[:4]])
     wait_for(lambda: first.metric("sipcdr_open_dialogs") == 40)
     filler = fill(disk, leave_bytes=0)
-    send(first, [m for call in ending for m in answered_call_messages(call)[4:]])
+    send_sip(first, [m for call in ending for m in answered_call_messages(call)[4:]])
     wait_for(lambda: first.metric("sipcdr_spare_released_total") == 1)
     wait_for(lambda: first.metric("sipcdr_open_dialogs") == 10)
     kill(first)
@@ -77,7 +59,7 @@ def test_a_restart_keeps_the_released_spares_room_for_the_calls_still_open(
     # The disk's free space is the room the spare gave, kept for the ten calls open.
     assert second.metric("sipcdr_open_dialogs") == 10
     send_calls(second, [f"new-{n}" for n in range(1500)], pace_per_s=1500)
-    send(second, [m for call in lasting for m in answered_call_messages(call)[4:]])
+    send_sip(second, [m for call in lasting for m in answered_call_messages(call)[4:]])
     wait_for(lambda: second.metric("sipcdr_open_dialogs") == 0, timeout=30)
     closed_new = closed_cdrs(second) - len(lasting)
     kill(second)
@@ -111,7 +93,7 @@ def test_the_daemon_starts_on_a_full_disk_with_its_embedded_database(
     }
     first = start_daemon(tmp_path, **env)
     daemons.append(first)
-    send(first, answered_call_messages(Call(call_id="before@x", from_tag="b")))
+    send_sip(first, answered_call_messages(Call(call_id="before@x", from_tag="b")))
     wait_for(lambda: len(call_ids(tmp_path / "var" / "cdrs.jsonl")) == 1)
     assert first.stop() == 0
     filler = fill(disk, leave_bytes=0)
@@ -120,7 +102,7 @@ def test_the_daemon_starts_on_a_full_disk_with_its_embedded_database(
     daemons.append(second)
     filler.unlink()
     wait_for(lambda: second.metric("sipcdr_intake_paused") == 0, timeout=60)
-    send(second, answered_call_messages(Call(call_id="after@x", from_tag="a")))
+    send_sip(second, answered_call_messages(Call(call_id="after@x", from_tag="a")))
     wait_for(lambda: len(call_ids(tmp_path / "var" / "cdrs.jsonl")) == 2, timeout=30)
     assert second.stop() == 0
 
@@ -140,11 +122,11 @@ def test_cdrs_only_in_memory_are_shown_before_a_crash_can_take_them(
     daemon = start_daemon(tmp_path, **env)
     daemons.append(daemon)
     calls = [Call(call_id=f"risk-{n}@x", from_tag=f"r{n}") for n in range(40)]
-    send(daemon, [m for call in calls for m in answered_call_messages(call)[:4]])
+    send_sip(daemon, [m for call in calls for m in answered_call_messages(call)[:4]])
     wait_for(lambda: daemon.metric("sipcdr_open_dialogs") == 40)
     assert daemon.metric("sipcdr_cdrs_at_risk") == 0
     filler = fill(disk, leave_bytes=0)
-    send(daemon, [m for call in calls for m in answered_call_messages(call)[4:]])
+    send_sip(daemon, [m for call in calls for m in answered_call_messages(call)[4:]])
     wait_for(lambda: daemon.metric("sipcdr_open_dialogs") == 0)
     # The journal took the first closes in what was left of its last page, then failed.
     assert daemon.metric("sipcdr_dialog_state_errors_total", what="journal_write_error") > 0

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,3 +120,21 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
             return
         time.sleep(0.1)
     pytest.fail("condition not met in time")
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Daemons a test starts (append each): killed in teardown if still running."""
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait(timeout=10)
+
+
+def send_sip(daemon: Daemon, messages: Sequence[bytes]) -> None:
+    """Plain SIP datagrams to the daemon's SIP/UDP listener, in order."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        for data in messages:
+            udp.sendto(data, daemon.endpoint("sip_udp"))
