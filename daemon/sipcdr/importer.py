@@ -39,6 +39,7 @@ from sipcdr.decode.extract import CaptureStats
 from sipcdr.engine import EXPIRE_EVERY_S, Destinations, build_engine
 from sipcdr.model import Packet
 from sipcdr.pipeline import CdrSink
+from sipcdr.privacy.import_list import apply_restrictions
 from sipcdr.private import prepare_state_dir, private_dir
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR
@@ -97,6 +98,8 @@ async def _import_to_outputs(
     await outputs.open()
     summary: dict[str, object] = {}
     try:
+        # Before the first packet: the spool is new and empty, so nothing left unfiltered.
+        await apply_restrictions(outputs)
         steps = _import(config, files, Destinations.of(outputs), progress, summary)
         for _ in steps:
             # Every few thousand packets the sinks get their turn; while a spool is at
