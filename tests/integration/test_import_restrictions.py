@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import asyncpg
 import dpkt
 import orjson
 import pytest
+from daemonproc import daemon_environ
 from kafkabroker import consume_all, create_topics, free_tcp_port, unique_topic
-from pgserver import run_sync
+from pgserver import PrivatePg, run_sync
 from sipcalls import Call, answered_call_messages
 from sipcdr.privacy.restriction_file import save_restrictions
 from sipcdr.privacy.subjects import restrict
@@ -163,7 +167,41 @@ def test_an_import_refuses_to_publish_without_a_restriction_list(
     refusal = [line for line in done.stderr.splitlines() if line.startswith("sipcdr: import:")]
     assert len(refusal) == 1, done.stderr
     assert "restriction list cannot be read" in refusal[0]
-    assert "Kafka and PostgreSQL" in refusal[0] and "once PostgreSQL answers" in refusal[0]
+    assert "would reach Kafka" in refusal[0] and "once PostgreSQL answers" in refusal[0]
     assert not (tmp_path / "s.json").exists()
     assert asyncio.run(consume_all(kafka_bootstrap, topic, 1, timeout=3)) == []
     assert asyncio.run(consume_all(kafka_bootstrap, f"{topic}.sip", 1, timeout=3)) == []
+
+
+def test_with_postgresql_alone_the_import_waits_for_the_list_then_flags(
+    tmp_path: Path, private_pg: PrivatePg
+) -> None:
+    """The database (list and destination both) is down when the import starts: its
+    records wait, and none is written before the list is read, so none goes in
+    unflagged."""
+    server = private_pg()
+    dsn = run_sync(server.start)
+    run_sync(lambda: restrict_subject(dsn))
+    run_sync(server.stop)
+    capture = tmp_path / "calls.pcap"
+    write_capture(capture)
+    (tmp_path / "sipcdr.toml").write_text(CONFIG)
+    command = [sys.executable, "-m", "sipcdr.cli", "import", str(capture), "-c", "sipcdr.toml"]
+    with subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=daemon_environ(SIPCDR_SINKS__POSTGRES__DSN=dsn, SIPCDR_SINKS__JSONL__PATH=""),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as importing:
+        time.sleep(3)
+        assert importing.poll() is None, importing.communicate()
+        assert run_sync(server.start) == dsn
+        _, stderr = importing.communicate(timeout=120)
+    assert importing.returncode == 0, stderr
+    assert run_sync(lambda: flags(dsn, "cdrs")) == {
+        "restricted@x": {True},
+        "national@x": {True},
+        "other@x": {False},
+    }
