@@ -81,7 +81,9 @@ def test_signaling_after_a_restricted_cdr_is_withheld_by_its_call() -> None:
     to be a restricted subject's, its later messages are withheld by Call-ID, until the
     restriction is lifted."""
     outbound = OutboundFilter(None, pseudonymize=False)
+    assert not outbound.calls.any_restricted  # a sink sharing it reads no headers yet
     outbound.set_restricted(frozenset({"4940555666"}))
+    assert outbound.calls.any_restricted
     national = {"call_id": "c1@x", "headers": "BYE sip:040555666@x SIP/2.0\r\nCall-ID: c1@x\r\n"}
     value = orjson.dumps(national)
     assert outbound.apply(KIND_SIP, value) == value  # before its CDR: not known yet

@@ -48,10 +48,13 @@ class RestrictedCalls:
     closed cannot be known yet; `sipcdr subject restrict` and the PostgreSQL sink flag
     the stored ones by Call-ID."""
 
-    __slots__ = ("_calls",)
+    __slots__ = ("_calls", "any_restricted")
 
-    def __init__(self) -> None:
+    def __init__(self, *, any_restricted: bool = True) -> None:
         self._calls: dict[str, tuple[str, ...]] = {}
+        # False while no number is restricted: a sink then skips reading each
+        # message's headers (the filter that shares this keeps it up to date).
+        self.any_restricted = any_restricted
 
     def add(self, call_id: str, numbers: tuple[str, ...]) -> None:
         calls = self._calls
@@ -101,12 +104,13 @@ class OutboundFilter:
         # Told once, when the first list is known (the delivery held until then).
         self.on_known: list[Callable[[], None]] = []
         self.withheld: dict[str, int] = {}  # record kind -> count, for the metric
-        self.calls = RestrictedCalls()
+        self.calls = RestrictedCalls(any_restricted=False)
 
     def set_restricted(self, numbers: frozenset[str]) -> None:
         if self.calls and not numbers >= self.restricted:
             self.calls.keep_only(numbers)
         self.restricted = numbers
+        self.calls.any_restricted = bool(numbers)
         if not self.known:
             self.known = True
             listeners, self.on_known = self.on_known, []

@@ -322,7 +322,9 @@ class PostgresSink(AsyncLifecycle):
         self._clock = clock
         self.retention_classes = dict(retention_classes or {})
         self._restricted = restricted or _never
-        self._restricted_calls = RestrictedCalls() if restricted_calls is None else restricted_calls
+        if restricted_calls is None:
+            restricted_calls = RestrictedCalls(any_restricted=restricted is not None)
+        self._restricted_calls = restricted_calls
         # For metrics: rows new to each table, and rows that were already there.
         self.rows_inserted: dict[str, int] = {table.name: 0 for table in TABLES}
         self.duplicates_skipped: dict[str, int] = {table.name: 0 for table in TABLES}
@@ -387,9 +389,8 @@ class PostgresSink(AsyncLifecycle):
                     inserted[table.name] = await self._insert(connection, table, table_rows)
                 if calls := self._calls_of(rows, CDRS):
                     await connection.execute(_FLAG_CALLS, calls)
-            # A message committed while a restricted CDR of its call was being written
-            # (the streams deliver on their own connections) missed both its flag and
-            # that CDR's update; the call is known by now, so it is flagged here.
+            # A message committed while its call's restricted CDR was being written (on
+            # the other stream's connection) missed both flags: the call is known now.
             if late := self._calls_of(rows, SIP_MESSAGES):
                 await connection.execute(_FLAG_CALLS, late)
         except BaseException as exc:
@@ -479,8 +480,9 @@ class PostgresSink(AsyncLifecycle):
                 elif table is FRAUD_ALERTS:
                     value["restricted"] = self._restricted(value.get("subject"))
                 else:
-                    value["restricted"] = self._restricted is not _never and (
-                        value.get("call_id") in self._restricted_calls
+                    calls = self._restricted_calls
+                    value["restricted"] = calls.any_restricted and (
+                        value.get("call_id") in calls
                         or names_any(value.get("headers"), self._restricted)
                     )
                 row = table.row(value)
