@@ -238,6 +238,7 @@ def _check_import_arguments(args: argparse.Namespace) -> list[Path] | int:
 
 def _import(config: Config, args: argparse.Namespace, files: list[Path]) -> int:
     from sipcdr.importer import DELIVERY_TIMEOUT_S, NO_SIP, import_files  # noqa: PLC0415
+    from sipcdr.privacy.import_list import RestrictionsUnavailable  # noqa: PLC0415
 
     summary_json: Path | None = args.summary_json
     try:
@@ -250,6 +251,9 @@ def _import(config: Config, args: argparse.Namespace, files: list[Path]) -> int:
     except OSError as exc:  # a spool, a file or a folder the import cannot use
         where = f" {exc.filename}" if exc.filename else ""
         print(f"sipcdr: import:{where} {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except RestrictionsUnavailable as exc:
+        print(f"sipcdr: import: {exc}", file=sys.stderr)
         return 1
     file_errors = summary.get("file_errors")
     if isinstance(file_errors, dict):
