@@ -245,6 +245,7 @@ def _import(config: Config, args: argparse.Namespace, files: list[Path]) -> int:
     import gc  # noqa: PLC0415
 
     from sipcdr.importer import DELIVERY_TIMEOUT_S, NO_SIP, import_files  # noqa: PLC0415
+    from sipcdr.privacy.import_list import RestrictionsUnavailable  # noqa: PLC0415
 
     # An import allocates a packet, a message and their strings per frame, freed by
     # reference counting; the cycle collector's passes, over everything loaded at the
@@ -265,6 +266,9 @@ def _import(config: Config, args: argparse.Namespace, files: list[Path]) -> int:
     except OSError as exc:  # a spool, a file or a folder the import cannot use
         where = f" {exc.filename}" if exc.filename else ""
         print(f"sipcdr: import:{where} {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except RestrictionsUnavailable as exc:
+        print(f"sipcdr: import: {exc}", file=sys.stderr)
         return 1
     finally:
         gc.set_threshold(*threshold)
