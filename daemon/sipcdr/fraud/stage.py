@@ -65,19 +65,28 @@ class FraudStage:
         self.monitor = FraudMonitor(settings, rating=rating, trunk_of=self.trunk_name)
 
     def trunk_name(self, source: str) -> str | None:
-        trunk = self._trunk(source)
+        trunk_of = self._trunk_of
+        trunk = None if trunk_of is None else trunk_of(source)
         return None if trunk is None else trunk.name
 
-    def _trunk(self, source: str) -> Trunk | None:
-        return None if self._trunk_of is None else self._trunk_of(source)
-
     def on_message(self, packet: Packet, msg: SipMessage) -> None:
+        # The monitor ignores requests inside a dialog (ACK, BYE, re-INVITE) and
+        # provisional responses, five of a call's seven messages: they are not even
+        # handed to it. Only a request outside a dialog (a new call, a REGISTER, an
+        # OPTIONS) is judged by its own source's trunk: a response is judged by its
+        # call's, or by the requester's it goes to (the monitor looks that one up).
+        if msg.is_request:
+            if msg.to_tag is not None:
+                return
+            source: str | None = packet.src_ip
+        elif msg.status_code < 200:
+            return
+        else:
+            source = None
         try:
-            # Only a request outside a dialog (a new call, a REGISTER, an OPTIONS) is
-            # judged by its own source's trunk: a response is judged by its call's, or
-            # by the requester's it goes to (the monitor looks that one up itself), and
-            # a request inside a dialog by nothing.
-            name = self.trunk_name(packet.src_ip) if msg.is_request and msg.to_tag is None else None
+            trunk_of = self._trunk_of
+            trunk = None if source is None or trunk_of is None else trunk_of(source)
+            name = None if trunk is None else trunk.name
             alerts = self.monitor.on_message(msg, packet, packet.timestamp, name)
         except Exception:
             self._error("message")
