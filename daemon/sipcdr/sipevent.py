@@ -1,7 +1,7 @@
 """`SipEvent` to and from what the capture side holds: a captured `Packet` and its
 parsed `SipMessage`.
 
-`event_of` is what the signaling recorder writes to the `sipcdr.sip` topic; `replay`
+`event_of` is what the sinks send to the `sipcdr.sip` topic of a message; `replay`
 turns an event read back from the topic into the pair the dialog correlator takes,
 so a correlator fed from the topic closes the same calls, with the same CDRs, as the
 one fed by the capture. The correlator reads only the parsed fields the event
@@ -9,18 +9,19 @@ carries; the header lines are kept for the rare lookup beyond them (a Reason hea
 whose Q.850 cause is not its first element).
 
 `spooled` is what the capture side writes to the signaling spool instead of the
-event's JSON: a fixed header (layout byte, capture time, ports, lengths), the message
-id's digest, the addresses, and the captured bytes up to the end of the headers (the
-whole message when the body is kept). Building and encoding the record's 27 fields
-per message cost more than parsing it; the delivery side pays for that instead, once
-per record it sends, re-parsing the bytes (`unspool`) into the same event.
+event's JSON: a fixed header (layout byte, flags, capture time, ports, lengths), the
+message id's digest when the body is cut off, the addresses, and the captured bytes
+up to the end of the headers (the whole message when the body is kept). Building and
+encoding the record's 27 fields per message cost more than parsing it; the delivery
+side pays for that instead, once per record it sends, re-parsing the bytes
+(`unspool`) into the same event.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Final
+from typing import Final, NamedTuple
 
 from sipcdr.model import SIP_EVENT_SCHEMA_VERSION, Packet, SipEvent, rfc3339
 from sipcdr.sip.message import SipMessage
@@ -28,6 +29,7 @@ from sipcdr.sip.parser import parse
 
 __all__ = [
     "SPOOLED_LAYOUT",
+    "Unspooled",
     "event_of",
     "event_record",
     "head_text",
@@ -118,10 +120,12 @@ def event_record(packet: Packet, msg: SipMessage, *, store_body: bool = False) -
     """`event_of(...).to_record()` without the event in between: what the sinks send
     once per message, where the tuple would cost more than the dict
     (tests/unit/test_sip_events.py holds the two equal over the shared captures)."""
-    return _record(packet, msg, message_id(packet), store_body)
+    return _record(packet, msg, message_id(packet), store_body, head_text(packet.payload))
 
 
-def _record(packet: Packet, msg: SipMessage, mid: str, store_body: bool) -> dict[str, object]:
+def _record(
+    packet: Packet, msg: SipMessage, mid: str, store_body: bool, headers: str
+) -> dict[str, object]:
     body: str | None = None
     if store_body and msg.body:
         body = msg.body.decode("utf-8", "replace")
@@ -150,7 +154,7 @@ def _record(packet: Packet, msg: SipMessage, mid: str, store_body: bool) -> dict
         "dst_port": packet.dst_port,
         "transport": packet.transport,
         "capture_node": packet.capture_node,
-        "headers": head_text(packet.payload),
+        "headers": headers,
         "body": body,
         "schema_version": SIP_EVENT_SCHEMA_VERSION,
         "captured_ts": timestamp,
@@ -175,45 +179,35 @@ _JSON_START: Final = 0x7B
 # of source and destination address, transport and capture node.
 _SPOOLED: Final = struct.Struct("<BBdHHIBBBH")
 _DIGEST_BYTES: Final = 16  # what the message id shows of its SHA-1
-_BODY_KEPT: Final = 1  # flag: the body is spooled and goes into the record
+# Flags: the body is spooled and goes into the record; the message is cut short after
+# its headers and the id's digest follows the fixed header.
+_BODY_KEPT: Final = 1
+_DIGESTED: Final = 2
 _LINE_ENDS: Final = (b"\r", b"\n")
 
 
-def spooled(packet: Packet, store_body: bool) -> bytes:
+def spooled(packet: Packet, msg: SipMessage, store_body: bool) -> bytes:
     """The signaling spool's value of one parsed message: what `unspool` makes the
     same record of. Raises `struct.error` for a field beyond the layout's bounds (an
     address or capture node of more than 255 or 65,535 bytes).
 
-    Without `store_body` the body (SDP) is not written: the bytes end at the blank
-    line `head_text` ends at, and the parser, finding its own blank line there or
-    before it, reads nothing beyond but the message's length, which is spooled. A
-    message led by line ends, where `head_text` may end earlier than the parser
-    starts, is spooled whole.
+    Without `store_body` a body (SDP) is not written: the bytes end at the blank line
+    `head_text` ends at, and the parser, finding its own blank line there or before
+    it, reads nothing beyond but the message's length, which is spooled. Only then is
+    the message id's digest taken here, of the whole message; a message spooled whole
+    (the body kept, none there, or led by line ends, where `head_text` may end before
+    the parser starts) has it taken by the sink.
     """
     timestamp, src_ip, src_port, dst_ip, dst_port, transport, payload, node = packet
     src = src_ip.encode()
     dst = dst_ip.encode()
-    # The same bytes as `message_id` hashes; the rest of the work is the sink's.
-    digest = _sha1(
-        b"".join(
-            (
-                _NAMESPACE,
-                _TIME_AND_PORTS.pack(timestamp, src_port, dst_port),
-                src,
-                b"|",
-                dst,
-                b"|",
-                payload,
-            )
-        ),
-        usedforsecurity=False,
-    ).digest()
     kept = payload
+    digest = b""
     if store_body:
         flags = _BODY_KEPT
     else:
         flags = 0
-        if not payload.startswith(_LINE_ENDS):
+        if msg.body and not payload.startswith(_LINE_ENDS):
             end = payload.find(b"\r\n\r\n")
             if end >= 0:
                 kept = payload[: end + 4]
@@ -221,6 +215,24 @@ def spooled(packet: Packet, store_body: bool) -> bytes:
                 end = payload.find(b"\n\n")
                 if end >= 0:
                     kept = payload[: end + 2]
+            if kept is not payload:
+                flags = _DIGESTED
+                # The bytes `message_id` hashes, the payload without a copy.
+                hashing = _sha1(
+                    b"".join(
+                        (
+                            _NAMESPACE,
+                            _TIME_AND_PORTS.pack(timestamp, src_port, dst_port),
+                            src,
+                            b"|",
+                            dst,
+                            b"|",
+                        )
+                    ),
+                    usedforsecurity=False,
+                )
+                hashing.update(payload)
+                digest = hashing.digest()[:_DIGEST_BYTES]
     transport_bytes = transport.encode()
     node_bytes = node.encode()
     return b"".join(
@@ -237,7 +249,7 @@ def spooled(packet: Packet, store_body: bool) -> bytes:
                 len(transport_bytes),
                 len(node_bytes),
             ),
-            digest[:_DIGEST_BYTES],
+            digest,
             src,
             dst,
             transport_bytes,
@@ -253,17 +265,41 @@ def is_spooled(value: bytes) -> bool:
     return bool(value) and value[0] != _JSON_START
 
 
-def unspool(value: bytes) -> tuple[Packet, SipMessage, str, bool]:
-    """The packet (its payload as long as captured, the body zeroed unless kept), the
-    parsed message, the message id and whether the body is kept, of a `spooled` value.
-    Raises `ValueError` (`SipParseError` among them) for a value that is none."""
-    if len(value) < _SPOOLED.size + _DIGEST_BYTES or value[0] != SPOOLED_LAYOUT:
+class Unspooled(NamedTuple):
+    """A `spooled` value read back: the packet's fields (its payload as long as
+    captured, the body zeroed unless kept), the parsed message, the message id, the
+    record's `headers` and whether its body is kept."""
+
+    timestamp: float
+    src_ip: str
+    src_port: int
+    dst_ip: str
+    dst_port: int
+    transport: str
+    payload: bytes
+    capture_node: str
+    msg: SipMessage
+    message_id: str
+    headers: str
+    body_kept: bool
+
+    @property
+    def packet(self) -> Packet:
+        return Packet(*self[:8])
+
+
+def unspool(value: bytes) -> Unspooled:
+    """What a `spooled` value holds. Raises `ValueError` (`SipParseError` among them)
+    for a value that is none."""
+    if len(value) < _SPOOLED.size or value[0] != SPOOLED_LAYOUT:
         raise ValueError(f"not a signaling record of layout {SPOOLED_LAYOUT}")
     _layout, flags, timestamp, src_port, dst_port, size, n_src, n_dst, n_transport, n_node = (
         _SPOOLED.unpack_from(value)
     )
-    at = _SPOOLED.size + _DIGEST_BYTES
-    digest = value[_SPOOLED.size : at]
+    at = _SPOOLED.size
+    digested = flags & _DIGESTED
+    if digested:
+        at += _DIGEST_BYTES
     src_ip = value[at : at + n_src].decode()
     at += n_src
     dst_ip = value[at : at + n_dst].decode()
@@ -274,19 +310,43 @@ def unspool(value: bytes) -> tuple[Packet, SipMessage, str, bool]:
     at += n_node
     payload = value[at:]
     missing = size - len(payload)
-    if missing:
-        if missing < 0 or flags & _BODY_KEPT:
-            raise ValueError("signaling record: captured message cut short")
-        # Where the body was: the parser checks its length against Content-Length.
+    if digested:
+        if missing < 0:
+            raise ValueError("signaling record: longer than its message")
+        # Cut after the blank line `head_text` ends at: the headers are known without
+        # a search (`spooled`), and the parser, checking the body's length against
+        # Content-Length, finds zeros where the body was.
+        end = len(payload) - (4 if payload.endswith(b"\r\n\r\n") else 2)
+        headers = payload[:end].decode("utf-8", "replace")
         payload += bytes(missing)
-    packet = Packet(timestamp, src_ip, src_port, dst_ip, dst_port, transport, payload, node)
-    return packet, parse(payload), _uuid_text(digest), bool(flags & _BODY_KEPT)
+        mid = _uuid_text(value[_SPOOLED.size : _SPOOLED.size + _DIGEST_BYTES])
+    else:
+        if missing:
+            raise ValueError("signaling record: not as long as its message")
+        headers = head_text(payload)
+        mid = message_id(
+            Packet(timestamp, src_ip, src_port, dst_ip, dst_port, transport, payload, node)
+        )
+    return Unspooled(
+        timestamp,
+        src_ip,
+        src_port,
+        dst_ip,
+        dst_port,
+        transport,
+        payload,
+        node,
+        parse(payload),
+        mid,
+        headers,
+        bool(flags & _BODY_KEPT),
+    )
 
 
 def spooled_record(value: bytes) -> dict[str, object]:
     """The sip_message v1 record (as `event_record`) of a `spooled` value."""
-    packet, msg, mid, body_kept = unspool(value)
-    return _record(packet, msg, mid, body_kept)
+    read = unspool(value)
+    return _record(read.packet, read.msg, read.message_id, read.body_kept, read.headers)
 
 
 def replay(event: SipEvent) -> tuple[Packet, SipMessage]:

@@ -27,7 +27,7 @@ from sipcdr.model import SIP_EVENT_SCHEMA_VERSION, Packet
 from sipcdr.privacy.outbound import uri_numbers
 from sipcdr.sinks.base import KIND_SIP
 from sipcdr.sip.message import SipMessage
-from sipcdr.sipevent import event_record, head_text, is_spooled, message_id, spooled, unspool
+from sipcdr.sipevent import event_record, is_spooled, message_id, spooled, unspool
 from sipcdr.sipevent import spooled_record as _spooled_record
 from sipcdr.spool import Spool
 
@@ -57,7 +57,7 @@ class SignalingRecorder:
 
     def __call__(self, packet: Packet, msg: SipMessage) -> None:
         try:
-            value = spooled(packet, self.store_body)
+            value = spooled(packet, msg, self.store_body)
         except struct.error:
             # A field too long for the layout (a capture node named by a long path):
             # the record as JSON, which the sinks send as it is.
@@ -79,9 +79,10 @@ def row(value: bytes, restricted: Callable[[str | None], bool] | None) -> tuple[
     `spooled` value: what the record's JSON would give, without the JSON.
     `restricted`: whether a number's processing is restricted, to flag the row by the
     numbers of its From, To, Request-URI and P-Asserted-Identity."""
-    packet, msg, mid, body_kept = unspool(value)
+    read = unspool(value)
+    msg = read.msg
     body: str | None = None
-    if body_kept and msg.body:
+    if read.body_kept and msg.body:
         body = _text(msg.body.decode("utf-8", "replace"))
     cseq = msg.cseq
     if msg.is_request:
@@ -92,21 +93,21 @@ def row(value: bytes, restricted: Callable[[str | None], bool] | None) -> tuple[
         status_code = msg.status_code
     flagged = restricted is not None and _names_restricted(msg, restricted)
     return (
-        mid,
+        read.message_id,
         # rfc3339's rounding, as the record's captured_at read back would give.
-        _EPOCH + timedelta(microseconds=round(packet.timestamp * 1_000_000)),
+        _EPOCH + timedelta(microseconds=round(read.timestamp * 1_000_000)),
         _text(msg.call_id),
         method,
         status_code,
         _text(msg.cseq_method),
         cseq if cseq >= 0 else None,
-        _text(packet.src_ip),
-        packet.src_port,
-        _text(packet.dst_ip),
-        packet.dst_port,
-        _text(packet.transport),
-        _text(packet.capture_node),
-        _text(head_text(packet.payload)),
+        _text(read.src_ip),
+        read.src_port,
+        _text(read.dst_ip),
+        read.dst_port,
+        _text(read.transport),
+        _text(read.capture_node),
+        _text(read.headers),
         body,
         SIP_MESSAGE_SCHEMA_VERSION,
         flagged,
