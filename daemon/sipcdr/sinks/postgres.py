@@ -141,7 +141,8 @@ def _strip_nul(value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True, slots=True)
+# Compared and hashed by identity: each table is one constant, looked up per record.
+@dataclass(frozen=True, slots=True, eq=False)
 class _Table:
     """How records of one kind become rows of one table."""
 
