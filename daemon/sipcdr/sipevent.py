@@ -54,13 +54,14 @@ def message_id(packet: Packet) -> str:
     """UUID v5-style id of capture time, endpoints and bytes: the two legs through a
     proxy are two messages, a retransmission is another, a replay is the same."""
     return _uuid_text(
-        _sha1(
-            _NAMESPACE
-            + _TIME_AND_PORTS.pack(packet.timestamp, packet.src_port, packet.dst_port)
-            + f"{packet.src_ip}|{packet.dst_ip}|".encode()
-            + packet.payload,
-            usedforsecurity=False,
-        ).digest()
+        _digest(
+            packet.timestamp,
+            packet.src_port,
+            packet.dst_port,
+            packet.src_ip.encode(),
+            packet.dst_ip.encode(),
+            packet.payload,
+        )
     )
 
 
@@ -217,22 +218,7 @@ def spooled(packet: Packet, msg: SipMessage, store_body: bool) -> bytes:
                     kept = payload[: end + 2]
             if kept is not payload:
                 flags = _DIGESTED
-                # The bytes `message_id` hashes, the payload without a copy.
-                hashing = _sha1(
-                    b"".join(
-                        (
-                            _NAMESPACE,
-                            _TIME_AND_PORTS.pack(timestamp, src_port, dst_port),
-                            src,
-                            b"|",
-                            dst,
-                            b"|",
-                        )
-                    ),
-                    usedforsecurity=False,
-                )
-                hashing.update(payload)
-                digest = hashing.digest()[:_DIGEST_BYTES]
+                digest = _digest(timestamp, src_port, dst_port, src, dst, payload)
     transport_bytes = transport.encode()
     node_bytes = node.encode()
     return b"".join(
@@ -257,6 +243,20 @@ def spooled(packet: Packet, msg: SipMessage, store_body: bool) -> bytes:
             kept,
         )
     )
+
+
+def _digest(
+    timestamp: float, src_port: int, dst_port: int, src: bytes, dst: bytes, payload: bytes
+) -> bytes:
+    """What `message_id` formats, of the addresses as bytes; the payload not copied."""
+    hashing = _sha1(
+        b"".join(
+            (_NAMESPACE, _TIME_AND_PORTS.pack(timestamp, src_port, dst_port), src, b"|", dst, b"|")
+        ),
+        usedforsecurity=False,
+    )
+    hashing.update(payload)
+    return hashing.digest()[:_DIGEST_BYTES]
 
 
 def is_spooled(value: bytes) -> bool:
@@ -300,9 +300,9 @@ def unspool(value: bytes) -> Unspooled:
     digested = flags & _DIGESTED
     if digested:
         at += _DIGEST_BYTES
-    src_ip = value[at : at + n_src].decode()
+    src = value[at : at + n_src]
     at += n_src
-    dst_ip = value[at : at + n_dst].decode()
+    dst = value[at : at + n_dst]
     at += n_dst
     transport = value[at : at + n_transport].decode()
     at += n_transport
@@ -324,14 +324,12 @@ def unspool(value: bytes) -> Unspooled:
         if missing:
             raise ValueError("signaling record: not as long as its message")
         headers = head_text(payload)
-        mid = message_id(
-            Packet(timestamp, src_ip, src_port, dst_ip, dst_port, transport, payload, node)
-        )
+        mid = _uuid_text(_digest(timestamp, src_port, dst_port, src, dst, payload))
     return Unspooled(
         timestamp,
-        src_ip,
+        src.decode(),
         src_port,
-        dst_ip,
+        dst.decode(),
         dst_port,
         transport,
         payload,
