@@ -52,7 +52,7 @@ from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.delivery.sink import RecordsRejected, Sink
 from sipcdr.private import open_private, private_dir
 from sipcdr.spool import DEFAULT_FSYNC_INTERVAL_S, Spool, SpoolReader
-from sipcdr.spool.records import SpoolRecord
+from sipcdr.spool.records import SpoolRecord, value_text
 
 # Large enough to amortise a COPY or a produce round trip, small enough to retry cheaply.
 DEFAULT_BATCH_RECORDS: Final = 1000
@@ -402,7 +402,7 @@ class Delivery:
                 "seq": record.seq,
                 "kind": record.kind,
                 "key": record.key.decode("utf-8", "replace"),
-                "value": record.value.decode("utf-8", "replace"),
+                "value": value_text(record.kind, record.value),
                 "reason": str(exc)[:1000],
             },
             option=orjson.OPT_APPEND_NEWLINE,

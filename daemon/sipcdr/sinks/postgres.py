@@ -43,6 +43,8 @@ from sipcdr.sinks.base import (
     RecordsRejected,
     SpoolRecord,
 )
+from sipcdr.sinks.signaling import is_spooled
+from sipcdr.sinks.signaling import row as signaling_row
 from sipcdr.storage.migrations import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DatabaseUnavailable,
@@ -144,7 +146,8 @@ def _strip_nul(value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True, slots=True)
+# Compared and hashed by identity: each table is one constant, looked up per record.
+@dataclass(frozen=True, slots=True, eq=False)
 class _Table:
     """How records of one kind become rows of one table."""
 
@@ -471,6 +474,11 @@ class PostgresSink(AsyncLifecycle):
                 self.records_ignored[record.kind] = self.records_ignored.get(record.kind, 0) + 1
                 continue
             try:
+                if table is SIP_MESSAGES and is_spooled(record.value):
+                    # Built from the captured bytes (sinks.signaling), not from JSON.
+                    restricted = None if self._restricted is _never else self._restricted
+                    rows.setdefault(table, []).append(signaling_row(record.value, restricted))
+                    continue
                 value = orjson.loads(record.value)
                 if table is CDRS:
                     value["retention_days"] = self.retention_classes.get(
