@@ -24,7 +24,6 @@ from typing import Any, Final
 import orjson
 
 from sipcdr.model import SIP_EVENT_SCHEMA_VERSION, Packet
-from sipcdr.privacy.outbound import uri_numbers
 from sipcdr.sinks.base import KIND_SIP
 from sipcdr.sip.message import SipMessage
 from sipcdr.sipevent import event_record, is_spooled, message_id, spooled, unspool
@@ -74,11 +73,11 @@ def published(value: bytes) -> bytes:
     return orjson.dumps(_spooled_record(value))
 
 
-def row(value: bytes, restricted: Callable[[str | None], bool] | None) -> tuple[Any, ...]:
+def row(value: bytes, names_restricted: Callable[[str, str], bool] | None) -> tuple[Any, ...]:
     """The `sip_messages` row (its columns in the order of sinks.postgres) of a
     `spooled` value: what the record's JSON would give, without the JSON.
-    `restricted`: whether a number's processing is restricted, to flag the row by the
-    numbers of its From, To, Request-URI and P-Asserted-Identity."""
+    `names_restricted(call_id, headers)`: whether the message belongs to a restricted
+    subject, to flag the row (the sink's rule, `sipcdr.privacy.naming`)."""
     read = unspool(value)
     msg = read.msg
     body: str | None = None
@@ -91,7 +90,7 @@ def row(value: bytes, restricted: Callable[[str | None], bool] | None) -> tuple[
     else:
         method = None
         status_code = msg.status_code
-    flagged = restricted is not None and _names_restricted(msg, restricted)
+    flagged = names_restricted is not None and names_restricted(msg.call_id, read.headers)
     return (
         read.message_id,
         # rfc3339's rounding, as the record's captured_at read back would give.
@@ -112,18 +111,6 @@ def row(value: bytes, restricted: Callable[[str | None], bool] | None) -> tuple[
         SIP_MESSAGE_SCHEMA_VERSION,
         flagged,
     )
-
-
-def _names_restricted(msg: SipMessage, restricted: Callable[[str | None], bool]) -> bool:
-    """As the PostgreSQL sink reads a record: the numbers of From, To, Request-URI and
-    P-Asserted-Identity (what `sipcdr subject restrict` flags by the same digits)."""
-    texts = (msg.from_uri, msg.to_uri, msg.request_uri if msg.is_request else None, msg.raw_pai)
-    for text in texts:
-        if text:
-            for number in uri_numbers(text):
-                if restricted(number):
-                    return True
-    return False
 
 
 def _text(value: str) -> str:
