@@ -19,6 +19,7 @@ from sipcdr.model import Packet
 from sipcdr.privacy.outbound import uri_numbers
 from sipcdr.sinks.base import KIND_SIP, STREAM_SIGNALING, RecordsRejected, SpoolRecord
 from sipcdr.sinks.kafka import KafkaSink
+from sipcdr.sinks.pgrows import SIP_MESSAGES
 from sipcdr.sinks.postgres import PostgresSink, RecordError
 from sipcdr.sinks.signaling import SignalingRecorder, published
 from sipcdr.sip import SipMessage, SipParseError, parse
@@ -259,3 +260,31 @@ async def test_a_record_set_aside_is_kept_as_its_json(tmp_path: Path) -> None:
     assert sink.got == [value for value in expected if value not in invites]
     lines = (tmp_path / "rejected" / f"{sink.name}.jsonl").read_bytes().splitlines()
     assert [orjson.loads(line)["value"].encode() for line in lines] == invites
+
+
+def test_a_compact_row_is_flagged_by_any_header_and_by_its_call() -> None:
+    """The compact layout flags as the JSON layout does (`sipcdr.privacy.naming`): a
+    number in any header, and a national-format message of a restricted call."""
+    head = (
+        b"INVITE sip:030555666@example.net SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK9\r\n"
+        b"From: <sip:4940111222@example.com>;tag=1\r\nTo: <sip:030555666@example.net>\r\n"
+        b"CSeq: 1 INVITE\r\n"
+    )
+    diverted = head + b"Call-ID: by-header\r\nDiversion: <sip:4930777888@example.net>\r\n"
+    national = head + b"Call-ID: by-call\r\n"
+    values = [
+        spooled(Packet(T0, "192.0.2.1", 5060, "192.0.2.2", 5060, "udp", payload, ""), msg, False)
+        for payload in (diverted + b"\r\n", national + b"\r\n")
+        for msg in [parse(payload)]
+    ]
+    records = [SpoolRecord(n, KIND_SIP, b"", value) for n, value in enumerate(values)]
+    sink = PostgresSink("postgresql://x/y", restricted=lambda number: number == "4930777888")
+    assert [row[-1] for row in sink._rows(STREAM_SIGNALING, records)[SIP_MESSAGES]] == [
+        True,
+        False,
+    ]
+    sink._restricted_calls.note({"call_id": "by-call", "caller": "4930777888"}, sink._restricted)
+    assert [row[-1] for row in sink._rows(STREAM_SIGNALING, records)[SIP_MESSAGES]] == [
+        True,
+        True,
+    ]
