@@ -61,7 +61,7 @@ def _mapping(items: dict[Any, Any]) -> MappingProxyType[Any, Any]:
     return MappingProxyType(items)
 
 
-def _reduce_mapping(mapping: MappingProxyType[Any, Any]) -> tuple[object, tuple[object]]:
+def _reduce_mapping(mapping: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
     return _mapping, (dict(mapping),)
 
 
@@ -69,7 +69,7 @@ def _rebuild(cls: type, values: dict[str, Any]) -> object:
     return cls(**values)
 
 
-def _reduce_dataclass(item: Any) -> tuple[object, tuple[type, dict[str, Any]]]:
+def _reduce_dataclass(item: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
     values = {f.name: getattr(item, f.name) for f in dataclasses.fields(item) if f.init}
     return _rebuild, (type(item), values)
 
