@@ -121,7 +121,19 @@ class DeliveryProcess:
         process = self._context.Process(
             target=child_main, args=(self.config, child), name="sipcdr-deliver"
         )
-        process.start()
+        # Ignored from its first instruction (an ignored signal stays ignored across
+        # exec): a SIGTERM to the whole group must not end it while it starts. Blocked
+        # here meanwhile, so this process keeps one that arrives then (Linux queues a
+        # blocked signal even while it is ignored) for its own handler.
+        stopping = (signal.SIGTERM, signal.SIGINT)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+        handlers = [signal.signal(sig, signal.SIG_IGN) for sig in stopping]
+        try:
+            process.start()
+        finally:
+            for sig, handler in zip(stopping, handlers, strict=True):
+                signal.signal(sig, handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()  # the child's end: its EOF tells the child this process is gone
         self._process, self._conn = process, parent
         self._started_at = time.monotonic()
