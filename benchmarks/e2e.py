@@ -433,6 +433,11 @@ def main() -> None:
         "--no-signaling", action="store_true", help="sinks.postgres.store_signaling = false"
     )
     parser.add_argument("--quick", action="store_true", help="2,000 msg/s for 2 s")
+    parser.add_argument(
+        "--delivery-processes",
+        default="auto",
+        help='spool.delivery_processes: "auto", 0 (delivery in the capture process) or 1',
+    )
     args = parser.parse_args()
     rates = [int(rate) for rate in args.rates.split(",")]
     if args.quick:
@@ -441,7 +446,8 @@ def main() -> None:
     print(
         f"{'HEPv3' if args.hep else 'plain SIP'}/UDP, {MESSAGES_PER_CALL}-message calls, "
         f"{args.seconds:g} s per rate; sinks PostgreSQL (signaling "
-        f"{'off' if args.no_signaling else 'kept'}), Kafka (tansu), JSONL"
+        f"{'off' if args.no_signaling else 'kept'}), Kafka (tansu), JSONL; "
+        f"delivery processes: {args.delivery_processes}"
     )
     with (
         tempfile.TemporaryDirectory(prefix="sipcdr-e2e-") as name,
@@ -457,6 +463,7 @@ def main() -> None:
                 "SIPCDR_SINKS__KAFKA__IDEMPOTENCE": "false",  # tansu refuses InitProducerId
                 "SIPCDR_SINKS__KAFKA__TOPIC_CDRS": TOPIC,
                 "SIPCDR_SINKS__KAFKA__TOPIC_FRAUD": f"{TOPIC}.fraud",
+                "SIPCDR_SPOOL__DELIVERY_PROCESSES": args.delivery_processes,
             }
             daemon = start_daemon(folder, **env)
             sinks = Sinks(up.dsn, up.bootstrap, folder / "var" / "cdrs.jsonl")

@@ -46,11 +46,8 @@ def closed_cdrs(daemon: Daemon) -> float:
 
 def delivery_pids(daemon: Daemon) -> list[int]:
     """The delivery processes the daemon started, in order (its log lines)."""
-    pids = []
-    for line in daemon.log.read_text().splitlines():
-        if '"delivery_process_started"' in line:
-            pids.append(int(json.loads(line)["pid"]))
-    return pids
+    lines = daemon.log.read_text().splitlines()
+    return [int(json.loads(line)["pid"]) for line in lines if '"delivery_process_started"' in line]
 
 
 def parent_of(pid: int) -> int:

@@ -61,6 +61,8 @@ def _delivery_processes(table: Table) -> int:
     value = table.value("delivery_processes")
     if value is None or value == "auto":
         return -1
+    if isinstance(value, str) and value.strip() in ("0", "1"):
+        return int(value)  # from the environment, where every value is a string
     if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
         return value
     raise table.invalid("delivery_processes", value, '"auto", 0 or 1')
