@@ -207,6 +207,7 @@ class App:
             # checkpoint that holds what the spool could not take.
             await self.dialogs.start(self.engine.emit)
             self.intake.update(self._intake_block_reason())  # a full disk: before any call
+            await (self.apart.ready() if self.apart is not None else asyncio.sleep(0))
             await self._open_inputs()
             try:
                 await self._metrics_server.start()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import multiprocessing
 import signal
 import time
@@ -36,8 +37,9 @@ from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import structlog
 
@@ -46,15 +48,22 @@ from sipcdr.delivery import DEFAULT_DRAIN_TIMEOUT_S
 from sipcdr.privacy.plan import spool_retention_days
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.privacy.task import PrivacyTask
+from sipcdr.private import open_private
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.remote import DeliverySnapshot, take_snapshot
 from sipcdr.spool import Spool
 
 SNAPSHOT_INTERVAL_S: Final = 1.0  # the metrics are scraped every 15 s or so
+READINESS_POLL_S: Final = 0.05  # a sink that goes down or up reaches /readyz this soon
+# A start waits this long at most for the sinks' first connections (a server that
+# does not answer is tried on in the background, as in one process).
+FIRST_CONNECT_WAIT_S: Final = 2.0
 RESTART_BACKOFF_S: Final = (1.0, 30.0)  # first and longest wait before a restart
 STABLE_AFTER_S: Final = 60.0  # a process that lived this long starts the back-off anew
 # What a stop waits for beyond the drain: the sinks' own stop, an embedded PostgreSQL.
 STOP_GRACE_S: Final = 20.0
+# A first start may initialise an embedded PostgreSQL's data folder.
+STARTUP_TIMEOUT_S: Final = 120.0
 
 
 def _mapping(items: dict[Any, Any]) -> MappingProxyType[Any, Any]:
@@ -109,6 +118,19 @@ class DeliveryProcess:
         self._backoff = RESTART_BACKOFF_S[0]
         self._restart: asyncio.TimerHandle | None = None
         self._stopping = False
+        # Its first counts: it has opened the sinks (an embedded PostgreSQL started)
+        # and read the saved restrictions, what a start in one process waits for.
+        self._first: asyncio.Future[None] | None = None
+
+    async def ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        """Wait for its first counts; raise OSError when it ends or waits too long."""
+        if self._first is None:
+            self._first = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(self._first)
+        except TimeoutError:
+            raise OSError(f"the delivery process did not start within {timeout_s:g} s") from None
 
     @property
     def pid(self) -> int | None:
@@ -150,6 +172,10 @@ class DeliveryProcess:
                 message = conn.recv()
                 if isinstance(message, DeliverySnapshot):
                     self.on_snapshot(message)
+                    if self._first is None:
+                        self._first = asyncio.get_running_loop().create_future()
+                    if not self._first.done():
+                        self._first.set_result(None)
         except (EOFError, OSError):
             self._forget_conn()
 
@@ -170,6 +196,15 @@ class DeliveryProcess:
         self._readable()  # its last counts
         self._forget_conn()
         self._process = None
+        if self._first is None:
+            self._first = asyncio.get_running_loop().create_future()
+        if not self._first.done():
+            # A first start that fails ends `sipcdr run`, as it did in one process.
+            self._first.set_exception(
+                OSError(f"the delivery process ended as it started (exit {process.exitcode})")
+            )
+            self._stopping = True
+            return
         if self._stopping:
             return
         lived = time.monotonic() - self._started_at
@@ -277,11 +312,21 @@ def child_main(config: Config, conn: Connection) -> None:
 
 async def _deliver(config: Config, conn: Connection) -> None:
     log = structlog.get_logger("sipcdr.deliverer")
-    outputs = Outputs(output_settings(config), restrictions=True, role="deliver")
+    settings = output_settings(config)
+    # One reader per cursor: a delivery process left draining by a capture process
+    # that died is waited for by the one the next start begins.
+    lock = await asyncio.to_thread(_exclusive, settings.state_dir / "spool" / "delivery.lock")
+    outputs = Outputs(settings, restrictions=True, role="deliver")
     stats = PrivacyStats()
     await outputs.open()
     privacy = PrivacyTask(config, stats, lambda: outputs.postgres_dsn, outputs.outbound)
     privacy.start()
+    # What the capture side's start waits for: open, and the sinks' first connections
+    # tried (or a moment passed), so /readyz answers as it did in one process.
+    deadline = time.monotonic() + FIRST_CONNECT_WAIT_S
+    while not _settled(outputs) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    _send(conn, take_snapshot(outputs, stats))
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
@@ -295,9 +340,10 @@ async def _deliver(config: Config, conn: Connection) -> None:
 
     loop.add_reader(conn.fileno(), readable)
     drain: float | None = None
+    sent, shown = time.monotonic(), _readiness(outputs)
     while True:
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(SNAPSHOT_INTERVAL_S):
+            async with asyncio.timeout(READINESS_POLL_S):
                 message = await inbox.get()
                 if message is None:
                     log.warning("capture_process_gone", note="delivering what the spool holds")
@@ -307,6 +353,10 @@ async def _deliver(config: Config, conn: Connection) -> None:
                 if "stop" in message:
                     drain = float(message["stop"])
                     break
+        now, readiness = time.monotonic(), _readiness(outputs)
+        if now - sent < SNAPSHOT_INTERVAL_S and readiness == shown:
+            continue  # a sink's readiness is sent at once, the counts once a second
+        sent, shown = now, readiness
         _send(conn, take_snapshot(outputs, stats))
         with contextlib.suppress(Exception):
             outputs.log_losses()
@@ -317,6 +367,24 @@ async def _deliver(config: Config, conn: Connection) -> None:
     outputs.log_losses()
     _send(conn, take_snapshot(outputs, stats))
     log.info("delivery_process_stopped")
+    lock.close()
+
+
+def _readiness(outputs: Outputs) -> tuple[object, ...]:
+    delivery = outputs.delivery
+    loops = [] if delivery is None else delivery.readers()
+    return (outputs.held_for_restrictions, *((s.tried, s.up) for s, _reader in loops))
+
+
+def _settled(outputs: Outputs) -> bool:
+    delivery = outputs.delivery
+    return delivery is None or all(state.tried for state, _reader in delivery.readers())
+
+
+def _exclusive(path: Path) -> BinaryIO:
+    handle = open_private(path, "wb")
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    return handle
 
 
 def _apply(outputs: Outputs, message: dict[str, Any]) -> None:
@@ -363,6 +431,9 @@ class DeliveryApart:
             self._expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._expiry
+
+    async def ready(self) -> None:
+        await self.process.ready()
 
     def tick(self) -> None:
         spools = self.outputs.spools
