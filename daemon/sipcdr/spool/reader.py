@@ -247,7 +247,15 @@ class SpoolReader:
                 records.extend(got)
                 size += sum(len(record.value) for record in got)
                 continue
-            self._open_segment(following)
+            try:
+                self._open_segment(following)
+            except FileNotFoundError:
+                if not self.spool.tailing:
+                    raise
+                # Deleted by retention since it was listed: on from what is left.
+                self.spool.refresh()
+                self._close_handle()
+                self._segment = None
         return records
 
     def _open_segment(self, segment: _Segment) -> None:
