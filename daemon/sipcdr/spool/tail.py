@@ -17,12 +17,17 @@ Deleting segments stays with the writer, which reads the readers' cursor files
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
+from typing import Final
 
 from sipcdr.spool.reader import SpoolReader
 from sipcdr.spool.records import _next_valid, _scan
 from sipcdr.spool.segments import Segments, _Segment, list_segments
 from sipcdr.spool.writer import SpoolStats
+
+_MTIME_TRUSTED_AFTER_NS: Final = 100_000_000  # far beyond any clock tick
 
 
 class SpoolTail(Segments):
@@ -44,6 +49,7 @@ class SpoolTail(Segments):
         self.next_seq = 1  # at least; the writer's process tells more (`note_next_seq`)
         self._segments: list[_Segment] = []
         self._readers: dict[str, SpoolReader] = {}
+        self._listed_at = -1  # the folder's mtime at the last listing
 
     def open(self) -> None:
         self._segments = list_segments(self.directory)
@@ -65,7 +71,19 @@ class SpoolTail(Segments):
     def refresh(self) -> None:
         """List the segments again: new ones appended, deleted ones forgotten, and a
         reader behind the oldest one (retention deleted what it had not read) moved
-        past the gap, which the writer counted."""
+        past the gap, which the writer counted. Only when the folder changed since the
+        last listing (a file created or deleted changes its mtime): an idle loop looks
+        often, and one stat is what that costs."""
+        try:
+            changed = os.stat(self.directory).st_mtime_ns
+        except OSError:
+            return
+        if changed == self._listed_at:
+            return
+        # The mtime has the kernel's coarse clock: a change within the same tick as
+        # this listing would not change it again, so a recent one is not relied on.
+        recent = time.time_ns() - changed < _MTIME_TRUSTED_AFTER_NS
+        self._listed_at = -1 if recent else changed
         found = list_segments(self.directory)
         if not found:
             return  # the active segment always stays: a listing that failed
