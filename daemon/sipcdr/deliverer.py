@@ -154,7 +154,7 @@ class DeliveryProcess:
             process.start()
         finally:
             for sig, handler in zip(stopping, handlers, strict=True):
-                signal.signal(sig, handler)
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()  # the child's end: its EOF tells the child this process is gone
         self._process, self._conn = process, parent
@@ -192,10 +192,12 @@ class DeliveryProcess:
             return
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(process.sentinel)
-        process.join(0)
+        process.join(1)  # it has ended: reaped at once
         self._readable()  # its last counts
         self._forget_conn()
         self._process = None
+        if self._stopping:
+            return
         if self._first is None:
             self._first = asyncio.get_running_loop().create_future()
         if not self._first.done():
@@ -204,8 +206,6 @@ class DeliveryProcess:
                 OSError(f"the delivery process ended as it started (exit {process.exitcode})")
             )
             self._stopping = True
-            return
-        if self._stopping:
             return
         lived = time.monotonic() - self._started_at
         if lived >= STABLE_AFTER_S:
