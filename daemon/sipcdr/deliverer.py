@@ -19,7 +19,8 @@ delivers what it can within the drain timeout and ends.
 Stopping: the capture process stops its intake, writes every CDR into the spool,
 fsyncs it, and then tells the delivery process to drain up to the spool's last
 sequence number (within `DEFAULT_DRAIN_TIMEOUT_S`, as in one process) and end. SIGTERM
-and SIGINT reach both processes of a service (systemd signals the whole group); the
+and SIGINT may reach both processes (Ctrl-C signals the terminal's whole group, and so
+does systemd with `KillMode=control-group`; the shipped unit signals the main one); the
 delivery process ignores them and waits for that word, so it never ends before the
 capture side has written its last CDR.
 """

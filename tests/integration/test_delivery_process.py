@@ -125,8 +125,8 @@ def test_the_delivery_process_killed_mid_stream_loses_no_cdr(
 def test_stop_delivers_what_the_capture_side_wrote_last(
     tmp_path: Path, cleanup: list[Daemon]
 ) -> None:
-    """SIGTERM to the whole group (as systemd sends it): the delivery process waits for
-    the capture side's last CDR and delivers it before both end."""
+    """SIGTERM to both processes (as Ctrl-C or a group kill sends it): the delivery
+    process waits for the capture side's last CDR and delivers it before both end."""
     daemon = start_daemon(tmp_path)
     cleanup.append(daemon)
     wait_for(lambda: len(delivery_pids(daemon)) == 1)
