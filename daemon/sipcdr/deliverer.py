@@ -348,6 +348,8 @@ async def _deliver(config: Config, conn: Connection) -> None:
                 message = await inbox.get()
                 if message is None:
                     log.warning("capture_process_gone", note="delivering what the spool holds")
+                    for tail in outputs.tails.values():
+                        tail.note_end_on_disk()
                     drain = DEFAULT_DRAIN_TIMEOUT_S
                     break
                 _apply(outputs, message)

@@ -125,3 +125,20 @@ def test_a_tail_opened_later_resumes_from_the_cursor(tmp_path: Path) -> None:
     assert _values(again.reader("a").read(100, MIB)) == [b"r2", b"r3"]
     again.close()
     spool.close()
+
+
+def test_a_reader_whose_segment_the_writer_deleted_reads_on(tmp_path: Path) -> None:
+    """Read and confirmed to the end of a segment, which the writer then deletes: the
+    next read lists the folder again, drops that segment and goes on."""
+    spool, tail = _pair(tmp_path / "s", segment_bytes=1)
+    reader = tail.reader("a")
+    spool.append(KIND_CDR, b"k", b"first")  # fills segment 1; the writer moves on
+    assert _values(reader.read(1, MIB)) == [b"first"]
+    reader.commit()
+    spool.flush()  # the cursor file says segment 1 is delivered: deleted
+    assert not (tmp_path / "s" / f"{1:020d}.seg").exists()
+    spool.append(KIND_CDR, b"k", b"second")
+    assert _values(reader.read(100, MIB)) == [b"second"]
+    assert reader.corrupt_records == 0
+    tail.close()
+    spool.close()

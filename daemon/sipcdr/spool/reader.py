@@ -220,7 +220,8 @@ class SpoolReader:
 
     @property
     def lag_records(self) -> int:
-        return self.spool.next_seq - self.confirmed_seq
+        # A tail's `next_seq` is what it was last told: it may trail what was read.
+        return max(self.spool.next_seq - self.confirmed_seq, 0)
 
     def read(self, max_records: int, max_bytes: int) -> list[SpoolRecord]:
         """Up to `max_records` records (at least one, whatever its size) from the read
@@ -240,6 +241,8 @@ class SpoolReader:
                 size += sum(len(record.value) for record in got)
                 continue
             following = self.spool._segment_after(segment.first_seq)
+            if self._segment is not segment or self._handle is None:
+                continue  # listing again moved this reader (its segment was deleted)
             if following is None:
                 break
             if self.spool.tailing and (got := self._read_in_segment(want, max_bytes - size)):

@@ -27,7 +27,8 @@ from sipcdr.spool.records import _next_valid, _scan
 from sipcdr.spool.segments import Segments, _Segment, list_segments
 from sipcdr.spool.writer import SpoolStats
 
-_MTIME_TRUSTED_AFTER_NS: Final = 100_000_000  # far beyond any clock tick
+# Beyond the coarsest timestamps of a filesystem a spool may be on (FAT's 2 s).
+_MTIME_TRUSTED_AFTER_NS: Final = 2_500_000_000
 
 
 class SpoolTail(Segments):
@@ -60,6 +61,13 @@ class SpoolTail(Segments):
 
     def reader(self, name: str) -> SpoolReader:
         return self._readers[name]
+
+    def note_end_on_disk(self) -> None:
+        """The writer is gone: what its segments hold is all there is to drain."""
+        self._listed_at = -1
+        self.refresh()
+        if self._segments:
+            self.note_next_seq(_end_of(self._segments[-1]))
 
     def note_next_seq(self, next_seq: int) -> None:
         """The writer's next sequence number: what a drain waits for."""
