@@ -370,7 +370,8 @@ async def _deliver(config: Config, conn: Connection) -> None:
     outputs.log_losses()
     _send(conn, take_snapshot(outputs, stats))
     log.info("delivery_process_stopped")
-    lock.close()
+    if lock is not None:
+        lock.close()
 
 
 def _readiness(outputs: Outputs) -> tuple[object, ...]:
@@ -384,8 +385,13 @@ def _settled(outputs: Outputs) -> bool:
     return delivery is None or all(state.tried for state, _reader in delivery.readers())
 
 
-def _exclusive(path: Path) -> BinaryIO:
-    handle = open_private(path, "wb")
+def _exclusive(path: Path) -> BinaryIO | None:
+    """The lock, or None when its file cannot be made (a full disk at a first start):
+    delivery goes on, as a second reader only re-delivers what sinks deduplicate."""
+    try:
+        handle = open_private(path, "wb")
+    except OSError:
+        return None
     fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
     return handle
 
