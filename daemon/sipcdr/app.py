@@ -30,7 +30,7 @@ from sipcdr.deliverer import DeliveryApart
 from sipcdr.dialogstore import DialogStore
 from sipcdr.hotpath import hot_path
 from sipcdr.intake import IntakeGate
-from sipcdr.limits import raise_file_limit, stream_limits
+from sipcdr.limits import raise_file_limit, return_large_blocks, stream_limits
 from sipcdr.pipeline import Intake, Pipeline
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.privacy.task import PrivacyTask
@@ -180,6 +180,7 @@ class App:
         prepare_state_dir(self.state_dir, leave=(EMBEDDED_DATA_SUBDIR,))
         # Before anything is opened: the spool, the sinks and the listeners all share it.
         self._file_limit = raise_file_limit()
+        return_large_blocks()
         # Reads only: until the store starts, a failed start leaves every file as it was.
         self.dialogs.recover()
         try:

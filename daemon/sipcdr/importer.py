@@ -39,6 +39,7 @@ from sipcdr.decode.extract import CaptureStats
 from sipcdr.engine import EXPIRE_EVERY_S, Destinations, build_engine
 from sipcdr.model import Packet
 from sipcdr.pipeline import CdrSink
+from sipcdr.privacy.import_list import apply_restrictions, drain
 from sipcdr.private import prepare_state_dir, private_dir
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR
@@ -92,11 +93,18 @@ async def _import_to_outputs(
     reserve = max(config.spool.cdr_reserve_records, 2 * YIELD_EVERY)
     config = replace(config, spool=replace(config.spool, cdr_reserve_records=reserve))
     outputs = Outputs(
-        output_settings(config), spool_dir=spool_dir, full_policy="block", wait_below_floor=True
+        output_settings(config),
+        spool_dir=spool_dir,
+        full_policy="block",
+        wait_below_floor=True,
+        restrictions=True,
     )
     await outputs.open()
     summary: dict[str, object] = {}
+    reading: asyncio.Task[None] | None = None
     try:
+        # Before the first packet: the spool is new and empty, so nothing left unfiltered.
+        reading = await apply_restrictions(outputs)
         steps = _import(config, files, Destinations.of(outputs), progress, summary)
         for _ in steps:
             # Every few thousand packets the sinks get their turn; while a spool is at
@@ -111,9 +119,7 @@ async def _import_to_outputs(
                 break
         outputs.flush()
         aborted = "aborted" in summary
-        delivered = outputs.delivery is None or await outputs.delivery.drain(
-            0 if aborted else timeout_s
-        )
+        delivered = await drain(outputs, 0 if aborted else timeout_s)
         undelivered: dict[str, int] = {}
         if outputs.delivery is not None and not delivered:
             for state, reader in outputs.delivery.readers():
@@ -121,6 +127,8 @@ async def _import_to_outputs(
                     undelivered[f"{state.sink}/{state.stream}"] = reader.lag_records
         summary["undelivered"] = undelivered
     finally:
+        if reading is not None:
+            reading.cancel()
         await outputs.close(drain_timeout_s=0)
         shutil.rmtree(spool_dir, ignore_errors=True)
     # After the close: CDRs a reserve still held then are lost, and counted there.
@@ -233,7 +241,9 @@ def _import(
             # All files merged by capture time: rotated captures (cap1, cap10, cap2...)
             # and overlapping ones from two sensors both play as the one link they
             # recorded.
-            merged = heapq.merge(*(packets_of(path) for path in files), key=_capture_time)
+            # One file needs no merging: a fifth of a microsecond less per packet.
+            sources = [packets_of(path) for path in files]
+            merged = sources[0] if len(sources) == 1 else heapq.merge(*sources, key=_capture_time)
             for packet in merged:
                 packets += 1
                 # Timers due before this packet fire first, as they would have live;

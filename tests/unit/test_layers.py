@@ -60,6 +60,7 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
             "sipcdr.spare",
             "sipcdr.telemetry",
             # What the sinks and the metrics take from privacy (docs/architecture.md).
+            "sipcdr.privacy.naming",
             "sipcdr.privacy.outbound",
             "sipcdr.privacy.pseudonym",
             "sipcdr.privacy.restriction_file",

@@ -47,3 +47,25 @@ def test_erasure_rewrites_every_number_and_uri_column_of_the_catalogue() -> None
     assert {column for column in wanted if f"{column} = CASE WHEN" in source} == wanted
     # Alerts: the subject column is replaced too.
     assert "UPDATE fraud_alerts SET subject = $2" in source
+
+
+def test_the_python_rule_is_the_regex_rule() -> None:
+    """`names_any` (the sinks) and `header_pattern` (the SQL) say the same of a header
+    section; tests/integration/test_naming_agrees.py checks the regex in PostgreSQL."""
+    from sipcdr.privacy.naming import names_any
+
+    number = "4940555666"
+    samples = [
+        "From: <sip:+4940555666@x>",
+        "Diversion: <tel:4940555666>;reason=busy",
+        "X-Num: 4940555666",
+        "4940555666",
+        "Call-ID: 14940555666@x",
+        "To: <sip:49405556660@x>",
+        "To: <sip:040555666@x>",
+        "",
+    ]
+    for text in samples:
+        assert names_any(text, {number}.__contains__) == bool(
+            re.search(header_pattern(number), text)
+        ), text

@@ -64,3 +64,42 @@ def test_an_unreadable_record_is_withheld_when_pseudonyms_are_promised() -> None
     plain = OutboundFilter(None, pseudonymize=False)
     plain.restricted = frozenset({"1"})
     assert plain.apply(KIND_CDR, b"[]") == b"[]"
+
+
+def test_a_message_naming_the_subject_in_any_header_is_withheld() -> None:
+    """The rule PostgreSQL flags by (`sipcdr.privacy.naming`): any header, whole digits."""
+    outbound = OutboundFilter(None, pseudonymize=False)
+    outbound.restricted = frozenset({"4940555666"})
+    diverted = {"headers": "INVITE sip:4930333444@x SIP/2.0\r\nDiversion: <tel:4940555666>\r\n"}
+    longer = {"headers": "INVITE sip:4930333444@x SIP/2.0\r\nFrom: <sip:149405556661@y>\r\n"}
+    assert outbound.apply(KIND_SIP, orjson.dumps(diverted)) is None
+    assert outbound.apply(KIND_SIP, orjson.dumps(longer)) == orjson.dumps(longer)
+
+
+def test_signaling_after_a_restricted_cdr_is_withheld_by_its_call() -> None:
+    """A message in national format names no E.164 number: once the call's CDR is known
+    to be a restricted subject's, its later messages are withheld by Call-ID, until the
+    restriction is lifted."""
+    outbound = OutboundFilter(None, pseudonymize=False)
+    assert not outbound.calls.any_restricted  # a sink sharing it reads no headers yet
+    outbound.set_restricted(frozenset({"4940555666"}))
+    assert outbound.calls.any_restricted
+    national = {"call_id": "c1@x", "headers": "BYE sip:040555666@x SIP/2.0\r\nCall-ID: c1@x\r\n"}
+    value = orjson.dumps(national)
+    assert outbound.apply(KIND_SIP, value) == value  # before its CDR: not known yet
+    assert outbound.apply(KIND_CDR, orjson.dumps(dict(CDR, call_id="c1@x"))) is None
+    assert outbound.apply(KIND_SIP, value) is None
+    other = orjson.dumps(dict(national, call_id="c2@x"))
+    assert outbound.apply(KIND_SIP, other) == other
+    outbound.set_restricted(frozenset({"4930999888"}))  # lifted
+    assert outbound.apply(KIND_SIP, value) == value
+
+
+def test_the_calls_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sipcdr.privacy import outbound as module
+
+    monkeypatch.setattr(module, "RESTRICTED_CALLS_KEPT", 3)
+    calls = module.RestrictedCalls()
+    for n in range(5):
+        calls.add(f"c{n}", ("4940555666",))
+    assert len(calls) == 3 and "c0" not in calls and "c4" in calls

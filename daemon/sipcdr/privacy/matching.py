@@ -4,15 +4,18 @@ erasure share, so "what a hold keeps" and "what an export returns" cannot drift 
 Each clause takes `$1` (the subject) and `$2` (for numbers: the pattern of the number
 in a header section); the table (or partition) it filters is the query's own. CDRs and
 alerts name numbers in columns; a signaling message belongs to a number when its
-Call-ID is one of that number's calls, or when its headers name the number's digits
-(`sip:+4930123@`, `tel:4930123`) not as part of a longer number.
+Call-ID is one of that number's calls, or when its headers name the number
+(`sipcdr.privacy.naming`, the rule the Kafka filter and the PostgreSQL sink apply too).
 """
 
 from __future__ import annotations
 
 from typing import Final
 
+from sipcdr.privacy.naming import header_pattern
 from sipcdr.privacy.plan import HOLD_KINDS
+
+__all__ = ["bind", "header_pattern", "normalize_number", "where"]
 
 _CALLS_OF_NUMBER: Final = (
     "SELECT call_id FROM cdrs WHERE caller = $1 OR callee = $1 "
@@ -58,14 +61,6 @@ def bind(table: str, kind: str, subject: str) -> tuple[str, tuple[str, ...]]:
     if "$2" in clause:
         return clause, (subject, header_pattern(subject))
     return clause, (subject,)
-
-
-def header_pattern(number: str) -> str:
-    """A POSIX regex for E.164 digits in a header section, with or without `+`, not
-    inside a longer run of digits."""
-    if not number.isdigit():
-        raise ValueError("a number is E.164 digits")
-    return f"(^|[^0-9]){number}([^0-9]|$)"
 
 
 def normalize_number(text: str) -> str:

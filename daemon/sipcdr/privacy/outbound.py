@@ -15,17 +15,17 @@ from typing import Any, Final
 
 import orjson
 
+from sipcdr.privacy.naming import names_any
 from sipcdr.privacy.pseudonym import pseudonym
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
 
-# A number in a SIP or tel URI's user part, as captured (`+` optional).
 # A number in a URI's user part (`+` optional); a P-Asserted-Identity may hold several
 # URIs, comma-separated.
 _URI_NUMBER: Final = re.compile(r"((?:sips?|tel):\+?)(\d{7,15})(?=[@;>\s,]|$)")
 
 
 def uri_numbers(text: str) -> Iterator[str]:
-    """The numbers in the URIs of `text`, as restriction and pseudonyms read them."""
+    """The numbers in the URIs of `text`, as pseudonyms replace them."""
     for match in _URI_NUMBER.finditer(text):
         yield match.group(2)
 
@@ -33,6 +33,62 @@ def uri_numbers(text: str) -> Iterator[str]:
 # A number standing alone in free text (an alert's details).
 _BARE_NUMBER: Final = re.compile(r"(^|[^0-9])\+?(\d{7,15})(?![0-9])")
 _URI_FIELDS: Final = ("from_uri", "to_uri", "request_uri")
+
+
+# Calls remembered as a restricted subject's (by Call-ID): enough for the signaling
+# that follows a CDR by minutes, bounded so a long restriction costs no more memory.
+RESTRICTED_CALLS_KEPT: Final = 65536
+
+
+class RestrictedCalls:
+    """Call-IDs of CDRs written or withheld as a restricted subject's, with that
+    subject's numbers: signaling in national format (`030...`) does not name the E.164
+    number, but belongs to the call. Messages of such a call seen after its CDR are
+    withheld from Kafka and flagged in PostgreSQL. A message sent before its call
+    closed cannot be known yet; `sipcdr subject restrict` and the PostgreSQL sink flag
+    the stored ones by Call-ID."""
+
+    __slots__ = ("_calls", "any_restricted")
+
+    def __init__(self, *, any_restricted: bool = True) -> None:
+        self._calls: dict[str, tuple[str, ...]] = {}
+        # False while no number is restricted: a sink then skips reading each
+        # message's headers (the filter that shares this keeps it up to date).
+        self.any_restricted = any_restricted
+
+    def add(self, call_id: str, numbers: tuple[str, ...]) -> None:
+        calls = self._calls
+        calls.pop(call_id, None)
+        calls[call_id] = numbers
+        if len(calls) > RESTRICTED_CALLS_KEPT:
+            del calls[next(iter(calls))]  # the oldest: dicts keep insertion order
+
+    def __contains__(self, call_id: object) -> bool:
+        return call_id in self._calls
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def note(self, cdr: dict[str, Any], restricted: Callable[[str], bool]) -> bool:
+        """Whether a CDR record is a restricted subject's (its caller or callee is),
+        remembering its call when it is."""
+        numbers = tuple(
+            number
+            for number in (cdr.get("caller"), cdr.get("callee"))
+            if isinstance(number, str) and restricted(number)
+        )
+        call_id = cdr.get("call_id")
+        if numbers and isinstance(call_id, str):
+            self.add(call_id, numbers)
+        return bool(numbers)
+
+    def keep_only(self, restricted: frozenset[str]) -> None:
+        """Forget the calls of subjects no longer restricted."""
+        self._calls = {
+            call_id: numbers
+            for call_id, numbers in self._calls.items()
+            if any(number in restricted for number in numbers)
+        }
 
 
 class OutboundFilter:
@@ -48,9 +104,13 @@ class OutboundFilter:
         # Told once, when the first list is known (the delivery held until then).
         self.on_known: list[Callable[[], None]] = []
         self.withheld: dict[str, int] = {}  # record kind -> count, for the metric
+        self.calls = RestrictedCalls(any_restricted=False)
 
     def set_restricted(self, numbers: frozenset[str]) -> None:
+        if self.calls and not numbers >= self.restricted:
+            self.calls.keep_only(numbers)
         self.restricted = numbers
+        self.calls.any_restricted = bool(numbers)
         if not self.known:
             self.known = True
             listeners, self.on_known = self.on_known, []
@@ -90,15 +150,14 @@ class OutboundFilter:
         if not self.restricted:
             return False
         if kind == KIND_CDR:
-            return (
-                record.get("caller") in self.restricted or record.get("callee") in self.restricted
-            )
+            return self.calls.note(record, self.restricted.__contains__)
         if kind == KIND_ALERT:
             return record.get("subject") in self.restricted
-        headers = record.get("headers")
-        if not isinstance(headers, str):
-            return False
-        return any(number in self.restricted for number in uri_numbers(headers))
+        # A message of a restricted call, or one naming a restricted number (the rule
+        # PostgreSQL flags by, `sipcdr.privacy.naming`).
+        return record.get("call_id") in self.calls or names_any(
+            record.get("headers"), self.restricted.__contains__
+        )
 
     def _pseudonymized(self, kind: str, record: dict[str, Any]) -> dict[str, Any]:
         alias = self._alias

@@ -20,7 +20,7 @@ import asyncpg
 import orjson
 
 from sipcdr.model import RECORD_FIELDS
-from sipcdr.privacy import audit, matching
+from sipcdr.privacy import audit, matching, naming
 from sipcdr.privacy.bundle import KINDS, Bundle
 from sipcdr.privacy.files import rotated_files
 from sipcdr.privacy.pseudonym import key_id, pseudonym
@@ -288,21 +288,22 @@ def _affected(status: str) -> int:
 
 
 # After a lift: whether a message still belongs to another restricted number, by the
-# rules of `matching` (a call of that number, or its digits in the headers).
+# rules of `matching` (a call of that number, or a header naming it).
 _SIGNALING_STILL: Final = (
     "(call_id IN (SELECT c.call_id FROM cdrs c JOIN restrictions r "
     "ON r.number IN (c.caller, c.callee) "
     "UNION SELECT c.call_id FROM cdrs_held c JOIN restrictions r "
     "ON r.number IN (c.caller, c.callee)) "
-    "OR EXISTS (SELECT 1 FROM restrictions r "
-    "WHERE headers ~ ('(^|[^0-9])' || r.number || '([^0-9]|$)')))"
+    f"OR EXISTS (SELECT 1 FROM restrictions r WHERE {naming.sql_names('r.number')}))"
 )
+_CDR_STILL: Final = "EXISTS (SELECT 1 FROM restrictions r WHERE r.number IN (caller, callee))"
 
 
 async def restrict(
     conn: asyncpg.Connection, number: str, operator: str, *, lift: bool = False
 ) -> dict[str, int]:
-    """Flag (or unflag) the number's rows and record the restriction the daemon reads."""
+    """Flag (or unflag) the number's rows, live and held, and record the restriction
+    the daemon reads. The counts are per table, its held rows included."""
     async with conn.transaction():
         if lift:
             await conn.execute("DELETE FROM restrictions WHERE number = $1", number)
@@ -313,31 +314,28 @@ async def restrict(
                 number,
                 operator,
             )
-        flag = (
-            "EXISTS (SELECT 1 FROM restrictions r WHERE r.number IN (caller, callee))"
-            if lift
-            else "true"
-        )
+        # Held rows are the same records kept past their retention (an export returns
+        # them): they carry the flag as the live ones do.
+        flags = {
+            "cdrs": _CDR_STILL if lift else "true",
+            "sip_messages": _SIGNALING_STILL if lift else "true",
+            "fraud_alerts": str(not lift).lower(),
+        }
+        clauses = {
+            "cdrs": _bind("cdrs", number),
+            "sip_messages": _bind("sip_messages", number),
+            "fraud_alerts": ("(subject = $1)", (number,)),
+        }
         counts = {}
-        counts["cdrs"] = _affected(
-            await conn.execute(
-                f"UPDATE cdrs SET restricted = {flag} WHERE caller = $1 OR callee = $1", number
-            )
-        )
-        sip_clause, sip_values = _bind("sip_messages", number)
-        counts["sip_messages"] = _affected(
-            await conn.execute(
-                f"UPDATE sip_messages SET restricted = {_SIGNALING_STILL if lift else 'true'} "
-                f"WHERE {sip_clause}",
-                *sip_values,
-            )
-        )
-        counts["fraud_alerts"] = _affected(
-            await conn.execute(
-                f"UPDATE fraud_alerts SET restricted = {str(not lift).lower()} WHERE subject = $1",
-                number,
-            )
-        )
+        for table in KINDS:
+            clause, values = clauses[table]
+            counts[table] = 0
+            for target in (table, f"{table}_held"):
+                counts[table] += _affected(
+                    await conn.execute(
+                        f"UPDATE {target} SET restricted = {flags[table]} WHERE {clause}", *values
+                    )
+                )
         action = audit.ACTION_UNRESTRICT if lift else audit.ACTION_RESTRICT
         await audit.append(conn, operator, action, number, {"rows": counts})
     return counts

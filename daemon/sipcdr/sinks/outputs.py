@@ -356,6 +356,7 @@ class Outputs:
             "partitions_ahead_days": pg.partitions_ahead_days,
             "retention_classes": pg.retention_classes,
             "restricted": self.outbound.is_restricted if self.outbound is not None else None,
+            "restricted_calls": self.outbound.calls if self.outbound is not None else None,
         }
         dsn = pg.dsn
         if pg.embedded:

@@ -31,7 +31,8 @@ from typing import Any, Final
 import asyncpg
 import orjson
 
-from sipcdr.privacy.outbound import uri_numbers
+from sipcdr.privacy.naming import names_any
+from sipcdr.privacy.outbound import RestrictedCalls
 from sipcdr.sinks.base import (
     KIND_ALERT,
     KIND_CDR,
@@ -82,7 +83,11 @@ _NOT_ANSWERING: Final = (
 )
 
 
-_SIGNALING_URIS: Final = ("from_uri", "to_uri", "request_uri", "p_asserted_identity")
+# The signaling of calls whose CDR was just written as a restricted subject's: a
+# message in national format names no E.164 number, but belongs to its call.
+_FLAG_CALLS: Final = (
+    "UPDATE sip_messages SET restricted = true WHERE call_id = ANY($1::text[]) AND NOT restricted"
+)
 
 
 class RecordError(RecordsRejected):
@@ -299,10 +304,12 @@ class PostgresSink(AsyncLifecycle):
         clock: Callable[[], float] = time.time,
         retention_classes: Mapping[str, int] | None = None,
         restricted: Callable[[str | None], bool] | None = None,
+        restricted_calls: RestrictedCalls | None = None,
     ) -> None:
         """`retention_classes`: trunk name -> its `cdr_retention_days`, the class a CDR
         of that trunk is stored under (others: the default class). `restricted`: whether
-        a number's processing is restricted, to flag its rows."""
+        a number's processing is restricted, to flag its rows; `restricted_calls`: the
+        calls known to be restricted subjects' (shared with the Kafka filter)."""
         if partitions_ahead_days < 0:
             raise ValueError(f"partitions_ahead_days must be >= 0, got {partitions_ahead_days}")
         self.dsn = dsn
@@ -315,6 +322,9 @@ class PostgresSink(AsyncLifecycle):
         self._clock = clock
         self.retention_classes = dict(retention_classes or {})
         self._restricted = restricted or _never
+        if restricted_calls is None:
+            restricted_calls = RestrictedCalls(any_restricted=restricted is not None)
+        self._restricted_calls = restricted_calls
         # For metrics: rows new to each table, and rows that were already there.
         self.rows_inserted: dict[str, int] = {table.name: 0 for table in TABLES}
         self.duplicates_skipped: dict[str, int] = {table.name: 0 for table in TABLES}
@@ -377,6 +387,12 @@ class PostgresSink(AsyncLifecycle):
             async with connection.transaction():
                 for table, table_rows in rows.items():
                     inserted[table.name] = await self._insert(connection, table, table_rows)
+                if calls := self._calls_of(rows, CDRS):
+                    await connection.execute(_FLAG_CALLS, calls)
+            # A message committed while its call's restricted CDR was being written (on
+            # the other stream's connection) missed both flags: the call is known now.
+            if late := self._calls_of(rows, SIP_MESSAGES):
+                await connection.execute(_FLAG_CALLS, late)
         except BaseException as exc:
             # The connection may be mid-protocol or dead, and a cached partition may
             # have been dropped by retention: the next attempt starts afresh.
@@ -460,14 +476,14 @@ class PostgresSink(AsyncLifecycle):
                     value["retention_days"] = self.retention_classes.get(
                         value.get("trunk"), DEFAULT_CLASS
                     )
-                    value["restricted"] = self._restricted(value.get("caller")) or self._restricted(
-                        value.get("callee")
-                    )
+                    value["restricted"] = self._restricted_calls.note(value, self._restricted)
                 elif table is FRAUD_ALERTS:
                     value["restricted"] = self._restricted(value.get("subject"))
                 else:
-                    value["restricted"] = self._restricted is not _never and (
-                        self._names_restricted(value)
+                    calls = self._restricted_calls
+                    value["restricted"] = calls.any_restricted and (
+                        value.get("call_id") in calls
+                        or names_any(value.get("headers"), self._restricted)
                     )
                 row = table.row(value)
             except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
@@ -483,16 +499,16 @@ class PostgresSink(AsyncLifecycle):
             rows.setdefault(table, []).append(row)
         return rows
 
-    def _names_restricted(self, message: dict[str, Any]) -> bool:
-        """Whether a message's From, To, Request-URI or P-Asserted-Identity names a
-        restricted number: what `sipcdr subject restrict` flags by the same digits."""
-        for name in _SIGNALING_URIS:
-            text = message.get(name)
-            if isinstance(text, str):
-                for number in uri_numbers(text):
-                    if self._restricted(number):
-                        return True
-        return False
+    def _calls_of(self, rows: dict[_Table, list[Row]], table: _Table) -> list[str]:
+        """The calls of restricted CDRs, or of messages left unflagged in a restricted
+        call: their signaling is flagged by Call-ID (`_FLAG_CALLS`)."""
+        call_id, flag = table.columns.index("call_id"), table.columns.index("restricted")
+        calls = self._restricted_calls
+        if table is CDRS:
+            return sorted({r[call_id] for r in rows.get(table, ()) if r[flag]})
+        return sorted(
+            {r[call_id] for r in rows.get(table, ()) if not r[flag] and r[call_id] in calls}
+        )
 
     async def _connection(self, stream: str) -> asyncpg.Connection:
         connection = self._connections.get(stream)

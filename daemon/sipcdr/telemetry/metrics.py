@@ -402,6 +402,9 @@ def _fraud(scrape: _Scrape, sources: Sources) -> None:
     scrape.counts("sipcdr_fraud_alerts", stats.alerts)
     scrape.counts("sipcdr_fraud_alerts_suppressed", stats.suppressed)
     scrape.counts("sipcdr_fraud_subjects_evicted", stats.evicted)
+    scrape.add("sipcdr_fraud_alert_updates", stats.updates)
+    scrape.add("sipcdr_fraud_calls_evicted", stats.calls_evicted)
+    scrape.add("sipcdr_fraud_incidents_evicted", stats.incidents_evicted)
     for detector, held in dict(stats.tracked).items():
         scrape.set("sipcdr_fraud_subjects_tracked", held, detector)
     scrape.counts("sipcdr_fraud_errors", stage.stats.errors)

@@ -1,0 +1,48 @@
+"""When a signaling message names a data subject: the one rule every privacy operation
+uses, in Python (the Kafka filter, the PostgreSQL sink as it writes) and in SQL
+(`restrict`, `unrestrict`, holds, export and erasure through `privacy.matching`).
+
+A message names a number when its header section (start line included) holds the
+number's E.164 digits as a whole run of digits: `sip:+4930123456@`, `tel:4930123456`,
+`Diversion: <sip:4930123456@...>`, any header, with or without `+`, but not inside a
+longer number (`14930123456`). Both forms below select exactly that, so a message the
+daemon withholds from Kafka is one PostgreSQL flags, and one `unrestrict` finds again.
+
+Digits written otherwise (national format, `030 123456`) are not the E.164 number and
+do not match; such messages are tied to the subject through their call instead (the
+Call-ID of a CDR whose caller or callee is the subject).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Final
+
+# A whole run of ASCII digits: neither a digit before nor after it. E.164 numbers have
+# at most 15 digits, and stored ones (`normalize_number`) at least 7.
+_RUN: Final = re.compile(r"(?<![0-9])[0-9]{7,15}(?![0-9])")
+
+
+def named_numbers(headers: str) -> Iterator[str]:
+    """The numbers a header section names, by the rule above (repeats included)."""
+    return iter(_RUN.findall(headers))
+
+
+def names_any(headers: object, restricted: Callable[[str], bool]) -> bool:
+    """Whether a header section (when it is one) names a number `restricted` accepts."""
+    return isinstance(headers, str) and any(map(restricted, _RUN.findall(headers)))
+
+
+def header_pattern(number: str) -> str:
+    """The same rule as a PostgreSQL regular expression (`headers ~ pattern`) for one
+    number: its digits not preceded or followed by another digit."""
+    if not number.isdigit() or not number.isascii():
+        raise ValueError("a number is E.164 digits")
+    return f"(^|[^0-9]){number}([^0-9]|$)"
+
+
+def sql_names(number_sql: str) -> str:
+    """The rule as a SQL condition on `headers`, for a number that is itself a SQL
+    expression (a column of `restrictions`, say)."""
+    return f"headers ~ ('(^|[^0-9])' || {number_sql} || '([^0-9]|$)')"
