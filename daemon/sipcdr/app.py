@@ -233,8 +233,7 @@ class App:
             raise
         self._ticker = asyncio.create_task(self._tick(), name="sipcdr-tick")
         self._ticker.add_done_callback(self._background_failed)
-        # Retention at start and daily, restrictions for the Kafka filter (privacy hook);
-        # apart, the delivery process runs it, and this one expires the spool's segments.
+        # Retention, restrictions for the Kafka filter; apart: the spool's expiry only.
         self._privacy = self.apart or PrivacyTask(
             self.config,
             self.privacy_stats,
