@@ -130,6 +130,17 @@ def _newest_cursor_slot(data: bytes) -> tuple[int, int, int, bool] | None:
     return newest
 
 
+def read_cursor_seq(path: Path) -> int | None:
+    """The position a cursor file holds, or None (missing, unreadable). Read while its
+    reader may be writing a slot: a torn slot fails its check and the other one, older,
+    is taken, which only holds back more."""
+    try:
+        newest = _newest_cursor_slot(path.read_bytes())
+    except OSError:
+        return None
+    return None if newest is None else newest[2]
+
+
 def _decode_header(header: bytes) -> tuple[int, int, int, int] | None:
     if len(header) < HEADER_BYTES:
         return None

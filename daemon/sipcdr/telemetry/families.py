@@ -277,6 +277,9 @@ FAMILIES: Final = {f.name: f for f in (
     _g("sipcdr_spare_bytes",
        "Bytes of the spare file kept on the state disk for a full disk (0 while it "
        "is given up or could not be allocated)"),
+    _c("sipcdr_delivery_process_restarts",
+       "Times the delivery process ended unasked and was started again (its records "
+       "waited in the spool meanwhile)"),
     _c("sipcdr_spare_released",
        "Times the spare file was given up because the state disk refused a write"),
     _g("sipcdr_intake_paused",
