@@ -33,6 +33,8 @@ def uri_numbers(text: str) -> Iterator[str]:
 # A number standing alone in free text (an alert's details).
 _BARE_NUMBER: Final = re.compile(r"(^|[^0-9])\+?(\d{7,15})(?![0-9])")
 _URI_FIELDS: Final = ("from_uri", "to_uri", "request_uri")
+# A signaling record carries its parsed URIs next to the headers they came from.
+_SIP_TEXT_FIELDS: Final = ("headers", "body", *_URI_FIELDS, "p_asserted_identity")
 
 
 # Calls remembered as a restricted subject's (by Call-ID): enough for the signaling
@@ -174,7 +176,7 @@ class OutboundFilter:
                 record["subject"] = alias(subject)
             record["details"] = self._scrub(record.get("details"))
         else:
-            for name in ("headers", "body"):
+            for name in _SIP_TEXT_FIELDS:
                 if isinstance(record.get(name), str):
                     record[name] = _URI_NUMBER.sub(self._uri_sub, record[name])
         return record
