@@ -8,7 +8,8 @@ With Kafka configured and no list to be had, the import refuses to run rather th
 publish restricted subjects' records. With PostgreSQL alone its delivery waits for the
 list, as the daemon's does: the database that keeps the list is the one written to, so
 the records wait for it either way. Without PostgreSQL the saved list applies when
-there is one, and none otherwise (restrictions are kept in PostgreSQL).
+there is one, and none otherwise (restrictions are kept in PostgreSQL). A saved list
+that cannot be read names someone all the same: an import with Kafka then refuses.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ async def apply_restrictions(outputs: Outputs) -> asyncio.Task[None] | None:
         saved = saved_restrictions(settings.state_dir)
         if saved is not None:
             outbound.set_restricted(saved)
+        elif settings.kafka is not None and (settings.state_dir / FILE_NAME).exists():
+            # A list was saved but cannot be read (damaged, or past the size a state
+            # file is read up to): it names someone, so publishing without it is no
+            # better than without PostgreSQL.
+            raise RestrictionsUnavailable(
+                f"the restriction list saved in {settings.state_dir / FILE_NAME} cannot "
+                "be read, so nothing was imported: restricted subjects' records would "
+                "reach Kafka; import with PostgreSQL configured, which keeps the list"
+            )
         return None
     problem = ""
     try:
