@@ -100,11 +100,6 @@ async def alert_rows(dsn: str) -> list[tuple[str, str, bool]]:
     return [(row[0], row[1], row[2]) for row in rows]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a fraud alert about another subject that names the restricted number "
-    "(sequential dialing's last_number) reaches Kafka and is stored unflagged",
-)
 def test_an_alert_naming_a_restricted_number_stays_off_kafka_and_is_flagged(
     tmp_path: Path, pg_dsn: str, kafka_bootstrap: str
 ) -> None:

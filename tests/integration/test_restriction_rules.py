@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
-from privacydata import cdr, sip_message
+from privacydata import alert, cdr, sip_message, write
 from sipcdr.privacy.outbound import OutboundFilter
 from sipcdr.privacy.subjects import restrict
 from sipcdr.sinks.base import KIND_CDR, KIND_SIP, STREAM_RECORDS, STREAM_SIGNALING, SpoolRecord
@@ -156,3 +156,29 @@ async def test_restrict_and_unrestrict_reach_the_held_tables(
     }
     alerts = dict(await conn.fetch("SELECT subject, restricted FROM fraud_alerts_held"))
     assert alerts == {SUBJECT: False, OTHER: True}
+
+
+async def test_restrict_flags_an_alert_whose_details_name_the_subject(
+    conn: asyncpg.Connection, pg_dsn: str
+) -> None:
+    """An alert about another subject that names the number (sequential dialing's
+    `last_number`) is flagged by `restrict` as the sinks flag it, and cleared by
+    `unrestrict` only when no other restricted number is named."""
+    about_other = dict(alert(ago(1), OTHER), details={"last_number": SUBJECT})
+    both = dict(alert(ago(1), THIRD), details={"numbers": [SUBJECT, OTHER]})
+    longer = dict(alert(ago(1), THIRD), details={"last_number": "1" + SUBJECT})
+    await write(pg_dsn, alerts=[about_other, both, longer])
+
+    async def flagged() -> dict[str, bool]:
+        rows = await conn.fetch("SELECT alert_id, restricted FROM fraud_alerts")
+        return {str(row[0]): row[1] for row in rows}
+
+    ids = (about_other["alert_id"], both["alert_id"], longer["alert_id"])
+    await restrict(conn, SUBJECT, "dpo")
+    await restrict(conn, OTHER, "dpo")
+    assert [(await flagged())[i] for i in ids] == [True, True, False]
+    await restrict(conn, SUBJECT, "dpo", lift=True)
+    # `about_other` is about OTHER, still restricted; `both` names it too.
+    assert [(await flagged())[i] for i in ids] == [True, True, False]
+    await restrict(conn, OTHER, "dpo", lift=True)
+    assert [(await flagged())[i] for i in ids] == [False, False, False]

@@ -36,11 +36,6 @@ def test_a_pseudonymized_signaling_record_carries_no_number() -> None:
     assert SUBJECT.encode() not in sent and b"4930333444" not in sent, sent
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an alert about another subject whose details name a restricted number "
-    "(sequential dialing's last_number) reaches Kafka",
-)
 def test_an_alert_naming_a_restricted_number_in_its_details_is_withheld() -> None:
     outbound = OutboundFilter(None, pseudonymize=False)
     outbound.set_restricted(frozenset({SUBJECT}))

@@ -8,6 +8,10 @@ number's E.164 digits as a whole run of digits: `sip:+4930123456@`, `tel:4930123
 longer number (`14930123456`). Both forms below select exactly that, so a message the
 daemon withholds from Kafka is one PostgreSQL flags, and one `unrestrict` finds again.
 
+An alert's details name a number by the same rule, over their JSON text (sequential
+dialing's `last_number`, say): an alert about someone else that names a restricted
+number is withheld and flagged as one about it.
+
 Digits written otherwise (national format, `030 123456`) are not the E.164 number and
 do not match; such messages are tied to the subject through their call instead (the
 Call-ID of a CDR whose caller or callee is the subject).
@@ -18,6 +22,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from typing import Final
+
+import orjson
 
 # A whole run of ASCII digits: neither a digit before nor after it. E.164 numbers have
 # at most 15 digits, and stored ones (`normalize_number`) at least 7.
@@ -34,6 +40,17 @@ def names_any(headers: object, restricted: Callable[[str], bool]) -> bool:
     return isinstance(headers, str) and any(map(restricted, _RUN.findall(headers)))
 
 
+def details_name_any(details: object, restricted: Callable[[str], bool]) -> bool:
+    """Whether an alert's details (any JSON value) name a number `restricted` accepts."""
+    if details is None:
+        return False
+    try:
+        text = orjson.dumps(details).decode()
+    except TypeError:
+        return False
+    return any(map(restricted, _RUN.findall(text)))
+
+
 def header_pattern(number: str) -> str:
     """The same rule as a PostgreSQL regular expression (`headers ~ pattern`) for one
     number: its digits not preceded or followed by another digit."""
@@ -42,7 +59,7 @@ def header_pattern(number: str) -> str:
     return f"(^|[^0-9]){number}([^0-9]|$)"
 
 
-def sql_names(number_sql: str) -> str:
-    """The rule as a SQL condition on `headers`, for a number that is itself a SQL
-    expression (a column of `restrictions`, say)."""
-    return f"headers ~ ('(^|[^0-9])' || {number_sql} || '([^0-9]|$)')"
+def sql_names(number_sql: str, text_sql: str = "headers") -> str:
+    """The rule as a SQL condition on `headers` (or another text, `details::text`), for
+    a number that is itself a SQL expression (a column of `restrictions`, say)."""
+    return f"{text_sql} ~ ('(^|[^0-9])' || {number_sql} || '([^0-9]|$)')"

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import orjson
 
-from sipcdr.privacy.naming import names_any
+from sipcdr.privacy.naming import details_name_any, names_any
 from sipcdr.privacy.pseudonym import pseudonym
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
 
@@ -154,7 +154,9 @@ class OutboundFilter:
         if kind == KIND_CDR:
             return self.calls.note(record, self.restricted.__contains__)
         if kind == KIND_ALERT:
-            return record.get("subject") in self.restricted
+            return record.get("subject") in self.restricted or details_name_any(
+                record.get("details"), self.restricted.__contains__
+            )
         # A message of a restricted call, or one naming a restricted number (the rule
         # PostgreSQL flags by, `sipcdr.privacy.naming`).
         return record.get("call_id") in self.calls or names_any(
