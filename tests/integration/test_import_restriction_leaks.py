@@ -125,11 +125,6 @@ def test_an_alert_naming_a_restricted_number_stays_off_kafka_and_is_flagged(
     assert all(restricted for _, _, restricted in naming), naming
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with pseudonymize_numbers, an alert about a caller is keyed by the caller's "
-    "number: the Kafka message key carries it in the clear",
-)
 def test_pseudonymized_alerts_carry_no_number_in_their_key(
     tmp_path: Path, kafka_bootstrap: str
 ) -> None:

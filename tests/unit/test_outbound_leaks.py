@@ -9,6 +9,7 @@ import pytest
 from sipcalls import Call
 from sipcdr.model import Packet
 from sipcdr.privacy.outbound import OutboundFilter
+from sipcdr.privacy.pseudonym import pseudonym
 from sipcdr.sinks.base import KIND_ALERT, KIND_SIP
 from sipcdr.sip import parse
 from sipcdr.sipevent import event_record
@@ -61,3 +62,10 @@ def test_signaling_naming_the_subject_with_visual_separators_is_withheld(written
     outbound.set_restricted(frozenset({SUBJECT}))
     value = signaling_record(Call(call_id="sep@x", caller=written, callee="4930333444"))
     assert outbound.apply(KIND_SIP, value) is None
+
+
+def test_a_pseudonymized_alert_key_is_its_subjects_pseudonym() -> None:
+    outbound = OutboundFilter(KEY, pseudonymize=True)
+    assert outbound.key(KIND_ALERT, SUBJECT.encode()) == pseudonym(KEY, SUBJECT).encode()
+    assert outbound.key(KIND_ALERT, b"trunk-a") == b"trunk-a"
+    assert outbound.key(KIND_SIP, b"c1@x") == b"c1@x"

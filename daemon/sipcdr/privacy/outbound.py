@@ -148,6 +148,13 @@ class OutboundFilter:
             return value
         return orjson.dumps(self._pseudonymized(kind, record))
 
+    def key(self, kind: str, key: bytes) -> bytes:
+        """The Kafka key to publish: an alert is keyed by its subject, pseudonymized
+        as the record's own `subject` is."""
+        if self.pseudonymize and kind == KIND_ALERT and key.isdigit():
+            return self._alias(key.decode()).encode()
+        return key
+
     def _restricted(self, kind: str, record: dict[str, Any]) -> bool:
         if not self.restricted:
             return False
