@@ -54,6 +54,8 @@ CASES: dict[str, tuple[bool, dict[str, Any]]] = {
     "contact-tel": (True, {"extra": f"Contact: <tel:{SUBJECT}>\r\n"}),
     "bare-header": (True, {"extra": f"X-Billing-Number: {SUBJECT}\r\n"}),
     "longer": (False, {"extra": f"Diversion: <sip:1{SUBJECT}1@x>\r\n"}),
+    "separators": (True, {"extra": "Diversion: <tel:+49-40-555-666>;reason=busy\r\n"}),
+    "separated-longer": (False, {"extra": "Contact: <tel:+49-40-555-666-7>\r\n"}),
     "national": (False, {"caller": "040555666"}),
     "none": (False, {}),
 }
@@ -182,3 +184,31 @@ async def test_restrict_flags_an_alert_whose_details_name_the_subject(
     assert [(await flagged())[i] for i in ids] == [True, True, False]
     await restrict(conn, OTHER, "dpo", lift=True)
     assert [(await flagged())[i] for i in ids] == [False, False, False]
+
+
+SAMPLES = [
+    f"From: <sip:+{SUBJECT}@x>",
+    f"X-Num: {SUBJECT}",
+    f"Call-ID: 1{SUBJECT}@x",
+    "Diversion: <tel:+49-40-555-666>",
+    "From: <sip:+49.40.555.666@x>",
+    "From: <sip:+49(40)555666@x>",
+    "From: <sip:+49-40-555-666-7@x>",
+    "From: <sip:+1-49-40-555-666@x>",
+    "From: <sip:49-40-555-666@x>",
+    f'{{"last_number": "{SUBJECT}"}}',
+    "",
+]
+
+
+async def test_the_rule_in_sql_is_the_rule_in_python(conn: asyncpg.Connection) -> None:
+    """`sql_names` (unrestrict, with the number a column) and `header_pattern` (restrict
+    and holds, the number a parameter) say of each text what the sinks say."""
+    from sipcdr.privacy.naming import header_pattern, names_any, sql_names
+
+    by_column_sql = f"SELECT {sql_names('$1::text', '$2::text')}"
+    for text in SAMPLES:
+        python = names_any(text, {SUBJECT}.__contains__)
+        by_column = await conn.fetchval(by_column_sql, SUBJECT, text)
+        by_pattern = await conn.fetchval("SELECT $1::text ~ $2", text, header_pattern(SUBJECT))
+        assert (python, by_column, by_pattern) == (python, python, python), text

@@ -51,11 +51,6 @@ def test_an_alert_naming_a_restricted_number_in_its_details_is_withheld() -> Non
     assert outbound.apply(KIND_ALERT, orjson.dumps(alert)) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an E.164 number written with visual separators (tel:+49-40-555-666) is not "
-    "a whole run of digits: its call's messages before the CDR reach Kafka",
-)
 @pytest.mark.parametrize("written", ["+49-40-555-666", "+49.40.555666", "+49(40)555666"])
 def test_signaling_naming_the_subject_with_visual_separators_is_withheld(written: str) -> None:
     outbound = OutboundFilter(None, pseudonymize=False)
