@@ -66,11 +66,6 @@ def test_a_pseudonymized_alert_key_is_its_subjects_pseudonym() -> None:
     assert outbound.key(KIND_SIP, b"c1@x") == b"c1@x"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pseudonyms replace numbers in URIs only: a number in a display name, a "
-    "non-URI header or a URI with visual separators reaches Kafka in the clear",
-)
 @pytest.mark.parametrize(
     "header",
     [

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from typing import Final
+from typing import Any, Final
 
 import orjson
 
@@ -60,6 +60,15 @@ def details_name_any(details: object, restricted: Callable[[str], bool]) -> bool
     except TypeError:
         return False
     return any(map(restricted, named_numbers(text)))
+
+
+def alert_names_any(alert: dict[str, Any], restricted: Callable[[str], bool]) -> bool:
+    """Whether an alert record is about, or its details name, a number `restricted`
+    accepts (alerts are rare: their details are read each time)."""
+    subject = alert.get("subject")
+    return (isinstance(subject, str) and restricted(subject)) or details_name_any(
+        alert.get("details"), restricted
+    )
 
 
 def header_pattern(number: str) -> str:

@@ -10,25 +10,21 @@ parsing, so the common case costs one attribute test per record.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
 
-from sipcdr.privacy.naming import details_name_any, names_any
+from sipcdr.privacy.naming import alert_names_any, names_any
 from sipcdr.privacy.pseudonym import pseudonym
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
 
-# A number in a URI's user part (`+` optional); a P-Asserted-Identity may hold several
-# URIs, comma-separated.
-_URI_NUMBER: Final = re.compile(r"((?:sips?|tel):\+?)(\d{7,15})(?=[@;>\s,]|$)")
-
-
-def uri_numbers(text: str) -> Iterator[str]:
-    """The numbers in the URIs of `text`, as pseudonyms replace them."""
-    for match in _URI_NUMBER.finditer(text):
-        yield match.group(2)
-
+# What pseudonyms replace in URIs, headers and bodies: every number the naming rule sees
+# (`sipcdr.privacy.naming`), a global one with visual separators (`+49-40-555-666`)
+# or a whole run of digits; taken in one pass, so no pseudonym's hex is read again.
+_NAMED_NUMBER: Final = re.compile(r"\+[0-9](?:[-.()]*[0-9])*|(?<![0-9])[0-9]{7,15}(?![0-9])")
+_RUN: Final = re.compile(r"(?<![0-9])[0-9]{7,15}(?![0-9])")
+_NO_SEPARATORS: Final = str.maketrans("", "", "-.()")
 
 # A number standing alone in free text (an alert's details).
 _BARE_NUMBER: Final = re.compile(r"(^|[^0-9])\+?(\d{7,15})(?![0-9])")
@@ -161,9 +157,7 @@ class OutboundFilter:
         if kind == KIND_CDR:
             return self.calls.note(record, self.restricted.__contains__)
         if kind == KIND_ALERT:
-            return record.get("subject") in self.restricted or details_name_any(
-                record.get("details"), self.restricted.__contains__
-            )
+            return alert_names_any(record, self.restricted.__contains__)
         # A message of a restricted call, or one naming a restricted number (the rule
         # PostgreSQL flags by, `sipcdr.privacy.naming`).
         return record.get("call_id") in self.calls or names_any(
@@ -178,7 +172,7 @@ class OutboundFilter:
                     record[name] = alias(record[name])
             for name in _URI_FIELDS:
                 if isinstance(record.get(name), str):
-                    record[name] = _URI_NUMBER.sub(self._uri_sub, record[name])
+                    record[name] = _NAMED_NUMBER.sub(self._number_sub, record[name])
         elif kind == KIND_ALERT:
             subject = record.get("subject")
             if isinstance(subject, str) and subject.isdigit():
@@ -187,7 +181,7 @@ class OutboundFilter:
         else:
             for name in _SIP_TEXT_FIELDS:
                 if isinstance(record.get(name), str):
-                    record[name] = _URI_NUMBER.sub(self._uri_sub, record[name])
+                    record[name] = _NAMED_NUMBER.sub(self._number_sub, record[name])
         return record
 
     def _scrub(self, value: Any) -> Any:
@@ -204,8 +198,13 @@ class OutboundFilter:
         assert self._key is not None
         return pseudonym(self._key, number)
 
-    def _uri_sub(self, match: re.Match[str]) -> str:
-        return match.group(1).rstrip("+") + self._alias(match.group(2))
+    def _number_sub(self, match: re.Match[str]) -> str:
+        written = match.group(0)
+        digits = written.removeprefix("+").translate(_NO_SEPARATORS)
+        if 7 <= len(digits) <= 15:
+            return self._alias(digits)
+        # No number as a whole (`+1-2`, too long): any run inside it still is one.
+        return _RUN.sub(lambda run: self._alias(run.group(0)), written)
 
 
 Transform = Callable[[str, bytes], bytes | None]

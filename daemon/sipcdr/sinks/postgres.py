@@ -31,7 +31,7 @@ from typing import Any, Final
 import asyncpg
 import orjson
 
-from sipcdr.privacy.naming import details_name_any, names_any
+from sipcdr.privacy.naming import alert_names_any, names_any
 from sipcdr.privacy.outbound import RestrictedCalls
 from sipcdr.sinks.base import (
     KIND_ALERT,
@@ -478,10 +478,7 @@ class PostgresSink(AsyncLifecycle):
                     )
                     value["restricted"] = self._restricted_calls.note(value, self._restricted)
                 elif table is FRAUD_ALERTS:
-                    value["restricted"] = self._restricted(value.get("subject")) or (
-                        self._restricted_calls.any_restricted
-                        and details_name_any(value.get("details"), self._restricted)
-                    )
+                    value["restricted"] = alert_names_any(value, self._restricted)
                 else:
                     calls = self._restricted_calls
                     value["restricted"] = calls.any_restricted and (
