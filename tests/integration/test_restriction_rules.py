@@ -212,3 +212,33 @@ async def test_the_rule_in_sql_is_the_rule_in_python(conn: asyncpg.Connection) -
         by_column = await conn.fetchval(by_column_sql, SUBJECT, text)
         by_pattern = await conn.fetchval("SELECT $1::text ~ $2", text, header_pattern(SUBJECT))
         assert (python, by_column, by_pattern) == (python, python, python), text
+
+
+async def test_a_cdr_whose_uris_name_the_subject_is_flagged_by_sink_and_restrict(
+    pg_dsn: str, conn: asyncpg.Connection
+) -> None:
+    """A forwarded call: To names the subject, the Request-URI and the callee are the
+    new target. The sink, `restrict` and `unrestrict` treat its CDR as the subject's,
+    as Kafka does."""
+    from dataclasses import replace
+
+    forwarded = replace(
+        cdr(1, ago(1), caller=OTHER, callee=THIRD, call_id="fwd@x"),
+        to_uri=f"sip:+{SUBJECT}@example.net",
+    )
+    plain = cdr(2, ago(1), caller=OTHER, callee=THIRD, call_id="plain@x")
+    items = [forwarded.to_record(), plain.to_record()]
+
+    async def cdr_flags() -> dict[str, bool]:
+        return dict(await conn.fetch("SELECT call_id, restricted FROM cdrs"))
+
+    restricted = {SUBJECT}
+    async with PostgresSink(pg_dsn, restricted=restricted.__contains__) as sink:
+        await sink.deliver(STREAM_RECORDS, records(KIND_CDR, items))
+    assert await cdr_flags() == {"fwd@x": True, "plain@x": False}
+    await conn.execute("UPDATE cdrs SET restricted = false")
+    counts = await restrict(conn, SUBJECT, "dpo")
+    assert await cdr_flags() == {"fwd@x": True, "plain@x": False}
+    assert counts["cdrs"] == 1
+    await restrict(conn, SUBJECT, "dpo", lift=True)
+    assert await cdr_flags() == {"fwd@x": False, "plain@x": False}

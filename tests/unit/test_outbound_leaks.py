@@ -82,12 +82,6 @@ def test_pseudonymized_headers_carry_no_number_anywhere(header: str) -> None:
     assert SUBJECT.encode() not in sent.replace(b"-", b""), sent
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a CDR is withheld by caller and callee only: one whose From (the caller "
-    "asserted otherwise by P-Asserted-Identity) or To (a forwarded call) names the "
-    "restricted number reaches Kafka, while the call's messages are withheld",
-)
 @pytest.mark.parametrize("field", ["from_uri", "to_uri"])
 def test_a_cdr_whose_uris_name_the_subject_is_withheld(field: str) -> None:
     outbound = OutboundFilter(None, pseudonymize=False)

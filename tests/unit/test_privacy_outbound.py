@@ -33,7 +33,7 @@ def test_restricted_subjects_are_withheld_and_counted() -> None:
     assert outbound.apply(KIND_CDR, orjson.dumps(CDR)) is None
     assert outbound.apply(KIND_SIP, orjson.dumps(SIP)) is None
     assert outbound.apply(KIND_ALERT, orjson.dumps(ALERT)) is None
-    other = dict(CDR, caller="4940111222")
+    other = dict(CDR, caller="4940111222", from_uri="sip:+4940111222@example.com")
     assert outbound.apply(KIND_CDR, orjson.dumps(other)) == orjson.dumps(other)
     assert outbound.withheld == {KIND_CDR: 1, KIND_SIP: 1, KIND_ALERT: 1}
 

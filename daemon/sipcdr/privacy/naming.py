@@ -62,6 +62,31 @@ def details_name_any(details: object, restricted: Callable[[str], bool]) -> bool
     return any(map(restricted, named_numbers(text)))
 
 
+# A CDR's URIs as the signaling wrote them: a From the P-Asserted-Identity overrode, a
+# To a forwarded call left, still name their numbers.
+CDR_URI_FIELDS: Final = ("from_uri", "to_uri", "request_uri")
+
+
+def cdr_numbers(cdr: dict[str, Any]) -> Iterator[str]:
+    """The numbers a CDR record names: its caller and callee, and those its URIs name
+    by the rule above."""
+    for name in ("caller", "callee"):
+        value = cdr.get(name)
+        if isinstance(value, str):
+            yield value
+    for name in CDR_URI_FIELDS:
+        value = cdr.get(name)
+        if isinstance(value, str):
+            yield from named_numbers(value)
+
+
+def sql_cdr_names(number_sql: str) -> str:
+    """`cdr_numbers` as a SQL condition on a CDR row, for a number that is a SQL
+    expression."""
+    uris = " OR ".join(sql_names(number_sql, field) for field in CDR_URI_FIELDS)
+    return f"({number_sql} IN (caller, callee) OR {uris})"
+
+
 def alert_names_any(alert: dict[str, Any], restricted: Callable[[str], bool]) -> bool:
     """Whether an alert record is about, or its details name, a number `restricted`
     accepts (alerts are rare: their details are read each time)."""

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import orjson
 
-from sipcdr.privacy.naming import alert_names_any, names_any
+from sipcdr.privacy.naming import alert_names_any, cdr_numbers, names_any
 from sipcdr.privacy.pseudonym import pseudonym
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
 
@@ -68,13 +68,9 @@ class RestrictedCalls:
         return len(self._calls)
 
     def note(self, cdr: dict[str, Any], restricted: Callable[[str], bool]) -> bool:
-        """Whether a CDR record is a restricted subject's (its caller or callee is),
-        remembering its call when it is."""
-        numbers = tuple(
-            number
-            for number in (cdr.get("caller"), cdr.get("callee"))
-            if isinstance(number, str) and restricted(number)
-        )
+        """Whether a CDR record is a restricted subject's (its caller or callee is, or
+        its URIs name one), remembering its call when it is."""
+        numbers = tuple(dict.fromkeys(filter(restricted, cdr_numbers(cdr))))
         call_id = cdr.get("call_id")
         if numbers and isinstance(call_id, str):
             self.add(call_id, numbers)
