@@ -70,6 +70,8 @@ class RestrictedCalls:
     def note(self, cdr: dict[str, Any], restricted: Callable[[str], bool]) -> bool:
         """Whether a CDR record is a restricted subject's (its caller or callee is, or
         its URIs name one), remembering its call when it is."""
+        if not self.any_restricted:
+            return False  # every CDR stored passes here: no URI read while none is restricted
         numbers = tuple(dict.fromkeys(filter(restricted, cdr_numbers(cdr))))
         call_id = cdr.get("call_id")
         if numbers and isinstance(call_id, str):
