@@ -11,7 +11,8 @@ For each rate it prints what replay offered (and the rate it achieved), what the
 daemon received and parsed, every drop by reason (its /metrics), the CDRs each sink
 holds against the number of calls sent (PostgreSQL rows by Call-ID prefix, the
 topic's end offsets, JSONL lines), the daemon's CPU seconds per 1,000 messages (all
-its processes, from /proc, until the sinks have everything or go quiet) and that of
+its processes, from /proc, until the sinks have everything or go quiet; and of its
+main process alone, which with delivery apart is the capture side) and that of
 PostgreSQL and the broker, the daemon's peak RSS, and the CDR latency from end_time
 to the row in PostgreSQL (a trigger the benchmark adds records clock_timestamp() -
 end_time as each row is inserted) p50/p99. It reports the highest rate without loss.
@@ -113,6 +114,12 @@ def cpu_seconds(roots: list[int]) -> float:
             if fields is not None:
                 ticks += sum(int(value) for value in fields[11:15])
     return ticks / CLOCK_TICKS
+
+
+def own_cpu_seconds(pid: int) -> float:
+    """User + system CPU of `pid` alone: with delivery apart, the capture process."""
+    fields = _stat(pid)
+    return 0.0 if fields is None else sum(int(value) for value in fields[11:13]) / CLOCK_TICKS
 
 
 def peak_rss_bytes(root: int) -> int:
@@ -283,6 +290,7 @@ class Step:
     jsonl: int = 0
     cpu_per_k: float = 0.0
     others_cpu_per_k: float = 0.0
+    capture_cpu_per_k: float = 0.0  # the daemon's main process alone
     peak_rss: int = 0
     latency: tuple[float, float] = (math.nan, math.nan)
 
@@ -316,6 +324,7 @@ def run_step(run: Run, index: int, rate: int, seconds: float) -> Step:
     sinks, daemon = run.sinks, run.daemon
     before = metrics(daemon)
     cpu_before = cpu_seconds([daemon.process.pid])
+    capture_before = own_cpu_seconds(daemon.process.pid)
     others_before = cpu_seconds(run.others)
     command = [
         sys.executable, "-m", "sipcdr.cli", "replay", str(capture),
@@ -356,6 +365,7 @@ def run_step(run: Run, index: int, rate: int, seconds: float) -> Step:
     taken = max(step.received, 1.0)
     step.cpu_per_k = (cpu_seconds([daemon.process.pid]) - cpu_before) / taken * 1000
     step.others_cpu_per_k = (cpu_seconds(run.others) - others_before) / taken * 1000
+    step.capture_cpu_per_k = (own_cpu_seconds(daemon.process.pid) - capture_before) / taken * 1000
     step.dropped = drops(after, before)
     step.peak_rss = peak_rss_bytes(daemon.process.pid)
     step.latency = sinks.latency(prefix)
@@ -372,7 +382,8 @@ def report(step: Step) -> None:
     print(
         f"{'':>15}CDRs of {step.expected:,}: postgres {step.postgres:,}, kafka "
         f"{step.kafka:,}, jsonl {step.jsonl:,}; daemon CPU {step.cpu_per_k:.3f} s per 1,000 "
-        f"received ({step.cpu_per_k * 1000:.0f} µs/msg), PostgreSQL + broker "
+        f"received ({step.cpu_per_k * 1000:.0f} µs/msg; its main process "
+        f"{step.capture_cpu_per_k * 1000:.0f} µs), PostgreSQL + broker "
         f"{step.others_cpu_per_k:.3f} s; peak RSS {step.peak_rss / 2**20:,.0f} MiB; "
         f"latency p50 {p50 * 1000:,.0f} ms, p99 {p99 * 1000:,.0f} ms; "
         f"{'no loss' if step.lossless else 'LOSS'}",
@@ -433,6 +444,11 @@ def main() -> None:
         "--no-signaling", action="store_true", help="sinks.postgres.store_signaling = false"
     )
     parser.add_argument("--quick", action="store_true", help="2,000 msg/s for 2 s")
+    parser.add_argument(
+        "--delivery-processes",
+        default="auto",
+        help='spool.delivery_processes: "auto", 0 (delivery in the capture process) or 1',
+    )
     args = parser.parse_args()
     rates = [int(rate) for rate in args.rates.split(",")]
     if args.quick:
@@ -441,7 +457,8 @@ def main() -> None:
     print(
         f"{'HEPv3' if args.hep else 'plain SIP'}/UDP, {MESSAGES_PER_CALL}-message calls, "
         f"{args.seconds:g} s per rate; sinks PostgreSQL (signaling "
-        f"{'off' if args.no_signaling else 'kept'}), Kafka (tansu), JSONL"
+        f"{'off' if args.no_signaling else 'kept'}), Kafka (tansu), JSONL; "
+        f"delivery processes: {args.delivery_processes}"
     )
     with (
         tempfile.TemporaryDirectory(prefix="sipcdr-e2e-") as name,
@@ -457,6 +474,7 @@ def main() -> None:
                 "SIPCDR_SINKS__KAFKA__IDEMPOTENCE": "false",  # tansu refuses InitProducerId
                 "SIPCDR_SINKS__KAFKA__TOPIC_CDRS": TOPIC,
                 "SIPCDR_SINKS__KAFKA__TOPIC_FRAUD": f"{TOPIC}.fraud",
+                "SIPCDR_SPOOL__DELIVERY_PROCESSES": args.delivery_processes,
             }
             daemon = start_daemon(folder, **env)
             sinks = Sinks(up.dsn, up.bootstrap, folder / "var" / "cdrs.jsonl")

@@ -1,23 +1,26 @@
 """What the fraud detectors cost, against the pipeline they run in, in one run; and
 the memory they hold under a spray of random subjects.
 
-Timed sections run with the cyclic garbage collector off (as `timeit` does): its
-passes land in whichever section happens to allocate past its threshold, which made
-rounds on this shared machine differ by more than the detectors cost.
-
 Cost: carrier call flows (INVITE, 100, 180, 200, ACK, BYE, 200; 5 % of calls abroad,
-50 trunks, distinct numbers) through parse + correlate (the pipeline's per-message
-work, measured here as the baseline), then the same parsed messages through
-`FraudMonitor.on_message` and the correlator's CDRs through `on_cdr`. The target is
-under 10 % of the baseline. Then the same bytes through the daemon's `Pipeline` as
-wired, without and with the fraud stage (its trunk lookup by source, the CDR's
-`fraud_flags`, alerts to a writer), so what the stage adds to a packet's whole path
-is measured too.
+50 trunks with a country code and a rate plan, distinct numbers) through two engines
+built by `build_engine` from one config, as `sipcdr run` builds its chain: the
+baseline without the fraud stage (parse, the message counts, correlate, the enrich
+and rate stages, each CDR handed to a writer, the engine's once-a-second tick), and
+the same with `[fraud] enabled` (the stage on each message straight after its parse,
+on each CDR after rating, in the tick). Both are fed the same packets in alternating
+slices of `SLICE` packets, so a change in this shared machine's speed falls on both;
+the stage's cost is the difference. Each slice's messages are also handed, parsed a
+moment before as in the engine, to a bare `FraudMonitor` (`on_message`, then `on_cdr`
+for the CDRs they closed): the detectors' own cost per message and per CDR. Times are
+this process's CPU time (time spent waiting for a core is not counted), with the
+cyclic garbage collector off during the rounds (as `timeit` does: its passes land in
+whichever slice allocates past its threshold). The target: under 10 % of the baseline.
 
 Memory: INVITEs from `--spray` distinct source addresses with distinct caller and
 callee numbers (1,000 a second, none repeating, every one counted by several
-detectors), with the shipped caps; the process's resident size is read as the spray
-grows and must level off once every cap is reached.
+detectors), with the shipped caps and the daemon's allocator setting
+(`sipcdr.limits.return_large_blocks`; `--glibc-default` leaves it out); the process's
+resident size is read as the spray grows and must level off once every cap is reached.
 
     python benchmarks/fraud.py [--flows 3000] [--rounds 5] [--spray 1000000]
 """
@@ -25,24 +28,25 @@ grows and must level off once every cap is reached.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import random
+import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from samples import BYE, INVITE, OK_200
+from sipcdr.config import load_config
 from sipcdr.dialog import Correlator
+from sipcdr.engine import Destinations, Engine, build_engine
 from sipcdr.fraud import FraudMonitor, FraudSettings, TrunkSettings
-from sipcdr.fraud.stage import FraudStage
-from sipcdr.model import Cdr, FraudAlert, Packet, Trunk
-from sipcdr.pipeline import Pipeline
+from sipcdr.limits import return_large_blocks
+from sipcdr.model import Cdr, FraudAlert, Packet
 from sipcdr.sip import SipMessage, parse
 
 CALL_ID = b"8f2d3c4b5a69@198.51.100.10"
@@ -50,16 +54,9 @@ CALLEE = b"+4930901820"
 CALLER = b"+4940123456"
 TO_TAG = b";tag=as6b1c1a2e"
 TRUNKS = 50
-
-
-@contextlib.contextmanager
-def _timed() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
+# Packets per slice fed to each engine in turn: a few hundred calls, small enough that
+# both engines see the same machine, big enough that the switch costs nothing.
+SLICE = 1400
 
 
 def _flow(n: int, rng: random.Random) -> list[bytes]:
@@ -92,13 +89,38 @@ def _settings() -> FraudSettings:
     )
 
 
+DECK = """prefix,destination,rate,connect_fee,min_seconds,increment_seconds,effective_from,currency
+49,Germany,0.0100,0,60,60,2020-01-01,EUR
+44,United Kingdom,0.0200,0,60,60,2020-01-01,EUR
+"""
+
+
+def _config(folder: Path, fraud: bool) -> Path:
+    """The bench's trunks (sources 10.<n>.0.0/24), one rate plan, fraud on or off."""
+    (folder / "deck.csv").write_text(DECK, encoding="utf-8")
+    lines = ["[rating]", 'decks = { bench = "deck.csv" }', 'default_plan = "bench"']
+    lines += ["[fraud]", f"enabled = {'true' if fraud else 'false'}"]
+    for n in range(TRUNKS):
+        lines += [
+            "[[trunks]]",
+            f'name = "trunk-{n}"',
+            f'sources = ["10.{n}.0.0/24"]',
+            'rate_plan = "bench"',
+            'country_code = "49"',
+            'national_prefix = "0"',
+        ]
+    path = folder / ("fraud.toml" if fraud else "plain.toml")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 class Traffic:
-    """Call flows as bytes, and as the pipeline hands them on: packet, parsed message,
-    trunk; with the CDRs the correlator closes."""
+    """Call flows as captured packets, in time order, with the trunk of each request's
+    source (what the engine's trunk lookup finds)."""
 
     def __init__(self, flows: int) -> None:
         rng = random.Random(3)
-        self.items: list[tuple[bytes, Packet, str]] = []
+        self.items: list[tuple[Packet, str | None]] = []
         for n in range(flows):
             start = 1_790_000_000.0 + n * 0.2
             trunk = f"trunk-{n % TRUNKS}"
@@ -107,59 +129,9 @@ class Traffic:
                 t = start + (0.0, 0.05, 1.0, 5.0, 5.05, 65.0, 65.05)[k]
                 request = k in (0, 4, 5)
                 src, dst = (source, "203.0.113.5") if request else ("203.0.113.5", source)
-                self.items.append(
-                    (data, Packet(t, src, 5060, dst, 5060, "udp", data, "bench"), trunk)
-                )
-        self.items.sort(key=lambda item: item[1].timestamp)
-        self.parsed: list[tuple[SipMessage, Packet, str | None]] = []
-        self.cdrs: list[Cdr] = []
-
-    def pipeline(self) -> float:
-        """Parse and correlate every message; seconds taken. The parsed messages and
-        CDRs the detectors are fed afterwards are collected in a second, untimed pass:
-        holding them during the timed one would make the collector walk them, a cost
-        the pipeline does not have (it keeps no message)."""
-        correlator = Correlator()
-        feed = correlator.feed
-        with _timed():
-            started = time.perf_counter()
-            for data, packet, _trunk in self.items:
-                feed(packet, parse(data))
-            elapsed = time.perf_counter() - started
-        correlator = Correlator()
-        parsed: list[tuple[SipMessage, Packet, str | None]] = []
-        cdrs: list[Cdr] = []
-        for data, packet, trunk in self.items:
-            msg = parse(data)
-            cdrs += correlator.feed(packet, msg)
-            parsed.append((msg, packet, trunk if packet.src_ip != "203.0.113.5" else None))
-        self.parsed, self.cdrs = parsed, cdrs
-        return elapsed
-
-    def fraud(self) -> tuple[float, float]:
-        """Every message through on_message and every CDR through on_cdr, each
-        interleaved as the engine will (a CDR after the message that closed it is not
-        needed for the cost); seconds taken for each."""
-        monitor = FraudMonitor(_settings(), rating=True)
-        on_message = monitor.on_message
-        with _timed():
-            started = time.perf_counter()
-            for msg, packet, trunk in self.parsed:
-                on_message(msg, packet, packet.timestamp, trunk)
-            per_message = time.perf_counter() - started
-        # The walk over the list is this benchmark's, not the detectors': taken out.
-        started = time.perf_counter()
-        for _msg, packet, _trunk in self.parsed:
-            packet.timestamp  # noqa: B018 - the same attribute read as above
-        per_message -= time.perf_counter() - started
-        cost = Decimal("0.0123")
-        on_cdr = monitor.on_cdr
-        with _timed():
-            started = time.perf_counter()
-            for cdr in self.cdrs:
-                on_cdr(cdr, cost)
-            per_cdr = time.perf_counter() - started
-        return per_message, per_cdr
+                packet = Packet(t, src, 5060, dst, 5060, "udp", data, "bench")
+                self.items.append((packet, trunk if request else None))
+        self.items.sort(key=lambda item: item[0].timestamp)
 
 
 class _Discard:
@@ -167,8 +139,11 @@ class _Discard:
 
     name = "discard"
 
+    def __init__(self) -> None:
+        self.cdrs = 0
+
     def write(self, cdr: Cdr) -> None:
-        pass
+        self.cdrs += 1
 
     def flush(self) -> None:
         pass
@@ -177,70 +152,142 @@ class _Discard:
         return True
 
 
-def _trunk_of(source: str) -> Trunk | None:
-    # The benchmark's sources are 10.<trunk>.0.1; a dict stands in for the resolver,
-    # whose result the stage caches per source anyway.
-    return _TRUNKS.get(source)
+class _Fed:
+    """One engine and the capture time of its next tick, as `sipcdr import` runs it."""
 
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.next_tick = 0.0
+        self.seconds = 0.0
 
-_TRUNKS = {f"10.{n}.0.1": Trunk(f"trunk-{n}", "49", "0", None) for n in range(TRUNKS)}
-
-
-def wired(traffic: Traffic, with_stage: bool) -> float:
-    """Every packet through `Pipeline.process` (parse, stages, correlate, CDR stages,
-    sink), with or without the fraud stage; seconds taken."""
-    sink = _Discard()
-    pipeline = Pipeline(Correlator(), [sink])
-    if with_stage:
-        stage = FraudStage(_settings(), sink, _trunk_of, rating=True)
-        pipeline = Pipeline(Correlator(), [sink], (stage,), (stage,))
-    process = pipeline.process
-    packets = [packet for _data, packet, _trunk in traffic.items]
-    with _timed():
-        started = time.perf_counter()
+    def feed(self, packets: list[Packet]) -> None:
+        engine = self.engine
+        process = engine.process
+        clock = time.process_time
+        started = clock()
         for packet in packets:
+            if packet.timestamp >= self.next_tick:
+                engine.tick(packet.timestamp)
+                self.next_tick = packet.timestamp + 1.0
             process(packet)
-        return time.perf_counter() - started
+        self.seconds += clock() - started
+
+
+class _ParseCorrelate:
+    """Parse and correlate alone, the narrowest baseline: the pipeline's per-message
+    work without its counts, stages, tick or writer."""
+
+    def __init__(self) -> None:
+        self.correlator = Correlator()
+        self.seconds = 0.0
+
+    def feed(self, packets: list[Packet]) -> None:
+        feed = self.correlator.feed
+        clock = time.process_time
+        started = clock()
+        for packet in packets:
+            feed(packet, parse(packet.payload))
+        self.seconds += clock() - started
+
+
+class Round:
+    """One pass of the traffic through both engines and the bare detectors."""
+
+    def __init__(self, traffic: Traffic, configs: tuple[Path, Path]) -> None:
+        sink = _Discard()
+        destinations = Destinations(cdrs=(sink,), alerts=sink)
+        self.plain = _Fed(build_engine(load_config(configs[0], {}), destinations))
+        self.staged = _Fed(build_engine(load_config(configs[1], {}), destinations))
+        assert self.plain.engine.fraud is None and self.staged.engine.fraud is not None
+        self.bare = _ParseCorrelate()
+        self.monitor = FraudMonitor(_settings(), rating=True)
+        self.correlator = Correlator()
+        self.traffic = traffic
+        self.on_message = 0.0
+        self.on_cdr = 0.0
+        self.cdrs = 0
+
+    def run(self) -> None:
+        items = self.traffic.items
+        for index, begin in enumerate(range(0, len(items), SLICE)):
+            batch = items[begin : begin + SLICE]
+            packets = [packet for packet, _trunk in batch]
+            first, second = (self.plain, self.staged) if index % 2 else (self.staged, self.plain)
+            first.feed(packets)
+            second.feed(packets)
+            self.bare.feed(packets)
+            self._detectors(batch)
+
+    def _detectors(self, batch: list[tuple[Packet, str | None]]) -> None:
+        parsed: list[tuple[SipMessage, Packet, str | None]] = [
+            (parse(packet.payload), packet, trunk) for packet, trunk in batch
+        ]
+        on_message = self.monitor.on_message
+        clock = time.process_time
+        started = clock()
+        for msg, packet, trunk in parsed:
+            on_message(msg, packet, packet.timestamp, trunk)
+        self.on_message += clock() - started
+        cdrs: list[Cdr] = []
+        feed = self.correlator.feed
+        for msg, packet, _trunk in parsed:
+            cdrs += feed(packet, msg)
+        cost = Decimal("0.0123")
+        on_cdr = self.monitor.on_cdr
+        started = clock()
+        for cdr in cdrs:
+            on_cdr(cdr, cost)
+        self.on_cdr += clock() - started
+        self.cdrs += len(cdrs)
 
 
 def cost(flows: int, rounds: int) -> None:
-    """Each round measures the pipeline and then the detectors on its output, so the
-    ratio is taken within a round (this machine's speed varies from minute to minute);
-    the median round is reported."""
+    """Rounds of the whole traffic; the median of each figure across rounds."""
     traffic = Traffic(flows)
-    rows: list[tuple[float, float, float, float]] = []  # (ratio, pipeline, message, CDR)
-    for _ in range(rounds):
-        pipeline = traffic.pipeline()
-        per_message, per_cdr = traffic.fraud()
-        rows.append(((per_message + per_cdr) / pipeline, pipeline, per_message, per_cdr))
-    ratio, base, on_message, on_cdr = sorted(rows)[len(rows) // 2]
     count = len(traffic.items)
-    cdrs = len(traffic.cdrs)
-    print(f"median of {rounds} rounds, {flows:,} call flows ({count:,} messages, {cdrs:,} CDRs)")
-    print(f"  parse + correlate          {base / count * 1e6:8.2f} us/msg")
-    print(f"  fraud on_message           {on_message / count * 1e6:8.2f} us/msg")
-    print(f"  fraud on_cdr               {on_cdr / cdrs * 1e6:8.2f} us/CDR")
-    print(f"  fraud, a call's messages   {on_message / cdrs * 1e6:8.2f} us/call")
-    spread = sorted(r[0] for r in rows)
+    done: list[Round] = []
+    with tempfile.TemporaryDirectory() as folder:
+        configs = (_config(Path(folder), False), _config(Path(folder), True))
+        for _ in range(rounds):
+            one = Round(traffic, configs)
+            gc.collect()
+            gc.disable()
+            try:
+                one.run()
+            finally:
+                gc.enable()
+            done.append(one)
+    cdrs = done[0].cdrs
+    plain = statistics.median(r.plain.seconds for r in done)
+    staged = statistics.median(r.staged.seconds for r in done)
+    stage = [(r.staged.seconds - r.plain.seconds) / r.plain.seconds for r in done]
+    detectors = [(r.on_message + r.on_cdr) / r.plain.seconds for r in done]
+    narrow = [(r.on_message + r.on_cdr) / r.bare.seconds for r in done]
+    bare = statistics.median(r.bare.seconds for r in done)
+    on_message = statistics.median(r.on_message for r in done)
+    on_cdr = statistics.median(r.on_cdr for r in done)
     print(
-        f"fraud detectors cost {ratio:.1%} of parse + correlate"
-        f" (rounds from {spread[0]:.1%} to {spread[-1]:.1%})"
+        f"median of {rounds} rounds, {flows:,} call flows ({count:,} messages, {cdrs:,} CDRs),"
+        " CPU time"
     )
-    # As wired: the pipeline without the stage, with it, and without again, per round.
-    added: list[tuple[float, float, float]] = []
-    for _ in range(rounds):
-        before = wired(traffic, with_stage=False)
-        staged = wired(traffic, with_stage=True)
-        after = wired(traffic, with_stage=False)
-        plain = (before + after) / 2
-        added.append(((staged - plain) / plain, plain, staged))
-    share, plain, staged = sorted(added)[len(added) // 2]
-    print(f"  pipeline, no stages        {plain / count * 1e6:8.2f} us/msg")
-    print(f"  pipeline, fraud stage      {staged / count * 1e6:8.2f} us/msg")
-    shares = sorted(a[0] for a in added)
+    print(f"  baseline: the engine without fraud     {plain / count * 1e6:8.2f} us/msg")
+    print("    (parse, correlate, enrich, rate, CDR to a writer, tick)")
+    print(f"  parse + correlate alone                {bare / count * 1e6:8.2f} us/msg")
+    print(f"  the engine with the fraud stage        {staged / count * 1e6:8.2f} us/msg")
+    print(f"  detectors: on_message                  {on_message / count * 1e6:8.2f} us/msg")
+    print(f"  detectors: on_cdr                      {on_cdr / cdrs * 1e6:8.2f} us/CDR")
+    print(f"  detectors: a call's messages           {on_message / cdrs * 1e6:8.2f} us/call")
     print(
-        f"the fraud stage adds {share:.1%} to the pipeline as wired"
-        f" (rounds from {shares[0]:.1%} to {shares[-1]:.1%})"
+        f"fraud detectors cost {statistics.median(detectors):.1%} of the baseline"
+        f" (rounds from {min(detectors):.1%} to {max(detectors):.1%})"
+    )
+    print(
+        f"  (of parse + correlate alone: {statistics.median(narrow):.1%},"
+        f" rounds from {min(narrow):.1%} to {max(narrow):.1%})"
+    )
+    print(
+        f"the fraud stage adds {statistics.median(stage):.1%} to the engine"
+        f" (rounds from {min(stage):.1%} to {max(stage):.1%})"
     )
 
 
@@ -292,9 +339,19 @@ def main(argv: list[str] | None = None) -> int:
     args.add_argument("--flows", type=int, default=3000, help="call flows per cost round")
     args.add_argument("--rounds", type=int, default=5)
     args.add_argument("--spray", type=int, default=1_000_000, help="distinct subjects sprayed")
+    args.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="leave the allocator as it is, without the daemon's return_large_blocks",
+    )
     opts = args.parse_args(argv)
-    cost(opts.flows, opts.rounds)
-    spray(opts.spray)
+    # As the daemon does at start, before anything is allocated.
+    taken = False if opts.glibc_default else return_large_blocks()
+    print(f"large blocks returned when freed (the daemon's setting): {'yes' if taken else 'no'}")
+    if opts.rounds > 0:
+        cost(opts.flows, opts.rounds)
+    if opts.spray > 0:
+        spray(opts.spray)
     return 0
 
 

@@ -6,17 +6,23 @@ copy later by the sample's span plus 64 s (so its calls are closed before the ne
 copy opens them again): SIP only, SIP mirrored through ERSPAN, and mostly media (RTP
 and RTCP with some TCP; T.38 fax). Both programs read the
 whole file, in interleaved rounds; figures are frames per second of wall time, process
-start included, and the median of the rounds. `sipcdr import` writes CDRs to a JSONL
-file only (no database). It runs as installed (compiled when a compiler was there at
-install time) and, with --interpreted, with SIPCDR_PURE_PYTHON=1 as well.
+start included, and the median of the rounds; on a shared machine the processor time
+(user + system) of each program is the steadier measure, and its ratio is printed too.
+The sipcdr package is compiled to bytecode first, as an installed one is, so that a
+PYTHONDONTWRITEBYTECODE environment does not make every run compile its source.
+`sipcdr import` writes CDRs to a JSONL file only (no database). It runs as installed
+(compiled when a compiler was there at install time) and, with --interpreted, with
+SIPCDR_PURE_PYTHON=1 as well.
 
-    python benchmarks/import_captures.py [--rounds 3] [--scale 1.0] [--interpreted]
+    python benchmarks/import_captures.py [--rounds 3] [--scale 1.0] [--interpreted] [--only SIP]
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -72,13 +78,17 @@ def build(sample: Path, frames: int, target: Path) -> int:
     return copies * len(records)
 
 
-def timed(command: list[str], cwd: Path, env: dict[str, str]) -> float:
+def timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
+    """Wall and processor (user + system) seconds of one run of `command`."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, check=False)
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.exit(f"{command[0]} failed: {done.stderr.decode()[-2000:]}")
-    return elapsed
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, cpu
 
 
 def main() -> int:
@@ -86,7 +96,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0, help="capture sizes, times")
     parser.add_argument("--interpreted", action="store_true", help="also SIPCDR_PURE_PYTHON=1")
+    parser.add_argument("--only", default="", help="the kinds whose name holds this text")
     opts = parser.parse_args()
+    compileall.compile_dir(Path(hotpath.__file__).parent, quiet=1)
     tshark = shutil.which("tshark")
     if tshark is None:
         sys.exit("tshark is not installed")
@@ -101,26 +113,36 @@ def main() -> int:
     print(f"sipcdr hot path: {kind}{f' ({why})' if why else ''}; medians of {opts.rounds}")
     print(f"{'capture':24} {'frames':>10} {'tshark fps':>11}", end="")
     for name in contenders:
-        print(f" {name + ' fps':>24} {'x tshark':>9}", end="")
+        print(f" {name + ' fps':>24} {'x tshark':>9} {'cpu x':>6}", end="")
     print()
     with tempfile.TemporaryDirectory(prefix="sipcdr-import-bench-") as tmp:
         workdir = Path(tmp)
         for label, sample, size in KINDS:
+            if opts.only.lower() not in label.lower():
+                continue
             capture = workdir / ("capture" + Path(sample).suffix)
             frames = build(SAMPLES / sample, max(1, int(size * opts.scale)), capture)
-            times: dict[str, list[float]] = {"tshark": [], **{name: [] for name in contenders}}
+            runs: dict[str, list[tuple[float, float]]] = {
+                "tshark": [],
+                **{name: [] for name in contenders},
+            }
             for _ in range(opts.rounds):
-                times["tshark"].append(
+                runs["tshark"].append(
                     timed([tshark, "-q", "-z", "sip,stat", "-r", str(capture)], workdir, env)
                 )
                 for name, environ in contenders.items():
                     shutil.rmtree(workdir / "var", ignore_errors=True)
-                    times[name].append(timed([*sipcdr, str(capture)], workdir, environ))
-            base = frames / statistics.median(times["tshark"])
+                    runs[name].append(timed([*sipcdr, str(capture)], workdir, environ))
+            wall = {name: statistics.median(w for w, _c in done) for name, done in runs.items()}
+            cpu = {name: statistics.median(c for _w, c in done) for name, done in runs.items()}
+            base = frames / wall["tshark"]
             print(f"{label:24} {frames:>10,} {base:>11,.0f}", end="")
             for name in contenders:
-                rate = frames / statistics.median(times[name])
-                print(f" {rate:>24,.0f} {rate / base:>8.2f}x", end="")
+                rate = frames / wall[name]
+                print(
+                    f" {rate:>24,.0f} {rate / base:>8.2f}x {cpu['tshark'] / cpu[name]:>5.2f}x",
+                    end="",
+                )
             print()
             capture.unlink()
     print(f"target: {TARGET_VS_TSHARK:.0f}x tshark on each kind of capture")

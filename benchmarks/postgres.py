@@ -38,7 +38,8 @@ import asyncpg
 import orjson
 from samples import cdr_values
 from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, SpoolRecord
-from sipcdr.sinks.postgres import CDRS, PostgresSink
+from sipcdr.sinks.pgrows import CDRS
+from sipcdr.sinks.postgres import PostgresSink
 from sipcdr.storage.embedded import EmbeddedPostgres
 from sipcdr.storage.migrations import migrate
 from sipcdr.storage.partitions import DEFAULT_CLASS, ensure_partitions

@@ -10,7 +10,8 @@ Three contenders write the same CDR-sized JSON values (~900 bytes) to a fresh fi
 - read back: one reader taking every record in batches of 1,000
 
 and, per SIP message, what keeping signaling for `sip_messages` adds to parsing:
-`sip.parse` alone against parse plus `SignalingRecorder` (id, JSON, buffered append).
+`sip.parse` alone against parse plus `SignalingRecorder` (the captured bytes, buffered
+append; `benchmarks/signaling.py` sets it against the JSON record spooled before).
 
 Figures are the median of several rounds; the ratio is against the baseline of the
 same round (the floor, or parsing alone), so a noisy machine moves all of them

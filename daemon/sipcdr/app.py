@@ -26,17 +26,16 @@ from sipcdr.capture.live import LiveCapture
 from sipcdr.capture.mirror import VxlanUdpProtocol
 from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import Config, Endpoint, cdr_destinations, output_settings
+from sipcdr.deliverer import DeliveryApart
 from sipcdr.dialogstore import DialogStore
 from sipcdr.hotpath import hot_path
 from sipcdr.intake import IntakeGate
-from sipcdr.limits import raise_file_limit, stream_limits
+from sipcdr.limits import raise_file_limit, return_large_blocks, stream_limits
 from sipcdr.pipeline import Intake, Pipeline
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.privacy.task import PrivacyTask
 from sipcdr.private import prepare_state_dir
 from sipcdr.rates import RateDecks
-from sipcdr.sinks.base import Sink
-from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.spare import SPARE_NAME, SpareRoom, SpareSpace
 from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR
@@ -47,8 +46,9 @@ TICK_S = 1.0  # timers, sink flushes and loss logging: once a second
 
 
 class App:
-    def __init__(self, config: Config, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, config: Config, clock: Clock = SYSTEM_CLOCK, *, apart: bool = False) -> None:
         self.config = config
+        self.delivery_apart = apart  # `sipcdr run`: as `[spool] delivery_processes` says
         self.clock = clock
         self.log = structlog.get_logger("sipcdr")
         # The listeners' counts, kept across a start tried again.
@@ -66,7 +66,7 @@ class App:
             clock=clock,
         )
         self._ticker: asyncio.Task[None] | None = None
-        self._privacy: PrivacyTask | None = None
+        self._privacy: PrivacyTask | DeliveryApart | None = None
         self._ready = False
         self._started = False
         self._stopped = False
@@ -79,7 +79,12 @@ class App:
         after one failed, which then recovers from disk what the failed one saved."""
         config = self.config
         self.correlator = chain.build_correlator(config)
-        self.outputs = Outputs(output_settings(config), restrictions=True, clock=self.clock)
+        # Delivery in a process of its own (sipcdr.deliverer), or in this one.
+        role = "capture" if self.delivery_apart else "all"
+        self.outputs = Outputs(
+            output_settings(config), restrictions=True, role=role, clock=self.clock
+        )
+        self.apart: DeliveryApart | None = None
         # Built once the outputs are open: its writers are their spools.
         self.engine: chain.Engine | None = None
         self.spare = SpareSpace(self.state_dir / SPARE_NAME, config.state.spare_bytes, self.clock)
@@ -136,6 +141,7 @@ class App:
             dialogs=self.dialogs,
             spare=self.spare,
             metrics_server=self._metrics_server,
+            delivery_process=None if self.apart is None else self.apart.process,
         )
 
     def _built(self) -> chain.Engine:
@@ -174,6 +180,7 @@ class App:
         prepare_state_dir(self.state_dir, leave=(EMBEDDED_DATA_SUBDIR,))
         # Before anything is opened: the spool, the sinks and the listeners all share it.
         self._file_limit = raise_file_limit()
+        return_large_blocks()
         # Reads only: until the store starts, a failed start leaves every file as it was.
         self.dialogs.recover()
         try:
@@ -181,6 +188,9 @@ class App:
             self.spare.ensure()
             # Sinks before inputs: a CDR must have its spool before the first packet.
             await self.outputs.open()
+            if self.outputs.role == "capture":
+                self.apart = DeliveryApart(self.config, self.outputs, self.privacy_stats)
+                self.apart.launch()
             # The whole chain, writing into the spools just opened, journaling into the
             # dialog store, refusing new calls while the intake gate says so.
             self.engine = chain.build_engine(
@@ -198,6 +208,7 @@ class App:
             # checkpoint that holds what the spool could not take.
             await self.dialogs.start(self.engine.emit)
             self.intake.update(self._intake_block_reason())  # a full disk: before any call
+            await (self.apart.ready() if self.apart is not None else asyncio.sleep(0))
             await self._open_inputs()
             try:
                 await self._metrics_server.start()
@@ -222,8 +233,8 @@ class App:
             raise
         self._ticker = asyncio.create_task(self._tick(), name="sipcdr-tick")
         self._ticker.add_done_callback(self._background_failed)
-        # Retention at start and daily, restrictions for the Kafka filter (privacy hook).
-        self._privacy = PrivacyTask(
+        # Retention, restrictions for the Kafka filter; apart: the spool's expiry only.
+        self._privacy = self.apart or PrivacyTask(
             self.config,
             self.privacy_stats,
             lambda: self.outputs.postgres_dsn,
@@ -264,20 +275,11 @@ class App:
             # the spool holds in memory go into every checkpoint instead.
             writer.on_written = self.dialogs.closed
             self.dialogs.held = writer.held
-        self.spare_room.connect(
-            outputs, {sink: self._destination_dir(sink) for sink in outputs.sinks}
-        )
+        self.spare_room.connect(outputs, outputs.destination_dirs())
+        if self.apart is not None:
+            self.spare_room.delivery = self.apart  # its `held` goes to the delivery process
         if self.spare_room.cdrs is not None:
             self.spare_room.cdrs.on_no_space = self._make_room
-
-    def _destination_dir(self, sink: Sink) -> Path | None:
-        """Where a sink writes on this host's disks: the JSONL file, an embedded
-        PostgreSQL; None for a server elsewhere."""
-        if isinstance(sink, JsonlSink):
-            return sink.path.parent
-        if sink.name == "postgres" and self.config.sinks.postgres.embedded:
-            return self.state_dir / EMBEDDED_DATA_SUBDIR
-        return None
 
     def _fraud_step(self, step: Callable[[DaemonFraud], object]) -> Callable[[], object]:
         return lambda: None if self.fraud is None else step(self.fraud)
@@ -497,6 +499,7 @@ class App:
             ("log_dialog_state_losses", self.dialogs.log_losses),
             ("listener_hints", lambda: self._hints.log_due(now, self.log.warning)),
             ("log_fraud_failures", self._fraud_step(DaemonFraud.log_failures)),
+            ("delivery_process", lambda: None if self.apart is None else self.apart.tick()),
         ]
         for name, step in steps:
             try:
@@ -574,7 +577,7 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with App(config) as app:
+    async with App(config, apart=config.spool.delivery_apart) as app:
         loop.add_signal_handler(signal.SIGHUP, app.rates.on_sighup)
         await stop.wait()
     return 0

@@ -83,7 +83,9 @@ class Engine:
         self.rates = rates
         self.fraud = fraud
         self.timed = tuple(timed)
-        message_stages: tuple[MessageStage, ...] = () if fraud is None else (fraud,)
+        # The fraud stage's compiled step for each message, called without a frame of
+        # interpreted code in between.
+        message_stages: tuple[MessageStage, ...] = () if fraud is None else (fraud.tap,)
         # Rate before fraud, which reads the cost; enrich before both (the trunk).
         cdr_stages: tuple[CdrStage, ...] = (enrich, rates.stage)
         if fraud is not None:

@@ -66,6 +66,7 @@ COMPILED_MODULES: Final = (
     "sipcdr.fraud.detectors",
     "sipcdr.fraud.call_patterns",
     "sipcdr.fraud.monitor",
+    "sipcdr.fraud.tap",
 )
 # The C header scanner: an extension with no Python twin; the parser runs its own loop
 # without it.

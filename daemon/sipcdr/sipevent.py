@@ -1,24 +1,45 @@
 """`SipEvent` to and from what the capture side holds: a captured `Packet` and its
 parsed `SipMessage`.
 
-`event_of` is what the signaling recorder writes to the `sipcdr.sip` topic; `replay`
+`event_of` is what the sinks send to the `sipcdr.sip` topic of a message; `replay`
 turns an event read back from the topic into the pair the dialog correlator takes,
 so a correlator fed from the topic closes the same calls, with the same CDRs, as the
 one fed by the capture. The correlator reads only the parsed fields the event
 carries; the header lines are kept for the rare lookup beyond them (a Reason header
 whose Q.850 cause is not its first element).
+
+`spooled` is what the capture side writes to the signaling spool instead of the
+event's JSON: a fixed header (layout byte, flags, capture time, ports, lengths), the
+message id's digest when the body is cut off, the addresses, and the captured bytes
+up to the end of the headers (the whole message when the body is kept). Building and
+encoding the record's 27 fields per message cost more than parsing it; the delivery
+side pays for that instead, once per record it sends, re-parsing the bytes
+(`unspool`) into the same event.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Final
+from typing import Final, NamedTuple
 
 from sipcdr.model import SIP_EVENT_SCHEMA_VERSION, Packet, SipEvent, rfc3339
 from sipcdr.sip.message import SipMessage
+from sipcdr.sip.parser import parse
 
-__all__ = ["event_of", "event_record", "head_text", "message_id", "replay"]
+__all__ = [
+    "SPOOLED_LAYOUT",
+    "Unspooled",
+    "event_of",
+    "event_record",
+    "head_text",
+    "is_spooled",
+    "message_id",
+    "replay",
+    "spooled",
+    "spooled_record",
+    "unspool",
+]
 
 _new_message: Final = SipMessage.__new__
 _NO_DEFECTS: Final[list[str]] = []
@@ -32,13 +53,20 @@ _VARIANT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abc
 def message_id(packet: Packet) -> str:
     """UUID v5-style id of capture time, endpoints and bytes: the two legs through a
     proxy are two messages, a retransmission is another, a replay is the same."""
-    h = _sha1(
-        _NAMESPACE
-        + _TIME_AND_PORTS.pack(packet.timestamp, packet.src_port, packet.dst_port)
-        + f"{packet.src_ip}|{packet.dst_ip}|".encode()
-        + packet.payload,
-        usedforsecurity=False,
-    ).hexdigest()
+    return _uuid_text(
+        _digest(
+            packet.timestamp,
+            packet.src_port,
+            packet.dst_port,
+            packet.src_ip.encode(),
+            packet.dst_ip.encode(),
+            packet.payload,
+        )
+    )
+
+
+def _uuid_text(digest: bytes) -> str:
+    h = digest.hex()
     # Version 5 in the 13th hex digit, the RFC 9562 variant in the 17th.
     return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
@@ -90,9 +118,15 @@ def event_of(packet: Packet, msg: SipMessage, *, store_body: bool = False) -> Si
 
 
 def event_record(packet: Packet, msg: SipMessage, *, store_body: bool = False) -> dict[str, object]:
-    """`event_of(...).to_record()` without the event in between: what the recorder
-    writes once per parsed message, where the tuple would cost more than the dict
+    """`event_of(...).to_record()` without the event in between: what the sinks send
+    once per message, where the tuple would cost more than the dict
     (tests/unit/test_sip_events.py holds the two equal over the shared captures)."""
+    return _record(packet, msg, message_id(packet), store_body, head_text(packet.payload))
+
+
+def _record(
+    packet: Packet, msg: SipMessage, mid: str, store_body: bool, headers: str
+) -> dict[str, object]:
     body: str | None = None
     if store_body and msg.body:
         body = msg.body.decode("utf-8", "replace")
@@ -108,7 +142,7 @@ def event_record(packet: Packet, msg: SipMessage, *, store_body: bool = False) -
         reason_phrase = msg.reason_phrase
     cseq = msg.cseq
     return {
-        "message_id": message_id(packet),
+        "message_id": mid,
         "captured_at": rfc3339(timestamp),
         "call_id": msg.call_id,
         "method": method,
@@ -121,7 +155,7 @@ def event_record(packet: Packet, msg: SipMessage, *, store_body: bool = False) -
         "dst_port": packet.dst_port,
         "transport": packet.transport,
         "capture_node": packet.capture_node,
-        "headers": head_text(packet.payload),
+        "headers": headers,
         "body": body,
         "schema_version": SIP_EVENT_SCHEMA_VERSION,
         "captured_ts": timestamp,
@@ -136,6 +170,181 @@ def event_record(packet: Packet, msg: SipMessage, *, store_body: bool = False) -
         "p_asserted_identity": msg.raw_pai,
         "reason_header": msg.raw_reason,
     }
+
+
+# The first byte of a spooled value: the layout. The JSON records the signaling spool
+# held before start with "{"; each later layout takes the next number.
+SPOOLED_LAYOUT: Final = 1
+_JSON_START: Final = 0x7B
+# Layout, flags, capture time, ports, the captured message's length, then the lengths
+# of source and destination address, transport and capture node.
+_SPOOLED: Final = struct.Struct("<BBdHHIBBBH")
+_DIGEST_BYTES: Final = 16  # what the message id shows of its SHA-1
+# Flags: the body is spooled and goes into the record; the message is cut short after
+# its headers and the id's digest follows the fixed header.
+_BODY_KEPT: Final = 1
+_DIGESTED: Final = 2
+_LINE_ENDS: Final = (b"\r", b"\n")
+
+
+def spooled(packet: Packet, msg: SipMessage, store_body: bool) -> bytes:
+    """The signaling spool's value of one parsed message: what `unspool` makes the
+    same record of. Raises `struct.error` for a field beyond the layout's bounds (an
+    address or capture node of more than 255 or 65,535 bytes).
+
+    Without `store_body` a body (SDP) is not written: the bytes end at the blank line
+    `head_text` ends at, and the parser, finding its own blank line there or before
+    it, reads nothing beyond but the message's length, which is spooled. Only then is
+    the message id's digest taken here, of the whole message; a message spooled whole
+    (the body kept, none there, or led by line ends, where `head_text` may end before
+    the parser starts) has it taken by the sink.
+    """
+    timestamp, src_ip, src_port, dst_ip, dst_port, transport, payload, node = packet
+    src = src_ip.encode()
+    dst = dst_ip.encode()
+    kept = payload
+    digest = b""
+    if store_body:
+        flags = _BODY_KEPT
+    else:
+        flags = 0
+        if msg.body and not payload.startswith(_LINE_ENDS):
+            end = payload.find(b"\r\n\r\n")
+            if end >= 0:
+                kept = payload[: end + 4]
+            else:
+                end = payload.find(b"\n\n")
+                if end >= 0:
+                    kept = payload[: end + 2]
+            if kept is not payload:
+                flags = _DIGESTED
+                digest = _digest(timestamp, src_port, dst_port, src, dst, payload)
+    transport_bytes = transport.encode()
+    node_bytes = node.encode()
+    return b"".join(
+        (
+            _SPOOLED.pack(
+                SPOOLED_LAYOUT,
+                flags,
+                timestamp,
+                src_port,
+                dst_port,
+                len(payload),
+                len(src),
+                len(dst),
+                len(transport_bytes),
+                len(node_bytes),
+            ),
+            digest,
+            src,
+            dst,
+            transport_bytes,
+            node_bytes,
+            kept,
+        )
+    )
+
+
+def _digest(
+    timestamp: float, src_port: int, dst_port: int, src: bytes, dst: bytes, payload: bytes
+) -> bytes:
+    """What `message_id` formats, of the addresses as bytes; the payload not copied."""
+    hashing = _sha1(
+        b"".join(
+            (_NAMESPACE, _TIME_AND_PORTS.pack(timestamp, src_port, dst_port), src, b"|", dst, b"|")
+        ),
+        usedforsecurity=False,
+    )
+    hashing.update(payload)
+    return hashing.digest()[:_DIGEST_BYTES]
+
+
+def is_spooled(value: bytes) -> bool:
+    """Whether a signaling spool value is `spooled`'s rather than the JSON record that
+    earlier versions spooled (and that sinks then send as it is)."""
+    return bool(value) and value[0] != _JSON_START
+
+
+class Unspooled(NamedTuple):
+    """A `spooled` value read back: the packet's fields (its payload as long as
+    captured, the body zeroed unless kept), the parsed message, the message id, the
+    record's `headers` and whether its body is kept."""
+
+    timestamp: float
+    src_ip: str
+    src_port: int
+    dst_ip: str
+    dst_port: int
+    transport: str
+    payload: bytes
+    capture_node: str
+    msg: SipMessage
+    message_id: str
+    headers: str
+    body_kept: bool
+
+    @property
+    def packet(self) -> Packet:
+        return Packet(*self[:8])
+
+
+def unspool(value: bytes) -> Unspooled:
+    """What a `spooled` value holds. Raises `ValueError` (`SipParseError` among them)
+    for a value that is none."""
+    if len(value) < _SPOOLED.size or value[0] != SPOOLED_LAYOUT:
+        raise ValueError(f"not a signaling record of layout {SPOOLED_LAYOUT}")
+    _layout, flags, timestamp, src_port, dst_port, size, n_src, n_dst, n_transport, n_node = (
+        _SPOOLED.unpack_from(value)
+    )
+    at = _SPOOLED.size
+    digested = flags & _DIGESTED
+    if digested:
+        at += _DIGEST_BYTES
+    src = value[at : at + n_src]
+    at += n_src
+    dst = value[at : at + n_dst]
+    at += n_dst
+    transport = value[at : at + n_transport].decode()
+    at += n_transport
+    node = value[at : at + n_node].decode()
+    at += n_node
+    payload = value[at:]
+    missing = size - len(payload)
+    if digested:
+        if missing < 0:
+            raise ValueError("signaling record: longer than its message")
+        # Cut after the blank line `head_text` ends at: the headers are known without
+        # a search (`spooled`), and the parser, checking the body's length against
+        # Content-Length, finds zeros where the body was.
+        end = len(payload) - (4 if payload.endswith(b"\r\n\r\n") else 2)
+        headers = payload[:end].decode("utf-8", "replace")
+        payload += bytes(missing)
+        mid = _uuid_text(value[_SPOOLED.size : _SPOOLED.size + _DIGEST_BYTES])
+    else:
+        if missing:
+            raise ValueError("signaling record: not as long as its message")
+        headers = head_text(payload)
+        mid = _uuid_text(_digest(timestamp, src_port, dst_port, src, dst, payload))
+    return Unspooled(
+        timestamp,
+        src.decode(),
+        src_port,
+        dst.decode(),
+        dst_port,
+        transport,
+        payload,
+        node,
+        parse(payload),
+        mid,
+        headers,
+        bool(flags & _BODY_KEPT),
+    )
+
+
+def spooled_record(value: bytes) -> dict[str, object]:
+    """The sip_message v1 record (as `event_record`) of a `spooled` value."""
+    read = unspool(value)
+    return _record(read.packet, read.msg, read.message_id, read.body_kept, read.headers)
 
 
 def replay(event: SipEvent) -> tuple[Packet, SipMessage]:

@@ -44,7 +44,7 @@ import os
 import stat as statmod
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import structlog
 
@@ -53,9 +53,8 @@ from sipcdr.private import open_private_fd
 from sipcdr.sinks.base import STREAM_RECORDS, STREAM_SIGNALING
 
 if TYPE_CHECKING:
-    from sipcdr.delivery import Delivery
-    from sipcdr.sinks.base import Sink
     from sipcdr.sinks.outputs import Outputs
+    from sipcdr.sinks.remote import SinkPlan
     from sipcdr.spool import Spool
 
 SPARE_NAME: Final = "spare"
@@ -297,6 +296,10 @@ def same_filesystem(first: Path, second: Path) -> bool:
         return False
 
 
+class HoldsLoops(Protocol):
+    held: set[tuple[str, str]]
+
+
 class SpareRoom:
     """Who gets the room the spare gives, on its disk: the CDR spool, whose refused
     write (`make_room`, its `on_no_space`) gives it up, and the calls already open. While
@@ -309,11 +312,12 @@ class SpareRoom:
         self.spare = spare
         self.cdrs: Spool | None = None  # the CDR spool, when on the spare's filesystem
         self.signaling: Spool | None = None  # likewise the signaling spool
-        self.delivery: Delivery | None = None
+        # The delivery loops' holds: a `Delivery`, or what passes them to its process.
+        self.delivery: HoldsLoops | None = None
         self.destinations: set[tuple[str, str]] = set()  # (sink, stream) loops held
         self._held_at_release = 0  # CDRs the spool had held in memory at the release
 
-    def connect(self, outputs: Outputs, destinations: Mapping[Sink, Path | None]) -> None:
+    def connect(self, outputs: Outputs, destinations: Mapping[SinkPlan, Path | None]) -> None:
         """Find what shares the spare's filesystem: the spools, and the sinks' folders
         (`destinations`, None for a server elsewhere)."""
         here = self.spare.path.parent

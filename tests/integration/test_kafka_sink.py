@@ -36,11 +36,22 @@ from sipcdr.delivery import Delivery
 from sipcdr.delivery import loop as delivery_module
 from sipcdr.dialog import Correlator
 from sipcdr.enrich import EnrichStage
+from sipcdr.model import Packet
+from sipcdr.privacy.outbound import OutboundFilter
 from sipcdr.sinks import kafka
-from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP, STREAM_RECORDS, SpoolRecord
+from sipcdr.sinks.base import (
+    KIND_ALERT,
+    KIND_CDR,
+    KIND_SIP,
+    STREAM_RECORDS,
+    STREAM_SIGNALING,
+    SpoolRecord,
+)
 from sipcdr.sinks.kafka import KafkaDeliveryError, KafkaSink
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.settings import DEFAULT_TOPIC_CDRS, DEFAULT_TOPIC_FRAUD
+from sipcdr.sip import parse
+from sipcdr.sipevent import event_record, spooled
 from sipcdr.spool import Spool
 from sipcdr.telemetry.metrics import Metrics, Sources
 from structlog.testing import capture_logs
@@ -643,3 +654,51 @@ async def test_an_outage_the_client_rides_out_is_reported_within_seconds(
         # (A killed broker comes back empty: memory storage.)
         consumed = await consume_all(broker.bootstrap, topic, len(values), CONSUME_TIMEOUT_S)
         assert set(cdr_ids(consumed)) == {orjson.loads(value)["cdr_id"] for value in values}
+
+
+@pytest.mark.integration
+async def test_signaling_goes_out_as_the_topic_json_whichever_way_it_was_spooled(
+    kafka_bootstrap: str,
+) -> None:
+    """The signaling spool holds the captured bytes now and held JSON before: both go
+    out as the same sip_message records, and a restricted caller's are withheld."""
+    topic_sip = unique_topic("sip")
+    await create_topics(kafka_bootstrap, [topic_sip])
+    pairs = []
+    for i in range(6):
+        call = Call(call_id=f"sigbin-{i}@192.0.2.10", caller=f"+4940{i:07d}")
+        for offset, data in enumerate(
+            (call.request("INVITE"), call.response(180, "Ringing"), call.response(200, "OK"))
+        ):
+            packet = Packet(
+                T0 + i + offset / 10, "192.0.2.10", 5060, "203.0.113.20", 5060, "udp", data, "n1"
+            )
+            pairs.append((packet, parse(data)))
+    spooled_now = [spooled(packet, msg, False) for packet, msg in pairs[:9]]
+    spooled_before = [orjson.dumps(event_record(packet, msg)) for packet, msg in pairs[9:]]
+    records = [
+        SpoolRecord(seq, KIND_SIP, msg.call_id.encode(), value)
+        for seq, ((_packet, msg), value) in enumerate(
+            zip(pairs, spooled_now + spooled_before, strict=True), 1
+        )
+    ]
+    expected = [orjson.dumps(event_record(packet, msg)) for packet, msg in pairs]
+    outbound = OutboundFilter(None, pseudonymize=False)
+    # The callers of a call spooled now and of one spooled before.
+    outbound.set_restricted(frozenset({"49400000001", "49400000004"}))
+    async with sink_for(
+        kafka_bootstrap, unique_topic("cdrs"), unique_topic("fraud"), topic_sip=topic_sip
+    ) as sink:
+        sink.outbound = outbound.apply
+        await sink.deliver(STREAM_SIGNALING, records)
+        assert sink.sent[topic_sip] == 12
+    consumed = await consume_all(kafka_bootstrap, topic_sip, 12, CONSUME_TIMEOUT_S)
+    withheld = [value for value in expected if b"sigbin-1@" in value or b"sigbin-4@" in value]
+    assert len(withheld) == 6 and outbound.withheld == {KIND_SIP: 6}
+    assert sorted(record.value for record in consumed) == sorted(
+        value for value in expected if value not in withheld
+    )
+    for record in consumed:
+        value = orjson.loads(record.value)
+        assert record.key == value["call_id"].encode()
+        assert dict(record.headers) == {"schema_version": b"1", "record_kind": b"sip"}

@@ -4,6 +4,7 @@ idempotent re-delivery and outages."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -20,10 +21,13 @@ import asyncpg
 import jsonschema
 import orjson
 import pytest
+from pcapdata import require_shared_data
 from pgserver import PrivatePg, with_database
+from sipcdr.capture.pcapfile import iter_packets
 from sipcdr.delivery import Delivery
 from sipcdr.delivery import loop as delivery_module
 from sipcdr.model import Cdr
+from sipcdr.privacy.outbound import uri_numbers
 from sipcdr.sinks.base import (
     KIND_ALERT,
     KIND_CDR,
@@ -33,6 +37,8 @@ from sipcdr.sinks.base import (
     SpoolRecord,
 )
 from sipcdr.sinks.postgres import PostgresSink, RecordError
+from sipcdr.sip import SipParseError, parse
+from sipcdr.sipevent import event_record, spooled
 from sipcdr.spool import Spool
 from sipcdr.storage.embedded import EmbeddedPostgres, holders_file
 from sipcdr.storage.migrations import (
@@ -700,3 +706,45 @@ async def test_embedded_server_stops_despite_a_killed_holder(open_tmp_path: Path
     handles.write_text(json.dumps([gone.pid, *json.loads(handles.read_text())]))
     await server.stop()
     assert not (open_tmp_path / "pg" / "postmaster.pid").exists()
+
+
+async def test_signaling_rows_are_the_same_whichever_way_it_was_spooled(
+    pg_dsn: str, conn: asyncpg.Connection
+) -> None:
+    """The rows of the captured bytes the spool holds now are those of the JSON it held
+    before, column for column, restriction flag included; and JSON spooled before an
+    upgrade, delivered again after it, is the same rows already there."""
+    pairs = []
+    for path in sorted((require_shared_data() / "pcaps").glob("*.pcap*"))[:8]:
+        for packet in iter_packets(path):
+            with contextlib.suppress(SipParseError):
+                pairs.append((packet, parse(packet.payload)))
+    assert len(pairs) >= 200
+    numbers = sorted({n for _, msg in pairs for n in uri_numbers(msg.from_uri)})
+    restricted = frozenset(numbers[::2])
+    async with PostgresSink(pg_dsn, restricted=restricted.__contains__) as sink:
+        for store_body in (False, True):
+            now = [
+                SpoolRecord(seq, KIND_SIP, msg.call_id.encode(), spooled(packet, msg, store_body))
+                for seq, (packet, msg) in enumerate(pairs, 1)
+            ]
+            before = [
+                record._replace(
+                    value=orjson.dumps(event_record(packet, msg, store_body=store_body))
+                )
+                for record, (packet, msg) in zip(now, pairs, strict=True)
+            ]
+            await sink.deliver(STREAM_SIGNALING, now)
+            from_bytes = await conn.fetch("SELECT * FROM sip_messages ORDER BY message_id")
+            inserted = sink.rows_inserted["sip_messages"]
+            await sink.deliver(STREAM_SIGNALING, before)  # a re-delivery: nothing new
+            assert sink.rows_inserted["sip_messages"] == inserted
+            await conn.execute("TRUNCATE sip_messages")
+            await sink.deliver(STREAM_SIGNALING, before)
+            from_json = await conn.fetch("SELECT * FROM sip_messages ORDER BY message_id")
+            await conn.execute("TRUNCATE sip_messages")
+            assert len(from_bytes) >= 200
+            assert [dict(row) for row in from_bytes] == [dict(row) for row in from_json]
+            flags = [row["restricted"] for row in from_bytes]
+            assert any(flags) and not all(flags)
+            assert any(row["body"] for row in from_bytes) == store_body

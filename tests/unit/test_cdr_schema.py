@@ -16,7 +16,7 @@ from sipcdr.config import Config
 from sipcdr.dialogstore import _unwritten_cdrs, _unwritten_json
 from sipcdr.importer import import_files
 from sipcdr.model import CDR_ADDED_FIELDS, Cdr
-from sipcdr.sinks.postgres import CDRS
+from sipcdr.sinks.pgrows import CDRS
 from test_import_captures import EXPECTED
 
 SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "cdr.v1.schema.json"

@@ -73,6 +73,7 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
         (
             "sipcdr.engine",
             "sipcdr.app",
+            "sipcdr.deliverer",
             "sipcdr.intake",
             "sipcdr.limits",
             "sipcdr.antifraud",

@@ -53,6 +53,7 @@ NOT_COUNTS = {
     (LoopState, "down_since"),
     (LoopState, "last_error"),
     (LoopState, "tried"),  # a flag: a first delivery was tried (for /readyz)
+    (FraudStats, "inactive"),  # detector -> why it cannot run: logged at start
 }
 
 
@@ -103,6 +104,7 @@ def _key(cls: type, name: str) -> object:
         (RatingStats, "unrated"): ("carrier-a", "no_prefix"),
         (RatingStats, "vendor_unrated"): ("carrier-b", "no_plan"),
         (CorrelatorStats, "non_call_responses"): ("OPTIONS", "2xx"),
+        (FraudStats, "alerts"): ("scanner", "warning"),
     }
     return pairs.get((cls, name), "some_key")
 
@@ -157,7 +159,9 @@ def _sources(tmp_path: Path, filler: Filler) -> Sources:
     filler.expected["SpoolReader.corrupt_records"] = reader.corrupt_records
     fraud_stats = FraudStageStats()
     filler.fill(fraud_stats)
-    fraud = SimpleNamespace(stats=fraud_stats, monitor=SimpleNamespace(stats=FraudStats()))
+    monitor_stats = FraudStats()
+    filler.fill(monitor_stats)
+    fraud = SimpleNamespace(stats=fraud_stats, monitor=SimpleNamespace(stats=monitor_stats))
     jsonl = SimpleNamespace(rotation_failures=next(filler._next))
     filler.expected["JsonlSink.rotation_failures"] = jsonl.rotation_failures
     postgres = SimpleNamespace(

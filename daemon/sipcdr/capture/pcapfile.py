@@ -22,13 +22,14 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Final, Protocol, cast
-
-import dpkt
+from typing import TYPE_CHECKING, BinaryIO, Final, Protocol, cast
 
 from sipcdr.decode.capfile import PCAP_HEADER_BYTES, PcapngBlocks, PcapReader
 from sipcdr.decode.extract import CaptureStats, SipExtractor
 from sipcdr.model import Packet
+
+if TYPE_CHECKING:
+    import dpkt
 
 __all__ = ["CaptureFileError", "check_capture", "iter_packets"]
 
@@ -139,6 +140,10 @@ def _not_a_capture(path: Path, magic: bytes) -> str:
 
 
 def _open_reader(handle: BinaryIO, path: Path) -> dpkt.pcap.Reader | dpkt.pcapng.Reader:
+    # Here, not at the top: dpkt's import is a tenth of a second of every start, and
+    # only pcapng files (their header blocks) and what capfile leaves over need it.
+    import dpkt  # noqa: PLC0415
+
     magic = handle.read(4)
     handle.seek(0)
     try:
@@ -203,6 +208,8 @@ def _packets(path: Path, node: str, stats: CaptureStats) -> Iterator[Packet]:
             yield from blocks.feed(chunk, extractor)
         blocks.finish()
         if blocks.stopped:
+            import dpkt  # noqa: PLC0415 - loaded by _open_reader already
+
             handle.seek(blocks.position)
             records = iter(reader)
             while True:

@@ -52,7 +52,20 @@ def spool_section(table: Table) -> SpoolConfig:
         signaling_min_free_bytes=table.integer(
             "signaling_min_free_bytes", defaults.signaling_min_free_bytes, minimum=0
         ),
+        delivery_processes=_delivery_processes(table),
     )
+
+
+def _delivery_processes(table: Table) -> int:
+    """ "auto" (-1), 0 (delivery in the capture process) or 1 (a process of its own)."""
+    value = table.value("delivery_processes")
+    if value is None or value == "auto":
+        return -1
+    if isinstance(value, str) and value.strip() in ("0", "1"):
+        return int(value)  # from the environment, where every value is a string
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return value
+    raise table.invalid("delivery_processes", value, '"auto", 0 or 1')
 
 
 def postgres_section(table: Table) -> PostgresConfig:

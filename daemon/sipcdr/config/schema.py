@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
@@ -376,9 +377,20 @@ class SpoolConfig:
     cdr_reserve_records: int = spool.DEFAULT_CDR_RESERVE_RECORDS
     # Signaling stops while the state disk has less free space, so CDRs keep room.
     signaling_min_free_bytes: int = spool.DEFAULT_SIGNALING_MIN_FREE_BYTES
+    # Delivery (the sinks, an embedded PostgreSQL, retention) in a process of its own,
+    # fed by the spool: -1 ("auto") when the machine has two cores or more, 1 always,
+    # 0 never (one process does all).
+    delivery_processes: int = -1
 
     def redacted(self) -> dict[str, object]:
         return {item.name: getattr(self, item.name) for item in fields(self)}
+
+    @property
+    def delivery_apart(self) -> bool:
+        """Whether `sipcdr run` delivers from a process of its own."""
+        if self.delivery_processes < 0:
+            return (os.cpu_count() or 1) >= 2
+        return self.delivery_processes > 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -130,12 +130,13 @@ class PcapngBlocks:
     skips them; ``stopped`` is set at the first block left to dpkt, at file offset
     ``position``."""
 
-    __slots__ = ("_divisor", "_rest", "_ts_offset", "_u32", "position", "stopped")
+    __slots__ = ("_divisor", "_little", "_rest", "_ts_offset", "_u32", "position", "stopped")
 
     def __init__(self, little: bool, divisor: float, ts_offset: int, position: int) -> None:
         """Byte order, time resolution (ticks per second) and offset (seconds) of the
         first interface, as dpkt read them, and the file offset reading starts at."""
         self._u32 = struct.Struct("<I" if little else ">I").unpack_from
+        self._little = little
         self._divisor = divisor
         self._ts_offset = ts_offset
         self._rest = b""
@@ -159,13 +160,15 @@ class PcapngBlocks:
         end = len(buf)
         pos = 0
         found: list[Packet] = []
-        u32 = self._u32
+        little = self._little
         kind: int
         length: int
         captured: int
         while end - pos >= 8:
-            kind = u32(buf, pos)[0]
-            length = u32(buf, pos + 4)[0]
+            # Block type and lengths read byte by byte, as PcapReader reads its
+            # records: compiled, a tenth of a struct call each.
+            kind = _word(buf, pos, little)
+            length = _word(buf, pos + 4, little)
             if length < 8:
                 self.stopped = True
                 break
@@ -173,18 +176,18 @@ class PcapngBlocks:
             if stop > end:
                 break
             if kind == _EPB:
-                captured = u32(buf, pos + 20)[0] if length >= _EPB_FIXED else -1
+                captured = _word(buf, pos + 20, little) if length >= _EPB_FIXED else -1
                 if (
                     captured < 0
                     or length != _EPB_FIXED + ((captured + 3) & ~3)
-                    or u32(buf, stop - 4)[0] != length
+                    or _word(buf, stop - 4, little) != length
                 ):
                     self.stopped = True  # options, or lengths that disagree
                     break
                 start = pos + 28
                 if not extractor.skip_media(buf, start, start + captured):
-                    high: int = u32(buf, pos + 12)[0]
-                    low: int = u32(buf, pos + 16)[0]
+                    high = _word(buf, pos + 12, little)
+                    low = _word(buf, pos + 16, little)
                     # As dpkt computes it: the tick count divided as a float.
                     ts = self._ts_offset + ((high << 32) | low) / self._divisor
                     packets = extractor.decode(ts, buf[start : start + captured])
@@ -203,6 +206,13 @@ class PcapngBlocks:
         if self._rest:
             self.stopped = True
             self._rest = b""
+
+
+def _word(buf: bytes, at: int, little: bool) -> int:
+    """The unsigned 32-bit number at ``buf[at:at + 4]`` in the file's byte order."""
+    if little:
+        return buf[at] | buf[at + 1] << 8 | buf[at + 2] << 16 | buf[at + 3] << 24
+    return buf[at] << 24 | buf[at + 1] << 16 | buf[at + 2] << 8 | buf[at + 3]
 
 
 def _nanosecond_time(seconds: int, fraction: int) -> float:

@@ -52,7 +52,8 @@ from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.delivery.sink import RecordsRejected, Sink
 from sipcdr.private import open_private, private_dir
 from sipcdr.spool import DEFAULT_FSYNC_INTERVAL_S, Spool, SpoolReader
-from sipcdr.spool.records import SpoolRecord
+from sipcdr.spool.records import SpoolRecord, value_text
+from sipcdr.spool.tail import SpoolTail
 
 # Large enough to amortise a COPY or a produce round trip, small enough to retry cheaply.
 DEFAULT_BATCH_RECORDS: Final = 1000
@@ -71,6 +72,9 @@ DEFAULT_DELIVER_TIMEOUT_S: Final = 60.0
 # SIGTERM must end well inside systemd's 90 s stop timeout, with the drain included.
 DEFAULT_DRAIN_TIMEOUT_S: Final = 20.0
 _IDLE_WAIT_S: Final = 1.0  # re-check for records even without a wake-up
+# A spool written by another process wakes no one: a loop with nothing to read looks
+# again this soon. A look costs a stat or two; a CDR waits at most this long.
+TAIL_POLL_S: Final = 0.025
 _DRAIN_RETRY_S: Final = 1.0  # the longest backoff while a stop waits for the sinks
 
 
@@ -96,7 +100,7 @@ class LoopState:
 class Delivery:
     def __init__(
         self,
-        spools: Mapping[str, Spool],
+        spools: Mapping[str, Spool | SpoolTail],
         sinks: Sequence[Sink],
         *,
         batch_records: int = DEFAULT_BATCH_RECORDS,
@@ -112,6 +116,8 @@ class Delivery:
         self.batch_bytes = batch_bytes
         self.deliver_timeout_s = deliver_timeout_s
         self.fsync_interval_s = fsync_interval_s
+        tailing = any(spool.tailing for spool in spools.values())
+        self.idle_wait_s = TAIL_POLL_S if tailing else _IDLE_WAIT_S
         self._loops: list[tuple[LoopState, SpoolReader]] = []
         self._log = structlog.get_logger("sipcdr.delivery")
         self._tasks: list[asyncio.Task[None]] = []
@@ -216,7 +222,7 @@ class Delivery:
                     if self._stopping:
                         return
                     with contextlib.suppress(TimeoutError):
-                        async with self.clock.timeout(_IDLE_WAIT_S):
+                        async with self.clock.timeout(self.idle_wait_s):
                             await wake.wait()
                     continue
                 rejected = await self._watched_deliver(sink, stream, batch, state, reader)
@@ -402,7 +408,7 @@ class Delivery:
                 "seq": record.seq,
                 "kind": record.kind,
                 "key": record.key.decode("utf-8", "replace"),
-                "value": record.value.decode("utf-8", "replace"),
+                "value": value_text(record.kind, record.value),
                 "reason": str(exc)[:1000],
             },
             option=orjson.OPT_APPEND_NEWLINE,

@@ -4,6 +4,7 @@ surge against the trunk's normal, concurrent calls, wangiri callbacks, spend vel
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 
 from sipcdr.fraud.detectors import (
@@ -32,6 +33,7 @@ from sipcdr.fraud.windows import (
     Gauge,
     RunTracker,
     SeasonalBaseline,
+    WindowCounter,
 )
 from sipcdr.model import Cdr, FraudAlert
 
@@ -323,6 +325,11 @@ class SpendVelocity(_Counting):
     def __init__(self, incidents: Incidents, cap: int) -> None:
         super().__init__(incidents, cap)
         self.per_trunk = self._table()
+        # The settings record last used, its counter and its warning in whole
+        # millionths (see CpsBurst._bind): no Decimal arithmetic per CDR below it.
+        self._bound: SpendVelocitySettings | None = None
+        self._counter = WindowCounter(1, 1, 1)
+        self._warning_micros = 0
 
     def on_cost(
         self,
@@ -337,9 +344,14 @@ class SpendVelocity(_Counting):
         if micros <= 0:
             return False
         limit = s.per_trunk
-        counter = _windows(self.per_trunk, limit.window_s, self.cap)
+        if s is not self._bound:
+            self._bound = s
+            self._counter = _windows(self.per_trunk, limit.window_s, self.cap)
+            # A whole total is below the warning exactly when below its ceiling.
+            self._warning_micros = math.ceil(limit.warning * _MICROS)
+        counter = self._counter
         total = counter.add(trunk, now, micros)
-        if total < limit.warning * _MICROS:
+        if total < self._warning_micros:
             return False
         details: dict[str, object] = {"currency": cdr.currency} if cdr.currency else {}
         self.incidents.report(

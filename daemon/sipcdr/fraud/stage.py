@@ -1,6 +1,7 @@
 """The fraud stage: the monitor in the engine's chain (`sipcdr.stages`).
 
-A message stage (each parsed message, before the correlator), a CDR stage (each closed
+A message stage (each parsed message, before the correlator: `tap`, compiled with
+the detectors, is what the engine runs), a CDR stage (each closed
 call, after rating: `fraud_flags` set from the detectors that counted it) and a timed
 stage (incident updates and closes, once a second). Every alert the monitor produces
 goes to the alert writer the stage is built with, which puts it in the spool for the
@@ -16,6 +17,7 @@ from typing import Protocol
 
 from sipcdr.fraud.monitor import FraudMonitor
 from sipcdr.fraud.settings import FraudSettings
+from sipcdr.fraud.tap import MessageTap
 from sipcdr.model import Cdr, FraudAlert, Packet, Trunk
 from sipcdr.sip import SipMessage
 
@@ -64,26 +66,25 @@ class FraudStage:
         self._trunk_of = trunk_of
         self.monitor = FraudMonitor(settings, rating=rating, trunk_of=self.trunk_name)
 
+    @property
+    def monitor(self) -> FraudMonitor:
+        return self._monitor
+
+    @monitor.setter
+    def monitor(self, monitor: FraudMonitor) -> None:
+        # The tap holds the monitor it hands messages to: a monitor put in its place
+        # (a test's) gets a tap of its own.
+        self._monitor = monitor
+        self.tap = MessageTap(monitor, self._trunk_of, self._write, self._error)
+
     def trunk_name(self, source: str) -> str | None:
-        trunk = self._trunk(source)
+        trunk_of = self._trunk_of
+        trunk = None if trunk_of is None else trunk_of(source)
         return None if trunk is None else trunk.name
 
-    def _trunk(self, source: str) -> Trunk | None:
-        return None if self._trunk_of is None else self._trunk_of(source)
-
     def on_message(self, packet: Packet, msg: SipMessage) -> None:
-        try:
-            # Only a request outside a dialog (a new call, a REGISTER, an OPTIONS) is
-            # judged by its own source's trunk: a response is judged by its call's, or
-            # by the requester's it goes to (the monitor looks that one up itself), and
-            # a request inside a dialog by nothing.
-            name = self.trunk_name(packet.src_ip) if msg.is_request and msg.to_tag is None else None
-            alerts = self.monitor.on_message(msg, packet, packet.timestamp, name)
-        except Exception:
-            self._error("message")
-            return
-        if alerts:
-            self._write(alerts)
+        """What the engine runs is `tap` itself, compiled; this is the same step."""
+        self.tap.on_message(packet, msg)
 
     def on_cdr(self, cdr: Cdr) -> Cdr:
         try:

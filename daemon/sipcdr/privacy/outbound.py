@@ -10,7 +10,7 @@ parsing, so the common case costs one attribute test per record.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import orjson
@@ -18,6 +18,17 @@ import orjson
 from sipcdr.privacy.naming import alert_names_any, cdr_numbers, names_any
 from sipcdr.privacy.pseudonym import pseudonym
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
+
+# A number in a URI's user part (`+` optional); a P-Asserted-Identity may hold several
+# URIs, comma-separated.
+_URI_NUMBER: Final = re.compile(r"((?:sips?|tel):\+?)(\d{7,15})(?=[@;>\s,]|$)")
+
+
+def uri_numbers(text: str) -> Iterator[str]:
+    """The numbers in the URIs of `text` (tests pick restricted numbers from them)."""
+    for match in _URI_NUMBER.finditer(text):
+        yield match.group(2)
+
 
 # What pseudonyms replace in URIs, headers and bodies: every number the naming rule sees
 # (`sipcdr.privacy.naming`), a global one with visual separators (`+49-40-555-666`)

@@ -75,7 +75,7 @@ from sipcdr.sinks.settings import (
     SASL_MECHANISMS,
     SECURITY_PROTOCOLS,
 )
-from sipcdr.sinks.signaling import SIP_MESSAGE_SCHEMA_VERSION
+from sipcdr.sinks.signaling import SIP_MESSAGE_SCHEMA_VERSION, published
 
 FRAUD_ALERT_SCHEMA_VERSION: Final = 1  # schemas/fraud_alert.v1.schema.json
 # The broker (or the client's own size check) refuses the record itself: sending it
@@ -304,6 +304,8 @@ class KafkaSink(AsyncLifecycle):
         """
         if stream not in self.streams:
             raise ValueError(f"kafka sink does not read stream {stream!r}")
+        if stream == STREAM_SIGNALING:
+            records = _published(records)
         if self.outbound is not None:
             # Restricted subjects are withheld, numbers pseudonymized (sipcdr.privacy).
             records = [
@@ -428,6 +430,22 @@ class KafkaSink(AsyncLifecycle):
             except Exception as exc:
                 self._log.warning("kafka_close_failed", error=_describe(exc))
         await _close_now(producer)
+
+
+def _published(records: Sequence[SpoolRecord]) -> list[SpoolRecord]:
+    """The signaling records with the topic's JSON as their values: the capture side
+    spools the captured bytes (sinks.signaling)."""
+    out = []
+    for record in records:
+        if record.kind == KIND_SIP:
+            try:
+                record = record._replace(value=published(record.value))
+            except ValueError as exc:
+                raise RecordsRejected(
+                    f"kafka: signaling record {record.seq} is no message: {exc}"
+                ) from exc
+        out.append(record)
+    return out
 
 
 async def _close_now(producer: Any) -> None:

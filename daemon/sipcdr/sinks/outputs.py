@@ -5,11 +5,18 @@
 it, so an imported capture reaches the same sinks by the same path as live traffic.
 Its `cdr_writer` is what the pipeline writes CDRs to, `signaling` (None when no sink
 keeps signaling) what it hands each parsed message to.
+
+With delivery in a process of its own (`sipcdr.deliverer`) each process has one:
+`role="capture"` writes the spools and builds no sink (the delivery process's counts
+arrive as `remote`), `role="deliver"` reads the spools another process writes
+(`SpoolTail`) and owns the sinks, the embedded PostgreSQL and the delivery loops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +32,11 @@ from sipcdr.privacy.restriction_file import saved_restrictions
 from sipcdr.private import private_dir
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, STREAM_SIGNALING, Sink
 from sipcdr.sinks.jsonl import JsonlSink
+from sipcdr.sinks.remote import DeliverySnapshot, SinkPlan, sink_plans
 from sipcdr.sinks.settings import KafkaSettings, OutputSettings, PostgresSettings
 from sipcdr.sinks.signaling import SignalingRecorder
 from sipcdr.spool import DEFAULT_CDR_RESERVE_RECORDS, Appended, Spool
+from sipcdr.spool.tail import SpoolTail
 
 if TYPE_CHECKING:
     from sipcdr.sinks.embedded_later import EmbeddedStartLater
@@ -97,9 +106,11 @@ class Outputs:
         *,
         wait_below_floor: bool = False,
         restrictions: bool = False,
+        role: str = "all",
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.settings = settings
+        self.role = role  # "all", "capture" or "deliver" (see above)
         # The daemon: restrictions fail closed (`_restrictions_in_force`).
         self.restrictions = restrictions
         # Kafka and PostgreSQL delivery waits for a first restriction list.
@@ -114,6 +125,14 @@ class Outputs:
         self.log = structlog.get_logger("sipcdr.outputs")
         self.sinks: list[Sink] = []
         self.spools: dict[str, Spool] = {}
+        self.tails: dict[str, SpoolTail] = {}  # role "deliver": the spools it reads
+        # Role "capture": the sinks as configured, the delivery process's last counts
+        # (None until it sent some), and how it is stopped once the spools have every
+        # record: (drain timeout, each stream's next sequence number).
+        self.plans: list[SinkPlan] = []
+        self.remote: DeliverySnapshot | None = None
+        self.on_close: Callable[[float | None, Mapping[str, int]], Awaitable[None]] | None = None
+        self._sync_task: asyncio.Task[None] | None = None
         self.signaling: SignalingRecorder | None = None
         self.cdr_writer: SpoolCdrWriter | None = None
         self.alert_writer: SpoolAlertWriter | None = None
@@ -142,6 +161,11 @@ class Outputs:
             load_key(kafka.pseudonym_key_file) if kafka is not None and pseudonymize else None,
             pseudonymize=pseudonymize,
         )
+        self.plans = sink_plans(settings)
+        if self.role == "capture":
+            self._open_writing_spools(self.plans)
+            self._sync_task = asyncio.create_task(self._sync_loop(), name="sipcdr-spool-sync")
+            return
         if jsonl is not None:
             # Alerts go to the JSONL file only when nothing else would keep them.
             only = settings.postgres is None and settings.kafka is None
@@ -150,10 +174,33 @@ class Outputs:
             self.sinks.append(await self._postgres_sink(settings.postgres))
         if kafka is not None:
             self.sinks.append(self._kafka_sink(kafka))
+        built = [SinkPlan(sink.name, sink.streams) for sink in self.sinks]
+        if self.role == "deliver":
+            for plan in built:
+                for stream in plan.streams:
+                    consumers = tuple(p.name for p in built if stream in p.streams)
+                    if stream not in self.tails:
+                        self.tails[stream] = SpoolTail(self.spool_dir / stream, consumers)
+                        self.tails[stream].open()
+        else:
+            self._open_writing_spools(built)
+        self.delivery = Delivery(
+            self.tails if self.role == "deliver" else self.spools,
+            self.sinks,
+            fsync_interval_s=spool_config.fsync_interval_s,
+            clock=self.clock,
+        )
+        if self.restrictions:
+            self._restrictions_in_force(self.delivery)
+        await self.delivery.start()
+
+    def _open_writing_spools(self, plans: Sequence[SinkPlan]) -> None:
+        settings = self.settings
+        spool_config = settings.spool
         consumers: dict[str, list[str]] = {}
-        for sink in self.sinks:
-            for stream in sink.streams:
-                consumers.setdefault(stream, []).append(sink.name)
+        for plan in plans:
+            for stream in plan.streams:
+                consumers.setdefault(stream, []).append(plan.name)
         if STREAM_RECORDS in consumers:
             spool = self._open_spool(
                 STREAM_RECORDS,
@@ -175,15 +222,17 @@ class Outputs:
                 refuse_below_floor=not self.wait_below_floor,
             )
             self.signaling = SignalingRecorder(spool, store_body=settings.store_sdp)
-        self.delivery = Delivery(
-            self.spools,
-            self.sinks,
-            fsync_interval_s=spool_config.fsync_interval_s,
-            clock=self.clock,
-        )
-        if self.restrictions:
-            self._restrictions_in_force(self.delivery)
-        await self.delivery.start()
+
+    async def _sync_loop(self) -> None:
+        """Role "capture": what the delivery loop does for the spools in one process,
+        fsync them (and write the buffered signaling, delete delivered segments)."""
+        while True:
+            await self.clock.sleep(self.settings.spool.fsync_interval_s)
+            for spool in self.spools.values():
+                try:
+                    spool.sync()
+                except OSError as exc:
+                    self.log.error("spool_sync_failed", dir=str(spool.directory), error=str(exc))
 
     def _restrictions_in_force(self, delivery: Delivery) -> None:
         """A restart must lift no restriction, the database answering or not. The list
@@ -227,9 +276,15 @@ class Outputs:
         not full and its disk takes writes): what a CDR taken in now meets is then a
         sink or room to wait in. False until the outputs are open."""
         delivery = self.delivery
-        if delivery is None:
+        if self.role == "capture":
+            if self.remote is None:
+                return not self.plans
+            states = [loop.state for loop in self.remote.loops]
+        elif delivery is None:
             return not self.sinks
-        for state, _reader in delivery.readers():
+        else:
+            states = [state for state, _reader in delivery.readers()]
+        for state in states:
             if not state.tried:
                 return False
             if not state.up:
@@ -237,6 +292,21 @@ class Outputs:
                 if spool.full or spool.reserved:
                     return False
         return True
+
+    def destination_dirs(self) -> dict[SinkPlan, Path | None]:
+        """Where each sink writes on this host's disks: the JSONL file, an embedded
+        PostgreSQL; None for a server elsewhere."""
+        from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR  # noqa: PLC0415
+
+        jsonl, postgres = self.settings.jsonl, self.settings.postgres
+        found: dict[SinkPlan, Path | None] = {}
+        for plan in self.plans:
+            found[plan] = None
+            if plan.name == "jsonl" and jsonl is not None:
+                found[plan] = jsonl.path.parent
+            elif plan.name == "postgres" and postgres is not None and postgres.embedded:
+                found[plan] = self.settings.state_dir / EMBEDDED_DATA_SUBDIR
+        return found
 
     def _open_spool(
         self,
@@ -261,6 +331,7 @@ class Outputs:
             reserve_records=reserve_records,
             min_free_bytes=min_free_bytes,
             refuse_below_floor=refuse_below_floor,
+            readers_elsewhere=self.role == "capture",
             clock=self.clock,
         )
         spool.open()
@@ -471,16 +542,29 @@ class Outputs:
         if not self._opened:
             return
         self._opened = False
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._sync_task
+            self._sync_task = None
+        if self.on_close is not None:
+            for spool in self.spools.values():
+                with contextlib.suppress(OSError):
+                    spool.sync()  # every record on disk before the reader drains them
+            await self.on_close(
+                drain_timeout_s, {s: spool.next_seq for s, spool in self.spools.items()}
+            )
         if self.delivery is not None:
             if drain_timeout_s is None:
                 await self.delivery.stop()
             else:
                 await self.delivery.stop(drain_timeout_s)
-        for spool in self.spools.values():
+        every: list[Spool | SpoolTail] = [*self.spools.values(), *self.tails.values()]
+        for closing in every:
             try:
-                spool.close()
+                closing.close()
             except OSError as exc:
-                self.log.error("spool_close_failed", dir=str(spool.directory), error=str(exc))
+                self.log.error("spool_close_failed", dir=str(closing.directory), error=str(exc))
         if self._embedded_later is not None:
             await self._embedded_later.settle()  # a start under way is let finish, then stopped
         if self._embedded is not None:

@@ -23,9 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
 from typing import Any, Final
 
 import asyncpg
@@ -34,15 +32,15 @@ import orjson
 from sipcdr.privacy.naming import alert_names_any, names_any
 from sipcdr.privacy.outbound import RestrictedCalls
 from sipcdr.sinks.base import (
-    KIND_ALERT,
-    KIND_CDR,
-    KIND_SIP,
     STREAM_RECORDS,
     STREAM_SIGNALING,
     AsyncLifecycle,
     RecordsRejected,
     SpoolRecord,
 )
+from sipcdr.sinks.pgrows import CDRS, FRAUD_ALERTS, SIP_MESSAGES, TABLE_OF_KIND, TABLES, Row, Table
+from sipcdr.sinks.signaling import is_spooled
+from sipcdr.sinks.signaling import row as signaling_row
 from sipcdr.storage.migrations import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DatabaseUnavailable,
@@ -61,9 +59,6 @@ from sipcdr.storage.partitions import (
 DEFAULT_COMMAND_TIMEOUT_S: Final = 60.0
 # Closing waits this long for the server's goodbye before cutting the socket.
 CLOSE_TIMEOUT_S: Final = 2.0
-
-Row = tuple[Any, ...]
-Converter = Callable[[Any], Any]
 
 
 # SQLSTATE classes 22 and 23: the values themselves are refused, on any retry.
@@ -92,199 +87,6 @@ _FLAG_CALLS: Final = (
 
 class RecordError(RecordsRejected):
     """A spool record that cannot be turned into a row; names its stream position."""
-
-
-def _text(value: str | None) -> str | None:
-    # PostgreSQL text cannot hold NUL; captured signaling can. Replaced by U+FFFD so that
-    # one such message cannot stop its stream's delivery.
-    if value is not None and "\x00" in value:
-        return value.replace("\x00", "\ufffd")
-    return value
-
-
-def _time(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value)
-
-
-def _decimal(value: str | None) -> Decimal | None:
-    # Decimal strings stay decimal: a float would change cost and rate digits.
-    return None if value is None else Decimal(value)
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _texts(value: list[str]) -> list[str | None]:
-    return [_text(item) for item in value]
-
-
-def _texts_or_empty(value: list[str] | None) -> list[str | None]:
-    return [] if value is None else _texts(value)
-
-
-def _revision(value: int | None) -> int:
-    return 0 if value is None else value  # a record from before revisions: the first
-
-
-def _json(value: Any) -> str:
-    text = orjson.dumps(value).decode()
-    if "\\u0000" in text:  # jsonb refuses the NUL escape as well
-        text = orjson.dumps(_strip_nul(value)).decode()
-    return text
-
-
-def _strip_nul(value: Any) -> Any:
-    if isinstance(value, str):
-        return _text(value)
-    if isinstance(value, list):
-        return [_strip_nul(item) for item in value]
-    if isinstance(value, dict):
-        return {_text(str(key)): _strip_nul(item) for key, item in value.items()}
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class _Table:
-    """How records of one kind become rows of one table."""
-
-    name: str
-    columns: tuple[str, ...]
-    converters: tuple[Converter, ...]
-    day_column: int  # index of the partition key in `columns`
-    # A column whose higher value replaces a row already there (ON CONFLICT DO UPDATE);
-    # None: a row already there stays as it is (DO NOTHING).
-    latest: str | None = None
-    key: tuple[str, ...] = ()  # the primary key, for the conflict target of `latest`
-
-    @property
-    def staging(self) -> str:
-        return f"{self.name}_staging"
-
-    def row(self, record: dict[str, Any]) -> Row:
-        return tuple(
-            convert(record.get(column))
-            for column, convert in zip(self.columns, self.converters, strict=True)
-        )
-
-
-def _table(
-    name: str,
-    day_column: str,
-    spec: Sequence[tuple[str, Converter]],
-    *,
-    latest: str | None = None,
-) -> _Table:
-    columns = tuple(column for column, _ in spec)
-    key = (columns[0], day_column)  # every table's key: its id and its partition column
-    return _Table(name, columns, tuple(c for _, c in spec), columns.index(day_column), latest, key)
-
-
-# Columns in the order of the record's fields (and of the migrations in storage/sql/).
-CDRS: Final = _table(
-    "cdrs",
-    "start_time",
-    [
-        ("cdr_id", _same),
-        ("call_id", _text),
-        ("caller", _text),
-        ("callee", _text),
-        ("from_uri", _text),
-        ("to_uri", _text),
-        ("request_uri", _text),
-        ("src_ip", _text),
-        ("src_port", _same),
-        ("dst_ip", _text),
-        ("dst_port", _same),
-        ("trunk", _text),
-        ("start_time", _time),
-        ("ring_time", _time),
-        ("answer_time", _time),
-        ("end_time", _time),
-        ("duration", _same),
-        ("billsec", _same),
-        ("pdd_ms", _same),
-        ("disposition", _text),
-        ("sip_code", _same),
-        ("sip_reason", _text),
-        ("q850_cause", _same),
-        ("hangup_by", _text),
-        ("end_reason", _text),
-        ("user_agent", _text),
-        ("rated", _same),
-        ("rate_prefix", _text),
-        ("rate_name", _text),
-        ("rate_per_minute", _decimal),
-        ("billed_seconds", _same),
-        ("cost", _decimal),
-        ("currency", _text),
-        ("fraud_flags", _texts),
-        ("capture_node", _text),
-        ("schema_version", _same),
-        # Added within CDR v1 (storage/sql/0003_cdrs_vendor_cost.sql); a record
-        # written before them has none: NULL.
-        ("egress_trunk", _text),
-        ("vendor_cost", _decimal),
-        ("margin", _decimal),
-        ("callee_valid", _same),
-        # Not record fields: set by the sink (the trunk's retention class, restriction).
-        ("retention_days", _same),
-        ("restricted", _same),
-    ],
-)
-SIP_MESSAGES: Final = _table(
-    "sip_messages",
-    "captured_at",
-    [
-        ("message_id", _same),
-        ("captured_at", _time),
-        ("call_id", _text),
-        ("method", _text),
-        ("status_code", _same),
-        ("cseq_method", _text),
-        ("cseq", _same),
-        ("src_ip", _text),
-        ("src_port", _same),
-        ("dst_ip", _text),
-        ("dst_port", _same),
-        ("transport", _text),
-        ("capture_node", _text),
-        ("headers", _text),
-        ("body", _text),  # absent unless the operator keeps SDP: NULL
-        ("schema_version", _same),
-        ("restricted", _same),  # set by the sink
-    ],
-)
-FRAUD_ALERTS: Final = _table(
-    "fraud_alerts",
-    "raised_at",
-    [
-        ("alert_id", _same),
-        ("raised_at", _time),
-        ("detector", _text),
-        ("subject", _text),
-        ("severity", _text),
-        ("window_s", _same),
-        ("count", _same),
-        ("threshold", _same),
-        ("cdr_ids", _same),
-        ("details", _json),
-        ("schema_version", _same),
-        # Added by 0004_fraud_alert_incidents.sql.
-        ("subject_kind", _text),
-        ("revision", _revision),
-        ("observed", _decimal),
-        ("threshold_value", _decimal),
-        ("first_seen", _time),
-        ("last_seen", _time),
-        ("call_ids", _texts_or_empty),
-        ("restricted", _same),  # set by the sink
-    ],
-    # An incident's update replaces its row; an older or repeated revision does not.
-    latest="revision",
-)
-TABLE_OF_KIND: Final = {KIND_CDR: CDRS, KIND_ALERT: FRAUD_ALERTS, KIND_SIP: SIP_MESSAGES}
-TABLES: Final = (CDRS, SIP_MESSAGES, FRAUD_ALERTS)
 
 
 class PostgresSink(AsyncLifecycle):
@@ -407,7 +209,7 @@ class PostgresSink(AsyncLifecycle):
             self.duplicates_skipped[table.name] += len(table_rows) - inserted[table.name]
 
     async def _insert(
-        self, connection: asyncpg.Connection, table: _Table, table_rows: list[Row]
+        self, connection: asyncpg.Connection, table: Table, table_rows: list[Row]
     ) -> int:
         """COPY straight into the table: a batch delivered for the first time, nearly
         always, costs one pass. A batch with rows already there (a re-delivery after a
@@ -434,7 +236,7 @@ class PostgresSink(AsyncLifecycle):
         return int(status.rsplit(" ", 1)[-1])
 
     async def _upsert(
-        self, connection: asyncpg.Connection, table: _Table, table_rows: list[Row]
+        self, connection: asyncpg.Connection, table: Table, table_rows: list[Row]
     ) -> int:
         """Rows that replace an older version of themselves (an alert's updates): only
         the highest `latest` per key in the batch goes in (one statement may not touch a
@@ -463,14 +265,18 @@ class PostgresSink(AsyncLifecycle):
         )
         return int(status.rsplit(" ", 1)[-1])
 
-    def _rows(self, stream: str, records: Sequence[SpoolRecord]) -> dict[_Table, list[Row]]:
-        rows: dict[_Table, list[Row]] = {}
+    def _rows(self, stream: str, records: Sequence[SpoolRecord]) -> dict[Table, list[Row]]:
+        rows: dict[Table, list[Row]] = {}
         for record in records:
             table = TABLE_OF_KIND.get(record.kind)
             if table is None:
                 self.records_ignored[record.kind] = self.records_ignored.get(record.kind, 0) + 1
                 continue
             try:
+                if table is SIP_MESSAGES and is_spooled(record.value):
+                    # Built from the captured bytes (sinks.signaling), not from JSON.
+                    rows.setdefault(table, []).append(signaling_row(record.value, self._names))
+                    continue
                 value = orjson.loads(record.value)
                 if table is CDRS:
                     value["retention_days"] = self.retention_classes.get(
@@ -480,11 +286,7 @@ class PostgresSink(AsyncLifecycle):
                 elif table is FRAUD_ALERTS:
                     value["restricted"] = alert_names_any(value, self._restricted)
                 else:
-                    calls = self._restricted_calls
-                    value["restricted"] = calls.any_restricted and (
-                        value.get("call_id") in calls
-                        or names_any(value.get("headers"), self._restricted)
-                    )
+                    value["restricted"] = self._names(value.get("call_id"), value.get("headers"))
                 row = table.row(value)
             except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
                 raise RecordError(
@@ -499,7 +301,13 @@ class PostgresSink(AsyncLifecycle):
             rows.setdefault(table, []).append(row)
         return rows
 
-    def _calls_of(self, rows: dict[_Table, list[Row]], table: _Table) -> list[str]:
+    def _names(self, call_id: object, headers: object) -> bool:
+        """Whether a message belongs to a restricted subject: its call is one, or its
+        headers name one (`sipcdr.privacy.naming`, the rule Kafka and `restrict` use)."""
+        calls = self._restricted_calls
+        return calls.any_restricted and (call_id in calls or names_any(headers, self._restricted))
+
+    def _calls_of(self, rows: dict[Table, list[Row]], table: Table) -> list[str]:
         """The calls of restricted CDRs, or of messages left unflagged in a restricted
         call: their signaling is flagged by Call-ID (`_FLAG_CALLS`)."""
         call_id, flag = table.columns.index("call_id"), table.columns.index("restricted")
@@ -562,7 +370,7 @@ class PostgresSink(AsyncLifecycle):
         self._ahead_day = None
 
     async def _ensure_partitions(
-        self, connection: asyncpg.Connection, rows: dict[_Table, list[Row]]
+        self, connection: asyncpg.Connection, rows: dict[Table, list[Row]]
     ) -> None:
         for table, table_rows in rows.items():
             days = {row[table.day_column].astimezone(UTC).date() for row in table_rows}

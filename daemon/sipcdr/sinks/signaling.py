@@ -7,38 +7,113 @@ whom on which media address, so it is dropped unless the operator asks for it. T
 parsed fields the correlator reads are kept too, so that a correlator fed by the
 topic closes the same calls.
 
-This runs once per parsed message, so it is written for that: one hash, one format,
-one dict, one dumps, one buffered append; the spool writes the batch on its own
-schedule.
+The capture side runs once per parsed message and spools only what the record is
+made of (`sipcdr.sipevent.spooled`: a packed header, the id's digest and the captured
+bytes without the body unless kept); the sinks build rows and topic records from it
+on the delivery side (`row`, `published`), re-parsing the bytes. Values spooled as
+JSON by earlier versions are sent as they are.
 """
 
 from __future__ import annotations
 
-from typing import Final
+import struct
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
 
 import orjson
 
 from sipcdr.model import SIP_EVENT_SCHEMA_VERSION, Packet
 from sipcdr.sinks.base import KIND_SIP
 from sipcdr.sip.message import SipMessage
-from sipcdr.sipevent import event_record, message_id
+from sipcdr.sipevent import event_record, is_spooled, message_id, spooled, unspool
+from sipcdr.sipevent import spooled_record as _spooled_record
 from sipcdr.spool import Spool
 
-__all__ = ["SIP_MESSAGE_SCHEMA_VERSION", "SignalingRecorder", "message_id"]
+__all__ = [
+    "SIP_MESSAGE_SCHEMA_VERSION",
+    "SignalingRecorder",
+    "is_spooled",
+    "message_id",
+    "published",
+    "row",
+]
 
 SIP_MESSAGE_SCHEMA_VERSION: Final = SIP_EVENT_SCHEMA_VERSION
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class SignalingRecorder:
-    """Appends one record (a `SipEvent`) per parsed message to the signaling spool."""
+    """Appends one record (a `spooled` message) per parsed message to the signaling
+    spool."""
 
-    __slots__ = ("spool", "store_body")
+    __slots__ = ("append", "spool", "store_body")
 
     def __init__(self, spool: Spool, *, store_body: bool = False) -> None:
         self.spool = spool
         self.store_body = store_body
+        self.append = spool.append
 
     def __call__(self, packet: Packet, msg: SipMessage) -> None:
-        record = event_record(packet, msg, store_body=self.store_body)
+        try:
+            value = spooled(packet, msg, self.store_body)
+        except struct.error:
+            # A field too long for the layout (a capture node named by a long path):
+            # the record as JSON, which the sinks send as it is.
+            value = orjson.dumps(event_record(packet, msg, store_body=self.store_body))
         # A refused append (full, write error) is counted by the spool, with its reason.
-        self.spool.append(KIND_SIP, msg.call_id.encode(), orjson.dumps(record))
+        self.append(KIND_SIP, msg.call_id.encode(), value)
+
+
+def published(value: bytes) -> bytes:
+    """The record's JSON, as the `sipcdr.sip` topic carries it, of a signaling spool
+    value. Raises `ValueError` for a value that is no record."""
+    if not is_spooled(value):
+        return value
+    return orjson.dumps(_spooled_record(value))
+
+
+def row(value: bytes, names_restricted: Callable[[str, str], bool] | None) -> tuple[Any, ...]:
+    """The `sip_messages` row (its columns in the order of sinks.postgres) of a
+    `spooled` value: what the record's JSON would give, without the JSON.
+    `names_restricted(call_id, headers)`: whether the message belongs to a restricted
+    subject, to flag the row (the sink's rule, `sipcdr.privacy.naming`)."""
+    read = unspool(value)
+    msg = read.msg
+    body: str | None = None
+    if read.body_kept and msg.body:
+        body = _text(msg.body.decode("utf-8", "replace"))
+    cseq = msg.cseq
+    if msg.is_request:
+        method: str | None = _text(msg.method)
+        status_code: int | None = None
+    else:
+        method = None
+        status_code = msg.status_code
+    flagged = names_restricted is not None and names_restricted(msg.call_id, read.headers)
+    return (
+        read.message_id,
+        # rfc3339's rounding, as the record's captured_at read back would give.
+        _EPOCH + timedelta(microseconds=round(read.timestamp * 1_000_000)),
+        _text(msg.call_id),
+        method,
+        status_code,
+        _text(msg.cseq_method),
+        cseq if cseq >= 0 else None,
+        _text(read.src_ip),
+        read.src_port,
+        _text(read.dst_ip),
+        read.dst_port,
+        _text(read.transport),
+        _text(read.capture_node),
+        _text(read.headers),
+        body,
+        SIP_MESSAGE_SCHEMA_VERSION,
+        flagged,
+    )
+
+
+def _text(value: str) -> str:
+    # PostgreSQL text cannot hold NUL; captured signaling can (sinks.postgres does the
+    # same for records).
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value

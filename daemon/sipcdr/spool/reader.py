@@ -29,14 +29,16 @@ from sipcdr.spool.records import (
 )
 
 if TYPE_CHECKING:
-    from sipcdr.spool.writer import Spool, _Segment
+    from sipcdr.spool.segments import _Segment
+    from sipcdr.spool.tail import SpoolTail
+    from sipcdr.spool.writer import Spool
 
 
 class SpoolReader:
     """One sink's position in a stream: `read` a batch, then `commit` it once the sink
     confirmed it, or `rewind` to read it again after a failure."""
 
-    def __init__(self, spool: Spool, name: str) -> None:
+    def __init__(self, spool: Spool | SpoolTail, name: str) -> None:
         self.spool = spool
         self.name = name
         cursors = spool.directory / "cursors"
@@ -172,9 +174,16 @@ class SpoolReader:
         if not spool._segments:
             return
         segment = spool._segment_for(seq)
-        handle = segment.path.open("rb")
+        try:
+            handle = segment.path.open("rb")
+        except FileNotFoundError:
+            if not spool.tailing:
+                raise
+            spool.refresh()  # deleted by the writer since it was listed: read the rest
+            segment = spool._segment_for(max(seq, self._read_seq))
+            handle = segment.path.open("rb")
         self._segment, self._handle, self._offset = segment, handle, 0
-        end = segment.size
+        end = self._end()
         while (found := self._next_record(end)) is not None and found[0] < seq:
             self._offset += found[4]
         # Records before `seq` were delivered; damage among them is not counted again.
@@ -211,7 +220,8 @@ class SpoolReader:
 
     @property
     def lag_records(self) -> int:
-        return self.spool.next_seq - self.confirmed_seq
+        # A tail's `next_seq` is what it was last told: it may trail what was read.
+        return max(self.spool.next_seq - self.confirmed_seq, 0)
 
     def read(self, max_records: int, max_bytes: int) -> list[SpoolRecord]:
         """Up to `max_records` records (at least one, whatever its size) from the read
@@ -231,9 +241,24 @@ class SpoolReader:
                 size += sum(len(record.value) for record in got)
                 continue
             following = self.spool._segment_after(segment.first_seq)
+            if self._segment is not segment or self._handle is None:
+                continue  # listing again moved this reader (its segment was deleted)
             if following is None:
                 break
-            self._open_segment(following)
+            if self.spool.tailing and (got := self._read_in_segment(want, max_bytes - size)):
+                # Written to this segment before the writer moved on to the next one.
+                records.extend(got)
+                size += sum(len(record.value) for record in got)
+                continue
+            try:
+                self._open_segment(following)
+            except FileNotFoundError:
+                if not self.spool.tailing:
+                    raise
+                # Deleted by retention since it was listed: on from what is left.
+                self.spool.refresh()
+                self._close_handle()
+                self._segment = None
         return records
 
     def _open_segment(self, segment: _Segment) -> None:
@@ -250,8 +275,7 @@ class SpoolReader:
         assert self._segment is not None
         records: list[SpoolRecord] = []
         size = 0
-        # Only what the writer has completed: the segment's size, not the file's.
-        end = self._segment.size
+        end = self._end()
         while len(records) < limit and (found := self._next_record(end)) is not None:
             seq, kind_code, key, value, total = found
             self._offset += total
@@ -265,6 +289,15 @@ class SpoolReader:
             if size >= max_bytes:
                 break
         return records
+
+    def _end(self) -> int:
+        """Only what the writer has completed: the segment's size, not the file's; a
+        writer in another process completes records in whole writes, so there the
+        file's size (a record cut short at the end is waited for, `_next_record`)."""
+        assert self._segment is not None and self._handle is not None
+        if self.spool.tailing:
+            return os.fstat(self._handle.fileno()).st_size
+        return self._segment.size
 
     def _next_record(self, end: int) -> tuple[int, int, bytes, bytes, int] | None:
         """The valid record at the read offset, skipping damage before it, without
@@ -281,6 +314,8 @@ class SpoolReader:
             kind_code, key_len, value_len, seq = decoded
             total = HEADER_BYTES + key_len + value_len
             if self._offset + total > end:
+                if self._segment is not None and self.spool.growing(self._segment):
+                    return None  # being written by another process: read it next time
                 self._resync(end)
                 continue
             body = handle.read(key_len + value_len)

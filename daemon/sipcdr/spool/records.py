@@ -12,6 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final, NamedTuple
 
+import orjson
+
+from sipcdr.sipevent import is_spooled, spooled_record
+
 # Record kinds, one byte each in the spool. The JSON value of each kind has a schema
 # in schemas/.
 KIND_CDR: Final = "cdr"  # CDR v1 (schemas/cdr.v1.schema.json); key: call_id
@@ -29,7 +33,20 @@ class SpoolRecord(NamedTuple):
     seq: int  # position in its stream, from 1, increasing by one per record
     kind: str  # KIND_*
     key: bytes  # partitioning key (the Kafka message key)
-    value: bytes  # the record as UTF-8 JSON, exactly what Kafka and JSONL carry
+    # The record as UTF-8 JSON, exactly what Kafka and JSONL carry; for KIND_SIP, what
+    # the sinks make that of (`sipcdr.sipevent.spooled`), or JSON spooled before.
+    value: bytes
+
+
+def value_text(kind: str, value: bytes) -> str:
+    """A record's value as text (the file of records set aside): its JSON, the one a
+    signaling value becomes included; what is no record, as UTF-8 with replacements."""
+    if kind == KIND_SIP and is_spooled(value):
+        try:
+            return orjson.dumps(spooled_record(value)).decode()
+        except ValueError:
+            pass
+    return value.decode("utf-8", "replace")
 
 
 _HEAD = struct.Struct("<HBHIQ")  # magic, kind, key length, value length, seq
@@ -111,6 +128,17 @@ def _newest_cursor_slot(data: bytes) -> tuple[int, int, int, bool] | None:
             current = len(data) == _CURSOR_FILE_BYTES and offset != _LEGACY_CURSOR_SLOT_BYTES
             newest = (slot, generation, seq, current)
     return newest
+
+
+def read_cursor_seq(path: Path) -> int | None:
+    """The position a cursor file holds, or None (missing, unreadable). Read while its
+    reader may be writing a slot: a torn slot fails its check and the other one, older,
+    is taken, which only holds back more."""
+    try:
+        newest = _newest_cursor_slot(path.read_bytes())
+    except OSError:
+        return None
+    return None if newest is None else newest[2]
 
 
 def _decode_header(header: bytes) -> tuple[int, int, int, int] | None:

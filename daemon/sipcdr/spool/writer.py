@@ -20,6 +20,7 @@ from sipcdr.spool.records import (
     _KIND_NAMES,
     _NO_SPACE,
     _WRITE_BUFFER_BYTES,
+    CURSOR_SUFFIX,
     DEFAULT_CDR_RESERVE_RECORDS,
     DEFAULT_FULL_POLICY,
     DEFAULT_MAX_BYTES,
@@ -32,7 +33,9 @@ from sipcdr.spool.records import (
     _fsync_directory,
     _next_valid,
     _scan,
+    read_cursor_seq,
 )
+from sipcdr.spool.segments import Segments, _Segment, list_segments
 
 
 class Appended(IntEnum):
@@ -66,14 +69,7 @@ class SpoolStats:
     sync_failures: int = 0
 
 
-@dataclass(slots=True)
-class _Segment:
-    first_seq: int
-    path: Path
-    size: int
-
-
-class Spool:
+class Spool(Segments):
     """One stream's segments. Not thread-safe: the daemon's event loop owns it."""
 
     def __init__(
@@ -88,6 +84,7 @@ class Spool:
         reserve_records: int = DEFAULT_CDR_RESERVE_RECORDS,
         min_free_bytes: int = 0,
         refuse_below_floor: bool = True,
+        readers_elsewhere: bool = False,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if full_policy not in FULL_POLICIES:
@@ -100,6 +97,9 @@ class Spool:
         # when all of them are past it. A sink taken out of the config no longer holds
         # segments back; its stale cursor restarts from the oldest record if it returns.
         self.consumers = consumers
+        # The readers are another process's (`SpoolTail`): segments are deleted by what
+        # their cursor files on disk say, read at each flush.
+        self.readers_elsewhere = readers_elsewhere
         self.max_bytes = max_bytes
         # The active segment is never deleted, so it must be small against the limit
         # or a delivered-but-undeletable segment would keep the spool "full".
@@ -153,21 +153,14 @@ class Spool:
             self._take_lock()
         except OSError as exc:
             raise SpoolError(f"spool {self.directory}: {exc.strerror or exc}") from exc
-        segments = sorted(
-            (
-                _Segment(int(path.stem), path, path.stat().st_size)
-                for path in self.directory.glob(f"*{SEGMENT_SUFFIX}")
-                if path.stem.isdigit()
-            ),
-            key=lambda segment: segment.first_seq,
-        )
+        segments = list_segments(self.directory)
         self._segments = segments
         if segments:
             self.next_seq = self._recover_tail(segments[-1])
         self._size = sum(segment.size for segment in self._segments)
         self._start_segment()
         self._opened = True
-        for name in self.consumers:
+        for name in () if self.readers_elsewhere else self.consumers:
             self._readers[name] = SpoolReader(self, name)
         self._update_full()
 
@@ -454,9 +447,9 @@ class Spool:
         """On a full disk, the active segment may hold all the space there is to free,
         and it is deleted only once it is no longer active: when every reader has all
         of it, a new (empty) segment takes its place so it can go."""
-        if not self._readers or not self._segments or self._segments[-1].size == 0:
+        if not self.consumers or not self._segments or self._segments[-1].size == 0:
             return
-        if min(reader.confirmed_seq for reader in self._readers.values()) < self.next_seq:
+        if self.confirmed_low() < self.next_seq:
             return
         try:
             self._start_segment()
@@ -485,6 +478,8 @@ class Spool:
                 self._check_floor()  # refused appends buffer nothing: check here
         elif self._reserve:
             self._write_reserve()
+        if self.readers_elsewhere:
+            self._collect()
         for reader in self._readers.values():
             if reader.cursor_unsaved:
                 reader.save_cursor()
@@ -515,27 +510,11 @@ class Spool:
     def segments(self) -> int:
         return len(self._segments)
 
-    def _segment_after(self, first_seq: int) -> _Segment | None:
-        for segment in self._segments:
-            if segment.first_seq > first_seq:
-                return segment
-        return None
-
-    def _segment_for(self, seq: int) -> _Segment:
-        """The segment holding `seq`, or the oldest one when it is older than all."""
-        found = self._segments[0]
-        for segment in self._segments:
-            if segment.first_seq <= seq:
-                found = segment
-            else:
-                break
-        return found
-
     def _collect(self) -> None:
         """Delete segments every reader has passed; the active one always stays."""
-        if not self._readers:
+        if not self.consumers or not self._segments:
             return
-        low = min(reader.confirmed_seq for reader in self._readers.values())
+        low = self.confirmed_low()
         while len(self._segments) > 1 and self._segments[1].first_seq <= low:
             segment = self._segments[0]
             try:
@@ -568,10 +547,9 @@ class Spool:
                 break  # tried again at the next run
             self._segments.pop(0)
             self._size -= segment.size
-            behind = [r for r in self._readers.values() if r.confirmed_seq < following.first_seq]
+            behind = [seq for seq in self.confirmed().values() if seq < following.first_seq]
             if behind:
-                lowest = min(reader.confirmed_seq for reader in behind)
-                dropped += following.first_seq - max(lowest, segment.first_seq)
+                dropped += following.first_seq - max(min(behind), segment.first_seq)
             for reader in self._readers.values():
                 reader.skip_to(following.first_seq)
                 reader.forget(segment)
@@ -579,6 +557,21 @@ class Spool:
             self.stats.dropped["retention"] = self.stats.dropped.get("retention", 0) + dropped
         self._update_full()
         return dropped
+
+    def confirmed(self) -> dict[str, int]:
+        """Each consumer's confirmed position: its reader's, or its cursor file's (an
+        unreadable or missing one holds everything back, as a new reader would)."""
+        if not self.readers_elsewhere:
+            return {name: reader.confirmed_seq for name, reader in self._readers.items()}
+        oldest = self._segments[0].first_seq if self._segments else self.next_seq
+        cursors = self.directory / "cursors"
+        found = {
+            name: read_cursor_seq(cursors / f"{name}{CURSOR_SUFFIX}") for name in self.consumers
+        }
+        return {name: oldest if seq is None else seq for name, seq in found.items()}
+
+    def confirmed_low(self) -> int:
+        return min(self.confirmed().values(), default=self.next_seq)
 
     def _update_full(self) -> None:
         if self.full and self.size_bytes < self.max_bytes * RESUME_FRACTION:

@@ -10,8 +10,6 @@ import socket
 import urllib.parse
 from typing import Final
 
-from asyncpg import connect_utils
-
 # What a secret is replaced with wherever it would show: a DSN's passwords here, every
 # secret in the config's logged view and error messages.
 SECRET_MASK: Final = "***"
@@ -131,6 +129,10 @@ def dsn_problem(dsn: str) -> str | None:
 def _driver_problem(dsn: str) -> str | None:
     """Why asyncpg's own parser refuses `dsn` (with the PG* environment variables and
     the files it reads: passfile, certificates), in words that quote none of it."""
+    # Here, not at the top: the driver is a tenth of every start's imports, and only a
+    # configured DSN needs it (an import into JSONL never does).
+    from asyncpg import connect_utils  # noqa: PLC0415
+
     parse = getattr(connect_utils, "_parse_connect_dsn_and_args", None)
     if parse is None:  # a driver without it: what it refuses shows at the first connect
         return None

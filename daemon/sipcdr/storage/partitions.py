@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import date, timedelta
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-import asyncpg
+if TYPE_CHECKING:  # annotations only: the config reads this module's defaults
+    import asyncpg
 
 # Seven days covers a long weekend plus an outage of the maintenance path, so a daemon
 # that cannot create partitions for days still has somewhere to write.

@@ -277,6 +277,9 @@ FAMILIES: Final = {f.name: f for f in (
     _g("sipcdr_spare_bytes",
        "Bytes of the spare file kept on the state disk for a full disk (0 while it "
        "is given up or could not be allocated)"),
+    _c("sipcdr_delivery_process_restarts",
+       "Times the delivery process ended unasked and was started again (its records "
+       "waited in the spool meanwhile)"),
     _c("sipcdr_spare_released",
        "Times the spare file was given up because the state disk refused a write"),
     _g("sipcdr_intake_paused",
@@ -314,6 +317,15 @@ FAMILIES: Final = {f.name: f for f in (
        "New fraud incidents not sent, over the per-detector rate limit", "detector"),
     _c("sipcdr_fraud_subjects_evicted",
        "Subjects a fraud detector forgot at its max_subjects cap, idlest first", "detector"),
+    _c("sipcdr_fraud_alert_updates",
+       "Alert records that updated an open incident's alert (a new peak, an escalation, "
+       "its close), sent at most once per update_interval_s per incident"),
+    _c("sipcdr_fraud_calls_evicted",
+       "Calls the fraud monitor forgot before their CDR, oldest first, at "
+       "max_tracked_calls: their concurrency ends early and their CDR gets no flags"),
+    _c("sipcdr_fraud_incidents_evicted",
+       "Open fraud incidents forgotten at the cap on open incidents, idlest first: a "
+       "later report of the subject opens a new alert"),
     _c("sipcdr_fraud_alerts_written",
        "Alert records (new and updated) handed to the spool, by outcome (written; "
        "refused: the spool was full, the alert is lost)",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import HistogramMetricFamily, Metric
@@ -83,6 +83,11 @@ class Sources:
     dialogs: DialogStore | None = None
     spare: SpareSpace | None = None
     metrics_server: MetricsServer | None = None
+    delivery_process: Restarting | None = None  # delivery apart (sipcdr.deliverer)
+
+
+class Restarting(Protocol):
+    restarts: int
 
 
 class _Scrape:
@@ -300,6 +305,26 @@ def _outputs(scrape: _Scrape, sources: Sources) -> None:
         scrape.add("sipcdr_spool_io_errors", stats.sync_failures, stream, "sync")
         scrape.add("sipcdr_spool_damaged", stats.torn_tails, stream, "torn_tail")
         scrape.add("sipcdr_spool_torn_bytes", stats.torn_tail_bytes, stream)
+    remote = getattr(outputs, "remote", None)  # an import's outputs have none
+    if remote is not None:
+        # Delivery apart: its counts as it last sent them; the lag against this
+        # process's spools, which hold the newest records.
+        for loop in remote.loops:
+            state, labels = loop.state, (loop.state.sink, loop.state.stream)
+            writer = outputs.spools.get(state.stream)
+            lag = 0 if writer is None else max(writer.next_seq - loop.confirmed_seq, 0)
+            scrape.set("sipcdr_sink_lag_records", lag, *labels)
+            scrape.set("sipcdr_sink_up", 1 if state.up else 0, *labels)
+            scrape.add("sipcdr_sink_records", state.delivered, *labels)
+            scrape.add("sipcdr_sink_failures", state.failures, *labels)
+            scrape.add("sipcdr_sink_rejected", state.rejected, *labels)
+            scrape.add("sipcdr_spool_cursor_write_failures", loop.cursor_write_failures, *labels)
+            scrape.add("sipcdr_spool_corrupt_records", loop.corrupt_records, *labels)
+        if remote.jsonl_rotation_failures is not None:
+            scrape.add("sipcdr_jsonl_rotation_failures", remote.jsonl_rotation_failures)
+        for outcome, rows in remote.postgres_rows.items():
+            for table, total in rows.items():
+                scrape.add("sipcdr_postgres_rows", total, table, outcome)
     if outputs.delivery is not None:
         for state, reader in outputs.delivery.readers():
             labels = (state.sink, state.stream)
@@ -377,6 +402,9 @@ def _fraud(scrape: _Scrape, sources: Sources) -> None:
     scrape.counts("sipcdr_fraud_alerts", stats.alerts)
     scrape.counts("sipcdr_fraud_alerts_suppressed", stats.suppressed)
     scrape.counts("sipcdr_fraud_subjects_evicted", stats.evicted)
+    scrape.add("sipcdr_fraud_alert_updates", stats.updates)
+    scrape.add("sipcdr_fraud_calls_evicted", stats.calls_evicted)
+    scrape.add("sipcdr_fraud_incidents_evicted", stats.incidents_evicted)
     for detector, held in dict(stats.tracked).items():
         scrape.set("sipcdr_fraud_subjects_tracked", held, detector)
     scrape.counts("sipcdr_fraud_errors", stage.stats.errors)
@@ -406,5 +434,7 @@ def _process(scrape: _Scrape, sources: Sources) -> None:
     if sources.spare is not None:
         scrape.set("sipcdr_spare_bytes", sources.spare.bytes_held)
         scrape.add("sipcdr_spare_released", sources.spare.releases)
+    if sources.delivery_process is not None:
+        scrape.add("sipcdr_delivery_process_restarts", sources.delivery_process.restarts)
     if sources.metrics_server is not None:
         scrape.add("sipcdr_metrics_connections_refused", sources.metrics_server.refused)

@@ -1,0 +1,202 @@
+"""What keeping signaling costs per SIP message, on each side of the signaling spool:
+the JSON record spooled by earlier versions against the captured bytes spooled now.
+
+Capture side (the daemon's hot path, once per parsed message, the parse not counted):
+
+- json (baseline): the 27-field record built and dumped, appended to a buffered spool
+  (what `SignalingRecorder` did before)
+- binary: `SignalingRecorder` now: the id's digest, the bytes without the SDP, a
+  packed header, appended to a buffered spool
+
+and, for scale, `sip.parse` alone, and parse plus each recorder.
+
+Delivery side (once per record each sink sends; the spool read not counted):
+
+- PostgreSQL rows: `PostgresSink._rows` of a batch of JSON values against one of
+  binary values (the bytes re-parsed); no database involved
+- Kafka values: JSON values go out as spooled (nothing to do), binary ones become the
+  topic's JSON (`sinks.signaling.published`)
+
+The traffic is an INVITE and a 200 OK with SDP and a BYE (benchmarks/samples.py),
+each packet a millisecond after the last, as a call's messages are. Figures are CPU
+microseconds per message (process time: a shared machine's other work is not
+counted, its contention for caches and cores is), the median of several rounds; the
+ratio is json against binary of the same round, so a busy machine moves both
+together.
+
+    python benchmarks/signaling.py [--rounds 7] [--number 30000] [--store-sdp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from samples import MESSAGES
+from sipcdr.model import Packet
+from sipcdr.sinks.base import KIND_SIP, STREAM_SIGNALING, SpoolRecord
+from sipcdr.sinks.postgres import PostgresSink
+from sipcdr.sinks.signaling import SignalingRecorder, published
+from sipcdr.sip import SipMessage, parse
+from sipcdr.sipevent import event_record, spooled
+from sipcdr.spool import Spool
+
+BATCH = 1000  # records per delivery batch, as the delivery loop reads them
+
+Message = tuple[Packet, SipMessage]
+
+
+def traffic(number: int) -> list[Message]:
+    payloads = list(MESSAGES.values())
+    pairs = []
+    for n in range(number):
+        packet = Packet(
+            1_795_000_000.1 + n / 1000,
+            "192.0.2.10",
+            5060,
+            "203.0.113.20",
+            5060,
+            "udp",
+            payloads[n % len(payloads)],
+            "2001",
+        )
+        pairs.append((packet, parse(packet.payload)))
+    return pairs
+
+
+class JsonRecorder:
+    """The recorder as it was: the record's JSON, built and dumped per message."""
+
+    __slots__ = ("spool", "store_body")
+
+    def __init__(self, spool: Spool, *, store_body: bool = False) -> None:
+        self.spool = spool
+        self.store_body = store_body
+
+    def __call__(self, packet: Packet, msg: SipMessage) -> None:
+        record = event_record(packet, msg, store_body=self.store_body)
+        self.spool.append(KIND_SIP, msg.call_id.encode(), orjson.dumps(record))
+
+
+Recorder = Callable[[Packet, SipMessage], None]
+
+
+def record_all(
+    make: Callable[..., Recorder], pairs: list[Message], directory: Path, store_body: bool
+) -> float:
+    """Seconds to record every message into a fresh buffered spool."""
+    with Spool(directory, ("postgres",), buffered=True) as spool:
+        record = make(spool, store_body=store_body)
+        start = time.process_time()
+        for packet, msg in pairs:
+            record(packet, msg)
+        spool.flush()
+        return time.process_time() - start
+
+
+def parse_all(pairs: list[Message], record: Recorder | None = None) -> float:
+    start = time.process_time()
+    for packet, _msg in pairs:
+        msg = parse(packet.payload)
+        if record is not None:
+            record(packet, msg)
+    return time.process_time() - start
+
+
+def batches(values: list[bytes]) -> list[list[SpoolRecord]]:
+    records = [SpoolRecord(n, KIND_SIP, b"k", value) for n, value in enumerate(values, 1)]
+    return [records[at : at + BATCH] for at in range(0, len(records), BATCH)]
+
+
+def rows_all(sink: PostgresSink, record_batches: list[list[SpoolRecord]]) -> float:
+    start = time.process_time()
+    for batch in record_batches:
+        sink._rows(STREAM_SIGNALING, batch)
+    return time.process_time() - start
+
+
+def publish_all(record_batches: list[list[SpoolRecord]]) -> float:
+    start = time.process_time()
+    for batch in record_batches:
+        for record in batch:
+            published(record.value)
+    return time.process_time() - start
+
+
+def one_round(pairs: list[Message], store_body: bool) -> dict[str, tuple[float, float]]:
+    """Per contender: (json seconds, binary seconds) for every message of `pairs`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        capture = (
+            record_all(JsonRecorder, pairs, directory / "json", store_body),
+            record_all(SignalingRecorder, pairs, directory / "binary", store_body),
+        )
+        with Spool(directory / "p", ("postgres",), buffered=True) as spool:
+            with_parse = (
+                parse_all(pairs, JsonRecorder(spool, store_body=store_body)),
+                parse_all(pairs, SignalingRecorder(spool, store_body=store_body)),
+            )
+    json_values = [
+        orjson.dumps(event_record(packet, msg, store_body=store_body)) for packet, msg in pairs
+    ]
+    binary_values = [spooled(packet, msg, store_body) for packet, msg in pairs]
+    json_batches, binary_batches = batches(json_values), batches(binary_values)
+    sink = PostgresSink("postgresql://benchmark/none")
+    parsed = parse_all(pairs)
+    return {
+        "sip.parse alone": (parsed, parsed),
+        "capture: signaling record": capture,
+        "capture: parse + record": with_parse,
+        "delivery: PostgreSQL rows": (
+            rows_all(sink, json_batches),
+            rows_all(sink, binary_batches),
+        ),
+        "delivery: Kafka values": (publish_all(json_batches), publish_all(binary_batches)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--number", type=int, default=30_000)
+    parser.add_argument("--store-sdp", action="store_true", help="keep the bodies (SDP)")
+    args = parser.parse_args()
+    pairs = traffic(args.number)
+    sizes = (
+        statistics.mean(
+            len(orjson.dumps(event_record(p, m, store_body=args.store_sdp))) for p, m in pairs
+        ),
+        statistics.mean(len(spooled(p, m, args.store_sdp)) for p, m in pairs),
+    )
+    per_message: dict[str, tuple[list[float], list[float], list[float]]] = {}
+    for _ in range(args.rounds):
+        for name, (json_s, binary_s) in one_round(pairs, args.store_sdp).items():
+            json_us, binary_us, ratios = per_message.setdefault(name, ([], [], []))
+            json_us.append(json_s / args.number * 1e6)
+            binary_us.append(binary_s / args.number * 1e6)
+            ratios.append(json_s / binary_s if binary_s else float("inf"))
+    print(
+        f"{args.number} messages (INVITE, 200 OK with SDP, BYE), SDP "
+        f"{'kept' if args.store_sdp else 'dropped'}, median of {args.rounds} rounds"
+    )
+    print(f"spooled bytes per message: json {sizes[0]:.0f}, binary {sizes[1]:.0f}")
+    print(f"{'µs per message':<30}{'json':>10}{'binary':>10}{'json/binary':>13}")
+    for name, (json_us, binary_us, ratios) in per_message.items():
+        ratio = statistics.median(ratios)
+        shown = f"{ratio:>12.2f}x" if ratio != float("inf") else f"{'-':>13}"
+        print(
+            f"{name:<30}{statistics.median(json_us):>10.2f}"
+            f"{statistics.median(binary_us):>10.2f}{shown}"
+        )
+
+
+if __name__ == "__main__":
+    main()

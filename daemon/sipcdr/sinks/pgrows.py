@@ -1,0 +1,212 @@
+"""How spool records become rows of PostgreSQL's tables: each table's columns in the
+order of the migrations (storage/sql/), the conversion of each record field, the
+partition key, and what a conflicting row does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Final
+
+import orjson
+
+from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
+
+Row = tuple[Any, ...]
+Converter = Callable[[Any], Any]
+
+
+def _text(value: str | None) -> str | None:
+    # PostgreSQL text cannot hold NUL; captured signaling can. Replaced by U+FFFD so that
+    # one such message cannot stop its stream's delivery.
+    if value is not None and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
+def _time(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _decimal(value: str | None) -> Decimal | None:
+    # Decimal strings stay decimal: a float would change cost and rate digits.
+    return None if value is None else Decimal(value)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _texts(value: list[str]) -> list[str | None]:
+    return [_text(item) for item in value]
+
+
+def _texts_or_empty(value: list[str] | None) -> list[str | None]:
+    return [] if value is None else _texts(value)
+
+
+def _revision(value: int | None) -> int:
+    return 0 if value is None else value  # a record from before revisions: the first
+
+
+def _json(value: Any) -> str:
+    text = orjson.dumps(value).decode()
+    if "\\u0000" in text:  # jsonb refuses the NUL escape as well
+        text = orjson.dumps(_strip_nul(value)).decode()
+    return text
+
+
+def _strip_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, list):
+        return [_strip_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_text(str(key)): _strip_nul(item) for key, item in value.items()}
+    return value
+
+
+# Compared and hashed by identity: each table is one constant, looked up per record.
+@dataclass(frozen=True, slots=True, eq=False)
+class Table:
+    """How records of one kind become rows of one table."""
+
+    name: str
+    columns: tuple[str, ...]
+    converters: tuple[Converter, ...]
+    day_column: int  # index of the partition key in `columns`
+    # A column whose higher value replaces a row already there (ON CONFLICT DO UPDATE);
+    # None: a row already there stays as it is (DO NOTHING).
+    latest: str | None = None
+    key: tuple[str, ...] = ()  # the primary key, for the conflict target of `latest`
+
+    @property
+    def staging(self) -> str:
+        return f"{self.name}_staging"
+
+    def row(self, record: dict[str, Any]) -> Row:
+        return tuple(
+            convert(record.get(column))
+            for column, convert in zip(self.columns, self.converters, strict=True)
+        )
+
+
+def _table(
+    name: str,
+    day_column: str,
+    spec: Sequence[tuple[str, Converter]],
+    *,
+    latest: str | None = None,
+) -> Table:
+    columns = tuple(column for column, _ in spec)
+    key = (columns[0], day_column)  # every table's key: its id and its partition column
+    return Table(name, columns, tuple(c for _, c in spec), columns.index(day_column), latest, key)
+
+
+# Columns in the order of the record's fields (and of the migrations in storage/sql/).
+CDRS: Final = _table(
+    "cdrs",
+    "start_time",
+    [
+        ("cdr_id", _same),
+        ("call_id", _text),
+        ("caller", _text),
+        ("callee", _text),
+        ("from_uri", _text),
+        ("to_uri", _text),
+        ("request_uri", _text),
+        ("src_ip", _text),
+        ("src_port", _same),
+        ("dst_ip", _text),
+        ("dst_port", _same),
+        ("trunk", _text),
+        ("start_time", _time),
+        ("ring_time", _time),
+        ("answer_time", _time),
+        ("end_time", _time),
+        ("duration", _same),
+        ("billsec", _same),
+        ("pdd_ms", _same),
+        ("disposition", _text),
+        ("sip_code", _same),
+        ("sip_reason", _text),
+        ("q850_cause", _same),
+        ("hangup_by", _text),
+        ("end_reason", _text),
+        ("user_agent", _text),
+        ("rated", _same),
+        ("rate_prefix", _text),
+        ("rate_name", _text),
+        ("rate_per_minute", _decimal),
+        ("billed_seconds", _same),
+        ("cost", _decimal),
+        ("currency", _text),
+        ("fraud_flags", _texts),
+        ("capture_node", _text),
+        ("schema_version", _same),
+        # Added within CDR v1 (storage/sql/0003_cdrs_vendor_cost.sql); a record
+        # written before them has none: NULL.
+        ("egress_trunk", _text),
+        ("vendor_cost", _decimal),
+        ("margin", _decimal),
+        ("callee_valid", _same),
+        # Not record fields: set by the sink (the trunk's retention class, restriction).
+        ("retention_days", _same),
+        ("restricted", _same),
+    ],
+)
+SIP_MESSAGES: Final = _table(
+    "sip_messages",
+    "captured_at",
+    [
+        ("message_id", _same),
+        ("captured_at", _time),
+        ("call_id", _text),
+        ("method", _text),
+        ("status_code", _same),
+        ("cseq_method", _text),
+        ("cseq", _same),
+        ("src_ip", _text),
+        ("src_port", _same),
+        ("dst_ip", _text),
+        ("dst_port", _same),
+        ("transport", _text),
+        ("capture_node", _text),
+        ("headers", _text),
+        ("body", _text),  # absent unless the operator keeps SDP: NULL
+        ("schema_version", _same),
+        ("restricted", _same),  # set by the sink
+    ],
+)
+FRAUD_ALERTS: Final = _table(
+    "fraud_alerts",
+    "raised_at",
+    [
+        ("alert_id", _same),
+        ("raised_at", _time),
+        ("detector", _text),
+        ("subject", _text),
+        ("severity", _text),
+        ("window_s", _same),
+        ("count", _same),
+        ("threshold", _same),
+        ("cdr_ids", _same),
+        ("details", _json),
+        ("schema_version", _same),
+        # Added by 0004_fraud_alert_incidents.sql.
+        ("subject_kind", _text),
+        ("revision", _revision),
+        ("observed", _decimal),
+        ("threshold_value", _decimal),
+        ("first_seen", _time),
+        ("last_seen", _time),
+        ("call_ids", _texts_or_empty),
+        ("restricted", _same),  # set by the sink
+    ],
+    # An incident's update replaces its row; an older or repeated revision does not.
+    latest="revision",
+)
+TABLE_OF_KIND: Final = {KIND_CDR: CDRS, KIND_ALERT: FRAUD_ALERTS, KIND_SIP: SIP_MESSAGES}
+TABLES: Final = (CDRS, SIP_MESSAGES, FRAUD_ALERTS)

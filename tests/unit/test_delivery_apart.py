@@ -1,0 +1,89 @@
+"""Delivery apart, as the capture process sees it: the delivery process's counts reach
+its metrics (the lag against its own writer), its readiness reaches /readyz, and what
+it is told of the sinks matches what it builds."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+from types import SimpleNamespace
+
+from sipcdr.config import Config, output_settings
+from sipcdr.deliverer import _picklable
+from sipcdr.delivery import LoopState
+from sipcdr.privacy.stats import PrivacyStats
+from sipcdr.sinks.outputs import Outputs
+from sipcdr.sinks.remote import DeliverySnapshot, LoopSnapshot, sink_plans
+from sipcdr.spool import SpoolStats
+from sipcdr.telemetry.metrics import Metrics, Sources
+
+
+def _snapshot() -> DeliverySnapshot:
+    state = LoopState("postgres", "records", delivered=41, failures=3, rejected=2, up=False)
+    return DeliverySnapshot(
+        loops=[LoopSnapshot(state, confirmed_seq=90, cursor_write_failures=5, corrupt_records=7)],
+        jsonl_rotation_failures=11,
+        postgres_rows={"inserted": {"cdrs": 41}, "duplicate": {"cdrs": 4}},
+        privacy=PrivacyStats(restricted_subjects=6),
+        withheld={"cdr": 8},
+        held_for_restrictions=True,
+    )
+
+
+def test_the_delivery_process_counts_reach_the_capture_process_metrics() -> None:
+    spool = SimpleNamespace(next_seq=100, stats=SpoolStats(), size_bytes=0, full=False, reserved=0)
+    outputs = SimpleNamespace(
+        spools={"records": spool},
+        remote=pickle.loads(pickle.dumps(_snapshot())),  # as it crosses the pipe
+        delivery=None,
+        sinks=[],
+        held_for_restrictions=True,
+    )
+    restarts = SimpleNamespace(restarts=3)
+    metrics = Metrics(lambda: Sources(outputs=outputs, delivery_process=restarts))  # type: ignore[arg-type]
+    value = metrics.registry.get_sample_value
+    labels = {"sink": "postgres", "stream": "records"}
+    assert value("sipcdr_sink_lag_records", labels) == 10  # 100 written, 90 confirmed
+    assert value("sipcdr_sink_up", labels) == 0
+    assert value("sipcdr_sink_records_total", labels) == 41
+    assert value("sipcdr_sink_failures_total", labels) == 3
+    assert value("sipcdr_sink_rejected_total", labels) == 2
+    assert value("sipcdr_spool_cursor_write_failures_total", labels) == 5
+    assert value("sipcdr_spool_corrupt_records_total", labels) == 7
+    assert value("sipcdr_jsonl_rotation_failures_total") == 11
+    rows = {"table": "cdrs", "outcome": "duplicate"}
+    assert value("sipcdr_postgres_rows_total", rows) == 4
+    assert value("sipcdr_delivery_process_restarts_total") == 3
+    assert value("sipcdr_delivery_waiting_for_restrictions") == 1
+
+
+async def test_readiness_follows_the_delivery_process(tmp_path: Path) -> None:
+    config = Config()
+    settings = dataclasses.replace(output_settings(config), state_dir=tmp_path)
+    outputs = Outputs(settings, role="capture")
+    await outputs.open()
+    try:
+        assert not outputs.sinks and outputs.delivery is None  # built by the other process
+        assert not outputs.sinks_ready()  # nothing heard from it yet
+        snapshot = _snapshot()
+        snapshot.loops[0].state.tried = True
+        outputs.remote = snapshot
+        assert outputs.sinks_ready()  # down, but its records spool within the limits
+    finally:
+        await outputs.close()
+
+
+def test_the_plans_name_the_sinks_and_streams_the_outputs_build() -> None:
+    plans = sink_plans(output_settings(Config()))
+    assert [(plan.name, plan.streams) for plan in plans] == [
+        ("jsonl", ("records",)),
+        ("postgres", ("records", "signaling")),
+    ]
+
+
+def test_the_configuration_crosses_to_the_delivery_process() -> None:
+    config = Config()
+    _picklable(config)
+    assert pickle.loads(ForkingPickler.dumps(config)) == config

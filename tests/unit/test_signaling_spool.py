@@ -1,0 +1,290 @@
+"""The signaling spool holds each message's captured bytes (`sipcdr.sipevent.spooled`),
+and the sinks make of them the same `sip_messages` rows and `sipcdr.sip` records as of
+the JSON record spooled before: for every message of the captures and of the malformed
+corpora the parser takes, with and without the body kept, with restricted numbers
+flagged. JSON values spooled by an earlier version are still delivered after an
+upgrade."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import orjson
+import pytest
+from sipcdr.capture.pcapfile import iter_packets
+from sipcdr.delivery import Delivery
+from sipcdr.model import Packet
+from sipcdr.privacy.outbound import uri_numbers
+from sipcdr.sinks.base import KIND_SIP, STREAM_SIGNALING, RecordsRejected, SpoolRecord
+from sipcdr.sinks.kafka import KafkaSink
+from sipcdr.sinks.pgrows import SIP_MESSAGES
+from sipcdr.sinks.postgres import PostgresSink, RecordError
+from sipcdr.sinks.signaling import SignalingRecorder, published
+from sipcdr.sip import SipMessage, SipParseError, parse
+from sipcdr.sipevent import event_record, head_text, is_spooled, message_id, spooled, unspool
+from sipcdr.spool import Spool
+from test_hotpath_differential import captures, pjproject_seeds, protos_pdus, rfc4475
+
+T0 = 1_795_000_000.123456
+
+
+def odd_payloads() -> list[bytes]:
+    """Where the end of the headers is not where the first CRLFCRLF is."""
+    head = (
+        b"OPTIONS sip:4930333444@example.net SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+        b"From: <sip:4940111222@example.com>;tag=1\r\nTo: <sip:4930333444@example.net>\r\n"
+        b"Call-ID: odd\r\nCSeq: 1 OPTIONS\r\n"
+    )
+    sdp = b"v=0\r\n\r\nc=IN IP4 192.0.2.99\r\n"
+    length = b"Content-Length: %d\r\n" % len(sdp)
+    bare = head.replace(b"\r\n", b"\n")
+    return [
+        b"\r\n\r\n" + head + b"Content-Length: 0\r\n\r\n",  # led by CRLFs: headers ""
+        bare + length.replace(b"\r\n", b"\n") + b"\n" + sdp,  # CRLFCRLF in the body only
+        head + length + b"\n" + sdp,  # CRLF LF ends the headers
+        bare + length[:-2] + b"\n\r\n" + sdp,  # LF CRLF ends the headers
+        head + b"X-Odd: a\x00b\r\n" + length + b"\r\n" + sdp,  # NUL in a header
+        head + b"X-Odd: \xff\xfe\r\n" + length + b"\r\n" + sdp,  # not UTF-8
+        head + b"Content-Length: 0\r\n",  # no blank line
+        head + length + b"\r\n" + sdp + b"trailing octets past Content-Length",
+        head.replace(b"Call-ID: odd\r\n", b"") + b"\r\n",  # no Call-ID: key b""
+    ]
+
+
+def corpus() -> Iterator[Packet]:
+    """Every message the parser takes, as captured or sent as a datagram."""
+    for path in captures():
+        yield from iter_packets(path)
+    datagrams = [*rfc4475(), *pjproject_seeds(), *protos_pdus(), *odd_payloads()]
+    for n, payload in enumerate(datagrams):
+        src = "2001:db8::10" if n % 2 else "192.0.2.10"
+        yield Packet(T0 + n / 7, src, 5060 + n % 3, "203.0.113.20", 5060, "udp", payload, "n1")
+
+
+def parsed() -> list[tuple[Packet, SipMessage]]:
+    pairs = []
+    for packet in corpus():
+        try:
+            pairs.append((packet, parse(packet.payload)))
+        except SipParseError:
+            continue  # the pipeline writes no record for it either
+    return pairs
+
+
+MESSAGES = parsed()
+
+
+def test_the_corpus_is_large_and_odd() -> None:
+    assert len(MESSAGES) >= 2000
+    payloads = {packet.payload for packet, _ in MESSAGES}
+    assert set(odd_payloads()) <= payloads
+
+
+def records(store_body: bool) -> tuple[list[SpoolRecord], list[SpoolRecord]]:
+    """(what the recorder spools now, the JSON record spooled before) of every message."""
+    binary: list[SpoolRecord] = []
+    legacy: list[SpoolRecord] = []
+    for seq, (packet, msg) in enumerate(MESSAGES, 1):
+        key = msg.call_id.encode()
+        binary.append(SpoolRecord(seq, KIND_SIP, key, spooled(packet, msg, store_body)))
+        value = orjson.dumps(event_record(packet, msg, store_body=store_body))
+        legacy.append(SpoolRecord(seq, KIND_SIP, key, value))
+    return binary, legacy
+
+
+@pytest.mark.parametrize("store_body", [False, True])
+def test_the_topic_records_are_those_of_the_json(store_body: bool) -> None:
+    binary, legacy = records(store_body)
+    assert all(is_spooled(record.value) for record in binary)
+    assert not any(is_spooled(record.value) for record in legacy)
+    assert [published(record.value) for record in binary] == [r.value for r in legacy]
+    # JSON spooled before goes out as it is.
+    assert [published(record.value) for record in legacy] == [r.value for r in legacy]
+
+
+def restricting(every: int) -> Callable[[str | None], bool]:
+    """Every `every`-th number of the corpus's URIs restricted."""
+    numbers = sorted(
+        {
+            number
+            for _, msg in MESSAGES
+            for text in (msg.from_uri, msg.to_uri, msg.request_uri, msg.raw_pai or "")
+            for number in uri_numbers(text)
+        }
+    )
+    restricted = frozenset(numbers[::every])
+    assert restricted
+    return lambda number: number in restricted
+
+
+@pytest.mark.parametrize("store_body", [False, True])
+def test_the_rows_are_those_of_the_json(store_body: bool) -> None:
+    binary, legacy = records(store_body)
+    plain = PostgresSink("postgresql://x/y")
+    assert plain._rows(STREAM_SIGNALING, binary) == plain._rows(STREAM_SIGNALING, legacy)
+    flagging = PostgresSink("postgresql://x/y", restricted=restricting(3))
+    rows = flagging._rows(STREAM_SIGNALING, binary)
+    assert rows == flagging._rows(STREAM_SIGNALING, legacy)
+    flags = [row[-1] for table_rows in rows.values() for row in table_rows]
+    assert 0 < sum(flags) < len(flags)
+
+
+def test_the_body_reaches_the_spool_only_when_kept() -> None:
+    # Not those whose headers, as the record has them, run into the body (a bare-LF
+    # head with a CRLFCRLF in the body): there the record has the SDP too.
+    sdp_messages = [
+        (p, m)
+        for p, m in MESSAGES
+        if m.body.startswith(b"v=0") and "v=0" not in head_text(p.payload)
+    ]
+    assert len(sdp_messages) >= 20
+    for packet, msg in sdp_messages:
+        assert packet.payload in spooled(packet, msg, True)
+        without = spooled(packet, msg, False)
+        assert b"\r\nv=0" not in without and b"\nv=0" not in without
+        assert len(without) < len(orjson.dumps(event_record(packet, msg)))
+
+
+def test_the_id_is_computed_once_and_the_same() -> None:
+    """On the capture side when the body is cut off (the sink could not), else by the
+    sink."""
+    digested = 0
+    for packet, msg in MESSAGES:
+        value = spooled(packet, msg, False)
+        digested += value[1] == 2  # the flags: digested here
+        assert unspool(value).message_id == message_id(packet)
+    assert 100 < digested < len(MESSAGES)
+
+
+def test_a_spool_of_the_json_layout_is_delivered_after_an_upgrade(tmp_path: Path) -> None:
+    """A signaling spool written by an earlier version (JSON values), reopened by this
+    one, which appends its own: the sinks read both, in order, to the same records."""
+    directory = tmp_path / "signaling"
+    pairs = MESSAGES[:300]
+    before, after = pairs[:150], pairs[150:]
+    with Spool(directory, ("postgres", "kafka"), buffered=True) as old:
+        for packet, msg in before:
+            old.append(KIND_SIP, msg.call_id.encode(), orjson.dumps(event_record(packet, msg)))
+    with Spool(directory, ("postgres", "kafka"), buffered=True) as spool:
+        recorder = SignalingRecorder(spool)
+        for packet, msg in after:
+            recorder(packet, msg)
+        spool.flush()
+        read = spool.reader("kafka").read(1000, 1 << 26)
+    assert len(read) == len(pairs)
+    assert [is_spooled(record.value) for record in read] == [False] * 150 + [True] * 150
+    expected = [orjson.dumps(event_record(packet, msg)) for packet, msg in pairs]
+    assert [published(record.value) for record in read] == expected
+    legacy = [record._replace(value=value) for record, value in zip(read, expected, strict=True)]
+    sink = PostgresSink("postgresql://x/y", restricted=restricting(2))
+    assert sink._rows(STREAM_SIGNALING, read) == sink._rows(STREAM_SIGNALING, legacy)
+
+
+def test_a_field_beyond_the_layout_is_spooled_as_json() -> None:
+    packet, msg = MESSAGES[0]
+    packet = packet._replace(capture_node="n" * 70_000)
+    appended: list[bytes] = []
+
+    class Spool:
+        def append(self, kind: str, key: bytes, value: bytes) -> None:
+            appended.append(value)
+
+    SignalingRecorder(Spool()).__call__(packet, msg)  # type: ignore[arg-type]
+    assert appended == [orjson.dumps(event_record(packet, msg))]
+    assert not is_spooled(appended[0])
+
+
+def test_a_damaged_value_is_rejected_not_retried_forever() -> None:
+    packet, msg = MESSAGES[0]
+    good = spooled(packet, msg, True)  # the whole message: its bytes end the value
+    damaged = [
+        good[:20],  # cut inside the header
+        bytes([9]) + good[1:],  # a layout this version does not know
+        good[:-5],  # shorter than the header says
+        good[: len(good) - len(packet.payload)] + bytes(len(packet.payload)),  # no SIP
+    ]
+    sink = PostgresSink("postgresql://x/y")
+    kafka = KafkaSink("127.0.0.1:9", topic_sip="sipcdr.sip", create_topics=False)
+    for n, value in enumerate(damaged):
+        record = SpoolRecord(n + 1, KIND_SIP, b"k", value)
+        with pytest.raises(RecordError):
+            sink._rows(STREAM_SIGNALING, [record])
+        with pytest.raises(RecordsRejected):
+            asyncio.run(kafka.deliver(STREAM_SIGNALING, [record]))
+
+
+class RefusingSink:
+    """Refuses every signaling record of the INVITE method, as a broker refuses one
+    too large."""
+
+    name = "refusing"
+    streams: tuple[str, ...] = (STREAM_SIGNALING,)
+
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    async def start(self) -> None: ...
+    async def prepare(self) -> None: ...
+    async def probe(self) -> None: ...
+    async def flush(self) -> None: ...
+    async def stop(self) -> None: ...
+
+    async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
+        values = [published(record.value) for record in records]
+        if any(b'"method":"INVITE"' in value for value in values):
+            raise RecordsRejected("too large")
+        self.got.extend(values)
+
+
+async def test_a_record_set_aside_is_kept_as_its_json(tmp_path: Path) -> None:
+    """The file of records set aside holds what would have been sent, not the spooled
+    bytes."""
+    pairs = [(p, m) for p, m in MESSAGES if m.is_request][:40]
+    sink = RefusingSink()
+    with Spool(tmp_path, (sink.name,), buffered=True) as spool:
+        recorder = SignalingRecorder(spool)
+        for packet, msg in pairs:
+            recorder(packet, msg)
+        spool.flush()
+        delivery = Delivery({STREAM_SIGNALING: spool}, [sink], batch_records=8)
+        await delivery.start()
+        async with asyncio.timeout(10):
+            while not delivery.caught_up():
+                await asyncio.sleep(0.01)
+        await delivery.stop()
+    expected = [orjson.dumps(event_record(packet, msg)) for packet, msg in pairs]
+    invites = [value for value in expected if b'"method":"INVITE"' in value]
+    assert invites and len(invites) < len(expected)
+    assert sink.got == [value for value in expected if value not in invites]
+    lines = (tmp_path / "rejected" / f"{sink.name}.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(line)["value"].encode() for line in lines] == invites
+
+
+def test_a_compact_row_is_flagged_by_any_header_and_by_its_call() -> None:
+    """The compact layout flags as the JSON layout does (`sipcdr.privacy.naming`): a
+    number in any header, and a national-format message of a restricted call."""
+    head = (
+        b"INVITE sip:030555666@example.net SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK9\r\n"
+        b"From: <sip:4940111222@example.com>;tag=1\r\nTo: <sip:030555666@example.net>\r\n"
+        b"CSeq: 1 INVITE\r\n"
+    )
+    diverted = head + b"Call-ID: by-header\r\nDiversion: <sip:4930777888@example.net>\r\n"
+    national = head + b"Call-ID: by-call\r\n"
+    values = [
+        spooled(Packet(T0, "192.0.2.1", 5060, "192.0.2.2", 5060, "udp", payload, ""), msg, False)
+        for payload in (diverted + b"\r\n", national + b"\r\n")
+        for msg in [parse(payload)]
+    ]
+    records = [SpoolRecord(n, KIND_SIP, b"", value) for n, value in enumerate(values)]
+    sink = PostgresSink("postgresql://x/y", restricted=lambda number: number == "4930777888")
+    assert [row[-1] for row in sink._rows(STREAM_SIGNALING, records)[SIP_MESSAGES]] == [
+        True,
+        False,
+    ]
+    sink._restricted_calls.note({"call_id": "by-call", "caller": "4930777888"}, sink._restricted)
+    assert [row[-1] for row in sink._rows(STREAM_SIGNALING, records)[SIP_MESSAGES]] == [
+        True,
+        True,
+    ]

@@ -1,0 +1,144 @@
+"""A spool read by another process than its writer's (`SpoolTail`): it follows the
+growing tail, waits for a record being written rather than count it damaged, never
+skips what was written just before a rotation, and the writer deletes segments by
+the readers' cursor files alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sipcdr.sinks.base import KIND_CDR
+from sipcdr.spool import Spool
+from sipcdr.spool.records import _encode
+from sipcdr.spool.tail import SpoolTail
+
+MIB = 1024 * 1024
+
+
+def _pair(
+    folder: Path, segment_bytes: int = 64 * MIB, consumers: tuple[str, ...] = ("a",)
+) -> tuple[Spool, SpoolTail]:
+    spool = Spool(folder, consumers, segment_bytes=segment_bytes, readers_elsewhere=True)
+    spool.open()
+    tail = SpoolTail(folder, consumers)
+    tail.open()
+    return spool, tail
+
+
+def _values(records: list) -> list[bytes]:  # type: ignore[type-arg]
+    return [record.value for record in records]
+
+
+def test_a_tail_reads_what_the_writer_appends_as_it_grows(tmp_path: Path) -> None:
+    spool, tail = _pair(tmp_path / "s")
+    reader = tail.reader("a")
+    assert reader.read(100, MIB) == []
+    spool.append(KIND_CDR, b"k", b"one")
+    assert _values(reader.read(100, MIB)) == [b"one"]
+    spool.append(KIND_CDR, b"k", b"two")
+    spool.append(KIND_CDR, b"k", b"three")
+    assert _values(reader.read(100, MIB)) == [b"two", b"three"]
+    assert reader.corrupt_records == 0
+    spool.close()
+    tail.close()
+
+
+def test_a_record_cut_short_at_the_tail_is_waited_for_not_counted(tmp_path: Path) -> None:
+    spool, tail = _pair(tmp_path / "s")
+    spool.append(KIND_CDR, b"k", b"whole")
+    reader = tail.reader("a")
+    assert _values(reader.read(100, MIB)) == [b"whole"]
+    record = _encode(KIND_CDR, b"k", b"being written", spool.next_seq)
+    segment = sorted((tmp_path / "s").glob("*.seg"))[-1]
+    with segment.open("ab") as handle:  # as a write in progress shows to a reader
+        handle.write(record[:20])
+    assert reader.read(100, MIB) == []
+    assert reader.corrupt_records == 0
+    with segment.open("ab") as handle:
+        handle.write(record[20:])
+    assert _values(reader.read(100, MIB)) == [b"being written"]
+    assert reader.corrupt_records == 0
+    tail.close()
+    spool.close()
+
+
+def test_every_record_is_read_across_rotations(tmp_path: Path) -> None:
+    spool, tail = _pair(tmp_path / "s", segment_bytes=1)  # a segment per record
+    reader = tail.reader("a")
+    got: list[bytes] = []
+    for n in range(30):
+        spool.append(KIND_CDR, b"k", f"r{n}".encode())
+        if n % 7 == 0:  # the reader at the end of a segment when the next one appears
+            got += _values(reader.read(100, MIB))
+    got += _values(reader.read(100, MIB))
+    assert got == [f"r{n}".encode() for n in range(30)]
+    assert reader.corrupt_records == 0
+    tail.close()
+    spool.close()
+
+
+def test_the_writer_deletes_what_the_cursor_files_say_was_delivered(tmp_path: Path) -> None:
+    spool, tail = _pair(tmp_path / "s", segment_bytes=1, consumers=("a", "b"))
+    for n in range(10):
+        spool.append(KIND_CDR, b"k", f"r{n}".encode())
+    segments = spool.segments
+    first, second = tail.reader("a"), tail.reader("b")
+    assert len(first.read(100, MIB)) == 10
+    first.commit()
+    spool.flush()
+    assert spool.segments == segments  # "b" has not confirmed anything
+    assert len(second.read(5, MIB)) == 5
+    second.commit()
+    spool.flush()
+    assert spool.segments == segments - 5
+    assert _values(second.read(100, MIB)) == [f"r{n}".encode() for n in range(5, 10)]
+    tail.close()
+    spool.close()
+
+
+def test_retention_moves_a_tail_reader_past_what_it_deleted(tmp_path: Path) -> None:
+    spool, tail = _pair(tmp_path / "s", segment_bytes=1)
+    for n in range(6):
+        spool.append(KIND_CDR, b"k", f"r{n}".encode())
+    reader = tail.reader("a")
+    assert len(reader.read(2, MIB)) == 2
+    reader.commit()
+    dropped = spool.expire_segments(before=4e9)  # every closed segment
+    assert dropped == 4  # the unconfirmed ones, by the cursor file
+    spool.append(KIND_CDR, b"k", b"after")
+    assert _values(reader.read(100, MIB)) == [b"after"]
+    assert reader.corrupt_records == 0
+    tail.close()
+    spool.close()
+
+
+def test_a_tail_opened_later_resumes_from_the_cursor(tmp_path: Path) -> None:
+    spool, tail = _pair(tmp_path / "s")
+    for n in range(4):
+        spool.append(KIND_CDR, b"k", f"r{n}".encode())
+    reader = tail.reader("a")
+    assert len(reader.read(2, MIB)) == 2
+    reader.commit()
+    tail.close()  # the delivery process ends (or is killed: the cursor is on disk)
+    again = SpoolTail(tmp_path / "s", ("a",))
+    again.open()
+    assert _values(again.reader("a").read(100, MIB)) == [b"r2", b"r3"]
+    again.close()
+    spool.close()
+
+
+def test_a_reader_whose_segment_the_writer_deleted_reads_on(tmp_path: Path) -> None:
+    """Read and confirmed to the end of a segment, which the writer then deletes: the
+    next read lists the folder again, drops that segment and goes on."""
+    spool, tail = _pair(tmp_path / "s", segment_bytes=1)
+    reader = tail.reader("a")
+    spool.append(KIND_CDR, b"k", b"first")  # fills segment 1; the writer moves on
+    assert _values(reader.read(1, MIB)) == [b"first"]
+    reader.commit()
+    spool.flush()  # the cursor file says segment 1 is delivered: deleted
+    assert not (tmp_path / "s" / f"{1:020d}.seg").exists()
+    spool.append(KIND_CDR, b"k", b"second")
+    assert _values(reader.read(100, MIB)) == [b"second"]
+    assert reader.corrupt_records == 0
+    tail.close()
+    spool.close()
