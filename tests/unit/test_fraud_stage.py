@@ -244,6 +244,33 @@ def test_a_stage_that_raises_into_the_pipeline_is_counted_as_a_drop() -> None:
     assert pipeline.stats.internal_errors == {"broken": 6}
 
 
+def test_a_raising_message_stage_does_not_keep_the_next_one_from_its_messages() -> None:
+    class Broken:
+        name = "broken"
+
+        def on_message(self, packet: Packet, msg: object) -> None:
+            raise RuntimeError("bug")
+
+    class Counting:
+        name = "counting"
+
+        def __init__(self) -> None:
+            self.seen = 0
+
+        def on_message(self, packet: Packet, msg: object) -> None:
+            self.seen += 1
+
+    counting = Counting()
+    collector = CdrCollector()
+    pipeline = Pipeline(Correlator(), [collector], (), (Broken(), counting))
+    messages = cancelled_call(Call())
+    for offset, data in enumerate(messages):
+        pipeline.process(packet(T0 + offset, data))
+    assert counting.seen == len(messages)
+    assert len(collector.cdrs) == 1
+    assert pipeline.stats.internal_errors == {"broken": len(messages)}
+
+
 @pytest.mark.parametrize("only_sink", [True, False])
 def test_alerts_reach_the_jsonl_file_only_when_it_is_the_only_sink(
     tmp_path: Path, only_sink: bool
