@@ -433,19 +433,26 @@ def rfc3339(timestamp: None) -> None: ...
 def rfc3339(timestamp: float | None) -> str | None:
     """RFC 3339 UTC with microseconds: `2026-11-23T14:40:45.123456Z`.
 
-    Four of these per CDR: the formatted second is reused while it does not change.
+    Four of these per CDR, each in a second of its own (start, ring, answer, end), so
+    a one-second cache missed on nearly every call; under load many calls share each
+    second, so each second's text is remembered, up to a bound.
     """
     if timestamp is None:
         return None
     micros = round(timestamp * 1_000_000)
     second, fraction = divmod(micros, 1_000_000)
-    if second != _last_second[0]:
-        _last_second[0] = second
-        _last_second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_last_second[1]}.{fraction:06d}Z"
+    text = _seconds.get(second)
+    if text is None:
+        if len(_seconds) >= _SECONDS_KEPT:
+            _seconds.clear()
+        text = _seconds[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{text}.{fraction:06d}Z"
 
 
-_last_second: list[Any] = [None, ""]
+# A little over an hour of seconds (the span of a long call's four times): a few
+# hundred KiB at most, cleared rather than grown.
+_SECONDS_KEPT: Final = 4096
+_seconds: dict[int, str] = {}
 
 
 # Record name (schemas/<name>.v<version>.schema.json) -> the version sipcdr writes.
