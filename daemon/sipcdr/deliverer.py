@@ -51,7 +51,7 @@ from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.privacy.task import PrivacyTask
 from sipcdr.private import open_private
 from sipcdr.sinks.outputs import Outputs
-from sipcdr.sinks.remote import DeliverySnapshot, take_snapshot
+from sipcdr.sinks.remote import DeliverySnapshot, carry_counts, take_snapshot
 from sipcdr.spool import Spool
 
 SNAPSHOT_INTERVAL_S: Final = 1.0  # the metrics are scraped every 15 s or so
@@ -61,6 +61,9 @@ READINESS_POLL_S: Final = 0.05  # a sink that goes down or up reaches /readyz th
 FIRST_CONNECT_WAIT_S: Final = 2.0
 RESTART_BACKOFF_S: Final = (1.0, 30.0)  # first and longest wait before a restart
 STABLE_AFTER_S: Final = 60.0  # a process that lived this long starts the back-off anew
+# Counts not heard of for this long (ten missed snapshots): a delivery process frozen
+# (stopped, swapped out) delivers nothing, and its sinks are shown down until it speaks.
+SILENT_AFTER_S: Final = 10.0
 # What a stop waits for beyond the drain: the sinks' own stop, an embedded PostgreSQL.
 STOP_GRACE_S: Final = 20.0
 # A first start may initialise an embedded PostgreSQL's data folder.
@@ -423,6 +426,10 @@ class DeliveryApart:
         self.held: set[tuple[str, str]] = set()
         self.process = DeliveryProcess(config, self._snapshot)
         self._expiry: asyncio.Task[None] | None = None
+        self._heard = time.monotonic()  # the last snapshot's arrival
+        self._pid: int | None = None  # of the process the last snapshot came from
+        self._last: DeliverySnapshot | None = None  # its counts, with the earlier ones
+        self._earlier: DeliverySnapshot | None = None  # the counts of processes that died
 
     def launch(self) -> None:
         self.outputs.on_close = self.process.stop
@@ -450,8 +457,21 @@ class DeliveryApart:
         self.process.send(
             {"next_seq": {s: spool.next_seq for s, spool in spools.items()}, "held": held}
         )
+        remote = self.outputs.remote
+        silent = time.monotonic() - self._heard > SILENT_AFTER_S
+        if remote is not None and (self.process.pid is None or silent):
+            # Gone (waiting for its restart) or frozen: nothing reaches the sinks, and
+            # /readyz judges them as down, by the room left in the spool.
+            for loop in remote.loops:
+                loop.state.up = False
 
     def _snapshot(self, snapshot: DeliverySnapshot) -> None:
+        self._heard = time.monotonic()
+        pid = self.process.pid
+        if pid != self._pid:
+            self._pid, self._earlier = pid, self._last
+        carry_counts(self._earlier, snapshot)
+        self._last = snapshot
         outputs = self.outputs
         outputs.remote = snapshot
         outputs.held_for_restrictions = snapshot.held_for_restrictions

@@ -28,11 +28,6 @@ def readyz(daemon: Daemon) -> int:
         return exc.code
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the capture side keeps the last counts of a delivery process that is frozen: "
-    "the sink shows up and /readyz ready while the spool is full and calls are refused",
-)
 def test_a_frozen_delivery_process_shows_its_sinks_down(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
@@ -57,11 +52,6 @@ def test_a_frozen_delivery_process_shows_its_sinks_down(
     assert len(ids) == len(set(ids)) > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a restarted delivery process counts from zero and the capture side exports "
-    "its counts as they are: sipcdr_sink_records_total runs backwards",
-)
 def test_counters_survive_a_restart_of_the_delivery_process(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:

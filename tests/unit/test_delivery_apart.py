@@ -15,7 +15,7 @@ from sipcdr.deliverer import _picklable
 from sipcdr.delivery import LoopState
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.sinks.outputs import Outputs
-from sipcdr.sinks.remote import DeliverySnapshot, LoopSnapshot, sink_plans
+from sipcdr.sinks.remote import DeliverySnapshot, LoopSnapshot, carry_counts, sink_plans
 from sipcdr.spool import SpoolStats
 from sipcdr.telemetry.metrics import Metrics, Sources
 
@@ -87,3 +87,33 @@ def test_the_configuration_crosses_to_the_delivery_process() -> None:
     config = Config()
     _picklable(config)
     assert pickle.loads(ForkingPickler.dumps(config)) == config
+
+
+def test_counts_carry_over_a_restart_of_the_delivery_process() -> None:
+    """A delivery process started again counts from zero; the capture process adds
+    what the ones before it counted, so no exported counter goes back."""
+    earlier = _snapshot()
+    fresh = DeliverySnapshot(
+        loops=[
+            LoopSnapshot(
+                LoopState("postgres", "records", delivered=1, up=True),
+                confirmed_seq=95,
+                cursor_write_failures=0,
+                corrupt_records=0,
+            )
+        ],
+        jsonl_rotation_failures=0,
+        postgres_rows={"inserted": {"cdrs": 1}},
+        withheld={"cdr": 1},
+    )
+    fresh.privacy.runs["ok"] = 1
+    carry_counts(earlier, fresh)
+    loop = fresh.loops[0]
+    assert (loop.state.delivered, loop.state.failures, loop.state.rejected) == (42, 3, 2)
+    assert (loop.cursor_write_failures, loop.corrupt_records) == (5, 7)
+    assert loop.confirmed_seq == 95 and loop.state.up  # what it says now, not added
+    assert fresh.jsonl_rotation_failures == 11
+    assert fresh.postgres_rows == {"inserted": {"cdrs": 42}, "duplicate": {"cdrs": 4}}
+    assert fresh.withheld == {"cdr": 9}
+    assert fresh.privacy.runs == {"ok": 1, "failed": 0}
+    assert fresh.privacy.restricted_subjects == 0  # a level, as last read: not added
