@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from sipcdr.sinks.base import KIND_CDR
 from sipcdr.spool import Spool
 from sipcdr.spool.records import _encode
@@ -145,12 +144,6 @@ def test_a_reader_whose_segment_the_writer_deleted_reads_on(tmp_path: Path) -> N
     spool.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a cursor file ahead of the spool's end (its tail lost at a power cut, the "
-    "cursor's page written) is taken at its word by the writer, which deletes the "
-    "records appended since, and by a delivery process that starts after them",
-)
 def test_a_cursor_ahead_of_the_spool_holds_back_what_is_appended_since(tmp_path: Path) -> None:
     """Cursors are not fsynced and a delivery process reads the spool before its
     fsync: after a power cut a cursor may point past the records the disk kept. The
