@@ -454,11 +454,15 @@ class DeliveryApart:
     def tick(self) -> None:
         spools = self.outputs.spools
         held = sorted(self.held)
-        self.process.send(
-            {"next_seq": {s: spool.next_seq for s, spool in spools.items()}, "held": held}
-        )
-        remote = self.outputs.remote
         silent = time.monotonic() - self._heard > SILENT_AFTER_S
+        if not silent:
+            # Only to a process that reads: a frozen one would fill the pipe within
+            # minutes, and the send that then blocks would stop this event loop. The
+            # state is whole in each message, so one sent after it speaks again does.
+            self.process.send(
+                {"next_seq": {s: spool.next_seq for s, spool in spools.items()}, "held": held}
+            )
+        remote = self.outputs.remote
         if remote is not None and (self.process.pid is None or silent):
             # Gone (waiting for its restart) or frozen: nothing reaches the sinks, and
             # /readyz judges them as down, by the room left in the spool.
