@@ -114,6 +114,7 @@ class DeliveryProcess:
         self.config = config
         self.on_snapshot = on_snapshot
         self.restarts = 0  # times it died and was started again
+        self.starts = 0  # processes started: which one a snapshot comes from
         self.log = structlog.get_logger("sipcdr.deliverer")
         self._context = multiprocessing.get_context("spawn")
         self._process: BaseProcess | None = None
@@ -162,6 +163,7 @@ class DeliveryProcess:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()  # the child's end: its EOF tells the child this process is gone
         self._process, self._conn = process, parent
+        self.starts += 1
         self._started_at = time.monotonic()
         loop.add_reader(parent.fileno(), self._readable)
         loop.add_reader(process.sentinel, self._ended)
@@ -427,7 +429,7 @@ class DeliveryApart:
         self.process = DeliveryProcess(config, self._snapshot)
         self._expiry: asyncio.Task[None] | None = None
         self._heard = time.monotonic()  # the last snapshot's arrival
-        self._pid: int | None = None  # of the process the last snapshot came from
+        self._from = 0  # the process the last snapshot came from (`starts`)
         self._last: DeliverySnapshot | None = None  # its counts, with the earlier ones
         self._earlier: DeliverySnapshot | None = None  # the counts of processes that died
 
@@ -471,9 +473,8 @@ class DeliveryApart:
 
     def _snapshot(self, snapshot: DeliverySnapshot) -> None:
         self._heard = time.monotonic()
-        pid = self.process.pid
-        if pid != self._pid:
-            self._pid, self._earlier = pid, self._last
+        if self.process.starts != self._from:
+            self._from, self._earlier = self.process.starts, self._last
         carry_counts(self._earlier, snapshot)
         self._last = snapshot
         outputs = self.outputs
