@@ -51,7 +51,7 @@ from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.privacy.task import PrivacyTask
 from sipcdr.private import open_private
 from sipcdr.sinks.outputs import Outputs
-from sipcdr.sinks.remote import DeliverySnapshot, take_snapshot
+from sipcdr.sinks.remote import DeliverySnapshot, carry_counts, take_snapshot
 from sipcdr.spool import Spool
 
 SNAPSHOT_INTERVAL_S: Final = 1.0  # the metrics are scraped every 15 s or so
@@ -61,6 +61,9 @@ READINESS_POLL_S: Final = 0.05  # a sink that goes down or up reaches /readyz th
 FIRST_CONNECT_WAIT_S: Final = 2.0
 RESTART_BACKOFF_S: Final = (1.0, 30.0)  # first and longest wait before a restart
 STABLE_AFTER_S: Final = 60.0  # a process that lived this long starts the back-off anew
+# Counts not heard of for this long (ten missed snapshots): a delivery process frozen
+# (stopped, swapped out) delivers nothing, and its sinks are shown down until it speaks.
+SILENT_AFTER_S: Final = 10.0
 # What a stop waits for beyond the drain: the sinks' own stop, an embedded PostgreSQL.
 STOP_GRACE_S: Final = 20.0
 # A first start may initialise an embedded PostgreSQL's data folder.
@@ -111,6 +114,7 @@ class DeliveryProcess:
         self.config = config
         self.on_snapshot = on_snapshot
         self.restarts = 0  # times it died and was started again
+        self.starts = 0  # processes started: which one a snapshot comes from
         self.log = structlog.get_logger("sipcdr.deliverer")
         self._context = multiprocessing.get_context("spawn")
         self._process: BaseProcess | None = None
@@ -159,6 +163,7 @@ class DeliveryProcess:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()  # the child's end: its EOF tells the child this process is gone
         self._process, self._conn = process, parent
+        self.starts += 1
         self._started_at = time.monotonic()
         loop.add_reader(parent.fileno(), self._readable)
         loop.add_reader(process.sentinel, self._ended)
@@ -423,6 +428,10 @@ class DeliveryApart:
         self.held: set[tuple[str, str]] = set()
         self.process = DeliveryProcess(config, self._snapshot)
         self._expiry: asyncio.Task[None] | None = None
+        self._heard = time.monotonic()  # the last snapshot's arrival
+        self._from = 0  # the process the last snapshot came from (`starts`)
+        self._last: DeliverySnapshot | None = None  # its counts, with the earlier ones
+        self._earlier: DeliverySnapshot | None = None  # the counts of processes that died
 
     def launch(self) -> None:
         self.outputs.on_close = self.process.stop
@@ -447,11 +456,27 @@ class DeliveryApart:
     def tick(self) -> None:
         spools = self.outputs.spools
         held = sorted(self.held)
-        self.process.send(
-            {"next_seq": {s: spool.next_seq for s, spool in spools.items()}, "held": held}
-        )
+        silent = time.monotonic() - self._heard > SILENT_AFTER_S
+        if not silent:
+            # Only to a process that reads: a frozen one would fill the pipe within
+            # minutes, and the send that then blocks would stop this event loop. The
+            # state is whole in each message, so one sent after it speaks again does.
+            self.process.send(
+                {"next_seq": {s: spool.next_seq for s, spool in spools.items()}, "held": held}
+            )
+        remote = self.outputs.remote
+        if remote is not None and (self.process.pid is None or silent):
+            # Gone (waiting for its restart) or frozen: nothing reaches the sinks, and
+            # /readyz judges them as down, by the room left in the spool.
+            for loop in remote.loops:
+                loop.state.up = False
 
     def _snapshot(self, snapshot: DeliverySnapshot) -> None:
+        self._heard = time.monotonic()
+        if self.process.starts != self._from:
+            self._from, self._earlier = self.process.starts, self._last
+        carry_counts(self._earlier, snapshot)
+        self._last = snapshot
         outputs = self.outputs
         outputs.remote = snapshot
         outputs.held_for_restrictions = snapshot.held_for_restrictions

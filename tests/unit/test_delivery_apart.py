@@ -5,17 +5,22 @@ it is told of the sinks matches what it builds."""
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import os
 import pickle
+import time
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+from sipcdr import deliverer
 from sipcdr.config import Config, output_settings
-from sipcdr.deliverer import _picklable
+from sipcdr.deliverer import DeliveryApart, _picklable
 from sipcdr.delivery import LoopState
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.sinks.outputs import Outputs
-from sipcdr.sinks.remote import DeliverySnapshot, LoopSnapshot, sink_plans
+from sipcdr.sinks.remote import DeliverySnapshot, LoopSnapshot, carry_counts, sink_plans
 from sipcdr.spool import SpoolStats
 from sipcdr.telemetry.metrics import Metrics, Sources
 
@@ -87,3 +92,63 @@ def test_the_configuration_crosses_to_the_delivery_process() -> None:
     config = Config()
     _picklable(config)
     assert pickle.loads(ForkingPickler.dumps(config)) == config
+
+
+def test_counts_carry_over_a_restart_of_the_delivery_process() -> None:
+    """A delivery process started again counts from zero; the capture process adds
+    what the ones before it counted, so no exported counter goes back."""
+    earlier = _snapshot()
+    fresh = DeliverySnapshot(
+        loops=[
+            LoopSnapshot(
+                LoopState("postgres", "records", delivered=1, up=True),
+                confirmed_seq=95,
+                cursor_write_failures=0,
+                corrupt_records=0,
+            )
+        ],
+        jsonl_rotation_failures=0,
+        postgres_rows={"inserted": {"cdrs": 1}},
+        withheld={"cdr": 1},
+    )
+    fresh.privacy.runs["ok"] = 1
+    carry_counts(earlier, fresh)
+    loop = fresh.loops[0]
+    assert (loop.state.delivered, loop.state.failures, loop.state.rejected) == (42, 3, 2)
+    assert (loop.cursor_write_failures, loop.corrupt_records) == (5, 7)
+    assert loop.confirmed_seq == 95 and loop.state.up  # what it says now, not added
+    assert fresh.jsonl_rotation_failures == 11
+    assert fresh.postgres_rows == {"inserted": {"cdrs": 42}, "duplicate": {"cdrs": 4}}
+    assert fresh.withheld == {"cdr": 9}
+    assert fresh.privacy.runs == {"ok": 1, "failed": 0}
+    assert fresh.privacy.restricted_subjects == 0  # a level, as last read: not added
+
+
+def test_a_frozen_delivery_process_never_blocks_the_capture_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    spool = SimpleNamespace(next_seq=1)
+    outputs = SimpleNamespace(spools={"records": spool}, remote=None)
+    apart = DeliveryApart(Config(), outputs, PrivacyStats())  # type: ignore[arg-type]
+    ours, theirs = multiprocessing.get_context("spawn").Pipe()
+    # Where a blocking send would hang the test, this one fails with BlockingIOError,
+    # which `send` takes for a process gone.
+    os.set_blocking(ours.fileno(), False)
+    apart.process._conn = ours
+    try:
+        for _ in range(3600):  # an hour of ticks, never read (SIGSTOP, swapped out)
+            spool.next_seq += 100
+            apart.tick()
+            now[0] += 1.0
+        assert apart.process._conn is ours  # every send went through
+        monkeypatch.undo()  # `poll` counts its timeout by the clock
+        queued = 0
+        while theirs.poll():
+            theirs.recv()
+            queued += 1
+        assert queued <= deliverer.SILENT_AFTER_S + 1
+    finally:
+        ours.close()
+        theirs.close()

@@ -142,3 +142,34 @@ def test_a_reader_whose_segment_the_writer_deleted_reads_on(tmp_path: Path) -> N
     assert reader.corrupt_records == 0
     tail.close()
     spool.close()
+
+
+def test_a_cursor_ahead_of_the_spool_holds_back_what_is_appended_since(tmp_path: Path) -> None:
+    """Cursors are not fsynced and a delivery process reads the spool before its
+    fsync: after a power cut a cursor may point past the records the disk kept. The
+    numbers the writer hands out next are new records: none may be skipped."""
+    ahead = tmp_path / "ahead"
+    with Spool(ahead, ("a",)) as spool:
+        for n in range(100):
+            spool.append(KIND_CDR, b"k", b"old %d" % n)
+        reader = spool.reader("a")
+        assert len(reader.read(1000, MIB)) == 100
+        reader.commit()  # the cursor says 101
+    folder = tmp_path / "s"
+    with Spool(folder, ("a",)) as spool:  # what the disk kept: 50 records
+        for n in range(50):
+            spool.append(KIND_CDR, b"k", b"old %d" % n)
+    (folder / "cursors" / "a.cursor").write_bytes((ahead / "cursors" / "a.cursor").read_bytes())
+
+    spool = Spool(folder, ("a",), segment_bytes=1024, readers_elsewhere=True)
+    spool.open()
+    new = [b"new %d" % n for n in range(100)]  # records 51 .. 150
+    for value in new:
+        spool.append(KIND_CDR, b"k", value)
+    spool.flush()  # the writer deletes segments by the cursor files
+    tail = SpoolTail(folder, ("a",))
+    tail.open()  # the delivery process starts after them
+    got = _values(tail.reader("a").read(1000, 64 * MIB))
+    assert [value for value in got if value.startswith(b"new")] == new
+    spool.close()
+    tail.close()

@@ -109,3 +109,35 @@ def take_snapshot(outputs: Outputs, privacy: PrivacyStats) -> DeliverySnapshot:
     if outputs.outbound is not None:
         snapshot.withheld = dict(outputs.outbound.withheld)
     return snapshot
+
+
+def carry_counts(earlier: DeliverySnapshot | None, snapshot: DeliverySnapshot) -> None:
+    """Add to `snapshot` the counts of the delivery processes before it (`earlier`: the
+    last snapshot of the one that died, itself carried). A process started again
+    counts from zero; the capture process's counters must not go back with it."""
+    if earlier is None:
+        return
+    before = {(loop.state.sink, loop.state.stream): loop for loop in earlier.loops}
+    for loop in snapshot.loops:
+        old = before.get((loop.state.sink, loop.state.stream))
+        if old is None:
+            continue
+        loop.state.delivered += old.state.delivered
+        loop.state.failures += old.state.failures
+        loop.state.rejected += old.state.rejected
+        loop.cursor_write_failures += old.cursor_write_failures
+        loop.corrupt_records += old.corrupt_records
+    if earlier.jsonl_rotation_failures is not None:
+        snapshot.jsonl_rotation_failures = (
+            snapshot.jsonl_rotation_failures or 0
+        ) + earlier.jsonl_rotation_failures
+    for outcome, rows in earlier.postgres_rows.items():
+        _add(snapshot.postgres_rows.setdefault(outcome, {}), rows)
+    _add(snapshot.withheld, earlier.withheld)
+    for name in ("bytes_dropped", "partitions_dropped", "rows_held", "runs"):
+        _add(getattr(snapshot.privacy, name), getattr(earlier.privacy, name))
+
+
+def _add(counts: dict[str, int], earlier: dict[str, int]) -> None:
+    for key, count in earlier.items():
+        counts[key] = counts.get(key, 0) + count

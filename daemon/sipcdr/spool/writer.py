@@ -160,9 +160,22 @@ class Spool(Segments):
         self._size = sum(segment.size for segment in self._segments)
         self._start_segment()
         self._opened = True
+        if self.readers_elsewhere:
+            self._reset_cursors_ahead()
         for name in () if self.readers_elsewhere else self.consumers:
             self._readers[name] = SpoolReader(self, name)
         self._update_full()
+
+    def _reset_cursors_ahead(self) -> None:
+        """A cursor past the spool's end (a power cut kept it, lost what it passed) set
+        back to the oldest record before any is appended, as a reader in this process
+        is: else this writer deletes by it and a late delivery process skips by it."""
+        for name in self.consumers:
+            seq = read_cursor_seq(self.directory / "cursors" / f"{name}{CURSOR_SUFFIX}")
+            if seq is not None and seq > self.next_seq:
+                reader = SpoolReader(self, name)
+                reader.save_cursor()
+                reader.close()
 
     def _take_lock(self) -> None:
         import fcntl  # noqa: PLC0415 - POSIX only, like the daemon
