@@ -16,7 +16,7 @@ import pytest
 from sipcdr.capture.pcapfile import iter_packets
 from sipcdr.delivery import Delivery
 from sipcdr.model import Packet
-from sipcdr.privacy.outbound import uri_numbers
+from sipcdr.privacy.naming import named_numbers
 from sipcdr.sinks.base import KIND_SIP, STREAM_SIGNALING, RecordsRejected, SpoolRecord
 from sipcdr.sinks.kafka import KafkaSink
 from sipcdr.sinks.pgrows import SIP_MESSAGES
@@ -111,7 +111,7 @@ def restricting(every: int) -> Callable[[str | None], bool]:
             number
             for _, msg in MESSAGES
             for text in (msg.from_uri, msg.to_uri, msg.request_uri, msg.raw_pai or "")
-            for number in uri_numbers(text)
+            for number in named_numbers(text)
         }
     )
     restricted = frozenset(numbers[::every])

@@ -10,7 +10,7 @@ parsing, so the common case costs one attribute test per record.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
@@ -22,12 +22,6 @@ from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
 # A number in a URI's user part (`+` optional); a P-Asserted-Identity may hold several
 # URIs, comma-separated.
 _URI_NUMBER: Final = re.compile(r"((?:sips?|tel):\+?)(\d{7,15})(?=[@;>\s,]|$)")
-
-
-def uri_numbers(text: str) -> Iterator[str]:
-    """The numbers in the URIs of `text`, as pseudonyms replace them."""
-    for match in _URI_NUMBER.finditer(text):
-        yield match.group(2)
 
 
 # A number standing alone in free text (an alert's details).
