@@ -43,7 +43,7 @@ def test_a_number_in_other_scripts_digits_is_refused() -> None:
         "4940555\uff16\uff16\uff16",
         "494055566\u00b2",
     ):
-        with pytest.raises(ValueError, match="not an E.164 number"):
+        with pytest.raises(ValueError, match=r"not an E\.164 number"):
             normalize_number(bad)
 
 
