@@ -25,6 +25,7 @@ from sipcdr.sinks.signaling import SignalingRecorder, published
 from sipcdr.sip import SipMessage, SipParseError, parse
 from sipcdr.sipevent import event_record, head_text, is_spooled, message_id, spooled, unspool
 from sipcdr.spool import Spool
+from sipcdr.spool.records import value_text
 from test_hotpath_differential import captures, pjproject_seeds, protos_pdus, rfc4475
 
 T0 = 1_795_000_000.123456
@@ -213,6 +214,24 @@ def test_a_damaged_value_is_rejected_not_retried_forever() -> None:
             sink._rows(STREAM_SIGNALING, [record])
         with pytest.raises(RecordsRejected):
             asyncio.run(kafka.deliver(STREAM_SIGNALING, [record]))
+
+
+def test_a_capture_time_beyond_the_calendar_is_rejected_not_retried_forever() -> None:
+    """A pcapng's 64-bit tick count can put a message past year 9999. The capture side
+    spools it without formatting its time; the sinks must then set it aside, as they
+    did the JSON record's unreadable `captured_at`, rather than fail the whole stream
+    and retry it forever."""
+    packet, msg = MESSAGES[0]
+    sink = PostgresSink("postgresql://x/y")
+    kafka = KafkaSink("127.0.0.1:9", topic_sip="sipcdr.sip", create_topics=False)
+    for n, timestamp in enumerate((1e12, -1e12, 1e20)):
+        value = spooled(packet._replace(timestamp=timestamp), msg, False)
+        record = SpoolRecord(n + 1, KIND_SIP, b"k", value)
+        with pytest.raises(RecordError):
+            sink._rows(STREAM_SIGNALING, [record])
+        with pytest.raises(RecordsRejected):
+            asyncio.run(kafka.deliver(STREAM_SIGNALING, [record]))
+        assert value_text(KIND_SIP, value)  # the file of records set aside takes it
 
 
 class RefusingSink:
