@@ -215,7 +215,7 @@ TABLE_OF_KIND: Final = {KIND_CDR: CDRS, KIND_ALERT: FRAUD_ALERTS, KIND_SIP: SIP_
 TABLES: Final = (CDRS, SIP_MESSAGES, FRAUD_ALERTS)
 
 
-def sip_message_row(value: bytes, names_restricted: Callable[[str, str], bool] | None) -> Row:
+def sip_message_row(value: bytes, names_restricted: Callable[[str, str], bool]) -> Row:
     """The `sip_messages` row (its columns in the order of `SIP_MESSAGES`) of a
     `spooled` value: what the record's JSON would give, without the JSON.
     `names_restricted(call_id, headers)`: whether the message belongs to a restricted
@@ -232,7 +232,6 @@ def sip_message_row(value: bytes, names_restricted: Callable[[str, str], bool] |
     else:
         method = None
         status_code = msg.status_code
-    flagged = names_restricted is not None and names_restricted(msg.call_id, read.headers)
     return (
         read.message_id,
         # rfc3339's rounding, as the record's captured_at read back would give.
@@ -251,5 +250,5 @@ def sip_message_row(value: bytes, names_restricted: Callable[[str, str], bool] |
         _text(read.headers),
         body,
         SIP_EVENT_SCHEMA_VERSION,
-        flagged,
+        names_restricted(msg.call_id, read.headers),
     )
