@@ -15,6 +15,7 @@ import orjson
 import pytest
 from sipcdr.capture.pcapfile import iter_packets
 from sipcdr.delivery import Delivery
+from sipcdr.delivery.loop import value_text
 from sipcdr.model import Packet
 from sipcdr.privacy.naming import named_numbers
 from sipcdr.sinks.base import KIND_SIP, STREAM_SIGNALING, RecordsRejected, SpoolRecord
@@ -25,7 +26,6 @@ from sipcdr.sinks.signaling import SignalingRecorder, published
 from sipcdr.sip import SipMessage, SipParseError, parse
 from sipcdr.sipevent import event_record, head_text, is_spooled, message_id, spooled, unspool
 from sipcdr.spool import Spool
-from sipcdr.spool.records import value_text
 from test_hotpath_differential import captures, pjproject_seeds, protos_pdus, rfc4475
 
 T0 = 1_795_000_000.123456
