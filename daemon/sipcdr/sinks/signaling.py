@@ -11,8 +11,7 @@ The capture side runs once per parsed message and spools only what the record is
 made of (`sipcdr.sipevent.spooled`: a packed header, the id's digest and the captured
 bytes without the body unless kept); the sinks build rows and topic records from it
 on the delivery side (`sinks.pgrows.sip_message_row`, `published`), re-parsing the
-bytes. Values spooled as
-JSON by earlier versions are sent as they are.
+bytes. Values spooled as JSON by earlier versions are sent as they are.
 """
 
 from __future__ import annotations
