@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any, Final, NamedTuple, overload
 
@@ -183,6 +183,28 @@ class Cdr:
             "margin": money_text(self.margin),
             "callee_valid": self.callee_valid,
         }
+
+
+def _cdr_replacer() -> Callable[..., Cdr]:
+    """`dataclasses.replace` for `Cdr`, in straight-line code: each closed call is
+    copied by every CDR stage that changes it, and the generic replace (a loop over
+    the fields, a kwargs call of the frozen `__init__`) cost several times the
+    stage's own work. A slot's descriptor sets it past the frozen `__setattr__`,
+    as that `__init__` does. Unknown names raise TypeError, as replace does."""
+    names = [f.name for f in fields(Cdr)]
+    scope: dict[str, object] = {"_new": object.__new__, "_Cdr": Cdr, "_KEEP": object()}
+    lines = ["def replace_cdr(cdr, /, *, " + ", ".join(f"{n}=_KEEP" for n in names) + "):"]
+    lines.append("    new = _new(_Cdr)")
+    for index, name in enumerate(names):
+        scope[f"_set{index}"] = getattr(Cdr, name).__set__
+        lines.append(f"    _set{index}(new, cdr.{name} if {name} is _KEEP else {name})")
+    lines.append("    return new")
+    exec("\n".join(lines), scope)  # our own field names only, as dataclasses does
+    return scope["replace_cdr"]  # type: ignore[return-value]
+
+
+# `replace_cdr(cdr, caller=..., ...)`: a copy of `cdr` with the named fields changed.
+replace_cdr: Final[Callable[..., Cdr]] = _cdr_replacer()
 
 
 FRAUD_ALERT_SCHEMA_VERSION = 1
@@ -411,19 +433,26 @@ def rfc3339(timestamp: None) -> None: ...
 def rfc3339(timestamp: float | None) -> str | None:
     """RFC 3339 UTC with microseconds: `2026-11-23T14:40:45.123456Z`.
 
-    Four of these per CDR: the formatted second is reused while it does not change.
+    Four of these per CDR, each in a second of its own (start, ring, answer, end), so
+    a one-second cache missed on nearly every call; under load many calls share each
+    second, so each second's text is remembered, up to a bound.
     """
     if timestamp is None:
         return None
     micros = round(timestamp * 1_000_000)
     second, fraction = divmod(micros, 1_000_000)
-    if second != _last_second[0]:
-        _last_second[0] = second
-        _last_second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_last_second[1]}.{fraction:06d}Z"
+    text = _seconds.get(second)
+    if text is None:
+        if len(_seconds) >= _SECONDS_KEPT:
+            _seconds.clear()
+        text = _seconds[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{text}.{fraction:06d}Z"
 
 
-_last_second: list[Any] = [None, ""]
+# A little over an hour of seconds (the span of a long call's four times): a few
+# hundred KiB at most, cleared rather than grown.
+_SECONDS_KEPT: Final = 4096
+_seconds: dict[int, str] = {}
 
 
 # Record name (schemas/<name>.v<version>.schema.json) -> the version sipcdr writes.

@@ -76,6 +76,7 @@ class Pipeline:
     __slots__ = (
         "_errors_logged",
         "_messages",
+        "_on_message",
         "_parse_errors",
         "correlator",
         "decided",
@@ -107,6 +108,9 @@ class Pipeline:
         self.stages = tuple(stages)
         # Each parsed message passes these before the correlator (fraud).
         self.message_stages = tuple(message_stages)
+        # Their step, bound once: the usual one stage is called straight, with no loop,
+        # no bound method made per message; None when there is none.
+        self._on_message = self._message_step()
         # Each parsed message, for the sinks that keep signaling; None when none does.
         self.signaling = signaling
         # Each message that changed a call, for the dialog journal (the daemon's; an
@@ -158,12 +162,12 @@ class Pipeline:
             except Exception as exc:  # the signaling copy must never cost the call
                 _bump(self.stats.internal_errors, "signaling")
                 self._log_error("signaling_record_failed", exc, msg.call_id)
-        for stage in self.message_stages:
+        on_message = self._on_message
+        if on_message is not None:
             try:
-                stage.on_message(packet, msg)
-            except Exception as exc:  # a stage's bug must never cost the call
-                _bump(self.stats.internal_errors, stage.name)
-                self._log_error("message_stage_failed", exc, msg.call_id)
+                on_message(packet, msg)
+            except Exception as exc:  # several stages catch their own in `_message_step`
+                self._message_stage_failed(self.message_stages[0].name, exc, msg)
         try:
             closed = self.correlator.feed(packet, msg)
         except Exception as exc:
@@ -178,6 +182,28 @@ class Pipeline:
             journal(packet)
         if closed:
             self.emit(closed)
+
+    def _message_step(self) -> Callable[[Packet, SipMessage], None] | None:
+        stages = self.message_stages
+        if not stages:
+            return None
+        if len(stages) == 1:
+            return stages[0].on_message
+        steps = tuple((stage.name, stage.on_message) for stage in stages)
+
+        def each(packet: Packet, msg: SipMessage) -> None:
+            for name, step in steps:
+                try:
+                    step(packet, msg)
+                except Exception as exc:  # one stage's bug must not cost the next
+                    self._message_stage_failed(name, exc, msg)
+
+        return each
+
+    def _message_stage_failed(self, name: str, exc: Exception, msg: SipMessage) -> None:
+        # A stage's bug must never cost the call: counted, and the message goes on.
+        _bump(self.stats.internal_errors, name)
+        self._log_error("message_stage_failed", exc, msg.call_id)
 
     def _log_error(self, event: str, exc: Exception, call_id: str) -> None:
         if self._errors_logged < _ERROR_LOG_LIMIT:

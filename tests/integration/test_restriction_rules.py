@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
-from privacydata import cdr, sip_message
+from privacydata import alert, cdr, sip_message, write
 from sipcdr.privacy.outbound import OutboundFilter
 from sipcdr.privacy.subjects import restrict
 from sipcdr.sinks.base import KIND_CDR, KIND_SIP, STREAM_RECORDS, STREAM_SIGNALING, SpoolRecord
@@ -54,6 +54,8 @@ CASES: dict[str, tuple[bool, dict[str, Any]]] = {
     "contact-tel": (True, {"extra": f"Contact: <tel:{SUBJECT}>\r\n"}),
     "bare-header": (True, {"extra": f"X-Billing-Number: {SUBJECT}\r\n"}),
     "longer": (False, {"extra": f"Diversion: <sip:1{SUBJECT}1@x>\r\n"}),
+    "separators": (True, {"extra": "Diversion: <tel:+49-40-555-666>;reason=busy\r\n"}),
+    "separated-longer": (False, {"extra": "Contact: <tel:+49-40-555-666-7>\r\n"}),
     "national": (False, {"caller": "040555666"}),
     "none": (False, {}),
 }
@@ -156,3 +158,87 @@ async def test_restrict_and_unrestrict_reach_the_held_tables(
     }
     alerts = dict(await conn.fetch("SELECT subject, restricted FROM fraud_alerts_held"))
     assert alerts == {SUBJECT: False, OTHER: True}
+
+
+async def test_restrict_flags_an_alert_whose_details_name_the_subject(
+    conn: asyncpg.Connection, pg_dsn: str
+) -> None:
+    """An alert about another subject that names the number (sequential dialing's
+    `last_number`) is flagged by `restrict` as the sinks flag it, and cleared by
+    `unrestrict` only when no other restricted number is named."""
+    about_other = dict(alert(ago(1), OTHER), details={"last_number": SUBJECT})
+    both = dict(alert(ago(1), THIRD), details={"numbers": [SUBJECT, OTHER]})
+    longer = dict(alert(ago(1), THIRD), details={"last_number": "1" + SUBJECT})
+    await write(pg_dsn, alerts=[about_other, both, longer])
+
+    async def flagged() -> dict[str, bool]:
+        rows = await conn.fetch("SELECT alert_id, restricted FROM fraud_alerts")
+        return {str(row[0]): row[1] for row in rows}
+
+    ids = (about_other["alert_id"], both["alert_id"], longer["alert_id"])
+    await restrict(conn, SUBJECT, "dpo")
+    await restrict(conn, OTHER, "dpo")
+    assert [(await flagged())[i] for i in ids] == [True, True, False]
+    await restrict(conn, SUBJECT, "dpo", lift=True)
+    # `about_other` is about OTHER, still restricted; `both` names it too.
+    assert [(await flagged())[i] for i in ids] == [True, True, False]
+    await restrict(conn, OTHER, "dpo", lift=True)
+    assert [(await flagged())[i] for i in ids] == [False, False, False]
+
+
+SAMPLES = [
+    f"From: <sip:+{SUBJECT}@x>",
+    f"X-Num: {SUBJECT}",
+    f"Call-ID: 1{SUBJECT}@x",
+    "Diversion: <tel:+49-40-555-666>",
+    "From: <sip:+49.40.555.666@x>",
+    "From: <sip:+49(40)555666@x>",
+    "From: <sip:+49-40-555-666-7@x>",
+    "From: <sip:+1-49-40-555-666@x>",
+    "From: <sip:49-40-555-666@x>",
+    f'{{"last_number": "{SUBJECT}"}}',
+    "",
+]
+
+
+async def test_the_rule_in_sql_is_the_rule_in_python(conn: asyncpg.Connection) -> None:
+    """`sql_names` (unrestrict, with the number a column) and `header_pattern` (restrict
+    and holds, the number a parameter) say of each text what the sinks say."""
+    from sipcdr.privacy.naming import header_pattern, names_any, sql_names
+
+    by_column_sql = f"SELECT {sql_names('$1::text', '$2::text')}"
+    for text in SAMPLES:
+        python = names_any(text, {SUBJECT}.__contains__)
+        by_column = await conn.fetchval(by_column_sql, SUBJECT, text)
+        by_pattern = await conn.fetchval("SELECT $1::text ~ $2", text, header_pattern(SUBJECT))
+        assert (python, by_column, by_pattern) == (python, python, python), text
+
+
+async def test_a_cdr_whose_uris_name_the_subject_is_flagged_by_sink_and_restrict(
+    pg_dsn: str, conn: asyncpg.Connection
+) -> None:
+    """A forwarded call: To names the subject, the Request-URI and the callee are the
+    new target. The sink, `restrict` and `unrestrict` treat its CDR as the subject's,
+    as Kafka does."""
+    from dataclasses import replace
+
+    forwarded = replace(
+        cdr(1, ago(1), caller=OTHER, callee=THIRD, call_id="fwd@x"),
+        to_uri=f"sip:+{SUBJECT}@example.net",
+    )
+    plain = cdr(2, ago(1), caller=OTHER, callee=THIRD, call_id="plain@x")
+    items = [forwarded.to_record(), plain.to_record()]
+
+    async def cdr_flags() -> dict[str, bool]:
+        return dict(await conn.fetch("SELECT call_id, restricted FROM cdrs"))
+
+    restricted = {SUBJECT}
+    async with PostgresSink(pg_dsn, restricted=restricted.__contains__) as sink:
+        await sink.deliver(STREAM_RECORDS, records(KIND_CDR, items))
+    assert await cdr_flags() == {"fwd@x": True, "plain@x": False}
+    await conn.execute("UPDATE cdrs SET restricted = false")
+    counts = await restrict(conn, SUBJECT, "dpo")
+    assert await cdr_flags() == {"fwd@x": True, "plain@x": False}
+    assert counts["cdrs"] == 1
+    await restrict(conn, SUBJECT, "dpo", lift=True)
+    assert await cdr_flags() == {"fwd@x": False, "plain@x": False}

@@ -52,11 +52,14 @@ class Daemon:
         return self.process.wait(timeout=30)
 
     def records(self) -> list[dict[str, object]]:
-        """Every line of the JSONL file: CDRs, and fraud alerts when it is the only sink."""
+        """Every line of the JSONL file: CDRs, and fraud alerts when it is the only sink.
+        Read as a tailing consumer would: a last line without its newline is still being
+        written by the delivery process, and is left for the next read."""
         path = self.workdir / "var" / "cdrs.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
+        complete, _, _ = path.read_bytes().rpartition(b"\n")
+        return [json.loads(line) for line in complete.splitlines() if line]
 
     def cdrs(self) -> list[dict[str, object]]:
         return [record for record in self.records() if "alert_id" not in record]

@@ -18,8 +18,9 @@ from sipcalls import CALLER_ADDR, Call, CdrCollector, answered_call_messages, pa
 from sipcdr.config import TrunkConfig
 from sipcdr.dialog import Correlator
 from sipcdr.enrich.trunks import TrunkLookup, trunk_resolver
-from sipcdr.fraud import FraudSettings
+from sipcdr.fraud import FraudMonitor, FraudSettings
 from sipcdr.fraud.settings import (
+    AUTH_FAILURES,
     SCANNER,
     MoneyThreshold,
     ScannerSettings,
@@ -27,11 +28,13 @@ from sipcdr.fraud.settings import (
     Threshold,
 )
 from sipcdr.fraud.stage import FraudStage
+from sipcdr.fraud.tap import MessageTap
 from sipcdr.model import Cdr, FraudAlert, Packet, Trunk
 from sipcdr.pipeline import Pipeline
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.outputs import SpoolAlertWriter, SpoolCdrWriter
+from sipcdr.sip import parse
 from sipcdr.spool import Spool
 
 T0 = 1_700_000_000.0
@@ -244,6 +247,33 @@ def test_a_stage_that_raises_into_the_pipeline_is_counted_as_a_drop() -> None:
     assert pipeline.stats.internal_errors == {"broken": 6}
 
 
+def test_a_raising_message_stage_does_not_keep_the_next_one_from_its_messages() -> None:
+    class Broken:
+        name = "broken"
+
+        def on_message(self, packet: Packet, msg: object) -> None:
+            raise RuntimeError("bug")
+
+    class Counting:
+        name = "counting"
+
+        def __init__(self) -> None:
+            self.seen = 0
+
+        def on_message(self, packet: Packet, msg: object) -> None:
+            self.seen += 1
+
+    counting = Counting()
+    collector = CdrCollector()
+    pipeline = Pipeline(Correlator(), [collector], (), (Broken(), counting))
+    messages = cancelled_call(Call())
+    for offset, data in enumerate(messages):
+        pipeline.process(packet(T0 + offset, data))
+    assert counting.seen == len(messages)
+    assert len(collector.cdrs) == 1
+    assert pipeline.stats.internal_errors == {"broken": len(messages)}
+
+
 @pytest.mark.parametrize("only_sink", [True, False])
 def test_alerts_reach_the_jsonl_file_only_when_it_is_the_only_sink(
     tmp_path: Path, only_sink: bool
@@ -280,3 +310,49 @@ def test_alerts_reach_the_jsonl_file_only_when_it_is_the_only_sink(
     lines = [json.loads(line) for line in (out / "cdrs.jsonl").read_text().splitlines()]
     kinds = ["alert" if "alert_id" in line else "cdr" for line in lines]
     assert kinds == (["alert", "cdr"] if only_sink else ["cdr"])
+
+
+def test_the_tap_leaves_the_monitor_nothing_it_would_have_judged() -> None:
+    """The tap skips provisional responses and requests inside a dialog: what every
+    detector then finds must be what the monitor finds when handed every message.
+    Scans by OPTIONS and REGISTER, challenged REGISTERs and INVITEs (401, 407, 403),
+    OPTIONS inside a dialog and answered calls, from several sources."""
+    flows: list[tuple[bytes, bool]] = []
+    for n in range(70):
+        scan = Call(call_id=f"scan-{n}", callee=f"{200 + n}")
+        flows.append((scan_options(f"opt-{n}", f"{100 + n}"), True))
+        flows.append((scan.request("REGISTER", extra=[SCANNER_UA]), True))
+        flows.append((scan.response(401, "Unauthorized", method="REGISTER"), False))
+        # The credentials sent with the second REGISTER are refused too: a failure.
+        flows.append((scan.request("REGISTER", 2, "z9hG4bK-reg-2"), True))
+        flows.append((scan.response(401, "Unauthorized", 2, "REGISTER", "z9hG4bK-reg-2"), False))
+        invite = Call(call_id=f"auth-{n}", callee=f"+4930555{n:04d}")
+        flows.append((invite.request("INVITE"), True))
+        flows.append((invite.response(100, "Trying", to_tag=None), False))
+        flows.append((invite.response((407, 403)[n % 2], "Denied"), False))
+        call = Call(call_id=f"call-{n}", callee=f"+4930333{n * 37:04d}")
+        messages = answered_call_messages(call)
+        flows += [(data, data.startswith((b"INVITE", b"ACK", b"BYE"))) for data in messages[:4]]
+        flows.append((call.request("OPTIONS", 3, "z9hG4bK-opt", to_tag="callee-tag"), True))
+        flows += [(data, not data.startswith(b"SIP/2.0")) for data in messages[4:]]
+
+    def run(tapped: bool) -> tuple[list[tuple[str, str, int]], object]:
+        monitor = FraudMonitor(FraudSettings())
+        found: list[FraudAlert] = []
+        tap = MessageTap(monitor, None, found.extend, lambda step: None)
+        for index, (data, request) in enumerate(flows):
+            # Requests from two sources to one server, responses back to them.
+            requester, server = (f"198.51.100.{index // 9 % 2 + 1}", 5060), CALLER_ADDR
+            src, dst = (requester, server) if request else (server, requester)
+            captured = packet(T0 + index * 0.01, data, src, dst)
+            if tapped:
+                tap.on_message(captured, parse(data))
+            else:
+                found += monitor.on_message(parse(data), captured, captured.timestamp, None)
+        found += monitor.expire(T0 + 3600)
+        counts = (monitor.stats.alerts, monitor.stats.tracked, monitor.tracked_calls)
+        return [(a.detector, a.subject, a.revision) for a in found], counts
+
+    alerts, counts = run(tapped=True)
+    assert {detector for detector, _, _ in alerts} >= {SCANNER, AUTH_FAILURES}
+    assert (alerts, counts) == run(tapped=False)

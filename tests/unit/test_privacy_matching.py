@@ -76,8 +76,15 @@ def test_the_python_rule_is_the_regex_rule() -> None:
         "Call-ID: 14940555666@x",
         "To: <sip:49405556660@x>",
         "To: <sip:040555666@x>",
+        "Diversion: <tel:+49-40-555-666>",
+        "From: <sip:+49.40.555.666@x>",
+        "From: <sip:+49(40)555666@x>",
+        "From: <sip:+49-40-555-666-7@x>",
+        "From: <sip:+1-49-40-555-666@x>",
+        "From: <sip:49-40-555-666@x>",
         "",
     ]
+    assert sum(names_any(text, {number}.__contains__) for text in samples) == 7
     for text in samples:
         assert names_any(text, {number}.__contains__) == bool(
             re.search(header_pattern(number), text)

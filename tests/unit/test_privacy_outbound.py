@@ -29,11 +29,11 @@ def test_idle_filter_passes_bytes_through_unparsed() -> None:
 
 def test_restricted_subjects_are_withheld_and_counted() -> None:
     outbound = OutboundFilter(None, pseudonymize=False)
-    outbound.restricted = frozenset({"4940555666"})
+    outbound.set_restricted(frozenset({"4940555666"}))
     assert outbound.apply(KIND_CDR, orjson.dumps(CDR)) is None
     assert outbound.apply(KIND_SIP, orjson.dumps(SIP)) is None
     assert outbound.apply(KIND_ALERT, orjson.dumps(ALERT)) is None
-    other = dict(CDR, caller="4940111222")
+    other = dict(CDR, caller="4940111222", from_uri="sip:+4940111222@example.com")
     assert outbound.apply(KIND_CDR, orjson.dumps(other)) == orjson.dumps(other)
     assert outbound.withheld == {KIND_CDR: 1, KIND_SIP: 1, KIND_ALERT: 1}
 
@@ -62,14 +62,14 @@ def test_an_unreadable_record_is_withheld_when_pseudonyms_are_promised() -> None
     assert outbound.apply(KIND_CDR, b"{broken 4940555666") is None
     assert outbound.withheld == {KIND_CDR: 1}
     plain = OutboundFilter(None, pseudonymize=False)
-    plain.restricted = frozenset({"1"})
+    plain.set_restricted(frozenset({"1"}))
     assert plain.apply(KIND_CDR, b"[]") == b"[]"
 
 
 def test_a_message_naming_the_subject_in_any_header_is_withheld() -> None:
     """The rule PostgreSQL flags by (`sipcdr.privacy.naming`): any header, whole digits."""
     outbound = OutboundFilter(None, pseudonymize=False)
-    outbound.restricted = frozenset({"4940555666"})
+    outbound.set_restricted(frozenset({"4940555666"}))
     diverted = {"headers": "INVITE sip:4930333444@x SIP/2.0\r\nDiversion: <tel:4940555666>\r\n"}
     longer = {"headers": "INVITE sip:4930333444@x SIP/2.0\r\nFrom: <sip:149405556661@y>\r\n"}
     assert outbound.apply(KIND_SIP, orjson.dumps(diverted)) is None

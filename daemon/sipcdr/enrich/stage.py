@@ -13,12 +13,11 @@ the CDRs it writes, as the correlator's recount after a recovery has them.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 
 from sipcdr.dialog.kpi import Kpi
 from sipcdr.enrich.trunks import TrunkDefinition, TrunkLookup
-from sipcdr.model import Cdr
+from sipcdr.model import Cdr, replace_cdr
 from sipcdr.sip.numbers import to_e164
 
 
@@ -57,7 +56,7 @@ class EnrichStage:
         egress = self._trunk(egress_ip)
         country_code = trunk.country_code if trunk else None
         national_prefix = trunk.national_prefix if trunk else None
-        return dataclasses.replace(
+        return replace_cdr(
             cdr,
             caller=to_e164(cdr.caller, country_code, national_prefix),
             callee=to_e164(cdr.callee, country_code, national_prefix),

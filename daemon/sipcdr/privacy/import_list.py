@@ -2,13 +2,15 @@
 daemon, so it withholds restricted subjects' records from Kafka and flags them in
 PostgreSQL by the same filter (`sipcdr.privacy.outbound`).
 
-The list is read once, before the first packet: from PostgreSQL when it is configured,
-else (or when it does not answer) the list the daemon last saved in the state folder.
+The list is read before the first packet: from PostgreSQL when it is configured, else
+(or when it does not answer) the list the daemon last saved in the state folder; then
+read again every minute while the import runs, as the daemon does.
 With Kafka configured and no list to be had, the import refuses to run rather than
 publish restricted subjects' records. With PostgreSQL alone its delivery waits for the
 list, as the daemon's does: the database that keeps the list is the one written to, so
 the records wait for it either way. Without PostgreSQL the saved list applies when
-there is one, and none otherwise (restrictions are kept in PostgreSQL).
+there is one, and none otherwise (restrictions are kept in PostgreSQL). A saved list
+that cannot be read names someone all the same: an import with Kafka then refuses.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
 
 # Until a first list is read (PostgreSQL delivery waits for it), it is asked for this often.
 RETRY_S: Final = 2.0
+# Then read again this often, as the daemon does: a restriction added while a long
+# import runs applies from then on (what went before needs `restrict` again).
+REFRESH_S: Final = 60.0
 
 
 class RestrictionsUnavailable(Exception):
@@ -35,9 +40,10 @@ async def apply_restrictions(outputs: Outputs) -> asyncio.Task[None] | None:
     """Put the restriction list in force on `outputs` (opened with `restrictions`, so
     the list saved in the state folder is in force, or Kafka and PostgreSQL delivery
     waits for one), or raise RestrictionsUnavailable when Kafka would have to go
-    without. With PostgreSQL alone, the task returned (the caller cancels it at the
-    end) reads the list once the database answers, and its delivery waits until then,
-    as its records would have anyway."""
+    without. With PostgreSQL, the task returned (the caller cancels it at the end)
+    reads the list again every `REFRESH_S`, and with PostgreSQL alone and no list yet,
+    every `RETRY_S` until the database answers: its delivery waits until then, as its
+    records would have anyway."""
     outbound = outputs.outbound
     settings = outputs.settings
     if outbound is None:
@@ -48,22 +54,29 @@ async def apply_restrictions(outputs: Outputs) -> asyncio.Task[None] | None:
         saved = saved_restrictions(settings.state_dir)
         if saved is not None:
             outbound.set_restricted(saved)
+        elif settings.kafka is not None and (settings.state_dir / FILE_NAME).exists():
+            # A list was saved but cannot be read (damaged, or past the size a state
+            # file is read up to): it names someone, so publishing without it is no
+            # better than without PostgreSQL.
+            raise RestrictionsUnavailable(
+                f"the restriction list saved in {settings.state_dir / FILE_NAME} cannot "
+                "be read, so nothing was imported: restricted subjects' records would "
+                "reach Kafka; import with PostgreSQL configured, which keeps the list"
+            )
         return None
     problem = ""
     try:
         outbound.set_restricted(await _read(outputs.postgres_dsn))
     except Exception as exc:  # any failure: the saved list, or none
         problem = f"PostgreSQL: {exc}; "
-    if outbound.known:
-        return None
-    if settings.kafka is not None:
+    if not outbound.known and settings.kafka is not None:
         raise RestrictionsUnavailable(
             f"the restriction list cannot be read ({problem}no list saved in "
             f"{settings.state_dir / FILE_NAME}), so nothing was imported: restricted "
             "subjects' records would reach Kafka; run the import again once PostgreSQL "
             "answers"
         )
-    return asyncio.create_task(_read_when_it_answers(outputs), name="sipcdr-import-restrictions")
+    return asyncio.create_task(_keep_reading(outputs), name="sipcdr-import-restrictions")
 
 
 async def drain(outputs: Outputs, timeout_s: float) -> bool:
@@ -82,16 +95,16 @@ async def drain(outputs: Outputs, timeout_s: float) -> bool:
     return await delivery.drain(max(0.0, deadline - time.monotonic()))
 
 
-async def _read_when_it_answers(outputs: Outputs) -> None:
-    assert outputs.outbound is not None
+async def _keep_reading(outputs: Outputs) -> None:
+    outbound = outputs.outbound
+    assert outbound is not None
     while True:
-        await asyncio.sleep(RETRY_S)
+        await asyncio.sleep(REFRESH_S if outbound.known else RETRY_S)
         try:
             numbers = await _read(outputs.postgres_dsn)
-        except Exception:  # not yet: PostgreSQL delivery keeps waiting
+        except Exception:  # not now: the list in force stays (delivery waits without one)
             continue
-        outputs.outbound.set_restricted(numbers)
-        return
+        outbound.set_restricted(numbers)
 
 
 async def _read(dsn: str | None) -> frozenset[str]:

@@ -16,18 +16,22 @@ from typing import Any, Final
 
 import orjson
 
-from sipcdr.privacy.naming import names_any
+from sipcdr.privacy.naming import alert_names_any, cdr_numbers, names_any
 from sipcdr.privacy.pseudonym import pseudonym
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
 
-# A number in a URI's user part (`+` optional); a P-Asserted-Identity may hold several
-# URIs, comma-separated.
-_URI_NUMBER: Final = re.compile(r"((?:sips?|tel):\+?)(\d{7,15})(?=[@;>\s,]|$)")
-
+# What pseudonyms replace in URIs, headers and bodies: every number the naming rule sees
+# (`sipcdr.privacy.naming`), a global one with visual separators (`+49-40-555-666`)
+# or a whole run of digits; taken in one pass, so no pseudonym's hex is read again.
+_NAMED_NUMBER: Final = re.compile(r"\+[0-9](?:[-.()]*[0-9])*|(?<![0-9])[0-9]{7,15}(?![0-9])")
+_RUN: Final = re.compile(r"(?<![0-9])[0-9]{7,15}(?![0-9])")
+_NO_SEPARATORS: Final = str.maketrans("", "", "-.()")
 
 # A number standing alone in free text (an alert's details).
 _BARE_NUMBER: Final = re.compile(r"(^|[^0-9])\+?(\d{7,15})(?![0-9])")
 _URI_FIELDS: Final = ("from_uri", "to_uri", "request_uri")
+# A signaling record carries its parsed URIs next to the headers they came from.
+_SIP_TEXT_FIELDS: Final = ("headers", "body", *_URI_FIELDS, "p_asserted_identity")
 
 
 # Calls remembered as a restricted subject's (by Call-ID): enough for the signaling
@@ -68,13 +72,11 @@ class RestrictedCalls:
         return len(self._calls)
 
     def note(self, cdr: dict[str, Any], restricted: Callable[[str], bool]) -> bool:
-        """Whether a CDR record is a restricted subject's (its caller or callee is),
-        remembering its call when it is."""
-        numbers = tuple(
-            number
-            for number in (cdr.get("caller"), cdr.get("callee"))
-            if isinstance(number, str) and restricted(number)
-        )
+        """Whether a CDR record is a restricted subject's (its caller or callee is, or
+        its URIs name one), remembering its call when it is."""
+        if not self.any_restricted:
+            return False  # every CDR stored passes here: no URI read while none is restricted
+        numbers = tuple(dict.fromkeys(filter(restricted, cdr_numbers(cdr))))
         call_id = cdr.get("call_id")
         if numbers and isinstance(call_id, str):
             self.add(call_id, numbers)
@@ -144,13 +146,20 @@ class OutboundFilter:
             return value
         return orjson.dumps(self._pseudonymized(kind, record))
 
+    def key(self, kind: str, key: bytes) -> bytes:
+        """The Kafka key to publish: an alert is keyed by its subject, pseudonymized
+        as the record's own `subject` is."""
+        if self.pseudonymize and kind == KIND_ALERT and key.isdigit():
+            return self._alias(key.decode()).encode()
+        return key
+
     def _restricted(self, kind: str, record: dict[str, Any]) -> bool:
         if not self.restricted:
             return False
         if kind == KIND_CDR:
             return self.calls.note(record, self.restricted.__contains__)
         if kind == KIND_ALERT:
-            return record.get("subject") in self.restricted
+            return alert_names_any(record, self.restricted.__contains__)
         # A message of a restricted call, or one naming a restricted number (the rule
         # PostgreSQL flags by, `sipcdr.privacy.naming`).
         return record.get("call_id") in self.calls or names_any(
@@ -165,16 +174,16 @@ class OutboundFilter:
                     record[name] = alias(record[name])
             for name in _URI_FIELDS:
                 if isinstance(record.get(name), str):
-                    record[name] = _URI_NUMBER.sub(self._uri_sub, record[name])
+                    record[name] = _NAMED_NUMBER.sub(self._number_sub, record[name])
         elif kind == KIND_ALERT:
             subject = record.get("subject")
             if isinstance(subject, str) and subject.isdigit():
                 record["subject"] = alias(subject)
             record["details"] = self._scrub(record.get("details"))
         else:
-            for name in ("headers", "body"):
+            for name in _SIP_TEXT_FIELDS:
                 if isinstance(record.get(name), str):
-                    record[name] = _URI_NUMBER.sub(self._uri_sub, record[name])
+                    record[name] = _NAMED_NUMBER.sub(self._number_sub, record[name])
         return record
 
     def _scrub(self, value: Any) -> Any:
@@ -191,8 +200,13 @@ class OutboundFilter:
         assert self._key is not None
         return pseudonym(self._key, number)
 
-    def _uri_sub(self, match: re.Match[str]) -> str:
-        return match.group(1).rstrip("+") + self._alias(match.group(2))
+    def _number_sub(self, match: re.Match[str]) -> str:
+        written = match.group(0)
+        digits = written.removeprefix("+").translate(_NO_SEPARATORS)
+        if 7 <= len(digits) <= 15:
+            return self._alias(digits)
+        # No number as a whole (`+1-2`, too long): any run inside it still is one.
+        return _RUN.sub(lambda run: self._alias(run.group(0)), written)
 
 
 Transform = Callable[[str, bytes], bytes | None]

@@ -296,7 +296,17 @@ _SIGNALING_STILL: Final = (
     "ON r.number IN (c.caller, c.callee)) "
     f"OR EXISTS (SELECT 1 FROM restrictions r WHERE {naming.sql_names('r.number')}))"
 )
-_CDR_STILL: Final = "EXISTS (SELECT 1 FROM restrictions r WHERE r.number IN (caller, callee))"
+# A CDR the sinks flag: caller or callee, or a URI naming the number (`naming`).
+_CDR_NAMES: Final = naming.sql_cdr_names("$1")
+_CDR_STILL: Final = (
+    f"EXISTS (SELECT 1 FROM restrictions r WHERE {naming.sql_cdr_names('r.number')})"
+)
+# An alert about the number, or whose details name it (`naming`, as the sinks flag).
+_ALERT_NAMES: Final = "(subject = $1 OR details::text ~ $2)"
+_ALERT_STILL: Final = (
+    "EXISTS (SELECT 1 FROM restrictions r WHERE r.number = subject "
+    f"OR {naming.sql_names('r.number', 'details::text')})"
+)
 
 
 async def restrict(
@@ -319,12 +329,12 @@ async def restrict(
         flags = {
             "cdrs": _CDR_STILL if lift else "true",
             "sip_messages": _SIGNALING_STILL if lift else "true",
-            "fraud_alerts": str(not lift).lower(),
+            "fraud_alerts": _ALERT_STILL if lift else "true",
         }
         clauses = {
-            "cdrs": _bind("cdrs", number),
+            "cdrs": (_CDR_NAMES, (number,)),
             "sip_messages": _bind("sip_messages", number),
-            "fraud_alerts": ("(subject = $1)", (number,)),
+            "fraud_alerts": (_ALERT_NAMES, (number, matching.header_pattern(number))),
         }
         counts = {}
         for table in KINDS:

@@ -15,11 +15,10 @@ go to `stats` (plain ints), read by the telemetry exporter; nothing is logged he
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from typing import Final, NamedTuple
 
-from sipcdr.model import UNKNOWN_TRUNK, Cdr, Trunk
+from sipcdr.model import UNKNOWN_TRUNK, Cdr, Trunk, replace_cdr
 from sipcdr.rating.plans import NO_PLAN, PlanLoad, RatePlans, Rating, Unrated
 from sipcdr.rating.pricing import margin
 from sipcdr.sip.numbers import DEFAULT_PLAN, NumberingPlan, first_number
@@ -142,7 +141,7 @@ class RateStage:
         # The trunk's numbering (technical prefixes, national numbers) makes the number
         # billing joins on; without a trunk the correlator's reading stands.
         callee = digits if ingress is not None and digits is not None else cdr.callee
-        return dataclasses.replace(
+        return replace_cdr(
             cdr,
             **customer.cdr_fields(),
             callee=callee,

@@ -163,6 +163,9 @@ class KafkaSink(AsyncLifecycle):
         self._topics: Mapping[str, str] = {KIND_CDR: topic_cdrs, KIND_ALERT: topic_fraud}
         # Set by the daemon: a record's bytes to publish, or None to withhold it.
         self.outbound: Callable[[str, bytes], bytes | None] | None = None
+        # Set by the daemon with pseudonyms: a record's key as published (an alert is
+        # keyed by its subject, which may be a number).
+        self.outbound_key: Callable[[str, bytes], bytes] | None = None
         if topic_sip:
             self.streams = (STREAM_RECORDS, STREAM_SIGNALING)
             self._topics = {**self._topics, KIND_SIP: topic_sip}
@@ -309,6 +312,11 @@ class KafkaSink(AsyncLifecycle):
                 record._replace(value=value)
                 for record in records
                 if (value := self.outbound(record.kind, record.value)) is not None
+            ]
+        if self.outbound_key is not None:
+            records = [
+                record._replace(key=self.outbound_key(record.kind, record.key))
+                for record in records
             ]
         routed = [(self._topic_of(record.kind), record) for record in records]
         if not routed:

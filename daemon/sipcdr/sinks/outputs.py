@@ -414,6 +414,8 @@ class Outputs:
         )
         if self.outbound is not None:
             sink.outbound = self.outbound.apply
+            if self.outbound.pseudonymize:
+                sink.outbound_key = self.outbound.key
         return sink
 
     @property

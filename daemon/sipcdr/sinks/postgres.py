@@ -29,7 +29,7 @@ from typing import Any, Final
 import asyncpg
 import orjson
 
-from sipcdr.privacy.naming import names_any
+from sipcdr.privacy.naming import alert_names_any, names_any
 from sipcdr.privacy.outbound import RestrictedCalls
 from sipcdr.sinks.base import (
     STREAM_RECORDS,
@@ -292,7 +292,7 @@ class PostgresSink(AsyncLifecycle):
                     )
                     value["restricted"] = self._restricted_calls.note(value, self._restricted)
                 elif table is FRAUD_ALERTS:
-                    value["restricted"] = self._restricted(value.get("subject"))
+                    value["restricted"] = alert_names_any(value, self._restricted)
                 else:
                     value["restricted"] = self._names(value.get("call_id"), value.get("headers"))
                 row = table.row(value)
