@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/connections.py
 	$(BIN)/python benchmarks/spool.py
 	$(BIN)/python benchmarks/signaling.py
+	$(BIN)/python benchmarks/restricted_calls.py
 	$(BIN)/python benchmarks/journal.py
 	$(BIN)/python benchmarks/kafka.py
 	$(BIN)/python benchmarks/postgres.py

@@ -185,6 +185,9 @@ _DIGEST_BYTES: Final = 16  # what the message id shows of its SHA-1
 _BODY_KEPT: Final = 1
 _DIGESTED: Final = 2
 _LINE_ENDS: Final = (b"\r", b"\n")
+# The capture times a record's `captured_at` can hold: 0001-01-01 to 9999-12-31, UTC.
+_FIRST_TIME: Final = -62_135_596_800.0
+_LAST_TIME: Final = 253_402_300_800.0
 
 
 def spooled(packet: Packet, msg: SipMessage, store_body: bool) -> bytes:
@@ -296,6 +299,10 @@ def unspool(value: bytes) -> Unspooled:
     _layout, flags, timestamp, src_port, dst_port, size, n_src, n_dst, n_transport, n_node = (
         _SPOOLED.unpack_from(value)
     )
+    if not _FIRST_TIME <= timestamp < _LAST_TIME:
+        # Spooled as a float, never formatted at capture: a pcapng's 64-bit tick count
+        # can put it past what a row's or the topic's timestamp holds.
+        raise ValueError(f"signaling record: capture time {timestamp} beyond years 1-9999")
     at = _SPOOLED.size
     digested = flags & _DIGESTED
     if digested:

@@ -23,6 +23,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
         ("connections.py", ["--quick"], "KiB server RSS per connection"),
         ("spool.py", ["--rounds", "1", "--number", "2000"], "spool append"),
         ("signaling.py", ["--rounds", "1", "--number", "300"], "delivery: PostgreSQL rows"),
+        ("restricted_calls.py", ["--rounds", "1", "--number", "2000"], "at the bound"),
         ("journal.py", ["--rounds", "1", "--flows", "30", "--open", "300"], "write per record"),
         ("kafka.py", ["--records", "1000", "--rounds", "1"], "records/s"),
         ("postgres.py", ["--records", "2000", "--rounds", "1"], "COPY + ON CONFLICT"),

@@ -7,41 +7,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 from daemonproc import Daemon, start_daemon, wait_for
 from pgserver import PrivatePg, run_sync
-from sipcalls import Call, answered_call_messages
+from test_delivery_end_to_end import closed_cdrs, pg_cdr_ids, send_calls
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
-
-
-def send_calls(daemon: Daemon, names: Sequence[str], pace_per_s: float) -> None:
-    target = daemon.endpoint("sip_udp")
-    started = time.monotonic()
-    sent = 0
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        for name in names:
-            for data in answered_call_messages(Call(call_id=f"{name}@dp", from_tag=f"t-{name}")):
-                udp.sendto(data, target)
-                sent += 1
-            ahead = sent / pace_per_s - (time.monotonic() - started)
-            if ahead > 0.005:
-                time.sleep(ahead)
-
-
-def closed_cdrs(daemon: Daemon) -> float:
-    return sum(
-        float(line.rpartition(" ")[2])
-        for line in daemon.metrics().splitlines()
-        if line.startswith("sipcdr_cdrs_total{")
-    )
 
 
 def delivery_pids(daemon: Daemon) -> list[int]:
@@ -53,20 +29,6 @@ def delivery_pids(daemon: Daemon) -> list[int]:
 def parent_of(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat.rpartition(")")[2].split()[1])
-
-
-def pg_cdr_ids(dsn: str) -> list[str]:
-    async def query() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(dsn, timeout=10)
-        try:
-            return list(await conn.fetch("SELECT cdr_id::text AS id FROM cdrs"))
-        finally:
-            await conn.close()
-
-    try:
-        return [row["id"] for row in run_sync(query)]
-    except (OSError, asyncpg.PostgresError):
-        return []  # the tables are created on the first connect
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from sipcdr.capture.pcapfile import iter_packets
 from sipcdr.delivery import Delivery
 from sipcdr.delivery import loop as delivery_module
 from sipcdr.model import Cdr
-from sipcdr.privacy.outbound import uri_numbers
+from sipcdr.privacy.naming import named_numbers
 from sipcdr.sinks.base import (
     KIND_ALERT,
     KIND_CDR,
@@ -720,7 +720,7 @@ async def test_signaling_rows_are_the_same_whichever_way_it_was_spooled(
             with contextlib.suppress(SipParseError):
                 pairs.append((packet, parse(packet.payload)))
     assert len(pairs) >= 200
-    numbers = sorted({n for _, msg in pairs for n in uri_numbers(msg.from_uri)})
+    numbers = sorted({n for _, msg in pairs for n in named_numbers(msg.from_uri)})
     restricted = frozenset(numbers[::2])
     async with PostgresSink(pg_dsn, restricted=restricted.__contains__) as sink:
         for store_body in (False, True):

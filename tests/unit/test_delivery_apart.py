@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 from sipcdr import deliverer
-from sipcdr.config import Config, output_settings
+from sipcdr.config import Config, load_config, output_settings
 from sipcdr.deliverer import DeliveryApart, _picklable
 from sipcdr.delivery import LoopState
 from sipcdr.privacy.stats import PrivacyStats
@@ -80,12 +80,43 @@ async def test_readiness_follows_the_delivery_process(tmp_path: Path) -> None:
         await outputs.close()
 
 
-def test_the_plans_name_the_sinks_and_streams_the_outputs_build() -> None:
-    plans = sink_plans(output_settings(Config()))
-    assert [(plan.name, plan.streams) for plan in plans] == [
-        ("jsonl", ("records",)),
-        ("postgres", ("records", "signaling")),
-    ]
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {},
+        {
+            "SIPCDR_SINKS__POSTGRES__DSN": "postgresql://sipcdr@127.0.0.1:9/sipcdr",
+            "SIPCDR_SINKS__POSTGRES__STORE_SIGNALING": "false",
+            "SIPCDR_SINKS__KAFKA__BOOTSTRAP": "127.0.0.1:9",
+        },
+        {
+            "SIPCDR_SINKS__POSTGRES__DSN": "",
+            "SIPCDR_SINKS__KAFKA__BOOTSTRAP": "127.0.0.1:9",
+            "SIPCDR_SINKS__KAFKA__TOPIC_SIP": "",
+        },
+    ],
+)
+async def test_the_plans_name_the_sinks_and_streams_the_outputs_build(
+    tmp_path: Path, environ: dict[str, str]
+) -> None:
+    """The capture process keeps segments for the plans' readers, the delivery process
+    reads for the sinks it builds: a stream one leaves out would be deleted unread."""
+    config = load_config(None, {"SIPCDR_STATE__DIR": str(tmp_path), **environ})
+    settings = output_settings(config)
+    if settings.postgres is not None and settings.postgres.embedded:
+        # The default's sinks, without starting an embedded server.
+        assert [(plan.name, plan.streams) for plan in sink_plans(settings)] == [
+            ("jsonl", ("records",)),
+            ("postgres", ("records", "signaling")),
+        ]
+        return
+    outputs = Outputs(settings)
+    await outputs.open()
+    try:
+        built = [(sink.name, tuple(sink.streams)) for sink in outputs.sinks]
+    finally:
+        await outputs.close(drain_timeout_s=0)
+    assert [(plan.name, plan.streams) for plan in sink_plans(settings)] == built
 
 
 def test_the_configuration_crosses_to_the_delivery_process() -> None:

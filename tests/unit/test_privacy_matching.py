@@ -34,6 +34,19 @@ def test_numbers_match_whole() -> None:
             normalize_number(bad)
 
 
+def test_a_number_in_other_scripts_digits_is_refused() -> None:
+    """Digits Python counts as digits but signaling never carries (Arabic-Indic,
+    full-width, superscript) would be stored as a restriction that no header can name
+    and that the SQL rule (`header_pattern`) refuses."""
+    for bad in (
+        "+\u0664\u0669\u0664\u0660\u0665\u0665\u0665",
+        "4940555\uff16\uff16\uff16",
+        "494055566\u00b2",
+    ):
+        with pytest.raises(ValueError, match=r"not an E\.164 number"):
+            normalize_number(bad)
+
+
 def test_erasure_rewrites_every_number_and_uri_column_of_the_catalogue() -> None:
     """A CDR column the catalogue (sipcdr.model) names as a number or a SIP URI must be
     replaced by erasure; a new one left out of the UPDATE would keep the number."""

@@ -103,3 +103,9 @@ def test_the_calls_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> No
     for n in range(5):
         calls.add(f"c{n}", ("4940555666",))
     assert len(calls) == 3 and "c0" not in calls and "c4" in calls
+    calls.add("c2", ("4940555666",))  # seen again: the newest now
+    calls.add("c5", ("4940555666",))
+    assert "c2" in calls and "c3" not in calls
+    calls.keep_only(frozenset({"4940555666"}))
+    calls.add("c6", ("4940555666",))
+    assert "c2" in calls and "c4" not in calls  # the order survives a lifted number

@@ -15,8 +15,9 @@ import orjson
 import pytest
 from sipcdr.capture.pcapfile import iter_packets
 from sipcdr.delivery import Delivery
+from sipcdr.delivery.loop import value_text
 from sipcdr.model import Packet
-from sipcdr.privacy.outbound import uri_numbers
+from sipcdr.privacy.naming import named_numbers
 from sipcdr.sinks.base import KIND_SIP, STREAM_SIGNALING, RecordsRejected, SpoolRecord
 from sipcdr.sinks.kafka import KafkaSink
 from sipcdr.sinks.pgrows import SIP_MESSAGES
@@ -111,7 +112,7 @@ def restricting(every: int) -> Callable[[str | None], bool]:
             number
             for _, msg in MESSAGES
             for text in (msg.from_uri, msg.to_uri, msg.request_uri, msg.raw_pai or "")
-            for number in uri_numbers(text)
+            for number in named_numbers(text)
         }
     )
     restricted = frozenset(numbers[::every])
@@ -213,6 +214,24 @@ def test_a_damaged_value_is_rejected_not_retried_forever() -> None:
             sink._rows(STREAM_SIGNALING, [record])
         with pytest.raises(RecordsRejected):
             asyncio.run(kafka.deliver(STREAM_SIGNALING, [record]))
+
+
+def test_a_capture_time_beyond_the_calendar_is_rejected_not_retried_forever() -> None:
+    """A pcapng's 64-bit tick count can put a message past year 9999. The capture side
+    spools it without formatting its time; the sinks must then set it aside, as they
+    did the JSON record's unreadable `captured_at`, rather than fail the whole stream
+    and retry it forever."""
+    packet, msg = MESSAGES[0]
+    sink = PostgresSink("postgresql://x/y")
+    kafka = KafkaSink("127.0.0.1:9", topic_sip="sipcdr.sip", create_topics=False)
+    for n, timestamp in enumerate((1e12, -1e12, 1e20)):
+        value = spooled(packet._replace(timestamp=timestamp), msg, False)
+        record = SpoolRecord(n + 1, KIND_SIP, b"k", value)
+        with pytest.raises(RecordError):
+            sink._rows(STREAM_SIGNALING, [record])
+        with pytest.raises(RecordsRejected):
+            asyncio.run(kafka.deliver(STREAM_SIGNALING, [record]))
+        assert value_text(KIND_SIP, value)  # the file of records set aside takes it
 
 
 class RefusingSink:

@@ -51,8 +51,9 @@ import structlog
 from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.delivery.sink import RecordsRejected, Sink
 from sipcdr.private import open_private, private_dir
+from sipcdr.sipevent import is_spooled, spooled_record
 from sipcdr.spool import DEFAULT_FSYNC_INTERVAL_S, Spool, SpoolReader
-from sipcdr.spool.records import SpoolRecord, value_text
+from sipcdr.spool.records import KIND_SIP, SpoolRecord
 from sipcdr.spool.tail import SpoolTail
 
 # Large enough to amortise a COPY or a produce round trip, small enough to retry cheaply.
@@ -500,3 +501,15 @@ class Delivery:
                 "delivery_left_in_spool",
                 backlog={f"{s.sink}/{s.stream}": r.lag_records for s, r in self.readers()},
             )
+
+
+def value_text(kind: str, value: bytes) -> str:
+    """A record's value as text, for the file of records set aside (here, not in the
+    spool, which stores values without reading them): its JSON, the one a
+    signaling value becomes included; what is no record, as UTF-8 with replacements."""
+    if kind == KIND_SIP and is_spooled(value):
+        try:
+            return orjson.dumps(spooled_record(value)).decode()
+        except ValueError:
+            pass
+    return value.decode("utf-8", "replace")

@@ -67,7 +67,12 @@ def normalize_number(text: str) -> str:
     """An operator's `+49 30 1234-567` as stored: E.164 digits without `+`."""
     digits = "".join(ch for ch in text if ch not in " -.()/")
     digits = digits.removeprefix("+")
-    if not digits.isdigit() or not 7 <= len(digits) <= 15 or digits.startswith("0"):
+    # ASCII only: the naming rule (privacy.naming) matches [0-9], as signaling writes them.
+    if (
+        not (digits.isascii() and digits.isdigit())
+        or not 7 <= len(digits) <= 15
+        or digits.startswith("0")
+    ):
         raise ValueError(
             f"{text!r} is not an E.164 number (7 to 15 digits, country code first, "
             "e.g. +4930123456)"

@@ -10,7 +10,8 @@ parsing, so the common case costs one attribute test per record.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
@@ -18,17 +19,6 @@ import orjson
 from sipcdr.privacy.naming import alert_names_any, cdr_numbers, names_any
 from sipcdr.privacy.pseudonym import pseudonym
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
-
-# A number in a URI's user part (`+` optional); a P-Asserted-Identity may hold several
-# URIs, comma-separated.
-_URI_NUMBER: Final = re.compile(r"((?:sips?|tel):\+?)(\d{7,15})(?=[@;>\s,]|$)")
-
-
-def uri_numbers(text: str) -> Iterator[str]:
-    """The numbers in the URIs of `text` (tests pick restricted numbers from them)."""
-    for match in _URI_NUMBER.finditer(text):
-        yield match.group(2)
-
 
 # What pseudonyms replace in URIs, headers and bodies: every number the naming rule sees
 # (`sipcdr.privacy.naming`), a global one with visual separators (`+49-40-555-666`)
@@ -60,17 +50,20 @@ class RestrictedCalls:
     __slots__ = ("_calls", "any_restricted")
 
     def __init__(self, *, any_restricted: bool = True) -> None:
-        self._calls: dict[str, tuple[str, ...]] = {}
+        # Ordered by last add: forgetting the oldest is popping the first. A dict's first
+        # key deleted over and over leaves holes the next `next(iter())` walks over,
+        # 40 times an insertion at the bound (benchmarks/restricted_calls.py).
+        self._calls: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         # False while no number is restricted: a sink then skips reading each
         # message's headers (the filter that shares this keeps it up to date).
         self.any_restricted = any_restricted
 
     def add(self, call_id: str, numbers: tuple[str, ...]) -> None:
         calls = self._calls
-        calls.pop(call_id, None)
         calls[call_id] = numbers
+        calls.move_to_end(call_id)
         if len(calls) > RESTRICTED_CALLS_KEPT:
-            del calls[next(iter(calls))]  # the oldest: dicts keep insertion order
+            calls.popitem(last=False)
 
     def __contains__(self, call_id: object) -> bool:
         return call_id in self._calls
@@ -91,11 +84,11 @@ class RestrictedCalls:
 
     def keep_only(self, restricted: frozenset[str]) -> None:
         """Forget the calls of subjects no longer restricted."""
-        self._calls = {
-            call_id: numbers
+        self._calls = OrderedDict(
+            (call_id, numbers)
             for call_id, numbers in self._calls.items()
             if any(number in restricted for number in numbers)
-        }
+        )
 
 
 class OutboundFilter:

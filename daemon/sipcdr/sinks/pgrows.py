@@ -6,16 +6,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
 
 import orjson
 
+from sipcdr.model import SIP_EVENT_SCHEMA_VERSION
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
+from sipcdr.sipevent import unspool
 
 Row = tuple[Any, ...]
 Converter = Callable[[Any], Any]
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _text(value: str | None) -> str | None:
@@ -210,3 +213,42 @@ FRAUD_ALERTS: Final = _table(
 )
 TABLE_OF_KIND: Final = {KIND_CDR: CDRS, KIND_ALERT: FRAUD_ALERTS, KIND_SIP: SIP_MESSAGES}
 TABLES: Final = (CDRS, SIP_MESSAGES, FRAUD_ALERTS)
+
+
+def sip_message_row(value: bytes, names_restricted: Callable[[str, str], bool]) -> Row:
+    """The `sip_messages` row (its columns in the order of `SIP_MESSAGES`) of a
+    `spooled` value: what the record's JSON would give, without the JSON.
+    `names_restricted(call_id, headers)`: whether the message belongs to a restricted
+    subject, to flag the row (the sink's rule, `sipcdr.privacy.naming`)."""
+    read = unspool(value)
+    msg = read.msg
+    body: str | None = None
+    if read.body_kept and msg.body:
+        body = _text(msg.body.decode("utf-8", "replace"))
+    cseq = msg.cseq
+    if msg.is_request:
+        method: str | None = _text(msg.method)
+        status_code: int | None = None
+    else:
+        method = None
+        status_code = msg.status_code
+    return (
+        read.message_id,
+        # rfc3339's rounding, as the record's captured_at read back would give.
+        _EPOCH + timedelta(microseconds=round(read.timestamp * 1_000_000)),
+        _text(msg.call_id),
+        method,
+        status_code,
+        _text(msg.cseq_method),
+        cseq if cseq >= 0 else None,
+        _text(read.src_ip),
+        read.src_port,
+        _text(read.dst_ip),
+        read.dst_port,
+        _text(read.transport),
+        _text(read.capture_node),
+        _text(read.headers),
+        body,
+        SIP_EVENT_SCHEMA_VERSION,
+        names_restricted(msg.call_id, read.headers),
+    )

@@ -38,9 +38,17 @@ from sipcdr.sinks.base import (
     RecordsRejected,
     SpoolRecord,
 )
-from sipcdr.sinks.pgrows import CDRS, FRAUD_ALERTS, SIP_MESSAGES, TABLE_OF_KIND, TABLES, Row, Table
+from sipcdr.sinks.pgrows import (
+    CDRS,
+    FRAUD_ALERTS,
+    SIP_MESSAGES,
+    TABLE_OF_KIND,
+    TABLES,
+    Row,
+    Table,
+    sip_message_row,
+)
 from sipcdr.sinks.signaling import is_spooled
-from sipcdr.sinks.signaling import row as signaling_row
 from sipcdr.storage.migrations import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DatabaseUnavailable,
@@ -274,8 +282,8 @@ class PostgresSink(AsyncLifecycle):
                 continue
             try:
                 if table is SIP_MESSAGES and is_spooled(record.value):
-                    # Built from the captured bytes (sinks.signaling), not from JSON.
-                    rows.setdefault(table, []).append(signaling_row(record.value, self._names))
+                    # Built from the captured bytes, not from JSON.
+                    rows.setdefault(table, []).append(sip_message_row(record.value, self._names))
                     continue
                 value = orjson.loads(record.value)
                 if table is CDRS:

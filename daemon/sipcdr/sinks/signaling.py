@@ -10,23 +10,21 @@ topic closes the same calls.
 The capture side runs once per parsed message and spools only what the record is
 made of (`sipcdr.sipevent.spooled`: a packed header, the id's digest and the captured
 bytes without the body unless kept); the sinks build rows and topic records from it
-on the delivery side (`row`, `published`), re-parsing the bytes. Values spooled as
-JSON by earlier versions are sent as they are.
+on the delivery side (`sinks.pgrows.sip_message_row`, `published`), re-parsing the
+bytes. Values spooled as JSON by earlier versions are sent as they are.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Final
 
 import orjson
 
 from sipcdr.model import SIP_EVENT_SCHEMA_VERSION, Packet
 from sipcdr.sinks.base import KIND_SIP
 from sipcdr.sip.message import SipMessage
-from sipcdr.sipevent import event_record, is_spooled, message_id, spooled, unspool
+from sipcdr.sipevent import event_record, is_spooled, message_id, spooled
 from sipcdr.sipevent import spooled_record as _spooled_record
 from sipcdr.spool import Spool
 
@@ -36,11 +34,9 @@ __all__ = [
     "is_spooled",
     "message_id",
     "published",
-    "row",
 ]
 
 SIP_MESSAGE_SCHEMA_VERSION: Final = SIP_EVENT_SCHEMA_VERSION
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class SignalingRecorder:
@@ -71,49 +67,3 @@ def published(value: bytes) -> bytes:
     if not is_spooled(value):
         return value
     return orjson.dumps(_spooled_record(value))
-
-
-def row(value: bytes, names_restricted: Callable[[str, str], bool] | None) -> tuple[Any, ...]:
-    """The `sip_messages` row (its columns in the order of sinks.postgres) of a
-    `spooled` value: what the record's JSON would give, without the JSON.
-    `names_restricted(call_id, headers)`: whether the message belongs to a restricted
-    subject, to flag the row (the sink's rule, `sipcdr.privacy.naming`)."""
-    read = unspool(value)
-    msg = read.msg
-    body: str | None = None
-    if read.body_kept and msg.body:
-        body = _text(msg.body.decode("utf-8", "replace"))
-    cseq = msg.cseq
-    if msg.is_request:
-        method: str | None = _text(msg.method)
-        status_code: int | None = None
-    else:
-        method = None
-        status_code = msg.status_code
-    flagged = names_restricted is not None and names_restricted(msg.call_id, read.headers)
-    return (
-        read.message_id,
-        # rfc3339's rounding, as the record's captured_at read back would give.
-        _EPOCH + timedelta(microseconds=round(read.timestamp * 1_000_000)),
-        _text(msg.call_id),
-        method,
-        status_code,
-        _text(msg.cseq_method),
-        cseq if cseq >= 0 else None,
-        _text(read.src_ip),
-        read.src_port,
-        _text(read.dst_ip),
-        read.dst_port,
-        _text(read.transport),
-        _text(read.capture_node),
-        _text(read.headers),
-        body,
-        SIP_MESSAGE_SCHEMA_VERSION,
-        flagged,
-    )
-
-
-def _text(value: str) -> str:
-    # PostgreSQL text cannot hold NUL; captured signaling can (sinks.postgres does the
-    # same for records).
-    return value.replace("\x00", "\ufffd") if "\x00" in value else value

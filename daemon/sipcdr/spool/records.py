@@ -12,10 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final, NamedTuple
 
-import orjson
-
-from sipcdr.sipevent import is_spooled, spooled_record
-
 # Record kinds, one byte each in the spool. The JSON value of each kind has a schema
 # in schemas/.
 KIND_CDR: Final = "cdr"  # CDR v1 (schemas/cdr.v1.schema.json); key: call_id
@@ -36,17 +32,6 @@ class SpoolRecord(NamedTuple):
     # The record as UTF-8 JSON, exactly what Kafka and JSONL carry; for KIND_SIP, what
     # the sinks make that of (`sipcdr.sipevent.spooled`), or JSON spooled before.
     value: bytes
-
-
-def value_text(kind: str, value: bytes) -> str:
-    """A record's value as text (the file of records set aside): its JSON, the one a
-    signaling value becomes included; what is no record, as UTF-8 with replacements."""
-    if kind == KIND_SIP and is_spooled(value):
-        try:
-            return orjson.dumps(spooled_record(value)).decode()
-        except ValueError:
-            pass
-    return value.decode("utf-8", "replace")
 
 
 _HEAD = struct.Struct("<HBHIQ")  # magic, kind, key length, value length, seq
