@@ -199,7 +199,9 @@ class _Daemon(_Fed):
     flush. At the end of each slice (a few hundred calls, about what a busy daemon sees
     in one fsync interval), what the two fsync loops do: every spool synced (the
     buffered signaling written), the journal fsynced. Not here: receiving the datagram,
-    the journal's checkpoints (written in a thread of their own), the metrics."""
+    the journal's checkpoints (written in the background), the metrics. Role "capture"
+    is what the daemon takes on two cores or more (`delivery_processes = "auto"`); on
+    one, the same spools are written and delivery runs in the same process."""
 
     def __init__(self, config: Path, loop: asyncio.AbstractEventLoop) -> None:
         self.app = App(load_config(config, {}), apart=True)
@@ -271,7 +273,8 @@ class _ParseCorrelate:
 
 
 class Round:
-    """One pass of the traffic through both engines and the bare detectors."""
+    """One pass of the traffic through both pairs of chains (the engine, the capture
+    pipeline; each without and with fraud), parse + correlate, and the bare detectors."""
 
     def __init__(
         self,
