@@ -40,7 +40,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
         (
             "fraud.py",
             ["--flows", "100", "--rounds", "1", "--spray", "2000"],
-            "of parse + correlate",
+            "B. the capture pipeline",
         ),
     ],
 )
