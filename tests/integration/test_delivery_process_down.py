@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from daemonproc import Daemon, start_daemon, wait_for
-from test_delivery_process import delivery_pids, send_calls
+from test_delivery_end_to_end import send_calls
+from test_delivery_process import delivery_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
