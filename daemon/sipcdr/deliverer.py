@@ -152,7 +152,9 @@ class DeliveryProcess:
         # exec): a SIGTERM to the whole group must not end it while it starts. Blocked
         # here meanwhile, so this process keeps one that arrives then (Linux queues a
         # blocked signal even while it is ignored) for its own handler.
-        stopping = (signal.SIGTERM, signal.SIGINT)
+        # SIGHUP too: a reload (rate decks) sent to the group, or a terminal's hang-up,
+        # is the capture process's to act on; it would end the delivery process.
+        stopping = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
         handlers = [signal.signal(sig, signal.SIG_IGN) for sig in stopping]
         try:
@@ -302,8 +304,8 @@ async def expire_spools_daily(config: Config, spools: Callable[[], Mapping[str, 
 def child_main(config: Config, conn: Connection) -> None:
     """The delivery process's entry point (spawned: a fresh interpreter)."""
     # The capture process decides when delivery stops (see above).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     from sipcdr.telemetry.logs import configure  # noqa: PLC0415
 
     configure()

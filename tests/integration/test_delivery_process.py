@@ -96,6 +96,9 @@ def test_stop_delivers_what_the_capture_side_wrote_last(
     send_calls(daemon, [f"s{n}" for n in range(300)], pace_per_s=20000)
     wait_for(lambda: closed_cdrs(daemon) == 300)
     os.kill(child, signal.SIGTERM)  # ignored: the capture process decides
+    os.kill(child, signal.SIGHUP)  # a reload sent to the group, or a terminal's hang-up
+    time.sleep(0.5)
+    assert delivery_pids(daemon) == [child]
     assert daemon.stop() == 0
     assert not Path(f"/proc/{child}").exists()
     ids = [str(record["cdr_id"]) for record in daemon.cdrs()]
