@@ -11,7 +11,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -81,23 +81,13 @@ def jsonl_ids(daemon: Daemon) -> list[str]:
     return [str(record["cdr_id"]) for record in daemon.cdrs()]
 
 
-@pytest.fixture
-def cleanup() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    for daemon in daemons:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait(timeout=10)
-
-
 def test_postgres_stopped_mid_stream_loses_nothing(
-    tmp_path: Path, private_pg: PrivatePg, cleanup: list[Daemon]
+    tmp_path: Path, private_pg: PrivatePg, daemons: list[Daemon]
 ) -> None:
     server = private_pg()
     dsn = run_sync(server.start)
     daemon = start_daemon(tmp_path, SIPCDR_SINKS__POSTGRES__DSN=dsn)
-    cleanup.append(daemon)
+    daemons.append(daemon)
     send_calls(daemon, [f"pg-a{n}" for n in range(20)])
     wait_for(lambda: len(pg_cdr_ids(dsn)) == 20, timeout=30)
 
@@ -163,7 +153,7 @@ def kafka_env(bootstrap: str, topic: str) -> dict[str, str]:
 
 
 def test_sigkill_mid_stream_then_restart_delivers_every_closed_cdr(
-    tmp_path: Path, pg_dsn: str, tansu_factory: TansuFactory, cleanup: list[Daemon]
+    tmp_path: Path, pg_dsn: str, tansu_factory: TansuFactory, daemons: list[Daemon]
 ) -> None:
     """Both sinks behind at the kill: PostgreSQL waits on a table lock, the broker is
     frozen (SIGSTOP). Every CDR the daemon had closed arrives after the restart."""
@@ -171,7 +161,7 @@ def test_sigkill_mid_stream_then_restart_delivers_every_closed_cdr(
     topic = unique_topic("sipcdr.cdrs")
     env = {"SIPCDR_SINKS__POSTGRES__DSN": pg_dsn, **kafka_env(broker.bootstrap, topic)}
     first = start_daemon(tmp_path, **env)
-    cleanup.append(first)
+    daemons.append(first)
     send_calls(first, ["kill-warmup"])
     wait_for(lambda: len(pg_cdr_ids(pg_dsn)) == 1, timeout=30)
     assert len(asyncio.run(consume_all(broker.bootstrap, topic, 1, 30))) == 1
@@ -187,7 +177,7 @@ def test_sigkill_mid_stream_then_restart_delivers_every_closed_cdr(
             broker.thaw()
     # The JSONL file may or may not have had its turn; the spool has every CDR.
     second = start_daemon(tmp_path, **env)
-    cleanup.append(second)
+    daemons.append(second)
     wait_for(lambda: len(pg_cdr_ids(pg_dsn)) == 31, timeout=60)
     wait_for(lambda: len(set(jsonl_ids(second))) == 31, timeout=30)
     labels = {"sink": "kafka", "stream": "records"}
@@ -211,7 +201,7 @@ def daemon_lag(daemon: Daemon, labels: dict[str, str]) -> float:
 
 
 def test_a_full_spool_blocks_intake_counted_and_resumes(
-    tmp_path: Path, pg_dsn: str, cleanup: list[Daemon]
+    tmp_path: Path, pg_dsn: str, daemons: list[Daemon]
 ) -> None:
     """`full_policy = "block"` with a 1 MiB spool and PostgreSQL held: new calls are
     refused (each counted, an ERROR logged), no closed CDR is dropped, and intake
@@ -223,7 +213,7 @@ def test_a_full_spool_blocks_intake_counted_and_resumes(
         SIPCDR_SPOOL__SEGMENT_BYTES=str(64 * 1024),
         SIPCDR_SPOOL__FULL_POLICY="block",
     )
-    cleanup.append(daemon)
+    daemons.append(daemon)
     send_calls(daemon, ["full-warmup"])
     wait_for(lambda: len(pg_cdr_ids(pg_dsn)) == 1, timeout=30)
     with TableLock(pg_dsn, "cdrs"):
@@ -264,14 +254,14 @@ def _rss_bytes(pid: int) -> int:
 
 
 def test_a_stalled_database_grows_the_spool_not_the_memory(
-    tmp_path: Path, pg_dsn: str, cleanup: list[Daemon]
+    tmp_path: Path, pg_dsn: str, daemons: list[Daemon]
 ) -> None:
     """Both PostgreSQL streams held by table locks while thousands of calls close:
     the backlog goes to disk, the daemon's memory stays flat, and when the locks go
     every record arrives once."""
     calls = 4000
     daemon = start_daemon(tmp_path, SIPCDR_SINKS__POSTGRES__DSN=pg_dsn)
-    cleanup.append(daemon)
+    daemons.append(daemon)
     send_calls(daemon, ["warmup"])
     wait_for(lambda: len(pg_cdr_ids(pg_dsn)) == 1, timeout=30)
     wait_for(lambda: pg_count(pg_dsn, "sip_messages") == MESSAGES_PER_CALL, timeout=30)
@@ -316,7 +306,7 @@ def _validator(name: str) -> Callable[[object], None]:
 
 
 def test_broker_killed_mid_stream_and_back_every_cdr_reaches_billing(
-    tmp_path: Path, pg_dsn: str, tansu_factory: TansuFactory, cleanup: list[Daemon]
+    tmp_path: Path, pg_dsn: str, tansu_factory: TansuFactory, daemons: list[Daemon]
 ) -> None:
     """Billing's shape: a consumer group on the CDR topic. The broker dies between two
     waves of calls and comes back empty (memory storage); what the group reads over
@@ -332,7 +322,7 @@ def test_broker_killed_mid_stream_and_back_every_cdr_reaches_billing(
         SIPCDR_SINKS__KAFKA__TOPIC_CDRS=topic,
         SIPCDR_SINKS__KAFKA__TOPIC_FRAUD=f"{topic}.fraud",
     )
-    cleanup.append(daemon)
+    daemons.append(daemon)
     labels = {"sink": "kafka", "stream": "records"}
 
     send_calls(daemon, [f"kafka-a{n}" for n in range(20)])
@@ -369,7 +359,7 @@ def test_broker_killed_mid_stream_and_back_every_cdr_reaches_billing(
 
 
 def test_the_scale_out_topic_carries_every_parsed_message(
-    tmp_path: Path, kafka_bootstrap: str, cleanup: list[Daemon]
+    tmp_path: Path, kafka_bootstrap: str, daemons: list[Daemon]
 ) -> None:
     """`topic_sip` set and no database: the signaling spool exists for Kafka alone, and
     every message of every call is on the topic, keyed by Call-ID, valid sip_message."""
@@ -379,7 +369,7 @@ def test_the_scale_out_topic_carries_every_parsed_message(
         **kafka_env(kafka_bootstrap, topic),
         SIPCDR_SINKS__KAFKA__TOPIC_SIP=f"{topic}.sip",
     )
-    cleanup.append(daemon)
+    daemons.append(daemon)
     send_calls(daemon, [f"sip-{n}" for n in range(5)])
     got = asyncio.run(consume_all(kafka_bootstrap, f"{topic}.sip", 5 * MESSAGES_PER_CALL, 60))
     assert daemon.stop() == 0

@@ -9,7 +9,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,23 +30,13 @@ def parent_of(pid: int) -> int:
     return int(stat.rpartition(")")[2].split()[1])
 
 
-@pytest.fixture
-def cleanup() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    for daemon in daemons:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait(timeout=10)
-
-
 def test_the_delivery_process_killed_mid_stream_loses_no_cdr(
-    tmp_path: Path, private_pg: PrivatePg, cleanup: list[Daemon]
+    tmp_path: Path, private_pg: PrivatePg, daemons: list[Daemon]
 ) -> None:
     server = private_pg()
     dsn = run_sync(server.start)
     daemon = start_daemon(tmp_path, SIPCDR_SINKS__POSTGRES__DSN=dsn)
-    cleanup.append(daemon)
+    daemons.append(daemon)
     wait_for(lambda: len(delivery_pids(daemon)) == 1)
     first = delivery_pids(daemon)[0]
     assert first != daemon.process.pid
@@ -85,12 +74,12 @@ def test_the_delivery_process_killed_mid_stream_loses_no_cdr(
 
 
 def test_stop_delivers_what_the_capture_side_wrote_last(
-    tmp_path: Path, cleanup: list[Daemon]
+    tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     """SIGTERM to both processes (as Ctrl-C or a group kill sends it): the delivery
     process waits for the capture side's last CDR and delivers it before both end."""
     daemon = start_daemon(tmp_path)
-    cleanup.append(daemon)
+    daemons.append(daemon)
     wait_for(lambda: len(delivery_pids(daemon)) == 1)
     child = delivery_pids(daemon)[0]
     send_calls(daemon, [f"s{n}" for n in range(300)], pace_per_s=20000)
