@@ -49,6 +49,9 @@ class SequentialDialing(Detector):
         # The settings record last used, and its tracker (see CpsBurst._bind).
         self._bound: SequentialDialingSettings | None = None
         self._tracker = RunTracker(1, 1)
+        # ... and its warnings: the records are not compiled, so reading a field is a
+        # lookup by name; these are read on every call.
+        self._caller_warning = self._trunk_warning = 0
 
     def on_invite(
         self,
@@ -66,13 +69,15 @@ class SequentialDialing(Detector):
                 # Two entries per call for the gap: twice the cap holds a cap of callers.
                 tracker = self.trackers[s.max_gap_s] = RunTracker(s.max_gap_s, 2 * self.cap)
             self._bound, self._tracker = s, tracker
+            self._caller_warning = s.per_caller.warning
+            self._trunk_warning = s.per_trunk.warning
         tracker = self._tracker
         number = int(callee)
         caller_run, trunk_run = tracker.add(caller or "", trunk or "", number, now)
         hit = False
-        if caller is not None and caller_run >= s.per_caller.warning:
+        if caller is not None and caller_run >= self._caller_warning:
             hit = self._report(out, s, SUBJECT_CALLER, caller, caller_run, number, call_id, now)
-        if trunk is not None and trunk_run >= s.per_trunk.warning:
+        if trunk is not None and trunk_run >= self._trunk_warning:
             hit = self._report(out, s, SUBJECT_TRUNK, trunk, trunk_run, number, call_id, now) or hit
         return hit
 
@@ -188,6 +193,11 @@ class ConcurrentCalls(Detector):
         # The settings record last used, and its trunks' peaks (see CpsBurst._bind).
         self._bound: ConcurrentCallsSettings | None = None
         self._peak = SeasonalBaseline(1.0, 1, peak=True)
+        # The record whose limits are at hand below (its peaks are bound only with a
+        # trunk: binding makes them, and they are in the snapshot).
+        self._limits: ConcurrentCallsSettings | None = None
+        self._caller_warning = self._trunk_floor = 0
+        self._trunk_factor = 0.0
 
     def peak(self, alpha: float) -> SeasonalBaseline:
         peak = self.peaks.get(alpha)
@@ -205,11 +215,16 @@ class ConcurrentCalls(Detector):
         now: float,
     ) -> bool:
         hit = False
+        if s is not self._limits:
+            self._limits = s
+            self._caller_warning = s.per_caller.warning
+            self._trunk_floor = s.per_trunk.floor
+            self._trunk_factor = float(s.per_trunk.factor)
         if caller is not None:
             levels = self.per_caller.levels
             level = levels[caller] = levels.get(caller, 0) + 1
-            limit = s.per_caller
-            if level >= limit.warning:
+            if level >= self._caller_warning:
+                limit = s.per_caller
                 self.incidents.report(
                     out,
                     self.id,
@@ -228,14 +243,13 @@ class ConcurrentCalls(Detector):
             if s is not self._bound:
                 self._bound, self._peak = s, self.peak(s.per_trunk.alpha)
             expected = self._peak.update(trunk, now, float(level))
-            baseline = s.per_trunk
             # Below the floor or the factor there is nothing to work out.
             if (
                 expected is not None
-                and level >= baseline.floor
-                and level >= expected * baseline.factor
+                and level >= self._trunk_floor
+                and level >= expected * self._trunk_factor
             ):
-                warning, critical = baseline.limits(expected)
+                warning, critical = s.per_trunk.limits(expected)
                 if level >= warning:
                     self.incidents.report(
                         out,

@@ -119,6 +119,7 @@ class _View:
         "country_code",
         "cps_burst",
         "high_risk_destination",
+        "high_risk_national",
         "international_surge",
         "invalid_destination",
         "national_prefix",
@@ -133,6 +134,9 @@ class _View:
     cps_burst: tuple[CpsBurstSettings, AllowList | None] | None
     concurrent_calls: tuple[ConcurrentCallsSettings, AllowList | None] | None
     high_risk_destination: tuple[HighRiskDestinationSettings, AllowList | None] | None
+    # Calls at home count too (not `international_only`): read for every call, and a
+    # field of the record is a lookup by name (the records are not compiled).
+    high_risk_national: bool
     wangiri: tuple[WangiriSettings, AllowList | None] | None
     scanner: tuple[ScannerSettings, AllowList | None] | None
     auth_failures: tuple[AuthFailuresSettings, AllowList | None] | None
@@ -164,6 +168,8 @@ class _View:
                 continue
             allow = settings.allow | record.allow
             setattr(self, name, (record, allow if allow else None))
+        high_risk = self.high_risk_destination
+        self.high_risk_national = high_risk is not None and not high_risk[0].international_only
 
 
 def _exempt(allow: AllowList, source: str | None, caller: str | None, callee: str | None) -> bool:
@@ -325,7 +331,7 @@ class FraudMonitor:
             else:
                 account_kind, account = SUBJECT_SOURCE_IP, source
             high_risk = view.high_risk_destination
-            if high_risk is not None and (international or not high_risk[0].international_only):
+            if high_risk is not None and (international or view.high_risk_national):
                 s_hr, allow = high_risk
                 if (allow is None or not _exempt(allow, source, caller, callee)) and (
                     self.high_risk_destination.on_invite(
