@@ -29,21 +29,24 @@ import orjson
 
 # A whole run of ASCII digits: neither a digit before nor after it. E.164 numbers have
 # at most 15 digits, and stored ones (`normalize_number`) at least 7.
-_RUN: Final = re.compile(r"(?<![0-9])[0-9]{7,15}(?![0-9])")
+NUMBER_RUN: Final = re.compile(r"(?<![0-9])[0-9]{7,15}(?![0-9])")
 # A global number with the visual separators RFC 3966 allows (`tel:+49-40-555-666`):
 # `+`, then digits joined by separators, taken whole; its digits are the number.
 _SEPARATORS: Final = "-.()"
 _GLOBAL: Final = re.compile(r"\+([0-9](?:[-.()]*[0-9])*)")
-_NO_SEPARATORS: Final = str.maketrans("", "", _SEPARATORS)
+NO_SEPARATORS: Final = str.maketrans("", "", _SEPARATORS)
+# Either form in one pattern, the global one first: for a single pass over a text that
+# rewrites what it finds (pseudonyms), so no replacement is read again.
+NAMED_NUMBER: Final = re.compile(r"\+[0-9](?:[-.()]*[0-9])*|(?<![0-9])[0-9]{7,15}(?![0-9])")
 
 
 def named_numbers(headers: str) -> Iterator[str]:
     """The numbers a text names, by the rule above (repeats included)."""
-    yield from _RUN.findall(headers)
+    yield from NUMBER_RUN.findall(headers)
     if "+" in headers:
         for written in _GLOBAL.findall(headers):
             if not written.isdigit():  # without separators it is a run already
-                yield written.translate(_NO_SEPARATORS)
+                yield written.translate(NO_SEPARATORS)
 
 
 def names_any(headers: object, restricted: Callable[[str], bool]) -> bool:

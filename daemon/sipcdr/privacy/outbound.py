@@ -16,16 +16,16 @@ from typing import Any, Final
 
 import orjson
 
-from sipcdr.privacy.naming import alert_names_any, cdr_numbers, names_any
+from sipcdr.privacy.naming import (
+    NAMED_NUMBER,
+    NO_SEPARATORS,
+    NUMBER_RUN,
+    alert_names_any,
+    cdr_numbers,
+    names_any,
+)
 from sipcdr.privacy.pseudonym import pseudonym
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
-
-# What pseudonyms replace in URIs, headers and bodies: every number the naming rule sees
-# (`sipcdr.privacy.naming`), a global one with visual separators (`+49-40-555-666`)
-# or a whole run of digits; taken in one pass, so no pseudonym's hex is read again.
-_NAMED_NUMBER: Final = re.compile(r"\+[0-9](?:[-.()]*[0-9])*|(?<![0-9])[0-9]{7,15}(?![0-9])")
-_RUN: Final = re.compile(r"(?<![0-9])[0-9]{7,15}(?![0-9])")
-_NO_SEPARATORS: Final = str.maketrans("", "", "-.()")
 
 # A number standing alone in free text (an alert's details).
 _BARE_NUMBER: Final = re.compile(r"(^|[^0-9])\+?(\d{7,15})(?![0-9])")
@@ -174,7 +174,7 @@ class OutboundFilter:
                     record[name] = alias(record[name])
             for name in _URI_FIELDS:
                 if isinstance(record.get(name), str):
-                    record[name] = _NAMED_NUMBER.sub(self._number_sub, record[name])
+                    record[name] = NAMED_NUMBER.sub(self._number_sub, record[name])
         elif kind == KIND_ALERT:
             subject = record.get("subject")
             if isinstance(subject, str) and subject.isdigit():
@@ -183,7 +183,7 @@ class OutboundFilter:
         else:
             for name in _SIP_TEXT_FIELDS:
                 if isinstance(record.get(name), str):
-                    record[name] = _NAMED_NUMBER.sub(self._number_sub, record[name])
+                    record[name] = NAMED_NUMBER.sub(self._number_sub, record[name])
         return record
 
     def _scrub(self, value: Any) -> Any:
@@ -202,11 +202,11 @@ class OutboundFilter:
 
     def _number_sub(self, match: re.Match[str]) -> str:
         written = match.group(0)
-        digits = written.removeprefix("+").translate(_NO_SEPARATORS)
+        digits = written.removeprefix("+").translate(NO_SEPARATORS)
         if 7 <= len(digits) <= 15:
             return self._alias(digits)
         # No number as a whole (`+1-2`, too long): any run inside it still is one.
-        return _RUN.sub(lambda run: self._alias(run.group(0)), written)
+        return NUMBER_RUN.sub(lambda run: self._alias(run.group(0)), written)
 
 
 Transform = Callable[[str, bytes], bytes | None]
