@@ -17,7 +17,7 @@ from pathlib import Path
 import dpkt
 import pytest
 from daemonproc import daemon_environ
-from sipcalls import Call, answered_call_messages
+from sipcalls import Call, write_calls_pcap
 from sipcdr.config import (
     Config,
     JsonlConfig,
@@ -35,21 +35,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def write_capture(path: Path, calls: int) -> None:
-    """`calls` whole calls as Ethernet/IPv4/UDP frames, 10 ms apart."""
-    caller, callee = socket.inet_aton("192.0.2.10"), socket.inet_aton("203.0.113.20")
-    with path.open("wb") as handle:
-        writer = dpkt.pcap.Writer(handle)
-        stamp = 1_795_000_000.0
-        for n in range(calls):
-            for data in answered_call_messages(Call(call_id=f"imp-{n}@x", from_tag=f"t{n}")):
-                udp = dpkt.udp.UDP(sport=5060, dport=5060, data=data)
-                udp.ulen = len(udp)
-                ip = dpkt.ip.IP(src=caller, dst=callee, p=dpkt.ip.IP_PROTO_UDP, data=udp)
-                ip.len = len(ip)
-                frame = dpkt.ethernet.Ethernet(type=dpkt.ethernet.ETH_TYPE_IP, data=ip)
-                writer.writepkt(bytes(frame), ts=stamp)
-                stamp += 0.01
-        writer.close()
+    """`calls` whole calls, 10 ms apart."""
+    write_calls_pcap(
+        path, [Call(call_id=f"imp-{n}@x", from_tag=f"t{n}") for n in range(calls)], 0.01
+    )
 
 
 def run_import(

@@ -5,16 +5,14 @@ without being about it."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 import asyncpg
-import dpkt
 import orjson
 import pytest
 from kafkabroker import consume_all, unique_topic
 from pgserver import run_sync
-from sipcalls import Call, answered_call_messages
+from sipcalls import Call, write_calls_pcap
 from sipcdr.privacy.restriction_file import FILE_NAME, save_restrictions
 from sipcdr.private import private_dir, write_private
 from test_import_delivery import run_import
@@ -74,21 +72,11 @@ DIALLED = ("4940555664", "4940555665", SUBJECT)
 
 
 def write_sequential_capture(path: Path) -> None:
-    caller, callee = socket.inet_aton("192.0.2.10"), socket.inet_aton("203.0.113.20")
-    with path.open("wb") as handle:
-        writer = dpkt.pcap.Writer(handle)
-        stamp = 1_795_000_000.0
-        for n, number in enumerate(DIALLED):
-            call = Call(call_id=f"seq{n}@x", callee="+" + number, from_tag=f"s{n}")
-            for data in answered_call_messages(call):
-                udp = dpkt.udp.UDP(sport=5060, dport=5060, data=data)
-                udp.ulen = len(udp)
-                ip = dpkt.ip.IP(src=caller, dst=callee, p=dpkt.ip.IP_PROTO_UDP, data=udp)
-                ip.len = len(ip)
-                frame = dpkt.ethernet.Ethernet(type=dpkt.ethernet.ETH_TYPE_IP, data=ip)
-                writer.writepkt(bytes(frame), ts=stamp)
-                stamp += 0.5
-        writer.close()
+    calls = [
+        Call(call_id=f"seq{n}@x", callee="+" + number, from_tag=f"s{n}")
+        for n, number in enumerate(DIALLED)
+    ]
+    write_calls_pcap(path, calls, 0.5)
 
 
 async def alert_rows(dsn: str) -> list[tuple[str, str, bool]]:

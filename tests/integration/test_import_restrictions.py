@@ -5,20 +5,18 @@ format its number is written in; with no list to be had it refuses to publish.""
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import asyncpg
-import dpkt
 import orjson
 import pytest
 from daemonproc import daemon_environ
 from kafkabroker import consume_all, create_topics, free_tcp_port, unique_topic
 from pgserver import PrivatePg, run_sync
-from sipcalls import Call, answered_call_messages
+from sipcalls import Call, write_calls_pcap
 from sipcdr.privacy.restriction_file import save_restrictions
 from sipcdr.privacy.subjects import restrict
 from sipcdr.private import private_dir
@@ -46,20 +44,7 @@ CALLS = (
 
 def write_capture(path: Path) -> None:
     """The calls one after the other, from 192.0.2.10 (trunk "de")."""
-    caller, callee = socket.inet_aton("192.0.2.10"), socket.inet_aton("203.0.113.20")
-    with path.open("wb") as handle:
-        writer = dpkt.pcap.Writer(handle)
-        stamp = 1_795_000_000.0
-        for call in CALLS:
-            for data in answered_call_messages(call):
-                udp = dpkt.udp.UDP(sport=5060, dport=5060, data=data)
-                udp.ulen = len(udp)
-                ip = dpkt.ip.IP(src=caller, dst=callee, p=dpkt.ip.IP_PROTO_UDP, data=udp)
-                ip.len = len(ip)
-                frame = dpkt.ethernet.Ethernet(type=dpkt.ethernet.ETH_TYPE_IP, data=ip)
-                writer.writepkt(bytes(frame), ts=stamp)
-                stamp += 0.5
-        writer.close()
+    write_calls_pcap(path, CALLS, 0.5)
 
 
 def kafka_env(bootstrap: str, topic: str) -> dict[str, str]:

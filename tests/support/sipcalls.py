@@ -3,8 +3,11 @@ parser: a test reads like the call flow it checks."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
+from pathlib import Path
 
+import dpkt
 from sipcdr.dialog import Correlator
 from sipcdr.model import Cdr, Packet
 from sipcdr.sip import parse
@@ -136,3 +139,22 @@ class CdrCollector:
 
     def flush(self) -> None:
         return None
+
+
+def write_calls_pcap(path: Path, calls: Sequence[Call], gap_s: float) -> None:
+    """The calls' messages one after the other, `gap_s` apart, as Ethernet/IPv4/UDP
+    frames in a pcap file, from 192.0.2.10 to 203.0.113.20."""
+    caller, callee = socket.inet_aton("192.0.2.10"), socket.inet_aton("203.0.113.20")
+    with path.open("wb") as handle:
+        writer = dpkt.pcap.Writer(handle)
+        stamp = 1_795_000_000.0
+        for call in calls:
+            for data in answered_call_messages(call):
+                udp = dpkt.udp.UDP(sport=5060, dport=5060, data=data)
+                udp.ulen = len(udp)
+                ip = dpkt.ip.IP(src=caller, dst=callee, p=dpkt.ip.IP_PROTO_UDP, data=udp)
+                ip.len = len(ip)
+                frame = dpkt.ethernet.Ethernet(type=dpkt.ethernet.ETH_TYPE_IP, data=ip)
+                writer.writepkt(bytes(frame), ts=stamp)
+                stamp += gap_s
+        writer.close()
