@@ -11,6 +11,12 @@ RUN_STAMP := $(VENV)/.installed-run
 HOT_PATH := setup.py daemon/sipcdr/hotpath.py daemon/sipcdr/hep.py daemon/sipcdr/sip/_scan.c \
 	$(wildcard daemon/sipcdr/sip/*.py daemon/sipcdr/decode/*.py daemon/sipcdr/dialog/*.py) \
 	$(wildcard daemon/sipcdr/fraud/*.py)
+# The quiet install hides a compile that fell back to pure Python: with a compiler here,
+# the development set-up stops on it at once rather than after the suite has run.
+CHECK_BUILD := -c 'import shutil, sys; from sipcdr import hotpath; kind, why = hotpath.hot_path(); \
+	want = not hotpath.pure_python_forced() and bool(shutil.which("cc") or shutil.which("gcc")); \
+	sys.exit(f"sipcdr: the hot path did not compile ({why}); pip install -v -e . shows why" \
+	if want and kind != "compiled" else 0)'
 SYSTEM_TOOLS := tshark:tshark sipp:sip-tester kamailio:kamailio promtool:prometheus
 
 .PHONY: run test lint typecheck unit bench sysdeps clean
@@ -19,6 +25,7 @@ $(STAMP): pyproject.toml $(HOT_PATH)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python $(CHECK_BUILD)
 	touch $(STAMP) $(RUN_STAMP)
 
 # A venv set up for development serves `make run` as it is.
