@@ -81,6 +81,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/postgres.py
 	$(BIN)/python benchmarks/fraud.py
 	$(BIN)/python benchmarks/replay.py
+	$(BIN)/python benchmarks/shard_handoff.py
 	$(BIN)/python benchmarks/e2e.py
 
 clean:
