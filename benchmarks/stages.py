@@ -41,9 +41,18 @@ from sipcdr.config import Config, load_config
 from sipcdr.dialog import Correlator
 from sipcdr.engine import Destinations, build_engine
 from sipcdr.enrich import EnrichRateStage, EnrichStage
-from sipcdr.model import UNKNOWN_TRUNK, Cdr, Packet, replace_cdr, rfc3339
+from sipcdr.model import (
+    CDR_SCHEMA_VERSION,
+    UNKNOWN_TRUNK,
+    Cdr,
+    Packet,
+    _seconds,
+    money_text,
+    replace_cdr,
+    rfc3339,
+)
 from sipcdr.rating import RatePlans, RateStage, Rating, Unrated, billed_seconds, cost, margin
-from sipcdr.rating.plans import _UNRATED, _MAX_DIGITS, INVALID_NUMBER, NO_PLAN
+from sipcdr.rating.plans import _MAX_DIGITS, _UNRATED, INVALID_NUMBER, NO_PLAN
 from sipcdr.sip import parse
 from sipcdr.sip.numbers import DEFAULT_PLAN, first_number, to_e164
 
@@ -138,6 +147,65 @@ def _former_rate(stage: RateStage, cdr: Cdr) -> Cdr:
     )
 
 
+def _rfc3339_former(timestamp: float | None) -> str | None:
+    """`rfc3339` before `to_record` wrote it out: the same cache of seconds."""
+    if timestamp is None:
+        return None
+    micros = round(timestamp * 1_000_000)
+    second, fraction = divmod(micros, 1_000_000)
+    text = _seconds.get(second)
+    if text is None:
+        text = _seconds[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{text}.{fraction:06d}Z"
+
+
+def _former_record(c: Cdr) -> dict[str, object]:
+    """`Cdr.to_record` before it wrote out its helpers: a property or call per time,
+    per money field and for duration and billsec."""
+    return {
+        "cdr_id": c.cdr_id,
+        "call_id": c.call_id,
+        "caller": c.caller,
+        "callee": c.callee,
+        "from_uri": c.from_uri,
+        "to_uri": c.to_uri,
+        "request_uri": c.request_uri,
+        "src_ip": c.src_ip,
+        "src_port": c.src_port,
+        "dst_ip": c.dst_ip,
+        "dst_port": c.dst_port,
+        "trunk": c.trunk,
+        "start_time": _rfc3339_former(c.start_time),
+        "ring_time": _rfc3339_former(c.ring_time),
+        "answer_time": _rfc3339_former(c.answer_time),
+        "end_time": _rfc3339_former(c.end_time),
+        "duration": c.duration,
+        "billsec": c.billsec,
+        "pdd_ms": c.pdd_ms,
+        "disposition": c.disposition,
+        "sip_code": c.sip_code,
+        "sip_reason": c.sip_reason,
+        "q850_cause": c.q850_cause,
+        "hangup_by": c.hangup_by,
+        "end_reason": c.end_reason,
+        "user_agent": c.user_agent,
+        "rated": c.rated,
+        "rate_prefix": c.rate_prefix,
+        "rate_name": c.rate_name,
+        "rate_per_minute": money_text(c.rate_per_minute),
+        "billed_seconds": c.billed_seconds,
+        "cost": money_text(c.cost),
+        "currency": c.currency,
+        "fraud_flags": list(c.fraud_flags),
+        "capture_node": c.capture_node,
+        "schema_version": CDR_SCHEMA_VERSION,
+        "egress_trunk": c.egress_trunk,
+        "vendor_cost": money_text(c.vendor_cost),
+        "margin": money_text(c.margin),
+        "callee_valid": c.callee_valid,
+    }
+
+
 def _timed(step: Callable[[], object]) -> float:
     clock = time.process_time
     started = clock()
@@ -161,6 +229,10 @@ def _round(config: Config, packets: list[Packet]) -> tuple[dict[str, float], int
         for cdr in rated:
             cdr.to_record()
 
+    def former_records() -> None:
+        for cdr in rated:
+            _former_record(cdr)
+
     def records_json() -> None:
         dumps = orjson.dumps
         for cdr in rated:
@@ -183,7 +255,8 @@ def _round(config: Config, packets: list[Packet]) -> tuple[dict[str, float], int
         ),
         "enrich stage alone": lambda: enriched.extend(map(enrich.on_cdr, closed)),
         "rate stage alone": lambda: rated.extend(map(rate.on_cdr, enriched)),
-        "CDR record (to_record)": records,
+        NEW_RECORD: records,
+        OLD_RECORD: former_records,
         "record + JSON (the writer's)": records_json,
         NEW_COPY: lambda: [replace_cdr(c, caller="1", egress_ip=None) for c in rated],
         OLD_COPY: lambda: [dataclasses.replace(c, caller="1", egress_ip=None) for c in rated],
@@ -198,12 +271,18 @@ def _round(config: Config, packets: list[Packet]) -> tuple[dict[str, float], int
         gc.enable()
     if [c.to_record() for c in once] != [c.to_record() for c in former] or once != rated:
         sys.exit("the enrich-and-rate stage gave other CDRs than the former two stages")
+    if [orjson.dumps(c.to_record()) for c in rated] != [
+        orjson.dumps(_former_record(c)) for c in rated
+    ]:
+        sys.exit("to_record gave other bytes than its former form")
     return seconds, len(rated)
 
 
 BASELINE = "parse + correlate (baseline)"
 NEW_BOTH = "enrich+rate: one copy"
 OLD_BOTH = "enrich, rate: former, 2 copies"
+NEW_RECORD = "CDR record (to_record)"
+OLD_RECORD = "CDR record: former form"
 NEW_COPY = "copy: replace_cdr"
 OLD_COPY = "copy: dataclasses.replace"
 NEW_TIMES = "4 times: rfc3339"
@@ -236,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:32} {median / count * 1e6:8.2f} us   {median / base:6.1%} of baseline")
     ratio = statistics.median(figures[NEW_BOTH]) / statistics.median(figures[OLD_BOTH])
     print(f"enrich and rate cost {ratio:.0%} of their former form")
+    ratio = statistics.median(figures[NEW_RECORD]) / statistics.median(figures[OLD_RECORD])
+    print(f"to_record costs {ratio:.0%} of its former form")
     ratio = statistics.median(figures[NEW_COPY]) / statistics.median(figures[OLD_COPY])
     print(f"replace_cdr costs {ratio:.0%} of dataclasses.replace")
     ratio = statistics.median(figures[NEW_TIMES]) / statistics.median(figures[OLD_TIMES])

@@ -118,7 +118,7 @@ class RateStage:
         plan = ingress.trunk.rate_plan if ingress is not None else None
         customer = plans.rate(plan, digits, start_time, billsec, answered)
         label = trunk if trunk is not None else UNKNOWN_TRUNK
-        if type(customer) is Rating:
+        if isinstance(customer, Rating):
             stats.rated[label] = stats.rated.get(label, 0) + 1
         else:
             key = (label, customer.reason)
@@ -135,10 +135,10 @@ class RateStage:
                 if cost_plan is not None
                 else _NO_COST_PLAN
             )
-            if type(vendor) is Rating:
+            if isinstance(vendor, Rating):
                 stats.vendor_rated[egress_label] = stats.vendor_rated.get(egress_label, 0) + 1
                 vendor_cost = vendor.cost
-                if type(customer) is Rating:
+                if isinstance(customer, Rating):
                     if customer.rate.currency == vendor.rate.currency:
                         call_margin = margin(customer.cost, vendor.cost)
                     else:
@@ -152,7 +152,7 @@ class RateStage:
         # billing joins on; without a trunk the correlator's reading stands.
         if ingress is not None and digits is not None:
             callee = digits
-        if type(customer) is Rating:
+        if isinstance(customer, Rating):
             row = customer.rate
             return (
                 True,
