@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -213,7 +214,7 @@ def _timed(step: Callable[[], object]) -> float:
     return clock() - started
 
 
-def _round(config: Config, packets: list[Packet]) -> tuple[dict[str, float], int]:
+def _round(config: Config, packets: list[Packet], swap: bool) -> tuple[dict[str, float], int]:
     """Each step once over the traffic's CDRs, in order: its processor seconds."""
     engine = build_engine(config, Destinations(cdrs=(_Discard(),)))
     enrich, rate = engine.enrich, engine.rates.stage
@@ -263,6 +264,12 @@ def _round(config: Config, packets: list[Packet]) -> tuple[dict[str, float], int
         NEW_TIMES: lambda: times(rfc3339),
         OLD_TIMES: lambda: times(_rfc3339_one_second),
     }
+    if swap:  # each pair of forms in the other order every other round
+        for first, second in ((NEW_BOTH, OLD_BOTH), (NEW_RECORD, OLD_RECORD)):
+            order = list(steps)
+            i, j = order.index(first), order.index(second)
+            order[i], order[j] = order[j], order[i]
+            steps = {name: steps[name] for name in order}
     gc.collect()
     gc.disable()
     try:
@@ -301,14 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     # engine is built: the folder lives as long as the rounds do.
     with tempfile.TemporaryDirectory() as folder:
         config = load_config(_config(Path(folder), False), {})
-        for _ in range(opts.rounds):
-            seconds, count = _round(config, packets)
+        for index in range(opts.rounds):
+            seconds, count = _round(config, packets, swap=index % 2 == 1)
             for name, value in seconds.items():
                 figures.setdefault(name, []).append(value)
     base = statistics.median(figures[BASELINE])
     print(
         f"median of {opts.rounds} rounds, {count:,} CDRs ({len(packets):,} messages),"
         " processor time per CDR; the machine may be shared, the ratios are same-run"
+        f" (load {os.getloadavg()[0]:.1f})"
     )
     for name, seconds_of in figures.items():
         median = statistics.median(seconds_of)
