@@ -141,7 +141,7 @@ class Cdr:
 
     def to_record(self) -> dict[str, object]:
         """The JSON object of CDR v1, identical on Kafka, in PostgreSQL and in JSONL.
-        `duration`, `billsec`, `rfc3339` and `money_text` written out: an eighth less."""
+        `duration`, `billsec`, `rfc3339` and `money_text` written out: ~0.9x the time."""
         start, ring, answer, end = self.start_time, self.ring_time, self.answer_time, self.end_time
         if answer is None:
             billsec = 0.0
