@@ -450,6 +450,7 @@ def spray(subjects: int) -> None:
             msg.request_uri = f"sip:+44{number}@203.0.113.5"
             msg.from_uri = f"sip:+49{number}@198.51.100.10"
             msg.raw_pai = None
+            msg._pai_read = False
             source = f"{10 + sent // 65536}.{sent // 256 % 256}.{sent % 256}.1"
             now = start + sent / 1000
             monitor.on_message(

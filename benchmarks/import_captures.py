@@ -12,9 +12,12 @@ The sipcdr package is compiled to bytecode first, as an installed one is, so tha
 PYTHONDONTWRITEBYTECODE environment does not make every run compile its source.
 `sipcdr import` writes CDRs to a JSONL file only (no database). It runs as installed
 (compiled when a compiler was there at install time) and, with --interpreted, with
-SIPCDR_PURE_PYTHON=1 as well.
+SIPCDR_PURE_PYTHON=1 as well. `--baseline PYTHON` also times the `sipcdr import` of
+another install (the interpreter of its environment: a build before a change) in the
+same rounds, and prints each contender's processor time against it.
 
-    python benchmarks/import_captures.py [--rounds 3] [--scale 1.0] [--interpreted] [--only SIP]
+    python benchmarks/import_captures.py [--rounds 3] [--scale 1.0] [--interpreted]
+        [--only SIP] [--baseline /path/to/other/.venv/bin/python]
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ TARGET_VS_TSHARK = 10.0  # what the compiled hot path was asked for, per kind
 
 
 PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
+# Run by the baseline's interpreter: its package compiled to bytecode, as ours is.
+_COMPILE_INSTALLED = (
+    "import compileall, pathlib, sipcdr; "
+    "compileall.compile_dir(pathlib.Path(sipcdr.__file__).parent, quiet=1)"
+)
 
 
 def read_frames(path: Path) -> tuple[int, list[tuple[float, bytes]]]:
@@ -97,6 +105,7 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="capture sizes, times")
     parser.add_argument("--interpreted", action="store_true", help="also SIPCDR_PURE_PYTHON=1")
     parser.add_argument("--only", default="", help="the kinds whose name holds this text")
+    parser.add_argument("--baseline", default="", help="another install's python, timed too")
     opts = parser.parse_args()
     compileall.compile_dir(Path(hotpath.__file__).parent, quiet=1)
     tshark = shutil.which("tshark")
@@ -105,9 +114,13 @@ def main() -> int:
     sipcdr = [sys.executable, "-m", "sipcdr.cli", "import"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIPCDR_")}
     env["SIPCDR_SINKS__POSTGRES__DSN"] = ""
-    contenders: dict[str, dict[str, str]] = {"sipcdr": env}
+    contenders: dict[str, tuple[list[str], dict[str, str]]] = {"sipcdr": (sipcdr, env)}
     if opts.interpreted:
-        contenders["sipcdr interpreted"] = {**env, hotpath.PURE_PYTHON_ENV: "1"}
+        contenders["sipcdr interpreted"] = (sipcdr, {**env, hotpath.PURE_PYTHON_ENV: "1"})
+    if opts.baseline:
+        other = [opts.baseline, "-m", "sipcdr.cli", "import"]
+        subprocess.run([opts.baseline, "-c", _COMPILE_INSTALLED], check=True, capture_output=True)
+        contenders["baseline"] = (other, env)
 
     kind, why = hotpath.hot_path()
     print(f"sipcdr hot path: {kind}{f' ({why})' if why else ''}; medians of {opts.rounds}")
@@ -130,9 +143,9 @@ def main() -> int:
                 runs["tshark"].append(
                     timed([tshark, "-q", "-z", "sip,stat", "-r", str(capture)], workdir, env)
                 )
-                for name, environ in contenders.items():
+                for name, (command, environ) in contenders.items():
                     shutil.rmtree(workdir / "var", ignore_errors=True)
-                    runs[name].append(timed([*sipcdr, str(capture)], workdir, environ))
+                    runs[name].append(timed([*command, str(capture)], workdir, environ))
             wall = {name: statistics.median(w for w, _c in done) for name, done in runs.items()}
             cpu = {name: statistics.median(c for _w, c in done) for name, done in runs.items()}
             base = frames / wall["tshark"]
@@ -144,6 +157,15 @@ def main() -> int:
                     end="",
                 )
             print()
+            if opts.baseline:
+                print(
+                    "  processor time against the baseline install: "
+                    + ", ".join(
+                        f"{name} {cpu[name] / cpu['baseline']:.3f}x"
+                        for name in contenders
+                        if name != "baseline"
+                    )
+                )
             capture.unlink()
     print(f"target: {TARGET_VS_TSHARK:.0f}x tshark on each kind of capture")
     return 0

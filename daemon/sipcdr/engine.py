@@ -1,7 +1,7 @@
 """The engine: the one chain every mode runs, built whole by `build_engine`.
 
     parse → message stages (signaling tap, fraud) → correlate
-          → CDR stages (enrich → rate → fraud) → spool writers
+          → CDR stages (enrich → rate, in one copy of the CDR; fraud) → spool writers
 
 `sipcdr run` (the daemon, with its dialog journal), `sipcdr import` and a correlator
 fed from `sipcdr.sip` topic records (`correlate_events`) all build it here, from a
@@ -20,7 +20,7 @@ from sipcdr.antifraud import DaemonFraud, fraud_stage
 from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import Config
 from sipcdr.dialog import Correlator
-from sipcdr.enrich import EnrichStage
+from sipcdr.enrich import EnrichRateStage, EnrichStage
 from sipcdr.enrich.trunks import TrunkLookup
 from sipcdr.fraud.stage import AlertWriter, FraudStage
 from sipcdr.model import Cdr, Packet, SipEvent
@@ -86,8 +86,9 @@ class Engine:
         # The fraud stage's compiled step for each message, called without a frame of
         # interpreted code in between.
         message_stages: tuple[MessageStage, ...] = () if fraud is None else (fraud.tap,)
-        # Rate before fraud, which reads the cost; enrich before both (the trunk).
-        cdr_stages: tuple[CdrStage, ...] = (enrich, rates.stage)
+        # Rate before fraud, which reads the cost; enrich before both (the trunk), in
+        # one copy of the CDR with the rating.
+        cdr_stages: tuple[CdrStage, ...] = (EnrichRateStage(enrich, rates.stage),)
         if fraud is not None:
             cdr_stages = (*cdr_stages, fraud)
         self.pipeline = Pipeline(

@@ -140,7 +140,16 @@ class Cdr:
         return round(max(0.0, self.end_time - self.answer_time), 3)
 
     def to_record(self) -> dict[str, object]:
-        """The JSON object of CDR v1, identical on Kafka, in PostgreSQL and in JSONL."""
+        """The JSON object of CDR v1, identical on Kafka, in PostgreSQL and in JSONL.
+        `duration`, `billsec`, `rfc3339` and `money_text` written out: ~0.9x the time."""
+        start, ring, answer, end = self.start_time, self.ring_time, self.answer_time, self.end_time
+        if answer is None:
+            billsec = 0.0
+        else:
+            talked = end - answer
+            billsec = round(talked if talked > 0.0 else 0.0, 3)  # max(0.0, talked)
+        times = _seconds
+        fmt = format
         return {
             "cdr_id": self.cdr_id,
             "call_id": self.call_id,
@@ -154,12 +163,12 @@ class Cdr:
             "dst_ip": self.dst_ip,
             "dst_port": self.dst_port,
             "trunk": self.trunk,
-            "start_time": rfc3339(self.start_time),
-            "ring_time": rfc3339(self.ring_time),
-            "answer_time": rfc3339(self.answer_time),
-            "end_time": rfc3339(self.end_time),
-            "duration": self.duration,
-            "billsec": self.billsec,
+            "start_time": _time_text(times, start),
+            "ring_time": None if ring is None else _time_text(times, ring),
+            "answer_time": None if answer is None else _time_text(times, answer),
+            "end_time": _time_text(times, end),
+            "duration": round(end - start, 3),
+            "billsec": billsec,
             "pdd_ms": self.pdd_ms,
             "disposition": self.disposition,
             "sip_code": self.sip_code,
@@ -171,16 +180,16 @@ class Cdr:
             "rated": self.rated,
             "rate_prefix": self.rate_prefix,
             "rate_name": self.rate_name,
-            "rate_per_minute": money_text(self.rate_per_minute),
+            "rate_per_minute": None if (rate := self.rate_per_minute) is None else fmt(rate, "f"),
             "billed_seconds": self.billed_seconds,
-            "cost": money_text(self.cost),
+            "cost": None if (cost := self.cost) is None else fmt(cost, "f"),
             "currency": self.currency,
             "fraud_flags": list(self.fraud_flags),
             "capture_node": self.capture_node,
             "schema_version": CDR_SCHEMA_VERSION,
             "egress_trunk": self.egress_trunk,
-            "vendor_cost": money_text(self.vendor_cost),
-            "margin": money_text(self.margin),
+            "vendor_cost": None if (vendor := self.vendor_cost) is None else fmt(vendor, "f"),
+            "margin": None if (margin := self.margin) is None else fmt(margin, "f"),
             "callee_valid": self.callee_valid,
         }
 
@@ -205,6 +214,24 @@ def _cdr_replacer() -> Callable[..., Cdr]:
 
 # `replace_cdr(cdr, caller=..., ...)`: a copy of `cdr` with the named fields changed.
 replace_cdr: Final[Callable[..., Cdr]] = _cdr_replacer()
+
+
+def cdr_copier(*changed: str) -> Callable[..., Cdr]:
+    """`copy(cdr, value, ...)`: `cdr` with the fields `changed` set to the values given,
+    by position: no keyword matching, no test per field of whether it was given (most
+    of what `replace_cdr` costs). Unknown or repeated names raise ValueError."""
+    names = [f.name for f in fields(Cdr)]
+    unknown = set(changed) - set(names)
+    if unknown or len(set(changed)) != len(changed):
+        raise ValueError(f"not Cdr fields, or repeated: {sorted(unknown) or list(changed)}")
+    scope: dict[str, object] = {"_new": object.__new__, "_Cdr": Cdr}
+    lines = ["def copy(cdr, " + "".join(f"{n}, " for n in changed) + "/):", "    new = _new(_Cdr)"]
+    for index, name in enumerate(names):
+        scope[f"_set{index}"] = getattr(Cdr, name).__set__
+        lines.append(f"    _set{index}(new, {name if name in changed else 'cdr.' + name})")
+    lines.append("    return new")
+    exec("\n".join(lines), scope)  # our own field names only, as above
+    return scope["copy"]  # type: ignore[return-value]
 
 
 FRAUD_ALERT_SCHEMA_VERSION = 1
@@ -439,14 +466,18 @@ def rfc3339(timestamp: float | None) -> str | None:
     """
     if timestamp is None:
         return None
-    micros = round(timestamp * 1_000_000)
-    second, fraction = divmod(micros, 1_000_000)
-    text = _seconds.get(second)
+    return _time_text(_seconds, timestamp)
+
+
+def _time_text(seconds: dict[int, str], timestamp: float) -> str:
+    """`rfc3339` of a time that is there, with its cache of seconds' text handed in."""
+    second, fraction = divmod(round(timestamp * 1_000_000), 1_000_000)
+    text = seconds.get(second)
     if text is None:
-        if len(_seconds) >= _SECONDS_KEPT:
-            _seconds.clear()
-        text = _seconds[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{text}.{fraction:06d}Z"
+        if len(seconds) >= _SECONDS_KEPT:
+            seconds.clear()
+        text = seconds[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return "%s.%06dZ" % (text, fraction)  # noqa: UP031 - a fifth faster than the f-string
 
 
 # A little over an hour of seconds (the span of a long call's four times): a few

@@ -18,7 +18,7 @@ import structlog
 from sipcdr.dialog import Correlator
 from sipcdr.model import Cdr, Packet
 from sipcdr.sip import SipMessage, SipParseError, parse
-from sipcdr.stages import CdrStage, MessageStage
+from sipcdr.stages import CdrStage, MessageStage, PartsFailed
 
 _ERROR_LOG_LIMIT = 10  # the first few internal errors are logged in full; all are counted
 _log = structlog.get_logger("sipcdr.pipeline")
@@ -233,6 +233,11 @@ class Pipeline:
             for stage in stages:
                 try:
                     cdr = stage.on_cdr(cdr)
+                except PartsFailed as failed:  # the parts that failed cost their fields
+                    cdr = failed.cdr
+                    for name, exc in failed.failures:
+                        _bump(self.stats.internal_errors, name)
+                        self._log_error("cdr_stage_failed", exc, cdr.call_id)
                 except Exception as exc:  # a stage's bug costs its fields, never the CDR
                     _bump(self.stats.internal_errors, stage.name)
                     self._log_error("cdr_stage_failed", exc, cdr.call_id)

@@ -389,6 +389,7 @@ def replay(event: SipEvent) -> tuple[Packet, SipMessage]:
     msg.via_branch = event.via_branch
     msg.user_agent = event.user_agent
     msg.raw_pai = event.p_asserted_identity
+    msg._pai_read = False
     msg.raw_reason = event.reason_header
     msg.raw_from = msg.header("from") or ""
     msg.raw_to = msg.header("to") or ""

@@ -10,7 +10,8 @@ Every stage is built whole, with what it needs handed to its constructor; nothin
 wired in afterwards. A message stage sees each parsed message in arrival order before
 the correlator does. A CDR stage takes each closed call in turn and returns it (a new
 record when it adds fields: records are frozen), so the next stage sees what this one
-added. Stages that keep time-bound state also take the once-a-second tick.
+added; a stage made of several raises `PartsFailed` with what its sound parts added
+when one of them fails). Stages that keep time-bound state also take the once-a-second tick.
 
 Stages keep their counts in their own stats objects, read by the telemetry exporter;
 they never log or touch metrics per message.
@@ -34,6 +35,17 @@ class CdrStage(Protocol):
     name: str
 
     def on_cdr(self, cdr: Cdr) -> Cdr: ...
+
+
+class PartsFailed(Exception):
+    """Raised by a CDR stage made of several (enrich and rate in one copy) when some of
+    its parts failed: `cdr` carries what the others added, and each fault is counted
+    under its part's name, as if the parts were stages of their own."""
+
+    def __init__(self, cdr: Cdr, failures: list[tuple[str, Exception]]) -> None:
+        super().__init__(", ".join(f"{name}: {exc!r}" for name, exc in failures))
+        self.cdr = cdr
+        self.failures = failures
 
 
 class TimedStage(Protocol):

@@ -37,6 +37,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
             ],
             "look-ups, prefix dict",
         ),
+        ("stages.py", ["--flows", "100", "--rounds", "2"], "enrich and rate cost"),
         (
             "fraud.py",
             ["--flows", "100", "--rounds", "1", "--spray", "2000"],

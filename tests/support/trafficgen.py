@@ -59,6 +59,7 @@ def request(
     _common(msg, call_id, cseq, method, caller, callee, from_tag, to_tag, domain)
     msg.user_agent = user_agent
     msg.raw_pai = f" <sip:{pai}@{domain}>" if pai else None  # unstripped, as parsed
+    msg._pai_read = False
     return msg
 
 
@@ -83,6 +84,7 @@ def response(
     _common(msg, call_id, cseq, method, caller, callee, from_tag, to_tag, domain)
     msg.user_agent = "Server/1.0"
     msg.raw_pai = None
+    msg._pai_read = False
     return msg
 
 

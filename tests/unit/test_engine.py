@@ -36,14 +36,15 @@ class Alerts:
 def test_the_chain_is_enrich_rate_fraud_with_fraud_on_messages() -> None:
     engine = build_engine(Config(), Destinations([CdrCollector()], alerts=Alerts()))
     pipeline = engine.pipeline
-    assert [stage.name for stage in pipeline.stages] == ["enrich", "rate", "fraud"]
+    # Enrich and rate run as one stage, in one copy of the CDR.
+    assert [stage.name for stage in pipeline.stages] == ["enrich+rate", "fraud"]
     assert [stage.name for stage in pipeline.message_stages] == ["fraud"]
     assert [stage.name for stage in engine.timed] == ["fraud"]
 
 
 def test_without_a_writer_for_alerts_the_chain_has_no_fraud_stage() -> None:
     engine = build_engine(Config(), Destinations([CdrCollector()]))
-    assert [stage.name for stage in engine.pipeline.stages] == ["enrich", "rate"]
+    assert [stage.name for stage in engine.pipeline.stages] == ["enrich+rate"]
     assert engine.pipeline.message_stages == () and engine.timed == ()
 
 

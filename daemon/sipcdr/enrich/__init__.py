@@ -2,6 +2,6 @@
 configuration defines (the trunk an address belongs to, the trunk's numbering), and
 the per-trunk KPIs counted from the enriched CDR."""
 
-from sipcdr.enrich.stage import EnrichStage, EnrichStats
+from sipcdr.enrich.stage import EnrichRateStage, EnrichStage, EnrichStats
 
-__all__ = ["EnrichStage", "EnrichStats"]
+__all__ = ["EnrichRateStage", "EnrichStage", "EnrichStats"]

@@ -483,9 +483,9 @@ class FraudMonitor:
                 call = calls.pop(call_id)
                 if call.answered:
                     self.concurrent_calls.ended(call.trunk, call.caller)
-        out: list[FraudAlert] = []
+        out = self._out
         self.incidents.tick(now, out)
-        return out or _NO_ALERTS
+        return _taken(out)
 
     @property
     def stats(self) -> FraudStats:

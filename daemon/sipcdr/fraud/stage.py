@@ -101,7 +101,7 @@ class FraudStage:
 
     def tick(self, now: float) -> None:
         try:
-            alerts = self.monitor.expire(now)
+            alerts = self._monitor.expire(now)  # the attribute, as in on_cdr
         except Exception:
             self._error("tick")
             return

@@ -24,6 +24,9 @@ INVALID_NUMBER: Final = "invalid_number"
 # Every reason a CDR is not rated: a metric label set, fixed and small.
 UNRATED_REASONS: Final = (NO_PLAN, NO_PREFIX, NOT_EFFECTIVE, INVALID_NUMBER)
 _MAX_DIGITS: Final = 15  # ITU-T E.164
+# Prices remembered per plans: rows times the distinct billed times of their calls;
+# cleared rather than grown past this (a few MiB).
+_COSTS_KEPT: Final = 65536
 
 
 class CdrRating(TypedDict):
@@ -112,12 +115,22 @@ class RatePlans:
     decks: Mapping[str, Deck] = field(default_factory=lambda: MappingProxyType({}))
     default_plan: str | None = None
     decimals: int = DEFAULT_DECIMALS
+    # The cost of each (deck row, billed seconds) priced so far: a call's price
+    # depends on nothing else, and calls bill in few distinct increments, so most
+    # calls find theirs here rather than do the exact arithmetic again. Keyed by the
+    # row's id, which stays its own while these plans (holding the decks) live.
+    _costs: dict[tuple[int, int], Decimal] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _zero: Decimal = field(default=Decimal(0), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.decimals <= MAX_DECIMALS:
             raise ValueError(f"decimals must be 0 to {MAX_DECIMALS}: {self.decimals}")
         if not isinstance(self.decks, MappingProxyType):
             object.__setattr__(self, "decks", MappingProxyType(dict(self.decks)))
+        # What an unanswered call costs: zero at the plans' places.
+        object.__setattr__(self, "_zero", Decimal(0).scaleb(-self.decimals))
 
     def rate(
         self,
@@ -143,9 +156,16 @@ class RatePlans:
         if row is None:
             return _UNRATED[deck.index.miss_reason(callee)]
         if not answered:
-            return Rating(name, row, 0, Decimal(0).scaleb(-self.decimals))
+            return Rating(name, row, 0, self._zero)
         billed = billed_seconds(billsec, row.min_seconds, row.increment_seconds)
-        return Rating(name, row, billed, cost(row.rate, row.connect_fee, billed, self.decimals))
+        costs = self._costs
+        key = (id(row), billed)
+        price = costs.get(key)
+        if price is None:
+            if len(costs) >= _COSTS_KEPT:
+                costs.clear()
+            price = costs[key] = cost(row.rate, row.connect_fee, billed, self.decimals)
+        return Rating(name, row, billed, price)
 
 
 class PlanLoad(NamedTuple):

@@ -16,9 +16,10 @@ go to `stats` (plain ints), read by the telemetry exporter; nothing is logged he
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Final, NamedTuple
+from decimal import Decimal
+from typing import Final, NamedTuple, TypeAlias
 
-from sipcdr.model import UNKNOWN_TRUNK, Cdr, Trunk, replace_cdr
+from sipcdr.model import UNKNOWN_TRUNK, Cdr, Trunk, cdr_copier
 from sipcdr.rating.plans import NO_PLAN, PlanLoad, RatePlans, Rating, Unrated
 from sipcdr.rating.pricing import margin
 from sipcdr.sip.numbers import DEFAULT_PLAN, NumberingPlan, first_number
@@ -95,19 +96,28 @@ class RateStage:
         self.stats.deck_rows = {name: deck.rows for name, deck in plans.decks.items()}
 
     def on_cdr(self, cdr: Cdr) -> Cdr:
+        return _rated(cdr, *self.priced(cdr, cdr.trunk, cdr.egress_trunk, cdr.callee))
+
+    def priced(
+        self, cdr: Cdr, trunk: str | None, egress_trunk: str | None, callee: str | None
+    ) -> Priced:
+        """The CDR's rating fields (`RATED_FIELDS`, in that order) for `cdr` as it
+        would be with these `trunk`, `egress_trunk` and `callee`: the enrich stage's,
+        when both run as one copy (`sipcdr.enrich.EnrichRateStage`)."""
         plans = self.plans
         stats = self.stats
-        ingress = self._trunks.get(cdr.trunk) if cdr.trunk is not None else None
+        trunks = self._trunks
+        ingress = trunks.get(trunk) if trunk is not None else None
         numbering = ingress.numbering if ingress is not None else DEFAULT_PLAN
         number = first_number((cdr.request_uri, cdr.to_uri), numbering)
         digits = number.value if number.valid else None
         start_time = cdr.start_time
-        billsec = cdr.billsec
         answered = cdr.answer_time is not None
+        billsec = cdr.billsec if answered else 0.0
 
         plan = ingress.trunk.rate_plan if ingress is not None else None
         customer = plans.rate(plan, digits, start_time, billsec, answered)
-        label = cdr.trunk if cdr.trunk is not None else UNKNOWN_TRUNK
+        label = trunk if trunk is not None else UNKNOWN_TRUNK
         if isinstance(customer, Rating):
             stats.rated[label] = stats.rated.get(label, 0) + 1
         else:
@@ -116,7 +126,7 @@ class RateStage:
 
         vendor_cost = None
         call_margin = None
-        egress = self._trunks.get(cdr.egress_trunk) if cdr.egress_trunk is not None else None
+        egress = trunks.get(egress_trunk) if egress_trunk is not None else None
         if egress is not None:
             egress_label = egress.trunk.name
             cost_plan = egress.trunk.cost_plan
@@ -140,15 +150,66 @@ class RateStage:
 
         # The trunk's numbering (technical prefixes, national numbers) makes the number
         # billing joins on; without a trunk the correlator's reading stands.
-        callee = digits if ingress is not None and digits is not None else cdr.callee
-        return replace_cdr(
-            cdr,
-            **customer.cdr_fields(),
-            callee=callee,
-            callee_valid=number.valid,
-            vendor_cost=vendor_cost,
-            margin=call_margin,
+        if ingress is not None and digits is not None:
+            callee = digits
+        if isinstance(customer, Rating):
+            row = customer.rate
+            return (
+                True,
+                row.prefix,
+                row.destination,
+                row.rate,
+                customer.billed_seconds,
+                customer.cost,
+                row.currency,
+                callee,
+                number.valid,
+                vendor_cost,
+                call_margin,
+            )
+        return (
+            False,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            callee,
+            number.valid,
+            vendor_cost,
+            call_margin,
         )
 
 
-__all__ = ["CURRENCY_MISMATCH", "RateStage", "RatingStats"]
+# The fields the rate stage sets, in the order `RateStage.priced` gives them.
+RATED_FIELDS: Final = (
+    "rated",
+    "rate_prefix",
+    "rate_name",
+    "rate_per_minute",
+    "billed_seconds",
+    "cost",
+    "currency",
+    "callee",
+    "callee_valid",
+    "vendor_cost",
+    "margin",
+)
+Priced: TypeAlias = tuple[
+    bool,
+    str | None,
+    str | None,
+    Decimal | None,
+    int | None,
+    Decimal | None,
+    str | None,
+    str | None,
+    bool,
+    Decimal | None,
+    Decimal | None,
+]
+_rated: Final = cdr_copier(*RATED_FIELDS)
+
+
+__all__ = ["CURRENCY_MISMATCH", "RATED_FIELDS", "Priced", "RateStage", "RatingStats"]

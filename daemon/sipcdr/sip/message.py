@@ -30,6 +30,8 @@ class SipMessage:
         "_defects",
         "_index",
         "_lines",
+        "_pai",
+        "_pai_read",
         "body",
         "call_id",
         "content_length",
@@ -77,6 +79,10 @@ class SipMessage:
     _lines: list[str]
     _defects: list[str]
     _index: dict[str, list[str]] | None
+    # `p_asserted_identity` once read: the fraud detectors and the correlator both read
+    # it from each new call's INVITE. Whoever builds a message sets `_pai_read` False.
+    _pai: str | None
+    _pai_read: bool
 
     # -- generic header access -------------------------------------------------
 
@@ -123,6 +129,14 @@ class SipMessage:
     @property
     def p_asserted_identity(self) -> str | None:
         """URI of the first P-Asserted-Identity value (RFC 3325)."""
+        if self._pai_read:
+            return self._pai
+        uri = self._asserted_identity()
+        self._pai = uri
+        self._pai_read = True
+        return uri
+
+    def _asserted_identity(self) -> str | None:
         raw = self.raw_pai
         if raw is None:
             return None

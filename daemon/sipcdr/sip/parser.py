@@ -339,6 +339,7 @@ def _fields(
         value = get(_SERVER)
     msg.user_agent = value.strip() if value is not None else None
     msg.raw_pai = get(_PAI)
+    msg._pai_read = False
     msg.raw_reason = get(_REASON)
     value = get(_CTYPE)
     msg.content_type = value.strip() if value is not None else None

@@ -1,0 +1,478 @@
+"""The engine's CDR work in its present form gives what its former form gave, byte for
+byte: enrich and rate in one copy of the CDR against the two stages one after the
+other (each with a copy of its own, every call priced afresh), and `Cdr.to_record`
+against the record built through `rfc3339`, `money_text` and the `duration` and
+`billsec` properties. The former forms are kept here as they were.
+
+Compared on every CDR of every shared capture, imported under trunks that cover every
+address with rate plans on both sides (one vendor priced in another currency, so every
+branch of the rating runs), and on generated CDRs for the record's edge cases.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pcapdata import require_shared_data
+from sipcalls import Call, CdrCollector, packet
+from sipcdr.capture.pcapfile import iter_packets
+from sipcdr.config import Config
+from sipcdr.config.schema import TrunkConfig
+from sipcdr.dialog import Correlator
+from sipcdr.dialog.kpi import Kpi
+from sipcdr.enrich import EnrichRateStage, EnrichStage
+from sipcdr.importer import import_files
+from sipcdr.model import CDR_SCHEMA_VERSION, UNKNOWN_TRUNK, Cdr, cdr_copier, replace_cdr
+from sipcdr.pipeline import Pipeline
+from sipcdr.rating import RatePlans, RateStage, Rating, Unrated, load_rate_plans, margin
+from sipcdr.rating.plans import _MAX_DIGITS, _UNRATED, INVALID_NUMBER, NO_PLAN
+from sipcdr.rating.pricing import billed_seconds, cost
+from sipcdr.sip import parse
+from sipcdr.sip.numbers import DEFAULT_PLAN, first_number, to_e164
+
+HEADER = (
+    "prefix,destination,rate,connect_fee,min_seconds,increment_seconds,"
+    "effective_from,effective_to,currency\n"
+)
+# Wide prefixes, so the shared captures' callees (of many countries and forms) match.
+RETAIL = (
+    HEADER
+    + "1,North America,0.0100,0,6,6,2000-01-01,,EUR\n"
+    + "3,Europe 3,0.0300,0.0100,30,6,2000-01-01,,EUR\n"
+    + "4,Europe 4,0.0200,0,60,60,2000-01-01,,EUR\n"
+    + "49,Germany,0.0150,0.0050,1,1,2000-01-01,,EUR\n"
+    + "5,South America,0.0400,0,1,1,2000-01-01,,EUR\n"
+    + "6,Asia Pacific,0.0500,0,6,6,2000-01-01,,EUR\n"
+    + "7,Russia,0.0600,0,6,6,2000-01-01,,EUR\n"
+    + "8,Asia,0.0700,0,6,6,2000-01-01,,EUR\n"
+    + "9,Asia 9,0.0800,0,6,6,2000-01-01,,EUR\n"
+    + "2,Africa,0.0900,0,6,6,2000-01-01,,EUR\n"
+).encode()
+VENDOR_EUR = (
+    HEADER + "1,All 1,0.0050,0,1,1,2000-01-01,,EUR\n4,All 4,0.0070,0,1,1,2000-01-01,,EUR\n"
+).encode()
+VENDOR_USD = (HEADER + "1,All 1,0.0060,0,1,1,2000-01-01,,USD\n").encode()
+NOW = 1_790_000_000.0
+
+TRUNKS = (
+    TrunkConfig(
+        "low",
+        (ipaddress.ip_network("0.0.0.0/2"),),
+        country_code="49",
+        national_prefix="0",
+        rate_plan="retail",
+        cost_plan="vendor-eur",
+    ),
+    TrunkConfig(
+        "mid",
+        (ipaddress.ip_network("64.0.0.0/2"),),
+        country_code="1",
+        national_prefix="1",
+        cost_plan="vendor-usd",
+    ),
+    TrunkConfig(
+        "high",
+        (ipaddress.ip_network("128.0.0.0/1"),),
+        country_code="44",
+        national_prefix="0",
+        rate_plan="retail",
+    ),
+    TrunkConfig("v6", (ipaddress.ip_network("::/0"),), country_code="44", national_prefix="0"),
+)
+
+
+def captures() -> list[Path]:
+    return sorted((require_shared_data() / "pcaps").glob("*.pcap*"))
+
+
+def stages() -> tuple[EnrichStage, RateStage]:
+    load = load_rate_plans(
+        {"retail": RETAIL, "vendor-eur": VENDOR_EUR, "vendor-usd": VENDOR_USD}, None, 4, NOW
+    )
+    assert load.refused == ()
+    rate = RateStage(RatePlans(), [trunk.to_trunk() for trunk in TRUNKS])
+    rate.install(load)
+    return EnrichStage(TRUNKS), rate
+
+
+# -- the former forms, as they were ------------------------------------------------------
+
+
+def former_enrich(stage: EnrichStage, cdr: Cdr) -> Cdr:
+    if cdr.egress_ip is not None:
+        trunk = stage._trunk(cdr.src_ip)
+        egress = stage._trunk(cdr.egress_ip)
+        country_code = trunk.country_code if trunk else None
+        national_prefix = trunk.national_prefix if trunk else None
+        cdr = replace_cdr(
+            cdr,
+            caller=to_e164(cdr.caller, country_code, national_prefix),
+            callee=to_e164(cdr.callee, country_code, national_prefix),
+            trunk=trunk.name if trunk else None,
+            egress_trunk=egress.name if egress else None,
+            egress_ip=None,
+        )
+    kpis = stage.stats.kpis
+    kpi = kpis.get(cdr.trunk)
+    if kpi is None:
+        kpi = kpis[cdr.trunk] = Kpi()
+    kpi.add(cdr)
+    return cdr
+
+
+def former_price(
+    plans: RatePlans,
+    plan: str | None,
+    callee: str | None,
+    start: float,
+    billsec: float,
+    answered: bool,
+) -> Rating | Unrated:
+    name = plan if plan is not None else plans.default_plan
+    deck = plans.decks.get(name) if name is not None else None
+    if deck is None or name is None:
+        return _UNRATED[NO_PLAN]
+    if callee is None or len(callee) > _MAX_DIGITS:
+        return _UNRATED[INVALID_NUMBER]
+    row = deck.index.lookup(callee, start)
+    if row is None:
+        return _UNRATED[deck.index.miss_reason(callee)]
+    if not answered:
+        return Rating(name, row, 0, Decimal(0).scaleb(-plans.decimals))
+    billed = billed_seconds(billsec, row.min_seconds, row.increment_seconds)
+    return Rating(name, row, billed, cost(row.rate, row.connect_fee, billed, plans.decimals))
+
+
+def former_rate(stage: RateStage, cdr: Cdr, counts: dict[str, int]) -> Cdr:
+    plans = stage.plans
+    ingress = stage._trunks.get(cdr.trunk) if cdr.trunk is not None else None
+    numbering = ingress.numbering if ingress is not None else DEFAULT_PLAN
+    number = first_number((cdr.request_uri, cdr.to_uri), numbering)
+    digits = number.value if number.valid else None
+    answered = cdr.answer_time is not None
+    plan = ingress.trunk.rate_plan if ingress is not None else None
+    customer = former_price(plans, plan, digits, cdr.start_time, cdr.billsec, answered)
+    label = cdr.trunk if cdr.trunk is not None else UNKNOWN_TRUNK
+    key = label if isinstance(customer, Rating) else f"{label}/{customer.reason}"
+    counts[key] = counts.get(key, 0) + 1
+    vendor_cost = None
+    call_margin = None
+    egress = stage._trunks.get(cdr.egress_trunk) if cdr.egress_trunk is not None else None
+    if egress is not None:
+        cost_plan = egress.trunk.cost_plan
+        vendor = (
+            former_price(plans, cost_plan, digits, cdr.start_time, cdr.billsec, answered)
+            if cost_plan is not None
+            else Unrated(NO_PLAN)
+        )
+        if isinstance(vendor, Rating):
+            vendor_cost = vendor.cost
+            if isinstance(customer, Rating) and customer.rate.currency == vendor.rate.currency:
+                call_margin = margin(customer.cost, vendor.cost)
+    callee = digits if ingress is not None and digits is not None else cdr.callee
+    return replace_cdr(
+        cdr,
+        **customer.cdr_fields(),
+        callee=callee,
+        callee_valid=number.valid,
+        vendor_cost=vendor_cost,
+        margin=call_margin,
+    )
+
+
+def former_rfc3339(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    micros = round(timestamp * 1_000_000)
+    second, fraction = divmod(micros, 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + f".{fraction:06d}Z"
+
+
+def former_money(value: Decimal | None) -> str | None:
+    return None if value is None else format(value, "f")
+
+
+def former_record(c: Cdr) -> dict[str, object]:
+    return {
+        "cdr_id": c.cdr_id,
+        "call_id": c.call_id,
+        "caller": c.caller,
+        "callee": c.callee,
+        "from_uri": c.from_uri,
+        "to_uri": c.to_uri,
+        "request_uri": c.request_uri,
+        "src_ip": c.src_ip,
+        "src_port": c.src_port,
+        "dst_ip": c.dst_ip,
+        "dst_port": c.dst_port,
+        "trunk": c.trunk,
+        "start_time": former_rfc3339(c.start_time),
+        "ring_time": former_rfc3339(c.ring_time),
+        "answer_time": former_rfc3339(c.answer_time),
+        "end_time": former_rfc3339(c.end_time),
+        "duration": round(c.end_time - c.start_time, 3),
+        "billsec": 0.0 if c.answer_time is None else round(max(0.0, c.end_time - c.answer_time), 3),
+        "pdd_ms": c.pdd_ms,
+        "disposition": c.disposition,
+        "sip_code": c.sip_code,
+        "sip_reason": c.sip_reason,
+        "q850_cause": c.q850_cause,
+        "hangup_by": c.hangup_by,
+        "end_reason": c.end_reason,
+        "user_agent": c.user_agent,
+        "rated": c.rated,
+        "rate_prefix": c.rate_prefix,
+        "rate_name": c.rate_name,
+        "rate_per_minute": former_money(c.rate_per_minute),
+        "billed_seconds": c.billed_seconds,
+        "cost": former_money(c.cost),
+        "currency": c.currency,
+        "fraud_flags": list(c.fraud_flags),
+        "capture_node": c.capture_node,
+        "schema_version": CDR_SCHEMA_VERSION,
+        "egress_trunk": c.egress_trunk,
+        "vendor_cost": former_money(c.vendor_cost),
+        "margin": former_money(c.margin),
+        "callee_valid": c.callee_valid,
+    }
+
+
+def wire(cdr: Cdr) -> tuple[bytes, str | None]:
+    return orjson.dumps(cdr.to_record()), cdr.egress_ip
+
+
+# -- every capture -----------------------------------------------------------------------
+
+
+class _Closed:
+    """A pipeline's sink that keeps the CDRs as the correlator closed them."""
+
+    name = "closed"
+
+    def __init__(self) -> None:
+        self.cdrs: list[Cdr] = []
+
+    def write(self, cdr: Cdr) -> None:
+        self.cdrs.append(cdr)
+
+    def flush(self) -> None:
+        pass
+
+
+def correlated(path: Path) -> list[Cdr]:
+    """The CDRs the correlator closes from the capture, fed as an import feeds it, with
+    no CDR stage: what the stages are then given."""
+    sink = _Closed()
+    pipeline = Pipeline(Correlator(egress=True), [sink])
+    next_expiry = 0.0
+    for captured in iter_packets(path):
+        if captured.timestamp >= next_expiry:
+            pipeline.expire(captured.timestamp)
+            next_expiry = captured.timestamp + 1.0
+        pipeline.process(captured)
+    pipeline.drain()
+    return sink.cdrs
+
+
+ADDRESSES = ("10.1.2.3", "70.1.2.3", "192.0.2.10", "2001:db8::1", "not-an-address")
+CALLEES = ("+4930333444", "030333444", "+12125550100", "12125550100", "0044201234567",
+           "+33123456789", "alice", "+999", "4930", "")  # fmt: skip
+
+
+def generated() -> list[Cdr]:
+    """Calls from and to every trunk (and none), to every kind of callee, answered for
+    many lengths (each billing increment's edges) or not."""
+    rng = random.Random(7)
+    correlator = Correlator(egress=True)
+    cdrs: list[Cdr] = []
+    for n in range(600):
+        call = Call(call_id=f"gen-{n}@example", callee=rng.choice(CALLEES) or "x")
+        src = (rng.choice(ADDRESSES[:4]), 5060)
+        dst = (rng.choice(ADDRESSES[:4]), 5060)
+        t = NOW + n * 7.0
+        talk = rng.choice((0.0, 0.001, 0.5, 1.0, 5.999, 6.0, 30.0, 59.999, 60.0, 61.0, 3600.0))
+        if rng.random() < 0.25:
+            flow = [
+                (t, call.request("INVITE"), src, dst),
+                (t + 1, call.response(486, "Busy"), dst, src),
+            ]
+        else:
+            flow = [
+                (t, call.request("INVITE"), src, dst),
+                (t + 1, call.response(200, "OK"), dst, src),
+                (t + 1.1, call.request("ACK", branch="z9hG4bK-ack", to_tag="callee-tag"), src, dst),
+                (
+                    t + 1 + talk,
+                    call.request("BYE", 2, "z9hG4bK-bye", to_tag="callee-tag"),
+                    src,
+                    dst,
+                ),
+                (t + 1.2 + talk, call.response(200, "OK", 2, "BYE", "z9hG4bK-bye"), dst, src),
+            ]
+        for when, data, a, b in flow:
+            cdrs += correlator.feed(packet(when, data, a, b), parse(data))
+    cdrs += correlator.drain()
+    return cdrs
+
+
+def test_enrich_and_rate_in_one_copy_give_the_former_cdrs_on_every_capture() -> None:
+    enrich, rate = stages()
+    former_enrich_stage, former_rate_stage = stages()
+    both = EnrichRateStage(enrich, rate)
+    counts: dict[str, int] = {}
+    total = rated = margins = vendor_only = 0
+    corpora = [(path.name, correlated(path)) for path in captures()]
+    for name, cdrs in [*corpora, ("generated", generated())]:
+        for cdr in cdrs:
+            now = both.on_cdr(cdr)
+            before = former_rate(former_rate_stage, former_enrich(former_enrich_stage, cdr), counts)
+            assert wire(now) == wire(before), name
+            assert now == before, name
+            total += 1
+            rated += now.rated
+            margins += now.margin is not None
+            vendor_only += now.vendor_cost is not None and now.margin is None
+    # The corpus exercised what it is meant to: priced calls, margins, and vendor prices
+    # without a margin (another currency, or no customer price).
+    assert total > 100 and rated > 20 and margins > 0 and vendor_only > 0
+    kpis = {name: vars_of(kpi) for name, kpi in enrich.stats.kpis.items()}
+    assert kpis == {name: vars_of(kpi) for name, kpi in former_enrich_stage.stats.kpis.items()}
+    assert sum(rate.stats.rated.values()) + sum(rate.stats.unrated.values()) == total
+
+
+def vars_of(kpi: Any) -> tuple[object, ...]:
+    return (kpi.attempts, kpi.answered, kpi.network_effective, kpi.failed)
+
+
+def test_the_record_is_the_former_record_on_every_capture() -> None:
+    found = 0
+    for path in captures():
+        collector = CdrCollector()
+        import_files(Config(trunks=TRUNKS), [path], sinks=[collector], progress=False)
+        for cdr in collector.cdrs:
+            assert orjson.dumps(cdr.to_record()) == orjson.dumps(former_record(cdr)), path.name
+            found += 1
+    enrich, rate = stages()
+    for cdr in map(EnrichRateStage(enrich, rate).on_cdr, generated()):
+        assert orjson.dumps(cdr.to_record()) == orjson.dumps(former_record(cdr))
+        found += 1
+    assert found > 500
+
+
+_times = st.floats(min_value=-1e9, max_value=4.2e9, allow_nan=False, allow_infinity=False)
+_money = st.none() | st.decimals(
+    min_value=Decimal("-1e6"), max_value=Decimal("1e6"), places=6, allow_nan=False
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    start=_times,
+    ring=st.none() | _times,
+    answer=st.none() | _times,
+    end=_times,
+    moneys=st.tuples(_money, _money, _money, _money),
+    flags=st.lists(st.sampled_from(["cps_burst", "wangiri", "scanner"]), max_size=3),
+)
+def test_the_record_is_the_former_record_for_any_times_and_money(
+    start: float,
+    ring: float | None,
+    answer: float | None,
+    end: float,
+    moneys: tuple[Decimal | None, ...],
+    flags: list[str],
+) -> None:
+    """Calls that end before they were answered, times before the epoch and on the
+    edge of a second, money of any scale (an exponent is never written)."""
+    rate_per_minute, price, vendor, call_margin = moneys
+    cdr = Cdr(
+        "id", "call", "1", "2", "sip:a", "sip:b", "sip:b", "192.0.2.1", 5060,
+        "192.0.2.2", 5060, None, start, ring, answer, end, None, "answered", 200,
+        "OK", None, None, "bye", None, "node",
+        rate_per_minute=rate_per_minute, cost=price, vendor_cost=vendor,
+        margin=call_margin, fraud_flags=tuple(flags),
+    )  # fmt: skip
+    assert orjson.dumps(cdr.to_record()) == orjson.dumps(former_record(cdr))
+    assert (cdr.duration, cdr.billsec) == (
+        former_record(cdr)["duration"],
+        former_record(cdr)["billsec"],
+    )
+
+
+# -- faults, counted under the part's name ---------------------------------------------
+
+
+class _Broken:
+    def __init__(self, *_args: object) -> None:
+        pass
+
+    def __call__(self, *_args: object) -> object:
+        raise RuntimeError("broken")
+
+
+@pytest.mark.parametrize("part", ["enrich", "rate", "both"])
+def test_a_fault_of_one_part_costs_its_fields_only(
+    part: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As when they were two stages: the other part's fields are set, and the fault is
+    counted under the failing part's name."""
+    enrich, rate = stages()
+    if part in ("enrich", "both"):
+        monkeypatch.setattr(enrich, "fields", _Broken())
+    if part in ("rate", "both"):
+        monkeypatch.setattr(rate, "priced", _Broken())
+    sink = _Closed()
+    pipeline = Pipeline(Correlator(egress=True), [sink], [EnrichRateStage(enrich, rate)])
+    closed = correlated(next(p for p in captures() if any(c.egress_ip for c in correlated(p))))
+    cdr = next(c for c in closed if c.egress_ip is not None)
+    pipeline.emit([cdr])
+    (out,) = sink.cdrs
+    former_enrich_stage, former_rate_stage = stages()
+    enriched = former_enrich(former_enrich_stage, cdr)
+    expected = {
+        "enrich": former_rate(former_rate_stage, cdr, {}),
+        "rate": enriched,
+        "both": cdr,
+    }[part]
+    assert wire(out) == wire(expected)
+    names = {"enrich": {"enrich": 1}, "rate": {"rate": 1}, "both": {"enrich": 1, "rate": 1}}
+    assert pipeline.stats.internal_errors == names[part]
+    assert pipeline.stats.cdrs_emitted == 1
+
+
+# -- the pieces ---------------------------------------------------------------------------
+
+
+def test_a_copier_sets_the_named_fields_in_order_and_copies_the_rest() -> None:
+    (cdr, *_rest) = correlated(captures()[0]) or [pytest.skip("no call")]
+    copy = cdr_copier("callee", "caller", "egress_ip")
+    assert copy(cdr, "2", "1", None) == replace_cdr(cdr, caller="1", callee="2", egress_ip=None)
+    with pytest.raises(ValueError, match="not Cdr fields"):
+        cdr_copier("calller")
+    with pytest.raises(ValueError, match="repeated"):
+        cdr_copier("caller", "caller")
+
+
+def test_a_remembered_price_is_the_price_computed_afresh() -> None:
+    _enrich, rate = stages()
+    plans = rate.plans
+    for billsec in (0.0, 0.001, 1.0, 5.999, 6.0, 59.5, 60.0, 61.0, 3599.999, 86400.0):
+        for callee in ("4930123", "1212555", "3312345", "999"):
+            for _twice in range(2):
+                now = plans.rate("retail", callee, NOW, billsec, True)
+                before = former_price(plans, "retail", callee, NOW, billsec, True)
+                assert now == before
+                assert str(now.cost if isinstance(now, Rating) else None) == str(
+                    before.cost if isinstance(before, Rating) else None
+                )
+    unanswered = plans.rate("retail", "4930123", NOW, 0.0, False)
+    assert isinstance(unanswered, Rating) and str(unanswered.cost) == "0.0000"
