@@ -11,6 +11,7 @@ import pytest
 from sipcdr.sinks import jsonl
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, SpoolRecord
 from sipcdr.sinks.jsonl import JsonlSink
+from smalldisk import SmallDisk, fill
 from structlog.testing import capture_logs
 
 
@@ -115,3 +116,22 @@ async def test_repeats_from_before_the_window_are_written_again(
     assert again.repeats_skipped == 0
     again = await written(path, cdrs(19, 24))  # within the window: left out
     assert numbers(path)[-2:] == [23, 24] and again.repeats_skipped == 4
+
+
+async def test_a_batch_that_fails_after_its_repeats_is_compared_again_when_retried(
+    tmp_path: Path, small_disk: SmallDisk
+) -> None:
+    disk = small_disk(tmp_path / "disk", 256 * 1024)
+    path = disk / "cdrs.jsonl"
+    await written(path, cdrs(1, 20))
+    filler = fill(disk, leave_bytes=1024)
+    sink = JsonlSink(path)
+    await sink.start()
+    with pytest.raises(OSError):
+        await sink.deliver(STREAM_RECORDS, cdrs(11, 200))  # the new ones do not fit
+    assert numbers(path) == list(range(1, 21))
+    filler.unlink()
+    await sink.deliver(STREAM_RECORDS, cdrs(11, 200))  # the spool sends it again, whole
+    await sink.stop()
+    assert numbers(path) == list(range(1, 201))
+    assert sink.repeats_skipped == 10

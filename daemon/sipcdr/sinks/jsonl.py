@@ -77,6 +77,7 @@ class JsonlSink(AsyncLifecycle):
         self._tail: list[bytes] | None = None
         self._tail_next = -1  # -1: not matched yet
         self.repeats_skipped = 0  # records already in the file when delivered again
+        self._skipped_since_open = 0
         self._log = structlog.get_logger("sipcdr.jsonl")
 
     async def start(self) -> None:
@@ -108,6 +109,7 @@ class JsonlSink(AsyncLifecycle):
                 if not after_rotation:  # a new file after a rotation repeats nothing
                     self._tail = self._read_tail(handle.fileno())
                     self._tail_next = -1
+                    self._skipped_since_open = 0
             except OSError:
                 handle.close()
                 raise
@@ -152,14 +154,27 @@ class JsonlSink(AsyncLifecycle):
     def _write(self, lines: list[bytes]) -> None:
         handle = self._open()
         if self._tail is not None:
-            skipped = self._already_written(lines)
-            if skipped:
-                self.repeats_skipped += skipped
-                lines = lines[skipped:]
-            if self._tail is None and self.repeats_skipped:
-                self._log.info("jsonl_repeats_skipped", records=self.repeats_skipped)
-            if not lines:
-                return
+            skipped, after = self._already_written(lines)
+            lines = lines[skipped:]
+            if lines:
+                self._write_lines(handle, lines)
+            # Only once the rest is on disk: a batch that failed comes again whole, and
+            # is compared again from the same line.
+            self._caught_up(skipped, after)
+            return
+        self._write_lines(handle, lines)
+
+    def _caught_up(self, skipped: int, after: int) -> None:
+        self._skipped_since_open += skipped
+        self.repeats_skipped += skipped
+        if after < 0 or self._tail is None or after >= len(self._tail):
+            self._tail = None
+            if self._skipped_since_open:
+                self._log.info("jsonl_repeats_skipped", records=self._skipped_since_open)
+        else:
+            self._tail_next = after
+
+    def _write_lines(self, handle: IO[bytes], lines: list[bytes]) -> None:
         data = memoryview(b"\n".join(lines) + b"\n")
         start, end = self._size, self._size + len(data)
         try:
@@ -182,38 +197,34 @@ class JsonlSink(AsyncLifecycle):
                 # is closed; the next batch opens it (or a new one) and tries again.
                 self.rotation_failures += 1
 
-    def _already_written(self, lines: list[bytes]) -> int:
+    def _already_written(self, lines: list[bytes]) -> tuple[int, int]:
         """How many of `lines`, from the first, are the file's last lines delivered
-        again; ends the comparison (`_tail` None) once the repeats are past."""
+        again, and the tail line the next record must match (-1: the repeats are past,
+        everything from here on is new). Changes nothing."""
         tail = self._tail
         assert tail is not None
-        lines = [_digest(line) for line in lines]
+        digests = [_digest(line) for line in lines]
         start = self._tail_next
         if start < 0:
             # The first record delivered after the open: where in the tail it was
             # written, if anywhere, with the records after it matching too.
-            first = lines[0]
+            first = digests[0]
             start = next(
                 (
                     at
                     for at, line in enumerate(tail)
-                    if line == first and _continues(tail, at, lines)
+                    if line == first and _continues(tail, at, digests)
                 ),
                 -1,
             )
             if start < 0:
-                self._tail = None
-                return 0
+                return 0, -1
         matched = 0
-        for line in lines:
-            if start + matched >= len(tail) or tail[start + matched] != line:
-                self._tail = None  # the repeats are past: everything from here is new
-                return matched
+        for digest in digests:
+            if start + matched >= len(tail) or tail[start + matched] != digest:
+                return matched, -1
             matched += 1
-        self._tail_next = start + matched
-        if self._tail_next >= len(tail):
-            self._tail = None
-        return matched
+        return matched, start + matched
 
     def _cut_back(self, size: int) -> None:
         """Remove what a failed batch wrote; if even that fails, close the file, so the
