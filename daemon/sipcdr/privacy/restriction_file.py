@@ -62,8 +62,9 @@ def save_restrictions(state_dir: Path, numbers: frozenset[str]) -> None:
     replaces the copy with a note that it was not kept, then raises `TooManyToSave`:
     an older, shorter list left in its place would lift the restrictions added since.
     """
-    data = orjson.dumps(sorted(numbers))
-    too_many = len(numbers) > MAX_SAVED_SUBJECTS or len(data) > MAX_FILE_BYTES
+    too_many = len(numbers) > MAX_SAVED_SUBJECTS
+    data = b"" if too_many else orjson.dumps(sorted(numbers))
+    too_many = too_many or len(data) > MAX_FILE_BYTES  # numbers longer than E.164's
     if too_many:
         data = orjson.dumps({"not_saved": len(numbers), "limit": MAX_SAVED_SUBJECTS})
     _replace(state_dir / FILE_NAME, data)

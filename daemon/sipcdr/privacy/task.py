@@ -205,6 +205,7 @@ class PrivacyTask:
             if self.stats.restrictions_unsaved != 1:
                 self.log.error("restrictions_not_saved", reason="too_many", error=str(exc))
             self.stats.restrictions_unsaved = 1
+            self._saved = True  # the file says so: written again when the list changes
             return
         except OSError as exc:
             # In force all the same; only a restart during an outage would miss it.
