@@ -193,7 +193,9 @@ class PrivacyTask:
             self._read_failing = False
             self.log.info("restrictions_read_again")
         if numbers != self.outbound.restricted or not self._saved:
-            self._save(numbers)
+            # Off the event loop: a long list takes up to a second to write (1,000,000
+            # numbers), and the loop is the capture's.
+            await asyncio.to_thread(self._save, numbers)
         self.outbound.set_restricted(numbers)
         self.stats.restricted_subjects = len(numbers)
 
