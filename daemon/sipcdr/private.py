@@ -557,9 +557,12 @@ def write_private(path: Path, data: bytes, *, key: str = STATE_KEY) -> None:
         handle.write(data)
 
 
-def read_private(path: Path, *, key: str = STATE_KEY) -> bytes | None:
-    """The contents of `path`, a small file sipcdr wrote, or None when there is none;
-    the same checks as `open_private_fd`, without creating it."""
+def read_private(
+    path: Path, *, key: str = STATE_KEY, limit: int = _READ_LIMIT_BYTES
+) -> bytes | None:
+    """The contents of `path`, a small file sipcdr wrote (at most `limit` bytes of it),
+    or None when there is none; the same checks as `open_private_fd`, without creating
+    it."""
     folder_fd = open_folder(path.parent, key=key)
     try:
         try:
@@ -574,6 +577,11 @@ def read_private(path: Path, *, key: str = STATE_KEY) -> bytes | None:
         os.close(folder_fd)
     try:
         _check_file(fd, path, key)
-        return os.read(fd, _READ_LIMIT_BYTES)
+        parts: list[bytes] = []
+        left = limit
+        while left > 0 and (part := os.read(fd, left)):
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
     finally:
         os.close(fd)

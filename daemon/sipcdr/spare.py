@@ -24,8 +24,12 @@ release leaves an empty marker, `state.dir/spare.released`, removed when the roo
 no longer kept. A start that finds it keeps the room as the stopped daemon did (new
 calls refused until the disk has the spare's size free again or the room is used up),
 so the calls it recovers open, and their CDRs, get it rather than new calls. The marker
-needs no block (the release has just given back an inode and blocks); one that cannot
-be made is said at ERROR, and the next start then sees no release.
+needs no block (the release has just given back an inode and blocks). It is fsynced,
+and then its folder (which holds its name and the spare's removal), before the release
+is reported, so a crash or power loss right after the release still finds it; one that
+cannot be made or synced is said at ERROR, and the next start may then see no release.
+A start that finds the marker beside a whole spare (allocated again before the crash
+could remove the marker) removes it and keeps nothing back.
 
 It is allocated (at start, or after it went missing) once the filesystem has twice its
 size free (the spare and as much again), read at most every `_CHECK_S`; a file of
@@ -49,7 +53,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 import structlog
 
 from sipcdr.clock import SYSTEM_CLOCK, Clock
-from sipcdr.private import open_private_fd
+from sipcdr.private import open_folder, open_private_fd
 from sipcdr.sinks.base import STREAM_RECORDS, STREAM_SIGNALING
 
 if TYPE_CHECKING:
@@ -269,7 +273,18 @@ class SpareSpace:
 
     def _mark_released(self) -> None:
         try:
-            os.close(open_private_fd(self.marker, os.O_WRONLY))
+            fd = open_private_fd(self.marker, os.O_WRONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # The marker's name, and the spare's unlink before it, are entries of the
+            # folder: on disk only once the folder is synced.
+            folder = open_folder(self.marker.parent)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
         except OSError as exc:
             # The room is kept all the same; only a restart would not know it.
             self.log.error(

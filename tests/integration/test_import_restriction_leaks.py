@@ -13,7 +13,12 @@ import pytest
 from kafkabroker import consume_all, unique_topic
 from pgserver import run_sync
 from sipcalls import Call, write_calls_pcap
-from sipcdr.privacy.restriction_file import FILE_NAME, save_restrictions
+from sipcdr.privacy.restriction_file import (
+    FILE_NAME,
+    MAX_SAVED_SUBJECTS,
+    TooManyToSave,
+    save_restrictions,
+)
 from sipcdr.private import private_dir, write_private
 from test_import_delivery import run_import
 from test_import_restrictions import (
@@ -27,19 +32,21 @@ from test_import_restrictions import (
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
-def over_the_read_limit(state: Path) -> None:
-    """A list the daemon saves when many numbers are restricted: more than the 1 MiB
-    a state file is read up to."""
-    numbers = {str(4930_0000_0000 + n) for n in range(90_000)} | {SUBJECT}
-    save_restrictions(state, frozenset(numbers))
-    assert (state / FILE_NAME).stat().st_size > 1024 * 1024
+def too_long_to_keep(state: Path) -> None:
+    """What the daemon leaves when more numbers are restricted than a copy is kept for:
+    a note in place of the list."""
+    save_restrictions(state, frozenset({SUBJECT}))  # an older list, which must not apply
+    numbers = {str(4930_0000_0000 + n) for n in range(MAX_SAVED_SUBJECTS)} | {SUBJECT}
+    with pytest.raises(TooManyToSave):
+        save_restrictions(state, frozenset(numbers))
+    assert b"not_saved" in (state / FILE_NAME).read_bytes()
 
 
 def cut_short(state: Path) -> None:
     write_private(state / FILE_NAME, orjson.dumps([SUBJECT, "4930111222"])[:-5])
 
 
-@pytest.mark.parametrize("damage", [over_the_read_limit, cut_short])
+@pytest.mark.parametrize("damage", [too_long_to_keep, cut_short])
 def test_a_saved_list_that_cannot_be_read_publishes_nothing_of_the_subject(
     tmp_path: Path, kafka_bootstrap: str, damage: object
 ) -> None:
@@ -53,7 +60,8 @@ def test_a_saved_list_that_cannot_be_read_publishes_nothing_of_the_subject(
         tmp_path, capture, "--config", "sipcdr.toml", **kafka_env(kafka_bootstrap, topic)
     )
     assert done.returncode == 1, done.stderr
-    assert "cannot be read, so nothing was imported" in done.stderr
+    assert "cannot be read (damaged, or more than 1,000,000 subjects" in done.stderr
+    assert "so nothing was imported" in done.stderr
     received = asyncio.run(consume_all(kafka_bootstrap, topic, 3, timeout=8))
     calls = [orjson.loads(record.value)["call_id"] for record in received]
     assert "restricted@x" not in calls, done.stderr

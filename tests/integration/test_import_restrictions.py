@@ -121,10 +121,13 @@ def test_an_import_withholds_a_restricted_subject_from_kafka_and_flags_it(
     }
 
 
+@pytest.mark.parametrize("others", [0, 120_000])
 def test_without_postgresql_the_list_the_daemon_saved_applies(
-    tmp_path: Path, kafka_bootstrap: str
+    tmp_path: Path, kafka_bootstrap: str, others: int
 ) -> None:
-    save_restrictions(private_dir(tmp_path / "var"), frozenset({SUBJECT}))
+    """However long the list: 120,000 numbers take over 2 MiB."""
+    numbers = {str(4930_0000_0000 + n) for n in range(others)} | {SUBJECT}
+    save_restrictions(private_dir(tmp_path / "var"), frozenset(numbers))
     capture = tmp_path / "calls.pcap"
     write_capture(capture)
     (tmp_path / "sipcdr.toml").write_text(CONFIG)

@@ -23,11 +23,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 SUBJECT = "4940555666"
 
 
-async def restrict_subject(dsn: str) -> None:
+async def restrict_subject(dsn: str, others: int = 0) -> None:
+    """The subject restricted as `sipcdr subject restrict` does it, and `others` more
+    numbers in the list straight away (one by one would take minutes)."""
     conn = await asyncpg.connect(dsn)
     try:
         await migrate(conn)
         await restrict(conn, SUBJECT, "dpo")
+        await conn.execute(
+            "INSERT INTO restrictions (number, operator) "
+            "SELECT (493000000000 + n)::text, 'dpo' FROM generate_series(1, $1) n",
+            others,
+        )
     finally:
         await conn.close()
 
@@ -38,12 +45,18 @@ def send(daemon: Daemon, call: Call) -> None:
             udp.sendto(data, daemon.endpoint("sip_udp"))
 
 
+@pytest.mark.parametrize("others", [0, 120_000])
 def test_a_restart_while_the_database_is_down_keeps_restricted_subjects_off_kafka(
-    tmp_path: Path, private_pg: PrivatePg, kafka_bootstrap: str, daemons: list[Daemon]
+    tmp_path: Path,
+    private_pg: PrivatePg,
+    kafka_bootstrap: str,
+    daemons: list[Daemon],
+    others: int,
 ) -> None:
+    """With a long list too: 120,000 numbers save to over 2 MiB, read back whole."""
     server = private_pg()
     dsn = run_sync(server.start)
-    run_sync(lambda: restrict_subject(dsn))
+    run_sync(lambda: restrict_subject(dsn, others))
     topic = unique_topic()
     asyncio.run(create_topics(kafka_bootstrap, [topic, f"{topic}.fraud"]))
     env = {
@@ -55,14 +68,15 @@ def test_a_restart_while_the_database_is_down_keeps_restricted_subjects_off_kafk
     }
     first = start_daemon(tmp_path, **env)
     daemons.append(first)
-    wait_for(lambda: first.metric("sipcdr_restricted_subjects") == 1, timeout=30)
+    wait_for(lambda: first.metric("sipcdr_restricted_subjects") == 1 + others, timeout=30)
+    assert first.metric("sipcdr_restrictions_not_saved") == 0
     assert first.stop() == 0
     run_sync(server.stop)  # down while the daemon starts again
 
     second = start_daemon(tmp_path, **env)
     daemons.append(second)
     # The list the first run saved is in force; nothing waits for the database.
-    assert second.metric("sipcdr_restricted_subjects") == 1
+    assert second.metric("sipcdr_restricted_subjects") == 1 + others
     assert second.metric("sipcdr_delivery_waiting_for_restrictions") == 0
     send(second, Call(call_id="restricted@x", caller="+" + SUBJECT, from_tag="r"))
     send(second, Call(call_id="other@x", from_tag="o"))

@@ -9,6 +9,7 @@ import asyncio
 import errno
 import functools
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -327,3 +328,65 @@ async def test_a_spare_on_another_disk_than_the_spool_keeps_no_call_out(
         assert app.correlator.is_open("new@x")
     finally:
         await app.stop()
+
+
+def test_a_release_is_on_disk_before_it_is_reported(
+    tmp_path: Path, small_disk: SmallDisk, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The marker is fsynced, then the folder that holds its name and the spare's
+    removal: a power loss right after the release cannot take either back, so the
+    next start keeps the room (the test above) rather than letting new calls take it."""
+    disk = small_disk(tmp_path / "disk", 4 * MIB)
+    spare = SpareSpace(disk / "spare", MIB, clock=clock)
+    assert spare.ensure()
+    fill(disk, leave_bytes=0)
+    synced: list[tuple[str, int]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        synced.append(("folder" if stat.S_ISDIR(info.st_mode) else "file", info.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with capture_logs() as logs:
+        assert spare.release()
+    marker = disk / "spare.released"
+    assert synced == [("file", marker.stat().st_ino), ("folder", disk.stat().st_ino)]
+    assert not (disk / "spare").exists()
+    assert [e["event"] for e in logs] == ["spare_space_released"]
+
+
+def test_a_release_that_cannot_be_recorded_is_said_and_kept_by_this_run(
+    tmp_path: Path, small_disk: SmallDisk, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = small_disk(tmp_path / "disk", 4 * MIB)
+    spare = SpareSpace(disk / "spare", MIB, clock=clock)
+    assert spare.ensure()
+    fill(disk, leave_bytes=0)
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with capture_logs() as logs:
+        assert spare.release()
+    assert spare.withheld and spare.released
+    assert [e["event"] for e in logs] == ["spare_release_not_recorded", "spare_space_released"]
+    assert logs[0]["log_level"] == "error"
+
+
+def test_a_marker_beside_a_whole_spare_is_removed_at_start(
+    tmp_path: Path, small_disk: SmallDisk, clock: FakeClock
+) -> None:
+    """A crash after the spare was allocated again but before its marker was removed:
+    the room is back, so nothing is kept from new calls."""
+    disk = small_disk(tmp_path / "disk", 4 * MIB)
+    assert SpareSpace(disk / "spare", MIB, clock=clock).ensure()
+    marker = disk / "spare.released"
+    marker.touch(mode=0o600)
+    restarted = SpareSpace(disk / "spare", MIB, clock=clock)
+    with capture_logs() as logs:
+        assert restarted.ensure()
+    assert not restarted.withheld and not restarted.released
+    assert not marker.exists() and logs == []

@@ -19,7 +19,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Final
 
-from sipcdr.privacy.restriction_file import FILE_NAME, saved_restrictions
+from sipcdr.privacy.restriction_file import FILE_NAME, MAX_SAVED_SUBJECTS, saved_restrictions
 
 if TYPE_CHECKING:
     from sipcdr.sinks.outputs import Outputs
@@ -55,13 +55,15 @@ async def apply_restrictions(outputs: Outputs) -> asyncio.Task[None] | None:
         if saved is not None:
             outbound.set_restricted(saved)
         elif settings.kafka is not None and (settings.state_dir / FILE_NAME).exists():
-            # A list was saved but cannot be read (damaged, or past the size a state
-            # file is read up to): it names someone, so publishing without it is no
-            # better than without PostgreSQL.
+            # A list was saved but cannot be read (damaged, or one longer than a copy
+            # is kept for): it names someone, so publishing without it is no better
+            # than without PostgreSQL.
             raise RestrictionsUnavailable(
                 f"the restriction list saved in {settings.state_dir / FILE_NAME} cannot "
-                "be read, so nothing was imported: restricted subjects' records would "
-                "reach Kafka; import with PostgreSQL configured, which keeps the list"
+                f"be read (damaged, or more than {MAX_SAVED_SUBJECTS:,} subjects, which "
+                "no copy is kept of), so nothing was imported: restricted subjects' "
+                "records would reach Kafka; import with PostgreSQL configured, which "
+                "keeps the list"
             )
         return None
     problem = ""

@@ -25,3 +25,6 @@ class PrivacyStats:
     runs: dict[str, int] = field(default_factory=lambda: {"ok": 0, "failed": 0})
     last_success: float = 0.0  # Unix time of the last completed run; 0: not yet
     restricted_subjects: int = 0  # as last read from PostgreSQL
+    # 1 while the list in force could not be saved in the state folder (too long to
+    # keep a copy of, or a write failed): a restart during an outage would miss it.
+    restrictions_unsaved: int = 0

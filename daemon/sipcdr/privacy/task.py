@@ -26,7 +26,7 @@ import structlog
 from sipcdr.privacy.files import expire_files
 from sipcdr.privacy.outbound import OutboundFilter
 from sipcdr.privacy.plan import spool_retention_days
-from sipcdr.privacy.restriction_file import save_restrictions
+from sipcdr.privacy.restriction_file import TooManyToSave, save_restrictions
 from sipcdr.privacy.stats import PrivacyStats
 
 if TYPE_CHECKING:
@@ -193,14 +193,32 @@ class PrivacyTask:
             self._read_failing = False
             self.log.info("restrictions_read_again")
         if numbers != self.outbound.restricted or not self._saved:
-            try:
-                save_restrictions(Path(self.config.state.dir), numbers)
-                self._saved = True
-            except OSError as exc:
-                # In force all the same; only a restart during an outage would miss it.
-                self.log.warning("restrictions_not_saved", error=f"{type(exc).__name__}: {exc}")
+            # Off the event loop: a long list takes up to a second to write (1,000,000
+            # numbers), and the loop is the capture's.
+            await asyncio.to_thread(self._save, numbers)
         self.outbound.set_restricted(numbers)
         self.stats.restricted_subjects = len(numbers)
+
+    def _save(self, numbers: frozenset[str]) -> None:
+        try:
+            save_restrictions(Path(self.config.state.dir), numbers)
+        except TooManyToSave as exc:
+            # In force all the same; a restart during an outage waits for PostgreSQL.
+            if self.stats.restrictions_unsaved != 1:
+                self.log.error("restrictions_not_saved", reason="too_many", error=str(exc))
+            self.stats.restrictions_unsaved = 1
+            self._saved = True  # the file says so: written again when the list changes
+            return
+        except OSError as exc:
+            # In force all the same; only a restart during an outage would miss it.
+            if self.stats.restrictions_unsaved != 1:
+                self.log.warning("restrictions_not_saved", error=f"{type(exc).__name__}: {exc}")
+            self.stats.restrictions_unsaved = 1
+            return
+        if self.stats.restrictions_unsaved:
+            self.log.info("restrictions_saved_again", subjects=len(numbers))
+        self.stats.restrictions_unsaved = 0
+        self._saved = True
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
         """The schema in place before the first read or run: on a fresh database the

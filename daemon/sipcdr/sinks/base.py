@@ -5,7 +5,8 @@ destination: `deliver` either gets a whole batch there (then the delivery loop m
 the sink's cursor past it) or raises, and the same batch comes again after a backoff.
 Re-delivery is therefore normal, and each sink must make it harmless: PostgreSQL by
 `ON CONFLICT DO NOTHING` on the record's id, Kafka consumers by deduplicating on
-`cdr_id`, JSONL by accepting a repeated line after a crash.
+`cdr_id`, JSONL by leaving out records already at the end of its file after a crash
+(and readers by `cdr_id` beyond that).
 
 The record kinds, the streams and `SpoolRecord` belong to the spool
 (`sipcdr.spool.records`), the `Sink` protocol to its delivery (`sipcdr.delivery.sink`),

@@ -2,8 +2,17 @@
 
 A spool consumer like every sink: each batch is written, flushed and fsynced before
 the cursor moves, so a CDR in the file is on disk. A crash between the fsync and the
-cursor save repeats that batch's lines; tools that need exactly-once dedupe by
-`cdr_id`. Fraud alert records (with `alert_id`) are written too when `alerts` is set,
+cursor save (or a cursor that went back) makes the spool deliver those records again;
+they are not written twice. When the file is opened, the lines of its last
+`TAIL_BYTES` (those of the newest rotated file when it is empty: a rotation right
+before the crash) are kept until the first batches: records at the head of those
+batches whose bytes are the file's lines in the same order, ending with its last line,
+are already there and are skipped. Only a record whose exact bytes are already in the
+file (compared by a 128-bit BLAKE2b digest) is ever skipped, so nothing is lost
+however the repeats are guessed; a repeat that reaches
+further back than that window (1,000 records or 4 MiB make a delivery batch) is
+written again, and readers that need exactly-once still dedupe by `cdr_id`, as for
+Kafka. Fraud alert records (with `alert_id`) are written too when `alerts` is set,
 which the daemon does when the file is its only sink; signaling never is.
 The file is rotated by size to `<name>.<UTC time>` so no single file grows unbounded.
 A rotation that fails (no inode left for the new file, say) comes after its batch is
@@ -18,13 +27,15 @@ are made 0600 at start.
 A batch that cannot be written whole (a full disk) is cut back to where it began and
 fails, to be retried from the spool: a torn line would merge with the next record
 into one unreadable line. A torn line found when the file is opened (a crash mid
-write, or a cut that failed) is cut off the same way.
+write, or a cut that failed) is cut off the same way, before its tail is read: the
+record it began was never confirmed, so it comes again and is written whole.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import os
 import re
 import time
@@ -32,12 +43,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Final
 
+import structlog
+
 from sipcdr.private import check_file_location, open_private_fd, private_dir, tighten_files
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, AsyncLifecycle, SpoolRecord
 
 DEFAULT_ROTATE_BYTES: Final = 256 * 1024 * 1024  # a day of a busy trunk group, still greppable
 CONFIG_KEY: Final = "sinks.jsonl.path"  # what a refused path is reported under
 _ROTATED_SUFFIX: Final = re.compile(r"\.\d{8}T\d{6}Z(\.\d+)?")  # what _rotate appends
+# How much of the file's end is compared with the records delivered again after a
+# crash: twice the largest delivery batch (4 MiB), read once at open (a few ms).
+TAIL_BYTES: Final = 8 * 1024 * 1024
 
 
 class JsonlSink(AsyncLifecycle):
@@ -54,6 +70,15 @@ class JsonlSink(AsyncLifecycle):
         self.rotation_failures = 0  # the batch before was kept; tried again after the next
         self._file: IO[bytes] | None = None
         self._size = 0
+        # Until the first batches after an open: digests of the file's last lines, which
+        # records delivered again may repeat (see the module docstring), and where in
+        # them the next record must match; None once the repeats are past. Digests, not
+        # the lines: kept until a record comes, which may be hours after a start.
+        self._tail: list[bytes] | None = None
+        self._tail_next = -1  # -1: not matched yet
+        self.repeats_skipped = 0  # records already in the file when delivered again
+        self._skipped_since_open = 0
+        self._log = structlog.get_logger("sipcdr.jsonl")
 
     async def start(self) -> None:
         check_file_location(self.path, key=CONFIG_KEY)
@@ -72,7 +97,7 @@ class JsonlSink(AsyncLifecycle):
     async def probe(self) -> None:
         """A local file has no server to be gone: failures wait the whole backoff."""
 
-    def _open(self) -> IO[bytes]:
+    def _open(self, *, after_rotation: bool = False) -> IO[bytes]:
         if self._file is None:
             # The folder may be the operator's: checked, never changed.
             private_dir(self.path.parent, tighten=False, key=CONFIG_KEY)
@@ -81,11 +106,43 @@ class JsonlSink(AsyncLifecycle):
             handle = os.fdopen(fd, "a+b", buffering=0)
             try:
                 self._size = _cut_torn_line(handle.fileno())
+                if not after_rotation:  # a new file after a rotation repeats nothing
+                    self._tail = self._read_tail(handle.fileno())
+                    self._tail_next = -1
+                    self._skipped_since_open = 0
             except OSError:
                 handle.close()
                 raise
             self._file = handle
         return self._file
+
+    def _read_tail(self, fd: int) -> list[bytes] | None:
+        """Digests of the whole lines of the file's last `TAIL_BYTES`, or of the newest
+        rotated file's when this one is empty; None when there are none."""
+        if self._size > 0:
+            return _whole_lines(fd, self._size)
+        newest = self._newest_rotated()
+        if newest is None:
+            return None
+        try:
+            rotated = os.open(newest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            size = os.fstat(rotated).st_size
+            return _whole_lines(rotated, size)
+        finally:
+            os.close(rotated)
+
+    def _newest_rotated(self) -> Path | None:
+        prefix = self.path.name
+        stamps = []
+        for name in os.listdir(self.path.parent):
+            match = _ROTATED_SUFFIX.fullmatch(name, len(prefix))
+            if name.startswith(prefix) and match:
+                stamp, _, serial = name[len(prefix) + 1 :].partition(".")
+                stamps.append((stamp, int(serial or 0), name))
+        return self.path.with_name(max(stamps)[2]) if stamps else None
 
     async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
         kinds = self.kinds
@@ -96,6 +153,28 @@ class JsonlSink(AsyncLifecycle):
 
     def _write(self, lines: list[bytes]) -> None:
         handle = self._open()
+        if self._tail is not None:
+            skipped, after = self._already_written(lines)
+            lines = lines[skipped:]
+            if lines:
+                self._write_lines(handle, lines)
+            # Only once the rest is on disk: a batch that failed comes again whole, and
+            # is compared again from the same line.
+            self._caught_up(skipped, after)
+            return
+        self._write_lines(handle, lines)
+
+    def _caught_up(self, skipped: int, after: int) -> None:
+        self._skipped_since_open += skipped
+        self.repeats_skipped += skipped
+        if after < 0 or self._tail is None or after >= len(self._tail):
+            self._tail = None
+            if self._skipped_since_open:
+                self._log.info("jsonl_repeats_skipped", records=self._skipped_since_open)
+        else:
+            self._tail_next = after
+
+    def _write_lines(self, handle: IO[bytes], lines: list[bytes]) -> None:
         data = memoryview(b"\n".join(lines) + b"\n")
         start, end = self._size, self._size + len(data)
         try:
@@ -118,6 +197,35 @@ class JsonlSink(AsyncLifecycle):
                 # is closed; the next batch opens it (or a new one) and tries again.
                 self.rotation_failures += 1
 
+    def _already_written(self, lines: list[bytes]) -> tuple[int, int]:
+        """How many of `lines`, from the first, are the file's last lines delivered
+        again, and the tail line the next record must match (-1: the repeats are past,
+        everything from here on is new). Changes nothing."""
+        tail = self._tail
+        assert tail is not None
+        digests = [_digest(line) for line in lines]
+        start = self._tail_next
+        if start < 0:
+            # The first record delivered after the open: where in the tail it was
+            # written, if anywhere, with the records after it matching too.
+            first = digests[0]
+            start = next(
+                (
+                    at
+                    for at, line in enumerate(tail)
+                    if line == first and _continues(tail, at, digests)
+                ),
+                -1,
+            )
+            if start < 0:
+                return 0, -1
+        matched = 0
+        for digest in digests:
+            if start + matched >= len(tail) or tail[start + matched] != digest:
+                return matched, -1
+            matched += 1
+        return matched, start + matched
+
     def _cut_back(self, size: int) -> None:
         """Remove what a failed batch wrote; if even that fails, close the file, so the
         next open cuts the torn line off before anything is appended to it."""
@@ -139,7 +247,7 @@ class JsonlSink(AsyncLifecycle):
             target = self.path.with_name(f"{self.path.name}.{stamp}.{serial}")
             serial += 1
         self.path.rename(target)
-        self._open()
+        self._open(after_rotation=True)
 
     async def flush(self) -> None:
         """Nothing buffered: every `deliver` that returned is fsynced."""
@@ -149,6 +257,32 @@ class JsonlSink(AsyncLifecycle):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _continues(tail: list[bytes], at: int, lines: list[bytes]) -> bool:
+    """Whether `lines` and the tail from `at` agree as far as both go."""
+    count = min(len(tail) - at, len(lines))
+    return tail[at : at + count] == lines[:count]
+
+
+def _digest(line: bytes) -> bytes:
+    # 128 bits: two different records alike by chance is a 2**-128 event, far below a
+    # disk returning wrong data.
+    return hashlib.blake2b(line, digest_size=16).digest()
+
+
+def _whole_lines(fd: int, size: int) -> list[bytes] | None:
+    """Digests of the whole lines in the last `TAIL_BYTES` of the file's first `size`
+    bytes (which end with a newline), None when there are none."""
+    # One byte before the window tells whether its first line is whole.
+    start = max(0, size - TAIL_BYTES - 1)
+    data = os.pread(fd, size - start, start)
+    if not data.endswith(b"\n"):
+        return None
+    lines = data[:-1].split(b"\n")
+    if start > 0:
+        lines = lines[1:]  # begun before the window (empty when the window starts a line)
+    return [_digest(line) for line in lines] or None
 
 
 def _cut_torn_line(fd: int) -> int:

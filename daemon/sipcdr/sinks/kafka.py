@@ -12,7 +12,9 @@ The broker may be down for any length of time without the daemon noticing anythi
 but failed deliveries: `start` does not connect, the producer is made by the first
 `deliver`, and a producer that failed once is closed, dropping what it still held, and
 replaced by a fresh one on the next `deliver` (a new connection, fresh metadata, no
-records of the failed batch trickling in after it). Every
+records of the failed batch trickling in after it). Records a producer still holds when
+it is closed fail, are counted (`unconfirmed_at_close`) and stay in the spool; every
+future aiokafka made for them is read, so none is reported unread at exit. Every
 network wait is bounded by the request timeout: a dead broker, a refused topic or a
 broker that stops answering turn into a `KafkaDeliveryError` within
 `2 * request_timeout_ms`, and `stop` returns within about one request timeout.
@@ -204,6 +206,8 @@ class KafkaSink(AsyncLifecycle):
         self.sent: dict[str, int] = dict.fromkeys(self._topics.values(), 0)
         self._producer: Any = None  # AIOKafkaProducer once a deliver has connected
         self._closing: set[asyncio.Task[None]] = set()
+        # Records a closed producer still held: failed, so they stay in the spool.
+        self.unconfirmed_at_close = 0
         self._log = structlog.get_logger("sipcdr.kafka")
 
     @property
@@ -420,16 +424,26 @@ class KafkaSink(AsyncLifecycle):
     async def _close(self, producer: Any, flush: bool) -> None:
         """With `flush`, let the producer deliver what it holds and close, within one
         request timeout; otherwise, or past that, close it without waiting."""
+        held = -1
         if flush:
             try:
                 async with asyncio.timeout(self.request_timeout_s):
                     await producer.stop()
-                return
             except TimeoutError:
                 self._log.warning("kafka_close_timed_out", timeout_s=self.request_timeout_s)
             except Exception as exc:
                 self._log.warning("kafka_close_failed", error=_describe(exc))
-        await _close_now(producer)
+            else:
+                # Closed with its sender already gone, aiokafka leaves what it held
+                # waiting forever; it fails here like any other.
+                held = _fail_held(producer)
+        if held < 0:
+            held = await _close_now(producer)
+        if held:
+            # Never confirmed, so never confirmed to the spool either: the delivery
+            # loop sends them again (a `deliver` waiting for them raised).
+            self.unconfirmed_at_close += held
+            self._log.info("kafka_records_unconfirmed_at_close", records=held)
 
 
 def _published(records: Sequence[SpoolRecord]) -> list[SpoolRecord]:
@@ -448,17 +462,15 @@ def _published(records: Sequence[SpoolRecord]) -> list[SpoolRecord]:
     return out
 
 
-async def _close_now(producer: Any) -> None:
+async def _close_now(producer: Any) -> int:
     """Fail what the producer holds, drop its connections and end its sender task,
-    without waiting for the broker.
+    without waiting for the broker; returns how many records it held.
 
     aiokafka has no such call: `stop` waits until every pending batch is delivered or
     expired, and its sender answers a cancel by waiting for its requests in flight,
     which on a broker that stopped answering takes a request timeout each.
     """
-    accumulator = getattr(producer, "_message_accumulator", None)
-    if accumulator is not None:
-        accumulator.fail_all(KafkaConnectionError("kafka producer closed before delivery"))
+    held = _fail_held(producer)
     # Closing the connections fails the requests in flight at once, so the sender's
     # produce tasks end, and stops the metadata task.
     await _bounded(producer.client.close())
@@ -470,6 +482,30 @@ async def _close_now(producer: Any) -> None:
         await asyncio.wait({task}, timeout=_DROP_WAIT_S)
     # Marks the producer closed; with no sender and nothing pending it returns at once.
     await _bounded(producer.stop())
+    return held
+
+
+def _fail_held(producer: Any) -> int:
+    """Fail every record the producer still holds; returns how many there were.
+
+    Each record's own future fails, so the `deliver` waiting for it (if any) raises
+    and its batch stays in the spool. aiokafka also fails each batch's own futures (one
+    for the batch, one for its hand-over to the sender), which only its sender awaits:
+    their errors are read here, or each would be reported as "Future exception was
+    never retrieved" when collected, as if a record had been lost.
+    """
+    accumulator = getattr(producer, "_message_accumulator", None)
+    if accumulator is None:
+        return 0
+    batches = [batch for queue in accumulator._batches.values() for batch in queue]
+    batches += list(accumulator._pending_batches)
+    held = sum(not future.done() for batch in batches for future, _ in batch._msg_futures)
+    accumulator.fail_all(KafkaConnectionError("kafka producer closed before delivery"))
+    for batch in batches:
+        for future in (batch.future, batch._drain_waiter):
+            if future.done() and not future.cancelled():
+                future.exception()
+    return held
 
 
 async def _bounded(step: Coroutine[Any, Any, Any]) -> None:

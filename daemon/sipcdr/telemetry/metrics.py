@@ -423,6 +423,7 @@ def _privacy(scrape: _Scrape, sources: Sources) -> None:
         scrape.counts("sipcdr_retention_runs", stats.runs)
         scrape.set("sipcdr_retention_last_success_timestamp_seconds", stats.last_success)
         scrape.set("sipcdr_restricted_subjects", stats.restricted_subjects)
+        scrape.set("sipcdr_restrictions_not_saved", stats.restrictions_unsaved)
     if sources.outbound is not None:
         scrape.counts("sipcdr_kafka_records_withheld", sources.outbound.withheld)
     if sources.outputs is not None:

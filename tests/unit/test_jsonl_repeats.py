@@ -1,0 +1,137 @@
+"""The JSONL sink after a crash: records the spool delivers again because its cursor
+was not saved after they were written are already in the file, and are not written
+twice; nothing else is ever skipped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+from sipcdr.sinks import jsonl
+from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS, SpoolRecord
+from sipcdr.sinks.jsonl import JsonlSink
+from smalldisk import SmallDisk, fill
+from structlog.testing import capture_logs
+
+
+def cdrs(first: int, last: int) -> list[SpoolRecord]:
+    return [
+        SpoolRecord(n, KIND_CDR, b"k", b'{"cdr_id":"c%d","pad":"%s"}' % (n, b"x" * 40))
+        for n in range(first, last + 1)
+    ]
+
+
+def numbers(path: Path) -> list[int]:
+    return [int(orjson.loads(line)["cdr_id"][1:]) for line in path.read_bytes().splitlines()]
+
+
+async def written(
+    path: Path, *batches: list[SpoolRecord], rotate_bytes: int = 1 << 30
+) -> JsonlSink:
+    """A sink that starts (as after a crash), is given `batches`, and stops."""
+    sink = JsonlSink(path, rotate_bytes=rotate_bytes)
+    await sink.start()
+    for batch in batches:
+        await sink.deliver(STREAM_RECORDS, batch)
+    await sink.stop()
+    return sink
+
+
+async def test_the_batch_whose_cursor_was_not_saved_is_not_written_again(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "cdrs.jsonl"
+    await written(path, cdrs(1, 10), cdrs(11, 20))  # killed before the cursor passed 20
+    with capture_logs() as logs:
+        again = await written(path, cdrs(11, 25))  # the spool's next batch after the start
+    assert numbers(path) == list(range(1, 26))
+    assert again.repeats_skipped == 10 and again.written == 5
+    assert [(e["event"], e["records"]) for e in logs] == [("jsonl_repeats_skipped", 10)]
+
+
+async def test_repeats_over_several_batches_of_another_size_are_skipped(tmp_path: Path) -> None:
+    """A cursor that went back further (not saved for a while, or a power loss), and
+    batches cut differently this time."""
+    path = tmp_path / "cdrs.jsonl"
+    await written(path, cdrs(1, 10), cdrs(11, 20), cdrs(21, 30))
+    again = await written(path, cdrs(8, 14), cdrs(15, 21), cdrs(22, 30), cdrs(31, 33))
+    assert numbers(path) == list(range(1, 34))
+    assert again.repeats_skipped == 23
+
+
+async def test_a_torn_last_line_is_cut_and_its_record_written_whole(tmp_path: Path) -> None:
+    path = tmp_path / "cdrs.jsonl"
+    await written(path, cdrs(1, 20))
+    torn = cdrs(21, 21)[0].value
+    with path.open("ab") as handle:
+        handle.write(torn[: len(torn) // 2])  # killed in the middle of the write
+    again = await written(path, cdrs(11, 25))
+    assert numbers(path) == list(range(1, 26))
+    assert again.repeats_skipped == 10
+
+
+async def test_repeats_of_a_batch_that_filled_the_file_are_found_in_the_rotated_one(
+    tmp_path: Path,
+) -> None:
+    """Killed after the batch was written and the file rotated, before the cursor."""
+    path = tmp_path / "cdrs.jsonl"
+    await written(path, cdrs(1, 10), rotate_bytes=200)
+    assert path.read_bytes() == b""
+    again = await written(path, cdrs(1, 12))
+    assert numbers(path) == [11, 12] and again.repeats_skipped == 10
+    assert sorted(n for f in tmp_path.glob("cdrs.jsonl*") for n in numbers(f)) == list(range(1, 13))
+
+
+async def test_records_not_in_the_file_are_all_written(tmp_path: Path) -> None:
+    path = tmp_path / "cdrs.jsonl"
+    await written(path, cdrs(1, 10))
+    again = await written(path, cdrs(11, 20))  # the cursor was saved: nothing repeats
+    assert numbers(path) == list(range(1, 21)) and again.repeats_skipped == 0
+    # Records that agree with the file only in part: the part that is there is the
+    # only thing left out, in the order the file has it; nothing is lost.
+    other = [r._replace(value=r.value.replace(b"x", b"y")) for r in cdrs(9, 12)]
+    again = await written(path, cdrs(19, 20) + other)
+    assert numbers(path) == [*range(1, 21), 9, 10, 11, 12]
+
+
+async def test_only_cdr_lines_are_compared_when_alerts_are_not_written(tmp_path: Path) -> None:
+    path = tmp_path / "cdrs.jsonl"
+    alert = SpoolRecord(99, KIND_ALERT, b"k", b'{"alert_id":"a"}')
+    await written(path, [*cdrs(1, 5), alert, *cdrs(6, 8)])
+    again = await written(path, [*cdrs(4, 5), alert, *cdrs(6, 10)])
+    assert numbers(path) == list(range(1, 11)) and again.repeats_skipped == 5
+
+
+async def test_repeats_from_before_the_window_are_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past `TAIL_BYTES` the sink does not look: such a repeat is written again (and
+    readers dedupe by cdr_id), never taken for a record that is there."""
+    monkeypatch.setattr(jsonl, "TAIL_BYTES", 5 * len(cdrs(1, 1)[0].value) + 5)
+    path = tmp_path / "cdrs.jsonl"
+    await written(path, cdrs(1, 20))
+    again = await written(path, cdrs(11, 22))
+    assert numbers(path) == [*range(1, 21), *range(11, 23)]
+    assert again.repeats_skipped == 0
+    again = await written(path, cdrs(19, 24))  # within the window: left out
+    assert numbers(path)[-2:] == [23, 24] and again.repeats_skipped == 4
+
+
+async def test_a_batch_that_fails_after_its_repeats_is_compared_again_when_retried(
+    tmp_path: Path, small_disk: SmallDisk
+) -> None:
+    disk = small_disk(tmp_path / "disk", 256 * 1024)
+    path = disk / "cdrs.jsonl"
+    await written(path, cdrs(1, 20))
+    filler = fill(disk, leave_bytes=1024)
+    sink = JsonlSink(path)
+    await sink.start()
+    with pytest.raises(OSError):
+        await sink.deliver(STREAM_RECORDS, cdrs(11, 200))  # the new ones do not fit
+    assert numbers(path) == list(range(1, 21))
+    filler.unlink()
+    await sink.deliver(STREAM_RECORDS, cdrs(11, 200))  # the spool sends it again, whole
+    await sink.stop()
+    assert numbers(path) == list(range(1, 201))
+    assert sink.repeats_skipped == 10
