@@ -97,6 +97,7 @@ class App:
             on_no_space=self._make_room,
             clock=self.clock.monotonic,
             wall_clock=self.clock.time,
+            batch_writes=config.state.journal_batch,
         )
         self.intake = IntakeGate(Intake(), self.clock.monotonic)
         self.spare_room = SpareRoom(self.spare)
@@ -275,6 +276,8 @@ class App:
             # the spool holds in memory go into every checkpoint instead.
             writer.on_written = self.dialogs.closed
             self.dialogs.held = writer.held
+            # The journal's records of this turn before the CDRs they closed.
+            writer.spool.before_write = self.dialogs.write_pending
         self.spare_room.connect(outputs, outputs.destination_dirs())
         if self.apart is not None:
             self.spare_room.delivery = self.apart  # its `held` goes to the delivery process

@@ -62,6 +62,14 @@ TMP_SUFFIX: Final = ".tmp"  # a checkpoint being written; renamed once complete
 # Written by versions without a journal, at a clean stop: read once as generation 0.
 LEGACY_SNAPSHOT: Final = "dialogs.json"
 _NO_SPACE: Final = frozenset((errno.ENOSPC, errno.EDQUOT))
+# Records held for the end of the event loop's turn are written sooner past either
+# bound: memory stays small whatever one turn takes in.
+BATCH_MAX_RECORDS: Final = 512
+BATCH_MAX_BYTES: Final = 256 * 1024
+# What each record counts as in the store's stats once written.
+_MESSAGE: Final = 0
+_CLOSE: Final = 1
+_DECISION: Final = 2
 
 
 def _no_cdrs() -> Sequence[Cdr]:
@@ -85,6 +93,7 @@ class DialogStore:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         on_no_space: Callable[[], bool] | None = None,
+        batch_writes: bool = False,
     ) -> None:
         self.directory = directory
         self.correlator = correlator
@@ -122,6 +131,13 @@ class DialogStore:
         self._writing: tuple[_Checkpoint, asyncio.Future[None]] | None = None
         self._unwritten: list[Cdr] = []  # from recovery, until the start writes them
         self._write_errors_logged = 0  # journal_write_errors as of the last log line
+        # Batched: records wait for the end of the event loop's turn (or the next spool
+        # write, `write_pending`) and go out in one `write`, rather than one each.
+        self.batch_writes = batch_writes
+        self._pending: list[bytes] = []  # frame, body, frame, body, ...
+        self._pending_bytes = 0
+        self._pending_kinds = [0, 0, 0]  # records waiting, by _MESSAGE, _CLOSE, _DECISION
+        self._write_scheduled = False
 
     @property
     def journal_bytes(self) -> int:
@@ -144,8 +160,7 @@ class DialogStore:
             self.stats.journal_write_errors += 1  # a field out of range: cannot be framed
             self._intact = False
             return
-        if self._append(record):
-            self.stats.journal_messages += 1
+        self._append(record, _MESSAGE)
 
     def closed(self, cdr: Cdr) -> None:
         """Journal that a call's CDR is in the spool file. After the stop's checkpoint
@@ -153,8 +168,7 @@ class DialogStore:
         next start may write such a CDR again, under the same cdr_id, which is no loss."""
         if self._stopped:
             return
-        if self._append(closed_record(cdr, max(cdr.end_time, self.correlator.now))):
-            self.stats.journal_closes += 1
+        self._append(closed_record(cdr, max(cdr.end_time, self.correlator.now)), _CLOSE)
 
     def decided(self, cdrs: Sequence[Cdr], timer_at: float | None) -> None:
         """Journal closes that no replayed message repeats, before their CDRs go to the
@@ -162,26 +176,69 @@ class DialogStore:
         or an eviction (None) by the message journaled next."""
         now = self.correlator.now
         for cdr in cdrs:
-            if self._append(decided_record(cdr, now)):
-                self.stats.journal_decisions += 1
-        if timer_at is not None and self._append(timer_record(timer_at)):
-            self.stats.journal_decisions += 1
+            self._append(decided_record(cdr, now), _DECISION)
+        if timer_at is not None:
+            self._append(timer_record(timer_at), _DECISION)
 
-    def _append(self, body: bytes) -> bool:
+    def _append(self, body: bytes, kind: int) -> None:
         length = len(body)
-        frame = _FRAME.pack(zlib.crc32(body), length)
+        if length > MAX_RECORD_BYTES:
+            # Replay would stop at it: refused here, alone, and counted.
+            self.stats.journal_write_errors += 1
+            self._intact = False
+            return
+        pending = self._pending
+        pending.append(_FRAME.pack(zlib.crc32(body), length))
+        pending.append(body)
+        self._pending_bytes += length + _FRAME.size
+        self._pending_kinds[kind] += 1
+        if self._write_scheduled:
+            if len(pending) >= 2 * BATCH_MAX_RECORDS or self._pending_bytes >= BATCH_MAX_BYTES:
+                self.write_pending()
+            return
+        if self.batch_writes:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass  # no event loop (a test, a tool): nothing would end the turn
+            else:
+                # After the callbacks of this turn: every datagram uvloop read on this
+                # wake-up, a stream's whole read, a timer run.
+                loop.call_soon(self.write_pending)
+                self._write_scheduled = True
+                return
+        self.write_pending()
+
+    def write_pending(self) -> None:
+        """Write the records waiting for the end of the turn, in one `write`. Called
+        then, before any CDR goes to the spool file (its `before_write`: a CDR never
+        reaches the spool before the records that closed it), and before the journal is
+        fsynced or switched. Never raises: a failed write is counted per record."""
+        self._write_scheduled = False
+        pending = self._pending
+        if not pending:
+            return
+        kinds = self._pending_kinds
+        self._pending, self._pending_bytes, self._pending_kinds = [], 0, [0, 0, 0]
+        data = pending[0] + pending[1] if len(pending) == 2 else b"".join(pending)
+        if self._write(data, len(pending) // 2):
+            stats = self.stats
+            stats.journal_messages += kinds[_MESSAGE]
+            stats.journal_closes += kinds[_CLOSE]
+            stats.journal_decisions += kinds[_DECISION]
+
+    def _write(self, data: bytes, records: int) -> bool:
+        length = len(data)
         for attempt in (1, 2):
             no_space = False
             try:
                 if self._fd < 0:
                     raise OSError(errno.EBADF, "journal not open")
-                if length > MAX_RECORD_BYTES:
-                    raise OSError(errno.EFBIG, "record too large")
-                written = os.writev(self._fd, (frame, body))
+                written = os.write(self._fd, data)
             except OSError as exc:
                 no_space = exc.errno in _NO_SPACE
             else:
-                if written == length + _FRAME.size:
+                if written == length:
                     self._size += written
                     self._dirty = True
                     return True
@@ -192,7 +249,7 @@ class DialogStore:
                     os.ftruncate(self._fd, self._size)
             if not (attempt == 1 and no_space and self._make_room()):
                 break
-        self.stats.journal_write_errors += 1
+        self.stats.journal_write_errors += records
         self._intact = False
         return False
 
@@ -341,6 +398,7 @@ class DialogStore:
 
     def flush(self) -> None:
         """fsync the journal if anything was written since the last time."""
+        self.write_pending()
         if self._dirty and self._fd >= 0:
             self._dirty = False
             os.fsync(self._fd)
@@ -425,6 +483,8 @@ class DialogStore:
 
     def _begin(self, final: bool) -> _Checkpoint | None:
         began = self._clock()
+        # What the snapshot holds belongs to the journal it ends, not the next one.
+        self.write_pending()
         messages = self.correlator.stats.messages
         # The snapshot makes a tuple per open call; letting the garbage collector walk
         # every open call meanwhile doubles its cost (measured at 100,000).
