@@ -1049,10 +1049,17 @@ class CountedWrites:
         return getattr(os, name)
 
     def write(self, fd: int, data: Any) -> int:
+        self._count()
+        return os.write(fd, data)
+
+    def writev(self, fd: int, buffers: Sequence[bytes]) -> int:
+        self._count()
+        return os.writev(fd, buffers)
+
+    def _count(self) -> None:
         self.writes += 1
         if self.fail:
             raise OSError(errno.EIO, "Input/output error")
-        return os.write(fd, data)
 
 
 @pytest.fixture
