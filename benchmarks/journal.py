@@ -37,7 +37,7 @@ from dialogs import _flow, _packet
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.dialogstore import DialogStore
 from sipcdr.model import Cdr
-from sipcdr.pipeline import Pipeline
+from sipcdr.pipeline import CdrSink, Pipeline
 from sipcdr.sinks.outputs import SpoolCdrWriter
 from sipcdr.sip import parse
 from sipcdr.spool import Spool
@@ -81,9 +81,9 @@ async def _per_message_us(
         store.recover()
         await _start(store)
         writer.on_written = store.closed  # as the daemon: once the spool has the CDR
-        if journal:
-            spool.before_write = store.write_pending
-        pipeline = Pipeline(correlator, [writer], journal=store.message, decided=store.decided)
+        # The daemon's chain: the journal's records before any CDR reaches the spool.
+        sinks: list[CdrSink] = [store.barrier, writer]
+        pipeline = Pipeline(correlator, sinks, journal=store.message, decided=store.decided)
     packets = [_packet(1_700_000_000.0 + n, data) for n, flow in enumerate(flows) for data in flow]
     # CPU time of this process (the writes' kernel time included): other work on a
     # shared machine does not count against a contender.

@@ -196,7 +196,7 @@ class App:
             # dialog store, refusing new calls while the intake gate says so.
             self.engine = chain.build_engine(
                 self.config,
-                chain.Destinations.of(self.outputs),
+                self.dialogs.ahead(chain.Destinations.of(self.outputs)),
                 correlator=self.correlator,
                 journal=chain.JournalHooks(self.dialogs.message, self.dialogs.decided),
                 intake=self.intake.intake,
@@ -276,8 +276,6 @@ class App:
             # the spool holds in memory go into every checkpoint instead.
             writer.on_written = self.dialogs.closed
             self.dialogs.held = writer.held
-            # The journal's records of this turn before the CDRs they closed.
-            writer.spool.before_write = self.dialogs.write_pending
         self.spare_room.connect(outputs, outputs.destination_dirs())
         if self.apart is not None:
             self.spare_room.delivery = self.apart  # its `held` goes to the delivery process

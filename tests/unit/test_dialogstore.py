@@ -21,6 +21,7 @@ import structlog
 from sipcalls import CALLEE_ADDR, CALLER_ADDR, Call, CdrCollector, packet
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.dialogstore import MAGIC, DialogStore, read_checkpoint
+from sipcdr.dialogstore import appender as appender_module
 from sipcdr.dialogstore import checkpoint as checkpoint_module
 from sipcdr.dialogstore import store as store_module
 from sipcdr.model import Cdr
@@ -488,6 +489,7 @@ class FullDisk:
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[FullDisk]:
     disk = FullDisk()
     # The journal's writes and the checkpoint file's.
+    monkeypatch.setattr(appender_module, "os", disk)
     monkeypatch.setattr(store_module, "os", disk)
     monkeypatch.setattr(checkpoint_module, "os", disk)
     yield disk
@@ -626,9 +628,9 @@ class SpoolNode:
         self.writer = SpoolCdrWriter(self.spool)
         self.pipeline = Pipeline(self.correlator, [self.writer])
         self.store = DialogStore(directory, self.correlator, batch_writes=batched)
-        if batched:
-            # As the daemon wires it: the turn's records before the CDRs they closed.
-            self.spool.before_write = self.store.write_pending
+        # As the daemon wires it (`DialogStore.ahead`): the turn's journal records are
+        # written before any CDR reaches the spool writer.
+        self.sinks: list[CdrSink] = [self.store.barrier, self.writer]
 
     async def boot(self) -> list[Cdr]:
         unwritten = self.store.recover()
@@ -636,7 +638,7 @@ class SpoolNode:
         self.store.held = self.writer.held
         self.pipeline = Pipeline(
             self.correlator,
-            [self.writer],
+            self.sinks,
             journal=self.store.message,
             decided=self.store.decided,
         )
@@ -1065,7 +1067,7 @@ class CountedWrites:
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> CountedWrites:
     writes = CountedWrites()
-    monkeypatch.setattr(store_module, "os", writes)
+    monkeypatch.setattr(appender_module, "os", writes)
     return writes
 
 
@@ -1168,9 +1170,9 @@ async def test_a_turn_larger_than_the_bound_is_written_as_it_goes(
     writes = counted.writes
     node.run([msg(n / 1000, call.request("INVITE")) for n, call in enumerate(calls)])
     # Bounded memory: written every BATCH_MAX_RECORDS, the rest at the end of the turn.
-    assert counted.writes - writes == 1100 // store_module.BATCH_MAX_RECORDS
+    assert counted.writes - writes == 1100 // appender_module.BATCH_MAX_RECORDS
     await asyncio.sleep(0)
-    assert counted.writes - writes == 1100 // store_module.BATCH_MAX_RECORDS + 1
+    assert counted.writes - writes == 1100 // appender_module.BATCH_MAX_RECORDS + 1
     assert node.store.stats.journal_messages == 1100
     node.crash()
     second = Node(tmp_path, CdrCollector())

@@ -10,10 +10,10 @@ Files in the state directory, numbered by generation g, each created 0600:
     dialogs.<g>.journal   what changed during generation g
 
 The journal holds four kinds of record. Batched (the daemon's default), the records of
-one event loop turn are appended in one `write` at the end of the turn, or sooner,
-before the CDR spool writes (its `before_write`: no CDR reaches the spool before the
-records that closed it), before an fsync and before a checkpoint switches journals;
-otherwise each is appended with a `write` of its own:
+one event loop turn are appended in one `write` at the end of the turn, or sooner:
+before any CDR reaches the sinks (the barrier `ahead` puts first among them: no CDR is
+in the spool before the records that closed it), before an fsync and before a
+checkpoint switches journals; otherwise each is appended with a `write` of its own:
 - a message the correlator reported as `changed` (a first INVITE, the first ringing,
   answer or final response to it, a CANCEL, an auth retry, a BYE), before any CDR it
   closes goes to the spool;

@@ -9,7 +9,6 @@ import errno
 import gc
 import os
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -17,6 +16,7 @@ from typing import Any, Final
 import structlog
 
 from sipcdr.dialog import Correlator
+from sipcdr.dialogstore.appender import _NO_SPACE, JournalAppender
 from sipcdr.dialogstore.checkpoint import (
     _Checkpoint,
     _error_of,
@@ -25,17 +25,11 @@ from sipcdr.dialogstore.checkpoint import (
     write_checkpoint,
 )
 from sipcdr.dialogstore.journal import (
-    _FRAME,
     MAGIC,
-    MAX_RECORD_BYTES,
     JournalReplay,
-    closed_record,
-    decided_record,
-    message_record,
-    timer_record,
 )
 from sipcdr.dialogstore.stats import DialogStoreStats
-from sipcdr.model import Cdr, Packet
+from sipcdr.model import Cdr
 from sipcdr.private import open_private_fd
 from sipcdr.spool import DEFAULT_FSYNC_INTERVAL_S
 
@@ -61,23 +55,13 @@ _PREFIX: Final = "dialogs."
 TMP_SUFFIX: Final = ".tmp"  # a checkpoint being written; renamed once complete
 # Written by versions without a journal, at a clean stop: read once as generation 0.
 LEGACY_SNAPSHOT: Final = "dialogs.json"
-_NO_SPACE: Final = frozenset((errno.ENOSPC, errno.EDQUOT))
-# Records held for the end of the event loop's turn are written sooner past either
-# bound: memory stays small whatever one turn takes in, and a batch's frames and
-# bodies stay within the 1024 buffers one `writev` takes.
-BATCH_MAX_RECORDS: Final = 512
-BATCH_MAX_BYTES: Final = 256 * 1024
-# What each record counts as in the store's stats once written.
-_MESSAGE: Final = 0
-_CLOSE: Final = 1
-_DECISION: Final = 2
 
 
 def _no_cdrs() -> Sequence[Cdr]:
     return ()
 
 
-class DialogStore:
+class DialogStore(JournalAppender):
     """Owns the checkpoint and journal files of one correlator. Call `recover()` once
     before `start()`. The pipeline's hooks: `message` (each message that changed a
     call), `decided` (closes no message repeats); the spool writer's: `closed` (a CDR
@@ -96,33 +80,23 @@ class DialogStore:
         on_no_space: Callable[[], bool] | None = None,
         batch_writes: bool = False,
     ) -> None:
+        super().__init__(correlator, DialogStoreStats(), on_no_space, batch_writes)
         self.directory = directory
-        self.correlator = correlator
         self.checkpoint_interval_s = checkpoint_interval_s
         self.fsync_interval_s = fsync_interval_s
-        self.stats = DialogStoreStats()
         self._replayer = JournalReplay(correlator, self.stats, self._journal_unreadable)
         self.log = structlog.get_logger("sipcdr.dialogs")
         # CDRs closed but held in memory by the spool (its reserve): each checkpoint
         # carries them, so a crash does not lose them.
         self.held: Callable[[], Sequence[Cdr]] = _no_cdrs
-        # Asked to make room when a write is refused for want of space; True when it did.
-        self.on_no_space = on_no_space
         self._clock = clock
         self._wall_clock = wall_clock
-        self._fd = -1
-        self._size = 0  # bytes in the open journal; a failed write is cut back to this
         # Sizes of the journals since the last good checkpoint, but the open one: all of
         # them are replayed at start.
         self._older_journals: dict[int, int] = {}
-        self._dirty = False
         self._generation = 0  # of the open journal (and of the newest checkpoint tried)
-        # False after a journal write failed, until a checkpoint succeeds: the files on
-        # disk no longer rebuild the current state.
-        self._intact = True
         self._recovered = False
         self._started = False
-        self._stopped = False
         self._task: asyncio.Task[None] | None = None
         self._last_checkpoint = 0.0
         self._last_checkpoint_s = 0.0  # how long the last one blocked
@@ -132,13 +106,6 @@ class DialogStore:
         self._writing: tuple[_Checkpoint, asyncio.Future[None]] | None = None
         self._unwritten: list[Cdr] = []  # from recovery, until the start writes them
         self._write_errors_logged = 0  # journal_write_errors as of the last log line
-        # Batched: records wait for the end of the event loop's turn (or the next spool
-        # write, `write_pending`) and go out in one `write`, rather than one each.
-        self.batch_writes = batch_writes
-        self._pending: list[bytes] = []  # frame, body, frame, body, ...
-        self._pending_bytes = 0
-        self._pending_kinds = [0, 0, 0]  # records waiting, by _MESSAGE, _CLOSE, _DECISION
-        self._write_scheduled = False
 
     @property
     def journal_bytes(self) -> int:
@@ -150,112 +117,6 @@ class DialogStore:
     def intact(self) -> bool:
         """Whether the files on disk rebuild the current state (and the held CDRs)."""
         return self._intact
-
-    # -- hot path -----------------------------------------------------------------------
-
-    def message(self, packet: Packet) -> None:
-        """Journal one message that changed a call. Never raises: the caller is the
-        capture path, and a failed write is counted."""
-        record = message_record(packet)
-        if record is None:
-            self.stats.journal_write_errors += 1  # a field out of range: cannot be framed
-            self._intact = False
-            return
-        self._append(record, _MESSAGE)
-
-    def closed(self, cdr: Cdr) -> None:
-        """Journal that a call's CDR is in the spool file. After the stop's checkpoint
-        (the spool writing what it still held as it closes) there is no journal: the
-        next start may write such a CDR again, under the same cdr_id, which is no loss."""
-        if self._stopped:
-            return
-        self._append(closed_record(cdr, max(cdr.end_time, self.correlator.now)), _CLOSE)
-
-    def decided(self, cdrs: Sequence[Cdr], timer_at: float | None) -> None:
-        """Journal closes that no replayed message repeats, before their CDRs go to the
-        spool: a timer run at `timer_at` (then the run itself too, for what it forgot),
-        or an eviction (None) by the message journaled next."""
-        now = self.correlator.now
-        for cdr in cdrs:
-            self._append(decided_record(cdr, now), _DECISION)
-        if timer_at is not None:
-            self._append(timer_record(timer_at), _DECISION)
-
-    def _append(self, body: bytes, kind: int) -> None:
-        length = len(body)
-        if length > MAX_RECORD_BYTES:
-            # Replay would stop at it: refused here, alone, and counted.
-            self.stats.journal_write_errors += 1
-            self._intact = False
-            return
-        pending = self._pending
-        pending.append(_FRAME.pack(zlib.crc32(body), length))
-        pending.append(body)
-        self._pending_bytes += length + _FRAME.size
-        self._pending_kinds[kind] += 1
-        if self._write_scheduled:
-            if len(pending) >= 2 * BATCH_MAX_RECORDS or self._pending_bytes >= BATCH_MAX_BYTES:
-                self.write_pending()
-            return
-        if self.batch_writes:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                pass  # no event loop (a test, a tool): nothing would end the turn
-            else:
-                # After the callbacks of this turn: every datagram uvloop read on this
-                # wake-up, a stream's whole read, a timer run.
-                loop.call_soon(self.write_pending)
-                self._write_scheduled = True
-                return
-        self.write_pending()
-
-    def write_pending(self) -> None:
-        """Write the records waiting for the end of the turn, in one `writev`. Called
-        then, before any CDR goes to the spool file (its `before_write`: a CDR never
-        reaches the spool before the records that closed it), and before the journal is
-        fsynced or switched. Never raises: a failed write is counted per record."""
-        self._write_scheduled = False
-        pending = self._pending
-        if not pending:
-            return
-        kinds, length = self._pending_kinds, self._pending_bytes
-        self._pending, self._pending_bytes, self._pending_kinds = [], 0, [0, 0, 0]
-        if self._write(pending, length):
-            stats = self.stats
-            stats.journal_messages += kinds[_MESSAGE]
-            stats.journal_closes += kinds[_CLOSE]
-            stats.journal_decisions += kinds[_DECISION]
-
-    def _write(self, buffers: list[bytes], length: int) -> bool:
-        """Append `buffers` (whole records, `length` bytes) in one `writev`; a failed
-        or short write is cut back and counted for each record it held."""
-        for attempt in (1, 2):
-            no_space = False
-            try:
-                if self._fd < 0:
-                    raise OSError(errno.EBADF, "journal not open")
-                written = os.writev(self._fd, buffers)
-            except OSError as exc:
-                no_space = exc.errno in _NO_SPACE
-            else:
-                if written == length:
-                    self._size += written
-                    self._dirty = True
-                    return True
-                no_space = True  # a short write: the disk filled up
-            if self._fd >= 0:
-                # Half a record would hide every record after it from recovery.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self._size)
-            if not (attempt == 1 and no_space and self._make_room()):
-                break
-        self.stats.journal_write_errors += len(buffers) // 2
-        self._intact = False
-        return False
-
-    def _make_room(self) -> bool:
-        return self.on_no_space is not None and self.on_no_space()
 
     # -- recovery -----------------------------------------------------------------------
 

@@ -116,9 +116,6 @@ class Spool(Segments):
         # Asked to make room when a write is refused for want of space; True when it
         # did, and the write is tried once more.
         self.on_no_space: Callable[[], bool] | None = None
-        # Called before each write to the segment file: the dialog journal writes the
-        # records it holds for the end of the turn, so a CDR never precedes them.
-        self.before_write: Callable[[], None] | None = None
         self._no_space = False  # the last failed write was refused for want of space
         # Buffered streams: refuse records while the filesystem has less free space, or,
         # with `refuse_below_floor` off, only say so (`below_floor`) for an owner that
@@ -386,8 +383,6 @@ class Spool(Segments):
                 self._start_segment()  # the active file was lost: a new one, if possible
             except OSError:
                 return 0
-        if self.before_write is not None:
-            self.before_write()
         segment = self._segments[-1]
         data = records[0] if len(records) == 1 else b"".join(records)
         self._no_space = False
