@@ -24,6 +24,7 @@ from sipcdr.dialogstore import MAGIC, DialogStore, read_checkpoint
 from sipcdr.dialogstore import appender as appender_module
 from sipcdr.dialogstore import checkpoint as checkpoint_module
 from sipcdr.dialogstore import store as store_module
+from sipcdr.engine import Destinations
 from sipcdr.model import Cdr
 from sipcdr.pipeline import CdrSink, Pipeline
 from sipcdr.sinks.outputs import SpoolCdrWriter
@@ -1230,3 +1231,12 @@ def test_without_an_event_loop_each_record_is_written_at_once(tmp_path: Path) ->
         assert store.stats.journal_messages == 1
     finally:
         os.close(store._fd)
+
+
+def test_the_barrier_goes_first_among_the_cdr_sinks_and_keeps_the_rest(tmp_path: Path) -> None:
+    store = DialogStore(tmp_path, Correlator(), batch_writes=True)
+    spool = CdrCollector()
+    alerts: Any = object()
+    placed = store.ahead(Destinations([spool], None, alerts))
+    assert list(placed.cdrs) == [store.barrier, spool]
+    assert placed.alerts is alerts
