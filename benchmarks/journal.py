@@ -3,10 +3,11 @@
 Per SIP message, the daemon's path (parse, correlate, CDR appended to the spool)
 against the same path with the dialog journal:
 
-- write per record: the daemon's choice, one `write` per message that changed a call
-  and per close (SIGKILL-safe at once)
-- buffered: the same records gathered and written 64 KiB at a time (what a
-  bounded-window journal would cost instead)
+- write per record (`[state] journal_batch = false`): one `write` per message that
+  changed a call and per close (SIGKILL-safe at once)
+- per turn (the default): the records of one event loop turn in one `write` at its
+  end, and before any CDR goes to the spool file; here a turn takes `--turn` messages,
+  as a wake-up of the receive loop takes several datagrams
 
 Call flows are 7 messages (INVITE, 100, 180, 200, ACK, BYE, 200), of which 4 change
 the call and one CDR close follows: 5 journal records a call. Then, at a number of
@@ -16,7 +17,7 @@ checkpoint, replay a journal).
 Figures are medians of several rounds of CPU time; ratios are against the baseline of the same
 round, so a noisy machine moves all of them together.
 
-    python benchmarks/journal.py [--rounds 5] [--flows 3000] [--open 100000]
+    python benchmarks/journal.py [--rounds 5] [--flows 3000] [--turn 16] [--open 100000]
 """
 
 from __future__ import annotations
@@ -28,40 +29,18 @@ import statistics
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dialogs import _flow, _packet
 from sipcdr.dialog import Correlator, DialogLimits
-from sipcdr.dialogstore import _FRAME, DialogStore
+from sipcdr.dialogstore import DialogStore
 from sipcdr.model import Cdr
-from sipcdr.pipeline import Pipeline
+from sipcdr.pipeline import CdrSink, Pipeline
 from sipcdr.sinks.outputs import SpoolCdrWriter
 from sipcdr.sip import parse
 from sipcdr.spool import Spool
-
-_BUFFER_BYTES = 64 * 1024
-
-
-class BufferedStore(DialogStore):
-    """The alternative: records gathered in memory, written in 64 KiB batches."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-
-    def _append(self, body: bytes) -> bool:
-        record = _FRAME.pack(zlib.crc32(body), len(body)) + body
-        self._pending.append(record)
-        self._pending_bytes += len(record)
-        if self._pending_bytes >= _BUFFER_BYTES:
-            os.write(self._fd, b"".join(self._pending))
-            self._pending.clear()
-            self._pending_bytes = 0
-        return True
 
 
 class _Closes:
@@ -80,9 +59,16 @@ class _Closes:
 
 
 def per_message_us(
-    flows: list[list[bytes]], directory: Path, journal: type[DialogStore] | None
+    flows: list[list[bytes]], directory: Path, journal: bool | None, turn: int
 ) -> float:
-    """Microseconds per message through the daemon's pipeline, CDRs to a real spool."""
+    """Microseconds per message through the daemon's pipeline, CDRs to a real spool, an
+    event loop turn every `turn` messages; `journal`: none, or batched per turn."""
+    return asyncio.run(_per_message_us(flows, directory, journal, turn))
+
+
+async def _per_message_us(
+    flows: list[list[bytes]], directory: Path, journal: bool | None, turn: int
+) -> float:
     correlator = Correlator()
     spool = Spool(directory / "spool", ("bench",))
     spool.open()
@@ -90,18 +76,22 @@ def per_message_us(
     pipeline = Pipeline(correlator, [writer])
     store = None
     if journal is not None:
-        store = journal(directory / "dialogs", correlator)
+        store = DialogStore(directory / "dialogs", correlator, batch_writes=journal)
         store.directory.mkdir()
         store.recover()
-        asyncio.run(_start(store))
+        await _start(store)
         writer.on_written = store.closed  # as the daemon: once the spool has the CDR
-        pipeline = Pipeline(correlator, [writer], journal=store.message, decided=store.decided)
+        # The daemon's chain: the journal's records before any CDR reaches the spool.
+        sinks: list[CdrSink] = [store.barrier, writer]
+        pipeline = Pipeline(correlator, sinks, journal=store.message, decided=store.decided)
     packets = [_packet(1_700_000_000.0 + n, data) for n, flow in enumerate(flows) for data in flow]
     # CPU time of this process (the writes' kernel time included): other work on a
     # shared machine does not count against a contender.
     started = time.process_time()
-    for packet in packets:
-        pipeline.process(packet)
+    for at in range(0, len(packets), turn):
+        for packet in packets[at : at + turn]:
+            pipeline.process(packet)
+        await asyncio.sleep(0)
     elapsed = time.process_time() - started
     spool.close()
     if store is not None:
@@ -169,15 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     args.add_argument("--rounds", type=int, default=5)
     args.add_argument("--flows", type=int, default=3000, help="call flows per round")
     args.add_argument("--open", type=int, default=100_000, help="open calls to checkpoint")
+    args.add_argument("--turn", type=int, default=16, help="messages per event loop turn")
     opts = args.parse_args(argv)
 
     flows = [_flow(n) for n in range(opts.flows)]
-    results: dict[str, list[float]] = {"baseline": [], "write": [], "buffered": []}
+    results: dict[str, list[float]] = {"baseline": [], "write": [], "turn": []}
     with tempfile.TemporaryDirectory() as tmp:
-        contenders: list[tuple[str, type[DialogStore] | None]] = [
+        contenders: list[tuple[str, bool | None]] = [
             ("baseline", None),
-            ("write", DialogStore),
-            ("buffered", BufferedStore),
+            ("write", False),
+            ("turn", True),
         ]
         for round_no in range(opts.rounds):
             # Each round in another order: a drift of the machine spreads evenly.
@@ -185,11 +176,14 @@ def main(argv: list[str] | None = None) -> int:
             for name, journal in contenders[shift:] + contenders[:shift]:
                 directory = Path(tmp) / f"{name}{round_no}"
                 directory.mkdir()
-                results[name].append(per_message_us(flows, directory, journal))
+                results[name].append(per_message_us(flows, directory, journal, opts.turn))
         base = statistics.median(results["baseline"])
-        print(f"median of {opts.rounds} rounds, {opts.flows} call flows of 7 messages each")
+        print(
+            f"median of {opts.rounds} rounds, {opts.flows} call flows of 7 messages each, "
+            f"{opts.turn} messages an event loop turn"
+        )
         print(f"  parse + correlate + spool  {base:>6.2f} us/msg  (baseline)")
-        for name, label in (("write", "write per record"), ("buffered", "buffered 64 KiB")):
+        for name, label in (("write", "write per record"), ("turn", "write per turn")):
             cost = statistics.median(results[name])
             print(
                 f"  + journal, {label:<16}{cost:>6.2f} us/msg  {cost / base:.2f}x"

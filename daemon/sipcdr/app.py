@@ -97,6 +97,7 @@ class App:
             on_no_space=self._make_room,
             clock=self.clock.monotonic,
             wall_clock=self.clock.time,
+            batch_writes=config.state.journal_batch,
         )
         self.intake = IntakeGate(Intake(), self.clock.monotonic)
         self.spare_room = SpareRoom(self.spare)
@@ -195,7 +196,7 @@ class App:
             # dialog store, refusing new calls while the intake gate says so.
             self.engine = chain.build_engine(
                 self.config,
-                chain.Destinations.of(self.outputs),
+                self.dialogs.ahead(chain.Destinations.of(self.outputs)),
                 correlator=self.correlator,
                 journal=chain.JournalHooks(self.dialogs.message, self.dialogs.decided),
                 intake=self.intake.intake,

@@ -30,6 +30,11 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
         ("replay.py", ["--quick"], "replay offers"),
         ("e2e.py", ["--quick"], "highest offered rate without loss:"),
         (
+            "capture.py",
+            ["--rates", "2000", "--seconds", "1", "--rounds", "1"],
+            "capture process CPU per message",
+        ),
+        (
             "rating.py",
             [
                 *("--prefixes", "3000", "--lookups", "3000"),

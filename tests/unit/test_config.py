@@ -1050,9 +1050,18 @@ def test_the_spare_file_size(tmp_path: Path) -> None:
         "dir": "var",
         "checkpoint_interval_s": 10.0,
         "spare_bytes": 0,
+        "journal_batch": True,
     }
     environ = {"SIPCDR_STATE__SPARE_BYTES": "1048576"}
     assert load_text(tmp_path, "", environ).state.spare_bytes == 1024 * 1024
     error = error_for(tmp_path, "[state]\nspare_bytes = -1\n")
     assert error.key == "state.spare_bytes"
     assert error.expected == "an integer >= 0"
+
+
+def test_the_journal_is_batched_unless_asked_otherwise(tmp_path: Path) -> None:
+    assert Config().state.journal_batch is True
+    assert load_text(tmp_path, "[state]\njournal_batch = false\n").state.journal_batch is False
+    environ = {"SIPCDR_STATE__JOURNAL_BATCH": "false"}
+    assert load_text(tmp_path, "", environ).state.journal_batch is False
+    assert error_for(tmp_path, "[state]\njournal_batch = 3\n").key == "state.journal_batch"

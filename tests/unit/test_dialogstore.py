@@ -21,8 +21,10 @@ import structlog
 from sipcalls import CALLEE_ADDR, CALLER_ADDR, Call, CdrCollector, packet
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.dialogstore import MAGIC, DialogStore, read_checkpoint
+from sipcdr.dialogstore import appender as appender_module
 from sipcdr.dialogstore import checkpoint as checkpoint_module
 from sipcdr.dialogstore import store as store_module
+from sipcdr.engine import Destinations
 from sipcdr.model import Cdr
 from sipcdr.pipeline import CdrSink, Pipeline
 from sipcdr.sinks.outputs import SpoolCdrWriter
@@ -488,6 +490,7 @@ class FullDisk:
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[FullDisk]:
     disk = FullDisk()
     # The journal's writes and the checkpoint file's.
+    monkeypatch.setattr(appender_module, "os", disk)
     monkeypatch.setattr(store_module, "os", disk)
     monkeypatch.setattr(checkpoint_module, "os", disk)
     yield disk
@@ -619,13 +622,16 @@ class SpoolNode:
     """A lifetime of the daemon's dialog path with the real spool writer, its spool on a
     small disk of its own (the store's files are on another one)."""
 
-    def __init__(self, directory: Path, spool_dir: Path) -> None:
+    def __init__(self, directory: Path, spool_dir: Path, *, batched: bool = False) -> None:
         self.correlator = Correlator(LIMITS)
         self.spool = Spool(spool_dir, ("s",), reserve_records=100)
         self.spool.open()
         self.writer = SpoolCdrWriter(self.spool)
         self.pipeline = Pipeline(self.correlator, [self.writer])
-        self.store = DialogStore(directory, self.correlator)
+        self.store = DialogStore(directory, self.correlator, batch_writes=batched)
+        # As the daemon wires it (`DialogStore.ahead`): the turn's journal records are
+        # written before any CDR reaches the spool writer.
+        self.sinks: list[CdrSink] = [self.store.barrier, self.writer]
 
     async def boot(self) -> list[Cdr]:
         unwritten = self.store.recover()
@@ -633,7 +639,7 @@ class SpoolNode:
         self.store.held = self.writer.held
         self.pipeline = Pipeline(
             self.correlator,
-            [self.writer],
+            self.sinks,
             journal=self.store.message,
             decided=self.store.decided,
         )
@@ -1030,3 +1036,207 @@ async def test_a_cdr_the_spool_writes_after_the_stop_is_not_a_journal_error(
     await node.store.stop()
     node.store.closed(cdr)
     assert node.store.stats.journal_write_errors == 0
+
+
+# -- the journal written once per event loop turn -------------------------------------
+
+
+class CountedWrites:
+    """os for the store, counting the writes to its journal."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.fail = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def write(self, fd: int, data: Any) -> int:
+        self._count()
+        return os.write(fd, data)
+
+    def writev(self, fd: int, buffers: Sequence[bytes]) -> int:
+        self._count()
+        return os.writev(fd, buffers)
+
+    def _count(self) -> None:
+        self.writes += 1
+        if self.fail:
+            raise OSError(errno.EIO, "Input/output error")
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> CountedWrites:
+    writes = CountedWrites()
+    monkeypatch.setattr(appender_module, "os", writes)
+    return writes
+
+
+def journal_size(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.glob("*.journal"))
+
+
+def turns(events: Sequence[Event], size: int) -> list[list[Event]]:
+    return [list(events[at : at + size]) for at in range(0, len(events), size)]
+
+
+@pytest.mark.parametrize("turn", [1, 3, 50])
+async def test_batched_records_go_out_once_a_turn_in_order_and_rebuild_the_same_calls(
+    tmp_path: Path, counted: CountedWrites, turn: int
+) -> None:
+    """The messages of one event loop turn are journaled in one write at its end, none
+    lost or reordered (the journal holds the very bytes of one write per record), and a
+    crash after the turn rebuilds what a correlator that never crashed holds."""
+    events = scenario()
+    each_dir, batched_dir = tmp_path / "each", tmp_path / "batched"
+    each_dir.mkdir()
+    batched_dir.mkdir()
+    each = Node(each_dir, CdrCollector())
+    await each.boot()
+    each.run(events)
+    each.crash()
+
+    first = Node(batched_dir, CdrCollector())
+    first.store.batch_writes = True
+    await first.boot()
+    writes_at_start = counted.writes
+    batches = turns(events, turn)
+    for batch in batches:
+        size, writes = journal_size(batched_dir), counted.writes
+        first.run([event for event in batch if event[0] != "expire"])
+        assert journal_size(batched_dir) == size  # held until the turn ends
+        assert counted.writes == writes
+        for event in batch:
+            if event[0] == "expire":
+                first.run([event])  # a timer run: a turn of its own
+                await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the end of the turn: no timer, no wait for more
+    assert first.store.stats == each.store.stats
+    assert first.store.stats.journal_write_errors == 0
+    (each_journal,) = each_dir.glob("*.journal")
+    (batched_journal,) = batched_dir.glob("*.journal")
+    assert batched_journal.read_bytes() == each_journal.read_bytes()
+    assert counted.writes - writes_at_start <= len(batches) + 3  # + the timer turns
+    now = max(e[1] for e in events if len(e) > 1)
+    at_crash = state_of(first.correlator, now)
+    first.crash()
+    second = Node(batched_dir, CdrCollector())
+    assert await second.boot() == []  # every close was journaled
+    assert state_of(second.correlator, now) == at_crash
+
+
+async def test_a_crash_within_a_turn_loses_only_what_that_turn_took_in(
+    tmp_path: Path, small_disk: SmallDisk
+) -> None:
+    """Killed before the turn ends: the messages taken since the last write are lost
+    like datagrams still in the socket buffer, and nothing else. A CDR never reaches
+    the spool before the records of the messages that closed it, so the call it
+    closed is rebuilt closed; its close record, still held, is lost, and the start
+    writes the same CDR again (the sinks deduplicate by cdr_id)."""
+    disk = small_disk(tmp_path / "spooldisk", 1024 * 1024)
+    state = tmp_path / "state"
+    state.mkdir()
+    done, open_call = Call("done@x", from_tag="d"), Call("open@x", from_tag="o")
+    later = Call("later@x", from_tag="l")
+    first = SpoolNode(state, disk / "spool", batched=True)
+    await first.boot()
+    first.run([*answered(open_call, 0.0), *answered(done, 1.0)])
+    await asyncio.sleep(0)
+    # One turn: a CDR closes (its BYE is written before the CDR reaches the spool),
+    # then a new call begins, and the process is killed before the turn ends.
+    first.run([bye(done, 30.0), msg(31.0, later.request("INVITE"))])
+    (written,) = first.cdr_ids()
+    first.crash()
+
+    second = SpoolNode(state, disk / "spool", batched=True)
+    again = await second.boot()
+    assert [cdr.cdr_id for cdr in again] == [written]  # the same CDR, not a second one
+    assert second.correlator.is_open("open@x")
+    assert not second.correlator.is_open("done@x")
+    assert not second.correlator.is_open("later@x")  # taken in, never journaled
+    await asyncio.sleep(0)
+    second.crash()
+    third = SpoolNode(state, disk / "spool", batched=True)
+    assert await third.boot() == []  # its close was journaled by the second start
+    third.crash()
+
+
+async def test_a_turn_larger_than_the_bound_is_written_as_it_goes(
+    tmp_path: Path, counted: CountedWrites
+) -> None:
+    node = Node(tmp_path, CdrCollector())
+    node.store.batch_writes = True
+    await node.boot()
+    calls = [Call(f"many-{n}@x", from_tag=f"m{n}") for n in range(1100)]
+    writes = counted.writes
+    node.run([msg(n / 1000, call.request("INVITE")) for n, call in enumerate(calls)])
+    # Bounded memory: written every BATCH_MAX_RECORDS, the rest at the end of the turn.
+    assert counted.writes - writes == 1100 // appender_module.BATCH_MAX_RECORDS
+    await asyncio.sleep(0)
+    assert counted.writes - writes == 1100 // appender_module.BATCH_MAX_RECORDS + 1
+    assert node.store.stats.journal_messages == 1100
+    node.crash()
+    second = Node(tmp_path, CdrCollector())
+    await second.boot()
+    assert second.correlator.open_dialogs == 1100
+
+
+async def test_a_failed_batch_counts_every_record_it_held(
+    tmp_path: Path, counted: CountedWrites
+) -> None:
+    node = Node(tmp_path, CdrCollector())
+    node.store.batch_writes = True
+    await node.boot()
+    counted.fail = True
+    node.run([msg(0.0, Call(f"lost-{n}@x").request("INVITE")) for n in range(3)])
+    await asyncio.sleep(0)
+    stats = node.store.stats
+    assert (stats.journal_write_errors, stats.journal_messages) == (3, 0)
+    assert not node.store.intact
+    counted.fail = False
+    node.run([msg(1.0, Call("kept@x").request("INVITE"))])
+    await asyncio.sleep(0)
+    assert (stats.journal_write_errors, stats.journal_messages) == (3, 1)
+    node.crash()
+
+
+async def test_batched_records_are_in_the_journal_a_checkpoint_ends_and_at_the_stop(
+    tmp_path: Path,
+) -> None:
+    node = Node(tmp_path, CdrCollector())
+    node.store.batch_writes = True
+    await node.boot()
+    node.run([msg(0.0, Call("before@x").request("INVITE"))])
+    assert node.store.checkpoint()  # within the turn: the record joins the old journal
+    node.run([msg(1.0, Call("after@x").request("INVITE"))])
+    node.store.flush()  # the fsync writes what waits first
+    assert node.store.stats.journal_messages == 2
+    node.run([msg(2.0, Call("last@x").request("INVITE"))])
+    assert await node.store.stop()
+    second = Node(tmp_path, CdrCollector())
+    await second.boot()
+    assert all(second.correlator.is_open(c) for c in ("before@x", "after@x", "last@x"))
+    second.crash()
+
+
+def test_without_an_event_loop_each_record_is_written_at_once(tmp_path: Path) -> None:
+    correlator = Correlator()
+    store = DialogStore(tmp_path, correlator, batch_writes=True)
+    store.recover()
+    store._fd = os.open(tmp_path / "j", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    store._size = 0
+    try:
+        store.message(packet(T0, Call("sync@x").request("INVITE")))
+        assert os.stat(tmp_path / "j").st_size > 0
+        assert store.stats.journal_messages == 1
+    finally:
+        os.close(store._fd)
+
+
+def test_the_barrier_goes_first_among_the_cdr_sinks_and_keeps_the_rest(tmp_path: Path) -> None:
+    store = DialogStore(tmp_path, Correlator(), batch_writes=True)
+    spool = CdrCollector()
+    alerts: Any = object()
+    placed = store.ahead(Destinations([spool], None, alerts))
+    assert list(placed.cdrs) == [store.barrier, spool]
+    assert placed.alerts is alerts

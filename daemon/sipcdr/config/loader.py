@@ -156,6 +156,7 @@ def _build(raw: dict[str, object], context: Context, base_dir: Path) -> Config:
         "checkpoint_interval_s", dialogstore.DEFAULT_CHECKPOINT_INTERVAL_S
     )
     spare_bytes = state_table.integer("spare_bytes", spare.DEFAULT_SPARE_BYTES, minimum=0)
+    journal_batch = state_table.boolean("journal_batch", True)
     config = Config(
         capture=capture,
         dialog=dialog,
@@ -169,6 +170,7 @@ def _build(raw: dict[str, object], context: Context, base_dir: Path) -> Config:
             dir=Path(state_dir),
             checkpoint_interval_s=checkpoint_interval_s,
             spare_bytes=spare_bytes,
+            journal_batch=journal_batch,
         ),
     )
     # -- privacy hook: sipcdr.privacy.settings owns [retention] and [privacy] ----------

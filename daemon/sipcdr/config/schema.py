@@ -409,12 +409,16 @@ class StateConfig:
     checkpoint_interval_s: float = dialogstore.DEFAULT_CHECKPOINT_INTERVAL_S
     # Room kept for a full disk (sipcdr/spare.py); 0: none.
     spare_bytes: int = spare.DEFAULT_SPARE_BYTES
+    # The dialog journal's records of one event loop turn in one write (true), or each
+    # record in its own write before the next message (false): what a kill may take.
+    journal_batch: bool = True
 
     def redacted(self) -> dict[str, object]:
         return {
             "dir": str(self.dir),
             "checkpoint_interval_s": self.checkpoint_interval_s,
             "spare_bytes": self.spare_bytes,
+            "journal_batch": self.journal_batch,
         }
 
 

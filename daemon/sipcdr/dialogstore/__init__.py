@@ -9,7 +9,11 @@ Files in the state directory, numbered by generation g, each created 0600:
                           and the CDRs closed but not yet on disk then
     dialogs.<g>.journal   what changed during generation g
 
-The journal holds four kinds of record, each appended with one `write`:
+The journal holds four kinds of record. Batched (the daemon's default), the records of
+one event loop turn are appended in one `write` at the end of the turn, or sooner:
+before any CDR reaches the sinks (the barrier `ahead` puts first among them: no CDR is
+in the spool before the records that closed it), before an fsync and before a
+checkpoint switches journals; otherwise each is appended with a `write` of its own:
 - a message the correlator reported as `changed` (a first INVITE, the first ringing,
   answer or final response to it, a CANCEL, an auth retry, a BYE), before any CDR it
   closes goes to the spool;
@@ -20,7 +24,9 @@ The journal holds four kinds of record, each appended with one `write`:
 - a close, once the CDR is in the spool file (`closed`, the spool writer's hook): a CDR
   the disk refused waits in the spool's reserve and gets its close record only when the
   reserve is written.
-All survive a killed process at once; the journal is fsynced every `fsync_interval_s`,
+Written records survive a killed process at once; a kill within a turn loses what that
+turn took in and had not written, as datagrams still in the socket buffer are lost;
+the journal is fsynced every `fsync_interval_s`,
 which bounds what a power loss takes. Retransmissions and in-dialog requests other
 than BYE change nothing but a call's last-message time and are not journaled: the
 checkpoints carry that time.

@@ -9,7 +9,6 @@ import errno
 import gc
 import os
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -17,6 +16,7 @@ from typing import Any, Final
 import structlog
 
 from sipcdr.dialog import Correlator
+from sipcdr.dialogstore.appender import _NO_SPACE, JournalAppender
 from sipcdr.dialogstore.checkpoint import (
     _Checkpoint,
     _error_of,
@@ -25,17 +25,11 @@ from sipcdr.dialogstore.checkpoint import (
     write_checkpoint,
 )
 from sipcdr.dialogstore.journal import (
-    _FRAME,
     MAGIC,
-    MAX_RECORD_BYTES,
     JournalReplay,
-    closed_record,
-    decided_record,
-    message_record,
-    timer_record,
 )
 from sipcdr.dialogstore.stats import DialogStoreStats
-from sipcdr.model import Cdr, Packet
+from sipcdr.model import Cdr
 from sipcdr.private import open_private_fd
 from sipcdr.spool import DEFAULT_FSYNC_INTERVAL_S
 
@@ -61,14 +55,13 @@ _PREFIX: Final = "dialogs."
 TMP_SUFFIX: Final = ".tmp"  # a checkpoint being written; renamed once complete
 # Written by versions without a journal, at a clean stop: read once as generation 0.
 LEGACY_SNAPSHOT: Final = "dialogs.json"
-_NO_SPACE: Final = frozenset((errno.ENOSPC, errno.EDQUOT))
 
 
 def _no_cdrs() -> Sequence[Cdr]:
     return ()
 
 
-class DialogStore:
+class DialogStore(JournalAppender):
     """Owns the checkpoint and journal files of one correlator. Call `recover()` once
     before `start()`. The pipeline's hooks: `message` (each message that changed a
     call), `decided` (closes no message repeats); the spool writer's: `closed` (a CDR
@@ -85,34 +78,25 @@ class DialogStore:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         on_no_space: Callable[[], bool] | None = None,
+        batch_writes: bool = False,
     ) -> None:
+        super().__init__(correlator, DialogStoreStats(), on_no_space, batch_writes)
         self.directory = directory
-        self.correlator = correlator
         self.checkpoint_interval_s = checkpoint_interval_s
         self.fsync_interval_s = fsync_interval_s
-        self.stats = DialogStoreStats()
         self._replayer = JournalReplay(correlator, self.stats, self._journal_unreadable)
         self.log = structlog.get_logger("sipcdr.dialogs")
         # CDRs closed but held in memory by the spool (its reserve): each checkpoint
         # carries them, so a crash does not lose them.
         self.held: Callable[[], Sequence[Cdr]] = _no_cdrs
-        # Asked to make room when a write is refused for want of space; True when it did.
-        self.on_no_space = on_no_space
         self._clock = clock
         self._wall_clock = wall_clock
-        self._fd = -1
-        self._size = 0  # bytes in the open journal; a failed write is cut back to this
         # Sizes of the journals since the last good checkpoint, but the open one: all of
         # them are replayed at start.
         self._older_journals: dict[int, int] = {}
-        self._dirty = False
         self._generation = 0  # of the open journal (and of the newest checkpoint tried)
-        # False after a journal write failed, until a checkpoint succeeds: the files on
-        # disk no longer rebuild the current state.
-        self._intact = True
         self._recovered = False
         self._started = False
-        self._stopped = False
         self._task: asyncio.Task[None] | None = None
         self._last_checkpoint = 0.0
         self._last_checkpoint_s = 0.0  # how long the last one blocked
@@ -133,71 +117,6 @@ class DialogStore:
     def intact(self) -> bool:
         """Whether the files on disk rebuild the current state (and the held CDRs)."""
         return self._intact
-
-    # -- hot path -----------------------------------------------------------------------
-
-    def message(self, packet: Packet) -> None:
-        """Journal one message that changed a call. Never raises: the caller is the
-        capture path, and a failed write is counted."""
-        record = message_record(packet)
-        if record is None:
-            self.stats.journal_write_errors += 1  # a field out of range: cannot be framed
-            self._intact = False
-            return
-        if self._append(record):
-            self.stats.journal_messages += 1
-
-    def closed(self, cdr: Cdr) -> None:
-        """Journal that a call's CDR is in the spool file. After the stop's checkpoint
-        (the spool writing what it still held as it closes) there is no journal: the
-        next start may write such a CDR again, under the same cdr_id, which is no loss."""
-        if self._stopped:
-            return
-        if self._append(closed_record(cdr, max(cdr.end_time, self.correlator.now))):
-            self.stats.journal_closes += 1
-
-    def decided(self, cdrs: Sequence[Cdr], timer_at: float | None) -> None:
-        """Journal closes that no replayed message repeats, before their CDRs go to the
-        spool: a timer run at `timer_at` (then the run itself too, for what it forgot),
-        or an eviction (None) by the message journaled next."""
-        now = self.correlator.now
-        for cdr in cdrs:
-            if self._append(decided_record(cdr, now)):
-                self.stats.journal_decisions += 1
-        if timer_at is not None and self._append(timer_record(timer_at)):
-            self.stats.journal_decisions += 1
-
-    def _append(self, body: bytes) -> bool:
-        length = len(body)
-        frame = _FRAME.pack(zlib.crc32(body), length)
-        for attempt in (1, 2):
-            no_space = False
-            try:
-                if self._fd < 0:
-                    raise OSError(errno.EBADF, "journal not open")
-                if length > MAX_RECORD_BYTES:
-                    raise OSError(errno.EFBIG, "record too large")
-                written = os.writev(self._fd, (frame, body))
-            except OSError as exc:
-                no_space = exc.errno in _NO_SPACE
-            else:
-                if written == length + _FRAME.size:
-                    self._size += written
-                    self._dirty = True
-                    return True
-                no_space = True  # a short write: the disk filled up
-            if self._fd >= 0:
-                # Half a record would hide every record after it from recovery.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self._size)
-            if not (attempt == 1 and no_space and self._make_room()):
-                break
-        self.stats.journal_write_errors += 1
-        self._intact = False
-        return False
-
-    def _make_room(self) -> bool:
-        return self.on_no_space is not None and self.on_no_space()
 
     # -- recovery -----------------------------------------------------------------------
 
@@ -341,6 +260,7 @@ class DialogStore:
 
     def flush(self) -> None:
         """fsync the journal if anything was written since the last time."""
+        self.write_pending()
         if self._dirty and self._fd >= 0:
             self._dirty = False
             os.fsync(self._fd)
@@ -425,6 +345,8 @@ class DialogStore:
 
     def _begin(self, final: bool) -> _Checkpoint | None:
         began = self._clock()
+        # What the snapshot holds belongs to the journal it ends, not the next one.
+        self.write_pending()
         messages = self.correlator.stats.messages
         # The snapshot makes a tuple per open call; letting the garbage collector walk
         # every open call meanwhile doubles its cost (measured at 100,000).

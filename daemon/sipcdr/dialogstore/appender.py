@@ -1,0 +1,206 @@
+"""The dialog journal's appends, the capture path's part of the dialog store: records
+framed and written, one `writev` per record or, batched, per event loop turn
+(`sipcdr.dialogstore` describes the files and the order of things)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, Final, Protocol, TypeVar, cast
+
+from sipcdr.dialog import Correlator
+from sipcdr.dialogstore.journal import (
+    _FRAME,
+    MAX_RECORD_BYTES,
+    closed_record,
+    decided_record,
+    message_record,
+    timer_record,
+)
+from sipcdr.dialogstore.stats import DialogStoreStats
+from sipcdr.model import Cdr, Packet
+from sipcdr.pipeline import CdrSink
+
+
+class _Destinations(Protocol):
+    """`sipcdr.engine.Destinations`, as far as the barrier reads it (a layer up)."""
+
+    @property
+    def cdrs(self) -> Sequence[CdrSink]: ...
+
+
+_D = TypeVar("_D", bound=_Destinations)
+_NO_SPACE: Final = frozenset((errno.ENOSPC, errno.EDQUOT))
+# Records held for the end of the event loop's turn are written sooner past either
+# bound: memory stays small whatever one turn takes in, and a batch's frames and
+# bodies stay within the 1024 buffers one `writev` takes.
+BATCH_MAX_RECORDS: Final = 512
+BATCH_MAX_BYTES: Final = 256 * 1024
+# What each record counts as in the store's stats once written.
+_MESSAGE: Final = 0
+_CLOSE: Final = 1
+_DECISION: Final = 2
+
+
+class JournalAppender:
+    """Appends to the open journal (`_fd`, opened and switched by the store). The
+    pipeline's hooks: `message` (each message that changed a call), `decided` (closes
+    no message repeats); the spool writer's: `closed` (a CDR is in the spool file)."""
+
+    def __init__(
+        self,
+        correlator: Correlator,
+        stats: DialogStoreStats,
+        on_no_space: Callable[[], bool] | None,
+        batch_writes: bool,
+    ) -> None:
+        self.correlator = correlator
+        self.stats = stats
+        # Asked to make room when a write is refused for want of space; True when it did.
+        self.on_no_space = on_no_space
+        self._fd = -1
+        self._size = 0  # bytes in the open journal; a failed write is cut back to this
+        self._dirty = False
+        # False after a journal write failed, until a checkpoint succeeds: the files on
+        # disk no longer rebuild the current state.
+        self._intact = True
+        self._stopped = False
+        # Batched: records wait for the end of the event loop's turn (or the next CDR
+        # for the sinks, `write_pending`) and go out in one `writev`, not one each.
+        self.batch_writes = batch_writes
+        self._pending: list[bytes] = []  # frame, body, frame, body, ...
+        self._pending_bytes = 0
+        self._pending_kinds = [0, 0, 0]  # records waiting, by _MESSAGE, _CLOSE, _DECISION
+        self._write_scheduled = False
+        self.barrier = _Barrier(self)
+
+    def ahead(self, destinations: _D) -> _D:
+        """`destinations` with the barrier before their CDR sinks: the records a turn
+        holds are written before any CDR reaches a sink (the spool), so none is in the
+        spool before the records that closed it."""
+        sinks = (self.barrier, *destinations.cdrs)
+        return cast(_D, replace(cast(Any, destinations), cdrs=sinks))
+
+    def message(self, packet: Packet) -> None:
+        """Journal one message that changed a call. Never raises: the caller is the
+        capture path, and a failed write is counted."""
+        record = message_record(packet)
+        if record is None:
+            self.stats.journal_write_errors += 1  # a field out of range: cannot be framed
+            self._intact = False
+            return
+        self._append(record, _MESSAGE)
+
+    def closed(self, cdr: Cdr) -> None:
+        """Journal that a call's CDR is in the spool file. After the stop's checkpoint
+        (the spool writing what it still held as it closes) there is no journal: the
+        next start may write such a CDR again, under the same cdr_id, which is no loss."""
+        if self._stopped:
+            return
+        self._append(closed_record(cdr, max(cdr.end_time, self.correlator.now)), _CLOSE)
+
+    def decided(self, cdrs: Sequence[Cdr], timer_at: float | None) -> None:
+        """Journal closes that no replayed message repeats, before their CDRs go to the
+        spool: a timer run at `timer_at` (then the run itself too, for what it forgot),
+        or an eviction (None) by the message journaled next."""
+        now = self.correlator.now
+        for cdr in cdrs:
+            self._append(decided_record(cdr, now), _DECISION)
+        if timer_at is not None:
+            self._append(timer_record(timer_at), _DECISION)
+
+    def _append(self, body: bytes, kind: int) -> None:
+        length = len(body)
+        if length > MAX_RECORD_BYTES:
+            # Replay would stop at it: refused here, alone, and counted.
+            self.stats.journal_write_errors += 1
+            self._intact = False
+            return
+        pending = self._pending
+        pending.append(_FRAME.pack(zlib.crc32(body), length))
+        pending.append(body)
+        self._pending_bytes += length + _FRAME.size
+        self._pending_kinds[kind] += 1
+        if self._write_scheduled:
+            if len(pending) >= 2 * BATCH_MAX_RECORDS or self._pending_bytes >= BATCH_MAX_BYTES:
+                self.write_pending()
+            return
+        if self.batch_writes:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass  # no event loop (a test, a tool): nothing would end the turn
+            else:
+                # After the callbacks of this turn: every datagram uvloop read on this
+                # wake-up, a stream's whole read, a timer run.
+                loop.call_soon(self.write_pending)
+                self._write_scheduled = True
+                return
+        self.write_pending()
+
+    def write_pending(self) -> None:
+        """Write the records waiting for the end of the turn, in one `writev`. Called
+        then, before any CDR goes to the sinks (the barrier `ahead` puts first: a CDR never
+        reaches a sink before the records that closed it, `ahead`), and before the
+        journal is fsynced or switched. Never raises: a failed write is counted per record."""
+        self._write_scheduled = False
+        pending = self._pending
+        if not pending:
+            return
+        kinds, length = self._pending_kinds, self._pending_bytes
+        self._pending, self._pending_bytes, self._pending_kinds = [], 0, [0, 0, 0]
+        if self._write(pending, length):
+            stats = self.stats
+            stats.journal_messages += kinds[_MESSAGE]
+            stats.journal_closes += kinds[_CLOSE]
+            stats.journal_decisions += kinds[_DECISION]
+
+    def _write(self, buffers: list[bytes], length: int) -> bool:
+        """Append `buffers` (whole records, `length` bytes) in one `writev`; a failed
+        or short write is cut back and counted for each record it held."""
+        for attempt in (1, 2):
+            no_space = False
+            try:
+                if self._fd < 0:
+                    raise OSError(errno.EBADF, "journal not open")
+                written = os.writev(self._fd, buffers)
+            except OSError as exc:
+                no_space = exc.errno in _NO_SPACE
+            else:
+                if written == length:
+                    self._size += written
+                    self._dirty = True
+                    return True
+                no_space = True  # a short write: the disk filled up
+            if self._fd >= 0:
+                # Half a record would hide every record after it from recovery.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._size)
+            if not (attempt == 1 and no_space and self._make_room()):
+                break
+        self.stats.journal_write_errors += len(buffers) // 2
+        self._intact = False
+        return False
+
+    def _make_room(self) -> bool:
+        return self.on_no_space is not None and self.on_no_space()
+
+
+class _Barrier:
+    """The first CDR sink of the daemon's chain: writes what the journal holds."""
+
+    name = "dialog_journal"
+
+    def __init__(self, appender: JournalAppender) -> None:
+        self.write_pending = appender.write_pending
+
+    def write(self, cdr: Cdr) -> None:
+        self.write_pending()
+
+    def flush(self) -> None:
+        self.write_pending()
