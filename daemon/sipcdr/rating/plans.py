@@ -25,7 +25,9 @@ INVALID_NUMBER: Final = "invalid_number"
 UNRATED_REASONS: Final = (NO_PLAN, NO_PREFIX, NOT_EFFECTIVE, INVALID_NUMBER)
 _MAX_DIGITS: Final = 15  # ITU-T E.164
 # Prices remembered per plans: rows times the distinct billed times of their calls;
-# cleared rather than grown past this (a few MiB).
+# cleared rather than grown past this. Full, it holds ~16 MiB (~260 bytes an entry:
+# the key's tuple and two ints, the Decimal, the dict's slot; measured with
+# tracemalloc); a reload's new plans start empty and the old ones go with theirs.
 _COSTS_KEPT: Final = 65536
 
 
