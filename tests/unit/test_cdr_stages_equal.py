@@ -505,3 +505,27 @@ def test_a_deck_reloaded_into_the_rate_stage_prices_the_next_cdr() -> None:
         )
         changed += now.cost != before.cost
     assert changed > 20
+
+
+@pytest.mark.parametrize("egress", [True, False])
+def test_a_fault_of_the_kpi_count_costs_the_enrich_fields_only(
+    egress: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault after the enrich fields were made (the KPI count) costs them too, as the
+    enrich stage alone lost its whole copy; the rating is still that of the CDR as it
+    came, on CDRs with and without an egress address."""
+    enrich, rate = stages()
+    monkeypatch.setattr(enrich, "count", _Broken())
+    sink = _Closed()
+    pipeline = Pipeline(Correlator(egress=True), [sink], [EnrichRateStage(enrich, rate)])
+    cdrs = generated()[:50]
+    if not egress:  # a CDR enriched already, or from a correlator that reads no egress
+        cdrs = [replace_cdr(c, egress_ip=None) for c in cdrs]
+    pipeline.emit(cdrs)
+    _former_enrich, former_rate_stage = stages()
+    assert [wire(c) for c in sink.cdrs] == [
+        wire(former_rate(former_rate_stage, c, {})) for c in cdrs
+    ]
+    assert pipeline.stats.internal_errors == {"enrich": len(cdrs)}
+    assert pipeline.stats.cdrs_emitted == len(cdrs)
+    assert enrich.stats.kpis == {}
