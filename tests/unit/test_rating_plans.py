@@ -276,6 +276,26 @@ def test_remembered_prices_are_bounded_and_right_past_the_bound() -> None:
     assert 0 < len(remembered._costs) < _COSTS_KEPT  # cleared once, then filled again
 
 
+def test_plans_keep_their_decks_when_the_mapping_they_came_from_changes() -> None:
+    """Plans hold their decks, even when handed a read-only view of someone's dict:
+    otherwise a deck swapped in that dict frees the rows the plans remember prices
+    by, a new row can take a freed row's id, and a call is priced at the new row's
+    rate with the old row's cost."""
+    first = plans().decks["wholesale"]
+    dearer = load_rate_plans(
+        {"wholesale": WHOLESALE.replace(b",0.0125,", b",0.0250,")}, None, 4, 0
+    ).plans.decks["wholesale"]
+    held = {"wholesale": first}
+    remembered = RatePlans(MappingProxyType(held), "wholesale", 4)
+    before = rated(remembered.rate(None, "442071234567", SPRING, 60, True))
+    assert before.cost == Decimal("0.0125")
+    del held["wholesale"], first  # the rows are the plans' alone now, or gone
+    held["wholesale"] = dearer
+    after = rated(remembered.rate(None, "442071234567", SPRING, 60, True))
+    assert after.cost == cost(after.rate.rate, after.rate.connect_fee, 60, 4)
+    assert (after.rate.rate, after.cost) == (Decimal("0.0125"), Decimal("0.0125"))
+
+
 def test_plans_from_files_refuse_a_missing_file(tmp_path: Path) -> None:
     deck_path = tmp_path / "wholesale.csv"
     deck_path.write_bytes(WHOLESALE)
