@@ -476,3 +476,56 @@ def test_a_remembered_price_is_the_price_computed_afresh() -> None:
                 )
     unanswered = plans.rate("retail", "4930123", NOW, 0.0, False)
     assert isinstance(unanswered, Rating) and str(unanswered.cost) == "0.0000"
+
+
+def test_a_deck_reloaded_into_the_rate_stage_prices_the_next_cdr() -> None:
+    """The one-copy stage prices with the plans in force when the CDR reaches it: the
+    prices remembered under the plans replaced are not used."""
+    enrich, rate = stages()
+    both = EnrichRateStage(enrich, rate)
+    cdrs = [c for c in generated() if c.answer_time is not None]
+    old = [both.on_cdr(cdr) for cdr in cdrs]
+    assert sum(c.rated for c in old) > 20
+    dearer = RETAIL.replace(b",0.0", b",0.1")
+    load = load_rate_plans(
+        {"retail": dearer, "vendor-eur": VENDOR_EUR, "vendor-usd": VENDOR_USD},
+        None,
+        4,
+        NOW,
+        rate.plans,
+    )
+    rate.install(load)
+    former_enrich_stage, former_rate_stage = stages()
+    former_rate_stage.install(load)
+    changed = 0
+    for cdr, before in zip(cdrs, old, strict=True):
+        now = both.on_cdr(cdr)
+        assert wire(now) == wire(
+            former_rate(former_rate_stage, former_enrich(former_enrich_stage, cdr), {})
+        )
+        changed += now.cost != before.cost
+    assert changed > 20
+
+
+@pytest.mark.parametrize("egress", [True, False])
+def test_a_fault_of_the_kpi_count_costs_the_enrich_fields_only(
+    egress: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault after the enrich fields were made (the KPI count) costs them too, as the
+    enrich stage alone lost its whole copy; the rating is still that of the CDR as it
+    came, on CDRs with and without an egress address."""
+    enrich, rate = stages()
+    monkeypatch.setattr(enrich, "count", _Broken())
+    sink = _Closed()
+    pipeline = Pipeline(Correlator(egress=True), [sink], [EnrichRateStage(enrich, rate)])
+    cdrs = generated()[:50]
+    if not egress:  # a CDR enriched already, or from a correlator that reads no egress
+        cdrs = [replace_cdr(c, egress_ip=None) for c in cdrs]
+    pipeline.emit(cdrs)
+    _former_enrich, former_rate_stage = stages()
+    assert [wire(c) for c in sink.cdrs] == [
+        wire(former_rate(former_rate_stage, c, {})) for c in cdrs
+    ]
+    assert pipeline.stats.internal_errors == {"enrich": len(cdrs)}
+    assert pipeline.stats.cdrs_emitted == len(cdrs)
+    assert enrich.stats.kpis == {}

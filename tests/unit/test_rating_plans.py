@@ -31,6 +31,8 @@ from sipcdr.rating import (
     load_rate_plans,
     unreadable,
 )
+from sipcdr.rating.plans import _COSTS_KEPT
+from sipcdr.rating.pricing import cost
 
 HEADER = (
     "prefix,destination,rate,connect_fee,min_seconds,increment_seconds,"
@@ -226,6 +228,72 @@ def test_a_reload_builds_a_new_object_and_leaves_the_old_one_untouched() -> None
     assert isinstance(first.decks, MappingProxyType)
     with pytest.raises(TypeError):
         first.decks["x"] = first.decks["wholesale"]  # type: ignore[index]
+
+
+def test_a_remembered_price_follows_the_row_in_effect_and_the_deck_reloaded() -> None:
+    """Prices are remembered per deck row and billed time: the same billed time costs
+    what the row in effect says on each side of midnight, and after a reload what the
+    new deck says, while the plans it replaced keep their own prices."""
+    first = plans()
+    for _twice in range(2):  # the second round is answered from what was remembered
+        before = rated(first.rate("wholesale", "4930901820", NEW_YEAR - 0.001, 60, True))
+        after = rated(first.rate("wholesale", "4930901820", NEW_YEAR, 60, True))
+        assert (before.cost, after.cost) == (Decimal("0.0270"), Decimal("0.0300"))
+    dearer = WHOLESALE.replace(b"0.0150,0.0150,30,6,2026", b"0.0300,0.0150,30,6,2026")
+    second = load_rate_plans({"wholesale": dearer, "vendor": VENDOR}, "wholesale", 4, 0, first)
+    assert second.loaded == ("wholesale", "vendor")
+    for _twice in range(2):
+        before = rated(second.plans.rate("wholesale", "4930901820", NEW_YEAR - 0.001, 60, True))
+        after = rated(second.plans.rate("wholesale", "4930901820", NEW_YEAR, 60, True))
+        assert (before.cost, after.cost) == (Decimal("0.0270"), Decimal("0.0450"))
+    assert rated(first.rate("wholesale", "4930901820", NEW_YEAR, 60, True)).cost == Decimal(
+        "0.0300"
+    )
+
+
+def test_a_remembered_price_keeps_its_rows_currency() -> None:
+    """Two decks with the same prices in two currencies: each call keeps its row's."""
+    vendor_eur = VENDOR.replace(b",USD,", b",EUR,")
+    load = load_rate_plans({"usd": VENDOR, "eur": vendor_eur}, None, 4, 0)
+    for _twice in range(2):
+        usd = rated(load.plans.rate("usd", "4930901820", SPRING, 30, True))
+        eur = rated(load.plans.rate("eur", "4930901820", SPRING, 30, True))
+        assert (usd.cost, usd.rate.currency) == (Decimal("0.0040"), "USD")
+        assert (eur.cost, eur.rate.currency) == (Decimal("0.0040"), "EUR")
+
+
+def test_remembered_prices_are_bounded_and_right_past_the_bound() -> None:
+    """Each second of a 1/1 row is a price of its own: more of them than the bound
+    keeps the memory at the bound, and every price is still the one computed afresh."""
+    remembered = plans()
+    row = rated(remembered.rate("wholesale", "442071234567", SPRING, 1.0, True)).rate
+    assert (row.min_seconds, row.increment_seconds) == (1, 1)
+    for second in range(_COSTS_KEPT + 100):
+        result = rated(remembered.rate("wholesale", "442071234567", SPRING, second, True))
+        assert len(remembered._costs) <= _COSTS_KEPT
+        if second % 997 == 0 or second > _COSTS_KEPT - 5:
+            assert result.cost == cost(row.rate, row.connect_fee, second, 4)
+    assert 0 < len(remembered._costs) < _COSTS_KEPT  # cleared once, then filled again
+
+
+def test_plans_keep_their_decks_when_the_mapping_they_came_from_changes() -> None:
+    """Plans hold their decks, even when handed a read-only view of someone's dict:
+    otherwise a deck swapped in that dict frees the rows the plans remember prices
+    by, a new row can take a freed row's id, and a call is priced at the new row's
+    rate with the old row's cost."""
+    first = plans().decks["wholesale"]
+    dearer = load_rate_plans(
+        {"wholesale": WHOLESALE.replace(b",0.0125,", b",0.0250,")}, None, 4, 0
+    ).plans.decks["wholesale"]
+    held = {"wholesale": first}
+    remembered = RatePlans(MappingProxyType(held), "wholesale", 4)
+    before = rated(remembered.rate(None, "442071234567", SPRING, 60, True))
+    assert before.cost == Decimal("0.0125")
+    del held["wholesale"], first  # the rows are the plans' alone now, or gone
+    held["wholesale"] = dearer
+    after = rated(remembered.rate(None, "442071234567", SPRING, 60, True))
+    assert after.cost == cost(after.rate.rate, after.rate.connect_fee, 60, 4)
+    assert (after.rate.rate, after.cost) == (Decimal("0.0125"), Decimal("0.0125"))
 
 
 def test_plans_from_files_refuse_a_missing_file(tmp_path: Path) -> None:

@@ -154,3 +154,31 @@ def test_a_record_without_the_correlation_fields_is_refused() -> None:
         SipEvent.from_record({**record, "status_code": 200})
     with pytest.raises(ValueError, match="v1"):
         SipEvent.from_record({**record, "schema_version": 2})
+
+
+@pytest.mark.parametrize(
+    "pai",
+    [
+        b'P-Asserted-Identity: "Alice" <sip:+4930111@example.com>, <tel:+4930111>\r\n',
+        b"P-Asserted-Identity: <sip:+4930111@example.com>\r\n",
+        b"P-Asserted-Identity:\r\n",
+        b"",
+    ],
+)
+def test_a_replayed_invite_asserts_the_identity_the_captured_one_did(pai: bytes) -> None:
+    """The replay builds its message itself: the asserted identity it reads (and keeps
+    once read, for the fraud detectors and the correlator) is the parsed one's."""
+    payload = (
+        b"INVITE sip:bob@192.0.2.20 SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 192.0.2.10;branch=z9hG4bK1\r\n"
+        b"From: <sip:alice@example.com>;tag=a\r\nTo: <sip:bob@example.com>\r\n"
+        b"Call-ID: r2\r\nCSeq: 1 INVITE\r\n" + pai + b"Content-Length: 0\r\n\r\n"
+    )
+    packet = Packet(1.5, "192.0.2.10", 5060, "192.0.2.20", 5060, "udp", payload, "n")
+    original = parse(payload)
+    _, msg = replay(
+        SipEvent.from_record(orjson.loads(orjson.dumps(event_of(packet, original).to_record())))
+    )
+    for _twice in range(2):
+        assert msg.p_asserted_identity == original.p_asserted_identity
+    assert (original.p_asserted_identity is None) == (pai.count(b"sip:") == 0)
