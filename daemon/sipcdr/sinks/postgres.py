@@ -275,6 +275,9 @@ class PostgresSink(AsyncLifecycle):
 
     def _rows(self, stream: str, records: Sequence[SpoolRecord]) -> dict[Table, list[Row]]:
         rows: dict[Table, list[Row]] = {}
+        # Read once a batch: a restriction list that arrives meanwhile is taken at the
+        # next one, as a row built a moment earlier would have been.
+        names = self._names if self._restricted_calls.any_restricted else None
         for record in records:
             table = TABLE_OF_KIND.get(record.kind)
             if table is None:
@@ -283,7 +286,7 @@ class PostgresSink(AsyncLifecycle):
             try:
                 if table is SIP_MESSAGES and is_spooled(record.value):
                     # Built from the captured bytes, not from JSON.
-                    rows.setdefault(table, []).append(sip_message_row(record.value, self._names))
+                    rows.setdefault(table, []).append(sip_message_row(record.value, names))
                     continue
                 value = orjson.loads(record.value)
                 if table is CDRS:
