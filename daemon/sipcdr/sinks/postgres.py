@@ -356,6 +356,8 @@ class PostgresSink(AsyncLifecycle):
         calls = self._restricted_calls
         if table is CDRS:
             return sorted({r[call_id] for r in rows.get(table, ()) if r[flag]})
+        if not calls:
+            return []  # no restricted call known: each message's look-up would find none
         return sorted(
             {r[call_id] for r in rows.get(table, ()) if not r[flag] and r[call_id] in calls}
         )

@@ -168,7 +168,7 @@ WATCHED_POLL_S: Final = 0.5
 # A stream's readers are woken at most this often: the writer of CDRs writes each one
 # as it closes, and a batch per record would cost a sink round trip per CDR. Under load
 # a loop reads a batch of this long's records; an idle stream's first record goes at once.
-WAKE_INTERVAL_S: Final = 0.01
+WAKE_INTERVAL_S: Final = 0.025
 
 # inotify(7): what a write, a new segment or a rename into the folder signals.
 _IN_MODIFY: Final = 0x002
