@@ -206,8 +206,11 @@ def test_reading_by_windows_gives_what_reading_record_by_record_does(
     def everything(name: str) -> tuple[list[tuple[int, bytes]], int]:
         reader = tail.reader(name)
         got: list[tuple[int, bytes]] = []
-        for limit, max_bytes in [(7, MIB), (1000, 64 * MIB), (3, 10)] * 200:
+        for n, (limit, max_bytes) in enumerate([(7, MIB), (1000, 64 * MIB), (3, 10)] * 200):
             batch = reader.read(limit, max_bytes)
+            if n % 4 == 0:  # failed: read again from the cursor, mid-segment
+                reader.rewind()
+                assert reader.read(limit, max_bytes) == batch
             got += [(r.seq, r.value) for r in batch]
             reader.commit()
         return got, reader.corrupt_records
@@ -217,6 +220,12 @@ def test_reading_by_windows_gives_what_reading_record_by_record_does(
     monkeypatch.setattr(spool_reader, "_WINDOW_BYTES", window)
     by_windows = everything("b")
     assert by_windows == one_by_one
+    # A tail opened again starts from each cursor: positioned by windows as well.
+    for name, size in (("a", 1), ("b", window)):
+        monkeypatch.setattr(spool_reader, "_WINDOW_BYTES", size)
+        tail.reader(name).confirmed_seq = 150
+        tail.reader(name).rewind()
+    assert tail.reader("b").read(1000, 64 * MIB) == tail.reader("a").read(1000, 64 * MIB)
     got, corrupt = by_windows
     assert corrupt > 0 and 300 < len(got) < len(values)
     assert [value for _seq, value in got] == [values[seq - 1] for seq, _value in got]

@@ -192,10 +192,45 @@ class SpoolReader:
             handle = segment.path.open("rb")
         self._segment, self._handle, self._offset = segment, handle, 0
         end = self._end()
-        while (found := self._next_record(end)) is not None and found[0] < seq:
+        while True:
+            if self._skip_window(end, seq):
+                continue
+            found = self._next_record(end)
+            if found is None or found[0] >= seq:
+                break
             self._offset += found[4]
         # Records before `seq` were delivered; damage among them is not counted again.
         self._gap_counted_to = max(self._gap_counted_to, seq)
+
+    def _skip_window(self, end: int, seq: int) -> bool:
+        """Move the offset past the whole, valid records before `seq` in one read of
+        up to `_WINDOW_BYTES` (a start or a rewind in a large segment passes many);
+        True when it moved. Where it stops (a record at or after `seq`, the window's
+        end, anything but a whole valid record) `_next_record` judges, as after
+        `_read_window`."""
+        assert self._handle is not None
+        start = self._offset
+        if end - start < HEADER_BYTES:
+            return False
+        window = os.pread(self._handle.fileno(), min(end - start, _WINDOW_BYTES), start)
+        view = memoryview(window)
+        length = len(window)
+        at = 0
+        while at + HEADER_BYTES <= length:
+            magic, kind_code, key_len, value_len, found = _unpack_head(window, at)
+            if found >= seq:
+                break
+            if magic != MAGIC or kind_code not in _KIND_NAMES or value_len > MAX_VALUE_BYTES:
+                break
+            stop = at + HEADER_BYTES + key_len + value_len
+            if stop > length:
+                break
+            crc = crc32(view[at + HEADER_BYTES : stop], crc32(view[at : at + _HEAD.size]))
+            if crc != _unpack_crc(window, at + _HEAD.size)[0]:
+                break
+            at = stop
+        self._offset = start + at
+        return at > 0
 
     def _close_handle(self) -> None:
         if self._handle is not None:
