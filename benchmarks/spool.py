@@ -7,7 +7,9 @@ Three contenders write the same CDR-sized JSON values (~900 bytes) to a fresh fi
 - spool buffered: the signaling stream's batched writes
 - spool, disk refusing: `Spool.append` while every write fails with ENOSPC, so each
   record waits in the in-memory reserve (the hot path on a full disk)
-- read back: one reader taking every record in batches of 1,000
+- read back: one reader taking every record in batches of 1,000, and the same taking
+  each record with a seek and two reads of its own (how it read before it took a
+  window of the segment at a time), alternated in every round
 
 and, per SIP message, what keeping signaling for `sip_messages` adds to parsing:
 `sip.parse` alone against parse plus `SignalingRecorder` (the captured bytes, buffered
@@ -43,6 +45,7 @@ from sipcdr.sinks.base import KIND_CDR
 from sipcdr.sinks.signaling import SignalingRecorder
 from sipcdr.sip import parse
 from sipcdr.spool import Spool
+from sipcdr.spool import reader as spool_reader
 
 VALUE = orjson.dumps(
     {
@@ -133,6 +136,15 @@ def read_back(directory: Path, number: int) -> None:
         assert total >= number
 
 
+def read_back_one_by_one(directory: Path, number: int) -> None:
+    window = spool_reader._WINDOW_BYTES
+    setattr(spool_reader, "_WINDOW_BYTES", 1)  # noqa: B010 (never a whole record: each read alone)
+    try:
+        read_back(directory, number)
+    finally:
+        setattr(spool_reader, "_WINDOW_BYTES", window)  # noqa: B010
+
+
 def parse_only(directory: Path, number: int) -> None:
     payloads = list(MESSAGES.values())
     for n in range(number):
@@ -180,6 +192,7 @@ def main() -> None:
                 ),
                 "spool append, refused": timed(spool_append_refused, directory, args.number),
                 "spool read back": timed(read_back, directory, args.number),
+                "read back, record by record": timed(read_back_one_by_one, directory, args.number),
             }
             for name, rate in round_results.items():
                 results.setdefault(name, []).append(rate)
