@@ -10,6 +10,9 @@ next one is created (the writer opens the new file, then writes there only), so 
 reader that finds a newer segment reads the older one once more before it moves on:
 nothing written just before a rotation is skipped.
 
+The delivery loops are woken when the writer writes (`SpoolWatch`, inotify on the
+folders), and look on their own only seldom, as a fallback.
+
 Deleting segments stays with the writer, which reads the readers' cursor files
 (`Spool.readers_elsewhere`); a segment retention deleted under a reader moves it past
 (`refresh`), as `Spool.expire_segments` does for readers of its own process.
