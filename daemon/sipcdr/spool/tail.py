@@ -168,9 +168,9 @@ def _end_of(segment: _Segment) -> int:
 # A loop that is told when the writer writes looks for records without it this seldom:
 # a wake-up the watch failed to give is late by this much at most, never missed.
 WATCHED_POLL_S: Final = 0.5
-# A stream's readers are woken at most this often: the writer of CDRs writes each one
-# as it closes, and a batch per record would cost a sink round trip per CDR. Under load
-# a loop reads a batch of this long's records; an idle stream's first record goes at once.
+# The readers are woken at most this often: the writer of CDRs writes each one as it
+# closes, and a wake-up per record would cost a sink round trip per CDR. Under load a
+# loop reads a batch of this long's records; an idle stream's first record goes at once.
 WAKE_INTERVAL_S: Final = 0.025
 
 # inotify(7): what a write, a new segment or a rename into the folder signals.
@@ -239,8 +239,8 @@ class SpoolWatch:
         self._fd = -1
         self._by_wd: dict[int, SpoolTail] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._last: dict[int, float] = {}  # by tail id: when its readers were last woken
-        self._pending: dict[int, asyncio.TimerHandle] = {}
+        # Set while the file is not read, for `wake_interval_s` after a wake-up.
+        self._resume: asyncio.TimerHandle | None = None
 
     @property
     def active(self) -> bool:
@@ -269,9 +269,9 @@ class SpoolWatch:
         return True
 
     def close(self) -> None:
-        for handle in self._pending.values():
-            handle.cancel()
-        self._pending.clear()
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             if self._loop is not None:
@@ -282,6 +282,11 @@ class SpoolWatch:
         self._by_wd.clear()
 
     def _readable(self) -> None:
+        """Read every event queued, wake the streams they are about, then leave the
+        file unread for `wake_interval_s`: the writer writes each CDR alone, and a
+        wake-up of this process per write would cost both processes more than the
+        records. Events queued meanwhile (the kernel merges repeats) are read when it
+        is watched again, and wake their streams then."""
         events: list[tuple[int, int]] = []
         while True:
             try:
@@ -295,6 +300,14 @@ class SpoolWatch:
                 break
             events.extend(watch_events(data))
         self.handle(events)
+        if self._fd >= 0 and self.wake_interval_s > 0 and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._resume = self._loop.call_later(self.wake_interval_s, self._watch_again)
+
+    def _watch_again(self) -> None:
+        self._resume = None
+        if self._fd >= 0 and self._loop is not None:
+            self._loop.add_reader(self._fd, self._readable)
 
     def handle(self, events: Sequence[tuple[int, int]]) -> None:
         """Wake the readers of the streams the events are about (all of them for an
@@ -311,27 +324,11 @@ class SpoolWatch:
             if mask & _GONE:
                 del self._by_wd[wd]
         for tail in woken.values():
-            self._wake_soon(tail)
+            self.wakes += 1
+            for reader in tail._readers.values():
+                reader.wake()
         if self._fd >= 0 and not self._by_wd:
             self._lost()
-
-    def _wake_soon(self, tail: SpoolTail) -> None:
-        key = id(tail)
-        if key in self._pending:
-            return  # a wake-up after this write is on its way
-        now = time.monotonic()
-        due = self._last.get(key, 0.0) + self.wake_interval_s
-        if now >= due or self._loop is None:
-            self._wake(tail)
-        else:
-            self._pending[key] = self._loop.call_later(due - now, self._wake, tail)
-
-    def _wake(self, tail: SpoolTail) -> None:
-        self._pending.pop(id(tail), None)
-        self._last[id(tail)] = time.monotonic()
-        self.wakes += 1
-        for reader in tail._readers.values():
-            reader.wake()
 
     def _lost(self) -> None:
         self.close()
