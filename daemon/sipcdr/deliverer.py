@@ -407,6 +407,9 @@ def _watch(outputs: Outputs) -> SpoolWatch | None:
     except OSError:
         started = False
     if not started:
+        structlog.get_logger("sipcdr.deliverer").info(
+            "spool_watch_unavailable", note=f"looking for records every {TAIL_POLL_S * 1000:g} ms"
+        )
         return None
     delivery.idle_wait_s = WATCHED_POLL_S
     return watch
