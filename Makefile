@@ -79,6 +79,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/journal.py
 	$(BIN)/python benchmarks/kafka.py
 	$(BIN)/python benchmarks/postgres.py
+	$(BIN)/python benchmarks/delivery.py
 	$(BIN)/python benchmarks/fraud.py
 	$(BIN)/python benchmarks/replay.py
 	$(BIN)/python benchmarks/shard_handoff.py

@@ -14,6 +14,9 @@ Delivery side (once per record each sink sends; the spool read not counted):
 
 - PostgreSQL rows: `PostgresSink._rows` of a batch of JSON values against one of
   binary values (the bytes re-parsed); no database involved
+- the sink's row of a binary value, before (`sip_message_row_unspooled`: the whole
+  packet and event read back, `unspool`) and now (`sip_message_row`: the row's fields
+  read straight from the value), alternated in every round
 - Kafka values: JSON values go out as spooled (nothing to do), binary ones become the
   topic's JSON (`sinks.signaling.published`)
 
@@ -42,7 +45,9 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from samples import MESSAGES
 from sipcdr.model import Packet
+from sipcdr.sinks import postgres
 from sipcdr.sinks.base import KIND_SIP, STREAM_SIGNALING, SpoolRecord
+from sipcdr.sinks.pgrows import sip_message_row, sip_message_row_unspooled
 from sipcdr.sinks.postgres import PostgresSink
 from sipcdr.sinks.signaling import SignalingRecorder, published
 from sipcdr.sip import SipMessage, parse
@@ -160,7 +165,26 @@ def one_round(pairs: list[Message], store_body: bool) -> dict[str, tuple[float, 
             rows_all(sink, binary_batches),
         ),
         "delivery: Kafka values": (publish_all(json_batches), publish_all(binary_batches)),
+        "delivery: row, before | now": rows_before_and_now(sink, binary_batches),
     }
+
+
+def rows_before_and_now(
+    sink: PostgresSink, record_batches: list[list[SpoolRecord]]
+) -> tuple[float, float]:
+    """`PostgresSink._rows` of the binary values with the row as it was built before
+    (the whole value read back by `unspool`, the flagging rule called per row) and as
+    it is now."""
+
+    def before(value: bytes, _names: object) -> tuple[object, ...]:
+        return sip_message_row_unspooled(value, sink._names)
+
+    setattr(postgres, "sip_message_row", before)  # noqa: B010
+    try:
+        old = rows_all(sink, record_batches)
+    finally:
+        setattr(postgres, "sip_message_row", sip_message_row)  # noqa: B010
+    return old, rows_all(sink, record_batches)
 
 
 def main() -> None:
@@ -189,6 +213,7 @@ def main() -> None:
     )
     print(f"spooled bytes per message: json {sizes[0]:.0f}, binary {sizes[1]:.0f}")
     print(f"{'µs per message':<30}{'json':>10}{'binary':>10}{'json/binary':>13}")
+    print("(the last line: before | now, both binary, before/now)")
     for name, (json_us, binary_us, ratios) in per_message.items():
         ratio = statistics.median(ratios)
         shown = f"{ratio:>12.2f}x" if ratio != float("inf") else f"{'-':>13}"

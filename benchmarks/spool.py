@@ -7,7 +7,11 @@ Three contenders write the same CDR-sized JSON values (~900 bytes) to a fresh fi
 - spool buffered: the signaling stream's batched writes
 - spool, disk refusing: `Spool.append` while every write fails with ENOSPC, so each
   record waits in the in-memory reserve (the hot path on a full disk)
-- read back: one reader taking every record in batches of 1,000
+- read back: one reader taking every record in batches of 1,000 (the spool's open,
+  which scans the newest segment for a torn tail, included), and the reader alone,
+  the spool open before the clock starts: a window of the segment per read against
+  each record read with a seek and two reads of its own (as before), alternated in
+  every round
 
 and, per SIP message, what keeping signaling for `sip_messages` adds to parsing:
 `sip.parse` alone against parse plus `SignalingRecorder` (the captured bytes, buffered
@@ -43,6 +47,7 @@ from sipcdr.sinks.base import KIND_CDR
 from sipcdr.sinks.signaling import SignalingRecorder
 from sipcdr.sip import parse
 from sipcdr.spool import Spool
+from sipcdr.spool import reader as spool_reader
 
 VALUE = orjson.dumps(
     {
@@ -133,6 +138,26 @@ def read_back(directory: Path, number: int) -> None:
         assert total >= number
 
 
+def reader_alone(directory: Path, number: int, *, by_windows: bool) -> float:
+    """Records/s of the reader alone: the spool opened (and its reader made) before the
+    clock starts."""
+    window = spool_reader._WINDOW_BYTES
+    if not by_windows:
+        setattr(spool_reader, "_WINDOW_BYTES", 1)  # noqa: B010 (no record whole in a window)
+    try:
+        with Spool(directory / "spool", ("r", "w")) as spool:
+            reader = spool.reader("r" if by_windows else "w")
+            total = 0
+            start = time.perf_counter()
+            while batch := reader.read(1000, 1 << 24):
+                total += len(batch)
+            elapsed = time.perf_counter() - start
+            assert total >= number
+    finally:
+        setattr(spool_reader, "_WINDOW_BYTES", window)  # noqa: B010
+    return total / elapsed
+
+
 def parse_only(directory: Path, number: int) -> None:
     payloads = list(MESSAGES.values())
     for n in range(number):
@@ -180,6 +205,8 @@ def main() -> None:
                 ),
                 "spool append, refused": timed(spool_append_refused, directory, args.number),
                 "spool read back": timed(read_back, directory, args.number),
+                "reader alone, by windows": reader_alone(directory, args.number, by_windows=True),
+                "reader alone, one by one": reader_alone(directory, args.number, by_windows=False),
             }
             for name, rate in round_results.items():
                 results.setdefault(name, []).append(rate)

@@ -46,6 +46,7 @@ import structlog
 
 from sipcdr.config import Config, output_settings
 from sipcdr.delivery import DEFAULT_DRAIN_TIMEOUT_S
+from sipcdr.delivery.loop import TAIL_POLL_S
 from sipcdr.privacy.plan import spool_retention_days
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.privacy.task import PrivacyTask
@@ -53,6 +54,7 @@ from sipcdr.private import open_private
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.remote import DeliverySnapshot, carry_counts, take_snapshot
 from sipcdr.spool import Spool
+from sipcdr.spool.tail import WATCHED_POLL_S, SpoolWatch
 
 SNAPSHOT_INTERVAL_S: Final = 1.0  # the metrics are scraped every 15 s or so
 READINESS_POLL_S: Final = 0.05  # a sink that goes down or up reaches /readyz this soon
@@ -327,6 +329,7 @@ async def _deliver(config: Config, conn: Connection) -> None:
     outputs = Outputs(settings, restrictions=True, role="deliver")
     stats = PrivacyStats()
     await outputs.open()
+    watch = _watch(outputs)
     privacy = PrivacyTask(config, stats, lambda: outputs.postgres_dsn, outputs.outbound)
     privacy.start()
     # What the capture side's start waits for: open, and the sinks' first connections
@@ -374,11 +377,42 @@ async def _deliver(config: Config, conn: Connection) -> None:
         loop.remove_reader(conn.fileno())
     await privacy.stop()
     await outputs.close(drain_timeout_s=drain)
+    if watch is not None:
+        watch.close()
     outputs.log_losses()
     _send(conn, take_snapshot(outputs, stats))
     log.info("delivery_process_stopped")
     if lock is not None:
         lock.close()
+
+
+def _watch(outputs: Outputs) -> SpoolWatch | None:
+    """Wake the delivery loops when the capture process writes to the spool, and let
+    them look on their own only seldom (`SpoolWatch`); None where the spool's folders
+    cannot be watched: the loops then look every `TAIL_POLL_S`, as they do again
+    should the watch end."""
+    delivery = outputs.delivery
+    if delivery is None or not outputs.tails:
+        return None
+
+    def lost() -> None:
+        delivery.idle_wait_s = TAIL_POLL_S
+        structlog.get_logger("sipcdr.deliverer").warning(
+            "spool_watch_lost", note=f"looking for records every {TAIL_POLL_S * 1000:g} ms"
+        )
+
+    watch = SpoolWatch(list(outputs.tails.values()), on_lost=lost)
+    try:
+        started = watch.start()
+    except OSError:
+        started = False
+    if not started:
+        structlog.get_logger("sipcdr.deliverer").info(
+            "spool_watch_unavailable", note=f"looking for records every {TAIL_POLL_S * 1000:g} ms"
+        )
+        return None
+    delivery.idle_wait_s = WATCHED_POLL_S
+    return watch
 
 
 def _readiness(outputs: Outputs) -> tuple[object, ...]:

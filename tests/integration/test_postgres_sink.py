@@ -396,6 +396,28 @@ async def test_redelivery_inserts_nothing(sink: PostgresSink, conn: asyncpg.Conn
     assert sink.duplicates_skipped["cdrs"] == 7
 
 
+async def test_a_signaling_batch_partly_there_adds_only_the_rest(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    """A batch of one COPY goes in without a transaction of its own; one that meets
+    rows already there (a re-delivery after a crash) is written again through the
+    staging table, and so is a batch of CDRs and alerts together."""
+    at = "2026-03-14T09:26:53.589793Z"
+    messages = [sip_record(n, at, call_id=f"c{n}") for n in range(1, 9)]
+    await sink.deliver(STREAM_SIGNALING, messages[:3])
+    await sink.deliver(STREAM_SIGNALING, messages)  # three of eight already there
+    assert await count(conn, "sip_messages") == 8
+    assert sink.rows_inserted["sip_messages"] == 8
+    assert sink.duplicates_skipped["sip_messages"] == 3
+    cdrs = cdr_records([make_cdr(n) for n in range(3)])
+    alert = SpoolRecord(9, KIND_ALERT, b"s", orjson.dumps(alert_value(at)))
+    await sink.deliver(STREAM_RECORDS, cdrs[:1])
+    await sink.deliver(STREAM_RECORDS, [*cdrs, alert])
+    assert await count(conn, "cdrs") == 3
+    assert await count(conn, "fraud_alerts") == 1
+    assert (sink.rows_inserted["cdrs"], sink.duplicates_skipped["cdrs"]) == (3, 1)
+
+
 async def test_old_capture_gets_its_partition(sink: PostgresSink, conn: asyncpg.Connection) -> None:
     start_2005 = datetime(2005, 7, 1, 23, 59, 59, 999999, tzinfo=UTC).timestamp()
     await sink.deliver(STREAM_RECORDS, cdr_records([make_cdr(1, start_2005)]))

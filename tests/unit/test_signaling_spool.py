@@ -20,7 +20,7 @@ from sipcdr.model import Packet
 from sipcdr.privacy.naming import named_numbers
 from sipcdr.sinks.base import KIND_SIP, STREAM_SIGNALING, RecordsRejected, SpoolRecord
 from sipcdr.sinks.kafka import KafkaSink
-from sipcdr.sinks.pgrows import SIP_MESSAGES
+from sipcdr.sinks.pgrows import SIP_MESSAGES, sip_message_row, sip_message_row_unspooled
 from sipcdr.sinks.postgres import PostgresSink, RecordError
 from sipcdr.sinks.signaling import SignalingRecorder, published
 from sipcdr.sip import SipMessage, SipParseError, parse
@@ -130,6 +130,79 @@ def test_the_rows_are_those_of_the_json(store_body: bool) -> None:
     assert rows == flagging._rows(STREAM_SIGNALING, legacy)
     flags = [row[-1] for table_rows in rows.values() for row in table_rows]
     assert 0 < sum(flags) < len(flags)
+
+
+def nul_payloads() -> list[bytes]:
+    """NULs where a row's text columns come from, and where none does (the body)."""
+    head = (
+        b"INVITE sip:4930333444@example.net SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+        b"From: <sip:4940111222@example.com>;tag=1\r\nTo: <sip:4930333444@example.net>\r\n"
+        b"CSeq: 7 INVITE\r\n"
+    )
+    sdp = b"v=0\r\no=- 1 1 IN IP4 192.0.2.9\x00\r\n"
+    length = b"Content-Length: %d\r\n" % len(sdp)
+    return [
+        head + b"Call-ID: a\x00b\r\n" + length + b"\r\n" + sdp,  # in the Call-ID
+        head + b"Call-ID: nul-in-body\r\n" + length + b"\r\n" + sdp,  # in the body only
+        head + b"Call-ID: no-body\r\nX-N: \x00\r\nContent-Length: 0\r\n\r\n",
+    ]
+
+
+@pytest.mark.parametrize("store_body", [False, True])
+@pytest.mark.parametrize("flagging", [False, True])
+def test_the_row_read_straight_from_the_value_is_the_unspooled_one(
+    store_body: bool, flagging: bool
+) -> None:
+    """Differential: the sink's row, read field by field from the value, against the
+    row of the whole packet and event read back (`unspool`), over every message of the
+    corpus, odd node names and addresses, and NULs in and out of the columns."""
+    restricted = restricting(3)
+    calls = {msg.call_id for _, msg in MESSAGES[::5]}
+
+    def names(call_id: str, headers: str) -> bool:
+        return call_id in calls or any(restricted(n) for n in named_numbers(headers))
+
+    flag = names if flagging else None
+    extra = [
+        (packet._replace(capture_node=node, src_ip=src, transport=transport), msg)
+        for (packet, msg), (node, src, transport) in zip(
+            MESSAGES[:40],
+            [("", "::1", "tcp"), ("nöde", "fe80::1%eth0", "tls"), ("n\x00de", "1.2.3.4\x00", "w")]
+            * 14,
+            strict=False,
+        )
+    ]
+    nuls = [
+        (Packet(T0 + n, "192.0.2.1", 5060, "192.0.2.2", 5060, "udp", payload, "n"), parse(payload))
+        for n, payload in enumerate(nul_payloads())
+    ]
+    compared = 0
+    for packet, msg in [*MESSAGES, *extra, *nuls]:
+        value = spooled(packet, msg, store_body)
+        assert sip_message_row(value, flag) == sip_message_row_unspooled(value, flag)
+        compared += 1
+    assert compared >= len(MESSAGES) + 40
+    if flagging:
+        rows = [sip_message_row(spooled(p, m, store_body), flag) for p, m in MESSAGES]
+        assert 0 < sum(row[-1] for row in rows) < len(rows)
+
+
+def test_a_damaged_value_fails_both_ways_alike() -> None:
+    """A value the row cannot be read from raises ValueError, the sink's cue to set the
+    record aside, wherever the fast path stops reading it."""
+    packet, msg = MESSAGES[0]
+    for store_body in (False, True):
+        good = spooled(packet, msg, store_body)
+        for cut in range(len(good)):
+            damaged = [good[:cut], good[:cut] + bytes(len(good) - cut)]
+            for value in damaged:
+                try:
+                    expected = sip_message_row_unspooled(value, None)
+                except ValueError:
+                    with pytest.raises(ValueError):
+                        sip_message_row(value, None)
+                else:
+                    assert sip_message_row(value, None) == expected
 
 
 def test_the_body_reaches_the_spool_only_when_kept() -> None:

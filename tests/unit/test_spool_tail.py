@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from sipcdr.sinks.base import KIND_CDR
 from sipcdr.spool import Spool
+from sipcdr.spool import reader as spool_reader
 from sipcdr.spool.records import _encode
 from sipcdr.spool.tail import SpoolTail
 
@@ -173,3 +175,59 @@ def test_a_cursor_ahead_of_the_spool_holds_back_what_is_appended_since(tmp_path:
     assert [value for value in got if value.startswith(b"new")] == new
     spool.close()
     tail.close()
+
+
+@pytest.mark.parametrize("window", [64, 4096, 1 << 20])
+def test_reading_by_windows_gives_what_reading_record_by_record_does(
+    tmp_path: Path, window: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Differential: records larger than a window, damage in the middle of a segment,
+    a record still being written at the end, rotations, batches cut by count and by
+    bytes: a reader taking whole windows at once reads, skips and counts exactly what
+    one taking each record alone (a window too small for any) does."""
+    folder = tmp_path / "s"
+    spool = Spool(folder, ("a", "b"), segment_bytes=3 * MIB, readers_elsewhere=True)
+    spool.open()
+    values = [(b"v%d-" % n) * (n % 13 + 1) if n % 50 else b"L" * (MIB + 3 * n) for n in range(400)]
+    for value in values:
+        spool.append(KIND_CDR, b"key", value)
+    spool.flush()
+    segment = sorted(folder.glob("*.seg"))[0]
+    with segment.open("r+b") as handle:  # damage: a record's bytes changed
+        handle.seek(segment.stat().st_size // 3)
+        handle.write(b"\xff" * 40)
+    newest = sorted(folder.glob("*.seg"))[-1]
+    record = _encode(KIND_CDR, b"k", b"being written", spool.next_seq)
+    with newest.open("ab") as appending:
+        appending.write(record[:30])
+    tail = SpoolTail(folder, ("a", "b"))
+    tail.open()
+
+    def everything(name: str) -> tuple[list[tuple[int, bytes]], int]:
+        reader = tail.reader(name)
+        got: list[tuple[int, bytes]] = []
+        for n, (limit, max_bytes) in enumerate([(7, MIB), (1000, 64 * MIB), (3, 10)] * 200):
+            batch = reader.read(limit, max_bytes)
+            if n % 4 == 0:  # failed: read again from the cursor, mid-segment
+                reader.rewind()
+                assert reader.read(limit, max_bytes) == batch
+            got += [(r.seq, r.value) for r in batch]
+            reader.commit()
+        return got, reader.corrupt_records
+
+    monkeypatch.setattr(spool_reader, "_WINDOW_BYTES", 1)  # never a whole record
+    one_by_one = everything("a")
+    monkeypatch.setattr(spool_reader, "_WINDOW_BYTES", window)
+    by_windows = everything("b")
+    assert by_windows == one_by_one
+    # A tail opened again starts from each cursor: positioned by windows as well.
+    for name, size in (("a", 1), ("b", window)):
+        monkeypatch.setattr(spool_reader, "_WINDOW_BYTES", size)
+        tail.reader(name).confirmed_seq = 150
+        tail.reader(name).rewind()
+    assert tail.reader("b").read(1000, 64 * MIB) == tail.reader("a").read(1000, 64 * MIB)
+    got, corrupt = by_windows
+    assert corrupt > 0 and 300 < len(got) < len(values)
+    assert [value for _seq, value in got] == [values[seq - 1] for seq, _value in got]
+    tail.close()
+    spool.close()

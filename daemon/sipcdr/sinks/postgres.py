@@ -11,11 +11,12 @@ empty one after a failover, gets its tables) and makes the partitions from yeste
 `partitions_ahead_days` ahead; it repeats the latter when the UTC day changes. Records
 of other days (a pcap from 2005, a late CDR) get their partition on demand.
 
-A batch goes in one transaction per call: COPY straight into the real table inside a
-savepoint. When that violates the key (a re-delivery, normal after a crash or a failed
-commit), the rows go through a session-private staging table and
-`INSERT ... SELECT ... ON CONFLICT DO NOTHING` instead, so nothing is inserted twice,
-and the counters say how many rows were new and how many were already there.
+A batch goes in one transaction per call (a batch of one COPY, in one of its own):
+COPY straight into the real table. When that violates the key (a re-delivery, normal
+after a crash or a failed commit), the transaction is rolled back and the rows go
+through a session-private staging table and `INSERT ... SELECT ... ON CONFLICT DO
+NOTHING` instead, so nothing is inserted twice, and the counters say how many rows
+were new and how many were already there.
 """
 
 from __future__ import annotations
@@ -193,12 +194,13 @@ class PostgresSink(AsyncLifecycle):
         connection = await self._connection(stream)
         try:
             await self._ensure_partitions(connection, rows)
-            inserted: dict[str, int] = {}
-            async with connection.transaction():
-                for table, table_rows in rows.items():
-                    inserted[table.name] = await self._insert(connection, table, table_rows)
-                if calls := self._calls_of(rows, CDRS):
-                    await connection.execute(_FLAG_CALLS, calls)
+            calls = self._calls_of(rows, CDRS)
+            try:
+                inserted = await self._write(connection, rows, calls, direct=True)
+            except asyncpg.exceptions.UniqueViolationError:
+                # Rows already there: a re-delivery (after a crash or a failed attempt),
+                # rolled back whole and written again row by row, skipping those.
+                inserted = await self._write(connection, rows, calls, direct=False)
             # A message committed while its call's restricted CDR was being written (on
             # the other stream's connection) missed both flags: the call is known now.
             if late := self._calls_of(rows, SIP_MESSAGES):
@@ -216,23 +218,52 @@ class PostgresSink(AsyncLifecycle):
             self.rows_inserted[table.name] += inserted[table.name]
             self.duplicates_skipped[table.name] += len(table_rows) - inserted[table.name]
 
+    async def _write(
+        self,
+        connection: asyncpg.Connection,
+        rows: dict[Table, list[Row]],
+        calls: list[str],
+        *,
+        direct: bool,
+    ) -> dict[str, int]:
+        """Write a batch in one transaction; rows inserted by table. `direct`: COPY
+        straight into each table, which a batch delivered for the first time (nearly
+        always) passes in one pass, and which raises UniqueViolationError, the whole
+        transaction rolled back, when rows are already there; otherwise through the
+        staging table (`_insert`). A batch of one COPY and nothing else (signaling, or
+        CDRs of no restricted subject) needs no transaction of its own: a statement is
+        one, and BEGIN and COMMIT were two of its round trips."""
+        inserted: dict[str, int] = {}
+        if direct and len(rows) == 1 and not calls:
+            ((table, table_rows),) = rows.items()
+            if table.latest is None:
+                await self._copy(connection, table, table_rows)
+                return {table.name: len(table_rows)}
+        async with connection.transaction():
+            for table, table_rows in rows.items():
+                if direct and table.latest is None:
+                    await self._copy(connection, table, table_rows)
+                    inserted[table.name] = len(table_rows)
+                else:
+                    inserted[table.name] = await self._insert(connection, table, table_rows)
+            if calls:
+                await connection.execute(_FLAG_CALLS, calls)
+        return inserted
+
+    @staticmethod
+    async def _copy(connection: asyncpg.Connection, table: Table, table_rows: list[Row]) -> None:
+        await connection.copy_records_to_table(
+            table.name, records=table_rows, columns=table.columns
+        )
+
     async def _insert(
         self, connection: asyncpg.Connection, table: Table, table_rows: list[Row]
     ) -> int:
-        """COPY straight into the table: a batch delivered for the first time, nearly
-        always, costs one pass. A batch with rows already there (a re-delivery after a
-        crash or a failed attempt) violates the key; only then do the rows go through
-        the staging table and INSERT .. ON CONFLICT DO NOTHING. Returns rows inserted."""
+        """The rows through the staging table and INSERT .. ON CONFLICT DO NOTHING, in
+        the caller's transaction: those already there (a re-delivery) are skipped.
+        Returns rows inserted."""
         if table.latest is not None:
             return await self._upsert(connection, table, table_rows)
-        try:
-            async with connection.transaction():  # a savepoint: the fallback goes on
-                await connection.copy_records_to_table(
-                    table.name, records=table_rows, columns=table.columns
-                )
-            return len(table_rows)
-        except asyncpg.exceptions.UniqueViolationError:
-            pass
         await connection.copy_records_to_table(
             table.staging, records=table_rows, columns=table.columns
         )
@@ -275,6 +306,9 @@ class PostgresSink(AsyncLifecycle):
 
     def _rows(self, stream: str, records: Sequence[SpoolRecord]) -> dict[Table, list[Row]]:
         rows: dict[Table, list[Row]] = {}
+        # Read once a batch: a restriction list that arrives meanwhile is taken at the
+        # next one, as a row built a moment earlier would have been.
+        names = self._names if self._restricted_calls.any_restricted else None
         for record in records:
             table = TABLE_OF_KIND.get(record.kind)
             if table is None:
@@ -283,7 +317,7 @@ class PostgresSink(AsyncLifecycle):
             try:
                 if table is SIP_MESSAGES and is_spooled(record.value):
                     # Built from the captured bytes, not from JSON.
-                    rows.setdefault(table, []).append(sip_message_row(record.value, self._names))
+                    rows.setdefault(table, []).append(sip_message_row(record.value, names))
                     continue
                 value = orjson.loads(record.value)
                 if table is CDRS:
@@ -322,6 +356,8 @@ class PostgresSink(AsyncLifecycle):
         calls = self._restricted_calls
         if table is CDRS:
             return sorted({r[call_id] for r in rows.get(table, ()) if r[flag]})
+        if not calls:
+            return []  # no restricted call known: each message's look-up would find none
         return sorted(
             {r[call_id] for r in rows.get(table, ()) if not r[flag] and r[call_id] in calls}
         )

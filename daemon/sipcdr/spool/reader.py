@@ -8,7 +8,7 @@ import errno
 import os
 import zlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Final
 
 import orjson
 
@@ -21,12 +21,20 @@ from sipcdr.spool.records import (
     _KIND_NAMES,
     CURSOR_SUFFIX,
     HEADER_BYTES,
+    MAGIC,
+    MAX_VALUE_BYTES,
     SpoolRecord,
     _decode_header,
     _encode_cursor_slot,
     _newest_cursor_slot,
     _next_valid,
 )
+
+# What one read takes of a segment: a batch of signaling (1,000 messages) and more.
+_WINDOW_BYTES: Final = 1 << 20
+_unpack_head: Final = _HEAD.unpack_from
+_unpack_crc: Final = _CRC.unpack_from
+crc32: Final = zlib.crc32
 
 if TYPE_CHECKING:
     from sipcdr.spool.segments import _Segment
@@ -184,10 +192,45 @@ class SpoolReader:
             handle = segment.path.open("rb")
         self._segment, self._handle, self._offset = segment, handle, 0
         end = self._end()
-        while (found := self._next_record(end)) is not None and found[0] < seq:
+        while True:
+            if self._skip_window(end, seq):
+                continue
+            found = self._next_record(end)
+            if found is None or found[0] >= seq:
+                break
             self._offset += found[4]
         # Records before `seq` were delivered; damage among them is not counted again.
         self._gap_counted_to = max(self._gap_counted_to, seq)
+
+    def _skip_window(self, end: int, seq: int) -> bool:
+        """Move the offset past the whole, valid records before `seq` in one read of
+        up to `_WINDOW_BYTES` (a start or a rewind in a large segment passes many);
+        True when it moved. Where it stops (a record at or after `seq`, the window's
+        end, anything but a whole valid record) `_next_record` judges, as after
+        `_read_window`."""
+        assert self._handle is not None
+        start = self._offset
+        if end - start < HEADER_BYTES:
+            return False
+        window = os.pread(self._handle.fileno(), min(end - start, _WINDOW_BYTES), start)
+        view = memoryview(window)
+        length = len(window)
+        at = 0
+        while at + HEADER_BYTES <= length:
+            magic, kind_code, key_len, value_len, found = _unpack_head(window, at)
+            if found >= seq:
+                break
+            if magic != MAGIC or kind_code not in _KIND_NAMES or value_len > MAX_VALUE_BYTES:
+                break
+            stop = at + HEADER_BYTES + key_len + value_len
+            if stop > length:
+                break
+            crc = crc32(view[at + HEADER_BYTES : stop], crc32(view[at : at + _HEAD.size]))
+            if crc != _unpack_crc(window, at + _HEAD.size)[0]:
+                break
+            at = stop
+        self._offset = start + at
+        return at > 0
 
     def _close_handle(self) -> None:
         if self._handle is not None:
@@ -272,11 +315,23 @@ class SpoolReader:
             self._read_seq = segment.first_seq
 
     def _read_in_segment(self, limit: int, max_bytes: int) -> list[SpoolRecord]:
+        """Records from the read offset: whole valid ones from a window read at once
+        (`_read_window`), and one at a time, with the checks for damage and for a
+        record being written, wherever the window has none left to give."""
         assert self._segment is not None
         records: list[SpoolRecord] = []
         size = 0
         end = self._end()
-        while len(records) < limit and (found := self._next_record(end)) is not None:
+        while len(records) < limit and size < max_bytes:
+            taken, more = self._read_window(end, limit, max_bytes - size, records)
+            size += taken
+            if more:
+                continue  # the window ended on a whole record: the next one goes on
+            if len(records) >= limit or size >= max_bytes:
+                break
+            found = self._next_record(end)
+            if found is None:
+                break
             seq, kind_code, key, value, total = found
             self._offset += total
             if seq < self._read_seq:
@@ -286,9 +341,55 @@ class SpoolReader:
             self._read_seq = seq + 1
             records.append(SpoolRecord(seq, _KIND_NAMES[kind_code], key, value))
             size += len(value)
-            if size >= max_bytes:
-                break
         return records
+
+    def _read_window(
+        self, end: int, limit: int, max_bytes: int, records: list[SpoolRecord]
+    ) -> tuple[int, bool]:
+        """Append to `records` the whole, valid records that follow the read offset in
+        one read of up to `_WINDOW_BYTES` (a seek and two reads per record cost more
+        than the rest of reading it), until `limit` records or `max_bytes` of values.
+        Returns the bytes of values taken and whether it stopped only at the window's
+        end, with more of the segment to read. Stops, leaving the offset there, at
+        anything but a whole valid record: `_next_record` judges it."""
+        assert self._handle is not None
+        start = self._offset
+        if end - start < HEADER_BYTES:
+            return 0, False
+        window = os.pread(self._handle.fileno(), min(end - start, _WINDOW_BYTES), start)
+        view = memoryview(window)
+        length = len(window)
+        at = 0
+        size = 0
+        read_seq = self._read_seq
+        while at + HEADER_BYTES <= length:
+            magic, kind_code, key_len, value_len, seq = _unpack_head(window, at)
+            if magic != MAGIC or kind_code not in _KIND_NAMES or value_len > MAX_VALUE_BYTES:
+                break
+            body = at + HEADER_BYTES
+            stop = body + key_len + value_len
+            if stop > length:
+                break
+            crc = crc32(view[body:stop], crc32(view[at : at + _HEAD.size]))
+            if crc != _unpack_crc(window, at + _HEAD.size)[0]:
+                break
+            at = stop
+            if seq < read_seq:
+                continue  # already passed (a resync may land before the read position)
+            if seq > read_seq:
+                self._count_gap(read_seq, seq)
+            read_seq = seq + 1
+            value = window[body + key_len : stop]
+            records.append(
+                SpoolRecord(seq, _KIND_NAMES[kind_code], window[body : body + key_len], value)
+            )
+            size += len(value)
+            if len(records) >= limit or size >= max_bytes:
+                break
+        self._offset = start + at
+        self._read_seq = read_seq
+        more = at > 0 and at + HEADER_BYTES > length and start + at < end
+        return size, more and len(records) < limit and size < max_bytes
 
     def _end(self) -> int:
         """Only what the writer has completed: the segment's size, not the file's; a

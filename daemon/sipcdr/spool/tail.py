@@ -10,6 +10,9 @@ next one is created (the writer opens the new file, then writes there only), so 
 reader that finds a newer segment reads the older one once more before it moves on:
 nothing written just before a rotation is skipped.
 
+The delivery loops are woken when the writer writes (`SpoolWatch`, inotify on the
+folders), and look on their own only seldom, as a fallback.
+
 Deleting segments stays with the writer, which reads the readers' cursor files
 (`Spool.readers_elsewhere`); a segment retention deleted under a reader moves it past
 (`refresh`), as `Spool.expire_segments` does for readers of its own process.
@@ -17,8 +20,13 @@ Deleting segments stays with the writer, which reads the readers' cursor files
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
 import os
+import struct
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -153,3 +161,180 @@ def _end_of(segment: _Segment) -> int:
             break
         offset = following
     return last + 1
+
+
+# -- waking the readers when the writer writes ----------------------------------------
+
+# A loop that is told when the writer writes looks for records without it this seldom:
+# a wake-up the watch failed to give is late by this much at most, never missed.
+WATCHED_POLL_S: Final = 0.5
+# The readers are woken at most this often: the writer of CDRs writes each one as it
+# closes, and a wake-up per record would cost a sink round trip per CDR. Under load a
+# loop reads a batch of this long's records; an idle stream's first record goes at once.
+WAKE_INTERVAL_S: Final = 0.025
+
+# inotify(7): what a write, a new segment or a rename into the folder signals.
+_IN_MODIFY: Final = 0x002
+_IN_MOVED_TO: Final = 0x080
+_IN_CREATE: Final = 0x100
+_IN_DELETE_SELF: Final = 0x400
+_IN_MOVE_SELF: Final = 0x800
+_IN_Q_OVERFLOW: Final = 0x4000
+_IN_IGNORED: Final = 0x8000
+_IN_NONBLOCK: Final = os.O_NONBLOCK
+_IN_CLOEXEC: Final = os.O_CLOEXEC
+_WATCHED: Final = _IN_MODIFY | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE_SELF | _IN_MOVE_SELF
+_EVENT: Final = struct.Struct("iIII")  # wd, mask, cookie, length of the name that follows
+_GONE: Final = _IN_IGNORED | _IN_DELETE_SELF | _IN_MOVE_SELF
+
+
+def _inotify() -> tuple[Callable[[int], int], Callable[[int, bytes, int], int]] | None:
+    """libc's inotify_init1 and inotify_add_watch, or None where there are none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        init, add = libc.inotify_init1, libc.inotify_add_watch
+    except (OSError, AttributeError):
+        return None
+    init.argtypes, init.restype = [ctypes.c_int], ctypes.c_int
+    add.argtypes, add.restype = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32], ctypes.c_int
+    return init, add
+
+
+def watch_events(data: bytes) -> list[tuple[int, int]]:
+    """(watch descriptor, mask) of each event in what a read of the inotify file gave."""
+    events = []
+    at = 0
+    while at + _EVENT.size <= len(data):
+        wd, mask, _cookie, length = _EVENT.unpack_from(data, at)
+        events.append((wd, mask))
+        at += _EVENT.size + length
+    return events
+
+
+class SpoolWatch:
+    """Wakes the readers of `SpoolTail`s when the writer's process writes to their
+    folders (inotify on each stream's folder: a record appended, a segment created),
+    in place of looking for records every `TAIL_POLL_S`: an idle delivery process
+    sleeps, and a CDR is read as soon as it is written rather than at the next look.
+
+    Nothing here is needed for correctness: the delivery loops still look on their own
+    every `WATCHED_POLL_S`, so a wake-up that is lost (an event queue that overflowed
+    is taken as a write to every stream) delays records, never skips them. Only the
+    folder is watched, not the writer: a writer that restarts, or a delivery process
+    started again, is covered by the next write or the first look. A watch that ends
+    (the folder removed or moved) calls `on_lost`, which returns the loops to polling.
+    """
+
+    def __init__(
+        self,
+        tails: Sequence[SpoolTail],
+        *,
+        wake_interval_s: float = WAKE_INTERVAL_S,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self.tails = tuple(tails)
+        self.wake_interval_s = wake_interval_s
+        self.on_lost = on_lost
+        self.wakes = 0  # readers' wake-ups given, for tests and the curious
+        self._fd = -1
+        self._by_wd: dict[int, SpoolTail] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Set while the file is not read, for `wake_interval_s` after a wake-up.
+        self._resume: asyncio.TimerHandle | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._fd >= 0 and bool(self._by_wd)
+
+    def start(self) -> bool:
+        """Watch every tail's folder from the running event loop; False (and nothing
+        started) where inotify is missing or refused (no instances left)."""
+        calls = _inotify()
+        if calls is None or not self.tails:
+            return False
+        init, add = calls
+        fd = init(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            return False
+        for tail in self.tails:
+            wd = add(fd, os.fsencode(tail.directory), _WATCHED)
+            if wd < 0:
+                os.close(fd)
+                self._by_wd.clear()
+                return False
+            self._by_wd[wd] = tail
+        self._fd = fd
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(fd, self._readable)
+        return True
+
+    def close(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            if self._loop is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._by_wd.clear()
+
+    def _readable(self) -> None:
+        """Read every event queued, wake the streams they are about, then leave the
+        file unread for `wake_interval_s`: the writer writes each CDR alone, and a
+        wake-up of this process per write would cost both processes more than the
+        records. Events queued meanwhile (the kernel merges repeats) are read when it
+        is watched again, and wake their streams then."""
+        events: list[tuple[int, int]] = []
+        while True:
+            try:
+                data = os.read(self._fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._lost()
+                return
+            if not data:
+                break
+            events.extend(watch_events(data))
+        self.handle(events)
+        if self._fd >= 0 and self.wake_interval_s > 0 and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._resume = self._loop.call_later(self.wake_interval_s, self._watch_again)
+
+    def _watch_again(self) -> None:
+        self._resume = None
+        if self._fd >= 0 and self._loop is not None:
+            self._loop.add_reader(self._fd, self._readable)
+
+    def handle(self, events: Sequence[tuple[int, int]]) -> None:
+        """Wake the readers of the streams the events are about (all of them for an
+        overflow); a watch that ended is forgotten."""
+        woken: dict[int, SpoolTail] = {}
+        for wd, mask in events:
+            if mask & _IN_Q_OVERFLOW:
+                woken.update((id(tail), tail) for tail in self._by_wd.values())
+                continue
+            tail = self._by_wd.get(wd)
+            if tail is None:
+                continue
+            woken[id(tail)] = tail
+            if mask & _GONE:
+                del self._by_wd[wd]
+        for tail in woken.values():
+            self.wakes += 1
+            for reader in tail._readers.values():
+                reader.wake()
+        if self._fd >= 0 and not self._by_wd:
+            self._lost()
+
+    def _lost(self) -> None:
+        self.close()
+        # What was written just before the watch ended is looked for now.
+        for tail in self.tails:
+            for reader in tail._readers.values():
+                reader.wake()
+        if self.on_lost is not None:
+            self.on_lost()
