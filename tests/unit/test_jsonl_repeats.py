@@ -4,6 +4,8 @@ twice; nothing else is ever skipped."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
 import orjson
@@ -135,3 +137,26 @@ async def test_a_batch_that_fails_after_its_repeats_is_compared_again_when_retri
     await sink.stop()
     assert numbers(path) == list(range(1, 201))
     assert sink.repeats_skipped == 10
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+async def test_a_rotated_name_that_is_no_file_neither_stops_nor_hangs_the_start(
+    tmp_path: Path, kind: str
+) -> None:
+    """The file is empty, so the newest rotated name is looked at: a folder or a FIFO
+    of that name has no lines to compare, and its start goes on (a FIFO opened for
+    reading would wait for a writer for ever)."""
+    path = tmp_path / "cdrs.jsonl"
+    other = tmp_path / "cdrs.jsonl.20991231T235959Z"
+    if kind == "folder":
+        other.mkdir(mode=0o700)
+    else:
+        os.mkfifo(other, 0o600)
+    # In a thread of its own: a start that waits on the FIFO blocks its event loop.
+    start = asyncio.ensure_future(asyncio.to_thread(asyncio.run, written(path, cdrs(1, 3))))
+    done, _ = await asyncio.wait({start}, timeout=10)
+    if not done:
+        os.close(os.open(other, os.O_WRONLY | os.O_NONBLOCK))  # lets the stuck open return
+        await start
+        pytest.fail("the start waited on the FIFO")
+    assert numbers(path) == [1, 2, 3] and start.result().repeats_skipped == 0

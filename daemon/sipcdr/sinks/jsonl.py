@@ -38,6 +38,7 @@ import errno
 import hashlib
 import os
 import re
+import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,13 +125,20 @@ class JsonlSink(AsyncLifecycle):
         newest = self._newest_rotated()
         if newest is None:
             return None
+        # A name that is no file (a FIFO would wait for a writer for ever without
+        # O_NONBLOCK, a folder cannot be read) or cannot be read has nothing to compare:
+        # repeats, if any, are written again, never anything left out.
         try:
-            rotated = os.open(newest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            rotated = os.open(newest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             return None
         try:
-            size = os.fstat(rotated).st_size
-            return _whole_lines(rotated, size)
+            info = os.fstat(rotated)
+            if not stat.S_ISREG(info.st_mode):
+                return None
+            return _whole_lines(rotated, info.st_size)
+        except OSError:
+            return None
         finally:
             os.close(rotated)
 
