@@ -160,3 +160,37 @@ async def test_a_rotated_name_that_is_no_file_neither_stops_nor_hangs_the_start(
         await start
         pytest.fail("the start waited on the FIFO")
     assert numbers(path) == [1, 2, 3] and start.result().repeats_skipped == 0
+
+
+async def test_a_batch_found_whole_in_the_file_is_on_disk_before_it_counts_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between the write and its fsync, the lines are in the page cache only:
+    the start reads them back all the same. A batch left out whole writes nothing, so
+    without an fsync of its own its cursor would move past records a power loss can
+    still take from the file."""
+    path = tmp_path / "cdrs.jsonl"
+    await written(path, cdrs(1, 20))  # 11 to 20: written, never fsynced
+    synced: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    sink = JsonlSink(path)
+    await sink.start()
+    await sink.deliver(STREAM_RECORDS, cdrs(11, 20))
+    assert sink.repeats_skipped == 10 and synced
+    synced.clear()
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    await sink.stop()
+    sink = JsonlSink(path)
+    await sink.start()
+    with pytest.raises(OSError, match="EIO"):  # not on disk: not confirmed, sent again
+        await sink.deliver(STREAM_RECORDS, cdrs(11, 20))
+    monkeypatch.setattr(os, "fsync", real)
+    await sink.deliver(STREAM_RECORDS, cdrs(11, 21))
+    await sink.stop()
+    assert numbers(path) == list(range(1, 22)) and sink.repeats_skipped == 10

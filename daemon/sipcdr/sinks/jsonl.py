@@ -7,10 +7,11 @@ they are not written twice. When the file is opened, the lines of its last
 `TAIL_BYTES` (those of the newest rotated file when it is empty: a rotation right
 before the crash) are kept until the first batches: records at the head of those
 batches whose bytes are the file's lines in the same order, ending with its last line,
-are already there and are skipped. Only a record whose exact bytes are already in the
-file (compared by a 128-bit BLAKE2b digest) is ever skipped, so nothing is lost
-however the repeats are guessed; a repeat that reaches
-further back than that window (1,000 records or 4 MiB make a delivery batch) is
+are already there and are skipped (the file fsynced first: a process killed between a
+write and its fsync leaves lines that are read back but may not be on disk). Only a
+record whose exact bytes are already in the file (compared by a 128-bit BLAKE2b
+digest) is ever skipped, so nothing is lost however the repeats are guessed; a repeat
+that reaches further back than that window (1,000 records or 4 MiB make a delivery batch) is
 written again, and readers that need exactly-once still dedupe by `cdr_id`, as for
 Kafka. Fraud alert records (with `alert_id`) are written too when `alerts` is set,
 which the daemon does when the file is its only sink; signaling never is.
@@ -165,7 +166,12 @@ class JsonlSink(AsyncLifecycle):
             skipped, after = self._already_written(lines)
             lines = lines[skipped:]
             if lines:
-                self._write_lines(handle, lines)
+                self._write_lines(handle, lines)  # its fsync covers the repeats too
+            elif skipped:
+                # Read back from the page cache, they may never have reached the disk
+                # (killed between the write and its fsync): on disk before they count
+                # as written, as every batch is.
+                os.fsync(handle.fileno())
             # Only once the rest is on disk: a batch that failed comes again whole, and
             # is compared again from the same line.
             self._caught_up(skipped, after)
