@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from pathlib import Path
 
 import orjson
@@ -194,3 +195,41 @@ async def test_a_batch_found_whole_in_the_file_is_on_disk_before_it_counts_as_wr
     await sink.deliver(STREAM_RECORDS, cdrs(11, 21))
     await sink.stop()
     assert numbers(path) == list(range(1, 22)) and sink.repeats_skipped == 10
+
+
+async def test_a_write_abandoned_by_a_timeout_cannot_undo_the_retry_that_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delivery loop gives up on a `deliver` after its timeout and sends the batch
+    again, but the thread writing the first try goes on. Were the two to run at once, a
+    first try whose fsync then failed would cut the file back to where it began, taking
+    the retry's confirmed lines with it."""
+    path = tmp_path / "cdrs.jsonl"
+    sink = JsonlSink(path)
+    await sink.start()
+    entered, go = threading.Event(), threading.Event()
+    real = os.fsync
+    calls = 0
+
+    def fsync(fd: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the first try: a disk that stalls, then fails
+            entered.set()
+            go.wait(10)
+            raise OSError(5, "EIO")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    first = asyncio.create_task(sink.deliver(STREAM_RECORDS, cdrs(1, 5)))
+    await asyncio.to_thread(entered.wait, 10)
+    first.cancel()  # the loop's deliver timeout
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    retry = asyncio.create_task(sink.deliver(STREAM_RECORDS, cdrs(1, 5)))
+    await asyncio.sleep(0.3)
+    go.set()
+    await retry  # confirmed: the loop moves the cursor past 1 to 5
+    await asyncio.sleep(0.3)  # the first try's thread is done by now
+    await sink.stop()
+    assert numbers(path) == [1, 2, 3, 4, 5]

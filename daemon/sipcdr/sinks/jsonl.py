@@ -40,6 +40,7 @@ import hashlib
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +81,11 @@ class JsonlSink(AsyncLifecycle):
         self._tail_next = -1  # -1: not matched yet
         self.repeats_skipped = 0  # records already in the file when delivered again
         self._skipped_since_open = 0
+        # One write at a time, and none while the file is closed: a `deliver` given up
+        # by its timeout leaves its thread writing, and the batch comes again at once;
+        # the two at once would interleave, and the first, failing, would cut the file
+        # back over the second's confirmed lines.
+        self._writing = threading.Lock()
         self._log = structlog.get_logger("sipcdr.jsonl")
 
     async def start(self) -> None:
@@ -161,6 +167,10 @@ class JsonlSink(AsyncLifecycle):
             await asyncio.to_thread(self._write, lines)
 
     def _write(self, lines: list[bytes]) -> None:
+        with self._writing:
+            self._write_locked(lines)
+
+    def _write_locked(self, lines: list[bytes]) -> None:
         handle = self._open()
         if self._tail is not None:
             skipped, after = self._already_written(lines)
@@ -267,10 +277,15 @@ class JsonlSink(AsyncLifecycle):
         """Nothing buffered: every `deliver` that returned is fsynced."""
 
     async def stop(self) -> None:
-        """Idempotent: every delivered line is already on disk; closes the file."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Idempotent: every delivered line is already on disk; closes the file once a
+        write a cancelled `deliver` left running is done."""
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        with self._writing:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 def _continues(tail: list[bytes], at: int, lines: list[bytes]) -> bool:
