@@ -233,3 +233,24 @@ async def test_a_write_abandoned_by_a_timeout_cannot_undo_the_retry_that_follows
     await asyncio.sleep(0.3)  # the first try's thread is done by now
     await sink.stop()
     assert numbers(path) == [1, 2, 3, 4, 5]
+
+
+async def test_a_tail_of_blank_lines_keeps_no_more_digests_than_records_can_fill(
+    tmp_path: Path,
+) -> None:
+    """8 MiB of newlines (a damaged file, a tool that padded it) were 8 million digests:
+    seconds of the event loop at start and most of a gigabyte held until the first
+    batch. No record is that short, so no more lines are kept than records of
+    `MIN_RECORD_BYTES` fill the window; the repeats at the end are still found."""
+    path = tmp_path / "cdrs.jsonl"
+    path.write_bytes(b"\n" * jsonl.TAIL_BYTES)
+    path.chmod(0o600)
+    await written(path, cdrs(1, 3))
+    sink = JsonlSink(path)
+    await sink.start()
+    assert sink._tail is not None
+    assert len(sink._tail) <= jsonl.TAIL_BYTES // jsonl.MIN_RECORD_BYTES
+    await sink.deliver(STREAM_RECORDS, cdrs(2, 4))
+    await sink.stop()
+    assert path.read_bytes().split(b"\n")[-5:-1] == [r.value for r in cdrs(1, 4)]
+    assert sink.repeats_skipped == 2

@@ -57,6 +57,10 @@ _ROTATED_SUFFIX: Final = re.compile(r"\.\d{8}T\d{6}Z(\.\d+)?")  # what _rotate a
 # How much of the file's end is compared with the records delivered again after a
 # crash: twice the largest delivery batch (4 MiB), read once at open (a few ms).
 TAIL_BYTES: Final = 8 * 1024 * 1024
+# No record is shorter (a CDR line takes several hundred bytes): lines past
+# `TAIL_BYTES // MIN_RECORD_BYTES` from the end are not kept, so a tail of blank or
+# tiny lines (a damaged file) costs no more than one of records.
+MIN_RECORD_BYTES: Final = 64
 
 
 class JsonlSink(AsyncLifecycle):
@@ -308,9 +312,12 @@ def _whole_lines(fd: int, size: int) -> list[bytes] | None:
     data = os.pread(fd, size - start, start)
     if not data.endswith(b"\n"):
         return None
-    lines = data[:-1].split(b"\n")
-    if start > 0:
-        lines = lines[1:]  # begun before the window (empty when the window starts a line)
+    most = TAIL_BYTES // MIN_RECORD_BYTES
+    lines = data[:-1].rsplit(b"\n", most)
+    if start > 0 or len(lines) > most:
+        # Begun before the window (empty when the window starts a line), or the lines
+        # before the last `most`, left in one piece by rsplit.
+        lines = lines[1:]
     return [_digest(line) for line in lines] or None
 
 
