@@ -254,3 +254,32 @@ async def test_a_tail_of_blank_lines_keeps_no_more_digests_than_records_can_fill
     await sink.stop()
     assert path.read_bytes().split(b"\n")[-5:-1] == [r.value for r in cdrs(1, 4)]
     assert sink.repeats_skipped == 2
+
+
+async def test_a_write_that_does_not_return_fails_the_next_batch_instead_of_queuing_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stalled disk: each retry would otherwise leave one more thread waiting behind
+    the first, until none is left for the rest of the daemon."""
+    monkeypatch.setattr(jsonl, "WRITE_WAIT_S", 0.2)
+    monkeypatch.setattr(jsonl, "STOP_WAIT_S", 0.2)
+    path = tmp_path / "cdrs.jsonl"
+    sink = JsonlSink(path)
+    await sink.start()
+    go = threading.Event()
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (go.wait(10), real(fd)))
+    first = asyncio.create_task(sink.deliver(STREAM_RECORDS, cdrs(1, 5)))
+    await asyncio.sleep(0.1)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    with pytest.raises(OSError, match="previous write"):
+        await sink.deliver(STREAM_RECORDS, cdrs(1, 5))
+    with capture_logs() as logs:
+        await sink.stop()  # left open to the write, not closed under it
+    assert [log["event"] for log in logs] == ["jsonl_write_still_running"]
+    go.set()
+    await asyncio.sleep(0.3)
+    await sink.stop()
+    assert sink._file is None and numbers(path) == [1, 2, 3, 4, 5]

@@ -61,6 +61,11 @@ TAIL_BYTES: Final = 8 * 1024 * 1024
 # `TAIL_BYTES // MIN_RECORD_BYTES` from the end are not kept, so a tail of blank or
 # tiny lines (a damaged file) costs no more than one of records.
 MIN_RECORD_BYTES: Final = 64
+# How long a write waits for one a cancelled `deliver` left running, and `stop` for it
+# before leaving the file open to it: a stalled disk fails batches (to come again after
+# the loop's backoff) rather than piling threads up behind the first.
+WRITE_WAIT_S: Final = 1.0
+STOP_WAIT_S: Final = 10.0
 
 
 class JsonlSink(AsyncLifecycle):
@@ -171,8 +176,12 @@ class JsonlSink(AsyncLifecycle):
             await asyncio.to_thread(self._write, lines)
 
     def _write(self, lines: list[bytes]) -> None:
-        with self._writing:
+        if not self._writing.acquire(timeout=WRITE_WAIT_S):
+            raise OSError(errno.EBUSY, "the previous write to the file has not returned")
+        try:
             self._write_locked(lines)
+        finally:
+            self._writing.release()
 
     def _write_locked(self, lines: list[bytes]) -> None:
         handle = self._open()
@@ -282,14 +291,17 @@ class JsonlSink(AsyncLifecycle):
 
     async def stop(self) -> None:
         """Idempotent: every delivered line is already on disk; closes the file once a
-        write a cancelled `deliver` left running is done."""
-        await asyncio.to_thread(self._close)
-
-    def _close(self) -> None:
-        with self._writing:
+        write a cancelled `deliver` left running is done (left open to it, which ends
+        with the process, when it does not return within `STOP_WAIT_S`)."""
+        if not await asyncio.to_thread(self._writing.acquire, timeout=STOP_WAIT_S):
+            self._log.warning("jsonl_write_still_running", waited_s=STOP_WAIT_S)
+            return
+        try:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+        finally:
+            self._writing.release()
 
 
 def _continues(tail: list[bytes], at: int, lines: list[bytes]) -> bool:
