@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 import pytest
+from sipcdr import private
 from sipcdr.config import Config
 from sipcdr.delivery import Delivery
 from sipcdr.privacy import restriction_file
@@ -132,3 +135,85 @@ def test_the_restriction_hold_and_the_spare_rooms_hold_end_apart() -> None:
     delivery.held_until_restrictions |= {("postgres", "records")}
     delivery.held -= {("postgres", "records")}
     assert delivery.is_held(("postgres", "records"))
+
+
+class _FullDisk:
+    """A file object whose every write fails as on a full disk."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._handle.close()
+
+    def write(self, _data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def fileno(self) -> int:
+        return self._handle.fileno()
+
+
+def test_a_save_that_fails_leaves_no_older_list_to_start_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk: the older, shorter list left in place would lift the restriction
+    added since on a start while PostgreSQL does not answer. It is withdrawn instead
+    (emptied, which needs no room), so that start waits for the database and an import
+    with Kafka refuses; nothing half-written is left behind."""
+    tmp_path.chmod(0o700)
+    save_restrictions(tmp_path, frozenset({"4940555666"}))
+    real = private.open_private
+    monkeypatch.setattr(
+        restriction_file, "open_private", lambda path, mode: _FullDisk(real(path, mode))
+    )
+    with pytest.raises(OSError, match="No space left"):
+        save_restrictions(tmp_path, frozenset({"4940555666", "4930111222"}))
+    assert saved_restrictions(tmp_path) is None
+    assert (tmp_path / FILE_NAME).exists()  # read as a list that cannot be had
+    assert (tmp_path / FILE_NAME).stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [FILE_NAME]
+
+
+def test_a_foreign_file_in_the_way_of_a_save_withdraws_the_older_list(
+    tmp_path: Path,
+) -> None:
+    """The new copy cannot be made (its name taken by a link): as with a full disk,
+    the older list is not left in force."""
+    tmp_path.chmod(0o700)
+    save_restrictions(tmp_path, frozenset({"4940555666"}))
+    (tmp_path / (FILE_NAME + ".new")).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError, match="symbolic link"):
+        save_restrictions(tmp_path, frozenset({"4940555666", "4930111222"}))
+    assert saved_restrictions(tmp_path) is None
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_the_daemon_withdraws_its_older_list_when_a_save_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp_path.chmod(0o700)
+    config = Config()
+    config = replace(config, state=replace(config.state, dir=tmp_path))
+    stats = PrivacyStats()
+    task = PrivacyTask(config, stats, lambda: None, None)
+    task._save(frozenset({"4940555666"}))
+    real = private.open_private
+    monkeypatch.setattr(
+        restriction_file, "open_private", lambda path, mode: _FullDisk(real(path, mode))
+    )
+    with capture_logs() as logs:
+        task._save(frozenset({"4940555666", "4930111222"}))
+    assert stats.restrictions_unsaved == 1 and not task._saved
+    assert saved_restrictions(tmp_path) is None
+    assert [log["event"] for log in logs] == ["restrictions_not_saved"]
+    assert "4930" not in str(logs)
+    monkeypatch.setattr(restriction_file, "open_private", real)
+    task._save(frozenset({"4940555666", "4930111222"}))
+    assert saved_restrictions(tmp_path) == frozenset({"4940555666", "4930111222"})
+    assert stats.restrictions_unsaved == 0

@@ -55,15 +55,15 @@ async def apply_restrictions(outputs: Outputs) -> asyncio.Task[None] | None:
         if saved is not None:
             outbound.set_restricted(saved)
         elif settings.kafka is not None and (settings.state_dir / FILE_NAME).exists():
-            # A list was saved but cannot be read (damaged, or one longer than a copy
-            # is kept for): it names someone, so publishing without it is no better
-            # than without PostgreSQL.
+            # A list was saved but cannot be read (damaged, one longer than a copy is
+            # kept for, or emptied when a newer one could not be saved): it names
+            # someone, so publishing without it is no better than without PostgreSQL.
             raise RestrictionsUnavailable(
                 f"the restriction list saved in {settings.state_dir / FILE_NAME} cannot "
                 f"be read (damaged, or more than {MAX_SAVED_SUBJECTS:,} subjects, which "
-                "no copy is kept of), so nothing was imported: restricted subjects' "
-                "records would reach Kafka; import with PostgreSQL configured, which "
-                "keeps the list"
+                "no copy is kept of, or emptied when a newer list could not be saved), "
+                "so nothing was imported: restricted subjects' records would reach "
+                "Kafka; import with PostgreSQL configured, which keeps the list"
             )
         return None
     problem = ""

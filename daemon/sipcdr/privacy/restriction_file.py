@@ -12,19 +12,24 @@ says so instead (`{"not_saved": ...}`), which a start reads as no list (delivery
 for PostgreSQL) and an import with Kafka as a list it cannot have (it refuses), never
 as an older, shorter list.
 
-A file that cannot be read as a list (cut short, too large, a list not copied) counts
-as none: the daemon then waits for the database before anything leaves for Kafka.
+A save that fails (a full disk, the new copy's name taken) empties the copy in place,
+which takes no room: the older list it held would lift the restrictions added since.
+
+A file that cannot be read as a list (cut short, too large, a list not copied, emptied
+by a failed save) counts as none: the daemon then waits for the database before
+anything leaves for Kafka.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Final
 
 import orjson
 
-from sipcdr.private import open_folder, open_private, read_private
+from sipcdr.private import open_folder, open_private, open_private_fd, read_private
 
 FILE_NAME: Final = "restrictions.json"
 _NEW_SUFFIX: Final = ".new"
@@ -79,14 +84,35 @@ def save_restrictions(state_dir: Path, numbers: frozenset[str]) -> None:
 
 def _replace(path: Path, data: bytes) -> None:
     new = path.with_name(path.name + _NEW_SUFFIX)
-    with open_private(new, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(new, path)
+    try:
+        with open_private(new, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(new, path)
+    except OSError:
+        # The list in force is newer than the copy: left readable, the copy would lift
+        # the restrictions added since on a start while PostgreSQL does not answer.
+        with contextlib.suppress(OSError):
+            os.unlink(new)  # its room back, and no half-written list
+        _withdraw(path)
+        raise
     # The rename itself on disk: a power loss must not bring back the older list.
     folder = open_folder(path.parent)
     try:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def _withdraw(path: Path) -> None:
+    """Empty the copy in place (which takes no room, so works on a full disk too; made
+    empty when there was none, since the list in force names someone): an empty file
+    reads as a list that cannot be had, as a note does. When even that
+    fails, nothing more can be done here; the caller reports the failure."""
+    with contextlib.suppress(OSError):
+        fd = open_private_fd(path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

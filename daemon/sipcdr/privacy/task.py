@@ -210,10 +210,13 @@ class PrivacyTask:
             self._saved = True  # the file says so: written again when the list changes
             return
         except OSError as exc:
-            # In force all the same; only a restart during an outage would miss it.
+            # In force all the same; the older copy is withdrawn, so a restart during an
+            # outage waits for PostgreSQL. Tried again at the next read, the list
+            # unchanged or not.
             if self.stats.restrictions_unsaved != 1:
                 self.log.warning("restrictions_not_saved", error=f"{type(exc).__name__}: {exc}")
             self.stats.restrictions_unsaved = 1
+            self._saved = False
             return
         if self.stats.restrictions_unsaved:
             self.log.info("restrictions_saved_again", subjects=len(numbers))

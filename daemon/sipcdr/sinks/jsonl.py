@@ -7,10 +7,11 @@ they are not written twice. When the file is opened, the lines of its last
 `TAIL_BYTES` (those of the newest rotated file when it is empty: a rotation right
 before the crash) are kept until the first batches: records at the head of those
 batches whose bytes are the file's lines in the same order, ending with its last line,
-are already there and are skipped. Only a record whose exact bytes are already in the
-file (compared by a 128-bit BLAKE2b digest) is ever skipped, so nothing is lost
-however the repeats are guessed; a repeat that reaches
-further back than that window (1,000 records or 4 MiB make a delivery batch) is
+are already there and are skipped (the file fsynced first: a process killed between a
+write and its fsync leaves lines that are read back but may not be on disk). Only a
+record whose exact bytes are already in the file (compared by a 128-bit BLAKE2b
+digest) is ever skipped, so nothing is lost however the repeats are guessed; a repeat
+that reaches further back than that window (1,000 records or 4 MiB make a delivery batch) is
 written again, and readers that need exactly-once still dedupe by `cdr_id`, as for
 Kafka. Fraud alert records (with `alert_id`) are written too when `alerts` is set,
 which the daemon does when the file is its only sink; signaling never is.
@@ -38,6 +39,8 @@ import errno
 import hashlib
 import os
 import re
+import stat
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +57,15 @@ _ROTATED_SUFFIX: Final = re.compile(r"\.\d{8}T\d{6}Z(\.\d+)?")  # what _rotate a
 # How much of the file's end is compared with the records delivered again after a
 # crash: twice the largest delivery batch (4 MiB), read once at open (a few ms).
 TAIL_BYTES: Final = 8 * 1024 * 1024
+# No record is shorter (a CDR line takes several hundred bytes): lines past
+# `TAIL_BYTES // MIN_RECORD_BYTES` from the end are not kept, so a tail of blank or
+# tiny lines (a damaged file) costs no more than one of records.
+MIN_RECORD_BYTES: Final = 64
+# How long a write waits for one a cancelled `deliver` left running, and `stop` for it
+# before leaving the file open to it: a stalled disk fails batches (to come again after
+# the loop's backoff) rather than piling threads up behind the first.
+WRITE_WAIT_S: Final = 1.0
+STOP_WAIT_S: Final = 10.0
 
 
 class JsonlSink(AsyncLifecycle):
@@ -78,6 +90,11 @@ class JsonlSink(AsyncLifecycle):
         self._tail_next = -1  # -1: not matched yet
         self.repeats_skipped = 0  # records already in the file when delivered again
         self._skipped_since_open = 0
+        # One write at a time, and none while the file is closed: a `deliver` given up
+        # by its timeout leaves its thread writing, and the batch comes again at once;
+        # the two at once would interleave, and the first, failing, would cut the file
+        # back over the second's confirmed lines.
+        self._writing = threading.Lock()
         self._log = structlog.get_logger("sipcdr.jsonl")
 
     async def start(self) -> None:
@@ -124,13 +141,20 @@ class JsonlSink(AsyncLifecycle):
         newest = self._newest_rotated()
         if newest is None:
             return None
+        # A name that is no file (a FIFO would wait for a writer for ever without
+        # O_NONBLOCK, a folder cannot be read) or cannot be read has nothing to compare:
+        # repeats, if any, are written again, never anything left out.
         try:
-            rotated = os.open(newest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            rotated = os.open(newest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             return None
         try:
-            size = os.fstat(rotated).st_size
-            return _whole_lines(rotated, size)
+            info = os.fstat(rotated)
+            if not stat.S_ISREG(info.st_mode):
+                return None
+            return _whole_lines(rotated, info.st_size)
+        except OSError:
+            return None
         finally:
             os.close(rotated)
 
@@ -152,12 +176,25 @@ class JsonlSink(AsyncLifecycle):
             await asyncio.to_thread(self._write, lines)
 
     def _write(self, lines: list[bytes]) -> None:
+        if not self._writing.acquire(timeout=WRITE_WAIT_S):
+            raise OSError(errno.EBUSY, "the previous write to the file has not returned")
+        try:
+            self._write_locked(lines)
+        finally:
+            self._writing.release()
+
+    def _write_locked(self, lines: list[bytes]) -> None:
         handle = self._open()
         if self._tail is not None:
             skipped, after = self._already_written(lines)
             lines = lines[skipped:]
             if lines:
-                self._write_lines(handle, lines)
+                self._write_lines(handle, lines)  # its fsync covers the repeats too
+            elif skipped:
+                # Read back from the page cache, they may never have reached the disk
+                # (killed between the write and its fsync): on disk before they count
+                # as written, as every batch is.
+                os.fsync(handle.fileno())
             # Only once the rest is on disk: a batch that failed comes again whole, and
             # is compared again from the same line.
             self._caught_up(skipped, after)
@@ -253,10 +290,18 @@ class JsonlSink(AsyncLifecycle):
         """Nothing buffered: every `deliver` that returned is fsynced."""
 
     async def stop(self) -> None:
-        """Idempotent: every delivered line is already on disk; closes the file."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Idempotent: every delivered line is already on disk; closes the file once a
+        write a cancelled `deliver` left running is done (left open to it, which ends
+        with the process, when it does not return within `STOP_WAIT_S`)."""
+        if not await asyncio.to_thread(self._writing.acquire, timeout=STOP_WAIT_S):
+            self._log.warning("jsonl_write_still_running", waited_s=STOP_WAIT_S)
+            return
+        try:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+        finally:
+            self._writing.release()
 
 
 def _continues(tail: list[bytes], at: int, lines: list[bytes]) -> bool:
@@ -279,9 +324,12 @@ def _whole_lines(fd: int, size: int) -> list[bytes] | None:
     data = os.pread(fd, size - start, start)
     if not data.endswith(b"\n"):
         return None
-    lines = data[:-1].split(b"\n")
-    if start > 0:
-        lines = lines[1:]  # begun before the window (empty when the window starts a line)
+    most = TAIL_BYTES // MIN_RECORD_BYTES
+    lines = data[:-1].rsplit(b"\n", most)
+    if start > 0 or len(lines) > most:
+        # Begun before the window (empty when the window starts a line), or the lines
+        # before the last `most`, left in one piece by rsplit.
+        lines = lines[1:]
     return [_digest(line) for line in lines] or None
 
 

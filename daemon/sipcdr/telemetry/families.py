@@ -360,8 +360,8 @@ FAMILIES: Final = {f.name: f for f in (
        "by the last run, until the database answers)"),
     _g("sipcdr_restrictions_not_saved",
        "1 while the restriction list in force is not the one saved in the state folder "
-       "(more subjects than a copy is kept for, or the write failed): a restart while "
-       "PostgreSQL does not answer then waits for it, or uses an older list"),
+       "(more subjects than a copy is kept for, or the write failed and the older copy "
+       "was emptied): a restart while PostgreSQL does not answer then waits for it"),
     _g("sipcdr_delivery_waiting_for_restrictions",
        "1 while Kafka and PostgreSQL delivery waits for a first restriction list (a "
        "start with no saved list and PostgreSQL not answering): records wait in the "
