@@ -1240,3 +1240,87 @@ def test_the_barrier_goes_first_among_the_cdr_sinks_and_keeps_the_rest(tmp_path:
     placed = store.ahead(Destinations([spool], None, alerts))
     assert list(placed.cdrs) == [store.barrier, spool]
     assert placed.alerts is alerts
+
+
+class ShortWrites:
+    """os for the store whose journal `writev` puts only the first `room` bytes on disk
+    (the disk fills up, or a signal cuts the write short), then refuses the rest with
+    `error` (None: takes it whole)."""
+
+    def __init__(self, room: int, error: int | None) -> None:
+        self.room = room
+        self.error = error
+        self.cut = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def writev(self, fd: int, buffers: Sequence[bytes]) -> int:
+        if self.cut and self.error is not None:
+            raise OSError(self.error, os.strerror(self.error))
+        if self.cut:
+            return os.writev(fd, buffers)
+        self.cut = True
+        return os.write(fd, b"".join(buffers)[: self.room])
+
+
+def record_sizes(directory: Path) -> list[int]:
+    """The framed size of each record in the one journal of `directory`."""
+    (journal,) = directory.glob("*.journal")
+    data = journal.read_bytes()[len(MAGIC) :]
+    sizes, at = [], 0
+    while at < len(data):
+        _, length = struct.unpack_from("<II", data, at)
+        sizes.append(8 + length)
+        at += 8 + length
+    return sizes
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, None])
+async def test_a_short_batch_write_keeps_the_whole_records_it_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int | None
+) -> None:
+    """A `writev` of a turn's records that stops part-way keeps every record it put on
+    disk whole: the rest is written on (a signal cut it short) or, when the disk is
+    full, only the records that did not fit are lost and counted; a short write alone
+    is no reason to give up the spare."""
+    measure = tmp_path / "measure"
+    measure.mkdir()
+    calls = [Call(f"short-{n}@x", from_tag=f"s{n}") for n in range(5)]
+    invites = [msg(float(n), call.request("INVITE")) for n, call in enumerate(calls)]
+    sizing = Node(measure, CdrCollector())
+    await sizing.boot()
+    sizing.run(invites)
+    sizes = record_sizes(measure)
+    sizing.crash()
+    assert len(sizes) == 5
+
+    state = tmp_path / "state"
+    state.mkdir()
+    node = Node(state, CdrCollector())
+    node.store.batch_writes = True
+    asked: list[bool] = []
+
+    def no_room() -> bool:
+        asked.append(True)
+        return False
+
+    node.store.on_no_space = no_room
+    await node.boot()
+    monkeypatch.setattr(appender_module, "os", ShortWrites(sum(sizes[:3]) + 5, error))
+    node.run(invites)
+    await asyncio.sleep(0)
+    stats = node.store.stats
+    kept = 3 if error is not None else 5
+    assert (stats.journal_messages, stats.journal_write_errors) == (kept, 5 - kept)
+    assert asked == ([True] if error is not None else [])
+    assert record_sizes(state) == sizes[:kept]
+    node.crash()
+    monkeypatch.undo()
+    second = Node(state, CdrCollector())
+    await second.boot()
+    assert [second.correlator.is_open(c.call_id) for c in calls] == [True] * kept + [False] * (
+        5 - kept
+    )
+    assert second.store.stats.torn_tails == 0
+    second.crash()
