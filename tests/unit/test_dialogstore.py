@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import random
 import shutil
 import stat
 import struct
@@ -1323,4 +1324,72 @@ async def test_a_short_batch_write_keeps_the_whole_records_it_wrote(
         5 - kept
     )
     assert second.store.stats.torn_tails == 0
+    second.crash()
+
+
+def open_calls(correlator: Correlator) -> set[str]:
+    snap = orjson.loads(correlator.snapshot())
+    key = snap["fields"].index("call_id")
+    return {row[key] for row in snap["dialogs"]}
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_a_kill_anywhere_in_a_turn_rebuilds_a_prefix_and_every_spooled_close(
+    tmp_path: Path, seed: int
+) -> None:
+    """Killed at a random message of a random turn (checkpoints at random too): the
+    start rebuilds the calls of a prefix of the traffic that ends no earlier than the
+    last turn written whole, nor than the last message that sent a CDR to the spool; a
+    CDR in the spool is never billed again under another cdr_id."""
+    rng = random.Random(seed)
+    events = scenario()
+    cut = rng.randrange(1, len(events) + 1)
+    state, spool_dir = tmp_path / "state", tmp_path / "spool"
+    state.mkdir()
+    first = SpoolNode(state, spool_dir, batched=True)
+    await first.boot()
+    turn_end = 0  # events taken in by the last turn that ended
+    spooled_by = 0  # events up to the last one that sent a CDR to the spool
+    at = 0
+    while at < cut:
+        size = rng.randint(1, 6)
+        for event in events[at : min(at + size, cut)]:
+            before = len(first.cdr_ids())
+            first.run([event])
+            at += 1
+            if len(first.cdr_ids()) > before:
+                spooled_by = at
+            if rng.random() < 0.1:
+                first.store.checkpoint()
+                turn_end = at  # a checkpoint writes what the turn held
+        if at < cut:
+            await asyncio.sleep(0)
+            turn_end = at
+    spooled = {
+        orjson.loads(r.value)["call_id"]: orjson.loads(r.value)["cdr_id"]
+        for r in first.spool.reader("s").read(1000, 1 << 30)
+    }
+    first.crash()
+
+    second = SpoolNode(state, spool_dir, batched=True)
+    again = await second.boot()
+    rebuilt = open_calls(second.correlator)
+    prefixes = []
+    for length in range(len(events) + 1):
+        oracle = Node(tmp_path / f"o{length}", CdrCollector())
+        oracle.pipeline = Pipeline(oracle.correlator, [oracle.spool])
+        oracle.run([e for e in events[:length] if e[0] != "checkpoint"])
+        if open_calls(oracle.correlator) == rebuilt:
+            prefixes.append(length)
+    assert any(max(turn_end, spooled_by) <= length <= cut for length in prefixes), (
+        cut,
+        turn_end,
+        spooled_by,
+        prefixes,
+        rebuilt,
+    )
+    for cdr in again:
+        assert spooled.get(cdr.call_id, cdr.cdr_id) == cdr.cdr_id
+    for call_id in spooled:
+        assert call_id not in rebuilt
     second.crash()
