@@ -9,6 +9,7 @@ import errno
 import os
 import random
 import shutil
+import socket
 import stat
 import struct
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 import structlog
+import uvloop
 from sipcalls import CALLEE_ADDR, CALLER_ADDR, Call, CdrCollector, packet
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.dialogstore import MAGIC, DialogStore, read_checkpoint
@@ -1393,3 +1395,77 @@ async def test_a_kill_anywhere_in_a_turn_rebuilds_a_prefix_and_every_spooled_clo
     for call_id in spooled:
         assert call_id not in rebuilt
     second.crash()
+
+
+class Journaling(asyncio.DatagramProtocol):
+    """Each datagram through the daemon's chain into the store, as the listener does."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.received = 0
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.received += 1
+        self.node.pipeline.process(packet(T0 + self.received / 1000, data))
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("busy", [False, True])
+def test_each_wake_up_of_a_udp_socket_is_journaled_before_the_next(
+    tmp_path: Path, counted: CountedWrites, loop_kind: str, busy: bool
+) -> None:
+    """On the daemon's loop (uvloop) and the default one, a burst of datagrams is
+    journaled in fewer writes than datagrams (uvloop reads several a wake-up), and all
+    of it is on disk as soon as the loop has gone round, even when another task keeps
+    the loop from ever waiting."""
+
+    async def body() -> tuple[int, int, list[int]]:
+        node = Node(tmp_path, CdrCollector())
+        node.store.batch_writes = True
+        await node.boot()
+        loop = asyncio.get_running_loop()
+        protocol = Journaling(node)
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: protocol, local_addr=("127.0.0.1", 0)
+        )
+        target = transport.get_extra_info("sockname")
+        spinning = True
+
+        async def spin() -> None:
+            while spinning:
+                await asyncio.sleep(0)
+
+        spinner = asyncio.create_task(spin()) if busy else None
+        behind: list[int] = []
+        writes = counted.writes
+        sent = 0
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            for burst in range(10):
+                for n in range(20):
+                    call = Call(f"burst-{burst}-{n}@x", from_tag=f"b{burst}-{n}")
+                    udp.sendto(call.request("INVITE"), target)
+                    sent += 1
+                deadline = time.monotonic() + 5
+                while protocol.received < sent and time.monotonic() < deadline:
+                    await asyncio.sleep(0.001)
+                await asyncio.sleep(0)  # the turn that read the last datagram has ended
+                behind.append(sent - node.store.stats.journal_messages)
+        spinning = False
+        if spinner is not None:
+            await spinner
+        transport.close()
+        taken = protocol.received
+        node.crash()
+        return taken, counted.writes - writes, behind
+
+    runner = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    taken, writes, behind = runner(body())
+    assert taken == 200
+    assert behind == [0] * 10
+    second = Node(tmp_path, CdrCollector())
+    second.store.recover()
+    assert second.correlator.open_dialogs == 200
+    if loop_kind == "uvloop":
+        assert writes <= 20  # a write a wake-up, each taking most of a burst
+    else:
+        assert writes <= 200  # the default loop reads one datagram a wake-up
