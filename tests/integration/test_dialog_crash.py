@@ -223,8 +223,8 @@ def test_kills_at_random_times_lose_no_call_taken_in_and_bill_none_twice(
     assert sorted(missing()) == [], f"seed {seed}"
     assert daemon.stop() == 0
     records = jsonl_records(daemon)
-    twice = [ids for ids, lines in records.items() if any(line != lines[0] for line in lines)]
-    assert twice == [], f"seed {seed}"
+    twice = {ids: lines for ids, lines in records.items() if any(ln != lines[0] for ln in lines)}
+    assert twice == {}, f"seed {seed}"
     calls = [str(lines[0]["call_id"]) for lines in records.values()]
     assert len(calls) == len(set(calls)), f"seed {seed}"  # one CDR per call
     assert len(settled) > 100

@@ -23,9 +23,11 @@ with the rest; what a full disk still refuses is cut back to the last whole reco
   eviction): the call, its end time and reason, before the CDR goes to the spool, so
   replay closes it exactly as then;
 - a timer run that closed or forgot anything, after its decisions;
-- a close, once the CDR is in the spool file (`closed`, the spool writer's hook): a CDR
-  the disk refused waits in the spool's reserve and gets its close record only when the
-  reserve is written.
+- a close, once the CDR is in the spool file (`closed`, the spool writer's hook),
+  written then, batched or not: held to the end of the turn, a kill would have the start
+  write that CDR again, through the stages anew and so without the fraud flags its call
+  had gathered (the fraud stage's state is not journaled). A CDR the disk refused waits
+  in the spool's reserve and gets its close record only when the reserve is written.
 Written records survive a killed process at once; a kill within a turn loses what that
 turn took in and had not written, as datagrams still in the socket buffer are lost (a
 kill in the middle of a turn's write can cut its last record short: cut off at start,

@@ -105,6 +105,11 @@ class JournalAppender:
         if self._stopped:
             return
         self._append(closed_record(cdr, max(cdr.end_time, self.correlator.now)), _CLOSE)
+        if self._pending:
+            # Not held for the end of the turn: a kill before it would make the start
+            # write this CDR again, and through the stages anew, without the fraud
+            # flags its call had gathered (the fraud stage's state is not journaled).
+            self.write_pending()
 
     def decided(self, cdrs: Sequence[Cdr], timer_at: float | None) -> None:
         """Journal closes that no replayed message repeats, before their CDRs go to the
