@@ -12,8 +12,10 @@ Files in the state directory, numbered by generation g, each created 0600:
 The journal holds four kinds of record. Batched (the daemon's default), the records of
 one event loop turn are appended in one `write` at the end of the turn, or sooner:
 before any CDR reaches the sinks (the barrier `ahead` puts first among them: no CDR is
-in the spool before the records that closed it), before an fsync and before a
-checkpoint switches journals; otherwise each is appended with a `write` of its own:
+in the spool before the records that closed it), before an fsync, before a
+checkpoint switches journals, and past 512 records or 256 KiB (the memory a burst
+holds); otherwise each is appended with a `write` of its own. A write cut short goes on
+with the rest; what a full disk still refuses is cut back to the last whole record:
 - a message the correlator reported as `changed` (a first INVITE, the first ringing,
   answer or final response to it, a CANCEL, an auth retry, a BYE), before any CDR it
   closes goes to the spool;
@@ -21,11 +23,15 @@ checkpoint switches journals; otherwise each is appended with a `write` of its o
   eviction): the call, its end time and reason, before the CDR goes to the spool, so
   replay closes it exactly as then;
 - a timer run that closed or forgot anything, after its decisions;
-- a close, once the CDR is in the spool file (`closed`, the spool writer's hook): a CDR
-  the disk refused waits in the spool's reserve and gets its close record only when the
-  reserve is written.
+- a close, once the CDR is in the spool file (`closed`, the spool writer's hook),
+  written then, batched or not: held to the end of the turn, a kill would have the start
+  write that CDR again, through the stages anew and so without the fraud flags its call
+  had gathered (the fraud stage's state is not journaled). A CDR the disk refused waits
+  in the spool's reserve and gets its close record only when the reserve is written.
 Written records survive a killed process at once; a kill within a turn loses what that
-turn took in and had not written, as datagrams still in the socket buffer are lost;
+turn took in and had not written, as datagrams still in the socket buffer are lost (a
+kill in the middle of a turn's write can cut its last record short: cut off at start,
+counted as a torn tail);
 the journal is fsynced every `fsync_interval_s`,
 which bounds what a power loss takes. Retransmissions and in-dialog requests other
 than BYE change nothing but a call's last-message time and are not journaled: the

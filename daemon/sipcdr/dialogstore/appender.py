@@ -16,6 +16,8 @@ from typing import Any, Final, Protocol, TypeVar, cast
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore.journal import (
     _FRAME,
+    KIND_CLOSED,
+    KIND_MESSAGE,
     MAX_RECORD_BYTES,
     closed_record,
     decided_record,
@@ -103,6 +105,11 @@ class JournalAppender:
         if self._stopped:
             return
         self._append(closed_record(cdr, max(cdr.end_time, self.correlator.now)), _CLOSE)
+        if self._pending:
+            # Not held for the end of the turn: a kill before it would make the start
+            # write this CDR again, and through the stages anew, without the fraud
+            # flags its call had gathered (the fraud stage's state is not journaled).
+            self.write_pending()
 
     def decided(self, cdrs: Sequence[Cdr], timer_at: float | None) -> None:
         """Journal closes that no replayed message repeats, before their CDRs go to the
@@ -154,41 +161,80 @@ class JournalAppender:
             return
         kinds, length = self._pending_kinds, self._pending_bytes
         self._pending, self._pending_bytes, self._pending_kinds = [], 0, [0, 0, 0]
-        if self._write(pending, length):
-            stats = self.stats
+        written = self._write(pending, length)
+        stats = self.stats
+        if written == length:
             stats.journal_messages += kinds[_MESSAGE]
             stats.journal_closes += kinds[_CLOSE]
             stats.journal_decisions += kinds[_DECISION]
+            return
+        # Some records did not fit: those wholly on disk stay, the rest are lost.
+        at = 0
+        for index in range(0, len(pending), 2):
+            size = len(pending[index]) + len(pending[index + 1])
+            if at + size > written:
+                stats.journal_write_errors += (len(pending) - index) // 2
+                break
+            at += size
+            kind = pending[index + 1][0]
+            if kind == KIND_MESSAGE:
+                stats.journal_messages += 1
+            elif kind == KIND_CLOSED:
+                stats.journal_closes += 1
+            else:
+                stats.journal_decisions += 1
+        self._intact = False
 
-    def _write(self, buffers: list[bytes], length: int) -> bool:
-        """Append `buffers` (whole records, `length` bytes) in one `writev`; a failed
-        or short write is cut back and counted for each record it held."""
-        for attempt in (1, 2):
-            no_space = False
+    def _write(self, buffers: list[bytes], length: int) -> int:
+        """Append `buffers` (whole records, `length` bytes) with `writev`, going on
+        after a short write; returns the bytes kept, `length` unless the disk refused
+        the rest, and then cut back to the last whole record (half a record would hide
+        every record after it from recovery)."""
+        done = 0
+        made_room = False
+        rest = buffers
+        while True:
             try:
                 if self._fd < 0:
                     raise OSError(errno.EBADF, "journal not open")
-                written = os.writev(self._fd, buffers)
+                written = os.writev(self._fd, rest)
             except OSError as exc:
-                no_space = exc.errno in _NO_SPACE
-            else:
-                if written == length:
-                    self._size += written
-                    self._dirty = True
-                    return True
-                no_space = True  # a short write: the disk filled up
-            if self._fd >= 0:
-                # Half a record would hide every record after it from recovery.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self._size)
-            if not (attempt == 1 and no_space and self._make_room()):
+                # Room is made once a batch, and only when the disk said it was full.
+                if exc.errno in _NO_SPACE and not made_room and self._make_room():
+                    made_room = True
+                    continue
                 break
-        self.stats.journal_write_errors += len(buffers) // 2
-        self._intact = False
-        return False
+            if written <= 0:
+                break
+            done += written
+            self._size += written
+            self._dirty = True
+            if done == length:
+                return done
+            rest = _after(buffers, done)
+        kept = 0  # bytes of the records wholly written
+        for index in range(0, len(buffers), 2):
+            size = len(buffers[index]) + len(buffers[index + 1])
+            if kept + size > done:
+                break
+            kept += size
+        if kept < done:
+            self._size -= done - kept
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+        return kept
 
     def _make_room(self) -> bool:
         return self.on_no_space is not None and self.on_no_space()
+
+
+def _after(buffers: list[bytes], done: int) -> list[bytes]:
+    """What is left of `buffers` once their first `done` bytes are written."""
+    for index, buffer in enumerate(buffers):
+        if done < len(buffer):
+            return [buffer[done:], *buffers[index + 1 :]]
+        done -= len(buffer)
+    return []
 
 
 class _Barrier:
