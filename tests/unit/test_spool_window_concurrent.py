@@ -6,6 +6,7 @@ read. Every record arrives once, in order, none counted damaged."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from sipcdr.sinks.base import KIND_CDR
 from sipcdr.spool import Spool
 from sipcdr.spool import reader as spool_reader
+from sipcdr.spool import writer as writer_module
 from sipcdr.spool.records import HEADER_BYTES
 from sipcdr.spool.tail import SpoolTail
 
@@ -35,6 +37,19 @@ def _value(seq: int, window: int) -> bytes:
 
 
 def _write(folder: Path, count: int, window: int, segment_bytes: int) -> None:
+    # Each write in two parts a moment apart: the reader meets records cut short at
+    # the tail, as a write the kernel has copied only part of shows.
+    whole_write = os.write
+
+    def in_two(fd: int, data: bytes | memoryview) -> int:
+        if len(data) < 2 * HEADER_BYTES:
+            return whole_write(fd, data)
+        half = len(data) // 2
+        written = whole_write(fd, data[:half])
+        time.sleep(0.0002)
+        return written + whole_write(fd, data[half:])
+
+    writer_module.os.write = in_two  # type: ignore[attr-defined]  # this process only
     spool = Spool(folder, ("a",), segment_bytes=segment_bytes, readers_elsewhere=True)
     spool.open()
     for seq in range(1, count + 1):
@@ -50,6 +65,14 @@ def test_a_concurrent_writer_loses_and_repeats_nothing(
     tmp_path: Path, window: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(spool_reader, "_WINDOW_BYTES", window)
+    waited = [0]
+    cut_back = spool_reader.SpoolReader._cut_back
+
+    def counted(self: spool_reader.SpoolReader) -> bool:
+        waited[0] += 1
+        return cut_back(self)
+
+    monkeypatch.setattr(spool_reader.SpoolReader, "_cut_back", counted)
     folder = tmp_path / "s"
     count = 1500
     # The folder and the first segment exist before the reader opens.
@@ -84,4 +107,5 @@ def test_a_concurrent_writer_loses_and_repeats_nothing(
     assert writer.exitcode == 0
     assert got == list(range(1, count + 1))
     assert reader.corrupt_records == 0
+    assert waited[0]  # records were met cut short at the tail
     tail.close()
