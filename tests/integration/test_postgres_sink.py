@@ -770,3 +770,41 @@ async def test_signaling_rows_are_the_same_whichever_way_it_was_spooled(
             flags = [row["restricted"] for row in from_bytes]
             assert any(flags) and not all(flags)
             assert any(row["body"] for row in from_bytes) == store_body
+
+
+async def test_a_connection_cut_mid_copy_leaves_all_or_nothing_and_redelivery_the_rest(
+    pg_dsn: str, conn: asyncpg.Connection
+) -> None:
+    """A batch of one COPY goes in without a transaction of its own: the statement is
+    one. The server ending the session while it streams leaves none of the batch or
+    all of it, and the batch delivered again leaves each row once. The cut ends the
+    COPY at once, even one waiting for the socket to take more (which asyncpg alone
+    would wait on until the delivery loop's timeout, here a shorter one)."""
+    at = "2026-03-14T09:26:53.589793Z"
+    cut_short = 0
+    async with PostgresSink(pg_dsn) as sink:
+
+        async def deliver_within(records: list[SpoolRecord]) -> None:
+            async with asyncio.timeout(20):
+                await sink.deliver(STREAM_SIGNALING, records)
+
+        for attempt in range(4):
+            messages = [sip_record(n, at, call_id=f"cut{attempt}-{n}") for n in range(20_000)]
+            await sink.deliver(STREAM_SIGNALING, messages[:1])  # connected, partitions made
+            before = await count(conn, "sip_messages") - 1
+            pid = await sink._connections[STREAM_SIGNALING].fetchval("SELECT pg_backend_pid()")
+
+            async def cut(pid: int, delay_s: float) -> None:
+                await asyncio.sleep(delay_s)
+                await conn.execute("SELECT pg_terminate_backend($1)", pid)
+
+            results = await asyncio.gather(
+                deliver_within(messages), cut(pid, 0.003 * attempt), return_exceptions=True
+            )
+            added = await count(conn, "sip_messages") - before
+            assert added in (1, len(messages)), (attempt, added, results)
+            assert not isinstance(results[0], TimeoutError), attempt  # noticed the cut
+            cut_short += added == 1
+            await sink.deliver(STREAM_SIGNALING, messages)  # what the loop does next
+            assert await count(conn, "sip_messages") - before == len(messages)
+    assert cut_short  # some cut reached a COPY before it ended

@@ -8,6 +8,7 @@ upgrade."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -185,6 +186,66 @@ def test_the_row_read_straight_from_the_value_is_the_unspooled_one(
     if flagging:
         rows = [sip_message_row(spooled(p, m, store_body), flag) for p, m in MESSAGES]
         assert 0 < sum(row[-1] for row in rows) < len(rows)
+
+
+def _row_or_error(
+    build: Callable[[bytes, Callable[[str, str], bool] | None], tuple[object, ...]],
+    value: bytes,
+    flag: Callable[[str, str], bool] | None,
+) -> object:
+    try:
+        return build(value, flag)
+    except ValueError:
+        return ValueError
+
+
+def test_hostile_signaling_gives_the_unspooled_row_or_fails_alike() -> None:
+    """Differential over messages made hostile (NULs, invalid UTF-8, bare line ends, a
+    64 KiB header, the Call-ID gone) and values with a byte changed: the row read
+    straight from the value is the unspooled one, or both refuse it."""
+    hostile = [
+        b"\x00",
+        b"\xff\xfe",
+        b"\xc3",
+        b"\xed\xa0\x80",
+        b"\r\n",
+        b"\n\n",
+        b"\r\n\r\n",
+        b"Call-ID: x\x00y\r\n",
+        b"i: \xff\r\n",
+        b"X-Big: " + b"A" * 65_536 + b"\r\n",
+    ]
+
+    def flag(call_id: str, headers: str) -> bool:
+        return "7" in call_id or "49" in headers
+
+    rnd = random.Random(7)
+    compared = 0
+    for _ in range(600):
+        packet, _msg = rnd.choice(MESSAGES)
+        payload = bytearray(packet.payload)
+        for _ in range(rnd.randint(1, 3)):
+            at = rnd.randint(0, len(payload))
+            if rnd.random() < 0.6:
+                payload[at:at] = rnd.choice(hostile)
+            elif (call_id := payload.find(b"Call-ID")) >= 0:
+                payload[call_id : call_id + 7] = b"X-Gone!"
+            else:
+                del payload[at : at + rnd.randint(1, 20)]
+        try:
+            msg = parse(bytes(payload))
+        except ValueError:
+            continue
+        for store_body in (False, True):
+            value = spooled(packet._replace(payload=bytes(payload)), msg, store_body)
+            damaged = bytearray(value)
+            damaged[rnd.randrange(len(damaged))] = rnd.randrange(256)
+            for each in (value, bytes(damaged)):
+                for names in (None, flag):
+                    fast = _row_or_error(sip_message_row, each, names)
+                    assert fast == _row_or_error(sip_message_row_unspooled, each, names)
+                    compared += 1
+    assert compared > 1_000
 
 
 def test_a_damaged_value_fails_both_ways_alike() -> None:

@@ -5,6 +5,7 @@ the readers' cursor files alone."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,57 @@ def test_reading_by_windows_gives_what_reading_record_by_record_does(
     assert [value for _seq, value in got] == [values[seq - 1] for seq, _value in got]
     tail.close()
     spool.close()
+
+
+def test_a_torn_tail_cut_back_and_written_again_is_read_as_written(tmp_path: Path) -> None:
+    """A write the disk refused half-way is cut back and its records written again
+    (`Spool._write`): a reader that saw the torn bytes while waiting for the rest reads
+    what is there now, not what it saw, for records beyond a window as well."""
+    spool, tail = _pair(tmp_path / "s")
+    reader = tail.reader("a")
+    spool.append(KIND_CDR, b"k", b"first")
+    assert _values(reader.read(100, 64 * MIB)) == [b"first"]
+    segment = sorted((tmp_path / "s").glob("*.seg"))[-1]
+    whole = segment.stat().st_size
+    torn = _encode(KIND_CDR, b"k", b"T" * (3 * MIB), spool.next_seq)
+    with segment.open("ab") as handle:  # the part of a write that went through
+        handle.write(torn[: 2 * MIB])
+    assert reader.read(100, 64 * MIB) == []  # waited for, as being written
+    os.truncate(segment, whole)  # cut back to the last whole record
+    again = [b"A" * (MIB + 5), b"B" * 10, b"C" * (2 * MIB + 7), b"D" * 20]
+    for value in again:
+        spool.append(KIND_CDR, b"k", value)
+    got = []
+    for _ in range(10):
+        got += _values(reader.read(100, 64 * MIB))
+    assert got == again
+    assert reader.corrupt_records == 0
+    spool.close()
+    tail.close()
+
+
+def test_a_tail_cut_back_after_its_size_was_taken_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer cuts a torn write back between the reader's look at the file's size
+    and its reads: the bytes no longer there are not passed over as damage, and the
+    records written there again are read."""
+    spool, tail = _pair(tmp_path / "s")
+    reader = tail.reader("a")
+    spool.append(KIND_CDR, b"k", b"first")
+    assert _values(reader.read(100, 64 * MIB)) == [b"first"]
+    segment = sorted((tmp_path / "s").glob("*.seg"))[-1]
+    whole = segment.stat().st_size
+    torn = _encode(KIND_CDR, b"k", b"T" * (3 * MIB), spool.next_seq)
+    with segment.open("ab") as handle:
+        handle.write(torn[: 2 * MIB])
+    stale = segment.stat().st_size
+    os.truncate(segment, whole)
+    monkeypatch.setattr(spool_reader.SpoolReader, "_end", lambda self: stale)
+    assert reader.read(100, 64 * MIB) == []
+    monkeypatch.undo()
+    spool.append(KIND_CDR, b"k", b"again")
+    assert _values(reader.read(100, 64 * MIB)) == [b"again"]
+    assert reader.corrupt_records == 0
+    spool.close()
+    tail.close()

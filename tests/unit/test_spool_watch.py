@@ -210,12 +210,15 @@ async def test_an_overflow_wakes_every_stream_and_a_watch_that_ends_hands_back(
     watch.handle([(signaling_wd, _IN_MODIFY)])
     assert woken == ["signaling"]
     woken.clear()
-    watch.handle([(records_wd, _IN_IGNORED)])  # one folder's watch ended
-    assert woken == ["records"] and watch.active and not lost
-    woken.clear()
-    watch.handle([(signaling_wd, _IN_IGNORED)])  # and the other's
+    # One folder's watch ended (removed, moved, made anew): its stream is woken by no
+    # write any more, and the loops' look every WATCHED_POLL_S is shared by all of
+    # them, so the whole watch hands back to polling rather than leave it late.
+    watch.handle([(records_wd, _IN_IGNORED)])
     assert not watch.active and lost == [True]
     assert sorted(set(woken)) == ["records", "signaling"]  # a last look at each
+    woken.clear()
+    watch.handle([(signaling_wd, _IN_IGNORED)])  # nothing more once handed back
+    assert lost == [True]
     for tail, spool in zip(tails, spools, strict=True):
         tail.close()
         spool.close()
@@ -226,3 +229,24 @@ async def test_no_watch_where_the_folder_cannot_be_watched(tmp_path: Path) -> No
     watch = SpoolWatch([tail])
     assert not watch.start()
     assert not watch.active
+
+
+async def test_one_stream_folder_made_anew_hands_every_loop_back_to_polling(
+    tmp_path: Path,
+) -> None:
+    """A stream's folder moved away and made again under its name: the kernel's watch
+    follows the old folder, so writes to the new one wake no one; the loops go back to
+    looking every TAIL_POLL_S rather than leave that stream to the slow look."""
+    spools = [_writer(tmp_path / name) for name in ("records", "signaling")]
+    tails = [_tail(tmp_path / name) for name in ("records", "signaling")]
+    lost: list[bool] = []
+    watch = SpoolWatch(tails, wake_interval_s=0.0, on_lost=lambda: lost.append(True))
+    assert watch.start()
+    (tmp_path / "records").rename(tmp_path / "records.old")
+    (tmp_path / "records").mkdir()
+    await _until(lambda: lost)
+    assert not watch.active and lost == [True]
+    watch.close()
+    for tail, spool in zip(tails, spools, strict=True):
+        tail.close()
+        spool.close()

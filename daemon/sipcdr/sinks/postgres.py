@@ -94,6 +94,36 @@ _FLAG_CALLS: Final = (
 )
 
 
+async def _copy_records(
+    connection: asyncpg.Connection, table: str, rows: list[Row], columns: Sequence[str]
+) -> None:
+    """COPY `rows` into `table`, ended as soon as the session is: asyncpg's COPY, when
+    it waits for the socket to take more, does not notice the session lost meanwhile,
+    and would hold the batch until the delivery loop's timeout (a minute)."""
+    lost = False
+    copying = True
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(None) as deadline:
+
+            def ended(_connection: object) -> None:
+                nonlocal lost
+                if copying:  # called soon after the loss: the COPY may have ended since
+                    lost = True
+                    deadline.reschedule(loop.time())
+
+            connection.add_termination_listener(ended)
+            try:
+                await connection.copy_records_to_table(table, records=rows, columns=columns)
+            finally:
+                copying = False
+                connection.remove_termination_listener(ended)
+    except TimeoutError:
+        if not lost:
+            raise
+        raise ConnectionResetError(f"the session ended during the COPY into {table}") from None
+
+
 class RecordError(RecordsRejected):
     """A spool record that cannot be turned into a row; names its stream position."""
 
@@ -252,9 +282,7 @@ class PostgresSink(AsyncLifecycle):
 
     @staticmethod
     async def _copy(connection: asyncpg.Connection, table: Table, table_rows: list[Row]) -> None:
-        await connection.copy_records_to_table(
-            table.name, records=table_rows, columns=table.columns
-        )
+        await _copy_records(connection, table.name, table_rows, table.columns)
 
     async def _insert(
         self, connection: asyncpg.Connection, table: Table, table_rows: list[Row]
@@ -264,9 +292,7 @@ class PostgresSink(AsyncLifecycle):
         Returns rows inserted."""
         if table.latest is not None:
             return await self._upsert(connection, table, table_rows)
-        await connection.copy_records_to_table(
-            table.staging, records=table_rows, columns=table.columns
-        )
+        await _copy_records(connection, table.staging, table_rows, table.columns)
         columns = ", ".join(table.columns)
         status = await connection.execute(
             f"INSERT INTO {table.name} ({columns}) "
@@ -290,9 +316,7 @@ class PostgresSink(AsyncLifecycle):
             kept = newest.get(key)
             if kept is None or row[latest] > kept[latest]:
                 newest[key] = row
-        await connection.copy_records_to_table(
-            table.staging, records=list(newest.values()), columns=table.columns
-        )
+        await _copy_records(connection, table.staging, list(newest.values()), table.columns)
         columns = ", ".join(table.columns)
         updates = ", ".join(
             f"{column} = EXCLUDED.{column}" for column in table.columns if column not in table.key

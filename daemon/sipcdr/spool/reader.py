@@ -403,11 +403,14 @@ class SpoolReader:
     def _next_record(self, end: int) -> tuple[int, int, bytes, bytes, int] | None:
         """The valid record at the read offset, skipping damage before it, without
         moving past it: (seq, kind code, key, value, total length), or None at `end`."""
-        handle = self._handle
-        assert handle is not None
+        assert self._handle is not None
+        # pread, not the handle's buffered reads: a buffer keeps the bytes it saw, and a
+        # torn write the writer cut back is written again over them (`Spool._write`).
+        fd = self._handle.fileno()
         while self._offset + HEADER_BYTES <= end:
-            handle.seek(self._offset)
-            header = handle.read(HEADER_BYTES)
+            header = os.pread(fd, HEADER_BYTES, self._offset)
+            if len(header) < HEADER_BYTES and self._cut_back():
+                return None
             decoded = _decode_header(header)
             if decoded is None:
                 self._resync(end)
@@ -415,11 +418,13 @@ class SpoolReader:
             kind_code, key_len, value_len, seq = decoded
             total = HEADER_BYTES + key_len + value_len
             if self._offset + total > end:
-                if self._segment is not None and self.spool.growing(self._segment):
+                if self._cut_back():
                     return None  # being written by another process: read it next time
                 self._resync(end)
                 continue
-            body = handle.read(key_len + value_len)
+            body = os.pread(fd, key_len + value_len, self._offset + HEADER_BYTES)
+            if len(body) < key_len + value_len and self._cut_back():
+                return None
             crc = zlib.crc32(body[key_len:], zlib.crc32(body[:key_len], zlib.crc32(header[:-4])))
             if crc != _CRC.unpack_from(header, _HEAD.size)[0]:
                 self._resync(end)
@@ -431,12 +436,22 @@ class SpoolReader:
         """Skip a damaged record: on to the next offset where a valid one starts, or to
         the end of what is written."""
         assert self._segment is not None and self._handle is not None
-        self._handle.seek(self._offset)
-        rest = self._handle.read(end - self._offset)
+        rest = os.pread(self._handle.fileno(), end - self._offset, self._offset)
         following = _next_valid(rest, 1)
         # Nothing valid follows in this segment: the next segment's first sequence
         # number tells how many records were lost.
-        self._offset = end if following < 0 else self._offset + following
+        if following >= 0:
+            self._offset += following
+        elif len(rest) < end - self._offset and self._cut_back():
+            self._offset += len(rest)  # the file was cut back since: read on from there
+        else:
+            self._offset = end
+
+    def _cut_back(self) -> bool:
+        """Whether a read that found less than `end` promised may be the writer's cut
+        back of a torn write (its records are written there again): in the segment it
+        writes, the read is tried again, never passed over."""
+        return self._segment is not None and self.spool.growing(self._segment)
 
     def _count_gap(self, expected: int, found: int) -> None:
         """Records `expected` .. `found - 1` are missing. A rewind or a restart reads

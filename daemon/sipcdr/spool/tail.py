@@ -311,8 +311,9 @@ class SpoolWatch:
 
     def handle(self, events: Sequence[tuple[int, int]]) -> None:
         """Wake the readers of the streams the events are about (all of them for an
-        overflow); a watch that ended is forgotten."""
+        overflow); a watch that ended ends them all (`on_lost`)."""
         woken: dict[int, SpoolTail] = {}
+        ended = False
         for wd, mask in events:
             if mask & _IN_Q_OVERFLOW:
                 woken.update((id(tail), tail) for tail in self._by_wd.values())
@@ -323,11 +324,14 @@ class SpoolWatch:
             woken[id(tail)] = tail
             if mask & _GONE:
                 del self._by_wd[wd]
+                ended = True
         for tail in woken.values():
             self.wakes += 1
             for reader in tail._readers.values():
                 reader.wake()
-        if self._fd >= 0 and not self._by_wd:
+        # One stream no longer watched is enough: the loops' slow look is shared by
+        # every stream, and that stream's records would wait for it.
+        if self._fd >= 0 and (ended or not self._by_wd):
             self._lost()
 
     def _lost(self) -> None:
