@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any, Final, NamedTuple, overload
 
+from sipcdr.slotinit import with_slot_init
+
 TRANSPORT_UDP = "udp"
 TRANSPORT_TCP = "tcp"
 TRANSPORT_SCTP = "sctp"
@@ -72,6 +74,7 @@ def money(value: object) -> Decimal | None:
     raise TypeError(f"money must be a decimal string, not {type(value).__name__}")
 
 
+@with_slot_init  # the record of every closed call: set by slot (`sipcdr.slotinit`)
 @dataclass(frozen=True, slots=True)
 class Cdr:
     """One closed call, CDR record version 1 (field meanings in DESIGN's contract).
@@ -197,9 +200,8 @@ class Cdr:
 def _cdr_replacer() -> Callable[..., Cdr]:
     """`dataclasses.replace` for `Cdr`, in straight-line code: each closed call is
     copied by every CDR stage that changes it, and the generic replace (a loop over
-    the fields, a kwargs call of the frozen `__init__`) cost several times the
-    stage's own work. A slot's descriptor sets it past the frozen `__setattr__`,
-    as that `__init__` does. Unknown names raise TypeError, as replace does."""
+    the fields, a kwargs call of `__init__`) cost several times the stage's own work.
+    Each slot is set by its descriptor. Unknown names raise TypeError, as replace does."""
     names = [f.name for f in fields(Cdr)]
     scope: dict[str, object] = {"_new": object.__new__, "_Cdr": Cdr, "_KEEP": object()}
     lines = ["def replace_cdr(cdr, /, *, " + ", ".join(f"{n}=_KEEP" for n in names) + "):"]

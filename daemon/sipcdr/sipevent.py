@@ -45,7 +45,8 @@ _new_message: Final = SipMessage.__new__
 _NO_DEFECTS: Final[list[str]] = []
 # Same namespace scheme as cdr_id: a replayed capture gives the same message ids.
 _NAMESPACE: Final = bytes.fromhex("8d1c2f0a7b3e4d5f9a6b1c2d3e4f5a6b")
-_sha1: Final = hashlib.sha1
+# Every id's hash starts from the namespace: copied, not taken again for each message.
+_NAMESPACE_SHA1: Final = hashlib.sha1(_NAMESPACE, usedforsecurity=False)
 _TIME_AND_PORTS: Final = struct.Struct("<dHH")
 _VARIANT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
@@ -252,11 +253,9 @@ def _digest(
     timestamp: float, src_port: int, dst_port: int, src: bytes, dst: bytes, payload: bytes
 ) -> bytes:
     """What `message_id` formats, of the addresses as bytes; the payload not copied."""
-    hashing = _sha1(
-        b"".join(
-            (_NAMESPACE, _TIME_AND_PORTS.pack(timestamp, src_port, dst_port), src, b"|", dst, b"|")
-        ),
-        usedforsecurity=False,
+    hashing = _NAMESPACE_SHA1.copy()
+    hashing.update(
+        b"".join((_TIME_AND_PORTS.pack(timestamp, src_port, dst_port), src, b"|", dst, b"|"))
     )
     hashing.update(payload)
     return hashing.digest()[:_DIGEST_BYTES]

@@ -44,6 +44,9 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
             "look-ups, prefix dict",
         ),
         ("stages.py", ["--flows", "100", "--rounds", "2"], "enrich and rate cost"),
+        ("enrich_numbers.py", ["--flows", "100", "--rounds", "2"], "the enrich stage costs"),
+        ("signaling_digest.py", ["--number", "300", "--rounds", "2"], "spooled costs"),
+        ("cdr_init.py", ["--flows", "100", "--rounds", "2"], "the record alone costs"),
         (
             "fraud.py",
             ["--flows", "100", "--rounds", "1", "--spray", "2000"],

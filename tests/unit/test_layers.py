@@ -26,6 +26,7 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
         (
             "sipcdr",
             "sipcdr.model",
+            "sipcdr.slotinit",
             "sipcdr.sipevent",
             "sipcdr.stages",
             "sipcdr.hotpath",

@@ -3,8 +3,9 @@
 The correlator's CDR says what the signaling said; this adds what the configuration
 knows. The ingress trunk is the one whose networks hold the call's source, the egress
 trunk the one that holds where the call left (`Cdr.egress_ip`); `caller` and `callee`
-become E.164 digits under the ingress trunk's numbering (`to_e164`). Each closed call
-then counts in its trunk's KPIs, so the counting sees the trunk the CDR carries.
+become E.164 digits under the ingress trunk's numbering (`to_e164`'s, by the
+faster `sipcdr.fraud.numbering.e164`). Each closed call then counts in its trunk's
+KPIs, so the counting sees the trunk the CDR carries.
 
 A CDR that was enriched already (one the spool held in memory over a restart, written
 again at start) passes unchanged, and counts again: the KPIs of a process are those of
@@ -18,9 +19,9 @@ from typing import Final
 
 from sipcdr.dialog.kpi import Kpi
 from sipcdr.enrich.trunks import TrunkDefinition, TrunkLookup
+from sipcdr.fraud.numbering import e164
 from sipcdr.model import Cdr, cdr_copier
 from sipcdr.rating.stage import RATED_FIELDS, RateStage
-from sipcdr.sip.numbers import to_e164
 from sipcdr.stages import PartsFailed
 
 
@@ -65,9 +66,11 @@ class EnrichStage:
                 trunk.national_prefix,
                 trunk.name,
             )
+        # `to_e164`'s results, the plain forms nearly every carrier sends rewritten in
+        # the compiled fraud module (a sixth of `to_e164`'s time), the rest by it.
         return (
-            to_e164(cdr.caller, country_code, national_prefix),
-            to_e164(cdr.callee, country_code, national_prefix),
+            e164(cdr.caller, country_code, national_prefix),
+            e164(cdr.callee, country_code, national_prefix),
             name,
             egress.name if egress is not None else None,
         )
