@@ -100,6 +100,9 @@ _DROP_WAIT_S: Final = 0.5
 _CANCEL_ATTEMPTS: Final = 3
 
 
+_Confirmed = Callable[["asyncio.Future[Any]"], None]
+
+
 class KafkaDeliveryError(Exception):
     """A batch (or part of it) was not confirmed by the broker; send it again later."""
 
@@ -179,6 +182,13 @@ class KafkaSink(AsyncLifecycle):
                 (KIND_ALERT, FRAUD_ALERT_SCHEMA_VERSION),
                 (KIND_SIP, SIP_MESSAGE_SCHEMA_VERSION),
             )
+        }
+        # Per kind, what every record of it is sent with, made once: the topic, the
+        # headers and the callback that counts its confirmation (a record costs the
+        # send, not a look-up and a callback of its own).
+        self._routes: Mapping[str, tuple[str, list[tuple[str, bytes]], _Confirmed]] = {
+            kind: (topic, self._headers[kind], partial(self._confirmed, topic))
+            for kind, topic in self._topics.items()
         }
         self._security = _security_options(
             security_protocol, sasl_mechanism, sasl_username, sasl_password, ssl_cafile
@@ -322,7 +332,13 @@ class KafkaSink(AsyncLifecycle):
                 record._replace(key=self.outbound_key(record.kind, record.key))
                 for record in records
             ]
-        routed = [(self._topic_of(record.kind), record) for record in records]
+        routes = self._routes
+        routed = []
+        for record in records:
+            route = routes.get(record.kind)
+            if route is None:
+                raise ValueError(f"kafka sink has no topic for record kind {record.kind!r}")
+            routed.append((route, record))
         if not routed:
             return
         started = time.monotonic()
@@ -332,11 +348,11 @@ class KafkaSink(AsyncLifecycle):
                     await self._ensure_topics()
                 producer = await self._connected_producer()
                 futures = []
-                for topic, record in routed:
+                for (topic, headers, confirmed), record in routed:
                     future = await producer.send(
-                        topic, record.value, key=record.key, headers=self._headers[record.kind]
+                        topic, record.value, key=record.key, headers=headers
                     )
-                    future.add_done_callback(partial(self._confirmed, topic))
+                    future.add_done_callback(confirmed)
                     futures.append(future)
                 results = await asyncio.gather(*futures, return_exceptions=True)
         except BaseException as exc:
@@ -375,12 +391,6 @@ class KafkaSink(AsyncLifecycle):
         flight gets that long to arrive."""
         self._discard_producer(flush=True)
         await self._wait_closing()
-
-    def _topic_of(self, kind: str) -> str:
-        topic = self._topics.get(kind)
-        if topic is None:
-            raise ValueError(f"kafka sink has no topic for record kind {kind!r}")
-        return topic
 
     async def _connected_producer(self) -> Any:
         if self._producer is not None:

@@ -1,0 +1,97 @@
+"""What `KafkaSink.deliver` hands the producer, record by record, and what it counts:
+a fake producer stands for aiokafka's (no broker)."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Any
+
+import pytest
+from sipcdr.model import CDR_SCHEMA_VERSION
+from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP, STREAM_RECORDS, SpoolRecord
+from sipcdr.sinks.kafka import FRAUD_ALERT_SCHEMA_VERSION, KafkaSink
+
+CDRS, FRAUD = "sipcdr.test.cdrs", "sipcdr.test.fraud"
+
+
+class FakeProducer:
+    """Confirms every record on the event loop's next turn, but `refuse`d values."""
+
+    def __init__(self, refuse: bytes = b"") -> None:
+        self.sent: list[tuple[str, bytes, bytes, list[tuple[str, bytes]]]] = []
+        self.callbacks: list[Any] = []
+        self.refuse = refuse
+
+    async def send(
+        self, topic: str, value: bytes, *, key: bytes, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[None]:
+        self.sent.append((topic, key, value, headers))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        add = future.add_done_callback
+
+        def watched(callback: Any) -> None:
+            self.callbacks.append(callback)
+            add(callback)
+
+        future.add_done_callback = watched  # type: ignore[method-assign]
+        if value == self.refuse:
+            future.get_loop().call_soon(future.set_exception, ConnectionError("gone"))
+        else:
+            future.get_loop().call_soon(future.set_result, None)
+        return future
+
+
+def records() -> list[SpoolRecord]:
+    return [
+        SpoolRecord(1, KIND_CDR, b"call-1", b'{"cdr_id":"a"}'),
+        SpoolRecord(2, KIND_ALERT, b"subject", b'{"alert_id":"b"}'),
+        SpoolRecord(3, KIND_CDR, b"call-2", b'{"cdr_id":"c"}'),
+    ]
+
+
+def sink_with(producer: FakeProducer) -> KafkaSink:
+    sink = KafkaSink("127.0.0.1:1", topic_cdrs=CDRS, topic_fraud=FRAUD, create_topics=False)
+    sink._producer = producer
+    return sink
+
+
+async def test_every_record_goes_to_its_kinds_topic_with_its_headers_and_is_counted() -> None:
+    producer = FakeProducer()
+    sink = sink_with(producer)
+    await sink.deliver(STREAM_RECORDS, records())
+    cdr_headers = [("schema_version", str(CDR_SCHEMA_VERSION).encode()), ("record_kind", b"cdr")]
+    alert_headers = [
+        ("schema_version", str(FRAUD_ALERT_SCHEMA_VERSION).encode()),
+        ("record_kind", KIND_ALERT.encode()),
+    ]
+    assert producer.sent == [
+        (CDRS, b"call-1", b'{"cdr_id":"a"}', cdr_headers),
+        (FRAUD, b"subject", b'{"alert_id":"b"}', alert_headers),
+        (CDRS, b"call-2", b'{"cdr_id":"c"}', cdr_headers),
+    ]
+    assert sink.sent == {CDRS: 2, FRAUD: 1}
+    # One counting callback per topic, made once, not one per record.
+    counting = [callback for callback in producer.callbacks if isinstance(callback, partial)]
+    assert len(counting) == 3
+    assert counting[0] is counting[2]
+    assert len({id(callback) for callback in counting}) == 2
+    await sink.deliver(STREAM_RECORDS, records())
+    assert sink.sent == {CDRS: 4, FRAUD: 2}
+
+
+async def test_a_record_not_confirmed_fails_the_batch_and_is_not_counted() -> None:
+    producer = FakeProducer(refuse=b'{"cdr_id":"c"}')
+    sink = sink_with(producer)
+    with pytest.raises(Exception, match="1 of 3 records not confirmed: ConnectionError: gone"):
+        await sink.deliver(STREAM_RECORDS, records())
+    assert sink.sent == {CDRS: 1, FRAUD: 1}
+
+
+async def test_a_kind_without_a_topic_fails_before_anything_is_sent() -> None:
+    producer = FakeProducer()
+    sink = sink_with(producer)
+    batch = [*records(), SpoolRecord(4, KIND_SIP, b"call-3", b"{}")]
+    with pytest.raises(ValueError, match="no topic for record kind 'sip'"):
+        await sink.deliver(STREAM_RECORDS, batch)
+    assert producer.sent == []
