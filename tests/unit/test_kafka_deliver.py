@@ -15,6 +15,18 @@ from sipcdr.sinks.kafka import FRAUD_ALERT_SCHEMA_VERSION, KafkaSink
 CDRS, FRAUD = "sipcdr.test.cdrs", "sipcdr.test.fraud"
 
 
+class Watched(asyncio.Future[None]):
+    """A future that keeps a list of the callbacks it was given."""
+
+    def __init__(self, callbacks: list[Any]) -> None:
+        super().__init__()
+        self.callbacks = callbacks
+
+    def add_done_callback(self, callback: Any, *, context: Any = None) -> None:
+        self.callbacks.append(callback)
+        super().add_done_callback(callback, context=context)
+
+
 class FakeProducer:
     """Confirms every record on the event loop's next turn, but `refuse`d values."""
 
@@ -27,14 +39,7 @@ class FakeProducer:
         self, topic: str, value: bytes, *, key: bytes, headers: list[tuple[str, bytes]]
     ) -> asyncio.Future[None]:
         self.sent.append((topic, key, value, headers))
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        add = future.add_done_callback
-
-        def watched(callback: Any) -> None:
-            self.callbacks.append(callback)
-            add(callback)
-
-        future.add_done_callback = watched  # type: ignore[method-assign]
+        future = Watched(self.callbacks)
         if value == self.refuse:
             future.get_loop().call_soon(future.set_exception, ConnectionError("gone"))
         else:
