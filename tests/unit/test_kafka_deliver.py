@@ -100,3 +100,30 @@ async def test_a_kind_without_a_topic_fails_before_anything_is_sent() -> None:
     with pytest.raises(ValueError, match="no topic for record kind 'sip'"):
         await sink.deliver(STREAM_RECORDS, batch)
     assert producer.sent == []
+
+
+class Copies(SpoolRecord):
+    """A record that counts the copies made of it."""
+
+    made: list[str] = []  # noqa: RUF012 (shared on purpose: a NamedTuple has no slots for it)
+
+    def _replace(self, **changes: Any) -> SpoolRecord:  # type: ignore[override]
+        Copies.made.extend(changes)
+        return SpoolRecord(*self)._replace(**changes)
+
+
+async def test_the_outbound_filters_copy_only_the_records_they_change() -> None:
+    producer = FakeProducer()
+    sink = sink_with(producer)
+    sink.outbound = lambda kind, value: (
+        None if value == b'{"cdr_id":"c"}' else b'{"alert_id":"x"}' if kind == KIND_ALERT else value
+    )
+    sink.outbound_key = lambda kind, key: b"alias" if kind == KIND_ALERT else key
+    Copies.made.clear()
+    await sink.deliver(STREAM_RECORDS, [Copies(*record) for record in records()])
+    assert [(topic, key, value) for topic, key, value, _ in producer.sent] == [
+        (CDRS, b"call-1", b'{"cdr_id":"a"}'),
+        (FRAUD, b"alias", b'{"alert_id":"x"}'),
+    ]
+    assert Copies.made == ["value"]  # the alert's value; its key on the copy made then
+    assert sink.sent == {CDRS: 1, FRAUD: 1}

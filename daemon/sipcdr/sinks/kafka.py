@@ -320,17 +320,22 @@ class KafkaSink(AsyncLifecycle):
             raise ValueError(f"kafka sink does not read stream {stream!r}")
         if stream == STREAM_SIGNALING:
             records = _published(records)
+        # A record the filters leave as it is (every record, without restrictions or
+        # pseudonyms) is kept, not copied.
         if self.outbound is not None:
             # Restricted subjects are withheld, numbers pseudonymized (sipcdr.privacy).
+            outbound = self.outbound
             records = [
-                record._replace(value=value)
+                record if value is record.value else record._replace(value=value)
                 for record in records
-                if (value := self.outbound(record.kind, record.value)) is not None
+                if (value := outbound(record.kind, record.value)) is not None
             ]
         if self.outbound_key is not None:
+            outbound_key = self.outbound_key
             records = [
-                record._replace(key=self.outbound_key(record.kind, record.key))
+                record if key is record.key else record._replace(key=key)
                 for record in records
+                for key in (outbound_key(record.kind, record.key),)
             ]
         routes = self._routes
         routed = []
