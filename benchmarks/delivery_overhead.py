@@ -11,8 +11,9 @@ process runs:
   record on the next turn and does nothing else, so only the sink's own work per
   record is timed, the daemon's outbound filter (no restrictions, no pseudonyms)
   included. before: every record copied by the filter step, a topic look-up, a
-  headers look-up and a counting callback made for every record; now: a record the
-  filter leaves alone kept as it is, the rest made once per kind.
+  headers look-up and a counting callback made for every record, the confirmations
+  awaited with `asyncio.gather`; now: a record the filter leaves alone kept as it
+  is, the rest made once per kind, one callback counting the confirmations down.
 - jsonl: `JsonlSink.deliver` of a batch of CDRs to a file in a temporary folder
   (written and fsynced: the kernel's share of both is in the figure). before: the
   batch copied a second time for its closing newline and handed over with

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sipcdr.model import CDR_SCHEMA_VERSION
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP, STREAM_RECORDS, SpoolRecord
-from sipcdr.sinks.kafka import FRAUD_ALERT_SCHEMA_VERSION, KafkaSink
+from sipcdr.sinks.kafka import FRAUD_ALERT_SCHEMA_VERSION, KafkaDeliveryError, KafkaSink
 
 CDRS, FRAUD = "sipcdr.test.cdrs", "sipcdr.test.fraud"
 
@@ -127,3 +127,72 @@ async def test_the_outbound_filters_copy_only_the_records_they_change() -> None:
     ]
     assert Copies.made == ["value"]  # the alert's value; its key on the copy made then
     assert sink.sent == {CDRS: 1, FRAUD: 1}
+
+
+class SilentProducer:
+    """Takes every record and confirms none (a broker that stopped answering); closes
+    at once, as a producer with nothing in flight does."""
+
+    def __init__(self, answered: int = 0) -> None:
+        self.futures: list[asyncio.Future[None]] = []
+        self.answered = answered  # the first few are confirmed, at once
+        self.client = self
+        self.stopped = False
+
+    async def send(
+        self, topic: str, value: bytes, *, key: bytes, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if len(self.futures) < self.answered:
+            future.set_result(None)
+        self.futures.append(future)
+        return future
+
+    async def close(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_a_batch_unconfirmed_in_time_cancels_its_records_and_counts_only_the_confirmed() -> (
+    None
+):
+    producer = SilentProducer(answered=1)
+    sink = KafkaSink(
+        "127.0.0.1:1",
+        topic_cdrs=CDRS,
+        topic_fraud=FRAUD,
+        create_topics=False,
+        request_timeout_ms=50,
+    )
+    sink._producer = producer
+    with pytest.raises(KafkaDeliveryError, match=r"3 records not confirmed after .* TimeoutError"):
+        await sink.deliver(STREAM_RECORDS, records())
+    assert producer.futures[0].done() and not producer.futures[0].cancelled()
+    assert all(future.cancelled() for future in producer.futures[1:])
+    await sink.flush()  # the producer replaced, closed
+    assert producer.stopped and not sink.connected
+    assert sink.sent == {CDRS: 1, FRAUD: 0}
+
+
+async def test_records_failed_before_the_wait_fail_the_batch_in_their_order() -> None:
+    producer = SilentProducer()
+    sink = sink_with(producer)  # type: ignore[arg-type]
+
+    async def send_failed(topic: str, value: bytes, **_: Any) -> asyncio.Future[None]:
+        future = await SilentProducer.send(producer, topic, value, key=b"", headers=[])
+        future.set_exception(ConnectionError(value.decode()))
+        return future
+
+    producer.send = send_failed  # type: ignore[method-assign]
+    with pytest.raises(KafkaDeliveryError, match=r'3 of 3 records not confirmed: .*cdr_id":"a'):
+        await sink.deliver(STREAM_RECORDS, records())
+    assert sink.sent == {CDRS: 0, FRAUD: 0}
+
+
+async def test_records_confirmed_as_they_are_sent_are_counted_when_deliver_returns() -> None:
+    producer = SilentProducer(answered=3)
+    sink = sink_with(producer)  # type: ignore[arg-type]
+    await sink.deliver(STREAM_RECORDS, records())
+    assert sink.sent == {CDRS: 2, FRAUD: 1}
