@@ -60,6 +60,7 @@ from sipcdr.sinks.base import (
     RecordsRejected,
     SpoolRecord,
 )
+from sipcdr.sinks.kafkaconfirm import all_done, failure_of
 from sipcdr.sinks.kafkatopics import TopicPlan, ensure_topics, passing
 from sipcdr.sinks.settings import (
     COMPRESSIONS,
@@ -359,7 +360,7 @@ class KafkaSink(AsyncLifecycle):
                     )
                     future.add_done_callback(confirmed)
                     futures.append(future)
-                await _all_done(futures)
+                await all_done(futures)
         except BaseException as exc:
             # Whatever happened (timeout, refused connection, an aiokafka bug, a cancel
             # from above), this producer may hold half a batch: replace it.
@@ -373,7 +374,7 @@ class KafkaSink(AsyncLifecycle):
                 f"kafka: {len(routed)} records not confirmed after {elapsed:.1f} s: "
                 f"{_describe(exc)}"
             ) from exc
-        failures = [failure for future in futures if (failure := _failure(future)) is not None]
+        failures = [failure for future in futures if (failure := failure_of(future)) is not None]
         if failures:
             self._discard_producer()
             refused = [failure for failure in failures if isinstance(failure, _CONTENT_ERRORS)]
@@ -475,41 +476,6 @@ def _published(records: Sequence[SpoolRecord]) -> list[SpoolRecord]:
                 ) from exc
         out.append(record)
     return out
-
-
-async def _all_done(futures: list[asyncio.Future[Any]]) -> None:
-    """Return once every future is done, as `asyncio.gather(*futures,
-    return_exceptions=True)` does, and cancel those not done when cancelled, as it does
-    too; with one callback counting them down, where gather gives each future one of
-    its own and then collects the results (a third of the sink's own cost per record)."""
-    # Every future, done ones too: their callbacks run in the order given, so each
-    # record's confirmation is counted (`_confirmed`, given first) before this returns.
-    left = len(futures)
-    if not left:
-        return
-    all_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def one_done(_future: asyncio.Future[Any]) -> None:
-        nonlocal left
-        left -= 1
-        if not left and not all_done.done():
-            all_done.set_result(None)
-
-    for future in futures:
-        future.add_done_callback(one_done)
-    try:
-        await all_done
-    except asyncio.CancelledError:
-        for future in futures:
-            future.cancel()
-        raise
-
-
-def _failure(future: asyncio.Future[Any]) -> BaseException | None:
-    """What gather would have returned for a done future that failed, else None."""
-    if future.cancelled():
-        return asyncio.CancelledError()
-    return future.exception()
 
 
 async def _close_now(producer: Any) -> int:
