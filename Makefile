@@ -82,6 +82,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/delivery.py
 	$(BIN)/python benchmarks/fraud.py
 	$(BIN)/python benchmarks/replay.py
+	$(BIN)/python benchmarks/stages.py
+	$(BIN)/python benchmarks/enrich_numbers.py
+	$(BIN)/python benchmarks/cdr_init.py
+	$(BIN)/python benchmarks/signaling_digest.py
+	$(BIN)/python benchmarks/delivery_overhead.py
+	$(BIN)/python benchmarks/capture.py
 	$(BIN)/python benchmarks/shard_handoff.py
 	$(BIN)/python benchmarks/e2e.py
 

@@ -36,6 +36,16 @@ class Clock(Protocol):
         TimeoutError when the block has not ended `s` seconds from now."""
         ...
 
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> Timer:
+        """Call `callback` on the event loop `seconds` from now, unless cancelled
+        first: a timer costs far less than a task that sleeps, where most are
+        cancelled long before their time."""
+        ...
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
 
 class SystemClock:
     """The host's clocks and the event loop's sleep and timeouts."""
@@ -52,6 +62,9 @@ class SystemClock:
 
     def timeout(self, seconds: float) -> asyncio.Timeout:
         return asyncio.timeout(seconds)
+
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_later(seconds, callback)
 
 
 SYSTEM_CLOCK = SystemClock()
@@ -112,6 +125,18 @@ class FakeClock:
         self._at(seconds, expire)
         return timeout
 
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> Timer:
+        # Called on the event loop's next turn, as a real timer's callback is.
+        loop = asyncio.get_running_loop()
+        handle = _FakeTimer()
+
+        def due() -> None:
+            if not handle.cancelled:
+                loop.call_soon(handle.run, callback)
+
+        self._at(seconds, due)
+        return handle
+
     def _at(self, seconds: float, action: Callable[[], None]) -> None:
         heapq.heappush(self._due, (self._now + seconds, next(self._order), action))
 
@@ -150,6 +175,21 @@ class FakeClock:
             self.advance(tick)
             remaining -= tick
             await settle()
+
+
+class _FakeTimer:
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def run(self, callback: Callable[[], None]) -> None:
+        # Cancelled between its time and its turn: not called, as with a real timer.
+        if not self.cancelled:
+            callback()
 
 
 async def settle(turns: int = 20) -> None:

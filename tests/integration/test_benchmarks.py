@@ -28,6 +28,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
         ("kafka.py", ["--records", "1000", "--rounds", "1"], "records/s"),
         ("postgres.py", ["--records", "2000", "--rounds", "1"], "COPY + ON CONFLICT"),
         ("delivery.py", ["--messages", "1200", "--rounds", "2"], "before / now"),
+        ("delivery_overhead.py", ["--batches", "40", "--rounds", "2"], "now/before"),
         ("replay.py", ["--quick"], "replay offers"),
         ("e2e.py", ["--quick"], "highest offered rate without loss:"),
         (

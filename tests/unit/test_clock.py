@@ -107,3 +107,31 @@ def test_the_system_clock_reads_the_host_clocks() -> None:
     before = time.time()
     assert before <= SYSTEM_CLOCK.time() <= time.time()
     assert SYSTEM_CLOCK.monotonic() <= time.monotonic()
+
+
+async def test_a_timer_fires_at_its_time_on_the_next_turn_and_a_cancelled_one_never() -> None:
+    clock = FakeClock()
+    fired: list[str] = []
+    clock.call_later(1.0, lambda: fired.append("kept"))
+    dropped = clock.call_later(1.0, lambda: fired.append("dropped"))
+    late = clock.call_later(2.0, lambda: fired.append("cancelled at its time"))
+    dropped.cancel()
+    clock.advance(0.999)
+    await settle()
+    assert fired == []
+    clock.advance(0.001)
+    assert fired == []  # on the event loop's next turn, as a real timer
+    await settle()
+    assert fired == ["kept"]
+    clock.advance(1.0)
+    late.cancel()  # due, not yet run: a real timer cancelled then is not called either
+    await settle()
+    assert fired == ["kept"]
+
+
+async def test_the_system_clock_timer_fires_and_cancels() -> None:
+    fired: list[str] = []
+    SYSTEM_CLOCK.call_later(0.01, lambda: fired.append("kept"))
+    SYSTEM_CLOCK.call_later(0.01, lambda: fired.append("dropped")).cancel()
+    await asyncio.sleep(0.05)
+    assert fired == ["kept"]

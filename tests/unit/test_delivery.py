@@ -481,6 +481,43 @@ async def test_a_slow_batch_to_a_destination_that_answers_keeps_the_loop_up(
     assert _outage_events(logs) == []
 
 
+async def test_a_batch_out_for_less_than_the_slow_batch_time_makes_no_watcher_task(
+    tmp_path: Path,
+) -> None:
+    """Nearly every batch is confirmed in milliseconds: a timer, not a task, waits for
+    the slow ones, and the task that probes is made only when the time has come."""
+    clock = FakeClock()
+    sink = MemorySink("quick")
+    sink.gate = asyncio.Event()
+    sink.gone = True
+
+    def watchers() -> list[str]:
+        return [
+            task.get_name()
+            for task in asyncio.all_tasks()
+            if task.get_name().startswith("sipcdr-watch-")
+        ]
+
+    with Spool(tmp_path, ("quick",)) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink], clock=clock)
+        await delivery.start()
+        values = _append(spool, 3)
+        ((state, _reader),) = delivery.readers()
+        await _until(lambda: sink.calls == 1)
+        clock.advance(SLOW_BATCH_S - 0.01)
+        await settle()
+        assert watchers() == []
+        clock.advance(0.01)
+        await _until(lambda: not state.up)
+        assert sink.probes == 1  # the watcher, made at its time, probed
+        sink.gone = False
+        sink.gate.set()
+        await _until(lambda: state.up)
+        await delivery.stop()
+        assert watchers() == []
+    assert sink.got == values
+
+
 async def test_a_batch_held_by_a_destination_that_is_gone_is_reported_while_it_waits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

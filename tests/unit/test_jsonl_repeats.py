@@ -283,3 +283,26 @@ async def test_a_write_that_does_not_return_fails_the_next_batch_instead_of_queu
     await asyncio.sleep(0.3)
     await sink.stop()
     assert sink._file is None and numbers(path) == [1, 2, 3, 4, 5]
+
+
+async def test_a_batch_is_its_values_line_by_line_written_and_fsynced_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "cdrs.jsonl"
+    synced_on: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced_on.append(threading.get_ident())
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    sink = JsonlSink(path)
+    await sink.start()
+    first, second = cdrs(1, 3), cdrs(4, 4)
+    await sink.deliver(STREAM_RECORDS, first)
+    await sink.deliver(STREAM_RECORDS, second)
+    await sink.stop()
+    assert path.read_bytes() == b"".join(record.value + b"\n" for record in first + second)
+    assert len(synced_on) == 2  # once a batch
+    assert threading.get_ident() not in synced_on

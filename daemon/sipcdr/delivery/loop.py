@@ -335,26 +335,42 @@ class Delivery:
         reader: SpoolReader,
     ) -> int:
         """`_deliver`, with a watcher that marks the loop down when the batch waits
-        longer than `SLOW_BATCH_S` and the destination does not answer a probe."""
+        longer than `SLOW_BATCH_S` and the destination does not answer a probe.
+
+        The watcher is a task made only when the batch is still out after
+        `SLOW_BATCH_S`; until then a timer stands for it: nearly every batch is
+        confirmed in milliseconds, and a task made and cancelled for each of them
+        costs the delivery process more than the timer does."""
         if not state.up:
             return await self._deliver(sink, stream, batch, state, reader)
-        watcher = asyncio.create_task(
-            self._watch(sink, stream, state, reader), name=f"sipcdr-watch-{sink.name}-{stream}"
-        )
-        self._watchers.add(watcher)
-        watcher.add_done_callback(self._watch_ended)
+        started = self.clock.monotonic()
+        watcher: asyncio.Task[None] | None = None
+
+        def watch() -> None:
+            nonlocal watcher
+            watcher = asyncio.create_task(
+                self._watch(sink, stream, state, reader, started),
+                name=f"sipcdr-watch-{sink.name}-{stream}",
+            )
+            self._watchers.add(watcher)
+            watcher.add_done_callback(self._watch_ended)
+
+        timer = self.clock.call_later(SLOW_BATCH_S, watch)
         try:
             return await self._deliver(sink, stream, batch, state, reader)
         finally:
+            timer.cancel()
             # Not awaited: a probe may take a moment to end, and a cancel of this loop
             # meanwhile would rewind a batch that was delivered. `stop` awaits it.
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
-    async def _watch(self, sink: Sink, stream: str, state: LoopState, reader: SpoolReader) -> None:
-        started = self.clock.monotonic()
+    async def _watch(
+        self, sink: Sink, stream: str, state: LoopState, reader: SpoolReader, started: float
+    ) -> None:
+        """Begun `SLOW_BATCH_S` after the batch: probe now, then every `SLOW_BATCH_S`."""
         watching = asyncio.current_task()
         while state.up:
-            await self.clock.sleep(SLOW_BATCH_S)
             error = await self._probe(sink)
             if watching is not None and watching.cancelling():
                 return  # the batch ended while the probe did (which kept the cancel)
@@ -369,6 +385,8 @@ class Delivery:
                     f"answer: {error}",
                     since=started,  # the outage's length counts from its first sign
                 )
+            if state.up:
+                await self.clock.sleep(SLOW_BATCH_S)
 
     async def _deliver(
         self,

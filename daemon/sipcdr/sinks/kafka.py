@@ -60,6 +60,7 @@ from sipcdr.sinks.base import (
     RecordsRejected,
     SpoolRecord,
 )
+from sipcdr.sinks.kafkaconfirm import all_done, failure_of
 from sipcdr.sinks.kafkatopics import TopicPlan, ensure_topics, passing
 from sipcdr.sinks.settings import (
     COMPRESSIONS,
@@ -98,6 +99,9 @@ _DELIVER_TIMEOUTS: Final = 2
 # needs no network, so it gets this long.
 _DROP_WAIT_S: Final = 0.5
 _CANCEL_ATTEMPTS: Final = 3
+
+
+_Confirmed = Callable[["asyncio.Future[Any]"], None]
 
 
 class KafkaDeliveryError(Exception):
@@ -179,6 +183,13 @@ class KafkaSink(AsyncLifecycle):
                 (KIND_ALERT, FRAUD_ALERT_SCHEMA_VERSION),
                 (KIND_SIP, SIP_MESSAGE_SCHEMA_VERSION),
             )
+        }
+        # Per kind, what every record of it is sent with, made once: the topic, the
+        # headers and the callback that counts its confirmation (a record costs the
+        # send, not a look-up and a callback of its own).
+        self._routes: Mapping[str, tuple[str, list[tuple[str, bytes]], _Confirmed]] = {
+            kind: (topic, self._headers[kind], partial(self._confirmed, topic))
+            for kind, topic in self._topics.items()
         }
         self._security = _security_options(
             security_protocol, sasl_mechanism, sasl_username, sasl_password, ssl_cafile
@@ -310,19 +321,30 @@ class KafkaSink(AsyncLifecycle):
             raise ValueError(f"kafka sink does not read stream {stream!r}")
         if stream == STREAM_SIGNALING:
             records = _published(records)
+        # A record the filters leave as it is (every record, without restrictions or
+        # pseudonyms) is kept, not copied.
         if self.outbound is not None:
             # Restricted subjects are withheld, numbers pseudonymized (sipcdr.privacy).
+            outbound = self.outbound
             records = [
-                record._replace(value=value)
+                record if value is record.value else record._replace(value=value)
                 for record in records
-                if (value := self.outbound(record.kind, record.value)) is not None
+                if (value := outbound(record.kind, record.value)) is not None
             ]
         if self.outbound_key is not None:
+            outbound_key = self.outbound_key
             records = [
-                record._replace(key=self.outbound_key(record.kind, record.key))
+                record if key is record.key else record._replace(key=key)
                 for record in records
+                for key in (outbound_key(record.kind, record.key),)
             ]
-        routed = [(self._topic_of(record.kind), record) for record in records]
+        routes = self._routes
+        routed = []
+        for record in records:
+            route = routes.get(record.kind)
+            if route is None:
+                raise ValueError(f"kafka sink has no topic for record kind {record.kind!r}")
+            routed.append((route, record))
         if not routed:
             return
         started = time.monotonic()
@@ -332,13 +354,13 @@ class KafkaSink(AsyncLifecycle):
                     await self._ensure_topics()
                 producer = await self._connected_producer()
                 futures = []
-                for topic, record in routed:
+                for (topic, headers, confirmed), record in routed:
                     future = await producer.send(
-                        topic, record.value, key=record.key, headers=self._headers[record.kind]
+                        topic, record.value, key=record.key, headers=headers
                     )
-                    future.add_done_callback(partial(self._confirmed, topic))
+                    future.add_done_callback(confirmed)
                     futures.append(future)
-                results = await asyncio.gather(*futures, return_exceptions=True)
+                await all_done(futures)
         except BaseException as exc:
             # Whatever happened (timeout, refused connection, an aiokafka bug, a cancel
             # from above), this producer may hold half a batch: replace it.
@@ -352,7 +374,7 @@ class KafkaSink(AsyncLifecycle):
                 f"kafka: {len(routed)} records not confirmed after {elapsed:.1f} s: "
                 f"{_describe(exc)}"
             ) from exc
-        failures = [result for result in results if isinstance(result, BaseException)]
+        failures = [failure for future in futures if (failure := failure_of(future)) is not None]
         if failures:
             self._discard_producer()
             refused = [failure for failure in failures if isinstance(failure, _CONTENT_ERRORS)]
@@ -375,12 +397,6 @@ class KafkaSink(AsyncLifecycle):
         flight gets that long to arrive."""
         self._discard_producer(flush=True)
         await self._wait_closing()
-
-    def _topic_of(self, kind: str) -> str:
-        topic = self._topics.get(kind)
-        if topic is None:
-            raise ValueError(f"kafka sink has no topic for record kind {kind!r}")
-        return topic
 
     async def _connected_producer(self) -> Any:
         if self._producer is not None:
