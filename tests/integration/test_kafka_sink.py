@@ -645,8 +645,10 @@ async def test_an_outage_the_client_rides_out_is_reported_within_seconds(
         ("sink_recovered", "info"),
     ], events
     assert "does not answer" in events[0]["error"]
-    # Counted from the first unconfirmed batch; over when the broker confirms again.
-    assert SHORT_OUTAGE_S - 0.5 <= events[1]["down_s"] <= SHORT_OUTAGE_S + 5
+    # Counted from the first unconfirmed batch; over when the broker confirms again
+    # (a killed broker's restart and the client's reconnect take seconds more on a
+    # busy 2-core machine).
+    assert SHORT_OUTAGE_S - 0.5 <= events[1]["down_s"] <= SHORT_OUTAGE_S + 8
     (sink,) = outputs.sinks
     assert isinstance(sink, KafkaSink)
     assert sink.sent[topic] >= len(values)  # confirmed by the broker, re-sends included
