@@ -7,6 +7,7 @@ import asyncio
 import errno
 import os
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import orjson
@@ -780,6 +781,10 @@ async def test_a_held_loop_delivers_nothing_and_a_stop_does_not_wait_for_it(
         assert [r.value for r in spool.reader("held").read(10, 1 << 20)] == more
 
 
+def _has(sink: MemorySink, records: int) -> bool:
+    return len(sink.got) == records
+
+
 def _watcher_tasks() -> list[asyncio.Task[object]]:
     return [task for task in asyncio.all_tasks() if task.get_name().startswith("sipcdr-watch-")]
 
@@ -793,9 +798,10 @@ async def test_batches_confirmed_in_time_leave_no_timer_that_probes_later(tmp_pa
         delivery = Delivery({STREAM_RECORDS: spool}, [sink], clock=clock)
         await delivery.start()
         values: list[bytes] = []
-        for batch in range(1, 6):
+        for _ in range(5):
             values += _append(spool, 2)
-            await _until(lambda wanted=2 * batch: len(sink.got) == wanted)
+            wanted = len(values)
+            await _until(partial(_has, sink, wanted))
             clock.advance(SLOW_BATCH_S / 4)
             await settle()
         clock.advance(SLOW_BATCH_S * 10)
