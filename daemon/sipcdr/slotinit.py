@@ -8,6 +8,7 @@ descriptor does the same in about half the time. The correlator makes one `Cdr`
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import MISSING, fields
 from typing import Any, TypeVar, cast
@@ -22,7 +23,10 @@ def slot_init(cls: type) -> Callable[..., None]:
     ones and no `__post_init__`: anything else raises TypeError."""
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"{cls.__name__} has a __post_init__")
-    scope: dict[str, object] = {}
+    # Built as dataclasses builds its own: the setters and defaults are the closure of
+    # a factory, run in the class's module, so `__init__` has that module's globals
+    # and `__module__` (`typing.get_type_hints` resolves its annotations there).
+    closure: dict[str, object] = {}
     params, lines = [], []
     for index, item in enumerate(fields(cls)):
         if item.default_factory is not MISSING or not item.init or item.kw_only:
@@ -30,13 +34,22 @@ def slot_init(cls: type) -> Callable[..., None]:
         if item.default is MISSING:
             params.append(item.name)
         else:
-            scope[f"_default{index}"] = item.default
+            closure[f"_default{index}"] = item.default
             params.append(f"{item.name}=_default{index}")
-        scope[f"_set{index}"] = getattr(cls, item.name).__set__
-        lines.append(f"    _set{index}(self, {item.name})")
-    source = "\n".join(["def __init__(self, " + ", ".join(params) + "):", *lines])
-    exec(source, scope)  # the class's own field names only, as dataclasses does
-    init = cast(Callable[..., None], scope["__init__"])
+        closure[f"_set{index}"] = getattr(cls, item.name).__set__
+        lines.append(f"        _set{index}(self, {item.name})")
+    source = "\n".join(
+        [
+            "def _make(" + ", ".join(closure) + "):",
+            "    def __init__(self, " + ", ".join(params) + "):",
+            *lines,
+            "    return __init__",
+        ]
+    )
+    made: dict[str, object] = {}
+    # The class's own field names only, as dataclasses does.
+    exec(source, vars(sys.modules[cls.__module__]), made)
+    init = cast(Callable[..., Callable[..., None]], made["_make"])(**closure)
     original = vars(cls)["__init__"]  # the one dataclasses wrote
     init.__qualname__ = original.__qualname__
     init.__annotations__ = dict(original.__annotations__)

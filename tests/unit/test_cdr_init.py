@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from typing import Any
 
 import pytest
@@ -131,3 +132,11 @@ def test_what_the_generated_init_cannot_do_is_refused() -> None:
     for cls in (Later, Checked):
         with pytest.raises(TypeError):
             slot_init(cls)
+
+
+def test_init_resolves_its_annotations_and_names_its_module_as_the_dataclasses() -> None:
+    """Tools reading the constructor (type hints, documentation, strategies) see what
+    they saw of the dataclass's."""
+    ours = Cdr.__init__
+    assert ours.__module__ == _DATACLASS_CDR_INIT.__module__ == "sipcdr.model"
+    assert typing.get_type_hints(ours) == typing.get_type_hints(_DATACLASS_CDR_INIT)

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import os
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import orjson
@@ -778,3 +779,54 @@ async def test_a_held_loop_delivers_nothing_and_a_stop_does_not_wait_for_it(
     assert held.got == values  # the rest waits in the spool for the next start
     with Spool(tmp_path, ("held", "free")) as spool:
         assert [r.value for r in spool.reader("held").read(10, 1 << 20)] == more
+
+
+def _has(sink: MemorySink, records: int) -> bool:
+    return len(sink.got) == records
+
+
+def _watcher_tasks() -> list[asyncio.Task[object]]:
+    return [task for task in asyncio.all_tasks() if task.get_name().startswith("sipcdr-watch-")]
+
+
+async def test_batches_confirmed_in_time_leave_no_timer_that_probes_later(tmp_path: Path) -> None:
+    """Each batch's timer ends with the batch: none fires later, on another batch's
+    time or after the last."""
+    clock = FakeClock()
+    sink = MemorySink("quick")
+    with Spool(tmp_path, ("quick",)) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink], clock=clock)
+        await delivery.start()
+        values: list[bytes] = []
+        for _ in range(5):
+            values += _append(spool, 2)
+            wanted = len(values)
+            await _until(partial(_has, sink, wanted))
+            clock.advance(SLOW_BATCH_S / 4)
+            await settle()
+        clock.advance(SLOW_BATCH_S * 10)
+        await settle()
+        assert sink.probes == 0
+        assert _watcher_tasks() == []
+        ((state, _reader),) = delivery.readers()
+        assert state.up
+        await delivery.stop()
+    assert sink.got == values
+
+
+async def test_a_stop_during_a_batch_leaves_no_timer_to_make_a_watcher(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sink = MemorySink("held")
+    sink.gate = asyncio.Event()
+    sink.gone = True
+    with Spool(tmp_path, ("held",)) as spool:
+        delivery = Delivery({STREAM_RECORDS: spool}, [sink], clock=clock)
+        await delivery.start()
+        _append(spool, 3)
+        await _until(lambda: sink.calls == 1)
+        clock.advance(SLOW_BATCH_S / 2)
+        await delivery.stop(drain_timeout_s=0)
+        clock.advance(SLOW_BATCH_S * 10)
+        await settle()
+        assert _watcher_tasks() == []
+        assert sink.probes == 0

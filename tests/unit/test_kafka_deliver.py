@@ -196,3 +196,37 @@ async def test_records_confirmed_as_they_are_sent_are_counted_when_deliver_retur
     sink = sink_with(producer)  # type: ignore[arg-type]
     await sink.deliver(STREAM_RECORDS, records())
     assert sink.sent == {CDRS: 2, FRAUD: 1}
+
+
+async def test_a_deliver_cancelled_from_above_cancels_what_is_unconfirmed_and_counts_once() -> None:
+    """A cancel of the delivery loop stays a cancel (not a delivery error), leaves no
+    record waiting for a confirmation nobody reads, and a confirmation that comes
+    late is no confirmation of the batch."""
+    producer = SilentProducer(answered=1)
+    sink = sink_with(producer)  # type: ignore[arg-type]
+    delivering = asyncio.create_task(sink.deliver(STREAM_RECORDS, records()))
+    while len(producer.futures) < 3:
+        await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not delivering.done()
+    delivering.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await delivering
+    assert all(future.cancelled() for future in producer.futures[1:])
+    for _ in range(5):
+        await asyncio.sleep(0)
+    await sink.flush()
+    assert sink.sent == {CDRS: 1, FRAUD: 0}
+    assert producer.stopped and not sink.connected
+
+
+async def test_one_refused_record_among_many_fails_the_batch_and_the_rest_count_once() -> None:
+    refused = b'{"cdr_id":"c"}'
+    producer = FakeProducer(refuse=refused)
+    sink = sink_with(producer)
+    batch = [SpoolRecord(n, KIND_CDR, b"k", b'{"cdr_id":"%d"}' % n) for n in range(50)]
+    batch.insert(25, SpoolRecord(99, KIND_CDR, b"k", refused))
+    with pytest.raises(KafkaDeliveryError, match=r"1 of 51 records not confirmed: .*gone"):
+        await sink.deliver(STREAM_RECORDS, batch)
+    await sink.flush()
+    assert sink.sent == {CDRS: 50, FRAUD: 0}
