@@ -30,32 +30,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from decimal import Decimal
 from pathlib import Path
 
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
+from formerstages import former_enrich, former_rate, former_record
 from fraud import Traffic, _config, _Discard
 from sipcdr.config import Config, load_config
 from sipcdr.dialog import Correlator
 from sipcdr.engine import Destinations, build_engine
-from sipcdr.enrich import EnrichRateStage, EnrichStage
+from sipcdr.enrich import EnrichRateStage
 from sipcdr.model import (
-    CDR_SCHEMA_VERSION,
-    UNKNOWN_TRUNK,
     Cdr,
     Packet,
-    _seconds,
-    money_text,
     replace_cdr,
     rfc3339,
 )
-from sipcdr.rating import RatePlans, RateStage, Rating, Unrated, billed_seconds, cost, margin
-from sipcdr.rating.plans import _MAX_DIGITS, _UNRATED, INVALID_NUMBER, NO_PLAN
 from sipcdr.sip import parse
-from sipcdr.sip.numbers import DEFAULT_PLAN, first_number, to_e164
 
 _last_second: list[object] = [None, ""]
 
@@ -68,143 +62,6 @@ def _rfc3339_one_second(timestamp: float) -> str:
         _last_second[0] = second
         _last_second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
     return f"{_last_second[1]}.{fraction:06d}Z"
-
-
-def _former_enrich(stage: EnrichStage, cdr: Cdr) -> Cdr:
-    """The enrich stage before it shared its copy with the rate stage."""
-    if cdr.egress_ip is not None:
-        lookup = stage._trunk
-        trunk = lookup(cdr.src_ip)
-        egress = lookup(cdr.egress_ip)
-        country_code = trunk.country_code if trunk else None
-        national_prefix = trunk.national_prefix if trunk else None
-        cdr = replace_cdr(
-            cdr,
-            caller=to_e164(cdr.caller, country_code, national_prefix),
-            callee=to_e164(cdr.callee, country_code, national_prefix),
-            trunk=trunk.name if trunk else None,
-            egress_trunk=egress.name if egress else None,
-            egress_ip=None,
-        )
-    stage.count(cdr, cdr.trunk)
-    return cdr
-
-
-def _former_price(
-    plans: RatePlans,
-    plan: str | None,
-    callee: str | None,
-    start_time: float,
-    billsec: float,
-    answered: bool,
-) -> Rating | Unrated:
-    """`RatePlans.rate` before it remembered prices."""
-    name = plan if plan is not None else plans.default_plan
-    deck = plans.decks.get(name) if name is not None else None
-    if deck is None or name is None:
-        return _UNRATED[NO_PLAN]
-    if callee is None or len(callee) > _MAX_DIGITS:
-        return _UNRATED[INVALID_NUMBER]
-    row = deck.index.lookup(callee, start_time)
-    if row is None:
-        return _UNRATED[deck.index.miss_reason(callee)]
-    if not answered:
-        return Rating(name, row, 0, Decimal(0).scaleb(-plans.decimals))
-    billed = billed_seconds(billsec, row.min_seconds, row.increment_seconds)
-    return Rating(name, row, billed, cost(row.rate, row.connect_fee, billed, plans.decimals))
-
-
-def _former_rate(stage: RateStage, cdr: Cdr) -> Cdr:
-    """The rate stage before it shared its copy with the enrich stage (counts left out:
-    a few dict updates, the same in both forms)."""
-    plans = stage.plans
-    ingress = stage._trunks.get(cdr.trunk) if cdr.trunk is not None else None
-    numbering = ingress.numbering if ingress is not None else DEFAULT_PLAN
-    number = first_number((cdr.request_uri, cdr.to_uri), numbering)
-    digits = number.value if number.valid else None
-    answered = cdr.answer_time is not None
-    plan = ingress.trunk.rate_plan if ingress is not None else None
-    customer = _former_price(plans, plan, digits, cdr.start_time, cdr.billsec, answered)
-    _label = cdr.trunk if cdr.trunk is not None else UNKNOWN_TRUNK
-    vendor_cost = None
-    call_margin = None
-    egress = stage._trunks.get(cdr.egress_trunk) if cdr.egress_trunk is not None else None
-    if egress is not None and egress.trunk.cost_plan is not None:
-        vendor = _former_price(
-            plans, egress.trunk.cost_plan, digits, cdr.start_time, cdr.billsec, answered
-        )
-        if isinstance(vendor, Rating):
-            vendor_cost = vendor.cost
-            if isinstance(customer, Rating) and customer.rate.currency == vendor.rate.currency:
-                call_margin = margin(customer.cost, vendor.cost)
-    callee = digits if ingress is not None and digits is not None else cdr.callee
-    return replace_cdr(
-        cdr,
-        **customer.cdr_fields(),
-        callee=callee,
-        callee_valid=number.valid,
-        vendor_cost=vendor_cost,
-        margin=call_margin,
-    )
-
-
-def _rfc3339_former(timestamp: float | None) -> str | None:
-    """`rfc3339` before `to_record` wrote it out: the same cache of seconds."""
-    if timestamp is None:
-        return None
-    micros = round(timestamp * 1_000_000)
-    second, fraction = divmod(micros, 1_000_000)
-    text = _seconds.get(second)
-    if text is None:
-        text = _seconds[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{text}.{fraction:06d}Z"
-
-
-def _former_record(c: Cdr) -> dict[str, object]:
-    """`Cdr.to_record` before it wrote out its helpers: a property or call per time,
-    per money field and for duration and billsec."""
-    return {
-        "cdr_id": c.cdr_id,
-        "call_id": c.call_id,
-        "caller": c.caller,
-        "callee": c.callee,
-        "from_uri": c.from_uri,
-        "to_uri": c.to_uri,
-        "request_uri": c.request_uri,
-        "src_ip": c.src_ip,
-        "src_port": c.src_port,
-        "dst_ip": c.dst_ip,
-        "dst_port": c.dst_port,
-        "trunk": c.trunk,
-        "start_time": _rfc3339_former(c.start_time),
-        "ring_time": _rfc3339_former(c.ring_time),
-        "answer_time": _rfc3339_former(c.answer_time),
-        "end_time": _rfc3339_former(c.end_time),
-        "duration": c.duration,
-        "billsec": c.billsec,
-        "pdd_ms": c.pdd_ms,
-        "disposition": c.disposition,
-        "sip_code": c.sip_code,
-        "sip_reason": c.sip_reason,
-        "q850_cause": c.q850_cause,
-        "hangup_by": c.hangup_by,
-        "end_reason": c.end_reason,
-        "user_agent": c.user_agent,
-        "rated": c.rated,
-        "rate_prefix": c.rate_prefix,
-        "rate_name": c.rate_name,
-        "rate_per_minute": money_text(c.rate_per_minute),
-        "billed_seconds": c.billed_seconds,
-        "cost": money_text(c.cost),
-        "currency": c.currency,
-        "fraud_flags": list(c.fraud_flags),
-        "capture_node": c.capture_node,
-        "schema_version": CDR_SCHEMA_VERSION,
-        "egress_trunk": c.egress_trunk,
-        "vendor_cost": money_text(c.vendor_cost),
-        "margin": money_text(c.margin),
-        "callee_valid": c.callee_valid,
-    }
 
 
 def _timed(step: Callable[[], object]) -> float:
@@ -232,7 +89,7 @@ def _round(config: Config, packets: list[Packet], swap: bool) -> tuple[dict[str,
 
     def former_records() -> None:
         for cdr in rated:
-            _former_record(cdr)
+            former_record(cdr)
 
     def records_json() -> None:
         dumps = orjson.dumps
@@ -252,7 +109,7 @@ def _round(config: Config, packets: list[Packet], swap: bool) -> tuple[dict[str,
         BASELINE: correlate,
         NEW_BOTH: lambda: once.extend(map(both.on_cdr, closed)),
         OLD_BOTH: lambda: former.extend(
-            _former_rate(rate, _former_enrich(enrich, c)) for c in closed
+            former_rate(rate, former_enrich(enrich, c)) for c in closed
         ),
         "enrich stage alone": lambda: enriched.extend(map(enrich.on_cdr, closed)),
         "rate stage alone": lambda: rated.extend(map(rate.on_cdr, enriched)),
@@ -279,7 +136,7 @@ def _round(config: Config, packets: list[Packet], swap: bool) -> tuple[dict[str,
     if [c.to_record() for c in once] != [c.to_record() for c in former] or once != rated:
         sys.exit("the enrich-and-rate stage gave other CDRs than the former two stages")
     if [orjson.dumps(c.to_record()) for c in rated] != [
-        orjson.dumps(_former_record(c)) for c in rated
+        orjson.dumps(former_record(c)) for c in rated
     ]:
         sys.exit("to_record gave other bytes than its former form")
     return seconds, len(rated)
