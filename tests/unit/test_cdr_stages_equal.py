@@ -107,25 +107,10 @@ def wire(cdr: Cdr) -> tuple[bytes, str | None]:
 # -- every capture -----------------------------------------------------------------------
 
 
-class _Closed:
-    """A pipeline's sink that keeps the CDRs as the correlator closed them."""
-
-    name = "closed"
-
-    def __init__(self) -> None:
-        self.cdrs: list[Cdr] = []
-
-    def write(self, cdr: Cdr) -> None:
-        self.cdrs.append(cdr)
-
-    def flush(self) -> None:
-        pass
-
-
 def correlated(path: Path) -> list[Cdr]:
     """The CDRs the correlator closes from the capture, fed as an import feeds it, with
     no CDR stage: what the stages are then given."""
-    sink = _Closed()
+    sink = CdrCollector()
     pipeline = Pipeline(Correlator(egress=True), [sink])
     next_expiry = 0.0
     for captured in iter_packets(path):
@@ -284,7 +269,7 @@ def test_a_fault_of_one_part_costs_its_fields_only(
         monkeypatch.setattr(enrich, "fields", _Broken())
     if part in ("rate", "both"):
         monkeypatch.setattr(rate, "priced", _Broken())
-    sink = _Closed()
+    sink = CdrCollector()
     pipeline = Pipeline(Correlator(egress=True), [sink], [EnrichRateStage(enrich, rate)])
     closed = correlated(next(p for p in captures() if any(c.egress_ip for c in correlated(p))))
     cdr = next(c for c in closed if c.egress_ip is not None)
@@ -370,7 +355,7 @@ def test_a_fault_of_the_kpi_count_costs_the_enrich_fields_only(
     came, on CDRs with and without an egress address."""
     enrich, rate = stages()
     monkeypatch.setattr(enrich, "count", _Broken())
-    sink = _Closed()
+    sink = CdrCollector()
     pipeline = Pipeline(Correlator(egress=True), [sink], [EnrichRateStage(enrich, rate)])
     cdrs = generated()[:50]
     if not egress:  # a CDR enriched already, or from a correlator that reads no egress

@@ -17,10 +17,10 @@ from pathlib import Path
 import orjson
 import pytest
 from pcapdata import require_shared_data
+from sipcalls import CdrCollector
 from sipcdr.config import Config
 from sipcdr.config.schema import TrunkConfig
 from sipcdr.importer import import_files
-from sipcdr.model import Cdr
 
 DIGESTS = Path(__file__).resolve().parent / "data" / "cdr_digests.json"
 
@@ -38,25 +38,12 @@ TRUNKS = (
 CONFIGS = {"plain": Config(), "trunks": Config(trunks=TRUNKS)}
 
 
-class Collector:
-    name = "collector"
-
-    def __init__(self) -> None:
-        self.cdrs: list[Cdr] = []
-
-    def write(self, cdr: Cdr) -> None:
-        self.cdrs.append(cdr)
-
-    def flush(self) -> None:
-        pass
-
-
 def captures() -> list[Path]:
     return sorted((require_shared_data() / "pcaps").glob("*.pcap*"))
 
 
 def digest(config: Config, path: Path) -> tuple[int, str]:
-    collector = Collector()
+    collector = CdrCollector()
     import_files(config, [path], sinks=[collector], progress=False)
     lines = b"".join(orjson.dumps(cdr.to_record()) + b"\n" for cdr in collector.cdrs)
     return len(collector.cdrs), hashlib.sha256(lines).hexdigest()

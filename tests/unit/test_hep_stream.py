@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import pytest
 import uvloop
-from sipcalls import Call, answered_call_messages
+from sipcalls import Call, CdrCollector, answered_call_messages
 from sipcdr import hepencode
 from sipcdr.capture import hepstream
 from sipcdr.capture.hepstream import (
@@ -44,7 +44,6 @@ from sipcdr.clock import SYSTEM_CLOCK, Clock, FakeClock
 from sipcdr.config import DEFAULT_ALLOW, CaptureConfig
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.limits import FD_HEADROOM, raise_file_limit, stream_limits
-from sipcdr.model import Cdr
 from sipcdr.pipeline import Pipeline
 from sipcdr.telemetry.metrics import Metrics
 from tlscerts import Pki, make_pki
@@ -57,19 +56,6 @@ LIMITS = StreamLimits(
     frame_timeout_s=60.0,
     max_buffer_bytes=65535,
 )
-
-
-class ListSink:
-    name = "list"
-
-    def __init__(self) -> None:
-        self.cdrs: list[Cdr] = []
-
-    def write(self, cdr: Cdr) -> None:
-        self.cdrs.append(cdr)
-
-    def flush(self) -> None:
-        pass
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -115,7 +101,7 @@ class Harness:
         gate: HepGate | None = None,
     ) -> None:
         self.clock = clock
-        self.sink = ListSink()
+        self.sink = CdrCollector()
         self.pipeline = Pipeline(Correlator(DialogLimits(), egress=True), (self.sink,))
         self.server = HepStreamServer(
             self.pipeline,

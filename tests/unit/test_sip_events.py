@@ -12,6 +12,7 @@ import jsonschema
 import orjson
 import pytest
 from pcapdata import require_shared_data
+from sipcalls import CdrCollector
 from sipcdr.capture.pcapfile import iter_packets
 from sipcdr.config import Config
 from sipcdr.engine import Destinations, correlate_events
@@ -31,19 +32,6 @@ def captures() -> list[Path]:
     return sorted((require_shared_data() / "pcaps").glob("*.pcap*"))
 
 
-class Collector:
-    name = "collector"
-
-    def __init__(self) -> None:
-        self.cdrs: list[Cdr] = []
-
-    def write(self, cdr: Cdr) -> None:
-        self.cdrs.append(cdr)
-
-    def flush(self) -> None:
-        pass
-
-
 def topic_values(path: Path) -> Iterator[bytes]:
     """What the signaling recorder puts on the topic for each message of a capture."""
     for packet in iter_packets(path):
@@ -57,7 +45,7 @@ def topic_values(path: Path) -> Iterator[bytes]:
 def correlate_from_topic(values: Iterator[bytes]) -> list[Cdr]:
     """The engine fed only by topic records: the chain `run` and `import` build, on
     the records' own time."""
-    collector = Collector()
+    collector = CdrCollector()
     events = (SipEvent.from_record(orjson.loads(value)) for value in values)
     correlate_events(Config(), events, Destinations([collector]))
     return collector.cdrs
@@ -69,7 +57,7 @@ def test_every_capture_is_read() -> None:
 
 @pytest.mark.parametrize("path", captures(), ids=lambda path: path.name)
 def test_topic_records_replayed_give_the_cdrs_of_the_capture(path: Path) -> None:
-    imported = Collector()
+    imported = CdrCollector()
     import_files(Config(), [path], sinks=[imported], progress=False)
     replayed = correlate_from_topic(topic_values(path))
     assert [c.to_record() for c in replayed] == [c.to_record() for c in imported.cdrs]
