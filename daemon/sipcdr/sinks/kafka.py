@@ -2,7 +2,8 @@
 
 Every record goes out as the spool holds it: the value is the record's JSON, the key is
 the spool key (a CDR's `call_id`, an alert's subject), so the default (murmur2)
-partitioner puts every copy of a call on the same partition, and the headers say what
+partition (`sinks.kafkapartition`, the same as aiokafka's and Java's) holds every copy
+of a call, and the headers say what
 the value is (`schema_version`, `record_kind`). `deliver` returns only when the broker
 has confirmed every record of the batch with `acks=all`; otherwise it raises and the
 delivery loop sends the whole batch again later. Consumers therefore see duplicates
@@ -61,6 +62,7 @@ from sipcdr.sinks.base import (
     SpoolRecord,
 )
 from sipcdr.sinks.kafkaconfirm import all_done, failure_of
+from sipcdr.sinks.kafkapartition import KeyPartitioner
 from sipcdr.sinks.kafkatopics import TopicPlan, ensure_topics, passing
 from sipcdr.sinks.settings import (
     COMPRESSIONS,
@@ -205,6 +207,10 @@ class KafkaSink(AsyncLifecycle):
             # A single record larger than a batch must still fit in a request.
             "max_request_size": max(max_batch_bytes, 1024 * 1024),
             "request_timeout_ms": request_timeout_ms,
+            # aiokafka's default partition for every key, without hashing each record's
+            # key in pure Python (sinks.kafkapartition); kept by every producer the
+            # sink makes, so a replaced producer starts with the keys known.
+            "partitioner": KeyPartitioner(),
             **self._security,
         }
         self._topic_plan = TopicPlan(
