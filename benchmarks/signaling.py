@@ -8,7 +8,10 @@ Capture side (the daemon's hot path, once per parsed message, the parse not coun
 - binary: `SignalingRecorder` now: the id's digest, the bytes without the SDP, a
   packed header, appended to a buffered spool
 
-and, for scale, `sip.parse` alone, and parse plus each recorder.
+and, for scale, `sip.parse` alone, and parse plus each recorder. The binary value
+in its former form (tests/support/formerspooled.py: the end of the headers searched
+for, every name encoded per message) against the present one, in turns of 500
+messages: the value alone, and the recorder with its spool append.
 
 Delivery side (once per record each sink sends; the spool read not counted):
 
@@ -21,7 +24,8 @@ Delivery side (once per record each sink sends; the spool read not counted):
   topic's JSON (`sinks.signaling.published`)
 
 The traffic is an INVITE and a 200 OK with SDP and a BYE (benchmarks/samples.py),
-each packet a millisecond after the last, as a call's messages are. Figures are CPU
+each packet a millisecond after the last, as a call's messages are, from one of 50
+trunk addresses (each packet's own address strings, as the receive path makes them). Figures are CPU
 microseconds per message (process time: a shared machine's other work is not
 counted, its contention for caches and cores is), the median of several rounds; the
 ratio is json against binary of the same round, so a busy machine moves both
@@ -33,6 +37,7 @@ together.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -43,6 +48,8 @@ from pathlib import Path
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+from formerspooled import former_spooled
 from samples import MESSAGES
 from sipcdr.model import Packet
 from sipcdr.sinks import postgres
@@ -55,6 +62,7 @@ from sipcdr.sipevent import event_record, spooled
 from sipcdr.spool import Spool
 
 BATCH = 1000  # records per delivery batch, as the delivery loop reads them
+CHUNK = 500  # messages per turn of the former and the present binary value
 
 Message = tuple[Packet, SipMessage]
 
@@ -65,11 +73,11 @@ def traffic(number: int) -> list[Message]:
     for n in range(number):
         packet = Packet(
             1_795_000_000.1 + n / 1000,
-            "192.0.2.10",
+            f"192.0.2.{10 + n % 50}",
             5060,
-            "203.0.113.20",
+            "".join(("203.0.113.", "20")),
             5060,
-            "udp",
+            "".join(("ud", "p")),
             payloads[n % len(payloads)],
             "2001",
         )
@@ -91,7 +99,22 @@ class JsonRecorder:
         self.spool.append(KIND_SIP, msg.call_id.encode(), orjson.dumps(record))
 
 
+class FormerRecorder:
+    """`SignalingRecorder` with the value in its former form."""
+
+    __slots__ = ("append", "store_body")
+
+    def __init__(self, spool: Spool, *, store_body: bool = False) -> None:
+        self.store_body = store_body
+        self.append = spool.append
+
+    def __call__(self, packet: Packet, msg: SipMessage) -> None:
+        value = former_spooled(packet, msg, self.store_body)
+        self.append(KIND_SIP, msg.call_id.encode(), value)
+
+
 Recorder = Callable[[Packet, SipMessage], None]
+Spooler = Callable[[Packet, SipMessage, bool], bytes]
 
 
 def record_all(
@@ -136,14 +159,56 @@ def publish_all(record_batches: list[list[SpoolRecord]]) -> float:
     return time.process_time() - start
 
 
+def former_and_now(
+    pairs: list[Message], directory: Path, store_body: bool
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(former, now) seconds of the binary value alone and of the recorder into its
+    own buffered spool, taken in turns over chunks of `CHUNK` messages, the first
+    in each turn alternating: a busy machine slows both alike."""
+    forms: dict[str, tuple[Spooler, Callable[..., Recorder]]] = {
+        "former": (former_spooled, FormerRecorder),
+        "now": (spooled, SignalingRecorder),
+    }
+    values = dict.fromkeys(forms, 0.0)
+    records = dict.fromkeys(forms, 0.0)
+    with (
+        Spool(directory / "former", ("postgres",), buffered=True) as former_spool,
+        Spool(directory / "now", ("postgres",), buffered=True) as now_spool,
+    ):
+        spools = {"former": former_spool, "now": now_spool}
+        recorders = {
+            name: make(spools[name], store_body=store_body) for name, (_, make) in forms.items()
+        }
+        for turn, at in enumerate(range(0, len(pairs), CHUNK)):
+            chunk = pairs[at : at + CHUNK]
+            for name in ("now", "former") if turn % 2 else ("former", "now"):
+                spool_value = forms[name][0]
+                start = time.process_time()
+                for packet, msg in chunk:
+                    spool_value(packet, msg, store_body)
+                middle = time.process_time()
+                record = recorders[name]
+                for packet, msg in chunk:
+                    record(packet, msg)
+                records[name] += time.process_time() - middle
+                values[name] += middle - start
+        for name, spool in spools.items():
+            start = time.process_time()
+            spool.flush()
+            records[name] += time.process_time() - start
+    return (values["former"], values["now"]), (records["former"], records["now"])
+
+
 def one_round(pairs: list[Message], store_body: bool) -> dict[str, tuple[float, float]]:
-    """Per contender: (json seconds, binary seconds) for every message of `pairs`."""
+    """Per contender: (json seconds, binary seconds) for every message of `pairs`,
+    or (former, now) for the binary value's two forms."""
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         capture = (
             record_all(JsonRecorder, pairs, directory / "json", store_body),
             record_all(SignalingRecorder, pairs, directory / "binary", store_body),
         )
+        value_forms, recorder_forms = former_and_now(pairs, directory, store_body)
         with Spool(directory / "p", ("postgres",), buffered=True) as spool:
             with_parse = (
                 parse_all(pairs, JsonRecorder(spool, store_body=store_body)),
@@ -166,6 +231,8 @@ def one_round(pairs: list[Message], store_body: bool) -> dict[str, tuple[float, 
         ),
         "delivery: Kafka values": (publish_all(json_batches), publish_all(binary_batches)),
         "delivery: row, before | now": rows_before_and_now(sink, binary_batches),
+        "capture: value, former | now": value_forms,
+        "capture: record, former | now": recorder_forms,
     }
 
 
@@ -210,10 +277,11 @@ def main() -> None:
     print(
         f"{args.number} messages (INVITE, 200 OK with SDP, BYE), SDP "
         f"{'kept' if args.store_sdp else 'dropped'}, median of {args.rounds} rounds"
+        f" (load {os.getloadavg()[0]:.1f})"
     )
     print(f"spooled bytes per message: json {sizes[0]:.0f}, binary {sizes[1]:.0f}")
     print(f"{'µs per message':<30}{'json':>10}{'binary':>10}{'json/binary':>13}")
-    print("(the last line: before | now, both binary, before/now)")
+    print("(the last three lines: before | now, both binary, before/now)")
     for name, (json_us, binary_us, ratios) in per_message.items():
         ratio = statistics.median(ratios)
         shown = f"{ratio:>12.2f}x" if ratio != float("inf") else f"{'-':>13}"

@@ -186,6 +186,16 @@ _DIGEST_BYTES: Final = 16  # what the message id shows of its SHA-1
 _BODY_KEPT: Final = 1
 _DIGESTED: Final = 2
 _LINE_ENDS: Final = (b"\r", b"\n")
+_CR_LF: Final = frozenset(b"\r\n")
+_CRLF_CRLF: Final = b"\r\n\r\n"
+# `_SPOOLED` in two: the message's own fields, and the lengths of the names that stay
+# the same between two addresses (`_ENDS`).
+_HEAD: Final = struct.Struct("<BBdHHI")
+_LENGTHS: Final = struct.Struct("<BBBH")
+# Per source, destination, transport and capture node: their spooled bytes (`_ends`).
+# A capture sees few distinct pairs; the bound keeps a flood of spoofed ones in check.
+_ENDS: Final[dict[tuple[str, str, str, str], tuple[bytes, bytes, bytes, bytes]]] = {}
+_ENDS_KEPT: Final = 4096
 # The capture times a record's `captured_at` can hold: 0001-01-01 to 9999-12-31, UTC.
 _FIRST_TIME: Final = -62_135_596_800.0
 _LAST_TIME: Final = 253_402_300_800.0
@@ -204,49 +214,78 @@ def spooled(packet: Packet, msg: SipMessage, store_body: bool) -> bytes:
     the parser starts) has it taken by the sink.
     """
     timestamp, src_ip, src_port, dst_ip, dst_port, transport, payload, node = packet
+    ends = _ENDS.get((src_ip, dst_ip, transport, node))
+    if ends is None:
+        ends = _ends(src_ip, dst_ip, transport, node)
+    if store_body or not msg.body:
+        return b"".join(
+            (
+                _HEAD.pack(
+                    SPOOLED_LAYOUT,
+                    _BODY_KEPT if store_body else 0,
+                    timestamp,
+                    src_port,
+                    dst_port,
+                    len(payload),
+                ),
+                ends[0],
+                payload,
+            )
+        )
+    start = msg.body_start
+    if start >= 4 and payload.startswith(_CRLF_CRLF, start - 4) and payload[0] not in _CR_LF:
+        # The parser's blank line is a CRLFCRLF: no CRLFCRLF comes before it on any of
+        # its paths, so it is the first, where the search below would stop.
+        kept = payload[:start]
+    else:
+        kept = _head_of(payload)
+        if kept is payload:
+            return b"".join(
+                (
+                    _HEAD.pack(SPOOLED_LAYOUT, 0, timestamp, src_port, dst_port, len(payload)),
+                    ends[0],
+                    payload,
+                )
+            )
+    head = _HEAD.pack(SPOOLED_LAYOUT, _DIGESTED, timestamp, src_port, dst_port, len(payload))
+    # The digest's time and ports are packed as in the header: its bytes 2 to 14.
+    hashing = _NAMESPACE_SHA1.copy()
+    hashing.update(head[2:14] + ends[3])
+    hashing.update(payload)
+    return b"".join((head, ends[1], hashing.digest()[:_DIGEST_BYTES], ends[2], kept))
+
+
+def _head_of(payload: bytes) -> bytes:
+    """`payload` up to the blank line `head_text` ends at, or `payload` itself when it
+    is led by line ends or has no blank line."""
+    if payload.startswith(_LINE_ENDS):
+        return payload
+    end = payload.find(b"\r\n\r\n")
+    if end >= 0:
+        return payload[: end + 4]
+    end = payload.find(b"\n\n")
+    if end >= 0:
+        return payload[: end + 2]
+    return payload
+
+
+def _ends(src_ip: str, dst_ip: str, transport: str, node: str) -> tuple[bytes, bytes, bytes, bytes]:
+    """What a record spools of its addresses, transport and capture node, kept for the
+    next message between the same two: (lengths and names, the lengths alone, the
+    names alone, what the digest takes of the addresses). Raises `struct.error` as
+    `spooled` does; a name too long is not kept."""
     src = src_ip.encode()
     dst = dst_ip.encode()
-    kept = payload
-    digest = b""
-    if store_body:
-        flags = _BODY_KEPT
-    else:
-        flags = 0
-        if msg.body and not payload.startswith(_LINE_ENDS):
-            end = payload.find(b"\r\n\r\n")
-            if end >= 0:
-                kept = payload[: end + 4]
-            else:
-                end = payload.find(b"\n\n")
-                if end >= 0:
-                    kept = payload[: end + 2]
-            if kept is not payload:
-                flags = _DIGESTED
-                digest = _digest(timestamp, src_port, dst_port, src, dst, payload)
     transport_bytes = transport.encode()
     node_bytes = node.encode()
-    return b"".join(
-        (
-            _SPOOLED.pack(
-                SPOOLED_LAYOUT,
-                flags,
-                timestamp,
-                src_port,
-                dst_port,
-                len(payload),
-                len(src),
-                len(dst),
-                len(transport_bytes),
-                len(node_bytes),
-            ),
-            digest,
-            src,
-            dst,
-            transport_bytes,
-            node_bytes,
-            kept,
-        )
-    )
+    lengths = _LENGTHS.pack(len(src), len(dst), len(transport_bytes), len(node_bytes))
+    names = b"".join((src, dst, transport_bytes, node_bytes))
+    ends = (lengths + names, lengths, names, b"".join((src, b"|", dst, b"|")))
+    if len(_ENDS) >= _ENDS_KEPT:
+        # Spoofed sources could grow it without end: started afresh instead.
+        _ENDS.clear()
+    _ENDS[src_ip, dst_ip, transport, node] = ends
+    return ends
 
 
 def _digest(
@@ -395,5 +434,6 @@ def replay(event: SipEvent) -> tuple[Packet, SipMessage]:
     content_type = msg.header("content-type")
     msg.content_type = content_type
     msg.body = body
+    msg.body_start = -1  # the head may hold a blank line of its own: left to a search
     msg.content_length = len(body) if body else None
     return packet, msg

@@ -112,6 +112,7 @@ def _common(
     msg.content_type = None
     msg.content_length = 0
     msg.body = b""
+    msg.body_start = -1
     msg.raw_reason = None
     msg._lines = []
     msg._defects = []

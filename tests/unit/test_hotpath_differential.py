@@ -54,6 +54,7 @@ EAGER = (
     "content_type",
     "content_length",
     "body",
+    "body_start",
     "raw_from",
     "raw_to",
     "raw_pai",

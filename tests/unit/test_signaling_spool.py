@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import random
+import struct
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import orjson
 import pytest
+from formerspooled import former_spooled
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sipcdr import sipevent
 from sipcdr.capture.pcapfile import iter_packets
 from sipcdr.delivery import Delivery
 from sipcdr.delivery.loop import value_text
+from sipcdr.hotpath import load_interpreted
 from sipcdr.model import Packet
 from sipcdr.privacy.naming import named_numbers
 from sipcdr.sinks.base import KIND_SIP, STREAM_SIGNALING, RecordsRejected, SpoolRecord
@@ -25,9 +31,18 @@ from sipcdr.sinks.pgrows import SIP_MESSAGES, sip_message_row, sip_message_row_u
 from sipcdr.sinks.postgres import PostgresSink, RecordError
 from sipcdr.sinks.signaling import SignalingRecorder, published
 from sipcdr.sip import SipMessage, SipParseError, parse
-from sipcdr.sipevent import event_record, head_text, is_spooled, message_id, spooled, unspool
+from sipcdr.sipevent import (
+    event_of,
+    event_record,
+    head_text,
+    is_spooled,
+    message_id,
+    replay,
+    spooled,
+    unspool,
+)
 from sipcdr.spool import Spool
-from test_hotpath_differential import captures, pjproject_seeds, protos_pdus, rfc4475
+from test_hotpath_differential import captures, mutated, pjproject_seeds, protos_pdus, rfc4475
 
 T0 = 1_795_000_000.123456
 
@@ -76,6 +91,8 @@ def parsed() -> list[tuple[Packet, SipMessage]]:
 
 
 MESSAGES = parsed()
+# What the mutated messages start from: every message above and the odd payloads.
+SEEDS = [packet.payload for packet, _ in MESSAGES[::7]] + odd_payloads()
 
 
 def test_the_corpus_is_large_and_odd() -> None:
@@ -441,3 +458,114 @@ def test_a_compact_row_is_flagged_by_any_header_and_by_its_call() -> None:
         True,
         True,
     ]
+
+
+# -- the value as it was spooled before (tests/support/formerspooled.py) ---------------
+
+
+def led_by_line_ends() -> list[tuple[Packet, SipMessage]]:
+    """Messages with a body led by CRLFs, which the parser skips and the record keeps
+    whole."""
+    pairs = []
+    for n, (packet, _msg) in enumerate(p for p in MESSAGES if p[1].body):
+        led = packet._replace(payload=(b"\r\n", b"\r\n\r\n", b"\n")[n % 3] + packet.payload)
+        pairs.append((led, parse(led.payload)))
+    return pairs
+
+
+@pytest.mark.parametrize("store_body", [False, True])
+def test_the_value_is_the_former_one_byte_for_byte(store_body: bool) -> None:
+    """Every corpus (the captures, RFC 4475, PROTOS, the pjproject seeds, the odd
+    payloads): the parser's own end of the headers cuts where the search did."""
+    pairs = MESSAGES + led_by_line_ends()
+    assert len(pairs) > len(MESSAGES) + 500
+    assert [spooled(packet, msg, store_body) for packet, msg in pairs] == [
+        former_spooled(packet, msg, store_body) for packet, msg in pairs
+    ]
+
+
+def test_the_value_is_the_former_one_of_the_interpreted_parse_too() -> None:
+    parser = load_interpreted()["sipcdr.sip.parser"]
+    count = 0
+    for packet, _msg in MESSAGES:
+        msg = parser.parse(packet.payload)
+        assert spooled(packet, msg, False) == former_spooled(packet, msg, False)
+        count += 1
+    assert count == len(MESSAGES)
+
+
+def test_a_message_rebuilt_from_its_event_is_cut_as_before() -> None:
+    """`replay` knows no parser's blank line: the search finds it, even where the
+    headers hold a blank line of their own."""
+    odd = odd_payloads()
+    pairs = [replay(event_of(packet, msg, store_body=True)) for packet, msg in MESSAGES[:300]]
+    for n, payload in enumerate(odd[1:-1]):
+        packet = Packet(T0 + n, "192.0.2.1", 5060, "192.0.2.2", 5060, "udp", payload, "n1")
+        pairs.append(replay(event_of(packet, parse(payload), store_body=True)))
+    assert sum(msg.body_start < 0 and bool(msg.body) for _, msg in pairs) > 20
+    for packet, msg in pairs:
+        assert spooled(packet, msg, False) == former_spooled(packet, msg, False)
+
+
+@st.composite
+def packets(draw: st.DrawFn, seeds: list[bytes]) -> Packet:
+    """A mutated message (its line ends, leading CRLFs, body and Content-Length
+    among what changes) between addresses and names of any length."""
+    payload = draw(mutated(seeds))
+    if draw(st.booleans()):
+        payload = draw(st.sampled_from((b"\r\n", b"\n", b"\r\n\r\n"))) + payload
+    name = st.text(min_size=0, max_size=300) | st.sampled_from(("192.0.2.10", "2001:db8::1"))
+    port = st.integers(0, 65535)
+    return Packet(
+        draw(st.floats(allow_nan=False) | st.just(T0)),
+        draw(name),
+        draw(port),
+        draw(name),
+        draw(port),
+        draw(st.sampled_from(("udp", "tcp", "ws")) | st.text(max_size=300)),
+        payload,
+        draw(st.sampled_from(("n1", "")) | st.text(max_size=300)),
+    )
+
+
+def _spooled_or_error(
+    spool: Callable[[Packet, SipMessage, bool], bytes],
+    packet: Packet,
+    msg: SipMessage,
+    store_body: bool,
+) -> bytes | str:
+    try:
+        return spool(packet, msg, store_body)
+    except struct.error:
+        return "struct.error"
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_mutated_message_is_spooled_as_before(data: st.DataObject) -> None:
+    packet = data.draw(packets(SEEDS), label="packet")
+    try:
+        msg = parse(packet.payload)
+    except SipParseError:
+        return
+    for store_body in (False, True):
+        assert _spooled_or_error(spooled, packet, msg, store_body) == _spooled_or_error(
+            former_spooled, packet, msg, store_body
+        )
+
+
+def test_the_kept_names_are_bounded_and_change_no_value() -> None:
+    packet, msg = next((p, m) for p, m in MESSAGES if m.body and not m.body_start < 0)
+    sipevent._ENDS.clear()
+    for n in range(sipevent._ENDS_KEPT + 500):
+        spoofed = packet._replace(src_ip=f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}")
+        assert spooled(spoofed, msg, False) == former_spooled(spoofed, msg, False)
+        assert len(sipevent._ENDS) <= sipevent._ENDS_KEPT
+    assert (packet.src_ip, packet.dst_ip, packet.transport, packet.capture_node) not in (
+        sipevent._ENDS
+    )
+    assert spooled(packet, msg, True) == former_spooled(packet, msg, True)
+    too_long = packet._replace(dst_ip="d" * 256)
+    with pytest.raises(struct.error):
+        spooled(too_long, msg, False)
+    assert all(key[1] != too_long.dst_ip for key in sipevent._ENDS)

@@ -587,6 +587,26 @@ def test_content_length_shorter_than_the_body_cuts_it() -> None:
     assert (msg.content_length, msg.body) == (3, b"v=0")
 
 
+FOLDED_X = INVITE.rstrip("\n") + "\nX-Folded: a\n b\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "start"),
+    [
+        (sip(INVITE, SDP), len(sip(INVITE))),  # the scanner's path
+        (sip(INVITE, SDP, eol="\n"), len(sip(INVITE, eol="\n"))),  # bare LF
+        (b"\r\n\r\n" + sip(INVITE, SDP), 4 + len(sip(INVITE))),  # CRLFs lead it
+        (sip(FOLDED_X, SDP), len(sip(FOLDED_X))),  # folded
+        (sip(NO_LENGTH, b"trailing"), len(sip(NO_LENGTH))),
+        (sip(NO_LENGTH)[:-2], len(sip(NO_LENGTH)) - 2),  # no blank line: the body is none
+    ],
+)
+def test_the_body_starts_where_the_blank_line_ends(data: bytes, start: int) -> None:
+    msg = parse(data)
+    assert msg.body_start == start
+    assert data[start : start + len(msg.body)] == msg.body
+
+
 def test_content_length_larger_than_the_datagram() -> None:
     assert rejected(sip(INVITE.replace("Content-Length: 5", "Content-Length: 6"), SDP)) == (
         "body_truncated"

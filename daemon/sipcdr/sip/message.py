@@ -33,6 +33,7 @@ class SipMessage:
         "_pai",
         "_pai_read",
         "body",
+        "body_start",
         "call_id",
         "content_length",
         "content_type",
@@ -72,6 +73,10 @@ class SipMessage:
     content_type: str | None
     content_length: int | None  # None when the header is absent
     body: bytes
+    # Where the body starts in the bytes parsed (after the blank line), -1 when not
+    # known (a message rebuilt from an event): the signaling record cuts the body off
+    # there without searching the bytes again for the end of the headers.
+    body_start: int
     raw_from: str
     raw_to: str
     raw_pai: str | None  # as on the line, unstripped: only the first INVITE needs it

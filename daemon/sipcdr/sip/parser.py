@@ -137,9 +137,13 @@ def _parse(data: bytes) -> SipMessage:
     if data[0] in _CR_LF:
         # RFC 3261 section 7.5: CRLFs before the start line are ignored; a datagram of
         # nothing but CRLFs is a keepalive (RFC 5626 section 4.4.1).
-        data = data.lstrip(b"\r\n")
-        if not data:
+        stripped = data.lstrip(b"\r\n")
+        if not stripped:
             raise SipParseError("keepalive")
+        msg = _parse(stripped)
+        # `body_start` counts in the bytes given, the CRLFs leading them too.
+        msg.body_start += size - len(stripped)
+        return msg
 
     if _scan_head is not None:
         scanned = _scan_head(data)
@@ -361,6 +365,7 @@ def _fields(
             raise SipParseError("body_truncated", f"{length} > {len(data) - body_start}")
         # Octets past Content-Length are not part of the message (RFC 4475 3.1.1.8).
         msg.body = data[body_start : body_start + length] if length else b""
+    msg.body_start = body_start
     msg._defects = defects
     return msg
 
