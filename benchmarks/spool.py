@@ -13,6 +13,12 @@ Three contenders write the same CDR-sized JSON values (~900 bytes) to a fresh fi
   each record read with a seek and two reads of its own (as before), alternated in
   every round
 
+and, against the former code kept here (`FormerSpool`, `former_to_record`), alternated
+in every round, CPU time: the CDR stream's append, the buffered append, and the spool
+writer's whole work per CDR (`SpoolCdrWriter.write`: the record, its JSON, the
+append) for rated CDRs of `benchmarks/fraud.py`'s traffic; each pair must leave the
+same bytes in its segments;
+
 and, per SIP message, what keeping signaling for `sip_messages` adds to parsing:
 `sip.parse` alone against parse plus `SignalingRecorder` (the captured bytes, buffered
 append; `benchmarks/signaling.py` sets it against the JSON record spooled before).
@@ -29,11 +35,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import os
 import statistics
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,13 +49,17 @@ from typing import Any
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 from samples import MESSAGES
-from sipcdr.model import Packet
-from sipcdr.sinks.base import KIND_CDR
+from sipcdr.model import CDR_SCHEMA_VERSION, Cdr, Packet, _seconds, _time_text
+from sipcdr.sinks.base import KIND_CDR, KIND_SIP
+from sipcdr.sinks.outputs import SpoolCdrWriter
 from sipcdr.sinks.signaling import SignalingRecorder
 from sipcdr.sip import parse
-from sipcdr.spool import Spool
+from sipcdr.spool import Appended, Spool
 from sipcdr.spool import reader as spool_reader
+from sipcdr.spool.records import _CRC, _HEAD, _KIND_CODES, MAGIC, MAX_VALUE_BYTES
+from sipcdr.spool.records import _WRITE_BUFFER_BYTES as WRITE_BUFFER_BYTES
 
 VALUE = orjson.dumps(
     {
@@ -84,6 +96,227 @@ VALUE = orjson.dumps(
     }
 )
 KEY = b"a84b4c76e66710@pc33.atlanta.example.com"
+
+
+# -- the former writing code, for the same-run comparison ----------------------------
+
+
+def _former_encode(kind: str, key: bytes, value: bytes, seq: int) -> bytes:
+    head = _HEAD.pack(MAGIC, _KIND_CODES[kind], len(key), len(value), seq)
+    crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(head)))
+    return b"".join((head, _CRC.pack(crc), key, value))
+
+
+class FormerSpool(Spool):
+    """`Spool.append` as it was: `_encode` called for every record, `Appended` looked up
+    for each outcome."""
+
+    def append(self, kind: str, key: bytes, value: bytes, tag: object = None) -> Appended:
+        if self.full and self.full_policy == "drop_newest":
+            self._refuse("full")
+            return Appended.REFUSED
+        if len(key) > 0xFFFF or len(value) > MAX_VALUE_BYTES:
+            self._refuse("too_large")
+            return Appended.REFUSED
+        if self.buffered:
+            if (self.below_floor or self.room_withheld) and self.refuse_below_floor:
+                self._refuse("disk_floor")
+                return Appended.REFUSED
+            seq = self.next_seq
+            self.next_seq = seq + 1
+            record = _former_encode(kind, key, value, seq)
+            self._buffer.append(record)
+            self._buffered_bytes += len(record)
+            if self._buffered_bytes >= WRITE_BUFFER_BYTES and not self._flush_buffer():
+                return Appended.REFUSED
+            return Appended.WRITTEN
+        reserve = self._reserve
+        record = _former_encode(kind, key, value, self.next_seq + len(reserve))
+        if not reserve and self._write_numbered([record]):
+            return Appended.WRITTEN
+        if len(reserve) < self.reserve_records:
+            reserve.append((record, tag))
+            self.stats.held += 1
+            return Appended.HELD
+        self._refuse("write_error")
+        return Appended.REFUSED
+
+
+class FormerCdrWriter(SpoolCdrWriter):
+    """`SpoolCdrWriter.write` with the former record."""
+
+    def write(self, cdr: Cdr) -> None:
+        value = orjson.dumps(former_to_record(cdr))
+        outcome = self.spool.append(KIND_CDR, cdr.call_id.encode(), value, cdr)
+        if outcome is Appended.WRITTEN and self.on_written is not None:
+            self.on_written(cdr)
+
+
+def former_to_record(self: Cdr) -> dict[str, object]:
+    """`Cdr.to_record` as it was."""
+    start, ring, answer, end = self.start_time, self.ring_time, self.answer_time, self.end_time
+    if answer is None:
+        billsec = 0.0
+    else:
+        talked = end - answer
+        billsec = round(talked if talked > 0.0 else 0.0, 3)  # max(0.0, talked)
+    times = _seconds
+    fmt = format
+    return {
+        "cdr_id": self.cdr_id,
+        "call_id": self.call_id,
+        "caller": self.caller,
+        "callee": self.callee,
+        "from_uri": self.from_uri,
+        "to_uri": self.to_uri,
+        "request_uri": self.request_uri,
+        "src_ip": self.src_ip,
+        "src_port": self.src_port,
+        "dst_ip": self.dst_ip,
+        "dst_port": self.dst_port,
+        "trunk": self.trunk,
+        "start_time": _time_text(times, start),
+        "ring_time": None if ring is None else _time_text(times, ring),
+        "answer_time": None if answer is None else _time_text(times, answer),
+        "end_time": _time_text(times, end),
+        "duration": round(end - start, 3),
+        "billsec": billsec,
+        "pdd_ms": self.pdd_ms,
+        "disposition": self.disposition,
+        "sip_code": self.sip_code,
+        "sip_reason": self.sip_reason,
+        "q850_cause": self.q850_cause,
+        "hangup_by": self.hangup_by,
+        "end_reason": self.end_reason,
+        "user_agent": self.user_agent,
+        "rated": self.rated,
+        "rate_prefix": self.rate_prefix,
+        "rate_name": self.rate_name,
+        "rate_per_minute": None if (rate := self.rate_per_minute) is None else fmt(rate, "f"),
+        "billed_seconds": self.billed_seconds,
+        "cost": None if (cost := self.cost) is None else fmt(cost, "f"),
+        "currency": self.currency,
+        "fraud_flags": list(self.fraud_flags),
+        "capture_node": self.capture_node,
+        "schema_version": CDR_SCHEMA_VERSION,
+        "egress_trunk": self.egress_trunk,
+        "vendor_cost": None if (vendor := self.vendor_cost) is None else fmt(vendor, "f"),
+        "margin": None if (margin := self.margin) is None else fmt(margin, "f"),
+        "callee_valid": self.callee_valid,
+    }
+
+
+def rated_cdrs(flows: int) -> list[Cdr]:
+    """The CDRs of `benchmarks/fraud.py`'s traffic (50 trunks, one rate plan), enriched
+    and rated as the engine does."""
+    from fraud import Traffic, _config, _Discard
+    from sipcdr.config import load_config
+    from sipcdr.dialog import Correlator
+    from sipcdr.engine import Destinations, build_engine
+    from sipcdr.enrich import EnrichRateStage
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = load_config(_config(Path(folder), False), {})
+        engine = build_engine(config, Destinations(cdrs=(_Discard(),)))
+        stage = EnrichRateStage(engine.enrich, engine.rates.stage)
+        feed = Correlator(config.dialog, egress=bool(config.trunks)).feed
+        closed: list[Cdr] = []
+        for packet, _trunk in Traffic(flows).items:
+            closed.extend(feed(packet, parse(packet.payload)))
+        return [stage.on_cdr(cdr) for cdr in closed]
+
+
+def against_former(rounds: int, number: int, flows: int) -> None:
+    """Each pair alternated in every round, CPU time, the collector off while timing;
+    each pair's segments must hold the same bytes."""
+    cdrs = rated_cdrs(flows)
+    payloads = list(MESSAGES.values())
+
+    def appends(kind: type[Spool], buffered: bool) -> Callable[[Path], float]:
+        def run(directory: Path) -> float:
+            with kind(directory, ("r",), buffered=buffered) as spool:
+                append = spool.append
+                started = time.process_time()
+                if buffered:  # the signaling stream: a captured message's size
+                    for n in range(number):
+                        append(KIND_SIP, KEY, payloads[n % 3])
+                else:
+                    for _ in range(number):
+                        append(KIND_CDR, KEY, VALUE)
+                return (time.process_time() - started) / number * 1e6
+
+        return run
+
+    def writes(kind: type[Spool], writer: type[SpoolCdrWriter]) -> Callable[[Path], float]:
+        def run(directory: Path) -> float:
+            with kind(directory, ("r",)) as spool:
+                write = writer(spool).write
+                started = time.process_time()
+                for cdr in cdrs:
+                    write(cdr)
+                return (time.process_time() - started) / len(cdrs) * 1e6
+
+        return run
+
+    pairs = {
+        "append, CDR stream": (appends(Spool, False), appends(FormerSpool, False)),
+        "append, buffered (signaling)": (appends(Spool, True), appends(FormerSpool, True)),
+        "SpoolCdrWriter.write, rated CDR": (
+            writes(Spool, SpoolCdrWriter),
+            writes(FormerSpool, FormerCdrWriter),
+        ),
+    }
+    now: dict[str, list[float]] = {name: [] for name in pairs}
+    former: dict[str, list[float]] = {name: [] for name in pairs}
+    gc.collect()
+    gc.disable()
+    try:
+        for round_no in range(rounds):
+            with tempfile.TemporaryDirectory() as tmp:
+                for index, (name, (ours, theirs)) in enumerate(pairs.items()):
+                    a, b = Path(tmp) / f"now{index}", Path(tmp) / f"former{index}"
+                    if round_no % 2:
+                        former[name].append(theirs(b))
+                        now[name].append(ours(a))
+                    else:
+                        now[name].append(ours(a))
+                        former[name].append(theirs(b))
+                    if _segments(a) != _segments(b):
+                        sys.exit(f"{name}: other bytes than the former code's")
+    finally:
+        gc.enable()
+    print(
+        f"against the former code, {rounds} alternated rounds, CPU time ({len(cdrs):,} rated"
+        f" CDRs; load {os.getloadavg()[0]:.1f})"
+    )
+    for name in pairs:
+        now_us, old_us = statistics.median(now[name]), statistics.median(former[name])
+        per_round = [a / b for a, b in zip(now[name], former[name], strict=True)]
+        print(
+            f"  {name:<32}{now_us:>7.2f} us  former {old_us:>6.2f} us  {now_us / old_us:.2f}x"
+            f"  (rounds {min(per_round):.2f}-{max(per_round):.2f}x)"
+        )
+    records = [cdr.to_record() for cdr in cdrs]
+    if records != [former_to_record(cdr) for cdr in cdrs]:
+        sys.exit("to_record differs from its former form")
+    timed_records: dict[str, list[float]] = {"now": [], "former": []}
+    for round_no in range(rounds * 2):
+        order = [("now", Cdr.to_record), ("former", former_to_record)]
+        for label, make in order if round_no % 2 else order[::-1]:
+            started = time.process_time()
+            for cdr in cdrs:
+                make(cdr)
+            timed_records[label].append((time.process_time() - started) / len(cdrs) * 1e6)
+    now_us, old_us = (
+        statistics.median(timed_records["now"]),
+        statistics.median(timed_records["former"]),
+    )
+    name = "Cdr.to_record alone"
+    print(f"  {name:<32}{now_us:>7.2f} us  former {old_us:>6.2f} us  {now_us / old_us:.2f}x")
+
+
+def _segments(directory: Path) -> list[bytes]:
+    return [path.read_bytes() for path in sorted(directory.glob("*.seg"))]
 
 
 def floor(directory: Path, number: int) -> None:
@@ -190,7 +423,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--number", type=int, default=50_000)
+    parser.add_argument("--flows", type=int, default=3000, help="call flows for the CDRs")
+    parser.add_argument(
+        "--former-only", action="store_true", help="only the comparison with the former code"
+    )
     args = parser.parse_args()
+    against_former(args.rounds * 2, args.number, args.flows)
+    if args.former_only:
+        return
     results: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
     for _ in range(args.rounds):
