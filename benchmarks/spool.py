@@ -13,11 +13,12 @@ Three contenders write the same CDR-sized JSON values (~900 bytes) to a fresh fi
   each record read with a seek and two reads of its own (as before), alternated in
   every round
 
-and, against the former code kept here (`FormerSpool`, `former_to_record`), alternated
-in every round, CPU time: the CDR stream's append, the buffered append, and the spool
-writer's whole work per CDR (`SpoolCdrWriter.write`: the record, its JSON, the
-append) for rated CDRs of `benchmarks/fraud.py`'s traffic; each pair must leave the
-same bytes in its segments;
+and, against the former code kept here (`FormerSpool`: `append` calling the former
+`_encode`, its pack, CRC and join looked up for every record), alternated in every
+round, CPU time: the CDR stream's append, the buffered append, and the spool writer's
+whole work per CDR (`SpoolCdrWriter.write`: the record, its JSON, the append) for
+rated CDRs of `benchmarks/fraud.py`'s traffic; each pair must leave the same bytes in
+its segments;
 
 and, per SIP message, what keeping signaling for `sip_messages` adds to parsing:
 `sip.parse` alone against parse plus `SignalingRecorder` (the captured bytes, buffered
@@ -51,7 +52,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 from samples import MESSAGES
-from sipcdr.model import CDR_SCHEMA_VERSION, Cdr, Packet, _seconds, _time_text
+from sipcdr.model import Cdr, Packet
 from sipcdr.sinks.base import KIND_CDR, KIND_SIP
 from sipcdr.sinks.outputs import SpoolCdrWriter
 from sipcdr.sinks.signaling import SignalingRecorder
@@ -108,8 +109,7 @@ def _former_encode(kind: str, key: bytes, value: bytes, seq: int) -> bytes:
 
 
 class FormerSpool(Spool):
-    """`Spool.append` as it was: `_encode` called for every record, `Appended` looked up
-    for each outcome."""
+    """`Spool.append` with the former `_encode`."""
 
     def append(self, kind: str, key: bytes, value: bytes, tag: object = None) -> Appended:
         if self.full and self.full_policy == "drop_newest":
@@ -140,70 +140,6 @@ class FormerSpool(Spool):
             return Appended.HELD
         self._refuse("write_error")
         return Appended.REFUSED
-
-
-class FormerCdrWriter(SpoolCdrWriter):
-    """`SpoolCdrWriter.write` with the former record."""
-
-    def write(self, cdr: Cdr) -> None:
-        value = orjson.dumps(former_to_record(cdr))
-        outcome = self.spool.append(KIND_CDR, cdr.call_id.encode(), value, cdr)
-        if outcome is Appended.WRITTEN and self.on_written is not None:
-            self.on_written(cdr)
-
-
-def former_to_record(self: Cdr) -> dict[str, object]:
-    """`Cdr.to_record` as it was."""
-    start, ring, answer, end = self.start_time, self.ring_time, self.answer_time, self.end_time
-    if answer is None:
-        billsec = 0.0
-    else:
-        talked = end - answer
-        billsec = round(talked if talked > 0.0 else 0.0, 3)  # max(0.0, talked)
-    times = _seconds
-    fmt = format
-    return {
-        "cdr_id": self.cdr_id,
-        "call_id": self.call_id,
-        "caller": self.caller,
-        "callee": self.callee,
-        "from_uri": self.from_uri,
-        "to_uri": self.to_uri,
-        "request_uri": self.request_uri,
-        "src_ip": self.src_ip,
-        "src_port": self.src_port,
-        "dst_ip": self.dst_ip,
-        "dst_port": self.dst_port,
-        "trunk": self.trunk,
-        "start_time": _time_text(times, start),
-        "ring_time": None if ring is None else _time_text(times, ring),
-        "answer_time": None if answer is None else _time_text(times, answer),
-        "end_time": _time_text(times, end),
-        "duration": round(end - start, 3),
-        "billsec": billsec,
-        "pdd_ms": self.pdd_ms,
-        "disposition": self.disposition,
-        "sip_code": self.sip_code,
-        "sip_reason": self.sip_reason,
-        "q850_cause": self.q850_cause,
-        "hangup_by": self.hangup_by,
-        "end_reason": self.end_reason,
-        "user_agent": self.user_agent,
-        "rated": self.rated,
-        "rate_prefix": self.rate_prefix,
-        "rate_name": self.rate_name,
-        "rate_per_minute": None if (rate := self.rate_per_minute) is None else fmt(rate, "f"),
-        "billed_seconds": self.billed_seconds,
-        "cost": None if (cost := self.cost) is None else fmt(cost, "f"),
-        "currency": self.currency,
-        "fraud_flags": list(self.fraud_flags),
-        "capture_node": self.capture_node,
-        "schema_version": CDR_SCHEMA_VERSION,
-        "egress_trunk": self.egress_trunk,
-        "vendor_cost": None if (vendor := self.vendor_cost) is None else fmt(vendor, "f"),
-        "margin": None if (margin := self.margin) is None else fmt(margin, "f"),
-        "callee_valid": self.callee_valid,
-    }
 
 
 def rated_cdrs(flows: int) -> list[Cdr]:
@@ -247,10 +183,10 @@ def against_former(rounds: int, number: int, flows: int) -> None:
 
         return run
 
-    def writes(kind: type[Spool], writer: type[SpoolCdrWriter]) -> Callable[[Path], float]:
+    def writes(kind: type[Spool]) -> Callable[[Path], float]:
         def run(directory: Path) -> float:
             with kind(directory, ("r",)) as spool:
-                write = writer(spool).write
+                write = SpoolCdrWriter(spool).write
                 started = time.process_time()
                 for cdr in cdrs:
                     write(cdr)
@@ -261,10 +197,7 @@ def against_former(rounds: int, number: int, flows: int) -> None:
     pairs = {
         "append, CDR stream": (appends(Spool, False), appends(FormerSpool, False)),
         "append, buffered (signaling)": (appends(Spool, True), appends(FormerSpool, True)),
-        "SpoolCdrWriter.write, rated CDR": (
-            writes(Spool, SpoolCdrWriter),
-            writes(FormerSpool, FormerCdrWriter),
-        ),
+        "SpoolCdrWriter.write, rated CDR": (writes(Spool), writes(FormerSpool)),
     }
     now: dict[str, list[float]] = {name: [] for name in pairs}
     former: dict[str, list[float]] = {name: [] for name in pairs}
@@ -296,23 +229,6 @@ def against_former(rounds: int, number: int, flows: int) -> None:
             f"  {name:<32}{now_us:>7.2f} us  former {old_us:>6.2f} us  {now_us / old_us:.2f}x"
             f"  (rounds {min(per_round):.2f}-{max(per_round):.2f}x)"
         )
-    records = [cdr.to_record() for cdr in cdrs]
-    if records != [former_to_record(cdr) for cdr in cdrs]:
-        sys.exit("to_record differs from its former form")
-    timed_records: dict[str, list[float]] = {"now": [], "former": []}
-    for round_no in range(rounds * 2):
-        order = [("now", Cdr.to_record), ("former", former_to_record)]
-        for label, make in order if round_no % 2 else order[::-1]:
-            started = time.process_time()
-            for cdr in cdrs:
-                make(cdr)
-            timed_records[label].append((time.process_time() - started) / len(cdrs) * 1e6)
-    now_us, old_us = (
-        statistics.median(timed_records["now"]),
-        statistics.median(timed_records["former"]),
-    )
-    name = "Cdr.to_record alone"
-    print(f"  {name:<32}{now_us:>7.2f} us  former {old_us:>6.2f} us  {now_us / old_us:.2f}x")
 
 
 def _segments(directory: Path) -> list[bytes]:

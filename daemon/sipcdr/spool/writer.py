@@ -10,16 +10,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import BinaryIO
 
 from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.private import open_private, open_private_fd, private_dir
 from sipcdr.spool.reader import SpoolReader
 from sipcdr.spool.records import (
-    _CRC_PACK,
     _FLOOR_CHECK_S,
-    _HEAD_PACK,
-    _KIND_CODES,
     _KIND_NAMES,
     _NO_SPACE,
     _WRITE_BUFFER_BYTES,
@@ -29,12 +26,9 @@ from sipcdr.spool.records import (
     DEFAULT_MAX_BYTES,
     DEFAULT_SEGMENT_BYTES,
     FULL_POLICIES,
-    HEADER_BYTES,
-    MAGIC,
     MAX_VALUE_BYTES,
     RESUME_FRACTION,
     SEGMENT_SUFFIX,
-    _crc32,
     _encode,
     _fsync_directory,
     _next_valid,
@@ -50,12 +44,6 @@ class Appended(IntEnum):
     REFUSED = 0  # not kept (counted in `SpoolStats.dropped` with its reason)
     WRITTEN = 1  # in the segment file (the buffered stream: taken into its buffer)
     HELD = 2  # in the reserve, in memory, until the disk takes it
-
-
-# Looked up once: every append returns one.
-_REFUSED: Final = Appended.REFUSED
-_WRITTEN: Final = Appended.WRITTEN
-_HELD: Final = Appended.HELD
 
 
 class SpoolError(OSError):
@@ -288,42 +276,38 @@ class Spool(Segments):
         once written), REFUSED when it was not kept (full, too large, below the
         free-space floor, or a write error with the reserve full), which the stats count
         by reason. Never raises: the caller is the capture path."""
-        key_len = len(key)
-        value_len = len(value)
         if self.full and self.full_policy == "drop_newest":
             self._refuse("full")
-            return _REFUSED
-        if key_len > 0xFFFF or value_len > MAX_VALUE_BYTES:
+            return Appended.REFUSED
+        if len(key) > 0xFFFF or len(value) > MAX_VALUE_BYTES:
             self._refuse("too_large")
-            return _REFUSED
+            return Appended.REFUSED
         if self.buffered:
             if (self.below_floor or self.room_withheld) and self.refuse_below_floor:
                 self._refuse("disk_floor")
-                return _REFUSED
+                return Appended.REFUSED
             # Numbered once buffered, so each record is encoded once; a batch write
             # that fails gives the numbers of what it did not write back.
             seq = self.next_seq
             self.next_seq = seq + 1
-            # `_encode` in line: once per captured message on the signaling stream.
-            head = _HEAD_PACK(MAGIC, _KIND_CODES[kind], key_len, value_len, seq)
-            crc = _crc32(value, _crc32(key, _crc32(head)))
-            self._buffer.append(b"".join((head, _CRC_PACK(crc), key, value)))
-            self._buffered_bytes += HEADER_BYTES + key_len + value_len
+            record = _encode(kind, key, value, seq)
+            self._buffer.append(record)
+            self._buffered_bytes += len(record)
             if self._buffered_bytes >= _WRITE_BUFFER_BYTES and not self._flush_buffer():
-                return _REFUSED
-            return _WRITTEN
+                return Appended.REFUSED
+            return Appended.WRITTEN
         reserve = self._reserve
         # Oldest first: while the reserve holds records, a new one joins them and the
         # write is retried by `flush`, not here, so a refusing disk costs no system call.
         record = _encode(kind, key, value, self.next_seq + len(reserve))
         if not reserve and self._write_numbered([record]):
-            return _WRITTEN
+            return Appended.WRITTEN
         if len(reserve) < self.reserve_records:
             reserve.append((record, tag))
             self.stats.held += 1
-            return _HELD
+            return Appended.HELD
         self._refuse("write_error")
-        return _REFUSED
+        return Appended.REFUSED
 
     def _refuse(self, reason: str, count: int = 1) -> None:
         dropped = self.stats.dropped
