@@ -13,13 +13,23 @@ process runs:
   included. before: every record copied by the filter step, a topic look-up, a
   headers look-up and a counting callback made for every record, the confirmations
   awaited with `asyncio.gather`; now: a record the filter leaves alone kept as it
-  is, the rest made once per kind, one callback counting the confirmations down.
+  is, the rest made once per kind, one callback per record that counts its
+  confirmation and counts the batch down.
+- kafka confirm: the same, against the sink just before one callback per record: a
+  counting callback and `all_done`'s countdown callback on every record's future.
+- kafka send: aiokafka's own `AIOKafkaProducer.send` of every record of a batch of
+  signaling (the `sipcdr.sip` topic, 6 partitions, metadata as a broker gave it;
+  nothing sent: the batches are dropped from the producer after each spool batch),
+  calls of 7 messages each, every key a fresh object as the spool reader makes it.
+  before: aiokafka's DefaultPartitioner hashing every key; now: the sink's
+  `KeyPartitioner` (sinks.kafkapartition), which keeps each call's hash.
 - jsonl: `JsonlSink.deliver` of a batch of CDRs to a file in a temporary folder
   (written and fsynced: the kernel's share of both is in the figure). before: the
   batch copied a second time for its closing newline and handed over with
   `asyncio.to_thread`; now: one copy, straight to the executor.
 
-Batches are what 25 ms of traffic at 15,000 msg/s gives a records loop (62 CDRs).
+Batches are what 25 ms of traffic at 15,000 msg/s gives a records loop (62 CDRs) or a
+signaling loop (375 messages).
 Figures are medians over rounds in which the two forms alternate; the ratio is now /
 before of the same run. The machine may be shared: the load average is printed.
 
@@ -44,16 +54,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import structlog
 import uvloop
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.protocol.metadata import MetadataResponse_v0
 from samples import cdr_values
 from sipcdr.delivery import loop as delivery_loop
 from sipcdr.delivery.loop import Delivery, LoopState
 from sipcdr.privacy.outbound import OutboundFilter
-from sipcdr.sinks.base import KIND_CDR, STREAM_RECORDS, SpoolRecord
+from sipcdr.sinks.base import KIND_CDR, KIND_SIP, STREAM_RECORDS, SpoolRecord
 from sipcdr.sinks.jsonl import JsonlSink
 from sipcdr.sinks.kafka import KafkaSink
+from sipcdr.sinks.kafkaconfirm import failure_of
+from sipcdr.sinks.kafkapartition import KeyPartitioner
 from sipcdr.spool import Spool
 
 CDRS_PER_BATCH = 62  # 25 ms of 6-message calls at 15,000 msg/s
+SIP_PER_BATCH = 375  # the messages of the same 25 ms
+MESSAGES_PER_CALL = 7
+SIP_TOPIC = "sipcdr.sip"
+SIP_PARTITIONS = 6
 
 
 class QuickSink:
@@ -150,6 +169,62 @@ class PerRecordKafkaSink(KafkaSink):
             raise ValueError(kind)
         return topic
 
+    def _confirmed(self, topic: str, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.sent[topic] += 1
+
+
+async def all_done(futures: list[asyncio.Future[Any]]) -> None:
+    """The wait as it was: a callback of its own on every future, counting down."""
+    left = len(futures)
+    if not left:
+        return
+    finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def one_done(_future: asyncio.Future[Any]) -> None:
+        nonlocal left
+        left -= 1
+        if not left and not finished.done():
+            finished.set_result(None)
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    try:
+        await finished
+    except asyncio.CancelledError:
+        for future in futures:
+            future.cancel()
+        raise
+
+
+class TwoCallbacksKafkaSink(PerRecordKafkaSink):
+    """The sink before one callback per record: a counting callback made once per
+    kind, and `all_done`'s own on every future."""
+
+    async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
+        if self.outbound is not None:
+            outbound = self.outbound
+            records = [
+                record if value is record.value else record._replace(value=value)
+                for record in records
+                if (value := outbound(record.kind, record.value)) is not None
+            ]
+        routes = {
+            kind: (topic, headers, partial(self._confirmed, topic))
+            for kind, (topic, headers) in self._routes.items()
+        }
+        routed = [(routes[record.kind], record) for record in records]
+        async with asyncio.timeout(self.request_timeout_s * 2):
+            producer = await self._connected_producer()
+            futures = []
+            for (topic, headers, confirmed), record in routed:
+                future = await producer.send(topic, record.value, key=record.key, headers=headers)
+                future.add_done_callback(confirmed)
+                futures.append(future)
+            await all_done(futures)
+        if any(failure_of(future) is not None for future in futures):
+            raise RuntimeError("not confirmed")
+
 
 class NewKafkaSink(KafkaSink):
     """The sink as it is, minus the error handling PerRecordKafkaSink leaves out too."""
@@ -174,6 +249,55 @@ class ToThreadJsonlSink(JsonlSink):
         self._size += len(lines)
 
 
+def producer_with_metadata(partitioner: Any) -> AIOKafkaProducer:
+    """An aiokafka producer that knows the signaling topic's partitions and is never
+    started: `send` puts records into its batches and nothing takes them out."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers="127.0.0.1:1",
+        partitioner=partitioner,
+        max_batch_size=1 << 24,  # a spool batch never waits for one to drain
+        linger_ms=5,
+    )
+    partitions = [(0, n, 0, [0], [0]) for n in range(SIP_PARTITIONS)]
+    producer.client.cluster.update_metadata(
+        MetadataResponse_v0(brokers=[(0, "127.0.0.1", 1)], topics=[(0, SIP_TOPIC, partitions)])
+    )
+    return producer
+
+
+def signaling_keys(batches: int, seed: int) -> list[list[bytes]]:
+    """Each batch's keys: calls of `MESSAGES_PER_CALL` messages, a few hundred calls
+    open at once, every key its own bytes object (its hash not yet computed)."""
+    open_calls = SIP_PER_BATCH * 2 // MESSAGES_PER_CALL
+    keys: list[list[bytes]] = []
+    message = 0
+    for _ in range(batches):
+        batch = []
+        for _ in range(SIP_PER_BATCH):
+            call = message // MESSAGES_PER_CALL
+            # Spread over the open calls as their messages interleave on the wire.
+            call = call - call % open_calls + (message % open_calls)
+            batch.append(f"{seed:x}{call:014x}-{call % 97}@198.51.100.{call % 250}".encode())
+            message += 1
+        keys.append(batch)
+    return keys
+
+
+async def send_batches(producer: AIOKafkaProducer, keys: list[list[bytes]], value: bytes) -> float:
+    """CPU µs per spool batch of the sink's send of every record of each batch."""
+    headers = [("schema_version", b"1"), ("record_kind", KIND_SIP.encode())]
+    send = producer.send
+    held = producer._message_accumulator._batches
+    spent = 0.0
+    for batch in keys:
+        start = time.process_time()
+        for key in batch:
+            await send(SIP_TOPIC, value, key=key, headers=headers)
+        spent += time.process_time() - start
+        held.clear()  # as if the sender took them
+    return spent / len(keys) * 1e6
+
+
 def batch_of(values: list[bytes], start: int) -> list[SpoolRecord]:
     return [
         SpoolRecord(start + n, KIND_CDR, f"call-{start + n}".encode(), value)
@@ -196,7 +320,8 @@ async def run(batches: int, rounds: int) -> None:
     values = cdr_values(CDRS_PER_BATCH)
     batch = batch_of(values, 1)
     spent: dict[str, dict[str, list[float]]] = {
-        part: {"before": [], "now": []} for part in ("watcher", "kafka", "jsonl")
+        part: {"before": [], "now": []}
+        for part in ("watcher", "kafka", "kafka confirm", "kafka send", "jsonl")
     }
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -229,6 +354,22 @@ async def run(batches: int, rounds: int) -> None:
                         await per_batch(partial(kafka.deliver, STREAM_RECORDS, batch), batches)
                     )
                 for form in order:
+                    kafka = (TwoCallbacksKafkaSink if form == "before" else NewKafkaSink)(
+                        "127.0.0.1:1", create_topics=False
+                    )
+                    kafka._producer = FakeProducer()
+                    kafka.outbound = OutboundFilter(None, pseudonymize=False).apply
+                    spent["kafka confirm"][form].append(
+                        await per_batch(partial(kafka.deliver, STREAM_RECORDS, batch), batches)
+                    )
+                for form in order:
+                    keys = signaling_keys(max(1, batches // 4), seed=round_ * 2 + (form == "now"))
+                    partitioner = DefaultPartitioner() if form == "before" else KeyPartitioner()
+                    producer = producer_with_metadata(partitioner)
+                    spent["kafka send"][form].append(await send_batches(producer, keys, values[0]))
+                    await producer.stop()  # never started: only marks it closed
+                    del keys
+                for form in order:
                     jsonl = (ToThreadJsonlSink if form == "before" else JsonlSink)(
                         folder / f"cdrs-{form}.jsonl"
                     )
@@ -246,10 +387,14 @@ async def run(batches: int, rounds: int) -> None:
         f"delivery overhead per batch of {CDRS_PER_BATCH} CDRs, CPU of this process, "
         f"medians of {rounds} rounds, load average {load:.2f} on {os.cpu_count()} CPUs"
     )
-    print(f"  {'part':<10}{'before µs':>12}{'now µs':>10}{'now/before':>12}")
+    print(f"  {'part':<12}{'before µs':>12}{'now µs':>10}{'now/before':>12}")
     for part, forms in spent.items():
         before, now = statistics.median(forms["before"]), statistics.median(forms["now"])
-        print(f"  {part:<10}{before:>12.1f}{now:>10.1f}{now / before:>12.2f}")
+        print(f"  {part:<12}{before:>12.1f}{now:>10.1f}{now / before:>12.2f}")
+    print(
+        f"  (kafka send: a batch of {SIP_PER_BATCH} messages, calls of {MESSAGES_PER_CALL}; "
+        "the others: a batch of CDRs)"
+    )
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ The machine is shared: the sender, the daemon, PostgreSQL and the broker share i
 cores with whatever else runs. Compare rates within one run.
 
     python benchmarks/e2e.py [--rates 5000,10000,20000,30000] [--seconds 10] [--hep]
-                             [--no-signaling]
+                             [--no-signaling] [--delivery-nice 0-19]
     python benchmarks/e2e.py --quick   # one low rate for a few seconds
 """
 
@@ -449,6 +449,11 @@ def main() -> None:
         default="auto",
         help='spool.delivery_processes: "auto", 0 (delivery in the capture process) or 1',
     )
+    parser.add_argument(
+        "--delivery-nice",
+        default="5",
+        help="spool.delivery_nice: how much lower delivery's CPU priority is (0-19)",
+    )
     args = parser.parse_args()
     rates = [int(rate) for rate in args.rates.split(",")]
     if args.quick:
@@ -458,7 +463,7 @@ def main() -> None:
         f"{'HEPv3' if args.hep else 'plain SIP'}/UDP, {MESSAGES_PER_CALL}-message calls, "
         f"{args.seconds:g} s per rate; sinks PostgreSQL (signaling "
         f"{'off' if args.no_signaling else 'kept'}), Kafka (tansu), JSONL; "
-        f"delivery processes: {args.delivery_processes}"
+        f"delivery processes: {args.delivery_processes}, nice +{args.delivery_nice}"
     )
     with (
         tempfile.TemporaryDirectory(prefix="sipcdr-e2e-") as name,
@@ -475,6 +480,7 @@ def main() -> None:
                 "SIPCDR_SINKS__KAFKA__TOPIC_CDRS": TOPIC,
                 "SIPCDR_SINKS__KAFKA__TOPIC_FRAUD": f"{TOPIC}.fraud",
                 "SIPCDR_SPOOL__DELIVERY_PROCESSES": args.delivery_processes,
+                "SIPCDR_SPOOL__DELIVERY_NICE": args.delivery_nice,
             }
             daemon = start_daemon(folder, **env)
             sinks = Sinks(up.dsn, up.bootstrap, folder / "var" / "cdrs.jsonl")

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import fcntl
 import multiprocessing
+import os
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -311,6 +312,7 @@ def child_main(config: Config, conn: Connection) -> None:
     from sipcdr.telemetry.logs import configure  # noqa: PLC0415
 
     configure()
+    _lower_priority(config.spool.delivery_nice)
     try:
         import uvloop  # noqa: PLC0415
     except ImportError:
@@ -318,6 +320,21 @@ def child_main(config: Config, conn: Connection) -> None:
     else:
         runner = uvloop.run
     runner(_deliver(config, conn))
+
+
+def _lower_priority(increment: int) -> None:
+    """Yield the processor to the capture process when both want it: this process's
+    records wait safely in the spool, a datagram the capture side is late for does not
+    (`[spool] delivery_nice`). Children it starts (an embedded PostgreSQL) inherit it."""
+    if increment <= 0:
+        return
+    log = structlog.get_logger("sipcdr.deliverer")
+    try:
+        niceness = os.nice(increment)
+    except OSError as exc:
+        log.warning("delivery_priority_unchanged", error=exc.strerror or repr(exc))
+    else:
+        log.info("delivery_priority_lowered", nice=niceness)
 
 
 async def _deliver(config: Config, conn: Connection) -> None:

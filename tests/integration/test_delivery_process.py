@@ -25,6 +25,10 @@ def delivery_pids(daemon: Daemon) -> list[int]:
     return [int(json.loads(line)["pid"]) for line in lines if '"delivery_process_started"' in line]
 
 
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16])
+
+
 def parent_of(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat.rpartition(")")[2].split()[1])
@@ -41,6 +45,8 @@ def test_the_delivery_process_killed_mid_stream_loses_no_cdr(
     first = delivery_pids(daemon)[0]
     assert first != daemon.process.pid
     assert parent_of(first) == daemon.process.pid
+    # Delivery yields the processor to capture (`[spool] delivery_nice`, 5 by default).
+    assert niceness(first) == niceness(daemon.process.pid) + 5
 
     # Counted by the delivery process, exported by the capture process.
     records = {"sink": "postgres", "stream": "records"}

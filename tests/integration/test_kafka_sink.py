@@ -23,8 +23,10 @@ from typing import Any
 import jsonschema
 import orjson
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 from kafkabroker import (
     MISSING_TOPIC,
+    TEST_PARTITIONS,
     TansuFactory,
     consume_all,
     create_topics,
@@ -181,6 +183,11 @@ async def test_cdrs_and_alerts_reach_their_topics_as_published(kafka_bootstrap: 
         assert dict(record.headers) == {"schema_version": b"1", "record_kind": b"cdr"}
         assert not list(CDR_SCHEMA.iter_errors(value)), value
     assert len({record.partition for record in consumed}) > 1  # keys are spread
+    # The partition aiokafka's own DefaultPartitioner (Java's murmur2 default) gives a
+    # key: what consumers and other producers count on.
+    partitions = list(range(TEST_PARTITIONS))
+    for record in consumed:
+        assert record.partition == DefaultPartitioner()(record.key, partitions, partitions)
 
     fraud = await consume_all(kafka_bootstrap, topic_fraud, 3, CONSUME_TIMEOUT_S)
     assert sorted(record.value for record in fraud) == sorted(alerts)

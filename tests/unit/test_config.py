@@ -1042,6 +1042,17 @@ def test_the_full_disk_keys_of_the_spool(tmp_path: Path) -> None:
     assert error.key == "spool.signaling_min_free_bytes"
 
 
+def test_the_delivery_process_priority(tmp_path: Path) -> None:
+    assert Config().spool.delivery_nice == 5
+    assert load_text(tmp_path, "[spool]\ndelivery_nice = 0\n").spool.delivery_nice == 0
+    environ = {"SIPCDR_SPOOL__DELIVERY_NICE": "19"}
+    assert load_text(tmp_path, "", environ).spool.delivery_nice == 19
+    for wrong in ("-1", "20", '"low"'):
+        error = error_for(tmp_path, f"[spool]\ndelivery_nice = {wrong}\n")
+        assert error.key == "spool.delivery_nice"
+        assert error.expected == "an integer 0-19"
+
+
 def test_the_spare_file_size(tmp_path: Path) -> None:
     assert Config().state.spare_bytes == 64 * 1024 * 1024
     config = load_text(tmp_path, "[state]\nspare_bytes = 0\n")  # none kept

@@ -15,6 +15,7 @@ from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 from sipcdr.sinks import kafka
 from sipcdr.sinks.kafka import KafkaSink
+from sipcdr.sinks.kafkaconfirm import Confirmations
 from structlog.testing import capture_logs
 
 TOPIC = "sipcdr.test.cdrs"
@@ -26,11 +27,12 @@ async def held_records(sink: KafkaSink, count: int) -> list[asyncio.Future[Any]]
     producer = AIOKafkaProducer(bootstrap_servers=sink.bootstrap)
     sink._producer = producer
     futures = []
+    counter = Confirmations(sink.sent).counter(TOPIC)
     for n in range(count):
         future = await producer._message_accumulator.add_message(
             TopicPartition(TOPIC, n % 2), b"call", b"{}", timeout=1
         )
-        future.add_done_callback(lambda f: sink._confirmed(TOPIC, f))
+        future.add_done_callback(counter)
         futures.append(future)
     return futures
 

@@ -76,7 +76,9 @@ async def test_every_record_goes_to_its_kinds_topic_with_its_headers_and_is_coun
         (CDRS, b"call-2", b'{"cdr_id":"c"}', cdr_headers),
     ]
     assert sink.sent == {CDRS: 2, FRAUD: 1}
-    # One counting callback per topic, made once, not one per record.
+    # One callback per record, counting and waiting at once; one per topic and batch,
+    # made once, not one per record.
+    assert len(producer.callbacks) == 3
     counting = [callback for callback in producer.callbacks if isinstance(callback, partial)]
     assert len(counting) == 3
     assert counting[0] is counting[2]
@@ -196,6 +198,38 @@ async def test_records_confirmed_as_they_are_sent_are_counted_when_deliver_retur
     sink = sink_with(producer)  # type: ignore[arg-type]
     await sink.deliver(STREAM_RECORDS, records())
     assert sink.sent == {CDRS: 2, FRAUD: 1}
+
+
+class YieldingProducer(SilentProducer):
+    """Confirms every record at once and lets the event loop run while it takes the
+    next (aiokafka waiting for room in a full batch): the callbacks of the first
+    records run before the batch is waited for."""
+
+    async def send(
+        self, topic: str, value: bytes, *, key: bytes, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[None]:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if value == b'{"alert_id":"b"}':
+            future.set_exception(ConnectionError("refused"))
+        else:
+            future.set_result(None)
+        self.futures.append(future)
+        return future
+
+
+async def test_confirmations_counted_before_the_wait_began_end_it_too() -> None:
+    producer = YieldingProducer()
+    sink = sink_with(producer)  # type: ignore[arg-type]
+    batch = [SpoolRecord(n, KIND_CDR, b"k", b'{"cdr_id":"%d"}' % n) for n in range(20)]
+    async with asyncio.timeout(5):  # a wait that missed early callbacks would hang
+        await sink.deliver(STREAM_RECORDS, batch)
+    assert sink.sent == {CDRS: 20, FRAUD: 0}
+    with pytest.raises(KafkaDeliveryError, match=r"1 of 3 records not confirmed: .*refused"):
+        async with asyncio.timeout(5):
+            await sink.deliver(STREAM_RECORDS, records())
+    assert sink.sent == {CDRS: 22, FRAUD: 0}
 
 
 async def test_a_deliver_cancelled_from_above_cancels_what_is_unconfirmed_and_counts_once() -> None:

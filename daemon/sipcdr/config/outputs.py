@@ -13,6 +13,7 @@ from sipcdr.config.schema import (
     DEFAULT_POSTGRES_DSN,
     DEFAULT_STORE_SDP,
     DEFAULT_STORE_SIGNALING,
+    MAX_NICE,
     JsonlConfig,
     KafkaConfig,
     PostgresConfig,
@@ -53,6 +54,9 @@ def spool_section(table: Table) -> SpoolConfig:
             "signaling_min_free_bytes", defaults.signaling_min_free_bytes, minimum=0
         ),
         delivery_processes=_delivery_processes(table),
+        delivery_nice=table.integer(
+            "delivery_nice", defaults.delivery_nice, minimum=0, maximum=MAX_NICE
+        ),
     )
 
 

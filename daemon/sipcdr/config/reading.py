@@ -205,11 +205,13 @@ class Table:
             return BOOLEANS[value.strip().lower()]
         raise self.invalid(name, value, "true or false (from the environment: 1/0, yes/no)")
 
-    def integer(self, name: str, default: int, *, minimum: int) -> int:
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
         value = self._raw.get(name)
         if value is None:
             return default
-        expected = f"an integer >= {minimum}"
+        expected = (
+            f"an integer >= {minimum}" if maximum is None else f"an integer {minimum}-{maximum}"
+        )
         number: int | None = None
         if isinstance(value, int) and not isinstance(value, bool):
             number = value
@@ -218,7 +220,7 @@ class Table:
                 number = int(value)
             except ValueError:
                 number = None
-        if number is None or number < minimum:
+        if number is None or number < minimum or (maximum is not None and number > maximum):
             raise self.invalid(name, value, expected)
         return number
 

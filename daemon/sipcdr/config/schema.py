@@ -44,6 +44,10 @@ class Endpoint(NamedTuple):
 
 # Loopback only: a fresh install captures nothing from the network until an operator
 # points a mirror at an address they chose.
+# The delivery process's nice increment: its share of a busy machine is a third of the
+# capture process's (CFS weights 335 against 1024), enough to catch up once a burst ends.
+DEFAULT_DELIVERY_NICE: Final = 5
+MAX_NICE: Final = 19
 DEFAULT_SIP_UDP: Final = (Endpoint("127.0.0.1", 5060),)
 # 9060 is the port HEP agents and Homer use by convention; loopback as above.
 DEFAULT_HEP_UDP: Final = (Endpoint("127.0.0.1", 9060),)
@@ -381,6 +385,11 @@ class SpoolConfig:
     # fed by the spool: -1 ("auto") when the machine has two cores or more, 1 always,
     # 0 never (one process does all).
     delivery_processes: int = -1
+    # How far below the capture process the delivery process runs (a nice increment,
+    # 0-19): when both want more than the machine has, a datagram the capture process
+    # is late for is lost in the kernel, while a record delivery is late for waits in
+    # the spool on disk.
+    delivery_nice: int = DEFAULT_DELIVERY_NICE
 
     def redacted(self) -> dict[str, object]:
         return {item.name: getattr(self, item.name) for item in fields(self)}

@@ -2,7 +2,8 @@
 
 Every record goes out as the spool holds it: the value is the record's JSON, the key is
 the spool key (a CDR's `call_id`, an alert's subject), so the default (murmur2)
-partitioner puts every copy of a call on the same partition, and the headers say what
+partition (`sinks.kafkapartition`, the same as aiokafka's and Java's) holds every copy
+of a call, and the headers say what
 the value is (`schema_version`, `record_kind`). `deliver` returns only when the broker
 has confirmed every record of the batch with `acks=all`; otherwise it raises and the
 delivery loop sends the whole batch again later. Consumers therefore see duplicates
@@ -29,7 +30,6 @@ import contextlib
 import importlib.util
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -60,7 +60,8 @@ from sipcdr.sinks.base import (
     RecordsRejected,
     SpoolRecord,
 )
-from sipcdr.sinks.kafkaconfirm import all_done, failure_of
+from sipcdr.sinks.kafkaconfirm import Confirmations, failure_of
+from sipcdr.sinks.kafkapartition import KeyPartitioner
 from sipcdr.sinks.kafkatopics import TopicPlan, ensure_topics, passing
 from sipcdr.sinks.settings import (
     COMPRESSIONS,
@@ -184,12 +185,10 @@ class KafkaSink(AsyncLifecycle):
                 (KIND_SIP, SIP_MESSAGE_SCHEMA_VERSION),
             )
         }
-        # Per kind, what every record of it is sent with, made once: the topic, the
-        # headers and the callback that counts its confirmation (a record costs the
-        # send, not a look-up and a callback of its own).
-        self._routes: Mapping[str, tuple[str, list[tuple[str, bytes]], _Confirmed]] = {
-            kind: (topic, self._headers[kind], partial(self._confirmed, topic))
-            for kind, topic in self._topics.items()
+        # Per kind, what every record of it is sent with, made once: the topic and the
+        # headers (a record costs the send, not look-ups of its own).
+        self._routes: Mapping[str, tuple[str, list[tuple[str, bytes]]]] = {
+            kind: (topic, self._headers[kind]) for kind, topic in self._topics.items()
         }
         self._security = _security_options(
             security_protocol, sasl_mechanism, sasl_username, sasl_password, ssl_cafile
@@ -205,6 +204,10 @@ class KafkaSink(AsyncLifecycle):
             # A single record larger than a batch must still fit in a request.
             "max_request_size": max(max_batch_bytes, 1024 * 1024),
             "request_timeout_ms": request_timeout_ms,
+            # aiokafka's default partition for every key, without hashing each record's
+            # key in pure Python (sinks.kafkapartition); kept by every producer the
+            # sink makes, so a replaced producer starts with the keys known.
+            "partitioner": KeyPartitioner(),
             **self._security,
         }
         self._topic_plan = TopicPlan(
@@ -338,7 +341,13 @@ class KafkaSink(AsyncLifecycle):
                 for record in records
                 for key in (outbound_key(record.kind, record.key),)
             ]
-        routes = self._routes
+        # Each record's future gets its kind's callback (made once per batch), which
+        # counts its confirmation and counts the batch down (sinks.kafkaconfirm).
+        confirmations = Confirmations(self.sent)
+        routes: dict[str, tuple[str, list[tuple[str, bytes]], _Confirmed]] = {
+            kind: (topic, headers, confirmations.counter(topic))
+            for kind, (topic, headers) in self._routes.items()
+        }
         routed = []
         for record in records:
             route = routes.get(record.kind)
@@ -360,7 +369,7 @@ class KafkaSink(AsyncLifecycle):
                     )
                     future.add_done_callback(confirmed)
                     futures.append(future)
-                await all_done(futures)
+                await confirmations.wait(futures)
         except BaseException as exc:
             # Whatever happened (timeout, refused connection, an aiokafka bug, a cancel
             # from above), this producer may hold half a batch: replace it.
@@ -406,12 +415,6 @@ class KafkaSink(AsyncLifecycle):
         await producer.start()
         self._log.info("kafka_connected", bootstrap=self.bootstrap)
         return producer
-
-    def _confirmed(self, topic: str, future: asyncio.Future[Any]) -> None:
-        # Reading the exception also marks it retrieved: a batch abandoned by a timeout
-        # fails later without "exception was never retrieved" noise.
-        if not future.cancelled() and future.exception() is None:
-            self.sent[topic] += 1
 
     def _discard_producer(self, *, flush: bool = False) -> None:
         """Detach the producer and close it in the background: the caller's error is

@@ -1,39 +1,63 @@
 """Waiting for a batch's Kafka confirmations: what `KafkaSink.deliver` awaits once
-every record of the batch is handed to the producer."""
+every record of the batch is handed to the producer, and what it counts."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 
-async def all_done(futures: list[asyncio.Future[Any]]) -> None:
-    """Return once every future is done, as `asyncio.gather(*futures,
-    return_exceptions=True)` does, and cancel those not done when cancelled, as it does
-    too; with one callback counting them down, where gather gives each future one of
-    its own and then collects the results (a third of the sink's own cost per record)."""
-    # Every future, done ones too: their callbacks run in the order given, so each
-    # record's confirmation is counted (the sink's callback, given first) before this
-    # returns.
-    left = len(futures)
-    if not left:
-        return
-    finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+class Confirmations:
+    """One batch's records as the broker confirms them.
 
-    def one_done(_future: asyncio.Future[Any]) -> None:
-        nonlocal left
-        left -= 1
-        if not left and not finished.done():
+    Each record's future is given one callback, `counter(topic)`, which counts the
+    record for its topic when it is confirmed and counts the batch down; `wait`
+    returns once every future is done. One callback per record, where a counting
+    callback and a waiting one (or `asyncio.gather`'s own) cost the event loop two
+    scheduled calls per record, each of them as much as the rest of its confirmation.
+    A record confirmed after its batch stopped waiting (a deliver cancelled while it
+    was handing records over) is counted all the same: the broker holds it.
+    """
+
+    __slots__ = ("_finished", "_left", "_sent")
+
+    def __init__(self, sent: dict[str, int]) -> None:
+        self._sent = sent  # confirmed records per topic, the sink's
+        # Futures given to `wait` whose callback has not run; below zero until then.
+        self._left = 0
+        self._finished: asyncio.Future[None] | None = None
+
+    def counter(self, topic: str) -> Callable[[asyncio.Future[Any]], None]:
+        """The callback for the futures of this topic's records: one per topic and
+        batch, not one per record."""
+        return partial(self._done, topic)
+
+    def _done(self, topic: str, future: asyncio.Future[Any]) -> None:
+        # Reading the exception also marks it retrieved: a batch abandoned by a timeout
+        # fails later without "exception was never retrieved" noise.
+        if not future.cancelled() and future.exception() is None:
+            self._sent[topic] += 1
+        self._left -= 1
+        finished = self._finished
+        if not self._left and finished is not None and not finished.done():
             finished.set_result(None)
 
-    for future in futures:
-        future.add_done_callback(one_done)
-    try:
-        await finished
-    except asyncio.CancelledError:
-        for future in futures:
-            future.cancel()
-        raise
+    async def wait(self, futures: list[asyncio.Future[Any]]) -> None:
+        """Return once every one of `futures` is done, each given a `counter` callback
+        (so its confirmation is counted before this returns), as `asyncio.gather(*futures,
+        return_exceptions=True)` does; cancelled, cancel those not done, as it does."""
+        self._left += len(futures)
+        if not self._left:
+            return
+        self._finished = asyncio.get_running_loop().create_future()
+        try:
+            await self._finished
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def failure_of(future: asyncio.Future[Any]) -> BaseException | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import struct
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO, Final
@@ -35,6 +36,9 @@ _WINDOW_BYTES: Final = 1 << 20
 _unpack_head: Final = _HEAD.unpack_from
 _unpack_crc: Final = _CRC.unpack_from
 crc32: Final = zlib.crc32
+# A record's header and its CRC in one unpack; the CRC covers the header before it.
+_unpack_record_head: Final = struct.Struct(_HEAD.format + _CRC.format.lstrip("<")).unpack_from
+_CRC_AT: Final = _HEAD.size
 
 if TYPE_CHECKING:
     from sipcdr.spool.segments import _Segment
@@ -278,21 +282,23 @@ class SpoolReader:
                     return records
             segment = self._segment
             want = max_records - len(records)
-            got = self._read_in_segment(want, max_bytes - size)
+            got, taken = self._read_in_segment(want, max_bytes - size)
             if got:
                 records.extend(got)
-                size += sum(len(record.value) for record in got)
+                size += taken
                 continue
             following = self.spool._segment_after(segment.first_seq)
             if self._segment is not segment or self._handle is None:
                 continue  # listing again moved this reader (its segment was deleted)
             if following is None:
                 break
-            if self.spool.tailing and (got := self._read_in_segment(want, max_bytes - size)):
-                # Written to this segment before the writer moved on to the next one.
-                records.extend(got)
-                size += sum(len(record.value) for record in got)
-                continue
+            if self.spool.tailing:
+                got, taken = self._read_in_segment(want, max_bytes - size)
+                if got:
+                    # Written to this segment before the writer moved on to the next one.
+                    records.extend(got)
+                    size += taken
+                    continue
             try:
                 self._open_segment(following)
             except FileNotFoundError:
@@ -314,10 +320,11 @@ class SpoolReader:
             self._count_gap(self._read_seq, segment.first_seq)
             self._read_seq = segment.first_seq
 
-    def _read_in_segment(self, limit: int, max_bytes: int) -> list[SpoolRecord]:
-        """Records from the read offset: whole valid ones from a window read at once
-        (`_read_window`), and one at a time, with the checks for damage and for a
-        record being written, wherever the window has none left to give."""
+    def _read_in_segment(self, limit: int, max_bytes: int) -> tuple[list[SpoolRecord], int]:
+        """Records from the read offset, and the bytes of their values: whole valid
+        ones from a window read at once (`_read_window`), and one at a time, with the
+        checks for damage and for a record being written, wherever the window has none
+        left to give."""
         assert self._segment is not None
         records: list[SpoolRecord] = []
         size = 0
@@ -341,7 +348,7 @@ class SpoolReader:
             self._read_seq = seq + 1
             records.append(SpoolRecord(seq, _KIND_NAMES[kind_code], key, value))
             size += len(value)
-        return records
+        return records, size
 
     def _read_window(
         self, end: int, limit: int, max_bytes: int, records: list[SpoolRecord]
@@ -351,7 +358,12 @@ class SpoolReader:
         than the rest of reading it), until `limit` records or `max_bytes` of values.
         Returns the bytes of values taken and whether it stopped only at the window's
         end, with more of the segment to read. Stops, leaving the offset there, at
-        anything but a whole valid record: `_next_record` judges it."""
+        anything but a whole valid record: `_next_record` judges it.
+
+        Every record of the signaling stream passes here once per sink, so each costs
+        one unpack of header and CRC together, one look-up of its kind (which checks
+        it too) and the CRC over the window without copies; the record is made as a
+        tuple."""
         assert self._handle is not None
         start = self._offset
         if end - start < HEADER_BYTES:
@@ -359,19 +371,28 @@ class SpoolReader:
         window = os.pread(self._handle.fileno(), min(end - start, _WINDOW_BYTES), start)
         view = memoryview(window)
         length = len(window)
+        last = length - HEADER_BYTES  # the last offset where a whole header fits
         at = 0
         size = 0
+        taken = len(records)
         read_seq = self._read_seq
-        while at + HEADER_BYTES <= length:
-            magic, kind_code, key_len, value_len, seq = _unpack_head(window, at)
-            if magic != MAGIC or kind_code not in _KIND_NAMES or value_len > MAX_VALUE_BYTES:
+        unpack = _unpack_record_head
+        kinds = _KIND_NAMES
+        # The record made from its fields by tuple's own constructor: the generated
+        # `__new__` (and `_make`) cost a Python call frame per record.
+        new = tuple.__new__
+        append = records.append
+        while at <= last:
+            magic, kind_code, key_len, value_len, seq, stored_crc = unpack(window, at)
+            kind = kinds.get(kind_code)
+            if magic != MAGIC or kind is None or value_len > MAX_VALUE_BYTES:
                 break
             body = at + HEADER_BYTES
-            stop = body + key_len + value_len
+            split = body + key_len
+            stop = split + value_len
             if stop > length:
                 break
-            crc = crc32(view[body:stop], crc32(view[at : at + _HEAD.size]))
-            if crc != _unpack_crc(window, at + _HEAD.size)[0]:
+            if crc32(view[body:stop], crc32(view[at : at + _CRC_AT])) != stored_crc:
                 break
             at = stop
             if seq < read_seq:
@@ -379,17 +400,15 @@ class SpoolReader:
             if seq > read_seq:
                 self._count_gap(read_seq, seq)
             read_seq = seq + 1
-            value = window[body + key_len : stop]
-            records.append(
-                SpoolRecord(seq, _KIND_NAMES[kind_code], window[body : body + key_len], value)
-            )
-            size += len(value)
-            if len(records) >= limit or size >= max_bytes:
+            append(new(SpoolRecord, (seq, kind, window[body:split], window[split:stop])))
+            size += value_len
+            taken += 1
+            if taken >= limit or size >= max_bytes:
                 break
         self._offset = start + at
         self._read_seq = read_seq
-        more = at > 0 and at + HEADER_BYTES > length and start + at < end
-        return size, more and len(records) < limit and size < max_bytes
+        more = at > 0 and at > last and start + at < end
+        return size, more and taken < limit and size < max_bytes
 
     def _end(self) -> int:
         """Only what the writer has completed: the segment's size, not the file's; a
