@@ -20,6 +20,13 @@ Three contenders write the same CDR-sized JSON values (~900 bytes) to a fresh fi
   apart, the record made by its generated `__new__`), alternated in every round; the
   ratio is now / before in records per second
 
+and, against the former code kept here (`FormerSpool`: `append` calling the former
+`_encode`, its pack, CRC and join looked up for every record), alternated in every
+round, CPU time: the CDR stream's append, the buffered append, and the spool writer's
+whole work per CDR (`SpoolCdrWriter.write`: the record, its JSON, the append) for
+rated CDRs of `benchmarks/fraud.py`'s traffic; each pair must leave the same bytes in
+its segments;
+
 and, per SIP message, what keeping signaling for `sip_messages` adds to parsing:
 `sip.parse` alone against parse plus `SignalingRecorder` (the captured bytes, buffered
 append; `benchmarks/signaling.py` sets it against the JSON record spooled before).
@@ -36,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import os
 import statistics
 import sys
@@ -49,15 +57,26 @@ from typing import Any
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 from samples import MESSAGES
-from sipcdr.model import Packet
-from sipcdr.sinks.base import KIND_CDR
+from sipcdr.model import Cdr, Packet
+from sipcdr.sinks.base import KIND_CDR, KIND_SIP
+from sipcdr.sinks.outputs import SpoolCdrWriter
 from sipcdr.sinks.signaling import SignalingRecorder
 from sipcdr.sip import parse
-from sipcdr.spool import Spool
+from sipcdr.spool import Appended, Spool
 from sipcdr.spool import reader as spool_reader
 from sipcdr.spool.reader import SpoolReader
-from sipcdr.spool.records import _CRC, _HEAD, _KIND_NAMES, HEADER_BYTES, MAGIC, MAX_VALUE_BYTES
+from sipcdr.spool.records import (
+    _CRC,
+    _HEAD,
+    _KIND_CODES,
+    _KIND_NAMES,
+    HEADER_BYTES,
+    MAGIC,
+    MAX_VALUE_BYTES,
+)
+from sipcdr.spool.records import _WRITE_BUFFER_BYTES as WRITE_BUFFER_BYTES
 from sipcdr.spool.records import SpoolRecord as Record
 
 VALUE = orjson.dumps(
@@ -95,6 +114,142 @@ VALUE = orjson.dumps(
     }
 )
 KEY = b"a84b4c76e66710@pc33.atlanta.example.com"
+
+
+# -- the former writing code, for the same-run comparison ----------------------------
+
+
+def _former_encode(kind: str, key: bytes, value: bytes, seq: int) -> bytes:
+    head = _HEAD.pack(MAGIC, _KIND_CODES[kind], len(key), len(value), seq)
+    crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(head)))
+    return b"".join((head, _CRC.pack(crc), key, value))
+
+
+class FormerSpool(Spool):
+    """`Spool.append` with the former `_encode`."""
+
+    def append(self, kind: str, key: bytes, value: bytes, tag: object = None) -> Appended:
+        if self.full and self.full_policy == "drop_newest":
+            self._refuse("full")
+            return Appended.REFUSED
+        if len(key) > 0xFFFF or len(value) > MAX_VALUE_BYTES:
+            self._refuse("too_large")
+            return Appended.REFUSED
+        if self.buffered:
+            if (self.below_floor or self.room_withheld) and self.refuse_below_floor:
+                self._refuse("disk_floor")
+                return Appended.REFUSED
+            seq = self.next_seq
+            self.next_seq = seq + 1
+            record = _former_encode(kind, key, value, seq)
+            self._buffer.append(record)
+            self._buffered_bytes += len(record)
+            if self._buffered_bytes >= WRITE_BUFFER_BYTES and not self._flush_buffer():
+                return Appended.REFUSED
+            return Appended.WRITTEN
+        reserve = self._reserve
+        record = _former_encode(kind, key, value, self.next_seq + len(reserve))
+        if not reserve and self._write_numbered([record]):
+            return Appended.WRITTEN
+        if len(reserve) < self.reserve_records:
+            reserve.append((record, tag))
+            self.stats.held += 1
+            return Appended.HELD
+        self._refuse("write_error")
+        return Appended.REFUSED
+
+
+def rated_cdrs(flows: int) -> list[Cdr]:
+    """The CDRs of `benchmarks/fraud.py`'s traffic (50 trunks, one rate plan), enriched
+    and rated as the engine does."""
+    from fraud import Traffic, _config, _Discard
+    from sipcdr.config import load_config
+    from sipcdr.dialog import Correlator
+    from sipcdr.engine import Destinations, build_engine
+    from sipcdr.enrich import EnrichRateStage
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = load_config(_config(Path(folder), False), {})
+        engine = build_engine(config, Destinations(cdrs=(_Discard(),)))
+        stage = EnrichRateStage(engine.enrich, engine.rates.stage)
+        feed = Correlator(config.dialog, egress=bool(config.trunks)).feed
+        closed: list[Cdr] = []
+        for packet, _trunk in Traffic(flows).items:
+            closed.extend(feed(packet, parse(packet.payload)))
+        return [stage.on_cdr(cdr) for cdr in closed]
+
+
+def against_former(rounds: int, number: int, flows: int) -> None:
+    """Each pair alternated in every round, CPU time, the collector off while timing;
+    each pair's segments must hold the same bytes."""
+    cdrs = rated_cdrs(flows)
+    payloads = list(MESSAGES.values())
+
+    def appends(kind: type[Spool], buffered: bool) -> Callable[[Path], float]:
+        def run(directory: Path) -> float:
+            with kind(directory, ("r",), buffered=buffered) as spool:
+                append = spool.append
+                started = time.process_time()
+                if buffered:  # the signaling stream: a captured message's size
+                    for n in range(number):
+                        append(KIND_SIP, KEY, payloads[n % 3])
+                else:
+                    for _ in range(number):
+                        append(KIND_CDR, KEY, VALUE)
+                return (time.process_time() - started) / number * 1e6
+
+        return run
+
+    def writes(kind: type[Spool]) -> Callable[[Path], float]:
+        def run(directory: Path) -> float:
+            with kind(directory, ("r",)) as spool:
+                write = SpoolCdrWriter(spool).write
+                started = time.process_time()
+                for cdr in cdrs:
+                    write(cdr)
+                return (time.process_time() - started) / len(cdrs) * 1e6
+
+        return run
+
+    pairs = {
+        "append, CDR stream": (appends(Spool, False), appends(FormerSpool, False)),
+        "append, buffered (signaling)": (appends(Spool, True), appends(FormerSpool, True)),
+        "SpoolCdrWriter.write, rated CDR": (writes(Spool), writes(FormerSpool)),
+    }
+    now: dict[str, list[float]] = {name: [] for name in pairs}
+    former: dict[str, list[float]] = {name: [] for name in pairs}
+    gc.collect()
+    gc.disable()
+    try:
+        for round_no in range(rounds):
+            with tempfile.TemporaryDirectory() as tmp:
+                for index, (name, (ours, theirs)) in enumerate(pairs.items()):
+                    a, b = Path(tmp) / f"now{index}", Path(tmp) / f"former{index}"
+                    if round_no % 2:
+                        former[name].append(theirs(b))
+                        now[name].append(ours(a))
+                    else:
+                        now[name].append(ours(a))
+                        former[name].append(theirs(b))
+                    if _segments(a) != _segments(b):
+                        sys.exit(f"{name}: other bytes than the former code's")
+    finally:
+        gc.enable()
+    print(
+        f"against the former code, {rounds} alternated rounds, CPU time ({len(cdrs):,} rated"
+        f" CDRs; load {os.getloadavg()[0]:.1f})"
+    )
+    for name in pairs:
+        now_us, old_us = statistics.median(now[name]), statistics.median(former[name])
+        per_round = [a / b for a, b in zip(now[name], former[name], strict=True)]
+        print(
+            f"  {name:<32}{now_us:>7.2f} us  former {old_us:>6.2f} us  {now_us / old_us:.2f}x"
+            f"  (rounds {min(per_round):.2f}-{max(per_round):.2f}x)"
+        )
+
+
+def _segments(directory: Path) -> list[bytes]:
+    return [path.read_bytes() for path in sorted(directory.glob("*.seg"))]
 
 
 def floor(directory: Path, number: int) -> None:
@@ -263,7 +418,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--number", type=int, default=50_000)
+    parser.add_argument("--flows", type=int, default=3000, help="call flows for the CDRs")
+    parser.add_argument(
+        "--former-only", action="store_true", help="only the comparison with the former code"
+    )
     args = parser.parse_args()
+    against_former(args.rounds * 2, args.number, args.flows)
+    if args.former_only:
+        return
     results: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
     for _ in range(args.rounds):

@@ -43,10 +43,11 @@ _NO_SPACE: Final = frozenset((errno.ENOSPC, errno.EDQUOT))
 # bodies stay within the 1024 buffers one `writev` takes.
 BATCH_MAX_RECORDS: Final = 512
 BATCH_MAX_BYTES: Final = 256 * 1024
-# What each record counts as in the store's stats once written.
-_MESSAGE: Final = 0
-_CLOSE: Final = 1
-_DECISION: Final = 2
+_BATCH_MAX_BUFFERS: Final = 2 * BATCH_MAX_RECORDS  # a frame and a body each
+# Bound once: called for every record.
+_FRAME_PACK: Final = _FRAME.pack
+_FRAME_SIZE: Final = _FRAME.size
+_crc32: Final = zlib.crc32
 
 
 class JournalAppender:
@@ -77,8 +78,13 @@ class JournalAppender:
         self.batch_writes = batch_writes
         self._pending: list[bytes] = []  # frame, body, frame, body, ...
         self._pending_bytes = 0
-        self._pending_kinds = [0, 0, 0]  # records waiting, by _MESSAGE, _CLOSE, _DECISION
-        self._write_scheduled = False
+        # Records waiting, by kind: what the stats count once they are written.
+        self._pending_messages = 0
+        self._pending_closes = 0
+        self._pending_decisions = 0
+        # A callback is queued to write what waits at the end of the turn: once a turn,
+        # however often the barrier and the close records write before it.
+        self._turn_end_queued = False
         self.barrier = _Barrier(self)
 
     def ahead(self, destinations: _D) -> _D:
@@ -91,25 +97,55 @@ class JournalAppender:
     def message(self, packet: Packet) -> None:
         """Journal one message that changed a call. Never raises: the caller is the
         capture path, and a failed write is counted."""
-        record = message_record(packet)
-        if record is None:
+        body = message_record(packet)
+        if body is None:
             self.stats.journal_write_errors += 1  # a field out of range: cannot be framed
             self._intact = False
             return
-        self._append(record, _MESSAGE)
+        # `_append`'s work in line: once per message that changed a call.
+        length = len(body)
+        if length > MAX_RECORD_BYTES:
+            self._refuse()
+            return
+        pending = self._pending
+        pending.append(_FRAME_PACK(_crc32(body), length))
+        pending.append(body)
+        self._pending_bytes += length + _FRAME_SIZE
+        self._pending_messages += 1
+        if self._turn_end_queued:
+            if len(pending) >= _BATCH_MAX_BUFFERS or self._pending_bytes >= BATCH_MAX_BYTES:
+                self.write_pending()
+            return
+        self._hold_or_write()
 
     def closed(self, cdr: Cdr) -> None:
-        """Journal that a call's CDR is in the spool file. After the stop's checkpoint
-        (the spool writing what it still held as it closes) there is no journal: the
-        next start may write such a CDR again, under the same cdr_id, which is no loss."""
+        """Journal that a call's CDR is in the spool file, written at once, batched or
+        not: held to the end of the turn, a kill before it would make the start write
+        this CDR again, and through the stages anew, without the fraud flags its call
+        had gathered (the fraud stage's state is not journaled). After the stop's
+        checkpoint (the spool writing what it still held as it closes) there is no
+        journal: the next start may write such a CDR again, under the same cdr_id,
+        which is no loss."""
         if self._stopped:
             return
-        self._append(closed_record(cdr, max(cdr.end_time, self.correlator.now)), _CLOSE)
+        body = closed_record(cdr, max(cdr.end_time, self.correlator.now))
+        length = len(body)
+        frame = _FRAME_PACK(_crc32(body), length)
         if self._pending:
-            # Not held for the end of the turn: a kill before it would make the start
-            # write this CDR again, and through the stages anew, without the fraud
-            # flags its call had gathered (the fraud stage's state is not journaled).
+            # Records still wait (the spool wrote several held CDRs in a row): in order.
+            self._pending += (frame, body)
+            self._pending_bytes += length + _FRAME_SIZE
+            self._pending_closes += 1
             self.write_pending()
+            return
+        # Nothing waits, as the barrier has just written the turn's records: the
+        # record alone, with no list or counts to set up and take down.
+        size = length + _FRAME_SIZE
+        if self._write([frame, body], size) == size:
+            self.stats.journal_closes += 1
+        else:
+            self.stats.journal_write_errors += 1
+            self._intact = False
 
     def decided(self, cdrs: Sequence[Cdr], timer_at: float | None) -> None:
         """Journal closes that no replayed message repeats, before their CDRs go to the
@@ -117,26 +153,35 @@ class JournalAppender:
         or an eviction (None) by the message journaled next."""
         now = self.correlator.now
         for cdr in cdrs:
-            self._append(decided_record(cdr, now), _DECISION)
+            self._append(decided_record(cdr, now))
         if timer_at is not None:
-            self._append(timer_record(timer_at), _DECISION)
+            self._append(timer_record(timer_at))
 
-    def _append(self, body: bytes, kind: int) -> None:
+    def _append(self, body: bytes) -> None:
+        """A close decision or a timer run, to be written as `message` writes."""
         length = len(body)
         if length > MAX_RECORD_BYTES:
-            # Replay would stop at it: refused here, alone, and counted.
-            self.stats.journal_write_errors += 1
-            self._intact = False
+            self._refuse()
             return
-        pending = self._pending
-        pending.append(_FRAME.pack(zlib.crc32(body), length))
-        pending.append(body)
-        self._pending_bytes += length + _FRAME.size
-        self._pending_kinds[kind] += 1
-        if self._write_scheduled:
-            if len(pending) >= 2 * BATCH_MAX_RECORDS or self._pending_bytes >= BATCH_MAX_BYTES:
+        self._pending += (_FRAME_PACK(_crc32(body), length), body)
+        self._pending_bytes += length + _FRAME_SIZE
+        self._pending_decisions += 1
+        if self._turn_end_queued:
+            if len(self._pending) >= _BATCH_MAX_BUFFERS or self._pending_bytes >= BATCH_MAX_BYTES:
                 self.write_pending()
             return
+        self._hold_or_write()
+
+    def _refuse(self) -> None:
+        # Replay would stop at a record this long: refused here, alone, and counted.
+        self.stats.journal_write_errors += 1
+        self._intact = False
+
+    def _hold_or_write(self) -> None:
+        """Batched, with an event loop: the records wait for the end of the turn, when
+        one callback, queued now and only now in the turn, writes them (the barrier
+        and the close records may write them sooner: the callback then finds less or
+        nothing). Otherwise they are written now."""
         if self.batch_writes:
             try:
                 loop = asyncio.get_running_loop()
@@ -145,9 +190,13 @@ class JournalAppender:
             else:
                 # After the callbacks of this turn: every datagram uvloop read on this
                 # wake-up, a stream's whole read, a timer run.
-                loop.call_soon(self.write_pending)
-                self._write_scheduled = True
+                loop.call_soon(self._turn_ended)
+                self._turn_end_queued = True
                 return
+        self.write_pending()
+
+    def _turn_ended(self) -> None:
+        self._turn_end_queued = False
         self.write_pending()
 
     def write_pending(self) -> None:
@@ -155,18 +204,20 @@ class JournalAppender:
         then, before any CDR goes to the sinks (the barrier `ahead` puts first: a CDR never
         reaches a sink before the records that closed it, `ahead`), and before the
         journal is fsynced or switched. Never raises: a failed write is counted per record."""
-        self._write_scheduled = False
         pending = self._pending
         if not pending:
             return
-        kinds, length = self._pending_kinds, self._pending_bytes
-        self._pending, self._pending_bytes, self._pending_kinds = [], 0, [0, 0, 0]
+        length = self._pending_bytes
+        messages, closes = self._pending_messages, self._pending_closes
+        decisions = self._pending_decisions
+        self._pending, self._pending_bytes = [], 0
+        self._pending_messages = self._pending_closes = self._pending_decisions = 0
         written = self._write(pending, length)
         stats = self.stats
         if written == length:
-            stats.journal_messages += kinds[_MESSAGE]
-            stats.journal_closes += kinds[_CLOSE]
-            stats.journal_decisions += kinds[_DECISION]
+            stats.journal_messages += messages
+            stats.journal_closes += closes
+            stats.journal_decisions += decisions
             return
         # Some records did not fit: those wholly on disk stay, the rest are lost.
         at = 0

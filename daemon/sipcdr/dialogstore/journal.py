@@ -173,28 +173,46 @@ class JournalReplay:
             pending[cdr.cdr_id] = cdr
 
 
+# The encoded addresses, transport and capture node of recent messages, with their
+# lengths: a carrier's traffic comes from few of them, and encoding four strings per
+# message cost more than finding them here. Cleared rather than grown, so a spray of
+# addresses costs what encoding them did, and a bounded amount of memory.
+_ENDPOINTS_KEPT: Final = 4096
+_endpoints: dict[tuple[str, str, str, str], tuple[bytes, int, int, int, int]] = {}
+
+
 def message_record(packet: Packet) -> bytes | None:
     """The record of one message that changed a call; None when a field is out of the
     range the layout holds."""
     timestamp, src_ip, src_port, dst_ip, dst_port, transport, payload, node = packet
-    src = src_ip.encode("utf-8", _TEXT)
-    dst = dst_ip.encode("utf-8", _TEXT)
-    proto = transport.encode("utf-8", _TEXT)
-    capture_node = node.encode("utf-8", _TEXT)
+    where = (src_ip, dst_ip, transport, node)
+    known = _endpoints.get(where)
+    if known is None:
+        known = _endpoint_strings(where)
+    strings, node_len, src_len, dst_len, proto_len = known
     try:
         head = _MESSAGE.pack(
-            KIND_MESSAGE,
-            timestamp,
-            src_port,
-            dst_port,
-            len(capture_node),
-            len(src),
-            len(dst),
-            len(proto),
+            KIND_MESSAGE, timestamp, src_port, dst_port, node_len, src_len, dst_len, proto_len
         )
     except struct.error:
         return None
-    return b"".join((head, src, dst, proto, capture_node, payload))
+    return b"".join((head, strings, payload))
+
+
+def _endpoint_strings(where: tuple[str, str, str, str]) -> tuple[bytes, int, int, int, int]:
+    """The strings of a message record, encoded and joined in their order (source,
+    destination, transport, capture node), and their lengths in the header's order."""
+    src, dst, proto, node = (text.encode("utf-8", _TEXT) for text in where)
+    if len(_endpoints) >= _ENDPOINTS_KEPT:
+        _endpoints.clear()
+    known = _endpoints[where] = (
+        b"".join((src, dst, proto, node)),
+        len(node),
+        len(src),
+        len(dst),
+        len(proto),
+    )
+    return known
 
 
 def closed_record(cdr: Cdr, closed_at: float) -> bytes:

@@ -85,10 +85,16 @@ _CURSOR_GENERATION_LIMIT: Final = 1 << 63
 _NO_SPACE: Final = frozenset((errno.ENOSPC, errno.EDQUOT))
 
 
+# Bound once: called for every record of both streams.
+_HEAD_PACK: Final = _HEAD.pack
+_CRC_PACK: Final = _CRC.pack
+_crc32: Final = zlib.crc32
+
+
 def _encode(kind: str, key: bytes, value: bytes, seq: int) -> bytes:
-    head = _HEAD.pack(MAGIC, _KIND_CODES[kind], len(key), len(value), seq)
-    crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(head)))
-    return b"".join((head, _CRC.pack(crc), key, value))
+    """One record as it goes to disk (`Spool.append` does the same work in line)."""
+    head = _HEAD_PACK(MAGIC, _KIND_CODES[kind], len(key), len(value), seq)
+    return b"".join((head, _CRC_PACK(_crc32(value, _crc32(key, _crc32(head)))), key, value))
 
 
 def _encode_cursor_slot(generation: int, seq: int) -> bytes:
