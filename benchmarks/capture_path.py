@@ -1,0 +1,315 @@
+"""The capture process's CPU per message from the listener on, split by step, and the
+glue between them (listener, pipeline) against its former code, in one run.
+
+Traffic: `loadgen.py`'s 6-message calls (INVITE with SDP, 180, 200, ACK, BYE, 200) as
+`e2e.py` sends them, every Call-ID new, handed to the SIP/UDP listener's
+`datagram_received` as uvloop would (no socket: what receiving costs is in
+`receive.py`), `--turn` datagrams per event loop turn (uvloop reads up to 32 a wake-up;
+the dialog journal writes once a turn).
+
+Part 1, the split (mypyc-compiled parser, correlator and fraud tap are invisible to a
+sampling profiler, whose "self" time of the pipeline's frames holds them):
+
+- parse alone; parse, the fraud tap and correlate, called straight in a loop;
+- the pipeline with every hook a no-op (signaling, journal, two CDR stages, three
+  sinks), through the listener: what is left over the loop above is the glue;
+- the daemon's capture chain as `sipcdr run` builds it (App with delivery apart: the
+  CDR and signaling spools, the dialog journal, fraud, enrich and rate) through the
+  listener.
+
+Part 2: the glue and the daemon's chain again, each built once with the former
+listener and pipeline steps (`former_capture.py`) and once with the current ones,
+the two alternated round by round; medians of CPU time per message and their ratio.
+
+    python benchmarks/capture_path.py [--rounds 7] [--calls 4000] [--turn 24]
+    python benchmarks/capture_path.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import uvloop
+from former_capture import FormerHintedSipUdpProtocol, former_pipeline
+from receive import MARK, call_flow
+from sipcdr import hotpath
+from sipcdr.app import App
+from sipcdr.capture.hints import HintedSipUdpProtocol, ListenerHint
+from sipcdr.capture.listeners import AllowList, ListenerStats
+from sipcdr.config import DEFAULT_ALLOW, load_config
+from sipcdr.dialog import Correlator
+from sipcdr.engine import Destinations, JournalHooks, build_engine
+from sipcdr.fraud.stage import FraudStage
+from sipcdr.model import Cdr, Packet
+from sipcdr.pipeline import Pipeline
+from sipcdr.private import prepare_state_dir
+from sipcdr.sip import SipMessage, parse
+
+LOCAL = ("127.0.0.1", 5060)
+SENDER = ("127.0.0.1", 40000)  # e2e.py's sender is on the same host
+DSN = "postgresql://sipcdr@127.0.0.1:1/sipcdr"  # never connected to: delivery runs apart
+
+Protocol = Callable[..., Any]
+
+
+class Traffic:
+    """Each round's datagrams: whole calls, Call-IDs never seen before."""
+
+    def __init__(self, calls: int) -> None:
+        self.calls = calls
+        self._next = 0
+        self._flow = [payload for payload, _caller in call_flow()]
+
+    def take(self) -> list[bytes]:
+        first, self._next = self._next, self._next + self.calls
+        return [
+            payload.replace(MARK, b"%08x" % call)
+            for call in range(first, first + self.calls)
+            for payload in self._flow
+        ]
+
+
+class _NoSink:
+    name = "none"
+
+    def write(self, cdr: Cdr) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+
+class _NoStage:
+    name = "none"
+
+    def on_cdr(self, cdr: Cdr) -> Cdr:
+        return cdr
+
+
+def _nothing(*_args: object) -> None:
+    return None
+
+
+class Chain:
+    """A pipeline behind a SIP/UDP listener, fed datagrams a turn at a time."""
+
+    def __init__(self, pipeline: Pipeline, protocol: Protocol, after: Callable[[], None]) -> None:
+        self.pipeline = pipeline
+        self.hint = ListenerHint("SIP/UDP", "127.0.0.1:5060", "HEP packets", "capture.hep_udp")
+        self.stats = ListenerStats()
+        self.protocol = protocol(pipeline, AllowList(DEFAULT_ALLOW), LOCAL, self.hint, self.stats)
+        self._after = after  # the once-a-slice work: spools synced, journal flushed
+
+    async def feed(self, datagrams: Sequence[bytes], turn: int) -> float:
+        """CPU seconds for `datagrams`, `turn` per event loop turn."""
+        receive = self.protocol.datagram_received
+        gc.collect()
+        started = time.process_time()
+        for first in range(0, len(datagrams), turn):
+            for data in datagrams[first : first + turn]:
+                receive(data, SENDER)
+            await asyncio.sleep(0)
+        self._after()
+        return time.process_time() - started
+
+
+def glue_chain(protocol: Protocol, former: bool, fraud: FraudStage) -> Chain:
+    pipeline = Pipeline(
+        Correlator(),
+        (_NoSink(), _NoSink(), _NoSink()),
+        (_NoStage(), _NoStage()),
+        (fraud.tap,),
+        signaling=_nothing,
+        journal=_nothing,
+        decided=_nothing,
+    )
+    return Chain(former_pipeline(pipeline) if former else pipeline, protocol, lambda: None)
+
+
+class Daemon:
+    """The capture process's chain as `sipcdr run` opens it with its defaults (delivery
+    apart), PostgreSQL keeping signaling, as fraud.py's daemon chain; fed through the
+    listener, with the spools synced and the journal flushed at the end of a step."""
+
+    def __init__(self, folder: Path) -> None:
+        environ = {
+            "SIPCDR_STATE__DIR": str(folder),
+            "SIPCDR_SINKS__POSTGRES__DSN": DSN,
+            "SIPCDR_SINKS__POSTGRES__STORE_SIGNALING": "true",
+        }
+        self.app = App(load_config(None, environ), apart=True)
+        self.folder = folder
+
+    async def open(self, protocol: Protocol, former: bool) -> Chain:
+        app = self.app
+        prepare_state_dir(app.state_dir)
+        app.dialogs.recover()
+        await app.outputs.open()
+        engine = build_engine(
+            app.config,
+            Destinations.of(app.outputs),
+            correlator=app.correlator,
+            journal=JournalHooks(app.dialogs.message, app.dialogs.decided),
+            intake=app.intake.intake,
+            daemon_fraud=True,
+            clock=app.clock,
+        )
+        if former:
+            engine.pipeline = former_pipeline(engine.pipeline)
+        app.engine = engine
+        await app.dialogs.start(engine.emit)
+        return Chain(engine.pipeline, protocol, self._slice_end)
+
+    def _slice_end(self) -> None:
+        for spool in self.app.outputs.spools.values():
+            spool.sync()
+        self.app.dialogs.flush()
+
+    def fraud(self) -> FraudStage:
+        assert self.app.engine is not None and self.app.engine.fraud is not None
+        return self.app.engine.fraud
+
+    async def close(self, fed: bool = True) -> None:
+        """After checking that what was fed wrote what the daemon writes."""
+        app = self.app
+        written = {stream: spool.next_seq for stream, spool in app.outputs.spools.items()}
+        assert len(written) == 2 and (not fed or min(written.values()) > 0), written
+        assert not fed or app.dialogs.stats.journal_messages > 0
+        await app.dialogs.stop()
+        await app.outputs.close(drain_timeout_s=0)
+        shutil.rmtree(self.folder)
+
+
+def _straight(datagrams: Sequence[bytes], fraud: FraudStage | None) -> float:
+    """Parse (and with `fraud`, its tap and correlate) in a plain loop: CPU seconds."""
+    packets = [Packet(time.time(), *SENDER, *LOCAL, "udp", data, "x") for data in datagrams]
+    gc.collect()
+    if fraud is None:
+        started = time.process_time()
+        for packet in packets:
+            parse(packet.payload)
+        return time.process_time() - started
+    feed = Correlator().feed
+    tap: Callable[[Packet, SipMessage], None] = fraud.tap.on_message
+    started = time.process_time()
+    for packet in packets:
+        msg = parse(packet.payload)
+        tap(packet, msg)
+        feed(packet, msg)
+    return time.process_time() - started
+
+
+def _check(chain: Chain, messages: int) -> None:
+    """What was timed is what was meant: every message parsed, every call a CDR."""
+    counted = sum(chain.pipeline.stats.messages.values())
+    cdrs = chain.pipeline.cdrs_written
+    received = chain.stats.received.get("sip_udp", 0)
+    if counted != messages or received != messages or cdrs != messages // 6:
+        raise SystemExit(f"unexpected counts: {counted} {received} {cdrs} of {messages}")
+
+
+async def run(opts: argparse.Namespace) -> None:
+    traffic = Traffic(opts.calls)
+    scratch = Path(tempfile.mkdtemp(prefix="capture-path-"))
+    # The daemon's fraud stage, for its tap in the plain loop and the glue chains.
+    probe = Daemon(scratch / "probe")
+    await probe.open(HintedSipUdpProtocol, False)
+    fraud = probe.fraud()
+    split: dict[str, list[float]] = {}
+    pairs: dict[str, dict[str, list[float]]] = {
+        "glue": {"former": [], "current": []},
+        "daemon": {"former": [], "current": []},
+    }
+    builds = {
+        "former": (FormerHintedSipUdpProtocol, True),
+        "current": (HintedSipUdpProtocol, False),
+    }
+    for round_ in range(opts.rounds):
+        data = traffic.take()
+        n = len(data)
+        split.setdefault("parse", []).append(_straight(data, None) / n)
+        data = traffic.take()
+        split.setdefault("parse + tap + correlate", []).append(_straight(data, fraud) / n)
+        # Alternate which build goes first, so neither always follows the other.
+        order = list(builds) if round_ % 2 == 0 else list(reversed(builds))
+        for name in order:
+            protocol, former = builds[name]
+            chain = glue_chain(protocol, former, fraud)
+            data = traffic.take()
+            pairs["glue"][name].append(await chain.feed(data, opts.turn) / n)
+            _check(chain, n)
+        for name in order:
+            protocol, former = builds[name]
+            daemon = Daemon(scratch / f"{name}-{round_}")
+            chain = await daemon.open(protocol, former)
+            data = traffic.take()
+            pairs["daemon"][name].append(await chain.feed(data, opts.turn) / n)
+            _check(chain, n)
+            await daemon.close()
+    await probe.close(fed=False)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    med = statistics.median
+    us = 1e6
+    kind, why = hotpath.hot_path()
+    print(
+        f"capture path, {opts.calls:,} 6-message calls a step, {opts.turn} datagrams a turn,"
+        f" medians of {opts.rounds} rounds, CPU time; hot path {kind}{f' ({why})' if why else ''};"
+        f" load average {os.getloadavg()[0]:.1f}"
+    )
+    parse_us = med(split["parse"]) * us
+    straight_us = med(split["parse + tap + correlate"]) * us
+    glue_us = med(pairs["glue"]["current"]) * us
+    daemon_us = med(pairs["daemon"]["current"]) * us
+    print("part 1: where a message's CPU goes (current code)")
+    print(f"  {'parse':<52}{parse_us:7.2f} us")
+    print(f"  {'parse + fraud tap + correlate, a plain loop':<52}{straight_us:7.2f} us")
+    print(f"  {'listener + pipeline, every hook a no-op':<52}{glue_us:7.2f} us")
+    print(
+        f"  {'  of which the glue (listener, pipeline steps)':<52}{glue_us - straight_us:7.2f} us"
+    )
+    print(f"  {'the daemon chain through the listener':<52}{daemon_us:7.2f} us")
+    share = (glue_us - straight_us) / daemon_us
+    print(f"  {'  of which the glue':<52}{share:7.1%}")
+    print("part 2: former against current, alternated (lower is better)")
+    for label, runs in pairs.items():
+        former_us = med(runs["former"]) * us
+        current_us = med(runs["current"]) * us
+        ratios = [c / f for c, f in zip(runs["current"], runs["former"], strict=True)]
+        print(
+            f"  {label:<8} former {former_us:7.2f} us  current {current_us:7.2f} us"
+            f"  ratio {current_us / former_us:5.3f}x"
+            f"  (rounds {min(ratios):.3f}-{max(ratios):.3f}x,"
+            f" saved {former_us - current_us:.2f} us)"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--rounds", type=int, default=7)
+    args.add_argument("--calls", type=int, default=4000, help="calls per step")
+    args.add_argument("--turn", type=int, default=24, help="datagrams per event loop turn")
+    args.add_argument("--quick", action="store_true", help="a few hundred calls, one round")
+    opts = args.parse_args(argv)
+    if opts.quick:
+        opts.rounds, opts.calls = 1, 300
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run(opts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
