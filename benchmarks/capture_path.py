@@ -43,7 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import uvloop
-from former_capture import FormerHintedSipUdpProtocol, former_pipeline
+from former_capture import FormerHintedSipUdpProtocol, FormerPipeline, former_pipeline
 from receive import MARK, call_flow
 from sipcdr import hotpath
 from sipcdr.app import App
@@ -106,7 +106,9 @@ def _nothing(*_args: object) -> None:
 class Chain:
     """A pipeline behind a SIP/UDP listener, fed datagrams a turn at a time."""
 
-    def __init__(self, pipeline: Pipeline, protocol: Protocol, after: Callable[[], None]) -> None:
+    def __init__(
+        self, pipeline: Pipeline | FormerPipeline, protocol: Protocol, after: Callable[[], None]
+    ) -> None:
         self.pipeline = pipeline
         self.hint = ListenerHint("SIP/UDP", "127.0.0.1:5060", "HEP packets", "capture.hep_udp")
         self.stats = ListenerStats()
@@ -167,11 +169,12 @@ class Daemon:
             daemon_fraud=True,
             clock=app.clock,
         )
-        if former:
-            engine.pipeline = former_pipeline(engine.pipeline)
         app.engine = engine
-        await app.dialogs.start(engine.emit)
-        return Chain(engine.pipeline, protocol, self._slice_end)
+        # The former steps over the engine's parts; the journal's timer closes go out
+        # by the same steps as the messages' closes.
+        pipeline = former_pipeline(engine.pipeline) if former else engine.pipeline
+        await app.dialogs.start(pipeline.emit)
+        return Chain(pipeline, protocol, self._slice_end)
 
     def _slice_end(self) -> None:
         for spool in self.app.outputs.spools.values():

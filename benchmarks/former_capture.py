@@ -7,24 +7,107 @@ counter behind a method call each and the `Packet` built through its `__new__`."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import structlog
 from sipcdr.capture.hints import ListenerHint
 from sipcdr.capture.listeners import AllowList, ListenerStats
 from sipcdr.clock import SYSTEM_CLOCK, Clock
+from sipcdr.dialog import Correlator
 from sipcdr.model import TRANSPORT_UDP, Cdr, Packet
-from sipcdr.pipeline import Pipeline, _bump
+from sipcdr.pipeline import CdrSink, Intake, Pipeline, PipelineStats
 from sipcdr.sip import SipMessage, SipParseError, parse
-from sipcdr.stages import PartsFailed
+from sipcdr.stages import CdrStage, MessageStage, PartsFailed
 
 _HEP3 = b"HEP3"
+_ERROR_LOG_LIMIT = 10
+_log = structlog.get_logger("sipcdr.pipeline")
 
 
-class FormerPipeline(Pipeline):
-    """The current pipeline's state with the former steps."""
+def _bump(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
 
-    __slots__ = ()
+
+class FormerPipeline:
+    """The former pipeline, whole (the current one may be compiled: no subclass)."""
+
+    __slots__ = (
+        "_errors_logged",
+        "_messages",
+        "_on_message",
+        "_parse_errors",
+        "correlator",
+        "decided",
+        "intake",
+        "journal",
+        "message_stages",
+        "signaling",
+        "sinks",
+        "stages",
+        "stats",
+    )
+
+    def __init__(
+        self,
+        correlator: Correlator,
+        sinks: Sequence[CdrSink],
+        stages: Sequence[CdrStage] = (),
+        message_stages: Sequence[MessageStage] = (),
+        *,
+        signaling: Callable[[Packet, SipMessage], None] | None = None,
+        journal: Callable[[Packet], None] | None = None,
+        decided: Callable[[Sequence[Cdr], float | None], None] | None = None,
+        intake: Intake | None = None,
+    ) -> None:
+        self.correlator = correlator
+        self.sinks = tuple(sinks)
+        self.stages = tuple(stages)
+        self.message_stages = tuple(message_stages)
+        self._on_message = self._message_step()
+        self.signaling = signaling
+        self.journal = journal
+        self.decided = decided
+        self.intake = Intake() if intake is None else intake
+        self.stats = PipelineStats()
+        self.stats.calls_refused = self.intake.refused
+        self._parse_errors = self.stats.parse_errors
+        self._messages = self.stats.messages
+        self._errors_logged = 0
+
+    @property
+    def cdrs_written(self) -> int:
+        return self.stats.cdrs_emitted
+
+    def _message_step(self) -> Callable[[Packet, SipMessage], None] | None:
+        stages = self.message_stages
+        if not stages:
+            return None
+        if len(stages) == 1:
+            return stages[0].on_message
+        steps = tuple((stage.name, stage.on_message) for stage in stages)
+
+        def each(packet: Packet, msg: SipMessage) -> None:
+            for name, step in steps:
+                try:
+                    step(packet, msg)
+                except Exception as exc:
+                    self._message_stage_failed(name, exc, msg)
+
+        return each
+
+    def _message_stage_failed(self, name: str, exc: Exception, msg: SipMessage) -> None:
+        _bump(self.stats.internal_errors, name)
+        self._log_error("message_stage_failed", exc, msg.call_id)
+
+    def _log_error(self, event: str, exc: Exception, call_id: str) -> None:
+        if self._errors_logged < _ERROR_LOG_LIMIT:
+            self._errors_logged += 1
+            _log.error(event, error=repr(exc), call_id=call_id[:128])
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
 
     def process(self, packet: Packet) -> None:
         try:
@@ -113,7 +196,7 @@ class FormerSipUdpProtocol(asyncio.DatagramProtocol):
 
     def __init__(
         self,
-        pipeline: Pipeline,
+        pipeline: Pipeline | FormerPipeline,
         allow: AllowList,
         local: tuple[str, int],
         stats: ListenerStats,
@@ -150,7 +233,7 @@ class FormerSipUdpProtocol(asyncio.DatagramProtocol):
 class FormerHintedSipUdpProtocol(FormerSipUdpProtocol):
     def __init__(
         self,
-        pipeline: Pipeline,
+        pipeline: Pipeline | FormerPipeline,
         allow: AllowList,
         local: tuple[str, int],
         hint: ListenerHint,
