@@ -118,7 +118,6 @@ class Chain:
     async def feed(self, datagrams: Sequence[bytes], turn: int) -> float:
         """CPU seconds for `datagrams`, `turn` per event loop turn."""
         receive = self.protocol.datagram_received
-        gc.collect()
         started = time.process_time()
         for first in range(0, len(datagrams), turn):
             for data in datagrams[first : first + turn]:
@@ -225,13 +224,13 @@ def _check(chain: Chain, messages: int) -> None:
 
 
 async def run(opts: argparse.Namespace) -> None:
-    traffic = Traffic(opts.calls)
+    traffic = Traffic(opts.slice)
     scratch = Path(tempfile.mkdtemp(prefix="capture-path-"))
     # The daemon's fraud stage, for its tap in the plain loop and the glue chains.
     probe = Daemon(scratch / "probe")
     await probe.open(HintedSipUdpProtocol, False)
     fraud = probe.fraud()
-    split: dict[str, list[float]] = {}
+    split: dict[str, list[float]] = {"parse": [], "parse + tap + correlate": []}
     pairs: dict[str, dict[str, list[float]]] = {
         "glue": {"former": [], "current": []},
         "daemon": {"former": [], "current": []},
@@ -240,27 +239,35 @@ async def run(opts: argparse.Namespace) -> None:
         "former": (FormerHintedSipUdpProtocol, True),
         "current": (HintedSipUdpProtocol, False),
     }
+    slices = max(1, opts.calls // opts.slice)
     for round_ in range(opts.rounds):
-        data = traffic.take()
-        n = len(data)
-        split.setdefault("parse", []).append(_straight(data, None) / n)
-        data = traffic.take()
-        split.setdefault("parse + tap + correlate", []).append(_straight(data, fraud) / n)
-        # Alternate which build goes first, so neither always follows the other.
-        order = list(builds) if round_ % 2 == 0 else list(reversed(builds))
-        for name in order:
-            protocol, former = builds[name]
-            chain = glue_chain(protocol, former, fraud)
-            data = traffic.take()
-            pairs["glue"][name].append(await chain.feed(data, opts.turn) / n)
-            _check(chain, n)
-        for name in order:
-            protocol, former = builds[name]
+        chains: dict[tuple[str, str], Chain] = {}
+        daemons: list[Daemon] = []
+        for name, (protocol, former) in builds.items():
+            chains["glue", name] = glue_chain(protocol, former, fraud)
             daemon = Daemon(scratch / f"{name}-{round_}")
-            chain = await daemon.open(protocol, former)
-            data = traffic.take()
-            pairs["daemon"][name].append(await chain.feed(data, opts.turn) / n)
-            _check(chain, n)
+            daemons.append(daemon)
+            chains["daemon", name] = await daemon.open(protocol, former)
+        seconds: dict[str | tuple[str, str], float] = dict.fromkeys([*split, *chains], 0.0)
+        gc.collect()
+        # Slice by slice, every contender in turn (the order reversed every other
+        # slice): a burst of load from elsewhere falls on all of them alike.
+        for step in range(slices):
+            keys = list(seconds) if step % 2 == 0 else list(reversed(seconds))
+            for key in keys:
+                data = traffic.take()
+                if isinstance(key, tuple):
+                    seconds[key] += await chains[key].feed(data, opts.turn)
+                else:
+                    seconds[key] += _straight(data, fraud if key != "parse" else None)
+        n = slices * opts.slice * 6
+        for key, spent in seconds.items():
+            if isinstance(key, tuple):
+                _check(chains[key], n)
+                pairs[key[0]][key[1]].append(spent / n)
+            else:
+                split[key].append(spent / n)
+        for daemon in daemons:
             await daemon.close()
     await probe.close(fed=False)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -269,7 +276,8 @@ async def run(opts: argparse.Namespace) -> None:
     us = 1e6
     kind, why = hotpath.hot_path()
     print(
-        f"capture path, {opts.calls:,} 6-message calls a step, {opts.turn} datagrams a turn,"
+        f"capture path, {opts.calls:,} 6-message calls a round in slices of {opts.slice},"
+        f" {opts.turn} datagrams a turn,"
         f" medians of {opts.rounds} rounds, CPU time; hot path {kind}{f' ({why})' if why else ''};"
         f" load average {os.getloadavg()[0]:.1f}"
     )
@@ -303,12 +311,13 @@ async def run(opts: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--rounds", type=int, default=7)
-    args.add_argument("--calls", type=int, default=4000, help="calls per step")
+    args.add_argument("--calls", type=int, default=4000, help="calls per contender a round")
+    args.add_argument("--slice", type=int, default=200, help="calls per contender in turn")
     args.add_argument("--turn", type=int, default=24, help="datagrams per event loop turn")
     args.add_argument("--quick", action="store_true", help="a few hundred calls, one round")
     opts = args.parse_args(argv)
     if opts.quick:
-        opts.rounds, opts.calls = 1, 300
+        opts.rounds, opts.calls, opts.slice = 1, 300, 100
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run(opts))
     return 0

@@ -402,7 +402,7 @@ CONTENDERS: dict[str, Receiver] = {
     ),
     "(c) asyncio-dgram recv()": dgram_receive,
     "(d) thread + blocking recv_into": thread_receive,
-    "(e) uvloop readiness + recvfrom loop": reader_receive,
+    "(e) uvloop add_reader + recvfrom": reader_receive,
 }
 BASELINE = "(b) uvloop + DatagramProtocol"
 
