@@ -74,6 +74,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/dialogs.py
 	$(BIN)/python benchmarks/rating.py
 	$(BIN)/python benchmarks/receive.py
+	$(BIN)/python benchmarks/capture_path.py
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/import_captures.py --interpreted
 	$(BIN)/python benchmarks/connections.py
