@@ -17,9 +17,10 @@ sampling profiler, whose "self" time of the pipeline's frames holds them):
   CDR and signaling spools, the dialog journal, fraud, enrich and rate) through the
   listener.
 
-Part 2: the glue and the daemon's chain again, each built once with the former
-listener and pipeline steps (`former_capture.py`) and once with the current ones,
-the two alternated round by round; medians of CPU time per message and their ratio.
+Part 2: the glue and the daemon's chain again, each built with the former listener
+and pipeline steps (`former_capture.py`), with the current ones, and (when the hot
+path is compiled) with the current ones but `pipeline.py` run from its source; fed in
+turn slice by slice; medians over rounds of CPU time per message, and ratios.
 
     python benchmarks/capture_path.py [--rounds 7] [--calls 4000] [--turn 24]
     python benchmarks/capture_path.py --quick
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.util
 import os
 import shutil
 import statistics
@@ -42,6 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import sipcdr.pipeline
 import uvloop
 from former_capture import FormerHintedSipUdpProtocol, FormerPipeline, former_pipeline
 from receive import MARK, call_flow
@@ -63,6 +66,8 @@ SENDER = ("127.0.0.1", 40000)  # e2e.py's sender is on the same host
 DSN = "postgresql://sipcdr@127.0.0.1:1/sipcdr"  # never connected to: delivery runs apart
 
 Protocol = Callable[..., Any]
+# The current code with pipeline.py run from its source, beside the compiled build.
+INTERPRETED = "current, pipeline.py interpreted"
 
 
 class Traffic:
@@ -127,7 +132,40 @@ class Chain:
         return time.process_time() - started
 
 
-def glue_chain(protocol: Protocol, former: bool, fraud: FraudStage) -> Chain:
+Rebuild = Callable[[Pipeline], "Pipeline | FormerPipeline"]
+
+
+def _same(pipeline: Pipeline) -> Pipeline:
+    return pipeline
+
+
+def source_pipeline() -> Rebuild:
+    """The current pipeline's source, loaded apart from the compiled module in use (its
+    imports, the parser and correlator among them, are the compiled ones): what
+    compiling `pipeline.py` changes, and nothing else."""
+    path = Path(sipcdr.pipeline.__file__).with_name("pipeline.py")
+    spec = importlib.util.spec_from_file_location("capture_path_pipeline_source", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def rebuild(current: Pipeline) -> Pipeline:
+        pipeline: Pipeline = module.Pipeline(
+            current.correlator,
+            current.sinks,
+            current.stages,
+            current.message_stages,
+            signaling=current.signaling,
+            journal=current.journal,
+            decided=current.decided,
+            intake=current.intake,
+        )
+        return pipeline
+
+    return rebuild
+
+
+def glue_chain(protocol: Protocol, rebuild: Rebuild, fraud: FraudStage) -> Chain:
     pipeline = Pipeline(
         Correlator(),
         (_NoSink(), _NoSink(), _NoSink()),
@@ -137,7 +175,7 @@ def glue_chain(protocol: Protocol, former: bool, fraud: FraudStage) -> Chain:
         journal=_nothing,
         decided=_nothing,
     )
-    return Chain(former_pipeline(pipeline) if former else pipeline, protocol, lambda: None)
+    return Chain(rebuild(pipeline), protocol, lambda: None)
 
 
 class Daemon:
@@ -154,7 +192,7 @@ class Daemon:
         self.app = App(load_config(None, environ), apart=True)
         self.folder = folder
 
-    async def open(self, protocol: Protocol, former: bool) -> Chain:
+    async def open(self, protocol: Protocol, rebuild: Rebuild = _same) -> Chain:
         app = self.app
         prepare_state_dir(app.state_dir)
         app.dialogs.recover()
@@ -171,7 +209,7 @@ class Daemon:
         app.engine = engine
         # The former steps over the engine's parts; the journal's timer closes go out
         # by the same steps as the messages' closes.
-        pipeline = former_pipeline(engine.pipeline) if former else engine.pipeline
+        pipeline = rebuild(engine.pipeline)
         await app.dialogs.start(pipeline.emit)
         return Chain(pipeline, protocol, self._slice_end)
 
@@ -228,26 +266,28 @@ async def run(opts: argparse.Namespace) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="capture-path-"))
     # The daemon's fraud stage, for its tap in the plain loop and the glue chains.
     probe = Daemon(scratch / "probe")
-    await probe.open(HintedSipUdpProtocol, False)
+    await probe.open(HintedSipUdpProtocol)
     fraud = probe.fraud()
     split: dict[str, list[float]] = {"parse": [], "parse + tap + correlate": []}
     pairs: dict[str, dict[str, list[float]]] = {
-        "glue": {"former": [], "current": []},
-        "daemon": {"former": [], "current": []},
+        "glue": {},
+        "daemon": {},
     }
-    builds = {
-        "former": (FormerHintedSipUdpProtocol, True),
-        "current": (HintedSipUdpProtocol, False),
+    builds: dict[str, tuple[Protocol, Rebuild]] = {
+        "former": (FormerHintedSipUdpProtocol, former_pipeline),
+        "current": (HintedSipUdpProtocol, _same),
     }
+    if hotpath.hot_path()[0] == hotpath.COMPILED:
+        builds[INTERPRETED] = (HintedSipUdpProtocol, source_pipeline())
     slices = max(1, opts.calls // opts.slice)
     for round_ in range(opts.rounds):
         chains: dict[tuple[str, str], Chain] = {}
         daemons: list[Daemon] = []
-        for name, (protocol, former) in builds.items():
-            chains["glue", name] = glue_chain(protocol, former, fraud)
+        for name, (protocol, rebuild) in builds.items():
+            chains["glue", name] = glue_chain(protocol, rebuild, fraud)
             daemon = Daemon(scratch / f"{name}-{round_}")
             daemons.append(daemon)
-            chains["daemon", name] = await daemon.open(protocol, former)
+            chains["daemon", name] = await daemon.open(protocol, rebuild)
         seconds: dict[str | tuple[str, str], float] = dict.fromkeys([*split, *chains], 0.0)
         gc.collect()
         # Slice by slice, every contender in turn (the order reversed every other
@@ -264,7 +304,7 @@ async def run(opts: argparse.Namespace) -> None:
         for key, spent in seconds.items():
             if isinstance(key, tuple):
                 _check(chains[key], n)
-                pairs[key[0]][key[1]].append(spent / n)
+                pairs[key[0]].setdefault(key[1], []).append(spent / n)
             else:
                 split[key].append(spent / n)
         for daemon in daemons:
@@ -306,6 +346,14 @@ async def run(opts: argparse.Namespace) -> None:
             f"  (rounds {min(ratios):.3f}-{max(ratios):.3f}x,"
             f" saved {former_us - current_us:.2f} us)"
         )
+        if INTERPRETED in runs:
+            # What compiling pipeline.py adds to the rest of the rework.
+            source_us = med(runs[INTERPRETED]) * us
+            ratios = [c / i for c, i in zip(runs["current"], runs[INTERPRETED], strict=True)]
+            print(
+                f"  {'':<8} {INTERPRETED} {source_us:7.2f} us: compiled/interpreted"
+                f" {current_us / source_us:5.3f}x (rounds {min(ratios):.3f}-{max(ratios):.3f}x)"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
