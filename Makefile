@@ -11,7 +11,8 @@ RUN_STAMP := $(VENV)/.installed-run
 # The package's __init__ and model are type-checked with them (the compiled code reads
 # the model's records by their declared types), so an edit there rebuilds too.
 HOT_PATH := setup.py daemon/sipcdr/__init__.py daemon/sipcdr/model.py \
-	daemon/sipcdr/hotpath.py daemon/sipcdr/hep.py daemon/sipcdr/sip/_scan.c \
+	daemon/sipcdr/hotpath.py daemon/sipcdr/hep.py daemon/sipcdr/pipeline.py \
+	daemon/sipcdr/sip/_scan.c \
 	$(wildcard daemon/sipcdr/sip/*.py daemon/sipcdr/decode/*.py daemon/sipcdr/dialog/*.py) \
 	$(wildcard daemon/sipcdr/fraud/*.py)
 # The quiet install hides a compile that fell back to pure Python: with a compiler here,
@@ -73,6 +74,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/dialogs.py
 	$(BIN)/python benchmarks/rating.py
 	$(BIN)/python benchmarks/receive.py
+	$(BIN)/python benchmarks/capture_path.py
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/import_captures.py --interpreted
 	$(BIN)/python benchmarks/connections.py

@@ -67,6 +67,9 @@ COMPILED_MODULES: Final = (
     "sipcdr.fraud.call_patterns",
     "sipcdr.fraud.monitor",
     "sipcdr.fraud.tap",
+    # The per-message glue around the modules above: compiled, its calls into them
+    # are direct calls rather than Python calls.
+    "sipcdr.pipeline",
 )
 # The C header scanner: an extension with no Python twin; the parser runs its own loop
 # without it.

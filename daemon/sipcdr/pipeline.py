@@ -74,10 +74,13 @@ class Pipeline:
     wired in afterwards."""
 
     __slots__ = (
+        "_cdr_steps",
         "_errors_logged",
+        "_feed",
         "_messages",
         "_on_message",
         "_parse_errors",
+        "_writes",
         "correlator",
         "decided",
         "intake",
@@ -102,10 +105,15 @@ class Pipeline:
         intake: Intake | None = None,
     ) -> None:
         self.correlator = correlator
+        self._feed = correlator.feed
         self.sinks = tuple(sinks)
         # Each closed call passes these in order (enrich, rate, then fraud, which reads
         # the cost) before any sink sees it.
         self.stages = tuple(stages)
+        # Each CDR passes every stage and sink: their steps bound once, with the names
+        # their faults are counted under.
+        self._cdr_steps = tuple((stage.name, stage.on_cdr) for stage in self.stages)
+        self._writes = tuple((sink.name, sink.write) for sink in self.sinks)
         # Each parsed message passes these before the correlator (fraud).
         self.message_stages = tuple(message_stages)
         # Their step, bound once: the usual one stage is called straight, with no loop,
@@ -147,18 +155,17 @@ class Pipeline:
     def take(self, packet: Packet, msg: SipMessage) -> None:
         """One message already parsed (a capture's, or one replayed from the
         `sipcdr.sip` topic): the rest of the chain."""
-        intake = self.intake
-        if intake.paused and (msg.method == "INVITE" and not self.correlator.is_open(msg.call_id)):
-            # Only new calls are refused: the BYE of a call already being billed must
-            # still end it, or its CDR would close short, by a timeout, much later.
-            _bump(intake.refused, intake.reason)
+        # Every message passes here: the parts are read from the instance once each,
+        # the correlator's step bound once at construction.
+        if self.intake.paused and self._refused(msg):
             return
         key = (msg.method, "request") if msg.is_request else (msg.cseq_method, "response")
         messages = self._messages
         messages[key] = messages.get(key, 0) + 1
-        if self.signaling is not None:
+        signaling = self.signaling
+        if signaling is not None:
             try:
-                self.signaling(packet, msg)
+                signaling(packet, msg)
             except Exception as exc:  # the signaling copy must never cost the call
                 _bump(self.stats.internal_errors, "signaling")
                 self._log_error("signaling_record_failed", exc, msg.call_id)
@@ -169,7 +176,7 @@ class Pipeline:
             except Exception as exc:  # several stages catch their own in `_message_step`
                 self._message_stage_failed(self.message_stages[0].name, exc, msg)
         try:
-            closed = self.correlator.feed(packet, msg)
+            closed = self._feed(packet, msg)
         except Exception as exc:
             # A correlator bug costs this message, counted, never the capture loop.
             _bump(self.stats.internal_errors, "correlator")
@@ -182,6 +189,16 @@ class Pipeline:
             journal(packet)
         if closed:
             self.emit(closed)
+
+    def _refused(self, msg: SipMessage) -> bool:
+        """While intake is paused: whether `msg` is refused, counted by reason. Only new
+        calls are: the BYE of a call already being billed must still end it, or its CDR
+        would close short, by a timeout, much later."""
+        if msg.method == "INVITE" and not self.correlator.is_open(msg.call_id):
+            intake = self.intake
+            _bump(intake.refused, intake.reason)
+            return True
+        return False
 
     def _message_step(self) -> Callable[[Packet, SipMessage], None] | None:
         stages = self.message_stages
@@ -228,29 +245,29 @@ class Pipeline:
         self.emit(self.correlator.drain())
 
     def emit(self, cdrs: Sequence[Cdr]) -> None:
-        stages = self.stages
+        stats = self.stats
         for cdr in cdrs:
-            for stage in stages:
+            for name, on_cdr in self._cdr_steps:
                 try:
-                    cdr = stage.on_cdr(cdr)
+                    cdr = on_cdr(cdr)
                 except PartsFailed as failed:  # the parts that failed cost their fields
                     cdr = failed.cdr
-                    for name, exc in failed.failures:
-                        _bump(self.stats.internal_errors, name)
+                    for part, exc in failed.failures:
+                        _bump(stats.internal_errors, part)
                         self._log_error("cdr_stage_failed", exc, cdr.call_id)
                 except Exception as exc:  # a stage's bug costs its fields, never the CDR
-                    _bump(self.stats.internal_errors, stage.name)
+                    _bump(stats.internal_errors, name)
                     self._log_error("cdr_stage_failed", exc, cdr.call_id)
             written = True
-            for sink in self.sinks:
+            for name, write in self._writes:
                 try:
-                    sink.write(cdr)
+                    write(cdr)
                 except Exception as exc:  # one sink's bug must not cost the others
                     written = False
-                    _bump(self.stats.cdr_write_failures, sink.name)
+                    _bump(stats.cdr_write_failures, name)
                     self._log_error("cdr_write_failed", exc, cdr.call_id)
             # Written: every sink took it (a CDR one sink lost is counted there).
-            self.stats.cdrs_emitted += written
+            stats.cdrs_emitted += written
 
     def flush(self) -> None:
         for sink in self.sinks:

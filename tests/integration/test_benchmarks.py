@@ -18,6 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
         ("parser.py", ["--rounds", "1", "--number", "60"], "sipcdr / dpkt.sip, INVITE"),
         ("dialogs.py", ["--calls", "300", "--rounds", "1", "--flows", "30"], "bytes per open"),
         ("receive.py", ["--quick"], "sipcdr receive path"),
+        ("capture_path.py", ["--quick"], "former against current"),
         ("decode.py", ["--rounds", "1", "--number", "200"], "dpkt/sipcdr"),
         ("import_captures.py", ["--rounds", "1", "--scale", "0.002"], "x tshark"),
         ("connections.py", ["--quick"], "KiB server RSS per connection"),

@@ -10,7 +10,8 @@ and hypothesis mutations of them):
   rejections with their reason and detail;
 * HEP: every decoded field, or the error's reason and detail;
 * frame decoding: every SIP packet found, frame by frame, and every counter;
-* the correlator: every CDR, the `changed` flag, the counters, KPIs and the snapshot.
+* the correlator: every CDR, the `changed` flag, the counters, KPIs and the snapshot;
+* the pipeline: every call of its hooks, stages and sinks, in order, and its counters.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import importlib
 import io
 import struct
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -31,7 +33,7 @@ from hypothesis import strategies as st
 from pcapdata import require_shared_data, udp_payloads
 from sipcdr import hepencode
 from sipcdr.hotpath import COMPILED_MODULES, load_interpreted
-from sipcdr.model import Packet
+from sipcdr.model import Packet, replace_cdr
 
 Modules = dict[str, ModuleType]
 
@@ -493,6 +495,109 @@ def test_mutated_call_flows_through_the_correlator(
             slow.feed(moved)
     assert fast.events == slow.events
     assert fast.state() == slow.state()
+
+
+# -- the pipeline -------------------------------------------------------------------------
+
+
+class Chain:
+    """A pipeline of `modules` with every hook, a stage that fails on some CDRs and one
+    that adds to them, and a sink that refuses some: each call, in order, in `events`."""
+
+    def __init__(self, modules: Modules) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        pipeline_module = modules["sipcdr.pipeline"]
+        correlator = modules["sipcdr.dialog.correlator"].Correlator(
+            modules["sipcdr.dialog.correlator"].DialogLimits(max_open_dialogs=3)
+        )
+        self.pipeline = pipeline_module.Pipeline(
+            correlator,
+            (_Sink("refusing", self.events, refuse=True), _Sink("kept", self.events)),
+            (_Stage("failing", self.events, fail=True), _Stage("marking", self.events)),
+            (_Stage("tap", self.events),),
+            signaling=lambda packet, msg: self.events.append(("signaling", msg.call_id)),
+            journal=lambda packet: self.events.append(("journal", packet.timestamp)),
+            decided=lambda cdrs, at: self.events.append(("decided", list(cdrs), at)),
+        )
+
+    def feed(self, packet: Packet, paused: bool) -> None:
+        self.pipeline.intake.paused = paused
+        self.pipeline.process(packet)
+        if int(packet.timestamp) % 7 == 0:
+            self.pipeline.expire(packet.timestamp)
+
+    def state(self) -> tuple[object, ...]:
+        stats = self.pipeline.stats
+        return (
+            self.events,
+            stats.parse_errors,
+            stats.messages,
+            stats.calls_refused,
+            stats.internal_errors,
+            stats.cdr_write_failures,
+            stats.cdrs_emitted,
+        )
+
+
+class _Stage:
+    def __init__(self, name: str, events: list[tuple[Any, ...]], fail: bool = False) -> None:
+        self.name = name
+        self.events = events
+        self.fail = fail
+
+    def on_message(self, packet: Packet, msg: Any) -> None:
+        self.events.append((self.name, msg.call_id))
+        if len(msg.call_id) % 3 == 0:
+            raise ValueError("a message stage's bug")
+
+    def on_cdr(self, cdr: Any) -> Any:
+        self.events.append((self.name, cdr.call_id))
+        if self.fail and len(cdr.call_id) % 2 == 0:
+            raise ValueError("a CDR stage's bug")
+        return replace_cdr(cdr, capture_node=f"{cdr.capture_node}+{self.name}")
+
+
+class _Sink:
+    def __init__(self, name: str, events: list[tuple[Any, ...]], refuse: bool = False) -> None:
+        self.name = name
+        self.events = events
+        self.refuse = refuse
+
+    def write(self, cdr: Any) -> None:
+        self.events.append((self.name, cdr))
+        if self.refuse and len(cdr.call_id) % 5 == 0:
+            raise OSError("a sink's fault")
+
+    def flush(self) -> None:
+        return None
+
+
+def test_every_public_capture_through_the_pipeline(compiled: Modules, interpreted: Modules) -> None:
+    """Parse errors, intake paused for new calls now and then, evictions (three open
+    calls at most), timer closes, faults of stages and sinks: the same calls in the same
+    order, the same counts."""
+    seen: Counter[str] = Counter()
+    for path in captures():
+        fast, slow = Chain(compiled), Chain(interpreted)
+        for n, packet in enumerate(capture_packets(compiled, path)):
+            fast.feed(packet, paused=n % 11 == 5)
+            slow.feed(packet, paused=n % 11 == 5)
+        assert fast.state() == slow.state(), path.name
+        assert fast.pipeline.cdrs_written == slow.pipeline.cdrs_written
+        stats = fast.pipeline.stats
+        seen.update(
+            parse_errors=sum(stats.parse_errors.values()),
+            refused=sum(stats.calls_refused.values()),
+            stage_faults=sum(stats.internal_errors.values()),
+            sink_faults=sum(stats.cdr_write_failures.values()),
+            written=stats.cdrs_emitted,
+            decided=sum(1 for event in fast.events if event[0] == "decided"),
+        )
+    # Every path was taken somewhere, or the comparison proves less than it says.
+    assert all(
+        seen[key] > 0
+        for key in ("parse_errors", "refused", "stage_faults", "sink_faults", "written", "decided")
+    ), seen
 
 
 # -- the media pre-filter on built frames ------------------------------------------------

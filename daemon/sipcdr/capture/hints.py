@@ -90,7 +90,10 @@ class ListenerHints:
 
 
 class HintedSipUdpProtocol(SipUdpProtocol):
-    """The SIP/UDP listener, counting what looks like HEP for its hint."""
+    """The SIP/UDP listener, counting what looks like HEP for its hint (the check is
+    in `SipUdpProtocol.datagram_received`, in the one frame a datagram takes)."""
+
+    __slots__ = ("hint",)
 
     def __init__(
         self,
@@ -101,14 +104,8 @@ class HintedSipUdpProtocol(SipUdpProtocol):
         stats: ListenerStats,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        super().__init__(pipeline, allow, local, stats, clock)
+        super().__init__(pipeline, allow, local, stats, clock, hint)
         self.hint = hint
-
-    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        first = data[0] if data else 0
-        if (first == 72 and data.startswith(_HEP3)) or first in (1, 2):
-            self.hint.seen += 1
-        SipUdpProtocol.datagram_received(self, data, addr)
 
 
 class HintedHepUdpProtocol(HepUdpProtocol):

@@ -17,6 +17,7 @@ import socket
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any, Final, Protocol
 
 from sipcdr import hep
 from sipcdr.clock import SYSTEM_CLOCK, Clock
@@ -27,6 +28,9 @@ MAX_DATAGRAM = 65535
 MAX_CLOCK_SKEW_S = hep.MAX_CLOCK_SKEW_S
 _SIP = 1  # HEP protocol type of a SIP payload
 _IP_CACHE_LIMIT = 65536  # distinct sources remembered by an allow-list before it starts over
+_SIP_UDP: Final = "sip_udp"
+_HEP3: Final = b"HEP3"
+_new_packet: Final = tuple.__new__
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -63,6 +67,12 @@ class AllowList:
     def __init__(self, networks: Iterable[Network]) -> None:
         self._networks = tuple(networks)
         self._cache: dict[str, bool] = {}
+
+    @property
+    def verdicts(self) -> Mapping[str, bool]:
+        """The verdicts remembered so far, by address (one dict for the list's life):
+        a listener reads a known source's here without a call."""
+        return self._cache
 
     def permits(self, ip: str) -> bool:
         verdict = self._cache.get(ip)
@@ -113,8 +123,33 @@ def hep_to_packet(
     return packet
 
 
+class Seen(Protocol):
+    """What a listener's hint counts (`capture.hints.ListenerHint`)."""
+
+    seen: int
+
+
 class SipUdpProtocol(asyncio.DatagramProtocol):
-    """Plain SIP copies: the original endpoints are the datagram's own."""
+    """Plain SIP copies: the original endpoints are the datagram's own.
+
+    Every datagram passes here, so the steps are written out in one frame: the
+    allow-list's remembered verdict, the counter and the `Packet` are read and built
+    in place rather than through a method call each. With a `hint`, datagrams that
+    look like HEP are counted for it (`capture.hints`)."""
+
+    __slots__ = (
+        "_allow",
+        "_hint",
+        "_local_ip",
+        "_local_port",
+        "_node",
+        "_now",
+        "_pipeline",
+        "_process",
+        "_received",
+        "_stats",
+        "_verdicts",
+    )
 
     SOURCE = "sip_udp"
 
@@ -125,32 +160,51 @@ class SipUdpProtocol(asyncio.DatagramProtocol):
         local: tuple[str, int],
         stats: ListenerStats,
         clock: Clock = SYSTEM_CLOCK,
+        hint: Seen | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._process = pipeline.process
         self._allow = allow
+        self._verdicts = allow.verdicts
         self._stats = stats
+        self._received = stats.received
+        self._hint = hint
         # The receive time is the capture time of a plain copy.
         self._now = clock.time
         self._local_ip, self._local_port = local
         self._node = f"sip_udp:{local[0]}:{local[1]}"
 
-    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        ip = str(addr[0])
-        if not self._allow.permits(ip):
-            self._stats.drop(self.SOURCE, "not_allowed")
-            return
-        self._stats.count_received(self.SOURCE)
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        hint = self._hint
+        if hint is not None and data:
+            first = data[0]
+            # HEPv3 starts "HEP3", HEPv1/v2 with their version byte; SIP with a letter.
+            if (first == 72 and data.startswith(_HEP3)) or first in (1, 2):
+                hint.seen += 1
+        ip = addr[0]  # a str from the loop; anything else is looked up as its str
+        # A source seen before is one look-up in the allow-list's remembered verdicts.
+        if self._verdicts.get(ip) is not True:
+            ip = str(ip)
+            if not self._allow.permits(ip):
+                self._stats.drop(_SIP_UDP, "not_allowed")
+                return
+        received = self._received
+        received[_SIP_UDP] = received.get(_SIP_UDP, 0) + 1
         port = addr[1]
-        self._pipeline.process(
-            Packet(
-                self._now(),
-                ip,
-                port if isinstance(port, int) else 0,
-                self._local_ip,
-                self._local_port,
-                TRANSPORT_UDP,
-                data,
-                self._node,
+        # tuple.__new__ as NamedTuple._make does, without the generated __new__'s frame.
+        self._process(
+            _new_packet(
+                Packet,
+                (
+                    self._now(),
+                    ip,
+                    port if isinstance(port, int) else 0,
+                    self._local_ip,
+                    self._local_port,
+                    TRANSPORT_UDP,
+                    data,
+                    self._node,
+                ),
             )
         )
 

@@ -1,0 +1,207 @@
+"""The steps between receiving a datagram and the stages: the SIP/UDP listener (the
+allow-list's verdict, the counter, the `Packet`) and the pipeline's per-message and
+per-CDR steps (counts, the order of hooks, stages and sinks, faults counted by name)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from sipcalls import Call, CdrCollector, answered_call_messages
+from sipcdr.capture.hints import HintedSipUdpProtocol, ListenerHint
+from sipcdr.capture.listeners import AllowList, ListenerStats, SipUdpProtocol
+from sipcdr.clock import FakeClock
+from sipcdr.dialog import Correlator, DialogLimits
+from sipcdr.model import Cdr, Packet
+from sipcdr.pipeline import Pipeline
+from sipcdr.sip import SipMessage
+from sipcdr.stages import PartsFailed
+
+LOCAL = ("127.0.0.1", 5060)
+ALLOW = AllowList([ipaddress.ip_network("127.0.0.0/8")])
+
+
+class Recording:
+    """Hooks, stages and sinks that write what they saw, in order, to one list."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.packets: list[Packet] = []
+
+    def signaling(self, packet: Packet, msg: SipMessage) -> None:
+        self.packets.append(packet)
+        self.events.append(f"signaling {msg.method or msg.cseq_method}")
+
+    def journal(self, packet: Packet) -> None:
+        self.events.append("journal")
+
+    def decided(self, cdrs: Sequence[Cdr], at: float | None) -> None:
+        self.events.append(f"decided {len(cdrs)} {at}")
+
+
+class Stage:
+    def __init__(self, name: str, log: list[str], fail: Exception | None = None) -> None:
+        self.name = name
+        self.log = log
+        self.fail = fail
+
+    def on_cdr(self, cdr: Cdr) -> Cdr:
+        self.log.append(f"stage {self.name}")
+        if self.fail is not None:
+            raise self.fail
+        return cdr
+
+
+class Sink(CdrCollector):
+    def __init__(self, name: str, log: list[str], fail: bool = False) -> None:
+        super().__init__()
+        self.name = name
+        self.log = log
+        self.fail = fail
+
+    def write(self, cdr: Cdr) -> None:
+        self.log.append(f"sink {self.name}")
+        if self.fail:
+            raise OSError("refused")
+        super().write(cdr)
+
+
+def _listener(pipeline: Pipeline, stats: ListenerStats) -> SipUdpProtocol:
+    return SipUdpProtocol(pipeline, ALLOW, LOCAL, stats, FakeClock(wall_start=1_700_000_000.5))
+
+
+def test_the_listener_builds_the_packet_of_the_datagram_and_counts_it() -> None:
+    seen = Recording()
+    pipeline = Pipeline(Correlator(), (), signaling=seen.signaling)
+    stats = ListenerStats()
+    invite = answered_call_messages(Call("glue-1@x"))[0]
+    protocol = _listener(pipeline, stats)
+    protocol.datagram_received(invite, ("127.0.0.1", 40000))
+    # Any address object is taken by its text, as the allow-list checks it.
+    protocol.datagram_received(invite, (ipaddress.ip_address("127.0.0.2"), "no port"))
+    assert stats.received == {"sip_udp": 2}
+    assert stats.dropped == {}
+    first, second = seen.packets
+    assert type(first) is Packet
+    assert first == Packet(
+        1_700_000_000.5,
+        "127.0.0.1",
+        40000,
+        "127.0.0.1",
+        5060,
+        "udp",
+        invite,
+        "sip_udp:127.0.0.1:5060",
+    )
+    assert first.src_ip == "127.0.0.1" and first.capture_node == "sip_udp:127.0.0.1:5060"
+    assert type(second.src_ip) is str and second.src_ip == "127.0.0.2"
+    assert second.src_port == 0
+
+
+def test_a_source_outside_the_allow_list_is_dropped_and_counted_every_time() -> None:
+    seen = Recording()
+    pipeline = Pipeline(Correlator(), (), signaling=seen.signaling)
+    stats = ListenerStats()
+    invite = answered_call_messages(Call("glue-2@x"))[0]
+    protocol = _listener(pipeline, stats)
+    for _ in range(3):  # the first checks the networks, the others the remembered verdict
+        protocol.datagram_received(invite, ("192.0.2.1", 5060))
+    assert stats.dropped == {("sip_udp", "not_allowed"): 3}
+    assert stats.received == {}
+    assert seen.packets == [] and pipeline.stats.messages == {}
+    assert ALLOW.verdicts["192.0.2.1"] is False
+
+
+def test_the_hinted_listener_counts_hep_and_processes_the_same_packets() -> None:
+    hint = ListenerHint("SIP/UDP", "127.0.0.1:5060", "HEP packets", "capture.hep_udp")
+    seen = Recording()
+    pipeline = Pipeline(Correlator(), (), signaling=seen.signaling)
+    stats = ListenerStats()
+    protocol = HintedSipUdpProtocol(
+        pipeline, ALLOW, LOCAL, hint, stats, FakeClock(wall_start=1_700_000_000.5)
+    )
+    messages = answered_call_messages(Call("glue-3@x"))
+    for data in (b"HEP3" + bytes(20), b"\x01\x10", b"", *messages, b"H"):
+        protocol.datagram_received(data, ("127.0.0.1", 40000))
+    assert hint.seen == 2
+    assert stats.received == {"sip_udp": len(messages) + 4}
+    assert [p.payload for p in seen.packets] == messages
+    assert sum(pipeline.stats.parse_errors.values()) == 4
+    assert pipeline.cdrs_written == 1
+
+
+def test_every_message_passes_signaling_then_correlation_then_journal_then_the_cdr_path() -> None:
+    seen = Recording()
+    log = seen.events
+    sinks = (Sink("a", log), Sink("b", log))
+    pipeline = Pipeline(
+        Correlator(),
+        sinks,
+        (Stage("first", log), Stage("second", log)),
+        signaling=seen.signaling,
+        journal=seen.journal,
+        decided=seen.decided,
+    )
+    for data in answered_call_messages(Call("glue-4@x")):
+        pipeline.process(Packet(1.0, "192.0.2.10", 5060, "203.0.113.20", 5060, "udp", data, "t"))
+    # Each message's signaling record first; the journal after correlation, for the
+    # messages that changed the call (not the ACK), and before the CDR the BYE closes
+    # goes through the stages, then the sinks, in their order.
+    assert log == [
+        *("signaling INVITE", "journal") * 3,
+        "signaling ACK",
+        "signaling BYE",
+        "journal",
+        "stage first",
+        "stage second",
+        "sink a",
+        "sink b",
+        "signaling BYE",
+    ]
+    assert pipeline.stats.messages == {
+        ("INVITE", "request"): 1,
+        ("INVITE", "response"): 2,
+        ("ACK", "request"): 1,
+        ("BYE", "request"): 1,
+        ("BYE", "response"): 1,
+    }
+    assert pipeline.cdrs_written == 1
+
+
+def test_a_call_evicted_for_a_new_one_is_decided_before_its_message_is_journaled() -> None:
+    seen = Recording()
+    sink = Sink("a", seen.events)
+    correlator = Correlator(DialogLimits(max_open_dialogs=1))
+    pipeline = Pipeline(correlator, (sink,), journal=seen.journal, decided=seen.decided)
+    for n in (1, 2):
+        invite = answered_call_messages(Call(f"glue-5-{n}@x"))[0]
+        pipeline.process(
+            Packet(float(n), "192.0.2.10", 5060, "203.0.113.20", 5060, "udp", invite, "t")
+        )
+    assert seen.events == ["journal", "decided 1 None", "journal", "sink a"]
+    assert [cdr.call_id for cdr in sink.cdrs] == ["glue-5-1@x"]
+
+
+def test_stage_and_sink_faults_are_counted_by_name_and_cost_nothing_else() -> None:
+    log: list[str] = []
+    kept = Sink("kept", log)
+
+    class Partial:
+        name = "enrich+rate"
+
+        def on_cdr(self, cdr: Cdr) -> Cdr:
+            log.append("stage partial")
+            raise PartsFailed(cdr, [("rate", ValueError("no deck"))])
+
+    pipeline = Pipeline(
+        Correlator(),
+        (Sink("broken", log, fail=True), kept),
+        (Partial(), Stage("fraud", log, fail=RuntimeError("bug")), Stage("last", log)),
+    )
+    for data in answered_call_messages(Call("glue-6@x")):
+        pipeline.process(Packet(1.0, "192.0.2.10", 5060, "203.0.113.20", 5060, "udp", data, "t"))
+    assert log == ["stage partial", "stage fraud", "stage last", "sink broken", "sink kept"]
+    assert pipeline.stats.internal_errors == {"rate": 1, "fraud": 1}
+    assert pipeline.stats.cdr_write_failures == {"broken": 1}
+    assert len(kept.cdrs) == 1
+    assert pipeline.cdrs_written == 0  # one sink lost it
