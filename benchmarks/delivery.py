@@ -44,7 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import asyncpg
-from postgres import drop_database, fresh_database
+from postgres import backend_ticks, drop_database, fresh_database
 from samples import cdr_values
 from signaling import traffic
 from sipcdr.sinks import postgres
@@ -114,12 +114,6 @@ def before_build(sink: PostgresSink) -> Iterator[None]:
         setattr(postgres, "sip_message_row", sip_message_row)  # noqa: B010
 
 
-def _ticks(pid: int) -> int:
-    """utime + stime of a process, in clock ticks."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
 def write_spool(folder: Path, messages: int) -> None:
     pairs = traffic(messages)
     with Spool(folder / STREAM_SIGNALING, ("postgres",), buffered=True) as spool:
@@ -148,7 +142,7 @@ async def deliver_all(folder: Path, sink: PostgresSink) -> tuple[float, float]:
         await sink.deliver(stream, reader.read(1, 1 << 20))
         reader.commit()
     backends = [connection.get_server_pid() for connection in sink._connections.values()]
-    ticks = sum(_ticks(pid) for pid in backends)
+    ticks = sum(backend_ticks(pid) for pid in backends)
     start = time.process_time()
     for stream, tail in tails.items():
         reader = tail.reader("postgres")
@@ -156,7 +150,7 @@ async def deliver_all(folder: Path, sink: PostgresSink) -> tuple[float, float]:
             await sink.deliver(stream, batch)
             reader.commit()
     spent = time.process_time() - start
-    server = (sum(_ticks(pid) for pid in backends) - ticks) / os.sysconf("SC_CLK_TCK")
+    server = (sum(backend_ticks(pid) for pid in backends) - ticks) / os.sysconf("SC_CLK_TCK")
     for tail in tails.values():
         tail.close()
     await sink.stop()
