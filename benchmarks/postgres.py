@@ -227,7 +227,8 @@ async def signaling_cost(server_dsn: str, messages: int, rounds: int) -> None:
         f"{messages:,} sip_messages rows, binary COPY in batches of {SIP_BATCH}, "
         f"{sum(map(len, streams)) / messages:.0f} bytes of COPY a row, median of {rounds} rounds"
     )
-    base = med(cpu[names[0]])
+    # A short run may see no tick of the server's CPU at all.
+    base = med(cpu[names[0]]) or float("nan")
     for name in names:
         print(
             f"  {name:<44}{med(cpu[name]):>6.2f} µs server CPU a row "

@@ -246,7 +246,9 @@ def sip_message_row(value: bytes, names_restricted: Callable[[str, str], bool] |
     columns, so this reads them straight from the value: no tuple of the packet's
     fields, the padding the parser needs in one copy, and one search for a NUL in the
     value instead of one per text column (`tests/unit/test_signaling_spool.py` holds
-    it equal to `sip_message_row_unspooled` over every corpus).
+    it equal to `sip_message_row_unspooled` over every corpus). The sink sends a batch
+    of spooled values alone as `SipCopy`'s encoding of these rows instead; this builds
+    them in a batch mixed with JSON values (spooled before an upgrade).
     """
     if len(value) < _SPOOLED_BYTES or value[0] != SPOOLED_LAYOUT:
         raise ValueError(f"not a signaling record of layout {SPOOLED_LAYOUT}")
@@ -559,7 +561,9 @@ class SipCopy:
                 )
             else:
                 fields = _RESPONSE.pack(_NULL, 4, msg.status_code, len(named)) + named
-        call_id_bytes = call_id.encode() if clean else _no_nul(call_id).encode()
+        if not clean:
+            call_id = _no_nul(call_id)
+        call_id_bytes = call_id.encode()
         us = round(timestamp * 1_000_000)
         day = us // _DAY_US
         uid = ((int.from_bytes(digest) & _UUID_KEEP) | _UUID_SET).to_bytes(16)
