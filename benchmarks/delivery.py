@@ -10,12 +10,17 @@ at 15,000 msg/s gives (375 messages, 62 CDRs), as under load.
 - before: each record read with a seek and two reads of its own, each `sip_messages`
   row built by way of `unspool` (the whole packet and event read back), and each
   batch's COPY inside BEGIN, a SAVEPOINT, RELEASE and COMMIT
-- now: the segment read a window at a time, the row read straight from the value, a
-  batch of one COPY sent as that one statement
+- tuples (the build before 2026-12-05's encoded COPY): the segment read a window at a
+  time, a tuple of Python values read straight from the value for each row, which
+  asyncpg's `copy_records_to_table` encodes for its binary COPY; a batch of one COPY
+  sent as that one statement
+- now: as tuples, but each `sip_messages` row encoded for the binary COPY as it is
+  read (`SipCopy`), the batch sent by `copy_to_table` as it is
 
-Figures are the CPU time of this process (what the delivery process spends; the
-server's own is not counted) per SIP message, medians of the rounds, the two
-contenders alternating within each round on a database of their own.
+Figures are the CPU time of this process (what the delivery process spends) per SIP
+message, and the CPU time of the server's two backends serving it (from /proc: the
+server must run on this machine; its clock ticks are 10 ms), medians of the rounds,
+the contenders in a rotating order within each round on a database of their own.
 
     python benchmarks/delivery.py [--messages 60000] [--rounds 5] [--dsn postgresql://...]
 
@@ -27,24 +32,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import asyncpg
-from postgres import drop_database, fresh_database
+from postgres import backend_ticks, drop_database, fresh_database
 from samples import cdr_values
 from signaling import traffic
 from sipcdr.sinks import postgres
-from sipcdr.sinks.base import KIND_CDR, KIND_SIP, STREAM_RECORDS, STREAM_SIGNALING
+from sipcdr.sinks.base import KIND_CDR, KIND_SIP, STREAM_RECORDS, STREAM_SIGNALING, SpoolRecord
 from sipcdr.sinks.pgrows import Row, Table, sip_message_row, sip_message_row_unspooled
-from sipcdr.sinks.postgres import PostgresSink
+from sipcdr.sinks.postgres import PostgresSink, TableRows
 from sipcdr.sipevent import spooled
 from sipcdr.spool import Spool
 from sipcdr.spool import reader as spool_reader
@@ -55,14 +61,21 @@ from sipcdr.storage.embedded import EmbeddedPostgres
 BATCH = {STREAM_SIGNALING: 375, STREAM_RECORDS: 62}
 
 
-class SavepointSink(PostgresSink):
+class TupleSink(PostgresSink):
+    """Every batch's rows as tuples of Python values, encoded by the driver."""
+
+    def _encoded(self, stream: str, records: Sequence[SpoolRecord]) -> dict[Table, TableRows]:
+        return dict(self._rows(stream, records))
+
+
+class SavepointSink(TupleSink):
     """The sink's writes as they were: every batch in a transaction, each table's COPY
     in a savepoint of its own."""
 
     async def _write(
         self,
         connection: asyncpg.Connection,
-        rows: dict[Table, list[Row]],
+        rows: dict[Table, TableRows],
         calls: list[str],
         *,
         direct: bool,
@@ -111,8 +124,9 @@ def write_spool(folder: Path, messages: int) -> None:
             spool.append(KIND_CDR, b"call", value)
 
 
-async def deliver_all(folder: Path, sink: PostgresSink) -> float:
-    """CPU seconds to deliver both streams from the start of the spool."""
+async def deliver_all(folder: Path, sink: PostgresSink) -> tuple[float, float]:
+    """CPU seconds to deliver both streams from the start of the spool: this process's
+    and the server's backends'."""
     tails = {}
     for stream in (STREAM_SIGNALING, STREAM_RECORDS):
         for cursor in (folder / stream / "cursors").glob("*"):
@@ -127,6 +141,8 @@ async def deliver_all(folder: Path, sink: PostgresSink) -> float:
         reader = tail.reader("postgres")
         await sink.deliver(stream, reader.read(1, 1 << 20))
         reader.commit()
+    backends = [connection.get_server_pid() for connection in sink._connections.values()]
+    ticks = sum(backend_ticks(pid) for pid in backends)
     start = time.process_time()
     for stream, tail in tails.items():
         reader = tail.reader("postgres")
@@ -134,17 +150,23 @@ async def deliver_all(folder: Path, sink: PostgresSink) -> float:
             await sink.deliver(stream, batch)
             reader.commit()
     spent = time.process_time() - start
+    server = (sum(backend_ticks(pid) for pid in backends) - ticks) / os.sysconf("SC_CLK_TCK")
     for tail in tails.values():
         tail.close()
     await sink.stop()
-    return spent
+    return spent, server
 
 
-async def one(server_dsn: str, folder: Path, now: bool) -> float:
+CONTENDERS = ("before", "tuples", "now")
+
+
+async def one(server_dsn: str, folder: Path, contender: str) -> tuple[float, float]:
     dsn = await fresh_database(server_dsn)
     try:
-        if now:
+        if contender == "now":
             return await deliver_all(folder, PostgresSink(dsn))
+        if contender == "tuples":
+            return await deliver_all(folder, TupleSink(dsn))
         sink = SavepointSink(dsn)
         with before_build(sink):
             return await deliver_all(folder, sink)
@@ -161,15 +183,18 @@ async def main_async(args: argparse.Namespace) -> None:
         server_dsn = await embedded.start()
     folder = Path(scratch.name) / "spool"
     write_spool(folder, args.messages)
-    spent: dict[bool, list[float]] = {False: [], True: []}
-    ratios: list[float] = []
+    spent: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    served: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    ratios: dict[str, list[float]] = {name: [] for name in CONTENDERS}
     try:
         for n in range(args.rounds):
-            order = (False, True) if n % 2 == 0 else (True, False)
-            got = {now: await one(server_dsn, folder, now) for now in order}
-            for now, seconds in got.items():
-                spent[now].append(seconds / args.messages * 1e6)
-            ratios.append(got[False] / got[True])
+            shift = n % len(CONTENDERS)
+            order = CONTENDERS[shift:] + CONTENDERS[:shift]
+            got = {name: await one(server_dsn, folder, name) for name in order}
+            for name, (seconds, server) in got.items():
+                spent[name].append(seconds / args.messages * 1e6)
+                served[name].append(server / args.messages * 1e6)
+                ratios[name].append(seconds / got["now"][0])
     finally:
         if embedded is not None:
             await embedded.stop()
@@ -180,11 +205,13 @@ async def main_async(args: argparse.Namespace) -> None:
         f"PostgreSQL, batches of {BATCH[STREAM_SIGNALING]} and {BATCH[STREAM_RECORDS]}, "
         f"median of {args.rounds} rounds"
     )
-    print(f"  {'delivery CPU per SIP message, before':<40}{med(spent[False]):>8.2f} µs")
-    print(f"  {'now':<40}{med(spent[True]):>8.2f} µs")
-    print(
-        f"  {'before / now':<40}{med(ratios):>8.2f}x  (rounds {min(ratios):.2f}-{max(ratios):.2f})"
-    )
+    print(f"  {'CPU per SIP message':<22}{'delivery':>10}{'server':>10}   delivery against now")
+    for name in CONTENDERS:
+        low, high = min(ratios[name]), max(ratios[name])
+        print(
+            f"  {name:<22}{med(spent[name]):>8.2f} µs{med(served[name]):>7.2f} µs"
+            f"   {med(ratios[name]):.2f}x (rounds {low:.2f}-{high:.2f})"
+        )
 
 
 def main() -> None:

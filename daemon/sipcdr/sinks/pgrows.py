@@ -4,9 +4,10 @@ partition key, and what a conflicting row does."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
 
@@ -245,7 +246,9 @@ def sip_message_row(value: bytes, names_restricted: Callable[[str, str], bool] |
     columns, so this reads them straight from the value: no tuple of the packet's
     fields, the padding the parser needs in one copy, and one search for a NUL in the
     value instead of one per text column (`tests/unit/test_signaling_spool.py` holds
-    it equal to `sip_message_row_unspooled` over every corpus).
+    it equal to `sip_message_row_unspooled` over every corpus). The sink sends a batch
+    of spooled values alone as `SipCopy`'s encoding of these rows instead; this builds
+    them in a batch mixed with JSON values (spooled before an upgrade).
     """
     if len(value) < _SPOOLED_BYTES or value[0] != SPOOLED_LAYOUT:
         raise ValueError(f"not a signaling record of layout {SPOOLED_LAYOUT}")
@@ -258,6 +261,8 @@ def sip_message_row(value: bytes, names_restricted: Callable[[str, str], bool] |
     digested = flags & _DIGESTED
     if digested:
         at += _DIGEST_BYTES
+        if len(value) < at:
+            raise ValueError("signaling record: shorter than its message id")
     # Text columns are whole runs of the value: none holds a NUL when the value has
     # none from the addresses on (the zeros the parser is padded with are no column's).
     clean = value.find(b"\x00", at) < 0
@@ -372,3 +377,215 @@ def sip_message_row_unspooled(
         SIP_EVENT_SCHEMA_VERSION,
         names_restricted is not None and names_restricted(msg.call_id, read.headers),
     )
+
+
+# PostgreSQL's binary COPY: a signature, flags and the length of a header extension
+# (none); each row its field count and each field its length (-1: NULL) and bytes in
+# the column type's binary form; -1 as the field count ends the stream.
+_COPY_HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_COPY_TRAILER: Final = b"\xff\xff"
+_NULL: Final = b"\xff\xff\xff\xff"
+# timestamptz: microseconds since 2000-01-01 UTC.
+_PG_EPOCH_US: Final = 946_684_800_000_000
+_DAY_US: Final = 86_400_000_000
+_EPOCH_ORDINAL: Final = _EPOCH.date().toordinal()
+# The message id's UUID from its digest, as `_uuid_text` spells it: version 5 in the
+# high nibble of byte 6, the RFC 9562 variant in the two high bits of byte 8.
+_UUID_KEEP: Final = ~((0xF0 << 72) | (0xC0 << 56)) & ((1 << 128) - 1)
+_UUID_SET: Final = (0x50 << 72) | (0x80 << 56)
+# Field count, message_id, captured_at, then the length of call_id.
+_SIP_HEAD: Final = struct.Struct("!hi16siqi")
+_LENGTH: Final = struct.Struct("!i")
+# method NULL, status_code, then the length of cseq_method.
+_RESPONSE: Final = struct.Struct("!4siii")
+_CSEQ: Final = struct.Struct("!iq")
+# A port, then the length of the next text.
+_PORT: Final = struct.Struct("!iii")
+_SIP_TAIL: Final = struct.Struct("!ihib")
+_SIP_FIELDS: Final = len(SIP_MESSAGES.columns)
+# schema_version and restricted, after the body; after a NULL body (unless kept).
+_TAILS: Final = tuple(_SIP_TAIL.pack(2, SIP_EVENT_SCHEMA_VERSION, 1, r) for r in (0, 1))
+_NO_BODY_TAILS: Final = tuple(_NULL + tail for tail in _TAILS)
+# Encoded fields that repeat from message to message: a request's method, status_code
+# (NULL) and CSeq method by its method; the addresses, ports, transport and capture node
+# by the captured bytes they are read from. Emptied when full: hostile traffic can make
+# any number of them.
+_CACHED: Final = 4096
+_requests: Final[dict[str, bytes]] = {}
+_endpoints: Final[dict[tuple[int, int, int, int, int, bytes], bytes]] = {}
+
+
+def _request_fields(method: str) -> bytes:
+    """method, status_code (NULL) and cseq_method of a request whose CSeq names its
+    method (the parser refuses one that names another)."""
+    text = _no_nul(method).encode()
+    length = _LENGTH.pack(len(text))
+    return b"".join((length, text, _NULL, length, text))
+
+
+def _endpoint_fields(
+    block: bytes, n_src: int, n_dst: int, n_transport: int, src_port: int, dst_port: int
+) -> bytes:
+    """src_ip to capture_node: the texts as the row's columns have them (strict UTF-8,
+    NULs replaced), the captured bytes themselves when ASCII without a NUL."""
+    end_dst = n_src + n_dst
+    end_transport = end_dst + n_transport
+    texts = [block[:n_src], block[n_src:end_dst], block[end_dst:end_transport]]
+    texts.append(block[end_transport:])
+    if not block.isascii() or b"\x00" in block:
+        texts = [_no_nul(text.decode()).encode() for text in texts]
+    src, dst, transport, node = texts
+    return b"".join(
+        (
+            _LENGTH.pack(len(src)),
+            src,
+            _PORT.pack(4, src_port, len(dst)),
+            dst,
+            _PORT.pack(4, dst_port, len(transport)),
+            transport,
+            _LENGTH.pack(len(node)),
+            node,
+        )
+    )
+
+
+class SipCopy:
+    """`sip_messages` rows of spooled values, encoded for a binary COPY as they are
+    added: the row `sip_message_row` gives, without a tuple, a datetime, the id's text
+    or the driver's encoding of each field in between (the captured bytes of the
+    addresses and the headers go out as they are when they are ASCII and hold no NUL).
+    Beside them, what the sink reads of the rows: their days (partitions) and the
+    Call-IDs of the rows not flagged restricted (`tests/unit/test_pg_copy.py` holds
+    the decoded rows equal to `sip_message_row`'s)."""
+
+    __slots__ = ("_day", "_parts", "calls", "days", "rows")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = [_COPY_HEADER]
+        self._day = -(1 << 62)  # none yet
+        self.rows = 0
+        self.days: set[int] = set()  # days since 1970-01-01 UTC
+        self.calls: list[str] = []
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def data(self) -> bytes:
+        """The COPY stream of the rows added."""
+        return b"".join((*self._parts, _COPY_TRAILER))
+
+    def dates(self) -> set[date]:
+        return {date.fromordinal(_EPOCH_ORDINAL + day) for day in self.days}
+
+    def add(self, value: bytes, names_restricted: Callable[[str, str], bool] | None) -> None:
+        """The row of one spooled value (see `sip_message_row`); raises ValueError for
+        a value it would refuse, and then adds nothing."""
+        if len(value) < _SPOOLED_BYTES or value[0] != SPOOLED_LAYOUT:
+            raise ValueError(f"not a signaling record of layout {SPOOLED_LAYOUT}")
+        _layout, flags, timestamp, src_port, dst_port, size, n_src, n_dst, n_transport, n_node = (
+            _unpack_spooled(value)
+        )
+        if not _FIRST_TIME <= timestamp < _LAST_TIME:
+            raise ValueError(f"signaling record: capture time {timestamp} beyond years 1-9999")
+        at = _SPOOLED_BYTES
+        digested = flags & _DIGESTED
+        if digested:
+            at += _DIGEST_BYTES
+            if len(value) < at:
+                raise ValueError("signaling record: shorter than its message id")
+        clean = value.find(b"\x00", at) < 0
+        end_node = at + n_src + n_dst + n_transport + n_node
+        block = value[at:end_node]
+        key = (src_port, dst_port, n_src, n_dst, n_transport, block)
+        endpoints = _endpoints.get(key)
+        if endpoints is None:
+            endpoints = _endpoint_fields(block, n_src, n_dst, n_transport, src_port, dst_port)
+            if len(_endpoints) >= _CACHED:
+                _endpoints.clear()
+            _endpoints[key] = endpoints
+        kept = len(value) - end_node
+        missing = size - kept
+        if digested:
+            if missing < 0:
+                raise ValueError("signaling record: longer than its message")
+            head = value[end_node : len(value) - (4 if value.endswith(b"\r\n\r\n") else 2)]
+            payload = b"".join((value[end_node:], _zeros(missing))) if missing else value[end_node:]
+            digest = value[_SPOOLED_BYTES : _SPOOLED_BYTES + _DIGEST_BYTES]
+        else:
+            if missing:
+                raise ValueError("signaling record: not as long as its message")
+            payload = value[end_node:]
+            end = payload.find(b"\r\n\r\n")
+            if end < 0:
+                end = payload.find(b"\n\n")
+                if end < 0:
+                    end = len(payload)
+            head = payload[:end]  # `head_text`'s
+            end_src = at + n_src
+            digest = _digest(
+                timestamp,
+                src_port,
+                dst_port,
+                value[at:end_src],
+                value[end_src : end_src + n_dst],
+                payload,
+            )
+        msg = parse(payload)
+        call_id = msg.call_id
+        text: str | None = None
+        restricted = False
+        if names_restricted is not None:
+            text = head.decode("utf-8", "replace")
+            restricted = names_restricted(call_id, text)
+        if clean and head.isascii():
+            headers = head
+        else:
+            if text is None:
+                text = head.decode("utf-8", "replace")
+            headers = _no_nul(text).encode()
+        method = msg.method
+        cseq_method = msg.cseq_method
+        if msg.is_request and cseq_method == method:  # but for a request without CSeq
+            fields = _requests.get(method)
+            if fields is None:
+                fields = _request_fields(method)
+                if len(_requests) >= _CACHED:
+                    _requests.clear()
+                _requests[method] = fields
+        else:
+            named = _no_nul(cseq_method).encode()
+            if msg.is_request:
+                spelled = _no_nul(method).encode()
+                fields = b"".join(
+                    (_LENGTH.pack(len(spelled)), spelled, _NULL, _LENGTH.pack(len(named)), named)
+                )
+            else:
+                fields = _RESPONSE.pack(_NULL, 4, msg.status_code, len(named)) + named
+        if not clean:
+            call_id = _no_nul(call_id)
+        call_id_bytes = call_id.encode()
+        us = round(timestamp * 1_000_000)
+        day = us // _DAY_US
+        uid = ((int.from_bytes(digest) & _UUID_KEEP) | _UUID_SET).to_bytes(16)
+        cseq = msg.cseq
+        if flags & _BODY_KEPT and msg.body:
+            body = _no_nul(msg.body.decode("utf-8", "replace")).encode()
+            tail = b"".join((_LENGTH.pack(len(body)), body, _TAILS[restricted]))
+        else:
+            tail = _NO_BODY_TAILS[restricted]
+        self._parts += (
+            _SIP_HEAD.pack(_SIP_FIELDS, 16, uid, 8, us - _PG_EPOCH_US, len(call_id_bytes)),
+            call_id_bytes,
+            fields,
+            _CSEQ.pack(8, cseq) if cseq >= 0 else _NULL,
+            endpoints,
+            _LENGTH.pack(len(headers)),
+            headers,
+            tail,
+        )
+        if not restricted:
+            self.calls.append(call_id)
+        if day != self._day:
+            self._day = day
+            self.days.add(day)
+        self.rows += 1

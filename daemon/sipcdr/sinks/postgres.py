@@ -33,6 +33,7 @@ import orjson
 from sipcdr.privacy.naming import alert_names_any, names_any
 from sipcdr.privacy.outbound import RestrictedCalls
 from sipcdr.sinks.base import (
+    KIND_SIP,
     STREAM_RECORDS,
     STREAM_SIGNALING,
     AsyncLifecycle,
@@ -46,6 +47,7 @@ from sipcdr.sinks.pgrows import (
     TABLE_OF_KIND,
     TABLES,
     Row,
+    SipCopy,
     Table,
     sip_message_row,
 )
@@ -94,8 +96,13 @@ _FLAG_CALLS: Final = (
 )
 
 
+# Rows of a table as the sink writes them: tuples, or `sip_messages` rows encoded for
+# a binary COPY already.
+TableRows = list[Row] | SipCopy
+
+
 async def _copy_records(
-    connection: asyncpg.Connection, table: str, rows: list[Row], columns: Sequence[str]
+    connection: asyncpg.Connection, table: str, rows: TableRows, columns: Sequence[str]
 ) -> None:
     """COPY `rows` into `table`, ended as soon as the session is: asyncpg's COPY, when
     it waits for the socket to take more, does not notice the session lost meanwhile,
@@ -114,7 +121,13 @@ async def _copy_records(
 
             connection.add_termination_listener(ended)
             try:
-                await connection.copy_records_to_table(table, records=rows, columns=columns)
+                if isinstance(rows, SipCopy):
+                    # A view: asyncpg would take bytes for a file's path.
+                    await connection.copy_to_table(
+                        table, source=memoryview(rows.data()), columns=columns, format="binary"
+                    )
+                else:
+                    await connection.copy_records_to_table(table, records=rows, columns=columns)
             finally:
                 copying = False
                 connection.remove_termination_listener(ended)
@@ -218,7 +231,7 @@ class PostgresSink(AsyncLifecycle):
 
     async def deliver(self, stream: str, records: Sequence[SpoolRecord]) -> None:
         """Write every record or raise; on return the records are committed."""
-        rows = self._rows(stream, records)
+        rows = self._encoded(stream, records)
         if not rows:
             return
         connection = await self._connection(stream)
@@ -251,7 +264,7 @@ class PostgresSink(AsyncLifecycle):
     async def _write(
         self,
         connection: asyncpg.Connection,
-        rows: dict[Table, list[Row]],
+        rows: dict[Table, TableRows],
         calls: list[str],
         *,
         direct: bool,
@@ -281,16 +294,17 @@ class PostgresSink(AsyncLifecycle):
         return inserted
 
     @staticmethod
-    async def _copy(connection: asyncpg.Connection, table: Table, table_rows: list[Row]) -> None:
+    async def _copy(connection: asyncpg.Connection, table: Table, table_rows: TableRows) -> None:
         await _copy_records(connection, table.name, table_rows, table.columns)
 
     async def _insert(
-        self, connection: asyncpg.Connection, table: Table, table_rows: list[Row]
+        self, connection: asyncpg.Connection, table: Table, table_rows: TableRows
     ) -> int:
         """The rows through the staging table and INSERT .. ON CONFLICT DO NOTHING, in
         the caller's transaction: those already there (a re-delivery) are skipped.
         Returns rows inserted."""
         if table.latest is not None:
+            assert isinstance(table_rows, list)  # only `sip_messages` rows come encoded
             return await self._upsert(connection, table, table_rows)
         await _copy_records(connection, table.staging, table_rows, table.columns)
         columns = ", ".join(table.columns)
@@ -327,6 +341,29 @@ class PostgresSink(AsyncLifecycle):
             f"WHERE {table.name}.{table.latest} < EXCLUDED.{table.latest}"
         )
         return int(status.rsplit(" ", 1)[-1])
+
+    def _encoded(self, stream: str, records: Sequence[SpoolRecord]) -> dict[Table, TableRows]:
+        """The batch's rows by table; a batch of spooled SIP messages only (the
+        signaling stream's, but for JSON values left by an earlier version) as one
+        binary COPY, its rows encoded as they are read (`SipCopy`): the same rows as
+        `_rows`, without a tuple of Python values for the driver to encode again."""
+        names = self._names if self._restricted_calls.any_restricted else None
+        copy = SipCopy()
+        add = copy.add
+        for record in records:
+            value = record.value
+            if record.kind != KIND_SIP or not is_spooled(value):
+                return dict(self._rows(stream, records))
+            try:
+                add(value, names)
+            except ValueError as exc:
+                raise RecordError(
+                    f"{stream} record {record.seq} ({record.kind}) cannot be stored in "
+                    f"{SIP_MESSAGES.name}: {type(exc).__name__}: {exc}"
+                ) from exc
+        if not copy:
+            return {}
+        return {SIP_MESSAGES: copy}
 
     def _rows(self, stream: str, records: Sequence[SpoolRecord]) -> dict[Table, list[Row]]:
         rows: dict[Table, list[Row]] = {}
@@ -373,18 +410,20 @@ class PostgresSink(AsyncLifecycle):
         calls = self._restricted_calls
         return calls.any_restricted and (call_id in calls or names_any(headers, self._restricted))
 
-    def _calls_of(self, rows: dict[Table, list[Row]], table: Table) -> list[str]:
+    def _calls_of(self, rows: dict[Table, TableRows], table: Table) -> list[str]:
         """The calls of restricted CDRs, or of messages left unflagged in a restricted
         call: their signaling is flagged by Call-ID (`_FLAG_CALLS`)."""
         call_id, flag = table.columns.index("call_id"), table.columns.index("restricted")
         calls = self._restricted_calls
+        table_rows = rows.get(table, [])
+        if isinstance(table_rows, SipCopy):
+            # Its Call-IDs are those of the rows left unflagged already.
+            return sorted({call for call in table_rows.calls if call in calls}) if calls else []
         if table is CDRS:
-            return sorted({r[call_id] for r in rows.get(table, ()) if r[flag]})
+            return sorted({r[call_id] for r in table_rows if r[flag]})
         if not calls:
             return []  # no restricted call known: each message's look-up would find none
-        return sorted(
-            {r[call_id] for r in rows.get(table, ()) if not r[flag] and r[call_id] in calls}
-        )
+        return sorted({r[call_id] for r in table_rows if not r[flag] and r[call_id] in calls})
 
     async def _connection(self, stream: str) -> asyncpg.Connection:
         connection = self._connections.get(stream)
@@ -438,15 +477,19 @@ class PostgresSink(AsyncLifecycle):
         self._ahead_day = None
 
     async def _ensure_partitions(
-        self, connection: asyncpg.Connection, rows: dict[Table, list[Row]]
+        self, connection: asyncpg.Connection, rows: dict[Table, TableRows]
     ) -> None:
         for table, table_rows in rows.items():
-            days = {row[table.day_column].astimezone(UTC).date() for row in table_rows}
+            if isinstance(table_rows, SipCopy):
+                days = table_rows.dates()
+            else:
+                days = {row[table.day_column].astimezone(UTC).date() for row in table_rows}
             missing = {day for day in days if (table.name, day) not in self._known_partitions}
             if missing:
                 await ensure_partitions(connection, table.name, missing, self._classes())
                 self._known_partitions.update((table.name, day) for day in missing)
             if table is CDRS:
+                assert isinstance(table_rows, list)
                 column = table.columns.index("retention_days")
                 pairs = {
                     (row[table.day_column].astimezone(UTC).date(), row[column])
