@@ -238,11 +238,14 @@ def main() -> int:
                     f" {mix['decoded']:.1%} decoded in full without SIP;"
                     f" {mix['bytes']:.0f} bytes on average"
                 )
+                floor = (
+                    f"{cpu['without SIP'] / media_frames * 1e6:.2f} µs a frame, start included"
+                    if media_frames
+                    else "the start alone"
+                )
                 print(
                     f"  processor time: tshark {cpu['tshark']:.2f} s, sipcdr {cpu['sipcdr']:.2f} s,"
-                    f" of which start and non-SIP frames {cpu['without SIP']:.2f} s"
-                    f" ({cpu['without SIP'] / media_frames * 1e6:.2f} µs a frame,"
-                    " start included);"
+                    f" of which start and non-SIP frames {cpu['without SIP']:.2f} s ({floor});"
                     f" {messages:,} SIP messages at {per_message * 1e6:.1f} µs each;"
                     f" {TARGET_VS_TSHARK:.0f}x tshark would allow"
                     f" {allowed * 1e6:.1f} µs a message"
