@@ -178,7 +178,7 @@ def iter_packets(
 def iter_packet_batches(
     path: Path, capture_node: str | None = None, stats: CaptureStats | None = None
 ) -> Iterator[Sequence[Packet]]:
-    """``iter_packets`` in the batches the file's chunks give (a few thousand packets
+    """``iter_packets`` in the batches the file's chunks give (up to a few thousand packets
     each, in capture order; never empty): a caller that loops over each batch itself
     resumes no generator per packet, which a SIP-only capture feels (~0.2 µs a packet
     through the generators ``iter_packets`` stacks)."""
