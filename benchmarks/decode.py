@@ -59,9 +59,27 @@ def outer(body: bytes, dport: int) -> bytes:
     return eth(ipv4(udp(body, 40000, dport), "100.64.0.1", "100.64.0.2"))
 
 
+def gre(body: bytes, flags: int, ptype: int, extra: bytes = b"") -> bytes:
+    """``body`` in GRE (``extra``: the key or sequence number ``flags`` announce) in
+    IPv4, as an Ethernet frame."""
+    header = struct.pack("!HH", flags, ptype) + extra
+    datagram = header + body
+    return eth(
+        struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(datagram), 1, 0, 64, 47, 0)
+        + socket.inet_aton("100.64.0.1")
+        + socket.inet_aton("100.64.0.2")
+        + datagram
+    )
+
+
 def encapsulations(packet: bytes) -> dict[str, bytes]:
     """The IPv4 ``packet`` as each encapsulation delivers it, as an Ethernet frame."""
     inner = eth(packet)
+    sequence = struct.pack("!I", 7)
+    # ERSPAN II: version 1, VLAN, COS/En/T, session 1, index; III: version 2 and a
+    # 12-byte header, frame type 0 (Ethernet), no platform subheader.
+    erspan2 = struct.pack("!HHI", 1 << 12, 1, 0)
+    erspan3 = struct.pack("!HHIHH", 2 << 12, 1, 0, 0, 0)
     pppoe = struct.pack("!BBHHH", 0x11, 0, 1, len(packet) + 2, 0x0021) + packet
     labels = struct.pack("!II", 1000 << 12 | 64, 2000 << 12 | 1 << 8 | 64)
     gtpu = struct.pack("!BBHIHBB", 0x34, 255, len(packet) + 8, 1, 0, 0, 0x85)
@@ -74,6 +92,9 @@ def encapsulations(packet: bytes) -> dict[str, bytes]:
         "VXLAN": outer(struct.pack("!B3xI", 0x08, 1 << 8) + inner, 4789),
         "GENEVE": outer(struct.pack("!BBHI", 0, 0, 0x6558, 1 << 8) + inner, 6081),
         "TZSP": outer(b"\x01\x00\x00\x01\x01" + inner, 37008),
+        "GRE, bridged Ethernet": gre(inner, 0, 0x6558),
+        "ERSPAN II": gre(erspan2 + inner, 0x1000, 0x88BE, sequence),
+        "ERSPAN III": gre(erspan3 + inner, 0x1000, 0x22EB, sequence),
     }
 
 

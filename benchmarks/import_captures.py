@@ -16,8 +16,15 @@ SIPCDR_PURE_PYTHON=1 as well. `--baseline PYTHON` also times the `sipcdr import`
 another install (the interpreter of its environment: a build before a change) in the
 same rounds, and prints each contender's processor time against it.
 
+`--floor` says where a kind's time goes: it prints each sample's frame mix (SIP
+frames, frames the pre-filter skips unread, frames decoded in full without SIP, mean
+size) and also times `sipcdr import` of the same capture with its SIP frames left out,
+in the same rounds: what is left is the start and the media; the difference, divided
+by the SIP messages, is what each message costs (reading, parsing, correlating, its
+share of the CDRs), set against the per-message cost that 10x tshark would allow.
+
     python benchmarks/import_captures.py [--rounds 3] [--scale 1.0] [--interpreted]
-        [--only SIP] [--baseline /path/to/other/.venv/bin/python]
+        [--only SIP] [--baseline /path/to/other/.venv/bin/python] [--floor]
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import Any
 
 import dpkt
 from sipcdr import hotpath
+from sipcdr.decode.extract import SipExtractor
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "pcaps"
 # (kind, public sample, frames in the built capture at scale 1)
@@ -86,14 +94,54 @@ def build(sample: Path, frames: int, target: Path) -> int:
     return copies * len(records)
 
 
-def timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
-    """Wall and processor (user + system) seconds of one run of `command`."""
+def frame_mix(sample: Path) -> tuple[dict[str, float], list[tuple[float, bytes]], int]:
+    """Shares of the sample's frames by what decoding does with them, its mean frame
+    size, the sample's frames without those that hold SIP, and its SIP messages."""
+    linktype, records = read_frames(sample)
+    full = SipExtractor(linktype, "mix", prefilter=False)
+    skipping = SipExtractor(linktype, "mix")
+    sip = skipped = 0
+    media: list[tuple[float, bytes]] = []
+    for ts, frame in records:
+        found = full.feed(ts, frame)
+        if found:
+            sip += 1
+        else:
+            media.append((ts, frame))
+        skipped += skipping.skip_media(frame, 0, len(frame))
+    count = len(records)
+    mix = {
+        "SIP": sip / count,
+        "skipped": skipped / count,
+        "decoded": (count - sip - skipped) / count,
+        "bytes": sum(len(frame) for _ts, frame in records) / count,
+    }
+    return mix, media, full.stats.sip_messages
+
+
+def build_records(
+    records: list[tuple[float, bytes]], linktype: int, span: float, copies: int, target: Path
+) -> int:
+    """``records`` repeated ``copies`` times into a pcap file, each copy ``span`` later."""
+    with target.open("wb") as handle:
+        writer: Any = dpkt.pcap.Writer(handle, linktype=linktype)
+        for copy in range(copies):
+            for ts, frame in records:
+                writer.writepkt(frame, ts + copy * span)
+    return copies * len(records)
+
+
+def timed(
+    command: list[str], cwd: Path, env: dict[str, str], allowed: tuple[int, ...] = (0,)
+) -> tuple[float, float]:
+    """Wall and processor (user + system) seconds of one run of `command`, which must
+    exit with one of `allowed`."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, check=False)
     elapsed = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
+    if done.returncode not in allowed:
         sys.exit(f"{command[0]} failed: {done.stderr.decode()[-2000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return elapsed, cpu
@@ -106,6 +154,7 @@ def main() -> int:
     parser.add_argument("--interpreted", action="store_true", help="also SIPCDR_PURE_PYTHON=1")
     parser.add_argument("--only", default="", help="the kinds whose name holds this text")
     parser.add_argument("--baseline", default="", help="another install's python, timed too")
+    parser.add_argument("--floor", action="store_true", help="frame mix; the capture without SIP")
     opts = parser.parse_args()
     compileall.compile_dir(Path(hotpath.__file__).parent, quiet=1)
     tshark = shutil.which("tshark")
@@ -139,6 +188,14 @@ def main() -> int:
                 "tshark": [],
                 **{name: [] for name in contenders},
             }
+            without_sip = workdir / "without-sip.pcap"
+            if opts.floor:
+                mix, media, sip_per_copy = frame_mix(SAMPLES / sample)
+                linktype, records = read_frames(SAMPLES / sample)
+                copies = frames // len(records)
+                span = records[-1][0] - records[0][0] + CALL_GAP_S
+                media_frames = build_records(media, linktype, span, copies, without_sip)
+                runs["without SIP"] = []
             for _ in range(opts.rounds):
                 runs["tshark"].append(
                     timed([tshark, "-q", "-z", "sip,stat", "-r", str(capture)], workdir, env)
@@ -146,6 +203,12 @@ def main() -> int:
                 for name, (command, environ) in contenders.items():
                     shutil.rmtree(workdir / "var", ignore_errors=True)
                     runs[name].append(timed([*command, str(capture)], workdir, environ))
+                if opts.floor:
+                    shutil.rmtree(workdir / "var", ignore_errors=True)
+                    # Exits 1 (no SIP found): expected here.
+                    runs["without SIP"].append(
+                        timed([*sipcdr, str(without_sip)], workdir, env, allowed=(0, 1))
+                    )
             wall = {name: statistics.median(w for w, _c in done) for name, done in runs.items()}
             cpu = {name: statistics.median(c for _w, c in done) for name, done in runs.items()}
             base = frames / wall["tshark"]
@@ -166,6 +229,28 @@ def main() -> int:
                         if name != "baseline"
                     )
                 )
+            if opts.floor:
+                messages = sip_per_copy * copies
+                per_message = (cpu["sipcdr"] - cpu["without SIP"]) / messages
+                allowed = (cpu["tshark"] / TARGET_VS_TSHARK - cpu["without SIP"]) / messages
+                print(
+                    f"  frames: {mix['SIP']:.1%} SIP, {mix['skipped']:.1%} skipped unread,"
+                    f" {mix['decoded']:.1%} decoded in full without SIP;"
+                    f" {mix['bytes']:.0f} bytes on average"
+                )
+                floor = (
+                    f"{cpu['without SIP'] / media_frames * 1e6:.2f} µs a frame, start included"
+                    if media_frames
+                    else "the start alone"
+                )
+                print(
+                    f"  processor time: tshark {cpu['tshark']:.2f} s, sipcdr {cpu['sipcdr']:.2f} s,"
+                    f" of which start and non-SIP frames {cpu['without SIP']:.2f} s ({floor});"
+                    f" {messages:,} SIP messages at {per_message * 1e6:.1f} µs each;"
+                    f" {TARGET_VS_TSHARK:.0f}x tshark would allow"
+                    f" {allowed * 1e6:.1f} µs a message"
+                )
+                without_sip.unlink()
             capture.unlink()
     print(f"target: {TARGET_VS_TSHARK:.0f}x tshark on each kind of capture")
     return 0

@@ -24,15 +24,16 @@ import heapq
 import os
 import shutil
 import sys
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import replace
+from itertools import chain
 from pathlib import Path
 from typing import Final
 
 import orjson
 import structlog
 
-from sipcdr.capture.pcapfile import CaptureFileError, iter_packets
+from sipcdr.capture.pcapfile import CaptureFileError, iter_packet_batches
 from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import Config, output_settings
 from sipcdr.decode.extract import CaptureStats
@@ -222,12 +223,12 @@ def _import(
     try:
         with _Progress(show, len(files)) as bar:
 
-            def packets_of(path: Path) -> Iterator[Packet]:
+            def batches_of(path: Path) -> Iterator[Sequence[Packet]]:
                 # Each file's own counters, so a warning can say what that file held.
                 stats = CaptureStats()
                 per_file.append(stats)
                 try:
-                    yield from iter_packets(path, stats=stats)
+                    yield from iter_packet_batches(path, stats=stats)
                 except CaptureFileError as exc:
                     errors[str(path)] = str(exc)
                 except OSError as exc:
@@ -240,24 +241,30 @@ def _import(
 
             # All files merged by capture time: rotated captures (cap1, cap10, cap2...)
             # and overlapping ones from two sensors both play as the one link they
-            # recorded.
-            # One file needs no merging: a fifth of a microsecond less per packet.
-            sources = [packets_of(path) for path in files]
-            merged = sources[0] if len(sources) == 1 else heapq.merge(*sources, key=_capture_time)
-            for packet in merged:
-                packets += 1
-                # Timers due before this packet fire first, as they would have live;
-                # what they close goes out in slices, a turn after each, like the drain.
-                if packet.timestamp >= next_expiry:
-                    expired = engine.expired(packet.timestamp)
-                    for start in range(0, len(expired), YIELD_EVERY):
-                        engine.emit(expired[start : start + YIELD_EVERY])
+            # recorded. One file needs no merging, and its packets come in the batches
+            # the file's chunks give: no generator resumed per packet (~0.2 µs each).
+            sources = [batches_of(path) for path in files]
+            batches: Iterable[Iterable[Packet]] = (
+                sources[0]
+                if len(sources) == 1
+                else (heapq.merge(*map(chain.from_iterable, sources), key=_capture_time),)
+            )
+            for batch in batches:
+                for packet in batch:
+                    packets += 1
+                    # Timers due before this packet fire first, as they would have
+                    # live; what they close goes out in slices, a turn after each,
+                    # like the drain.
+                    if packet.timestamp >= next_expiry:
+                        expired = engine.expired(packet.timestamp)
+                        for start in range(0, len(expired), YIELD_EVERY):
+                            engine.emit(expired[start : start + YIELD_EVERY])
+                            yield
+                        engine.tick_stages(packet.timestamp)
+                        next_expiry = packet.timestamp + EXPIRE_EVERY_S
+                    pipeline.process(packet)
+                    if packets % YIELD_EVERY == 0:
                         yield
-                    engine.tick_stages(packet.timestamp)
-                    next_expiry = packet.timestamp + EXPIRE_EVERY_S
-                pipeline.process(packet)
-                if packets % YIELD_EVERY == 0:
-                    yield
         # Every call still open closes now: in slices, so a disk that refuses them
         # has the caller wait rather than outrun the reserve; and the caller waits
         # once more at the end, for what the disk refused since the last turn.

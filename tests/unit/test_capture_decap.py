@@ -24,7 +24,7 @@ from sipcdr.decode.base import (
 )
 from sipcdr.decode.extract import SipExtractor
 from sipcdr.decode.link import Decapsulator
-from sipcdr.decode.startline import KEEPALIVE, NOT_SIP, sip_offset
+from sipcdr.decode.startline import KEEPALIVE, NOT_SIP, match_start, sip_offset
 from sipcdr.decode.tcp import TcpReassembler
 from sipcdr.decode.tunnels import UDP_TUNNEL_PORTS
 
@@ -987,6 +987,90 @@ def test_stats_as_dict() -> None:
 )
 def test_sip_offset(data: bytes, expected: int) -> None:
     assert sip_offset(data) == expected
+
+
+def _by_expression(data: bytes) -> int:
+    """``sip_offset`` as the regular expression alone decides it: the reference its
+    shortcut for the usual status line must agree with."""
+    stripped = data.lstrip(b"\r\n")
+    if data and not stripped:
+        return KEEPALIVE
+    pos = len(data) - len(stripped)
+    return pos if match_start(data, pos) is not None else NOT_SIP
+
+
+# Status lines near the shortcut's edges: each byte it reads, one step either side.
+_STATUS_LINES = [
+    b"SIP/2.0 " + code + after
+    for code in (b"100", b"199", b"600", b"699", b"099", b"700", b"1a0", b"10:", b"/00", b"10")
+    for after in (b" OK\r\n", b"\r\n", b"\n", b"\t", b"0 OK\r\n", b"", b"x")
+] + [b"SIP/2.1 200 OK\r\n", b"SIP/2.0  200 OK\r\n", b"Sip/2.0 200 OK\r\n", b"SIP/2.0 20"]
+# Request lines near the edges of the shortcut for them, and of the expression.
+_REQUEST_LINES = [
+    b"INVITE sip:bob@example.com SIP/2.0\r\n",
+    b"INVITE sip:bob@example.com SIP/2.0\n",
+    b"INVITE sip:bob@example.com SIP/2.0\r",
+    b"INVITE sip:bob@example.com SIP/2.0",
+    b"INVITE sip:bob@example.com SIP/2.0\r\r\n",
+    b"INVITE sip:bob@example.com sip/2.0\r\n",
+    b"INVITE sip:bob@example.com SIP/2.1\r\n",
+    b"INVITE sip:bob@example.com  SIP/2.0\r\n",
+    b"INVITE sip:bob@exa\rmple.com SIP/2.0\r\n",
+    b"INVITE sip:bob@exa\nmple.com SIP/2.0\r\n",
+    b"INVITE sip: SIP/2.0\r\n",
+    b"INVITE :bob SIP/2.0\r\n",
+    b"INVITE 1sip:bob SIP/2.0\r\n",
+    b"INVITE s+.-9:bob SIP/2.0\r\n",
+    b"INVITE s_p:bob SIP/2.0\r\n",
+    b"INVITE  sip:bob SIP/2.0\r\n",
+    b"INVITE\tsip:bob SIP/2.0\r\n",
+    b"X.!%*_+`'~-9 tel:+1555 SIP/2.0\r\n",
+    b"IN(VITE sip:bob SIP/2.0\r\n",
+    b"SUBSCRIBE sip:bob SIP/2.0\r\n",
+    b"S sip:bob SIP/2.0\r\n",
+    b"INVITE",
+    b"INVITE ",
+    b"INVITE s",
+    b"INVITE sip",
+    b"INVITE sip:",
+    b"INVITE sip:bob",
+    b"INVITE sip:bob ",
+    b"INVITE sip:bob SIP/2.0 \r\n",
+]
+
+
+@pytest.mark.parametrize("line", _STATUS_LINES + _REQUEST_LINES)
+@pytest.mark.parametrize("before", [b"", b"\r\n", b"\n\n\r"])
+def test_sip_offset_shortcuts_agree_with_expression(before: bytes, line: bytes) -> None:
+    data = before + line
+    assert sip_offset(data) == _by_expression(data)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=24),
+        st.builds(
+            lambda pre, tail: pre + b"SIP/2.0 " + tail,
+            st.sampled_from([b"", b"\r\n"]),
+            st.binary(max_size=6),
+        ),
+        st.builds(
+            lambda pre, tail: pre + b"SIP/2.0 " + tail,
+            st.sampled_from([b"", b"\r\n"]),
+            st.text(alphabet="0123456789 \r\nOK", max_size=6).map(str.encode),
+        ),
+        # Request lines from the bytes that decide them, in any order.
+        st.text(alphabet="INVsip:SIP/2.0 \r\n+_-(", max_size=40).map(str.encode),
+        st.builds(
+            lambda method, uri, tail: method + b" " + uri + b" SIP/2.0" + tail,
+            st.binary(max_size=8),
+            st.binary(max_size=12),
+            st.sampled_from([b"\r\n", b"\n", b"\r", b"", b"\r\r\n", b" "]),
+        ),
+    )
+)
+def test_sip_offset_agrees_with_expression(data: bytes) -> None:
+    assert sip_offset(data) == _by_expression(data)
 
 
 # -- TCP reassembly ---------------------------------------------------------------------

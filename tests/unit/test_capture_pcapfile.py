@@ -13,7 +13,12 @@ import encaps
 import pytest
 from pcapdata import require_shared_data
 from sipcdr import hepencode
-from sipcdr.capture.pcapfile import CaptureFileError, iter_packets
+from sipcdr.capture.pcapfile import (
+    PCAP_CHUNK_BYTES,
+    CaptureFileError,
+    iter_packet_batches,
+    iter_packets,
+)
 from sipcdr.decode.extract import CaptureStats, SipExtractor
 from sipcdr.model import Packet
 from sipcdr.sip import SipParseError, parse
@@ -166,6 +171,29 @@ def test_capture_matches_tshark_counts(name: str) -> None:
     assert stats.hep_non_sip == expected.non_sip_hep
     assert not stats.hep_errors
     assert not stats.truncated_file
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_batches_hold_the_packets_in_order(name: str) -> None:
+    """What the import loops over: the same packets and counters as ``iter_packets``,
+    in the same order, in batches that are never empty."""
+    one_by_one = CaptureStats()
+    packets = list(iter_packets(pcaps() / name, stats=one_by_one))
+    batched = CaptureStats()
+    batches = [list(batch) for batch in iter_packet_batches(pcaps() / name, stats=batched)]
+    assert all(batches)
+    assert [p for batch in batches for p in batch] == packets
+    assert batched.as_dict() == one_by_one.as_dict()
+
+
+def test_batches_of_a_large_capture_follow_its_chunks(tmp_path: Path) -> None:
+    # More than one chunk of records: more than one batch, none lost at the seams.
+    frame = eth_udp(REGISTER, dport=5060)
+    count = (PCAP_CHUNK_BYTES // (16 + len(frame))) * 3 + 7
+    path = write_pcap(tmp_path / "large.pcap", [(float(i), frame) for i in range(count)])
+    batches = list(iter_packet_batches(path))
+    assert len(batches) >= 3
+    assert [p.timestamp for batch in batches for p in batch] == [float(i) for i in range(count)]
 
 
 def test_packets_carry_capture_time_and_node() -> None:

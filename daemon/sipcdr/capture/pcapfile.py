@@ -20,7 +20,7 @@ import lzma
 import stat
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final, Protocol, cast
 
@@ -31,7 +31,7 @@ from sipcdr.model import Packet
 if TYPE_CHECKING:
     import dpkt
 
-__all__ = ["CaptureFileError", "check_capture", "iter_packets"]
+__all__ = ["CaptureFileError", "check_capture", "iter_packet_batches", "iter_packets"]
 
 _PCAPNG_MAGIC: Final = b"\x0a\x0d\x0d\x0a"
 _PCAPNG_LITTLE_ENDIAN: Final = b"\x4d\x3c\x2b\x1a"  # the byte-order magic, as written
@@ -171,6 +171,17 @@ def iter_packets(
     Enhanced Packet Blocks only; files mixing interfaces of different link types are
     read as if all were the first.
     """
+    for batch in iter_packet_batches(path, capture_node, stats):
+        yield from batch
+
+
+def iter_packet_batches(
+    path: Path, capture_node: str | None = None, stats: CaptureStats | None = None
+) -> Iterator[Sequence[Packet]]:
+    """``iter_packets`` in the batches the file's chunks give (up to a few thousand packets
+    each, in capture order; never empty): a caller that loops over each batch itself
+    resumes no generator per packet, which a SIP-only capture feels (~0.2 µs a packet
+    through the generators ``iter_packets`` stacks)."""
     if stats is None:
         stats = CaptureStats()
     node = path.name if capture_node is None else capture_node
@@ -185,7 +196,7 @@ def iter_packets(
         raise CaptureFileError(f"{path}: cannot be read ({_reason(exc)})") from None
 
 
-def _packets(path: Path, node: str, stats: CaptureStats) -> Iterator[Packet]:
+def _packets(path: Path, node: str, stats: CaptureStats) -> Iterator[Sequence[Packet]]:
     with _open(path) as handle:
         if cast("_Peekable", handle).peek(4)[:4] in _PCAP_MAGICS:
             yield from _pcap_packets(handle, path, node, stats)
@@ -205,7 +216,8 @@ def _packets(path: Path, node: str, stats: CaptureStats) -> Iterator[Packet]:
         handle.seek(after_headers)
         blocks = PcapngBlocks(little, reader._divisor, reader._tsoffset, after_headers)
         while not blocks.stopped and (chunk := handle.read(max(PCAP_CHUNK_BYTES, blocks.wanted()))):
-            yield from blocks.feed(chunk, extractor)
+            if found := blocks.feed(chunk, extractor):
+                yield found
         blocks.finish()
         if blocks.stopped:
             import dpkt  # noqa: PLC0415 - loaded by _open_reader already
@@ -222,13 +234,14 @@ def _packets(path: Path, node: str, stats: CaptureStats) -> Iterator[Packet]:
                     stats.truncated_file = True
                     stats.truncated_at = at
                     break
-                found = extractor.feed(float(ts), frame)
-                if found:
-                    yield from found
+                if decoded := extractor.feed(float(ts), frame):
+                    yield decoded
         extractor.close()
 
 
-def _pcap_packets(handle: BinaryIO, path: Path, node: str, stats: CaptureStats) -> Iterator[Packet]:
+def _pcap_packets(
+    handle: BinaryIO, path: Path, node: str, stats: CaptureStats
+) -> Iterator[Sequence[Packet]]:
     try:
         reader = PcapReader(handle.read(PCAP_HEADER_BYTES))
     except ValueError as exc:
@@ -240,9 +253,11 @@ def _pcap_packets(handle: BinaryIO, path: Path, node: str, stats: CaptureStats) 
     offset = PCAP_HEADER_BYTES
     while chunk := handle.read(max(PCAP_CHUNK_BYTES, reader.wanted())):
         offset += len(chunk)
-        yield from reader.feed(chunk, extractor)
+        if found := reader.feed(chunk, extractor):
+            yield found
     pending = reader.pending()
-    yield from reader.finish(extractor)
+    if found := reader.finish(extractor):
+        yield found
     if pending:
         # A record cut in its header or in its frame: what was captured of the frame
         # is decoded (and counted short by decoding), but the file was cut there.
