@@ -45,8 +45,9 @@ def test_the_delivery_process_killed_mid_stream_loses_no_cdr(
     first = delivery_pids(daemon)[0]
     assert first != daemon.process.pid
     assert parent_of(first) == daemon.process.pid
-    # Delivery yields the processor to capture (`[spool] delivery_nice`, 5 by default).
-    assert niceness(first) == niceness(daemon.process.pid) + 5
+    # Delivery yields the processor to capture (`[spool] delivery_nice`, 5 by default);
+    # the kernel caps a nice value at 19, which a test run niced itself may reach.
+    assert niceness(first) == min(niceness(daemon.process.pid) + 5, 19)
 
     # Counted by the delivery process, exported by the capture process.
     records = {"sink": "postgres", "stream": "records"}

@@ -8,6 +8,8 @@ import dataclasses
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 import time
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -23,6 +25,7 @@ from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.remote import DeliverySnapshot, LoopSnapshot, carry_counts, sink_plans
 from sipcdr.spool import SpoolStats
 from sipcdr.telemetry.metrics import Metrics, Sources
+from structlog.testing import capture_logs
 
 
 def _snapshot() -> DeliverySnapshot:
@@ -183,3 +186,53 @@ def test_a_frozen_delivery_process_never_blocks_the_capture_process(
     finally:
         ours.close()
         theirs.close()
+
+
+_PRIORITY_PROBE = """
+import os, subprocess, sys, threading
+from sipcdr.deliverer import _lower_priority
+_lower_priority(3)
+seen = []
+thread = threading.Thread(
+    target=lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+)
+thread.start()
+thread.join()
+child = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.nice(0))"], capture_output=True, check=True
+)
+print(os.nice(0), seen[0], int(child.stdout))
+"""
+
+
+def test_delivery_lowers_its_own_priority_for_its_threads_and_children_too() -> None:
+    """Linux keeps a nice value per thread: the threads the delivery process starts
+    later (its executor's) and the processes it starts (an embedded PostgreSQL) take
+    the lowered one, and the process that started it keeps its own."""
+    before = os.nice(0)
+    done = subprocess.run(
+        [sys.executable, "-c", _PRIORITY_PROBE], capture_output=True, check=True, text=True
+    )
+    expected = min(before + 3, 19)
+    # The last line: the logs go to standard output before it.
+    assert [int(value) for value in done.stdout.splitlines()[-1].split()] == [expected] * 3
+    assert os.nice(0) == before
+
+
+def test_a_priority_that_cannot_be_lowered_is_said_and_delivery_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[int] = []
+
+    def refused(increment: int) -> int:
+        asked.append(increment)
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "nice", refused)
+    with capture_logs() as logs:
+        deliverer._lower_priority(0)  # 0: left as it is, not asked
+        deliverer._lower_priority(5)
+    assert asked == [5]
+    assert [(log["event"], log["log_level"]) for log in logs] == [
+        ("delivery_priority_unchanged", "warning")
+    ]

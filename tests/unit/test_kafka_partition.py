@@ -94,3 +94,22 @@ def test_the_kept_hashes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_sinks_producer_is_given_the_partitioner() -> None:
     sink = KafkaSink("127.0.0.1:1", create_topics=False)
     assert isinstance(sink._options["partitioner"], KeyPartitioner)
+
+
+def test_the_kept_hashes_are_bounded_in_bytes_whatever_the_keys_length() -> None:
+    """A Call-ID is the peer's to choose, up to a datagram's 64 KB: the table of kept
+    hashes must not grow to gigabytes (32,768 such keys) in the delivery process."""
+    partitioner = KeyPartitioner()
+    partitions = list(range(6))
+    rng = random.Random(13)
+    long_keys = [rng.randbytes(60_000) for _ in range(64)]
+    for key in long_keys * 2:  # asked again: still aiokafka's partition, not kept
+        assert partitioner(key, partitions, partitions) == DefaultPartitioner()(
+            key, partitions, partitions
+        )
+    assert sum(len(key) for key in partitioner._hashes) <= 64 * 256
+    # Keys as Call-IDs come are kept all the same.
+    call_ids = keys(200, seed=17)[7:]
+    for key in call_ids:
+        partitioner(key, partitions, partitions)
+    assert all(key in partitioner._hashes for key in call_ids if len(key) <= 256)

@@ -26,6 +26,11 @@ _MASK: Final = 0xFFFFFFFF
 # call's setup messages hit, its BYE minutes later mostly does not. The table is
 # dropped whole when full, rather than kept in LRU order at a cost per record.
 _MAX_KEYS: Final = 1 << 15
+# Only keys up to this long are kept, so the table stays near its size above whatever
+# arrives: a Call-ID is what a peer puts in its message, up to a datagram's 64 KB, and
+# 32,768 of those would hold 2 GB. Real ones are under 100 bytes; a longer key is
+# hashed again for each of its records, as aiokafka hashes every record's.
+_MAX_KEPT_KEY_BYTES: Final = 256
 
 
 def murmur2(data: bytes) -> int:
@@ -72,7 +77,8 @@ class KeyPartitioner:
         hashed = hashes.get(key)
         if hashed is None:
             hashed = murmur2(key) & 0x7FFFFFFF
-            if len(hashes) >= _MAX_KEYS:
-                hashes.clear()
-            hashes[key] = hashed
+            if len(key) <= _MAX_KEPT_KEY_BYTES:
+                if len(hashes) >= _MAX_KEYS:
+                    hashes.clear()
+                hashes[key] = hashed
         return all_partitions[hashed % len(all_partitions)]
