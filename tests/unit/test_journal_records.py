@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,21 @@ def test_without_an_event_loop_nothing_is_queued(tmp_path: Path) -> None:
         assert store.stats.journal_messages == 1
     finally:
         os.close(store._fd)
+
+
+def test_a_spray_of_long_capture_node_names_keeps_little_memory() -> None:
+    """Distinct long names (a HEP agent's node name, up to 64 KB; one too long for the
+    layout too) must not each stay kept: 4,096 of them would hold gigabytes."""
+    data = Call("spray@x").request("INVITE")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(200):
+            node = f"{n:05d}" + ("n" if n % 2 else "\ufffd") * 60_000
+            each = Packet(T0, "192.0.2.10", 5060, "203.0.113.20", 5061, "udp", data, node)
+            record = message_record(each)
+            assert record is None if n % 2 == 0 else record == documented(each)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 2_000_000

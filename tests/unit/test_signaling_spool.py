@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
+import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -569,3 +570,22 @@ def test_the_kept_names_are_bounded_and_change_no_value() -> None:
     with pytest.raises(struct.error):
         spooled(too_long, msg, False)
     assert all(key[1] != too_long.dst_ip for key in sipevent._ENDS)
+
+
+def test_a_spray_of_long_capture_node_names_keeps_little_memory() -> None:
+    """A HEP agent names its capture node in up to 64 KB: distinct long names must not
+    each stay kept, or the 4,096 pairs kept would hold most of a gigabyte."""
+    packet, msg = next((p, m) for p, m in MESSAGES if m.body and not m.body_start < 0)
+    sipevent._ENDS.clear()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(200):
+            sprayed = packet._replace(capture_node=f"{n:05d}" + "n" * 60_000)
+            assert spooled(sprayed, msg, False) == former_spooled(sprayed, msg, False)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # 200 names of 60 KB kept would be ~36 MB (three copies of each).
+    assert kept < 2_000_000
+    assert spooled(packet, msg, False) == former_spooled(packet, msg, False)
