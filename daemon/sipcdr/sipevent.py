@@ -196,6 +196,9 @@ _LENGTHS: Final = struct.Struct("<BBBH")
 # A capture sees few distinct pairs; the bound keeps a flood of spoofed ones in check.
 _ENDS: Final[dict[tuple[str, str, str, str], tuple[bytes, bytes, bytes, bytes]]] = {}
 _ENDS_KEPT: Final = 4096
+# Longer names (together) are encoded per message, not kept: a HEP agent names its
+# capture node in up to 64 KB, and 4,096 such would hold most of a gigabyte.
+_ENDS_NAME_BYTES: Final = 512
 # The capture times a record's `captured_at` can hold: 0001-01-01 to 9999-12-31, UTC.
 _FIRST_TIME: Final = -62_135_596_800.0
 _LAST_TIME: Final = 253_402_300_800.0
@@ -281,6 +284,8 @@ def _ends(src_ip: str, dst_ip: str, transport: str, node: str) -> tuple[bytes, b
     lengths = _LENGTHS.pack(len(src), len(dst), len(transport_bytes), len(node_bytes))
     names = b"".join((src, dst, transport_bytes, node_bytes))
     ends = (lengths + names, lengths, names, b"".join((src, b"|", dst, b"|")))
+    if len(names) > _ENDS_NAME_BYTES:
+        return ends
     if len(_ENDS) >= _ENDS_KEPT:
         # Spoofed sources could grow it without end: started afresh instead.
         _ENDS.clear()

@@ -4,8 +4,11 @@ the appender builds them, and the end-of-turn write queued once a turn."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import random
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,14 @@ from sipcalls import Call, packet
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore import MAGIC, DialogStore
 from sipcdr.dialogstore import journal as journal_module
-from sipcdr.dialogstore.journal import closed_record, message_record
+from sipcdr.dialogstore.journal import (
+    KIND_CLOSED,
+    KIND_MESSAGE,
+    closed_record,
+    decided_record,
+    message_record,
+    timer_record,
+)
 from sipcdr.model import Cdr, Packet
 from sipcdr.sip import parse
 
@@ -161,3 +171,98 @@ def test_without_an_event_loop_nothing_is_queued(tmp_path: Path) -> None:
         assert store.stats.journal_messages == 1
     finally:
         os.close(store._fd)
+
+
+def test_a_spray_of_long_capture_node_names_keeps_little_memory() -> None:
+    """Distinct long names (a HEP agent's node name, up to 64 KB; one too long for the
+    layout too) must not each stay kept: 4,096 of them would hold gigabytes."""
+    data = Call("spray@x").request("INVITE")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(200):
+            node = f"{n:05d}" + ("n" if n % 2 else "\ufffd") * 60_000
+            each = Packet(T0, "192.0.2.10", 5060, "203.0.113.20", 5061, "udp", data, node)
+            record = message_record(each)
+            assert record is None if n % 2 == 0 else record == documented(each)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 2_000_000
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_failed_writes_lose_whole_records_in_order_and_count_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Batched, with writes refused (a full disk, an I/O error) or cut short at random:
+    the journal holds whole records in the order they came, each counted written or
+    failed; nothing waits once the barrier or a close record has written; a close
+    record is the last one written when it was written at all."""
+    rng = random.Random(seed)
+    real_writev = os.writev
+    made_room = [0]
+
+    def make_room() -> bool:
+        made_room[0] += 1
+        return made_room[0] % 2 == 1
+
+    store = DialogStore(tmp_path, Correlator(), batch_writes=True, on_no_space=make_room)
+    store.recover()
+    await store.start()
+    (journal,) = tmp_path.glob("*.journal")
+    journal_fd = store._fd
+
+    def failing(fd: int, buffers: list[bytes]) -> int:
+        if fd != journal_fd:
+            return real_writev(fd, buffers)
+        draw = rng.random()
+        if draw < 0.1:
+            raise OSError(errno.ENOSPC, "no space")
+        if draw < 0.15:
+            raise OSError(errno.EIO, "i/o")
+        if draw < 0.3:
+            data = b"".join(buffers)
+            return real_writev(fd, [data[: rng.randrange(1, len(data) + 1)]])
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", failing)
+    cdr = a_cdr()
+    calls = [Call(f"fail-{n}@x", from_tag=f"f{n}") for n in range(20)]
+    came: list[bytes] = []
+    for step in range(300):
+        op = rng.random()
+        if op < 0.5:
+            each = packet(T0 + step, rng.choice(calls).request("INVITE"))
+            store.message(each)
+            came.append(message_record(each) or b"")
+        elif op < 0.6:
+            store.barrier.write(cdr)
+        elif op < 0.7:
+            store.closed(cdr)
+            closing = closed_record(cdr, max(cdr.end_time, store.correlator.now))
+            came.append(closing)
+            written = frames(journal)
+            assert written[-1:] == [closing] or store.stats.journal_write_errors
+        elif op < 0.75:
+            store.decided([cdr], T0 + step)
+            now = store.correlator.now
+            came += [decided_record(cdr, now), timer_record(T0 + step)]
+        else:
+            await asyncio.sleep(0)
+        if op >= 0.5 and op < 0.7:
+            assert not store._pending
+        written = frames(journal)
+        it = iter(came)
+        assert all(any(body == candidate for candidate in it) for body in written)
+        stats = store.stats
+        waiting = len(store._pending) // 2
+        counted = stats.journal_messages + stats.journal_closes + stats.journal_decisions
+        assert counted == len(written)
+        assert counted + stats.journal_write_errors + waiting == len(came)
+        kinds = [body[0] for body in written]
+        assert stats.journal_closes == kinds.count(KIND_CLOSED)
+        assert stats.journal_messages == kinds.count(KIND_MESSAGE)
+    monkeypatch.setattr(os, "writev", real_writev)
+    assert store.stats.journal_write_errors > 0 and not store.intact
+    await store.stop()

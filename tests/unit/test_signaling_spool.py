@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
+import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -569,3 +570,75 @@ def test_the_kept_names_are_bounded_and_change_no_value() -> None:
     with pytest.raises(struct.error):
         spooled(too_long, msg, False)
     assert all(key[1] != too_long.dst_ip for key in sipevent._ENDS)
+
+
+def test_a_spray_of_long_capture_node_names_keeps_little_memory() -> None:
+    """A HEP agent names its capture node in up to 64 KB: distinct long names must not
+    each stay kept, or the 4,096 pairs kept would hold most of a gigabyte."""
+    packet, msg = next((p, m) for p, m in MESSAGES if m.body and not m.body_start < 0)
+    sipevent._ENDS.clear()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(200):
+            sprayed = packet._replace(capture_node=f"{n:05d}" + "n" * 60_000)
+            assert spooled(sprayed, msg, False) == former_spooled(sprayed, msg, False)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # 200 names of 60 KB kept would be ~36 MB (three copies of each).
+    assert kept < 2_000_000
+    assert spooled(packet, msg, False) == former_spooled(packet, msg, False)
+
+
+INTERPRETED_PARSE = load_interpreted()["sipcdr.sip.parser"].parse
+
+
+@st.composite
+def heads_of_every_shape(draw: st.DrawFn) -> bytes:
+    """Messages the parser takes on each of its paths: line ends of every kind within
+    the head and at its end, CRLFs before the start line, folded lines, NUL and bytes
+    not UTF-8, header values and bodies holding blank lines of their own."""
+    start = draw(st.sampled_from((b"INVITE sip:a@b SIP/2.0", b"SIP/2.0 200 OK")))
+    lines = [
+        b"Via: SIP/2.0/UDP h;branch=z9hG4bK1",
+        b"From: <sip:a@b>;tag=1",
+        b"To: <sip:b@c>",
+        b"Call-ID: shapes",
+        b"CSeq: 1 INVITE",
+    ]
+    odd = (b"X-A: a", b" folded", b"\tfolded", b"X-U: \xc3\xa9", b"X-F: \xff", b"X-N: a\x00b")
+    for line in draw(st.lists(st.sampled_from(odd), max_size=4)):
+        lines.insert(draw(st.integers(1, len(lines))), line)
+    body = draw(
+        st.sampled_from((b"v=0\r\n", b"v=0\r\n\r\nx", b"\r\n\r\nb", b"\n\nb", b"b\r\n\r\n"))
+    )
+    length = draw(st.sampled_from((None, len(body), len(body) - 1)))
+    if length is not None:
+        lines.append(b"Content-Length: %d" % length)
+    ends = st.sampled_from((b"\r\n", b"\r\n", b"\n", b"\r"))
+    head = start + b"".join(draw(ends) + line for line in lines)
+    blank = draw(st.sampled_from((b"\r\n\r\n", b"\n\n", b"\r\n\n", b"\n\r\n")))
+    lead = draw(st.sampled_from((b"", b"", b"\r\n", b"\n", b"\r\n\r\n")))
+    return lead + head + blank + body
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload=heads_of_every_shape())
+def test_every_parser_path_cuts_where_the_search_did(payload: bytes) -> None:
+    """Compiled and interpreted, the parser's body start gives the former value, and a
+    message rebuilt from its event (no body start) does too."""
+    packet = Packet(T0, "192.0.2.1", 5060, "192.0.2.2", 5062, "udp", payload, "n1")
+    starts: list[int | None] = []
+    for parse_with in (parse, INTERPRETED_PARSE):
+        try:
+            msg = parse_with(payload)
+        except ValueError:
+            starts.append(None)
+            continue
+        starts.append(msg.body_start)
+        for store_body in (False, True):
+            assert spooled(packet, msg, store_body) == former_spooled(packet, msg, store_body)
+        rebuilt, again = replay(event_of(packet, msg, store_body=True))
+        assert spooled(rebuilt, again, False) == former_spooled(rebuilt, again, False)
+    assert starts[0] == starts[1]

@@ -178,6 +178,9 @@ class JournalReplay:
 # message cost more than finding them here. Cleared rather than grown, so a spray of
 # addresses costs what encoding them did, and a bounded amount of memory.
 _ENDPOINTS_KEPT: Final = 4096
+# Longer strings (together) are encoded per message, not kept: a HEP agent names its
+# capture node in up to 64 KB, and 4,096 such would hold gigabytes.
+_ENDPOINT_BYTES: Final = 512
 _endpoints: dict[tuple[str, str, str, str], tuple[bytes, int, int, int, int]] = {}
 
 
@@ -203,15 +206,13 @@ def _endpoint_strings(where: tuple[str, str, str, str]) -> tuple[bytes, int, int
     """The strings of a message record, encoded and joined in their order (source,
     destination, transport, capture node), and their lengths in the header's order."""
     src, dst, proto, node = (text.encode("utf-8", _TEXT) for text in where)
+    strings = b"".join((src, dst, proto, node))
+    known = (strings, len(node), len(src), len(dst), len(proto))
+    if len(strings) > _ENDPOINT_BYTES:
+        return known
     if len(_endpoints) >= _ENDPOINTS_KEPT:
         _endpoints.clear()
-    known = _endpoints[where] = (
-        b"".join((src, dst, proto, node)),
-        len(node),
-        len(src),
-        len(dst),
-        len(proto),
-    )
+    _endpoints[where] = known
     return known
 
 
