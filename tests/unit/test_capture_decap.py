@@ -1073,6 +1073,58 @@ def test_sip_offset_agrees_with_expression(data: bytes) -> None:
     assert sip_offset(data) == _by_expression(data)
 
 
+def _joined(*parts: bytes) -> bytes:
+    return b"".join(parts)
+
+
+_LEADING = st.sampled_from([b"", b"\r\n", b"\n", b"\r", b"\n\r\n"])
+_GAP = st.sampled_from([b" ", b"  ", b"\t", b"", b" \r"])
+_VERSION = st.sampled_from(
+    [b"SIP/2.0", b"sip/2.0", b"Sip/2.0", b"SIP/2.00", b"SIP/20", b"SIP/2.", b"", b"SIPS/2.0"]
+)
+# Lines shaped like start lines, each part from the near misses the shortcuts must leave
+# to the expression: lowercase and odd method tokens, UTF-8 and binary bytes, schemes
+# other than sip, spaces and line ends inside the URI, codes out of range, UTF-8 reasons.
+_LIKE_REQUEST = st.builds(
+    _joined,
+    _LEADING,
+    st.one_of(
+        st.sampled_from([b"INVITE", b"invite", b"X.!%*_+`'~-9", b"IN(VITE", b"INV\xc3\xa9", b"S"]),
+        st.binary(max_size=5),
+    ),
+    _GAP,
+    st.one_of(
+        st.sampled_from([b"sip", b"sips", b"tel", b"urn", b"1x", b"s_p", b"", b"s\xc3\xa9"]),
+        st.binary(max_size=3),
+    ),
+    st.sampled_from([b":", b"", b"::"]),
+    st.one_of(
+        st.sampled_from([b"bob@x", b"", b"+1555", b"b\xc3\xa9b", b"bo b", b"b\rb", b"b\nb"]),
+        st.binary(max_size=6),
+    ),
+    _GAP,
+    _VERSION,
+    st.sampled_from([b"\r\n", b"\n", b"\r", b"", b"\r\r\n", b" ", b"\n\r", b"x\r\n"]),
+)
+_LIKE_STATUS = st.builds(
+    _joined,
+    _LEADING,
+    _VERSION,
+    _GAP,
+    st.one_of(
+        st.sampled_from([b"100", b"699", b"700", b"099", b"20", b"2000", b"\xd9\xa2\xd9\xa0"]),
+        st.binary(max_size=3),
+    ),
+    st.sampled_from([b" OK\r\n", b"\r\n", b"\n", b"\r", b"", b"\t", b" Sch\xc3\xb6n\r\n", b"0"]),
+)
+
+
+@settings(max_examples=500)
+@given(st.one_of(_LIKE_REQUEST, _LIKE_STATUS))
+def test_sip_offset_agrees_with_expression_on_near_misses(data: bytes) -> None:
+    assert sip_offset(data) == _by_expression(data)
+
+
 # -- TCP reassembly ---------------------------------------------------------------------
 
 CLIENT = a4("10.0.0.1")

@@ -7,7 +7,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
+import pytest
 from sipcalls import Call, CdrCollector, answered_call_messages
+from sipcdr.capture import listeners
 from sipcdr.capture.hints import HintedSipUdpProtocol, ListenerHint
 from sipcdr.capture.listeners import AllowList, ListenerStats, SipUdpProtocol
 from sipcdr.clock import FakeClock
@@ -205,3 +207,58 @@ def test_stage_and_sink_faults_are_counted_by_name_and_cost_nothing_else() -> No
     assert pipeline.stats.cdr_write_failures == {"broken": 1}
     assert len(kept.cdrs) == 1
     assert pipeline.cdrs_written == 0  # one sink lost it
+
+
+def test_a_refused_source_stays_refused_when_the_remembered_verdicts_start_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The listener reads the verdicts dict it was given: the allow-list empties that
+    same dict when it is full, so a source refused before is judged again, never let
+    through by a verdict left over."""
+    monkeypatch.setattr(listeners, "_IP_CACHE_LIMIT", 2)
+    allow = AllowList([ipaddress.ip_network("127.0.0.0/8")])
+    seen = Recording()
+    pipeline = Pipeline(Correlator(), (), signaling=seen.signaling)
+    stats = ListenerStats()
+    protocol = SipUdpProtocol(pipeline, allow, LOCAL, stats, FakeClock())
+    options = b"OPTIONS sip:x SIP/2.0\r\nCall-ID: o@x\r\nCSeq: 1 OPTIONS\r\n\r\n"
+    sources = ["127.0.0.1", "192.0.2.1", "127.0.0.2", "192.0.2.2", "127.0.0.3"]
+    for _ in range(3):
+        for source in sources:
+            protocol.datagram_received(options, (source, 5060))
+            assert len(allow.verdicts) <= 2
+    assert stats.received == {"sip_udp": 9}
+    assert stats.dropped == {("sip_udp", "not_allowed"): 6}
+    assert [p.src_ip for p in seen.packets] == [s for s in sources if s.startswith("127.")] * 3
+
+
+@pytest.mark.parametrize(
+    ("source", "allowed"),
+    [
+        ("::ffff:127.0.0.9", True),  # IPv4-mapped: judged as the IPv4 address
+        ("::ffff:192.0.2.9", False),
+        ("::ffff:7f00:9", True),  # the same mapping, written in hex
+        ("fe80::1%eth0", False),  # a zone, outside the list
+        ("127.0.0.9%eth0", True),  # a zone is not part of the address
+        ("not an address", False),
+        ("", False),
+    ],
+)
+def test_sources_are_judged_as_their_address_on_the_first_datagram_and_after(
+    source: str, allowed: bool
+) -> None:
+    allow = AllowList([ipaddress.ip_network("127.0.0.0/8")])
+    seen = Recording()
+    pipeline = Pipeline(Correlator(), (), signaling=seen.signaling)
+    stats = ListenerStats()
+    protocol = SipUdpProtocol(pipeline, allow, LOCAL, stats, FakeClock())
+    options = b"OPTIONS sip:x SIP/2.0\r\nCall-ID: o@x\r\nCSeq: 1 OPTIONS\r\n\r\n"
+    for _ in range(2):  # the first judged by the networks, the second by its verdict
+        protocol.datagram_received(options, (source, 5060, 0, 0))
+    if allowed:
+        assert stats.received == {"sip_udp": 2} and stats.dropped == {}
+        assert [p.src_ip for p in seen.packets] == [source, source]
+    else:
+        assert stats.dropped == {("sip_udp", "not_allowed"): 2} and stats.received == {}
+        assert seen.packets == []
+    assert allow.verdicts == {source: allowed}
