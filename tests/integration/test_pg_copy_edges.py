@@ -1,16 +1,18 @@
 """`sip_messages` rows at the edges of what a spooled value holds, against a real
 server: capture times at the first and last day a row can hold and at UTC midnights
-(in a session whose TimeZone is not UTC), and a batch the server refuses for one of
-its rows."""
+(in a session whose TimeZone is not UTC), a batch the server refuses for one of its
+rows, and a call found restricted while its messages' COPY is on its way."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
+from typing import Any
 
 import asyncpg
 import pytest
 from sipcdr.model import Packet
+from sipcdr.privacy.outbound import RestrictedCalls
 from sipcdr.sinks.base import KIND_SIP, STREAM_SIGNALING, RecordsRejected, SpoolRecord
 from sipcdr.sinks.pgrows import SIP_MESSAGES, SipCopy
 from sipcdr.sinks.postgres import PostgresSink
@@ -112,3 +114,23 @@ async def test_a_row_the_server_refuses_rejects_the_batch_for_its_content(
         assert sink.rows_inserted["sip_messages"] == 5
         assert sink.duplicates_skipped["sip_messages"] == 1
     assert await conn.fetchval("SELECT count(*) FROM sip_messages") == 5
+
+
+async def test_a_call_found_restricted_during_the_copy_flags_its_rows(
+    pg_dsn: str, conn: asyncpg.Connection
+) -> None:
+    """Its restricted CDR is written on the other stream while the messages' COPY is
+    on its way: the messages left unflagged are flagged by their Call-ID after it."""
+    calls = RestrictedCalls()
+
+    class Racing(PostgresSink):
+        async def _ensure_partitions(self, connection: Any, rows: Any) -> None:
+            await super()._ensure_partitions(connection, rows)
+            calls.add("late", ("4930333444",))
+
+    records = [record(1, 1_773_480_413.5, b"late"), record(2, 1_773_480_414.5, b"other")]
+    async with Racing(pg_dsn, restricted=lambda number: False, restricted_calls=calls) as sink:
+        assert isinstance(sink._encoded(STREAM_SIGNALING, records)[SIP_MESSAGES], SipCopy)
+        await sink.deliver(STREAM_SIGNALING, records)
+    rows = await conn.fetch("SELECT call_id, restricted FROM sip_messages ORDER BY call_id")
+    assert [(r["call_id"], r["restricted"]) for r in rows] == [("late", True), ("other", False)]
