@@ -207,6 +207,8 @@ def test_hostile_names_and_methods_do_not_fill_the_caches() -> None:
     HEP agent long node names: the fields encoded once and kept for the next message
     are kept only for names of the usual length, or 4,096 of each would hold about a
     gigabyte."""
+    pgrows._requests.clear()
+    pgrows._endpoints.clear()
     copy = SipCopy()
     long_method = b"X" * 20_000
     for n in range(40):
