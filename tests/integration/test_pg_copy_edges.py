@@ -1,23 +1,35 @@
 """`sip_messages` rows at the edges of what a spooled value holds, against a real
 server: capture times at the first and last day a row can hold and at UTC midnights
 (in a session whose TimeZone is not UTC), a batch the server refuses for one of its
-rows, and a call found restricted while its messages' COPY is on its way."""
+rows (the delivery loop setting that row aside alone), and a call found restricted
+while its messages' COPY is on its way."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
+from sipcdr.delivery import Delivery
 from sipcdr.model import Packet
 from sipcdr.privacy.outbound import RestrictedCalls
-from sipcdr.sinks.base import KIND_SIP, STREAM_SIGNALING, RecordsRejected, SpoolRecord
+from sipcdr.sinks.base import (
+    KIND_SIP,
+    STREAM_RECORDS,
+    STREAM_SIGNALING,
+    RecordsRejected,
+    SpoolRecord,
+)
 from sipcdr.sinks.pgrows import SIP_MESSAGES, SipCopy
 from sipcdr.sinks.postgres import PostgresSink
 from sipcdr.sip import parse
 from sipcdr.sipevent import spooled
+from sipcdr.spool import Spool
 
 pytestmark = pytest.mark.integration
 
@@ -134,3 +146,36 @@ async def test_a_call_found_restricted_during_the_copy_flags_its_rows(
         await sink.deliver(STREAM_SIGNALING, records)
     rows = await conn.fetch("SELECT call_id, restricted FROM sip_messages ORDER BY call_id")
     assert [(r["call_id"], r["restricted"]) for r in rows] == [("late", True), ("other", False)]
+
+
+async def test_the_delivery_loop_sets_aside_only_the_row_the_server_refuses(
+    pg_dsn: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    async with PostgresSink(pg_dsn) as sink:
+        await sink.prepare()
+        await conn.execute(
+            "ALTER TABLE sip_messages ADD CONSTRAINT short_call_ids CHECK (length(call_id) < 10)"
+        )
+        records = [record(n, 1_773_480_413.5 + n, b"ok%d" % n) for n in range(1, 40)]
+        records[17] = record(18, 1_773_480_413.5, b"refused-by-a-check")
+        signaling = Spool(tmp_path / "signaling", (sink.name,), buffered=True)
+        with signaling, Spool(tmp_path / "records", (sink.name,)) as cdrs:
+            for each in records:
+                signaling.append(each.kind, each.key, each.value)
+            signaling.flush()
+            spools = {STREAM_SIGNALING: signaling, STREAM_RECORDS: cdrs}
+            delivery = Delivery(spools, [sink], batch_records=16)
+            await delivery.start()
+            async with asyncio.timeout(60):
+                while not delivery.caught_up():
+                    await asyncio.sleep(0.01)
+            (state,) = [
+                state for state, _ in delivery.readers() if state.stream == STREAM_SIGNALING
+            ]
+            await delivery.stop()
+        assert (state.delivered, state.rejected) == (38, 1)
+        assert sink.rows_inserted["sip_messages"] == 38
+        assert sink.duplicates_skipped["sip_messages"] == 0
+    lines = (tmp_path / "signaling" / "rejected" / f"{sink.name}.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(line)["key"] for line in lines] == ["refused-by-a-check"]
+    assert await conn.fetchval("SELECT count(*) FROM sip_messages") == 38
