@@ -179,3 +179,23 @@ async def test_the_delivery_loop_sets_aside_only_the_row_the_server_refuses(
     lines = (tmp_path / "signaling" / "rejected" / f"{sink.name}.jsonl").read_bytes().splitlines()
     assert [orjson.loads(line)["key"] for line in lines] == ["refused-by-a-check"]
     assert await conn.fetchval("SELECT count(*) FROM sip_messages") == 38
+
+
+async def test_a_redelivered_message_now_known_restricted_flags_the_row_already_there(
+    pg_dsn: str, conn: asyncpg.Connection
+) -> None:
+    """Its first delivery was committed unflagged, and the session lost before the
+    sink could flag it by its call (the call's restricted CDR written meanwhile, its
+    own flag finding no row yet): the batch delivered again, the message's row is
+    flagged now, and it stays flagged in the row already there."""
+    calls = RestrictedCalls()
+    records = [record(1, 1_773_480_413.5, b"late"), record(2, 1_773_480_414.5, b"other")]
+    async with PostgresSink(
+        pg_dsn, restricted=lambda number: False, restricted_calls=calls
+    ) as sink:
+        await sink.deliver(STREAM_SIGNALING, records)
+        calls.add("late", ("4930333444",))
+        await sink.deliver(STREAM_SIGNALING, records)
+        assert sink.duplicates_skipped["sip_messages"] == 2
+    rows = await conn.fetch("SELECT call_id, restricted FROM sip_messages ORDER BY call_id")
+    assert [(r["call_id"], r["restricted"]) for r in rows] == [("late", True), ("other", False)]
