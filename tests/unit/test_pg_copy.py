@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sipcdr.model import Packet
+from sipcdr.sinks import pgrows
 from sipcdr.sinks.pgrows import SIP_MESSAGES, Row, SipCopy, sip_message_row
 from sipcdr.sip import parse
 from sipcdr.sipevent import spooled
@@ -199,3 +200,28 @@ def test_a_refused_value_leaves_the_copy_as_it_was() -> None:
     assert copy.data() == before
     assert len(copy) == 1
     assert decode(SipCopy().data()) == []
+
+
+def test_hostile_names_and_methods_do_not_fill_the_caches() -> None:
+    """A peer may name any number of long methods (up to a datagram's length) and a
+    HEP agent long node names: the fields encoded once and kept for the next message
+    are kept only for names of the usual length, or 4,096 of each would hold about a
+    gigabyte."""
+    pgrows._requests.clear()
+    pgrows._endpoints.clear()
+    copy = SipCopy()
+    long_method = b"X" * 20_000
+    for n in range(40):
+        method = b"%02d" % n + long_method
+        payload = (
+            method + b" sip:a@b SIP/2.0\r\nCall-ID: c\r\nCSeq: 1 " + method + b"\r\n"
+            b"Via: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:c@d>\r\n\r\n"
+        )
+        node = f"n{n:02d}" + "N" * 20_000
+        packet = Packet(T0, "192.0.2.1", 5060, "192.0.2.2", 5060, "udp", payload, node)
+        value = spooled(packet, parse(payload), False)
+        copy.add(value, None)
+        assert decode(copy.data())[-1] == sip_message_row(value, None)
+    kept = sum(len(key) + len(fields) for key, fields in pgrows._requests.items())
+    kept += sum(len(key[-1]) + len(fields) for key, fields in pgrows._endpoints.items())
+    assert kept < 40 * 1_000

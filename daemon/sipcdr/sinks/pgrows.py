@@ -409,8 +409,12 @@ _NO_BODY_TAILS: Final = tuple(_NULL + tail for tail in _TAILS)
 # Encoded fields that repeat from message to message: a request's method, status_code
 # (NULL) and CSeq method by its method; the addresses, ports, transport and capture node
 # by the captured bytes they are read from. Emptied when full: hostile traffic can make
-# any number of them.
+# any number of them. Kept only for names of the usual length: a method can be as long
+# as a datagram and a HEP agent's node name nearly as long, and 4,096 of them would
+# hold about a gigabyte.
 _CACHED: Final = 4096
+_CACHED_METHOD: Final = 64
+_CACHED_BLOCK: Final = 512
 _requests: Final[dict[str, bytes]] = {}
 _endpoints: Final[dict[tuple[int, int, int, int, int, bytes], bytes]] = {}
 
@@ -500,9 +504,10 @@ class SipCopy:
         endpoints = _endpoints.get(key)
         if endpoints is None:
             endpoints = _endpoint_fields(block, n_src, n_dst, n_transport, src_port, dst_port)
-            if len(_endpoints) >= _CACHED:
-                _endpoints.clear()
-            _endpoints[key] = endpoints
+            if len(block) <= _CACHED_BLOCK:
+                if len(_endpoints) >= _CACHED:
+                    _endpoints.clear()
+                _endpoints[key] = endpoints
         kept = len(value) - end_node
         missing = size - kept
         if digested:
@@ -549,9 +554,10 @@ class SipCopy:
             fields = _requests.get(method)
             if fields is None:
                 fields = _request_fields(method)
-                if len(_requests) >= _CACHED:
-                    _requests.clear()
-                _requests[method] = fields
+                if len(method) <= _CACHED_METHOD:
+                    if len(_requests) >= _CACHED:
+                        _requests.clear()
+                    _requests[method] = fields
         else:
             named = _no_nul(cseq_method).encode()
             if msg.is_request:

@@ -96,6 +96,16 @@ _FLAG_CALLS: Final = (
 )
 
 
+# A re-delivered message flagged now whose row is there unflagged: stored before its
+# subject was known restricted, and the session lost before its call's flag (or a
+# restriction added in between). A flag only ever rises.
+_FLAG_REDELIVERED: Final = (
+    f"UPDATE sip_messages AS m SET restricted = true FROM {SIP_MESSAGES.staging} AS s "
+    "WHERE s.restricted AND NOT m.restricted "
+    "AND m.message_id = s.message_id AND m.captured_at = s.captured_at"
+)
+
+
 # Rows of a table as the sink writes them: tuples, or `sip_messages` rows encoded for
 # a binary COPY already.
 TableRows = list[Row] | SipCopy
@@ -312,6 +322,8 @@ class PostgresSink(AsyncLifecycle):
             f"INSERT INTO {table.name} ({columns}) "
             f"SELECT {columns} FROM {table.staging} ON CONFLICT DO NOTHING"
         )
+        if table is SIP_MESSAGES:
+            await connection.execute(_FLAG_REDELIVERED)
         return int(status.rsplit(" ", 1)[-1])
 
     async def _upsert(

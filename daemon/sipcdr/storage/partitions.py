@@ -127,7 +127,7 @@ async def ensure_partitions(
                 await conn.execute(
                     f'CREATE TABLE IF NOT EXISTS "{name}" PARTITION OF "{table}" '
                     f"FOR VALUES FROM ('{day.isoformat()} 00:00:00+00') "
-                    f"TO ('{(day + _ONE_DAY).isoformat()} 00:00:00+00'){split}"
+                    f"TO ('{_next_day(day)} 00:00:00+00'){split}"
                 )
                 created.append(name)
             if table == CLASSED_TABLE:
@@ -160,6 +160,12 @@ async def ensure_ahead(
     for table in PARTITIONED_TABLES:
         created += await ensure_partitions(conn, table, days, classes)
     return created
+
+
+def _next_day(day: date) -> str:
+    """The day after `day`, as a bound: the last day Python has (9999-12-31, which a
+    capture time can name) is followed by one that only PostgreSQL has."""
+    return "10000-01-01" if day == date.max else (day + _ONE_DAY).isoformat()
 
 
 def _check_table(table: str) -> None:
