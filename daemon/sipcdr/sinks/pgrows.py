@@ -235,6 +235,25 @@ TABLE_OF_KIND: Final = {KIND_CDR: CDRS, KIND_ALERT: FRAUD_ALERTS, KIND_SIP: SIP_
 TABLES: Final = (CDRS, SIP_MESSAGES, FRAUD_ALERTS)
 
 
+def _checked_fields(value: bytes) -> tuple[int, float, int, int, int, int, int, int, int, int]:
+    """A spooled value's fixed fields past its layout byte, and where its addresses
+    begin; ValueError for a value no row may be made of (another layout, a time beyond
+    the table's years, cut short before its message id)."""
+    if len(value) < _SPOOLED_BYTES or value[0] != SPOOLED_LAYOUT:
+        raise ValueError(f"not a signaling record of layout {SPOOLED_LAYOUT}")
+    _layout, flags, timestamp, src_port, dst_port, size, n_src, n_dst, n_transport, n_node = (
+        _unpack_spooled(value)
+    )
+    if not _FIRST_TIME <= timestamp < _LAST_TIME:
+        raise ValueError(f"signaling record: capture time {timestamp} beyond years 1-9999")
+    at = _SPOOLED_BYTES
+    if flags & _DIGESTED:
+        at += _DIGEST_BYTES
+        if len(value) < at:
+            raise ValueError("signaling record: shorter than its message id")
+    return flags, timestamp, src_port, dst_port, size, n_src, n_dst, n_transport, n_node, at
+
+
 def sip_message_row(value: bytes, names_restricted: Callable[[str, str], bool] | None) -> Row:
     """The `sip_messages` row (its columns in the order of `SIP_MESSAGES`) of a
     `spooled` value: what the record's JSON would give, without the JSON.
@@ -250,19 +269,10 @@ def sip_message_row(value: bytes, names_restricted: Callable[[str, str], bool] |
     of spooled values alone as `SipCopy`'s encoding of these rows instead; this builds
     them in a batch mixed with JSON values (spooled before an upgrade).
     """
-    if len(value) < _SPOOLED_BYTES or value[0] != SPOOLED_LAYOUT:
-        raise ValueError(f"not a signaling record of layout {SPOOLED_LAYOUT}")
-    _layout, flags, timestamp, src_port, dst_port, size, n_src, n_dst, n_transport, n_node = (
-        _unpack_spooled(value)
+    flags, timestamp, src_port, dst_port, size, n_src, n_dst, n_transport, n_node, at = (
+        _checked_fields(value)
     )
-    if not _FIRST_TIME <= timestamp < _LAST_TIME:
-        raise ValueError(f"signaling record: capture time {timestamp} beyond years 1-9999")
-    at = _SPOOLED_BYTES
     digested = flags & _DIGESTED
-    if digested:
-        at += _DIGEST_BYTES
-        if len(value) < at:
-            raise ValueError("signaling record: shorter than its message id")
     # Text columns are whole runs of the value: none holds a NUL when the value has
     # none from the addresses on (the zeros the parser is padded with are no column's).
     clean = value.find(b"\x00", at) < 0
@@ -484,19 +494,10 @@ class SipCopy:
     def add(self, value: bytes, names_restricted: Callable[[str, str], bool] | None) -> None:
         """The row of one spooled value (see `sip_message_row`); raises ValueError for
         a value it would refuse, and then adds nothing."""
-        if len(value) < _SPOOLED_BYTES or value[0] != SPOOLED_LAYOUT:
-            raise ValueError(f"not a signaling record of layout {SPOOLED_LAYOUT}")
-        _layout, flags, timestamp, src_port, dst_port, size, n_src, n_dst, n_transport, n_node = (
-            _unpack_spooled(value)
+        flags, timestamp, src_port, dst_port, size, n_src, n_dst, n_transport, n_node, at = (
+            _checked_fields(value)
         )
-        if not _FIRST_TIME <= timestamp < _LAST_TIME:
-            raise ValueError(f"signaling record: capture time {timestamp} beyond years 1-9999")
-        at = _SPOOLED_BYTES
         digested = flags & _DIGESTED
-        if digested:
-            at += _DIGEST_BYTES
-            if len(value) < at:
-                raise ValueError("signaling record: shorter than its message id")
         clean = value.find(b"\x00", at) < 0
         end_node = at + n_src + n_dst + n_transport + n_node
         block = value[at:end_node]
