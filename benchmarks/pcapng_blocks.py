@@ -64,7 +64,7 @@ def child(path: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", required=True, help="another install's python")
+    parser.add_argument("--baseline", default="", help="another install's python (needed)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--frames", type=int, default=1_000_000)
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -72,6 +72,8 @@ def main() -> int:
     if args.child:
         child(args.child)
         return 0
+    if not args.baseline:
+        parser.error("--baseline PYTHON is needed: the ratio is against it")
     path = Path("/tmp") / f"pcapng-blocks-bench-{args.frames}.pcapng"
     path.write_bytes(build(args.frames))
     times: dict[str, list[float]] = {"this": [], "baseline": []}

@@ -195,8 +195,13 @@ class PcapngBlocks:
         pos = 0
         found: list[Packet] = []
         little = self._little
+        extractors = self._extractors
+        divisors = self._divisors
+        offsets = self._offsets
         kind: int
         length: int
+        captured: int
+        iface: int
         while end - pos >= 8:
             # Block type and lengths read byte by byte, as PcapReader reads its
             # records: compiled, a tenth of a struct call each.
@@ -208,9 +213,38 @@ class PcapngBlocks:
             stop = pos + length
             if stop > end:
                 break
-            if not self._block(buf, pos, kind, length, extractor, found):
-                self.stopped = True  # lengths that disagree
-                break
+            if kind == _EPB and length >= _EPB_FIXED:
+                # The common block, inline: _packet reads it the same way.
+                captured = _word(buf, pos + 20, little)
+                if (
+                    _word(buf, stop - 4, little) != length
+                    or _EPB_FIXED + ((captured + 3) & ~3) > length
+                ):
+                    self.stopped = True  # lengths that disagree
+                    break
+                iface = _word(buf, pos + 8, little)
+                reader = extractors[iface] if iface < len(extractors) else None
+                if reader is None:
+                    self._reject(iface, extractor)
+                else:
+                    start = pos + 28
+                    if not reader.skip_media(buf, start, start + captured):
+                        high = _word(buf, pos + 12, little)
+                        low = _word(buf, pos + 16, little)
+                        # As dpkt computes it: the tick count divided as a float.
+                        ts = offsets[iface] + ((high << 32) | low) / divisors[iface]
+                        self._last_ts = ts
+                        packets = reader.decode(ts, buf[start : start + captured])
+                        if packets:
+                            found.extend(packets)
+            else:
+                if not self._block(buf, pos, kind, length, extractor, found):
+                    self.stopped = True  # lengths that disagree
+                    break
+                # An interface description or a new section changes the lists.
+                extractors = self._extractors
+                divisors = self._divisors
+                offsets = self._offsets
             pos = stop
         self.position += pos
         self._rest = b"" if self.stopped else buf[pos:]
@@ -278,12 +312,9 @@ class PcapngBlocks:
                 # 16-bit interface id, then a 16-bit drops count.
                 iface = iface & 0xFFFF if little else iface >> 16
         extractors = self._extractors
-        if iface >= len(extractors):
-            extractor.stats.unknown_interface += 1
-            return True
-        reader = extractors[iface]
+        reader = extractors[iface] if iface < len(extractors) else None
         if reader is None:
-            extractor.stats.unsupported_link += 1
+            self._reject(iface, extractor)
             return True
         if reader.skip_media(buf, start, start + captured):
             return True
@@ -299,6 +330,13 @@ class PcapngBlocks:
         if packets:
             found.extend(packets)
         return True
+
+    def _reject(self, iface: int, extractor: SipExtractor) -> None:
+        """A packet block of interface ``iface``, which is not read: counted."""
+        if iface >= len(self._extractors):
+            extractor.stats.unknown_interface += 1
+        else:
+            extractor.stats.unsupported_link += 1
 
     def describe(self, buf: bytes, pos: int, length: int, extractor: SipExtractor) -> None:
         """The Interface Description Block at ``pos``: the next interface id gets its
