@@ -337,6 +337,16 @@ def file_warning(path: Path, stats: CaptureStats) -> str | None:
         problems.append(
             f"truncated: the file ends inside a record{at}; what came before it was read"
         )
+    # pcapng packet blocks that could not be read at all: never frames, never silent.
+    if stats.unknown_interface:
+        problems.append(
+            f"{stats.unknown_interface} packet blocks name an interface the file "
+            "never described, not read"
+        )
+    if stats.unsupported_link:
+        problems.append(
+            f"{stats.unsupported_link} packet blocks of interfaces whose link type is not read here"
+        )
     if not stats.sip_messages:
         counts = stats.as_dict()
         found = [f"{counts[key]} {words}" for key, words in _INSTEAD if counts.get(key)]

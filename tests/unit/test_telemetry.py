@@ -38,6 +38,10 @@ NOT_EXPORTED = {
     (CorrelatorStats, "messages"),
     # The CDRs handed to the spool: the sum of sipcdr_cdrs_total.
     (PipelineStats, "cdrs_emitted"),
+    # pcapng packet blocks a capture file could not read: never set live, and named in
+    # the import's warning for the file.
+    (CaptureStats, "unknown_interface"),
+    (CaptureStats, "unsupported_link"),
 }
 # Fields of the stats objects that are not counts.
 NOT_COUNTS = {

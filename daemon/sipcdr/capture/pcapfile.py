@@ -4,8 +4,7 @@
 (``sipcdr.decode.extract``), which does the decoding; this module only reads files.
 Files are read in large chunks that ``sipcdr.decode.capfile`` splits into records (a
 tenth of the cost of dpkt's record objects, and media frames are skipped where they
-lie); dpkt reads a pcapng file's header blocks, and every block from the first one
-``capfile`` leaves to it.
+lie); dpkt reads a pcapng file's section header and first interface description.
 
 A capture compressed with gzip, bzip2 or xz is read through its decompressor (rotated
 captures are often kept compressed); other compressions, and files that are not
@@ -141,7 +140,7 @@ def _not_a_capture(path: Path, magic: bytes) -> str:
 
 def _open_reader(handle: BinaryIO, path: Path) -> dpkt.pcap.Reader | dpkt.pcapng.Reader:
     # Here, not at the top: dpkt's import is a tenth of a second of every start, and
-    # only pcapng files (their header blocks) and what capfile leaves over need it.
+    # only pcapng files (their first header blocks) need it.
     import dpkt  # noqa: PLC0415
 
     magic = handle.read(4)
@@ -167,9 +166,14 @@ def iter_packets(
     link type; a file cut off mid-record ends the iteration and sets
     ``stats.truncated_file``, and ``stats.truncated_at`` to where that record begins.
 
-    pcapng: dpkt reads the first interface's link type and timestamp resolution, and
-    Enhanced Packet Blocks only; files mixing interfaces of different link types are
-    read as if all were the first.
+    pcapng: each Enhanced (or obsolete) Packet Block is read with the link type, time
+    resolution (if_tsresol) and offset (if_tsoffset) of the interface it names, so a
+    capture of several interfaces (Ethernet and raw IP, microsecond and nanosecond
+    times) reads whole; Simple Packet Blocks belong to interface 0 and take the time
+    of the packet before them. A block naming an interface no description gave counts
+    in ``stats.unknown_interface``, one of an interface whose link type is not read in
+    ``stats.unsupported_link`` (only the first interface's link type must be read).
+    A block cut short or whose lengths disagree ends the file as truncated there.
     """
     for batch in iter_packet_batches(path, capture_node, stats):
         yield from batch
@@ -209,7 +213,7 @@ def _packets(path: Path, node: str, stats: CaptureStats) -> Iterator[Sequence[Pa
         except ValueError as exc:
             raise CaptureFileError(f"{path}: {exc}") from None
         # dpkt has read the section header and the first interface description; the
-        # packet blocks after them are read in chunks, until one needs dpkt.
+        # blocks after them are read in chunks.
         after_headers = handle.tell()
         handle.seek(8)
         little = handle.read(4) == _PCAPNG_LITTLE_ENDIAN
@@ -220,22 +224,10 @@ def _packets(path: Path, node: str, stats: CaptureStats) -> Iterator[Sequence[Pa
                 yield found
         blocks.finish()
         if blocks.stopped:
-            import dpkt  # noqa: PLC0415 - loaded by _open_reader already
-
-            handle.seek(blocks.position)
-            records = iter(reader)
-            while True:
-                at = handle.tell()
-                try:
-                    ts, frame = next(records)
-                except StopIteration:
-                    break
-                except (dpkt.UnpackError, struct.error, ValueError):
-                    stats.truncated_file = True
-                    stats.truncated_at = at
-                    break
-                if decoded := extractor.feed(float(ts), frame):
-                    yield decoded
+            # A block cut short or whose lengths disagree: the file was cut or
+            # damaged there, and nothing after it can be trusted to be a block.
+            stats.truncated_file = True
+            stats.truncated_at = blocks.position
         extractor.close()
 
 

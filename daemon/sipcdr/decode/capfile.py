@@ -3,14 +3,15 @@ blocks of pcapng.
 
 ``PcapReader`` and ``PcapngBlocks`` split chunks of a file into records and ask a
 ``SipExtractor`` about each frame where it lies in the chunk, so the frames it skips
-unread (media: see ``prefilter``) are never copied. They read what dpkt's readers read:
-the same times, to the bit, and the same end of a cut file. ``PcapReader`` reads a
+unread (media: see ``prefilter``) are never copied. ``PcapReader`` reads what dpkt's
+reader reads: the same times, to the bit, and the same end of a cut file; it reads a
 whole pcap file (a record header cut short ends it as truncated; a frame cut short is
-decoded as it is, and decoding counts it). ``PcapngBlocks`` reads the blocks after the
-section header and the first interface description, which dpkt reads (options and
-all), and stops at the first block it does not read itself (a packet block with
-options or lengths that disagree, an obsolete Packet Block, a block cut short), from
-where dpkt reads on (``capture.pcapfile``).
+decoded as it is, and decoding counts it). ``PcapngBlocks`` reads every block after
+the section header and the first interface description, which dpkt reads: each
+packet block with its own interface's link type, time resolution and offset (times
+computed as dpkt computes them for the first interface), up to the first block cut
+short or whose lengths disagree, where the file ends as truncated
+(``capture.pcapfile``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ _NANOSECONDS: Final = 1_000_000_000
 _EPB: Final = 6  # Enhanced Packet Block
 _PB: Final = 2  # Packet Block, obsolete: dpkt reads it
 _EPB_FIXED: Final = 32  # type, length, interface, time (2), captured, original, length
+_SPB: Final = 3  # Simple Packet Block: interface 0, no time
+_SPB_FIXED: Final = 16  # type, length, original length, length
+_IDB: Final = 1  # Interface Description Block
+_IDB_FIXED: Final = 20  # type, length, link type and reserved, snap length, length
+_SHB: Final = 0x0A0D0D0A  # Section Header Block
+_IF_TSRESOL: Final = 9
+_IF_TSOFFSET: Final = 14
 
 
 class PcapReader:
@@ -125,20 +133,43 @@ class PcapReader:
 
 
 class PcapngBlocks:
-    """The blocks of a pcapng file from a given offset on, fed in chunks of any size:
-    Enhanced Packet Blocks without options are read here, other blocks skipped as dpkt
-    skips them; ``stopped`` is set at the first block left to dpkt, at file offset
-    ``position``."""
+    """The blocks of a pcapng file from a given offset on, fed in chunks of any size.
 
-    __slots__ = ("_divisor", "_little", "_rest", "_ts_offset", "_u32", "position", "stopped")
+    Each packet block is read with its own interface's link type, time resolution and
+    offset: Interface Description Blocks are read here as they come (a Section Header
+    Block forgets them), Enhanced and obsolete Packet Blocks find theirs by interface
+    id, Simple Packet Blocks belong to interface 0 and, having no time, take the last
+    packet's. A packet block naming an interface not yet described, or one whose link
+    type is not read, is counted (``CaptureStats.unknown_interface``,
+    ``unsupported_link``). Other blocks are skipped. ``stopped`` is set at the first
+    block whose lengths disagree or that the file cuts short, at file offset
+    ``position``: the file is read no further."""
+
+    __slots__ = (
+        "_divisors",
+        "_extractors",
+        "_first",
+        "_last_ts",
+        "_little",
+        "_offsets",
+        "_rest",
+        "_u32",
+        "position",
+        "stopped",
+    )
 
     def __init__(self, little: bool, divisor: float, ts_offset: int, position: int) -> None:
         """Byte order, time resolution (ticks per second) and offset (seconds) of the
-        first interface, as dpkt read them, and the file offset reading starts at."""
+        first interface, as dpkt read them, and the file offset reading starts at. That
+        interface's frames go to the extractor ``feed`` is given."""
         self._u32 = struct.Struct("<I" if little else ">I").unpack_from
         self._little = little
-        self._divisor = divisor
-        self._ts_offset = ts_offset
+        # Per interface, by id: a short list indexed per packet, no dictionary.
+        self._extractors: list[SipExtractor | None] = [None]
+        self._divisors: list[float] = [divisor]
+        self._offsets: list[int] = [ts_offset]
+        self._first = True  # interface 0 still waits for feed's extractor
+        self._last_ts = 0.0
         self._rest = b""
         self.position = position
         self.stopped = False
@@ -156,14 +187,21 @@ class PcapngBlocks:
         first block this does not read (then ``stopped``)."""
         if self.stopped:
             return []
+        if self._first:
+            self._extractors[0] = extractor
+            self._first = False
         buf = self._rest + chunk if self._rest else chunk
         end = len(buf)
         pos = 0
         found: list[Packet] = []
         little = self._little
+        extractors = self._extractors
+        divisors = self._divisors
+        offsets = self._offsets
         kind: int
         length: int
         captured: int
+        iface: int
         while end - pos >= 8:
             # Block type and lengths read byte by byte, as PcapReader reads its
             # records: compiled, a tenth of a struct call each.
@@ -175,34 +213,169 @@ class PcapngBlocks:
             stop = pos + length
             if stop > end:
                 break
-            if kind == _EPB:
-                captured = _word(buf, pos + 20, little) if length >= _EPB_FIXED else -1
+            if kind == _EPB and length >= _EPB_FIXED:
+                # The common block, inline: _packet reads it the same way.
+                captured = _word(buf, pos + 20, little)
                 if (
-                    captured < 0
-                    or length != _EPB_FIXED + ((captured + 3) & ~3)
-                    or _word(buf, stop - 4, little) != length
+                    _word(buf, stop - 4, little) != length
+                    or _EPB_FIXED + ((captured + 3) & ~3) > length
                 ):
-                    self.stopped = True  # options, or lengths that disagree
+                    self.stopped = True  # lengths that disagree
                     break
-                start = pos + 28
-                if not extractor.skip_media(buf, start, start + captured):
-                    high = _word(buf, pos + 12, little)
-                    low = _word(buf, pos + 16, little)
-                    # As dpkt computes it: the tick count divided as a float.
-                    ts = self._ts_offset + ((high << 32) | low) / self._divisor
-                    packets = extractor.decode(ts, buf[start : start + captured])
-                    if packets:
-                        found.extend(packets)
-            elif kind == _PB:
-                self.stopped = True
-                break
+                iface = _word(buf, pos + 8, little)
+                reader = extractors[iface] if iface < len(extractors) else None
+                if reader is None:
+                    self._reject(iface, extractor)
+                else:
+                    start = pos + 28
+                    if not reader.skip_media(buf, start, start + captured):
+                        high = _word(buf, pos + 12, little)
+                        low = _word(buf, pos + 16, little)
+                        # As dpkt computes it: the tick count divided as a float.
+                        ts = offsets[iface] + ((high << 32) | low) / divisors[iface]
+                        self._last_ts = ts
+                        packets = reader.decode(ts, buf[start : start + captured])
+                        if packets:
+                            found.extend(packets)
+            else:
+                if not self._block(buf, pos, kind, length, extractor, found):
+                    self.stopped = True  # lengths that disagree
+                    break
+                # An interface description or a new section changes the lists.
+                extractors = self._extractors
+                divisors = self._divisors
+                offsets = self._offsets
             pos = stop
         self.position += pos
         self._rest = b"" if self.stopped else buf[pos:]
         return found
 
+    def _block(
+        self,
+        buf: bytes,
+        pos: int,
+        kind: int,
+        length: int,
+        extractor: SipExtractor,
+        found: list[Packet],
+    ) -> bool:
+        """The whole block at ``pos`` read, its SIP put in ``found``; False if its
+        lengths disagree."""
+        little = self._little
+        if kind in (_EPB, _PB, _SPB, _IDB) and (
+            length < 12 or _word(buf, pos + length - 4, little) != length
+        ):
+            return False  # as dpkt reads them: these, and only these, are checked
+        if kind in (_EPB, _PB, _SPB):
+            return self._packet(buf, pos, kind, length, extractor, found)
+        if kind == _IDB:
+            if length < _IDB_FIXED:
+                return False
+            self.describe(buf, pos, length, extractor)
+        elif kind == _SHB:
+            # A new section (files joined end to end): its interfaces are its own.
+            self._extractors = []
+            self._divisors = []
+            self._offsets = []
+        return True
+
+    def _packet(
+        self,
+        buf: bytes,
+        pos: int,
+        kind: int,
+        length: int,
+        extractor: SipExtractor,
+        found: list[Packet],
+    ) -> bool:
+        """The packet block at ``pos`` decoded into ``found``; False if its captured
+        length does not fit in the block."""
+        little = self._little
+        captured: int
+        iface: int
+        if kind == _SPB:
+            if length < _SPB_FIXED:
+                return False
+            # No captured length: the original one, up to what the block holds.
+            captured = min(_word(buf, pos + 8, little), length - _SPB_FIXED)
+            start = pos + 12
+            iface = 0
+        else:
+            if length < _EPB_FIXED:
+                return False
+            captured = _word(buf, pos + 20, little)
+            if _EPB_FIXED + ((captured + 3) & ~3) > length:
+                return False
+            start = pos + 28
+            iface = _word(buf, pos + 8, little)
+            if kind == _PB:
+                # 16-bit interface id, then a 16-bit drops count.
+                iface = iface & 0xFFFF if little else iface >> 16
+        extractors = self._extractors
+        reader = extractors[iface] if iface < len(extractors) else None
+        if reader is None:
+            self._reject(iface, extractor)
+            return True
+        if reader.skip_media(buf, start, start + captured):
+            return True
+        if kind == _SPB:
+            ts = self._last_ts
+        else:
+            high = _word(buf, pos + 12, little)
+            low = _word(buf, pos + 16, little)
+            # As dpkt computes it: the tick count divided as a float.
+            ts = self._offsets[iface] + ((high << 32) | low) / self._divisors[iface]
+            self._last_ts = ts
+        packets = reader.decode(ts, buf[start : start + captured])
+        if packets:
+            found.extend(packets)
+        return True
+
+    def _reject(self, iface: int, extractor: SipExtractor) -> None:
+        """A packet block of interface ``iface``, which is not read: counted."""
+        if iface >= len(self._extractors):
+            extractor.stats.unknown_interface += 1
+        else:
+            extractor.stats.unsupported_link += 1
+
+    def describe(self, buf: bytes, pos: int, length: int, extractor: SipExtractor) -> None:
+        """The Interface Description Block at ``pos``: the next interface id gets its
+        link type, resolution (if_tsresol) and offset (if_tsoffset)."""
+        little = self._little
+        word = _word(buf, pos + 8, little)
+        linktype = word & 0xFFFF if little else word >> 16
+        divisor = 1e6
+        offset = 0
+        at = pos + _IDB_FIXED - 4
+        body_end = pos + length - 4
+        # Options: 16-bit code and length, value padded to 32 bits; end or a truncated
+        # option ends them (the block's own lengths were checked).
+        while at + 4 <= body_end:
+            word = _word(buf, at, little)
+            code = word & 0xFFFF if little else word >> 16
+            size = word >> 16 if little else word & 0xFFFF
+            value = at + 4
+            if code == 0 or value + size > body_end:
+                break
+            if code == _IF_TSRESOL and size >= 1:
+                resol = buf[value]
+                # High bit set: a negative power of two, else of ten (as dpkt reads it).
+                divisor = float((2 if resol & 0x80 else 10) ** (resol & 0x7F))
+            elif code == _IF_TSOFFSET and size >= 8:
+                offset = int.from_bytes(
+                    buf[value : value + 8], "little" if little else "big", signed=True
+                )
+            at = value + ((size + 3) & ~3)
+        try:
+            reader: SipExtractor | None = extractor.sibling(linktype)
+        except ValueError:
+            reader = None
+        self._extractors.append(reader)
+        self._divisors.append(divisor)
+        self._offsets.append(offset)
+
     def finish(self) -> None:
-        """The end of the file: a block cut short is dpkt's to read."""
+        """The end of the file: a block cut short stops the reading there."""
         if self._rest:
             self.stopped = True
             self._rest = b""

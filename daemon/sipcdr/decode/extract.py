@@ -56,6 +56,8 @@ class CaptureStats:
         "tcp",
         "truncated_at",
         "truncated_file",
+        "unknown_interface",
+        "unsupported_link",
     )
 
     def __init__(self) -> None:
@@ -70,6 +72,10 @@ class CaptureStats:
         self.keepalives = 0  # CRLF-only UDP/SCTP/HEP payloads
         self.truncated_file = False  # set by a file reader: the file ended inside a record
         self.truncated_at = -1  # set with it: the file offset where that record begins
+        # pcapng packet blocks naming an interface no Interface Description Block
+        # described, and those of an interface whose link type is not read.
+        self.unknown_interface = 0
+        self.unsupported_link = 0
 
     @property
     def frames_read(self) -> int:
@@ -97,6 +103,8 @@ class CaptureStats:
             "non_sip_payloads": self.non_sip_payloads,
             "keepalives": self.keepalives,
             "truncated_file": int(self.truncated_file),
+            "unknown_interface": self.unknown_interface,
+            "unsupported_link": self.unsupported_link,
         }
         flat.update({f"hep_error_{k}": v for k, v in self.hep_errors.items()})
         flat.update({f"decap_{k}": v for k, v in self.decap.as_dict().items()})
@@ -147,6 +155,20 @@ class SipExtractor:
         self._linktype = linktype
         self._prefilter = prefilter
         self._max_hep_skew_s = max_hep_skew_s
+
+    def sibling(self, linktype: int) -> SipExtractor:
+        """An extractor for another interface of the same capture (pcapng): frames of
+        ``linktype`` in, into the same fragment and TCP stream state and counters.
+        ValueError for a link type the decapsulator does not read."""
+        return SipExtractor(
+            linktype,
+            self.capture_node,
+            self.stats,
+            decapsulator=self._decap,
+            reassembler=self._tcp,
+            prefilter=self._prefilter,
+            max_hep_skew_s=self._max_hep_skew_s,
+        )
 
     def feed(self, ts: float, frame: bytes) -> tuple[Packet, ...] | list[Packet]:
         """The SIP messages that this frame completes (usually none or one)."""
