@@ -9,6 +9,7 @@ message, a call that never got a final response as timeout_no_final.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -19,6 +20,7 @@ import encaps
 import pytest
 from pcapdata import require_shared_data
 from sipcalls import Call, CdrCollector, answered_call_messages
+from sipcdr.capture.pcapfile import node_of
 from sipcdr.config import Config
 from sipcdr.importer import import_files
 from sipcdr.model import Cdr
@@ -254,3 +256,31 @@ def test_a_call_inside_each_encapsulation(kind: str, tmp_path: Path) -> None:
     assert capture["non_sip_payloads"] == 20
     others = {f"decap_{other}" for other in encaps.ENCAPSULATIONS} - {f"decap_{kind}"}
     assert {key: capture[key] for key in others} == dict.fromkeys(others, 0)
+
+
+def test_a_file_name_that_is_not_utf8_loses_no_cdr(tmp_path: Path) -> None:
+    """The file system keeps such a name's bytes as surrogates, which no CDR, signaling
+    record or row can hold: every CDR of the file was lost (counted) before."""
+    name = b"caf\xe9.pcap".decode("utf-8", "surrogateescape")
+    capture = tmp_path / name
+    capture.write_bytes((require_shared_data() / "pcaps" / "zeek-sip-wireshark.pcap").read_bytes())
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SIPCDR_")}
+    environ.update(SIPCDR_SINKS__POSTGRES__DSN="", SIPCDR_STATE__SPARE_BYTES="0")
+    done = subprocess.run(
+        [sys.executable, "-m", "sipcdr.cli", "import", name],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "cdr_write_failed" not in done.stderr
+    records = [
+        json.loads(line) for line in (tmp_path / "var" / "cdrs.jsonl").read_text().splitlines()
+    ]
+    assert len(records) == 4
+    assert {record["capture_node"] for record in records} == {"caf\ufffd.pcap"}
+    assert node_of(capture) == "caf\ufffd.pcap"
+    assert node_of(tmp_path / "plain.pcap") == "plain.pcap"

@@ -179,6 +179,13 @@ def iter_packets(
         yield from batch
 
 
+def node_of(path: Path) -> str:
+    """The capture node of a file's packets: its name, with bytes that are not UTF-8
+    (kept by the file system as surrogates) shown as U+FFFD, since a surrogate cannot
+    be written into a CDR's JSON, a signaling record or a database row."""
+    return path.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def iter_packet_batches(
     path: Path, capture_node: str | None = None, stats: CaptureStats | None = None
 ) -> Iterator[Sequence[Packet]]:
@@ -188,7 +195,7 @@ def iter_packet_batches(
     through the generators ``iter_packets`` stacks)."""
     if stats is None:
         stats = CaptureStats()
-    node = path.name if capture_node is None else capture_node
+    node = node_of(path) if capture_node is None else capture_node
     check_capture(path)
     try:
         yield from _packets(path, node, stats)
