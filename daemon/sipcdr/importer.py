@@ -347,6 +347,11 @@ def file_warning(path: Path, stats: CaptureStats) -> str | None:
         problems.append(
             f"{stats.unsupported_link} packet blocks of interfaces whose link type is not read here"
         )
+    if stats.bad_time:
+        problems.append(
+            f"{stats.bad_time} packet blocks timed before 1970 or after 9999 (if_tsoffset?), "
+            "not read"
+        )
     if not stats.sip_messages:
         counts = stats.as_dict()
         found = [f"{counts[key]} {words}" for key, words in _INSTEAD if counts.get(key)]

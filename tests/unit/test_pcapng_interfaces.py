@@ -10,12 +10,15 @@ import subprocess
 from pathlib import Path
 from types import ModuleType
 
+import encaps
 import pytest
+from sipcalls import Call, CdrCollector, answered_call_messages
 from sipcdr.capture import pcapfile
 from sipcdr.capture.pcapfile import iter_packets
+from sipcdr.config import Config
 from sipcdr.decode import extract as extract_module
 from sipcdr.hotpath import load_interpreted
-from sipcdr.importer import file_warning
+from sipcdr.importer import file_warning, import_files
 
 ETHERNET, RAW, LINUX_SLL, LINUX_SLL2, USER0 = 1, 101, 113, 276, 147
 SECONDS = 1_700_000_000
@@ -247,3 +250,120 @@ def test_unread_packet_blocks_are_named_in_the_file_warning(tmp_path: Path) -> N
     assert "1 packet blocks name an interface the file never described" in warning
     assert "1 packet blocks of interfaces whose link type is not read" in warning
     assert "truncated" not in warning
+
+
+@pytest.mark.parametrize("orders", [("<", ">"), (">", "<")])
+def test_a_new_section_in_the_other_byte_order_reads_whole(
+    reader: ModuleType, orders: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Captures of machines of either endianness joined end to end (mergecap, cat):
+    # the second section's lengths are in its own byte order, which its header gives.
+    first = Writer(orders[0])
+    first.interface(ETHERNET)
+    first.enhanced(0, SECONDS * 10**6, framed(ETHERNET, ip_udp(sip(1), 1)))
+    second = Writer(orders[1])
+    second.interface(RAW, resol=9)
+    second.enhanced(0, SECONDS * 10**9 + 5, framed(RAW, ip_udp(sip(2), 2)))
+    path = tmp_path / "joined.pcapng"
+    path.write_bytes(first.data + second.data)
+    expected = [(1, float(SECONDS)), (2, (SECONDS * 10**9 + 5) / 1e9)]
+    for size in (1, 5, 9, 11, 1 << 20):
+        monkeypatch.setattr(pcapfile, "PCAP_CHUNK_BYTES", size)
+        stats = reader.CaptureStats()
+        packets = list(iter_packets(path, stats=stats))
+        assert [(cseq(p.payload), p.timestamp) for p in packets] == expected, size
+        assert not stats.truncated_file, size
+
+
+def test_a_block_length_past_any_packet_stops_without_buffering_the_file(
+    reader: ModuleType, tmp_path: Path
+) -> None:
+    # A damaged length of nearly 4 GB: the reader must not ask for (or hold) the rest
+    # of the file to complete it, it ends the file there as truncated.
+    w = Writer("<")
+    w.interface(ETHERNET)
+    w.enhanced(0, SECONDS * 10**6, framed(ETHERNET, ip_udp(sip(1), 1)))
+    good = len(w.data)
+    bad = struct.pack("<II", 6, 0xFFFFFFF0) + bytes(4096)
+    path = tmp_path / "damaged.pcapng"
+    path.write_bytes(w.data + bad)
+    stats = reader.CaptureStats()
+    packets = list(iter_packets(path, stats=stats))
+    assert [cseq(p.payload) for p in packets] == [1]
+    assert stats.truncated_file
+    assert stats.truncated_at == good
+    blocks = vars(pcapfile)["PcapngBlocks"](True, 1e6, 0, 0)  # as the fixture set it
+    blocks.feed(bad[:64], reader.SipExtractor(ETHERNET, "n"))
+    assert blocks.stopped
+    assert blocks.wanted() <= 1 << 26
+
+
+def test_many_interface_descriptions_share_one_extractor_per_link_type(
+    reader: ModuleType,
+) -> None:
+    # A file of nothing but interface descriptions (20 bytes each) made an extractor,
+    # with its own decoder, for each: hundreds of bytes of memory per 20 of file.
+    w = Writer("<")
+    for n in range(2000):
+        w.interface(RAW if n % 2 else ETHERNET)
+    data = w.data[28:]  # the blocks after the section header
+    blocks = vars(pcapfile)["PcapngBlocks"](True, 1e6, 0, 0)  # as the fixture set it
+    first = reader.SipExtractor(ETHERNET, "n")
+    blocks.feed(data, first)
+    assert len({id(e) for e in blocks._extractors}) <= 3
+    assert len(blocks._extractors) == 2001
+
+
+@pytest.mark.parametrize("offset", [2**62, -(2**62), 2**40])
+def test_a_time_no_calendar_holds_is_counted_not_imported(
+    reader: ModuleType, offset: int, tmp_path: Path
+) -> None:
+    # An if_tsoffset (or tick count) this large dated a call in a year gmtime cannot
+    # give, and the import failed on it; before 1970 the call was lost unsaid.
+    w = Writer("<")
+    w.interface(ETHERNET)
+    w.interface(RAW, resol=6, offset=offset)
+    w.enhanced(0, SECONDS * 10**6, framed(ETHERNET, ip_udp(sip(1), 1)))
+    w.enhanced(1, SECONDS * 10**6, framed(RAW, ip_udp(sip(2), 2)))
+    w.simple(framed(ETHERNET, ip_udp(sip(3), 3)))
+    w.obsolete(1, 2**64 - 1, framed(RAW, ip_udp(sip(4), 4)))
+    path = tmp_path / "far.pcapng"
+    path.write_bytes(w.data)
+    stats = reader.CaptureStats()
+    packets = list(iter_packets(path, stats=stats))
+    assert [(cseq(p.payload), p.timestamp) for p in packets] == [
+        (1, float(SECONDS)),
+        (3, float(SECONDS)),
+    ]
+    assert stats.bad_time == 2
+    warning = file_warning(path, stats)
+    assert warning is not None
+    assert "2 packet blocks timed before 1970 or after 9999" in warning
+
+
+def test_an_import_of_a_far_future_interface_does_not_fail(tmp_path: Path) -> None:
+    # A whole call on an interface offset by 2**62 s, then the same call on one without.
+    w = Writer("<")
+    w.interface(ETHERNET)
+    w.interface(RAW, resol=6, offset=2**62)
+    caller, callee = ("10.77.0.1", 5062), ("10.77.0.2", 5060)
+    messages = answered_call_messages(Call())
+    for iface, base in ((1, 0), (0, SECONDS)):
+        for index, message in enumerate(messages):
+            src, dst = (
+                (caller, callee)
+                if message.startswith((b"INVITE", b"ACK", b"BYE"))
+                else (callee, caller)
+            )
+            packet = encaps.ipv4(encaps.udp(message, src[1], dst[1]), src[0], dst[0])
+            w.enhanced(
+                iface, (base + index) * 10**6, framed(ETHERNET, packet) if iface == 0 else packet
+            )
+    path = tmp_path / "far.pcapng"
+    path.write_bytes(w.data)
+    sink = CdrCollector()
+    summary = import_files(Config(), [path], sinks=[sink], progress=False)
+    capture = summary["capture"]
+    assert isinstance(capture, dict)
+    assert capture["bad_time"] == len(messages)
+    assert len(sink.cdrs) == 1

@@ -42,6 +42,7 @@ NOT_EXPORTED = {
     # the import's warning for the file.
     (CaptureStats, "unknown_interface"),
     (CaptureStats, "unsupported_link"),
+    (CaptureStats, "bad_time"),
 }
 # Fields of the stats objects that are not counts.
 NOT_COUNTS = {

@@ -173,7 +173,10 @@ def iter_packets(
     of the packet before them. A block naming an interface no description gave counts
     in ``stats.unknown_interface``, one of an interface whose link type is not read in
     ``stats.unsupported_link`` (only the first interface's link type must be read).
-    A block cut short or whose lengths disagree ends the file as truncated there.
+    A block cut short, whose lengths disagree or that claims more than 64 MiB ends the
+    file as truncated there; a later section may be in the other byte order. A packet
+    timed before 1970 or after 9999 (a hostile if_tsoffset) counts in
+    ``stats.bad_time``.
     """
     for batch in iter_packet_batches(path, capture_node, stats):
         yield from batch

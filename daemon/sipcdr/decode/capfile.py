@@ -45,6 +45,14 @@ _IDB_FIXED: Final = 20  # type, length, link type and reserved, snap length, len
 _SHB: Final = 0x0A0D0D0A  # Section Header Block
 _IF_TSRESOL: Final = 9
 _IF_TSOFFSET: Final = 14
+# Larger than any packet block a capture tool writes (Wireshark refuses blocks over
+# 16 MiB): a length above it is damage, not a block to buffer the rest of the file for.
+_MAX_BLOCK: Final = 1 << 26
+_SHB_LITTLE: Final = b"\x4d\x3c\x2b\x1a"  # byte-order magic, little-endian
+_SHB_BIG: Final = b"\x1a\x2b\x3c\x4d"
+# The end of year 9999: a packet time past it (or before 1970), which a huge
+# if_tsoffset or tick count gives, has no calendar date for a record or row to hold.
+_LATEST: Final = 253402300800.0
 
 
 class PcapReader:
@@ -153,6 +161,7 @@ class PcapngBlocks:
         "_little",
         "_offsets",
         "_rest",
+        "_siblings",
         "_u32",
         "position",
         "stopped",
@@ -170,6 +179,9 @@ class PcapngBlocks:
         self._offsets: list[int] = [ts_offset]
         self._first = True  # interface 0 still waits for feed's extractor
         self._last_ts = 0.0
+        # One extractor per link type, however many interfaces name it: a file of a
+        # million interface descriptions holds a million list slots, not extractors.
+        self._siblings: dict[int, SipExtractor | None] = {}
         self._rest = b""
         self.position = position
         self.stopped = False
@@ -179,6 +191,8 @@ class PcapngBlocks:
         rest = self._rest
         if len(rest) < 8:
             return 8 - len(rest)
+        if len(rest) < 12 and rest[:4] == b"\x0a\x0d\x0d\x0a":
+            return 12 - len(rest)  # a section header's length is in its own byte order
         length: int = self._u32(rest, 4)[0]
         return max(length - len(rest), 1)
 
@@ -206,8 +220,21 @@ class PcapngBlocks:
             # Block type and lengths read byte by byte, as PcapReader reads its
             # records: compiled, a tenth of a struct call each.
             kind = _word(buf, pos, little)
+            if kind == _SHB:
+                # A new section may be in the other byte order (captures joined end
+                # to end): its magic, not the last section's order, reads its lengths.
+                if end - pos < 12:
+                    break
+                magic = buf[pos + 8 : pos + 12]
+                if magic not in (_SHB_LITTLE, _SHB_BIG):
+                    self.stopped = True
+                    break
+                little = magic == _SHB_LITTLE
+                if little != self._little:
+                    self._little = little
+                    self._u32 = struct.Struct("<I" if little else ">I").unpack_from
             length = _word(buf, pos + 4, little)
-            if length < 8:
+            if length < 8 or length > _MAX_BLOCK:
                 self.stopped = True
                 break
             stop = pos + length
@@ -233,10 +260,13 @@ class PcapngBlocks:
                         low = _word(buf, pos + 16, little)
                         # As dpkt computes it: the tick count divided as a float.
                         ts = offsets[iface] + ((high << 32) | low) / divisors[iface]
-                        self._last_ts = ts
-                        packets = reader.decode(ts, buf[start : start + captured])
-                        if packets:
-                            found.extend(packets)
+                        if 0.0 <= ts < _LATEST:
+                            self._last_ts = ts
+                            packets = reader.decode(ts, buf[start : start + captured])
+                            if packets:
+                                found.extend(packets)
+                        else:
+                            reader.stats.bad_time += 1
             else:
                 if not self._block(buf, pos, kind, length, extractor, found):
                     self.stopped = True  # lengths that disagree
@@ -325,6 +355,9 @@ class PcapngBlocks:
             low = _word(buf, pos + 16, little)
             # As dpkt computes it: the tick count divided as a float.
             ts = self._offsets[iface] + ((high << 32) | low) / self._divisors[iface]
+            if not 0.0 <= ts < _LATEST:
+                reader.stats.bad_time += 1
+                return True
             self._last_ts = ts
         packets = reader.decode(ts, buf[start : start + captured])
         if packets:
@@ -366,10 +399,14 @@ class PcapngBlocks:
                     buf[value : value + 8], "little" if little else "big", signed=True
                 )
             at = value + ((size + 3) & ~3)
-        try:
-            reader: SipExtractor | None = extractor.sibling(linktype)
-        except ValueError:
-            reader = None
+        if linktype in self._siblings:
+            reader: SipExtractor | None = self._siblings[linktype]
+        else:
+            try:
+                reader = extractor.sibling(linktype)
+            except ValueError:
+                reader = None
+            self._siblings[linktype] = reader
         self._extractors.append(reader)
         self._divisors.append(divisor)
         self._offsets.append(offset)

@@ -45,6 +45,7 @@ class CaptureStats:
     """
 
     __slots__ = (
+        "bad_time",
         "decap",
         "hep_clock_skew",
         "hep_errors",
@@ -76,6 +77,8 @@ class CaptureStats:
         # described, and those of an interface whose link type is not read.
         self.unknown_interface = 0
         self.unsupported_link = 0
+        # pcapng packet blocks whose time falls before 1970 or after 9999.
+        self.bad_time = 0
 
     @property
     def frames_read(self) -> int:
@@ -105,6 +108,7 @@ class CaptureStats:
             "truncated_file": int(self.truncated_file),
             "unknown_interface": self.unknown_interface,
             "unsupported_link": self.unsupported_link,
+            "bad_time": self.bad_time,
         }
         flat.update({f"hep_error_{k}": v for k, v in self.hep_errors.items()})
         flat.update({f"decap_{k}": v for k, v in self.decap.as_dict().items()})
