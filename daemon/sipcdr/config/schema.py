@@ -42,12 +42,12 @@ class Endpoint(NamedTuple):
 
 # -- defaults -----------------------------------------------------------------------------
 
-# Loopback only: a fresh install captures nothing from the network until an operator
-# points a mirror at an address they chose.
 # The delivery process's nice increment: its share of a busy machine is a third of the
 # capture process's (CFS weights 335 against 1024), enough to catch up once a burst ends.
 DEFAULT_DELIVERY_NICE: Final = 5
 MAX_NICE: Final = 19
+# Loopback only: a fresh install captures nothing from the network until an operator
+# points a mirror at an address they chose.
 DEFAULT_SIP_UDP: Final = (Endpoint("127.0.0.1", 5060),)
 # 9060 is the port HEP agents and Homer use by convention; loopback as above.
 DEFAULT_HEP_UDP: Final = (Endpoint("127.0.0.1", 9060),)

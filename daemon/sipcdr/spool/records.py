@@ -92,7 +92,7 @@ _crc32: Final = zlib.crc32
 
 
 def _encode(kind: str, key: bytes, value: bytes, seq: int) -> bytes:
-    """One record as it goes to disk (`Spool.append` does the same work in line)."""
+    """One record as it goes to disk."""
     head = _HEAD_PACK(MAGIC, _KIND_CODES[kind], len(key), len(value), seq)
     return b"".join((head, _CRC_PACK(_crc32(value, _crc32(key, _crc32(head)))), key, value))
 
