@@ -7,14 +7,11 @@ STAMP  := $(VENV)/.installed
 # The daemon's own dependencies only: what `make run` needs (the development tools are
 # most of the install's time).
 RUN_STAMP := $(VENV)/.installed-run
-# The install compiles these (setup.py): an edit rebuilds, so tests run what was edited.
-# The package's __init__ and model are type-checked with them (the compiled code reads
-# the model's records by their declared types), so an edit there rebuilds too.
-HOT_PATH := setup.py daemon/sipcdr/__init__.py daemon/sipcdr/model.py \
-	daemon/sipcdr/hotpath.py daemon/sipcdr/hep.py daemon/sipcdr/pipeline.py \
-	daemon/sipcdr/sip/_scan.c \
-	$(wildcard daemon/sipcdr/sip/*.py daemon/sipcdr/decode/*.py daemon/sipcdr/dialog/*.py) \
-	$(wildcard daemon/sipcdr/fraud/*.py)
+# The install compiles the modules in hotpath.COMPILED_MODULES (setup.py): an edit
+# rebuilds, so tests run what was edited. Any module is a dependency: the compiled code
+# is type-checked against what it imports and holds copies of the `Final` constants it
+# reads from them, so an edit to an interpreted module can change it too.
+HOT_PATH := setup.py daemon/sipcdr/sip/_scan.c $(shell find daemon/sipcdr -name '*.py')
 # The quiet install hides a compile that fell back to pure Python: with a compiler here,
 # the development set-up stops on it at once rather than after the suite has run.
 CHECK_BUILD := -c 'import shutil, sys; from sipcdr import hotpath; kind, why = hotpath.hot_path(); \

@@ -33,10 +33,46 @@ def mypyc_extensions() -> list[Extension]:
         return []
     sources = ["daemon/" + name.replace(".", "/") + ".py" for name in HOTPATH["COMPILED_MODULES"]]
     try:
-        return mypycify(sources, opt_level="3", debug_level="0")
+        extensions = mypycify(sources, opt_level="3", debug_level="0")
     except (Exception, SystemExit) as exc:  # mypyc reports type errors by exiting
         _warn(f"mypyc failed ({exc!r})")
         return []
+    try:
+        mended = mended_runtime()
+    except (ImportError, OSError) as exc:  # a mypyc laid out otherwise, an unwritable build/
+        print(f"sipcdr: mypyc's bytes slice not mended ({exc!r})", file=sys.stderr)
+        return extensions
+    if mended is not None:
+        for ext in extensions:
+            ext.include_dirs.insert(0, mended)
+            ext.depends.append(str(Path(mended, "bytes_ops.c")))
+    return extensions
+
+
+# mypyc's runtime slices bytes with a length of end - start after clamping both, so a
+# slice whose end comes before its start (`b"abc"[2:1]`, b"" in Python) raises
+# SystemError instead: hostile input reaches such slices in the decoders. The compiled
+# code includes the runtime's sources by name from its include path, so a mended copy
+# of that one file, found first, replaces it (the runtime is included by name, not
+# copied into build/, as `mypycify` does by default and this build asks).
+_BYTES_SLICE = "Py_ssize_t slice_len = endn - startn;"
+_BYTES_SLICE_MENDED = "Py_ssize_t slice_len = endn > startn ? endn - startn : 0;"
+
+
+def mended_runtime() -> str | None:
+    """A folder holding mypyc's `bytes_ops.c` with the slice mended, or None when this
+    mypyc's file no longer has the faulty line."""
+    from mypyc.build import include_dir  # noqa: PLC0415 - present when this runs
+
+    source = Path(include_dir(), "bytes_ops.c").read_text(encoding="utf-8")
+    if _BYTES_SLICE not in source:
+        return None
+    folder = Path("build", "mypyc-runtime")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bytes_ops.c").write_text(
+        source.replace(_BYTES_SLICE, _BYTES_SLICE_MENDED), encoding="utf-8"
+    )
+    return str(folder.resolve())
 
 
 class AllOrNothingBuildExt(build_ext):

@@ -389,10 +389,17 @@ def main(argv: list[str] | None = None) -> int:
         now, former = statistics.median(added["turn"]), statistics.median(added["former"])
         ratios = [n / f for n, f in zip(added["turn"], added["former"], strict=True) if f > 0]
         whole = statistics.median(results["turn"]) / statistics.median(results["former"])
+        # A round whose former journal cost nothing over the baseline (noise on a
+        # loaded machine, a quick run) gives no ratio.
+        per_round_text = (
+            f"median {statistics.median(ratios):.2f}x, {min(ratios):.2f}-{max(ratios):.2f}x"
+            if ratios
+            else "no round measured the former above the baseline"
+        )
+        against = f"{now / former:.2f}x" if former > 0 else "former not above the baseline"
         print(
             f"  the journal's own cost per turn: {now:.2f} us/msg against {former:.2f} with"
-            f" the former appender ({now / former:.2f}x; per round: median"
-            f" {statistics.median(ratios):.2f}x, {min(ratios):.2f}-{max(ratios):.2f}x);"
+            f" the former appender ({against}; per round: {per_round_text});"
             f" whole path {whole:.2f}x"
             f" (load {os.getloadavg()[0]:.1f})"
         )

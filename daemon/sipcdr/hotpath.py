@@ -37,7 +37,7 @@ __all__ = [
     "load_interpreted",
 ]
 
-# Compiled from the same source in one mypyc build, in dependency order.
+# Compiled from the same source in one mypyc build.
 COMPILED_MODULES: Final = (
     "sipcdr.sip.headers",
     "sipcdr.sip.address",
@@ -70,12 +70,34 @@ COMPILED_MODULES: Final = (
     # The per-message glue around the modules above: compiled, its calls into them
     # are direct calls rather than Python calls.
     "sipcdr.pipeline",
+    # What the capture process does beside them per message and per call (the
+    # signaling value, spool and journal records, the CDR stages), and the delivery
+    # process's rows and partitions.
+    "sipcdr.sipevent",
+    "sipcdr.sinks.signaling",
+    "sipcdr.spool.records",
+    "sipcdr.dialogstore.journal",
+    "sipcdr.enrich.stage",
+    "sipcdr.rating.stage",
+    "sipcdr.fraud.stage",
+    "sipcdr.sinks.pgrows",
+    "sipcdr.sinks.kafkapartition",
 )
 # The C header scanner: an extension with no Python twin; the parser runs its own loop
 # without it.
 SCANNER_MODULE: Final = "sipcdr.sip._scan"
 # The packages the compiled modules live in; reloading a module reloads these too.
-_PACKAGES: Final = ("sipcdr.sip", "sipcdr.decode", "sipcdr.dialog", "sipcdr.fraud")
+_PACKAGES: Final = (
+    "sipcdr.sip",
+    "sipcdr.decode",
+    "sipcdr.dialog",
+    "sipcdr.fraud",
+    "sipcdr.sinks",
+    "sipcdr.spool",
+    "sipcdr.dialogstore",
+    "sipcdr.enrich",
+    "sipcdr.rating",
+)
 
 PURE_PYTHON_ENV: Final = "SIPCDR_PURE_PYTHON"
 _FALSE_WORDS: Final = frozenset({"", "0", "false", "no", "off"})
@@ -170,9 +192,13 @@ def _is_extension(module: ModuleType) -> bool:
 def load_interpreted() -> dict[str, ModuleType]:
     """The hot-path modules (and their packages) loaded from source, by name, beside
     those in use, which are back in `sys.modules` when this returns. For differential
-    tests and benchmarks: both implementations in one process."""
-    names = (*_PACKAGES, *COMPILED_MODULES, SCANNER_MODULE)
+    tests and benchmarks: both implementations in one process. Not for a process that
+    imports on another thread meanwhile. A package's other modules are shared with
+    the code in use when it had imported them before, and loaded beside it otherwise
+    (then dropped from `sys.modules` again)."""
+    names: tuple[str, ...] = (*_PACKAGES, *COMPILED_MODULES, SCANNER_MODULE)
     saved = {name: sys.modules.pop(name) for name in names if name in sys.modules}
+    before = set(sys.modules)
     finder = _SourceFinder()
     sys.meta_path.insert(0, finder)
     try:
@@ -180,6 +206,13 @@ def load_interpreted() -> dict[str, ModuleType]:
         return {name: importlib.import_module(name) for name in (*_PACKAGES, *COMPILED_MODULES)}
     finally:
         sys.meta_path.remove(finder)
+        # The packages' __init__ also imported modules not imported before (the spool's
+        # writer, the delivery loop): bound to the copies from source, they must not
+        # stay for the code in use to import later.
+        added = tuple(
+            name for name in list(sys.modules) if name not in before and name.startswith("sipcdr.")
+        )
+        names = (*names, *added)
         for name in names:
             sys.modules.pop(name, None)
         sys.modules.update(saved)

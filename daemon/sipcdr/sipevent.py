@@ -25,7 +25,7 @@ from typing import Final, NamedTuple
 
 from sipcdr.model import SIP_EVENT_SCHEMA_VERSION, Packet, SipEvent, rfc3339
 from sipcdr.sip.message import SipMessage
-from sipcdr.sip.parser import parse
+from sipcdr.sip.parser import MAX_MESSAGE_BYTES, parse
 
 __all__ = [
     "SPOOLED_LAYOUT",
@@ -242,7 +242,8 @@ def spooled(packet: Packet, msg: SipMessage, store_body: bool) -> bytes:
         kept = payload[:start]
     else:
         kept = _head_of(payload)
-        if kept is payload:
+        # By length, not identity: a compiled slice of the whole is a new object.
+        if len(kept) == len(payload):
             return b"".join(
                 (
                     _HEAD.pack(SPOOLED_LAYOUT, 0, timestamp, src_port, dst_port, len(payload)),
@@ -346,10 +347,14 @@ def unspool(value: bytes) -> Unspooled:
         # Spooled as a float, never formatted at capture: a pcapng's 64-bit tick count
         # can put it past what a row's or the topic's timestamp holds.
         raise ValueError(f"signaling record: capture time {timestamp} beyond years 1-9999")
+    if size > MAX_MESSAGE_BYTES:  # damaged: no message longer is parsed, none spooled
+        raise ValueError(f"signaling record: a message of {size} bytes, longer than any")
     at = _SPOOLED.size
     digested = flags & _DIGESTED
     if digested:
         at += _DIGEST_BYTES
+        if len(value) < at:
+            raise ValueError("signaling record: shorter than its message id")
     src = value[at : at + n_src]
     at += n_src
     dst = value[at : at + n_dst]

@@ -29,6 +29,8 @@ from sipcdr.config import Config
 from sipcdr.config.schema import TrunkConfig
 from sipcdr.dialog import Correlator
 from sipcdr.enrich import EnrichRateStage, EnrichStage
+from sipcdr.enrich.trunks import TrunkLookup
+from sipcdr.hotpath import load_interpreted
 from sipcdr.importer import import_files
 from sipcdr.model import Cdr, cdr_copier, replace_cdr
 from sipcdr.pipeline import Pipeline
@@ -98,6 +100,21 @@ def stages() -> tuple[EnrichStage, RateStage]:
     rate = RateStage(RatePlans(), [trunk.to_trunk() for trunk in TRUNKS])
     rate.install(load)
     return EnrichStage(TRUNKS), rate
+
+
+def breakable_stages() -> tuple[Any, Any, Any]:
+    """As `stages`, run from their source, whose methods a test can replace (a compiled
+    stage's cannot): the enrich stage, the rate stage, and the class joining them."""
+    modules = load_interpreted()
+    rating, enrich_module = modules["sipcdr.rating"], modules["sipcdr.enrich.stage"]
+    load = rating.load_rate_plans(
+        {"retail": RETAIL, "vendor-eur": VENDOR_EUR, "vendor-usd": VENDOR_USD}, None, 4, NOW
+    )
+    rate = modules["sipcdr.rating.stage"].RateStage(
+        rating.RatePlans(), [trunk.to_trunk() for trunk in TRUNKS]
+    )
+    rate.install(load)
+    return enrich_module.EnrichStage(TRUNKS), rate, enrich_module.EnrichRateStage
 
 
 def wire(cdr: Cdr) -> tuple[bytes, str | None]:
@@ -264,13 +281,13 @@ def test_a_fault_of_one_part_costs_its_fields_only(
 ) -> None:
     """As when they were two stages: the other part's fields are set, and the fault is
     counted under the failing part's name."""
-    enrich, rate = stages()
+    enrich, rate, joined = breakable_stages()
     if part in ("enrich", "both"):
         monkeypatch.setattr(enrich, "fields", _Broken())
     if part in ("rate", "both"):
         monkeypatch.setattr(rate, "priced", _Broken())
     sink = CdrCollector()
-    pipeline = Pipeline(Correlator(egress=True), [sink], [EnrichRateStage(enrich, rate)])
+    pipeline = Pipeline(Correlator(egress=True), [sink], [joined(enrich, rate)])
     closed = correlated(next(p for p in captures() if any(c.egress_ip for c in correlated(p))))
     cdr = next(c for c in closed if c.egress_ip is not None)
     pipeline.emit([cdr])
@@ -353,10 +370,10 @@ def test_a_fault_of_the_kpi_count_costs_the_enrich_fields_only(
     """A fault after the enrich fields were made (the KPI count) costs them too, as the
     enrich stage alone lost its whole copy; the rating is still that of the CDR as it
     came, on CDRs with and without an egress address."""
-    enrich, rate = stages()
+    enrich, rate, joined = breakable_stages()
     monkeypatch.setattr(enrich, "count", _Broken())
     sink = CdrCollector()
-    pipeline = Pipeline(Correlator(egress=True), [sink], [EnrichRateStage(enrich, rate)])
+    pipeline = Pipeline(Correlator(egress=True), [sink], [joined(enrich, rate)])
     cdrs = generated()[:50]
     if not egress:  # a CDR enriched already, or from a correlator that reads no egress
         cdrs = [replace_cdr(c, egress_ip=None) for c in cdrs]
@@ -368,3 +385,24 @@ def test_a_fault_of_the_kpi_count_costs_the_enrich_fields_only(
     assert pipeline.stats.internal_errors == {"enrich": len(cdrs)}
     assert pipeline.stats.cdrs_emitted == len(cdrs)
     assert enrich.stats.kpis == {}
+
+
+def test_a_fault_inside_the_compiled_enrich_part_is_counted_under_its_name() -> None:
+    """As above with the stages in use (compiled where the install built them): a
+    trunk lookup that fails inside the enrich part costs its fields only."""
+    _enrich, rate = stages()
+
+    def failing(_source: str) -> None:
+        raise RuntimeError("broken")
+
+    enrich = EnrichStage(TrunkLookup(failing))
+    sink = CdrCollector()
+    pipeline = Pipeline(Correlator(egress=True), [sink], [EnrichRateStage(enrich, rate)])
+    cdrs = [c for c in generated()[:50] if c.egress_ip is not None]
+    assert cdrs
+    pipeline.emit(cdrs)
+    _former_enrich, former_rate_stage = stages()
+    assert [wire(c) for c in sink.cdrs] == [
+        wire(former_rate(former_rate_stage, c, {})) for c in cdrs
+    ]
+    assert pipeline.stats.internal_errors == {"enrich": len(cdrs)}

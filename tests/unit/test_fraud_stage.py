@@ -29,6 +29,7 @@ from sipcdr.fraud.settings import (
 )
 from sipcdr.fraud.stage import FraudStage
 from sipcdr.fraud.tap import MessageTap
+from sipcdr.hotpath import load_interpreted
 from sipcdr.model import Cdr, FraudAlert, Packet, Trunk
 from sipcdr.pipeline import Pipeline
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, STREAM_RECORDS
@@ -120,23 +121,28 @@ def test_the_trunk_of_a_source_is_looked_up_once_and_given_to_the_monitor() -> N
         lookups.append(source)
         return trunk if source == CALLER_ADDR[0] else None
 
-    stage = FraudStage(FraudSettings(), AlertCollector(), TrunkLookup(resolve))
+    # Run from source: a compiled stage's monitor cannot be replaced by a spy.
+    modules = load_interpreted()
+    stage = modules["sipcdr.fraud.stage"].FraudStage(
+        FraudSettings(), AlertCollector(), TrunkLookup(resolve)
+    )
     seen: list[str | None] = []
     real = stage.monitor
 
     class Spy:
-        """The monitor, with the trunk each message is given noted (a compiled
-        monitor's methods cannot be replaced)."""
+        """The monitor, with the trunk each message is given noted."""
 
         def on_message(self, msg: object, pkt: Packet, now: float, name: str | None) -> object:
             seen.append(name)
-            return real.on_message(msg, pkt, now, name)  # type: ignore[arg-type]
+            return real.on_message(msg, pkt, now, name)
 
         def __getattr__(self, name: str) -> object:
             return getattr(real, name)
 
-    stage.monitor = Spy()  # type: ignore[assignment]
-    pipeline, _ = pipeline_with(stage)
+    stage.monitor = Spy()
+    pipeline = modules["sipcdr.pipeline"].Pipeline(
+        modules["sipcdr.dialog.correlator"].Correlator(), [CdrCollector()], (stage,), (stage,)
+    )
     call = Call()
     for offset, data in enumerate(cancelled_call(call)):
         pipeline.process(packet(T0 + offset, data))
@@ -203,7 +209,9 @@ def test_the_cost_a_rating_stage_set_counts_towards_spend() -> None:
 
 
 def test_a_monitor_error_costs_the_check_not_the_call_and_is_counted() -> None:
-    stage = FraudStage(FraudSettings(), AlertCollector())
+    # Run from source: a compiled stage's monitor cannot be replaced.
+    modules = load_interpreted()
+    stage = modules["sipcdr.fraud.stage"].FraudStage(FraudSettings(), AlertCollector())
 
     class Broken:
         def on_message(self, *_args: object) -> None:
@@ -211,8 +219,11 @@ def test_a_monitor_error_costs_the_check_not_the_call_and_is_counted() -> None:
 
         on_cdr = expire = on_message
 
-    stage.monitor = Broken()  # type: ignore[assignment]
-    pipeline, collector = pipeline_with(stage)
+    stage.monitor = Broken()
+    collector = CdrCollector()
+    pipeline = modules["sipcdr.pipeline"].Pipeline(
+        modules["sipcdr.dialog.correlator"].Correlator(), [collector], (stage,), (stage,)
+    )
     for offset, data in enumerate(cancelled_call(Call())):
         pipeline.process(packet(T0 + offset, data))
     stage.tick(T0 + 10)

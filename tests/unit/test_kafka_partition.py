@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import random
 
-import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
-from sipcdr.sinks import kafkapartition
 from sipcdr.sinks.kafka import KafkaSink
 from sipcdr.sinks.kafkapartition import KeyPartitioner, murmur2
 
@@ -74,9 +72,8 @@ def test_no_key_goes_to_an_available_partition_as_aiokafka_sends_it() -> None:
         assert partitioner(None, [0, 1, 2, 3], []) in {0, 1, 2, 3}
 
 
-def test_the_kept_hashes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kafkapartition, "_MAX_KEYS", 100)
-    partitioner = KeyPartitioner()
+def test_the_kept_hashes_are_bounded() -> None:
+    partitioner = KeyPartitioner(max_keys=100)
     partitions = list(range(6))
     sample = keys(400, seed=11)
     for key in sample:

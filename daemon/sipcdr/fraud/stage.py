@@ -72,7 +72,8 @@ class FraudStage:
     @monitor.setter
     def monitor(self, monitor: FraudMonitor) -> None:
         # The tap holds the monitor it hands messages to: a monitor put in its place
-        # (a test's) gets a tap of its own.
+        # gets a tap of its own. Only a FraudMonitor: compiled, the stage and the tap
+        # call it directly, unchecked (a test's stand-in runs the stage from source).
         self._monitor = monitor
         self.tap = MessageTap(monitor, self._trunk_of, self._write, self._error)
 

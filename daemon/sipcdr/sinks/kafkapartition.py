@@ -63,10 +63,11 @@ class KeyPartitioner:
     """A `partitioner` for `AIOKafkaProducer`: what `DefaultPartitioner` returns, for
     every key, with each key's hash kept between its records."""
 
-    __slots__ = ("_hashes",)
+    __slots__ = ("_hashes", "_max_keys")
 
-    def __init__(self) -> None:
+    def __init__(self, max_keys: int = _MAX_KEYS) -> None:
         self._hashes: dict[bytes, int] = {}
+        self._max_keys = max_keys
 
     def __call__(self, key: object, all_partitions: Sequence[int], available: Sequence[int]) -> int:
         if type(key) is not bytes:
@@ -78,7 +79,7 @@ class KeyPartitioner:
         if hashed is None:
             hashed = murmur2(key) & 0x7FFFFFFF
             if len(key) <= _MAX_KEPT_KEY_BYTES:
-                if len(hashes) >= _MAX_KEYS:
+                if len(hashes) >= self._max_keys:
                     hashes.clear()
                 hashes[key] = hashed
         return all_partitions[hashed % len(all_partitions)]

@@ -15,7 +15,7 @@ import orjson
 
 from sipcdr.model import SIP_EVENT_SCHEMA_VERSION
 from sipcdr.sinks.base import KIND_ALERT, KIND_CDR, KIND_SIP
-from sipcdr.sip.parser import parse
+from sipcdr.sip.parser import MAX_MESSAGE_BYTES, parse
 from sipcdr.sipevent import (
     _BODY_KEPT,
     _DIGEST_BYTES,
@@ -238,7 +238,7 @@ TABLES: Final = (CDRS, SIP_MESSAGES, FRAUD_ALERTS)
 def _checked_fields(value: bytes) -> tuple[int, float, int, int, int, int, int, int, int, int]:
     """A spooled value's fixed fields past its layout byte, and where its addresses
     begin; ValueError for a value no row may be made of (another layout, a time beyond
-    the table's years, cut short before its message id)."""
+    the table's years, a length beyond any message, cut short before its message id)."""
     if len(value) < _SPOOLED_BYTES or value[0] != SPOOLED_LAYOUT:
         raise ValueError(f"not a signaling record of layout {SPOOLED_LAYOUT}")
     _layout, flags, timestamp, src_port, dst_port, size, n_src, n_dst, n_transport, n_node = (
@@ -246,6 +246,8 @@ def _checked_fields(value: bytes) -> tuple[int, float, int, int, int, int, int, 
     )
     if not _FIRST_TIME <= timestamp < _LAST_TIME:
         raise ValueError(f"signaling record: capture time {timestamp} beyond years 1-9999")
+    if size > MAX_MESSAGE_BYTES:  # a damaged length: no body of gigabytes padded back
+        raise ValueError(f"signaling record: a message of {size} bytes, longer than any")
     at = _SPOOLED_BYTES
     if flags & _DIGESTED:
         at += _DIGEST_BYTES
@@ -267,8 +269,7 @@ def sip_message_row(value: bytes, names_restricted: Callable[[str, str], bool] |
     value instead of one per text column (`tests/unit/test_signaling_spool.py` holds
     it equal to `sip_message_row_unspooled` over every corpus). The sink sends a batch
     of spooled values alone as `SipCopy`'s encoding of these rows instead; this builds
-    them in a batch mixed with JSON values (spooled before an upgrade).
-    """
+    them in a batch mixed with JSON values (spooled before an upgrade)."""
     flags, timestamp, src_port, dst_port, size, n_src, n_dst, n_transport, n_node, at = (
         _checked_fields(value)
     )

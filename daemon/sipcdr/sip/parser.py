@@ -8,6 +8,7 @@ else is kept as lines and parsed only when asked for (see SipMessage).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from sipcdr.sip.address import AddressError, find_param, locate_uri
 from sipcdr.sip.headers import COMPACT_FORMS, TOKEN_CHARS, split_list
@@ -15,7 +16,7 @@ from sipcdr.sip.message import SipMessage
 
 # Bounds that keep hostile input cheap. RFC 3261 sets no header-count limit; real
 # INVITEs through several proxies carry 20-40 header lines.
-MAX_MESSAGE_BYTES = 65535  # the largest UDP datagram; longer stream messages are refused
+MAX_MESSAGE_BYTES: Final = 65535  # the largest UDP datagram; longer stream messages refused
 MAX_HEADER_LINES = 256
 MAX_CSEQ = 2**31 - 1  # RFC 3261 section 8.1.1.5: CSeq MUST be less than 2**31
 MAX_CONTENT_LENGTH_DIGITS = 9  # anything longer cannot fit the message size bound anyway
