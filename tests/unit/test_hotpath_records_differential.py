@@ -25,7 +25,7 @@ from sipcdr.hotpath import COMPILED_MODULES, hot_path, load_interpreted
 from sipcdr.model import Packet
 from sipcdr.privacy.naming import named_numbers
 from sipcdr.sinks.base import KIND_SIP
-from test_signaling_spool import MESSAGES, SEEDS, restricting
+from test_signaling_spool import MESSAGES, SEEDS, damaged, restricting
 
 Modules = dict[str, ModuleType]
 # A signaling value's fixed fields (`sipevent.spooled`): layout, flags, time, ports,
@@ -146,18 +146,12 @@ def test_mutated_messages(compiled: Modules, interpreted: Modules, names: Names)
     hostile = [b"\x00", b"\r\n", b"\n\n", b"\r\n\r\n", b"\xff", "é".encode(), b":", b";tag="]
     base = MESSAGES[0][0]
     for _ in range(1500):
-        payload = bytearray(rnd.choice(SEEDS))
-        for _ in range(rnd.randint(1, 4)):
-            at = rnd.randint(0, len(payload))
-            if rnd.random() < 0.6:
-                payload[at:at] = rnd.choice(hostile)
-            else:
-                del payload[at : at + rnd.randint(1, 40)]
-        packet = base._replace(payload=bytes(payload), capture_node=rnd.choice(["n", "nö", ""]))
+        payload = damaged(rnd, rnd.choice(SEEDS), hostile, edits=4, inserts=0.6, longest_cut=40)
+        packet = base._replace(payload=payload, capture_node=rnd.choice(["n", "nö", ""]))
         store_body = rnd.random() < 0.3
         assert message_outcome(compiled, packet, store_body, names) == message_outcome(
             interpreted, packet, store_body, names
-        ), bytes(payload[:200])
+        ), payload[:200]
 
 
 def test_damaged_values_are_refused_alike(

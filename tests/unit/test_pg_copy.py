@@ -17,7 +17,7 @@ from sipcdr.sinks import pgrows
 from sipcdr.sinks.pgrows import SIP_MESSAGES, Row, SipCopy, sip_message_row
 from sipcdr.sip import parse
 from sipcdr.sipevent import spooled
-from test_signaling_spool import MESSAGES, T0, nul_payloads, restricting
+from test_signaling_spool import MESSAGES, T0, damaged, nul_payloads, restricting
 
 Names = Callable[[str, str], bool] | None
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -159,26 +159,18 @@ def test_hostile_values_give_the_row_or_fail_alike() -> None:
     compared = refused = 0
     for _ in range(800):
         packet, _msg = rnd.choice(MESSAGES)
-        payload = bytearray(packet.payload)
-        for _ in range(rnd.randint(1, 3)):
-            at = rnd.randint(0, len(payload))
-            if rnd.random() < 0.7:
-                payload[at:at] = rnd.choice(hostile)
-            else:
-                del payload[at : at + rnd.randint(1, 20)]
+        payload = damaged(rnd, packet.payload, hostile, edits=3, inserts=0.7, longest_cut=20)
         try:
-            msg = parse(bytes(payload))
+            msg = parse(payload)
         except ValueError:
             continue
         node = rnd.choice(["n1", "nö", "n\x00", ""])
         for store_body in (False, True):
-            value = spooled(
-                packet._replace(payload=bytes(payload), capture_node=node), msg, store_body
-            )
-            damaged = bytearray(value)
+            value = spooled(packet._replace(payload=payload, capture_node=node), msg, store_body)
+            flipped = bytearray(value)
             for _ in range(rnd.randint(1, 2)):
-                damaged[rnd.randrange(len(damaged))] = rnd.randrange(256)
-            for each in (value, bytes(damaged), value[: rnd.randrange(len(value))]):
+                flipped[rnd.randrange(len(flipped))] = rnd.randrange(256)
+            for each in (value, bytes(flipped), value[: rnd.randrange(len(value))]):
                 for flag in (None, names):
                     expected = _row_or_error(each, flag)
                     assert _copied_or_error(each, flag) == expected

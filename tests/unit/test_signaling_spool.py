@@ -97,6 +97,27 @@ MESSAGES = parsed()
 SEEDS = [packet.payload for packet, _ in MESSAGES[::7]] + odd_payloads()
 
 
+def damaged(
+    rnd: random.Random,
+    payload: bytes,
+    hostile: list[bytes],
+    *,
+    edits: int,
+    inserts: float,
+    longest_cut: int,
+) -> bytes:
+    """`payload` with 1 to `edits` edits at random places: a `hostile` piece inserted
+    (with probability `inserts`) or a run of up to `longest_cut` bytes cut out."""
+    damaging = bytearray(payload)
+    for _ in range(rnd.randint(1, edits)):
+        at = rnd.randint(0, len(damaging))
+        if rnd.random() < inserts:
+            damaging[at:at] = rnd.choice(hostile)
+        else:
+            del damaging[at : at + rnd.randint(1, longest_cut)]
+    return bytes(damaging)
+
+
 def test_the_corpus_is_large_and_odd() -> None:
     assert len(MESSAGES) >= 2000
     payloads = {packet.payload for packet, _ in MESSAGES}
