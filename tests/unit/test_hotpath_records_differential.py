@@ -250,3 +250,17 @@ def test_loading_the_source_leaves_the_modules_in_use_as_they_were() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "ok"
+
+
+def test_a_slice_ending_before_it_starts_is_empty_compiled_too(
+    compiled: Modules, interpreted: Modules
+) -> None:
+    """A digested value keeping one byte of its message cuts its headers at two bytes
+    before its end, before where they start: b"" in Python, a SystemError from mypyc's
+    unmended runtime (setup.py mends it)."""
+    head = SPOOLED.pack(1, 2, 1.0, 1, 2, 40, 0, 0, 0, 0) + bytes(16)
+    for kept in (b"I", b"IN", b"\r"):
+        for modules in (compiled, interpreted):
+            with pytest.raises(ValueError) as refused:
+                modules["sipcdr.sinks.pgrows"].sip_message_row(head + kept, None)
+            assert type(refused.value).__name__ == "SipParseError"
