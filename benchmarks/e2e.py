@@ -164,6 +164,18 @@ def metrics(daemon: Daemon) -> dict[str, float]:
     return values
 
 
+def hot_path_of(values: dict[str, float]) -> str:
+    """Which implementation the daemon runs, from `sipcdr_build_info`: an editable
+    install whose sources are newer than its build (a checkout, a merge) runs the
+    interpreted path, at about twice the CPU a message, and must not be mistaken for
+    the compiled one."""
+    for key, value in values.items():
+        found = re.match(r'sipcdr_build_info\{hot_path="([a-z]+)"\}', key)
+        if found is not None and value == 1:
+            return found.group(1)
+    return "unknown"
+
+
 def delta(after: dict[str, float], before: dict[str, float], prefix: str) -> float:
     return sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(prefix))
 
@@ -493,6 +505,7 @@ def main() -> None:
                 time.sleep(IDLE_S)
                 idle = (cpu_seconds([daemon.process.pid]) - idle) / IDLE_S
                 print(f"daemon idle: {idle * 100:.1f} % of a core (timers, checkpoints)")
+                print(f"daemon hot path: {hot_path_of(metrics(daemon))}")
                 for index, rate in enumerate(rates):
                     steps.append(run_step(run, index, rate, args.seconds))
                     report(steps[-1])
