@@ -72,7 +72,7 @@ COMPILED_MODULES: Final = (
     "sipcdr.pipeline",
     # What the capture process does beside them per message and per call (the
     # signaling value, spool and journal records, the CDR stages), and the delivery
-    # process's rows and partitions.
+    # process's rows.
     "sipcdr.sipevent",
     "sipcdr.sinks.signaling",
     "sipcdr.spool.records",
@@ -81,7 +81,6 @@ COMPILED_MODULES: Final = (
     "sipcdr.rating.stage",
     "sipcdr.fraud.stage",
     "sipcdr.sinks.pgrows",
-    "sipcdr.sinks.kafkapartition",
 )
 # The C header scanner: an extension with no Python twin; the parser runs its own loop
 # without it.
