@@ -357,16 +357,12 @@ def test_a_spool_of_the_json_layout_is_delivered_after_an_upgrade(tmp_path: Path
     assert sink._rows(STREAM_SIGNALING, read) == sink._rows(STREAM_SIGNALING, legacy)
 
 
-def test_a_field_beyond_the_layout_is_spooled_as_json() -> None:
+def test_a_field_beyond_the_layout_is_spooled_as_json(tmp_path: Path) -> None:
     packet, msg = MESSAGES[0]
     packet = packet._replace(capture_node="n" * 70_000)
-    appended: list[bytes] = []
-
-    class Spool:
-        def append(self, kind: str, key: bytes, value: bytes) -> None:
-            appended.append(value)
-
-    SignalingRecorder(Spool()).__call__(packet, msg)  # type: ignore[arg-type]
+    with Spool(tmp_path, ("s",)) as spool:
+        SignalingRecorder(spool)(packet, msg)
+        appended = [record.value for record in spool.reader("s").read(10, 1 << 20)]
     assert appended == [orjson.dumps(event_record(packet, msg))]
     assert not is_spooled(appended[0])
 

@@ -21,6 +21,7 @@ from sipcdr.model import SIP_EVENT_CORRELATION_FIELDS, Cdr, Packet, SipEvent
 from sipcdr.sinks.signaling import SignalingRecorder, published
 from sipcdr.sip import SipParseError, parse
 from sipcdr.sipevent import event_of, replay
+from sipcdr.spool import Spool
 
 SCHEMA = json.loads(
     (Path(__file__).resolve().parents[2] / "schemas" / "sip_message.v1.schema.json").read_text()
@@ -79,26 +80,23 @@ def test_topic_records_are_valid_and_round_trip(path: Path) -> None:
 
 
 @pytest.mark.parametrize("store_body", [False, True])
-def test_the_recorder_writes_the_event(store_body: bool) -> None:
+def test_the_recorder_writes_the_event(store_body: bool, tmp_path: Path) -> None:
     """The record the daemon sends of what it spooled is the event's record, byte for
     byte, for every message of every capture (the recorder spools the captured bytes,
     the sinks build the record from them without the event in between)."""
-    appended: list[bytes] = []
-
-    class Spool:
-        def append(self, kind: str, key: bytes, value: bytes) -> None:
-            appended.append(value)
-
-    recorder = SignalingRecorder(Spool(), store_body=store_body)  # type: ignore[arg-type]
     expected = []
-    for path in captures():
-        for packet in iter_packets(path):
-            try:
-                msg = parse(packet.payload)
-            except SipParseError:
-                continue
-            recorder(packet, msg)
-            expected.append(orjson.dumps(event_of(packet, msg, store_body=store_body).to_record()))
+    with Spool(tmp_path, ("s",)) as spool:
+        recorder = SignalingRecorder(spool, store_body=store_body)
+        for path in captures():
+            for packet in iter_packets(path):
+                try:
+                    msg = parse(packet.payload)
+                except SipParseError:
+                    continue
+                recorder(packet, msg)
+                record = event_of(packet, msg, store_body=store_body).to_record()
+                expected.append(orjson.dumps(record))
+        appended = [record.value for record in spool.reader("s").read(1 << 20, 1 << 40)]
     assert [published(value) for value in appended] == expected
     assert len(appended) >= 500
     assert any(b'"body":"v=0' in value for value in expected) == store_body

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Final, Protocol, TypeVar, cast
 
+from mypy_extensions import mypyc_attr
+
 from sipcdr.dialog import Correlator
 from sipcdr.dialogstore.journal import (
     _FRAME,
@@ -50,6 +52,7 @@ _FRAME_SIZE: Final = _FRAME.size
 _crc32: Final = zlib.crc32
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class JournalAppender:
     """Appends to the open journal (`_fd`, opened and switched by the store). The
     pipeline's hooks: `message` (each message that changed a call), `decided` (closes

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mypy_extensions import mypyc_attr
+
 from sipcdr.spool.records import SEGMENT_SUFFIX
 
 
@@ -30,6 +32,7 @@ def list_segments(directory: Path) -> list[_Segment]:
     return sorted(found, key=lambda segment: segment.first_seq)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Segments:
     """What a `SpoolReader` asks of the stream it reads."""
 

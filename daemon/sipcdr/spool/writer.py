@@ -12,6 +12,8 @@ from enum import IntEnum
 from pathlib import Path
 from typing import BinaryIO
 
+from mypy_extensions import mypyc_attr
+
 from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.private import open_private, open_private_fd, private_dir
 from sipcdr.spool.reader import SpoolReader
@@ -46,6 +48,7 @@ class Appended(IntEnum):
     HELD = 2  # in the reserve, in memory, until the disk takes it
 
 
+@mypyc_attr(native_class=False)  # compiled classes cannot derive from OSError
 class SpoolError(OSError):
     """The spool directory cannot be used (not writable, locked by another process)."""
 
@@ -315,8 +318,7 @@ class Spool(Segments):
 
     def _write_reserve(self) -> bool:
         """Write what the reserve holds, oldest first, in batches; True once it is empty.
-        Its records were numbered when held: nothing else is written meanwhile, so the
-        first of them is always `next_seq`."""
+        Numbered when held, with nothing written meanwhile: the first is `next_seq`."""
         reserve = self._reserve
         while reserve:
             batch: list[bytes] = []
@@ -376,8 +378,7 @@ class Spool(Segments):
         """Write `records` to the active segment in one call; returns how many were
         written whole. A failed or short write (a full disk) is cut back to the last
         whole record, so no torn record is left for the next one to follow; should the
-        cut fail too, the torn bytes count as part of the segment and readers skip
-        them."""
+        cut fail too, the torn bytes count as the segment's and readers skip them."""
         if self._fd < 0:
             try:
                 self._start_segment()  # the active file was lost: a new one, if possible
@@ -440,9 +441,8 @@ class Spool(Segments):
         return False
 
     def _check_floor(self, pending: int = 0) -> bool:
-        """Whether free space is below `min_free_bytes`. Read at most once a second,
-        and sooner only when the bytes written since, or the `pending` ones, could
-        cross the floor."""
+        """Whether free space is below `min_free_bytes`. Read at most once a second, and
+        sooner only when the bytes written since, or the `pending` ones, could cross."""
         now = self._clock.monotonic()
         if now < self._floor_checked_until and (self.below_floor or self._floor_budget > pending):
             return self.below_floor
@@ -458,8 +458,8 @@ class Spool(Segments):
 
     def _retire_delivered_segment(self) -> None:
         """On a full disk, the active segment may hold all the space there is to free,
-        and it is deleted only once it is no longer active: when every reader has all
-        of it, a new (empty) segment takes its place so it can go."""
+        and only an inactive one is deleted: once every reader has all of it, a new
+        (empty) segment takes its place so it can go."""
         if not self.consumers or not self._segments or self._segments[-1].size == 0:
             return
         if self.confirmed_low() < self.next_seq:
@@ -499,7 +499,7 @@ class Spool(Segments):
 
     def sync(self) -> None:
         """Flush, then fsync the active segment if anything was written since the last
-        sync. A failed fsync is counted and raised."""
+        sync (a failure is counted and raised)."""
         self.flush()
         if self._dirty and self._fd >= 0:
             self._dirty = False
