@@ -209,7 +209,7 @@ def load_interpreted() -> dict[str, ModuleType]:
     finally:
         sys.meta_path.remove(finder)
         # The packages' __init__ also imported modules not imported before (the spool's
-        # writer, the delivery loop): bound to the copies from source, they must not
+        # reader, the delivery loop): bound to the copies from source, they must not
         # stay for the code in use to import later.
         added = tuple(
             name for name in list(sys.modules) if name not in before and name.startswith("sipcdr.")

@@ -473,12 +473,11 @@ _WRITEV = os.writev
 
 
 def journal_os(monkeypatch: pytest.MonkeyPatch, stand_in: Any) -> None:
-    """Route the journal appender's system calls through `stand_in`. Compiled, the
-    appender reads them from the os module itself rather than from its own namespace,
-    so they are replaced there too (the appender alone calls `writev`)."""
+    """Route the journal appender's writes through `stand_in`. Compiled, the appender
+    reads `os.writev` from the os module itself rather than from its own namespace, so
+    it is replaced there too (the appender alone calls it)."""
     monkeypatch.setattr(appender_module, "os", stand_in)
     monkeypatch.setattr(os, "writev", stand_in.writev)
-    monkeypatch.setattr(os, "ftruncate", stand_in.ftruncate)
 
 
 class FullDisk:

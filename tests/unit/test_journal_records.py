@@ -266,3 +266,58 @@ async def test_failed_writes_lose_whole_records_in_order_and_count_each(
     monkeypatch.setattr(os, "writev", real_writev)
     assert store.stats.journal_write_errors > 0 and not store.intact
     await store.stop()
+
+
+def test_a_failed_cut_back_ends_writing_to_that_journal_counted(tmp_path: Path) -> None:
+    """A write cut short whose cut-back fails leaves half a record, at which replay
+    stops: records after it would be counted as journaled and never replayed. They are
+    refused and counted instead, until the next journal (the next checkpoint's)."""
+    path = tmp_path / "dialogs.1.journal"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.write(fd, MAGIC)
+    store = DialogStore(tmp_path, Correlator())
+    store.use_journal(fd, len(MAGIC))
+    real_writev, real_ftruncate = os.writev, os.ftruncate
+    faults = {"short": 1, "full": 1, "ftruncate": 1}
+
+    def writev(fd: int, buffers: Any) -> int:
+        if faults["short"]:
+            faults["short"] -= 1
+            return os.write(fd, b"".join(buffers)[:20])  # the disk fills mid-record
+        if faults["full"]:
+            faults["full"] -= 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_writev(fd, buffers)
+
+    def ftruncate(fd: int, length: int) -> None:
+        if faults["ftruncate"]:
+            faults["ftruncate"] -= 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_ftruncate(fd, length)
+
+    calls = [Call(f"torn-{n}@x") for n in range(6)]
+    try:
+        store.message(packet(T0, calls[0].request("INVITE")))  # whole
+        whole = path.stat().st_size
+        os.writev, os.ftruncate = writev, ftruncate
+        try:
+            store.message(packet(T0, calls[1].request("INVITE")))  # torn, not cut back
+        finally:
+            os.writev, os.ftruncate = real_writev, real_ftruncate
+        for call in calls[2:4]:
+            store.message(packet(T0, call.request("INVITE")))
+        stats = store.stats
+        assert (stats.journal_messages, stats.journal_write_errors) == (1, 3)
+        assert not store._intact
+        assert path.stat().st_size == whole + 20  # nothing after the torn bytes
+    finally:
+        os.close(fd)
+    fresh = tmp_path / "dialogs.2.journal"
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.write(fd, MAGIC)
+    try:
+        store.use_journal(fd, len(MAGIC))  # as a checkpoint switches to the next one
+        store.message(packet(T0, calls[4].request("INVITE")))
+        assert store.stats.journal_messages == 2
+    finally:
+        os.close(fd)

@@ -5,7 +5,6 @@ framed and written, one `writev` per record or, batched, per event loop turn
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
 import zlib
@@ -71,6 +70,9 @@ class JournalAppender:
         self.on_no_space = on_no_space
         self._fd = -1
         self._size = 0  # bytes in the open journal; a failed write is cut back to this
+        # A failed write whose cut-back failed too left half a record, at which replay
+        # stops: nothing more is written to this journal (`use_journal` ends it).
+        self._torn = False
         self._dirty = False
         # False after a journal write failed, until a checkpoint succeeds: the files on
         # disk no longer rebuild the current state.
@@ -89,6 +91,10 @@ class JournalAppender:
         # however often the barrier and the close records write before it.
         self._turn_end_queued = False
         self.barrier = _Barrier(self)
+
+    def use_journal(self, fd: int, size: int) -> None:
+        """Append to `fd` from now on, a journal of `size` bytes."""
+        self._fd, self._size, self._torn = fd, size, False
 
     def ahead(self, destinations: _D) -> _D:
         """`destinations` with the barrier before their CDR sinks: the records a turn
@@ -249,8 +255,8 @@ class JournalAppender:
         rest = buffers
         while True:
             try:
-                if self._fd < 0:
-                    raise OSError(errno.EBADF, "journal not open")
+                if self._fd < 0 or self._torn:
+                    raise OSError(errno.EBADF, "journal not open, or torn")
                 written = os.writev(self._fd, rest)
             except OSError as exc:
                 # Room is made once a batch, and only when the disk said it was full.
@@ -274,8 +280,10 @@ class JournalAppender:
             kept += size
         if kept < done:
             self._size -= done - kept
-            with contextlib.suppress(OSError):
+            try:
                 os.ftruncate(self._fd, self._size)
+            except OSError:
+                self._torn = True
         return kept
 
     def _make_room(self) -> bool:

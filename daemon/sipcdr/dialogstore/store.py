@@ -230,7 +230,7 @@ class DialogStore(JournalAppender):
                 "retried at every checkpoint",
             )
         else:
-            self._fd, self._size = fd, len(MAGIC)
+            self.use_journal(fd, len(MAGIC))
         self._generation = generation
         self._started = True
         if write_unwritten is not None and self._unwritten:
@@ -380,7 +380,7 @@ class DialogStore(JournalAppender):
             if self._fd >= 0:
                 self._older_journals[self._generation] = self._size
             self._close_journal()
-            self._fd, self._size = fd, len(MAGIC)
+            self.use_journal(fd, len(MAGIC))
         self._generation = plan.generation
         self._messages_at_checkpoint = messages
         return plan

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from mypy_extensions import mypyc_attr
 
@@ -37,8 +38,9 @@ class Segments:
     """What a `SpoolReader` asks of the stream it reads."""
 
     _segments: list[_Segment]
-    # Written by another process (`SpoolTail`): a segment's end is its file's size.
-    tailing = False
+    # Written by another process (`SpoolTail`): a segment's end is its file's size. A
+    # class attribute, not a slot, so that compiled and interpreted code read one value.
+    tailing: ClassVar[bool] = False
 
     def growing(self, segment: _Segment) -> bool:
         """Whether a record cut short at the end of `segment` may still be completed."""

@@ -145,8 +145,6 @@ class Spool(Segments):
         self._readers: dict[str, SpoolReader] = {}
         self._opened = False
 
-    # -- lifecycle -------------------------------------------------------------------
-
     def open(self) -> None:
         if self._opened:
             return
@@ -192,9 +190,8 @@ class Spool(Segments):
         self._lock = handle
 
     def _recover_tail(self, segment: _Segment) -> int:
-        """Cut a torn tail off the newest segment; return the next sequence number.
-        Damage followed by valid records is left for the readers, which skip and
-        count it: only what follows the last valid record is cut."""
+        """Cut a torn tail off the newest segment; return the next sequence number. Only
+        what follows the last valid record is cut: readers skip and count damage before."""
         data = segment.path.read_bytes()
         last_seq = segment.first_seq - 1
         end = 0
@@ -224,18 +221,25 @@ class Spool(Segments):
         segment is never appended to after a crash may have torn it. The new file is
         opened before the old one is let go: if it cannot be (no space, no file
         handles), appends go on into the old segment and rotation is tried again."""
-        reuse = bool(self._segments) and self._segments[-1].size == 0
+        # A newest segment with no whole record (empty, or torn bytes a failed cut-back
+        # left) is reused: a new one would take its name, and deleting the one would
+        # delete the other.
+        newest = self._segments[-1] if self._segments else None
+        reuse = newest is not None and (newest.size == 0 or newest.first_seq == self.next_seq)
         if reuse and self._fd >= 0:
             return
-        if reuse:
-            segment = self._segments[-1]  # an empty newest segment is reused
+        if newest is not None and reuse:
+            segment = newest
         else:
             segment = _Segment(
                 self.next_seq, self.directory / f"{self.next_seq:020d}{SEGMENT_SUFFIX}", 0
             )
         fd = open_private_fd(segment.path, os.O_WRONLY | os.O_APPEND)
         try:
-            self._close_active()  # an fsync error here must not lose the new segment
+            self._close_active()
+        except OSError:
+            # The old segment may not be on disk; the new one is in use all the same.
+            self.stats.sync_failures += 1
         finally:
             self._fd = fd
             if not reuse:
@@ -270,8 +274,6 @@ class Spool(Segments):
             self._lock.close()
             self._lock = None
         self._opened = False
-
-    # -- writing -----------------------------------------------------------------------
 
     def append(self, kind: str, key: bytes, value: bytes, tag: object = None) -> Appended:
         """Append one record: WRITTEN when it is in the segment file, HELD when the disk
@@ -508,8 +510,6 @@ class Spool(Segments):
             except OSError:
                 self.stats.sync_failures += 1
                 raise
-
-    # -- reading -----------------------------------------------------------------------
 
     def reader(self, name: str) -> SpoolReader:
         """The reader of consumer `name`, resuming from its saved cursor."""
