@@ -833,3 +833,25 @@ def test_a_torn_write_whose_cut_back_fails_keeps_the_segment_the_next_records_go
         assert spool.stats.dropped == {}
     with Spool(tmp_path, ("kafka", "new")) as reopened:
         assert _read_all(reopened, "new") == values
+
+
+def test_a_close_whose_fsync_fails_still_saves_the_cursors_and_lets_the_lock_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path, ("s",))
+    spool.open()
+    values = _fill(spool, 5)
+    reader = spool.reader("s")
+    assert [r.value for r in reader.read(3, 1 << 20)] == values[:3]
+    reader.commit()
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError):
+        spool.close()
+    monkeypatch.undo()
+    assert spool.stats.sync_failures == 1
+    with Spool(tmp_path, ("s",)) as reopened:  # the lock let go, in this process too
+        assert _read_all(reopened, "s") == values[3:]  # from the saved cursor

@@ -3,13 +3,15 @@ another process finds them (`SpoolTail`)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from mypy_extensions import mypyc_attr
 
-from sipcdr.spool.records import SEGMENT_SUFFIX
+from sipcdr.private import open_private_fd
+from sipcdr.spool.records import SEGMENT_SUFFIX, _next_valid, _scan
 
 
 @dataclass(slots=True)
@@ -31,6 +33,33 @@ def list_segments(directory: Path) -> list[_Segment]:
             continue  # deleted meanwhile
         found.append(_Segment(int(path.stem), path, size))
     return sorted(found, key=lambda segment: segment.first_seq)
+
+
+def cut_torn_tail(segment: _Segment) -> tuple[int, int]:
+    """Cut a torn tail off `segment`, the newest, as the writer opens it: the next
+    sequence number, and the bytes cut. Only what follows the last valid record is
+    cut: readers skip and count damage before it."""
+    data = segment.path.read_bytes()
+    last_seq = segment.first_seq - 1
+    end = 0
+    offset = 0
+    while offset < len(data):
+        for seq, _kind, _key, _value, record_end in _scan(data, offset):
+            last_seq = seq
+            end = offset = record_end
+        following = _next_valid(data, offset + 1)
+        if following < 0:
+            break
+        offset = following
+    if end < len(data):
+        fd = open_private_fd(segment.path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        segment.size = end
+    return last_seq + 1, len(data) - end
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)

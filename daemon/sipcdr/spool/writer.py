@@ -33,11 +33,9 @@ from sipcdr.spool.records import (
     SEGMENT_SUFFIX,
     _encode,
     _fsync_directory,
-    _next_valid,
-    _scan,
     read_cursor_seq,
 )
-from sipcdr.spool.segments import Segments, _Segment, list_segments
+from sipcdr.spool.segments import Segments, _Segment, cut_torn_tail, list_segments
 
 
 class Appended(IntEnum):
@@ -157,7 +155,10 @@ class Spool(Segments):
         segments = list_segments(self.directory)
         self._segments = segments
         if segments:
-            self.next_seq = self._recover_tail(segments[-1])
+            self.next_seq, torn = cut_torn_tail(segments[-1])
+            if torn:
+                self.stats.torn_tails += 1
+                self.stats.torn_tail_bytes += torn
         self._size = sum(segment.size for segment in self._segments)
         self._start_segment()
         self._opened = True
@@ -188,33 +189,6 @@ class Spool(Segments):
             handle.close()
             raise OSError(0, "in use by another sipcdr process") from None
         self._lock = handle
-
-    def _recover_tail(self, segment: _Segment) -> int:
-        """Cut a torn tail off the newest segment; return the next sequence number. Only
-        what follows the last valid record is cut: readers skip and count damage before."""
-        data = segment.path.read_bytes()
-        last_seq = segment.first_seq - 1
-        end = 0
-        offset = 0
-        while offset < len(data):
-            for seq, _kind, _key, _value, record_end in _scan(data, offset):
-                last_seq = seq
-                end = offset = record_end
-            following = _next_valid(data, offset + 1)
-            if following < 0:
-                break
-            offset = following
-        if end < len(data):
-            self.stats.torn_tails += 1
-            self.stats.torn_tail_bytes += len(data) - end
-            fd = open_private_fd(segment.path, os.O_WRONLY)
-            try:
-                os.ftruncate(fd, end)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            segment.size = end
-        return last_seq + 1
 
     def _start_segment(self) -> None:
         """Appends always go to a fresh segment after open or when one is full, so a
@@ -264,16 +238,21 @@ class Spool(Segments):
             self._write_reserve()
             self._refuse("write_error", len(self._reserve))
             self._reserve.clear()
-        self._close_active()
-        for reader in self._readers.values():
-            if reader.cursor_unsaved:
-                reader.save_cursor()
-            reader.close()
-        self._readers.clear()
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
-        self._opened = False
+        try:
+            self._close_active()
+        except OSError:
+            self.stats.sync_failures += 1  # the last records may not be on disk
+            raise
+        finally:  # the cursors saved and the lock let go all the same
+            for reader in self._readers.values():
+                if reader.cursor_unsaved:
+                    reader.save_cursor()
+                reader.close()
+            self._readers.clear()
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+            self._opened = False
 
     def append(self, kind: str, key: bytes, value: bytes, tag: object = None) -> Appended:
         """Append one record: WRITTEN when it is in the segment file, HELD when the disk
