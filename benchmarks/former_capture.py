@@ -2,7 +2,8 @@
 `capture_path.py`: the pipeline's per-message and per-CDR steps reading each part
 from the instance and binding each step anew, and the SIP/UDP listener's two frames
 a datagram (the hint's check, then the plain listener), with the allow-list and the
-counter behind a method call each and the `Packet` built through its `__new__`."""
+counter behind a method call each and the `Packet` built through its `__new__`; and
+the HEP/UDP listener as it was until later that day (`hep_listener.py`)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import Any
 
 import structlog
 from sipcdr.capture.hints import ListenerHint
-from sipcdr.capture.listeners import AllowList, ListenerStats
+from sipcdr.capture.listeners import AllowList, HepGate, ListenerStats, handle_hep
 from sipcdr.clock import SYSTEM_CLOCK, Clock
+from sipcdr.decode.startline import sip_offset
 from sipcdr.dialog import Correlator
 from sipcdr.model import TRANSPORT_UDP, Cdr, Packet
 from sipcdr.pipeline import CdrSink, Intake, Pipeline, PipelineStats
@@ -248,3 +250,51 @@ class FormerHintedSipUdpProtocol(FormerSipUdpProtocol):
         if (first == 72 and data.startswith(_HEP3)) or first in (1, 2):
             self.hint.seen += 1
         FormerSipUdpProtocol.datagram_received(self, data, addr)
+
+
+class FormerHepUdpProtocol(asyncio.DatagramProtocol):
+    """The HEP/UDP listener before it took one frame a datagram: the allow-list, the
+    counter and `handle_hep` (the decode, the agent gate, `hep_to_packet`) a call each."""
+
+    SOURCE = "hep_udp"
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        allow: AllowList,
+        gate: HepGate,
+        stats: ListenerStats,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._pipeline = pipeline
+        self._allow = allow
+        self._gate = gate
+        self._stats = stats
+        self._clock = clock
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        stats = self._stats
+        if not self._allow.permits(str(addr[0])):
+            stats.drop(self.SOURCE, "not_allowed")
+            return
+        stats.count_received(self.SOURCE)
+        handle_hep(self._pipeline, self._gate, stats, self.SOURCE, data, self._clock)
+
+
+class FormerHintedHepUdpProtocol(FormerHepUdpProtocol):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        allow: AllowList,
+        gate: HepGate,
+        hint: ListenerHint,
+        stats: ListenerStats,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        super().__init__(pipeline, allow, gate, stats, clock)
+        self.hint = hint
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if not data.startswith(_HEP3) and sip_offset(data) >= 0:
+            self.hint.seen += 1
+        FormerHepUdpProtocol.datagram_received(self, data, addr)

@@ -19,6 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
         ("dialogs.py", ["--calls", "300", "--rounds", "1", "--flows", "30"], "bytes per open"),
         ("receive.py", ["--quick"], "sipcdr receive path"),
         ("capture_path.py", ["--quick"], "former against current"),
+        ("hep_listener.py", ["--rounds", "1", "--repeat", "2", "--calls", "20"], "current/former"),
         ("decode.py", ["--rounds", "1", "--number", "200"], "dpkt/sipcdr"),
         ("import_captures.py", ["--rounds", "1", "--scale", "0.002"], "x tshark"),
         ("connections.py", ["--quick"], "KiB server RSS per connection"),

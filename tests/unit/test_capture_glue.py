@@ -9,9 +9,17 @@ from collections.abc import Sequence
 
 import pytest
 from sipcalls import Call, CdrCollector, answered_call_messages
+from sipcdr import hepencode
 from sipcdr.capture import listeners
 from sipcdr.capture.hints import HintedSipUdpProtocol, ListenerHint
-from sipcdr.capture.listeners import AllowList, ListenerStats, SipUdpProtocol
+from sipcdr.capture.listeners import (
+    AllowList,
+    HepGate,
+    HepUdpProtocol,
+    ListenerStats,
+    SipUdpProtocol,
+    handle_hep,
+)
 from sipcdr.clock import FakeClock
 from sipcdr.dialog import Correlator, DialogLimits
 from sipcdr.model import Cdr, Packet
@@ -262,3 +270,79 @@ def test_sources_are_judged_as_their_address_on_the_first_datagram_and_after(
         assert stats.dropped == {("sip_udp", "not_allowed"): 2} and stats.received == {}
         assert seen.packets == []
     assert allow.verdicts == {source: allowed}
+
+
+class _Taken:
+    """A pipeline's `process`, keeping what it was handed."""
+
+    def __init__(self) -> None:
+        self.packets: list[Packet] = []
+
+    def process(self, packet: Packet) -> None:
+        self.packets.append(packet)
+
+
+@pytest.mark.parametrize("keys", [{}, {2001: "secret"}])
+def test_the_hep_listener_does_what_handle_hep_does_in_one_frame(keys: dict[int, str]) -> None:
+    """The HEP/UDP listener writes `handle_hep`'s steps out in its one frame; the stream
+    listeners keep calling `handle_hep`. Both must hand the pipeline the same packets
+    and count the same drops: agent keys right, wrong and missing, a payload that is
+    not SIP, damaged frames, an agent clock far off, a source not allowed."""
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    now = clock.time()
+    invite = Call("hep-listener@x").request("INVITE")
+
+    def frame(**changes: object) -> bytes:
+        fields: dict[str, object] = {
+            "src_ip": "192.0.2.10",
+            "dst_ip": "203.0.113.20",
+            "src_port": 5060,
+            "dst_port": 5060,
+            "timestamp": now,
+            "payload": invite,
+            "capture_id": 2001,
+            "auth_key": "secret",
+        }
+        fields.update(changes)
+        return hepencode.encode(**fields)  # type: ignore[arg-type]
+
+    datagrams = [
+        (frame(), "127.0.0.1"),
+        (frame(auth_key="wrong"), "127.0.0.1"),
+        (frame(auth_key=None), "127.0.0.1"),
+        (frame(capture_id=9), "127.0.0.1"),
+        (frame(proto_type=5, payload=b"rtcp"), "127.0.0.1"),
+        (frame(timestamp=now - 3600.0), "127.0.0.1"),  # the agent's clock an hour off
+        (frame(node_name="edge-1", src_ip="2001:db8::1", dst_ip="2001:db8::2"), "127.0.0.1"),
+        (b"\x00garbage", "127.0.0.1"),
+        (frame()[:-5], "127.0.0.1"),
+        (frame(), "198.51.100.7"),  # not in the allow-list
+    ]
+    allow = AllowList([ipaddress.ip_network("127.0.0.0/8")])
+    listener_stats, stream_stats = ListenerStats(), ListenerStats()
+    by_listener, by_stream = _Taken(), _Taken()
+    listener_gate, stream_gate = HepGate(keys), HepGate(keys)
+    protocol = HepUdpProtocol(
+        by_listener,  # type: ignore[arg-type]
+        allow,
+        listener_gate,
+        listener_stats,
+        clock,
+    )
+    for data, source in datagrams:
+        protocol.datagram_received(data, (source, 40000))
+        if allow.permits(source):
+            stream_stats.count_received("hep_udp")
+            handle_hep(by_stream, stream_gate, stream_stats, "hep_udp", data, clock)  # type: ignore[arg-type]
+        else:
+            stream_stats.drop("hep_udp", "not_allowed")
+    assert by_listener.packets == by_stream.packets
+    assert len(by_listener.packets) == (3 if keys else 6)
+    assert listener_stats.received == stream_stats.received == {"hep_udp": 9}
+    assert listener_stats.dropped == stream_stats.dropped
+    assert listener_stats.dropped[("hep_udp", "not_allowed")] == 1
+    assert listener_stats.dropped[("hep_udp", "not_sip")] == 1
+    assert listener_stats.dropped[("hep_udp", "bad_hep")] == 2
+    assert listener_stats.dropped.get(("hep_udp", "bad_key"), 0) == (3 if keys else 0)
+    assert listener_stats.timestamps_replaced == stream_stats.timestamps_replaced == 1
+    assert listener_gate.rejected == stream_gate.rejected

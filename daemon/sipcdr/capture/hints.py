@@ -20,7 +20,6 @@ from sipcdr.capture.listeners import (
     SipUdpProtocol,
 )
 from sipcdr.clock import SYSTEM_CLOCK, Clock
-from sipcdr.decode.startline import sip_offset
 from sipcdr.pipeline import Pipeline
 
 __all__ = [
@@ -33,7 +32,6 @@ __all__ = [
 
 # At most one hint in this long per listener; the first at the next tick.
 HINT_INTERVAL_S: Final = 600.0
-_HEP3: Final = b"HEP3"
 
 
 class ListenerHint:
@@ -109,7 +107,10 @@ class HintedSipUdpProtocol(SipUdpProtocol):
 
 
 class HintedHepUdpProtocol(HepUdpProtocol):
-    """The HEP/UDP listener, counting what looks like plain SIP for its hint."""
+    """The HEP/UDP listener, counting what looks like plain SIP for its hint (the check
+    is in `HepUdpProtocol.datagram_received`, in the one frame a datagram takes)."""
+
+    __slots__ = ("hint",)
 
     def __init__(
         self,
@@ -120,10 +121,5 @@ class HintedHepUdpProtocol(HepUdpProtocol):
         stats: ListenerStats,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        super().__init__(pipeline, allow, gate, stats, clock)
+        super().__init__(pipeline, allow, gate, stats, clock, hint)
         self.hint = hint
-
-    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        if not data.startswith(_HEP3) and sip_offset(data) >= 0:
-            self.hint.seen += 1
-        HepUdpProtocol.datagram_received(self, data, addr)

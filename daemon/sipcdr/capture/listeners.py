@@ -21,6 +21,7 @@ from typing import Any, Final, Protocol
 
 from sipcdr import hep
 from sipcdr.clock import SYSTEM_CLOCK, Clock
+from sipcdr.decode.startline import sip_offset
 from sipcdr.model import TRANSPORT_UDP, Packet
 from sipcdr.pipeline import Pipeline
 
@@ -29,6 +30,11 @@ MAX_CLOCK_SKEW_S = hep.MAX_CLOCK_SKEW_S
 _SIP = 1  # HEP protocol type of a SIP payload
 _IP_CACHE_LIMIT = 65536  # distinct sources remembered by an allow-list before it starts over
 _SIP_UDP: Final = "sip_udp"
+_HEP_UDP: Final = "hep_udp"
+# Bound once: called for every datagram.
+_decode_hep: Final = hep.decode
+_hep_packet: Final = hep.to_packet
+_skew_replaced: Final = hep.skew_replaced
 _HEP3: Final = b"HEP3"
 _new_packet: Final = tuple.__new__
 
@@ -100,6 +106,11 @@ class HepGate:
     def __init__(self, keys: Mapping[int, str]) -> None:
         self._keys = dict(keys)
         self.rejected: dict[str, int] = {}  # capture id label -> count
+
+    @property
+    def keyed(self) -> bool:
+        """Whether any packet can be refused: agent keys are configured."""
+        return bool(self._keys)
 
     def admits(self, packet: hep.HepPacket) -> bool:
         if not self._keys:
@@ -210,7 +221,26 @@ class SipUdpProtocol(asyncio.DatagramProtocol):
 
 
 class HepUdpProtocol(asyncio.DatagramProtocol):
-    """HEP from proxies, SBCs and agents: endpoints and time come from the HEP chunks."""
+    """HEP from proxies, SBCs and agents: endpoints and time come from the HEP chunks.
+
+    Every datagram passes here, so the steps are written out in one frame, as in
+    `SipUdpProtocol`: the allow-list's remembered verdict, the counter, the decode, the
+    agent key only when keys are configured, and the `Packet`. `handle_hep` is the same
+    work for the stream listeners. With a `hint`, datagrams that look like plain SIP
+    are counted for it (`capture.hints`)."""
+
+    __slots__ = (
+        "_allow",
+        "_gate",
+        "_hint",
+        "_keyed",
+        "_now",
+        "_pipeline",
+        "_process",
+        "_received",
+        "_stats",
+        "_verdicts",
+    )
 
     SOURCE = "hep_udp"
 
@@ -221,20 +251,45 @@ class HepUdpProtocol(asyncio.DatagramProtocol):
         gate: HepGate,
         stats: ListenerStats,
         clock: Clock = SYSTEM_CLOCK,
+        hint: Seen | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._process = pipeline.process
         self._allow = allow
+        self._verdicts = allow.verdicts
         self._gate = gate
+        self._keyed = gate.keyed
         self._stats = stats
-        self._clock = clock
+        self._received = stats.received
+        self._now = clock.time
+        self._hint = hint
 
-    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        stats = self._stats
-        if not self._allow.permits(str(addr[0])):
-            stats.drop(self.SOURCE, "not_allowed")
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        hint = self._hint
+        if hint is not None and not data.startswith(_HEP3) and sip_offset(data) >= 0:
+            hint.seen += 1
+        ip = addr[0]
+        if self._verdicts.get(ip) is not True:
+            if not self._allow.permits(str(ip)):
+                self._stats.drop(_HEP_UDP, "not_allowed")
+                return
+        received = self._received
+        received[_HEP_UDP] = received.get(_HEP_UDP, 0) + 1
+        try:
+            decoded = _decode_hep(data)
+        except hep.HepError:
+            self._stats.drop(_HEP_UDP, "bad_hep")
             return
-        stats.count_received(self.SOURCE)
-        handle_hep(self._pipeline, self._gate, stats, self.SOURCE, data, self._clock)
+        if self._keyed and not self._gate.admits(decoded):
+            self._stats.drop(_HEP_UDP, "bad_key")
+            return
+        if decoded.proto_type != _SIP:
+            self._stats.drop(_HEP_UDP, "not_sip")
+            return
+        packet = _hep_packet(decoded, decoded.payload, self._now(), MAX_CLOCK_SKEW_S)
+        if _skew_replaced(decoded, packet):
+            self._stats.timestamps_replaced += 1
+        self._process(packet)
 
 
 def handle_hep(
