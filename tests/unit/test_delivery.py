@@ -211,6 +211,44 @@ async def test_outputs_export_lag_and_failures(tmp_path: Path) -> None:
     assert value("sipcdr_spool_records_total", {"stream": "records", "kind": "cdr"}) == 1
 
 
+async def test_an_fsync_failing_at_rotation_is_logged_once_with_its_total(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing a segment at rotation fsyncs it; a failure there raises nowhere (the new
+    segment is in use), so the tick's loss report must say it."""
+    config = Config(
+        sinks=SinksConfig(
+            jsonl=JsonlConfig(path=str(tmp_path / "cdrs.jsonl")),
+            postgres=PostgresConfig(dsn=""),
+        )
+    )
+    outputs = Outputs(output_settings(config), spool_dir=tmp_path / "spool")
+    await outputs.open()
+    assert outputs.cdr_writer is not None
+    spool = outputs.cdr_writer.spool
+    spool.append(KIND_CDR, b"k", orjson.dumps({"cdr_id": "x"}))
+    real_fsync = os.fsync
+    failures = [OSError(errno.EIO, os.strerror(errno.EIO))]
+
+    def fsync(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    spool._start_segment()  # as a full segment's append does
+    monkeypatch.undo()
+    assert not failures and spool.stats.sync_failures == 1
+    with capture_logs() as logs:
+        outputs.log_losses()
+        outputs.log_losses()  # once, not at every tick
+    reported = [e for e in logs if e["event"] == "spool_sync_failures"]
+    assert reported == [
+        {"event": "spool_sync_failures", "stream": "records", "total": 1, "log_level": "error"}
+    ]
+    await outputs.close()
+
+
 class PickySink(MemorySink):
     """Refuses any batch holding a value with "bad" in it, like a database refusing a
     value out of range."""

@@ -484,6 +484,11 @@ class Outputs:
                 self.log.warning(
                     "spool_rotation_failed", stream=stream, total=stats.rotation_failures
                 )
+            if self._grew(("sync", stream), stats.sync_failures):
+                # Records written before a failed fsync may not be on disk. The sync
+                # loop logs the error of each it made; this also reports the fsync of a
+                # segment closed at rotation, which raises nowhere.
+                self.log.error("spool_sync_failures", stream=stream, total=stats.sync_failures)
             if self._grew(("dmg", stream, "torn_tail"), stats.torn_tails):
                 # A write cut short by a crash: lost.
                 self.log.error(
