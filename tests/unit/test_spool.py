@@ -855,3 +855,71 @@ def test_a_close_whose_fsync_fails_still_saves_the_cursors_and_lets_the_lock_go(
     assert spool.stats.sync_failures == 1
     with Spool(tmp_path, ("s",)) as reopened:  # the lock let go, in this process too
         assert _read_all(reopened, "s") == values[3:]  # from the saved cursor
+
+
+def _forged_inside(spool: Spool, forged_seq: int) -> tuple[bytes, bytes]:
+    """Append a captured message whose bytes hold a well-formed record of `forged_seq`
+    (anyone who sends SIP can put such bytes in a header or body); the message's value
+    and the forged record."""
+    forged = spool_records._encode(KIND_CDR, b"x", b'{"forged":1}', forged_seq)
+    payload = b"OPTIONS sip:a@b SIP/2.0\r\nX-Note: " + forged + b"\r\n\r\n" + bytes(300)
+    assert spool.append(KIND_SIP, b"evil", payload)
+    return payload, forged
+
+
+FORGED_SEQS = [2, 7, 1 << 40, (1 << 64) - 1]
+
+
+@pytest.mark.parametrize("forged_seq", FORGED_SEQS)
+def test_a_record_forged_in_a_message_the_crash_tore_is_cut_with_the_tail(
+    tmp_path: Path, forged_seq: int
+) -> None:
+    """A write torn inside such a message leaves the forged record after the last
+    genuine one. Opening must cut it with the rest of the torn tail: taken for the
+    spool's own, its number set the next one (near 2**64, every append failed) and
+    readers delivered it."""
+    with Spool(tmp_path, ("pg",), buffered=True) as spool:
+        values = _fill(spool, 50, kind=KIND_SIP)
+        _payload, forged = _forged_inside(spool, forged_seq)
+    (segment,) = tmp_path.glob("*.seg")
+    data = segment.read_bytes()
+    os.truncate(segment, data.find(forged) + len(forged) + 20)  # torn inside the message
+    with Spool(tmp_path, ("pg", "new")) as reopened:
+        assert reopened.next_seq == 51
+        assert reopened.stats.torn_tails == 1
+        assert reopened.append(KIND_SIP, b"k", b"after") == Appended.WRITTEN
+        assert _read_all(reopened, "new") == [*values, b"after"]
+
+
+@pytest.mark.parametrize("forged_seq", FORGED_SEQS)
+def test_a_reader_resyncing_past_damage_takes_no_forged_record(
+    tmp_path: Path, forged_seq: int
+) -> None:
+    """Damage in the message that holds the forged record: the reader of this process
+    and the delivery process's tail skip to the next genuine record and count one lost,
+    and the tail's end of the segment is the genuine one's."""
+    from sipcdr.spool.tail import SpoolTail
+
+    with Spool(tmp_path, ("a", "b"), readers_elsewhere=False) as spool:
+        values = _fill(spool, 20)
+        _payload, forged = _forged_inside(spool, forged_seq)
+        after = _fill(spool, 5, start=100)
+    (segment,) = tmp_path.glob("*.seg")
+    data = bytearray(segment.read_bytes())
+    damaged = data.find(forged) - 10  # a byte of the message's own record
+    data[damaged] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    with Spool(tmp_path, ("a", "b")) as reopened:
+        reader = reopened.reader("a")
+        assert _read_all(reopened, "a") == [*values, *after]
+        assert reader.corrupt_records == 1
+        assert reopened.next_seq == 27
+    tail = SpoolTail(tmp_path, ("b",))
+    tail.open()
+    try:
+        got = []
+        while batch := tail.reader("b").read(7, 1 << 20):
+            got += [record.value for record in batch]
+        assert got == [*values, *after]
+    finally:
+        tail.close()

@@ -268,7 +268,7 @@ class HepUdpProtocol(asyncio.DatagramProtocol):
         hint = self._hint
         if hint is not None and not data.startswith(_HEP3) and sip_offset(data) >= 0:
             hint.seen += 1
-        ip = addr[0]
+        ip = addr[0]  # a str from the loop; anything else is looked up as its str
         if self._verdicts.get(ip) is not True:
             if not self._allow.permits(str(ip)):
                 self._stats.drop(_HEP_UDP, "not_allowed")
