@@ -456,9 +456,7 @@ class SpoolReader:
         the end of what is written."""
         assert self._segment is not None and self._handle is not None
         rest = os.pread(self._handle.fileno(), end - self._offset, self._offset)
-        # Records before the read position are passed over anyway: what may follow is
-        # the record the reader expects, or one a little later.
-        following = _next_valid(rest, 1, self._read_seq - 1)
+        following = _next_valid(rest, 1)
         # Nothing valid follows in this segment: the next segment's first sequence
         # number tells how many records were lost.
         if following >= 0:

@@ -171,19 +171,12 @@ def _scan(
         offset = end
 
 
-def _next_valid(data: bytes, offset: int, after_seq: int) -> int:
-    """Offset of the next valid record at or after `offset`, or -1: the damage began at
-    `offset - 1`, after the record `after_seq`. A record found there is taken only if
-    its number could follow: above `after_seq`, by no more than the records the bytes
-    passed over could have held. A value holds captured bytes, which a sender can fill
-    with well-formed records of any number; without the bound, one inside a write cut
-    short would be taken for the spool's own (a number near 2**64 stops every append)."""
-    start = offset - 1
+def _next_valid(data: bytes, offset: int) -> int:
+    """Offset of the next valid record at or after `offset`, or -1."""
     position = data.find(_MAGIC_BYTES, offset)
     while position >= 0:
-        for seq, *_rest in _scan(data, position, first_only=True):
-            if after_seq < seq <= after_seq + 1 + (position - start) // HEADER_BYTES:
-                return position
+        for _record in _scan(data, position, first_only=True):
+            return position
         position = data.find(_MAGIC_BYTES, position + 1)
     return -1
 

@@ -47,7 +47,7 @@ def cut_torn_tail(segment: _Segment) -> tuple[int, int]:
         for seq, _kind, _key, _value, record_end in _scan(data, offset):
             last_seq = seq
             end = offset = record_end
-        following = _next_valid(data, offset + 1, last_seq)
+        following = _next_valid(data, offset + 1)
         if following < 0:
             break
         offset = following

@@ -156,7 +156,7 @@ def _end_of(segment: _Segment) -> int:
     while offset < len(data):
         for seq, _kind, _key, _value, end in _scan(data, offset):
             last, offset = seq, end
-        following = _next_valid(data, offset + 1, last)
+        following = _next_valid(data, offset + 1)
         if following < 0:
             break
         offset = following
