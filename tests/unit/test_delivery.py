@@ -188,7 +188,8 @@ async def test_a_stalled_sink_holds_at_most_one_batch_in_memory(tmp_path: Path) 
         assert spool.segments == 1
 
 
-async def test_outputs_export_lag_and_failures(tmp_path: Path) -> None:
+async def _jsonl_outputs(tmp_path: Path) -> Outputs:
+    """Outputs to a JSONL file alone, opened."""
     config = Config(
         sinks=SinksConfig(
             jsonl=JsonlConfig(path=str(tmp_path / "cdrs.jsonl")),
@@ -197,6 +198,11 @@ async def test_outputs_export_lag_and_failures(tmp_path: Path) -> None:
     )
     outputs = Outputs(output_settings(config), spool_dir=tmp_path / "spool")
     await outputs.open()
+    return outputs
+
+
+async def test_outputs_export_lag_and_failures(tmp_path: Path) -> None:
+    outputs = await _jsonl_outputs(tmp_path)
     assert outputs.cdr_writer is not None
     assert outputs.signaling is None  # nothing keeps signaling without PostgreSQL
     outputs.cdr_writer.spool.append(KIND_CDR, b"k", orjson.dumps({"cdr_id": "x"}))
@@ -216,14 +222,7 @@ async def test_an_fsync_failing_at_rotation_is_logged_once_with_its_total(
 ) -> None:
     """Closing a segment at rotation fsyncs it; a failure there raises nowhere (the new
     segment is in use), so the tick's loss report must say it."""
-    config = Config(
-        sinks=SinksConfig(
-            jsonl=JsonlConfig(path=str(tmp_path / "cdrs.jsonl")),
-            postgres=PostgresConfig(dsn=""),
-        )
-    )
-    outputs = Outputs(output_settings(config), spool_dir=tmp_path / "spool")
-    await outputs.open()
+    outputs = await _jsonl_outputs(tmp_path)
     assert outputs.cdr_writer is not None
     spool = outputs.cdr_writer.spool
     spool.append(KIND_CDR, b"k", orjson.dumps({"cdr_id": "x"}))
