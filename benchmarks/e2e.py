@@ -210,7 +210,7 @@ class Sinks:
         self.jsonl = jsonl
         self.conn: Any = None
         self.consumer: Any = None
-        self._jsonl_at = 0
+        self._jsonl_at: dict[int, int] = {}  # bytes read, by inode
         self._jsonl_counts: dict[str, int] = {}
         self._kafka_keys: dict[str, set[bytes]] = {}
 
@@ -267,22 +267,29 @@ class Sinks:
         return {prefix: len(keys) for prefix, keys in self._kafka_keys.items()}
 
     def jsonl_by_prefix(self) -> dict[str, int]:
-        """CDR lines per step prefix (alerts, which name calls too, left out)."""
-        try:
-            with self.jsonl.open("rb") as handle:
-                handle.seek(self._jsonl_at)
-                data = handle.read()
-        except FileNotFoundError:
-            return self._jsonl_counts
-        whole = data[: data.rfind(b"\n") + 1]
-        self._jsonl_at += len(whole)
+        """CDR lines per step prefix (alerts, which name calls too, left out), in the
+        file and in those the sink rotated it to (`cdrs.jsonl.<time>`): each file is
+        read on from where it was last read, known by its inode across the rename."""
+        for path in sorted(self.jsonl.parent.glob(self.jsonl.name + "*")):
+            try:
+                with path.open("rb") as handle:
+                    inode = os.fstat(handle.fileno()).st_ino
+                    handle.seek(self._jsonl_at.get(inode, 0))
+                    data = handle.read()
+            except FileNotFoundError:
+                continue
+            whole = data[: data.rfind(b"\n") + 1]
+            self._jsonl_at[inode] = self._jsonl_at.get(inode, 0) + len(whole)
+            self._count_lines(whole)
+        return self._jsonl_counts
+
+    def _count_lines(self, whole: bytes) -> None:
         for match in re.finditer(rb'"call_id":\s*"(s\d+-)', whole):
             line_start = whole.rfind(b"\n", 0, match.start()) + 1
             if b'"alert_id"' in whole[line_start : whole.find(b"\n", match.end())]:
                 continue
             key = match[1].decode()
             self._jsonl_counts[key] = self._jsonl_counts.get(key, 0) + 1
-        return self._jsonl_counts
 
 
 # -- one step ----------------------------------------------------------------------------
