@@ -21,7 +21,9 @@ Three contenders write the same CDR-sized JSON values (~900 bytes) to a fresh fi
   ratio is now / before in records per second
 
 and, against the former code kept here (`FormerSpool`: `append` calling the former
-`_encode`, its pack, CRC and join looked up for every record), alternated in every
+`_encode`, its pack, CRC and join looked up for every record; built on the writer's
+source, since the compiled writer cannot be subclassed, so the ratio also holds what
+compiling the writer gained), alternated in every
 round, CPU time: the CDR stream's append, the buffered append, and the spool writer's
 whole work per CDR (`SpoolCdrWriter.write`: the record, its JSON, the append) for
 rated CDRs of `benchmarks/fraud.py`'s traffic; each pair must leave the same bytes in
