@@ -122,9 +122,9 @@ KEY = b"a84b4c76e66710@pc33.atlanta.example.com"
 # -- the former writing code, for the same-run comparison ----------------------------
 
 
-def _former_encode(kind: str, key: bytes, value: bytes, seq: int) -> bytes:
+def _former_encode(kind: str, key: bytes, value: bytes, seq: int, seed: int) -> bytes:
     head = _HEAD.pack(MAGIC, _KIND_CODES[kind], len(key), len(value), seq)
-    crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(head)))
+    crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(head, seed)))
     return b"".join((head, _CRC.pack(crc), key, value))
 
 
@@ -152,14 +152,14 @@ class FormerSpool(_SourceSpool):
                 return Appended.REFUSED
             seq = self.next_seq
             self.next_seq = seq + 1
-            record = _former_encode(kind, key, value, seq)
+            record = _former_encode(kind, key, value, seq, self._seed)
             self._buffer.append(record)
             self._buffered_bytes += len(record)
             if self._buffered_bytes >= WRITE_BUFFER_BYTES and not self._flush_buffer():
                 return Appended.REFUSED
             return Appended.WRITTEN
         reserve = self._reserve
-        record = _former_encode(kind, key, value, self.next_seq + len(reserve))
+        record = _former_encode(kind, key, value, self.next_seq + len(reserve), self._seed)
         if not reserve and self._write_numbered([record]):
             return Appended.WRITTEN
         if len(reserve) < self.reserve_records:

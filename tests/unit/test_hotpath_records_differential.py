@@ -109,7 +109,7 @@ def message_outcome(
     try:
         # The spool refuses a key over 64 KiB before it encodes: here it raises.
         record: object = modules["sipcdr.spool.records"]._encode(
-            KIND_SIP, msg.call_id.encode(), value, 12_345
+            KIND_SIP, msg.call_id.encode(), value, 12_345, 0x5EED
         )
     except Exception as exc:
         record = _raised(exc)

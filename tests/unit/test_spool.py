@@ -409,9 +409,9 @@ def test_a_held_record_is_encoded_once_however_often_the_write_is_retried(
     encoded = []
     real_encode = spool_records._encode
 
-    def counting(kind: str, key: bytes, value: bytes, seq: int) -> bytes:
+    def counting(kind: str, key: bytes, value: bytes, seq: int, seed: int) -> bytes:
         encoded.append(value)
-        return real_encode(kind, key, value, seq)
+        return real_encode(kind, key, value, seq, seed)
 
     # From its source: the compiled writer calls its encoder directly.
     writer = load_interpreted()["sipcdr.spool.writer"]

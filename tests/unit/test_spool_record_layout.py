@@ -4,6 +4,7 @@ batches, however `append` encodes them."""
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -15,11 +16,12 @@ from sipcdr.spool import Appended, Spool
 CODES = {KIND_CDR: 1, KIND_ALERT: 2, KIND_SIP: 3}
 
 
-def documented(kind: str, key: bytes, value: bytes, seq: int) -> bytes:
+def documented(kind: str, key: bytes, value: bytes, seq: int, seed: int = 0) -> bytes:
     """magic u16 | kind u8 | key length u16 | value length u32 | seq u64 | crc32 u32 |
-    key | value, the CRC over everything before it and after it."""
+    key | value, the CRC over everything before it and after it, started from the
+    segment's seed."""
     head = struct.pack("<HBHIQ", 0x5350, CODES[kind], len(key), len(value), seq)
-    crc = zlib.crc32(head + key + value)
+    crc = zlib.crc32(head + key + value, seed)
     return head + struct.pack("<I", crc) + key + value
 
 
@@ -41,7 +43,11 @@ def test_records_are_the_documented_layout(tmp_path: Path, buffered: bool) -> No
         assert spool.size_bytes == sum(len(documented(*r, 1)) for r in RECORDS)
         got = spool.reader("r").read(100, 1 << 24)
     (segment,) = tmp_path.glob("*.seg")
-    expected = b"".join(documented(*record, seq) for seq, record in enumerate(RECORDS, 1))
+    named = re.fullmatch(r"(\d{20})-([0-9a-f]{8})\.seg", segment.name)
+    assert named is not None, segment.name
+    assert int(named[1]) == 1
+    seed = int(named[2], 16)
+    expected = b"".join(documented(*record, seq, seed) for seq, record in enumerate(RECORDS, 1))
     assert segment.read_bytes() == expected
     assert [(r.kind, r.key, r.value, r.seq) for r in got] == [
         (*record, seq) for seq, record in enumerate(RECORDS, 1)

@@ -7,14 +7,17 @@ from its cursor, so nothing closed is lost and nothing needs to be held in memor
 (except, bounded, what a full disk refuses: see below).
 
 On disk, one directory per stream holds segment files named by the sequence number
-of their first record (`00000000000000000001.seg`) and one cursor file per sink
-(`cursors/<sink>.cursor`). A record is
+of their first record and the seed of their CRCs (`00000000000000000001-9f86d081.seg`)
+and one cursor file per sink (`cursors/<sink>.cursor`). A record is
 
     magic u16 | kind u8 | key length u16 | value length u32 | seq u64 | crc32 u32
     | key | value
 
-with the CRC over everything before it and after it, so a torn write, a flipped bit
-or a record from another stream is recognised. Sequence numbers increase by one per
+with the CRC over everything before it and after it, started from the segment's seed,
+so a torn write, a flipped bit or a record from another stream is recognised, and a
+record forged inside a captured value is not taken for one: the seed is random, drawn
+by the writer at each open, and in nothing captured. Segments of earlier versions
+(`00000000000000000001.seg`) have seed 0. Sequence numbers increase by one per
 record across segments, which makes the records lost to corruption countable.
 
 Durability:

@@ -212,13 +212,14 @@ class SpoolReader:
         True when it moved. Where it stops (a record at or after `seq`, the window's
         end, anything but a whole valid record) `_next_record` judges, as after
         `_read_window`."""
-        assert self._handle is not None
+        assert self._handle is not None and self._segment is not None
         start = self._offset
         if end - start < HEADER_BYTES:
             return False
         window = os.pread(self._handle.fileno(), min(end - start, _WINDOW_BYTES), start)
         view = memoryview(window)
         length = len(window)
+        seed = self._segment.seed
         at = 0
         while at + HEADER_BYTES <= length:
             magic, kind_code, key_len, value_len, found = _unpack_head(window, at)
@@ -229,7 +230,7 @@ class SpoolReader:
             stop = at + HEADER_BYTES + key_len + value_len
             if stop > length:
                 break
-            crc = crc32(view[at + HEADER_BYTES : stop], crc32(view[at : at + _HEAD.size]))
+            crc = crc32(view[at + HEADER_BYTES : stop], crc32(view[at : at + _HEAD.size], seed))
             if crc != _unpack_crc(window, at + _HEAD.size)[0]:
                 break
             at = stop
@@ -364,10 +365,11 @@ class SpoolReader:
         one unpack of header and CRC together, one look-up of its kind (which checks
         it too) and the CRC over the window without copies; the record is made as a
         tuple."""
-        assert self._handle is not None
+        assert self._handle is not None and self._segment is not None
         start = self._offset
         if end - start < HEADER_BYTES:
             return 0, False
+        seed = self._segment.seed
         window = os.pread(self._handle.fileno(), min(end - start, _WINDOW_BYTES), start)
         view = memoryview(window)
         length = len(window)
@@ -392,7 +394,7 @@ class SpoolReader:
             stop = split + value_len
             if stop > length:
                 break
-            if crc32(view[body:stop], crc32(view[at : at + _CRC_AT])) != stored_crc:
+            if crc32(view[body:stop], crc32(view[at : at + _CRC_AT], seed)) != stored_crc:
                 break
             at = stop
             if seq < read_seq:
@@ -422,7 +424,8 @@ class SpoolReader:
     def _next_record(self, end: int) -> tuple[int, int, bytes, bytes, int] | None:
         """The valid record at the read offset, skipping damage before it, without
         moving past it: (seq, kind code, key, value, total length), or None at `end`."""
-        assert self._handle is not None
+        assert self._handle is not None and self._segment is not None
+        seed = self._segment.seed
         # pread, not the handle's buffered reads: a buffer keeps the bytes it saw, and a
         # torn write the writer cut back is written again over them (`Spool._write`).
         fd = self._handle.fileno()
@@ -444,7 +447,8 @@ class SpoolReader:
             body = os.pread(fd, key_len + value_len, self._offset + HEADER_BYTES)
             if len(body) < key_len + value_len and self._cut_back():
                 return None
-            crc = zlib.crc32(body[key_len:], zlib.crc32(body[:key_len], zlib.crc32(header[:-4])))
+            head_crc = zlib.crc32(header[:-4], seed)
+            crc = zlib.crc32(body[key_len:], zlib.crc32(body[:key_len], head_crc))
             if crc != _CRC.unpack_from(header, _HEAD.size)[0]:
                 self._resync(end)
                 continue
@@ -456,7 +460,7 @@ class SpoolReader:
         the end of what is written."""
         assert self._segment is not None and self._handle is not None
         rest = os.pread(self._handle.fileno(), end - self._offset, self._offset)
-        following = _next_valid(rest, 1)
+        following = _next_valid(rest, 1, self._segment.seed)
         # Nothing valid follows in this segment: the next segment's first sequence
         # number tells how many records were lost.
         if following >= 0:

@@ -43,6 +43,12 @@ _KIND_CODES: Final = {KIND_CDR: 1, KIND_ALERT: 2, KIND_SIP: 3}
 _KIND_NAMES: Final = {code: name for name, code in _KIND_CODES.items()}
 MAX_VALUE_BYTES: Final = 16 * 1024 * 1024  # far above any record; bounds a corrupt length
 SEGMENT_SUFFIX: Final = ".seg"
+# A segment's name is its first sequence number and the CRC's start value for its
+# records (`<first seq>-<seed hex>.seg`): the seed is drawn when its writer opens the
+# spool and is in nothing captured, so a record forged inside a captured value fails
+# its check wherever a search for the next record lands. Named by the first number
+# alone, a segment of earlier versions: seed 0, the plain CRC32.
+_SEED_HEX_DIGITS: Final = 8
 
 FULL_POLICIES: Final = ("block", "drop_newest")
 # A day of CDRs of a large carrier (~10 M calls at ~1 KB) can wait out a sink outage.
@@ -91,10 +97,29 @@ _CRC_PACK: Final = _CRC.pack
 _crc32: Final = zlib.crc32
 
 
-def _encode(kind: str, key: bytes, value: bytes, seq: int) -> bytes:
-    """One record as it goes to disk."""
+def _encode(kind: str, key: bytes, value: bytes, seq: int, seed: int) -> bytes:
+    """One record as it goes to disk, into a segment of CRC start value `seed`."""
     head = _HEAD_PACK(MAGIC, _KIND_CODES[kind], len(key), len(value), seq)
-    return b"".join((head, _CRC_PACK(_crc32(value, _crc32(key, _crc32(head)))), key, value))
+    return b"".join((head, _CRC_PACK(_crc32(value, _crc32(key, _crc32(head, seed)))), key, value))
+
+
+def segment_name(first_seq: int, seed: int) -> str:
+    return f"{first_seq:020d}-{seed:0{_SEED_HEX_DIGITS}x}{SEGMENT_SUFFIX}"
+
+
+def parse_segment_name(name: str) -> tuple[int, int] | None:
+    """(first sequence number, seed) of a segment file's name, or None for a file that
+    is not one."""
+    if not name.endswith(SEGMENT_SUFFIX):
+        return None
+    first, dash, seed = name[: -len(SEGMENT_SUFFIX)].partition("-")
+    if not first.isdigit() or not first.isascii():
+        return None
+    if not dash:
+        return int(first), 0
+    if len(seed) != _SEED_HEX_DIGITS or not all(c in "0123456789abcdef" for c in seed):
+        return None
+    return int(first), int(seed, 16)
 
 
 def _encode_cursor_slot(generation: int, seq: int) -> bytes:
@@ -142,10 +167,10 @@ def _decode_header(header: bytes) -> tuple[int, int, int, int] | None:
 
 
 def _scan(
-    data: bytes, offset: int, *, first_only: bool = False
+    data: bytes, offset: int, seed: int, *, first_only: bool = False
 ) -> Iterator[tuple[int, str, bytes, bytes, int]]:
-    """Valid records of `data` from `offset`, stopping at the first invalid one:
-    (seq, kind, key, value, end offset)."""
+    """Valid records of `data`, from a segment of CRC start value `seed`, from
+    `offset`, stopping at the first invalid one: (seq, kind, key, value, end offset)."""
     view = memoryview(data)
     while offset + HEADER_BYTES <= len(data):
         decoded = _decode_header(data[offset : offset + HEADER_BYTES])
@@ -156,7 +181,8 @@ def _scan(
         end = body_start + key_len + value_len
         if end > len(data):
             return
-        crc = zlib.crc32(view[body_start:end], zlib.crc32(view[offset : offset + _HEAD.size]))
+        head_crc = zlib.crc32(view[offset : offset + _HEAD.size], seed)
+        crc = zlib.crc32(view[body_start:end], head_crc)
         if crc != _CRC.unpack_from(data, offset + _HEAD.size)[0]:
             return
         yield (
@@ -171,11 +197,11 @@ def _scan(
         offset = end
 
 
-def _next_valid(data: bytes, offset: int) -> int:
+def _next_valid(data: bytes, offset: int, seed: int) -> int:
     """Offset of the next valid record at or after `offset`, or -1."""
     position = data.find(_MAGIC_BYTES, offset)
     while position >= 0:
-        for _record in _scan(data, position, first_only=True):
+        for _record in _scan(data, position, seed, first_only=True):
             return position
         position = data.find(_MAGIC_BYTES, position + 1)
     return -1

@@ -11,7 +11,7 @@ from typing import ClassVar
 from mypy_extensions import mypyc_attr
 
 from sipcdr.private import open_private_fd
-from sipcdr.spool.records import SEGMENT_SUFFIX, _next_valid, _scan
+from sipcdr.spool.records import SEGMENT_SUFFIX, _next_valid, _scan, parse_segment_name
 
 
 @dataclass(slots=True)
@@ -19,19 +19,21 @@ class _Segment:
     first_seq: int
     path: Path
     size: int  # the writer's: what it completed; a tail's: what it last saw
+    seed: int  # its records' CRC start value, from its name (`records.segment_name`)
 
 
 def list_segments(directory: Path) -> list[_Segment]:
     """The segment files in `directory`, oldest first."""
     found: list[_Segment] = []
     for path in directory.glob(f"*{SEGMENT_SUFFIX}"):
-        if not path.stem.isdigit():
+        named = parse_segment_name(path.name)
+        if named is None:
             continue
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             continue  # deleted meanwhile
-        found.append(_Segment(int(path.stem), path, size))
+        found.append(_Segment(named[0], path, size, named[1]))
     return sorted(found, key=lambda segment: segment.first_seq)
 
 
@@ -44,10 +46,10 @@ def cut_torn_tail(segment: _Segment) -> tuple[int, int]:
     end = 0
     offset = 0
     while offset < len(data):
-        for seq, _kind, _key, _value, record_end in _scan(data, offset):
+        for seq, _kind, _key, _value, record_end in _scan(data, offset, segment.seed):
             last_seq = seq
             end = offset = record_end
-        following = _next_valid(data, offset + 1)
+        following = _next_valid(data, offset + 1, segment.seed)
         if following < 0:
             break
         offset = following

@@ -103,8 +103,10 @@ class SpoolTail(Segments):
         found = list_segments(self.directory)
         if not found:
             return  # the active segment always stays: a listing that failed
-        known = {segment.first_seq: segment for segment in self._segments}
-        current = [known.get(segment.first_seq, segment) for segment in found]
+        # By path: a segment of an earlier version the writer took over at its open is
+        # renamed (given a seed) under the same first sequence number.
+        known = {segment.path: segment for segment in self._segments}
+        current = [known.get(segment.path, segment) for segment in found]
         kept = {id(segment) for segment in current}
         gone = [segment for segment in self._segments if id(segment) not in kept]
         self._segments = current
@@ -154,9 +156,9 @@ def _end_of(segment: _Segment) -> int:
     last = segment.first_seq - 1
     offset = 0
     while offset < len(data):
-        for seq, _kind, _key, _value, end in _scan(data, offset):
+        for seq, _kind, _key, _value, end in _scan(data, offset, segment.seed):
             last, offset = seq, end
-        following = _next_valid(data, offset + 1)
+        following = _next_valid(data, offset + 1, segment.seed)
         if following < 0:
             break
         offset = following

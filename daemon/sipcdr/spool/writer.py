@@ -30,10 +30,10 @@ from sipcdr.spool.records import (
     FULL_POLICIES,
     MAX_VALUE_BYTES,
     RESUME_FRACTION,
-    SEGMENT_SUFFIX,
     _encode,
     _fsync_directory,
     read_cursor_seq,
+    segment_name,
 )
 from sipcdr.spool.segments import Segments, _Segment, cut_torn_tail, list_segments
 
@@ -133,6 +133,10 @@ class Spool(Segments):
         self.stats = SpoolStats()
         self.full = False
         self.next_seq = 1
+        # The CRC start value of every segment this writer creates, drawn at `open`
+        # (`records.segment_name`): records in the reserve, encoded before a rotation,
+        # stay valid in the segment after it.
+        self._seed = 0
         self._segments: list[_Segment] = []
         self._fd = -1
         self._lock: BinaryIO | None = None
@@ -154,6 +158,7 @@ class Spool(Segments):
             raise SpoolError(f"spool {self.directory}: {exc.strerror or exc}") from exc
         segments = list_segments(self.directory)
         self._segments = segments
+        self._seed = int.from_bytes(os.urandom(4), "little")
         if segments:
             self.next_seq, torn = cut_torn_tail(segments[-1])
             if torn:
@@ -205,10 +210,11 @@ class Spool(Segments):
         if newest is not None and reuse:
             segment = newest
         else:
-            segment = _Segment(
-                self.next_seq, self.directory / f"{self.next_seq:020d}{SEGMENT_SUFFIX}", 0
-            )
+            name = segment_name(self.next_seq, self._seed)
+            segment = _Segment(self.next_seq, self.directory / name, 0, self._seed)
         fd = open_private_fd(segment.path, os.O_WRONLY | os.O_APPEND)
+        if segment.seed != self._seed:
+            self._take_over(segment)
         try:
             self._close_active()
         except OSError:
@@ -220,6 +226,17 @@ class Spool(Segments):
                 self._segments.append(segment)
         with contextlib.suppress(OSError):
             _fsync_directory(self.directory)
+
+    def _take_over(self, segment: _Segment) -> None:
+        """Write on into a segment with no whole record that an earlier open left (at
+        open only, the reserve empty) with its seed; one of an earlier version (seed 0)
+        is renamed to this writer's first, and keeps 0 only if that fails."""
+        if segment.seed == 0:
+            path = self.directory / segment_name(segment.first_seq, self._seed)
+            with contextlib.suppress(OSError):
+                os.rename(segment.path, path)
+                segment.path, segment.seed = path, self._seed
+        self._seed = segment.seed
 
     def _close_active(self) -> None:
         """Write what is buffered, fsync and close the active segment."""
@@ -274,7 +291,7 @@ class Spool(Segments):
             # that fails gives the numbers of what it did not write back.
             seq = self.next_seq
             self.next_seq = seq + 1
-            record = _encode(kind, key, value, seq)
+            record = _encode(kind, key, value, seq, self._seed)
             self._buffer.append(record)
             self._buffered_bytes += len(record)
             if self._buffered_bytes >= _WRITE_BUFFER_BYTES and not self._flush_buffer():
@@ -283,7 +300,7 @@ class Spool(Segments):
         reserve = self._reserve
         # Oldest first: while the reserve holds records, a new one joins them and the
         # write is retried by `flush`, not here, so a refusing disk costs no system call.
-        record = _encode(kind, key, value, self.next_seq + len(reserve))
+        record = _encode(kind, key, value, self.next_seq + len(reserve), self._seed)
         if not reserve and self._write_numbered([record]):
             return Appended.WRITTEN
         if len(reserve) < self.reserve_records:

@@ -1,0 +1,167 @@
+"""Records that captured bytes carry are never taken for the spool's own: a search for
+the next record after damage (a flipped bit, a write a crash tore) may land inside a
+captured value, and each segment's CRC starts from a seed in nothing captured. Segments
+of earlier versions (plain CRC32, named by their first number alone) are still read,
+and the writer goes on in seeded ones."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+from sipcdr.sinks.base import KIND_CDR, KIND_SIP
+from sipcdr.spool import Appended, Spool
+from sipcdr.spool.tail import SpoolTail
+
+MIB = 1 << 20
+LAST_SEQ = (1 << 64) - 1
+
+
+def plain_record(value: bytes, seq: int, key: bytes = b"k") -> bytes:
+    """A record as earlier versions framed it (CRC32 from 0): what a sender who read
+    the documented layout can put in a SIP message's body."""
+    head = struct.pack("<HBHIQ", 0x5350, 1, len(key), len(value), seq)
+    return head + struct.pack("<I", zlib.crc32(head + key + value)) + key + value
+
+
+def captured(*forged: bytes) -> bytes:
+    """A SIP message whose body holds forged records, and text after them."""
+    body = b"".join(forged) + b"\r\n-- sent from a forger's phone --\r\n"
+    return (
+        b"MESSAGE sip:bob@example.com SIP/2.0\r\nCall-ID: forge@x\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+    )
+
+
+def newest_segment(directory: Path) -> Path:
+    return max(directory.glob("*.seg"), key=lambda path: path.name)
+
+
+def values(spool: Spool | SpoolTail, name: str) -> list[bytes]:
+    return [record.value for record in spool.reader(name).read(1000, 64 * MIB)]
+
+
+def test_a_torn_write_holding_forged_records_is_cut_at_open(tmp_path: Path) -> None:
+    """A crash tore the write of a captured message whose body holds a whole forged
+    record numbered 2**64 - 1: the open cuts the torn bytes off, takes no number from
+    them, and appends go on."""
+    forged = plain_record(b'{"cdr_id": "forged"}', LAST_SEQ)
+    with Spool(tmp_path, ("r",)) as spool:
+        assert spool.append(KIND_CDR, b"k", b"genuine") == Appended.WRITTEN
+    message = captured(forged)
+    whole = _encoded_by_a_spool(tmp_path / "scratch", KIND_SIP, message)
+    segment = newest_segment(tmp_path)
+    torn = whole[: whole.index(forged) + len(forged) + 5]
+    assert len(torn) < len(whole)
+    with segment.open("ab") as handle:
+        handle.write(torn)
+    with Spool(tmp_path, ("r",)) as spool:
+        assert spool.next_seq == 2
+        assert spool.stats.torn_tails == 1
+        assert spool.append(KIND_CDR, b"k", b"after") == Appended.WRITTEN
+        assert values(spool, "r") == [b"genuine", b"after"]
+        assert spool.reader("r").corrupt_records == 0
+
+
+def test_a_damaged_record_is_skipped_past_the_records_forged_in_its_value(
+    tmp_path: Path,
+) -> None:
+    """A flipped bit in a record whose captured value holds forged records, numbered
+    as the next ones would be: every reader, in this process and in another, skips to
+    the genuine record after it and counts one record lost."""
+    forged = [plain_record(b"forged %d" % n, 2 + n) for n in range(3)]
+    with Spool(tmp_path, ("here", "there")) as spool:
+        spool.append(KIND_SIP, b"forge@x", captured(*forged))
+        spool.append(KIND_CDR, b"k", b"genuine")
+    segment = newest_segment(tmp_path)
+    data = bytearray(segment.read_bytes())
+    data[0] ^= 0xFF  # the first record's mark
+    segment.write_bytes(bytes(data))
+    with Spool(tmp_path, ("here", "there"), readers_elsewhere=False) as spool:
+        assert values(spool, "here") == [b"genuine"]
+        assert spool.reader("here").corrupt_records == 1
+    tail = SpoolTail(tmp_path, ("there",))
+    tail.open()
+    try:
+        assert values(tail, "there") == [b"genuine"]
+        assert tail.reader("there").corrupt_records == 1
+    finally:
+        tail.close()
+
+
+def test_segments_of_earlier_versions_are_read_and_appends_go_to_a_seeded_one(
+    tmp_path: Path,
+) -> None:
+    """A spool an earlier version wrote (plain CRC32, `<first seq>.seg`): its records
+    are delivered, in order with the new ones, by a reader here and a tail; the new
+    records go to a segment whose name carries its seed."""
+    old = tmp_path / f"{1:020d}.seg"
+    old.write_bytes(b"".join(plain_record(b"old %d" % seq, seq) for seq in (1, 2, 3)))
+    os.chmod(old, 0o600)
+    with Spool(tmp_path, ("here", "there")) as spool:
+        assert spool.next_seq == 4
+        spool.append(KIND_CDR, b"k", b"new 4")
+        names = sorted(path.name for path in tmp_path.glob("*.seg"))
+        assert names[0] == old.name and names[1].startswith(f"{4:020d}-"), names
+        assert values(spool, "here") == [b"old 1", b"old 2", b"old 3", b"new 4"]
+    tail = SpoolTail(tmp_path, ("there",))
+    tail.open()
+    try:
+        assert values(tail, "there") == [b"old 1", b"old 2", b"old 3", b"new 4"]
+        assert tail.reader("there").corrupt_records == 0
+    finally:
+        tail.close()
+
+
+def test_an_empty_segment_of_an_earlier_version_is_taken_over_with_a_seed(
+    tmp_path: Path,
+) -> None:
+    """The newest segment an earlier version left holds torn bytes only: the writer
+    writes on into it, renamed with this writer's seed, so what it writes there is
+    framed as everything it writes."""
+    (tmp_path / f"{1:020d}.seg").write_bytes(plain_record(b"torn", 1)[:-2])
+    with Spool(tmp_path, ("r",), segment_bytes=1) as spool:
+        assert spool.append(KIND_CDR, b"k", b"first") == Appended.WRITTEN
+        assert spool.append(KIND_CDR, b"k", b"second") == Appended.WRITTEN
+        names = sorted(path.name for path in tmp_path.glob("*.seg"))
+        assert names[0].startswith(f"{1:020d}-") and all("-" in name for name in names), names
+        seeds = {name.removesuffix(".seg").split("-")[1] for name in names}
+        assert len(seeds) == 1  # one writer, one seed, across its rotation
+        assert values(spool, "r") == [b"first", b"second"]
+
+
+def test_each_open_draws_its_own_seed(tmp_path: Path) -> None:
+    seeds = set()
+    for _ in range(3):
+        with Spool(tmp_path, ("r",)) as spool:
+            spool.append(KIND_CDR, b"k", b"v")
+            seeds.add(newest_segment(tmp_path).name.split("-")[1])
+    assert len(seeds) == 3
+    with Spool(tmp_path, ("r",)) as spool:
+        assert values(spool, "r") == [b"v"] * 3
+
+
+def test_files_not_named_as_segments_are_left_alone(tmp_path: Path) -> None:
+    strays = [
+        f"{1:020d}-xyz.seg",
+        f"{1:020d}-0000000g.seg",
+        f"{1:020d}-ABCDEF01.seg",
+        "notes.seg",
+        f"{1:020d}-.seg",
+    ]
+    for name in strays:
+        (tmp_path / name).write_bytes(plain_record(b"stray", 1))
+    with Spool(tmp_path, ("r",)) as spool:
+        assert spool.next_seq == 1
+        spool.append(KIND_CDR, b"k", b"v")
+        assert values(spool, "r") == [b"v"]
+    assert all((tmp_path / name).exists() for name in strays)
+
+
+def _encoded_by_a_spool(directory: Path, kind: str, value: bytes) -> bytes:
+    """The bytes a spool writes for one record of `kind` (the first of a new spool)."""
+    with Spool(directory, ("r",)) as spool:
+        spool.append(kind, b"forge@x", value)
+    return newest_segment(directory).read_bytes()
