@@ -11,8 +11,9 @@ import struct
 import zlib
 from pathlib import Path
 
+import pytest
 from sipcdr.sinks.base import KIND_CDR, KIND_SIP
-from sipcdr.spool import Appended, Spool
+from sipcdr.spool import Appended, Spool, SpoolReader
 from sipcdr.spool.tail import SpoolTail
 
 MIB = 1 << 20
@@ -115,21 +116,118 @@ def test_segments_of_earlier_versions_are_read_and_appends_go_to_a_seeded_one(
         tail.close()
 
 
-def test_an_empty_segment_of_an_earlier_version_is_taken_over_with_a_seed(
+def test_an_empty_segment_of_an_earlier_version_is_replaced_by_a_seeded_one(
     tmp_path: Path,
 ) -> None:
     """The newest segment an earlier version left holds torn bytes only: the writer
-    writes on into it, renamed with this writer's seed, so what it writes there is
-    framed as everything it writes."""
-    (tmp_path / f"{1:020d}.seg").write_bytes(plain_record(b"torn", 1)[:-2])
+    deletes it and writes a seeded segment of the same first number, one seed across
+    its rotations."""
+    old = tmp_path / f"{1:020d}.seg"
+    old.write_bytes(plain_record(b"torn", 1)[:-2])
     with Spool(tmp_path, ("r",), segment_bytes=1) as spool:
         assert spool.append(KIND_CDR, b"k", b"first") == Appended.WRITTEN
         assert spool.append(KIND_CDR, b"k", b"second") == Appended.WRITTEN
         names = sorted(path.name for path in tmp_path.glob("*.seg"))
+        assert not old.exists()
         assert names[0].startswith(f"{1:020d}-") and all("-" in name for name in names), names
         seeds = {name.removesuffix(".seg").split("-")[1] for name in names}
         assert len(seeds) == 1  # one writer, one seed, across its rotation
         assert values(spool, "r") == [b"first", b"second"]
+
+
+def test_a_delivery_process_reading_an_earlier_versions_spool_across_the_writers_open(
+    tmp_path: Path,
+) -> None:
+    """A tail has read an earlier version's spool to its empty newest segment when the
+    writer opens and writes captured values full of forged records: the tail takes the
+    genuine records only, none lost."""
+    (tmp_path / f"{1:020d}.seg").write_bytes(
+        b"".join(plain_record(b"old %d" % seq, seq) for seq in (1, 2, 3))
+    )
+    (tmp_path / f"{4:020d}.seg").write_bytes(b"")
+    tail = SpoolTail(tmp_path, ("there",))
+    tail.open()
+    try:
+        assert values(tail, "there") == [b"old 1", b"old 2", b"old 3"]
+        forged = [plain_record(b"forged", seq) for seq in (4, 5, 6, LAST_SEQ)]
+        message = captured(*forged)
+        with Spool(tmp_path, ("there",), readers_elsewhere=True) as spool:
+            spool.append(KIND_SIP, b"forge@x", message)
+            spool.append(KIND_CDR, b"k", b"genuine 5")
+            tail.note_next_seq(spool.next_seq)
+            assert values(tail, "there") == [message, b"genuine 5"]
+        assert tail.reader("there").corrupt_records == 0
+    finally:
+        tail.close()
+
+
+def test_the_open_takes_no_number_from_a_forged_record_in_an_earlier_versions_torn_write(
+    tmp_path: Path,
+) -> None:
+    """An earlier version crashed while writing a captured message that holds a record
+    forged with the plain CRC32 it used, numbered 2**64 - 1: the first open after the
+    upgrade cuts it off with the torn bytes, and appends go on."""
+    forged = plain_record(b'{"cdr_id": "forged"}', LAST_SEQ)
+    sip = plain_record(captured(forged), 3, key=b"forge@x")
+    segment = tmp_path / f"{1:020d}.seg"
+    segment.write_bytes(
+        plain_record(b"old 1", 1)
+        + plain_record(b"old 2", 2)
+        + sip[: sip.index(forged) + len(forged) + 5]
+    )
+    with Spool(tmp_path, ("r",)) as spool:
+        assert spool.next_seq == 3
+        assert spool.stats.torn_tails == 1
+        assert spool.append(KIND_CDR, b"k", b"new 3") == Appended.WRITTEN
+        assert values(spool, "r") == [b"old 1", b"old 2", b"new 3"]
+
+
+def test_an_earlier_versions_segment_that_cannot_be_deleted_stops_the_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rather than write on with seed 0 into it: the open fails, saying why."""
+    old = tmp_path / f"{1:020d}.seg"
+    old.write_bytes(b"")
+
+    def refused(path: object) -> None:
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(os, "unlink", refused)
+    spool = Spool(tmp_path, ("r",))
+    with pytest.raises(PermissionError):
+        spool.open()
+    monkeypatch.undo()
+    spool.close()
+    assert [path.name for path in tmp_path.glob("*.seg")] == [old.name]
+
+
+def test_clean_segments_are_read_a_window_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every record of seeded segments is taken by the window reads (a wrong seed there
+    would send each to the record-by-record path, slower but with the same result),
+    and a start from a cursor skips by windows too."""
+    found: list[int] = []
+    one_by_one = SpoolReader._next_record
+
+    def counted(reader: SpoolReader, end: int) -> tuple[int, int, bytes, bytes, int] | None:
+        record = one_by_one(reader, end)
+        if record is not None:
+            found.append(record[0])
+        return record
+
+    monkeypatch.setattr(SpoolReader, "_next_record", counted)
+    with Spool(tmp_path, ("r", "late"), segment_bytes=4096) as spool:
+        for n in range(300):
+            spool.append(KIND_CDR, b"k", b"value %d" % n)
+        assert spool.segments > 2
+        assert len(values(spool, "r")) == 300
+        assert found == []
+        late = spool.reader("late")
+        late.confirmed_seq = 150
+        late.rewind()
+        assert [record.seq for record in late.read(1000, MIB)] == list(range(150, 301))
+        assert found == [150]  # the record it stops at is looked at alone, once
 
 
 def test_each_open_draws_its_own_seed(tmp_path: Path) -> None:
@@ -150,9 +248,12 @@ def test_files_not_named_as_segments_are_left_alone(tmp_path: Path) -> None:
         f"{1:020d}-ABCDEF01.seg",
         "notes.seg",
         f"{1:020d}-.seg",
+        f"{1 << 63:020d}.seg",
+        f"{(1 << 64) + 5:020d}.seg",
     ]
     for name in strays:
         (tmp_path / name).write_bytes(plain_record(b"stray", 1))
+    (tmp_path / f"{7:020d}.seg").mkdir()
     with Spool(tmp_path, ("r",)) as spool:
         assert spool.next_seq == 1
         spool.append(KIND_CDR, b"k", b"v")

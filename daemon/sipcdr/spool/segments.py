@@ -4,6 +4,7 @@ another process finds them (`SpoolTail`)."""
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -11,7 +12,13 @@ from typing import ClassVar
 from mypy_extensions import mypyc_attr
 
 from sipcdr.private import open_private_fd
-from sipcdr.spool.records import SEGMENT_SUFFIX, _next_valid, _scan, parse_segment_name
+from sipcdr.spool.records import (
+    HEADER_BYTES,
+    SEGMENT_SUFFIX,
+    _next_valid,
+    _scan,
+    parse_segment_name,
+)
 
 
 @dataclass(slots=True)
@@ -30,11 +37,38 @@ def list_segments(directory: Path) -> list[_Segment]:
         if named is None:
             continue
         try:
-            size = path.stat().st_size
+            status = path.stat()
         except FileNotFoundError:
             continue  # deleted meanwhile
+        if not stat.S_ISREG(status.st_mode):
+            continue
+        size = status.st_size
         found.append(_Segment(named[0], path, size, named[1]))
     return sorted(found, key=lambda segment: segment.first_seq)
+
+
+def whole_records_end(data: bytes, segment: _Segment) -> tuple[int, int]:
+    """The sequence number after the last valid record of a segment's bytes (its first
+    number when it has none), and the offset where that record ends. Past damage, a
+    record counts only where a genuine one can be: numbered above the one before it and
+    at most one more per header's length from the segment's start. Else a record
+    forged in a captured value, in a segment of an earlier version (seed 0), would set
+    the next number: near 2**64 every append fails."""
+    first = segment.first_seq
+    last_seq = first - 1
+    end = 0
+    offset = 0
+    while offset < len(data):
+        for seq, _kind, _key, _value, record_end in _scan(data, offset, segment.seed):
+            if seq <= last_seq or seq > first + offset // HEADER_BYTES:
+                break
+            last_seq = seq
+            end = offset = record_end
+        following = _next_valid(data, offset + 1, segment.seed)
+        if following < 0:
+            break
+        offset = following
+    return last_seq + 1, end
 
 
 def cut_torn_tail(segment: _Segment) -> tuple[int, int]:
@@ -42,17 +76,7 @@ def cut_torn_tail(segment: _Segment) -> tuple[int, int]:
     sequence number, and the bytes cut. Only what follows the last valid record is
     cut: readers skip and count damage before it."""
     data = segment.path.read_bytes()
-    last_seq = segment.first_seq - 1
-    end = 0
-    offset = 0
-    while offset < len(data):
-        for seq, _kind, _key, _value, record_end in _scan(data, offset, segment.seed):
-            last_seq = seq
-            end = offset = record_end
-        following = _next_valid(data, offset + 1, segment.seed)
-        if following < 0:
-            break
-        offset = following
+    next_seq, end = whole_records_end(data, segment)
     if end < len(data):
         fd = open_private_fd(segment.path, os.O_WRONLY)
         try:
@@ -61,7 +85,7 @@ def cut_torn_tail(segment: _Segment) -> tuple[int, int]:
         finally:
             os.close(fd)
         segment.size = end
-    return last_seq + 1, len(data) - end
+    return next_seq, len(data) - end
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)

@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import Final
 
 from sipcdr.spool.reader import SpoolReader
-from sipcdr.spool.records import _next_valid, _scan
-from sipcdr.spool.segments import Segments, _Segment, list_segments
+from sipcdr.spool.segments import Segments, _Segment, list_segments, whole_records_end
 from sipcdr.spool.writer import SpoolStats
 
 # Beyond the coarsest timestamps of a filesystem a spool may be on (FAT's 2 s).
@@ -153,16 +152,7 @@ def _end_of(segment: _Segment) -> int:
         data = segment.path.read_bytes()
     except OSError:
         return segment.first_seq
-    last = segment.first_seq - 1
-    offset = 0
-    while offset < len(data):
-        for seq, _kind, _key, _value, end in _scan(data, offset, segment.seed):
-            last, offset = seq, end
-        following = _next_valid(data, offset + 1, segment.seed)
-        if following < 0:
-            break
-        offset = following
-    return last + 1
+    return whole_records_end(data, segment)[0]
 
 
 # -- waking the readers when the writer writes ----------------------------------------

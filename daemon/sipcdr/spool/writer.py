@@ -201,20 +201,22 @@ class Spool(Segments):
         opened before the old one is let go: if it cannot be (no space, no file
         handles), appends go on into the old segment and rotation is tried again."""
         # A newest segment with no whole record (empty, or torn bytes a failed cut-back
-        # left) is reused: a new one would take its name, and deleting the one would
-        # delete the other.
+        # left) is reused, with its seed: a new one would have its first number, and two
+        # segments of one number leave readers to the folder's order.
         newest = self._segments[-1] if self._segments else None
         reuse = newest is not None and (newest.size == 0 or newest.first_seq == self.next_seq)
         if reuse and self._fd >= 0:
             return
+        if newest is not None and reuse and newest.seed == 0:
+            self._replace_unseeded(newest)
+            newest, reuse = None, False
         if newest is not None and reuse:
             segment = newest
+            self._seed = segment.seed  # at open: nothing encoded yet
         else:
             name = segment_name(self.next_seq, self._seed)
             segment = _Segment(self.next_seq, self.directory / name, 0, self._seed)
         fd = open_private_fd(segment.path, os.O_WRONLY | os.O_APPEND)
-        if segment.seed != self._seed:
-            self._take_over(segment)
         try:
             self._close_active()
         except OSError:
@@ -227,16 +229,14 @@ class Spool(Segments):
         with contextlib.suppress(OSError):
             _fsync_directory(self.directory)
 
-    def _take_over(self, segment: _Segment) -> None:
-        """Write on into a segment with no whole record that an earlier open left (at
-        open only, the reserve empty) with its seed; one of an earlier version (seed 0)
-        is renamed to this writer's first, and keeps 0 only if that fails."""
-        if segment.seed == 0:
-            path = self.directory / segment_name(segment.first_seq, self._seed)
-            with contextlib.suppress(OSError):
-                os.rename(segment.path, path)
-                segment.path, segment.seed = path, self._seed
-        self._seed = segment.seed
+    def _replace_unseeded(self, segment: _Segment) -> None:
+        """Delete the newest segment, of an earlier version (seed 0) and with no whole
+        record, for one with a seed: never written on, nor renamed (a reader of it in
+        another process would go on checking with seed 0). Raises when it cannot be."""
+        os.close(open_private_fd(segment.path, os.O_WRONLY))  # refuses what is not ours
+        os.unlink(segment.path)
+        self._segments.pop()
+        self._size -= segment.size
 
     def _close_active(self) -> None:
         """Write what is buffered, fsync and close the active segment."""
