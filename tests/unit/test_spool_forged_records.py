@@ -182,6 +182,28 @@ def test_the_open_takes_no_number_from_a_forged_record_in_an_earlier_versions_to
         assert values(spool, "r") == [b"old 1", b"old 2", b"new 3"]
 
 
+def test_an_earlier_versions_numbers_spent_on_refused_writes_are_kept_at_open(
+    tmp_path: Path,
+) -> None:
+    """Earlier versions spent the numbers of a buffered batch the disk refused: records
+    follow a gap no bytes stand for, hundreds of numbers on in a few bytes. The open
+    keeps them all, and the numbering goes on after them."""
+    records = [plain_record(b"old %d" % seq, seq) for seq in (1, 2, 303, 304, 305, 306)]
+    (tmp_path / f"{1:020d}.seg").write_bytes(b"".join(records))
+    with Spool(tmp_path, ("r",)) as spool:
+        assert spool.next_seq == 307
+        assert spool.stats.torn_tails == 0
+        spool.append(KIND_CDR, b"k", b"new 307")
+        got = spool.reader("r").read(100, MIB)
+        assert [record.seq for record in got] == [1, 2, 303, 304, 305, 306, 307]
+    tail = SpoolTail(tmp_path, ("r",))
+    tail.open()
+    try:
+        assert tail.next_seq == 308
+    finally:
+        tail.close()
+
+
 def test_an_earlier_versions_segment_that_cannot_be_deleted_stops_the_open(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -254,6 +276,7 @@ def test_files_not_named_as_segments_are_left_alone(tmp_path: Path) -> None:
     for name in strays:
         (tmp_path / name).write_bytes(plain_record(b"stray", 1))
     (tmp_path / f"{7:020d}.seg").mkdir()
+    (tmp_path / f"{8:020d}.seg").symlink_to(f"{8:020d}.seg")  # a loop
     with Spool(tmp_path, ("r",)) as spool:
         assert spool.next_seq == 1
         spool.append(KIND_CDR, b"k", b"v")
