@@ -25,11 +25,13 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -1053,6 +1055,11 @@ def test_files_older_versions_left_open_are_made_private_at_start(open_tmp_path:
     for path, file_mode in {**older, **others}.items():
         path.write_bytes(b"+4940111222\n")
         path.chmod(file_mode)
+    # The segment holds a whole record, as an earlier version framed it: kept.
+    value = b'{"caller": "+4940111222"}'
+    head = struct.pack("<HBHIQ", 0x5350, 1, 1, len(value), 1)
+    crc = struct.pack("<I", zlib.crc32(head + b"k" + value))
+    (records / f"{1:020d}{SEGMENT_SUFFIX}").write_bytes(head + crc + b"k" + value)
     target, was = victim(open_tmp_path, "root-file")
     (out / "cdrs.jsonl.20240102T000000Z").symlink_to(target)
     result = sipcdr_as(
@@ -1063,9 +1070,6 @@ def test_files_older_versions_left_open_are_made_private_at_start(open_tmp_path:
         SIPCDR_SINKS__JSONL__PATH=str(out / "cdrs.jsonl"),
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result  # no SIP
-    # The segment held no record: the spool took it over under a name with its seed.
-    (segment,) = records.glob(f"*{SEGMENT_SUFFIX}")
-    older = {segment if path.parent == records else path: m for path, m in older.items()}
     assert {path: mode(path) for path in older} == dict.fromkeys(older, 0o600)
     assert mode(state / "spool") == mode(records) == 0o700
     assert {path: mode(path) for path in others} == others  # not sipcdr's names

@@ -46,9 +46,9 @@ def values(spool: Spool | SpoolTail, name: str) -> list[bytes]:
 
 def test_a_torn_write_holding_forged_records_is_cut_at_open(tmp_path: Path) -> None:
     """A crash tore the write of a captured message whose body holds a whole forged
-    record numbered 2**64 - 1: the open cuts the torn bytes off, takes no number from
-    them, and appends go on."""
-    forged = plain_record(b'{"cdr_id": "forged"}', LAST_SEQ)
+    record, numbered as the next record would be: the open cuts the torn bytes off,
+    takes no number from them, and the next record gets the number."""
+    forged = plain_record(b'{"cdr_id": "forged"}', 2)
     with Spool(tmp_path, ("r",)) as spool:
         assert spool.append(KIND_CDR, b"k", b"genuine") == Appended.WRITTEN
     message = captured(forged)
@@ -116,7 +116,7 @@ def test_segments_of_earlier_versions_are_read_and_appends_go_to_a_seeded_one(
         tail.close()
 
 
-def test_an_empty_segment_of_an_earlier_version_is_replaced_by_a_seeded_one(
+def test_an_earlier_versions_segment_with_no_whole_record_is_replaced_by_a_seeded_one(
     tmp_path: Path,
 ) -> None:
     """The newest segment an earlier version left holds torn bytes only: the writer
@@ -180,6 +180,27 @@ def test_the_open_takes_no_number_from_a_forged_record_in_an_earlier_versions_to
         assert spool.stats.torn_tails == 1
         assert spool.append(KIND_CDR, b"k", b"new 3") == Appended.WRITTEN
         assert values(spool, "r") == [b"old 1", b"old 2", b"new 3"]
+
+
+@pytest.mark.parametrize("number", [1, 2, LAST_SEQ])
+def test_the_open_takes_no_number_below_or_far_past_the_one_before(
+    tmp_path: Path, number: int
+) -> None:
+    """A record forged in an earlier version's torn write, numbered as a record before
+    it or near 2**64: not taken, so the numbering neither goes back (the next records
+    then read as delivered already) nor ends."""
+    forged = plain_record(b"forged", number)
+    sip = plain_record(captured(forged), 3, key=b"forge@x")
+    (tmp_path / f"{1:020d}.seg").write_bytes(
+        plain_record(b"old 1", 1)
+        + plain_record(b"old 2", 2)
+        + sip[: sip.index(forged) + len(forged) + 5]
+    )
+    with Spool(tmp_path, ("r",)) as spool:
+        assert spool.next_seq == 3
+        spool.append(KIND_CDR, b"k", b"new 3")
+        assert values(spool, "r") == [b"old 1", b"old 2", b"new 3"]
+        assert spool.reader("r").corrupt_records == 0
 
 
 def test_an_earlier_versions_numbers_spent_on_refused_writes_are_kept_at_open(

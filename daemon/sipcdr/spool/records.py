@@ -1,6 +1,6 @@
-"""The spool's bytes on disk: the record layout and its checks, the cursor file's two
-slots, the sizes and policies' defaults, and the scan that finds whole records
-(`sipcdr.spool` describes the whole)."""
+"""The spool's bytes on disk: the record layout and its checks, segment file names,
+the cursor file's two slots, the sizes and policies' defaults, and the scan that finds
+whole records (`sipcdr.spool` describes the whole)."""
 
 from __future__ import annotations
 

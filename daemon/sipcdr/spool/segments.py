@@ -53,16 +53,19 @@ def list_segments(directory: Path) -> list[_Segment]:
 
 def whole_records_end(data: bytes, segment: _Segment) -> tuple[int, int]:
     """The sequence number after the last valid record of a segment's bytes (its first
-    number when it has none), and the offset where that record ends. A record numbered
-    more than `_MOST_NUMBERS_SKIPPED` past the one before it is not taken: else one
-    forged in a captured value, in a segment of an earlier version (seed 0), would set
-    the next number, near 2**64 every append failing."""
+    number when it has none), and the offset where that record ends. A record is taken
+    only numbered above the one before it and at most `_MOST_NUMBERS_SKIPPED` past it:
+    else one forged in a captured value, in a segment of an earlier version (seed 0),
+    would set the next number, near 2**64 every append failing, or below numbers
+    handed out, the next records then read as already delivered. Genuine numbers
+    only rise within a segment; a record written again after a failed cut-back has
+    the number of the torn one, which was never valid."""
     last_seq = segment.first_seq - 1
     end = 0
     offset = 0
     while offset < len(data):
         for seq, _kind, _key, _value, record_end in _scan(data, offset, segment.seed):
-            if seq > last_seq + _MOST_NUMBERS_SKIPPED:
+            if not last_seq < seq <= last_seq + _MOST_NUMBERS_SKIPPED:
                 break
             last_seq = seq
             end = offset = record_end

@@ -102,8 +102,8 @@ class SpoolTail(Segments):
         found = list_segments(self.directory)
         if not found:
             return  # the active segment always stays: a listing that failed
-        # By path: a segment of an earlier version the writer took over at its open is
-        # renamed (given a seed) under the same first sequence number.
+        # By path, not by first number: the writer's open replaces an earlier version's
+        # empty newest segment by a seeded one of the same first number.
         known = {segment.path: segment for segment in self._segments}
         current = [known.get(segment.path, segment) for segment in found]
         kept = {id(segment) for segment in current}

@@ -158,7 +158,8 @@ class Spool(Segments):
             raise SpoolError(f"spool {self.directory}: {exc.strerror or exc}") from exc
         segments = list_segments(self.directory)
         self._segments = segments
-        self._seed = int.from_bytes(os.urandom(4), "little")
+        # Never 0, the seed of an earlier version's segments.
+        self._seed = int.from_bytes(os.urandom(4), "little") or 1
         if segments:
             self.next_seq, torn = cut_torn_tail(segments[-1])
             if torn:
