@@ -18,8 +18,9 @@ so a torn write, a flipped bit or a record from another stream is recognised, an
 record forged inside a captured value is not taken for one: the seed is random, drawn
 by the writer at each open (kept for a newest segment with no whole record that it
 writes on into), and in nothing captured. Segments of earlier versions
-(`00000000000000000001.seg`) have seed 0 and are only read. Sequence numbers increase by one per
-record across segments, which makes the records lost to corruption countable.
+(`00000000000000000001.seg`) have seed 0 and are only read. Sequence numbers increase
+by one per record across segments, which makes the records lost to corruption
+countable.
 
 Durability:
 - Appends are written to the segment file at once with one `write` call per record,

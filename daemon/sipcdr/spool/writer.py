@@ -213,7 +213,8 @@ class Spool(Segments):
             newest, reuse = None, False
         if newest is not None and reuse:
             segment = newest
-            self._seed = segment.seed  # at open: nothing encoded yet
+            # Its own seed; at open, an earlier open's (nothing is encoded yet).
+            self._seed = segment.seed
         else:
             name = segment_name(self.next_seq, self._seed)
             segment = _Segment(self.next_seq, self.directory / name, 0, self._seed)
