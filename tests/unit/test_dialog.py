@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import gc
 import ipaddress
+import os
+import subprocess
+import sys
 import tracemalloc
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 import pytest
@@ -928,3 +932,35 @@ def test_a_restore_needs_little_more_memory_than_the_calls_built_live() -> None:
     assert restored.open_dialogs == 3000
     # Each row's list goes as its call is made: the calls take the place of the rows.
     assert peak < 0.5 * built, (peak, built)
+
+
+_SIGNATURES = """
+from sipcalls import Call
+from sipcdr.dialog.correlator import _signature_bits
+from sipcdr.sip import parse
+call = Call()
+messages = [
+    call.request("INVITE"),
+    call.response(180, "Ringing"),
+    call.response(200, "OK"),
+    call.request("BYE", 2, "z9hG4bK-bye1", to_tag="callee-tag"),
+]
+print([_signature_bits(parse(message)) for message in messages])
+"""
+
+
+def test_retransmission_signatures_are_the_same_in_every_process() -> None:
+    """The bloom filter's bits come from the message alone, not from the process's
+    hash seed: the same capture counts the same retransmissions in every run."""
+    support = Path(__file__).parents[1] / "support"
+    runs = {
+        subprocess.run(
+            [sys.executable, "-c", _SIGNATURES],
+            env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(support)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2", "3", "4")
+    }
+    assert len(runs) == 1, runs

@@ -17,6 +17,7 @@ import hashlib
 import operator
 import sys
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -535,8 +536,13 @@ def cdr_id(call_id: str, from_tag: str, start_time: float) -> str:
 
 def _signature_bits(msg: SipMessage) -> int:
     """Two bits of the per-dialog bloom filter for this message's identity: the same
-    branch, CSeq and method or status again is a retransmission (RFC 3261 17)."""
-    signature = hash((msg.via_branch, msg.cseq, msg.cseq_method, msg.status_code))
+    branch, CSeq and method or status again is a retransmission (RFC 3261 17). The
+    texts go in by CRC, the numbers as ints: `hash()` of a str (or of None) changes
+    with every process, and the same capture must count the same retransmissions in
+    every run."""
+    texts = zlib.crc32(msg.cseq_method.encode(), state.branch_crc(msg.via_branch))
+    status = msg.status_code
+    signature = hash((texts, msg.cseq, -1 if status is None else status))
     return (1 << (signature & 255)) | (1 << ((signature >> 8) & 255))
 
 
