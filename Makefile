@@ -74,6 +74,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/capture_path.py
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/import_captures.py --interpreted
+	$(BIN)/python benchmarks/import_postgres.py
 	$(BIN)/python benchmarks/connections.py
 	$(BIN)/python benchmarks/spool.py
 	$(BIN)/python benchmarks/signaling.py

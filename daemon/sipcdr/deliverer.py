@@ -90,20 +90,20 @@ def _reduce_dataclass(item: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
     return _rebuild, (type(item), values)
 
 
-def _picklable(item: object) -> None:
+def make_picklable(item: object) -> None:
     """The configuration goes to the delivery process pickled: its read-only tables,
     and its frozen dataclasses (compiled ones cannot be restored field by field) built
     anew from their fields."""
     if dataclasses.is_dataclass(item) and not isinstance(item, type):
         ForkingPickler.register(type(item), _reduce_dataclass)
         for f in dataclasses.fields(item):
-            _picklable(getattr(item, f.name))
+            make_picklable(getattr(item, f.name))
     elif isinstance(item, Mapping):
         for value in item.values():
-            _picklable(value)
+            make_picklable(value)
     elif isinstance(item, tuple | list | frozenset | set):
         for value in item:
-            _picklable(value)
+            make_picklable(value)
 
 
 ForkingPickler.register(MappingProxyType, _reduce_mapping)
@@ -146,7 +146,7 @@ class DeliveryProcess:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        _picklable(self.config)
+        make_picklable(self.config)
         parent, child = self._context.Pipe()
         process = self._context.Process(
             target=child_main, args=(self.config, child), name="sipcdr-deliver"
@@ -346,7 +346,7 @@ async def _deliver(config: Config, conn: Connection) -> None:
     outputs = Outputs(settings, restrictions=True, role="deliver")
     stats = PrivacyStats()
     await outputs.open()
-    watch = _watch(outputs)
+    watch = watch_spools(outputs)
     privacy = PrivacyTask(config, stats, lambda: outputs.postgres_dsn, outputs.outbound)
     privacy.start()
     # What the capture side's start waits for: open, and the sinks' first connections
@@ -403,7 +403,7 @@ async def _deliver(config: Config, conn: Connection) -> None:
         lock.close()
 
 
-def _watch(outputs: Outputs) -> SpoolWatch | None:
+def watch_spools(outputs: Outputs) -> SpoolWatch | None:
     """Wake the delivery loops when the capture process writes to the spool, and let
     them look on their own only seldom (`SpoolWatch`); None where the spool's folders
     cannot be watched: the loops then look every `TAIL_POLL_S`, as they do again

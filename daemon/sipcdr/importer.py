@@ -6,7 +6,9 @@ can come. A summary of what was read, found, rejected and written can go to JSON
 
 CDRs go to the configured sinks by the daemon's own path (`sinks.outputs`), through a
 spool of the import's own, so an import never contends with a running daemon's
-spool. The import ends when every sink has every record, or after
+spool; for a large capture the sinks are written from a process of their own while
+the import reads (`sipcdr.import_delivery`). The import ends when every sink has every
+record, or after
 `DELIVERY_TIMEOUT_S` with the undelivered counts in the summary; re-running it then
 is safe, since CDR and message ids are deterministic and every sink deduplicates.
 
@@ -24,7 +26,7 @@ import heapq
 import os
 import shutil
 import sys
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import replace
 from itertools import chain
 from pathlib import Path
@@ -38,6 +40,7 @@ from sipcdr.clock import SYSTEM_CLOCK, Clock
 from sipcdr.config import Config, output_settings
 from sipcdr.decode.extract import CaptureStats
 from sipcdr.engine import EXPIRE_EVERY_S, Destinations, build_engine
+from sipcdr.import_delivery import ImportDelivery, delivers_apart
 from sipcdr.model import Packet
 from sipcdr.pipeline import CdrSink
 from sipcdr.privacy.import_list import apply_restrictions, drain
@@ -93,19 +96,25 @@ async def _import_to_outputs(
     # signaling (`Outputs.wait_reason`).
     reserve = max(config.spool.cdr_reserve_records, 2 * YIELD_EVERY)
     config = replace(config, spool=replace(config.spool, cdr_reserve_records=reserve))
+    apart = delivers_apart(config, files)
     outputs = Outputs(
         output_settings(config),
         spool_dir=spool_dir,
         full_policy="block",
         wait_below_floor=True,
         restrictions=True,
+        role="capture" if apart else "all",
     )
     await outputs.open()
+    remote = ImportDelivery(config, spool_dir, outputs) if apart else None
     summary: dict[str, object] = {}
     reading: asyncio.Task[None] | None = None
     try:
         # Before the first packet: the spool is new and empty, so nothing left unfiltered.
-        reading = await apply_restrictions(outputs)
+        if remote is not None:
+            await remote.start()
+        else:
+            reading = await apply_restrictions(outputs)
         steps = _import(config, files, Destinations.of(outputs), progress, summary)
         for _ in steps:
             # Every few thousand packets the sinks get their turn; while a spool is at
@@ -113,16 +122,23 @@ async def _import_to_outputs(
             # outgrow the disk, as long as they make progress.
             outputs.flush()
             await asyncio.sleep(0)
-            stuck = await _wait_for_room(outputs, timeout_s)
+            ended = None if remote is None else remote.has_ended
+            stuck = await _wait_for_room(outputs, timeout_s, ended=ended)
+            if stuck is None and ended is not None and ended():
+                stuck = "delivery_ended"
             if stuck is not None:
                 summary["aborted"] = _STUCK[stuck].format(timeout_s)
                 steps.close()  # fills the summary with what was read so far
                 break
         outputs.flush()
         aborted = "aborted" in summary
-        delivered = await drain(outputs, 0 if aborted else timeout_s)
         undelivered: dict[str, int] = {}
-        if outputs.delivery is not None and not delivered:
+        if remote is not None:
+            for spool in outputs.spools.values():
+                spool.sync()  # every record on disk before the other process drains them
+            next_seq = {stream: spool.next_seq for stream, spool in outputs.spools.items()}
+            _delivered, undelivered = await remote.finish(next_seq, 0 if aborted else timeout_s)
+        elif not await drain(outputs, 0 if aborted else timeout_s) and outputs.delivery:
             for state, reader in outputs.delivery.readers():
                 if reader.lag_records:
                     undelivered[f"{state.sink}/{state.stream}"] = reader.lag_records
@@ -130,6 +146,8 @@ async def _import_to_outputs(
     finally:
         if reading is not None:
             reading.cancel()
+        if remote is not None:
+            await remote.close()
         await outputs.close(drain_timeout_s=0)
         shutil.rmtree(spool_dir, ignore_errors=True)
     # After the close: CDRs a reserve still held then are lost, and counted there.
@@ -151,11 +169,15 @@ _STUCK = {
         "the state disk stayed below [spool] signaling_min_free_bytes and the sinks "
         "took nothing for {:.0f} s"
     ),
+    "delivery_ended": "the delivery process ended before the import did",
 }
 
 
 async def _wait_for_room(
-    outputs: Outputs, timeout_s: float, clock: Clock = SYSTEM_CLOCK
+    outputs: Outputs,
+    timeout_s: float,
+    clock: Clock = SYSTEM_CLOCK,
+    ended: Callable[[], bool] | None = None,
 ) -> str | None:
     """Wait while a spool is full, the disk refuses CDRs (they wait in the reserve, and
     are written again here) or signaling is below its free-space floor with records
@@ -165,10 +187,14 @@ async def _wait_for_room(
     deadline = clock.monotonic() + timeout_s
     progress = -1
     while (reason := outputs.wait_reason) is not None:
+        if ended is not None and ended():  # no one left to make room
+            return "delivery_ended"
         outputs.flush()  # writes the reserve and reads the free space again, if due
         now_progress = sum(spool.next_seq for spool in outputs.spools.values())
         if delivery is not None:
             now_progress += sum(r.confirmed_seq for _s, r in delivery.readers())
+        elif outputs.remote is not None:  # delivering apart: its last counts
+            now_progress += sum(loop.confirmed_seq for loop in outputs.remote.loops)
         if now_progress != progress:  # a sink or the disk is moving: the full time again
             progress = now_progress
             deadline = clock.monotonic() + timeout_s

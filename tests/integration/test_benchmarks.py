@@ -22,6 +22,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
         ("hep_listener.py", ["--rounds", "1", "--repeat", "2", "--calls", "20"], "current/former"),
         ("decode.py", ["--rounds", "1", "--number", "200"], "dpkt/sipcdr"),
         ("import_captures.py", ["--rounds", "1", "--scale", "0.002"], "x tshark"),
+        ("import_postgres.py", ["--rounds", "1", "--frames", "2000"], "delivery apart"),
         ("connections.py", ["--quick"], "KiB server RSS per connection"),
         ("spool.py", ["--rounds", "1", "--number", "2000"], "reader alone, one by one"),
         ("signaling.py", ["--rounds", "1", "--number", "300"], "delivery: row, before | now"),

@@ -4,9 +4,11 @@ import whose sink is unreachable says so and exits 1."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +34,9 @@ from smalldisk import SmallDisk
 from test_delivery_end_to_end import MESSAGES_PER_CALL, pg_cdr_ids, pg_count
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+# Delivery in the import's process, and in a process of its own (`[spool]
+# delivery_processes`; a capture this small is delivered in one process otherwise).
+APART = pytest.mark.parametrize("apart", ["0", "1"], ids=["one_process", "apart"])
 
 
 def write_capture(path: Path, calls: int) -> None:
@@ -58,7 +63,10 @@ def run_import(
     )
 
 
-def test_an_import_larger_than_the_spool_waits_for_the_sinks(tmp_path: Path, pg_dsn: str) -> None:
+@APART
+def test_an_import_larger_than_the_spool_waits_for_the_sinks(
+    tmp_path: Path, pg_dsn: str, apart: str
+) -> None:
     calls = 1500
     capture = tmp_path / "calls.pcap"
     write_capture(capture, calls)
@@ -66,11 +74,13 @@ def test_an_import_larger_than_the_spool_waits_for_the_sinks(tmp_path: Path, pg_
         tmp_path,
         capture,
         SIPCDR_SINKS__POSTGRES__DSN=pg_dsn,
+        SIPCDR_SPOOL__DELIVERY_PROCESSES=apart,
         SIPCDR_SPOOL__MAX_BYTES=str(1024 * 1024),  # ~1,000 CDRs, well under the capture
         SIPCDR_SPOOL__SIGNALING_MAX_BYTES=str(1024 * 1024),
         SIPCDR_SPOOL__SEGMENT_BYTES=str(64 * 1024),
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert ("import_delivery_process_started" in done.stderr) == (apart == "1")
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["cdrs_written"] == calls
     assert summary["undelivered"] == {}
@@ -83,8 +93,9 @@ def test_an_import_larger_than_the_spool_waits_for_the_sinks(tmp_path: Path, pg_
     assert not any((tmp_path / "var" / "import-spool").iterdir())  # cleaned up
 
 
+@APART
 def test_an_import_whose_database_is_down_fails_and_can_be_run_again(
-    tmp_path: Path, pg_dsn: str
+    tmp_path: Path, pg_dsn: str, apart: str
 ) -> None:
     capture = tmp_path / "calls.pcap"
     write_capture(capture, 5)
@@ -94,18 +105,25 @@ def test_an_import_whose_database_is_down_fails_and_can_be_run_again(
         "--delivery-timeout",
         "3",
         SIPCDR_SINKS__POSTGRES__DSN="postgresql://postgres@127.0.0.1:1/none",
+        SIPCDR_SPOOL__DELIVERY_PROCESSES=apart,
     )
     assert down.returncode == 1
     assert "not delivered" in down.stderr
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["undelivered"] == {"postgres/records": 5, "postgres/signaling": 30}
-    again = run_import(tmp_path, capture, SIPCDR_SINKS__POSTGRES__DSN=pg_dsn)
+    again = run_import(
+        tmp_path,
+        capture,
+        SIPCDR_SINKS__POSTGRES__DSN=pg_dsn,
+        SIPCDR_SPOOL__DELIVERY_PROCESSES=apart,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(set(pg_cdr_ids(pg_dsn))) == 5
 
 
+@APART
 def test_an_import_that_outgrows_its_spool_while_the_sink_is_down_gives_up_in_time(
-    tmp_path: Path,
+    tmp_path: Path, apart: str
 ) -> None:
     capture = tmp_path / "calls.pcap"
     write_capture(capture, 1500)
@@ -117,6 +135,7 @@ def test_an_import_that_outgrows_its_spool_while_the_sink_is_down_gives_up_in_ti
         "2",
         SIPCDR_SINKS__POSTGRES__DSN="postgresql://postgres@127.0.0.1:1/none",
         SIPCDR_SINKS__JSONL__PATH="",
+        SIPCDR_SPOOL__DELIVERY_PROCESSES=apart,
         SIPCDR_SPOOL__MAX_BYTES=str(1024 * 1024),
         SIPCDR_SPOOL__SIGNALING_MAX_BYTES=str(1024 * 1024),
         SIPCDR_SPOOL__SEGMENT_BYTES=str(64 * 1024),
@@ -249,3 +268,53 @@ def test_a_timer_run_closing_more_calls_than_a_slice_waits_for_a_refusing_disk(
     records = [json.loads(line) for line in lines]
     # The fraud detectors run on an import too: their alerts share the file.
     assert len({r["cdr_id"] for r in records if "alert_id" not in r}) == calls
+
+
+def spawned_children(pid: int) -> list[int]:
+    """The processes `pid` started with multiprocessing's spawn."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    found = []
+    for child in map(int, children):
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+    return found
+
+
+def test_an_import_whose_delivery_process_dies_says_so_at_once(tmp_path: Path) -> None:
+    """Killed while the import waits for it (its database down, the spool full): the
+    import does not wait out its delivery timeout, and names what was not delivered."""
+    capture = tmp_path / "calls.pcap"
+    write_capture(capture, 1500)
+    command = [sys.executable, "-m", "sipcdr.cli", "import", str(capture)]
+    env = daemon_environ(
+        SIPCDR_SINKS__POSTGRES__DSN="postgresql://postgres@127.0.0.1:1/none",
+        SIPCDR_SINKS__JSONL__PATH="",
+        SIPCDR_SPOOL__DELIVERY_PROCESSES="1",
+        SIPCDR_SPOOL__MAX_BYTES=str(1024 * 1024),
+        SIPCDR_SPOOL__SIGNALING_MAX_BYTES=str(1024 * 1024),
+        SIPCDR_SPOOL__SEGMENT_BYTES=str(64 * 1024),
+    )
+    options = ["--delivery-timeout", "200", "--summary-json", "s.json"]
+    started = time.monotonic()
+    with subprocess.Popen(
+        [*command, *options], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+    ) as importing:
+        spools = tmp_path / "var" / "import-spool"
+        deadline = time.monotonic() + 60
+        # Killed once the import reads packets (past its delivery's start).
+        while not any(s.stat().st_size for s in spools.glob("*/records/*.seg")):
+            assert time.monotonic() < deadline and importing.poll() is None
+            time.sleep(0.05)
+        (delivering,) = spawned_children(importing.pid)
+        os.kill(delivering, signal.SIGKILL)
+        _, stderr = importing.communicate(timeout=120)
+    assert importing.returncode == 1, stderr[-3000:]
+    assert time.monotonic() - started < 60  # not the delivery timeout's 200 s
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["aborted"] == "the delivery process ended before the import did"
+    assert summary["undelivered"]["postgres/records"] > 0
+    assert not any(spools.iterdir())  # its spool removed all the same

@@ -22,7 +22,7 @@ from sipcdr.privacy.subjects import restrict
 from sipcdr.private import private_dir
 from sipcdr.storage.migrations import migrate
 from test_delivery_end_to_end import MESSAGES_PER_CALL
-from test_import_delivery import run_import
+from test_import_delivery import APART, run_import
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -85,8 +85,9 @@ async def flags(dsn: str, table: str) -> dict[str, set[bool]]:
     return found
 
 
+@APART
 def test_an_import_withholds_a_restricted_subject_from_kafka_and_flags_it(
-    tmp_path: Path, pg_dsn: str, kafka_bootstrap: str
+    tmp_path: Path, pg_dsn: str, kafka_bootstrap: str, apart: str
 ) -> None:
     run_sync(lambda: restrict_subject(pg_dsn))
     capture = tmp_path / "calls.pcap"
@@ -99,6 +100,7 @@ def test_an_import_withholds_a_restricted_subject_from_kafka_and_flags_it(
         "--config",
         "sipcdr.toml",
         SIPCDR_SINKS__POSTGRES__DSN=pg_dsn,
+        SIPCDR_SPOOL__DELIVERY_PROCESSES=apart,
         **kafka_env(kafka_bootstrap, topic),
     )
     assert done.returncode == 0, done.stderr
@@ -139,8 +141,9 @@ def test_without_postgresql_the_list_the_daemon_saved_applies(
     assert published(kafka_bootstrap, topic, 1) == ["other@x"]
 
 
+@APART
 def test_an_import_refuses_to_publish_without_a_restriction_list(
-    tmp_path: Path, kafka_bootstrap: str
+    tmp_path: Path, kafka_bootstrap: str, apart: str
 ) -> None:
     """PostgreSQL (where restrictions are kept) does not answer, and no list was saved:
     nothing is imported, and the one line says why and what to do."""
@@ -149,7 +152,11 @@ def test_an_import_refuses_to_publish_without_a_restriction_list(
     topic = unique_topic()
     down = f"postgresql://sipcdr@127.0.0.1:{free_tcp_port()}/sipcdr"
     done = run_import(
-        tmp_path, capture, SIPCDR_SINKS__POSTGRES__DSN=down, **kafka_env(kafka_bootstrap, topic)
+        tmp_path,
+        capture,
+        SIPCDR_SINKS__POSTGRES__DSN=down,
+        SIPCDR_SPOOL__DELIVERY_PROCESSES=apart,
+        **kafka_env(kafka_bootstrap, topic),
     )
     assert done.returncode == 1
     refusal = [line for line in done.stderr.splitlines() if line.startswith("sipcdr: import:")]
@@ -161,8 +168,9 @@ def test_an_import_refuses_to_publish_without_a_restriction_list(
     assert asyncio.run(consume_all(kafka_bootstrap, f"{topic}.sip", 1, timeout=3)) == []
 
 
+@APART
 def test_with_postgresql_alone_the_import_waits_for_the_list_then_flags(
-    tmp_path: Path, private_pg: PrivatePg
+    tmp_path: Path, private_pg: PrivatePg, apart: str
 ) -> None:
     """The database (list and destination both) is down when the import starts: its
     records wait, and none is written before the list is read, so none goes in
@@ -178,7 +186,11 @@ def test_with_postgresql_alone_the_import_waits_for_the_list_then_flags(
     with subprocess.Popen(
         command,
         cwd=tmp_path,
-        env=daemon_environ(SIPCDR_SINKS__POSTGRES__DSN=dsn, SIPCDR_SINKS__JSONL__PATH=""),
+        env=daemon_environ(
+            SIPCDR_SINKS__POSTGRES__DSN=dsn,
+            SIPCDR_SINKS__JSONL__PATH="",
+            SIPCDR_SPOOL__DELIVERY_PROCESSES=apart,
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

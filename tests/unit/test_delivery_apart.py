@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 from sipcdr import deliverer
 from sipcdr.config import Config, load_config, output_settings
-from sipcdr.deliverer import DeliveryApart, _picklable
+from sipcdr.deliverer import DeliveryApart, make_picklable
 from sipcdr.delivery import LoopState
 from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.sinks.outputs import Outputs
@@ -124,7 +124,7 @@ async def test_the_plans_name_the_sinks_and_streams_the_outputs_build(
 
 def test_the_configuration_crosses_to_the_delivery_process() -> None:
     config = Config()
-    _picklable(config)
+    make_picklable(config)
     assert pickle.loads(ForkingPickler.dumps(config)) == config
 
 

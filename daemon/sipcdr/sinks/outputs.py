@@ -431,14 +431,22 @@ class Outputs:
             return "spool_full"
         if any(spool.reserved for spool in spools):
             return "write_error"
-        delivery = self.delivery
-        if (
-            any(spool.below_floor for spool in spools)
-            and delivery is not None
-            and not delivery.caught_up()
-        ):
+        if any(spool.below_floor for spool in spools) and self._behind():
             return "disk_floor"
         return None
+
+    def _behind(self) -> bool:
+        """Whether a sink lacks records the spools hold; with delivery in another
+        process, by its last counts."""
+        if self.delivery is not None:
+            return not self.delivery.caught_up()
+        if self.remote is None:
+            return False
+        return any(
+            loop.confirmed_seq < self.spools[loop.state.stream].next_seq
+            for loop in self.remote.loops
+            if loop.state.stream in self.spools
+        )
 
     @property
     def must_wait(self) -> bool:

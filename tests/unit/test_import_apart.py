@@ -1,0 +1,97 @@
+"""When `sipcdr import` delivers from a process of its own (`import_delivery`), and
+what the import then knows of its sinks: whether they lack records the spool holds."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+from sipcdr.config import Config, load_config, output_settings
+from sipcdr.delivery import LoopState
+from sipcdr.import_delivery import APART_FROM_BYTES, delivers_apart
+from sipcdr.sinks.base import KIND_CDR
+from sipcdr.sinks.outputs import Outputs
+from sipcdr.sinks.remote import DeliverySnapshot, LoopSnapshot
+
+
+def capture_of(tmp_path: Path, size: int) -> Path:
+    path = tmp_path / f"capture-{size}.pcap"
+    with path.open("wb") as handle:
+        handle.truncate(size)  # sparse: only its size is read
+    return path
+
+
+def config_of(tmp_path: Path, **environ: str) -> Config:
+    return load_config(None, {"SIPCDR_STATE__DIR": str(tmp_path), **environ})
+
+
+@pytest.mark.parametrize(
+    ("processes", "cores", "size", "apart"),
+    [
+        ("auto", 2, APART_FROM_BYTES, True),
+        ("auto", 2, APART_FROM_BYTES - 1, False),  # a second process's start costs more
+        ("auto", 1, APART_FROM_BYTES, False),  # one core: the two would take turns
+        ("1", 1, 1, True),
+        ("0", 8, APART_FROM_BYTES, False),
+    ],
+)
+def test_an_import_delivers_apart_when_it_pays_or_is_told_to(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    processes: str,
+    cores: int,
+    size: int,
+    apart: bool,
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    config = config_of(tmp_path, SIPCDR_SPOOL__DELIVERY_PROCESSES=processes)
+    assert delivers_apart(config, [capture_of(tmp_path, size)]) is apart
+
+
+def test_the_files_sizes_add_up_and_one_missing_counts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    half = capture_of(tmp_path, APART_FROM_BYTES // 2)
+    other = capture_of(tmp_path, APART_FROM_BYTES - APART_FROM_BYTES // 2)
+    config = config_of(tmp_path)
+    assert delivers_apart(config, [half, other])
+    assert not delivers_apart(config, [half, tmp_path / "missing.pcap"])
+
+
+def test_without_a_sink_nothing_is_delivered_apart(tmp_path: Path) -> None:
+    config = config_of(
+        tmp_path,
+        SIPCDR_SPOOL__DELIVERY_PROCESSES="1",
+        SIPCDR_SINKS__JSONL__PATH="",
+        SIPCDR_SINKS__POSTGRES__DSN="",
+    )
+    assert not delivers_apart(config, [capture_of(tmp_path, APART_FROM_BYTES)])
+
+
+def snapshot(confirmed_seq: int) -> DeliverySnapshot:
+    state = LoopState("jsonl", "records", tried=True)
+    return DeliverySnapshot(loops=[LoopSnapshot(state, confirmed_seq, 0, 0)])
+
+
+async def test_the_import_reads_how_far_the_other_process_delivered(tmp_path: Path) -> None:
+    """Below the signaling floor an import waits while a sink lacks records: with the
+    sinks in the other process, by the counts it last sent."""
+    settings = dataclasses.replace(output_settings(Config()), state_dir=tmp_path, postgres=None)
+    outputs = Outputs(settings, role="capture")
+    await outputs.open()
+    try:
+        assert outputs.cdr_writer is not None and outputs.delivery is None
+        assert not outputs._behind()  # nothing written, nothing heard
+        spool = outputs.spools["records"]
+        for n in range(3):
+            spool.append(KIND_CDR, b"k%d" % n, b"{}")
+        outputs.remote = snapshot(spool.next_seq - 1)
+        assert outputs._behind()
+        outputs.remote = snapshot(spool.next_seq)
+        assert not outputs._behind()
+    finally:
+        await outputs.close()
+    assert os.listdir(tmp_path / "spool" / "records")  # the writer's own folder
