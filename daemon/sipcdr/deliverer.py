@@ -35,7 +35,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
@@ -119,7 +119,6 @@ class DeliveryProcess:
         self.restarts = 0  # times it died and was started again
         self.starts = 0  # processes started: which one a snapshot comes from
         self.log = structlog.get_logger("sipcdr.deliverer")
-        self._context = multiprocessing.get_context("spawn")
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
         self._started_at = 0.0
@@ -147,26 +146,15 @@ class DeliveryProcess:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         make_picklable(self.config)
-        parent, child = self._context.Pipe()
-        process = self._context.Process(
-            target=child_main, args=(self.config, child), name="sipcdr-deliver"
+        # A SIGTERM to the whole group must not end it while it starts; SIGHUP too: a
+        # reload (rate decks) sent to the group, or a terminal's hang-up, is the
+        # capture process's to act on; it would end the delivery process.
+        process, parent = spawn_ignoring(
+            child_main,
+            (self.config,),
+            "sipcdr-deliver",
+            (signal.SIGTERM, signal.SIGINT, signal.SIGHUP),
         )
-        # Ignored from its first instruction (an ignored signal stays ignored across
-        # exec): a SIGTERM to the whole group must not end it while it starts. Blocked
-        # here meanwhile, so this process keeps one that arrives then (Linux queues a
-        # blocked signal even while it is ignored) for its own handler.
-        # SIGHUP too: a reload (rate decks) sent to the group, or a terminal's hang-up,
-        # is the capture process's to act on; it would end the delivery process.
-        stopping = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
-        handlers = [signal.signal(sig, signal.SIG_IGN) for sig in stopping]
-        try:
-            process.start()
-        finally:
-            for sig, handler in zip(stopping, handlers, strict=True):
-                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        child.close()  # the child's end: its EOF tells the child this process is gone
         self._process, self._conn = process, parent
         self.starts += 1
         self._started_at = time.monotonic()
@@ -313,13 +301,44 @@ def child_main(config: Config, conn: Connection) -> None:
 
     configure()
     _lower_priority(config.spool.delivery_nice)
+    run_event_loop(_deliver(config, conn))
+
+
+def spawn_ignoring(
+    target: Callable[..., object],
+    args: tuple[Any, ...],
+    name: str,
+    ignored: tuple[signal.Signals, ...],
+) -> tuple[BaseProcess, Connection]:
+    """A spawned process running `target(*args, conn)`, and this process's end of
+    the pipe `conn` is the other end of. It ignores `ignored` from its first
+    instruction (an ignored signal stays ignored across exec), so one sent to the
+    whole group cannot end it as it starts; they are blocked here meanwhile, so this
+    process keeps one that arrives then (Linux queues a blocked signal even while it
+    is ignored) for its own handler."""
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=target, args=(*args, child), name=name)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, ignored)
+    handlers = [signal.signal(sig, signal.SIG_IGN) for sig in ignored]
+    try:
+        process.start()
+    finally:
+        for sig, handler in zip(ignored, handlers, strict=True):
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    child.close()  # the child's end: its EOF tells the child this process is gone
+    return process, parent
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """A spawned process's event loop: uvloop, as the daemon's, where installed."""
     try:
         import uvloop  # noqa: PLC0415
     except ImportError:
-        runner: Callable[..., Any] = asyncio.run
+        asyncio.run(main)
     else:
-        runner = uvloop.run
-    runner(_deliver(config, conn))
+        uvloop.run(main)
 
 
 def _lower_priority(increment: int) -> None:

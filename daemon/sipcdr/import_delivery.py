@@ -5,7 +5,7 @@ about as much as reading it: the COPY rows of every message, each CDR's JSON. In
 process the two take turns on one core; apart, the import reads, parses and correlates
 on one core while this process writes to the sinks on another, as `sipcdr run` does
 (`sipcdr.deliverer`). The import's own spool is the whole hand-over: the import
-appends, this process reads it (`Outputs` role "deliver") and tells the import, several
+appends, this process reads it (`Outputs` role "deliver") and tells the import, ten
 times a second, how far each sink has confirmed (a `DeliverySnapshot`, which the
 import's `Outputs.remote` holds), so the import waits for a full spool as it does in
 one process.
@@ -15,21 +15,21 @@ paid back from about a hundred thousand messages on. `[spool] delivery_processes
 always, 0 never.
 
 Messages on the pipe, to this process: {"next_seq": {stream: n}} (what the spool
-holds; with "stop": seconds, drain up to there and end). From it: a `DeliverySnapshot`
-(the first one says the sinks are open and the restriction list is in force), then
-{"done": bool, "undelivered": {"sink/stream": records}}; or, at its start, {"refused":
-why} (`RestrictionsUnavailable`) or {"error": why} (the sinks could not be opened).
+holds; with "stop": seconds, drain up to there and end; a second stop, or the pipe
+closing, ends a drain at once). From it: a `DeliverySnapshot` (the first one says the
+sinks are open and the restriction list is in force), then {"done": bool,
+"undelivered": {"sink/stream": records}}; or, at its start, {"refused": why}
+(`RestrictionsUnavailable`) or {"error": why} (the sinks could not be opened).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
-import os
+import fcntl
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -38,9 +38,15 @@ from typing import Any, Final
 import structlog
 
 from sipcdr.config import Config, output_settings
-from sipcdr.deliverer import make_picklable, watch_spools
-from sipcdr.privacy.import_list import RestrictionsUnavailable, apply_restrictions, drain
+from sipcdr.deliverer import make_picklable, run_event_loop, spawn_ignoring, watch_spools
+from sipcdr.privacy.import_list import (
+    RestrictionsUnavailable,
+    apply_restrictions,
+    drain,
+    undelivered,
+)
 from sipcdr.privacy.stats import PrivacyStats
+from sipcdr.private import open_private, private_dir
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.sinks.remote import DeliverySnapshot, sink_plans, take_snapshot
 
@@ -52,18 +58,18 @@ SNAPSHOT_INTERVAL_S: Final = 0.1  # how stale the import's view of the sinks may
 # The start: an embedded PostgreSQL's first start initialises its data folder.
 STARTUP_TIMEOUT_S: Final = 120.0
 STOP_GRACE_S: Final = 20.0  # beyond the drain: the sinks' own stop, an embedded server
+# Held by the delivery process while it reads the import's spool: an import started
+# meanwhile does not take the folder for one a killed import abandoned.
+LOCK_FOLDER: Final = "delivery"
 _log = structlog.get_logger("sipcdr.import")
 
 
 def delivers_apart(config: Config, files: Sequence[Path]) -> bool:
     """Whether an import of `files` delivers from a process of its own."""
-    if not sink_plans(output_settings(config)):
+    if not config.spool.delivery_apart or not sink_plans(output_settings(config)):
         return False
-    processes = config.spool.delivery_processes
-    if processes >= 0:
-        return processes > 0
-    if (os.cpu_count() or 1) < 2:
-        return False
+    if config.spool.delivery_processes > 0:
+        return True
     size = 0
     for path in files:
         with contextlib.suppress(OSError):  # the import says what is wrong with it
@@ -85,15 +91,20 @@ class ImportDelivery:
         self._done: asyncio.Future[dict[str, Any]] | None = None
 
     @property
-    def ended(self) -> int | None:
-        """Its exit code once it has ended, else None."""
+    def exit_code(self) -> int | None:
+        """Its exit code once it has ended (-1 when unknown), else None."""
         process = self._process
         if process is None or process.is_alive():
             return None
         return process.exitcode if process.exitcode is not None else -1
 
     def has_ended(self) -> bool:
-        return self.ended is not None
+        return self.exit_code is not None
+
+    @property
+    def answered(self) -> bool:
+        """Whether it said how its drain went (else it died or stopped answering)."""
+        return self._done is not None and self._done.done()
 
     async def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         """Start it and wait until its sinks are open and the restriction list is in
@@ -103,26 +114,13 @@ class ImportDelivery:
         self._first = loop.create_future()
         self._done = loop.create_future()
         make_picklable(self.config)
-        context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe()
-        process = context.Process(
-            target=child_main,
-            args=(self.config, self.spool_dir, child),
-            name="sipcdr-import-deliver",
-        )
         # Ctrl-C reaches the terminal's whole group: the import decides what its
-        # delivery does then (it ends it), so the child ignores it from its first
-        # instruction; blocked here meanwhile, so this process keeps its own.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT,))
-        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            process.start()
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler if handler is None else handler)
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        child.close()
-        self._process, self._conn = process, parent
-        loop.add_reader(parent.fileno(), self._readable)
+        # delivery does then (it ends it).
+        process, conn = spawn_ignoring(
+            child_main, (self.config, self.spool_dir), "sipcdr-import-deliver", (signal.SIGINT,)
+        )
+        self._process, self._conn = process, conn
+        loop.add_reader(conn.fileno(), self._readable)
         loop.add_reader(process.sentinel, self._ended)
         _log.info("import_delivery_process_started", pid=process.pid)
         try:
@@ -183,7 +181,7 @@ class ImportDelivery:
             self._conn.close()
             self._conn = None
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any]) -> None:
         if self._conn is None:
             return
         try:
@@ -197,9 +195,9 @@ class ImportDelivery:
         """Have it deliver up to `next_seq` within `timeout_s` and end: whether every
         sink got every record, and what each sink and stream did not get."""
         assert self._done is not None
-        self._send({"stop": timeout_s, "next_seq": dict(next_seq)})
+        self.send({"stop": timeout_s, "next_seq": dict(next_seq)})
         deadline = time.monotonic() + timeout_s + STOP_GRACE_S
-        while not self._done.done() and self.ended is None and time.monotonic() < deadline:
+        while not self._done.done() and not self.has_ended() and time.monotonic() < deadline:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.05):
                     await asyncio.shield(self._done)
@@ -225,7 +223,7 @@ class ImportDelivery:
         if process is None:
             return
         if process.is_alive():
-            self._send({"stop": 0.0, "next_seq": {}})
+            self.send({"stop": 0.0, "next_seq": {}})
             deadline = time.monotonic() + STOP_GRACE_S
             while process.is_alive() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -234,6 +232,8 @@ class ImportDelivery:
                 process.kill()
                 await asyncio.to_thread(process.join, 5)
         self._ended()
+        if self._first is not None and not self._first.done():
+            self._first.cancel()  # a start that timed out: nobody waits for it now
         self._process = None
 
 
@@ -241,21 +241,17 @@ class ImportDelivery:
 
 
 def child_main(config: Config, spool_dir: Path, conn: Connection) -> None:
-    """The import's delivery process (spawned: a fresh interpreter)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the import ends it (see above)
+    """The import's delivery process (spawned: a fresh interpreter; it ignores
+    Ctrl-C from its first instruction, see above)."""
     from sipcdr.telemetry.logs import configure  # noqa: PLC0415
 
     configure()
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:
-        runner: Callable[..., Any] = asyncio.run
-    else:
-        runner = uvloop.run
-    runner(_deliver(config, spool_dir, conn))
+    run_event_loop(_deliver(config, spool_dir, conn))
 
 
 async def _deliver(config: Config, spool_dir: Path, conn: Connection) -> None:
+    lock = open_private(private_dir(spool_dir / LOCK_FOLDER) / "lock", "wb")
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
     outputs = Outputs(
         output_settings(config), spool_dir=spool_dir, restrictions=True, role="deliver"
     )
@@ -275,6 +271,7 @@ async def _deliver(config: Config, spool_dir: Path, conn: Connection) -> None:
         if reading is not None:
             reading.cancel()
         await outputs.close(drain_timeout_s=0)
+        lock.close()
 
 
 async def _serve(outputs: Outputs, conn: Connection) -> None:
@@ -292,6 +289,7 @@ async def _serve(outputs: Outputs, conn: Connection) -> None:
             inbox.put_nowait(None)  # the import is gone: nothing more to do
 
     loop.add_reader(conn.fileno(), readable)
+    draining: asyncio.Task[bool] | None = None
     try:
         _send(conn, take_snapshot(outputs, privacy))
         while True:
@@ -301,32 +299,29 @@ async def _serve(outputs: Outputs, conn: Connection) -> None:
                     message = await inbox.get()
             if message is None:
                 return
-            next_seq = dict(message.get("next_seq", {}))
-            for stream, seq in next_seq.items():
+            for stream, seq in dict(message.get("next_seq", {})).items():
                 tail = outputs.tails.get(stream)
                 if tail is not None:
                     tail.note_next_seq(int(seq))
             if "stop" in message:
-                timeout_s = float(message["stop"])
-                delivered = await drain(outputs, timeout_s)
-                _send(conn, take_snapshot(outputs, privacy))
-                _send(conn, {"done": delivered, "undelivered": _undelivered(outputs)})
-                return
+                if draining is not None:  # stopped early while it drained: at once
+                    draining.cancel()
+                else:
+                    draining = asyncio.create_task(drain(outputs, float(message["stop"])))
             _send(conn, take_snapshot(outputs, privacy))
+            if draining is not None and draining.done():
+                delivered = (
+                    not draining.cancelled() and draining.exception() is None and draining.result()
+                )
+                _send(conn, {"done": delivered, "undelivered": undelivered(outputs)})
+                return
     finally:
+        if draining is not None:
+            draining.cancel()
         with contextlib.suppress(Exception):
             loop.remove_reader(conn.fileno())
         if watch is not None:
             watch.close()
-
-
-def _undelivered(outputs: Outputs) -> dict[str, int]:
-    missing: dict[str, int] = {}
-    if outputs.delivery is not None:
-        for state, reader in outputs.delivery.readers():
-            if reader.lag_records:
-                missing[f"{state.sink}/{state.stream}"] = reader.lag_records
-    return missing
 
 
 def _send(conn: Connection, message: object) -> None:

@@ -8,9 +8,9 @@ CDRs go to the configured sinks by the daemon's own path (`sinks.outputs`), thro
 spool of the import's own, so an import never contends with a running daemon's
 spool; for a large capture the sinks are written from a process of their own while
 the import reads (`sipcdr.import_delivery`). The import ends when every sink has every
-record, or after
-`DELIVERY_TIMEOUT_S` with the undelivered counts in the summary; re-running it then
-is safe, since CDR and message ids are deterministic and every sink deduplicates.
+record, or after `DELIVERY_TIMEOUT_S` with the undelivered counts in the summary;
+re-running it then is safe, since CDR and message ids are deterministic and every
+sink deduplicates.
 
 The chain is the daemon's own (`sipcdr.engine`): enrich, rate and, when `[fraud]` is
 enabled and a sink keeps records, the fraud detectors, on the capture's time and
@@ -43,7 +43,7 @@ from sipcdr.engine import EXPIRE_EVERY_S, Destinations, build_engine
 from sipcdr.import_delivery import ImportDelivery, delivers_apart
 from sipcdr.model import Packet
 from sipcdr.pipeline import CdrSink
-from sipcdr.privacy.import_list import apply_restrictions, drain
+from sipcdr.privacy.import_list import apply_restrictions, drain, undelivered
 from sipcdr.private import prepare_state_dir, private_dir
 from sipcdr.sinks.outputs import Outputs
 from sipcdr.storage.embedded import EMBEDDED_DATA_SUBDIR
@@ -116,13 +116,15 @@ async def _import_to_outputs(
         else:
             reading = await apply_restrictions(outputs)
         steps = _import(config, files, Destinations.of(outputs), progress, summary)
+        ended = None if remote is None else remote.has_ended
         for _ in steps:
             # Every few thousand packets the sinks get their turn; while a spool is at
             # its limit or the disk refuses records, parsing waits for them rather than
             # outgrow the disk, as long as they make progress.
             outputs.flush()
+            if remote is not None:  # how far its sinks are behind, for its logs
+                remote.send({"next_seq": _next_seqs(outputs)})
             await asyncio.sleep(0)
-            ended = None if remote is None else remote.has_ended
             stuck = await _wait_for_room(outputs, timeout_s, ended=ended)
             if stuck is None and ended is not None and ended():
                 stuck = "delivery_ended"
@@ -132,17 +134,17 @@ async def _import_to_outputs(
                 break
         outputs.flush()
         aborted = "aborted" in summary
-        undelivered: dict[str, int] = {}
         if remote is not None:
-            for spool in outputs.spools.values():
-                spool.sync()  # every record on disk before the other process drains them
-            next_seq = {stream: spool.next_seq for stream, spool in outputs.spools.items()}
-            _delivered, undelivered = await remote.finish(next_seq, 0 if aborted else timeout_s)
-        elif not await drain(outputs, 0 if aborted else timeout_s) and outputs.delivery:
-            for state, reader in outputs.delivery.readers():
-                if reader.lag_records:
-                    undelivered[f"{state.sink}/{state.stream}"] = reader.lag_records
-        summary["undelivered"] = undelivered
+            # Written (flushed above): the other process reads them from the files.
+            _delivered, missing = await remote.finish(
+                _next_seqs(outputs), 0 if aborted else timeout_s
+            )
+            if not remote.answered and not aborted:
+                summary["aborted"] = _STUCK["delivery_ended"]
+        else:
+            delivered = await drain(outputs, 0 if aborted else timeout_s)
+            missing = {} if delivered else undelivered(outputs)
+        summary["undelivered"] = missing
     finally:
         if reading is not None:
             reading.cancel()
@@ -169,8 +171,12 @@ _STUCK = {
         "the state disk stayed below [spool] signaling_min_free_bytes and the sinks "
         "took nothing for {:.0f} s"
     ),
-    "delivery_ended": "the delivery process ended before the import did",
+    "delivery_ended": "the delivery process ended, or stopped answering, before the import did",
 }
+
+
+def _next_seqs(outputs: Outputs) -> dict[str, int]:
+    return {stream: spool.next_seq for stream, spool in outputs.spools.items()}
 
 
 async def _wait_for_room(

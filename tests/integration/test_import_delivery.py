@@ -189,8 +189,9 @@ def test_an_import_waits_while_the_disk_refuses_cdrs_and_loses_none(
     assert len({json.loads(line)["cdr_id"] for line in lines}) == calls
 
 
+@APART
 def test_an_import_onto_a_disk_smaller_than_the_signaling_floor_delivers_everything(
-    tmp_path: Path, pg_dsn: str, small_disk: SmallDisk
+    tmp_path: Path, pg_dsn: str, small_disk: SmallDisk, apart: str
 ) -> None:
     """32 MiB of state disk, the default 1 GiB floor: the import never has the room the
     floor asks for, so it waits for its sinks slice by slice instead of refusing
@@ -205,8 +206,10 @@ def test_an_import_onto_a_disk_smaller_than_the_signaling_floor_delivers_everyth
         SIPCDR_STATE__DIR=str(disk / "var"),
         SIPCDR_SINKS__POSTGRES__DSN=pg_dsn,
         SIPCDR_SINKS__JSONL__PATH="",
+        SIPCDR_SPOOL__DELIVERY_PROCESSES=apart,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert ("import_delivery_process_started" in done.stderr) == (apart == "1")
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["spool_refused"] == {}
     assert summary["undelivered"] == {}
@@ -315,6 +318,62 @@ def test_an_import_whose_delivery_process_dies_says_so_at_once(tmp_path: Path) -
     assert importing.returncode == 1, stderr[-3000:]
     assert time.monotonic() - started < 60  # not the delivery timeout's 200 s
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["aborted"] == "the delivery process ended before the import did"
+    assert summary["aborted"] == (
+        "the delivery process ended, or stopped answering, before the import did"
+    )
     assert summary["undelivered"]["postgres/records"] > 0
     assert not any(spools.iterdir())  # its spool removed all the same
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":  # ended, its parent not reaped it yet
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("stop", ["ctrl_c", "import_killed"])
+def test_an_import_stopped_while_it_drains_leaves_no_delivery_process(
+    tmp_path: Path, stop: str
+) -> None:
+    """The database down, the import waits for its delivery to drain: Ctrl-C ends both
+    at once, and a killed import's delivery process ends on its own."""
+    capture = tmp_path / "calls.pcap"
+    write_capture(capture, 50)
+    command = [sys.executable, "-m", "sipcdr.cli", "import", str(capture)]
+    env = daemon_environ(
+        SIPCDR_SINKS__POSTGRES__DSN="postgresql://postgres@127.0.0.1:1/none",
+        SIPCDR_SINKS__JSONL__PATH="",
+        SIPCDR_SPOOL__DELIVERY_PROCESSES="1",
+    )
+    with subprocess.Popen(
+        [*command, "--delivery-timeout", "200"],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group, as a terminal's
+    ) as importing:
+        spools = tmp_path / "var" / "import-spool"
+        deadline = time.monotonic() + 60
+        while not any(s.stat().st_size for s in spools.glob("*/records/*.seg")):
+            assert time.monotonic() < deadline and importing.poll() is None
+            time.sleep(0.05)
+        time.sleep(1.0)  # 50 calls are read at once: it waits in the drain now
+        (delivering,) = spawned_children(importing.pid)
+        stopped = time.monotonic()
+        if stop == "ctrl_c":
+            os.killpg(importing.pid, signal.SIGINT)
+            _, stderr = importing.communicate(timeout=60)
+            assert importing.returncode == 130, stderr[-3000:]
+            assert time.monotonic() - stopped < 10  # not the 20 s of a stop by force
+        else:
+            importing.kill()
+            importing.wait(timeout=10)
+    assert gone_within(delivering, 10), "the delivery process outlived its import"

@@ -104,6 +104,7 @@ def test_an_import_withholds_a_restricted_subject_from_kafka_and_flags_it(
         **kafka_env(kafka_bootstrap, topic),
     )
     assert done.returncode == 0, done.stderr
+    assert ("import_delivery_process_started" in done.stderr) == (apart == "1")
     # Kafka: the other call only, its CDR and all its messages.
     assert published(kafka_bootstrap, topic, 1) == ["other@x"]
     signaling = published(kafka_bootstrap, f"{topic}.sip", MESSAGES_PER_CALL)
@@ -159,6 +160,7 @@ def test_an_import_refuses_to_publish_without_a_restriction_list(
         **kafka_env(kafka_bootstrap, topic),
     )
     assert done.returncode == 1
+    assert ("import_delivery_process_started" in done.stderr) == (apart == "1")
     refusal = [line for line in done.stderr.splitlines() if line.startswith("sipcdr: import:")]
     assert len(refusal) == 1, done.stderr
     assert "restriction list cannot be read" in refusal[0]

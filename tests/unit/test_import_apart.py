@@ -71,9 +71,10 @@ def test_without_a_sink_nothing_is_delivered_apart(tmp_path: Path) -> None:
     assert not delivers_apart(config, [capture_of(tmp_path, APART_FROM_BYTES)])
 
 
-def snapshot(confirmed_seq: int) -> DeliverySnapshot:
-    state = LoopState("jsonl", "records", tried=True)
-    return DeliverySnapshot(loops=[LoopSnapshot(state, confirmed_seq, 0, 0)])
+def snapshot(confirmed_seq: int, sink: str = "jsonl", held: bool = False) -> DeliverySnapshot:
+    state = LoopState(sink, "records", tried=True)
+    loops = [LoopSnapshot(state, confirmed_seq, 0, 0)]
+    return DeliverySnapshot(loops=loops, held_for_restrictions=held)
 
 
 async def test_the_import_reads_how_far_the_other_process_delivered(tmp_path: Path) -> None:
@@ -92,6 +93,11 @@ async def test_the_import_reads_how_far_the_other_process_delivered(tmp_path: Pa
         assert outputs._behind()
         outputs.remote = snapshot(spool.next_seq)
         assert not outputs._behind()
+        # Held for the restriction list: as in one process, not waited for.
+        outputs.remote = snapshot(spool.next_seq - 1, sink="postgres", held=True)
+        assert not outputs._behind()
+        outputs.remote = snapshot(spool.next_seq - 1, sink="jsonl", held=True)
+        assert outputs._behind()
     finally:
         await outputs.close()
     assert os.listdir(tmp_path / "spool" / "records")  # the writer's own folder

@@ -79,6 +79,7 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
             "sipcdr.limits",
             "sipcdr.antifraud",
             "sipcdr.importer",
+            "sipcdr.import_delivery",
             "sipcdr.replay",
             "sipcdr.rates",
             "sipcdr.privacy",

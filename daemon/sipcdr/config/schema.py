@@ -383,7 +383,8 @@ class SpoolConfig:
     signaling_min_free_bytes: int = spool.DEFAULT_SIGNALING_MIN_FREE_BYTES
     # Delivery (the sinks, an embedded PostgreSQL, retention) in a process of its own,
     # fed by the spool: -1 ("auto") when the machine has two cores or more, 1 always,
-    # 0 never (one process does all).
+    # 0 never (one process does all). An import's "auto" also wants 64 MiB of capture
+    # (`import_delivery.delivers_apart`): below that the second start costs more.
     delivery_processes: int = -1
     # How far below the capture process the delivery process runs (a nice increment,
     # 0-19): when both want more than the machine has, a datagram the capture process
@@ -396,7 +397,8 @@ class SpoolConfig:
 
     @property
     def delivery_apart(self) -> bool:
-        """Whether `sipcdr run` delivers from a process of its own."""
+        """Whether delivery may run in a process of its own: `sipcdr run`'s answer,
+        and what an import's also asks of its capture's size."""
         if self.delivery_processes < 0:
             return (os.cpu_count() or 1) >= 2
         return self.delivery_processes > 0

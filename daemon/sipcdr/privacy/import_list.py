@@ -97,6 +97,16 @@ async def drain(outputs: Outputs, timeout_s: float) -> bool:
     return await delivery.drain(max(0.0, deadline - time.monotonic()))
 
 
+def undelivered(outputs: Outputs) -> dict[str, int]:
+    """What each sink lacks of what the spools hold, by "sink/stream"."""
+    missing: dict[str, int] = {}
+    if outputs.delivery is not None:
+        for state, reader in outputs.delivery.readers():
+            if reader.lag_records:
+                missing[f"{state.sink}/{state.stream}"] = reader.lag_records
+    return missing
+
+
 async def _keep_reading(outputs: Outputs) -> None:
     outbound = outputs.outbound
     assert outbound is not None

@@ -6,7 +6,8 @@ it, so an imported capture reaches the same sinks by the same path as live traff
 Its `cdr_writer` is what the pipeline writes CDRs to, `signaling` (None when no sink
 keeps signaling) what it hands each parsed message to.
 
-With delivery in a process of its own (`sipcdr.deliverer`) each process has one:
+With delivery in a process of its own (`sipcdr.deliverer`, and for an import
+`sipcdr.import_delivery`) each process has one:
 `role="capture"` writes the spools and builds no sink (the delivery process's counts
 arrive as `remote`), `role="deliver"` reads the spools another process writes
 (`SpoolTail`) and owns the sinks, the embedded PostgreSQL and the delivery loops.
@@ -442,10 +443,13 @@ class Outputs:
             return not self.delivery.caught_up()
         if self.remote is None:
             return False
+        # As `Delivery.caught_up` counts them: loops held for the restriction list are
+        # not behind (those of `_restrictions_in_force`).
+        held = ("kafka", "postgres") if self.remote.held_for_restrictions else ()
         return any(
             loop.confirmed_seq < self.spools[loop.state.stream].next_seq
             for loop in self.remote.loops
-            if loop.state.stream in self.spools
+            if loop.state.stream in self.spools and loop.state.sink not in held
         )
 
     @property
