@@ -61,6 +61,20 @@ def test_the_files_sizes_add_up_and_one_missing_counts_nothing(
     assert not delivers_apart(config, [half, tmp_path / "missing.pcap"])
 
 
+def test_cdrs_alone_are_delivered_in_the_import_unless_told_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JSONL alone keeps no signaling: a second process costs more than it saves."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    capture = capture_of(tmp_path, APART_FROM_BYTES)
+    jsonl_only = config_of(tmp_path, SIPCDR_SINKS__POSTGRES__DSN="")
+    assert not delivers_apart(jsonl_only, [capture])
+    no_signaling = config_of(tmp_path, SIPCDR_SINKS__POSTGRES__STORE_SIGNALING="false")
+    assert not delivers_apart(no_signaling, [capture])
+    told = config_of(tmp_path, SIPCDR_SINKS__POSTGRES__DSN="", SIPCDR_SPOOL__DELIVERY_PROCESSES="1")
+    assert delivers_apart(told, [capture])
+
+
 def test_without_a_sink_nothing_is_delivered_apart(tmp_path: Path) -> None:
     config = config_of(
         tmp_path,

@@ -383,8 +383,9 @@ class SpoolConfig:
     signaling_min_free_bytes: int = spool.DEFAULT_SIGNALING_MIN_FREE_BYTES
     # Delivery (the sinks, an embedded PostgreSQL, retention) in a process of its own,
     # fed by the spool: -1 ("auto") when the machine has two cores or more, 1 always,
-    # 0 never (one process does all). An import's "auto" also wants 64 MiB of capture
-    # (`import_delivery.delivers_apart`): below that the second start costs more.
+    # 0 never (one process does all). An import's "auto" also wants a sink keeping
+    # signaling and 64 MiB of capture (`import_delivery.delivers_apart`): without
+    # them the second start costs more than it saves.
     delivery_processes: int = -1
     # How far below the capture process the delivery process runs (a nice increment,
     # 0-19): when both want more than the machine has, a datagram the capture process
