@@ -309,16 +309,19 @@ def spawn_ignoring(
     args: tuple[Any, ...],
     name: str,
     ignored: tuple[signal.Signals, ...],
+    *,
+    daemon: bool = False,
 ) -> tuple[BaseProcess, Connection]:
     """A spawned process running `target(*args, conn)`, and this process's end of
     the pipe `conn` is the other end of. It ignores `ignored` from its first
     instruction (an ignored signal stays ignored across exec), so one sent to the
     whole group cannot end it as it starts; they are blocked here meanwhile, so this
     process keeps one that arrives then (Linux queues a blocked signal even while it
-    is ignored) for its own handler."""
+    is ignored) for its own handler. A `daemon` one is ended when this process exits,
+    where another is waited for."""
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    process = context.Process(target=target, args=(*args, child), name=name)
+    process = context.Process(target=target, args=(*args, child), name=name, daemon=daemon)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, ignored)
     handlers = [signal.signal(sig, signal.SIG_IGN) for sig in ignored]
     try:

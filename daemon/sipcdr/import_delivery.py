@@ -5,13 +5,14 @@ about as much as reading it: the COPY rows of every message, each CDR's JSON. In
 process the two take turns on one core; apart, the import reads, parses and correlates
 on one core while this process writes to the sinks on another, as `sipcdr run` does
 (`sipcdr.deliverer`). The import's own spool is the whole hand-over: the import
-appends, this process reads it (`Outputs` role "deliver") and tells the import, ten
+appends, this process reads it (`Outputs` role "deliver") and tells the import, fifty
 times a second, how far each sink has confirmed (a `DeliverySnapshot`, which the
 import's `Outputs.remote` holds), so the import waits for a full spool as it does in
 one process.
 
 Apart only where it pays (`delivers_apart`): a sink keeps signaling (CDRs alone are
-cheap to deliver), and the capture is large enough to pay for the process's start.
+cheap to deliver), the capture is large enough to pay for the process's start, and
+the state disk is above the signaling floor.
 `[spool] delivery_processes` 1 always, 0 never.
 
 Messages on the pipe, to this process: {"next_seq": {stream: n}} (what the spool
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
@@ -55,9 +57,9 @@ from sipcdr.sinks.remote import DeliverySnapshot, sink_plans, take_snapshot
 # import by 0.2-1 s; delivering signaling apart saves about a second per 100,000 SIP
 # messages, some 70 MB of capture. Below this, one process is as fast.
 APART_FROM_BYTES: Final = 64 * 1024 * 1024
-SNAPSHOT_INTERVAL_S: Final = 0.1  # how stale the import's view of the sinks may be
-# The start: an embedded PostgreSQL's first start initialises its data folder.
-STARTUP_TIMEOUT_S: Final = 120.0
+# How stale the import's view of the sinks may be: below the signaling floor it waits
+# for them after every slice it reads.
+SNAPSHOT_INTERVAL_S: Final = 0.02
 STOP_GRACE_S: Final = 20.0  # beyond the drain: the sinks' own stop, an embedded server
 # Held by the delivery process while it reads the import's spool: an import started
 # meanwhile does not take the folder for one a killed import abandoned.
@@ -76,6 +78,12 @@ def delivers_apart(config: Config, files: Sequence[Path]) -> bool:
     # fraction of the reading's time: the second start would cost more than it saves.
     if not any(STREAM_SIGNALING in plan.streams for plan in plans):
         return False
+    # Below the signaling floor the import waits for its sinks after every slice it
+    # reads: the two processes would take turns, and the hand-over costs more.
+    with contextlib.suppress(OSError):
+        stat = os.statvfs(config.state.dir)
+        if stat.f_bavail * stat.f_frsize < config.spool.signaling_min_free_bytes:
+            return False
     size = 0
     for path in files:
         with contextlib.suppress(OSError):  # the import says what is wrong with it
@@ -112,30 +120,31 @@ class ImportDelivery:
         """Whether it said how its drain went (else it died or stopped answering)."""
         return self._done is not None and self._done.done()
 
-    async def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    async def start(self) -> None:
         """Start it and wait until its sinks are open and the restriction list is in
         force; raise RestrictionsUnavailable or OSError as an import in one process
-        would."""
+        would. As long as that takes: one process waits too (an embedded server's
+        first start, a migration another process holds the lock of), and Ctrl-C ends
+        the wait."""
         loop = asyncio.get_running_loop()
         self._first = loop.create_future()
         self._done = loop.create_future()
         make_picklable(self.config)
         # Ctrl-C reaches the terminal's whole group: the import decides what its
         # delivery does then (it ends it).
+        # Ended with the import whatever happens to it (a second Ctrl-C in its cleanup).
         process, conn = spawn_ignoring(
-            child_main, (self.config, self.spool_dir), "sipcdr-import-deliver", (signal.SIGINT,)
+            child_main,
+            (self.config, self.spool_dir),
+            "sipcdr-import-deliver",
+            (signal.SIGINT,),
+            daemon=True,
         )
         self._process, self._conn = process, conn
         loop.add_reader(conn.fileno(), self._readable)
         loop.add_reader(process.sentinel, self._ended)
         _log.info("import_delivery_process_started", pid=process.pid)
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._first
-        except TimeoutError:
-            raise OSError(
-                f"the import's delivery process did not start within {timeout_s:g} s"
-            ) from None
+        await self._first
 
     def _readable(self) -> None:
         conn = self._conn
@@ -210,8 +219,17 @@ class ImportDelivery:
         if self._done.done():
             result = self._done.result()
             return bool(result["done"]), dict(result["undelivered"])
-        # Ended or stuck without a word: its last counts say what is missing.
+        # Ended, or frozen past the drain and its grace (ended now): its last counts
+        # say what is missing.
+        self._kill()
         return False, self.lag(next_seq)
+
+    def _kill(self) -> None:
+        process = self._process
+        if process is not None and process.is_alive():
+            _log.error("import_delivery_stop_timeout", pid=process.pid)
+            process.kill()
+            process.join(5)
 
     def lag(self, next_seq: Mapping[str, int]) -> dict[str, int]:
         """Each sink and stream's records not confirmed, by its last counts."""
@@ -231,12 +249,11 @@ class ImportDelivery:
         if process.is_alive():
             self.send({"stop": 0.0, "next_seq": {}})
             deadline = time.monotonic() + STOP_GRACE_S
-            while process.is_alive() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if process.is_alive():
-                _log.error("import_delivery_stop_timeout", pid=process.pid)
-                process.kill()
-                await asyncio.to_thread(process.join, 5)
+            try:
+                while process.is_alive() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+            finally:  # also when this wait is cancelled: nothing may outlive it
+                self._kill()
         self._ended()
         if self._first is not None and not self._first.done():
             self._first.cancel()  # a start that timed out: nobody waits for it now

@@ -75,6 +75,19 @@ def test_cdrs_alone_are_delivered_in_the_import_unless_told_otherwise(
     assert delivers_apart(told, [capture])
 
 
+def test_below_the_signaling_floor_an_import_delivers_in_its_own_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """There it waits for its sinks after every slice: the two would take turns."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    capture = capture_of(tmp_path, APART_FROM_BYTES)
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    above = config_of(tmp_path, SIPCDR_SPOOL__SIGNALING_MIN_FREE_BYTES=str(free // 2))
+    assert delivers_apart(above, [capture])
+    below = config_of(tmp_path, SIPCDR_SPOOL__SIGNALING_MIN_FREE_BYTES=str(free * 2))
+    assert not delivers_apart(below, [capture])
+
+
 def test_without_a_sink_nothing_is_delivered_apart(tmp_path: Path) -> None:
     config = config_of(
         tmp_path,

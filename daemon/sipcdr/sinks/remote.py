@@ -4,7 +4,7 @@ The capture process appends to the spools; the delivery process reads them and
 writes to the sinks (`sipcdr.deliverer`). What the capture process must know of the
 sinks without building them (which sink reads which stream, for the spool to keep
 their segments), and what the delivery process tells it once a second (an import's,
-ten times) for its metrics and its readiness, are here.
+fifty times) for its metrics and its readiness, are here.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class LoopSnapshot:
 @dataclass(slots=True)
 class DeliverySnapshot:
     """The delivery process's counts, as it last sent them (about once a second; an
-    import's ten times a second)."""
+    import's fifty times a second)."""
 
     loops: list[LoopSnapshot] = field(default_factory=list)
     jsonl_rotation_failures: int | None = None
