@@ -45,7 +45,7 @@ def test_an_import_delivers_apart_when_it_pays_or_is_told_to(
     size: int,
     apart: bool,
 ) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
     config = config_of(tmp_path, SIPCDR_SPOOL__DELIVERY_PROCESSES=processes)
     assert delivers_apart(config, [capture_of(tmp_path, size)]) is apart
 
@@ -53,7 +53,7 @@ def test_an_import_delivers_apart_when_it_pays_or_is_told_to(
 def test_the_files_sizes_add_up_and_one_missing_counts_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
     half = capture_of(tmp_path, APART_FROM_BYTES // 2)
     other = capture_of(tmp_path, APART_FROM_BYTES - APART_FROM_BYTES // 2)
     config = config_of(tmp_path)
@@ -65,7 +65,7 @@ def test_cdrs_alone_are_delivered_in_the_import_unless_told_otherwise(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """JSONL alone keeps no signaling: a second process costs more than it saves."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
     capture = capture_of(tmp_path, APART_FROM_BYTES)
     jsonl_only = config_of(tmp_path, SIPCDR_SINKS__POSTGRES__DSN="")
     assert not delivers_apart(jsonl_only, [capture])
@@ -79,7 +79,7 @@ def test_below_the_signaling_floor_an_import_delivers_in_its_own_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """There it waits for its sinks after every slice: the two would take turns."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
     capture = capture_of(tmp_path, APART_FROM_BYTES)
     free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
     above = config_of(tmp_path, SIPCDR_SPOOL__SIGNALING_MIN_FREE_BYTES=str(free // 2))

@@ -368,6 +368,15 @@ class SinksConfig:
         }
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: a container or `taskset` limited to one
+    counts as one, however many the machine has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on this platform
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
     """The durable spool every CDR, alert and signaling record passes (spool/)."""
@@ -401,7 +410,7 @@ class SpoolConfig:
         """Whether delivery may run in a process of its own: `sipcdr run`'s answer,
         and what an import's also asks of its capture's size."""
         if self.delivery_processes < 0:
-            return (os.cpu_count() or 1) >= 2
+            return usable_cores() >= 2
         return self.delivery_processes > 0
 
 
