@@ -15,12 +15,14 @@ cheap to deliver), the capture is large enough to pay for the process's start, a
 the state disk is above the signaling floor.
 `[spool] delivery_processes` 1 always, 0 never.
 
-Messages on the pipe, to this process: {"next_seq": {stream: n}} (what the spool
-holds; with "stop": seconds, drain up to there and end; a second stop, or the pipe
-closing, ends a drain at once). From it: a `DeliverySnapshot` (the first one says the
-sinks are open and the restriction list is in force), then {"done": bool,
-"undelivered": {"sink/stream": records}}; or, at its start, {"refused": why}
-(`RestrictionsUnavailable`) or {"error": why} (the sinks could not be opened).
+Messages on the pipe, to this process: {"stop": seconds, "next_seq": {stream: n}}
+(drain up to what the spool holds and end; a second stop, the pipe closing or
+SIGTERM ends a drain at once). The import sends nothing else while it reads: a
+delivery process that stopped reading would fill the pipe and block it. From it: a
+`DeliverySnapshot` (the first one says the sinks are open and the restriction list
+is in force), then {"done": bool, "undelivered": {"sink/stream": records}}; or, at
+its start, {"refused": why} (`RestrictionsUnavailable`) or {"error": why} (the sinks
+could not be opened).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ APART_FROM_BYTES: Final = 64 * 1024 * 1024
 # for them after every slice it reads.
 SNAPSHOT_INTERVAL_S: Final = 0.02
 STOP_GRACE_S: Final = 20.0  # beyond the drain: the sinks' own stop, an embedded server
+TERM_GRACE_S: Final = 5.0  # a stop asked by SIGTERM: the sinks closed, no drain
 # Held by the delivery process while it reads the import's spool: an import started
 # meanwhile does not take the folder for one a killed import abandoned.
 LOCK_FOLDER: Final = "delivery"
@@ -103,6 +106,7 @@ class ImportDelivery:
         self._conn: Connection | None = None
         self._first: asyncio.Future[None] | None = None
         self._done: asyncio.Future[dict[str, Any]] | None = None
+        self._serving = False  # its first counts came: it reads its pipe
 
     @property
     def exit_code(self) -> int | None:
@@ -159,6 +163,7 @@ class ImportDelivery:
     def _take(self, message: object) -> None:
         assert self._first is not None and self._done is not None
         if isinstance(message, DeliverySnapshot):
+            self._serving = True
             self.outputs.remote = message
             self.outputs.held_for_restrictions = message.held_for_restrictions
             if not self._first.done():
@@ -225,8 +230,14 @@ class ImportDelivery:
         return False, self.lag(next_seq)
 
     def _kill(self) -> None:
+        """End it now: SIGTERM, on which it stops its sinks (and an embedded server),
+        then SIGKILL if that takes longer than `TERM_GRACE_S`."""
         process = self._process
-        if process is not None and process.is_alive():
+        if process is None or not process.is_alive():
+            return
+        process.terminate()
+        process.join(TERM_GRACE_S)
+        if process.is_alive():
             _log.error("import_delivery_stop_timeout", pid=process.pid)
             process.kill()
             process.join(5)
@@ -248,6 +259,8 @@ class ImportDelivery:
             return
         if process.is_alive():
             self.send({"stop": 0.0, "next_seq": {}})
+            if not self._serving:
+                process.terminate()  # still starting: its pipe is not read yet
             deadline = time.monotonic() + STOP_GRACE_S
             try:
                 while process.is_alive() and time.monotonic() < deadline:
@@ -273,6 +286,11 @@ def child_main(config: Config, spool_dir: Path, conn: Connection) -> None:
 
 
 async def _deliver(config: Config, spool_dir: Path, conn: Connection) -> None:
+    # SIGTERM (from the import ending it, or sent to the whole group) ends the work
+    # under way, and the cleanup below still closes the sinks and an embedded server.
+    work = asyncio.current_task()
+    assert work is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, work.cancel)
     lock = open_private(private_dir(spool_dir / LOCK_FOLDER) / "lock", "wb")
     fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
     outputs = Outputs(
@@ -312,6 +330,9 @@ async def _serve(outputs: Outputs, conn: Connection) -> None:
             inbox.put_nowait(None)  # the import is gone: nothing more to do
 
     loop.add_reader(conn.fileno(), readable)
+    # The event loop made the pipe non-blocking; a message sent while the import is not
+    # reading (stopped) would be cut off mid-way, so sends wait for room instead.
+    os.set_blocking(conn.fileno(), True)
     draining: asyncio.Task[bool] | None = None
     try:
         _send(conn, take_snapshot(outputs, privacy))

@@ -122,8 +122,6 @@ async def _import_to_outputs(
             # its limit or the disk refuses records, parsing waits for them rather than
             # outgrow the disk, as long as they make progress.
             outputs.flush()
-            if remote is not None:  # how far its sinks are behind, for its logs
-                remote.send({"next_seq": _next_seqs(outputs)})
             await asyncio.sleep(0)
             stuck = await _wait_for_room(outputs, timeout_s, ended=ended)
             if stuck is None and ended is not None and ended():

@@ -4,6 +4,7 @@ import whose sink is unreachable says so and exits 1."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
@@ -16,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import asyncpg
 import dpkt
 import pytest
 from daemonproc import daemon_environ
@@ -30,6 +32,7 @@ from sipcdr.config import (
 )
 from sipcdr.importer import import_files
 from sipcdr.spool import MAGIC
+from sipcdr.storage.migrations import MIGRATION_LOCK_KEY
 from smalldisk import SmallDisk
 from test_delivery_end_to_end import MESSAGES_PER_CALL, pg_cdr_ids, pg_count
 
@@ -377,3 +380,67 @@ def test_an_import_stopped_while_it_drains_leaves_no_delivery_process(
             importing.kill()
             importing.wait(timeout=10)
     assert gone_within(delivering, 10), "the delivery process outlived its import"
+
+
+def test_ctrl_c_while_the_delivery_process_starts_ends_both_at_once(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Its sinks wait on a migration another session holds the lock of: Ctrl-C does
+    not wait for a process that is not reading its pipe yet."""
+    capture = tmp_path / "calls.pcap"
+    write_capture(capture, 5)
+    holder = HeldMigrationLock(pg_dsn)
+    try:
+        with subprocess.Popen(
+            [sys.executable, "-m", "sipcdr.cli", "import", str(capture)],
+            cwd=tmp_path,
+            env=daemon_environ(
+                SIPCDR_SINKS__POSTGRES__DSN=pg_dsn,
+                SIPCDR_SINKS__JSONL__PATH="",
+                SIPCDR_SPOOL__DELIVERY_PROCESSES="1",
+            ),
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        ) as importing:
+            deadline = time.monotonic() + 60
+            while not spawned_children(importing.pid):
+                assert time.monotonic() < deadline and importing.poll() is None
+                time.sleep(0.05)
+            (delivering,) = spawned_children(importing.pid)
+            time.sleep(2.0)  # in its start, waiting for the lock
+            assert importing.poll() is None
+            stopped = time.monotonic()
+            os.killpg(importing.pid, signal.SIGINT)
+            _, stderr = importing.communicate(timeout=60)
+        assert importing.returncode == 130, stderr[-3000:]
+        assert time.monotonic() - stopped < 10  # not the 20 s grace of a drain
+        assert gone_within(delivering, 10)
+    finally:
+        holder.release()
+
+
+class HeldMigrationLock:
+    """A session holding the schema migrations' advisory lock until `release`, from a
+    thread of its own: a migration anywhere waits for it meanwhile."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._held = threading.Event()
+        self._release = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._hold()), daemon=True)
+        self._thread.start()
+        assert self._held.wait(30), "the lock was not taken"
+
+    async def _hold(self) -> None:
+        conn = await asyncpg.connect(self._dsn)
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+            self._held.set()
+            await asyncio.to_thread(self._release.wait)
+        finally:
+            await conn.close()
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join(30)
