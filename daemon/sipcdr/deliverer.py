@@ -378,17 +378,7 @@ async def _deliver(config: Config, conn: Connection) -> None:
         await asyncio.sleep(0.02)
     _send(conn, take_snapshot(outputs, stats))
     loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-
-    def readable() -> None:
-        try:
-            while conn.poll():
-                inbox.put_nowait(conn.recv())
-        except (EOFError, OSError):
-            loop.remove_reader(conn.fileno())
-            inbox.put_nowait(None)  # the capture process is gone
-
-    loop.add_reader(conn.fileno(), readable)
+    inbox = pipe_inbox(conn)
     drain: float | None = None
     sent, shown = time.monotonic(), _readiness(outputs)
     while True:
@@ -423,6 +413,24 @@ async def _deliver(config: Config, conn: Connection) -> None:
     log.info("delivery_process_stopped")
     if lock is not None:
         lock.close()
+
+
+def pipe_inbox(conn: Connection) -> asyncio.Queue[dict[str, Any] | None]:
+    """The messages arriving on `conn`, read as they come; None once the other end
+    is gone (the process that started this one has ended)."""
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    def readable() -> None:
+        try:
+            while conn.poll():
+                inbox.put_nowait(conn.recv())
+        except (EOFError, OSError):
+            loop.remove_reader(conn.fileno())
+            inbox.put_nowait(None)
+
+    loop.add_reader(conn.fileno(), readable)
+    return inbox
 
 
 def watch_spools(outputs: Outputs) -> SpoolWatch | None:

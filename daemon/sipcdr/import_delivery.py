@@ -42,7 +42,13 @@ from typing import Any, Final
 import structlog
 
 from sipcdr.config import Config, output_settings
-from sipcdr.deliverer import make_picklable, run_event_loop, spawn_ignoring, watch_spools
+from sipcdr.deliverer import (
+    make_picklable,
+    pipe_inbox,
+    run_event_loop,
+    spawn_ignoring,
+    watch_spools,
+)
 from sipcdr.privacy.import_list import (
     RestrictionsUnavailable,
     apply_restrictions,
@@ -319,17 +325,7 @@ async def _serve(outputs: Outputs, conn: Connection) -> None:
     watch = watch_spools(outputs)
     privacy = PrivacyStats()  # an import runs no retention: stays empty
     loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-
-    def readable() -> None:
-        try:
-            while conn.poll():
-                inbox.put_nowait(conn.recv())
-        except (EOFError, OSError):
-            loop.remove_reader(conn.fileno())
-            inbox.put_nowait(None)  # the import is gone: nothing more to do
-
-    loop.add_reader(conn.fileno(), readable)
+    inbox = pipe_inbox(conn)  # None: the import is gone, nothing more to do
     # The event loop made the pipe non-blocking; a message sent while the import is not
     # reading (stopped) would be cut off mid-way, so sends wait for room instead.
     os.set_blocking(conn.fileno(), True)

@@ -276,6 +276,25 @@ def test_a_timer_run_closing_more_calls_than_a_slice_waits_for_a_refusing_disk(
     assert len({r["cdr_id"] for r in records if "alert_id" not in r}) == calls
 
 
+# Delivered from a process of its own, to a database that is down.
+APART_DATABASE_DOWN = {
+    "SIPCDR_SINKS__POSTGRES__DSN": "postgresql://postgres@127.0.0.1:1/none",
+    "SIPCDR_SINKS__JSONL__PATH": "",
+    "SIPCDR_SPOOL__DELIVERY_PROCESSES": "1",
+}
+
+
+def wait_until_reading(importing: subprocess.Popen[str], workdir: Path) -> Path:
+    """Its import spool, once it holds CDRs: the import reads packets, past its
+    delivery process's start."""
+    spools = workdir / "var" / "import-spool"
+    deadline = time.monotonic() + 60
+    while not any(s.stat().st_size for s in spools.glob("*/records/*.seg")):
+        assert time.monotonic() < deadline and importing.poll() is None
+        time.sleep(0.05)
+    return spools
+
+
 def spawned_children(pid: int) -> list[int]:
     """The processes `pid` started with multiprocessing's spawn."""
     try:
@@ -297,9 +316,7 @@ def test_an_import_whose_delivery_process_dies_says_so_at_once(tmp_path: Path) -
     write_capture(capture, 1500)
     command = [sys.executable, "-m", "sipcdr.cli", "import", str(capture)]
     env = daemon_environ(
-        SIPCDR_SINKS__POSTGRES__DSN="postgresql://postgres@127.0.0.1:1/none",
-        SIPCDR_SINKS__JSONL__PATH="",
-        SIPCDR_SPOOL__DELIVERY_PROCESSES="1",
+        **APART_DATABASE_DOWN,
         SIPCDR_SPOOL__MAX_BYTES=str(1024 * 1024),
         SIPCDR_SPOOL__SIGNALING_MAX_BYTES=str(1024 * 1024),
         SIPCDR_SPOOL__SEGMENT_BYTES=str(64 * 1024),
@@ -309,12 +326,7 @@ def test_an_import_whose_delivery_process_dies_says_so_at_once(tmp_path: Path) -
     with subprocess.Popen(
         [*command, *options], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
     ) as importing:
-        spools = tmp_path / "var" / "import-spool"
-        deadline = time.monotonic() + 60
-        # Killed once the import reads packets (past its delivery's start).
-        while not any(s.stat().st_size for s in spools.glob("*/records/*.seg")):
-            assert time.monotonic() < deadline and importing.poll() is None
-            time.sleep(0.05)
+        spools = wait_until_reading(importing, tmp_path)
         (delivering,) = spawned_children(importing.pid)
         os.kill(delivering, signal.SIGKILL)
         _, stderr = importing.communicate(timeout=120)
@@ -350,11 +362,7 @@ def test_an_import_stopped_while_it_drains_leaves_no_delivery_process(
     capture = tmp_path / "calls.pcap"
     write_capture(capture, 50)
     command = [sys.executable, "-m", "sipcdr.cli", "import", str(capture)]
-    env = daemon_environ(
-        SIPCDR_SINKS__POSTGRES__DSN="postgresql://postgres@127.0.0.1:1/none",
-        SIPCDR_SINKS__JSONL__PATH="",
-        SIPCDR_SPOOL__DELIVERY_PROCESSES="1",
-    )
+    env = daemon_environ(**APART_DATABASE_DOWN)
     with subprocess.Popen(
         [*command, "--delivery-timeout", "200"],
         cwd=tmp_path,
@@ -363,11 +371,7 @@ def test_an_import_stopped_while_it_drains_leaves_no_delivery_process(
         text=True,
         start_new_session=True,  # its own group, as a terminal's
     ) as importing:
-        spools = tmp_path / "var" / "import-spool"
-        deadline = time.monotonic() + 60
-        while not any(s.stat().st_size for s in spools.glob("*/records/*.seg")):
-            assert time.monotonic() < deadline and importing.poll() is None
-            time.sleep(0.05)
+        wait_until_reading(importing, tmp_path)
         time.sleep(1.0)  # 50 calls are read at once: it waits in the drain now
         (delivering,) = spawned_children(importing.pid)
         stopped = time.monotonic()
