@@ -109,7 +109,31 @@ def make_picklable(item: object) -> None:
 ForkingPickler.register(MappingProxyType, _reduce_mapping)
 
 
-class DeliveryProcess:
+class PipeToChild:
+    """This process's end of the pipe to a process it started: sending on it, and
+    letting it go once the other end is gone."""
+
+    _conn: Connection | None
+
+    def send(self, message: dict[str, Any]) -> None:
+        """A message for the process; dropped if it is gone (a restarted one gets the
+        next)."""
+        if self._conn is None:
+            return
+        try:
+            self._conn.send(message)
+        except (OSError, ValueError):
+            self._forget_conn()
+
+    def _forget_conn(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._conn.fileno())
+            self._conn.close()
+            self._conn = None
+
+
+class DeliveryProcess(PipeToChild):
     """The capture side: starts the delivery process, restarts it when it dies, hands
     it the spool's state and takes its counts."""
 
@@ -178,13 +202,6 @@ class DeliveryProcess:
         except (EOFError, OSError):
             self._forget_conn()
 
-    def _forget_conn(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._conn.fileno())
-            self._conn.close()
-            self._conn = None
-
     def _ended(self) -> None:
         process = self._process
         if process is None:
@@ -233,15 +250,6 @@ class DeliveryProcess:
             loop = asyncio.get_running_loop()
             self._restart = loop.call_later(self._backoff, self._start_again)
             self._backoff = min(self._backoff * 2, RESTART_BACKOFF_S[1])
-
-    def send(self, message: dict[str, Any]) -> None:
-        """A message for the delivery process; dropped if it is gone (it gets the next)."""
-        if self._conn is None:
-            return
-        try:
-            self._conn.send(message)
-        except (OSError, ValueError):
-            self._forget_conn()
 
     async def stop(self, drain_timeout_s: float | None, next_seq: Mapping[str, int]) -> None:
         """Have it deliver up to `next_seq` (within the drain timeout) and end; ended by

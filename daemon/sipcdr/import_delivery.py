@@ -43,6 +43,7 @@ import structlog
 
 from sipcdr.config import Config, output_settings
 from sipcdr.deliverer import (
+    PipeToChild,
     make_picklable,
     pipe_inbox,
     run_event_loop,
@@ -100,7 +101,7 @@ def delivers_apart(config: Config, files: Sequence[Path]) -> bool:
     return size >= APART_FROM_BYTES
 
 
-class ImportDelivery:
+class ImportDelivery(PipeToChild):
     """The import's side: starts the process, feeds `outputs.remote` with its counts,
     and has it drain and end."""
 
@@ -199,21 +200,6 @@ class ImportDelivery:
                     f"the import's delivery process ended as it started (exit {process.exitcode})"
                 )
             )
-
-    def _forget_conn(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._conn.fileno())
-            self._conn.close()
-            self._conn = None
-
-    def send(self, message: dict[str, Any]) -> None:
-        if self._conn is None:
-            return
-        try:
-            self._conn.send(message)
-        except (OSError, ValueError):
-            self._forget_conn()
 
     async def finish(
         self, next_seq: Mapping[str, int], timeout_s: float
