@@ -20,7 +20,7 @@ Messages on the pipe, to this process: {"stop": seconds, "next_seq": {stream: n}
 SIGTERM ends a drain at once). The import sends nothing else while it reads: a
 delivery process that stopped reading would fill the pipe and block it. From it: a
 `DeliverySnapshot` (the first one says the sinks are open and the restriction list
-is in force), then {"done": bool, "undelivered": {"sink/stream": records}}; or, at
+is in force), then {"done": delivered, "undelivered": {"sink/stream": records}}; or, at
 its start, {"refused": why} (`RestrictionsUnavailable`) or {"error": why} (the sinks
 could not be opened).
 """
@@ -201,11 +201,10 @@ class ImportDelivery(PipeToChild):
                 )
             )
 
-    async def finish(
-        self, next_seq: Mapping[str, int], timeout_s: float
-    ) -> tuple[bool, dict[str, int]]:
-        """Have it deliver up to `next_seq` within `timeout_s` and end: whether every
-        sink got every record, and what each sink and stream did not get."""
+    async def finish(self, next_seq: Mapping[str, int], timeout_s: float) -> dict[str, int]:
+        """Have it deliver up to `next_seq` within `timeout_s` and end: what each sink
+        and stream did not get (`answered` says whether it told, or this is from its
+        last counts)."""
         assert self._done is not None
         self.send({"stop": timeout_s, "next_seq": dict(next_seq)})
         deadline = time.monotonic() + timeout_s + STOP_GRACE_S
@@ -214,12 +213,11 @@ class ImportDelivery(PipeToChild):
                 async with asyncio.timeout(0.05):
                     await asyncio.shield(self._done)
         if self._done.done():
-            result = self._done.result()
-            return bool(result["done"]), dict(result["undelivered"])
+            return dict(self._done.result()["undelivered"])
         # Ended, or frozen past the drain and its grace (ended now): its last counts
         # say what is missing.
         self._kill()
-        return False, self.lag(next_seq)
+        return self.lag(next_seq)
 
     def _kill(self) -> None:
         """End it now: SIGTERM, on which it stops its sinks (and an embedded server),

@@ -134,9 +134,7 @@ async def _import_to_outputs(
         aborted = "aborted" in summary
         if remote is not None:
             # Written (flushed above): the other process reads them from the files.
-            _delivered, missing = await remote.finish(
-                _next_seqs(outputs), 0 if aborted else timeout_s
-            )
+            missing = await remote.finish(_next_seqs(outputs), 0 if aborted else timeout_s)
             if not remote.answered and not aborted:
                 summary["aborted"] = _STUCK["delivery_ended"]
         else:
