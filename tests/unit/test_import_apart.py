@@ -11,9 +11,10 @@ import pytest
 from sipcdr.config import Config, load_config, output_settings
 from sipcdr.delivery import LoopState
 from sipcdr.import_delivery import APART_FROM_BYTES, delivers_apart
+from sipcdr.privacy.stats import PrivacyStats
 from sipcdr.sinks.base import KIND_CDR
 from sipcdr.sinks.outputs import Outputs
-from sipcdr.sinks.remote import DeliverySnapshot, LoopSnapshot
+from sipcdr.sinks.remote import DeliverySnapshot, LoopSnapshot, take_snapshot
 
 
 def capture_of(tmp_path: Path, size: int) -> Path:
@@ -98,10 +99,9 @@ def test_without_a_sink_nothing_is_delivered_apart(tmp_path: Path) -> None:
     assert not delivers_apart(config, [capture_of(tmp_path, APART_FROM_BYTES)])
 
 
-def snapshot(confirmed_seq: int, sink: str = "jsonl", held: bool = False) -> DeliverySnapshot:
-    state = LoopState(sink, "records", tried=True)
-    loops = [LoopSnapshot(state, confirmed_seq, 0, 0)]
-    return DeliverySnapshot(loops=loops, held_for_restrictions=held)
+def snapshot(confirmed_seq: int, held: bool = False) -> DeliverySnapshot:
+    state = LoopState("postgres", "records", tried=True)
+    return DeliverySnapshot(loops=[LoopSnapshot(state, confirmed_seq, 0, 0, held)])
 
 
 async def test_the_import_reads_how_far_the_other_process_delivered(tmp_path: Path) -> None:
@@ -120,11 +120,24 @@ async def test_the_import_reads_how_far_the_other_process_delivered(tmp_path: Pa
         assert outputs._behind()
         outputs.remote = snapshot(spool.next_seq)
         assert not outputs._behind()
-        # Held for the restriction list: as in one process, not waited for.
-        outputs.remote = snapshot(spool.next_seq - 1, sink="postgres", held=True)
+        # Held back (for the restriction list): as in one process, not waited for.
+        outputs.remote = snapshot(spool.next_seq - 1, held=True)
         assert not outputs._behind()
-        outputs.remote = snapshot(spool.next_seq - 1, sink="jsonl", held=True)
-        assert outputs._behind()
     finally:
         await outputs.close()
     assert os.listdir(tmp_path / "spool" / "records")  # the writer's own folder
+
+
+async def test_the_counts_say_which_loops_are_held_back(tmp_path: Path) -> None:
+    """What the other process's `_behind` skips comes from the delivering side's own
+    holds, not from a guess at which sinks they concern."""
+    settings = dataclasses.replace(output_settings(Config()), state_dir=tmp_path, postgres=None)
+    outputs = Outputs(settings)
+    await outputs.open()
+    try:
+        assert outputs.delivery is not None
+        assert [loop.held for loop in take_snapshot(outputs, PrivacyStats()).loops] == [False]
+        outputs.delivery.held = {("jsonl", "records")}  # as the spare file holds a sink
+        assert [loop.held for loop in take_snapshot(outputs, PrivacyStats()).loops] == [True]
+    finally:
+        await outputs.close(drain_timeout_s=0)

@@ -443,13 +443,10 @@ class Outputs:
             return not self.delivery.caught_up()
         if self.remote is None:
             return False
-        # As `Delivery.caught_up` counts them: loops held for the restriction list are
-        # not behind (those of `_restrictions_in_force`).
-        held = ("kafka", "postgres") if self.remote.held_for_restrictions else ()
         return any(
             loop.confirmed_seq < self.spools[loop.state.stream].next_seq
             for loop in self.remote.loops
-            if loop.state.stream in self.spools and loop.state.sink not in held
+            if loop.state.stream in self.spools and not loop.held
         )
 
     @property

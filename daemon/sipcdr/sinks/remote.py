@@ -54,6 +54,9 @@ class LoopSnapshot:
     confirmed_seq: int  # the reader's: the lag is the writer's next_seq less this
     cursor_write_failures: int
     corrupt_records: int
+    # Held back on purpose (the restriction list not read yet, the spare file): not
+    # behind, as `Delivery.caught_up` counts it.
+    held: bool = False
 
 
 @dataclass(slots=True)
@@ -75,8 +78,9 @@ def take_snapshot(outputs: Outputs, privacy: PrivacyStats) -> DeliverySnapshot:
     snapshot = DeliverySnapshot(
         privacy=privacy, held_for_restrictions=outputs.held_for_restrictions
     )
-    if outputs.delivery is not None:
-        for state, reader in outputs.delivery.readers():
+    delivery = outputs.delivery
+    if delivery is not None:
+        for state, reader in delivery.readers():
             state_copy = LoopState(
                 state.sink,
                 state.stream,
@@ -94,6 +98,7 @@ def take_snapshot(outputs: Outputs, privacy: PrivacyStats) -> DeliverySnapshot:
                     reader.confirmed_seq,
                     reader.cursor_write_failures,
                     reader.corrupt_records,
+                    delivery.is_held((state.sink, state.stream)),
                 )
             )
     for sink in outputs.sinks:
