@@ -212,6 +212,7 @@ class ImportDelivery(PipeToChild):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.05):
                     await asyncio.shield(self._done)
+        self._readable()  # an answer sent just before it ended
         if self._done.done():
             return dict(self._done.result()["undelivered"])
         # Ended, or frozen past the drain and its grace (ended now): its last counts

@@ -144,10 +144,12 @@ async def _import_to_outputs(
     finally:
         if reading is not None:
             reading.cancel()
-        if remote is not None:
-            await remote.close()
-        await outputs.close(drain_timeout_s=0)
-        shutil.rmtree(spool_dir, ignore_errors=True)
+        try:
+            if remote is not None:
+                await remote.close()
+        finally:  # a second Ctrl-C cuts that wait short, not the clean-up
+            await outputs.close(drain_timeout_s=0)
+            shutil.rmtree(spool_dir, ignore_errors=True)
     # After the close: CDRs a reserve still held then are lost, and counted there.
     summary["spool_refused"] = {
         stream: dict(spool.stats.dropped)

@@ -99,7 +99,16 @@ class EmbeddedPostgres:
         async with self._lock:
             if self.dsn is not None:
                 return self.dsn
-            self._held, dsn = await asyncio.to_thread(_acquire, self.data_dir)
+            acquiring = asyncio.ensure_future(asyncio.to_thread(_acquire, self.data_dir))
+            try:
+                self._held, dsn = await asyncio.shield(acquiring)
+            except asyncio.CancelledError:
+                # The thread goes on and may start the server and hold it: held it is
+                # let go by stop(), or at exit, like any other.
+                with contextlib.suppress(Exception):
+                    self._held, self.dsn = await acquiring
+                    atexit.register(self._release_at_exit)
+                raise
             self.dsn = dsn
             # A process that ends without stop() still lets go of the server.
             atexit.register(self._release_at_exit)
