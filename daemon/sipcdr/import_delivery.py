@@ -20,7 +20,7 @@ Messages on the pipe, to this process: {"stop": seconds, "next_seq": {stream: n}
 SIGTERM ends a drain at once). The import sends nothing else while it reads: a
 delivery process that stopped reading would fill the pipe and block it. From it: a
 `DeliverySnapshot` (the first one says the sinks are open and the restriction list
-is in force), then {"done": delivered, "undelivered": {"sink/stream": records}}; or, at
+is in force), then {"undelivered": {"sink/stream": records}}; or, at
 its start, {"refused": why} (`RestrictionsUnavailable`) or {"error": why} (the sinks
 could not be opened).
 """
@@ -115,16 +115,8 @@ class ImportDelivery(PipeToChild):
         self._done: asyncio.Future[dict[str, Any]] | None = None
         self._serving = False  # its first counts came: it reads its pipe
 
-    @property
-    def exit_code(self) -> int | None:
-        """Its exit code once it has ended (-1 when unknown), else None."""
-        process = self._process
-        if process is None or process.is_alive():
-            return None
-        return process.exitcode if process.exitcode is not None else -1
-
     def has_ended(self) -> bool:
-        return self.exit_code is not None
+        return self._process is not None and not self._process.is_alive()
 
     @property
     def answered(self) -> bool:
@@ -142,8 +134,8 @@ class ImportDelivery(PipeToChild):
         self._done = loop.create_future()
         make_picklable(self.config)
         # Ctrl-C reaches the terminal's whole group: the import decides what its
-        # delivery does then (it ends it).
-        # Ended with the import whatever happens to it (a second Ctrl-C in its cleanup).
+        # delivery does then (it ends it), and exiting ends it whatever cut the
+        # import's clean-up short (a daemon process).
         process, conn = spawn_ignoring(
             child_main,
             (self.config, self.spool_dir),
@@ -182,7 +174,7 @@ class ImportDelivery(PipeToChild):
             self._first.set_exception(RestrictionsUnavailable(str(message["refused"])))
         elif "error" in message and not self._first.done():
             self._first.set_exception(OSError(str(message["error"])))
-        elif "done" in message and not self._done.done():
+        elif "undelivered" in message and not self._done.done():
             self._done.set_result(message)
 
     def _ended(self) -> None:
@@ -335,10 +327,9 @@ async def _serve(outputs: Outputs, conn: Connection) -> None:
                     draining = asyncio.create_task(drain(outputs, float(message["stop"])))
             _send(conn, take_snapshot(outputs, privacy))
             if draining is not None and draining.done():
-                delivered = (
-                    not draining.cancelled() and draining.exception() is None and draining.result()
-                )
-                _send(conn, {"done": delivered, "undelivered": undelivered(outputs)})
+                if not draining.cancelled() and (error := draining.exception()) is not None:
+                    _log.error("import_drain_failed", error=repr(error))
+                _send(conn, {"undelivered": undelivered(outputs)})
                 return
     finally:
         if draining is not None:
