@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
@@ -14,6 +13,7 @@ from types import MappingProxyType
 from typing import Final, NamedTuple, TypeAlias
 
 from sipcdr import dialogstore, spare, spool
+from sipcdr.config.cores import usable_cores
 from sipcdr.dialog.correlator import DialogLimits
 from sipcdr.fraud.numbering import NumberingPlan, PrefixTable
 from sipcdr.fraud.settings import AllowList, FraudSettings
@@ -366,15 +366,6 @@ class SinksConfig:
             "postgres": self.postgres.redacted(),
             "kafka": self.kafka.redacted(),
         }
-
-
-def usable_cores() -> int:
-    """The cores this process may run on: a container or `taskset` limited to one
-    counts as one, however many the machine has."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on this platform
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True, slots=True)
