@@ -152,15 +152,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _command(args)
-    except KeyboardInterrupt:
-        # Ctrl-C: the command stopped where it was; `run` stops cleanly on its own.
+    except KeyboardInterrupt as exc:
+        # Ctrl-C, or SIGTERM (`command_loop`): the command stopped where it was, its
+        # clean-up done; `run` stops cleanly on its own.
+        from sipcdr.command_loop import Terminated  # noqa: PLC0415
+
         again = (
             "; run it again to import every file whole (records are deduplicated by id)"
             if args.command == "import"
             else ""
         )
-        print(f"sipcdr: {args.command}: interrupted{again}", file=sys.stderr)
-        return 130
+        how, status = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        print(f"sipcdr: {args.command}: {how}{again}", file=sys.stderr)
+        return status
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -442,8 +446,7 @@ def _replay_progress(sent: int, total: int) -> None:
 
 
 def _db_migrate(config: Config) -> int:
-    import asyncio  # noqa: PLC0415
-
+    from sipcdr.command_loop import run_command  # noqa: PLC0415
     from sipcdr.storage.embedded import EmbeddedPostgresError  # noqa: PLC0415
     from sipcdr.storage.migrations import (  # noqa: PLC0415
         DatabaseUnavailable,
@@ -458,7 +461,7 @@ def _db_migrate(config: Config) -> int:
         )
         return 2
     try:
-        applied = asyncio.run(migrate_configured(config.sinks.postgres.dsn, Path(config.state.dir)))
+        applied = run_command(migrate_configured(config.sinks.postgres.dsn, Path(config.state.dir)))
     except (DatabaseUnavailable, MigrationError, EmbeddedPostgresError, OSError) as exc:
         print(f"sipcdr: db migrate: {exc}", file=sys.stderr)
         return 1

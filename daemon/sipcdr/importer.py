@@ -37,6 +37,7 @@ import structlog
 
 from sipcdr.capture.pcapfile import CaptureFileError, iter_packet_batches
 from sipcdr.clock import SYSTEM_CLOCK, Clock
+from sipcdr.command_loop import run_command
 from sipcdr.config import Config, output_settings
 from sipcdr.decode.extract import CaptureStats
 from sipcdr.engine import EXPIRE_EVERY_S, Destinations, build_engine
@@ -66,7 +67,7 @@ def import_files(
     """Run `files` through parse and correlation into the configured sinks (or into
     `sinks`, which then replace them)."""
     if sinks is None:
-        return asyncio.run(
+        return run_command(
             _import_to_outputs(config, files, summary_json, progress, delivery_timeout_s)
         )
     summary: dict[str, object] = {}

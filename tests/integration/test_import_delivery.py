@@ -448,3 +448,35 @@ class HeldMigrationLock:
     def release(self) -> None:
         self._release.set()
         self._thread.join(30)
+
+
+@APART
+def test_sigterm_stops_an_import_as_ctrl_c_does(open_tmp_path: Path, apart: str) -> None:
+    """A service manager's or `timeout`'s SIGTERM to the import alone: its embedded
+    PostgreSQL is stopped, its spool removed and its delivery process ended, instead
+    of the process vanishing where it stood."""
+    capture = open_tmp_path / "calls.pcap"
+    write_capture(capture, 20_000)
+    env = daemon_environ(
+        SIPCDR_SINKS__POSTGRES__DSN="embedded",
+        SIPCDR_SINKS__JSONL__PATH="",
+        SIPCDR_SPOOL__DELIVERY_PROCESSES=apart,
+    )
+    with subprocess.Popen(
+        [sys.executable, "-m", "sipcdr.cli", "import", str(capture)],
+        cwd=open_tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as importing:
+        spools = wait_until_reading(importing, open_tmp_path)
+        postmaster = int((open_tmp_path / "var" / "pg" / "postmaster.pid").read_text().split()[0])
+        delivering = spawned_children(importing.pid)
+        assert len(delivering) == int(apart)
+        importing.send_signal(signal.SIGTERM)
+        _, stderr = importing.communicate(timeout=60)
+    assert importing.returncode == 143, stderr[-3000:]
+    assert "sipcdr: import: terminated; run it again" in stderr
+    assert gone_within(postmaster, 10), "the embedded PostgreSQL outlived its import"
+    assert all(gone_within(pid, 10) for pid in delivering)
+    assert not any(spools.iterdir())

@@ -80,6 +80,7 @@ LAYERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
             "sipcdr.antifraud",
             "sipcdr.importer",
             "sipcdr.import_delivery",
+            "sipcdr.command_loop",
             "sipcdr.replay",
             "sipcdr.rates",
             "sipcdr.privacy",

@@ -9,7 +9,6 @@ chain).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -134,6 +133,7 @@ def main(
     config: Config, args: argparse.Namespace, out: TextIO | None = None, stdin: TextIO | None = None
 ) -> int:
     """Run one of the subcommands; the exit code."""
+    from sipcdr.command_loop import run_command  # noqa: PLC0415
     from sipcdr.privacy.audit import default_operator  # noqa: PLC0415
 
     out = out or sys.stdout
@@ -141,7 +141,7 @@ def main(
     handler = _HANDLERS[(args.command, args.privacy_action)]
     try:
         _read_number(args, stdin or sys.stdin)
-        return asyncio.run(handler(config, args, operator, out))
+        return run_command(handler(config, args, operator, out))
     except Refused as exc:
         print(f"sipcdr: {args.command} {args.privacy_action}: refused: {exc}", file=sys.stderr)
         return EXIT_REFUSED
