@@ -304,7 +304,8 @@ async def _serve(outputs: Outputs, conn: Connection) -> None:
     loop = asyncio.get_running_loop()
     inbox = pipe_inbox(conn)  # None: the import is gone, nothing more to do
     # The event loop made the pipe non-blocking; a message sent while the import is not
-    # reading (stopped) would be cut off mid-way, so sends wait for room instead.
+    # reading (stopped) would fail and be lost, the last answer (what each sink lacks)
+    # with it, so sends wait for room instead.
     os.set_blocking(conn.fileno(), True)
     draining: asyncio.Task[bool] | None = None
     try:

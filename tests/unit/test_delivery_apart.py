@@ -188,6 +188,43 @@ def test_a_frozen_delivery_process_never_blocks_the_capture_process(
         theirs.close()
 
 
+def test_counts_sent_into_a_full_pipe_are_whole_or_not_sent() -> None:
+    """The delivery process's end of the pipe is non-blocking (its event loop reads
+    it), and sends into it while the capture process does not read (stopped, swapped
+    out) fail until there is room. A stream socket takes a write below its buffer
+    unit whole or not at all, so no message arrives cut off, as long as the largest
+    counts stay well under it."""
+    ours, theirs = multiprocessing.get_context("spawn").Pipe()
+    os.set_blocking(ours.fileno(), False)  # as uvloop's add_reader leaves it
+    os.set_blocking(theirs.fileno(), False)  # a torn message fails here, not hangs
+    largest = DeliverySnapshot(
+        loops=[
+            LoopSnapshot(
+                LoopState(sink, stream, delivered=2**62, last_error="x" * 500),
+                confirmed_seq=2**63,
+                cursor_write_failures=2**40,
+                corrupt_records=2**40,
+            )
+            for sink in ("postgres", "kafka", "jsonl")
+            for stream in ("records", "signaling")
+        ],
+        postgres_rows={"inserted": dict.fromkeys(("cdrs", "sip_messages", "alerts"), 2**62)},
+        withheld=dict.fromkeys(("cdr", "alert", "signaling"), 2**62),
+    )
+    assert len(ForkingPickler.dumps(largest)) < 8192
+    try:
+        for _ in range(5000):  # far more than the pipe holds
+            deliverer._send(ours, largest)
+        received = 0
+        while theirs.poll():
+            assert isinstance(theirs.recv(), DeliverySnapshot)
+            received += 1
+        assert 0 < received < 5000
+    finally:
+        ours.close()
+        theirs.close()
+
+
 _PRIORITY_PROBE = """
 import os, subprocess, sys, threading
 from sipcdr.deliverer import _lower_priority
