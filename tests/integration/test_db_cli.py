@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from daemonproc import daemon_environ
 from sipcdr.storage.migrations import load_migrations
+from test_import_delivery import HeldMigrationLock
 
 pytestmark = pytest.mark.integration
 
@@ -17,10 +20,6 @@ APPLIED = "".join(f"applied {migration.name}\n" for migration in load_migrations
 
 # The command starts Python, connects and migrates; an embedded server adds its start.
 COMMAND_TIMEOUT_S = 60.0
-APPLIED = "applied 0001_initial\napplied 0002_privacy\n"
-
-# What `sipcdr db migrate` prints on an empty database: every shipped migration.
-APPLIED = "".join(f"applied {m.name}\n" for m in load_migrations())
 
 
 def db_migrate(workdir: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -99,3 +98,25 @@ def test_migrate_with_a_host_that_does_not_resolve_is_one_clear_line(tmp_path: P
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("sipcdr: db migrate: cannot connect to postgresql://sipcdr:***@")
     assert "s3cret" not in result.stderr
+
+
+def test_sigterm_stops_a_migration_that_waits_for_the_lock(pg_dsn: str, tmp_path: Path) -> None:
+    """Another session holds the migrations' lock: SIGTERM (a service manager's stop)
+    ends the waiting command with its own line and exit 143, not by the signal."""
+    holder = HeldMigrationLock(pg_dsn)
+    try:
+        with subprocess.Popen(
+            [sys.executable, "-m", "sipcdr.cli", "db", "migrate"],
+            cwd=tmp_path,
+            env=daemon_environ(SIPCDR_SINKS__POSTGRES__DSN=pg_dsn),
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as migrating:
+            time.sleep(3.0)  # started, connected, waiting for the lock
+            assert migrating.poll() is None
+            migrating.send_signal(signal.SIGTERM)
+            _, stderr = migrating.communicate(timeout=30)
+        assert migrating.returncode == 143, stderr[-3000:]
+        assert stderr.endswith("sipcdr: db: terminated\n")
+    finally:
+        holder.release()
