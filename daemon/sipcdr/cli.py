@@ -163,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             else ""
         )
         how, status = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-        print(f"sipcdr: {args.command}: {how}{again}", file=sys.stderr)
+        action = getattr(args, "db_command", None) or getattr(args, "privacy_action", None)
+        command = f"{args.command} {action}" if action else args.command
+        print(f"sipcdr: {command}: {how}{again}", file=sys.stderr)
         return status
 
 

@@ -1,12 +1,15 @@
 """The event loop of a command that ends on its own (`import`, `db migrate`, the privacy
 commands): SIGTERM stops it as Ctrl-C does.
 
-A service manager, `timeout` or `kill` sends SIGTERM; its default action ends the
-process where it stands, leaving an embedded PostgreSQL running with no holder and an
-import's spool behind. Here it cancels the command's task instead, so its clean-up
+A service manager or `kill` sends SIGTERM; its default action ends the process where it
+stands, leaving an embedded PostgreSQL running with no holder and an import's spool
+behind. Here the first SIGTERM cancels the command's task instead, so its clean-up
 runs (sinks closed, the embedded server stopped, the spool removed), and the command
-ends with `Terminated`, which the command line reports with exit status 143. `sipcdr
-run` handles SIGTERM itself (a clean stop, exit 0).
+ends with `Terminated`, which the command line reports with exit status 143. A second
+one raises `Terminated` at once, wherever the process is, as a second Ctrl-C raises
+KeyboardInterrupt: the way out of a command blocked outside the event loop (a FIFO
+that went quiet, a full stdout pipe). `sipcdr run` handles SIGTERM itself (a clean
+stop, exit 0).
 """
 
 from __future__ import annotations
@@ -15,40 +18,63 @@ import asyncio
 import signal
 import threading
 from collections.abc import Coroutine
+from types import FrameType
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM stopped the command; its clean-up has run, as after Ctrl-C."""
+    """SIGTERM stopped the command; after one, its clean-up has run."""
 
 
 def run_command(main: Coroutine[Any, Any, T]) -> T:
-    """`asyncio.run(main)`, with SIGTERM cancelling `main` (a second one cancels it
-    again, as a second Ctrl-C does) and then raising `Terminated`."""
-    return asyncio.run(_stopped_by_sigterm(main))
-
-
-async def _stopped_by_sigterm(main: Coroutine[Any, Any, T]) -> T:
-    task = asyncio.current_task()
-    if task is None or threading.current_thread() is not threading.main_thread():
-        # Signals reach the main thread only; a caller elsewhere keeps its own.
-        return await main
-    loop = asyncio.get_running_loop()
-    terminated = False
-
-    def on_sigterm() -> None:
-        nonlocal terminated
-        terminated = True
-        task.cancel()
-
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    """`asyncio.run(main)`, stopped by SIGTERM as above. A SIGTERM the caller ignores
+    stays ignored, and the caller's own handling comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        return asyncio.run(main)  # signals reach the main thread only
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_IGN:
+        return asyncio.run(main)
+    stop = _Stop()
+    # Held through asyncio.run's own end too (tasks cancelled, threads joined).
+    signal.signal(signal.SIGTERM, stop.on_sigterm)
     try:
-        return await main
-    except asyncio.CancelledError:
-        if terminated:
-            raise Terminated from None
-        raise
+        return asyncio.run(stop.watch(main))
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+class _Stop:
+    """The command's task, and how many SIGTERMs have come (asyncio.Runner's way with
+    SIGINT)."""
+
+    def __init__(self) -> None:
+        self.signals = 0
+        self._task: asyncio.Task[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def watch(self, main: Coroutine[Any, Any, T]) -> T:
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        if self.signals:  # one came before the loop ran: nothing started yet
+            main.close()
+            raise Terminated
+        try:
+            return await main
+        except (asyncio.CancelledError, Exception) as exc:
+            # Once terminated, whatever the cancel led to (a child process ended by
+            # the same signal to the group, a wait cut short) is the termination.
+            if self.signals:
+                raise Terminated from exc
+            raise
+
+    def on_sigterm(self, _signum: int, _frame: FrameType | None) -> None:
+        self.signals += 1
+        task, loop = self._task, self._loop
+        if self.signals == 1:
+            if task is not None and loop is not None and not task.done():
+                task.cancel()
+                loop.call_soon_threadsafe(lambda: None)  # wake a loop waiting in select
+            return
+        raise Terminated

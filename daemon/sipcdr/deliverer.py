@@ -1,14 +1,15 @@
 """Delivery in a process of its own, fed by the spool only.
 
-`sipcdr run` on a machine with two cores or more (`[spool] delivery_processes`) splits
-in two. The capture process receives, parses, correlates, journals and appends to the
-spool; it keeps what decides on intake (the spool's limits, the spare file) because it
-owns the spool's writer. The delivery process reads the spool files (`SpoolTail`),
-writes to the sinks, runs an embedded PostgreSQL and the privacy task, and keeps its
-cursors on disk, from which the writer deletes delivered segments. Nothing else passes
-between them but a pipe: the capture process sends the spool's sequence numbers (what
-a stop drains to) and the sinks the spare file holds; the delivery process sends its
-counts once a second, which the capture process exports (`sinks.remote`).
+`sipcdr run` with two cores or more to use (`[spool] delivery_processes`, cores counted
+by `config.cores`) splits in two. The capture process receives, parses, correlates,
+journals and appends to the spool; it keeps what decides on intake (the spool's limits,
+the spare file) because it owns the spool's writer. The delivery process reads the spool
+files (`SpoolTail`), writes to the sinks, runs an embedded PostgreSQL and the privacy
+task, and keeps its cursors on disk, from which the writer deletes delivered segments.
+Nothing else passes between them but a pipe: the capture process sends the spool's
+sequence numbers (what a stop drains to) and the sinks the spare file holds; the
+delivery process sends its counts once a second, which the capture process exports
+(`sinks.remote`).
 
 The spool is the whole hand-over, so a delivery process that dies loses nothing: it is
 started again after a back-off (logged at ERROR, counted) and its sinks resume from

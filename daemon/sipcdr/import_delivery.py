@@ -265,7 +265,9 @@ def child_main(config: Config, spool_dir: Path, conn: Connection) -> None:
     from sipcdr.telemetry.logs import configure  # noqa: PLC0415
 
     configure()
-    run_event_loop(_deliver(config, spool_dir, conn))
+    # SIGTERM's cancel, its clean-up done: an end as asked, not a failure to report.
+    with contextlib.suppress(asyncio.CancelledError):
+        run_event_loop(_deliver(config, spool_dir, conn))
 
 
 async def _deliver(config: Config, spool_dir: Path, conn: Connection) -> None:

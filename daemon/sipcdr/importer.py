@@ -149,8 +149,10 @@ async def _import_to_outputs(
             if remote is not None:
                 await remote.close()
         finally:  # a second Ctrl-C cuts that wait short, not the clean-up
-            await outputs.close(drain_timeout_s=0)
-            shutil.rmtree(spool_dir, ignore_errors=True)
+            try:
+                await outputs.close(drain_timeout_s=0)
+            finally:  # nor, cut short itself, the spool's removal
+                shutil.rmtree(spool_dir, ignore_errors=True)
     # After the close: CDRs a reserve still held then are lost, and counted there.
     summary["spool_refused"] = {
         stream: dict(spool.stats.dropped)

@@ -34,8 +34,10 @@ def _cpu_controller() -> tuple[Path, int]:
         fields, kinds = mount.split(), kind.split()
         if kinds[0] == "cgroup" and "cpu" in kinds[2].split(","):
             return Path(fields[4]), 1
-        if kinds[0] == "cgroup2" and "cpu" in (Path(fields[4]) / "cgroup.controllers").read_text():
-            return Path(fields[4]), 2
+        if kinds[0] == "cgroup2":
+            offered = (Path(fields[4]) / "cgroup.controllers").read_text().split()
+            if "cpu" in offered:
+                return Path(fields[4]), 2
     _unavailable("no cgroup hierarchy with the cpu controller is mounted")
     raise AssertionError("unreachable")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -117,6 +118,58 @@ def test_sigterm_stops_a_migration_that_waits_for_the_lock(pg_dsn: str, tmp_path
             migrating.send_signal(signal.SIGTERM)
             _, stderr = migrating.communicate(timeout=30)
         assert migrating.returncode == 143, stderr[-3000:]
-        assert stderr.endswith("sipcdr: db: terminated\n")
+        assert stderr.endswith("sipcdr: db migrate: terminated\n")
     finally:
         holder.release()
+
+
+def _server_programs_of(data_dir: Path) -> list[str]:
+    """The command lines of running programs that name `data_dir` (initdb, pg_ctl, the
+    server)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and str(data_dir).encode() in b" ".join(args):
+            found.append(b" ".join(args).decode(errors="replace"))
+    return found
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_sigterm_to_the_group_while_the_embedded_server_starts_leaves_none_running(
+    open_tmp_path: Path, signals: int
+) -> None:
+    """`timeout` and a terminal signal the whole process group: pg_ctl, started by the
+    command, must not die between starting the server and the command holding it, or
+    the server runs on with nobody to stop it. A second SIGTERM does not leave it
+    either."""
+    state = open_tmp_path / "state"
+    data_dir = state / "pg"
+    with subprocess.Popen(
+        [sys.executable, "-m", "sipcdr.cli", "db", "migrate"],
+        cwd=open_tmp_path,
+        env=daemon_environ(SIPCDR_SINKS__POSTGRES__DSN="embedded", SIPCDR_STATE__DIR=str(state)),
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as migrating:
+        deadline = time.monotonic() + 60
+        while not any(
+            "pg_ctl" in line and "start" in line for line in _server_programs_of(data_dir)
+        ):
+            assert time.monotonic() < deadline and migrating.poll() is None
+            time.sleep(0.01)
+        for _ in range(signals):
+            os.killpg(migrating.pid, signal.SIGTERM)
+            time.sleep(0.05)
+        _, stderr = migrating.communicate(timeout=60)
+    assert migrating.returncode == 143, stderr[-3000:]
+    deadline = time.monotonic() + 15
+    while _server_programs_of(data_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _server_programs_of(data_dir) == []

@@ -451,10 +451,11 @@ class HeldMigrationLock:
 
 
 @APART
-def test_sigterm_stops_an_import_as_ctrl_c_does(open_tmp_path: Path, apart: str) -> None:
-    """A service manager's or `timeout`'s SIGTERM to the import alone: its embedded
-    PostgreSQL is stopped, its spool removed and its delivery process ended, instead
-    of the process vanishing where it stood."""
+@pytest.mark.parametrize("to", ["import", "group"])
+def test_sigterm_stops_an_import_as_ctrl_c_does(open_tmp_path: Path, apart: str, to: str) -> None:
+    """A service manager's SIGTERM to the import alone, or `timeout`'s to its whole
+    group: its embedded PostgreSQL is stopped, its spool removed and its delivery
+    process ended, instead of the process vanishing where it stood."""
     capture = open_tmp_path / "calls.pcap"
     write_capture(capture, 20_000)
     env = daemon_environ(
@@ -468,15 +469,20 @@ def test_sigterm_stops_an_import_as_ctrl_c_does(open_tmp_path: Path, apart: str)
         env=env,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     ) as importing:
         spools = wait_until_reading(importing, open_tmp_path)
         postmaster = int((open_tmp_path / "var" / "pg" / "postmaster.pid").read_text().split()[0])
         delivering = spawned_children(importing.pid)
         assert len(delivering) == int(apart)
-        importing.send_signal(signal.SIGTERM)
+        if to == "group":
+            os.killpg(importing.pid, signal.SIGTERM)
+        else:
+            importing.send_signal(signal.SIGTERM)
         _, stderr = importing.communicate(timeout=60)
     assert importing.returncode == 143, stderr[-3000:]
     assert "sipcdr: import: terminated; run it again" in stderr
+    assert "Traceback" not in stderr
     assert gone_within(postmaster, 10), "the embedded PostgreSQL outlived its import"
     assert all(gone_within(pid, 10) for pid in delivering)
     assert not any(spools.iterdir())

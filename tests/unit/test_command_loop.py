@@ -1,21 +1,34 @@
-"""SIGTERM stops a one-shot command as Ctrl-C does: the command's clean-up runs, and it
-ends with `Terminated`."""
+"""SIGTERM stops a one-shot command as Ctrl-C does: the first cancels it and its
+clean-up runs, a second raises at once, and it ends with `Terminated`."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import threading
+from collections.abc import Iterator
 
 import pytest
 from sipcdr.command_loop import Terminated, run_command
+
+
+def sigterm_in(seconds: float) -> None:
+    asyncio.get_running_loop().call_later(seconds, os.kill, os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture(autouse=True)
+def default_sigterm() -> Iterator[None]:
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, before)
 
 
 def test_sigterm_cancels_the_command_and_its_clean_up_runs() -> None:
     cleaned: list[str] = []
 
     async def command() -> None:
-        asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+        sigterm_in(0.05)
         try:
             await asyncio.sleep(30)
         finally:
@@ -31,12 +44,11 @@ def test_a_second_sigterm_cuts_a_slow_clean_up_short() -> None:
     cleaned: list[str] = []
 
     async def command() -> None:
-        loop = asyncio.get_running_loop()
-        loop.call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+        sigterm_in(0.05)
         try:
             await asyncio.sleep(30)
         finally:
-            loop.call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+            sigterm_in(0.05)
             try:
                 await asyncio.sleep(30)  # a drain that would wait out its timeout
             finally:
@@ -47,6 +59,45 @@ def test_a_second_sigterm_cuts_a_slow_clean_up_short() -> None:
     assert cleaned == ["cut short"]
 
 
+def test_a_second_sigterm_frees_a_command_blocked_outside_the_loop() -> None:
+    """Reading a FIFO that went quiet blocks the event loop's thread: the first SIGTERM
+    can only cancel a task that never runs again; the second raises in the read."""
+    quiet, writer = os.pipe()
+    cleaned: list[str] = []
+
+    async def command() -> None:
+        # From another thread: the loop's timers never run while the read blocks.
+        for delay in (0.05, 0.3):
+            threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        try:
+            os.read(quiet, 1)  # blocks: nothing is ever written
+        finally:
+            cleaned.append("closed")
+
+    try:
+        with pytest.raises(Terminated):
+            run_command(command())
+    finally:
+        os.close(quiet)
+        os.close(writer)
+    assert cleaned == ["closed"]
+
+
+def test_what_the_cancel_leads_to_is_reported_as_the_termination() -> None:
+    """A child process ended by the same SIGTERM to the group makes the command fail
+    with its own error: it was terminated all the same."""
+
+    async def command() -> None:
+        sigterm_in(0.05)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise OSError("the delivery process ended as it started") from None
+
+    with pytest.raises(Terminated):
+        run_command(command())
+
+
 def test_a_command_that_ends_returns_its_result() -> None:
     async def command() -> int:
         await asyncio.sleep(0)
@@ -54,3 +105,19 @@ def test_a_command_that_ends_returns_its_result() -> None:
 
     assert run_command(command()) == 7
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_the_callers_handling_of_sigterm_is_kept() -> None:
+    def own(_signum: int, _frame: object) -> None:
+        raise AssertionError("not reached")
+
+    signal.signal(signal.SIGTERM, own)
+
+    async def command() -> int:
+        return 7
+
+    assert run_command(command()) == 7
+    assert signal.getsignal(signal.SIGTERM) is own
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ignored: left ignored throughout
+    assert run_command(command()) == 7
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN

@@ -100,3 +100,66 @@ def test_this_machine_answers_without_error() -> None:
     """Whatever this machine's cgroups say, the answer is at least one core and no more
     than its affinity allows."""
     assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_a_mount_point_with_a_space_is_read_as_the_kernel_escapes_it() -> None:
+    """mountinfo writes a space in a path as \\040; /proc/self/cgroup writes it as is."""
+    mounts = "30 23 0:26 /pod\\040a /sys/fs/cgroup\\040x rw - cgroup2 cgroup2 rw\n"
+    read = reader(
+        {
+            "/proc/self/cgroup": "0::/pod a/sipcdr\n",
+            "/proc/self/mountinfo": mounts,
+            "/sys/fs/cgroup x/sipcdr/cpu.max": "100000 100000\n",
+        }
+    )
+    assert cgroup_cpu_quota(read) == 1.0
+
+
+def test_a_mount_of_another_part_of_the_tree_is_passed_over() -> None:
+    mounts = (
+        "30 23 0:26 /other /mnt/other rw - cgroup2 cgroup2 rw\n"
+        "31 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+    )
+    read = reader(
+        {
+            "/proc/self/cgroup": "0::/sipcdr.service\n",
+            "/proc/self/mountinfo": mounts,
+            "/sys/fs/cgroup/sipcdr.service/cpu.max": "100000 100000\n",
+        }
+    )
+    assert cgroup_cpu_quota(read) == 1.0
+
+
+def test_a_cgroup_outside_the_namespace_root_counts_no_quota_of_another() -> None:
+    """Moved out of its cgroup namespace's root, a process sees `/../x`: the files
+    under the mount are not its cgroup's nor its parents'."""
+    read = reader(
+        {
+            "/proc/self/cgroup": "0::/../sibling\n",
+            "/proc/self/mountinfo": V2_MOUNTS,
+            "/sys/fs/cgroup/cpu.max": "100000 100000\n",
+        }
+    )
+    assert cgroup_cpu_quota(read) is None
+
+
+@pytest.mark.parametrize("text", ["max 100000", "abc def", "\u00b2 100000", "100000 0", ""])
+def test_a_quota_file_that_says_no_number_is_no_quota(text: str) -> None:
+    read = reader(
+        {
+            "/proc/self/cgroup": "0::/a\n",
+            "/proc/self/mountinfo": V2_MOUNTS,
+            "/sys/fs/cgroup/a/cpu.max": text,
+        }
+    )
+    assert cgroup_cpu_quota(read) is None
+
+
+def test_junk_in_the_proc_files_is_no_quota() -> None:
+    read = reader(
+        {
+            "/proc/self/cgroup": "garbage\n::\n0\n:cpu:\n",
+            "/proc/self/mountinfo": "- - -\n1 2 3\n a - b\n",
+        }
+    )
+    assert cgroup_cpu_quota(read) is None

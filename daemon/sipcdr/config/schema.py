@@ -382,7 +382,8 @@ class SpoolConfig:
     # Signaling stops while the state disk has less free space, so CDRs keep room.
     signaling_min_free_bytes: int = spool.DEFAULT_SIGNALING_MIN_FREE_BYTES
     # Delivery (the sinks, an embedded PostgreSQL, retention) in a process of its own,
-    # fed by the spool: -1 ("auto") when the machine has two cores or more, 1 always,
+    # fed by the spool: -1 ("auto") when this process may use two cores or more
+    # (`config.cores`: its CPU affinity and cgroup CPU quota), 1 always,
     # 0 never (one process does all). An import's "auto" also wants a sink keeping
     # signaling and 64 MiB of capture (`import_delivery.delivers_apart`): without
     # them the second start costs more than it saves.

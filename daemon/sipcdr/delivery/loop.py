@@ -498,9 +498,11 @@ class Delivery:
         tasks = [*self._tasks, *([self._sync_task] if self._sync_task else [])]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            # Not `await task` under suppress(CancelledError): that would swallow a
+            # cancel of this stop too (a second Ctrl-C), and the caller's clean-up
+            # would go on as if nothing had asked it to end.
+            await asyncio.wait(tasks)  # their ends are taken by `_loop_ended`
         watchers = list(self._watchers)
         for task in watchers:
             task.cancel()

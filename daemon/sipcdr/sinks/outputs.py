@@ -558,8 +558,11 @@ class Outputs:
         self._opened = False
         if self._sync_task is not None:
             self._sync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._sync_task
+            # Waited for without taking its end for ours: a cancel of this close (a
+            # second Ctrl-C) goes on to the caller.
+            await asyncio.wait([self._sync_task])
+            if not self._sync_task.cancelled():
+                self._sync_task.exception()  # taken: a disk's errors are logged by it
             self._sync_task = None
         if self.on_close is not None:
             for spool in self.spools.values():

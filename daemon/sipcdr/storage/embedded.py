@@ -99,14 +99,22 @@ class EmbeddedPostgres:
         async with self._lock:
             if self.dsn is not None:
                 return self.dsn
-            acquiring = asyncio.ensure_future(asyncio.to_thread(_acquire, self.data_dir))
+            # A future, not a task: asyncio.run's end cancels every task left (after a
+            # second Ctrl-C), which would stop the wait below for the thread.
+            loop = asyncio.get_running_loop()
+            acquiring = loop.run_in_executor(None, _acquire, self.data_dir)
             try:
                 self._held, dsn = await asyncio.shield(acquiring)
             except asyncio.CancelledError:
                 # The thread goes on and may start the server and hold it: held it is
-                # let go by stop(), or at exit, like any other.
-                with contextlib.suppress(Exception):
-                    self._held, self.dsn = await acquiring
+                # let go by stop(), or at exit, like any other. Waited for however
+                # often this is cancelled again (a second Ctrl-C or SIGTERM): a
+                # server started after its holder stopped waiting would run on alone.
+                while not acquiring.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait([acquiring])
+                if not acquiring.cancelled() and acquiring.exception() is None:
+                    self._held, self.dsn = acquiring.result()
                     atexit.register(self._release_at_exit)
                 raise
             self.dsn = dsn

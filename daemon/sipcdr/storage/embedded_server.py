@@ -543,6 +543,10 @@ def _run(args: Sequence[str], account: _Account | None, *, cwd: Path, timeout: f
                 umask=0o077,
                 timeout=timeout,
                 check=False,
+                # Out of sipcdr's process group: a Ctrl-C or SIGTERM sent to the group
+                # (a terminal, `timeout`) would end pg_ctl after it started the server
+                # and before sipcdr recorded holding it. sipcdr stops it instead.
+                start_new_session=True,
                 **as_account,
             )
         except PermissionError as exc:
