@@ -70,6 +70,10 @@ def receive_replay(
     got: list[bytes] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
         receiver.bind(("127.0.0.1", 0))
+        # Room for every datagram of a run: on a loaded machine the reader thread can
+        # wait tens of milliseconds for a core, and the default buffer holds about a
+        # hundred of these before the kernel drops the rest.
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
         receiver.settimeout(1.0)
 
         def drain() -> None:
