@@ -546,8 +546,8 @@ class App:
             except Exception as exc:
                 self.log.error("stop_step_failed", step=name, error=repr(exc))
         # A last checkpoint (on a full disk the older one and the journal stay), then
-        # the sinks get what they can take.
-        await self._save_and_close()
+        # the sinks get what they can take within `[spool] stop_drain_ms`.
+        await self._save_and_close(drain_timeout_s=self.config.spool.stop_drain_ms / 1000)
         for name, step in (
             ("log_output_losses", self.outputs.log_losses),
             ("log_dialog_state_losses", self.dialogs.log_losses),

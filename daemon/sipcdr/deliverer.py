@@ -19,7 +19,7 @@ delivers what it can within the drain timeout and ends.
 
 Stopping: the capture process stops its intake, writes every CDR into the spool,
 fsyncs it, and then tells the delivery process to drain up to the spool's last
-sequence number (within `DEFAULT_DRAIN_TIMEOUT_S`, as in one process) and end. SIGTERM
+sequence number (within `[spool] stop_drain_ms`, as in one process) and end. SIGTERM
 and SIGINT may reach both processes (Ctrl-C signals the terminal's whole group, and so
 does systemd with `KillMode=control-group`; the shipped unit signals the main one); the
 delivery process ignores them and waits for that word, so it never ends before the
@@ -398,7 +398,7 @@ async def _deliver(config: Config, conn: Connection) -> None:
                     log.warning("capture_process_gone", note="delivering what the spool holds")
                     for tail in outputs.tails.values():
                         tail.note_end_on_disk()
-                    drain = DEFAULT_DRAIN_TIMEOUT_S
+                    drain = config.spool.stop_drain_ms / 1000
                     break
                 _apply(outputs, message)
                 if "stop" in message:

@@ -1053,6 +1053,17 @@ def test_the_delivery_process_priority(tmp_path: Path) -> None:
         assert error.expected == "an integer 0-19"
 
 
+def test_how_long_a_stop_waits_for_the_sinks(tmp_path: Path) -> None:
+    assert Config().spool.stop_drain_ms == 20_000
+    assert load_text(tmp_path, "[spool]\nstop_drain_ms = 0\n").spool.stop_drain_ms == 0
+    environ = {"SIPCDR_SPOOL__STOP_DRAIN_MS": "45000"}
+    assert load_text(tmp_path, "", environ).spool.stop_drain_ms == 45_000
+    for wrong in ("-1", "3600001", '"long"'):
+        error = error_for(tmp_path, f"[spool]\nstop_drain_ms = {wrong}\n")
+        assert error.key == "spool.stop_drain_ms"
+        assert error.expected == "an integer 0-3600000"
+
+
 def test_the_spare_file_size(tmp_path: Path) -> None:
     assert Config().state.spare_bytes == 64 * 1024 * 1024
     config = load_text(tmp_path, "[state]\nspare_bytes = 0\n")  # none kept

@@ -14,6 +14,7 @@ from sipcdr.config.schema import (
     DEFAULT_STORE_SDP,
     DEFAULT_STORE_SIGNALING,
     MAX_NICE,
+    MAX_STOP_DRAIN_MS,
     JsonlConfig,
     KafkaConfig,
     PostgresConfig,
@@ -54,6 +55,9 @@ def spool_section(table: Table) -> SpoolConfig:
             "signaling_min_free_bytes", defaults.signaling_min_free_bytes, minimum=0
         ),
         delivery_processes=_delivery_processes(table),
+        stop_drain_ms=table.integer(
+            "stop_drain_ms", defaults.stop_drain_ms, minimum=0, maximum=MAX_STOP_DRAIN_MS
+        ),
         delivery_nice=table.integer(
             "delivery_nice", defaults.delivery_nice, minimum=0, maximum=MAX_NICE
         ),

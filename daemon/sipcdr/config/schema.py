@@ -14,6 +14,7 @@ from typing import Final, NamedTuple, TypeAlias
 
 from sipcdr import dialogstore, spare, spool
 from sipcdr.config.cores import usable_cores
+from sipcdr.delivery import DEFAULT_DRAIN_TIMEOUT_S
 from sipcdr.dialog.correlator import DialogLimits
 from sipcdr.fraud.numbering import NumberingPlan, PrefixTable
 from sipcdr.fraud.settings import AllowList, FraudSettings
@@ -46,6 +47,8 @@ class Endpoint(NamedTuple):
 # capture process's (CFS weights 335 against 1024), enough to catch up once a burst ends.
 DEFAULT_DELIVERY_NICE: Final = 5
 MAX_NICE: Final = 19
+# A stop waiting longer for its sinks than an hour is a hang, not a drain.
+MAX_STOP_DRAIN_MS: Final = 3_600_000
 # Loopback only: a fresh install captures nothing from the network until an operator
 # points a mirror at an address they chose.
 DEFAULT_SIP_UDP: Final = (Endpoint("127.0.0.1", 5060),)
@@ -388,6 +391,10 @@ class SpoolConfig:
     # signaling and 64 MiB of capture (`import_delivery.delivers_apart`): without
     # them the second start costs more than it saves.
     delivery_processes: int = -1
+    # How long a stop (SIGTERM) waits for the sinks to take what the spool holds;
+    # what is left then is delivered after the next start. Inside systemd's stop
+    # timeout with room for the rest of the stop (the shipped unit allows 60 s).
+    stop_drain_ms: int = round(DEFAULT_DRAIN_TIMEOUT_S * 1000)
     # How far below the capture process the delivery process runs (a nice increment,
     # 0-19): when both want more than the machine has, a datagram the capture process
     # is late for is lost in the kernel, while a record delivery is late for waits in
