@@ -295,7 +295,7 @@ class App:
             self.intake.update("write_error")
         return True
 
-    async def _save_and_close(self, drain_timeout_s: float | None = None) -> None:
+    async def _save_and_close(self, drain_timeout_s: float) -> None:
         """A last checkpoint, then the outputs closed. CDRs the spool still holds in
         memory stay out of it when the dialog state on disk keeps them (the checkpoint
         just written, or the journal): the next start writes them. Otherwise the spool
@@ -314,10 +314,7 @@ class App:
         try:
             # Every CDR is in the spool or the dialog state by now; this delivers what
             # the sinks can take.
-            if drain_timeout_s is None:
-                await self.outputs.close()
-            else:
-                await self.outputs.close(drain_timeout_s=drain_timeout_s)
+            await self.outputs.close(drain_timeout_s=drain_timeout_s)
         except Exception as exc:
             self.log.error("stop_step_failed", step="close_outputs", error=repr(exc))
 
