@@ -5,23 +5,31 @@ A service manager or `kill` sends SIGTERM; its default action ends the process w
 stands, leaving an embedded PostgreSQL running with no holder and an import's spool
 behind. Here the first SIGTERM cancels the command's task instead, so its clean-up
 runs (sinks closed, the embedded server stopped, the spool removed), and the command
-ends with `Terminated`, which the command line reports with exit status 143. A second
-one raises `Terminated` at once, wherever the process is, as a second Ctrl-C raises
-KeyboardInterrupt: the way out of a command blocked outside the event loop (a FIFO
-that went quiet, a full stdout pipe). `sipcdr run` handles SIGTERM itself (a clean
-stop, exit 0).
+ends with `Terminated`, which the command line reports with exit status 143.
+
+A second one raises `Terminated` at once, wherever the process is, as a second Ctrl-C
+raises KeyboardInterrupt: the way out of a command blocked outside the event loop (a
+FIFO that went quiet, a full stdout pipe), whose task the first could only mark. Since
+`timeout` and service managers send one SIGTERM, a loop that has not turned within
+`BLOCKED_AFTER_S` of it is sent the second by this process itself. `sipcdr run`
+handles SIGTERM itself (a clean stop, exit 0).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 from collections.abc import Coroutine
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 T = TypeVar("T")
+
+# Longer than any step an import takes between two turns of its loop (a slice of
+# packets, a whole RTP file's frames without SIP): a loop silent this long is blocked.
+BLOCKED_AFTER_S: Final = 5.0
 
 
 class Terminated(KeyboardInterrupt):
@@ -41,6 +49,15 @@ def run_command(main: Coroutine[Any, Any, T]) -> T:
     signal.signal(signal.SIGTERM, stop.on_sigterm)
     try:
         return asyncio.run(stop.watch(main))
+    except (asyncio.CancelledError, Exception) as exc:
+        # Once terminated, whatever the cancel led to (a child process ended by the
+        # same signal to the group, a wait cut short) is the termination.
+        if stop.signals:
+            raise Terminated from exc
+        raise
+    except KeyboardInterrupt:
+        stop.forget_task()
+        raise
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
@@ -53,28 +70,35 @@ class _Stop:
         self.signals = 0
         self._task: asyncio.Task[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._turned = threading.Event()
 
     async def watch(self, main: Coroutine[Any, Any, T]) -> T:
         self._task = asyncio.current_task()
         self._loop = asyncio.get_running_loop()
         if self.signals:  # one came before the loop ran: nothing started yet
             main.close()
-            raise Terminated
-        try:
-            return await main
-        except (asyncio.CancelledError, Exception) as exc:
-            # Once terminated, whatever the cancel led to (a child process ended by
-            # the same signal to the group, a wait cut short) is the termination.
-            if self.signals:
-                raise Terminated from exc
-            raise
+            raise asyncio.CancelledError
+        return await main
 
     def on_sigterm(self, _signum: int, _frame: FrameType | None) -> None:
         self.signals += 1
         task, loop = self._task, self._loop
-        if self.signals == 1:
-            if task is not None and loop is not None and not task.done():
-                task.cancel()
-                loop.call_soon_threadsafe(lambda: None)  # wake a loop waiting in select
-            return
-        raise Terminated
+        if self.signals > 1:
+            raise Terminated
+        if task is not None and loop is not None and not task.done():
+            task.cancel()
+            loop.call_soon_threadsafe(self._turned.set)  # also wakes a loop in select
+            threading.Thread(target=self._unblock, name="sipcdr-sigterm", daemon=True).start()
+
+    def _unblock(self) -> None:
+        """The second SIGTERM a person would send, sent for them when the loop did not
+        turn: the first one only marked a task that never runs again."""
+        if not self._turned.wait(BLOCKED_AFTER_S):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def forget_task(self) -> None:
+        """A KeyboardInterrupt raised inside the task (a second signal landing in its
+        code) ended it: taken here, so no "exception was never retrieved" follows."""
+        task = self._task
+        if task is not None and task.done() and not task.cancelled():
+            task.exception()

@@ -7,9 +7,11 @@ import asyncio
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
+from sipcdr import command_loop
 from sipcdr.command_loop import Terminated, run_command
 
 
@@ -80,6 +82,51 @@ def test_a_second_sigterm_frees_a_command_blocked_outside_the_loop() -> None:
     finally:
         os.close(quiet)
         os.close(writer)
+    assert cleaned == ["closed"]
+
+
+def test_one_sigterm_frees_a_blocked_command_once_its_loop_stays_silent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`timeout` and service managers send one SIGTERM: when the loop does not turn
+    after it, the process sends itself the second."""
+    monkeypatch.setattr(command_loop, "BLOCKED_AFTER_S", 0.2)
+    quiet, writer = os.pipe()
+    cleaned: list[str] = []
+
+    async def command() -> None:
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        try:
+            os.read(quiet, 1)  # blocks: nothing is ever written
+        finally:
+            cleaned.append("closed")
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(Terminated):
+            run_command(command())
+    finally:
+        os.close(quiet)
+        os.close(writer)
+    assert cleaned == ["closed"]
+    assert time.monotonic() - started < 5
+
+
+def test_a_loop_that_turns_is_not_sent_a_second_sigterm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clean-up that takes longer than the wait, its loop turning, is let finish."""
+    monkeypatch.setattr(command_loop, "BLOCKED_AFTER_S", 0.1)
+    cleaned: list[str] = []
+
+    async def command() -> None:
+        sigterm_in(0.05)
+        try:
+            await asyncio.sleep(30)
+        finally:
+            await asyncio.sleep(0.5)  # stopping an embedded server, say
+            cleaned.append("closed")
+
+    with pytest.raises(Terminated):
+        run_command(command())
     assert cleaned == ["closed"]
 
 

@@ -43,6 +43,7 @@ import errno
 import fcntl
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,25 +103,31 @@ class EmbeddedPostgres:
             # A future, not a task: asyncio.run's end cancels every task left (after a
             # second Ctrl-C), which would stop the wait below for the thread.
             loop = asyncio.get_running_loop()
-            acquiring = loop.run_in_executor(None, _acquire, self.data_dir)
+            acquiring = loop.run_in_executor(None, self._acquire_and_hold)
             try:
-                self._held, dsn = await asyncio.shield(acquiring)
+                dsn = await asyncio.shield(acquiring)
             except asyncio.CancelledError:
                 # The thread goes on and may start the server and hold it: held it is
-                # let go by stop(), or at exit, like any other. Waited for however
-                # often this is cancelled again (a second Ctrl-C or SIGTERM): a
-                # server started after its holder stopped waiting would run on alone.
+                # let go by stop(), or at exit. Waited for however often this is
+                # cancelled again (a second Ctrl-C or SIGTERM) so that stop() finds it;
+                # a third one may close the loop first, and the exit lets go of it.
                 while not acquiring.done():
                     with contextlib.suppress(asyncio.CancelledError):
                         await asyncio.wait([acquiring])
                 if not acquiring.cancelled() and acquiring.exception() is None:
-                    self._held, self.dsn = acquiring.result()
-                    atexit.register(self._release_at_exit)
+                    self.dsn = acquiring.result()
                 raise
             self.dsn = dsn
-            # A process that ends without stop() still lets go of the server.
-            atexit.register(self._release_at_exit)
             return dsn
+
+    def _acquire_and_hold(self) -> str:
+        """In a thread: the server started or joined, and its release at exit set up
+        here rather than by the waiting coroutine, which a process told to stop may
+        abandon with the thread still starting the server."""
+        held, dsn = _acquire(self.data_dir)
+        self._held = held
+        atexit.register(self._release_at_exit)
+        return dsn
 
     async def stop(self) -> None:
         async with self._lock:
@@ -142,9 +149,17 @@ class EmbeddedPostgres:
 
     def _release_at_exit(self) -> None:
         held, self._held, self.dsn = self._held, None, None
-        if held is not None:
+        if held is None:
+            return
+        # Not cut short by one more Ctrl-C or SIGTERM: the server would run on alone.
+        # They stay pending, and the exit under way ends the process all the same.
+        stopping = {signal.SIGINT, signal.SIGTERM}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+        try:
             with contextlib.suppress(Exception):
                 _release(held)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 # -- holding ----------------------------------------------------------------------------
