@@ -12,47 +12,49 @@ from sipcdr.storage import embedded
 from sipcdr.storage.embedded import EmbeddedPostgres
 
 
-async def test_a_cancelled_start_is_released_by_stop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    released: list[Path] = []
-
-    def slow_acquire(data_dir: Path) -> tuple[Path, str]:
-        time.sleep(0.3)  # initdb, the server's start
-        return data_dir, "postgresql://held"
-
-    monkeypatch.setattr(embedded, "_acquire", slow_acquire)
-    monkeypatch.setattr(embedded, "_release", released.append)
-    server = EmbeddedPostgres(tmp_path / "pg")
-    starting = asyncio.create_task(server.start())
-    await asyncio.sleep(0.05)
-    starting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await starting
-    await server.stop()
-    assert released == [tmp_path / "pg"]
-
-
-async def test_a_start_cancelled_twice_is_still_released_by_stop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A second Ctrl-C or SIGTERM while the first one waits for the start: the server
-    the thread then starts is still held, and let go."""
-    released: list[Path] = []
+@pytest.fixture
+def released(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The data folders let go of; each start takes 0.3 s (initdb, the server's)."""
+    let_go: list[Path] = []
 
     def slow_acquire(data_dir: Path) -> tuple[Path, str]:
         time.sleep(0.3)
         return data_dir, "postgresql://held"
 
     monkeypatch.setattr(embedded, "_acquire", slow_acquire)
-    monkeypatch.setattr(embedded, "_release", released.append)
+    monkeypatch.setattr(embedded, "_release", let_go.append)
+    return let_go
+
+
+@pytest.mark.parametrize("cancels", [1, 2], ids=["once", "twice"])
+async def test_a_cancelled_start_is_released_by_stop(
+    tmp_path: Path, released: list[Path], cancels: int
+) -> None:
+    """Twice: a second Ctrl-C or SIGTERM while the first one waits for the start."""
     server = EmbeddedPostgres(tmp_path / "pg")
     starting = asyncio.create_task(server.start())
-    await asyncio.sleep(0.05)
-    starting.cancel()
-    await asyncio.sleep(0.05)
-    starting.cancel()
+    for _ in range(cancels):
+        await asyncio.sleep(0.05)
+        starting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await starting
     await server.stop()
     assert released == [tmp_path / "pg"]
+
+
+def test_a_start_abandoned_with_its_loop_is_released_at_exit(
+    tmp_path: Path, released: list[Path]
+) -> None:
+    """A third signal closes the event loop while the thread still starts the server:
+    the thread itself set up the release that the process's exit runs."""
+    server = EmbeddedPostgres(tmp_path / "pg")
+    loop = asyncio.new_event_loop()
+    starting = loop.create_task(server.start())
+    loop.run_until_complete(asyncio.sleep(0.05))
+    starting.cancel()
+    loop.run_until_complete(asyncio.sleep(0.05))  # the start waits for its thread now
+    loop.close()  # with the start still waiting: nothing of it runs again
+    time.sleep(0.5)  # the thread has started the server meanwhile
+    server._release_at_exit()  # what atexit runs
+    assert released == [tmp_path / "pg"]
+    starting._log_destroy_pending = False  # abandoned on purpose
