@@ -57,4 +57,4 @@ def test_a_start_abandoned_with_its_loop_is_released_at_exit(
     time.sleep(0.5)  # the thread has started the server meanwhile
     server._release_at_exit()  # what atexit runs
     assert released == [tmp_path / "pg"]
-    starting._log_destroy_pending = False  # abandoned on purpose
+    starting._log_destroy_pending = False  # type: ignore[attr-defined]  # abandoned on purpose
