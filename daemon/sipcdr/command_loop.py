@@ -45,6 +45,10 @@ def run_command(main: Coroutine[Any, Any, T]) -> T:
     if previous == signal.SIG_IGN:
         return asyncio.run(main)
     stop = _Stop()
+    # Started before any signal: a thread started inside a handler could wait for a
+    # lock the interrupted code holds (threading's own, when it starts a thread).
+    watchdog = threading.Thread(target=stop.unblock, name="sipcdr-sigterm", daemon=True)
+    watchdog.start()
     # Held through asyncio.run's own end too (tasks cancelled, threads joined).
     signal.signal(signal.SIGTERM, stop.on_sigterm)
     try:
@@ -60,6 +64,7 @@ def run_command(main: Coroutine[Any, Any, T]) -> T:
         raise
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        stop.finished()
 
 
 class _Stop:
@@ -70,7 +75,9 @@ class _Stop:
         self.signals = 0
         self._task: asyncio.Task[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._signalled = threading.Event()
         self._turned = threading.Event()
+        self._over = False
 
     async def watch(self, main: Coroutine[Any, Any, T]) -> T:
         self._task = asyncio.current_task()
@@ -88,13 +95,21 @@ class _Stop:
         if task is not None and loop is not None and not task.done():
             task.cancel()
             loop.call_soon_threadsafe(self._turned.set)  # also wakes a loop in select
-            threading.Thread(target=self._unblock, name="sipcdr-sigterm", daemon=True).start()
+            self._signalled.set()
 
-    def _unblock(self) -> None:
-        """The second SIGTERM a person would send, sent for them when the loop did not
-        turn: the first one only marked a task that never runs again."""
-        if not self._turned.wait(BLOCKED_AFTER_S):
+    def unblock(self) -> None:
+        """The watchdog's thread: the second SIGTERM a person would send, sent for them
+        when the loop did not turn after the first, which only marked a task that never
+        runs again."""
+        self._signalled.wait()
+        if not self._over and not self._turned.wait(BLOCKED_AFTER_S) and not self._over:
             os.kill(os.getpid(), signal.SIGTERM)
+
+    def finished(self) -> None:
+        """The command is over: the watchdog ends without a signal."""
+        self._over = True
+        self._turned.set()
+        self._signalled.set()
 
     def forget_task(self) -> None:
         """A KeyboardInterrupt raised inside the task (a second signal landing in its
