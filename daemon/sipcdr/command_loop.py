@@ -46,9 +46,16 @@ def run_command(main: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(main)
     stop = _Stop()
     # Started before any signal: a thread started inside a handler could wait for a
-    # lock the interrupted code holds (threading's own, when it starts a thread).
-    watchdog = threading.Thread(target=stop.unblock, name="sipcdr-sigterm", daemon=True)
-    watchdog.start()
+    # lock the interrupted code holds (threading's own, when it starts a thread). With
+    # SIGINT and SIGTERM blocked in it, so that the kernel never hands it one the main
+    # thread keeps blocked a moment for itself (`deliverer.spawn_ignoring`).
+    stopping = {signal.SIGINT, signal.SIGTERM}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+    try:
+        watchdog = threading.Thread(target=stop.unblock, name="sipcdr-sigterm", daemon=True)
+        watchdog.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     # Held through asyncio.run's own end too (tasks cancelled, threads joined).
     signal.signal(signal.SIGTERM, stop.on_sigterm)
     try:
@@ -63,8 +70,8 @@ def run_command(main: Coroutine[Any, Any, T]) -> T:
         stop.forget_task()
         raise
     finally:
+        stop.finished()  # first: no watchdog signal after the handler is put back
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-        stop.finished()
 
 
 class _Stop:
@@ -78,6 +85,7 @@ class _Stop:
         self._signalled = threading.Event()
         self._turned = threading.Event()
         self._over = False
+        self._over_lock = threading.Lock()  # `finished` against the watchdog's signal
 
     async def watch(self, main: Coroutine[Any, Any, T]) -> T:
         self._task = asyncio.current_task()
@@ -92,22 +100,29 @@ class _Stop:
         task, loop = self._task, self._loop
         if self.signals > 1:
             raise Terminated
-        if task is not None and loop is not None and not task.done():
-            task.cancel()
-            loop.call_soon_threadsafe(self._turned.set)  # also wakes a loop in select
-            self._signalled.set()
+        if task is None or loop is None:
+            return  # before the loop ran: `watch` ends the command
+        if task.done() or loop.is_closed():
+            raise Terminated  # past the command, in asyncio.run's end: as for SIGINT
+        task.cancel()
+        loop.call_soon_threadsafe(self._turned.set)  # also wakes a loop in select
+        self._signalled.set()
 
     def unblock(self) -> None:
         """The watchdog's thread: the second SIGTERM a person would send, sent for them
         when the loop did not turn after the first, which only marked a task that never
         runs again."""
         self._signalled.wait()
-        if not self._over and not self._turned.wait(BLOCKED_AFTER_S) and not self._over:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if self._turned.wait(BLOCKED_AFTER_S):
+            return
+        with self._over_lock:
+            if not self._over:
+                os.kill(os.getpid(), signal.SIGTERM)
 
     def finished(self) -> None:
         """The command is over: the watchdog ends without a signal."""
-        self._over = True
+        with self._over_lock:
+            self._over = True
         self._turned.set()
         self._signalled.set()
 

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sipcdr import command_loop
@@ -168,3 +169,31 @@ def test_the_callers_handling_of_sigterm_is_kept() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ignored: left ignored throughout
     assert run_command(command()) == 7
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+
+
+def test_a_sigterm_during_asyncio_runs_own_end_stops_it_too() -> None:
+    """The command is over but its event loop waits for a thread (asyncio.run's end):
+    a SIGTERM then is not lost."""
+
+    async def command() -> int:
+        asyncio.get_running_loop().run_in_executor(None, time.sleep, 0.6)
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        return 7
+
+    with pytest.raises(Terminated):
+        run_command(command())
+
+
+def test_the_watchdog_thread_takes_no_stop_signal_meant_for_the_main_thread() -> None:
+    """Blocked in it: the kernel hands a SIGINT or SIGTERM to a thread that does not
+    block it, and one the main thread holds back a moment would be lost there."""
+
+    async def command() -> set[int]:
+        (watchdog,) = [t for t in threading.enumerate() if t.name == "sipcdr-sigterm"]
+        status = Path(f"/proc/self/task/{watchdog.native_id}/status").read_text()
+        mask = int(
+            next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16
+        )
+        return {number for number in (signal.SIGINT, signal.SIGTERM) if mask >> (number - 1) & 1}
+
+    assert run_command(command()) == {signal.SIGINT, signal.SIGTERM}

@@ -4,7 +4,9 @@ it opens its sinks) still lets go of the server its thread went on to start."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,10 +45,12 @@ async def test_a_cancelled_start_is_released_by_stop(
 
 
 def test_a_start_abandoned_with_its_loop_is_released_at_exit(
-    tmp_path: Path, released: list[Path]
+    tmp_path: Path, released: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A third signal closes the event loop while the thread still starts the server:
-    the thread itself set up the release that the process's exit runs."""
+    the release the process's exit runs was set up before the thread began."""
+    at_exit: list[Callable[[], None]] = []
+    monkeypatch.setattr(atexit, "register", at_exit.append)
     server = EmbeddedPostgres(tmp_path / "pg")
     loop = asyncio.new_event_loop()
     starting = loop.create_task(server.start())
@@ -55,6 +59,7 @@ def test_a_start_abandoned_with_its_loop_is_released_at_exit(
     loop.run_until_complete(asyncio.sleep(0.05))  # the start waits for its thread now
     loop.close()  # with the start still waiting: nothing of it runs again
     time.sleep(0.5)  # the thread has started the server meanwhile
-    server._release_at_exit()  # what atexit runs
+    for release in at_exit:  # what the exit runs
+        release()
     assert released == [tmp_path / "pg"]
     starting._log_destroy_pending = False  # type: ignore[attr-defined]  # abandoned on purpose

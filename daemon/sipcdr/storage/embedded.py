@@ -95,11 +95,18 @@ class EmbeddedPostgres:
         self.dsn: str | None = None
         self._held: Path | None = None  # the absolute data directory while we hold it
         self._lock = asyncio.Lock()  # start and stop do not overlap
+        self._release_registered = False  # `_release_at_exit`, once: a no-op unless held
 
     async def start(self) -> str:
         async with self._lock:
             if self.dsn is not None:
                 return self.dsn
+            # Before the thread starts anything: a process told to stop may abandon the
+            # wait below (a third Ctrl-C closing the loop) with the server still being
+            # started, and its exit lets go of what the thread then holds.
+            if not self._release_registered:
+                atexit.register(self._release_at_exit)
+                self._release_registered = True
             # A future, not a task: asyncio.run's end cancels every task left (after a
             # second Ctrl-C), which would stop the wait below for the thread.
             loop = asyncio.get_running_loop()
@@ -109,8 +116,7 @@ class EmbeddedPostgres:
             except asyncio.CancelledError:
                 # The thread goes on and may start the server and hold it: held it is
                 # let go by stop(), or at exit. Waited for however often this is
-                # cancelled again (a second Ctrl-C or SIGTERM) so that stop() finds it;
-                # a third one may close the loop first, and the exit lets go of it.
+                # cancelled again (a second Ctrl-C or SIGTERM) so that stop() finds it.
                 while not acquiring.done():
                     with contextlib.suppress(asyncio.CancelledError):
                         await asyncio.wait([acquiring])
@@ -121,19 +127,16 @@ class EmbeddedPostgres:
             return dsn
 
     def _acquire_and_hold(self) -> str:
-        """In a thread: the server started or joined, and its release at exit set up
-        here rather than by the waiting coroutine, which a process told to stop may
-        abandon with the thread still starting the server."""
+        """In a thread: the server started or joined, and held (what stop() and the
+        release at exit let go of) as soon as it is."""
         held, dsn = _acquire(self.data_dir)
         self._held = held
-        atexit.register(self._release_at_exit)
         return dsn
 
     async def stop(self) -> None:
         async with self._lock:
             held, self._held, self.dsn = self._held, None, None
             if held is not None:
-                atexit.unregister(self._release_at_exit)
                 await asyncio.to_thread(_release, held)
 
     async def __aenter__(self) -> str:
@@ -148,18 +151,24 @@ class EmbeddedPostgres:
         await self.stop()
 
     def _release_at_exit(self) -> None:
+        """At exit, a server still held (stop() not reached) is let go of."""
         held, self._held, self.dsn = self._held, None, None
         if held is None:
             return
-        # Not cut short by one more Ctrl-C or SIGTERM: the server would run on alone.
-        # They stay pending, and the exit under way ends the process all the same.
-        stopping = {signal.SIGINT, signal.SIGTERM}
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+        # Not cut short by one more Ctrl-C or SIGTERM, which would leave the server
+        # running alone: ignored meanwhile (in every thread), as the exit they ask for
+        # is under way.
+        stopping = (signal.SIGINT, signal.SIGTERM)
+        try:
+            before = [signal.signal(sig, signal.SIG_IGN) for sig in stopping]
+        except ValueError:  # not the main thread: as it comes
+            before = []
         try:
             with contextlib.suppress(Exception):
                 _release(held)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            for sig, handler in zip(stopping, before, strict=False):
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 # -- holding ----------------------------------------------------------------------------
